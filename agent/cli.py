@@ -1,0 +1,229 @@
+"""bbprobe command line. Thin: flags -> config -> session/delivery -> printed output.
+
+Progress goes to stderr, so ``--json`` leaves exactly one JSON document on stdout.
+``AgentError`` is caught once here: one line on stderr, exit code by kind (errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import socket
+import sys
+import tomllib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from agent import __version__, config, report
+from agent.delivery import CollectorClient, Spool, deliver
+from agent.errors import AgentError, ConfigError, DeliveryError
+from agent.schema import PROBE_ID_RE, SessionResult, to_dict
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AgentError as exc:
+            click.echo(f"bbprobe: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--set section.key=value``; the value is read as TOML, else taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _load(ctx: click.Context, **overrides: Any) -> config.AgentConfig:
+    root = ctx.find_root().obj
+    merged = {**_parse_set(root["set"])}
+    merged.update({k: v for k, v in {**root["overrides"], **overrides}.items() if v is not None})
+    return config.load(root["config"], os.environ, merged)
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        if not quiet:
+            click.echo(f"· {message}", err=True)
+
+    return emit
+
+
+def _emit(result: SessionResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(to_dict(result), indent=2))
+    else:
+        click.echo(report.format_session(result), nl=False)
+
+
+async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> str:
+    if cfg.probe_id:
+        return cfg.probe_id
+    if client is not None:
+        try:
+            return await client.whoami()
+        except DeliveryError as exc:
+            if not exc.retryable:
+                raise DeliveryError(f"the collector refused the token: {exc}",
+                                    retryable=False) from None
+    host = socket.gethostname().split(".")[0] or "probe"
+    return host if PROBE_ID_RE.match(host) else "probe"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bbprobe")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+              envvar="BBPROBE_CONFIG", help="Agent TOML config (default: built-in defaults).")
+@click.option("--collector", help="Collector base URL (overrides collector.url).")
+@click.option("--token", help="Probe bearer token (overrides collector.token).")
+@click.option("--probe-id", help="Probe identity (default: asked from the collector).")
+@click.option("--server", help="Measurement server URL (default: the collector).")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set ping.count=20 (repeatable).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, collector: str | None, token: str | None,
+         probe_id: str | None, server: str | None, set_: tuple[str, ...]) -> None:
+    """bbprobe: measure a broadband line (ping, loss, download, upload) the AGCOM way."""
+    overrides: dict[str, Any] = {"collector.url": collector, "probe_id": probe_id,
+                                 "server.url": server}
+    if token is not None:
+        overrides.update({"collector.token": token, "collector.token_file": ""})
+    ctx.obj = {"config": config_path, "overrides": overrides, "set": set_}
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
+@click.option("--no-push", is_flag=True, help="Do not send the result to the collector.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
+    """Run one full session (ping train, download, upload) and push the result."""
+    cfg = _load(ctx)
+    push = not no_push
+    client: CollectorClient | None = None
+    if push:
+        if not cfg.collector.url:
+            raise ConfigError("no collector to push to: set collector.url or --collector, "
+                              "or pass --no-push")
+        token = config.read_token(cfg)
+        if not token:
+            raise ConfigError("no token: set collector.token/token_file or --token "
+                              "(bbprobe-collector probe add NAME prints one)")
+        client = CollectorClient(cfg.collector.url, token, cfg.collector.timeout_s)
+    progress = _progress(quiet)
+
+    async def main_async() -> int:
+        from agent import session
+
+        probe_id = await _probe_id(cfg, client)
+        result = await session.run(cfg, probe_id, progress)
+        _emit(result, as_json)
+        if client is None:
+            return 0
+        spool = Spool(cfg.state_dir)
+        spool.put(result)
+        outcome = await deliver(spool, client)
+        for path, reason in outcome.dead_lettered:
+            click.echo(f"bbprobe: collector refused a result ({reason}); kept in {path}",
+                       err=True)
+        if result.result_id in outcome.delivered:
+            progress(f"result {result.result_id} delivered to {cfg.collector.url}"
+                     + (f" with {len(outcome.delivered) - 1} spooled earlier"
+                        if len(outcome.delivered) > 1 else ""))
+            return 0
+        if outcome.error:
+            click.echo(f"bbprobe: result kept in {spool.dir} for the next run "
+                       f"({outcome.pending} pending): {outcome.error}", err=True)
+        return DeliveryError.exit_code
+
+    sys.exit(asyncio.run(main_async()))
+
+
+@main.command()
+@click.argument("host")
+@click.option("--count", "-n", type=int, help="Echo requests to send (ping.count).")
+@click.option("--interval", "-i", type=float, help="Seconds between requests.")
+@click.option("--size", "-s", type=int, help="ICMP payload bytes.")
+@click.option("--timeout", "-W", type=float, help="Seconds to wait for each reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.pass_context
+@handle_errors
+def ping(ctx: click.Context, host: str, count: int | None, interval: float | None,
+         size: int | None, timeout: float | None, as_json: bool, quiet: bool) -> None:
+    """Ping HOST with a timed train and report RTT statistics and loss (not pushed)."""
+    from agent import session
+
+    cfg = _load(ctx, **{"server.ping_target": host, "ping.enabled": True, "ping.count": count,
+                        "ping.interval_s": interval, "ping.payload_bytes": size,
+                        "ping.timeout_s": timeout})
+    result = asyncio.run(session.run(cfg, cfg.probe_id or "local", _progress(quiet),
+                                     tests=frozenset({"ping"})))
+    _emit(result, as_json)
+    assert result.ping is not None
+    if result.ping.status == "failed" and result.ping.summary.packets_sent == 0:
+        raise AgentError(result.ping.error or "ping failed")
+
+
+@main.command()
+@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.pass_context
+@handle_errors
+def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> None:
+    """Measure download and/or upload throughput against the server (not pushed)."""
+    from agent import session
+
+    cfg = _load(ctx)
+    config.measurement_server(cfg)  # fail early with a clear message
+    tests = frozenset({"download", "upload"} if direction == "both" else {direction})
+    result = asyncio.run(session.run(cfg, cfg.probe_id or "local", _progress(quiet),
+                                     tests=tests))
+    _emit(result, as_json)
+
+
+@main.command("check-config")
+@click.pass_context
+@handle_errors
+def check_config(ctx: click.Context) -> None:
+    """Validate the configuration and print what a session would do."""
+    cfg = _load(ctx)
+    m = config.method(cfg)
+    token = config.read_token(cfg)
+    lines = [
+        "config OK",
+        f"  collector: {cfg.collector.url or '(none: results are not pushed)'}; "
+        f"token: {'set' if token else 'not set'}",
+        f"  state dir: {cfg.state_dir}",
+    ]
+    if cfg.server.url or cfg.collector.url:
+        lines.append(f"  measurement server: {config.measurement_server(cfg)}; "
+                     f"ping target: {config.ping_target(cfg)}")
+    if m.ping is not None:
+        lines.append(f"  ping: {m.ping.count} x {m.ping.payload_bytes} B, "
+                     f"{m.ping.interval_s:g} s apart, timeout {m.ping.timeout_s:g} s")
+    for name, t in (("download", m.download), ("upload", m.upload)):
+        lines.append(f"  {name}: {t.tests} test(s), {report.describe_method(t)}, "
+                     f"up to {t.attempts} attempts of {t.timeout_s:g} s")
+    click.echo("\n".join(lines))

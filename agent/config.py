@@ -1,0 +1,264 @@
+"""Agent configuration: TOML data validated at load, frozen, passed down explicitly.
+
+Every key is documented in ``configs/agent.example.toml`` (a test loads it). Unknown keys,
+wrong types and out-of-range values are rejected with the key's dotted path. CLI flags are
+applied as overrides *before* validation, so they obey the same rules.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent import spec
+from agent.errors import ConfigError
+from agent.schema import (
+    PROBE_ID_RE,
+    Method,
+    PingMethod,
+    SchemaError,
+    TransferMethod,
+    TransferMode,
+    bounds,
+    decode,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    # Base URL of the collector, e.g. "https://collector.example.net:8443". Empty: no push.
+    url: str = ""
+    # The probe's bearer token (printed once by `bbprobe-collector probe add`).
+    token: str = ""
+    # Or a file holding the token (preferred on probes: keeps it out of the config).
+    token_file: str = ""
+    timeout_s: float = field(default=spec.PUSH_TIMEOUT_S, metadata=bounds(gt=0, le=600))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    # Measurement server base URL; empty means the collector's URL.
+    url: str = ""
+    # Host or address for the ping train; empty means the measurement server's host.
+    ping_target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PingConfig:
+    enabled: bool = True
+    count: int = field(default=spec.PING_COUNT, metadata=bounds(ge=1, le=10_000))
+    interval_s: float = field(default=spec.PING_INTERVAL_S, metadata=bounds(ge=0.001, le=60))
+    payload_bytes: int = field(default=spec.PING_PAYLOAD_BYTES, metadata=bounds(ge=0, le=65_000))
+    timeout_s: float = field(default=spec.PING_TIMEOUT_S, metadata=bounds(gt=0, le=60))
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    enabled: bool = True
+    # "duration": warm-up then a fixed window (Ne.Me.Sys/RMBT); "file": whole test files
+    # of file_size_bytes, speed = size / time per transfer (131/06 file mode).
+    mode: TransferMode = "duration"
+    streams: int = field(default=spec.STREAMS, metadata=bounds(ge=1, le=64))
+    warmup_s: float = field(default=spec.WARMUP_S, metadata=bounds(ge=0, le=60))
+    window_s: float = field(default=spec.WINDOW_S, metadata=bounds(gt=0, le=600))
+    file_size_bytes: int = field(default=spec.FILE_SIZE_BYTES, metadata=bounds(gt=0))
+    tests: int = field(default=1, metadata=bounds(ge=1, le=1000))
+    attempts: int = field(default=spec.ATTEMPTS, metadata=bounds(ge=1, le=10))
+    sample_interval_s: float = field(
+        default=spec.SAMPLE_INTERVAL_S, metadata=bounds(ge=0.01, le=10)
+    )
+    # Hard deadline per attempt; 0 = automatic (warm-up + window + 5 s in duration mode,
+    # 120 s in file mode).
+    timeout_s: float = field(default=0.0, metadata=bounds(ge=0, le=3600))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    # Probe identity. Empty: asked from the collector for the token in use, else hostname.
+    probe_id: str = ""
+    # Where results wait until the collector acknowledges them. Empty: $STATE_DIRECTORY
+    # (systemd), else $XDG_STATE_HOME/bbprobe, else ~/.local/state/bbprobe.
+    state_dir: str = ""
+    # Name recorded with every result to say which method was used.
+    profile: str = "default"
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ping: PingConfig = field(default_factory=PingConfig)
+    download: TransferConfig = field(default_factory=TransferConfig)
+    upload: TransferConfig = field(default_factory=TransferConfig)
+
+
+def load(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Read ``path`` (None: defaults only), apply ``overrides`` ({"section.key": value}),
+    validate everything and return the frozen config. Raises ``ConfigError``."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_toml(Path(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    cfg = parse(data, source)
+    if not cfg.state_dir:
+        cfg = _with_state_dir(cfg, default_state_dir(environ))
+    return cfg
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def parse(data: Mapping[str, Any], source: str = "<config>") -> AgentConfig:
+    """Validate a config mapping (pure). Raises ``ConfigError`` naming the key."""
+    try:
+        cfg = decode(AgentConfig, dict(data))
+    except SchemaError as exc:
+        message = "unknown key" if exc.message == "unknown field" else exc.message
+        raise ConfigError(f"{source}: {exc.path}: {message}") from None
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: AgentConfig, source: str) -> None:
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    if cfg.probe_id and not PROBE_ID_RE.match(cfg.probe_id):
+        fail("probe_id", "must be 1-64 characters of letters, digits, '.', '_', '-'")
+    for key, url in (("collector.url", cfg.collector.url), ("server.url", cfg.server.url)):
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                fail(key, f"must be an http:// or https:// URL with a host, got {url!r}")
+    if cfg.collector.token and cfg.collector.token_file:
+        fail("collector.token", "set either token or token_file, not both")
+    for name in ("download", "upload"):
+        transfer: TransferConfig = getattr(cfg, name)
+        if transfer.timeout_s and transfer.mode == "duration" and (
+            transfer.timeout_s < transfer.warmup_s + transfer.window_s
+        ):
+            fail(f"{name}.timeout_s", "is shorter than warmup_s + window_s")
+        if transfer.sample_interval_s > transfer.window_s:
+            fail(f"{name}.sample_interval_s", "is longer than window_s")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part}: expected a table")
+        node = child
+    node[leaf] = value
+
+
+def _with_state_dir(cfg: AgentConfig, state_dir: str) -> AgentConfig:
+    from dataclasses import replace
+
+    return replace(cfg, state_dir=state_dir)
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    if environ.get("STATE_DIRECTORY"):
+        # systemd StateDirectory= may list several, colon-separated; the first is ours.
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    if environ.get("XDG_STATE_HOME"):
+        return str(Path(environ["XDG_STATE_HOME"]) / "bbprobe")
+    home = environ.get("HOME") or str(Path.home())
+    return str(Path(home) / ".local" / "state" / "bbprobe")
+
+
+def read_token(cfg: AgentConfig) -> str:
+    """The bearer token from ``collector.token`` or ``collector.token_file`` ("" if none)."""
+    if cfg.collector.token:
+        return cfg.collector.token
+    if cfg.collector.token_file:
+        path = Path(cfg.collector.token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"collector.token_file: cannot read {path}: {exc.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"collector.token_file: {path} is empty")
+        return token
+    return ""
+
+
+def measurement_server(cfg: AgentConfig) -> str:
+    """Base URL of the measurement server; raises ``ConfigError`` when none is configured."""
+    url = cfg.server.url or cfg.collector.url
+    if not url:
+        raise ConfigError(
+            "no measurement server: set server.url or collector.url (or pass --server)"
+        )
+    return url.rstrip("/")
+
+
+def ping_target(cfg: AgentConfig) -> str:
+    if cfg.server.ping_target:
+        return cfg.server.ping_target
+    host = urlsplit(measurement_server(cfg)).hostname
+    assert host is not None  # validated in _check
+    return host
+
+
+def transfer_timeout_s(transfer: TransferConfig) -> float:
+    if transfer.timeout_s:
+        return transfer.timeout_s
+    if transfer.mode == "file":
+        return 120.0
+    return transfer.warmup_s + transfer.window_s + spec.TRANSFER_GRACE_S
+
+
+def _transfer_method(transfer: TransferConfig) -> TransferMethod:
+    return TransferMethod(
+        mode=transfer.mode,
+        streams=transfer.streams,
+        warmup_s=transfer.warmup_s if transfer.mode == "duration" else 0.0,
+        window_s=transfer.window_s,
+        file_size_bytes=transfer.file_size_bytes if transfer.mode == "file" else None,
+        tests=transfer.tests if transfer.enabled else 0,
+        attempts=transfer.attempts,
+        sample_interval_s=transfer.sample_interval_s,
+        timeout_s=transfer_timeout_s(transfer),
+    )
+
+
+def method(cfg: AgentConfig) -> Method:
+    """The method block recorded with every result: every parameter that shapes a number."""
+    return Method(
+        profile=cfg.profile,
+        ping=PingMethod(
+            count=cfg.ping.count,
+            interval_s=cfg.ping.interval_s,
+            payload_bytes=cfg.ping.payload_bytes,
+            timeout_s=cfg.ping.timeout_s,
+        )
+        if cfg.ping.enabled
+        else None,
+        download=_transfer_method(cfg.download),
+        upload=_transfer_method(cfg.upload),
+    )

@@ -1,0 +1,1 @@
+"""Probes gather raw observations only; summaries are computed in ``agent.summary``."""

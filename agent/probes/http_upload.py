@@ -1,0 +1,106 @@
+"""HTTP upload throughput: N parallel POSTs of incompressible data, counted at the server.
+
+The rate is taken from the receiver (BEREC/SamKnows practice, methodology.md §3.2-3.3):
+the collector's upload sink answers each POST with an ``UploadReport`` of (t, bytes)
+samples on its own monotonic clock. The streams' reports are put on one time line (the
+earliest request arrival is t = 0) and aggregated like downloads. Client-side counts are
+kept only for failed attempts, where no report exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from agent import payload, spec
+from agent.probes.transfer import (
+    SampleList,
+    StreamFailure,
+    StreamState,
+    client_side,
+    run_attempt,
+    run_test,
+    split_bytes,
+)
+from agent.schema import SchemaError, TransferAttempt, TransferMethod, UploadReport, decode
+
+# The sink stops reading after this long, so a runaway client cannot hold it forever.
+SERVER_MARGIN_S = 5.0
+
+
+def on_server_timeline(
+    states: list[StreamState], reports: dict[int, UploadReport]
+) -> tuple[list[SampleList], int, str]:
+    """Rebase every stream's server samples to the earliest request arrival (pure)."""
+    if len(reports) != len(states):
+        return client_side(states)
+    origin = min(r.t0_monotonic_s for r in reports.values())
+    streams = [
+        [(reports[i].t0_monotonic_s - origin + t, b) for t, b in reports[i].samples]
+        for i in range(len(states))
+    ]
+    return streams, sum(r.bytes_received for r in reports.values()), "server"
+
+
+async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
+    """One upload test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
+    url = base_url.rstrip("/") + spec.UPLOAD_PATH
+    shares = (
+        split_bytes(method.file_size_bytes, method.streams)
+        if method.mode == "file" and method.file_size_bytes
+        else None
+    )
+
+    async def attempt(test: int, number: int) -> TransferAttempt:
+        reports: dict[int, UploadReport] = {}
+
+        async def stream(
+            session: aiohttp.ClientSession,
+            index: int,
+            state: StreamState,
+            t0: float,
+            t_stop: float | None,
+        ) -> None:
+            loop = asyncio.get_running_loop()
+            interval = method.sample_interval_s
+            size = shares[index] if shares is not None else None
+
+            async def body() -> AsyncIterator[bytes]:
+                state.record(loop.time() - t0, interval, force=True)
+                for chunk in payload.chunks(size):
+                    if t_stop is not None and loop.time() >= t_stop:
+                        break
+                    yield chunk  # type: ignore[misc]  # aiohttp writes memoryviews as-is
+                    state.total += len(chunk)
+                    state.record(loop.time() - t0, interval)
+                state.record(loop.time() - t0, interval, force=True)
+
+            headers = {"Content-Type": "application/octet-stream"}
+            if size is not None:
+                headers["Content-Length"] = str(size)
+                params = {"bytes": str(size)}
+            else:
+                limit = method.warmup_s + method.window_s + SERVER_MARGIN_S
+                params = {"duration_s": f"{limit:g}"}
+            async with session.post(url, params=params, data=body(), headers=headers) as resp:
+                state.http_status = resp.status
+                if resp.status != 200:
+                    raise StreamFailure(
+                        "http_status", f"HTTP {resp.status} from {url}", resp.status
+                    )
+                try:
+                    document = await resp.json(content_type=None)
+                    reports[index] = decode(UploadReport, document)
+                except (ValueError, SchemaError) as exc:
+                    raise StreamFailure(
+                        "server_report", f"upload sink sent no valid report: {exc}"
+                    ) from None
+
+        def finalize(states: list[StreamState]) -> tuple[list[SampleList], int, str]:
+            return on_server_timeline(states, reports)
+
+        return await run_attempt("upload", method, test, number, stream, finalize)
+
+    return await run_test(attempt, method, test_index)

@@ -1,0 +1,243 @@
+"""Shared machinery of the HTTP download and upload probes.
+
+A *test* is up to ``attempts`` *attempts*; each attempt runs ``streams`` parallel HTTP
+requests. Every attempt is recorded, failed or not: failed attempts are the numerator of
+the transfer failure rate (Allegato 2: "rapporto tra le trasmissioni dei dati fallite e il
+numero totale dei tentativi di trasmissione").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from agent import spec, stats
+from agent.schema import Direction, FailureReason, TransferAttempt, TransferMethod
+
+SampleList = list[tuple[float, int]]
+
+
+class StreamFailure(Exception):
+    """One stream could not complete; carries the reason recorded in the attempt."""
+
+    def __init__(
+        self, reason: FailureReason, message: str, http_status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason: FailureReason = reason
+        self.http_status = http_status
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Raw observations of one stream, filled in as bytes move (kept even on failure)."""
+
+    samples: SampleList = field(default_factory=list)
+    total: int = 0
+    failure: StreamFailure | None = None
+    http_status: int | None = None
+    last_sample_t: float = float("-inf")
+
+    def record(self, t: float, interval: float, *, force: bool = False) -> None:
+        if force or t - self.last_sample_t >= interval:
+            if self.samples and self.samples[-1][0] == t:
+                self.samples[-1] = (t, self.total)
+            else:
+                self.samples.append((t, self.total))
+            self.last_sample_t = t
+
+
+def classify(exc: BaseException) -> StreamFailure:
+    """Map an aiohttp/OS exception to a failure record (one translation point)."""
+    if isinstance(exc, StreamFailure):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return StreamFailure("connect_error", f"cannot connect: {exc}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return StreamFailure("http_status", f"HTTP {exc.status}: {exc.message}", exc.status)
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return StreamFailure("broken_connection", f"connection broke mid-transfer: {exc}")
+    if isinstance(exc, TimeoutError):
+        return StreamFailure("timeout", "deadline passed")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return StreamFailure("broken_connection", f"{type(exc).__name__}: {exc}")
+    raise exc  # a bug, not a measurement outcome
+
+
+def new_session(streams: int) -> aiohttp.ClientSession:
+    """A client session for one attempt: fresh connections, no proxy, no decompression."""
+    connector = aiohttp.TCPConnector(limit=streams + 2, force_close=True, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        auto_decompress=False,
+        trust_env=False,
+        headers={"User-Agent": "bbprobe-agent"},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """What a direction-specific runner observed; ``conclude`` turns it into a record."""
+
+    streams: list[SampleList]
+    bytes_total: int
+    failure: StreamFailure | None
+    http_status: int | None
+    duration_s: float
+
+
+def conclude(
+    direction: Direction,
+    method: TransferMethod,
+    test_index: int,
+    attempt: int,
+    started_at: str,
+    outcome: AttemptOutcome,
+    measured_at: str,
+) -> TransferAttempt:
+    """Pure: compute the window and the rate and decide ok/failed."""
+    failure = outcome.failure
+    if method.mode == "duration":
+        window = stats.window_throughput(outcome.streams, method.warmup_s)
+    else:
+        window = whole_transfer(outcome.streams)
+    if failure is None and outcome.bytes_total == 0:
+        failure = StreamFailure("zero_bytes", "no payload bytes were transferred")
+    short = window.length_s < method.window_s * spec.MIN_WINDOW_SHARE
+    if failure is None and method.mode == "duration" and short:
+        failure = StreamFailure(
+            "short_transfer",
+            f"measurement window lasted {window.length_s:.3f} s of the "
+            f"{method.window_s:g} s configured",
+        )
+    if failure is None and method.mode == "file":
+        assert method.file_size_bytes is not None
+        if outcome.bytes_total < method.file_size_bytes:
+            failure = StreamFailure(
+                "short_transfer",
+                f"{outcome.bytes_total} of {method.file_size_bytes} bytes transferred",
+            )
+    ok = failure is None
+    return TransferAttempt(
+        direction=direction,
+        test_index=test_index,
+        attempt=attempt,
+        status="ok" if ok else "failed",
+        failure_reason=None if failure is None else failure.reason,
+        error=None if failure is None else str(failure),
+        http_status=outcome.http_status,
+        started_at=started_at,
+        duration_s=outcome.duration_s,
+        streams=method.streams,
+        bytes_total=outcome.bytes_total,
+        window_bytes=round(window.bytes) if ok else None,
+        window_s=window.length_s if ok else None,
+        throughput_bps=window.throughput_bps if ok else None,
+        measured_at="server" if measured_at == "server" else "client",
+        stream_samples=tuple(tuple(s) for s in outcome.streams),
+    )
+
+
+def whole_transfer(streams: list[SampleList]) -> stats.Window:
+    """File mode: all bytes over the time from the first stream's start to the last's end."""
+    active = [s for s in streams if s]
+    if not active:
+        return stats.Window(0.0, 0.0, 0.0)
+    start = min(s[0][0] for s in active)
+    end = max(s[-1][0] for s in active)
+    return stats.Window(start, end, float(sum(s[-1][1] - s[0][1] for s in active)))
+
+
+def split_bytes(total: int, parts: int) -> list[int]:
+    """Split a file size over streams as evenly as possible."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+AttemptRunner = Callable[[int, int], Awaitable[TransferAttempt]]
+
+
+async def run_test(
+    runner: AttemptRunner, method: TransferMethod, test_index: int, retry_pause_s: float = 1.0
+) -> list[TransferAttempt]:
+    """Run attempts until one succeeds or ``method.attempts`` have failed; keep them all."""
+    attempts: list[TransferAttempt] = []
+    for number in range(1, method.attempts + 1):
+        result = await runner(test_index, number)
+        attempts.append(result)
+        if result.status == "ok":
+            break
+        if number < method.attempts:
+            await asyncio.sleep(retry_pause_s)
+    return attempts
+
+
+StreamFn = Callable[[aiohttp.ClientSession, int, StreamState, float, float | None], Awaitable[None]]
+Finalize = Callable[[list[StreamState]], tuple[list[SampleList], int, str]]
+
+
+def client_side(states: list[StreamState]) -> tuple[list[SampleList], int, str]:
+    return [s.samples for s in states], sum(s.total for s in states), "client"
+
+
+async def run_attempt(
+    direction: Direction,
+    method: TransferMethod,
+    test_index: int,
+    attempt: int,
+    stream: StreamFn,
+    finalize: Finalize = client_side,
+) -> TransferAttempt:
+    """Run ``method.streams`` copies of ``stream`` under the attempt's deadline.
+
+    ``stream(session, index, state, t0, t_stop)`` moves bytes and records (t - t0, bytes)
+    samples in ``state``; ``t_stop`` is the loop time at which a duration-mode stream stops
+    (None in file mode). Stream errors are caught per stream and recorded; only bugs
+    propagate. Liveness: returns within ``method.timeout_s`` plus connection teardown.
+    """
+    from agent.schema import utc_now
+
+    loop = asyncio.get_running_loop()
+    started_at = utc_now()
+    t0 = loop.time()
+    t_stop = t0 + method.warmup_s + method.window_s if method.mode == "duration" else None
+    states = [StreamState() for _ in range(method.streams)]
+    timed_out = False
+
+    async def guarded(session: aiohttp.ClientSession, index: int) -> None:
+        state = states[index]
+        try:
+            await stream(session, index, state, t0, t_stop)
+        except (aiohttp.ClientError, OSError, StreamFailure) as exc:
+            state.failure = classify(exc)
+            if state.failure.http_status is not None:
+                state.http_status = state.failure.http_status
+
+    async with new_session(method.streams) as session:
+        try:
+            async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
+                for index in range(method.streams):
+                    group.create_task(guarded(session, index))
+        except TimeoutError:
+            timed_out = True
+    duration_s = loop.time() - t0
+    samples, bytes_total, measured_at = finalize(states)
+    failure = next((s.failure for s in states if s.failure is not None), None)
+    if timed_out and failure is None:
+        failure = StreamFailure(
+            "timeout", f"attempt did not finish within {method.timeout_s:g} s"
+        )
+    statuses = [s.http_status for s in states if s.http_status is not None]
+    http_status = next((c for c in statuses if c != 200), statuses[0] if statuses else None)
+    outcome = AttemptOutcome(
+        streams=samples,
+        bytes_total=bytes_total,
+        failure=failure,
+        http_status=http_status,
+        duration_s=duration_s,
+    )
+    return conclude(direction, method, test_index, attempt, started_at, outcome, measured_at)

@@ -1,0 +1,70 @@
+"""Pure formatting of results for people (printing happens only in ``agent.cli``)."""
+
+from __future__ import annotations
+
+from agent.schema import PingTest, SessionResult, TransferAttempt, TransferMethod
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _mbps(value: float | None) -> str:
+    return "—" if value is None else f"{value / 1e6:,.2f} Mbit/s"
+
+
+def format_ping(test: PingTest) -> list[str]:
+    s = test.summary
+    if test.status == "failed" and s.packets_sent == 0:
+        return [f"Ping {test.target}: FAILED: {test.error}"]
+    loss = "—" if s.loss_ratio is None else f"{s.loss_ratio * 100:.1f} %"
+    lines = [
+        f"Ping {test.target} ({test.address}): {s.packets_sent} sent, "
+        f"{s.packets_received} received, loss {loss}",
+    ]
+    if s.packets_received:
+        lines += [
+            f"  RTT min/mean/median/p95/max {_ms(s.rtt_min_ms)}/{_ms(s.rtt_mean_ms)}/"
+            f"{_ms(s.rtt_median_ms)}/{_ms(s.rtt_p95_ms)}/{_ms(s.rtt_max_ms)} ms, "
+            f"stdev {_ms(s.rtt_stdev_ms)} ms, jitter {_ms(s.jitter_ms)} ms",
+            f"  One-way delay (RTT/2): mean {_ms(s.one_way_delay_mean_ms)} ms, "
+            f"stdev {_ms(s.one_way_delay_stdev_ms)} ms",
+        ]
+    return lines
+
+
+def describe_method(m: TransferMethod) -> str:
+    if m.mode == "duration":
+        return f"{m.streams} stream(s), {m.warmup_s:g} s warm-up + {m.window_s:g} s window"
+    return f"{m.file_size_bytes:,} byte file over {m.streams} stream(s)"
+
+
+def format_transfers(
+    direction: str, attempts: list[TransferAttempt], m: TransferMethod, rate: float | None
+) -> list[str]:
+    failed = [a for a in attempts if a.status == "failed"]
+    where = "server" if direction == "upload" else "client"
+    lines = [
+        f"{direction.capitalize()}: {_mbps(rate)} ({describe_method(m)}; counted at the "
+        f"{where}; {len(attempts)} attempt(s), {len(failed)} failed)"
+    ]
+    lines += [f"  attempt {a.attempt} failed: {a.failure_reason}: {a.error}" for a in failed]
+    return lines
+
+
+def format_session(result: SessionResult) -> str:
+    lines = [
+        f"Session {result.result_id}",
+        f"  probe {result.probe_id}, started {result.started_at}, {result.duration_s:.1f} s, "
+        f"profile {result.method.profile}, server {result.server.url or '—'}",
+    ]
+    if result.ping is not None:
+        lines += format_ping(result.ping)
+    for direction, m, rate in (
+        ("download", result.method.download, result.summary.download_bps),
+        ("upload", result.method.upload, result.summary.upload_bps),
+    ):
+        attempts = [a for a in result.transfers if a.direction == direction]
+        if attempts:
+            lines += format_transfers(direction, attempts, m, rate)
+    return "\n".join(lines) + "\n"

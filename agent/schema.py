@@ -1,0 +1,440 @@
+"""The bbprobe session result: one versioned, self-describing, additive-only JSON document.
+
+The agent produces it and the collector imports this module to validate what it receives,
+so it uses the standard library only.
+
+Rules (after m-lab/ndt-server ``data/result.go``):
+- every field name carries its unit (``rtt_ms``, ``throughput_bps``, ``loss_ratio`` 0-1,
+  ``duration_s``, ``bytes_total``);
+- fields are never removed or repurposed; a new field gets a new name and
+  ``SCHEMA_VERSION`` grows; the collector rejects versions newer than its own;
+- raw samples travel next to the summaries computed from them, so anyone can recompute.
+
+``decode(SessionResult, data)`` is strict: unknown fields, missing fields, wrong types,
+non-finite numbers and out-of-range values raise ``SchemaError`` naming the field path,
+e.g. ``ping.samples[3].rtt_ms: must be >= 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+SCHEMA_VERSION = 1
+
+Status = Literal["ok", "failed"]
+Direction = Literal["download", "upload"]
+TransferMode = Literal["duration", "file"]
+# Why a transfer attempt failed (after the Ne.Me.Sys error codes, methodology.md §1.5).
+FailureReason = Literal[
+    "connect_error",  # TCP/HTTP connection could not be opened (80003)
+    "http_status",  # the server answered, but not 200 (80003)
+    "timeout",  # the attempt's deadline passed (80006)
+    "zero_bytes",  # nothing was transferred (80005)
+    "short_transfer",  # fewer bytes than the file, or a window cut short (80001)
+    "broken_connection",  # the connection broke mid-transfer (80001)
+    "server_report",  # the upload sink's report was missing or malformed
+]
+
+PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SchemaError(ValueError):
+    """A document does not match the schema; ``path`` names the offending field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def bounds(
+    *, ge: float | None = None, gt: float | None = None, le: float | None = None
+) -> dict[str, Any]:
+    """Field metadata: numeric bounds checked by ``decode``."""
+    return {"ge": ge, "gt": gt, "le": le}
+
+
+_UTC = {"format": "utc"}
+
+
+def utc_now() -> str:
+    return format_utc(datetime.now(UTC))
+
+
+def format_utc(moment: datetime) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z`` suffix, the only form the schema accepts."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc(text: str) -> datetime:
+    """Parse an ISO 8601 timestamp that carries an explicit UTC offset."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp has no UTC offset")
+    return moment.astimezone(UTC)
+
+
+# --- Method: how the numbers were obtained (recorded with every result) --------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PingMethod:
+    count: int = field(metadata=bounds(ge=1, le=10_000))
+    interval_s: float = field(metadata=bounds(ge=0.001, le=60))
+    payload_bytes: int = field(metadata=bounds(ge=0, le=65_000))
+    timeout_s: float = field(metadata=bounds(gt=0, le=60))
+
+
+@dataclass(frozen=True, slots=True)
+class TransferMethod:
+    mode: TransferMode
+    streams: int = field(metadata=bounds(ge=1, le=64))
+    warmup_s: float = field(metadata=bounds(ge=0, le=60))
+    window_s: float = field(metadata=bounds(gt=0, le=600))
+    file_size_bytes: int | None = field(metadata=bounds(gt=0))
+    tests: int = field(metadata=bounds(ge=0, le=1000))
+    attempts: int = field(metadata=bounds(ge=1, le=10))
+    sample_interval_s: float = field(metadata=bounds(gt=0, le=10))
+    timeout_s: float = field(metadata=bounds(gt=0, le=3600))
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    profile: str
+    ping: PingMethod | None  # None: no ping train in this session
+    download: TransferMethod
+    upload: TransferMethod
+    # How the one-way delay estimate is derived from ICMP echo round trips.
+    one_way_delay: Literal["rtt_half"] = "rtt_half"
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    url: str | None  # measurement server base URL; None when no transfer was run
+    ping_target: str | None
+
+
+# --- Ping train ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PingSample:
+    seq: int = field(metadata=bounds(ge=0))
+    # When the echo request left, relative to the train start (monotonic clock).
+    sent_offset_s: float = field(metadata=bounds(ge=0))
+    # Round-trip time, or None when no reply came within the timeout (a lost ping).
+    rtt_ms: float | None = field(metadata=bounds(ge=0))
+    # Why there is no RTT: "timeout", or the ICMP error received (e.g. "unreachable").
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PingSummary:
+    packets_sent: int = field(metadata=bounds(ge=0))
+    packets_received: int = field(metadata=bounds(ge=0))
+    loss_ratio: float | None = field(metadata=bounds(ge=0, le=1))
+    rtt_min_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_mean_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_median_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_p95_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_max_ms: float | None = field(metadata=bounds(ge=0))
+    # Sample (n-1) and population (n) standard deviations of the RTTs.
+    rtt_stdev_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_pstdev_ms: float | None = field(metadata=bounds(ge=0))
+    # Mean absolute difference of consecutive RTTs (IPDV-style jitter).
+    jitter_ms: float | None = field(metadata=bounds(ge=0))
+    # One-way delay estimate: RTT / 2 (see Method.one_way_delay).
+    one_way_delay_mean_ms: float | None = field(metadata=bounds(ge=0))
+    one_way_delay_stdev_ms: float | None = field(metadata=bounds(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class PingTest:
+    status: Status
+    error: str | None
+    target: str
+    address: str | None
+    privileged: bool | None
+    started_at: str = field(metadata=_UTC)
+    samples: tuple[PingSample, ...]
+    summary: PingSummary
+
+
+# --- HTTP transfers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAttempt:
+    """One attempt at one transfer test. Failed attempts are kept: they are the failure rate."""
+
+    direction: Direction
+    test_index: int = field(metadata=bounds(ge=0))
+    attempt: int = field(metadata=bounds(ge=1))
+    status: Status
+    failure_reason: FailureReason | None
+    error: str | None
+    http_status: int | None
+    started_at: str = field(metadata=_UTC)
+    duration_s: float = field(metadata=bounds(ge=0))
+    streams: int = field(metadata=bounds(ge=1))
+    # Every payload byte moved by the attempt, warm-up included.
+    bytes_total: int = field(metadata=bounds(ge=0))
+    # Bytes and seconds inside the measurement window, and the rate computed from them.
+    window_bytes: int | None = field(metadata=bounds(ge=0))
+    window_s: float | None = field(metadata=bounds(ge=0))
+    throughput_bps: float | None = field(metadata=bounds(ge=0))
+    # Who counted the bytes: the client for downloads, the server (receiver) for uploads.
+    measured_at: Literal["client", "server"]
+    # Per stream, (t_s, cumulative_bytes) pairs; t_s relative to the attempt's time origin.
+    stream_samples: tuple[tuple[tuple[float, int], ...], ...]
+
+
+# --- Session -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """Headline numbers, each computed from the raw samples in the same document."""
+
+    # Median of the session's successful download (upload) tests.
+    download_bps: float | None = field(metadata=bounds(ge=0))
+    upload_bps: float | None = field(metadata=bounds(ge=0))
+    rtt_mean_ms: float | None = field(metadata=bounds(ge=0))
+    rtt_stdev_ms: float | None = field(metadata=bounds(ge=0))
+    loss_ratio: float | None = field(metadata=bounds(ge=0, le=1))
+    # Failed attempts / all attempts, per direction.
+    download_failure_ratio: float | None = field(metadata=bounds(ge=0, le=1))
+    upload_failure_ratio: float | None = field(metadata=bounds(ge=0, le=1))
+    one_way_delay_mean_ms: float | None = field(metadata=bounds(ge=0))
+    one_way_delay_stdev_ms: float | None = field(metadata=bounds(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    schema_version: int
+    result_id: str = field(metadata={"format": "uuid"})
+    probe_id: str = field(metadata={"format": "probe_id"})
+    agent_version: str
+    started_at: str = field(metadata=_UTC)
+    ended_at: str = field(metadata=_UTC)
+    duration_s: float = field(metadata=bounds(ge=0))
+    method: Method
+    server: Server
+    ping: PingTest | None
+    transfers: tuple[TransferAttempt, ...]
+    summary: SessionSummary
+
+
+# --- Upload sink report (collector -> agent) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UploadReport:
+    """What the upload sink observed; upload rates are computed from this (receiver side)."""
+
+    bytes_received: int = field(metadata=bounds(ge=0))
+    # Server monotonic clock when the request headers arrived; samples are relative to it.
+    t0_monotonic_s: float
+    # (t_s, cumulative bytes) as received, t_s relative to t0_monotonic_s.
+    samples: tuple[tuple[float, int], ...]
+
+
+# --- Encoding and strict decoding ----------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass tree as plain JSON-ready data (tuples become lists when serialised)."""
+    result: dict[str, Any] = dataclasses.asdict(obj)
+    return result
+
+
+def parse_result(data: Any) -> SessionResult:
+    """Validate a decoded JSON document as a ``SessionResult``; raises ``SchemaError``."""
+    if not isinstance(data, dict):
+        raise SchemaError("", f"expected a JSON object, got {_json_type(data)}")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SchemaError("schema_version", "missing or not an integer")
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            "schema_version",
+            f"version {version} is newer than this collector supports ({SCHEMA_VERSION}); "
+            "upgrade the collector",
+        )
+    if version < 1:
+        raise SchemaError("schema_version", f"must be >= 1, got {version}")
+    result = decode(SessionResult, data)
+    if parse_utc(result.ended_at) < parse_utc(result.started_at):
+        raise SchemaError("ended_at", "is earlier than started_at")
+    return result
+
+
+def decode(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from JSON data, checking every field; raises ``SchemaError``."""
+    value: T = _decode_value(cls, data, path, {})
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (tuple, list):
+        return "an array"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(
+        tp, str(tp)
+    )
+
+
+def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise SchemaError(path, f"expected {_type_name(tp)}, got null")
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:
+            try:
+                return _decode_value(options[0], value, path, meta)
+            except SchemaError as exc:
+                if exc.path == path and exc.message.startswith("expected "):
+                    raise SchemaError(path, f"expected {_type_name(tp)}, "
+                                      f"got {_json_type(value)}") from None
+                raise
+        raise TypeError(f"unsupported union {tp}")  # pragma: no cover - schema bug
+    if origin is Literal:
+        if value not in get_args(tp) or isinstance(value, bool):
+            raise SchemaError(path, f"must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise SchemaError(path, f"expected an array, got {_json_type(value)}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(
+                _decode_value(args[0], item, f"{path}[{i}]", {}) for i, item in enumerate(value)
+            )
+        if len(value) != len(args):
+            raise SchemaError(path, f"expected an array of {len(args)} items, got {len(value)}")
+        return tuple(
+            _decode_value(arg, item, f"{path}[{i}]", {})
+            for i, (arg, item) in enumerate(zip(args, value, strict=True))
+        )
+    if dataclasses.is_dataclass(tp):
+        return _decode_dataclass(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SchemaError(path, f"expected a boolean, got {_json_type(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SchemaError(path, f"expected an integer, got {_json_type(value)}")
+        _check_bounds(value, path, meta)
+        return value
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise SchemaError(path, f"expected a number, got {_json_type(value)}")
+        if not math.isfinite(value):
+            raise SchemaError(path, f"must be a finite number, got {value!r}")
+        _check_bounds(value, path, meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SchemaError(path, f"expected a string, got {_json_type(value)}")
+        _check_format(value, path, meta.get("format"))
+        return value
+    raise TypeError(f"unsupported type {tp!r} at {path}")  # pragma: no cover - schema bug
+
+
+def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise SchemaError(path, f"expected an object, got {_json_type(value)}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            raise SchemaError(_join(path, str(key)), "unknown field")
+    kwargs: dict[str, Any] = {}
+    for name, spec in fields.items():
+        sub = _join(path, name)
+        if name not in value:
+            if spec.default is not dataclasses.MISSING:
+                kwargs[name] = spec.default
+                continue
+            if spec.default_factory is not dataclasses.MISSING:
+                kwargs[name] = spec.default_factory()
+                continue
+            raise SchemaError(sub, "missing required field")
+        kwargs[name] = _decode_value(hints[name], value[name], sub, dict(spec.metadata))
+    return cls(**kwargs)
+
+
+def _check_bounds(value: float, path: str, meta: dict[str, Any]) -> None:
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise SchemaError(path, f"must be >= {meta['ge']:g}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise SchemaError(path, f"must be > {meta['gt']:g}, got {value!r}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise SchemaError(path, f"must be <= {meta['le']:g}, got {value!r}")
+
+
+def _check_format(value: str, path: str, fmt: str | None) -> None:
+    if fmt == "utc":
+        try:
+            parse_utc(value)
+        except ValueError:
+            raise SchemaError(
+                path, f"must be an ISO 8601 timestamp with a UTC offset, got {value!r}"
+            ) from None
+    elif fmt == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise SchemaError(path, f"must be a UUID, got {value!r}") from None
+    elif fmt == "probe_id" and not PROBE_ID_RE.match(value):
+        raise SchemaError(
+            path, f"must be 1-64 characters of letters, digits, '.', '_', '-', got {value!r}"
+        )

@@ -1,0 +1,168 @@
+"""Pure statistics over raw samples. No I/O, no clock reads, no rounding.
+
+Definitions used everywhere in bbprobe (README "How each indicator is computed"):
+- percentile: linear interpolation between closest ranks, Hyndman & Fan (1996) type 7,
+  the definition of spreadsheets' PERCENTILE/PERCENTILE.INC and numpy's default;
+  ``nearest_rank`` (type 1 / the classic "ceil(p*n)-th value") is available as an option;
+- standard deviation: sample (n-1, Bessel) for estimates of a population from a sample,
+  population (n) where explicitly asked (BEREC reports the population one for 10 pings);
+- jitter: mean absolute difference of consecutive RTTs, the IPDV-style figure most tools
+  print; consecutive means consecutive *received* replies, in send order;
+- loss ratio: pings with no RTT / pings sent (Allegato 2 of the seed);
+- throughput: bits moved inside the measurement window over the window's length, streams
+  aggregated at a common end time (RMBT specification, methodology.md §3.1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+PercentileMethod = Literal["linear", "nearest_rank"]
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def _sum_sq_dev(values: Sequence[float]) -> float:
+    centre = math.fsum(values) / len(values)
+    return math.fsum((v - centre) ** 2 for v in values)
+
+
+def sample_stdev(values: Sequence[float]) -> float | None:
+    """Standard deviation with Bessel's correction (divides by n-1); None below 2 values."""
+    if len(values) < 2:
+        return None
+    return math.sqrt(_sum_sq_dev(values) / (len(values) - 1))
+
+
+def population_stdev(values: Sequence[float]) -> float | None:
+    """Standard deviation dividing by n; 0.0 for one value, None for none."""
+    if not values:
+        return None
+    return math.sqrt(_sum_sq_dev(values) / len(values))
+
+
+def percentile(
+    values: Sequence[float], p: float, method: PercentileMethod = "linear"
+) -> float | None:
+    """The p-th percentile (0 <= p <= 100) of ``values``; None for no values.
+
+    ``linear`` (type 7): h = (n-1)*p/100, result = x[floor h] + (h - floor h) *
+    (x[floor h + 1] - x[floor h]) on the sorted values.
+    ``nearest_rank`` (type 1): x[ceil(n*p/100) - 1], and x[0] for p = 0.
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {p}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+    if method == "nearest_rank":
+        rank = max(1, math.ceil(n * p / 100))
+        return ordered[rank - 1]
+    h = (n - 1) * p / 100
+    low = math.floor(h)
+    high = min(low + 1, n - 1)
+    return ordered[low] + (h - low) * (ordered[high] - ordered[low])
+
+
+def median(values: Sequence[float]) -> float | None:
+    return percentile(values, 50)
+
+
+def jitter(rtts: Sequence[float]) -> float | None:
+    """Mean absolute difference of consecutive RTTs; None below 2 values."""
+    if len(rtts) < 2:
+        return None
+    return math.fsum(abs(b - a) for a, b in itertools.pairwise(rtts)) / (len(rtts) - 1)
+
+
+def loss_ratio(sent: int, received: int) -> float | None:
+    """Plain loss ratio (sent - received) / sent; None when nothing was sent."""
+    if sent <= 0:
+        return None
+    if not 0 <= received <= sent:
+        raise ValueError(f"received ({received}) must be within 0..sent ({sent})")
+    return (sent - received) / sent
+
+
+def pair_loss_ratio(round_trip_loss: float) -> float:
+    """Per-packet loss p from round-trip loss R, assuming independent losses each way.
+
+    An echo round trip fails if the request or the reply is lost: (1 - p)^2 = 1 - R, so
+    p = 1 - sqrt(1 - R). This is the 244/08/CSP Allegato 4 reading (methodology.md §1.3);
+    the seed's Allegato 2 defines the plain ratio R, which is our default.
+    """
+    return 1 - math.sqrt(1 - round_trip_loss)
+
+
+def ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+# --- Throughput from (t, cumulative bytes) samples -------------------------------------------
+
+Samples = Sequence[tuple[float, int]]
+
+
+def bytes_at(samples: Samples, t: float) -> float:
+    """Cumulative bytes at time ``t`` by linear interpolation between samples.
+
+    Before the first sample the count is the first sample's, after the last the last's.
+    """
+    if not samples:
+        return 0.0
+    if t <= samples[0][0]:
+        return float(samples[0][1])
+    if t >= samples[-1][0]:
+        return float(samples[-1][1])
+    lo, hi = 0, len(samples) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if samples[mid][0] <= t:
+            lo = mid
+        else:
+            hi = mid
+    (t0, b0), (t1, b1) = samples[lo], samples[hi]
+    if t1 == t0:
+        return float(b1)
+    return b0 + (b1 - b0) * (t - t0) / (t1 - t0)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    start_s: float
+    end_s: float
+    bytes: float
+
+    @property
+    def length_s(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def throughput_bps(self) -> float | None:
+        if self.length_s <= 0:
+            return None
+        return self.bytes * 8 / self.length_s
+
+
+def window_throughput(streams: Sequence[Samples], start_s: float) -> Window:
+    """Aggregate rate of parallel streams over [start_s, common end].
+
+    The common end is the earliest last sample of any stream (RMBT: t* = min_k t_k), so a
+    stream that finished early or straggles does not bias the aggregate; each stream's
+    bytes are interpolated at both window edges. Samples must be sorted by time.
+    """
+    active = [s for s in streams if s]
+    if not active:
+        return Window(start_s, start_s, 0.0)
+    end_s = min(s[-1][0] for s in active)
+    if end_s <= start_s:
+        return Window(start_s, start_s, 0.0)
+    moved = math.fsum(bytes_at(s, end_s) - bytes_at(s, start_s) for s in active)
+    return Window(start_s, end_s, moved)

@@ -1,0 +1,246 @@
+"""The collector web application: ingestion, analyst queries, measurement endpoints.
+
+Handlers are thin: parse -> ``ingest``/``service`` -> JSON. Database calls run on one
+dedicated thread (SQLite has one writer; the event loop never blocks on fsync).
+Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from agent import spec
+from agent.schema import utc_now
+from collector import __version__, auth, ingest, measure, service
+from collector.compliance import targets as targets_mod
+from collector.config import CollectorConfig
+from collector.errors import ApiError
+from collector.report import LISTING_COLUMNS, Scope, format_csv, report_dict
+from collector.storage.sqlite import SqliteStore
+
+log = logging.getLogger("bbprobe.collector")
+T = TypeVar("T")
+
+CONFIG = web.AppKey("config", CollectorConfig)
+STORE = web.AppKey("store", SqliteStore)
+DB_THREAD = web.AppKey("db_thread", ThreadPoolExecutor)
+
+
+async def db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(store, *args)`` on the database thread."""
+    loop = asyncio.get_running_loop()
+    app = request.app
+    return await loop.run_in_executor(app[DB_THREAD], partial(fn, app[STORE], *args))
+
+
+def error_body(status: int, message: str, field: str | None = None) -> web.Response:
+    return web.json_response({"error": message, "field": field}, status=status)
+
+
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = error_body(exc.status, exc.message, exc.field)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "5"
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_body(exc.status, exc.reason)
+
+
+# --- ingestion -------------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"body of {request.content_length} bytes exceeds the "
+                            f"{limit}-byte limit")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body exceeds the {limit}-byte limit")
+    return bytes(body)
+
+
+async def authenticated_probe(request: web.Request) -> str:
+    token = auth.bearer(request.headers.get("Authorization"))
+    if token is None:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+    probe = await db(request, SqliteStore.probe_for_token, auth.hash_token(token))
+    if probe is None:
+        raise ApiError(401, "unknown or revoked token")
+    return probe.name
+
+
+async def post_result(request: web.Request) -> web.Response:
+    probe = await authenticated_probe(request)
+    ctype = request.content_type
+    if ctype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
+    encoding = request.headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send identity")
+    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    accepted = ingest.parse_body(raw)
+    result = accepted.result
+    if result.probe_id != probe:
+        raise ApiError(
+            403,
+            f"result is for probe {result.probe_id!r} but the token belongs to {probe!r}",
+            field="probe_id",
+        )
+    outcome = await db(
+        request,
+        partial(
+            SqliteStore.insert_result,
+            result_id=result.result_id,
+            probe_name=probe,
+            schema_version=result.schema_version,
+            started_at=accepted.started_at,
+            ended_at=accepted.ended_at,
+            received_at=utc_now(),
+            body=accepted.body,
+            body_sha256=accepted.body_sha256,
+        ),
+    )
+    if outcome == "conflict":
+        raise ApiError(409, f"result {result.result_id} was already stored with other content",
+                       field="result_id")
+    status = 201 if outcome == "stored" else 200
+    return web.json_response(
+        {"result_id": result.result_id, "stored": outcome == "stored",
+         "duplicate": outcome == "duplicate"},
+        status=status,
+    )
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response({"probe_id": await authenticated_probe(request)})
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+def _scope(request: web.Request) -> Scope:
+    probes = request.query.getall("probe", []) or None
+    return service.scope(probes, request.query.get("since"), request.query.get("until"))
+
+
+def _limit(request: web.Request) -> int | None:
+    raw = request.query.get("limit")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
+        raise ApiError(400, f"limit: expected an integer within 1..1000000, got {raw!r}",
+                       field="limit")
+    return int(raw)
+
+
+async def list_probes(request: web.Request) -> web.Response:
+    probes = await db(request, SqliteStore.probes)
+    return web.json_response({"probes": [p.to_dict() for p in probes]})
+
+
+async def list_results(request: web.Request) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError(400, f"format: expected json or csv, got {fmt!r}", field="format")
+    rows = await db(request, service.listing, _scope(request), _limit(request))
+    if fmt == "csv":
+        return web.Response(text=format_csv(rows, LISTING_COLUMNS), content_type="text/csv")
+    return web.json_response({"results": rows})
+
+
+async def get_result(request: web.Request) -> web.Response:
+    row = await db(request, SqliteStore.result, request.match_info["result_id"])
+    if row is None:
+        raise ApiError(404, f"no result {request.match_info['result_id']}")
+    return web.Response(text=row.body, content_type="application/json")
+
+
+async def get_report(request: web.Request) -> web.Response:
+    path = request.app[CONFIG].compliance.targets
+    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    where = _scope(request)
+    report = await db(request, service.compliance, where, table)
+    return web.json_response(report_dict(report, where))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+# --- application -----------------------------------------------------------------------------
+
+
+def create_app(cfg: CollectorConfig) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=cfg.server.max_body_bytes)
+    app[CONFIG] = cfg
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bbprobe-db")
+        loop = asyncio.get_running_loop()
+        app[DB_THREAD] = executor
+        app[STORE] = await loop.run_in_executor(executor, SqliteStore, cfg.storage.path)
+        yield
+        await loop.run_in_executor(executor, app[STORE].close)
+        executor.shutdown(wait=True)
+
+    app.cleanup_ctx.append(store_ctx)
+    app.router.add_post(spec.RESULTS_PATH, post_result)
+    app.router.add_get(spec.WHOAMI_PATH, whoami)
+    app.router.add_get(spec.RESULTS_PATH, list_results)
+    app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)
+    app.router.add_get("/api/v1/probes", list_probes)
+    app.router.add_get("/api/v1/report", get_report)
+    app.router.add_get("/healthz", healthz)
+    if cfg.measurement.enabled:
+        measure.add_routes(app, cfg.measurement)
+    return app
+
+
+async def start(cfg: CollectorConfig) -> tuple[web.AppRunner, str]:
+    """Start serving; returns the runner and the bound base URL."""
+    runner = web.AppRunner(create_app(cfg), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, shutdown_timeout=5.0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if cfg.server.addr_file:
+        target = Path(cfg.server.addr_file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(url + "\n")
+        tmp.replace(target)
+    return runner, url
+
+
+async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None]) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    runner, url = await start(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_ready(url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,231 @@
+"""bbprobe-collector command line. Thin: parse flags, call ``service``/``app``, print.
+
+Errors are caught once here and printed as one line, never as a traceback:
+exit 1 for operational errors, 2 for bad configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from collector import __version__, service
+from collector.compliance import targets as targets_mod
+from collector.config import CollectorConfig, load
+from collector.errors import ApiError, CollectorError
+from collector.report import (
+    LISTING_COLUMNS,
+    format_csv,
+    format_json,
+    format_listing_text,
+    format_text,
+    report_dict,
+)
+from collector.storage.sqlite import LineMetadata, SqliteStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as exc:
+            click.echo(f"bbprobe-collector: {exc.message}", err=True)
+            sys.exit(2)
+        except CollectorError as exc:
+            click.echo(f"bbprobe-collector: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
+    obj = ctx.find_root().obj
+    merged = {k: v for k, v in {**obj["overrides"], **overrides}.items() if v is not None}
+    return load(obj["config"], merged)
+
+
+def _open_store(ctx: click.Context) -> SqliteStore:
+    return SqliteStore(_config(ctx).storage.path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bbprobe-collector")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+              envvar="BBPROBE_COLLECTOR_CONFIG", help="Collector TOML config.")
+@click.option("--db", help="SQLite database path (overrides storage.path).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, db: str | None) -> None:
+    """bbprobe collector: stores probe results, serves measurement endpoints, and checks
+    them against the Allegato 2 targets."""
+    ctx.obj = {"config": config_path, "overrides": {"storage.path": db}}
+
+
+@main.command()
+@click.option("--host", help="Listen address (overrides server.host).")
+@click.option("--port", type=int, help="Listen port, 0 for any free one (server.port).")
+@click.option("--addr-file", help="Write the bound URL to this file once listening.")
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None) -> None:
+    """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
+    from collector import app
+
+    cfg = _config(ctx, **{"server.host": host, "server.port": port,
+                          "server.addr_file": addr_file})
+    # Fail now, not at the first report, if the targets table is unusable.
+    targets_mod.load(cfg.compliance.targets)
+
+    def ready(url: str) -> None:
+        click.echo(f"bbprobe-collector {__version__} listening on {url} "
+                   f"(database {cfg.storage.path})", err=True)
+
+    try:
+        asyncio.run(app.serve(cfg, ready))
+    except OSError as exc:
+        raise CollectorError(
+            f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}"
+        ) from None
+
+
+@main.command("check-config")
+@click.pass_context
+@handle_errors
+def check_config(ctx: click.Context) -> None:
+    """Validate the config and the targets table it names, then exit."""
+    cfg = _config(ctx)
+    table = targets_mod.load(cfg.compliance.targets)
+    click.echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
+               f"of {len(table.indicator)} indicators)")
+
+
+@main.group()
+def probe() -> None:
+    """Register, list and revoke probes."""
+
+
+@probe.command("add")
+@click.argument("name")
+@click.option("--operator", help="Operator (ISP) of the line.")
+@click.option("--offer", help="Commercial offer of the line.")
+@click.option("--region", help="Region where the probe sits.")
+@click.option("--technology", help="Access technology (ADSL, FTTC, FTTH, FWA...).")
+@click.option("--download-nominal-kbps", type=float, help="Contract nominal download.")
+@click.option("--download-min-kbps", type=float, help="Contract guaranteed minimum download.")
+@click.option("--upload-nominal-kbps", type=float, help="Contract nominal upload.")
+@click.option("--upload-min-kbps", type=float, help="Contract guaranteed minimum upload.")
+@click.option("--max-delay-ms", type=float, help="Contract maximum delay.")
+@click.option("--max-loss-ratio", type=float, help="Contract maximum packet loss (0-1).")
+@click.pass_context
+@handle_errors
+def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
+    """Register probe NAME and print its token (shown this once only)."""
+    store = _open_store(ctx)
+    try:
+        token = service.register_probe(store, name, LineMetadata(**line))
+    finally:
+        store.close()
+    click.echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
+               err=True)
+    click.echo(token)
+
+
+@probe.command("list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def probe_list(ctx: click.Context, fmt: str) -> None:
+    """List registered probes with their line metadata."""
+    store = _open_store(ctx)
+    try:
+        probes = store.probes()
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(format_json({"probes": [p.to_dict() for p in probes]}), nl=False)
+        return
+    for p in probes:
+        state = f"revoked {p.revoked_at}" if p.revoked_at else "active"
+        extra = ", ".join(f"{k}={v}" for k, v in p.to_dict().items()
+                          if k not in ("probe_id", "created_at", "revoked_at") and v is not None)
+        click.echo(f"{p.name}  ({state}; created {p.created_at}){'  ' + extra if extra else ''}")
+    if not probes:
+        click.echo("no probes registered")
+
+
+@probe.command("revoke")
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def probe_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke NAME's token at once (its stored results stay)."""
+    from agent.schema import utc_now
+
+    store = _open_store(ctx)
+    try:
+        if not store.revoke_probe(name, utc_now()):
+            raise CollectorError(f"no active probe named {name!r}")
+    finally:
+        store.close()
+    click.echo(f"probe {name!r} revoked")
+
+
+def _scope_options(fn: F) -> F:
+    fn = click.option("--until", help="End (exclusive): ISO date or timestamp.")(fn)
+    fn = click.option("--since", help="Start (inclusive): ISO date or timestamp.")(fn)
+    fn = click.option("--probe", "probes", multiple=True, help="Probe name (repeatable).")(fn)
+    return fn
+
+
+@main.command()
+@_scope_options
+@click.option("--limit", type=click.IntRange(1), help="At most this many results.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+@click.pass_context
+@handle_errors
+def results(ctx: click.Context, probes: tuple[str, ...], since: str | None, until: str | None,
+            limit: int | None, fmt: str) -> None:
+    """List stored results with their summaries."""
+    where = service.scope(list(probes) or None, since, until)
+    store = _open_store(ctx)
+    try:
+        rows = service.listing(store, where, limit)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(format_json({"results": rows}), nl=False)
+    elif fmt == "csv":
+        click.echo(format_csv(rows, LISTING_COLUMNS), nl=False)
+    else:
+        click.echo(format_listing_text(rows), nl=False)
+
+
+@main.command()
+@_scope_options
+@click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def report(ctx: click.Context, probes: tuple[str, ...], since: str | None, until: str | None,
+           targets_path: str | None, fmt: str) -> None:
+    """Compliance report: each Allegato 2 indicator against its target."""
+    cfg = _config(ctx)
+    table = targets_mod.load(targets_path or cfg.compliance.targets)
+    where = service.scope(list(probes) or None, since, until)
+    store = SqliteStore(cfg.storage.path)
+    try:
+        result = service.compliance(store, where, table)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(report_dict(result, where), indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_text(result, where), nl=False)

@@ -1,0 +1,1 @@
+"""Compliance: targets as data, observations from results, a pure evaluator."""

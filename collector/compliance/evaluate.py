@@ -1,0 +1,167 @@
+"""Pure compliance evaluation: session results + targets -> one verdict per indicator.
+
+Definitions (README "How each indicator is computed"):
+- speeds: every successful transfer attempt is one per-test speed sample (kbit/s);
+  "banda massima" is their 95th percentile and "banda minima" their 5th;
+- transfer failure rate: failed attempts / all attempts, per direction;
+- one-way delay: from every ICMP echo reply in scope, RTT / 2 by default (``delay_basis``);
+  mean, and sample standard deviation (n - 1);
+- packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``).
+A train that could not start (no ICMP permission) sent nothing and counts nowhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent import stats
+from agent.schema import SessionResult
+from collector.compliance.targets import Indicator, Targets
+
+Verdict = Literal["pass", "fail", "incomplete"]
+
+
+@dataclass(slots=True)
+class Observations:
+    """Raw samples gathered from the results in scope (no statistics yet)."""
+
+    sessions: int = 0
+    download_kbps: list[float] = field(default_factory=list)
+    upload_kbps: list[float] = field(default_factory=list)
+    download_attempts: int = 0
+    download_failed: int = 0
+    upload_attempts: int = 0
+    upload_failed: int = 0
+    rtts_ms: list[float] = field(default_factory=list)
+    pings_sent: int = 0
+    pings_lost: int = 0
+
+    def add(self, result: SessionResult) -> None:
+        self.sessions += 1
+        for a in result.transfers:
+            failed = a.status == "failed"
+            if a.direction == "download":
+                self.download_attempts += 1
+                self.download_failed += failed
+                if not failed and a.throughput_bps is not None:
+                    self.download_kbps.append(a.throughput_bps / 1000)
+            else:
+                self.upload_attempts += 1
+                self.upload_failed += failed
+                if not failed and a.throughput_bps is not None:
+                    self.upload_kbps.append(a.throughput_bps / 1000)
+        if result.ping is not None:
+            for s in result.ping.samples:
+                self.pings_sent += 1
+                if s.rtt_ms is None:
+                    self.pings_lost += 1
+                else:
+                    self.rtts_ms.append(s.rtt_ms)
+
+
+def observe(results: Iterable[SessionResult]) -> Observations:
+    obs = Observations()
+    for r in results:
+        obs.add(r)
+    return obs
+
+
+@dataclass(frozen=True, slots=True)
+class IndicatorResult:
+    id: str
+    name: str
+    unit: str
+    comparison: str
+    target: float
+    observed: float | None
+    samples: int
+    passed: bool | None  # None: no samples, nothing to judge
+    measurable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    targets_name: str
+    targets_source: str
+    regulation: tuple[str, ...]
+    sessions: int
+    indicators: tuple[IndicatorResult, ...]
+    not_measured: tuple[Indicator, ...]
+    verdict: Verdict
+    method: dict[str, str]
+
+
+def _value(ind: Indicator, obs: Observations, targets: Targets) -> tuple[float | None, int]:
+    """The observed value of one indicator and the number of samples behind it."""
+    opts = targets.options
+    pm = opts.percentile_method
+    if ind.id in ("download_p95_kbps", "download_p5_kbps", "upload_p95_kbps", "upload_p5_kbps"):
+        values = obs.download_kbps if ind.id.startswith("download") else obs.upload_kbps
+        p = 95 if "_p95_" in ind.id else 5
+        return stats.percentile(values, p, pm), len(values)
+    if ind.id == "download_failure_ratio":
+        return stats.ratio(obs.download_failed, obs.download_attempts), obs.download_attempts
+    if ind.id == "upload_failure_ratio":
+        return stats.ratio(obs.upload_failed, obs.upload_attempts), obs.upload_attempts
+    scale = 0.5 if opts.delay_basis == "rtt_half" else 1.0
+    delays = [r * scale for r in obs.rtts_ms]
+    if ind.id == "delay_mean_ms":
+        return stats.mean(delays), len(delays)
+    if ind.id == "delay_stdev_ms":
+        return stats.sample_stdev(delays), len(delays)
+    if ind.id == "loss_ratio":
+        plain = stats.loss_ratio(obs.pings_sent, obs.pings_sent - obs.pings_lost)
+        if plain is not None and opts.loss_formula == "pair":
+            plain = stats.pair_loss_ratio(plain)
+        return plain, obs.pings_sent
+    raise ValueError(f"no evaluator for indicator {ind.id!r}")  # targets.parse prevents it
+
+
+def passes(observed: float, comparison: str, target: float) -> bool:
+    return observed >= target if comparison == ">=" else observed <= target
+
+
+def evaluate(obs: Observations, targets: Targets) -> Report:
+    results = []
+    for ind in targets.measurable:
+        observed, samples = _value(ind, obs, targets)
+        results.append(
+            IndicatorResult(
+                id=ind.id, name=ind.name, unit=ind.unit, comparison=ind.comparison,
+                target=ind.target, observed=observed, samples=samples,
+                passed=None if observed is None else passes(observed, ind.comparison,
+                                                            ind.target),
+            )
+        )
+    if any(r.passed is False for r in results):
+        verdict: Verdict = "fail"
+    elif results and all(r.passed for r in results):
+        verdict = "pass"
+    else:
+        verdict = "incomplete"
+    opts = targets.options
+    return Report(
+        targets_name=targets.name,
+        targets_source=targets.source,
+        regulation=targets.regulation,
+        sessions=obs.sessions,
+        indicators=tuple(results),
+        not_measured=tuple(i for i in targets.indicator if not i.measurable),
+        verdict=verdict,
+        method={
+            "percentile": "Hyndman-Fan type 7 (linear interpolation)"
+            if opts.percentile_method == "linear"
+            else "nearest rank (Hyndman-Fan type 1)",
+            "speed_sample": "one per successful transfer attempt",
+            "failure_ratio": "failed attempts / all attempts",
+            "delay": "one-way = RTT / 2 (ICMP echo, symmetric path)"
+            if opts.delay_basis == "rtt_half"
+            else "round-trip time of ICMP echo",
+            "delay_stdev": "sample standard deviation (n - 1)",
+            "loss": "pings without reply / pings sent"
+            if opts.loss_formula == "plain"
+            else "1 - sqrt(1 - lost/sent) (per-packet)",
+        },
+    )

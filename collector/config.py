@@ -1,0 +1,90 @@
+"""Collector configuration: TOML validated at load, unknown keys rejected, then frozen.
+
+Every key is documented in ``configs/collector.example.toml`` (a test loads it). Relative
+paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.config import read_toml as _read_toml
+from agent.errors import ConfigError as _AgentConfigError
+from agent.schema import SchemaError, bounds, decode
+from collector.errors import ConfigError
+
+DEFAULT_TARGETS = "configs/targets/bt-italia-2013.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    # 0 picks a free port (the bound address is printed and written to addr_file).
+    port: int = field(default=8080, metadata=bounds(ge=0, le=65535))
+    # Largest accepted result body; larger requests get 413.
+    max_body_bytes: int = field(default=1024 * 1024, metadata=bounds(ge=1024, le=64 * 1024**2))
+    # If set, the bound "http://host:port" is written here once listening.
+    addr_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "var/collector.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class MeasurementConfig:
+    # Serve /measure/v1/{download,upload,echo} for agents to test against.
+    enabled: bool = True
+    # Caps per request, so one client cannot hold the server: bytes and seconds.
+    max_bytes: int = field(default=50 * 1000**3, metadata=bounds(ge=1))
+    max_duration_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
+    # Concurrent transfers served at once; more get 503 (Retry-After).
+    max_concurrent: int = field(default=64, metadata=bounds(ge=1, le=10_000))
+
+
+@dataclass(frozen=True, slots=True)
+class ComplianceConfig:
+    # Target table used by reports (Allegato 2 of the operator's service charter).
+    targets: str = DEFAULT_TARGETS
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
+    compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+
+
+def load(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+) -> CollectorConfig:
+    """Read and validate ``path`` (None: defaults) with {"section.key": value} overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = _read_toml(Path(path))
+        except _AgentConfigError as exc:
+            raise ConfigError(str(exc)) from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return parse(data, source)
+
+
+def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
+    try:
+        cfg = decode(CollectorConfig, dict(data))
+    except SchemaError as exc:
+        message = "unknown key" if exc.message == "unknown field" else exc.message
+        raise ConfigError(f"{source}: {exc.path}: {message}") from None
+    if not cfg.storage.path:
+        raise ConfigError(f"{source}: storage.path: must not be empty")
+    return cfg

@@ -1,0 +1,54 @@
+"""Pure ingestion: request body bytes -> validated ``SessionResult`` and its canonical form.
+
+Status hints (after h11's ``error_status_hint``): 400 for a body that is not JSON, 422 for
+JSON that is not a valid result; the message names the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from agent.schema import SchemaError, SessionResult, format_utc, parse_result, parse_utc, to_dict
+from collector.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    result: SessionResult
+    body: str  # canonical JSON: sorted keys, no spaces
+    body_sha256: str
+    started_at: str  # normalised UTC, sortable as text
+    ended_at: str
+
+
+def canonical_json(result: SessionResult) -> str:
+    return json.dumps(to_dict(result), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> Accepted:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"body is not UTF-8: byte {exc.start}") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+    try:
+        result = parse_result(data)
+    except SchemaError as exc:
+        raise ApiError(422, str(exc), field=exc.path or None) from None
+    body = canonical_json(result)
+    return Accepted(
+        result=result,
+        body=body,
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
+        started_at=format_utc(parse_utc(result.started_at)),
+        ended_at=format_utc(parse_utc(result.ended_at)),
+    )

@@ -1,0 +1,97 @@
+"""Start a real collector for tests and benchmarks: 127.0.0.1, port 0, SQLite in a temp dir.
+
+    with running_collector(tmp_path) as c:
+        token = c.add_probe("p1")
+        ...  # talk to c.url with any client, from any thread or process
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from collector import app as app_mod
+from collector import service
+from collector.config import CollectorConfig
+from collector.storage.sqlite import LineMetadata, SqliteStore
+
+
+@dataclass(frozen=True, slots=True)
+class RunningCollector:
+    url: str
+    db_path: Path
+    config: CollectorConfig
+
+    def add_probe(self, name: str, line: LineMetadata | None = None) -> str:
+        """Register a probe through a second connection, as the CLI would; returns its token."""
+        store = SqliteStore(self.db_path)
+        try:
+            return service.register_probe(store, name, line or LineMetadata())
+        finally:
+            store.close()
+
+    def count_results(self) -> int:
+        store = SqliteStore(self.db_path)
+        try:
+            return store.count_results()
+        finally:
+            store.close()
+
+
+@contextmanager
+def running_collector(
+    tmp_path: Path, config: CollectorConfig | None = None
+) -> Iterator[RunningCollector]:
+    """Run a collector on its own event loop in a background thread until the block exits."""
+    cfg = config or CollectorConfig()
+    db_path = tmp_path / "collector.sqlite3"
+    cfg = replace(
+        cfg,
+        server=replace(cfg.server, host="127.0.0.1", port=0),
+        storage=replace(cfg.storage, path=str(db_path)),
+    )
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, object] = {}
+
+    async def main() -> None:
+        try:
+            runner, url = await app_mod.start(cfg)
+        except BaseException as exc:
+            box["error"] = exc
+            started.set()
+            raise
+        box["url"] = url
+        box["stop"] = stop = asyncio.Event()
+        started.set()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def thread_main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main())
+        except BaseException:  # reported through box["error"]
+            pass
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=thread_main, name="bbprobe-test-collector", daemon=True)
+    thread.start()
+    if not started.wait(30):
+        raise RuntimeError("collector did not start within 30 s")
+    if "error" in box:
+        raise RuntimeError(f"collector failed to start: {box['error']}")
+    try:
+        yield RunningCollector(url=str(box["url"]), db_path=db_path, config=cfg)
+    finally:
+        stop = box["stop"]
+        assert isinstance(stop, asyncio.Event)
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
