@@ -217,9 +217,11 @@ def create_app(cfg: CollectorConfig) -> web.Application:
 
 async def start(cfg: CollectorConfig) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL."""
-    runner = web.AppRunner(create_app(cfg), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        create_app(cfg), access_log=None, handle_signals=False, shutdown_timeout=5.0
+    )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, shutdown_timeout=5.0)
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
     await site.start()
     host, port = runner.addresses[0][:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

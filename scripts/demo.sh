@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The main job on one machine: start a collector on 127.0.0.1 with SQLite under ./var,
+# register a probe, run one full measurement session against it (ping train, download,
+# upload), show the session summary and the Allegato 2 compliance report, stop the collector.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+VAR=var/demo
+DB=$VAR/collector.sqlite3
+mkdir -p "$VAR"
+rm -f "$VAR/collector.addr"
+
+"$BIN/bbprobe-collector" --db "$DB" serve --host 127.0.0.1 --port 0 \
+  --addr-file "$VAR/collector.addr" 2>"$VAR/collector.log" &
+collector_pid=$!
+trap 'kill "$collector_pid" 2>/dev/null; wait "$collector_pid" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 100); do
+  [ -s "$VAR/collector.addr" ] && break
+  if ! kill -0 "$collector_pid" 2>/dev/null; then
+    echo "demo: the collector did not start:" >&2; cat "$VAR/collector.log" >&2; exit 1
+  fi
+  sleep 0.1
+done
+url=$(cat "$VAR/collector.addr")
+echo "== collector listening on $url (database $DB)"
+
+probe=demo-probe
+if "$BIN/bbprobe-collector" --db "$DB" probe list | grep -q "^$probe "; then
+  probe="demo-probe-$(date -u +%Y%m%d%H%M%S)"
+fi
+token=$("$BIN/bbprobe-collector" --db "$DB" probe add "$probe" --operator "BT Italia" \
+  --offer "demo line" --technology FTTH --download-nominal-kbps 100000 \
+  --download-min-kbps 2200 --upload-nominal-kbps 20000 --upload-min-kbps 150 \
+  --max-delay-ms 30 --max-loss-ratio 0.004)
+
+echo "== measurement session of probe $probe (about 35 s)"
+status=0
+"$BIN/bbprobe" --config configs/agent.demo.toml --collector "$url" --token "$token" run \
+  || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "demo: the session ended with exit code $status (see above)" >&2
+fi
+
+echo
+echo "== compliance report (Allegato 2) for $probe"
+"$BIN/bbprobe-collector" --db "$DB" report --probe "$probe"
+exit "$status"

@@ -1,0 +1,128 @@
+"""Agent config: the example loads, and each bad config is refused with its exact message."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import config
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"HOME": "/home/probe"}
+
+
+def test_example_config_loads_with_defaults() -> None:
+    """Every key in the example is commented out, so it loads to the defaults."""
+    cfg = config.load(ROOT / "configs" / "agent.example.toml", ENV)
+    assert cfg == config.load(None, ENV)
+    assert cfg.ping.count == 10
+    assert cfg.download.warmup_s == 2.0
+    assert cfg.state_dir == "/home/probe/.local/state/bbprobe"
+
+
+def test_example_documents_every_key() -> None:
+    """Uncommenting the example's keys gives a complete, valid config (no key undocumented)."""
+    text = (ROOT / "configs" / "agent.example.toml").read_text()
+    setting = re.compile(r"^(?:# )?(\[[a-z]+\]|[a-z_]+ = .+)$")
+    lines = [m.group(1) for line in text.splitlines() if (m := setting.match(line))]
+    data = tomllib.loads("\n".join(lines))
+    del data["collector"]["token"]  # token and token_file are exclusive
+    cfg = config.parse(data)
+    for section in ("collector", "server", "ping", "download", "upload"):
+        documented = set(data[section])
+        known = set(type(getattr(cfg, section)).__dataclass_fields__)
+        assert documented | ({"token"} if section == "collector" else set()) == known, section
+
+
+def test_state_dir_from_systemd() -> None:
+    """systemd's STATE_DIRECTORY wins over XDG and HOME."""
+    cfg = config.load(None, {"STATE_DIRECTORY": "/var/lib/bbprobe", "HOME": "/root"})
+    assert cfg.state_dir == "/var/lib/bbprobe"
+
+
+def test_overrides_are_validated_like_the_file() -> None:
+    """A flag override obeys the same rules and names the key."""
+    with pytest.raises(ConfigError) as info:
+        config.load(None, ENV, {"ping.count": 0})
+    assert str(info.value) == "<defaults>: ping.count: must be >= 1, got 0"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"pingg": {}}, "t.toml: pingg: unknown key"),
+        ({"ping": {"cuont": 3}}, "t.toml: ping.cuont: unknown key"),
+        ({"ping": {"count": "ten"}}, "t.toml: ping.count: expected an integer, got a string"),
+        ({"ping": {"interval_s": 0}}, "t.toml: ping.interval_s: must be >= 0.001, got 0"),
+        ({"download": {"mode": "forever"}},
+         "t.toml: download.mode: must be one of 'duration', 'file', got 'forever'"),
+        ({"download": {"streams": 65}}, "t.toml: download.streams: must be <= 64, got 65"),
+        ({"upload": {"timeout_s": 3}}, "t.toml: upload.timeout_s: is shorter than warmup_s + "
+         "window_s"),
+        ({"upload": {"sample_interval_s": 5, "window_s": 2}},
+         "t.toml: upload.sample_interval_s: is longer than window_s"),
+        ({"collector": {"url": "ftp://x"}},
+         "t.toml: collector.url: must be an http:// or https:// URL with a host, got 'ftp://x'"),
+        ({"collector": {"token": "a", "token_file": "b"}},
+         "t.toml: collector.token: set either token or token_file, not both"),
+        ({"probe_id": "has space"},
+         "t.toml: probe_id: must be 1-64 characters of letters, digits, '.', '_', '-'"),
+        ({"ping": []}, "t.toml: ping: expected an object, got an array"),
+    ],
+)
+def test_bad_configs(data: dict[str, Any], message: str) -> None:
+    """One bad config per rule, each with its exact message."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(data, "t.toml")
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("ping = [", "invalid TOML"),
+        (b"\xff\xfe", "not UTF-8 text"),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, content: str | bytes, message: str) -> None:
+    """Broken files are refused naming the file and the problem."""
+    path = tmp_path / "agent.toml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load(path, ENV)
+    assert str(info.value).startswith(str(path))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing config file is named."""
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "nope.toml", ENV)
+    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file"
+
+
+def test_token_file(tmp_path: Path) -> None:
+    """The token is read from token_file, stripped; an empty file is an error."""
+    token_file = tmp_path / "token"
+    token_file.write_text("bbp_secret\n")
+    cfg = config.parse({"collector": {"token_file": str(token_file)}})
+    assert config.read_token(cfg) == "bbp_secret"
+    token_file.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        config.read_token(cfg)
+
+
+def test_server_defaults_to_collector() -> None:
+    """With no server.url, transfers and pings go to the collector's host."""
+    cfg = config.parse({"collector": {"url": "http://198.18.0.1:8080/"}})
+    assert config.measurement_server(cfg) == "http://198.18.0.1:8080"
+    assert config.ping_target(cfg) == "198.18.0.1"
+    with pytest.raises(ConfigError, match="no measurement server"):
+        config.measurement_server(config.parse({}))

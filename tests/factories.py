@@ -1,0 +1,84 @@
+"""Builders of realistic schema objects for tests (valid unless told otherwise)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from agent import summary
+from agent.schema import (
+    SCHEMA_VERSION,
+    Method,
+    PingMethod,
+    PingSample,
+    PingTest,
+    Server,
+    SessionResult,
+    TransferAttempt,
+    TransferMethod,
+    to_dict,
+)
+
+TRANSFER = TransferMethod(mode="duration", streams=2, warmup_s=2.0, window_s=10.0,
+                          file_size_bytes=None, tests=1, attempts=3, sample_interval_s=0.1,
+                          timeout_s=17.0)
+METHOD = Method(profile="test", ping=PingMethod(count=10, interval_s=1.0, payload_bytes=56,
+                                                timeout_s=2.0),
+                download=TRANSFER, upload=TRANSFER)
+
+
+def attempt(direction: str, test_index: int = 0, number: int = 1, *, ok: bool = True,
+            bps: float = 50e6) -> TransferAttempt:
+    window_bytes = int(bps * 10 / 8)
+    return TransferAttempt(
+        direction=direction,  # type: ignore[arg-type]
+        test_index=test_index, attempt=number,
+        status="ok" if ok else "failed",
+        failure_reason=None if ok else "connect_error",
+        error=None if ok else "cannot connect: refused",
+        http_status=200 if ok else None,
+        started_at="2026-11-21T10:00:00.000000Z", duration_s=12.0, streams=2,
+        bytes_total=window_bytes if ok else 0,
+        window_bytes=window_bytes if ok else None, window_s=10.0 if ok else None,
+        throughput_bps=bps if ok else None,
+        measured_at="client" if direction == "download" else "server",
+        stream_samples=(((0.0, 0), (12.0, window_bytes)),) if ok else (),
+    )
+
+
+def ping_test(rtts: Sequence[float | None]) -> PingTest:
+    samples = tuple(
+        PingSample(seq=i, sent_offset_s=float(i), rtt_ms=r, error=None if r is not None
+                   else "timeout")
+        for i, r in enumerate(rtts)
+    )
+    return PingTest(status="ok", error=None, target="198.18.0.1", address="198.18.0.1",
+                    privileged=True, started_at="2026-11-21T10:00:00.000000Z", samples=samples,
+                    summary=summary.ping_summary(samples))
+
+
+def session(probe_id: str = "p1", *, started_at: str = "2026-11-21T10:00:00.000000Z",
+            rtts: Sequence[float | None] = (10.0, 11.0, 12.0),
+            transfers: Sequence[TransferAttempt] | None = None,
+            result_id: str | None = None) -> SessionResult:
+    if transfers is None:
+        transfers = [attempt("download"), attempt("upload", bps=10e6)]
+    ping = ping_test(rtts) if rtts else None
+    return SessionResult(
+        schema_version=SCHEMA_VERSION,
+        result_id=result_id or str(uuid.uuid4()),
+        probe_id=probe_id, agent_version="test",
+        started_at=started_at, ended_at=started_at.replace("10:00:00", "10:00:40"),
+        duration_s=40.0, method=METHOD, server=Server(url="http://198.18.0.1:8080",
+                                                      ping_target="198.18.0.1"),
+        ping=ping, transfers=tuple(transfers),
+        summary=summary.session_summary(ping.summary if ping else None, transfers),
+    )
+
+
+def session_dict(**kwargs: Any) -> dict[str, Any]:
+    """A session as decoded JSON (lists, not tuples), ready to be broken by a test."""
+    result: dict[str, Any] = json.loads(json.dumps(to_dict(session(**kwargs))))
+    return result

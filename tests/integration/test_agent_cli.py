@@ -1,0 +1,203 @@
+"""The real agent CLI against a real collector: ICMP to 127.0.0.1, HTTP transfers, SQLite."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agent.cli import main
+from collector.testing import RunningCollector
+from tests.httpclient import post_json, request
+
+SUMMARY_KEYS = {"download_bps", "upload_bps", "rtt_mean_ms", "rtt_stdev_ms", "loss_ratio",
+                "download_failure_ratio", "upload_failure_ratio"}
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.privileged
+def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) -> None:
+    """bbprobe run --json prints one document; the collector lists it; a re-push stores
+    nothing new."""
+    token = collector.add_probe("probe-1")
+    code, out, err = _run("--config", str(fast_config), "--collector", collector.url,
+                          "--token", token, "run", "--json")
+    assert code == 0, err
+    doc = json.loads(out)  # exactly one JSON document on stdout
+    assert set(doc["summary"]) >= SUMMARY_KEYS
+    s = doc["summary"]
+    assert doc["probe_id"] == "probe-1"  # learnt from the collector (whoami)
+    assert s["loss_ratio"] == 0.0
+    assert s["rtt_mean_ms"] > 0
+    assert s["download_bps"] > 1e6
+    assert s["upload_bps"] > 1e6
+    assert s["download_failure_ratio"] == 0.0
+    assert doc["method"]["profile"] == "test-fast"
+    assert len(doc["ping"]["samples"]) == 5
+    uploads = [t for t in doc["transfers"] if t["direction"] == "upload"]
+    assert uploads[0]["measured_at"] == "server"
+    assert "delivered" in err
+    status, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-1")
+    assert [r["result_id"] for r in listing["results"]] == [doc["result_id"]]
+    status, body = post_json(collector.url + "/api/v1/results", doc, token)
+    assert (status, body["duplicate"]) == (200, True)
+    assert collector.count_results() == 1
+    # The spool is empty once the collector acknowledged the result.
+    assert not list((fast_config.parent / "state" / "spool").glob("*.json"))
+
+
+def test_collector_down_keeps_result_then_delivers(collector: RunningCollector,
+                                                   fast_config: Path) -> None:
+    """Push fails: exit 3 and the result stays spooled; the next run delivers both."""
+    token = collector.add_probe("probe-2")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    common = ["--config", str(fast_config), "--probe-id", "probe-2", "--token", token,
+              "--server", collector.url, "--set", "ping.enabled=false"]
+    code, out, err = _run(*common, "--collector", dead, "run", "--json")
+    assert code == 3
+    first = json.loads(out)
+    assert "result kept in" in err
+    spooled = list((fast_config.parent / "state" / "spool").glob("*.json"))
+    assert len(spooled) == 1
+    assert first["result_id"] in spooled[0].name
+    code, out, err = _run(*common, "--collector", collector.url, "run", "--json")
+    assert code == 0, err
+    second = json.loads(out)
+    _, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-2")
+    assert [r["result_id"] for r in listing["results"]] == [first["result_id"],
+                                                           second["result_id"]]
+
+
+def test_wrong_token_is_refused_before_measuring(collector: RunningCollector,
+                                                 fast_config: Path) -> None:
+    """An unknown token stops the run at once with the collector's reason."""
+    code, out, err = _run("--config", str(fast_config), "--collector", collector.url,
+                          "--token", "bbp_wrong", "run")
+    assert code == 3
+    assert out == ""
+    assert err == ("bbprobe: the collector refused the token: HTTP 401: unknown or revoked "
+                   "token\n")
+
+
+def test_unreachable_server_records_failed_attempts(fast_config: Path) -> None:
+    """Transfers to a closed port are failed attempts with a reason, not a crash."""
+    server = f"http://127.0.0.1:{_free_port()}"
+    code, out, err = _run("--config", str(fast_config), "--server", server,
+                          "--set", "download.attempts=2", "--set", "upload.attempts=1",
+                          "speed", "--json", "--quiet")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["summary"]["download_failure_ratio"] == 1.0
+    assert doc["summary"]["upload_failure_ratio"] == 1.0
+    assert doc["summary"]["download_bps"] is None
+    downloads = [t for t in doc["transfers"] if t["direction"] == "download"]
+    assert [(t["attempt"], t["failure_reason"]) for t in downloads] == [
+        (1, "connect_error"), (2, "connect_error")]
+    assert doc["ping"] is None
+
+
+def test_http_error_is_recorded(collector: RunningCollector, fast_config: Path) -> None:
+    """A server answering 404 (no measurement endpoint) gives http_status failures."""
+    _code, out, _ = _run("--config", str(fast_config), "--server", collector.url + "/nothing",
+                        "--set", "download.attempts=1", "speed", "--direction", "download",
+                        "--json", "-q")
+    doc = json.loads(out)
+    (attempt,) = doc["transfers"]
+    assert (attempt["failure_reason"], attempt["http_status"]) == ("http_status", 404)
+    assert doc["method"]["upload"]["tests"] == 0
+
+
+def test_file_mode_speed(collector: RunningCollector, fast_config: Path) -> None:
+    """131/06 file mode: the whole file is transferred and speed = size / time."""
+    code, out, err = _run("--config", str(fast_config), "--server", collector.url,
+                          "--set", 'download.mode="file"',
+                          "--set", "download.file_size_bytes=4000000",
+                          "--set", 'upload.mode="file"',
+                          "--set", "upload.file_size_bytes=3000000",
+                          "speed", "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    down, up = doc["transfers"]
+    assert (down["status"], down["bytes_total"]) == ("ok", 4_000_000)
+    assert (up["status"], up["bytes_total"]) == ("ok", 3_000_000)
+    assert down["throughput_bps"] == pytest.approx(4_000_000 * 8 / down["window_s"])
+
+
+@pytest.mark.privileged
+def test_ping_command(fast_config: Path) -> None:
+    """bbprobe ping prints the same document shape with the ping summary filled in."""
+    code, out, err = _run("--config", str(fast_config), "ping", "127.0.0.1", "-n", "4",
+                          "-i", "0.01", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert set(doc["summary"]) >= SUMMARY_KEYS
+    assert doc["summary"]["loss_ratio"] == 0.0
+    assert doc["summary"]["download_bps"] is None
+    assert [s["seq"] for s in doc["ping"]["samples"]] == [0, 1, 2, 3]
+    assert all(s["rtt_ms"] is not None and s["rtt_ms"] < 100 for s in doc["ping"]["samples"])
+
+
+@pytest.mark.privileged
+def test_ping_human_output(fast_config: Path) -> None:
+    """Without --json, a technician reads RTT statistics and loss."""
+    code, out, _ = _run("--config", str(fast_config), "ping", "127.0.0.1", "-n", "3",
+                        "-i", "0.01")
+    assert code == 0
+    assert "Ping 127.0.0.1 (127.0.0.1): 3 sent, 3 received, loss 0.0 %" in out
+    assert "One-way delay (RTT/2)" in out
+
+
+def test_ping_unresolvable_host(fast_config: Path) -> None:
+    """A name that does not resolve is a clear error, exit 1."""
+    code, _out, err = _run("--config", str(fast_config), "ping", "no-such-host.invalid",
+                          "-n", "1")
+    assert code == 1
+    assert "cannot resolve ping target 'no-such-host.invalid'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "bbprobe: no collector to push to: set collector.url or --collector, or "
+         "pass --no-push\n"),
+        (["--collector", "http://127.0.0.1:9", "run"],
+         "bbprobe: no token: set collector.token/token_file or --token (bbprobe-collector "
+         "probe add NAME prints one)\n"),
+        (["--set", "ping.count=0", "check-config"],
+         "bbprobe: <defaults>: ping.count: must be >= 1, got 0\n"),
+        (["--set", "nonsense", "check-config"],
+         "bbprobe: --set 'nonsense': expected KEY=VALUE\n"),
+        (["--set", "download.streamz=2", "check-config"],
+         "bbprobe: <defaults>: download.streamz: unknown key\n"),
+        (["speed"], "bbprobe: no measurement server: set server.url or collector.url (or "
+         "pass --server)\n"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    """Bad usage gets one line naming the problem, exit 2, no traceback."""
+    code, _out, err = _run(*args)
+    assert (code, err) == (2, message)
+
+
+def test_check_config_shows_plan(fast_config: Path) -> None:
+    """check-config validates and prints what a session would do."""
+    code, out, _ = _run("--config", str(fast_config), "--collector", "http://198.18.0.1:8080",
+                        "check-config")
+    assert code == 0
+    assert "config OK" in out
+    assert "ping target: 198.18.0.1" in out
+    assert "download: 1 test(s), 2 stream(s), 0.2 s warm-up + 0.6 s window" in out
