@@ -54,10 +54,14 @@ def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _load(ctx: click.Context, **overrides: Any) -> config.AgentConfig:
-    root = ctx.find_root().obj
-    merged = {**_parse_set(root["set"])}
-    merged.update({k: v for k, v in {**root["overrides"], **overrides}.items() if v is not None})
-    return config.load(root["config"], os.environ, merged)
+    given = ctx.ensure_object(dict)
+    merged = _parse_set(tuple(given.get("set", ())))
+    flags = {"collector.url": given.get("collector"), "probe_id": given.get("probe_id"),
+             "server.url": given.get("server")}
+    if given.get("token") is not None:
+        flags.update({"collector.token": given["token"], "collector.token_file": ""})
+    merged.update({k: v for k, v in {**flags, **overrides}.items() if v is not None})
+    return config.load(given.get("config_path"), os.environ, merged)
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -89,28 +93,57 @@ async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> 
     return host if PROBE_ID_RE.match(host) else "probe"
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Collect a shared option into ctx.obj, whether given before or after the command."""
+    if value is None or value == ():
+        return value
+    obj = ctx.ensure_object(dict)
+    from_env = ctx.get_parameter_source(str(param.name)) is click.core.ParameterSource.ENVIRONMENT
+    if from_env and str(param.name) in obj:
+        return value  # an explicit flag before the command wins over the environment
+    if param.name == "set_":
+        obj.setdefault("set", []).extend(value)
+    else:
+        obj[str(param.name)] = value
+    return value
+
+
+_SHARED = (
+    click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                 envvar="BBPROBE_CONFIG", expose_value=False, callback=_remember,
+                 help="Agent TOML config (default: built-in defaults)."),
+    click.option("--collector", expose_value=False, callback=_remember,
+                 help="Collector base URL (overrides collector.url)."),
+    click.option("--token", expose_value=False, callback=_remember,
+                 help="Probe bearer token (overrides collector.token)."),
+    click.option("--probe-id", expose_value=False, callback=_remember,
+                 help="Probe identity (default: asked from the collector)."),
+    click.option("--server", expose_value=False, callback=_remember,
+                 help="Measurement server URL (default: the collector)."),
+    click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", expose_value=False,
+                 callback=_remember,
+                 help="Override any config key, e.g. --set ping.count=20 (repeatable)."),
+)
+
+
+def shared_options(fn: F) -> F:
+    """The connection/config options, accepted before or after the command name."""
+    for option in reversed(_SHARED):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bbprobe")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-              envvar="BBPROBE_CONFIG", help="Agent TOML config (default: built-in defaults).")
-@click.option("--collector", help="Collector base URL (overrides collector.url).")
-@click.option("--token", help="Probe bearer token (overrides collector.token).")
-@click.option("--probe-id", help="Probe identity (default: asked from the collector).")
-@click.option("--server", help="Measurement server URL (default: the collector).")
-@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. --set ping.count=20 (repeatable).")
+@shared_options
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, collector: str | None, token: str | None,
-         probe_id: str | None, server: str | None, set_: tuple[str, ...]) -> None:
+def main(ctx: click.Context) -> None:
     """bbprobe: measure a broadband line (ping, loss, download, upload) the AGCOM way."""
-    overrides: dict[str, Any] = {"collector.url": collector, "probe_id": probe_id,
-                                 "server.url": server}
-    if token is not None:
-        overrides.update({"collector.token": token, "collector.token_file": ""})
-    ctx.obj = {"config": config_path, "overrides": overrides, "set": set_}
+    ctx.ensure_object(dict)
 
 
 @main.command()
+@shared_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 @click.option("--no-push", is_flag=True, help="Do not send the result to the collector.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
@@ -160,6 +193,7 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
 
 
 @main.command()
+@shared_options
 @click.argument("host")
 @click.option("--count", "-n", type=int, help="Echo requests to send (ping.count).")
 @click.option("--interval", "-i", type=float, help="Seconds between requests.")
@@ -186,6 +220,7 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
 
 
 @main.command()
+@shared_options
 @click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both")
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
@@ -204,6 +239,7 @@ def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> Non
 
 
 @main.command("check-config")
+@shared_options
 @click.pass_context
 @handle_errors
 def check_config(ctx: click.Context) -> None:

@@ -47,10 +47,29 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Collect --config/--db into ctx.obj, whether given before or after the command."""
+    obj = ctx.ensure_object(dict)
+    from_env = ctx.get_parameter_source(str(param.name)) is click.core.ParameterSource.ENVIRONMENT
+    if value is not None and not (from_env and str(param.name) in obj):
+        obj[str(param.name)] = value
+    return value
+
+
+def shared_options(fn: F) -> F:
+    fn = click.option("--db", expose_value=False, callback=_remember,
+                      help="SQLite database path (overrides storage.path).")(fn)
+    fn = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                      envvar="BBPROBE_COLLECTOR_CONFIG", expose_value=False,
+                      callback=_remember, help="Collector TOML config.")(fn)
+    return fn
+
+
 def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
-    obj = ctx.find_root().obj
-    merged = {k: v for k, v in {**obj["overrides"], **overrides}.items() if v is not None}
-    return load(obj["config"], merged)
+    given = ctx.ensure_object(dict)
+    merged = {k: v for k, v in {"storage.path": given.get("db"), **overrides}.items()
+              if v is not None}
+    return load(given.get("config_path"), merged)
 
 
 def _open_store(ctx: click.Context) -> SqliteStore:
@@ -59,17 +78,16 @@ def _open_store(ctx: click.Context) -> SqliteStore:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bbprobe-collector")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-              envvar="BBPROBE_COLLECTOR_CONFIG", help="Collector TOML config.")
-@click.option("--db", help="SQLite database path (overrides storage.path).")
+@shared_options
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, db: str | None) -> None:
+def main(ctx: click.Context) -> None:
     """bbprobe collector: stores probe results, serves measurement endpoints, and checks
     them against the Allegato 2 targets."""
-    ctx.obj = {"config": config_path, "overrides": {"storage.path": db}}
+    ctx.ensure_object(dict)
 
 
 @main.command()
+@shared_options
 @click.option("--host", help="Listen address (overrides server.host).")
 @click.option("--port", type=int, help="Listen port, 0 for any free one (server.port).")
 @click.option("--addr-file", help="Write the bound URL to this file once listening.")
@@ -97,6 +115,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
 
 
 @main.command("check-config")
+@shared_options
 @click.pass_context
 @handle_errors
 def check_config(ctx: click.Context) -> None:
@@ -113,6 +132,7 @@ def probe() -> None:
 
 
 @probe.command("add")
+@shared_options
 @click.argument("name")
 @click.option("--operator", help="Operator (ISP) of the line.")
 @click.option("--offer", help="Commercial offer of the line.")
@@ -139,6 +159,7 @@ def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
 
 
 @probe.command("list")
+@shared_options
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 @handle_errors
@@ -162,6 +183,7 @@ def probe_list(ctx: click.Context, fmt: str) -> None:
 
 
 @probe.command("revoke")
+@shared_options
 @click.argument("name")
 @click.pass_context
 @handle_errors
@@ -186,6 +208,7 @@ def _scope_options(fn: F) -> F:
 
 
 @main.command()
+@shared_options
 @_scope_options
 @click.option("--limit", type=click.IntRange(1), help="At most this many results.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
@@ -209,6 +232,7 @@ def results(ctx: click.Context, probes: tuple[str, ...], since: str | None, unti
 
 
 @main.command()
+@shared_options
 @_scope_options
 @click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")

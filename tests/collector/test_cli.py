@@ -52,7 +52,7 @@ def test_probe_add_prints_token_once(db: Path) -> None:
     code, out, _ = _run("--db", str(db), "probe", "list")
     assert out.startswith("p1  (active; created ")
     assert "operator=BT Italia" in out and "download_min_kbps=2200.0" in out
-    code, out, err = _run("--db", str(db), "probe", "add", "p1")
+    code, out, err = _run("probe", "add", "p1", "--db", str(db))  # options after, too
     assert (code, err) == (1, "bbprobe-collector: a probe named 'p1' already exists\n")
 
 

@@ -34,8 +34,9 @@ def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) ->
     """bbprobe run --json prints one document; the collector lists it; a re-push stores
     nothing new."""
     token = collector.add_probe("probe-1")
-    code, out, err = _run("--config", str(fast_config), "--collector", collector.url,
-                          "--token", token, "run", "--json")
+    # The exact form of the issue: options after the command name.
+    code, out, err = _run("run", "--json", "--collector", collector.url, "--token", token,
+                          "--config", str(fast_config))
     assert code == 0, err
     doc = json.loads(out)  # exactly one JSON document on stdout
     assert set(doc["summary"]) >= SUMMARY_KEYS
@@ -201,3 +202,16 @@ def test_check_config_shows_plan(fast_config: Path) -> None:
     assert "config OK" in out
     assert "ping target: 198.18.0.1" in out
     assert "download: 1 test(s), 2 stream(s), 0.2 s warm-up + 0.6 s window" in out
+
+
+def test_options_before_command_and_env_precedence(fast_config: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config before the command beats BBPROBE_CONFIG seen again at the command."""
+    other = tmp_path / "other.toml"
+    other.write_text("[ping]\ncount = 7\n")
+    monkeypatch.setenv("BBPROBE_CONFIG", str(other))
+    for args, expected in ((["check-config"], "ping: 7 x 56 B"),
+                           (["--config", str(fast_config), "check-config"], "ping: 5 x 56 B"),
+                           (["check-config", "--config", str(fast_config)], "ping: 5 x 56 B")):
+        code, out, _ = _run(*args)
+        assert (code, expected in out) == (0, True), args
