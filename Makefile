@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
-DEB_PACKAGES := systemd
+DEB_PACKAGES := systemd iproute2
 
 .PHONY: demo test lint venv system-deps clean
 

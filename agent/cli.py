@@ -213,9 +213,11 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
                         "ping.timeout_s": timeout})
     result = asyncio.run(session.run(cfg, cfg.probe_id or "local", _progress(quiet),
                                      tests=frozenset({"ping"})))
-    _emit(result, as_json)
     assert result.ping is not None
-    if result.ping.status == "failed" and result.ping.summary.packets_sent == 0:
+    could_not_start = result.ping.status == "failed" and result.ping.summary.packets_sent == 0
+    if as_json or not could_not_start:
+        _emit(result, as_json)  # with --json the failure is recorded in the document
+    if could_not_start:
         raise AgentError(result.ping.error or "ping failed")
 
 

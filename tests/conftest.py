@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +40,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 )
             item.add_marker(pytest.mark.skip(
                 reason="needs root, CAP_NET_RAW or net.ipv4.ping_group_range for ICMP"))
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of our own with only loopback up; deleted afterwards.
+
+    Needs root (CAP_SYS_ADMIN) and iproute2; required under CI=true, skipped elsewhere.
+    """
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        if IN_CI:
+            pytest.fail("CI=true needs root and iproute2 for network-namespace tests")
+        pytest.skip("needs root and iproute2 (ip netns) for a private network namespace")
+    name = f"bbp-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
 @pytest.fixture

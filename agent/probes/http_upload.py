@@ -78,12 +78,13 @@ async def run(base_url: str, method: TransferMethod, test_index: int) -> list[Tr
                 state.record(loop.time() - t0, interval, force=True)
 
             headers = {"Content-Type": "application/octet-stream"}
+            params = {"sample_interval_s": f"{min(max(interval, 0.01), 1.0):g}"}
             if size is not None:
                 headers["Content-Length"] = str(size)
-                params = {"bytes": str(size)}
+                params["bytes"] = str(size)
             else:
                 limit = method.warmup_s + method.window_s + SERVER_MARGIN_S
-                params = {"duration_s": f"{limit:g}"}
+                params["duration_s"] = f"{limit:g}"
             async with session.post(url, params=params, data=body(), headers=headers) as resp:
                 state.http_status = resp.status
                 if resp.status != 200:
