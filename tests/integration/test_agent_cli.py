@@ -178,7 +178,7 @@ def test_ping_unresolvable_host(netns: str) -> None:
     )
     assert done.returncode == 1
     assert done.stdout == ""
-    assert done.stderr.startswith("bbprobe: cannot resolve ping target 'no-such-host.invalid'")
+    assert "\nbbprobe: cannot resolve ping target 'no-such-host.invalid'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
