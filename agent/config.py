@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from agent import spec
@@ -108,7 +108,7 @@ def load(
         _set_dotted(data, dotted, value)
     cfg = parse(data, source)
     if not cfg.state_dir:
-        cfg = _with_state_dir(cfg, default_state_dir(environ))
+        cfg = replace(cfg, state_dir=default_state_dir(environ))
     return cfg
 
 
@@ -128,13 +128,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text") from None
 
 
-def parse(data: Mapping[str, Any], source: str = "<config>") -> AgentConfig:
-    """Validate a config mapping (pure). Raises ``ConfigError`` naming the key."""
+T = TypeVar("T")
+
+
+def decode_table(
+    cls: type[T], data: Mapping[str, Any], source: str,
+    error: type[Exception] = ConfigError,
+) -> T:
+    """Decode a TOML table into dataclass ``cls``; failures raise ``error`` naming the key."""
     try:
-        cfg = decode(AgentConfig, dict(data))
+        return decode(cls, dict(data))
     except SchemaError as exc:
         message = "unknown key" if exc.message == "unknown field" else exc.message
-        raise ConfigError(f"{source}: {exc.path}: {message}") from None
+        raise error(f"{source}: {exc.path}: {message}") from None
+
+
+def parse(data: Mapping[str, Any], source: str = "<config>") -> AgentConfig:
+    """Validate a config mapping (pure). Raises ``ConfigError`` naming the key."""
+    cfg = decode_table(AgentConfig, data, source)
     _check(cfg, source)
     return cfg
 
@@ -171,12 +182,6 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"{part}: expected a table")
         node = child
     node[leaf] = value
-
-
-def _with_state_dir(cfg: AgentConfig, state_dir: str) -> AgentConfig:
-    from dataclasses import replace
-
-    return replace(cfg, state_dir=state_dir)
 
 
 def default_state_dir(environ: Mapping[str, str]) -> str:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.config import decode_table
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
-from agent.schema import SchemaError, bounds, decode
+from agent.schema import bounds
 from collector.errors import ConfigError
 
 DEFAULT_TARGETS = "configs/targets/bt-italia-2013.toml"
@@ -80,11 +81,7 @@ def load(
 
 
 def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
-    try:
-        cfg = decode(CollectorConfig, dict(data))
-    except SchemaError as exc:
-        message = "unknown key" if exc.message == "unknown field" else exc.message
-        raise ConfigError(f"{source}: {exc.path}: {message}") from None
+    cfg = decode_table(CollectorConfig, data, source, ConfigError)
     if not cfg.storage.path:
         raise ConfigError(f"{source}: storage.path: must not be empty")
     return cfg

@@ -16,9 +16,9 @@ from agent import spec
 from agent.probes.transfer import (
     StreamFailure,
     StreamState,
+    file_shares,
     run_attempt,
     run_test,
-    split_bytes,
 )
 from agent.schema import TransferAttempt, TransferMethod
 
@@ -30,11 +30,7 @@ SERVER_MARGIN_S = 2.0
 async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
     """One download test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
     url = base_url.rstrip("/") + spec.DOWNLOAD_PATH
-    shares = (
-        split_bytes(method.file_size_bytes, method.streams)
-        if method.mode == "file" and method.file_size_bytes
-        else None
-    )
+    shares = file_shares(method)
 
     async def stream(
         session: aiohttp.ClientSession,

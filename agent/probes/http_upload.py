@@ -20,9 +20,9 @@ from agent.probes.transfer import (
     StreamFailure,
     StreamState,
     client_side,
+    file_shares,
     run_attempt,
     run_test,
-    split_bytes,
 )
 from agent.schema import SchemaError, TransferAttempt, TransferMethod, UploadReport, decode
 
@@ -47,11 +47,7 @@ def on_server_timeline(
 async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
     """One upload test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
     url = base_url.rstrip("/") + spec.UPLOAD_PATH
-    shares = (
-        split_bytes(method.file_size_bytes, method.streams)
-        if method.mode == "file" and method.file_size_bytes
-        else None
-    )
+    shares = file_shares(method)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
         reports: dict[int, UploadReport] = {}

@@ -152,10 +152,12 @@ def whole_transfer(streams: list[SampleList]) -> stats.Window:
     return stats.Window(start, end, float(sum(s[-1][1] - s[0][1] for s in active)))
 
 
-def split_bytes(total: int, parts: int) -> list[int]:
-    """Split a file size over streams as evenly as possible."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
+def file_shares(method: TransferMethod) -> list[int] | None:
+    """File mode: the test file split over the streams as evenly as possible; else None."""
+    if method.mode != "file" or not method.file_size_bytes:
+        return None
+    base, extra = divmod(method.file_size_bytes, method.streams)
+    return [base + (1 if i < extra else 0) for i in range(method.streams)]
 
 
 AttemptRunner = Callable[[int, int], Awaitable[TransferAttempt]]

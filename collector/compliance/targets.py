@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config import read_toml
+from agent.config import decode_table, read_toml
 from agent.errors import ConfigError as AgentConfigError
-from agent.schema import SchemaError, decode
 from collector.errors import ConfigError
 
 Comparison = Literal[">=", "<="]
@@ -79,11 +78,7 @@ def load(path: str | Path) -> Targets:
 
 
 def parse(data: dict[str, Any], source: str = "<targets>") -> Targets:
-    try:
-        targets = decode(Targets, data)
-    except SchemaError as exc:
-        message = "unknown key" if exc.message == "unknown field" else exc.message
-        raise ConfigError(f"{source}: {exc.path}: {message}") from None
+    targets = decode_table(Targets, data, source, ConfigError)
     seen: set[str] = set()
     for n, ind in enumerate(targets.indicator):
         where = f"{source}: indicator[{n}] ({ind.id})"
