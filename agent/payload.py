@@ -8,11 +8,14 @@ incompressible data; methodology.md §3.1-3.2). Stdlib only.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from agent import spec
 
 _buffer: memoryview | None = None
+_file: BinaryIO | None = None
 
 
 def buffer() -> memoryview:
@@ -35,3 +38,15 @@ def chunks(total: int | None, chunk_bytes: int = spec.CHUNK_BYTES) -> Iterator[m
         offset = (offset + n) % size
         if remaining is not None:
             remaining -= n
+
+
+def file() -> BinaryIO:
+    """The random buffer as an unlinked temporary file, for ``loop.sendfile``: the kernel
+    sends it from the page cache, so a transfer costs no copy from user memory."""
+    global _file
+    if _file is None:
+        handle = tempfile.TemporaryFile()  # noqa: SIM115 - lives for the whole process
+        handle.write(buffer())
+        handle.flush()
+        _file = handle
+    return _file

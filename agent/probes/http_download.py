@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-
 from agent import spec
+from agent.probes import wire
 from agent.probes.transfer import (
-    StreamFailure,
     StreamState,
     file_shares,
     run_attempt,
@@ -29,36 +27,26 @@ SERVER_MARGIN_S = 2.0
 
 async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
     """One download test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
-    url = base_url.rstrip("/") + spec.DOWNLOAD_PATH
     shares = file_shares(method)
 
-    async def stream(
-        session: aiohttp.ClientSession,
-        index: int,
-        state: StreamState,
-        t0: float,
-        t_stop: float | None,
-    ) -> None:
+    async def stream(index: int, state: StreamState, t0: float, t_stop: float | None) -> None:
         loop = asyncio.get_running_loop()
         interval = method.sample_interval_s
         if shares is not None:
-            params = {"bytes": str(shares[index])}
+            query = f"?bytes={shares[index]}"
         else:
-            params = {"duration_s": f"{method.warmup_s + method.window_s + SERVER_MARGIN_S:g}"}
-        async with session.get(url, params=params) as resp:
-            state.http_status = resp.status
-            if resp.status != 200:
-                raise StreamFailure("http_status", f"HTTP {resp.status} from {url}", resp.status)
+            query = f"?duration_s={method.warmup_s + method.window_s + SERVER_MARGIN_S:g}"
+
+        def on_head(status: int) -> None:
+            state.http_status = status
             state.record(loop.time() - t0, interval, force=True)
-            try:
-                async with asyncio.timeout_at(t_stop):
-                    async for chunk in resp.content.iter_any():
-                        state.total += len(chunk)
-                        state.record(loop.time() - t0, interval)
-            except TimeoutError:
-                if t_stop is None or loop.time() < t_stop:
-                    raise  # pragma: no cover - only t_stop can fire this scope
-            state.record(loop.time() - t0, interval, force=True)
+
+        def on_body(nbytes: int) -> None:
+            state.total += nbytes
+            state.record(loop.time() - t0, interval)
+
+        await wire.download(base_url, spec.DOWNLOAD_PATH + query, on_head, on_body, t_stop)
+        state.record(loop.time() - t0, interval, force=True)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
         return await run_attempt("download", method, test, number, stream)

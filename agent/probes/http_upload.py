@@ -10,11 +10,10 @@ kept only for failed attempts, where no report exists.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
 
-import aiohttp
-
-from agent import payload, spec
+from agent import spec
+from agent.probes import wire
 from agent.probes.transfer import (
     SampleList,
     StreamFailure,
@@ -46,54 +45,37 @@ def on_server_timeline(
 
 async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
     """One upload test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
-    url = base_url.rstrip("/") + spec.UPLOAD_PATH
     shares = file_shares(method)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
         reports: dict[int, UploadReport] = {}
 
-        async def stream(
-            session: aiohttp.ClientSession,
-            index: int,
-            state: StreamState,
-            t0: float,
-            t_stop: float | None,
-        ) -> None:
+        async def stream(index: int, state: StreamState, t0: float,
+                         t_stop: float | None) -> None:
             loop = asyncio.get_running_loop()
             interval = method.sample_interval_s
             size = shares[index] if shares is not None else None
-
-            async def body() -> AsyncIterator[bytes]:
-                state.record(loop.time() - t0, interval, force=True)
-                for chunk in payload.chunks(size):
-                    if t_stop is not None and loop.time() >= t_stop:
-                        break
-                    yield chunk  # type: ignore[misc]  # aiohttp writes memoryviews as-is
-                    state.total += len(chunk)
-                    state.record(loop.time() - t0, interval)
-                state.record(loop.time() - t0, interval, force=True)
-
-            headers = {"Content-Type": "application/octet-stream"}
-            params = {"sample_interval_s": f"{min(max(interval, 0.01), 1.0):g}"}
+            query = f"?sample_interval_s={min(max(interval, 0.01), 1.0):g}"
             if size is not None:
-                headers["Content-Length"] = str(size)
-                params["bytes"] = str(size)
+                query += f"&bytes={size}"
             else:
-                limit = method.warmup_s + method.window_s + SERVER_MARGIN_S
-                params["duration_s"] = f"{limit:g}"
-            async with session.post(url, params=params, data=body(), headers=headers) as resp:
-                state.http_status = resp.status
-                if resp.status != 200:
-                    raise StreamFailure(
-                        "http_status", f"HTTP {resp.status} from {url}", resp.status
-                    )
-                try:
-                    document = await resp.json(content_type=None)
-                    reports[index] = decode(UploadReport, document)
-                except (ValueError, SchemaError) as exc:
-                    raise StreamFailure(
-                        "server_report", f"upload sink sent no valid report: {exc}"
-                    ) from None
+                query += f"&duration_s={method.warmup_s + method.window_s + SERVER_MARGIN_S:g}"
+
+            def on_sent(nbytes: int) -> None:
+                state.total += nbytes
+                state.record(loop.time() - t0, interval)
+
+            state.record(loop.time() - t0, interval, force=True)
+            head, body = await wire.upload(base_url, spec.UPLOAD_PATH + query, size, on_sent,
+                                           t_stop, loop.time)
+            state.http_status = head.status
+            state.record(loop.time() - t0, interval, force=True)
+            try:
+                reports[index] = decode(UploadReport, json.loads(body))
+            except (ValueError, SchemaError) as exc:
+                raise StreamFailure(
+                    "server_report", f"upload sink sent no valid report: {exc}"
+                ) from None
 
         def finalize(states: list[StreamState]) -> tuple[list[SampleList], int, str]:
             return on_server_timeline(states, reports)

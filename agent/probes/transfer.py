@@ -12,9 +12,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from agent import spec, stats
+from agent.probes.wire import WireError
 from agent.schema import Direction, FailureReason, TransferAttempt, TransferMethod
 
 SampleList = list[tuple[float, int]]
@@ -50,33 +49,25 @@ class StreamState:
             self.last_sample_t = t
 
 
+_WIRE_REASONS: dict[str, FailureReason] = {
+    "connect": "connect_error",
+    "http": "http_status",
+    "broken": "broken_connection",
+    "protocol": "broken_connection",
+}
+
+
 def classify(exc: BaseException) -> StreamFailure:
-    """Map an aiohttp/OS exception to a failure record (one translation point)."""
+    """Map a transfer exception to a failure record (the one translation point)."""
     if isinstance(exc, StreamFailure):
         return exc
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return StreamFailure("connect_error", f"cannot connect: {exc}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return StreamFailure("http_status", f"HTTP {exc.status}: {exc.message}", exc.status)
-    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
-        return StreamFailure("broken_connection", f"connection broke mid-transfer: {exc}")
+    if isinstance(exc, WireError):
+        return StreamFailure(_WIRE_REASONS[exc.kind], str(exc), exc.status)
     if isinstance(exc, TimeoutError):
         return StreamFailure("timeout", "deadline passed")
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, OSError):
         return StreamFailure("broken_connection", f"{type(exc).__name__}: {exc}")
     raise exc  # a bug, not a measurement outcome
-
-
-def new_session(streams: int) -> aiohttp.ClientSession:
-    """A client session for one attempt: fresh connections, no proxy, no decompression."""
-    connector = aiohttp.TCPConnector(limit=streams + 2, force_close=True, ttl_dns_cache=60)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        auto_decompress=False,
-        trust_env=False,
-        headers={"User-Agent": "bbprobe-agent"},
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +169,7 @@ async def run_test(
     return attempts
 
 
-StreamFn = Callable[[aiohttp.ClientSession, int, StreamState, float, float | None], Awaitable[None]]
+StreamFn = Callable[[int, StreamState, float, float | None], Awaitable[None]]
 Finalize = Callable[[list[StreamState]], tuple[list[SampleList], int, str]]
 
 
@@ -196,7 +187,7 @@ async def run_attempt(
 ) -> TransferAttempt:
     """Run ``method.streams`` copies of ``stream`` under the attempt's deadline.
 
-    ``stream(session, index, state, t0, t_stop)`` moves bytes and records (t - t0, bytes)
+    ``stream(index, state, t0, t_stop)`` moves bytes and records (t - t0, bytes)
     samples in ``state``; ``t_stop`` is the loop time at which a duration-mode stream stops
     (None in file mode). Stream errors are caught per stream and recorded; only bugs
     propagate. Liveness: returns within ``method.timeout_s`` plus connection teardown.
@@ -210,22 +201,21 @@ async def run_attempt(
     states = [StreamState() for _ in range(method.streams)]
     timed_out = False
 
-    async def guarded(session: aiohttp.ClientSession, index: int) -> None:
+    async def guarded(index: int) -> None:
         state = states[index]
         try:
-            await stream(session, index, state, t0, t_stop)
-        except (aiohttp.ClientError, OSError, StreamFailure) as exc:
+            await stream(index, state, t0, t_stop)
+        except (WireError, OSError, StreamFailure) as exc:
             state.failure = classify(exc)
             if state.failure.http_status is not None:
                 state.http_status = state.failure.http_status
 
-    async with new_session(method.streams) as session:
-        try:
-            async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
-                for index in range(method.streams):
-                    group.create_task(guarded(session, index))
-        except TimeoutError:
-            timed_out = True
+    try:
+        async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
+            for index in range(method.streams):
+                group.create_task(guarded(index))
+    except TimeoutError:
+        timed_out = True
     duration_s = loop.time() - t0
     samples, bytes_total, measured_at = finalize(states)
     failure = next((s.failure for s in states if s.failure is not None), None)
