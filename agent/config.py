@@ -55,6 +55,11 @@ class PingConfig:
     interval_s: float = field(default=spec.PING_INTERVAL_S, metadata=bounds(ge=0.001, le=60))
     payload_bytes: int = field(default=spec.PING_PAYLOAD_BYTES, metadata=bounds(ge=0, le=65_000))
     timeout_s: float = field(default=spec.PING_TIMEOUT_S, metadata=bounds(gt=0, le=60))
+    # Also ping during the first download and upload windows (latency under load).
+    under_load: bool = True
+    loaded_interval_s: float = field(
+        default=spec.LOADED_PING_INTERVAL_S, metadata=bounds(ge=0.001, le=60)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +68,9 @@ class TransferConfig:
     # "duration": warm-up then a fixed window (Ne.Me.Sys/RMBT); "file": whole test files
     # of file_size_bytes, speed = size / time per transfer (131/06 file mode).
     mode: TransferMode = "duration"
-    streams: int = field(default=spec.STREAMS, metadata=bounds(ge=1, le=64))
+    # Parallel streams; 0 = adaptive: start with 2, then raise the count from the rate
+    # seen halfway through the warm-up (Ne.Me.Sys table, duration mode only).
+    streams: int = field(default=0, metadata=bounds(ge=0, le=64))
     warmup_s: float = field(default=spec.WARMUP_S, metadata=bounds(ge=0, le=60))
     window_s: float = field(default=spec.WINDOW_S, metadata=bounds(gt=0, le=600))
     file_size_bytes: int = field(default=spec.FILE_SIZE_BYTES, metadata=bounds(gt=0))
@@ -84,13 +91,43 @@ class AgentConfig:
     # Where results wait until the collector acknowledges them. Empty: $STATE_DIRECTORY
     # (systemd), else $XDG_STATE_HOME/bbprobe, else ~/.local/state/bbprobe.
     state_dir: str = ""
-    # Name recorded with every result to say which method was used.
-    profile: str = "default"
+    # Method profile: presets applied under the keys you set (see PROFILES); recorded
+    # with every result.
+    profile: str = "agcom"
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ping: PingConfig = field(default_factory=PingConfig)
     download: TransferConfig = field(default_factory=TransferConfig)
     upload: TransferConfig = field(default_factory=TransferConfig)
+
+
+# Method profiles: dotted-key presets, applied under whatever the file and flags set.
+PROFILES: dict[str, dict[str, Any]] = {
+    # Ne.Me.Sys-style default for a 244/08 campaign (methodology.md §2.2-2.5): 10 pings
+    # 1 s apart; adaptive streams, 2 s warm-up + 10 s window; 3 attempts.
+    "agcom": {},
+    # 131/06 "file di prova predefiniti": whole files, speed = size / time, 3 per session.
+    "file-131-06": {
+        "download.mode": "file", "upload.mode": "file",
+        "download.streams": 1, "upload.streams": 1,
+        "download.file_size_bytes": 25_000_000, "upload.file_size_bytes": 5_000_000,
+        "download.tests": 3, "upload.tests": 3,
+    },
+    # RTR-NetTest/RMBT defaults (methodology.md §3.1): 3 streams, 2 s pre-test, 7 s.
+    "rmbt": {
+        "download.streams": 3, "upload.streams": 3,
+        "download.window_s": 7.0, "upload.window_s": 7.0,
+        "ping.interval_s": 0.1,
+    },
+    # A technician's check in under 30 s: 5 pings, 1 s + 4 s each way, no retries.
+    "quick": {
+        "ping.count": 5, "ping.interval_s": 0.2,
+        "download.warmup_s": 1.0, "download.window_s": 4.0, "download.attempts": 1,
+        "upload.warmup_s": 1.0, "upload.window_s": 4.0, "upload.attempts": 1,
+    },
+    # Nothing preset: the built-in defaults and your keys.
+    "custom": {},
+}
 
 
 def load(
@@ -143,9 +180,24 @@ def decode_table(
         raise error(f"{source}: {exc.path}: {message}") from None
 
 
+def with_profile(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with its profile's presets filled in wherever ``data`` sets nothing."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    name = merged.get("profile", "agcom")
+    if not isinstance(name, str) or name not in PROFILES:
+        raise ConfigError(f"{source}: profile: must be one of {', '.join(PROFILES)}, "
+                          f"got {name!r}")
+    for dotted, value in PROFILES[name].items():
+        section, key = dotted.split(".")
+        table = merged.setdefault(section, {})
+        if isinstance(table, dict):
+            table.setdefault(key, value)
+    return merged
+
+
 def parse(data: Mapping[str, Any], source: str = "<config>") -> AgentConfig:
     """Validate a config mapping (pure). Raises ``ConfigError`` naming the key."""
-    cfg = decode_table(AgentConfig, data, source)
+    cfg = decode_table(AgentConfig, with_profile(data, source), source)
     _check(cfg, source)
     return cfg
 
@@ -171,6 +223,9 @@ def _check(cfg: AgentConfig, source: str) -> None:
             fail(f"{name}.timeout_s", "is shorter than warmup_s + window_s")
         if transfer.sample_interval_s > transfer.window_s:
             fail(f"{name}.sample_interval_s", "is longer than window_s")
+        if transfer.mode == "file" and transfer.streams == 0:
+            fail(f"{name}.streams", "must be >= 1 in file mode (adaptive streams need a "
+                                    "warm-up)")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -234,7 +289,7 @@ def transfer_timeout_s(transfer: TransferConfig) -> float:
     if transfer.timeout_s:
         return transfer.timeout_s
     if transfer.mode == "file":
-        return 120.0
+        return 300.0
     return transfer.warmup_s + transfer.window_s + spec.TRANSFER_GRACE_S
 
 
@@ -261,6 +316,7 @@ def method(cfg: AgentConfig) -> Method:
             interval_s=cfg.ping.interval_s,
             payload_bytes=cfg.ping.payload_bytes,
             timeout_s=cfg.ping.timeout_s,
+            loaded_interval_s=cfg.ping.loaded_interval_s if cfg.ping.under_load else None,
         )
         if cfg.ping.enabled
         else None,

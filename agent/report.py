@@ -34,9 +34,10 @@ def format_ping(test: PingTest) -> list[str]:
 
 
 def describe_method(m: TransferMethod) -> str:
+    streams = "adaptive streams" if m.streams == 0 else f"{m.streams} stream(s)"
     if m.mode == "duration":
-        return f"{m.streams} stream(s), {m.warmup_s:g} s warm-up + {m.window_s:g} s window"
-    return f"{m.file_size_bytes:,} byte file over {m.streams} stream(s)"
+        return f"{streams}, {m.warmup_s:g} s warm-up + {m.window_s:g} s window"
+    return f"{m.file_size_bytes:,} byte file over {streams}"
 
 
 def format_transfers(
@@ -44,9 +45,12 @@ def format_transfers(
 ) -> list[str]:
     failed = [a for a in attempts if a.status == "failed"]
     where = "server" if direction == "upload" else "client"
+    used = {a.streams for a in attempts if a.status == "ok"}
+    streams = f"; {'/'.join(map(str, sorted(used)))} stream(s) used" if m.streams == 0 and used \
+        else ""
     lines = [
-        f"{direction.capitalize()}: {_mbps(rate)} ({describe_method(m)}; counted at the "
-        f"{where}; {len(attempts)} attempt(s), {len(failed)} failed)"
+        f"{direction.capitalize()}: {_mbps(rate)} ({describe_method(m)}{streams}; counted at "
+        f"the {where}; {len(attempts)} attempt(s), {len(failed)} failed)"
     ]
     lines += [f"  attempt {a.attempt} failed: {a.failure_reason}: {a.error}" for a in failed]
     return lines
@@ -67,4 +71,13 @@ def format_session(result: SessionResult) -> str:
         attempts = [a for a in result.transfers if a.direction == direction]
         if attempts:
             lines += format_transfers(direction, attempts, m, rate)
+        loaded = result.ping_download if direction == "download" else result.ping_upload
+        if loaded is not None and loaded.summary.packets_received:
+            s = loaded.summary
+            idle = result.ping.summary.rtt_mean_ms if result.ping else None
+            extra = "" if idle is None or s.rtt_mean_ms is None else \
+                f", +{s.rtt_mean_ms - idle:.3f} ms over idle"
+            lines.append(f"  RTT under load: mean {_ms(s.rtt_mean_ms)} ms, p95 "
+                         f"{_ms(s.rtt_p95_ms)} ms, loss {(s.loss_ratio or 0) * 100:.1f} % "
+                         f"({s.packets_sent} pings{extra})")
     return "\n".join(lines) + "\n"

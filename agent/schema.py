@@ -27,7 +27,9 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = 1
+# 1: first version. 2: latency under load (ping_download, ping_upload, loaded RTT
+# summaries), adaptive streams (TransferMethod.streams = 0), PingMethod.loaded_interval_s.
+SCHEMA_VERSION = 2
 
 Status = Literal["ok", "failed"]
 Direction = Literal["download", "upload"]
@@ -91,12 +93,15 @@ class PingMethod:
     interval_s: float = field(metadata=bounds(ge=0.001, le=60))
     payload_bytes: int = field(metadata=bounds(ge=0, le=65_000))
     timeout_s: float = field(metadata=bounds(gt=0, le=60))
+    # Interval of the trains run during the download and upload windows; None: not run.
+    loaded_interval_s: float | None = field(default=None, metadata=bounds(ge=0.001, le=60))
 
 
 @dataclass(frozen=True, slots=True)
 class TransferMethod:
     mode: TransferMode
-    streams: int = field(metadata=bounds(ge=1, le=64))
+    # Parallel streams; 0 = adaptive (chosen from the rate seen during the warm-up).
+    streams: int = field(metadata=bounds(ge=0, le=64))
     warmup_s: float = field(metadata=bounds(ge=0, le=60))
     window_s: float = field(metadata=bounds(gt=0, le=600))
     file_size_bytes: int | None = field(metadata=bounds(gt=0))
@@ -215,6 +220,9 @@ class SessionSummary:
     upload_failure_ratio: float | None = field(metadata=bounds(ge=0, le=1))
     one_way_delay_mean_ms: float | None = field(metadata=bounds(ge=0))
     one_way_delay_stdev_ms: float | None = field(metadata=bounds(ge=0))
+    # Latency under load: mean RTT during the download and upload windows (v2).
+    rtt_download_mean_ms: float | None = field(default=None, metadata=bounds(ge=0))
+    rtt_upload_mean_ms: float | None = field(default=None, metadata=bounds(ge=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +239,10 @@ class SessionResult:
     ping: PingTest | None
     transfers: tuple[TransferAttempt, ...]
     summary: SessionSummary
+    # Ping trains run during the first download and upload test windows (v2); they are
+    # latency under load, reported apart and never mixed into the idle delay indicators.
+    ping_download: PingTest | None = None
+    ping_upload: PingTest | None = None
 
 
 # --- Upload sink report (collector -> agent) ---------------------------------------------

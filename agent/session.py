@@ -17,6 +17,7 @@ from agent import __version__, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp
+from agent.report import describe_method
 from agent.schema import (
     SCHEMA_VERSION,
     PingMethod,
@@ -75,26 +76,46 @@ async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet) -> P
     )
 
 
+async def loaded_ping(target: str, ping: PingMethod, transfer: TransferMethod,
+                      progress: Progress) -> PingTest:
+    """A ping train over a transfer's measurement window (latency under load)."""
+    assert ping.loaded_interval_s is not None
+    await asyncio.sleep(transfer.warmup_s)
+    # 1e-9: 0.6 / 0.2 is 2.9999999999999996 in binary floating point.
+    count = max(1, int(transfer.window_s / ping.loaded_interval_s + 1e-9))
+    train = replace(ping, count=count, interval_s=ping.loaded_interval_s)
+    return await run_ping(target, train, progress)
+
+
 async def run_transfers(
-    direction: str, base_url: str, m: TransferMethod, progress: Progress = _quiet
-) -> list[TransferAttempt]:
+    direction: str, base_url: str, m: TransferMethod, progress: Progress = _quiet,
+    loaded: tuple[str, PingMethod] | None = None,
+) -> tuple[list[TransferAttempt], PingTest | None]:
+    """All tests of one direction. With ``loaded`` = (target, ping method), a ping train
+    runs during the first test's window and is returned apart."""
     probe = http_download if direction == "download" else http_upload
     attempts: list[TransferAttempt] = []
+    under_load: PingTest | None = None
     for test_index in range(m.tests):
-        what = (
-            f"{m.streams} stream(s), {m.warmup_s:g} s warm-up + {m.window_s:g} s window"
-            if m.mode == "duration"
-            else f"{m.file_size_bytes} byte file over {m.streams} stream(s)"
-        )
-        progress(f"{direction} test {test_index + 1}/{m.tests}: {what}")
-        results = await probe.run(base_url, m, test_index)
+        progress(f"{direction} test {test_index + 1}/{m.tests}: {describe_method(m)}")
+        if test_index == 0 and loaded is not None and m.mode == "duration":
+            async with asyncio.TaskGroup() as group:
+                transfer = group.create_task(probe.run(base_url, m, test_index))
+                pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet))
+            results, under_load = transfer.result(), pinging.result()
+        else:
+            results = await probe.run(base_url, m, test_index)
         for a in results:
             if a.status == "ok" and a.throughput_bps is not None:
-                progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s")
+                progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s "
+                         f"({a.streams} stream(s))")
             else:
                 progress(f"  attempt {a.attempt}: failed ({a.failure_reason}: {a.error})")
+        if under_load is not None and under_load.summary.rtt_mean_ms is not None:
+            progress(f"  RTT under load: mean {under_load.summary.rtt_mean_ms:.3f} ms, "
+                     f"loss {(under_load.summary.loss_ratio or 0) * 100:.1f} %")
         attempts.extend(results)
-    return attempts
+    return attempts, under_load
 
 
 async def run(
@@ -117,12 +138,20 @@ async def run(
         m = replace(m, ping=None)
     base_url = measurement_server(cfg) if (m.download.tests or m.upload.tests) else None
     ping_test: PingTest | None = None
+    loaded: tuple[str, PingMethod] | None = None
     if m.ping is not None:
-        ping_test = await run_ping(ping_target(cfg), m.ping, progress)
+        target = ping_target(cfg)
+        ping_test = await run_ping(target, m.ping, progress)
+        if m.ping.loaded_interval_s is not None and ping_test.address is not None:
+            loaded = (target, m.ping)
     transfers: list[TransferAttempt] = []
+    ping_download: PingTest | None = None
+    ping_upload: PingTest | None = None
     if base_url is not None:
-        transfers += await run_transfers("download", base_url, m.download, progress)
-        transfers += await run_transfers("upload", base_url, m.upload, progress)
+        down, ping_download = await run_transfers("download", base_url, m.download,
+                                                  progress, loaded)
+        up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded)
+        transfers = down + up
     ended = datetime.now(UTC)
     return SessionResult(
         schema_version=SCHEMA_VERSION,
@@ -136,5 +165,11 @@ async def run(
         server=Server(url=base_url, ping_target=ping_test.target if ping_test else None),
         ping=ping_test,
         transfers=tuple(transfers),
-        summary=summary.session_summary(ping_test.summary if ping_test else None, transfers),
+        summary=summary.session_summary(
+            ping_test.summary if ping_test else None, transfers,
+            ping_download.summary if ping_download else None,
+            ping_upload.summary if ping_upload else None,
+        ),
+        ping_download=ping_download,
+        ping_upload=ping_upload,
     )

@@ -23,12 +23,22 @@ PING_PAYLOAD_BYTES = 56
 # A reply later than this counts as lost. SamKnows uses 2 s (methodology.md §3.3).
 PING_TIMEOUT_S = 2.0
 
+# During the download and upload windows the ping train runs faster, to sample the
+# queueing delay the transfer causes (bufferbloat) over the whole window.
+LOADED_PING_INTERVAL_S = 0.2
+
 # --- HTTP throughput ----------------------------------------------------------------------
 # Warm-up discarded then a fixed window: Ne.Me.Sys 2 s + 10 s (methodology.md §2.4).
 WARMUP_S = 2.0
 WINDOW_S = 10.0
-# Streams: RMBT and SamKnows use 3, BEREC 4; 4 keeps a single TCP loss from dominating.
-STREAMS = 4
+# Adaptive streams (Ne.Me.Sys 2024, methodology.md §2.4): start with 2, measure the rate
+# halfway through the warm-up, then raise the count: (rate below bit/s, streams).
+ADAPTIVE_START_STREAMS = 2
+ADAPTIVE_STREAMS: tuple[tuple[float, int], ...] = (
+    (5e6, 1), (50e6, 2), (100e6, 3), (200e6, 4), (300e6, 5), (500e6, 6),
+    (1e9, 8), (2e9, 12), (5e9, 16),
+)
+ADAPTIVE_MAX_STREAMS = 20
 # Ne.Me.Sys retries each test up to 3 times and records every failed attempt (§1.5).
 ATTEMPTS = 3
 # Per-interval samples; the issue asks for 100-250 ms.

@@ -52,7 +52,8 @@ def test_speeds(attempts: Sequence[TransferAttempt], direction: str) -> list[flo
 
 
 def session_summary(
-    ping: PingSummary | None, transfers: Sequence[TransferAttempt]
+    ping: PingSummary | None, transfers: Sequence[TransferAttempt],
+    ping_download: PingSummary | None = None, ping_upload: PingSummary | None = None,
 ) -> SessionSummary:
     downloads = [a for a in transfers if a.direction == "download"]
     uploads = [a for a in transfers if a.direction == "upload"]
@@ -66,4 +67,6 @@ def session_summary(
         upload_failure_ratio=failure_ratio(uploads),
         one_way_delay_mean_ms=ping.one_way_delay_mean_ms if ping else None,
         one_way_delay_stdev_ms=ping.one_way_delay_stdev_ms if ping else None,
+        rtt_download_mean_ms=ping_download.rtt_mean_ms if ping_download else None,
+        rtt_upload_mean_ms=ping_upload.rtt_mean_ms if ping_upload else None,
     )

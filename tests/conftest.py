@@ -68,7 +68,7 @@ def collector(tmp_path: Path) -> Iterator[RunningCollector]:
 
 
 FAST_AGENT = """
-profile = "test-fast"
+profile = "custom"
 state_dir = "{state}"
 
 [ping]

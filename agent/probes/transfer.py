@@ -123,7 +123,7 @@ def conclude(
         http_status=outcome.http_status,
         started_at=started_at,
         duration_s=outcome.duration_s,
-        streams=method.streams,
+        streams=max(len(outcome.streams), 1),
         bytes_total=outcome.bytes_total,
         window_bytes=round(window.bytes) if ok else None,
         window_s=window.length_s if ok else None,
@@ -147,8 +147,17 @@ def file_shares(method: TransferMethod) -> list[int] | None:
     """File mode: the test file split over the streams as evenly as possible; else None."""
     if method.mode != "file" or not method.file_size_bytes:
         return None
-    base, extra = divmod(method.file_size_bytes, method.streams)
-    return [base + (1 if i < extra else 0) for i in range(method.streams)]
+    streams = max(method.streams, 1)
+    base, extra = divmod(method.file_size_bytes, streams)
+    return [base + (1 if i < extra else 0) for i in range(streams)]
+
+
+def adaptive_stream_count(rate_bps: float) -> int:
+    """Streams for a line running at ``rate_bps`` (Ne.Me.Sys table, spec.py). Pure."""
+    for below, streams in spec.ADAPTIVE_STREAMS:
+        if rate_bps < below:
+            return max(streams, spec.ADAPTIVE_START_STREAMS)
+    return spec.ADAPTIVE_MAX_STREAMS
 
 
 AttemptRunner = Callable[[int, int], Awaitable[TransferAttempt]]
@@ -198,7 +207,9 @@ async def run_attempt(
     started_at = utc_now()
     t0 = loop.time()
     t_stop = t0 + method.warmup_s + method.window_s if method.mode == "duration" else None
-    states = [StreamState() for _ in range(method.streams)]
+    adaptive = method.streams == 0
+    states = [StreamState() for _ in range(spec.ADAPTIVE_START_STREAMS if adaptive
+                                            else method.streams)]
     timed_out = False
 
     async def guarded(index: int) -> None:
@@ -210,10 +221,22 @@ async def run_attempt(
             if state.failure.http_status is not None:
                 state.http_status = state.failure.http_status
 
+    async def grow(group: asyncio.TaskGroup) -> None:
+        """Halfway through the warm-up, raise the stream count from the rate so far; the
+        rest of the warm-up lets the new streams leave slow start before the window."""
+        await asyncio.sleep(method.warmup_s / 2)
+        elapsed = loop.time() - t0
+        rate = sum(s.total for s in states) * 8 / elapsed if elapsed > 0 else 0.0
+        for _ in range(len(states), adaptive_stream_count(rate)):
+            states.append(StreamState())
+            group.create_task(guarded(len(states) - 1))
+
     try:
         async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
-            for index in range(method.streams):
+            for index in range(len(states)):
                 group.create_task(guarded(index))
+            if adaptive and method.mode == "duration":
+                group.create_task(grow(group))
     except TimeoutError:
         timed_out = True
     duration_s = loop.time() - t0

@@ -126,3 +126,54 @@ def test_server_defaults_to_collector() -> None:
     assert config.ping_target(cfg) == "198.18.0.1"
     with pytest.raises(ConfigError, match="no measurement server"):
         config.measurement_server(config.parse({}))
+
+
+class TestProfiles:
+    def test_quick_profile_presets(self) -> None:
+        """quick: 5 pings 0.2 s apart, 1 s + 4 s each way, one attempt (under 30 s)."""
+        cfg = config.parse({"profile": "quick"})
+        assert (cfg.ping.count, cfg.ping.interval_s) == (5, 0.2)
+        assert (cfg.download.warmup_s, cfg.download.window_s, cfg.download.attempts) == (
+            1.0, 4.0, 1)
+        m = config.method(cfg)
+        worst = (m.ping.count - 1) * m.ping.interval_s + 2 * (m.download.timeout_s)  # type: ignore[union-attr]
+        assert worst < 30
+
+    def test_file_profile_is_131_06_file_mode(self) -> None:
+        """file-131-06: whole files over one stream, three transfers each way."""
+        m = config.method(config.parse({"profile": "file-131-06"}))
+        assert (m.download.mode, m.download.streams, m.download.tests) == ("file", 1, 3)
+        assert m.download.file_size_bytes == 25_000_000
+        assert m.download.warmup_s == 0.0
+
+    def test_rmbt_profile(self) -> None:
+        """rmbt: 3 streams, 2 s pre-test, 7 s test."""
+        m = config.method(config.parse({"profile": "rmbt"}))
+        assert (m.download.streams, m.download.warmup_s, m.download.window_s) == (3, 2.0, 7.0)
+
+    def test_explicit_keys_win_over_the_profile(self) -> None:
+        """A key the user sets is never overwritten by the profile's preset."""
+        cfg = config.parse({"profile": "rmbt", "download": {"streams": 8}})
+        assert (cfg.download.streams, cfg.upload.streams) == (8, 3)
+
+    def test_default_is_agcom_with_adaptive_streams(self) -> None:
+        """The default method is the agcom profile: adaptive streams, loaded pings."""
+        m = config.method(config.parse({}))
+        assert (m.profile, m.download.streams) == ("agcom", 0)
+        assert m.ping is not None and m.ping.loaded_interval_s == 0.2
+
+    @pytest.mark.parametrize(
+        ("data", "message"),
+        [
+            ({"profile": "fast"}, "t.toml: profile: must be one of agcom, file-131-06, rmbt, "
+             "quick, custom, got 'fast'"),
+            ({"download": {"mode": "file", "streams": 0}},
+             "t.toml: download.streams: must be >= 1 in file mode (adaptive streams need a "
+             "warm-up)"),
+        ],
+    )
+    def test_bad_profile_settings(self, data: dict[str, Any], message: str) -> None:
+        """Unknown profiles and adaptive file mode are refused by name."""
+        with pytest.raises(ConfigError) as info:
+            config.parse(data, "t.toml")
+        assert str(info.value) == message

@@ -102,3 +102,17 @@ def test_nan_rejected() -> None:
     doc["duration_s"] = float("nan")
     with pytest.raises(SchemaError, match="duration_s: must be a finite number"):
         parse_result(doc)
+
+
+def test_version_1_documents_still_accepted() -> None:
+    """A v1 result (no latency-under-load fields) is read with those fields null."""
+    doc = session_dict()
+    doc["schema_version"] = 1
+    for key in ("ping_download", "ping_upload"):
+        doc.pop(key)
+    for key in ("rtt_download_mean_ms", "rtt_upload_mean_ms"):
+        doc["summary"].pop(key)
+    doc["method"]["ping"].pop("loaded_interval_s")
+    result = parse_result(doc)
+    assert result.ping_download is None
+    assert result.summary.rtt_download_mean_ms is None

@@ -47,10 +47,14 @@ def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) ->
     assert s["download_bps"] > 1e6
     assert s["upload_bps"] > 1e6
     assert s["download_failure_ratio"] == 0.0
-    assert doc["method"]["profile"] == "test-fast"
+    assert doc["method"]["profile"] == "custom"
     assert len(doc["ping"]["samples"]) == 5
     uploads = [t for t in doc["transfers"] if t["direction"] == "upload"]
     assert uploads[0]["measured_at"] == "server"
+    # Latency under load: a train during each window, reported apart from idle latency.
+    assert doc["ping_download"]["summary"]["packets_sent"] == 3  # 0.6 s window / 0.2 s
+    assert s["rtt_download_mean_ms"] == doc["ping_download"]["summary"]["rtt_mean_ms"]
+    assert s["rtt_upload_mean_ms"] is not None
     assert "delivered" in err
     status, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-1")
     assert [r["result_id"] for r in listing["results"]] == [doc["result_id"]]

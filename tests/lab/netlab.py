@@ -1,0 +1,236 @@
+"""A network lab of our own: client, router and server namespaces on 198.18.0.0/15.
+
+    client 198.18.0.1 --c0|r0-- router --r1|s0-- 198.18.1.1 server
+
+- rate: ``tc tbf`` per direction on the access link: download (server -> client) on the
+  router's r0 egress, upload (client -> server) on the client's c0 egress;
+- loss: nftables ``numgen random`` drops in the router's forward chain, per direction;
+- delay and jitter: a userspace TUN forwarder in the router (``tests.lab.delay``), since
+  netem is not available on these kernels; policy routing sends every forwarded packet
+  through it, each direction delayed ``delay_ms ± jitter_ms``.
+
+``network_lab(spec, workdir)`` builds it, yields a ``Lab`` that knows the ground truth
+it configured, and always tears everything down (processes, namespaces), even when the
+test fails. Traffic never leaves the namespaces. Needs root and iproute2, nftables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENT_IP = "198.18.0.1"
+ROUTER_CLIENT_IP = "198.18.0.2"
+SERVER_IP = "198.18.1.1"
+ROUTER_SERVER_IP = "198.18.1.2"
+# IPv4 (20) + TCP (20) + timestamp option (12): per-packet overhead of a TCP payload.
+TCP_IP_OVERHEAD = 52
+ETHERNET_HEADER = 14
+_counter = itertools.count()
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """The ground truth of a lab link. Rates in Mbit/s (None: unshaped), loss as a
+    fraction of packets per direction, delay and jitter one-way in ms (each direction)."""
+
+    down_mbit: float | None = None
+    up_mbit: float | None = None
+    down_loss: float = 0.0
+    up_loss: float = 0.0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    mtu: int = 1500
+    queue_ms: float = 50.0
+
+    def goodput_bps(self, direction: str) -> float | None:
+        """Expected TCP payload rate through the shaper: tbf counts whole Ethernet frames,
+        of which (mtu - 52) bytes are payload."""
+        rate = self.down_mbit if direction == "download" else self.up_mbit
+        if rate is None:
+            return None
+        return rate * 1e6 * (self.mtu - TCP_IP_OVERHEAD) / (self.mtu + ETHERNET_HEADER)
+
+    @property
+    def round_trip_loss(self) -> float:
+        """Probability an echo round trip fails: the request or the reply is dropped."""
+        return 1 - (1 - self.up_loss) * (1 - self.down_loss)
+
+
+def available() -> str | None:
+    """None if the lab can be built here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    for tool in ("ip", "tc", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (Debian packages iproute2, nftables)"
+    if not Path("/dev/net/tun").exists():
+        return "needs /dev/net/tun for the delay emulator"
+    return None
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> None:
+    done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                          timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"lab setup failed: {' '.join(argv)}: {done.stderr.strip()}")
+
+
+class Lab:
+    def __init__(self, spec: LinkSpec, workdir: Path) -> None:
+        tag = f"bbl{os.getpid() % 100000}x{next(_counter)}"
+        self.spec = spec
+        self.workdir = workdir
+        self.client = f"{tag}-c"
+        self.router = f"{tag}-r"
+        self.server = f"{tag}-s"
+        self.client_ip = CLIENT_IP
+        self.server_ip = SERVER_IP
+        self._processes: list[subprocess.Popen[str]] = []
+        self._namespaces: list[str] = []
+
+    # --- building ----------------------------------------------------------------------------
+
+    def build(self) -> None:
+        spec = self.spec
+        for ns in (self.client, self.router, self.server):
+            _run(["ip", "netns", "add", ns])
+            self._namespaces.append(ns)
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
+              "peer", "name", "r0", "netns", self.router])
+        _run(["ip", "link", "add", "s0", "netns", self.server, "type", "veth",
+              "peer", "name", "r1", "netns", self.router])
+        for ns, dev, addr in ((self.client, "c0", f"{CLIENT_IP}/30"),
+                              (self.router, "r0", f"{ROUTER_CLIENT_IP}/30"),
+                              (self.router, "r1", f"{ROUTER_SERVER_IP}/30"),
+                              (self.server, "s0", f"{SERVER_IP}/30")):
+            _run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "mtu", str(spec.mtu), "up"])
+        _run(["ip", "-n", self.client, "route", "add", "default", "via", ROUTER_CLIENT_IP])
+        _run(["ip", "-n", self.server, "route", "add", "default", "via", ROUTER_SERVER_IP])
+        self.sysctl(self.router, "net.ipv4.ip_forward", "1")
+        if spec.down_mbit is not None:
+            self._shape(self.router, "r0", spec.down_mbit)
+        if spec.up_mbit is not None:
+            self._shape(self.client, "c0", spec.up_mbit)
+        if spec.down_loss or spec.up_loss:
+            self._drop(spec.up_loss, spec.down_loss)
+        if spec.delay_ms or spec.jitter_ms:
+            self._delay(spec.delay_ms, spec.jitter_ms)
+
+    def sysctl(self, ns: str, key: str, value: str) -> None:
+        _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
+
+    def _shape(self, ns: str, dev: str, mbit: float) -> None:
+        rate_bytes = mbit * 1e6 / 8
+        frame = self.spec.mtu + ETHERNET_HEADER
+        burst = int(max(2 * frame, rate_bytes * 0.002))
+        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+              "rate", f"{int(mbit * 1e6)}bit", "burst", str(burst),
+              "latency", f"{self.spec.queue_ms:g}ms"])
+
+    def _drop(self, up: float, down: float) -> None:
+        # Forwarded packets cross the forward hook once per hop through the router; "up"
+        # enters from the client (iif r0), "down" leaves towards the client (oif r0).
+        million = 1_000_000
+        rules = [f'iifname "r0" numgen random mod {million} < {round(up * million)} drop'
+                 if up else "",
+                 f'oifname "r0" numgen random mod {million} < {round(down * million)} drop'
+                 if down else ""]
+        body = "\n".join(r for r in rules if r)
+        script = ("table inet bblab {\n chain forward {\n"
+                  "  type filter hook forward priority 0; policy accept;\n"
+                  f"  {body}\n }}\n}}\n")
+        _run(["ip", "netns", "exec", self.router, "nft", "-f", "-"], stdin=script)
+
+    def _delay(self, delay_ms: float, jitter_ms: float) -> None:
+        r = self.router
+        _run(["ip", "-n", r, "tuntap", "add", "dev", "tun0", "mode", "tun"])
+        _run(["ip", "-n", r, "link", "set", "tun0", "mtu", str(self.spec.mtu), "up"])
+        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.tun0.rp_filter",
+                    "net.ipv4.conf.default.rp_filter"):
+            self.sysctl(r, key, "0")
+        # Everything arriving from the client or the server goes through tun0; what the
+        # emulator writes back arrives on tun0 and is routed normally by destination.
+        _run(["ip", "-n", r, "route", "add", "default", "dev", "tun0", "table", "100"])
+        for dev in ("r0", "r1"):
+            _run(["ip", "-n", r, "rule", "add", "iif", dev, "lookup", "100"])
+        proc = self.spawn(r, [sys.executable, "-m", "tests.lab.delay", "--dev", "tun0",
+                              "--delay-ms", f"{delay_ms:g}", "--jitter-ms", f"{jitter_ms:g}"],
+                          cwd=REPO)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"delay emulator did not start: {line!r}")
+
+    # --- using ---------------------------------------------------------------------------------
+
+    def spawn(self, ns: str, argv: Sequence[str], cwd: Path | None = None) -> subprocess.Popen[str]:
+        """Start a process inside namespace ``ns``; it is stopped when the lab closes."""
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=cwd)
+        self._processes.append(proc)
+        return proc
+
+    def run(self, ns: str, argv: Sequence[str], timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        return done
+
+    def start_collector(self, port: int = 8080) -> str:
+        """A real bbprobe collector in the server namespace; returns its URL."""
+        addr_file = self.workdir / f"{self.server}.addr"
+        addr_file.unlink(missing_ok=True)
+        self.spawn(self.server, [sys.executable, "-m", "collector",
+                                 "--db", str(self.workdir / f"{self.server}.sqlite3"),
+                                 "serve", "--host", SERVER_IP, "--port", str(port),
+                                 "--addr-file", str(addr_file)], cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if addr_file.exists() and addr_file.read_text().strip():
+                return addr_file.read_text().strip()
+            time.sleep(0.05)
+        raise RuntimeError("collector did not start in the lab's server namespace")
+
+    def close(self) -> None:
+        for proc in self._processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._processes:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for ns in reversed(self._namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30,
+                           check=False)
+
+
+@contextlib.contextmanager
+def network_lab(spec: LinkSpec, workdir: Path) -> Iterator[Lab]:
+    """Build a lab with ``spec``; always torn down on exit."""
+    lab = Lab(spec, workdir)
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.close()
