@@ -62,6 +62,19 @@ def netns() -> Iterator[str]:
 
 
 @pytest.fixture
+def lab_dir(tmp_path: Path) -> Path:
+    """A work dir for a network lab, after checking the lab can be built here."""
+    from tests.lab import netlab
+
+    reason = netlab.available()
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but the network lab cannot run: {reason}")
+        pytest.skip(f"network lab: {reason}")
+    return tmp_path
+
+
+@pytest.fixture
 def collector(tmp_path: Path) -> Iterator[RunningCollector]:
     with running_collector(tmp_path / "collector") as running:
         yield running

@@ -14,6 +14,8 @@ always sends one) and POST with ``Expect: 100-continue`` and a chunked or sized 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,14 @@ RECEIVE_BUFFER_BYTES = 1024 * 1024
 # Upload chunks are sized to last about this long at the observed rate (see _send_body).
 CHUNK_TARGET_S = 0.01
 MIN_CHUNK_BYTES = 16 * 1024
+# Unsent bytes the kernel may hold for an upload socket (TCP_NOTSENT_LOWAT), as time at
+# the observed rate. Without it the autotuned send buffer queues seconds of data on a
+# slow line, which keep flowing long after the client stops; in-flight data is not
+# limited by it, so fast links are unaffected.
+NOTSENT_TARGET_S = 0.02
+MIN_NOTSENT_BYTES = 16 * 1024
+MAX_NOTSENT_BYTES = 16 * 1024 * 1024
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
 class WireError(Exception):
@@ -301,6 +311,19 @@ async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int
     remaining = size
     started = loop_time()
     sent = 0
+    raw = transport.get_extra_info("socket")
+    notsent = 0
+
+    def bound_unsent(rate_bps: float) -> None:
+        nonlocal notsent
+        want = int(min(max(rate_bps / 8 * NOTSENT_TARGET_S, MIN_NOTSENT_BYTES),
+                       MAX_NOTSENT_BYTES))
+        if raw is not None and not notsent <= want < 2 * notsent:
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, want)
+            notsent = want
+
+    bound_unsent(0.0)
     while remaining is None or remaining > 0:
         if stop_at is not None and loop_time() >= stop_at:
             break
@@ -319,7 +342,9 @@ async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int
             remaining -= count
         elapsed = loop_time() - started
         if elapsed > 0:
-            chunk = int(min(max(sent / elapsed * CHUNK_TARGET_S, MIN_CHUNK_BYTES), file_size))
+            rate = sent * 8 / elapsed
+            chunk = int(min(max(rate / 8 * CHUNK_TARGET_S, MIN_CHUNK_BYTES), file_size))
+            bound_unsent(rate)
     if size is None:
         transport.write(b"0\r\n\r\n")
     await conn.drain()

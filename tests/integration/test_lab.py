@@ -1,0 +1,139 @@
+"""The real agent and collector across the network lab: shaped rate, loss and delay are
+recovered from configured ground truth; a failing or stalled server gives failure records.
+
+Each test builds its own namespaces (198.18.0.0/15) and tears them down; nothing leaves
+them. Required under CI=true (root); skipped elsewhere with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.netlab import LinkSpec, network_lab
+
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]
+AGENT = [sys.executable, "-m", "agent"]
+
+
+def _speed(lab: Any, url: str, *sets: str, timeout: float = 120) -> dict[str, Any]:
+    argv = [*AGENT, "--server", url, "--set", "ping.enabled=false"]
+    for item in sets:
+        argv += ["--set", item]
+    done = lab.run(lab.client, [*argv, "speed", "--json", "-q"], timeout=timeout)
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+def binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
+    """Central interval [lo, hi] of Binomial(n, p) holding at least ``confidence``."""
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    tail = (1 - confidence) / 2
+    lo, acc = 0, 0.0
+    while acc + pmf[lo] <= tail:
+        acc += pmf[lo]
+        lo += 1
+    hi, acc = n, 0.0
+    while acc + pmf[hi] <= tail:
+        acc += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
+@pytest.mark.parametrize(("down", "up"), [(20.0, 5.0), (2.0, 1.0)])
+def test_shaped_rates_recovered(lab_dir: Path, down: float, up: float) -> None:
+    """Download and upload within 3 % of the TCP goodput the tbf shaper allows."""
+    spec = LinkSpec(down_mbit=down, up_mbit=up)
+    with network_lab(spec, lab_dir) as lab:
+        url = lab.start_collector()
+        doc = _speed(lab, url, "download.streams=2", "upload.streams=2",
+                     "download.warmup_s=1.5", "download.window_s=4",
+                     "upload.warmup_s=1.5", "upload.window_s=4")
+    s = doc["summary"]
+    assert s["download_bps"] == pytest.approx(spec.goodput_bps("download"), rel=0.03)
+    assert s["upload_bps"] == pytest.approx(spec.goodput_bps("upload"), rel=0.03)
+    assert (s["download_failure_ratio"], s["upload_failure_ratio"]) == (0.0, 0.0)
+
+
+def test_loss_inside_binomial_interval(lab_dir: Path) -> None:
+    """5 % drop on the download direction: ping loss inside the 99 % binomial interval."""
+    spec = LinkSpec(down_loss=0.05)
+    n = 400
+    with network_lab(spec, lab_dir) as lab:
+        done = lab.run(lab.client, [*AGENT, "ping", lab.server_ip, "-n", str(n), "-i", "0.005",
+                                    "-W", "0.5", "--json", "-q"])
+    doc = json.loads(done.stdout)
+    lost = sum(1 for sample in doc["ping"]["samples"] if sample["rtt_ms"] is None)
+    lo, hi = binomial_interval(n, spec.round_trip_loss)
+    assert lo <= lost <= hi, (lost, lo, hi)
+    assert doc["summary"]["loss_ratio"] == pytest.approx(lost / n)
+
+
+def test_delay_and_jitter_recovered(lab_dir: Path) -> None:
+    """10 ms ± 1 ms each way through the TUN emulator: RTT mean near 20 ms, one-way ~10."""
+    spec = LinkSpec(delay_ms=10.0, jitter_ms=1.0)
+    with network_lab(spec, lab_dir) as lab:
+        done = lab.run(lab.client, [*AGENT, "ping", lab.server_ip, "-n", "50", "-i", "0.02",
+                                    "--json", "-q"])
+    s = json.loads(done.stdout)["ping"]["summary"]
+    assert s["loss_ratio"] == 0.0
+    # Emulator holds each packet 9-11 ms (FIFO, never reordered) plus a few 0.1 ms of
+    # forwarding: the mean RTT lies in [20, 21.5] ms.
+    assert 20.0 <= s["rtt_mean_ms"] <= 21.5
+    assert s["one_way_delay_mean_ms"] == pytest.approx(s["rtt_mean_ms"] / 2)
+    assert 0.2 <= s["rtt_stdev_ms"] <= 2.0  # jitter is visible, and bounded
+    assert s["rtt_min_ms"] >= 18.0
+
+
+def test_stalled_server_gives_timeouts_not_hangs(lab_dir: Path) -> None:
+    """A server that accepts connections and never answers: every attempt times out, is
+    recorded, and the command ends within its deadlines."""
+    with network_lab(LinkSpec(), lab_dir) as lab:
+        lab.spawn(lab.server, [sys.executable, "-c",
+                               "import socket, time\n"
+                               "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+                               "socket.SO_REUSEADDR, 1)\n"
+                               f"s.bind(('{lab.server_ip}', 8080)); s.listen(16)\n"
+                               "held = []\n"
+                               "while True: held.append(s.accept())\n"])
+        time.sleep(0.5)
+        started = time.monotonic()
+        doc = _speed(lab, f"http://{lab.server_ip}:8080", "download.attempts=2",
+                     "upload.attempts=1", "download.streams=1", "upload.streams=1",
+                     "download.warmup_s=0.5", "download.window_s=1",
+                     "upload.warmup_s=0.5", "upload.window_s=1",
+                     "download.timeout_s=2", "upload.timeout_s=2")
+        elapsed = time.monotonic() - started
+    reasons = [(t["direction"], t["failure_reason"]) for t in doc["transfers"]]
+    assert reasons == [("download", "timeout"), ("download", "timeout"),
+                       ("upload", "timeout")]
+    assert doc["summary"]["download_failure_ratio"] == 1.0
+    assert elapsed < 20
+
+
+def test_server_dying_mid_transfer_is_recorded(lab_dir: Path) -> None:
+    """The collector is killed during the download: the attempt in flight is a broken
+    connection, the retries cannot connect, and the agent still reports."""
+    with network_lab(LinkSpec(down_mbit=50.0), lab_dir) as lab:
+        url = lab.start_collector()
+        agent = lab.spawn(lab.client, [*AGENT, "--server", url, "--set", "ping.enabled=false",
+                                       "--set", "download.streams=2",
+                                       "--set", "download.attempts=2",
+                                       "--set", "download.window_s=4",
+                                       "speed", "--direction", "download", "--json", "-q"])
+        time.sleep(2.0)
+        collector = next(p for p in lab._processes if "collector" in " ".join(p.args))
+        collector.kill()
+        out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    doc = json.loads(out)
+    reasons = [t["failure_reason"] for t in doc["transfers"]]
+    assert reasons[0] in ("broken_connection", "short_transfer")
+    assert reasons[1] == "connect_error"
+    assert doc["summary"]["download_failure_ratio"] == 1.0
