@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
 DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping
 
-.PHONY: demo test lint venv system-deps clean
+.PHONY: demo test lint bench venv system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: venv system-deps lint
 
 demo: venv
 	bash scripts/demo.sh
+
+# Accuracy and capacity against iperf3/ping in the network lab (root; ~15 min; tables).
+bench: venv system-deps
+	$(BIN)/python -m benchmarks.lab capacity
+	$(BIN)/python -m benchmarks.lab accuracy
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -52,6 +52,9 @@ class LinkSpec:
     jitter_ms: float = 0.0
     mtu: int = 1500
     queue_ms: float = 50.0
+    # One veth pair between client and server, no router: for capacity benchmarks only
+    # (no shaping, loss or delay possible).
+    direct: bool = False
 
     def goodput_bps(self, direction: str) -> float | None:
         """Expected TCP payload rate through the shaper: tbf counts whole Ethernet frames,
@@ -103,6 +106,9 @@ class Lab:
 
     def build(self) -> None:
         spec = self.spec
+        if spec.direct:
+            self._build_direct()
+            return
         for ns in (self.client, self.router, self.server):
             _run(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
@@ -128,6 +134,22 @@ class Lab:
             self._drop(spec.up_loss, spec.down_loss)
         if spec.delay_ms or spec.jitter_ms:
             self._delay(spec.delay_ms, spec.jitter_ms)
+
+    def _build_direct(self) -> None:
+        spec = self.spec
+        if spec.down_mbit or spec.up_mbit or spec.down_loss or spec.up_loss or spec.delay_ms:
+            raise ValueError("a direct lab link cannot be shaped, lossy or delayed")
+        for ns in (self.client, self.server):
+            _run(["ip", "netns", "add", ns])
+            self._namespaces.append(ns)
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
+              "peer", "name", "s0", "netns", self.server])
+        self.server_ip = ROUTER_CLIENT_IP
+        for ns, dev, addr in ((self.client, "c0", f"{CLIENT_IP}/30"),
+                              (self.server, "s0", f"{ROUTER_CLIENT_IP}/30")):
+            _run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "mtu", str(spec.mtu), "up"])
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
         _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
@@ -198,7 +220,7 @@ class Lab:
         addr_file.unlink(missing_ok=True)
         self.spawn(self.server, [sys.executable, "-m", "collector",
                                  "--db", str(self.workdir / f"{self.server}.sqlite3"),
-                                 "serve", "--host", SERVER_IP, "--port", str(port),
+                                 "serve", "--host", self.server_ip, "--port", str(port),
                                  "--addr-file", str(addr_file)], cwd=REPO)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
