@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -213,6 +214,56 @@ class Lab:
             raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
                                f"{done.stderr.strip()[-2000:]}")
         return done
+
+    def bottleneck(self, direction: str) -> tuple[str, str]:
+        """(namespace, device) whose egress shapes ``direction``."""
+        return (self.router, "r0") if direction == "download" else (self.client, "c0")
+
+    @contextlib.contextmanager
+    def tx_counter(self, direction: str, interval_s: float = 0.05) -> Iterator[
+        list[tuple[float, int]]
+    ]:
+        """Sample the bottleneck's transmitted bytes (wall clock, bytes) while the block
+        runs: the ground truth of what the link actually delivered, whatever TCP did."""
+        ns, dev = self.bottleneck(direction)
+        samples: list[tuple[float, int]] = []
+        # One long-lived reader inside the namespace (its own /sys), not a process per
+        # sample: the sampler must not load the machine whose link it measures.
+        code = ("import sys, time\n"
+                f"path = '/sys/class/net/{dev}/statistics/tx_bytes'\n"
+                "while True:\n"
+                "    with open(path) as fh: value = fh.read().strip()\n"
+                "    print(time.time(), value, flush=True)\n"
+                f"    time.sleep({interval_s})\n")
+        proc = self.spawn(ns, [sys.executable, "-c", code])
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def collect() -> None:
+            for line in stdout:
+                wall, value = line.split()
+                samples.append((float(wall), int(value)))
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        time.sleep(2 * interval_s)
+        try:
+            yield samples
+        finally:
+            time.sleep(2 * interval_s)
+            proc.terminate()
+            proc.wait(5)
+            reader.join(5)
+
+    def delivered_goodput_bps(self, samples: list[tuple[float, int]], start: float,
+                              end: float) -> float:
+        """TCP payload rate that crossed the bottleneck in [start, end] (wall clock): the
+        counter's bytes interpolated at both edges, times the payload share of a frame."""
+        from agent.stats import bytes_at
+
+        frames = bytes_at(samples, end) - bytes_at(samples, start)
+        share = (self.spec.mtu - TCP_IP_OVERHEAD) / (self.spec.mtu + ETHERNET_HEADER)
+        return frames * share * 8 / (end - start)
 
     def start_collector(self, port: int = 8080) -> str:
         """A real bbprobe collector in the server namespace; returns its URL."""
