@@ -241,8 +241,9 @@ class Lab:
 
         def collect() -> None:
             for line in stdout:
-                wall, value = line.split()
-                samples.append((float(wall), int(value)))
+                fields = line.split()
+                if len(fields) == 2:  # a line cut short when the reader is stopped: skip
+                    samples.append((float(fields[0]), int(fields[1])))
 
         reader = threading.Thread(target=collect, daemon=True)
         reader.start()
