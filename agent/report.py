@@ -76,7 +76,7 @@ def format_session(result: SessionResult) -> str:
             s = loaded.summary
             idle = result.ping.summary.rtt_mean_ms if result.ping else None
             extra = "" if idle is None or s.rtt_mean_ms is None else \
-                f", +{s.rtt_mean_ms - idle:.3f} ms over idle"
+                f", {s.rtt_mean_ms - idle:+.3f} ms against idle"
             lines.append(f"  RTT under load: mean {_ms(s.rtt_mean_ms)} ms, p95 "
                          f"{_ms(s.rtt_p95_ms)} ms, loss {(s.loss_ratio or 0) * 100:.1f} % "
                          f"({s.packets_sent} pings{extra})")

@@ -101,6 +101,24 @@ def pair_loss_ratio(round_trip_loss: float) -> float:
     return 1 - math.sqrt(1 - round_trip_loss)
 
 
+def binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
+    """Central interval [lo, hi] of Binomial(n, p) holding at least ``confidence`` of the
+    probability: the counts of lost pings consistent with a true loss rate ``p``."""
+    if not 0 <= p <= 1 or n < 0:
+        raise ValueError(f"need 0 <= p <= 1 and n >= 0, got p={p}, n={n}")
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    tail = (1 - confidence) / 2
+    lo, acc = 0, 0.0
+    while lo < n and acc + pmf[lo] <= tail:
+        acc += pmf[lo]
+        lo += 1
+    hi, acc = n, 0.0
+    while hi > lo and acc + pmf[hi] <= tail:
+        acc += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
 def ratio(part: int, whole: int) -> float | None:
     return part / whole if whole > 0 else None
 

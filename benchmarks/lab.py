@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -29,24 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.stats import binomial_interval
 from tests.lab.netlab import LinkSpec, available, network_lab
 
 AGENT = [sys.executable, "-m", "agent"]
 WARMUP_S = 2.0
-
-
-def binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
-    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
-    tail = (1 - confidence) / 2
-    lo, acc = 0, 0.0
-    while acc + pmf[lo] <= tail:
-        acc += pmf[lo]
-        lo += 1
-    hi, acc = n, 0.0
-    while acc + pmf[hi] <= tail:
-        acc += pmf[hi]
-        hi -= 1
-    return lo, hi
 
 
 def bbprobe_speed(lab: Any, url: str, direction: str, streams: int, window: float,

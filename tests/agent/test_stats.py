@@ -105,3 +105,20 @@ class TestWindowThroughput:
         assert stats.bytes_at(samples, 0.0) == 10
         assert stats.bytes_at(samples, 5.0) == 20
         assert stats.bytes_at(samples, 1.5) == 15
+
+
+class TestBinomialInterval:
+    def test_interval_contains_the_mean_and_excludes_far_tails(self) -> None:
+        """n = 1000, p = 2 %: the 99 % interval is about 20 ± 11 lost pings."""
+        lo, hi = stats.binomial_interval(1000, 0.02)
+        assert 8 <= lo <= 10 and 31 <= hi <= 33
+        assert lo < 20 < hi
+
+    def test_zero_loss_interval_is_zero(self) -> None:
+        """With p = 0 only zero losses are possible."""
+        assert stats.binomial_interval(400, 0.0) == (0, 0)
+
+    def test_bad_probability_rejected(self) -> None:
+        """p outside 0..1 is a programming error, named."""
+        with pytest.raises(ValueError, match=r"p=1\.5"):
+            stats.binomial_interval(10, 1.5)

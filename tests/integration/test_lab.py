@@ -8,7 +8,6 @@ them. Required under CI=true (root); skipped elsewhere with the reason.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from agent.stats import binomial_interval
 from tests.lab.netlab import LinkSpec, network_lab
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
@@ -29,21 +29,6 @@ def _speed(lab: Any, url: str, *sets: str, timeout: float = 120) -> dict[str, An
     done = lab.run(lab.client, [*argv, "speed", "--json", "-q"], timeout=timeout)
     doc: dict[str, Any] = json.loads(done.stdout)
     return doc
-
-
-def binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
-    """Central interval [lo, hi] of Binomial(n, p) holding at least ``confidence``."""
-    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
-    tail = (1 - confidence) / 2
-    lo, acc = 0, 0.0
-    while acc + pmf[lo] <= tail:
-        acc += pmf[lo]
-        lo += 1
-    hi, acc = n, 0.0
-    while acc + pmf[hi] <= tail:
-        acc += pmf[hi]
-        hi -= 1
-    return lo, hi
 
 
 @pytest.mark.parametrize(("down", "up"), [(20.0, 5.0), (2.0, 1.0)])
