@@ -18,9 +18,10 @@ import click
 from collector import __version__, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig, load
-from collector.errors import ApiError, CollectorError
+from collector.errors import ApiError, CollectorError, InputError
 from collector.report import (
     LISTING_COLUMNS,
+    Scope,
     format_csv,
     format_json,
     format_listing_text,
@@ -253,3 +254,54 @@ def report(ctx: click.Context, probes: tuple[str, ...], since: str | None, until
         click.echo(json.dumps(report_dict(result, where), indent=2, ensure_ascii=False))
     else:
         click.echo(format_text(result, where), nl=False)
+
+
+@main.command()
+@shared_options
+@click.option("--samples", "samples_path", required=True, type=click.Path(dir_okay=False),
+              help="CSV: probe_id,timestamp,kind,value,ok (one row per test).")
+@click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
+             fmt: str) -> None:
+    """Evaluate a CSV of per-test samples offline against a targets table.
+
+    Rows that are not valid are all reported with their line numbers, and then no
+    verdict is given: nothing is skipped silently (exit 2).
+    """
+    from pathlib import Path
+
+    from collector.compliance import samples_csv
+    from collector.compliance.evaluate import evaluate as run_evaluation
+
+    table = targets_mod.load(targets_path or _config(ctx).compliance.targets)
+    path = Path(samples_path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    parsed = samples_csv.parse(text, str(path))
+    if parsed.errors:
+        shown = parsed.errors[: samples_csv.MAX_REPORTED]
+        for line in shown:
+            click.echo(line, err=True)
+        more = len(parsed.errors) - len(shown)
+        raise InputError(f"{len(parsed.errors)} bad row(s) in {path}"
+                         + (f" ({more} more not shown)" if more else "")
+                         + "; no verdict given")
+    report = run_evaluation(parsed.observations, table)
+    scope = Scope(
+        probes=tuple(sorted(parsed.probes)),
+        since=parsed.first.isoformat() if parsed.first else None,
+        until=parsed.last.isoformat() if parsed.last else None,
+    )
+    if fmt == "json":
+        document = report_dict(report, scope)
+        document["samples_file"] = str(path)
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_text(report, scope), nl=False)

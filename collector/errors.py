@@ -2,6 +2,7 @@
 
     CollectorError            root; the CLI maps it to a message and exit code 1
     +-- ConfigError           invalid configuration or targets file (exit 2)
+    +-- InputError            an input file (e.g. a samples CSV) has bad rows (exit 2)
     +-- StoreError            the database cannot be opened, migrated or written
     +-- ApiError              an HTTP request is refused; ``status`` is the 4xx to answer,
                               ``field`` names the offending field or parameter
@@ -15,6 +16,10 @@ class CollectorError(Exception):
 
 
 class ConfigError(CollectorError):
+    exit_code = 2
+
+
+class InputError(CollectorError):
     exit_code = 2
 
 
