@@ -137,9 +137,11 @@ async def whoami(request: web.Request) -> web.Response:
 # --- queries ---------------------------------------------------------------------------------
 
 
-def _scope(request: web.Request) -> Scope:
+def _scope(request: web.Request, store: SqliteStore | None = None) -> Scope:
     probes = request.query.getall("probe", []) or None
-    return service.scope(probes, request.query.get("since"), request.query.get("until"))
+    filters = {k: request.query[k] for k in service.METADATA_FILTERS if k in request.query}
+    return service.scope(probes, request.query.get("since"), request.query.get("until"),
+                         request.query.get("period"), store=store, filters=filters)
 
 
 def _limit(request: web.Request) -> int | None:
@@ -161,7 +163,8 @@ async def list_results(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
         raise ApiError(400, f"format: expected json or csv, got {fmt!r}", field="format")
-    rows = await db(request, service.listing, _scope(request), _limit(request))
+    where = await db(request, lambda store: _scope(request, store))
+    rows = await db(request, service.listing, where, _limit(request))
     if fmt == "csv":
         return web.Response(text=format_csv(rows, LISTING_COLUMNS), content_type="text/csv")
     return web.json_response({"results": rows})
@@ -177,7 +180,7 @@ async def get_result(request: web.Request) -> web.Response:
 async def get_report(request: web.Request) -> web.Response:
     path = request.app[CONFIG].compliance.targets
     table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
-    where = _scope(request)
+    where = await db(request, lambda store: _scope(request, store))
     report = await db(request, service.compliance, where, table)
     return web.json_response(report_dict(report, where))
 

@@ -202,10 +202,21 @@ def probe_revoke(ctx: click.Context, name: str) -> None:
 
 
 def _scope_options(fn: F) -> F:
+    fn = click.option("--technology", help="Only probes on this access technology.")(fn)
+    fn = click.option("--region", help="Only probes in this region.")(fn)
+    fn = click.option("--offer", help="Only probes on this offer.")(fn)
+    fn = click.option("--operator", help="Only probes of this operator.")(fn)
+    fn = click.option("--period", help="Calendar period: YYYY, YYYY-H1 or YYYY-H2.")(fn)
     fn = click.option("--until", help="End (exclusive): ISO date or timestamp.")(fn)
     fn = click.option("--since", help="Start (inclusive): ISO date or timestamp.")(fn)
     fn = click.option("--probe", "probes", multiple=True, help="Probe name (repeatable).")(fn)
     return fn
+
+
+def _resolve_scope(store: SqliteStore, probes: tuple[str, ...], since: str | None,
+                   until: str | None, period: str | None, filters: dict[str, Any]) -> Scope:
+    return service.scope(list(probes) or None, since, until, period, store=store,
+                         filters={k: v for k, v in filters.items() if v})
 
 
 @main.command()
@@ -215,12 +226,12 @@ def _scope_options(fn: F) -> F:
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
 @click.pass_context
 @handle_errors
-def results(ctx: click.Context, probes: tuple[str, ...], since: str | None, until: str | None,
-            limit: int | None, fmt: str) -> None:
+def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
+            period: str | None, limit: int | None, fmt: str, **filters: Any) -> None:
     """List stored results with their summaries."""
-    where = service.scope(list(probes) or None, since, until)
     store = _open_store(ctx)
     try:
+        where = _resolve_scope(store, probes, since, until, period, filters)
         rows = service.listing(store, where, limit)
     finally:
         store.close()
@@ -239,14 +250,15 @@ def results(ctx: click.Context, probes: tuple[str, ...], since: str | None, unti
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 @handle_errors
-def report(ctx: click.Context, probes: tuple[str, ...], since: str | None, until: str | None,
-           targets_path: str | None, fmt: str) -> None:
-    """Compliance report: each Allegato 2 indicator against its target."""
+def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
+           period: str | None, targets_path: str | None, fmt: str, **filters: Any) -> None:
+    """Compliance report: each Allegato 2 indicator against its target, for probes chosen
+    by name or by line metadata, over a calendar period or a time range."""
     cfg = _config(ctx)
     table = targets_mod.load(targets_path or cfg.compliance.targets)
-    where = service.scope(list(probes) or None, since, until)
     store = SqliteStore(cfg.storage.path)
     try:
+        where = _resolve_scope(store, probes, since, until, period, filters)
         result = service.compliance(store, where, table)
     finally:
         store.close()

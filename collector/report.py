@@ -31,7 +31,12 @@ class Scope:
     until: str | None
 
     def describe(self) -> str:
-        who = "all probes" if self.probes is None else "probe " + ", ".join(self.probes)
+        if self.probes is None:
+            who = "all probes"
+        elif not self.probes:
+            who = "no probe matches the selection"
+        else:
+            who = "probe " + ", ".join(self.probes)
         return f"{who}; from {self.since or 'the first result'} to {self.until or 'now'}"
 
 

@@ -43,12 +43,53 @@ def parse_time(text: str | None, name: str) -> str | None:
     return format_utc(moment)
 
 
-def scope(probes: list[str] | None, since: str | None, until: str | None) -> Scope:
-    return Scope(
-        probes=tuple(probes) if probes else None,
-        since=parse_time(since, "since"),
-        until=parse_time(until, "until"),
-    )
+def period_bounds(period: str) -> tuple[str, str]:
+    """Calendar periods of the regulations (131/06: semesters and the year), pure:
+    "2026" -> [2026-01-01, 2027-01-01); "2026-H1" -> [01-01, 07-01); "2026-H2" ->
+    [07-01, next 01-01). Bounds in UTC, ``until`` exclusive."""
+    text = period.strip().upper()
+    year_text, _, half = text.partition("-")
+    if not (year_text.isdigit() and len(year_text) == 4) or half not in ("", "H1", "H2"):
+        raise ApiError(400, f"period: expected YYYY, YYYY-H1 or YYYY-H2, got {period!r}",
+                       field="period")
+    year = int(year_text)
+    start_month = 7 if half == "H2" else 1
+    end = datetime(year + 1, 1, 1, tzinfo=UTC) if half in ("", "H2") else \
+        datetime(year, 7, 1, tzinfo=UTC)
+    return format_utc(datetime(year, start_month, 1, tzinfo=UTC)), format_utc(end)
+
+
+METADATA_FILTERS = ("operator", "offer", "region", "technology")
+
+
+def probes_matching(store: SqliteStore, filters: dict[str, str]) -> list[str]:
+    """Names of the probes whose line metadata equals every given filter."""
+    return [p.name for p in store.probes()
+            if all(getattr(p.line, key) == value for key, value in filters.items())]
+
+
+def scope(probes: list[str] | None, since: str | None, until: str | None,
+          period: str | None = None, *, store: SqliteStore | None = None,
+          filters: dict[str, str] | None = None) -> Scope:
+    """Resolve a scope: named probes and/or probes selected by metadata (operator, offer,
+    region, technology), over ``period`` or [since, until)."""
+    since_text: str | None
+    until_text: str | None
+    if period:
+        if since or until:
+            raise ApiError(400, "period: give either period or since/until, not both",
+                           field="period")
+        since_text, until_text = period_bounds(period)
+    else:
+        since_text, until_text = parse_time(since, "since"), parse_time(until, "until")
+    selected = list(probes) if probes else None
+    active = {k: v for k, v in (filters or {}).items() if v}
+    if active:
+        assert store is not None
+        matching = probes_matching(store, active)
+        selected = matching if selected is None else [p for p in selected if p in matching]
+    return Scope(probes=tuple(selected) if selected is not None else None,
+                 since=since_text, until=until_text)
 
 
 def stored_results(store: SqliteStore, where: Scope, limit: int | None = None) -> list[

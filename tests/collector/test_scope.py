@@ -1,0 +1,102 @@
+"""Scopes: calendar periods (semesters, year) and probes selected by line metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from collector import ingest, service
+from collector.cli import main
+from collector.errors import ApiError
+from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.testing import RunningCollector
+from tests.factories import attempt, session
+from tests.httpclient import request
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("period", "bounds"),
+    [
+        ("2026", ("2026-01-01T00:00:00.000000Z", "2027-01-01T00:00:00.000000Z")),
+        ("2026-H1", ("2026-01-01T00:00:00.000000Z", "2026-07-01T00:00:00.000000Z")),
+        ("2026-h2", ("2026-07-01T00:00:00.000000Z", "2027-01-01T00:00:00.000000Z")),
+    ],
+)
+def test_period_bounds(period: str, bounds: tuple[str, str]) -> None:
+    """Years and semesters of 131/06 reporting, until exclusive."""
+    assert service.period_bounds(period) == bounds
+
+
+@pytest.mark.parametrize("period", ["26", "2026-Q1", "2026-H3", "last year"])
+def test_bad_period(period: str) -> None:
+    """Anything but YYYY, YYYY-H1, YYYY-H2 is refused, naming the parameter."""
+    with pytest.raises(ApiError, match="period: expected YYYY, YYYY-H1 or YYYY-H2"):
+        service.period_bounds(period)
+
+
+def _populate(db: Path) -> None:
+    """Two operators' probes; sessions in both semesters of 2026."""
+    store = SqliteStore(db)
+    service.register_probe(store, "bt-1", LineMetadata(operator="BT Italia", region="Lazio"))
+    service.register_probe(store, "bt-2", LineMetadata(operator="BT Italia", region="Lombardia"))
+    service.register_probe(store, "other-1", LineMetadata(operator="Other"))
+    plan = [("bt-1", "2026-03-01", 10e6), ("bt-1", "2026-09-01", 1e6),
+            ("bt-2", "2026-03-02", 20e6), ("other-1", "2026-03-03", 1e6)]
+    for probe, day, bps in plan:
+        r = session(probe, started_at=f"{day}T10:00:00.000000Z",
+                    transfers=[attempt("download", bps=bps), attempt("upload", bps=1e6)])
+        a = ingest.parse_body(ingest.canonical_json(r).encode())
+        store.insert_result(result_id=r.result_id, probe_name=probe, schema_version=2,
+                            started_at=a.started_at, ended_at=a.ended_at, received_at="x",
+                            body=a.body, body_sha256=a.body_sha256)
+    store.close()
+
+
+def test_cli_report_by_operator_and_semester(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--operator selects the operator's probes; --period 2026-H1 the first semester."""
+    monkeypatch.chdir(ROOT)
+    db = tmp_path / "c.sqlite3"
+    _populate(db)
+    result = CliRunner().invoke(main, ["--db", str(db), "report", "--operator", "BT Italia",
+                                       "--period", "2026-H1", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["scope"]["probes"] == ["bt-1", "bt-2"]
+    assert doc["sessions"] == 2
+    got = {i["id"]: i for i in doc["indicators"]}
+    # H1 BT downloads: 10 000 and 20 000 kbit/s -> p5 = 10 000 + .05 * 10 000
+    assert got["download_p5_kbps"]["observed"] == pytest.approx(10_500)
+    result = CliRunner().invoke(main, ["--db", str(db), "results", "--operator", "BT Italia",
+                                       "--region", "Lazio", "--format", "json"])
+    assert [r["probe_id"] for r in json.loads(result.stdout)["results"]] == ["bt-1", "bt-1"]
+
+
+def test_period_and_range_are_exclusive(tmp_path: Path) -> None:
+    """Giving both a period and since/until is refused."""
+    db = tmp_path / "c.sqlite3"
+    _populate(db)
+    result = CliRunner().invoke(main, ["--db", str(db), "results", "--period", "2026",
+                                       "--since", "2026-01-01"])
+    assert (result.exit_code, result.stderr) == (
+        2, "bbprobe-collector: period: give either period or since/until, not both\n")
+
+
+def test_api_scope_by_metadata(collector: RunningCollector) -> None:
+    """The report API takes the same selectors; no match gives an empty, incomplete report."""
+    _populate(collector.db_path)
+    status, doc, _ = request("GET", collector.url +
+                             "/api/v1/report?operator=Other&period=2026")
+    assert status == 200
+    assert doc["scope"]["probes"] == ["other-1"]
+    assert doc["sessions"] == 1
+    status, doc, _ = request("GET", collector.url + "/api/v1/report?operator=Nobody")
+    assert (status, doc["scope"]["probes"], doc["verdict"]) == (200, [], "incomplete")
+    status, doc, _ = request("GET", collector.url + "/api/v1/results?period=2026-H3")
+    assert (status, doc["error"]) == (400, "period: expected YYYY, YYYY-H1 or YYYY-H2, "
+                                           "got '2026-H3'")
