@@ -185,6 +185,18 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report_dict(report, where))
 
 
+async def get_certificate(request: web.Request) -> web.Response:
+    from collector.report import certificate_dict
+
+    probe = request.query.get("probe")
+    if not probe:
+        raise ApiError(400, "probe: required", field="probe")
+    q = request.query
+    cert = await db(request, service.certificate, probe, q.get("since"), q.get("until"),
+                    q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome"))
+    return web.json_response(certificate_dict(cert))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
@@ -212,6 +224,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)
     app.router.add_get("/api/v1/probes", list_probes)
     app.router.add_get("/api/v1/report", get_report)
+    app.router.add_get("/api/v1/certificate", get_certificate)
     app.router.add_get("/healthz", healthz)
     if cfg.measurement.enabled:
         measure.add_routes(app, cfg.measurement)

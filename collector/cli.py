@@ -317,3 +317,30 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         click.echo(format_text(report, scope), nl=False)
+
+
+@main.command()
+@shared_options
+@click.option("--probe", required=True, help="The line's probe.")
+@click.option("--since", help="Campaign start (inclusive): ISO date or timestamp.")
+@click.option("--until", help="Campaign end (exclusive): ISO date or timestamp.")
+@click.option("--rule", type=click.Choice(["96in24h", "24in72h"]), default="96in24h",
+              help="Completeness rule: 4 per hourly band (default) or the legacy 1 per band.")
+@click.option("--timezone", default="Europe/Rome", help="Local time of the hourly bands.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
+            timezone: str, fmt: str) -> None:
+    """Certify one line against its contract (probe metadata), 244/08 style."""
+    from collector.report import certificate_dict, format_certificate
+
+    store = _open_store(ctx)
+    try:
+        cert = service.certificate(store, probe, since, until, rule, timezone)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_certificate(cert), nl=False)

@@ -173,3 +173,63 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
             f"loss {'—' if loss is None else f'{loss * 100:.1f} %'}"
         )
     return "\n".join(lines) + "\n"
+
+
+# --- Line certificate ------------------------------------------------------------------------
+
+VERDICT_WORDS = {
+    "breach": "BREACH: at least one contractual figure is not met",
+    "no_breach": "NO BREACH: every contractual figure that was judged is met",
+    "incomplete": "INCOMPLETE: the campaign does not cover every hourly band; no verdict",
+}
+
+
+def certificate_dict(cert: Any) -> dict[str, Any]:
+    from dataclasses import asdict as as_dict
+
+    doc: dict[str, Any] = as_dict(cert)
+    doc["rule"] = {"name": cert.rule.name, "sessions_per_band": cert.rule.per_band,
+                   "window_h": cert.rule.window_h}
+    return doc
+
+
+def format_certificate(cert: Any) -> str:
+    line = cert.line
+    contract = [
+        ("download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
+        ("upload, guaranteed minimum", format_value(line.upload_min_kbps, "kbit/s")),
+        ("maximum delay", format_value(line.max_delay_ms, "ms")),
+        ("maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
+    ]
+    out = [
+        "Line certificate (delibera 244/08/CSP method)",
+        f"Line:     probe {cert.probe_id}; operator {line.operator or '—'}; offer "
+        f"{line.offer or '—'}; technology {line.technology or '—'}",
+        "Contract: " + "; ".join(f"{k} {v}" for k, v in contract),
+        f"Period:   {cert.first or '—'} to {cert.last or '—'} ({len(cert.sessions)} sessions)",
+        f"Method:   rule {cert.rule.name} ({cert.rule.per_band} per hourly band, "
+        f"{cert.timezone} local time); percentile Hyndman-Fan type 7; delay = "
+        f"{'ICMP round trip' if cert.delay_basis == 'rtt' else 'RTT / 2'}",
+        "",
+        "Hourly bands (sessions counted / required):",
+    ]
+    cells = [f"{h:02d}h {n}/{cert.rule.per_band}{'' if n >= cert.rule.per_band else ' !'}"
+             for h, n in enumerate(cert.band_counts)]
+    out += ["  " + "   ".join(cells[i : i + 6]) for i in range(0, 24, 6)]
+    out += ["", f"{'Indicator':<42}  {'Observed':>14}  {'Threshold':>17}  Samples  Result"]
+    for c in cert.checks:
+        result = {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
+        threshold = "not in contract" if c.threshold is None else \
+            f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
+        out.append(f"{c.name:<42}  {format_value(c.observed, c.unit):>14}  {threshold:>17}  "
+                   f"{c.samples:>7}  {result}")
+    out += ["", f"Verdict:  {VERDICT_WORDS[cert.verdict]}", "", "Every session:"]
+    for s in cert.sessions:
+        def show(values: tuple[float | None, ...], unit: str) -> str:
+            return ", ".join("failed" if v is None else format_value(v, unit) for v in values) \
+                or "—"
+        rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
+        out.append(f"  {s.started_at} band {s.band:02d}{'' if s.counted else ' (not counted)'}"
+                   f"  down {show(s.download_kbps, 'kbit/s')}  up {show(s.upload_kbps, 'kbit/s')}"
+                   f"  RTT ms {rtts}")
+    return "\n".join(out) + "\n"

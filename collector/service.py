@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, time
+from typing import Any
 
 from agent.schema import PROBE_ID_RE, SessionResult, format_utc, parse_result, utc_now
 from collector import auth
@@ -114,3 +115,26 @@ def decoded(rows: list[StoredResult]) -> list[SessionResult]:
 
 def compliance(store: SqliteStore, where: Scope, targets: Targets) -> Report:
     return evaluate(observe(decoded(stored_results(store, where))), targets)
+
+
+def certificate(store: SqliteStore, probe: str, since: str | None, until: str | None,
+                rule: str, timezone: str) -> Any:
+    """The line certificate of one probe over [since, until) (all its results if open)."""
+    from collector.compliance import certify
+
+    line = store.probe(probe)
+    if line is None:
+        raise ApiError(404, f"no probe named {probe!r}", field="probe")
+    if rule not in certify.RULES:
+        raise ApiError(400, f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
+                       field="rule")
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(timezone)
+    except (ValueError, KeyError, OSError):
+        raise ApiError(400, f"timezone: unknown time zone {timezone!r}",
+                       field="timezone") from None
+    where = scope([probe], since, until)
+    results = decoded(stored_results(store, where))
+    return certify.certify(probe, line.line, results, certify.RULES[rule], timezone)

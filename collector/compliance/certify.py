@@ -1,0 +1,157 @@
+"""Line certification, 244/08/CSP style (methodology.md §1.4-1.6): does one customer's
+line meet its contract? Pure: results and contract in, certificate out.
+
+- Campaign: measurements spread over the 24 hourly bands of local time. Rule "96in24h"
+  (Ne.Me.Sys since about 2019): 4 sessions in every band; rule "24in72h" (2010-2012): 1
+  per band. A session counts for its band when it completed a measurement (a successful
+  download, a successful upload and a ping train that sent packets).
+- Verdict against the contract (probe line metadata): "banda minima" (5th percentile of
+  per-test speed) below the guaranteed minimum in either direction, "ritardo massimo"
+  (95th percentile of delay) above the maximum, or loss above the maximum: a breach. Any
+  one breach qualifies (AGCOM, Relazione annuale 2012). A campaign with any band short is
+  "incomplete": never a verdict.
+- Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
+  ``delay_basis="rtt_half"`` judges the one-way estimate instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from agent import stats
+from agent.schema import SessionResult, parse_utc
+from collector.storage.sqlite import LineMetadata
+
+CertVerdict = Literal["breach", "no_breach", "incomplete"]
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRule:
+    name: str
+    per_band: int
+    window_h: int
+
+
+RULES = {
+    "96in24h": CampaignRule("96in24h", 4, 24),
+    "24in72h": CampaignRule("24in72h", 1, 72),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    id: str
+    name: str
+    unit: str
+    comparison: str  # the comparison that means breach
+    threshold: float | None  # None: not in the contract, not judged
+    observed: float | None
+    samples: int
+    breach: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLine:
+    """One session as listed on the certificate."""
+
+    result_id: str
+    started_at: str
+    band: int
+    counted: bool
+    download_kbps: tuple[float | None, ...]
+    upload_kbps: tuple[float | None, ...]
+    rtts_ms: tuple[float | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    probe_id: str
+    line: LineMetadata
+    rule: CampaignRule
+    timezone: str
+    delay_basis: str
+    first: str | None
+    last: str | None
+    band_counts: tuple[int, ...]  # sessions counted per local hour band 0..23
+    complete: bool
+    checks: tuple[Check, ...]
+    sessions: tuple[SessionLine, ...]
+    verdict: CertVerdict
+
+
+def _completed(r: SessionResult) -> bool:
+    ok = {a.direction for a in r.transfers if a.status == "ok"}
+    pinged = r.ping is not None and r.ping.summary.packets_sent > 0
+    return ok == {"download", "upload"} and pinged
+
+
+def _speeds(r: SessionResult, direction: str) -> tuple[float | None, ...]:
+    return tuple(None if a.throughput_bps is None else a.throughput_bps / 1000
+                 for a in r.transfers if a.direction == direction)
+
+
+def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionResult],
+            rule: CampaignRule = RULES["96in24h"], timezone: str = "Europe/Rome",
+            delay_basis: Literal["rtt", "rtt_half"] = "rtt") -> Certificate:
+    zone = ZoneInfo(timezone)
+    counts = [0] * 24
+    listed: list[SessionLine] = []
+    down: list[float] = []
+    up: list[float] = []
+    delays: list[float] = []
+    sent = lost = 0
+    scale = 0.5 if delay_basis == "rtt_half" else 1.0
+    ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
+    for r in ordered:
+        band = parse_utc(r.started_at).astimezone(zone).hour
+        counted = _completed(r)
+        if counted:
+            counts[band] += 1
+        rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in r.ping.samples) \
+            if r.ping else ()
+        listed.append(SessionLine(r.result_id, r.started_at, band, counted,
+                                  _speeds(r, "download"), _speeds(r, "upload"), rtts))
+        down += [v for v in _speeds(r, "download") if v is not None]
+        up += [v for v in _speeds(r, "upload") if v is not None]
+        for rtt in rtts:
+            sent += 1
+            if rtt is None:
+                lost += 1
+            else:
+                delays.append(rtt * scale)
+    complete = all(c >= rule.per_band for c in counts)
+
+    def check(id_: str, name: str, unit: str, comparison: str, threshold: float | None,
+              observed: float | None, samples: int) -> Check:
+        if threshold is None or observed is None:
+            breach = None
+        else:
+            breach = observed < threshold if comparison == "<" else observed > threshold
+        return Check(id_, name, unit, comparison, threshold, observed, samples, breach)
+
+    checks = (
+        check("download_p5_kbps", "Banda minima in download (percentile 5%)", "kbit/s", "<",
+              line.download_min_kbps, stats.percentile(down, 5), len(down)),
+        check("upload_p5_kbps", "Banda minima in upload (percentile 5%)", "kbit/s", "<",
+              line.upload_min_kbps, stats.percentile(up, 5), len(up)),
+        check("delay_p95_ms", "Ritardo massimo (percentile 95%)", "ms", ">",
+              line.max_delay_ms, stats.percentile(delays, 95), len(delays)),
+        check("loss_ratio", "Tasso di perdita dei pacchetti", "ratio", ">",
+              line.max_loss_ratio, stats.loss_ratio(sent, sent - lost), sent),
+    )
+    if not complete:
+        verdict: CertVerdict = "incomplete"
+    elif any(c.breach for c in checks):
+        verdict = "breach"
+    else:
+        verdict = "no_breach"
+    return Certificate(
+        probe_id=probe_id, line=line, rule=rule, timezone=timezone, delay_basis=delay_basis,
+        first=ordered[0].started_at if ordered else None,
+        last=ordered[-1].started_at if ordered else None,
+        band_counts=tuple(counts), complete=complete, checks=checks,
+        sessions=tuple(listed), verdict=verdict,
+    )
