@@ -197,6 +197,12 @@ async def get_certificate(request: web.Request) -> web.Response:
     return web.json_response(certificate_dict(cert))
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    from collector import openapi
+
+    return web.json_response(openapi.document())
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
@@ -225,6 +231,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get("/api/v1/probes", list_probes)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/certificate", get_certificate)
+    app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     if cfg.measurement.enabled:
         measure.add_routes(app, cfg.measurement)

@@ -1,0 +1,189 @@
+"""The collector's OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
+
+Component schemas are generated from the same dataclasses that validate requests
+(``agent.schema.json_schema``), so the document cannot drift from what is enforced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import __version__, spec
+from agent.schema import SessionResult, UploadReport, json_schema
+from collector.compliance.evaluate import IndicatorResult
+
+OPENAPI_PATH = "/api/v1/openapi.json"
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _query(name: str, description: str, schema: dict[str, Any] | None = None,
+           required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": schema or {"type": "string"}}
+
+
+SCOPE_PARAMETERS = [
+    _query("probe", "Probe name (repeatable)."),
+    _query("operator", "Only probes of this operator."),
+    _query("offer", "Only probes on this offer."),
+    _query("region", "Only probes in this region."),
+    _query("technology", "Only probes on this access technology."),
+    _query("period", "Calendar period: YYYY, YYYY-H1 or YYYY-H2.",
+           {"type": "string", "pattern": "^[0-9]{4}(-[Hh][12])?$"}),
+    _query("since", "Start, inclusive: ISO 8601 date or timestamp."),
+    _query("until", "End, exclusive: ISO 8601 date or timestamp."),
+]
+BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
+
+
+def document() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    result_ref = json_schema(SessionResult, schemas)
+    upload_ref = json_schema(UploadReport, schemas)
+    indicator_ref = json_schema(IndicatorResult, schemas)
+    schemas["Error"] = {
+        "type": "object", "required": ["error", "field"], "additionalProperties": False,
+        "properties": {"error": {"type": "string"},
+                       "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+    }
+    schemas["IngestReply"] = {
+        "type": "object", "required": ["result_id", "stored", "duplicate"],
+        "properties": {"result_id": {"type": "string", "format": "uuid"},
+                       "stored": {"type": "boolean"}, "duplicate": {"type": "boolean"}},
+    }
+    schemas["Report"] = {
+        "type": "object", "required": ["targets", "scope", "sessions", "verdict", "indicators"],
+        "properties": {
+            "targets": {"type": "object"}, "scope": {"type": "object"},
+            "sessions": {"type": "integer", "minimum": 0},
+            "verdict": {"enum": ["pass", "fail", "incomplete"]},
+            "indicators": {"type": "array", "items": indicator_ref},
+            "not_measured": {"type": "array", "items": {"type": "object"}},
+            "method": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+    bad_request = _error("A parameter is invalid; the message names it.")
+    paths: dict[str, Any] = {
+        spec.RESULTS_PATH: {
+            "post": {
+                "summary": "Ingest one session result (idempotent on result_id).",
+                "security": BEARER,
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": result_ref}}},
+                "responses": {
+                    "201": _json({"$ref": "#/components/schemas/IngestReply"}, "Stored."),
+                    "200": _json({"$ref": "#/components/schemas/IngestReply"},
+                                 "Already stored with the same content; nothing new."),
+                    "400": _error("Body is not JSON (or not UTF-8)."),
+                    "401": _error("Missing, unknown or revoked token."),
+                    "403": _error("The result belongs to another probe."),
+                    "409": _error("The same result_id was stored with other content."),
+                    "413": _error("Body larger than server.max_body_bytes."),
+                    "415": _error("Content-Type is not application/json, or encoded."),
+                    "422": _error("The document breaks the schema; field names the path."),
+                },
+            },
+            "get": {
+                "summary": "List results with their summaries (JSON or CSV).",
+                "parameters": [*SCOPE_PARAMETERS,
+                               _query("limit", "At most this many results.",
+                                      {"type": "integer", "minimum": 1, "maximum": 1000000}),
+                               _query("format", "json (default) or csv.",
+                                      {"enum": ["json", "csv"]})],
+                "responses": {"200": {"description": "Results.", "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/csv": {"schema": {"type": "string"}}}},
+                    "400": bad_request},
+            },
+        },
+        spec.RESULTS_PATH + "/{result_id}": {
+            "get": {
+                "summary": "One stored result, as ingested (canonical JSON).",
+                "parameters": [{"name": "result_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json(result_ref), "404": _error("No such result.")},
+            },
+        },
+        spec.WHOAMI_PATH: {
+            "get": {"summary": "The probe a token belongs to.", "security": BEARER,
+                    "responses": {"200": _json({"type": "object", "required": ["probe_id"],
+                                                "properties": {"probe_id": {"type": "string"}}}),
+                                  "401": _error("Missing, unknown or revoked token.")}},
+        },
+        "/api/v1/probes": {
+            "get": {"summary": "Registered probes with their line metadata.",
+                    "responses": {"200": _json({"type": "object"})}},
+        },
+        "/api/v1/report": {
+            "get": {"summary": "Compliance report against the configured Allegato 2 targets.",
+                    "parameters": SCOPE_PARAMETERS,
+                    "responses": {"200": _json({"$ref": "#/components/schemas/Report"}),
+                                  "400": bad_request}},
+        },
+        "/api/v1/certificate": {
+            "get": {"summary": "Line certificate of one probe against its contract.",
+                    "parameters": [
+                        _query("probe", "The line's probe.", required=True),
+                        _query("since", "Campaign start, inclusive."),
+                        _query("until", "Campaign end, exclusive."),
+                        _query("rule", "Completeness rule.", {"enum": ["96in24h", "24in72h"]}),
+                        _query("timezone", "Local time zone of the hourly bands."),
+                    ],
+                    "responses": {"200": _json({"type": "object"}), "400": bad_request,
+                                  "404": _error("No such probe.")}},
+        },
+        OPENAPI_PATH: {"get": {"summary": "This document.",
+                               "responses": {"200": _json({"type": "object"})}}},
+        "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": _json(
+            {"type": "object"})}}},
+        spec.DOWNLOAD_PATH: {
+            "get": {"summary": "Download source: N random bytes, or S seconds then close.",
+                    "parameters": [_query("bytes", "Bytes to send.", {"type": "integer",
+                                                                      "minimum": 1}),
+                                   _query("duration_s", "Seconds to send.",
+                                          {"type": "number", "exclusiveMinimum": 0})],
+                    "responses": {"200": {"description": "Incompressible payload.", "content": {
+                        "application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}}}},
+                        "400": bad_request, "503": _error("Too many transfers running.")}},
+        },
+        spec.UPLOAD_PATH: {
+            "post": {"summary": "Upload sink: counts the body, reports (t, bytes) samples.",
+                     "parameters": [_query("bytes", "Expected body size.",
+                                           {"type": "integer", "minimum": 1}),
+                                    _query("duration_s", "Longest the sink reads.",
+                                           {"type": "number", "exclusiveMinimum": 0}),
+                                    _query("sample_interval_s", "Sample spacing.",
+                                           {"type": "number", "minimum": 0.01,
+                                            "maximum": 1})],
+                     "requestBody": {"content": {"application/octet-stream": {
+                         "schema": {"type": "string", "format": "binary"}}}},
+                     "responses": {"200": _json(upload_ref), "400": bad_request,
+                                   "413": _error("Over the byte or time limit."),
+                                   "503": _error("Too many transfers running.")}},
+        },
+        spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.",
+                                 "responses": {"200": {"description": "ok"}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bbprobe collector", "version": __version__,
+                 "description": "Ingestion, analyst queries, compliance against Allegato 2 "
+                                "(delibere 131/06/CSP, 244/08/CSP) and measurement "
+                                "endpoints."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"probeToken": {"type": "http", "scheme": "bearer",
+                                               "description": "The probe's token from "
+                                                              "`probe add`."}},
+        },
+    }
