@@ -19,10 +19,10 @@ import contextlib
 import fcntl
 import os
 import random
+import select
 import signal
 import struct
 import sys
-import threading
 import time
 
 TUNSETIFF = 0x400454CA
@@ -47,55 +47,48 @@ def main() -> None:
     jitter = args.jitter_ms / 1000
     rng = random.Random(args.seed)
     fd = attach(args.dev)
+    os.set_blocking(fd, False)
+    # One thread, one poll: the timeout is the time until the next packet is due, so
+    # there are no cross-thread wake-ups (an earlier two-thread version added tens of ms
+    # under CPU contention).
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     queue: collections.deque[tuple[float, bytes]] = collections.deque()
-    ready = threading.Condition()
-    stop = threading.Event()
-
-    def reader() -> None:
-        last = 0.0
-        while not stop.is_set():
-            try:
-                packet = os.read(fd, 65536)
-            except OSError:
-                return
-            now = time.monotonic()
-            hold = delay + (rng.uniform(-jitter, jitter) if jitter else 0.0)
-            due = max(now + max(hold, 0.0), last)
-            last = due
-            with ready:
-                queue.append((due, packet))
-                ready.notify()
-
-    def writer() -> None:
-        while not stop.is_set():
-            with ready:
-                while not queue and not stop.is_set():
-                    ready.wait(0.1)
-                if stop.is_set():
-                    return
-                due, packet = queue[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    ready.wait(min(wait, 0.1))
-                    continue
-                queue.popleft()
-            with contextlib.suppress(OSError):  # e.g. no route: dropped, as a router would
-                os.write(fd, packet)
+    last_due = 0.0
+    stopping = False
 
     def on_term(signum: int, frame: object) -> None:
-        stop.set()
-        with ready:
-            ready.notify_all()
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    threading.Thread(target=reader, daemon=True).start()
-    worker = threading.Thread(target=writer, daemon=True)
-    worker.start()
     print("ready", flush=True)
-    while not stop.is_set():
-        stop.wait(0.5)
-    worker.join(2)
+    while not stopping:
+        now = time.monotonic()
+        timeout_ms = 500 if not queue else max(0.0, (queue[0][0] - now) * 1000)
+        try:
+            events = poller.poll(timeout_ms)
+        except InterruptedError:
+            continue
+        if events:
+            while True:
+                try:
+                    packet = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    stopping = True
+                    break
+                arrival = time.monotonic()
+                hold = delay + (rng.uniform(-jitter, jitter) if jitter else 0.0)
+                last_due = max(arrival + max(hold, 0.0), last_due)  # FIFO: never reorder
+                queue.append((last_due, packet))
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            _, packet = queue.popleft()
+            with contextlib.suppress(OSError):  # e.g. no route: dropped, as a router would
+                os.write(fd, packet)
     sys.exit(0)
 
 
