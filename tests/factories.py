@@ -82,3 +82,16 @@ def session_dict(**kwargs: Any) -> dict[str, Any]:
     """A session as decoded JSON (lists, not tuples), ready to be broken by a test."""
     result: dict[str, Any] = json.loads(json.dumps(to_dict(session(**kwargs))))
     return result
+
+
+def store_result(store: Any, result: SessionResult) -> None:
+    """Insert ``result`` into a ``SqliteStore`` exactly as ingestion would."""
+    from collector import ingest
+
+    accepted = ingest.parse_body(ingest.canonical_json(result).encode())
+    store.insert_result(
+        result_id=result.result_id, probe_name=result.probe_id,
+        schema_version=result.schema_version, started_at=accepted.started_at,
+        ended_at=accepted.ended_at, received_at="2026-01-01T00:00:00.000000Z",
+        body=accepted.body, body_sha256=accepted.body_sha256,
+    )

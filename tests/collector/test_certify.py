@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import SessionResult, format_utc
-from collector import ingest, service
+from collector import service
 from collector.cli import main
 from collector.compliance.certify import RULES, certify
 from collector.storage.sqlite import LineMetadata, SqliteStore
 from collector.testing import RunningCollector
-from tests.factories import attempt, session
+from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
 CONTRACT = LineMetadata(operator="BT Italia", offer="Fibra", download_min_kbps=2200,
@@ -92,10 +92,7 @@ def _store(db: Path, results: list[SessionResult]) -> None:
     store = SqliteStore(db)
     service.register_probe(store, "p1", CONTRACT)
     for r in results:
-        a = ingest.parse_body(ingest.canonical_json(r).encode())
-        store.insert_result(result_id=r.result_id, probe_name="p1", schema_version=2,
-                            started_at=a.started_at, ended_at=a.ended_at, received_at="x",
-                            body=a.body, body_sha256=a.body_sha256)
+        store_result(store, r)
     store.close()
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from collector import service
 from collector.cli import main
 from collector.storage.sqlite import SqliteStore
-from tests.factories import attempt, session
+from tests.factories import attempt, session, store_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,16 +28,11 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _store_sessions(db: Path) -> None:
-    from collector import ingest
-
     store = SqliteStore(db)
     for n, bps in enumerate((1e6, 9e6)):
-        r = session("p1", started_at=f"2026-11-2{n + 1}T10:00:00.000000Z",
-                    transfers=[attempt("download", bps=bps), attempt("upload", bps=1e6)])
-        a = ingest.parse_body(ingest.canonical_json(r).encode())
-        store.insert_result(result_id=r.result_id, probe_name="p1", schema_version=1,
-                            started_at=a.started_at, ended_at=a.ended_at, received_at="x",
-                            body=a.body, body_sha256=a.body_sha256)
+        store_result(store, session("p1", started_at=f"2026-11-2{n + 1}T10:00:00.000000Z",
+                                    transfers=[attempt("download", bps=bps),
+                                               attempt("upload", bps=1e6)]))
     store.close()
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from collector import ingest, service
+from collector import service
 from collector.cli import main
 from collector.errors import ApiError
 from collector.storage.sqlite import LineMetadata, SqliteStore
 from collector.testing import RunningCollector
-from tests.factories import attempt, session
+from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +48,9 @@ def _populate(db: Path) -> None:
     plan = [("bt-1", "2026-03-01", 10e6), ("bt-1", "2026-09-01", 1e6),
             ("bt-2", "2026-03-02", 20e6), ("other-1", "2026-03-03", 1e6)]
     for probe, day, bps in plan:
-        r = session(probe, started_at=f"{day}T10:00:00.000000Z",
-                    transfers=[attempt("download", bps=bps), attempt("upload", bps=1e6)])
-        a = ingest.parse_body(ingest.canonical_json(r).encode())
-        store.insert_result(result_id=r.result_id, probe_name=probe, schema_version=2,
-                            started_at=a.started_at, ended_at=a.ended_at, received_at="x",
-                            body=a.body, body_sha256=a.body_sha256)
+        store_result(store, session(probe, started_at=f"{day}T10:00:00.000000Z",
+                                    transfers=[attempt("download", bps=bps),
+                                               attempt("upload", bps=1e6)]))
     store.close()
 
 
