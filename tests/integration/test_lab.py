@@ -39,8 +39,9 @@ def test_shaped_rates_recovered(lab_dir: Path, down: float, up: float) -> None:
     - Accounting: bytes counted for the attempt (client side for downloads, the server's
       report for uploads) within 3 % of the bottleneck device's transmitted frames over
       the attempt, as TCP payload (retransmissions are the slack).
-    - Rate: never more than 3 % above the goodput tbf allows (nothing crosses faster),
-      and not below half of it.
+    - Rate: never more than 3 % above the goodput tbf allows (nothing crosses faster).
+      No floor: how much of the link TCP uses depends on the host (under CPU steal a
+      5 Mbit/s link was seen carrying 1.3 Mbit/s, which bbprobe counted correctly).
     Whole-attempt, not window, accounting: on a shared VM, CPU steal shifts the mapping
     between the server's clock and wall time by up to hundreds of ms, while the link's
     rate itself swings (TCP/BBR behind tail drop). Window-rate accuracy against iperf3 and
@@ -64,7 +65,7 @@ def test_shaped_rates_recovered(lab_dir: Path, down: float, up: float) -> None:
                 direction, attempt["bytes_total"], crossed)
             ceiling = spec.goodput_bps(direction)
             assert ceiling is not None
-            assert 0.5 * ceiling <= attempt["throughput_bps"] <= 1.03 * ceiling
+            assert 0 < attempt["throughput_bps"] <= 1.03 * ceiling
 
 
 def test_loss_inside_binomial_interval(lab_dir: Path) -> None:
