@@ -48,8 +48,6 @@ TRANSFER_GRACE_S = 5.0
 # A duration-mode window shorter than this share of the configured window is a short
 # transfer (the server or the path closed early), not a measurement.
 MIN_WINDOW_SHARE = 0.9
-# Application read/write unit. Large enough to keep Python overhead low at Gbit/s.
-CHUNK_BYTES = 256 * 1024
 # Incompressible payload is sliced from one buffer generated once per process: no RNG in
 # the measurement loop. 8 MiB exceeds the window of any compressor a middlebox would run.
 PAYLOAD_BUFFER_BYTES = 8 * 1024 * 1024
