@@ -339,6 +339,17 @@ def _type_name(tp: Any) -> str:
     )
 
 
+_SAMPLES = tuple[tuple[float, int], ...]
+
+
+def _is_pair(value: Any) -> bool:
+    """A well-formed (t_s, bytes) sample: checked inline, as a body holds thousands."""
+    if type(value) is not list or len(value) != 2:
+        return False
+    t, b = value
+    return (type(t) is float or type(t) is int) and math.isfinite(t) and type(b) is int
+
+
 def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -362,6 +373,8 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
             raise SchemaError(path, f"must be {_type_name(tp)}, got {value!r}")
         return value
     if origin is tuple:
+        if tp == _SAMPLES and type(value) is list and all(_is_pair(v) for v in value):
+            return tuple((float(t), b) for t, b in value)  # else the general path says why
         if not isinstance(value, list):
             raise SchemaError(path, f"expected an array, got {_json_type(value)}")
         args = get_args(tp)

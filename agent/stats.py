@@ -47,6 +47,47 @@ def population_stdev(values: Sequence[float]) -> float | None:
     return math.sqrt(_sum_sq_dev(values) / len(values))
 
 
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of a sample: enough for the mean and
+    both standard deviations, and mergeable without the values (Chan, Golub and LeVeque,
+    "Updating formulae and a pairwise algorithm for computing sample variances", 1979).
+    The collector keeps one per session so a scope of millions of pings is evaluated from
+    per-session rows, with the same result as from the raw values."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Moments:
+        if not values:
+            return Moments()
+        return Moments(len(values), math.fsum(values) / len(values), _sum_sq_dev(values))
+
+    def merge(self, other: Moments) -> Moments:
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        return Moments(n, self.mean + delta * other.n / n,
+                       self.m2 + other.m2 + delta * delta * self.n * other.n / n)
+
+    def scaled(self, k: float) -> Moments:
+        """The moments of every value multiplied by ``k`` (RTT -> RTT / 2)."""
+        return Moments(self.n, self.mean * k, self.m2 * k * k)
+
+    @property
+    def value_mean(self) -> float | None:
+        return self.mean if self.n else None
+
+    @property
+    def sample_stdev(self) -> float | None:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n >= 2 else None
+
+
 def percentile(
     values: Sequence[float], p: float, method: PercentileMethod = "linear"
 ) -> float | None:

@@ -117,6 +117,7 @@ async def post_result(request: web.Request) -> web.Response:
             received_at=utc_now(),
             body=accepted.body,
             body_sha256=accepted.body_sha256,
+            facts=accepted.facts,
         ),
     )
     if outcome == "conflict":

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from agent.schema import SchemaError, SessionResult, format_utc, parse_result, parse_utc, to_dict
+from collector.compliance.facts import SessionFacts, of_result
 from collector.errors import ApiError
 
 
@@ -21,6 +22,7 @@ class Accepted:
     body_sha256: str
     started_at: str  # normalised UTC, sortable as text
     ended_at: str
+    facts: SessionFacts
 
 
 def canonical_json(result: SessionResult) -> str:
@@ -45,10 +47,12 @@ def parse_body(raw: bytes) -> Accepted:
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
     body = canonical_json(result)
+    started_at = format_utc(parse_utc(result.started_at))
     return Accepted(
         result=result,
         body=body,
         body_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        started_at=format_utc(parse_utc(result.started_at)),
+        started_at=started_at,
         ended_at=format_utc(parse_utc(result.ended_at)),
+        facts=of_result(result, started_at),
     )

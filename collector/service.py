@@ -6,9 +6,9 @@ import json
 from datetime import UTC, datetime, time
 from typing import Any
 
-from agent.schema import PROBE_ID_RE, SessionResult, format_utc, parse_result, utc_now
+from agent.schema import PROBE_ID_RE, format_utc, utc_now
 from collector import auth
-from collector.compliance.evaluate import Report, evaluate, observe
+from collector.compliance.evaluate import Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import ApiError, StoreError
 from collector.report import Scope, listing_row
@@ -109,12 +109,11 @@ def listing(store: SqliteStore, where: Scope, limit: int | None = None) -> list[
     ]
 
 
-def decoded(rows: list[StoredResult]) -> list[SessionResult]:
-    return [parse_result(json.loads(r.body)) for r in rows]
-
-
 def compliance(store: SqliteStore, where: Scope, targets: Targets) -> Report:
-    return evaluate(observe(decoded(stored_results(store, where))), targets)
+    """Evaluate a scope from the stored facts (never by decoding every body)."""
+    obs = store.observations(list(where.probes) if where.probes is not None else None,
+                             where.since, where.until)
+    return evaluate(obs, targets)
 
 
 def certificate(store: SqliteStore, probe: str, since: str | None, until: str | None,
@@ -136,5 +135,5 @@ def certificate(store: SqliteStore, probe: str, since: str | None, until: str | 
         raise ApiError(400, f"timezone: unknown time zone {timezone!r}",
                        field="timezone") from None
     where = scope([probe], since, until)
-    results = decoded(stored_results(store, where))
-    return certify.certify(probe, line.line, results, certify.RULES[rule], timezone)
+    facts = store.facts([probe], where.since, where.until)
+    return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)

@@ -48,6 +48,25 @@ def attempt(direction: str, test_index: int = 0, number: int = 1, *, ok: bool = 
     )
 
 
+def attempt_with_samples(direction: str, bps: float, streams: int = 4,
+                         interval_s: float = 0.1, seconds: float = 12.0) -> TransferAttempt:
+    """A successful attempt with per-stream samples every ``interval_s``, as the engine
+    records them (for realistic body sizes in benchmarks)."""
+    import dataclasses
+
+    per_stream = bps / 8 / streams
+    ticks = int(seconds / interval_s)
+    samples = tuple(
+        tuple((round(k * interval_s, 6), int(per_stream * k * interval_s))
+              for k in range(ticks + 1))
+        for _ in range(streams)
+    )
+    base = attempt(direction, bps=bps)
+    total = sum(s[-1][1] for s in samples)
+    return dataclasses.replace(base, streams=streams, stream_samples=samples,
+                               bytes_total=total)
+
+
 def ping_test(rtts: Sequence[float | None]) -> PingTest:
     samples = tuple(
         PingSample(seq=i, sent_offset_s=float(i), rtt_ms=r, error=None if r is not None
@@ -93,5 +112,5 @@ def store_result(store: Any, result: SessionResult) -> None:
         result_id=result.result_id, probe_name=result.probe_id,
         schema_version=result.schema_version, started_at=accepted.started_at,
         ended_at=accepted.ended_at, received_at="2026-01-01T00:00:00.000000Z",
-        body=accepted.body, body_sha256=accepted.body_sha256,
+        body=accepted.body, body_sha256=accepted.body_sha256, facts=accepted.facts,
     )

@@ -22,7 +22,8 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from agent import stats
-from agent.schema import SessionResult, parse_utc
+from agent.schema import parse_utc
+from collector.compliance.facts import SessionFacts
 from collector.storage.sqlite import LineMetadata
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
@@ -82,18 +83,7 @@ class Certificate:
     verdict: CertVerdict
 
 
-def _completed(r: SessionResult) -> bool:
-    ok = {a.direction for a in r.transfers if a.status == "ok"}
-    pinged = r.ping is not None and r.ping.summary.packets_sent > 0
-    return ok == {"download", "upload"} and pinged
-
-
-def _speeds(r: SessionResult, direction: str) -> tuple[float | None, ...]:
-    return tuple(None if a.throughput_bps is None else a.throughput_bps / 1000
-                 for a in r.transfers if a.direction == direction)
-
-
-def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionResult],
+def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             rule: CampaignRule = RULES["96in24h"], timezone: str = "Europe/Rome",
             delay_basis: Literal["rtt", "rtt_half"] = "rtt") -> Certificate:
     zone = ZoneInfo(timezone)
@@ -107,15 +97,14 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionResult],
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
     for r in ordered:
         band = parse_utc(r.started_at).astimezone(zone).hour
-        counted = _completed(r)
+        counted = r.completed
         if counted:
             counts[band] += 1
-        rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in r.ping.samples) \
-            if r.ping else ()
+        rtts = r.rtts_ms
         listed.append(SessionLine(r.result_id, r.started_at, band, counted,
-                                  _speeds(r, "download"), _speeds(r, "upload"), rtts))
-        down += [v for v in _speeds(r, "download") if v is not None]
-        up += [v for v in _speeds(r, "upload") if v is not None]
+                                  r.speeds("download"), r.speeds("upload"), rtts))
+        down += [v for v in r.speeds("download") if v is not None]
+        up += [v for v in r.speeds("upload") if v is not None]
         for rtt in rtts:
             sent += 1
             if rtt is None:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from agent import stats
 from agent.schema import SessionResult
+from collector.compliance.facts import SessionFacts, of_result
 from collector.compliance.targets import Indicator, Targets
 
 Verdict = Literal["pass", "fail", "incomplete"]
@@ -25,7 +26,9 @@ Verdict = Literal["pass", "fail", "incomplete"]
 
 @dataclass(slots=True)
 class Observations:
-    """Raw samples gathered from the results in scope (no statistics yet)."""
+    """The samples behind the indicators: every per-test speed, attempt and ping counts,
+    and the RTTs as mergeable moments (``stats.Moments``: the same mean and standard
+    deviation as the raw values, without holding millions of them)."""
 
     sessions: int = 0
     download_kbps: list[float] = field(default_factory=list)
@@ -34,37 +37,32 @@ class Observations:
     download_failed: int = 0
     upload_attempts: int = 0
     upload_failed: int = 0
-    rtts_ms: list[float] = field(default_factory=list)
+    rtt: stats.Moments = field(default_factory=stats.Moments)
     pings_sent: int = 0
     pings_lost: int = 0
 
-    def add(self, result: SessionResult) -> None:
+    def add(self, facts: SessionFacts) -> None:
         self.sessions += 1
-        for a in result.transfers:
-            failed = a.status == "failed"
-            if a.direction == "download":
+        for t in facts.transfers:
+            if t.direction == "download":
                 self.download_attempts += 1
-                self.download_failed += failed
-                if not failed and a.throughput_bps is not None:
-                    self.download_kbps.append(a.throughput_bps / 1000)
+                self.download_failed += not t.ok
+                if t.ok and t.kbps is not None:
+                    self.download_kbps.append(t.kbps)
             else:
                 self.upload_attempts += 1
-                self.upload_failed += failed
-                if not failed and a.throughput_bps is not None:
-                    self.upload_kbps.append(a.throughput_bps / 1000)
-        if result.ping is not None:
-            for s in result.ping.samples:
-                self.pings_sent += 1
-                if s.rtt_ms is None:
-                    self.pings_lost += 1
-                else:
-                    self.rtts_ms.append(s.rtt_ms)
+                self.upload_failed += not t.ok
+                if t.ok and t.kbps is not None:
+                    self.upload_kbps.append(t.kbps)
+        self.pings_sent += facts.pings_sent
+        self.pings_lost += facts.pings_lost
+        self.rtt = self.rtt.merge(facts.rtt)
 
 
 def observe(results: Iterable[SessionResult]) -> Observations:
     obs = Observations()
     for r in results:
-        obs.add(r)
+        obs.add(of_result(r, r.started_at))
     return obs
 
 
@@ -105,12 +103,11 @@ def _value(ind: Indicator, obs: Observations, targets: Targets) -> tuple[float |
         return stats.ratio(obs.download_failed, obs.download_attempts), obs.download_attempts
     if ind.id == "upload_failure_ratio":
         return stats.ratio(obs.upload_failed, obs.upload_attempts), obs.upload_attempts
-    scale = 0.5 if opts.delay_basis == "rtt_half" else 1.0
-    delays = [r * scale for r in obs.rtts_ms]
+    delays = obs.rtt.scaled(0.5 if opts.delay_basis == "rtt_half" else 1.0)
     if ind.id == "delay_mean_ms":
-        return stats.mean(delays), len(delays)
+        return delays.value_mean, delays.n
     if ind.id == "delay_stdev_ms":
-        return stats.sample_stdev(delays), len(delays)
+        return delays.sample_stdev, delays.n
     if ind.id == "loss_ratio":
         plain = stats.loss_ratio(obs.pings_sent, obs.pings_sent - obs.pings_lost)
         if plain is not None and opts.loss_formula == "pair":

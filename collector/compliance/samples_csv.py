@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from agent.schema import PROBE_ID_RE
+from agent.stats import Moments
 from collector.compliance.evaluate import Observations
 
 COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok")
@@ -95,6 +96,7 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
     reader.fieldnames = header
     obs = parsed.observations
     sessions: set[tuple[str, datetime]] = set()
+    rtts: list[float] = []
     for row in reader:
         line = reader.line_num
         parsed.rows += 1
@@ -115,7 +117,7 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
             if value is None:
                 obs.pings_lost += 1
             else:
-                obs.rtts_ms.append(value)
+                rtts.append(value)
         elif kind == "download":
             obs.download_attempts += 1
             if ok and value is not None:
@@ -131,4 +133,5 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
     if parsed.rows == 0 and not parsed.errors:
         parsed.errors.append(f"{source}: no data rows")
     obs.sessions = len(sessions)
+    obs.rtt = Moments.of(rtts)
     return parsed

@@ -10,17 +10,33 @@ The class is synchronous and not thread-safe: the web app runs it on one dedicat
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.stats import Moments
+from collector.compliance.evaluate import Observations
+from collector.compliance.facts import SessionFacts, TransferFact
 from collector.errors import StoreError
 
-# Each entry upgrades the schema from version i to i + 1. Never edit a shipped migration.
-MIGRATIONS: tuple[str, ...] = (
+
+def _backfill_facts(db: sqlite3.Connection) -> None:
+    """Derive the facts of every stored result from its body (the master copy)."""
+    from agent.schema import parse_result
+    from collector.compliance.facts import of_result
+
+    rows = db.execute("SELECT started_at, body FROM results").fetchall()
+    for started_at, body in rows:
+        _insert_facts(db, of_result(parse_result(json.loads(body)), started_at))
+
+
+# Each entry upgrades the schema from version i to i + 1: SQL statements, or a function
+# that rewrites data. Never edit a shipped migration.
+MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """
     CREATE TABLE probes (
         name TEXT PRIMARY KEY,
@@ -51,6 +67,33 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX results_probe_started ON results (probe_name, started_at);
     CREATE INDEX results_started ON results (started_at);
     """,
+    # 2: per-session facts (collector/compliance/facts.py), clustered by probe and time
+    # (WITHOUT ROWID) so a scope reads contiguous rows; backfilled from the bodies.
+    """
+    CREATE TABLE session_facts (
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
+        pings_sent INTEGER NOT NULL,
+        pings_lost INTEGER NOT NULL,
+        rtt_n INTEGER NOT NULL,
+        rtt_mean_ms REAL NOT NULL,
+        rtt_m2 REAL NOT NULL,
+        rtts_ms TEXT NOT NULL,
+        PRIMARY KEY (probe_name, started_at, result_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE transfer_facts (
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        result_id TEXT NOT NULL REFERENCES results(result_id),
+        seq INTEGER NOT NULL,
+        direction TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        kbps REAL,
+        PRIMARY KEY (probe_name, started_at, result_id, seq)
+    ) WITHOUT ROWID;
+    """,
+    _backfill_facts,
 )
 
 
@@ -91,6 +134,22 @@ class StoredResult:
     ended_at: str
     received_at: str
     body: str
+
+
+@dataclass(slots=True)
+class HourRow:
+    """Aggregates of one UTC hour (``hour`` is "YYYY-MM-DDTHH")."""
+
+    hour: str
+    sessions: int = 0
+    pings_sent: int = 0
+    pings_lost: int = 0
+    rtt_n: int = 0
+    rtt_sum_ms: float = 0.0
+    download_n: int = 0
+    download_kbps_sum: float = 0.0
+    upload_n: int = 0
+    upload_kbps_sum: float = 0.0
 
 
 InsertOutcome = Literal["stored", "duplicate", "conflict"]
@@ -135,10 +194,14 @@ class SqliteStore:
                 f"collector ({len(MIGRATIONS)}); upgrade bbprobe"
             )
         for version in range(current, len(MIGRATIONS)):
+            step = MIGRATIONS[version]
             with self._write():
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                if callable(step):
+                    step(self._db)
+                else:
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
@@ -203,9 +266,10 @@ class SqliteStore:
         received_at: str,
         body: str,
         body_sha256: str,
+        facts: SessionFacts,
     ) -> InsertOutcome:
-        """Store a result once. Same id and content again: "duplicate" (nothing written);
-        same id with other content: "conflict"."""
+        """Store a result and its facts once. Same id and content again: "duplicate"
+        (nothing written); same id with other content: "conflict"."""
         with self._write():
             row = self._db.execute(
                 "SELECT body_sha256 FROM results WHERE result_id = ?", (result_id,)
@@ -218,6 +282,7 @@ class SqliteStore:
                 (result_id, probe_name, schema_version, started_at, ended_at, received_at,
                  body_sha256, body),
             )
+            _insert_facts(self._db, facts, probe_name)
         return "stored"
 
     def results(
@@ -251,6 +316,108 @@ class SqliteStore:
         )
         return [StoredResult(*row) for row in rows]
 
+    # --- facts: what evaluation reads instead of the bodies ----------------------------------
+
+    @staticmethod
+    def _scope(probes: Sequence[str] | None, since: str | None,
+               until: str | None) -> tuple[str, list[Any]]:
+        """WHERE clause over a facts table. Probes go as one JSON array parameter, so a
+        scope of thousands of probes stays one statement."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if probes is not None:
+            clauses.append("probe_name IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(probes)))
+        else:
+            # Every probe, named: the planner then reads each probe's time range from the
+            # clustered key instead of probing the whole table through the time index.
+            clauses.append("probe_name IN (SELECT name FROM probes)")
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("started_at < ?")
+            params.append(until)
+        return " AND ".join(clauses), params
+
+    def _plain(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        cursor = self._db.cursor()
+        cursor.row_factory = None  # plain tuples: bulk reads of millions of rows
+        return cursor.execute(sql, params).fetchall()
+
+    def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
+                     until: str | None = None) -> Observations:
+        """The evaluator's input for a scope, aggregated in SQL where that is exact
+        (counts; RTT moments merged with Chan's formula) and with every per-test speed
+        (percentiles need the values)."""
+        where, params = self._scope(probes, since, until)
+        obs = Observations()
+        sessions, sent, lost, n, total = self._plain(
+            "SELECT COUNT(*), TOTAL(pings_sent), TOTAL(pings_lost), TOTAL(rtt_n), "
+            f"TOTAL(rtt_n * rtt_mean_ms) FROM session_facts WHERE {where}", params)[0]
+        obs.sessions, obs.pings_sent, obs.pings_lost = int(sessions), int(sent), int(lost)
+        if n:
+            grand = total / n
+            (m2,) = self._plain(
+                "SELECT TOTAL(rtt_m2 + rtt_n * (rtt_mean_ms - ?) * (rtt_mean_ms - ?)) "
+                f"FROM session_facts WHERE {where}", [grand, grand, *params])[0]
+            obs.rtt = Moments(int(n), grand, m2)
+        for direction, attempts, failed in self._plain(
+            "SELECT direction, COUNT(*), TOTAL(1 - ok) FROM transfer_facts "
+            f"WHERE {where} GROUP BY direction", params):
+            speeds = [row[0] for row in self._plain(
+                f"SELECT kbps FROM transfer_facts WHERE {where} AND direction = ? "
+                "AND ok = 1 AND kbps IS NOT NULL", [*params, direction])]
+            if direction == "download":
+                obs.download_attempts, obs.download_failed = attempts, int(failed)
+                obs.download_kbps = speeds
+            else:
+                obs.upload_attempts, obs.upload_failed = attempts, int(failed)
+                obs.upload_kbps = speeds
+        return obs
+
+    def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
+              until: str | None = None) -> list[SessionFacts]:
+        """Every session's facts in scope, by start time (a line's campaign)."""
+        where, params = self._scope(probes, since, until)
+        transfers: dict[str, list[TransferFact]] = {}
+        for result_id, direction, ok, kbps in self._plain(
+            f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {where} "
+            "ORDER BY result_id, seq", params):
+            transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
+        return [
+            SessionFacts(result_id=rid, probe_id=probe, started_at=started,
+                         pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
+                         rtts_ms=tuple(json.loads(rtts)),
+                         transfers=tuple(transfers.get(rid, ())))
+            for probe, started, rid, sent, lost, n, mean, m2, rtts in self._plain(
+                "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
+                f"rtt_mean_ms, rtt_m2, rtts_ms FROM session_facts WHERE {where} "
+                "ORDER BY started_at, result_id", params)
+        ]
+
+    def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
+               until: str | None = None) -> list[HourRow]:
+        """Per UTC hour: sessions, pings, RTT sum and per-direction speed sums (plots of
+        any scope size, collector/plots.py)."""
+        where, params = self._scope(probes, since, until)
+        rows: dict[str, HourRow] = {}
+        for hour, sessions, sent, lost, n, rtt_sum in self._plain(
+            "SELECT substr(started_at, 1, 13), COUNT(*), TOTAL(pings_sent), "
+            "TOTAL(pings_lost), TOTAL(rtt_n), TOTAL(rtt_n * rtt_mean_ms) FROM session_facts "
+            f"WHERE {where} GROUP BY 1 ORDER BY 1", params):
+            rows[hour] = HourRow(hour, sessions, int(sent), int(lost), int(n), rtt_sum)
+        for hour, direction, count, total in self._plain(
+            "SELECT substr(started_at, 1, 13), direction, COUNT(*), TOTAL(kbps) "
+            f"FROM transfer_facts WHERE {where} AND ok = 1 AND kbps IS NOT NULL "
+            "GROUP BY 1, 2", params):
+            row = rows.setdefault(hour, HourRow(hour))
+            if direction == "download":
+                row.download_n, row.download_kbps_sum = count, total
+            else:
+                row.upload_n, row.upload_kbps_sum = count, total
+        return [rows[h] for h in sorted(rows)]
+
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(
             "SELECT result_id, probe_name, started_at, ended_at, received_at, body "
@@ -261,6 +428,24 @@ class SqliteStore:
 
     def count_results(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+
+def _insert_facts(db: sqlite3.Connection, facts: SessionFacts,
+                  probe_name: str | None = None) -> None:
+    probe = probe_name or facts.probe_id
+    rtt = facts.rtt
+    db.execute(
+        "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, pings_lost, "
+        "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
+         rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":"))),
+    )
+    db.executemany(
+        "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, ok, "
+        "kbps) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(probe, facts.started_at, facts.result_id, seq, t.direction, int(t.ok), t.kbps)
+         for seq, t in enumerate(facts.transfers)],
+    )
 
 
 def _probe(row: sqlite3.Row) -> Probe:

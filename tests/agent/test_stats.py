@@ -122,3 +122,22 @@ class TestBinomialInterval:
         """p outside 0..1 is a programming error, named."""
         with pytest.raises(ValueError, match=r"p=1\.5"):
             stats.binomial_interval(10, 1.5)
+
+
+class TestMoments:
+    @pytest.mark.parametrize("split", [0, 1, 3, 7, 10])
+    def test_merge_equals_whole(self, split: int) -> None:
+        """Merged per-session moments give the mean and sample stdev of all the values
+        (what the collector evaluates a scope from)."""
+        values = [20.1, 22.4, 19.9, 35.0, 21.2, 20.0, 80.5, 20.7, 21.1, 19.8]
+        merged = stats.Moments.of(values[:split]).merge(stats.Moments.of(values[split:]))
+        assert merged.n == len(values)
+        assert merged.value_mean == pytest.approx(stats.mean(values), rel=1e-12)
+        assert merged.sample_stdev == pytest.approx(stats.sample_stdev(values), rel=1e-12)
+
+    def test_scaled_and_empty(self) -> None:
+        """Scaling by 1/2 (RTT -> one-way) halves mean and stdev; no values, no figures."""
+        m = stats.Moments.of([10.0, 12.0, 14.0]).scaled(0.5)
+        assert (m.value_mean, m.sample_stdev) == (pytest.approx(6.0), pytest.approx(1.0))
+        assert stats.Moments().value_mean is None
+        assert stats.Moments.of([5.0]).sample_stdev is None

@@ -13,6 +13,7 @@ from agent.schema import SessionResult, format_utc
 from collector import service
 from collector.cli import main
 from collector.compliance.certify import RULES, certify
+from collector.compliance.facts import SessionFacts, of_result
 from collector.storage.sqlite import LineMetadata, SqliteStore
 from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
@@ -22,6 +23,10 @@ CONTRACT = LineMetadata(operator="BT Italia", offer="Fibra", download_min_kbps=2
                         upload_min_kbps=150, max_delay_ms=70, max_loss_ratio=0.004)
 # Midnight in Rome on a winter day is 23:00 UTC the day before.
 ROME_MIDNIGHT = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)
+
+
+def facts(results: list[SessionResult]) -> list[SessionFacts]:
+    return [of_result(r, r.started_at) for r in results]
 
 
 def campaign(count: int = 96, step_min: int = 15, down: float = 50e6, up: float = 10e6,
@@ -40,7 +45,7 @@ def campaign(count: int = 96, step_min: int = 15, down: float = 50e6, up: float 
 
 def test_complete_campaign_without_breach() -> None:
     """96 sessions, 4 in every Rome hour band, fast clean line: no breach."""
-    cert = certify("p1", CONTRACT, campaign())
+    cert = certify("p1", CONTRACT, facts(campaign()))
     assert cert.band_counts == (4,) * 24
     assert cert.complete
     assert cert.verdict == "no_breach"
@@ -53,7 +58,7 @@ def test_complete_campaign_without_breach() -> None:
 
 def test_one_band_short_is_incomplete_never_a_verdict() -> None:
     """Band 07 has 3 of 4: incomplete, even though the speeds breach the contract."""
-    cert = certify("p1", CONTRACT, campaign(up=100e3, skip_band=7))
+    cert = certify("p1", CONTRACT, facts(campaign(up=100e3, skip_band=7)))
     assert cert.band_counts[7] == 3
     assert not cert.complete
     assert cert.verdict == "incomplete"
@@ -61,17 +66,17 @@ def test_one_band_short_is_incomplete_never_a_verdict() -> None:
 
 def test_breach_of_guaranteed_minimum_upload() -> None:
     """Upload at 100 kbit/s < 150 guaranteed: breach, and only that check breaches."""
-    cert = certify("p1", CONTRACT, campaign(up=100e3))
+    cert = certify("p1", CONTRACT, facts(campaign(up=100e3)))
     assert cert.verdict == "breach"
     assert [c.id for c in cert.checks if c.breach] == ["upload_p5_kbps"]
 
 
 def test_legacy_rule_one_per_band() -> None:
     """24in72h: one session an hour for 24 hours completes the campaign."""
-    cert = certify("p1", CONTRACT, campaign(count=24, step_min=60), RULES["24in72h"])
+    cert = certify("p1", CONTRACT, facts(campaign(count=24, step_min=60)), RULES["24in72h"])
     assert cert.complete
     assert cert.verdict == "no_breach"
-    assert certify("p1", CONTRACT, campaign(count=24, step_min=60)).verdict == "incomplete"
+    assert certify("p1", CONTRACT, facts(campaign(count=24, step_min=60))).verdict == "incomplete"
 
 
 def test_failed_sessions_do_not_count_and_absent_contract_terms_are_not_judged() -> None:
@@ -81,7 +86,7 @@ def test_failed_sessions_do_not_count_and_absent_contract_terms_are_not_judged()
     results[0] = session("p1", started_at=results[0].started_at,
                          transfers=[attempt("download", ok=False), attempt("upload")])
     line = LineMetadata(download_min_kbps=2200)
-    cert = certify("p1", line, results)
+    cert = certify("p1", line, facts(results))
     assert cert.band_counts[0] == 3
     assert cert.verdict == "incomplete"
     got = {c.id: c for c in cert.checks}

@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from collector import auth, service
+from collector.compliance.facts import SessionFacts, of_result
 from collector.errors import StoreError
 from collector.storage.sqlite import MIGRATIONS, LineMetadata, SqliteStore
+from tests.factories import session
+
+
+def _facts(result_id: str, started_at: str) -> SessionFacts:
+    return of_result(session("p1", result_id=result_id, started_at=started_at), started_at)
 
 
 def _insert(store: SqliteStore, result_id: str = "r1", body: str = "{}") -> str:
@@ -17,6 +23,7 @@ def _insert(store: SqliteStore, result_id: str = "r1", body: str = "{}") -> str:
         result_id=result_id, probe_name="p1", schema_version=1,
         started_at="2026-11-21T10:00:00.000000Z", ended_at="2026-11-21T10:00:30.000000Z",
         received_at="2026-11-21T10:00:31.000000Z", body=body, body_sha256=str(hash(body)),
+        facts=_facts(result_id, "2026-11-21T10:00:00.000000Z"),
     )
 
 
@@ -84,7 +91,7 @@ def test_time_range_query(store: SqliteStore) -> None:
             result_id=f"r{n}", probe_name="p1", schema_version=1,
             started_at=f"2026-11-21T{hour}:00:00.000000Z",
             ended_at=f"2026-11-21T{hour}:00:30.000000Z", received_at="x", body="{}",
-            body_sha256="h",
+            body_sha256="h", facts=_facts(f"r{n}", f"2026-11-21T{hour}:00:00.000000Z"),
         )
     got = store.results(["p1"], "2026-11-21T10:00:00.000000Z", "2026-11-21T11:00:00.000000Z")
     assert [r.result_id for r in got] == ["r1"]

@@ -1,0 +1,197 @@
+"""How fast the collector evaluates: one line's campaign, and a fleet's semester.
+Prints tables; asserts nothing.
+
+    .venv/bin/python -m benchmarks.evaluate line [--repeat 30]
+    .venv/bin/python -m benchmarks.evaluate fleet [--probes 1000] [--days 182]
+
+Method, stated with every number:
+- line: a real SQLite store holding one probe's 96-in-24-h campaign, ingested as the API
+  does (10 pings, a download and an upload per session, per-stream samples every 100 ms);
+  the line certificate and the operator-level report for that probe, each timed end to
+  end (query + evaluation) over ``--repeat`` runs, median and max; beside them, the same
+  evaluation by decoding every stored JSON body (what the collector did before the facts
+  tables), to show what the facts buy.
+- fleet: ``--probes`` probes x ``--days`` days x 24 hourly sessions written straight into
+  the facts tables (the bodies are not needed to evaluate, and 4.4 million of them would
+  be ~90 GB); synthetic but shaped like real lines (10 RTTs around a per-probe base, 0.5 %
+  lost; one download and one upload attempt, 1 % failed and retried). Timed: the
+  Allegato 2 report over all probes, over a quarter of them selected by operator, and one
+  probe's certificate over the last day; each run twice (the second with a warm page
+  cache, the usual case on a collector that is in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from agent.schema import format_utc, parse_result
+from agent.stats import Moments
+from collector import service
+from collector.compliance import targets
+from collector.compliance.evaluate import evaluate, observe
+from collector.config import DEFAULT_TARGETS
+from collector.storage.sqlite import LineMetadata, SqliteStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = targets.load(ROOT / DEFAULT_TARGETS)
+LINE = LineMetadata(operator="BT Italia", offer="Fibra 100", download_min_kbps=30_000,
+                    upload_min_kbps=5_000, max_delay_ms=50, max_loss_ratio=0.01)
+
+
+def _timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _row(label: str, times: list[float]) -> str:
+    return f"{label:<52} {statistics.median(times):>9.2f} {max(times):>9.2f}"
+
+
+def line(repeat: int) -> None:
+    from tests.factories import attempt_with_samples, session
+
+    with tempfile.TemporaryDirectory(prefix="bbprobe-bench-") as tmp:
+        store = SqliteStore(Path(tmp) / "c.sqlite3")
+        service.register_probe(store, "line-1", LINE)
+        start = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)
+        rng = random.Random(1)
+        from tests.factories import store_result
+
+        for i in range(96):
+            moment = format_utc(start + timedelta(minutes=15 * i))
+            store_result(store, session(
+                "line-1", started_at=moment,
+                rtts=[rng.gauss(18, 2) for _ in range(10)],
+                transfers=[attempt_with_samples("download", rng.gauss(90e6, 5e6), streams=4),
+                           attempt_with_samples("upload", rng.gauss(18e6, 1e6), streams=4)]))
+        body_kb = sum(len(r.body) for r in store.results()) / 96 / 1024
+        where = service.scope(["line-1"], None, None)
+        cert = _timed(lambda: service.certificate(store, "line-1", None, None, "96in24h",
+                                                  "Europe/Rome"), repeat)
+        report = _timed(lambda: service.compliance(store, where, TABLE), repeat)
+        decoded = _timed(lambda: evaluate(observe(
+            parse_result(json.loads(r.body)) for r in service.stored_results(store, where)),
+            TABLE), repeat)
+        verdict = service.certificate(store, "line-1", None, None, "96in24h", "Europe/Rome")
+        store.close()
+    print(f"One line, 96 sessions in 24 h, stored bodies {body_kb:.1f} KiB each; "
+          f"{repeat} runs; Python {sys.version.split()[0]}")
+    print(f"{'operation':<52} {'median ms':>9} {'max ms':>9}")
+    print(_row("line certificate (facts query + certify)", cert))
+    print(_row("Allegato 2 report for the probe (facts)", report))
+    print(_row("same report by decoding every body (before)", decoded))
+    print(f"certificate verdict: {verdict.verdict}, bands complete: {verdict.complete}")
+
+
+def _fleet_rows(probes: int, days: int, seed: int = 7):  # type: ignore[no-untyped-def]
+    rng = random.Random(seed)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    hours = [format_utc(start + timedelta(hours=h, minutes=7)) for h in range(days * 24)]
+    for p in range(probes):
+        name = f"probe-{p:04d}"
+        base_rtt = 8 + 30 * rng.random()
+        down = 20_000 + 80_000 * rng.random()
+        up = down / 5
+        sessions = []
+        transfers = []
+        for h, started in enumerate(hours):
+            rid = f"{p:04d}-{h:06d}"
+            rtts = [None if rng.random() < 0.005 else round(base_rtt + rng.expovariate(0.5), 3)
+                    for _ in range(10)]
+            got = [r for r in rtts if r is not None]
+            m = Moments.of(got)
+            sessions.append((name, started, rid, 10, 10 - len(got), m.n, m.mean, m.m2,
+                             json.dumps(rtts, separators=(",", ":"))))
+            seq = 0
+            for direction, rate in (("download", down), ("upload", up)):
+                if rng.random() < 0.01:
+                    transfers.append((name, started, rid, seq, direction, 0, None))
+                    seq += 1
+                transfers.append((name, started, rid, seq, direction, 1,
+                                  rate * (0.7 + 0.3 * rng.random())))
+                seq += 1
+        yield name, sessions, transfers
+
+
+def fleet(probes: int, days: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bbprobe-bench-") as tmp:
+        path = Path(tmp) / "c.sqlite3"
+        store = SqliteStore(path)
+        for p in range(probes):
+            operator = ("BT Italia", "Op B", "Op C", "Op D")[p % 4]
+            service.register_probe(store, f"probe-{p:04d}", LineMetadata(operator=operator))
+        store.close()
+        import sqlite3
+
+        loaded = time.perf_counter()
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA foreign_keys=OFF")  # facts only: no bodies in this benchmark
+        db.execute("PRAGMA synchronous=OFF")
+        n_sessions = n_transfers = 0
+        db.execute("BEGIN")
+        for _name, sessions, transfers in _fleet_rows(probes, days):
+            db.executemany("INSERT INTO session_facts VALUES (?,?,?,?,?,?,?,?,?)", sessions)
+            db.executemany("INSERT INTO transfer_facts VALUES (?,?,?,?,?,?,?)", transfers)
+            n_sessions += len(sessions)
+            n_transfers += len(transfers)
+        db.execute("COMMIT")
+        db.close()
+        load_s = time.perf_counter() - loaded
+        size_mb = path.stat().st_size / 1e6
+        store = SqliteStore(path)
+        everyone = service.scope(None, None, None, "2026-H1")
+        operator = service.scope(None, None, None, "2026-H1", store=store,
+                                 filters={"operator": "BT Italia"})
+        last_day = format_utc(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=days - 1))
+        rows = []
+        for label, fn in (
+            ("Allegato 2 report, all probes, 2026-H1", lambda: service.compliance(
+                store, everyone, TABLE)),
+            ("Allegato 2 report, operator = BT Italia (1/4)", lambda: service.compliance(
+                store, operator, TABLE)),
+            ("one probe's certificate, last 24 h", lambda: service.certificate(
+                store, "probe-0001", last_day, None, "96in24h", "Europe/Rome")),
+        ):
+            rows.append((label, _timed(fn, 2)))
+        report = service.compliance(store, everyone, TABLE)
+        store.close()
+    print(f"Fleet: {probes} probes x {days} days x 24 sessions = {n_sessions:,} sessions, "
+          f"{n_transfers:,} transfer attempts, {n_sessions * 10:,} pings; "
+          f"facts database {size_mb:,.0f} MB, loaded in {load_s:.0f} s")
+    print(f"{'operation':<52} {'1st run s':>9} {'2nd run s':>9}")
+    for label, times in rows:
+        print(f"{label:<52} {times[0] / 1000:>9.2f} {times[1] / 1000:>9.2f}")
+    print(f"report: {report.sessions:,} sessions, verdict {report.verdict}; samples per "
+          f"indicator: " + ", ".join(f"{i.id}={i.samples:,}" for i in report.indicators[:1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    one = sub.add_parser("line")
+    one.add_argument("--repeat", type=int, default=30)
+    many = sub.add_parser("fleet")
+    many.add_argument("--probes", type=int, default=1000)
+    many.add_argument("--days", type=int, default=182)
+    args = parser.parse_args()
+    if args.what == "line":
+        line(args.repeat)
+    else:
+        fleet(args.probes, args.days)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Per-session facts: what compliance, certification and the plots need of one result,
+derived once at ingestion (pure) and kept in SQLite beside the JSON body.
+
+Evaluating a scope then reads small rows instead of decoding every body: a semester of
+hourly sessions from 1,000 probes is 4.4 million bodies of ~20 kB each, but only 4.4
+million session rows and twice as many transfer rows (docs/benchmarks.md). The JSON body
+stays the master copy; the facts are rebuilt from it by a store migration.
+
+- a transfer fact per attempt: direction, ok, per-test speed (kbit/s; None when failed),
+  the same sample the evaluator has always used (one per attempt, README);
+- ping facts per session: pings sent and lost, the RTT moments (n, mean, M2) so the mean
+  and standard deviation of a whole scope merge exactly (``agent.stats.Moments``), and
+  every raw RTT for the certificate's per-line percentile;
+- "completed": a successful download, a successful upload and a ping train that sent
+  packets (what counts towards a campaign band, certify.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.schema import SessionResult
+from agent.stats import Moments
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFact:
+    direction: str
+    ok: bool
+    kbps: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFacts:
+    result_id: str
+    probe_id: str
+    started_at: str  # normalised UTC, as stored
+    pings_sent: int
+    pings_lost: int
+    rtt: Moments
+    rtts_ms: tuple[float | None, ...]
+    transfers: tuple[TransferFact, ...]
+
+    @property
+    def completed(self) -> bool:
+        ok = {t.direction for t in self.transfers if t.ok}
+        return ok == {"download", "upload"} and self.pings_sent > 0
+
+    def speeds(self, direction: str) -> tuple[float | None, ...]:
+        return tuple(t.kbps for t in self.transfers if t.direction == direction)
+
+
+def of_result(result: SessionResult, started_at: str) -> SessionFacts:
+    """The facts of one validated result (``started_at`` as the store normalised it)."""
+    transfers = tuple(
+        TransferFact(
+            a.direction, a.status == "ok",
+            a.throughput_bps / 1000 if a.status == "ok" and a.throughput_bps is not None
+            else None,
+        )
+        for a in result.transfers
+    )
+    rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in result.ping.samples) \
+        if result.ping is not None else ()
+    answered = [r for r in rtts if r is not None]
+    return SessionFacts(
+        result_id=result.result_id, probe_id=result.probe_id, started_at=started_at,
+        pings_sent=len(rtts), pings_lost=len(rtts) - len(answered),
+        rtt=Moments.of(answered), rtts_ms=rtts, transfers=transfers,
+    )

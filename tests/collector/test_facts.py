@@ -1,0 +1,124 @@
+"""Per-session facts in SQLite: the scope evaluated from them equals the evaluation of
+the decoded bodies, and an older database gets them by migration."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.schema import SessionResult
+from collector import ingest, service
+from collector.compliance import targets
+from collector.compliance.evaluate import evaluate, observe
+from collector.config import DEFAULT_TARGETS
+from collector.storage.sqlite import MIGRATIONS, LineMetadata, SqliteStore
+from tests.factories import attempt, session, store_result
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = targets.load(ROOT / DEFAULT_TARGETS)
+
+
+def _mixed() -> list[SessionResult]:
+    """Two probes, three hours; failed attempts, a lost ping, a session without pings."""
+    out = []
+    for i, hour in enumerate(("08", "09", "10")):
+        for probe in ("p1", "p2"):
+            out.append(session(
+                probe, started_at=f"2026-03-02T{hour}:00:00.000000Z",
+                rtts=[20.0 + i, None if probe == "p2" else 21.5, 19.0 + 2 * i],
+                transfers=[attempt("download", ok=i != 1),
+                           attempt("download", 0, 2, bps=(30 + 7 * i) * 1e6),
+                           attempt("upload", bps=(3 + i) * 1e6)]))
+    out.append(session("p1", started_at="2026-03-02T11:00:00.000000Z", rtts=[],
+                       transfers=[attempt("upload", ok=False)]))
+    return out
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteStore:
+    s = SqliteStore(tmp_path / "c.sqlite3")
+    for name in ("p1", "p2"):
+        service.register_probe(s, name, LineMetadata())
+    return s
+
+
+def _same_report(a, b) -> None:  # type: ignore[no-untyped-def]
+    assert a.sessions == b.sessions
+    for x, y in zip(a.indicators, b.indicators, strict=True):
+        assert (x.id, x.samples, x.passed) == (y.id, y.samples, y.passed)
+        if y.observed is None:
+            assert x.observed is None
+        else:
+            assert x.observed == pytest.approx(y.observed, rel=1e-12)
+
+
+@pytest.mark.parametrize(("probes", "since", "until"), [
+    (None, None, None),
+    (["p2"], None, None),
+    (["p1"], "2026-03-02T09:00:00.000000Z", "2026-03-02T11:00:00.000000Z"),
+    (["nobody"], None, None),
+])
+def test_scope_from_facts_equals_scope_from_bodies(
+        store: SqliteStore, probes: list[str] | None, since: str | None,
+        until: str | None) -> None:
+    results = _mixed()
+    for r in results:
+        store_result(store, r)
+    chosen = [r for r in results if (probes is None or r.probe_id in probes)
+              and (since is None or r.started_at >= since)
+              and (until is None or r.started_at < until)]
+    expected = evaluate(observe(chosen), TABLE)
+    got = evaluate(store.observations(probes, since, until), TABLE)
+    _same_report(got, expected)
+    assert got.sessions == len(chosen)
+
+
+def test_facts_round_trip_for_a_line(store: SqliteStore) -> None:
+    """The facts read back for one probe carry every RTT (lost as None) and every
+    attempt's speed in order, as the certificate lists them."""
+    for r in _mixed():
+        store_result(store, r)
+    facts = store.facts(["p2"])
+    assert [f.started_at[11:13] for f in facts] == ["08", "09", "10"]
+    assert facts[1].rtts_ms == (21.0, None, 21.0)
+    assert facts[1].speeds("download") == (None, 37000.0)
+    assert (facts[1].pings_sent, facts[1].pings_lost, facts[1].completed) == (3, 1, True)
+
+
+def test_hourly_aggregates(store: SqliteStore) -> None:
+    """Per-hour sums: sessions, pings, RTTs and successful speeds per direction."""
+    for r in _mixed():
+        store_result(store, r)
+    rows = {row.hour: row for row in store.hourly()}
+    nine = rows["2026-03-02T09"]
+    assert (nine.sessions, nine.pings_sent, nine.pings_lost, nine.rtt_n) == (2, 6, 1, 5)
+    assert nine.rtt_sum_ms == pytest.approx(21 + 21.5 + 21 + 21 + 21)
+    assert (nine.download_n, nine.download_kbps_sum) == (2, 74000.0)
+    assert rows["2026-03-02T11"].upload_n == 0
+
+
+def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
+    """A database written before the facts tables existed is backfilled from the
+    bodies at open, and evaluates as before."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    assert isinstance(MIGRATIONS[0], str)
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO probes (name, token_sha256, created_at) VALUES ('p1', 'x', 'y')")
+    results = [r for r in _mixed() if r.probe_id == "p1"]
+    for r in results:
+        accepted = ingest.parse_body(ingest.canonical_json(r).encode())
+        db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",
+                   (r.result_id, r.schema_version, accepted.started_at, accepted.ended_at,
+                    accepted.body_sha256, accepted.body))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    _same_report(evaluate(store.observations(), TABLE), evaluate(observe(results), TABLE))
+    assert json.loads(store._db.execute("SELECT rtts_ms FROM session_facts LIMIT 1")
+                      .fetchone()[0])
