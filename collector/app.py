@@ -24,7 +24,14 @@ from collector import __version__, auth, ingest, measure, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig
 from collector.errors import ApiError
-from collector.report import LISTING_COLUMNS, Scope, format_csv, report_dict
+from collector.report import (
+    LISTING_COLUMNS,
+    REPORT_COLUMNS,
+    Scope,
+    format_csv,
+    report_dict,
+    report_rows,
+)
 from collector.storage.sqlite import SqliteStore
 
 log = logging.getLogger("bbprobe.collector")
@@ -178,12 +185,44 @@ async def get_result(request: web.Request) -> web.Response:
     return web.Response(text=row.body, content_type="application/json")
 
 
+REPORT_FORMATS = ("json", "csv", "html")
+
+
 async def get_report(request: web.Request) -> web.Response:
+    """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
+    the HTML page with plots."""
+    fmt = request.query.get("format", "json")
+    if fmt not in REPORT_FORMATS:
+        raise ApiError(400, f"format: expected one of {', '.join(REPORT_FORMATS)}, got "
+                       f"{fmt!r}", field="format")
+    if fmt == "html":
+        return await report_page(request)
     path = request.app[CONFIG].compliance.targets
     table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
     where = await db(request, lambda store: _scope(request, store))
     report = await db(request, service.compliance, where, table)
+    if fmt == "csv":
+        return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
+                            content_type="text/csv")
     return web.json_response(report_dict(report, where))
+
+
+async def report_page(request: web.Request) -> web.Response:
+    """``/report``: the HTML report of the scope in the query (per probe: ?probe=NAME)."""
+    path = request.app[CONFIG].compliance.targets
+    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    where = await db(request, lambda store: _scope(request, store))
+    timezone = request.query.get("timezone", "Europe/Rome")
+    page = await db(request, service.report_page, where, table, timezone)
+    return web.Response(text=page, content_type="text/html")
+
+
+async def index_page(request: web.Request) -> web.Response:
+    """``/``: every probe with its line and links to its report and certificate."""
+    from collector import html_report
+
+    probes = await db(request, SqliteStore.probes)
+    return web.Response(text=html_report.index(probes), content_type="text/html")
 
 
 async def get_certificate(request: web.Request) -> web.Response:
@@ -234,6 +273,8 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get("/api/v1/certificate", get_certificate)
     app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", index_page)
+    app.router.add_get("/report", report_page)
     if cfg.measurement.enabled:
         measure.add_routes(app, cfg.measurement)
     return app

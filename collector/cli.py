@@ -18,15 +18,17 @@ import click
 from collector import __version__, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig, load
-from collector.errors import ApiError, CollectorError, InputError
+from collector.errors import ApiError, CollectorError, InputError, StoreError
 from collector.report import (
     LISTING_COLUMNS,
+    REPORT_COLUMNS,
     Scope,
     format_csv,
     format_json,
     format_listing_text,
     format_text,
     report_dict,
+    report_rows,
 )
 from collector.storage.sqlite import LineMetadata, SqliteStore
 
@@ -247,11 +249,17 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
 @shared_options
 @_scope_options
 @click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html"]),
+              default="text", help="html: a standalone page with plots, written to a file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout (html default: bbprobe-report.html).")
+@click.option("--timezone", default="Europe/Rome", show_default=True,
+              help="Local time of the hour bands and time axes (html).")
 @click.pass_context
 @handle_errors
 def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
-           period: str | None, targets_path: str | None, fmt: str, **filters: Any) -> None:
+           period: str | None, targets_path: str | None, fmt: str, output: str | None,
+           timezone: str, **filters: Any) -> None:
     """Compliance report: each Allegato 2 indicator against its target, for probes chosen
     by name or by line metadata, over a calendar period or a time range."""
     cfg = _config(ctx)
@@ -259,13 +267,38 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
     store = SqliteStore(cfg.storage.path)
     try:
         where = _resolve_scope(store, probes, since, until, period, filters)
-        result = service.compliance(store, where, table)
+        if fmt == "html":
+            text = service.report_page(store, where, table, timezone)
+            output = output or "bbprobe-report.html"
+        else:
+            result = service.compliance(store, where, table)
     finally:
         store.close()
     if fmt == "json":
-        click.echo(json.dumps(report_dict(result, where), indent=2, ensure_ascii=False))
-    else:
-        click.echo(format_text(result, where), nl=False)
+        text = json.dumps(report_dict(result, where), indent=2, ensure_ascii=False) + "\n"
+    elif fmt == "csv":
+        text = format_csv(report_rows(result, where), REPORT_COLUMNS)
+    elif fmt == "text":
+        text = format_text(result, where)
+    _emit(text, output)
+
+
+def _emit(text: str, output: str | None) -> None:
+    """Print, or write a file whole (temp file + rename: never a half-written report)."""
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    import os
+    from pathlib import Path
+
+    target = Path(output)
+    temp = target.with_name(f".{target.name}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, target)
+    except OSError as exc:
+        raise StoreError(f"--output: cannot write {output}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)
 
 
 @main.command()

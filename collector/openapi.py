@@ -124,9 +124,31 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/report": {
             "get": {"summary": "Compliance report against the configured Allegato 2 targets.",
-                    "parameters": SCOPE_PARAMETERS,
-                    "responses": {"200": _json({"$ref": "#/components/schemas/Report"}),
+                    "parameters": [*SCOPE_PARAMETERS,
+                                   _query("format", "json (default), csv (one row per "
+                                          "indicator) or html (the page with plots).",
+                                          {"enum": ["json", "csv", "html"]}),
+                                   _query("timezone", "Local time of the plots (html).")],
+                    "responses": {"200": {"description": "The report.", "content": {
+                        "application/json": {"schema": {
+                            "$ref": "#/components/schemas/Report"}},
+                        "text/csv": {"schema": {"type": "string"}},
+                        "text/html": {"schema": {"type": "string"}}}},
+                        "400": bad_request}},
+        },
+        "/report": {
+            "get": {"summary": "HTML report with plots for the scope in the query.",
+                    "parameters": [*SCOPE_PARAMETERS,
+                                   _query("timezone", "Local time of the plots.")],
+                    "responses": {"200": {"description": "A standalone HTML page.",
+                                          "content": {"text/html": {"schema": {
+                                              "type": "string"}}}},
                                   "400": bad_request}},
+        },
+        "/": {
+            "get": {"summary": "Front page: probes, their lines, links to their reports.",
+                    "responses": {"200": {"description": "HTML.", "content": {
+                        "text/html": {"schema": {"type": "string"}}}}}},
         },
         "/api/v1/certificate": {
             "get": {"summary": "Line certificate of one probe against its contract.",

@@ -116,6 +116,23 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
     }
 
 
+REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "samples",
+                  "passed", "scope_probes", "scope_since", "scope_until", "targets")
+
+
+def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
+    """One row per indicator, with the scope on every row (a CSV that stands alone)."""
+    probes = "*" if scope.probes is None else " ".join(scope.probes)
+    return [
+        {"id": r.id, "name": r.name, "unit": r.unit, "comparison": r.comparison,
+         "target": r.target, "observed": r.observed, "samples": r.samples,
+         "passed": "" if r.passed is None else str(r.passed).lower(),
+         "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
+         "targets": report.targets_name}
+        for r in report.indicators
+    ]
+
+
 def format_json(document: Any) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 

@@ -116,6 +116,30 @@ def compliance(store: SqliteStore, where: Scope, targets: Targets) -> Report:
     return evaluate(obs, targets)
 
 
+def report_page(store: SqliteStore, where: Scope, targets: Targets, timezone: str,
+                title: str = "Allegato 2 compliance report") -> str:
+    """The compliance report of a scope as a standalone HTML page with plots."""
+    from collector import html_report
+
+    _check_timezone(timezone)
+    probes = list(where.probes) if where.probes is not None else None
+    obs = store.observations(probes, where.since, where.until)
+    hourly = store.hourly(probes, where.since, where.until)
+    scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
+    return html_report.render(evaluate(obs, targets), where, obs, hourly, timezone,
+                              utc_now(), scale, title)
+
+
+def _check_timezone(timezone: str) -> None:
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(timezone)
+    except (ValueError, KeyError, OSError):
+        raise ApiError(400, f"timezone: unknown time zone {timezone!r}",
+                       field="timezone") from None
+
+
 def certificate(store: SqliteStore, probe: str, since: str | None, until: str | None,
                 rule: str, timezone: str) -> Any:
     """The line certificate of one probe over [since, until) (all its results if open)."""
@@ -127,13 +151,7 @@ def certificate(store: SqliteStore, probe: str, since: str | None, until: str | 
     if rule not in certify.RULES:
         raise ApiError(400, f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
                        field="rule")
-    try:
-        from zoneinfo import ZoneInfo
-
-        ZoneInfo(timezone)
-    except (ValueError, KeyError, OSError):
-        raise ApiError(400, f"timezone: unknown time zone {timezone!r}",
-                       field="timezone") from None
+    _check_timezone(timezone)
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until)
     return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)

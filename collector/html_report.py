@@ -1,0 +1,280 @@
+"""The compliance report as one standalone HTML page with plots (pure).
+
+Plots (collector/plots.py, inline SVG):
+- speed distribution per direction: histogram of per-test speeds (the samples of the
+  p5/p95 indicators) with the Allegato 2 targets (solid) and the observed percentiles
+  (dashed);
+- hour-of-day profile: mean per-test speed per local hour band (the bands of a 244/08
+  campaign), from per-hour sums, so a scope of any size costs the same;
+- delay over time: mean one-way delay (or RTT, as the targets say) per hour, or per local
+  day when the scope spans more than 14 days;
+- packet loss over time: lost / sent pings per bucket, the same buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from html import escape
+from zoneinfo import ZoneInfo
+
+from agent import stats
+from collector import __version__, plots
+from collector.compliance.evaluate import Observations, Report
+from collector.report import SHORT_NAMES, Scope, format_value
+from collector.storage.sqlite import HourRow, Probe
+
+HOURLY_SPAN_DAYS = 14
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    start: datetime  # aware, local time
+    rtt_n: int
+    rtt_sum_ms: float
+    pings_sent: int
+    pings_lost: int
+
+
+def _utc_hour(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+
+
+def hour_profile(rows: Sequence[HourRow], zone: ZoneInfo) -> dict[str, list[tuple[int, float,
+                                                                                   int]]]:
+    """Per direction, (local hour, mean kbit/s, tests) for every hour band with tests."""
+    sums: dict[str, list[list[float]]] = {"download": [[0.0, 0] for _ in range(24)],
+                                          "upload": [[0.0, 0] for _ in range(24)]}
+    for row in rows:
+        hour = _utc_hour(row.hour).astimezone(zone).hour
+        for direction, n, total in (("download", row.download_n, row.download_kbps_sum),
+                                    ("upload", row.upload_n, row.upload_kbps_sum)):
+            sums[direction][hour][0] += total
+            sums[direction][hour][1] += n
+    return {d: [(h, total / n, int(n)) for h, (total, n) in enumerate(per) if n]
+            for d, per in sums.items()}
+
+
+def time_buckets(rows: Sequence[HourRow], zone: ZoneInfo) -> tuple[str, list[Bucket]]:
+    """Hourly buckets, or local days when the rows span more than 14 days."""
+    if not rows:
+        return "hour", []
+    first, last = _utc_hour(rows[0].hour), _utc_hour(rows[-1].hour)
+    daily = last - first > timedelta(days=HOURLY_SPAN_DAYS)
+    merged: dict[datetime, list[float]] = {}
+    for row in rows:
+        local = _utc_hour(row.hour).astimezone(zone)
+        key = local.replace(hour=0) if daily else local
+        acc = merged.setdefault(key, [0, 0.0, 0, 0])
+        acc[0] += row.rtt_n
+        acc[1] += row.rtt_sum_ms
+        acc[2] += row.pings_sent
+        acc[3] += row.pings_lost
+    return ("day" if daily else "hour"), [
+        Bucket(k, int(v[0]), v[1], int(v[2]), int(v[3])) for k, v in sorted(merged.items())
+    ]
+
+
+def _targets(report: Report) -> dict[str, float]:
+    return {r.id: r.target for r in report.indicators}
+
+
+def _speed_plot(direction: str, obs: Observations, report: Report) -> str:
+    values = obs.download_kbps if direction == "download" else obs.upload_kbps
+    mbps = [v / 1000 for v in values]
+    targets = _targets(report)
+    lines = []
+    for p, word in ((5, "minima"), (95, "massima")):
+        target = targets.get(f"{direction}_p{p}_kbps")
+        if target is not None:
+            lines.append(plots.VLine(target / 1000, f"target banda {word} (p{p})",
+                                     plots.COLOURS["target"], dashed=p == 95))
+        observed = stats.percentile(values, p)
+        if observed is not None:
+            lines.append(plots.VLine(observed / 1000, f"observed p{p}",
+                                     plots.COLOURS["observed"], dashed=p == 95))
+    return plots.histogram(
+        f"speed-{direction}", f"{direction.capitalize()} speed per test ({len(values)} tests)",
+        mbps, "Mbit/s", lines, plots.COLOURS[direction])
+
+
+def _profile_plot(rows: Sequence[HourRow], zone: ZoneInfo) -> str:
+    profile = hour_profile(rows, zone)
+    series = [plots.Series(f"{d} (mean)", tuple((h, kbps / 1000) for h, kbps, _ in pts),
+                           plots.COLOURS[d]) for d, pts in profile.items()]
+    return plots.lines_plot(
+        "hour-profile", f"Mean speed by hour of day ({zone.key})", series,
+        "local hour band", "Mbit/s", xticks=[0, 3, 6, 9, 12, 15, 18, 21, 24],
+        xfmt=lambda h: f"{int(h):02d}")
+
+
+def _time_axis(buckets: Sequence[Bucket], kind: str,
+               zone: ZoneInfo) -> tuple[list[float], Callable[[float], str]]:
+    """Ticks on local wall-clock boundaries and their labels, for the buckets' span."""
+    lo = buckets[0].start.timestamp() if buckets else 0.0
+    hi = buckets[-1].start.timestamp() + (86400 if kind == "day" else 3600) if buckets \
+        else 3600.0
+    ticks, step_h = plots.time_ticks(lo, hi, zone)
+
+    def fmt(t: float) -> str:
+        moment = datetime.fromtimestamp(t, zone)
+        if step_h >= 24:
+            return moment.strftime("%d %b")
+        return moment.strftime("%d %b" if moment.hour == 0 else "%H:%M")
+    return ticks, fmt
+
+
+def _delay_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo, scale: float) -> str:
+    word = "one-way delay (RTT / 2)" if scale == 0.5 else "round-trip time"
+    points = tuple((b.start.timestamp(), b.rtt_sum_ms / b.rtt_n * scale)
+                   for b in buckets if b.rtt_n)
+    ticks, fmt = _time_axis(buckets, kind, zone)
+    return plots.lines_plot(
+        "delay", f"Mean {word} per {kind}",
+        [plots.Series(f"mean {word}", points, plots.COLOURS["delay"])],
+        f"local time ({zone.key})", "ms", xticks=ticks, xfmt=fmt)
+
+
+def _loss_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo) -> str:
+    width = 86400.0 if kind == "day" else 3600.0
+    bars = [(b.start.timestamp(), b.pings_lost / b.pings_sent * 100)
+            for b in buckets if b.pings_sent]
+    ticks, fmt = _time_axis(buckets, kind, zone)
+    return plots.bars_plot(
+        "loss", f"Packet loss per {kind}", bars, width, f"local time ({zone.key})",
+        "% of pings lost", plots.COLOURS["loss"], xfmt=fmt, yfmt=lambda v: f"{v:.3g} %",
+        xticks=ticks)
+
+
+_CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1440px;
+       padding: 0 1.5em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; } td, th { padding: 0.3em 0.8em; text-align: left;
+  border-bottom: 1px solid #ddd; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.pass { color: #1b7d2c; font-weight: 600; } .fail { color: #b00020; font-weight: 600; }
+.nodata { color: #777; }
+.verdict { display: inline-block; padding: 0.2em 0.8em; border-radius: 4px; color: #fff;
+  font-weight: 700; }
+.verdict-pass { background: #1b7d2c; } .verdict-fail { background: #b00020; }
+.verdict-incomplete { background: #777; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+svg.plot { border: 1px solid #e3e3e3; background: #fff; max-width: 100%; height: auto; }
+svg .grid { stroke: #eee; } svg .axis { stroke: #555; }
+svg text { font: 11px system-ui, sans-serif; fill: #333; }
+svg .plot-title { font-weight: 600; font-size: 12px; } svg .empty { font-size: 14px; fill: #777; }
+dl.method dt { font-weight: 600; } dl.method dd { margin: 0 0 0.4em 1.2em; }
+footer { margin-top: 2em; color: #777; font-size: 0.9em; }
+"""
+
+# Records, on each plot, how many of its marks the browser laid out with a size: what a
+# headless browser test reads back (tests/collector/test_html_report.py). No data flows.
+_SELF_CHECK = """
+document.querySelectorAll("svg.plot").forEach(function (svg) {
+  var drawn = 0;
+  svg.querySelectorAll(".mark").forEach(function (m) {
+    var box = m.getBBox(); if (box.width > 0 || box.height > 0) { drawn += 1; }
+  });
+  var r = svg.getBoundingClientRect();
+  svg.setAttribute("data-drawn-marks", String(drawn));
+  svg.setAttribute("data-drawn-size", Math.round(r.width) + "x" + Math.round(r.height));
+});
+"""
+
+
+def _word(passed: bool | None) -> tuple[str, str]:
+    return {True: ("PASS", "pass"), False: ("FAIL", "fail"), None: ("NO DATA", "nodata")}[
+        passed]
+
+
+def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[HourRow],
+           timezone: str, generated_at: str, delay_scale: float = 0.5,
+           title: str = "Allegato 2 compliance report") -> str:
+    zone = ZoneInfo(timezone)
+    kind, buckets = time_buckets(hourly, zone)
+    rows = []
+    for r in report.indicators:
+        word, css = _word(r.passed)
+        rows.append(
+            f"<tr><td>{escape(SHORT_NAMES.get(r.id, r.name))}<br><small><code>{r.id}</code>"
+            f"</small></td><td class=num>{escape(format_value(r.observed, r.unit))}</td>"
+            f"<td class=num>{escape(r.comparison)} {escape(format_value(r.target, r.unit))}"
+            f"</td><td class=num>{r.samples:,}</td><td class={css}>{word}</td></tr>")
+    method = "".join(f"<dt>{escape(k.replace('_', ' '))}</dt><dd>{escape(v)}</dd>"
+                     for k, v in report.method.items())
+    unmeasured = "".join(
+        f"<tr><td>{escape(i.name)}</td><td class=num>{escape(i.comparison)} "
+        f"{escape(format_value(i.target, i.unit))}</td></tr>" for i in report.not_measured)
+    failures = (f"{obs.download_failed} of {obs.download_attempts} download and "
+                f"{obs.upload_failed} of {obs.upload_attempts} upload attempts failed; "
+                f"{obs.pings_lost:,} of {obs.pings_sent:,} pings lost")
+    sections = [
+        f"<header><h1>{escape(title)}</h1>"
+        f"<p><b>Targets:</b> {escape(report.targets_name)}<br><b>Source:</b> "
+        f"{escape(report.targets_source)} (delibere {escape(', '.join(report.regulation))})"
+        f"<br><b>Scope:</b> {escape(scope.describe())}; {report.sessions:,} session(s)</p>"
+        f'<p>Verdict: <span class="verdict verdict-{report.verdict}">'
+        f"{report.verdict.upper()}</span></p></header>",
+        "<section><h2>Indicators</h2><table><tr><th>Indicator</th><th>Observed</th>"
+        f"<th>Target</th><th>Samples</th><th>Result</th></tr>{''.join(rows)}</table>"
+        f"<p>{escape(failures)}.</p></section>",
+        "<section><h2>Speed distribution</h2><div class=plots>"
+        f"{_speed_plot('download', obs, report)}{_speed_plot('upload', obs, report)}"
+        "</div></section>",
+        "<section><h2>Hour-of-day profile and delay</h2><div class=plots>"
+        f"{_profile_plot(hourly, zone)}{_delay_plot(kind, buckets, zone, delay_scale)}"
+        "</div></section>",
+        "<section><h2>Packet loss</h2><div class=plots>"
+        f"{_loss_plot(kind, buckets, zone)}</div></section>",
+        f'<section><h2>Method</h2><dl class="method">{method}</dl></section>',
+    ]
+    if unmeasured:
+        sections.append("<section><h2>Not measurable by probes</h2><table><tr><th>Indicator"
+                        f"</th><th>Target</th></tr>{unmeasured}</table></section>")
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}: {escape(scope.describe())}</title><style>{_CSS}</style>"
+        f"</head><body>{''.join(sections)}<footer>bbprobe-collector {__version__}, "
+        f"generated {escape(generated_at)}; times in {escape(timezone)}.</footer>"
+        f"<script>{_SELF_CHECK}</script></body></html>\n"
+    )
+
+
+def index(probes: Sequence[Probe]) -> str:
+    """The collector's front page: probes, their lines, links to reports (pure)."""
+    from urllib.parse import quote
+
+    rows = []
+    for p in probes:
+        line = p.line
+        link = f"report?probe={quote(p.name)}"
+        operator = (f'<a href="report?operator={quote(line.operator)}">{escape(line.operator)}'
+                    "</a>") if line.operator else ""
+        contract = ", ".join(part for part in (
+            f"down min {format_value(line.download_min_kbps, 'kbit/s')}"
+            if line.download_min_kbps is not None else "",
+            f"up min {format_value(line.upload_min_kbps, 'kbit/s')}"
+            if line.upload_min_kbps is not None else "") if part)
+        rows.append(
+            f'<tr><td><a href="{link}">{escape(p.name)}</a></td><td>{operator}</td>'
+            f"<td>{escape(line.offer or '')}</td><td>{escape(line.region or '')}</td>"
+            f"<td>{escape(line.technology or '')}</td><td>{escape(contract)}</td>"
+            f"<td>{'revoked ' + escape(p.revoked_at) if p.revoked_at else 'active'}</td>"
+            f'<td><a href="api/v1/certificate?probe={quote(p.name)}">certificate (JSON)</a>'
+            "</td></tr>")
+    table = ("<table><tr><th>Probe</th><th>Operator</th><th>Offer</th><th>Region</th>"
+             "<th>Technology</th><th>Contract</th><th>Status</th><th></th></tr>"
+             f"{''.join(rows)}</table>") if rows else "<p>No probes registered yet.</p>"
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>bbprobe collector"
+        f"</title><style>{_CSS}</style></head><body><h1>bbprobe collector</h1>"
+        '<p><a href="report">Report for all probes</a> &middot; '
+        '<a href="api/v1/openapi.json">API (OpenAPI)</a> &middot; '
+        'query parameters of any report: <code>probe</code>, <code>operator</code>, '
+        "<code>offer</code>, <code>region</code>, <code>technology</code>, "
+        "<code>period</code> (YYYY, YYYY-H1, YYYY-H2), <code>since</code>, <code>until</code>, "
+        f"<code>timezone</code>.</p><h2>Probes</h2>{table}"
+        f"<footer>bbprobe-collector {__version__}</footer></body></html>\n"
+    )

@@ -1,0 +1,227 @@
+"""HTML reports with plots: what the page holds (pure), the CLI file and the served pages,
+and a real headless Chromium laying the plots out (required under CI=true)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from click.testing import CliRunner
+
+from agent.schema import format_utc
+from collector import plots, service
+from collector.cli import main
+from collector.compliance import targets
+from collector.config import DEFAULT_TARGETS
+from collector.html_report import hour_profile, time_buckets
+from collector.storage.sqlite import HourRow, LineMetadata, SqliteStore
+from collector.testing import RunningCollector
+from tests.conftest import IN_CI
+from tests.factories import attempt, session, store_result
+from tests.httpclient import request
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = targets.load(ROOT / DEFAULT_TARGETS)
+ROME = ZoneInfo("Europe/Rome")
+PLOTS = ("speed-download", "speed-upload", "hour-profile", "delay", "loss")
+
+
+def _fill(db: Path, days: int = 2, probe: str = "line-1") -> None:
+    store = SqliteStore(db)
+    if store.probe(probe) is None:
+        service.register_probe(store, probe, LineMetadata(operator="BT Italia"))
+    start = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)
+    for i in range(24 * days):
+        moment = format_utc(start + timedelta(hours=i))
+        store_result(store, session(
+            probe, started_at=moment, rtts=[18.0 + i % 5, None if i % 7 == 0 else 19.0],
+            transfers=[attempt("download", bps=(60 + i % 24) * 1e6),
+                       attempt("upload", bps=(10 + i % 3) * 1e6)]))
+    store.close()
+
+
+def _plots(page: str) -> dict[str, str]:
+    return dict(re.findall(r'<svg class="plot" data-plot="([^"]+)"(.*?)</svg>', page, re.S))
+
+
+def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
+    """Five plots, each drawing marks; the speed plots carry the Allegato 2 targets and
+    the observed percentiles; the indicator table and verdict are on the page."""
+    _fill(tmp_path / "c.sqlite3")
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    page = service.report_page(store, service.scope(None, None, None), TABLE, "Europe/Rome")
+    found = _plots(page)
+    assert set(found) == set(PLOTS)
+    bars = found["speed-download"].count('<rect class="mark"')
+    assert 5 <= bars <= 30
+    assert "target banda minima (p5): 2.2<" in found["speed-download"]  # 2,200 kbit/s
+    assert "observed p95" in found["speed-upload"]
+    assert found["hour-profile"].count('<circle class="mark"') == 48  # 24 bands x 2 ways
+    assert found["delay"].count('<circle class="mark"') == 48  # hourly over two days
+    assert found["loss"].count('<rect class="mark"') == 48
+    assert "download_p5_kbps" in page and 'class="verdict verdict-' in page
+    assert "48 session(s)" in page
+
+
+def test_empty_scope_says_so(tmp_path: Path) -> None:
+    """No data: every plot says so in words and draws nothing."""
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    page = service.report_page(store, service.scope(None, None, None), TABLE, "Europe/Rome")
+    found = _plots(page)
+    assert set(found) == set(PLOTS)
+    for body in found.values():
+        assert 'class="mark"' not in body
+        assert 'class="empty"' in body
+    assert "INCOMPLETE" in page
+
+
+def test_hour_bands_are_local_time() -> None:
+    """23:00 UTC in January is the 00 band in Rome; 22:00 UTC in July is too (DST)."""
+    rows = [HourRow("2026-01-14T23", download_n=1, download_kbps_sum=5000.0),
+            HourRow("2026-07-14T22", download_n=1, download_kbps_sum=7000.0),
+            HourRow("2026-07-14T23", upload_n=2, upload_kbps_sum=800.0)]
+    profile = hour_profile(rows, ROME)
+    assert profile["download"] == [(0, 6000.0, 2)]
+    assert profile["upload"] == [(1, 400.0, 2)]
+
+
+def test_long_spans_are_bucketed_by_local_day() -> None:
+    """Over 14 days the delay and loss plots use local days, summing the hours."""
+    rows = [HourRow(format_utc(datetime(2026, 3, 1, tzinfo=UTC) + timedelta(hours=h))[:13],
+                    pings_sent=10, pings_lost=1, rtt_n=9, rtt_sum_ms=90.0)
+            for h in range(0, 24 * 20, 6)]
+    rows.append(HourRow("2026-03-20T23", pings_sent=10))  # 00:00 on the 21st in Rome
+    kind, buckets = time_buckets(rows, ROME)
+    assert kind == "day"
+    assert len(buckets) == 21
+    assert buckets[-1].start.day == 21 and buckets[-1].pings_sent == 10
+    assert all(b.start.hour == 0 for b in buckets)
+    assert sum(b.pings_sent for b in buckets) == 10 * len(rows)
+    assert buckets[0].rtt_n == 36  # four 6-hourly rows
+
+
+def test_time_ticks_stay_on_local_hours_across_dst() -> None:
+    """Ticks fall on whole local hours at a step that divides the day, also on the day
+    clocks go forward in Rome (2026-03-29)."""
+    lo = datetime(2026, 3, 28, 5, 17, tzinfo=UTC).timestamp()
+    hi = datetime(2026, 3, 30, 2, 0, tzinfo=UTC).timestamp()
+    ticks, step = plots.time_ticks(lo, hi, ROME)
+    assert ticks[0] <= lo and ticks[-1] >= hi
+    local = [datetime.fromtimestamp(t, ROME) for t in ticks]
+    assert all(m.minute == 0 and m.hour % step == 0 for m in local), local
+
+
+def test_nice_ticks_cover_the_range() -> None:
+    assert plots.nice_ticks(0, 93.2, 5) == [0, 20, 40, 60, 80, 100]
+    assert plots.nice_ticks(0, 0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_cli_writes_standalone_html_and_csv(tmp_path: Path) -> None:
+    """--format html writes one file with the plots inline (no external resources);
+    --format csv gives one row per indicator with the scope on each row."""
+    db = tmp_path / "c.sqlite3"
+    _fill(db)
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["--db", str(db), "report", "--probe", "line-1",
+                                       "--format", "html", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert set(_plots(page)) == set(PLOTS)
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    result = CliRunner().invoke(main, ["--db", str(db), "report", "--format", "csv"])
+    lines = result.output.splitlines()
+    assert lines[0].startswith("id,name,unit,comparison,target,observed,samples,passed")
+    assert len(lines) == 1 + len(TABLE.measurable)
+    assert lines[1].startswith("download_p95_kbps,")
+
+
+def test_cli_html_errors_are_clear(tmp_path: Path) -> None:
+    """An unknown time zone and an unwritable output name the problem, no traceback."""
+    db = tmp_path / "c.sqlite3"
+    _fill(db, days=1)
+    result = CliRunner().invoke(main, ["--db", str(db), "report", "--format", "html",
+                                       "--timezone", "Mars/Olympus", "-o",
+                                       str(tmp_path / "x.html")])
+    assert result.exit_code == 2
+    assert "timezone: unknown time zone 'Mars/Olympus'" in result.output
+    result = CliRunner().invoke(main, ["--db", str(db), "report", "--format", "html", "-o",
+                                       str(tmp_path / "missing" / "x.html")])
+    assert result.exit_code == 1
+    assert "--output: cannot write" in result.output and "Traceback" not in result.output
+
+
+def test_served_pages_and_formats(collector: RunningCollector) -> None:
+    """/ lists the probes with links; /report and ?format=html serve the page; csv and a
+    bad format answer as documented."""
+    _fill(collector.db_path)
+    status, body, headers = request("GET", collector.url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert 'href="report?probe=line-1"' in body.decode()
+    assert 'href="report?operator=BT%20Italia"' in body.decode()
+    for path in ("/report?probe=line-1", "/api/v1/report?operator=BT%20Italia&format=html"):
+        status, body, _ = request("GET", collector.url + path)
+        assert status == 200
+        assert set(_plots(body.decode())) == set(PLOTS)
+    status, body, headers = request("GET", collector.url + "/api/v1/report?format=csv")
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert body.decode().count("\n") == 1 + len(TABLE.measurable)
+    status, body, _ = request("GET", collector.url + "/api/v1/report?format=pdf")
+    assert (status, body["field"]) == (400, "format")
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if IN_CI:
+            pytest.fail("CI=true but Debian's chromium is not installed (make test installs it)")
+        pytest.skip("needs Debian's chromium for the browser rendering test")
+    return path
+
+
+def _render_in_chromium(url: str, tmp_path: Path) -> str:
+    """Load ``url`` in headless Chromium and return the DOM after scripts ran. Flags keep
+    it off the network (no background services, no component updates)."""
+    argv = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--window-size=1400,2000", "--dump-dom", url]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _drawn(dom: str) -> dict[str, tuple[int, str]]:
+    out = {}
+    for tag in re.findall(r"<svg [^>]*>", dom):
+        name = re.search(r'data-plot="([^"]+)"', tag)
+        marks = re.search(r'data-drawn-marks="(\d+)"', tag)
+        size = re.search(r'data-drawn-size="([^"]+)"', tag)
+        if name:
+            out[name.group(1)] = (int(marks.group(1)) if marks else -1,
+                                  size.group(1) if size else "")
+    return out
+
+
+def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path) -> None:
+    """Served page and standalone file: in a real browser every plot is laid out at full
+    size and every datum drawn has a size (the page's own check, read back from the DOM)."""
+    _fill(collector.db_path)
+    drawn = _drawn(_render_in_chromium(collector.url + "/report?probe=line-1", tmp_path))
+    assert set(drawn) == set(PLOTS)
+    for name, (marks, size) in drawn.items():
+        assert marks > 0, (name, marks)
+        width, height = (int(v) for v in size.split("x"))
+        assert width >= 600 and height >= 240, (name, size)
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["--db", str(collector.db_path), "report", "--format",
+                                       "html", "-o", str(out)])
+    assert result.exit_code == 0
+    standalone = _drawn(_render_in_chromium(out.as_uri(), tmp_path))
+    assert {k: v[0] > 0 for k, v in standalone.items()} == dict.fromkeys(PLOTS, True)
