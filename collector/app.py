@@ -8,6 +8,7 @@ Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,7 @@ T = TypeVar("T")
 CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", SqliteStore)
 DB_THREAD = web.AppKey("db_thread", ThreadPoolExecutor)
+SINK = web.AppKey("influx_sink", object)
 
 
 async def db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
@@ -131,6 +133,9 @@ async def post_result(request: web.Request) -> web.Response:
         raise ApiError(409, f"result {result.result_id} was already stored with other content",
                        field="result_id")
     status = 201 if outcome == "stored" else 200
+    sink = request.app.get(SINK)
+    if outcome == "stored" and sink is not None:
+        sink.wake.set()  # type: ignore[attr-defined]
     return web.json_response(
         {"result_id": result.result_id, "stored": outcome == "stored",
          "duplicate": outcome == "duplicate"},
@@ -244,7 +249,14 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    doc: dict[str, Any] = {"status": "ok", "version": __version__}
+    sink = request.app.get(SINK)
+    if sink is not None:
+        from dataclasses import asdict
+
+        doc["influxdb"] = {**asdict(sink.state),  # type: ignore[attr-defined]
+                           "outbox": await db(request, SqliteStore.outbox_size)}
+    return web.json_response(doc)
 
 
 # --- application -----------------------------------------------------------------------------
@@ -258,8 +270,24 @@ def create_app(cfg: CollectorConfig) -> web.Application:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bbprobe-db")
         loop = asyncio.get_running_loop()
         app[DB_THREAD] = executor
-        app[STORE] = await loop.run_in_executor(executor, SqliteStore, cfg.storage.path)
+        app[STORE] = await loop.run_in_executor(
+            executor, partial(SqliteStore, cfg.storage.path, outbox=cfg.influxdb.enabled))
+        sink_task = None
+        if cfg.influxdb.enabled:
+            from collector.influx import InfluxSink
+
+            async def on_db(fn: Callable[..., T], *args: Any) -> T:
+                return await loop.run_in_executor(executor, fn, app[STORE], *args)
+
+            sink = InfluxSink(cfg.influxdb, on_db)
+            app[SINK] = sink
+            sink_task = asyncio.create_task(sink.run(), name="bbprobe-influx-sink")
         yield
+        if sink_task is not None:
+            sink_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sink_task
+            await loop.run_in_executor(None, app[SINK].close)  # type: ignore[attr-defined]
         await loop.run_in_executor(executor, app[STORE].close)
         executor.shutdown(wait=True)
 

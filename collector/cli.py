@@ -377,3 +377,50 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
         click.echo(json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False))
     else:
         click.echo(format_certificate(cert), nl=False)
+
+
+@main.group()
+def influx() -> None:
+    """The InfluxDB copy: queue stored results again, see the outbox."""
+
+
+@influx.command("backfill")
+@shared_options
+@_scope_options
+@click.pass_context
+@handle_errors
+def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
+                    until: str | None, period: str | None, **filters: Any) -> None:
+    """Queue stored results in scope for InfluxDB (after enabling the sink, or to rebuild
+    a bucket). A running collector with [influxdb] enabled writes them; points already
+    there are rewritten identically."""
+    from agent.schema import utc_now
+
+    store = _open_store(ctx)
+    try:
+        where = _resolve_scope(store, probes, since, until, period, filters)
+        added = store.outbox_enqueue(list(where.probes) if where.probes is not None else None,
+                                     where.since, where.until, utc_now())
+        waiting = store.outbox_size()
+    finally:
+        store.close()
+    click.echo(f"queued {added} result(s); {waiting} waiting for InfluxDB")
+    if not _config(ctx).influxdb.enabled:
+        click.echo("note: [influxdb] is not enabled in this configuration; the collector "
+                   "will not write them until it is", err=True)
+
+
+@influx.command("status")
+@shared_options
+@click.pass_context
+@handle_errors
+def influx_status(ctx: click.Context) -> None:
+    """Results waiting in the outbox (a running collector's /healthz shows more)."""
+    store = _open_store(ctx)
+    try:
+        waiting = store.outbox_size()
+    finally:
+        store.close()
+    cfg = _config(ctx).influxdb
+    state = f"enabled, {cfg.url}, bucket {cfg.bucket}" if cfg.enabled else "disabled"
+    click.echo(f"influxdb: {state}; {waiting} result(s) waiting")

@@ -56,11 +56,32 @@ class ComplianceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InfluxConfig:
+    # Copy every stored result to InfluxDB 2.x/3.x (or any InfluxDB v2 write API server)
+    # through a durable outbox in SQLite (collector/influx.py).
+    enabled: bool = False
+    url: str = ""
+    org: str = ""
+    bucket: str = "bbprobe"
+    # The API token is read from this environment variable, never from the file.
+    token_env: str = "BBPROBE_INFLUX_TOKEN"
+    # Results per write (each is ~15 points: summary, attempts, pings).
+    batch_results: int = field(default=100, metadata=bounds(ge=1, le=10_000))
+    timeout_s: float = field(default=10.0, metadata=bounds(gt=0, le=300))
+    # After a failed write: wait retry_min_s, doubling up to retry_max_s (+-50 % jitter).
+    retry_min_s: float = field(default=1.0, metadata=bounds(gt=0, le=3600))
+    retry_max_s: float = field(default=300.0, metadata=bounds(gt=0, le=86400))
+    # How often an idle sink looks at the outbox (new results also wake it at once).
+    poll_s: float = field(default=5.0, metadata=bounds(gt=0, le=3600))
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+    influxdb: InfluxConfig = field(default_factory=InfluxConfig)
 
 
 def load(
@@ -84,4 +105,16 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
     cfg = decode_table(CollectorConfig, data, source, ConfigError)
     if not cfg.storage.path:
         raise ConfigError(f"{source}: storage.path: must not be empty")
+    influx = cfg.influxdb
+    if influx.enabled:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(influx.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{source}: influxdb.url: expected http(s)://host[:port], got "
+                              f"{influx.url!r}")
+        if not influx.bucket:
+            raise ConfigError(f"{source}: influxdb.bucket: must not be empty")
+    if influx.retry_max_s < influx.retry_min_s:
+        raise ConfigError(f"{source}: influxdb.retry_max_s: must be >= retry_min_s")
     return cfg

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.schema import SessionResult
 from agent.stats import Moments
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
@@ -94,6 +95,14 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ) WITHOUT ROWID;
     """,
     _backfill_facts,
+    # 3: results waiting to be copied to InfluxDB (collector/influx.py), in arrival order.
+    """
+    CREATE TABLE influx_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
+        queued_at TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -157,8 +166,10 @@ _LINE_COLUMNS = tuple(f.name for f in fields(LineMetadata))
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, outbox: bool = False) -> None:
         self.path = Path(path)
+        # Queue every new result for the InfluxDB sink, in its own transaction.
+        self.outbox = outbox
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -283,6 +294,9 @@ class SqliteStore:
                  body_sha256, body),
             )
             _insert_facts(self._db, facts, probe_name)
+            if self.outbox:
+                self._db.execute("INSERT INTO influx_outbox (result_id, queued_at) "
+                                 "VALUES (?, ?)", (result_id, received_at))
         return "stored"
 
     def results(
@@ -417,6 +431,39 @@ class SqliteStore:
             else:
                 row.upload_n, row.upload_kbps_sum = count, total
         return [rows[h] for h in sorted(rows)]
+
+    # --- InfluxDB outbox ------------------------------------------------------------------
+
+    def outbox_batch(self, limit: int) -> list[tuple[str, SessionResult, LineMetadata]]:
+        """The oldest ``limit`` queued results, decoded, with their probe's line."""
+        from agent.schema import parse_result
+
+        rows = self._db.execute(
+            "SELECT o.result_id, r.body, p.* FROM influx_outbox o "
+            "JOIN results r ON r.result_id = o.result_id "
+            "JOIN probes p ON p.name = r.probe_name ORDER BY o.seq LIMIT ?", (limit,))
+        return [(row["result_id"], parse_result(json.loads(row["body"])),
+                 LineMetadata(**{c: row[c] for c in _LINE_COLUMNS})) for row in rows]
+
+    def outbox_done(self, result_ids: Sequence[str]) -> None:
+        with self._write():
+            self._db.executemany("DELETE FROM influx_outbox WHERE result_id = ?",
+                                 [(r,) for r in result_ids])
+
+    def outbox_size(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM influx_outbox").fetchone()[0])
+
+    def outbox_enqueue(self, probes: Sequence[str] | None, since: str | None,
+                       until: str | None, queued_at: str) -> int:
+        """Queue stored results again (a backfill after enabling the sink); returns how
+        many were added (those already queued are not queued twice)."""
+        where, params = self._scope(probes, since, until)
+        with self._write():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO influx_outbox (result_id, queued_at) "
+                f"SELECT result_id, ? FROM results WHERE {where} ORDER BY started_at",
+                [queued_at, *params])
+        return cursor.rowcount
 
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(

@@ -1,0 +1,262 @@
+"""The InfluxDB sink against a real InfluxDB v2 write API server (VictoriaMetrics, from
+Debian's victoria-metrics package, on 127.0.0.1): points as documented, read back through
+the server's export API; an outage loses nothing and the outbox catches up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from collector.cli import main
+from collector.config import CollectorConfig, InfluxConfig, parse
+from collector.errors import ConfigError
+from collector.influx import points
+from collector.storage.sqlite import LineMetadata
+from collector.testing import RunningCollector, running_collector
+from tests.conftest import IN_CI
+from tests.factories import attempt, session, session_dict, store_result
+from tests.httpclient import post_json, request
+
+LINE = LineMetadata(operator="BT Italia", offer="Fibra 100", region="Lazio",
+                    technology="FTTH")
+
+
+def test_points_carry_units_tags_and_exact_times() -> None:
+    """Summary, one point per attempt and per ping; tags for probe and line; unset line
+    fields are left out; times to the microsecond."""
+    result = session("p1", rtts=[10.5, None], transfers=[
+        attempt("download", ok=False), attempt("download", 0, 2, bps=40e6),
+        attempt("upload", bps=9e6)])
+    got = [p.to_line_protocol() for p in points(result, LineMetadata(operator="BT Italia"))]
+    assert len(got) == 1 + 3 + 2
+    head = got[0]
+    assert head.startswith("bbprobe_session,operator=BT\\ Italia,probe=p1,profile=test ")
+    assert "download_bps=40000000" in head and "loss_ratio=0.5" in head
+    assert head.endswith(" 1795255200000000000")  # 2026-11-21T10:00:00Z
+    assert "failure_reason=connect_error" in got[1] and "status=failed" in got[1]
+    assert "throughput_bps" not in got[1] and "ok=0i" in got[1]
+    assert "throughput_bps=40000000" in got[2] and "ok=1i" in got[2]
+    assert got[4].startswith("bbprobe_ping,operator=BT\\ Italia,probe=p1 ")
+    assert "rtt_ms=10.5" in got[4] and "lost=0i" in got[4]
+    assert "rtt_ms" not in got[5] and "lost=1i" in got[5]
+    assert got[5].endswith(" 1795255201000000000")  # sent 1 s after the train started
+    assert "region=" not in head
+
+
+def test_enabled_sink_needs_a_url() -> None:
+    with pytest.raises(ConfigError, match=r"influxdb.url: expected http\(s\)://host"):
+        parse({"influxdb": {"enabled": True, "url": "localhost:8086"}})
+    with pytest.raises(ConfigError, match=r"influxdb\.colour: unknown"):
+        parse({"influxdb": {"colour": "blue"}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VictoriaMetrics:
+    def __init__(self, binary: str, data: Path, port: int) -> None:
+        self.binary, self.data, self.port = binary, data, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.data.parent / "victoria-metrics.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, f"-storageDataPath={self.data}",
+                 f"-httpListenAddr=127.0.0.1:{self.port}", "-retentionPeriod=100y"],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("victoria-metrics did not become healthy within 30 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def export(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]:
+        """Every bbprobe series: (name, sorted labels) -> values, via /api/v1/export."""
+        urllib.request.urlopen(self.url + "/internal/force_flush", timeout=10).close()
+        query = urllib.parse.urlencode({"match[]": '{__name__=~"bbprobe_.*"}'})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+        out = {}
+        for line in lines:
+            doc = json.loads(line)
+            labels = dict(doc["metric"])
+            name = labels.pop("__name__")
+            out[(name, tuple(sorted(labels.items())))] = doc["values"]
+        return out
+
+
+@pytest.fixture
+def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A VictoriaMetrics of the test's own on 127.0.0.1, not yet started."""
+    binary = shutil.which("victoria-metrics")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("CI=true but Debian's victoria-metrics is not installed "
+                        "(make test installs it)")
+        pytest.skip("needs Debian's victoria-metrics for the InfluxDB sink tests")
+    vm = VictoriaMetrics(binary, tmp_path / "vm-data", _free_port())
+    try:
+        yield vm
+    finally:
+        vm.stop()
+
+
+def _influx_collector(tmp_path: Path, url: str) -> Any:
+    cfg = replace(CollectorConfig(), influxdb=InfluxConfig(
+        enabled=True, url=url, org="bbprobe", bucket="bbprobe", batch_results=3,
+        timeout_s=2, retry_min_s=0.2, retry_max_s=0.5, poll_s=0.2))
+    return running_collector(tmp_path / "collector", cfg)
+
+
+def _until(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.1)
+
+
+def _health(collector: RunningCollector) -> dict[str, Any]:
+    status, body, _ = request("GET", collector.url + "/healthz")
+    assert status == 200
+    influx: dict[str, Any] = body["influxdb"]
+    return influx
+
+
+def _post(collector: RunningCollector, token: str, probe: str, hour: int) -> str:
+    doc = session_dict(probe_id=probe, started_at=f"2026-11-21T{hour:02d}:00:00.000000Z")
+    status, body = post_json(collector.url + "/api/v1/results", doc, token)
+    assert status == 201, body
+    return str(doc["result_id"])
+
+
+def test_results_reach_influx_with_tags_and_values(victoria: VictoriaMetrics,
+                                                   tmp_path: Path) -> None:
+    """Posted results appear in the server with the probe's line as tags; the outbox
+    empties; /healthz reports the count written."""
+    victoria.start()
+    with _influx_collector(tmp_path, victoria.url) as collector:
+        token = collector.add_probe("p1", LINE)
+        for hour in (8, 9, 10, 11):
+            _post(collector, token, "p1", hour)
+        _until(lambda: _health(collector)["written_results"] == 4, "4 results written")
+        assert _health(collector)["outbox"] == 0
+    series = victoria.export()
+    tags = (("offer", "Fibra 100"), ("operator", "BT Italia"), ("probe", "p1"),
+            ("profile", "test"), ("region", "Lazio"), ("technology", "FTTH"))
+    assert series[("bbprobe_session_download_bps", tags)] == [50e6] * 4
+    assert series[("bbprobe_session_upload_bps", tags)] == [10e6] * 4
+    pings = [v for (name, _), v in series.items() if name == "bbprobe_ping_rtt_ms"]
+    assert sorted(x for values in pings for x in values) == sorted([10.0, 11.0, 12.0] * 4)
+
+
+def test_outage_loses_nothing_and_catches_up(victoria: VictoriaMetrics,
+                                             tmp_path: Path) -> None:
+    """InfluxDB down while results arrive: every post still succeeds, the outbox holds
+    them and /healthz shows the error; once the server is up they all arrive once."""
+    with _influx_collector(tmp_path, victoria.url) as collector:
+        token = collector.add_probe("p1", LINE)
+        for hour in range(7):
+            _post(collector, token, "p1", hour)
+        _until(lambda: _health(collector)["last_error"] is not None, "a failed write")
+        health = _health(collector)
+        assert (health["outbox"], health["written_results"]) == (7, 0)
+        victoria.start()
+        _until(lambda: _health(collector)["outbox"] == 0, "outbox drained")
+        assert _health(collector)["written_results"] == 7
+    series = victoria.export()
+    sessions = [v for (name, _), v in series.items() if name == "bbprobe_session_rtt_mean_ms"]
+    assert sum(len(v) for v in sessions) == 7
+
+
+def test_backfill_queues_stored_results(victoria: VictoriaMetrics, tmp_path: Path) -> None:
+    """Results stored before the sink was enabled reach InfluxDB after `influx backfill`;
+    results already queued are not queued twice."""
+    from collector.storage.sqlite import SqliteStore
+
+    db = tmp_path / "collector" / "collector.sqlite3"
+    db.parent.mkdir()
+    store = SqliteStore(db)
+    from collector import service
+
+    service.register_probe(store, "p1", LINE)
+    for hour in range(5):
+        store_result(store, session("p1", started_at=f"2026-11-21T{hour:02d}:00:00.000000Z"))
+    store.close()
+    env = {"BBPROBE_INFLUX_TOKEN": "unused"}
+    result = CliRunner(env=env).invoke(main, ["--db", str(db), "influx", "backfill",
+                                              "--until", "2026-11-21T03:00:00Z"])
+    assert result.exit_code == 0, result.output
+    assert "queued 3 result(s); 3 waiting" in result.output
+    result = CliRunner().invoke(main, ["--db", str(db), "influx", "backfill"])
+    assert "queued 2 result(s); 5 waiting" in result.output
+    victoria.start()
+    with _influx_collector(tmp_path, victoria.url) as collector:
+        _until(lambda: _health(collector)["outbox"] == 0, "backfill drained")
+    sessions = [v for (name, _), v in victoria.export().items()
+                if name == "bbprobe_session_download_bps"]
+    assert sum(len(v) for v in sessions) == 5
+
+
+def test_disabled_sink_queues_nothing(collector: RunningCollector) -> None:
+    """Without [influxdb] enabled no outbox grows and /healthz has no influxdb part."""
+    token = collector.add_probe("p1")
+    _post(collector, token, "p1", 9)
+    status, body, _ = request("GET", collector.url + "/healthz")
+    assert status == 200 and "influxdb" not in body
+    result = CliRunner().invoke(main, ["--db", str(collector.db_path), "influx", "status"])
+    assert "influxdb: disabled; 0 result(s) waiting" in result.output
+
+
+
+def test_example_dashboard_matches_the_points() -> None:
+    """Every measurement, field and tag the example Grafana dashboard filters on is one
+    the sink writes: the dashboard cannot drift from the schema unnoticed."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "configs/grafana/bbprobe-dashboard.json").read_text())
+    result = session("p1", rtts=[10.0, None], transfers=[attempt("download", ok=False),
+                                                         attempt("upload")])
+    result = replace(result, summary=replace(result.summary, rtt_download_mean_ms=30.0,
+                                             rtt_upload_mean_ms=40.0))  # latency under load
+    written: dict[str, set[str]] = {}
+    for p in points(result, LINE):
+        measurement, rest = p.to_line_protocol().split(",", 1)
+        tags, fields_part, _ = rest.rsplit(" ", 2)
+        written.setdefault(measurement, set()).update(
+            [kv.split("=")[0] for kv in re.split(r"(?<!\\),", tags)]
+            + [kv.split("=")[0] for kv in fields_part.split(",")])
+    queries = [t["query"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(queries) == 6
+    for query in queries:
+        (measurement,) = re.findall(r'r\._measurement == "(\w+)"', query)
+        used = set(re.findall(r'r\._field == "(\w+)"', query))
+        used |= set(re.findall(r"r\.(\w+) (?:==|=~)", query)) - {"_measurement", "_field"}
+        assert used <= written[measurement], (measurement, used - written[measurement])
