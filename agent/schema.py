@@ -29,7 +29,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 # 1: first version. 2: latency under load (ping_download, ping_upload, loaded RTT
 # summaries), adaptive streams (TransferMethod.streams = 0), PingMethod.loaded_interval_s.
-SCHEMA_VERSION = 2
+# 3: validity (valid/invalid with reasons).
+SCHEMA_VERSION = 3
 
 Status = Literal["ok", "failed"]
 Direction = Literal["download", "upload"]
@@ -46,6 +47,7 @@ FailureReason = Literal[
 ]
 
 PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+REASON_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 class SchemaError(ValueError):
@@ -226,6 +228,26 @@ class SessionSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class InvalidReason:
+    """Why a session is not evidence about the line (Ne.Me.Sys refuses such measurements,
+    methodology.md §2.6). ``code`` is a stable identifier such as ``wifi``, ``cpu_busy``,
+    ``cross_traffic``, ``lan_hosts``, ``clock_unsynced``; ``detail`` says it in words,
+    with the measured figure."""
+
+    code: str = field(metadata={"format": "reason_code"})
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Validity:
+    """The agent's judgement of its own measurement conditions (v3). Invalid sessions are
+    kept and shown apart, never counted in compliance unless an analyst asks."""
+
+    valid: bool
+    reasons: tuple[InvalidReason, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
@@ -243,6 +265,12 @@ class SessionResult:
     # latency under load, reported apart and never mixed into the idle delay indicators.
     ping_download: PingTest | None = None
     ping_upload: PingTest | None = None
+    # v3; None: the agent made no validity checks (counted as valid).
+    validity: Validity | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.validity is None or self.validity.valid
 
 
 # --- Upload sink report (collector -> agent) ---------------------------------------------
@@ -288,6 +316,9 @@ def parse_result(data: Any) -> SessionResult:
     result = decode(SessionResult, data)
     if parse_utc(result.ended_at) < parse_utc(result.started_at):
         raise SchemaError("ended_at", "is earlier than started_at")
+    if result.validity is not None and result.validity.valid == bool(result.validity.reasons):
+        raise SchemaError("validity.reasons", "an invalid session needs at least one reason, "
+                          "a valid one none")
     return result
 
 
@@ -463,6 +494,9 @@ def _check_format(value: str, path: str, fmt: str | None) -> None:
         raise SchemaError(
             path, f"must be 1-64 characters of letters, digits, '.', '_', '-', got {value!r}"
         )
+    elif fmt == "reason_code" and not REASON_CODE_RE.match(value):
+        raise SchemaError(path, f"must be 1-40 lowercase letters, digits or '_', starting "
+                          f"with a letter, got {value!r}")
 
 
 # --- JSON Schema, generated from the same dataclasses (for the collector's OpenAPI) ----------
@@ -516,4 +550,6 @@ def _schema_of(tp: Any, meta: dict[str, Any], defs: dict[str, Any]) -> dict[str,
         out["format"] = "uuid"
     elif fmt == "probe_id":
         out["pattern"] = PROBE_ID_RE.pattern
+    elif fmt == "reason_code":
+        out["pattern"] = REASON_CODE_RE.pattern
     return out

@@ -193,6 +193,14 @@ async def get_result(request: web.Request) -> web.Response:
 REPORT_FORMATS = ("json", "csv", "html")
 
 
+def _include_invalid(request: web.Request) -> bool:
+    raw = request.query.get("include_invalid", "false").lower()
+    if raw not in ("true", "false"):
+        raise ApiError(400, f"include_invalid: expected true or false, got {raw!r}",
+                       field="include_invalid")
+    return raw == "true"
+
+
 async def get_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
@@ -205,7 +213,7 @@ async def get_report(request: web.Request) -> web.Response:
     path = request.app[CONFIG].compliance.targets
     table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
     where = await db(request, lambda store: _scope(request, store))
-    report = await db(request, service.compliance, where, table)
+    report = await db(request, service.compliance, where, table, _include_invalid(request))
     if fmt == "csv":
         return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
                             content_type="text/csv")
@@ -218,7 +226,8 @@ async def report_page(request: web.Request) -> web.Response:
     table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
     where = await db(request, lambda store: _scope(request, store))
     timezone = request.query.get("timezone", "Europe/Rome")
-    page = await db(request, service.report_page, where, table, timezone)
+    page = await db(request, service.report_page, where, table, timezone,
+                    _include_invalid(request))
     return web.Response(text=page, content_type="text/html")
 
 

@@ -255,11 +255,13 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
               help="Write here instead of stdout (html default: bbprobe-report.html).")
 @click.option("--timezone", default="Europe/Rome", show_default=True,
               help="Local time of the hour bands and time axes (html).")
+@click.option("--include-invalid", is_flag=True,
+              help="Count sessions the agents flagged invalid (left out by default).")
 @click.pass_context
 @handle_errors
 def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
            period: str | None, targets_path: str | None, fmt: str, output: str | None,
-           timezone: str, **filters: Any) -> None:
+           timezone: str, include_invalid: bool, **filters: Any) -> None:
     """Compliance report: each Allegato 2 indicator against its target, for probes chosen
     by name or by line metadata, over a calendar period or a time range."""
     cfg = _config(ctx)
@@ -268,10 +270,10 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
     try:
         where = _resolve_scope(store, probes, since, until, period, filters)
         if fmt == "html":
-            text = service.report_page(store, where, table, timezone)
+            text = service.report_page(store, where, table, timezone, include_invalid)
             output = output or "bbprobe-report.html"
         else:
-            result = service.compliance(store, where, table)
+            result = service.compliance(store, where, table, include_invalid)
     finally:
         store.close()
     if fmt == "json":

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from agent import stats
 from collector import __version__, plots
 from collector.compliance.evaluate import Observations, Report
-from collector.report import SHORT_NAMES, Scope, format_value
+from collector.report import SHORT_NAMES, Scope, format_value, invalid_sentence
 from collector.storage.sqlite import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14
@@ -218,7 +218,9 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f"{report.verdict.upper()}</span></p></header>",
         "<section><h2>Indicators</h2><table><tr><th>Indicator</th><th>Observed</th>"
         f"<th>Target</th><th>Samples</th><th>Result</th></tr>{''.join(rows)}</table>"
-        f"<p>{escape(failures)}.</p></section>",
+        f"<p>{escape(failures)}.</p>"
+        f'<p class="invalid"><b>Invalid measurements:</b> '
+        f"{escape(invalid_sentence(report))}.</p></section>",
         "<section><h2>Speed distribution</h2><div class=plots>"
         f"{_speed_plot('download', obs, report)}{_speed_plot('upload', obs, report)}"
         "</div></section>",

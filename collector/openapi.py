@@ -128,7 +128,10 @@ def document() -> dict[str, Any]:
                                    _query("format", "json (default), csv (one row per "
                                           "indicator) or html (the page with plots).",
                                           {"enum": ["json", "csv", "html"]}),
-                                   _query("timezone", "Local time of the plots (html).")],
+                                   _query("timezone", "Local time of the plots (html)."),
+                                   _query("include_invalid", "Count sessions flagged invalid "
+                                          "(default false: shown apart).",
+                                          {"enum": ["true", "false"]})],
                     "responses": {"200": {"description": "The report.", "content": {
                         "application/json": {"schema": {
                             "$ref": "#/components/schemas/Report"}},
@@ -139,7 +142,9 @@ def document() -> dict[str, Any]:
         "/report": {
             "get": {"summary": "HTML report with plots for the scope in the query.",
                     "parameters": [*SCOPE_PARAMETERS,
-                                   _query("timezone", "Local time of the plots.")],
+                                   _query("timezone", "Local time of the plots."),
+                                   _query("include_invalid", "Count sessions flagged invalid.",
+                                          {"enum": ["true", "false"]})],
                     "responses": {"200": {"description": "A standalone HTML page.",
                                           "content": {"text/html": {"schema": {
                                               "type": "string"}}}},

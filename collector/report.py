@@ -81,6 +81,8 @@ def format_text(report: Report, scope: Scope) -> str:
         ).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"Invalid:  {invalid_sentence(report)}")
     met = sum(1 for r in report.indicators if r.passed)
     lines += [
         "",
@@ -98,6 +100,17 @@ def format_text(report: Report, scope: Scope) -> str:
     return "\n".join(lines) + "\n"
 
 
+def invalid_sentence(report: Report) -> str:
+    """How many sessions the agents flagged invalid, why, and whether they count."""
+    n = report.invalid_sessions
+    if n == 0:
+        return "no session in scope was flagged invalid"
+    reasons = ", ".join(f"{code} {count}" for code, count in report.invalid_reasons)
+    fate = "included at the analyst's request" if report.invalid_included \
+        else "left out of every indicator"
+    return f"{n} session(s) flagged invalid ({reasons or 'no reason given'}); {fate}"
+
+
 def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
     return {
         "targets": {"name": report.targets_name, "source": report.targets_source,
@@ -105,6 +118,9 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
         "scope": {"probes": list(scope.probes) if scope.probes is not None else None,
                   "since": scope.since, "until": scope.until},
         "sessions": report.sessions,
+        "invalid": {"sessions": report.invalid_sessions,
+                    "reasons": dict(report.invalid_reasons),
+                    "included": report.invalid_included},
         "verdict": report.verdict,
         "indicators": [asdict(r) for r in report.indicators],
         "not_measured": [
@@ -246,7 +262,10 @@ def format_certificate(cert: Any) -> str:
             return ", ".join("failed" if v is None else format_value(v, unit) for v in values) \
                 or "—"
         rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
-        out.append(f"  {s.started_at} band {s.band:02d}{'' if s.counted else ' (not counted)'}"
+        mark = "" if s.counted else " (not counted)"
+        if not s.valid:
+            mark = f" (INVALID: {', '.join(s.invalid_codes) or 'no reason given'})"
+        out.append(f"  {s.started_at} band {s.band:02d}{mark}"
                    f"  down {show(s.download_kbps, 'kbit/s')}  up {show(s.upload_kbps, 'kbit/s')}"
                    f"  RTT ms {rtts}")
     return "\n".join(out) + "\n"

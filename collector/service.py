@@ -109,22 +109,24 @@ def listing(store: SqliteStore, where: Scope, limit: int | None = None) -> list[
     ]
 
 
-def compliance(store: SqliteStore, where: Scope, targets: Targets) -> Report:
+def compliance(store: SqliteStore, where: Scope, targets: Targets,
+               include_invalid: bool = False) -> Report:
     """Evaluate a scope from the stored facts (never by decoding every body)."""
     obs = store.observations(list(where.probes) if where.probes is not None else None,
-                             where.since, where.until)
+                             where.since, where.until, include_invalid)
     return evaluate(obs, targets)
 
 
 def report_page(store: SqliteStore, where: Scope, targets: Targets, timezone: str,
+                include_invalid: bool = False,
                 title: str = "Allegato 2 compliance report") -> str:
     """The compliance report of a scope as a standalone HTML page with plots."""
     from collector import html_report
 
     _check_timezone(timezone)
     probes = list(where.probes) if where.probes is not None else None
-    obs = store.observations(probes, where.since, where.until)
-    hourly = store.hourly(probes, where.since, where.until)
+    obs = store.observations(probes, where.since, where.until, include_invalid)
+    hourly = store.hourly(probes, where.since, where.until, include_invalid)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
     return html_report.render(evaluate(obs, targets), where, obs, hourly, timezone,
                               utc_now(), scale, title)

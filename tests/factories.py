@@ -10,6 +10,7 @@ from typing import Any
 from agent import summary
 from agent.schema import (
     SCHEMA_VERSION,
+    InvalidReason,
     Method,
     PingMethod,
     PingSample,
@@ -18,6 +19,7 @@ from agent.schema import (
     SessionResult,
     TransferAttempt,
     TransferMethod,
+    Validity,
     to_dict,
 )
 
@@ -81,10 +83,13 @@ def ping_test(rtts: Sequence[float | None]) -> PingTest:
 def session(probe_id: str = "p1", *, started_at: str = "2026-11-21T10:00:00.000000Z",
             rtts: Sequence[float | None] = (10.0, 11.0, 12.0),
             transfers: Sequence[TransferAttempt] | None = None,
-            result_id: str | None = None) -> SessionResult:
+            result_id: str | None = None, invalid: Sequence[str] = ()) -> SessionResult:
+    """A session; ``invalid`` reason codes make the agent flag it invalid."""
     if transfers is None:
         transfers = [attempt("download"), attempt("upload", bps=10e6)]
     ping = ping_test(rtts) if rtts else None
+    validity = Validity(valid=not invalid, reasons=tuple(
+        InvalidReason(code, f"{code} (test)") for code in invalid))
     return SessionResult(
         schema_version=SCHEMA_VERSION,
         result_id=result_id or str(uuid.uuid4()),
@@ -94,6 +99,7 @@ def session(probe_id: str = "p1", *, started_at: str = "2026-11-21T10:00:00.0000
                                                       ping_target="198.18.0.1"),
         ping=ping, transfers=tuple(transfers),
         summary=summary.session_summary(ping.summary if ping else None, transfers),
+        validity=validity,
     )
 
 

@@ -9,7 +9,8 @@ line meet its contract? Pure: results and contract in, certificate out.
   per-test speed) below the guaranteed minimum in either direction, "ritardo massimo"
   (95th percentile of delay) above the maximum, or loss above the maximum: a breach. Any
   one breach qualifies (AGCOM, Relazione annuale 2012). A campaign with any band short is
-  "incomplete": never a verdict.
+  "incomplete": never a verdict. Sessions the agent flagged invalid are listed but
+  neither fill a band nor contribute a sample.
 - Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
   ``delay_basis="rtt_half"`` judges the one-way estimate instead.
 """
@@ -65,6 +66,8 @@ class SessionLine:
     download_kbps: tuple[float | None, ...]
     upload_kbps: tuple[float | None, ...]
     rtts_ms: tuple[float | None, ...]
+    valid: bool = True
+    invalid_codes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,12 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
     for r in ordered:
         band = parse_utc(r.started_at).astimezone(zone).hour
+        if not r.valid:
+            # Not evidence about the line: listed, never counted, its band still to fill.
+            listed.append(SessionLine(r.result_id, r.started_at, band, False,
+                                      r.speeds("download"), r.speeds("upload"), r.rtts_ms,
+                                      False, r.invalid_codes))
+            continue
         counted = r.completed
         if counted:
             counts[band] += 1

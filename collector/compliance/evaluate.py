@@ -40,8 +40,19 @@ class Observations:
     rtt: stats.Moments = field(default_factory=stats.Moments)
     pings_sent: int = 0
     pings_lost: int = 0
+    # Sessions the agent flagged invalid, with counts per reason code; left out of every
+    # figure above unless ``invalid_included``.
+    invalid_sessions: int = 0
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    invalid_included: bool = False
 
     def add(self, facts: SessionFacts) -> None:
+        if not facts.valid:
+            self.invalid_sessions += 1
+            for code in facts.invalid_codes:
+                self.invalid_reasons[code] = self.invalid_reasons.get(code, 0) + 1
+            if not self.invalid_included:
+                return
         self.sessions += 1
         for t in facts.transfers:
             if t.direction == "download":
@@ -59,8 +70,8 @@ class Observations:
         self.rtt = self.rtt.merge(facts.rtt)
 
 
-def observe(results: Iterable[SessionResult]) -> Observations:
-    obs = Observations()
+def observe(results: Iterable[SessionResult], include_invalid: bool = False) -> Observations:
+    obs = Observations(invalid_included=include_invalid)
     for r in results:
         obs.add(of_result(r, r.started_at))
     return obs
@@ -89,6 +100,9 @@ class Report:
     not_measured: tuple[Indicator, ...]
     verdict: Verdict
     method: dict[str, str]
+    invalid_sessions: int = 0
+    invalid_reasons: tuple[tuple[str, int], ...] = ()
+    invalid_included: bool = False
 
 
 def _value(ind: Indicator, obs: Observations, targets: Targets) -> tuple[float | None, int]:
@@ -147,6 +161,9 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         indicators=tuple(results),
         not_measured=tuple(i for i in targets.indicator if not i.measurable),
         verdict=verdict,
+        invalid_sessions=obs.invalid_sessions,
+        invalid_reasons=tuple(sorted(obs.invalid_reasons.items())),
+        invalid_included=obs.invalid_included,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"

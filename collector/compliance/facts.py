@@ -12,7 +12,9 @@ stays the master copy; the facts are rebuilt from it by a store migration.
   and standard deviation of a whole scope merge exactly (``agent.stats.Moments``), and
   every raw RTT for the certificate's per-line percentile;
 - "completed": a successful download, a successful upload and a ping train that sent
-  packets (what counts towards a campaign band, certify.py).
+  packets (what counts towards a campaign band, certify.py);
+- validity: the agent's valid/invalid flag and the reason codes (schema v3); invalid
+  sessions are left out of compliance and certification by default, and counted apart.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class SessionFacts:
     rtt: Moments
     rtts_ms: tuple[float | None, ...]
     transfers: tuple[TransferFact, ...]
+    valid: bool = True
+    invalid_codes: tuple[str, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -67,4 +71,7 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
         result_id=result.result_id, probe_id=result.probe_id, started_at=started_at,
         pings_sent=len(rtts), pings_lost=len(rtts) - len(answered),
         rtt=Moments.of(answered), rtts_ms=rtts, transfers=transfers,
+        valid=result.valid,
+        invalid_codes=tuple(r.code for r in result.validity.reasons)
+        if result.validity is not None else (),
     )

@@ -81,6 +81,8 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         rtt_mean_ms REAL NOT NULL,
         rtt_m2 REAL NOT NULL,
         rtts_ms TEXT NOT NULL,
+        valid INTEGER NOT NULL,
+        invalid_codes TEXT NOT NULL,
         PRIMARY KEY (probe_name, started_at, result_id)
     ) WITHOUT ROWID;
     CREATE TABLE transfer_facts (
@@ -91,6 +93,7 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         direction TEXT NOT NULL,
         ok INTEGER NOT NULL,
         kbps REAL,
+        valid INTEGER NOT NULL,
         PRIMARY KEY (probe_name, started_at, result_id, seq)
     ) WITHOUT ROWID;
     """,
@@ -360,12 +363,21 @@ class SqliteStore:
         return cursor.execute(sql, params).fetchall()
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
-                     until: str | None = None) -> Observations:
+                     until: str | None = None, include_invalid: bool = False) -> Observations:
         """The evaluator's input for a scope, aggregated in SQL where that is exact
         (counts; RTT moments merged with Chan's formula) and with every per-test speed
-        (percentiles need the values)."""
+        (percentiles need the values). Sessions the agent flagged invalid are left out
+        unless ``include_invalid``, and counted apart with their reasons."""
         where, params = self._scope(probes, since, until)
         obs = Observations()
+        for (codes,) in self._plain(
+                f"SELECT invalid_codes FROM session_facts WHERE {where} AND valid = 0", params):
+            obs.invalid_sessions += 1
+            for code in codes.split():
+                obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + 1
+        obs.invalid_included = include_invalid
+        if not include_invalid:
+            where += " AND valid = 1"
         sessions, sent, lost, n, total = self._plain(
             "SELECT COUNT(*), TOTAL(pings_sent), TOTAL(pings_lost), TOTAL(rtt_n), "
             f"TOTAL(rtt_n * rtt_mean_ms) FROM session_facts WHERE {where}", params)[0]
@@ -403,18 +415,21 @@ class SqliteStore:
             SessionFacts(result_id=rid, probe_id=probe, started_at=started,
                          pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
                          rtts_ms=tuple(json.loads(rtts)),
-                         transfers=tuple(transfers.get(rid, ())))
-            for probe, started, rid, sent, lost, n, mean, m2, rtts in self._plain(
+                         transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
+                         invalid_codes=tuple(codes.split()))
+            for probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes in self._plain(
                 "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
-                f"rtt_mean_ms, rtt_m2, rtts_ms FROM session_facts WHERE {where} "
-                "ORDER BY started_at, result_id", params)
+                f"rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes FROM session_facts "
+                f"WHERE {where} ORDER BY started_at, result_id", params)
         ]
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
-               until: str | None = None) -> list[HourRow]:
+               until: str | None = None, include_invalid: bool = False) -> list[HourRow]:
         """Per UTC hour: sessions, pings, RTT sum and per-direction speed sums (plots of
-        any scope size, collector/plots.py)."""
+        any scope size, collector/plots.py); valid sessions only unless asked."""
         where, params = self._scope(probes, since, until)
+        if not include_invalid:
+            where += " AND valid = 1"
         rows: dict[str, HourRow] = {}
         for hour, sessions, sent, lost, n, rtt_sum in self._plain(
             "SELECT substr(started_at, 1, 13), COUNT(*), TOTAL(pings_sent), "
@@ -483,15 +498,17 @@ def _insert_facts(db: sqlite3.Connection, facts: SessionFacts,
     rtt = facts.rtt
     db.execute(
         "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, pings_lost, "
-        "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
-         rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":"))),
+         rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":")),
+         int(facts.valid), " ".join(facts.invalid_codes)),
     )
     db.executemany(
         "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, ok, "
-        "kbps) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(probe, facts.started_at, facts.result_id, seq, t.direction, int(t.ok), t.kbps)
-         for seq, t in enumerate(facts.transfers)],
+        "kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(probe, facts.started_at, facts.result_id, seq, t.direction, int(t.ok), t.kbps,
+          int(facts.valid)) for seq, t in enumerate(facts.transfers)],
     )
 
 

@@ -120,3 +120,31 @@ def test_version_1_documents_still_accepted() -> None:
     result = parse_result(doc)
     assert result.ping_download is None
     assert result.summary.rtt_download_mean_ms is None
+
+
+@pytest.mark.parametrize(
+    ("validity", "message"),
+    [
+        ({"valid": True, "reasons": [{"code": "wifi", "detail": "x"}]},
+         "validity.reasons: an invalid session needs at least one reason, a valid one none"),
+        ({"valid": False, "reasons": []},
+         "validity.reasons: an invalid session needs at least one reason, a valid one none"),
+        ({"valid": False, "reasons": [{"code": "Wi-Fi", "detail": "x"}]},
+         "validity.reasons[0].code: must be 1-40 lowercase letters, digits or '_', starting "
+         "with a letter, got 'Wi-Fi'"),
+    ],
+)
+def test_validity_is_consistent(validity: dict[str, Any], message: str) -> None:
+    """Invalid means at least one reason with a well-formed code; valid means none."""
+    doc = session_dict()
+    doc["validity"] = validity
+    with pytest.raises(SchemaError) as caught:
+        parse_result(doc)
+    assert str(caught.value) == message
+
+
+def test_invalid_session_round_trips() -> None:
+    original = session(invalid=["wifi", "cpu_busy"])
+    again = parse_result(json.loads(json.dumps(to_dict(original))))
+    assert again == original and not again.valid
+    assert [r.code for r in again.validity.reasons] == ["wifi", "cpu_busy"]  # type: ignore[union-attr]

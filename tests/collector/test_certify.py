@@ -101,6 +101,25 @@ def _store(db: Path, results: list[SessionResult]) -> None:
     store.close()
 
 
+def test_invalid_sessions_are_listed_but_neither_fill_a_band_nor_count() -> None:
+    """A session the agent flagged invalid (say, measured over Wi-Fi) leaves its band a
+    session short and adds no sample, however slow it was; it stays on the list."""
+    results = campaign()
+    results[5] = session("p1", started_at=results[5].started_at, rtts=[900.0],
+                         transfers=[attempt("download", bps=1e3), attempt("upload", bps=1e3)],
+                         invalid=["wifi"])
+    cert = certify("p1", CONTRACT, facts(results))
+    assert cert.band_counts[1] == 3 and cert.verdict == "incomplete"
+    got = {c.id: c for c in cert.checks}
+    assert got["download_p5_kbps"].samples == 95
+    assert got["download_p5_kbps"].breach is False
+    listed = cert.sessions[5]
+    assert (listed.valid, listed.invalid_codes, listed.counted) == (False, ("wifi",), False)
+    from collector.report import format_certificate
+
+    assert "(INVALID: wifi)" in format_certificate(cert)
+
+
 def test_cli_certificate(tmp_path: Path) -> None:
     """The certificate lists the line, the contract, every band, every session, the
     verdict; JSON carries the same."""

@@ -34,6 +34,11 @@ def _mixed() -> list[SessionResult]:
                            attempt("upload", bps=(3 + i) * 1e6)]))
     out.append(session("p1", started_at="2026-03-02T11:00:00.000000Z", rtts=[],
                        transfers=[attempt("upload", ok=False)]))
+    # Flagged invalid by the agent: out of every figure unless asked for.
+    out.append(session("p1", started_at="2026-03-02T12:00:00.000000Z", rtts=[500.0],
+                       transfers=[attempt("download", bps=1e3)], invalid=["wifi"]))
+    out.append(session("p2", started_at="2026-03-02T12:30:00.000000Z", rtts=[None],
+                       invalid=["cpu_busy", "wifi"]))
     return out
 
 
@@ -47,6 +52,8 @@ def store(tmp_path: Path) -> SqliteStore:
 
 def _same_report(a, b) -> None:  # type: ignore[no-untyped-def]
     assert a.sessions == b.sessions
+    assert (a.invalid_sessions, a.invalid_reasons, a.invalid_included) == (
+        b.invalid_sessions, b.invalid_reasons, b.invalid_included)
     for x, y in zip(a.indicators, b.indicators, strict=True):
         assert (x.id, x.samples, x.passed) == (y.id, y.samples, y.passed)
         if y.observed is None:
@@ -73,7 +80,27 @@ def test_scope_from_facts_equals_scope_from_bodies(
     expected = evaluate(observe(chosen), TABLE)
     got = evaluate(store.observations(probes, since, until), TABLE)
     _same_report(got, expected)
-    assert got.sessions == len(chosen)
+    assert got.sessions == sum(r.valid for r in chosen)
+    everything = evaluate(store.observations(probes, since, until, include_invalid=True),
+                          TABLE)
+    _same_report(everything, evaluate(observe(chosen, include_invalid=True), TABLE))
+    assert everything.sessions == len(chosen)
+
+
+def test_invalid_sessions_are_counted_apart(store: SqliteStore) -> None:
+    """By default the invalid sessions change no indicator and are reported with their
+    reasons; included, their pings and downloads (one at 1 kbit/s) count."""
+    for r in _mixed():
+        store_result(store, r)
+    report = evaluate(store.observations(), TABLE)
+    assert (report.invalid_sessions, report.invalid_reasons) == (
+        2, (("cpu_busy", 1), ("wifi", 2)))
+    included = evaluate(store.observations(include_invalid=True), TABLE)
+    by_id = {r.id: r for r in report.indicators}
+    more = {r.id: r for r in included.indicators}
+    assert more["download_p5_kbps"].samples == by_id["download_p5_kbps"].samples + 2
+    assert more["download_p5_kbps"].observed < by_id["download_p5_kbps"].observed
+    assert more["loss_ratio"].samples == by_id["loss_ratio"].samples + 2
 
 
 def test_facts_round_trip_for_a_line(store: SqliteStore) -> None:
@@ -82,7 +109,9 @@ def test_facts_round_trip_for_a_line(store: SqliteStore) -> None:
     for r in _mixed():
         store_result(store, r)
     facts = store.facts(["p2"])
-    assert [f.started_at[11:13] for f in facts] == ["08", "09", "10"]
+    assert [f.started_at[11:13] for f in facts] == ["08", "09", "10", "12"]
+    assert (facts[-1].valid, facts[-1].invalid_codes) == (False, ("cpu_busy", "wifi"))
+    assert facts[0].valid and facts[0].invalid_codes == ()
     assert facts[1].rtts_ms == (21.0, None, 21.0)
     assert facts[1].speeds("download") == (None, 37000.0)
     assert (facts[1].pings_sent, facts[1].pings_lost, facts[1].completed) == (3, 1, True)
@@ -98,6 +127,8 @@ def test_hourly_aggregates(store: SqliteStore) -> None:
     assert nine.rtt_sum_ms == pytest.approx(21 + 21.5 + 21 + 21 + 21)
     assert (nine.download_n, nine.download_kbps_sum) == (2, 74000.0)
     assert rows["2026-03-02T11"].upload_n == 0
+    assert "2026-03-02T12" not in rows  # only invalid sessions then
+    assert store.hourly(include_invalid=True)[-1].sessions == 2
 
 
 def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
@@ -108,7 +139,7 @@ def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
     assert isinstance(MIGRATIONS[0], str)
     db.executescript(MIGRATIONS[0])
     db.execute("INSERT INTO probes (name, token_sha256, created_at) VALUES ('p1', 'x', 'y')")
-    results = [r for r in _mixed() if r.probe_id == "p1"]
+    results = [r for r in _mixed() if r.probe_id == "p1" and r.valid]
     for r in results:
         accepted = ingest.parse_body(ingest.canonical_json(r).encode())
         db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",

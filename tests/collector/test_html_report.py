@@ -225,3 +225,26 @@ def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path)
     assert result.exit_code == 0
     standalone = _drawn(_render_in_chromium(out.as_uri(), tmp_path))
     assert {k: v[0] > 0 for k, v in standalone.items()} == dict.fromkeys(PLOTS, True)
+
+
+def test_invalid_sessions_shown_apart_in_every_format(collector: RunningCollector) -> None:
+    """Text, JSON and HTML reports say how many sessions were flagged invalid and why;
+    include_invalid=true counts them; a bad value is refused naming the parameter."""
+    _fill(collector.db_path, days=1)
+    store = SqliteStore(collector.db_path)
+    store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
+                                invalid=["cross_traffic"]))
+    store.close()
+    status, body, _ = request("GET", collector.url + "/api/v1/report")
+    assert body["invalid"] == {"sessions": 1, "reasons": {"cross_traffic": 1},
+                               "included": False}
+    assert body["sessions"] == 24
+    status, body, _ = request("GET", collector.url + "/api/v1/report?include_invalid=true")
+    assert (body["sessions"], body["invalid"]["included"]) == (25, True)
+    status, body, _ = request("GET", collector.url + "/report")
+    assert ("1 session(s) flagged invalid (cross_traffic 1); left out of every indicator"
+            in body.decode())
+    result = CliRunner().invoke(main, ["--db", str(collector.db_path), "report"])
+    assert "Invalid:  1 session(s) flagged invalid (cross_traffic 1)" in result.output
+    status, body, _ = request("GET", collector.url + "/api/v1/report?include_invalid=yes")
+    assert (status, body["field"]) == (400, "include_invalid")
