@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +72,9 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     CREATE INDEX results_started ON results (started_at);
     """,
     # 2: per-session facts (collector/compliance/facts.py), clustered by probe and time
-    # (WITHOUT ROWID) so a scope reads contiguous rows; backfilled from the bodies.
+    # (WITHOUT ROWID) so a scope reads contiguous rows, and their per-probe UTC-day
+    # rollup (valid sessions merged; speeds as packed float64), which evaluates whole days
+    # without reading every session; backfilled from the bodies.
     """
     CREATE TABLE session_facts (
         probe_name TEXT NOT NULL,
@@ -95,6 +100,25 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         kbps REAL,
         valid INTEGER NOT NULL,
         PRIMARY KEY (probe_name, started_at, result_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE day_facts (
+        probe_name TEXT NOT NULL,
+        day TEXT NOT NULL,
+        sessions INTEGER NOT NULL,
+        pings_sent INTEGER NOT NULL,
+        pings_lost INTEGER NOT NULL,
+        rtt_n INTEGER NOT NULL,
+        rtt_mean_ms REAL NOT NULL,
+        rtt_m2 REAL NOT NULL,
+        download_attempts INTEGER NOT NULL,
+        download_failed INTEGER NOT NULL,
+        upload_attempts INTEGER NOT NULL,
+        upload_failed INTEGER NOT NULL,
+        download_kbps BLOB NOT NULL,
+        upload_kbps BLOB NOT NULL,
+        invalid_sessions INTEGER NOT NULL,
+        invalid_codes TEXT NOT NULL,
+        PRIMARY KEY (probe_name, day)
     ) WITHOUT ROWID;
     """,
     _backfill_facts,
@@ -337,7 +361,7 @@ class SqliteStore:
 
     @staticmethod
     def _scope(probes: Sequence[str] | None, since: str | None,
-               until: str | None) -> tuple[str, list[Any]]:
+               until: str | None, column: str = "started_at") -> tuple[str, list[Any]]:
         """WHERE clause over a facts table. Probes go as one JSON array parameter, so a
         scope of thousands of probes stays one statement."""
         clauses: list[str] = []
@@ -350,10 +374,10 @@ class SqliteStore:
             # clustered key instead of probing the whole table through the time index.
             clauses.append("probe_name IN (SELECT name FROM probes)")
         if since is not None:
-            clauses.append("started_at >= ?")
+            clauses.append(f"{column} >= ?")
             params.append(since)
         if until is not None:
-            clauses.append("started_at < ?")
+            clauses.append(f"{column} < ?")
             params.append(until)
         return " AND ".join(clauses), params
 
@@ -364,43 +388,95 @@ class SqliteStore:
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
                      until: str | None = None, include_invalid: bool = False) -> Observations:
-        """The evaluator's input for a scope, aggregated in SQL where that is exact
-        (counts; RTT moments merged with Chan's formula) and with every per-test speed
-        (percentiles need the values). Sessions the agent flagged invalid are left out
-        unless ``include_invalid``, and counted apart with their reasons."""
+        """The evaluator's input for a scope: counts and RTT moments (merged exactly, Chan's
+        formula) and every per-test speed (percentiles need the values). Whole UTC days
+        come from the day rollup, the partial days at either end from the session rows;
+        both hold the same samples. Sessions the agent flagged invalid are left out unless
+        ``include_invalid`` (which reads every session row), and counted apart."""
+        obs = Observations(invalid_included=include_invalid)
+        days = None if include_invalid else _whole_days(since, until)
+        if days is None:
+            self._observe_sessions(obs, probes, since, until)
+            return obs
+        lo, hi = days
+        self._observe_days(obs, probes, lo and lo[:10], hi and hi[:10])
+        if since is not None and lo is not None and since < lo:
+            self._observe_sessions(obs, probes, since, lo)
+        if until is not None and hi is not None and hi < until:
+            self._observe_sessions(obs, probes, hi, until)
+        return obs
+
+    def _observe_sessions(self, obs: Observations, probes: Sequence[str] | None,
+                          since: str | None, until: str | None) -> None:
         where, params = self._scope(probes, since, until)
-        obs = Observations()
         for (codes,) in self._plain(
                 f"SELECT invalid_codes FROM session_facts WHERE {where} AND valid = 0", params):
             obs.invalid_sessions += 1
             for code in codes.split():
                 obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + 1
-        obs.invalid_included = include_invalid
-        if not include_invalid:
+        if not obs.invalid_included:
             where += " AND valid = 1"
         sessions, sent, lost, n, total = self._plain(
             "SELECT COUNT(*), TOTAL(pings_sent), TOTAL(pings_lost), TOTAL(rtt_n), "
             f"TOTAL(rtt_n * rtt_mean_ms) FROM session_facts WHERE {where}", params)[0]
-        obs.sessions, obs.pings_sent, obs.pings_lost = int(sessions), int(sent), int(lost)
-        if n:
-            grand = total / n
-            (m2,) = self._plain(
-                "SELECT TOTAL(rtt_m2 + rtt_n * (rtt_mean_ms - ?) * (rtt_mean_ms - ?)) "
-                f"FROM session_facts WHERE {where}", [grand, grand, *params])[0]
-            obs.rtt = Moments(int(n), grand, m2)
-        for direction, attempts, failed in self._plain(
-            "SELECT direction, COUNT(*), TOTAL(1 - ok) FROM transfer_facts "
-            f"WHERE {where} GROUP BY direction", params):
-            speeds = [row[0] for row in self._plain(
-                f"SELECT kbps FROM transfer_facts WHERE {where} AND direction = ? "
-                "AND ok = 1 AND kbps IS NOT NULL", [*params, direction])]
+        obs.sessions += int(sessions)
+        obs.pings_sent += int(sent)
+        obs.pings_lost += int(lost)
+        obs.rtt = obs.rtt.merge(self._moments("session_facts", where, params, n, total))
+        for direction, ok, kbps in self._plain(
+                f"SELECT direction, ok, kbps FROM transfer_facts WHERE {where}", params):
             if direction == "download":
-                obs.download_attempts, obs.download_failed = attempts, int(failed)
-                obs.download_kbps = speeds
+                obs.download_attempts += 1
+                obs.download_failed += not ok
+                if ok and kbps is not None:
+                    obs.download_kbps.append(kbps)
             else:
-                obs.upload_attempts, obs.upload_failed = attempts, int(failed)
-                obs.upload_kbps = speeds
-        return obs
+                obs.upload_attempts += 1
+                obs.upload_failed += not ok
+                if ok and kbps is not None:
+                    obs.upload_kbps.append(kbps)
+
+    def _moments(self, table: str, where: str, params: list[Any], n: float,
+                 total: float) -> Moments:
+        """The RTT moments of many rows: grand mean, then M2 about it (second pass)."""
+        if not n:
+            return Moments()
+        grand = total / n
+        (m2,) = self._plain(
+            "SELECT TOTAL(rtt_m2 + rtt_n * (rtt_mean_ms - ?) * (rtt_mean_ms - ?)) "
+            f"FROM {table} WHERE {where}", [grand, grand, *params])[0]
+        return Moments(int(n), grand, m2)
+
+    def _observe_days(self, obs: Observations, probes: Sequence[str] | None,
+                      day_lo: str | None, day_hi: str | None) -> None:
+        where, params = self._scope(probes, day_lo, day_hi, column="day")
+        (sessions, sent, lost, n, total, d_att, d_fail, u_att, u_fail, invalid) = self._plain(
+            "SELECT TOTAL(sessions), TOTAL(pings_sent), TOTAL(pings_lost), TOTAL(rtt_n), "
+            "TOTAL(rtt_n * rtt_mean_ms), TOTAL(download_attempts), TOTAL(download_failed), "
+            "TOTAL(upload_attempts), TOTAL(upload_failed), TOTAL(invalid_sessions) "
+            f"FROM day_facts WHERE {where}", params)[0]
+        obs.sessions += int(sessions)
+        obs.pings_sent += int(sent)
+        obs.pings_lost += int(lost)
+        obs.download_attempts += int(d_att)
+        obs.download_failed += int(d_fail)
+        obs.upload_attempts += int(u_att)
+        obs.upload_failed += int(u_fail)
+        obs.rtt = obs.rtt.merge(self._moments("day_facts", where, params, n, total))
+        down: list[bytes] = []
+        up: list[bytes] = []
+        for d_blob, u_blob in self._plain(
+                f"SELECT download_kbps, upload_kbps FROM day_facts WHERE {where}", params):
+            down.append(d_blob)
+            up.append(u_blob)
+        obs.download_kbps += unpack_speeds(b"".join(down))
+        obs.upload_kbps += unpack_speeds(b"".join(up))
+        if invalid:
+            obs.invalid_sessions += int(invalid)
+            for (codes,) in self._plain(f"SELECT invalid_codes FROM day_facts WHERE {where} "
+                                        "AND invalid_sessions > 0", params):
+                for code, count in json.loads(codes).items():
+                    obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + count
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None) -> list[SessionFacts]:
@@ -510,6 +586,74 @@ def _insert_facts(db: sqlite3.Connection, facts: SessionFacts,
         [(probe, facts.started_at, facts.result_id, seq, t.direction, int(t.ok), t.kbps,
           int(facts.valid)) for seq, t in enumerate(facts.transfers)],
     )
+    _add_to_day(db, probe, facts)
+
+
+def pack_speeds(values: Sequence[float]) -> bytes:
+    """Per-test speeds as little-endian float64 (the day rollup's speed columns)."""
+    packed = array("d", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_speeds(blob: bytes) -> list[float]:
+    packed = array("d")
+    packed.frombytes(blob)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
+
+
+def _add_to_day(db: sqlite3.Connection, probe: str, facts: SessionFacts) -> None:
+    """Merge one session into its probe's UTC-day rollup (same transaction as the facts)."""
+    day = facts.started_at[:10]
+    row = db.execute(
+        "SELECT sessions, pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, "
+        "download_attempts, download_failed, upload_attempts, upload_failed, download_kbps, "
+        "upload_kbps, invalid_sessions, invalid_codes FROM day_facts "
+        "WHERE probe_name = ? AND day = ?", (probe, day)).fetchone()
+    if row is None:
+        row = (0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, b"", b"", 0, "{}")
+    (sessions, sent, lost, n, mean, m2, d_att, d_fail, u_att, u_fail, d_blob, u_blob,
+     invalid, codes_json) = tuple(row)
+    if facts.valid:
+        rtt = Moments(n, mean, m2).merge(facts.rtt)
+        n, mean, m2 = rtt.n, rtt.mean, rtt.m2
+        sessions += 1
+        sent += facts.pings_sent
+        lost += facts.pings_lost
+        down = [t for t in facts.transfers if t.direction == "download"]
+        up = [t for t in facts.transfers if t.direction == "upload"]
+        d_att += len(down)
+        d_fail += sum(not t.ok for t in down)
+        u_att += len(up)
+        u_fail += sum(not t.ok for t in up)
+        d_blob += pack_speeds([t.kbps for t in down if t.ok and t.kbps is not None])
+        u_blob += pack_speeds([t.kbps for t in up if t.ok and t.kbps is not None])
+    else:
+        invalid += 1
+        codes = json.loads(codes_json)
+        for code in facts.invalid_codes:
+            codes[code] = codes.get(code, 0) + 1
+        codes_json = json.dumps(codes, sort_keys=True)
+    db.execute(
+        "INSERT OR REPLACE INTO day_facts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?)", (probe, day, sessions, sent, lost, n, mean, m2, d_att, d_fail, u_att, u_fail,
+               d_blob, u_blob, invalid, codes_json))
+
+
+def _whole_days(since: str | None, until: str | None) -> tuple[str | None, str | None] | None:
+    """The UTC days entirely inside [since, until) as day-start timestamps (None: open
+    end), or None when no whole day fits."""
+    lo = since
+    if since is not None and not since.endswith("T00:00:00.000000Z"):
+        nxt = datetime.strptime(since[:10], "%Y-%m-%d") + timedelta(days=1)
+        lo = nxt.strftime("%Y-%m-%dT00:00:00.000000Z")
+    hi = None if until is None else until[:10] + "T00:00:00.000000Z"
+    if lo is not None and hi is not None and lo >= hi:
+        return None
+    return lo, hi
 
 
 def _probe(row: sqlite3.Row) -> Probe:

@@ -153,3 +153,38 @@ def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
     _same_report(evaluate(store.observations(), TABLE), evaluate(observe(results), TABLE))
     assert json.loads(store._db.execute("SELECT rtts_ms FROM session_facts LIMIT 1")
                       .fetchone()[0])
+
+
+@pytest.mark.parametrize(("since", "until"), [
+    (None, None),
+    ("2026-03-02T00:00:00.000000Z", "2026-03-05T00:00:00.000000Z"),  # whole days only
+    ("2026-03-01T13:30:00.000000Z", "2026-03-05T07:00:00.000000Z"),  # partial at both ends
+    ("2026-03-03T02:00:00.000000Z", None),
+    (None, "2026-03-02T18:00:00.000000Z"),
+    ("2026-03-04T01:00:00.000000Z", "2026-03-04T23:00:00.000000Z"),  # inside one day
+])
+def test_day_rollup_and_session_rows_agree(store: SqliteStore, since: str | None,
+                                           until: str | None) -> None:
+    """Whole days read from the day rollup, partial days from session rows: the report is
+    the one computed from the decoded bodies, for any bounds."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.schema import format_utc
+
+    results = []
+    start = datetime(2026, 3, 1, 1, 0, tzinfo=UTC)
+    for i in range(30):
+        moment = format_utc(start + timedelta(hours=5 * i))
+        results.append(session(
+            "p1" if i % 3 else "p2", started_at=moment,
+            rtts=[15.0 + i % 7, None if i % 4 == 0 else 16.5 + i % 3],
+            transfers=[attempt("download", ok=i % 5 != 0),
+                       attempt("download", 0, 2, bps=(20 + i) * 1e6),
+                       attempt("upload", bps=(2 + i % 4) * 1e6)],
+            invalid=["wifi"] if i % 9 == 4 else ()))
+    for r in results:
+        store_result(store, r)
+    chosen = [r for r in results if (since is None or r.started_at >= since)
+              and (until is None or r.started_at < until)]
+    _same_report(evaluate(store.observations(None, since, until), TABLE),
+                 evaluate(observe(chosen), TABLE))
