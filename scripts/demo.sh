@@ -45,4 +45,7 @@ fi
 echo
 echo "== compliance report (Allegato 2) for $probe"
 "$BIN/bbprobe-collector" --db "$DB" report --probe "$probe"
+"$BIN/bbprobe-collector" --db "$DB" report --probe "$probe" --format html \
+  -o "$VAR/report.html" 2>/dev/null
+echo "(the same report with plots: $VAR/report.html)"
 exit "$status"
