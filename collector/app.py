@@ -27,11 +27,14 @@ from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.report import (
     LISTING_COLUMNS,
+    PROBE_COLUMNS,
     REPORT_COLUMNS,
+    SAMPLE_COLUMNS,
     Scope,
     format_csv,
     report_dict,
     report_rows,
+    sample_rows,
 )
 from collector.storage.sqlite import SqliteStore
 
@@ -167,15 +170,34 @@ def _limit(request: web.Request) -> int | None:
     return int(raw)
 
 
+def _format(request: web.Request, allowed: tuple[str, ...] = ("json", "csv")) -> str:
+    fmt = request.query.get("format", allowed[0])
+    if fmt not in allowed:
+        raise ApiError(400, f"format: expected one of {', '.join(allowed)}, got {fmt!r}",
+                       field="format")
+    return fmt
+
+
 async def list_probes(request: web.Request) -> web.Response:
+    fmt = _format(request)
     probes = await db(request, SqliteStore.probes)
+    if fmt == "csv":
+        return web.Response(text=format_csv((p.to_dict() for p in probes), PROBE_COLUMNS),
+                            content_type="text/csv")
     return web.json_response({"probes": [p.to_dict() for p in probes]})
 
 
+async def list_samples(request: web.Request) -> web.Response:
+    """Per-test samples of a scope as CSV, in the ``evaluate --samples`` format."""
+    _format(request, ("csv",))
+    where = await db(request, lambda store: _scope(request, store))
+    sessions = await db(request, service.samples, where, _include_invalid(request))
+    return web.Response(text=format_csv(sample_rows(sessions), SAMPLE_COLUMNS),
+                        content_type="text/csv")
+
+
 async def list_results(request: web.Request) -> web.Response:
-    fmt = request.query.get("format", "json")
-    if fmt not in ("json", "csv"):
-        raise ApiError(400, f"format: expected json or csv, got {fmt!r}", field="format")
+    fmt = _format(request)
     where = await db(request, lambda store: _scope(request, store))
     rows = await db(request, service.listing, where, _limit(request))
     if fmt == "csv":
@@ -204,10 +226,7 @@ def _include_invalid(request: web.Request) -> bool:
 async def get_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
-    fmt = request.query.get("format", "json")
-    if fmt not in REPORT_FORMATS:
-        raise ApiError(400, f"format: expected one of {', '.join(REPORT_FORMATS)}, got "
-                       f"{fmt!r}", field="format")
+    fmt = _format(request, REPORT_FORMATS)
     if fmt == "html":
         return await report_page(request)
     path = request.app[CONFIG].compliance.targets
@@ -306,6 +325,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get(spec.RESULTS_PATH, list_results)
     app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)
     app.router.add_get("/api/v1/probes", list_probes)
+    app.router.add_get("/api/v1/samples", list_samples)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/certificate", get_certificate)
     app.router.add_get("/api/v1/openapi.json", openapi_document)

@@ -21,7 +21,9 @@ from collector.config import CollectorConfig, load
 from collector.errors import ApiError, CollectorError, InputError, StoreError
 from collector.report import (
     LISTING_COLUMNS,
+    PROBE_COLUMNS,
     REPORT_COLUMNS,
+    SAMPLE_COLUMNS,
     Scope,
     format_csv,
     format_json,
@@ -29,6 +31,7 @@ from collector.report import (
     format_text,
     report_dict,
     report_rows,
+    sample_rows,
 )
 from collector.storage.sqlite import LineMetadata, SqliteStore
 
@@ -163,7 +166,7 @@ def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
 
 @probe.command("list")
 @shared_options
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
 @click.pass_context
 @handle_errors
 def probe_list(ctx: click.Context, fmt: str) -> None:
@@ -175,6 +178,9 @@ def probe_list(ctx: click.Context, fmt: str) -> None:
         store.close()
     if fmt == "json":
         click.echo(format_json({"probes": [p.to_dict() for p in probes]}), nl=False)
+        return
+    if fmt == "csv":
+        click.echo(format_csv((p.to_dict() for p in probes), PROBE_COLUMNS), nl=False)
         return
     for p in probes:
         state = f"revoked {p.revoked_at}" if p.revoked_at else "active"
@@ -301,6 +307,30 @@ def _emit(text: str, output: str | None) -> None:
     except OSError as exc:
         raise StoreError(f"--output: cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)
+
+
+@main.command()
+@shared_options
+@_scope_options
+@click.option("--include-invalid", is_flag=True,
+              help="Also export sessions the agents flagged invalid.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout.")
+@click.pass_context
+@handle_errors
+def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
+            until: str | None, period: str | None, include_invalid: bool, output: str | None,
+            **filters: Any) -> None:
+    """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok):
+    the input of `evaluate --samples`, so a scope can be re-evaluated offline, against
+    other targets or in a spreadsheet."""
+    store = _open_store(ctx)
+    try:
+        where = _resolve_scope(store, probes, since, until, period, filters)
+        sessions = service.samples(store, where, include_invalid)
+    finally:
+        store.close()
+    _emit(format_csv(sample_rows(sessions), SAMPLE_COLUMNS), output)
 
 
 @main.command()

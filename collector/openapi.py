@@ -119,8 +119,25 @@ def document() -> dict[str, Any]:
                                   "401": _error("Missing, unknown or revoked token.")}},
         },
         "/api/v1/probes": {
-            "get": {"summary": "Registered probes with their line metadata.",
-                    "responses": {"200": _json({"type": "object"})}},
+            "get": {"summary": "Registered probes with their line metadata (JSON or CSV).",
+                    "parameters": [_query("format", "json (default) or csv.",
+                                          {"enum": ["json", "csv"]})],
+                    "responses": {"200": {"description": "Probes.", "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/csv": {"schema": {"type": "string"}}}},
+                        "400": bad_request}},
+        },
+        "/api/v1/samples": {
+            "get": {"summary": "Per-test samples of a scope as CSV (probe_id, timestamp, kind, "
+                               "value, ok): the input of `evaluate --samples`.",
+                    "parameters": [*SCOPE_PARAMETERS,
+                                   _query("format", "csv (the only format).",
+                                          {"enum": ["csv"]}),
+                                   _query("include_invalid", "Also sessions flagged invalid.",
+                                          {"enum": ["true", "false"]})],
+                    "responses": {"200": {"description": "CSV.", "content": {
+                        "text/csv": {"schema": {"type": "string"}}}},
+                        "400": bad_request}},
         },
         "/api/v1/report": {
             "get": {"summary": "Compliance report against the configured Allegato 2 targets.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -147,6 +147,25 @@ def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
          "targets": report.targets_name}
         for r in report.indicators
     ]
+
+
+SAMPLE_COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok")
+PROBE_COLUMNS = ("probe_id", "created_at", "revoked_at", "operator", "offer", "region",
+                 "technology", "download_nominal_kbps", "download_min_kbps",
+                 "upload_nominal_kbps", "upload_min_kbps", "max_delay_ms", "max_loss_ratio")
+
+
+def sample_rows(sessions: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Per-test rows in the offline ``evaluate --samples`` format (one per ping and per
+    transfer attempt, stamped with the session start), from ``SessionFacts``: exporting a
+    scope and evaluating the file gives the scope's report."""
+    for f in sessions:
+        for t in f.transfers:
+            yield {"probe_id": f.probe_id, "timestamp": f.started_at, "kind": t.direction,
+                   "value": t.kbps if t.ok else None, "ok": "true" if t.ok else "false"}
+        for rtt in f.rtts_ms:
+            yield {"probe_id": f.probe_id, "timestamp": f.started_at, "kind": "ping",
+                   "value": rtt, "ok": "false" if rtt is None else "true"}
 
 
 def format_json(document: Any) -> str:

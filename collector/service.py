@@ -117,6 +117,14 @@ def compliance(store: SqliteStore, where: Scope, targets: Targets,
     return evaluate(obs, targets)
 
 
+def samples(store: SqliteStore, where: Scope, include_invalid: bool = False) -> list[Any]:
+    """The per-session facts of a scope, valid sessions only unless asked (the rows of a
+    samples export)."""
+    facts = store.facts(list(where.probes) if where.probes is not None else None,
+                        where.since, where.until)
+    return [f for f in facts if include_invalid or f.valid]
+
+
 def report_page(store: SqliteStore, where: Scope, targets: Targets, timezone: str,
                 include_invalid: bool = False,
                 title: str = "Allegato 2 compliance report") -> str:

@@ -139,7 +139,7 @@ def test_queries(collector: RunningCollector) -> None:
     ("query", "message"),
     [
         ("since=last-week", "since: expected an ISO 8601 date or timestamp, got 'last-week'"),
-        ("format=xml", "format: expected json or csv, got 'xml'"),
+        ("format=xml", "format: expected one of json, csv, got 'xml'"),
         ("limit=0", "limit: expected an integer within 1..1000000, got '0'"),
     ],
 )

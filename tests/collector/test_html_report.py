@@ -248,3 +248,43 @@ def test_invalid_sessions_shown_apart_in_every_format(collector: RunningCollecto
     assert "Invalid:  1 session(s) flagged invalid (cross_traffic 1)" in result.output
     status, body, _ = request("GET", collector.url + "/api/v1/report?include_invalid=yes")
     assert (status, body["field"]) == (400, "include_invalid")
+
+
+def test_samples_export_re_evaluates_to_the_same_report(tmp_path: Path,
+                                                        collector: RunningCollector) -> None:
+    """`samples` writes the `evaluate --samples` format; evaluating that file gives the
+    report of the scope, indicator for indicator. The API serves the same CSV; probes
+    export as CSV too."""
+    import json
+
+    _fill(collector.db_path, days=2)
+    store = SqliteStore(collector.db_path)
+    store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
+                                invalid=["wifi"]))
+    store.close()
+    db = str(collector.db_path)
+    out = tmp_path / "samples.csv"
+    result = CliRunner().invoke(main, ["--db", db, "samples", "--period", "2026", "-o",
+                                       str(out)])
+    assert result.exit_code == 0, result.output
+    header, first = out.read_text().splitlines()[:2]
+    assert header == "probe_id,timestamp,kind,value,ok"
+    assert first == "line-1,2026-01-14T23:00:00.000000Z,download,60000.0,true"
+    offline = CliRunner().invoke(main, ["--db", db, "evaluate", "--samples", str(out),
+                                        "--format", "json"])
+    online = CliRunner().invoke(main, ["--db", db, "report", "--period", "2026",
+                                       "--format", "json"])
+    got = {i["id"]: (i["observed"], i["samples"]) for i in
+           json.loads(offline.output)["indicators"]}
+    want = {i["id"]: (i["observed"], i["samples"]) for i in
+            json.loads(online.output)["indicators"]}
+    assert got.keys() == want.keys()
+    for key, (observed, samples) in want.items():
+        assert got[key][1] == samples
+        assert got[key][0] == pytest.approx(observed, rel=1e-12), key
+    status, body, _ = request("GET", collector.url + "/api/v1/samples?period=2026")
+    assert status == 200 and body.decode() == out.read_text()
+    status, body, _ = request("GET", collector.url + "/api/v1/samples?include_invalid=true")
+    assert body.decode().count("\n") > out.read_text().count("\n")
+    status, body, _ = request("GET", collector.url + "/api/v1/probes?format=csv")
+    assert body.decode().splitlines()[1].startswith("line-1,")
