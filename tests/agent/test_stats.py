@@ -124,6 +124,15 @@ class TestBinomialInterval:
             stats.binomial_interval(10, 1.5)
 
 
+def test_presorted_percentile_is_the_same() -> None:
+    """Evaluating a scope sorts each direction once and passes presorted=True."""
+    values = [7.0, 1.0, 9.5, 3.25, 3.25, 12.0, 0.5]
+    for p in (0, 5, 50, 95, 100):
+        for method in ("linear", "nearest_rank"):
+            assert stats.percentile(sorted(values), p, method, presorted=True) == \
+                stats.percentile(values, p, method)  # type: ignore[arg-type]
+
+
 class TestMoments:
     @pytest.mark.parametrize("split", [0, 1, 3, 7, 10])
     def test_merge_equals_whole(self, split: int) -> None:
