@@ -265,8 +265,14 @@ async def get_certificate(request: web.Request) -> web.Response:
     if not probe:
         raise ApiError(400, "probe: required", field="probe")
     q = request.query
+    fmt = _format(request, ("json", "html"))
     cert = await db(request, service.certificate, probe, q.get("since"), q.get("until"),
                     q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome"))
+    if fmt == "html":
+        from agent.schema import utc_now
+        from collector.html_report import certificate_page
+
+        return web.Response(text=certificate_page(cert, utc_now()), content_type="text/html")
     return web.json_response(certificate_dict(cert))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -49,6 +50,10 @@ def handle_errors(fn: F) -> F:
         except CollectorError as exc:
             click.echo(f"bbprobe-collector: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except sqlite3.Error as exc:
+            # A database changed or damaged under us: say so, never a traceback.
+            click.echo(f"bbprobe-collector: database error: {exc}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -392,12 +397,17 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 @click.option("--rule", type=click.Choice(["96in24h", "24in72h"]), default="96in24h",
               help="Completeness rule: 4 per hourly band (default) or the legacy 1 per band.")
 @click.option("--timezone", default="Europe/Rome", help="Local time of the hourly bands.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text",
+              help="html: a printable page to hand over, written to a file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout (html default: certificate-PROBE.html).")
 @click.pass_context
 @handle_errors
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
-            timezone: str, fmt: str) -> None:
+            timezone: str, fmt: str, output: str | None) -> None:
     """Certify one line against its contract (probe metadata), 244/08 style."""
+    from agent.schema import utc_now
+    from collector.html_report import certificate_page
     from collector.report import certificate_dict, format_certificate
 
     store = _open_store(ctx)
@@ -406,9 +416,13 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
     finally:
         store.close()
     if fmt == "json":
-        click.echo(json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False))
+        text = json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
+    elif fmt == "html":
+        text = certificate_page(cert, utc_now())
+        output = output or f"certificate-{probe}.html"
     else:
-        click.echo(format_certificate(cert), nl=False)
+        text = format_certificate(cert)
+    _emit(text, output)
 
 
 @main.group()

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from agent import stats
 from collector import __version__, plots
+from collector.compliance.certify import Certificate
 from collector.compliance.evaluate import Observations, Report
 from collector.report import SHORT_NAMES, Scope, format_value, invalid_sentence
 from collector.storage.sqlite import HourRow, Probe
@@ -164,6 +165,7 @@ svg.plot { border: 1px solid #e3e3e3; background: #fff; max-width: 100%; height:
 svg .grid { stroke: #eee; } svg .axis { stroke: #555; }
 svg text { font: 11px system-ui, sans-serif; fill: #333; }
 svg .plot-title { font-weight: 600; font-size: 12px; } svg .empty { font-size: 14px; fill: #777; }
+code { white-space: nowrap; }
 dl.method dt { font-weight: 600; } dl.method dd { margin: 0 0 0.4em 1.2em; }
 footer { margin-top: 2em; color: #777; font-size: 0.9em; }
 """
@@ -264,8 +266,8 @@ def index(probes: Sequence[Probe]) -> str:
             f"<td>{escape(line.offer or '')}</td><td>{escape(line.region or '')}</td>"
             f"<td>{escape(line.technology or '')}</td><td>{escape(contract)}</td>"
             f"<td>{'revoked ' + escape(p.revoked_at) if p.revoked_at else 'active'}</td>"
-            f'<td><a href="api/v1/certificate?probe={quote(p.name)}">certificate (JSON)</a>'
-            "</td></tr>")
+            f'<td><a href="api/v1/certificate?probe={quote(p.name)}&amp;format=html">'
+            "certificate</a></td></tr>")
     table = ("<table><tr><th>Probe</th><th>Operator</th><th>Offer</th><th>Region</th>"
              "<th>Technology</th><th>Contract</th><th>Status</th><th></th></tr>"
              f"{''.join(rows)}</table>") if rows else "<p>No probes registered yet.</p>"
@@ -279,4 +281,77 @@ def index(probes: Sequence[Probe]) -> str:
         "<code>period</code> (YYYY, YYYY-H1, YYYY-H2), <code>since</code>, <code>until</code>, "
         f"<code>timezone</code>.</p><h2>Probes</h2>{table}"
         f"<footer>bbprobe-collector {__version__}</footer></body></html>\n"
+    )
+
+
+def certificate_page(cert: Certificate, generated_at: str) -> str:
+    """A line certificate a technician can hand over or print: line and contract, method,
+    the 24 hourly bands, each check against its threshold, the verdict, every session."""
+    line = cert.line
+    contract = (
+        ("Download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
+        ("Upload, guaranteed minimum", format_value(line.upload_min_kbps, "kbit/s")),
+        ("Maximum delay", format_value(line.max_delay_ms, "ms")),
+        ("Maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
+    )
+    bands = [f'<td class="{"pass" if n >= cert.rule.per_band else "fail"}">{h:02d}h<br>'
+             f"{n}/{cert.rule.per_band}</td>" for h, n in enumerate(cert.band_counts)]
+    checks = []
+    for c in cert.checks:
+        word, css = {True: ("BREACH", "fail"), False: ("met", "pass"),
+                     None: ("not judged", "nodata")}[c.breach]
+        threshold = "not in contract" if c.threshold is None else \
+            f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
+        checks.append(f"<tr><td>{escape(c.name)}</td><td class=num>"
+                      f"{escape(format_value(c.observed, c.unit))}</td><td class=num>"
+                      f"{escape(threshold)}</td><td class=num>{c.samples:,}</td>"
+                      f"<td class={css}>{word}</td></tr>")
+
+    def show(values: tuple[float | None, ...], unit: str) -> str:
+        return ", ".join("failed" if v is None else format_value(v, unit) for v in values) \
+            or "—"
+
+    sessions = []
+    for s in cert.sessions:
+        state = "counted" if s.counted else "not counted"
+        if not s.valid:
+            state = f"INVALID ({', '.join(s.invalid_codes) or 'no reason given'})"
+        rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
+        down, up = show(s.download_kbps, "kbit/s"), show(s.upload_kbps, "kbit/s")
+        sessions.append(f"<tr><td><code>{escape(s.started_at)}</code></td><td>{s.band:02d}"
+                        f"</td><td>{escape(state)}</td><td>{escape(down)}</td>"
+                        f"<td>{escape(up)}</td><td>{escape(rtts)}</td></tr>")
+    verdict_css = {"breach": "fail", "no_breach": "pass", "incomplete": "incomplete"}[
+        cert.verdict]
+    from collector.report import VERDICT_WORDS
+
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        f"<title>Line certificate: {escape(cert.probe_id)}</title><style>{_CSS}"
+        ".bands td { text-align: center; font-size: 0.85em; padding: 0.3em 0.4em; }"
+        "td.pass { background: #e6f4ea; } td.fail { background: #fde7e9; }"
+        "@media print { body { margin: 0; } }</style></head><body>"
+        "<h1>Line certificate</h1><p>Method of delibera 244/08/CSP: measurements across the "
+        "24 hourly bands, each contractual figure judged on its percentile.</p>"
+        f"<p><b>Line:</b> probe {escape(cert.probe_id)}; operator "
+        f"{escape(line.operator or '—')}; offer {escape(line.offer or '—')}; technology "
+        f"{escape(line.technology or '—')}; region {escape(line.region or '—')}<br>"
+        f"<b>Period:</b> {escape(cert.first or '—')} to {escape(cert.last or '—')} "
+        f"({len(cert.sessions)} sessions)<br><b>Method:</b> rule {escape(cert.rule.name)} "
+        f"({cert.rule.per_band} per hourly band, {escape(cert.timezone)} local time); "
+        "percentile Hyndman-Fan type 7; delay = "
+        f"{'ICMP round trip' if cert.delay_basis == 'rtt' else 'RTT / 2'}</p>"
+        "<h2>Contract</h2><table>" + "".join(
+            f"<tr><td>{k}</td><td class=num>{escape(v)}</td></tr>" for k, v in contract)
+        + "</table><h2>Hourly bands (sessions counted / required)</h2>"
+        f'<table class="bands"><tr>{"".join(bands[:12])}</tr>'
+        f'<tr>{"".join(bands[12:])}</tr></table>'
+        "<h2>Checks</h2><table><tr><th>Indicator</th><th>Observed</th><th>Threshold</th>"
+        f"<th>Samples</th><th>Result</th></tr>{''.join(checks)}</table>"
+        f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
+        f"{escape(VERDICT_WORDS[cert.verdict])}</span></p>"
+        "<h2>Every session</h2><table><tr><th>Start (UTC)</th><th>Band</th><th>State</th>"
+        "<th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
+        f"{''.join(sessions)}</table><footer>bbprobe-collector {__version__}, generated "
+        f"{escape(generated_at)}.</footer></body></html>\n"
     )

@@ -180,6 +180,8 @@ def document() -> dict[str, Any]:
                         _query("until", "Campaign end, exclusive."),
                         _query("rule", "Completeness rule.", {"enum": ["96in24h", "24in72h"]}),
                         _query("timezone", "Local time zone of the hourly bands."),
+                        _query("format", "json (default) or html (a printable certificate).",
+                               {"enum": ["json", "html"]}),
                     ],
                     "responses": {"200": _json({"type": "object"}), "400": bad_request,
                                   "404": _error("No such probe.")}},

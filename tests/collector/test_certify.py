@@ -151,3 +151,33 @@ def test_api_certificate_errors(collector: RunningCollector) -> None:
         assert (got, body["error"]) == (status, message)
     got, body, _ = request("GET", collector.url + "/api/v1/certificate?probe=p1")
     assert (got, body["verdict"]) == (200, "incomplete")
+
+
+def test_certificate_as_a_page_to_hand_over(tmp_path: Path,
+                                            collector: RunningCollector) -> None:
+    """certify --format html writes a printable page: 24 band cells, the four checks with
+    thresholds, the verdict in words and every session; the API serves the same page."""
+    import re
+
+    collector.add_probe("p1", CONTRACT)
+    store = SqliteStore(collector.db_path)
+    results = campaign(up=100e3)
+    results[3] = session("p1", started_at=results[3].started_at, invalid=["wifi"])
+    for r in results:
+        store_result(store, r)
+    store.close()
+    out = tmp_path / "cert.html"
+    result = CliRunner().invoke(main, ["--db", str(collector.db_path), "certify", "--probe",
+                                       "p1", "--format", "html", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert len(re.findall(r'<td class="(?:pass|fail)">\d\dh<br>', page)) == 24
+    assert page.count('<td class="fail">00h<br>3/4</td>') == 1  # the invalid session's band
+    assert "Banda minima in upload (percentile 5%)" in page and "&gt;= 150 kbit/s" in page
+    assert "INCOMPLETE: the campaign does not cover every hourly band" in page
+    assert page.count("<tr><td><code>2026-01-") == 96
+    assert "INVALID (wifi)" in page
+    status, body, headers = request(
+        "GET", collector.url + "/api/v1/certificate?probe=p1&format=html")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "INVALID (wifi)" in body.decode()
