@@ -10,10 +10,12 @@ import asyncio
 import functools
 import json
 import os
+import signal
 import socket
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -80,17 +82,61 @@ def _emit(result: SessionResult, as_json: bool) -> None:
 
 
 async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> str:
+    """The configured id; else the one the collector gives for the token (remembered in
+    state_dir, so a probe keeps measuring under its own name while the collector is
+    away); else the host name."""
     if cfg.probe_id:
         return cfg.probe_id
+    remembered = Path(cfg.state_dir) / "probe_id"
     if client is not None:
         try:
-            return await client.whoami()
+            probe_id = await client.whoami()
         except DeliveryError as exc:
             if not exc.retryable:
                 raise DeliveryError(f"the collector refused the token: {exc}",
                                     retryable=False) from None
+        else:
+            try:
+                remembered.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                remembered.write_text(probe_id + "\n", encoding="utf-8")
+            except OSError:
+                pass  # a full disk: the id is still right for this run
+            return probe_id
+    try:
+        cached = remembered.read_text(encoding="utf-8").strip()
+        if PROBE_ID_RE.match(cached):
+            return cached
+    except OSError:
+        pass
     host = socket.gethostname().split(".")[0] or "probe"
     return host if PROBE_ID_RE.match(host) else "probe"
+
+
+def _run_stoppable(main_async: Callable[[], Awaitable[int]]) -> int:
+    """Run until done or until SIGTERM/SIGINT: a signal cancels the work at once (the
+    spool keeps every result not yet acknowledged) and the exit code is 128 + signal."""
+    async def wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopped: list[int] = []
+
+        def stop(signum: int) -> None:
+            stopped.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await main_async()
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            click.echo(f"bbprobe: stopped by {signal.Signals(stopped[0]).name}; results not "
+                       "yet acknowledged stay in the spool", err=True)
+            return 128 + stopped[0]
+
+    return asyncio.run(wrapper())
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -173,9 +219,11 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
         _emit(result, as_json)
         if client is None:
             return 0
-        spool = Spool(cfg.state_dir)
-        spool.put(result)
-        outcome = await deliver(spool, client)
+        spool = Spool(cfg.state_dir, cfg.delivery)
+        if spool.put(result) is None:
+            click.echo(f"bbprobe: the disk is full; result {result.result_id} could not be "
+                       f"spooled and is reported to the collector as a gap", err=True)
+        outcome = await deliver(spool, client, cfg.delivery)
         for path, reason in outcome.dead_lettered:
             click.echo(f"bbprobe: collector refused a result ({reason}); kept in {path}",
                        err=True)
@@ -189,7 +237,7 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
                        f"({outcome.pending} pending): {outcome.error}", err=True)
         return DeliveryError.exit_code
 
-    sys.exit(asyncio.run(main_async()))
+    sys.exit(_run_stoppable(main_async))
 
 
 @main.command()
@@ -265,3 +313,72 @@ def check_config(ctx: click.Context) -> None:
         lines.append(f"  {name}: {t.tests} test(s), {report.describe_method(t)}, "
                      f"up to {t.attempts} attempts of {t.timeout_s:g} s")
     click.echo("\n".join(lines))
+
+
+@main.command()
+@shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--no-check", is_flag=True, help="Do not contact the collector.")
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
+    """Spool backlog, gap records, results the collector refused (dead-letter), delivery
+    counters, and whether the collector answers for this probe's token."""
+    cfg = _load(ctx)
+    spool = Spool(cfg.state_dir, cfg.delivery)
+    entries = spool.entries()
+    dead = [{"file": str(p), "reason": _reason(p)} for p in spool.dead_letters()]
+    doc: dict[str, Any] = {
+        "state_dir": cfg.state_dir,
+        "spool": {"results": len(entries), "bytes": sum(e.size for e in entries),
+                  "oldest_started_at": entries[0].started_at.isoformat() if entries else None,
+                  "limit_bytes": cfg.delivery.spool_max_bytes},
+        "gaps_waiting": len(spool.gaps()),
+        "dead_letter": dead,
+        "counters": spool.stats(),
+        "collector": None,
+    }
+    if cfg.collector.url and not no_check:
+        token = config.read_token(cfg)
+        client = CollectorClient(cfg.collector.url, token, min(cfg.collector.timeout_s, 10))
+        try:
+            doc["collector"] = {"url": cfg.collector.url, "reachable": True,
+                                "probe_id": asyncio.run(client.whoami())}
+        except DeliveryError as exc:
+            doc["collector"] = {"url": cfg.collector.url, "reachable": False,
+                                "error": str(exc)}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    spooled = doc["spool"]
+    lines = [f"spool: {spooled['results']} result(s) waiting ({spooled['bytes'] / 1024:.1f} "
+             f"KiB of {cfg.delivery.spool_max_bytes / 1024**2:.0f} MiB)"
+             + (f", oldest started {spooled['oldest_started_at']}" if entries else "")
+             + f" in {spool.dir}"]
+    counters = doc["counters"]
+    lines.append(f"gaps: {doc['gaps_waiting']} gap record(s) waiting to be sent; "
+                 f"{counters.get('dropped_total', 0)} result(s) dropped in total")
+    lines.append(f"dead-letter: {len(dead)} result(s) refused by the collector"
+                 + (":" if dead else ""))
+    lines += [f"  {d['file']}: {d['reason']}" for d in dead]
+    lines.append(f"delivered: {counters.get('delivered_total', 0)} in total; last attempt "
+                 f"{counters.get('last_attempt_at') or 'never'}, last success "
+                 f"{counters.get('last_success_at') or 'never'}"
+                 + (f"; last error: {counters['last_error']}"
+                    if counters.get("last_error") else ""))
+    coll = doc["collector"]
+    if coll is None:
+        lines.append("collector: not checked" if cfg.collector.url else
+                     "collector: none configured")
+    elif coll["reachable"]:
+        lines.append(f"collector: {coll['url']} answers, as probe {coll['probe_id']}")
+    else:
+        lines.append(f"collector: {coll['url']} unreachable or refusing: {coll['error']}")
+    click.echo("\n".join(lines))
+
+
+def _reason(path: Path) -> str:
+    try:
+        return path.with_suffix(".reason.txt").read_text(encoding="utf-8").strip()
+    except OSError:
+        return "(no reason recorded)"

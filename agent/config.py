@@ -41,6 +41,27 @@ class CollectorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    # Retry a failed push after retry_min_s, doubling up to retry_max_s (+-50 % jitter);
+    # a Retry-After from the collector is honoured up to retry_max_s.
+    retry_min_s: float = field(default=1.0, metadata=bounds(gt=0, le=3600))
+    retry_max_s: float = field(default=300.0, metadata=bounds(gt=0, le=86_400))
+    # How long one `bbprobe run` keeps retrying before leaving the rest to the next run.
+    max_wait_s: float = field(default=60.0, metadata=bounds(ge=0, le=86_400))
+    # A backlog goes in batches of at most this many results and bytes, at most
+    # max_requests_per_s requests a second.
+    batch_results: int = field(default=50, metadata=bounds(ge=1, le=1000))
+    batch_bytes: int = field(default=512 * 1024, metadata=bounds(ge=1024, le=64 * 1024**2))
+    max_requests_per_s: float = field(default=1.0, metadata=bounds(gt=0, le=1000))
+    # Spool bounds: at most spool_max_bytes of results, and never below min_free_bytes of
+    # free disk; beyond either, the oldest results are dropped and a gap record is sent.
+    spool_max_bytes: int = field(default=64 * 1024**2, metadata=bounds(ge=64 * 1024))
+    min_free_bytes: int = field(default=16 * 1024**2, metadata=bounds(ge=0))
+    # Results older than this are dropped (and reported as a gap): never on time alone.
+    max_age_days: float = field(default=30.0, metadata=bounds(gt=0, le=3650))
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     # Measurement server base URL; empty means the collector's URL.
     url: str = ""
@@ -95,6 +116,7 @@ class AgentConfig:
     # with every result.
     profile: str = "agcom"
     collector: CollectorConfig = field(default_factory=CollectorConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ping: PingConfig = field(default_factory=PingConfig)
     download: TransferConfig = field(default_factory=TransferConfig)

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 # 1: first version. 2: latency under load (ping_download, ping_upload, loaded RTT
 # summaries), adaptive streams (TransferMethod.streams = 0), PingMethod.loaded_interval_s.
-# 3: validity (valid/invalid with reasons).
+# 3: validity (valid/invalid with reasons), the clock's sync state; gap records.
 SCHEMA_VERSION = 3
 
 Status = Literal["ok", "failed"]
@@ -248,6 +248,18 @@ class Validity:
 
 
 @dataclass(frozen=True, slots=True)
+class ClockState:
+    """The probe's wall clock when the session started (v3), so the collector can tell a
+    trustworthy timestamp from a guess (after RIPE Atlas's ``lts``). Read from the
+    kernel (adjtimex): ``synchronized`` is None when it could not be read."""
+
+    synchronized: bool | None
+    # The kernel's bound on the clock's error (timex.maxerror), when synchronized.
+    max_error_ms: float | None = field(metadata=bounds(ge=0))
+    source: Literal["adjtimex", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
@@ -267,10 +279,40 @@ class SessionResult:
     ping_upload: PingTest | None = None
     # v3; None: the agent made no validity checks (counted as valid).
     validity: Validity | None = None
+    # v3; None: not recorded (older agents).
+    clock: ClockState | None = None
 
     @property
     def valid(self) -> bool:
         return self.validity is None or self.validity.valid
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    """Results a probe had to drop before delivering them (v3): the spool was full, the
+    disk was full, or they outlived the age cap. Sent in their place, so a missing
+    measurement is a known gap, never a silent one (after RIPE Atlas's 9018/9007)."""
+
+    schema_version: int
+    gap_id: str = field(metadata={"format": "uuid"})
+    probe_id: str = field(metadata={"format": "probe_id"})
+    recorded_at: str = field(metadata=_UTC)
+    reason: Literal["spool_full", "disk_full", "too_old"]
+    dropped: int = field(metadata=bounds(ge=1))
+    # Start times of the oldest and newest dropped session.
+    first_started_at: str = field(metadata=_UTC)
+    last_started_at: str = field(metadata=_UTC)
+
+
+def parse_gap(data: Any) -> GapRecord:
+    """Validate a decoded JSON document as a ``GapRecord``; raises ``SchemaError``."""
+    if not isinstance(data, dict):
+        raise SchemaError("", f"expected a JSON object, got {_json_type(data)}")
+    gap = decode(GapRecord, data)
+    if gap.schema_version > SCHEMA_VERSION or gap.schema_version < 3:
+        raise SchemaError("schema_version", f"gap records are version 3 to {SCHEMA_VERSION}, "
+                          f"got {gap.schema_version}")
+    return gap
 
 
 # --- Upload sink report (collector -> agent) ---------------------------------------------

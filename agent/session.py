@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from agent import __version__, summary
+from agent import __version__, clock, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp
@@ -128,6 +128,7 @@ async def run(
     """Run one session and return its result (never raises for a failed measurement)."""
     started = datetime.now(UTC)
     t0 = time.monotonic()
+    clock_state = clock.read()
     m = method(cfg)
     # Record only what this session runs: a test left out has tests = 0 in its method.
     if "download" not in tests:
@@ -161,6 +162,7 @@ async def run(
         started_at=format_utc(started),
         ended_at=format_utc(max(ended, started)),
         duration_s=time.monotonic() - t0,
+        clock=clock_state,
         method=m,
         server=Server(url=base_url, ping_target=ping_test.target if ping_test else None),
         ping=ping_test,

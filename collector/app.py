@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +21,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from agent import spec
-from agent.schema import utc_now
+from agent.schema import parse_utc, utc_now
 from collector import __version__, auth, ingest, measure, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig
 from collector.errors import ApiError
+from collector.limits import RateLimiter
 from collector.report import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
@@ -36,7 +38,7 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
-from collector.storage.sqlite import SqliteStore
+from collector.storage.sqlite import NewResult, SqliteStore
 
 log = logging.getLogger("bbprobe.collector")
 T = TypeVar("T")
@@ -45,6 +47,7 @@ CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", SqliteStore)
 DB_THREAD = web.AppKey("db_thread", ThreadPoolExecutor)
 SINK = web.AppKey("influx_sink", object)
+LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 
 async def db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
@@ -66,7 +69,9 @@ async def errors(
         return await handler(request)
     except ApiError as exc:
         response = error_body(exc.status, exc.message, exc.field)
-        if exc.status == 503:
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = exc.retry_after
+        elif exc.status == 503:
             response.headers["Retry-After"] = "5"
         return response
     except web.HTTPException as exc:
@@ -79,14 +84,21 @@ async def errors(
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 past ``limit`` and 408 when it does not arrive
+    within server.body_timeout_s (a slow client cannot hold a request open)."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"body of {request.content_length} bytes exceeds the "
                             f"{limit}-byte limit")
+    timeout = request.app[CONFIG].server.body_timeout_s
     body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body exceeds the {limit}-byte limit")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"body exceeds the {limit}-byte limit")
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s") from None
     return bytes(body)
 
 
@@ -100,14 +112,58 @@ async def authenticated_probe(request: web.Request) -> str:
     return probe.name
 
 
-async def post_result(request: web.Request) -> web.Response:
+async def ingesting_probe(request: web.Request) -> str:
+    """The probe behind a write request, within its rate limit, sending JSON."""
     probe = await authenticated_probe(request)
+    limiter = request.app.get(LIMITER)
+    if limiter is not None:
+        wait = limiter.take(probe)
+        if wait is not None:
+            raise ApiError(429, f"probe {probe!r} is over its rate of "
+                           f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
+                           f"a minute; retry in {wait:.1f} s",
+                           retry_after=limiter.retry_after(wait))
     ctype = request.content_type
     if ctype != "application/json":
         raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
     encoding = request.headers.get("Content-Encoding", "identity").lower()
     if encoding != "identity":
         raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send identity")
+    return probe
+
+
+def clock_skew(request: web.Request) -> float | None:
+    """Probe clock minus ours, from X-Bbprobe-Sent-At (reliability.md A9)."""
+    sent = request.headers.get("X-Bbprobe-Sent-At")
+    if sent is None:
+        return None
+    try:
+        moment = parse_utc(sent)
+    except ValueError:
+        raise ApiError(400, f"X-Bbprobe-Sent-At: expected an ISO 8601 UTC timestamp, got "
+                       f"{sent[:40]!r}", field="X-Bbprobe-Sent-At") from None
+    return (moment - datetime.now(UTC)).total_seconds()
+
+
+def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
+               skew: float | None) -> NewResult:
+    r = accepted.result
+    return NewResult(result_id=r.result_id, probe_name=probe, schema_version=r.schema_version,
+                     started_at=accepted.started_at, ended_at=accepted.ended_at,
+                     received_at=received_at, body=accepted.body,
+                     body_sha256=accepted.body_sha256, facts=accepted.facts,
+                     clock_skew_s=skew)
+
+
+def _wake_sink(request: web.Request) -> None:
+    sink = request.app.get(SINK)
+    if sink is not None:
+        sink.wake.set()  # type: ignore[attr-defined]
+
+
+async def post_result(request: web.Request) -> web.Response:
+    probe = await ingesting_probe(request)
+    skew = clock_skew(request)
     raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
     accepted = ingest.parse_body(raw)
     result = accepted.result
@@ -117,33 +173,95 @@ async def post_result(request: web.Request) -> web.Response:
             f"result is for probe {result.probe_id!r} but the token belongs to {probe!r}",
             field="probe_id",
         )
-    outcome = await db(
-        request,
-        partial(
-            SqliteStore.insert_result,
-            result_id=result.result_id,
-            probe_name=probe,
-            schema_version=result.schema_version,
-            started_at=accepted.started_at,
-            ended_at=accepted.ended_at,
-            received_at=utc_now(),
-            body=accepted.body,
-            body_sha256=accepted.body_sha256,
-            facts=accepted.facts,
-        ),
-    )
+    (outcome,) = await db(request, SqliteStore.insert_results,
+                          [new_result(accepted, probe, utc_now(), skew)])
     if outcome == "conflict":
         raise ApiError(409, f"result {result.result_id} was already stored with other content",
                        field="result_id")
-    status = 201 if outcome == "stored" else 200
-    sink = request.app.get(SINK)
-    if outcome == "stored" and sink is not None:
-        sink.wake.set()  # type: ignore[attr-defined]
+    if outcome == "stored":
+        _wake_sink(request)
     return web.json_response(
         {"result_id": result.result_id, "stored": outcome == "stored",
          "duplicate": outcome == "duplicate"},
-        status=status,
+        status=201 if outcome == "stored" else 200,
     )
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    """Many results in one request and one transaction (an agent's backlog after an
+    outage). Answers 200 with one item per result, in order: 201 stored, 200 duplicate,
+    409 conflict, 403 another probe's, 422 invalid (with the field)."""
+    probe = await ingesting_probe(request)
+    skew = clock_skew(request)
+    cfg = request.app[CONFIG].server
+    data = ingest.parse_json(await read_body(request, cfg.max_batch_bytes))
+    if not isinstance(data, dict) or set(data) != {"results"} or \
+            not isinstance(data["results"], list):
+        raise ApiError(422, 'body must be {"results": [result, ...]}', field="results")
+    items = data["results"]
+    if not items:
+        raise ApiError(422, "results: empty batch", field="results")
+    if len(items) > cfg.max_batch_results:
+        raise ApiError(413, f"results: {len(items)} results exceed the per-batch limit of "
+                       f"{cfg.max_batch_results}", field="results")
+    received = utc_now()
+    replies: list[dict[str, Any]] = []
+    fresh: list[tuple[int, NewResult]] = []
+    for index, item in enumerate(items):
+        rid = item.get("result_id") if isinstance(item, dict) else None
+        reply: dict[str, Any] = {"result_id": rid if isinstance(rid, str) else None}
+        replies.append(reply)
+        try:
+            accepted = ingest.accept(item)
+        except ApiError as exc:
+            reply.update(status=exc.status, error=exc.message, field=exc.field)
+            continue
+        if accepted.result.probe_id != probe:
+            reply.update(status=403, error=f"result is for probe {accepted.result.probe_id!r}"
+                         f" but the token belongs to {probe!r}", field="probe_id")
+            continue
+        fresh.append((index, new_result(accepted, probe, received, skew)))
+    outcomes = await db(request, SqliteStore.insert_results, [n for _, n in fresh])
+    for (index, _), outcome in zip(fresh, outcomes, strict=True):
+        status = {"stored": 201, "duplicate": 200, "conflict": 409}[outcome]
+        replies[index].update(status=status, error=None if status < 300 else
+                              "already stored with other content")
+    if "stored" in outcomes:
+        _wake_sink(request)
+    return web.json_response({"items": replies})
+
+
+async def post_gap(request: web.Request) -> web.Response:
+    """A gap record: results a probe dropped before delivering them (spool bounds)."""
+    import hashlib
+
+    from agent.schema import SchemaError, parse_gap
+
+    probe = await ingesting_probe(request)
+    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    try:
+        gap = parse_gap(ingest.parse_json(raw))
+    except SchemaError as exc:
+        raise ApiError(422, str(exc), field=exc.path or None) from None
+    if gap.probe_id != probe:
+        raise ApiError(403, f"gap record is for probe {gap.probe_id!r} but the token belongs "
+                       f"to {probe!r}", field="probe_id")
+    outcome = await db(request, SqliteStore.insert_gap, gap.gap_id, probe, utc_now(),
+                       gap.reason, gap.dropped, gap.first_started_at, gap.last_started_at,
+                       hashlib.sha256(raw).hexdigest())
+    if outcome == "conflict":
+        raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
+                       field="gap_id")
+    return web.json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
+                             status=201 if outcome == "stored" else 200)
+
+
+async def list_gaps(request: web.Request) -> web.Response:
+    where = await db(request, lambda store: _scope(request, store))
+    rows = await db(request, SqliteStore.gaps,
+                    list(where.probes) if where.probes is not None else None,
+                    where.since, where.until)
+    return web.json_response({"gaps": rows})
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -299,6 +417,8 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(cfg: CollectorConfig) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
+    if cfg.server.probe_requests_per_min > 0:
+        app[LIMITER] = RateLimiter(cfg.server.probe_requests_per_min, cfg.server.probe_burst)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bbprobe-db")
@@ -327,6 +447,9 @@ def create_app(cfg: CollectorConfig) -> web.Application:
 
     app.cleanup_ctx.append(store_ctx)
     app.router.add_post(spec.RESULTS_PATH, post_result)
+    app.router.add_post(spec.RESULTS_PATH + "/batch", post_batch)
+    app.router.add_post("/api/v1/gaps", post_gap)
+    app.router.add_get("/api/v1/gaps", list_gaps)
     app.router.add_get(spec.WHOAMI_PATH, whoami)
     app.router.add_get(spec.RESULTS_PATH, list_results)
     app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)

@@ -30,6 +30,16 @@ class ServerConfig:
     max_body_bytes: int = field(default=1024 * 1024, metadata=bounds(ge=1024, le=64 * 1024**2))
     # If set, the bound "http://host:port" is written here once listening.
     addr_file: str = ""
+    # POST /api/v1/results/batch: at most this many results and bytes per request.
+    max_batch_results: int = field(default=100, metadata=bounds(ge=1, le=10_000))
+    max_batch_bytes: int = field(default=16 * 1024**2,
+                                 metadata=bounds(ge=1024, le=256 * 1024**2))
+    # A request body must arrive within this many seconds (slow clients get 408).
+    body_timeout_s: float = field(default=10.0, metadata=bounds(gt=0, le=600))
+    # Per-probe ingestion rate: requests a minute on average, in bursts of up to
+    # probe_burst; beyond it 429 with Retry-After. 0 = no limit.
+    probe_requests_per_min: float = field(default=120.0, metadata=bounds(ge=0))
+    probe_burst: int = field(default=20, metadata=bounds(ge=1, le=100_000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from agent.schema import SchemaError, SessionResult, format_utc, parse_result, parse_utc, to_dict
 from collector.compliance.facts import SessionFacts, of_result
@@ -34,14 +35,24 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_body(raw: bytes) -> Accepted:
+    return accept(parse_json(raw))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Bytes -> JSON data; 400 naming the problem (NaN/Infinity are not JSON)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"body is not UTF-8: byte {exc.start}") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from None
+
+
+def accept(data: Any) -> Accepted:
+    """Decoded JSON -> a validated result with its canonical body and facts; 422 naming
+    the field."""
     try:
         result = parse_result(data)
     except SchemaError as exc:

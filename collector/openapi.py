@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__, spec
-from agent.schema import SessionResult, UploadReport, json_schema
+from agent.schema import GapRecord, SessionResult, UploadReport, json_schema
 from collector.compliance.evaluate import IndicatorResult
 
 OPENAPI_PATH = "/api/v1/openapi.json"
@@ -42,11 +42,16 @@ SCOPE_PARAMETERS = [
     _query("until", "End, exclusive: ISO 8601 date or timestamp."),
 ]
 BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
+SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
+           "description": "The probe's wall clock when sending (UTC); the collector stores "
+                          "the skew from its own clock with each result.",
+           "schema": {"type": "string", "format": "date-time"}}
 
 
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     result_ref = json_schema(SessionResult, schemas)
+    json_schema(GapRecord, schemas)
     upload_ref = json_schema(UploadReport, schemas)
     indicator_ref = json_schema(IndicatorResult, schemas)
     schemas["Error"] = {
@@ -78,6 +83,7 @@ def document() -> dict[str, Any]:
                 "security": BEARER,
                 "requestBody": {"required": True,
                                 "content": {"application/json": {"schema": result_ref}}},
+                "parameters": [SENT_AT],
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/IngestReply"}, "Stored."),
                     "200": _json({"$ref": "#/components/schemas/IngestReply"},
@@ -103,6 +109,57 @@ def document() -> dict[str, Any]:
                     "text/csv": {"schema": {"type": "string"}}}},
                     "400": bad_request},
             },
+        },
+        spec.RESULTS_PATH + "/batch": {
+            "post": {
+                "summary": "Ingest many results in one request and one transaction (a "
+                           "backlog after an outage). Per-item outcomes, in order.",
+                "security": BEARER,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["results"],
+                               "additionalProperties": False,
+                               "properties": {"results": {
+                                   "type": "array", "minItems": 1,
+                                   "items": result_ref}}}}}},
+                "parameters": [SENT_AT],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["items"], "properties": {
+                        "items": {"type": "array", "items": {"type": "object", "properties": {
+                            "result_id": {"type": ["string", "null"]},
+                            "status": {"type": "integer",
+                                       "description": "201 stored, 200 duplicate, 409 "
+                                                      "conflict, 403 another probe's, 422 "
+                                                      "invalid"},
+                            "error": {"type": ["string", "null"]},
+                            "field": {"type": ["string", "null"]}}}}}}),
+                    "400": _error("Body is not JSON."),
+                    "401": _error("Missing, unknown or revoked token."),
+                    "408": _error("The body did not arrive within server.body_timeout_s."),
+                    "413": _error("Too many results or bytes for one batch."),
+                    "415": _error("Content-Type is not application/json, or encoded."),
+                    "422": _error("Not {\"results\": [...]}, or an empty batch."),
+                    "429": _error("Over the probe's rate limit; see Retry-After."),
+                },
+            },
+        },
+        "/api/v1/gaps": {
+            "post": {
+                "summary": "A gap record: results the probe dropped before delivery.",
+                "security": BEARER,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/GapRecord"}}}},
+                "responses": {"201": _json({"type": "object"}),
+                              "200": _json({"type": "object"}),
+                              "400": _error("Body is not JSON."),
+                              "401": _error("Missing, unknown or revoked token."),
+                              "403": _error("The gap belongs to another probe."),
+                              "409": _error("The same gap_id with other content."),
+                              "422": _error("The document breaks the schema."),
+                              "429": _error("Over the probe's rate limit.")},
+            },
+            "get": {"summary": "Gap records overlapping the scope.",
+                    "parameters": SCOPE_PARAMETERS,
+                    "responses": {"200": _json({"type": "object"}), "400": bad_request}},
         },
         spec.RESULTS_PATH + "/{result_id}": {
             "get": {

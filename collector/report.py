@@ -186,16 +186,24 @@ SUMMARY_COLUMNS = (
     "one_way_delay_stdev_ms",
 )
 LISTING_COLUMNS = ("result_id", "probe_id", "started_at", "ended_at", "received_at",
-                   *SUMMARY_COLUMNS)
+                   *SUMMARY_COLUMNS, "valid", "clock_synchronized", "clock_skew_s")
+# A probe clock further than this from the collector's at delivery is flagged
+# (reliability.md A9).
+SKEW_FLAG_S = 5.0
 
 
 def listing_row(
-    result_id: str, probe: str, started: str, ended: str, received: str, body: dict[str, Any]
+    result_id: str, probe: str, started: str, ended: str, received: str, body: dict[str, Any],
+    clock_skew_s: float | None = None,
 ) -> dict[str, Any]:
     summary = body.get("summary", {})
+    validity = body.get("validity") or {}
+    clock = body.get("clock") or {}
     return {
         "result_id": result_id, "probe_id": probe, "started_at": started, "ended_at": ended,
         "received_at": received, **{c: summary.get(c) for c in SUMMARY_COLUMNS},
+        "valid": validity.get("valid", True), "clock_synchronized": clock.get("synchronized"),
+        "clock_skew_s": clock_skew_s,
     }
 
 
@@ -217,12 +225,21 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
         ul = r["upload_bps"]
         rtt = r["rtt_mean_ms"]
         loss = r["loss_ratio"]
+        flags = []
+        if r.get("valid") is False:
+            flags.append("INVALID")
+        skew = r.get("clock_skew_s")
+        if skew is not None and abs(skew) > SKEW_FLAG_S:
+            flags.append(f"CLOCK {skew:+.0f} s")
+        if r.get("clock_synchronized") is False:
+            flags.append("clock unsynchronized")
         lines.append(
             f"{r['started_at']}  {r['probe_id']:<16} {r['result_id']}  "
             f"down {'—' if dl is None else f'{dl / 1e6:.2f} Mbit/s'}  "
             f"up {'—' if ul is None else f'{ul / 1e6:.2f} Mbit/s'}  "
             f"rtt {'—' if rtt is None else f'{rtt:.3f} ms'}  "
             f"loss {'—' if loss is None else f'{loss * 100:.1f} %'}"
+            + (f"  [{'; '.join(flags)}]" if flags else "")
         )
     return "\n".join(lines) + "\n"
 

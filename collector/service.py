@@ -104,7 +104,7 @@ def stored_results(store: SqliteStore, where: Scope, limit: int | None = None) -
 def listing(store: SqliteStore, where: Scope, limit: int | None = None) -> list[dict[str, object]]:
     return [
         listing_row(r.result_id, r.probe_name, r.started_at, r.ended_at, r.received_at,
-                    json.loads(r.body))
+                    json.loads(r.body), r.clock_skew_s)
         for r in stored_results(store, where, limit)
     ]
 

@@ -100,6 +100,12 @@ streams = 2
 warmup_s = 0.2
 window_s = 0.6
 sample_interval_s = 0.05
+
+[delivery]
+retry_min_s = 0.2
+retry_max_s = 1.0
+max_wait_s = 1.5
+max_requests_per_s = 50
 """
 
 

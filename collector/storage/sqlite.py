@@ -130,6 +130,22 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         queued_at TEXT NOT NULL
     );
     """,
+    # 4: the probe clock's offset from ours at delivery (X-Bbprobe-Sent-At), and the gap
+    # records of results probes had to drop.
+    """
+    ALTER TABLE results ADD COLUMN clock_skew_s REAL;
+    CREATE TABLE gaps (
+        gap_id TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL REFERENCES probes(name),
+        received_at TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        dropped INTEGER NOT NULL,
+        first_started_at TEXT NOT NULL,
+        last_started_at TEXT NOT NULL,
+        body_sha256 TEXT NOT NULL
+    );
+    CREATE INDEX gaps_probe ON gaps (probe_name, first_started_at);
+    """,
 )
 
 
@@ -170,6 +186,8 @@ class StoredResult:
     ended_at: str
     received_at: str
     body: str
+    # Probe clock minus collector clock at delivery, when the probe said (v3 agents).
+    clock_skew_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -186,6 +204,22 @@ class HourRow:
     download_kbps_sum: float = 0.0
     upload_n: int = 0
     upload_kbps_sum: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewResult:
+    """A validated result ready to store (collector/ingest.py makes them)."""
+
+    result_id: str
+    probe_name: str
+    schema_version: int
+    started_at: str
+    ended_at: str
+    received_at: str
+    body: str
+    body_sha256: str
+    facts: SessionFacts
+    clock_skew_s: float | None = None
 
 
 InsertOutcome = Literal["stored", "duplicate", "conflict"]
@@ -293,38 +327,66 @@ class SqliteStore:
 
     # --- results --------------------------------------------------------------------------
 
-    def insert_result(
-        self,
-        *,
-        result_id: str,
-        probe_name: str,
-        schema_version: int,
-        started_at: str,
-        ended_at: str,
-        received_at: str,
-        body: str,
-        body_sha256: str,
-        facts: SessionFacts,
-    ) -> InsertOutcome:
-        """Store a result and its facts once. Same id and content again: "duplicate"
-        (nothing written); same id with other content: "conflict"."""
+    def insert_result(self, **item: Any) -> InsertOutcome:
+        """Store one result (see ``insert_results``)."""
+        return self.insert_results([NewResult(**item)])[0]
+
+    def insert_results(self, items: Sequence[NewResult]) -> list[InsertOutcome]:
+        """Store results and their facts once each, in one transaction (one fsync for a
+        batch). Same id and content again: "duplicate" (nothing written); same id with
+        other content: "conflict"."""
+        outcomes: list[InsertOutcome] = []
         with self._write():
-            row = self._db.execute(
-                "SELECT body_sha256 FROM results WHERE result_id = ?", (result_id,)
-            ).fetchone()
+            for item in items:
+                row = self._db.execute(
+                    "SELECT body_sha256 FROM results WHERE result_id = ?", (item.result_id,)
+                ).fetchone()
+                if row is not None:
+                    outcomes.append("duplicate" if row[0] == item.body_sha256 else "conflict")
+                    continue
+                self._db.execute(
+                    "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
+                    "ended_at, received_at, body_sha256, body, clock_skew_s) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.result_id, item.probe_name, item.schema_version, item.started_at,
+                     item.ended_at, item.received_at, item.body_sha256, item.body,
+                     item.clock_skew_s),
+                )
+                _insert_facts(self._db, item.facts, item.probe_name)
+                if self.outbox:
+                    self._db.execute("INSERT INTO influx_outbox (result_id, queued_at) "
+                                     "VALUES (?, ?)", (item.result_id, item.received_at))
+                outcomes.append("stored")
+        return outcomes
+
+    def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
+                   dropped: int, first: str, last: str, body_sha256: str) -> InsertOutcome:
+        with self._write():
+            row = self._db.execute("SELECT body_sha256 FROM gaps WHERE gap_id = ?",
+                                   (gap_id,)).fetchone()
             if row is not None:
                 return "duplicate" if row[0] == body_sha256 else "conflict"
-            self._db.execute(
-                "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
-                "ended_at, received_at, body_sha256, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (result_id, probe_name, schema_version, started_at, ended_at, received_at,
-                 body_sha256, body),
-            )
-            _insert_facts(self._db, facts, probe_name)
-            if self.outbox:
-                self._db.execute("INSERT INTO influx_outbox (result_id, queued_at) "
-                                 "VALUES (?, ?)", (result_id, received_at))
+            self._db.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (gap_id, probe_name, received_at, reason, dropped, first, last,
+                              body_sha256))
         return "stored"
+
+    def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
+             until: str | None = None) -> list[dict[str, Any]]:
+        """Gap records overlapping [since, until), oldest first."""
+        where, params = self._scope(probes, None, None)
+        if since is not None:
+            where += " AND last_started_at >= ?"
+            params.append(since)
+        if until is not None:
+            where += " AND first_started_at < ?"
+            params.append(until)
+        rows = self._db.execute(
+            "SELECT gap_id, probe_name, received_at, reason, dropped, first_started_at, "
+            f"last_started_at FROM gaps WHERE {where} ORDER BY first_started_at", params)
+        return [{"gap_id": r[0], "probe_id": r[1], "received_at": r[2], "reason": r[3],
+                 "dropped": r[4], "first_started_at": r[5], "last_started_at": r[6]}
+                for r in rows]
 
     def results(
         self,
@@ -351,7 +413,8 @@ class SqliteStore:
             tail = " LIMIT ?"
             params.append(limit)
         rows = self._db.execute(
-            "SELECT result_id, probe_name, started_at, ended_at, received_at, body "
+            "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
+            "clock_skew_s "
             f"FROM results {where} ORDER BY started_at, result_id{tail}",
             params,
         )
@@ -558,7 +621,8 @@ class SqliteStore:
 
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(
-            "SELECT result_id, probe_name, started_at, ended_at, received_at, body "
+            "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
+            "clock_skew_s "
             "FROM results WHERE result_id = ?",
             (result_id,),
         ).fetchone()

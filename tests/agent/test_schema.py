@@ -148,3 +148,17 @@ def test_invalid_session_round_trips() -> None:
     again = parse_result(json.loads(json.dumps(to_dict(original))))
     assert again == original and not again.valid
     assert [r.code for r in again.validity.reasons] == ["wifi", "cpu_busy"]  # type: ignore[union-attr]
+
+
+def test_clock_state_from_the_kernel_reply() -> None:
+    """adjtimex: TIME_ERROR or STA_UNSYNC -> not synchronised (no error bound); otherwise
+    synchronised with maxerror in ms."""
+    from agent import clock
+
+    assert clock.interpret(0, 0, 1500) == clock.ClockState(True, 1.5, "adjtimex")
+    assert clock.interpret(5, 0, 1500).synchronized is False
+    assert clock.interpret(0, clock.STA_UNSYNC, 1500) == clock.ClockState(False, None,
+                                                                        "adjtimex")
+    state = clock.read()  # this machine's, whatever it is: a well-formed record
+    assert state.source in ("adjtimex", "unknown")
+    assert (state.synchronized is None) == (state.source == "unknown")
