@@ -140,10 +140,15 @@ def _write_durably(final: Path, data: str) -> None:
     """temp + fsync + rename + fsync(dir): the file is whole or absent, never torn."""
     tmp = final.with_name(final.name + ".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        # Raw writes: no buffered flush left to fail (and leak the file) on a full disk.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data.encode())
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -202,27 +207,44 @@ class Spool:
         return final
 
     def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]]) -> None:
+        """Delete ``victims`` and account for them in one pending gap record per reason
+        (merged into any not yet sent, so a long squeeze does not fill the disk with gap
+        records)."""
         by_reason: dict[str, list[Entry]] = {}
         for entry, reason in victims:
             entry.path.unlink(missing_ok=True)
             by_reason.setdefault(reason, []).append(entry)
         for reason, dropped in by_reason.items():
+            self.count("dropped_total", len(dropped))
+            first = min(e.started_at for e in dropped)
+            last = max(e.started_at for e in dropped)
+            count = len(dropped)
+            earlier = [p for p in self.gaps() if f"_{reason}_" in p.name]
+            for path in earlier:
+                try:
+                    old = json.loads(path.read_text(encoding="utf-8"))
+                    count += int(old["dropped"])
+                    first = min(first, datetime.fromisoformat(old["first_started_at"]))
+                    last = max(last, datetime.fromisoformat(old["last_started_at"]))
+                except (OSError, ValueError, KeyError):
+                    continue
             gap = GapRecord(
                 schema_version=SCHEMA_VERSION, gap_id=str(uuid.uuid4()), probe_id=probe_id,
                 recorded_at=utc_now(), reason=reason,  # type: ignore[arg-type]
-                dropped=len(dropped),
-                first_started_at=format_utc(min(e.started_at for e in dropped)),
-                last_started_at=format_utc(max(e.started_at for e in dropped)),
+                dropped=count, first_started_at=format_utc(first),
+                last_started_at=format_utc(last),
             )
-            self.count("dropped_total", len(dropped))
             try:
                 self.gap_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                _write_durably(self.gap_dir / f"{gap.recorded_at.replace(':', '')}_"
+                _write_durably(self.gap_dir / f"{gap.recorded_at.replace(':', '')}_{reason}_"
                                               f"{gap.gap_id}.json",
                                json.dumps(to_dict(gap), separators=(",", ":")))
             except OSError as exc:
                 # Even the gap record does not fit: the counter still says how many.
                 self.note(last_error=f"cannot record a gap of {len(dropped)}: {exc.strerror}")
+                continue
+            for path in earlier:  # merged into the new record
+                path.unlink(missing_ok=True)
         if victims:
             _fsync_dir(self.dir)
 

@@ -1,0 +1,93 @@
+"""A fault-injecting HTTP proxy in front of a real collector (in the spirit of toxiproxy):
+each request takes the next fault from a script, then the default is to forward.
+
+Faults:
+- ``("status", code, retry_after)``: answer ``code`` without forwarding;
+- ``("drop_reply",)``: forward (the collector commits) but close the connection instead
+  of replying: the agent sees a network error for a stored result (reliability.md A7);
+- ``("drop",)``: close without forwarding.
+
+Runs on 127.0.0.1:0 in a thread of its own, like ``collector.testing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+
+@dataclass
+class FaultProxy:
+    url: str
+    script: list[tuple[Any, ...]]
+    seen: list[str] = field(default_factory=list)  # "METHOD path -> outcome"
+
+
+@contextmanager
+def fault_proxy(upstream: str, script: list[tuple[Any, ...]]) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(url="", script=list(script))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        fault = proxy.script.pop(0) if proxy.script else ("forward",)
+        body = await request.read()
+        label = f"{request.method} {request.path}"
+        if fault[0] == "status":
+            proxy.seen.append(f"{label} -> {fault[1]}")
+            headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
+            return web.json_response({"error": "injected", "field": None}, status=fault[1],
+                                     headers=headers)
+        if fault[0] == "drop":
+            proxy.seen.append(f"{label} -> dropped")
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "x-bbprobe-sent-at")}
+        async with aiohttp.ClientSession() as session, session.request(
+                request.method, upstream + request.path_qs, data=body,
+                headers=headers) as resp:
+            payload = await resp.read()
+            status = resp.status
+        if fault[0] == "drop_reply":
+            proxy.seen.append(f"{label} -> {status} then dropped")
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        proxy.seen.append(f"{label} -> {status}")
+        return web.Response(body=payload, status=status, content_type="application/json")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        proxy.url = f"http://{host}:{port}"
+        box["stop"] = stop = asyncio.Event()
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    assert ready.wait(10), "fault proxy did not start"
+    try:
+        yield proxy
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+        loop.close()

@@ -1,0 +1,185 @@
+"""The agent as a process under faults: SIGTERM mid-test and mid-push, a full disk, and
+what `bbprobe status` then shows (reliability.md A5, A8). Real processes, real sockets,
+a real tmpfs for the full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import DeliveryConfig
+from agent.delivery import Spool
+from collector.testing import RunningCollector
+from tests.conftest import IN_CI
+from tests.factories import session
+
+AGENT = [sys.executable, "-m", "agent"]
+
+
+class Stalled:
+    """A TCP server on 127.0.0.1 that accepts and never answers (until closed)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def stalled() -> Iterator[Stalled]:
+    server = Stalled()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _spawn(fast_config: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*AGENT, "--config", str(fast_config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _spooled(fast_config: Path) -> list[Path]:
+    return sorted((fast_config.parent / "state" / "spool").glob("*.json"))
+
+
+def test_sigterm_during_a_test_stops_at_once_and_keeps_the_spool(
+        fast_config: Path, stalled: Stalled) -> None:
+    """A result waiting in the spool survives a SIGTERM that arrives while a transfer
+    hangs on a server that never answers; the agent exits 143 within seconds."""
+    waiting = session("probe-9")
+    Spool(fast_config.parent / "state").put(waiting)
+    proc = _spawn(fast_config, "--probe-id", "probe-9", "--collector", stalled.url,
+                  "--token", "t", "--server", stalled.url, "--set", "ping.enabled=false",
+                  "--set", "download.timeout_s=60", "run")
+    time.sleep(1.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - started < 10
+    assert "stopped by SIGTERM; results not yet acknowledged stay in the spool" in err
+    assert [p.name.split("_", 1)[1] for p in _spooled(fast_config)] == [
+        f"{waiting.result_id}.json"]
+
+
+@pytest.mark.privileged
+def test_sigterm_during_the_push_keeps_the_result(
+        collector: RunningCollector, fast_config: Path, stalled: Stalled) -> None:
+    """Measured against the real collector, pushed to one that hangs: SIGTERM while the
+    push waits leaves the result spooled, and the next run delivers it."""
+    token = collector.add_probe("probe-9")
+    proc = _spawn(fast_config, "--probe-id", "probe-9", "--collector", stalled.url,
+                  "--token", token, "--server", collector.url, "run", "--json")
+    deadline = time.monotonic() + 60
+    while not _spooled(fast_config) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    assert _spooled(fast_config), "the session never reached the spool"
+    time.sleep(0.5)  # inside the push now
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    result_id = json.loads(out)["result_id"]
+    assert [p.name.split("_", 1)[1] for p in _spooled(fast_config)] == [f"{result_id}.json"]
+    again = subprocess.run([*AGENT, "--config", str(fast_config), "--probe-id", "probe-9",
+                            "--collector", collector.url, "--token", token, "--server",
+                            collector.url, "run"], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert collector.count_results() == 2 and not _spooled(fast_config)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 160 KiB tmpfs of our own (root), unmounted afterwards."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI=true needs root to mount a tmpfs for the full-disk test")
+        pytest.skip("needs root to mount a small tmpfs (full-disk test)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k,mode=0700", "tmpfs",
+                    str(mount)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+def test_full_disk_is_a_counted_drop_never_a_crash(tiny_fs: Path) -> None:
+    """Results written until the disk is full (no byte cap, no free-space floor: room is
+    made by dropping the oldest, and the kernel's ENOSPC stops the rest): put() never
+    raises, every file in the spool is a whole result, no temp file is left, drops are
+    counted as far as the disk allows, and once space frees writing works again."""
+    spool = Spool(tiny_fs, DeliveryConfig(spool_max_bytes=10**9, min_free_bytes=0))
+    accepted = refused = 0
+    for _ in range(300):
+        if spool.put(session("p1")) is None:
+            refused += 1
+        else:
+            accepted += 1
+    assert accepted > 10 and refused >= 1
+    pending = spool.pending()
+    assert 1 <= len(pending) <= accepted
+    for path in pending:
+        assert json.loads(path.read_text())["probe_id"] == "p1"  # whole, never torn
+    assert not list(tiny_fs.rglob("*.tmp"))
+    dropped = accepted + refused - len(pending)
+    counted = spool.stats().get("dropped_total", 0)
+    assert 0 <= counted <= dropped
+    for path in pending[: len(pending) // 2]:
+        spool.remove(path)
+    assert spool.put(session("p1")) is not None  # recovered once space freed
+
+
+def test_status_shows_backlog_dead_letters_and_the_collector(
+        collector: RunningCollector, fast_config: Path) -> None:
+    token = collector.add_probe("probe-9")
+    spool = Spool(fast_config.parent / "state")
+    spool.put(session("probe-9"))
+    refused = spool.put(session("probe-9"))
+    assert refused is not None
+    spool.dead_letter(refused, "HTTP 422: summary.loss_ratio: must be <= 1, got 2")
+    done = subprocess.run([*AGENT, "--config", str(fast_config), "--collector", collector.url,
+                           "--token", token, "status"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "spool: 1 result(s) waiting" in out
+    assert "dead-letter: 1 result(s) refused by the collector:" in out
+    assert "HTTP 422: summary.loss_ratio: must be <= 1, got 2" in out
+    assert f"collector: {collector.url} answers, as probe probe-9" in out
+    as_json = subprocess.run([*AGENT, "--config", str(fast_config), "status", "--json",
+                              "--no-check"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    doc = json.loads(as_json.stdout)
+    assert (doc["spool"]["results"], len(doc["dead_letter"])) == (1, 1)
