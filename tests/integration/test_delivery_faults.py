@@ -19,9 +19,12 @@ import pytest
 
 from agent.config import DeliveryConfig
 from agent.delivery import Spool
+from collector import service
+from collector.storage.sqlite import LineMetadata, SqliteStore
 from collector.testing import RunningCollector
 from tests.conftest import IN_CI
 from tests.factories import session
+from tests.httpclient import request as request_json
 
 AGENT = [sys.executable, "-m", "agent"]
 
@@ -183,3 +186,41 @@ def test_status_shows_backlog_dead_letters_and_the_collector(
                              check=False)
     doc = json.loads(as_json.stdout)
     assert (doc["spool"]["results"], len(doc["dead_letter"])) == (1, 1)
+
+
+def test_outage_backlog_arrives_complete(fast_config: Path, tmp_path: Path) -> None:
+    """The ingesting collector is down for three sessions while the probe keeps measuring
+    (against a measurement server that stays up); when it is back, the next run delivers
+    the whole backlog, oldest first, each result once."""
+    from collector.testing import running_collector
+    from tests.integration.test_crash import _start_collector
+
+    db = tmp_path / "ingest.sqlite3"
+    store = SqliteStore(db)
+    token = service.register_probe(store, "probe-9", LineMetadata())
+    store.close()
+    with running_collector(tmp_path / "measure") as measure:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down = f"http://127.0.0.1:{s.getsockname()[1]}"
+        common = [*AGENT, "--config", str(fast_config), "--probe-id", "probe-9", "--token",
+                  token, "--server", measure.url, "--set", "ping.enabled=false"]
+        made = []
+        for _ in range(3):
+            done = subprocess.run([*common, "--collector", down, "run", "--json"],
+                                  capture_output=True, text=True, timeout=120, check=False)
+            assert done.returncode == 3, done.stderr
+            made.append(json.loads(done.stdout)["result_id"])
+        assert len(_spooled(fast_config)) == 3
+        proc, url = _start_collector(db, tmp_path)
+        try:
+            done = subprocess.run([*common, "--collector", url, "run", "--json"],
+                                  capture_output=True, text=True, timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            made.append(json.loads(done.stdout)["result_id"])
+            _, listing, _ = request_json("GET", url + "/api/v1/results?probe=probe-9")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert [r["result_id"] for r in listing["results"]] == made
+    assert not _spooled(fast_config)
