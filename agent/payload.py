@@ -7,6 +7,7 @@ and BEREC require random, incompressible data; methodology.md §3.1-3.2). Stdlib
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from typing import BinaryIO
@@ -32,5 +33,6 @@ def file() -> BinaryIO:
         handle = tempfile.TemporaryFile()  # noqa: SIM115 - lives for the whole process
         handle.write(buffer())
         handle.flush()
+        atexit.register(handle.close)
         _file = handle
     return _file

@@ -468,8 +468,11 @@ def create_app(cfg: CollectorConfig) -> web.Application:
 
 async def start(cfg: CollectorConfig) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL."""
+    # auto_decompress=False: bodies reach the handlers as sent, so an encoded body is
+    # refused (415) without the parser ever inflating it (compression bombs).
     runner = web.AppRunner(
-        create_app(cfg), access_log=None, handle_signals=False, shutdown_timeout=5.0
+        create_app(cfg), access_log=None, handle_signals=False, shutdown_timeout=5.0,
+        auto_decompress=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.server.host, cfg.server.port)

@@ -54,6 +54,9 @@ def period_bounds(period: str) -> tuple[str, str]:
         raise ApiError(400, f"period: expected YYYY, YYYY-H1 or YYYY-H2, got {period!r}",
                        field="period")
     year = int(year_text)
+    if not 1 <= year <= 9998:
+        raise ApiError(400, f"period: year must be within 0001..9998, got {year_text}",
+                       field="period")
     start_month = 7 if half == "H2" else 1
     end = datetime(year + 1, 1, 1, tzinfo=UTC) if half in ("", "H2") else \
         datetime(year, 7, 1, tzinfo=UTC)
