@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -24,8 +25,8 @@ from agent import spec
 from agent.schema import parse_utc, utc_now
 from collector import __version__, auth, ingest, measure, service
 from collector.compliance import targets as targets_mod
-from collector.config import CollectorConfig
-from collector.errors import ApiError
+from collector.config import CollectorConfig, ServerConfig
+from collector.errors import ApiError, ConfigError
 from collector.limits import RateLimiter
 from collector.report import (
     LISTING_COLUMNS,
@@ -69,6 +70,8 @@ async def errors(
         return await handler(request)
     except ApiError as exc:
         response = error_body(exc.status, exc.message, exc.field)
+        if exc.challenge:
+            response.headers["WWW-Authenticate"] = 'Basic realm="bbprobe", charset="UTF-8"'
         if exc.retry_after is not None:
             response.headers["Retry-After"] = exc.retry_after
         elif exc.status == 503:
@@ -102,14 +105,88 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _peer_probe(request: web.Request) -> str | None:
+    """The probe named by a verified client certificate's subject CN, if one was shown."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 async def authenticated_probe(request: web.Request) -> str:
+    """The probe behind a request: by its bearer token, or by a client certificate
+    verified against server.client_ca (whose CN must name a live probe); both, if both
+    are shown, must agree."""
+    cfg = request.app[CONFIG].server
+    by_cert = _peer_probe(request) if cfg.client_cert != "off" else None
     token = auth.bearer(request.headers.get("Authorization"))
+    if by_cert is not None:
+        probe = await db(request, SqliteStore.probe, by_cert)
+        if probe is None or probe.revoked_at is not None:
+            raise ApiError(401, f"client certificate names no active probe ({by_cert!r})")
+        if token is not None:
+            owner = await db(request, SqliteStore.probe_for_token, auth.hash_token(token))
+            if owner is None or owner.name != by_cert:
+                raise ApiError(403, "the token and the client certificate name different "
+                               "probes")
+        return by_cert
+    if cfg.client_cert == "required":
+        raise ApiError(401, "a client certificate is required (server.client_cert)")
     if token is None:
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
     probe = await db(request, SqliteStore.probe_for_token, auth.hash_token(token))
     if probe is None:
         raise ApiError(401, "unknown or revoked token")
     return probe.name
+
+
+PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json"})
+PROBE_POSTS = frozenset({spec.RESULTS_PATH, spec.RESULTS_PATH + "/batch", "/api/v1/gaps"})
+
+
+def required_role(request: web.Request) -> str | None:
+    """Who may call this route: None (anyone), "probe" (checked by the handler),
+    "analyst" (analyst or admin) or "admin"."""
+    path = request.path
+    if path in PUBLIC or path.startswith("/measure/"):
+        return None
+    if path == spec.WHOAMI_PATH or (request.method == "POST" and path in PROBE_POSTS):
+        return "probe"
+    if request.method == "POST" and path.startswith("/api/v1/probes"):
+        return "admin"
+    return "analyst"
+
+
+@web.middleware
+async def access(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Analyst and admin routes need such a token (Bearer, or Basic with the token as
+    password for browsers); revocation takes effect on the next request."""
+    role = required_role(request)
+    if request.match_info.http_exception is not None or role in (None, "probe"):
+        return await handler(request)
+    if role == "analyst" and not request.app[CONFIG].server.query_auth:
+        return await handler(request)
+    token = auth.bearer(request.headers.get("Authorization"))
+    found = None if token is None else \
+        await db(request, SqliteStore.role_for_token, auth.hash_token(token))
+    if found is None:
+        raise ApiError(401, "this needs an analyst or admin token (Authorization: Bearer "
+                       "<token>; `bbprobe-collector token add`)" if token is None else
+                       "unknown or revoked token", challenge=True)
+    have, _name = found
+    if have == "probe":
+        raise ApiError(403, "a probe token can only send its results; use an analyst or "
+                       "admin token")
+    if role == "admin" and have != "admin":
+        raise ApiError(403, "this needs an admin token")
+    return await handler(request)
 
 
 async def ingesting_probe(request: web.Request) -> str:
@@ -305,6 +382,54 @@ async def list_probes(request: web.Request) -> web.Response:
     return web.json_response({"probes": [p.to_dict() for p in probes]})
 
 
+async def add_probe(request: web.Request) -> web.Response:
+    """Admin: register a probe with its line metadata; the answer holds its token, the
+    only time the token exists in clear."""
+    from dataclasses import fields
+
+    from collector.storage.sqlite import LineMetadata
+
+    data = ingest.parse_json(await read_body(request, 64 * 1024))
+    allowed = {"probe_id"} | {f.name for f in fields(LineMetadata)}
+    if not isinstance(data, dict) or not isinstance(data.get("probe_id"), str):
+        raise ApiError(422, "probe_id: required, a string", field="probe_id")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
+    line: dict[str, Any] = {}
+    for f in fields(LineMetadata):
+        value = data.get(f.name)
+        numeric = f.name.endswith(("_kbps", "_ms", "_ratio"))
+        if value is None:
+            line[f.name] = None
+        elif numeric and isinstance(value, int | float) and not isinstance(value, bool) \
+                and value >= 0:
+            line[f.name] = float(value)
+        elif not numeric and isinstance(value, str):
+            line[f.name] = value
+        else:
+            wanted = "a number >= 0" if numeric else "a string"
+            raise ApiError(422, f"{f.name}: expected {wanted}, got {value!r}", field=f.name)
+    from collector.errors import StoreError
+
+    try:
+        token = await db(request, service.register_probe, data["probe_id"],
+                         LineMetadata(**line))
+    except StoreError as exc:
+        raise ApiError(409 if "already exists" in str(exc) else 422, str(exc),
+                       field="probe_id") from None
+    return web.json_response({"probe_id": data["probe_id"], "token": token}, status=201)
+
+
+async def revoke_probe(request: web.Request) -> web.Response:
+    """Admin: revoke a probe's token at once (its results stay)."""
+    name = request.match_info["name"]
+    done = await db(request, SqliteStore.revoke_probe, name, utc_now())
+    if not done:
+        raise ApiError(404, f"no active probe named {name!r}", field="name")
+    return web.json_response({"probe_id": name, "revoked": True})
+
+
 async def list_samples(request: web.Request) -> web.Response:
     """Per-test samples of a scope as CSV, in the ``evaluate --samples`` format."""
     _format(request, ("csv",))
@@ -415,7 +540,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def create_app(cfg: CollectorConfig) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=cfg.server.max_body_bytes)
+    app = web.Application(middlewares=[errors, access],
+                          client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     if cfg.server.probe_requests_per_min > 0:
         app[LIMITER] = RateLimiter(cfg.server.probe_requests_per_min, cfg.server.probe_burst)
@@ -454,6 +580,8 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get(spec.RESULTS_PATH, list_results)
     app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)
     app.router.add_get("/api/v1/probes", list_probes)
+    app.router.add_post("/api/v1/probes", add_probe)
+    app.router.add_post("/api/v1/probes/{name}/revoke", revoke_probe)
     app.router.add_get("/api/v1/samples", list_samples)
     app.router.add_get("/api/v1/report", get_report)
     app.router.add_get("/api/v1/certificate", get_certificate)
@@ -466,19 +594,40 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     return app
 
 
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """TLS from the configured certificate and key; client certificates verified against
+    client_ca when server.client_cert asks for them."""
+    if not server.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+        if server.client_cert != "off":
+            context.load_verify_locations(server.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED if server.client_cert == "required" \
+                else ssl.CERT_OPTIONAL
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server TLS: cannot load certificate, key or CA: {exc}") from None
+    return context
+
+
 async def start(cfg: CollectorConfig) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL."""
     # auto_decompress=False: bodies reach the handlers as sent, so an encoded body is
     # refused (415) without the parser ever inflating it (compression bombs).
+    # keepalive_timeout: aiohttp closes a connection that has not completed a request
+    # within it, from the moment it opens (and between requests): the header timeout.
     runner = web.AppRunner(
         create_app(cfg), access_log=None, handle_signals=False, shutdown_timeout=5.0,
-        auto_decompress=False,
+        auto_decompress=False, keepalive_timeout=cfg.server.header_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
+                       ssl_context=tls_context(cfg.server))
     await site.start()
     host, port = runner.addresses[0][:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    scheme = "https" if cfg.server.tls_cert else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
     if cfg.server.addr_file:
         target = Path(cfg.server.addr_file)
         target.parent.mkdir(parents=True, exist_ok=True)

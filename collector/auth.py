@@ -1,4 +1,6 @@
-"""Probe tokens: 256 random bits, shown once, stored only as a SHA-256 digest.
+"""Tokens (probes', analysts', admins'): 256 random bits, shown once, stored only as a
+SHA-256 digest. Roles: a probe token sends that probe's results; an analyst token reads
+(queries, reports, pages); an admin token reads and administers (probes).
 
 A slow password hash buys nothing for 256-bit random secrets (no dictionary to try), and a
 plain digest lets the collector find the probe with one indexed lookup.
@@ -21,11 +23,24 @@ def hash_token(token: str) -> str:
 
 
 def bearer(header: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    """The token of an ``Authorization: Bearer <token>`` header, or of ``Basic`` with the
+    token as password (what a browser sends for the HTML pages); None otherwise."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
+    if not token or len(token) > 1024:
+        return None
+    if scheme.lower() == "basic":
+        import base64
+        import binascii
+
+        try:
+            decoded = base64.b64decode(token, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        token = decoded.partition(":")[2]
+        return token or None
+    if scheme.lower() != "bearer":
         return None
     return token

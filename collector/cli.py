@@ -470,3 +470,64 @@ def influx_status(ctx: click.Context) -> None:
     cfg = _config(ctx).influxdb
     state = f"enabled, {cfg.url}, bucket {cfg.bucket}" if cfg.enabled else "disabled"
     click.echo(f"influxdb: {state}; {waiting} result(s) waiting")
+
+
+@main.group()
+def token() -> None:
+    """Analyst and admin tokens for the API and the HTML pages."""
+
+
+@token.command("add")
+@shared_options
+@click.argument("name")
+@click.option("--role", type=click.Choice(["analyst", "admin"]), default="analyst",
+              show_default=True, help="analyst: read; admin: read and administer probes.")
+@click.pass_context
+@handle_errors
+def token_add(ctx: click.Context, name: str, role: str) -> None:
+    """Create a token; it is printed once (only its digest is stored)."""
+    store = _open_store(ctx)
+    try:
+        secret = service.add_token(store, name, role)
+    finally:
+        store.close()
+    click.echo(secret)
+    click.echo(f"{role} token {name!r} created; keep it now, it is not shown again",
+               err=True)
+
+
+@token.command("list")
+@shared_options
+@click.pass_context
+@handle_errors
+def token_list(ctx: click.Context) -> None:
+    """Tokens by name, with role and state (never the secrets)."""
+    store = _open_store(ctx)
+    try:
+        rows = store.tokens()
+    finally:
+        store.close()
+    for r in rows:
+        state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
+        click.echo(f"{r['name']}  {r['role']}  ({state}; created {r['created_at']})")
+    if not rows:
+        click.echo("no tokens")
+
+
+@token.command("revoke")
+@shared_options
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def token_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke a token at once: the next request with it is refused."""
+    from agent.schema import utc_now
+
+    store = _open_store(ctx)
+    try:
+        done = store.revoke_token(name, utc_now())
+    finally:
+        store.close()
+    if not done:
+        raise StoreError(f"no active token named {name!r}")
+    click.echo(f"token {name!r} revoked")

@@ -40,6 +40,19 @@ class ServerConfig:
     # probe_burst; beyond it 429 with Retry-After. 0 = no limit.
     probe_requests_per_min: float = field(default=120.0, metadata=bounds(ge=0))
     probe_burst: int = field(default=20, metadata=bounds(ge=1, le=100_000))
+    # A connection must complete a request's headers within this many seconds of opening
+    # (or of its previous response), else it is closed: slow clients cannot pile up.
+    header_timeout_s: float = field(default=10.0, metadata=bounds(gt=0, le=3600))
+    # Queries, reports and pages need an analyst or admin token (token add). Turn off only
+    # behind an authenticating proxy.
+    query_auth: bool = True
+    # TLS: certificate chain and key (PEM). Both empty: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Client certificates for probes: "off", "optional" or "required", verified against
+    # client_ca; a verified certificate's subject CN names the probe (no token needed).
+    client_cert: Literal["off", "optional", "required"] = "off"
+    client_ca: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +128,16 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
     cfg = decode_table(CollectorConfig, data, source, ConfigError)
     if not cfg.storage.path:
         raise ConfigError(f"{source}: storage.path: must not be empty")
+    srv = cfg.server
+    if bool(srv.tls_cert) != bool(srv.tls_key):
+        raise ConfigError(f"{source}: server.tls_cert and server.tls_key: give both or neither")
+    if srv.client_cert != "off" and not (srv.tls_cert and srv.client_ca):
+        raise ConfigError(f"{source}: server.client_cert = {srv.client_cert!r} needs "
+                          "server.tls_cert, server.tls_key and server.client_ca")
+    for name in ("tls_cert", "tls_key", "client_ca"):
+        value = getattr(srv, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{source}: server.{name}: no such file {value!r}")
     influx = cfg.influxdb
     if influx.enabled:
         from urllib.parse import urlsplit

@@ -29,9 +29,10 @@ class StoreError(CollectorError):
 
 class ApiError(CollectorError):
     def __init__(self, status: int, message: str, field: str | None = None,
-                 retry_after: str | None = None) -> None:
+                 retry_after: str | None = None, challenge: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
         self.retry_after = retry_after
+        self.challenge = challenge  # 401 that a browser should answer with a login

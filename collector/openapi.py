@@ -42,6 +42,8 @@ SCOPE_PARAMETERS = [
     _query("until", "End, exclusive: ISO 8601 date or timestamp."),
 ]
 BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+PUBLIC: list[dict[str, list[str]]] = []
 SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
            "description": "The probe's wall clock when sending (UTC); the collector stores "
                           "the skew from its own clock with each result.",
@@ -176,6 +178,26 @@ def document() -> dict[str, Any]:
                                   "401": _error("Missing, unknown or revoked token.")}},
         },
         "/api/v1/probes": {
+            "post": {
+                "summary": "Admin: register a probe with its line metadata; the reply holds "
+                           "its token (shown once).",
+                "security": ADMIN,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["probe_id"], "additionalProperties": False,
+                    "properties": {"probe_id": {"type": "string"},
+                                   **{k: {"type": ["string", "null"]} for k in (
+                                       "operator", "offer", "region", "technology")},
+                                   **{k: {"type": ["number", "null"], "minimum": 0} for k in (
+                                       "download_nominal_kbps", "download_min_kbps",
+                                       "upload_nominal_kbps", "upload_min_kbps",
+                                       "max_delay_ms", "max_loss_ratio")}}}}}},
+                "responses": {"201": _json({"type": "object"}),
+                              "400": _error("Body is not JSON."),
+                              "401": _error("Missing, unknown or revoked token."),
+                              "403": _error("Not an admin token."),
+                              "409": _error("A probe of that name exists."),
+                              "422": _error("A field is missing or wrong.")},
+            },
             "get": {"summary": "Registered probes with their line metadata (JSON or CSV).",
                     "parameters": [_query("format", "json (default) or csv.",
                                           {"enum": ["json", "csv"]})],
@@ -183,6 +205,16 @@ def document() -> dict[str, Any]:
                         "application/json": {"schema": {"type": "object"}},
                         "text/csv": {"schema": {"type": "string"}}}},
                         "400": bad_request}},
+        },
+        "/api/v1/probes/{name}/revoke": {
+            "post": {"summary": "Admin: revoke a probe's token at once (its results stay).",
+                     "security": ADMIN,
+                     "parameters": [{"name": "name", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
+                     "responses": {"200": _json({"type": "object"}),
+                                   "401": _error("Missing, unknown or revoked token."),
+                                   "403": _error("Not an admin token."),
+                                   "404": _error("No active probe of that name.")}},
         },
         "/api/v1/samples": {
             "get": {"summary": "Per-test samples of a scope as CSV (probe_id, timestamp, kind, "
@@ -243,12 +275,13 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}), "400": bad_request,
                                   "404": _error("No such probe.")}},
         },
-        OPENAPI_PATH: {"get": {"summary": "This document.",
+        OPENAPI_PATH: {"get": {"summary": "This document.", "security": PUBLIC,
                                "responses": {"200": _json({"type": "object"})}}},
-        "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": _json(
-            {"type": "object"})}}},
+        "/healthz": {"get": {"summary": "Liveness.", "security": PUBLIC,
+                             "responses": {"200": _json({"type": "object"})}}},
         spec.DOWNLOAD_PATH: {
             "get": {"summary": "Download source: N random bytes, or S seconds then close.",
+                    "security": PUBLIC,
                     "parameters": [_query("bytes", "Bytes to send.", {"type": "integer",
                                                                       "minimum": 1}),
                                    _query("duration_s", "Seconds to send.",
@@ -260,6 +293,7 @@ def document() -> dict[str, Any]:
         },
         spec.UPLOAD_PATH: {
             "post": {"summary": "Upload sink: counts the body, reports (t, bytes) samples.",
+                     "security": PUBLIC,
                      "parameters": [_query("bytes", "Expected body size.",
                                            {"type": "integer", "minimum": 1}),
                                     _query("duration_s", "Longest the sink reads.",
@@ -273,7 +307,7 @@ def document() -> dict[str, Any]:
                                    "413": _error("Over the byte or time limit."),
                                    "503": _error("Too many transfers running.")}},
         },
-        spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.",
+        spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.", "security": PUBLIC,
                                  "responses": {"200": {"description": "ok"}}}},
     }
     return {
@@ -285,8 +319,19 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"probeToken": {"type": "http", "scheme": "bearer",
-                                               "description": "The probe's token from "
-                                                              "`probe add`."}},
+            "securitySchemes": {
+                "probeToken": {"type": "http", "scheme": "bearer",
+                               "description": "The probe's token from `probe add`."},
+                "analystToken": {"type": "http", "scheme": "bearer",
+                                 "description": "An analyst or admin token from `token "
+                                                "add` (or HTTP Basic with the token as "
+                                                "password, for browsers)."},
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "An admin token from `token add --role "
+                                              "admin`."},
+            },
         },
+        # Queries, reports and pages: an analyst or admin token (unless
+        # server.query_auth = false); routes that differ say so.
+        "security": [{"analystToken": []}],
     }

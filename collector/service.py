@@ -26,6 +26,18 @@ def register_probe(store: SqliteStore, name: str, line: LineMetadata) -> str:
     return token
 
 
+def add_token(store: SqliteStore, name: str, role: str) -> str:
+    """Create an analyst or admin token and return it (the only time it exists in clear)."""
+    if role not in ("analyst", "admin"):
+        raise StoreError(f"role must be analyst or admin, got {role!r}")
+    if not PROBE_ID_RE.match(name):
+        raise StoreError(f"token name {name!r} must be 1-64 characters of letters, digits, "
+                         "'.', '_', '-'")
+    token = auth.new_token()
+    store.add_token(name, role, auth.hash_token(token), utc_now())
+    return token
+
+
 def parse_time(text: str | None, name: str) -> str | None:
     """A ``since``/``until`` bound: ISO date (midnight UTC) or timestamp -> normalised UTC."""
     if text is None or text == "":

@@ -34,6 +34,14 @@ class RunningCollector:
         finally:
             store.close()
 
+    def add_token(self, name: str, role: str = "analyst") -> str:
+        """Create an analyst or admin token through a second connection; returns it."""
+        store = SqliteStore(self.db_path)
+        try:
+            return service.add_token(store, name, role)
+        finally:
+            store.close()
+
     def count_results(self) -> int:
         store = SqliteStore(self.db_path)
         try:
@@ -46,8 +54,12 @@ class RunningCollector:
 def running_collector(
     tmp_path: Path, config: CollectorConfig | None = None
 ) -> Iterator[RunningCollector]:
-    """Run a collector on its own event loop in a background thread until the block exits."""
-    cfg = config or CollectorConfig()
+    """Run a collector on its own event loop in a background thread until the block exits.
+
+    Without a ``config``, queries need no token (tests of other features read results
+    freely); pass a config to test with ``server.query_auth`` as configured."""
+    cfg = config or replace(CollectorConfig(),
+                            server=replace(CollectorConfig().server, query_auth=False))
     db_path = tmp_path / "collector.sqlite3"
     cfg = replace(
         cfg,

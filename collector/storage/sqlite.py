@@ -146,6 +146,16 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX gaps_probe ON gaps (probe_name, first_started_at);
     """,
+    # 5: analyst and admin tokens (collector/auth.py).
+    """
+    CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('analyst', 'admin')),
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    """,
 )
 
 
@@ -310,6 +320,35 @@ class SqliteStore:
                 (revoked_at, name),
             )
         return cursor.rowcount == 1
+
+    def add_token(self, name: str, role: str, token_sha256: str, created_at: str) -> None:
+        try:
+            with self._write():
+                self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
+                                 (name, role, token_sha256, created_at))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"a token named {name!r} already exists") from None
+
+    def revoke_token(self, name: str, revoked_at: str) -> bool:
+        with self._write():
+            cursor = self._db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (revoked_at, name))
+        return cursor.rowcount == 1
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute(
+            "SELECT name, role, created_at, revoked_at FROM tokens ORDER BY name")]
+
+    def role_for_token(self, token_sha256: str) -> tuple[str, str] | None:
+        """(role, name) of a live analyst/admin token, or ("probe", name) of a probe's."""
+        row = self._db.execute(
+            "SELECT role, name FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
+            (token_sha256,)).fetchone()
+        if row is not None:
+            return str(row[0]), str(row[1])
+        probe = self.probe_for_token(token_sha256)
+        return ("probe", probe.name) if probe is not None else None
 
     def probe_for_token(self, token_sha256: str) -> Probe | None:
         row = self._db.execute(

@@ -24,7 +24,6 @@ from collector.storage.sqlite import LineMetadata, SqliteStore
 from collector.testing import RunningCollector
 from tests.conftest import IN_CI
 from tests.factories import session
-from tests.httpclient import request as request_json
 
 AGENT = [sys.executable, "-m", "agent"]
 
@@ -218,9 +217,10 @@ def test_outage_backlog_arrives_complete(fast_config: Path, tmp_path: Path) -> N
                                   capture_output=True, text=True, timeout=120, check=False)
             assert done.returncode == 0, done.stderr
             made.append(json.loads(done.stdout)["result_id"])
-            _, listing, _ = request_json("GET", url + "/api/v1/results?probe=probe-9")
         finally:
             proc.terminate()
             proc.wait(30)
-    assert [r["result_id"] for r in listing["results"]] == made
+    store = SqliteStore(db)
+    assert [r.result_id for r in store.results(["probe-9"])] == made
+    store.close()
     assert not _spooled(fast_config)

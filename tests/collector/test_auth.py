@@ -1,0 +1,239 @@
+"""Who may do what (reliability.md C5), TLS with optional client certificates, and slow
+clients (C3). Real collector, real sockets, certificates made with openssl."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from collector.cli import main
+from collector.config import CollectorConfig, ServerConfig
+from collector.testing import RunningCollector, running_collector
+from tests.conftest import IN_CI
+from tests.factories import session_dict
+from tests.httpclient import request
+
+AUTH = replace(CollectorConfig(), server=replace(ServerConfig(), query_auth=True))
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[RunningCollector]:
+    with running_collector(tmp_path, AUTH) as collector:
+        yield collector
+
+
+def _get(url: str, token: str | None = None, basic: str | None = None) -> tuple[int, object,
+                                                                                 dict[str, str]]:
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if basic is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(
+            f"analyst:{basic}".encode()).decode()
+    return request("GET", url, headers=headers)
+
+
+QUERIES = ["/api/v1/results", "/api/v1/probes", "/api/v1/report", "/api/v1/samples",
+           "/api/v1/gaps", "/api/v1/certificate?probe=p1", "/report", "/"]
+
+
+@pytest.mark.parametrize("path", QUERIES)
+def test_queries_need_an_analyst_token(guarded: RunningCollector, path: str) -> None:
+    """No token: 401 with a Basic challenge (browsers ask); a probe token: 403; an
+    analyst token, as Bearer or as Basic password: served."""
+    probe_token = guarded.add_probe("p1")
+    analyst = guarded.add_token("ana")
+    status, body, headers = _get(guarded.url + path)
+    assert status == 401 and headers["www-authenticate"].startswith("Basic realm=")
+    status, body, _ = _get(guarded.url + path, probe_token)
+    assert status == 403 and "probe token can only send its results" in body["error"]  # type: ignore[index]
+    assert _get(guarded.url + path, analyst)[0] == 200
+    assert _get(guarded.url + path, basic=analyst)[0] == 200
+
+
+def test_public_routes_stay_open(guarded: RunningCollector) -> None:
+    for path in ("/healthz", "/api/v1/openapi.json", "/measure/v1/echo",
+                 "/measure/v1/download?bytes=1000"):
+        assert _get(guarded.url + path)[0] == 200, path
+
+
+def test_admin_registers_and_revokes_probes_revocation_is_immediate(
+        guarded: RunningCollector) -> None:
+    """Only an admin token registers a probe (its token returned once) or revokes one;
+    a revoked probe's next post is refused; a revoked analyst token reads nothing."""
+    admin = guarded.add_token("boss", "admin")
+    analyst = guarded.add_token("ana")
+    doc = {"probe_id": "roma-1", "operator": "BT Italia", "download_min_kbps": 2200}
+    body = json.dumps(doc).encode()
+    status, reply, _ = request("POST", guarded.url + "/api/v1/probes", body,
+                               {"Authorization": f"Bearer {analyst}",
+                                "Content-Type": "application/json"})
+    assert status == 403
+    status, reply, _ = request("POST", guarded.url + "/api/v1/probes", body,
+                               {"Authorization": f"Bearer {admin}",
+                                "Content-Type": "application/json"})
+    assert status == 201
+    probe_token = reply["token"]  # type: ignore[index]
+    post = session_dict(probe_id="roma-1")
+    headers = {"Authorization": f"Bearer {probe_token}", "Content-Type": "application/json"}
+    assert request("POST", guarded.url + "/api/v1/results", json.dumps(post).encode(),
+                   headers)[0] == 201
+    status, _, _ = request("POST", guarded.url + "/api/v1/probes/roma-1/revoke", b"",
+                           {"Authorization": f"Bearer {admin}"})
+    assert status == 200
+    status, reply, _ = request("POST", guarded.url + "/api/v1/results",
+                               json.dumps(session_dict(probe_id="roma-1")).encode(), headers)
+    assert (status, reply["error"]) == (401, "unknown or revoked token")  # type: ignore[index]
+    result = CliRunner().invoke(main, ["--db", str(guarded.db_path), "token", "revoke", "ana"])
+    assert result.exit_code == 0
+    assert _get(guarded.url + "/api/v1/results", analyst)[0] == 401
+    listing = CliRunner().invoke(main, ["--db", str(guarded.db_path), "token", "list"])
+    assert "ana  analyst  (revoked" in listing.output and "boss  admin  (active" in listing.output
+
+
+def test_tokens_are_stored_as_digests(guarded: RunningCollector) -> None:
+    secret = guarded.add_token("ana")
+    raw = guarded.db_path.read_bytes()
+    wal = Path(str(guarded.db_path) + "-wal")
+    if wal.exists():
+        raw += wal.read_bytes()
+    assert secret.encode() not in raw
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and client certificates for probe p1 and
+    for a name no probe has, all made with openssl."""
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("CI=true but openssl is missing")
+        pytest.skip("needs openssl to make test certificates")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=bbprobe test CA", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject, ext in (("server", "/CN=127.0.0.1", ["-extfile", "san.cnf"]),
+                               ("p1", "/CN=p1", []), ("nobody", "/CN=nobody", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", subject, cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
+    return d
+
+
+def _tls_post(url: str, pki: Path, doc: object, token: str | None,
+              cert: str | None) -> tuple[int, object]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert is not None:
+        context.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
+                                       timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request("POST", "/api/v1/results", json.dumps(doc).encode(), headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_tls_with_client_certificates(tmp_path: Path, pki: Path) -> None:
+    """HTTPS from the configured certificate; a probe's verified client certificate
+    authenticates it without a token; a certificate for no probe is 401; a token of
+    another probe next to the certificate is 403; a plain token still works."""
+    cfg = replace(AUTH, server=replace(
+        AUTH.server, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+        client_cert="optional", client_ca=str(pki / "ca.pem")))
+    with running_collector(tmp_path / "c", cfg) as collector:
+        assert collector.url.startswith("https://127.0.0.1:")
+        p1 = collector.add_probe("p1")
+        p2 = collector.add_probe("p2")
+        assert _tls_post(collector.url, pki, session_dict(probe_id="p1"), None, "p1")[0] == 201
+        status, body = _tls_post(collector.url, pki, session_dict(probe_id="p1"), None,
+                                 "nobody")
+        assert (status, body["error"]) == (  # type: ignore[index]
+            401, "client certificate names no active probe ('nobody')")
+        status, body = _tls_post(collector.url, pki, session_dict(probe_id="p1"), p2, "p1")
+        assert status == 403
+        assert _tls_post(collector.url, pki, session_dict(probe_id="p2"), p2, None)[0] == 201
+        assert _tls_post(collector.url, pki, session_dict(probe_id="p1"), p1, None)[0] == 201
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(collector.url)
+        stranger = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30,
+                                               context=ssl.create_default_context())
+        with pytest.raises(ssl.SSLCertVerificationError):  # our CA is not the system's
+            stranger.request("GET", "/healthz")
+        stranger.close()
+
+
+def test_bad_tls_config_is_named(tmp_path: Path) -> None:
+    from collector.config import parse
+    from collector.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"server\.tls_cert and server\.tls_key: give both"):
+        parse({"server": {"tls_cert": "x.pem"}})
+    with pytest.raises(ConfigError, match=r"server\.client_cert = .required. needs"):
+        parse({"server": {"client_cert": "required"}})
+
+
+# --- slow clients ------------------------------------------------------------------------
+
+
+def test_slow_clients_do_not_stop_ingestion(tmp_path: Path) -> None:
+    """300 connections trickling request headers a byte at a time: meanwhile 30 results
+    are all stored, and the server closes the slow connections after header_timeout_s."""
+    cfg = replace(AUTH, server=replace(AUTH.server, header_timeout_s=1.0,
+                                       probe_requests_per_min=0))
+    with running_collector(tmp_path, cfg) as collector:
+        token = collector.add_probe("p1")
+        host, port = collector.url.removeprefix("http://").split(":")
+        slow = []
+        for _ in range(300):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /api/v1/results HTTP/1.1\r\nHo")
+            slow.append(s)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        codes = [request("POST", collector.url + "/api/v1/results",
+                         json.dumps(session_dict(probe_id="p1")).encode(), headers)[0]
+                 for _ in range(30)]
+        assert codes == [201] * 30
+        time.sleep(1.5)
+        closed = 0
+        for s in slow:
+            try:
+                s.sendall(b"s")
+                s.settimeout(5)
+                if s.recv(1) == b"":
+                    closed += 1
+            except OSError:
+                closed += 1
+            finally:
+                s.close()
+        assert closed == 300
