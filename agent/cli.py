@@ -112,6 +112,12 @@ async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> 
     return host if PROBE_ID_RE.match(host) else "probe"
 
 
+def _client(cfg: config.AgentConfig, token: str, timeout_s: float) -> CollectorClient:
+    c = cfg.collector
+    return CollectorClient(c.url, token, timeout_s, ca_file=c.ca_file,
+                           client_cert=c.client_cert, client_key=c.client_key)
+
+
 def _run_stoppable(main_async: Callable[[], Awaitable[int]]) -> int:
     """Run until done or until SIGTERM/SIGINT: a signal cancels the work at once (the
     spool keeps every result not yet acknowledged) and the exit code is 128 + signal."""
@@ -205,10 +211,11 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             raise ConfigError("no collector to push to: set collector.url or --collector, "
                               "or pass --no-push")
         token = config.read_token(cfg)
-        if not token:
+        if not token and not cfg.collector.client_cert:
             raise ConfigError("no token: set collector.token/token_file or --token "
-                              "(bbprobe-collector probe add NAME prints one)")
-        client = CollectorClient(cfg.collector.url, token, cfg.collector.timeout_s)
+                              "(bbprobe-collector probe add NAME prints one), or a "
+                              "client certificate (collector.client_cert)")
+        client = _client(cfg, token, cfg.collector.timeout_s)
     progress = _progress(quiet)
 
     async def main_async() -> int:
@@ -340,7 +347,7 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     }
     if cfg.collector.url and not no_check:
         token = config.read_token(cfg)
-        client = CollectorClient(cfg.collector.url, token, min(cfg.collector.timeout_s, 10))
+        client = _client(cfg, token, min(cfg.collector.timeout_s, 10))
         try:
             doc["collector"] = {"url": cfg.collector.url, "reachable": True,
                                 "probe_id": asyncio.run(client.whoami())}

@@ -38,6 +38,12 @@ class CollectorConfig:
     # Or a file holding the token (preferred on probes: keeps it out of the config).
     token_file: str = ""
     timeout_s: float = field(default=spec.PUSH_TIMEOUT_S, metadata=bounds(gt=0, le=600))
+    # HTTPS: trust this CA (PEM) for the collector instead of the system's, and/or show
+    # this client certificate and key (the collector's server.client_cert), which then
+    # identify the probe without a token.
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,7 +37,7 @@ import aiohttp
 
 from agent import spec
 from agent.config import DeliveryConfig
-from agent.errors import DeliveryError
+from agent.errors import ConfigError, DeliveryError
 from agent.schema import SCHEMA_VERSION, GapRecord, SessionResult, format_utc, to_dict, utc_now
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -323,16 +324,29 @@ class CollectorClient:
     """Talks to the collector's API with the probe's bearer token. Every request carries
     the probe's wall clock (X-Bbprobe-Sent-At) so the collector can measure skew."""
 
-    def __init__(self, url: str, token: str, timeout_s: float = spec.PUSH_TIMEOUT_S) -> None:
+    def __init__(self, url: str, token: str, timeout_s: float = spec.PUSH_TIMEOUT_S, *,
+                 ca_file: str = "", client_cert: str = "", client_key: str = "") -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.ssl: ssl.SSLContext | bool = True
+        if ca_file or client_cert:
+            try:
+                context = ssl.create_default_context(cafile=ca_file or None)
+                if client_cert:
+                    context.load_cert_chain(client_cert, client_key or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"collector TLS: cannot load CA, certificate or key: "
+                                  f"{exc}") from None
+            self.ssl = context
 
     def _session(self) -> aiohttp.ClientSession:
+        headers = {"User-Agent": "bbprobe-agent"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         return aiohttp.ClientSession(
-            timeout=self.timeout,
-            trust_env=False,
-            headers={"Authorization": f"Bearer {self.token}", "User-Agent": "bbprobe-agent"},
+            timeout=self.timeout, trust_env=False, headers=headers,
+            connector=aiohttp.TCPConnector(ssl=self.ssl),
         )
 
     async def _request(self, method: str, path: str, data: bytes | None = None) -> Any:

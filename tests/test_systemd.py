@@ -28,6 +28,11 @@ def test_exposure_score(unit: str, limit: float) -> None:
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
     assert match, out[-500:]
     assert float(match.group(1)) <= limit
+    # The gate CI would use (reliability.md A10, C9): --threshold is 10x the score.
+    gate = subprocess.run([tool, "security", "--offline=yes", f"--threshold={limit * 10:.0f}",
+                           str(UNITS / unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert gate.returncode == 0, gate.stdout[-500:]
 
 
 def test_units_run_check_config_first() -> None:

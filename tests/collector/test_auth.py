@@ -182,6 +182,17 @@ def test_tls_with_client_certificates(tmp_path: Path, pki: Path) -> None:
         assert status == 403
         assert _tls_post(collector.url, pki, session_dict(probe_id="p2"), p2, None)[0] == 201
         assert _tls_post(collector.url, pki, session_dict(probe_id="p1"), p1, None)[0] == 201
+        # The agent's own client: trusts the test CA, identifies by certificate alone.
+        import asyncio
+
+        from agent.delivery import CollectorClient
+
+        agent = CollectorClient(collector.url, "", 10, ca_file=str(pki / "ca.pem"),
+                                client_cert=str(pki / "p1.pem"),
+                                client_key=str(pki / "p1.key"))
+        assert asyncio.run(agent.whoami()) == "p1"
+        assert asyncio.run(agent.push(json.dumps(session_dict(probe_id="p1")).encode()))
+
         import http.client
         from urllib.parse import urlsplit
 
