@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
-DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics
+DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics openssl
 
 .PHONY: demo test lint bench venv system-deps clean
 
