@@ -389,3 +389,58 @@ def _reason(path: Path) -> str:
         return path.with_suffix(".reason.txt").read_text(encoding="utf-8").strip()
     except OSError:
         return "(no reason recorded)"
+
+
+ADVICE = {
+    "cpu_busy": "close other programs (updates, backups, browsers) and try again",
+    "memory_busy": "close other programs to free memory",
+    "memory_low": "use a device with at least 128 MiB of memory",
+    "wifi": "connect the probe to the router with a cable and turn Wi-Fi off",
+    "link_speed": "use a port and cable that link at the contract's speed (Gigabit)",
+    "cross_traffic": "stop other devices and downloads on this line during the test",
+}
+
+
+@main.command()
+@shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the observations as JSON.")
+@click.pass_context
+@handle_errors
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Run the host checks alone: what a measurement now would be flagged for, and what
+    to do about it (exit 0 when all pass, 5 when any fails)."""
+    from dataclasses import asdict
+    from urllib.parse import urlsplit
+
+    from agent import checks
+    from agent.session import _thresholds
+
+    cfg = _load(ctx)
+    host = urlsplit(config.measurement_server(cfg)).hostname or "127.0.0.1"
+    context = checks.observe_host(host)
+    reasons = checks.assess(context, _thresholds(cfg))
+    if as_json:
+        click.echo(json.dumps({"context": asdict(context),
+                               "invalid_reasons": [asdict(r) for r in reasons]}, indent=2))
+    else:
+        speed = f"{context.link_speed_mbps} Mbit/s" if context.link_speed_mbps else \
+            "speed unknown"
+        lines = [
+            f"route to {host}: interface {context.interface or '?'} ({speed}, MTU "
+            f"{context.mtu or '?'}{', wireless' if context.wireless else ''}"
+            f"{', loopback' if context.loopback else ''}), address "
+            f"{', '.join(context.addresses) or '?'}, gateway {context.gateway or '?'}",
+            f"CPU {context.cpu_percent:.0f} % busy; memory "
+            f"{(context.memory_used_ratio or 0):.0%} used of "
+            f"{(context.memory_total_bytes or 0) / 1024**3:.1f} GiB; {context.os}",
+        ]
+        if reasons:
+            lines.append("A measurement now would be flagged INVALID:")
+            lines += [f"  - {r.detail}: {ADVICE.get(r.code, 'see the README')}"
+                      for r in reasons]
+        else:
+            lines.append("All host checks pass. (Cross traffic is checked during the "
+                         "transfers themselves.)")
+        click.echo("\n".join(lines))
+    if reasons:
+        sys.exit(5)

@@ -68,6 +68,22 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ChecksConfig:
+    # Host checks before and during each session (agent/checks.py); a failed check marks
+    # the result invalid with its reasons (it is still measured, stored and shown apart).
+    enabled: bool = True
+    max_cpu_percent: float = field(default=85.0, metadata=bounds(ge=0, le=100))
+    max_memory_used_ratio: float = field(default=0.95, metadata=bounds(ge=0, le=1))
+    min_memory_bytes: int = field(default=128 * 1024**2, metadata=bounds(ge=0))
+    reject_wireless: bool = True
+    # The NIC must link at least this fast (Mbit/s; the contract's guaranteed minimum
+    # download). 0: not checked.
+    min_link_mbps: float = field(default=0.0, metadata=bounds(ge=0))
+    # Other traffic on the interface during the transfers, as a share of its bytes.
+    max_cross_traffic_ratio: float = field(default=0.10, metadata=bounds(ge=0, le=1))
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     # Measurement server base URL; empty means the collector's URL.
     url: str = ""
@@ -123,6 +139,7 @@ class AgentConfig:
     profile: str = "agcom"
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ping: PingConfig = field(default_factory=PingConfig)
     download: TransferConfig = field(default_factory=TransferConfig)

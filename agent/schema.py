@@ -260,6 +260,35 @@ class ClockState:
 
 
 @dataclass(frozen=True, slots=True)
+class HostContext:
+    """Where and how the session ran (v3): the interface that routes to the measurement
+    server and what the host was doing, so a reader can tell whether the line or the
+    probe's surroundings set the numbers (Ne.Me.Sys host checks, methodology.md §2.6)."""
+
+    interface: str | None
+    addresses: tuple[str, ...]
+    gateway: str | None
+    mtu: int | None = field(metadata=bounds(ge=0))
+    # NIC link speed as the driver reports it; None when unknown (virtual devices).
+    link_speed_mbps: int | None = field(metadata=bounds(ge=0))
+    wireless: bool | None
+    loopback: bool
+    # The source address towards the server is a public one (no NAT between).
+    public_address: bool | None
+    os: str
+    kernel: str
+    cpu_percent: float | None = field(metadata=bounds(ge=0, le=100))
+    memory_used_ratio: float | None = field(metadata=bounds(ge=0, le=1))
+    memory_total_bytes: int | None = field(metadata=bounds(ge=0))
+    # Bytes on the interface in the transfer direction that were not the test's own,
+    # over all bytes there, during the download (upload) tests; None when not measured.
+    download_cross_traffic_ratio: float | None = field(default=None,
+                                                       metadata=bounds(ge=0, le=1))
+    upload_cross_traffic_ratio: float | None = field(default=None,
+                                                     metadata=bounds(ge=0, le=1))
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
@@ -281,6 +310,8 @@ class SessionResult:
     validity: Validity | None = None
     # v3; None: not recorded (older agents).
     clock: ClockState | None = None
+    # v3; None: not recorded.
+    context: HostContext | None = None
 
     @property
     def valid(self) -> bool:

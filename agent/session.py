@@ -12,14 +12,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
-from agent import __version__, clock, summary
+from agent import __version__, checks, clock, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp
 from agent.report import describe_method
 from agent.schema import (
     SCHEMA_VERSION,
+    HostContext,
     PingMethod,
     PingSample,
     PingTest,
@@ -27,6 +29,7 @@ from agent.schema import (
     SessionResult,
     TransferAttempt,
     TransferMethod,
+    Validity,
     format_utc,
     utc_now,
 )
@@ -118,6 +121,14 @@ async def run_transfers(
     return attempts, under_load
 
 
+def _thresholds(cfg: AgentConfig) -> checks.Thresholds:
+    c = cfg.checks
+    return checks.Thresholds(
+        max_cpu_percent=c.max_cpu_percent, max_memory_used_ratio=c.max_memory_used_ratio,
+        min_memory_bytes=c.min_memory_bytes, reject_wireless=c.reject_wireless,
+        min_link_mbps=c.min_link_mbps, max_cross_traffic_ratio=c.max_cross_traffic_ratio)
+
+
 async def run(
     cfg: AgentConfig,
     probe_id: str,
@@ -148,11 +159,32 @@ async def run(
     transfers: list[TransferAttempt] = []
     ping_download: PingTest | None = None
     ping_upload: PingTest | None = None
+    context: HostContext | None = None
+    if cfg.checks.enabled:
+        host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
+        context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1")
     if base_url is not None:
+        iface = context.interface if context is not None else None
+        before = checks.interface_bytes(iface)
         down, ping_download = await run_transfers("download", base_url, m.download,
                                                   progress, loaded)
+        middle = checks.interface_bytes(iface)
         up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded)
+        after = checks.interface_bytes(iface)
         transfers = down + up
+        if context is not None and before and middle and after:
+            context = replace(
+                context,
+                download_cross_traffic_ratio=checks.cross_traffic_ratio(
+                    middle[0] - before[0], checks.own_bytes(down)) if down else None,
+                upload_cross_traffic_ratio=checks.cross_traffic_ratio(
+                    after[1] - middle[1], checks.own_bytes(up)) if up else None)
+    validity = None
+    if context is not None:
+        reasons = checks.assess(context, _thresholds(cfg))
+        validity = Validity(valid=not reasons, reasons=reasons)
+        for r in reasons:
+            progress(f"invalid: {r.detail}")
     ended = datetime.now(UTC)
     return SessionResult(
         schema_version=SCHEMA_VERSION,
@@ -163,6 +195,8 @@ async def run(
         ended_at=format_utc(max(ended, started)),
         duration_s=time.monotonic() - t0,
         clock=clock_state,
+        context=context,
+        validity=validity,
         method=m,
         server=Server(url=base_url, ping_target=ping_test.target if ping_test else None),
         ping=ping_test,

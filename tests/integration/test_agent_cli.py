@@ -55,6 +55,13 @@ def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) ->
     assert doc["ping_download"]["summary"]["packets_sent"] == 3  # 0.6 s window / 0.2 s
     assert s["rtt_download_mean_ms"] == doc["ping_download"]["summary"]["rtt_mean_ms"]
     assert s["rtt_upload_mean_ms"] is not None
+    # Host checks: the route to 127.0.0.1 is loopback; the only traffic on it during the
+    # transfers was the test's own, so the session is valid.
+    ctx = doc["context"]
+    assert ctx["loopback"] is True and "127.0.0.1" in ctx["addresses"]
+    assert 0 <= ctx["download_cross_traffic_ratio"] < 0.1, ctx
+    assert 0 <= ctx["upload_cross_traffic_ratio"] < 0.1, ctx
+    assert doc["validity"] == {"valid": True, "reasons": []}
     assert "delivered" in err
     status, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-1")
     assert [r["result_id"] for r in listing["results"]] == [doc["result_id"]]

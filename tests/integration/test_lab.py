@@ -159,3 +159,36 @@ def test_server_dying_mid_transfer_is_recorded(lab_dir: Path) -> None:
     assert reasons[0] in ("broken_connection", "short_transfer")
     assert reasons[1] == "connect_error"
     assert doc["summary"]["download_failure_ratio"] == 1.0
+
+
+def test_cross_traffic_marks_the_session_invalid(lab_dir: Path) -> None:
+    """iperf3 pulls data across the same shaped link during bbprobe's download: the
+    session is flagged invalid for cross traffic, with the measured share. The same
+    download alone is valid (control)."""
+    spec = LinkSpec(down_mbit=20.0, up_mbit=20.0)
+    sets = ("download.streams=2", "download.warmup_s=1", "download.window_s=3",
+            "download.attempts=1")
+    with network_lab(spec, lab_dir) as lab:
+        url = lab.start_collector()
+        alone = json.loads(lab.run(lab.client, [
+            *AGENT, "--server", url, "--set", "ping.enabled=false",
+            *[a for item in sets for a in ("--set", item)],
+            "speed", "--direction", "download", "--json", "-q"], timeout=120).stdout)
+        lab.spawn(lab.server, ["iperf3", "-s", "-1", "-B", lab.server_ip, "-p", "5201"])
+        time.sleep(0.5)
+        lab.spawn(lab.client, ["iperf3", "-c", lab.server_ip, "-p", "5201", "-R", "-t", "12"])
+        time.sleep(1.0)
+        busy = json.loads(lab.run(lab.client, [
+            *AGENT, "--server", url, "--set", "ping.enabled=false",
+            *[a for item in sets for a in ("--set", item)],
+            "speed", "--direction", "download", "--json", "-q"], timeout=120).stdout)
+    print(f"\ncross traffic share: alone {alone['context']['download_cross_traffic_ratio']:.3f}"
+          f", with iperf3 {busy['context']['download_cross_traffic_ratio']:.3f}")
+    assert alone["validity"] == {"valid": True, "reasons": []}, alone["context"]
+    assert alone["context"]["download_cross_traffic_ratio"] < 0.1
+    share = busy["context"]["download_cross_traffic_ratio"]
+    assert share > 0.1, busy["context"]
+    assert busy["validity"]["valid"] is False
+    (reason,) = busy["validity"]["reasons"]
+    assert reason["code"] == "cross_traffic"
+    assert f"{share:.0%} of the bytes on" in reason["detail"]

@@ -1,0 +1,168 @@
+"""Host checks: is this measurement evidence about the line, or about the probe's
+surroundings? After Ne.Me.Sys (methodology.md §2.6), which refuses measurements taken over
+Wi-Fi, with a busy CPU, short of memory, on a NIC slower than the contract, or with other
+traffic on the interface (rejected from 10 % of the test's bytes, TH_TRAFFIC = 0.1).
+
+- ``observe_host`` gathers raw observations (psutil, /proc, /sys): I/O at the edge;
+- ``assess`` is pure: observations + thresholds -> the reasons a session is invalid;
+- ``cross_traffic_ratio`` is pure: interface byte counters around the transfers minus
+  the test's own bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import platform
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.schema import HostContext, InvalidReason
+
+# Bytes on the wire per TCP payload byte at MTU 1500 with timestamps: (1500 + 14) /
+# (1500 - 52). The test's own traffic is its payload times this, so the interface
+# counter is not read as cross traffic because of headers.
+WIRE_OVERHEAD = (1500 + 14) / (1500 - 52)
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    max_cpu_percent: float = 85.0  # Ne.Me.Sys WARNCPU
+    max_memory_used_ratio: float = 0.95  # OVERMEM
+    min_memory_bytes: int = 128 * 1024**2  # LOWMEM
+    reject_wireless: bool = True  # WARNWLAN
+    min_link_mbps: float = 0.0  # 0: not checked (the agent may not know the contract)
+    max_cross_traffic_ratio: float = 0.10  # TH_TRAFFIC
+
+
+def assess(ctx: HostContext, limits: Thresholds) -> tuple[InvalidReason, ...]:
+    """The reasons this session is not evidence about the line (empty: valid). Pure."""
+    out = []
+    if ctx.cpu_percent is not None and ctx.cpu_percent > limits.max_cpu_percent:
+        out.append(InvalidReason("cpu_busy", f"CPU {ctx.cpu_percent:.0f} % busy before the "
+                                 f"tests (limit {limits.max_cpu_percent:g} %)"))
+    if ctx.memory_used_ratio is not None and \
+            ctx.memory_used_ratio > limits.max_memory_used_ratio:
+        out.append(InvalidReason("memory_busy", f"memory {ctx.memory_used_ratio:.0%} used "
+                                 f"(limit {limits.max_memory_used_ratio:.0%})"))
+    if ctx.memory_total_bytes is not None and ctx.memory_total_bytes < limits.min_memory_bytes:
+        out.append(InvalidReason("memory_low", f"{ctx.memory_total_bytes / 1024**2:.0f} MiB "
+                                 f"of memory (minimum {limits.min_memory_bytes / 1024**2:.0f} "
+                                 "MiB)"))
+    if limits.reject_wireless and ctx.wireless:
+        out.append(InvalidReason("wifi", f"the route to the server uses the wireless "
+                                 f"interface {ctx.interface}; measure over a cable"))
+    if limits.min_link_mbps and ctx.link_speed_mbps is not None and \
+            ctx.link_speed_mbps < limits.min_link_mbps:
+        out.append(InvalidReason("link_speed", f"{ctx.interface} links at "
+                                 f"{ctx.link_speed_mbps} Mbit/s, below the "
+                                 f"{limits.min_link_mbps:g} Mbit/s the contract needs"))
+    for direction, ratio in (("download", ctx.download_cross_traffic_ratio),
+                             ("upload", ctx.upload_cross_traffic_ratio)):
+        if ratio is not None and ratio > limits.max_cross_traffic_ratio:
+            out.append(InvalidReason("cross_traffic", f"{ratio:.0%} of the bytes on "
+                                     f"{ctx.interface} during the {direction} tests were not "
+                                     f"the test's (limit {limits.max_cross_traffic_ratio:.0%})"))
+    return tuple(out)
+
+
+def cross_traffic_ratio(interface_bytes: int, own_payload_bytes: int,
+                        overhead: float = WIRE_OVERHEAD) -> float | None:
+    """Share of the interface's bytes (in the transfer's direction, over the tests) that
+    were not the test's own; None when nothing crossed. Pure."""
+    if interface_bytes <= 0:
+        return None
+    other = interface_bytes - own_payload_bytes * overhead
+    return min(1.0, max(0.0, other / interface_bytes))
+
+
+# --- observations (I/O) ------------------------------------------------------------------
+
+
+def route_source(host: str, port: int = 80) -> str | None:
+    """The local address the kernel would use towards ``host`` (a UDP connect sends
+    nothing)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            try:
+                s.connect(address)
+                return str(s.getsockname()[0])
+            except OSError:
+                continue
+    return None
+
+
+def default_gateway() -> str | None:
+    """IPv4 default gateway from /proc/net/route (Linux)."""
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000":
+            raw = int(fields[2], 16)
+            return socket.inet_ntoa(raw.to_bytes(4, "little"))
+    return None
+
+
+def _interface_of(address: str | None) -> tuple[str | None, tuple[str, ...]]:
+    import psutil
+
+    if address is None:
+        return None, ()
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name, tuple(a.address for a in addrs
+                               if a.family in (socket.AF_INET, socket.AF_INET6))
+    return None, ()
+
+
+def is_wireless(interface: str) -> bool:
+    base = Path("/sys/class/net") / interface
+    return (base / "wireless").exists() or (base / "phy80211").exists()
+
+
+def observe_host(server_host: str, cpu_sample_s: float = 0.5) -> HostContext:
+    """What the host looks like now, towards ``server_host`` (blocks ``cpu_sample_s`` to
+    measure CPU load, as Ne.Me.Sys's cpu_percent(0.5))."""
+    import psutil
+
+    source = route_source(server_host)
+    interface, addresses = _interface_of(source)
+    stats = psutil.net_if_stats().get(interface) if interface else None
+    memory = psutil.virtual_memory()
+    public: bool | None = None
+    loopback = False
+    if source is not None:
+        ip = ipaddress.ip_address(source)
+        loopback = ip.is_loopback
+        public = ip.is_global
+    return HostContext(
+        interface=interface, addresses=addresses, gateway=default_gateway(),
+        mtu=stats.mtu if stats else None,
+        link_speed_mbps=stats.speed if stats and stats.speed > 0 else None,
+        wireless=is_wireless(interface) if interface else None, loopback=loopback,
+        public_address=public, os=f"{platform.system()} {platform.release()}",
+        kernel=platform.version(), cpu_percent=psutil.cpu_percent(cpu_sample_s),
+        memory_used_ratio=memory.percent / 100, memory_total_bytes=memory.total,
+    )
+
+
+def interface_bytes(interface: str | None) -> tuple[int, int] | None:
+    """(received, sent) bytes of ``interface`` so far, or None."""
+    import psutil
+
+    if interface is None:
+        return None
+    counters = psutil.net_io_counters(pernic=True).get(interface)
+    return (counters.bytes_recv, counters.bytes_sent) if counters else None
+
+
+def own_bytes(attempts: Sequence[object]) -> int:
+    return sum(int(getattr(a, "bytes_total", 0)) for a in attempts)

@@ -1,0 +1,83 @@
+"""Host checks: each rule of methodology.md §2.6 (pure), the observations on this host,
+and `bbprobe check`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from agent import checks
+from agent.schema import HostContext
+
+CLEAN = HostContext(
+    interface="eth0", addresses=("192.168.1.20",), gateway="192.168.1.1", mtu=1500,
+    link_speed_mbps=1000, wireless=False, loopback=False, public_address=False,
+    os="Linux 6.1", kernel="#1", cpu_percent=12.0, memory_used_ratio=0.4,
+    memory_total_bytes=8 * 1024**3, download_cross_traffic_ratio=0.01,
+    upload_cross_traffic_ratio=0.02)
+LIMITS = checks.Thresholds(min_link_mbps=300)
+
+
+def test_clean_host_is_valid() -> None:
+    assert checks.assess(CLEAN, LIMITS) == ()
+
+
+@pytest.mark.parametrize(("change", "code", "detail"), [
+    ({"cpu_percent": 91.0}, "cpu_busy", "CPU 91 % busy before the tests (limit 85 %)"),
+    ({"memory_used_ratio": 0.97}, "memory_busy", "memory 97% used (limit 95%)"),
+    ({"memory_total_bytes": 64 * 1024**2}, "memory_low", "64 MiB of memory (minimum 128 MiB)"),
+    ({"wireless": True, "interface": "wlan0"}, "wifi",
+     "the route to the server uses the wireless interface wlan0; measure over a cable"),
+    ({"link_speed_mbps": 100}, "link_speed",
+     "eth0 links at 100 Mbit/s, below the 300 Mbit/s the contract needs"),
+    ({"download_cross_traffic_ratio": 0.35}, "cross_traffic",
+     "35% of the bytes on eth0 during the download tests were not the test's (limit 10%)"),
+])
+def test_each_rule(change: dict[str, object], code: str, detail: str) -> None:
+    (reason,) = checks.assess(replace(CLEAN, **change), LIMITS)  # type: ignore[arg-type]
+    assert (reason.code, reason.detail) == (code, detail)
+
+
+def test_unknowns_are_not_failures() -> None:
+    """A virtual NIC reports no speed; no traffic measured: nothing to judge."""
+    unknown = replace(CLEAN, link_speed_mbps=None, cpu_percent=None,
+                      download_cross_traffic_ratio=None, wireless=None)
+    assert checks.assess(unknown, LIMITS) == ()
+
+
+def test_cross_traffic_ratio_counts_headers_as_ours() -> None:
+    """The test's own payload on the wire includes TCP/IP/Ethernet headers."""
+    own = 1_000_000
+    assert checks.cross_traffic_ratio(int(own * checks.WIRE_OVERHEAD), own) == \
+        pytest.approx(0, abs=1e-6)
+    assert checks.cross_traffic_ratio(2 * int(own * checks.WIRE_OVERHEAD), own) == \
+        pytest.approx(0.5, abs=1e-6)
+    assert checks.cross_traffic_ratio(0, own) is None
+
+
+def test_observations_on_this_host() -> None:
+    """Towards 127.0.0.1 the route is the loopback interface; memory and CPU are read."""
+    ctx = checks.observe_host("127.0.0.1", cpu_sample_s=0.1)
+    assert ctx.loopback and ctx.interface is not None
+    assert "127.0.0.1" in ctx.addresses
+    assert ctx.memory_total_bytes and 0 <= (ctx.memory_used_ratio or 0) <= 1
+    assert ctx.cpu_percent is not None and ctx.wireless is False
+
+
+def test_check_command_says_what_to_do() -> None:
+    """A failing check: exit 5, the finding and the advice; --json carries the reasons."""
+    argv = [sys.executable, "-m", "agent", "--server", "http://127.0.0.1:9", "--set",
+            f"checks.min_memory_bytes={2**60}", "check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 5, done.stderr
+    assert "A measurement now would be flagged INVALID:" in done.stdout
+    assert "use a device with at least 128 MiB of memory" in done.stdout
+    done = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    doc = json.loads(done.stdout)
+    assert [r["code"] for r in doc["invalid_reasons"]] == ["memory_low"]
+    assert doc["context"]["interface"] is not None
