@@ -34,6 +34,7 @@ class Thresholds:
     reject_wireless: bool = True  # WARNWLAN
     min_link_mbps: float = 0.0  # 0: not checked (the agent may not know the contract)
     max_cross_traffic_ratio: float = 0.10  # TH_TRAFFIC
+    max_lan_hosts: int = 0  # besides the gateway (Ne.Me.Sys MAX_HOSTS = 1, the router)
 
 
 def assess(ctx: HostContext, limits: Thresholds) -> tuple[InvalidReason, ...]:
@@ -58,6 +59,10 @@ def assess(ctx: HostContext, limits: Thresholds) -> tuple[InvalidReason, ...]:
         out.append(InvalidReason("link_speed", f"{ctx.interface} links at "
                                  f"{ctx.link_speed_mbps} Mbit/s, below the "
                                  f"{limits.min_link_mbps:g} Mbit/s the contract needs"))
+    if ctx.lan_hosts is not None and ctx.lan_hosts > limits.max_lan_hosts:
+        out.append(InvalidReason("lan_hosts", f"{ctx.lan_hosts} other host(s) active on the "
+                                 f"LAN besides the gateway (limit {limits.max_lan_hosts}; "
+                                 f"{ctx.lan_scan})"))
     for direction, ratio in (("download", ctx.download_cross_traffic_ratio),
                              ("upload", ctx.upload_cross_traffic_ratio)):
         if ratio is not None and ratio > limits.max_cross_traffic_ratio:
@@ -128,9 +133,10 @@ def is_wireless(interface: str) -> bool:
     return (base / "wireless").exists() or (base / "phy80211").exists()
 
 
-def observe_host(server_host: str, cpu_sample_s: float = 0.5) -> HostContext:
+def observe_host(server_host: str, cpu_sample_s: float = 0.5,
+                 scan_lan: bool = True) -> HostContext:
     """What the host looks like now, towards ``server_host`` (blocks ``cpu_sample_s`` to
-    measure CPU load, as Ne.Me.Sys's cpu_percent(0.5))."""
+    measure CPU load, as Ne.Me.Sys's cpu_percent(0.5), and up to 2 s for the ARP scan)."""
     import psutil
 
     source = route_source(server_host)
@@ -143,8 +149,15 @@ def observe_host(server_host: str, cpu_sample_s: float = 0.5) -> HostContext:
         ip = ipaddress.ip_address(source)
         loopback = ip.is_loopback
         public = ip.is_global
+    gateway = default_gateway()
+    lan_hosts, lan_scan = None, "not scanned"
+    if scan_lan:
+        from agent import lan
+
+        lan_hosts, lan_scan = lan.others_on_lan(interface, gateway)
     return HostContext(
-        interface=interface, addresses=addresses, gateway=default_gateway(),
+        lan_hosts=lan_hosts, lan_scan=lan_scan,
+        interface=interface, addresses=addresses, gateway=gateway,
         mtu=stats.mtu if stats else None,
         link_speed_mbps=stats.speed if stats and stats.speed > 0 else None,
         wireless=is_wireless(interface) if interface else None, loopback=loopback,

@@ -398,6 +398,8 @@ ADVICE = {
     "wifi": "connect the probe to the router with a cable and turn Wi-Fi off",
     "link_speed": "use a port and cable that link at the contract's speed (Gigabit)",
     "cross_traffic": "stop other devices and downloads on this line during the test",
+    "lan_hosts": "switch off or unplug the other devices on the LAN (TV boxes, PCs, "
+                 "phones on Wi-Fi) during the test",
 }
 
 
@@ -417,7 +419,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
 
     cfg = _load(ctx)
     host = urlsplit(config.measurement_server(cfg)).hostname or "127.0.0.1"
-    context = checks.observe_host(host)
+    context = checks.observe_host(host, 0.5, cfg.checks.scan_lan)
     reasons = checks.assess(context, _thresholds(cfg))
     if as_json:
         click.echo(json.dumps({"context": asdict(context),
@@ -433,6 +435,9 @@ def check(ctx: click.Context, as_json: bool) -> None:
             f"CPU {context.cpu_percent:.0f} % busy; memory "
             f"{(context.memory_used_ratio or 0):.0%} used of "
             f"{(context.memory_total_bytes or 0) / 1024**3:.1f} GiB; {context.os}",
+            f"LAN: {context.lan_scan}"
+            + (f": {context.lan_hosts} other host(s) besides the gateway"
+               if context.lan_hosts is not None else ""),
         ]
         if reasons:
             lines.append("A measurement now would be flagged INVALID:")

@@ -81,6 +81,10 @@ class ChecksConfig:
     min_link_mbps: float = field(default=0.0, metadata=bounds(ge=0))
     # Other traffic on the interface during the transfers, as a share of its bytes.
     max_cross_traffic_ratio: float = field(default=0.10, metadata=bounds(ge=0, le=1))
+    # ARP-scan the LAN (private subnets, at most a /24; needs CAP_NET_RAW) and allow at
+    # most this many active hosts besides the gateway.
+    scan_lan: bool = True
+    max_lan_hosts: int = field(default=0, metadata=bounds(ge=0, le=1000))
 
 
 @dataclass(frozen=True, slots=True)

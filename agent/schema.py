@@ -286,6 +286,10 @@ class HostContext:
                                                        metadata=bounds(ge=0, le=1))
     upload_cross_traffic_ratio: float | None = field(default=None,
                                                      metadata=bounds(ge=0, le=1))
+    # Hosts other than the gateway that answered an ARP scan of the LAN (agent/lan.py);
+    # None when not scanned, and lan_scan says why.
+    lan_hosts: int | None = field(default=None, metadata=bounds(ge=0))
+    lan_scan: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,7 +126,8 @@ def _thresholds(cfg: AgentConfig) -> checks.Thresholds:
     return checks.Thresholds(
         max_cpu_percent=c.max_cpu_percent, max_memory_used_ratio=c.max_memory_used_ratio,
         min_memory_bytes=c.min_memory_bytes, reject_wireless=c.reject_wireless,
-        min_link_mbps=c.min_link_mbps, max_cross_traffic_ratio=c.max_cross_traffic_ratio)
+        min_link_mbps=c.min_link_mbps, max_cross_traffic_ratio=c.max_cross_traffic_ratio,
+        max_lan_hosts=c.max_lan_hosts)
 
 
 async def run(
@@ -162,7 +163,8 @@ async def run(
     context: HostContext | None = None
     if cfg.checks.enabled:
         host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
-        context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1")
+        context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1", 0.5,
+                                          cfg.checks.scan_lan)
     if base_url is not None:
         iface = context.interface if context is not None else None
         before = checks.interface_bytes(iface)

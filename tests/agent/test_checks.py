@@ -81,3 +81,31 @@ def test_check_command_says_what_to_do() -> None:
     doc = json.loads(done.stdout)
     assert [r["code"] for r in doc["invalid_reasons"]] == ["memory_low"]
     assert doc["context"]["interface"] is not None
+
+
+def test_lan_scan_plan_is_bounded_to_private_ranges() -> None:
+    """Private subnets only, at most a /24; loopback, public and IPv6 are skipped."""
+    from agent import lan
+
+    assert lan.plan("192.168.1.20", 24) == lan.Plan("192.168.1.0/24", None)
+    assert lan.plan("10.1.2.3", 8) == lan.Plan("10.1.2.0/24", None)  # not all of 10/8
+    assert lan.plan("10.1.2.3", 30) == lan.Plan("10.1.2.0/30", None)
+    assert lan.plan("8.8.4.4", 24).network is None
+    assert lan.plan("127.0.0.1", 8).skipped == "loopback route: no LAN"
+    assert lan.plan("fd00::5", 64).skipped == "IPv6 route: no ARP"
+    assert lan.plan(None, None).network is None
+
+
+def test_lan_count_leaves_out_self_gateway_and_twin_macs() -> None:
+    from agent import lan
+
+    answers = {"192.168.1.1": "aa", "192.168.1.2": "aa",  # a router answering twice
+               "192.168.1.20": "me", "192.168.1.30": "tv", "192.168.1.31": "pc"}
+    assert lan.count_others(answers, "192.168.1.20", "192.168.1.1") == 2
+
+
+def test_lan_hosts_rule() -> None:
+    ctx = replace(CLEAN, lan_hosts=2, lan_scan="ARP scan of 192.168.1.0/24")
+    (reason,) = checks.assess(ctx, LIMITS)
+    assert reason.code == "lan_hosts"
+    assert reason.detail.startswith("2 other host(s) active on the LAN besides the gateway")

@@ -145,6 +145,7 @@ def test_server_dying_mid_transfer_is_recorded(lab_dir: Path) -> None:
     with network_lab(LinkSpec(down_mbit=50.0), lab_dir) as lab:
         url = lab.start_collector()
         agent = lab.spawn(lab.client, [*AGENT, "--server", url, "--set", "ping.enabled=false",
+                                       "--set", "checks.enabled=false",  # start at once
                                        "--set", "download.streams=2",
                                        "--set", "download.attempts=2",
                                        "--set", "download.window_s=4",
@@ -192,3 +193,54 @@ def test_cross_traffic_marks_the_session_invalid(lab_dir: Path) -> None:
     (reason,) = busy["validity"]["reasons"]
     assert reason["code"] == "cross_traffic"
     assert f"{share:.0%} of the bytes on" in reason["detail"]
+
+
+def test_other_hosts_on_a_bridged_lan_are_counted(lab_dir: Path) -> None:
+    """A test LAN of our own (198.18.30.0/24 on a bridge in a private namespace): the
+    gateway, the probe and three other hosts. The probe's ARP scan counts the three, and
+    `bbprobe check` flags a measurement there as invalid and says what to do."""
+    import os
+    import subprocess
+
+    tag = f"bl{os.getpid() % 100000}"
+    hosts = {"gw": "198.18.30.1", "probe": "198.18.30.2", "h1": "198.18.30.11",
+             "h2": "198.18.30.12", "h3": "198.18.30.13"}
+    namespaces = [f"{tag}sw", *[f"{tag}{h}" for h in hosts]]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, timeout=30, capture_output=True)
+
+    try:
+        for ns in namespaces:
+            ip("netns", "add", ns)
+        sw = f"{tag}sw"
+        ip("-n", sw, "link", "add", "br0", "type", "bridge")
+        ip("-n", sw, "link", "set", "br0", "up")
+        for i, (name, address) in enumerate(hosts.items()):
+            ns = f"{tag}{name}"
+            ip("link", "add", f"{tag}a{i}", "type", "veth", "peer", "name", f"{tag}b{i}")
+            ip("link", "set", f"{tag}a{i}", "netns", ns)
+            ip("link", "set", f"{tag}b{i}", "netns", sw)
+            ip("-n", sw, "link", "set", f"{tag}b{i}", "master", "br0", "up")
+            ip("-n", ns, "link", "set", f"{tag}a{i}", "name", "eth0")
+            ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", f"{tag}probe", "route", "add", "default", "via", hosts["gw"])
+        done = subprocess.run(
+            ["ip", "netns", "exec", f"{tag}probe", *AGENT, "--server",
+             f"http://{hosts['gw']}:8080", "check", "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
+        text = subprocess.run(
+            ["ip", "netns", "exec", f"{tag}probe", *AGENT, "--server",
+             f"http://{hosts['gw']}:8080", "check"],
+            capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
+    assert done.returncode == 5, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["context"]["lan_hosts"] == 3, doc["context"]
+    assert doc["context"]["lan_scan"] == "ARP scan of 198.18.30.0/24"
+    assert [r["code"] for r in doc["invalid_reasons"]] == ["lan_hosts"]
+    assert "switch off or unplug the other devices on the LAN" in text.stdout
