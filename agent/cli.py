@@ -344,7 +344,17 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
         "dead_letter": dead,
         "counters": spool.stats(),
         "collector": None,
+        "campaign": None,
     }
+    from datetime import UTC
+
+    from agent.daemon import CampaignStore
+    from agent.schedule import RULES
+
+    campaign = CampaignStore(cfg.state_dir).load()
+    if campaign is not None:
+        doc["campaign"] = {**campaign.to_json(), "complete": campaign.complete,
+                           "needed": campaign.needed}
     if cfg.collector.url and not no_check:
         token = config.read_token(cfg)
         client = _client(cfg, token, min(cfg.collector.timeout_s, 10))
@@ -373,6 +383,16 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
                  f"{counters.get('last_success_at') or 'never'}"
                  + (f"; last error: {counters['last_error']}"
                     if counters.get("last_error") else ""))
+    if campaign is not None:
+        per = RULES[campaign.rule].per_band
+        state = "complete" if campaign.complete else \
+            f"{sum(campaign.counted)}/{24 * per} sessions"
+        began = campaign.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        lines.append(f"campaign: rule {campaign.rule} started {began} UTC, {state}; bands "
+                     f"({campaign.timezone}, counted/attempted):")
+        cells = [f"{h:02d}h {campaign.counted[h]}/{campaign.attempted[h]}"
+                 f"{'' if campaign.counted[h] >= per else ' !'}" for h in range(24)]
+        lines += ["  " + "  ".join(cells[i:i + 8]) for i in range(0, 24, 8)]
     coll = doc["collector"]
     if coll is None:
         lines.append("collector: not checked" if cfg.collector.url else
@@ -449,3 +469,95 @@ def check(ctx: click.Context, as_json: bool) -> None:
         click.echo("\n".join(lines))
     if reasons:
         sys.exit(5)
+
+
+@main.command()
+@shared_options
+@click.option("--rule", type=click.Choice(["96in24h", "24in72h"]), default="96in24h",
+              show_default=True, help="Sessions per hourly band: 4 (one per quarter) or 1.")
+@click.option("--timezone", default="Europe/Rome", show_default=True,
+              help="Local time of the hourly bands.")
+@click.option("--window-days", type=click.IntRange(1, 30), default=3, show_default=True,
+              help="Days a campaign may take to fill every band (retries included).")
+@click.pass_context
+@handle_errors
+def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int) -> None:
+    """Measure continuously in 24-hour campaigns (the systemd service): every hourly band
+    filled, failed or invalid sessions retried in their band; SIGHUP reloads the config,
+    SIGTERM stops cleanly (sd_notify READY/RELOADING/STOPPING/WATCHDOG)."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from agent import daemon as d
+    from agent import session
+
+    state: dict[str, Any] = {"cfg": _load(ctx)}
+
+    def make_client(cfg: config.AgentConfig) -> CollectorClient:
+        token = config.read_token(cfg)
+        if not cfg.collector.url or not (token or cfg.collector.client_cert):
+            raise ConfigError("the daemon needs collector.url and a token (or a client "
+                              "certificate)")
+        return _client(cfg, token, cfg.collector.timeout_s)
+
+    state["client"] = make_client(state["cfg"])
+
+    def on_reload() -> None:
+        d.notify("RELOADING=1")
+        try:
+            fresh = _load(ctx)
+            state["client"] = make_client(fresh)
+            state["cfg"] = fresh
+            click.echo("bbprobe: configuration reloaded", err=True)
+        except AgentError as exc:
+            click.echo(f"bbprobe: reload refused, keeping the old configuration: {exc}",
+                       err=True)
+        d.notify("READY=1")
+
+    async def main_async() -> int:
+        control = d.Control()
+        d.install_signals(control)
+        store = d.CampaignStore(state["cfg"].state_dir)
+        probe_id = await _probe_id(state["cfg"], state["client"])
+
+        async def one_session() -> tuple[datetime, bool]:
+            cfg: config.AgentConfig = state["cfg"]
+            result = await session.run(cfg, probe_id, _progress(True))
+            spool = Spool(cfg.state_dir, cfg.delivery)
+            spool.put(result)
+            await deliver(spool, state["client"],
+                          dataclasses.replace(cfg.delivery,
+                                              max_wait_s=min(cfg.delivery.max_wait_s, 30)))
+            return datetime.now(UTC), d.session_counts(result)
+
+        async def measure() -> tuple[datetime, bool]:
+            work = asyncio.ensure_future(one_session())
+            stopping = asyncio.ensure_future(control.stop.wait())
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not work.done():
+                work.cancel()  # SIGTERM mid-session: unacknowledged results stay spooled
+                await asyncio.gather(work, return_exceptions=True)
+                raise asyncio.CancelledError
+            return work.result()
+
+        interval = d.watchdog_interval()
+        dog = asyncio.ensure_future(d.watchdog(interval, control)) if interval else None
+        d.notify("READY=1")
+        click.echo(f"bbprobe: daemon running as probe {probe_id}, rule {rule}", err=True)
+        try:
+            await d.run_campaigns(control, store, measure, clock=d.utc_clock,
+                                  wait=d.real_wait, rule=rule, timezone=timezone,
+                                  window_days=window_days, on_reload=on_reload)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            d.notify("STOPPING=1")
+            control.stop.set()
+            if dog is not None:
+                await asyncio.gather(dog, return_exceptions=True)
+        click.echo("bbprobe: daemon stopped; unacknowledged results stay in the spool",
+                   err=True)
+        return 0
+
+    sys.exit(asyncio.run(main_async()))

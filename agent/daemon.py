@@ -1,0 +1,170 @@
+"""``bbprobe daemon``: campaigns back to back, as the systemd service (Type=notify).
+
+Owns one loop: plan the next slot (agent/schedule.py), sleep until it (an asyncio wait on
+the stop/reload events: no CPU while idle), measure, spool and deliver, record the
+session in the campaign, save the campaign. SIGTERM stops it cleanly (the session in
+progress is cancelled, every unacknowledged result stays in the spool); SIGHUP reloads
+the configuration before the next slot. systemd is told READY, RELOADING, STOPPING and
+WATCHDOG through $NOTIFY_SOCKET (sd_notify(3)'s datagram protocol, no library needed).
+
+The clock, the wait and the measurement are injected, so the whole campaign logic runs
+in a test without sleeping (tests/agent/test_daemon.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.schedule import Campaign, next_slot
+
+Clock = Callable[[], datetime]
+# Measure once; returns (finished_at, counts_for_its_band).
+Measure = Callable[[], Awaitable[tuple[datetime, bool]]]
+
+
+def notify(message: str) -> None:
+    """sd_notify(3): one datagram to $NOTIFY_SOCKET; silently nothing outside systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), address)
+    except OSError:
+        pass
+
+
+@dataclass(slots=True)
+class Control:
+    """What the signal handlers ask of the loop."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reload: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CampaignStore:
+    """The current campaign in state_dir/campaign.json (temp + rename)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / "campaign.json"
+
+    def load(self) -> Campaign | None:
+        try:
+            return Campaign.from_json(json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, campaign: Campaign) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(campaign.to_json()), encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError:
+            pass  # progress is also in the results themselves; a full disk must not stop us
+
+
+async def run_campaigns(
+    control: Control, store: CampaignStore, measure: Measure, *, clock: Clock,
+    wait: Callable[[datetime, Control], Awaitable[None]], rule: str = "96in24h",
+    timezone: str = "Europe/Rome", window_days: int = 3, rng: random.Random | None = None,
+    on_reload: Callable[[], None] | None = None, max_sessions: int | None = None,
+) -> int:
+    """The daemon's loop; returns the number of sessions run (until ``control.stop``, or
+    ``max_sessions`` for tests)."""
+    rng = rng or random.Random()
+    sessions = 0
+    campaign = store.load()
+    while not control.stop.is_set() and (max_sessions is None or sessions < max_sessions):
+        now = clock()
+        if campaign is None or campaign.rule != rule or campaign.complete or \
+                now >= campaign.deadline():
+            campaign = Campaign(started_at=now, rule=rule, timezone=timezone,
+                                window_days=window_days)
+            store.save(campaign)
+        at = next_slot(campaign, now, rng)
+        if at is None:
+            campaign = None
+            continue
+        await wait(at, control)
+        if control.stop.is_set():
+            break
+        if control.reload.is_set():
+            control.reload.clear()
+            if on_reload is not None:
+                on_reload()
+            continue  # re-plan under the new configuration
+        finished, counted = await measure()
+        campaign.record(finished, counted, started=at)
+        store.save(campaign)
+        sessions += 1
+    return sessions
+
+
+async def real_wait(at: datetime, control: Control) -> None:
+    """Sleep until ``at`` or until a stop or reload is asked (no polling)."""
+    delay = (at - datetime.now(UTC)).total_seconds()
+    if delay <= 0:
+        return
+    stop = asyncio.ensure_future(control.stop.wait())
+    reload = asyncio.ensure_future(control.reload.wait())
+    try:
+        await asyncio.wait({stop, reload}, timeout=delay,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        reload.cancel()
+
+
+async def watchdog(interval_s: float, control: Control) -> None:
+    while not control.stop.is_set():
+        notify("WATCHDOG=1")
+        try:
+            async with asyncio.timeout(interval_s):
+                await control.stop.wait()
+        except TimeoutError:
+            continue
+
+
+def install_signals(control: Control) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, control.stop.set)
+    loop.add_signal_handler(signal.SIGINT, control.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, control.reload.set)
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), when this process is the one
+    watched."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def utc_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def session_counts(result: object) -> bool:
+    """A session fills its band when it is valid and whole: a successful download, a
+    successful upload and a ping train that sent packets (as the collector's
+    certificate counts it)."""
+    valid = getattr(result, "valid", True)
+    transfers = getattr(result, "transfers", ())
+    ok = {t.direction for t in transfers if t.status == "ok"}
+    ping = getattr(result, "ping", None)
+    pinged = ping is not None and ping.summary.packets_sent > 0
+    return bool(valid) and ok == {"download", "upload"} and pinged
+

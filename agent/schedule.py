@@ -1,0 +1,122 @@
+"""Campaign scheduling (pure): cover the 24 hourly bands of local time, 244/08-style.
+
+Rule "96in24h" (default): 4 valid sessions in every hourly band, one in each quarter hour
+at a random offset (so probes do not all test at :00). Rule "24in72h": 1 per band.
+A session that failed or was flagged invalid does not count; its band still needs one,
+so the next plan puts another session in that band, later in the campaign window (the
+same hour band on the next day, or later the same hour when a quarter is still ahead).
+The campaign ends when every band has its count, or when its window (``window_days``)
+runs out, incomplete.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    per_band: int
+
+
+RULES = {"96in24h": Rule("96in24h", 4), "24in72h": Rule("24in72h", 1)}
+
+
+@dataclass(slots=True)
+class Campaign:
+    """Progress of one campaign; plain data, saved as JSON by the daemon."""
+
+    started_at: datetime  # aware
+    rule: str = "96in24h"
+    timezone: str = "Europe/Rome"
+    window_days: int = 3
+    counted: list[int] = field(default_factory=lambda: [0] * 24)  # valid sessions per band
+    attempted: list[int] = field(default_factory=lambda: [0] * 24)
+    done_at: datetime | None = None
+    last_at: datetime | None = None  # when the last session started: one per quarter
+
+    @property
+    def needed(self) -> list[int]:
+        per = RULES[self.rule].per_band
+        return [max(0, per - c) for c in self.counted]
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.needed)
+
+    def deadline(self) -> datetime:
+        return self.started_at + timedelta(days=self.window_days)
+
+    def record(self, at: datetime, counted: bool, started: datetime | None = None) -> int:
+        """One session finished at ``at`` (started at ``started``, the slot): its band,
+        counted if it was valid and whole."""
+        self.last_at = started or at
+        band = self.last_at.astimezone(ZoneInfo(self.timezone)).hour
+        self.attempted[band] += 1
+        if counted:
+            self.counted[band] += 1
+        if self.complete and self.done_at is None:
+            self.done_at = at
+        return band
+
+    def to_json(self) -> dict[str, object]:
+        return {"started_at": self.started_at.isoformat(), "rule": self.rule,
+                "timezone": self.timezone, "window_days": self.window_days,
+                "counted": self.counted, "attempted": self.attempted,
+                "done_at": self.done_at.isoformat() if self.done_at else None,
+                "last_at": self.last_at.isoformat() if self.last_at else None}
+
+    @staticmethod
+    def from_json(data: dict[str, object]) -> Campaign:
+        done = data.get("done_at")
+        last = data.get("last_at")
+        return Campaign(last_at=datetime.fromisoformat(str(last)) if last else None,
+                        started_at=datetime.fromisoformat(str(data["started_at"])),
+                        rule=str(data["rule"]), timezone=str(data["timezone"]),
+                        window_days=int(str(data["window_days"])),
+                        counted=[int(x) for x in data["counted"]],  # type: ignore[attr-defined]
+                        attempted=[int(x) for x in data["attempted"]],  # type: ignore[attr-defined]
+                        done_at=datetime.fromisoformat(str(done)) if done else None)
+
+
+def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime | None:
+    """When to measure next: the earliest time after ``now`` in a band that still needs
+    sessions, at a random offset inside a quarter hour not yet used in this hour. None
+    when the campaign is complete or its window is over."""
+    if campaign.complete or now >= campaign.deadline():
+        return None
+    zone = ZoneInfo(campaign.timezone)
+    local = now.astimezone(zone)
+    if campaign.last_at is not None:
+        # Not twice in one quarter hour: start from the quarter after the last session's.
+        last = campaign.last_at.astimezone(zone)
+        next_quarter = last.replace(minute=last.minute // 15 * 15, second=0,
+                                    microsecond=0) + timedelta(minutes=15)
+        local = max(local, next_quarter.astimezone(zone))
+    hour_start = local.replace(minute=0, second=0, microsecond=0)
+    for step in range(campaign.window_days * 24 + 1):
+        start = hour_start + timedelta(hours=step)
+        # Wall-clock arithmetic on aware datetimes; normalise through UTC across DST.
+        start = start.astimezone(zone)
+        if campaign.needed[start.hour] == 0:
+            continue
+        quarters = [q for q in range(4)
+                    if start + timedelta(minutes=15 * (q + 1)) > local]
+        if not quarters:
+            continue
+        per = RULES[campaign.rule].per_band
+        # Spread a band's sessions over its quarters: 4 per hour -> one per quarter; 1 ->
+        # a random quarter.
+        q = quarters[0] if per == 4 else rng.choice(quarters)
+        q_start = max(start + timedelta(minutes=15 * q), local)
+        q_end = start + timedelta(minutes=15 * (q + 1))
+        offset = rng.uniform(0, max(0.0, (q_end - q_start).total_seconds() - 60))
+        moment = (q_start + timedelta(seconds=offset)).astimezone(now.tzinfo)
+        if moment >= campaign.deadline():
+            return None
+        return moment
+    return None

@@ -1,0 +1,168 @@
+"""The daemon's campaign loop with an injected clock: a full 96-slot campaign, failed and
+invalid sessions retried in their own band, stop and reload; nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from agent import daemon as d
+from agent.schedule import Campaign, next_slot
+
+ROME = ZoneInfo("Europe/Rome")
+START = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)  # local midnight in Rome
+
+
+class World:
+    """Injected time: waiting jumps the clock; a session takes 40 s."""
+
+    def __init__(self, failing: dict[int, int]) -> None:
+        self.now = START
+        self.failing = dict(failing)  # band -> how many sessions there fail
+        self.sessions: list[tuple[datetime, int, bool]] = []
+
+    def clock(self) -> datetime:
+        return self.now
+
+    async def wait(self, at: datetime, control: d.Control) -> None:
+        assert at >= self.now
+        self.now = at
+
+    async def measure(self) -> tuple[datetime, bool]:
+        band = self.now.astimezone(ROME).hour
+        ok = True
+        if self.failing.get(band, 0) > 0:
+            self.failing[band] -= 1
+            ok = False
+        started = self.now
+        self.now += timedelta(seconds=40)
+        self.sessions.append((started, band, ok))
+        return self.now, ok
+
+
+def _run(world: World, tmp_path: Path, max_sessions: int, **kw: object) -> Campaign:
+    store = d.CampaignStore(tmp_path)
+    control = d.Control()
+    asyncio.run(d.run_campaigns(control, store, world.measure, clock=world.clock,
+                                wait=world.wait, rng=random.Random(3),
+                                max_sessions=max_sessions, **kw))  # type: ignore[arg-type]
+    campaign = store.load()
+    assert campaign is not None
+    return campaign
+
+
+def test_full_campaign_one_session_per_quarter(tmp_path: Path) -> None:
+    """96 sessions in 24 hours: every band gets 4, one in each quarter hour, at random
+    offsets; the campaign is complete after the last."""
+    world = World({})
+    campaign = _run(world, tmp_path, 96)
+    assert campaign.complete and campaign.counted == [4] * 24
+    assert len(world.sessions) == 96
+    assert world.sessions[-1][0] - world.sessions[0][0] < timedelta(hours=24)
+    quarters = {(t.astimezone(ROME).hour, t.astimezone(ROME).minute // 15)
+                for t, _, _ in world.sessions}
+    assert len(quarters) == 96  # each (band, quarter) exactly once
+    minutes = {t.astimezone(ROME).minute % 15 for t, _, _ in world.sessions}
+    assert len(minutes) > 5  # random offsets, not all on the quarter
+
+
+def test_failed_sessions_are_retried_in_their_band(tmp_path: Path) -> None:
+    """Two sessions fail in band 03 and one in band 17: those bands get their missing
+    sessions later in the same hour band (the next day), and the campaign completes
+    with 99 sessions."""
+    world = World({3: 2, 17: 1})
+    campaign = _run(world, tmp_path, 99)
+    assert campaign.complete and campaign.counted == [4] * 24
+    assert len(world.sessions) == 99
+    retries = world.sessions[96:]
+    assert sorted(band for _, band, _ in retries) == [3, 3, 17]
+    assert all(t - START > timedelta(hours=24) for t, _, _ in retries)
+    assert campaign.attempted[3] == 6 and campaign.attempted[17] == 5
+
+
+def test_campaign_survives_a_restart(tmp_path: Path) -> None:
+    """The daemon stops after 30 sessions and starts again: the saved campaign goes on
+    where it was (no band measured twice in the same quarter)."""
+    world = World({})
+    _run(world, tmp_path, 30)
+    campaign = _run(world, tmp_path, 66)
+    assert campaign.complete and len(world.sessions) == 96
+
+
+def test_window_runs_out_incomplete_then_a_new_campaign() -> None:
+    """A band that never succeeds: after window_days the campaign stops planning it."""
+    campaign = Campaign(started_at=START, window_days=1)
+    campaign.counted = [4] * 24
+    campaign.counted[5] = 0
+    late = START + timedelta(days=1, minutes=1)
+    assert next_slot(campaign, late, random.Random(1)) is None
+    soon = next_slot(campaign, START, random.Random(1))
+    assert soon is not None and soon.astimezone(ROME).hour == 5
+
+
+def test_notify_speaks_the_systemd_protocol(tmp_path: Path) -> None:
+    """READY=1 arrives as one datagram on $NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        os.environ["NOTIFY_SOCKET"] = str(path)
+        try:
+            d.notify("READY=1")
+        finally:
+            del os.environ["NOTIFY_SOCKET"]
+        assert server.recv(64) == b"READY=1"
+
+
+def test_daemon_process_stops_cleanly_on_sigterm(tmp_path: Path,
+                                                 fast_config: Path) -> None:
+    """The real daemon, between sessions (its next slot minutes away, idle): READY on
+    the notify socket, then SIGTERM stops it at once with exit 0."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(30)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(fast_config), "--collector",
+             "http://127.0.0.1:9", "--token", "t", "--probe-id", "p1", "daemon",
+             "--rule", "24in72h"],
+            env={**os.environ, "NOTIFY_SOCKET": str(path)}, stderr=subprocess.PIPE,
+            text=True)
+        assert server.recv(64) == b"READY=1"
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 0, err
+        assert server.recv(64) == b"STOPPING=1"
+        assert "daemon stopped" in err
+
+
+def test_status_shows_campaign_progress(tmp_path: Path, fast_config: Path) -> None:
+    world = World({3: 1})
+    store_dir = fast_config.parent / "state"
+    _run(world, store_dir, 20)
+    done = subprocess.run([sys.executable, "-m", "agent", "--config", str(fast_config),
+                           "status", "--no-check"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "campaign: rule 96in24h started 2026-01-14 23:00 UTC, 19/96 sessions" in done.stdout
+    assert "03h 3/4 !" in done.stdout and "00h 4/4" in done.stdout
+
+
+def test_unit_is_a_notify_daemon_with_a_watchdog() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "systemd" /
+            "bbprobe-agent.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=5min", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "TimeoutStopSec=30s"):
+        assert line in unit.splitlines(), line
+    assert " daemon" in next(x for x in unit.splitlines() if x.startswith("ExecStart="))
