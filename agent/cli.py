@@ -383,6 +383,16 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
                  f"{counters.get('last_success_at') or 'never'}"
                  + (f"; last error: {counters['last_error']}"
                     if counters.get("last_error") else ""))
+    recent = counters.get("last_results") or []
+    if recent:
+        lines.append("last results:")
+    for r in recent:
+        def rate(v: float | None) -> str:
+            return "—" if v is None else f"{v / 1e6:.1f}"
+        rtt = "—" if r.get("rtt_mean_ms") is None else f"{r['rtt_mean_ms']:.1f} ms"
+        lines.append(f"  {r['started_at']}  down {rate(r.get('download_bps'))} / up "
+                     f"{rate(r.get('upload_bps'))} Mbit/s, RTT {rtt}"
+                     + ("" if r.get("valid", True) else "  INVALID"))
     if campaign is not None:
         per = RULES[campaign.rule].per_band
         state = "complete" if campaign.complete else \

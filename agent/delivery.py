@@ -205,6 +205,12 @@ class Spool:
             self._drop(result.probe_id, [(Entry(final, 0, started), "disk_full")])
             self.note(last_error=f"spool write failed: {exc.strerror}; result dropped")
             return None
+        s = result.summary
+        recent = [{"result_id": result.result_id, "started_at": result.started_at,
+                   "download_bps": s.download_bps, "upload_bps": s.upload_bps,
+                   "rtt_mean_ms": s.rtt_mean_ms, "loss_ratio": s.loss_ratio,
+                   "valid": result.valid}, *self.stats().get("last_results", [])][:5]
+        self.note(last_results=recent)
         return final
 
     def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]]) -> None:

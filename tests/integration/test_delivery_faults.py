@@ -180,6 +180,7 @@ def test_status_shows_backlog_dead_letters_and_the_collector(
     assert "dead-letter: 1 result(s) refused by the collector:" in out
     assert "HTTP 422: summary.loss_ratio: must be <= 1, got 2" in out
     assert f"collector: {collector.url} answers, as probe probe-9" in out
+    assert "last results:" in out and "down 50.0 / up 10.0 Mbit/s, RTT 11.0 ms" in out
     as_json = subprocess.run([*AGENT, "--config", str(fast_config), "status", "--json",
                               "--no-check"], capture_output=True, text=True, timeout=60,
                              check=False)
