@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.schema import HostContext, InvalidReason
+from agent.schema import HostContext, InvalidReason, TransferAttempt
 
 # Bytes on the wire per TCP payload byte at MTU 1500 with timestamps: (1500 + 14) /
 # (1500 - 52). The test's own traffic is its payload times this, so the interface
@@ -177,5 +177,6 @@ def interface_bytes(interface: str | None) -> tuple[int, int] | None:
     return (counters.bytes_recv, counters.bytes_sent) if counters else None
 
 
-def own_bytes(attempts: Sequence[object]) -> int:
-    return sum(int(getattr(a, "bytes_total", 0)) for a in attempts)
+def own_bytes(attempts: Sequence[TransferAttempt]) -> int:
+    """Payload bytes the test itself moved (every attempt, warm-up included)."""
+    return sum(a.bytes_total for a in attempts)

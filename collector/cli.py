@@ -11,7 +11,8 @@ import functools
 import json
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
@@ -83,8 +84,14 @@ def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     return load(given.get("config_path"), merged)
 
 
-def _open_store(ctx: click.Context) -> SqliteStore:
-    return SqliteStore(_config(ctx).storage.path)
+@contextmanager
+def _store(ctx: click.Context) -> Iterator[SqliteStore]:
+    """The configured database, closed however the command ends."""
+    store = SqliteStore(_config(ctx).storage.path)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,11 +166,8 @@ def probe() -> None:
 @handle_errors
 def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
     """Register probe NAME and print its token (shown this once only)."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         token = service.register_probe(store, name, LineMetadata(**line))
-    finally:
-        store.close()
     click.echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
                err=True)
     click.echo(token)
@@ -176,11 +180,8 @@ def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
 @handle_errors
 def probe_list(ctx: click.Context, fmt: str) -> None:
     """List registered probes with their line metadata."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         probes = store.probes()
-    finally:
-        store.close()
     if fmt == "json":
         click.echo(format_json({"probes": [p.to_dict() for p in probes]}), nl=False)
         return
@@ -205,12 +206,9 @@ def probe_revoke(ctx: click.Context, name: str) -> None:
     """Revoke NAME's token at once (its stored results stay)."""
     from agent.schema import utc_now
 
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         if not store.revoke_probe(name, utc_now()):
             raise CollectorError(f"no active probe named {name!r}")
-    finally:
-        store.close()
     click.echo(f"probe {name!r} revoked")
 
 
@@ -242,12 +240,9 @@ def _resolve_scope(store: SqliteStore, probes: tuple[str, ...], since: str | Non
 def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
             period: str | None, limit: int | None, fmt: str, **filters: Any) -> None:
     """List stored results with their summaries."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         rows = service.listing(store, where, limit)
-    finally:
-        store.close()
     if fmt == "json":
         click.echo(format_json({"results": rows}), nl=False)
     elif fmt == "csv":
@@ -277,16 +272,13 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
     by name or by line metadata, over a calendar period or a time range."""
     cfg = _config(ctx)
     table = targets_mod.load(targets_path or cfg.compliance.targets)
-    store = SqliteStore(cfg.storage.path)
-    try:
+    with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         if fmt == "html":
             text = service.report_page(store, where, table, timezone, include_invalid)
             output = output or "bbprobe-report.html"
         else:
             result = service.compliance(store, where, table, include_invalid)
-    finally:
-        store.close()
     if fmt == "json":
         text = json.dumps(report_dict(result, where), indent=2, ensure_ascii=False) + "\n"
     elif fmt == "csv":
@@ -329,12 +321,9 @@ def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
     """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok):
     the input of `evaluate --samples`, so a scope can be re-evaluated offline, against
     other targets or in a spreadsheet."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         sessions = service.samples(store, where, include_invalid)
-    finally:
-        store.close()
     _emit(format_csv(sample_rows(sessions), SAMPLE_COLUMNS), output)
 
 
@@ -410,11 +399,8 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
     from collector.html_report import certificate_page
     from collector.report import certificate_dict, format_certificate
 
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         cert = service.certificate(store, probe, since, until, rule, timezone)
-    finally:
-        store.close()
     if fmt == "json":
         text = json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
     elif fmt == "html":
@@ -442,14 +428,11 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
     there are rewritten identically."""
     from agent.schema import utc_now
 
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         added = store.outbox_enqueue(list(where.probes) if where.probes is not None else None,
                                      where.since, where.until, utc_now())
         waiting = store.outbox_size()
-    finally:
-        store.close()
     click.echo(f"queued {added} result(s); {waiting} waiting for InfluxDB")
     if not _config(ctx).influxdb.enabled:
         click.echo("note: [influxdb] is not enabled in this configuration; the collector "
@@ -462,11 +445,8 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
 @handle_errors
 def influx_status(ctx: click.Context) -> None:
     """Results waiting in the outbox (a running collector's /healthz shows more)."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         waiting = store.outbox_size()
-    finally:
-        store.close()
     cfg = _config(ctx).influxdb
     state = f"enabled, {cfg.url}, bucket {cfg.bucket}" if cfg.enabled else "disabled"
     click.echo(f"influxdb: {state}; {waiting} result(s) waiting")
@@ -486,11 +466,8 @@ def token() -> None:
 @handle_errors
 def token_add(ctx: click.Context, name: str, role: str) -> None:
     """Create a token; it is printed once (only its digest is stored)."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         secret = service.add_token(store, name, role)
-    finally:
-        store.close()
     click.echo(secret)
     click.echo(f"{role} token {name!r} created; keep it now, it is not shown again",
                err=True)
@@ -502,11 +479,8 @@ def token_add(ctx: click.Context, name: str, role: str) -> None:
 @handle_errors
 def token_list(ctx: click.Context) -> None:
     """Tokens by name, with role and state (never the secrets)."""
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         rows = store.tokens()
-    finally:
-        store.close()
     for r in rows:
         state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
         click.echo(f"{r['name']}  {r['role']}  ({state}; created {r['created_at']})")
@@ -523,11 +497,8 @@ def token_revoke(ctx: click.Context, name: str) -> None:
     """Revoke a token at once: the next request with it is refused."""
     from agent.schema import utc_now
 
-    store = _open_store(ctx)
-    try:
+    with _store(ctx) as store:
         done = store.revoke_token(name, utc_now())
-    finally:
-        store.close()
     if not done:
         raise StoreError(f"no active token named {name!r}")
     click.echo(f"token {name!r} revoked")
