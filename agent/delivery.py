@@ -288,15 +288,16 @@ class Spool:
         except (OSError, ValueError):
             return {}
 
-    def note(self, **values: Any) -> None:
+    def note(self, add: dict[str, int] | None = None, **values: Any) -> None:
+        """Set ``values`` and add to the counters in ``add``, in one write."""
         data = self.stats()
         data.update(values)
+        for name, n in (add or {}).items():
+            data[name] = int(data.get(name, 0)) + n
         self._save(data)
 
     def count(self, name: str, n: int = 1) -> None:
-        data = self.stats()
-        data[name] = int(data.get(name, 0)) + n
-        self._save(data)
+        self.note(add={name: n})
 
     def _save(self, data: dict[str, Any]) -> None:
         try:
@@ -448,6 +449,7 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
         report.requests += 1
         spool.note(last_attempt_at=utc_now())
         try:
+            stored = 0
             if gaps:
                 await client.push_gap(gaps[0].read_bytes())
                 spool.remove(gaps[0])
@@ -465,10 +467,10 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
                         reason = f"HTTP {outcome.status}: {outcome.error or 'refused'}"
                         target = spool.dead_letter(entry.path, reason)
                         report.dead_lettered.append((str(target), reason))
-                spool.count("delivered_total", sum(
-                    1 for o in outcomes if 200 <= o.status < 300))
+                stored = sum(1 for o in outcomes if 200 <= o.status < 300)
             failures = 0
-            spool.note(last_success_at=utc_now(), last_error=None)
+            spool.note(add={"delivered_total": stored}, last_success_at=utc_now(),
+                       last_error=None)
         except DeliveryError as exc:
             if not exc.retryable:
                 if exc.status == 413 and not gaps and batch_results > 1:
