@@ -155,6 +155,10 @@ def required_role(request: web.Request) -> str | None:
     path = request.path
     if path in PUBLIC or path.startswith("/measure/"):
         return None
+    from collector import librespeed
+
+    if librespeed.is_librespeed(path):
+        return None  # measurement endpoints of the LibreSpeed protocol: open, capped
     if path == spec.WHOAMI_PATH or (request.method == "POST" and path in PROBE_POSTS):
         return "probe"
     if request.method == "POST" and path.startswith("/api/v1/probes"):

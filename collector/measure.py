@@ -343,3 +343,6 @@ def add_routes(app: web.Application, cfg: MeasurementConfig) -> None:
     app.router.add_get(spec.DOWNLOAD_PATH, download)
     app.router.add_post(spec.UPLOAD_PATH, upload, expect_handler=_no_interim)
     app.router.add_get(spec.ECHO_PATH, echo)
+    from collector import librespeed
+
+    librespeed.add_routes(app)

@@ -310,6 +310,40 @@ def document() -> dict[str, Any]:
         spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.", "security": PUBLIC,
                                  "responses": {"200": {"description": "ok"}}}},
     }
+    from collector import librespeed
+
+    empty_reply = {"200": {"description": "Empty body (LibreSpeed: exactly 0 bytes)."}}
+    preflight = {"summary": "CORS preflight.", "security": PUBLIC,
+                 "responses": {"200": {"description": "CORS headers."}}}
+    for path in librespeed.paths("garbage"):
+        paths[path] = {
+            "get": {"summary": "LibreSpeed download: ckSize x 1 MiB of random data.",
+                    "security": PUBLIC,
+                    "parameters": [_query("ckSize", "Chunks of 1 MiB (default 4, 1..1024).")],
+                    "responses": {"200": {"description": "Random bytes.", "content": {
+                        "application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}}}},
+                                  "503": _error("Too many transfers running.")}},
+            "options": preflight}
+    for path in librespeed.paths("empty"):
+        paths[path] = {
+            "get": {"summary": "LibreSpeed ping target.", "security": PUBLIC,
+                    "responses": empty_reply},
+            "post": {"summary": "LibreSpeed upload sink: the body is drained.",
+                     "security": PUBLIC,
+                     "requestBody": {"content": {"application/octet-stream": {
+                         "schema": {"type": "string", "format": "binary"}}}},
+                     "responses": {**empty_reply,
+                                   "413": _error("Body over measurement.max_bytes."),
+                                   "503": _error("Too many transfers running.")}},
+            "options": preflight}
+    for path in librespeed.paths("getIP"):
+        paths[path] = {
+            "get": {"summary": "LibreSpeed client address.", "security": PUBLIC,
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "processedString": {"type": "string"},
+                        "rawIspInfo": {"type": "string"}}})}},
+            "options": preflight}
     return {
         "openapi": "3.1.0",
         "info": {"title": "bbprobe collector", "version": __version__,

@@ -1,0 +1,126 @@
+"""LibreSpeed-compatible backend (shared/reference/protocols.md §6), so the unmodified
+LibreSpeed browser page and librespeed-cli can test against a bbprobe measurement server.
+
+- ``garbage``: GET, ``ckSize`` chunks of 1 MiB (default 4, clamped to 1..1024) of
+  incompressible data from the pre-generated payload buffer, streamed, no-cache;
+- ``empty``: GET (ping) and POST (upload) answer 200 with an empty body; a POST body is
+  drained without being kept (up to measurement.max_bytes);
+- ``getIP``: ``{"processedString", "rawIspInfo"}``; private and shared addresses labelled,
+  no outside lookup (the collector asks no third party about its clients).
+
+Each under ``/backend/x.php``, ``/backend/x``, ``/x.php`` and ``/x`` (PHP-style and
+Go-style server lists both work), with permissive CORS and OPTIONS preflights, as the Go
+backend does. Counted in the measurement role's concurrent-transfer limit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+from agent import payload
+
+CHUNK = 1024 * 1024
+NAMES = ("garbage", "empty", "getIP")
+NO_CACHE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0, s-maxage=0, "
+                     "post-check=0, pre-check=0",
+    "Pragma": "no-cache",
+}
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS, HEAD",
+    "Access-Control-Allow-Headers": "Content-Encoding, Content-Type",
+}
+
+
+def paths(name: str) -> list[str]:
+    return [f"/backend/{name}.php", f"/backend/{name}", f"/{name}.php", f"/{name}"]
+
+
+def chunks_wanted(raw: str | None) -> int:
+    """``ckSize``: missing, not a number or < 1 -> 4; above 1024 -> 1024 (PHP backend)."""
+    if raw is None or not raw.isdigit() or int(raw) < 1:
+        return 4
+    return min(int(raw), 1024)
+
+
+def describe_ip(address: str) -> str:
+    """The getIP string for a client address (no ISP lookup)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.is_loopback:
+        return f"{address} - localhost IPv{ip.version} access"
+    if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
+        return f"{address} - CGNAT IPv4 access"
+    if ip.is_link_local:
+        return f"{address} - link-local IPv{ip.version} access"
+    if ip.is_private:
+        return f"{address} - private IPv{ip.version} access"
+    return address
+
+
+async def garbage(request: web.Request) -> web.StreamResponse:
+    from collector.measure import CONFIG, SLOTS
+
+    # Within the measurement role's per-request byte cap, as every download here is.
+    count = min(chunks_wanted(request.query.get("ckSize")),
+                max(1, request.app[CONFIG].max_bytes // CHUNK))
+    async with request.app[SLOTS].slot():
+        response = web.StreamResponse(headers={
+            **NO_CACHE, **CORS, "Content-Type": "application/octet-stream",
+            "Content-Description": "File Transfer",
+            "Content-Disposition": "attachment; filename=random.dat",
+            "Content-Transfer-Encoding": "binary"})
+        response.content_length = count * CHUNK
+        await response.prepare(request)
+        block = payload.buffer()[:CHUNK]
+        for _ in range(count):
+            await response.write(block)  # a client aborting ends it with a reset
+        await response.write_eof()
+        return response
+
+
+async def empty(request: web.Request) -> web.Response:
+    from collector.measure import CONFIG, SLOTS
+
+    if request.method == "POST" and request.can_read_body:
+        limit = request.app[CONFIG].max_bytes
+        async with request.app[SLOTS].slot():
+            received = 0
+            async for block in request.content.iter_chunked(256 * 1024):
+                received += len(block)
+                if received > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                        actual_size=received)
+    return web.Response(body=b"", headers={**NO_CACHE, **CORS, "Connection": "keep-alive"})
+
+
+async def get_ip(request: web.Request) -> web.Response:
+    address = request.remote or ""
+    return web.json_response({"processedString": describe_ip(address), "rawIspInfo": ""},
+                             headers={**NO_CACHE, **CORS})
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=200, headers={**CORS, "Access-Control-Max-Age": "86400"})
+
+
+def add_routes(app: web.Application) -> None:
+    for path in paths("garbage"):
+        app.router.add_get(path, garbage)
+        app.router.add_options(path, preflight)
+    for path in paths("empty"):
+        app.router.add_get(path, empty, allow_head=False)
+        app.router.add_post(path, empty)
+        app.router.add_options(path, preflight)
+    for path in paths("getIP"):
+        app.router.add_get(path, get_ip)
+        app.router.add_options(path, preflight)
+
+
+def is_librespeed(path: str) -> bool:
+    return any(path in paths(name) for name in NAMES)
