@@ -145,7 +145,7 @@ async def authenticated_probe(request: web.Request) -> str:
     return probe.name
 
 
-PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json"})
+PUBLIC = frozenset({"/healthz", "/api/v1/openapi.json", "/speedtest"})
 PROBE_POSTS = frozenset({spec.RESULTS_PATH, spec.RESULTS_PATH + "/batch", "/api/v1/gaps"})
 
 
@@ -159,6 +159,8 @@ def required_role(request: web.Request) -> str | None:
 
     if librespeed.is_librespeed(path):
         return None  # measurement endpoints of the LibreSpeed protocol: open, capped
+    if path == "/api/v1/browser-results" and request.method == "POST":
+        return None  # anonymous customers' results, kept apart, rate-limited
     if path == spec.WHOAMI_PATH or (request.method == "POST" and path in PROBE_POSTS):
         return "probe"
     if request.method == "POST" and path.startswith("/api/v1/probes"):
@@ -335,6 +337,66 @@ async def post_gap(request: web.Request) -> web.Response:
                        field="gap_id")
     return web.json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
                              status=201 if outcome == "stored" else 200)
+
+
+BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
+                   "download_bytes", "upload_bps", "upload_bytes")
+
+
+def check_browser_result(data: Any) -> dict[str, Any]:
+    """A browser speed-test result: known keys only, numbers >= 0 (or null), <= 100
+    RTTs; 422 naming the first problem."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "expected a JSON object")
+    allowed = {"method", "user_agent", "rtts_ms", *BROWSER_NUMBERS}
+    for key, value in data.items():
+        if key not in allowed:
+            raise ApiError(422, f"{key}: unknown field", field=key)
+        if key in BROWSER_NUMBERS and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+            raise ApiError(422, f"{key}: expected a number >= 0 or null, got {value!r}",
+                           field=key)
+    rtts = data.get("rtts_ms", [])
+    if not isinstance(rtts, list) or len(rtts) > 100 or any(
+            isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in rtts):
+        raise ApiError(422, "rtts_ms: expected at most 100 numbers >= 0", field="rtts_ms")
+    if not isinstance(data.get("method", {}), dict) or not isinstance(
+            data.get("user_agent", ""), str):
+        raise ApiError(422, "method must be an object and user_agent a string")
+    return data
+
+
+async def post_browser_result(request: web.Request) -> web.Response:
+    """An anonymous browser speed test (/speedtest): stored apart from probe results,
+    never in compliance; rate-limited per client address."""
+    limiter = request.app.get(LIMITER)
+    client = request.remote or "unknown"
+    if limiter is not None:
+        wait = limiter.take("browser:" + client)
+        if wait is not None:
+            raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
+                           retry_after=limiter.retry_after(wait))
+    data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
+    import json as json_mod
+
+    row = await db(request, SqliteStore.add_browser_result, utc_now(), client,
+                   json_mod.dumps(data, sort_keys=True))
+    return web.json_response({"id": row}, status=201)
+
+
+async def list_browser_results(request: web.Request) -> web.Response:
+    from collector.service import parse_time
+
+    rows = await db(request, SqliteStore.browser_results,
+                    parse_time(request.query.get("since"), "since"),
+                    parse_time(request.query.get("until"), "until"))
+    return web.json_response({"browser_results": rows})
+
+
+async def speedtest(request: web.Request) -> web.Response:
+    from collector import speedtest_page
+
+    return web.Response(text=speedtest_page.page(), content_type="text/html")
 
 
 async def list_gaps(request: web.Request) -> web.Response:
@@ -592,6 +654,9 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index_page)
+    app.router.add_get("/speedtest", speedtest)
+    app.router.add_post("/api/v1/browser-results", post_browser_result)
+    app.router.add_get("/api/v1/browser-results", list_browser_results)
     app.router.add_get("/report", report_page)
     if cfg.measurement.enabled:
         measure.add_routes(app, cfg.measurement)

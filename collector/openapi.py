@@ -312,6 +312,35 @@ def document() -> dict[str, Any]:
     }
     from collector import librespeed
 
+    paths["/speedtest"] = {"get": {
+        "summary": "Browser speed test page (LibreSpeed protocol against this server).",
+        "security": PUBLIC, "responses": {"200": {"description": "HTML.", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}}}
+    paths["/api/v1/browser-results"] = {
+        "post": {"summary": "An anonymous browser speed test's result (kept apart from "
+                            "probe results, never in compliance).",
+                 "security": PUBLIC,
+                 "requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {"type": "object", "additionalProperties": False,
+                                "properties": {
+                                    "method": {"type": "object"},
+                                    "user_agent": {"type": "string"},
+                                    "rtts_ms": {"type": "array", "maxItems": 100,
+                                                "items": {"type": "number", "minimum": 0}},
+                                    **{k: {"type": ["number", "null"], "minimum": 0}
+                                       for k in ("rtt_min_ms", "rtt_mean_ms", "jitter_ms",
+                                                 "download_bps", "download_bytes",
+                                                 "upload_bps", "upload_bytes")}}}}}},
+                 "responses": {"201": _json({"type": "object"}),
+                               "400": _error("Body is not JSON."),
+                               "413": _error("Body over 64 KiB."),
+                               "422": _error("A field is unknown or not a number >= 0."),
+                               "429": _error("Too many results from this address.")}},
+        "get": {"summary": "Browser speed-test results.",
+                "parameters": [_query("since", "Received at or after (ISO 8601)."),
+                               _query("until", "Received before (ISO 8601).")],
+                "responses": {"200": _json({"type": "object"}), "400": bad_request}},
+    }
     empty_reply = {"200": {"description": "Empty body (LibreSpeed: exactly 0 bytes)."}}
     preflight = {"summary": "CORS preflight.", "security": PUBLIC,
                  "responses": {"200": {"description": "CORS headers."}}}

@@ -156,6 +156,15 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         revoked_at TEXT
     );
     """,
+    # 6: anonymous browser speed tests (/speedtest), kept apart from probe results.
+    """
+    CREATE TABLE browser_results (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at TEXT NOT NULL,
+        client TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    """,
 )
 
 
@@ -657,6 +666,28 @@ class SqliteStore:
                 f"SELECT result_id, ? FROM results WHERE {where} ORDER BY started_at",
                 [queued_at, *params])
         return cursor.rowcount
+
+    def add_browser_result(self, received_at: str, client: str, body: str) -> int:
+        with self._write():
+            cursor = self._db.execute(
+                "INSERT INTO browser_results (received_at, client, body) VALUES (?, ?, ?)",
+                (received_at, client, body))
+        return int(cursor.lastrowid or 0)
+
+    def browser_results(self, since: str | None = None,
+                        until: str | None = None) -> list[dict[str, Any]]:
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("received_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("received_at < ?")
+            params.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return [{"id": r[0], "received_at": r[1], "client": r[2], **json.loads(r[3])}
+                for r in self._db.execute(
+                    f"SELECT id, received_at, client, body FROM browser_results {where} "
+                    "ORDER BY id", params)]
 
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(

@@ -81,3 +81,52 @@ def test_ip_descriptions() -> None:
     assert librespeed.describe_ip("100.64.1.2") == "100.64.1.2 - CGNAT IPv4 access"
     assert librespeed.describe_ip("fd00::1") == "fd00::1 - private IPv6 access"
     assert librespeed.describe_ip("8.8.8.8") == "8.8.8.8"
+
+
+def test_browser_speed_test_runs_in_chromium_and_is_recorded(
+        collector: RunningCollector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Headless Chromium opens /speedtest (short warm-up and window); the page pings,
+    downloads and uploads over the LibreSpeed endpoints and posts its result, which the
+    collector keeps apart from probe results (none of them counts in compliance)."""
+    import subprocess
+    import time
+
+    from tests.collector.test_html_report import _chromium
+    from tests.httpclient import request
+
+    argv = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0",
+            collector.url + "/speedtest?autostart=1&warmup_s=0.5&window_s=1.5&streams=2"]
+    browser = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 90
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not rows:
+            _, body, _ = request("GET", collector.url + "/api/v1/browser-results")
+            rows = body["browser_results"]
+            time.sleep(0.5)
+    finally:
+        browser.terminate()
+        browser.wait(30)
+    assert rows, "the page never posted a result"
+    (row,) = rows
+    assert row["download_bps"] > 1e6 and row["upload_bps"] > 1e6  # loopback: fast
+    assert row["rtt_min_ms"] >= 0 and len(row["rtts_ms"]) == 9
+    assert "Chrome" in row["user_agent"] and row["client"] == "127.0.0.1"
+    assert collector.count_results() == 0  # not a probe result
+
+
+@pytest.mark.parametrize(("doc", "field"), [
+    ({"download_bps": -1}, "download_bps"), ({"admin": True}, "admin"),
+    ({"rtts_ms": ["x"]}, "rtts_ms"), ({"upload_bps": True}, "upload_bps"),
+])
+def test_browser_results_are_validated(collector: RunningCollector, doc: object,
+                                       field: str) -> None:
+    from tests.httpclient import request
+
+    status, body, _ = request("POST", collector.url + "/api/v1/browser-results",
+                              json.dumps(doc).encode(), {"Content-Type": "application/json"})
+    assert (status, body["field"]) == (422, field)

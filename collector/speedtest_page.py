@@ -1,0 +1,144 @@
+"""The browser speed test the collector serves at ``/speedtest`` (one page, no external
+resources), speaking the LibreSpeed protocol to this server (collector/librespeed.py).
+
+Method (stated on the page and recorded with each result):
+- ping: 10 HTTP GETs of ``empty``, the first discarded (connection set-up); min, mean
+  and jitter (mean absolute difference of consecutive RTTs);
+- download: ``streams`` parallel GETs of ``garbage``, re-issued until the end; bytes read
+  counted as they arrive; rate = bytes in the window / window time, after ``warmup_s``;
+- upload: ``streams`` parallel XHR POSTs of a random 1 MiB body to ``empty``; bytes sent
+  counted from upload progress events; the same window rule.
+The result goes to ``POST /api/v1/browser-results``: kept apart from probe results, never
+in compliance (issue 7).
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from collector import __version__
+
+_SCRIPT = r"""
+const q = new URLSearchParams(location.search);
+const WARMUP = parseFloat(q.get("warmup_s") || "2"), WINDOW = parseFloat(q.get("window_s") || "8");
+const STREAMS = parseInt(q.get("streams") || "4", 10);
+const $ = (id) => document.getElementById(id);
+const now = () => performance.now() / 1000;
+function show(id, text) { $(id).textContent = text; }
+
+async function ping() {
+  const rtts = [];
+  for (let i = 0; i < 10; i++) {
+    const t = performance.now();
+    await fetch("empty?r=" + Math.random(), {cache: "no-store"});
+    rtts.push(performance.now() - t);
+  }
+  rtts.shift();
+  let jitter = 0;
+  for (let i = 1; i < rtts.length; i++) jitter += Math.abs(rtts[i] - rtts[i - 1]);
+  return {rtts_ms: rtts, rtt_min_ms: Math.min(...rtts),
+          rtt_mean_ms: rtts.reduce((a, b) => a + b, 0) / rtts.length,
+          jitter_ms: jitter / (rtts.length - 1)};
+}
+
+function windowRate(samples, t0) {
+  // samples: [t, cumulative bytes] over all streams; rate over [t0 + WARMUP, end].
+  let startBytes = 0, endBytes = 0, endT = t0 + WARMUP;
+  for (const [t, b] of samples) {
+    if (t <= t0 + WARMUP) startBytes = b;
+    endBytes = b; endT = Math.max(endT, t);
+  }
+  const span = endT - (t0 + WARMUP);
+  return span > 0 ? (endBytes - startBytes) * 8 / span : null;
+}
+
+async function download() {
+  const t0 = now(), stop = t0 + WARMUP + WINDOW, samples = [];
+  let total = 0;
+  async function stream() {
+    while (now() < stop) {
+      const controller = new AbortController();
+      const resp = await fetch("garbage?ckSize=25&r=" + Math.random(),
+                               {cache: "no-store", signal: controller.signal});
+      const reader = resp.body.getReader();
+      try {
+        while (true) {
+          const {done, value} = await reader.read();
+          if (done) break;
+          total += value.length; samples.push([now(), total]);
+          if (now() >= stop) { controller.abort(); break; }
+        }
+      } catch (e) { if (now() < stop) throw e; }
+    }
+  }
+  await Promise.all(Array.from({length: STREAMS}, stream));
+  return {download_bps: windowRate(samples, t0), download_bytes: total};
+}
+
+async function upload() {
+  const t0 = now(), stop = t0 + WARMUP + WINDOW, samples = [];
+  const blob = new Blob([crypto.getRandomValues(new Uint8Array(65536))].concat(
+    Array.from({length: 15}, () => crypto.getRandomValues(new Uint8Array(65536)))));
+  let done = 0;
+  function stream() {
+    return new Promise((resolve) => {
+      function one() {
+        if (now() >= stop) return resolve();
+        const xhr = new XMLHttpRequest();
+        let last = 0;
+        xhr.upload.onprogress = (e) => { done += e.loaded - last; last = e.loaded;
+                                         samples.push([now(), done]); };
+        xhr.onload = xhr.onerror = () => one();
+        xhr.open("POST", "empty?r=" + Math.random());
+        xhr.send(blob);
+      }
+      one();
+    });
+  }
+  await Promise.all(Array.from({length: STREAMS}, stream));
+  return {upload_bps: windowRate(samples, t0), upload_bytes: done};
+}
+
+async function run() {
+  document.body.dataset.state = "running";
+  const result = {method: {streams: STREAMS, warmup_s: WARMUP, window_s: WINDOW,
+                           ping_count: 9}, user_agent: navigator.userAgent};
+  try {
+    show("status", "ping…"); Object.assign(result, await ping());
+    show("ping", result.rtt_min_ms.toFixed(1) + " ms (jitter " +
+         result.jitter_ms.toFixed(1) + " ms)");
+    show("status", "download…"); Object.assign(result, await download());
+    show("download", (result.download_bps / 1e6).toFixed(2) + " Mbit/s");
+    show("status", "upload…"); Object.assign(result, await upload());
+    show("upload", (result.upload_bps / 1e6).toFixed(2) + " Mbit/s");
+    const resp = await fetch("api/v1/browser-results", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify(result)});
+    const saved = await resp.json();
+    show("status", resp.ok ? "done; result " + saved.id + " recorded"
+                           : "not recorded: " + saved.error);
+    document.body.dataset.state = resp.ok ? "done" : "failed";
+  } catch (e) {
+    show("status", "failed: " + e); document.body.dataset.state = "failed";
+  }
+}
+document.getElementById("start").addEventListener("click", run);
+if (q.get("autostart") === "1") run();
+"""
+
+
+def page() -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        "<title>bbprobe speed test</title><style>body{font:16px system-ui,sans-serif;"
+        "max-width:40em;margin:2em auto;padding:0 1em}dd{font-size:1.6em;margin:0 0 .6em}"
+        "button{font-size:1.2em;padding:.4em 1.2em}</style></head><body data-state=idle>"
+        "<h1>Speed test</h1><p>Measures this browser's connection to this server: ping "
+        "(9 HTTP round trips after a first one), then download and upload with parallel "
+        "streams after a warm-up. A browser result says how this device and its network "
+        "did; it is kept apart from the measurements of the operator's probes.</p>"
+        "<button id=start>Start</button><dl><dt>Ping</dt><dd id=ping>—</dd>"
+        "<dt>Download</dt><dd id=download>—</dd><dt>Upload</dt><dd id=upload>—</dd></dl>"
+        f"<p id=status>ready</p><footer>bbprobe-collector {escape(__version__)}</footer>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
