@@ -83,7 +83,10 @@ def parse_utc(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         raise ValueError("timestamp has no UTC offset")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 lies before year 1 in UTC
+        raise ValueError("timestamp out of range") from None
 
 
 # --- Method: how the numbers were obtained (recorded with every result) --------------------

@@ -49,11 +49,11 @@ def parse_time(text: str | None, name: str) -> str | None:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-    except ValueError:
+        return format_utc(moment)
+    except (ValueError, OverflowError):  # overflow: before year 1 once in UTC
         raise ApiError(
             400, f"{name}: expected an ISO 8601 date or timestamp, got {text!r}", field=name
         ) from None
-    return format_utc(moment)
 
 
 def period_bounds(period: str) -> tuple[str, str]:

@@ -52,7 +52,11 @@ def _row_problem(row: dict[str, str]) -> tuple[str | None, tuple[str, datetime, 
         moment = datetime.fromisoformat(stamp)
     except ValueError:
         return f"timestamp: not ISO 8601: {stamp!r}", None
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else \
+            moment.astimezone(UTC)
+    except OverflowError:
+        return f"timestamp: out of range: {stamp!r}", None
     kind = row["kind"].strip().lower()
     if kind not in KINDS:
         return f"kind: must be download, upload or ping, got {row['kind']!r}", None

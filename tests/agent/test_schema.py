@@ -76,6 +76,9 @@ _DELETE = object()
         (_set("method.download.mode", "forever"),
          "method.download.mode: must be one of 'duration', 'file', got 'forever'"),
         (_set("ended_at", "2026-11-21T09:00:00Z"), "ended_at: is earlier than started_at"),
+        (_set("started_at", "0001-01-01T00:00:00+14:00"),
+         "started_at: must be an ISO 8601 timestamp with a UTC offset, got "
+         "'0001-01-01T00:00:00+14:00'"),
         (_set("schema_version", SCHEMA_VERSION + 1),
          f"schema_version: version {SCHEMA_VERSION + 1} is newer than this collector supports "
          f"({SCHEMA_VERSION}); upgrade the collector"),

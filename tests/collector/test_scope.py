@@ -97,3 +97,14 @@ def test_api_scope_by_metadata(collector: RunningCollector) -> None:
     status, doc, _ = request("GET", collector.url + "/api/v1/results?period=2026-H3")
     assert (status, doc["error"]) == (400, "period: expected YYYY, YYYY-H1 or YYYY-H2, "
                                            "got '2026-H3'")
+
+
+def test_out_of_range_bound_is_a_400() -> None:
+    """A bound that falls before year 1 once converted to UTC is refused, not a 500."""
+    import pytest
+
+    from collector import service
+    from collector.errors import ApiError
+
+    with pytest.raises(ApiError, match="since: expected an ISO 8601 date or timestamp"):
+        service.parse_time("0001-01-01T00:00:00+14:00", "since")

@@ -70,7 +70,8 @@ def test_shaped_rates_recovered(lab_dir: Path, down: float, up: float) -> None:
 
 
 def test_loss_inside_binomial_interval(lab_dir: Path) -> None:
-    """5 % drop on the download direction: ping loss inside the 99 % binomial interval."""
+    """5 % drop on the download direction: ping loss inside the 99.9 % binomial interval
+    (99 % failed about once in a hundred runs, as it should: one such run was seen)."""
     spec = LinkSpec(down_loss=0.05)
     n = 400
     with network_lab(spec, lab_dir) as lab:
@@ -78,7 +79,7 @@ def test_loss_inside_binomial_interval(lab_dir: Path) -> None:
                                     "-W", "0.5", "--json", "-q"])
     doc = json.loads(done.stdout)
     lost = sum(1 for sample in doc["ping"]["samples"] if sample["rtt_ms"] is None)
-    lo, hi = binomial_interval(n, spec.round_trip_loss)
+    lo, hi = binomial_interval(n, spec.round_trip_loss, confidence=0.999)
     assert lo <= lost <= hi, (lost, lo, hi)
     assert doc["summary"]["loss_ratio"] == pytest.approx(lost / n)
 
