@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import ssl
@@ -377,10 +378,8 @@ async def post_browser_result(request: web.Request) -> web.Response:
             raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
                            retry_after=limiter.retry_after(wait))
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
-    import json as json_mod
-
     row = await db(request, SqliteStore.add_browser_result, utc_now(), client,
-                   json_mod.dumps(data, sort_keys=True))
+                   json.dumps(data, sort_keys=True))
     return web.json_response({"id": row}, status=201)
 
 
@@ -532,15 +531,20 @@ def _include_invalid(request: web.Request) -> bool:
     return raw == "true"
 
 
+async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets, Scope]:
+    """The configured targets table (read off the event loop) and the query's scope."""
+    path = request.app[CONFIG].compliance.targets
+    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    return table, await db(request, lambda store: _scope(request, store))
+
+
 async def get_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
     fmt = _format(request, REPORT_FORMATS)
     if fmt == "html":
         return await report_page(request)
-    path = request.app[CONFIG].compliance.targets
-    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
-    where = await db(request, lambda store: _scope(request, store))
+    table, where = await _targets_and_scope(request)
     report = await db(request, service.compliance, where, table, _include_invalid(request))
     if fmt == "csv":
         return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
@@ -550,9 +554,7 @@ async def get_report(request: web.Request) -> web.Response:
 
 async def report_page(request: web.Request) -> web.Response:
     """``/report``: the HTML report of the scope in the query (per probe: ?probe=NAME)."""
-    path = request.app[CONFIG].compliance.targets
-    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
-    where = await db(request, lambda store: _scope(request, store))
+    table, where = await _targets_and_scope(request)
     timezone = request.query.get("timezone", "Europe/Rome")
     page = await db(request, service.report_page, where, table, timezone,
                     _include_invalid(request))
