@@ -154,7 +154,7 @@ def required_role(request: web.Request) -> str | None:
     """Who may call this route: None (anyone), "probe" (checked by the handler),
     "analyst" (analyst or admin) or "admin"."""
     path = request.path
-    if path in PUBLIC or path.startswith("/measure/"):
+    if path in PUBLIC or path.startswith(("/measure/", "/ndt/v7/")):
         return None
     from collector import librespeed
 
@@ -390,6 +390,20 @@ async def list_browser_results(request: web.Request) -> web.Response:
                     parse_time(request.query.get("since"), "since"),
                     parse_time(request.query.get("until"), "until"))
     return web.json_response({"browser_results": rows})
+
+
+async def list_ndt7_tests(request: web.Request) -> web.Response:
+    """ndt7 subtests third-party clients ran against this server (never in compliance
+    unless an analyst includes them)."""
+    from collector.service import parse_time
+
+    measurements = request.query.get("measurements", "false")
+    if measurements not in ("true", "false"):
+        raise ApiError(400, f"measurements: expected true or false, got {measurements!r}")
+    rows = await db(request, SqliteStore.ndt7_tests,
+                    parse_time(request.query.get("since"), "since"),
+                    parse_time(request.query.get("until"), "until"), measurements == "true")
+    return web.json_response({"ndt7_tests": rows})
 
 
 async def speedtest(request: web.Request) -> web.Response:
@@ -659,9 +673,21 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get("/speedtest", speedtest)
     app.router.add_post("/api/v1/browser-results", post_browser_result)
     app.router.add_get("/api/v1/browser-results", list_browser_results)
+    app.router.add_get("/api/v1/ndt7-results", list_ndt7_tests)
     app.router.add_get("/report", report_page)
     if cfg.measurement.enabled:
+        from collector import ndt7
+
         measure.add_routes(app, cfg.measurement)
+
+        async def store_ndt7(sub: ndt7.Subtest) -> None:
+            archive = sub.archive()
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(app[DB_THREAD], partial(
+                SqliteStore.add_ndt7_test, app[STORE], archive, archive["StartTime"],
+                archive["EndTime"]))
+
+        ndt7.add_routes(app, store_ndt7)
     return app
 
 

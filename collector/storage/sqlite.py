@@ -165,6 +165,22 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         body TEXT NOT NULL
     );
     """,
+    # 7: ndt7 subtests served to third-party clients (ndt7-js, ndt7-client-go, bbprobe's
+    # own ndt7 mode), in the shape of ndt-server's archive; apart from probe results.
+    """
+    CREATE TABLE ndt7_tests (
+        uuid TEXT PRIMARY KEY,
+        test TEXT NOT NULL CHECK (test IN ('download', 'upload')),
+        started_at TEXT NOT NULL,
+        ended_at TEXT NOT NULL,
+        client TEXT NOT NULL,
+        end_reason TEXT NOT NULL,
+        throughput_bps REAL,
+        min_rtt_ms REAL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX ndt7_tests_started ON ndt7_tests (started_at);
+    """,
 )
 
 
@@ -688,6 +704,38 @@ class SqliteStore:
                 for r in self._db.execute(
                     f"SELECT id, received_at, client, body FROM browser_results {where} "
                     "ORDER BY id", params)]
+
+    def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str) -> None:
+        summary = archive["Summary"]
+        with self._write():
+            self._db.execute(
+                "INSERT OR IGNORE INTO ndt7_tests (uuid, test, started_at, ended_at, client, "
+                "end_reason, throughput_bps, min_rtt_ms, body) VALUES (?,?,?,?,?,?,?,?,?)",
+                (archive["UUID"], archive["Test"], started_at, ended_at, archive["Client"],
+                 archive["EndReason"], summary["throughput_bps"], summary["min_rtt_ms"],
+                 json.dumps(archive, separators=(",", ":"))))
+
+    def ndt7_tests(self, since: str | None = None, until: str | None = None,
+                   measurements: bool = False) -> list[dict[str, Any]]:
+        """Stored ndt7 subtests, oldest first; the per-interval measurements only when
+        asked (they are most of each record)."""
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("started_at < ?")
+            params.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        out = []
+        for (body,) in self._db.execute(
+                f"SELECT body FROM ndt7_tests {where} ORDER BY started_at, uuid", params):
+            record = json.loads(body)
+            if not measurements:
+                record.pop("ServerMeasurements", None)
+                record.pop("ClientMeasurements", None)
+            out.append(record)
+        return out
 
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(
