@@ -295,6 +295,51 @@ def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> Non
     _emit(result, as_json)
 
 
+@main.command()
+@shared_options
+@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both")
+@click.option("--ca-file", type=click.Path(dir_okay=False, exists=True),
+              help="CA bundle to verify a wss:// server with (default: the system's).")
+@click.option("--insecure", is_flag=True,
+              help="Do not verify the wss:// server's certificate (a lab's self-signed one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the subtests as JSON.")
+@click.pass_context
+@handle_errors
+def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool,
+         as_json: bool) -> None:
+    """Run M-Lab's ndt7 test (download then upload, 10 s each) against an ndt7 server:
+    the measurement server (--server, a bbprobe collector) or any ndt-server. Exit 6 when
+    a subtest failed."""
+    import ssl
+
+    from agent.probes import ndt7 as ndt7_probe
+
+    cfg = _load(ctx)
+    server = config.measurement_server(cfg)
+    context: ssl.SSLContext | bool = True
+    if insecure:
+        context = False
+    elif ca_file:
+        context = ssl.create_default_context(cafile=ca_file)
+    tests = ("download", "upload") if direction == "both" else (direction,)
+    results = asyncio.run(ndt7_probe.run(server, tests, ssl_context=context))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            if not r.ok:
+                click.echo(f"{r.test:8s} FAILED: {r.error}")
+                continue
+            rate = f"{r.throughput_bps / 1e6:9.2f} Mbit/s" if r.throughput_bps else "   n/a"
+            rtt = f"min RTT {r.min_rtt_ms:.2f} ms" if r.min_rtt_ms is not None else ""
+            retrans = (f", retransmitted {100 * r.retrans_ratio:.2f} %"
+                       if r.retrans_ratio is not None else "")
+            click.echo(f"{r.test:8s} {rate}  ({r.method}; {r.client_elapsed_s:.1f} s) "
+                       f"{rtt}{retrans}")
+    if not all(r.ok for r in results):
+        sys.exit(6)
+
+
 @main.command("check-config")
 @shared_options
 @click.pass_context

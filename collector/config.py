@@ -70,6 +70,9 @@ class MeasurementConfig:
     max_duration_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
     # Concurrent transfers served at once; more get 503 (Retry-After).
     max_concurrent: int = field(default=64, metadata=bounds(ge=1, le=10_000))
+    # Length of an ndt7 subtest (/ndt/v7/*). The protocol's is 10 s and M-Lab's clients
+    # assume it; shorter only for tests.
+    ndt7_runtime_s: float = field(default=10.0, metadata=bounds(ge=0.5, le=10.0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,17 +181,17 @@ Store = Callable[[Subtest], Awaitable[None]]
 
 
 async def _measure(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
-                   rng: random.Random) -> None:
+                   rng: random.Random, runtime_s: float) -> None:
     """Text measurements, each followed by a ping, until the runtime is over."""
     while True:
-        remaining = RUNTIME_S - (time.monotonic() - sub.t0)
+        remaining = runtime_s - (time.monotonic() - sub.t0)
         if remaining <= 0:
             break
         await asyncio.sleep(min(next_interval(rng), remaining))
         text = json.dumps(sub.measurement(sock))
-        await ws.send_str(text)
         if sub.test == "download":
             sub.app_bytes += len(text)
+        await ws.send_str(text)
         await ws.ping(str(time.time_ns()).encode())
     sub.measurement(sock)  # the final state, kept for the record (summary)
 
@@ -213,8 +213,10 @@ async def _send(ws: web.WebSocketResponse, sub: Subtest, sock: Any) -> None:
         if sub.early_exit and tcpinfo.read(sock).get("BytesAcked", 0) >= EARLY_EXIT_BYTES:
             sub.end_reason = "early_exit"
             return
-        await ws.send_bytes(_message(size))
+        # Counted before the await: the frame is written synchronously and only the drain
+        # waits, so a cancel at the end of the runtime must not lose the last message.
         sub.app_bytes += size
+        await ws.send_bytes(_message(size))
         size = next_size(size, sub.app_bytes)
 
 
@@ -279,7 +281,7 @@ async def _run(ws: web.WebSocketResponse, sub: Subtest,
 
 def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        from collector.measure import SLOTS
+        from collector.measure import CONFIG, SLOTS
 
         offered = [p.strip() for p in
                    request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
@@ -290,9 +292,15 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             metadata, early = parse_query(request.query_string)
         except ValueError as exc:
             raise ApiError(400, f"ndt7 query: {exc}") from None
+        runtime = request.app[CONFIG].ndt7_runtime_s
         async with request.app[SLOTS].slot():
+            # timeout: how long our Close waits for the client's; the client's comes after
+            # all it had queued (ndt7-js keeps up to 56 MiB queued in uploads), so it gets
+            # the rest of the hard limit. Past that, the connection is dropped, which
+            # clients must tolerate (§5.4).
             ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), compress=False,
-                                       max_msg_size=MAX_RECEIVE_MESSAGE, timeout=2.0)
+                                       max_msg_size=MAX_RECEIVE_MESSAGE,
+                                       timeout=MAX_RUNTIME_S - runtime)
             if not ws.can_prepare(request).ok:
                 raise ApiError(400, "ndt7 needs a WebSocket upgrade (HTTP/1.1 GET with "
                                "Upgrade: websocket)")
@@ -309,7 +317,7 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             await ws.prepare(request)
             sub.t0, sub.start = time.monotonic(), datetime.now(UTC)
             rng = random.Random()
-            jobs: list[Coroutine[Any, Any, None]] = [_measure(ws, sub, sock, rng),
+            jobs: list[Coroutine[Any, Any, None]] = [_measure(ws, sub, sock, rng, runtime),
                                                      _receive(ws, sub)]
             if test == "download":
                 jobs.append(_send(ws, sub, sock))

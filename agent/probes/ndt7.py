@@ -142,7 +142,8 @@ def _message(size: int) -> bytes:
     return found
 
 
-async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest) -> None:
+async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
+                  runtime_s: float) -> None:
     t0 = time.monotonic()
 
     async def reader() -> None:
@@ -154,7 +155,7 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest) -> N
 
     async def sender() -> None:
         size, next_sample = 1 << 13, SAMPLE_EVERY_S
-        while (now := time.monotonic() - t0) < RUNTIME_S:
+        while (now := time.monotonic() - t0) < runtime_s:
             try:
                 await ws.send_bytes(_message(size))
             except ConnectionError:
@@ -180,7 +181,7 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest) -> N
 
 
 async def _session(url: str, test: str, result: Ndt7Subtest,
-                   ssl_context: ssl.SSLContext | bool) -> None:
+                   ssl_context: ssl.SSLContext | bool, runtime_s: float) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_TIMEOUT_S)
     headers = {"User-Agent": f"bbprobe/{__version__}"}
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
@@ -188,24 +189,35 @@ async def _session(url: str, test: str, result: Ndt7Subtest,
             ws = await session.ws_connect(
                 url, protocols=(SUBPROTOCOL,), compress=0, max_msg_size=MAX_READ_MESSAGE,
                 autoping=True, ssl=ssl_context)
-        async with ws:
-            if ws.protocol != SUBPROTOCOL:
-                raise ConnectionError(f"the server did not accept {SUBPROTOCOL}")
-            await (_download(ws, result) if test == "download" else _upload(ws, result))
-            result.server_end = (f"close {ws.close_code}" if ws.close_code is not None
-                                 else "connection ended")
+        try:
+            async with ws:
+                if ws.protocol != SUBPROTOCOL:
+                    raise ConnectionError(f"the server did not accept {SUBPROTOCOL}")
+                await (_download(ws, result) if test == "download"
+                       else _upload(ws, result, runtime_s))
+                result.server_end = (f"close {ws.close_code}" if ws.close_code is not None
+                                     else "connection ended")
+        finally:
+            # After a connection the server dropped (a reset, which ndt7 clients must
+            # tolerate) aiohttp leaves the socket to close once its queue drains, which
+            # it never will; what is still queued is of no use after the subtest.
+            transport = ws._writer.transport  # aiohttp exposes no other way
+            if transport is not None:
+                transport.abort()
 
 
 async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool = True,
-                  metadata: dict[str, str] | None = None) -> Ndt7Subtest:
-    """Run one ndt7 subtest; the result carries the error instead of raising."""
+                  metadata: dict[str, str] | None = None,
+                  runtime_s: float = RUNTIME_S) -> Ndt7Subtest:
+    """Run one ndt7 subtest; the result carries the error instead of raising. The
+    download's length is the server's; ``runtime_s`` bounds the upload (10 s: ndt7)."""
     try:
         url = endpoint(server, test, metadata)
     except ValueError as exc:
         return Ndt7Subtest(test=test, url=server, error=str(exc))
     result = Ndt7Subtest(test=test, url=url)
     try:
-        await _session(url, test, result, ssl_context)
+        await _session(url, test, result, ssl_context, runtime_s)
         result.ok = True
     except* TimeoutError:
         result.error = "timed out (handshake 7 s, subtest 15 s)"
@@ -220,6 +232,8 @@ async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool 
 
 
 async def run(server: str, tests: tuple[str, ...] = ("download", "upload"), *,
-              ssl_context: ssl.SSLContext | bool = True) -> list[Ndt7Subtest]:
+              ssl_context: ssl.SSLContext | bool = True,
+              runtime_s: float = RUNTIME_S) -> list[Ndt7Subtest]:
     """The subtests one after the other (download first, as every ndt7 client does)."""
-    return [await subtest(server, test, ssl_context=ssl_context) for test in tests]
+    return [await subtest(server, test, ssl_context=ssl_context, runtime_s=runtime_s)
+            for test in tests]
