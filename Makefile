@@ -8,7 +8,10 @@ BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
 DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics openssl
 
-.PHONY: demo test lint bench venv system-deps clean
+# M-Lab's official ndt7 client (@m-lab/ndt7, npm registry) for the interoperability tests.
+NDT7JS := tests/ndt7js
+
+.PHONY: demo test lint bench venv system-deps node-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,20 +33,38 @@ system-deps:
 	  echo "not root: skipping Debian packages ($(DEB_PACKAGES)); tests needing them will skip"; \
 	fi
 
+# Node.js >= 20.10 (WebSocket behind --experimental-websocket) and the pinned client
+# (package-lock.json). Debian's nodejs is installed when root and no node is present.
+node-deps:
+	@if ! command -v npm >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: nodejs npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	fi
+	@if command -v npm >/dev/null; then \
+	  if [ ! -f $(NDT7JS)/node_modules/.package-lock.json ] || \
+	     [ $(NDT7JS)/package-lock.json -nt $(NDT7JS)/node_modules/.package-lock.json ]; then \
+	    cd $(NDT7JS) && npm ci --no-audit --no-fund --loglevel=error; \
+	  fi; \
+	else \
+	  echo "no npm: the ndt7-js interoperability tests will skip (they fail under CI=true)"; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: venv system-deps lint
+test: venv system-deps node-deps lint
 	$(BIN)/pytest
 
 demo: venv
 	bash scripts/demo.sh
 
-# Accuracy and capacity against iperf3/ping in the network lab (root; ~15 min; tables).
-bench: venv system-deps
+# Accuracy and capacity against iperf3/ping, and third-party clients (ndt7-js, Chromium on
+# /speedtest) against bbprobe's agent, in the network lab (root; ~25 min; tables).
+bench: venv system-deps node-deps
 	$(BIN)/python -m benchmarks.lab capacity
 	$(BIN)/python -m benchmarks.lab accuracy
+	$(BIN)/python -m benchmarks.lab protocols
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info $(NDT7JS)/node_modules

@@ -3,6 +3,7 @@ measured on the same link in the same run. Prints tables; asserts nothing.
 
     sudo .venv/bin/python -m benchmarks.lab accuracy [--rates 2,20,100,1000] [--window 5]
     sudo .venv/bin/python -m benchmarks.lab capacity [--window 5]
+    sudo .venv/bin/python -m benchmarks.lab protocols [--rates 10,50,100] [--window 10]
 
 Method, stated with every number:
 - throughput: bbprobe with N fixed streams, 2 s warm-up + W s window, receiver-counted;
@@ -11,8 +12,18 @@ Method, stated with every number:
 - latency: bbprobe ping and iputils ping, the same count, interval and payload, back to
   back on the same path; truth is 2 x the configured one-way delay (plus forwarding);
 - loss: bbprobe's ping loss against the 99 % binomial interval of the configured
-  round-trip loss 1-(1-p_up)(1-p_down).
-Needs root, iproute2, nftables, iperf3, iputils-ping (make test installs them).
+  round-trip loss 1-(1-p_up)(1-p_down);
+- protocols: third-party clients against the collector's ndt7 and LibreSpeed endpoints,
+  compared with bbprobe's agent (HTTP, 4 streams, 2 s warm-up + W s window) on the same
+  link in the same run: M-Lab's ndt7-js under Node and bbprobe's ndt7 client (one stream,
+  10 s from the WebSocket opening, no warm-up: the protocol's method; download counted
+  by the client, upload = the server's TCP_INFO BytesReceived/ElapsedTime), Chromium on
+  /speedtest (4 streams, the same warm-up and window as the agent), iperf3 -P4 alike.
+  The link has 20 ms one-way delay (40 ms RTT, a typical access line to its server):
+  with none, a single BBR flow behind a tail-drop shaper swings between 0.7 and 0.95 of
+  the rate, which says more about BBR at 0 ms than about any client.
+Needs root, iproute2, nftables, iperf3, iputils-ping, node + tests/ndt7js, chromium
+(make test and make bench install them).
 """
 
 from __future__ import annotations
@@ -193,19 +204,62 @@ def capacity(window: float) -> None:
           "imported; scapy not loaded)")
 
 
+def protocols(rates: list[float], window: float, repeats: int) -> None:
+    from tests.lab import clients
+
+    for problem in (clients.ndt7js_problem(), clients.chromium_problem()):
+        if problem:
+            sys.exit(f"benchmarks.lab protocols: {problem}")
+    print("# Third-party clients vs bbprobe's agent, same link, same run (Mbit/s of payload)")
+    print(f"# agent: HTTP, 4 streams, {WARMUP_S:g} s warm-up + {window:g} s window; iperf3 -P4 "
+          "alike; ndt7 (ndt7-js, bbprobe ndt7): 1 stream, 10 s from open; browser: "
+          f"Chromium /speedtest, 4 streams, {WARMUP_S:g} s + {window:g} s; link: 20 ms "
+          "one-way delay")
+    header = ("rate down/up", "run", "dir", "truth", "agent", "iperf3", "ndt7-js", "bb ndt7",
+              "browser", "js/agent", "bbndt7/agent", "browser/agent", "agent/iperf3",
+              "js/iperf3")
+    print(" | ".join(header), flush=True)
+    for down_rate in rates:
+        up_rate = down_rate / 2
+        spec = LinkSpec(down_mbit=down_rate, up_mbit=up_rate, delay_ms=20.0)
+        for run in range(1, repeats + 1):
+            with tempfile.TemporaryDirectory() as work, network_lab(spec, Path(work)) as lab:
+                url = lab.start_collector()
+                agent = {d: bbprobe_speed(lab, url, d, 4, window)["bps"]
+                         for d in ("download", "upload")}
+                ip3 = {d: iperf3(lab, d, 4, window) for d in ("download", "upload")}
+                js = clients.ndt7js_rates(clients.run_ndt7js(lab, url))
+                ours = {s["test"]: s["throughput_bps"] for s in clients.run_bbprobe_ndt7(lab, url)}
+                row = clients.run_browser(lab, url, Path(work) / "profile", WARMUP_S, window, 4)
+            browser = {"download": row and row.get("download_bps"),
+                       "upload": row and row.get("upload_bps")}
+            for i, d in enumerate(("download", "upload")):
+                print(" | ".join([
+                    f"{down_rate:g}/{up_rate:g}", str(run), d, fmt(spec.goodput_bps(d)),
+                    fmt(agent[d]), fmt(ip3[d]), fmt(js[i]), fmt(ours.get(d)), fmt(browser[d]),
+                    ratio(js[i], agent[d]), ratio(ours.get(d), agent[d]),
+                    ratio(browser[d], agent[d]), ratio(agent[d], ip3[d]), ratio(js[i], ip3[d]),
+                ]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["accuracy", "capacity"])
+    parser.add_argument("what", choices=["accuracy", "capacity", "protocols"])
     parser.add_argument("--rates", default="2,20,100,1000", help="Mbit/s, comma separated")
     parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per link (protocols)")
     args = parser.parse_args()
     reason = available()
     if reason:
         sys.exit(f"benchmarks.lab: {reason}")
     if args.what == "accuracy":
         accuracy([float(r) for r in args.rates.split(",")], args.window, args.streams)
+    elif args.what == "protocols":
+        rates = "10,50,100" if args.rates == parser.get_default("rates") else args.rates
+        window = 10.0 if args.window == parser.get_default("window") else args.window
+        protocols([float(r) for r in rates.split(",")], window, args.repeats)
     else:
         capacity(args.window)
 

@@ -5,7 +5,9 @@ Method (stated on the page and recorded with each result):
 - ping: 10 HTTP GETs of ``empty``, the first discarded (connection set-up); min, mean
   and jitter (mean absolute difference of consecutive RTTs);
 - download: ``streams`` parallel GETs of ``garbage``, re-issued until the end; bytes read
-  counted as they arrive; rate = bytes in the window / window time, after ``warmup_s``;
+  counted as they arrive; rate = bytes in the window after ``warmup_s`` / ``window_s``,
+  the cumulative count interpolated at both edges (the tail after the window, while
+  streams finish one by one, is not counted);
 - upload: ``streams`` parallel XHR POSTs of a random 1 MiB body to ``empty``; bytes sent
   counted from upload progress events; the same window rule.
 The result goes to ``POST /api/v1/browser-results``: kept apart from probe results, never
@@ -41,15 +43,27 @@ async function ping() {
           jitter_ms: jitter / (rtts.length - 1)};
 }
 
-function windowRate(samples, t0) {
-  // samples: [t, cumulative bytes] over all streams; rate over [t0 + WARMUP, end].
-  let startBytes = 0, endBytes = 0, endT = t0 + WARMUP;
-  for (const [t, b] of samples) {
-    if (t <= t0 + WARMUP) startBytes = b;
-    endBytes = b; endT = Math.max(endT, t);
+function bytesAt(samples, t) {
+  // Cumulative bytes at time t, interpolated between the samples either side (they are
+  // in time order), so the window has exact edges however sparse the progress events.
+  let before = [samples.length ? samples[0][0] : t, 0];
+  for (const [ts, b] of samples) {
+    if (ts > t) {
+      const f = ts > before[0] ? (t - before[0]) / (ts - before[0]) : 1;
+      return before[1] + Math.max(0, Math.min(1, f)) * (b - before[1]);
+    }
+    before = [ts, b];
   }
-  const span = endT - (t0 + WARMUP);
-  return span > 0 ? (endBytes - startBytes) * 8 / span : null;
+  return before[1];
+}
+
+function windowRate(samples, t0) {
+  // samples: [t, cumulative bytes] over all streams; rate over [t0 + WARMUP, the end of
+  // the window] (not the tail after it, when streams finish one by one).
+  if (!samples.length) return null;
+  const start = t0 + WARMUP, end = Math.min(t0 + WARMUP + WINDOW, samples[samples.length - 1][0]);
+  return end > start ? (bytesAt(samples, end) - bytesAt(samples, start)) * 8 / (end - start)
+                     : null;
 }
 
 async function download() {

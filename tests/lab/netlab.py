@@ -130,7 +130,10 @@ class Lab:
         if spec.down_mbit is not None:
             self._shape(self.router, "r0", spec.down_mbit)
         if spec.up_mbit is not None:
-            self._shape(self.client, "c0", spec.up_mbit)
+            # At the router, as on a real line: a shaper on the sender's own interface
+            # pushes back on its TCP directly (local drops, TSQ), which a single BBR flow
+            # answers by using a third of the link.
+            self._shape(self.router, "r1", spec.up_mbit)
         if spec.down_loss or spec.up_loss:
             self._drop(spec.up_loss, spec.down_loss)
         if spec.delay_ms or spec.jitter_ms:
@@ -217,7 +220,7 @@ class Lab:
 
     def bottleneck(self, direction: str) -> tuple[str, str]:
         """(namespace, device) whose egress shapes ``direction``."""
-        return (self.router, "r0") if direction == "download" else (self.client, "c0")
+        return (self.router, "r0") if direction == "download" else (self.router, "r1")
 
     @contextlib.contextmanager
     def tx_counter(self, direction: str, interval_s: float = 0.05) -> Iterator[
