@@ -545,6 +545,15 @@ def _include_invalid(request: web.Request) -> bool:
     return raw == "true"
 
 
+def _customers(request: web.Request) -> service.Customers:
+    raw = request.query.get("include_customer", "false").lower()
+    if raw not in ("true", "false"):
+        raise ApiError(400, f"include_customer: expected true or false, got {raw!r}",
+                       field="include_customer")
+    return service.Customers(include=raw == "true", network=service.parse_network(
+        request.query.get("customer_network")))
+
+
 async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets, Scope]:
     """The configured targets table (read off the event loop) and the query's scope."""
     path = request.app[CONFIG].compliance.targets
@@ -559,7 +568,8 @@ async def get_report(request: web.Request) -> web.Response:
     if fmt == "html":
         return await report_page(request)
     table, where = await _targets_and_scope(request)
-    report = await db(request, service.compliance, where, table, _include_invalid(request))
+    report = await db(request, service.compliance, where, table, _include_invalid(request),
+                      _customers(request))
     if fmt == "csv":
         return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
                             content_type="text/csv")
@@ -571,7 +581,8 @@ async def report_page(request: web.Request) -> web.Response:
     table, where = await _targets_and_scope(request)
     timezone = request.query.get("timezone", "Europe/Rome")
     page = await db(request, service.report_page, where, table, timezone,
-                    _include_invalid(request))
+                    _include_invalid(request), "Allegato 2 compliance report",
+                    _customers(request))
     return web.Response(text=page, content_type="text/html")
 
 

@@ -263,22 +263,31 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
               help="Local time of the hour bands and time axes (html).")
 @click.option("--include-invalid", is_flag=True,
               help="Count sessions the agents flagged invalid (left out by default).")
+@click.option("--include-customer", is_flag=True,
+              help="Include the speeds of customers' own tests of the period (browser "
+                   "page, ndt7 clients) in the percentiles (counted apart by default).")
+@click.option("--customer-network", metavar="CIDR",
+              help="Only customer tests from this client network, e.g. 203.0.113.0/24.")
 @click.pass_context
 @handle_errors
 def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
            period: str | None, targets_path: str | None, fmt: str, output: str | None,
-           timezone: str, include_invalid: bool, **filters: Any) -> None:
+           timezone: str, include_invalid: bool, include_customer: bool,
+           customer_network: str | None, **filters: Any) -> None:
     """Compliance report: each Allegato 2 indicator against its target, for probes chosen
     by name or by line metadata, over a calendar period or a time range."""
     cfg = _config(ctx)
     table = targets_mod.load(targets_path or cfg.compliance.targets)
+    customers = service.Customers(include_customer, service.parse_network(
+        customer_network, "--customer-network"))
     with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         if fmt == "html":
-            text = service.report_page(store, where, table, timezone, include_invalid)
+            text = service.report_page(store, where, table, timezone, include_invalid,
+                                       customers=customers)
             output = output or "bbprobe-report.html"
         else:
-            result = service.compliance(store, where, table, include_invalid)
+            result = service.compliance(store, where, table, include_invalid, customers)
     if fmt == "json":
         text = json.dumps(report_dict(result, where), indent=2, ensure_ascii=False) + "\n"
     elif fmt == "csv":

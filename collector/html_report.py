@@ -23,7 +23,13 @@ from agent import stats
 from collector import __version__, plots
 from collector.compliance.certify import Certificate
 from collector.compliance.evaluate import Observations, Report
-from collector.report import SHORT_NAMES, Scope, format_value, invalid_sentence
+from collector.report import (
+    SHORT_NAMES,
+    Scope,
+    customer_sentence,
+    format_value,
+    invalid_sentence,
+)
 from collector.storage.sqlite import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14
@@ -222,7 +228,9 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f"<th>Target</th><th>Samples</th><th>Result</th></tr>{''.join(rows)}</table>"
         f"<p>{escape(failures)}.</p>"
         f'<p class="invalid"><b>Invalid measurements:</b> '
-        f"{escape(invalid_sentence(report))}.</p></section>",
+        f"{escape(invalid_sentence(report))}.</p>"
+        f'<p class="customer"><b>Customer tests:</b> '
+        f"{escape(customer_sentence(report))}.</p></section>",
         "<section><h2>Speed distribution</h2><div class=plots>"
         f"{_speed_plot('download', obs, report)}{_speed_plot('upload', obs, report)}"
         "</div></section>",

@@ -75,9 +75,19 @@ def document() -> dict[str, Any]:
             "indicators": {"type": "array", "items": indicator_ref},
             "not_measured": {"type": "array", "items": {"type": "object"}},
             "method": {"type": "object", "additionalProperties": {"type": "string"}},
+            "invalid": {"type": "object"},
+            "customer": {"type": "object", "properties": {
+                "tests": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "included": {"type": "boolean"}}},
         },
     }
     bad_request = _error("A parameter is invalid; the message names it.")
+    customer_parameters = [
+        _query("include_customer", "Include the speeds of customers' own tests (browser "
+               "page, ndt7) of the period in the percentiles (default false: counted "
+               "apart).", {"enum": ["true", "false"]}),
+        _query("customer_network", "Only customer tests from this network (CIDR)."),
+    ]
     paths: dict[str, Any] = {
         spec.RESULTS_PATH: {
             "post": {
@@ -235,6 +245,7 @@ def document() -> dict[str, Any]:
                                           "indicator) or html (the page with plots).",
                                           {"enum": ["json", "csv", "html"]}),
                                    _query("timezone", "Local time of the plots (html)."),
+                                   *customer_parameters,
                                    _query("include_invalid", "Count sessions flagged invalid "
                                           "(default false: shown apart).",
                                           {"enum": ["true", "false"]})],
@@ -249,6 +260,7 @@ def document() -> dict[str, Any]:
             "get": {"summary": "HTML report with plots for the scope in the query.",
                     "parameters": [*SCOPE_PARAMETERS,
                                    _query("timezone", "Local time of the plots."),
+                                   *customer_parameters,
                                    _query("include_invalid", "Count sessions flagged invalid.",
                                           {"enum": ["true", "false"]})],
                     "responses": {"200": {"description": "A standalone HTML page.",
@@ -341,6 +353,27 @@ def document() -> dict[str, Any]:
                                _query("until", "Received before (ISO 8601).")],
                 "responses": {"200": _json({"type": "object"}), "400": bad_request}},
     }
+    for test, what in (("download", "the server sends random binary messages"),
+                       ("upload", "the client sends binary messages, counted")):
+        paths[f"/ndt/v7/{test}"] = {"get": {
+            "summary": f"ndt7 {test} subtest (WebSocket, subprotocol "
+                       f"net.measurementlab.ndt.v7): {what} for 10 s, with TCP_INFO "
+                       "measurements as text messages.",
+            "security": PUBLIC,
+            "parameters": [_query("early_exit", "Stop a download at 250 MB (the only "
+                                  "value accepted).", {"enum": ["250"]})],
+            "responses": {"101": {"description": "Switching to the WebSocket."},
+                          "400": _error("No WebSocket upgrade, no ndt7 subprotocol, or a "
+                                        "bad query."),
+                          "503": _error("Too many transfers running.")}}}
+    paths["/api/v1/ndt7-results"] = {"get": {
+        "summary": "ndt7 subtests clients ran against this server (ndt-server's archive "
+                   "shape; kept apart from probe results).",
+        "parameters": [_query("since", "Started at or after (ISO 8601)."),
+                       _query("until", "Started before (ISO 8601)."),
+                       _query("measurements", "Include every server and client "
+                              "measurement (default false).", {"enum": ["true", "false"]})],
+        "responses": {"200": _json({"type": "object"}), "400": bad_request}}}
     empty_reply = {"200": {"description": "Empty body (LibreSpeed: exactly 0 bytes)."}}
     preflight = {"summary": "CORS preflight.", "security": PUBLIC,
                  "responses": {"200": {"description": "CORS headers."}}}

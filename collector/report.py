@@ -83,6 +83,7 @@ def format_text(report: Report, scope: Scope) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"Invalid:  {invalid_sentence(report)}")
+    lines.append(f"Customer: {customer_sentence(report)}")
     met = sum(1 for r in report.indicators if r.passed)
     lines += [
         "",
@@ -111,6 +112,18 @@ def invalid_sentence(report: Report) -> str:
     return f"{n} session(s) flagged invalid ({reasons or 'no reason given'}); {fate}"
 
 
+def customer_sentence(report: Report) -> str:
+    """Customer tests (browser page, ndt7) in the period, and whether they count."""
+    kinds = {"browser": "browser speed test(s)", "ndt7": "ndt7 subtest(s)"}
+    counts = ", ".join(f"{n} {kinds.get(k, k)}" for k, n in report.customer_tests if n)
+    if not counts:
+        return "no customer test in the period"
+    if report.customer_included:
+        return (f"{counts} in the period; their speeds included at the analyst's request "
+                "(failure rate, delay and loss are the probes' only)")
+    return f"{counts} in the period; kept apart, not in any indicator"
+
+
 def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
     return {
         "targets": {"name": report.targets_name, "source": report.targets_source,
@@ -121,6 +134,8 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
         "invalid": {"sessions": report.invalid_sessions,
                     "reasons": dict(report.invalid_reasons),
                     "included": report.invalid_included},
+        "customer": {"tests": dict(report.customer_tests),
+                     "included": report.customer_included},
         "verdict": report.verdict,
         "indicators": [asdict(r) for r in report.indicators],
         "not_measured": [

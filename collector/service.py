@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from typing import Any
 
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
 from collector import auth
-from collector.compliance.evaluate import Report, evaluate
+from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import ApiError, StoreError
 from collector.report import Scope, listing_row
@@ -124,12 +125,45 @@ def listing(store: SqliteStore, where: Scope, limit: int | None = None) -> list[
     ]
 
 
-def compliance(store: SqliteStore, where: Scope, targets: Targets,
-               include_invalid: bool = False) -> Report:
-    """Evaluate a scope from the stored facts (never by decoding every body)."""
+@dataclass(frozen=True, slots=True)
+class Customers:
+    """Whether the speeds of customers' own tests (browser page, ndt7 clients) in the
+    period join the probes' in the percentiles, and from which client network."""
+
+    include: bool = False
+    network: str | None = None
+
+
+def parse_network(text: str | None, name: str = "customer_network") -> str | None:
+    if not text:
+        return None
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a network such as 203.0.113.0/24, got "
+                       f"{text!r}", field=name) from None
+
+
+def observations(store: SqliteStore, where: Scope, include_invalid: bool = False,
+                 customers: Customers = Customers()) -> Observations:
+    """The probes' facts of a scope, with the customer tests of its period counted (and
+    their speeds included when asked; customer tests have no probe, so only the
+    period and ``customers.network`` select them)."""
     obs = store.observations(list(where.probes) if where.probes is not None else None,
                              where.since, where.until, include_invalid)
-    return evaluate(obs, targets)
+    obs.customer_included = customers.include
+    for kind, direction, kbps in store.customer_speeds(where.since, where.until,
+                                                       customers.network):
+        obs.add_customer(kind, direction, kbps)
+    return obs
+
+
+def compliance(store: SqliteStore, where: Scope, targets: Targets,
+               include_invalid: bool = False, customers: Customers = Customers()) -> Report:
+    """Evaluate a scope from the stored facts (never by decoding every body)."""
+    return evaluate(observations(store, where, include_invalid, customers), targets)
 
 
 def samples(store: SqliteStore, where: Scope, include_invalid: bool = False) -> list[Any]:
@@ -142,13 +176,14 @@ def samples(store: SqliteStore, where: Scope, include_invalid: bool = False) -> 
 
 def report_page(store: SqliteStore, where: Scope, targets: Targets, timezone: str,
                 include_invalid: bool = False,
-                title: str = "Allegato 2 compliance report") -> str:
+                title: str = "Allegato 2 compliance report",
+                customers: Customers = Customers()) -> str:
     """The compliance report of a scope as a standalone HTML page with plots."""
     from collector import html_report
 
     _check_timezone(timezone)
     probes = list(where.probes) if where.probes is not None else None
-    obs = store.observations(probes, where.since, where.until, include_invalid)
+    obs = observations(store, where, include_invalid, customers)
     hourly = store.hourly(probes, where.since, where.until, include_invalid)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
     return html_report.render(evaluate(obs, targets), where, obs, hourly, timezone,

@@ -45,6 +45,17 @@ class Observations:
     invalid_sessions: int = 0
     invalid_reasons: dict[str, int] = field(default_factory=dict)
     invalid_included: bool = False
+    # Tests customers ran against the measurement server (browser page, ndt7 clients) in
+    # the period, per kind; their speeds join the percentiles only when an analyst asks
+    # (``customer_included``). They add speeds only: failure rate, delay and loss stay
+    # the probes' (a browser's HTTP round trip is not an ICMP echo).
+    customer_tests: dict[str, int] = field(default_factory=dict)
+    customer_included: bool = False
+
+    def add_customer(self, kind: str, direction: str, kbps: float | None) -> None:
+        self.customer_tests[kind] = self.customer_tests.get(kind, 0) + 1
+        if self.customer_included and kbps is not None and kbps > 0:
+            (self.download_kbps if direction == "download" else self.upload_kbps).append(kbps)
 
     def add(self, facts: SessionFacts) -> None:
         if not facts.valid:
@@ -103,6 +114,8 @@ class Report:
     invalid_sessions: int = 0
     invalid_reasons: tuple[tuple[str, int], ...] = ()
     invalid_included: bool = False
+    customer_tests: tuple[tuple[str, int], ...] = ()
+    customer_included: bool = False
 
 
 def _value(ind: Indicator, obs: Observations, targets: Targets,
@@ -167,6 +180,8 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         invalid_sessions=obs.invalid_sessions,
         invalid_reasons=tuple(sorted(obs.invalid_reasons.items())),
         invalid_included=obs.invalid_included,
+        customer_tests=tuple(sorted(obs.customer_tests.items())),
+        customer_included=obs.customer_included,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"

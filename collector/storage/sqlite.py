@@ -737,6 +737,45 @@ class SqliteStore:
             out.append(record)
         return out
 
+    def customer_speeds(self, since: str | None = None, until: str | None = None,
+                        network: str | None = None) -> list[tuple[str, str, float | None]]:
+        """(kind, direction, kbps or None) of every customer test in [since, until): each
+        browser result gives a download and an upload, each ndt7 subtest one direction
+        (None when it did not end normally). ``network``: only clients inside this CIDR."""
+        import ipaddress
+
+        inside = ipaddress.ip_network(network, strict=False) if network else None
+
+        def wanted(client: str) -> bool:
+            if inside is None:
+                return True
+            try:
+                return ipaddress.ip_address(_client_host(client)) in inside
+            except ValueError:
+                return False
+
+        out: list[tuple[str, str, float | None]] = []
+        for row in self.browser_results(since, until):
+            if wanted(row["client"]):
+                for direction in ("download", "upload"):
+                    bps = row.get(f"{direction}_bps")
+                    out.append(("browser", direction, bps / 1000 if bps else None))
+        clauses, params = [], []
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("started_at < ?")
+            params.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        for test, client, reason, bps in self._db.execute(
+                f"SELECT test, client, end_reason, throughput_bps FROM ndt7_tests {where} "
+                "ORDER BY started_at", params):
+            if wanted(client):
+                ok = reason in ("done", "client_closed", "early_exit") and bps
+                out.append(("ndt7", test, bps / 1000 if ok else None))
+        return out
+
     def result(self, result_id: str) -> StoredResult | None:
         row = self._db.execute(
             "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
@@ -748,6 +787,15 @@ class SqliteStore:
 
     def count_results(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+
+def _client_host(client: str) -> str:
+    """The address of a stored client: ``ip``, ``ip:port`` or ``[ipv6]:port``."""
+    if client.startswith("["):
+        return client[1:client.find("]")]
+    if client.count(":") == 1:
+        return client.split(":", 1)[0]
+    return client
 
 
 def _insert_facts(db: sqlite3.Connection, facts: SessionFacts,
