@@ -1,5 +1,6 @@
 """The browser speed test the collector serves at ``/speedtest`` (one page, no external
-resources), speaking the LibreSpeed protocol to this server (collector/librespeed.py).
+resources): ping and download over the LibreSpeed protocol (collector/librespeed.py),
+upload to bbprobe's receiver-counting sink.
 
 Method (stated on the page and recorded with each result):
 - ping: 10 HTTP GETs of ``empty``, the first discarded (connection set-up); min, mean
@@ -8,8 +9,10 @@ Method (stated on the page and recorded with each result):
   counted as they arrive; rate = bytes in the window after ``warmup_s`` / ``window_s``,
   the cumulative count interpolated at both edges (the tail after the window, while
   streams finish one by one, is not counted);
-- upload: ``streams`` parallel XHR POSTs of a random 1 MiB body to ``empty``; bytes sent
-  counted from upload progress events; the same window rule.
+- upload: ``streams`` parallel XHR POSTs of a random 1 MiB body to bbprobe's upload sink
+  (``/measure/v1/upload``), which answers with its own receive samples; rate = bytes the
+  server received in the window (on the server's clock), as the agent's uploads are
+  measured: a browser's own "sent" count includes what is still queued in its socket.
 The result goes to ``POST /api/v1/browser-results``: kept apart from probe results, never
 in compliance (issue 7).
 """
@@ -89,34 +92,61 @@ async function download() {
   return {download_bps: windowRate(samples, t0), download_bytes: total};
 }
 
+function serverWindowRate(reports) {
+  // reports: the upload sink's answers, each {t0_monotonic_s, samples: [[t, bytes]]} on
+  // the server's clock; rate over [first start + WARMUP, + WINDOW] of the bytes the
+  // server received, summed over every request.
+  if (!reports.length) return null;
+  const first = Math.min(...reports.map((r) => r.t0_monotonic_s));
+  const a = first + WARMUP, b = a + WINDOW;
+  let bytes = 0, end = a;
+  for (const r of reports) {
+    const s = r.samples.map(([t, n]) => [r.t0_monotonic_s + t, n]);
+    bytes += bytesAt(s, b) - bytesAt(s, a);
+    end = Math.max(end, s[s.length - 1][0]);
+  }
+  const span = Math.min(b, end) - a;
+  return span > 0 ? bytes * 8 / span : null;
+}
+
 async function upload() {
-  const t0 = now(), stop = t0 + WARMUP + WINDOW, samples = [];
+  // Counted where the bytes arrive (bbprobe's upload sink reports its own samples), as
+  // the agent's uploads are: what a browser has "sent" includes what is still queued in
+  // its socket, which on a slow line is a few per cent of a 10 s window.
+  const t0 = now(), stop = t0 + WARMUP + WINDOW, reports = [];
   const blob = new Blob([crypto.getRandomValues(new Uint8Array(65536))].concat(
     Array.from({length: 15}, () => crypto.getRandomValues(new Uint8Array(65536)))));
-  let done = 0;
+  let sent = 0, failures = 0;
   function stream() {
     return new Promise((resolve) => {
       function one() {
-        if (now() >= stop) return resolve();
+        if (now() >= stop || failures > 20) return resolve();
         const xhr = new XMLHttpRequest();
         let last = 0;
-        xhr.upload.onprogress = (e) => { done += e.loaded - last; last = e.loaded;
-                                         samples.push([now(), done]); };
-        xhr.onload = xhr.onerror = () => one();
-        xhr.open("POST", "empty?r=" + Math.random());
+        xhr.upload.onprogress = (e) => { sent += e.loaded - last; last = e.loaded; };
+        xhr.onload = () => {
+          try { reports.push(JSON.parse(xhr.responseText)); } catch (e) { failures++; }
+          if (xhr.status !== 200) failures++;
+          one();
+        };
+        xhr.onerror = () => { failures++; one(); };
+        xhr.open("POST", "measure/v1/upload?sample_interval_s=0.05");
+        xhr.setRequestHeader("Content-Type", "application/octet-stream");
         xhr.send(blob);
       }
       one();
     });
   }
   await Promise.all(Array.from({length: STREAMS}, stream));
-  return {upload_bps: windowRate(samples, t0), upload_bytes: done};
+  return {upload_bps: serverWindowRate(reports.filter((r) => r && r.samples)),
+          upload_bytes: sent};
 }
 
 async function run() {
   document.body.dataset.state = "running";
   const result = {method: {streams: STREAMS, warmup_s: WARMUP, window_s: WINDOW,
-                           ping_count: 9}, user_agent: navigator.userAgent};
+                           ping_count: 9, upload_counted_at: "server"},
+                  user_agent: navigator.userAgent};
   try {
     show("status", "ping…"); Object.assign(result, await ping());
     show("ping", result.rtt_min_ms.toFixed(1) + " ms (jitter " +
@@ -149,7 +179,8 @@ def page() -> str:
         "button{font-size:1.2em;padding:.4em 1.2em}</style></head><body data-state=idle>"
         "<h1>Speed test</h1><p>Measures this browser's connection to this server: ping "
         "(9 HTTP round trips after a first one), then download and upload with parallel "
-        "streams after a warm-up. A browser result says how this device and its network "
+        "streams after a warm-up (uploads counted by this server as they arrive). A "
+        "browser result says how this device and its network "
         "did; it is kept apart from the measurements of the operator's probes.</p>"
         "<button id=start>Start</button><dl><dt>Ping</dt><dd id=ping>—</dd>"
         "<dt>Download</dt><dd id=download>—</dd><dt>Upload</dt><dd id=upload>—</dd></dl>"

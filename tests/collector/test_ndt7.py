@@ -260,3 +260,28 @@ def test_client_failures_are_results_with_the_reason(tmp_path: Path) -> None:
     assert not refused.ok and "Connect" in (refused.error or "")
     assert not bad.ok and "expected ws://" in (bad.error or "")
     assert not_ndt7.throughput_bps is None and refused.throughput_bps is None
+
+
+def test_ndt7_command(short: RunningCollector) -> None:
+    """``bbprobe ndt7``: one line per subtest naming the method; exit 6 and the reason when
+    the server cannot be reached; JSON keeps the raw samples."""
+    import subprocess
+    import sys
+
+    agent = [sys.executable, "-m", "agent"]
+    done = subprocess.run([*agent, "--server", short.url, "ndt7"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("download") and "Mbit/s" in lines[0] and "min RTT" in lines[0]
+    assert lines[1].startswith("upload") and "BytesReceived" in lines[1]
+    done = subprocess.run([*agent, "--server", short.url, "ndt7", "--direction", "download",
+                           "--json"], capture_output=True, text=True, timeout=60, check=False)
+    (sub,) = json.loads(done.stdout)
+    assert sub["ok"] and sub["client_samples"] and sub["server_measurements"]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    done = subprocess.run([*agent, "--server", f"http://127.0.0.1:{port}", "ndt7"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 6 and "FAILED" in done.stdout and "Traceback" not in done.stderr
