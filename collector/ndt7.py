@@ -160,8 +160,10 @@ class Subtest:
         """The figures a client would show, from this server's last measurement:
         upload = BytesReceived / ElapsedTime (what ndt7-client-go reports), download =
         BytesAcked / ElapsedTime (what the receiver had acknowledged)."""
-        last = self.server_measurements[-1] if self.server_measurements else {}
-        info = last.get("TCPInfo", {})
+        # The last one with TCPInfo: once the client has closed, the socket may be gone.
+        last: dict[str, Any] = next((m for m in reversed(self.server_measurements)
+                                     if "TCPInfo" in m), {})
+        info: dict[str, Any] = last.get("TCPInfo", {})
         elapsed_us = info.get("ElapsedTime") or last.get("AppInfo", {}).get("ElapsedTime")
         counted = info.get("BytesReceived" if self.test == "upload" else "BytesAcked")
         throughput = (8 * counted / (elapsed_us / 1e6)
@@ -224,7 +226,8 @@ async def _measure(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
             await ws.ping(str(time.time_ns()).encode())
     finally:
         stop.set()
-    sub.measurement(sock)  # the final state, kept for the record (summary)
+    if tcpinfo.read(sock):
+        sub.measurement(sock)  # the final state, kept for the record (summary)
 
 
 _MESSAGES: dict[int, bytes] = {}

@@ -68,7 +68,7 @@ def read(sock: Any) -> dict[str, int]:
         return {}
     try:
         return decode(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, SIZE))
-    except OSError:
+    except (OSError, AttributeError):  # closed, not TCP, or no socket at all
         return {}
 
 
@@ -83,7 +83,7 @@ def congestion_control(sock: Any) -> str | None:
 def read_bbr(sock: Any) -> dict[str, int] | None:
     try:
         return decode_bbr(sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, 20))
-    except OSError:
+    except (OSError, AttributeError):
         return None
 
 

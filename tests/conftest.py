@@ -119,3 +119,29 @@ def fast_config(tmp_path: Path) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(FAST_AGENT.format(state=tmp_path / "state"))
     return path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and client certificates for probe p1 and
+    for a name no probe has, all made with openssl."""
+    if shutil.which("openssl") is None:
+        if IN_CI:
+            pytest.fail("CI=true but openssl is missing")
+        pytest.skip("needs openssl to make test certificates")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=bbprobe test CA", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject, ext in (("server", "/CN=127.0.0.1", ["-extfile", "san.cnf"]),
+                               ("p1", "/CN=p1", []), ("nobody", "/CN=nobody", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", subject, cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
+    return d

@@ -285,3 +285,23 @@ def test_ndt7_command(short: RunningCollector) -> None:
     done = subprocess.run([*agent, "--server", f"http://127.0.0.1:{port}", "ndt7"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 6 and "FAILED" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_wss_with_a_verified_certificate(tmp_path: Path, pki: Path) -> None:
+    """A collector with TLS serves ndt7 over wss://; the client verifies the server
+    against the given CA and refuses it without."""
+    import ssl
+
+    base = CollectorConfig()
+    cfg = replace(base, server=replace(base.server, query_auth=False,
+                                       tls_cert=str(pki / "server.pem"),
+                                       tls_key=str(pki / "server.key")),
+                  measurement=replace(base.measurement, ndt7_runtime_s=RUNTIME))
+    with running_collector(tmp_path / "c", cfg) as tls:
+        assert tls.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        down, = asyncio.run(client.run(tls.url, ("download",), ssl_context=trusted,
+                                       runtime_s=RUNTIME))
+        untrusted, = asyncio.run(client.run(tls.url, ("download",), runtime_s=RUNTIME))
+    assert down.ok and down.url.startswith("wss://") and down.server_end == "close 1000"
+    assert not untrusted.ok and "certificate" in (untrusted.error or "").lower()
