@@ -173,7 +173,7 @@ def capacity(window: float) -> None:
         import psutil
 
         # `ip netns exec` runs the program in place: the spawned pid is the collector.
-        collector = next(p for p in lab._processes if "collector" in " ".join(p.args))
+        collector = next(p for p in lab._processes if "collector" in str(p.args))
         server = psutil.Process(collector.pid)
         refs = {}
         for direction in ("download", "upload"):
@@ -222,6 +222,7 @@ def protocols(rates: list[float], window: float, repeats: int) -> None:
     for down_rate in rates:
         up_rate = down_rate / 2
         spec = LinkSpec(down_mbit=down_rate, up_mbit=up_rate, delay_ms=20.0)
+        seen: dict[str, list[tuple[float | None, ...]]] = {"download": [], "upload": []}
         for run in range(1, repeats + 1):
             with tempfile.TemporaryDirectory() as work, network_lab(spec, Path(work)) as lab:
                 url = lab.start_collector()
@@ -231,15 +232,34 @@ def protocols(rates: list[float], window: float, repeats: int) -> None:
                 js = clients.ndt7js_rates(clients.run_ndt7js(lab, url))
                 ours = {s["test"]: s["throughput_bps"] for s in clients.run_bbprobe_ndt7(lab, url)}
                 row = clients.run_browser(lab, url, Path(work) / "profile", WARMUP_S, window, 4)
-            browser = {"download": row and row.get("download_bps"),
-                       "upload": row and row.get("upload_bps")}
+            browser: dict[str, float | None] = {
+                d: (row.get(f"{d}_bps") if row else None) for d in ("download", "upload")}
             for i, d in enumerate(("download", "upload")):
-                print(" | ".join([
-                    f"{down_rate:g}/{up_rate:g}", str(run), d, fmt(spec.goodput_bps(d)),
-                    fmt(agent[d]), fmt(ip3[d]), fmt(js[i]), fmt(ours.get(d)), fmt(browser[d]),
-                    ratio(js[i], agent[d]), ratio(ours.get(d), agent[d]),
-                    ratio(browser[d], agent[d]), ratio(agent[d], ip3[d]), ratio(js[i], ip3[d]),
-                ]), flush=True)
+                seen[d].append((agent[d], ip3[d], js[i], ours.get(d), browser[d]))
+                _protocol_row(f"{down_rate:g}/{up_rate:g}", str(run), d,
+                              spec.goodput_bps(d), seen[d][-1])
+        if repeats >= 3:  # the median run of each tool: single runs at low rates swing
+            for d in ("download", "upload"):
+                columns = list(zip(*seen[d], strict=True))
+                _protocol_row(f"{down_rate:g}/{up_rate:g}", "median", d, spec.goodput_bps(d),
+                              tuple(_median(c) for c in columns))
+
+
+def _median(values: tuple[float | None, ...]) -> float | None:
+    import statistics
+
+    known = [v for v in values if v]
+    return statistics.median(known) if known else None
+
+
+def _protocol_row(link: str, run: str, direction: str, truth: float | None,
+                  rates: tuple[float | None, ...]) -> None:
+    agent, ip3, js, ours, browser = rates
+    print(" | ".join([
+        link, run, direction, fmt(truth), fmt(agent), fmt(ip3), fmt(js), fmt(ours),
+        fmt(browser), ratio(js, agent), ratio(ours, agent), ratio(browser, agent),
+        ratio(agent, ip3), ratio(js, ip3),
+    ]), flush=True)
 
 
 def main() -> None:
