@@ -221,7 +221,8 @@ def protocols(rates: list[float], window: float, repeats: int) -> None:
     print(" | ".join(header), flush=True)
     for down_rate in rates:
         up_rate = down_rate / 2
-        spec = LinkSpec(down_mbit=down_rate, up_mbit=up_rate, delay_ms=20.0)
+        spec = LinkSpec(down_mbit=down_rate, up_mbit=up_rate, delay_ms=20.0,
+                        up_at_router=True)
         seen: dict[str, list[tuple[float | None, ...]]] = {"download": [], "upload": []}
         for run in range(1, repeats + 1):
             with tempfile.TemporaryDirectory() as work, network_lab(spec, Path(work)) as lab:

@@ -42,7 +42,7 @@ def test_official_clients_on_a_shaped_link(lab_dir: Path) -> None:
     need(clients.chromium_problem())
     # 20 ms each way: a typical access line to its server (and a single BBR flow fills a
     # shaped link only with some delay; see benchmarks/lab.py).
-    spec = LinkSpec(down_mbit=20.0, up_mbit=10.0, delay_ms=20.0)
+    spec = LinkSpec(down_mbit=20.0, up_mbit=10.0, delay_ms=20.0, up_at_router=True)
     ceiling = {d: 1.03 * (spec.goodput_bps(d) or 0) for d in ("download", "upload")}
     with network_lab(spec, lab_dir) as lab:
         url = lab.start_collector()

@@ -53,6 +53,13 @@ class LinkSpec:
     jitter_ms: float = 0.0
     mtu: int = 1500
     queue_ms: float = 50.0
+    # Where the upload is shaped. On the client's own interface (default) the shaper
+    # pushes back on the sender's TCP directly (local drops, TSQ): no loss, and what is
+    # queued stays on the client, so a 1 Mbit/s upload drains within the agent's grace.
+    # At the router, as on a real line, a single BBR flow is not held back by its own
+    # host (it used a third of a 10 Mbit/s link shaped at the client); the open-protocol
+    # test and benchmark, whose clients run one flow, shape there.
+    up_at_router: bool = False
     # One veth pair between client and server, no router: for capacity benchmarks only
     # (no shaping, loss or delay possible).
     direct: bool = False
@@ -130,10 +137,7 @@ class Lab:
         if spec.down_mbit is not None:
             self._shape(self.router, "r0", spec.down_mbit)
         if spec.up_mbit is not None:
-            # At the router, as on a real line: a shaper on the sender's own interface
-            # pushes back on its TCP directly (local drops, TSQ), which a single BBR flow
-            # answers by using a third of the link.
-            self._shape(self.router, "r1", spec.up_mbit)
+            self._shape(*self.bottleneck("upload"), spec.up_mbit)
         if spec.down_loss or spec.up_loss:
             self._drop(spec.up_loss, spec.down_loss)
         if spec.delay_ms or spec.jitter_ms:
@@ -220,7 +224,9 @@ class Lab:
 
     def bottleneck(self, direction: str) -> tuple[str, str]:
         """(namespace, device) whose egress shapes ``direction``."""
-        return (self.router, "r0") if direction == "download" else (self.router, "r1")
+        if direction == "download":
+            return self.router, "r0"
+        return (self.router, "r1") if self.spec.up_at_router else (self.client, "c0")
 
     @contextlib.contextmanager
     def tx_counter(self, direction: str, interval_s: float = 0.05) -> Iterator[
