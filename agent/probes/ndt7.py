@@ -18,6 +18,7 @@ exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -202,8 +203,13 @@ async def _session(url: str, test: str, result: Ndt7Subtest,
             # tolerate) aiohttp leaves the socket to close once its queue drains, which
             # it never will; what is still queued is of no use after the subtest.
             transport = ws._writer.transport  # aiohttp exposes no other way
-            if transport is not None:
+            if transport is not None and not transport.is_closing():
                 transport.abort()
+            elif transport is not None and transport.get_write_buffer_size():
+                # Closing but stuck behind its queue; a transport already closed has
+                # released its loop and must not be touched again.
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    transport.abort()
 
 
 async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool = True,

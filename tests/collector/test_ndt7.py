@@ -287,6 +287,10 @@ def test_ndt7_command(short: RunningCollector) -> None:
     assert done.returncode == 6 and "FAILED" in done.stdout and "Traceback" not in done.stderr
 
 
+# aiohttp's TLS client leaves the raw socket of a refused handshake to be closed after
+# the event loop has ended (asyncio's SSL shutdown needs one more turn); the process is
+# ending there anyway. Only that warning is let through, and only here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_wss_with_a_verified_certificate(tmp_path: Path, pki: Path) -> None:
     """A collector with TLS serves ndt7 over wss://; the client verifies the server
     against the given CA and refuses it without."""
@@ -303,5 +307,8 @@ def test_wss_with_a_verified_certificate(tmp_path: Path, pki: Path) -> None:
         down, = asyncio.run(client.run(tls.url, ("download",), ssl_context=trusted,
                                        runtime_s=RUNTIME))
         untrusted, = asyncio.run(client.run(tls.url, ("download",), runtime_s=RUNTIME))
+    import gc
+
+    gc.collect()  # that socket's warning, here, under this test's filter
     assert down.ok and down.url.startswith("wss://") and down.server_end == "close 1000"
     assert not untrusted.ok and "certificate" in (untrusted.error or "").lower()
