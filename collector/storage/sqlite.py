@@ -692,14 +692,7 @@ class SqliteStore:
 
     def browser_results(self, since: str | None = None,
                         until: str | None = None) -> list[dict[str, Any]]:
-        clauses, params = [], []
-        if since is not None:
-            clauses.append("received_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("received_at < ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _period("received_at", since, until)
         return [{"id": r[0], "received_at": r[1], "client": r[2], **json.loads(r[3])}
                 for r in self._db.execute(
                     f"SELECT id, received_at, client, body FROM browser_results {where} "
@@ -719,14 +712,7 @@ class SqliteStore:
                    measurements: bool = False) -> list[dict[str, Any]]:
         """Stored ndt7 subtests, oldest first; the per-interval measurements only when
         asked (they are most of each record)."""
-        clauses, params = [], []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("started_at < ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _period("started_at", since, until)
         out = []
         for (body,) in self._db.execute(
                 f"SELECT body FROM ndt7_tests {where} ORDER BY started_at, uuid", params):
@@ -760,14 +746,7 @@ class SqliteStore:
                 for direction in ("download", "upload"):
                     bps = row.get(f"{direction}_bps")
                     out.append(("browser", direction, bps / 1000 if bps else None))
-        clauses, params = [], []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("started_at < ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _period("started_at", since, until)
         for test, client, reason, bps in self._db.execute(
                 f"SELECT test, client, end_reason, throughput_bps FROM ndt7_tests {where} "
                 "ORDER BY started_at", params):
@@ -787,6 +766,18 @@ class SqliteStore:
 
     def count_results(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+
+def _period(column: str, since: str | None, until: str | None) -> tuple[str, list[str]]:
+    """``WHERE`` clause and parameters for [since, until) on ``column`` (either open)."""
+    clauses, params = [], []
+    if since is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append(f"{column} < ?")
+        params.append(until)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 def _client_host(client: str) -> str:
