@@ -500,13 +500,8 @@ class SqliteStore:
             # Every probe, named: the planner then reads each probe's time range from the
             # clustered key instead of probing the whole table through the time index.
             clauses.append("probe_name IN (SELECT name FROM probes)")
-        if since is not None:
-            clauses.append(f"{column} >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append(f"{column} < ?")
-            params.append(until)
-        return " AND ".join(clauses), params
+        period, bounds = _bounds(column, since, until)
+        return " AND ".join(clauses + period), params + bounds
 
     def _plain(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         cursor = self._db.cursor()
@@ -768,8 +763,8 @@ class SqliteStore:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
 
-def _period(column: str, since: str | None, until: str | None) -> tuple[str, list[str]]:
-    """``WHERE`` clause and parameters for [since, until) on ``column`` (either open)."""
+def _bounds(column: str, since: str | None, until: str | None) -> tuple[list[str], list[str]]:
+    """Conditions and parameters for [since, until) on ``column`` (either end open)."""
     clauses, params = [], []
     if since is not None:
         clauses.append(f"{column} >= ?")
@@ -777,6 +772,12 @@ def _period(column: str, since: str | None, until: str | None) -> tuple[str, lis
     if until is not None:
         clauses.append(f"{column} < ?")
         params.append(until)
+    return clauses, params
+
+
+def _period(column: str, since: str | None, until: str | None) -> tuple[str, list[str]]:
+    """``WHERE`` clause and parameters for [since, until) on ``column``."""
+    clauses, params = _bounds(column, since, until)
     return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
