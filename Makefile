@@ -6,12 +6,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
-DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics openssl
+DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics openssl \
+	debhelper debootstrap systemd-container
 
 # M-Lab's official ndt7 client (@m-lab/ndt7, npm registry) for the interoperability tests.
 NDT7JS := tests/ndt7js
 
-.PHONY: demo test lint bench venv system-deps node-deps clean
+.PHONY: demo test lint bench venv system-deps node-deps dist deb clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,22 @@ test: venv system-deps node-deps lint
 demo: venv
 	bash scripts/demo.sh
 
+# PEP 517 sdist and wheel in dist/ (the wheel carries the targets tables, example configs,
+# Grafana dashboard and units: agent/share.py).
+dist: venv
+	rm -f dist/bbprobe-*.whl dist/bbprobe-*.tar.gz
+	mkdir -p build
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist . > build/dist.log 2>&1 \
+	  || { tail -n 30 build/dist.log; exit 1; }
+	@ls -l dist/bbprobe-*
+
+# dist/bbprobe_<version>_<arch>.deb (dpkg-buildpackage; DEB_ARCH=arm64|armhf for probes).
+deb: dist
+	@command -v dpkg-buildpackage >/dev/null && [ -f /usr/share/perl5/Debian/Debhelper/Dh_Lib.pm ] || \
+	  { echo "make deb needs Debian's dpkg-dev and debhelper (apt-get install debhelper)"; exit 1; }
+	DEB_ARCH=$(DEB_ARCH) DEB_VERSION=$(DEB_VERSION) DEB_PYTHON=$(abspath $(BIN)/python) \
+	  bash scripts/build-deb.sh
+
 # Accuracy and capacity against iperf3/ping, and third-party clients (ndt7-js, Chromium on
 # /speedtest) against bbprobe's agent, in the network lab (root; ~25 min; tables).
 bench: venv system-deps node-deps
@@ -67,4 +84,4 @@ bench: venv system-deps node-deps
 	$(BIN)/python -m benchmarks.lab protocols
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info $(NDT7JS)/node_modules
+	rm -rf $(VENV) var build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info $(NDT7JS)/node_modules

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import platform
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,15 +133,32 @@ def is_wireless(interface: str) -> bool:
     return (base / "wireless").exists() or (base / "phy80211").exists()
 
 
+def addresses_of(hosts: Iterable[str]) -> set[str]:
+    """Every IPv4 and IPv6 address the names resolve to (unresolvable ones: none)."""
+    out: set[str] = set()
+    for host in hosts:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError):
+            continue
+        out.update(str(info[4][0]) for info in infos)
+    return out
+
+
 def observe_host(server_host: str, cpu_sample_s: float = 0.5,
-                 scan_lan: bool = True) -> HostContext:
+                 scan_lan: bool = True, far_ends: Iterable[str] = ()) -> HostContext:
     """What the host looks like now, towards ``server_host`` (blocks ``cpu_sample_s`` to
-    measure CPU load, as Ne.Me.Sys's cpu_percent(0.5), and up to 2 s for the ARP scan)."""
+    measure CPU load, as Ne.Me.Sys's cpu_percent(0.5), and up to 2 s for the ARP scan).
+    The LAN scan does not count ``server_host`` nor the ``far_ends`` (the ping target):
+    they are the test's own peers."""
     import psutil
 
     source = route_source(server_host)
     interface, addresses = _interface_of(source)
-    stats = psutil.net_if_stats().get(interface) if interface else None
+    try:
+        stats = psutil.net_if_stats().get(interface) if interface else None
+    except OSError:  # /proc/net hidden (a sandbox): link speed and MTU unknown, not fatal
+        stats = None
     memory = psutil.virtual_memory()
     public: bool | None = None
     loopback = False
@@ -154,7 +171,8 @@ def observe_host(server_host: str, cpu_sample_s: float = 0.5,
     if scan_lan:
         from agent import lan
 
-        lan_hosts, lan_scan = lan.others_on_lan(interface, gateway)
+        peers = addresses_of([server_host, *far_ends])
+        lan_hosts, lan_scan = lan.others_on_lan(interface, gateway, peers)
     return HostContext(
         lan_hosts=lan_hosts, lan_scan=lan_scan,
         interface=interface, addresses=addresses, gateway=gateway,
@@ -173,7 +191,10 @@ def interface_bytes(interface: str | None) -> tuple[int, int] | None:
 
     if interface is None:
         return None
-    counters = psutil.net_io_counters(pernic=True).get(interface)
+    try:
+        counters = psutil.net_io_counters(pernic=True).get(interface)
+    except OSError:  # /proc/net/dev unreadable: cross traffic is then not measured
+        return None
     return (counters.bytes_recv, counters.bytes_sent) if counters else None
 
 

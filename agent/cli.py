@@ -61,7 +61,8 @@ def _load(ctx: click.Context, **overrides: Any) -> config.AgentConfig:
     flags = {"collector.url": given.get("collector"), "probe_id": given.get("probe_id"),
              "server.url": given.get("server")}
     if given.get("token") is not None:
-        flags.update({"collector.token": given["token"], "collector.token_file": ""})
+        flags.update({"collector.token": given["token"], "collector.token_file": "",
+                      "collector.token_credential": ""})
     merged.update({k: v for k, v in {**flags, **overrides}.items() if v is not None})
     return config.load(given.get("config_path"), os.environ, merged)
 
@@ -212,7 +213,8 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
                               "or pass --no-push")
         token = config.read_token(cfg)
         if not token and not cfg.collector.client_cert:
-            raise ConfigError("no token: set collector.token/token_file or --token "
+            raise ConfigError("no token: set collector.token, token_file or "
+                              "token_credential, or --token "
                               "(bbprobe-collector probe add NAME prints one), or a "
                               "client certificate (collector.client_cert)")
         client = _client(cfg, token, cfg.collector.timeout_s)
@@ -349,10 +351,11 @@ def check_config(ctx: click.Context) -> None:
     cfg = _load(ctx)
     m = config.method(cfg)
     token = config.read_token(cfg)
+    source = config.token_source(cfg)
     lines = [
         "config OK",
         f"  collector: {cfg.collector.url or '(none: results are not pushed)'}; "
-        f"token: {'set' if token else 'not set'}",
+        f"token: {f'set, from {source}' if token else 'not set'}",
         f"  state dir: {cfg.state_dir}",
     ]
     if cfg.server.url or cfg.collector.url:
@@ -494,7 +497,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
 
     cfg = _load(ctx)
     host = urlsplit(config.measurement_server(cfg)).hostname or "127.0.0.1"
-    context = checks.observe_host(host, 0.5, cfg.checks.scan_lan)
+    context = checks.observe_host(host, 0.5, cfg.checks.scan_lan, [config.ping_target(cfg)])
     reasons = checks.assess(context, _thresholds(cfg))
     if as_json:
         click.echo(json.dumps({"context": asdict(context),
@@ -534,9 +537,13 @@ def check(ctx: click.Context, as_json: bool) -> None:
               help="Local time of the hourly bands.")
 @click.option("--window-days", type=click.IntRange(1, 30), default=3, show_default=True,
               help="Days a campaign may take to fill every band (retries included).")
+@click.option("--first-now", is_flag=True,
+              help="Also measure once at start, outside the campaign (its bands neither "
+                   "filled nor planned around), to see a new install deliver at once.")
 @click.pass_context
 @handle_errors
-def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int) -> None:
+def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
+           first_now: bool) -> None:
     """Measure continuously in 24-hour campaigns (the systemd service): every hourly band
     filled, failed or invalid sessions retried in their band; SIGHUP reloads the config,
     SIGTERM stops cleanly (sd_notify READY/RELOADING/STOPPING/WATCHDOG)."""
@@ -594,6 +601,15 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int) -> No
                 work.cancel()  # SIGTERM mid-session: unacknowledged results stay spooled
                 await asyncio.gather(work, return_exceptions=True)
                 raise asyncio.CancelledError
+            if (error := work.exception()) is not None and not isinstance(error, AgentError):
+                # A bug or an environment the session did not foresee must cost one
+                # session (not counted in its band, so it is retried), not the daemon.
+                import traceback
+
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                click.echo(f"bbprobe: session failed: {type(error).__name__}: {error} "
+                           f"({where.filename}:{where.lineno})", err=True)
+                return datetime.now(UTC), False
             return work.result()
 
         interval = d.watchdog_interval()
@@ -601,6 +617,8 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int) -> No
         d.notify("READY=1")
         click.echo(f"bbprobe: daemon running as probe {probe_id}, rule {rule}", err=True)
         try:
+            if first_now:
+                await measure()
             await d.run_campaigns(control, store, measure, clock=d.utc_clock,
                                   wait=d.real_wait, rule=rule, timezone=timezone,
                                   window_days=window_days, on_reload=on_reload)
@@ -616,3 +634,17 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int) -> No
         return 0
 
     sys.exit(asyncio.run(main_async()))
+
+
+@main.command()
+@click.argument("name", required=False)
+@handle_errors
+def files(name: str | None) -> None:
+    """List the files shipped with bbprobe (example configs, targets tables, units, the
+    Grafana dashboard), or print one: `bbprobe files agent.example.toml > agent.toml`."""
+    from agent import share
+
+    try:
+        click.echo(share.show(name), nl=False)
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from agent import spec
+from agent import credentials, spec
 from agent.errors import ConfigError
 from agent.schema import (
     PROBE_ID_RE,
@@ -35,8 +35,12 @@ class CollectorConfig:
     url: str = ""
     # The probe's bearer token (printed once by `bbprobe-collector probe add`).
     token: str = ""
-    # Or a file holding the token (preferred on probes: keeps it out of the config).
+    # Or a file holding the token (keeps it out of the config)...
     token_file: str = ""
+    # ...or, under systemd, the name of a credential holding it (LoadCredential=NAME:PATH
+    # in the unit; read from $CREDENTIALS_DIRECTORY/NAME). The shipped unit loads
+    # /etc/bbprobe/token as "token", readable by the service's dynamic user only.
+    token_credential: str = ""
     timeout_s: float = field(default=spec.PUSH_TIMEOUT_S, metadata=bounds(gt=0, le=600))
     # HTTPS: trust this CA (PEM) for the collector instead of the system's, and/or show
     # this client certificate and key (the collector's server.client_cert), which then
@@ -262,8 +266,11 @@ def _check(cfg: AgentConfig, source: str) -> None:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 fail(key, f"must be an http:// or https:// URL with a host, got {url!r}")
-    if cfg.collector.token and cfg.collector.token_file:
-        fail("collector.token", "set either token or token_file, not both")
+    if cfg.collector.token and (cfg.collector.token_file or cfg.collector.token_credential):
+        fail("collector.token", "set token, or token_file and/or token_credential, not both")
+    if cfg.collector.token_credential and \
+            (problem := credentials.name_problem(cfg.collector.token_credential)):
+        fail("collector.token_credential", problem)
     for name in ("download", "upload"):
         transfer: TransferConfig = getattr(cfg, name)
         if transfer.timeout_s and transfer.mode == "duration" and (
@@ -288,22 +295,48 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def default_state_dir(environ: Mapping[str, str]) -> str:
+def user_dir(environ: Mapping[str, str], xdg_variable: str, fallback: str, name: str) -> Path:
+    """A program's directory: systemd's StateDirectory= when running as a service, else
+    the XDG base directory ``xdg_variable`` (fallback ``~/fallback``), then ``name``."""
     if environ.get("STATE_DIRECTORY"):
         # systemd StateDirectory= may list several, colon-separated; the first is ours.
-        return environ["STATE_DIRECTORY"].split(":")[0]
-    if environ.get("XDG_STATE_HOME"):
-        return str(Path(environ["XDG_STATE_HOME"]) / "bbprobe")
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    if environ.get(xdg_variable):
+        return Path(environ[xdg_variable]) / name
     home = environ.get("HOME") or str(Path.home())
-    return str(Path(home) / ".local" / "state" / "bbprobe")
+    return Path(home) / fallback / name
 
 
-def read_token(cfg: AgentConfig) -> str:
-    """The bearer token from ``collector.token`` or ``collector.token_file`` ("" if none)."""
-    if cfg.collector.token:
-        return cfg.collector.token
-    if cfg.collector.token_file:
-        path = Path(cfg.collector.token_file)
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    return str(user_dir(environ, "XDG_STATE_HOME", ".local/state", "bbprobe"))
+
+
+def token_source(cfg: AgentConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """Where ``read_token`` takes the token from: "config", "credential NAME", "file PATH"
+    or "" (none). Under systemd ($CREDENTIALS_DIRECTORY) the credential wins; from a shell
+    the file, so one config serves the unit, whose dynamic user reads only the
+    credential, and root, who reads the file."""
+    c = cfg.collector
+    if c.token:
+        return "config"
+    if c.token_credential and (environ.get("CREDENTIALS_DIRECTORY") or not c.token_file):
+        return f"credential {c.token_credential!r}"
+    return f"file {c.token_file}" if c.token_file else ""
+
+
+def read_token(cfg: AgentConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """The bearer token, from where ``token_source`` says ("" if none)."""
+    c = cfg.collector
+    source = token_source(cfg, environ)
+    if source == "config":
+        return c.token
+    if source.startswith("credential"):
+        try:
+            return credentials.read(c.token_credential, environ, "collector.token_credential")
+        except credentials.CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+    if source.startswith("file"):
+        path = Path(c.token_file)
         try:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:

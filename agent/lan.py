@@ -11,6 +11,7 @@ and the reason recorded.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_PREFIX = 24  # scan at most a /24
@@ -37,12 +38,16 @@ def plan(address: str | None, prefixlen: int | None) -> Plan:
     return Plan(str(network), None)
 
 
-def count_others(answers: dict[str, str], own: str, gateway: str | None) -> int:
-    """Hosts that answered, other than the probe itself and the gateway; two addresses
-    behind one MAC (routers that answer twice) count once. Pure."""
-    macs = {mac for ip, mac in answers.items() if ip not in (own, gateway)}
-    gateway_mac = answers.get(gateway or "")
-    return len(macs - {gateway_mac})
+def count_others(answers: dict[str, str], own: str, gateway: str | None,
+                 ignore: Iterable[str] = ()) -> int:
+    """Hosts that answered, other than the probe itself, the gateway and the ``ignore``
+    addresses (the measurement server and the ping target: a server on the probe's own
+    subnet, as in a lab or an on-site test, is the far end of the test, not competing
+    traffic). Two addresses behind one MAC (routers that answer twice) count once. Pure."""
+    known = {own, gateway or "", *ignore}
+    known_macs = {answers[ip] for ip in known if ip in answers}
+    macs = {mac for ip, mac in answers.items() if ip not in known}
+    return len(macs - known_macs)
 
 
 def scan(interface: str, network: str, timeout_s: float = 1.5) -> dict[str, str]:
@@ -74,8 +79,9 @@ def interface_ipv4(interface: str | None) -> tuple[str | None, int | None]:
     return None, None
 
 
-def others_on_lan(interface: str | None, gateway: str | None) -> tuple[int | None, str]:
-    """(hosts other than the gateway, what was done), never raising."""
+def others_on_lan(interface: str | None, gateway: str | None,
+                  ignore: Iterable[str] = ()) -> tuple[int | None, str]:
+    """(hosts other than the gateway and ``ignore``, what was done), never raising."""
     address, prefix = interface_ipv4(interface)
     what = plan(address, prefix)
     if what.network is None or interface is None or address is None:
@@ -86,4 +92,4 @@ def others_on_lan(interface: str | None, gateway: str | None) -> tuple[int | Non
         return None, "skipped: the ARP scan needs CAP_NET_RAW"
     except OSError as exc:
         return None, f"skipped: ARP scan failed: {exc.strerror or exc}"
-    return count_others(answers, address, gateway), f"ARP scan of {what.network}"
+    return count_others(answers, address, gateway, ignore), f"ARP scan of {what.network}"

@@ -164,7 +164,7 @@ async def run(
     if cfg.checks.enabled:
         host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
         context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1", 0.5,
-                                          cfg.checks.scan_lan)
+                                          cfg.checks.scan_lan, [ping_target(cfg)])
     if base_url is not None:
         iface = context.interface if context is not None else None
         before = checks.interface_bytes(iface)

@@ -19,7 +19,7 @@ import click
 
 from collector import __version__, service
 from collector.compliance import targets as targets_mod
-from collector.config import CollectorConfig, load
+from collector.config import CollectorConfig, load, resolve_secrets
 from collector.errors import ApiError, CollectorError, InputError, StoreError
 from collector.report import (
     LISTING_COLUMNS,
@@ -115,8 +115,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
     """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
     from collector import app
 
-    cfg = _config(ctx, **{"server.host": host, "server.port": port,
-                          "server.addr_file": addr_file})
+    cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
+                                          "server.addr_file": addr_file}))
     # Fail now, not at the first report, if the targets table is unusable.
     targets_mod.load(cfg.compliance.targets)
 
@@ -137,8 +137,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
 @click.pass_context
 @handle_errors
 def check_config(ctx: click.Context) -> None:
-    """Validate the config and the targets table it names, then exit."""
-    cfg = _config(ctx)
+    """Validate the config, its secrets and the targets table it names, then exit."""
+    cfg = resolve_secrets(_config(ctx))
     table = targets_mod.load(cfg.compliance.targets)
     click.echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
                f"of {len(table.indicator)} indicators)")
@@ -461,6 +461,53 @@ def influx_status(ctx: click.Context) -> None:
     click.echo(f"influxdb: {state}; {waiting} result(s) waiting")
 
 
+@main.command()
+@shared_options
+@click.option("--admin-name", default="admin", show_default=True,
+              help="Name of the first admin token.")
+@click.pass_context
+@handle_errors
+def init(ctx: click.Context, admin_name: str) -> None:
+    """First run: create the database (or bring it to the current schema), create the
+    first admin token if there is none (printed once, on stdout), and print the next
+    steps. Safe to run again: an existing admin token is kept and none is added."""
+    cfg = _config(ctx)
+    table = targets_mod.load(cfg.compliance.targets)
+    with _store(ctx) as store:
+        tokens = store.tokens()
+        admins = [t for t in tokens if t["role"] == "admin" and not t["revoked_at"]]
+        if not admins and any(t["name"] == admin_name for t in tokens):
+            raise InputError(f"a token named {admin_name!r} exists (revoked); choose another "
+                             "name for the new admin token with --admin-name")
+        secret = None if admins else service.add_token(store, admin_name, "admin")
+        probes = len(store.probes())
+    if secret is not None:
+        click.echo(secret)
+    given = ctx.obj
+    config_flag = "".join(f"{flag} {given[key]} " for flag, key in
+                          (("--config", "config_path"), ("--db", "db")) if given.get(key))
+    scheme = "https" if cfg.server.tls_cert else "http"
+    steps = [
+        f"database: {cfg.storage.path} ({probes} probe(s))",
+        f"targets:  {table.name}",
+        (f"admin token {admin_name!r} created (above, on stdout): keep it now, it is not "
+         "shown again. Use it as 'Authorization: Bearer TOKEN', or as the password of the "
+         "pages' login.") if secret is not None else
+        f"admin token: {', '.join(repr(t['name']) for t in admins)} exists; none added.",
+        "next steps:",
+        f"  1. listen where probes reach you: server.host/port (now {cfg.server.host}:"
+        f"{cfg.server.port}, {scheme}), TLS: server.tls_cert and tls_key_credential",
+        f"  2. register a probe:  bbprobe-collector {config_flag}probe add NAME --operator … "
+        "--offer … --download-min-kbps … (prints the probe's token once)",
+        "  3. on the probe: put the token in /etc/bbprobe/token (root, mode 0600), set "
+        "collector.url in /etc/bbprobe/agent.toml, then: systemctl enable --now "
+        "bbprobe-agent",
+        f"  4. read reports: bbprobe-collector {config_flag}report --probe NAME, or "
+        f"{scheme}://HOST:{cfg.server.port}/ with an analyst token (token add NAME)",
+    ]
+    click.echo("\n".join(steps), err=True)
+
+
 @main.group()
 def token() -> None:
     """Analyst and admin tokens for the API and the HTML pages."""
@@ -511,3 +558,17 @@ def token_revoke(ctx: click.Context, name: str) -> None:
     if not done:
         raise StoreError(f"no active token named {name!r}")
     click.echo(f"token {name!r} revoked")
+
+
+@main.command()
+@click.argument("name", required=False)
+@handle_errors
+def files(name: str | None) -> None:
+    """List the files shipped with bbprobe (example configs, targets tables, units, the
+    Grafana dashboard), or print one: `bbprobe-collector files bt-italia-2013`."""
+    from agent import share
+
+    try:
+        click.echo(share.show(name), nl=False)
+    except LookupError as exc:
+        raise InputError(str(exc)) from None

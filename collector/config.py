@@ -1,24 +1,25 @@
 """Collector configuration: TOML validated at load, unknown keys rejected, then frozen.
 
 Every key is documented in ``configs/collector.example.toml`` (a test loads it). Relative
-paths are relative to the working directory.
+paths are relative to the working directory; with no config at all, the database goes to
+the per-user data directory (or systemd's StateDirectory) and the targets table is the
+one shipped inside the package, so ``serve`` works from any directory.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config import decode_table
+from agent import credentials
+from agent.config import decode_table, user_dir
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
 from agent.schema import bounds
 from collector.errors import ConfigError
-
-DEFAULT_TARGETS = "configs/targets/bt-italia-2013.toml"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,9 @@ class ServerConfig:
     # TLS: certificate chain and key (PEM). Both empty: plain HTTP.
     tls_cert: str = ""
     tls_key: str = ""
+    # Or the key as a systemd credential (LoadCredential=NAME:PATH in the unit), so the
+    # service's dynamic user can read it while the file stays root's: its NAME.
+    tls_key_credential: str = ""
     # Client certificates for probes: "off", "optional" or "required", verified against
     # client_ca; a verified certificate's subject CN names the probe (no token needed).
     client_cert: Literal["off", "optional", "required"] = "off"
@@ -58,7 +62,9 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     backend: Literal["sqlite"] = "sqlite"
-    path: str = "var/collector.sqlite3"
+    # The database file. Empty: $STATE_DIRECTORY/collector.sqlite3 under systemd, else
+    # $XDG_DATA_HOME/bbprobe-collector/, else ~/.local/share/bbprobe-collector/.
+    path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +83,10 @@ class MeasurementConfig:
 
 @dataclass(frozen=True, slots=True)
 class ComplianceConfig:
-    # Target table used by reports (Allegato 2 of the operator's service charter).
-    targets: str = DEFAULT_TARGETS
+    # Target table used by reports (Allegato 2 of the operator's service charter): a TOML
+    # file's path, or the name of a table shipped with bbprobe, or "" for the shipped
+    # default (bt-italia-2013).
+    targets: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +97,9 @@ class InfluxConfig:
     url: str = ""
     org: str = ""
     bucket: str = "bbprobe"
-    # The API token is read from this environment variable, never from the file.
+    # The API token is never in this file: it is the systemd credential named here
+    # (LoadCredential=NAME:PATH), or else the environment variable token_env.
+    token_credential: str = ""
     token_env: str = "BBPROBE_INFLUX_TOKEN"
     # Results per write (each is ~15 points: summary, attempts, pings).
     batch_results: int = field(default=100, metadata=bounds(ge=1, le=10_000))
@@ -111,9 +121,11 @@ class CollectorConfig:
 
 
 def load(
-    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> CollectorConfig:
-    """Read and validate ``path`` (None: defaults) with {"section.key": value} overrides."""
+    """Read and validate ``path`` (None: defaults) with {"section.key": value} overrides.
+    ``environ`` places the default database (storage.path)."""
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
@@ -124,16 +136,60 @@ def load(
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
-    return parse(data, source)
+    cfg = parse(data, source)
+    if not cfg.storage.path:
+        cfg = replace(cfg, storage=replace(cfg.storage, path=default_database(environ)))
+    return cfg
+
+
+def resolve_secrets(cfg: CollectorConfig, environ: Mapping[str, str] = os.environ
+                    ) -> CollectorConfig:
+    """For the commands that use the secrets (serve, check-config): the TLS key's path
+    from its credential, and the InfluxDB token checked now rather than at the first
+    write. Under systemd ($CREDENTIALS_DIRECTORY) the credential wins; from a shell the
+    plain file, when the config names one too. Other commands never need them, so root's
+    `probe add` works whatever the service's credentials are."""
+    srv = cfg.server
+    if srv.tls_key_credential and (environ.get("CREDENTIALS_DIRECTORY") or not srv.tls_key):
+        try:
+            key_path = credentials.path(srv.tls_key_credential, environ,
+                                        "server.tls_key_credential")
+        except credentials.CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        cfg = replace(cfg, server=replace(srv, tls_key=str(key_path)))
+    if cfg.influxdb.enabled:
+        influx_token(cfg.influxdb, environ)
+    return cfg
+
+
+def default_database(environ: Mapping[str, str]) -> str:
+    """Where the database lives when storage.path is empty: the service's StateDirectory
+    under systemd, else the user's data directory (XDG base directories)."""
+    return str(user_dir(environ, "XDG_DATA_HOME", ".local/share", "bbprobe-collector")
+               / "collector.sqlite3")
+
+
+def influx_token(cfg: InfluxConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """The InfluxDB API token: the named credential under systemd (or when no variable
+    is set), else the environment variable token_env."""
+    if cfg.token_credential and (environ.get("CREDENTIALS_DIRECTORY") or
+                                 not environ.get(cfg.token_env)):
+        try:
+            return credentials.read(cfg.token_credential, environ, "influxdb.token_credential")
+        except credentials.CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+    return environ.get(cfg.token_env, "")
 
 
 def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
     cfg = decode_table(CollectorConfig, data, source, ConfigError)
-    if not cfg.storage.path:
-        raise ConfigError(f"{source}: storage.path: must not be empty")
     srv = cfg.server
-    if bool(srv.tls_cert) != bool(srv.tls_key):
+    if bool(srv.tls_cert) != bool(srv.tls_key or srv.tls_key_credential):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key: give both or neither")
+    for key, name in (("server.tls_key_credential", srv.tls_key_credential),
+                      ("influxdb.token_credential", cfg.influxdb.token_credential)):
+        if name and (problem := credentials.name_problem(name)):
+            raise ConfigError(f"{source}: {key}: {problem}")
     if srv.client_cert != "off" and not (srv.tls_cert and srv.client_ca):
         raise ConfigError(f"{source}: server.client_cert = {srv.client_cert!r} needs "
                           "server.tls_cert, server.tls_key and server.client_ca")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 
 from agent.schema import SessionResult, parse_utc
+from collector.config import influx_token
 from collector.storage.sqlite import LineMetadata
 
 log = logging.getLogger("bbprobe.collector.influx")
@@ -115,7 +115,7 @@ class InfluxSink:
         self.db = db
         self.state = SinkState()
         self.wake = asyncio.Event()
-        self.client = InfluxDBClient(url=cfg.url, token=os.environ.get(cfg.token_env, ""),
+        self.client = InfluxDBClient(url=cfg.url, token=influx_token(cfg),
                                      org=cfg.org, timeout=int(cfg.timeout_s * 1000),
                                      retries=False)
         self.write_api = self.client.write_api(write_options=SYNCHRONOUS)

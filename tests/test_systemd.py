@@ -40,3 +40,16 @@ def test_units_run_check_config_first() -> None:
     for unit in ("bbprobe-agent.service", "bbprobe-collector.service"):
         text = (UNITS / unit).read_text()
         assert re.search(r"^ExecStartPre=.* check-config$", text, re.M), unit
+
+
+def test_units_run_the_packaged_programs_with_credentials() -> None:
+    """The Debian package puts the programs in /usr/bin; the agent's token reaches its
+    dynamic user as a credential, and both units can be enabled."""
+    agent = (UNITS / "bbprobe-agent.service").read_text()
+    collector = (UNITS / "bbprobe-collector.service").read_text()
+    for text in (agent, collector):
+        assert not re.search(r"^Exec\w+=/usr/local/", text, re.M)
+        assert re.search(r"^ExecStart=/usr/bin/bbprobe", text, re.M)
+        assert re.search(r"^\[Install\]\nWantedBy=multi-user.target$", text, re.M)
+    assert re.search(r"^LoadCredential=token:/etc/bbprobe/token$", agent, re.M)
+    assert "EnvironmentFile" not in collector

@@ -1,5 +1,9 @@
 """Regulatory targets loaded from TOML (``configs/targets/*.toml``), validated, frozen.
 
+The tables in ``configs/targets/`` ship inside the package (agent/share.py): a config
+names one by file path, or a shipped one by name (``bt-italia-2013``), or none ("") for
+the default table.
+
 A targets file holds a whole table (e.g. Allegato 2 of an operator's service charter):
 indicators a probe can measure carry an ``id`` the evaluator knows; the others
 (activation time, repair time, call-centre answer time...) are kept with
@@ -8,10 +12,12 @@ indicators a probe can measure carry an ``id`` the evaluator knows; the others
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent import share
 from agent.config import decode_table, read_toml
 from agent.errors import ConfigError as AgentConfigError
 from collector.errors import ConfigError
@@ -70,11 +76,28 @@ class Targets:
 
 
 def load(path: str | Path) -> Targets:
+    """A table from a file path, a shipped table's name, or "" for the default table."""
+    text = str(path)
+    if not text or ("/" not in text and not text.endswith(".toml")):
+        return _load_shipped(text)
     try:
         data = read_toml(Path(path))
     except AgentConfigError as exc:
         raise ConfigError(f"targets: {exc}") from None
-    return parse(data, str(path))
+    return parse(data, text)
+
+
+def _load_shipped(name: str) -> Targets:
+    try:
+        text = share.read(name or share.DEFAULT_TARGETS_NAME)
+    except LookupError:
+        raise ConfigError(f"targets: {name!r} is neither a file path nor a shipped table "
+                          f"({', '.join(share.targets_tables())})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # a damaged installation
+        raise ConfigError(f"targets: shipped {name!r}: invalid TOML: {exc}") from None
+    return parse(data, f"<shipped {name or share.DEFAULT_TARGETS_NAME}>")
 
 
 def parse(data: dict[str, Any], source: str = "<targets>") -> Targets:

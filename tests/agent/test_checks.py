@@ -104,6 +104,18 @@ def test_lan_count_leaves_out_self_gateway_and_twin_macs() -> None:
     assert lan.count_others(answers, "192.168.1.20", "192.168.1.1") == 2
 
 
+def test_lan_count_leaves_out_the_test_peers() -> None:
+    """The measurement server and the ping target on the probe's subnet are not 'other
+    hosts' (issue 11), nor is a second address of the same machine."""
+    from agent import lan
+
+    answers = {"192.168.1.1": "gw", "192.168.1.20": "me", "192.168.1.5": "srv",
+               "192.168.1.6": "srv", "192.168.1.7": "pingbox", "192.168.1.30": "tv"}
+    assert lan.count_others(answers, "192.168.1.20", "192.168.1.1") == 3
+    assert lan.count_others(answers, "192.168.1.20", "192.168.1.1",
+                            {"192.168.1.5", "192.168.1.7"}) == 1
+
+
 def test_lan_hosts_rule() -> None:
     ctx = replace(CLEAN, lan_hosts=2, lan_scan="ARP scan of 192.168.1.0/24")
     (reason,) = checks.assess(ctx, LIMITS)

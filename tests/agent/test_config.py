@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -27,16 +28,46 @@ def test_example_config_loads_with_defaults() -> None:
 
 def test_example_documents_every_key() -> None:
     """Uncommenting the example's keys gives a complete, valid config (no key undocumented)."""
-    text = (ROOT / "configs" / "agent.example.toml").read_text()
-    setting = re.compile(r"^(?:# )?(\[[a-z]+\]|[a-z_]+ = .+)$")
-    lines = [m.group(1) for line in text.splitlines() if (m := setting.match(line))]
-    data = tomllib.loads("\n".join(lines))
-    del data["collector"]["token"]  # token and token_file are exclusive
-    cfg = config.parse(data)
-    for section in ("collector", "server", "ping", "download", "upload"):
-        documented = set(data[section])
-        known = set(type(getattr(cfg, section)).__dataclass_fields__)
-        assert documented | ({"token"} if section == "collector" else set()) == known, section
+    data = uncommented(ROOT / "configs" / "agent.example.toml")
+    del data["collector"]["token"]  # token excludes token_file and token_credential
+    config.parse(data)
+
+
+@pytest.mark.parametrize("example", ["agent", "collector"])
+def test_example_keys_match_the_dataclasses(example: str) -> None:
+    """Every key of the config dataclasses appears in the example file, and every key in
+    the example file exists (issue 11: scan_lan and max_lan_hosts were missing)."""
+    from collector import config as collector_config
+
+    root = {"agent": config.AgentConfig, "collector": collector_config.CollectorConfig}[example]
+    documented = flat_keys(uncommented(ROOT / "configs" / f"{example}.example.toml"))
+    assert documented == dataclass_keys(root)
+
+
+def uncommented(path: Path) -> dict[str, Any]:
+    """The example with its commented-out settings switched on."""
+    setting = re.compile(r"^(?:# )?(\[[a-z]+\]|[a-z][a-z0-9_]* = .+)$")
+    lines = [m.group(1) for line in path.read_text().splitlines() if (m := setting.match(line))]
+    return tomllib.loads("\n".join(lines))
+
+
+def flat_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else \
+            {prefix + key}
+    return out
+
+
+def dataclass_keys(cls: type, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            out |= dataclass_keys(inner, f"{prefix}{f.name}.")
+        else:
+            out.add(prefix + f.name)
+    return out
 
 
 def test_state_dir_from_systemd() -> None:
@@ -69,7 +100,11 @@ def test_overrides_are_validated_like_the_file() -> None:
         ({"collector": {"url": "ftp://x"}},
          "t.toml: collector.url: must be an http:// or https:// URL with a host, got 'ftp://x'"),
         ({"collector": {"token": "a", "token_file": "b"}},
-         "t.toml: collector.token: set either token or token_file, not both"),
+         "t.toml: collector.token: set token, or token_file and/or token_credential, not "
+         "both"),
+        ({"collector": {"token_credential": "../etc/shadow"}},
+         "t.toml: collector.token_credential: must be a credential name (letters, digits, "
+         "'.', '_', '-')"),
         ({"probe_id": "has space"},
          "t.toml: probe_id: must be 1-64 characters of letters, digits, '.', '_', '-'"),
         ({"ping": []}, "t.toml: ping: expected an object, got an array"),
@@ -177,3 +212,47 @@ class TestProfiles:
         with pytest.raises(ConfigError) as info:
             config.parse(data, "t.toml")
         assert str(info.value) == message
+
+
+def test_packaged_system_configs_are_valid() -> None:
+    """What the .deb installs in /etc/bbprobe loads as it is, and says where state lives."""
+    from collector import config as collector_config
+
+    agent_cfg = config.load(ROOT / "configs" / "agent.system.toml", ENV)
+    assert agent_cfg.state_dir == "/var/lib/bbprobe"
+    assert (agent_cfg.collector.token_credential, agent_cfg.collector.token_file) == \
+        ("token", "/etc/bbprobe/token")
+    collector_cfg = collector_config.load(ROOT / "configs" / "collector.system.toml",
+                                          environ=ENV)
+    assert collector_cfg.storage.path == "/var/lib/bbprobe-collector/collector.sqlite3"
+    assert collector_cfg.server.host == "127.0.0.1"
+
+
+def test_check_config_names_the_token_source(tmp_path: Path) -> None:
+    """check-config says where the token comes from: the file from a shell, the
+    credential under systemd."""
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    (tmp_path / "token").write_text("bbp_x\n")
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "token").write_text("bbp_y\n")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[collector]\nurl = "http://127.0.0.1:9"\ntoken_credential = "token"\n'
+                   f'token_file = "{tmp_path / "token"}"\n')
+    env = {"HOME": str(tmp_path), "CREDENTIALS_DIRECTORY": ""}
+    shell = CliRunner().invoke(main, ["--config", str(cfg), "check-config"], env=env)
+    assert f"token: set, from file {tmp_path / 'token'}" in shell.output, shell.output
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "creds")
+    unit = CliRunner().invoke(main, ["--config", str(cfg), "check-config"], env=env)
+    assert "token: set, from credential 'token'" in unit.output, unit.output
+
+
+def test_far_ends_resolve_to_addresses() -> None:
+    """The LAN check leaves out the server and ping target by address, names resolved."""
+    from agent.checks import addresses_of
+
+    assert addresses_of(["127.0.0.1", "::1"]) == {"127.0.0.1", "::1"}
+    assert "127.0.0.1" in addresses_of(["localhost"])
+    assert addresses_of(["no-such-host.invalid"]) == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,26 @@ def test_service_register_uses_store(db: Path) -> None:
     token = service.register_probe(store, "p9", LineMetadata())
     found = store.probe_for_token(auth.hash_token(token))
     assert found is not None and found.name == "p9"
+
+
+def test_init_creates_the_first_admin_once(db: Path) -> None:
+    """First run: the database, one admin token (stdout, once), the next steps; run
+    again, no second token."""
+    code, out, err = _run("--db", str(db), "init")
+    assert code == 0
+    assert re.fullmatch(r"bbp_[A-Za-z0-9_-]+\n", out), out
+    assert "admin token 'admin' created" in err and "next steps:" in err
+    assert "probe add NAME" in err
+    code, out, err = _run("--db", str(db), "init")
+    assert (code, out) == (0, "")
+    assert "admin token: 'admin' exists; none added." in err
+    _code, listing, _ = _run("--db", str(db), "token", "list")
+    assert len(listing.splitlines()) == 1 and " admin " in listing
+    assert f"bbprobe-collector --db {db} probe add NAME" in err
+    # With the only admin revoked, init makes a new one, under another name.
+    _run("--db", str(db), "token", "revoke", "admin")
+    code, out, err = _run("--db", str(db), "init")
+    assert (code, out) == (2, "")
+    assert "a token named 'admin' exists (revoked); choose another name" in err
+    code, out, _err = _run("--db", str(db), "init", "--admin-name", "admin2")
+    assert code == 0 and out.startswith("bbp_")

@@ -13,12 +13,11 @@ from agent.schema import SessionResult
 from collector import ingest, service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
-from collector.config import DEFAULT_TARGETS
 from collector.storage.sqlite import MIGRATIONS, LineMetadata, SqliteStore
 from tests.factories import attempt, session, store_result
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLE = targets.load(ROOT / DEFAULT_TARGETS)
+TABLE = targets.load("")
 
 
 def _mixed() -> list[SessionResult]:

@@ -18,7 +18,6 @@ from agent.schema import format_utc
 from collector import plots, service
 from collector.cli import main
 from collector.compliance import targets
-from collector.config import DEFAULT_TARGETS
 from collector.html_report import hour_profile, time_buckets
 from collector.storage.sqlite import HourRow, LineMetadata, SqliteStore
 from collector.testing import RunningCollector
@@ -27,7 +26,7 @@ from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLE = targets.load(ROOT / DEFAULT_TARGETS)
+TABLE = targets.load("")
 ROME = ZoneInfo("Europe/Rome")
 PLOTS = ("speed-download", "speed-upload", "hour-profile", "delay", "loss")
 

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from collector.compliance import targets
-from collector.config import DEFAULT_TARGETS
 from collector.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_shipped_table_is_the_whole_allegato_2() -> None:
     """All 25 rows of the seed's table, the 9 probe-measurable ones with the seed's values."""
-    table = targets.load(ROOT / DEFAULT_TARGETS)
+    table = targets.load("")
     assert table.year == 2013
     assert table.regulation == ("131/06/CSP", "244/08/CSP")
     assert len(table.indicator) == 25
@@ -70,3 +69,16 @@ def test_duplicate_ids_rejected() -> None:
     data["indicator"].append(dict(data["indicator"][0]))
     with pytest.raises(ConfigError, match=r"indicator\[1\] \(loss_ratio\): duplicate id"):
         targets.parse(data, "t.toml")
+
+
+def test_shipped_tables_by_name_and_default() -> None:
+    """"" is the shipped default table, a shipped table loads by name, and an unknown
+    name is refused listing what ships."""
+    from collector.errors import ConfigError
+
+    assert targets.load("") == targets.load("bt-italia-2013")
+    assert targets.load("").name.startswith("BT Italia")
+    with pytest.raises(ConfigError) as info:
+        targets.load("bt-italia-2099")
+    assert str(info.value) == ("targets: 'bt-italia-2099' is neither a file path nor a "
+                               "shipped table (bt-italia-2013)")

@@ -199,8 +199,9 @@ def test_ping_unresolvable_host(netns: str) -> None:
         (["run"], "bbprobe: no collector to push to: set collector.url or --collector, or "
          "pass --no-push\n"),
         (["--collector", "http://127.0.0.1:9", "run"],
-         "bbprobe: no token: set collector.token/token_file or --token (bbprobe-collector "
-         "probe add NAME prints one), or a client certificate (collector.client_cert)\n"),
+         "bbprobe: no token: set collector.token, token_file or token_credential, or --token "
+         "(bbprobe-collector probe add NAME prints one), or a client certificate "
+         "(collector.client_cert)\n"),
         (["--set", "ping.count=0", "check-config"],
          "bbprobe: <defaults>: ping.count: must be >= 1, got 0\n"),
         (["--set", "nonsense", "check-config"],

@@ -236,6 +236,13 @@ def test_other_hosts_on_a_bridged_lan_are_counted(lab_dir: Path) -> None:
             ["ip", "netns", "exec", f"{tag}probe", *AGENT, "--server",
              f"http://{hosts['gw']}:8080", "check"],
             capture_output=True, text=True, timeout=120, check=False)
+        # A measurement server and a ping target on the probe's own subnet (a lab, an
+        # on-site server) are the test's far ends, not other hosts (issue 11).
+        on_lan = subprocess.run(
+            ["ip", "netns", "exec", f"{tag}probe", *AGENT, "--server",
+             f"http://{hosts['h1']}:8080", "--set", f"server.ping_target={hosts['h2']}",
+             "check", "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
     finally:
         for ns in namespaces:
             subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
@@ -245,3 +252,4 @@ def test_other_hosts_on_a_bridged_lan_are_counted(lab_dir: Path) -> None:
     assert doc["context"]["lan_scan"] == "ARP scan of 198.18.30.0/24"
     assert [r["code"] for r in doc["invalid_reasons"]] == ["lan_hosts"]
     assert "switch off or unplug the other devices on the LAN" in text.stdout
+    assert json.loads(on_lan.stdout)["context"]["lan_hosts"] == 1, on_lan.stdout
