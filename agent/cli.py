@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import sys
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -21,9 +20,9 @@ from typing import Any, TypeVar
 import click
 
 from agent import __version__, config, report
-from agent.delivery import CollectorClient, Spool, deliver
+from agent.delivery import CollectorClient, DeliveryReport, Spool, deliver, file_id
 from agent.errors import AgentError, ConfigError, DeliveryError
-from agent.schema import PROBE_ID_RE, SessionResult, to_dict
+from agent.schema import SessionResult, to_dict
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,35 +81,29 @@ def _emit(result: SessionResult, as_json: bool) -> None:
         click.echo(report.format_session(result), nl=False)
 
 
-async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> str:
-    """The configured id; else the one the collector gives for the token (remembered in
-    state_dir, so a probe keeps measuring under its own name while the collector is
-    away); else the host name."""
+async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> str | None:
+    """The configured id; else the name the collector gives this token now (asked at
+    every session, so a daemon started while the collector was away, or whose token has
+    moved, does not keep an old answer); else None. Never a guess such as the host name:
+    a result sent under a wrong name is refused (403) and set aside for good. A result
+    measured while this is None is spooled unnamed and named when delivered."""
     if cfg.probe_id:
         return cfg.probe_id
-    remembered = Path(cfg.state_dir) / "probe_id"
-    if client is not None:
-        try:
-            probe_id = await client.whoami()
-        except DeliveryError as exc:
-            if not exc.retryable:
-                raise DeliveryError(f"the collector refused the token: {exc}",
-                                    retryable=False) from None
-        else:
-            try:
-                remembered.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                remembered.write_text(probe_id + "\n", encoding="utf-8")
-            except OSError:
-                pass  # a full disk: the id is still right for this run
-            return probe_id
+    if client is None:
+        return None
     try:
-        cached = remembered.read_text(encoding="utf-8").strip()
-        if PROBE_ID_RE.match(cached):
-            return cached
-    except OSError:
-        pass
-    host = socket.gethostname().split(".")[0] or "probe"
-    return host if PROBE_ID_RE.match(host) else "probe"
+        return await client.whoami()
+    except DeliveryError as exc:
+        if not exc.retryable:
+            raise DeliveryError(f"the collector refused the token: {exc}",
+                                retryable=False) from None
+        return None
+
+
+def _report_dead_lettered(outcome: DeliveryReport) -> None:
+    for path, reason in outcome.dead_lettered:
+        click.echo(f"bbprobe: a result was set aside ({reason}); kept in {path} (see "
+                   "bbprobe dead-letter list)", err=True)
 
 
 def _client(cfg: config.AgentConfig, token: str, timeout_s: float) -> CollectorClient:
@@ -224,7 +217,10 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
         from agent import session
 
         probe_id = await _probe_id(cfg, client)
-        result = await session.run(cfg, probe_id, progress)
+        if probe_id is None and client is not None:
+            progress("the collector does not answer yet: the result is named when it is "
+                     "delivered")
+        result = await session.run(cfg, probe_id or "", progress)
         _emit(result, as_json)
         if client is None:
             return 0
@@ -232,10 +228,8 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
         if spool.put(result) is None:
             click.echo(f"bbprobe: the disk is full; result {result.result_id} could not be "
                        f"spooled and is reported to the collector as a gap", err=True)
-        outcome = await deliver(spool, client, cfg.delivery)
-        for path, reason in outcome.dead_lettered:
-            click.echo(f"bbprobe: collector refused a result ({reason}); kept in {path}",
-                       err=True)
+        outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
+        _report_dead_lettered(outcome)
         if result.result_id in outcome.delivered:
             progress(f"result {result.result_id} delivered to {cfg.collector.url}"
                      + (f" with {len(outcome.delivered) - 1} spooled earlier"
@@ -382,7 +376,8 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     cfg = _load(ctx)
     spool = Spool(cfg.state_dir, cfg.delivery)
     entries = spool.entries()
-    dead = [{"file": str(p), "reason": _reason(p)} for p in spool.dead_letters()]
+    dead = [{"id": file_id(p), "file": str(p), "reason": _reason(p)}
+            for p in spool.dead_letters()]
     doc: dict[str, Any] = {
         "state_dir": cfg.state_dir,
         "spool": {"results": len(entries), "bytes": sum(e.size for e in entries),
@@ -423,8 +418,8 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     counters = doc["counters"]
     lines.append(f"gaps: {doc['gaps_waiting']} gap record(s) waiting to be sent; "
                  f"{counters.get('dropped_total', 0)} result(s) dropped in total")
-    lines.append(f"dead-letter: {len(dead)} result(s) refused by the collector"
-                 + (":" if dead else ""))
+    lines.append(f"dead-letter: {len(dead)} result(s) set aside, refused by the collector "
+                 "or damaged (bbprobe dead-letter list|retry|drop)" + (":" if dead else ""))
     lines += [f"  {d['file']}: {d['reason']}" for d in dead]
     lines.append(f"delivered: {counters.get('delivered_total', 0)} in total; last attempt "
                  f"{counters.get('last_attempt_at') or 'never'}, last success "
@@ -467,6 +462,87 @@ def _reason(path: Path) -> str:
         return path.with_suffix(".reason.txt").read_text(encoding="utf-8").strip()
     except OSError:
         return "(no reason recorded)"
+
+
+@main.group("dead-letter")
+@shared_options
+def dead_letter() -> None:
+    """Results set aside instead of delivered: refused by the collector for good, or
+    damaged in the spool. List them with the reason, send them again, or delete them."""
+
+
+@dead_letter.command("list")
+@shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_context
+@handle_errors
+def dead_letter_list(ctx: click.Context, as_json: bool) -> None:
+    """Each dead-lettered result (or gap record) with its id and reason."""
+    cfg = _load(ctx)
+    spool = Spool(cfg.state_dir, cfg.delivery)
+    rows = [{"id": file_id(p), "kind": "gap" if spool.is_gap(p) else "result",
+             "reason": _reason(p), "file": str(p)} for p in spool.dead_letters()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"dead-letter: empty ({spool.dead_dir})")
+    else:
+        click.echo("\n".join(f"{r['kind']} {r['id']}: {r['reason']}" for r in rows))
+
+
+def _chosen_dead_letters(spool: Spool, ids: tuple[str, ...], every: bool,
+                         verb: str) -> list[Path]:
+    """The dead-letter files named by ``ids`` (or all of them); ConfigError, before any
+    is touched, naming the ids that are not there."""
+    if every == bool(ids):
+        raise ConfigError(f"dead-letter {verb}: give result ids or --all (bbprobe "
+                          "dead-letter list shows them)")
+    present = {file_id(p): p for p in spool.dead_letters()}
+    if every:
+        return list(present.values())
+    unknown = [i for i in dict.fromkeys(ids) if i not in present]
+    if unknown:
+        raise ConfigError(f"dead-letter {verb}: no dead-lettered result "
+                          f"{', '.join(unknown)} in {spool.dead_dir}")
+    return [present[i] for i in dict.fromkeys(ids)]
+
+
+def _act_on_dead_letters(ctx: click.Context, ids: tuple[str, ...], every: bool, verb: str,
+                         act: Callable[[Spool, Path], object], failed: str, done: str) -> None:
+    cfg = _load(ctx)
+    spool = Spool(cfg.state_dir, cfg.delivery)
+    chosen = _chosen_dead_letters(spool, ids, every, verb)
+    for path in chosen:
+        try:
+            act(spool, path)
+        except OSError as exc:
+            raise AgentError(f"{failed} {path}: {exc.strerror or exc}") from None
+    click.echo(f"{len(chosen)} {done}")
+
+
+@dead_letter.command("retry")
+@shared_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead-lettered result.")
+@click.pass_context
+@handle_errors
+def dead_letter_retry(ctx: click.Context, ids: tuple[str, ...], every: bool) -> None:
+    """Move results back to the spool; the next run or session sends them again."""
+    _act_on_dead_letters(ctx, ids, every, "retry", Spool.retry_dead_letter,
+                         "cannot move back to the spool:",
+                         "moved back to the spool; the next run or session sends them")
+
+
+@dead_letter.command("drop")
+@shared_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead-lettered result.")
+@click.pass_context
+@handle_errors
+def dead_letter_drop(ctx: click.Context, ids: tuple[str, ...], every: bool) -> None:
+    """Delete results from dead-letter for good."""
+    _act_on_dead_letters(ctx, ids, every, "drop", Spool.drop_dead_letter, "cannot delete",
+                         "deleted")
 
 
 ADVICE = {
@@ -580,16 +656,27 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
         control = d.Control()
         d.install_signals(control)
         store = d.CampaignStore(state["cfg"].state_dir)
+        # Asked here only to refuse a bad token at start and to say who we are; each
+        # session asks again (the collector may be away now and back later).
         probe_id = await _probe_id(state["cfg"], state["client"])
 
         async def one_session() -> tuple[datetime, bool]:
             cfg: config.AgentConfig = state["cfg"]
-            result = await session.run(cfg, probe_id, _progress(True))
+            client: CollectorClient = state["client"]
+            try:
+                named = await _probe_id(cfg, client)
+            except DeliveryError as exc:
+                # Refused mid-campaign: still measure; the results wait in the spool.
+                click.echo(f"bbprobe: {exc}", err=True)
+                named = None
+            result = await session.run(cfg, named or "", _progress(True))
             spool = Spool(cfg.state_dir, cfg.delivery)
             spool.put(result)
-            await deliver(spool, state["client"],
-                          dataclasses.replace(cfg.delivery,
-                                              max_wait_s=min(cfg.delivery.max_wait_s, 30)))
+            outcome = await deliver(
+                spool, client, dataclasses.replace(
+                    cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, 30)),
+                probe_id=named)
+            _report_dead_lettered(outcome)
             return datetime.now(UTC), d.session_counts(result)
 
         async def measure() -> tuple[datetime, bool]:
@@ -615,7 +702,9 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
         interval = d.watchdog_interval()
         dog = asyncio.ensure_future(d.watchdog(interval, control)) if interval else None
         d.notify("READY=1")
-        click.echo(f"bbprobe: daemon running as probe {probe_id}, rule {rule}", err=True)
+        who = f"as probe {probe_id}" if probe_id else \
+            "(probe name not known yet: the collector does not answer; asked at each session)"
+        click.echo(f"bbprobe: daemon running {who}, rule {rule}", err=True)
         try:
             if first_now:
                 await measure()

@@ -137,7 +137,9 @@ class TransferConfig:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    # Probe identity. Empty: asked from the collector for the token in use, else hostname.
+    # Probe identity. Empty: the name the collector gives the token in use (whoami), asked
+    # at each session; a result measured while the collector was away is spooled without
+    # one and named when it is delivered. Never guessed (a wrong name is refused: 403).
     probe_id: str = ""
     # Where results wait until the collector acknowledges them. Empty: $STATE_DIRECTORY
     # (systemd), else $XDG_STATE_HOME/bbprobe, else ~/.local/state/bbprobe.
@@ -262,10 +264,8 @@ def _check(cfg: AgentConfig, source: str) -> None:
     if cfg.probe_id and not PROBE_ID_RE.match(cfg.probe_id):
         fail("probe_id", "must be 1-64 characters of letters, digits, '.', '_', '-'")
     for key, url in (("collector.url", cfg.collector.url), ("server.url", cfg.server.url)):
-        if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                fail(key, f"must be an http:// or https:// URL with a host, got {url!r}")
+        if url and (problem := url_problem(url)):
+            fail(key, problem)
     if cfg.collector.token and (cfg.collector.token_file or cfg.collector.token_credential):
         fail("collector.token", "set token, or token_file and/or token_credential, not both")
     if cfg.collector.token_credential and \
@@ -282,6 +282,30 @@ def _check(cfg: AgentConfig, source: str) -> None:
         if transfer.mode == "file" and transfer.streams == 0:
             fail(f"{name}.streams", "must be >= 1 in file mode (adaptive streams need a "
                                     "warm-up)")
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as an http(s) base URL, as a phrase to follow the key's
+    name ("..., got URL"), or None. Pure.
+
+    urlsplit() raises for a bad IPv6 literal, and ``.port`` for a port out of range or
+    not a number, only when that part is first read: deep in a probe or the HTTP client,
+    as a traceback. Reading every part here, at load, turns them into one line."""
+    if any(c.isspace() for c in url):
+        return f"must not contain white space, got {url!r}"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"is not a valid URL ({exc}), got {url!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, got {url!r}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:  # None (the scheme's default) is fine; 0 cannot be connected to
+        return f"port must be a number from 1 to 65535, got {url!r}"
+    return None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

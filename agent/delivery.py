@@ -7,9 +7,17 @@ Contract (shared/reference/reliability.md A1-A9):
 - Network errors, 408, 425, 429 and 5xx are retried with exponential backoff (retry_min_s
   doubling to retry_max_s, +-50 % jitter), honouring a Retry-After up to retry_max_s.
   A result the collector refuses for good moves to ``dead-letter/`` with the reason next
-  to it; ``bbprobe status`` lists them. Nothing is dropped silently.
+  to it; ``bbprobe status`` lists them, ``bbprobe dead-letter retry|drop`` sends them
+  again or deletes them. Nothing is dropped silently.
 - A backlog goes oldest first, in batches (``POST /api/v1/results/batch``, one collector
-  transaction each), at most ``max_requests_per_s`` requests a second.
+  transaction each), at most ``max_requests_per_s`` requests a second. Each spooled file
+  is read and parsed before it joins a batch: a damaged one (an SD card's truncated write)
+  moves to ``dead-letter/`` instead of making every batch it is in a 400. The collector's
+  per-result replies are matched by ``result_id``; a reply that does not account for
+  exactly the results sent deletes nothing (they are sent again later). A 400 or 413 on a
+  batch of several halves the batch size, so one bad document cannot hold up the rest.
+- A result measured before the collector named the probe (whoami) is spooled without a
+  ``probe_id`` and named at delivery, once the collector has answered: never a guess.
 - The spool is bounded: beyond ``spool_max_bytes``, below ``min_free_bytes`` of free disk,
   or past ``max_age_days``, the oldest results are dropped, counted, and a gap record
   (``agent.schema.GapRecord``) is spooled and sent in their place. A full disk (ENOSPC)
@@ -78,6 +86,13 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    result_id: str
+    status: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """A spooled result: its file, size and session start."""
 
@@ -124,6 +139,72 @@ def batches(entries: Sequence[Entry], max_results: int, max_bytes: int) -> list[
     if current:
         out.append(current)
     return out
+
+
+def file_id(path: Path) -> str:
+    """The result or gap id a spool file is named after (``STAMP_ID.json`` and
+    ``STAMP_REASON_ID.json``; a UUID has no underscore)."""
+    return path.stem.rsplit("_", 1)[-1]
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_spooled(raw: bytes, name_id: str, id_key: str = "result_id") -> dict[str, Any]:
+    """A spooled document as JSON data, checked as far as sending it needs: what the
+    collector would refuse for the whole batch (not UTF-8, not JSON, NaN, not an object)
+    and what the reply is matched by (``id_key`` equal to the id in the file name, a
+    ``probe_id`` that is a string, possibly empty). Raises ``ValueError`` saying what is
+    wrong. The schema itself is the collector's to judge, one result at a time. Pure."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get(id_key) != name_id:
+        raise ValueError(f"{id_key} {data.get(id_key)!r} is not the {name_id!r} in its file "
+                         "name")
+    if not isinstance(data.get("probe_id", ""), str):
+        raise ValueError("probe_id is not a string")
+    return data
+
+
+def match_outcomes(sent: Sequence[str], reply: Any) -> list[ItemOutcome]:
+    """The collector's batch reply as one outcome per sent result id, in ``sent`` order,
+    matched by ``result_id`` (never by position). Raises a retryable ``DeliveryError``
+    unless the reply lists each sent id exactly once and nothing else: then nothing is
+    deleted and the batch goes again later. Pure."""
+    items = reply.get("items") if isinstance(reply, dict) else None
+    if not isinstance(items, list):
+        raise DeliveryError("collector's batch reply has no list of items", retryable=True)
+    by_id: dict[str, ItemOutcome] = {}
+    for item in items:
+        rid = item.get("result_id") if isinstance(item, dict) else None
+        status = item.get("status") if isinstance(item, dict) else None
+        if not isinstance(rid, str) or isinstance(status, bool) or not isinstance(status, int):
+            raise DeliveryError("collector's batch reply has an item without a result_id "
+                                "and status", retryable=True)
+        if rid in by_id:
+            raise DeliveryError(f"collector's batch reply lists result {rid} twice",
+                                retryable=True)
+        error = item.get("error")
+        by_id[rid] = ItemOutcome(rid, status, error if isinstance(error, str) else None)
+    missing = [rid for rid in sent if rid not in by_id]
+    extra = sorted(set(by_id) - set(sent))
+    if missing or extra or len(items) != len(sent):
+        raise DeliveryError(
+            f"collector's batch reply does not match the {len(sent)} result(s) sent ("
+            f"{len(missing)} missing, {len(extra)} not sent); kept for a later retry",
+            retryable=True)
+    return [by_id[rid] for rid in sent]
 
 
 # --- the spool ---------------------------------------------------------------------------
@@ -279,6 +360,33 @@ class Spool:
             return []
         return sorted(self.dead_dir.glob("*.json"))
 
+    @staticmethod
+    def is_gap(path: Path) -> bool:
+        """A gap record's file (named by its recording time), not a result's (named by
+        the session start in ``_STAMP``, which a gap's name never parses as)."""
+        try:
+            datetime.strptime(path.name.split("_", 1)[0], _STAMP)
+        except ValueError:
+            return True
+        return False
+
+    def retry_dead_letter(self, path: Path) -> Path:
+        """Move a dead-lettered result (or gap record) back to where delivery takes it
+        from; its reason goes, the next refusal writes a new one."""
+        home = self.gap_dir if self.is_gap(path) else self.dir
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = home / path.name
+        path.replace(target)
+        path.with_suffix(".reason.txt").unlink(missing_ok=True)
+        _fsync_dir(home)
+        _fsync_dir(path.parent)
+        return target
+
+    def drop_dead_letter(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".reason.txt").unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
     # counters (best effort: they describe, the files are the truth) --------------------
 
     def stats(self) -> dict[str, Any]:
@@ -318,13 +426,6 @@ def _error_message(status: int, body: bytes) -> str:
     except ValueError:
         pass
     return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
-
-
-@dataclass(frozen=True, slots=True)
-class ItemOutcome:
-    result_id: str
-    status: int
-    error: str | None
 
 
 class CollectorClient:
@@ -393,16 +494,12 @@ class CollectorClient:
         reply = await self._request("POST", spec.RESULTS_PATH, body)
         return bool(isinstance(reply, dict) and reply.get("stored"))
 
-    async def push_batch(self, bodies: Sequence[bytes]) -> list[ItemOutcome]:
-        """Send results in one request (one collector transaction); an outcome each."""
-        reply = await self._request("POST", BATCH_PATH,
-                                    b'{"results":[' + b",".join(bodies) + b"]}")
-        items = reply.get("items") if isinstance(reply, dict) else None
-        if not isinstance(items, list) or len(items) != len(bodies):
-            raise DeliveryError("collector's batch reply does not list every result",
-                                retryable=True)
-        return [ItemOutcome(str(i.get("result_id")), int(i.get("status", 0)),
-                            i.get("error")) for i in items]
+    async def push_batch(self, results: Sequence[tuple[str, bytes]]) -> list[ItemOutcome]:
+        """Send (result id, body) pairs in one request (one collector transaction); an
+        outcome each, in the order given, matched by result id."""
+        reply = await self._request(
+            "POST", BATCH_PATH, b'{"results":[' + b",".join(b for _, b in results) + b"]}")
+        return match_outcomes([rid for rid, _ in results], reply)
 
     async def push_gap(self, body: bytes) -> None:
         await self._request("POST", GAPS_PATH, body)
@@ -426,22 +523,42 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | None = None,
-                  *, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep,
+                  *, probe_id: str | None = None, clock: Callable[[], float] = time.monotonic,
+                  sleep: Sleep = asyncio.sleep,
                   jitter: Callable[[], float] = random.random) -> DeliveryReport:
     """Push gap records, then every spooled result oldest first in batches, retrying
     retryable failures with backoff until ``cfg.max_wait_s`` has passed. Cancelling it
-    (SIGTERM) loses nothing: a result leaves the spool only after its 2xx."""
+    (SIGTERM) loses nothing: a result leaves the spool only after its 2xx.
+
+    A document spooled without a probe id is sent under ``probe_id`` (the configured one,
+    or the collector's answer at the start of this session); when that is None too, the
+    collector is asked (whoami) first, and until it answers nothing unnamed is sent."""
     cfg = cfg or spool.cfg
     report = DeliveryReport()
     deadline = clock() + cfg.max_wait_s
     failures = 0
     last_request = float("-inf")
     batch_results = cfg.batch_results
+    known = probe_id or None
     while True:
         gaps = spool.gaps()
-        todo = batches(spool.entries(), batch_results, cfg.batch_bytes)
-        if not gaps and not todo:
+        if gaps:
+            id_key, paths = "gap_id", gaps[:1]
+        else:
+            todo = batches(spool.entries(), batch_results, cfg.batch_bytes)
+            if not todo:
+                break
+            id_key, paths = "result_id", [e.path for e in todo[0]]
+        try:
+            docs = _read_for_sending(spool, paths, id_key, report)
+        except OSError as exc:
+            # Cannot even set a damaged file aside: stop rather than send around it forever.
+            report.error = f"cannot move a damaged spool file to dead-letter: {exc}"
+            spool.note(last_error=report.error)
             break
+        if docs is None:
+            continue  # something was set aside or is gone: plan the batch again
+        unnamed = known is None and any(not doc.get("probe_id") for _, doc in docs)
         wait = last_request + 1 / cfg.max_requests_per_s - clock()
         if wait > 0:
             await sleep(wait)
@@ -450,38 +567,43 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
         spool.note(last_attempt_at=utc_now())
         try:
             stored = 0
-            if gaps:
-                await client.push_gap(gaps[0].read_bytes())
-                spool.remove(gaps[0])
+            if unnamed:
+                known = await client.whoami()
+                continue  # the push is the next request, paced like any other
+            bodies = [(file_id(path), _body(doc, known)) for path, doc in docs]
+            if id_key == "gap_id":
+                await client.push_gap(bodies[0][1])
+                spool.remove(paths[0])
                 report.gaps_sent += 1
             else:
-                batch = todo[0]
-                outcomes = await client.push_batch([e.path.read_bytes() for e in batch])
-                for entry, outcome in zip(batch, outcomes, strict=True):
+                outcomes = await client.push_batch(bodies)
+                for path, outcome in zip(paths, outcomes, strict=True):
                     if 200 <= outcome.status < 300:
-                        spool.remove(entry.path)
-                        report.delivered.append(entry.path.stem.split("_", 1)[-1])
+                        spool.remove(path)
+                        report.delivered.append(outcome.result_id)
+                        stored += 1
                     elif outcome.status >= 500 or outcome.status in RETRYABLE_STATUS:
                         continue  # stays spooled; the next pass sends it again
                     else:
                         reason = f"HTTP {outcome.status}: {outcome.error or 'refused'}"
-                        target = spool.dead_letter(entry.path, reason)
+                        target = spool.dead_letter(path, reason)
                         report.dead_lettered.append((str(target), reason))
-                stored = sum(1 for o in outcomes if 200 <= o.status < 300)
             failures = 0
             spool.note(add={"delivered_total": stored}, last_success_at=utc_now(),
                        last_error=None)
         except DeliveryError as exc:
-            if not exc.retryable:
-                if exc.status == 413 and not gaps and batch_results > 1:
-                    batch_results = max(1, len(todo[0]) // 2)  # smaller batches, same data
+            if not exc.retryable and not unnamed:
+                if exc.status in (400, 413) and len(paths) > 1:
+                    # One document too large or unreadable spoils its whole batch: halve
+                    # the batches (same data) until it goes alone and the rest get through.
+                    batch_results = max(1, len(paths) // 2)
                     continue
-                if exc.status in (400, 413, 422) and (gaps or len(todo[0]) == 1):
+                if exc.status in (400, 413, 422) and len(paths) == 1:
                     # This one document is refused for good: set it aside, go on.
-                    path = gaps[0] if gaps else todo[0][0].path
-                    target = spool.dead_letter(path, str(exc))
+                    target = spool.dead_letter(paths[0], str(exc))
                     report.dead_lettered.append((str(target), str(exc)))
                     continue
+            if not exc.retryable:
                 # 401/403/404...: the request, not a result, is refused. Keep everything.
                 report.error = str(exc)
                 spool.note(last_error=str(exc))
@@ -498,3 +620,52 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
             await sleep(delay)
     report.pending = len(spool.entries())
     return report
+
+
+def _body(doc: dict[str, Any], probe_id: str | None) -> bytes:
+    """The document to send: named now if it was spooled before the probe's name was
+    known (the spool file keeps it unnamed: a lost reply resends it under the same
+    name, asked again)."""
+    if not doc.get("probe_id"):
+        assert probe_id is not None  # deliver() asks whoami before sending unnamed ones
+        doc = {**doc, "probe_id": probe_id}
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _read_for_sending(spool: Spool, paths: Sequence[Path], id_key: str,
+                      report: DeliveryReport) -> list[tuple[Path, dict[str, Any]]] | None:
+    """Each file parsed (``parse_spooled``), or None when one had to be set aside in
+    dead-letter (damaged, or a second file with the same id) or vanished meanwhile
+    (another bbprobe delivered it): the caller plans its batch again."""
+    out: list[tuple[Path, dict[str, Any]]] = []
+    seen: set[str] = set()
+    complete = True
+    for path in paths:
+        problem: str | None
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as exc:
+            if not os.path.lexists(path):
+                complete = False
+                continue
+            # Still listed but cannot be opened (a dangling link): set it aside, or every
+            # pass would find it again.
+            problem = f"unreadable: {exc.strerror or exc}"
+        except OSError as exc:
+            problem = f"unreadable: {exc.strerror or exc}"
+        else:
+            try:
+                doc = parse_spooled(raw, file_id(path), id_key)
+                problem = None if doc[id_key] not in seen else \
+                    f"a second spool file for {id_key} {doc[id_key]}"
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            reason = f"damaged spool file, not sent: {problem}"
+            target = spool.dead_letter(path, reason)
+            report.dead_lettered.append((str(target), reason))
+            complete = False
+            continue
+        seen.add(doc[id_key])
+        out.append((path, doc))
+    return out if complete else None

@@ -59,7 +59,8 @@ def format_transfers(
 def format_session(result: SessionResult) -> str:
     lines = [
         f"Session {result.result_id}",
-        f"  probe {result.probe_id}, started {result.started_at}, {result.duration_s:.1f} s, "
+        f"  probe {result.probe_id or '(not named yet)'}, started "
+        f"{result.started_at}, {result.duration_s:.1f} s, "
         f"profile {result.method.profile}, server {result.server.url or '—'}",
     ]
     if result.ping is not None:

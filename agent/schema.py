@@ -68,6 +68,29 @@ def bounds(
 
 _UTC = {"format": "utc"}
 
+# Physical limits by unit suffix (the schema carries units in field names), for every
+# number a field does not bound more tightly itself: a document may come from anyone who
+# holds a token, and a 400-digit integer or 1.7e308 must be refused here (422 naming the
+# field), not overflow a sum, SQLite's 64-bit integers or InfluxDB's nanosecond
+# timestamps later. 1e9 s x 1e9 ns/s stays inside int64.
+BPS_LIMIT = 1e13  # 10 Tbit/s
+UNIT_LIMITS = (("_ms", 1e7), ("_s", 1e9), ("_mbps", 1e7), ("_bps", BPS_LIMIT),
+               ("_bytes", 1e15), ("_ratio", 1.0), ("_percent", 100.0))
+# Any other number (counts, indexes, versions): what a double holds exactly.
+NUMBER_LIMIT = float(2**53)
+SAMPLE_T_LIMIT_S = 1e9
+
+
+def physical_bounds(name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the field's physical limit filled in where it sets none."""
+    limit = next((v for suffix, v in UNIT_LIMITS if name.endswith(suffix)), NUMBER_LIMIT)
+    out = dict(meta)
+    if out.get("le") is None:
+        out["le"] = limit
+    if out.get("ge") is None and out.get("gt") is None:
+        out["ge"] = -limit
+    return out
+
 
 def utc_now() -> str:
     return format_utc(datetime.now(UTC))
@@ -450,7 +473,10 @@ def _type_name(tp: Any) -> str:
     )
 
 
-_SAMPLES = tuple[tuple[float, int], ...]
+_PAIR = tuple[float, int]
+_SAMPLES = tuple[_PAIR, ...]
+# A (t_s, bytes) sample: seconds since the test began, bytes so far.
+_PAIR_BOUNDS = ({"ge": -SAMPLE_T_LIMIT_S, "le": SAMPLE_T_LIMIT_S}, {"ge": 0, "le": 1e15})
 
 
 def _is_pair(value: Any) -> bool:
@@ -458,7 +484,9 @@ def _is_pair(value: Any) -> bool:
     if type(value) is not list or len(value) != 2:
         return False
     t, b = value
-    return (type(t) is float or type(t) is int) and math.isfinite(t) and type(b) is int
+    return ((type(t) is float or type(t) is int) and math.isfinite(t)
+            and -SAMPLE_T_LIMIT_S <= t <= SAMPLE_T_LIMIT_S
+            and type(b) is int and 0 <= b <= 10**15)
 
 
 def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
@@ -490,14 +518,17 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
             raise SchemaError(path, f"expected an array, got {_json_type(value)}")
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
+            # An array's numbers are in the field's unit: its bounds hold for each.
             return tuple(
-                _decode_value(args[0], item, f"{path}[{i}]", {}) for i, item in enumerate(value)
+                _decode_value(args[0], item, f"{path}[{i}]", meta)
+                for i, item in enumerate(value)
             )
         if len(value) != len(args):
             raise SchemaError(path, f"expected an array of {len(args)} items, got {len(value)}")
+        metas = _PAIR_BOUNDS if tp == _PAIR else [physical_bounds("", {})] * len(args)
         return tuple(
-            _decode_value(arg, item, f"{path}[{i}]", {})
-            for i, (arg, item) in enumerate(zip(args, value, strict=True))
+            _decode_value(arg, item, f"{path}[{i}]", item_meta)
+            for i, (arg, item, item_meta) in enumerate(zip(args, value, metas, strict=True))
         )
     if dataclasses.is_dataclass(tp):
         return _decode_dataclass(tp, value, path)
@@ -544,7 +575,8 @@ def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
                 kwargs[name] = spec.default_factory()
                 continue
             raise SchemaError(sub, "missing required field")
-        kwargs[name] = _decode_value(hints[name], value[name], sub, dict(spec.metadata))
+        kwargs[name] = _decode_value(hints[name], value[name], sub,
+                                     physical_bounds(name, dict(spec.metadata)))
     return cls(**kwargs)
 
 
@@ -591,7 +623,8 @@ def json_schema(cls: type, defs: dict[str, Any] | None = None) -> dict[str, Any]
     properties: dict[str, Any] = {}
     required: list[str] = []
     for f in dataclasses.fields(cls):
-        properties[f.name] = _schema_of(hints[f.name], dict(f.metadata), defs)
+        properties[f.name] = _schema_of(hints[f.name], physical_bounds(f.name, dict(f.metadata)),
+                                        defs)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             required.append(f.name)
     schema = {"type": "object", "properties": properties, "required": required,

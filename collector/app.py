@@ -15,7 +15,7 @@ import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from agent import spec
-from agent.schema import parse_utc, utc_now
+from agent.schema import NUMBER_LIMIT, format_utc, parse_utc, physical_bounds, utc_now
 from collector import __version__, auth, ingest, measure, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig, ServerConfig
@@ -40,7 +40,7 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
-from collector.storage.sqlite import NewResult, SqliteStore
+from collector.storage.sqlite import NewResult, Quota, SqliteStore
 
 log = logging.getLogger("bbprobe.collector")
 T = TypeVar("T")
@@ -50,6 +50,8 @@ STORE = web.AppKey("store", SqliteStore)
 DB_THREAD = web.AppKey("db_thread", ThreadPoolExecutor)
 SINK = web.AppKey("influx_sink", object)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
+# Anonymous browser results, per client: apart from the probes' limiter, never off.
+ANON_LIMITER = web.AppKey("anonymous_limiter", RateLimiter)
 
 
 async def db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
@@ -178,7 +180,10 @@ async def access(
     role = required_role(request)
     if request.match_info.http_exception is not None or role in (None, "probe"):
         return await handler(request)
-    if role == "analyst" and not request.app[CONFIG].server.query_auth:
+    changes = request.method not in ("GET", "HEAD", "OPTIONS")
+    if changes:
+        refuse_cross_site(request)
+    if role == "analyst" and not request.app[CONFIG].server.query_auth and not changes:
         return await handler(request)
     token = auth.bearer(request.headers.get("Authorization"))
     found = None if token is None else \
@@ -194,6 +199,26 @@ async def access(
     if role == "admin" and have != "admin":
         raise ApiError(403, "this needs an admin token")
     return await handler(request)
+
+
+def refuse_cross_site(request: web.Request) -> None:
+    """State-changing analyst and admin routes (CSRF, issue 12). A browser that cached
+    an admin's Basic credentials attaches them to any site's form post; it never attaches
+    a Bearer header by itself. So these routes take Bearer only, a JSON body only (a
+    form or text/plain post cannot send one without a CORS preflight, which we never
+    grant), and refuse what the browser marks as cross-site or from a foreign origin."""
+    header = request.headers.get("Authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise ApiError(401, "changes need 'Authorization: Bearer <token>' (a browser's "
+                            "Basic login is for reading pages only)")
+    if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        raise ApiError(403, "cross-site request refused (Sec-Fetch-Site: cross-site)")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise ApiError(403, f"request from origin {origin[:100]!r} refused")
+    if request.can_read_body and request.content_type != "application/json":
+        raise ApiError(415, f"expected Content-Type: application/json, got "
+                            f"{request.content_type!r}")
 
 
 async def ingesting_probe(request: web.Request) -> str:
@@ -345,42 +370,72 @@ BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
 
 
 def check_browser_result(data: Any) -> dict[str, Any]:
-    """A browser speed-test result: known keys only, numbers >= 0 (or null), <= 100
-    RTTs; 422 naming the first problem."""
+    """A browser speed-test result (anonymous): known keys only; every number finite,
+    >= 0 and within its unit's physical limit (or null); at most 100 RTTs; a small flat
+    ``method``; 422 naming the first problem."""
     if not isinstance(data, dict):
         raise ApiError(422, "expected a JSON object")
     allowed = {"method", "user_agent", "rtts_ms", *BROWSER_NUMBERS}
     for key, value in data.items():
         if key not in allowed:
             raise ApiError(422, f"{key}: unknown field", field=key)
-        if key in BROWSER_NUMBERS and value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-            raise ApiError(422, f"{key}: expected a number >= 0 or null, got {value!r}",
-                           field=key)
+        if key in BROWSER_NUMBERS and value is not None:
+            _check_number(key, value, physical_bounds(key, {"ge": 0})["le"])
     rtts = data.get("rtts_ms", [])
-    if not isinstance(rtts, list) or len(rtts) > 100 or any(
-            isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in rtts):
-        raise ApiError(422, "rtts_ms: expected at most 100 numbers >= 0", field="rtts_ms")
-    if not isinstance(data.get("method", {}), dict) or not isinstance(
-            data.get("user_agent", ""), str):
-        raise ApiError(422, "method must be an object and user_agent a string")
+    if not isinstance(rtts, list) or len(rtts) > 100:
+        raise ApiError(422, "rtts_ms: expected at most 100 numbers", field="rtts_ms")
+    for value in rtts:
+        _check_number("rtts_ms", value, physical_bounds("rtts_ms", {})["le"])
+    user_agent = data.get("user_agent", "")
+    if not isinstance(user_agent, str) or len(user_agent) > 512:
+        raise ApiError(422, "user_agent: expected a string of at most 512 characters",
+                       field="user_agent")
+    method = data.get("method", {})
+    if not isinstance(method, dict) or len(method) > 32 or any(
+            not isinstance(k, str) or len(k) > 64 or not _small_scalar(v)
+            for k, v in method.items()):
+        raise ApiError(422, "method: expected an object of at most 32 short keys with "
+                            "numbers, booleans or short strings", field="method")
     return data
+
+
+def _check_number(key: str, value: Any, limit: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value <= limit):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ApiError(422, f"{key}: expected a number from 0 to {limit:g} or null, got "
+                            f"{shown}", field=key)
+
+
+def _small_scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return abs(value) <= NUMBER_LIMIT
+    return isinstance(value, str) and len(value) <= 256
 
 
 async def post_browser_result(request: web.Request) -> web.Response:
     """An anonymous browser speed test (/speedtest): stored apart from probe results,
-    never in compliance; rate-limited per client address."""
-    limiter = request.app.get(LIMITER)
+    never in compliance; rate-limited per client (address, or IPv6 /64) and kept within
+    the anonymous quota."""
+    from collector.slots import client_key
+
+    limiter = request.app[ANON_LIMITER]
     client = request.remote or "unknown"
-    if limiter is not None:
-        wait = limiter.take("browser:" + client)
-        if wait is not None:
-            raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
-                           retry_after=limiter.retry_after(wait))
+    wait = limiter.take(client_key(client))
+    if wait is not None:
+        raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
+                       retry_after=limiter.retry_after(wait))
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
     row = await db(request, SqliteStore.add_browser_result, utc_now(), client,
-                   json.dumps(data, sort_keys=True))
+                   json.dumps(data, sort_keys=True), anonymous_quota(request.app[CONFIG]))
     return web.json_response({"id": row}, status=201)
+
+
+def anonymous_quota(cfg: CollectorConfig) -> Quota:
+    keep_after = datetime.now(UTC) - timedelta(days=cfg.anonymous.retention_days)
+    return Quota(format_utc(keep_after), cfg.anonymous.max_rows)
 
 
 async def list_browser_results(request: web.Request) -> web.Response:
@@ -619,13 +674,32 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Public liveness: that this process answers, and nothing else (no versions, no
+    error texts, no queue sizes for strangers; issue 12). Analysts: /api/v1/health."""
+    return web.json_response({"status": "ok"})
+
+
+async def health(request: web.Request) -> web.Response:
+    """The details, for analysts: version, the measurement slots, the InfluxDB copy (its
+    state, outbox and dead letters)."""
+    from collector.slots import SLOTS
+
     doc: dict[str, Any] = {"status": "ok", "version": __version__}
+    slots = request.app.get(SLOTS)
+    if slots is not None:
+        doc["measurement"] = {"transfers_running": slots.running,
+                              "clients": len(slots.by_client), "limit": slots.limit,
+                              "per_client": slots.per_client}
     sink = request.app.get(SINK)
     if sink is not None:
         from dataclasses import asdict
 
         doc["influxdb"] = {**asdict(sink.state),  # type: ignore[attr-defined]
-                           "outbox": await db(request, SqliteStore.outbox_size)}
+                           "outbox": await db(request, SqliteStore.outbox_size),
+                           "dead_letters_stored": await db(request,
+                                                           SqliteStore.outbox_dead_count)}
+        if not sink.state.running:  # type: ignore[attr-defined]
+            doc["status"] = "degraded"
     return web.json_response(doc)
 
 
@@ -638,6 +712,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app[CONFIG] = cfg
     if cfg.server.probe_requests_per_min > 0:
         app[LIMITER] = RateLimiter(cfg.server.probe_requests_per_min, cfg.server.probe_burst)
+    app[ANON_LIMITER] = RateLimiter(cfg.anonymous.browser_results_per_min, 3)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bbprobe-db")
@@ -654,7 +729,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
 
             sink = InfluxSink(cfg.influxdb, on_db)
             app[SINK] = sink
-            sink_task = asyncio.create_task(sink.run(), name="bbprobe-influx-sink")
+            sink_task = asyncio.create_task(sink.supervise(), name="bbprobe-influx-sink")
         yield
         if sink_task is not None:
             sink_task.cancel()
@@ -680,6 +755,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_get("/api/v1/certificate", get_certificate)
     app.router.add_get("/api/v1/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/health", health)
     app.router.add_get("/", index_page)
     app.router.add_get("/speedtest", speedtest)
     app.router.add_post("/api/v1/browser-results", post_browser_result)
@@ -696,7 +772,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(app[DB_THREAD], partial(
                 SqliteStore.add_ndt7_test, app[STORE], archive, archive["StartTime"],
-                archive["EndTime"]))
+                archive["EndTime"], anonymous_quota(cfg)))
 
         ndt7.add_routes(app, store_ndt7)
     return app

@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -85,9 +86,15 @@ def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
 
 
 @contextmanager
-def _store(ctx: click.Context) -> Iterator[SqliteStore]:
-    """The configured database, closed however the command ends."""
-    store = SqliteStore(_config(ctx).storage.path)
+def _store(ctx: click.Context, create: bool = False) -> Iterator[SqliteStore]:
+    """The configured database, closed however the command ends. Only the commands that
+    set a collector up (init, probe add, token add) may create it: a typo in --db must
+    not quietly open a new, empty database and report nothing (issue 12)."""
+    path = _config(ctx).storage.path
+    if not create and not Path(path).exists():
+        raise InputError(f"no database at {path} (check --db or storage.path; "
+                         "`bbprobe-collector init` creates one)")
+    store = SqliteStore(path)
     try:
         yield store
     finally:
@@ -166,7 +173,7 @@ def probe() -> None:
 @handle_errors
 def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
     """Register probe NAME and print its token (shown this once only)."""
-    with _store(ctx) as store:
+    with _store(ctx, create=True) as store:
         token = service.register_probe(store, name, LineMetadata(**line))
     click.echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
                err=True)
@@ -453,12 +460,31 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
 @click.pass_context
 @handle_errors
 def influx_status(ctx: click.Context) -> None:
-    """Results waiting in the outbox (a running collector's /healthz shows more)."""
+    """Results waiting in the outbox, and those set apart (dead letters) with why. A
+    running collector's /api/v1/health shows more."""
     with _store(ctx) as store:
         waiting = store.outbox_size()
+        dead = store.outbox_dead_letters()
     cfg = _config(ctx).influxdb
     state = f"enabled, {cfg.url}, bucket {cfg.bucket}" if cfg.enabled else "disabled"
-    click.echo(f"influxdb: {state}; {waiting} result(s) waiting")
+    click.echo(f"influxdb: {state}; {waiting} result(s) waiting; {len(dead)} set apart")
+    for row in dead:
+        click.echo(f"  {row['result_id']}  {row['failed_at']}  {row['reason']}")
+
+
+@influx.command("retry")
+@shared_options
+@click.pass_context
+@handle_errors
+def influx_retry(ctx: click.Context) -> None:
+    """Queue the results set apart again (after fixing what InfluxDB refused, such as a
+    bucket's retention)."""
+    from agent.schema import utc_now
+
+    with _store(ctx) as store:
+        queued = store.outbox_retry_dead(utc_now())
+        waiting = store.outbox_size()
+    click.echo(f"queued {queued} result(s) again; {waiting} waiting")
 
 
 @main.command()
@@ -473,7 +499,7 @@ def init(ctx: click.Context, admin_name: str) -> None:
     steps. Safe to run again: an existing admin token is kept and none is added."""
     cfg = _config(ctx)
     table = targets_mod.load(cfg.compliance.targets)
-    with _store(ctx) as store:
+    with _store(ctx, create=True) as store:
         tokens = store.tokens()
         admins = [t for t in tokens if t["role"] == "admin" and not t["revoked_at"]]
         if not admins and any(t["name"] == admin_name for t in tokens):
@@ -522,7 +548,7 @@ def token() -> None:
 @handle_errors
 def token_add(ctx: click.Context, name: str, role: str) -> None:
     """Create a token; it is printed once (only its digest is stored)."""
-    with _store(ctx) as store:
+    with _store(ctx, create=True) as store:
         secret = service.add_token(store, name, role)
     click.echo(secret)
     click.echo(f"{role} token {name!r} created; keep it now, it is not shown again",

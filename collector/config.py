@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent import credentials
-from agent.config import decode_table, user_dir
+from agent.config import decode_table, url_problem, user_dir
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
 from agent.schema import bounds
@@ -76,9 +76,23 @@ class MeasurementConfig:
     max_duration_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
     # Concurrent transfers served at once; more get 503 (Retry-After).
     max_concurrent: int = field(default=64, metadata=bounds(ge=1, le=10_000))
+    # Of those, at most this many from one client (an IPv4 address or an IPv6 /64); more
+    # get 429. 20 = the most streams the agent's adaptive rule opens (Ne.Me.Sys table).
+    max_concurrent_per_client: int = field(default=20, metadata=bounds(ge=1, le=10_000))
     # Length of an ndt7 subtest (/ndt/v7/*). The protocol's is 10 s and M-Lab's clients
     # assume it; shorter only for tests.
     ndt7_runtime_s: float = field(default=10.0, metadata=bounds(ge=0.5, le=10.0))
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousConfig:
+    # What strangers may leave in the database: browser speed-test results and ndt7
+    # subtests (issue 12). Each table keeps at most max_rows, the newest, and nothing
+    # older than retention_days; a client address posts at most browser_results_per_min
+    # browser results a minute.
+    retention_days: float = field(default=365.0, metadata=bounds(gt=0, le=36_500))
+    max_rows: int = field(default=200_000, metadata=bounds(ge=100, le=100_000_000))
+    browser_results_per_min: float = field(default=6.0, metadata=bounds(gt=0, le=6000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,7 @@ class CollectorConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+    anonymous: AnonymousConfig = field(default_factory=AnonymousConfig)
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
 
 
@@ -199,12 +214,9 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
             raise ConfigError(f"{source}: server.{name}: no such file {value!r}")
     influx = cfg.influxdb
     if influx.enabled:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(influx.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{source}: influxdb.url: expected http(s)://host[:port], got "
-                              f"{influx.url!r}")
+        if problem := url_problem(influx.url):
+            raise ConfigError(f"{source}: influxdb.url: expected http(s)://host[:port]: "
+                              f"{problem}")
         if not influx.bucket:
             raise ConfigError(f"{source}: influxdb.bucket: must not be empty")
     if influx.retry_max_s < influx.retry_min_s:

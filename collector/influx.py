@@ -21,6 +21,7 @@ Servers speaking the InfluxDB v2 write API work too (VictoriaMetrics names the s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from typing import Any
 from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 
-from agent.schema import SessionResult, parse_utc
+from agent.schema import SessionResult, parse_result, parse_utc, utc_now
 from collector.config import influx_token
 from collector.storage.sqlite import LineMetadata
 
@@ -92,15 +93,23 @@ def points(result: SessionResult, line: LineMetadata) -> list[Point]:
 
 @dataclass(slots=True)
 class SinkState:
-    """What /healthz shows of the sink."""
+    """What the analysts' health report shows of the sink."""
 
+    running: bool = False
     written_results: int = 0
+    dead_letters: int = 0  # set apart by this process (the database has the total)
     last_success: str | None = None
     last_error: str | None = None
     failures_in_a_row: int = 0
+    crashes: int = 0  # the sink task died and was restarted (a bug: see the log)
 
 
-OutboxRecord = tuple[str, SessionResult, LineMetadata]
+# InfluxDB's answers that say "this data, never": bad line protocol or a timestamp out of
+# range (400), too large (413), outside the bucket's retention (422). Anything else
+# (5xx, 429, 401/403/404: a server or configuration matter) is retried, never dropped.
+PERMANENT = frozenset({400, 413, 422})
+OutboxRow = tuple[str, str, LineMetadata]
+Built = tuple[str, list[Point]]
 Db = Callable[..., Awaitable[Any]]
 
 
@@ -126,15 +135,33 @@ class InfluxSink:
     def _write(self, batch: list[Point]) -> None:
         self.write_api.write(bucket=self.cfg.bucket, org=self.cfg.org, record=batch)
 
+    async def supervise(self) -> None:
+        """Run the sink; if it ever dies of an unforeseen error, say so (log, health) and
+        start it again after a pause. Only cancellation (shutdown) ends it."""
+        while True:
+            self.state.running = True
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                self.state.running = False
+                raise
+            except Exception as exc:
+                self.state.running = False
+                self.state.crashes += 1
+                self.state.last_error = f"sink crashed: {type(exc).__name__}: {exc}"[:300]
+                log.exception("InfluxDB sink crashed (%d so far); restarting",
+                              self.state.crashes)
+                await asyncio.sleep(min(self.cfg.retry_max_s,
+                                        self.cfg.retry_min_s * 2 ** min(self.state.crashes, 16)))
+
     async def run(self) -> None:
         """Forever: take a batch, write it, delete it; back off on failure."""
         from collector.storage.sqlite import SqliteStore
 
-        loop = asyncio.get_running_loop()
         delay = self.cfg.retry_min_s
         while True:
-            batch: list[OutboxRecord] = await self.db(SqliteStore.outbox_batch,
-                                                       self.cfg.batch_results)
+            batch: list[OutboxRow] = await self.db(SqliteStore.outbox_batch,
+                                                   self.cfg.batch_results)
             if not batch:
                 self.wake.clear()
                 try:
@@ -143,26 +170,61 @@ class InfluxSink:
                 except TimeoutError:
                     pass
                 continue
-            records = [p for _, result, line in batch for p in points(result, line)]
+            built: list[Built] = []
+            for result_id, body, line in batch:
+                try:  # one result at a time: one that cannot be built stops nothing else
+                    built.append((result_id, points(parse_result(json.loads(body)), line)))
+                except Exception as exc:
+                    await self._dead_letter(result_id, f"cannot build its points: "
+                                                       f"{type(exc).__name__}: {exc}")
             try:
-                await loop.run_in_executor(self.thread, self._write, records)
-            except Exception as exc:  # any failure to write is retried: never lost, never fatal
+                await self._write_splitting(built)
+            except Exception as exc:  # any other failure is retried: never lost, never fatal
                 self.state.failures_in_a_row += 1
                 self.state.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 # Full jitter around the doubling delay, so restarted collectors spread out.
                 pause = delay * random.uniform(0.5, 1.5)
                 log.warning("InfluxDB write of %d result(s) failed (%s); retrying in %.1f s",
-                            len(batch), self.state.last_error, pause)
+                            len(built), self.state.last_error, pause)
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, self.cfg.retry_max_s)
                 continue
-            await self.db(SqliteStore.outbox_done, [rid for rid, _, _ in batch])
-            from agent.schema import utc_now
-
-            self.state.written_results += len(batch)
             self.state.last_success = utc_now()
             self.state.failures_in_a_row = 0
             delay = self.cfg.retry_min_s
+
+    async def _write_splitting(self, built: list[Built]) -> None:
+        """Write ``built``; on a permanent refusal, halve the batch until the result that
+        InfluxDB refuses is alone, and set that one apart (log2(batch) extra writes)."""
+        from collector.storage.sqlite import SqliteStore
+
+        if not built:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.thread, self._write, [p for _, pts in built for p in pts])
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if status not in PERMANENT:
+                raise
+            if len(built) == 1:
+                body = str(getattr(exc, "body", "") or exc).replace("\n", " ")
+                await self._dead_letter(built[0][0], f"InfluxDB refused it: HTTP {status}: "
+                                                     f"{body[:300]}")
+                return
+            half = len(built) // 2
+            await self._write_splitting(built[:half])
+            await self._write_splitting(built[half:])
+            return
+        await self.db(SqliteStore.outbox_done, [rid for rid, _ in built])
+        self.state.written_results += len(built)
+
+    async def _dead_letter(self, result_id: str, reason: str) -> None:
+        from collector.storage.sqlite import SqliteStore
+
+        await self.db(SqliteStore.outbox_dead_letter, result_id, reason, utc_now())
+        self.state.dead_letters += 1
+        log.warning("InfluxDB copy of result %s set apart: %s", result_id, reason)
 
     def close(self) -> None:
         self.thread.shutdown(wait=True, cancel_futures=True)

@@ -57,13 +57,20 @@ def accept(data: Any) -> Accepted:
         result = parse_result(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
-    body = canonical_json(result)
-    started_at = format_utc(parse_utc(result.started_at))
-    return Accepted(
-        result=result,
-        body=body,
-        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
-        started_at=started_at,
-        ended_at=format_utc(parse_utc(result.ended_at)),
-        facts=of_result(result, started_at),
-    )
+    try:
+        body = canonical_json(result)
+        started_at = format_utc(parse_utc(result.started_at))
+        return Accepted(
+            result=result,
+            body=body,
+            body_sha256=hashlib.sha256(body.encode()).hexdigest(),
+            started_at=started_at,
+            ended_at=format_utc(parse_utc(result.ended_at)),
+            facts=of_result(result, started_at),
+        )
+    except (ArithmeticError, ValueError) as exc:
+        # The schema bounds every number, so this should not happen; if a document still
+        # defeats the arithmetic, it is the sender's to fix (4xx: the agent does not retry
+        # it forever), never a 500 (issue 12, finding 10).
+        raise ApiError(422, f"result cannot be evaluated: {type(exc).__name__}: {exc}") \
+            from None

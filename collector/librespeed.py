@@ -15,11 +15,14 @@ backend does. Counted in the measurement role's concurrent-transfer limit.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 from aiohttp import web
 
 from agent import payload
+from collector.errors import ApiError
+from collector.slots import CONFIG, SLOTS
 
 CHUNK = 1024 * 1024
 NAMES = ("garbage", "empty", "getIP")
@@ -64,12 +67,10 @@ def describe_ip(address: str) -> str:
 
 
 async def garbage(request: web.Request) -> web.StreamResponse:
-    from collector.measure import CONFIG, SLOTS
-
+    cfg = request.app[CONFIG]
     # Within the measurement role's per-request byte cap, as every download here is.
-    count = min(chunks_wanted(request.query.get("ckSize")),
-                max(1, request.app[CONFIG].max_bytes // CHUNK))
-    async with request.app[SLOTS].slot():
+    count = min(chunks_wanted(request.query.get("ckSize")), max(1, cfg.max_bytes // CHUNK))
+    async with request.app[SLOTS].slot(request.remote):
         response = web.StreamResponse(headers={
             **NO_CACHE, **CORS, "Content-Type": "application/octet-stream",
             "Content-Description": "File Transfer",
@@ -78,25 +79,44 @@ async def garbage(request: web.Request) -> web.StreamResponse:
         response.content_length = count * CHUNK
         await response.prepare(request)
         block = payload.buffer()[:CHUNK]
-        for _ in range(count):
-            await response.write(block)  # a client aborting ends it with a reset
-        await response.write_eof()
+        try:
+            # A client that stops reading holds its slot no longer than any transfer may
+            # last (issue 12: idle sockets held every slot for minutes).
+            async with asyncio.timeout(cfg.max_duration_s):
+                for _ in range(count):
+                    await response.write(block)  # a client aborting ends it with a reset
+                await response.write_eof()
+        except TimeoutError:
+            _drop(request)
         return response
 
 
 async def empty(request: web.Request) -> web.Response:
-    from collector.measure import CONFIG, SLOTS
-
     if request.method == "POST" and request.can_read_body:
-        limit = request.app[CONFIG].max_bytes
-        async with request.app[SLOTS].slot():
+        cfg = request.app[CONFIG]
+        async with request.app[SLOTS].slot(request.remote):
             received = 0
-            async for block in request.content.iter_chunked(256 * 1024):
-                received += len(block)
-                if received > limit:
-                    raise web.HTTPRequestEntityTooLarge(max_size=limit,
-                                                        actual_size=received)
+            try:
+                # Bounded in time as in bytes: a client announcing a large body and then
+                # trickling it must not keep the slot.
+                async with asyncio.timeout(cfg.max_duration_s):
+                    async for block in request.content.iter_chunked(256 * 1024):
+                        received += len(block)
+                        if received > cfg.max_bytes:
+                            raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_bytes,
+                                                                actual_size=received)
+            except TimeoutError:
+                _drop(request)
+                raise ApiError(408, f"upload not finished within {cfg.max_duration_s:g} s") \
+                    from None
     return web.Response(body=b"", headers={**NO_CACHE, **CORS, "Connection": "keep-alive"})
+
+
+def _drop(request: web.Request) -> None:
+    """Close a connection whose client does not keep up: its slot is released as the
+    handler returns, whatever the client does next."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def get_ip(request: web.Request) -> web.Response:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+SWEEP_MIN = 1024
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -27,10 +29,13 @@ class RateLimiter:
         self.burst = max(1, burst)
         self.clock = clock
         self.buckets: dict[str, _Bucket] = {}
+        self.sweep_at = SWEEP_MIN
 
     def take(self, key: str) -> float | None:
         """None if a request is allowed now; else the seconds until one will be."""
         now = self.clock()
+        if len(self.buckets) >= self.sweep_at:
+            self._sweep(now)
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = _Bucket(float(self.burst), now)
@@ -40,6 +45,15 @@ class RateLimiter:
             bucket.tokens -= 1
             return None
         return (1 - bucket.tokens) / self.rate
+
+    def _sweep(self, now: float) -> None:
+        """Forget every bucket that has refilled: it is the same as a new one. Keys come
+        from anyone's address (issue 12: the buckets grew with every new address), so
+        memory stays proportional to the clients of the last burst/rate seconds. The next
+        sweep comes when the table has doubled, so sweeping costs O(1) per request."""
+        full = self.burst / self.rate if self.rate > 0 else math.inf
+        self.buckets = {k: b for k, b in self.buckets.items() if now - b.updated < full}
+        self.sweep_at = max(SWEEP_MIN, 2 * len(self.buckets))
 
     @staticmethod
     def retry_after(wait_s: float) -> str:

@@ -21,8 +21,6 @@ port cannot be turned into an unbounded load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -30,6 +28,7 @@ from agent import payload
 from agent.schema import UploadReport, to_dict
 from collector.config import MeasurementConfig
 from collector.errors import ApiError
+from collector.slots import CONFIG, SLOTS, TransferSlots
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
 DEFAULT_SAMPLE_INTERVAL_S = 0.1
@@ -49,35 +48,13 @@ def _number(request: web.Request, name: str, kind: type[int] | type[float],
     return value
 
 
-class TransferSlots:
-    """Counts running transfers; refuses the one above the limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.running = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.running >= self.limit:
-            raise ApiError(503, f"server busy: {self.limit} transfers already running")
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-
-
-CONFIG = web.AppKey("measurement_config", MeasurementConfig)
-SLOTS = web.AppKey("transfer_slots", TransferSlots)
-
-
 async def download(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG]
     nbytes = _number(request, "bytes", int, 1, cfg.max_bytes)
     duration = _number(request, "duration_s", float, 0.001, cfg.max_duration_s)
     if nbytes is None and duration is None:
         raise ApiError(400, "give bytes=N or duration_s=S (or both)")
-    async with request.app[SLOTS].slot():
+    async with request.app[SLOTS].slot(request.remote):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (duration if duration is not None else cfg.max_duration_s)
         response = web.StreamResponse(
@@ -256,7 +233,7 @@ async def upload(request: web.Request) -> web.Response:
     if expect and expect.lower() != "100-continue":
         raise ApiError(417, f"unsupported Expect: {expect!r}")
     limit_s = duration if duration is not None else cfg.max_duration_s
-    async with request.app[SLOTS].slot():
+    async with request.app[SLOTS].slot(request.remote):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         fast = bool(expect) and request.transport is not None
@@ -338,7 +315,7 @@ def add_routes(app: web.Application, cfg: MeasurementConfig) -> None:
     from agent import spec
 
     app[CONFIG] = cfg
-    app[SLOTS] = TransferSlots(cfg.max_concurrent)
+    app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client)
     payload.file()  # generate the random payload now, not during the first test
     app.router.add_get(spec.DOWNLOAD_PATH, download)
     app.router.add_post(spec.UPLOAD_PATH, upload, expect_handler=_no_interim)

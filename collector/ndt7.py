@@ -42,6 +42,7 @@ from aiohttp import WSMsgType, web
 from agent import payload
 from collector import tcpinfo
 from collector.errors import ApiError
+from collector.slots import CONFIG, SLOTS
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
 DOWNLOAD_PATH = "/ndt/v7/download"
@@ -55,6 +56,9 @@ MAX_QUERY = 4096
 EARLY_EXIT_BYTES = 250_000_000
 MAX_CLIENT_MEASUREMENTS = 200  # 10 s at the spec's 10/s ceiling, twice over
 MAX_CLIENT_MEASUREMENT_BYTES = 8192
+# What one anonymous subtest may leave in the database of its own messages (issue 12:
+# 200 x 8 KiB each was 1.6 MB a subtest). ndt7-js sends about 40 of ~300 bytes.
+MAX_CLIENT_MEASUREMENTS_TOTAL_BYTES = 64 * 1024
 
 
 # Unsent bytes the kernel may hold for a download (TCP_NOTSENT_LOWAT), as time at the
@@ -131,6 +135,8 @@ class Subtest:
     app_bytes: int = 0  # binary + text payload bytes sent (download) or received (upload)
     server_measurements: list[dict[str, Any]] = field(default_factory=list)
     client_measurements: list[Any] = field(default_factory=list)
+    client_bytes: int = 0  # of the kept client measurements
+    client_measurements_dropped: int = 0  # past the caps: counted, not kept
     end_reason: str = "running"
     error: str | None = None
     end: datetime | None = None
@@ -194,6 +200,7 @@ class Subtest:
             "Summary": self.summary(),
             "ServerMeasurements": self.server_measurements,
             "ClientMeasurements": self.client_measurements,
+            "ClientMeasurementsDropped": self.client_measurements_dropped,
         }
 
 
@@ -274,11 +281,15 @@ async def _receive(ws: web.WebSocketResponse, sub: Subtest) -> None:  # cancella
             if sub.test == "upload":
                 sub.app_bytes += len(msg.data)
             if (len(sub.client_measurements) < MAX_CLIENT_MEASUREMENTS
-                    and len(msg.data) <= MAX_CLIENT_MEASUREMENT_BYTES):
+                    and len(msg.data) <= MAX_CLIENT_MEASUREMENT_BYTES
+                    and sub.client_bytes + len(msg.data) <= MAX_CLIENT_MEASUREMENTS_TOTAL_BYTES):
+                sub.client_bytes += len(msg.data)
                 try:
                     sub.client_measurements.append(json.loads(msg.data))
                 except ValueError:
                     sub.client_measurements.append({"unparsed": msg.data[:256]})
+            else:
+                sub.client_measurements_dropped += 1
         elif msg.type == WSMsgType.ERROR:
             sub.end_reason, sub.error = "client_error", str(ws.exception())
             return
@@ -330,8 +341,6 @@ async def _run(ws: web.WebSocketResponse, sub: Subtest, sock: Any, runtime_s: fl
 
 def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        from collector.measure import CONFIG, SLOTS
-
         offered = [p.strip() for p in
                    request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -342,7 +351,7 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         except ValueError as exc:
             raise ApiError(400, f"ndt7 query: {exc}") from None
         runtime = request.app[CONFIG].ndt7_runtime_s
-        async with request.app[SLOTS].slot():
+        async with request.app[SLOTS].slot(request.remote):
             # timeout: how long our Close waits for the client's; the client's comes after
             # all it had queued (ndt7-js keeps up to 56 MiB queued in uploads), so it gets
             # the rest of the hard limit. Past that, the connection is dropped, which

@@ -289,8 +289,14 @@ def document() -> dict[str, Any]:
         },
         OPENAPI_PATH: {"get": {"summary": "This document.", "security": PUBLIC,
                                "responses": {"200": _json({"type": "object"})}}},
-        "/healthz": {"get": {"summary": "Liveness.", "security": PUBLIC,
+        "/healthz": {"get": {"summary": "Liveness: {\"status\": \"ok\"} and nothing else.",
+                             "security": PUBLIC,
                              "responses": {"200": _json({"type": "object"})}}},
+        "/api/v1/health": {"get": {
+            "summary": "Analysts: version, measurement slots in use, the InfluxDB copy "
+                       "(state, outbox, dead letters); status 'degraded' when the sink is "
+                       "not running.",
+            "responses": {"200": _json({"type": "object"})}}},
         spec.DOWNLOAD_PATH: {
             "get": {"summary": "Download source: N random bytes, or S seconds then close.",
                     "security": PUBLIC,

@@ -13,8 +13,9 @@ Runs on 127.0.0.1:0 in a thread of its own, like ``collector.testing``.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,44 @@ class FaultProxy:
 
 
 @contextmanager
-def fault_proxy(upstream: str, script: list[tuple[Any, ...]]) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(url="", script=list(script))
+def serve_in_thread(app: web.Application) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:0 on an event loop in a thread of its own; yields its
+    base URL and stops it however the block ends."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, Any] = {}
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        box["url"] = f"http://{host}:{port}"
+        box["stop"] = stop = asyncio.Event()
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    assert ready.wait(10), "test server did not start"
+    try:
+        yield str(box["url"])
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+        loop.close()
+
+
+@contextmanager
+def fault_proxy(upstream: str, script: list[tuple[Any, ...]],
+                rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                ) -> Iterator[FaultProxy]:
+    """``rewrite``, if given, is applied to the JSON reply of every forwarded batch POST
+    (a collector answering out of order, or wrongly)."""
+    proxy = FaultProxy(url="", script=list(script))
 
     async def handle(request: web.Request) -> web.StreamResponse:
         fault = proxy.script.pop(0) if proxy.script else ("forward",)
@@ -63,31 +97,13 @@ def fault_proxy(upstream: str, script: list[tuple[Any, ...]]) -> Iterator[FaultP
             assert request.transport is not None
             request.transport.close()
             return web.Response()
+        if rewrite is not None and request.path.endswith("/batch") and status == 200:
+            payload = json.dumps(rewrite(json.loads(payload))).encode()
         proxy.seen.append(f"{label} -> {status}")
         return web.Response(body=payload, status=status, content_type="application/json")
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        proxy.url = f"http://{host}:{port}"
-        box["stop"] = stop = asyncio.Event()
-        ready.set()
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
-    thread.start()
-    assert ready.wait(10), "fault proxy did not start"
-    try:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    with serve_in_thread(app) as url:
+        proxy.url = url
         yield proxy
-    finally:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
-        loop.close()

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.schema import SessionResult
+from agent.schema import BPS_LIMIT
 from agent.stats import Moments
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
@@ -181,7 +181,31 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX ndt7_tests_started ON ndt7_tests (started_at);
     """,
+    # 8: results InfluxDB refused for good (a 4xx for that result alone), or whose points
+    # could not be built: taken out of the outbox so the ones after them flow (issue 12,
+    # reliability.md C6), kept with the reason until retried.
+    """
+    CREATE TABLE influx_dead_letters (
+        result_id TEXT PRIMARY KEY REFERENCES results(result_id),
+        failed_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    -- The anonymous tables are pruned by age (Quota below).
+    CREATE INDEX browser_results_received ON browser_results (received_at);
+    """,
 )
+
+
+PRUNE_EVERY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Bounds of an anonymous table: rows from before ``keep_after`` (UTC, the schema's
+    format) and beyond the newest ``max_rows`` are dropped."""
+
+    keep_after: str
+    max_rows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,21 +671,45 @@ class SqliteStore:
 
     # --- InfluxDB outbox ------------------------------------------------------------------
 
-    def outbox_batch(self, limit: int) -> list[tuple[str, SessionResult, LineMetadata]]:
-        """The oldest ``limit`` queued results, decoded, with their probe's line."""
-        from agent.schema import parse_result
-
+    def outbox_batch(self, limit: int) -> list[tuple[str, str, LineMetadata]]:
+        """The oldest ``limit`` queued results as (result_id, body, line). Bodies are
+        decoded by the caller, one at a time, so one that fails is set apart alone."""
         rows = self._db.execute(
             "SELECT o.result_id, r.body, p.* FROM influx_outbox o "
             "JOIN results r ON r.result_id = o.result_id "
             "JOIN probes p ON p.name = r.probe_name ORDER BY o.seq LIMIT ?", (limit,))
-        return [(row["result_id"], parse_result(json.loads(row["body"])),
+        return [(row["result_id"], row["body"],
                  LineMetadata(**{c: row[c] for c in _LINE_COLUMNS})) for row in rows]
 
     def outbox_done(self, result_ids: Sequence[str]) -> None:
         with self._write():
             self._db.executemany("DELETE FROM influx_outbox WHERE result_id = ?",
                                  [(r,) for r in result_ids])
+
+    def outbox_dead_letter(self, result_id: str, reason: str, failed_at: str) -> None:
+        """Out of the outbox, into the dead letters, in one transaction."""
+        with self._write():
+            self._db.execute("DELETE FROM influx_outbox WHERE result_id = ?", (result_id,))
+            self._db.execute("INSERT OR REPLACE INTO influx_dead_letters "
+                             "(result_id, failed_at, reason) VALUES (?, ?, ?)",
+                             (result_id, failed_at, reason[:1000]))
+
+    def outbox_dead_letters(self) -> list[dict[str, str]]:
+        return [dict(row) for row in self._db.execute(
+            "SELECT result_id, failed_at, reason FROM influx_dead_letters ORDER BY failed_at")]
+
+    def outbox_dead_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM influx_dead_letters").fetchone()[0])
+
+    def outbox_retry_dead(self, queued_at: str) -> int:
+        """Queue every dead letter again (after the cause was fixed); returns how many."""
+        with self._write():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO influx_outbox (result_id, queued_at) "
+                "SELECT result_id, ? FROM influx_dead_letters ORDER BY failed_at",
+                (queued_at,))
+            self._db.execute("DELETE FROM influx_dead_letters")
+        return cursor.rowcount
 
     def outbox_size(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM influx_outbox").fetchone()[0])
@@ -678,12 +726,26 @@ class SqliteStore:
                 [queued_at, *params])
         return cursor.rowcount
 
-    def add_browser_result(self, received_at: str, client: str, body: str) -> int:
+    def add_browser_result(self, received_at: str, client: str, body: str,
+                           quota: Quota | None = None) -> int:
         with self._write():
             cursor = self._db.execute(
                 "INSERT INTO browser_results (received_at, client, body) VALUES (?, ?, ?)",
                 (received_at, client, body))
+            if quota is not None:
+                self._prune("browser_results", "received_at", cursor.lastrowid, quota)
         return int(cursor.lastrowid or 0)
+
+    def _prune(self, table: str, time_column: str, rowid: int | None, quota: Quota) -> None:
+        """Anonymous tables stay bounded (issue 12): rows older than the retention go, and
+        past max_rows the oldest go. Checked every PRUNE_EVERY inserts, so the cost of
+        counting is spread thin; between checks a table may run over by that many."""
+        if not rowid or rowid % PRUNE_EVERY:
+            return
+        self._db.execute(f"DELETE FROM {table} WHERE {time_column} < ?", (quota.keep_after,))
+        self._db.execute(
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+            f"ORDER BY {time_column} DESC LIMIT -1 OFFSET ?)", (quota.max_rows,))
 
     def browser_results(self, since: str | None = None,
                         until: str | None = None) -> list[dict[str, Any]]:
@@ -693,15 +755,18 @@ class SqliteStore:
                     f"SELECT id, received_at, client, body FROM browser_results {where} "
                     "ORDER BY id", params)]
 
-    def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str) -> None:
+    def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
+                      quota: Quota | None = None) -> None:
         summary = archive["Summary"]
         with self._write():
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT OR IGNORE INTO ndt7_tests (uuid, test, started_at, ended_at, client, "
                 "end_reason, throughput_bps, min_rtt_ms, body) VALUES (?,?,?,?,?,?,?,?,?)",
                 (archive["UUID"], archive["Test"], started_at, ended_at, archive["Client"],
                  archive["EndReason"], summary["throughput_bps"], summary["min_rtt_ms"],
                  json.dumps(archive, separators=(",", ":"))))
+            if quota is not None:
+                self._prune("ndt7_tests", "started_at", cursor.lastrowid, quota)
 
     def ndt7_tests(self, since: str | None = None, until: str | None = None,
                    measurements: bool = False) -> list[dict[str, Any]]:
@@ -740,7 +805,11 @@ class SqliteStore:
             if wanted(row["client"]):
                 for direction in ("download", "upload"):
                     bps = row.get(f"{direction}_bps")
-                    out.append(("browser", direction, bps / 1000 if bps else None))
+                    # Rows stored before numbers were bounded (issue 12) may hold anything:
+                    # a speed outside any physical range counts as none.
+                    kbps = bps / 1000 if isinstance(bps, int | float) and not isinstance(
+                        bps, bool) and 0 < bps <= BPS_LIMIT else None
+                    out.append(("browser", direction, kbps))
         where, params = _period("started_at", since, until)
         for test, client, reason, bps in self._db.execute(
                 f"SELECT test, client, end_reason, throughput_bps FROM ndt7_tests {where} "

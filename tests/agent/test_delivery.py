@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +195,226 @@ def test_revoked_token_keeps_everything(collector: RunningCollector, tmp_path: P
     report = asyncio.run(_deliver(spool, collector.url, "bbp_not_a_token", spool.cfg))
     assert report.error is not None and "HTTP 401" in report.error
     assert len(spool.entries()) == 2 and spool.dead_letters() == []
+
+
+# --- issue 12: damaged spool files, 400 on a batch, replies matched by id, unnamed results
+
+
+def test_a_damaged_spool_file_is_set_aside_and_the_rest_delivered(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """The oldest result truncated (an SD card's torn write): it moves to dead-letter
+    with the reason next to it, and the others in its batch are delivered, instead of
+    every batch being refused with "HTTP 400: body is not valid JSON"."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    ids = _spool_results(spool, 3)
+    oldest = spool.entries()[0].path
+    oldest.write_bytes(oldest.read_bytes()[:500])
+    report = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
+    assert report.error is None
+    assert report.delivered == ids[1:] and _stored(collector) == ids[1:]
+    (dead,) = spool.dead_letters()
+    assert dead.name == oldest.name and len(dead.read_bytes()) == 500
+    reason = dead.with_suffix(".reason.txt").read_text()
+    assert reason.startswith("damaged spool file, not sent: not valid JSON: ")
+    assert [(Path(f).name, r) for f, r in report.dead_lettered] == [(oldest.name,
+                                                                     reason.strip())]
+    assert spool.entries() == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda raw, rid: b"\xff" + raw, "not UTF-8 text (byte 0)"),
+        (lambda raw, rid: b"[1, 2]", "not a JSON object"),
+        (lambda raw, rid: raw.replace(b'"summary":{', b'"summary":{"x":NaN,', 1),
+         "not valid JSON: NaN is not a JSON number"),
+        (lambda raw, rid: raw.replace(rid.encode(), b"0" * 8 + rid[8:].encode()),
+         "result_id '00000000"),
+    ],
+    ids=["not-utf8", "not-an-object", "nan", "other-id"],
+)
+def test_each_kind_of_damage_is_named(tmp_path: Path, damage: Any, problem: str) -> None:
+    """What the collector would refuse for a whole batch, or what its reply could not be
+    matched by, is found before sending (no collector needed: nothing is sent)."""
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    (rid,) = _spool_results(spool, 1)
+    path = spool.entries()[0].path
+    path.write_bytes(damage(path.read_bytes(), rid))
+    report = asyncio.run(_deliver(spool, "http://127.0.0.1:9", "t", spool.cfg))
+    assert report.requests == 0 and spool.entries() == []
+    ((_, reason),) = report.dead_lettered
+    assert reason.startswith(f"damaged spool file, not sent: {problem}"), reason
+
+
+def test_a_400_on_a_batch_splits_it_and_dead_letters_only_the_refused_result(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """A 400 for a batch of three halves the batches (like a 413) instead of stopping;
+    a 400 for a result sent alone is its own refusal: dead-letter, and the rest go."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    ids = _spool_results(spool, 3)
+    with fault_proxy(collector.url, [("status", 400, None), ("status", 400, None)]) as proxy:
+        report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
+    assert proxy.seen == ["POST /api/v1/results/batch -> 400"] * 2 + \
+        ["POST /api/v1/results/batch -> 200"] * 2
+    assert [(Path(f).name.split("_", 1)[1], r) for f, r in report.dead_lettered] == [
+        (f"{ids[0]}.json", "HTTP 400: injected")]
+    assert report.delivered == ids[1:] and _stored(collector) == ids[1:]
+    assert report.error is None and spool.entries() == []
+
+
+@contextmanager
+def _rewriting_proxy(upstream: str,
+                     rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[str]:
+    """A proxy in front of a real collector that forwards every request and passes the
+    JSON reply of each batch POST through ``rewrite``."""
+    with fault_proxy(upstream, [], rewrite=rewrite) as proxy:
+        yield proxy.url
+
+
+def _reversed(reply: dict[str, Any]) -> dict[str, Any]:
+    return {"items": reply["items"][::-1]}
+
+
+def test_batch_replies_are_matched_by_result_id(collector: RunningCollector,
+                                                tmp_path: Path) -> None:
+    """The collector lists the outcomes in the opposite order: the refused result (another
+    probe's, 403) is the one set aside and the stored one the one deleted, not the other
+    way round (which would delete a result that was never stored)."""
+    token = collector.add_probe("p1")
+    collector.add_probe("p2")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    stranger = session("p2", started_at=format_utc(NOW - timedelta(minutes=2)))
+    ours = session("p1", started_at=format_utc(NOW - timedelta(minutes=1)))
+    spool.put(stranger, now=NOW)
+    spool.put(ours, now=NOW)
+    with _rewriting_proxy(collector.url, _reversed) as url:
+        report = asyncio.run(_deliver(spool, url, token, spool.cfg))
+    assert report.delivered == [ours.result_id] and _stored(collector) == [ours.result_id]
+    assert [Path(f).name.split("_", 1)[1] for f, _ in report.dead_lettered] == [
+        f"{stranger.result_id}.json"]
+    assert "HTTP 403" in report.dead_lettered[0][1]
+    assert spool.entries() == []
+
+
+def _drop_last(reply: dict[str, Any]) -> dict[str, Any]:
+    return {"items": reply["items"][:-1]}
+
+
+def _add_one(reply: dict[str, Any]) -> dict[str, Any]:
+    extra = {"result_id": "00000000-0000-4000-8000-000000000000", "status": 201}
+    return {"items": [*reply["items"], extra]}
+
+
+def _swap_an_id(reply: dict[str, Any]) -> dict[str, Any]:
+    items = [dict(i) for i in reply["items"]]
+    items[0]["result_id"] = "00000000-0000-4000-8000-000000000000"
+    return {"items": items}
+
+
+def _twice(reply: dict[str, Any]) -> dict[str, Any]:
+    items = reply["items"]
+    return {"items": [items[0], *items[:-1]]}
+
+
+def _no_id(reply: dict[str, Any]) -> dict[str, Any]:
+    return {"items": [{"status": 201}] * len(reply["items"])}
+
+
+@pytest.mark.parametrize("rewrite", [_drop_last, _add_one, _swap_an_id, _twice, _no_id],
+                         ids=["missing", "extra", "swapped", "twice", "no-id"])
+def test_a_reply_that_does_not_match_the_batch_deletes_nothing(
+        collector: RunningCollector, tmp_path: Path,
+        rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """A missing, extra, swapped or repeated result id, or a count that differs: every
+    file stays in the spool (a retryable error), nothing is dead-lettered, and a later
+    run, with an honest reply, delivers them once each."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0))
+    ids = _spool_results(spool, 3)
+    with _rewriting_proxy(collector.url, rewrite) as url:
+        report = asyncio.run(_deliver(spool, url, token, spool.cfg))
+    assert report.error is not None and "batch reply" in report.error
+    assert report.delivered == [] and report.dead_lettered == []
+    assert [e.path.name.split("_", 1)[1] for e in spool.entries()] == [f"{i}.json"
+                                                                       for i in ids]
+    again = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
+    assert again.delivered == ids and _stored(collector) == ids
+    assert collector.count_results() == 3
+
+
+def test_unnamed_results_and_gaps_are_named_at_delivery(collector: RunningCollector,
+                                                        tmp_path: Path) -> None:
+    """Results measured before the collector named the probe are spooled without a
+    probe_id (as is the gap record of one the spool dropped); delivery asks the
+    collector (whoami) and sends them under its answer, not a guess."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, min_free_bytes=0))
+    ids = _spool_results(spool, 2, probe="")
+    spool.cfg = replace(spool.cfg, spool_max_bytes=sum(e.size for e in spool.entries()) + 10)
+    newest = session("", started_at=format_utc(NOW - timedelta(minutes=1)))
+    spool.put(newest, now=NOW)  # the cap drops the oldest: an unnamed gap record
+    assert json.loads(spool.gaps()[0].read_text())["probe_id"] == ""
+    assert all(json.loads(e.path.read_text())["probe_id"] == ""
+               for e in spool.entries())
+    with fault_proxy(collector.url, []) as proxy:
+        report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
+    assert proxy.seen == ["GET /api/v1/whoami -> 200", "POST /api/v1/gaps -> 201",
+                          "POST /api/v1/results/batch -> 200"]
+    assert report.dead_lettered == [] and report.gaps_sent == 1
+    assert report.delivered == [ids[1], newest.result_id]
+    assert _stored(collector) == [ids[1], newest.result_id]
+    _, gaps, _ = request("GET", collector.url + "/api/v1/gaps?probe=p1")
+    assert [(g["reason"], g["dropped"]) for g in gaps["gaps"]] == [("spool_full", 1)]
+
+
+def test_a_known_name_is_used_without_asking(collector: RunningCollector,
+                                             tmp_path: Path) -> None:
+    """The name the session already has (configured, or whoami at its start) fills
+    unnamed results with no further request."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    ids = _spool_results(spool, 2, probe="")
+    with fault_proxy(collector.url, []) as proxy:
+        report = asyncio.run(deliver(spool, CollectorClient(proxy.url, token, 5), spool.cfg,
+                                     probe_id="p1", sleep=_no_sleep))
+    assert proxy.seen == ["POST /api/v1/results/batch -> 200"]
+    assert report.delivered == ids and _stored(collector) == ids
+
+
+async def _no_sleep(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(("script", "seen", "error"), [
+    ([("status", 503, None)], ["GET /api/v1/whoami -> 503"], "HTTP 503: injected"),
+    ([("status", 401, None)], ["GET /api/v1/whoami -> 401"], "HTTP 401: injected"),
+], ids=["unreachable", "refused"])
+def test_unnamed_results_wait_until_the_collector_names_the_probe(
+        collector: RunningCollector, tmp_path: Path, script: list[tuple[Any, ...]],
+        seen: list[str], error: str) -> None:
+    """While whoami fails, no unnamed result is sent (not under a guessed name either):
+    all stay spooled, none is dead-lettered."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0))
+    _spool_results(spool, 2, probe="")
+    with fault_proxy(collector.url, script) as proxy:
+        report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
+    assert proxy.seen == seen and report.error == error
+    assert len(spool.entries()) == 2 and spool.dead_letters() == []
+    assert collector.count_results() == 0
+
+
+def test_a_dangling_link_in_the_spool_is_set_aside_not_looped_on(tmp_path: Path) -> None:
+    """A file that is listed but cannot be opened (a dangling link) is set aside like a
+    damaged one, rather than found again on every pass."""
+    spool = Spool(tmp_path, replace(CFG, max_wait_s=0))
+    spool.gap_dir.mkdir(parents=True)
+    link = spool.gap_dir / "2026-11-22T120000.000000Z_spool_full_0c5e2f3c.json"
+    link.symlink_to(tmp_path / "nowhere")
+    report = asyncio.run(asyncio.wait_for(
+        _deliver(spool, "http://127.0.0.1:9", "t", spool.cfg), 10))
+    assert report.requests == 0 and spool.gaps() == []
+    assert [r for _, r in report.dead_lettered] == [
+        "damaged spool file, not sent: unreadable: No such file or directory"]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -220,3 +221,52 @@ def test_slow_clients_do_not_stop_ingestion(tmp_path: Path) -> None:
             finally:
                 s.close()
         assert closed == 300
+
+
+def _basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"admin:{token}".encode()).decode()
+
+
+@pytest.mark.parametrize(("headers", "body", "status", "error"), [
+    # The finding: a cross-site form post, with the admin's cached Basic credentials.
+    ({"Content-Type": "application/x-www-form-urlencoded", "Origin": "https://evil.example",
+      "Sec-Fetch-Site": "cross-site"}, b"x=1", 401,
+     "changes need 'Authorization: Bearer <token>' (a browser's Basic login is for "
+     "reading pages only)"),
+    ({"Origin": "https://evil.example"}, b"", 401, None),
+    # Bearer, but what a browser marks as another site's, or from another origin.
+    ({"bearer": True, "Sec-Fetch-Site": "cross-site"}, b"", 403,
+     "cross-site request refused (Sec-Fetch-Site: cross-site)"),
+    ({"bearer": True, "Origin": "https://evil.example"}, b"", 403,
+     "request from origin 'https://evil.example' refused"),
+])
+def test_cross_site_requests_cannot_revoke(guarded: RunningCollector,
+                                           headers: dict[str, Any], body: bytes, status: int,
+                                           error: str | None) -> None:
+    """Issue 12, finding 7 (CSRF): state-changing routes take Bearer only and refuse
+    cross-site and foreign-origin requests; the probe stays active."""
+    admin = guarded.add_token("boss", "admin")
+    guarded.add_probe("roma-1")
+    sent = {k: v for k, v in headers.items() if k != "bearer"}
+    sent["Authorization"] = f"Bearer {admin}" if headers.get("bearer") else _basic(admin)
+    got, reply, _ = request("POST", guarded.url + "/api/v1/probes/roma-1/revoke", body, sent)
+    assert got == status, reply
+    if error is not None:
+        assert reply["error"] == error  # type: ignore[index]
+    listing = CliRunner().invoke(main, ["--db", str(guarded.db_path), "probe", "list"])
+    assert "roma-1" in listing.output and "revoked" not in listing.output
+
+
+def test_a_text_plain_body_cannot_register_a_probe(guarded: RunningCollector) -> None:
+    """A JSON body sent as text/plain (what a cross-site form can send without a CORS
+    preflight) is refused with 415, even with a Bearer token; application/json works."""
+    admin = guarded.add_token("boss", "admin")
+    body = json.dumps({"probe_id": "roma-2"}).encode()
+    got, reply, _ = request("POST", guarded.url + "/api/v1/probes", body,
+                            {"Authorization": f"Bearer {admin}", "Content-Type": "text/plain"})
+    assert (got, reply["error"]) == (  # type: ignore[index]
+        415, "expected Content-Type: application/json, got 'text/plain'")
+    got, _, _ = request("POST", guarded.url + "/api/v1/probes", body,
+                        {"Authorization": f"Bearer {admin}",
+                         "Content-Type": "application/json", "Origin": guarded.url})
+    assert got == 201  # a same-origin page with a Bearer token may

@@ -119,6 +119,7 @@ def test_bad_collector_configs(tmp_path: Path, db: Path, content: str, message: 
 
 def test_bad_since(db: Path) -> None:
     """A bad --since is a usage error naming the option."""
+    _run("--db", str(db), "init")
     code, _, err = _run("--db", str(db), "results", "--since", "soon")
     assert (code, err) == (2, "bbprobe-collector: since: expected an ISO 8601 date or "
                               "timestamp, got 'soon'\n")
@@ -156,3 +157,32 @@ def test_init_creates_the_first_admin_once(db: Path) -> None:
     assert "a token named 'admin' exists (revoked); choose another name" in err
     code, out, _err = _run("--db", str(db), "init", "--admin-name", "admin2")
     assert code == 0 and out.startswith("bbp_")
+
+
+def test_csv_cells_cannot_be_formulas(db: Path) -> None:
+    """Issue 12, finding 14: admin-set metadata went into CSV as it was, so a spreadsheet
+    ran =HYPERLINK(...). Text starting with = + - @ is now behind a quote; numbers (also
+    negative ones) stay numbers."""
+    from collector.report import csv_cell
+
+    _run("--db", str(db), "probe", "add", "p1", "--operator", '=HYPERLINK("http://x","y")',
+         "--offer", "@SUM(A1)", "--region", "+39 Lazio", "--technology", "FTTH")
+    _code, out, _ = _run("--db", str(db), "probe", "list", "--format", "csv")
+    row = out.splitlines()[1]
+    assert "'=HYPERLINK" in row and "'@SUM(A1)" in row and "'+39 Lazio" in row
+    assert ",=" not in row and ",@" not in row
+    assert csv_cell(-5.0) == -5.0 and csv_cell("-x") == "'-x" and csv_cell(None) == ""
+
+
+@pytest.mark.parametrize("command", [["results"], ["report"], ["samples"], ["probe", "list"],
+                                     ["token", "list"], ["influx", "status"],
+                                     ["certify", "--probe", "p1"]])
+def test_read_only_commands_need_an_existing_database(db: Path, command: list[str]) -> None:
+    """Issue 12, finding 15: a typo in --db made a new, empty database and an empty
+    report. Now exit 2 naming the path, and nothing is created."""
+    typo = db.with_name("c.sqlite")
+    code, out, err = _run("--db", str(typo), *command)
+    assert (code, out) == (2, "")
+    assert err == (f"bbprobe-collector: no database at {typo} (check --db or storage.path; "
+                   "`bbprobe-collector init` creates one)\n")
+    assert not typo.exists()

@@ -11,9 +11,11 @@ import json
 import os
 import random
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -47,8 +49,9 @@ def admin(target: tuple[RunningCollector, str]) -> str:
     return target[0].add_token("fuzz-admin", "admin")
 
 
-def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
-    status, data, _ = request("POST", url + "/api/v1/results", body, headers)
+def _post(url: str, body: bytes, headers: dict[str, str],
+          path: str = "/api/v1/results") -> tuple[int, Any]:
+    status, data, _ = request("POST", url + path, body, headers)
     return status, data
 
 
@@ -79,6 +82,18 @@ HOSTILE = [
     ("future version", _broken(lambda d: d.update(schema_version=99)), JSON, 422),
     ("version zero", _broken(lambda d: d.update(schema_version=0)), JSON, 422),
     ("huge number", _broken(lambda d: d.update(duration_s=1e400)), JSON, 400),
+    # Issue 12: numbers inside JSON's range but past any physical one were stored and then
+    # broke sums, SQLite and InfluxDB; every number now has a limit by its unit.
+    ("rtt near float max", _broken(lambda d: [s.update(rtt_ms=1.7e308)
+                                              for s in d["ping"]["samples"]]), JSON, 422),
+    ("ping offset 1e18 s", _broken(lambda d: d["ping"]["samples"][0].update(
+        sent_offset_s=1e18)), JSON, 422),
+    ("400-digit count", _broken(lambda d: d["ping"]["summary"].update(
+        packets_sent=10**400)), JSON, 422),
+    ("sample time 1e300", _broken(lambda d: d["transfers"][0].update(
+        stream_samples=[[[0.0, 0], [1e300, 5]]])), JSON, 422),
+    ("negative sample bytes", _broken(lambda d: d["transfers"][0].update(
+        stream_samples=[[[0.0, 0], [1.0, -5]]])), JSON, 422),
     ("other probe", _broken(lambda d: d.update(probe_id="p2")), JSON, 403),
     ("oversized", b'{"a": "' + b"x" * 2_000_000 + b'"}', JSON, 413),
     ("gzip bomb", BOMB, {**JSON, "Content-Encoding": "gzip"}, 415),
@@ -178,3 +193,22 @@ def test_schemathesis_finds_no_5xx(case: schemathesis.Case,
     response = case.call(base_url=collector.url, headers={"Authorization": f"Bearer {bearer}"},
                          timeout=30)
     assert response.status_code < 500, (case.method, case.path, response.text[:500])
+
+
+def test_gap_record_with_an_absurd_count_is_refused(target: tuple[RunningCollector, str]
+                                                     ) -> None:
+    """Issue 12: `dropped: 10**30` was a 500 (too large for SQLite), which the agent
+    retries forever; now a 422 naming the field, and a sane gap record still goes in."""
+    collector, token = target
+    gap = {"schema_version": 3, "gap_id": str(uuid.uuid4()), "probe_id": "p1",
+           "recorded_at": "2026-11-21T10:00:00.000000Z", "reason": "spool_full",
+           "dropped": 10**30, "first_started_at": "2026-11-20T10:00:00.000000Z",
+           "last_started_at": "2026-11-21T09:00:00.000000Z"}
+    headers = {**JSON, "Authorization": f"Bearer {token}"}
+    status, data = _post(collector.url, json.dumps(gap).encode(), headers,
+                         path="/api/v1/gaps")
+    assert status == 422 and "dropped" in data["error"], data
+    gap["dropped"] = 3
+    status, data = _post(collector.url, json.dumps(gap).encode(), headers,
+                         path="/api/v1/gaps")
+    assert status in (200, 201), data

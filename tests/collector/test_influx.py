@@ -4,6 +4,7 @@ the server's export API; an outage loses nothing and the outbox catches up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -128,7 +129,8 @@ def victoria(tmp_path: Path) -> Iterator[VictoriaMetrics]:
 
 
 def _influx_collector(tmp_path: Path, url: str) -> Any:
-    cfg = replace(CollectorConfig(), influxdb=InfluxConfig(
+    base = CollectorConfig()
+    cfg = replace(base, server=replace(base.server, query_auth=False), influxdb=InfluxConfig(
         enabled=True, url=url, org="bbprobe", bucket="bbprobe", batch_results=3,
         timeout_s=2, retry_min_s=0.2, retry_max_s=0.5, poll_s=0.2))
     return running_collector(tmp_path / "collector", cfg)
@@ -143,7 +145,7 @@ def _until(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
 
 
 def _health(collector: RunningCollector) -> dict[str, Any]:
-    status, body, _ = request("GET", collector.url + "/healthz")
+    status, body, _ = request("GET", collector.url + "/api/v1/health")
     assert status == 200
     influx: dict[str, Any] = body["influxdb"]
     return influx
@@ -225,13 +227,14 @@ def test_backfill_queues_stored_results(victoria: VictoriaMetrics, tmp_path: Pat
 
 
 def test_disabled_sink_queues_nothing(collector: RunningCollector) -> None:
-    """Without [influxdb] enabled no outbox grows and /healthz has no influxdb part."""
+    """Without [influxdb] enabled no outbox grows and the health report has no influxdb
+    part."""
     token = collector.add_probe("p1")
     _post(collector, token, "p1", 9)
-    status, body, _ = request("GET", collector.url + "/healthz")
+    status, body, _ = request("GET", collector.url + "/api/v1/health")
     assert status == 200 and "influxdb" not in body
     result = CliRunner().invoke(main, ["--db", str(collector.db_path), "influx", "status"])
-    assert "influxdb: disabled; 0 result(s) waiting" in result.output
+    assert "influxdb: disabled; 0 result(s) waiting; 0 set apart" in result.output
 
 
 
@@ -260,3 +263,124 @@ def test_example_dashboard_matches_the_points() -> None:
         used = set(re.findall(r'r\._field == "(\w+)"', query))
         used |= set(re.findall(r"r\.(\w+) (?:==|=~)", query)) - {"_measurement", "_field"}
         assert used <= written[measurement], (measurement, used - written[measurement])
+
+
+def test_a_result_whose_points_cannot_be_built_is_set_apart(victoria: VictoriaMetrics,
+                                                             tmp_path: Path) -> None:
+    """Issue 12, finding 3: building a result's points raised outside the sink's error
+    handling and the sink task ended for good, silently. A session dated at the end of
+    year 9999 is a valid document whose ping times overflow a datetime: it is set apart
+    with the reason, and the results after it still arrive."""
+    victoria.start()
+    with _influx_collector(tmp_path, victoria.url) as collector:
+        token = collector.add_probe("p1", LINE)
+        doc = session_dict(probe_id="p1", started_at="9999-12-31T23:59:59.000000Z")
+        doc["ping"]["started_at"] = "9999-12-31T23:59:59.500000Z"
+        status, body = post_json(collector.url + "/api/v1/results", doc, token)
+        assert status == 201, body
+        for hour in (8, 9, 10):
+            _post(collector, token, "p1", hour)
+        _until(lambda: _health(collector)["written_results"] == 3, "the good results written")
+        health = _health(collector)
+        assert (health["outbox"], health["dead_letters_stored"], health["running"]) == \
+            (0, 1, True)
+        listing = CliRunner().invoke(main, ["--db", str(collector.db_path), "influx",
+                                            "status"]).output
+    assert f"  {doc['result_id']}  " in listing
+    assert "cannot build its points: OverflowError" in listing
+
+
+class StrictInfluxV2:
+    """An InfluxDB 2 write endpoint for the refusal paths: InfluxDB 2 itself is neither in
+    Debian nor on PyPI, and VictoriaMetrics (the real server the other tests use) answers
+    204 and skips a bad line, so it cannot show a refusal. This parses line protocol as
+    InfluxDB does for timestamps (a signed 64-bit count of ns, else 400 "unable to
+    parse") and keeps what it accepts."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.refusals = 0
+        self.available = False  # 503 until the test has queued everything
+
+    async def write(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not self.available:
+            return web.json_response({"code": "unavailable", "message": "starting"},
+                                     status=503)
+        body = (await request.read()).decode()
+        for line in filter(None, body.split("\n")):
+            stamp = int(line.rsplit(" ", 1)[1])
+            if not -(2**63) <= stamp < 2**63:
+                self.refusals += 1
+                return web.json_response(
+                    {"code": "invalid", "message": f"unable to parse '{line[:60]}': time "
+                                                   "outside range"}, status=400)
+        self.lines.extend(filter(None, body.split("\n")))
+        return web.Response(status=204)
+
+
+@contextlib.contextmanager
+def _strict_influx() -> Iterator[tuple[StrictInfluxV2, str]]:
+    from aiohttp import web
+
+    from tests.faultproxy import serve_in_thread
+
+    server = StrictInfluxV2()
+    app = web.Application()
+    app.router.add_post("/api/v2/write", server.write)
+    with serve_in_thread(app) as url:
+        yield server, url
+
+
+def test_a_refused_result_is_set_apart_and_the_rest_flows(tmp_path: Path) -> None:
+    """Issue 12, finding 4 (reliability.md C6): a permanent 4xx (a result dated 2300,
+    past InfluxDB's int64 nanoseconds) was retried forever on the same oldest batch. Now
+    the batch is halved until the refused result is alone, that one is set apart with
+    InfluxDB's reason, every other result is written once, and `influx retry` queues the
+    set-apart one again."""
+    with _strict_influx() as (server, url), _influx_collector(tmp_path, url) as collector:
+        token = collector.add_probe("p1", LINE)
+        _post(collector, token, "p1", 7)
+        doc = session_dict(probe_id="p1", started_at="2300-01-01T00:00:00.000000Z")
+        doc["ping"]["started_at"] = "2300-01-01T00:00:00.500000Z"
+        status, body = post_json(collector.url + "/api/v1/results", doc, token)
+        assert status == 201, body
+        for hour in (8, 9, 10, 11):
+            _post(collector, token, "p1", hour)
+        # Everything queued behind a transient 503 (retried, never set apart); then the
+        # server takes writes, in batches of 3: [7, 2300, 8] is refused, halved, and
+        # [2300, 8] halved again.
+        _until(lambda: _health(collector)["failures_in_a_row"] > 0, "a 503 retried")
+        assert _health(collector)["dead_letters_stored"] == 0
+        server.available = True
+        _until(lambda: _health(collector)["written_results"] == 5, "the other 5 written")
+        health = _health(collector)
+        assert (health["outbox"], health["dead_letters_stored"]) == (0, 1)
+        assert server.refusals == 3  # [7, 2300, 8], then [2300, 8], then [2300] alone
+        sessions = [line for line in server.lines if line.startswith("bbprobe_session")]
+        assert len(sessions) == 5  # each good result once
+        db = ["--db", str(collector.db_path)]
+        listing = CliRunner().invoke(main, [*db, "influx", "status"]).output
+        assert f"{doc['result_id']}" in listing and "InfluxDB refused it: HTTP 400" in listing
+        retried = CliRunner().invoke(main, [*db, "influx", "retry"]).output
+        assert retried.startswith("queued 1 result(s) again")
+        _until(lambda: _health(collector)["dead_letters_stored"] == 1 and
+               _health(collector)["outbox"] == 0, "refused again, set apart again")
+
+
+def test_public_liveness_says_nothing_more(tmp_path: Path) -> None:
+    """Issue 12, finding 13: /healthz showed the InfluxDB error text (with the server's
+    reply) and the outbox size to anyone. Now {"status": "ok"} only; the details need an
+    analyst token at /api/v1/health."""
+    base = CollectorConfig()
+    cfg = replace(base, influxdb=InfluxConfig(enabled=True, url="http://127.0.0.1:9",
+                                               retry_min_s=0.2, retry_max_s=0.5, poll_s=0.2))
+    with running_collector(tmp_path, cfg) as collector:
+        token = collector.add_probe("p1", LINE)
+        _post(collector, token, "p1", 7)
+        time.sleep(1.0)  # the sink has failed to write by now
+        status, body, _ = request("GET", collector.url + "/healthz")
+        assert (status, body) == (200, {"status": "ok"})
+        status, _, _ = request("GET", collector.url + "/api/v1/health")
+        assert status == 401

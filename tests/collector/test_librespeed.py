@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -122,6 +123,10 @@ def test_browser_speed_test_runs_in_chromium_and_is_recorded(
 @pytest.mark.parametrize(("doc", "field"), [
     ({"download_bps": -1}, "download_bps"), ({"admin": True}, "admin"),
     ({"rtts_ms": ["x"]}, "rtts_ms"), ({"upload_bps": True}, "upload_bps"),
+    # Issue 12: a 400-digit integer was accepted and broke every report after it.
+    ({"download_bps": 10**400}, "download_bps"), ({"upload_bps": 1.7e308}, "upload_bps"),
+    ({"rtts_ms": [1e300]}, "rtts_ms"), ({"jitter_ms": 10**30}, "jitter_ms"),
+    ({"method": {"x": 10**100}}, "method"), ({"user_agent": "x" * 10_000}, "user_agent"),
 ])
 def test_browser_results_are_validated(collector: RunningCollector, doc: object,
                                        field: str) -> None:
@@ -130,3 +135,81 @@ def test_browser_results_are_validated(collector: RunningCollector, doc: object,
     status, body, _ = request("POST", collector.url + "/api/v1/browser-results",
                               json.dumps(doc).encode(), {"Content-Type": "application/json"})
     assert (status, body["field"]) == (422, field)
+
+
+def test_an_absurd_browser_row_cannot_break_reports(tmp_path: Path) -> None:
+    """A row stored before numbers were bounded (as the finding's 400-digit integer was)
+    counts as no speed: the report with customers included still answers."""
+    from collector import service
+    from collector.compliance import targets
+    from collector.report import Scope
+    from collector.storage.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    try:
+        store.add_browser_result("2026-11-21T11:00:00.000000Z", "203.0.113.7",
+                                 json.dumps({"download_bps": 10**400, "upload_bps": 5e6}))
+        speeds = store.customer_speeds()
+        assert speeds == [("browser", "download", None), ("browser", "upload", 5000.0)]
+        report = service.compliance(store, Scope(probes=None, since=None, until=None),
+                                    targets.load(""), customers=service.Customers(True))
+        assert dict(report.customer_tests) == {"browser": 2}
+    finally:
+        store.close()
+
+
+def test_anonymous_tables_stay_within_their_quota(tmp_path: Path) -> None:
+    """Issue 12, finding 8: retention and a row cap for the anonymous tables. Checked
+    every 64 inserts: older rows than the retention go, and past max_rows the oldest."""
+    from collector.storage.sqlite import PRUNE_EVERY, Quota, SqliteStore
+
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    try:
+        quota = Quota(keep_after="2026-01-01T00:00:00.000000Z", max_rows=100)
+        store.add_browser_result("2025-06-01T00:00:00.000000Z", "203.0.113.1", "{}", quota)
+        for n in range(2, 2 * PRUNE_EVERY + 1):
+            store.add_browser_result(f"2026-02-01T00:{n // 60:02d}:{n % 60:02d}.000000Z",
+                                     "203.0.113.1", json.dumps({"n": n}), quota)
+        rows = store.browser_results()
+        assert len(rows) == 100  # the cap, and the one from 2025 is gone
+        assert min(r["received_at"] for r in rows) >= "2026-01-01"
+        assert max(r["n"] for r in rows) == 2 * PRUNE_EVERY  # the newest are kept
+    finally:
+        store.close()
+
+
+def test_browser_results_are_rate_limited_per_client(tmp_path: Path) -> None:
+    """Anonymous posts: a burst of 3, then 429 with Retry-After, per client address."""
+    from dataclasses import replace
+
+    from collector.config import CollectorConfig
+    from collector.testing import running_collector
+    from tests.httpclient import request
+
+    base = CollectorConfig()
+    cfg = replace(base, server=replace(base.server, query_auth=False,
+                                       probe_requests_per_min=0))
+    with running_collector(tmp_path, cfg) as collector:
+        codes = [request("POST", collector.url + "/api/v1/browser-results",
+                         json.dumps({"download_bps": 1e6}).encode(),
+                         {"Content-Type": "application/json"})[0] for _ in range(5)]
+    assert codes == [201, 201, 201, 429, 429]
+
+
+def test_rate_limit_buckets_expire() -> None:
+    """Issue 12, finding 8: a bucket per address, never expired, grew with every new
+    address. A bucket that has refilled is forgotten at the next sweep."""
+    from collector.limits import SWEEP_MIN, RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(60, 3, clock=lambda: now[0])  # a bucket refills in 3 s
+    most = 0
+    for n in range(20 * SWEEP_MIN):  # a new address every 10 ms: 300 live at any time
+        now[0] += 0.01
+        assert limiter.take(f"addr-{n}") is None
+        most = max(most, len(limiter.buckets))
+    assert most <= SWEEP_MIN  # not 20 x SWEEP_MIN
+    now[0] += 10
+    assert len(limiter.buckets) > 0 and limiter.take("late") is None
+    limiter._sweep(now[0])
+    assert list(limiter.buckets) == ["late"]

@@ -210,11 +210,24 @@ def test_ping_unresolvable_host(netns: str) -> None:
          "bbprobe: <defaults>: download.streamz: unknown key\n"),
         (["speed"], "bbprobe: no measurement server: set server.url or collector.url (or "
          "pass --server)\n"),
+        (["--collector", "http://[::1", "check-config"],
+         "bbprobe: <defaults>: collector.url: is not a valid URL (Invalid IPv6 URL), got "
+         "'http://[::1'\n"),
+        (["--server", "http://127.0.0.1:99999", "speed"],
+         "bbprobe: <defaults>: server.url: port must be a number from 1 to 65535, got "
+         "'http://127.0.0.1:99999'\n"),
+        (["--server", "http://127.0.0.1:99999", "check-config"],
+         "bbprobe: <defaults>: server.url: port must be a number from 1 to 65535, got "
+         "'http://127.0.0.1:99999'\n"),
+        (["dead-letter", "retry"], "bbprobe: dead-letter retry: give result ids or --all "
+         "(bbprobe dead-letter list shows them)\n"),
+        (["dead-letter", "drop", "--all", "x"], "bbprobe: dead-letter drop: give result ids "
+         "or --all (bbprobe dead-letter list shows them)\n"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     """Bad usage gets one line naming the problem, exit 2, no traceback."""
-    code, _out, err = _run(*args)
+    code, _out, err = _run("--set", f"state_dir={str(tmp_path)!r}", *args)
     assert (code, err) == (2, message)
 
 
@@ -239,3 +252,115 @@ def test_options_before_command_and_env_precedence(fast_config: Path, tmp_path: 
                            (["check-config", "--config", str(fast_config)], "ping: 5 x 56 B")):
         code, out, _ = _run(*args)
         assert (code, expected in out) == (0, True), args
+
+
+def test_results_measured_while_the_collector_is_away_are_named_on_delivery(
+        collector: RunningCollector, fast_config: Path) -> None:
+    """No --probe-id and the collector unreachable at the start: the result is spooled
+    without a probe id (not under the host name, which the collector would refuse with
+    403 and dead-letter); the next run, whose whoami is answered, delivers both under
+    the name the collector gives the token."""
+    token = collector.add_probe("probe-2")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    common = ["--config", str(fast_config), "--token", token, "--server", collector.url,
+              "--set", "ping.enabled=false"]
+    code, out, err = _run(*common, "--collector", dead, "run", "--json")
+    assert code == 3, err
+    first = json.loads(out)
+    assert first["probe_id"] == ""
+    (spooled,) = (fast_config.parent / "state" / "spool").glob("*.json")
+    assert json.loads(spooled.read_text())["probe_id"] == ""
+    code, out, err = _run(*common, "--collector", collector.url, "run", "--json")
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["probe_id"] == "probe-2"
+    _, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-2")
+    assert [r["result_id"] for r in listing["results"]] == [first["result_id"],
+                                                           second["result_id"]]
+    _, stored, _ = request("GET", collector.url + f"/api/v1/results/{first['result_id']}")
+    assert stored["probe_id"] == "probe-2"
+    assert not list((fast_config.parent / "state" / "dead-letter").glob("*.json"))
+
+
+def test_a_damaged_spool_file_does_not_stall_run(collector: RunningCollector,
+                                                 fast_config: Path) -> None:
+    """The oldest spooled result truncated: `run` sets it aside (saying where and why)
+    and delivers the rest with its own result, exit 0."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.delivery import Spool
+    from agent.schema import format_utc
+    from tests.factories import session
+
+    token = collector.add_probe("probe-2")
+    spool = Spool(fast_config.parent / "state")
+    now = datetime.now(UTC)
+    broken = session("probe-2", started_at=format_utc(now - timedelta(hours=2)))
+    kept = session("probe-2", started_at=format_utc(now - timedelta(hours=1)))
+    path = spool.put(broken)
+    spool.put(kept)
+    assert path is not None
+    path.write_bytes(path.read_bytes()[:300])
+    code, out, err = _run("--config", str(fast_config), "--token", token, "--collector",
+                          collector.url, "--set", "ping.enabled=false", "run", "--json")
+    assert code == 0, err
+    assert "a result was set aside (damaged spool file, not sent: not valid JSON: " in err
+    assert f"kept in {spool.dead_dir / path.name}" in err
+    _, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-2")
+    assert [r["result_id"] for r in listing["results"]] == [kept.result_id,
+                                                           json.loads(out)["result_id"]]
+
+
+def test_dead_letter_list_retry_drop(fast_config: Path) -> None:
+    """list shows each set-aside result (and gap record) with its reason; retry moves
+    results back to the spool (a gap record to the gaps); drop deletes; unknown ids are
+    one line, exit 2, and nothing is touched."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from agent.config import DeliveryConfig
+    from agent.delivery import Spool
+    from agent.schema import format_utc
+    from tests.factories import session
+
+    now = datetime.now(UTC)
+    spool = Spool(fast_config.parent / "state", DeliveryConfig(min_free_bytes=0))
+    results = [session("probe-2", started_at=format_utc(now - timedelta(minutes=10 - i)))
+               for i in range(3)]
+    for r in results:
+        spool.put(r)
+    spool.cfg = replace(spool.cfg, spool_max_bytes=sum(e.size for e in spool.entries()))
+    spool.put(session("probe-2"))  # over the cap: the oldest goes, a gap record is kept
+    (gap,) = spool.gaps()
+    gap_id = json.loads(gap.read_text())["gap_id"]
+    spool.dead_letter(gap, "HTTP 422: dropped: must be >= 1, got 0")
+    for r, reason in zip(results[1:], ("HTTP 403: not yours", "damaged spool file"),
+                         strict=True):
+        path = next(e.path for e in spool.entries() if r.result_id in e.path.name)
+        spool.dead_letter(path, reason)
+    common = ["--config", str(fast_config), "dead-letter"]
+
+    code, out, err = _run(*common, "list")
+    assert (code, err) == (0, "")
+    assert sorted(out.splitlines()) == sorted([
+        f"gap {gap_id}: HTTP 422: dropped: must be >= 1, got 0",
+        f"result {results[1].result_id}: HTTP 403: not yours",
+        f"result {results[2].result_id}: damaged spool file"])
+
+    code, out, err = _run(*common, "retry", results[1].result_id, "no-such-id")
+    assert (code, err) == (2, "bbprobe: dead-letter retry: no dead-lettered result "
+                              f"no-such-id in {spool.dead_dir}\n")
+    assert len(spool.dead_letters()) == 3  # nothing moved
+
+    code, out, err = _run(*common, "retry", results[1].result_id, gap_id)
+    assert code == 0, err
+    assert out == "2 moved back to the spool; the next run or session sends them\n"
+    assert results[1].result_id in {p.name.split("_", 1)[1][:-5] for p in spool.pending()}
+    assert [json.loads(p.read_text())["gap_id"] for p in spool.gaps()] == [gap_id]
+    assert not list(spool.dead_dir.glob(f"*{results[1].result_id}*"))  # reason gone too
+
+    code, out, err = _run(*common, "drop", "--all")
+    assert (code, out) == (0, "1 deleted\n"), err
+    assert list(spool.dead_dir.iterdir()) == []
+    code, out, _ = _run(*common, "list", "--json")
+    assert (code, json.loads(out)) == (0, [])

@@ -177,7 +177,8 @@ def test_status_shows_backlog_dead_letters_and_the_collector(
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "spool: 1 result(s) waiting" in out
-    assert "dead-letter: 1 result(s) refused by the collector:" in out
+    assert "dead-letter: 1 result(s) set aside, refused by the collector or damaged " \
+        "(bbprobe dead-letter list|retry|drop):" in out
     assert "HTTP 422: summary.loss_ratio: must be <= 1, got 2" in out
     assert f"collector: {collector.url} answers, as probe probe-9" in out
     assert "last results:" in out and "down 50.0 / up 10.0 Mbit/s, RTT 11.0 ms" in out
@@ -225,3 +226,35 @@ def test_outage_backlog_arrives_complete(fast_config: Path, tmp_path: Path) -> N
     assert [r.result_id for r in store.results(["probe-9"])] == made
     store.close()
     assert not _spooled(fast_config)
+
+
+def test_daemon_asks_the_probe_name_again_at_each_session(
+        collector: RunningCollector, fast_config: Path) -> None:
+    """The daemon starts while the collector cannot answer whoami (503): it does not fall
+    back on the host name for good but asks again at the session, and that result is
+    stored under the collector's name for the token (before: the host name, refused
+    with 403 and dead-lettered, until a restart)."""
+    from tests.faultproxy import fault_proxy
+
+    token = collector.add_probe("probe-9")
+    with fault_proxy(collector.url, [("status", 503, None)]) as proxy:
+        proc = _spawn(fast_config, "--collector", proxy.url, "--token", token, "--server",
+                      collector.url, "--set", "ping.enabled=false", "daemon", "--first-now")
+        try:
+            deadline = time.monotonic() + 90
+            while collector.count_results() == 0 and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    store = SqliteStore(collector.db_path)
+    try:
+        assert len(store.results(["probe-9"])) == 1, err
+    finally:
+        store.close()
+    state = fast_config.parent / "state"
+    assert not _spooled(fast_config) and not list((state / "dead-letter").glob("*.json"))
+    assert proxy.seen[:2] == ["GET /api/v1/whoami -> 503", "GET /api/v1/whoami -> 200"]
+    assert "daemon running (probe name not known yet" in err
