@@ -12,7 +12,7 @@ DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-
 # M-Lab's official ndt7 client (@m-lab/ndt7, npm registry) for the interoperability tests.
 NDT7JS := tests/ndt7js
 
-.PHONY: demo test lint bench venv system-deps node-deps dist deb clean
+.PHONY: demo test lint bench soak fuzz venv system-deps node-deps dist deb clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,15 @@ bench: venv system-deps node-deps
 	$(BIN)/python -m benchmarks.lab capacity
 	$(BIN)/python -m benchmarks.lab accuracy
 	$(BIN)/python -m benchmarks.lab protocols
+
+# Goal C7: 200 probes posting realistic results to one collector for 10 minutes (table).
+soak: venv
+	$(BIN)/python -m benchmarks.soak --probes 200 --seconds 600
+
+# The ingest fuzzer for 10 minutes (atheris; corpus kept in var/fuzz-corpus).
+fuzz: venv
+	PYTHONPATH=$(CURDIR) $(BIN)/python tests/fuzz_ingest.py -max_total_time=600 \
+	  -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 var/fuzz-corpus
 
 clean:
 	rm -rf $(VENV) var build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info $(NDT7JS)/node_modules

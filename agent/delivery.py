@@ -35,7 +35,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -46,7 +46,16 @@ import aiohttp
 from agent import spec
 from agent.config import DeliveryConfig
 from agent.errors import ConfigError, DeliveryError
-from agent.schema import SCHEMA_VERSION, GapRecord, SessionResult, format_utc, to_dict, utc_now
+from agent.schema import (
+    MAX_SEQ_RANGES,
+    SCHEMA_VERSION,
+    GapRecord,
+    SessionResult,
+    format_utc,
+    seq_ranges,
+    to_dict,
+    utc_now,
+)
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 BATCH_PATH = spec.RESULTS_PATH + "/batch"
@@ -269,6 +278,8 @@ class Spool:
         """Write ``result`` durably, first dropping what the bounds require. Returns the
         file, or None when the disk refused it (counted and reported as a gap)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if result.session_seq is None:
+            result = replace(result, session_seq=self._next_seq())
         stamp = datetime.fromisoformat(result.started_at).astimezone(UTC).strftime(_STAMP)
         final = self.dir / f"{stamp}_{result.result_id}.json"
         data = result_json(result)
@@ -294,12 +305,37 @@ class Spool:
         self.note(last_results=recent)
         return final
 
+    def _next_seq(self) -> int:
+        """The next session sequence number (C8), kept durably in state_dir/session_seq,
+        so the collector can tell which sessions never arrived. A lost counter file
+        restarts from the highest number still in the spool."""
+        path = self.root / "session_seq"
+        try:
+            last = int(path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            last = max((s for s in (self._seq_of(e.path) for e in self.entries()) if s),
+                       default=0)
+        _write_durably(path, str(last + 1))
+        return last + 1
+
+    @staticmethod
+    def _seq_of(path: Path) -> int | None:
+        try:
+            seq = json.loads(path.read_text(encoding="utf-8")).get("session_seq")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else None
+
     def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]]) -> None:
         """Delete ``victims`` and account for them in one pending gap record per reason
         (merged into any not yet sent, so a long squeeze does not fill the disk with gap
         records)."""
         by_reason: dict[str, list[Entry]] = {}
+        seqs: dict[str, list[int]] = {}
         for entry, reason in victims:
+            seq = self._seq_of(entry.path)  # before it goes: the gap record names it
+            if seq is not None:
+                seqs.setdefault(reason, []).append(seq)
             entry.path.unlink(missing_ok=True)
             by_reason.setdefault(reason, []).append(entry)
         for reason, dropped in by_reason.items():
@@ -307,6 +343,7 @@ class Spool:
             first = min(e.started_at for e in dropped)
             last = max(e.started_at for e in dropped)
             count = len(dropped)
+            numbers = list(seqs.get(reason, ()))
             earlier = [p for p in self.gaps() if f"_{reason}_" in p.name]
             for path in earlier:
                 try:
@@ -314,13 +351,16 @@ class Spool:
                     count += int(old["dropped"])
                     first = min(first, datetime.fromisoformat(old["first_started_at"]))
                     last = max(last, datetime.fromisoformat(old["last_started_at"]))
-                except (OSError, ValueError, KeyError):
+                    for a, b in old.get("dropped_seq_ranges", ()):
+                        numbers.extend(range(int(a), int(b) + 1))
+                except (OSError, ValueError, KeyError, TypeError):
                     continue
             gap = GapRecord(
                 schema_version=SCHEMA_VERSION, gap_id=str(uuid.uuid4()), probe_id=probe_id,
                 recorded_at=utc_now(), reason=reason,  # type: ignore[arg-type]
                 dropped=count, first_started_at=format_utc(first),
                 last_started_at=format_utc(last),
+                dropped_seq_ranges=seq_ranges(numbers)[-MAX_SEQ_RANGES:],
             )
             try:
                 self.gap_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -22,6 +22,7 @@ import math
 import re
 import types
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -30,7 +31,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 # 1: first version. 2: latency under load (ping_download, ping_upload, loaded RTT
 # summaries), adaptive streams (TransferMethod.streams = 0), PingMethod.loaded_interval_s.
 # 3: validity (valid/invalid with reasons), the clock's sync state; gap records.
-SCHEMA_VERSION = 3
+# 4: session_seq, the probe's own count of its sessions, and the sequence numbers of the
+# results a gap record stands for, so a collector can tell a result that never arrived
+# from one the probe reported dropping (reliability.md C8).
+SCHEMA_VERSION = 4
 
 Status = Literal["ok", "failed"]
 Direction = Literal["download", "upload"]
@@ -342,6 +346,9 @@ class SessionResult:
     clock: ClockState | None = None
     # v3; None: not recorded.
     context: HostContext | None = None
+    # v4: 1, 2, 3... per probe, given as the result enters the spool; None: older agents,
+    # or not spooled (a technician's --no-push run).
+    session_seq: int | None = field(default=None, metadata=bounds(ge=1))
 
     @property
     def valid(self) -> bool:
@@ -363,6 +370,8 @@ class GapRecord:
     # Start times of the oldest and newest dropped session.
     first_started_at: str = field(metadata=_UTC)
     last_started_at: str = field(metadata=_UTC)
+    # v4: the dropped results' session_seq, as [first, last] ranges (at most 1000).
+    dropped_seq_ranges: tuple[tuple[int, int], ...] = ()
 
 
 def parse_gap(data: Any) -> GapRecord:
@@ -373,7 +382,27 @@ def parse_gap(data: Any) -> GapRecord:
     if gap.schema_version > SCHEMA_VERSION or gap.schema_version < 3:
         raise SchemaError("schema_version", f"gap records are version 3 to {SCHEMA_VERSION}, "
                           f"got {gap.schema_version}")
+    if len(gap.dropped_seq_ranges) > MAX_SEQ_RANGES:
+        raise SchemaError("dropped_seq_ranges", f"at most {MAX_SEQ_RANGES} ranges")
+    for i, (first, last) in enumerate(gap.dropped_seq_ranges):
+        if not 1 <= first <= last:
+            raise SchemaError(f"dropped_seq_ranges[{i}]", f"expected 1 <= first <= last, "
+                                                          f"got [{first}, {last}]")
     return gap
+
+
+MAX_SEQ_RANGES = 1000
+
+
+def seq_ranges(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged [first, last] ranges of ``seqs`` (pure)."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return tuple((a, b) for a, b in out)
 
 
 # --- Upload sink report (collector -> agent) ---------------------------------------------

@@ -261,7 +261,7 @@ def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
                      started_at=accepted.started_at, ended_at=accepted.ended_at,
                      received_at=received_at, body=accepted.body,
                      body_sha256=accepted.body_sha256, facts=accepted.facts,
-                     clock_skew_s=skew)
+                     clock_skew_s=skew, session_seq=r.session_seq)
 
 
 def _wake_sink(request: web.Request) -> None:
@@ -357,7 +357,7 @@ async def post_gap(request: web.Request) -> web.Response:
                        f"to {probe!r}", field="probe_id")
     outcome = await db(request, SqliteStore.insert_gap, gap.gap_id, probe, utc_now(),
                        gap.reason, gap.dropped, gap.first_started_at, gap.last_started_at,
-                       hashlib.sha256(raw).hexdigest())
+                       hashlib.sha256(raw).hexdigest(), gap.dropped_seq_ranges)
     if outcome == "conflict":
         raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
                        field="gap_id")
@@ -473,6 +473,12 @@ async def list_gaps(request: web.Request) -> web.Response:
                     list(where.probes) if where.probes is not None else None,
                     where.since, where.until)
     return web.json_response({"gaps": rows})
+
+
+async def get_completeness(request: web.Request) -> web.Response:
+    where = await db(request, lambda store: _scope(request, store))
+    rows = await db(request, service.completeness, where)
+    return web.json_response({"completeness": [r.to_dict() for r in rows]})
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -744,6 +750,7 @@ def create_app(cfg: CollectorConfig) -> web.Application:
     app.router.add_post(spec.RESULTS_PATH + "/batch", post_batch)
     app.router.add_post("/api/v1/gaps", post_gap)
     app.router.add_get("/api/v1/gaps", list_gaps)
+    app.router.add_get("/api/v1/completeness", get_completeness)
     app.router.add_get(spec.WHOAMI_PATH, whoami)
     app.router.add_get(spec.RESULTS_PATH, list_results)
     app.router.add_get(spec.RESULTS_PATH + "/{result_id}", get_result)

@@ -489,6 +489,33 @@ def influx_retry(ctx: click.Context) -> None:
 
 @main.command()
 @shared_options
+@_scope_options
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+@click.pass_context
+@handle_errors
+def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
+                 until: str | None, period: str | None, fmt: str, **filters: Any) -> None:
+    """Per probe per day: sessions delivered / expected, and the missing sequence numbers
+    that no gap record explains (goal C8; agents of schema v4 number their sessions)."""
+    from collector.compliance.completeness import format_text
+
+    with _store(ctx) as store:
+        where = _resolve_scope(store, probes, since, until, period, filters)
+        rows = service.completeness(store, where)
+    if fmt == "json":
+        click.echo(format_json({"completeness": [r.to_dict() for r in rows]}), nl=False)
+    elif fmt == "csv":
+        click.echo(format_csv((r.to_dict() for r in rows), COMPLETENESS_COLUMNS), nl=False)
+    else:
+        click.echo(format_text(rows), nl=False)
+
+
+COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "missing",
+                        "discontinuities")
+
+
+@main.command()
+@shared_options
 @click.option("--admin-name", default="admin", show_default=True,
               help="Name of the first admin token.")
 @click.pass_context

@@ -173,6 +173,13 @@ def document() -> dict[str, Any]:
                     "parameters": SCOPE_PARAMETERS,
                     "responses": {"200": _json({"type": "object"}), "400": bad_request}},
         },
+        "/api/v1/completeness": {
+            "get": {"summary": "Per probe per UTC day: sessions delivered / expected, the "
+                               "missing session_seq numbers no gap record explains, and "
+                               "those it does (goal C8).",
+                    "parameters": SCOPE_PARAMETERS,
+                    "responses": {"200": _json({"type": "object"}), "400": bad_request}},
+        },
         spec.RESULTS_PATH + "/{result_id}": {
             "get": {
                 "summary": "One stored result, as ingested (canonical JSON).",

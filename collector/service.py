@@ -9,6 +9,8 @@ from typing import Any
 
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
 from collector import auth
+from collector.compliance.completeness import DayCompleteness
+from collector.compliance.completeness import completeness as completeness_of
 from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import ApiError, StoreError
@@ -215,3 +217,11 @@ def certificate(store: SqliteStore, probe: str, since: str | None, until: str | 
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until)
     return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)
+
+
+def completeness(store: SqliteStore, where: Scope) -> list[DayCompleteness]:
+    """Delivered / expected sessions per probe per day, with the missing sequence numbers
+    apart from those gap records document (reliability.md C8)."""
+    probes = list(where.probes) if where.probes is not None else None
+    return completeness_of(store.session_seqs(probes, where.since, where.until),
+                           store.gap_seq_ranges(probes))

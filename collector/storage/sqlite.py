@@ -193,6 +193,14 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     -- The anonymous tables are pruned by age (Quota below).
     CREATE INDEX browser_results_received ON browser_results (received_at);
     """,
+    # 9: completeness (reliability.md C8): each result's session_seq (schema v4), and the
+    # sequence numbers a gap record stands for, as JSON [[first, last], ...].
+    """
+    ALTER TABLE results ADD COLUMN session_seq INTEGER;
+    CREATE INDEX results_probe_seq ON results (probe_name, session_seq)
+        WHERE session_seq IS NOT NULL;
+    ALTER TABLE gaps ADD COLUMN seq_ranges TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 
@@ -279,6 +287,7 @@ class NewResult:
     body_sha256: str
     facts: SessionFacts
     clock_skew_s: float | None = None
+    session_seq: int | None = None
 
 
 InsertOutcome = Literal["stored", "duplicate", "conflict"]
@@ -434,11 +443,11 @@ class SqliteStore:
                     continue
                 self._db.execute(
                     "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
-                    "ended_at, received_at, body_sha256, body, clock_skew_s) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "ended_at, received_at, body_sha256, body, clock_skew_s, session_seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (item.result_id, item.probe_name, item.schema_version, item.started_at,
                      item.ended_at, item.received_at, item.body_sha256, item.body,
-                     item.clock_skew_s),
+                     item.clock_skew_s, item.session_seq),
                 )
                 _insert_facts(self._db, item.facts, item.probe_name)
                 if self.outbox:
@@ -448,16 +457,38 @@ class SqliteStore:
         return outcomes
 
     def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
-                   dropped: int, first: str, last: str, body_sha256: str) -> InsertOutcome:
+                   dropped: int, first: str, last: str, body_sha256: str,
+                   seq_ranges: Sequence[tuple[int, int]] = ()) -> InsertOutcome:
         with self._write():
             row = self._db.execute("SELECT body_sha256 FROM gaps WHERE gap_id = ?",
                                    (gap_id,)).fetchone()
             if row is not None:
                 return "duplicate" if row[0] == body_sha256 else "conflict"
-            self._db.execute("INSERT INTO gaps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (gap_id, probe_name, received_at, reason, dropped, first, last,
-                              body_sha256))
+            self._db.execute(
+                "INSERT INTO gaps (gap_id, probe_name, received_at, reason, dropped, "
+                "first_started_at, last_started_at, body_sha256, seq_ranges) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (gap_id, probe_name, received_at, reason, dropped, first, last, body_sha256,
+                 json.dumps([list(r) for r in seq_ranges])))
         return "stored"
+
+    def session_seqs(self, probes: Sequence[str] | None, since: str | None,
+                     until: str | None) -> list[tuple[str, int, str]]:
+        """(probe, session_seq, started_at) of every numbered result in scope."""
+        where, params = self._scope(probes, since, until)
+        return [(r[0], r[1], r[2]) for r in self._db.execute(
+            "SELECT probe_name, session_seq, started_at FROM results "
+            f"WHERE {where} AND session_seq IS NOT NULL ORDER BY probe_name, session_seq",
+            params)]
+
+    def gap_seq_ranges(self, probes: Sequence[str] | None) -> dict[str, list[tuple[int, int]]]:
+        """Every gap record's dropped sequence numbers, by probe."""
+        where, params = self._scope(probes, None, None)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for probe, ranges in self._db.execute(
+                f"SELECT probe_name, seq_ranges FROM gaps WHERE {where}", params):
+            out.setdefault(probe, []).extend((int(a), int(b)) for a, b in json.loads(ranges))
+        return out
 
     def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
              until: str | None = None) -> list[dict[str, Any]]:
