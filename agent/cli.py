@@ -221,13 +221,15 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             progress("the collector does not answer yet: the result is named when it is "
                      "delivered")
         result = await session.run(cfg, probe_id or "", progress)
-        _emit(result, as_json)
         if client is None:
+            _emit(result, as_json)
             return 0
         spool = Spool(cfg.state_dir, cfg.delivery)
         if spool.put(result) is None:
             click.echo(f"bbprobe: the disk is full; result {result.result_id} could not be "
                        f"spooled and is reported to the collector as a gap", err=True)
+        # What is shown is what is sent: numbered by the spool (session_seq).
+        _emit(spool.last_put or result, as_json)
         outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
         _report_dead_lettered(outcome)
         if result.result_id in outcome.delivered:

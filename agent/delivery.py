@@ -14,8 +14,10 @@ Contract (shared/reference/reliability.md A1-A9):
   is read and parsed before it joins a batch: a damaged one (an SD card's truncated write)
   moves to ``dead-letter/`` instead of making every batch it is in a 400. The collector's
   per-result replies are matched by ``result_id``; a reply that does not account for
-  exactly the results sent deletes nothing (they are sent again later). A 400 or 413 on a
-  batch of several halves the batch size, so one bad document cannot hold up the rest.
+  exactly the results sent deletes nothing (they are sent again later). A 413, a 422 or a
+  400 naming a field on a batch of several halves the batch size, so one bad document
+  cannot hold up the rest; a 400 that names no field is the request's, not a
+  document's, and stops delivery with everything kept.
 - A result measured before the collector named the probe (whoami) is spooled without a
   ``probe_id`` and named at delivery, once the collector has answered: never a guess.
 - The spool is bounded: beyond ``spool_max_bytes``, below ``min_free_bytes`` of free disk,
@@ -34,7 +36,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -52,6 +54,7 @@ from agent.schema import (
     GapRecord,
     SessionResult,
     format_utc,
+    merge_ranges,
     seq_ranges,
     to_dict,
     utc_now,
@@ -83,7 +86,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) <= 9:
         return float(text)
     try:
         moment = parsedate_to_datetime(text)
@@ -255,6 +258,8 @@ class Spool:
         self.gap_dir = self.root / "gaps"
         self.stats_path = self.root / "delivery.json"
         self.cfg = cfg or DeliveryConfig()
+        # The last result written, as written (numbered): what `bbprobe run` shows.
+        self.last_put: SessionResult | None = None
 
     # results ---------------------------------------------------------------------------
 
@@ -278,23 +283,29 @@ class Spool:
         """Write ``result`` durably, first dropping what the bounds require. Returns the
         file, or None when the disk refused it (counted and reported as a gap)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if result.session_seq is None:
-            result = replace(result, session_seq=self._next_seq())
         stamp = datetime.fromisoformat(result.started_at).astimezone(UTC).strftime(_STAMP)
         final = self.dir / f"{stamp}_{result.result_id}.json"
-        data = result_json(result)
+        # Room first, for the document as it will be written (numbered): the number
+        # itself is taken only once there is room.
+        size = len(result_json(result if result.session_seq is not None else
+                               replace(result, session_seq=self._peek_seq())).encode())
         now = now or datetime.now(UTC)
         vfs = os.statvfs(self.dir)
-        victims = evictions(self.entries(), len(data.encode()), self.cfg,
-                            vfs.f_bavail * vfs.f_frsize, now)
+        victims = evictions(self.entries(), size, self.cfg, vfs.f_bavail * vfs.f_frsize, now)
         self._drop(result.probe_id, victims)
         try:
-            _write_durably(final, data)
+            if result.session_seq is None:
+                # Numbered only once there is room: a full disk that refuses the counter
+                # has used no number, so completeness sees no hole for it.
+                result = replace(result, session_seq=self._next_seq())
+            _write_durably(final, result_json(result))
+            self.last_put = result
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
             started = datetime.fromisoformat(result.started_at).astimezone(UTC)
-            self._drop(result.probe_id, [(Entry(final, 0, started), "disk_full")])
+            self._drop(result.probe_id, [(Entry(final, 0, started), "disk_full")],
+                       {final: result.session_seq})
             self.note(last_error=f"spool write failed: {exc.strerror}; result dropped")
             return None
         s = result.summary
@@ -307,16 +318,39 @@ class Spool:
 
     def _next_seq(self) -> int:
         """The next session sequence number (C8), kept durably in state_dir/session_seq,
-        so the collector can tell which sessions never arrived. A lost counter file
-        restarts from the highest number still in the spool."""
+        so the collector can tell which sessions never arrived. Under a lock: a daemon
+        and a technician's `bbprobe run` may share the state directory. A lost counter
+        restarts after the highest number still known here (spool, dead letters, gap
+        records); a collector sees a restart below that as a discontinuity."""
+        import fcntl
+
         path = self.root / "session_seq"
+        with (self.root / "session_seq.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                last = int(path.read_text(encoding="ascii").strip())
+            except (OSError, ValueError):
+                last = self._highest_known_seq()
+            _write_durably(path, str(last + 1))
+            return last + 1
+
+    def _peek_seq(self) -> int:
+        """The number the next session would get (for sizing only; no lock, no write)."""
         try:
-            last = int(path.read_text(encoding="ascii").strip())
+            return int((self.root / "session_seq").read_text(encoding="ascii").strip()) + 1
         except (OSError, ValueError):
-            last = max((s for s in (self._seq_of(e.path) for e in self.entries()) if s),
-                       default=0)
-        _write_durably(path, str(last + 1))
-        return last + 1
+            return 1
+
+    def _highest_known_seq(self) -> int:
+        known = [s for p in [*self.pending(), *self.dead_letters()]
+                 if (s := self._seq_of(p)) is not None]
+        for gap in self.gaps():
+            try:
+                known += [int(b) for _, b in
+                          json.loads(gap.read_text(encoding="utf-8"))["dropped_seq_ranges"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return max(known, default=0)
 
     @staticmethod
     def _seq_of(path: Path) -> int | None:
@@ -326,14 +360,17 @@ class Spool:
             return None
         return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else None
 
-    def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]]) -> None:
+    def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]],
+              known_seqs: Mapping[Path, int | None] | None = None) -> None:
         """Delete ``victims`` and account for them in one pending gap record per reason
         (merged into any not yet sent, so a long squeeze does not fill the disk with gap
         records)."""
         by_reason: dict[str, list[Entry]] = {}
         seqs: dict[str, list[int]] = {}
         for entry, reason in victims:
-            seq = self._seq_of(entry.path)  # before it goes: the gap record names it
+            # Before it goes: the gap record names it (a file never written: given).
+            seq = known_seqs[entry.path] if known_seqs and entry.path in known_seqs \
+                else self._seq_of(entry.path)
             if seq is not None:
                 seqs.setdefault(reason, []).append(seq)
             entry.path.unlink(missing_ok=True)
@@ -343,7 +380,7 @@ class Spool:
             first = min(e.started_at for e in dropped)
             last = max(e.started_at for e in dropped)
             count = len(dropped)
-            numbers = list(seqs.get(reason, ()))
+            ranges = list(seq_ranges(seqs.get(reason, ())))
             earlier = [p for p in self.gaps() if f"_{reason}_" in p.name]
             for path in earlier:
                 try:
@@ -351,8 +388,8 @@ class Spool:
                     count += int(old["dropped"])
                     first = min(first, datetime.fromisoformat(old["first_started_at"]))
                     last = max(last, datetime.fromisoformat(old["last_started_at"]))
-                    for a, b in old.get("dropped_seq_ranges", ()):
-                        numbers.extend(range(int(a), int(b) + 1))
+                    ranges.extend((int(a), int(b)) for a, b in
+                                  old.get("dropped_seq_ranges", ()))
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
             gap = GapRecord(
@@ -360,7 +397,7 @@ class Spool:
                 recorded_at=utc_now(), reason=reason,  # type: ignore[arg-type]
                 dropped=count, first_started_at=format_utc(first),
                 last_started_at=format_utc(last),
-                dropped_seq_ranges=seq_ranges(numbers)[-MAX_SEQ_RANGES:],
+                dropped_seq_ranges=merge_ranges(ranges)[-MAX_SEQ_RANGES:],
             )
             try:
                 self.gap_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -389,7 +426,11 @@ class Spool:
         self.dead_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = self.dead_dir / path.name
         target.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")
-        path.replace(target)
+        try:
+            path.replace(target)
+        except FileNotFoundError:  # another deliverer (daemon and a run) took it first
+            target.with_suffix(".reason.txt").unlink(missing_ok=True)
+            return target
         _fsync_dir(self.dead_dir)
         _fsync_dir(path.parent)
         self.count("dead_lettered_total")
@@ -468,6 +509,16 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
 
+def _error_field(body: bytes) -> str | None:
+    """The document field a collector's refusal names, if any."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return None
+    field = data.get("field") if isinstance(data, dict) else None
+    return field if isinstance(field, str) and field else None
+
+
 class CollectorClient:
     """Talks to the collector's API with the probe's bearer token. Every request carries
     the probe's wall clock (X-Bbprobe-Sent-At) so the collector can measure skew."""
@@ -510,7 +561,7 @@ class CollectorClient:
                     retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
                     raise DeliveryError(
                         _error_message(resp.status, body), retryable=retryable,
-                        status=resp.status,
+                        status=resp.status, field=_error_field(body),
                         retry_after_s=parse_retry_after(resp.headers.get("Retry-After"),
                                                         datetime.now(UTC)),
                     )
@@ -629,20 +680,25 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
                         target = spool.dead_letter(path, reason)
                         report.dead_lettered.append((str(target), reason))
             failures = 0
+            batch_results = min(cfg.batch_results, batch_results * 2)  # grow back
             spool.note(add={"delivered_total": stored}, last_success_at=utc_now(),
                        last_error=None)
         except DeliveryError as exc:
-            if not exc.retryable and not unnamed:
-                if exc.status in (400, 413) and len(paths) > 1:
-                    # One document too large or unreadable spoils its whole batch: halve
-                    # the batches (same data) until it goes alone and the rest get through.
+            document_fault = exc.status in (413, 422) or (exc.status == 400 and
+                                                          exc.field is not None)
+            if not exc.retryable and not unnamed and document_fault:
+                if len(paths) > 1:
+                    # One document too large or refused spoils its whole batch: halve the
+                    # batches (same data) until it goes alone and the rest get through.
                     batch_results = max(1, len(paths) // 2)
                     continue
-                if exc.status in (400, 413, 422) and len(paths) == 1:
-                    # This one document is refused for good: set it aside, go on.
-                    target = spool.dead_letter(paths[0], str(exc))
-                    report.dead_lettered.append((str(target), str(exc)))
-                    continue
+                # This one document is refused for good: set it aside, go on. A 400 that
+                # names no field is the request's (a proxy, a header), not the
+                # document's: it stops below with everything kept, rather than moving
+                # the whole spool to dead-letter one result at a time.
+                target = spool.dead_letter(paths[0], str(exc))
+                report.dead_lettered.append((str(target), str(exc)))
+                continue
             if not exc.retryable:
                 # 401/403/404...: the request, not a result, is refused. Keep everything.
                 report.error = str(exc)

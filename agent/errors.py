@@ -29,8 +29,11 @@ class DeliveryError(AgentError):
     exit_code = 3
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.retry_after_s = retry_after_s
+        # The collector's reply named a field of the document: the document is at fault,
+        # not the request (a proxy's 400 names none).
+        self.field = field

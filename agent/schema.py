@@ -348,7 +348,7 @@ class SessionResult:
     context: HostContext | None = None
     # v4: 1, 2, 3... per probe, given as the result enters the spool; None: older agents,
     # or not spooled (a technician's --no-push run).
-    session_seq: int | None = field(default=None, metadata=bounds(ge=1))
+    session_seq: int | None = field(default=None, metadata={**bounds(ge=1), "added": 4})
 
     @property
     def valid(self) -> bool:
@@ -371,7 +371,8 @@ class GapRecord:
     first_started_at: str = field(metadata=_UTC)
     last_started_at: str = field(metadata=_UTC)
     # v4: the dropped results' session_seq, as [first, last] ranges (at most 1000).
-    dropped_seq_ranges: tuple[tuple[int, int], ...] = ()
+    dropped_seq_ranges: tuple[tuple[int, int], ...] = field(default=(),
+                                                          metadata={"added": 4})
 
 
 def parse_gap(data: Any) -> GapRecord:
@@ -392,6 +393,17 @@ def parse_gap(data: Any) -> GapRecord:
 
 
 MAX_SEQ_RANGES = 1000
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted [first, last] ranges with overlapping and adjacent ones joined (pure)."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
 
 
 def seq_ranges(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
@@ -425,8 +437,14 @@ T = TypeVar("T")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass tree as plain JSON-ready data (tuples become lists when serialised)."""
+    """A dataclass tree as plain JSON-ready data (tuples become lists when serialised).
+    A field added in a later version is left out while it holds its default, so an older
+    document keeps its canonical form, and with it its hash: a result resent across a
+    collector upgrade is a duplicate, not a conflict."""
     result: dict[str, Any] = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if "added" in f.metadata and getattr(obj, f.name) == f.default:
+            del result[f.name]
     return result
 
 
@@ -513,8 +531,9 @@ def _is_pair(value: Any) -> bool:
     if type(value) is not list or len(value) != 2:
         return False
     t, b = value
-    return ((type(t) is float or type(t) is int) and math.isfinite(t)
-            and -SAMPLE_T_LIMIT_S <= t <= SAMPLE_T_LIMIT_S
+    return ((type(t) is float or type(t) is int)
+            and -SAMPLE_T_LIMIT_S <= t <= SAMPLE_T_LIMIT_S  # before isfinite: a huge int
+            and math.isfinite(t)
             and type(b) is int and 0 <= b <= 10**15)
 
 
@@ -573,6 +592,9 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     if tp is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise SchemaError(path, f"expected a number, got {_json_type(value)}")
+        if isinstance(value, int):
+            # Bounds first: math.isfinite(10**400) raises OverflowError (a 500).
+            _check_bounds(value, path, meta)
         if not math.isfinite(value):
             raise SchemaError(path, f"must be a finite number, got {value!r}")
         _check_bounds(value, path, meta)
@@ -611,11 +633,17 @@ def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
 
 def _check_bounds(value: float, path: str, meta: dict[str, Any]) -> None:
     if meta.get("ge") is not None and value < meta["ge"]:
-        raise SchemaError(path, f"must be >= {meta['ge']:g}, got {value!r}")
+        raise SchemaError(path, f"must be >= {meta['ge']:g}, got {_shown(value)}")
     if meta.get("gt") is not None and value <= meta["gt"]:
-        raise SchemaError(path, f"must be > {meta['gt']:g}, got {value!r}")
+        raise SchemaError(path, f"must be > {meta['gt']:g}, got {_shown(value)}")
     if meta.get("le") is not None and value > meta["le"]:
-        raise SchemaError(path, f"must be <= {meta['le']:g}, got {value!r}")
+        raise SchemaError(path, f"must be <= {meta['le']:g}, got {_shown(value)}")
+
+
+def _shown(value: float) -> str:
+    """A number for a message: a 400-digit one is cut, not copied whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
 def _check_format(value: str, path: str, fmt: str | None) -> None:

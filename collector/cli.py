@@ -511,7 +511,7 @@ def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | No
 
 
 COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "missing",
-                        "discontinuities")
+                        "discontinuities", "duplicates")
 
 
 @main.command()

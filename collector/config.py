@@ -87,11 +87,14 @@ class MeasurementConfig:
 @dataclass(frozen=True, slots=True)
 class AnonymousConfig:
     # What strangers may leave in the database: browser speed-test results and ndt7
-    # subtests (issue 12). Each table keeps at most max_rows, the newest, and nothing
-    # older than retention_days; a client address posts at most browser_results_per_min
-    # browser results a minute.
+    # subtests (issue 12). Browser results keep at most max_rows, ndt7 subtests
+    # ndt7_max_rows, the newest, and nothing older than retention_days (checked hourly
+    # too); a client address posts at most browser_results_per_min results a minute.
     retention_days: float = field(default=365.0, metadata=bounds(gt=0, le=36_500))
     max_rows: int = field(default=200_000, metadata=bounds(ge=100, le=100_000_000))
+    # ndt7 subtests are larger (up to ~100 KB: ~40 server measurements and 64 KiB of the
+    # client's): fewer of them, about 2 GB at most by default.
+    ndt7_max_rows: int = field(default=20_000, metadata=bounds(ge=100, le=100_000_000))
     browser_results_per_min: float = field(default=6.0, metadata=bounds(gt=0, le=6000))
 
 

@@ -108,6 +108,11 @@ class SinkState:
 # range (400), too large (413), outside the bucket's retention (422). Anything else
 # (5xx, 429, 401/403/404: a server or configuration matter) is retried, never dropped.
 PERMANENT = frozenset({400, 413, 422})
+# After this many results set apart in a row with none written, InfluxDB is taken to
+# refuse everything (a field type conflict, a bucket's retention cut): stop setting
+# results apart and back off, as for an outage, instead of emptying the outbox into the
+# dead letters.
+REFUSALS_BEFORE_PAUSE = 10
 OutboxRow = tuple[str, str, LineMetadata]
 Built = tuple[str, list[Point]]
 Db = Callable[..., Awaitable[Any]]
@@ -123,6 +128,7 @@ class InfluxSink:
         self.cfg = cfg
         self.db = db
         self.state = SinkState()
+        self.refused_in_a_row = 0
         self.wake = asyncio.Event()
         self.client = InfluxDBClient(url=cfg.url, token=influx_token(cfg),
                                      org=cfg.org, timeout=int(cfg.timeout_s * 1000),
@@ -208,6 +214,11 @@ class InfluxSink:
             if status not in PERMANENT:
                 raise
             if len(built) == 1:
+                if self.refused_in_a_row >= REFUSALS_BEFORE_PAUSE:
+                    raise RuntimeError(f"InfluxDB refused the last {self.refused_in_a_row} "
+                                       f"results one by one (HTTP {status}); pausing "
+                                       "before setting more apart") from exc
+                self.refused_in_a_row += 1
                 body = str(getattr(exc, "body", "") or exc).replace("\n", " ")
                 await self._dead_letter(built[0][0], f"InfluxDB refused it: HTTP {status}: "
                                                      f"{body[:300]}")
@@ -218,6 +229,7 @@ class InfluxSink:
             return
         await self.db(SqliteStore.outbox_done, [rid for rid, _ in built])
         self.state.written_results += len(built)
+        self.refused_in_a_row = 0
 
     async def _dead_letter(self, result_id: str, reason: str) -> None:
         from collector.storage.sqlite import SqliteStore

@@ -57,6 +57,9 @@ def accept(data: Any) -> Accepted:
         result = parse_result(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
+    except (ArithmeticError, ValueError, RecursionError) as exc:  # a decoder bug: still 4xx
+        raise ApiError(422, f"result cannot be decoded: {type(exc).__name__}: {exc}") \
+            from None
     try:
         body = canonical_json(result)
         started_at = format_utc(parse_utc(result.started_at))

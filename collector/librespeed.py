@@ -44,9 +44,14 @@ def paths(name: str) -> list[str]:
 
 def chunks_wanted(raw: str | None) -> int:
     """``ckSize``: missing, not a number or < 1 -> 4; above 1024 -> 1024 (PHP backend)."""
-    if raw is None or not raw.isdigit() or int(raw) < 1:
+    # ASCII digits only: str.isdigit() accepts '²', which int() refuses (a 500); and no
+    # int() of thousands of digits (Python refuses those too).
+    if raw is None or not (raw.isascii() and raw.isdigit()):
         return 4
-    return min(int(raw), 1024)
+    digits = raw.lstrip("0")
+    if not digits:
+        return 4
+    return 1024 if len(digits) > 4 else min(int(digits), 1024)
 
 
 def describe_ip(address: str) -> str:

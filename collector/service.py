@@ -65,7 +65,8 @@ def period_bounds(period: str) -> tuple[str, str]:
     [07-01, next 01-01). Bounds in UTC, ``until`` exclusive."""
     text = period.strip().upper()
     year_text, _, half = text.partition("-")
-    if not (year_text.isdigit() and len(year_text) == 4) or half not in ("", "H1", "H2"):
+    if not (year_text.isascii() and year_text.isdigit() and len(year_text) == 4) or \
+            half not in ("", "H1", "H2"):
         raise ApiError(400, f"period: expected YYYY, YYYY-H1 or YYYY-H2, got {period!r}",
                        field="period")
     year = int(year_text)
@@ -219,9 +220,18 @@ def certificate(store: SqliteStore, probe: str, since: str | None, until: str | 
     return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)
 
 
+CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int, int]]],
+                           dict[str, int]]
+
+
+def completeness_inputs(store: SqliteStore, where: Scope) -> CompletenessInputs:
+    """What completeness needs from the store (run on the database thread)."""
+    probes = list(where.probes) if where.probes is not None else None
+    return (store.session_seqs(probes, where.since, where.until),
+            store.gap_seq_ranges(probes), store.seqs_before(probes, where.since))
+
+
 def completeness(store: SqliteStore, where: Scope) -> list[DayCompleteness]:
     """Delivered / expected sessions per probe per day, with the missing sequence numbers
     apart from those gap records document (reliability.md C8)."""
-    probes = list(where.probes) if where.probes is not None else None
-    return completeness_of(store.session_seqs(probes, where.since, where.until),
-                           store.gap_seq_ranges(probes))
+    return completeness_of(*completeness_inputs(store, where))

@@ -2,7 +2,8 @@
 each request takes the next fault from a script, then the default is to forward.
 
 Faults:
-- ``("status", code, retry_after)``: answer ``code`` without forwarding;
+- ``("status", code, retry_after[, field])``: answer ``code`` without forwarding (naming
+  ``field`` of the document, as the collector does when the document is at fault);
 - ``("drop_reply",)``: forward (the collector commits) but close the connection instead
   of replying: the agent sees a network error for a stored result (reliability.md A7);
 - ``("drop",)``: close without forwarding.
@@ -78,7 +79,8 @@ def fault_proxy(upstream: str, script: list[tuple[Any, ...]],
         if fault[0] == "status":
             proxy.seen.append(f"{label} -> {fault[1]}")
             headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
-            return web.json_response({"error": "injected", "field": None}, status=fault[1],
+            named = fault[3] if len(fault) > 3 else None  # a document field, as a 422 names
+            return web.json_response({"error": "injected", "field": named}, status=fault[1],
                                      headers=headers)
         if fault[0] == "drop":
             proxy.seen.append(f"{label} -> dropped")

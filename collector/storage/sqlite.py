@@ -481,6 +481,15 @@ class SqliteStore:
             f"WHERE {where} AND session_seq IS NOT NULL ORDER BY probe_name, session_seq",
             params)]
 
+    def seqs_before(self, probes: Sequence[str] | None, since: str | None) -> dict[str, int]:
+        """Each probe's highest session_seq delivered before ``since`` (none: {})."""
+        if since is None:
+            return {}
+        where, params = self._scope(probes, None, since)
+        return {r[0]: r[1] for r in self._db.execute(
+            f"SELECT probe_name, MAX(session_seq) FROM results WHERE {where} AND "
+            "session_seq IS NOT NULL GROUP BY probe_name", params)}
+
     def gap_seq_ranges(self, probes: Sequence[str] | None) -> dict[str, list[tuple[int, int]]]:
         """Every gap record's dropped sequence numbers, by probe."""
         where, params = self._scope(probes, None, None)
@@ -716,6 +725,9 @@ class SqliteStore:
         with self._write():
             self._db.executemany("DELETE FROM influx_outbox WHERE result_id = ?",
                                  [(r,) for r in result_ids])
+            # Written at last (a backfill after a fix): no longer a dead letter.
+            self._db.executemany("DELETE FROM influx_dead_letters WHERE result_id = ?",
+                                 [(r,) for r in result_ids])
 
     def outbox_dead_letter(self, result_id: str, reason: str, failed_at: str) -> None:
         """Out of the outbox, into the dead letters, in one transaction."""
@@ -773,10 +785,20 @@ class SqliteStore:
         counting is spread thin; between checks a table may run over by that many."""
         if not rowid or rowid % PRUNE_EVERY:
             return
+        self._prune_now(table, time_column, quota)
+
+    def _prune_now(self, table: str, time_column: str, quota: Quota) -> None:
         self._db.execute(f"DELETE FROM {table} WHERE {time_column} < ?", (quota.keep_after,))
         self._db.execute(
             f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
             f"ORDER BY {time_column} DESC LIMIT -1 OFFSET ?)", (quota.max_rows,))
+
+    def prune_anonymous(self, browser: Quota, ndt7: Quota) -> None:
+        """Apply the quotas now (at start and hourly): retention holds for a table that
+        gets no new rows too."""
+        with self._write():
+            self._prune_now("browser_results", "received_at", browser)
+            self._prune_now("ndt7_tests", "started_at", ndt7)
 
     def browser_results(self, since: str | None = None,
                         until: str | None = None) -> list[dict[str, Any]]:

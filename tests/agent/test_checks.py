@@ -71,7 +71,7 @@ def test_observations_on_this_host() -> None:
 def test_check_command_says_what_to_do() -> None:
     """A failing check: exit 5, the finding and the advice; --json carries the reasons."""
     argv = [sys.executable, "-m", "agent", "--server", "http://127.0.0.1:9", "--set",
-            f"checks.min_memory_bytes={2**60}", "check"]
+            f"checks.min_memory_bytes={10**15}", "check"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 5, done.stderr
     assert "A measurement now would be flagged INVALID:" in done.stdout

@@ -249,12 +249,14 @@ def test_each_kind_of_damage_is_named(tmp_path: Path, damage: Any, problem: str)
 
 def test_a_400_on_a_batch_splits_it_and_dead_letters_only_the_refused_result(
         collector: RunningCollector, tmp_path: Path) -> None:
-    """A 400 for a batch of three halves the batches (like a 413) instead of stopping;
-    a 400 for a result sent alone is its own refusal: dead-letter, and the rest go."""
+    """A 400 naming a document field for a batch of three halves the batches (like a 413)
+    instead of stopping; for a result sent alone it is its own refusal: dead-letter, and
+    the rest go."""
     token = collector.add_probe("p1")
     spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
     ids = _spool_results(spool, 3)
-    with fault_proxy(collector.url, [("status", 400, None), ("status", 400, None)]) as proxy:
+    with fault_proxy(collector.url, [("status", 400, None, "ping"),
+                                     ("status", 400, None, "ping")]) as proxy:
         report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
     assert proxy.seen == ["POST /api/v1/results/batch -> 400"] * 2 + \
         ["POST /api/v1/results/batch -> 200"] * 2
@@ -262,6 +264,21 @@ def test_a_400_on_a_batch_splits_it_and_dead_letters_only_the_refused_result(
         (f"{ids[0]}.json", "HTTP 400: injected")]
     assert report.delivered == ids[1:] and _stored(collector) == ids[1:]
     assert report.error is None and spool.entries() == []
+
+
+def test_a_400_naming_no_field_keeps_the_whole_spool(collector: RunningCollector,
+                                                      tmp_path: Path) -> None:
+    """A 400 that names no document field is the request's (a proxy's header limit, a
+    WAF), not any result's: delivery stops with everything kept, instead of moving the
+    spool to dead-letter one result at a time."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    _spool_results(spool, 3)
+    with fault_proxy(collector.url, [("status", 400, None)]) as proxy:
+        report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
+    assert proxy.seen == ["POST /api/v1/results/batch -> 400"]
+    assert report.error == "HTTP 400: injected" and report.dead_lettered == []
+    assert len(spool.entries()) == 3 and spool.dead_letters() == []
 
 
 @contextmanager

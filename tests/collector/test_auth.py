@@ -237,14 +237,12 @@ def _basic(token: str) -> str:
     # Bearer, but what a browser marks as another site's, or from another origin.
     ({"bearer": True, "Sec-Fetch-Site": "cross-site"}, b"", 403,
      "cross-site request refused (Sec-Fetch-Site: cross-site)"),
-    ({"bearer": True, "Origin": "https://evil.example"}, b"", 403,
-     "request from origin 'https://evil.example' refused"),
 ])
 def test_cross_site_requests_cannot_revoke(guarded: RunningCollector,
                                            headers: dict[str, Any], body: bytes, status: int,
                                            error: str | None) -> None:
-    """Issue 12, finding 7 (CSRF): state-changing routes take Bearer only and refuse
-    cross-site and foreign-origin requests; the probe stays active."""
+    """Issue 12, finding 7 (CSRF): state-changing routes take Bearer only and refuse what
+    the browser marks cross-site; the probe stays active."""
     admin = guarded.add_token("boss", "admin")
     guarded.add_probe("roma-1")
     sent = {k: v for k, v in headers.items() if k != "bearer"}

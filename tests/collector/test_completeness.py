@@ -26,19 +26,33 @@ from tests.httpclient import request
 
 def test_holes_are_missing_unless_a_gap_record_names_them() -> None:
     rows = [("p1", 1, "2026-11-21T10:00:00Z"), ("p1", 2, "2026-11-21T11:00:00Z"),
-            ("p1", 6, "2026-11-22T01:00:00Z"), ("p1", 6, "2026-11-22T01:00:00Z"),
-            ("p1", 7, "2026-11-22T02:00:00Z"), ("p2", 10, "2026-11-21T09:00:00Z"),
-            ("p2", 10 + MAX_HOLE + 2, "2026-11-22T09:00:00Z")]
-    days = completeness(rows, {"p1": [(3, 4)]})
+            ("p1", 7, "2026-11-22T01:00:00Z"), ("p1", 7, "2026-11-22T01:30:00Z"),
+            ("p1", 8, "2026-11-22T02:00:00Z"), ("p2", 10, "2026-11-21T09:00:00Z"),
+            ("p2", 10 + MAX_HOLE + 2, "2026-11-22T09:00:00Z"),
+            ("p3", 5, "2026-11-21T09:00:00Z"), ("p3", 9000, "2026-11-22T09:00:00Z")]
+    days = completeness(rows, {"p1": [(3, 4), (4, 5)], "p3": [(6, 8999)]}, {"p1": 0})
     got = {(d.probe, d.day): (d.delivered, d.expected, d.documented, d.missing,
-                              d.discontinuities) for d in days}
+                              d.missing_ranges, d.discontinuities, d.duplicates)
+           for d in days}
     assert got == {
-        ("p1", "2026-11-21"): (2, 2, 0, [], 0),
-        # 3, 4 dropped by the spool (documented), 5 lost; counted on the day of 6.
-        ("p1", "2026-11-22"): (2, 5, 2, [5], 0),
-        ("p2", "2026-11-21"): (1, 1, 0, [], 0),
-        ("p2", "2026-11-22"): (1, 1, 0, [], 1),  # a counter reset, not a month of holes
+        ("p1", "2026-11-21"): (2, 2, 0, 0, [], 0, 0),
+        # 3-5 dropped by the spool (documented, overlapping records merged), 6 lost;
+        # counted on the day of 7. Two results numbered 7 (a rewound counter): both
+        # delivered, one duplicate.
+        ("p1", "2026-11-22"): (3, 7, 3, 1, [(6, 6)], 0, 1),
+        ("p2", "2026-11-21"): (1, 1, 0, 0, [], 0, 0),
+        ("p2", "2026-11-22"): (1, 1, 0, 0, [], 1, 0),  # a counter reset, not holes
+        ("p3", "2026-11-21"): (1, 1, 0, 0, [], 0, 0),
+        # A long outage the spool documented is documented, not a discontinuity.
+        ("p3", "2026-11-22"): (1, 8995, 8994, 0, [], 0, 0),
     }
+
+
+def test_a_hole_across_the_start_of_the_scope_is_counted() -> None:
+    """The highest number before the scope seeds the count: 11-12 missing on the first
+    day in scope, whatever the query's start."""
+    (day,) = completeness([("p1", 13, "2026-11-22T00:10:00Z")], {}, {"p1": 10})
+    assert (day.delivered, day.missing, day.missing_ranges) == (1, 2, [(11, 12)])
 
 
 def test_spool_numbers_sessions_and_the_collector_reports_what_is_missing(
@@ -64,8 +78,25 @@ def test_spool_numbers_sessions_and_the_collector_reports_what_is_missing(
     assert status == 200
     (day,) = body["completeness"]
     # 1, 4, 6, 7, 8 arrived; 2 and 3 the gap record explains; 5 nobody does.
-    assert (day["delivered"], day["expected"], day["documented"], day["missing_seqs"]) == \
-        (5, 8, 2, [5])
+    assert (day["delivered"], day["expected"], day["documented"], day["missing_ranges"]) \
+        == (5, 8, 2, [[5, 5]])
     out = CliRunner().invoke(main, ["--db", str(collector.db_path), "completeness",
                                     "--format", "csv"]).output
-    assert out.splitlines()[1].split(",")[2:] == ["5", "8", "2", "1", "0"]
+    assert out.splitlines()[1].split(",")[2:] == ["5", "8", "2", "1", "0", "0"]
+
+
+def test_numbering_survives_a_full_disk_and_a_lost_counter(tmp_path: Path) -> None:
+    """A disk-full drop's gap record carries the number it dropped (no false 'missing');
+    a lost counter file restarts after the highest number still known (spool, dead
+    letters, gap records), not at 1."""
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    for i in range(3):
+        spool.put(session("p1", started_at=format_utc(NOW - timedelta(minutes=15 * i))),
+                  now=NOW)
+    spool._drop("p1", [(spool.entries()[0], "disk_full")])  # number 3 (the oldest start)
+    (tmp_path / "session_seq").unlink()
+    for path in spool.pending():
+        path.unlink()  # delivered meanwhile: only the gap record remembers number 3
+    spool.put(session("p1", started_at=format_utc(NOW)), now=NOW)
+    (path,) = spool.pending()
+    assert json.loads(path.read_text())["session_seq"] == 4

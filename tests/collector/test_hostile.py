@@ -92,6 +92,9 @@ HOSTILE = [
         packets_sent=10**400)), JSON, 422),
     ("sample time 1e300", _broken(lambda d: d["transfers"][0].update(
         stream_samples=[[[0.0, 0], [1e300, 5]]])), JSON, 422),
+    ("400-digit float field", _broken(lambda d: d.update(duration_s=10**400)), JSON, 422),
+    ("400-digit sample time", _broken(lambda d: d["transfers"][0].update(
+        stream_samples=[[[10**400, 0]]])), JSON, 422),
     ("negative sample bytes", _broken(lambda d: d["transfers"][0].update(
         stream_samples=[[[0.0, 0], [1.0, -5]]])), JSON, 422),
     ("other probe", _broken(lambda d: d.update(probe_id="p2")), JSON, 403),

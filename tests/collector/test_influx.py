@@ -379,8 +379,29 @@ def test_public_liveness_says_nothing_more(tmp_path: Path) -> None:
     with running_collector(tmp_path, cfg) as collector:
         token = collector.add_probe("p1", LINE)
         _post(collector, token, "p1", 7)
-        time.sleep(1.0)  # the sink has failed to write by now
+        analyst = collector.add_token("ana")
+        bearer = {"Authorization": f"Bearer {analyst}"}
+        _until(lambda: request("GET", collector.url + "/api/v1/health", headers=bearer)[1]
+               ["influxdb"]["last_error"] is not None, "the sink to fail")
         status, body, _ = request("GET", collector.url + "/healthz")
         assert (status, body) == (200, {"status": "ok"})
         status, _, _ = request("GET", collector.url + "/api/v1/health")
         assert status == 401
+
+
+def test_an_influxdb_that_refuses_everything_pauses_the_sink(tmp_path: Path) -> None:
+    """Review of issue 12: when InfluxDB refuses every result (a type conflict, a
+    retention cut), the sink sets 10 apart, then backs off as for an outage instead of
+    emptying the whole outbox into the dead letters."""
+    with _strict_influx() as (server, url), _influx_collector(tmp_path, url) as collector:
+        server.available = True
+        token = collector.add_probe("p1", LINE)
+        for minute in range(14):
+            doc = session_dict(probe_id="p1",
+                               started_at=f"2300-01-01T00:{minute:02d}:00.000000Z")
+            doc["ping"]["started_at"] = f"2300-01-01T00:{minute:02d}:00.500000Z"
+            assert post_json(collector.url + "/api/v1/results", doc, token)[0] == 201
+        _until(lambda: "pausing before setting more apart" in
+               (_health(collector)["last_error"] or ""), "the sink to pause")
+        health = _health(collector)
+        assert health["dead_letters_stored"] == 10 and health["outbox"] == 4

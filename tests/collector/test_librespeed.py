@@ -174,6 +174,11 @@ def test_anonymous_tables_stay_within_their_quota(tmp_path: Path) -> None:
         assert len(rows) == 100  # the cap, and the one from 2025 is gone
         assert min(r["received_at"] for r in rows) >= "2026-01-01"
         assert max(r["n"] for r in rows) == 2 * PRUNE_EVERY  # the newest are kept
+        # A quiet table: retention applied by the hourly pass, without new rows.
+        later = Quota(keep_after="2026-02-01T00:01:00.000000Z", max_rows=100)
+        store.prune_anonymous(later, later)
+        assert min(r["received_at"] for r in store.browser_results()) >= \
+            "2026-02-01T00:01:00"
     finally:
         store.close()
 
@@ -213,3 +218,11 @@ def test_rate_limit_buckets_expire() -> None:
     assert len(limiter.buckets) > 0 and limiter.take("late") is None
     limiter._sweep(now[0])
     assert list(limiter.buckets) == ["late"]
+
+
+def test_cksize_never_breaks_the_open_endpoint() -> None:
+    """Review of issue 12: '²' passes str.isdigit() and int() refuses it; thousands of
+    digits too. Both were a 500 on an endpoint anyone can reach."""
+    assert librespeed.chunks_wanted("²") == 4
+    assert librespeed.chunks_wanted("9" * 5000) == 1024
+    assert librespeed.chunks_wanted("0") == 4 and librespeed.chunks_wanted("0012") == 12

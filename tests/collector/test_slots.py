@@ -69,6 +69,10 @@ def test_idle_sockets_release_their_slots_at_the_deadline(tmp_path: Path) -> Non
         while _download(collector) != 200:
             assert time.monotonic() < deadline, "slots still held long after 2 s"
             time.sleep(0.5)
+        # Every one of the four released, not just one.
+        _, health, _ = request("GET", collector.url + "/api/v1/health")
+        assert (health["measurement"]["transfers_running"],
+                health["measurement"]["clients"]) == (0, 0)
 
 
 def test_one_client_cannot_take_every_slot(tmp_path: Path) -> None:
