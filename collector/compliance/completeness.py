@@ -22,6 +22,8 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.schema import merge_ranges
+
 MAX_HOLE = 96 * 31  # a month of sessions at 96 a day
 MAX_LISTED_RANGES = 100  # per day, in the output; the count is always whole
 
@@ -47,16 +49,6 @@ class DayCompleteness:
                 "missing": self.missing,
                 "missing_ranges": [list(r) for r in self.missing_ranges],
                 "discontinuities": self.discontinuities, "duplicates": self.duplicates}
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
 
 
 def _split(first: int, last: int, documented: list[tuple[int, int]]
@@ -86,7 +78,7 @@ def completeness(rows: Iterable[tuple[str, int, str]],
     then seq, each probe's gap-record ranges, and the highest number each probe
     delivered before the scope."""
     days: dict[tuple[str, str], DayCompleteness] = {}
-    merged = {probe: _merged(ranges) for probe, ranges in gaps.items()}
+    merged = {probe: list(merge_ranges(ranges)) for probe, ranges in gaps.items()}
     probe_now: str | None = None
     previous: int | None = None
     for probe, seq, started_at in rows:
