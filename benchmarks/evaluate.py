@@ -39,7 +39,8 @@ from agent.stats import Moments
 from collector import service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
-from collector.storage.sqlite import LineMetadata, SqliteStore, pack_speeds
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore, pack_speeds
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = targets.load("")

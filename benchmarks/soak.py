@@ -43,7 +43,8 @@ import aiohttp
 
 from agent.schema import to_dict
 from collector import service
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,7 +41,8 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
-from collector.storage.sqlite import NewResult, Quota, SqliteStore
+from collector.storage.model import NewResult, Quota
+from collector.storage.sqlite import SqliteStore
 
 log = logging.getLogger("bbprobe.collector")
 T = TypeVar("T")
@@ -548,7 +549,7 @@ async def add_probe(request: web.Request) -> web.Response:
     only time the token exists in clear."""
     from dataclasses import fields
 
-    from collector.storage.sqlite import LineMetadata
+    from collector.storage.model import LineMetadata
 
     data = ingest.parse_json(await read_body(request, 64 * 1024))
     allowed = {"probe_id"} | {f.name for f in fields(LineMetadata)}

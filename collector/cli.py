@@ -36,7 +36,8 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -30,7 +30,7 @@ from collector.report import (
     format_value,
     invalid_sentence,
 )
-from collector.storage.sqlite import HourRow, Probe
+from collector.storage.model import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14
 

@@ -35,7 +35,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 
 from agent.schema import SessionResult, parse_result, parse_utc, utc_now
 from collector.config import influx_token
-from collector.storage.sqlite import LineMetadata
+from collector.storage.model import LineMetadata
 
 log = logging.getLogger("bbprobe.collector.influx")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -15,7 +15,8 @@ from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import ApiError, StoreError
 from collector.report import Scope, listing_row
-from collector.storage.sqlite import LineMetadata, SqliteStore, StoredResult
+from collector.storage.model import LineMetadata, StoredResult
+from collector.storage.sqlite import SqliteStore
 
 
 def register_probe(store: SqliteStore, name: str, line: LineMetadata) -> str:

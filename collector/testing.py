@@ -17,7 +17,8 @@ from pathlib import Path
 from collector import app as app_mod
 from collector import service
 from collector.config import CollectorConfig
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ with atheris.instrument_imports():
     from agent.schema import SchemaError, parse_gap
     from collector import ingest
     from collector.errors import ApiError
-    from collector.storage.sqlite import LineMetadata, NewResult, SqliteStore
+    from collector.storage.model import LineMetadata, NewResult
+    from collector.storage.sqlite import SqliteStore
 
 _DIR = tempfile.mkdtemp(prefix="bbprobe-fuzz-")
 STORE = SqliteStore(Path(_DIR) / "fuzz.sqlite3")

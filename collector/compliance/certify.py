@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 from agent import stats
 from agent.schema import parse_utc
 from collector.compliance.facts import SessionFacts
-from collector.storage.sqlite import LineMetadata
+from collector.storage.model import LineMetadata
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
 

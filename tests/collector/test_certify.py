@@ -14,7 +14,8 @@ from collector import service
 from collector.cli import main
 from collector.compliance.certify import RULES, certify
 from collector.compliance.facts import SessionFacts, of_result
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request

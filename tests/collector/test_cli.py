@@ -128,7 +128,7 @@ def test_bad_since(db: Path) -> None:
 def test_service_register_uses_store(db: Path) -> None:
     """register_probe returns a token that authenticates against the same database."""
     from collector import auth
-    from collector.storage.sqlite import LineMetadata
+    from collector.storage.model import LineMetadata
 
     store = SqliteStore(db)
     token = service.register_probe(store, "p9", LineMetadata())

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from collector import cli, service
 from collector.compliance import targets as targets_mod
 from collector.compliance.evaluate import Observations
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request

@@ -13,7 +13,8 @@ from agent.schema import SessionResult
 from collector import ingest, service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
-from collector.storage.sqlite import MIGRATIONS, LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.factories import attempt, session, store_result
 
 ROOT = Path(__file__).resolve().parents[2]

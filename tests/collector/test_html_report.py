@@ -19,7 +19,8 @@ from collector import plots, service
 from collector.cli import main
 from collector.compliance import targets
 from collector.html_report import hour_profile, time_buckets
-from collector.storage.sqlite import HourRow, LineMetadata, SqliteStore
+from collector.storage.model import HourRow, LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, store_result

@@ -24,7 +24,7 @@ from collector.cli import main
 from collector.config import CollectorConfig, InfluxConfig, parse
 from collector.errors import ConfigError
 from collector.influx import points
-from collector.storage.sqlite import LineMetadata
+from collector.storage.model import LineMetadata
 from collector.testing import RunningCollector, running_collector
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, session_dict, store_result

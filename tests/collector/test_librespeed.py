@@ -161,7 +161,8 @@ def test_an_absurd_browser_row_cannot_break_reports(tmp_path: Path) -> None:
 def test_anonymous_tables_stay_within_their_quota(tmp_path: Path) -> None:
     """Issue 12, finding 8: retention and a row cap for the anonymous tables. Checked
     every 64 inserts: older rows than the retention go, and past max_rows the oldest."""
-    from collector.storage.sqlite import PRUNE_EVERY, Quota, SqliteStore
+    from collector.storage.model import Quota
+    from collector.storage.sqlite import PRUNE_EVERY, SqliteStore
 
     store = SqliteStore(tmp_path / "c.sqlite3")
     try:

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from collector import service
 from collector.cli import main
 from collector.errors import ApiError
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request

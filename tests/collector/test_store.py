@@ -10,7 +10,8 @@ import pytest
 from collector import auth, service
 from collector.compliance.facts import SessionFacts, of_result
 from collector.errors import StoreError
-from collector.storage.sqlite import MIGRATIONS, LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.factories import session
 
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from collector import service
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.crash_agent import last_logged, result_id
 from tests.factories import session_dict

@@ -20,7 +20,8 @@ import pytest
 from agent.config import DeliveryConfig
 from agent.delivery import Spool
 from collector import service
-from collector.storage.sqlite import LineMetadata, SqliteStore
+from collector.storage.model import LineMetadata
+from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
 from tests.conftest import IN_CI
 from tests.factories import session

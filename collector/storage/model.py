@@ -1,0 +1,96 @@
+"""The collector's records: what the store takes and gives back, whatever the database
+(plain frozen dataclasses; the SQLite store is in sqlite.py, and a second backend will
+speak the same records)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from collector.compliance.facts import SessionFacts
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Bounds of an anonymous table: rows from before ``keep_after`` (UTC, the schema's
+    format) and beyond the newest ``max_rows`` are dropped."""
+
+    keep_after: str
+    max_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class LineMetadata:
+    """What an analyst knows about the line a probe sits on (the contract's figures)."""
+
+    operator: str | None = None
+    offer: str | None = None
+    region: str | None = None
+    technology: str | None = None
+    download_nominal_kbps: float | None = None
+    download_min_kbps: float | None = None
+    upload_nominal_kbps: float | None = None
+    upload_min_kbps: float | None = None
+    max_delay_ms: float | None = None
+    max_loss_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    name: str
+    created_at: str
+    revoked_at: str | None
+    line: LineMetadata
+
+    def to_dict(self) -> dict[str, Any]:
+        line = {f.name: getattr(self.line, f.name) for f in fields(LineMetadata)}
+        return {"probe_id": self.name, "created_at": self.created_at,
+                "revoked_at": self.revoked_at, **line}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    result_id: str
+    probe_name: str
+    started_at: str
+    ended_at: str
+    received_at: str
+    body: str
+    # Probe clock minus collector clock at delivery, when the probe said (v3 agents).
+    clock_skew_s: float | None = None
+
+
+@dataclass(slots=True)
+class HourRow:
+    """Aggregates of one UTC hour (``hour`` is "YYYY-MM-DDTHH")."""
+
+    hour: str
+    sessions: int = 0
+    pings_sent: int = 0
+    pings_lost: int = 0
+    rtt_n: int = 0
+    rtt_sum_ms: float = 0.0
+    download_n: int = 0
+    download_kbps_sum: float = 0.0
+    upload_n: int = 0
+    upload_kbps_sum: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewResult:
+    """A validated result ready to store (collector/ingest.py makes them)."""
+
+    result_id: str
+    probe_name: str
+    schema_version: int
+    started_at: str
+    ended_at: str
+    received_at: str
+    body: str
+    body_sha256: str
+    facts: SessionFacts
+    clock_skew_s: float | None = None
+    session_seq: int | None = None
+
+
+InsertOutcome = Literal["stored", "duplicate", "conflict"]
