@@ -27,6 +27,7 @@ from agent import spec
 from agent.schema import NUMBER_LIMIT, format_utc, parse_utc, physical_bounds, utc_now
 from collector import __version__, auth, ingest, measure, service
 from collector.compliance import targets as targets_mod
+from collector.compliance.completeness import completeness
 from collector.config import CollectorConfig, ServerConfig
 from collector.errors import ApiError, ConfigError
 from collector.limits import RateLimiter
@@ -41,6 +42,7 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
+from collector.slots import SLOTS, client_key
 from collector.storage.model import NewResult, Quota
 from collector.storage.sqlite import SqliteStore
 
@@ -420,8 +422,6 @@ async def post_browser_result(request: web.Request) -> web.Response:
     """An anonymous browser speed test (/speedtest): stored apart from probe results,
     never in compliance; rate-limited per client (address, or IPv6 /64) and kept within
     the anonymous quota."""
-    from collector.slots import client_key
-
     limiter = request.app[ANON_LIMITER]
     client = request.remote or "unknown"
     wait = limiter.take(client_key(client))
@@ -493,8 +493,6 @@ async def list_gaps(request: web.Request) -> web.Response:
 
 
 async def get_completeness(request: web.Request) -> web.Response:
-    from collector.compliance.completeness import completeness
-
     where = await db(request, lambda store: _scope(request, store))
     inputs = await db(request, service.completeness_inputs, where)
     # The arithmetic off the database thread: ingestion does not wait for a report.
@@ -710,8 +708,6 @@ async def healthz(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """The details, for analysts: version, the measurement slots, the InfluxDB copy (its
     state, outbox and dead letters)."""
-    from collector.slots import SLOTS
-
     doc: dict[str, Any] = {"status": "ok", "version": __version__}
     slots = request.app.get(SLOTS)
     if slots is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from aiohttp import web
 
 from collector import app as app_mod
 from collector import service
@@ -67,13 +69,22 @@ def running_collector(
         server=replace(cfg.server, host="127.0.0.1", port=0),
         storage=replace(cfg.storage, path=str(db_path)),
     )
+    with serve_in_thread(lambda: app_mod.start(cfg), "bbprobe-test-collector") as url:
+        yield RunningCollector(url=url, db_path=db_path, config=cfg)
+
+
+@contextmanager
+def serve_in_thread(start: Callable[[], Awaitable[tuple[web.AppRunner, str]]],
+                    name: str = "bbprobe-test-server") -> Iterator[str]:
+    """Run what ``start`` starts (a runner and its URL) on an event loop of its own in a
+    background thread; yield the URL; clean the runner up however the block ends."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict[str, object] = {}
 
     async def main() -> None:
         try:
-            runner, url = await app_mod.start(cfg)
+            runner, url = await start()
         except BaseException as exc:
             box["error"] = exc
             started.set()
@@ -95,14 +106,14 @@ def running_collector(
         finally:
             loop.close()
 
-    thread = threading.Thread(target=thread_main, name="bbprobe-test-collector", daemon=True)
+    thread = threading.Thread(target=thread_main, name=name, daemon=True)
     thread.start()
     if not started.wait(30):
-        raise RuntimeError("collector did not start within 30 s")
+        raise RuntimeError(f"{name} did not start within 30 s")
     if "error" in box:
-        raise RuntimeError(f"collector failed to start: {box['error']}")
+        raise RuntimeError(f"{name} failed to start: {box['error']}")
     try:
-        yield RunningCollector(url=str(box["url"]), db_path=db_path, config=cfg)
+        yield str(box["url"])
     finally:
         stop = box["stop"]
         assert isinstance(stop, asyncio.Event)

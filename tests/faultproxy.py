@@ -13,9 +13,7 @@ Runs on 127.0.0.1:0 in a thread of its own, like ``collector.testing``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from collector.testing import serve_in_thread as threaded
 
 
 @dataclass
@@ -34,34 +34,17 @@ class FaultProxy:
 
 @contextmanager
 def serve_in_thread(app: web.Application) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1:0 on an event loop in a thread of its own; yields its
-    base URL and stops it however the block ends."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
+    """Serve ``app`` on 127.0.0.1:0 in a thread of its own (collector.testing's server
+    thread); yields its base URL."""
+    async def start() -> tuple[web.AppRunner, str]:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
-        box["url"] = f"http://{host}:{port}"
-        box["stop"] = stop = asyncio.Event()
-        ready.set()
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+        return runner, f"http://{host}:{port}"
 
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
-    thread.start()
-    assert ready.wait(10), "test server did not start"
-    try:
-        yield str(box["url"])
-    finally:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
-        loop.close()
+    with threaded(start) as url:
+        yield url
 
 
 @contextmanager
