@@ -17,7 +17,10 @@ Method, stated with every number:
   lost; one download and one upload attempt, 1 % failed and retried). Timed: the
   Allegato 2 report over all probes, over a quarter of them selected by operator, and one
   probe's certificate over the last day; each run twice (the second with a warm page
-  cache, the usual case on a collector that is in use).
+  cache, the usual case on a collector that is in use). ``--backend both`` (default)
+  loads the same rows into a PostgreSQL cluster of its own (tests/pg.py, fsync on,
+  default settings but shared_buffers 128 MB; COPY, then VACUUM ANALYZE) and runs the
+  same operations there, with the ratio of the warm runs.
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ from agent.stats import Moments
 from collector import service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
+from collector.compliance.rollup import pack_speeds
+from collector.config import StorageConfig
+from collector.report import report_dict
 from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore, pack_speeds
+from collector.storage.sqlite import SqliteStore
+from collector.storage.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = targets.load("")
@@ -152,73 +159,153 @@ def _day_rows(sessions: list[tuple[Any, ...]],
             for day, d in sorted(days.items())]
 
 
-def fleet(probes: int, days: int) -> None:
+FACT_TABLES = {
+    "session_facts": ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
+                      "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid", "invalid_codes"),
+    "transfer_facts": ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
+                       "kbps", "valid"),
+    "day_facts": ("probe_name", "day", "sessions", "pings_sent", "pings_lost", "rtt_n",
+                  "rtt_mean_ms", "rtt_m2", "download_attempts", "download_failed",
+                  "upload_attempts", "upload_failed", "download_kbps", "upload_kbps",
+                  "invalid_sessions", "invalid_codes"),
+}
+
+
+def _register(store: Store, probes: int) -> None:
+    for p in range(probes):
+        operator = ("BT Italia", "Op B", "Op C", "Op D")[p % 4]
+        service.register_probe(store, f"probe-{p:04d}", LineMetadata(operator=operator))
+
+
+def _load_sqlite(path: Path, probes: int, days: int) -> tuple[int, int]:
+    import sqlite3
+
+    store = SqliteStore(path)
+    _register(store, probes)
+    store.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys=OFF")  # facts only: no bodies in this benchmark
+    db.execute("PRAGMA synchronous=OFF")
+    n_sessions = n_transfers = 0
+    db.execute("BEGIN")
+    for _name, sessions, transfers, day_rows in _fleet_rows(probes, days):
+        for table, rows in zip(FACT_TABLES, (sessions, transfers, day_rows), strict=True):
+            marks = ",".join("?" * len(FACT_TABLES[table]))
+            db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+        n_sessions += len(sessions)
+        n_transfers += len(transfers)
+    db.execute("COMMIT")
+    db.close()
+    return n_sessions, n_transfers
+
+
+def _load_postgres(url: str, probes: int, days: int) -> None:
+    """The same rows into PostgreSQL, with COPY (foreign keys dropped: no bodies)."""
+    import psycopg
+
+    store = open_store(StorageConfig(backend="postgresql", url=url))
+    _register(store, probes)
+    store.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in ("session_facts", "transfer_facts"):
+            conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS "
+                         f"{table}_result_id_fkey")
+        with conn.transaction(), conn.cursor() as cur:
+            for _name, sessions, transfers, day_rows in _fleet_rows(probes, days):
+                for table, rows in zip(FACT_TABLES, (sessions, transfers, day_rows),
+                                       strict=True):
+                    with cur.copy(f"COPY {table} ({', '.join(FACT_TABLES[table])}) "
+                                  "FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+        conn.execute("VACUUM ANALYZE")
+
+
+def _measure(store: Store, days: int) -> tuple[list[tuple[str, list[float]]], Any, float,
+                                                bool]:
+    everyone = service.scope(None, None, None, "2026-H1")
+    operator = service.scope(None, None, None, "2026-H1", store=store,
+                             filters={"operator": "BT Italia"})
+    last_day = format_utc(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=days - 1))
+    rows = []
+    for label, fn in (
+        ("Allegato 2 report, all probes, 2026-H1", lambda: service.compliance(
+            store, everyone, TABLE)),
+        ("Allegato 2 report, operator = BT Italia (1/4)", lambda: service.compliance(
+            store, operator, TABLE)),
+        ("Allegato 2 report, all probes, mid-day bounds", lambda: service.compliance(
+            store, service.scope(None, "2026-01-01T12:00:00Z", "2026-06-30T12:00:00Z"),
+            TABLE)),
+        ("one probe's certificate, last 24 h", lambda: service.certificate(
+            store, "probe-0001", last_day, None, "96in24h", "Europe/Rome")),
+    ):
+        rows.append((label, _timed(fn, 2)))
+    report = service.compliance(store, everyone, TABLE)
+    # The same scope from the session rows alone (include_invalid takes that path; no
+    # session is invalid here): the before/after of the day rollup, and a cross-check.
+    started = time.perf_counter()
+    slow = service.compliance(store, everyone, TABLE, include_invalid=True)
+    slow_s = time.perf_counter() - started
+    agree = all(
+        a.samples == b.samples and (a.observed == b.observed or (
+            a.observed is not None and b.observed is not None
+            and abs(a.observed - b.observed) <= 1e-9 * abs(b.observed)))
+        for a, b in zip(report.indicators, slow.indicators, strict=True))
+    return rows, report, slow_s, agree
+
+
+def fleet(probes: int, days: int, backends: tuple[str, ...]) -> None:
+    results: dict[str, tuple[list[tuple[str, list[float]]], Any, float, bool, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bbprobe-bench-") as tmp:
         path = Path(tmp) / "c.sqlite3"
-        store = SqliteStore(path)
-        for p in range(probes):
-            operator = ("BT Italia", "Op B", "Op C", "Op D")[p % 4]
-            service.register_probe(store, f"probe-{p:04d}", LineMetadata(operator=operator))
-        store.close()
-        import sqlite3
-
         loaded = time.perf_counter()
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute("PRAGMA foreign_keys=OFF")  # facts only: no bodies in this benchmark
-        db.execute("PRAGMA synchronous=OFF")
-        n_sessions = n_transfers = 0
-        db.execute("BEGIN")
-        for _name, sessions, transfers, day_rows in _fleet_rows(probes, days):
-            db.executemany("INSERT INTO session_facts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                           sessions)
-            db.executemany("INSERT INTO transfer_facts VALUES (?,?,?,?,?,?,?,?)", transfers)
-            db.executemany("INSERT INTO day_facts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                           day_rows)
-            n_sessions += len(sessions)
-            n_transfers += len(transfers)
-        db.execute("COMMIT")
-        db.close()
+        n_sessions, n_transfers = _load_sqlite(path, probes, days)
         load_s = time.perf_counter() - loaded
         size_mb = path.stat().st_size / 1e6
-        store = SqliteStore(path)
-        everyone = service.scope(None, None, None, "2026-H1")
-        operator = service.scope(None, None, None, "2026-H1", store=store,
-                                 filters={"operator": "BT Italia"})
-        last_day = format_utc(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=days - 1))
-        rows = []
-        for label, fn in (
-            ("Allegato 2 report, all probes, 2026-H1", lambda: service.compliance(
-                store, everyone, TABLE)),
-            ("Allegato 2 report, operator = BT Italia (1/4)", lambda: service.compliance(
-                store, operator, TABLE)),
-            ("Allegato 2 report, all probes, mid-day bounds", lambda: service.compliance(
-                store, service.scope(None, "2026-01-01T12:00:00Z", "2026-06-30T12:00:00Z"),
-                TABLE)),
-            ("one probe's certificate, last 24 h", lambda: service.certificate(
-                store, "probe-0001", last_day, None, "96in24h", "Europe/Rome")),
-        ):
-            rows.append((label, _timed(fn, 2)))
-        report = service.compliance(store, everyone, TABLE)
-        # The same scope from the session rows alone (include_invalid takes that path; no
-        # session is invalid here): the before/after of the day rollup, and a cross-check.
-        started = time.perf_counter()
-        slow = service.compliance(store, everyone, TABLE, include_invalid=True)
-        slow_s = time.perf_counter() - started
-        agree = all(
-            a.samples == b.samples and (a.observed == b.observed or (
-                a.observed is not None and b.observed is not None
-                and abs(a.observed - b.observed) <= 1e-9 * abs(b.observed)))
-            for a, b in zip(report.indicators, slow.indicators, strict=True))
-        store.close()
+        if "sqlite" in backends:
+            store = SqliteStore(path)
+            results["SQLite"] = (*_measure(store, days), load_s)
+            store.close()
+        if "postgresql" in backends:
+            from tests import pg
+
+            with pg.cluster(durable=True) as cluster:
+                url = cluster.url(cluster.create_database())
+                loaded = time.perf_counter()
+                _load_postgres(url, probes, days)
+                pg_load_s = time.perf_counter() - loaded
+                store = open_store(StorageConfig(backend="postgresql", url=url))
+                pg_size_mb = store.size_bytes() / 1e6
+                results["PostgreSQL"] = (*_measure(store, days), pg_load_s)
+                store.close()
     print(f"Fleet: {probes} probes x {days} days x 24 sessions = {n_sessions:,} sessions, "
-          f"{n_transfers:,} transfer attempts, {n_sessions * 10:,} pings; "
-          f"facts database {size_mb:,.0f} MB, loaded in {load_s:.0f} s")
-    print(f"{'operation':<52} {'1st run s':>9} {'2nd run s':>9}")
-    for label, times in rows:
-        print(f"{label:<52} {times[0] / 1000:>9.2f} {times[1] / 1000:>9.2f}")
-    print(f"{'same report from session rows only (no rollup)':<52} {slow_s:>9.2f}")
-    print(f"report: {report.sessions:,} sessions, verdict {report.verdict}; rollup and "
-          f"session rows agree on every indicator: {'yes' if agree else 'NO'}")
+          f"{n_transfers:,} transfer attempts, {n_sessions * 10:,} pings; SQLite facts "
+          f"database {size_mb:,.0f} MB" + (f", PostgreSQL {pg_size_mb:,.0f} MB"
+                                            if "PostgreSQL" in results else ""))
+    names = list(results)
+    header = " ".join(f"{n + ' 1st s':>15} {n + ' 2nd s':>15}" for n in names)
+    ratio = len(names) == 2
+    print(f"{'operation':<48} {header}" + (f" {'PG/SQLite':>9}" if ratio else ""))
+    for i, (label, _) in enumerate(results[names[0]][0]):
+        cells = " ".join(f"{results[n][0][i][1][0] / 1000:>15.2f} "
+                         f"{results[n][0][i][1][1] / 1000:>15.2f}" for n in names)
+        extra = ""
+        if ratio:
+            a, b = (results[n][0][i][1][1] for n in names)
+            extra = f" {b / a:>9.2f}"
+        print(f"{label:<48} {cells}{extra}")
+    slow = " ".join(f"{results[n][2]:>31.2f}" for n in names)
+    print(f"{'same report from session rows only (no rollup)':<48} {slow}")
+    for n in names:
+        _rows, report, _slow, agree, loaded_s = results[n]
+        print(f"{n}: report of {report.sessions:,} sessions, verdict {report.verdict}; "
+              f"rollup and session rows agree: {'yes' if agree else 'NO'}; "
+              f"loaded in {loaded_s:.0f} s")
+    if ratio:
+        same = [json.dumps(report_dict(results[n][1], service.scope(None, None, None,
+                                                                     "2026-H1")))
+                for n in names]
+        print(f"reports identical on both backends: {'yes' if same[0] == same[1] else 'NO'}")
 
 
 def main() -> None:
@@ -229,11 +316,13 @@ def main() -> None:
     many = sub.add_parser("fleet")
     many.add_argument("--probes", type=int, default=1000)
     many.add_argument("--days", type=int, default=182)
+    many.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     args = parser.parse_args()
     if args.what == "line":
         line(args.repeat)
     else:
-        fleet(args.probes, args.days)
+        fleet(args.probes, args.days, ("sqlite", "postgresql") if args.backend == "both"
+              else (args.backend,))
 
 
 if __name__ == "__main__":

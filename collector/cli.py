@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import psycopg
 
-from collector import __version__, service
+from agent.schema import utc_now
+from collector import __version__, html_report, service
 from collector.compliance import targets as targets_mod
 from collector.config import CollectorConfig, load, resolve_secrets
 from collector.errors import ApiError, CollectorError, InputError, StoreError
@@ -37,7 +39,8 @@ from collector.report import (
     sample_rows,
 )
 from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.postgres import masked
+from collector.storage.store import Store, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,9 +56,11 @@ def handle_errors(fn: F) -> F:
         except CollectorError as exc:
             click.echo(f"bbprobe-collector: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except sqlite3.Error as exc:
-            # A database changed or damaged under us: say so, never a traceback.
-            click.echo(f"bbprobe-collector: database error: {exc}", err=True)
+        except (sqlite3.Error, psycopg.Error) as exc:
+            # A database changed or damaged under us, or a server gone: say so, never a
+            # traceback (libpq's messages name host and user, never the password).
+            first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
+            click.echo(f"bbprobe-collector: database error: {first[0]}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -72,7 +77,8 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 def shared_options(fn: F) -> F:
     fn = click.option("--db", expose_value=False, callback=_remember,
-                      help="SQLite database path (overrides storage.path).")(fn)
+                      help="SQLite database path, or a postgresql:// URI (overrides "
+                           "[storage]).")(fn)
     fn = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
                       envvar="BBPROBE_COLLECTOR_CONFIG", expose_value=False,
                       callback=_remember, help="Collector TOML config.")(fn)
@@ -81,21 +87,24 @@ def shared_options(fn: F) -> F:
 
 def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     given = ctx.ensure_object(dict)
-    merged = {k: v for k, v in {"storage.path": given.get("db"), **overrides}.items()
-              if v is not None}
+    db = given.get("db")
+    chosen: dict[str, Any] = {"storage.path": db}
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        chosen = {"storage.backend": "postgresql", "storage.url": db}
+    merged = {k: v for k, v in {**chosen, **overrides}.items() if v is not None}
     return load(given.get("config_path"), merged)
 
 
 @contextmanager
-def _store(ctx: click.Context, create: bool = False) -> Iterator[SqliteStore]:
+def _store(ctx: click.Context, create: bool = False) -> Iterator[Store]:
     """The configured database, closed however the command ends. Only the commands that
     set a collector up (init, probe add, token add) may create it: a typo in --db must
     not quietly open a new, empty database and report nothing (issue 12)."""
-    path = _config(ctx).storage.path
-    if not create and not Path(path).exists():
-        raise InputError(f"no database at {path} (check --db or storage.path; "
+    storage = _config(ctx).storage
+    if storage.backend == "sqlite" and not create and not Path(storage.path).exists():
+        raise InputError(f"no database at {storage.path} (check --db or storage.path; "
                          "`bbprobe-collector init` creates one)")
-    store = SqliteStore(path)
+    store = open_store(storage)
     try:
         yield store
     finally:
@@ -117,23 +126,34 @@ def main(ctx: click.Context) -> None:
 @click.option("--host", help="Listen address (overrides server.host).")
 @click.option("--port", type=int, help="Listen port, 0 for any free one (server.port).")
 @click.option("--addr-file", help="Write the bound URL to this file once listening.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes serving the same port (SO_REUSEPORT), to use every core; "
+                   "most useful with PostgreSQL (README, Scaling out).")
 @click.pass_context
 @handle_errors
-def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None,
+          workers: int) -> None:
     """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
     from collector import app
+    from collector import workers as workers_mod
 
     cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
                                           "server.addr_file": addr_file}))
     # Fail now, not at the first report, if the targets table is unusable.
     targets_mod.load(cfg.compliance.targets)
+    where = cfg.storage.path if cfg.storage.backend == "sqlite" else \
+        masked(cfg.storage.url)
 
     def ready(url: str) -> None:
+        processes = f", {workers} processes" if workers > 1 else ""
         click.echo(f"bbprobe-collector {__version__} listening on {url} "
-                   f"(database {cfg.storage.path})", err=True)
+                   f"(database {where}{processes})", err=True)
 
     try:
-        asyncio.run(app.serve(cfg, ready))
+        if workers > 1:
+            workers_mod.run(cfg, workers, ready)
+        else:
+            asyncio.run(app.serve(cfg, ready))
     except OSError as exc:
         raise CollectorError(
             f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}"
@@ -212,7 +232,6 @@ def probe_list(ctx: click.Context, fmt: str) -> None:
 @handle_errors
 def probe_revoke(ctx: click.Context, name: str) -> None:
     """Revoke NAME's token at once (its stored results stay)."""
-    from agent.schema import utc_now
 
     with _store(ctx) as store:
         if not store.revoke_probe(name, utc_now()):
@@ -232,7 +251,7 @@ def _scope_options(fn: F) -> F:
     return fn
 
 
-def _resolve_scope(store: SqliteStore, probes: tuple[str, ...], since: str | None,
+def _resolve_scope(store: Store, probes: tuple[str, ...], since: str | None,
                    until: str | None, period: str | None, filters: dict[str, Any]) -> Scope:
     return service.scope(list(probes) or None, since, until, period, store=store,
                          filters={k: v for k, v in filters.items() if v})
@@ -291,8 +310,8 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
     with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
         if fmt == "html":
-            text = service.report_page(store, where, table, timezone, include_invalid,
-                                       customers=customers)
+            view = service.report_view(store, where, table, include_invalid, customers)
+            text = html_report.render_view(view, service.check_timezone(timezone), utc_now())
             output = output or "bbprobe-report.html"
         else:
             result = service.compliance(store, where, table, include_invalid, customers)
@@ -412,7 +431,6 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
             timezone: str, fmt: str, output: str | None) -> None:
     """Certify one line against its contract (probe metadata), 244/08 style."""
-    from agent.schema import utc_now
     from collector.html_report import certificate_page
     from collector.report import certificate_dict, format_certificate
 
@@ -443,7 +461,6 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
     """Queue stored results in scope for InfluxDB (after enabling the sink, or to rebuild
     a bucket). A running collector with [influxdb] enabled writes them; points already
     there are rewritten identically."""
-    from agent.schema import utc_now
 
     with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
@@ -480,7 +497,6 @@ def influx_status(ctx: click.Context) -> None:
 def influx_retry(ctx: click.Context) -> None:
     """Queue the results set apart again (after fixing what InfluxDB refused, such as a
     bucket's retention)."""
-    from agent.schema import utc_now
 
     with _store(ctx) as store:
         queued = store.outbox_retry_dead(utc_now())
@@ -517,6 +533,58 @@ COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "
 
 @main.command()
 @shared_options
+@click.option("--to", "target", required=True, metavar="URL",
+              help="The store to copy into: a postgresql:// URI (its password from "
+                   "$PGPASSWORD or ~/.pgpass), or an SQLite file.")
+@click.option("--page", type=click.IntRange(1, 100_000), default=2000, show_default=True,
+              help="Rows per transaction of the copy.")
+@click.option("--full", is_flag=True,
+              help="Walk every row again rather than resume after the last copied key.")
+@click.pass_context
+@handle_errors
+def migrate(ctx: click.Context, target: str, page: int, full: bool) -> None:
+    """Copy this collector's store (probes, token digests, results with their facts,
+    gaps, browser and ndt7 tests, the InfluxDB outbox) into another, typically SQLite
+    into PostgreSQL. Stop the collector first. Resumable: run it again after an
+    interruption. Checked by the row count of every table and by the compliance report
+    of every probe, from both stores."""
+    from collector.config import StorageConfig
+    from collector.migrate import copy_store
+
+    if target.startswith(("postgresql://", "postgres://")):
+        to = StorageConfig(backend="postgresql", url=target)
+    else:
+        to = StorageConfig(path=target)
+    cfg = _config(ctx)
+    table = targets_mod.load(cfg.compliance.targets)
+    with _store(ctx) as source:
+        destination = open_store(to)
+        try:
+            if source.describe == destination.describe:
+                raise InputError("--to names the store being copied")
+            click.echo(f"copying {source.describe} into {destination.describe}", err=True)
+            copies = copy_store(source, destination, page=page, full=full)
+            for c in copies:
+                click.echo(f"{c.table}: {c.target_rows} of {c.source_rows} row(s) "
+                           f"({c.copied} copied now)")
+            missing = [c.table for c in copies if not c.complete]
+            if missing:
+                raise CollectorError(f"the copy is incomplete in: {', '.join(missing)} "
+                                     "(run migrate again)")
+            everything = service.scope(None, None, None)
+            mine = report_dict(service.compliance(source, everything, table), everything)
+            theirs = report_dict(service.compliance(destination, everything, table),
+                                 everything)
+            if mine != theirs:
+                raise CollectorError("the compliance reports of the two stores differ")
+            click.echo(f"report: identical from both stores ({mine['sessions']} valid "
+                       "session(s), every probe)")
+        finally:
+            destination.close()
+
+
+@main.command()
+@shared_options
 @click.option("--admin-name", default="admin", show_default=True,
               help="Name of the first admin token.")
 @click.pass_context
@@ -535,14 +603,16 @@ def init(ctx: click.Context, admin_name: str) -> None:
                              "name for the new admin token with --admin-name")
         secret = None if admins else service.add_token(store, admin_name, "admin")
         probes = len(store.probes())
+        describe = store.describe
     if secret is not None:
         click.echo(secret)
     given = ctx.obj
-    config_flag = "".join(f"{flag} {given[key]} " for flag, key in
+    # Shown back to the user: a password in a --db URI is masked.
+    config_flag = "".join(f"{flag} {masked(str(given[key]))} " for flag, key in
                           (("--config", "config_path"), ("--db", "db")) if given.get(key))
     scheme = "https" if cfg.server.tls_cert else "http"
     steps = [
-        f"database: {cfg.storage.path} ({probes} probe(s))",
+        f"database: {describe} ({probes} probe(s))",
         f"targets:  {table.name}",
         (f"admin token {admin_name!r} created (above, on stdout): keep it now, it is not "
          "shown again. Use it as 'Authorization: Bearer TOKEN', or as the password of the "
@@ -605,7 +675,6 @@ def token_list(ctx: click.Context) -> None:
 @handle_errors
 def token_revoke(ctx: click.Context, name: str) -> None:
     """Revoke a token at once: the next request with it is refused."""
-    from agent.schema import utc_now
 
     with _store(ctx) as store:
         done = store.revoke_token(name, utc_now())

@@ -61,10 +61,19 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    backend: Literal["sqlite"] = "sqlite"
-    # The database file. Empty: $STATE_DIRECTORY/collector.sqlite3 under systemd, else
-    # $XDG_DATA_HOME/bbprobe-collector/, else ~/.local/share/bbprobe-collector/.
+    # "sqlite" (one file, the embedded default) or "postgresql" (one database behind
+    # many collector processes).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # SQLite: the database file. Empty: $STATE_DIRECTORY/collector.sqlite3 under systemd,
+    # else $XDG_DATA_HOME/bbprobe-collector/, else ~/.local/share/bbprobe-collector/.
     path: str = ""
+    # PostgreSQL: a libpq connection URI, postgresql://user@host:5432/dbname?sslmode=...
+    # Keep the password out of it: password_credential, or libpq's $PGPASSWORD/~/.pgpass.
+    url: str = ""
+    # The systemd credential holding the password (LoadCredential=NAME:PATH).
+    password_credential: str = ""
+    # Connections per collector process (and database threads serving requests).
+    pool_size: int = field(default=8, metadata=bounds(ge=1, le=100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +214,8 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
     if bool(srv.tls_cert) != bool(srv.tls_key or srv.tls_key_credential):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key: give both or neither")
     for key, name in (("server.tls_key_credential", srv.tls_key_credential),
-                      ("influxdb.token_credential", cfg.influxdb.token_credential)):
+                      ("influxdb.token_credential", cfg.influxdb.token_credential),
+                      ("storage.password_credential", cfg.storage.password_credential)):
         if name and (problem := credentials.name_problem(name)):
             raise ConfigError(f"{source}: {key}: {problem}")
     if srv.client_cert != "off" and not (srv.tls_cert and srv.client_ca):
@@ -215,6 +225,14 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
         value = getattr(srv, name)
         if value and not Path(value).is_file():
             raise ConfigError(f"{source}: server.{name}: no such file {value!r}")
+    storage = cfg.storage
+    if storage.backend == "postgresql":
+        if not storage.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{source}: storage.url: backend \"postgresql\" needs a "
+                              "connection URI, postgresql://user@host:5432/dbname")
+    elif storage.url:
+        raise ConfigError(f"{source}: storage.url: only for backend \"postgresql\" "
+                          "(SQLite uses storage.path)")
     influx = cfg.influxdb
     if influx.enabled:
         if problem := url_problem(influx.url):

@@ -4,8 +4,15 @@
     +-- ConfigError           invalid configuration or targets file (exit 2)
     +-- InputError            an input file (e.g. a samples CSV) has bad rows (exit 2)
     +-- StoreError            the database cannot be opened, migrated or written
-    +-- ApiError              an HTTP request is refused; ``status`` is the 4xx to answer,
-                              ``field`` names the offending field or parameter
+    |   +-- AlreadyExists     a probe or token of that name exists
+    +-- DomainError           the service layer refuses a request; ``field`` names the
+    |   |                     offending parameter. The web edge (web/base.py) maps each
+    |   |                     kind to a status, the CLI to a message (exit 2)
+    |   +-- BadParameter      malformed (400)
+    |   +-- NotFound          no such thing (404)
+    |   +-- Unacceptable      well-formed but refused, such as a bad probe name (422)
+    +-- ApiError              an HTTP request is refused at the web edge; ``status`` is the
+                              4xx to answer, ``field`` names the offending field
 """
 
 from __future__ import annotations
@@ -25,6 +32,34 @@ class InputError(CollectorError):
 
 class StoreError(CollectorError):
     pass
+
+
+class DomainError(CollectorError):
+    exit_code = 2
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class AlreadyExists(StoreError, DomainError):
+    exit_code = 1
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        DomainError.__init__(self, message, field)
+
+
+class BadParameter(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    pass
+
+
+class Unacceptable(DomainError):
+    exit_code = 1
 
 
 class ApiError(CollectorError):

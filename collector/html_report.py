@@ -30,6 +30,7 @@ from collector.report import (
     format_value,
     invalid_sentence,
 )
+from collector.service import ReportView
 from collector.storage.model import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14
@@ -252,6 +253,13 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f"generated {escape(generated_at)}; times in {escape(timezone)}.</footer>"
         f"<script>{_SELF_CHECK}</script></body></html>\n"
     )
+
+
+def render_view(view: ReportView, timezone: str, generated_at: str,
+                title: str = "Allegato 2 compliance report") -> str:
+    """The HTML report of a scope, from the service layer's view of it."""
+    return render(view.report, view.scope, view.observations, view.hourly, timezone,
+                  generated_at, view.delay_scale, title)
 
 
 def index(probes: Sequence[Probe]) -> str:

@@ -1,7 +1,9 @@
 """Optional InfluxDB sink: every stored result copied to InfluxDB for dashboards.
 
-SQLite stays the master copy. A result and its outbox entry are written in one SQLite
-transaction; this sink reads the outbox oldest first, writes the points with
+The store (SQLite or PostgreSQL) stays the master copy. A result and its outbox entry are
+written in one transaction; this sink leases outbox rows oldest first (with many collector
+processes over one database each row goes to one of them; a lease left by a process that
+died expires), writes the points with
 influxdb-client's synchronous API (the call returns only once the server accepted them)
 and only then deletes the entries. An InfluxDB outage therefore loses nothing: the outbox
 grows, and the sink catches up when the server is back, with exponential backoff in
@@ -23,19 +25,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 
-from agent.schema import SessionResult, parse_result, parse_utc, utc_now
+from agent.schema import SessionResult, format_utc, parse_result, parse_utc, utc_now
 from collector.config import influx_token
 from collector.storage.model import LineMetadata
+from collector.storage.store import Store
 
 log = logging.getLogger("bbprobe.collector.influx")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -115,11 +121,18 @@ PERMANENT = frozenset({400, 413, 422})
 REFUSALS_BEFORE_PAUSE = 10
 OutboxRow = tuple[str, str, LineMetadata]
 Built = tuple[str, list[Point]]
-Db = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
+
+
+class Db(Protocol):
+    """Runs a store call on a database thread (web/base.py ``on_db``)."""
+
+    def __call__(self, fn: Callable[[Store], T]) -> Awaitable[T]: ...
 
 
 class InfluxSink:
-    """Drains the SQLite outbox into InfluxDB; one task, owned by the web app."""
+    """Drains the store's outbox into InfluxDB; one task per collector process, owned by
+    its web app."""
 
     def __init__(self, cfg: Any, db: Db) -> None:
         from influxdb_client.client.influxdb_client import InfluxDBClient
@@ -130,6 +143,8 @@ class InfluxSink:
         self.state = SinkState()
         self.refused_in_a_row = 0
         self.wake = asyncio.Event()
+        # This process's name on the rows it leases.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.client = InfluxDBClient(url=cfg.url, token=influx_token(cfg),
                                      org=cfg.org, timeout=int(cfg.timeout_s * 1000),
                                      retries=False)
@@ -162,12 +177,9 @@ class InfluxSink:
 
     async def run(self) -> None:
         """Forever: take a batch, write it, delete it; back off on failure."""
-        from collector.storage.sqlite import SqliteStore
-
         delay = self.cfg.retry_min_s
         while True:
-            batch: list[OutboxRow] = await self.db(SqliteStore.outbox_batch,
-                                                   self.cfg.batch_results)
+            batch = await self._lease()
             if not batch:
                 self.wake.clear()
                 try:
@@ -199,11 +211,18 @@ class InfluxSink:
             self.state.failures_in_a_row = 0
             delay = self.cfg.retry_min_s
 
+    async def _lease(self) -> list[OutboxRow]:
+        """The next batch, leased for long enough to write it with every split and
+        retry of one attempt (a lease outliving a dead process only delays its rows)."""
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=max(300.0, 10 * self.cfg.timeout_s))
+        owner, size, start, end = self.owner, self.cfg.batch_results, format_utc(now), \
+            format_utc(until)
+        return await self.db(lambda s: s.outbox_lease(owner, size, start, end))
+
     async def _write_splitting(self, built: list[Built]) -> None:
         """Write ``built``; on a permanent refusal, halve the batch until the result that
         InfluxDB refuses is alone, and set that one apart (log2(batch) extra writes)."""
-        from collector.storage.sqlite import SqliteStore
-
         if not built:
             return
         try:
@@ -227,14 +246,14 @@ class InfluxSink:
             await self._write_splitting(built[:half])
             await self._write_splitting(built[half:])
             return
-        await self.db(SqliteStore.outbox_done, [rid for rid, _ in built])
+        done = [rid for rid, _ in built]
+        await self.db(lambda s: s.outbox_done(done))
         self.state.written_results += len(built)
         self.refused_in_a_row = 0
 
     async def _dead_letter(self, result_id: str, reason: str) -> None:
-        from collector.storage.sqlite import SqliteStore
-
-        await self.db(SqliteStore.outbox_dead_letter, result_id, reason, utc_now())
+        failed_at = utc_now()
+        await self.db(lambda s: s.outbox_dead_letter(result_id, reason, failed_at))
         self.state.dead_letters += 1
         log.warning("InfluxDB copy of result %s set apart: %s", result_id, reason)
 

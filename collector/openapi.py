@@ -11,6 +11,7 @@ from typing import Any
 from agent import __version__, spec
 from agent.schema import GapRecord, SessionResult, UploadReport, json_schema
 from collector.compliance.evaluate import IndicatorResult
+from collector.measurement import librespeed
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 
@@ -335,8 +336,6 @@ def document() -> dict[str, Any]:
         spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.", "security": PUBLIC,
                                  "responses": {"200": {"description": "ok"}}}},
     }
-    from collector import librespeed
-
     paths["/speedtest"] = {"get": {
         "summary": "Browser speed test page (LibreSpeed protocol against this server).",
         "security": PUBLIC, "responses": {"200": {"description": "HTML.", "content": {

@@ -1,4 +1,8 @@
-"""Operations shared by the CLI and the HTTP API, over a store (synchronous)."""
+"""Operations shared by the CLI and the HTTP API, over a store (synchronous).
+
+Refusals are domain errors (collector/errors.py: BadParameter, NotFound, Unacceptable),
+each naming the parameter at fault; the web edge maps them to HTTP statuses and the CLI to
+messages. Nothing here knows HTTP or renders a page."""
 
 from __future__ import annotations
 
@@ -9,34 +13,35 @@ from typing import Any
 
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
 from collector import auth
+from collector.compliance import certify
 from collector.compliance.completeness import DayCompleteness
 from collector.compliance.completeness import completeness as completeness_of
 from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
-from collector.errors import ApiError, StoreError
+from collector.errors import BadParameter, NotFound, Unacceptable
 from collector.report import Scope, listing_row
-from collector.storage.model import LineMetadata, StoredResult
-from collector.storage.sqlite import SqliteStore
+from collector.storage.model import HourRow, LineMetadata, StoredResult
+from collector.storage.store import Store
 
 
-def register_probe(store: SqliteStore, name: str, line: LineMetadata) -> str:
+def register_probe(store: Store, name: str, line: LineMetadata) -> str:
     """Create a probe and return its token (the only time the token exists in clear)."""
     if not PROBE_ID_RE.match(name):
-        raise StoreError(
-            f"probe name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
-        )
+        raise Unacceptable(
+            f"probe name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'",
+            "probe_id")
     token = auth.new_token()
     store.add_probe(name, auth.hash_token(token), utc_now(), line)
     return token
 
 
-def add_token(store: SqliteStore, name: str, role: str) -> str:
+def add_token(store: Store, name: str, role: str) -> str:
     """Create an analyst or admin token and return it (the only time it exists in clear)."""
     if role not in ("analyst", "admin"):
-        raise StoreError(f"role must be analyst or admin, got {role!r}")
+        raise Unacceptable(f"role must be analyst or admin, got {role!r}", "role")
     if not PROBE_ID_RE.match(name):
-        raise StoreError(f"token name {name!r} must be 1-64 characters of letters, digits, "
-                         "'.', '_', '-'")
+        raise Unacceptable(f"token name {name!r} must be 1-64 characters of letters, "
+                           "digits, '.', '_', '-'", "name")
     token = auth.new_token()
     store.add_token(name, role, auth.hash_token(token), utc_now())
     return token
@@ -55,8 +60,8 @@ def parse_time(text: str | None, name: str) -> str | None:
                 moment = moment.replace(tzinfo=UTC)
         return format_utc(moment)
     except (ValueError, OverflowError):  # overflow: before year 1 once in UTC
-        raise ApiError(
-            400, f"{name}: expected an ISO 8601 date or timestamp, got {text!r}", field=name
+        raise BadParameter(
+            f"{name}: expected an ISO 8601 date or timestamp, got {text!r}", field=name
         ) from None
 
 
@@ -68,11 +73,11 @@ def period_bounds(period: str) -> tuple[str, str]:
     year_text, _, half = text.partition("-")
     if not (year_text.isascii() and year_text.isdigit() and len(year_text) == 4) or \
             half not in ("", "H1", "H2"):
-        raise ApiError(400, f"period: expected YYYY, YYYY-H1 or YYYY-H2, got {period!r}",
+        raise BadParameter(f"period: expected YYYY, YYYY-H1 or YYYY-H2, got {period!r}",
                        field="period")
     year = int(year_text)
     if not 1 <= year <= 9998:
-        raise ApiError(400, f"period: year must be within 0001..9998, got {year_text}",
+        raise BadParameter(f"period: year must be within 0001..9998, got {year_text}",
                        field="period")
     start_month = 7 if half == "H2" else 1
     end = datetime(year + 1, 1, 1, tzinfo=UTC) if half in ("", "H2") else \
@@ -83,14 +88,14 @@ def period_bounds(period: str) -> tuple[str, str]:
 METADATA_FILTERS = ("operator", "offer", "region", "technology")
 
 
-def probes_matching(store: SqliteStore, filters: dict[str, str]) -> list[str]:
+def probes_matching(store: Store, filters: dict[str, str]) -> list[str]:
     """Names of the probes whose line metadata equals every given filter."""
     return [p.name for p in store.probes()
             if all(getattr(p.line, key) == value for key, value in filters.items())]
 
 
 def scope(probes: list[str] | None, since: str | None, until: str | None,
-          period: str | None = None, *, store: SqliteStore | None = None,
+          period: str | None = None, *, store: Store | None = None,
           filters: dict[str, str] | None = None) -> Scope:
     """Resolve a scope: named probes and/or probes selected by metadata (operator, offer,
     region, technology), over ``period`` or [since, until)."""
@@ -98,7 +103,7 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
     until_text: str | None
     if period:
         if since or until:
-            raise ApiError(400, "period: give either period or since/until, not both",
+            raise BadParameter("period: give either period or since/until, not both",
                            field="period")
         since_text, until_text = period_bounds(period)
     else:
@@ -113,7 +118,7 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
                  since=since_text, until=until_text)
 
 
-def stored_results(store: SqliteStore, where: Scope, limit: int | None = None) -> list[
+def stored_results(store: Store, where: Scope, limit: int | None = None) -> list[
     StoredResult
 ]:
     return store.results(
@@ -121,7 +126,7 @@ def stored_results(store: SqliteStore, where: Scope, limit: int | None = None) -
     )
 
 
-def listing(store: SqliteStore, where: Scope, limit: int | None = None) -> list[dict[str, object]]:
+def listing(store: Store, where: Scope, limit: int | None = None) -> list[dict[str, object]]:
     return [
         listing_row(r.result_id, r.probe_name, r.started_at, r.ended_at, r.received_at,
                     json.loads(r.body), r.clock_skew_s)
@@ -146,11 +151,11 @@ def parse_network(text: str | None, name: str = "customer_network") -> str | Non
     try:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
-        raise ApiError(400, f"{name}: expected a network such as 203.0.113.0/24, got "
+        raise BadParameter(f"{name}: expected a network such as 203.0.113.0/24, got "
                        f"{text!r}", field=name) from None
 
 
-def observations(store: SqliteStore, where: Scope, include_invalid: bool = False,
+def observations(store: Store, where: Scope, include_invalid: bool = False,
                  customers: Customers = Customers()) -> Observations:
     """The probes' facts of a scope, with the customer tests of its period counted (and
     their speeds included when asked; customer tests have no probe, so only the
@@ -164,13 +169,13 @@ def observations(store: SqliteStore, where: Scope, include_invalid: bool = False
     return obs
 
 
-def compliance(store: SqliteStore, where: Scope, targets: Targets,
+def compliance(store: Store, where: Scope, targets: Targets,
                include_invalid: bool = False, customers: Customers = Customers()) -> Report:
     """Evaluate a scope from the stored facts (never by decoding every body)."""
     return evaluate(observations(store, where, include_invalid, customers), targets)
 
 
-def samples(store: SqliteStore, where: Scope, include_invalid: bool = False) -> list[Any]:
+def samples(store: Store, where: Scope, include_invalid: bool = False) -> list[Any]:
     """The per-session facts of a scope, valid sessions only unless asked (the rows of a
     samples export)."""
     facts = store.facts(list(where.probes) if where.probes is not None else None,
@@ -178,44 +183,50 @@ def samples(store: SqliteStore, where: Scope, include_invalid: bool = False) -> 
     return [f for f in facts if include_invalid or f.valid]
 
 
-def report_page(store: SqliteStore, where: Scope, targets: Targets, timezone: str,
-                include_invalid: bool = False,
-                title: str = "Allegato 2 compliance report",
-                customers: Customers = Customers()) -> str:
-    """The compliance report of a scope as a standalone HTML page with plots."""
-    from collector import html_report
+@dataclass(frozen=True, slots=True)
+class ReportView:
+    """What the HTML report of a scope shows: the verdicts, their samples, the hourly
+    series for the plots, and the delay scale (RTT/2 or RTT)."""
 
-    _check_timezone(timezone)
+    report: Report
+    scope: Scope
+    observations: Observations
+    hourly: list[HourRow]
+    delay_scale: float
+
+
+def report_view(store: Store, where: Scope, targets: Targets,
+                include_invalid: bool = False,
+                customers: Customers = Customers()) -> ReportView:
+    """The data of a scope's HTML report (html_report.render_view draws it)."""
     probes = list(where.probes) if where.probes is not None else None
     obs = observations(store, where, include_invalid, customers)
     hourly = store.hourly(probes, where.since, where.until, include_invalid)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
-    return html_report.render(evaluate(obs, targets), where, obs, hourly, timezone,
-                              utc_now(), scale, title)
+    return ReportView(evaluate(obs, targets), where, obs, hourly, scale)
 
 
-def _check_timezone(timezone: str) -> None:
+def check_timezone(timezone: str) -> str:
     try:
         from zoneinfo import ZoneInfo
 
         ZoneInfo(timezone)
     except (ValueError, KeyError, OSError):
-        raise ApiError(400, f"timezone: unknown time zone {timezone!r}",
-                       field="timezone") from None
+        raise BadParameter(f"timezone: unknown time zone {timezone!r}",
+                           field="timezone") from None
+    return timezone
 
 
-def certificate(store: SqliteStore, probe: str, since: str | None, until: str | None,
+def certificate(store: Store, probe: str, since: str | None, until: str | None,
                 rule: str, timezone: str) -> Any:
     """The line certificate of one probe over [since, until) (all its results if open)."""
-    from collector.compliance import certify
-
     line = store.probe(probe)
     if line is None:
-        raise ApiError(404, f"no probe named {probe!r}", field="probe")
+        raise NotFound(f"no probe named {probe!r}", field="probe")
     if rule not in certify.RULES:
-        raise ApiError(400, f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
+        raise BadParameter(f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
                        field="rule")
-    _check_timezone(timezone)
+    check_timezone(timezone)
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until)
     return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)
@@ -225,14 +236,14 @@ CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int,
                            dict[str, int]]
 
 
-def completeness_inputs(store: SqliteStore, where: Scope) -> CompletenessInputs:
+def completeness_inputs(store: Store, where: Scope) -> CompletenessInputs:
     """What completeness needs from the store (run on the database thread)."""
     probes = list(where.probes) if where.probes is not None else None
     return (store.session_seqs(probes, where.since, where.until),
             store.gap_seq_ranges(probes), store.seqs_before(probes, where.since))
 
 
-def completeness(store: SqliteStore, where: Scope) -> list[DayCompleteness]:
+def completeness(store: Store, where: Scope) -> list[DayCompleteness]:
     """Delivered / expected sessions per probe per day, with the missing sequence numbers
     apart from those gap records document (reliability.md C8)."""
     return completeness_of(*completeness_inputs(store, where))

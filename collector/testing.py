@@ -1,4 +1,5 @@
-"""Start a real collector for tests and benchmarks: 127.0.0.1, port 0, SQLite in a temp dir.
+"""Start a real collector for tests and benchmarks: 127.0.0.1, port 0, SQLite in a temp dir
+(or the store the given config names: PostgreSQL in the conformance suite).
 
     with running_collector(tmp_path) as c:
         token = c.add_probe("p1")
@@ -20,7 +21,7 @@ from collector import app as app_mod
 from collector import service
 from collector.config import CollectorConfig
 from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.store import Store, open_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +30,13 @@ class RunningCollector:
     db_path: Path
     config: CollectorConfig
 
+    def open_store(self) -> Store:
+        """A second connection to the collector's store, as the CLI would open it."""
+        return open_store(self.config.storage)
+
     def add_probe(self, name: str, line: LineMetadata | None = None) -> str:
         """Register a probe through a second connection, as the CLI would; returns its token."""
-        store = SqliteStore(self.db_path)
+        store = self.open_store()
         try:
             return service.register_probe(store, name, line or LineMetadata())
         finally:
@@ -39,14 +44,14 @@ class RunningCollector:
 
     def add_token(self, name: str, role: str = "analyst") -> str:
         """Create an analyst or admin token through a second connection; returns it."""
-        store = SqliteStore(self.db_path)
+        store = self.open_store()
         try:
             return service.add_token(store, name, role)
         finally:
             store.close()
 
     def count_results(self) -> int:
-        store = SqliteStore(self.db_path)
+        store = self.open_store()
         try:
             return store.count_results()
         finally:
@@ -64,11 +69,9 @@ def running_collector(
     cfg = config or replace(CollectorConfig(),
                             server=replace(CollectorConfig().server, query_auth=False))
     db_path = tmp_path / "collector.sqlite3"
-    cfg = replace(
-        cfg,
-        server=replace(cfg.server, host="127.0.0.1", port=0),
-        storage=replace(cfg.storage, path=str(db_path)),
-    )
+    storage = cfg.storage if cfg.storage.backend == "postgresql" else \
+        replace(cfg.storage, path=str(db_path))
+    cfg = replace(cfg, server=replace(cfg.server, host="127.0.0.1", port=0), storage=storage)
     with serve_in_thread(lambda: app_mod.start(cfg), "bbprobe-test-collector") as url:
         yield RunningCollector(url=url, db_path=db_path, config=cfg)
 

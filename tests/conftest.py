@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from collector.config import StorageConfig
 from collector.testing import RunningCollector, running_collector
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -145,3 +146,44 @@ def pki(tmp_path: Path) -> Path:
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
     return d
+
+
+# --- the storage backends: SQLite, and a real PostgreSQL the tests start -----------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py). Required under
+    CI=true (`make test` installs Debian's postgresql when root); skipped elsewhere."""
+    from tests import pg
+
+    reason = pg.unavailable()
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but PostgreSQL cannot run here: {reason}")
+        pytest.skip(f"PostgreSQL: {reason}")
+    with pg.cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def pg_url(pg_cluster: object) -> Iterator[str]:
+    """A fresh, empty database of its own for one test; its URI (with the password)."""
+    from tests.pg import Cluster
+
+    assert isinstance(pg_cluster, Cluster)
+    name = pg_cluster.create_database()
+    try:
+        yield pg_cluster.url(name)
+    finally:
+        pg_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> StorageConfig:
+    """The [storage] section of a fresh store, once per backend: the conformance suite
+    runs every test against SQLite and against a real PostgreSQL."""
+    if request.param == "sqlite":
+        return StorageConfig(path=str(tmp_path / "conformance.sqlite3"))
+    url = request.getfixturevalue("pg_url")
+    return StorageConfig(backend="postgresql", url=url, pool_size=4)

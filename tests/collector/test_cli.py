@@ -104,7 +104,8 @@ def test_example_config_and_check_config(db: Path) -> None:
         ("[server]\nport = 70000\n",
          "bbprobe-collector: {path}: server.port: must be <= 65535, got 70000\n"),
         ("[storage]\nbackend = \"mysql\"\n",
-         "bbprobe-collector: {path}: storage.backend: must be one of 'sqlite', got 'mysql'\n"),
+         "bbprobe-collector: {path}: storage.backend: must be one of 'sqlite', "
+         "'postgresql', got 'mysql'\n"),
         ("[compliance]\ntargets = \"missing.toml\"\n",
          "bbprobe-collector: targets: missing.toml: no such file\n"),
     ],

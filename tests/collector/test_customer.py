@@ -135,6 +135,6 @@ def test_api_and_cli_include_customers(collector: RunningCollector) -> None:
 @pytest.mark.parametrize("client", ["203.0.113.7", "203.0.113.7:5", "[2001:db8::1]:5",
                                     "2001:db8::1"])
 def test_client_addresses_in_every_stored_form_are_matched(client: str) -> None:
-    from collector.storage.sqlite import _client_host
+    from collector.storage.sql import _client_host
 
     assert _client_host(client) in ("203.0.113.7", "2001:db8::1")

@@ -50,12 +50,20 @@ def _plots(page: str) -> dict[str, str]:
     return dict(re.findall(r'<svg class="plot" data-plot="([^"]+)"(.*?)</svg>', page, re.S))
 
 
+def _page(store: SqliteStore) -> str:
+    from agent.schema import utc_now
+    from collector import html_report
+
+    view = service.report_view(store, service.scope(None, None, None), TABLE)
+    return html_report.render_view(view, "Europe/Rome", utc_now())
+
+
 def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
     """Five plots, each drawing marks; the speed plots carry the Allegato 2 targets and
     the observed percentiles; the indicator table and verdict are on the page."""
     _fill(tmp_path / "c.sqlite3")
     store = SqliteStore(tmp_path / "c.sqlite3")
-    page = service.report_page(store, service.scope(None, None, None), TABLE, "Europe/Rome")
+    page = _page(store)
     found = _plots(page)
     assert set(found) == set(PLOTS)
     bars = found["speed-download"].count('<rect class="mark"')
@@ -72,7 +80,7 @@ def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
 def test_empty_scope_says_so(tmp_path: Path) -> None:
     """No data: every plot says so in words and draws nothing."""
     store = SqliteStore(tmp_path / "c.sqlite3")
-    page = service.report_page(store, service.scope(None, None, None), TABLE, "Europe/Rome")
+    page = _page(store)
     found = _plots(page)
     assert set(found) == set(PLOTS)
     for body in found.values():

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from collector import librespeed
+from collector.measurement import librespeed
 from collector.testing import RunningCollector
 
 
@@ -162,7 +162,8 @@ def test_anonymous_tables_stay_within_their_quota(tmp_path: Path) -> None:
     """Issue 12, finding 8: retention and a row cap for the anonymous tables. Checked
     every 64 inserts: older rows than the retention go, and past max_rows the oldest."""
     from collector.storage.model import Quota
-    from collector.storage.sqlite import PRUNE_EVERY, SqliteStore
+    from collector.storage.sql import PRUNE_EVERY
+    from collector.storage.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "c.sqlite3")
     try:

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 
 from agent.probes import ndt7 as client
-from collector import ndt7, tcpinfo
 from collector.config import CollectorConfig
+from collector.measurement import ndt7, tcpinfo
 from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector, running_collector
 from tests.httpclient import request

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from collector import service
 from collector.cli import main
-from collector.errors import ApiError
+from collector.errors import BadParameter
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
@@ -36,7 +36,7 @@ def test_period_bounds(period: str, bounds: tuple[str, str]) -> None:
 @pytest.mark.parametrize("period", ["26", "2026-Q1", "2026-H3", "last year"])
 def test_bad_period(period: str) -> None:
     """Anything but YYYY, YYYY-H1, YYYY-H2 is refused, naming the parameter."""
-    with pytest.raises(ApiError, match="period: expected YYYY, YYYY-H1 or YYYY-H2"):
+    with pytest.raises(BadParameter, match="period: expected YYYY, YYYY-H1 or YYYY-H2"):
         service.period_bounds(period)
 
 
@@ -105,7 +105,7 @@ def test_out_of_range_bound_is_a_400() -> None:
     import pytest
 
     from collector import service
-    from collector.errors import ApiError
+    from collector.errors import BadParameter
 
-    with pytest.raises(ApiError, match="since: expected an ISO 8601 date or timestamp"):
+    with pytest.raises(BadParameter, match="since: expected an ISO 8601 date or timestamp"):
         service.parse_time("0001-01-01T00:00:00+14:00", "since")

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from agent import spec
 from collector.config import CollectorConfig
-from collector.slots import client_key
+from collector.measurement.slots import client_key
 from collector.testing import RunningCollector, running_collector
 from tests.httpclient import request
 

@@ -9,7 +9,7 @@ import pytest
 
 from collector import auth, service
 from collector.compliance.facts import SessionFacts, of_result
-from collector.errors import StoreError
+from collector.errors import StoreError, Unacceptable
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.factories import session
@@ -81,7 +81,7 @@ def test_duplicate_probe_and_bad_name(store: SqliteStore) -> None:
     """Probe names are unique and follow the probe id rule."""
     with pytest.raises(StoreError, match="a probe named 'p1' already exists"):
         service.register_probe(store, "p1", LineMetadata())
-    with pytest.raises(StoreError, match="must be 1-64 characters"):
+    with pytest.raises(Unacceptable, match="must be 1-64 characters"):
         service.register_probe(store, "no spaces", LineMetadata())
 
 

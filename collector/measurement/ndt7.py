@@ -40,9 +40,10 @@ from urllib.parse import parse_qsl
 from aiohttp import WSMsgType, web
 
 from agent import payload
-from collector import tcpinfo
 from collector.errors import ApiError
-from collector.slots import CONFIG, SLOTS
+from collector.measurement import tcpinfo
+from collector.measurement.slots import CONFIG, SLOTS
+from collector.web.routing import Routes
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
 DOWNLOAD_PATH = "/ndt/v7/download"
@@ -391,7 +392,7 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 STORE_SUBTEST: web.AppKey[Store] = web.AppKey("ndt7_store")
 
 
-def add_routes(app: web.Application, store: Store) -> None:
-    app[STORE_SUBTEST] = store
-    app.router.add_get(DOWNLOAD_PATH, handler("download"))
-    app.router.add_get(UPLOAD_PATH, handler("upload"))
+def add_routes(routes: Routes, store: Store) -> None:
+    routes.app[STORE_SUBTEST] = store
+    routes.get(DOWNLOAD_PATH, handler("download"), role="public")
+    routes.get(UPLOAD_PATH, handler("upload"), role="public")

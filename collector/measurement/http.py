@@ -24,11 +24,11 @@ import asyncio
 
 from aiohttp import web
 
-from agent import payload
+from agent import payload, spec
 from agent.schema import UploadReport, to_dict
-from collector.config import MeasurementConfig
 from collector.errors import ApiError
-from collector.slots import CONFIG, SLOTS, TransferSlots
+from collector.measurement.slots import CONFIG, SLOTS
+from collector.web.routing import Routes
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
 DEFAULT_SAMPLE_INTERVAL_S = 0.1
@@ -311,15 +311,7 @@ async def _no_interim(request: web.Request) -> None:
     """The upload handler sends 100 Continue itself, after installing its byte counter."""
 
 
-def add_routes(app: web.Application, cfg: MeasurementConfig) -> None:
-    from agent import spec
-
-    app[CONFIG] = cfg
-    app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client)
-    payload.file()  # generate the random payload now, not during the first test
-    app.router.add_get(spec.DOWNLOAD_PATH, download)
-    app.router.add_post(spec.UPLOAD_PATH, upload, expect_handler=_no_interim)
-    app.router.add_get(spec.ECHO_PATH, echo)
-    from collector import librespeed
-
-    librespeed.add_routes(app)
+def add_routes(routes: Routes) -> None:
+    routes.get(spec.DOWNLOAD_PATH, download, role="public")
+    routes.post(spec.UPLOAD_PATH, upload, role="public", expect_handler=_no_interim)
+    routes.get(spec.ECHO_PATH, echo, role="public")

@@ -22,7 +22,8 @@ from aiohttp import web
 
 from agent import payload
 from collector.errors import ApiError
-from collector.slots import CONFIG, SLOTS
+from collector.measurement.slots import CONFIG, SLOTS
+from collector.web.routing import Routes
 
 CHUNK = 1024 * 1024
 NAMES = ("garbage", "empty", "getIP")
@@ -134,17 +135,18 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=200, headers={**CORS, "Access-Control-Max-Age": "86400"})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(routes: Routes) -> None:
+    # Open, as LibreSpeed's own backend: the transfers are bounded by the slots.
     for path in paths("garbage"):
-        app.router.add_get(path, garbage)
-        app.router.add_options(path, preflight)
+        routes.get(path, garbage, role="public")
+        routes.options(path, preflight, role="public")
     for path in paths("empty"):
-        app.router.add_get(path, empty, allow_head=False)
-        app.router.add_post(path, empty)
-        app.router.add_options(path, preflight)
+        routes.get(path, empty, role="public", allow_head=False)
+        routes.post(path, empty, role="public")
+        routes.options(path, preflight, role="public")
     for path in paths("getIP"):
-        app.router.add_get(path, get_ip)
-        app.router.add_options(path, preflight)
+        routes.get(path, get_ip, role="public")
+        routes.options(path, preflight, role="public")
 
 
 def is_librespeed(path: str) -> bool:

@@ -1,0 +1,35 @@
+"""Registers every measurement endpoint and the page (roles: public), with the transfer
+slots they share."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from agent import payload
+from collector.config import MeasurementConfig
+from collector.measurement import http, librespeed, ndt7
+from collector.measurement.page import page
+from collector.measurement.slots import CONFIG, SLOTS, TransferSlots
+from collector.web.routing import Routes
+
+
+async def speedtest(request: web.Request) -> web.Response:
+    return web.Response(text=page(), content_type="text/html")
+
+
+def add_page(routes: Routes) -> None:
+    """The speed-test page (served even when the endpoints are off: it says so)."""
+    routes.get("/speedtest", speedtest, role="public")
+
+
+def add_routes(routes: Routes, cfg: MeasurementConfig,
+               store_subtest: Callable[[ndt7.Subtest], Awaitable[None]]) -> None:
+    """Every measurement endpoint, sharing one set of transfer slots."""
+    routes.app[CONFIG] = cfg
+    routes.app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client)
+    payload.file()  # generate the random payload now, not during the first test
+    http.add_routes(routes)
+    librespeed.add_routes(routes)
+    ndt7.add_routes(routes, store_subtest)

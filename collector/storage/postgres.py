@@ -1,0 +1,332 @@
+"""PostgreSQL backend: one database behind many collector processes.
+
+Driver: psycopg 3 (PyPI ``psycopg[binary,pool]``), not asyncpg. The store is synchronous
+(the CLI and migrations call it directly; the web app runs it on database threads), and
+psycopg has a synchronous API of the same DB-API shape as sqlite3, so both backends share
+storage/sql.py. It parses libpq connection URIs with libpq itself (sslmode, service
+files, ~/.pgpass, $PGPASSWORD all work as in psql), and ``psycopg_pool`` gives a
+thread-safe pool. asyncpg is faster per query but asynchronous only, with its own URI
+parser.
+
+- Every text column is ``COLLATE "C"``: keys, names and timestamps sort by their bytes,
+  as in SQLite, whatever the database's locale (a report must not depend on it).
+- Writes are READ COMMITTED transactions. A result inserted by two processes at once:
+  the second ``INSERT ... ON CONFLICT DO NOTHING`` waits for the first to commit, then
+  finds the row (duplicate, or conflict). A day rollup is read ``FOR UPDATE``. A
+  transaction the server aborts for a deadlock or a serialization failure is run again.
+- Reads that take several statements (a report) run in one REPEATABLE READ READ ONLY
+  transaction: one snapshot.
+- Migrations are numbered, as SQLite's, in table ``bbprobe_schema``, applied under an
+  advisory lock so processes starting together migrate once.
+- The password never appears in a message: URIs are shown with it masked.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+from collector.errors import StoreError
+from collector.storage.sql import Dialect, SqlStore, Tx
+
+T = TypeVar("T")
+
+
+def _in_array(column: str, values: Sequence[Any]) -> tuple[str, Any]:
+    return f"{column} = ANY(?)", list(values)
+
+
+DIALECT = Dialect(
+    name="postgresql", placeholder="%s", no_limit="", for_update="FOR UPDATE",
+    skip_locked="FOR UPDATE SKIP LOCKED", integrity_errors=(pg_errors.UniqueViolation,),
+    in_list=_in_array, every_probe="",
+)
+
+RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+ATTEMPTS = 6
+# pg_advisory_xact_lock key for migrations: "bbpr".
+MIGRATION_LOCK = 0x62627072
+
+# The schema of SQLite's version 10 (storage/sqlite.py), as PostgreSQL types. Each entry
+# upgrades version i to i + 1; never edit a shipped one. "TEXT" is every text column and
+# becomes TEXT COLLATE "C" (see above).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE probes (
+        name TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT,
+        operator TEXT,
+        offer TEXT,
+        region TEXT,
+        technology TEXT,
+        download_nominal_kbps DOUBLE PRECISION,
+        download_min_kbps DOUBLE PRECISION,
+        upload_nominal_kbps DOUBLE PRECISION,
+        upload_min_kbps DOUBLE PRECISION,
+        max_delay_ms DOUBLE PRECISION,
+        max_loss_ratio DOUBLE PRECISION
+    );
+    CREATE TABLE results (
+        result_id TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL REFERENCES probes(name),
+        schema_version INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        body TEXT NOT NULL,
+        clock_skew_s DOUBLE PRECISION,
+        session_seq BIGINT
+    );
+    CREATE INDEX results_probe_started ON results (probe_name, started_at);
+    CREATE INDEX results_started ON results (started_at);
+    CREATE INDEX results_probe_seq ON results (probe_name, session_seq)
+        WHERE session_seq IS NOT NULL;
+    CREATE TABLE session_facts (
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
+        pings_sent INTEGER NOT NULL,
+        pings_lost INTEGER NOT NULL,
+        rtt_n INTEGER NOT NULL,
+        rtt_mean_ms DOUBLE PRECISION NOT NULL,
+        rtt_m2 DOUBLE PRECISION NOT NULL,
+        rtts_ms TEXT NOT NULL,
+        valid INTEGER NOT NULL,
+        invalid_codes TEXT NOT NULL,
+        PRIMARY KEY (probe_name, started_at, result_id)
+    );
+    CREATE TABLE transfer_facts (
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        result_id TEXT NOT NULL REFERENCES results(result_id),
+        seq INTEGER NOT NULL,
+        direction TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        kbps DOUBLE PRECISION,
+        valid INTEGER NOT NULL,
+        PRIMARY KEY (probe_name, started_at, result_id, seq)
+    );
+    CREATE TABLE day_facts (
+        probe_name TEXT NOT NULL,
+        day TEXT NOT NULL,
+        sessions INTEGER NOT NULL,
+        pings_sent BIGINT NOT NULL,
+        pings_lost BIGINT NOT NULL,
+        rtt_n BIGINT NOT NULL,
+        rtt_mean_ms DOUBLE PRECISION NOT NULL,
+        rtt_m2 DOUBLE PRECISION NOT NULL,
+        download_attempts INTEGER NOT NULL,
+        download_failed INTEGER NOT NULL,
+        upload_attempts INTEGER NOT NULL,
+        upload_failed INTEGER NOT NULL,
+        download_kbps BYTEA NOT NULL,
+        upload_kbps BYTEA NOT NULL,
+        invalid_sessions INTEGER NOT NULL,
+        invalid_codes TEXT NOT NULL,
+        PRIMARY KEY (probe_name, day)
+    );
+    CREATE TABLE influx_outbox (
+        seq BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
+        queued_at TEXT NOT NULL,
+        lease_owner TEXT,
+        leased_until TEXT
+    );
+    CREATE TABLE gaps (
+        gap_id TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL REFERENCES probes(name),
+        received_at TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        dropped INTEGER NOT NULL,
+        first_started_at TEXT NOT NULL,
+        last_started_at TEXT NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        seq_ranges TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX gaps_probe ON gaps (probe_name, first_started_at);
+    CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('analyst', 'admin')),
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE TABLE browser_results (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        received_at TEXT NOT NULL,
+        client TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX browser_results_received ON browser_results (received_at);
+    CREATE TABLE ndt7_tests (
+        uuid TEXT PRIMARY KEY,
+        test TEXT NOT NULL CHECK (test IN ('download', 'upload')),
+        started_at TEXT NOT NULL,
+        ended_at TEXT NOT NULL,
+        client TEXT NOT NULL,
+        end_reason TEXT NOT NULL,
+        throughput_bps DOUBLE PRECISION,
+        min_rtt_ms DOUBLE PRECISION,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX ndt7_tests_started ON ndt7_tests (started_at);
+    CREATE TABLE influx_dead_letters (
+        result_id TEXT PRIMARY KEY REFERENCES results(result_id),
+        failed_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    """,
+)
+
+
+def masked(url: str) -> str:
+    """The URI with any password replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URI>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _ddl(step: str) -> str:
+    return step.replace(" TEXT", ' TEXT COLLATE "C"')
+
+
+class PostgresStore(SqlStore):
+    dialect = DIALECT
+
+    def __init__(self, url: str, *, outbox: bool = False, password: str | None = None,
+                 pool_size: int = 8, connect_timeout_s: float = 10.0) -> None:
+        super().__init__()
+        self.url = url
+        self.describe = masked(url)
+        self.outbox = outbox
+        self.concurrency = pool_size
+        kwargs: dict[str, Any] = {"autocommit": True,
+                                  "connect_timeout": max(1, round(connect_timeout_s)),
+                                  "application_name": "bbprobe-collector"}
+        if password is not None:
+            kwargs["password"] = password
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"storage.url: not a PostgreSQL connection URI "
+                             f"({self.describe}): {exc}") from None
+        try:
+            # One connection first: a wrong password or host fails now, with libpq's own
+            # reason (the pool would only retry until its timeout).
+            psycopg.connect(url, **kwargs).close()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {self.describe}: "
+                             f"{_reason(exc)}") from None
+        self._pool = psycopg_pool.ConnectionPool(
+            url, kwargs=kwargs, min_size=1, max_size=pool_size, open=False,
+            timeout=connect_timeout_s + 20, name="bbprobe")
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s + 5)
+        except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
+            self._pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL at {self.describe}: "
+                             f"{_reason(exc)}") from None
+        try:
+            self._migrate()
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StoreError(f"cannot use PostgreSQL at {self.describe}: {_reason(exc)}"
+                             ) from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @property
+    def latest_version(self) -> int:
+        return len(MIGRATIONS)
+
+    @property
+    def schema_version(self) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT version FROM bbprobe_schema").fetchone() if self._has_schema(
+                conn) else None
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _has_schema(conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute("SELECT to_regclass('bbprobe_schema')").fetchone()
+        return row is not None and row[0] is not None
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS bbprobe_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM bbprobe_schema").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO bbprobe_schema VALUES (0)")
+            current = int(row[0]) if row else 0
+            if current > len(MIGRATIONS):
+                raise StoreError(
+                    f"database {self.describe} has schema version {current}, newer than "
+                    f"this collector ({len(MIGRATIONS)}); upgrade bbprobe")
+            for version in range(current, len(MIGRATIONS)):
+                for statement in _ddl(MIGRATIONS[version]).split(";"):
+                    if statement.strip():
+                        conn.execute(statement.encode())
+                conn.execute("UPDATE bbprobe_schema SET version = %s", (version + 1,))
+
+    @contextmanager
+    def _reading(self) -> Iterator[Tx]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield Tx(conn, DIALECT)
+        except psycopg_pool.PoolTimeout as exc:
+            raise StoreError(f"PostgreSQL at {self.describe}: {exc}") from None
+
+    def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        for attempt in range(ATTEMPTS):
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    return fn(Tx(conn, DIALECT))
+            except RETRIED:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                # The other transaction goes on; ours starts again a moment later.
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+            except psycopg_pool.PoolTimeout as exc:
+                raise StoreError(f"PostgreSQL at {self.describe}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def after_load(self, table: str) -> None:
+        """After copying rows with their generated keys: move the key's sequence past
+        them, so the next insert does not collide."""
+        column = {"browser_results": "id", "influx_outbox": "seq"}.get(table)
+        if column is not None:
+            self._transaction(lambda tx: tx.run(
+                f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                f"GREATEST(COALESCE(MAX({column}), 0), 1)) FROM {table}"))
+
+    def size_bytes(self) -> int:
+        return self._count("SELECT pg_database_size(current_database())")
+
+
+def _reason(exc: BaseException) -> str:
+    """libpq's message, first line (it names host and user, never the password)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,876 @@
+"""The store's queries, written once for every SQL backend (SQLite and PostgreSQL).
+
+A backend (sqlite.py, postgres.py) opens connections, runs its own migrations and says
+how it runs a transaction; everything a query means is here, so both backends store and
+answer alike (the conformance suite, tests/collector/test_conformance.py, holds them to it).
+Queries are written with ``?`` placeholders and the SQL both engines share: upserts with
+``ON CONFLICT``, ``RETURNING``, ``CAST``, ``substr``. The few differences are ``Dialect``
+fields.
+
+Arithmetic over rows (the day rollup, RTT moments, counts) is in
+collector/compliance/rollup.py, in Python: a database's float sums depend on the order
+it reads rows in, and the report must not depend on the engine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any, Protocol, TypeVar
+
+from agent.schema import BPS_LIMIT
+from agent.stats import Moments
+from collector.compliance import rollup
+from collector.compliance.evaluate import Observations
+from collector.compliance.facts import SessionFacts, TransferFact
+from collector.compliance.rollup import DayRollup, SessionRow, TransferRow
+from collector.errors import AlreadyExists, StoreError
+from collector.storage.model import (
+    HourRow,
+    InsertOutcome,
+    LineMetadata,
+    NewResult,
+    Probe,
+    Quota,
+    StoredResult,
+)
+
+T = TypeVar("T")
+
+# The anonymous tables are pruned every PRUNE_EVERY inserts a store makes (per process:
+# with N collector processes a table may run over its cap by N x PRUNE_EVERY rows until
+# the next pass, and the hourly pass applies the quota whatever the count).
+PRUNE_EVERY = 64
+
+LINE_COLUMNS = tuple(f.name for f in fields(LineMetadata))
+PROBE_COLUMNS = ("name", "created_at", "revoked_at", *LINE_COLUMNS)
+DAY_COLUMNS = ("probe_name", "day", "sessions", "pings_sent", "pings_lost", "rtt_n",
+               "rtt_mean_ms", "rtt_m2", "download_attempts", "download_failed",
+               "upload_attempts", "upload_failed", "download_kbps", "upload_kbps",
+               "invalid_sessions", "invalid_codes")
+
+
+class Cursor(Protocol):
+    """What both DB-API drivers' cursors give (sqlite3, psycopg)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: Any, params: Any = ...) -> Any: ...
+
+    def executemany(self, sql: Any, params: Any) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def fetchone(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the engines, in the queries this module writes."""
+
+    name: str
+    # Placeholder of the driver: "?" (sqlite3) or "%s" (psycopg).
+    placeholder: str
+    # "LIMIT <none>" before an OFFSET: SQLite has no LIMIT ALL.
+    no_limit: str
+    # Row locks for a read-modify-write (PostgreSQL; SQLite's writer lock covers it).
+    for_update: str
+    # Lease rows that another process has locked: skip them (PostgreSQL).
+    skip_locked: str
+    # The exception types of a UNIQUE or PRIMARY KEY violation.
+    integrity_errors: tuple[type[BaseException], ...]
+    # A clause restricting ``column`` to a list given as one parameter, and that
+    # parameter: SQLite reads a JSON array with json_each, PostgreSQL takes an array.
+    in_list: Callable[[str, Sequence[Any]], tuple[str, Any]]
+    # With no probe named: a clause that still names every probe (SQLite's planner then
+    # walks the clustered key), or "" (PostgreSQL plans the plain range better).
+    every_probe: str
+
+    def sql(self, text: str) -> str:
+        return _translate(text, self.placeholder)
+
+
+@lru_cache(maxsize=512)
+def _translate(text: str, placeholder: str) -> str:
+    if placeholder == "?":
+        return text
+    return text.replace("%", "%%").replace("?", placeholder)
+
+
+class Tx:
+    """One connection inside a transaction (or autocommit reads), with the dialect's
+    placeholders; rows come back as plain tuples."""
+
+    __slots__ = ("_conn", "_dialect")
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+
+    def _cursor(self) -> Cursor:
+        cursor: Cursor = self._conn.cursor()
+        return cursor
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self._cursor()
+        cursor.execute(self._dialect.sql(sql), params)
+        return [tuple(r) for r in cursor.fetchall()]
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        cursor = self._cursor()
+        cursor.execute(self._dialect.sql(sql), params)
+        row = cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Execute; the number of rows changed."""
+        cursor = self._cursor()
+        cursor.execute(self._dialect.sql(sql), params)
+        return int(cursor.rowcount)
+
+    def many(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
+        if seq:
+            self._cursor().executemany(self._dialect.sql(sql), seq)
+
+
+class SqlStore:
+    """The collector's master copy of every probe and result, over one SQL backend.
+
+    Subclasses give ``dialect``, ``_reading()`` and ``_transaction(fn)``; every public
+    method is synchronous (the web app runs them on database threads)."""
+
+    dialect: Dialect
+    outbox: bool
+    # How many threads may call this store at once (1: SQLite's single connection).
+    concurrency: int = 1
+    describe: str = "database"
+
+    def __init__(self) -> None:
+        self._inserts: dict[str, int] = {}
+
+    # --- what a backend provides -----------------------------------------------------------
+
+    def _reading(self) -> AbstractContextManager[Tx]:
+        raise NotImplementedError
+
+    def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one write transaction (retried by the backend where the engine
+        may abort it for a deadlock), committed when it returns."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def schema_version(self) -> int:
+        raise NotImplementedError
+
+    def size_bytes(self) -> int:
+        """The database's size on disk."""
+        raise NotImplementedError
+
+    def after_load(self, table: str) -> None:
+        """Called after ``load`` filled ``table`` (a backend may fix up sequences)."""
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._reading() as tx:
+            return tx.rows(sql, params)
+
+    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._reading() as tx:
+            row = tx.one(sql, params)
+        return int(row[0]) if row and row[0] is not None else 0
+
+    # --- probes and tokens -----------------------------------------------------------------
+
+    def add_probe(self, name: str, token_sha256: str, created_at: str,
+                  line: LineMetadata) -> None:
+        values = [getattr(line, c) for c in LINE_COLUMNS]
+        try:
+            self._transaction(lambda tx: tx.run(
+                f"INSERT INTO probes (name, token_sha256, created_at, "
+                f"{', '.join(LINE_COLUMNS)}) "
+                f"VALUES (?, ?, ?, {', '.join('?' * len(LINE_COLUMNS))})",
+                [name, token_sha256, created_at, *values]))
+        except self.dialect.integrity_errors:
+            raise AlreadyExists(f"a probe named {name!r} already exists", "probe_id") from None
+
+    def revoke_probe(self, name: str, revoked_at: str) -> bool:
+        return self._transaction(lambda tx: tx.run(
+            "UPDATE probes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (revoked_at, name))) == 1
+
+    def add_token(self, name: str, role: str, token_sha256: str, created_at: str) -> None:
+        try:
+            self._transaction(lambda tx: tx.run(
+                "INSERT INTO tokens (name, role, token_sha256, created_at, revoked_at) "
+                "VALUES (?, ?, ?, ?, NULL)", (name, role, token_sha256, created_at)))
+        except self.dialect.integrity_errors:
+            raise AlreadyExists(f"a token named {name!r} already exists", "name") from None
+
+    def revoke_token(self, name: str, revoked_at: str) -> bool:
+        return self._transaction(lambda tx: tx.run(
+            "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (revoked_at, name))) == 1
+
+    def tokens(self) -> list[dict[str, Any]]:
+        keys = ("name", "role", "created_at", "revoked_at")
+        return [dict(zip(keys, r, strict=True)) for r in self._read(
+            "SELECT name, role, created_at, revoked_at FROM tokens ORDER BY name")]
+
+    def role_for_token(self, token_sha256: str) -> tuple[str, str] | None:
+        """(role, name) of a live analyst/admin token, or ("probe", name) of a probe's."""
+        with self._reading() as tx:
+            row = tx.one("SELECT role, name FROM tokens WHERE token_sha256 = ? AND "
+                         "revoked_at IS NULL", (token_sha256,))
+        if row is not None:
+            return str(row[0]), str(row[1])
+        probe = self.probe_for_token(token_sha256)
+        return ("probe", probe.name) if probe is not None else None
+
+    def probe_for_token(self, token_sha256: str) -> Probe | None:
+        rows = self._read(f"SELECT {', '.join(PROBE_COLUMNS)} FROM probes "
+                          "WHERE token_sha256 = ? AND revoked_at IS NULL", (token_sha256,))
+        return _probe(rows[0]) if rows else None
+
+    def probe(self, name: str) -> Probe | None:
+        rows = self._read(f"SELECT {', '.join(PROBE_COLUMNS)} FROM probes WHERE name = ?",
+                          (name,))
+        return _probe(rows[0]) if rows else None
+
+    def probes(self) -> list[Probe]:
+        return [_probe(r) for r in self._read(
+            f"SELECT {', '.join(PROBE_COLUMNS)} FROM probes ORDER BY name")]
+
+    # --- results ---------------------------------------------------------------------------
+
+    def insert_result(self, **item: Any) -> InsertOutcome:
+        """Store one result (see ``insert_results``)."""
+        return self.insert_results([NewResult(**item)])[0]
+
+    def insert_results(self, items: Sequence[NewResult]) -> list[InsertOutcome]:
+        """Store results and their facts once each, in one transaction (one fsync for a
+        batch). Same id and content again: "duplicate" (nothing written); same id with
+        other content: "conflict". Safe against the same result arriving at two
+        collector processes at once: the second insert waits for the first's commit,
+        then finds the row."""
+        return self._transaction(lambda tx: self._insert_results(tx, items))
+
+    def _insert_results(self, tx: Tx, items: Sequence[NewResult]) -> list[InsertOutcome]:
+        outcomes: list[InsertOutcome] = []
+        stored: list[NewResult] = []
+        for item in items:
+            added = tx.run(
+                "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
+                "ended_at, received_at, body_sha256, body, clock_skew_s, session_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (result_id) DO NOTHING",
+                (item.result_id, item.probe_name, item.schema_version, item.started_at,
+                 item.ended_at, item.received_at, item.body_sha256, item.body,
+                 item.clock_skew_s, item.session_seq))
+            if not added:
+                row = tx.one("SELECT body_sha256 FROM results WHERE result_id = ?",
+                             (item.result_id,))
+                same = row is not None and row[0] == item.body_sha256
+                outcomes.append("duplicate" if same else "conflict")
+                continue
+            insert_session_facts(tx, item.facts, item.probe_name)
+            if self.outbox:
+                tx.run("INSERT INTO influx_outbox (result_id, queued_at) VALUES (?, ?)",
+                       (item.result_id, item.received_at))
+            outcomes.append("stored")
+            stored.append(item)
+        # Day rows are locked in one order (probe, day) whatever the batch's order, so
+        # two processes merging into the same days cannot deadlock; the sort is stable,
+        # so sessions of one day still merge in arrival order.
+        for item in sorted(stored, key=lambda i: (i.probe_name, rollup.day_of(
+                i.facts.started_at))):
+            add_to_day(tx, item.probe_name, item.facts, self.dialect.for_update)
+        return outcomes
+
+    def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
+                   dropped: int, first: str, last: str, body_sha256: str,
+                   seq_ranges: Sequence[tuple[int, int]] = ()) -> InsertOutcome:
+        def work(tx: Tx) -> InsertOutcome:
+            added = tx.run(
+                "INSERT INTO gaps (gap_id, probe_name, received_at, reason, dropped, "
+                "first_started_at, last_started_at, body_sha256, seq_ranges) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gap_id) DO NOTHING",
+                (gap_id, probe_name, received_at, reason, dropped, first, last, body_sha256,
+                 json.dumps([list(r) for r in seq_ranges])))
+            if added:
+                return "stored"
+            row = tx.one("SELECT body_sha256 FROM gaps WHERE gap_id = ?", (gap_id,))
+            return "duplicate" if row is not None and row[0] == body_sha256 else "conflict"
+
+        return self._transaction(work)
+
+    def session_seqs(self, probes: Sequence[str] | None, since: str | None,
+                     until: str | None) -> list[tuple[str, int, str]]:
+        """(probe, session_seq, started_at) of every numbered result in scope."""
+        where, params = self._scope(probes, since, until)
+        return [(r[0], int(r[1]), r[2]) for r in self._read(
+            "SELECT probe_name, session_seq, started_at FROM results "
+            f"WHERE {where} AND session_seq IS NOT NULL ORDER BY probe_name, session_seq",
+            params)]
+
+    def seqs_before(self, probes: Sequence[str] | None, since: str | None) -> dict[str, int]:
+        """Each probe's highest session_seq delivered before ``since`` (none: {})."""
+        if since is None:
+            return {}
+        where, params = self._scope(probes, None, since)
+        return {r[0]: int(r[1]) for r in self._read(
+            f"SELECT probe_name, MAX(session_seq) FROM results WHERE {where} AND "
+            "session_seq IS NOT NULL GROUP BY probe_name", params)}
+
+    def gap_seq_ranges(self, probes: Sequence[str] | None) -> dict[str, list[tuple[int, int]]]:
+        """Every gap record's dropped sequence numbers, by probe."""
+        where, params = self._scope(probes, None, None)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for probe, ranges in self._read(
+                f"SELECT probe_name, seq_ranges FROM gaps WHERE {where} "
+                "ORDER BY probe_name, first_started_at, gap_id", params):
+            out.setdefault(probe, []).extend((int(a), int(b)) for a, b in json.loads(ranges))
+        return out
+
+    GAP_KEYS = ("gap_id", "probe_id", "received_at", "reason", "dropped",
+                "first_started_at", "last_started_at")
+
+    def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
+             until: str | None = None) -> list[dict[str, Any]]:
+        """Gap records overlapping [since, until), oldest first."""
+        where, params = self._scope(probes, None, None)
+        if since is not None:
+            where += " AND last_started_at >= ?"
+            params.append(since)
+        if until is not None:
+            where += " AND first_started_at < ?"
+            params.append(until)
+        return [dict(zip(self.GAP_KEYS, r, strict=True)) for r in self._read(
+            "SELECT gap_id, probe_name, received_at, reason, dropped, first_started_at, "
+            f"last_started_at FROM gaps WHERE {where} ORDER BY first_started_at, gap_id",
+            params)]
+
+    def results(self, probes: Sequence[str] | None = None, since: str | None = None,
+                until: str | None = None, limit: int | None = None) -> list[StoredResult]:
+        """Results by start time, oldest first; ``since`` inclusive, ``until`` exclusive."""
+        where, params = self._scope(probes, since, until, named_only=True)
+        tail = ""
+        if limit is not None:
+            tail = " LIMIT ?"
+            params.append(limit)
+        return [StoredResult(*row) for row in self._read(
+            "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
+            f"clock_skew_s FROM results WHERE {where} ORDER BY started_at, result_id{tail}",
+            params)]
+
+    def result(self, result_id: str) -> StoredResult | None:
+        rows = self._read(
+            "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
+            "clock_skew_s FROM results WHERE result_id = ?", (result_id,))
+        return StoredResult(*rows[0]) if rows else None
+
+    def count_results(self) -> int:
+        return self._count("SELECT COUNT(*) FROM results")
+
+    def count(self, table: str) -> int:
+        """Rows of one of the store's tables (migrate checks its copy with it)."""
+        if table not in TABLES:
+            raise StoreError(f"no table {table!r}")
+        return self._count(f"SELECT COUNT(*) FROM {table}")
+
+    # --- facts: what evaluation reads instead of the bodies ----------------------------------
+
+    def _scope(self, probes: Sequence[str] | None, since: str | None, until: str | None,
+               column: str = "started_at", named_only: bool = False) -> tuple[str, list[Any]]:
+        """WHERE clause over a facts table. Probes go as one parameter (a JSON array or
+        an array), so a scope of thousands of probes stays one statement."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if probes is not None:
+            clause, param = self.dialect.in_list("probe_name", probes)
+            clauses.append(clause)
+            params.append(param)
+        elif self.dialect.every_probe and not named_only:
+            clauses.append(self.dialect.every_probe)
+        if since is not None:
+            clauses.append(f"{column} >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append(f"{column} < ?")
+            params.append(until)
+        return " AND ".join(clauses) or "1 = 1", params
+
+    def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
+                     until: str | None = None, include_invalid: bool = False) -> Observations:
+        """The evaluator's input for a scope: counts, RTT moments and every per-test speed
+        (percentiles need the values). Whole UTC days come from the day rollup, the
+        partial days at either end from the session rows; both hold the same samples.
+        Sessions the agent flagged invalid are left out unless ``include_invalid`` (which
+        reads every session row), and counted apart."""
+        obs = Observations(invalid_included=include_invalid)
+        days = None if include_invalid else rollup.whole_days(since, until)
+        with self._reading() as tx:
+            if days is None:
+                self._observe_sessions(tx, obs, probes, since, until)
+                return obs
+            lo, hi = days
+            rollup.observe_days(obs, self._days(tx, probes, lo and lo[:10], hi and hi[:10]))
+            if since is not None and lo is not None and since < lo:
+                self._observe_sessions(tx, obs, probes, since, lo)
+            if until is not None and hi is not None and hi < until:
+                self._observe_sessions(tx, obs, probes, hi, until)
+        return obs
+
+    def _observe_sessions(self, tx: Tx, obs: Observations, probes: Sequence[str] | None,
+                          since: str | None, until: str | None) -> None:
+        where, params = self._scope(probes, since, until)
+        sessions = [SessionRow(sent, lost, Moments(n, mean, m2), bool(valid), codes)
+                    for sent, lost, n, mean, m2, valid, codes in tx.rows(
+                        "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, "
+                        f"invalid_codes FROM session_facts WHERE {where} "
+                        "ORDER BY probe_name, started_at, result_id", params)]
+        transfers = [TransferRow(direction, bool(ok), kbps, bool(valid))
+                     for direction, ok, kbps, valid in tx.rows(
+                         f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {where} "
+                         "ORDER BY probe_name, started_at, result_id, seq", params)]
+        rollup.observe_sessions(obs, sessions, transfers)
+
+    def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
+              day_hi: str | None) -> list[DayRollup]:
+        where, params = self._scope(probes, day_lo, day_hi, column="day")
+        return [_day(r) for r in tx.rows(
+            f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts WHERE {where} "
+            "ORDER BY probe_name, day", params)]
+
+    def day_rollups(self, probes: Sequence[str] | None = None, day_lo: str | None = None,
+                    day_hi: str | None = None) -> list[DayRollup]:
+        """The day rollups of [day_lo, day_hi) (YYYY-MM-DD), by probe and day."""
+        with self._reading() as tx:
+            return self._days(tx, probes, day_lo, day_hi)
+
+    def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
+              until: str | None = None) -> list[SessionFacts]:
+        """Every session's facts in scope, by start time (a line's campaign)."""
+        where, params = self._scope(probes, since, until)
+        with self._reading() as tx:
+            transfer_rows = tx.rows(
+                f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {where} "
+                "ORDER BY result_id, seq", params)
+            session_rows = tx.rows(
+                "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
+                "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes FROM session_facts "
+                f"WHERE {where} ORDER BY started_at, result_id", params)
+        transfers: dict[str, list[TransferFact]] = {}
+        for result_id, direction, ok, kbps in transfer_rows:
+            transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
+        return [
+            SessionFacts(result_id=rid, probe_id=probe, started_at=started,
+                         pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
+                         rtts_ms=tuple(json.loads(rtts)),
+                         transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
+                         invalid_codes=tuple(codes.split()))
+            for probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes
+            in session_rows
+        ]
+
+    def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
+               until: str | None = None, include_invalid: bool = False) -> list[HourRow]:
+        """Per UTC hour: sessions, pings, RTT sum and per-direction speed sums (plots of
+        any scope size, collector/plots.py); valid sessions only unless asked. The sums
+        are the database's (plots only; no verdict rests on them)."""
+        where, params = self._scope(probes, since, until)
+        if not include_invalid:
+            where += " AND valid = 1"
+        rows: dict[str, HourRow] = {}
+        with self._reading() as tx:
+            for hour, sessions, sent, lost, n, rtt_sum in tx.rows(
+                    "SELECT substr(started_at, 1, 13), COUNT(*), SUM(pings_sent), "
+                    "SUM(pings_lost), SUM(rtt_n), SUM(rtt_n * rtt_mean_ms) "
+                    f"FROM session_facts WHERE {where} GROUP BY 1 ORDER BY 1", params):
+                rows[hour] = HourRow(hour, int(sessions), int(sent), int(lost), int(n),
+                                     float(rtt_sum))
+            for hour, direction, count, total in tx.rows(
+                    "SELECT substr(started_at, 1, 13), direction, COUNT(*), SUM(kbps) "
+                    f"FROM transfer_facts WHERE {where} AND ok = 1 AND kbps IS NOT NULL "
+                    "GROUP BY 1, 2", params):
+                row = rows.setdefault(hour, HourRow(hour))
+                if direction == "download":
+                    row.download_n, row.download_kbps_sum = int(count), float(total)
+                else:
+                    row.upload_n, row.upload_kbps_sum = int(count), float(total)
+        return [rows[h] for h in sorted(rows)]
+
+    # --- InfluxDB outbox ------------------------------------------------------------------
+
+    def outbox_lease(self, owner: str, limit: int, now: str,
+                     until: str) -> list[tuple[str, str, LineMetadata]]:
+        """Lease the oldest ``limit`` queued results that no other live lease holds, to
+        ``owner`` until ``until``; return them as (result_id, body, line). The owner's own
+        leases are taken again (a write that failed is retried with the same rows). With many
+        collector processes each row goes to one of them (PostgreSQL skips the rows
+        another is leasing); a process that dies leaves its lease to expire. Bodies are
+        decoded by the caller, one at a time, so one that fails is set apart alone."""
+        def work(tx: Tx) -> list[tuple[str, str, LineMetadata]]:
+            seqs = [int(r[0]) for r in tx.rows(
+                "SELECT seq FROM influx_outbox WHERE leased_until IS NULL OR "
+                "leased_until < ? OR lease_owner = ? "
+                f"ORDER BY seq LIMIT ? {self.dialect.skip_locked}", (now, owner, limit))]
+            if not seqs:
+                return []
+            clause, param = self.dialect.in_list("seq", seqs)
+            tx.run(f"UPDATE influx_outbox SET lease_owner = ?, leased_until = ? "
+                   f"WHERE {clause}", (owner, until, param))
+            clause, param = self.dialect.in_list("o.seq", seqs)
+            cols = ", ".join(f"p.{c}" for c in LINE_COLUMNS)
+            return [(r[0], r[1], LineMetadata(*r[2:])) for r in tx.rows(
+                f"SELECT o.result_id, r.body, {cols} FROM influx_outbox o "
+                "JOIN results r ON r.result_id = o.result_id "
+                f"JOIN probes p ON p.name = r.probe_name WHERE {clause} ORDER BY o.seq",
+                (param,))]
+
+        return self._transaction(work)
+
+    def outbox_batch(self, limit: int) -> list[tuple[str, str, LineMetadata]]:
+        """The oldest ``limit`` queued results as (result_id, body, line), leased or not
+        (for inspection; the sink leases with ``outbox_lease``)."""
+        cols = ", ".join(f"p.{c}" for c in LINE_COLUMNS)
+        return [(r[0], r[1], LineMetadata(*r[2:])) for r in self._read(
+            f"SELECT o.result_id, r.body, {cols} FROM influx_outbox o "
+            "JOIN results r ON r.result_id = o.result_id "
+            "JOIN probes p ON p.name = r.probe_name ORDER BY o.seq LIMIT ?", (limit,))]
+
+    def outbox_done(self, result_ids: Sequence[str]) -> None:
+        def work(tx: Tx) -> None:
+            tx.many("DELETE FROM influx_outbox WHERE result_id = ?", [(r,) for r in result_ids])
+            # Written at last (a backfill after a fix): no longer a dead letter.
+            tx.many("DELETE FROM influx_dead_letters WHERE result_id = ?",
+                    [(r,) for r in result_ids])
+
+        self._transaction(work)
+
+    def outbox_release(self, owner: str) -> None:
+        """Give back what ``owner`` leased and did not finish (a clean stop)."""
+        self._transaction(lambda tx: tx.run(
+            "UPDATE influx_outbox SET lease_owner = NULL, leased_until = NULL "
+            "WHERE lease_owner = ?", (owner,)))
+
+    def outbox_dead_letter(self, result_id: str, reason: str, failed_at: str) -> None:
+        """Out of the outbox, into the dead letters, in one transaction."""
+        def work(tx: Tx) -> None:
+            tx.run("DELETE FROM influx_outbox WHERE result_id = ?", (result_id,))
+            tx.run("INSERT INTO influx_dead_letters (result_id, failed_at, reason) "
+                   "VALUES (?, ?, ?) ON CONFLICT (result_id) DO UPDATE SET "
+                   "failed_at = excluded.failed_at, reason = excluded.reason",
+                   (result_id, failed_at, reason[:1000]))
+
+        self._transaction(work)
+
+    def outbox_dead_letters(self) -> list[dict[str, str]]:
+        return [{"result_id": r[0], "failed_at": r[1], "reason": r[2]} for r in self._read(
+            "SELECT result_id, failed_at, reason FROM influx_dead_letters "
+            "ORDER BY failed_at, result_id")]
+
+    def outbox_dead_count(self) -> int:
+        return self._count("SELECT COUNT(*) FROM influx_dead_letters")
+
+    def outbox_retry_dead(self, queued_at: str) -> int:
+        """Queue every dead letter again (after the cause was fixed); returns how many."""
+        def work(tx: Tx) -> int:
+            added = tx.run(
+                "INSERT INTO influx_outbox (result_id, queued_at) "
+                "SELECT result_id, CAST(? AS TEXT) FROM influx_dead_letters WHERE 1 = 1 "
+                "ORDER BY failed_at, result_id ON CONFLICT (result_id) DO NOTHING",
+                (queued_at,))
+            tx.run("DELETE FROM influx_dead_letters")
+            return added
+
+        return self._transaction(work)
+
+    def outbox_size(self) -> int:
+        return self._count("SELECT COUNT(*) FROM influx_outbox")
+
+    def outbox_enqueue(self, probes: Sequence[str] | None, since: str | None,
+                       until: str | None, queued_at: str) -> int:
+        """Queue stored results again (a backfill after enabling the sink); returns how
+        many were added (those already queued are not queued twice)."""
+        where, params = self._scope(probes, since, until, named_only=True)
+        return self._transaction(lambda tx: tx.run(
+            "INSERT INTO influx_outbox (result_id, queued_at) "
+            f"SELECT result_id, CAST(? AS TEXT) FROM results WHERE {where} "
+            "ORDER BY started_at, result_id ON CONFLICT (result_id) DO NOTHING",
+            [queued_at, *params]))
+
+    # --- anonymous tables -------------------------------------------------------------------
+
+    def add_browser_result(self, received_at: str, client: str, body: str,
+                           quota: Quota | None = None) -> int:
+        def work(tx: Tx) -> int:
+            row = tx.one("INSERT INTO browser_results (received_at, client, body) "
+                         "VALUES (?, ?, ?) RETURNING id", (received_at, client, body))
+            if quota is not None:
+                self._prune(tx, "browser_results", quota)
+            return int(row[0]) if row else 0
+
+        return self._transaction(work)
+
+    def _prune(self, tx: Tx, table: str, quota: Quota) -> None:
+        """Anonymous tables stay bounded (issue 12): rows older than the retention go, and
+        past max_rows the oldest go. Checked every PRUNE_EVERY inserts, so the cost of
+        counting is spread thin; between checks a table may run over by that many."""
+        count = self._inserts[table] = self._inserts.get(table, 0) + 1
+        if count % PRUNE_EVERY == 0:
+            self._prune_now(tx, table, quota)
+
+    def _prune_now(self, tx: Tx, table: str, quota: Quota) -> None:
+        key, time_column = ANONYMOUS[table]
+        tx.run(f"DELETE FROM {table} WHERE {time_column} < ?", (quota.keep_after,))
+        tx.run(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} "
+               f"ORDER BY {time_column} DESC, {key} DESC {self.dialect.no_limit} OFFSET ?)",
+               (quota.max_rows,))
+
+    def prune_anonymous(self, browser: Quota, ndt7: Quota) -> None:
+        """Apply the quotas now (at start and hourly): retention holds for a table that
+        gets no new rows too."""
+        def work(tx: Tx) -> None:
+            self._prune_now(tx, "browser_results", browser)
+            self._prune_now(tx, "ndt7_tests", ndt7)
+
+        self._transaction(work)
+
+    def browser_results(self, since: str | None = None,
+                        until: str | None = None) -> list[dict[str, Any]]:
+        where, params = _period("received_at", since, until)
+        return [{"id": r[0], "received_at": r[1], "client": r[2], **json.loads(r[3])}
+                for r in self._read(
+                    f"SELECT id, received_at, client, body FROM browser_results {where} "
+                    "ORDER BY id", params)]
+
+    def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
+                      quota: Quota | None = None) -> None:
+        summary = archive["Summary"]
+
+        def work(tx: Tx) -> None:
+            tx.run("INSERT INTO ndt7_tests (uuid, test, started_at, ended_at, client, "
+                   "end_reason, throughput_bps, min_rtt_ms, body) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO NOTHING",
+                   (archive["UUID"], archive["Test"], started_at, ended_at, archive["Client"],
+                    archive["EndReason"], summary["throughput_bps"], summary["min_rtt_ms"],
+                    json.dumps(archive, separators=(",", ":"))))
+            if quota is not None:
+                self._prune(tx, "ndt7_tests", quota)
+
+        self._transaction(work)
+
+    def ndt7_tests(self, since: str | None = None, until: str | None = None,
+                   measurements: bool = False) -> list[dict[str, Any]]:
+        """Stored ndt7 subtests, oldest first; the per-interval measurements only when
+        asked (they are most of each record)."""
+        where, params = _period("started_at", since, until)
+        out = []
+        for (body,) in self._read(
+                f"SELECT body FROM ndt7_tests {where} ORDER BY started_at, uuid", params):
+            record = json.loads(body)
+            if not measurements:
+                record.pop("ServerMeasurements", None)
+                record.pop("ClientMeasurements", None)
+            out.append(record)
+        return out
+
+    def customer_speeds(self, since: str | None = None, until: str | None = None,
+                        network: str | None = None) -> list[tuple[str, str, float | None]]:
+        """(kind, direction, kbps or None) of every customer test in [since, until): each
+        browser result gives a download and an upload, each ndt7 subtest one direction
+        (None when it did not end normally). ``network``: only clients inside this CIDR."""
+        inside = ipaddress.ip_network(network, strict=False) if network else None
+
+        def wanted(client: str) -> bool:
+            if inside is None:
+                return True
+            try:
+                return ipaddress.ip_address(_client_host(client)) in inside
+            except ValueError:
+                return False
+
+        out: list[tuple[str, str, float | None]] = []
+        for row in self.browser_results(since, until):
+            if wanted(row["client"]):
+                for direction in ("download", "upload"):
+                    bps = row.get(f"{direction}_bps")
+                    # Rows stored before numbers were bounded (issue 12) may hold anything:
+                    # a speed outside any physical range counts as none.
+                    kbps = bps / 1000 if isinstance(bps, int | float) and not isinstance(
+                        bps, bool) and 0 < bps <= BPS_LIMIT else None
+                    out.append(("browser", direction, kbps))
+        where, params = _period("started_at", since, until)
+        for test, client, reason, bps in self._read(
+                f"SELECT test, client, end_reason, throughput_bps FROM ndt7_tests {where} "
+                "ORDER BY started_at, uuid", params):
+            if wanted(client):
+                ok = reason in ("done", "client_closed", "early_exit") and bps
+                out.append(("ndt7", test, bps / 1000 if ok else None))
+        return out
+
+    # --- copying a whole store (migrate) ---------------------------------------------------
+
+    def dump(self, table: str, after: Sequence[Any] | None,
+             limit: int) -> list[tuple[Any, ...]]:
+        """Rows of ``table`` in key order after the key ``after`` (a page of a copy)."""
+        key, columns = TABLES[table]
+        where, params = "", []
+        if after is not None:
+            where = f"WHERE ({', '.join(key)}) > ({', '.join('?' * len(key))})"
+            params = list(after)
+        return self._read(f"SELECT {', '.join(columns)} FROM {table} {where} "
+                          f"ORDER BY {', '.join(key)} LIMIT ?", [*params, limit])
+
+    def load(self, table: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Insert copied rows as they are (keys already present are left alone: a copy
+        that is run again resumes). Returns how many were new."""
+        _key, columns = TABLES[table]
+        marks = ", ".join("?" * len(columns))
+
+        def work(tx: Tx) -> int:
+            added = 0
+            for row in rows:
+                added += tx.run(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
+                                "ON CONFLICT DO NOTHING", row)
+            return added
+
+        return self._transaction(work)
+
+    def last_key(self, table: str) -> tuple[Any, ...] | None:
+        """The highest key copied so far into ``table`` (where a resumed copy starts)."""
+        key, _columns = TABLES[table]
+        rows = self._read(f"SELECT {', '.join(key)} FROM {table} "
+                          f"ORDER BY {', '.join(k + ' DESC' for k in key)} LIMIT 1")
+        return rows[0] if rows else None
+
+
+# The copyable tables, in an order that satisfies their foreign keys: (key, columns).
+# Generated keys (browser_results.id, influx_outbox.seq) are copied as they are.
+TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "probes": (("name",), ("name", "token_sha256", "created_at", "revoked_at",
+                           *LINE_COLUMNS)),
+    "tokens": (("name",), ("name", "role", "token_sha256", "created_at", "revoked_at")),
+    "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
+                                 "ended_at", "received_at", "body_sha256", "body",
+                                 "clock_skew_s", "session_seq")),
+    "session_facts": (("result_id",), ("probe_name", "started_at", "result_id",
+                                       "pings_sent", "pings_lost", "rtt_n", "rtt_mean_ms",
+                                       "rtt_m2", "rtts_ms", "valid", "invalid_codes")),
+    "transfer_facts": (("result_id", "seq"), ("probe_name", "started_at", "result_id", "seq",
+                                              "direction", "ok", "kbps", "valid")),
+    "day_facts": (("probe_name", "day"), DAY_COLUMNS),
+    "gaps": (("gap_id",), ("gap_id", "probe_name", "received_at", "reason", "dropped",
+                           "first_started_at", "last_started_at", "body_sha256",
+                           "seq_ranges")),
+    "browser_results": (("id",), ("id", "received_at", "client", "body")),
+    "ndt7_tests": (("uuid",), ("uuid", "test", "started_at", "ended_at", "client",
+                               "end_reason", "throughput_bps", "min_rtt_ms", "body")),
+    "influx_outbox": (("seq",), ("seq", "result_id", "queued_at")),
+    "influx_dead_letters": (("result_id",), ("result_id", "failed_at", "reason")),
+}
+
+ANONYMOUS = {"browser_results": ("id", "received_at"), "ndt7_tests": ("uuid", "started_at")}
+
+
+def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
+    rtt = facts.rtt
+    tx.run(
+        "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, "
+        "pings_lost, rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
+         rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":")),
+         int(facts.valid), " ".join(facts.invalid_codes)))
+    tx.many(
+        "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
+        "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(probe, facts.started_at, facts.result_id, seq, t.direction, int(t.ok), t.kbps,
+          int(facts.valid)) for seq, t in enumerate(facts.transfers)])
+
+
+def add_to_day(tx: Tx, probe: str, facts: SessionFacts, for_update: str = "") -> None:
+    """Merge one session into its probe's UTC-day rollup (same transaction as the
+    facts): read the row under a lock, merge in Python (compliance/rollup.py), write it
+    back."""
+    day = rollup.day_of(facts.started_at)
+    # An empty row first, so there is a row to lock even for a day's first session.
+    tx.run(f"INSERT INTO day_facts ({', '.join(DAY_COLUMNS)}) "
+           "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?, ?, 0, '{}') "
+           "ON CONFLICT (probe_name, day) DO NOTHING", (probe, day, b"", b""))
+    row = tx.one(f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts "
+                 f"WHERE probe_name = ? AND day = ? {for_update}", (probe, day))
+    assert row is not None
+    merged = rollup.add_session(_day(row), facts)
+    tx.run("UPDATE day_facts SET sessions = ?, pings_sent = ?, pings_lost = ?, "
+           "rtt_n = ?, rtt_mean_ms = ?, rtt_m2 = ?, download_attempts = ?, "
+           "download_failed = ?, upload_attempts = ?, upload_failed = ?, "
+           "download_kbps = ?, upload_kbps = ?, invalid_sessions = ?, invalid_codes = ? "
+           "WHERE probe_name = ? AND day = ?", (*_day_values(merged)[2:], probe, day))
+
+
+def _period(column: str, since: str | None, until: str | None) -> tuple[str, list[str]]:
+    """``WHERE`` clause and parameters for [since, until) on ``column``."""
+    clauses, params = [], []
+    if since is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append(f"{column} < ?")
+        params.append(until)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
+def _client_host(client: str) -> str:
+    """The address of a stored client: ``ip``, ``ip:port`` or ``[ipv6]:port``."""
+    if client.startswith("["):
+        return client[1:client.find("]")]
+    if client.count(":") == 1:
+        return client.split(":", 1)[0]
+    return client
+
+
+def _probe(row: Sequence[Any]) -> Probe:
+    name, created_at, revoked_at, *line = row
+    return Probe(name=name, created_at=created_at, revoked_at=revoked_at,
+                 line=LineMetadata(*line))
+
+
+def _day(row: Sequence[Any]) -> DayRollup:
+    (probe, day, sessions, sent, lost, n, mean, m2, d_att, d_fail, u_att, u_fail, d_blob,
+     u_blob, invalid, codes) = row
+    return DayRollup(probe, day, int(sessions), int(sent), int(lost),
+                     Moments(int(n), float(mean), float(m2)), int(d_att), int(d_fail),
+                     int(u_att), int(u_fail), bytes(d_blob), bytes(u_blob), int(invalid),
+                     codes)
+
+
+def _day_values(d: DayRollup) -> tuple[Any, ...]:
+    return (d.probe_name, d.day, d.sessions, d.pings_sent, d.pings_lost, d.rtt.n,
+            d.rtt.mean, d.rtt.m2, d.download_attempts, d.download_failed, d.upload_attempts,
+            d.upload_failed, d.download_kbps, d.upload_kbps, d.invalid_sessions,
+            d.invalid_codes)
+
+
+class Dumps(Protocol):
+    def dump(self, table: str, after: Sequence[Any] | None,
+             limit: int) -> list[tuple[Any, ...]]: ...
+
+
+def iterate_pages(source: Dumps, table: str, page: int,
+                  after: Sequence[Any] | None = None) -> Iterator[list[tuple[Any, ...]]]:
+    """Pages of ``table`` in key order after ``after`` (copying a store)."""
+    key, columns = TABLES[table]
+    index = [columns.index(k) for k in key]
+    while True:
+        rows = source.dump(table, after, page)
+        if not rows:
+            return
+        yield rows
+        after = [rows[-1][i] for i in index]

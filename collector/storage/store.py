@@ -1,0 +1,194 @@
+"""The storage seam: what the collector asks of a database, and the factory that opens
+the configured one.
+
+Two implementations speak it: ``SqliteStore`` (storage/sqlite.py, the embedded default,
+one file) and ``PostgresStore`` (storage/postgres.py, one database behind many collector
+processes). Both take and give the plain records of storage/model.py. Every method is
+synchronous; the web app runs them on database threads (``concurrency`` of them at once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import credentials
+from collector.compliance.evaluate import Observations
+from collector.compliance.facts import SessionFacts
+from collector.compliance.rollup import DayRollup
+from collector.config import StorageConfig, default_database
+from collector.errors import ConfigError, StoreError
+from collector.storage.model import (
+    HourRow,
+    InsertOutcome,
+    LineMetadata,
+    NewResult,
+    Probe,
+    Quota,
+    StoredResult,
+)
+from collector.storage.postgres import PostgresStore
+from collector.storage.sqlite import SqliteStore
+
+OutboxRow = tuple[str, str, LineMetadata]
+
+
+class Store(Protocol):
+    """The collector's master copy of probes, tokens and results."""
+
+    outbox: bool
+    concurrency: int
+    describe: str  # where it is, for messages (never a password)
+
+    @property
+    def schema_version(self) -> int: ...
+
+    @property
+    def latest_version(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def size_bytes(self) -> int: ...
+
+    # probes and tokens
+    def add_probe(self, name: str, token_sha256: str, created_at: str,
+                  line: LineMetadata) -> None: ...
+
+    def revoke_probe(self, name: str, revoked_at: str) -> bool: ...
+
+    def add_token(self, name: str, role: str, token_sha256: str, created_at: str) -> None: ...
+
+    def revoke_token(self, name: str, revoked_at: str) -> bool: ...
+
+    def tokens(self) -> list[dict[str, Any]]: ...
+
+    def role_for_token(self, token_sha256: str) -> tuple[str, str] | None: ...
+
+    def probe_for_token(self, token_sha256: str) -> Probe | None: ...
+
+    def probe(self, name: str) -> Probe | None: ...
+
+    def probes(self) -> list[Probe]: ...
+
+    # results, gaps and their facts
+    def insert_result(self, **item: Any) -> InsertOutcome: ...
+
+    def insert_results(self, items: Sequence[NewResult]) -> list[InsertOutcome]: ...
+
+    def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
+                   dropped: int, first: str, last: str, body_sha256: str,
+                   seq_ranges: Sequence[tuple[int, int]] = ()) -> InsertOutcome: ...
+
+    def session_seqs(self, probes: Sequence[str] | None, since: str | None,
+                     until: str | None) -> list[tuple[str, int, str]]: ...
+
+    def seqs_before(self, probes: Sequence[str] | None,
+                    since: str | None) -> dict[str, int]: ...
+
+    def gap_seq_ranges(self, probes: Sequence[str] | None
+                       ) -> dict[str, list[tuple[int, int]]]: ...
+
+    def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
+             until: str | None = None) -> list[dict[str, Any]]: ...
+
+    def results(self, probes: Sequence[str] | None = None, since: str | None = None,
+                until: str | None = None, limit: int | None = None) -> list[StoredResult]: ...
+
+    def result(self, result_id: str) -> StoredResult | None: ...
+
+    def count_results(self) -> int: ...
+
+    def count(self, table: str) -> int: ...
+
+    def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
+                     until: str | None = None,
+                     include_invalid: bool = False) -> Observations: ...
+
+    def day_rollups(self, probes: Sequence[str] | None = None, day_lo: str | None = None,
+                    day_hi: str | None = None) -> list[DayRollup]: ...
+
+    def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
+              until: str | None = None) -> list[SessionFacts]: ...
+
+    def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
+               until: str | None = None, include_invalid: bool = False) -> list[HourRow]: ...
+
+    # the InfluxDB outbox
+    def outbox_lease(self, owner: str, limit: int, now: str,
+                     until: str) -> list[OutboxRow]: ...
+
+    def outbox_batch(self, limit: int) -> list[OutboxRow]: ...
+
+    def outbox_done(self, result_ids: Sequence[str]) -> None: ...
+
+    def outbox_release(self, owner: str) -> None: ...
+
+    def outbox_dead_letter(self, result_id: str, reason: str, failed_at: str) -> None: ...
+
+    def outbox_dead_letters(self) -> list[dict[str, str]]: ...
+
+    def outbox_dead_count(self) -> int: ...
+
+    def outbox_retry_dead(self, queued_at: str) -> int: ...
+
+    def outbox_size(self) -> int: ...
+
+    def outbox_enqueue(self, probes: Sequence[str] | None, since: str | None,
+                       until: str | None, queued_at: str) -> int: ...
+
+    # anonymous tables: browser and ndt7 tests
+    def add_browser_result(self, received_at: str, client: str, body: str,
+                           quota: Quota | None = None) -> int: ...
+
+    def prune_anonymous(self, browser: Quota, ndt7: Quota) -> None: ...
+
+    def browser_results(self, since: str | None = None,
+                        until: str | None = None) -> list[dict[str, Any]]: ...
+
+    def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
+                      quota: Quota | None = None) -> None: ...
+
+    def ndt7_tests(self, since: str | None = None, until: str | None = None,
+                   measurements: bool = False) -> list[dict[str, Any]]: ...
+
+    def customer_speeds(self, since: str | None = None, until: str | None = None,
+                        network: str | None = None) -> list[tuple[str, str, float | None]]: ...
+
+    # copying a whole store (migrate)
+    def dump(self, table: str, after: Sequence[Any] | None,
+             limit: int) -> list[tuple[Any, ...]]: ...
+
+    def load(self, table: str, rows: Sequence[Sequence[Any]]) -> int: ...
+
+    def last_key(self, table: str) -> tuple[Any, ...] | None: ...
+
+    def after_load(self, table: str) -> None: ...
+
+
+def postgres_password(cfg: StorageConfig, environ: Mapping[str, str]) -> str | None:
+    """The PostgreSQL password: under systemd ($CREDENTIALS_DIRECTORY) the credential named
+    by storage.password_credential; otherwise None, and libpq finds it as psql would
+    ($PGPASSWORD, ~/.pgpass, a service file), so root's shell needs no credential."""
+    if cfg.password_credential and environ.get("CREDENTIALS_DIRECTORY"):
+        try:
+            return credentials.read(cfg.password_credential, environ,
+                                    "storage.password_credential")
+        except credentials.CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+    return None
+
+
+def open_store(cfg: StorageConfig, *, outbox: bool = False, must_exist: bool = False,
+               environ: Mapping[str, str] = os.environ) -> Store:
+    """Open (creating or migrating) the configured store. ``must_exist``: an SQLite file
+    that is not there is an error (read-only commands must not create an empty one)."""
+    if cfg.backend == "postgresql":
+        return PostgresStore(cfg.url, outbox=outbox, password=postgres_password(cfg, environ),
+                             pool_size=cfg.pool_size)
+    path = Path(cfg.path or default_database(environ))
+    if must_exist and not path.exists():
+        raise StoreError(f"no collector database at {path} (create it with "
+                         "`bbprobe-collector init`, or set storage.path)")
+    return SqliteStore(path, outbox=outbox)

@@ -1,0 +1,60 @@
+"""Routes administrators call (role "admin"): register and revoke probes. Changes take
+a Bearer token and a JSON body only (web/base.py, refuse_cross_site)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from aiohttp import web
+
+from agent.schema import utc_now
+from collector import ingest, service
+from collector.errors import ApiError
+from collector.storage.model import LineMetadata
+from collector.web.base import db, read_body
+from collector.web.routing import Routes
+
+
+async def add_probe(request: web.Request) -> web.Response:
+    """Admin: register a probe with its line metadata; the answer holds its token, the
+    only time the token exists in clear."""
+    data = ingest.parse_json(await read_body(request, 64 * 1024))
+    allowed = {"probe_id"} | {f.name for f in fields(LineMetadata)}
+    if not isinstance(data, dict) or not isinstance(data.get("probe_id"), str):
+        raise ApiError(422, "probe_id: required, a string", field="probe_id")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
+    line: dict[str, Any] = {}
+    for f in fields(LineMetadata):
+        value = data.get(f.name)
+        numeric = f.name.endswith(("_kbps", "_ms", "_ratio"))
+        if value is None:
+            line[f.name] = None
+        elif numeric and isinstance(value, int | float) and not isinstance(value, bool) \
+                and value >= 0:
+            line[f.name] = float(value)
+        elif not numeric and isinstance(value, str):
+            line[f.name] = value
+        else:
+            wanted = "a number >= 0" if numeric else "a string"
+            raise ApiError(422, f"{f.name}: expected {wanted}, got {value!r}", field=f.name)
+    name, metadata = str(data["probe_id"]), LineMetadata(**line)
+    # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/base.py.
+    token = await db(request, lambda s: service.register_probe(s, name, metadata))
+    return web.json_response({"probe_id": name, "token": token}, status=201)
+
+
+async def revoke_probe(request: web.Request) -> web.Response:
+    """Admin: revoke a probe's token at once (its results stay)."""
+    name = request.match_info["name"]
+    done = await db(request, lambda s: s.revoke_probe(name, utc_now()))
+    if not done:
+        raise ApiError(404, f"no active probe named {name!r}", field="name")
+    return web.json_response({"probe_id": name, "revoked": True})
+
+
+def add_routes(routes: Routes) -> None:
+    routes.post("/api/v1/probes", add_probe, role="admin")
+    routes.post("/api/v1/probes/{name}/revoke", revoke_probe, role="admin")

@@ -1,0 +1,210 @@
+"""Routes analysts call (role "analyst": an analyst or admin token; reads may be open with
+server.query_auth = false): results, reports, certificates, samples, gaps, completeness,
+the anonymous tables, pages, and the collector's health."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from agent import spec
+from agent.schema import utc_now
+from collector import __version__, html_report, service
+from collector.compliance import targets as targets_mod
+from collector.compliance.completeness import completeness
+from collector.errors import ApiError
+from collector.measurement.slots import SLOTS
+from collector.report import (
+    LISTING_COLUMNS,
+    PROBE_COLUMNS,
+    REPORT_COLUMNS,
+    SAMPLE_COLUMNS,
+    Scope,
+    certificate_dict,
+    format_csv,
+    report_dict,
+    report_rows,
+    sample_rows,
+)
+from collector.web.base import (
+    CONFIG,
+    SINK,
+    db,
+    query_flag,
+    query_format,
+    query_limit,
+    scope_of,
+)
+from collector.web.routing import Routes
+
+REPORT_FORMATS = ("json", "csv", "html")
+
+
+def _customers(request: web.Request) -> service.Customers:
+    return service.Customers(include=query_flag(request, "include_customer"),
+                             network=service.parse_network(
+                                 request.query.get("customer_network")))
+
+
+async def list_probes(request: web.Request) -> web.Response:
+    fmt = query_format(request)
+    probes = await db(request, lambda s: s.probes())
+    if fmt == "csv":
+        return web.Response(text=format_csv((p.to_dict() for p in probes), PROBE_COLUMNS),
+                            content_type="text/csv")
+    return web.json_response({"probes": [p.to_dict() for p in probes]})
+
+
+async def list_samples(request: web.Request) -> web.Response:
+    """Per-test samples of a scope as CSV, in the ``evaluate --samples`` format."""
+    query_format(request, ("csv",))
+    where = await scope_of(request)
+    invalid = query_flag(request, "include_invalid")
+    sessions = await db(request, lambda s: service.samples(s, where, invalid))
+    return web.Response(text=format_csv(sample_rows(sessions), SAMPLE_COLUMNS),
+                        content_type="text/csv")
+
+
+async def list_results(request: web.Request) -> web.Response:
+    fmt = query_format(request)
+    where = await scope_of(request)
+    limit = query_limit(request)
+    rows = await db(request, lambda s: service.listing(s, where, limit))
+    if fmt == "csv":
+        return web.Response(text=format_csv(rows, LISTING_COLUMNS), content_type="text/csv")
+    return web.json_response({"results": rows})
+
+
+async def get_result(request: web.Request) -> web.Response:
+    result_id = request.match_info["result_id"]
+    row = await db(request, lambda s: s.result(result_id))
+    if row is None:
+        raise ApiError(404, f"no result {result_id}")
+    return web.Response(text=row.body, content_type="application/json")
+
+
+async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets, Scope]:
+    """The configured targets table (read off the event loop) and the query's scope."""
+    path = request.app[CONFIG].compliance.targets
+    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    return table, await scope_of(request)
+
+
+async def get_report(request: web.Request) -> web.Response:
+    """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
+    the HTML page with plots."""
+    fmt = query_format(request, REPORT_FORMATS)
+    if fmt == "html":
+        return await report_page(request)
+    table, where = await _targets_and_scope(request)
+    invalid, customers = query_flag(request, "include_invalid"), _customers(request)
+    report = await db(request, lambda s: service.compliance(s, where, table, invalid,
+                                                            customers))
+    if fmt == "csv":
+        return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
+                            content_type="text/csv")
+    return web.json_response(report_dict(report, where))
+
+
+async def report_page(request: web.Request) -> web.Response:
+    """``/report``: the HTML report of the scope in the query (per probe: ?probe=NAME)."""
+    table, where = await _targets_and_scope(request)
+    timezone = service.check_timezone(request.query.get("timezone", "Europe/Rome"))
+    invalid, customers = query_flag(request, "include_invalid"), _customers(request)
+    view = await db(request, lambda s: service.report_view(s, where, table, invalid,
+                                                           customers))
+    page = html_report.render_view(view, timezone, utc_now(), "Allegato 2 compliance report")
+    return web.Response(text=page, content_type="text/html")
+
+
+async def index_page(request: web.Request) -> web.Response:
+    """``/``: every probe with its line and links to its report and certificate."""
+    probes = await db(request, lambda s: s.probes())
+    return web.Response(text=html_report.index(probes), content_type="text/html")
+
+
+async def get_certificate(request: web.Request) -> web.Response:
+    probe = request.query.get("probe")
+    if not probe:
+        raise ApiError(400, "probe: required", field="probe")
+    q = request.query
+    fmt = query_format(request, ("json", "html"))
+    since, until = q.get("since"), q.get("until")
+    rule, timezone = q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome")
+    cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
+                                                           timezone))
+    if fmt == "html":
+        return web.Response(text=html_report.certificate_page(cert, utc_now()),
+                            content_type="text/html")
+    return web.json_response(certificate_dict(cert))
+
+
+async def list_gaps(request: web.Request) -> web.Response:
+    where = await scope_of(request)
+    probes = list(where.probes) if where.probes is not None else None
+    rows = await db(request, lambda s: s.gaps(probes, where.since, where.until))
+    return web.json_response({"gaps": rows})
+
+
+async def get_completeness(request: web.Request) -> web.Response:
+    where = await scope_of(request)
+    inputs = await db(request, lambda s: service.completeness_inputs(s, where))
+    # The arithmetic off the database thread: ingestion does not wait for a report.
+    rows = await asyncio.to_thread(completeness, *inputs)
+    return web.json_response({"completeness": [r.to_dict() for r in rows]})
+
+
+async def list_browser_results(request: web.Request) -> web.Response:
+    since = service.parse_time(request.query.get("since"), "since")
+    until = service.parse_time(request.query.get("until"), "until")
+    rows = await db(request, lambda s: s.browser_results(since, until))
+    return web.json_response({"browser_results": rows})
+
+
+async def list_ndt7_tests(request: web.Request) -> web.Response:
+    """ndt7 subtests third-party clients ran against this server (never in compliance
+    unless an analyst includes them)."""
+    measurements = query_flag(request, "measurements")
+    since = service.parse_time(request.query.get("since"), "since")
+    until = service.parse_time(request.query.get("until"), "until")
+    rows = await db(request, lambda s: s.ndt7_tests(since, until, measurements))
+    return web.json_response({"ndt7_tests": rows})
+
+
+async def health(request: web.Request) -> web.Response:
+    """The details, for analysts: version, the measurement slots, the InfluxDB copy (its
+    state, outbox and dead letters)."""
+    doc: dict[str, Any] = {"status": "ok", "version": __version__}
+    slots = request.app.get(SLOTS)
+    if slots is not None:
+        doc["measurement"] = {"transfers_running": slots.running,
+                              "clients": len(slots.by_client), "limit": slots.limit,
+                              "per_client": slots.per_client}
+    sink = request.app.get(SINK)
+    if sink is not None:
+        doc["influxdb"] = {**asdict(sink.state),  # type: ignore[attr-defined]
+                           "outbox": await db(request, lambda s: s.outbox_size()),
+                           "dead_letters_stored": await db(request,
+                                                           lambda s: s.outbox_dead_count())}
+        if not sink.state.running:  # type: ignore[attr-defined]
+            doc["status"] = "degraded"
+    return web.json_response(doc)
+
+
+def add_routes(routes: Routes) -> None:
+    routes.get(spec.RESULTS_PATH, list_results, role="analyst")
+    routes.get(spec.RESULTS_PATH + "/{result_id}", get_result, role="analyst")
+    routes.get("/api/v1/probes", list_probes, role="analyst")
+    routes.get("/api/v1/samples", list_samples, role="analyst")
+    routes.get("/api/v1/report", get_report, role="analyst")
+    routes.get("/api/v1/certificate", get_certificate, role="analyst")
+    routes.get("/api/v1/gaps", list_gaps, role="analyst")
+    routes.get("/api/v1/completeness", get_completeness, role="analyst")
+    routes.get("/api/v1/browser-results", list_browser_results, role="analyst")
+    routes.get("/api/v1/ndt7-results", list_ndt7_tests, role="analyst")
+    routes.get("/api/v1/health", health, role="analyst")
+    routes.get("/", index_page, role="analyst")
+    routes.get("/report", report_page, role="analyst")

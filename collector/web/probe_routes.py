@@ -1,0 +1,213 @@
+"""Routes probes call (role "probe"): deliver results, batches and gap records, and ask
+who they are. The probe is authenticated by its token or client certificate, within its
+rate limit."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from agent import spec
+from agent.schema import SchemaError, parse_gap, parse_utc, utc_now
+from collector import auth, ingest
+from collector.errors import ApiError
+from collector.storage.model import NewResult
+from collector.web.base import CONFIG, LIMITER, SINK, db, read_body
+from collector.web.routing import Routes
+
+
+def _peer_probe(request: web.Request) -> str | None:
+    """The probe named by a verified client certificate's subject CN, if one was shown."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+async def authenticated_probe(request: web.Request) -> str:
+    """The probe behind a request: by its bearer token, or by a client certificate
+    verified against server.client_ca (whose CN must name a live probe); both, if both
+    are shown, must agree."""
+    cfg = request.app[CONFIG].server
+    by_cert = _peer_probe(request) if cfg.client_cert != "off" else None
+    token = auth.bearer(request.headers.get("Authorization"))
+    digest = auth.hash_token(token) if token is not None else None
+    if by_cert is not None:
+        probe = await db(request, lambda s: s.probe(by_cert))
+        if probe is None or probe.revoked_at is not None:
+            raise ApiError(401, f"client certificate names no active probe ({by_cert!r})")
+        if digest is not None:
+            owner = await db(request, lambda s: s.probe_for_token(digest))
+            if owner is None or owner.name != by_cert:
+                raise ApiError(403, "the token and the client certificate name different "
+                               "probes")
+        return by_cert
+    if cfg.client_cert == "required":
+        raise ApiError(401, "a client certificate is required (server.client_cert)")
+    if digest is None:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+    probe = await db(request, lambda s: s.probe_for_token(digest))
+    if probe is None:
+        raise ApiError(401, "unknown or revoked token")
+    return probe.name
+
+
+async def ingesting_probe(request: web.Request) -> str:
+    """The probe behind a write request, within its rate limit, sending JSON."""
+    probe = await authenticated_probe(request)
+    limiter = request.app.get(LIMITER)
+    if limiter is not None:
+        wait = limiter.take(probe)
+        if wait is not None:
+            raise ApiError(429, f"probe {probe!r} is over its rate of "
+                           f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
+                           f"a minute; retry in {wait:.1f} s",
+                           retry_after=limiter.retry_after(wait))
+    ctype = request.content_type
+    if ctype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
+    encoding = request.headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send identity")
+    return probe
+
+
+def clock_skew(request: web.Request) -> float | None:
+    """Probe clock minus ours, from X-Bbprobe-Sent-At (reliability.md A9)."""
+    sent = request.headers.get("X-Bbprobe-Sent-At")
+    if sent is None:
+        return None
+    try:
+        moment = parse_utc(sent)
+    except ValueError:
+        raise ApiError(400, f"X-Bbprobe-Sent-At: expected an ISO 8601 UTC timestamp, got "
+                       f"{sent[:40]!r}", field="X-Bbprobe-Sent-At") from None
+    return (moment - datetime.now(UTC)).total_seconds()
+
+
+def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
+               skew: float | None) -> NewResult:
+    r = accepted.result
+    return NewResult(result_id=r.result_id, probe_name=probe, schema_version=r.schema_version,
+                     started_at=accepted.started_at, ended_at=accepted.ended_at,
+                     received_at=received_at, body=accepted.body,
+                     body_sha256=accepted.body_sha256, facts=accepted.facts,
+                     clock_skew_s=skew, session_seq=r.session_seq)
+
+
+def _wake_sink(request: web.Request) -> None:
+    sink = request.app.get(SINK)
+    if sink is not None:
+        sink.wake.set()  # type: ignore[attr-defined]
+
+
+async def post_result(request: web.Request) -> web.Response:
+    probe = await ingesting_probe(request)
+    skew = clock_skew(request)
+    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    accepted = ingest.parse_body(raw)
+    result = accepted.result
+    if result.probe_id != probe:
+        raise ApiError(
+            403,
+            f"result is for probe {result.probe_id!r} but the token belongs to {probe!r}",
+            field="probe_id",
+        )
+    item = new_result(accepted, probe, utc_now(), skew)
+    (outcome,) = await db(request, lambda s: s.insert_results([item]))
+    if outcome == "conflict":
+        raise ApiError(409, f"result {result.result_id} was already stored with other content",
+                       field="result_id")
+    if outcome == "stored":
+        _wake_sink(request)
+    return web.json_response(
+        {"result_id": result.result_id, "stored": outcome == "stored",
+         "duplicate": outcome == "duplicate"},
+        status=201 if outcome == "stored" else 200,
+    )
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    """Many results in one request and one transaction (an agent's backlog after an
+    outage). Answers 200 with one item per result, in order: 201 stored, 200 duplicate,
+    409 conflict, 403 another probe's, 422 invalid (with the field)."""
+    probe = await ingesting_probe(request)
+    skew = clock_skew(request)
+    cfg = request.app[CONFIG].server
+    data = ingest.parse_json(await read_body(request, cfg.max_batch_bytes))
+    if not isinstance(data, dict) or set(data) != {"results"} or \
+            not isinstance(data["results"], list):
+        raise ApiError(422, 'body must be {"results": [result, ...]}', field="results")
+    items = data["results"]
+    if not items:
+        raise ApiError(422, "results: empty batch", field="results")
+    if len(items) > cfg.max_batch_results:
+        raise ApiError(413, f"results: {len(items)} results exceed the per-batch limit of "
+                       f"{cfg.max_batch_results}", field="results")
+    received = utc_now()
+    replies: list[dict[str, Any]] = []
+    fresh: list[tuple[int, NewResult]] = []
+    for index, item in enumerate(items):
+        rid = item.get("result_id") if isinstance(item, dict) else None
+        reply: dict[str, Any] = {"result_id": rid if isinstance(rid, str) else None}
+        replies.append(reply)
+        try:
+            accepted = ingest.accept(item)
+        except ApiError as exc:
+            reply.update(status=exc.status, error=exc.message, field=exc.field)
+            continue
+        if accepted.result.probe_id != probe:
+            reply.update(status=403, error=f"result is for probe {accepted.result.probe_id!r}"
+                         f" but the token belongs to {probe!r}", field="probe_id")
+            continue
+        fresh.append((index, new_result(accepted, probe, received, skew)))
+    news = [n for _, n in fresh]
+    outcomes = await db(request, lambda s: s.insert_results(news))
+    for (index, _), outcome in zip(fresh, outcomes, strict=True):
+        status = {"stored": 201, "duplicate": 200, "conflict": 409}[outcome]
+        replies[index].update(status=status, error=None if status < 300 else
+                              "already stored with other content")
+    if "stored" in outcomes:
+        _wake_sink(request)
+    return web.json_response({"items": replies})
+
+
+async def post_gap(request: web.Request) -> web.Response:
+    """A gap record: results a probe dropped before delivering them (spool bounds)."""
+    probe = await ingesting_probe(request)
+    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    try:
+        gap = parse_gap(ingest.parse_json(raw))
+    except SchemaError as exc:
+        raise ApiError(422, str(exc), field=exc.path or None) from None
+    if gap.probe_id != probe:
+        raise ApiError(403, f"gap record is for probe {gap.probe_id!r} but the token belongs "
+                       f"to {probe!r}", field="probe_id")
+    digest = hashlib.sha256(raw).hexdigest()
+    outcome = await db(request, lambda s: s.insert_gap(
+        gap.gap_id, probe, utc_now(), gap.reason, gap.dropped, gap.first_started_at,
+        gap.last_started_at, digest, gap.dropped_seq_ranges))
+    if outcome == "conflict":
+        raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
+                       field="gap_id")
+    return web.json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
+                             status=201 if outcome == "stored" else 200)
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response({"probe_id": await authenticated_probe(request)})
+
+
+def add_routes(routes: Routes) -> None:
+    routes.post(spec.RESULTS_PATH, post_result, role="probe")
+    routes.post(spec.RESULTS_PATH + "/batch", post_batch, role="probe")
+    routes.post("/api/v1/gaps", post_gap, role="probe")
+    routes.get(spec.WHOAMI_PATH, whoami, role="probe")

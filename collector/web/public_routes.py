@@ -1,0 +1,107 @@
+"""Routes anyone may call (role "public"): liveness, the OpenAPI document, and the
+anonymous browser speed-test results. Everything here is hostile input: bounded in
+size, rate per client, and stored rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from agent.schema import NUMBER_LIMIT, format_utc, physical_bounds, utc_now
+from collector import ingest, openapi
+from collector.config import CollectorConfig
+from collector.errors import ApiError
+from collector.measurement.slots import client_key
+from collector.storage.model import Quota
+from collector.web.base import ANON_LIMITER, CONFIG, db, read_body
+from collector.web.routing import Routes
+
+BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
+                   "download_bytes", "upload_bps", "upload_bytes")
+
+
+def check_browser_result(data: Any) -> dict[str, Any]:
+    """A browser speed-test result (anonymous): known keys only; every number finite,
+    >= 0 and within its unit's physical limit (or null); at most 100 RTTs; a small flat
+    ``method``; 422 naming the first problem."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "expected a JSON object")
+    allowed = {"method", "user_agent", "rtts_ms", *BROWSER_NUMBERS}
+    for key, value in data.items():
+        if key not in allowed:
+            raise ApiError(422, f"{key}: unknown field", field=key)
+        if key in BROWSER_NUMBERS and value is not None:
+            _check_number(key, value, physical_bounds(key, {"ge": 0})["le"])
+    rtts = data.get("rtts_ms", [])
+    if not isinstance(rtts, list) or len(rtts) > 100:
+        raise ApiError(422, "rtts_ms: expected at most 100 numbers", field="rtts_ms")
+    for value in rtts:
+        _check_number("rtts_ms", value, physical_bounds("rtts_ms", {})["le"])
+    user_agent = data.get("user_agent", "")
+    if not isinstance(user_agent, str) or len(user_agent) > 512:
+        raise ApiError(422, "user_agent: expected a string of at most 512 characters",
+                       field="user_agent")
+    method = data.get("method", {})
+    if not isinstance(method, dict) or len(method) > 32 or any(
+            not isinstance(k, str) or len(k) > 64 or not _small_scalar(v)
+            for k, v in method.items()):
+        raise ApiError(422, "method: expected an object of at most 32 short keys with "
+                            "numbers, booleans or short strings", field="method")
+    return data
+
+
+def _check_number(key: str, value: Any, limit: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value <= limit):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ApiError(422, f"{key}: expected a number from 0 to {limit:g} or null, got "
+                            f"{shown}", field=key)
+
+
+def _small_scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return abs(value) <= NUMBER_LIMIT
+    return isinstance(value, str) and len(value) <= 256
+
+
+def anonymous_quota(cfg: CollectorConfig, table: str = "browser_results") -> Quota:
+    keep_after = datetime.now(UTC) - timedelta(days=cfg.anonymous.retention_days)
+    rows = cfg.anonymous.ndt7_max_rows if table == "ndt7_tests" else cfg.anonymous.max_rows
+    return Quota(format_utc(keep_after), rows)
+
+
+async def post_browser_result(request: web.Request) -> web.Response:
+    """An anonymous browser speed test (/speedtest): stored apart from probe results,
+    never in compliance; rate-limited per client (address, or IPv6 /64) and kept within
+    the anonymous quota."""
+    limiter = request.app[ANON_LIMITER]
+    client = request.remote or "unknown"
+    wait = limiter.take(client_key(client))
+    if wait is not None:
+        raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
+                       retry_after=limiter.retry_after(wait))
+    data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
+    body, quota = json.dumps(data, sort_keys=True), anonymous_quota(request.app[CONFIG])
+    row = await db(request, lambda s: s.add_browser_result(utc_now(), client, body, quota))
+    return web.json_response({"id": row}, status=201)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Public liveness: that this process answers, and nothing else (no versions, no
+    error texts, no queue sizes for strangers; issue 12). Analysts: /api/v1/health."""
+    return web.json_response({"status": "ok"})
+
+
+def add_routes(routes: Routes) -> None:
+    routes.get("/healthz", healthz, role="public")
+    routes.get("/api/v1/openapi.json", openapi_document, role="public")
+    routes.post("/api/v1/browser-results", post_browser_result, role="public")

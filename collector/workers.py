@@ -1,0 +1,157 @@
+"""``serve --workers N``: N collector processes on one port, so one host's collector uses
+every core (a Python process runs its handlers on one).
+
+Each worker is a whole collector (its own event loop, database threads and store
+connection) listening on the same address with SO_REUSEPORT: the kernel spreads incoming
+connections across them. Nothing a worker must share lives only in its memory: results,
+tokens, the InfluxDB outbox (leased per row) are in the database. What is per process:
+the probes' rate-limit buckets and the anonymous per-client buckets (a client may get up
+to N times its rate, connections being spread by the kernel), and the measurement slots
+(max_concurrent per worker). The README says so (Scaling out).
+
+The parent only supervises: it starts the workers, reports the URL once all listen,
+restarts one that dies (at most once every RESTART_PAUSE_S per worker), and on SIGTERM or
+SIGINT stops them all and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from collector.config import CollectorConfig
+from collector.errors import CollectorError
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+RESTART_PAUSE_S = 5.0
+
+
+def _worker(cfg: CollectorConfig, index: int, ready: Any) -> None:
+    """One worker process: a collector on the shared port until SIGTERM/SIGINT."""
+    from collector import app
+
+    try:
+        asyncio.run(app.serve(cfg, lambda url: ready.put((index, url)), reuse_port=True))
+    except CollectorError as exc:
+        print(f"bbprobe-collector: worker {index}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        print(f"bbprobe-collector: worker {index}: cannot listen: {exc.strerror}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound to a free port with SO_REUSEPORT (not listening, so it receives
+    nothing): the workers join it on that port; closed once they listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, 0))
+    return holder
+
+
+def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> None:
+    """Run ``count`` workers until a signal; raise CollectorError if they cannot start."""
+    holder = _reserve_port(cfg.server.host) if cfg.server.port == 0 else None
+    port = holder.getsockname()[1] if holder is not None else cfg.server.port
+    child_cfg = replace(cfg, server=replace(cfg.server, port=port, addr_file=""))
+    # fork: the workers start from this process as it is (config parsed and checked,
+    # secrets resolved); no thread runs here yet.
+    context = multiprocessing.get_context("fork")
+    ready = context.Queue()
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def spawn(index: int) -> BaseProcess:
+        process = context.Process(target=_worker, args=(child_cfg, index, ready),
+                                  name=f"bbprobe-collector-worker-{index}")
+        process.start()
+        return process
+
+    workers = {i: spawn(i) for i in range(count)}
+    started_at = {i: time.monotonic() for i in workers}
+    try:
+        url = _wait_ready(workers, ready, count, lambda: stopping)
+        if holder is not None:
+            holder.close()
+            holder = None
+        if url is None:
+            return
+        if cfg.server.addr_file:
+            target = Path(cfg.server.addr_file)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + ".tmp")
+            tmp.write_text(url + "\n")
+            tmp.replace(target)
+        on_ready(url)
+        while not stopping:
+            time.sleep(0.2)
+            for index, process in list(workers.items()):
+                if process.is_alive() or stopping:
+                    continue
+                if time.monotonic() - started_at[index] < RESTART_PAUSE_S:
+                    continue  # died soon after a start: wait before the next one
+                print(f"bbprobe-collector: worker {index} exited with code "
+                      f"{process.exitcode}; starting it again", file=sys.stderr, flush=True)
+                process.join()
+                workers[index] = spawn(index)
+                started_at[index] = time.monotonic()
+    finally:
+        if holder is not None:
+            holder.close()
+        _stop_all(workers.values())
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_ready(workers: dict[int, BaseProcess], ready: Any, count: int,
+                stopping: Callable[[], bool]) -> str | None:
+    """The URL, once every worker listens; None if a signal came first."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    seen: dict[int, str] = {}
+    while len(seen) < count:
+        if stopping():
+            return None
+        for index, process in workers.items():
+            if index not in seen and not process.is_alive():
+                raise CollectorError(f"worker {index} exited with code {process.exitcode} "
+                                     "before it was listening (see above)")
+        if time.monotonic() > deadline:
+            raise CollectorError(f"only {len(seen)} of {count} workers listened within "
+                                 f"{READY_TIMEOUT_S:g} s")
+        try:
+            index, url = ready.get(timeout=0.2)
+        except Exception:  # queue.Empty
+            continue
+        seen[index] = url
+    return next(iter(seen.values()))
+
+
+def _stop_all(processes: Any) -> None:
+    """SIGTERM to every worker (each stops cleanly), SIGKILL to any still there after
+    STOP_TIMEOUT_S."""
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
