@@ -20,6 +20,8 @@ Method, stated with every number:
   same 2-core machine and takes CPU from the collector: the figures are for this
   machine, and ratios between rows matter more than the absolute numbers.
 - results/s = 201 answers in the counted window / its length. Errors: any other answer.
+- KiB/result: the store's growth over the run (after the collector stopped) divided by
+  the results stored, warm-up included.
 """
 
 from __future__ import annotations
@@ -131,6 +133,16 @@ async def load(url: str, token: str, probe: str, body: bytes, clients: int,
     return ok / seconds, errors
 
 
+def _size(storage: StorageConfig) -> tuple[int, int]:
+    """(bytes on disk, results stored): the SQLite file with its WAL, or
+    pg_database_size (tables and indexes, not the server's WAL)."""
+    store = open_store(storage)
+    try:
+        return store.size_bytes(), store.count_results()
+    finally:
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -139,7 +151,7 @@ def main() -> None:
     from tests import pg
 
     docs = documents()
-    rows: list[tuple[str, str, float, int]] = []
+    rows: list[tuple[str, str, float, int, float]] = []
     with tempfile.TemporaryDirectory(prefix="bbprobe-scale-") as tmp, \
             pg.cluster(durable=True) as cluster:
         work = Path(tmp)
@@ -153,20 +165,25 @@ def main() -> None:
         for doc_name, body in docs.items():
             for label, make, workers in setups:
                 storage = make()
+                empty = _size(storage)[0]
                 with collector(storage, work, workers, {}) as (url, probe, token):
                     rate, errors = asyncio.run(load(url, token, probe, body, args.clients,
                                                     args.seconds))
-                rows.append((doc_name, label, rate, errors))
-                print(f"{doc_name:<14} {label:<26} {rate:8.1f} results/s  errors {errors}",
-                      file=sys.stderr, flush=True)
+                size, stored = _size(storage)
+                per_result = (size - empty) / stored if stored else float("nan")
+                rows.append((doc_name, label, rate, errors, per_result))
+                print(f"{doc_name:<14} {label:<26} {rate:8.1f} results/s  errors {errors}  "
+                      f"{per_result / 1024:.0f} KiB/result", file=sys.stderr, flush=True)
     print(f"Ingest, {args.clients} concurrent clients, {args.seconds:g} s counted "
           f"(documents: {', '.join(f'{k} {len(v) / 1000:.0f} KB' for k, v in docs.items())})")
-    print(f"{'document':<14} {'store':<26} {'results/s':>10} {'x SQLite':>9} {'errors':>7}")
+    print(f"{'document':<14} {'store':<26} {'results/s':>10} {'x SQLite':>9} {'errors':>7} "
+          f"{'KiB/result':>10}")
     for doc_name in docs:
         base = next(r[2] for r in rows if r[0] == doc_name)
-        for name, label, rate, errors in rows:
+        for name, label, rate, errors, per_result in rows:
             if name == doc_name:
-                print(f"{name:<14} {label:<26} {rate:>10.1f} {rate / base:>9.2f} {errors:>7}")
+                print(f"{name:<14} {label:<26} {rate:>10.1f} {rate / base:>9.2f} {errors:>7} "
+                      f"{per_result / 1024:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -539,17 +539,21 @@ COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "
 @click.option("--page", type=click.IntRange(1, 100_000), default=2000, show_default=True,
               help="Rows per transaction of the copy.")
 @click.option("--full", is_flag=True,
-              help="Walk every row again rather than resume after the last copied key.")
+              help="Walk every row again rather than go on from the checkpoint.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False),
+              help="Where the copy notes its progress (default: beside an SQLite source, "
+                   "NAME.migrate.json; else ./bbprobe-migrate.json).")
 @click.pass_context
 @handle_errors
-def migrate(ctx: click.Context, target: str, page: int, full: bool) -> None:
+def migrate(ctx: click.Context, target: str, page: int, full: bool,
+            checkpoint_path: str | None) -> None:
     """Copy this collector's store (probes, token digests, results with their facts,
     gaps, browser and ndt7 tests, the InfluxDB outbox) into another, typically SQLite
     into PostgreSQL. Stop the collector first. Resumable: run it again after an
     interruption. Checked by the row count of every table and by the compliance report
     of every probe, from both stores."""
     from collector.config import StorageConfig
-    from collector.migrate import copy_store
+    from collector.migrate import Checkpoint, copy_store
 
     if target.startswith(("postgresql://", "postgres://")):
         to = StorageConfig(backend="postgresql", url=target)
@@ -557,20 +561,28 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool) -> None:
         to = StorageConfig(path=target)
     cfg = _config(ctx)
     table = targets_mod.load(cfg.compliance.targets)
+    if checkpoint_path is None:
+        checkpoint_path = (cfg.storage.path + ".migrate.json"
+                           if cfg.storage.backend == "sqlite" else "bbprobe-migrate.json")
     with _store(ctx) as source:
         destination = open_store(to)
         try:
             if source.describe == destination.describe:
                 raise InputError("--to names the store being copied")
             click.echo(f"copying {source.describe} into {destination.describe}", err=True)
-            copies = copy_store(source, destination, page=page, full=full)
+            mark = Checkpoint.load(Path(checkpoint_path), destination.describe)
+            if mark.keys and not full:
+                click.echo(f"going on from the checkpoint in {checkpoint_path}", err=True)
+            copies = copy_store(source, destination, page=page, full=full, checkpoint=mark)
             for c in copies:
                 click.echo(f"{c.table}: {c.target_rows} of {c.source_rows} row(s) "
                            f"({c.copied} copied now)")
-            missing = [c.table for c in copies if not c.complete]
-            if missing:
-                raise CollectorError(f"the copy is incomplete in: {', '.join(missing)} "
-                                     "(run migrate again)")
+            differ = [c.table for c in copies if not c.complete]
+            if differ:
+                raise CollectorError(
+                    f"row counts differ in: {', '.join(differ)} (the target already held "
+                    "other rows, or the source changed during the copy; stop the "
+                    "collector and run migrate again with --full)")
             everything = service.scope(None, None, None)
             mine = report_dict(service.compliance(source, everything, table), everything)
             theirs = report_dict(service.compliance(destination, everything, table),
@@ -579,6 +591,7 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool) -> None:
                 raise CollectorError("the compliance reports of the two stores differ")
             click.echo(f"report: identical from both stores ({mine['sessions']} valid "
                        "session(s), every probe)")
+            mark.remove()
         finally:
             destination.close()
 

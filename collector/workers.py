@@ -17,7 +17,10 @@ SIGINT stops them all and waits for them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
+import os
+import queue
 import signal
 import socket
 import sys
@@ -36,10 +39,19 @@ STOP_TIMEOUT_S = 15.0
 RESTART_PAUSE_S = 5.0
 
 
-def _worker(cfg: CollectorConfig, index: int, ready: Any) -> None:
-    """One worker process: a collector on the shared port until SIGTERM/SIGINT."""
+def _worker(cfg: CollectorConfig, index: int, ready: Any,
+            holder: socket.socket | None) -> None:
+    """One worker process: a collector on the shared port until SIGTERM/SIGINT, or
+    until the parent is gone."""
     from collector import app
 
+    # The parent's handlers came with the fork: a signal while the store opens (a slow
+    # PostgreSQL, the migration lock) must stop this process, not set a flag nobody reads.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if holder is not None:
+        holder.close()
+    _die_with_parent()
     try:
         asyncio.run(app.serve(cfg, lambda url: ready.put((index, url)), reuse_port=True))
     except CollectorError as exc:
@@ -51,13 +63,26 @@ def _worker(cfg: CollectorConfig, index: int, ready: Any) -> None:
         sys.exit(1)
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a
+    killed supervisor leaves no workers serving the port unsupervised."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _reserve_port(host: str) -> socket.socket:
     """A socket bound to a free port with SO_REUSEPORT (not listening, so it receives
     nothing): the workers join it on that port; closed once they listen."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family, _type, _proto, _name, address = socket.getaddrinfo(
+        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host, 0))
+    holder.bind(address)
     return holder
 
 
@@ -79,7 +104,7 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> No
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def spawn(index: int) -> BaseProcess:
-        process = context.Process(target=_worker, args=(child_cfg, index, ready),
+        process = context.Process(target=_worker, args=(child_cfg, index, ready, holder),
                                   name=f"bbprobe-collector-worker-{index}")
         process.start()
         return process
@@ -102,6 +127,7 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> No
         on_ready(url)
         while not stopping:
             time.sleep(0.2)
+            _drain(ready)  # restarted workers report too; keep the pipe empty
             for index, process in list(workers.items()):
                 if process.is_alive() or stopping:
                     continue
@@ -137,10 +163,18 @@ def _wait_ready(workers: dict[int, BaseProcess], ready: Any, count: int,
                                  f"{READY_TIMEOUT_S:g} s")
         try:
             index, url = ready.get(timeout=0.2)
-        except Exception:  # queue.Empty
+        except queue.Empty:
             continue
         seen[index] = url
     return next(iter(seen.values()))
+
+
+def _drain(ready: Any) -> None:
+    while True:
+        try:
+            ready.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _stop_all(processes: Any) -> None:

@@ -49,25 +49,13 @@ class DayRollup:
     invalid_codes: str = "{}"  # JSON {code: count}, keys sorted
 
 
-@dataclass(frozen=True, slots=True)
-class SessionRow:
-    """What evaluation reads of one session (a row of ``session_facts``)."""
-
-    pings_sent: int
-    pings_lost: int
-    rtt: Moments
-    valid: bool
-    invalid_codes: str  # space-separated
-
-
-@dataclass(frozen=True, slots=True)
-class TransferRow:
-    """One transfer attempt of a session (a row of ``transfer_facts``)."""
-
-    direction: str
-    ok: bool
-    kbps: float | None
-    valid: bool
+# What evaluation reads of one session (a row of ``session_facts``), as the database
+# gives it: pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid (0/1),
+# invalid_codes (space-separated). Plain tuples: a scope may hold millions.
+SessionRow = tuple[int, int, int, float, float, int, str]
+# One transfer attempt (a row of ``transfer_facts``): direction, ok (0/1), kbps or None,
+# valid (0/1, the session's).
+TransferRow = tuple[str, int, float | None, int]
 
 
 def pack_speeds(values: Sequence[float]) -> bytes:
@@ -133,12 +121,15 @@ def whole_days(since: str | None, until: str | None) -> tuple[str | None, str | 
 def grand_moments(parts: Iterable[Moments]) -> Moments:
     """The moments of many parts at once: the grand mean, then M2 about it (Chan's
     pairwise formula in closed form), each a correctly rounded sum."""
-    rows = [m for m in parts if m.n]
-    n = sum(m.n for m in rows)
+    return _grand([(m.n, m.mean, m.m2) for m in parts if m.n])
+
+
+def _grand(rows: list[tuple[int, float, float]]) -> Moments:
+    n = sum(r[0] for r in rows)
     if not n:
         return Moments()
-    grand = math.fsum(m.n * m.mean for m in rows) / n
-    m2 = math.fsum(m.m2 + m.n * (m.mean - grand) * (m.mean - grand) for m in rows)
+    grand = math.fsum(k * mean for k, mean, _ in rows) / n
+    m2 = math.fsum(part + k * (mean - grand) * (mean - grand) for k, mean, part in rows)
     return Moments(n, grand, m2)
 
 
@@ -166,30 +157,41 @@ def observe_days(obs: Observations, days: Iterable[DayRollup]) -> None:
 def observe_sessions(obs: Observations, sessions: Iterable[SessionRow],
                      transfers: Iterable[TransferRow]) -> None:
     """Fold session rows into ``obs``: invalid sessions are counted by reason, and join
-    the figures only when ``obs.invalid_included``."""
-    counted: list[Moments] = []
-    for s in sessions:
-        if not s.valid:
-            obs.invalid_sessions += 1
-            for code in s.invalid_codes.split():
-                obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + 1
-            if not obs.invalid_included:
+    the figures only when ``obs.invalid_included``. (Tight loops over tuples: this is
+    the path of a scope read without the day rollup, millions of rows.)"""
+    included = obs.invalid_included
+    reasons = obs.invalid_reasons
+    counted: list[tuple[int, float, float]] = []
+    sessions_n = sent_n = lost_n = invalid_n = 0
+    for sent, lost, n, mean, m2, valid, codes in sessions:
+        if not valid:
+            invalid_n += 1
+            for code in codes.split():
+                reasons[code] = reasons.get(code, 0) + 1
+            if not included:
                 continue
-        obs.sessions += 1
-        obs.pings_sent += s.pings_sent
-        obs.pings_lost += s.pings_lost
-        counted.append(s.rtt)
-    obs.rtt = obs.rtt.merge(grand_moments(counted))
-    for t in transfers:
-        if not (t.valid or obs.invalid_included):
+        sessions_n += 1
+        sent_n += sent
+        lost_n += lost
+        if n:
+            counted.append((n, mean, m2))
+    obs.sessions += sessions_n
+    obs.pings_sent += sent_n
+    obs.pings_lost += lost_n
+    obs.invalid_sessions += invalid_n
+    obs.rtt = obs.rtt.merge(_grand(counted))
+    down, up = obs.download_kbps, obs.upload_kbps
+    attempts = {"download": 0, "upload": 0}
+    failed = {"download": 0, "upload": 0}
+    for direction, ok, kbps, valid in transfers:
+        if not (valid or included):
             continue
-        if t.direction == "download":
-            obs.download_attempts += 1
-            obs.download_failed += not t.ok
-            if t.ok and t.kbps is not None:
-                obs.download_kbps.append(t.kbps)
-        else:
-            obs.upload_attempts += 1
-            obs.upload_failed += not t.ok
-            if t.ok and t.kbps is not None:
-                obs.upload_kbps.append(t.kbps)
+        attempts[direction] += 1
+        if not ok:
+            failed[direction] += 1
+        elif kbps is not None:
+            (down if direction == "download" else up).append(kbps)
+    obs.download_attempts += attempts["download"]
+    obs.download_failed += failed["download"]
+    obs.upload_attempts += attempts["upload"]
+    obs.upload_failed += failed["upload"]

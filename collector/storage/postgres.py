@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote
 
 import psycopg
 import psycopg_pool
@@ -148,7 +148,7 @@ MIGRATIONS: tuple[str, ...] = (
         probe_name TEXT NOT NULL REFERENCES probes(name),
         received_at TEXT NOT NULL,
         reason TEXT NOT NULL,
-        dropped INTEGER NOT NULL,
+        dropped BIGINT NOT NULL,
         first_started_at TEXT NOT NULL,
         last_started_at TEXT NOT NULL,
         body_sha256 TEXT NOT NULL,
@@ -191,18 +191,30 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 def masked(url: str) -> str:
-    """The URI with any password replaced by ***, for messages and logs."""
+    """The URI as shown in messages and logs: any password (in the user part or as a
+    ``password=`` parameter) replaced by ***. A URI libpq cannot parse is not shown at
+    all (its error text may quote the password)."""
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URI>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "<a PostgreSQL URI that does not parse: check its percent-encoding>"
+    user = params.pop("user", None)
+    secret = params.pop("password", None)
+    host = str(params.pop("host", "") or "")
+    port = str(params.pop("port", "") or "")
+    dbname = str(params.pop("dbname", "") or "")
+    hosts = host.split(",") if host else []
+    ports = port.split(",") if port else []
+    netloc = ",".join(h if "/" not in h else quote(h, safe="") for h in hosts)
+    if ports:
+        netloc = ",".join(f"{h}:{p}" for h, p in zip(hosts or [""] * len(ports), ports,
+                                                      strict=False))
+    if user is not None:
+        netloc = f"{user}{':***' if secret is not None else ''}@{netloc}"
+    elif secret is not None:
+        netloc = f":***@{netloc}"
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"postgresql://{netloc}/{dbname}" + (f"?{query}" if query else "")
 
 
 def _ddl(step: str) -> str:
@@ -226,9 +238,10 @@ class PostgresStore(SqlStore):
             kwargs["password"] = password
         try:
             psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            raise StoreError(f"storage.url: not a PostgreSQL connection URI "
-                             f"({self.describe}): {exc}") from None
+        except psycopg.Error:
+            # libpq's text may quote the password: say what is wrong, not what it read.
+            raise StoreError("storage.url: not a PostgreSQL connection URI libpq can parse "
+                             "(check its percent-encoding)") from None
         try:
             # One connection first: a wrong password or host fails now, with libpq's own
             # reason (the pool would only retry until its timeout).
@@ -238,7 +251,10 @@ class PostgresStore(SqlStore):
                              f"{_reason(exc)}") from None
         self._pool = psycopg_pool.ConnectionPool(
             url, kwargs=kwargs, min_size=1, max_size=pool_size, open=False,
-            timeout=connect_timeout_s + 20, name="bbprobe")
+            timeout=connect_timeout_s + 20, name="bbprobe",
+            # A connection the server dropped (a restart, a failover) is replaced before
+            # it is handed out, not failed at the next request.
+            check=psycopg_pool.ConnectionPool.check_connection)
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s + 5)
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
@@ -251,6 +267,9 @@ class PostgresStore(SqlStore):
             self._pool.close()
             raise StoreError(f"cannot use PostgreSQL at {self.describe}: {_reason(exc)}"
                              ) from None
+        except BaseException:
+            self._pool.close()
+            raise
 
     def close(self) -> None:
         self._pool.close()
@@ -303,6 +322,9 @@ class PostgresStore(SqlStore):
         for attempt in range(ATTEMPTS):
             try:
                 with self._pool.connection() as conn, conn.transaction():
+                    # What the insert and the row locks assume, whatever the database's
+                    # default_transaction_isolation says.
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     return fn(Tx(conn, DIALECT))
             except RETRIED:
                 if attempt == ATTEMPTS - 1:

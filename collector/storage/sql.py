@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -27,7 +28,7 @@ from agent.stats import Moments
 from collector.compliance import rollup
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
-from collector.compliance.rollup import DayRollup, SessionRow, TransferRow
+from collector.compliance.rollup import DayRollup
 from collector.errors import AlreadyExists, StoreError
 from collector.storage.model import (
     HourRow,
@@ -119,7 +120,8 @@ class Tx:
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cursor = self._cursor()
         cursor.execute(self._dialect.sql(sql), params)
-        return [tuple(r) for r in cursor.fetchall()]
+        rows: list[tuple[Any, ...]] = cursor.fetchall()  # tuples from both drivers
+        return rows
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         cursor = self._cursor()
@@ -152,6 +154,7 @@ class SqlStore:
 
     def __init__(self) -> None:
         self._inserts: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     # --- what a backend provides -----------------------------------------------------------
 
@@ -262,9 +265,11 @@ class SqlStore:
         return self._transaction(lambda tx: self._insert_results(tx, items))
 
     def _insert_results(self, tx: Tx, items: Sequence[NewResult]) -> list[InsertOutcome]:
-        outcomes: list[InsertOutcome] = []
-        stored: list[NewResult] = []
-        for item in items:
+        outcomes: list[InsertOutcome] = ["duplicate"] * len(items)
+        stored: list[tuple[int, NewResult]] = []
+        # In result_id order: two processes inserting overlapping batches take the unique
+        # keys in the same order and so cannot deadlock on them.
+        for index, item in sorted(enumerate(items), key=lambda pair: pair[1].result_id):
             added = tx.run(
                 "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
                 "ended_at, received_at, body_sha256, body, clock_skew_s, session_seq) "
@@ -276,19 +281,19 @@ class SqlStore:
                 row = tx.one("SELECT body_sha256 FROM results WHERE result_id = ?",
                              (item.result_id,))
                 same = row is not None and row[0] == item.body_sha256
-                outcomes.append("duplicate" if same else "conflict")
+                outcomes[index] = "duplicate" if same else "conflict"
                 continue
             insert_session_facts(tx, item.facts, item.probe_name)
             if self.outbox:
                 tx.run("INSERT INTO influx_outbox (result_id, queued_at) VALUES (?, ?)",
                        (item.result_id, item.received_at))
-            outcomes.append("stored")
-            stored.append(item)
+            outcomes[index] = "stored"
+            stored.append((index, item))
         # Day rows are locked in one order (probe, day) whatever the batch's order, so
-        # two processes merging into the same days cannot deadlock; the sort is stable,
-        # so sessions of one day still merge in arrival order.
-        for item in sorted(stored, key=lambda i: (i.probe_name, rollup.day_of(
-                i.facts.started_at))):
+        # two processes merging into the same days cannot deadlock. Sessions of one day
+        # merge in the batch's order (stable sort, from arrival order).
+        for _index, item in sorted(stored, key=lambda pair: (
+                pair[1].probe_name, rollup.day_of(pair[1].facts.started_at), pair[0])):
             add_to_day(tx, item.probe_name, item.facts, self.dialect.for_update)
         return outcomes
 
@@ -429,15 +434,14 @@ class SqlStore:
     def _observe_sessions(self, tx: Tx, obs: Observations, probes: Sequence[str] | None,
                           since: str | None, until: str | None) -> None:
         where, params = self._scope(probes, since, until)
-        sessions = [SessionRow(sent, lost, Moments(n, mean, m2), bool(valid), codes)
-                    for sent, lost, n, mean, m2, valid, codes in tx.rows(
-                        "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, "
-                        f"invalid_codes FROM session_facts WHERE {where} "
-                        "ORDER BY probe_name, started_at, result_id", params)]
-        transfers = [TransferRow(direction, bool(ok), kbps, bool(valid))
-                     for direction, ok, kbps, valid in tx.rows(
-                         f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {where} "
-                         "ORDER BY probe_name, started_at, result_id, seq", params)]
+        # Plain tuples straight from the driver (rollup.SessionRow, TransferRow).
+        sessions = tx.rows(
+            "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, invalid_codes "
+            f"FROM session_facts WHERE {where} ORDER BY probe_name, started_at, result_id",
+            params)
+        transfers = tx.rows(
+            f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {where} "
+            "ORDER BY probe_name, started_at, result_id, seq", params)
         rollup.observe_sessions(obs, sessions, transfers)
 
     def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
@@ -579,15 +583,16 @@ class SqlStore:
         return self._count("SELECT COUNT(*) FROM influx_dead_letters")
 
     def outbox_retry_dead(self, queued_at: str) -> int:
-        """Queue every dead letter again (after the cause was fixed); returns how many."""
+        """Queue every dead letter again (after the cause was fixed); returns how many.
+        Exactly the letters this statement deletes are queued: one that another process
+        sets apart meanwhile stays a dead letter."""
         def work(tx: Tx) -> int:
-            added = tx.run(
-                "INSERT INTO influx_outbox (result_id, queued_at) "
-                "SELECT result_id, CAST(? AS TEXT) FROM influx_dead_letters WHERE 1 = 1 "
-                "ORDER BY failed_at, result_id ON CONFLICT (result_id) DO NOTHING",
-                (queued_at,))
-            tx.run("DELETE FROM influx_dead_letters")
-            return added
+            taken = sorted(tx.rows("DELETE FROM influx_dead_letters "
+                                   "RETURNING failed_at, result_id"))
+            tx.many("INSERT INTO influx_outbox (result_id, queued_at) VALUES (?, ?) "
+                    "ON CONFLICT (result_id) DO NOTHING",
+                    [(result_id, queued_at) for _failed, result_id in taken])
+            return len(taken)
 
         return self._transaction(work)
 
@@ -612,21 +617,27 @@ class SqlStore:
         def work(tx: Tx) -> int:
             row = tx.one("INSERT INTO browser_results (received_at, client, body) "
                          "VALUES (?, ?, ?) RETURNING id", (received_at, client, body))
-            if quota is not None:
-                self._prune(tx, "browser_results", quota)
-            return int(row[0]) if row else 0
+            new_id = int(row[0]) if row else 0
+            # Every PRUNE_EVERY ids, whichever process took the id.
+            if quota is not None and new_id % PRUNE_EVERY == 0:
+                self._prune_now(tx, "browser_results", quota)
+            return new_id
 
         return self._transaction(work)
 
-    def _prune(self, tx: Tx, table: str, quota: Quota) -> None:
-        """Anonymous tables stay bounded (issue 12): rows older than the retention go, and
-        past max_rows the oldest go. Checked every PRUNE_EVERY inserts, so the cost of
-        counting is spread thin; between checks a table may run over by that many."""
-        count = self._inserts[table] = self._inserts.get(table, 0) + 1
-        if count % PRUNE_EVERY == 0:
-            self._prune_now(tx, table, quota)
+    def _prune_due(self, table: str) -> bool:
+        """Whether this insert should prune: every PRUNE_EVERY inserts this store makes,
+        counted once per call (not per transaction attempt), under a lock (PostgreSQL
+        stores are called from several threads)."""
+        with self._lock:
+            count = self._inserts[table] = self._inserts.get(table, 0) + 1
+        return count % PRUNE_EVERY == 0
 
     def _prune_now(self, tx: Tx, table: str, quota: Quota) -> None:
+        """Anonymous tables stay bounded (issue 12): rows older than the retention go, and
+        past max_rows the oldest go. Run every PRUNE_EVERY inserts, so the cost of
+        counting is spread thin; between runs a table may exceed its cap by that many,
+        and the hourly pass applies the quota whatever the inserts."""
         key, time_column = ANONYMOUS[table]
         tx.run(f"DELETE FROM {table} WHERE {time_column} < ?", (quota.keep_after,))
         tx.run(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} "
@@ -653,6 +664,7 @@ class SqlStore:
     def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
                       quota: Quota | None = None) -> None:
         summary = archive["Summary"]
+        prune = quota is not None and self._prune_due("ndt7_tests")
 
         def work(tx: Tx) -> None:
             tx.run("INSERT INTO ndt7_tests (uuid, test, started_at, ended_at, client, "
@@ -661,8 +673,8 @@ class SqlStore:
                    (archive["UUID"], archive["Test"], started_at, ended_at, archive["Client"],
                     archive["EndReason"], summary["throughput_bps"], summary["min_rtt_ms"],
                     json.dumps(archive, separators=(",", ":"))))
-            if quota is not None:
-                self._prune(tx, "ndt7_tests", quota)
+            if prune and quota is not None:
+                self._prune_now(tx, "ndt7_tests", quota)
 
         self._transaction(work)
 
@@ -743,13 +755,6 @@ class SqlStore:
 
         return self._transaction(work)
 
-    def last_key(self, table: str) -> tuple[Any, ...] | None:
-        """The highest key copied so far into ``table`` (where a resumed copy starts)."""
-        key, _columns = TABLES[table]
-        rows = self._read(f"SELECT {', '.join(key)} FROM {table} "
-                          f"ORDER BY {', '.join(k + ' DESC' for k in key)} LIMIT 1")
-        return rows[0] if rows else None
-
 
 # The copyable tables, in an order that satisfies their foreign keys: (key, columns).
 # Generated keys (browser_results.id, influx_outbox.seq) are copied as they are.
@@ -760,11 +765,14 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
                                  "ended_at", "received_at", "body_sha256", "body",
                                  "clock_skew_s", "session_seq")),
-    "session_facts": (("result_id",), ("probe_name", "started_at", "result_id",
-                                       "pings_sent", "pings_lost", "rtt_n", "rtt_mean_ms",
-                                       "rtt_m2", "rtts_ms", "valid", "invalid_codes")),
-    "transfer_facts": (("result_id", "seq"), ("probe_name", "started_at", "result_id", "seq",
-                                              "direction", "ok", "kbps", "valid")),
+    # Facts in their primary key's order: a page is an index range scan in both engines.
+    "session_facts": (("probe_name", "started_at", "result_id"),
+                      ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
+                       "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid",
+                       "invalid_codes")),
+    "transfer_facts": (("probe_name", "started_at", "result_id", "seq"),
+                       ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
+                        "kbps", "valid")),
     "day_facts": (("probe_name", "day"), DAY_COLUMNS),
     "gaps": (("gap_id",), ("gap_id", "probe_name", "received_at", "reason", "dropped",
                            "first_started_at", "last_started_at", "body_sha256",

@@ -8,11 +8,14 @@ Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx s
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
+import psycopg
 from aiohttp import web
 
 from collector import auth, service
@@ -23,6 +26,7 @@ from collector.errors import (
     BadParameter,
     DomainError,
     NotFound,
+    StoreError,
     Unacceptable,
 )
 from collector.limits import RateLimiter
@@ -31,6 +35,7 @@ from collector.storage.store import Store
 from collector.web.routing import role_of
 
 T = TypeVar("T")
+log = logging.getLogger("bbprobe.collector")
 
 CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", Store)
@@ -82,6 +87,15 @@ async def errors(
         return response
     except DomainError as exc:
         return error_body(http_status(exc), exc.message, exc.field)
+    except (StoreError, psycopg.OperationalError, sqlite3.OperationalError) as exc:
+        # The database is away (a PostgreSQL restart or failover, a locked SQLite file):
+        # a 503 the agent retries, never a 500; the reason goes to the log, not to the
+        # caller (who may be anyone).
+        log.warning("%s %s: database unavailable: %s", request.method, request.path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        response = error_body(503, "the database is unavailable; retry later")
+        response.headers["Retry-After"] = "5"
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -27,7 +27,7 @@ from collector.compliance.completeness import completeness
 from collector.compliance.evaluate import evaluate, observe
 from collector.config import CollectorConfig, StorageConfig
 from collector.errors import AlreadyExists
-from collector.migrate import copy_store
+from collector.migrate import Checkpoint, copy_store
 from collector.report import REPORT_COLUMNS, certificate_dict, format_csv, report_dict, report_rows
 from collector.storage.model import LineMetadata, Quota
 from collector.storage.store import Store, open_store
@@ -153,8 +153,11 @@ def test_store_gaps_and_completeness(store: Store) -> None:
     assert store.insert_gap(*args, seq_ranges=[(4, 6)]) == "stored"
     assert store.insert_gap(*args, seq_ranges=[(4, 6)]) == "duplicate"
     assert store.insert_gap(*args[:-1], "other") == "conflict"
-    assert [g["gap_id"] for g in store.gaps(["p1"], "2026-05-01", None)] == ["g1"]
+    # As large as the schema allows (2**53), on both engines.
+    assert store.insert_gap("g2", *args[1:4], 2**53, *args[5:]) == "stored"
+    assert [g["gap_id"] for g in store.gaps(["p1"], "2026-05-01", None)] == ["g1", "g2"]
     assert store.gap_seq_ranges(["p1"]) == {"p1": [(4, 6)]}
+    assert store.gaps(["p1"])[1]["dropped"] == 2**53
     for seq in (1, 2, 3, 7):
         result = replace(session("p1", started_at=f"2026-05-01T0{seq}:00:00.000000Z"),
                          session_seq=seq)
@@ -297,15 +300,28 @@ def test_migrate_copies_everything_and_resumes(tmp_path: Path, pg_url: str) -> N
         source.add_browser_result("2026-05-02T00:00:00.000000Z", "198.51.100.1",
                                   json.dumps({"download_bps": 1e8, "upload_bps": 1e7}))
         source.outbox_dead_letter(source.outbox_batch(1)[0][0], "refused", "2026-05-04")
-        # Interrupted: only the first pages of results made it.
-        target.load("probes", source.dump("probes", None, 100))
-        target.load("results", source.dump("results", None, 17))
-        copies = copy_store(source, target, page=25)
+        # Interrupted after two pages of results; the checkpoint file says where.
+        mark = Checkpoint(target.describe, tmp_path / "copy.json")
+        pages = {"results": 0}
+
+        def cut(table: str, copied: int) -> None:
+            if table == "results":
+                pages["results"] += 1
+                if pages["results"] == 2:
+                    raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            copy_store(source, target, page=25, checkpoint=mark, progress=cut)
+        assert target.count("results") == 50
+        again = Checkpoint.load(tmp_path / "copy.json", target.describe)
+        assert len(again.keys["results"]) == 1 and "probes" in again.keys
+        copies = copy_store(source, target, page=25, checkpoint=again)
         assert all(c.complete for c in copies), copies
         assert {c.table: c.target_rows for c in copies} == {
             c.table: source.count(c.table) for c in copies}
-        assert next(c for c in copies if c.table == "results").copied == \
-            source.count("results") - 17
+        by_table = {c.table: c.copied for c in copies}
+        assert by_table["results"] == source.count("results") - 50
+        assert by_table["probes"] == 0  # resumed after the checkpoint
         mine, theirs = _everything(source), _everything(target)
         assert mine.pop("hourly") and theirs.pop("hourly")
         assert mine == theirs
@@ -492,3 +508,23 @@ def urlsplit_password(url: str) -> str:
     from urllib.parse import unquote, urlsplit
 
     return unquote(urlsplit(url).password or "")
+
+
+def test_collector_survives_its_connections_being_cut(tmp_path: Path, pg_url: str,
+                                                      pg_cluster: Any) -> None:
+    """A PostgreSQL restart or failover drops every connection: the pool replaces a dead
+    one before handing it out, so the next requests simply work."""
+    storage = StorageConfig(backend="postgresql", url=pg_url, pool_size=2)
+    with running_collector(tmp_path, _config(storage)) as c:
+        token = c.add_probe("p1", LINE)
+        url = c.url + "/api/v1/results"
+        doc = json.loads(ingest.canonical_json(session("p1")))
+        assert post_json(url, doc, token)[0] == 201
+        cut = pg_cluster.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE application_name = 'bbprobe-collector'")
+        assert int(cut.strip()) >= 1
+        for hour in range(3):
+            doc = json.loads(ingest.canonical_json(session(
+                "p1", started_at=f"2026-11-21T1{hour}:00:00.000000Z")))
+            assert post_json(url, doc, token)[0] == 201
+        assert request("GET", c.url + "/api/v1/report")[1]["sessions"] == 4

@@ -405,3 +405,30 @@ def test_an_influxdb_that_refuses_everything_pauses_the_sink(tmp_path: Path) -> 
                (_health(collector)["last_error"] or ""), "the sink to pause")
         health = _health(collector)
         assert health["dead_letters_stored"] == 10 and health["outbox"] == 4
+
+
+def test_two_collectors_drain_one_outbox_exactly_once(tmp_path: Path, pg_url: str) -> None:
+    """Issue 13: two collectors over one PostgreSQL database, both copying to InfluxDB.
+    Results queue while InfluxDB is away; then both sinks drain the one outbox, leasing
+    rows (FOR UPDATE SKIP LOCKED): every result is written once, by one of them."""
+    from collector.config import StorageConfig
+
+    base = CollectorConfig()
+    with _strict_influx() as (server, url):
+        cfg = replace(base, server=replace(base.server, query_auth=False),
+                      storage=StorageConfig(backend="postgresql", url=pg_url),
+                      influxdb=InfluxConfig(enabled=True, url=url, org="bbprobe",
+                                            bucket="bbprobe", batch_results=3, timeout_s=2,
+                                            retry_min_s=0.2, retry_max_s=0.5, poll_s=0.2))
+        with running_collector(tmp_path / "a", cfg) as a, \
+                running_collector(tmp_path / "b", cfg) as b:
+            token = a.add_probe("p1", LINE)
+            for hour in range(20):
+                _post((a, b)[hour % 2], token, "p1", hour)
+            server.available = True
+            _until(lambda: _health(a)["outbox"] == 0, "the outbox drained")
+            _until(lambda: _health(a)["written_results"] + _health(b)["written_results"] == 20,
+                   "both sinks account for every result")
+        sessions = [line for line in server.lines if line.startswith("bbprobe_session")]
+        stamps = [line.rsplit(" ", 1)[1] for line in sessions]
+        assert len(sessions) == 20 and len(set(stamps)) == 20
