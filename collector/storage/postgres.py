@@ -47,7 +47,7 @@ def _in_array(column: str, values: Sequence[Any]) -> tuple[str, Any]:
 DIALECT = Dialect(
     name="postgresql", placeholder="%s", no_limit="", for_update="FOR UPDATE",
     skip_locked="FOR UPDATE SKIP LOCKED", integrity_errors=(pg_errors.UniqueViolation,),
-    in_list=_in_array, every_probe="",
+    in_list=_in_array, every_probe="", binary_results=True,
 )
 
 RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)

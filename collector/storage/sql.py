@@ -91,6 +91,9 @@ class Dialect:
     # With no probe named: a clause that still names every probe (SQLite's planner then
     # walks the clustered key), or "" (PostgreSQL plans the plain range better).
     every_probe: str
+    # Results in the driver's binary format (PostgreSQL: no hex decoding of the day
+    # rollups' packed speeds; about a third less time reading them).
+    binary_results: bool = False
 
     def sql(self, text: str) -> str:
         return _translate(text, self.placeholder)
@@ -114,7 +117,8 @@ class Tx:
         self._dialect = dialect
 
     def _cursor(self) -> Cursor:
-        cursor: Cursor = self._conn.cursor()
+        cursor: Cursor = self._conn.cursor(binary=True) if self._dialect.binary_results \
+            else self._conn.cursor()
         return cursor
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
