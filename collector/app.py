@@ -173,12 +173,17 @@ async def start(cfg: CollectorConfig, *, reuse_port: bool = False
     scheme = "https" if cfg.server.tls_cert else "http"
     url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
     if cfg.server.addr_file:
-        target = Path(cfg.server.addr_file)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(url + "\n")
-        tmp.replace(target)
+        write_addr_file(cfg.server.addr_file, url)
     return runner, url
+
+
+def write_addr_file(path: str, url: str) -> None:
+    """The bound URL, for scripts and tests, written whole (temp file and rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(url + "\n")
+    tmp.replace(target)
 
 
 async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None], *,

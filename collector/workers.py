@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any
 
+from collector import app
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
 
@@ -43,8 +43,6 @@ def _worker(cfg: CollectorConfig, index: int, ready: Any,
             holder: socket.socket | None) -> None:
     """One worker process: a collector on the shared port until SIGTERM/SIGINT, or
     until the parent is gone."""
-    from collector import app
-
     # The parent's handlers came with the fork: a signal while the store opens (a slow
     # PostgreSQL, the migration lock) must stop this process, not set a flag nobody reads.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -119,11 +117,7 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> No
         if url is None:
             return
         if cfg.server.addr_file:
-            target = Path(cfg.server.addr_file)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(url + "\n")
-            tmp.replace(target)
+            app.write_addr_file(cfg.server.addr_file, url)
         on_ready(url)
         while not stopping:
             time.sleep(0.2)
