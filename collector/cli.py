@@ -95,6 +95,12 @@ def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     return load(given.get("config_path"), merged)
 
 
+def _shown(value: str) -> str:
+    """A --db or --config value as echoed back: a PostgreSQL URI with its password
+    masked, a path as it is."""
+    return masked(value) if value.startswith(("postgresql://", "postgres://")) else value
+
+
 @contextmanager
 def _store(ctx: click.Context, create: bool = False) -> Iterator[Store]:
     """The configured database, closed however the command ends. Only the commands that
@@ -621,7 +627,7 @@ def init(ctx: click.Context, admin_name: str) -> None:
         click.echo(secret)
     given = ctx.obj
     # Shown back to the user: a password in a --db URI is masked.
-    config_flag = "".join(f"{flag} {masked(str(given[key]))} " for flag, key in
+    config_flag = "".join(f"{flag} {_shown(str(given[key]))} " for flag, key in
                           (("--config", "config_path"), ("--db", "db")) if given.get(key))
     scheme = "https" if cfg.server.tls_cert else "http"
     steps = [
