@@ -159,13 +159,16 @@ def test_full_disk_is_a_counted_drop_never_a_crash(tiny_fs: Path) -> None:
             refused += 1
         else:
             accepted += 1
-    assert accepted > 10 and refused >= 1
     pending = spool.pending()
+    dropped = accepted + refused - len(pending)
+    # The full disk was met: results were refused, or room was made by dropping the
+    # oldest (no byte cap or free-space floor is set, so only ENOSPC drops anything).
+    # Which of the two happens depends on tmpfs's page accounting at that moment.
+    assert accepted > 10 and (refused >= 1 or dropped >= 1), (accepted, refused, dropped)
     assert 1 <= len(pending) <= accepted
     for path in pending:
         assert json.loads(path.read_text())["probe_id"] == "p1"  # whole, never torn
     assert not list(tiny_fs.rglob("*.tmp"))
-    dropped = accepted + refused - len(pending)
     counted = spool.stats().get("dropped_total", 0)
     assert 0 <= counted <= dropped
     (tiny_fs / "filler").unlink()
