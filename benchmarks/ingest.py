@@ -79,8 +79,8 @@ def release_tree(ref: str, into: Path) -> Path:
     return target
 
 
-def _cli(tree: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "collector", *args]
+# Run from the tree's directory with it on PYTHONPATH (_env): this interpreter, that code.
+COLLECTOR = [sys.executable, "-m", "collector"]
 
 
 def _env(tree: Path) -> dict[str, str]:
@@ -95,11 +95,11 @@ def collector(tree: Path, work: Path) -> Iterator[tuple[str, str, int, Path]]:
     config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nprobe_requests_per_min = 0\n'
                       f'max_body_bytes = 8000000\n\n[storage]\npath = "{db}"\n')
     token = subprocess.run(
-        [*_cli(tree), "--config", str(config), "probe", "add", "bench"], cwd=tree,
+        [*COLLECTOR, "--config", str(config), "probe", "add", "bench"], cwd=tree,
         env=_env(tree), check=True, capture_output=True, text=True, timeout=60
     ).stdout.strip().splitlines()[-1]
     addr = db.with_suffix(".addr")
-    server = subprocess.Popen([*_cli(tree), "--config", str(config), "serve", "--addr-file",
+    server = subprocess.Popen([*COLLECTOR, "--config", str(config), "serve", "--addr-file",
                                str(addr)], cwd=tree, env=_env(tree),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -19,7 +19,8 @@ Method, stated with every number:
   ``--seconds`` after a 3 s warm-up that is not counted. The load generator runs on the
   same 2-core machine and takes CPU from the collector: the figures are for this
   machine, and ratios between rows matter more than the absolute numbers.
-- results/s = 201 answers in the counted window / its length. Errors: any other answer.
+- results/s = 201 answers that arrived in the counted window / its length (the load
+  loop is benchmarks/ingest.py's). Errors: any other answer.
 - KiB/result: the store's growth over the run (after the collector stopped) divided by
   the results stored, warm-up included.
 """
@@ -41,15 +42,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from agent.schema import to_dict
+from benchmarks.ingest import PLACEHOLDER, load
 from collector import service
 from collector.config import StorageConfig
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
-
-PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
 
 def documents() -> dict[str, bytes]:
@@ -67,8 +65,9 @@ def documents() -> dict[str, bytes]:
 
 @contextmanager
 def collector(storage: StorageConfig, workdir: Path, workers: int,
-              env: dict[str, str]) -> Iterator[tuple[str, str, str]]:
-    """A collector serving ``storage``; yields its URL, a probe's name and token."""
+              env: dict[str, str]) -> Iterator[tuple[str, str, str, int]]:
+    """A collector serving ``storage``; yields its URL, a probe's name and token, and the
+    (parent) process id."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
     store = open_store(storage)
     try:
@@ -92,45 +91,10 @@ def collector(storage: StorageConfig, workdir: Path, workers: int,
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
             time.sleep(0.05)
-        yield addr.read_text().strip(), name, token
+        yield addr.read_text().strip(), name, token, server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-
-
-async def load(url: str, token: str, probe: str, body: bytes, clients: int,
-               seconds: float, warmup: float = 3.0) -> tuple[float, int]:
-    """(results/s in the counted window, errors)."""
-    template = body.replace(b'"probe_id": "bench"', f'"probe_id": "{probe}"'.encode())
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    start = time.monotonic()
-    counted_from, until = start + warmup, start + warmup + seconds
-    ok = errors = 0
-
-    async def client() -> None:
-        nonlocal ok, errors
-        connector = aiohttp.TCPConnector(limit=1, force_close=True)
-        async with aiohttp.ClientSession(connector=connector,
-                                         timeout=aiohttp.ClientTimeout(total=60)) as http:
-            while (now := time.monotonic()) < until:
-                doc = template.replace(PLACEHOLDER.encode(), str(uuid.uuid4()).encode())
-                try:
-                    async with http.post(url + "/api/v1/results", data=doc,
-                                         headers=headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                except (aiohttp.ClientError, TimeoutError):
-                    status = 0
-                if now >= counted_from and time.monotonic() <= until:
-                    if status == 201:
-                        ok += 1
-                    else:
-                        errors += 1
-
-    async with asyncio.TaskGroup() as group:
-        for _ in range(clients):
-            group.create_task(client())
-    return ok / seconds, errors
 
 
 def _size(storage: StorageConfig) -> tuple[int, int]:
@@ -166,9 +130,12 @@ def main() -> None:
             for label, make, workers in setups:
                 storage = make()
                 empty = _size(storage)[0]
-                with collector(storage, work, workers, {}) as (url, probe, token):
-                    rate, errors = asyncio.run(load(url, token, probe, body, args.clients,
-                                                    args.seconds))
+                with collector(storage, work, workers, {}) as (url, probe, token, pid):
+                    template = body.replace(b'"probe_id": "bench"',
+                                            f'"probe_id": "{probe}"'.encode())
+                    ok, errors, _cpu = asyncio.run(load(url, token, template, args.clients,
+                                                        args.seconds, pid))
+                    rate = ok / args.seconds
                 size, stored = _size(storage)
                 per_result = (size - empty) / stored if stored else float("nan")
                 rows.append((doc_name, label, rate, errors, per_result))

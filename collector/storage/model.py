@@ -1,6 +1,6 @@
 """The collector's records: what the store takes and gives back, whatever the database
-(plain frozen dataclasses; the SQLite store is in sqlite.py, and a second backend will
-speak the same records)."""
+(plain frozen dataclasses; both backends, storage/sqlite.py and storage/postgres.py,
+speak them through storage/store.py's Store)."""
 
 from __future__ import annotations
 

@@ -208,8 +208,12 @@ class SqlStore:
             raise AlreadyExists(f"a probe named {name!r} already exists", "probe_id") from None
 
     def revoke_probe(self, name: str, revoked_at: str) -> bool:
+        return self._revoke("probes", name, revoked_at)
+
+    def _revoke(self, table: str, name: str, revoked_at: str) -> bool:
+        """Revoke a live probe or token; False when there is none of that name."""
         return self._transaction(lambda tx: tx.run(
-            "UPDATE probes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            f"UPDATE {table} SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
             (revoked_at, name))) == 1
 
     def add_token(self, name: str, role: str, token_sha256: str, created_at: str) -> None:
@@ -221,9 +225,7 @@ class SqlStore:
             raise AlreadyExists(f"a token named {name!r} already exists", "name") from None
 
     def revoke_token(self, name: str, revoked_at: str) -> bool:
-        return self._transaction(lambda tx: tx.run(
-            "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-            (revoked_at, name))) == 1
+        return self._revoke("tokens", name, revoked_at)
 
     def tokens(self) -> list[dict[str, Any]]:
         keys = ("name", "role", "created_at", "revoked_at")
