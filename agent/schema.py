@@ -526,15 +526,23 @@ _SAMPLES = tuple[_PAIR, ...]
 _PAIR_BOUNDS = ({"ge": -SAMPLE_T_LIMIT_S, "le": SAMPLE_T_LIMIT_S}, {"ge": 0, "le": 1e15})
 
 
-def _is_pair(value: Any) -> bool:
-    """A well-formed (t_s, bytes) sample: checked inline, as a body holds thousands."""
-    if type(value) is not list or len(value) != 2:
-        return False
-    t, b = value
-    return ((type(t) is float or type(t) is int)
-            and -SAMPLE_T_LIMIT_S <= t <= SAMPLE_T_LIMIT_S  # before isfinite: a huge int
-            and math.isfinite(t)
-            and type(b) is int and 0 <= b <= 10**15)
+def _samples(value: list[Any]) -> tuple[_PAIR, ...] | None:
+    """Well-formed (t_s, bytes) samples as tuples, or None for the general path to say
+    what is wrong. Checked in one tight loop: a body holds thousands of them."""
+    out: list[_PAIR] = []
+    append = out.append
+    limit = SAMPLE_T_LIMIT_S
+    for item in value:
+        if type(item) is not list or len(item) != 2:
+            return None
+        t, b = item
+        kind = type(t)
+        # A comparison is False for NaN; a huge int is refused before float() sees it.
+        if (kind is not float and kind is not int) or not -limit <= t <= limit \
+                or type(b) is not int or not 0 <= b <= 10**15:
+            return None
+        append((float(t), b))
+    return tuple(out)
 
 
 def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
@@ -560,8 +568,10 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
             raise SchemaError(path, f"must be {_type_name(tp)}, got {value!r}")
         return value
     if origin is tuple:
-        if tp == _SAMPLES and type(value) is list and all(_is_pair(v) for v in value):
-            return tuple((float(t), b) for t, b in value)  # else the general path says why
+        if type(value) is list and tp == _SAMPLES:
+            fast = _samples(value)
+            if fast is not None:
+                return fast  # else the general path below says what is wrong
         if not isinstance(value, list):
             raise SchemaError(path, f"expected an array, got {_json_type(value)}")
         args = get_args(tp)
@@ -607,27 +617,38 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     raise TypeError(f"unsupported type {tp!r} at {path}")  # pragma: no cover - schema bug
 
 
+_Step = tuple[str, Any, Any, Any, dict[str, Any]]
+
+
+@cache
+def _plan(cls: type) -> tuple[frozenset[str], tuple[_Step, ...]]:
+    """A dataclass's field names, and per field: name, type, default, default factory
+    (MISSING when none) and bounds, worked out once per class."""
+    hints = _hints(cls)
+    steps = tuple((spec.name, hints[spec.name], spec.default, spec.default_factory,
+                   physical_bounds(spec.name, dict(spec.metadata)))
+                  for spec in dataclasses.fields(cls))
+    return frozenset(step[0] for step in steps), steps
+
+
 def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise SchemaError(path, f"expected an object, got {_json_type(value)}")
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names, steps = _plan(cls)
     for key in value:
-        if key not in fields:
+        if key not in names:
             raise SchemaError(_join(path, str(key)), "unknown field")
     kwargs: dict[str, Any] = {}
-    for name, spec in fields.items():
-        sub = _join(path, name)
+    for name, hint, default, factory, meta in steps:
         if name not in value:
-            if spec.default is not dataclasses.MISSING:
-                kwargs[name] = spec.default
-                continue
-            if spec.default_factory is not dataclasses.MISSING:
-                kwargs[name] = spec.default_factory()
-                continue
-            raise SchemaError(sub, "missing required field")
-        kwargs[name] = _decode_value(hints[name], value[name], sub,
-                                     physical_bounds(name, dict(spec.metadata)))
+            if default is not dataclasses.MISSING:
+                kwargs[name] = default
+            elif factory is not dataclasses.MISSING:
+                kwargs[name] = factory()
+            else:
+                raise SchemaError(_join(path, name), "missing required field")
+            continue
+        kwargs[name] = _decode_value(hint, value[name], _join(path, name), meta)
     return cls(**kwargs)
 
 

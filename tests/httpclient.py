@@ -9,16 +9,18 @@ from urllib.parse import urlsplit
 
 
 def request(method: str, url: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+            headers: dict[str, str] | None = None, *, raw: bool = False
+            ) -> tuple[int, Any, dict[str, str]]:
+    """(status, body, headers): JSON bodies decoded unless ``raw`` (bytes as sent)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
-        raw = resp.read()
+        sent = resp.read()
         ctype = resp.getheader("Content-Type", "")
-        data: Any = json.loads(raw) if "json" in ctype and raw else raw
+        data: Any = json.loads(sent) if "json" in ctype and sent and not raw else sent
         return resp.status, data, {k.lower(): v for k, v in resp.getheaders()}
     finally:
         conn.close()

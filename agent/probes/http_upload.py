@@ -37,7 +37,8 @@ def on_server_timeline(
         return client_side(states)
     origin = min(r.t0_monotonic_s for r in reports.values())
     streams = [
-        [(reports[i].t0_monotonic_s - origin + t, b) for t, b in reports[i].samples]
+        # To the microsecond, as the download's samples (transfer.StreamState.record).
+        [(round(reports[i].t0_monotonic_s - origin + t, 6), b) for t, b in reports[i].samples]
         for i in range(len(states))
     ]
     return streams, sum(r.bytes_received for r in reports.values()), "server"

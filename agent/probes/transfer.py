@@ -41,6 +41,12 @@ class StreamState:
     last_sample_t: float = float("-inf")
 
     def record(self, t: float, interval: float, *, force: bool = False) -> None:
+        # To the microsecond, as ndt7's samples (agent/probes/ndt7.py): samples are 100 ms
+        # apart and the clock's jitter is far above 1 us, while a full double costs three
+        # times the JSON; the collector then stores the times as integers
+        # (collector/storage/codec.py). Rates are computed from these rounded samples, so
+        # the document still recomputes exactly (issue 14).
+        t = round(t, 6)
         if force or t - self.last_sample_t >= interval:
             if self.samples and self.samples[-1][0] == t:
                 self.samples[-1] = (t, self.total)

@@ -91,6 +91,8 @@ class NewResult:
     facts: SessionFacts
     clock_skew_s: float | None = None
     session_seq: int | None = None
+    # The body packed (storage/codec.py); None: stored as the text ``body``.
+    packed: bytes | None = None
 
 
 InsertOutcome = Literal["stored", "duplicate", "conflict"]

@@ -187,6 +187,12 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT NOT NULL
     );
     """,
+    # 2 (SQLite's 11): the packed body (storage/codec.py, issue 14). Stored as it is
+    # (STORAGE EXTERNAL): it is zstd already, and pglz would only spend CPU on it.
+    """
+    ALTER TABLE results ADD COLUMN body_packed BYTEA;
+    ALTER TABLE results ALTER COLUMN body_packed SET STORAGE EXTERNAL
+    """,
 )
 
 

@@ -23,13 +23,16 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
-from agent.schema import BPS_LIMIT
+import orjson
+
+from agent.schema import BPS_LIMIT, parse_result
 from agent.stats import Moments
 from collector.compliance import rollup
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
 from collector.compliance.rollup import DayRollup
 from collector.errors import AlreadyExists, StoreError
+from collector.storage import codec
 from collector.storage.model import (
     HourRow,
     InsertOutcome,
@@ -276,17 +279,21 @@ class SqlStore:
         # In result_id order: two processes inserting overlapping batches take the unique
         # keys in the same order and so cannot deadlock on them.
         for index, item in sorted(enumerate(items), key=lambda pair: pair[1].result_id):
+            packed = item.packed
             added = tx.run(
                 "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
-                "ended_at, received_at, body_sha256, body, clock_skew_s, session_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (result_id) DO NOTHING",
+                "ended_at, received_at, body_sha256, body, body_packed, clock_skew_s, "
+                "session_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (result_id) DO NOTHING",
                 (item.result_id, item.probe_name, item.schema_version, item.started_at,
-                 item.ended_at, item.received_at, item.body_sha256, item.body,
-                 item.clock_skew_s, item.session_seq))
+                 item.ended_at, item.received_at, item.body_sha256,
+                 "" if packed is not None else item.body, packed, item.clock_skew_s,
+                 item.session_seq))
             if not added:
-                row = tx.one("SELECT body_sha256 FROM results WHERE result_id = ?",
-                             (item.result_id,))
-                same = row is not None and row[0] == item.body_sha256
+                row = tx.one("SELECT body_sha256, body, body_packed FROM results "
+                             "WHERE result_id = ?", (item.result_id,))
+                same = row is not None and (row[0] == item.body_sha256 or _same_document(
+                    _body(row[1], row[2]), item.body))
                 outcomes[index] = "duplicate" if same else "conflict"
                 continue
             insert_session_facts(tx, item.facts, item.probe_name)
@@ -374,16 +381,16 @@ class SqlStore:
         if limit is not None:
             tail = " LIMIT ?"
             params.append(limit)
-        return [StoredResult(*row) for row in self._read(
+        return [_stored(row) for row in self._read(
             "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
-            f"clock_skew_s FROM results WHERE {where} ORDER BY started_at, result_id{tail}",
-            params)]
+            f"body_packed, clock_skew_s FROM results WHERE {where} "
+            f"ORDER BY started_at, result_id{tail}", params)]
 
     def result(self, result_id: str) -> StoredResult | None:
         rows = self._read(
             "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
-            "clock_skew_s FROM results WHERE result_id = ?", (result_id,))
-        return StoredResult(*rows[0]) if rows else None
+            "body_packed, clock_skew_s FROM results WHERE result_id = ?", (result_id,))
+        return _stored(rows[0]) if rows else None
 
     def count_results(self) -> int:
         return self._count("SELECT COUNT(*) FROM results")
@@ -537,8 +544,8 @@ class SqlStore:
                    f"WHERE {clause}", (owner, until, param))
             clause, param = self.dialect.in_list("o.seq", seqs)
             cols = ", ".join(f"p.{c}" for c in LINE_COLUMNS)
-            return [(r[0], r[1], LineMetadata(*r[2:])) for r in tx.rows(
-                f"SELECT o.result_id, r.body, {cols} FROM influx_outbox o "
+            return [(r[0], _body(r[1], r[2]), LineMetadata(*r[3:])) for r in tx.rows(
+                f"SELECT o.result_id, r.body, r.body_packed, {cols} FROM influx_outbox o "
                 "JOIN results r ON r.result_id = o.result_id "
                 f"JOIN probes p ON p.name = r.probe_name WHERE {clause} ORDER BY o.seq",
                 (param,))]
@@ -549,8 +556,8 @@ class SqlStore:
         """The oldest ``limit`` queued results as (result_id, body, line), leased or not
         (for inspection; the sink leases with ``outbox_lease``)."""
         cols = ", ".join(f"p.{c}" for c in LINE_COLUMNS)
-        return [(r[0], r[1], LineMetadata(*r[2:])) for r in self._read(
-            f"SELECT o.result_id, r.body, {cols} FROM influx_outbox o "
+        return [(r[0], _body(r[1], r[2]), LineMetadata(*r[3:])) for r in self._read(
+            f"SELECT o.result_id, r.body, r.body_packed, {cols} FROM influx_outbox o "
             "JOIN results r ON r.result_id = o.result_id "
             "JOIN probes p ON p.name = r.probe_name ORDER BY o.seq LIMIT ?", (limit,))]
 
@@ -770,7 +777,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tokens": (("name",), ("name", "role", "token_sha256", "created_at", "revoked_at")),
     "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
                                  "ended_at", "received_at", "body_sha256", "body",
-                                 "clock_skew_s", "session_seq")),
+                                 "clock_skew_s", "session_seq", "body_packed")),
     # Facts in their primary key's order: a page is an index range scan in both engines.
     "session_facts": (("probe_name", "started_at", "result_id"),
                       ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
@@ -791,6 +798,33 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 ANONYMOUS = {"browser_results": ("id", "received_at"), "ndt7_tests": ("uuid", "started_at")}
+
+
+def _body(text: str, packed: bytes | None) -> str:
+    """A result's canonical JSON: packed (issue 14) or, for rows stored before, as text.
+    A packed body that cannot be read is a StoreError (503), never a wrong document."""
+    if packed is None:
+        return text
+    try:
+        return codec.unpack(bytes(packed)).decode()
+    except codec.CodecError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def _stored(row: Sequence[Any]) -> StoredResult:
+    return StoredResult(row[0], row[1], row[2], row[3], row[4], _body(row[5], row[6]),
+                        row[7])
+
+
+def _same_document(stored: str, body: str) -> bool:
+    """Whether a stored body is the same result as a canonical ``body`` whose hash
+    differs: a row that an older release canonicalised its own way (sorted keys,
+    ``1e-05``; storage/codec.py) is compared by content, so a result resent across the
+    upgrade stays a duplicate, not a conflict."""
+    try:
+        return codec.canonical(parse_result(orjson.loads(stored))).decode() == body
+    except (ValueError, TypeError):  # SchemaError, orjson's errors: not the same
+        return False
 
 
 def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:

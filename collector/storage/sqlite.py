@@ -221,6 +221,12 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ALTER TABLE influx_outbox ADD COLUMN lease_owner TEXT;
     ALTER TABLE influx_outbox ADD COLUMN leased_until TEXT;
     """,
+    # 11: result bodies packed (storage/codec.py, issue 14): a new row keeps its
+    # canonical JSON here, losslessly, in about a seventh of the bytes, and '' in body.
+    # Rows stored before keep their text body (``compact`` packs them).
+    """
+    ALTER TABLE results ADD COLUMN body_packed BLOB;
+    """,
 )
 
 

@@ -32,6 +32,7 @@ from collector.errors import (
 from collector.limits import RateLimiter
 from collector.report import Scope
 from collector.storage.store import Store
+from collector.web.commit import GroupCommit
 from collector.web.routing import role_of
 
 T = TypeVar("T")
@@ -40,6 +41,8 @@ log = logging.getLogger("bbprobe.collector")
 CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", Store)
 DB_THREADS = web.AppKey("db_threads", ThreadPoolExecutor)
+# Results are stored through the group commit (web/commit.py).
+COMMITS = web.AppKey("group_commit", GroupCommit)
 SINK = web.AppKey("influx_sink", object)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Anonymous browser results, per client: apart from the probes' limiter, never off.

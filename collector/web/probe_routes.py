@@ -15,7 +15,7 @@ from agent.schema import SchemaError, parse_gap, parse_utc, utc_now
 from collector import auth, ingest
 from collector.errors import ApiError
 from collector.storage.model import NewResult
-from collector.web.base import CONFIG, LIMITER, SINK, db, read_body
+from collector.web.base import COMMITS, CONFIG, LIMITER, SINK, db, read_body
 from collector.web.routing import Routes
 
 
@@ -100,7 +100,7 @@ def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
                      started_at=accepted.started_at, ended_at=accepted.ended_at,
                      received_at=received_at, body=accepted.body,
                      body_sha256=accepted.body_sha256, facts=accepted.facts,
-                     clock_skew_s=skew, session_seq=r.session_seq)
+                     clock_skew_s=skew, session_seq=r.session_seq, packed=accepted.packed)
 
 
 def _wake_sink(request: web.Request) -> None:
@@ -122,7 +122,7 @@ async def post_result(request: web.Request) -> web.Response:
             field="probe_id",
         )
     item = new_result(accepted, probe, utc_now(), skew)
-    (outcome,) = await db(request, lambda s: s.insert_results([item]))
+    (outcome,) = await request.app[COMMITS].insert([item])
     if outcome == "conflict":
         raise ApiError(409, f"result {result.result_id} was already stored with other content",
                        field="result_id")
@@ -170,7 +170,7 @@ async def post_batch(request: web.Request) -> web.Response:
             continue
         fresh.append((index, new_result(accepted, probe, received, skew)))
     news = [n for _, n in fresh]
-    outcomes = await db(request, lambda s: s.insert_results(news))
+    outcomes = await request.app[COMMITS].insert(news) if news else []
     for (index, _), outcome in zip(fresh, outcomes, strict=True):
         status = {"stored": 201, "duplicate": 200, "conflict": 409}[outcome]
         replies[index].update(status=status, error=None if status < 300 else
