@@ -109,7 +109,8 @@ def _report_dead_lettered(outcome: DeliveryReport) -> None:
 def _client(cfg: config.AgentConfig, token: str, timeout_s: float) -> CollectorClient:
     c = cfg.collector
     return CollectorClient(c.url, token, timeout_s, ca_file=c.ca_file,
-                           client_cert=c.client_cert, client_key=c.client_key)
+                           client_cert=c.client_cert, client_key=c.client_key,
+                           compression=cfg.delivery.compression)
 
 
 def _run_stoppable(main_async: Callable[[], Awaitable[int]]) -> int:

@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from agent import credentials, spec
@@ -69,6 +69,11 @@ class DeliveryConfig:
     min_free_bytes: int = field(default=16 * 1024**2, metadata=bounds(ge=0))
     # Results older than this are dropped (and reported as a gap): never on time alone.
     max_age_days: float = field(default=30.0, metadata=bounds(gt=0, le=3650))
+    # Request bodies compressed (issue 14): "zstd" (a 20-stream session goes in about a
+    # third of its bytes: a slow uplink delivers it sooner), "gzip", or "none". A
+    # collector from before issue 14 refuses encodings (415): the agent then sends
+    # plain JSON to it for the rest of the run.
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import json
 import os
 import random
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import zstandard
 
 from agent import spec
 from agent.config import DeliveryConfig
@@ -71,6 +73,15 @@ def result_json(result: SessionResult) -> str:
 
 
 # --- pure policy -------------------------------------------------------------------------
+
+
+def compress(data: bytes, encoding: str) -> bytes:
+    """A request body in a Content-Encoding the collector inflates (zstd or gzip)."""
+    if encoding == "zstd":
+        return bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    if encoding == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    raise ValueError(f"unknown encoding {encoding!r}")
 
 
 def backoff_s(failures: int, lo: float, hi: float, u: float) -> float:
@@ -524,9 +535,12 @@ class CollectorClient:
     the probe's wall clock (X-Bbprobe-Sent-At) so the collector can measure skew."""
 
     def __init__(self, url: str, token: str, timeout_s: float = spec.PUSH_TIMEOUT_S, *,
-                 ca_file: str = "", client_cert: str = "", client_key: str = "") -> None:
+                 ca_file: str = "", client_cert: str = "", client_key: str = "",
+                 compression: str = "none") -> None:
         self.url = url.rstrip("/")
         self.token = token
+        # Bodies are sent with this Content-Encoding until a collector refuses it.
+        self.compression = compression
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.ssl: ssl.SSLContext | bool = True
         if ca_file or client_cert:
@@ -549,9 +563,23 @@ class CollectorClient:
         )
 
     async def _request(self, method: str, path: str, data: bytes | None = None) -> Any:
+        encoding = self.compression if data is not None else "none"
+        try:
+            return await self._send(method, path, data, encoding)
+        except DeliveryError as exc:
+            if exc.status != 415 or encoding == "none":
+                raise
+        # A collector from before issue 14 takes plain JSON only: from now on, send that.
+        self.compression = "none"
+        return await self._send(method, path, data, "none")
+
+    async def _send(self, method: str, path: str, data: bytes | None, encoding: str) -> Any:
         headers = {"X-Bbprobe-Sent-At": utc_now()}
         if data is not None:
             headers["Content-Type"] = "application/json"
+            if encoding != "none":
+                data = compress(data, encoding)
+                headers["Content-Encoding"] = encoding
         try:
             async with self._session() as session, session.request(
                 method, self.url + path, data=data, headers=headers

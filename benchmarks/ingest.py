@@ -3,14 +3,22 @@ run. Prints a table of ratios; asserts nothing.
 
     .venv/bin/python -m benchmarks.ingest [--ref 86d1ce6] [--seconds 20]
                                           [--concurrency 16 200] [--profile DIR]
+                                          [--backend sqlite|postgresql]
+                                          [--release-agent]
 
 Method, stated with every number:
 - Documents are real ones: the current agent runs a ``quick`` session and an ``agcom``
   session (adaptive streams: 20 on loopback, as on a fast line) against a collector on
   127.0.0.1 (``bbprobe run --no-push --json``). Every post is the same document with a
-  fresh result id (the body is serialised once; only the id changes).
-- Each collector is a process of its own (``python -m collector serve``) on SQLite (WAL,
-  synchronous=FULL) in a temporary directory, with rate limits off. "release" runs the
+  fresh result id (the body is serialised once; only the id changes). With
+  ``--release-agent`` the release's own agent measures two more (its sample times keep
+  every bit of the double; the current agent's are to the microsecond), and these too
+  go to both collectors: the table then shows a session as each release measures and
+  stores it.
+- Each collector is a process of its own (``python -m collector serve``) with rate limits
+  off, on a store of its own: a SQLite file (WAL, synchronous=FULL) in a temporary
+  directory, or (``--backend postgresql``) a fresh database in a throwaway PostgreSQL
+  cluster (tests/pg.py) with fsync and synchronous_commit on, as deployed. "release" runs the
   tree of ``--ref`` (``git archive``), "current" the working tree, with the same
   interpreter and libraries.
 - Load: ``--concurrency`` clients (aiohttp, a new connection per request), back to back,
@@ -21,8 +29,9 @@ Method, stated with every number:
 - CPU s / 1,000 results: the collector process's user + system time over the counted
   window (/proc/PID/stat), per 1,000 results acknowledged in it.
 - Peak RSS: the collector's VmHWM at the end of the run.
-- KiB/session: the database file and its WAL after the collector stopped, divided by the
-  results stored.
+- KiB/session: SQLite: the database file and its WAL after the collector stopped;
+  PostgreSQL: pg_database_size after, less before (tables, indexes and TOAST; not the
+  server's WAL); divided by the results stored.
 - ``--profile DIR``: py-spy samples the current collector during the 16-client run of the
   large document; the top functions by own time are printed (py-spy must be installed;
   root, or ptrace allowed).
@@ -44,11 +53,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -87,18 +97,43 @@ def _env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree)}
 
 
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """Where a collector under test stores: a fresh SQLite file or PostgreSQL database
+    per collector."""
+
+    name: str
+    cluster: object | None = None  # tests.pg.Cluster for PostgreSQL
+
+    def storage(self, work: Path) -> tuple[str, Callable[[], tuple[int, int]]]:
+        """A fresh store: its config lines, and a function giving (bytes, results)."""
+        if self.cluster is None:
+            db = work / f"{uuid.uuid4().hex[:8]}.sqlite3"
+            return f'path = "{db}"\n', lambda: _stored_sqlite(db)
+        cluster: Any = self.cluster
+        url = cluster.url(cluster.create_database())
+        empty = _stored_postgres(url)[0]
+
+        def stored() -> tuple[int, int]:
+            size, count = _stored_postgres(url)
+            return size - empty, count
+
+        return f'backend = "postgresql"\nurl = "{url}"\n', stored
+
+
 @contextmanager
-def collector(tree: Path, work: Path) -> Iterator[tuple[str, str, int, Path]]:
-    """A collector of ``tree`` on a fresh SQLite file: (url, token, pid, database)."""
-    db = work / f"{uuid.uuid4().hex[:8]}.sqlite3"
-    config = db.with_suffix(".toml")
+def collector(tree: Path, work: Path, backend: Backend
+              ) -> Iterator[tuple[str, str, int, Callable[[], tuple[int, int]]]]:
+    """A collector of ``tree`` on a fresh store: (url, token, pid, bytes-and-results)."""
+    storage, stored = backend.storage(work)
+    config = work / f"{uuid.uuid4().hex[:8]}.toml"
     config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nprobe_requests_per_min = 0\n'
-                      f'max_body_bytes = 8000000\n\n[storage]\npath = "{db}"\n')
+                      f'max_body_bytes = 8000000\n\n[storage]\n{storage}')
     token = subprocess.run(
         [*COLLECTOR, "--config", str(config), "probe", "add", "bench"], cwd=tree,
         env=_env(tree), check=True, capture_output=True, text=True, timeout=60
     ).stdout.strip().splitlines()[-1]
-    addr = db.with_suffix(".addr")
+    addr = config.with_suffix(".addr")
     server = subprocess.Popen([*COLLECTOR, "--config", str(config), "serve", "--addr-file",
                                str(addr)], cwd=tree, env=_env(tree),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -108,27 +143,29 @@ def collector(tree: Path, work: Path) -> Iterator[tuple[str, str, int, Path]]:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
             time.sleep(0.05)
-        yield addr.read_text().strip(), token, server.pid, db
+        yield addr.read_text().strip(), token, server.pid, stored
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=60)
 
 
-def real_documents(work: Path) -> dict[str, bytes]:
-    """A quick and an agcom session from the current agent, against a local collector."""
+def real_documents(work: Path, tree: Path = ROOT, label: str = "") -> dict[str, bytes]:
+    """A quick and an agcom session measured by the agent of ``tree`` against a local
+    collector (the current one)."""
     out = {}
-    with collector(ROOT, work) as (url, token, _pid, _db):
+    with collector(ROOT, work, Backend("sqlite")) as (url, token, _pid, _stored):
         for name, profile in (("quick", "quick"), ("agcom-20-stream", "agcom")):
             done = subprocess.run(
                 [sys.executable, "-m", "agent", "run", "--collector", url, "--token", token,
                  "--probe-id", "bench", "--no-push", "--json", "--quiet",
                  "--set", f"profile={profile}", "--set", "checks.max_cpu_percent=100",
                  "--set", f"state_dir={work / 'agent-state'}"],
-                cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+                cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=300,
+                check=True)
             doc = json.loads(done.stdout)
             doc["result_id"] = PLACEHOLDER
             body = json.dumps(doc, separators=(",", ":")).encode()
-            out[f"{name} ({len(body) // 1000} KB)"] = body
+            out[f"{name}{label} ({len(body) // 1000} KB)"] = body
     return out
 
 
@@ -187,11 +224,22 @@ async def load(url: str, token: str, body: bytes, clients: int, seconds: float, 
     return ok, errors, cpu["until"] - cpu["from"]
 
 
-def _stored(db: Path) -> tuple[int, int]:
+def _stored_sqlite(db: Path) -> tuple[int, int]:
     size = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
     with sqlite3.connect(db) as conn:
         count = int(conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
     return size, count
+
+
+def _stored_postgres(url: str) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        tables = conn.execute("SELECT to_regclass('results')").fetchone()
+        count = conn.execute("SELECT COUNT(*) FROM results").fetchone() \
+            if tables and tables[0] else (0,)
+    return int(size[0] if size else 0), int(count[0] if count else 0)
 
 
 def profile_top(pid: int, seconds: float, out: Path, top: int = 15) -> list[str]:
@@ -224,35 +272,41 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 200])
     parser.add_argument("--profile", type=Path, help="write py-spy's profile here")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--release-agent", action="store_true",
+                        help="also post the documents the release's own agent writes")
     args = parser.parse_args()
     rows: list[Row] = []
     profile: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="bbprobe-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bbprobe-ingest-") as tmp, \
+            _backend(args.backend) as backend:
         work = Path(tmp)
-        docs = real_documents(work)
         trees = {"release": release_tree(args.ref, work), "current": ROOT}
+        docs = real_documents(work)
+        if args.release_agent:
+            docs |= real_documents(work, trees["release"], f", {args.ref}'s agent")
         for name, body in docs.items():
             for clients in args.concurrency:
                 for version, tree in trees.items():
-                    with collector(tree, work) as (url, token, pid, db):
+                    with collector(tree, work, backend) as (url, token, pid, stored):
                         ok, errors, cpu = asyncio.run(load(url, token, body, clients,
                                                            args.seconds, pid))
                         if args.profile and version == "current" and clients == min(
-                                args.concurrency) and name == list(docs)[-1]:
+                                args.concurrency) and name == list(docs)[1]:
                             profile = _profile_during(url, token, body, clients, pid,
                                                       args.profile)
                         peak = _peak_rss_mib(pid)
-                    size, stored = _stored(db)
+                    size, count = stored()
                     rows.append(Row(version, name, clients, ok / args.seconds, errors,
                                     1000 * cpu / ok if ok else float("nan"), peak,
-                                    size / 1024 / stored if stored else float("nan")))
+                                    size / 1024 / count if count else float("nan")))
                     r = rows[-1]
                     print(f"{version:<8} {name:<24} c={clients:<4} {r.rate:7.1f}/s "
                           f"err {errors}  cpu {r.cpu_per_1000:6.1f} s/1000  "
                           f"rss {peak:5.0f} MiB  {r.kib_per_session:6.1f} KiB/session",
                           file=sys.stderr, flush=True)
-    print(f"Ingest: release {args.ref} against the current tree, SQLite, {args.seconds:g} s "
-          "counted per row")
+    print(f"Ingest: release {args.ref} against the current tree, {args.backend}, "
+          f"{args.seconds:g} s counted per row")
     print(f"{'document':<24} {'clients':>7} {'results/s rel -> cur':>22} {'ratio':>6} "
           f"{'CPU s/1000':>16} {'peak RSS MiB':>14} {'KiB/session':>14} {'ratio':>6}")
     for name in docs:
@@ -270,6 +324,17 @@ def main() -> None:
               f"{min(args.concurrency)} clients):")
         for line in profile:
             print("  " + line)
+
+
+@contextmanager
+def _backend(name: str) -> Iterator[Backend]:
+    if name == "sqlite":
+        yield Backend("sqlite")
+        return
+    from tests import pg
+
+    with pg.cluster(durable=True) as cluster:
+        yield Backend("postgresql", cluster)
 
 
 def _profile_during(url: str, token: str, body: bytes, clients: int, pid: int,

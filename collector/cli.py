@@ -604,6 +604,45 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
 
 @main.command()
 @shared_options
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Bodies packed per transaction.")
+@click.option("--vacuum", is_flag=True,
+              help="SQLite: then rewrite the file to give the freed pages back to the "
+                   "disk (needs free space about the database's size).")
+@click.pass_context
+@handle_errors
+def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
+    """Pack the bodies of results stored before bbprobe 0.2 (issue 14) as new ones are:
+    losslessly, in about a sixth of the bytes. Safe while the collector runs (one short
+    transaction per batch) and safe to interrupt and run again. A body the current
+    schema cannot read is left as text and counted."""
+    from collector.storage.sqlite import SqliteStore
+
+    with _store(ctx) as store:
+        before = store.size_bytes()
+        after, packed, kept = "", 0, 0
+        while True:
+            done, left, last = store.pack_text_bodies(after, batch)
+            packed, kept = packed + done, kept + left
+            if last is None:
+                break
+            after = last
+        click.echo(f"packed {packed} result bod{'y' if packed == 1 else 'ies'}"
+                   + (f"; {kept} left as text (the current schema cannot read them)"
+                      if kept else ""))
+        if vacuum:
+            if not isinstance(store, SqliteStore):
+                raise InputError("--vacuum is for SQLite; PostgreSQL reuses the freed "
+                                 "space for new rows (VACUUM FULL results returns it)")
+            store.vacuum()
+        click.echo(f"{store.describe}: {before / 1024**2:.1f} MiB before, "
+                   f"{store.size_bytes() / 1024**2:.1f} MiB now"
+                   + ("" if vacuum or not isinstance(store, SqliteStore) else
+                      " (--vacuum gives the freed pages back to the disk)"))
+
+
+@main.command()
+@shared_options
 @click.option("--admin-name", default="admin", show_default=True,
               help="Name of the first admin token.")
 @click.pass_context

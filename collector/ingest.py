@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import zstandard
 
 from agent.schema import SchemaError, SessionResult, format_utc, parse_result, parse_utc
 from collector.compliance.facts import SessionFacts, of_result
@@ -34,6 +36,60 @@ class Accepted:
     started_at: str  # normalised UTC, sortable as text
     ended_at: str
     facts: SessionFacts
+
+
+# Content-Encodings a probe may send (issue 14): zstd (what the agent sends by default)
+# and gzip (what any HTTP client can). Anonymous routes accept none.
+ENCODINGS = ("identity", "zstd", "gzip")
+
+
+def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
+    """A probe's body as it was before its Content-Encoding, never longer than
+    ``limit``: inflation stops one byte past it (413), so a compression bomb costs the
+    collector ``limit`` bytes and the CPU to make them, no more. A truncated or damaged
+    stream is a 400."""
+    if encoding == "identity":
+        return raw
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise ApiError(400, f"gzip body cannot be inflated: {exc}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise ApiError(413, f"gzip body inflates past the {limit}-byte limit")
+        if not inflater.eof or inflater.unused_data:
+            raise ApiError(400, "gzip body is truncated or has bytes after its end")
+        return out
+    if encoding == "zstd":
+        return _inflate_zstd(raw, limit)
+    raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
+                   f"{', '.join(ENCODINGS)}")
+
+
+def _inflate_zstd(raw: bytes, limit: int) -> bytes:
+    """One whole zstd frame, inflated within ``limit`` (see ``inflate``)."""
+    try:
+        declared = zstandard.frame_content_size(raw)  # -1: the frame does not say
+        if declared > limit:
+            raise ApiError(413, f"zstd body declares {declared} bytes, past the "
+                           f"{limit}-byte limit")
+        # Bounded whatever the header says: stop one byte past the limit.
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=False)
+        size = 0
+        while size <= limit and (chunk := reader.read(limit + 1 - size)):
+            size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"zstd body inflates past the {limit}-byte limit")
+        # Within the limit: now inflate it whole, and check it is one complete frame
+        # (the reader above says nothing of a frame cut short).
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        out = inflater.decompress(raw)
+    except zstandard.ZstdError as exc:
+        raise ApiError(400, f"zstd body cannot be inflated: {exc}") from None
+    if not inflater.eof or inflater.unused_data or len(out) > limit:
+        raise ApiError(400, "zstd body is truncated or has bytes after its frame")
+    return out
 
 
 def canonical_json(result: SessionResult) -> str:

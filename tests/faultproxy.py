@@ -6,7 +6,11 @@ Faults:
   ``field`` of the document, as the collector does when the document is at fault);
 - ``("drop_reply",)``: forward (the collector commits) but close the connection instead
   of replying: the agent sees a network error for a stored result (reliability.md A7);
-- ``("drop",)``: close without forwarding.
+- ``("drop",)``: close without forwarding;
+- ``("refuse_encoding",)``: a compressed body gets 415, as a collector from before issue
+  14 answered; a plain one is forwarded.
+
+A request with a Content-Encoding is logged with it, e.g. ``POST /path [zstd] -> 200``.
 
 Runs on 127.0.0.1:0 in a thread of its own, like ``collector.testing``.
 """
@@ -37,7 +41,8 @@ def serve_in_thread(app: web.Application) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:0 in a thread of its own (collector.testing's server
     thread); yields its base URL."""
     async def start() -> tuple[web.AppRunner, str]:
-        runner = web.AppRunner(app, access_log=None)
+        # auto_decompress=False: a compressed body is forwarded as it came.
+        runner = web.AppRunner(app, access_log=None, auto_decompress=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
@@ -58,7 +63,12 @@ def fault_proxy(upstream: str, script: list[tuple[Any, ...]],
     async def handle(request: web.Request) -> web.StreamResponse:
         fault = proxy.script.pop(0) if proxy.script else ("forward",)
         body = await request.read()
-        label = f"{request.method} {request.path}"
+        encoding = request.headers.get("Content-Encoding")
+        label = f"{request.method} {request.path}" + (f" [{encoding}]" if encoding else "")
+        if fault[0] == "refuse_encoding" and encoding:
+            proxy.seen.append(f"{label} -> 415")
+            return web.json_response({"error": f"Content-Encoding {encoding!r} is not "
+                                      "accepted; send identity", "field": None}, status=415)
         if fault[0] == "status":
             proxy.seen.append(f"{label} -> {fault[1]}")
             headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
@@ -71,7 +81,8 @@ def fault_proxy(upstream: str, script: list[tuple[Any, ...]],
             request.transport.close()
             return web.Response()
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "content-type", "x-bbprobe-sent-at")}
+                   if k.lower() in ("authorization", "content-type", "content-encoding",
+                                    "x-bbprobe-sent-at")}
         async with aiohttp.ClientSession() as session, session.request(
                 request.method, upstream + request.path_qs, data=body,
                 headers=headers) as resp:

@@ -14,6 +14,7 @@ it reads rows in, and the report must not depend on the engine.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import threading
@@ -385,6 +386,33 @@ class SqlStore:
             "SELECT result_id, probe_name, started_at, ended_at, received_at, body, "
             f"body_packed, clock_skew_s FROM results WHERE {where} "
             f"ORDER BY started_at, result_id{tail}", params)]
+
+    def pack_text_bodies(self, after: str, limit: int) -> tuple[int, int, str | None]:
+        """Pack up to ``limit`` bodies that rows from before issue 14 keep as text, in
+        result id order after ``after``: (packed, left as text, the last id seen, or
+        None when no row is left). A body the current schema cannot read stays text,
+        as it was. The hash follows the body to its canonical form of today, so a
+        resent result is a plain duplicate. Each step is one transaction."""
+        def work(tx: Tx) -> tuple[int, int, str | None]:
+            rows = tx.rows("SELECT result_id, body FROM results WHERE result_id > ? "
+                           "AND body_packed IS NULL ORDER BY result_id LIMIT ?",
+                           (after, limit))
+            packed = kept = 0
+            for result_id, body in rows:
+                try:
+                    result = parse_result(orjson.loads(body))
+                    canonical = codec.canonical(result)
+                    stored = codec.pack(result)
+                except (ValueError, TypeError):  # SchemaError, orjson's errors
+                    kept += 1
+                    continue
+                tx.run("UPDATE results SET body = '', body_packed = ?, body_sha256 = ? "
+                       "WHERE result_id = ?",
+                       (stored, hashlib.sha256(canonical).hexdigest(), result_id))
+                packed += 1
+            return packed, kept, (rows[-1][0] if rows else None)
+
+        return self._transaction(work)
 
     def result(self, result_id: str) -> StoredResult | None:
         rows = self._read(

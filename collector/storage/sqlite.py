@@ -307,6 +307,16 @@ class SqliteStore(SqlStore):
         self._db.execute("COMMIT")
         return value
 
+    def vacuum(self) -> None:
+        """Rewrite the file without its free pages (after ``compact``): needs free disk
+        about the database's size while it runs, and the collector stopped."""
+        try:
+            self._db.execute("VACUUM")
+            # VACUUM goes through the WAL: fold it back into the file and truncate it.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot vacuum {self.path}: {exc}") from None
+
     def size_bytes(self) -> int:
         """The database's size on disk (the file and its WAL)."""
         total = 0

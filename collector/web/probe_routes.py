@@ -74,10 +74,19 @@ async def ingesting_probe(request: web.Request) -> str:
     ctype = request.content_type
     if ctype != "application/json":
         raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
-    encoding = request.headers.get("Content-Encoding", "identity").lower()
-    if encoding != "identity":
-        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send identity")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ingest.ENCODINGS:
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
+                       f"{', '.join(ingest.ENCODINGS)}")
     return probe
+
+
+async def probe_body(request: web.Request, limit: int) -> bytes:
+    """A probe's body within ``limit``, as sent and once inflated (an authenticated
+    probe may compress it: ingest.inflate; the aiohttp parser never inflates, app.py)."""
+    raw = await read_body(request, limit)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    return ingest.inflate(raw, encoding, limit)
 
 
 def clock_skew(request: web.Request) -> float | None:
@@ -112,7 +121,7 @@ def _wake_sink(request: web.Request) -> None:
 async def post_result(request: web.Request) -> web.Response:
     probe = await ingesting_probe(request)
     skew = clock_skew(request)
-    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    raw = await probe_body(request, request.app[CONFIG].server.max_body_bytes)
     accepted = ingest.parse_body(raw)
     result = accepted.result
     if result.probe_id != probe:
@@ -142,7 +151,7 @@ async def post_batch(request: web.Request) -> web.Response:
     probe = await ingesting_probe(request)
     skew = clock_skew(request)
     cfg = request.app[CONFIG].server
-    data = ingest.parse_json(await read_body(request, cfg.max_batch_bytes))
+    data = ingest.parse_json(await probe_body(request, cfg.max_batch_bytes))
     if not isinstance(data, dict) or set(data) != {"results"} or \
             not isinstance(data["results"], list):
         raise ApiError(422, 'body must be {"results": [result, ...]}', field="results")
@@ -183,7 +192,7 @@ async def post_batch(request: web.Request) -> web.Response:
 async def post_gap(request: web.Request) -> web.Response:
     """A gap record: results a probe dropped before delivering them (spool bounds)."""
     probe = await ingesting_probe(request)
-    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes)
+    raw = await probe_body(request, request.app[CONFIG].server.max_body_bytes)
     try:
         gap = parse_gap(ingest.parse_json(raw))
     except SchemaError as exc:

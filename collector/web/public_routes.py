@@ -85,6 +85,11 @@ async def post_browser_result(request: web.Request) -> web.Response:
     if wait is not None:
         raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
                        retry_after=limiter.retry_after(wait))
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # Only an authenticated probe may make the collector inflate (issue 14).
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted here; send "
+                       "identity")
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
     body, quota = json.dumps(data, sort_keys=True), anonymous_quota(request.app[CONFIG])
     row = await db(request, lambda s: s.add_browser_result(utc_now(), client, body, quota))

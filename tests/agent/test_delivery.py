@@ -147,6 +147,32 @@ def test_retryable_failures_back_off_and_honour_retry_after(collector: RunningCo
     assert _stored(collector) == ids
 
 
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+def test_compressed_deliveries_and_a_collector_that_refuses_them(
+        collector: RunningCollector, tmp_path: Path, encoding: str) -> None:
+    """Bodies go compressed and are stored as sent; a collector from before issue 14
+    refuses the encoding (415): that request goes again as plain JSON, and so does every
+    later one to it. Nothing is dead-lettered."""
+    token = collector.add_probe("p1")
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    ids = _spool_results(spool, 3)
+    with fault_proxy(collector.url, []) as proxy:
+        client = CollectorClient(proxy.url, token, 10.0, compression=encoding)
+        report = asyncio.run(deliver(spool, client, spool.cfg, sleep=_no_sleep))
+    assert proxy.seen == [f"POST /api/v1/results/batch [{encoding}] -> 200"]
+    assert report.delivered == ids and _stored(collector) == ids
+    more = _spool_results(spool, 6)
+    with fault_proxy(collector.url, [("refuse_encoding",)]) as proxy:
+        client = CollectorClient(proxy.url, token, 10.0, compression=encoding)
+        report = asyncio.run(deliver(spool, client, spool.cfg, sleep=_no_sleep))
+    assert proxy.seen == [f"POST /api/v1/results/batch [{encoding}] -> 415",
+                          "POST /api/v1/results/batch -> 200",
+                          "POST /api/v1/results/batch -> 200"]
+    assert client.compression == "none"
+    assert report.delivered == more and report.dead_lettered == []
+    assert sorted(_stored(collector)) == sorted(ids + more)
+
+
 def test_reply_lost_after_commit_is_resent_and_stored_once(collector: RunningCollector,
                                                            tmp_path: Path) -> None:
     """The collector commits the batch, then the connection drops before the reply: the

@@ -62,8 +62,11 @@ def test_auth_refusals(collector: RunningCollector, token_kind: str, status: int
         (b'{"a": NaN}', {}, 400, "body is not valid JSON: NaN is not a JSON number"),
         (b"{}", {"Content-Type": "text/plain"}, 415,
          "Content-Type must be application/json, got 'text/plain'"),
-        (b"{}", {"Content-Encoding": "gzip"}, 415,
-         "Content-Encoding 'gzip' is not accepted; send identity"),
+        (b"{}", {"Content-Encoding": "br"}, 415,
+         "Content-Encoding 'br' is not accepted; send one of identity, zstd, gzip"),
+        (b"{}", {"Content-Encoding": "gzip"}, 400,
+         "gzip body cannot be inflated: Error -3 while decompressing data: incorrect "
+         "header check"),
     ],
 )
 def test_malformed_bodies(collector: RunningCollector, body: bytes, headers: dict[str, str],

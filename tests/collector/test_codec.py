@@ -13,6 +13,7 @@ import asyncio
 import copy
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -312,4 +313,55 @@ def test_group_commit_shares_transactions_not_failures(
         assert store.count_results() == 79
     finally:
         threads.shutdown()
+        store.close()
+
+
+def test_compact_packs_old_text_bodies(tmp_path: Path, agent_document: dict[str, Any]
+                                       ) -> None:
+    """Rows stored as text by an older release: ``compact`` packs them (the file
+    shrinks after --vacuum), each reads back as the same result in today's canonical
+    form, a body the schema cannot read stays as it was, and a resent result is still a
+    duplicate. Run again, it has nothing left to pack."""
+    from click.testing import CliRunner
+
+    from collector.cli import main
+
+    db = tmp_path / "old.sqlite3"
+    store = SqliteStore(db)
+    store.add_probe("probe-1", "a" * 64, "2026-11-30T00:00:00.000000Z", LineMetadata())
+    docs = [{**agent_document, "result_id": str(uuid.uuid4())} for _ in range(40)]
+    for doc in docs:
+        old = _old_canonical(doc)
+        accepted = ingest.parse_body(old.encode())
+        store.insert_results([NewResult(
+            result_id=doc["result_id"], probe_name="probe-1",
+            schema_version=doc["schema_version"], started_at=accepted.started_at,
+            ended_at=accepted.ended_at, received_at="2026-11-30T00:00:00.000000Z",
+            body=old, body_sha256=hashlib.sha256(old.encode()).hexdigest(),
+            facts=accepted.facts)])
+    # A row an older schema let through and today's refuses: kept as it is.
+    store._db.execute("UPDATE results SET body = replace(body, '\"duration_s\":', "
+                      "'\"duration_s\":1e300,\"x\":') WHERE result_id = ?",
+                      (docs[0]["result_id"],))
+    store.close()
+    runner = CliRunner()
+    done = runner.invoke(main, ["--db", str(db), "compact", "--batch", "7", "--vacuum"])
+    assert done.exit_code == 0, done.output
+    assert "packed 39 result bodies; 1 left as text" in done.output
+    before, now = (float(x) for x in re.findall(r"([\d.]+) MiB", done.output))
+    # A short session (a few dozen samples) packs to about a third of its text.
+    assert now < before * 0.75, done.output
+    again = runner.invoke(main, ["--db", str(db), "compact"])
+    assert "packed 0 result bodies; 1 left as text" in again.output
+    store = SqliteStore(db)
+    try:
+        for doc in docs[1:]:
+            stored = store.result(doc["result_id"])
+            assert stored is not None
+            assert stored.body.encode() == codec.canonical(parse_result(doc))
+        accepted = ingest.parse_body(json.dumps(docs[5]).encode())
+        item = _new_result(accepted, "probe-1")
+        assert store.insert_results([item]) == ["duplicate"]
+        assert store.result(docs[0]["result_id"]).body.startswith('{"agent_version"')
+    finally:
         store.close()

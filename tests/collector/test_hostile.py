@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import random
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,6 +65,12 @@ def _broken(mutate) -> bytes:  # type: ignore[no-untyped-def]
 
 JSON = {"Content-Type": "application/json"}
 BOMB = gzip.compress(b"{" + b" " * 50_000_000 + b"}")  # 50 MB of JSON in ~50 kB
+ZBOMB = zstandard.ZstdCompressor().compress(b"{" + b" " * 50_000_000 + b"}")  # ~2 kB
+# A frame whose header declares 2**40 bytes (1 TB) and holds two: refused on its header,
+# where a reader that trusted it would allocate a terabyte (zstd format, RFC 8878
+# §3.1.1: single segment, 8-byte content size, one raw last block).
+ZSTD_HUGE = (struct.pack("<IB", 0xFD2FB528, 0xE0) + (2**40).to_bytes(8, "little")
+             + (1 | 2 << 3).to_bytes(3, "little") + b"{}")
 
 
 def _deep(n: int) -> bytes:
@@ -99,7 +107,16 @@ HOSTILE = [
         stream_samples=[[[0.0, 0], [1.0, -5]]])), JSON, 422),
     ("other probe", _broken(lambda d: d.update(probe_id="p2")), JSON, 403),
     ("oversized", b'{"a": "' + b"x" * 2_000_000 + b'"}', JSON, 413),
-    ("gzip bomb", BOMB, {**JSON, "Content-Encoding": "gzip"}, 415),
+    # Issue 14: a probe may compress its body; inflation stops at max_body_bytes.
+    ("gzip bomb", BOMB, {**JSON, "Content-Encoding": "gzip"}, 413),
+    ("zstd bomb", ZBOMB, {**JSON, "Content-Encoding": "zstd"}, 413),
+    ("zstd frame declaring 1 TB", ZSTD_HUGE, {**JSON, "Content-Encoding": "zstd"}, 413),
+    ("truncated zstd", zstandard.ZstdCompressor().compress(b'{"a": 1}' * 100)[:-3],
+     {**JSON, "Content-Encoding": "zstd"}, 400),
+    ("two zstd frames", zstandard.ZstdCompressor().compress(b"{}") * 2,
+     {**JSON, "Content-Encoding": "zstd"}, 400),
+    ("truncated gzip", BOMB[:1000], {**JSON, "Content-Encoding": "gzip"}, 400),
+    ("two encodings", b"x", {**JSON, "Content-Encoding": "gzip, zstd"}, 415),
     ("deflate", b"x", {**JSON, "Content-Encoding": "deflate"}, 415),
     ("form", b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
     ("no content type", b"{}", {}, 415),
