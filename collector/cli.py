@@ -604,18 +604,20 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
 
 @main.command()
 @shared_options
-@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
-              help="Bodies packed per transaction.")
+@click.option("--batch", default=100, show_default=True, type=click.IntRange(1, 10_000),
+              help="Bodies packed per step (one short transaction each).")
 @click.option("--vacuum", is_flag=True,
               help="SQLite: then rewrite the file to give the freed pages back to the "
-                   "disk (needs free space about the database's size).")
+                   "disk. Stop the collector first: VACUUM holds the write lock while it "
+                   "runs, and needs free disk about the database's size.")
 @click.pass_context
 @handle_errors
 def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
     """Pack the bodies of results stored before bbprobe 0.2 (issue 14) as new ones are:
-    losslessly, in about a sixth of the bytes. Safe while the collector runs (one short
-    transaction per batch) and safe to interrupt and run again. A body the current
-    schema cannot read is left as text and counted."""
+    losslessly, in about a sixth of the bytes. Safe while the collector runs (bodies
+    are packed outside any transaction, then written in one short transaction per
+    batch), and safe to interrupt and run again. A body the current schema cannot read
+    is left as text and counted."""
     from collector.storage.sqlite import SqliteStore
 
     with _store(ctx) as store:

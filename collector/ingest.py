@@ -2,8 +2,8 @@
 and the packed form the store keeps (collector/storage/codec.py).
 
 JSON is read with orjson (issue 14): three to four times faster than the standard
-library on these documents, and as strict (RFC 8259: no NaN or Infinity, no lone
-surrogates, nesting bounded).
+library on these documents, and as strict about NaN and Infinity; what it refuses is
+read again by the standard library (``parse_json``).
 
 Status hints (after h11's ``error_status_hint``): 400 for a body that is not JSON, 422 for
 JSON that is not a valid result; the message names the field.
@@ -43,51 +43,67 @@ class Accepted:
 ENCODINGS = ("identity", "zstd", "gzip")
 
 
+# A body may inflate to at most this many times its size (and never past the body
+# limit). A result compresses 2-4 times with zstd or gzip, a batch of them 3-6 times;
+# a bomb, thousands: refused before it is parsed, since JSON parsed into Python objects
+# takes some 8-25 times its bytes (2 KB of zstd would otherwise make 16 MiB of "{}"
+# and half a gigabyte of dicts).
+MAX_INFLATION = 32
+# zstd frames with a window larger than this are refused (the decoder would reserve it):
+# 8 MiB, what zstd's own levels use up to level 19.
+MAX_ZSTD_WINDOW_BYTES = 8 * 1024**2
+
+
 def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
     """A probe's body as it was before its Content-Encoding, never longer than
-    ``limit``: inflation stops one byte past it (413), so a compression bomb costs the
-    collector ``limit`` bytes and the CPU to make them, no more. A truncated or damaged
-    stream is a 400."""
+    ``limit`` nor MAX_INFLATION times its compressed size: inflation stops one byte
+    past the bound (413), so a compression bomb costs the collector that bound and the
+    CPU to make it, no more. A truncated or damaged stream is a 400."""
     if encoding == "identity":
         return raw
+    bound = min(limit, max(64 * 1024, MAX_INFLATION * len(raw)))
+    why = (f"past the {limit}-byte limit" if bound == limit else
+           f"to more than {MAX_INFLATION} times its {len(raw)} bytes")
     if encoding == "gzip":
         inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         try:
-            out = inflater.decompress(raw, limit + 1)
+            out = inflater.decompress(raw, bound + 1)
         except zlib.error as exc:
             raise ApiError(400, f"gzip body cannot be inflated: {exc}") from None
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise ApiError(413, f"gzip body inflates past the {limit}-byte limit")
+        if len(out) > bound or inflater.unconsumed_tail:
+            raise ApiError(413, f"gzip body inflates {why}")
         if not inflater.eof or inflater.unused_data:
             raise ApiError(400, "gzip body is truncated or has bytes after its end")
         return out
     if encoding == "zstd":
-        return _inflate_zstd(raw, limit)
+        return _inflate_zstd(raw, bound, why)
     raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
                    f"{', '.join(ENCODINGS)}")
 
 
-def _inflate_zstd(raw: bytes, limit: int) -> bytes:
-    """One whole zstd frame, inflated within ``limit`` (see ``inflate``)."""
+def _inflate_zstd(raw: bytes, bound: int, why: str) -> bytes:
+    """One whole zstd frame, inflated within ``bound`` (see ``inflate``)."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW_BYTES)
     try:
         declared = zstandard.frame_content_size(raw)  # -1: the frame does not say
-        if declared > limit:
-            raise ApiError(413, f"zstd body declares {declared} bytes, past the "
-                           f"{limit}-byte limit")
-        # Bounded whatever the header says: stop one byte past the limit.
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=False)
+        if declared > bound:
+            raise ApiError(413, f"zstd body declares {declared} bytes: it would inflate "
+                           f"{why}")
+        # Counted, not kept, whatever the header says: stop one byte past the bound.
         size = 0
-        while size <= limit and (chunk := reader.read(limit + 1 - size)):
-            size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"zstd body inflates past the {limit}-byte limit")
-        # Within the limit: now inflate it whole, and check it is one complete frame
+        with decompressor.stream_reader(raw, read_across_frames=False) as reader:
+            while size <= bound and (chunk := reader.read(bound + 1 - size)):
+                size += len(chunk)
+                del chunk
+        if size > bound:
+            raise ApiError(413, f"zstd body inflates {why}")
+        # Within the bound: now inflate it whole, and check it is one complete frame
         # (the reader above says nothing of a frame cut short).
-        inflater = zstandard.ZstdDecompressor().decompressobj()
+        inflater = decompressor.decompressobj()
         out = inflater.decompress(raw)
     except zstandard.ZstdError as exc:
         raise ApiError(400, f"zstd body cannot be inflated: {exc}") from None
-    if not inflater.eof or inflater.unused_data or len(out) > limit:
+    if not inflater.eof or inflater.unused_data or len(out) > bound:
         raise ApiError(400, "zstd body is truncated or has bytes after its frame")
     return out
 

@@ -101,12 +101,15 @@ def document() -> dict[str, Any]:
                     "201": _json({"$ref": "#/components/schemas/IngestReply"}, "Stored."),
                     "200": _json({"$ref": "#/components/schemas/IngestReply"},
                                  "Already stored with the same content; nothing new."),
-                    "400": _error("Body is not JSON (or not UTF-8)."),
+                    "400": _error("Body is not JSON (or not UTF-8), or its zstd or gzip "
+                                  "stream is damaged."),
                     "401": _error("Missing, unknown or revoked token."),
                     "403": _error("The result belongs to another probe."),
                     "409": _error("The same result_id was stored with other content."),
-                    "413": _error("Body larger than server.max_body_bytes."),
-                    "415": _error("Content-Type is not application/json, or encoded."),
+                    "413": _error("Body larger than server.max_body_bytes, sent or once "
+                                  "inflated."),
+                    "415": _error("Content-Type is not application/json, or "
+                                  "Content-Encoding is not identity, zstd or gzip."),
                     "422": _error("The document breaks the schema; field names the path."),
                 },
             },
@@ -148,8 +151,10 @@ def document() -> dict[str, Any]:
                     "400": _error("Body is not JSON."),
                     "401": _error("Missing, unknown or revoked token."),
                     "408": _error("The body did not arrive within server.body_timeout_s."),
-                    "413": _error("Too many results or bytes for one batch."),
-                    "415": _error("Content-Type is not application/json, or encoded."),
+                    "413": _error("Too many results or bytes for one batch (sent or once "
+                                  "inflated)."),
+                    "415": _error("Content-Type is not application/json, or "
+                                  "Content-Encoding is not identity, zstd or gzip."),
                     "422": _error("Not {\"results\": [...]}, or an empty batch."),
                     "429": _error("Over the probe's rate limit; see Retry-After."),
                 },

@@ -35,6 +35,12 @@ STORE = SqliteStore(Path(_DIR) / "fuzz.sqlite3")
 
 
 def one_input(data: bytes) -> None:
+    for encoding in ("zstd", "gzip"):  # a probe's compressed body: a 4xx, never more
+        try:
+            ingest.inflate(data, encoding, 1 << 20)
+        except ApiError as exc:
+            if not 400 <= exc.status < 500:
+                raise AssertionError(f"status {exc.status} inflating {encoding}") from exc
     try:
         accepted = ingest.parse_body(data)
     except ApiError as exc:
@@ -47,7 +53,7 @@ def one_input(data: bytes) -> None:
                      started_at=accepted.started_at, ended_at=accepted.ended_at,
                      received_at="2026-11-29T00:00:00.000000Z", body=accepted.body,
                      body_sha256=accepted.body_sha256, facts=accepted.facts,
-                     session_seq=accepted.result.session_seq)
+                     session_seq=accepted.result.session_seq, packed=accepted.packed)
     outcome = STORE.insert_results([item])[0]
     stored = STORE.result(item.result_id)
     assert stored is not None, outcome

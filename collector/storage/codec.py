@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import sys
+import threading
 from array import array
 from collections.abc import Sequence
 from itertools import accumulate, chain, repeat
@@ -49,15 +50,32 @@ from agent.schema import SessionResult, TransferAttempt
 MAGIC = b"BBZ1"
 # zstd level 3 (its default): level 9 packs 3 % smaller at six times the CPU.
 LEVEL = 3
-# Refuse to unpack anything claiming more than this (a corrupted length cannot make a
+# Refuse to unpack anything declaring more than this (a corrupted header cannot make a
 # reader allocate gigabytes); far above any document the collector accepts.
 MAX_UNPACKED_BYTES = 256 * 1024**2
 _HEADER = struct.Struct("<4I")
 _LITTLE = sys.byteorder == "little"
 
-# With its checksum: a damaged body is an error when read, never a wrong document.
-_compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
-_decompressor = zstandard.ZstdDecompressor()
+# zstandard's (de)compressor objects must not be shared between threads (a store runs
+# on several: PostgreSQL's pool): one of each per thread.
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    try:
+        return _local.compressor  # type: ignore[no-any-return]
+    except AttributeError:
+        # With its checksum: a damaged body is an error when read, never a wrong document.
+        _local.compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
+        return _local.compressor  # type: ignore[no-any-return]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    try:
+        return _local.decompressor  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.decompressor = zstandard.ZstdDecompressor()
+        return _local.decompressor  # type: ignore[no-any-return]
 
 
 class CodecError(ValueError):
@@ -118,7 +136,7 @@ def pack(result: SessionResult) -> bytes:
     columns = [_shuffle(c) for c in (shape, t_us, t_raw, byte_deltas)]
     payload = b"".join([_HEADER.pack(len(rest), *(len(c) for c in columns[:3])), rest,
                         *columns])
-    return MAGIC + _compressor.compress(payload)
+    return MAGIC + _compressor().compress(payload)
 
 
 def pack_json(body: bytes | str) -> bytes:
@@ -135,7 +153,12 @@ def unpack(packed: bytes) -> bytes:
     if packed[:4] != MAGIC:
         raise CodecError(f"not a packed result body (starts {bytes(packed[:4])!r})")
     try:
-        payload = _decompressor.decompress(packed[4:], max_output_size=MAX_UNPACKED_BYTES)
+        frame = packed[4:]
+        # The header's size is checked first: zstandard allocates what a frame declares.
+        declared = zstandard.frame_content_size(frame)
+        if declared < 0 or declared > MAX_UNPACKED_BYTES:
+            raise CodecError(f"packed result body is corrupt: it declares {declared} bytes")
+        payload = _decompressor().decompress(frame, max_output_size=MAX_UNPACKED_BYTES)
         sizes = _HEADER.unpack_from(payload)
         at = _HEADER.size
         rest = payload[at:at + sizes[0]]

@@ -293,8 +293,11 @@ class SqlStore:
             if not added:
                 row = tx.one("SELECT body_sha256, body, body_packed FROM results "
                              "WHERE result_id = ?", (item.result_id,))
-                same = row is not None and (row[0] == item.body_sha256 or _same_document(
-                    _body(row[1], row[2]), item.body))
+                # A packed row's hash is of today's canonical form: another hash is
+                # other content. Only a row an older release stored as text is
+                # compared by content (one parse of it, on this rare path).
+                same = row is not None and (row[0] == item.body_sha256 or (
+                    row[2] is None and _same_document(row[1], item.body)))
                 outcomes[index] = "duplicate" if same else "conflict"
                 continue
             insert_session_facts(tx, item.facts, item.probe_name)
@@ -392,27 +395,31 @@ class SqlStore:
         result id order after ``after``: (packed, left as text, the last id seen, or
         None when no row is left). A body the current schema cannot read stays text,
         as it was. The hash follows the body to its canonical form of today, so a
-        resent result is a plain duplicate. Each step is one transaction."""
-        def work(tx: Tx) -> tuple[int, int, str | None]:
-            rows = tx.rows("SELECT result_id, body FROM results WHERE result_id > ? "
-                           "AND body_packed IS NULL ORDER BY result_id LIMIT ?",
-                           (after, limit))
-            packed = kept = 0
-            for result_id, body in rows:
-                try:
-                    result = parse_result(orjson.loads(body))
-                    canonical = codec.canonical(result)
-                    stored = codec.pack(result)
-                except (ValueError, TypeError):  # SchemaError, orjson's errors
-                    kept += 1
-                    continue
-                tx.run("UPDATE results SET body = '', body_packed = ?, body_sha256 = ? "
-                       "WHERE result_id = ?",
-                       (stored, hashlib.sha256(canonical).hexdigest(), result_id))
-                packed += 1
-            return packed, kept, (rows[-1][0] if rows else None)
+        resent result is a plain duplicate. The rows are read and packed outside any
+        transaction; the write is one short transaction, and leaves alone a row that
+        changed meanwhile."""
+        rows = self._read("SELECT result_id, body, body_sha256 FROM results "
+                          "WHERE result_id > ? AND body_packed IS NULL "
+                          "ORDER BY result_id LIMIT ?", (after, limit))
+        updates: list[tuple[bytes, str, str, str]] = []
+        kept = 0
+        for result_id, body, digest in rows:
+            try:
+                result = parse_result(orjson.loads(body))
+                canonical = codec.canonical(result)
+                stored = codec.pack(result)
+            except (ValueError, TypeError):  # SchemaError, orjson's errors
+                kept += 1
+                continue
+            updates.append((stored, hashlib.sha256(canonical).hexdigest(), result_id, digest))
 
-        return self._transaction(work)
+        def work(tx: Tx) -> int:
+            return sum(tx.run("UPDATE results SET body = '', body_packed = ?, "
+                              "body_sha256 = ? WHERE result_id = ? AND body_sha256 = ? "
+                              "AND body_packed IS NULL", u) for u in updates)
+
+        packed = self._transaction(work) if updates else 0
+        return packed, kept, (rows[-1][0] if rows else None)
 
     def result(self, result_id: str) -> StoredResult | None:
         rows = self._read(

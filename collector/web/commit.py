@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
@@ -31,25 +32,31 @@ log = logging.getLogger("bbprobe.collector")
 # steps of bounded length (each delivery whole, so one larger batch still goes alone).
 MAX_GROUP_RESULTS = 512
 
+
 class _Delivery:
-    __slots__ = ("done", "items")
+    __slots__ = ("done", "items", "taken")
 
     def __init__(self, items: Sequence[NewResult], done: asyncio.Future[list[InsertOutcome]]
                  ) -> None:
         self.items = items
         self.done = done
+        self.taken = False  # in a group being committed
+        # Mark an outcome nobody awaits any more (its request was cancelled) as read.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class GroupCommit:
     """Commits deliveries in groups; ``insert`` answers once the delivery's group
-    committed. ``run(fn)`` runs ``fn(store)`` on a database thread."""
+    committed. ``run(fn)`` runs ``fn(store)`` on a database thread. A commit holds its
+    slot until its transaction ends, even if the request that started it is cancelled:
+    there are never more transactions at once than slots."""
 
     def __init__(self, run: Callable[[Callable[[Store], list[InsertOutcome]]],
                                      Awaitable[list[InsertOutcome]]],
                  slots: int) -> None:
         self._run = run
         self._slots = asyncio.Semaphore(slots)
-        self._waiting: list[_Delivery] = []
+        self._waiting: deque[_Delivery] = deque()
         self._commits: set[asyncio.Task[None]] = set()
         # How many transactions and results so far (the benchmark reads them).
         self.groups = 0
@@ -58,13 +65,23 @@ class GroupCommit:
     async def insert(self, items: Sequence[NewResult]) -> list[InsertOutcome]:
         delivery = _Delivery(items, asyncio.get_running_loop().create_future())
         self._waiting.append(delivery)
-        async with self._slots:
-            if not delivery.done.done() and delivery in self._waiting:
-                group = self._take()
-                task = asyncio.get_running_loop().create_task(self._commit(group))
+        try:
+            # Until a group takes it: by this caller's commit, or by another's. A group
+            # is bounded, so the oldest deliveries may fill it and this one waits for
+            # the next.
+            while not delivery.taken:
+                await self._slots.acquire()
+                if delivery.taken:
+                    self._slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._commit(self._take()))
                 self._commits.add(task)
                 task.add_done_callback(self._commits.discard)
                 await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not delivery.taken:
+                self._waiting.remove(delivery)  # never committed, never answered
+            raise
         return await delivery.done
 
     def _take(self) -> list[_Delivery]:
@@ -74,12 +91,20 @@ class GroupCommit:
         count = 0
         while self._waiting and (not group or
                                  count + len(self._waiting[0].items) <= MAX_GROUP_RESULTS):
-            delivery = self._waiting.pop(0)
+            delivery = self._waiting.popleft()
+            delivery.taken = True
             group.append(delivery)
             count += len(delivery.items)
         return group
 
     async def _commit(self, group: list[_Delivery]) -> None:
+        """Commit ``group``, answer each delivery in it, then give the slot back."""
+        try:
+            await self._commit_group(group)
+        finally:
+            self._slots.release()
+
+    async def _commit_group(self, group: list[_Delivery]) -> None:
         items = [item for delivery in group for item in delivery.items]
         try:
             outcomes = await self._run(partial(_insert, items))

@@ -15,7 +15,9 @@ import hashlib
 import json
 import re
 import sqlite3
+import struct
 import subprocess
+import threading
 import sys
 import uuid
 from collections.abc import Iterator
@@ -131,6 +133,11 @@ def test_a_damaged_packed_body_is_an_error(agent_document: dict[str, Any]) -> No
     packed[len(packed) // 2] ^= 0x55
     with pytest.raises(codec.CodecError, match="corrupt"):
         codec.unpack(bytes(packed))
+    # A header that declares a terabyte is refused before anything is allocated.
+    liar = (codec.MAGIC + struct.pack("<IB", 0xFD2FB528, 0xE0)
+            + (2**40).to_bytes(8, "little") + (1 | 2 << 3).to_bytes(3, "little") + b"{}")
+    with pytest.raises(codec.CodecError, match="declares 1099511627776 bytes"):
+        codec.unpack(liar)
 
 
 def _leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -364,4 +371,60 @@ def test_compact_packs_old_text_bodies(tmp_path: Path, agent_document: dict[str,
         assert store.insert_results([item]) == ["duplicate"]
         assert store.result(docs[0]["result_id"]).body.startswith('{"agent_version"')
     finally:
+        store.close()
+
+
+def test_group_commit_under_cancellation(tmp_path: Path,
+                                         agent_document: dict[str, Any]) -> None:
+    """A delivery cancelled while it waits is never committed nor answered; a leader
+    cancelled while its transaction runs leaves it to finish, and answers the others in
+    its group; never two transactions at once on one slot; nothing hangs."""
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    store.add_probe("probe-1", "a" * 64, "2026-11-30T00:00:00.000000Z", LineMetadata())
+    threads = ThreadPoolExecutor(max_workers=4)  # more threads than slots, on purpose
+    gate = threading.Event()
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def items() -> list[NewResult]:
+        doc = {**agent_document, "result_id": str(uuid.uuid4())}
+        return [_new_result(ingest.parse_body(orjson.dumps(doc)), "probe-1")]
+
+    def slow(fn: Any) -> Any:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            gate.wait(10)
+            return fn(store)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        commits = GroupCommit(lambda fn: loop.run_in_executor(threads, slow, fn), slots=1)
+        leader = asyncio.create_task(commits.insert(items()))
+        await asyncio.sleep(0.05)  # the leader's transaction is running, held at the gate
+        waiting = [asyncio.create_task(commits.insert(items())) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        waiting[1].cancel()  # never committed
+        leader.cancel()  # its transaction goes on
+        await asyncio.sleep(0.05)
+        gate.set()
+        answers = await asyncio.wait_for(
+            asyncio.gather(leader, *waiting, return_exceptions=True), 20)
+        await commits.close()
+        return answers
+
+    try:
+        answers = asyncio.run(main())
+        assert isinstance(answers[0], asyncio.CancelledError)
+        assert isinstance(answers[2], asyncio.CancelledError)
+        assert answers[1] == answers[3] == ["stored"]
+        assert store.count_results() == 3  # the cancelled leader's, and the two others
+        assert most[0] == 1
+    finally:
+        gate.set()
+        threads.shutdown()
         store.close()

@@ -8,6 +8,7 @@ PostgreSQL is started by the tests (tests/pg.py); under CI=true it must run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent.schema import SessionResult
+from agent.schema import SessionResult, to_dict
 from collector import html_report, ingest, service
 from collector.compliance import targets
 from collector.compliance.completeness import completeness
@@ -29,7 +30,7 @@ from collector.config import CollectorConfig, StorageConfig
 from collector.errors import AlreadyExists
 from collector.migrate import Checkpoint, copy_store
 from collector.report import REPORT_COLUMNS, certificate_dict, format_csv, report_dict, report_rows
-from collector.storage.model import LineMetadata, Quota
+from collector.storage.model import LineMetadata, NewResult, Quota
 from collector.storage.store import Store, open_store
 from collector.testing import running_collector
 from tests.factories import attempt, session, store_result
@@ -124,6 +125,40 @@ def test_store_ingest_is_idempotent(store: Store) -> None:
     assert store.count_results() == 1 and len(store.facts()) == 1
     stored = store.result(result.result_id)
     assert stored is not None and stored.body == accepted.body
+
+
+def test_store_packed_and_old_text_bodies(store: Store) -> None:
+    """Issue 14 on both engines: a packed body reads back as its canonical JSON; a row
+    an older release stored as text (other canonical bytes and hash) reads back as it
+    was, and the same result delivered again is a duplicate; pack_text_bodies then packs
+    it, in steps, and it reads back in today's canonical form."""
+    store.add_probe("p1", "d", "2026-04-30T00:00:00.000000Z", LineMetadata())
+    results = [session("p1", started_at=f"2026-05-01T1{i}:00:00.000000Z") for i in range(3)]
+    accepted = [ingest.parse_body(ingest.canonical_json(r).encode()) for r in results]
+
+    def item(a: ingest.Accepted, **changes: Any) -> NewResult:
+        r = a.result
+        return replace(NewResult(
+            result_id=r.result_id, probe_name="p1", schema_version=r.schema_version,
+            started_at=a.started_at, ended_at=a.ended_at,
+            received_at="2026-05-02T00:00:00.000000Z", body=a.body,
+            body_sha256=a.body_sha256, facts=a.facts, packed=a.packed), **changes)
+
+    old = [json.dumps(to_dict(r), sort_keys=True, separators=(",", ":")) for r in results]
+    assert store.insert_results([item(accepted[0])] + [
+        item(a, body=text, packed=None, body_sha256=hashlib.sha256(text.encode()).hexdigest())
+        for a, text in zip(accepted[1:], old[1:], strict=True)]) == ["stored"] * 3
+    assert store.result(results[0].result_id).body == accepted[0].body  # type: ignore[union-attr]
+    assert store.result(results[1].result_id).body == old[1]  # type: ignore[union-attr]
+    assert store.insert_results([item(a) for a in accepted]) == ["duplicate"] * 3
+    first = store.pack_text_bodies("", 1)
+    assert first[:2] == (1, 0) and first[2] is not None
+    rest = store.pack_text_bodies(first[2], 10)
+    assert rest[:2] == (1, 0)
+    assert store.pack_text_bodies(rest[2] or "", 10) == (0, 0, None)
+    for a in accepted:
+        assert store.result(a.result.result_id).body == a.body  # type: ignore[union-attr]
+    assert store.insert_results([item(a) for a in accepted]) == ["duplicate"] * 3
 
 
 def test_store_report_equals_the_bodies(store: Store) -> None:
