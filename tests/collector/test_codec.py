@@ -17,8 +17,8 @@ import re
 import sqlite3
 import struct
 import subprocess
-import threading
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor

@@ -37,11 +37,16 @@ def test_batch_gives_an_outcome_per_result(collector: RunningCollector) -> None:
     broken = session_dict(probe_id="p1")
     broken["summary"]["loss_ratio"] = 2
     status, body, _ = _post(collector.url, "/api/v1/results/batch",
-                            {"results": [a, b, a, conflicting, stranger, broken]}, token)
+                            {"results": [a, b, a, conflicting, stranger, broken, 5]}, token)
     assert status == 200
     got = [(i["status"], i.get("field")) for i in body["items"]]  # type: ignore[index]
     assert got == [(201, None), (201, None), (200, None), (409, None), (403, "probe_id"),
-                   (422, "summary.loss_ratio")]
+                   (422, "summary.loss_ratio"), (422, None)]
+    # Each reply names its result, refused ones too (issue 14: items take the fast path
+    # by their own bytes, and a refused one is read again for its id).
+    assert [i["result_id"] for i in body["items"]] == [  # type: ignore[index]
+        a["result_id"], b["result_id"], a["result_id"], a["result_id"],
+        stranger["result_id"], broken["result_id"], None]
     assert collector.count_results() == 2
 
 
