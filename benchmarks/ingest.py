@@ -4,7 +4,7 @@ run. Prints a table of ratios; asserts nothing.
     .venv/bin/python -m benchmarks.ingest [--ref 86d1ce6] [--seconds 20]
                                           [--concurrency 16 200] [--profile DIR]
                                           [--backend sqlite|postgresql]
-                                          [--release-agent]
+                                          [--release-agent] [--batch]
 
 Method, stated with every number:
 - Documents are real ones: the current agent runs a ``quick`` session and an ``agcom``
@@ -22,6 +22,8 @@ Method, stated with every number:
   tree of ``--ref`` (``git archive``), "current" the working tree, with the same
   interpreter and libraries.
 - Load: ``--concurrency`` clients (aiohttp, a new connection per request), back to back,
+  each result posted alone (``POST /api/v1/results``), or with ``--batch`` alone in a
+  batch (``POST /api/v1/results/batch``, what the agent sends after every session),
   for ``--seconds`` after a 3 s warm-up that is not counted. The load generator shares
   the 2-core VM with the collector: ratios between rows matter more than absolutes.
 - results/s: 201 answers that arrived in the counted window / its length (with 200
@@ -182,9 +184,13 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 async def load(url: str, token: str, body: bytes, clients: int, seconds: float, pid: int,
-               warmup: float = 3.0) -> tuple[int, int, float]:
-    """(acknowledged, errors, collector CPU seconds) in the counted window."""
+               warmup: float = 3.0, batch: bool = False) -> tuple[int, int, float]:
+    """(acknowledged, errors, collector CPU seconds) in the counted window. ``batch``:
+    each result goes alone in a batch request, as the agent delivers it."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    path = "/api/v1/results/batch" if batch else "/api/v1/results"
+    if batch:
+        body = b'{"results":[' + body + b"]}"
     start = time.monotonic()
     counted_from, until = start + warmup, start + warmup + seconds
     ok = errors = 0
@@ -198,10 +204,11 @@ async def load(url: str, token: str, body: bytes, clients: int, seconds: float, 
             while time.monotonic() < until:
                 doc = body.replace(PLACEHOLDER.encode(), str(uuid.uuid4()).encode())
                 try:
-                    async with http.post(url + "/api/v1/results", data=doc,
-                                         headers=headers) as resp:
-                        await resp.read()
+                    async with http.post(url + path, data=doc, headers=headers) as resp:
+                        reply = await resp.read()
                         status = resp.status
+                    if batch and status == 200:
+                        status = json.loads(reply)["items"][0]["status"]
                 except (aiohttp.ClientError, TimeoutError):
                     status = 0
                 # Counted by when the answer came: inside the window.
@@ -273,6 +280,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 200])
     parser.add_argument("--profile", type=Path, help="write py-spy's profile here")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--batch", action="store_true",
+                        help="post each result alone in a batch, as the agent does")
     parser.add_argument("--release-agent", action="store_true",
                         help="also post the documents the release's own agent writes")
     args = parser.parse_args()
@@ -290,7 +299,8 @@ def main() -> None:
                 for version, tree in trees.items():
                     with collector(tree, work, backend) as (url, token, pid, stored):
                         ok, errors, cpu = asyncio.run(load(url, token, body, clients,
-                                                           args.seconds, pid))
+                                                           args.seconds, pid,
+                                                           batch=args.batch))
                         if args.profile and version == "current" and clients == min(
                                 args.concurrency) and name == list(docs)[1]:
                             profile = _profile_during(url, token, body, clients, pid,
