@@ -116,20 +116,35 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         app[DB_THREADS].shutdown(wait=True)
 
 
-def create_app(cfg: CollectorConfig) -> web.Application:
+# What a collector process serves (issue 15): everything, or only the store's side
+# (ingestion, queries, reports, admin), or only the measurement endpoints (HTTP, ndt7,
+# LibreSpeed, the speed-test page), which need no database and no targets, so that
+# measurement servers can sit close to the probes, away from the store of record.
+ROLES = ("all", "ingest", "measurement")
+
+
+def create_app(cfg: CollectorConfig, role: str = "all") -> web.Application:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
     app = web.Application(middlewares=[errors, access],
                           client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
-    if cfg.server.probe_requests_per_min > 0:
-        app[LIMITER] = RateLimiter(cfg.server.probe_requests_per_min, cfg.server.probe_burst)
-    app[ANON_LIMITER] = RateLimiter(cfg.anonymous.browser_results_per_min, 3)
-    app.cleanup_ctx.append(_store_lifecycle)
     routes = Routes(app)
-    probe_routes.add_routes(routes)
-    analyst_routes.add_routes(routes)
-    admin_routes.add_routes(routes)
-    public_routes.add_routes(routes)
-    measurement.add_page(routes)
+    if role == "measurement":
+        routes.get("/healthz", public_routes.healthz, role="public")
+    else:
+        if cfg.server.probe_requests_per_min > 0:
+            app[LIMITER] = RateLimiter(cfg.server.probe_requests_per_min,
+                                       cfg.server.probe_burst)
+        app[ANON_LIMITER] = RateLimiter(cfg.anonymous.browser_results_per_min, 3)
+        app.cleanup_ctx.append(_store_lifecycle)
+        probe_routes.add_routes(routes)
+        analyst_routes.add_routes(routes)
+        admin_routes.add_routes(routes)
+        public_routes.add_routes(routes)
+    if role == "ingest":
+        return app
+    measurement.add_page(routes, record=role == "all")
     if cfg.measurement.enabled:
         quota_cfg = cfg
 
@@ -139,7 +154,11 @@ def create_app(cfg: CollectorConfig) -> web.Application:
             await on_db(app, lambda s: s.add_ndt7_test(archive, archive["StartTime"],
                                                        archive["EndTime"], quota))
 
-        measurement.add_routes(routes, cfg.measurement, store_subtest)
+        async def keep_no_subtest(sub: ndt7.Subtest) -> None:
+            """A measurement-only server has no store: the client has its own record."""
+
+        measurement.add_routes(routes, cfg.measurement,
+                               store_subtest if role == "all" else keep_no_subtest)
     return app
 
 
@@ -160,7 +179,7 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def start(cfg: CollectorConfig, *, reuse_port: bool = False
+async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "all"
                 ) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL. ``reuse_port``: several
     processes listen on the same port (SO_REUSEPORT) and the kernel spreads connections."""
@@ -169,7 +188,7 @@ async def start(cfg: CollectorConfig, *, reuse_port: bool = False
     # keepalive_timeout: aiohttp closes a connection that has not completed a request
     # within it, from the moment it opens (and between requests): the header timeout.
     runner = web.AppRunner(
-        create_app(cfg), access_log=None, handle_signals=False, shutdown_timeout=5.0,
+        create_app(cfg, role), access_log=None, handle_signals=False, shutdown_timeout=5.0,
         auto_decompress=False, keepalive_timeout=cfg.server.header_timeout_s,
     )
     await runner.setup()
@@ -194,9 +213,9 @@ def write_addr_file(path: str, url: str) -> None:
 
 
 async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None], *,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, role: str = "all") -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
-    runner, url = await start(cfg, reuse_port=reuse_port)
+    runner, url = await start(cfg, reuse_port=reuse_port, role=role)
     # Everything loaded so far (modules, the app, the store) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. A
     # result allocates some 10,000 tuples, so collections are frequent: with the heap

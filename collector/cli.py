@@ -135,31 +135,45 @@ def main(ctx: click.Context) -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes serving the same port (SO_REUSEPORT), to use every core; "
                    "most useful with PostgreSQL (README, Scaling out).")
+@click.option("--role", type=click.Choice(["all", "ingest", "measurement"]), default="all",
+              show_default=True,
+              help="What to serve: everything; ingest (ingestion, queries, reports, "
+                   "admin: no measurement endpoints); or measurement (the HTTP, ndt7 and "
+                   "LibreSpeed endpoints and the speed-test page only: no database, no "
+                   "targets table).")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None,
-          workers: int) -> None:
+          workers: int, role: str) -> None:
     """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
     from collector import app
     from collector import workers as workers_mod
 
     cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
                                           "server.addr_file": addr_file}))
-    # Fail now, not at the first report, if the targets table is unusable.
-    targets_mod.load(cfg.compliance.targets)
-    where = cfg.storage.path if cfg.storage.backend == "sqlite" else \
-        masked(cfg.storage.url)
+    if role == "measurement":
+        if not cfg.measurement.enabled:
+            raise InputError("--role measurement with measurement.enabled = false "
+                             "would serve nothing")
+        where = "measurement only: no database"
+    else:
+        # Fail now, not at the first report, if the targets table is unusable.
+        targets_mod.load(cfg.compliance.targets)
+        where = "database " + (cfg.storage.path if cfg.storage.backend == "sqlite" else
+                               masked(cfg.storage.url))
+        if role == "ingest":
+            where += ", no measurement endpoints"
 
     def ready(url: str) -> None:
         processes = f", {workers} processes" if workers > 1 else ""
         click.echo(f"bbprobe-collector {__version__} listening on {url} "
-                   f"(database {where}{processes})", err=True)
+                   f"({where}{processes})", err=True)
 
     try:
         if workers > 1:
-            workers_mod.run(cfg, workers, ready)
+            workers_mod.run(cfg, workers, ready, role)
         else:
-            asyncio.run(app.serve(cfg, ready))
+            asyncio.run(app.serve(cfg, ready, role=role))
     except OSError as exc:
         raise CollectorError(
             f"cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}"

@@ -40,7 +40,7 @@ RESTART_PAUSE_S = 5.0
 
 
 def _worker(cfg: CollectorConfig, index: int, ready: Any,
-            holder: socket.socket | None) -> None:
+            holder: socket.socket | None, role: str) -> None:
     """One worker process: a collector on the shared port until SIGTERM/SIGINT, or
     until the parent is gone."""
     # The parent's handlers came with the fork: a signal while the store opens (a slow
@@ -51,7 +51,8 @@ def _worker(cfg: CollectorConfig, index: int, ready: Any,
         holder.close()
     _die_with_parent()
     try:
-        asyncio.run(app.serve(cfg, lambda url: ready.put((index, url)), reuse_port=True))
+        asyncio.run(app.serve(cfg, lambda url: ready.put((index, url)), reuse_port=True,
+                              role=role))
     except CollectorError as exc:
         print(f"bbprobe-collector: worker {index}: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
@@ -84,7 +85,8 @@ def _reserve_port(host: str) -> socket.socket:
     return holder
 
 
-def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> None:
+def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None],
+        role: str = "all") -> None:
     """Run ``count`` workers until a signal; raise CollectorError if they cannot start."""
     holder = _reserve_port(cfg.server.host) if cfg.server.port == 0 else None
     port = holder.getsockname()[1] if holder is not None else cfg.server.port
@@ -102,7 +104,8 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None]) -> No
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def spawn(index: int) -> BaseProcess:
-        process = context.Process(target=_worker, args=(child_cfg, index, ready, holder),
+        process = context.Process(target=_worker,
+                                  args=(child_cfg, index, ready, holder, role),
                                   name=f"bbprobe-collector-worker-{index}")
         process.start()
         return process

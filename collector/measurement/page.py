@@ -155,6 +155,11 @@ async function run() {
     show("download", (result.download_bps / 1e6).toFixed(2) + " Mbit/s");
     show("status", "upload…"); Object.assign(result, await upload());
     show("upload", (result.upload_bps / 1e6).toFixed(2) + " Mbit/s");
+    if (document.body.dataset.record === "off") {
+      show("status", "done (this measurement server keeps no results)");
+      document.body.dataset.state = "done";
+      return;
+    }
     const resp = await fetch("api/v1/browser-results", {method: "POST",
       headers: {"Content-Type": "application/json"}, body: JSON.stringify(result)});
     const saved = await resp.json();
@@ -170,13 +175,16 @@ if (q.get("autostart") === "1") run();
 """
 
 
-def page() -> str:
+def page(record: bool = True) -> str:
+    """The page; ``record=False`` on a measurement-only server (no database): the page
+    measures and shows the result, and says it was not recorded."""
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width, initial-scale=1">'
         "<title>bbprobe speed test</title><style>body{font:16px system-ui,sans-serif;"
         "max-width:40em;margin:2em auto;padding:0 1em}dd{font-size:1.6em;margin:0 0 .6em}"
-        "button{font-size:1.2em;padding:.4em 1.2em}</style></head><body data-state=idle>"
+        "button{font-size:1.2em;padding:.4em 1.2em}</style></head>"
+        "<body data-state=idle data-record=" + ("on" if record else "off") + ">"
         "<h1>Speed test</h1><p>Measures this browser's connection to this server: ping "
         "(9 HTTP round trips after a first one), then download and upload with parallel "
         "streams after a warm-up (uploads counted by this server as they arrive). A "

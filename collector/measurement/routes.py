@@ -15,12 +15,14 @@ from collector.measurement.slots import CONFIG, SLOTS, TransferSlots
 from collector.web.routing import Routes
 
 
-async def speedtest(request: web.Request) -> web.Response:
-    return web.Response(text=page(), content_type="text/html")
+def add_page(routes: Routes, *, record: bool = True) -> None:
+    """The speed-test page (served even when the endpoints are off: it says so);
+    ``record=False``: it does not post its result (a measurement-only server)."""
+    text = page(record)
 
+    async def speedtest(request: web.Request) -> web.Response:
+        return web.Response(text=text, content_type="text/html")
 
-def add_page(routes: Routes) -> None:
-    """The speed-test page (served even when the endpoints are off: it says so)."""
     routes.get("/speedtest", speedtest, role="public")
 
 

@@ -1,0 +1,94 @@
+"""Issue 15, part 6: a collector process serves everything, only the store's side
+(``--role ingest``), or only the measurement endpoints (``--role measurement``: no
+database, no targets table). Real processes: the collector's CLI, and the agent measuring
+against a measurement-only server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from agent import spec
+from agent.cli import main as agent_main
+from tests.factories import session_dict
+from tests.httpclient import post_json, request
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def serving(tmp_path: Path, role: str) -> Iterator[tuple[str, Path, str]]:
+    """``bbprobe-collector serve --role ROLE`` as its own process: (url, database path,
+    what it printed on start)."""
+    db = tmp_path / f"{role}.sqlite3"
+    config = tmp_path / f"{role}.toml"
+    # A targets table that does not exist: a measurement server never reads one.
+    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\npath = "{db}"\n'
+                      '\n[compliance]\ntargets = "/nonexistent/targets.toml"\n'
+                      if role == "measurement" else
+                      f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\npath = "{db}"\n')
+    addr = tmp_path / f"{role}.addr"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "collector", "--config", str(config), "serve", "--role", role,
+         "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not addr.exists():
+            assert server.poll() is None, server.communicate()[1]
+            assert time.monotonic() < deadline, "collector did not start"
+            time.sleep(0.05)
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        yield addr.read_text().strip(), db, line
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+        assert server.returncode == 0
+
+
+def test_a_measurement_only_server_needs_no_database(tmp_path: Path,
+                                                    fast_config: Path) -> None:
+    """It starts without a targets table, creates no database, serves the endpoints and
+    the page (which does not post its result), and nothing of the store's side; the
+    agent measures against it."""
+    with serving(tmp_path, "measurement") as (url, db, line):
+        assert "(measurement only: no database)" in line, line
+        assert request("GET", url + "/healthz")[0] == 200
+        status, page, _ = request("GET", url + "/speedtest")
+        assert status == 200 and b"data-record=off>" in page
+        assert post_json(url + spec.RESULTS_PATH, {}, "bbp_x")[0] == 404
+        assert request("GET", url + "/api/v1/report")[0] == 404
+        assert request("GET", url + "/")[0] == 404
+        done = CliRunner().invoke(agent_main, ["--config", str(fast_config), "--server", url,
+                                               "speed", "--json", "--quiet"],
+                                  catch_exceptions=False)
+        assert done.exit_code == 0, done.stderr
+        summary = json.loads(done.stdout)["summary"]
+        assert summary["download_bps"] > 1e6 and summary["upload_bps"] > 1e6
+        assert summary["download_failure_ratio"] == summary["upload_failure_ratio"] == 0.0
+    assert not db.exists()
+
+
+def test_an_ingest_server_serves_no_measurement(tmp_path: Path) -> None:
+    """Ingestion and queries as always; the measurement endpoints and the page are not
+    there."""
+    from collector.cli import main as collector_main
+
+    with serving(tmp_path, "ingest") as (url, db, line):
+        assert "no measurement endpoints" in line, line
+        done = CliRunner().invoke(collector_main, ["--db", str(db), "probe", "add", "p1"])
+        token = done.stdout.strip().splitlines()[-1]
+        assert post_json(url + spec.RESULTS_PATH, session_dict(probe_id="p1"), token)[0] \
+            == 201
+        assert request("GET", url + "/speedtest")[0] == 404
+        assert request("GET", url + spec.DOWNLOAD_PATH + "?bytes=1000")[0] == 404
+        assert request("GET", url + "/healthz")[0] == 200
