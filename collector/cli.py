@@ -135,22 +135,23 @@ def main(ctx: click.Context) -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes serving the same port (SO_REUSEPORT), to use every core; "
                    "most useful with PostgreSQL (README, Scaling out).")
-@click.option("--role", type=click.Choice(["all", "ingest", "measurement"]), default="all",
-              show_default=True,
-              help="What to serve: everything; ingest (ingestion, queries, reports, "
-                   "admin: no measurement endpoints); or measurement (the HTTP, ndt7 and "
-                   "LibreSpeed endpoints and the speed-test page only: no database, no "
-                   "targets table).")
+@click.option("--role", type=click.Choice(["all", "ingest", "measurement"]),
+              help="What to serve (overrides server.role; default all): everything; "
+                   "ingest (ingestion, queries, reports, admin: no measurement "
+                   "endpoints); or measurement (the HTTP, ndt7 and LibreSpeed endpoints "
+                   "and the speed-test page only: no database, no targets table).")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None,
-          workers: int, role: str) -> None:
+          workers: int, role: str | None) -> None:
     """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
     from collector import app
     from collector import workers as workers_mod
 
     cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
-                                          "server.addr_file": addr_file}))
+                                          "server.addr_file": addr_file,
+                                          "server.role": role}))
+    role = cfg.server.role
     if role == "measurement":
         if not cfg.measurement.enabled:
             raise InputError("--role measurement with measurement.enabled = false "
@@ -187,6 +188,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
 def check_config(ctx: click.Context) -> None:
     """Validate the config, its secrets and the targets table it names, then exit."""
     cfg = resolve_secrets(_config(ctx))
+    if cfg.server.role == "measurement":
+        click.echo("config OK; role measurement (no database, no targets table)")
+        return
     table = targets_mod.load(cfg.compliance.targets)
     click.echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
                f"of {len(table.indicator)} indicators)")

@@ -25,6 +25,10 @@ from collector.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
+    # What this process serves (serve --role overrides it): "all"; "ingest" (ingestion,
+    # queries, reports, admin; no measurement endpoints); or "measurement" (the HTTP,
+    # ndt7 and LibreSpeed endpoints and the speed-test page: no database, no targets).
+    role: Literal["all", "ingest", "measurement"] = "all"
     # 0 picks a free port (the bound address is printed and written to addr_file).
     port: int = field(default=8080, metadata=bounds(ge=0, le=65535))
     # Largest accepted result body; larger requests get 413.

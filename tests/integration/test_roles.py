@@ -24,20 +24,30 @@ from tests.httpclient import post_json, request
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@contextmanager
-def serving(tmp_path: Path, role: str) -> Iterator[tuple[str, Path, str]]:
-    """``bbprobe-collector serve --role ROLE`` as its own process: (url, database path,
-    what it printed on start)."""
+def _config(tmp_path: Path, role: str, in_config: bool) -> tuple[Path, Path]:
+    """A collector config for ``role`` (named in it, or left to --role): (config, db)."""
     db = tmp_path / f"{role}.sqlite3"
     config = tmp_path / f"{role}.toml"
-    # A targets table that does not exist: a measurement server never reads one.
-    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\npath = "{db}"\n'
-                      '\n[compliance]\ntargets = "/nonexistent/targets.toml"\n'
-                      if role == "measurement" else
-                      f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\npath = "{db}"\n')
+    text = '[server]\nhost = "127.0.0.1"\nport = 0\n'
+    text += f'role = "{role}"\n' if in_config else ""
+    text += f'\n[storage]\npath = "{db}"\n'
+    if role == "measurement":
+        # A targets table that does not exist: a measurement server never reads one.
+        text += '\n[compliance]\ntargets = "/nonexistent/targets.toml"\n'
+    config.write_text(text)
+    return config, db
+
+
+@contextmanager
+def serving(tmp_path: Path, role: str, in_config: bool = False
+            ) -> Iterator[tuple[str, Path, str]]:
+    """``bbprobe-collector serve`` in ``role`` (``--role``, or server.role in the config)
+    as its own process: (url, database path, what it printed on start)."""
+    config, db = _config(tmp_path, role, in_config)
     addr = tmp_path / f"{role}.addr"
+    flag = [] if in_config else ["--role", role]
     server = subprocess.Popen(
-        [sys.executable, "-m", "collector", "--config", str(config), "serve", "--role", role,
+        [sys.executable, "-m", "collector", "--config", str(config), "serve", *flag,
          "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -92,3 +102,20 @@ def test_an_ingest_server_serves_no_measurement(tmp_path: Path) -> None:
         assert request("GET", url + "/speedtest")[0] == 404
         assert request("GET", url + spec.DOWNLOAD_PATH + "?bytes=1000")[0] == 404
         assert request("GET", url + "/healthz")[0] == 200
+
+
+def test_the_role_from_the_config_and_check_config(tmp_path: Path) -> None:
+    """server.role in the config does what --role does (the packaged unit runs a plain
+    ``serve``), and check-config passes a measurement config without a targets table,
+    as the unit's ExecStartPre runs it."""
+    from collector.cli import main as collector_main
+
+    config, _db = _config(tmp_path, "measurement", in_config=True)
+    done = CliRunner().invoke(collector_main, ["--config", str(config), "check-config"])
+    assert done.exit_code == 0, done.output
+    assert "role measurement" in done.stdout
+    with serving(tmp_path, "measurement", in_config=True) as (url, db, line):
+        assert "(measurement only: no database)" in line, line
+        assert request("GET", url + "/speedtest")[0] == 200
+        assert post_json(url + spec.RESULTS_PATH, {}, "bbp_x")[0] == 404
+    assert not db.exists()
