@@ -64,6 +64,8 @@ from typing import Any
 
 import aiohttp
 
+from collector.testing import bound_url
+
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -140,12 +142,7 @@ def collector(tree: Path, work: Path, backend: Backend
                                str(addr)], cwd=tree, env=_env(tree),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not addr.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
-            time.sleep(0.05)
-        yield addr.read_text().strip(), token, server.pid, stored
+        yield bound_url(server, addr), token, server.pid, stored
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=60)

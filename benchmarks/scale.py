@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ from collector import service
 from collector.config import StorageConfig
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
+from collector.testing import bound_url
 
 
 def documents() -> dict[str, bytes]:
@@ -86,12 +86,7 @@ def collector(storage: StorageConfig, workdir: Path, workers: int,
          str(addr), "--workers", str(workers)], env={**os.environ, **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not addr.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
-            time.sleep(0.05)
-        yield addr.read_text().strip(), name, token, server.pid
+        yield bound_url(server, addr), name, token, server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)

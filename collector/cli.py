@@ -636,8 +636,6 @@ def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
     are packed outside any transaction, then written in one short transaction per
     batch), and safe to interrupt and run again. A body the current schema cannot read
     is left as text and counted."""
-    from collector.storage.sqlite import SqliteStore
-
     with _store(ctx) as store:
         before = store.size_bytes()
         after, packed, kept = "", 0, 0
@@ -651,14 +649,11 @@ def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
                    + (f"; {kept} left as text (the current schema cannot read them)"
                       if kept else ""))
         if vacuum:
-            if not isinstance(store, SqliteStore):
-                raise InputError("--vacuum is for SQLite; PostgreSQL reuses the freed "
-                                 "space for new rows (VACUUM FULL results returns it)")
             store.vacuum()
         click.echo(f"{store.describe}: {before / 1024**2:.1f} MiB before, "
                    f"{store.size_bytes() / 1024**2:.1f} MiB now"
-                   + ("" if vacuum or not isinstance(store, SqliteStore) else
-                      " (--vacuum gives the freed pages back to the disk)"))
+                   + ("" if vacuum else
+                      " (on SQLite, --vacuum gives the freed pages back to the disk)"))
 
 
 @main.command()

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -122,3 +124,14 @@ def serve_in_thread(start: Callable[[], Awaitable[tuple[web.AppRunner, str]]],
         assert isinstance(stop, asyncio.Event)
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
+
+
+def bound_url(server: subprocess.Popen[str], addr_file: Path, timeout_s: float = 60.0) -> str:
+    """The URL a ``serve --addr-file`` process wrote once listening; RuntimeError (with
+    its stderr) if it exits or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not addr_file.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
+        time.sleep(0.05)
+    return addr_file.read_text().strip()

@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 import zstandard
 
-from agent.schema import SessionResult, TransferAttempt
+from agent.schema import SessionResult, TransferAttempt, parse_result
 
 MAGIC = b"BBZ1"
 # zstd level 3 (its default): level 9 packs 3 % smaller at six times the CPU.
@@ -142,8 +142,6 @@ def pack(result: SessionResult) -> bytes:
 def pack_json(body: bytes | str) -> bytes:
     """The stored form of a canonical JSON document given as text (it must be one:
     ``unpack`` gives back exactly these bytes only if they were canonical)."""
-    from agent.schema import parse_result
-
     raw = body.encode() if isinstance(body, str) else body
     return pack(parse_result(orjson.loads(raw)))
 

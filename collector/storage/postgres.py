@@ -34,7 +34,7 @@ import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 
-from collector.errors import StoreError
+from collector.errors import StoreError, Unacceptable
 from collector.storage.sql import Dialect, SqlStore, Tx
 
 T = TypeVar("T")
@@ -349,6 +349,10 @@ class PostgresStore(SqlStore):
             self._transaction(lambda tx: tx.run(
                 f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
                 f"GREATEST(COALESCE(MAX({column}), 0), 1)) FROM {table}"))
+
+    def vacuum(self) -> None:
+        raise Unacceptable("--vacuum is for SQLite; PostgreSQL reuses the freed space for "
+                           "new rows (VACUUM FULL results returns it)")
 
     def size_bytes(self) -> int:
         return self._count("SELECT pg_database_size(current_database())")

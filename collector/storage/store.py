@@ -54,6 +54,10 @@ class Store(Protocol):
 
     def pack_text_bodies(self, after: str, limit: int) -> tuple[int, int, str | None]: ...
 
+    def vacuum(self) -> None:
+        """Give the space freed by ``pack_text_bodies`` back to the disk (SQLite), or
+        refuse (PostgreSQL reuses it; Unacceptable says how to return it)."""
+
     # probes and tokens
     def add_probe(self, name: str, token_sha256: str, created_at: str,
                   line: LineMetadata) -> None: ...

@@ -105,6 +105,11 @@ async def errors(
         return error_body(exc.status, exc.reason)
 
 
+def content_encoding(request: web.Request) -> str:
+    """The request's Content-Encoding, normalised ("identity" when none)."""
+    return request.headers.get("Content-Encoding", "identity").strip().lower()
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refused with 413 past ``limit`` and 408 when it does not arrive
     within server.body_timeout_s (a slow client cannot hold a request open)."""

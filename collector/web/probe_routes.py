@@ -15,7 +15,15 @@ from agent.schema import SchemaError, parse_gap, parse_utc, utc_now
 from collector import auth, ingest
 from collector.errors import ApiError
 from collector.storage.model import NewResult
-from collector.web.base import COMMITS, CONFIG, LIMITER, SINK, db, read_body
+from collector.web.base import (
+    COMMITS,
+    CONFIG,
+    LIMITER,
+    SINK,
+    content_encoding,
+    db,
+    read_body,
+)
 from collector.web.routing import Routes
 
 
@@ -74,7 +82,7 @@ async def ingesting_probe(request: web.Request) -> str:
     ctype = request.content_type
     if ctype != "application/json":
         raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = content_encoding(request)
     if encoding not in ingest.ENCODINGS:
         raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
                        f"{', '.join(ingest.ENCODINGS)}")
@@ -85,7 +93,7 @@ async def probe_body(request: web.Request, limit: int) -> bytes:
     """A probe's body within ``limit``, as sent and once inflated (an authenticated
     probe may compress it: ingest.inflate; the aiohttp parser never inflates, app.py)."""
     raw = await read_body(request, limit)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = content_encoding(request)
     return ingest.inflate(raw, encoding, limit)
 
 

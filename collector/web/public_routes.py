@@ -16,7 +16,7 @@ from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.measurement.slots import client_key
 from collector.storage.model import Quota
-from collector.web.base import ANON_LIMITER, CONFIG, db, read_body
+from collector.web.base import ANON_LIMITER, CONFIG, content_encoding, db, read_body
 from collector.web.routing import Routes
 
 BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
@@ -85,7 +85,7 @@ async def post_browser_result(request: web.Request) -> web.Response:
     if wait is not None:
         raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
                        retry_after=limiter.retry_after(wait))
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = content_encoding(request)
     if encoding != "identity":
         # Only an authenticated probe may make the collector inflate (issue 14).
         raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted here; send "

@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 from agent import spec
 from agent.cli import main as agent_main
+from collector.testing import bound_url
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 
@@ -51,14 +51,9 @@ def serving(tmp_path: Path, role: str, in_config: bool = False
          "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not addr.exists():
-            assert server.poll() is None, server.communicate()[1]
-            assert time.monotonic() < deadline, "collector did not start"
-            time.sleep(0.05)
+        url = bound_url(server, addr)
         assert server.stderr is not None
-        line = server.stderr.readline()
-        yield addr.read_text().strip(), db, line
+        yield url, db, server.stderr.readline()
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)

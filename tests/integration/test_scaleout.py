@@ -23,6 +23,7 @@ from collector import ingest, service
 from collector.config import StorageConfig
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
+from collector.testing import bound_url
 from tests.factories import session
 from tests.httpclient import post_json, request
 
@@ -59,12 +60,7 @@ def collector_process(tmp: Path, url: str,
          str(addr), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not addr.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"collector did not start: {proc.communicate()[1]}")
-            time.sleep(0.05)
-        yield addr.read_text().strip(), proc
+        yield bound_url(proc, addr), proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
