@@ -13,16 +13,16 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from agent import __version__, config, report
+from agent import __version__, config, control, health, report
 from agent.delivery import CollectorClient, DeliveryReport, Spool, deliver, file_id
 from agent.errors import AgentError, ConfigError, DeliveryError
-from agent.schema import SessionResult, to_dict
+from agent.schema import HealthReport, SessionResult, to_dict
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,16 +54,58 @@ def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _load(ctx: click.Context, **overrides: Any) -> config.AgentConfig:
+def _load(ctx: click.Context, central: Mapping[str, Any] | None = None,
+          data: Mapping[str, Any] | None = None, /, **overrides: Any) -> config.AgentConfig:
+    """The config: defaults < profile < local file (or ``data``, the file as read
+    before) < ``central`` (the collector's instruction, issue 15) < the command line."""
     given = ctx.ensure_object(dict)
     merged = _parse_set(tuple(given.get("set", ())))
     flags = {"collector.url": given.get("collector"), "probe_id": given.get("probe_id"),
              "server.url": given.get("server")}
+    if given.get("server") is not None:
+        # --server names the one server: candidates, local or central, give way to it.
+        flags["server.candidates"] = []
     if given.get("token") is not None:
         flags.update({"collector.token": given["token"], "collector.token_file": "",
                       "collector.token_credential": ""})
     merged.update({k: v for k, v in {**flags, **overrides}.items() if v is not None})
-    return config.load(given.get("config_path"), os.environ, merged)
+    return config.load(given.get("config_path"), os.environ, merged, central=central,
+                       data=data)
+
+
+def _file_data(ctx: click.Context) -> dict[str, Any]:
+    """The config file as it is now (the daemon keeps it between reloads)."""
+    path = ctx.ensure_object(dict).get("config_path")
+    return config.read_toml(Path(path)) if path else {}
+
+
+async def _instructed(ctx: click.Context, cfg: config.AgentConfig,
+                      client: CollectorClient | None, data: Mapping[str, Any] | None = None,
+                      **overrides: Any) -> control.Applied:
+    """The config this session runs under, with the collector's instruction applied
+    (fetched now; else the last one kept in state_dir)."""
+    fetched = await control.fetch(client, cfg.state_dir)
+    return control.apply(fetched, lambda central: _load(ctx, central, data, **overrides))
+
+
+async def _send_health(client: CollectorClient, report: HealthReport) -> str | None:
+    """POST the health report (best effort: a failure is returned, never raised)."""
+    try:
+        async with asyncio.timeout(15):
+            await client.report_health(json.dumps(to_dict(report)).encode())
+    except (DeliveryError, TimeoutError) as exc:
+        return str(exc) or "timed out"
+    return None
+
+
+def _health_report(spool: Spool, **fields: Any) -> HealthReport | None:
+    """``health.build``, or None when the state could not be read (a report must
+    never cost a session)."""
+    try:
+        return health.build(spool, **fields)
+    except (OSError, ValueError) as exc:
+        click.echo(f"bbprobe: no health report: {exc}", err=True)
+        return None
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -215,13 +257,28 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
     progress = _progress(quiet)
 
     async def main_async() -> int:
+        from datetime import UTC, datetime
+
         from agent import session
 
         probe_id = await _probe_id(cfg, client)
         if probe_id is None and client is not None:
             progress("the collector does not answer yet: the result is named when it is "
                      "delivered")
-        result = await session.run(cfg, probe_id or "", progress)
+        applied = await _instructed(ctx, cfg, client)
+        if applied.error:
+            click.echo(f"bbprobe: {applied.error}", err=True)
+        if applied.version:
+            progress(f"central instruction {applied.version}")
+        window = applied.instruction.suppression_at(datetime.now(UTC)) \
+            if applied.instruction is not None else None
+        if window is not None:
+            # A one-shot run is a person's decision: warn, and measure (issue 15).
+            click.echo(f"bbprobe: warning: this probe is suppressed until "
+                       f"{window.ends_at.isoformat()} ({window.reason}); measuring anyway",
+                       err=True)
+        result = await session.run(applied.cfg, probe_id or "", progress,
+                                   instruction_version=applied.version)
         if client is None:
             _emit(result, as_json)
             return 0
@@ -233,6 +290,11 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
         _emit(spool.last_put or result, as_json)
         outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
         _report_dead_lettered(outcome)
+        report_ = _health_report(spool, mode="run", campaign=None,
+                                 instruction_version=applied.version,
+                                 instruction_error=applied.error)
+        if report_ is not None:
+            await _send_health(client, report_)
         if result.result_id in outcome.delivered:
             progress(f"result {result.result_id} delivered to {cfg.collector.url}"
                      + (f" with {len(outcome.delivered) - 1} spooled earlier"
@@ -344,17 +406,37 @@ def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool
 @click.pass_context
 @handle_errors
 def check_config(ctx: click.Context) -> None:
-    """Validate the configuration and print what a session would do."""
-    cfg = _load(ctx)
+    """Validate the configuration and print what a session would do, under the
+    collector's instruction (fetched now, else the one last kept)."""
+    local = _load(ctx)
+    token = config.read_token(local)
+    source = config.token_source(local)
+    client = _client(local, token, min(local.collector.timeout_s, 10)) \
+        if local.collector.url and (token or local.collector.client_cert) else None
+    applied = asyncio.run(_instructed(ctx, local, client))
+    cfg = applied.cfg
     m = config.method(cfg)
-    token = config.read_token(cfg)
-    source = config.token_source(cfg)
     lines = [
         "config OK",
         f"  collector: {cfg.collector.url or '(none: results are not pushed)'}; "
         f"token: {f'set, from {source}' if token else 'not set'}",
         f"  state dir: {cfg.state_dir}",
     ]
+    inst = applied.instruction
+    if inst is None:
+        lines.append("  instruction: none (this file and the command line decide)")
+    else:
+        state = "applied" if applied.version else "NOT applied"
+        lines.append(f"  instruction: {inst.version}, {state}; {len(inst.settings)} "
+                     f"key(s), under the command line's --set")
+        lines += [f"    {k} = {json.dumps(v)}" for k, v in sorted(inst.settings.items())]
+        lines += [f"    suppressed {w.starts_at.isoformat()} .. {w.ends_at.isoformat()}: "
+                  f"{w.reason}" for w in inst.suppressions]
+    if applied.error:
+        lines.append(f"  instruction problem: {applied.error}")
+    if cfg.server.candidates:
+        lines.append(f"  measurement server candidates: {', '.join(cfg.server.candidates)} "
+                     f"(the lowest median RTT of {cfg.server.select_pings} pings is used)")
     if cfg.server.url or cfg.collector.url:
         lines.append(f"  measurement server: {config.measurement_server(cfg)}; "
                      f"ping target: {config.ping_target(cfg)}")
@@ -401,6 +483,10 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     if campaign is not None:
         doc["campaign"] = {**campaign.to_json(), "complete": campaign.complete,
                            "needed": campaign.needed}
+    held = control.InstructionCache(cfg.state_dir).load()
+    doc["instruction"] = None if held is None else {
+        "version": held[1].version, "settings": held[1].settings,
+        "suppressions": len(held[1].suppressions)}
     if cfg.collector.url and not no_check:
         token = config.read_token(cfg)
         client = _client(cfg, token, min(cfg.collector.timeout_s, 10))
@@ -449,6 +535,11 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
         cells = [f"{h:02d}h {campaign.counted[h]}/{campaign.attempted[h]}"
                  f"{'' if campaign.counted[h] >= per else ' !'}" for h in range(24)]
         lines += ["  " + "  ".join(cells[i:i + 8]) for i in range(0, 24, 8)]
+    held_doc = doc["instruction"]
+    lines.append("instruction: none received (this file decides)" if held_doc is None else
+                 f"instruction: {held_doc['version']} (last received; "
+                 f"{len(held_doc['settings'])} key(s), {held_doc['suppressions']} "
+                 "suppression window(s); bbprobe check-config shows them)")
     coll = doc["collector"]
     if coll is None:
         lines.append("collector: not checked" if cfg.collector.url else
@@ -610,29 +701,48 @@ def check(ctx: click.Context, as_json: bool) -> None:
 
 @main.command()
 @shared_options
-@click.option("--rule", type=click.Choice(["96in24h", "24in72h"]), default="96in24h",
-              show_default=True, help="Sessions per hourly band: 4 (one per quarter) or 1.")
-@click.option("--timezone", default="Europe/Rome", show_default=True,
-              help="Local time of the hourly bands.")
-@click.option("--window-days", type=click.IntRange(1, 30), default=3, show_default=True,
-              help="Days a campaign may take to fill every band (retries included).")
+@click.option("--rule", type=click.Choice(["96in24h", "24in72h"]),
+              help="Sessions per hourly band: 4 (one per quarter) or 1 (campaign.rule, "
+                   "default 96in24h).")
+@click.option("--timezone", help="Local time of the hourly bands (campaign.timezone, "
+                                 "default Europe/Rome).")
+@click.option("--window-days", type=click.IntRange(1, 30),
+              help="Days a campaign may take to fill every band, retries included "
+                   "(campaign.window_days, default 3).")
 @click.option("--first-now", is_flag=True,
               help="Also measure once at start, outside the campaign (its bands neither "
                    "filled nor planned around), to see a new install deliver at once.")
+@click.option("--report-every", "report_every_s", type=click.FloatRange(1, 86_400),
+              default=3600.0, show_default=True,
+              help="Seconds between health reports while idle (one is also sent after "
+                   "every delivery).")
+@click.option("--time-scale", type=click.FloatRange(1, 100_000), default=1.0, hidden=True,
+              help="Lab and test use only: the campaign's clock runs this many times "
+                   "faster than real time (a quarter hour lasts 900/K s); measurements "
+                   "and timestamps stay real.")
 @click.pass_context
 @handle_errors
-def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
-           first_now: bool) -> None:
+def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
+           window_days: int | None, first_now: bool, report_every_s: float,
+           time_scale: float) -> None:
     """Measure continuously in 24-hour campaigns (the systemd service): every hourly band
-    filled, failed or invalid sessions retried in their band; SIGHUP reloads the config,
-    SIGTERM stops cleanly (sd_notify READY/RELOADING/STOPPING/WATCHDOG)."""
+    filled, failed or invalid sessions retried in their band. Before each session the
+    collector's instruction is fetched and applied, and no session starts inside a
+    suppression window. SIGHUP reloads the config, SIGTERM stops cleanly (sd_notify
+    READY/RELOADING/STOPPING/WATCHDOG)."""
     import dataclasses
     from datetime import UTC, datetime
 
     from agent import daemon as d
     from agent import session
 
-    state: dict[str, Any] = {"cfg": _load(ctx)}
+    flags: dict[str, Any] = {"campaign.rule": rule, "campaign.timezone": timezone,
+                             "campaign.window_days": window_days}
+    # The file as read at start (and at each reload): every session's config is built
+    # from it and the instruction, so a half-edited file changes nothing before SIGHUP.
+    data = _file_data(ctx)
+    state: dict[str, Any] = {"cfg": _load(ctx, None, data, **flags), "data": data,
+                             "version": None, "error": None, "instruction": None}
 
     def make_client(cfg: config.AgentConfig) -> CollectorClient:
         token = config.read_token(cfg)
@@ -646,25 +756,73 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
     def on_reload() -> None:
         d.notify("RELOADING=1")
         try:
-            fresh = _load(ctx)
+            data = _file_data(ctx)
+            fresh = _load(ctx, None, data, **flags)
             state["client"] = make_client(fresh)
-            state["cfg"] = fresh
+            state.update(cfg=fresh, data=data)
             click.echo("bbprobe: configuration reloaded", err=True)
         except AgentError as exc:
             click.echo(f"bbprobe: reload refused, keeping the old configuration: {exc}",
                        err=True)
         d.notify("READY=1")
 
+    # The campaign's clock: real time, or (labs, tests) K times faster from the start.
+    origin = datetime.now(UTC)
+
+    def virtual(moment: datetime) -> datetime:
+        return origin + (moment - origin) * time_scale
+
+    def real(moment: datetime) -> datetime:
+        return origin + (moment - origin) / time_scale
+
+    def clock() -> datetime:
+        return virtual(datetime.now(UTC))
+
+    async def wait(at: datetime, control_: d.Control) -> None:
+        await d.real_wait(real(at), control_)
+
     async def main_async() -> int:
-        control = d.Control()
-        d.install_signals(control)
+        control_ = d.Control()
+        d.install_signals(control_)
         store = d.CampaignStore(state["cfg"].state_dir)
         # Asked here only to refuse a bad token at start and to say who we are; each
         # session asks again (the collector may be away now and back later).
         probe_id = await _probe_id(state["cfg"], state["client"])
+        last_error: dict[str, str | None] = {"instruction": None}
+
+        async def plan() -> d.Plan:
+            """Fetch the instruction (If-None-Match: cheap when unchanged) and rebuild
+            the config under it: the next session runs with what it says."""
+            base: config.AgentConfig = state["cfg"]
+            applied = await _instructed(ctx, base, state["client"], state["data"], **flags)
+            if applied.error and applied.error != last_error["instruction"]:
+                click.echo(f"bbprobe: {applied.error}", err=True)
+            if applied.version != state["version"] and applied.version:
+                click.echo(f"bbprobe: running under central instruction "
+                           f"{applied.version}", err=True)
+            last_error["instruction"] = applied.error
+            state.update(session_cfg=applied.cfg, version=applied.version,
+                         error=applied.error, instruction=applied.instruction)
+            c = applied.cfg.campaign
+            windows = tuple((virtual(w.starts_at), virtual(w.ends_at))
+                            for w in applied.instruction.suppressions) \
+                if applied.instruction is not None else ()
+            return d.Plan(c.rule, c.timezone, c.window_days, windows)
+
+        async def report(campaign: Any, until: datetime | None,
+                         next_at: datetime | None) -> None:
+            cfg: config.AgentConfig = state["cfg"]
+            spool = Spool(cfg.state_dir, cfg.delivery)
+            report_ = _health_report(
+                spool, mode="daemon", campaign=campaign or store.load(),
+                instruction_version=state["version"], instruction_error=state["error"],
+                suppressed_until=real(until) if until else None,
+                next_session_at=real(next_at) if next_at else None)
+            if report_ is not None:
+                await _send_health(state["client"], report_)
 
         async def one_session() -> tuple[datetime, bool]:
-            cfg: config.AgentConfig = state["cfg"]
+            cfg: config.AgentConfig = state.get("session_cfg") or state["cfg"]
             client: CollectorClient = state["client"]
             try:
                 named = await _probe_id(cfg, client)
@@ -672,7 +830,8 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
                 # Refused mid-campaign: still measure; the results wait in the spool.
                 click.echo(f"bbprobe: {exc}", err=True)
                 named = None
-            result = await session.run(cfg, named or "", _progress(True))
+            result = await session.run(cfg, named or "", _progress(True),
+                                       instruction_version=state["version"])
             spool = Spool(cfg.state_dir, cfg.delivery)
             spool.put(result)
             outcome = await deliver(
@@ -680,11 +839,12 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
                     cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, 30)),
                 probe_id=named)
             _report_dead_lettered(outcome)
-            return datetime.now(UTC), d.session_counts(result)
+            # The health report follows in run_campaigns, once the session is recorded.
+            return clock(), d.session_counts(result)
 
         async def measure() -> tuple[datetime, bool]:
             work = asyncio.ensure_future(one_session())
-            stopping = asyncio.ensure_future(control.stop.wait())
+            stopping = asyncio.ensure_future(control_.stop.wait())
             await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
             if not work.done():
@@ -699,26 +859,30 @@ def daemon(ctx: click.Context, rule: str, timezone: str, window_days: int,
                 where = traceback.extract_tb(error.__traceback__)[-1]
                 click.echo(f"bbprobe: session failed: {type(error).__name__}: {error} "
                            f"({where.filename}:{where.lineno})", err=True)
-                return datetime.now(UTC), False
+                return clock(), False
             return work.result()
 
         interval = d.watchdog_interval()
-        dog = asyncio.ensure_future(d.watchdog(interval, control)) if interval else None
+        dog = asyncio.ensure_future(d.watchdog(interval, control_)) if interval else None
         d.notify("READY=1")
         who = f"as probe {probe_id}" if probe_id else \
             "(probe name not known yet: the collector does not answer; asked at each session)"
-        click.echo(f"bbprobe: daemon running {who}, rule {rule}", err=True)
+        click.echo(f"bbprobe: daemon running {who}, rule {state['cfg'].campaign.rule}",
+                   err=True)
         try:
             if first_now:
+                await plan()
                 await measure()
-            await d.run_campaigns(control, store, measure, clock=d.utc_clock,
-                                  wait=d.real_wait, rule=rule, timezone=timezone,
-                                  window_days=window_days, on_reload=on_reload)
+                await report(None, None, None)
+            await d.run_campaigns(control_, store, measure, clock=clock, wait=wait,
+                                  on_reload=on_reload, plan=plan, report=report,
+                                  on_error=lambda m: click.echo(f"bbprobe: {m}", err=True),
+                                  report_every_s=report_every_s * time_scale)
         except asyncio.CancelledError:
             pass
         finally:
             d.notify("STOPPING=1")
-            control.stop.set()
+            control_.stop.set()
             if dog is not None:
                 await asyncio.gather(dog, return_exceptions=True)
         click.echo("bbprobe: daemon stopped; unacknowledged results stay in the spool",

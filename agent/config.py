@@ -7,6 +7,7 @@ applied as overrides *before* validation, so they obey the same rules.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent import credentials, spec
 from agent.errors import ConfigError
@@ -27,6 +29,9 @@ from agent.schema import (
     bounds,
     decode,
 )
+
+# Each candidate is pinged at every session start: a bounded list keeps that short.
+MAX_CANDIDATES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,24 @@ class ServerConfig:
     url: str = ""
     # Host or address for the ping train; empty means the measurement server's host.
     ping_target: str = ""
+    # Candidate measurement servers (issue 15). When set, url is not used: at each
+    # session start every candidate's host is pinged select_pings times and the one with
+    # the lowest median RTT is used (Ne.Me.Sys measures against the nearest server); one
+    # whose TCP connection fails is passed over for the next. All of it is recorded in
+    # the result (server_selection). A fleet gets its candidates centrally, by region.
+    candidates: tuple[str, ...] = ()
+    select_pings: int = field(default=3, metadata=bounds(ge=1, le=20))
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignConfig:
+    # The daemon's campaign (delibera 244/08 Allegato 1): "96in24h" (4 valid sessions in
+    # every hourly band, one a quarter hour) or "24in72h" (1 per band).
+    rule: Literal["96in24h", "24in72h"] = "96in24h"
+    # Local time of the hourly bands.
+    timezone: str = "Europe/Rome"
+    # Days a campaign may take to fill every band (retries included).
+    window_days: int = field(default=3, metadata=bounds(ge=1, le=30))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +182,7 @@ class AgentConfig:
     ping: PingConfig = field(default_factory=PingConfig)
     download: TransferConfig = field(default_factory=TransferConfig)
     upload: TransferConfig = field(default_factory=TransferConfig)
+    campaign: CampaignConfig = field(default_factory=CampaignConfig)
 
 
 # Method profiles: dotted-key presets, applied under whatever the file and flags set.
@@ -194,15 +218,26 @@ def load(
     path: str | os.PathLike[str] | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    central: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
-    """Read ``path`` (None: defaults only), apply ``overrides`` ({"section.key": value}),
-    validate everything and return the frozen config. Raises ``ConfigError``."""
+    """Read ``path`` (None: defaults only; or take ``data``, its contents read before),
+    apply the collector's ``central`` instruction and then ``overrides`` (both
+    {"section.key": value}), validate everything and return the frozen config. Raises
+    ``ConfigError``.
+
+    Precedence (issue 15): built-in defaults < profile presets < the local file < the
+    central instruction < the command line (a technician on site decides)."""
     source = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
+    if data is not None:
+        data = copy.deepcopy(dict(data))
+    elif path is not None:
         data = read_toml(Path(path))
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+    else:
+        data = {}
+    for layer in (central or {}), (overrides or {}):
+        for dotted, value in layer.items():
+            _set_dotted(data, dotted, value)
     cfg = parse(data, source)
     if not cfg.state_dir:
         cfg = replace(cfg, state_dir=default_state_dir(environ))
@@ -268,9 +303,18 @@ def _check(cfg: AgentConfig, source: str) -> None:
 
     if cfg.probe_id and not PROBE_ID_RE.match(cfg.probe_id):
         fail("probe_id", "must be 1-64 characters of letters, digits, '.', '_', '-'")
-    for key, url in (("collector.url", cfg.collector.url), ("server.url", cfg.server.url)):
+    for key, url in (("collector.url", cfg.collector.url), ("server.url", cfg.server.url),
+                     *((f"server.candidates[{i}]", u)
+                       for i, u in enumerate(cfg.server.candidates))):
         if url and (problem := url_problem(url)):
             fail(key, problem)
+    if len(cfg.server.candidates) > MAX_CANDIDATES:
+        fail("server.candidates", f"at most {MAX_CANDIDATES} servers, got "
+                                  f"{len(cfg.server.candidates)}")
+    try:
+        ZoneInfo(cfg.campaign.timezone)
+    except (ValueError, OSError, ZoneInfoNotFoundError):  # OSError: "Europe" is a directory
+        fail("campaign.timezone", f"not a known time zone, got {cfg.campaign.timezone!r}")
     if cfg.collector.token and (cfg.collector.token_file or cfg.collector.token_credential):
         fail("collector.token", "set token, or token_file and/or token_credential, not both")
     if cfg.collector.token_credential and \
@@ -379,8 +423,10 @@ def read_token(cfg: AgentConfig, environ: Mapping[str, str] = os.environ) -> str
 
 
 def measurement_server(cfg: AgentConfig) -> str:
-    """Base URL of the measurement server; raises ``ConfigError`` when none is configured."""
-    url = cfg.server.url or cfg.collector.url
+    """Base URL of the measurement server (the first candidate, before a session has
+    chosen among them); raises ``ConfigError`` when none is configured."""
+    url = (cfg.server.candidates[0] if cfg.server.candidates else "") or cfg.server.url \
+        or cfg.collector.url
     if not url:
         raise ConfigError(
             "no measurement server: set server.url or collector.url (or pass --server)"

@@ -21,10 +21,10 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent.schedule import Campaign, next_slot
+from agent.schedule import Campaign, Window, next_free_slot
 
 Clock = Callable[[], datetime]
 # Measure once; returns (finished_at, counts_for_its_band).
@@ -74,40 +74,143 @@ class CampaignStore:
             pass  # progress is also in the results themselves; a full disk must not stop us
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The campaign the instruction in force asks for, and its suppression windows
+    (issue 15); without a collector, the command line's."""
+
+    rule: str = "96in24h"
+    timezone: str = "Europe/Rome"
+    window_days: int = 3
+    windows: tuple[Window, ...] = ()
+
+    def suppressed_until(self, moment: datetime) -> datetime | None:
+        ends = [end for start, end in self.windows if start <= moment < end]
+        return max(ends) if ends else None
+
+
+# (campaign, suppressed until, next session) -> a health report sent.
+Report = Callable[[Campaign | None, datetime | None, datetime | None], Awaitable[None]]
+
+
 async def run_campaigns(
     control: Control, store: CampaignStore, measure: Measure, *, clock: Clock,
     wait: Callable[[datetime, Control], Awaitable[None]], rule: str = "96in24h",
     timezone: str = "Europe/Rome", window_days: int = 3, rng: random.Random | None = None,
     on_reload: Callable[[], None] | None = None, max_sessions: int | None = None,
+    plan: Callable[[], Awaitable[Plan]] | None = None, report: Report | None = None,
+    report_every_s: float = 3600.0, on_error: Callable[[str], None] | None = None,
 ) -> int:
     """The daemon's loop; returns the number of sessions run (until ``control.stop``, or
-    ``max_sessions`` for tests)."""
+    ``max_sessions`` for tests).
+
+    ``plan`` is asked before every planning step and again when a slot is reached, so
+    an instruction or a suppression changed while the daemon waits applies to the next
+    session. ``report`` is called at least every ``report_every_s`` (the wait is cut
+    short for it) and after every session. Neither may stop the daemon: an exception
+    from either is passed to ``on_error`` and the last good plan is kept."""
     rng = rng or random.Random()
+    last_plan = Plan(rule, timezone, window_days)
     sessions = 0
     campaign = store.load()
-    while not control.stop.is_set() and (max_sessions is None or sessions < max_sessions):
+    pending: tuple[datetime, Plan] | None = None  # the planned slot, and under what plan
+    last_report: datetime | None = None
+    every = timedelta(seconds=report_every_s)
+
+    async def planned() -> Plan:
+        nonlocal last_plan
+        if plan is not None:
+            try:
+                last_plan = await plan()
+            except Exception as exc:  # the daemon outlives a bad plan
+                if on_error is not None:
+                    on_error(f"planning failed, keeping the last plan: {exc}")
+        return last_plan
+
+    async def reported(campaign: Campaign | None, until: datetime | None,
+                       next_at: datetime | None) -> None:
+        nonlocal last_report
         now = clock()
-        if campaign is None or campaign.rule != rule or campaign.complete or \
-                now >= campaign.deadline():
-            campaign = Campaign(started_at=now, rule=rule, timezone=timezone,
-                                window_days=window_days)
-            store.save(campaign)
-        at = next_slot(campaign, now, rng)
-        if at is None:
-            campaign = None
-            continue
-        await wait(at, control)
-        if control.stop.is_set():
-            break
+        if report is None:
+            return
+        last_report = now
+        try:
+            await report(campaign, until, next_at)
+        except Exception as exc:  # a report is never worth the daemon
+            if on_error is not None:
+                on_error(f"health report failed: {exc}")
+
+    def due(now: datetime) -> bool:
+        # A clock stepped back puts the last report in the future: report again now.
+        return report is not None and (last_report is None or now - last_report >= every
+                                       or now < last_report)
+
+    def woken() -> bool:
+        """After a wait: True when the loop must plan again (a reload was asked)."""
         if control.reload.is_set():
             control.reload.clear()
             if on_reload is not None:
                 on_reload()
+            return True
+        return False
+
+    while not control.stop.is_set() and (max_sessions is None or sessions < max_sessions):
+        current = await planned()
+        now = clock()
+        fresh = False
+        if campaign is None or campaign.rule != current.rule or \
+                campaign.timezone != current.timezone or \
+                campaign.window_days != current.window_days or campaign.complete or \
+                now >= campaign.deadline():
+            campaign = Campaign(started_at=now, rule=current.rule, timezone=current.timezone,
+                                window_days=current.window_days)
+            store.save(campaign)
+            pending, fresh = None, True
+        if pending is None or pending[1] != current or pending[0] < now:
+            at = next_free_slot(campaign, now, rng, current.windows)
+            pending = (at, current) if at is not None else None
+        if pending is None:
+            if not fresh:
+                campaign = None
+                continue
+            # Even a new campaign has no free slot: suppressed throughout. Report, wait
+            # for the window to end (or the next report), then plan again.
+            until = current.suppressed_until(now)
+            if due(now):
+                await reported(campaign, until, None)
+            await wait(min(until or now + every, now + every), control)
+            if control.stop.is_set():
+                break
+            woken()
+            pending, campaign = None, None
+            continue
+        at = pending[0]
+        if due(now):
+            await reported(campaign, current.suppressed_until(now), at)
+        wake = at if report is None or last_report is None else \
+            min(at, max(last_report, now) + every)
+        await wait(wake, control)
+        if control.stop.is_set():
+            break
+        if woken():
+            pending = None
             continue  # re-plan under the new configuration
+        if clock() < at:
+            continue  # woke to report; plan again under the newest instruction
+        latest = await planned()
+        pending = None
+        if latest.suppressed_until(clock()) is not None or \
+                latest.suppressed_until(at) is not None:
+            # A window made while we waited covers the slot: no session (LMAP's
+            # suppression); the band still needs it and is planned again after.
+            campaign.suppressed += 1
+            store.save(campaign)
+            continue
         finished, counted = await measure()
         campaign.record(finished, counted, started=at)
         store.save(campaign)
         sessions += 1
+        await reported(campaign, None, None)
     return sessions
 
 

@@ -323,7 +323,12 @@ class Spool:
         recent = [{"result_id": result.result_id, "started_at": result.started_at,
                    "download_bps": s.download_bps, "upload_bps": s.upload_bps,
                    "rtt_mean_ms": s.rtt_mean_ms, "loss_ratio": s.loss_ratio,
-                   "valid": result.valid}, *self.stats().get("last_results", [])][:5]
+                   "valid": result.valid,
+                   # The host checks that failed (issue 15: the health report flags a
+                   # check that keeps failing).
+                   "invalid_codes": [r.code for r in result.validity.reasons]
+                   if result.validity is not None else []},
+                  *self.stats().get("last_results", [])][:5]
         self.note(last_results=recent)
         return final
 
@@ -573,8 +578,10 @@ class CollectorClient:
         self.compression = "none"
         return await self._send(method, path, data, "none")
 
-    async def _send(self, method: str, path: str, data: bytes | None, encoding: str) -> Any:
-        headers = {"X-Bbprobe-Sent-At": utc_now()}
+    async def _send(self, method: str, path: str, data: bytes | None, encoding: str,
+                    extra: Mapping[str, str] | None = None, *, full: bool = False) -> Any:
+        """The reply's JSON (None when empty); with ``full``, (status, ETag, JSON)."""
+        headers = {"X-Bbprobe-Sent-At": utc_now(), **(extra or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
             if encoding != "none":
@@ -593,7 +600,8 @@ class CollectorClient:
                         retry_after_s=parse_retry_after(resp.headers.get("Retry-After"),
                                                         datetime.now(UTC)),
                     )
-                return json.loads(body) if body else None
+                parsed = json.loads(body) if body else None
+                return (resp.status, resp.headers.get("ETag"), parsed) if full else parsed
         except (aiohttp.ClientError, OSError) as exc:
             raise DeliveryError(
                 f"cannot reach the collector at {self.url}: {exc or type(exc).__name__}",
@@ -622,6 +630,18 @@ class CollectorClient:
 
     async def push_gap(self, body: bytes) -> None:
         await self._request("POST", GAPS_PATH, body)
+
+    async def instruction(self, etag: str | None) -> tuple[str | None, Any] | None:
+        """The probe's central instruction (issue 15): (ETag, document), or None when the
+        collector says the one held (``etag``) is still current (304)."""
+        extra = {"If-None-Match": etag} if etag else None
+        status, tag, doc = await self._send("GET", spec.INSTRUCTION_PATH, None, "none",
+                                            extra, full=True)
+        return None if status == 304 else (tag, doc)
+
+    async def report_health(self, body: bytes) -> None:
+        """The probe's health report (issue 15): what the fleet page shows."""
+        await self._request("POST", spec.HEALTH_PATH, body)
 
 
 # --- delivery ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ runs out, incomplete.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -38,6 +39,9 @@ class Campaign:
     attempted: list[int] = field(default_factory=lambda: [0] * 24)
     done_at: datetime | None = None
     last_at: datetime | None = None  # when the last session started: one per quarter
+    # Sessions not started because a suppression window covered their slot (issue 15):
+    # their bands still need them, so they are planned again within the window.
+    suppressed: int = 0
 
     @property
     def needed(self) -> list[int]:
@@ -68,7 +72,8 @@ class Campaign:
                 "timezone": self.timezone, "window_days": self.window_days,
                 "counted": self.counted, "attempted": self.attempted,
                 "done_at": self.done_at.isoformat() if self.done_at else None,
-                "last_at": self.last_at.isoformat() if self.last_at else None}
+                "last_at": self.last_at.isoformat() if self.last_at else None,
+                "suppressed": self.suppressed}
 
     @staticmethod
     def from_json(data: dict[str, object]) -> Campaign:
@@ -80,7 +85,8 @@ class Campaign:
                         window_days=int(str(data["window_days"])),
                         counted=[int(x) for x in data["counted"]],  # type: ignore[attr-defined]
                         attempted=[int(x) for x in data["attempted"]],  # type: ignore[attr-defined]
-                        done_at=datetime.fromisoformat(str(done)) if done else None)
+                        done_at=datetime.fromisoformat(str(done)) if done else None,
+                        suppressed=int(str(data.get("suppressed", 0))))
 
 
 def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime | None:
@@ -119,4 +125,23 @@ def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime
         if moment >= campaign.deadline():
             return None
         return moment
+    return None
+
+
+Window = tuple[datetime, datetime]  # a suppression: [start, end), aware
+
+
+def next_free_slot(campaign: Campaign, now: datetime, rng: random.Random,
+                   windows: Sequence[Window] = (), *, limit: int = 1000) -> datetime | None:
+    """``next_slot``, never inside a suppression window (LMAP's suppression, issue 15):
+    a slot that falls in one is planned again from the window's end, so the band it
+    would have filled is filled later in the campaign window, not lost."""
+    for _ in range(limit):
+        at = next_slot(campaign, now, rng)
+        if at is None:
+            return None
+        covering = [end for start, end in windows if start <= at < end]
+        if not covering:
+            return at
+        now = max(covering)
     return None

@@ -34,7 +34,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 # 4: session_seq, the probe's own count of its sessions, and the sequence numbers of the
 # results a gap record stands for, so a collector can tell a result that never arrived
 # from one the probe reported dropping (reliability.md C8).
-SCHEMA_VERSION = 4
+# 5: fleet control (issue 15): the central instruction a session ran under
+# (instruction_version), and how its measurement server was chosen among candidates
+# (server_selection: each candidate's RTT, the choice, any failover); the health report.
+SCHEMA_VERSION = 5
 
 Status = Literal["ok", "failed"]
 Direction = Literal["download", "upload"]
@@ -52,6 +55,9 @@ FailureReason = Literal[
 
 PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REASON_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# A central instruction's version: the first 16 hex digits of the SHA-256 of its
+# canonical JSON (collector/instructions.py), so equal instructions have equal versions.
+INSTRUCTION_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 class SchemaError(ValueError):
@@ -323,6 +329,40 @@ class HostContext:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerCandidate:
+    """One measurement server the session could have used (v5), with the ICMP echo
+    round trips to its host that ranked it (Ne.Me.Sys measures against the nearest
+    server, methodology.md §2.1)."""
+
+    url: str
+    rtts_ms: tuple[float, ...] = field(metadata=bounds(ge=0))
+    # Median of rtts_ms; None when no echo came back (ranked after every one that did).
+    rtt_median_ms: float | None = field(metadata=bounds(ge=0))
+    # Why it could not be pinged (resolution, permission), if so.
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFailover:
+    """A candidate passed over at session start: its TCP connection failed (v5)."""
+
+    url: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSelection:
+    """How the session's measurement server was chosen (v5): candidates ranked by median
+    RTT (ties: the order the instruction lists them), then the first that accepted a TCP
+    connection. chosen_url is None when none did (the transfers then fail, recorded)."""
+
+    method: Literal["icmp_median_rtt"]
+    candidates: tuple[ServerCandidate, ...]
+    chosen_url: str | None
+    failovers: tuple[ServerFailover, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
@@ -349,6 +389,12 @@ class SessionResult:
     # v4: 1, 2, 3... per probe, given as the result enters the spool; None: older agents,
     # or not spooled (a technician's --no-push run).
     session_seq: int | None = field(default=None, metadata={**bounds(ge=1), "added": 4})
+    # v5: the central instruction's version this session ran under; None: none (no
+    # collector, or the probe never received one).
+    instruction_version: str | None = field(
+        default=None, metadata={"format": "instruction_version", "added": 5})
+    # v5: None when the session had no server.candidates (one configured server).
+    server_selection: ServerSelection | None = field(default=None, metadata={"added": 5})
 
     @property
     def valid(self) -> bool:
@@ -373,6 +419,65 @@ class GapRecord:
     # v4: the dropped results' session_seq, as [first, last] ranges (at most 1000).
     dropped_seq_ranges: tuple[tuple[int, int], ...] = field(default=(),
                                                           metadata={"added": 4})
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignState:
+    """Where the daemon's campaign stands (v5, in a health report)."""
+
+    rule: Literal["96in24h", "24in72h"]
+    started_at: str = field(metadata=_UTC)
+    deadline_at: str = field(metadata=_UTC)
+    bands_filled: int = field(metadata=bounds(ge=0, le=24))
+    sessions_counted: int = field(metadata=bounds(ge=0, le=10_000))
+    sessions_needed: int = field(metadata=bounds(ge=0, le=10_000))
+    complete: bool
+    # Planned sessions not started because a suppression window covered them (their
+    # bands are planned again, later in the campaign window).
+    sessions_suppressed: int = field(metadata=bounds(ge=0, le=100_000))
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """A probe's state (v5, POST /api/v1/health): sent after every delivery and at least
+    hourly, so the collector can show its fleet and flag the silent and unhealthy."""
+
+    schema_version: int
+    agent_version: str
+    reported_at: str = field(metadata=_UTC)
+    mode: Literal["daemon", "run"]
+    instruction_version: str | None = field(metadata={"format": "instruction_version"})
+    # Why the last instruction received could not be applied (the one before stays).
+    instruction_error: str | None
+    campaign: CampaignState | None
+    spool_results: int = field(metadata=bounds(ge=0))
+    spool_bytes: int = field(metadata=bounds(ge=0))
+    dead_letters: int = field(metadata=bounds(ge=0))
+    gaps_waiting: int = field(metadata=bounds(ge=0))
+    dropped_total: int = field(metadata=bounds(ge=0))
+    clock: ClockState | None
+    last_error: str | None
+    # Host-check reason codes that failed in each of the last sessions (at least two).
+    failing_checks: tuple[str, ...] = field(metadata={"format": "reason_code"})
+    # A suppression window in force now, and when the next session is planned.
+    suppressed_until: str | None = field(metadata=_UTC)
+    next_session_at: str | None = field(metadata=_UTC)
+
+
+def parse_health(data: Any) -> HealthReport:
+    """Validate a health report; raises ``SchemaError`` naming the field."""
+    report = decode(HealthReport, data)
+    if not 5 <= report.schema_version <= SCHEMA_VERSION:
+        raise SchemaError("schema_version", f"health reports are version 5 to "
+                          f"{SCHEMA_VERSION}, got {report.schema_version}")
+    for name in ("instruction_error", "last_error"):
+        if len(getattr(report, name) or "") > 500:
+            raise SchemaError(name, "longer than 500 characters")
+    if len(report.failing_checks) > 50:
+        raise SchemaError("failing_checks", "at most 50 codes")
+    if len(report.agent_version) > 64:
+        raise SchemaError("agent_version", "longer than 64 characters")
+    return report
 
 
 def parse_gap(data: Any) -> GapRecord:
@@ -687,6 +792,8 @@ def _check_format(value: str, path: str, fmt: str | None) -> None:
     elif fmt == "reason_code" and not REASON_CODE_RE.match(value):
         raise SchemaError(path, f"must be 1-40 lowercase letters, digits or '_', starting "
                           f"with a letter, got {value!r}")
+    elif fmt == "instruction_version" and not INSTRUCTION_VERSION_RE.match(value):
+        raise SchemaError(path, f"must be 16 lowercase hex digits, got {value[:40]!r}")
 
 
 # --- JSON Schema, generated from the same dataclasses (for the collector's OpenAPI) ----------
@@ -743,4 +850,6 @@ def _schema_of(tp: Any, meta: dict[str, Any], defs: dict[str, Any]) -> dict[str,
         out["pattern"] = PROBE_ID_RE.pattern
     elif fmt == "reason_code":
         out["pattern"] = REASON_CODE_RE.pattern
+    elif fmt == "instruction_version":
+        out["pattern"] = INSTRUCTION_VERSION_RE.pattern
     return out

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from agent import __version__, checks, clock, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
-from agent.probes import http_download, http_upload, icmp
+from agent.probes import http_download, http_upload, icmp, select
 from agent.report import describe_method
 from agent.schema import (
     SCHEMA_VERSION,
@@ -26,6 +26,7 @@ from agent.schema import (
     PingSample,
     PingTest,
     Server,
+    ServerSelection,
     SessionResult,
     TransferAttempt,
     TransferMethod,
@@ -136,6 +137,7 @@ async def run(
     progress: Progress = _quiet,
     *,
     tests: frozenset[str] = frozenset({"ping", "download", "upload"}),
+    instruction_version: str | None = None,
 ) -> SessionResult:
     """Run one session and return its result (never raises for a failed measurement)."""
     started = datetime.now(UTC)
@@ -149,6 +151,17 @@ async def run(
         m = replace(m, upload=replace(m.upload, tests=0))
     if "ping" not in tests:
         m = replace(m, ping=None)
+    selection: ServerSelection | None = None
+    if cfg.server.candidates and (m.download.tests or m.upload.tests or m.ping):
+        progress(f"choosing among {len(cfg.server.candidates)} measurement servers")
+        selection = await select.choose(cfg.server.candidates, cfg.server.select_pings)
+        for f in selection.failovers:
+            progress(f"  passed over {f.url}: {f.error}")
+        # None chosen: the best-ranked is used, and its transfers fail (recorded).
+        best = selection.chosen_url or \
+            selection.candidates[select.rank(selection.candidates)[0]].url
+        cfg = replace(cfg, server=replace(cfg.server, url=best, candidates=()))
+        progress(f"  measuring against {best}")
     base_url = measurement_server(cfg) if (m.download.tests or m.upload.tests) else None
     ping_test: PingTest | None = None
     loaded: tuple[str, PingMethod] | None = None
@@ -210,4 +223,6 @@ async def run(
         ),
         ping_download=ping_download,
         ping_upload=ping_upload,
+        instruction_version=instruction_version,
+        server_selection=selection,
     )

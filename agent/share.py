@@ -24,9 +24,12 @@ FILES = {
     # What the Debian package installs as /etc/bbprobe/{agent,collector}.toml.
     "agent.system.toml": "agent.system.toml",
     "collector.system.toml": "collector.system.toml",
+    # ...and as /etc/bbprobe/collector-measurement.toml (bbprobe-collector@measurement).
+    "collector.measurement.toml": "collector.measurement.toml",
     "grafana-dashboard.json": "grafana/bbprobe-dashboard.json",
     "bbprobe-agent.service": "systemd/bbprobe-agent.service",
     "bbprobe-collector.service": "systemd/bbprobe-collector.service",
+    "bbprobe-collector@.service": "systemd/bbprobe-collector@.service",
 }
 
 

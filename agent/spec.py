@@ -9,6 +9,10 @@ from __future__ import annotations
 # --- Collector endpoints (paths are part of the agent <-> collector contract) -------------
 RESULTS_PATH = "/api/v1/results"
 WHOAMI_PATH = "/api/v1/whoami"
+# Fleet control (issue 15): the probe's central instruction, and its health reports
+# (LMAP and NIC.br SIMET call them the reported state).
+INSTRUCTION_PATH = "/api/v1/instruction"
+HEALTH_PATH = "/api/v1/reported-state"
 DOWNLOAD_PATH = "/measure/v1/download"
 UPLOAD_PATH = "/measure/v1/upload"
 ECHO_PATH = "/measure/v1/echo"

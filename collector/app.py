@@ -32,7 +32,13 @@ from collector.measurement import ndt7
 from collector.measurement import routes as measurement
 from collector.storage.model import Quota
 from collector.storage.store import Store, open_store
-from collector.web import admin_routes, analyst_routes, probe_routes, public_routes
+from collector.web import (
+    admin_routes,
+    analyst_routes,
+    fleet_routes,
+    probe_routes,
+    public_routes,
+)
 from collector.web.base import (
     ANON_LIMITER,
     COMMITS,
@@ -141,6 +147,7 @@ def create_app(cfg: CollectorConfig, role: str = "all") -> web.Application:
         probe_routes.add_routes(routes)
         analyst_routes.add_routes(routes)
         admin_routes.add_routes(routes)
+        fleet_routes.add_routes(routes)
         public_routes.add_routes(routes)
     if role == "ingest":
         return app

@@ -7,23 +7,19 @@ exit 1 for operational errors, 2 for bad configuration or arguments.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import sqlite3
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import psycopg
 
 from agent.schema import utc_now
-from collector import __version__, html_report, service
+from collector import __version__, cli_fleet, html_report, service
+from collector.cli_common import _config, _shown, _store, handle_errors, shared_options
 from collector.compliance import targets as targets_mod
-from collector.config import CollectorConfig, load, resolve_secrets
-from collector.errors import ApiError, CollectorError, InputError, StoreError
+from collector.config import resolve_secrets
+from collector.errors import CollectorError, InputError, StoreError
 from collector.report import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
@@ -43,78 +39,6 @@ from collector.storage.postgres import masked
 from collector.storage.store import Store, open_store
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            click.echo(f"bbprobe-collector: {exc.message}", err=True)
-            sys.exit(2)
-        except CollectorError as exc:
-            click.echo(f"bbprobe-collector: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except (sqlite3.Error, psycopg.Error) as exc:
-            # A database changed or damaged under us, or a server gone: say so, never a
-            # traceback (libpq's messages name host and user, never the password).
-            first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
-            click.echo(f"bbprobe-collector: database error: {first[0]}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Collect --config/--db into ctx.obj, whether given before or after the command."""
-    obj = ctx.ensure_object(dict)
-    from_env = ctx.get_parameter_source(str(param.name)) is click.core.ParameterSource.ENVIRONMENT
-    if value is not None and not (from_env and str(param.name) in obj):
-        obj[str(param.name)] = value
-    return value
-
-
-def shared_options(fn: F) -> F:
-    fn = click.option("--db", expose_value=False, callback=_remember,
-                      help="SQLite database path, or a postgresql:// URI (overrides "
-                           "[storage]).")(fn)
-    fn = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                      envvar="BBPROBE_COLLECTOR_CONFIG", expose_value=False,
-                      callback=_remember, help="Collector TOML config.")(fn)
-    return fn
-
-
-def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
-    given = ctx.ensure_object(dict)
-    db = given.get("db")
-    chosen: dict[str, Any] = {"storage.path": db}
-    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
-        chosen = {"storage.backend": "postgresql", "storage.url": db}
-    merged = {k: v for k, v in {**chosen, **overrides}.items() if v is not None}
-    return load(given.get("config_path"), merged)
-
-
-def _shown(value: str) -> str:
-    """A --db or --config value as echoed back: a PostgreSQL URI with its password
-    masked, a path as it is."""
-    return masked(value) if value.startswith(("postgresql://", "postgres://")) else value
-
-
-@contextmanager
-def _store(ctx: click.Context, create: bool = False) -> Iterator[Store]:
-    """The configured database, closed however the command ends. Only the commands that
-    set a collector up (init, probe add, token add) may create it: a typo in --db must
-    not quietly open a new, empty database and report nothing (issue 12)."""
-    storage = _config(ctx).storage
-    if storage.backend == "sqlite" and not create and not Path(storage.path).exists():
-        raise InputError(f"no database at {storage.path} (check --db or storage.path; "
-                         "`bbprobe-collector init` creates one)")
-    store = open_store(storage)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -768,3 +692,7 @@ def files(name: str | None) -> None:
         click.echo(share.show(name), nl=False)
     except LookupError as exc:
         raise InputError(str(exc)) from None
+
+
+for _command in cli_fleet.COMMANDS:
+    main.add_command(_command)

@@ -142,6 +142,16 @@ class InfluxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    # A probe with no health report and no result for longer than this is flagged
+    # silent (issue 15). Agents report at every delivery and at least hourly, so the
+    # default allows two missed reports.
+    silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
+    # The fleet view's validity rate counts the sessions of this many days.
+    validity_days: int = field(default=7, metadata=bounds(ge=1, le=366))
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -149,6 +159,7 @@ class CollectorConfig:
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     anonymous: AnonymousConfig = field(default_factory=AnonymousConfig)
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 def load(

@@ -33,6 +33,7 @@ import msgspec
 
 from agent import schema
 from agent.schema import (
+    INSTRUCTION_VERSION_RE,
     PROBE_ID_RE,
     REASON_CODE_RE,
     SCHEMA_VERSION,
@@ -41,7 +42,8 @@ from agent.schema import (
     parse_utc,
 )
 
-_PATTERNS = {"probe_id": PROBE_ID_RE.pattern, "reason_code": REASON_CODE_RE.pattern}
+_PATTERNS = {"probe_id": PROBE_ID_RE.pattern, "reason_code": REASON_CODE_RE.pattern,
+             "instruction_version": INSTRUCTION_VERSION_RE.pattern}
 
 
 def _int_bound(value: float | None, up: bool) -> int | None:

@@ -291,6 +291,7 @@ def index(probes: Sequence[Probe]) -> str:
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>bbprobe collector"
         f"</title><style>{_CSS}</style></head><body><h1>bbprobe collector</h1>"
         '<p><a href="report">Report for all probes</a> &middot; '
+        '<a href="fleet">Fleet (silent and unhealthy probes)</a> &middot; '
         '<a href="api/v1/openapi.json">API (OpenAPI)</a> &middot; '
         'query parameters of any report: <code>probe</code>, <code>operator</code>, '
         "<code>offer</code>, <code>region</code>, <code>technology</code>, "
@@ -364,7 +365,11 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
         f'<tr>{"".join(bands[12:])}</tr></table>'
         "<h2>Checks</h2><table><tr><th>Indicator</th><th>Observed</th><th>Threshold</th>"
         f"<th>Samples</th><th>Result</th></tr>{''.join(checks)}</table>"
-        f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
+        + "".join(f'<p class="suppressed">Suppressed {escape(w.starts_at)} to '
+                  f"{escape(w.ends_at)} ({escape(w.reason)}): no session started; bands "
+                  f"{escape(', '.join(f'{b:02d}h' for b in w.bands))} were left to later "
+                  "in the campaign window.</p>" for w in cert.suppressions)
+        + f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
         f"{escape(VERDICT_WORDS[cert.verdict])}</span></p>"
         "<h2>Every session</h2><table><tr><th>Start (UTC)</th><th>Band</th><th>State</th>"
         "<th>Download</th><th>Upload</th><th>RTT ms</th></tr>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__, spec
-from agent.schema import GapRecord, SessionResult, UploadReport, json_schema
+from agent.schema import GapRecord, HealthReport, SessionResult, UploadReport, json_schema
 from collector.compliance.evaluate import IndicatorResult
 from collector.measurement import librespeed
 
@@ -423,6 +423,7 @@ def document() -> dict[str, Any]:
                         "processedString": {"type": "string"},
                         "rawIspInfo": {"type": "string"}}})}},
             "options": preflight}
+    paths.update(_fleet_paths(json_schema(HealthReport, schemas), bad_request))
     return {
         "openapi": "3.1.0",
         "info": {"title": "bbprobe collector", "version": __version__,
@@ -447,4 +448,94 @@ def document() -> dict[str, Any]:
         # Queries, reports and pages: an analyst or admin token (unless
         # server.query_auth = false); routes that differ say so.
         "security": [{"analystToken": []}],
+    }
+
+
+def _fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Fleet control (issue 15): instructions, suppressions, health, the fleet view."""
+    selector = {"type": "object", "additionalProperties": False, "properties": {
+        "all": {"type": "boolean"}, **{f: {"type": "string", "minLength": 1,
+                                           "maxLength": 200}
+                                       for f in ("probe", "operator", "offer", "region",
+                                                 "technology")}}}
+    refused = _error("A key, value or selector is refused; field names it.")
+    return {
+        spec.INSTRUCTION_PATH: {"get": {
+            "summary": "Probes: their own effective instruction (settings and suppression "
+                       "windows) and its version, also the ETag.",
+            "security": BEARER,
+            "parameters": [
+                {"name": "If-None-Match", "in": "header", "required": False,
+                 "schema": {"type": "string"}, "description": "The ETag held."},
+                _query("probe", "Only the token's own probe may be named.")],
+            "responses": {"200": _json({"type": "object", "required": [
+                "version", "settings", "suppressions"]}),
+                "304": {"description": "The instruction held is current."},
+                "401": _error("Missing, unknown or revoked token."),
+                "403": _error("Another probe's instruction.")}}},
+        spec.HEALTH_PATH: {"post": {
+            "summary": "Probes: their health report (agent version, instruction, campaign, "
+                       "spool, dead letters, clock); kept as the latest.",
+            "security": BEARER, "parameters": [SENT_AT],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": health_ref}}},
+            "responses": {"200": _json({"type": "object"}),
+                          "400": _error("Not JSON."),
+                          "401": _error("Missing, unknown or revoked token."),
+                          "413": _error("Larger than 16 KiB."),
+                          "415": _error("Not application/json, or an unknown encoding."),
+                          "422": _error("The report breaks the schema; field names it.")}}},
+        "/api/v1/instructions": {
+            "get": {"summary": "Admins: every instruction rule, least specific first.",
+                    "security": ADMIN, "responses": {"200": _json({"type": "object"})}},
+            "post": {"summary": "Admins: set and unset keys in the rule of a selector "
+                                "(the agent's --set keys; measurement settings only).",
+                     "security": ADMIN,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["selector"],
+                                    "additionalProperties": False, "properties": {
+                                        "selector": selector,
+                                        "set": {"type": "object"},
+                                        "unset": {"type": "array",
+                                                  "items": {"type": "string"}}}}}}},
+                     "responses": {"200": _json({"type": "object"}), "400": bad_request,
+                                   "404": _error("No such probe."), "422": refused}}},
+        "/api/v1/instructions/effective": {"get": {
+            "summary": "Admins: a probe's effective instruction, each key with its rule.",
+            "security": ADMIN, "parameters": [_query("probe", "The probe.", required=True)],
+            "responses": {"200": _json({"type": "object"}), "400": bad_request,
+                          "404": _error("No such probe.")}}},
+        "/api/v1/suppressions": {
+            "get": {"summary": "Suppression windows.",
+                    "responses": {"200": _json({"type": "object"})}},
+            "post": {"summary": "Admins: pause the selected probes' daemons in [from, "
+                                "until).",
+                     "security": ADMIN,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "additionalProperties": False,
+                                    "required": ["selector", "from", "until", "reason"],
+                                    "properties": {"selector": selector,
+                                                   "from": {"type": "string"},
+                                                   "until": {"type": "string"},
+                                                   "reason": {"type": "string"}}}}}},
+                     "responses": {"201": _json({"type": "object"}), "400": bad_request,
+                                   "404": _error("No such probe."), "422": refused}}},
+        "/api/v1/suppressions/{id}/delete": {"post": {
+            "summary": "Admins: delete a suppression window.", "security": ADMIN,
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json({"type": "object"}),
+                          "404": _error("No such window.")}}},
+        "/api/v1/fleet": {"get": {
+            "summary": "One row per probe: last seen, silent, versions, backlog, bands, "
+                       "validity rate, problems.",
+            "parameters": [_query("format", "json (default) or csv.",
+                                  {"enum": ["json", "csv"]})],
+            "responses": {"200": {"description": "The fleet.", "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/csv": {"schema": {"type": "string"}}}}, "400": bad_request}}},
+        "/fleet": {"get": {"summary": "The fleet page (HTML).",
+                           "responses": {"200": {"description": "HTML", "content": {
+                               "text/html": {"schema": {"type": "string"}}}}}}},
     }

@@ -321,6 +321,10 @@ def format_certificate(cert: Any) -> str:
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         out.append(f"{c.name:<42}  {format_value(c.observed, c.unit):>14}  {threshold:>17}  "
                    f"{c.samples:>7}  {result}")
+    for w in cert.suppressions:
+        out.append(f"Suppressed {w.starts_at} to {w.ends_at} ({w.reason}): no session "
+                   f"started; bands {', '.join(f'{b:02d}h' for b in w.bands)} were left "
+                   "to later in the campaign window")
     out += ["", f"Verdict:  {VERDICT_WORDS[cert.verdict]}", "", "Every session:"]
     for s in cert.sessions:
         def show(values: tuple[float | None, ...], unit: str) -> str:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, time
 from typing import Any
 
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
-from collector import auth
+from collector import auth, control
 from collector.compliance import certify
 from collector.compliance.completeness import DayCompleteness
 from collector.compliance.completeness import completeness as completeness_of
@@ -229,7 +229,14 @@ def certificate(store: Store, probe: str, since: str | None, until: str | None,
     check_timezone(timezone)
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until)
-    return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone)
+    # The suppression windows over the period (or over the sessions' span, when open).
+    lo = where.since or min((f.started_at for f in facts), default=None)
+    hi = where.until or max((f.started_at for f in facts), default=None)
+    suppressed = [(w.starts_at, w.ends_at, w.reason) for w in control.windows(store)
+                  if w.selector.matches(line) and lo is not None and hi is not None
+                  and w.starts_at <= hi and w.ends_at > lo]
+    return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone,
+                           suppressed=suppressed)
 
 
 CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int, int]]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -71,6 +72,17 @@ class SessionLine:
 
 
 @dataclass(frozen=True, slots=True)
+class Suppressed:
+    """A suppression window (issue 15) over the campaign: no session was started in it,
+    so its hourly bands were filled later in the campaign window, or not at all."""
+
+    starts_at: str
+    ends_at: str
+    reason: str
+    bands: tuple[int, ...]  # local hour bands the window covers
+
+
+@dataclass(frozen=True, slots=True)
 class Certificate:
     probe_id: str
     line: LineMetadata
@@ -84,11 +96,28 @@ class Certificate:
     checks: tuple[Check, ...]
     sessions: tuple[SessionLine, ...]
     verdict: CertVerdict
+    suppressions: tuple[Suppressed, ...] = ()
+
+
+def covered_bands(starts_at: str, ends_at: str, timezone: str) -> tuple[int, ...]:
+    """The local hour bands [starts_at, ends_at) touches (pure)."""
+    zone = ZoneInfo(timezone)
+    moment, end = parse_utc(starts_at), parse_utc(ends_at)
+    bands: set[int] = set()
+    while moment < end and len(bands) < 24:
+        local = moment.astimezone(zone)
+        bands.add(local.hour)
+        moment = (local.replace(minute=0, second=0, microsecond=0)
+                  + timedelta(hours=1)).astimezone(UTC)
+    return tuple(sorted(bands))
 
 
 def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             rule: CampaignRule = RULES["96in24h"], timezone: str = "Europe/Rome",
-            delay_basis: Literal["rtt", "rtt_half"] = "rtt") -> Certificate:
+            delay_basis: Literal["rtt", "rtt_half"] = "rtt",
+            suppressed: Sequence[tuple[str, str, str]] = ()) -> Certificate:
+    """``suppressed``: (starts_at, ends_at, reason) of the suppression windows over the
+    period, shown with the bands they cover (they change no number)."""
     zone = ZoneInfo(timezone)
     counts = [0] * 24
     listed: list[SessionLine] = []
@@ -152,4 +181,6 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         last=ordered[-1].started_at if ordered else None,
         band_counts=tuple(counts), complete=complete, checks=checks,
         sessions=tuple(listed), verdict=verdict,
+        suppressions=tuple(Suppressed(a, b, why, covered_bands(a, b, timezone))
+                           for a, b, why in suppressed),
     )

@@ -775,6 +775,106 @@ class SqlStore:
                 out.append(("ndt7", test, bps / 1000 if ok else None))
         return out
 
+    # --- fleet control (issue 15) ---------------------------------------------------------
+
+    def instruction_rules(self) -> list[tuple[str, dict[str, Any], str]]:
+        """(selector key, settings, updated_at) of every instruction rule."""
+        return [(r[0], json.loads(r[1]), r[2]) for r in self._read(
+            "SELECT selector, settings, updated_at FROM instruction_rules ORDER BY selector")]
+
+    def update_instruction_rule(
+        self, selector: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+        updated_at: str,
+    ) -> dict[str, Any]:
+        """Replace a rule's settings with ``change(current)`` ({} when there is no rule)
+        in one transaction; an empty result deletes the rule. Returns the new settings."""
+        def work(tx: Tx) -> dict[str, Any]:
+            # The row first (empty when new), then locked: two admins creating the same
+            # rule at once take turns instead of one failing on the primary key.
+            tx.run("INSERT INTO instruction_rules (selector, settings, updated_at) "
+                   "VALUES (?, '{}', ?) ON CONFLICT (selector) DO NOTHING",
+                   (selector, updated_at))
+            row = tx.one("SELECT settings FROM instruction_rules WHERE selector = ? "
+                         f"{self.dialect.for_update}", (selector,))
+            settings = change(json.loads(row[0]) if row else {})
+            if not settings:
+                tx.run("DELETE FROM instruction_rules WHERE selector = ?", (selector,))
+            else:
+                tx.run("UPDATE instruction_rules SET settings = ?, updated_at = ? "
+                       "WHERE selector = ?", (json.dumps(settings), updated_at, selector))
+            return settings
+
+        return self._transaction(work)
+
+    SUPPRESSION_KEYS = ("id", "selector", "starts_at", "ends_at", "reason", "created_at")
+
+    def suppressions(self, ending_after: str | None = None) -> list[dict[str, Any]]:
+        """Suppression windows (those not over at ``ending_after``, if given)."""
+        where, params = ("WHERE ends_at > ?", [ending_after]) if ending_after else ("", [])
+        return [dict(zip(self.SUPPRESSION_KEYS, r, strict=True)) for r in self._read(
+            f"SELECT {', '.join(self.SUPPRESSION_KEYS)} FROM suppressions {where} "
+            "ORDER BY starts_at, id", params)]
+
+    def add_suppression(self, selector: str, starts_at: str, ends_at: str, reason: str,
+                        created_at: str, max_open: int | None = None,
+                        forget_before: str | None = None) -> int | None:
+        """Add a window; None when ``max_open`` windows not over at ``created_at``
+        exist already (counted in the same transaction). Windows that ended before
+        ``forget_before`` are deleted first (the certificates of those days list them
+        no more: keep ``forget_before`` beyond the campaigns still to certify)."""
+        def work(tx: Tx) -> int | None:
+            if forget_before is not None:
+                tx.run("DELETE FROM suppressions WHERE ends_at < ?", (forget_before,))
+            if max_open is not None:
+                row = tx.one("SELECT COUNT(*) FROM suppressions WHERE ends_at > ?",
+                             (created_at,))
+                if row is not None and int(row[0]) >= max_open:
+                    return None
+            row = tx.one("INSERT INTO suppressions (selector, starts_at, ends_at, reason, "
+                         "created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+                         (selector, starts_at, ends_at, reason, created_at))
+            assert row is not None
+            return int(row[0])
+
+        return self._transaction(work)
+
+    def delete_suppression(self, ident: int) -> bool:
+        return self._transaction(lambda tx: tx.run(
+            "DELETE FROM suppressions WHERE id = ?", (ident,))) == 1
+
+    def put_health(self, probe_name: str, received_at: str, clock_skew_s: float | None,
+                   body: str) -> None:
+        """A probe's latest health report (replaces the one before)."""
+        self._transaction(lambda tx: tx.run(
+            "INSERT INTO probe_health (probe_name, received_at, clock_skew_s, body) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (probe_name) DO UPDATE SET "
+            "received_at = excluded.received_at, clock_skew_s = excluded.clock_skew_s, "
+            "body = excluded.body", (probe_name, received_at, clock_skew_s, body)))
+
+    def health(self) -> dict[str, tuple[str, float | None, dict[str, Any]]]:
+        """probe -> (received_at, clock skew, report) of each probe's latest report."""
+        return {r[0]: (r[1], r[2], json.loads(r[3])) for r in self._read(
+            "SELECT probe_name, received_at, clock_skew_s, body FROM probe_health")}
+
+    def activity(self, since: str) -> dict[str, dict[str, Any]]:
+        """Per probe: its newest result's start and arrival, and its sessions since
+        ``since`` (valid and in all), from the session facts."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._reading() as tx:
+            for (name,) in tx.rows("SELECT name FROM probes ORDER BY name"):
+                # One index seek per probe (results (probe_name, started_at)).
+                last = tx.one("SELECT started_at, received_at FROM results "
+                              "WHERE probe_name = ? ORDER BY started_at DESC LIMIT 1",
+                              (name,))
+                counts = tx.one("SELECT COUNT(*), SUM(valid) FROM session_facts "
+                                "WHERE probe_name = ? AND started_at >= ?", (name, since))
+                out[name] = {
+                    "last_started_at": last[0] if last else None,
+                    "last_received_at": last[1] if last else None,
+                    "sessions": int(counts[0]) if counts else 0,
+                    "valid_sessions": int(counts[1] or 0) if counts else 0}
+        return out
+
     # --- copying a whole store (migrate) ---------------------------------------------------
 
     def dump(self, table: str, after: Sequence[Any] | None,
@@ -830,6 +930,11 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                "end_reason", "throughput_bps", "min_rtt_ms", "body")),
     "influx_outbox": (("seq",), ("seq", "result_id", "queued_at")),
     "influx_dead_letters": (("result_id",), ("result_id", "failed_at", "reason")),
+    "instruction_rules": (("selector",), ("selector", "settings", "updated_at")),
+    "suppressions": (("id",), ("id", "selector", "starts_at", "ends_at", "reason",
+                               "created_at")),
+    "probe_health": (("probe_name",), ("probe_name", "received_at", "clock_skew_s",
+                                       "body")),
 }
 
 ANONYMOUS = {"browser_results": ("id", "received_at"), "ndt7_tests": ("uuid", "started_at")}

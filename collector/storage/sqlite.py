@@ -227,6 +227,30 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """
     ALTER TABLE results ADD COLUMN body_packed BLOB;
     """,
+    # 12: fleet control (issue 15): instruction rules (a probe selector, canonical JSON,
+    # and its settings as JSON {dotted key: value}); suppression windows; each probe's
+    # latest health report, as it sent it.
+    """
+    CREATE TABLE instruction_rules (
+        selector TEXT PRIMARY KEY,
+        settings TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE suppressions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        selector TEXT NOT NULL,
+        starts_at TEXT NOT NULL,
+        ends_at TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE probe_health (
+        probe_name TEXT PRIMARY KEY REFERENCES probes(name),
+        received_at TEXT NOT NULL,
+        clock_skew_s REAL,
+        body TEXT NOT NULL
+    );
+    """,
 )
 
 

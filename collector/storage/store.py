@@ -10,7 +10,7 @@ synchronous; the web app runs them on database threads (``concurrency`` of them 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,6 +161,29 @@ class Store(Protocol):
 
     def customer_speeds(self, since: str | None = None, until: str | None = None,
                         network: str | None = None) -> list[tuple[str, str, float | None]]: ...
+
+    # fleet control (issue 15)
+    def instruction_rules(self) -> list[tuple[str, dict[str, Any], str]]: ...
+
+    def update_instruction_rule(
+        self, selector: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+        updated_at: str,
+    ) -> dict[str, Any]: ...
+
+    def suppressions(self, ending_after: str | None = None) -> list[dict[str, Any]]: ...
+
+    def add_suppression(self, selector: str, starts_at: str, ends_at: str, reason: str,
+                        created_at: str, max_open: int | None = None,
+                        forget_before: str | None = None) -> int | None: ...
+
+    def delete_suppression(self, ident: int) -> bool: ...
+
+    def put_health(self, probe_name: str, received_at: str, clock_skew_s: float | None,
+                   body: str) -> None: ...
+
+    def health(self) -> dict[str, tuple[str, float | None, dict[str, Any]]]: ...
+
+    def activity(self, since: str) -> dict[str, dict[str, Any]]: ...
 
     # copying a whole store (migrate)
     def dump(self, table: str, after: Sequence[Any] | None,

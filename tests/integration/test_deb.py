@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -152,6 +153,27 @@ def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
                       "--technology FTTH").stdout.strip()
         assert token.startswith("bbp_")
 
+        # -- a measurement server on the same host (issue 15): the packaged instance
+        # bbprobe-collector@measurement, no database, port 8081; the probe's tools
+        # measure against it.
+        m.run("systemctl enable --now bbprobe-collector@measurement", timeout=120)
+        _wait("the measurement server to listen",
+              lambda: m.run("python3 -c \"import urllib.request as u; "
+                            "u.urlopen('http://127.0.0.1:8081/speedtest', timeout=2)\"",
+                            check=False).returncode == 0, 60)
+        assert "(measurement only: no database)" in m.journal(
+            "bbprobe-collector@measurement")
+        assert m.run("ls -A /var/lib/private/bbprobe-collector-measurement",
+                     check=False).stdout.strip() == ""
+        speed = m.run("bbprobe --server http://127.0.0.1:8081 --set checks.enabled=false "
+                      + " ".join(f"--set {d}.{k}" for d in ("download", "upload")
+                                 for k in ("warmup_s=0.5", "window_s=1.0", "attempts=1"))
+                      + " speed --json --quiet", timeout=120)
+        measured = json.loads(speed.stdout)
+        assert measured["server"]["url"] == "http://127.0.0.1:8081"
+        assert all(t["status"] == "ok" for t in measured["transfers"]), measured["transfers"]
+        assert _exposure(m, "bbprobe-collector@measurement.service") <= 1.5
+
         # -- the probe: token (root's, 0600), collector URL, a short method; enable.
         m.run(f"umask 077 && printf '%s\\n' '{token}' > /etc/bbprobe/token")
         m.run("sed -i 's|^url = \"\"|url = \"http://127.0.0.1:8080\"|' /etc/bbprobe/agent.toml")
@@ -204,6 +226,7 @@ def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
         # stopped collector stays stopped, the spool and the database are kept.
         out = m.run(f"dpkg -i /mnt/debs/{upgrade1.name}", timeout=300).stdout
         assert "restarting bbprobe-agent.service" in out
+        assert "restarting bbprobe-collector@measurement.service" in out
         assert "restarting bbprobe-collector.service" not in out
         now = m.show("bbprobe-agent", "ActiveState", "MainPID")
         assert now["ActiveState"] == "active" and now["MainPID"] != agent_pid, now

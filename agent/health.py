@@ -1,0 +1,72 @@
+"""The probe's health report (issue 15): what the collector's fleet view shows, built
+from the spool, the campaign and the instruction in force. Sent after every delivery
+and at least hourly (LMAP's reported state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from agent import __version__, clock
+from agent.delivery import Spool
+from agent.schedule import RULES, Campaign
+from agent.schema import (
+    SCHEMA_VERSION,
+    CampaignState,
+    HealthReport,
+    format_utc,
+    utc_now,
+)
+
+# A host check "keeps failing" when it failed in each of this many last sessions.
+FAILING_AFTER = 2
+
+
+def failing_checks(last_results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """Reason codes present in each of the newest FAILING_AFTER results (pure)."""
+    recent = [set(r.get("invalid_codes") or ()) for r in last_results[:FAILING_AFTER]]
+    if len(recent) < FAILING_AFTER:
+        return ()
+    return tuple(sorted(set.intersection(*recent)))
+
+
+def campaign_state(campaign: Campaign) -> CampaignState:
+    per = RULES[campaign.rule].per_band
+    return CampaignState(
+        rule=campaign.rule,  # type: ignore[arg-type]
+        started_at=format_utc(campaign.started_at),
+        deadline_at=format_utc(campaign.deadline()),
+        bands_filled=sum(c >= per for c in campaign.counted),
+        sessions_counted=min(sum(campaign.counted), 10_000),
+        sessions_needed=sum(campaign.needed),
+        complete=campaign.complete,
+        sessions_suppressed=campaign.suppressed)
+
+
+def build(spool: Spool, *, mode: Literal["daemon", "run"], campaign: Campaign | None,
+          instruction_version: str | None, instruction_error: str | None,
+          suppressed_until: datetime | None = None,
+          next_session_at: datetime | None = None) -> HealthReport:
+    stats = spool.stats()
+    entries = spool.entries()
+    error = stats.get("last_error")
+    return HealthReport(
+        schema_version=SCHEMA_VERSION,
+        agent_version=__version__[:64],
+        reported_at=utc_now(),
+        mode=mode,
+        instruction_version=instruction_version,
+        instruction_error=(instruction_error or None) and instruction_error[:500],
+        campaign=campaign_state(campaign) if campaign is not None else None,
+        spool_results=len(entries),
+        spool_bytes=sum(e.size for e in entries),
+        dead_letters=len(spool.dead_letters()),
+        gaps_waiting=len(spool.gaps()),
+        dropped_total=int(stats.get("dropped_total", 0)),
+        clock=clock.read(),
+        last_error=str(error)[:500] if error else None,
+        failing_checks=failing_checks(stats.get("last_results") or []),
+        suppressed_until=format_utc(suppressed_until) if suppressed_until else None,
+        next_session_at=format_utc(next_session_at) if next_session_at else None,
+    )

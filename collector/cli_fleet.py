@@ -1,0 +1,187 @@
+"""bbprobe-collector's fleet-control commands (issue 15): ``instruction``, ``suppress``
+and ``fleet``. Thin: options -> collector/control.py -> printed output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from agent.instruction import InstructionError, parse_pairs
+from collector import control, fleet
+from collector.cli_common import _config, _store, handle_errors, shared_options
+from collector.errors import InputError
+from collector.instructions import Selector, selector
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def selector_options(fn: F) -> F:
+    """The report scopes' probe selectors, plus --all."""
+    for name, text in (("technology", "on this access technology"),
+                       ("region", "in this region"), ("offer", "on this offer"),
+                       ("operator", "of this operator"), ("probe", "this probe only")):
+        fn = click.option(f"--{name}", help=f"Probes {text}.")(fn)
+    return click.option("--all", "every", is_flag=True, help="Every probe.")(fn)
+
+
+def _selector(every: bool, given: dict[str, Any]) -> Selector:
+    try:
+        return selector(given, every)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+@click.group()
+def instruction() -> None:
+    """Set what probes measure, centrally (their next session applies it)."""
+
+
+@instruction.command("set")
+@shared_options
+@selector_options
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.pass_context
+@handle_errors
+def instruction_set(ctx: click.Context, /, every: bool, pairs: tuple[str, ...],
+                    **given: Any) -> None:
+    """Set agent settings (the keys of the agent's --set; a value may be JSON, for
+    lists) for the selected probes, e.g.
+    `instruction set --region Lazio ping.count=20 server.candidates='["http://a"]'`."""
+    chosen = _selector(every, given)
+    try:
+        put = parse_pairs(pairs)
+    except InstructionError as exc:
+        raise InputError(str(exc)) from None
+    with _store(ctx) as store:
+        settings = control.set_instruction(store, chosen, put)
+    click.echo(f"rule {chosen.describe()}: {json.dumps(settings, sort_keys=True)}")
+
+
+@instruction.command("unset")
+@shared_options
+@selector_options
+@click.argument("keys", nargs=-1, required=True)
+@click.pass_context
+@handle_errors
+def instruction_unset(ctx: click.Context, /, every: bool, keys: tuple[str, ...],
+                      **given: Any) -> None:
+    """Remove KEYS from the rule of the selected probes (an emptied rule is deleted)."""
+    chosen = _selector(every, given)
+    with _store(ctx) as store:
+        settings = control.set_instruction(store, chosen, {}, keys)
+    click.echo(f"rule {chosen.describe()}: "
+               + (json.dumps(settings, sort_keys=True) if settings else "(deleted)"))
+
+
+@instruction.command("show")
+@shared_options
+@click.option("--probe", required=True, help="The probe.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def instruction_show(ctx: click.Context, probe: str, fmt: str) -> None:
+    """The effective instruction of PROBE, each key with the rule it came from."""
+    with _store(ctx) as store:
+        doc = control.show(store, probe)
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    lines = [f"probe {probe}: instruction {doc['version']}"]
+    if not doc["settings"]:
+        lines.append("  (no settings: the probe's own file decides)")
+    for key, value in doc["settings"].items():
+        lines.append(f"  {key} = {json.dumps(value)}    (from {doc['sources'][key]})")
+    for w in doc["suppressions"]:
+        lines.append(f"  suppressed {w['starts_at']} .. {w['ends_at']}: {w['reason']} "
+                     f"(window {w['id']})")
+    click.echo("\n".join(lines))
+
+
+@instruction.command("list")
+@shared_options
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def instruction_list(ctx: click.Context, fmt: str) -> None:
+    """Every rule, least specific first."""
+    with _store(ctx) as store:
+        rules = sorted(control.rules(store), key=lambda r: (r.selector.rank(), r.updated_at))
+    if fmt == "json":
+        click.echo(json.dumps([{"selector": r.selector.to_dict(),
+                                "selects": r.selector.describe(), "settings": r.settings,
+                                "updated_at": r.updated_at} for r in rules], indent=2))
+        return
+    for r in rules:
+        click.echo(f"{r.selector.describe()}  ({r.updated_at}): "
+                   f"{json.dumps(r.settings, sort_keys=True)}")
+    if not rules:
+        click.echo("no instruction rules: every probe follows its own file")
+
+
+@click.command()
+@shared_options
+@selector_options
+@click.option("--from", "starts", help="Start, ISO 8601 with its zone (e.g. "
+                                       "2026-12-01T02:00+01:00).")
+@click.option("--until", "ends", help="End (exclusive), ISO 8601 with its zone.")
+@click.option("--reason", help="Why (shown with the window and on certificates).")
+@click.option("--list", "listing", is_flag=True, help="List the windows instead.")
+@click.option("--delete", "delete", type=int, metavar="ID", help="Delete window ID instead.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str | None,
+             reason: str | None, listing: bool, delete: int | None, fmt: str,
+             **given: Any) -> None:
+    """Pause the selected probes from --from to --until (a network maintenance): their
+    daemons start no session in the window and plan the bands it cost again later in
+    the campaign. Also --list and --delete ID."""
+    with _store(ctx) as store:
+        if listing:
+            windows = [w.to_dict() for w in control.windows(store)]
+            if fmt == "json":
+                click.echo(json.dumps(windows, indent=2))
+                return
+            for w in windows:
+                click.echo(f"{w['id']}: {w['selects']}  {w['starts_at']} .. {w['ends_at']}"
+                           f"  {w['reason']}")
+            if not windows:
+                click.echo("no suppression windows")
+            return
+        if delete is not None:
+            control.delete_window(store, delete)
+            click.echo(f"suppression window {delete} deleted")
+            return
+        if not (starts and ends and reason):
+            raise InputError("suppress: give --from, --until and --reason (or --list, "
+                             "or --delete ID)")
+        window = control.add_window(store, _selector(every, given), starts, ends, reason)
+    click.echo(f"suppression window {window.id}: {window.selector.describe()} "
+               f"{window.starts_at} .. {window.ends_at} ({window.reason})")
+
+
+@click.command("fleet")
+@shared_options
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+@click.pass_context
+@handle_errors
+def fleet_command(ctx: click.Context, fmt: str) -> None:
+    """One row per probe: last seen, silent for how long, agent and instruction version,
+    spool backlog, campaign bands filled, validity rate, problems."""
+    cfg = _config(ctx).fleet
+    with _store(ctx) as store:
+        rows = control.fleet_rows(store, cfg.silent_after_s, cfg.validity_days)
+    if fmt == "json":
+        click.echo(json.dumps({"summary": fleet.summary(rows),
+                               "silent_after_s": cfg.silent_after_s, "probes": rows},
+                              indent=2))
+    elif fmt == "csv":
+        click.echo(fleet.format_csv(rows), nl=False)
+    else:
+        click.echo(fleet.format_text(rows, cfg.silent_after_s), nl=False)
+
+
+COMMANDS = (instruction, suppress, fleet_command)

@@ -1,0 +1,174 @@
+"""Fleet control (issue 15), the store's side: set and show instructions, suppression
+windows, health reports and the fleet view. The CLI and the web routes both call these;
+the rules themselves are pure (collector/instructions.py, collector/fleet.py,
+agent/instruction.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
+from agent.instruction import check as check_settings
+from agent.schema import HealthReport, format_utc, parse_utc, utc_now
+from collector import fleet
+from collector.errors import NotFound, Unacceptable
+from collector.instructions import (
+    Effective,
+    Rule,
+    Selector,
+    Window,
+    effective,
+    merged,
+    selector_from_key,
+)
+from collector.storage.model import Probe
+from collector.storage.store import Store
+
+# Bounds: an admin's typo must not create a year-long or a 10,000-window pause.
+MAX_WINDOW_DAYS = 31
+MAX_WINDOWS = 100
+# Windows that ended this long ago are forgotten when the next is added: a semester and a
+# half, longer than any campaign still to be certified (131/06's reports are by semester).
+KEEP_ENDED_DAYS = 275
+
+
+def rules(store: Store) -> list[Rule]:
+    return [Rule(selector_from_key(key), settings, updated_at)
+            for key, settings, updated_at in store.instruction_rules()]
+
+
+def windows(store: Store, ending_after: str | None = None) -> list[Window]:
+    return [Window(int(w["id"]), selector_from_key(w["selector"]), w["starts_at"],
+                   w["ends_at"], w["reason"], w["created_at"])
+            for w in store.suppressions(ending_after)]
+
+
+def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
+                    remove: Sequence[str] = ()) -> dict[str, Any]:
+    """Set ``put`` and remove ``remove`` in the rule of ``selector``; every key and value
+    is checked first (Unacceptable naming the key). Returns the rule's settings."""
+    for key in remove:
+        if (problem := key_problem(key)) is not None:
+            raise Unacceptable(f"{key}: {problem}", field=key)
+    try:
+        check_settings(put)
+    except InstructionError as exc:
+        raise Unacceptable(str(exc), field=exc.key or None) from None
+    if selector.probe is not None and store.probe(selector.probe) is None:
+        raise NotFound(f"no probe named {selector.probe!r}", field="probe")
+    others = [r for r in rules(store) if r.selector != selector]
+    affected = [p for p in store.probes() if p.revoked_at is None and selector.matches(p)]
+
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        settings = merged(current, put, remove)
+        try:
+            # The rule as a whole must hold too (a timeout shorter than its window...).
+            check_settings(settings)
+        except InstructionError as exc:
+            raise Unacceptable(str(exc), field=exc.key or None) from None
+        _check_combined([*others, Rule(selector, settings, utc_now())], affected)
+        return settings
+
+    return store.update_instruction_rule(selector.key(), change, utc_now())
+
+
+def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe]) -> None:
+    """Every affected probe's instruction, all its rules together, must hold: two rules
+    fine alone (a timeout for all, a longer window for a region) can break together."""
+    seen: set[str] = set()
+    for probe in probes:
+        settings = effective(all_rules, [], probe, utc_now()).settings
+        key = json.dumps(settings, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_settings(settings)
+        except InstructionError as exc:
+            raise Unacceptable(f"{exc} (in probe {probe.name}'s instruction, with the "
+                               "other rules it follows)", field=exc.key or None) from None
+
+
+def effective_for(store: Store, name: str, now: str | None = None) -> Effective:
+    probe = store.probe(name)
+    if probe is None:
+        raise NotFound(f"no probe named {name!r}", field="probe")
+    moment = now or utc_now()
+    return effective(rules(store), windows(store, moment), probe, moment)
+
+
+def show(store: Store, name: str) -> dict[str, Any]:
+    """What ``instruction show`` prints: the document and where each key came from."""
+    eff = effective_for(store, name)
+    return {"probe_id": name, **eff.document, "sources": eff.sources}
+
+
+def add_window(store: Store, selector: Selector, starts_at: str, ends_at: str,
+               reason: str) -> Window:
+    start, end = _when(starts_at, "from"), _when(ends_at, "until")
+    if parse_utc(end) <= parse_utc(start):
+        raise Unacceptable("until: must be later than from", field="until")
+    if parse_utc(end) - parse_utc(start) > timedelta(days=MAX_WINDOW_DAYS):
+        raise Unacceptable(f"until: a window is at most {MAX_WINDOW_DAYS} days",
+                           field="until")
+    if parse_utc(end) <= datetime.now(UTC):
+        raise Unacceptable("until: the window is already over", field="until")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+        raise Unacceptable(f"reason: required, at most {MAX_REASON_CHARS} characters",
+                           field="reason")
+    if selector.probe is not None and store.probe(selector.probe) is None:
+        raise NotFound(f"no probe named {selector.probe!r}", field="probe")
+    created = utc_now()
+    forget = format_utc(datetime.now(UTC) - timedelta(days=KEEP_ENDED_DAYS))
+    ident = store.add_suppression(selector.key(), start, end, reason.strip(), created,
+                                  max_open=MAX_WINDOWS, forget_before=forget)
+    if ident is None:
+        raise Unacceptable(f"at most {MAX_WINDOWS} windows not yet over; delete one first")
+    return Window(ident, selector, start, end, reason.strip(), created)
+
+
+def _when(text: str, name: str) -> str:
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise Unacceptable(f"{name}: expected an ISO 8601 timestamp, got {text!r}",
+                           field=name) from None
+    if moment.tzinfo is None:
+        raise Unacceptable(f"{name}: give the time zone (Z or +01:00), got {text!r}",
+                           field=name)
+    try:
+        return format_utc(moment)
+    except OverflowError:
+        raise Unacceptable(f"{name}: out of range, got {text!r}", field=name) from None
+
+
+def delete_window(store: Store, ident: int) -> None:
+    if not store.delete_suppression(ident):
+        raise NotFound(f"no suppression window {ident}", field="id")
+
+
+def record_health(store: Store, probe: str, report: HealthReport, raw: Mapping[str, Any],
+                  skew_s: float | None) -> None:
+    del report  # validated by the caller; stored as sent
+    store.put_health(probe, utc_now(), skew_s, json.dumps(raw))
+
+
+def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
+               now: datetime | None = None) -> list[dict[str, Any]]:
+    moment = now or datetime.now(UTC)
+    health = store.health()
+    since = format_utc(moment - timedelta(days=validity_days))
+    activity = store.activity(since)
+    text_now = format_utc(moment)
+    all_rules, all_windows = rules(store), windows(store, text_now)
+    out = []
+    for probe in store.probes():
+        if probe.revoked_at is not None:
+            continue
+        current = effective(all_rules, all_windows, probe, text_now).document["version"]
+        out.append(fleet.row(probe, health.get(probe.name), activity.get(probe.name),
+                             current, moment, silent_after_s))
+    return out

@@ -1,0 +1,174 @@
+"""Fleet control over HTTP (issue 15).
+
+- Probes: ``GET /api/v1/instruction`` (their own effective instruction, ETag /
+  If-None-Match) and ``POST /api/v1/reported-state`` (a health report).
+- Administrators: instruction rules and suppression windows.
+- Analysts: ``GET /api/v1/fleet`` (JSON or CSV) and the ``/fleet`` page.
+
+A probe's token reads only its own instruction: the route takes no probe name, and the
+per-probe view (``/api/v1/instructions/effective?probe=``) is for administrators.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from agent import spec
+from agent.schema import SchemaError, parse_health
+from collector import control, fleet, ingest
+from collector.errors import ApiError
+from collector.instructions import selector
+from collector.web.base import CONFIG, db, query_format, read_body
+from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
+from collector.web.routing import Routes
+
+MAX_HEALTH_BYTES = 16 * 1024
+MAX_ADMIN_BYTES = 64 * 1024
+
+
+async def get_instruction(request: web.Request) -> web.Response:
+    """Probe: its effective instruction. 304 when If-None-Match holds its version."""
+    probe = await authenticated_probe(request)
+    asked = request.query.get("probe")
+    if asked is not None and asked != probe:
+        raise ApiError(403, f"this token is probe {probe!r}'s: it reads no other probe's "
+                       "instruction", field="probe")
+    doc = (await db(request, lambda s: control.effective_for(s, probe))).document
+    etag = f'"{doc["version"]}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    match = request.headers.get("If-None-Match", "")
+    if etag in (t.strip() for t in match.split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.json_response(doc, headers=headers)
+
+
+async def post_state(request: web.Request) -> web.Response:
+    """Probe: its health report (agent/schema.py HealthReport), kept as the latest."""
+    probe = await ingesting_probe(request)
+    raw = await probe_body(request, MAX_HEALTH_BYTES)
+    data = ingest.parse_json(raw)
+    try:
+        report = parse_health(data)
+    except SchemaError as exc:
+        raise ApiError(422, str(exc), field=exc.path or None) from None
+    skew = clock_skew(request)
+    await db(request, lambda s: control.record_health(s, probe, report, data, skew))
+    return web.json_response({"probe_id": probe, "stored": True})
+
+
+async def _admin_json(request: web.Request) -> dict[str, Any]:
+    data = ingest.parse_json(await read_body(request, MAX_ADMIN_BYTES))
+    if not isinstance(data, dict):
+        raise ApiError(422, "expected a JSON object")
+    return data
+
+
+def _selector_of(data: dict[str, Any]) -> Any:
+    raw = data.get("selector")
+    if not isinstance(raw, dict):
+        raise ApiError(422, 'selector: required, an object such as {"all": true} or '
+                       '{"region": "Lazio"}', field="selector")
+    try:
+        return selector(raw)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), field="selector") from None
+
+
+async def put_instruction(request: web.Request) -> web.Response:
+    """Admin: {"selector": {...}, "set": {KEY: VALUE}, "unset": [KEY]} on one rule."""
+    data = await _admin_json(request)
+    unknown = sorted(set(data) - {"selector", "set", "unset"})
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
+    chosen = _selector_of(data)
+    put = data.get("set") or {}
+    remove = data.get("unset") or []
+    if not isinstance(put, dict):
+        raise ApiError(422, "set: expected an object of KEY: VALUE", field="set")
+    if not isinstance(remove, list) or not all(isinstance(k, str) for k in remove):
+        raise ApiError(422, "unset: expected a list of keys", field="unset")
+    settings = await db(request, lambda s: control.set_instruction(s, chosen, put, remove))
+    return web.json_response({"selector": chosen.to_dict(), "selects": chosen.describe(),
+                              "settings": settings})
+
+
+async def list_instructions(request: web.Request) -> web.Response:
+    rules = await db(request, control.rules)
+    return web.json_response({"rules": [
+        {"selector": r.selector.to_dict(), "selects": r.selector.describe(),
+         "settings": r.settings, "updated_at": r.updated_at}
+        for r in sorted(rules, key=lambda r: (r.selector.rank(), r.updated_at))]})
+
+
+async def effective_instruction(request: web.Request) -> web.Response:
+    name = request.query.get("probe")
+    if not name:
+        raise ApiError(400, "probe: required", field="probe")
+    return web.json_response(await db(request, lambda s: control.show(s, name)))
+
+
+async def add_suppression(request: web.Request) -> web.Response:
+    """Admin: {"selector": {...}, "from": T, "until": T, "reason": TEXT}."""
+    data = await _admin_json(request)
+    unknown = sorted(set(data) - {"selector", "from", "until", "reason"})
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
+    chosen = _selector_of(data)
+    for name in ("from", "until", "reason"):
+        if not isinstance(data.get(name), str):
+            raise ApiError(422, f"{name}: required, a string", field=name)
+    window = await db(request, lambda s: control.add_window(
+        s, chosen, data["from"], data["until"], data["reason"]))
+    return web.json_response(window.to_dict(), status=201)
+
+
+async def list_suppressions(request: web.Request) -> web.Response:
+    windows = await db(request, control.windows)
+    return web.json_response({"suppressions": [w.to_dict() for w in windows]})
+
+
+async def delete_suppression(request: web.Request) -> web.Response:
+    raw = request.match_info["id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ApiError(404, f"no suppression window {raw[:20]!r}", field="id")
+    await db(request, lambda s: control.delete_window(s, int(raw)))
+    return web.json_response({"id": int(raw), "deleted": True})
+
+
+async def _rows(request: web.Request) -> list[dict[str, Any]]:
+    cfg = request.app[CONFIG].fleet
+    return await db(request, lambda s: control.fleet_rows(s, cfg.silent_after_s,
+                                                          cfg.validity_days))
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    fmt = query_format(request, ("json", "csv"))
+    rows = await _rows(request)
+    if fmt == "csv":
+        return web.Response(text=fleet.format_csv(rows), content_type="text/csv")
+    return web.json_response({"summary": fleet.summary(rows),
+                              "silent_after_s": request.app[CONFIG].fleet.silent_after_s,
+                              "probes": rows})
+
+
+async def fleet_page(request: web.Request) -> web.Response:
+    rows = await _rows(request)
+    page = fleet.format_html(rows, request.app[CONFIG].fleet.silent_after_s,
+                             datetime.now(UTC))
+    return web.Response(text=page, content_type="text/html")
+
+
+def add_routes(routes: Routes) -> None:
+    routes.get(spec.INSTRUCTION_PATH, get_instruction, role="probe")
+    routes.post(spec.HEALTH_PATH, post_state, role="probe")
+    routes.get("/api/v1/instructions", list_instructions, role="admin")
+    routes.post("/api/v1/instructions", put_instruction, role="admin")
+    routes.get("/api/v1/instructions/effective", effective_instruction, role="admin")
+    routes.get("/api/v1/suppressions", list_suppressions, role="analyst")
+    routes.post("/api/v1/suppressions", add_suppression, role="admin")
+    routes.post("/api/v1/suppressions/{id}/delete", delete_suppression, role="admin")
+    routes.get("/api/v1/fleet", get_fleet, role="analyst")
+    routes.get("/fleet", fleet_page, role="analyst")

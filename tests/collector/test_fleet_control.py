@@ -1,0 +1,268 @@
+"""Issue 15 on the collector's side, against a real collector on 127.0.0.1 (port 0) and
+its CLI: instruction rules and their precedence, the admin and probe APIs (who may
+read what, ETags, refusals naming the key), suppression windows, health reports, and
+the certificate's note of a suppression."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from agent import spec
+from agent.schema import SCHEMA_VERSION, utc_now
+from collector.cli import main
+from collector.instructions import Rule, Selector, Window, effective
+from collector.storage.model import LineMetadata, Probe
+from collector.testing import RunningCollector
+from tests.factories import session_dict
+from tests.httpclient import post_json, request
+
+LAZIO = LineMetadata(operator="Op", region="Lazio", technology="FTTH")
+
+
+def _probe(name: str, line: LineMetadata = LAZIO) -> Probe:
+    return Probe(name=name, created_at="2026-01-01T00:00:00Z", revoked_at=None, line=line)
+
+
+def test_the_most_specific_rule_wins_and_each_key_names_its_rule() -> None:
+    rules = [
+        Rule(Selector(probe="p1"), {"ping.count": 40}, "2026-01-01T00:00:00Z"),
+        Rule(Selector(region="Lazio", operator="Op"), {"ping.count": 30,
+                                                        "upload.streams": 2}, "2026-01-03Z"),
+        Rule(Selector(region="Lazio"), {"ping.count": 20, "download.streams": 4,
+                                        "upload.streams": 1}, "2026-01-02T00:00:00Z"),
+        Rule(Selector(), {"ping.count": 10, "profile": "quick"}, "2026-01-04T00:00:00Z"),
+        Rule(Selector(region="Umbria"), {"profile": "rmbt"}, "2026-01-01T00:00:00Z"),
+    ]
+    mine = effective(rules, [], _probe("p1"), utc_now())
+    assert mine.settings == {"ping.count": 40, "profile": "quick", "download.streams": 4,
+                             "upload.streams": 2}
+    assert mine.sources == {"ping.count": "--probe p1", "profile": "--all",
+                            "download.streams": "--region Lazio",
+                            "upload.streams": "--operator Op --region Lazio"}
+    other = effective(rules, [], _probe("p2", LineMetadata(region="Umbria")), utc_now())
+    assert other.settings == {"ping.count": 10, "profile": "rmbt"}
+    # Equal instructions, equal versions; a different one, a different version.
+    again = effective(list(reversed(rules)), [], _probe("p1"), utc_now())
+    assert again.document["version"] == mine.document["version"]
+    assert other.document["version"] != mine.document["version"]
+    windows = [Window(1, Selector(region="Lazio"), "2000-01-01T00:00:00Z",
+                      "2000-01-02T00:00:00Z", "over", "x"),
+               Window(2, Selector(region="Lazio"), "2000-01-01T00:00:00Z",
+                      "2999-01-01T00:00:00Z", "long", "x")]
+    suppressed = effective(rules, windows, _probe("p1"), utc_now())
+    assert [w["id"] for w in suppressed.document["suppressions"]] == [2]
+    assert suppressed.document["version"] != mine.document["version"]
+
+
+def _cli(collector: RunningCollector, *args: str) -> tuple[int, str]:
+    done = CliRunner().invoke(main, ["--db", str(collector.db_path), *args])
+    return done.exit_code, done.output
+
+
+def test_cli_refuses_bad_keys_values_and_selectors(collector: RunningCollector) -> None:
+    collector.add_probe("p1", LAZIO)
+    for args, message in (
+            (["--all", "ping.bogus=1"], "ping.bogus: unknown key"),
+            (["--all", "collector.url=http://x"], "collector.url: stays in the probe"),
+            (["--all", "delivery.compression=none"], "delivery.compression: stays"),
+            (["--all", "ping.count=0"], "ping.count: must be >= 1, got 0"),
+            (["--all", "ping.count=lots"], "ping.count: expected an integer"),
+            (["--region", "Lazio", "server.candidates=[1]"], "server.candidates[0]"),
+            (["ping.count=3"], "give --all, or one or more of"),
+            (["--all", "--probe", "p1", "ping.count=3"], "give --all, or one or more"),
+            (["--probe", "nobody", "ping.count=3"], "no probe named 'nobody'"),
+            (["--all", "ping.count"], "expected KEY=VALUE")):
+        code, out = _cli(collector, "instruction", "set", *args)
+        assert code != 0 and message in out, (args, out)
+    code, out = _cli(collector, "instruction", "set", "--all", "ping.count=12")
+    assert code == 0, out
+    code, out = _cli(collector, "instruction", "unset", "--all", "ping.count")
+    assert code == 0 and "(deleted)" in out
+    code, out = _cli(collector, "instruction", "show", "--probe", "p1")
+    assert code == 0 and "no settings" in out
+
+
+def test_the_probe_reads_only_its_own_instruction(collector: RunningCollector) -> None:
+    t1 = collector.add_probe("p1", LAZIO)
+    t2 = collector.add_probe("p2")
+    admin = collector.add_token("ops", "admin")
+    analyst = collector.add_token("ana", "analyst")
+    code, _ = _cli(collector, "instruction", "set", "--probe", "p2", "ping.count=33")
+    assert code == 0
+    url = collector.url + spec.INSTRUCTION_PATH
+
+    def get(token: str, suffix: str = "", **headers: str) -> tuple[int, object, dict]:
+        return request("GET", url + suffix, headers={"Authorization": f"Bearer {token}",
+                                                     **headers})
+
+    status, doc, headers = get(t1)
+    assert status == 200 and doc["settings"] == {}  # type: ignore[index]
+    assert headers["etag"] == f'"{doc["version"]}"'  # type: ignore[index]
+    assert get(t1, If_None_Match=headers["etag"])[0] in (200, 304)
+    status, _, _ = request("GET", url, headers={"Authorization": f"Bearer {t1}",
+                                                "If-None-Match": headers["etag"]})
+    assert status == 304
+    status, doc, _ = get(t2)
+    assert status == 200 and doc["settings"] == {"ping.count": 33}  # type: ignore[index]
+    # p1's token asking for p2's: refused, and p2's settings are not in the answer.
+    status, doc, _ = get(t1, "?probe=p2")
+    assert status == 403 and "33" not in json.dumps(doc)
+    effective_url = collector.url + "/api/v1/instructions/effective?probe=p2"
+    for token, want in ((t1, 403), (analyst, 403), (admin, 200)):
+        status, _, _ = request("GET", effective_url,
+                               headers={"Authorization": f"Bearer {token}"})
+        assert status == want, token
+    assert request("GET", url)[0] == 401
+
+
+def test_admin_api_sets_rules_and_windows_and_names_what_is_wrong(
+        collector: RunningCollector) -> None:
+    collector.add_probe("p1", LAZIO)
+    admin = collector.add_token("ops", "admin")
+    url = collector.url + "/api/v1/instructions"
+    ok = post_json(url, {"selector": {"region": "Lazio"},
+                         "set": {"ping.count": 15, "server.candidates": ["http://a:1"]}},
+                   admin)
+    assert ok[0] == 200 and ok[1]["selects"] == "--region Lazio"
+    for body, field in (
+            ({"selector": {"region": "Lazio"}, "set": {"ping.nope": 1}}, "ping.nope"),
+            ({"selector": {"region": "Lazio"}, "set": {"ping.count": -2}}, "ping.count"),
+            ({"selector": {"region": "Lazio"}, "set": {"probe_id": "x"}}, "probe_id"),
+            ({"selector": {"planet": "Mars"}, "set": {}}, "selector"),
+            ({"selector": {}, "set": {}}, "selector"),
+            ({"set": {"ping.count": 3}}, "selector"),
+            ({"selector": {"all": True}, "set": [1]}, "set"),
+            ({"selector": {"all": True}, "bogus": 1}, "bogus")):
+        status, reply = post_json(url, body, admin)
+        assert status == 422 and reply["field"] == field, (body, reply)
+    status, doc, _ = request("GET", collector.url + "/api/v1/instructions",
+                             headers={"Authorization": f"Bearer {admin}"})
+    assert status == 200 and doc["rules"][0]["settings"]["ping.count"] == 15
+    windows = collector.url + "/api/v1/suppressions"
+    for body, field in (({"selector": {"all": True}, "from": "2030-01-01T00:00",
+                          "until": "2030-01-01T02:00Z", "reason": "x"}, "from"),
+                        ({"selector": {"all": True}, "from": "2030-01-01T02:00Z",
+                          "until": "2030-01-01T01:00Z", "reason": "x"}, "until"),
+                        ({"selector": {"all": True}, "from": "2030-01-01T00:00Z",
+                          "until": "2030-03-01T00:00Z", "reason": "x"}, "until"),
+                        ({"selector": {"all": True}, "from": "2030-01-01T00:00Z",
+                          "until": "2030-01-01T01:00Z", "reason": ""}, "reason")):
+        status, reply = post_json(windows, body, admin)
+        assert status == 422 and reply["field"] == field, (body, reply)
+    status, made = post_json(windows, {"selector": {"probe": "p1"},
+                                       "from": "2030-01-01T00:00+01:00",
+                                       "until": "2030-01-01T03:00+01:00",
+                                       "reason": "fibre works"}, admin)
+    assert status == 201 and made["starts_at"] == "2029-12-31T23:00:00.000000Z"
+    code, out = _cli(collector, "instruction", "show", "--probe", "p1", "--format", "json")
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["suppressions"][0]["reason"] == "fibre works"
+    assert shown["sources"]["ping.count"] == "--region Lazio"
+    delete = f"{windows}/{made['id']}/delete"
+    assert post_json(delete, {}, admin)[0] == 200
+    assert post_json(delete, {}, admin)[0] == 404
+    assert post_json(f"{windows}/x1/delete", {}, admin)[0] == 404
+
+
+def _health(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "schema_version": SCHEMA_VERSION, "agent_version": "0.1.0",
+        "reported_at": utc_now(), "mode": "daemon", "instruction_version": None,
+        "instruction_error": None, "campaign": None, "spool_results": 3,
+        "spool_bytes": 4096, "dead_letters": 1, "gaps_waiting": 0, "dropped_total": 0,
+        "clock": None, "last_error": None, "failing_checks": ["wireless"],
+        "suppressed_until": None, "next_session_at": None}
+    doc.update(changes)
+    return doc
+
+
+def test_health_reports_are_validated_and_shown(collector: RunningCollector) -> None:
+    token = collector.add_probe("p1", LAZIO)
+    collector.add_probe("p2")
+    url = collector.url + spec.HEALTH_PATH
+    for bad, field in ((_health(spool_results=-1), "spool_results"),
+                       (_health(mode="cron"), "mode"),
+                       (_health(failing_checks=["Not A Code"]), "failing_checks[0]"),
+                       (_health(extra=1), "extra"),
+                       (_health(last_error="x" * 600), "last_error"),
+                       (_health(schema_version=4), "schema_version")):
+        status, reply = post_json(url, bad, token)
+        assert status == 422 and reply["field"] == field, (field, reply)
+    big = _health(last_error="x" * 20_000)
+    assert post_json(url, big, token)[0] == 413
+    assert post_json(url, _health(), None)[0] == 401
+    assert post_json(url, _health(), token)[0] == 200
+    recent = session_dict(probe_id="p1", started_at=utc_now())
+    recent["ended_at"] = recent["started_at"]
+    assert post_json(collector.url + spec.RESULTS_PATH, recent, token)[0] == 201
+    status, doc, _ = request("GET", collector.url + "/api/v1/fleet")
+    rows = {r["probe_id"]: r for r in doc["probes"]}
+    assert rows["p1"]["problems"] == ["1 dead letter(s)", "failing checks: wireless"]
+    assert rows["p1"]["healthy"] is False and rows["p1"]["spool_results"] == 3
+    assert rows["p1"]["sessions"] == 1 and rows["p2"]["problems"] == ["never seen"]
+    status, text, headers = request("GET", collector.url + "/api/v1/fleet?format=csv")
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert text.decode().splitlines()[1].startswith("p1,Op,Lazio,FTTH,")
+    assert request("GET", collector.url + "/api/v1/fleet?format=xml")[0] == 400
+
+
+def test_the_certificate_shows_a_suppression(collector: RunningCollector,
+                                             tmp_path: Path) -> None:
+    token = collector.add_probe("p1", LAZIO)
+    doc = session_dict(probe_id="p1")
+    assert post_json(collector.url + spec.RESULTS_PATH, doc, token)[0] == 201
+    started = doc["started_at"]
+    store = collector.open_store()
+    try:
+        store.add_suppression(Selector(probe="p1").key(), "2000-01-01T00:00:00Z",
+                              "2999-01-01T00:00:00Z", "works on the cabinet", utc_now())
+        store.add_suppression(Selector(probe="p9").key(), "2000-01-01T00:00:00Z",
+                              "2999-01-01T00:00:00Z", "another probe's", utc_now())
+    finally:
+        store.close()
+    code, out = _cli(collector, "certify", "--probe", "p1")
+    assert code == 0, out
+    assert "works on the cabinet" in out and "another probe's" not in out
+    code, out = _cli(collector, "certify", "--probe", "p1", "--format", "json")
+    cert = json.loads(out)
+    assert cert["suppressions"][0]["bands"] == list(range(24))
+    assert started  # the session is inside the window's span
+    page = tmp_path / "certificate.html"
+    code, out = _cli(collector, "certify", "--probe", "p1", "--format", "html", "-o",
+                     str(page))
+    assert code == 0, out
+    assert 'class="suppressed"' in page.read_text()
+
+
+def test_rules_that_break_together_are_refused(collector: RunningCollector) -> None:
+    """A timeout for every probe and a longer window for a region: each fine alone,
+    together too short for Lazio's probes. The second is refused naming the key and the
+    probe; a region with no probe in it takes it."""
+    collector.add_probe("p1", LAZIO)
+    code, out = _cli(collector, "instruction", "set", "--all", "download.timeout_s=20")
+    assert code == 0, out
+    code, out = _cli(collector, "instruction", "set", "--region", "Lazio",
+                     "download.window_s=30")
+    assert code != 0 and "download.timeout_s: is shorter than" in out
+    assert "probe p1's instruction" in out
+    code, out = _cli(collector, "instruction", "set", "--region", "Umbria",
+                     "download.window_s=30")
+    assert code == 0, out
+
+
+def test_fleet_exports_are_safe_for_spreadsheets_and_terminals(
+        collector: RunningCollector) -> None:
+    token = collector.add_probe("p1", LAZIO)
+    hostile = _health(last_error="=HYPERLINK(\"http://x\")\x1b[2J", dead_letters=0,
+                      failing_checks=[])
+    assert post_json(collector.url + spec.HEALTH_PATH, hostile, token)[0] == 200
+    status, text, _ = request("GET", collector.url + "/api/v1/fleet?format=csv")
+    assert status == 200 and ',"\'=HYPERLINK(' in text.decode()
+    code, out = _cli(collector, "fleet")
+    assert code == 0 and "\x1b" not in out
+    assert post_json(collector.url + "/api/v1/suppressions/%C2%B2/delete", {},
+                     collector.add_token("ops", "admin"))[0] == 404
