@@ -164,11 +164,20 @@ def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
     activity = store.activity(since)
     text_now = format_utc(moment)
     all_rules, all_windows = rules(store), windows(store, text_now)
+    # Probes on the same line metadata with no rule or window of their own share their
+    # instruction: worked out once per such group, not once per probe.
+    own = {r.selector.probe for r in all_rules} | {w.selector.probe for w in all_windows}
+    versions: dict[tuple[str | None, ...], str] = {}
     out = []
     for probe in store.probes():
         if probe.revoked_at is not None:
             continue
-        current = effective(all_rules, all_windows, probe, text_now).document["version"]
+        line = probe.line
+        group = (probe.name if probe.name in own else None, line.operator, line.offer,
+                 line.region, line.technology)
+        if group not in versions:
+            versions[group] = effective(all_rules, all_windows, probe,
+                                        text_now).document["version"]
         out.append(fleet.row(probe, health.get(probe.name), activity.get(probe.name),
-                             current, moment, silent_after_s))
+                             versions[group], moment, silent_after_s))
     return out
