@@ -167,11 +167,13 @@ def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
                      check=False).stdout.strip() == ""
         speed = m.run("bbprobe --server http://127.0.0.1:8081 --set checks.enabled=false "
                       + " ".join(f"--set {d}.{k}" for d in ("download", "upload")
-                                 for k in ("warmup_s=0.5", "window_s=1.0", "attempts=1"))
+                                 for k in ("warmup_s=0.5", "window_s=1.0", "attempts=1",
+                                           "streams=2"))
                       + " speed --json --quiet", timeout=120)
         measured = json.loads(speed.stdout)
         assert measured["server"]["url"] == "http://127.0.0.1:8081"
-        assert all(t["status"] == "ok" for t in measured["transfers"]), measured["transfers"]
+        assert all(t["status"] == "ok" for t in measured["transfers"]), \
+            [(t["direction"], t["failure_reason"], t["error"]) for t in measured["transfers"]]
         assert _exposure(m, "bbprobe-collector@measurement.service") <= 1.5
 
         # -- the probe: token (root's, 0600), collector URL, a short method; enable.

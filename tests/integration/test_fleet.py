@@ -271,3 +271,22 @@ def test_a_silent_probe_is_flagged_and_the_fleet_page_renders(tmp_path: Path,
         assert "2</strong> silent" in dom.stdout
         status, home, _ = request("GET", url + "/")
         assert status == 200 and b'href="fleet"' in home
+
+
+def test_a_one_shot_run_warns_inside_a_suppression_and_measures(tmp_path: Path,
+                                                                fast_config: Path) -> None:
+    """A person asked for this measurement: `bbprobe run` says the probe is suppressed,
+    and until when, then measures and delivers."""
+    with serving(tmp_path) as (url, db):
+        token = _collector(db, "probe", "add", "p1").strip()
+        config = _agent_config(fast_config, url, token)
+        now = datetime.now(UTC)
+        _collector(db, "suppress", "--all", "--from", now.isoformat(),
+                   "--until", (now + timedelta(hours=1)).isoformat(), "--reason", "works")
+        done = subprocess.run([sys.executable, "-m", "agent", "--config", str(config),
+                               "run", "--quiet"], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "warning: this probe is suppressed until" in done.stderr
+        assert "(works); measuring anyway" in done.stderr
+        assert len(_results(url, db)) == 1
