@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from collector.config import StorageConfig
 from collector.instructions import Selector
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
-from collector.testing import bound_url
+from collector.testing import serve_process
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,13 +129,7 @@ def main() -> None:
         config = work / "collector.toml"
         config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nquery_auth = false\n'
                           f'probe_requests_per_min = 0\n[storage]\npath = "{db}"\n')
-        addr = work / "addr"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "collector", "--config", str(config), "serve",
-             "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            url = bound_url(server, addr)
+        with serve_process(config, cwd=ROOT) as (url, _):
             measured = subprocess.run(
                 [sys.executable, "-m", "agent", "--server", url, "--set", "profile=quick",
                  "--set", f"state_dir={work / 'state'}", "run", "--no-push", "--json",
@@ -168,9 +161,6 @@ def main() -> None:
                  timed(args.repeat, "POST", url + "/api/v1/reported-state", health,
                        {**auth, "Content-Type": "application/json"})),
             ]
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
     print(f"{args.probes} probes x {args.results} results, {args.rules} rules, 5 windows "
           f"(filled in {filled:.0f} s); {args.repeat} requests each, one at a time")
     print(f"{'request':<34} {'median ms':>10} {'p90 ms':>8} {'ratio':>7}")

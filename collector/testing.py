@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -135,3 +137,26 @@ def bound_url(server: subprocess.Popen[str], addr_file: Path, timeout_s: float =
             raise RuntimeError(f"collector did not start: {server.communicate()[1]}")
         time.sleep(0.05)
     return addr_file.read_text().strip()
+
+
+@contextmanager
+def serve_process(config: Path, *, cwd: Path | None = None
+                  ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``python -m collector --config CONFIG serve`` as a process of its own: (its URL,
+    the process), stopped with SIGTERM when the block ends (its stderr is then read)."""
+    addr = config.with_suffix(".addr")
+    addr.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "collector", "--config", str(config), "serve",
+         "--addr-file", str(addr)], cwd=cwd, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        yield bound_url(server, addr), server
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()

@@ -3,10 +3,7 @@ and a real headless Chromium laying the plots out (required under CI=true)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,7 +19,7 @@ from collector.html_report import hour_profile, time_buckets
 from collector.storage.model import HourRow, LineMetadata
 from collector.storage.sqlite import SqliteStore
 from collector.testing import RunningCollector
-from tests.conftest import IN_CI
+from tests.browser import render_in_chromium
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
@@ -183,28 +180,6 @@ def test_served_pages_and_formats(collector: RunningCollector) -> None:
     assert (status, body["field"]) == (400, "format")
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if IN_CI:
-            pytest.fail("CI=true but Debian's chromium is not installed (make test installs it)")
-        pytest.skip("needs Debian's chromium for the browser rendering test")
-    return path
-
-
-def _render_in_chromium(url: str, tmp_path: Path) -> str:
-    """Load ``url`` in headless Chromium and return the DOM after scripts ran. Flags keep
-    it off the network (no background services, no component updates)."""
-    argv = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-            "--window-size=1400,2000", "--dump-dom", url]
-    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 def _drawn(dom: str) -> dict[str, tuple[int, str]]:
     out = {}
     for tag in re.findall(r"<svg [^>]*>", dom):
@@ -221,7 +196,7 @@ def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path)
     """Served page and standalone file: in a real browser every plot is laid out at full
     size and every datum drawn has a size (the page's own check, read back from the DOM)."""
     _fill(collector.db_path)
-    drawn = _drawn(_render_in_chromium(collector.url + "/report?probe=line-1", tmp_path))
+    drawn = _drawn(render_in_chromium(collector.url + "/report?probe=line-1", tmp_path))
     assert set(drawn) == set(PLOTS)
     for name, (marks, size) in drawn.items():
         assert marks > 0, (name, marks)
@@ -231,7 +206,7 @@ def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path)
     result = CliRunner().invoke(main, ["--db", str(collector.db_path), "report", "--format",
                                        "html", "-o", str(out)])
     assert result.exit_code == 0
-    standalone = _drawn(_render_in_chromium(out.as_uri(), tmp_path))
+    standalone = _drawn(render_in_chromium(out.as_uri(), tmp_path))
     assert {k: v[0] > 0 for k, v in standalone.items()} == dict.fromkeys(PLOTS, True)
 
 

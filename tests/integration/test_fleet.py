@@ -10,8 +10,6 @@ its measurements and timestamps stay real.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -24,11 +22,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.schema import parse_utc
-from collector.testing import bound_url
-from tests.conftest import IN_CI
+from collector.testing import serve_process
+from tests.browser import render_in_chromium
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,17 +47,9 @@ def serving(tmp_path: Path, extra: str = "") -> Iterator[tuple[str, Path]]:
     config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nquery_auth = false\n'
                       f'\n[storage]\npath = "{db}"\n{extra}')
     _collector(db, "init")
-    addr = tmp_path / "collector.addr"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "collector", "--config", str(config), "serve",
-         "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    try:
-        yield bound_url(server, addr), db
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
-        assert server.returncode == 0, err[-2000:]
+    with serve_process(config, cwd=ROOT) as (url, server):
+        yield url, db
+    assert server.returncode == 0
 
 
 def _agent_config(fast_config: Path, url: str, token: str) -> Path:
@@ -184,28 +172,16 @@ def test_a_dead_candidate_fails_over_to_a_live_one(tmp_path: Path,
         config = _agent_config(fast_config, url, token)
         mconf = tmp_path / "measure.toml"
         mconf.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nrole = "measurement"\n')
-        addr = tmp_path / "measure.addr"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "collector", "--config", str(mconf), "serve",
-             "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        try:
-            live = bound_url(server, addr)
-            # A port bound but not listening: a connection to it is refused, and no
-            # other process can take it while the test runs.
-            closed = socket.socket()
+        # A port bound but not listening: a connection to it is refused, and no other
+        # process can take it while the test runs.
+        with serve_process(mconf, cwd=ROOT) as (live, _), socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
             _collector(db, "instruction", "set", "--probe", "p1",
                        f"server.candidates={json.dumps([dead, live])}")
             done = subprocess.run([sys.executable, "-m", "agent", "--config", str(config),
                                    "run", "--json"], check=False, cwd=ROOT,
-                                  capture_output=True,
-                                  text=True, timeout=120)
-            closed.close()
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+                                  capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         chosen = result["server_selection"]
@@ -219,15 +195,6 @@ def test_a_dead_candidate_fails_over_to_a_live_one(tmp_path: Path,
         # As stored: the collector kept the selection with the result.
         stored = _results(url, db)[-1]
         assert stored["server_selection"] == chosen
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if IN_CI:
-            pytest.fail("CI=true but Debian's chromium is not installed (make test installs it)")
-        pytest.skip("needs Debian's chromium for the fleet page test")
-    return path
 
 
 def test_a_silent_probe_is_flagged_and_the_fleet_page_renders(tmp_path: Path,
@@ -258,17 +225,10 @@ def test_a_silent_probe_is_flagged_and_the_fleet_page_renders(tmp_path: Path,
                               "--format", "csv")
         assert csv_text.splitlines()[0].startswith("probe_id,operator,region")
         assert len(csv_text.splitlines()) == 3
-        argv = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom",
-                url + "/fleet"]
-        dom = subprocess.run(argv, check=False, capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-        assert dom.returncode == 0, dom.stderr[-2000:]
-        assert 'data-probe="p1"' in dom.stdout and 'data-probe="p2"' in dom.stdout
-        assert dom.stdout.count('class="silent"') == 2
-        assert "2</strong> silent" in dom.stdout
+        dom = render_in_chromium(url + "/fleet", tmp_path)
+        assert 'data-probe="p1"' in dom and 'data-probe="p2"' in dom
+        assert dom.count('class="silent"') == 2
+        assert "2</strong> silent" in dom
         status, home, _ = request("GET", url + "/")
         assert status == 200 and b'href="fleet"' in home
 
