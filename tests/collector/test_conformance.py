@@ -296,6 +296,63 @@ def to_dict_facts(facts: Any) -> tuple[Any, ...]:
             facts.pings_lost, facts.rtt, facts.rtts_ms, facts.transfers, facts.valid)
 
 
+def test_store_fleet_control(store: Store) -> None:
+    """Issue 15's tables through the Store seam: instruction rules (created, merged,
+    emptied), suppression windows (bounded, forgotten, current ones only), health
+    reports (the latest kept) and each probe's recent activity; and the fleet rows and
+    effective instructions built on them."""
+    from collector import control
+    from collector.instructions import Selector
+
+    fill(store, dataset())
+    lazio = Selector(region="Lazio").key()
+    assert store.update_instruction_rule(lazio, lambda cur: {**cur, "ping.count": 20},
+                                         "2026-05-04T00:00:00Z") == {"ping.count": 20}
+    merged = store.update_instruction_rule(lazio, lambda cur: {**cur, "profile": "rmbt"},
+                                           "2026-05-04T01:00:00Z")
+    assert merged == {"ping.count": 20, "profile": "rmbt"}
+    assert store.instruction_rules() == [(lazio, merged, "2026-05-04T01:00:00Z")]
+    control.set_instruction(store, Selector(probe="alpha"), {"ping.count": 30})
+    shown = control.show(store, "alpha")
+    assert shown["settings"] == {"ping.count": 30, "profile": "rmbt"}
+    assert shown["sources"] == {"ping.count": "--probe alpha", "profile": "--region Lazio"}
+    assert store.update_instruction_rule(lazio, lambda cur: {}, "x") == {}
+    assert [key for key, _, _ in store.instruction_rules()] == [
+        Selector(probe="alpha").key()]
+
+    everyone = Selector().key()
+    old = store.add_suppression(everyone, "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z",
+                                "long ago", "2026-01-01T00:00:00Z")
+    first = store.add_suppression(everyone, "2026-05-05T00:00:00Z",
+                                  "2026-05-05T02:00:00Z", "works", "2026-05-04T00:00:00Z",
+                                  max_open=2)
+    second = store.add_suppression(lazio, "2026-05-06T00:00:00Z", "2026-05-06T02:00:00Z",
+                                   "more works", "2026-05-04T00:00:00Z", max_open=2,
+                                   forget_before="2026-03-01T00:00:00Z")
+    assert old is not None and first is not None and second is not None
+    assert len({old, first, second}) == 3
+    assert store.add_suppression(everyone, "2026-05-07T00:00:00Z", "2026-05-07T01:00:00Z",
+                                 "one too many", "2026-05-04T00:00:00Z", max_open=2) is None
+    listed = store.suppressions()
+    assert [w["reason"] for w in listed] == ["works", "more works"]  # the old one forgotten
+    assert [w["id"] for w in store.suppressions("2026-05-05T12:00:00Z")] == [second]
+    assert store.delete_suppression(first) and not store.delete_suppression(first)
+
+    store.put_health("alpha", "2026-05-04T00:00:00Z", 0.5, json.dumps({"spool_results": 1}))
+    store.put_health("alpha", "2026-05-04T01:00:00Z", None, json.dumps({"spool_results": 2}))
+    assert store.health() == {"alpha": ("2026-05-04T01:00:00Z", None, {"spool_results": 2})}
+    activity = store.activity("2026-05-02T00:00:00Z")
+    assert set(activity) == set(PROBES)
+    facts = [f for f in store.facts(["alpha"]) if f.started_at >= "2026-05-02T00:00:00Z"]
+    assert activity["alpha"]["sessions"] == len(facts)
+    assert activity["alpha"]["valid_sessions"] == sum(f.valid for f in facts)
+    assert activity["alpha"]["last_started_at"] == max(
+        r.started_at for r in store.results(["alpha"]))
+    rows = control.fleet_rows(store, 3600, 7)
+    assert [r["probe_id"] for r in rows] == sorted(PROBES)
+    assert all(r["silent"] for r in rows)  # May's results, seen long ago
+
+
 def test_same_answers_from_both_backends(tmp_path: Path, pg_url: str) -> None:
     results = dataset()
     answers = []
@@ -335,6 +392,12 @@ def test_migrate_copies_everything_and_resumes(tmp_path: Path, pg_url: str) -> N
         source.add_browser_result("2026-05-02T00:00:00.000000Z", "198.51.100.1",
                                   json.dumps({"download_bps": 1e8, "upload_bps": 1e7}))
         source.outbox_dead_letter(source.outbox_batch(1)[0][0], "refused", "2026-05-04")
+        # Fleet control (issue 15): a rule, a window, a health report.
+        source.update_instruction_rule('{"region": "Lazio"}', lambda _: {"ping.count": 20},
+                                       "2026-05-04T00:00:00Z")
+        source.add_suppression("{}", "2026-05-05T00:00:00Z", "2026-05-05T02:00:00Z",
+                               "works", "2026-05-04T00:00:00Z")
+        source.put_health("alpha", "2026-05-04T00:00:00Z", 0.1, '{"spool_results": 0}')
         # Interrupted after two pages of results; the checkpoint file says where.
         mark = Checkpoint(target.describe, tmp_path / "copy.json")
         pages = {"results": 0}
@@ -364,6 +427,10 @@ def test_migrate_copies_everything_and_resumes(tmp_path: Path, pg_url: str) -> N
         # The copied sequences go on: new rows get new keys.
         assert target.add_browser_result("2026-05-05T00:00:00.000000Z", "x", "{}") > 1
         assert target.outbox_retry_dead("2026-05-05T00:00:00Z") == 1
+        assert target.instruction_rules() == source.instruction_rules()
+        assert target.health() == source.health()
+        assert (target.add_suppression("{}", "2026-05-06T00:00:00Z", "2026-05-06T01:00:00Z",
+                                       "next", "2026-05-05T00:00:00Z") or 0) > 1
     finally:
         source.close()
         target.close()

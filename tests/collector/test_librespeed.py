@@ -92,10 +92,10 @@ def test_browser_speed_test_runs_in_chromium_and_is_recorded(
     import subprocess
     import time
 
-    from tests.collector.test_html_report import _chromium
+    from tests.browser import chromium
     from tests.httpclient import request
 
-    argv = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    argv = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}", "--remote-debugging-port=0",
