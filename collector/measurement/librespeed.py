@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 
 from aiohttp import web
 
@@ -36,7 +37,19 @@ CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS, HEAD",
     "Access-Control-Allow-Headers": "Content-Encoding, Content-Type",
+    # Resource Timing (W3C): without it a page from another origin sees zeroed timings
+    # and its ping falls back on coarse timers, 1-2 ms high on loopback (issue 16).
+    "Timing-Allow-Origin": "*",
 }
+log = logging.getLogger("bbprobe.collector")
+
+
+def _went_away(request: web.Request, what: str, exc: BaseException) -> None:
+    """A client that closes its stream is normal: LibreSpeed's page cancels its
+    downloads and uploads when each test's time is up (about 5 a test). One line at
+    debug level, never a traceback."""
+    log.debug("librespeed %s from %s: the client went away (%s)", what, request.remote,
+              type(exc).__name__)
 
 
 def paths(name: str) -> list[str]:
@@ -94,6 +107,8 @@ async def garbage(request: web.Request) -> web.StreamResponse:
                 await response.write_eof()
         except TimeoutError:
             _drop(request)
+        except ConnectionError as exc:
+            _went_away(request, "download", exc)
         return response
 
 
@@ -115,6 +130,8 @@ async def empty(request: web.Request) -> web.Response:
                 _drop(request)
                 raise ApiError(408, f"upload not finished within {cfg.max_duration_s:g} s") \
                     from None
+            except ConnectionError as exc:
+                _went_away(request, "upload", exc)
     return web.Response(body=b"", headers={**NO_CACHE, **CORS, "Connection": "keep-alive"})
 
 
@@ -141,7 +158,8 @@ def add_routes(routes: Routes) -> None:
         routes.get(path, garbage, role="public")
         routes.options(path, preflight, role="public")
     for path in paths("empty"):
-        routes.get(path, empty, role="public", allow_head=False)
+        # HEAD too: the CORS reply advertises it, and some clients ping with it.
+        routes.get(path, empty, role="public")
         routes.post(path, empty, role="public")
         routes.options(path, preflight, role="public")
     for path in paths("getIP"):

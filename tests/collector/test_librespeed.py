@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
+import struct
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -65,6 +67,59 @@ def test_empty_answers_nothing_and_drains_uploads(collector: RunningCollector,
     conn.close()
     assert resp.status == 200
     assert "Content-Encoding" in resp.getheader("Access-Control-Allow-Headers", "")
+    assert "HEAD" in resp.getheader("Access-Control-Allow-Methods", "")
+    # What the preflight advertises works (issue 16: HEAD was a 405), and every reply
+    # lets a page of another origin time it (Timing-Allow-Origin).
+    conn = _conn(collector.url)
+    conn.request("HEAD", f"{path}?r=3")
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"")
+    assert resp.getheader("Timing-Allow-Origin") == "*"
+    assert resp.getheader("Access-Control-Allow-Origin") == "*"
+    conn.close()
+
+
+@pytest.mark.parametrize("name", librespeed.NAMES)
+def test_every_reply_allows_cross_origin_timing(collector: RunningCollector,
+                                                name: str) -> None:
+    for method in ("GET", "OPTIONS"):
+        conn = _conn(collector.url)
+        conn.request(method, librespeed.paths(name)[0] + "?ckSize=1")
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        assert resp.status == 200 and resp.getheader("Timing-Allow-Origin") == "*", method
+
+
+def test_a_client_going_away_is_one_debug_line(collector: RunningCollector,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """LibreSpeed's page cancels its streams when a test's time is up: a download
+    closed mid-stream and an upload cut mid-body leave one debug line each, and no
+    traceback (there were about five a browser test)."""
+    import socket
+    import time
+
+    parts = urlsplit(collector.url)
+    with caplog.at_level(logging.DEBUG):
+        for request in (b"GET /backend/garbage.php?ckSize=1024 HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /backend/empty.php HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 100000000\r\n\r\n" + b"x" * 200_000):
+            with socket.create_connection((parts.hostname, parts.port)) as sock:
+                sock.sendall(request)
+                if request.startswith(b"GET"):
+                    sock.recv(65536)  # the download has started
+                time.sleep(0.2)
+                # An abortive close (RST), as a browser cancelling its fetch.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(
+                "went away" in r.getMessage() for r in caplog.records) < 2:
+            time.sleep(0.1)
+    went = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert [r.levelno for r in went] == [logging.DEBUG, logging.DEBUG], went
+    assert {r.getMessage().split()[1] for r in went} == {"download", "upload"}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 @pytest.mark.parametrize("path", librespeed.paths("getIP"))
