@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from agent import schedule
 from agent.schedule import Campaign, Window, next_free_slot
 
 Clock = Callable[[], datetime]
@@ -85,8 +86,7 @@ class Plan:
     windows: tuple[Window, ...] = ()
 
     def suppressed_until(self, moment: datetime) -> datetime | None:
-        ends = [end for start, end in self.windows if start <= moment < end]
-        return max(ends) if ends else None
+        return schedule.suppressed_until(self.windows, moment)
 
 
 # (campaign, suppressed until, next session) -> a health report sent.

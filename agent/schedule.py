@@ -140,8 +140,14 @@ def next_free_slot(campaign: Campaign, now: datetime, rng: random.Random,
         at = next_slot(campaign, now, rng)
         if at is None:
             return None
-        covering = [end for start, end in windows if start <= at < end]
-        if not covering:
+        until = suppressed_until(windows, at)
+        if until is None:
             return at
-        now = max(covering)
+        now = until
     return None
+
+
+def suppressed_until(windows: Sequence[Window], moment: datetime) -> datetime | None:
+    """The latest end of the windows ``moment`` falls in, or None (pure)."""
+    ends = [end for start, end in windows if start <= moment < end]
+    return max(ends) if ends else None

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
 from agent.instruction import check as check_settings
-from agent.schema import HealthReport, format_utc, parse_utc, utc_now
+from agent.schema import format_utc, parse_utc, utc_now
 from collector import fleet
 from collector.errors import NotFound, Unacceptable
 from collector.instructions import (
@@ -150,9 +150,9 @@ def delete_window(store: Store, ident: int) -> None:
         raise NotFound(f"no suppression window {ident}", field="id")
 
 
-def record_health(store: Store, probe: str, report: HealthReport, raw: Mapping[str, Any],
+def record_health(store: Store, probe: str, raw: Mapping[str, Any],
                   skew_s: float | None) -> None:
-    del report  # validated by the caller; stored as sent
+    """A health report the caller validated (agent.schema.parse_health), as sent."""
     store.put_health(probe, utc_now(), skew_s, json.dumps(raw))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from collector.storage.model import Probe
@@ -165,7 +165,3 @@ def merged(current: Mapping[str, Any], put: Mapping[str, Any],
     out = {k: v for k, v in current.items() if k not in set(remove)}
     out.update(put)
     return out
-
-
-def selector_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Selector))

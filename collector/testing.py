@@ -140,14 +140,15 @@ def bound_url(server: subprocess.Popen[str], addr_file: Path, timeout_s: float =
 
 
 @contextmanager
-def serve_process(config: Path, *, cwd: Path | None = None
+def serve_process(config: Path, *extra: str, cwd: Path | None = None
                   ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``python -m collector --config CONFIG serve`` as a process of its own: (its URL,
-    the process), stopped with SIGTERM when the block ends (its stderr is then read)."""
+    """``python -m collector --config CONFIG serve [EXTRA...]`` as a process of its own:
+    (its URL, the process), stopped with SIGTERM when the block ends (its stderr is then
+    read)."""
     addr = config.with_suffix(".addr")
     addr.unlink(missing_ok=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "collector", "--config", str(config), "serve",
+        [sys.executable, "-m", "collector", "--config", str(config), "serve", *extra,
          "--addr-file", str(addr)], cwd=cwd, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:

@@ -20,7 +20,7 @@ from agent import spec
 from agent.schema import SchemaError, parse_health
 from collector import control, fleet, ingest
 from collector.errors import ApiError
-from collector.instructions import selector
+from collector.instructions import Selector, selector
 from collector.web.base import CONFIG, db, query_format, read_body
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
 from collector.web.routing import Routes
@@ -51,11 +51,11 @@ async def post_state(request: web.Request) -> web.Response:
     raw = await probe_body(request, MAX_HEALTH_BYTES)
     data = ingest.parse_json(raw)
     try:
-        report = parse_health(data)
+        parse_health(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
     skew = clock_skew(request)
-    await db(request, lambda s: control.record_health(s, probe, report, data, skew))
+    await db(request, lambda s: control.record_health(s, probe, data, skew))
     return web.json_response({"probe_id": probe, "stored": True})
 
 
@@ -66,7 +66,7 @@ async def _admin_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _selector_of(data: dict[str, Any]) -> Any:
+def _selector_of(data: dict[str, Any]) -> Selector:
     raw = data.get("selector")
     if not isinstance(raw, dict):
         raise ApiError(422, 'selector: required, an object such as {"all": true} or '

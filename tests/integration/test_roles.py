@@ -6,9 +6,6 @@ against a measurement-only server."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +14,7 @@ from click.testing import CliRunner
 
 from agent import spec
 from agent.cli import main as agent_main
-from collector.testing import bound_url
+from collector.testing import serve_process
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 
@@ -44,20 +41,11 @@ def serving(tmp_path: Path, role: str, in_config: bool = False
     """``bbprobe-collector serve`` in ``role`` (``--role``, or server.role in the config)
     as its own process: (url, database path, what it printed on start)."""
     config, db = _config(tmp_path, role, in_config)
-    addr = tmp_path / f"{role}.addr"
     flag = [] if in_config else ["--role", role]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "collector", "--config", str(config), "serve", *flag,
-         "--addr-file", str(addr)], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    try:
-        url = bound_url(server, addr)
+    with serve_process(config, *flag, cwd=ROOT) as (url, server):
         assert server.stderr is not None
         yield url, db, server.stderr.readline()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=30)
-        assert server.returncode == 0
+    assert server.returncode == 0
 
 
 def test_a_measurement_only_server_needs_no_database(tmp_path: Path,
