@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite uses (installed with apt-get when running as root).
 DEB_PACKAGES := systemd iproute2 nftables iperf3 iputils-ping chromium victoria-metrics openssl \
-	debhelper debootstrap systemd-container postgresql
+	debhelper debootstrap systemd-container postgresql tmux prometheus
 
 # M-Lab's official ndt7 client (@m-lab/ndt7, npm registry) for the interoperability tests.
 NDT7JS := tests/ndt7js

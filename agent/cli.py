@@ -12,14 +12,17 @@ import json
 import os
 import signal
 import sys
+import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from aiohttp import web
 
 from agent import __version__, config, control, health, report
+from agent import metrics as agent_metrics
 from agent.delivery import CollectorClient, DeliveryReport, Spool, deliver, file_id
 from agent.errors import AgentError, ConfigError, DeliveryError
 from agent.schema import HealthReport, SessionResult, to_dict
@@ -108,9 +111,63 @@ def _health_report(spool: Spool, **fields: Any) -> HealthReport | None:
         return None
 
 
-def _progress(quiet: bool) -> Callable[[str], None]:
+def _publish(cfg: config.AgentConfig, gauges: agent_metrics.AgentMetrics) -> None:
+    """The daemon's metrics textfile, if configured, after the session is spooled (a
+    failure is one line: metrics are never worth a session). Only the daemon writes it:
+    a one-shot ``run`` beside it would replace the campaign's figures with its own."""
+    if not cfg.metrics.textfile:
+        return
+    try:
+        agent_metrics.write_textfile(cfg.metrics.textfile, gauges)
+    except OSError as exc:
+        click.echo(f"bbprobe: metrics.textfile: cannot write {cfg.metrics.textfile}: "
+                   f"{exc.strerror or exc}", err=True)
+    except Exception as exc:  # a bug in the metrics: reported, the daemon goes on
+        click.echo(f"bbprobe: metrics: {type(exc).__name__}: {exc}", err=True)
+
+
+async def _serve_metrics(listen: str, gauges: agent_metrics.AgentMetrics
+                         ) -> web.AppRunner | None:
+    """GET /metrics on ``listen`` (metrics.listen), from the daemon's live state."""
+    if not listen:
+        return None
+
+    made: dict[str, Any] = {"at": -1.0, "body": b""}
+
+    async def handler(request: web.Request) -> web.Response:
+        # Made at most once a second: a flood of requests must not take the CPU a
+        # transfer in progress needs.
+        now = time.monotonic()
+        if now - made["at"] >= 1.0:
+            made.update(at=now, body=agent_metrics.exposition(gauges))
+        response = web.Response(body=made["body"])
+        response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                           keepalive_timeout=10.0)
+    await runner.setup()
+    host, port = config.split_listen(listen)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
+                          f"{exc.strerror or exc}") from None
+    return runner
+
+
+def _progress(quiet: bool, say: Callable[[str], None] | None = None
+              ) -> Callable[[str], None]:
+    """Progress lines on stderr; through ``say`` while a live line is drawn (liveview)."""
     def emit(message: str) -> None:
-        if not quiet:
+        if quiet:
+            return
+        if say is not None:
+            say(f"· {message}")
+        else:
             click.echo(f"· {message}", err=True)
 
     return emit
@@ -259,7 +316,7 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
     async def main_async() -> int:
         from datetime import UTC, datetime
 
-        from agent import session
+        from agent import liveview, session
 
         probe_id = await _probe_id(cfg, client)
         if probe_id is None and client is not None:
@@ -277,8 +334,10 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             click.echo(f"bbprobe: warning: this probe is suppressed until "
                        f"{window.ends_at.isoformat()} ({window.reason}); measuring anyway",
                        err=True)
-        result = await session.run(applied.cfg, probe_id or "", progress,
-                                   instruction_version=applied.version)
+        with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
+            result = await session.run(applied.cfg, probe_id or "", _progress(quiet, view.say),
+                                       instruction_version=applied.version,
+                                       observe=view.observe)
         if client is None:
             _emit(result, as_json)
             return 0
@@ -346,13 +405,15 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
 @handle_errors
 def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> None:
     """Measure download and/or upload throughput against the server (not pushed)."""
-    from agent import session
+    from agent import liveview, session
 
     cfg = _load(ctx)
     config.measurement_server(cfg)  # fail early with a clear message
     tests = frozenset({"download", "upload"} if direction == "both" else {direction})
-    result = asyncio.run(session.run(cfg, cfg.probe_id or "local", _progress(quiet),
-                                     tests=tests))
+    with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
+        result = asyncio.run(session.run(cfg, cfg.probe_id or "local",
+                                         _progress(quiet, view.say), tests=tests,
+                                         observe=view.observe))
     _emit(result, as_json)
 
 
@@ -373,6 +434,7 @@ def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool
     a subtest failed."""
     import ssl
 
+    from agent import liveview
     from agent.probes import ndt7 as ndt7_probe
 
     cfg = _load(ctx)
@@ -383,7 +445,9 @@ def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool
     elif ca_file:
         context = ssl.create_default_context(cafile=ca_file)
     tests = ("download", "upload") if direction == "both" else (direction,)
-    results = asyncio.run(ndt7_probe.run(server, tests, ssl_context=context))
+    with liveview.shown(liveview.wanted(as_json=as_json)) as view:
+        results = asyncio.run(ndt7_probe.run(server, tests, ssl_context=context,
+                                             observe=view.observe))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -789,6 +853,7 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
         # session asks again (the collector may be away now and back later).
         probe_id = await _probe_id(state["cfg"], state["client"])
         last_error: dict[str, str | None] = {"instruction": None}
+        gauges = agent_metrics.AgentMetrics(__version__, probe_id or "", sessions={})
 
         async def plan() -> d.Plan:
             """Fetch the instruction (If-None-Match: cheap when unchanged) and rebuild
@@ -819,6 +884,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 suppressed_until=real(until) if until else None,
                 next_session_at=real(next_at) if next_at else None)
             if report_ is not None:
+                gauges.report = report_
+                _publish(state["cfg"], gauges)
                 await _send_health(state["client"], report_)
 
         async def one_session() -> tuple[datetime, bool]:
@@ -834,6 +901,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                                        instruction_version=state["version"])
             spool = Spool(cfg.state_dir, cfg.delivery)
             spool.put(result)
+            gauges.session(result)
+            _publish(state["cfg"], gauges)
             outcome = await deliver(
                 spool, client, dataclasses.replace(
                     cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, 30)),
@@ -864,6 +933,9 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
 
         interval = d.watchdog_interval()
         dog = asyncio.ensure_future(d.watchdog(interval, control_)) if interval else None
+        # The metrics listener is bound from the file as read at start (a reload does
+        # not move it): a port that cannot be bound stops the start, named.
+        metrics_site = await _serve_metrics(state["cfg"].metrics.listen, gauges)
         d.notify("READY=1")
         who = f"as probe {probe_id}" if probe_id else \
             "(probe name not known yet: the collector does not answer; asked at each session)"
@@ -885,6 +957,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
             control_.stop.set()
             if dog is not None:
                 await asyncio.gather(dog, return_exceptions=True)
+            if metrics_site is not None:
+                await metrics_site.cleanup()
         click.echo("bbprobe: daemon stopped; unacknowledged results stay in the spool",
                    err=True)
         return 0

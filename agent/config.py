@@ -164,6 +164,19 @@ class TransferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Prometheus metrics of this agent (issue 16): its last session, spool, campaign and
+    # health. The daemon writes them after every session and health report, in the
+    # node_exporter textfile-collector format, to this file (e.g.
+    # /var/lib/prometheus/node-exporter/bbprobe.prom); empty: not written.
+    textfile: str = ""
+    # The daemon also serves them at GET /metrics on this "host:port" ("127.0.0.1:9465",
+    # IPv6 "[::1]:9465"); empty: not served. No token: keep it on loopback or a
+    # management network.
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     # Probe identity. Empty: the name the collector gives the token in use (whoami), asked
     # at each session; a result measured while the collector was away is spooled without
@@ -183,6 +196,7 @@ class AgentConfig:
     download: TransferConfig = field(default_factory=TransferConfig)
     upload: TransferConfig = field(default_factory=TransferConfig)
     campaign: CampaignConfig = field(default_factory=CampaignConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # Method profiles: dotted-key presets, applied under whatever the file and flags set.
@@ -308,6 +322,11 @@ def _check(cfg: AgentConfig, source: str) -> None:
                        for i, u in enumerate(cfg.server.candidates))):
         if url and (problem := url_problem(url)):
             fail(key, problem)
+    if cfg.metrics.listen and (problem := listen_problem(cfg.metrics.listen)):
+        fail("metrics.listen", problem)
+    if cfg.metrics.textfile and not cfg.metrics.textfile.endswith(".prom"):
+        fail("metrics.textfile", "node_exporter reads only files named *.prom, got "
+                                 f"{cfg.metrics.textfile!r}")
     if len(cfg.server.candidates) > MAX_CANDIDATES:
         fail("server.candidates", f"at most {MAX_CANDIDATES} servers, got "
                                   f"{len(cfg.server.candidates)}")
@@ -331,6 +350,27 @@ def _check(cfg: AgentConfig, source: str) -> None:
         if transfer.mode == "file" and transfer.streams == 0:
             fail(f"{name}.streams", "must be >= 1 in file mode (adaptive streams need a "
                                     "warm-up)")
+
+
+def listen_problem(text: str) -> str | None:
+    """What is wrong with a "host:port" listen address (IPv6 in brackets), or None."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        return f"expected host:port (IPv6: [::1]:9464), got {text!r}"
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            return f"unbalanced brackets in {text!r}"
+    elif ":" in host:
+        return f"an IPv6 address goes in brackets, [{host}]:{port}"
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        return f"port: expected 0..65535, got {port!r}"
+    return None
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """("host", port) of a valid listen address (brackets removed)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def url_problem(url: str) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from agent import __version__, checks, clock, summary
+from agent import __version__, checks, clock, live, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
@@ -47,13 +47,15 @@ def ping_deadline_s(m: PingMethod) -> float:
     return (m.count - 1) * m.interval_s + m.timeout_s + icmp.RESOLVE_TIMEOUT_S + 5.0
 
 
-async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet) -> PingTest:
-    """A ping train as a ``PingTest``; setup failures become ``status="failed"``."""
+async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet,
+                   observe: live.Observer = live.ignore) -> PingTest:
+    """A ping train as a ``PingTest``; setup failures become ``status="failed"``.
+    ``observe`` gets each RTT as it arrives (the live view)."""
     started_at = utc_now()
     progress(f"ping {target}: {m.count} echo requests, {m.interval_s:g} s apart")
     try:
         async with asyncio.timeout(ping_deadline_s(m)):
-            obs = await icmp.run(target, m)
+            obs = await icmp.run(target, m, observe=observe)
     except ProbeSetupError as exc:
         return PingTest(
             status="failed", error=str(exc), target=target, address=None, privileged=None,
@@ -81,22 +83,23 @@ async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet) -> P
 
 
 async def loaded_ping(target: str, ping: PingMethod, transfer: TransferMethod,
-                      progress: Progress) -> PingTest:
+                      progress: Progress, observe: live.Observer = live.ignore) -> PingTest:
     """A ping train over a transfer's measurement window (latency under load)."""
     assert ping.loaded_interval_s is not None
     await asyncio.sleep(transfer.warmup_s)
     # 1e-9: 0.6 / 0.2 is 2.9999999999999996 in binary floating point.
     count = max(1, int(transfer.window_s / ping.loaded_interval_s + 1e-9))
     train = replace(ping, count=count, interval_s=ping.loaded_interval_s)
-    return await run_ping(target, train, progress)
+    return await run_ping(target, train, progress, observe)
 
 
 async def run_transfers(
     direction: str, base_url: str, m: TransferMethod, progress: Progress = _quiet,
-    loaded: tuple[str, PingMethod] | None = None,
+    loaded: tuple[str, PingMethod] | None = None, observe: live.Observer = live.ignore,
 ) -> tuple[list[TransferAttempt], PingTest | None]:
     """All tests of one direction. With ``loaded`` = (target, ping method), a ping train
-    runs during the first test's window and is returned apart."""
+    runs during the first test's window and is returned apart. ``observe`` gets the
+    live view's events (phases, bytes, RTT under load)."""
     probe = http_download if direction == "download" else http_upload
     attempts: list[TransferAttempt] = []
     under_load: PingTest | None = None
@@ -104,11 +107,12 @@ async def run_transfers(
         progress(f"{direction} test {test_index + 1}/{m.tests}: {describe_method(m)}")
         if test_index == 0 and loaded is not None and m.mode == "duration":
             async with asyncio.TaskGroup() as group:
-                transfer = group.create_task(probe.run(base_url, m, test_index))
-                pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet))
+                transfer = group.create_task(probe.run(base_url, m, test_index, observe))
+                pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet,
+                                                        observe))
             results, under_load = transfer.result(), pinging.result()
         else:
-            results = await probe.run(base_url, m, test_index)
+            results = await probe.run(base_url, m, test_index, observe)
         for a in results:
             if a.status == "ok" and a.throughput_bps is not None:
                 progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s "
@@ -138,8 +142,11 @@ async def run(
     *,
     tests: frozenset[str] = frozenset({"ping", "download", "upload"}),
     instruction_version: str | None = None,
+    observe: live.Observer = live.ignore,
 ) -> SessionResult:
-    """Run one session and return its result (never raises for a failed measurement)."""
+    """Run one session and return its result (never raises for a failed measurement).
+    ``observe`` gets the live view's events (agent/live.py); it never changes the
+    result."""
     started = datetime.now(UTC)
     t0 = time.monotonic()
     clock_state = clock.read()
@@ -167,7 +174,9 @@ async def run(
     loaded: tuple[str, PingMethod] | None = None
     if m.ping is not None:
         target = ping_target(cfg)
-        ping_test = await run_ping(target, m.ping, progress)
+        observe(live.PhaseStarted("ping", time.monotonic(),
+                                  (m.ping.count - 1) * m.ping.interval_s, transfer=False))
+        ping_test = await run_ping(target, m.ping, progress, observe)
         if m.ping.loaded_interval_s is not None and ping_test.address is not None:
             loaded = (target, m.ping)
     transfers: list[TransferAttempt] = []
@@ -175,6 +184,7 @@ async def run(
     ping_upload: PingTest | None = None
     context: HostContext | None = None
     if cfg.checks.enabled:
+        observe(live.PhaseStarted("host checks", time.monotonic(), None, transfer=False))
         host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
         context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1", 0.5,
                                           cfg.checks.scan_lan, [ping_target(cfg)])
@@ -182,9 +192,10 @@ async def run(
         iface = context.interface if context is not None else None
         before = checks.interface_bytes(iface)
         down, ping_download = await run_transfers("download", base_url, m.download,
-                                                  progress, loaded)
+                                                  progress, loaded, observe)
         middle = checks.interface_bytes(iface)
-        up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded)
+        up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded,
+                                              observe)
         after = checks.interface_bytes(iface)
         transfers = down + up
         if context is not None and before and middle and after:

@@ -126,13 +126,14 @@ class Backend:
 
 
 @contextmanager
-def collector(tree: Path, work: Path, backend: Backend
+def collector(tree: Path, work: Path, backend: Backend, extra: str = ""
               ) -> Iterator[tuple[str, str, int, Callable[[], tuple[int, int]]]]:
-    """A collector of ``tree`` on a fresh store: (url, token, pid, bytes-and-results)."""
+    """A collector of ``tree`` on a fresh store: (url, token, pid, bytes-and-results).
+    ``extra``: more config lines (whole tables)."""
     storage, stored = backend.storage(work)
     config = work / f"{uuid.uuid4().hex[:8]}.toml"
     config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\nprobe_requests_per_min = 0\n'
-                      f'max_body_bytes = 8000000\n\n[storage]\n{storage}')
+                      f'max_body_bytes = 8000000\n\n[storage]\n{storage}\n{extra}')
     token = subprocess.run(
         [*COLLECTOR, "--config", str(config), "probe", "add", "bench"], cwd=tree,
         env=_env(tree), check=True, capture_output=True, text=True, timeout=60

@@ -24,18 +24,22 @@ from typing import Any
 
 from aiohttp import web
 
+from collector import notifiers
+from collector.alerter import Alerter
 from collector.config import CollectorConfig, ServerConfig
 from collector.errors import CollectorError, ConfigError
 from collector.influx import InfluxSink
 from collector.limits import RateLimiter
 from collector.measurement import ndt7
 from collector.measurement import routes as measurement
+from collector.metrics import Metrics
 from collector.storage.model import Quota
 from collector.storage.store import Store, open_store
 from collector.web import (
     admin_routes,
     analyst_routes,
     fleet_routes,
+    metrics_routes,
     probe_routes,
     public_routes,
 )
@@ -45,6 +49,7 @@ from collector.web.base import (
     CONFIG,
     DB_THREADS,
     LIMITER,
+    METRICS,
     SINK,
     STORE,
     access,
@@ -104,6 +109,10 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         sink = InfluxSink(cfg.influxdb, run)
         app[SINK] = sink
         tasks.append(asyncio.create_task(sink.supervise(), name="bbprobe-influx-sink"))
+    if cfg.alerts.enabled:
+        alerter = Alerter(cfg, {n.name: n for n in notifiers.build(cfg.alerts)}, run,
+                          outbox=cfg.influxdb.enabled)
+        tasks.append(asyncio.create_task(alerter.supervise(), name="bbprobe-alerter"))
     try:
         yield
     finally:
@@ -122,6 +131,20 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         app[DB_THREADS].shutdown(wait=True)
 
 
+async def _metrics_listener(app: web.Application, reuse_port: bool) -> AsyncIterator[None]:
+    """The open /metrics on metrics.listen, for as long as the application runs (after
+    the store opened: cleanup contexts start in order)."""
+    try:
+        runner = await metrics_routes.listener(app, reuse_port)
+    except OSError as exc:
+        raise ConfigError(f"metrics.listen: cannot listen on {app[CONFIG].metrics.listen}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
 # What a collector process serves (issue 15): everything, or only the store's side
 # (ingestion, queries, reports, admin), or only the measurement endpoints (HTTP, ndt7,
 # LibreSpeed, the speed-test page), which need no database and no targets, so that
@@ -129,13 +152,25 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
 ROLES = ("all", "ingest", "measurement")
 
 
-def create_app(cfg: CollectorConfig, role: str = "all") -> web.Application:
+def create_app(cfg: CollectorConfig, role: str = "all", *,
+               reuse_port: bool = False, metrics_dir: str | None = None) -> web.Application:
+    """``metrics_dir``: a worker of ``serve --workers`` counts its metrics there
+    (collector/metrics.py); ``reuse_port``: it shares its listeners with the others."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
-    app = web.Application(middlewares=[errors, access],
-                          client_max_size=cfg.server.max_body_bytes)
+    metrics = Metrics(metrics_dir) if cfg.metrics.enabled else None
+    # The timing middleware is the outermost: it sees the status the client gets.
+    middlewares = [errors, access] if metrics is None else \
+        [metrics_routes.timing(metrics), errors, access]
+    app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     routes = Routes(app)
+    if metrics is not None:
+        app[METRICS] = metrics
+        if role != "measurement":  # the token check needs the store
+            metrics_routes.add_routes(routes)
+        else:
+            app[metrics_routes.CACHE] = metrics_routes.Cached()
     if role == "measurement":
         routes.get("/healthz", public_routes.healthz, role="public")
     else:
@@ -149,6 +184,9 @@ def create_app(cfg: CollectorConfig, role: str = "all") -> web.Application:
         admin_routes.add_routes(routes)
         fleet_routes.add_routes(routes)
         public_routes.add_routes(routes)
+    if metrics is not None and cfg.metrics.listen:
+        # After the store's context: it starts once the store is open and stops first.
+        app.cleanup_ctx.append(partial(_metrics_listener, reuse_port=reuse_port))
     if role == "ingest":
         return app
     measurement.add_page(routes, record=role == "all")
@@ -165,7 +203,7 @@ def create_app(cfg: CollectorConfig, role: str = "all") -> web.Application:
             """A measurement-only server has no store: the client has its own record."""
 
         measurement.add_routes(routes, cfg.measurement,
-                               store_subtest if role == "all" else keep_no_subtest)
+                               store_subtest if role == "all" else keep_no_subtest, metrics)
     return app
 
 
@@ -186,8 +224,8 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "all"
-                ) -> tuple[web.AppRunner, str]:
+async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "all",
+                metrics_dir: str | None = None) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL. ``reuse_port``: several
     processes listen on the same port (SO_REUSEPORT) and the kernel spreads connections."""
     # auto_decompress=False: bodies reach the handlers as sent, so an encoded body is
@@ -195,13 +233,19 @@ async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "
     # keepalive_timeout: aiohttp closes a connection that has not completed a request
     # within it, from the moment it opens (and between requests): the header timeout.
     runner = web.AppRunner(
-        create_app(cfg, role), access_log=None, handle_signals=False, shutdown_timeout=5.0,
-        auto_decompress=False, keepalive_timeout=cfg.server.header_timeout_s,
+        create_app(cfg, role, reuse_port=reuse_port, metrics_dir=metrics_dir),
+        access_log=None, handle_signals=False, shutdown_timeout=5.0, auto_decompress=False,
+        keepalive_timeout=cfg.server.header_timeout_s,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
-                       ssl_context=tls_context(cfg.server), reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
+                           ssl_context=tls_context(cfg.server), reuse_port=reuse_port or None)
+        await site.start()
+    except BaseException:
+        # What started (the store, the metrics listener) stops: nothing stays bound.
+        await runner.cleanup()
+        raise
     host, port = runner.addresses[0][:2]
     scheme = "https" if cfg.server.tls_cert else "http"
     url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -220,9 +264,10 @@ def write_addr_file(path: str, url: str) -> None:
 
 
 async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None], *,
-                reuse_port: bool = False, role: str = "all") -> None:
+                reuse_port: bool = False, role: str = "all",
+                metrics_dir: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly."""
-    runner, url = await start(cfg, reuse_port=reuse_port, role=role)
+    runner, url = await start(cfg, reuse_port=reuse_port, role=role, metrics_dir=metrics_dir)
     # Everything loaded so far (modules, the app, the store) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. A
     # result allocates some 10,000 tuples, so collections are frequent: with the heap

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from agent.schema import utc_now
-from collector import __version__, cli_fleet, html_report, service
+from collector import __version__, cli_alerts, cli_fleet, html_report, notifiers, service
 from collector.cli_common import _config, _shown, _store, handle_errors, shared_options
 from collector.compliance import targets as targets_mod
 from collector.config import resolve_secrets
@@ -82,8 +82,11 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
                              "would serve nothing")
         where = "measurement only: no database"
     else:
-        # Fail now, not at the first report, if the targets table is unusable.
+        # Fail now, not at the first report (or alert), if the targets table or a
+        # notifier's secret is unusable.
         targets_mod.load(cfg.compliance.targets)
+        if cfg.alerts.enabled:
+            notifiers.build(cfg.alerts)
         where = "database " + (cfg.storage.path if cfg.storage.backend == "sqlite" else
                                masked(cfg.storage.url))
         if role == "ingest":
@@ -116,8 +119,10 @@ def check_config(ctx: click.Context) -> None:
         click.echo("config OK; role measurement (no database, no targets table)")
         return
     table = targets_mod.load(cfg.compliance.targets)
+    built = notifiers.build(cfg.alerts) if cfg.alerts.enabled else []
+    alerting = f"; alerts on, {len(built)} notifier(s)" if cfg.alerts.enabled else ""
     click.echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
-               f"of {len(table.indicator)} indicators)")
+               f"of {len(table.indicator)} indicators){alerting}")
 
 
 @main.group()
@@ -694,5 +699,5 @@ def files(name: str | None) -> None:
         raise InputError(str(exc)) from None
 
 
-for _command in cli_fleet.COMMANDS:
+for _command in (*cli_fleet.COMMANDS, *cli_alerts.COMMANDS):
     main.add_command(_command)

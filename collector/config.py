@@ -9,17 +9,23 @@ one shipped inside the package, so ``serve`` works from any directory.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent import credentials
-from agent.config import decode_table, url_problem, user_dir
+from agent.config import decode_table, listen_problem, split_listen, url_problem, user_dir
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
 from agent.schema import bounds
+from collector.alerts import KINDS
 from collector.errors import ConfigError
+
+# A notifier's name (it keys its delivery states in the database).
+NOTIFIER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,81 @@ class FleetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Prometheus metrics (issue 16) at GET /metrics: on the main port for analyst and
+    # admin tokens (open only where server.query_auth = false opens every read).
+    enabled: bool = True
+    # Also serve GET /metrics, with no token, on this "host:port" (IPv6: "[::1]:9464"):
+    # for a Prometheus that cannot hold a token, on an address only it reaches. The
+    # only way a measurement-only server (role "measurement") exposes its metrics.
+    listen: str = ""
+    # Per-probe series of each probe's last session, labelled with the probe and its
+    # line metadata: at most per_probe_max probes (the first by name); the rest are
+    # counted in bbprobe_fleet_per_probe_series_omitted. Each probe adds 11 series at most.
+    per_probe: bool = True
+    per_probe_max: int = field(default=1000, metadata=bounds(ge=0, le=100_000))
+    # A scrape answered less than this many seconds after the last one gets the same
+    # body: the database is read, and the text made, at most once per interval however
+    # often (and by however many) /metrics is asked.
+    min_interval_s: float = field(default=5.0, metadata=bounds(ge=0, le=3600))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    # A generic webhook (issue 16): every alert routed to it is POSTed as JSON, signed
+    # with HMAC-SHA256 (X-Bbprobe-Signature: sha256=HEX of "TIMESTAMP.BODY", with
+    # X-Bbprobe-Timestamp) when a secret is given.
+    name: str = ""
+    url: str = ""
+    # The HMAC key: the systemd credential named here, or the environment variable.
+    secret_credential: str = ""
+    secret_env: str = ""
+    # Which alerts: any of contract_breach, below_minimum, probe_silent,
+    # campaign_incomplete, dead_letters, test. Empty: all.
+    triggers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppriseConfig:
+    # A notification service through Apprise (email, Telegram, Slack, Matrix, ntfy...; its
+    # URL syntax: https://github.com/caronc/apprise/wiki). Apprise URLs carry their
+    # secrets, so give the URL as a systemd credential or an environment variable; a
+    # plain url is for those without one.
+    name: str = ""
+    url: str = ""
+    url_credential: str = ""
+    url_env: str = ""
+    triggers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    # Raise alerts and notify people (issue 16), without Prometheus. Alerts are kept in
+    # the database with each notifier's delivery state (`bbprobe-collector alerts list`).
+    enabled: bool = False
+    # How often the collector looks for alert conditions and due deliveries.
+    interval_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
+    # probe_silent: no health report and no result for this long.
+    silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
+    # below_minimum: at most one alert per probe and direction this often.
+    below_minimum_every_s: float = field(default=6 * 3600.0,
+                                         metadata=bounds(gt=0, le=30 * 86400))
+    # contract_breach: the time zone of the campaign's hourly bands.
+    timezone: str = "Europe/Rome"
+    # A failed delivery is retried after retry_min_s, doubling up to retry_max_s
+    # (+-50 % jitter), at most max_attempts times in all; then it is marked failed.
+    retry_min_s: float = field(default=30.0, metadata=bounds(gt=0, le=86400))
+    retry_max_s: float = field(default=3600.0, metadata=bounds(gt=0, le=7 * 86400))
+    max_attempts: int = field(default=12, metadata=bounds(ge=1, le=1000))
+    # Each delivery must finish within this many seconds.
+    timeout_s: float = field(default=10.0, metadata=bounds(gt=0, le=300))
+    # Alerts (and their delivery states) older than this are deleted.
+    keep_days: int = field(default=90, metadata=bounds(ge=1, le=3650))
+    webhooks: tuple[WebhookConfig, ...] = ()
+    apprise: tuple[AppriseConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -160,6 +241,8 @@ class CollectorConfig:
     anonymous: AnonymousConfig = field(default_factory=AnonymousConfig)
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 def load(
@@ -255,6 +338,60 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
                               f"{problem}")
         if not influx.bucket:
             raise ConfigError(f"{source}: influxdb.bucket: must not be empty")
+    m = cfg.metrics
+    if m.listen:
+        if problem := listen_problem(m.listen):
+            raise ConfigError(f"{source}: metrics.listen: {problem}")
+        if m.min_interval_s < 1:
+            # Open to anyone who reaches it: a scrape must not read the database each time.
+            raise ConfigError(f"{source}: metrics.min_interval_s: at least 1 s with "
+                              "metrics.listen (an open listener)")
+        if not m.enabled:
+            raise ConfigError(f"{source}: metrics.listen: set, but metrics.enabled = false")
+        host, port = split_listen(m.listen)
+        if port and port == srv.port and host == srv.host:
+            raise ConfigError(f"{source}: metrics.listen: the same address as the server "
+                              f"({host}:{port}); choose another port")
+    _check_alerts(cfg.alerts, source)
     if influx.retry_max_s < influx.retry_min_s:
         raise ConfigError(f"{source}: influxdb.retry_max_s: must be >= retry_min_s")
     return cfg
+
+
+
+def _check_alerts(alerts: AlertsConfig, source: str) -> None:
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    if alerts.retry_max_s < alerts.retry_min_s:
+        fail("alerts.retry_max_s", "must be >= retry_min_s")
+    try:
+        ZoneInfo(alerts.timezone)
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        fail("alerts.timezone", f"not a known time zone, got {alerts.timezone!r}")
+    names: set[str] = set()
+    notifiers: list[tuple[str, WebhookConfig | AppriseConfig]] = [
+        *((f"alerts.webhooks[{i}]", w) for i, w in enumerate(alerts.webhooks)),
+        *((f"alerts.apprise[{i}]", a) for i, a in enumerate(alerts.apprise))]
+    for where, notifier in notifiers:
+        if not NOTIFIER_NAME_RE.match(notifier.name):
+            fail(f"{where}.name", "must be 1-64 characters of letters, digits, '.', '_', "
+                                  f"'-', got {notifier.name!r}")
+        if notifier.name in names:
+            fail(f"{where}.name", f"{notifier.name!r} is used twice")
+        names.add(notifier.name)
+        for trigger in notifier.triggers:
+            if trigger not in KINDS:
+                fail(f"{where}.triggers", f"unknown trigger {trigger!r}; expected some of "
+                                          f"{', '.join(KINDS)}")
+        if isinstance(notifier, WebhookConfig):
+            if problem := url_problem(notifier.url):
+                fail(f"{where}.url", f"expected http(s)://host[:port]/path: {problem}")
+            credential = notifier.secret_credential
+        else:
+            given = [k for k in ("url", "url_credential", "url_env") if getattr(notifier, k)]
+            if len(given) != 1:
+                fail(f"{where}.url", "give exactly one of url, url_credential and url_env")
+            credential = notifier.url_credential
+        if credential and (problem := credentials.name_problem(credential)):
+            fail(f"{where}", problem)

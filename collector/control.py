@@ -157,17 +157,20 @@ def record_health(store: Store, probe: str, raw: Mapping[str, Any],
 
 
 def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
-               now: datetime | None = None) -> list[dict[str, Any]]:
+               now: datetime | None = None, versions: bool = True) -> list[dict[str, Any]]:
+    """One fleet row per active probe. ``versions=False`` skips working out each probe's
+    current instruction (most of the cost): the rows' instruction_current is then None,
+    and nothing else changes (the metrics need only seen, silent and healthy)."""
     moment = now or datetime.now(UTC)
     health = store.health()
     since = format_utc(moment - timedelta(days=validity_days))
     activity = store.activity(since)
     text_now = format_utc(moment)
-    all_rules, all_windows = rules(store), windows(store, text_now)
+    all_rules, all_windows = (rules(store), windows(store, text_now)) if versions else ([], [])
     # Probes on the same line metadata with no rule or window of their own share their
     # instruction: worked out once per such group, not once per probe.
     own = {r.selector.probe for r in all_rules} | {w.selector.probe for w in all_windows}
-    versions: dict[tuple[str | None, ...], str] = {}
+    known: dict[tuple[str | None, ...], str] = {}
     out = []
     for probe in store.probes():
         if probe.revoked_at is not None:
@@ -175,9 +178,12 @@ def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
         line = probe.line
         group = (probe.name if probe.name in own else None, line.operator, line.offer,
                  line.region, line.technology)
-        if group not in versions:
-            versions[group] = effective(all_rules, all_windows, probe,
-                                        text_now).document["version"]
-        out.append(fleet.row(probe, health.get(probe.name), activity.get(probe.name),
-                             versions[group], moment, silent_after_s))
+        if versions and group not in known:
+            known[group] = effective(all_rules, all_windows, probe,
+                                     text_now).document["version"]
+        row = fleet.row(probe, health.get(probe.name), activity.get(probe.name),
+                        known.get(group, ""), moment, silent_after_s)
+        if not versions:
+            row["instruction_current"] = None
+        out.append(row)
     return out

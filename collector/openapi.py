@@ -538,4 +538,11 @@ def _fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
         "/fleet": {"get": {"summary": "The fleet page (HTML).",
                            "responses": {"200": {"description": "HTML", "content": {
                                "text/html": {"schema": {"type": "string"}}}}}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format 0.0.4): ingestion, request "
+                       "latency by route, "
+                       "measurement slots, the InfluxDB outbox, the fleet and each probe's "
+                       "last session. Also open, with no token, on [metrics] listen.",
+            "responses": {"200": {"description": "The exposition.", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}}}},
     }

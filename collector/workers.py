@@ -21,14 +21,18 @@ import ctypes
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from typing import Any
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from collector import app
 from collector.config import CollectorConfig
@@ -40,7 +44,7 @@ RESTART_PAUSE_S = 5.0
 
 
 def _worker(cfg: CollectorConfig, index: int, ready: Any,
-            holder: socket.socket | None, role: str) -> None:
+            holder: socket.socket | None, role: str, metrics_dir: str) -> None:
     """One worker process: a collector on the shared port until SIGTERM/SIGINT, or
     until the parent is gone."""
     # The parent's handlers came with the fork: a signal while the store opens (a slow
@@ -52,7 +56,7 @@ def _worker(cfg: CollectorConfig, index: int, ready: Any,
     _die_with_parent()
     try:
         asyncio.run(app.serve(cfg, lambda url: ready.put((index, url)), reuse_port=True,
-                              role=role))
+                              role=role, metrics_dir=metrics_dir))
     except CollectorError as exc:
         print(f"bbprobe-collector: worker {index}: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
@@ -101,18 +105,25 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None],
         nonlocal stopping
         stopping = True
 
+    # Prometheus metrics: every worker counts in its own files here and a scrape of any
+    # worker sums them all (collector/metrics.py). A fresh directory per start: the
+    # counters of a previous run must not be added to this one's.
+    counts = tempfile.mkdtemp(prefix="bbprobe-metrics-")
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def spawn(index: int) -> BaseProcess:
         process = context.Process(target=_worker,
-                                  args=(child_cfg, index, ready, holder, role),
+                                  args=(child_cfg, index, ready, holder, role, counts),
                                   name=f"bbprobe-collector-worker-{index}")
         process.start()
         return process
 
-    workers = {i: spawn(i) for i in range(count)}
-    started_at = {i: time.monotonic() for i in workers}
+    workers: dict[int, BaseProcess] = {}
+    started_at: dict[int, float] = {}
     try:
+        for i in range(count):
+            workers[i] = spawn(i)
+            started_at[i] = time.monotonic()
         url = _wait_ready(workers, ready, count, lambda: stopping)
         if holder is not None:
             holder.close()
@@ -133,6 +144,10 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None],
                 print(f"bbprobe-collector: worker {index} exited with code "
                       f"{process.exitcode}; starting it again", file=sys.stderr, flush=True)
                 process.join()
+                if process.pid is not None:
+                    # Its counters stay in the sums; its live gauges (transfers
+                    # running) go.
+                    mark_process_dead(process.pid, counts)  # type: ignore[no-untyped-call]
                 workers[index] = spawn(index)
                 started_at[index] = time.monotonic()
     finally:
@@ -141,6 +156,7 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None],
         _stop_all(workers.values())
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(counts, ignore_errors=True)
 
 
 def _wait_ready(workers: dict[int, BaseProcess], ready: Any, count: int,

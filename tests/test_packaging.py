@@ -50,6 +50,8 @@ def test_wheel_carries_what_a_running_system_needs(wheel: Path) -> None:
                     "bbprobe_share/agent.example.toml", "bbprobe_share/collector.example.toml",
                     "bbprobe_share/agent.system.toml", "bbprobe_share/collector.system.toml",
                     "bbprobe_share/grafana/bbprobe-dashboard.json",
+                    "bbprobe_share/prometheus/prometheus.yml",
+                    "bbprobe_share/prometheus/bbprobe-alerts.yml",
                     "bbprobe_share/systemd/bbprobe-agent.service",
                     "bbprobe_share/systemd/bbprobe-collector.service",
                     "agent/py.typed", "collector/py.typed"):

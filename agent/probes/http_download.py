@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent import spec
+from agent import live, spec
 from agent.probes import wire
 from agent.probes.transfer import (
     StreamState,
@@ -25,8 +25,10 @@ from agent.schema import TransferAttempt, TransferMethod
 SERVER_MARGIN_S = 2.0
 
 
-async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
-    """One download test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
+async def run(base_url: str, method: TransferMethod, test_index: int,
+              observe: live.Observer = live.ignore) -> list[TransferAttempt]:
+    """One download test (with retries); ``observe`` gets the live view's events.
+    Liveness: attempts x (timeout_s + 1 s pause)."""
     shares = file_shares(method)
 
     async def stream(index: int, state: StreamState, t0: float, t_stop: float | None) -> None:
@@ -49,6 +51,6 @@ async def run(base_url: str, method: TransferMethod, test_index: int) -> list[Tr
         state.record(loop.time() - t0, interval, force=True)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
-        return await run_attempt("download", method, test, number, stream)
+        return await run_attempt("download", method, test, number, stream, observe=observe)
 
     return await run_test(attempt, method, test_index)

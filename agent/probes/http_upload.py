@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from agent import spec
+from agent import live, spec
 from agent.probes import wire
 from agent.probes.transfer import (
     SampleList,
@@ -44,8 +44,10 @@ def on_server_timeline(
     return streams, sum(r.bytes_received for r in reports.values()), "server"
 
 
-async def run(base_url: str, method: TransferMethod, test_index: int) -> list[TransferAttempt]:
-    """One upload test (with retries). Liveness: attempts x (timeout_s + 1 s pause)."""
+async def run(base_url: str, method: TransferMethod, test_index: int,
+              observe: live.Observer = live.ignore) -> list[TransferAttempt]:
+    """One upload test (with retries); ``observe`` gets the live view's events.
+    Liveness: attempts x (timeout_s + 1 s pause)."""
     shares = file_shares(method)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
@@ -81,6 +83,6 @@ async def run(base_url: str, method: TransferMethod, test_index: int) -> list[Tr
         def finalize(states: list[StreamState]) -> tuple[list[SampleList], int, str]:
             return on_server_timeline(states, reports)
 
-        return await run_attempt("upload", method, test, number, stream, finalize)
+        return await run_attempt("upload", method, test, number, stream, finalize, observe)
 
     return await run_test(attempt, method, test_index)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import live
 from agent.errors import ProbeSetupError
 from agent.schema import PingMethod, PingSample, utc_now
 
@@ -148,12 +149,14 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
 
 
 async def run(
-    target: str, method: PingMethod, *, privileged: bool | None = None
+    target: str, method: PingMethod, *, privileged: bool | None = None,
+    observe: live.Observer = live.ignore,
 ) -> PingObservation:
     """Send ``method.count`` echo requests to ``target`` and observe the replies.
 
     Raises ``ProbeSetupError`` only when the train cannot start (no permission, name does
-    not resolve); lost or failed pings are samples with ``rtt_ms=None``.
+    not resolve); lost or failed pings are samples with ``rtt_ms=None``. Each RTT is
+    also given to ``observe`` as it arrives (the live view).
     """
     from icmplib import ICMPRequest, ICMPSocketError
 
@@ -195,7 +198,8 @@ async def run(
             if reply.type == _ECHO_REPLY[version]:
                 elapsed = received - sent
                 if elapsed <= method.timeout_s:
-                    rtt_ms[seq] = max(elapsed, 0.0) * 1000.0
+                    rtt = rtt_ms[seq] = max(elapsed, 0.0) * 1000.0
+                    observe(live.RttSampled(sent_mono[seq] or t0, rtt))
             elif reply.type in _ERRORS[version]:
                 errors[seq] = _ERRORS[version][reply.type]
             if sent_mono[count - 1] is not None and settled():

@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
-from agent import __version__, payload
+from agent import __version__, live, payload
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
 RUNTIME_S = 10.0
@@ -113,8 +113,21 @@ def _finish(result: Ndt7Subtest) -> None:
             result.error = "the server sent no TCPInfo measurement; no upload figure"
 
 
-async def _download(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest) -> None:
+def _server_rtt(observe: live.Observer, result: Ndt7Subtest, now: float) -> None:
+    """The server's smoothed RTT of the download connection (TCPInfo.RTT, microseconds,
+    Linux tcp_info) from its latest measurement, for the live view."""
+    if result.server_measurements:
+        info = result.server_measurements[-1].get("TCPInfo")
+        rtt_us = info.get("RTT") if isinstance(info, dict) else None
+        if isinstance(rtt_us, int | float) and rtt_us > 0:
+            observe(live.RttSampled(now, rtt_us / 1000))
+
+
+async def _download(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
+                    observe: live.Observer = live.ignore) -> None:
     t0 = time.monotonic()
+    # The server decides the download's length: 10 s by the spec (RUNTIME_S).
+    observe(live.PhaseStarted("ndt7 download", t0, RUNTIME_S, transfer=True))
     next_sample = SAMPLE_EVERY_S
     async with asyncio.timeout(DOWNLOAD_LIMIT_S):
         async for msg in ws:
@@ -124,12 +137,14 @@ async def _download(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest) ->
             elif msg.type == aiohttp.WSMsgType.TEXT:
                 result.client_bytes += len(msg.data)
                 _server_message(result, msg.data)
+                _server_rtt(observe, result, t0 + now)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise ConnectionError(str(ws.exception()))
             result.client_elapsed_s = now
             if now >= next_sample:
                 result.client_samples.append((round(now, 6), result.client_bytes))
                 next_sample = now + SAMPLE_EVERY_S
+                observe(live.BytesMoved(t0 + now, result.client_bytes))
 
 
 _MESSAGES: dict[int, bytes] = {}
@@ -144,8 +159,9 @@ def _message(size: int) -> bytes:
 
 
 async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
-                  runtime_s: float) -> None:
+                  runtime_s: float, observe: live.Observer = live.ignore) -> None:
     t0 = time.monotonic()
+    observe(live.PhaseStarted("ndt7 upload", t0, runtime_s, transfer=True))
 
     async def reader() -> None:
         async for msg in ws:
@@ -170,6 +186,7 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
             if now >= next_sample:
                 result.client_samples.append((round(now, 6), result.client_bytes))
                 next_sample = now + SAMPLE_EVERY_S
+                observe(live.BytesMoved(t0 + now, result.client_bytes))
         # The server closes at its 10 s, after its last measurement, and that Close ends
         # the reader. A server that never closes is closed by us a second later.
         await asyncio.sleep(1.0)
@@ -182,7 +199,8 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
 
 
 async def _session(url: str, test: str, result: Ndt7Subtest,
-                   ssl_context: ssl.SSLContext | bool, runtime_s: float) -> None:
+                   ssl_context: ssl.SSLContext | bool, runtime_s: float,
+                   observe: live.Observer) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_TIMEOUT_S)
     headers = {"User-Agent": f"bbprobe/{__version__}"}
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
@@ -194,8 +212,8 @@ async def _session(url: str, test: str, result: Ndt7Subtest,
             async with ws:
                 if ws.protocol != SUBPROTOCOL:
                     raise ConnectionError(f"the server did not accept {SUBPROTOCOL}")
-                await (_download(ws, result) if test == "download"
-                       else _upload(ws, result, runtime_s))
+                await (_download(ws, result, observe) if test == "download"
+                       else _upload(ws, result, runtime_s, observe))
                 result.server_end = (f"close {ws.close_code}" if ws.close_code is not None
                                      else "connection ended")
         finally:
@@ -214,16 +232,18 @@ async def _session(url: str, test: str, result: Ndt7Subtest,
 
 async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool = True,
                   metadata: dict[str, str] | None = None,
-                  runtime_s: float = RUNTIME_S) -> Ndt7Subtest:
+                  runtime_s: float = RUNTIME_S,
+                  observe: live.Observer = live.ignore) -> Ndt7Subtest:
     """Run one ndt7 subtest; the result carries the error instead of raising. The
-    download's length is the server's; ``runtime_s`` bounds the upload (10 s: ndt7)."""
+    download's length is the server's; ``runtime_s`` bounds the upload (10 s: ndt7).
+    ``observe`` gets the live view's events at each client sample (every 250 ms)."""
     try:
         url = endpoint(server, test, metadata)
     except ValueError as exc:
         return Ndt7Subtest(test=test, url=server, error=str(exc))
     result = Ndt7Subtest(test=test, url=url)
     try:
-        await _session(url, test, result, ssl_context, runtime_s)
+        await _session(url, test, result, ssl_context, runtime_s, observe)
         result.ok = True
     except* TimeoutError:
         result.error = "timed out (handshake 7 s, subtest 15 s)"
@@ -239,7 +259,9 @@ async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool 
 
 async def run(server: str, tests: tuple[str, ...] = ("download", "upload"), *,
               ssl_context: ssl.SSLContext | bool = True,
-              runtime_s: float = RUNTIME_S) -> list[Ndt7Subtest]:
+              runtime_s: float = RUNTIME_S,
+              observe: live.Observer = live.ignore) -> list[Ndt7Subtest]:
     """The subtests one after the other (download first, as every ndt7 client does)."""
-    return [await subtest(server, test, ssl_context=ssl_context, runtime_s=runtime_s)
+    return [await subtest(server, test, ssl_context=ssl_context, runtime_s=runtime_s,
+                          observe=observe)
             for test in tests]

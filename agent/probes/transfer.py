@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent import spec, stats
+from agent import live, spec, stats
 from agent.probes.wire import WireError
 from agent.schema import Direction, FailureReason, TransferAttempt, TransferMethod
 
@@ -199,13 +199,16 @@ async def run_attempt(
     attempt: int,
     stream: StreamFn,
     finalize: Finalize = client_side,
+    observe: live.Observer = live.ignore,
 ) -> TransferAttempt:
     """Run ``method.streams`` copies of ``stream`` under the attempt's deadline.
 
     ``stream(index, state, t0, t_stop)`` moves bytes and records (t - t0, bytes)
     samples in ``state``; ``t_stop`` is the loop time at which a duration-mode stream stops
     (None in file mode). Stream errors are caught per stream and recorded; only bugs
-    propagate. Liveness: returns within ``method.timeout_s`` plus connection teardown.
+    propagate. ``observe`` gets the live view's events (agent/live.py): the phase, then
+    the streams' byte count every ``live.UPDATE_INTERVAL_S``. Liveness: returns within
+    ``method.timeout_s`` plus connection teardown.
     """
     from agent.schema import utc_now
 
@@ -237,15 +240,33 @@ async def run_attempt(
             states.append(StreamState())
             group.create_task(guarded(len(states) - 1))
 
-    try:
-        async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
-            for index in range(len(states)):
-                group.create_task(guarded(index))
-            if adaptive and method.mode == "duration":
-                group.create_task(grow(group))
-    except TimeoutError:
-        timed_out = True
-    duration_s = loop.time() - t0
+    async def feed() -> None:
+        # The counters are read here, not reported by the byte loops, so a live view costs
+        # the transfer nothing per chunk.
+        while True:
+            await asyncio.sleep(live.UPDATE_INTERVAL_S)
+            observe(live.BytesMoved(loop.time(), sum(s.total for s in states)))
+
+    observe(live.PhaseStarted(
+        live.transfer_label(direction, test_index, method.tests, attempt), t0,
+        method.warmup_s + method.window_s if method.mode == "duration" else None,
+        transfer=True))
+    async with asyncio.TaskGroup() as outer:
+        # No view, no feed: without an observer the attempt runs as it always has.
+        feeding = outer.create_task(feed()) if observe is not live.ignore else None
+        try:
+            async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
+                for index in range(len(states)):
+                    group.create_task(guarded(index))
+                if adaptive and method.mode == "duration":
+                    group.create_task(grow(group))
+        except TimeoutError:
+            timed_out = True
+        # Taken before the feed is stopped, so a live view does not lengthen the record.
+        duration_s = loop.time() - t0
+        if feeding is not None:
+            feeding.cancel()
+            observe(live.BytesMoved(loop.time(), sum(s.total for s in states)))
     samples, bytes_total, measured_at = finalize(states)
     failure = next((s.failure for s in states if s.failure is not None), None)
     if timed_out and failure is None:

@@ -12,6 +12,7 @@ from collector.config import MeasurementConfig
 from collector.measurement import http, librespeed, ndt7
 from collector.measurement.page import page
 from collector.measurement.slots import CONFIG, SLOTS, TransferSlots
+from collector.metrics import Metrics
 from collector.web.routing import Routes
 
 
@@ -27,10 +28,12 @@ def add_page(routes: Routes, *, record: bool = True) -> None:
 
 
 def add_routes(routes: Routes, cfg: MeasurementConfig,
-               store_subtest: Callable[[ndt7.Subtest], Awaitable[None]]) -> None:
+               store_subtest: Callable[[ndt7.Subtest], Awaitable[None]],
+               metrics: Metrics | None = None) -> None:
     """Every measurement endpoint, sharing one set of transfer slots."""
     routes.app[CONFIG] = cfg
-    routes.app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client)
+    routes.app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client,
+                                      metrics)
     payload.file()  # generate the random payload now, not during the first test
     http.add_routes(routes)
     librespeed.add_routes(routes)

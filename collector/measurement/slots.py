@@ -18,6 +18,7 @@ from aiohttp import web
 
 from collector.config import MeasurementConfig
 from collector.errors import ApiError
+from collector.metrics import Metrics
 
 
 def client_key(address: str | None) -> str:
@@ -36,33 +37,47 @@ def client_key(address: str | None) -> str:
 class TransferSlots:
     """Counts running transfers, in all and per client; refuses one above either limit."""
 
-    def __init__(self, limit: int, per_client: int) -> None:
+    def __init__(self, limit: int, per_client: int, metrics: Metrics | None = None) -> None:
         self.limit = limit
         self.per_client = per_client
         self.running = 0
         self.by_client: dict[str, int] = {}
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.transfers_limit.set(limit)
 
     @contextlib.asynccontextmanager
     async def slot(self, address: str | None) -> AsyncIterator[None]:
         key = client_key(address)
         held = self.by_client.get(key, 0)
         if held >= self.per_client:
+            self._refused("per_client")
             raise ApiError(429, f"too many transfers from {key}: {held} running (limit "
                                 f"{self.per_client} per client)", retry_after="5")
         if self.running >= self.limit:
+            self._refused("busy")
             raise ApiError(503, f"server busy: {self.limit} transfers already running",
                            retry_after="5")
         self.running += 1
         self.by_client[key] = held + 1
+        if self.metrics is not None:
+            self.metrics.transfers.inc()
         try:
             yield
         finally:
+            if self.metrics is not None:
+                self.metrics.transfers.dec()
             self.running -= 1
             left = self.by_client[key] - 1
             if left:
                 self.by_client[key] = left
             else:
                 del self.by_client[key]  # no entry per past client: memory stays bounded
+
+
+    def _refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.transfers_refused.labels(reason).inc()
 
 
 CONFIG = web.AppKey("measurement_config", MeasurementConfig)

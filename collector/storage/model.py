@@ -96,3 +96,19 @@ class NewResult:
 
 
 InsertOutcome = Literal["stored", "duplicate", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertDelivery:
+    """A pending delivery of an alert to one notifier, as leased (issue 16)."""
+
+    alert_id: int
+    notifier: str
+    attempts: int
+    key: str
+    kind: str
+    probe: str | None
+    severity: str
+    created_at: str
+    subject: str
+    details: str  # JSON

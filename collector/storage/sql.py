@@ -35,6 +35,7 @@ from collector.compliance.rollup import DayRollup
 from collector.errors import AlreadyExists, StoreError
 from collector.storage import codec
 from collector.storage.model import (
+    AlertDelivery,
     HourRow,
     InsertOutcome,
     LineMetadata,
@@ -875,6 +876,130 @@ class SqlStore:
                     "valid_sessions": int(counts[1] or 0) if counts else 0}
         return out
 
+    def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]:
+        """Each named probe's newest session facts (by start time), for the per-probe
+        metrics (issue 16): two index seeks a probe, whatever its history."""
+        out: list[SessionFacts] = []
+        with self._reading() as tx:
+            for name in probes:
+                row = tx.one(
+                    "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
+                    "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes "
+                    "FROM session_facts WHERE probe_name = ? "
+                    "ORDER BY started_at DESC, result_id DESC LIMIT 1", (name,))
+                if row is None:
+                    continue
+                probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes = row
+                transfers = tuple(
+                    TransferFact(direction, bool(ok), kbps) for direction, ok, kbps in tx.rows(
+                        "SELECT direction, ok, kbps FROM transfer_facts WHERE probe_name = ? "
+                        "AND started_at = ? AND result_id = ? ORDER BY seq",
+                        (probe, started, rid)))
+                out.append(SessionFacts(
+                    result_id=rid, probe_id=probe, started_at=started, pings_sent=sent,
+                    pings_lost=lost, rtt=Moments(n, mean, m2),
+                    rtts_ms=tuple(json.loads(rtts)), transfers=transfers,
+                    valid=bool(valid), invalid_codes=tuple(codes.split())))
+        return out
+
+    # --- alerts (issue 16) -----------------------------------------------------------------
+
+    def add_alert(self, key: str, kind: str, probe: str | None, severity: str,
+                  created_at: str, subject: str, details: str,
+                  notifiers: Sequence[str]) -> int | None:
+        """Record an alert and a pending delivery per notifier, in one transaction;
+        None when an alert with ``key`` exists already (it was raised before)."""
+        def work(tx: Tx) -> int | None:
+            row = tx.one(
+                "INSERT INTO alerts (dedup_key, kind, probe_name, severity, created_at, "
+                "subject, details) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                (key, kind, probe, severity, created_at, subject, details))
+            if row is None:
+                return None
+            ident = int(row[0])
+            tx.many("INSERT INTO alert_deliveries (alert_id, notifier, state, attempts, "
+                    "next_at) VALUES (?, ?, 'pending', 0, ?)",
+                    [(ident, name, created_at) for name in notifiers])
+            return ident
+
+        return self._transaction(work)
+
+    def alert_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` were raised already."""
+        if not keys:
+            return set()
+        clause, param = self.dialect.in_list("dedup_key", list(keys))
+        return {r[0] for r in self._read(f"SELECT dedup_key FROM alerts WHERE {clause}",
+                                         (param,))}
+
+    def lease_deliveries(self, owner: str, now: str, until: str,
+                         limit: int) -> list[AlertDelivery]:
+        """Pending deliveries due at ``now`` that no live lease holds, leased to ``owner``
+        until ``until`` (PostgreSQL skips rows another process is leasing), oldest
+        first, with their alerts."""
+        def work(tx: Tx) -> list[AlertDelivery]:
+            keys = tx.rows(
+                "SELECT alert_id, notifier FROM alert_deliveries WHERE state = 'pending' "
+                "AND next_at <= ? AND (leased_until IS NULL OR leased_until < ? OR "
+                "lease_owner = ?) ORDER BY next_at, alert_id, notifier LIMIT ? "
+                f"{self.dialect.skip_locked}", (now, now, owner, limit))
+            out = []
+            for alert_id, notifier in keys:
+                tx.run("UPDATE alert_deliveries SET lease_owner = ?, leased_until = ? "
+                       "WHERE alert_id = ? AND notifier = ?", (owner, until, alert_id,
+                                                               notifier))
+                row = tx.one("SELECT d.attempts, a.dedup_key, a.kind, a.probe_name, "
+                             "a.severity, a.created_at, a.subject, a.details "
+                             "FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id "
+                             "WHERE d.alert_id = ? AND d.notifier = ?", (alert_id, notifier))
+                assert row is not None
+                out.append(AlertDelivery(int(alert_id), notifier, int(row[0]), *row[1:]))
+            return out
+
+        return self._transaction(work)
+
+    def finish_delivery(self, alert_id: int, notifier: str, owner: str, state: str,
+                        attempts: int, next_at: str, error: str | None,
+                        delivered_at: str | None) -> bool:
+        """Record a send's outcome, if ``owner`` still holds the lease (False if not)."""
+        return self._transaction(lambda tx: tx.run(
+            "UPDATE alert_deliveries SET state = ?, attempts = ?, next_at = ?, "
+            "last_error = ?, delivered_at = ?, lease_owner = NULL, leased_until = NULL "
+            "WHERE alert_id = ? AND notifier = ? AND lease_owner = ?",
+            (state, attempts, next_at, error, delivered_at, alert_id, notifier,
+             owner))) == 1
+
+    def alerts(self, limit: int, since: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` alerts (since ``since``), each with its deliveries."""
+        where, params = ("WHERE created_at >= ?", [since]) if since else ("", [])
+        with self._reading() as tx:
+            rows = tx.rows(
+                "SELECT id, dedup_key, kind, probe_name, severity, created_at, subject, "
+                f"details FROM alerts {where} ORDER BY id DESC LIMIT ?", [*params, limit])
+            out = []
+            for r in rows:
+                deliveries = [
+                    {"notifier": d[0], "state": d[1], "attempts": d[2], "next_at": d[3],
+                     "last_error": d[4], "delivered_at": d[5]}
+                    for d in tx.rows(
+                        "SELECT notifier, state, attempts, next_at, last_error, "
+                        "delivered_at FROM alert_deliveries WHERE alert_id = ? "
+                        "ORDER BY notifier", (r[0],))]
+                out.append({"id": int(r[0]), "key": r[1], "kind": r[2], "probe": r[3],
+                            "severity": r[4], "created_at": r[5], "subject": r[6],
+                            "details": json.loads(r[7]), "deliveries": deliveries})
+        return out
+
+    def prune_alerts(self, before: str) -> int:
+        """Delete the alerts created before ``before`` (and their deliveries)."""
+        def work(tx: Tx) -> int:
+            tx.run("DELETE FROM alert_deliveries WHERE alert_id IN "
+                   "(SELECT id FROM alerts WHERE created_at < ?)", (before,))
+            return tx.run("DELETE FROM alerts WHERE created_at < ?", (before,))
+
+        return self._transaction(work)
+
     # --- copying a whole store (migrate) ---------------------------------------------------
 
     def dump(self, table: str, after: Sequence[Any] | None,
@@ -935,6 +1060,11 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                "created_at")),
     "probe_health": (("probe_name",), ("probe_name", "received_at", "clock_skew_s",
                                        "body")),
+    "alerts": (("id",), ("id", "dedup_key", "kind", "probe_name", "severity", "created_at",
+                         "subject", "details")),
+    "alert_deliveries": (("alert_id", "notifier"), (
+        "alert_id", "notifier", "state", "attempts", "next_at", "lease_owner",
+        "leased_until", "last_error", "delivered_at")),
 }
 
 ANONYMOUS = {"browser_results": ("id", "received_at"), "ndt7_tests": ("uuid", "started_at")}

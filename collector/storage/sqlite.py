@@ -251,6 +251,35 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         body TEXT NOT NULL
     );
     """,
+    # 13: alerts (issue 16): one row per alert (dedup_key unique: a condition alerts
+    # once), and each notifier's delivery state, leased by the collector process that
+    # sends it.
+    """
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dedup_key TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        probe_name TEXT,
+        severity TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        details TEXT NOT NULL
+    );
+    CREATE TABLE alert_deliveries (
+        alert_id INTEGER NOT NULL REFERENCES alerts(id) ON DELETE CASCADE,
+        notifier TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_at TEXT NOT NULL,
+        lease_owner TEXT,
+        leased_until TEXT,
+        last_error TEXT,
+        delivered_at TEXT,
+        PRIMARY KEY (alert_id, notifier)
+    );
+    CREATE INDEX alert_deliveries_due ON alert_deliveries (state, next_at);
+    CREATE INDEX alerts_created ON alerts (created_at);
+    """,
 )
 
 

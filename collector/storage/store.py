@@ -21,6 +21,7 @@ from collector.compliance.rollup import DayRollup
 from collector.config import StorageConfig, default_database
 from collector.errors import ConfigError, StoreError
 from collector.storage.model import (
+    AlertDelivery,
     HourRow,
     InsertOutcome,
     LineMetadata,
@@ -184,6 +185,25 @@ class Store(Protocol):
     def health(self) -> dict[str, tuple[str, float | None, dict[str, Any]]]: ...
 
     def activity(self, since: str) -> dict[str, dict[str, Any]]: ...
+
+    def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]: ...
+
+    def add_alert(self, key: str, kind: str, probe: str | None, severity: str,
+                  created_at: str, subject: str, details: str,
+                  notifiers: Sequence[str]) -> int | None: ...
+
+    def alert_keys(self, keys: Sequence[str]) -> set[str]: ...
+
+    def lease_deliveries(self, owner: str, now: str, until: str,
+                         limit: int) -> list[AlertDelivery]: ...
+
+    def finish_delivery(self, alert_id: int, notifier: str, owner: str, state: str,
+                        attempts: int, next_at: str, error: str | None,
+                        delivered_at: str | None) -> bool: ...
+
+    def alerts(self, limit: int, since: str | None = None) -> list[dict[str, Any]]: ...
+
+    def prune_alerts(self, before: str) -> int: ...
 
     # copying a whole store (migrate)
     def dump(self, table: str, after: Sequence[Any] | None,

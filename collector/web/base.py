@@ -30,6 +30,7 @@ from collector.errors import (
     Unacceptable,
 )
 from collector.limits import RateLimiter
+from collector.metrics import Metrics
 from collector.report import Scope
 from collector.storage.store import Store
 from collector.web.commit import GroupCommit
@@ -47,6 +48,18 @@ SINK = web.AppKey("influx_sink", object)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Anonymous browser results, per client: apart from the probes' limiter, never off.
 ANON_LIMITER = web.AppKey("anonymous_limiter", RateLimiter)
+# Prometheus event metrics (collector/metrics.py); absent with metrics.enabled = false.
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def count(request: web.Request, fn: Callable[[Metrics], None]) -> None:
+    """Count an event in this process's metrics, if it keeps them."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        fn(metrics)
+
+# What a store raises when the database is away (a restart, a failover, a lock).
+StoreUnavailable = (StoreError, psycopg.OperationalError, sqlite3.OperationalError)
 
 # Domain errors (the service layer's) as HTTP statuses: the one place that knows both.
 STATUS_OF: tuple[tuple[type[DomainError], int], ...] = (
@@ -90,7 +103,7 @@ async def errors(
         return response
     except DomainError as exc:
         return error_body(http_status(exc), exc.message, exc.field)
-    except (StoreError, psycopg.OperationalError, sqlite3.OperationalError) as exc:
+    except StoreUnavailable as exc:
         # The database is away (a PostgreSQL restart or failover, a locked SQLite file):
         # a 503 the agent retries, never a 500; the reason goes to the log, not to the
         # caller (who may be anyone).

@@ -21,7 +21,7 @@ from agent.schema import SchemaError, parse_health
 from collector import control, fleet, ingest
 from collector.errors import ApiError
 from collector.instructions import Selector, selector
-from collector.web.base import CONFIG, db, query_format, read_body
+from collector.web.base import CONFIG, count, db, query_format, read_body
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
 from collector.web.routing import Routes
 
@@ -56,6 +56,7 @@ async def post_state(request: web.Request) -> web.Response:
         raise ApiError(422, str(exc), field=exc.path or None) from None
     skew = clock_skew(request)
     await db(request, lambda s: control.record_health(s, probe, data, skew))
+    count(request, lambda m: m.health_reports.inc())
     return web.json_response({"probe_id": probe, "stored": True})
 
 

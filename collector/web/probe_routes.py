@@ -4,7 +4,9 @@ rate limit."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +22,9 @@ from collector.web.base import (
     CONFIG,
     LIMITER,
     SINK,
+    StoreUnavailable,
     content_encoding,
+    count,
     db,
     read_body,
 )
@@ -75,6 +79,7 @@ async def ingesting_probe(request: web.Request) -> str:
     if limiter is not None:
         wait = limiter.take(probe)
         if wait is not None:
+            count(request, lambda m: m.rate_limited.labels("probe").inc())
             raise ApiError(429, f"probe {probe!r} is over its rate of "
                            f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
                            f"a minute; retry in {wait:.1f} s",
@@ -137,6 +142,29 @@ def _wake_sink(request: web.Request) -> None:
         sink.wake.set()  # type: ignore[attr-defined]
 
 
+def counted(handler: Callable[[web.Request], Awaitable[web.Response]]
+            ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A result route whose refusals of the whole request are counted, by reason, in
+    the metrics (the handler counts what it stores, and a batch's refused items)."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            status = exc.status
+            # A conflict is an outcome of its own, counted where it is found.
+            if status != 409:
+                count(request, lambda m: m.result_refused(status))
+            raise
+        except StoreUnavailable:
+            count(request, lambda m: m.result_refused(503))
+            raise
+
+    return wrapper
+
+
+@counted
 async def post_result(request: web.Request) -> web.Response:
     probe = await ingesting_probe(request)
     skew = clock_skew(request)
@@ -151,6 +179,7 @@ async def post_result(request: web.Request) -> web.Response:
         )
     item = new_result(accepted, probe, utc_now(), skew)
     (outcome,) = await request.app[COMMITS].insert([item])
+    count(request, lambda m: m.result_outcomes([outcome]))
     if outcome == "conflict":
         raise ApiError(409, f"result {result.result_id} was already stored with other content",
                        field="result_id")
@@ -163,6 +192,7 @@ async def post_result(request: web.Request) -> web.Response:
     )
 
 
+@counted
 async def post_batch(request: web.Request) -> web.Response:
     """Many results in one request and one transaction (an agent's backlog after an
     outage). Answers 200 with one item per result, in order: 201 stored, 200 duplicate,
@@ -210,6 +240,11 @@ async def post_batch(request: web.Request) -> web.Response:
         status = {"stored": 201, "duplicate": 200, "conflict": 409}[outcome]
         replies[index].update(status=status, error=None if status < 300 else
                               "already stored with other content")
+    count(request, lambda m: m.result_outcomes(outcomes))
+    refused = [r["status"] for r in replies if r.get("status", 0) >= 400
+               and r["status"] != 409]
+    if refused:
+        count(request, lambda m: m.results_refused(refused))
     if "stored" in outcomes:
         _wake_sink(request)
     return web.json_response({"items": replies})

@@ -16,7 +16,7 @@ from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.measurement.slots import client_key
 from collector.storage.model import Quota
-from collector.web.base import ANON_LIMITER, CONFIG, content_encoding, db, read_body
+from collector.web.base import ANON_LIMITER, CONFIG, content_encoding, count, db, read_body
 from collector.web.routing import Routes
 
 BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
@@ -83,6 +83,7 @@ async def post_browser_result(request: web.Request) -> web.Response:
     client = request.remote or "unknown"
     wait = limiter.take(client_key(client))
     if wait is not None:
+        count(request, lambda m: m.rate_limited.labels("anonymous").inc())
         raise ApiError(429, f"too many results from {client}; retry in {wait:.1f} s",
                        retry_after=limiter.retry_after(wait))
     encoding = content_encoding(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,20 @@ def test_example_documents_every_key() -> None:
     config.parse(data)
 
 
+def test_collector_example_with_every_key_is_valid() -> None:
+    """The collector's example, every key switched on (a webhook and an Apprise
+    notifier included), is a valid config."""
+    from collector import config as collector_config
+
+    data = uncommented(ROOT / "configs" / "collector.example.toml")
+    data["storage"].pop("url")  # an example for backend = "postgresql"
+    for name in ("tls_cert", "tls_key", "client_ca"):
+        data["server"].pop(name, None)
+    cfg = collector_config.parse(data)
+    assert [w.name for w in cfg.alerts.webhooks] == ["ops"]
+    assert cfg.alerts.apprise[0].triggers == ("contract_breach", "probe_silent")
+
+
 @pytest.mark.parametrize("example", ["agent", "collector"])
 def test_example_keys_match_the_dataclasses(example: str) -> None:
     """Every key of the config dataclasses appears in the example file, and every key in
@@ -46,25 +61,37 @@ def test_example_keys_match_the_dataclasses(example: str) -> None:
 
 def uncommented(path: Path) -> dict[str, Any]:
     """The example with its commented-out settings switched on."""
-    setting = re.compile(r"^(?:# )?(\[[a-z]+\]|[a-z][a-z0-9_]* = .+)$")
+    setting = re.compile(r"^(?:# )?(\[\[?[a-z.]+\]\]?|[a-z][a-z0-9_]* = .+)$")
     lines = [m.group(1) for line in path.read_text().splitlines() if (m := setting.match(line))]
     return tomllib.loads("\n".join(lines))
 
 
 def flat_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys; an array of tables ([[a.b]]) as "a.b[].key"."""
     out: set[str] = set()
     for key, value in data.items():
-        out |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else \
-            {prefix + key}
+        if isinstance(value, dict):
+            out |= flat_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                out |= flat_keys(item, f"{prefix}{key}[].")
+        else:
+            out.add(prefix + key)
     return out
 
 
 def dataclass_keys(cls: type, prefix: str = "") -> set[str]:
+    """Dotted keys; a field of a tuple of dataclasses as "field[].key"."""
     out: set[str] = set()
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        args = typing.get_args(hints[f.name])
         if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             out |= dataclass_keys(inner, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is tuple and args and \
+                dataclasses.is_dataclass(args[0]):
+            out |= dataclass_keys(args[0], f"{prefix}{f.name}[].")
         else:
             out.add(prefix + f.name)
     return out

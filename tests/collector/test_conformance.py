@@ -353,6 +353,65 @@ def test_store_fleet_control(store: Store) -> None:
     assert all(r["silent"] for r in rows)  # May's results, seen long ago
 
 
+def test_store_latest_sessions_and_metrics(store: Store) -> None:
+    """Issue 16 through the Store seam: each probe's newest session facts (what the
+    per-probe metrics show) equal the newest of its full facts, transfers included; and
+    the metrics snapshot reads on this backend."""
+    from collector.config import CollectorConfig
+    from collector.web.metrics_routes import read_snapshot
+
+    fill(store, dataset())
+    assert store.latest_sessions([]) == []
+    latest = store.latest_sessions(["alpha", "nobody", "Gamma_3"])
+    assert [f.probe_id for f in latest] == ["alpha", "Gamma_3"]
+    for facts in latest:
+        everything = store.facts([facts.probe_id])
+        newest = max(everything, key=lambda f: (f.started_at, f.result_id))
+        assert to_dict_facts(facts) == to_dict_facts(newest)
+    snap = read_snapshot(store, CollectorConfig(), outbox=False)
+    assert (snap.probes, snap.silent, snap.healthy) == (3, 3, 0)
+    assert [p.probe.name for p in snap.per_probe] == sorted(PROBES)
+    assert snap.database_size_bytes > 0 and snap.outbox_results is None
+
+
+def test_store_alerts(store: Store) -> None:
+    """Issue 16 through the Store seam: an alert is recorded once per key with a pending
+    delivery per notifier; a lease goes to one owner, and only the lease holder records
+    the outcome; listing and pruning."""
+    fill(store, dataset())
+    first = store.add_alert("k1", "probe_silent", "alpha", "warning",
+                            "2026-05-04T00:00:00.000000Z", "alpha silent", '{"a": 1}',
+                            ["ops", "chat"])
+    assert first is not None
+    assert store.add_alert("k1", "probe_silent", "alpha", "warning",
+                           "2026-05-04T00:01:00.000000Z", "again", "{}", ["ops"]) is None
+    second = store.add_alert("k2", "test", None, "info", "2026-05-05T00:00:00.000000Z",
+                             "test", "{}", ["ops"])
+    assert store.alert_keys(["k1", "k2", "k3"]) == {"k1", "k2"}
+    now, until = "2026-05-05T00:00:00.000000Z", "2026-05-05T00:02:00.000000Z"
+    leased = store.lease_deliveries("owner-a", now, until, 10)
+    assert [(d.alert_id, d.notifier) for d in leased] == [
+        (first, "chat"), (first, "ops"), (second, "ops")]
+    assert leased[0].subject == "alpha silent" and leased[0].details == '{"a": 1}'
+    assert store.lease_deliveries("owner-b", now, until, 10) == []  # all held
+    assert not store.finish_delivery(first, "ops", "owner-b", "delivered", 1, now, None, now)
+    assert store.finish_delivery(first, "ops", "owner-a", "delivered", 1, now, None, now)
+    assert store.finish_delivery(first, "chat", "owner-a", "pending", 1,
+                                 "2026-05-05T00:10:00.000000Z", "HTTP 503", None)
+    # The lease expired: another owner takes what is due (the retry is not yet).
+    later = "2026-05-05T00:05:00.000000Z"
+    assert [(d.alert_id, d.notifier) for d in store.lease_deliveries(
+        "owner-b", later, "2026-05-05T00:07:00.000000Z", 10)] == [(second, "ops")]
+    rows = store.alerts(10)
+    assert [r["id"] for r in rows] == [second, first]
+    states = {d["notifier"]: (d["state"], d["attempts"], d["last_error"])
+              for d in rows[1]["deliveries"]}
+    assert states == {"chat": ("pending", 1, "HTTP 503"), "ops": ("delivered", 1, None)}
+    assert [r["id"] for r in store.alerts(10, since="2026-05-04T12:00:00.000000Z")] == [second]
+    assert store.prune_alerts("2026-05-04T12:00:00.000000Z") == 1
+    assert [r["id"] for r in store.alerts(10)] == [second]
+
+
 def test_same_answers_from_both_backends(tmp_path: Path, pg_url: str) -> None:
     results = dataset()
     answers = []

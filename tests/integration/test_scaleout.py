@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from collector import ingest, service
 from collector.config import StorageConfig
@@ -143,7 +144,8 @@ def test_two_collectors_store_every_result_once(tmp_path: Path, pg_url: str) -> 
 
 def test_workers_share_one_port(tmp_path: Path, pg_url: str) -> None:
     """``serve --workers 3``: three processes on one port; results posted on fresh
-    connections are all stored; a worker killed is started again; SIGTERM stops all."""
+    connections are all stored; a worker killed is started again; SIGTERM stops all; a
+    scrape of any worker gives the counters of all."""
     tokens = _tokens(pg_url)
     with collector_process(tmp_path, pg_url, "--workers", "3") as (base, proc):
         parent = psutil.Process(proc.pid)
@@ -169,6 +171,16 @@ def test_workers_share_one_port(tmp_path: Path, pg_url: str) -> None:
             assert status == 201
         report = request("GET", base + "/api/v1/report")[1]
         assert report["sessions"] == len(docs)
+        # Prometheus (issue 16): whichever worker answers a scrape, the counters are the
+        # sum over all of them, the killed one's included (a counter that went back
+        # would read as a reset in rate()); its live gauge went with it.
+        for _ in range(6):
+            text = request("GET", base + "/metrics", raw=True)[1].decode()
+            parsed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                      for f in text_string_to_metric_families(text) for s in f.samples}
+            assert parsed[("bbprobe_collector_results_total",
+                           (("outcome", "stored"),))] == len(docs)
+            assert parsed[("bbprobe_collector_measurement_transfers_limit", ())] == 3 * 64
         children = parent.children()
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)

@@ -1,0 +1,227 @@
+"""Alerts (issue 16), pure: which conditions need a person, as plain data; the message
+each notifier sends; the webhook's signature; the retry schedule.
+
+Triggers (``KINDS``):
+
+- ``contract_breach``: a line breaches its contract on a completed certification
+  campaign (delibera 244/08/CSP, collector/compliance/certify.py): the campaign the
+  probe's daemon reports complete is certified here, and a "breach" verdict alerts.
+- ``below_minimum``: a session's speed (median of its successful tests) below the
+  line's contracted minimum, as an early warning only (one session is no verdict), at
+  most once per direction and ``below_minimum_every_s``.
+- ``probe_silent``: no report and no result for longer than ``silent_after_s``.
+- ``campaign_incomplete``: the campaign cannot fill its bands before its deadline
+  (fewer whole hours left than bands unfilled), or its deadline passed unfilled.
+- ``dead_letters``: results the InfluxDB copy refused for good, or a probe's spool holds
+  results the collector refused for good.
+- ``test``: ``bbprobe-collector alerts test``.
+
+Every alert has a **key**: the same condition makes the same key, and the store keeps
+one alert per key (collector/storage), so an alert is raised once however many
+collector processes evaluate, and however often.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from agent.schema import parse_utc
+from agent.stats import median
+from collector.compliance.certify import Certificate
+from collector.compliance.facts import SessionFacts
+from collector.storage.model import Probe
+
+KINDS = ("contract_breach", "below_minimum", "probe_silent", "campaign_incomplete",
+         "dead_letters", "test")
+Severity = Literal["critical", "warning", "info"]
+
+SIGNATURE_HEADER = "X-Bbprobe-Signature"
+TIMESTAMP_HEADER = "X-Bbprobe-Timestamp"
+ID_HEADER = "X-Bbprobe-Alert-Id"
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    kind: str
+    key: str
+    probe: str | None
+    severity: Severity
+    subject: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _line(probe: Probe) -> dict[str, Any]:
+    line = probe.line
+    return {"operator": line.operator, "offer": line.offer, "region": line.region,
+            "technology": line.technology}
+
+
+def below_minimum(probe: Probe, facts: SessionFacts, every_s: float) -> list[Alert]:
+    """An early warning per direction whose median speed in this (valid) session is
+    below the contracted minimum; the key's time bucket limits it to one per
+    ``every_s``."""
+    if not facts.valid:
+        return []
+    out = []
+    bucket = math.floor(parse_utc(facts.started_at).timestamp() / every_s)
+    line = probe.line
+    for direction, minimum in (("download", line.download_min_kbps),
+                               ("upload", line.upload_min_kbps)):
+        speed = median([s for s in facts.speeds(direction) if s is not None])
+        if minimum is None or speed is None or speed >= minimum:
+            continue
+        out.append(Alert(
+            "below_minimum", f"below_minimum:{probe.name}:{direction}:{bucket}", probe.name,
+            "info",
+            f"{probe.name}: {direction} {speed / 1000:.1f} Mbit/s, below the contracted "
+            f"minimum of {minimum / 1000:.1f} Mbit/s (one session: an early warning)",
+            {"direction": direction, "speed_kbps": speed, "minimum_kbps": minimum,
+             "result_id": facts.result_id, "started_at": facts.started_at,
+             "method": "median of the session's successful tests", **_line(probe)}))
+    return out
+
+
+def silent(probe: Probe, last_seen: str | None, now: datetime, after_s: float) -> Alert | None:
+    """A probe not seen for longer than ``after_s``; one alert per silence (the key is
+    the moment it was last seen). A probe never seen is not silent: it was never set up."""
+    if last_seen is None:
+        return None
+    silent_s = (now - parse_utc(last_seen)).total_seconds()
+    if silent_s <= after_s:
+        return None
+    return Alert("probe_silent", f"probe_silent:{probe.name}:{last_seen}", probe.name,
+                 "warning",
+                 f"{probe.name}: silent for {silent_s / 3600:.1f} h (last seen {last_seen})",
+                 {"last_seen": last_seen, "silent_s": round(silent_s, 1), **_line(probe)})
+
+
+def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime
+                        ) -> Alert | None:
+    """The campaign of a probe's latest health report cannot complete: every unfilled
+    hourly band needs an hour of its own before the deadline, so fewer whole hours left
+    than bands unfilled is a campaign that will miss (or has missed) its window."""
+    campaign = report.get("campaign")
+    if not isinstance(campaign, Mapping) or campaign.get("complete"):
+        return None
+    try:
+        deadline = parse_utc(str(campaign["deadline_at"]))
+        unfilled = 24 - int(campaign["bands_filled"])
+        started = str(campaign["started_at"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    hours_left = max(0.0, (deadline - now).total_seconds() / 3600)
+    if math.floor(hours_left) >= unfilled:
+        return None
+    return Alert("campaign_incomplete", f"campaign_incomplete:{probe.name}:{started}",
+                 probe.name, "warning",
+                 f"{probe.name}: the campaign started {started} cannot complete: "
+                 f"{unfilled} band(s) unfilled, {hours_left:.1f} h left before "
+                 f"{campaign['deadline_at']}",
+                 {"campaign_started_at": started, "deadline_at": campaign["deadline_at"],
+                  "bands_unfilled": unfilled, "hours_left": round(hours_left, 2),
+                  "rule": campaign.get("rule"), **_line(probe)})
+
+
+def completed_campaign(report: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(rule, started_at, deadline_at) of the report's campaign if it is complete."""
+    campaign = report.get("campaign")
+    if not isinstance(campaign, Mapping) or campaign.get("complete") is not True:
+        return None
+    try:
+        return (str(campaign["rule"]), str(campaign["started_at"]),
+                str(campaign["deadline_at"]))
+    except KeyError:
+        return None
+
+
+def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
+    """A breach verdict on a completed campaign (delibera 244/08/CSP)."""
+    if cert.verdict != "breach":
+        return None
+    failed = [c for c in cert.checks if c.breach]
+    return Alert(
+        "contract_breach", f"contract_breach:{probe.name}:{started_at}", probe.name,
+        "critical",
+        f"{probe.name}: the line breaches its contract over the campaign from "
+        f"{cert.first} to {cert.last}: " + "; ".join(
+            f"{c.name} {c.observed:g} {c.unit} {c.comparison} {c.threshold:g}"
+            for c in failed if c.observed is not None and c.threshold is not None),
+        {"campaign_started_at": started_at, "first": cert.first, "last": cert.last,
+         "rule": cert.rule.name, "timezone": cert.timezone,
+         "checks": [{"id": c.id, "observed": c.observed, "threshold": c.threshold,
+                     "unit": c.unit, "samples": c.samples} for c in failed],
+         **_line(probe)})
+
+
+def agent_dead_letters(probe: Probe, report: Mapping[str, Any]) -> Alert | None:
+    """A probe reports dead letters; a new alert whenever the count changes."""
+    count = report.get("dead_letters")
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return None
+    return Alert("dead_letters", f"dead_letters:probe:{probe.name}:{count}", probe.name,
+                 "warning",
+                 f"{probe.name}: {count} result(s) refused for good wait in its spool "
+                 "(bbprobe dead-letter list)",
+                 {"source": "spool", "count": count, **_line(probe)})
+
+
+def influx_dead_letters(count: int) -> Alert | None:
+    if count <= 0:
+        return None
+    return Alert("dead_letters", f"dead_letters:influx:{count}", None, "warning",
+                 f"{count} result(s) InfluxDB refused for good "
+                 "(bbprobe-collector influx dead-letters)",
+                 {"source": "influxdb", "count": count})
+
+
+def test_alert(now: str) -> Alert:
+    return Alert("test", f"test:{now}", None, "info",
+                 "bbprobe test alert: this notifier works", {"sent_at": now})
+
+
+# --- what is sent ---------------------------------------------------------------------------
+
+
+def payload(alert_id: int, created_at: str, alert: Alert) -> dict[str, Any]:
+    """The webhook's JSON document (and Apprise's body, as text)."""
+    return {"id": alert_id, "kind": alert.kind, "severity": alert.severity,
+            "probe": alert.probe, "subject": alert.subject, "created_at": created_at,
+            "details": dict(alert.details)}
+
+
+def title(alert: Alert) -> str:
+    return f"[bbprobe {alert.severity}] {alert.kind.replace('_', ' ')}" + \
+        (f": {alert.probe}" if alert.probe else "")
+
+
+def signature(secret: bytes, timestamp: str, body: bytes) -> str:
+    """HMAC-SHA256 of "timestamp.body" (the timestamp is signed too, so a captured
+    request cannot be replayed later under a new one), as "sha256=<hex>"."""
+    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify(secret: bytes, timestamp: str, body: bytes, given: str) -> bool:
+    """What a receiver checks (constant-time comparison)."""
+    return hmac.compare_digest(signature(secret, timestamp, body), given)
+
+
+def retry_delay_s(attempts: int, low_s: float, high_s: float,
+                  rng: random.Random | None = None) -> float:
+    """Exponential backoff after ``attempts`` failures: low, 2 low, 4 low... up to high,
+    +-50 % jitter so that many alerts failing together do not retry together."""
+    base = min(high_s, low_s * 2.0 ** max(0, attempts - 1))
+    jitter: float = (rng or random.Random()).uniform(0.5, 1.5)
+    return base * jitter
+
+
+def routed(kind: str, notifiers: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """The notifiers an alert of ``kind`` goes to: each names its triggers (none: all)."""
+    return [name for name, triggers in notifiers if not triggers or kind in triggers]
