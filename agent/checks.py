@@ -85,11 +85,11 @@ def cross_traffic_ratio(interface_bytes: int, own_payload_bytes: int,
 # --- observations (I/O) ------------------------------------------------------------------
 
 
-def route_source(host: str, port: int = 80) -> str | None:
-    """The local address the kernel would use towards ``host`` (a UDP connect sends
-    nothing)."""
+def route_source(host: str, port: int = 80, af: int = socket.AF_UNSPEC) -> str | None:
+    """The local address the kernel would use towards ``host`` in family ``af`` (a UDP
+    connect sends nothing)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(host, port, family=af, type=socket.SOCK_DGRAM)
     except OSError:
         return None
     for family, kind, proto, _, address in infos:
@@ -146,14 +146,16 @@ def addresses_of(hosts: Iterable[str]) -> set[str]:
 
 
 def observe_host(server_host: str, cpu_sample_s: float = 0.5,
-                 scan_lan: bool = True, far_ends: Iterable[str] = ()) -> HostContext:
+                 scan_lan: bool = True, far_ends: Iterable[str] = (),
+                 af: int = socket.AF_UNSPEC) -> HostContext:
     """What the host looks like now, towards ``server_host`` (blocks ``cpu_sample_s`` to
     measure CPU load, as Ne.Me.Sys's cpu_percent(0.5), and up to 2 s for the ARP scan).
     The LAN scan does not count ``server_host`` nor the ``far_ends`` (the ping target):
-    they are the test's own peers."""
+    they are the test's own peers. ``af``: the session's address family, so the
+    interface is the one its traffic takes."""
     import psutil
 
-    source = route_source(server_host)
+    source = route_source(server_host, af=af)
     interface, addresses = _interface_of(source)
     try:
         stats = psutil.net_if_stats().get(interface) if interface else None

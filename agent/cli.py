@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 from aiohttp import web
 
-from agent import __version__, config, control, health, report
+from agent import __version__, config, control, family, health, report
 from agent import metrics as agent_metrics
 from agent.delivery import CollectorClient, DeliveryReport, Spool, deliver, file_id
 from agent.errors import AgentError, ConfigError, DeliveryError
@@ -64,7 +64,8 @@ def _load(ctx: click.Context, central: Mapping[str, Any] | None = None,
     given = ctx.ensure_object(dict)
     merged = _parse_set(tuple(given.get("set", ())))
     flags = {"collector.url": given.get("collector"), "probe_id": given.get("probe_id"),
-             "server.url": given.get("server")}
+             "server.url": given.get("server"),
+             "server.address_family": _family_flag(given.get("ipv4"), given.get("ipv6"))}
     if given.get("server") is not None:
         # --server names the one server: candidates, local or central, give way to it.
         flags["server.candidates"] = []
@@ -74,6 +75,14 @@ def _load(ctx: click.Context, central: Mapping[str, Any] | None = None,
     merged.update({k: v for k, v in {**flags, **overrides}.items() if v is not None})
     return config.load(given.get("config_path"), os.environ, merged, central=central,
                        data=data)
+
+
+def _family_flag(ipv4: bool | None, ipv6: bool | None) -> str | None:
+    """server.address_family from -4/-6: one of them pins the family; both together
+    ask for a dual-stack session (one result per family); neither leaves the config's."""
+    if ipv4 and ipv6:
+        return "both"
+    return "ipv4" if ipv4 else "ipv6" if ipv6 else None
 
 
 def _file_data(ctx: click.Context) -> dict[str, Any]:
@@ -173,11 +182,15 @@ def _progress(quiet: bool, say: Callable[[str], None] | None = None
     return emit
 
 
-def _emit(result: SessionResult, as_json: bool) -> None:
+def _emit(results: list[SessionResult], as_json: bool) -> None:
+    """The session's result; a dual-stack session's two (IPv4, then IPv6): with --json
+    as one array, so stdout still holds exactly one JSON document."""
     if as_json:
-        click.echo(json.dumps(to_dict(result), indent=2))
+        docs = [to_dict(r) for r in results]
+        click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     else:
-        click.echo(report.format_session(result), nl=False)
+        for result in results:
+            click.echo(report.format_session(result), nl=False)
 
 
 async def _probe_id(cfg: config.AgentConfig, client: CollectorClient | None) -> str | None:
@@ -266,6 +279,13 @@ _SHARED = (
                  help="Probe identity (default: asked from the collector)."),
     click.option("--server", expose_value=False, callback=_remember,
                  help="Measurement server URL (default: the collector)."),
+    click.option("-4", "--ipv4", "ipv4", is_flag=True, default=None, expose_value=False,
+                 callback=_remember,
+                 help="IPv4 only: resolve and connect over IPv4 (server.address_family)."),
+    click.option("-6", "--ipv6", "ipv6", is_flag=True, default=None, expose_value=False,
+                 callback=_remember,
+                 help="IPv6 only; with -4 too: dual stack, one session over each, each "
+                      "its own result."),
     click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", expose_value=False,
                  callback=_remember,
                  help="Override any config key, e.g. --set ping.count=20 (repeatable)."),
@@ -335,18 +355,22 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
                        f"{window.ends_at.isoformat()} ({window.reason}); measuring anyway",
                        err=True)
         with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
-            result = await session.run(applied.cfg, probe_id or "", _progress(quiet, view.say),
-                                       instruction_version=applied.version,
-                                       observe=view.observe)
+            results = await session.run_all(applied.cfg, probe_id or "",
+                                            _progress(quiet, view.say),
+                                            instruction_version=applied.version,
+                                            observe=view.observe)
         if client is None:
-            _emit(result, as_json)
+            _emit(results, as_json)
             return 0
         spool = Spool(cfg.state_dir, cfg.delivery)
-        if spool.put(result) is None:
-            click.echo(f"bbprobe: the disk is full; result {result.result_id} could not be "
-                       f"spooled and is reported to the collector as a gap", err=True)
-        # What is shown is what is sent: numbered by the spool (session_seq).
-        _emit(spool.last_put or result, as_json)
+        shown: list[SessionResult] = []
+        for result in results:
+            if spool.put(result) is None:
+                click.echo(f"bbprobe: the disk is full; result {result.result_id} could not "
+                           f"be spooled and is reported to the collector as a gap", err=True)
+            # What is shown is what is sent: numbered by the spool (session_seq).
+            shown.append(spool.last_put or result)
+        _emit(shown, as_json)
         outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
         _report_dead_lettered(outcome)
         report_ = _health_report(spool, mode="run", campaign=None,
@@ -354,10 +378,11 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
                                  instruction_error=applied.error)
         if report_ is not None:
             await _send_health(client, report_)
-        if result.result_id in outcome.delivered:
-            progress(f"result {result.result_id} delivered to {cfg.collector.url}"
-                     + (f" with {len(outcome.delivered) - 1} spooled earlier"
-                        if len(outcome.delivered) > 1 else ""))
+        if all(r.result_id in outcome.delivered for r in results):
+            earlier = len(outcome.delivered) - len(results)
+            progress(f"result {', '.join(r.result_id for r in results)} delivered to "
+                     f"{cfg.collector.url}"
+                     + (f" with {earlier} spooled earlier" if earlier > 0 else ""))
             return 0
         if outcome.error:
             click.echo(f"bbprobe: result kept in {spool.dir} for the next run "
@@ -386,14 +411,14 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
     cfg = _load(ctx, **{"server.ping_target": host, "ping.enabled": True, "ping.count": count,
                         "ping.interval_s": interval, "ping.payload_bytes": size,
                         "ping.timeout_s": timeout})
-    result = asyncio.run(session.run(cfg, cfg.probe_id or "local", _progress(quiet),
-                                     tests=frozenset({"ping"})))
-    assert result.ping is not None
-    could_not_start = result.ping.status == "failed" and result.ping.summary.packets_sent == 0
-    if as_json or not could_not_start:
-        _emit(result, as_json)  # with --json the failure is recorded in the document
-    if could_not_start:
-        raise AgentError(result.ping.error or "ping failed")
+    results = asyncio.run(session.run_all(cfg, cfg.probe_id or "local", _progress(quiet),
+                                          tests=frozenset({"ping"})))
+    pings = [r.ping for r in results if r.ping is not None]
+    failed = [p for p in pings if p.status == "failed" and p.summary.packets_sent == 0]
+    if as_json or len(failed) < len(pings):
+        _emit(results, as_json)  # with --json the failure is recorded in the document
+    if failed:
+        raise AgentError("; ".join(p.error or "ping failed" for p in failed))
 
 
 @main.command()
@@ -411,10 +436,10 @@ def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> Non
     config.measurement_server(cfg)  # fail early with a clear message
     tests = frozenset({"download", "upload"} if direction == "both" else {direction})
     with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
-        result = asyncio.run(session.run(cfg, cfg.probe_id or "local",
-                                         _progress(quiet, view.say), tests=tests,
-                                         observe=view.observe))
-    _emit(result, as_json)
+        results = asyncio.run(session.run_all(cfg, cfg.probe_id or "local",
+                                              _progress(quiet, view.say), tests=tests,
+                                              observe=view.observe))
+    _emit(results, as_json)
 
 
 @main.command()
@@ -447,20 +472,22 @@ def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool
     tests = ("download", "upload") if direction == "both" else (direction,)
     with liveview.shown(liveview.wanted(as_json=as_json)) as view:
         results = asyncio.run(ndt7_probe.run(server, tests, ssl_context=context,
-                                             observe=view.observe))
+                                             observe=view.observe,
+                                             requested=cfg.server.address_family))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
+            over = f" over {family.label(r.address_family)}" if r.address_family else ""
             if not r.ok:
-                click.echo(f"{r.test:8s} FAILED: {r.error}")
+                click.echo(f"{r.test:8s} FAILED{over}: {r.error}")
                 continue
             rate = f"{r.throughput_bps / 1e6:9.2f} Mbit/s" if r.throughput_bps else "   n/a"
             rtt = f"min RTT {r.min_rtt_ms:.2f} ms" if r.min_rtt_ms is not None else ""
             retrans = (f", retransmitted {100 * r.retrans_ratio:.2f} %"
                        if r.retrans_ratio is not None else "")
             click.echo(f"{r.test:8s} {rate}  ({r.method}; {r.client_elapsed_s:.1f} s) "
-                       f"{rtt}{retrans}")
+                       f"{rtt}{retrans}{over}")
     if not all(r.ok for r in results):
         sys.exit(6)
 
@@ -897,11 +924,13 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 # Refused mid-campaign: still measure; the results wait in the spool.
                 click.echo(f"bbprobe: {exc}", err=True)
                 named = None
-            result = await session.run(cfg, named or "", _progress(True),
-                                       instruction_version=state["version"])
+            # Dual stack ("both"): two results for this one slot, IPv4 then IPv6.
+            results = await session.run_all(cfg, named or "", _progress(True),
+                                            instruction_version=state["version"])
             spool = Spool(cfg.state_dir, cfg.delivery)
-            spool.put(result)
-            gauges.session(result)
+            for result in results:
+                spool.put(result)
+                gauges.session(result)
             _publish(state["cfg"], gauges)
             outcome = await deliver(
                 spool, client, dataclasses.replace(
@@ -909,7 +938,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 probe_id=named)
             _report_dead_lettered(outcome)
             # The health report follows in run_campaigns, once the session is recorded.
-            return clock(), d.session_counts(result)
+            # The slot counts once in its band, when every family asked for counts.
+            return clock(), d.slot_counts(results)
 
         async def measure() -> tuple[datetime, bool]:
             work = asyncio.ensure_future(one_session())

@@ -23,6 +23,7 @@ from agent.schema import (
     PROBE_ID_RE,
     Method,
     PingMethod,
+    RequestedFamily,
     SchemaError,
     TransferMethod,
     TransferMode,
@@ -114,6 +115,10 @@ class ServerConfig:
     # the result (server_selection). A fleet gets its candidates centrally, by region.
     candidates: tuple[str, ...] = ()
     select_pings: int = field(default=3, metadata=bounds(ge=1, le=20))
+    # IP version (issue 16; the command line's -4/-6): "any" (the host's own choice,
+    # getaddrinfo's order), "ipv4", "ipv6", or "both": every session runs once over
+    # each, two results per slot (agent/family.py).
+    address_family: RequestedFamily = "any"
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +391,9 @@ def url_problem(url: str) -> str | None:
         parts = urlsplit(url)
     except ValueError as exc:
         return f"is not a valid URL ({exc}), got {url!r}"
+    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+        # RFC 3986 §3.2.2: an IPv6 literal in a URL goes in brackets.
+        return f"an IPv6 address goes in brackets (http://[::1]:8080), got {url!r}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an http:// or https:// URL with a host, got {url!r}"
     try:

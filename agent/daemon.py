@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -258,6 +258,14 @@ def watchdog_interval() -> float | None:
 
 def utc_clock() -> datetime:
     return datetime.now(UTC)
+
+
+def slot_counts(results: Sequence[object]) -> bool:
+    """A campaign slot fills its band (once) when each of its sessions counts: its one
+    session, or under server.address_family = "both" the IPv4 and the IPv6 session
+    alike. Dual stack asks for evidence over both families, so a slot that has only
+    one is measured again, like any failed slot (agent/schedule.py)."""
+    return bool(results) and all(session_counts(r) for r in results)
 
 
 def session_counts(result: object) -> bool:

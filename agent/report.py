@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent import family
 from agent.schema import PingTest, SessionResult, TransferAttempt, TransferMethod
 
 
@@ -63,6 +64,14 @@ def format_session(result: SessionResult) -> str:
         f"{result.started_at}, {result.duration_s:.1f} s, "
         f"profile {result.method.profile}, server {result.server.url or '—'}",
     ]
+    if result.address_family is not None or result.remote_addresses:
+        asked = result.address_family_requested
+        how = {"any": "the host's choice", "both": "dual stack"}.get(asked or "", "asked")
+        route = f": {', '.join(result.local_addresses)} -> " \
+                f"{', '.join(result.remote_addresses)}" if result.remote_addresses else ""
+        over = family.label(result.address_family) if result.address_family else \
+            "an unknown IP version"
+        lines.append(f"  over {over} ({how}){route}")
     if result.ping is not None:
         lines += format_ping(result.ping)
     for direction, m, rate in (

@@ -37,9 +37,16 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 # 5: fleet control (issue 15): the central instruction a session ran under
 # (instruction_version), and how its measurement server was chosen among candidates
 # (server_selection: each candidate's RTT, the choice, any failover); the health report.
-SCHEMA_VERSION = 5
+# 6: IPv6 (issue 16): the address family a session measured over, the one asked for,
+# and the local and remote addresses of its transfers' connections.
+SCHEMA_VERSION = 6
 
 Status = Literal["ok", "failed"]
+# The IP version of a session's connections, and what the configuration asked for:
+# "any" leaves the choice to the host's address selection (getaddrinfo's order,
+# RFC 6724); "both" is a dual-stack session, run once per family, each its own result.
+AddressFamily = Literal["ipv4", "ipv6"]
+RequestedFamily = Literal["any", "ipv4", "ipv6", "both"]
 Direction = Literal["download", "upload"]
 TransferMode = Literal["duration", "file"]
 # Why a transfer attempt failed (after the Ne.Me.Sys error codes, methodology.md §1.5).
@@ -395,6 +402,19 @@ class SessionResult:
         default=None, metadata={"format": "instruction_version", "added": 5})
     # v5: None when the session had no server.candidates (one configured server).
     server_selection: ServerSelection | None = field(default=None, metadata={"added": 5})
+    # v6: the IP version this session measured over: the one asked for, or under "any"
+    # the one the transfers' connections used (else the ping's). None: older agents, or
+    # under "any" no connection was made. Top-level fields, not per attempt: a field
+    # added inside a nested object would change the canonical form of every older
+    # document (to_dict drops only top-level defaults), and a resend would conflict.
+    address_family: AddressFamily | None = field(default=None, metadata={"added": 6})
+    # v6: server.address_family as configured ("both": this is one of the pair).
+    address_family_requested: RequestedFamily | None = field(default=None,
+                                                             metadata={"added": 6})
+    # v6: the distinct local and remote IP addresses of the transfers' TCP connections,
+    # in the order first used (the ping's address is ping.address).
+    local_addresses: tuple[str, ...] = field(default=(), metadata={"added": 6})
+    remote_addresses: tuple[str, ...] = field(default=(), metadata={"added": 6})
 
     @property
     def valid(self) -> bool:

@@ -7,6 +7,7 @@ the result, never an exception out of ``run``. Only bugs propagate.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from agent import __version__, checks, clock, live, summary
+from agent import __version__, checks, clock, family, live, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
@@ -48,14 +49,16 @@ def ping_deadline_s(m: PingMethod) -> float:
 
 
 async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet,
-                   observe: live.Observer = live.ignore) -> PingTest:
-    """A ping train as a ``PingTest``; setup failures become ``status="failed"``.
-    ``observe`` gets each RTT as it arrives (the live view)."""
+                   observe: live.Observer = live.ignore,
+                   af: int = socket.AF_UNSPEC) -> PingTest:
+    """A ping train as a ``PingTest``; setup failures (a target with no address of
+    family ``af`` among them) become ``status="failed"``. ``observe`` gets each RTT as
+    it arrives (the live view)."""
     started_at = utc_now()
     progress(f"ping {target}: {m.count} echo requests, {m.interval_s:g} s apart")
     try:
         async with asyncio.timeout(ping_deadline_s(m)):
-            obs = await icmp.run(target, m, observe=observe)
+            obs = await icmp.run(target, m, observe=observe, af=af)
     except ProbeSetupError as exc:
         return PingTest(
             status="failed", error=str(exc), target=target, address=None, privileged=None,
@@ -83,23 +86,27 @@ async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet,
 
 
 async def loaded_ping(target: str, ping: PingMethod, transfer: TransferMethod,
-                      progress: Progress, observe: live.Observer = live.ignore) -> PingTest:
+                      progress: Progress, observe: live.Observer = live.ignore,
+                      af: int = socket.AF_UNSPEC) -> PingTest:
     """A ping train over a transfer's measurement window (latency under load)."""
     assert ping.loaded_interval_s is not None
     await asyncio.sleep(transfer.warmup_s)
     # 1e-9: 0.6 / 0.2 is 2.9999999999999996 in binary floating point.
     count = max(1, int(transfer.window_s / ping.loaded_interval_s + 1e-9))
     train = replace(ping, count=count, interval_s=ping.loaded_interval_s)
-    return await run_ping(target, train, progress, observe)
+    return await run_ping(target, train, progress, observe, af)
 
 
 async def run_transfers(
     direction: str, base_url: str, m: TransferMethod, progress: Progress = _quiet,
     loaded: tuple[str, PingMethod] | None = None, observe: live.Observer = live.ignore,
+    af: int = socket.AF_UNSPEC, endpoints: family.Endpoints | None = None,
 ) -> tuple[list[TransferAttempt], PingTest | None]:
     """All tests of one direction. With ``loaded`` = (target, ping method), a ping train
     runs during the first test's window and is returned apart. ``observe`` gets the
-    live view's events (phases, bytes, RTT under load)."""
+    live view's events (phases, bytes, RTT under load). Connections and pings use
+    address family ``af``; each connection's addresses go to ``endpoints``."""
+    on_connect = endpoints.add if endpoints is not None else None
     probe = http_download if direction == "download" else http_upload
     attempts: list[TransferAttempt] = []
     under_load: PingTest | None = None
@@ -107,12 +114,13 @@ async def run_transfers(
         progress(f"{direction} test {test_index + 1}/{m.tests}: {describe_method(m)}")
         if test_index == 0 and loaded is not None and m.mode == "duration":
             async with asyncio.TaskGroup() as group:
-                transfer = group.create_task(probe.run(base_url, m, test_index, observe))
+                transfer = group.create_task(probe.run(base_url, m, test_index, observe,
+                                                       af, on_connect))
                 pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet,
-                                                        observe))
+                                                        observe, af))
             results, under_load = transfer.result(), pinging.result()
         else:
-            results = await probe.run(base_url, m, test_index, observe)
+            results = await probe.run(base_url, m, test_index, observe, af, on_connect)
         for a in results:
             if a.status == "ok" and a.throughput_bps is not None:
                 progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s "
@@ -146,7 +154,13 @@ async def run(
 ) -> SessionResult:
     """Run one session and return its result (never raises for a failed measurement).
     ``observe`` gets the live view's events (agent/live.py); it never changes the
-    result."""
+    result. The session runs in ``cfg.server.address_family`` ("any", "ipv4" or
+    "ipv6"; a "both" config is split by ``run_all``)."""
+    requested = cfg.server.address_family
+    if requested == "both":
+        raise ValueError("a dual-stack config is run by session.run_all, once a family")
+    af = family.socket_family(requested)
+    endpoints = family.Endpoints()
     started = datetime.now(UTC)
     t0 = time.monotonic()
     clock_state = clock.read()
@@ -161,7 +175,7 @@ async def run(
     selection: ServerSelection | None = None
     if cfg.server.candidates and (m.download.tests or m.upload.tests or m.ping):
         progress(f"choosing among {len(cfg.server.candidates)} measurement servers")
-        selection = await select.choose(cfg.server.candidates, cfg.server.select_pings)
+        selection = await select.choose(cfg.server.candidates, cfg.server.select_pings, af)
         for f in selection.failovers:
             progress(f"  passed over {f.url}: {f.error}")
         # None chosen: the best-ranked is used, and its transfers fail (recorded).
@@ -176,7 +190,7 @@ async def run(
         target = ping_target(cfg)
         observe(live.PhaseStarted("ping", time.monotonic(),
                                   (m.ping.count - 1) * m.ping.interval_s, transfer=False))
-        ping_test = await run_ping(target, m.ping, progress, observe)
+        ping_test = await run_ping(target, m.ping, progress, observe, af)
         if m.ping.loaded_interval_s is not None and ping_test.address is not None:
             loaded = (target, m.ping)
     transfers: list[TransferAttempt] = []
@@ -187,15 +201,15 @@ async def run(
         observe(live.PhaseStarted("host checks", time.monotonic(), None, transfer=False))
         host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
         context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1", 0.5,
-                                          cfg.checks.scan_lan, [ping_target(cfg)])
+                                          cfg.checks.scan_lan, [ping_target(cfg)], af)
     if base_url is not None:
         iface = context.interface if context is not None else None
         before = checks.interface_bytes(iface)
         down, ping_download = await run_transfers("download", base_url, m.download,
-                                                  progress, loaded, observe)
+                                                  progress, loaded, observe, af, endpoints)
         middle = checks.interface_bytes(iface)
         up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded,
-                                              observe)
+                                              observe, af, endpoints)
         after = checks.interface_bytes(iface)
         transfers = down + up
         if context is not None and before and middle and after:
@@ -212,6 +226,8 @@ async def run(
         for r in reasons:
             progress(f"invalid: {r.detail}")
     ended = datetime.now(UTC)
+    # Under "any", the family the transfers' connections used (else the ping's).
+    used = endpoints.family or family.family_of(ping_test.address if ping_test else None)
     return SessionResult(
         schema_version=SCHEMA_VERSION,
         result_id=str(uuid.uuid4()),
@@ -236,4 +252,32 @@ async def run(
         ping_upload=ping_upload,
         instruction_version=instruction_version,
         server_selection=selection,
+        address_family=used if requested == "any" else requested,
+        address_family_requested=cfg.server.address_family,
+        local_addresses=tuple(endpoints.local),
+        remote_addresses=tuple(endpoints.remote),
     )
+
+
+async def run_all(
+    cfg: AgentConfig,
+    probe_id: str,
+    progress: Progress = _quiet,
+    *,
+    tests: frozenset[str] = frozenset({"ping", "download", "upload"}),
+    instruction_version: str | None = None,
+    observe: live.Observer = live.ignore,
+) -> list[SessionResult]:
+    """``run`` once per session the config's address family stands for: one result,
+    or under "both" (dual stack) an IPv4 session then an IPv6 one, each a whole
+    session with its own result (address_family_requested = "both" in both)."""
+    requested = cfg.server.address_family
+    results: list[SessionResult] = []
+    for one in family.session_families(requested):
+        session_cfg = replace(cfg, server=replace(cfg.server, address_family=one))
+        if requested == "both":
+            progress(f"dual-stack session over {family.label(one)}")
+        result = await run(session_cfg, probe_id, progress, tests=tests,
+                           instruction_version=instruction_version, observe=observe)
+        results.append(replace(result, address_family_requested=requested))
+    return results

@@ -42,6 +42,7 @@ from agent.stats import Moments
 from collector import service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
+from collector.compliance.facts import jitter_terms
 from collector.compliance.rollup import pack_speeds
 from collector.config import StorageConfig
 from collector.report import report_dict
@@ -122,7 +123,8 @@ def _fleet_rows(probes: int, days: int, seed: int = 7):  # type: ignore[no-untyp
             got = [r for r in rtts if r is not None]
             m = Moments.of(got)
             sessions.append((name, started, rid, 10, 10 - len(got), m.n, m.mean, m.m2,
-                             json.dumps(rtts, separators=(",", ":")), 1, ""))
+                             json.dumps(rtts, separators=(",", ":")), 1, "",
+                             *jitter_terms(rtts)))
             seq = 0
             for direction, rate in (("download", down), ("upload", up)):
                 if rng.random() < 0.01:
@@ -138,10 +140,13 @@ def _day_rows(sessions: list[tuple[Any, ...]],
               transfers: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The day rollup of one probe's rows, as the store builds it (valid sessions)."""
     days: dict[str, dict[str, Any]] = {}
-    for name, started, _rid, sent, lost, n, mean, m2, *_ in sessions:
+    for name, started, _rid, sent, lost, n, mean, m2, *_, jsum, jpairs in sessions:
         d = days.setdefault(started[:10], {"name": name, "sessions": 0, "sent": 0, "lost": 0,
                                            "rtt": Moments(), "down": [], "up": [],
-                                           "d_att": 0, "d_fail": 0, "u_att": 0, "u_fail": 0})
+                                           "d_att": 0, "d_fail": 0, "u_att": 0, "u_fail": 0,
+                                           "jsum": 0.0, "jpairs": 0})
+        d["jsum"] += jsum
+        d["jpairs"] += jpairs
         d["sessions"] += 1
         d["sent"] += sent
         d["lost"] += lost
@@ -155,19 +160,20 @@ def _day_rows(sessions: list[tuple[Any, ...]],
             d["down" if key == "d" else "up"].append(kbps)
     return [(d["name"], day, d["sessions"], d["sent"], d["lost"], d["rtt"].n, d["rtt"].mean,
              d["rtt"].m2, d["d_att"], d["d_fail"], d["u_att"], d["u_fail"],
-             pack_speeds(d["down"]), pack_speeds(d["up"]), 0, "{}")
+             pack_speeds(d["down"]), pack_speeds(d["up"]), 0, "{}", d["jsum"], d["jpairs"])
             for day, d in sorted(days.items())]
 
 
 FACT_TABLES = {
     "session_facts": ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
-                      "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid", "invalid_codes"),
+                      "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid", "invalid_codes",
+                      "jitter_sum_ns", "jitter_pairs"),
     "transfer_facts": ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
                        "kbps", "valid"),
     "day_facts": ("probe_name", "day", "sessions", "pings_sent", "pings_lost", "rtt_n",
                   "rtt_mean_ms", "rtt_m2", "download_attempts", "download_failed",
                   "upload_attempts", "upload_failed", "download_kbps", "upload_kbps",
-                  "invalid_sessions", "invalid_codes"),
+                  "invalid_sessions", "invalid_codes", "jitter_sum_ns", "jitter_pairs"),
 }
 
 
@@ -191,7 +197,8 @@ def _load_sqlite(path: Path, probes: int, days: int) -> tuple[int, int]:
     for _name, sessions, transfers, day_rows in _fleet_rows(probes, days):
         for table, rows in zip(FACT_TABLES, (sessions, transfers, day_rows), strict=True):
             marks = ",".join("?" * len(FACT_TABLES[table]))
-            db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+            db.executemany(f"INSERT INTO {table} ({', '.join(FACT_TABLES[table])}) "
+                           f"VALUES ({marks})", rows)
         n_sessions += len(sessions)
         n_transfers += len(transfers)
     db.execute("COMMIT")
@@ -250,7 +257,8 @@ def _measure(store: Store, days: int) -> tuple[list[tuple[str, list[float]]], An
         a.samples == b.samples and (a.observed == b.observed or (
             a.observed is not None and b.observed is not None
             and abs(a.observed - b.observed) <= 1e-9 * abs(b.observed)))
-        for a, b in zip(report.indicators, slow.indicators, strict=True))
+        for a, b in zip((*report.indicators, *report.informational),
+                        (*slow.indicators, *slow.informational), strict=True))
     return rows, report, slow_s, agree
 
 

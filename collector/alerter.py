@@ -5,16 +5,23 @@ Every ``alerts.interval_s``:
 
 1. **Evaluate**, on a database thread: the triggers of collector/alerts.py over the
    store's state (the fleet rows, the probes' health reports, each contracted line's
-   newest session, the InfluxDB dead letters). A completed campaign is certified once
-   per process. Each alert not raised before is recorded with a pending delivery for
-   every notifier its kind is routed to, in one transaction; a key raised before (by this
-   process, another one, or before a restart) is skipped, so an alert is raised once.
-2. **Deliver**: lease the due deliveries (a process that dies leaves its leases to
-   expire), send them concurrently, each within ``alerts.timeout_s``, and record each
-   outcome: delivered; retried later with exponential backoff; or failed, after
-   ``max_attempts`` or a refusal. The state is in the database, so a restart neither
-   loses a delivery nor repeats one that was recorded as delivered.
-3. Delete the alerts older than ``keep_days``, once an hour.
+   newest session, the InfluxDB dead letters). Each alert not raised before is recorded
+   with a pending delivery for every notifier its kind is routed to, in one
+   transaction; a key raised before (by this process, another one, or before a
+   restart) is skipped, so an alert is raised once.
+2. **Deliver**: lease the due deliveries to the notifiers this process knows (a process
+   that dies leaves its leases to expire; one that stops gives them back), send them
+   concurrently, each within ``alerts.timeout_s``, and record each outcome: delivered;
+   retried later with exponential backoff; or failed, after ``max_attempts`` or a
+   refusal. The state is in the database, so a restart loses no delivery; a delivery is
+   at least once (a process killed between the receiver's answer and recording it sends
+   again: receivers drop a repeated X-Bbprobe-Alert-Id).
+3. Delete the alerts older than ``keep_days``, once an hour (a condition that still
+   holds is then announced again: a reminder).
+
+A completed campaign is certified when its probe's health report says so: at once, in
+the request that brings the report (``on_report``), and again by every tick while the
+report stands, until a final verdict (breach or no breach) is recorded.
 """
 
 from __future__ import annotations
@@ -30,37 +37,81 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from agent.schema import format_utc
 from collector import alerts, control
 from collector.alerts import Alert
 from collector.compliance.certify import RULES, certify
-from collector.config import CollectorConfig
-from collector.notifiers import Notifier, Outcome
-from collector.storage.model import AlertDelivery
+from collector.config import AlertsConfig, CollectorConfig
+from collector.errors import StoreError
+from collector.notifiers import APPRISE_THREADS, Notifier, Outcome
+from collector.storage.model import AlertDelivery, Probe
 from collector.storage.store import Store
-from collector.web.base import StoreUnavailable
 
-T = TypeVar("T")
 log = logging.getLogger("bbprobe.collector")
 
-LEASE_S = 120.0
 BATCH = 50
 PRUNE_EVERY_S = 3600.0
-# A campaign certified without a breach is not certified again by this process for this
-# long (its key stays in memory only that long).
+# A campaign certified to a final verdict is not certified again by this process for
+# this long (its key stays in memory only that long).
 CERTIFIED_FOR_S = 30 * 86400.0
 
 
+def lease_s(cfg: AlertsConfig) -> float:
+    """A lease outlives the batch it covers. Webhook sends run at once, each within
+    timeout_s; Apprise's run APPRISE_THREADS at a time, so a batch to one Apprise
+    notifier takes up to ceil(BATCH / APPRISE_THREADS) timeouts; twice that, and a
+    minute for the database, before another process may take the rows over."""
+    rounds = -(-BATCH // APPRISE_THREADS) if cfg.apprise else 1
+    return 2 * rounds * cfg.timeout_s + 60.0
+
+
+def routes(cfg: AlertsConfig) -> list[tuple[str, Sequence[str]]]:
+    """(notifier, triggers) of the configured notifiers (from the config alone)."""
+    return [*((w.name, w.triggers) for w in cfg.webhooks),
+            *((a.name, a.triggers) for a in cfg.apprise)]
+
+
+def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
+                     timezone: str) -> tuple[tuple[str, str] | None, Alert | None]:
+    """Certify the campaign a report says is complete: (its key, when the verdict is
+    final, else None; the breach alert, if any). "incomplete" here (its last sessions
+    not delivered yet, or bands counted in another time zone) is not final."""
+    done = alerts.completed_campaign(report)
+    if done is None or done[0] not in RULES:
+        return None, None
+    rule, started, deadline = done
+    cert = certify(probe.name, probe.line, store.facts([probe.name], since=started,
+                                                       until=deadline),
+                   RULES[rule], timezone)
+    if cert.verdict == "incomplete":
+        return None, None
+    return (probe.name, started), alerts.breach(probe, started, cert)
+
+
+def _unfilled(store: Store, probe: Probe, started: str, rule_name: str,
+              timezone: str) -> set[int]:
+    """The hour bands of a campaign not yet filled, from the stored sessions."""
+    rule = RULES.get(rule_name, RULES["96in24h"])
+    cert = certify(probe.name, probe.line, store.facts([probe.name], since=started),
+                   rule, timezone)
+    return {h for h, n in enumerate(cert.band_counts) if n < rule.per_band}
+
+
 def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
-             certified: dict[tuple[str, str], datetime]) -> list[Alert]:
-    """Every alert condition holding now (pure but for the store's reads)."""
+             certified: Mapping[tuple[str, str], datetime]
+             ) -> tuple[list[Alert], list[tuple[str, str]]]:
+    """Every alert condition holding now, and the campaigns certified to a final verdict
+    on the way (to be remembered once the alerts are recorded). Reads only."""
     a = cfg.alerts
+    zone = ZoneInfo(a.timezone)
     probes = {p.name: p for p in store.probes() if p.revoked_at is None}
     out: list[Alert] = []
-    for row in control.fleet_rows(store, cfg.fleet.silent_after_s, cfg.fleet.validity_days,
-                                  now, versions=False):
+    final: list[tuple[str, str]] = []
+    # validity_days=0: the rows' validity counts are not needed here (and cost a scan).
+    for row in control.fleet_rows(store, cfg.fleet.silent_after_s, 0, now, versions=False):
         probe = probes.get(row["probe_id"])
         if probe is not None and (alert := alerts.silent(probe, row["last_seen"], now,
                                                          a.silent_after_s)):
@@ -69,33 +120,45 @@ def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
         probe = probes.get(name)
         if probe is None:
             continue
-        for alert_ in (alerts.campaign_incomplete(probe, report, now),
-                       alerts.agent_dead_letters(probe, report)):
-            if alert_ is not None:
-                out.append(alert_)
+        if (dead := alerts.agent_dead_letters(probe, report)) is not None:
+            out.append(dead)
+        opened = alerts.open_campaign(report)
+        if opened is not None:
+            started, deadline, unfilled = opened
+            # Within a day of the deadline, counting hours is not enough (the bands left
+            # must be the ones still to come): ask the stored sessions which they are,
+            # and trust them only when they agree with the probe's own count (sessions
+            # still in its spool, or bands counted in another time zone, would not).
+            bands: set[int] | None = None
+            if (deadline - now).total_seconds() < 86400 and unfilled > 0:
+                rule_name = str(report["campaign"].get("rule", "96in24h"))
+                stored = _unfilled(store, probe, started, rule_name, a.timezone)
+                bands = stored if len(stored) == unfilled else None
+            late = alerts.campaign_incomplete(probe, report, now, bands,
+                                              zone if bands is not None else None)
+            if late is not None:
+                out.append(late)
         done = alerts.completed_campaign(report)
-        if done is None or (name, done[1]) in certified or done[0] not in RULES:
-            continue
-        rule, started, deadline = done
-        facts = store.facts([name], since=started, until=deadline)
-        cert = certify(name, probe.line, facts, RULES[rule], a.timezone)
-        certified[(name, started)] = now
-        if (alert_ := alerts.breach(probe, started, cert)) is not None:
-            out.append(alert_)
+        if done is not None and (name, done[1]) not in certified:
+            key, breach = certify_campaign(store, probe, report, a.timezone)
+            if key is not None:
+                final.append(key)
+            if breach is not None:
+                out.append(breach)
     contracted = sorted(n for n, p in probes.items()
                         if p.line.download_min_kbps or p.line.upload_min_kbps)
     for last in store.latest_sessions(contracted) if contracted else []:
         out.extend(alerts.below_minimum(probes[last.probe_id], last,
                                         a.below_minimum_every_s))
-    if outbox and (alert_ := alerts.influx_dead_letters(store.outbox_dead_count())):
-        out.append(alert_)
-    for key, at in list(certified.items()):
-        if (now - at).total_seconds() > CERTIFIED_FOR_S:
-            del certified[key]
-    return out
+    # Read once (a count read apart could disagree with a retry in between).
+    letters = store.outbox_dead_letters() if outbox else []
+    if letters and (dead := alerts.influx_dead_letters(len(letters),
+                                                       letters[-1]["failed_at"])):
+        out.append(dead)
+    return out, final
 
 
-def record(store: Store, found: Sequence[Alert], routes: Sequence[tuple[str, Sequence[str]]],
+def record(store: Store, found: Sequence[Alert], routes_: Sequence[tuple[str, Sequence[str]]],
            now: str) -> list[int]:
     """Record the alerts not raised before; their ids."""
     known = store.alert_keys([f.key for f in found])
@@ -106,11 +169,26 @@ def record(store: Store, found: Sequence[Alert], routes: Sequence[tuple[str, Seq
         ident = store.add_alert(alert.key, alert.kind, alert.probe, alert.severity, now,
                                 alert.subject, json.dumps(dict(alert.details),
                                                           sort_keys=True),
-                                alerts.routed(alert.kind, routes))
+                                alerts.routed(alert.kind, routes_))
         if ident is not None:
             ids.append(ident)
-            log.info("alert %d: %s", ident, alert.subject)
+            # WARNING: the level the collector's log shows (it configures no handler).
+            log.warning("alert %d raised: %s", ident, alert.subject)
     return ids
+
+
+def on_report(store: Store, cfg: CollectorConfig, probe_name: str,
+              report: Mapping[str, Any], now: datetime) -> bool:
+    """A health report just stored: if it says a campaign is complete, certify it now
+    and record a breach (the next report, a session later, will speak of the next
+    campaign). True if an alert was raised."""
+    if not cfg.alerts.enabled or alerts.completed_campaign(report) is None:
+        return False
+    probe = store.probe(probe_name)
+    if probe is None:
+        return False
+    _key, breach = certify_campaign(store, probe, report, cfg.alerts.timezone)
+    return bool(breach and record(store, [breach], routes(cfg.alerts), format_utc(now)))
 
 
 def as_alert(row: AlertDelivery) -> Alert:
@@ -129,10 +207,7 @@ class Alerter:
     certified: dict[tuple[str, str], datetime] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pruned_at: datetime | None = None
-
-    @property
-    def routes(self) -> list[tuple[str, Sequence[str]]]:
-        return [(name, n.triggers) for name, n in self.notifiers.items()]
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
     async def supervise(self) -> None:
         """Tick every interval until cancelled; a failed tick (the database away) is
@@ -143,31 +218,41 @@ class Alerter:
             except Exception as exc:  # the database away, a bug: the next tick retries
                 log.warning("alerts: %s: %s", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "",
-                            exc_info=not isinstance(exc, StoreUnavailable))
+                            exc_info=not isinstance(exc, StoreError | OSError))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.alerts.interval_s):
                     await self.wake.wait()
             self.wake.clear()
 
-    async def tick(self, now: datetime | None = None) -> None:
-        moment = now or datetime.now(UTC)
+    async def tick(self) -> None:
+        moment = self.clock()
         cfg, certified, outbox = self.cfg, self.certified, self.outbox
-        found = await self.run(lambda s: evaluate(s, cfg, moment, outbox, certified))
-        routes = self.routes
-        await self.run(lambda s: record(s, found, routes, format_utc(moment)))
+        found, final = await self.run(lambda s: evaluate(s, cfg, moment, outbox, certified))
+        routes_ = routes(cfg.alerts)
+        await self.run(lambda s: record(s, found, routes_, format_utc(moment)))
+        # Remembered once its alert (if any) is recorded: a failure above retries it.
+        for key in final:
+            certified[key] = moment
+        for key, at in list(certified.items()):
+            if (moment - at).total_seconds() > CERTIFIED_FOR_S:
+                del certified[key]
         await self.deliver()
         if self.pruned_at is None or (moment - self.pruned_at).total_seconds() > PRUNE_EVERY_S:
             before = format_utc(moment - timedelta(days=cfg.alerts.keep_days))
             await self.run(lambda s: s.prune_alerts(before))
             self.pruned_at = moment
 
-    async def deliver(self) -> int:
-        """Send every due delivery (in leased batches); how many were sent."""
+    async def deliver(self, alert_id: int | None = None) -> int:
+        """Send every due delivery to the notifiers this process knows (only those of
+        ``alert_id`` if given), in leased batches; how many were sent."""
         sent = 0
+        names = sorted(self.notifiers)
         while True:
-            now = datetime.now(UTC)
+            now = self.clock()
             lease = partial(_lease, owner=self.owner, now=format_utc(now),
-                            until=format_utc(now + timedelta(seconds=LEASE_S)))
+                            until=format_utc(now + timedelta(seconds=lease_s(
+                                self.cfg.alerts))),
+                            notifiers=names, alert_id=alert_id)
             due: list[AlertDelivery] = await self.run(lease)
             if not due:
                 return sent
@@ -176,21 +261,22 @@ class Alerter:
                     group.create_task(self._one(row))
             sent += len(due)
 
+    async def release(self) -> None:
+        """Give this process's leases back (it is stopping)."""
+        owner = self.owner
+        await self.run(lambda s: s.release_deliveries(owner))
+
     async def _one(self, row: AlertDelivery) -> None:
-        notifier = self.notifiers.get(row.notifier)
-        if notifier is None:
-            # A notifier removed from the config since: its deliveries end here.
-            outcome = Outcome("failed", "no such notifier in the config any more")
-        else:
-            try:
-                outcome = await notifier.send(row.alert_id, row.created_at, as_alert(row))
-            except Exception as exc:  # a notifier's bug costs its delivery, never the rest
-                log.warning("alert %d to %s: %s", row.alert_id, row.notifier, exc,
-                            exc_info=True)
-                outcome = Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
+        notifier = self.notifiers[row.notifier]
+        try:
+            outcome = await notifier.send(row.alert_id, row.created_at, as_alert(row))
+        except Exception as exc:  # a notifier's bug costs its delivery, never the rest
+            log.warning("alert %d to %s: %s", row.alert_id, row.notifier, exc,
+                        exc_info=True)
+            outcome = Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
         a = self.cfg.alerts
         attempts = row.attempts + 1
-        now = datetime.now(UTC)
+        now = self.clock()
         state = outcome.state
         if state == "retry" and attempts >= a.max_attempts:
             state = "failed"
@@ -201,11 +287,16 @@ class Alerter:
                         outcome.error, "will retry" if state == "retry" else "given up",
                         attempts)
         owner = self.owner
-        await self.run(lambda s: s.finish_delivery(
+        kept = await self.run(lambda s: s.finish_delivery(
             row.alert_id, row.notifier, owner, "pending" if state == "retry" else state,
             attempts, format_utc(next_at), outcome.error,
             format_utc(now) if state == "delivered" else None))
+        if not kept:
+            log.warning("alert %d to %s: the lease ran out before the outcome (%s) was "
+                        "recorded; another process may send it again", row.alert_id,
+                        row.notifier, state)
 
 
-def _lease(store: Store, *, owner: str, now: str, until: str) -> list[AlertDelivery]:
-    return store.lease_deliveries(owner, now, until, BATCH)
+def _lease(store: Store, *, owner: str, now: str, until: str, notifiers: Sequence[str],
+           alert_id: int | None) -> list[AlertDelivery]:
+    return store.lease_deliveries(owner, now, until, BATCH, notifiers, alert_id)

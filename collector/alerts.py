@@ -29,8 +29,9 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from agent.schema import parse_utc
 from agent.stats import median
@@ -65,8 +66,8 @@ def _line(probe: Probe) -> dict[str, Any]:
 
 def below_minimum(probe: Probe, facts: SessionFacts, every_s: float) -> list[Alert]:
     """An early warning per direction whose median speed in this (valid) session is
-    below the contracted minimum; the key's time bucket limits it to one per
-    ``every_s``."""
+    below the contracted minimum; the key's time bucket (``every_s`` long, counted from
+    the Unix epoch) limits it to one per bucket."""
     if not facts.valid:
         return []
     out = []
@@ -102,31 +103,62 @@ def silent(probe: Probe, last_seen: str | None, now: datetime, after_s: float) -
                  {"last_seen": last_seen, "silent_s": round(silent_s, 1), **_line(probe)})
 
 
-def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime
-                        ) -> Alert | None:
-    """The campaign of a probe's latest health report cannot complete: every unfilled
-    hourly band needs an hour of its own before the deadline, so fewer whole hours left
-    than bands unfilled is a campaign that will miss (or has missed) its window."""
+def open_campaign(report: Mapping[str, Any]) -> tuple[str, datetime, int] | None:
+    """(started_at, deadline, bands unfilled) of the report's campaign if not complete."""
     campaign = report.get("campaign")
     if not isinstance(campaign, Mapping) or campaign.get("complete"):
         return None
     try:
-        deadline = parse_utc(str(campaign["deadline_at"]))
-        unfilled = 24 - int(campaign["bands_filled"])
-        started = str(campaign["started_at"])
+        return (str(campaign["started_at"]), parse_utc(str(campaign["deadline_at"])),
+                24 - int(campaign["bands_filled"]))
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def bands_ahead(now: datetime, deadline: datetime, zone: ZoneInfo) -> set[int]:
+    """The local hour bands that still occur in [now, deadline) (pure)."""
+    bands: set[int] = set()
+    moment = now
+    while moment < deadline and len(bands) < 24:
+        local = moment.astimezone(zone)
+        bands.add(local.hour)
+        moment = (local.replace(minute=0, second=0, microsecond=0)
+                  + timedelta(hours=1)).astimezone(UTC)
+    return bands
+
+
+def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
+                        unfilled_bands: set[int] | None = None,
+                        zone: ZoneInfo | None = None) -> Alert | None:
+    """The campaign of a probe's latest health report cannot complete. Every unfilled
+    hourly band needs its own hour before the deadline: fewer hours left than bands
+    unfilled is a campaign that will miss (or has missed) its window. With
+    ``unfilled_bands`` (which ones, from the stored sessions) and the bands' ``zone``,
+    the test is by band: some unfilled band does not come round again before the
+    deadline (a band that comes round may still be too short to fill: not caught)."""
+    found = open_campaign(report)
+    if found is None:
+        return None
+    started, deadline, unfilled = found
+    campaign = report["campaign"]
     hours_left = max(0.0, (deadline - now).total_seconds() / 3600)
-    if math.floor(hours_left) >= unfilled:
+    missed: list[int] = []
+    if unfilled_bands is not None and zone is not None:
+        missed = sorted(unfilled_bands - bands_ahead(now, deadline, zone))
+        if not missed:
+            return None
+    elif math.floor(hours_left) >= unfilled:
         return None
     return Alert("campaign_incomplete", f"campaign_incomplete:{probe.name}:{started}",
                  probe.name, "warning",
                  f"{probe.name}: the campaign started {started} cannot complete: "
                  f"{unfilled} band(s) unfilled, {hours_left:.1f} h left before "
-                 f"{campaign['deadline_at']}",
+                 f"{campaign['deadline_at']}"
+                 + (f" (bands {', '.join(f'{b:02d}h' for b in missed)} do not come round "
+                    "again)" if missed else ""),
                  {"campaign_started_at": started, "deadline_at": campaign["deadline_at"],
                   "bands_unfilled": unfilled, "hours_left": round(hours_left, 2),
-                  "rule": campaign.get("rule"), **_line(probe)})
+                  "bands_missed": missed, "rule": campaign.get("rule"), **_line(probe)})
 
 
 def completed_campaign(report: Mapping[str, Any]) -> tuple[str, str, str] | None:
@@ -172,10 +204,12 @@ def agent_dead_letters(probe: Probe, report: Mapping[str, Any]) -> Alert | None:
                  {"source": "spool", "count": count, **_line(probe)})
 
 
-def influx_dead_letters(count: int) -> Alert | None:
+def influx_dead_letters(count: int, latest: str | None) -> Alert | None:
+    """InfluxDB dead letters; keyed by the newest one's time, so each new refusal alerts
+    again and a purge does not."""
     if count <= 0:
         return None
-    return Alert("dead_letters", f"dead_letters:influx:{count}", None, "warning",
+    return Alert("dead_letters", f"dead_letters:influx:{latest or count}", None, "warning",
                  f"{count} result(s) InfluxDB refused for good "
                  "(bbprobe-collector influx dead-letters)",
                  {"source": "influxdb", "count": count})

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from collector.web import (
     public_routes,
 )
 from collector.web.base import (
+    ALERTER,
     ANON_LIMITER,
     COMMITS,
     CONFIG,
@@ -109,9 +111,11 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         sink = InfluxSink(cfg.influxdb, run)
         app[SINK] = sink
         tasks.append(asyncio.create_task(sink.supervise(), name="bbprobe-influx-sink"))
+    alerter = None
     if cfg.alerts.enabled:
         alerter = Alerter(cfg, {n.name: n for n in notifiers.build(cfg.alerts)}, run,
                           outbox=cfg.influxdb.enabled)
+        app[ALERTER] = alerter
         tasks.append(asyncio.create_task(alerter.supervise(), name="bbprobe-alerter"))
     try:
         yield
@@ -122,6 +126,9 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await commits.close()
+        if alerter is not None:
+            with contextlib.suppress(CollectorError, OSError):
+                await alerter.release()
         if sink is not None:
             owner = sink.owner
             with contextlib.suppress(CollectorError, OSError):
@@ -224,6 +231,30 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
+def dual_stack(host: str) -> bool:
+    """Whether ``host`` is IPv6's unspecified address ("::"): then one socket accepts
+    IPv6 and IPv4 (as IPv4-mapped addresses, RFC 4291 §2.5.5.2). asyncio sets
+    IPV6_V6ONLY on every IPv6 socket it binds, which would leave IPv4 unserved; "::1"
+    or any other IPv6 address is IPv6 only, "0.0.0.0" IPv4 only."""
+    return host.strip("[]") == "::"
+
+
+def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound dual-stack TCP socket on [::]:``port`` (IPV6_V6ONLY off: Linux's
+    default, set explicitly so net.ipv6.bindv6only = 1 cannot change it)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "all",
                 metrics_dir: str | None = None) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the bound base URL. ``reuse_port``: several
@@ -239,8 +270,15 @@ async def start(cfg: CollectorConfig, *, reuse_port: bool = False, role: str = "
     )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
-                           ssl_context=tls_context(cfg.server), reuse_port=reuse_port or None)
+        site: web.BaseSite
+        if dual_stack(cfg.server.host):
+            site = web.SockSite(runner, listening_socket(cfg.server.host, cfg.server.port,
+                                                         reuse_port),
+                                ssl_context=tls_context(cfg.server))
+        else:
+            site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
+                               ssl_context=tls_context(cfg.server),
+                               reuse_port=reuse_port or None)
         await site.start()
     except BaseException:
         # What started (the store, the metrics listener) stops: nothing stays bound.

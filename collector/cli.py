@@ -20,12 +20,16 @@ from collector.cli_common import _config, _shown, _store, handle_errors, shared_
 from collector.compliance import targets as targets_mod
 from collector.config import resolve_secrets
 from collector.errors import CollectorError, InputError, StoreError
+from collector.lines import TECHNOLOGIES
 from collector.report import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
     REPORT_COLUMNS,
     SAMPLE_COLUMNS,
     Scope,
+    breakdown_dict,
+    breakdown_rows,
+    format_breakdown,
     format_csv,
     format_json,
     format_listing_text,
@@ -34,7 +38,6 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
-from collector.storage.model import LineMetadata
 from collector.storage.postgres import masked
 from collector.storage.store import Store, open_store
 
@@ -130,28 +133,58 @@ def probe() -> None:
     """Register, list and revoke probes."""
 
 
+def line_options(fn: Any) -> Any:
+    """The line metadata options of ``probe add`` and ``probe set``. Speeds are the
+    offer's three declared speeds per direction (delibera 156/23/CONS)."""
+    for name, kind, text in reversed((
+        ("--operator", str, "Operator (ISP) of the line."),
+        ("--offer", str, "Commercial offer of the line."),
+        ("--region", str, "Region where the probe sits."),
+        ("--technology", str, "Access technology: " + ", ".join(TECHNOLOGIES) + "."),
+        ("--download-min-kbps", float, "Declared minimum download (guaranteed)."),
+        ("--download-normal-kbps", float, "Declared normally available download."),
+        ("--download-nominal-kbps", float, "Declared maximum (nominal) download."),
+        ("--upload-min-kbps", float, "Declared minimum upload (guaranteed)."),
+        ("--upload-normal-kbps", float, "Declared normally available upload."),
+        ("--upload-nominal-kbps", float, "Declared maximum (nominal) upload."),
+        ("--max-delay-ms", float, "Contract maximum delay."),
+        ("--max-loss-ratio", float, "Contract maximum packet loss (0-1)."),
+    )):
+        fn = click.option(name, type=kind, help=text)(fn)
+    return fn
+
+
 @probe.command("add")
 @shared_options
 @click.argument("name")
-@click.option("--operator", help="Operator (ISP) of the line.")
-@click.option("--offer", help="Commercial offer of the line.")
-@click.option("--region", help="Region where the probe sits.")
-@click.option("--technology", help="Access technology (ADSL, FTTC, FTTH, FWA...).")
-@click.option("--download-nominal-kbps", type=float, help="Contract nominal download.")
-@click.option("--download-min-kbps", type=float, help="Contract guaranteed minimum download.")
-@click.option("--upload-nominal-kbps", type=float, help="Contract nominal upload.")
-@click.option("--upload-min-kbps", type=float, help="Contract guaranteed minimum upload.")
-@click.option("--max-delay-ms", type=float, help="Contract maximum delay.")
-@click.option("--max-loss-ratio", type=float, help="Contract maximum packet loss (0-1).")
+@line_options
 @click.pass_context
 @handle_errors
 def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
     """Register probe NAME and print its token (shown this once only)."""
     with _store(ctx, create=True) as store:
-        token = service.register_probe(store, name, LineMetadata(**line))
+        token = service.register_probe(store, name, service.line_metadata(line))
     click.echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
                err=True)
     click.echo(token)
+
+
+@probe.command("set")
+@shared_options
+@click.argument("name")
+@line_options
+@click.pass_context
+@handle_errors
+def probe_set(ctx: click.Context, /, name: str, **line: Any) -> None:
+    """Change probe NAME's line metadata (the options given; the rest stays): say, the
+    offer's declared speeds after a change of contract. Reports and certificates read
+    the metadata as it is when they are made."""
+    if all(v is None for v in line.values()):
+        raise InputError("nothing to change: give at least one option (see --help)")
+    with _store(ctx) as store:
+        changed = service.set_line(store, name, line)
+    click.echo(f"probe {name!r}: " + "; ".join(
+        f"{k} {getattr(changed, k)}" for k, v in line.items() if v is not None))
 
 
 @probe.command("list")
@@ -193,6 +226,8 @@ def probe_revoke(ctx: click.Context, name: str) -> None:
 
 
 def _scope_options(fn: F) -> F:
+    fn = click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
+                      help="Only sessions measured over this IP version.")(fn)
     fn = click.option("--technology", help="Only probes on this access technology.")(fn)
     fn = click.option("--region", help="Only probes in this region.")(fn)
     fn = click.option("--offer", help="Only probes on this offer.")(fn)
@@ -248,20 +283,34 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
                    "page, ndt7 clients) in the percentiles (counted apart by default).")
 @click.option("--customer-network", metavar="CIDR",
               help="Only customer tests from this client network, e.g. 203.0.113.0/24.")
+@click.option("--by", "by", multiple=True, type=click.Choice(service.BREAKDOWN),
+              help="One report per group: by line metadata and/or semester (repeatable: "
+                   "--by region --by semester, as MisuraInternet publishes).")
 @click.pass_context
 @handle_errors
 def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
            period: str | None, targets_path: str | None, fmt: str, output: str | None,
            timezone: str, include_invalid: bool, include_customer: bool,
-           customer_network: str | None, **filters: Any) -> None:
+           customer_network: str | None, by: tuple[str, ...], **filters: Any) -> None:
     """Compliance report: each Allegato 2 indicator against its target, for probes chosen
-    by name or by line metadata, over a calendar period or a time range."""
+    by name or by line metadata, over a calendar period or a time range; or one per
+    group with --by."""
     cfg = _config(ctx)
     table = targets_mod.load(targets_path or cfg.compliance.targets)
     customers = service.Customers(include_customer, service.parse_network(
         customer_network, "--customer-network"))
+    if by and fmt == "html":
+        raise InputError("--by: the HTML report is of one scope; use text, json or csv")
     with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
+        if by:
+            parts = service.breakdown(store, where, table, by, include_invalid, customers)
+            text = {"json": lambda: format_json(breakdown_dict(by, parts)),
+                    "csv": lambda: format_csv(breakdown_rows(by, parts),
+                                              (*by, *REPORT_COLUMNS)),
+                    "text": lambda: format_breakdown(by, parts, where)}[fmt]()
+            _emit(text, output)
+            return
         if fmt == "html":
             view = service.report_view(store, where, table, include_invalid, customers)
             text = html_report.render_view(view, service.check_timezone(timezone), utc_now())

@@ -211,7 +211,7 @@ class AlertsConfig:
     # the database with each notifier's delivery state (`bbprobe-collector alerts list`).
     enabled: bool = False
     # How often the collector looks for alert conditions and due deliveries.
-    interval_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
+    interval_s: float = field(default=60.0, metadata=bounds(ge=0.1, le=3600))
     # probe_silent: no health report and no result for this long.
     silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
     # below_minimum: at most one alert per probe and direction this often.
@@ -226,7 +226,8 @@ class AlertsConfig:
     max_attempts: int = field(default=12, metadata=bounds(ge=1, le=1000))
     # Each delivery must finish within this many seconds.
     timeout_s: float = field(default=10.0, metadata=bounds(gt=0, le=300))
-    # Alerts (and their delivery states) older than this are deleted.
+    # Alerts (and their delivery states) older than this are deleted (a condition still
+    # holding is then announced again).
     keep_days: int = field(default=90, metadata=bounds(ge=1, le=3650))
     webhooks: tuple[WebhookConfig, ...] = ()
     apprise: tuple[AppriseConfig, ...] = ()

@@ -43,6 +43,8 @@ class Bucket:
     rtt_sum_ms: float
     pings_sent: int
     pings_lost: int
+    jitter_sum_ns: int = 0
+    jitter_pairs: int = 0
 
 
 def _utc_hour(text: str) -> datetime:
@@ -74,18 +76,21 @@ def time_buckets(rows: Sequence[HourRow], zone: ZoneInfo) -> tuple[str, list[Buc
     for row in rows:
         local = _utc_hour(row.hour).astimezone(zone)
         key = local.replace(hour=0) if daily else local
-        acc = merged.setdefault(key, [0, 0.0, 0, 0])
+        acc = merged.setdefault(key, [0, 0.0, 0, 0, 0, 0])
         acc[0] += row.rtt_n
         acc[1] += row.rtt_sum_ms
         acc[2] += row.pings_sent
         acc[3] += row.pings_lost
+        acc[4] += row.jitter_sum_ns
+        acc[5] += row.jitter_pairs
     return ("day" if daily else "hour"), [
-        Bucket(k, int(v[0]), v[1], int(v[2]), int(v[3])) for k, v in sorted(merged.items())
+        Bucket(k, int(v[0]), v[1], int(v[2]), int(v[3]), int(v[4]), int(v[5]))
+        for k, v in sorted(merged.items())
     ]
 
 
 def _targets(report: Report) -> dict[str, float]:
-    return {r.id: r.target for r in report.indicators}
+    return {r.id: r.target for r in report.indicators if r.target is not None}
 
 
 def _speed_plot(direction: str, obs: Observations, report: Report) -> str:
@@ -141,6 +146,17 @@ def _delay_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo, scale: flo
     return plots.lines_plot(
         "delay", f"Mean {word} per {kind}",
         [plots.Series(f"mean {word}", points, plots.COLOURS["delay"])],
+        f"local time ({zone.key})", "ms", xticks=ticks, xfmt=fmt)
+
+
+def _jitter_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo) -> str:
+    """Mean jitter per bucket (delibera 156/23/CONS), from the same ping trains."""
+    points = tuple((b.start.timestamp(), b.jitter_sum_ns / b.jitter_pairs / 1e6)
+                   for b in buckets if b.jitter_pairs)
+    ticks, fmt = _time_axis(buckets, kind, zone)
+    return plots.lines_plot(
+        "jitter", f"Mean jitter per {kind} (consecutive RTTs)",
+        [plots.Series("mean jitter", points, plots.COLOURS["jitter"])],
         f"local time ({zone.key})", "ms", xticks=ticks, xfmt=fmt)
 
 
@@ -203,12 +219,14 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
     zone = ZoneInfo(timezone)
     kind, buckets = time_buckets(hourly, zone)
     rows = []
-    for r in report.indicators:
-        word, css = _word(r.passed)
+    for r in (*report.indicators, *report.informational):
+        word, css = _word(r.passed) if r.target is not None else ("INFO", "nodata")
+        target = f"{r.comparison} {format_value(r.target, r.unit)}" \
+            if r.target is not None else "(none in the table)"
         rows.append(
             f"<tr><td>{escape(SHORT_NAMES.get(r.id, r.name))}<br><small><code>{r.id}</code>"
             f"</small></td><td class=num>{escape(format_value(r.observed, r.unit))}</td>"
-            f"<td class=num>{escape(r.comparison)} {escape(format_value(r.target, r.unit))}"
+            f"<td class=num>{escape(target)}"
             f"</td><td class=num>{r.samples:,}</td><td class={css}>{word}</td></tr>")
     method = "".join(f"<dt>{escape(k.replace('_', ' '))}</dt><dd>{escape(v)}</dd>"
                      for k, v in report.method.items())
@@ -237,7 +255,7 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         "</div></section>",
         "<section><h2>Hour-of-day profile and delay</h2><div class=plots>"
         f"{_profile_plot(hourly, zone)}{_delay_plot(kind, buckets, zone, delay_scale)}"
-        "</div></section>",
+        f"{_jitter_plot(kind, buckets, zone)}</div></section>",
         "<section><h2>Packet loss</h2><div class=plots>"
         f"{_loss_plot(kind, buckets, zone)}</div></section>",
         f'<section><h2>Method</h2><dl class="method">{method}</dl></section>',
@@ -307,7 +325,11 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
     line = cert.line
     contract = (
         ("Download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
+        ("Download, normally available", format_value(line.download_normal_kbps, "kbit/s")),
+        ("Download, maximum", format_value(line.download_nominal_kbps, "kbit/s")),
         ("Upload, guaranteed minimum", format_value(line.upload_min_kbps, "kbit/s")),
+        ("Upload, normally available", format_value(line.upload_normal_kbps, "kbit/s")),
+        ("Upload, maximum", format_value(line.upload_nominal_kbps, "kbit/s")),
         ("Maximum delay", format_value(line.max_delay_ms, "ms")),
         ("Maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
     )
@@ -315,9 +337,11 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
              f"{n}/{cert.rule.per_band}</td>" for h, n in enumerate(cert.band_counts)]
     checks = []
     for c in cert.checks:
-        word, css = {True: ("BREACH", "fail"), False: ("met", "pass"),
-                     None: ("not judged", "nodata")}[c.breach]
-        threshold = "not in contract" if c.threshold is None else \
+        word, css = ("info", "nodata") if c.informational else \
+            {True: ("BREACH", "fail"), False: ("met", "pass"),
+             None: ("not judged", "nodata")}[c.breach]
+        threshold = ("information" if c.informational else "not in contract") \
+            if c.threshold is None else \
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         checks.append(f"<tr><td>{escape(c.name)}</td><td class=num>"
                       f"{escape(format_value(c.observed, c.unit))}</td><td class=num>"

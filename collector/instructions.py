@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from collector.lines import canonical_technology
 from collector.storage.model import Probe
 
 SELECTOR_FIELDS = ("probe", "operator", "offer", "region", "technology")
@@ -88,6 +89,10 @@ def selector(data: Mapping[str, Any] | None, every: bool = False) -> Selector:
     if every == bool(given):
         raise ValueError("selector: give --all, or one or more of --probe, --operator, "
                          "--offer, --region, --technology")
+    if "technology" in given:
+        # As lines store it (collector/lines.py): --technology fwa selects the FWA lines.
+        given["technology"] = canonical_technology(given["technology"]) or \
+            given["technology"]
     return Selector(**given)
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -90,6 +91,17 @@ class Webhook:
         return Outcome("failed", f"HTTP {status}")
 
 
+# Apprise sends synchronously: on threads of their own (not the loop's default executor,
+# which aiohttp's DNS lookups share), a few at a time; a send waits for a thread before
+# its timeout starts, so a burst of alerts queues instead of timing out unsent.
+APPRISE_THREADS = 4
+_apprise_pool = ThreadPoolExecutor(max_workers=APPRISE_THREADS,
+                                   thread_name_prefix="bbprobe-apprise")
+# One gate for the pool, shared by every Apprise notifier (made on first use, in the loop
+# that sends); a thread still held by a send that timed out keeps its slot until it ends.
+_apprise_gate: dict[str, asyncio.Semaphore] = {}
+
+
 class AppriseNotifier:
     def __init__(self, cfg: AppriseConfig, url: str, timeout_s: float) -> None:
         self.name = cfg.name
@@ -100,12 +112,18 @@ class AppriseNotifier:
     async def send(self, alert_id: int, created_at: str, alert: Alert) -> Outcome:
         doc = payload(alert_id, created_at, alert)
         text = f"{alert.subject}\n\n{json.dumps(doc['details'], sort_keys=True)}"
+        loop = asyncio.get_running_loop()
+        gate = _apprise_gate.setdefault("gate", asyncio.Semaphore(APPRISE_THREADS))
+        await gate.acquire()
+        # Plugins loaded and the message sent on a thread; the timeout starts once a
+        # thread is ours. A send still running at the deadline keeps its thread (and the
+        # gate's slot) until it ends (Apprise's plugins time out their sockets); it is
+        # recorded as a retry.
+        work = loop.run_in_executor(_apprise_pool, self._send, title(alert), text)
+        work.add_done_callback(lambda _: gate.release())
         try:
-            # Apprise loads its plugins and sends synchronously: all of it on a thread,
-            # bounded. A send still running at the deadline ends on its own (Apprise's
-            # plugins time out their sockets).
             async with asyncio.timeout(self.timeout_s):
-                return await asyncio.to_thread(self._send, title(alert), text)
+                return await asyncio.shield(work)
         except TimeoutError:
             return Outcome("retry", f"no answer within {self.timeout_s:g} s")
 

@@ -37,6 +37,9 @@ SCOPE_PARAMETERS = [
     _query("offer", "Only probes on this offer."),
     _query("region", "Only probes in this region."),
     _query("technology", "Only probes on this access technology."),
+    _query("family", "Only sessions measured over this IP version (schema 6; sessions "
+           "of older agents have none and match neither).",
+           {"type": "string", "enum": ["ipv4", "ipv6"]}),
     _query("period", "Calendar period: YYYY, YYYY-H1 or YYYY-H2.",
            {"type": "string", "pattern": "^[0-9]{4}(-[Hh][12])?$"}),
     _query("since", "Start, inclusive: ISO 8601 date or timestamp."),
@@ -213,7 +216,8 @@ def document() -> dict[str, Any]:
                                    **{k: {"type": ["number", "null"], "minimum": 0} for k in (
                                        "download_nominal_kbps", "download_min_kbps",
                                        "upload_nominal_kbps", "upload_min_kbps",
-                                       "max_delay_ms", "max_loss_ratio")}}}}}},
+                                       "max_delay_ms", "max_loss_ratio",
+                                       "download_normal_kbps", "upload_normal_kbps")}}}}}},
                 "responses": {"201": _json({"type": "object"}),
                               "400": _error("Body is not JSON."),
                               "401": _error("Missing, unknown or revoked token."),
@@ -261,7 +265,12 @@ def document() -> dict[str, Any]:
                                    *customer_parameters,
                                    _query("include_invalid", "Count sessions flagged invalid "
                                           "(default false: shown apart).",
-                                          {"enum": ["true", "false"]})],
+                                          {"enum": ["true", "false"]}),
+                                   _query("by", "One report per group (repeatable): "
+                                          "line metadata and/or semester (json, csv).",
+                                          {"type": "array", "items": {
+                                              "enum": ["operator", "offer", "region",
+                                                       "technology", "semester"]}})],
                     "responses": {"200": {"description": "The report.", "content": {
                         "application/json": {"schema": {
                             "$ref": "#/components/schemas/Report"}},

@@ -18,7 +18,7 @@ from html import escape
 WIDTH, HEIGHT = 680, 280
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 36, 48
 COLOURS = {"download": "#1f77b4", "upload": "#ff7f0e", "delay": "#2ca02c", "loss": "#d62728",
-           "target": "#b00020", "observed": "#333333"}
+           "target": "#b00020", "observed": "#333333", "jitter": "#9467bd"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ SHORT_NAMES = {
     "delay_mean_ms": "One-way delay, mean",
     "delay_stdev_ms": "One-way delay, std deviation",
     "loss_ratio": "Packet loss rate",
+    "jitter_mean_ms": "Jitter, mean",
 }
 
 
@@ -29,6 +30,8 @@ class Scope:
     probes: tuple[str, ...] | None  # None: all probes
     since: str | None
     until: str | None
+    # "ipv4"/"ipv6": only sessions measured over that IP version (issue 16); None: all.
+    family: str | None = None
 
     def describe(self) -> str:
         if self.probes is None:
@@ -37,7 +40,10 @@ class Scope:
             who = "no probe matches the selection"
         else:
             who = "probe " + ", ".join(self.probes)
-        return f"{who}; from {self.since or 'the first result'} to {self.until or 'now'}"
+        over = {"ipv4": "; IPv4 sessions only", "ipv6": "; IPv6 sessions only"}.get(
+            self.family or "", "")
+        return (f"{who}; from {self.since or 'the first result'} to "
+                f"{self.until or 'now'}{over}")
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -65,13 +71,14 @@ def format_text(report: Report, scope: Scope) -> str:
         "",
     ]
     rows = [("Indicator", "Observed", "Target", "Samples", "Result")]
-    for r in report.indicators:
+    for r in (*report.indicators, *report.informational):
         rows.append((
             SHORT_NAMES.get(r.id, r.id),
             format_value(r.observed, r.unit),
-            f"{r.comparison} {format_value(r.target, r.unit)}",
+            f"{r.comparison} {format_value(r.target, r.unit)}" if r.target is not None
+            else "(none)",
             str(r.samples),
-            _result_word(r),
+            _result_word(r) if r.target is not None else "info",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for n, row in enumerate(rows):
@@ -138,6 +145,8 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
                      "included": report.customer_included},
         "verdict": report.verdict,
         "indicators": [asdict(r) for r in report.indicators],
+        # Observed, not judged: no target in the table (jitter, delibera 156/23/CONS).
+        "informational": [asdict(r) for r in report.informational],
         "not_measured": [
             {"id": i.id, "name": i.name, "comparison": i.comparison, "target": i.target,
              "unit": i.unit}
@@ -160,14 +169,57 @@ def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
          "passed": "" if r.passed is None else str(r.passed).lower(),
          "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
          "targets": report.targets_name}
-        for r in report.indicators
+        for r in (*report.indicators, *report.informational)
     ]
+
+
+Part = tuple[dict[str, str], Scope, Report]
+
+
+def breakdown_dict(by: Sequence[str], parts: Sequence[Part]) -> dict[str, Any]:
+    """Each group with its own report (its scope: its probes, its period)."""
+    return {"by": list(by), "groups": [{"group": key, "report": report_dict(r, where)}
+                                       for key, where, r in parts]}
+
+
+def breakdown_rows(by: Sequence[str], parts: Sequence[Part]) -> list[dict[str, Any]]:
+    """One row per group and indicator: the group's columns first, then the report row
+    with the group's own scope."""
+    return [{**key, **row} for key, where, r in parts for row in report_rows(r, where)]
+
+
+# The columns of the breakdown's text table: the figures 156/23/CONS publishes.
+BREAKDOWN_FIGURES = (("download_p5_kbps", "down p5"), ("download_p95_kbps", "down p95"),
+                     ("upload_p5_kbps", "up p5"), ("delay_mean_ms", "delay"),
+                     ("loss_ratio", "loss"), ("jitter_mean_ms", "jitter"))
+
+
+def format_breakdown(by: Sequence[str], parts: Sequence[Part], scope: Scope) -> str:
+    head = [*by, "sessions", *(label for _, label in BREAKDOWN_FIGURES), "verdict"]
+    rows = [head]
+    for key, _where, r in parts:
+        observed = {i.id: i for i in (*r.indicators, *r.informational)}
+        rows.append([*(key[b] or "—" for b in by), str(r.sessions),
+                     *(format_value(observed[i].observed, observed[i].unit)
+                       if i in observed else "—" for i, _ in BREAKDOWN_FIGURES),
+                     r.verdict])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"Breakdown by {', '.join(by)}: {scope.describe()}", ""]
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["", "Figures as in the full report (percentiles Hyndman-Fan type 7; delay and "
+              "jitter in ms; loss as a ratio); `report` without --by for one group's "
+              "detail."]
+    return "\n".join(lines) + "\n"
 
 
 SAMPLE_COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok")
 PROBE_COLUMNS = ("probe_id", "created_at", "revoked_at", "operator", "offer", "region",
                  "technology", "download_nominal_kbps", "download_min_kbps",
-                 "upload_nominal_kbps", "upload_min_kbps", "max_delay_ms", "max_loss_ratio")
+                 "upload_nominal_kbps", "upload_min_kbps", "max_delay_ms", "max_loss_ratio",
+                 "download_normal_kbps", "upload_normal_kbps")
 
 
 def sample_rows(sessions: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -200,8 +252,10 @@ SUMMARY_COLUMNS = (
     "one_way_delay_mean_ms",
     "one_way_delay_stdev_ms",
 )
+# New columns go at the end: scripts that read the CSV by position keep working.
 LISTING_COLUMNS = ("result_id", "probe_id", "started_at", "ended_at", "received_at",
-                   *SUMMARY_COLUMNS, "valid", "clock_synchronized", "clock_skew_s")
+                   *SUMMARY_COLUMNS, "valid", "clock_synchronized", "clock_skew_s",
+                   "jitter_ms")
 # A probe clock further than this from the collector's at delivery is flagged
 # (reliability.md A9).
 SKEW_FLAG_S = 5.0
@@ -214,9 +268,12 @@ def listing_row(
     summary = body.get("summary", {})
     validity = body.get("validity") or {}
     clock = body.get("clock") or {}
+    ping = (body.get("ping") or {}).get("summary") or {}
     return {
         "result_id": result_id, "probe_id": probe, "started_at": started, "ended_at": ended,
         "received_at": received, **{c: summary.get(c) for c in SUMMARY_COLUMNS},
+        # The ping train's own jitter (agent.stats.jitter), beside its RTT and loss.
+        "jitter_ms": ping.get("jitter_ms"),
         "valid": validity.get("valid", True), "clock_synchronized": clock.get("synchronized"),
         "clock_skew_s": clock_skew_s,
     }
@@ -253,6 +310,7 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
         dl = r["download_bps"]
         ul = r["upload_bps"]
         rtt = r["rtt_mean_ms"]
+        jitter = r.get("jitter_ms")
         loss = r["loss_ratio"]
         flags = []
         if r.get("valid") is False:
@@ -267,6 +325,7 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
             f"down {'—' if dl is None else f'{dl / 1e6:.2f} Mbit/s'}  "
             f"up {'—' if ul is None else f'{ul / 1e6:.2f} Mbit/s'}  "
             f"rtt {'—' if rtt is None else f'{rtt:.3f} ms'}  "
+            f"jitter {'—' if jitter is None else f'{jitter:.3f} ms'}  "
             f"loss {'—' if loss is None else f'{loss * 100:.1f} %'}"
             + (f"  [{'; '.join(flags)}]" if flags else "")
         )
@@ -295,7 +354,11 @@ def format_certificate(cert: Any) -> str:
     line = cert.line
     contract = [
         ("download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
+        ("normally available", format_value(line.download_normal_kbps, "kbit/s")),
+        ("maximum", format_value(line.download_nominal_kbps, "kbit/s")),
         ("upload, guaranteed minimum", format_value(line.upload_min_kbps, "kbit/s")),
+        ("normally available", format_value(line.upload_normal_kbps, "kbit/s")),
+        ("maximum", format_value(line.upload_nominal_kbps, "kbit/s")),
         ("maximum delay", format_value(line.max_delay_ms, "ms")),
         ("maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
     ]
@@ -316,8 +379,10 @@ def format_certificate(cert: Any) -> str:
     out += ["  " + "   ".join(cells[i : i + 6]) for i in range(0, 24, 6)]
     out += ["", f"{'Indicator':<42}  {'Observed':>14}  {'Threshold':>17}  Samples  Result"]
     for c in cert.checks:
-        result = {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
-        threshold = "not in contract" if c.threshold is None else \
+        result = "info" if c.informational else \
+            {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
+        threshold = ("information" if c.informational else "not in contract") \
+            if c.threshold is None else \
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         out.append(f"{c.name:<42}  {format_value(c.observed, c.unit):>14}  {threshold:>17}  "
                    f"{c.samples:>7}  {result}")

@@ -6,8 +6,10 @@ messages. Nothing here knows HTTP or renders a page."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, time
 from typing import Any
 
@@ -19,6 +21,7 @@ from collector.compliance.completeness import completeness as completeness_of
 from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import BadParameter, NotFound, Unacceptable
+from collector.lines import TECHNOLOGIES, canonical_technology
 from collector.report import Scope, listing_row
 from collector.storage.model import HourRow, LineMetadata, StoredResult
 from collector.storage.store import Store
@@ -33,6 +36,88 @@ def register_probe(store: Store, name: str, line: LineMetadata) -> str:
     token = auth.new_token()
     store.add_probe(name, auth.hash_token(token), utc_now(), line)
     return token
+
+
+def technology(text: str) -> str:
+    """The canonical spelling of an access technology (any case); Unacceptable if it is
+    none of TECHNOLOGIES."""
+    known = canonical_technology(text)
+    if known is None:
+        raise Unacceptable(f"technology: expected one of {', '.join(TECHNOLOGIES)}, got "
+                           f"{text[:40]!r}", "technology")
+    return known
+
+
+def _checked_fields(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Each given line field checked alone: known, numbers finite within 0..1e12,
+    strings 1-200 printable characters (an empty one unsets), the technology one of
+    TECHNOLOGIES."""
+    names = {f.name for f in fields(LineMetadata)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise Unacceptable(f"{unknown[0][:40]}: unknown field", unknown[0][:40])
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key.endswith(("_kbps", "_ms", "_ratio")):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            # NaN and the infinities fail the range (comparisons with NaN are false);
+            # a huge int is compared exactly, never converted.
+            if not number or not 0 <= value < 1e12:
+                raise Unacceptable(f"{key}: expected a number within 0..1e12, got "
+                                   f"{str(value)[:40]}", key)
+            values[key] = float(value)
+        elif not isinstance(value, str) or len(value) > 200 or \
+                not all(c.isprintable() for c in value):
+            raise Unacceptable(f"{key}: expected text of at most 200 printable characters",
+                               key)
+        else:
+            values[key] = value.strip() or None
+    if values.get("technology"):
+        values["technology"] = technology(values["technology"])
+    if (values.get("max_loss_ratio") or 0) > 1:
+        raise Unacceptable("max_loss_ratio: expected a ratio within 0..1", "max_loss_ratio")
+    return values
+
+
+def _declared_in_order(values: Mapping[str, Any], changed: set[str] | None = None) -> None:
+    """Each direction's declared speeds in order, minimum <= normally available <=
+    maximum, where given (only the directions ``changed`` touches, if given)."""
+    for d in ("download", "upload"):
+        keys = (f"{d}_min_kbps", f"{d}_normal_kbps", f"{d}_nominal_kbps")
+        if changed is not None and not changed & set(keys):
+            continue
+        declared = [(k, values[k]) for k in keys if values.get(k) is not None]
+        for (low_key, low), (high_key, high) in itertools.pairwise(declared):
+            if low > high:
+                raise Unacceptable(f"{high_key}: {high:g} is below {low_key} ({low:g}): "
+                                   "an offer declares minimum <= normally available <= "
+                                   "maximum", high_key)
+
+
+def line_metadata(given: Mapping[str, Any]) -> LineMetadata:
+    """Line metadata from options or a request's fields, checked (``_checked_fields``,
+    and each direction's declared speeds in order)."""
+    values = _checked_fields(given)
+    _declared_in_order(values)
+    return LineMetadata(**values)
+
+
+def set_line(store: Store, name: str, changes: Mapping[str, Any]) -> LineMetadata:
+    """Change some of a probe's line metadata: the fields given are checked, and the
+    declared speeds of the directions they touch against the ones stored (what was
+    stored before the checks existed is left as it is)."""
+    probe = store.probe(name)
+    if probe is None:
+        raise NotFound(f"no probe named {name!r}", "probe_id")
+    checked = _checked_fields(changes)
+    given = {k for k, v in changes.items() if v is not None}
+    merged = {**{f.name: getattr(probe.line, f.name) for f in fields(LineMetadata)},
+              **{k: checked.get(k) for k in given}}
+    _declared_in_order(merged, given)
+    store.update_line(name, {k: checked.get(k) for k in given})
+    return LineMetadata(**merged)
 
 
 def add_token(store: Store, name: str, role: str) -> str:
@@ -86,6 +171,9 @@ def period_bounds(period: str) -> tuple[str, str]:
 
 
 METADATA_FILTERS = ("operator", "offer", "region", "technology")
+# Scope filters on the sessions themselves: the IP version measured over (issue 16).
+SESSION_FILTERS = ("family",)
+FAMILIES = ("ipv4", "ipv6")
 
 
 def probes_matching(store: Store, filters: dict[str, str]) -> list[str]:
@@ -98,7 +186,8 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
           period: str | None = None, *, store: Store | None = None,
           filters: dict[str, str] | None = None) -> Scope:
     """Resolve a scope: named probes and/or probes selected by metadata (operator, offer,
-    region, technology), over ``period`` or [since, until)."""
+    region, technology), over ``period`` or [since, until); ``filters["family"]``
+    ("ipv4"/"ipv6") keeps the sessions measured over that IP version."""
     since_text: str | None
     until_text: str | None
     if period:
@@ -110,20 +199,100 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
         since_text, until_text = parse_time(since, "since"), parse_time(until, "until")
     selected = list(probes) if probes else None
     active = {k: v for k, v in (filters or {}).items() if v}
+    family = active.pop("family", None)
+    if family is not None and family not in FAMILIES:
+        raise BadParameter(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}",
+                           field="family")
+    if "technology" in active:
+        # Any case finds the canonical spelling (fwa, FWA: stored lines were made
+        # canonical by the migration that brought the list); other text is kept.
+        active["technology"] = canonical_technology(active["technology"]) or \
+            active["technology"]
     if active:
         assert store is not None
         matching = probes_matching(store, active)
         selected = matching if selected is None else [p for p in selected if p in matching]
     return Scope(probes=tuple(selected) if selected is not None else None,
-                 since=since_text, until=until_text)
+                 since=since_text, until=until_text, family=family)
+
+
+# What a report can be broken down by (delibera 156/23/CONS: MisuraInternet publishes
+# results by region every semester; analysts also compare offers and technologies).
+BREAKDOWN = ("operator", "offer", "region", "technology", "semester")
+MAX_GROUPS = 1000
+
+
+def semesters(since: str | None, until: str | None) -> list[tuple[str, str, str]]:
+    """(label "YYYY-H1", since, until) of each calendar semester [since, until) touches,
+    clipped to it (UTC, as period_bounds)."""
+    if since is None or until is None:
+        raise BadParameter("by semester: give a period (YYYY, YYYY-H1, YYYY-H2) or both "
+                           "since and until", field="by")
+    out = []
+    year, half = int(since[:4]), 1 if since[5:7] < "07" else 2
+    while True:
+        lo, hi = period_bounds(f"{year}-H{half}")
+        if lo >= until:
+            break
+        out.append((f"{year}-H{half}", max(lo, since), min(hi, until)))
+        year, half = (year, 2) if half == 1 else (year + 1, 1)
+        if len(out) > MAX_GROUPS:
+            break
+    return out
+
+
+def groups(store: Store, where: Scope, by: Sequence[str], max_groups: int = MAX_GROUPS
+           ) -> list[tuple[dict[str, str], Scope]]:
+    """The scope split by line metadata and/or semester: (the group's key, its scope),
+    groups without a probe left out. Probes whose field is unset form the group ""."""
+    unknown = [b for b in by if b not in BREAKDOWN]
+    if unknown or len(set(by)) != len(by):
+        raise BadParameter(f"by: expected distinct values among {', '.join(BREAKDOWN)}, "
+                           f"got {', '.join(by)}", field="by")
+    fields_ = [b for b in by if b != "semester"]
+    periods: list[tuple[str | None, str | None, str | None]] = [
+        (None, where.since, where.until)]
+    if "semester" in by:
+        periods = [(label, lo, hi) for label, lo, hi in semesters(where.since, where.until)]
+    buckets: dict[tuple[str, ...], list[str]] = {}
+    for p in store.probes():
+        if where.probes is None or p.name in where.probes:
+            key = tuple(getattr(p.line, f) or "" for f in fields_)
+            buckets.setdefault(key, []).append(p.name)
+    if len(buckets) * len(periods) > max_groups:
+        raise BadParameter(f"by: {len(buckets) * len(periods)} groups, more than "
+                           f"{max_groups}; narrow the scope", field="by")
+    out = []
+    for key in sorted(buckets):
+        for label, lo, hi in periods:
+            group = dict(zip(fields_, key, strict=True))
+            if label is not None:
+                group["semester"] = label
+            out.append(({b: group[b] for b in by}, Scope(tuple(buckets[key]), lo, hi,
+                                                         where.family)))
+    return out
+
+
+def breakdown(store: Store, where: Scope, targets: Targets, by: Sequence[str],
+              include_invalid: bool = False, customers: Customers | None = None,
+              max_groups: int = MAX_GROUPS) -> list[tuple[dict[str, str], Scope, Report]]:
+    """One report per group of ``groups``, with the group's own scope. Customer tests
+    (browser page, ndt7 clients) have no line: they join only a breakdown by semester
+    alone, never one by line metadata."""
+    chosen = customers or Customers()
+    if chosen.include and set(by) - {"semester"}:
+        raise BadParameter("by: customer tests have no line metadata; include them only "
+                           "in a breakdown by semester", field="by")
+    return [(key, scope_, compliance(store, scope_, targets, include_invalid, chosen))
+            for key, scope_ in groups(store, where, by, max_groups)]
 
 
 def stored_results(store: Store, where: Scope, limit: int | None = None) -> list[
     StoredResult
 ]:
     return store.results(
-        list(where.probes) if where.probes is not None else None, where.since, where.until, limit
-    )
+        list(where.probes) if where.probes is not None else None, where.since, where.until, limit,
+        family=where.family)
 
 
 def listing(store: Store, where: Scope, limit: int | None = None) -> list[dict[str, object]]:
@@ -161,8 +330,11 @@ def observations(store: Store, where: Scope, include_invalid: bool = False,
     their speeds included when asked; customer tests have no probe, so only the
     period and ``customers.network`` select them)."""
     obs = store.observations(list(where.probes) if where.probes is not None else None,
-                             where.since, where.until, include_invalid)
+                             where.since, where.until, include_invalid, family=where.family)
     obs.customer_included = customers.include
+    if where.family is not None:
+        # Customer tests record no IP version: a report of one family leaves them out.
+        return obs
     for kind, direction, kbps in store.customer_speeds(where.since, where.until,
                                                        customers.network):
         obs.add_customer(kind, direction, kbps)
@@ -179,7 +351,7 @@ def samples(store: Store, where: Scope, include_invalid: bool = False) -> list[A
     """The per-session facts of a scope, valid sessions only unless asked (the rows of a
     samples export)."""
     facts = store.facts(list(where.probes) if where.probes is not None else None,
-                        where.since, where.until)
+                        where.since, where.until, family=where.family)
     return [f for f in facts if include_invalid or f.valid]
 
 
@@ -201,7 +373,8 @@ def report_view(store: Store, where: Scope, targets: Targets,
     """The data of a scope's HTML report (html_report.render_view draws it)."""
     probes = list(where.probes) if where.probes is not None else None
     obs = observations(store, where, include_invalid, customers)
-    hourly = store.hourly(probes, where.since, where.until, include_invalid)
+    hourly = store.hourly(probes, where.since, where.until, include_invalid,
+                          family=where.family)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
     return ReportView(evaluate(obs, targets), where, obs, hourly, scale)
 

@@ -64,9 +64,10 @@ class RunningCollector:
 
 @contextmanager
 def running_collector(
-    tmp_path: Path, config: CollectorConfig | None = None
+    tmp_path: Path, config: CollectorConfig | None = None, host: str = "127.0.0.1"
 ) -> Iterator[RunningCollector]:
-    """Run a collector on its own event loop in a background thread until the block exits.
+    """Run a collector on its own event loop in a background thread until the block exits,
+    on ``host`` (IPv6: "::1", or "::" for both families) and a free port.
 
     Without a ``config``, queries need no token (tests of other features read results
     freely); pass a config to test with ``server.query_auth`` as configured."""
@@ -75,7 +76,7 @@ def running_collector(
     db_path = tmp_path / "collector.sqlite3"
     storage = cfg.storage if cfg.storage.backend == "postgresql" else \
         replace(cfg.storage, path=str(db_path))
-    cfg = replace(cfg, server=replace(cfg.server, host="127.0.0.1", port=0), storage=storage)
+    cfg = replace(cfg, server=replace(cfg.server, host=host, port=0), storage=storage)
     with serve_in_thread(lambda: app_mod.start(cfg), "bbprobe-test-collector") as url:
         yield RunningCollector(url=url, db_path=db_path, config=cfg)
 

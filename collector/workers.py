@@ -81,6 +81,9 @@ def _die_with_parent() -> None:
 def _reserve_port(host: str) -> socket.socket:
     """A socket bound to a free port with SO_REUSEPORT (not listening, so it receives
     nothing): the workers join it on that port; closed once they listen."""
+    if app.dual_stack(host):
+        # As the workers will bind it: IPv6 and IPv4 on one socket.
+        return app.listening_socket(host, 0, reuse_port=True)
     family, _type, _proto, _name, address = socket.getaddrinfo(
         host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     holder = socket.socket(family, socket.SOCK_STREAM)

@@ -9,6 +9,7 @@ split over the streams; the rate is size / time (131/06 test files).
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from agent import live, spec
 from agent.probes import wire
@@ -26,9 +27,11 @@ SERVER_MARGIN_S = 2.0
 
 
 async def run(base_url: str, method: TransferMethod, test_index: int,
-              observe: live.Observer = live.ignore) -> list[TransferAttempt]:
+              observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
+              on_connect: wire.OnConnect | None = None) -> list[TransferAttempt]:
     """One download test (with retries); ``observe`` gets the live view's events.
-    Liveness: attempts x (timeout_s + 1 s pause)."""
+    Connections use address family ``af`` only, each reported to ``on_connect``
+    (agent/probes/wire.py). Liveness: attempts x (timeout_s + 1 s pause)."""
     shares = file_shares(method)
 
     async def stream(index: int, state: StreamState, t0: float, t_stop: float | None) -> None:
@@ -47,7 +50,8 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
             state.total += nbytes
             state.record(loop.time() - t0, interval)
 
-        await wire.download(base_url, spec.DOWNLOAD_PATH + query, on_head, on_body, t_stop)
+        await wire.download(base_url, spec.DOWNLOAD_PATH + query, on_head, on_body, t_stop,
+                            af, on_connect)
         state.record(loop.time() - t0, interval, force=True)
 
     async def attempt(test: int, number: int) -> TransferAttempt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 from agent import live, spec
 from agent.probes import wire
@@ -45,9 +46,11 @@ def on_server_timeline(
 
 
 async def run(base_url: str, method: TransferMethod, test_index: int,
-              observe: live.Observer = live.ignore) -> list[TransferAttempt]:
+              observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
+              on_connect: wire.OnConnect | None = None) -> list[TransferAttempt]:
     """One upload test (with retries); ``observe`` gets the live view's events.
-    Liveness: attempts x (timeout_s + 1 s pause)."""
+    Connections use address family ``af`` only, each reported to ``on_connect``
+    (agent/probes/wire.py). Liveness: attempts x (timeout_s + 1 s pause)."""
     shares = file_shares(method)
 
     async def attempt(test: int, number: int) -> TransferAttempt:
@@ -70,7 +73,7 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
 
             state.record(loop.time() - t0, interval, force=True)
             head, body = await wire.upload(base_url, spec.UPLOAD_PATH + query, size, on_sent,
-                                           t_stop, loop.time)
+                                           t_stop, loop.time, af, on_connect)
             state.http_status = head.status
             state.record(loop.time() - t0, interval, force=True)
             try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import live
+from agent import family, live
 from agent.errors import ProbeSetupError
 from agent.schema import PingMethod, PingSample, utc_now
 
@@ -66,17 +66,27 @@ def permission_hint() -> str:
     )
 
 
-async def resolve(target: str) -> tuple[str, int]:
-    """(address, IP version) of ``target``; IPv4 preferred when a name has both."""
+async def resolve(target: str, af: int = socket.AF_UNSPEC) -> tuple[str, int]:
+    """(address, IP version) of ``target`` in family ``af`` (agent/family.py); with
+    AF_UNSPEC, IPv4 is preferred when a name has both. ``ProbeSetupError`` naming the
+    family when the target has no address of it."""
+    problem = family.literal_problem(target, af)
+    if problem is not None:
+        raise ProbeSetupError(f"ping target: {problem}")
     with contextlib.suppress(ValueError):
         ip = ipaddress.ip_address(target)
         return str(ip), ip.version
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-            infos = await loop.getaddrinfo(target, None, type=socket.SOCK_DGRAM)
-    except (OSError, TimeoutError) as exc:
-        raise ProbeSetupError(f"cannot resolve ping target {target!r}: {exc}") from None
+            infos = await loop.getaddrinfo(target, None, family=af, type=socket.SOCK_DGRAM)
+    except TimeoutError:
+        raise ProbeSetupError(f"cannot resolve ping target {target!r}: timed out after "
+                              f"{RESOLVE_TIMEOUT_S:g} s") from None
+    except OSError as exc:
+        if af == socket.AF_UNSPEC:
+            raise ProbeSetupError(f"cannot resolve ping target {target!r}: {exc}") from None
+        raise ProbeSetupError(f"ping target: {family.unresolved(target, af, exc)}") from None
     infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
     address = str(infos[0][4][0])
     return address, ipaddress.ip_address(address).version
@@ -150,17 +160,19 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float | None:
 
 async def run(
     target: str, method: PingMethod, *, privileged: bool | None = None,
-    observe: live.Observer = live.ignore,
+    observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
 ) -> PingObservation:
     """Send ``method.count`` echo requests to ``target`` and observe the replies.
 
     Raises ``ProbeSetupError`` only when the train cannot start (no permission, name does
     not resolve); lost or failed pings are samples with ``rtt_ms=None``. Each RTT is
-    also given to ``observe`` as it arrives (the live view).
+    also given to ``observe`` as it arrives (the live view). ``af`` restricts the
+    target to one family (agent/family.py): ICMPv4 or ICMPv6 (RFC 4443) follows from the
+    address, so icmplib's own ``family`` resolution is not needed.
     """
     from icmplib import ICMPRequest, ICMPSocketError
 
-    address, version = await resolve(target)
+    address, version = await resolve(target, af)
     icmp_socket, used_privileged = _open_socket(version, privileged)
     sock: socket.socket = icmp_socket.sock
     # Raw IPv4 sockets deliver the IP header; unprivileged and IPv6 sockets do not.

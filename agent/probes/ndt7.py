@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
-from agent import __version__, live, payload
+from agent import __version__, family, live, payload
+from agent.schema import RequestedFamily
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
 RUNTIME_S = 10.0
@@ -56,6 +58,12 @@ class Ndt7Subtest:
     client_samples: list[tuple[float, int]] = field(default_factory=list)
     server_measurements: list[dict[str, Any]] = field(default_factory=list)
     method: str = ""
+    # The IP version asked for ("any", "ipv4", "ipv6"; issue 16), the one used, and the
+    # connection's local and remote addresses (None when it never connected).
+    address_family_requested: str = "any"
+    address_family: str | None = None
+    local_address: str | None = None
+    remote_address: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,14 +208,22 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
 
 async def _session(url: str, test: str, result: Ndt7Subtest,
                    ssl_context: ssl.SSLContext | bool, runtime_s: float,
-                   observe: live.Observer) -> None:
+                   observe: live.Observer, af: int = socket.AF_UNSPEC) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=HANDSHAKE_TIMEOUT_S)
     headers = {"User-Agent": f"bbprobe/{__version__}"}
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+    # The connector resolves in family ``af`` only (AF_UNSPEC: the resolver's order).
+    connector = aiohttp.TCPConnector(family=socket.AddressFamily(af))
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers,
+                                     connector=connector) as session:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             ws = await session.ws_connect(
                 url, protocols=(SUBPROTOCOL,), compress=0, max_msg_size=MAX_READ_MESSAGE,
                 autoping=True, ssl=ssl_context)
+        opened = ws._writer.transport  # aiohttp exposes no other way
+        if opened is not None:
+            result.local_address = family.host_only(opened.get_extra_info("sockname"))
+            result.remote_address = family.host_only(opened.get_extra_info("peername"))
+            result.address_family = family.family_of(result.remote_address)
         try:
             async with ws:
                 if ws.protocol != SUBPROTOCOL:
@@ -233,20 +249,36 @@ async def _session(url: str, test: str, result: Ndt7Subtest,
 async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool = True,
                   metadata: dict[str, str] | None = None,
                   runtime_s: float = RUNTIME_S,
-                  observe: live.Observer = live.ignore) -> Ndt7Subtest:
+                  observe: live.Observer = live.ignore,
+                  requested: str = "any") -> Ndt7Subtest:
     """Run one ndt7 subtest; the result carries the error instead of raising. The
     download's length is the server's; ``runtime_s`` bounds the upload (10 s: ndt7).
-    ``observe`` gets the live view's events at each client sample (every 250 ms)."""
+    ``observe`` gets the live view's events at each client sample (every 250 ms).
+    ``requested``: the address family, "any", "ipv4" or "ipv6" (agent/family.py); a
+    server with no address of it is a failed subtest naming the family."""
+    af = family.socket_family(requested)
+    pinned = None if requested == "any" else requested
     try:
         url = endpoint(server, test, metadata)
     except ValueError as exc:
-        return Ndt7Subtest(test=test, url=server, error=str(exc))
-    result = Ndt7Subtest(test=test, url=url)
+        return Ndt7Subtest(test=test, url=server, error=str(exc),
+                           address_family_requested=requested, address_family=pinned)
+    result = Ndt7Subtest(test=test, url=url, address_family_requested=requested,
+                         address_family=pinned)
+    host = urlsplit(url).hostname or ""
+    if (problem := family.literal_problem(host, af)) is not None:
+        result.error = problem
+        _finish(result)
+        return result
     try:
-        await _session(url, test, result, ssl_context, runtime_s, observe)
+        await _session(url, test, result, ssl_context, runtime_s, observe, af)
         result.ok = True
     except* TimeoutError:
         result.error = "timed out (handshake 7 s, subtest 15 s)"
+    except* aiohttp.ClientConnectorDNSError as group:
+        dns = group.exceptions[0]
+        assert isinstance(dns, aiohttp.ClientConnectorDNSError)
+        result.error = family.unresolved(host, af, dns.os_error)
     except* aiohttp.WSServerHandshakeError as group:
         refused = group.exceptions[0]
         assert isinstance(refused, aiohttp.WSServerHandshakeError)
@@ -260,8 +292,11 @@ async def subtest(server: str, test: str, *, ssl_context: ssl.SSLContext | bool 
 async def run(server: str, tests: tuple[str, ...] = ("download", "upload"), *,
               ssl_context: ssl.SSLContext | bool = True,
               runtime_s: float = RUNTIME_S,
-              observe: live.Observer = live.ignore) -> list[Ndt7Subtest]:
-    """The subtests one after the other (download first, as every ndt7 client does)."""
+              observe: live.Observer = live.ignore,
+              requested: RequestedFamily = "any") -> list[Ndt7Subtest]:
+    """The subtests one after the other (download first, as every ndt7 client does);
+    "both" runs them over IPv4, then over IPv6."""
     return [await subtest(server, test, ssl_context=ssl_context, runtime_s=runtime_s,
-                          observe=observe)
+                          observe=observe, requested=one)
+            for one in family.session_families(requested)
             for test in tests]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from agent import family
 from agent.errors import ProbeSetupError
 from agent.probes import icmp
 from agent.schema import PingMethod, ServerCandidate, ServerFailover, ServerSelection
@@ -40,13 +42,14 @@ def _endpoint(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-async def _rtts(host: str, pings: int) -> tuple[tuple[float, ...], str | None]:
+async def _rtts(host: str, pings: int, af: int = socket.AF_UNSPEC
+                ) -> tuple[tuple[float, ...], str | None]:
     train = PingMethod(count=pings, interval_s=INTERVAL_S, payload_bytes=56,
                        timeout_s=REPLY_TIMEOUT_S, loaded_interval_s=None)
     deadline = (pings - 1) * INTERVAL_S + REPLY_TIMEOUT_S + icmp.RESOLVE_TIMEOUT_S + 2
     try:
         async with asyncio.timeout(deadline):
-            obs = await icmp.run(host, train)
+            obs = await icmp.run(host, train, af=af)
     except ProbeSetupError as exc:
         return (), str(exc)
     except TimeoutError:
@@ -54,14 +57,19 @@ async def _rtts(host: str, pings: int) -> tuple[tuple[float, ...], str | None]:
     return tuple(s.rtt_ms for s in obs.samples if s.rtt_ms is not None), None
 
 
-async def _connect(url: str) -> str | None:
-    """None when ``url``'s host and port accept a TCP connection, else why not."""
+async def _connect(url: str, af: int = socket.AF_UNSPEC) -> str | None:
+    """None when ``url``'s host and port accept a TCP connection in family ``af``, else
+    why not."""
     host, port = _endpoint(url)
+    if (problem := family.literal_problem(host, af)) is not None:
+        return problem
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            _, writer = await asyncio.open_connection(host, port)
+            _, writer = await asyncio.open_connection(host, port, family=af)
     except TimeoutError:
         return f"TCP connect to {host}:{port} timed out after {CONNECT_TIMEOUT_S:g} s"
+    except socket.gaierror as exc:
+        return family.unresolved(host, af, exc)
     except OSError as exc:
         return f"TCP connect to {host}:{port} failed: {exc.strerror or exc}"
     writer.close()
@@ -70,9 +78,12 @@ async def _connect(url: str) -> str | None:
     return None
 
 
-async def choose(candidates: Sequence[str], pings: int) -> ServerSelection:
+async def choose(candidates: Sequence[str], pings: int,
+                 af: int = socket.AF_UNSPEC) -> ServerSelection:
     """Ping every candidate's host (each host once, one train after the other), rank,
-    and take the first that accepts a connection.
+    and take the first that accepts a connection; pings and connections in address
+    family ``af`` only (a candidate with no address of it ranks last, and is passed
+    over, both recorded).
 
     One after the other: a raw ICMP socket sees every echo reply to the host, and trains
     running together could credit one host's replies to another when their random
@@ -82,7 +93,7 @@ async def choose(candidates: Sequence[str], pings: int) -> ServerSelection:
     for url in candidates:
         host = _endpoint(url)[0]
         if host not in measured:
-            measured[host] = await _rtts(host, pings)
+            measured[host] = await _rtts(host, pings, af)
     ranked: list[ServerCandidate] = []
     for url in candidates:
         rtts, error = measured[_endpoint(url)[0]]
@@ -91,7 +102,7 @@ async def choose(candidates: Sequence[str], pings: int) -> ServerSelection:
     failovers: list[ServerFailover] = []
     chosen: str | None = None
     for i in rank(ranked):
-        problem = await _connect(ranked[i].url)
+        problem = await _connect(ranked[i].url, af)
         if problem is None:
             chosen = ranked[i].url
             break

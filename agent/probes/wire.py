@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent import payload
+from agent import family, payload
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
@@ -199,21 +199,38 @@ def target(base_url: str) -> Target:
     return Target(parts.hostname, port, tls, host_header, parts.path.rstrip("/"))
 
 
+# Told (sockname, peername) of each connection as it opens: the addresses a session used.
+OnConnect = Callable[[object, object], None]
+
+
 async def _connect(t: Target, on_head: Callable[[int], None] | None,
-                   on_body: Callable[[int], None] | None, keep_body: bool) -> _Connection:
+                   on_body: Callable[[int], None] | None, keep_body: bool,
+                   af: int = socket.AF_UNSPEC, on_connect: OnConnect | None = None
+                   ) -> _Connection:
+    """Open the connection, in address family ``af`` only (AF_UNSPEC: the resolver's
+    order; agent/family.py). A host with no address of the family is a "connect"
+    failure naming the family."""
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context() if t.tls else None
+    problem = family.literal_problem(t.host, af)
+    if problem is not None:
+        raise WireError("connect", f"cannot connect to {t.host_header}: {problem}")
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            _, conn = await loop.create_connection(
+            transport, conn = await loop.create_connection(
                 lambda: _Connection(on_head, on_body, keep_body), t.host, t.port, ssl=context,
-                server_hostname=t.host if t.tls else None,
+                server_hostname=t.host if t.tls else None, family=af,
             )
     except TimeoutError:
         raise WireError("connect", f"connect to {t.host}:{t.port} timed out") from None
+    except socket.gaierror as exc:
+        raise WireError("connect", f"cannot connect to {t.host_header}: "
+                                   f"{family.unresolved(t.host, af, exc)}") from None
     except OSError as exc:
         raise WireError("connect", f"cannot connect to {t.host}:{t.port}: "
                                    f"{exc.strerror or exc}") from None
+    if on_connect is not None:
+        on_connect(transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
     return conn
 
 
@@ -231,12 +248,14 @@ def _check_status(head: Head, t: Target, path: str) -> None:
 
 
 async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
-                   on_body: Callable[[int], None], stop_at: float | None) -> int:
+                   on_body: Callable[[int], None], stop_at: float | None,
+                   af: int = socket.AF_UNSPEC, on_connect: OnConnect | None = None) -> int:
     """GET ``path_qs``; ``on_head(status)`` is called when the head is complete and
     before any body byte, ``on_body(n)`` as bytes land. Reading ends at EOF, at
-    Content-Length, or at loop time ``stop_at``. Returns the body bytes received."""
+    Content-Length, or at loop time ``stop_at``. Returns the body bytes received.
+    ``af`` and ``on_connect``: see ``_connect``."""
     t = target(base_url)
-    conn = await _connect(t, on_head, on_body, keep_body=False)
+    conn = await _connect(t, on_head, on_body, keep_body=False, af=af, on_connect=on_connect)
     assert conn.transport is not None
     try:
         conn.transport.write(_request_head("GET", t, path_qs, {}))
@@ -261,14 +280,15 @@ async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
 
 async def upload(base_url: str, path_qs: str, size: int | None,
                  on_sent: Callable[[int], None], stop_at: float | None,
-                 loop_time: Callable[[], float]) -> tuple[Head, bytes]:
+                 loop_time: Callable[[], float], af: int = socket.AF_UNSPEC,
+                 on_connect: OnConnect | None = None) -> tuple[Head, bytes]:
     """POST ``path_qs`` with ``size`` bytes (None: chunked, until loop time ``stop_at``).
 
     Sends ``Expect: 100-continue`` and waits for the interim response before the body,
     so the server can count the body on its fast path. Returns the final head and body.
     """
     t = target(base_url)
-    conn = await _connect(t, None, None, keep_body=True)
+    conn = await _connect(t, None, None, keep_body=True, af=af, on_connect=on_connect)
     transport = conn.transport
     assert transport is not None
     extra = {"Content-Type": "application/octet-stream", "Expect": "100-continue"}

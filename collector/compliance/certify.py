@@ -54,6 +54,9 @@ class Check:
     observed: float | None
     samples: int
     breach: bool | None
+    # Shown for information, never judged (no documented rule: jitter, the normally
+    # available and maximum speeds).
+    informational: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,8 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
     down: list[float] = []
     up: list[float] = []
     delays: list[float] = []
-    sent = lost = 0
+    sent = lost = jitter_pairs = 0
+    jitter_ns = 0
     scale = 0.5 if delay_basis == "rtt_half" else 1.0
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
     for r in ordered:
@@ -149,15 +153,18 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
                 lost += 1
             else:
                 delays.append(rtt * scale)
+        jitter_ns += r.jitter_sum_ns
+        jitter_pairs += r.jitter_pairs
     complete = all(c >= rule.per_band for c in counts)
 
     def check(id_: str, name: str, unit: str, comparison: str, threshold: float | None,
-              observed: float | None, samples: int) -> Check:
+              observed: float | None, samples: int, informational: bool = False) -> Check:
         if threshold is None or observed is None:
             breach = None
         else:
             breach = observed < threshold if comparison == "<" else observed > threshold
-        return Check(id_, name, unit, comparison, threshold, observed, samples, breach)
+        return Check(id_, name, unit, comparison, threshold, observed, samples, breach,
+                     informational)
 
     checks = (
         check("download_p5_kbps", "Banda minima in download (percentile 5%)", "kbit/s", "<",
@@ -168,10 +175,32 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
               line.max_delay_ms, stats.percentile(delays, 95), len(delays)),
         check("loss_ratio", "Tasso di perdita dei pacchetti", "ratio", ">",
               line.max_loss_ratio, stats.loss_ratio(sent, sent - lost), sent),
+        # Informational (threshold None: never a breach). Delibera 156/23/CONS publishes
+        # jitter, and offers declare a normally available and a maximum speed beside the
+        # minimum; our sources document no rule that judges a line against these two,
+        # so the certificate shows what was observed against them and judges the
+        # minimum only (the 244/08 rule, p5).
+        check("jitter_mean_ms", "Jitter (differenza media tra RTT consecutivi)", "ms", ">",
+              None, jitter_ns / jitter_pairs / 1e6 if jitter_pairs else None,
+              jitter_pairs, informational=True),
+        *(check(f"{d}_normal_share", f"Quota di test a velocità normalmente disponibile "
+                f"in {word} (>= {normal:g} kbit/s)", "ratio", ">=", None,
+                sum(v >= normal for v in values) / len(values) if values else None,
+                len(values), informational=True)
+          for d, word, values, normal in (("download", "download", down,
+                                           line.download_normal_kbps),
+                                          ("upload", "upload", up, line.upload_normal_kbps))
+          if normal is not None),
+        *(check(f"{d}_p95_kbps", f"Banda massima in {d} (percentile 95%) contro la "
+                f"velocità massima dichiarata ({nominal:g} kbit/s)", "kbit/s", "<", None,
+                stats.percentile(values, 95), len(values), informational=True)
+          for d, values, nominal in (("download", down, line.download_nominal_kbps),
+                                     ("upload", up, line.upload_nominal_kbps))
+          if nominal is not None),
     )
     if not complete:
         verdict: CertVerdict = "incomplete"
-    elif any(c.breach for c in checks):
+    elif any(c.breach for c in checks if not c.informational):
         verdict = "breach"
     else:
         verdict = "no_breach"

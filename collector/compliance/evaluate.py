@@ -6,7 +6,11 @@ Definitions (README "How each indicator is computed"):
 - transfer failure rate: failed attempts / all attempts, per direction;
 - one-way delay: from every ICMP echo reply in scope, RTT / 2 by default (``delay_basis``);
   mean, and sample standard deviation (n - 1);
-- packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``).
+- packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``);
+- jitter (delibera 156/23/CONS): the mean absolute difference of consecutive answered
+  RTTs of the same ping train (IPDV-style, RFC 3393; pairs never span two sessions), on
+  the round trip. Judged when the targets table gives ``jitter_mean_ms``, else reported
+  as information.
 A train that could not start (no ICMP permission) sent nothing and counts nowhere.
 """
 
@@ -40,6 +44,10 @@ class Observations:
     rtt: stats.Moments = field(default_factory=stats.Moments)
     pings_sent: int = 0
     pings_lost: int = 0
+    # Jitter (delibera 156/23/CONS): the sum of |differences| of consecutive answered RTTs
+    # within each ping train, and the number of such pairs (facts.jitter_terms).
+    jitter_sum_ns: int = 0
+    jitter_pairs: int = 0
     # Sessions the agent flagged invalid, with counts per reason code; left out of every
     # figure above unless ``invalid_included``.
     invalid_sessions: int = 0
@@ -79,6 +87,8 @@ class Observations:
         self.pings_sent += facts.pings_sent
         self.pings_lost += facts.pings_lost
         self.rtt = self.rtt.merge(facts.rtt)
+        self.jitter_sum_ns += facts.jitter_sum_ns
+        self.jitter_pairs += facts.jitter_pairs
 
 
 def observe(results: Iterable[SessionResult], include_invalid: bool = False) -> Observations:
@@ -94,10 +104,10 @@ class IndicatorResult:
     name: str
     unit: str
     comparison: str
-    target: float
+    target: float | None  # None: informational (no target in the table)
     observed: float | None
     samples: int
-    passed: bool | None  # None: no samples, nothing to judge
+    passed: bool | None  # None: no samples, or nothing to judge
     measurable: bool = True
 
 
@@ -116,6 +126,13 @@ class Report:
     invalid_included: bool = False
     customer_tests: tuple[tuple[str, int], ...] = ()
     customer_included: bool = False
+    # Indicators observed without a target in the table (jitter, issue 16): shown, never
+    # judged, never in the verdict.
+    informational: tuple[IndicatorResult, ...] = ()
+
+
+JITTER_ID = "jitter_mean_ms"
+JITTER_NAME = "Jitter (mean absolute difference of consecutive RTTs)"
 
 
 def _value(ind: Indicator, obs: Observations, targets: Targets,
@@ -137,6 +154,9 @@ def _value(ind: Indicator, obs: Observations, targets: Targets,
         return delays.value_mean, delays.n
     if ind.id == "delay_stdev_ms":
         return delays.sample_stdev, delays.n
+    if ind.id == JITTER_ID:
+        jitter = obs.jitter_sum_ns / obs.jitter_pairs / 1e6 if obs.jitter_pairs else None
+        return jitter, obs.jitter_pairs
     if ind.id == "loss_ratio":
         plain = stats.loss_ratio(obs.pings_sent, obs.pings_sent - obs.pings_lost)
         if plain is not None and opts.loss_formula == "pair":
@@ -162,6 +182,13 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
                                                             ind.target),
             )
         )
+    informational: tuple[IndicatorResult, ...] = ()
+    if JITTER_ID not in {i.id for i in targets.measurable}:
+        jitter_ind = Indicator(JITTER_ID, JITTER_NAME, True, "<=", 0.0, "ms")
+        observed, samples = _value(jitter_ind, obs, targets, speeds)
+        informational = (IndicatorResult(
+            id=JITTER_ID, name=JITTER_NAME, unit="ms", comparison="", target=None,
+            observed=observed, samples=samples, passed=None),)
     if any(r.passed is False for r in results):
         verdict: Verdict = "fail"
     elif results and all(r.passed for r in results):
@@ -182,6 +209,7 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         invalid_included=obs.invalid_included,
         customer_tests=tuple(sorted(obs.customer_tests.items())),
         customer_included=obs.customer_included,
+        informational=informational,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"
@@ -195,5 +223,8 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
             "loss": "pings without reply / pings sent"
             if opts.loss_formula == "plain"
             else "1 - sqrt(1 - lost/sent) (per-packet)",
+            "jitter": "mean |RTT(i+1) - RTT(i)| over consecutive answered echoes of each "
+                      "ping train (round trip, not halved; pairs never span sessions); "
+                      "samples = pairs",
         },
     )

@@ -10,7 +10,8 @@ stays the master copy; the facts are rebuilt from it by a store migration.
   the same sample the evaluator has always used (one per attempt, README);
 - ping facts per session: pings sent and lost, the RTT moments (n, mean, M2) so the mean
   and standard deviation of a whole scope merge exactly (``agent.stats.Moments``), and
-  every raw RTT for the certificate's per-line percentile;
+  every raw RTT for the certificate's per-line percentile, and the jitter terms
+  (``jitter_terms``);
 - "completed": a successful download, a successful upload and a ping train that sent
   packets (what counts towards a campaign band, certify.py);
 - validity: the agent's valid/invalid flag and the reason codes (schema v3); invalid
@@ -19,6 +20,8 @@ stays the master copy; the facts are rebuilt from it by a store migration.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.schema import SessionResult
@@ -44,6 +47,15 @@ class SessionFacts:
     transfers: tuple[TransferFact, ...]
     valid: bool = True
     invalid_codes: tuple[str, ...] = ()
+    # Jitter terms (issue 16): the sum of |differences| of consecutive answered RTTs of
+    # the train, in whole nanoseconds, and how many such pairs; a scope's mean jitter is
+    # the sum of sums over the sum of pairs (pairs never span two sessions). Integers,
+    # so every sum (in Python, in SQL, in any order) is exact.
+    jitter_sum_ns: int = 0
+    jitter_pairs: int = 0
+    # The IP version the session measured over (schema 6, issue 16); None: unknown.
+    # Stored for the ``family`` scope filter; not read back.
+    address_family: str | None = None
 
     @property
     def completed(self) -> bool:
@@ -52,6 +64,19 @@ class SessionFacts:
 
     def speeds(self, direction: str) -> tuple[float | None, ...]:
         return tuple(t.kbps for t in self.transfers if t.direction == direction)
+
+
+def jitter_terms(rtts: Sequence[float | None]) -> tuple[int, int]:
+    """(sum of |consecutive differences| in whole ns, pairs) of the answered RTTs (ms),
+    in train order: the definition of agent.stats.jitter (mean absolute difference of
+    consecutive RTTs, IPDV-style, RFC 3393 §2.4 with consecutive packets), in mergeable
+    and exactly summable form (each difference rounded to the nanosecond: far below
+    the microsecond the RTTs are measured to)."""
+    answered = [r for r in rtts if r is not None]
+    pairs = len(answered) - 1
+    if pairs < 1:
+        return 0, 0
+    return sum(round(abs(b - a) * 1e6) for a, b in itertools.pairwise(answered)), pairs
 
 
 def of_result(result: SessionResult, started_at: str) -> SessionFacts:
@@ -67,6 +92,7 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
     rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in result.ping.samples) \
         if result.ping is not None else ()
     answered = [r for r in rtts if r is not None]
+    jitter_sum, pairs = jitter_terms(rtts)
     return SessionFacts(
         result_id=result.result_id, probe_id=result.probe_id, started_at=started_at,
         pings_sent=len(rtts), pings_lost=len(rtts) - len(answered),
@@ -74,4 +100,6 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
         valid=result.valid,
         invalid_codes=tuple(r.code for r in result.validity.reasons)
         if result.validity is not None else (),
+        jitter_sum_ns=jitter_sum, jitter_pairs=pairs,
+        address_family=result.address_family,
     )

@@ -47,11 +47,15 @@ class DayRollup:
     upload_kbps: bytes = b""
     invalid_sessions: int = 0
     invalid_codes: str = "{}"  # JSON {code: count}, keys sorted
+    # Jitter terms of the valid sessions (facts.jitter_terms), summed.
+    jitter_sum_ns: int = 0
+    jitter_pairs: int = 0
 
 
 # What evaluation reads of one session (a row of ``session_facts``), as the database
 # gives it: pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid (0/1),
-# invalid_codes (space-separated). Plain tuples: a scope may hold millions.
+# invalid_codes (space-separated). Plain tuples: a scope may hold millions. (Its jitter
+# terms, integers, are summed by the database: storage/sql.py.)
 SessionRow = tuple[int, int, int, float, float, int, str]
 # One transfer attempt (a row of ``transfer_facts``): direction, ok (0/1), kbps or None,
 # valid (0/1, the session's).
@@ -102,6 +106,8 @@ def add_session(day: DayRollup, facts: SessionFacts) -> DayRollup:
             [t.kbps for t in down if t.ok and t.kbps is not None]),
         upload_kbps=day.upload_kbps + pack_speeds(
             [t.kbps for t in up if t.ok and t.kbps is not None]),
+        jitter_sum_ns=day.jitter_sum_ns + facts.jitter_sum_ns,
+        jitter_pairs=day.jitter_pairs + facts.jitter_pairs,
     )
 
 
@@ -145,6 +151,8 @@ def observe_days(obs: Observations, days: Iterable[DayRollup]) -> None:
     obs.upload_attempts += sum(d.upload_attempts for d in rows)
     obs.upload_failed += sum(d.upload_failed for d in rows)
     obs.rtt = obs.rtt.merge(grand_moments(d.rtt for d in rows))
+    obs.jitter_sum_ns += sum(d.jitter_sum_ns for d in rows)
+    obs.jitter_pairs += sum(d.jitter_pairs for d in rows)
     obs.download_kbps += unpack_speeds(b"".join(d.download_kbps for d in rows))
     obs.upload_kbps += unpack_speeds(b"".join(d.upload_kbps for d in rows))
     for d in rows:

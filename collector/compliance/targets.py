@@ -35,6 +35,9 @@ MEASURABLE: dict[str, Comparison] = {
     "delay_mean_ms": "<=",
     "delay_stdev_ms": "<=",
     "loss_ratio": "<=",
+    # Delibera 156/23/CONS publishes jitter beside delay and loss: a table may give it a
+    # target; without one it is reported as information (evaluate.py).
+    "jitter_mean_ms": "<=",
 }
 
 

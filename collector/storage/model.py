@@ -33,6 +33,10 @@ class LineMetadata:
     upload_min_kbps: float | None = None
     max_delay_ms: float | None = None
     max_loss_ratio: float | None = None
+    # The offer's "normally available" speeds (delibera 156/23/CONS: every offer declares
+    # minimum, normally available and maximum speeds; *_nominal_kbps is the maximum).
+    download_normal_kbps: float | None = None
+    upload_normal_kbps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,9 @@ class HourRow:
     download_kbps_sum: float = 0.0
     upload_n: int = 0
     upload_kbps_sum: float = 0.0
+    # Jitter terms summed over the hour's sessions (facts.jitter_terms).
+    jitter_sum_ns: int = 0
+    jitter_pairs: int = 0
 
 
 @dataclass(frozen=True, slots=True)

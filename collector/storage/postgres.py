@@ -242,6 +242,51 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX alert_deliveries_due ON alert_deliveries (state, next_at);
     CREATE INDEX alerts_created ON alerts (created_at)
     """,
+    # 5 (SQLite's 14 and 15): the 156/23/CONS KPIs (issue 16): normally available speeds;
+    # jitter terms per session and day (whole nanoseconds: exact sums), backfilled from
+    # the raw RTTs (answered ones, in train order: the sum of |differences| of
+    # consecutive ones, each rounded to the nanosecond as facts.jitter_terms does, and
+    # their number); the technologies spelt as collector/lines.py does. One pass over
+    # session_facts under the migration's lock: on a big database, upgrade in a quiet
+    # hour (README).
+    """
+    ALTER TABLE probes ADD COLUMN download_normal_kbps DOUBLE PRECISION;
+    ALTER TABLE probes ADD COLUMN upload_normal_kbps DOUBLE PRECISION;
+    ALTER TABLE session_facts ADD COLUMN jitter_sum_ns BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE session_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE day_facts ADD COLUMN jitter_sum_ns BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE day_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
+    UPDATE probes SET technology = 'ADSL' WHERE lower(trim(technology)) = 'adsl';
+    UPDATE probes SET technology = 'VDSL' WHERE lower(trim(technology)) = 'vdsl';
+    UPDATE probes SET technology = 'FTTC' WHERE lower(trim(technology)) = 'fttc';
+    UPDATE probes SET technology = 'FTTB' WHERE lower(trim(technology)) = 'fttb';
+    UPDATE probes SET technology = 'FTTH' WHERE lower(trim(technology)) = 'ftth';
+    UPDATE probes SET technology = 'FWA' WHERE lower(trim(technology)) = 'fwa';
+    UPDATE probes SET technology = 'cable' WHERE lower(trim(technology)) = 'cable';
+    UPDATE probes SET technology = 'satellite' WHERE lower(trim(technology)) = 'satellite';
+    UPDATE probes SET technology = 'other' WHERE lower(trim(technology)) = 'other';
+    UPDATE session_facts s SET jitter_sum_ns = j.total, jitter_pairs = j.pairs FROM (
+        SELECT result_id, COALESCE(SUM(ROUND(ABS(v - prev) * 1000000)), 0)::bigint AS total,
+               COUNT(prev) AS pairs
+        FROM (SELECT f.result_id, e.value::text::float8 AS v,
+                     LAG(e.value::text::float8) OVER (PARTITION BY f.result_id
+                                                      ORDER BY e.ord) AS prev
+              FROM session_facts f,
+                   jsonb_array_elements(f.rtts_ms::jsonb) WITH ORDINALITY AS e(value, ord)
+              WHERE jsonb_typeof(e.value) = 'number') answered
+        GROUP BY result_id) j
+    WHERE s.result_id = j.result_id;
+    UPDATE day_facts d SET jitter_sum_ns = x.total, jitter_pairs = x.pairs FROM (
+        SELECT probe_name, substr(started_at, 1, 10) AS day, SUM(jitter_sum_ns) AS total,
+               SUM(jitter_pairs) AS pairs
+        FROM session_facts WHERE valid = 1 GROUP BY 1, 2) x
+    WHERE d.probe_name = x.probe_name AND d.day = x.day
+    """,
+    # 6 (SQLite's 16): the IP version each session measured over (schema 6, issue 16).
+    # NULL: unknown; every row already stored is of schema 5 or older (no backfill).
+    """
+    ALTER TABLE session_facts ADD COLUMN address_family TEXT
+    """,
 )
 
 

@@ -18,7 +18,7 @@ import hashlib
 import ipaddress
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -57,7 +57,7 @@ PROBE_COLUMNS = ("name", "created_at", "revoked_at", *LINE_COLUMNS)
 DAY_COLUMNS = ("probe_name", "day", "sessions", "pings_sent", "pings_lost", "rtt_n",
                "rtt_mean_ms", "rtt_m2", "download_attempts", "download_failed",
                "upload_attempts", "upload_failed", "download_kbps", "upload_kbps",
-               "invalid_sessions", "invalid_codes")
+               "invalid_sessions", "invalid_codes", "jitter_sum_ns", "jitter_pairs")
 
 
 class Cursor(Protocol):
@@ -214,6 +214,19 @@ class SqlStore:
 
     def revoke_probe(self, name: str, revoked_at: str) -> bool:
         return self._revoke("probes", name, revoked_at)
+
+    def update_line(self, name: str, changes: Mapping[str, Any]) -> bool:
+        """Change some of a probe's line metadata (the offer changed); False if there is
+        no such probe."""
+        unknown = set(changes) - set(LINE_COLUMNS)
+        if unknown:
+            raise ValueError(f"not line metadata: {sorted(unknown)}")
+        if not changes:
+            return self.probe(name) is not None
+        names = sorted(changes)
+        return self._transaction(lambda tx: tx.run(
+            f"UPDATE probes SET {', '.join(f'{n} = ?' for n in names)} WHERE name = ?",
+            [*(changes[n] for n in names), name])) == 1
 
     def _revoke(self, table: str, name: str, revoked_at: str) -> bool:
         """Revoke a live probe or token; False when there is none of that name."""
@@ -379,9 +392,10 @@ class SqlStore:
             params)]
 
     def results(self, probes: Sequence[str] | None = None, since: str | None = None,
-                until: str | None = None, limit: int | None = None) -> list[StoredResult]:
+                until: str | None = None, limit: int | None = None,
+                family: str | None = None) -> list[StoredResult]:
         """Results by start time, oldest first; ``since`` inclusive, ``until`` exclusive."""
-        where, params = self._scope(probes, since, until, named_only=True)
+        where, params = self._scope(probes, since, until, named_only=True, family=family)
         tail = ""
         if limit is not None:
             tail = " LIMIT ?"
@@ -440,9 +454,12 @@ class SqlStore:
     # --- facts: what evaluation reads instead of the bodies ----------------------------------
 
     def _scope(self, probes: Sequence[str] | None, since: str | None, until: str | None,
-               column: str = "started_at", named_only: bool = False) -> tuple[str, list[Any]]:
+               column: str = "started_at", named_only: bool = False,
+               family: str | None = None) -> tuple[str, list[Any]]:
         """WHERE clause over a facts table. Probes go as one parameter (a JSON array or
-        an array), so a scope of thousands of probes stays one statement."""
+        an array), so a scope of thousands of probes stays one statement. ``family``
+        ("ipv4"/"ipv6", issue 16) keeps the sessions measured over it, by their
+        session_facts row (a session of unknown family, schema < 6, matches neither)."""
         clauses: list[str] = []
         params: list[Any] = []
         if probes is not None:
@@ -457,20 +474,26 @@ class SqlStore:
         if until is not None:
             clauses.append(f"{column} < ?")
             params.append(until)
+        if family is not None:
+            clauses.append("result_id IN (SELECT result_id FROM session_facts "
+                           "WHERE address_family = ?)")
+            params.append(family)
         return " AND ".join(clauses) or "1 = 1", params
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
-                     until: str | None = None, include_invalid: bool = False) -> Observations:
+                     until: str | None = None, include_invalid: bool = False,
+                     family: str | None = None) -> Observations:
         """The evaluator's input for a scope: counts, RTT moments and every per-test speed
         (percentiles need the values). Whole UTC days come from the day rollup, the
         partial days at either end from the session rows; both hold the same samples.
         Sessions the agent flagged invalid are left out unless ``include_invalid`` (which
         reads every session row), and counted apart."""
         obs = Observations(invalid_included=include_invalid)
-        days = None if include_invalid else rollup.whole_days(since, until)
+        # The day rollup does not split by family: one family reads the session rows.
+        days = None if include_invalid or family else rollup.whole_days(since, until)
         with self._reading() as tx:
             if days is None:
-                self._observe_sessions(tx, obs, probes, since, until)
+                self._observe_sessions(tx, obs, probes, since, until, family)
                 return obs
             lo, hi = days
             rollup.observe_days(obs, self._days(tx, probes, lo and lo[:10], hi and hi[:10]))
@@ -481,8 +504,9 @@ class SqlStore:
         return obs
 
     def _observe_sessions(self, tx: Tx, obs: Observations, probes: Sequence[str] | None,
-                          since: str | None, until: str | None) -> None:
-        where, params = self._scope(probes, since, until)
+                          since: str | None, until: str | None,
+                          family: str | None = None) -> None:
+        where, params = self._scope(probes, since, until, family=family)
         # Plain tuples straight from the driver (rollup.SessionRow, TransferRow).
         sessions = tx.rows(
             "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, invalid_codes "
@@ -492,6 +516,14 @@ class SqlStore:
             f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {where} "
             "ORDER BY probe_name, started_at, result_id, seq", params)
         rollup.observe_sessions(obs, sessions, transfers)
+        # Jitter terms are integers (ns): the database sums them exactly, and the row
+        # loop above (millions of rows) carries two columns fewer.
+        counted = "" if obs.invalid_included else " AND valid = 1"
+        total = tx.one("SELECT COALESCE(SUM(jitter_sum_ns), 0), COALESCE(SUM(jitter_pairs), 0) "
+                       f"FROM session_facts WHERE {where}{counted}", params)
+        if total is not None:
+            obs.jitter_sum_ns += int(total[0])
+            obs.jitter_pairs += int(total[1])
 
     def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
               day_hi: str | None) -> list[DayRollup]:
@@ -507,17 +539,18 @@ class SqlStore:
             return self._days(tx, probes, day_lo, day_hi)
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
-              until: str | None = None) -> list[SessionFacts]:
+              until: str | None = None, family: str | None = None) -> list[SessionFacts]:
         """Every session's facts in scope, by start time (a line's campaign)."""
-        where, params = self._scope(probes, since, until)
+        where, params = self._scope(probes, since, until, family=family)
         with self._reading() as tx:
             transfer_rows = tx.rows(
                 f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {where} "
                 "ORDER BY result_id, seq", params)
             session_rows = tx.rows(
                 "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
-                "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes FROM session_facts "
-                f"WHERE {where} ORDER BY started_at, result_id", params)
+                "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
+                f"jitter_pairs FROM session_facts WHERE {where} ORDER BY started_at, "
+                "result_id", params)
         transfers: dict[str, list[TransferFact]] = {}
         for result_id, direction, ok, kbps in transfer_rows:
             transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
@@ -526,27 +559,31 @@ class SqlStore:
                          pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
                          rtts_ms=tuple(json.loads(rtts)),
                          transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
-                         invalid_codes=tuple(codes.split()))
-            for probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes
+                         invalid_codes=tuple(codes.split()), jitter_sum_ns=int(jsum),
+                         jitter_pairs=int(jpairs))
+            for probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum, jpairs
             in session_rows
         ]
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
-               until: str | None = None, include_invalid: bool = False) -> list[HourRow]:
+               until: str | None = None, include_invalid: bool = False,
+               family: str | None = None) -> list[HourRow]:
         """Per UTC hour: sessions, pings, RTT sum and per-direction speed sums (plots of
         any scope size, collector/plots.py); valid sessions only unless asked. The sums
         are the database's (plots only; no verdict rests on them)."""
-        where, params = self._scope(probes, since, until)
+        where, params = self._scope(probes, since, until, family=family)
         if not include_invalid:
             where += " AND valid = 1"
         rows: dict[str, HourRow] = {}
         with self._reading() as tx:
-            for hour, sessions, sent, lost, n, rtt_sum in tx.rows(
+            for hour, sessions, sent, lost, n, rtt_sum, jsum, jpairs in tx.rows(
                     "SELECT substr(started_at, 1, 13), COUNT(*), SUM(pings_sent), "
-                    "SUM(pings_lost), SUM(rtt_n), SUM(rtt_n * rtt_mean_ms) "
+                    "SUM(pings_lost), SUM(rtt_n), SUM(rtt_n * rtt_mean_ms), "
+                    "SUM(jitter_sum_ns), SUM(jitter_pairs) "
                     f"FROM session_facts WHERE {where} GROUP BY 1 ORDER BY 1", params):
                 rows[hour] = HourRow(hour, int(sessions), int(sent), int(lost), int(n),
-                                     float(rtt_sum))
+                                     float(rtt_sum), jitter_sum_ns=int(jsum or 0),
+                                     jitter_pairs=int(jpairs or 0))
             for hour, direction, count, total in tx.rows(
                     "SELECT substr(started_at, 1, 13), direction, COUNT(*), SUM(kbps) "
                     f"FROM transfer_facts WHERE {where} AND ok = 1 AND kbps IS NOT NULL "
@@ -884,12 +921,13 @@ class SqlStore:
             for name in probes:
                 row = tx.one(
                     "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
-                    "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes "
-                    "FROM session_facts WHERE probe_name = ? "
+                    "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
+                    "jitter_sum_ns, jitter_pairs FROM session_facts WHERE probe_name = ? "
                     "ORDER BY started_at DESC, result_id DESC LIMIT 1", (name,))
                 if row is None:
                     continue
-                probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes = row
+                (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
+                 jpairs) = row
                 transfers = tuple(
                     TransferFact(direction, bool(ok), kbps) for direction, ok, kbps in tx.rows(
                         "SELECT direction, ok, kbps FROM transfer_facts WHERE probe_name = ? "
@@ -899,7 +937,8 @@ class SqlStore:
                     result_id=rid, probe_id=probe, started_at=started, pings_sent=sent,
                     pings_lost=lost, rtt=Moments(n, mean, m2),
                     rtts_ms=tuple(json.loads(rtts)), transfers=transfers,
-                    valid=bool(valid), invalid_codes=tuple(codes.split())))
+                    valid=bool(valid), invalid_codes=tuple(codes.split()),
+                    jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs)))
         return out
 
     # --- alerts (issue 16) -----------------------------------------------------------------
@@ -933,28 +972,37 @@ class SqlStore:
         return {r[0] for r in self._read(f"SELECT dedup_key FROM alerts WHERE {clause}",
                                          (param,))}
 
-    def lease_deliveries(self, owner: str, now: str, until: str,
-                         limit: int) -> list[AlertDelivery]:
-        """Pending deliveries due at ``now`` that no live lease holds, leased to ``owner``
-        until ``until`` (PostgreSQL skips rows another process is leasing), oldest
-        first, with their alerts."""
+    def lease_deliveries(self, owner: str, now: str, until: str, limit: int,
+                         notifiers: Sequence[str], alert_id: int | None = None
+                         ) -> list[AlertDelivery]:
+        """Pending deliveries due at ``now`` to one of ``notifiers`` (the ones this
+        process can send: a delivery to a notifier it does not know waits for a process
+        that does), that no live lease holds, leased to ``owner`` until ``until``
+        (PostgreSQL skips rows another process is leasing), oldest first, with their
+        alerts; only those of ``alert_id`` if given."""
+        if not notifiers:
+            return []
+
         def work(tx: Tx) -> list[AlertDelivery]:
+            clause, param = self.dialect.in_list("notifier", list(notifiers))
+            only, extra = ("AND alert_id = ? ", [alert_id]) if alert_id is not None \
+                else ("", [])
             keys = tx.rows(
                 "SELECT alert_id, notifier FROM alert_deliveries WHERE state = 'pending' "
                 "AND next_at <= ? AND (leased_until IS NULL OR leased_until < ? OR "
-                "lease_owner = ?) ORDER BY next_at, alert_id, notifier LIMIT ? "
-                f"{self.dialect.skip_locked}", (now, now, owner, limit))
+                f"lease_owner = ?) AND {clause} {only}"
+                "ORDER BY next_at, alert_id, notifier LIMIT ? "
+                f"{self.dialect.skip_locked}", (now, now, owner, param, *extra, limit))
             out = []
-            for alert_id, notifier in keys:
+            for ident, notifier in keys:
                 tx.run("UPDATE alert_deliveries SET lease_owner = ?, leased_until = ? "
-                       "WHERE alert_id = ? AND notifier = ?", (owner, until, alert_id,
-                                                               notifier))
+                       "WHERE alert_id = ? AND notifier = ?", (owner, until, ident, notifier))
                 row = tx.one("SELECT d.attempts, a.dedup_key, a.kind, a.probe_name, "
                              "a.severity, a.created_at, a.subject, a.details "
                              "FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id "
-                             "WHERE d.alert_id = ? AND d.notifier = ?", (alert_id, notifier))
+                             "WHERE d.alert_id = ? AND d.notifier = ?", (ident, notifier))
                 assert row is not None
-                out.append(AlertDelivery(int(alert_id), notifier, int(row[0]), *row[1:]))
+                out.append(AlertDelivery(int(ident), notifier, int(row[0]), *row[1:]))
             return out
 
         return self._transaction(work)
@@ -970,9 +1018,22 @@ class SqlStore:
             (state, attempts, next_at, error, delivered_at, alert_id, notifier,
              owner))) == 1
 
-    def alerts(self, limit: int, since: str | None = None) -> list[dict[str, Any]]:
-        """The newest ``limit`` alerts (since ``since``), each with its deliveries."""
-        where, params = ("WHERE created_at >= ?", [since]) if since else ("", [])
+    def release_deliveries(self, owner: str) -> int:
+        """Give up ``owner``'s leases (a process stopping): others may send at once."""
+        return self._transaction(lambda tx: tx.run(
+            "UPDATE alert_deliveries SET lease_owner = NULL, leased_until = NULL "
+            "WHERE lease_owner = ?", (owner,)))
+
+    def alerts(self, limit: int, since: str | None = None,
+               ident: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` alerts (since ``since``; or the one ``ident``), each with
+        its deliveries."""
+        params: list[Any]
+        where, params = "", []
+        if ident is not None:
+            where, params = "WHERE id = ?", [ident]
+        elif since:
+            where, params = "WHERE created_at >= ?", [since]
         with self._reading() as tx:
             rows = tx.rows(
                 "SELECT id, dedup_key, kind, probe_name, severity, created_at, subject, "
@@ -1042,7 +1103,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "session_facts": (("probe_name", "started_at", "result_id"),
                       ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
                        "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid",
-                       "invalid_codes")),
+                       "invalid_codes", "jitter_sum_ns", "jitter_pairs", "address_family")),
     "transfer_facts": (("probe_name", "started_at", "result_id", "seq"),
                        ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
                         "kbps", "valid")),
@@ -1101,11 +1162,13 @@ def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
     rtt = facts.rtt
     tx.run(
         "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, "
-        "pings_lost, rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "pings_lost, rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
+        "jitter_sum_ns, jitter_pairs, address_family) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
          rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":")),
-         int(facts.valid), " ".join(facts.invalid_codes)))
+         int(facts.valid), " ".join(facts.invalid_codes), facts.jitter_sum_ns,
+         facts.jitter_pairs, facts.address_family))
     tx.many(
         "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
         "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1120,7 +1183,7 @@ def add_to_day(tx: Tx, probe: str, facts: SessionFacts, for_update: str = "") ->
     day = rollup.day_of(facts.started_at)
     # An empty row first, so there is a row to lock even for a day's first session.
     tx.run(f"INSERT INTO day_facts ({', '.join(DAY_COLUMNS)}) "
-           "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?, ?, 0, '{}') "
+           "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?, ?, 0, '{}', 0, 0) "
            "ON CONFLICT (probe_name, day) DO NOTHING", (probe, day, b"", b""))
     row = tx.one(f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts "
                  f"WHERE probe_name = ? AND day = ? {for_update}", (probe, day))
@@ -1129,7 +1192,8 @@ def add_to_day(tx: Tx, probe: str, facts: SessionFacts, for_update: str = "") ->
     tx.run("UPDATE day_facts SET sessions = ?, pings_sent = ?, pings_lost = ?, "
            "rtt_n = ?, rtt_mean_ms = ?, rtt_m2 = ?, download_attempts = ?, "
            "download_failed = ?, upload_attempts = ?, upload_failed = ?, "
-           "download_kbps = ?, upload_kbps = ?, invalid_sessions = ?, invalid_codes = ? "
+           "download_kbps = ?, upload_kbps = ?, invalid_sessions = ?, invalid_codes = ?, "
+           "jitter_sum_ns = ?, jitter_pairs = ? "
            "WHERE probe_name = ? AND day = ?", (*_day_values(merged)[2:], probe, day))
 
 
@@ -1162,18 +1226,18 @@ def _probe(row: Sequence[Any]) -> Probe:
 
 def _day(row: Sequence[Any]) -> DayRollup:
     (probe, day, sessions, sent, lost, n, mean, m2, d_att, d_fail, u_att, u_fail, d_blob,
-     u_blob, invalid, codes) = row
+     u_blob, invalid, codes, jsum, jpairs) = row
     return DayRollup(probe, day, int(sessions), int(sent), int(lost),
                      Moments(int(n), float(mean), float(m2)), int(d_att), int(d_fail),
                      int(u_att), int(u_fail), bytes(d_blob), bytes(u_blob), int(invalid),
-                     codes)
+                     codes, int(jsum), int(jpairs))
 
 
 def _day_values(d: DayRollup) -> tuple[Any, ...]:
     return (d.probe_name, d.day, d.sessions, d.pings_sent, d.pings_lost, d.rtt.n,
             d.rtt.mean, d.rtt.m2, d.download_attempts, d.download_failed, d.upload_attempts,
             d.upload_failed, d.download_kbps, d.upload_kbps, d.invalid_sessions,
-            d.invalid_codes)
+            d.invalid_codes, d.jitter_sum_ns, d.jitter_pairs)
 
 
 class Dumps(Protocol):

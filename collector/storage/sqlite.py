@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.errors import StoreError
+from collector.storage.sql import DAY_COLUMNS, SqlStore, Tx, _day, _day_values
 from collector.storage.sql import Dialect as _Dialect
-from collector.storage.sql import SqlStore, Tx, add_to_day, insert_session_facts
 
 T = TypeVar("T")
 
@@ -38,17 +38,69 @@ DIALECT = _Dialect(
 )
 
 
+# The facts tables as migration 2 made them: its backfill writes these columns only
+# (the columns added later are filled by the migrations that add them).
+_V2_SESSION = ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost", "rtt_n",
+               "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid", "invalid_codes")
+_V2_DAY = DAY_COLUMNS[:16]
+
+
 def _backfill_facts(db: sqlite3.Connection) -> None:
-    """Derive the facts of every stored result from its body (the master copy)."""
+    """Derive the facts of every stored result from its body (the master copy), against
+    the schema of version 2 (frozen here: today's insert knows columns not there yet)."""
     from agent.schema import parse_result
+    from collector.compliance import rollup
     from collector.compliance.facts import of_result
 
-    tx = Tx(db, DIALECT)
     for started_at, body, probe in db.execute(
             "SELECT started_at, body, probe_name FROM results").fetchall():
-        facts = of_result(parse_result(json.loads(body)), started_at)
-        insert_session_facts(tx, facts, probe)
-        add_to_day(tx, probe, facts)
+        f = of_result(parse_result(json.loads(body)), started_at)
+        db.execute(f"INSERT INTO session_facts ({', '.join(_V2_SESSION)}) "
+                   f"VALUES ({', '.join('?' * len(_V2_SESSION))})",
+                   (probe, f.started_at, f.result_id, f.pings_sent, f.pings_lost, f.rtt.n,
+                    f.rtt.mean, f.rtt.m2, json.dumps(f.rtts_ms, separators=(",", ":")),
+                    int(f.valid), " ".join(f.invalid_codes)))
+        db.executemany(
+            "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
+            "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(probe, f.started_at, f.result_id, seq, t.direction, int(t.ok), t.kbps,
+              int(f.valid)) for seq, t in enumerate(f.transfers)])
+        day = rollup.day_of(f.started_at)
+        row = db.execute(f"SELECT {', '.join(_V2_DAY)} FROM day_facts WHERE probe_name = ? "
+                         "AND day = ?", (probe, day)).fetchone()
+        merged = rollup.add_session(_day((*row, 0, 0)) if row else
+                                    rollup.DayRollup(probe, day), f)
+        db.execute(f"INSERT OR REPLACE INTO day_facts ({', '.join(_V2_DAY)}) "
+                   f"VALUES ({', '.join('?' * len(_V2_DAY))})", _day_values(merged)[:16])
+
+
+PAGE = 5000
+
+
+def _backfill_jitter(db: sqlite3.Connection) -> None:
+    """Each stored session's jitter terms from its raw RTTs, a page at a time (memory
+    stays bounded on a big database), then each day's sums over its valid sessions
+    (integers: exact in any order)."""
+    from collector.compliance.facts import jitter_terms
+
+    after = ("", "", "")
+    while True:
+        rows = db.execute(
+            "SELECT probe_name, started_at, result_id, rtts_ms FROM session_facts "
+            "WHERE (probe_name, started_at, result_id) > (?, ?, ?) "
+            "ORDER BY probe_name, started_at, result_id LIMIT ?", (*after, PAGE)).fetchall()
+        if not rows:
+            break
+        db.executemany("UPDATE session_facts SET jitter_sum_ns = ?, jitter_pairs = ? "
+                       "WHERE probe_name = ? AND started_at = ? AND result_id = ?",
+                       [(*jitter_terms(json.loads(rtts)), p, s, r) for p, s, r, rtts in rows])
+        after = rows[-1][:3]
+    db.execute(
+        "UPDATE day_facts SET (jitter_sum_ns, jitter_pairs) = (SELECT "
+        "COALESCE(SUM(jitter_sum_ns), 0), COALESCE(SUM(jitter_pairs), 0) FROM session_facts s "
+        "WHERE s.probe_name = day_facts.probe_name AND s.valid = 1 "
+        "AND s.started_at >= day_facts.day || 'T' "
+        "AND s.started_at < day_facts.day || 'U')")
 
 
 # Each entry upgrades the schema from version i to i + 1: SQL statements, or a function
@@ -279,6 +331,36 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX alert_deliveries_due ON alert_deliveries (state, next_at);
     CREATE INDEX alerts_created ON alerts (created_at);
+    """,
+    # 14: the KPIs of delibera 156/23/CONS (issue 16): the offer's normally available
+    # speeds on the line; and jitter (the sum of |consecutive answered RTT differences|
+    # and the number of such pairs) per session and per day, so a scope's mean jitter
+    # merges exactly like the rest; the access technologies spelt as collector/lines.py
+    # does (any case was accepted before), so filters and groups find them.
+    """
+    ALTER TABLE probes ADD COLUMN download_normal_kbps REAL;
+    ALTER TABLE probes ADD COLUMN upload_normal_kbps REAL;
+    ALTER TABLE session_facts ADD COLUMN jitter_sum_ns INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE session_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE day_facts ADD COLUMN jitter_sum_ns INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE day_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
+    UPDATE probes SET technology = 'ADSL' WHERE lower(trim(technology)) = 'adsl';
+    UPDATE probes SET technology = 'VDSL' WHERE lower(trim(technology)) = 'vdsl';
+    UPDATE probes SET technology = 'FTTC' WHERE lower(trim(technology)) = 'fttc';
+    UPDATE probes SET technology = 'FTTB' WHERE lower(trim(technology)) = 'fttb';
+    UPDATE probes SET technology = 'FTTH' WHERE lower(trim(technology)) = 'ftth';
+    UPDATE probes SET technology = 'FWA' WHERE lower(trim(technology)) = 'fwa';
+    UPDATE probes SET technology = 'cable' WHERE lower(trim(technology)) = 'cable';
+    UPDATE probes SET technology = 'satellite' WHERE lower(trim(technology)) = 'satellite';
+    UPDATE probes SET technology = 'other' WHERE lower(trim(technology)) = 'other';
+    """,
+    # 15: jitter of the sessions stored before (from the raw RTTs kept in the facts).
+    _backfill_jitter,
+    # 16: the IP version each session measured over (schema 6, issue 16), for reports
+    # by family. NULL: unknown. No backfill: a collector refuses results newer than its
+    # schema, so every row already stored is of schema 5 or older, which has no family.
+    """
+    ALTER TABLE session_facts ADD COLUMN address_family TEXT;
     """,
 )
 

@@ -4,7 +4,6 @@ a Bearer token and a JSON body only (web/base.py, refuse_cross_site)."""
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
 
 from aiohttp import web
 
@@ -26,21 +25,9 @@ async def add_probe(request: web.Request) -> web.Response:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
-    line: dict[str, Any] = {}
-    for f in fields(LineMetadata):
-        value = data.get(f.name)
-        numeric = f.name.endswith(("_kbps", "_ms", "_ratio"))
-        if value is None:
-            line[f.name] = None
-        elif numeric and isinstance(value, int | float) and not isinstance(value, bool) \
-                and value >= 0:
-            line[f.name] = float(value)
-        elif not numeric and isinstance(value, str):
-            line[f.name] = value
-        else:
-            wanted = "a number >= 0" if numeric else "a string"
-            raise ApiError(422, f"{f.name}: expected {wanted}, got {value!r}", field=f.name)
-    name, metadata = str(data["probe_id"]), LineMetadata(**line)
+    name = str(data["probe_id"])
+    # Checked as `probe add` checks it (service.line_metadata): 422 naming the field.
+    metadata = service.line_metadata({k: v for k, v in data.items() if k != "probe_id"})
     # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/base.py.
     token = await db(request, lambda s: service.register_probe(s, name, metadata))
     return web.json_response({"probe_id": name, "token": token}, status=201)

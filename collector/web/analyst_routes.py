@@ -23,6 +23,8 @@ from collector.report import (
     REPORT_COLUMNS,
     SAMPLE_COLUMNS,
     Scope,
+    breakdown_dict,
+    breakdown_rows,
     certificate_dict,
     format_csv,
     report_dict,
@@ -93,14 +95,33 @@ async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets,
     return table, await scope_of(request)
 
 
+# A breakdown over the API: at most this many groups (service.MAX_GROUPS on the CLI).
+WEB_MAX_GROUPS = 200
+
+
 async def get_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
     fmt = query_format(request, REPORT_FORMATS)
     if fmt == "html":
+        if request.query.getall("by", []):
+            raise ApiError(400, "by: the HTML report is of one scope; use json or csv",
+                           field="by")
         return await report_page(request)
     table, where = await _targets_and_scope(request)
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
+    by = request.query.getall("by", [])
+    if by:
+        # One report per group (line metadata and/or semester): JSON or CSV.
+        # Fewer groups than the CLI allows: one request holds a database thread for
+        # all of them.
+        parts = await db(request, lambda s: service.breakdown(
+            s, where, table, by, invalid, customers, max_groups=WEB_MAX_GROUPS))
+        if fmt == "csv":
+            return web.Response(text=format_csv(breakdown_rows(by, parts),
+                                                (*by, *REPORT_COLUMNS)),
+                                content_type="text/csv")
+        return web.json_response(breakdown_dict(by, parts))
     report = await db(request, lambda s: service.compliance(s, where, table, invalid,
                                                             customers))
     if fmt == "csv":

@@ -48,6 +48,8 @@ SINK = web.AppKey("influx_sink", object)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Anonymous browser results, per client: apart from the probes' limiter, never off.
 ANON_LIMITER = web.AppKey("anonymous_limiter", RateLimiter)
+# The alerter (collector/alerter.py), when [alerts] enabled: a report wakes it.
+ALERTER = web.AppKey("alerter", object)
 # Prometheus event metrics (collector/metrics.py); absent with metrics.enabled = false.
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -199,7 +201,8 @@ def refuse_cross_site(request: web.Request) -> None:
 
 def query_scope(request: web.Request, store: Store | None = None) -> Scope:
     probes = request.query.getall("probe", []) or None
-    filters = {k: request.query[k] for k in service.METADATA_FILTERS if k in request.query}
+    filters = {k: request.query[k] for k in (*service.METADATA_FILTERS,
+                                             *service.SESSION_FILTERS) if k in request.query}
     return service.scope(probes, request.query.get("since"), request.query.get("until"),
                          request.query.get("period"), store=store, filters=filters)
 

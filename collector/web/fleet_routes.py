@@ -11,6 +11,7 @@ per-probe view (``/api/v1/instructions/effective?probe=``) is for administrators
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,13 +19,22 @@ from aiohttp import web
 
 from agent import spec
 from agent.schema import SchemaError, parse_health
-from collector import control, fleet, ingest
+from collector import alerter, alerts, control, fleet, ingest
 from collector.errors import ApiError
 from collector.instructions import Selector, selector
-from collector.web.base import CONFIG, count, db, query_format, read_body
+from collector.web.base import (
+    ALERTER,
+    CONFIG,
+    StoreUnavailable,
+    count,
+    db,
+    query_format,
+    read_body,
+)
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
 from collector.web.routing import Routes
 
+log = logging.getLogger("bbprobe.collector")
 MAX_HEALTH_BYTES = 16 * 1024
 MAX_ADMIN_BYTES = 64 * 1024
 
@@ -57,6 +67,21 @@ async def post_state(request: web.Request) -> web.Response:
     skew = clock_skew(request)
     await db(request, lambda s: control.record_health(s, probe, data, skew))
     count(request, lambda m: m.health_reports.inc())
+    cfg = request.app[CONFIG]
+    if cfg.alerts.enabled and alerts.completed_campaign(data) is not None:
+        # A completed campaign is certified now: the next report, a session later,
+        # speaks of the next one (collector/alerter.py). The report is stored already:
+        # a failure here is logged, and the alerter's ticks try again.
+        now = datetime.now(UTC)
+        try:
+            raised = await db(request, lambda s: alerter.on_report(s, cfg, probe, data, now))
+        except Exception as exc:
+            log.warning("alerts: certifying %s's completed campaign failed: %s", probe, exc,
+                        exc_info=not isinstance(exc, StoreUnavailable))
+            raised = False
+        waker = request.app.get(ALERTER)
+        if raised and waker is not None:
+            waker.wake.set()  # type: ignore[attr-defined]
     return web.json_response({"probe_id": probe, "stored": True})
 
 

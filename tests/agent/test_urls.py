@@ -24,6 +24,8 @@ BAD = [
     ("http://host:eighty", "port must be a number from 1 to 65535, got 'http://host:eighty'"),
     ("http://exa mple.net", "must not contain white space, got 'http://exa mple.net'"),
     ("ftp://x", "must be an http:// or https:// URL with a host, got 'ftp://x'"),
+    ("http://::1:8080",
+     "an IPv6 address goes in brackets (http://[::1]:8080), got 'http://::1:8080'"),
 ]
 
 

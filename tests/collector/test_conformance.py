@@ -179,6 +179,11 @@ def test_store_report_equals_the_bodies(store: Store) -> None:
                 assert g.observed == w.observed, g.id
             elif g.observed is not None:
                 assert g.observed == pytest.approx(w.observed, rel=1e-12), g.id
+        # Jitter (issue 16), informational with this table: the day rollups' sums and
+        # the sessions' give the bodies' figure.
+        (gj,), (wj,) = got.informational, want.informational
+        assert (gj.id, gj.samples) == (wj.id, wj.samples) and gj.samples > 0
+        assert gj.observed == wj.observed  # integer nanosecond sums: exact
 
 
 def test_store_gaps_and_completeness(store: Store) -> None:
@@ -389,11 +394,15 @@ def test_store_alerts(store: Store) -> None:
                              "test", "{}", ["ops"])
     assert store.alert_keys(["k1", "k2", "k3"]) == {"k1", "k2"}
     now, until = "2026-05-05T00:00:00.000000Z", "2026-05-05T00:02:00.000000Z"
-    leased = store.lease_deliveries("owner-a", now, until, 10)
+    # Only the notifiers a process knows, only one alert's when asked.
+    assert [(d.alert_id, d.notifier) for d in store.lease_deliveries(
+        "owner-x", now, until, 10, ["chat"], alert_id=second)] == []
+    assert store.lease_deliveries("owner-x", now, until, 10, []) == []
+    leased = store.lease_deliveries("owner-a", now, until, 10, ["ops", "chat"])
     assert [(d.alert_id, d.notifier) for d in leased] == [
         (first, "chat"), (first, "ops"), (second, "ops")]
     assert leased[0].subject == "alpha silent" and leased[0].details == '{"a": 1}'
-    assert store.lease_deliveries("owner-b", now, until, 10) == []  # all held
+    assert store.lease_deliveries("owner-b", now, until, 10, ["ops", "chat"]) == []
     assert not store.finish_delivery(first, "ops", "owner-b", "delivered", 1, now, None, now)
     assert store.finish_delivery(first, "ops", "owner-a", "delivered", 1, now, None, now)
     assert store.finish_delivery(first, "chat", "owner-a", "pending", 1,
@@ -401,13 +410,18 @@ def test_store_alerts(store: Store) -> None:
     # The lease expired: another owner takes what is due (the retry is not yet).
     later = "2026-05-05T00:05:00.000000Z"
     assert [(d.alert_id, d.notifier) for d in store.lease_deliveries(
-        "owner-b", later, "2026-05-05T00:07:00.000000Z", 10)] == [(second, "ops")]
+        "owner-b", later, "2026-05-05T00:07:00.000000Z", 10, ["ops", "chat"])] == [
+        (second, "ops")]
+    assert store.release_deliveries("owner-b") == 1
+    assert [d.notifier for d in store.lease_deliveries(
+        "owner-c", later, "2026-05-05T00:07:00.000000Z", 10, ["ops"])] == ["ops"]
     rows = store.alerts(10)
     assert [r["id"] for r in rows] == [second, first]
     states = {d["notifier"]: (d["state"], d["attempts"], d["last_error"])
               for d in rows[1]["deliveries"]}
     assert states == {"chat": ("pending", 1, "HTTP 503"), "ops": ("delivered", 1, None)}
     assert [r["id"] for r in store.alerts(10, since="2026-05-04T12:00:00.000000Z")] == [second]
+    assert [r["id"] for r in store.alerts(1, ident=first)] == [first]
     assert store.prune_alerts("2026-05-04T12:00:00.000000Z") == 1
     assert [r["id"] for r in store.alerts(10)] == [second]
 

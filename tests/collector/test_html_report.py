@@ -26,7 +26,7 @@ from tests.httpclient import request
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = targets.load("")
 ROME = ZoneInfo("Europe/Rome")
-PLOTS = ("speed-download", "speed-upload", "hour-profile", "delay", "loss")
+PLOTS = ("speed-download", "speed-upload", "hour-profile", "delay", "jitter", "loss")
 
 
 def _fill(db: Path, days: int = 2, probe: str = "line-1") -> None:
@@ -56,8 +56,9 @@ def _page(store: SqliteStore) -> str:
 
 
 def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
-    """Five plots, each drawing marks; the speed plots carry the Allegato 2 targets and
-    the observed percentiles; the indicator table and verdict are on the page."""
+    """Six plots, each drawing marks; the speed plots carry the Allegato 2 targets and
+    the observed percentiles; the indicator table and verdict are on the page, with
+    jitter as information (no target in this table)."""
     _fill(tmp_path / "c.sqlite3")
     store = SqliteStore(tmp_path / "c.sqlite3")
     page = _page(store)
@@ -69,7 +70,10 @@ def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
     assert "observed p95" in found["speed-upload"]
     assert found["hour-profile"].count('<circle class="mark"') == 48  # 24 bands x 2 ways
     assert found["delay"].count('<circle class="mark"') == 48  # hourly over two days
+    # Every 7th session lost its second echo: one answered RTT, no pair, no jitter.
+    assert found["jitter"].count('<circle class="mark"') == 48 - 7
     assert found["loss"].count('<rect class="mark"') == 48
+    assert "<code>jitter_mean_ms</code>" in page and "(none in the table)" in page
     assert "download_p5_kbps" in page and 'class="verdict verdict-' in page
     assert "48 session(s)" in page
 
@@ -142,8 +146,10 @@ def test_cli_writes_standalone_html_and_csv(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--db", str(db), "report", "--format", "csv"])
     lines = result.output.splitlines()
     assert lines[0].startswith("id,name,unit,comparison,target,observed,samples,passed")
-    assert len(lines) == 1 + len(TABLE.measurable)
+    # Every measurable indicator of the table, then jitter as information (no target).
+    assert len(lines) == 1 + len(TABLE.measurable) + 1
     assert lines[1].startswith("download_p95_kbps,")
+    assert lines[-1].startswith("jitter_mean_ms,") and ",ms,,," in lines[-1]
 
 
 def test_cli_html_errors_are_clear(tmp_path: Path) -> None:
@@ -175,7 +181,7 @@ def test_served_pages_and_formats(collector: RunningCollector) -> None:
         assert set(_plots(body.decode())) == set(PLOTS)
     status, body, headers = request("GET", collector.url + "/api/v1/report?format=csv")
     assert status == 200 and headers["content-type"].startswith("text/csv")
-    assert body.decode().count("\n") == 1 + len(TABLE.measurable)
+    assert body.decode().count("\n") == 1 + len(TABLE.measurable) + 1  # and jitter
     status, body, _ = request("GET", collector.url + "/api/v1/report?format=pdf")
     assert (status, body["field"]) == (400, "format")
 

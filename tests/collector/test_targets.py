@@ -45,7 +45,7 @@ def _table(**indicator: Any) -> dict[str, Any]:
         (_table(id="speed_p50"), "t.toml: indicator[0] (speed_p50): measurable indicator id "
          "must be one of download_p95_kbps, download_p5_kbps, upload_p95_kbps, upload_p5_kbps, "
          "download_failure_ratio, upload_failure_ratio, delay_mean_ms, delay_stdev_ms, "
-         "loss_ratio"),
+         "loss_ratio, jitter_mean_ms"),
         (_table(comparison=">="), "t.toml: indicator[0] (loss_ratio): comparison must be '<=' "
          "for this indicator"),
         (_table(comparison="=="), "t.toml: indicator[0].comparison: must be one of '>=', '<=', "

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.schema import parse_utc
+from agent.schema import SCHEMA_VERSION, parse_utc
 from collector.testing import serve_process
 from tests.browser import render_in_chromium
 from tests.httpclient import request
@@ -107,7 +107,7 @@ def test_the_daemon_follows_instructions_and_suppressions(tmp_path: Path,
         config = _agent_config(fast_config, url, token)
         with daemon(config, tmp_path):
             first = _until(lambda: _results(url, db), 90, "a first session from the daemon")
-            assert first[0]["schema_version"] == 5
+            assert first[0]["schema_version"] == SCHEMA_VERSION
             # No rules: the empty instruction, whose version every probe shares.
             empty = first[0]["instruction_version"]
             assert empty is not None and first[0]["method"]["ping"]["count"] == 5

@@ -1,6 +1,8 @@
-"""A network lab of our own: client, router and server namespaces on 198.18.0.0/15.
+"""A network lab of our own: client, router and server namespaces on 198.18.0.0/15
+(RFC 2544's benchmarking range) and, for IPv6, 2001:2::/48 (RFC 5180's).
 
-    client 198.18.0.1 --c0|r0-- router --r1|s0-- 198.18.1.1 server
+    client 198.18.0.1 --c0|r0-- router --r1|s0-- 198.18.1.1    server
+           2001:2::1                               2001:2:0:1::1
 
 - rate: ``tc tbf`` per direction on the access link: download (server -> client) on the
   router's r0 egress, upload (client -> server) on the client's c0 egress;
@@ -33,8 +35,15 @@ CLIENT_IP = "198.18.0.1"
 ROUTER_CLIENT_IP = "198.18.0.2"
 SERVER_IP = "198.18.1.1"
 ROUTER_SERVER_IP = "198.18.1.2"
-# IPv4 (20) + TCP (20) + timestamp option (12): per-packet overhead of a TCP payload.
+# IPv6: one /64 per link, from the benchmarking range (RFC 5180 §8: 2001:2::/48).
+CLIENT_IP6 = "2001:2::1"
+ROUTER_CLIENT_IP6 = "2001:2::2"
+SERVER_IP6 = "2001:2:0:1::1"
+ROUTER_SERVER_IP6 = "2001:2:0:1::2"
+# IPv4 (20) + TCP (20) + timestamp option (12): per-packet overhead of a TCP payload;
+# IPv6's fixed header is 40 bytes (RFC 8200), 20 more.
 TCP_IP_OVERHEAD = 52
+TCP_IP6_OVERHEAD = 72
 ETHERNET_HEADER = 14
 _counter = itertools.count()
 REPO = Path(__file__).resolve().parents[2]
@@ -64,13 +73,18 @@ class LinkSpec:
     # (no shaping, loss or delay possible).
     direct: bool = False
 
-    def goodput_bps(self, direction: str) -> float | None:
+    def goodput_bps(self, direction: str, family: str = "ipv4") -> float | None:
         """Expected TCP payload rate through the shaper: tbf counts whole Ethernet frames,
-        of which (mtu - 52) bytes are payload."""
+        of which (mtu - 52) bytes are payload (mtu - 72 over IPv6)."""
         rate = self.down_mbit if direction == "download" else self.up_mbit
         if rate is None:
             return None
-        return rate * 1e6 * (self.mtu - TCP_IP_OVERHEAD) / (self.mtu + ETHERNET_HEADER)
+        return rate * 1e6 * self.payload_share(family)
+
+    def payload_share(self, family: str = "ipv4") -> float:
+        """TCP payload bytes per byte of a full-sized frame on the wire."""
+        overhead = TCP_IP6_OVERHEAD if family == "ipv6" else TCP_IP_OVERHEAD
+        return (self.mtu - overhead) / (self.mtu + ETHERNET_HEADER)
 
     @property
     def round_trip_loss(self) -> float:
@@ -107,6 +121,8 @@ class Lab:
         self.server = f"{tag}-s"
         self.client_ip = CLIENT_IP
         self.server_ip = SERVER_IP
+        self.client_ip6 = CLIENT_IP6
+        self.server_ip6 = SERVER_IP6
         self._processes: list[subprocess.Popen[str]] = []
         self._namespaces: list[str] = []
 
@@ -120,6 +136,7 @@ class Lab:
         for ns in (self.client, self.router, self.server):
             _run(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
+            self._ipv6_on(ns)
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
               "peer", "name", "r0", "netns", self.router])
@@ -131,9 +148,21 @@ class Lab:
                               (self.server, "s0", f"{SERVER_IP}/30")):
             _run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
             _run(["ip", "-n", ns, "link", "set", dev, "mtu", str(spec.mtu), "up"])
+        for ns, dev, addr in ((self.client, "c0", f"{CLIENT_IP6}/64"),
+                              (self.router, "r0", f"{ROUTER_CLIENT_IP6}/64"),
+                              (self.router, "r1", f"{ROUTER_SERVER_IP6}/64"),
+                              (self.server, "s0", f"{SERVER_IP6}/64")):
+            # nodad: usable at once, not after duplicate address detection's ~1 s
+            # (RFC 4862 §5.4); nothing else can be on these links.
+            _run(["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"])
         _run(["ip", "-n", self.client, "route", "add", "default", "via", ROUTER_CLIENT_IP])
         _run(["ip", "-n", self.server, "route", "add", "default", "via", ROUTER_SERVER_IP])
+        _run(["ip", "-n", self.client, "-6", "route", "add", "default", "via",
+              ROUTER_CLIENT_IP6])
+        _run(["ip", "-n", self.server, "-6", "route", "add", "default", "via",
+              ROUTER_SERVER_IP6])
         self.sysctl(self.router, "net.ipv4.ip_forward", "1")
+        self.sysctl(self.router, "net.ipv6.conf.all.forwarding", "1")
         if spec.down_mbit is not None:
             self._shape(self.router, "r0", spec.down_mbit)
         if spec.up_mbit is not None:
@@ -150,14 +179,25 @@ class Lab:
         for ns in (self.client, self.server):
             _run(["ip", "netns", "add", ns])
             self._namespaces.append(ns)
+            self._ipv6_on(ns)
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
               "peer", "name", "s0", "netns", self.server])
         self.server_ip = ROUTER_CLIENT_IP
-        for ns, dev, addr in ((self.client, "c0", f"{CLIENT_IP}/30"),
-                              (self.server, "s0", f"{ROUTER_CLIENT_IP}/30")):
+        self.server_ip6 = ROUTER_CLIENT_IP6
+        for ns, dev, addr, addr6 in (
+                (self.client, "c0", f"{CLIENT_IP}/30", f"{CLIENT_IP6}/64"),
+                (self.server, "s0", f"{ROUTER_CLIENT_IP}/30", f"{ROUTER_CLIENT_IP6}/64")):
             _run(["ip", "-n", ns, "addr", "add", addr, "dev", dev])
+            _run(["ip", "-n", ns, "-6", "addr", "add", addr6, "dev", dev, "nodad"])
             _run(["ip", "-n", ns, "link", "set", dev, "mtu", str(spec.mtu), "up"])
+
+    def _ipv6_on(self, ns: str) -> None:
+        """IPv6 enabled (a host may disable it by default) and DAD off in a new namespace,
+        for the interfaces made after: addresses are usable at once."""
+        for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6",
+                    "net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+            self.sysctl(ns, key, "0")
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
         _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
@@ -193,9 +233,13 @@ class Lab:
             self.sysctl(r, key, "0")
         # Everything arriving from the client or the server goes through tun0; what the
         # emulator writes back arrives on tun0 and is routed normally by destination.
-        _run(["ip", "-n", r, "route", "add", "default", "dev", "tun0", "table", "100"])
-        for dev in ("r0", "r1"):
-            _run(["ip", "-n", r, "rule", "add", "iif", dev, "lookup", "100"])
+        # IPv6 alike: a TUN device without packet information tells the two apart by
+        # the version nibble of each packet, so the emulator needs no change.
+        for family in ("-4", "-6"):
+            _run(["ip", "-n", r, family, "route", "add", "default", "dev", "tun0",
+                  "table", "100"])
+            for dev in ("r0", "r1"):
+                _run(["ip", "-n", r, family, "rule", "add", "iif", dev, "lookup", "100"])
         proc = self.spawn(r, [sys.executable, "-m", "tests.lab.delay", "--dev", "tun0",
                               "--delay-ms", f"{delay_ms:g}", "--jitter-ms", f"{jitter_ms:g}"],
                           cwd=REPO)
@@ -266,22 +310,23 @@ class Lab:
             reader.join(5)
 
     def delivered_goodput_bps(self, samples: list[tuple[float, int]], start: float,
-                              end: float) -> float:
+                              end: float, family: str = "ipv4") -> float:
         """TCP payload rate that crossed the bottleneck in [start, end] (wall clock): the
         counter's bytes interpolated at both edges, times the payload share of a frame."""
         from agent.stats import bytes_at
 
         frames = bytes_at(samples, end) - bytes_at(samples, start)
-        share = (self.spec.mtu - TCP_IP_OVERHEAD) / (self.spec.mtu + ETHERNET_HEADER)
-        return frames * share * 8 / (end - start)
+        return frames * self.spec.payload_share(family) * 8 / (end - start)
 
-    def start_collector(self, port: int = 8080) -> str:
-        """A real bbprobe collector in the server namespace; returns its URL."""
+    def start_collector(self, port: int = 8080, host: str | None = None) -> str:
+        """A real bbprobe collector in the server namespace, listening on ``host``
+        (default: the server's IPv4 address; "::" serves both families); returns its
+        URL as it wrote it."""
         addr_file = self.workdir / f"{self.server}.addr"
         addr_file.unlink(missing_ok=True)
         self.spawn(self.server, [sys.executable, "-m", "collector",
                                  "--db", str(self.workdir / f"{self.server}.sqlite3"),
-                                 "serve", "--host", self.server_ip, "--port", str(port),
+                                 "serve", "--host", host or self.server_ip, "--port", str(port),
                                  "--addr-file", str(addr_file)], cwd=REPO)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,0 +1,64 @@
+"""The agent over IPv6 against a real collector on the IPv6 loopback (issue 16): -6
+resolves, connects and pings over IPv6 only, the result records it, and the collector
+stores the family, which a report scope can select. Real TCP and ICMPv6 on ::1 only.
+
+ICMP needs root or CAP_NET_RAW (the privileged marker): required under CI=true, skipped
+elsewhere with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector.testing import running_collector
+from tests.collector.test_family import _ipv6_loopback
+from tests.httpclient import request
+
+pytestmark = pytest.mark.privileged
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "--config", str(config), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_agent_over_ipv6_to_a_collector_on_the_ipv6_loopback(tmp_path: Path,
+                                                             fast_config: Path) -> None:
+    """`bbprobe run -6` against a collector listening on ::1 only: ping train (ICMPv6),
+    download and upload all over IPv6, delivered; the stored session is IPv6 in the
+    listing filtered by family and absent from the IPv4 one. The same with -4 against
+    the same collector fails every test, naming the family, and is still a result."""
+    _ipv6_loopback()
+    with running_collector(tmp_path / "collector", host="::1") as collector:
+        assert collector.url.startswith("http://[::1]:")
+        token = collector.add_probe("p6")
+        done = _agent(fast_config, "--collector", collector.url, "--token", token,
+                      "--set", "checks.enabled=false", "-6", "run", "--json", "-q")
+        assert done.returncode == 0, done.stderr[-2000:]
+        doc = json.loads(done.stdout)
+        assert (doc["schema_version"], doc["address_family"],
+                doc["address_family_requested"]) == (6, "ipv6", "ipv6")
+        assert (doc["local_addresses"], doc["remote_addresses"]) == (["::1"], ["::1"])
+        assert (doc["ping"]["status"], doc["ping"]["address"]) == ("ok", "::1")
+        assert {t["status"] for t in doc["transfers"]} == {"ok"}
+        for family, count in (("ipv6", 1), ("ipv4", 0)):
+            status, body, _ = request("GET", f"{collector.url}/api/v1/results?family={family}")
+            assert status == 200, body
+            assert [r["result_id"] for r in body["results"]] == \
+                [doc["result_id"]] * count, family
+        status, body, _ = request("GET", f"{collector.url}/api/v1/results?family=ip6")
+        assert (status, body["field"]) == (400, "family")
+
+        wrong = _agent(fast_config, "--server", collector.url, "--set", "checks.enabled=false",
+                       "--set", "download.attempts=1", "--set", "upload.attempts=1",
+                       "-4", "speed", "--json", "-q")
+    assert wrong.returncode == 0, wrong.stderr[-2000:]
+    failed = json.loads(wrong.stdout)
+    assert failed["address_family"] == "ipv4"
+    assert [(t["failure_reason"], t["error"].split(": ", 1)[1]) for t in failed["transfers"]] \
+        == [("connect_error", "::1 is an IPv6 address, and IPv4 was asked for")] * 2
