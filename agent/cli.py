@@ -354,23 +354,32 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             click.echo(f"bbprobe: warning: this probe is suppressed until "
                        f"{window.ends_at.isoformat()} ({window.reason}); measuring anyway",
                        err=True)
+        spool = Spool(cfg.state_dir, cfg.delivery) if client is not None else None
+        shown: list[SessionResult] = []
+
+        def keep(result: SessionResult) -> None:
+            """Spool each result as its session ends (a stop during the second session
+            of a dual-stack run keeps the first)."""
+            if spool is None:
+                shown.append(result)
+                return
+            before = spool.last_put
+            if spool.put(result) is None:
+                click.echo(f"bbprobe: the disk is full; result {result.result_id} could not "
+                           f"be spooled and is reported to the collector as a gap", err=True)
+            # What is shown is what is sent: numbered by the spool (session_seq); a
+            # result the disk refused is shown as measured.
+            put = spool.last_put
+            shown.append(put if put is not None and put is not before else result)
+
         with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
             results = await session.run_all(applied.cfg, probe_id or "",
                                             _progress(quiet, view.say),
                                             instruction_version=applied.version,
-                                            observe=view.observe)
-        if client is None:
-            _emit(results, as_json)
-            return 0
-        spool = Spool(cfg.state_dir, cfg.delivery)
-        shown: list[SessionResult] = []
-        for result in results:
-            if spool.put(result) is None:
-                click.echo(f"bbprobe: the disk is full; result {result.result_id} could not "
-                           f"be spooled and is reported to the collector as a gap", err=True)
-            # What is shown is what is sent: numbered by the spool (session_seq).
-            shown.append(spool.last_put or result)
+                                            observe=view.observe, on_result=keep)
         _emit(shown, as_json)
+        if client is None or spool is None:
+            return 0
         outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
         _report_dead_lettered(outcome)
         report_ = _health_report(spool, mode="run", campaign=None,
@@ -924,13 +933,16 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 # Refused mid-campaign: still measure; the results wait in the spool.
                 click.echo(f"bbprobe: {exc}", err=True)
                 named = None
+            spool = Spool(cfg.state_dir, cfg.delivery)
+
+            def keep(result: SessionResult) -> None:
+                spool.put(result)  # as each session ends: a SIGTERM keeps what was done
+                gauges.session(result)
+
             # Dual stack ("both"): two results for this one slot, IPv4 then IPv6.
             results = await session.run_all(cfg, named or "", _progress(True),
-                                            instruction_version=state["version"])
-            spool = Spool(cfg.state_dir, cfg.delivery)
-            for result in results:
-                spool.put(result)
-                gauges.session(result)
+                                            instruction_version=state["version"],
+                                            on_result=keep)
             _publish(state["cfg"], gauges)
             outcome = await deliver(
                 spool, client, dataclasses.replace(

@@ -391,7 +391,8 @@ def url_problem(url: str) -> str | None:
         parts = urlsplit(url)
     except ValueError as exc:
         return f"is not a valid URL ({exc}), got {url!r}"
-    if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+    hostport = parts.netloc.rpartition("@")[2]  # after any user:password@
+    if hostport.count(":") > 1 and "[" not in hostport:
         # RFC 3986 §3.2.2: an IPv6 literal in a URL goes in brackets.
         return f"an IPv6 address goes in brackets (http://[::1]:8080), got {url!r}"
     if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -2,8 +2,8 @@
 for, and what a session records. Pure, except ``Endpoints`` (a small accumulator).
 
 - "any": the host's own address selection decides, as it would for any program
-  (getaddrinfo's order, RFC 6724 and /etc/gai.conf); the session records the family its
-  connections actually used.
+  (getaddrinfo's order, RFC 6724 and /etc/gai.conf), once for the session: the ping and
+  every transfer stream then use that family (``pinned_family``), which is recorded.
 - "ipv4" / "ipv6": every name is resolved in that family only (A or AAAA records), and
   an address literal of the other family is refused. A host with no address of the
   family is a recorded failure naming it, never an exception.
@@ -78,6 +78,18 @@ def unresolved(host: str, af: int, exc: OSError) -> str:
         wanted = "ipv4" if af == socket.AF_INET else "ipv6"
         return f"no {label(wanted)} address for {host!r} ({exc.strerror or exc})"
     return f"cannot resolve {host!r}: {exc.strerror or exc}"
+
+
+def pinned_family(ping_target: str | None, server_host: str | None,
+                  preferred: AddressFamily | None) -> AddressFamily | None:
+    """The one family a session under "any" runs in: an address literal's (the ping
+    target's or the server's: the config named it), else the host's preference for the
+    server's name (``preferred``). None when the config names literals of both families:
+    each part then keeps its own, and the result records no single family."""
+    literals = {f for f in (family_of(ping_target), family_of(server_host)) if f}
+    if len(literals) > 1:
+        return None
+    return next(iter(literals), None) or preferred
 
 
 def host_only(sockaddr: object) -> str | None:

@@ -22,6 +22,7 @@ from agent.probes import http_download, http_upload, icmp, select
 from agent.report import describe_method
 from agent.schema import (
     SCHEMA_VERSION,
+    AddressFamily,
     HostContext,
     PingMethod,
     PingSample,
@@ -46,6 +47,21 @@ def _quiet(_: str) -> None:
 def ping_deadline_s(m: PingMethod) -> float:
     """Worst-case runtime of a ping train, with room for resolution and start-up."""
     return (m.count - 1) * m.interval_s + m.timeout_s + icmp.RESOLVE_TIMEOUT_S + 5.0
+
+
+async def _preferred_family(host: str) -> AddressFamily | None:
+    """The family of the first address getaddrinfo gives for ``host`` (the system's own
+    preference), or None when it does not resolve (the probes then record why)."""
+    try:
+        async with asyncio.timeout(10):
+            infos = await asyncio.to_thread(socket.getaddrinfo, host, None,
+                                            socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        return None
+    for info in infos:
+        if info[0] in (socket.AF_INET, socket.AF_INET6):
+            return "ipv4" if info[0] == socket.AF_INET else "ipv6"
+    return None
 
 
 async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet,
@@ -184,6 +200,20 @@ async def run(
         cfg = replace(cfg, server=replace(cfg.server, url=best, candidates=()))
         progress(f"  measuring against {best}")
     base_url = measurement_server(cfg) if (m.download.tests or m.upload.tests) else None
+    pinned: AddressFamily | None = None
+    if requested == "any":
+        # One family for the whole session: the ping and every transfer stream take the
+        # family the host's address selection gives first (getaddrinfo's order, RFC
+        # 6724), or the ping target's when it is an address literal; else the ping
+        # could run over IPv4 and the load over IPv6, and the streams could split.
+        target = ping_target(cfg) if m.ping is not None else None
+        server_host = urlsplit(base_url).hostname if base_url else None
+        literal = family.family_of(target) or family.family_of(server_host)
+        host = server_host or target
+        preferred = None if literal or not host else await _preferred_family(host)
+        pinned = family.pinned_family(target, server_host, preferred)
+        if pinned is not None:
+            af = family.socket_family(pinned)
     ping_test: PingTest | None = None
     loaded: tuple[str, PingMethod] | None = None
     if m.ping is not None:
@@ -226,8 +256,12 @@ async def run(
         for r in reasons:
             progress(f"invalid: {r.detail}")
     ended = datetime.now(UTC)
-    # Under "any", the family the transfers' connections used (else the ping's).
-    used = endpoints.family or family.family_of(ping_test.address if ping_test else None)
+    # Under "any", the family the session was pinned to; else (literals of both
+    # families, or nothing resolved) the one family its connections and ping used, if
+    # they used one.
+    seen = {f for f in (*(family.family_of(a) for a in endpoints.remote),
+                        family.family_of(ping_test.address if ping_test else None)) if f}
+    used = pinned or (next(iter(seen)) if len(seen) == 1 else None)
     return SessionResult(
         schema_version=SCHEMA_VERSION,
         result_id=str(uuid.uuid4()),
@@ -267,10 +301,13 @@ async def run_all(
     tests: frozenset[str] = frozenset({"ping", "download", "upload"}),
     instruction_version: str | None = None,
     observe: live.Observer = live.ignore,
+    on_result: Callable[[SessionResult], None] | None = None,
 ) -> list[SessionResult]:
     """``run`` once per session the config's address family stands for: one result,
     or under "both" (dual stack) an IPv4 session then an IPv6 one, each a whole
-    session with its own result (address_family_requested = "both" in both)."""
+    session with its own result (address_family_requested = "both" in both).
+    ``on_result`` gets each result as soon as its session ends (the caller spools it:
+    a stop during the IPv6 session keeps the IPv4 result)."""
     requested = cfg.server.address_family
     results: list[SessionResult] = []
     for one in family.session_families(requested):
@@ -279,5 +316,8 @@ async def run_all(
             progress(f"dual-stack session over {family.label(one)}")
         result = await run(session_cfg, probe_id, progress, tests=tests,
                            instruction_version=instruction_version, observe=observe)
-        results.append(replace(result, address_family_requested=requested))
+        result = replace(result, address_family_requested=requested)
+        if on_result is not None:
+            on_result(result)
+        results.append(result)
     return results

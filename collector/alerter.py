@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 from agent.schema import format_utc
 from collector import alerts, control
 from collector.alerts import Alert
-from collector.compliance.certify import RULES, certify
+from collector.compliance.certify import RULES, certify, families
 from collector.config import AlertsConfig, CollectorConfig
 from collector.errors import StoreError
 from collector.notifiers import APPRISE_THREADS, Notifier, Outcome
@@ -75,20 +75,28 @@ def routes(cfg: AlertsConfig) -> list[tuple[str, Sequence[str]]]:
 
 
 def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
-                     timezone: str) -> tuple[tuple[str, str] | None, Alert | None]:
-    """Certify the campaign a report says is complete: (its key, when the verdict is
-    final, else None; the breach alert, if any). "incomplete" here (its last sessions
-    not delivered yet, or bands counted in another time zone) is not final."""
+                     timezone: str) -> tuple[tuple[str, str] | None, list[Alert]]:
+    """Certify the campaign a report says is complete: (its key, when every verdict is
+    final, else None; the breach alerts). A dual-stack line is certified once per IP
+    version (each slot measured once over each: a campaign per family). "incomplete"
+    (its last sessions not delivered yet, or bands counted in another time zone) is not
+    final."""
     done = alerts.completed_campaign(report)
     if done is None or done[0] not in RULES:
-        return None, None
+        return None, []
     rule, started, deadline = done
-    cert = certify(probe.name, probe.line, store.facts([probe.name], since=started,
-                                                       until=deadline),
-                   RULES[rule], timezone)
-    if cert.verdict == "incomplete":
-        return None, None
-    return (probe.name, started), alerts.breach(probe, started, cert)
+    facts = store.facts([probe.name], since=started, until=deadline)
+    measured = families(facts)
+    final, found = True, []
+    for fam in measured if len(measured) > 1 else [None]:
+        cert = certify(probe.name, probe.line,
+                       [f for f in facts if fam is None or f.address_family == fam],
+                       RULES[rule], timezone, family=fam)
+        if cert.verdict == "incomplete":
+            final = False
+        elif (breach := alerts.breach(probe, started, cert)) is not None:
+            found.append(breach)
+    return ((probe.name, started) if final else None), found
 
 
 def _unfilled(store: Store, probe: Probe, started: str, rule_name: str,
@@ -140,11 +148,10 @@ def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
                 out.append(late)
         done = alerts.completed_campaign(report)
         if done is not None and (name, done[1]) not in certified:
-            key, breach = certify_campaign(store, probe, report, a.timezone)
+            key, breaches = certify_campaign(store, probe, report, a.timezone)
             if key is not None:
                 final.append(key)
-            if breach is not None:
-                out.append(breach)
+            out.extend(breaches)
     contracted = sorted(n for n, p in probes.items()
                         if p.line.download_min_kbps or p.line.upload_min_kbps)
     for last in store.latest_sessions(contracted) if contracted else []:
@@ -187,8 +194,8 @@ def on_report(store: Store, cfg: CollectorConfig, probe_name: str,
     probe = store.probe(probe_name)
     if probe is None:
         return False
-    _key, breach = certify_campaign(store, probe, report, cfg.alerts.timezone)
-    return bool(breach and record(store, [breach], routes(cfg.alerts), format_utc(now)))
+    _key, breaches = certify_campaign(store, probe, report, cfg.alerts.timezone)
+    return bool(breaches and record(store, breaches, routes(cfg.alerts), format_utc(now)))
 
 
 def as_alert(row: AlertDelivery) -> Alert:

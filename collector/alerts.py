@@ -177,16 +177,19 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
     """A breach verdict on a completed campaign (delibera 244/08/CSP)."""
     if cert.verdict != "breach":
         return None
-    failed = [c for c in cert.checks if c.breach]
+    failed = [c for c in cert.checks if c.breach and not c.informational]
+    over = f" over {cert.family}" if cert.family else ""
     return Alert(
-        "contract_breach", f"contract_breach:{probe.name}:{started_at}", probe.name,
-        "critical",
-        f"{probe.name}: the line breaches its contract over the campaign from "
+        "contract_breach",
+        f"contract_breach:{probe.name}:{started_at}" + (f":{cert.family}" if cert.family
+                                                         else ""),
+        probe.name, "critical",
+        f"{probe.name}: the line breaches its contract{over} over the campaign from "
         f"{cert.first} to {cert.last}: " + "; ".join(
             f"{c.name} {c.observed:g} {c.unit} {c.comparison} {c.threshold:g}"
             for c in failed if c.observed is not None and c.threshold is not None),
         {"campaign_started_at": started_at, "first": cert.first, "last": cert.last,
-         "rule": cert.rule.name, "timezone": cert.timezone,
+         "rule": cert.rule.name, "timezone": cert.timezone, "family": cert.family,
          "checks": [{"id": c.id, "observed": c.observed, "threshold": c.threshold,
                      "unit": c.unit, "samples": c.samples} for c in failed],
          **_line(probe)})

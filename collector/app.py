@@ -57,6 +57,7 @@ from collector.web.base import (
     access,
     errors,
     on_db,
+    plain_ipv4,
 )
 from collector.web.commit import GroupCommit
 from collector.web.public_routes import anonymous_quota
@@ -167,8 +168,8 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
         raise ValueError(f"unknown role {role!r}")
     metrics = Metrics(metrics_dir) if cfg.metrics.enabled else None
     # The timing middleware is the outermost: it sees the status the client gets.
-    middlewares = [errors, access] if metrics is None else \
-        [metrics_routes.timing(metrics), errors, access]
+    middlewares = [plain_ipv4, errors, access] if metrics is None else \
+        [metrics_routes.timing(metrics), plain_ipv4, errors, access]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     routes = Routes(app)

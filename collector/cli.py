@@ -424,6 +424,9 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 @click.option("--rule", type=click.Choice(["96in24h", "24in72h"]), default="96in24h",
               help="Completeness rule: 4 per hourly band (default) or the legacy 1 per band.")
 @click.option("--timezone", default="Europe/Rome", help="Local time of the hourly bands.")
+@click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
+              help="The IP version (required for a line measured over both: a campaign "
+                   "each).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text",
               help="html: a printable page to hand over, written to a file.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
@@ -431,13 +434,13 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 @click.pass_context
 @handle_errors
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
-            timezone: str, fmt: str, output: str | None) -> None:
+            timezone: str, family: str | None, fmt: str, output: str | None) -> None:
     """Certify one line against its contract (probe metadata), 244/08 style."""
     from collector.html_report import certificate_page
     from collector.report import certificate_dict, format_certificate
 
     with _store(ctx) as store:
-        cert = service.certificate(store, probe, since, until, rule, timezone)
+        cert = service.certificate(store, probe, since, until, rule, timezone, family)
     if fmt == "json":
         text = json.dumps(certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
     elif fmt == "html":
@@ -466,6 +469,9 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
 
     with _store(ctx) as store:
         where = _resolve_scope(store, probes, since, until, period, filters)
+        if where.family is not None:
+            raise InputError("--family: a backfill copies whole results, of both families "
+                             "(their session points carry the tag address_family)")
         added = store.outbox_enqueue(list(where.probes) if where.probes is not None else None,
                                      where.since, where.until, utc_now())
         waiting = store.outbox_size()

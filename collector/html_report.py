@@ -376,7 +376,9 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
         "24 hourly bands, each contractual figure judged on its percentile.</p>"
         f"<p><b>Line:</b> probe {escape(cert.probe_id)}; operator "
         f"{escape(line.operator or '—')}; offer {escape(line.offer or '—')}; technology "
-        f"{escape(line.technology or '—')}; region {escape(line.region or '—')}<br>"
+        f"{escape(line.technology or '—')}; region {escape(line.region or '—')}"
+        + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only" if cert.family
+           else "") + "<br>"
         f"<b>Period:</b> {escape(cert.first or '—')} to {escape(cert.last or '—')} "
         f"({len(cert.sessions)} sessions)<br><b>Method:</b> rule {escape(cert.rule.name)} "
         f"({cert.rule.per_band} per hourly band, {escape(cert.timezone)} local time); "

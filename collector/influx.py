@@ -63,12 +63,15 @@ def _tagged(point: Point, probe: str, line: LineMetadata) -> Point:
 
 
 def points(result: SessionResult, line: LineMetadata) -> list[Point]:
-    """The points of one result (pure)."""
+    """The points of one result (pure). A session over a known IP version (schema 6)
+    carries it as the tag address_family, so a dashboard can split by it."""
     probe = result.probe_id
     started = parse_utc(result.started_at)
     out = []
     session = _tagged(Point("bbprobe_session"), probe, line).tag("profile",
                                                                  result.method.profile)
+    if result.address_family is not None:
+        session.tag("address_family", result.address_family)
     for f in fields(result.summary):
         value = getattr(result.summary, f.name)
         if value is not None:

@@ -270,7 +270,8 @@ def document() -> dict[str, Any]:
                                           "line metadata and/or semester (json, csv).",
                                           {"type": "array", "items": {
                                               "enum": ["operator", "offer", "region",
-                                                       "technology", "semester"]}})],
+                                                       "technology", "semester",
+                                                       "family"]}})],
                     "responses": {"200": {"description": "The report.", "content": {
                         "application/json": {"schema": {
                             "$ref": "#/components/schemas/Report"}},

@@ -136,7 +136,7 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
         "targets": {"name": report.targets_name, "source": report.targets_source,
                     "regulation": list(report.regulation)},
         "scope": {"probes": list(scope.probes) if scope.probes is not None else None,
-                  "since": scope.since, "until": scope.until},
+                  "since": scope.since, "until": scope.until, "family": scope.family},
         "sessions": report.sessions,
         "invalid": {"sessions": report.invalid_sessions,
                     "reasons": dict(report.invalid_reasons),
@@ -157,7 +157,8 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
 
 
 REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "samples",
-                  "passed", "scope_probes", "scope_since", "scope_until", "targets")
+                  "passed", "scope_probes", "scope_since", "scope_until", "targets",
+                  "scope_family")
 
 
 def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
@@ -168,7 +169,8 @@ def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
          "target": r.target, "observed": r.observed, "samples": r.samples,
          "passed": "" if r.passed is None else str(r.passed).lower(),
          "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
-         "targets": report.targets_name}
+         "targets": report.targets_name,
+         "scope_family": scope.family or ""}
         for r in (*report.indicators, *report.informational)
     ]
 
@@ -365,7 +367,9 @@ def format_certificate(cert: Any) -> str:
     out = [
         "Line certificate (delibera 244/08/CSP method)",
         f"Line:     probe {cert.probe_id}; operator {line.operator or '—'}; offer "
-        f"{line.offer or '—'}; technology {line.technology or '—'}",
+        f"{line.offer or '—'}; technology {line.technology or '—'}"
+        + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only (dual stack: a "
+           "campaign per IP version)" if cert.family else ""),
         "Contract: " + "; ".join(f"{k} {v}" for k, v in contract),
         f"Period:   {cert.first or '—'} to {cert.last or '—'} ({len(cert.sessions)} sessions)",
         f"Method:   rule {cert.rule.name} ({cert.rule.per_band} per hourly band, "

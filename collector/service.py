@@ -218,7 +218,7 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
 
 # What a report can be broken down by (delibera 156/23/CONS: MisuraInternet publishes
 # results by region every semester; analysts also compare offers and technologies).
-BREAKDOWN = ("operator", "offer", "region", "technology", "semester")
+BREAKDOWN = ("operator", "offer", "region", "technology", "semester", "family")
 MAX_GROUPS = 1000
 
 
@@ -249,7 +249,14 @@ def groups(store: Store, where: Scope, by: Sequence[str], max_groups: int = MAX_
     if unknown or len(set(by)) != len(by):
         raise BadParameter(f"by: expected distinct values among {', '.join(BREAKDOWN)}, "
                            f"got {', '.join(by)}", field="by")
-    fields_ = [b for b in by if b != "semester"]
+    fields_ = [b for b in by if b not in ("semester", "family")]
+    # By IP version (issue 16): sessions of unknown family (schema < 6) are in neither.
+    families: tuple[str | None, ...] = (where.family,)
+    if "family" in by:
+        if where.family is not None:
+            raise BadParameter("by: family, with the scope already of one family",
+                               field="by")
+        families = FAMILIES
     periods: list[tuple[str | None, str | None, str | None]] = [
         (None, where.since, where.until)]
     if "semester" in by:
@@ -259,17 +266,21 @@ def groups(store: Store, where: Scope, by: Sequence[str], max_groups: int = MAX_
         if where.probes is None or p.name in where.probes:
             key = tuple(getattr(p.line, f) or "" for f in fields_)
             buckets.setdefault(key, []).append(p.name)
-    if len(buckets) * len(periods) > max_groups:
-        raise BadParameter(f"by: {len(buckets) * len(periods)} groups, more than "
-                           f"{max_groups}; narrow the scope", field="by")
+    count = len(buckets) * len(periods) * len(families)
+    if count > max_groups:
+        raise BadParameter(f"by: {count} groups, more than {max_groups}; narrow the scope",
+                           field="by")
     out = []
     for key in sorted(buckets):
         for label, lo, hi in periods:
-            group = dict(zip(fields_, key, strict=True))
-            if label is not None:
-                group["semester"] = label
-            out.append(({b: group[b] for b in by}, Scope(tuple(buckets[key]), lo, hi,
-                                                         where.family)))
+            for fam in families:
+                group = dict(zip(fields_, key, strict=True))
+                if label is not None:
+                    group["semester"] = label
+                if "family" in by:
+                    group["family"] = fam or ""
+                out.append(({b: group[b] for b in by},
+                            Scope(tuple(buckets[key]), lo, hi, fam)))
     return out
 
 
@@ -280,7 +291,7 @@ def breakdown(store: Store, where: Scope, targets: Targets, by: Sequence[str],
     (browser page, ndt7 clients) have no line: they join only a breakdown by semester
     alone, never one by line metadata."""
     chosen = customers or Customers()
-    if chosen.include and set(by) - {"semester"}:
+    if chosen.include and set(by) - {"semester"}:  # family too: customer tests have none
         raise BadParameter("by: customer tests have no line metadata; include them only "
                            "in a breakdown by semester", field="by")
     return [(key, scope_, compliance(store, scope_, targets, include_invalid, chosen))
@@ -391,8 +402,10 @@ def check_timezone(timezone: str) -> str:
 
 
 def certificate(store: Store, probe: str, since: str | None, until: str | None,
-                rule: str, timezone: str) -> Any:
-    """The line certificate of one probe over [since, until) (all its results if open)."""
+                rule: str, timezone: str, family: str | None = None) -> Any:
+    """The line certificate of one probe over [since, until) (all its results if open),
+    of one IP version: a dual-stack line is two campaigns, one per family (the agent
+    measures each slot once over each), so ``family`` must then be given."""
     line = store.probe(probe)
     if line is None:
         raise NotFound(f"no probe named {probe!r}", field="probe")
@@ -400,8 +413,16 @@ def certificate(store: Store, probe: str, since: str | None, until: str | None,
         raise BadParameter(f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
                        field="rule")
     check_timezone(timezone)
+    if family is not None and family not in FAMILIES:
+        raise BadParameter(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}",
+                           field="family")
     where = scope([probe], since, until)
-    facts = store.facts([probe], where.since, where.until)
+    facts = store.facts([probe], where.since, where.until, family=family)
+    measured = certify.families(facts)
+    if family is None and len(measured) > 1:
+        raise BadParameter("family: this line was measured over IPv4 and IPv6 (dual "
+                           "stack), a campaign each: certify one, family ipv4 or ipv6",
+                           field="family")
     # The suppression windows over the period (or over the sessions' span, when open).
     lo = where.since or min((f.started_at for f in facts), default=None)
     hi = where.until or max((f.started_at for f in facts), default=None)
@@ -409,15 +430,23 @@ def certificate(store: Store, probe: str, since: str | None, until: str | None,
                   if w.selector.matches(line) and lo is not None and hi is not None
                   and w.starts_at <= hi and w.ends_at > lo]
     return certify.certify(probe, line.line, facts, certify.RULES[rule], timezone,
-                           suppressed=suppressed)
+                           suppressed=suppressed, family=family)
 
 
 CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int, int]]],
                            dict[str, int]]
 
 
+def without_family(where: Scope, what: str) -> None:
+    """Refuse a family filter where it cannot apply (a 400 naming it, never ignored)."""
+    if where.family is not None:
+        raise BadParameter(f"family: {what} counts every session a probe numbers, of "
+                           "both families; it cannot be filtered by one", field="family")
+
+
 def completeness_inputs(store: Store, where: Scope) -> CompletenessInputs:
     """What completeness needs from the store (run on the database thread)."""
+    without_family(where, "completeness")
     probes = list(where.probes) if where.probes is not None else None
     return (store.session_seqs(probes, where.since, where.until),
             store.gap_seq_ranges(probes), store.seqs_before(probes, where.since))

@@ -100,6 +100,14 @@ class Certificate:
     sessions: tuple[SessionLine, ...]
     verdict: CertVerdict
     suppressions: tuple[Suppressed, ...] = ()
+    # The IP version certified, when the line was measured over both (dual stack: each
+    # family is a campaign of its own, issue 16); None: a single family or unknown.
+    family: str | None = None
+
+
+def families(results: Sequence[SessionFacts]) -> list[str]:
+    """The IP versions the sessions were measured over (unknown ones left out)."""
+    return sorted({r.address_family for r in results if r.address_family is not None})
 
 
 def covered_bands(starts_at: str, ends_at: str, timezone: str) -> tuple[int, ...]:
@@ -118,7 +126,8 @@ def covered_bands(starts_at: str, ends_at: str, timezone: str) -> tuple[int, ...
 def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             rule: CampaignRule = RULES["96in24h"], timezone: str = "Europe/Rome",
             delay_basis: Literal["rtt", "rtt_half"] = "rtt",
-            suppressed: Sequence[tuple[str, str, str]] = ()) -> Certificate:
+            suppressed: Sequence[tuple[str, str, str]] = (),
+            family: str | None = None) -> Certificate:
     """``suppressed``: (starts_at, ends_at, reason) of the suppression windows over the
     period, shown with the bands they cover (they change no number)."""
     zone = ZoneInfo(timezone)
@@ -212,4 +221,5 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         sessions=tuple(listed), verdict=verdict,
         suppressions=tuple(Suppressed(a, b, why, covered_bands(a, b, timezone))
                            for a, b, why in suppressed),
+        family=family,
     )

@@ -395,7 +395,8 @@ class SqlStore:
                 until: str | None = None, limit: int | None = None,
                 family: str | None = None) -> list[StoredResult]:
         """Results by start time, oldest first; ``since`` inclusive, ``until`` exclusive."""
-        where, params = self._scope(probes, since, until, named_only=True, family=family)
+        where, params = self._scope(probes, since, until, named_only=True, family=family,
+                                    table="results")
         tail = ""
         if limit is not None:
             tail = " LIMIT ?"
@@ -455,7 +456,8 @@ class SqlStore:
 
     def _scope(self, probes: Sequence[str] | None, since: str | None, until: str | None,
                column: str = "started_at", named_only: bool = False,
-               family: str | None = None) -> tuple[str, list[Any]]:
+               family: str | None = None, table: str = "session_facts"
+               ) -> tuple[str, list[Any]]:
         """WHERE clause over a facts table. Probes go as one parameter (a JSON array or
         an array), so a scope of thousands of probes stays one statement. ``family``
         ("ipv4"/"ipv6", issue 16) keeps the sessions measured over it, by their
@@ -475,8 +477,12 @@ class SqlStore:
             clauses.append(f"{column} < ?")
             params.append(until)
         if family is not None:
-            clauses.append("result_id IN (SELECT result_id FROM session_facts "
-                           "WHERE address_family = ?)")
+            # On session_facts, its own column; on another table (keyed by result_id),
+            # that result's session row, one index seek each (never a scan of every
+            # session of the family).
+            clauses.append("address_family = ?" if table == "session_facts" else
+                           "EXISTS (SELECT 1 FROM session_facts sf WHERE sf.result_id = "
+                           f"{table}.result_id AND sf.address_family = ?)")
             params.append(family)
         return " AND ".join(clauses) or "1 = 1", params
 
@@ -507,14 +513,16 @@ class SqlStore:
                           since: str | None, until: str | None,
                           family: str | None = None) -> None:
         where, params = self._scope(probes, since, until, family=family)
+        t_where, t_params = self._scope(probes, since, until, family=family,
+                                        table="transfer_facts")
         # Plain tuples straight from the driver (rollup.SessionRow, TransferRow).
         sessions = tx.rows(
             "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, invalid_codes "
             f"FROM session_facts WHERE {where} ORDER BY probe_name, started_at, result_id",
             params)
         transfers = tx.rows(
-            f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {where} "
-            "ORDER BY probe_name, started_at, result_id, seq", params)
+            f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {t_where} "
+            "ORDER BY probe_name, started_at, result_id, seq", t_params)
         rollup.observe_sessions(obs, sessions, transfers)
         # Jitter terms are integers (ns): the database sums them exactly, and the row
         # loop above (millions of rows) carries two columns fewer.
@@ -542,15 +550,17 @@ class SqlStore:
               until: str | None = None, family: str | None = None) -> list[SessionFacts]:
         """Every session's facts in scope, by start time (a line's campaign)."""
         where, params = self._scope(probes, since, until, family=family)
+        t_where, t_params = self._scope(probes, since, until, family=family,
+                                        table="transfer_facts")
         with self._reading() as tx:
             transfer_rows = tx.rows(
-                f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {where} "
-                "ORDER BY result_id, seq", params)
+                f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {t_where} "
+                "ORDER BY result_id, seq", t_params)
             session_rows = tx.rows(
                 "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
                 "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
-                f"jitter_pairs FROM session_facts WHERE {where} ORDER BY started_at, "
-                "result_id", params)
+                f"jitter_pairs, address_family FROM session_facts WHERE {where} "
+                "ORDER BY started_at, result_id", params)
         transfers: dict[str, list[TransferFact]] = {}
         for result_id, direction, ok, kbps in transfer_rows:
             transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
@@ -560,9 +570,9 @@ class SqlStore:
                          rtts_ms=tuple(json.loads(rtts)),
                          transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
                          invalid_codes=tuple(codes.split()), jitter_sum_ns=int(jsum),
-                         jitter_pairs=int(jpairs))
-            for probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum, jpairs
-            in session_rows
+                         jitter_pairs=int(jpairs), address_family=fam)
+            for (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
+                 jpairs, fam) in session_rows
         ]
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
@@ -572,8 +582,11 @@ class SqlStore:
         any scope size, collector/plots.py); valid sessions only unless asked. The sums
         are the database's (plots only; no verdict rests on them)."""
         where, params = self._scope(probes, since, until, family=family)
+        t_where, t_params = self._scope(probes, since, until, family=family,
+                                        table="transfer_facts")
         if not include_invalid:
             where += " AND valid = 1"
+            t_where += " AND valid = 1"
         rows: dict[str, HourRow] = {}
         with self._reading() as tx:
             for hour, sessions, sent, lost, n, rtt_sum, jsum, jpairs in tx.rows(
@@ -586,8 +599,8 @@ class SqlStore:
                                      jitter_pairs=int(jpairs or 0))
             for hour, direction, count, total in tx.rows(
                     "SELECT substr(started_at, 1, 13), direction, COUNT(*), SUM(kbps) "
-                    f"FROM transfer_facts WHERE {where} AND ok = 1 AND kbps IS NOT NULL "
-                    "GROUP BY 1, 2", params):
+                    f"FROM transfer_facts WHERE {t_where} AND ok = 1 AND kbps IS NOT NULL "
+                    "GROUP BY 1, 2", t_params):
                 row = rows.setdefault(hour, HourRow(hour))
                 if direction == "download":
                     row.download_n, row.download_kbps_sum = int(count), float(total)
@@ -922,12 +935,13 @@ class SqlStore:
                 row = tx.one(
                     "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
                     "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
-                    "jitter_sum_ns, jitter_pairs FROM session_facts WHERE probe_name = ? "
+                    "jitter_sum_ns, jitter_pairs, address_family FROM session_facts "
+                    "WHERE probe_name = ? "
                     "ORDER BY started_at DESC, result_id DESC LIMIT 1", (name,))
                 if row is None:
                     continue
                 (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs) = row
+                 jpairs, fam) = row
                 transfers = tuple(
                     TransferFact(direction, bool(ok), kbps) for direction, ok, kbps in tx.rows(
                         "SELECT direction, ok, kbps FROM transfer_facts WHERE probe_name = ? "
@@ -938,7 +952,8 @@ class SqlStore:
                     pings_lost=lost, rtt=Moments(n, mean, m2),
                     rtts_ms=tuple(json.loads(rtts)), transfers=transfers,
                     valid=bool(valid), invalid_codes=tuple(codes.split()),
-                    jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs)))
+                    jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs),
+                    address_family=fam))
         return out
 
     # --- alerts (issue 16) -----------------------------------------------------------------

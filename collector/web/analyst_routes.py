@@ -155,8 +155,9 @@ async def get_certificate(request: web.Request) -> web.Response:
     fmt = query_format(request, ("json", "html"))
     since, until = q.get("since"), q.get("until")
     rule, timezone = q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome")
+    family = q.get("family")
     cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
-                                                           timezone))
+                                                           timezone, family))
     if fmt == "html":
         return web.Response(text=html_report.certificate_page(cert, utc_now()),
                             content_type="text/html")
@@ -166,6 +167,7 @@ async def get_certificate(request: web.Request) -> web.Response:
 async def list_gaps(request: web.Request) -> web.Response:
     where = await scope_of(request)
     probes = list(where.probes) if where.probes is not None else None
+    service.without_family(where, "a gap record")
     rows = await db(request, lambda s: s.gaps(probes, where.since, where.until))
     return web.json_response({"gaps": rows})
 

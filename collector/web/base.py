@@ -8,6 +8,7 @@ Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx s
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,25 @@ def error_body(status: int, message: str, field: str | None = None) -> web.Respo
 
 def http_status(exc: DomainError) -> int:
     return next(status for kind, status in STATUS_OF if isinstance(exc, kind))
+
+
+@web.middleware
+async def plain_ipv4(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A collector listening on "::" (both families on one socket) sees an IPv4 client
+    as ::ffff:a.b.c.d (RFC 4291 §2.5.5.2). Every handler sees a.b.c.d, as on an IPv4
+    socket: the rate buckets, the measurement slots, the stored client address, the
+    customer-network filter and LibreSpeed's getIP all read request.remote."""
+    remote = request.remote
+    if remote and remote[:7].lower() == "::ffff:":
+        try:
+            mapped = ipaddress.ip_address(remote).ipv4_mapped  # type: ignore[union-attr]
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            request = request.clone(remote=str(mapped))
+    return await handler(request)
 
 
 @web.middleware

@@ -198,3 +198,24 @@ def test_a_dual_stack_slot_counts_once_when_both_count() -> None:
     assert daemon.slot_counts([good, good]) is True
     assert daemon.slot_counts([good, bad]) is False
     assert daemon.slot_counts([]) is False
+
+
+def test_a_session_under_any_runs_in_one_family() -> None:
+    """The ping and the transfers share one family: a literal the config names wins,
+    else the host's preference; literals of both families pin nothing."""
+    from agent.family import pinned_family
+
+    assert pinned_family(None, "collector.example.net", "ipv6") == "ipv6"
+    assert pinned_family("198.18.0.1", "collector.example.net", "ipv6") == "ipv4"
+    assert pinned_family(None, "::1", None) == "ipv6"
+    assert pinned_family("127.0.0.1", "::1", "ipv4") is None
+    assert pinned_family("ping.example.net", None, None) is None
+
+
+def test_preferred_family_follows_the_resolver() -> None:
+    import asyncio
+
+    from agent.session import _preferred_family
+
+    assert asyncio.run(_preferred_family("127.0.0.1")) == "ipv4"
+    assert asyncio.run(_preferred_family("::1")) == "ipv6"

@@ -39,7 +39,9 @@ def test_agent_urls_are_checked_at_load(key: str, url: str, problem: str) -> Non
 
 
 @pytest.mark.parametrize("url", ["http://[::1]:8080", "https://collector.example.net",
-                                 "http://127.0.0.1:65535/base"])
+                                 "http://127.0.0.1:65535/base",
+                                 "https://user:secret@hooks.example.net:8443/x",
+                                 "http://user:pw@[::1]:8080"])
 def test_good_urls_pass(url: str) -> None:
     assert config.url_problem(url) is None
     assert config.parse({"server": {"url": url}}).server.url == url

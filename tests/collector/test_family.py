@@ -38,6 +38,12 @@ def _ipv6_loopback() -> None:
         pytest.skip(f"no IPv6 loopback (::1) here: {exc}")
 
 
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body: bytes = response.read()
+    return body
+
+
 def _reaches(host: str, port: int) -> bool:
     """Whether the collector answers HTTP at host:port (any status: it was reached)."""
     try:
@@ -72,6 +78,20 @@ def test_listen_address_decides_the_families(tmp_path: Path, host: str, over_ipv
 
     url, v4, v6 = asyncio.run(check())
     assert (v4, v6) == (over_ipv4, over_ipv6)
+    if host == "::":
+        # An IPv4 client is seen as a.b.c.d, not ::ffff:a.b.c.d (LibreSpeed's getIP
+        # shows what every handler sees).
+        async def client_address() -> str:
+            runner, url = await app.start(cfg)
+            try:
+                port = int(url.rsplit(":", 1)[1])
+                body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}"
+                                               "/backend/getIP.php?isp=false")
+                return str(json.loads(body)["processedString"])
+            finally:
+                await runner.cleanup()
+
+        assert asyncio.run(client_address()).startswith("127.0.0.1")
     assert url.startswith("http://[::]:" if host == "::" else
                           "http://[::1]:" if host == "::1" else "http://127.0.0.1:")
 
@@ -180,3 +200,48 @@ def test_cli_report_and_results_by_family(mixed: SqliteStore, tmp_path: Path) ->
     wrong = runner.invoke(main, ["--db", db, "results", "--family", "ipx"])
     assert wrong.exit_code == 2
     assert "'ipx' is not one of 'ipv4', 'ipv6'" in wrong.output
+
+
+def _dual_stack_day(store: Any, probe: str) -> None:
+    """One probe measured every quarter hour of a day over IPv4 and IPv6 alike (96
+    sessions each: a complete 96-in-24-h campaign per family)."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.schema import format_utc
+
+    start = datetime(2026, 3, 2, 0, 1, tzinfo=UTC)
+    for i in range(96):
+        at = format_utc(start + timedelta(minutes=15 * i))
+        for fam, bps in (("ipv4", 80e6), ("ipv6", 20e6)):
+            store_result(store, replace(session(probe, started_at=at, transfers=[
+                attempt("download", bps=bps), attempt("upload", bps=bps / 10)]),
+                address_family=fam, address_family_requested="both"))
+
+
+def test_a_dual_stack_line_is_certified_per_family(tmp_path: Path) -> None:
+    """Each slot measured over both families: two campaigns. A certificate without a
+    family is refused, naming it; each family's counts its own sessions (4 a band, not
+    8) and judges its own speeds; a report can be split by family."""
+    from collector.compliance import targets
+
+    store = open_store(StorageConfig(path=str(tmp_path / "c.sqlite3")))
+    try:
+        service.register_probe(store, "ds-1", LineMetadata(download_min_kbps=50_000.0))
+        _dual_stack_day(store, "ds-1")
+        with pytest.raises(BadParameter, match="family: this line was measured over IPv4 "
+                                               "and IPv6"):
+            service.certificate(store, "ds-1", None, None, "96in24h", "UTC")
+        v4 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv4")
+        v6 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv6")
+        assert set(v4.band_counts) == {4} and set(v6.band_counts) == {4}
+        assert (v4.verdict, v6.verdict, v6.family) == ("no_breach", "breach", "ipv6")
+        table = targets.load("")
+        parts = service.breakdown(store, service.scope(None, None, None), table, ["family"])
+        assert [(key["family"], r.sessions) for key, _where, r in parts] == [
+            ("ipv4", 96), ("ipv6", 96)]
+        with pytest.raises(BadParameter, match="family: completeness counts every session"):
+            service.completeness(store, service.scope(None, None, None,
+                                                      filters={"family": "ipv6"},
+                                                      store=store))
+    finally:
+        store.close()

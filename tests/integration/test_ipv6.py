@@ -62,3 +62,35 @@ def test_agent_over_ipv6_to_a_collector_on_the_ipv6_loopback(tmp_path: Path,
     assert failed["address_family"] == "ipv4"
     assert [(t["failure_reason"], t["error"].split(": ", 1)[1]) for t in failed["transfers"]] \
         == [("connect_error", "::1 is an IPv6 address, and IPv4 was asked for")] * 2
+
+
+def test_a_dual_stack_run_spools_and_delivers_a_result_per_family(
+        tmp_path: Path, fast_config: Path) -> None:
+    """`bbprobe -4 -6 run --json` (address_family "both") against a collector on "::"
+    reached at 127.0.0.1: an IPv4 session then an IPv6 one, printed as one JSON array,
+    numbered one after the other by the spool, both delivered and stored with their
+    family. The IPv6 session cannot reach an IPv4 literal: every test of it fails,
+    naming the family, and it is still a result."""
+    _ipv6_loopback()
+    with running_collector(tmp_path / "collector", host="::") as collector:
+        port = collector.url.rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}"
+        token = collector.add_probe("ds")
+        done = _agent(fast_config, "--collector", url, "--token", token,
+                      "--set", "checks.enabled=false", "--set", "download.attempts=1",
+                      "--set", "upload.attempts=1", "-4", "-6", "run", "--json", "-q")
+        assert done.returncode == 0, done.stderr[-2000:]
+        docs = json.loads(done.stdout)
+        assert [(d["address_family"], d["address_family_requested"]) for d in docs] == [
+            ("ipv4", "both"), ("ipv6", "both")]
+        v4, v6 = docs
+        assert v4["ping"]["status"] == "ok" and {t["status"] for t in v4["transfers"]} == {
+            "ok"}
+        assert v6["ping"]["status"] == "failed" and "IPv6 was asked for" in \
+            v6["ping"]["error"]
+        assert {t["status"] for t in v6["transfers"]} == {"failed"}
+        assert v6["session_seq"] == v4["session_seq"] + 1
+        for family, doc in (("ipv4", v4), ("ipv6", v6)):
+            status, body, _ = request("GET", f"{url}/api/v1/results?family={family}")
+            assert status == 200 and [r["result_id"] for r in body["results"]] == [
+                doc["result_id"]], family

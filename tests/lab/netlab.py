@@ -101,6 +101,8 @@ def available() -> str | None:
             return f"needs {tool} (Debian packages iproute2, nftables)"
     if not Path("/dev/net/tun").exists():
         return "needs /dev/net/tun for the delay emulator"
+    if not Path("/proc/sys/net/ipv6").exists():
+        return "needs IPv6 in the kernel (booted with ipv6.disable=1?): the lab is dual-stack"
     return None
 
 
