@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.testing import serve_process
 from tests.httpclient import request
+from tests.integration.test_fleet import daemon
 
 pytestmark = pytest.mark.network
 
@@ -99,21 +100,6 @@ def test_shipped_config_and_rules_pass_promtool(tmp_path: Path) -> None:
 
 
 @contextmanager
-def _daemon(config: Path, log: Path) -> Iterator[subprocess.Popen[str]]:
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(config), "daemon",
-             "--time-scale", "900", "--report-every", "1"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out, text=True)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-
-
-@contextmanager
 def _prometheus(tmp_path: Path, config: str) -> Iterator[str]:
     binary = _needs("prometheus")
     port = _free_port()
@@ -181,7 +167,7 @@ def test_agent_and_collector_metrics_scraped_by_prometheus(tmp_path: Path,
         before = collector_metrics()
         assert before[("bbprobe_collector_results_total", (("outcome", "stored"),))] == 0
 
-        with _daemon(agent, tmp_path / "daemon.log"):
+        with daemon(agent, tmp_path):
             def agent_port_metrics() -> dict[Any, float] | None:
                 try:
                     status, body, _ = request("GET", f"http://127.0.0.1:{agent_port}/metrics",
