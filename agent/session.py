@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from agent import __version__, checks, clock, family, live, summary
@@ -49,19 +50,46 @@ def ping_deadline_s(m: PingMethod) -> float:
     return (m.count - 1) * m.interval_s + m.timeout_s + icmp.RESOLVE_TIMEOUT_S + 5.0
 
 
-async def _preferred_family(host: str) -> AddressFamily | None:
-    """The family of the first address getaddrinfo gives for ``host`` (the system's own
-    preference), or None when it does not resolve (the probes then record why)."""
+PREFLIGHT_S = 3.0
+
+
+async def _preferred_family(host: str, port: int | None = None) -> AddressFamily | None:
+    """The family the system prefers for ``host`` (getaddrinfo's order): with a
+    ``port``, the first family whose first address accepts a TCP connection within
+    PREFLIGHT_S (a host whose IPv6 is routed but broken falls back to IPv4, as happy
+    eyeballs would, RFC 8305; none connecting: the first). None when it does not
+    resolve (the probes then record why)."""
     try:
         async with asyncio.timeout(10):
-            infos = await asyncio.to_thread(socket.getaddrinfo, host, None,
+            infos = await asyncio.to_thread(socket.getaddrinfo, host, port,
                                             socket.AF_UNSPEC, socket.SOCK_STREAM)
     except (OSError, TimeoutError, UnicodeError):
         return None
+    first: dict[int, Any] = {}
     for info in infos:
         if info[0] in (socket.AF_INET, socket.AF_INET6):
-            return "ipv4" if info[0] == socket.AF_INET else "ipv6"
-    return None
+            first.setdefault(info[0], info[4])
+    order: list[AddressFamily] = ["ipv4" if af == socket.AF_INET else "ipv6" for af in first]
+    if port is None or len(order) < 2:
+        return order[0] if order else None
+    for af, sockaddr in first.items():
+        try:
+            async with asyncio.timeout(PREFLIGHT_S):
+                _reader, writer = await asyncio.open_connection(sockaddr[0], sockaddr[1])
+            writer.close()
+            return "ipv4" if af == socket.AF_INET else "ipv6"
+        except (OSError, TimeoutError):
+            continue
+    return order[0]
+
+
+async def _resolves(host: str, af: int) -> bool:
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.to_thread(socket.getaddrinfo, host, None, af, socket.SOCK_STREAM)
+    except (OSError, TimeoutError, UnicodeError):
+        return False
+    return True
 
 
 async def run_ping(target: str, m: PingMethod, progress: Progress = _quiet,
@@ -207,11 +235,19 @@ async def run(
         # 6724), or the ping target's when it is an address literal; else the ping
         # could run over IPv4 and the load over IPv6, and the streams could split.
         target = ping_target(cfg) if m.ping is not None else None
-        server_host = urlsplit(base_url).hostname if base_url else None
+        parts = urlsplit(base_url) if base_url else None
+        server_host = parts.hostname if parts else None
         literal = family.family_of(target) or family.family_of(server_host)
         host = server_host or target
-        preferred = None if literal or not host else await _preferred_family(host)
+        port = (parts.port or (443 if parts.scheme == "https" else 80)) if parts else None
+        preferred = None if literal or not host else await _preferred_family(host, port)
         pinned = family.pinned_family(target, server_host, preferred)
+        # A ping target by another name, with no address of that family: pin nothing
+        # (each part as before) rather than fail the ping.
+        if pinned is not None and target and target != server_host and \
+                family.family_of(target) is None and \
+                not await _resolves(target, family.socket_family(pinned)):
+            pinned = None
         if pinned is not None:
             af = family.socket_family(pinned)
     ping_test: PingTest | None = None

@@ -86,9 +86,11 @@ def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
         return None, []
     rule, started, deadline = done
     facts = store.facts([probe.name], since=started, until=deadline)
-    measured = families(facts)
     final, found = True, []
-    for fam in measured if len(measured) > 1 else [None]:
+    # A dual-stack line: a campaign per family, both certified (one whose sessions
+    # have not all arrived is incomplete, not final).
+    split: list[str | None] = list(families(facts)) or [None]
+    for fam in split:
         cert = certify(probe.name, probe.line,
                        [f for f in facts if fam is None or f.address_family == fam],
                        RULES[rule], timezone, family=fam)

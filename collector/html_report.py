@@ -319,6 +319,18 @@ def index(probes: Sequence[Probe]) -> str:
     )
 
 
+def family_choice(probe: str, query: str) -> str:
+    """A dual-stack line's certificate links: one campaign per IP version."""
+    links = "".join(
+        f'<li><a href="certificate?{escape(query)}&amp;family={fam}">{label} campaign</a>'
+        "</li>" for fam, label in (("ipv4", "IPv4"), ("ipv6", "IPv6")))
+    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>Certificate: {escape(probe)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>Line certificate: {escape(probe)}</h1><p>This line is measured over IPv4 "
+            "and IPv6 (dual stack): each is a campaign of its own.</p>"
+            f"<ul>{links}</ul></body></html>\n")
+
+
 def certificate_page(cert: Certificate, generated_at: str) -> str:
     """A line certificate a technician can hand over or print: line and contract, method,
     the 24 hourly bands, each check against its threshold, the verdict, every session."""

@@ -418,8 +418,7 @@ def certificate(store: Store, probe: str, since: str | None, until: str | None,
                            field="family")
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until, family=family)
-    measured = certify.families(facts)
-    if family is None and len(measured) > 1:
+    if family is None and certify.families(facts):
         raise BadParameter("family: this line was measured over IPv4 and IPv6 (dual "
                            "stack), a campaign each: certify one, family ipv4 or ipv6",
                            field="family")

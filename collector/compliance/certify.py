@@ -106,8 +106,11 @@ class Certificate:
 
 
 def families(results: Sequence[SessionFacts]) -> list[str]:
-    """The IP versions the sessions were measured over (unknown ones left out)."""
-    return sorted({r.address_family for r in results if r.address_family is not None})
+    """The IP versions a line is certified in, one campaign each: both, when any of its
+    sessions was half of a dual-stack slot (the agent measured every slot once over
+    each); none otherwise (one campaign, whatever family each session took: under
+    "any" the host may change its preference)."""
+    return ["ipv4", "ipv6"] if any(r.dual_stack for r in results) else []
 
 
 def covered_bands(starts_at: str, ends_at: str, timezone: str) -> tuple[int, ...]:

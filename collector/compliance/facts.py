@@ -54,8 +54,10 @@ class SessionFacts:
     jitter_sum_ns: int = 0
     jitter_pairs: int = 0
     # The IP version the session measured over (schema 6, issue 16); None: unknown.
-    # Stored for the ``family`` scope filter; not read back.
     address_family: str | None = None
+    # Whether the agent ran it as half of a dual-stack slot ("both"): such a line is a
+    # campaign per family (certify.py).
+    dual_stack: bool = False
 
     @property
     def completed(self) -> bool:
@@ -102,4 +104,5 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
         if result.validity is not None else (),
         jitter_sum_ns=jitter_sum, jitter_pairs=pairs,
         address_family=result.address_family,
+        dual_stack=result.address_family_requested == "both",
     )

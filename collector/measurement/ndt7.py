@@ -367,7 +367,11 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             if transport is None:  # the client went away before the upgrade
                 raise ApiError(400, "ndt7: connection closed before the upgrade")
             sock = transport.get_extra_info("socket")
-            sub = Subtest(test=test, client=_addr(transport.get_extra_info("peername")),
+            peer = transport.get_extra_info("peername")
+            # The client's address as the handlers see it (an IPv4 client of a collector
+            # on "::" is a.b.c.d, web/base.py plain_ipv4), with the socket's port.
+            sub = Subtest(test=test, client=_addr((request.remote, peer[1]) if peer and
+                                                  request.remote else peer),
                           server=_addr(transport.get_extra_info("sockname")),
                           metadata=metadata, early_exit=early and test == "download")
             if sock is not None:

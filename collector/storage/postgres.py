@@ -285,7 +285,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 6 (SQLite's 16): the IP version each session measured over (schema 6, issue 16).
     # NULL: unknown; every row already stored is of schema 5 or older (no backfill).
     """
-    ALTER TABLE session_facts ADD COLUMN address_family TEXT
+    ALTER TABLE session_facts ADD COLUMN address_family TEXT;
+    ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0
     """,
 )
 

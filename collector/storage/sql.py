@@ -559,7 +559,7 @@ class SqlStore:
             session_rows = tx.rows(
                 "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
                 "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
-                f"jitter_pairs, address_family FROM session_facts WHERE {where} "
+                f"jitter_pairs, address_family, dual_stack FROM session_facts WHERE {where} "
                 "ORDER BY started_at, result_id", params)
         transfers: dict[str, list[TransferFact]] = {}
         for result_id, direction, ok, kbps in transfer_rows:
@@ -570,9 +570,10 @@ class SqlStore:
                          rtts_ms=tuple(json.loads(rtts)),
                          transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
                          invalid_codes=tuple(codes.split()), jitter_sum_ns=int(jsum),
-                         jitter_pairs=int(jpairs), address_family=fam)
+                         jitter_pairs=int(jpairs), address_family=fam,
+                         dual_stack=bool(dual))
             for (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs, fam) in session_rows
+                 jpairs, fam, dual) in session_rows
         ]
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
@@ -935,13 +936,13 @@ class SqlStore:
                 row = tx.one(
                     "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
                     "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
-                    "jitter_sum_ns, jitter_pairs, address_family FROM session_facts "
+                    "jitter_sum_ns, jitter_pairs, address_family, dual_stack FROM session_facts "
                     "WHERE probe_name = ? "
                     "ORDER BY started_at DESC, result_id DESC LIMIT 1", (name,))
                 if row is None:
                     continue
                 (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs, fam) = row
+                 jpairs, fam, dual) = row
                 transfers = tuple(
                     TransferFact(direction, bool(ok), kbps) for direction, ok, kbps in tx.rows(
                         "SELECT direction, ok, kbps FROM transfer_facts WHERE probe_name = ? "
@@ -953,7 +954,7 @@ class SqlStore:
                     rtts_ms=tuple(json.loads(rtts)), transfers=transfers,
                     valid=bool(valid), invalid_codes=tuple(codes.split()),
                     jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs),
-                    address_family=fam))
+                    address_family=fam, dual_stack=bool(dual)))
         return out
 
     # --- alerts (issue 16) -----------------------------------------------------------------
@@ -1118,7 +1119,8 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "session_facts": (("probe_name", "started_at", "result_id"),
                       ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
                        "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid",
-                       "invalid_codes", "jitter_sum_ns", "jitter_pairs", "address_family")),
+                       "invalid_codes", "jitter_sum_ns", "jitter_pairs", "address_family",
+                       "dual_stack")),
     "transfer_facts": (("probe_name", "started_at", "result_id", "seq"),
                        ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
                         "kbps", "valid")),
@@ -1178,12 +1180,12 @@ def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
     tx.run(
         "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, "
         "pings_lost, rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
-        "jitter_sum_ns, jitter_pairs, address_family) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "jitter_sum_ns, jitter_pairs, address_family, dual_stack) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
          rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":")),
          int(facts.valid), " ".join(facts.invalid_codes), facts.jitter_sum_ns,
-         facts.jitter_pairs, facts.address_family))
+         facts.jitter_pairs, facts.address_family, int(facts.dual_stack)))
     tx.many(
         "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
         "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

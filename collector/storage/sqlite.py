@@ -361,6 +361,7 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # schema, so every row already stored is of schema 5 or older, which has no family.
     """
     ALTER TABLE session_facts ADD COLUMN address_family TEXT;
+    ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0;
     """,
 )
 

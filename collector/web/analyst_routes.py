@@ -15,7 +15,7 @@ from agent.schema import utc_now
 from collector import __version__, html_report, service
 from collector.compliance import targets as targets_mod
 from collector.compliance.completeness import completeness
-from collector.errors import ApiError
+from collector.errors import ApiError, BadParameter
 from collector.measurement.slots import SLOTS
 from collector.report import (
     LISTING_COLUMNS,
@@ -156,8 +156,16 @@ async def get_certificate(request: web.Request) -> web.Response:
     since, until = q.get("since"), q.get("until")
     rule, timezone = q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome")
     family = q.get("family")
-    cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
-                                                           timezone, family))
+    try:
+        cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
+                                                               timezone, family))
+    except BadParameter as exc:
+        if fmt != "html" or family is not None or exc.field != "family":
+            raise
+        # A dual-stack line from a link without a family (the index page): a page that
+        # links to the campaign of each family.
+        return web.Response(text=html_report.family_choice(probe, request.query_string),
+                            content_type="text/html")
     if fmt == "html":
         return web.Response(text=html_report.certificate_page(cert, utc_now()),
                             content_type="text/html")

@@ -219,3 +219,30 @@ def test_preferred_family_follows_the_resolver() -> None:
 
     assert asyncio.run(_preferred_family("127.0.0.1")) == "ipv4"
     assert asyncio.run(_preferred_family("::1")) == "ipv6"
+    # With a port, a family that does not answer is passed over (happy eyeballs):
+    # checked with one family at a time here (no name on this machine has both).
+    assert asyncio.run(_preferred_family("127.0.0.1", 9)) == "ipv4"
+
+
+def test_any_falls_back_when_the_preferred_family_does_not_connect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name whose IPv6 address comes first but does not answer (a routed but broken
+    IPv6): the session is pinned to IPv4, which does (RFC 8305's fallback). Real TCP on
+    loopback; only the resolver's answer is made up (no name here has both families)."""
+    import asyncio
+    import socket as socket_mod
+
+    from agent import session as session_mod
+
+    with socket_mod.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        answers = [
+            (socket_mod.AF_INET6, socket_mod.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket_mod.AF_INET, socket_mod.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        monkeypatch.setattr(session_mod.socket, "getaddrinfo",
+                            lambda *args, **kwargs: answers)
+        assert asyncio.run(session_mod._preferred_family("dual.example", port)) == "ipv4"
+        # Without a port (a ping-only session) the resolver's order decides.
+        assert asyncio.run(session_mod._preferred_family("dual.example")) == "ipv6"
