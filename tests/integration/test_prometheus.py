@@ -12,9 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.testing import serve_process
 from tests.httpclient import request
-from tests.integration.test_fleet import daemon
+from tests.integration.test_fleet import _until, daemon
 
 pytestmark = pytest.mark.network
 
@@ -50,16 +49,6 @@ def parsed(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def _by_name(samples: dict[Any, float], name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {labels: v for (n, labels), v in samples.items() if n == name}
-
-
-def _until(what: Callable[[], Any], timeout_s: float, why: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {why}")
 
 
 def _free_port() -> int:
