@@ -175,10 +175,9 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
     routes = Routes(app)
     if metrics is not None:
         app[METRICS] = metrics
+        app[metrics_routes.CACHE] = metrics_routes.Cached()  # the route's and the listener's
         if role != "measurement":  # the token check needs the store
             metrics_routes.add_routes(routes)
-        else:
-            app[metrics_routes.CACHE] = metrics_routes.Cached()
     if role == "measurement":
         routes.get("/healthz", public_routes.healthz, role="public")
     else:

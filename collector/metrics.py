@@ -170,7 +170,6 @@ class ProbeState:
     probe: Probe
     last_seen_at: str | None
     silent: bool
-    healthy: bool
     session: SessionFacts | None
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, time
 from typing import Any
 
+from agent.family import FAMILIES
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
 from collector import auth, control
 from collector.compliance import certify
@@ -173,7 +174,11 @@ def period_bounds(period: str) -> tuple[str, str]:
 METADATA_FILTERS = ("operator", "offer", "region", "technology")
 # Scope filters on the sessions themselves: the IP version measured over (issue 16).
 SESSION_FILTERS = ("family",)
-FAMILIES = ("ipv4", "ipv6")
+def check_family(family: str | None) -> None:
+    """A family filter is one of agent.family.FAMILIES (or none)."""
+    if family is not None and family not in FAMILIES:
+        raise BadParameter(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}",
+                           field="family")
 
 
 def probes_matching(store: Store, filters: dict[str, str]) -> list[str]:
@@ -200,9 +205,7 @@ def scope(probes: list[str] | None, since: str | None, until: str | None,
     selected = list(probes) if probes else None
     active = {k: v for k, v in (filters or {}).items() if v}
     family = active.pop("family", None)
-    if family is not None and family not in FAMILIES:
-        raise BadParameter(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}",
-                           field="family")
+    check_family(family)
     if "technology" in active:
         # Any case finds the canonical spelling (fwa, FWA: stored lines were made
         # canonical by the migration that brought the list); other text is kept.
@@ -413,9 +416,7 @@ def certificate(store: Store, probe: str, since: str | None, until: str | None,
         raise BadParameter(f"rule: expected one of {', '.join(certify.RULES)}, got {rule!r}",
                        field="rule")
     check_timezone(timezone)
-    if family is not None and family not in FAMILIES:
-        raise BadParameter(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}",
-                           field="family")
+    check_family(family)
     where = scope([probe], since, until)
     facts = store.facts([probe], where.since, where.until, family=family)
     if family is None and certify.families(facts):

@@ -61,8 +61,8 @@ def read_snapshot(store: Store, cfg: CollectorConfig, outbox: bool,
     sessions = {f.probe_id: f for f in store.latest_sessions(chosen)} if chosen else {}
     by_name = {r["probe_id"]: r for r in rows}
     per_probe = [ProbeState(probes[name], by_name[name]["last_seen"],
-                            bool(by_name[name]["silent"]), bool(by_name[name]["healthy"]),
-                            sessions.get(name)) for name in chosen if name in probes]
+                            bool(by_name[name]["silent"]), sessions.get(name))
+                 for name in chosen if name in probes]
     return Snapshot(
         database_size_bytes=store.size_bytes(),
         outbox_results=store.outbox_size() if outbox else None,
@@ -161,7 +161,6 @@ def timing(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
 
 
 def add_routes(routes: Routes) -> None:
-    routes.app[CACHE] = Cached()
     routes.get(PATH, get_metrics, role="analyst")
 
 
