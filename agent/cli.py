@@ -23,9 +23,11 @@ from aiohttp import web
 
 from agent import __version__, config, control, family, health, report
 from agent import metrics as agent_metrics
-from agent.delivery import CollectorClient, DeliveryReport, Spool, deliver, file_id
+from agent.delivery import CollectorClient, DeliveryReport, deliver
 from agent.errors import AgentError, ConfigError, DeliveryError
+from agent.identity import Backlog, Identity, identity_for
 from agent.schema import HealthReport, SessionResult, to_dict
+from agent.spool import Spool, file_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -218,6 +220,15 @@ def _report_dead_lettered(outcome: DeliveryReport) -> None:
                    "bbprobe dead-letter list)", err=True)
 
 
+def _report_waiting(outcome: DeliveryReport, spool: Spool) -> None:
+    """One line for the results spooled for another token (issue 23): kept, not sent."""
+    if outcome.waiting:
+        click.echo(f"bbprobe: {outcome.waiting} spooled result(s) measured for another probe "
+                   f"or collector wait in the spool, not sent with this token; they are "
+                   f"sent when a run uses their identity (bbprobe status lists them; "
+                   f"{spool.dir})", err=True)
+
+
 def _client(cfg: config.AgentConfig, token: str, timeout_s: float) -> CollectorClient:
     c = cfg.collector
     return CollectorClient(c.url, token, timeout_s, ca_file=c.ca_file,
@@ -354,7 +365,9 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             click.echo(f"bbprobe: warning: this probe is suppressed until "
                        f"{window.ends_at.isoformat()} ({window.reason}); measuring anyway",
                        err=True)
-        spool = Spool(cfg.state_dir, cfg.delivery) if client is not None else None
+        # Each result is spooled for this collector and token, and only they send it.
+        spool = Spool(cfg.state_dir, cfg.delivery, client.identity) \
+            if client is not None else None
         shown: list[SessionResult] = []
 
         def keep(result: SessionResult) -> None:
@@ -382,6 +395,7 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             return 0
         outcome = await deliver(spool, client, cfg.delivery, probe_id=probe_id)
         _report_dead_lettered(outcome)
+        _report_waiting(outcome, spool)
         report_ = _health_report(spool, mode="run", campaign=None,
                                  instruction_version=applied.version,
                                  instruction_error=applied.error)
@@ -563,11 +577,14 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     entries = spool.entries()
     dead = [{"id": file_id(p), "file": str(p), "reason": _reason(p)}
             for p in spool.dead_letters()]
+    mine = _identity(cfg)
+    owners = spool.backlog()
     doc: dict[str, Any] = {
         "state_dir": cfg.state_dir,
         "spool": {"results": len(entries), "bytes": sum(e.size for e in entries),
                   "oldest_started_at": entries[0].started_at.isoformat() if entries else None,
-                  "limit_bytes": cfg.delivery.spool_max_bytes},
+                  "limit_bytes": cfg.delivery.spool_max_bytes,
+                  "by_identity": [_backlog_json(b, mine) for b in owners]},
         "gaps_waiting": len(spool.gaps()),
         "dead_letter": dead,
         "counters": spool.stats(),
@@ -604,6 +621,10 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
              f"KiB of {cfg.delivery.spool_max_bytes / 1024**2:.0f} MiB)"
              + (f", oldest started {spooled['oldest_started_at']}" if entries else "")
              + f" in {spool.dir}"]
+    if any(not row["this_token"] for row in doc["spool"]["by_identity"]):
+        # Another probe's or collector's results share the spool (issue 23): whose, and
+        # when they go.
+        lines += [f"  {_backlog_line(b, mine)}" for b in owners]
     counters = doc["counters"]
     lines.append(f"gaps: {doc['gaps_waiting']} gap record(s) waiting to be sent; "
                  f"{counters.get('dropped_total', 0)} result(s) dropped in total")
@@ -649,6 +670,47 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     else:
         lines.append(f"collector: {coll['url']} unreachable or refusing: {coll['error']}")
     click.echo("\n".join(lines))
+
+
+def _identity(cfg: config.AgentConfig) -> Identity | None:
+    """Whom a run with this config would deliver as; None without a collector or when
+    the token cannot be read (status still shows the spool)."""
+    if not cfg.collector.url:
+        return None
+    try:
+        token = config.read_token(cfg)
+    except ConfigError:
+        return None
+    return identity_for(cfg.collector.url, token, cfg.collector.client_cert)
+
+
+def _backlog_json(b: Backlog, mine: Identity | None) -> dict[str, Any]:
+    return {"collector_url": b.identity.collector_url if b.identity else None,
+            "token_fingerprint": b.identity.token_fingerprint if b.identity else None,
+            "probe_id": b.probe_id, "results": b.results, "bytes": b.size_bytes,
+            "gaps": b.gaps, "this_token": _this_token(b, mine)}
+
+
+def _this_token(b: Backlog, mine: Identity | None) -> bool:
+    return b.identity is not None and mine is not None and \
+        b.identity.token_fingerprint == mine.token_fingerprint
+
+
+def _backlog_line(b: Backlog, mine: Identity | None) -> str:
+    """One owner's share of the spool, and what sends it (agent.identity.claim)."""
+    what = f"{b.results} result(s)" + (f" and {b.gaps} gap record(s)" if b.gaps else "")
+    who = f"probe {b.probe_id}" if b.probe_id else "a probe not named yet"
+    if b.identity is None and not b.probe_id:
+        return (f"{what} from an older bbprobe, with no probe name and no identity: not "
+                "sent, since whose they are cannot be told (dropped, with a gap record, "
+                "after delivery.max_age_days)")
+    if b.identity is None:
+        return (f"{what} from an older bbprobe for probe {b.probe_id}: sent by a run "
+                f"whose collector names its token {b.probe_id}")
+    at = f"{who} at {b.identity.collector_url}"
+    if _this_token(b, mine):
+        return f"{what} for {at} (this token): sent by the next run or session"
+    return f"{what} waiting for {at}, sent when a run uses that identity"
 
 
 def _reason(path: Path) -> str:
@@ -889,6 +951,7 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
         # session asks again (the collector may be away now and back later).
         probe_id = await _probe_id(state["cfg"], state["client"])
         last_error: dict[str, str | None] = {"instruction": None}
+        waiting = {"results": 0}  # another identity's, said once each time it changes
         gauges = agent_metrics.AgentMetrics(__version__, probe_id or "", sessions={})
 
         async def plan() -> d.Plan:
@@ -913,7 +976,7 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
         async def report(campaign: Any, until: datetime | None,
                          next_at: datetime | None) -> None:
             cfg: config.AgentConfig = state["cfg"]
-            spool = Spool(cfg.state_dir, cfg.delivery)
+            spool = Spool(cfg.state_dir, cfg.delivery, state["client"].identity)
             report_ = _health_report(
                 spool, mode="daemon", campaign=campaign or store.load(),
                 instruction_version=state["version"], instruction_error=state["error"],
@@ -933,7 +996,7 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 # Refused mid-campaign: still measure; the results wait in the spool.
                 click.echo(f"bbprobe: {exc}", err=True)
                 named = None
-            spool = Spool(cfg.state_dir, cfg.delivery)
+            spool = Spool(cfg.state_dir, cfg.delivery, client.identity)
 
             def keep(result: SessionResult) -> None:
                 spool.put(result)  # as each session ends: a SIGTERM keeps what was done
@@ -949,6 +1012,9 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                     cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, 30)),
                 probe_id=named)
             _report_dead_lettered(outcome)
+            if outcome.waiting != waiting["results"]:
+                waiting["results"] = outcome.waiting
+                _report_waiting(outcome, spool)
             # The health report follows in run_campaigns, once the session is recorded.
             # The slot counts once in its band, when every family asked for counts.
             return clock(), d.slot_counts(results)

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent import credentials, spec
+from agent import budget, credentials, spec
 from agent.errors import ConfigError
 from agent.schema import (
     PROBE_ID_RE,
@@ -164,7 +164,8 @@ class TransferConfig:
         default=spec.SAMPLE_INTERVAL_S, metadata=bounds(ge=0.01, le=10)
     )
     # Hard deadline per attempt; 0 = automatic (warm-up + window + 5 s in duration mode,
-    # 120 s in file mode).
+    # 300 s in file mode). A session's worst case must fit spec.MAX_SESSION_S and
+    # spec.MAX_SESSION_BYTES (agent/budget.py).
     timeout_s: float = field(default=0.0, metadata=bounds(ge=0, le=3600))
 
 
@@ -210,11 +211,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 1 s apart; adaptive streams, 2 s warm-up + 10 s window; 3 attempts.
     "agcom": {},
     # 131/06 "file di prova predefiniti": whole files, speed = size / time, 3 per session.
+    # One attempt of at most 120 s each (25 MB down from 1.7 Mbit/s, 5 MB up from
+    # 0.33 Mbit/s): 3 x 3 attempts of 300 s each way could last 90 minutes, over the
+    # 15-minute limit of a session (agent/budget.py); this plans 12 minutes at most.
     "file-131-06": {
         "download.mode": "file", "upload.mode": "file",
         "download.streams": 1, "upload.streams": 1,
         "download.file_size_bytes": 25_000_000, "upload.file_size_bytes": 5_000_000,
         "download.tests": 3, "upload.tests": 3,
+        "download.attempts": 1, "upload.attempts": 1,
+        "download.timeout_s": 120.0, "upload.timeout_s": 120.0,
     },
     # RTR-NetTest/RMBT defaults (methodology.md §3.1): 3 streams, 2 s pre-test, 7 s.
     "rmbt": {
@@ -320,7 +326,7 @@ def _check(cfg: AgentConfig, source: str) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
 
-    if cfg.probe_id and not PROBE_ID_RE.match(cfg.probe_id):
+    if cfg.probe_id and not PROBE_ID_RE.fullmatch(cfg.probe_id):
         fail("probe_id", "must be 1-64 characters of letters, digits, '.', '_', '-'")
     for key, url in (("collector.url", cfg.collector.url), ("server.url", cfg.server.url),
                      *((f"server.candidates[{i}]", u)
@@ -355,6 +361,10 @@ def _check(cfg: AgentConfig, source: str) -> None:
         if transfer.mode == "file" and transfer.streams == 0:
             fail(f"{name}.streams", "must be >= 1 in file mode (adaptive streams need a "
                                     "warm-up)")
+    # Last: the plan's figures assume every key above holds.
+    sessions = 2 if cfg.server.address_family == "both" else 1
+    if (problem := budget.limit_problem(budget.plan(method(cfg), sessions))) is not None:
+        fail("session", problem)
 
 
 def listen_problem(text: str) -> str | None:

@@ -24,7 +24,7 @@ class CredentialError(Exception):
 
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a credential name, or None (for config validation)."""
-    if not NAME_RE.match(name) or name in (".", ".."):
+    if not NAME_RE.fullmatch(name) or name in (".", ".."):
         return "must be a credential name (letters, digits, '.', '_', '-')"
     return None
 

@@ -1,9 +1,8 @@
-"""Result delivery: a bounded, durable on-disk spool, and pushes to the collector.
+"""Result delivery: pushes what the spool (agent.spool) holds to the collector.
 
 Contract (shared/reference/reliability.md A1-A9):
-- A finished session is written to the spool first (temp file, fsync, rename, fsync of the
-  directory) and removed only after the collector's 2xx for that result id, so a crash
-  or an unreachable collector loses nothing.
+- A spooled result is removed only after the collector's 2xx for that result id, so a
+  crash or an unreachable collector loses nothing.
 - Network errors, 408, 425, 429 and 5xx are retried with exponential backoff (retry_min_s
   doubling to retry_max_s, +-50 % jitter), honouring a Retry-After up to retry_max_s.
   A result the collector refuses for good moves to ``dead-letter/`` with the reason next
@@ -18,28 +17,27 @@ Contract (shared/reference/reliability.md A1-A9):
   400 naming a field on a batch of several halves the batch size, so one bad document
   cannot hold up the rest; a 400 that names no field is the request's, not a
   document's, and stops delivery with everything kept.
+- Gap records go first, each under the identity of the results it stands for. Delivery
+  sends only what was spooled for the same token (``agent.identity.claim``); the rest
+  stays spooled untouched, is counted (``DeliveryReport.waiting``) and listed by
+  ``bbprobe status`` per identity.
 - A result measured before the collector named the probe (whoami) is spooled without a
-  ``probe_id`` and named at delivery, once the collector has answered: never a guess.
-- The spool is bounded: beyond ``spool_max_bytes``, below ``min_free_bytes`` of free disk,
-  or past ``max_age_days``, the oldest results are dropped, counted, and a gap record
-  (``agent.schema.GapRecord``) is spooled and sent in their place. A full disk (ENOSPC)
-  is a counted drop, never a crash and never a torn file.
+  ``probe_id`` and named at delivery by that same token's whoami: never a guess, never
+  another probe's name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import gzip
 import json
 import os
 import random
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -50,26 +48,13 @@ import zstandard
 from agent import spec
 from agent.config import DeliveryConfig
 from agent.errors import ConfigError, DeliveryError
-from agent.schema import (
-    MAX_SEQ_RANGES,
-    SCHEMA_VERSION,
-    GapRecord,
-    SessionResult,
-    format_utc,
-    merge_ranges,
-    seq_ranges,
-    to_dict,
-    utc_now,
-)
+from agent.identity import Claim, Identity, claim, identity_for
+from agent.schema import utc_now
+from agent.spool import Entry, Spool, file_id, parse_spooled
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 BATCH_PATH = spec.RESULTS_PATH + "/batch"
 GAPS_PATH = "/api/v1/gaps"
-_STAMP = "%Y%m%dT%H%M%S.%fZ"
-
-
-def result_json(result: SessionResult) -> str:
-    return json.dumps(to_dict(result), separators=(",", ":"), allow_nan=False)
 
 
 # --- pure policy -------------------------------------------------------------------------
@@ -115,38 +100,6 @@ class ItemOutcome:
     error: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A spooled result: its file, size and session start."""
-
-    path: Path
-    size: int
-    started_at: datetime
-
-
-def evictions(entries: Sequence[Entry], incoming: int, cfg: DeliveryConfig, free_bytes: int,
-              now: datetime) -> list[tuple[Entry, str]]:
-    """Which spooled results to drop (oldest first) before writing ``incoming`` bytes, and
-    why: past the age cap ("too_old"), then over the byte cap ("spool_full"), then under
-    the free-disk floor ("disk_full"). Pure."""
-    out: list[tuple[Entry, str]] = []
-    keep = list(entries)
-    cutoff = now - timedelta(days=cfg.max_age_days)
-    while keep and keep[0].started_at < cutoff:
-        out.append((keep.pop(0), "too_old"))
-    total = sum(e.size for e in keep)
-    while keep and total + incoming > cfg.spool_max_bytes:
-        victim = keep.pop(0)
-        total -= victim.size
-        out.append((victim, "spool_full"))
-    freed = sum(e.size for e, _ in out)
-    while keep and free_bytes + freed - incoming < cfg.min_free_bytes:
-        victim = keep.pop(0)
-        freed += victim.size
-        out.append((victim, "disk_full"))
-    return out
-
-
 def batches(entries: Sequence[Entry], max_results: int, max_bytes: int) -> list[list[Entry]]:
     """Consecutive batches, oldest first, within both caps (a result larger than
     ``max_bytes`` goes alone). Pure."""
@@ -162,42 +115,6 @@ def batches(entries: Sequence[Entry], max_results: int, max_bytes: int) -> list[
     if current:
         out.append(current)
     return out
-
-
-def file_id(path: Path) -> str:
-    """The result or gap id a spool file is named after (``STAMP_ID.json`` and
-    ``STAMP_REASON_ID.json``; a UUID has no underscore)."""
-    return path.stem.rsplit("_", 1)[-1]
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_spooled(raw: bytes, name_id: str, id_key: str = "result_id") -> dict[str, Any]:
-    """A spooled document as JSON data, checked as far as sending it needs: what the
-    collector would refuse for the whole batch (not UTF-8, not JSON, NaN, not an object)
-    and what the reply is matched by (``id_key`` equal to the id in the file name, a
-    ``probe_id`` that is a string, possibly empty). Raises ``ValueError`` saying what is
-    wrong. The schema itself is the collector's to judge, one result at a time. Pure."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("not valid JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    if data.get(id_key) != name_id:
-        raise ValueError(f"{id_key} {data.get(id_key)!r} is not the {name_id!r} in its file "
-                         "name")
-    if not isinstance(data.get("probe_id", ""), str):
-        raise ValueError("probe_id is not a string")
-    return data
 
 
 def match_outcomes(sent: Sequence[str], reply: Any) -> list[ItemOutcome]:
@@ -228,288 +145,6 @@ def match_outcomes(sent: Sequence[str], reply: Any) -> list[ItemOutcome]:
             f"{len(missing)} missing, {len(extra)} not sent); kept for a later retry",
             retryable=True)
     return [by_id[rid] for rid in sent]
-
-
-# --- the spool ---------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(final: Path, data: str) -> None:
-    """temp + fsync + rename + fsync(dir): the file is whole or absent, never torn."""
-    tmp = final.with_name(final.name + ".tmp")
-    try:
-        # Raw writes: no buffered flush left to fail (and leak the file) on a full disk.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data.encode())
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-
-
-class Spool:
-    def __init__(self, state_dir: str | Path, cfg: DeliveryConfig | None = None) -> None:
-        self.root = Path(state_dir)
-        self.dir = self.root / "spool"
-        self.dead_dir = self.root / "dead-letter"
-        self.gap_dir = self.root / "gaps"
-        self.stats_path = self.root / "delivery.json"
-        self.cfg = cfg or DeliveryConfig()
-        # The last result written, as written (numbered): what `bbprobe run` shows.
-        self.last_put: SessionResult | None = None
-
-    # results ---------------------------------------------------------------------------
-
-    def entries(self) -> list[Entry]:
-        """Spooled results, oldest first (file names sort by session start)."""
-        if not self.dir.is_dir():
-            return []
-        out = []
-        for path in sorted(self.dir.glob("*.json")):
-            try:
-                started = datetime.strptime(path.name.split("_", 1)[0], _STAMP)
-                out.append(Entry(path, path.stat().st_size, started.replace(tzinfo=UTC)))
-            except (ValueError, OSError):
-                continue  # not ours, or gone meanwhile
-        return out
-
-    def pending(self) -> list[Path]:
-        return [e.path for e in self.entries()]
-
-    def put(self, result: SessionResult, now: datetime | None = None) -> Path | None:
-        """Write ``result`` durably, first dropping what the bounds require. Returns the
-        file, or None when the disk refused it (counted and reported as a gap)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        stamp = datetime.fromisoformat(result.started_at).astimezone(UTC).strftime(_STAMP)
-        final = self.dir / f"{stamp}_{result.result_id}.json"
-        # Room first, for the document as it will be written (numbered): the number
-        # itself is taken only once there is room.
-        size = len(result_json(result if result.session_seq is not None else
-                               replace(result, session_seq=self._peek_seq())).encode())
-        now = now or datetime.now(UTC)
-        vfs = os.statvfs(self.dir)
-        victims = evictions(self.entries(), size, self.cfg, vfs.f_bavail * vfs.f_frsize, now)
-        self._drop(result.probe_id, victims)
-        try:
-            if result.session_seq is None:
-                # Numbered only once there is room: a full disk that refuses the counter
-                # has used no number, so completeness sees no hole for it.
-                result = replace(result, session_seq=self._next_seq())
-            _write_durably(final, result_json(result))
-            self.last_put = result
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
-            started = datetime.fromisoformat(result.started_at).astimezone(UTC)
-            self._drop(result.probe_id, [(Entry(final, 0, started), "disk_full")],
-                       {final: result.session_seq})
-            self.note(last_error=f"spool write failed: {exc.strerror}; result dropped")
-            return None
-        s = result.summary
-        recent = [{"result_id": result.result_id, "started_at": result.started_at,
-                   "download_bps": s.download_bps, "upload_bps": s.upload_bps,
-                   "rtt_mean_ms": s.rtt_mean_ms, "loss_ratio": s.loss_ratio,
-                   "valid": result.valid,
-                   # The host checks that failed (issue 15: the health report flags a
-                   # check that keeps failing).
-                   "invalid_codes": [r.code for r in result.validity.reasons]
-                   if result.validity is not None else []},
-                  *self.stats().get("last_results", [])][:5]
-        self.note(last_results=recent)
-        return final
-
-    def _next_seq(self) -> int:
-        """The next session sequence number (C8), kept durably in state_dir/session_seq,
-        so the collector can tell which sessions never arrived. Under a lock: a daemon
-        and a technician's `bbprobe run` may share the state directory. A lost counter
-        restarts after the highest number still known here (spool, dead letters, gap
-        records); a collector sees a restart below that as a discontinuity."""
-        import fcntl
-
-        path = self.root / "session_seq"
-        with (self.root / "session_seq.lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                last = int(path.read_text(encoding="ascii").strip())
-            except (OSError, ValueError):
-                last = self._highest_known_seq()
-            _write_durably(path, str(last + 1))
-            return last + 1
-
-    def _peek_seq(self) -> int:
-        """The number the next session would get (for sizing only; no lock, no write)."""
-        try:
-            return int((self.root / "session_seq").read_text(encoding="ascii").strip()) + 1
-        except (OSError, ValueError):
-            return 1
-
-    def _highest_known_seq(self) -> int:
-        known = [s for p in [*self.pending(), *self.dead_letters()]
-                 if (s := self._seq_of(p)) is not None]
-        for gap in self.gaps():
-            try:
-                known += [int(b) for _, b in
-                          json.loads(gap.read_text(encoding="utf-8"))["dropped_seq_ranges"]]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return max(known, default=0)
-
-    @staticmethod
-    def _seq_of(path: Path) -> int | None:
-        try:
-            seq = json.loads(path.read_text(encoding="utf-8")).get("session_seq")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else None
-
-    def _drop(self, probe_id: str, victims: Sequence[tuple[Entry, str]],
-              known_seqs: Mapping[Path, int | None] | None = None) -> None:
-        """Delete ``victims`` and account for them in one pending gap record per reason
-        (merged into any not yet sent, so a long squeeze does not fill the disk with gap
-        records)."""
-        by_reason: dict[str, list[Entry]] = {}
-        seqs: dict[str, list[int]] = {}
-        for entry, reason in victims:
-            # Before it goes: the gap record names it (a file never written: given).
-            seq = known_seqs[entry.path] if known_seqs and entry.path in known_seqs \
-                else self._seq_of(entry.path)
-            if seq is not None:
-                seqs.setdefault(reason, []).append(seq)
-            entry.path.unlink(missing_ok=True)
-            by_reason.setdefault(reason, []).append(entry)
-        for reason, dropped in by_reason.items():
-            self.count("dropped_total", len(dropped))
-            first = min(e.started_at for e in dropped)
-            last = max(e.started_at for e in dropped)
-            count = len(dropped)
-            ranges = list(seq_ranges(seqs.get(reason, ())))
-            earlier = [p for p in self.gaps() if f"_{reason}_" in p.name]
-            for path in earlier:
-                try:
-                    old = json.loads(path.read_text(encoding="utf-8"))
-                    count += int(old["dropped"])
-                    first = min(first, datetime.fromisoformat(old["first_started_at"]))
-                    last = max(last, datetime.fromisoformat(old["last_started_at"]))
-                    ranges.extend((int(a), int(b)) for a, b in
-                                  old.get("dropped_seq_ranges", ()))
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-            gap = GapRecord(
-                schema_version=SCHEMA_VERSION, gap_id=str(uuid.uuid4()), probe_id=probe_id,
-                recorded_at=utc_now(), reason=reason,  # type: ignore[arg-type]
-                dropped=count, first_started_at=format_utc(first),
-                last_started_at=format_utc(last),
-                dropped_seq_ranges=merge_ranges(ranges)[-MAX_SEQ_RANGES:],
-            )
-            try:
-                self.gap_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                _write_durably(self.gap_dir / f"{gap.recorded_at.replace(':', '')}_{reason}_"
-                                              f"{gap.gap_id}.json",
-                               json.dumps(to_dict(gap), separators=(",", ":")))
-            except OSError as exc:
-                # Even the gap record does not fit: the counter still says how many.
-                self.note(last_error=f"cannot record a gap of {len(dropped)}: {exc.strerror}")
-                continue
-            for path in earlier:  # merged into the new record
-                path.unlink(missing_ok=True)
-        if victims:
-            _fsync_dir(self.dir)
-
-    def remove(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-
-    def gaps(self) -> list[Path]:
-        if not self.gap_dir.is_dir():
-            return []
-        return sorted(self.gap_dir.glob("*.json"))
-
-    def dead_letter(self, path: Path, reason: str) -> Path:
-        self.dead_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = self.dead_dir / path.name
-        target.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")
-        try:
-            path.replace(target)
-        except FileNotFoundError:  # another deliverer (daemon and a run) took it first
-            target.with_suffix(".reason.txt").unlink(missing_ok=True)
-            return target
-        _fsync_dir(self.dead_dir)
-        _fsync_dir(path.parent)
-        self.count("dead_lettered_total")
-        return target
-
-    def dead_letters(self) -> list[Path]:
-        if not self.dead_dir.is_dir():
-            return []
-        return sorted(self.dead_dir.glob("*.json"))
-
-    @staticmethod
-    def is_gap(path: Path) -> bool:
-        """A gap record's file (named by its recording time), not a result's (named by
-        the session start in ``_STAMP``, which a gap's name never parses as)."""
-        try:
-            datetime.strptime(path.name.split("_", 1)[0], _STAMP)
-        except ValueError:
-            return True
-        return False
-
-    def retry_dead_letter(self, path: Path) -> Path:
-        """Move a dead-lettered result (or gap record) back to where delivery takes it
-        from; its reason goes, the next refusal writes a new one."""
-        home = self.gap_dir if self.is_gap(path) else self.dir
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = home / path.name
-        path.replace(target)
-        path.with_suffix(".reason.txt").unlink(missing_ok=True)
-        _fsync_dir(home)
-        _fsync_dir(path.parent)
-        return target
-
-    def drop_dead_letter(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        path.with_suffix(".reason.txt").unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-
-    # counters (best effort: they describe, the files are the truth) --------------------
-
-    def stats(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self.stats_path.read_text(encoding="utf-8"))
-            return data
-        except (OSError, ValueError):
-            return {}
-
-    def note(self, add: dict[str, int] | None = None, **values: Any) -> None:
-        """Set ``values`` and add to the counters in ``add``, in one write."""
-        data = self.stats()
-        data.update(values)
-        for name, n in (add or {}).items():
-            data[name] = int(data.get(name, 0)) + n
-        self._save(data)
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.note(add={name: n})
-
-    def _save(self, data: dict[str, Any]) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_durably(self.stats_path, json.dumps(data, sort_keys=True))
-        except OSError:
-            pass  # a full disk must not stop measuring for the sake of a counter
 
 
 # --- the collector client ----------------------------------------------------------------
@@ -544,6 +179,8 @@ class CollectorClient:
                  compression: str = "none") -> None:
         self.url = url.rstrip("/")
         self.token = token
+        # What this client delivers: only what was spooled for the same token.
+        self.identity = identity_for(url, token, client_cert)
         # Bodies are sent with this Content-Encoding until a collector refuses it.
         self.compression = compression
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -654,7 +291,8 @@ class DeliveryReport:
     gaps_sent: int = 0
     requests: int = 0
     retries: int = 0
-    pending: int = 0  # still in the spool
+    pending: int = 0  # still in the spool, this identity's
+    waiting: int = 0  # spooled for another identity (or unplaceable): left as they are
     error: str | None = None  # why delivery stopped early
 
 
@@ -669,9 +307,11 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
     retryable failures with backoff until ``cfg.max_wait_s`` has passed. Cancelling it
     (SIGTERM) loses nothing: a result leaves the spool only after its 2xx.
 
-    A document spooled without a probe id is sent under ``probe_id`` (the configured one,
-    or the collector's answer at the start of this session); when that is None too, the
-    collector is asked (whoami) first, and until it answers nothing unnamed is sent."""
+    Only documents spooled for this client's token are sent (``claim``); the others stay
+    as they are, counted in ``waiting``. A document spooled without a probe id is sent
+    under ``probe_id`` (the configured one, or the collector's answer for this token at
+    the start of this session); when that is None too, the collector is asked (whoami)
+    first, and until it answers nothing unnamed is sent."""
     cfg = cfg or spool.cfg
     report = DeliveryReport()
     deadline = clock() + cfg.max_wait_s
@@ -679,12 +319,22 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
     last_request = float("-inf")
     batch_results = cfg.batch_results
     known = probe_id or None
+    # Whose each file is, read once: (recorded identity, probe_id if none was recorded).
+    owners: dict[Path, tuple[Identity | None, str | None]] = {}
+
+    def claimed(path: Path) -> Claim:
+        if path not in owners:
+            recorded = spool.identity_of(path)
+            owners[path] = (recorded, None if recorded else spool.facts(path)[1])
+        return claim(*owners[path], client.identity, known)
+
     while True:
-        gaps = spool.gaps()
+        gaps = [p for p in spool.gaps() if claimed(p) != "wait"]
         if gaps:
             id_key, paths = "gap_id", gaps[:1]
         else:
-            todo = batches(spool.entries(), batch_results, cfg.batch_bytes)
+            todo = batches([e for e in spool.entries() if claimed(e.path) != "wait"],
+                           batch_results, cfg.batch_bytes)
             if not todo:
                 break
             id_key, paths = "result_id", [e.path for e in todo[0]]
@@ -697,7 +347,9 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
             break
         if docs is None:
             continue  # something was set aside or is gone: plan the batch again
-        unnamed = known is None and any(not doc.get("probe_id") for _, doc in docs)
+        # Unnamed, or (older spools) placed only by the name the collector gives us.
+        unnamed = known is None and any(not doc.get("probe_id") or claimed(path) == "ask"
+                                        for path, doc in docs)
         wait = last_request + 1 / cfg.max_requests_per_s - clock()
         if wait > 0:
             await sleep(wait)
@@ -762,7 +414,9 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
                 break
             report.retries += 1
             await sleep(delay)
-    report.pending = len(spool.entries())
+    left = spool.entries()
+    report.waiting = sum(claimed(e.path) == "wait" for e in left)
+    report.pending = len(left) - report.waiting
     return report
 
 

@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from agent import __version__, clock
-from agent.delivery import Spool
 from agent.schedule import RULES, Campaign
 from agent.schema import (
     SCHEMA_VERSION,
@@ -18,6 +17,7 @@ from agent.schema import (
     format_utc,
     utc_now,
 )
+from agent.spool import Spool
 
 # A host check "keeps failing" when it failed in each of this many last sessions.
 FAILING_AFTER = 2
@@ -49,7 +49,9 @@ def build(spool: Spool, *, mode: Literal["daemon", "run"], campaign: Campaign | 
           suppressed_until: datetime | None = None,
           next_session_at: datetime | None = None) -> HealthReport:
     stats = spool.stats()
-    entries = spool.entries()
+    # This probe's backlog: results spooled for another token wait for their own probe
+    # and are no concern of this one's collector (issue 23).
+    entries = [e for e in spool.entries() if not spool.foreign(e.path)]
     error = stats.get("last_error")
     return HealthReport(
         schema_version=SCHEMA_VERSION,
@@ -62,7 +64,7 @@ def build(spool: Spool, *, mode: Literal["daemon", "run"], campaign: Campaign | 
         spool_results=len(entries),
         spool_bytes=sum(e.size for e in entries),
         dead_letters=len(spool.dead_letters()),
-        gaps_waiting=len(spool.gaps()),
+        gaps_waiting=sum(not spool.foreign(p) for p in spool.gaps()),
         dropped_total=int(stats.get("dropped_total", 0)),
         clock=clock.read(),
         last_error=str(error)[:500] if error else None,

@@ -111,8 +111,11 @@ def check(settings: Mapping[str, Any]) -> dict[str, Any]:
         # "<defaults>: ping.count: must be >= 1, got 0" -> key "ping.count"
         text = str(exc).removeprefix("<defaults>: ")
         key = text.partition(":")[0]
-        raise InstructionError(key if key in settings or "[" in key else "",
-                               text.partition(": ")[2] or text) from None
+        if key in settings or "[" in key:
+            raise InstructionError(key, text.partition(": ")[2] or text) from None
+        # Not one setting's fault (two that clash, or the session's plan over a limit,
+        # issue 23): the message whole, with what it names.
+        raise InstructionError("", text) from None
     return dict(settings)
 
 
@@ -150,7 +153,7 @@ def parse_document(doc: Any) -> Instruction:
     if not isinstance(doc, dict):
         raise ValueError("the instruction is not a JSON object")
     version = doc.get("version")
-    if not isinstance(version, str) or not INSTRUCTION_VERSION_RE.match(version):
+    if not isinstance(version, str) or not INSTRUCTION_VERSION_RE.fullmatch(version):
         raise ValueError("the instruction has no valid version")
     settings_error = None
     try:

@@ -84,6 +84,11 @@ def bounds(
 
 
 _UTC = {"format": "utc"}
+# Text shown as a label (an agent's version: in the fleet view, Prometheus labels and
+# terminals): printable characters only, at most 64 (issue 23: no control characters
+# where a field is an identifier or a label).
+_LABEL = {"format": "label"}
+LABEL_MAX_CHARS = 64
 
 # Physical limits by unit suffix (the schema carries units in field names), for every
 # number a field does not bound more tightly itself: a document may come from anyone who
@@ -114,8 +119,13 @@ def utc_now() -> str:
 
 
 def format_utc(moment: datetime) -> str:
-    """ISO 8601 UTC with microseconds and a ``Z`` suffix, the only form the schema accepts."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 UTC with microseconds and a ``Z`` suffix, the only form the schema accepts.
+    Built by hand, not with ``strftime("%Y")``: glibc writes year 999 as ``999``, not
+    ``0999`` (issue 23, finding 1), which is not ISO 8601 and sorts after ``2026`` as
+    text, so one such row became a probe's "latest" session."""
+    m = moment.astimezone(UTC)
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:"
+            f"{m.second:02d}.{m.microsecond:06d}Z")
 
 
 def parse_utc(text: str) -> datetime:
@@ -374,7 +384,7 @@ class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
     probe_id: str = field(metadata={"format": "probe_id"})
-    agent_version: str
+    agent_version: str = field(metadata=_LABEL)
     started_at: str = field(metadata=_UTC)
     ended_at: str = field(metadata=_UTC)
     duration_s: float = field(metadata=bounds(ge=0))
@@ -463,7 +473,7 @@ class HealthReport:
     hourly, so the collector can show its fleet and flag the silent and unhealthy."""
 
     schema_version: int
-    agent_version: str
+    agent_version: str = field(metadata=_LABEL)
     reported_at: str = field(metadata=_UTC)
     mode: Literal["daemon", "run"]
     instruction_version: str | None = field(metadata={"format": "instruction_version"})
@@ -737,6 +747,8 @@ def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise SchemaError(path, f"expected a string, got {_json_type(value)}")
+        if not value.isascii():
+            check_unicode(value, path)
         _check_format(value, path, meta.get("format"))
         return value
     raise TypeError(f"unsupported type {tp!r} at {path}")  # pragma: no cover - schema bug
@@ -792,8 +804,24 @@ def _shown(value: float) -> str:
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
+def check_unicode(value: str, path: str) -> None:
+    """Text that is valid Unicode: the standard library's JSON reader turns an escaped
+    lone surrogate (``"\\ud800"``) into a str that no UTF-8 writer can encode, so one
+    stored in a health report made every reader of the fleet fail (issue 23, finding 2).
+    Refused at the door, naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        raise SchemaError(path, f"is not valid Unicode text: a lone surrogate "
+                          f"U+{ord(value[bad.start]):04X} at character {bad.start}") from None
+
+
 def _check_format(value: str, path: str, fmt: str | None) -> None:
-    if fmt == "utc":
+    if fmt == "label":
+        if len(value) > LABEL_MAX_CHARS or not value.isprintable():
+            raise SchemaError(path, f"must be at most {LABEL_MAX_CHARS} printable "
+                              f"characters (no control characters), got {value[:40]!r}")
+    elif fmt == "utc":
         try:
             parse_utc(value)
         except ValueError:
@@ -805,15 +833,54 @@ def _check_format(value: str, path: str, fmt: str | None) -> None:
             uuid.UUID(value)
         except ValueError:
             raise SchemaError(path, f"must be a UUID, got {value!r}") from None
-    elif fmt == "probe_id" and not PROBE_ID_RE.match(value):
+    elif fmt == "probe_id" and not PROBE_ID_RE.fullmatch(value):
         raise SchemaError(
             path, f"must be 1-64 characters of letters, digits, '.', '_', '-', got {value!r}"
         )
-    elif fmt == "reason_code" and not REASON_CODE_RE.match(value):
+    elif fmt == "reason_code" and not REASON_CODE_RE.fullmatch(value):
         raise SchemaError(path, f"must be 1-40 lowercase letters, digits or '_', starting "
                           f"with a letter, got {value!r}")
-    elif fmt == "instruction_version" and not INSTRUCTION_VERSION_RE.match(value):
+    elif fmt == "instruction_version" and not INSTRUCTION_VERSION_RE.fullmatch(value):
         raise SchemaError(path, f"must be 16 lowercase hex digits, got {value[:40]!r}")
+
+
+@cache
+def _time_plan(cls: type) -> tuple[tuple[str, str], ...]:
+    """Per field of ``cls``: ("utc", name) for a timestamp, ("one", name) for a nested
+    object, ("many", name) for an array of objects; other fields are not visited (a
+    transfer's thousands of samples are numbers)."""
+    hints = _hints(cls)
+    plan: list[tuple[str, str]] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in get_args(tp) if a is not type(None)] \
+            if get_origin(tp) in (Union, types.UnionType) else [tp]
+        if f.metadata.get("format") == "utc":
+            plan.append(("utc", f.name))
+        elif dataclasses.is_dataclass(inner[0]):
+            plan.append(("one", f.name))
+        elif get_origin(inner[0]) is tuple and get_args(inner[0])[1:] == (Ellipsis,) \
+                and dataclasses.is_dataclass(get_args(inner[0])[0]):
+            plan.append(("many", f.name))
+    return tuple(plan)
+
+
+def timestamps(obj: Any, path: str = "") -> Iterable[tuple[str, str]]:
+    """(field path, text) of every timestamp in a decoded document, nested ones too,
+    so a reader of the document can bound each (collector/ingest.py)."""
+    kind_of: type = type(obj)
+    for kind, name in _time_plan(kind_of):
+        value = getattr(obj, name)
+        where = _join(path, name)
+        if value is None:
+            continue
+        if kind == "utc":
+            yield where, value
+        elif kind == "one":
+            yield from timestamps(value, where)
+        else:
+            for i, item in enumerate(value):
+                yield from timestamps(item, f"{where}[{i}]")
 
 
 # --- JSON Schema, generated from the same dataclasses (for the collector's OpenAPI) ----------
@@ -862,7 +929,9 @@ def _schema_of(tp: Any, meta: dict[str, Any], defs: dict[str, Any]) -> dict[str,
         if meta.get(key) is not None:
             out[name] = meta[key]
     fmt = meta.get("format")
-    if fmt == "utc":
+    if fmt == "label":
+        out["maxLength"] = LABEL_MAX_CHARS
+    elif fmt == "utc":
         out["format"] = "date-time"
     elif fmt == "uuid":
         out["format"] = "uuid"

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent import __version__, checks, clock, family, live, summary
+from agent import __version__, budget, checks, clock, family, live, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
@@ -135,8 +135,7 @@ async def loaded_ping(target: str, ping: PingMethod, transfer: TransferMethod,
     """A ping train over a transfer's measurement window (latency under load)."""
     assert ping.loaded_interval_s is not None
     await asyncio.sleep(transfer.warmup_s)
-    # 1e-9: 0.6 / 0.2 is 2.9999999999999996 in binary floating point.
-    count = max(1, int(transfer.window_s / ping.loaded_interval_s + 1e-9))
+    count = budget.loaded_count(transfer.window_s, ping.loaded_interval_s)
     train = replace(ping, count=count, interval_s=ping.loaded_interval_s)
     return await run_ping(target, train, progress, observe, af)
 

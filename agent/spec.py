@@ -49,6 +49,8 @@ ATTEMPTS = 3
 SAMPLE_INTERVAL_S = 0.1
 # Extra time after warm-up + window before an attempt is declared timed out.
 TRANSFER_GRACE_S = 5.0
+# Pause between a failed attempt and the next (agent/probes/transfer.py run_test).
+RETRY_PAUSE_S = 1.0
 # A duration-mode window shorter than this share of the configured window is a short
 # transfer (the server or the path closed early), not a measurement.
 MIN_WINDOW_SHARE = 0.9
@@ -57,6 +59,23 @@ MIN_WINDOW_SHARE = 0.9
 PAYLOAD_BUFFER_BYTES = 8 * 1024 * 1024
 # File mode (131/06 "file di prova predefiniti"): default test file size.
 FILE_SIZE_BYTES = 50_000_000
+
+# --- Session budget (issue 23; agent/budget.py computes a session's planned worst case) --
+# A session must plan to fit one campaign slot. The 96in24h rule (Ne.Me.Sys since at
+# least 2019: «96 misure, una ogni 15 minuti», methodology.md §1.6; agent/schedule.py)
+# starts one session a quarter hour, so a session that may last longer cannot keep the
+# pace; 24in72h has longer slots, but one limit keeps every config valid under either.
+MAX_SESSION_S = 900.0
+# A duration-mode transfer has no byte cap of its own (the client reads, or sends, until
+# warm-up + window; the measurement server's cap, measurement.max_bytes, is per request
+# and 50 GB): its volume is planned at the fastest fixed access line sold, 10 Gbit/s
+# (XGS-PON FTTH), on any line.
+PLANNING_LINE_RATE_BPS = 10e9
+# Bytes a session may plan to move, both directions (and both families under "both").
+# The shipped method planned that way is 90 GB (3 attempts x 12 s each way at 10 Gbit/s;
+# 180 GB dual stack); 300 GB, four minutes at that rate, leaves room for longer windows
+# and refuses file-mode plans of hundreds of gigabytes.
+MAX_SESSION_BYTES = 300 * 10**9
 
 # --- Delivery -----------------------------------------------------------------------------
 PUSH_TIMEOUT_S = 30.0

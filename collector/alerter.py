@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -41,7 +41,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent.schema import format_utc
-from collector import alerts, control
+from collector import alerts, control, unreadable
 from collector.alerts import Alert
 from collector.compliance.certify import RULES, certify, families
 from collector.config import AlertsConfig, CollectorConfig
@@ -116,55 +116,81 @@ def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
     """Every alert condition holding now, and the campaigns certified to a final verdict
     on the way (to be remembered once the alerts are recorded). Reads only."""
     a = cfg.alerts
-    zone = ZoneInfo(a.timezone)
     probes = {p.name: p for p in store.probes() if p.revoked_at is None}
     out: list[Alert] = []
     final: list[tuple[str, str]] = []
     # validity_days=0: the rows' validity counts are not needed here (and cost a scan).
     for row in control.fleet_rows(store, cfg.fleet.silent_after_s, 0, now, versions=False):
         probe = probes.get(row["probe_id"])
-        if probe is not None and (alert := alerts.silent(probe, row["last_seen"], now,
-                                                         a.silent_after_s)):
-            out.append(alert)
+        with _per_row("results", row["probe_id"]):
+            if probe is not None and (alert := alerts.silent(probe, row["last_seen"], now,
+                                                             a.silent_after_s)):
+                out.append(alert)
     for name, (_received, _skew, report) in store.health().items():
         probe = probes.get(name)
         if probe is None:
             continue
-        if (dead := alerts.agent_dead_letters(probe, report)) is not None:
-            out.append(dead)
-        opened = alerts.open_campaign(report)
-        if opened is not None:
-            started, deadline, unfilled = opened
-            # Within a day of the deadline, counting hours is not enough (the bands left
-            # must be the ones still to come): ask the stored sessions which they are,
-            # and trust them only when they agree with the probe's own count (sessions
-            # still in its spool, or bands counted in another time zone, would not).
-            bands: set[int] | None = None
-            if (deadline - now).total_seconds() < 86400 and unfilled > 0:
-                rule_name = str(report["campaign"].get("rule", "96in24h"))
-                stored = _unfilled(store, probe, started, rule_name, a.timezone)
-                bands = stored if len(stored) == unfilled else None
-            late = alerts.campaign_incomplete(probe, report, now, bands,
-                                              zone if bands is not None else None)
-            if late is not None:
-                out.append(late)
-        done = alerts.completed_campaign(report)
-        if done is not None and (name, done[1]) not in certified:
-            key, breaches = certify_campaign(store, probe, report, a.timezone)
-            if key is not None:
-                final.append(key)
-            out.extend(breaches)
+        with _per_row("health", name):
+            final.extend(_from_report(store, cfg, probe, report, now, certified, out))
     contracted = sorted(n for n, p in probes.items()
                         if p.line.download_min_kbps or p.line.upload_min_kbps)
     for last in store.latest_sessions(contracted) if contracted else []:
-        out.extend(alerts.below_minimum(probes[last.probe_id], last,
-                                        a.below_minimum_every_s))
+        with _per_row("results", last.result_id):
+            out.extend(alerts.below_minimum(probes[last.probe_id], last,
+                                            a.below_minimum_every_s))
     # Read once (a count read apart could disagree with a retry in between).
     letters = store.outbox_dead_letters() if outbox else []
     if letters and (dead := alerts.influx_dead_letters(len(letters),
                                                        letters[-1]["failed_at"])):
         out.append(dead)
     return out, final
+
+
+@contextlib.contextmanager
+def _per_row(table: str, row: str) -> Iterator[None]:
+    """One probe's row that a trigger cannot interpret costs that probe's alert, never
+    the tick: every other probe's silence, breach or dead letters still alert (issue
+    23: a result dated 0999 made every tick fail, so no probe could raise anything)."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError) as exc:
+        unreadable.skipped(table, row, exc)
+
+
+def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
+                 report: Mapping[str, Any], now: datetime,
+                 certified: Mapping[tuple[str, str], datetime],
+                 out: list[Alert]) -> list[tuple[str, str]]:
+    """The alerts one probe's health report raises (into ``out``); the campaigns it
+    certified to a final verdict."""
+    a = cfg.alerts
+    name = probe.name
+    final: list[tuple[str, str]] = []
+    if (dead := alerts.agent_dead_letters(probe, report)) is not None:
+        out.append(dead)
+    opened = alerts.open_campaign(report)
+    if opened is not None:
+        started, deadline, unfilled = opened
+        # Within a day of the deadline, counting hours is not enough (the bands left
+        # must be the ones still to come): ask the stored sessions which they are,
+        # and trust them only when they agree with the probe's own count (sessions
+        # still in its spool, or bands counted in another time zone, would not).
+        bands: set[int] | None = None
+        if (deadline - now).total_seconds() < 86400 and unfilled > 0:
+            rule_name = str(report["campaign"].get("rule", "96in24h"))
+            stored = _unfilled(store, probe, started, rule_name, a.timezone)
+            bands = stored if len(stored) == unfilled else None
+        late = alerts.campaign_incomplete(probe, report, now, bands,
+                                          ZoneInfo(a.timezone) if bands is not None else None)
+        if late is not None:
+            out.append(late)
+    done = alerts.completed_campaign(report)
+    if done is not None and (name, done[1]) not in certified:
+        key, breaches = certify_campaign(store, probe, report, a.timezone)
+        if key is not None:
+            final.append(key)
+        out.extend(breaches)
+    return final
 
 
 def record(store: Store, found: Sequence[Alert], routes_: Sequence[tuple[str, Sequence[str]]],

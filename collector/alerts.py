@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from agent.schema import parse_utc
+from agent.schema import format_utc, parse_utc
 from agent.stats import median
 from collector.compliance.certify import Certificate
 from collector.compliance.facts import SessionFacts
@@ -103,15 +103,29 @@ def silent(probe: Probe, last_seen: str | None, now: datetime, after_s: float) -
                  {"last_seen": last_seen, "silent_s": round(silent_s, 1), **_line(probe)})
 
 
+def _moment(value: Any) -> str:
+    """A probe's timestamp in the collector's own spelling (UTC, microseconds): the same
+    instant written with an offset or fewer digits is the same text, so it compares
+    with stored times and makes the same key; ValueError if it is none."""
+    return format_utc(parse_utc(str(value)))
+
+
+def _hour_of(moment: str) -> str:
+    """The hour a campaign started in: two campaigns of one probe never start within
+    the same hour (each lasts 24 or 72 h), while a probe that writes its start 1 µs
+    apart in every report does not make a new campaign of each (issue 23, finding 3)."""
+    return moment[:13] + ":00Z"
+
+
 def open_campaign(report: Mapping[str, Any]) -> tuple[str, datetime, int] | None:
     """(started_at, deadline, bands unfilled) of the report's campaign if not complete."""
     campaign = report.get("campaign")
     if not isinstance(campaign, Mapping) or campaign.get("complete"):
         return None
     try:
-        return (str(campaign["started_at"]), parse_utc(str(campaign["deadline_at"])),
+        return (_moment(campaign["started_at"]), parse_utc(str(campaign["deadline_at"])),
                 24 - int(campaign["bands_filled"]))
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, OverflowError):
         return None
 
 
@@ -149,7 +163,8 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
             return None
     elif math.floor(hours_left) >= unfilled:
         return None
-    return Alert("campaign_incomplete", f"campaign_incomplete:{probe.name}:{started}",
+    return Alert("campaign_incomplete",
+                 f"campaign_incomplete:{probe.name}:{_hour_of(started)}",
                  probe.name, "warning",
                  f"{probe.name}: the campaign started {started} cannot complete: "
                  f"{unfilled} band(s) unfilled, {hours_left:.1f} h left before "
@@ -167,9 +182,9 @@ def completed_campaign(report: Mapping[str, Any]) -> tuple[str, str, str] | None
     if not isinstance(campaign, Mapping) or campaign.get("complete") is not True:
         return None
     try:
-        return (str(campaign["rule"]), str(campaign["started_at"]),
-                str(campaign["deadline_at"]))
-    except KeyError:
+        return (str(campaign["rule"]), _moment(campaign["started_at"]),
+                _moment(campaign["deadline_at"]))
+    except (KeyError, ValueError, TypeError, OverflowError):
         return None
 
 
@@ -179,10 +194,13 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
         return None
     failed = [c for c in cert.checks if c.breach and not c.informational]
     over = f" over {cert.family}" if cert.family else ""
+    # Keyed on what the collector derived, the first session the certificate counted
+    # (stored, normalised), never on the probe's spelling of its campaign's start: 20
+    # reports each 1 µs apart made 19 identical critical alerts (issue 23, finding 3).
     return Alert(
         "contract_breach",
-        f"contract_breach:{probe.name}:{started_at}" + (f":{cert.family}" if cert.family
-                                                         else ""),
+        f"contract_breach:{probe.name}:{cert.rule.name}:{cert.first or _hour_of(started_at)}"
+        + (f":{cert.family}" if cert.family else ""),
         probe.name, "critical",
         f"{probe.name}: the line breaches its contract{over} over the campaign from "
         f"{cert.first} to {cert.last}: " + "; ".join(

@@ -50,6 +50,7 @@ from collector.web.base import (
     COMMITS,
     CONFIG,
     DB_THREADS,
+    DECODE_THREADS,
     LIMITER,
     METRICS,
     SINK,
@@ -58,6 +59,7 @@ from collector.web.base import (
     errors,
     on_db,
     plain_ipv4,
+    sane_request,
 )
 from collector.web.commit import GroupCommit
 from collector.web.public_routes import anonymous_quota
@@ -99,6 +101,10 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[DB_THREADS] = ThreadPoolExecutor(max_workers=store.concurrency,
                                          thread_name_prefix="bbprobe-db")
+    # Two: large bodies decode beside the loop, never more than two at once (a flood of
+    # them waits its turn instead of taking every core).
+    app[DECODE_THREADS] = ThreadPoolExecutor(max_workers=2,
+                                             thread_name_prefix="bbprobe-decode")
 
     async def run(fn: Callable[[Store], Any]) -> Any:
         return await on_db(app, fn)
@@ -137,6 +143,7 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
             await loop.run_in_executor(None, sink.close)
         await run(lambda s: s.close())
         app[DB_THREADS].shutdown(wait=True)
+        app[DECODE_THREADS].shutdown(wait=True)
 
 
 async def _metrics_listener(app: web.Application, reuse_port: bool) -> AsyncIterator[None]:
@@ -168,8 +175,8 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
         raise ValueError(f"unknown role {role!r}")
     metrics = Metrics(metrics_dir) if cfg.metrics.enabled else None
     # The timing middleware is the outermost: it sees the status the client gets.
-    middlewares = [plain_ipv4, errors, access] if metrics is None else \
-        [metrics_routes.timing(metrics), plain_ipv4, errors, access]
+    middlewares = [plain_ipv4, errors, sane_request, access] if metrics is None else \
+        [metrics_routes.timing(metrics), plain_ipv4, errors, sane_request, access]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     routes = Routes(app)

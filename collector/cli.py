@@ -15,8 +15,16 @@ from typing import Any, TypeVar
 import click
 
 from agent.schema import utc_now
-from collector import __version__, cli_alerts, cli_fleet, html_report, notifiers, service
-from collector.cli_common import _config, _shown, _store, handle_errors, shared_options
+from collector import (
+    __version__,
+    cli_alerts,
+    cli_fleet,
+    cli_results,
+    html_report,
+    notifiers,
+    service,
+)
+from collector.cli_common import _config, _shown, _store, echo, handle_errors, shared_options
 from collector.compliance import targets as targets_mod
 from collector.config import resolve_secrets
 from collector.errors import CollectorError, InputError, StoreError
@@ -97,7 +105,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
 
     def ready(url: str) -> None:
         processes = f", {workers} processes" if workers > 1 else ""
-        click.echo(f"bbprobe-collector {__version__} listening on {url} "
+        echo(f"bbprobe-collector {__version__} listening on {url} "
                    f"({where}{processes})", err=True)
 
     try:
@@ -119,12 +127,12 @@ def check_config(ctx: click.Context) -> None:
     """Validate the config, its secrets and the targets table it names, then exit."""
     cfg = resolve_secrets(_config(ctx))
     if cfg.server.role == "measurement":
-        click.echo("config OK; role measurement (no database, no targets table)")
+        echo("config OK; role measurement (no database, no targets table)")
         return
     table = targets_mod.load(cfg.compliance.targets)
     built = notifiers.build(cfg.alerts) if cfg.alerts.enabled else []
     alerting = f"; alerts on, {len(built)} notifier(s)" if cfg.alerts.enabled else ""
-    click.echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
+    echo(f"config OK; targets: {table.name} ({len(table.measurable)} measurable "
                f"of {len(table.indicator)} indicators){alerting}")
 
 
@@ -164,9 +172,9 @@ def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
     """Register probe NAME and print its token (shown this once only)."""
     with _store(ctx, create=True) as store:
         token = service.register_probe(store, name, service.line_metadata(line))
-    click.echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
+    echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
                err=True)
-    click.echo(token)
+    echo(token)
 
 
 @probe.command("set")
@@ -183,7 +191,7 @@ def probe_set(ctx: click.Context, /, name: str, **line: Any) -> None:
         raise InputError("nothing to change: give at least one option (see --help)")
     with _store(ctx) as store:
         changed = service.set_line(store, name, line)
-    click.echo(f"probe {name!r}: " + "; ".join(
+    echo(f"probe {name!r}: " + "; ".join(
         f"{k} {getattr(changed, k)}" for k, v in line.items() if v is not None))
 
 
@@ -197,18 +205,18 @@ def probe_list(ctx: click.Context, fmt: str) -> None:
     with _store(ctx) as store:
         probes = store.probes()
     if fmt == "json":
-        click.echo(format_json({"probes": [p.to_dict() for p in probes]}), nl=False)
+        echo(format_json({"probes": [p.to_dict() for p in probes]}), nl=False)
         return
     if fmt == "csv":
-        click.echo(format_csv((p.to_dict() for p in probes), PROBE_COLUMNS), nl=False)
+        echo(format_csv((p.to_dict() for p in probes), PROBE_COLUMNS), nl=False)
         return
     for p in probes:
         state = f"revoked {p.revoked_at}" if p.revoked_at else "active"
         extra = ", ".join(f"{k}={v}" for k, v in p.to_dict().items()
                           if k not in ("probe_id", "created_at", "revoked_at") and v is not None)
-        click.echo(f"{p.name}  ({state}; created {p.created_at}){'  ' + extra if extra else ''}")
+        echo(f"{p.name}  ({state}; created {p.created_at}){'  ' + extra if extra else ''}")
     if not probes:
-        click.echo("no probes registered")
+        echo("no probes registered")
 
 
 @probe.command("revoke")
@@ -222,7 +230,7 @@ def probe_revoke(ctx: click.Context, name: str) -> None:
     with _store(ctx) as store:
         if not store.revoke_probe(name, utc_now()):
             raise CollectorError(f"no active probe named {name!r}")
-    click.echo(f"probe {name!r} revoked")
+    echo(f"probe {name!r} revoked")
 
 
 def _scope_options(fn: F) -> F:
@@ -259,11 +267,11 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
         where = _resolve_scope(store, probes, since, until, period, filters)
         rows = service.listing(store, where, limit)
     if fmt == "json":
-        click.echo(format_json({"results": rows}), nl=False)
+        echo(format_json({"results": rows}), nl=False)
     elif fmt == "csv":
-        click.echo(format_csv(rows, LISTING_COLUMNS), nl=False)
+        echo(format_csv(rows, LISTING_COLUMNS), nl=False)
     else:
-        click.echo(format_listing_text(rows), nl=False)
+        echo(format_listing_text(rows), nl=False)
 
 
 @main.command()
@@ -329,7 +337,7 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
 def _emit(text: str, output: str | None) -> None:
     """Print, or write a file whole (temp file + rename: never a half-written report)."""
     if output is None:
-        click.echo(text, nl=False)
+        echo(text, nl=False)
         return
     import os
     from pathlib import Path
@@ -341,7 +349,7 @@ def _emit(text: str, output: str | None) -> None:
         os.replace(temp, target)
     except OSError as exc:
         raise StoreError(f"--output: cannot write {output}: {exc.strerror or exc}") from None
-    click.echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)
+    echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)
 
 
 @main.command()
@@ -397,7 +405,7 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
     if parsed.errors:
         shown = parsed.errors[: samples_csv.MAX_REPORTED]
         for line in shown:
-            click.echo(line, err=True)
+            echo(line, err=True)
         more = len(parsed.errors) - len(shown)
         raise InputError(f"{len(parsed.errors)} bad row(s) in {path}"
                          + (f" ({more} more not shown)" if more else "")
@@ -411,9 +419,9 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
     if fmt == "json":
         document = report_dict(report, scope)
         document["samples_file"] = str(path)
-        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+        echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        click.echo(format_text(report, scope), nl=False)
+        echo(format_text(report, scope), nl=False)
 
 
 @main.command()
@@ -475,9 +483,9 @@ def influx_backfill(ctx: click.Context, /, probes: tuple[str, ...], since: str |
         added = store.outbox_enqueue(list(where.probes) if where.probes is not None else None,
                                      where.since, where.until, utc_now())
         waiting = store.outbox_size()
-    click.echo(f"queued {added} result(s); {waiting} waiting for InfluxDB")
+    echo(f"queued {added} result(s); {waiting} waiting for InfluxDB")
     if not _config(ctx).influxdb.enabled:
-        click.echo("note: [influxdb] is not enabled in this configuration; the collector "
+        echo("note: [influxdb] is not enabled in this configuration; the collector "
                    "will not write them until it is", err=True)
 
 
@@ -493,9 +501,9 @@ def influx_status(ctx: click.Context) -> None:
         dead = store.outbox_dead_letters()
     cfg = _config(ctx).influxdb
     state = f"enabled, {cfg.url}, bucket {cfg.bucket}" if cfg.enabled else "disabled"
-    click.echo(f"influxdb: {state}; {waiting} result(s) waiting; {len(dead)} set apart")
+    echo(f"influxdb: {state}; {waiting} result(s) waiting; {len(dead)} set apart")
     for row in dead:
-        click.echo(f"  {row['result_id']}  {row['failed_at']}  {row['reason']}")
+        echo(f"  {row['result_id']}  {row['failed_at']}  {row['reason']}")
 
 
 @influx.command("retry")
@@ -509,7 +517,7 @@ def influx_retry(ctx: click.Context) -> None:
     with _store(ctx) as store:
         queued = store.outbox_retry_dead(utc_now())
         waiting = store.outbox_size()
-    click.echo(f"queued {queued} result(s) again; {waiting} waiting")
+    echo(f"queued {queued} result(s) again; {waiting} waiting")
 
 
 @main.command()
@@ -528,11 +536,11 @@ def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | No
         where = _resolve_scope(store, probes, since, until, period, filters)
         rows = service.completeness(store, where)
     if fmt == "json":
-        click.echo(format_json({"completeness": [r.to_dict() for r in rows]}), nl=False)
+        echo(format_json({"completeness": [r.to_dict() for r in rows]}), nl=False)
     elif fmt == "csv":
-        click.echo(format_csv((r.to_dict() for r in rows), COMPLETENESS_COLUMNS), nl=False)
+        echo(format_csv((r.to_dict() for r in rows), COMPLETENESS_COLUMNS), nl=False)
     else:
-        click.echo(format_text(rows), nl=False)
+        echo(format_text(rows), nl=False)
 
 
 COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "missing",
@@ -577,13 +585,13 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
         try:
             if source.describe == destination.describe:
                 raise InputError("--to names the store being copied")
-            click.echo(f"copying {source.describe} into {destination.describe}", err=True)
+            echo(f"copying {source.describe} into {destination.describe}", err=True)
             mark = Checkpoint.load(Path(checkpoint_path), destination.describe)
             if mark.keys and not full:
-                click.echo(f"going on from the checkpoint in {checkpoint_path}", err=True)
+                echo(f"going on from the checkpoint in {checkpoint_path}", err=True)
             copies = copy_store(source, destination, page=page, full=full, checkpoint=mark)
             for c in copies:
-                click.echo(f"{c.table}: {c.target_rows} of {c.source_rows} row(s) "
+                echo(f"{c.table}: {c.target_rows} of {c.source_rows} row(s) "
                            f"({c.copied} copied now)")
             differ = [c.table for c in copies if not c.complete]
             if differ:
@@ -597,7 +605,7 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
                                  everything)
             if mine != theirs:
                 raise CollectorError("the compliance reports of the two stores differ")
-            click.echo(f"report: identical from both stores ({mine['sessions']} valid "
+            echo(f"report: identical from both stores ({mine['sessions']} valid "
                        "session(s), every probe)")
             mark.remove()
         finally:
@@ -629,12 +637,12 @@ def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
             if last is None:
                 break
             after = last
-        click.echo(f"packed {packed} result bod{'y' if packed == 1 else 'ies'}"
+        echo(f"packed {packed} result bod{'y' if packed == 1 else 'ies'}"
                    + (f"; {kept} left as text (the current schema cannot read them)"
                       if kept else ""))
         if vacuum:
             store.vacuum()
-        click.echo(f"{store.describe}: {before / 1024**2:.1f} MiB before, "
+        echo(f"{store.describe}: {before / 1024**2:.1f} MiB before, "
                    f"{store.size_bytes() / 1024**2:.1f} MiB now"
                    + ("" if vacuum else
                       " (on SQLite, --vacuum gives the freed pages back to the disk)"))
@@ -662,7 +670,7 @@ def init(ctx: click.Context, admin_name: str) -> None:
         probes = len(store.probes())
         describe = store.describe
     if secret is not None:
-        click.echo(secret)
+        echo(secret)
     given = ctx.obj
     # Shown back to the user: a password in a --db URI is masked.
     config_flag = "".join(f"{flag} {_shown(str(given[key]))} " for flag, key in
@@ -686,7 +694,7 @@ def init(ctx: click.Context, admin_name: str) -> None:
         f"  4. read reports: bbprobe-collector {config_flag}report --probe NAME, or "
         f"{scheme}://HOST:{cfg.server.port}/ with an analyst token (token add NAME)",
     ]
-    click.echo("\n".join(steps), err=True)
+    echo("\n".join(steps), err=True)
 
 
 @main.group()
@@ -705,8 +713,8 @@ def token_add(ctx: click.Context, name: str, role: str) -> None:
     """Create a token; it is printed once (only its digest is stored)."""
     with _store(ctx, create=True) as store:
         secret = service.add_token(store, name, role)
-    click.echo(secret)
-    click.echo(f"{role} token {name!r} created; keep it now, it is not shown again",
+    echo(secret)
+    echo(f"{role} token {name!r} created; keep it now, it is not shown again",
                err=True)
 
 
@@ -720,9 +728,9 @@ def token_list(ctx: click.Context) -> None:
         rows = store.tokens()
     for r in rows:
         state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"
-        click.echo(f"{r['name']}  {r['role']}  ({state}; created {r['created_at']})")
+        echo(f"{r['name']}  {r['role']}  ({state}; created {r['created_at']})")
     if not rows:
-        click.echo("no tokens")
+        echo("no tokens")
 
 
 @token.command("revoke")
@@ -737,7 +745,7 @@ def token_revoke(ctx: click.Context, name: str) -> None:
         done = store.revoke_token(name, utc_now())
     if not done:
         raise StoreError(f"no active token named {name!r}")
-    click.echo(f"token {name!r} revoked")
+    echo(f"token {name!r} revoked")
 
 
 @main.command()
@@ -749,10 +757,10 @@ def files(name: str | None) -> None:
     from agent import share
 
     try:
-        click.echo(share.show(name), nl=False)
+        echo(share.show(name), nl=False)
     except LookupError as exc:
         raise InputError(str(exc)) from None
 
 
-for _command in (*cli_fleet.COMMANDS, *cli_alerts.COMMANDS):
+for _command in (*cli_fleet.COMMANDS, *cli_alerts.COMMANDS, *cli_results.COMMANDS):
     main.add_command(_command)

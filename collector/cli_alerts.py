@@ -14,9 +14,9 @@ import click
 from agent.schema import format_utc
 from collector import alerts, notifiers
 from collector.alerter import Alerter, record
-from collector.cli_common import _config, _store, handle_errors, shared_options
+from collector.cli_common import _config, _store, echo, handle_errors, shared_options
 from collector.errors import InputError
-from collector.fleet import _plain
+from collector.safetext import terminal as _plain
 from collector.storage.store import Store
 
 
@@ -59,7 +59,7 @@ def list_alerts(ctx: click.Context, limit: int, since: str | None, fmt: str) -> 
             raise InputError(f"--since: expected an ISO 8601 time, got {since!r}") from None
     with _store(ctx) as store:
         rows = store.alerts(limit, since)
-    click.echo(json.dumps(rows, indent=2) if fmt == "json" else _text(rows))
+    echo(json.dumps(rows, indent=2) if fmt == "json" else _text(rows))
 
 
 @alerts_group.command("test")
@@ -91,7 +91,7 @@ def test_alert(ctx: click.Context, only: tuple[str, ...]) -> None:
         # This alert only: other pending deliveries are the running collector's.
         asyncio.run(alerter.deliver(ident))
         (row,) = store.alerts(1, ident=ident)
-    click.echo(_text([row]))
+    echo(_text([row]))
     if any(d["state"] != "delivered" for d in row["deliveries"]):
         sys.exit(1)
 

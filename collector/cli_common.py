@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
+from collector import safetext
 from collector.config import CollectorConfig, load
 from collector.errors import ApiError, CollectorError, InputError
 from collector.storage.postgres import masked
@@ -22,22 +23,29 @@ from collector.storage.store import Store, open_store
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def echo(text: Any = "", **kwargs: Any) -> None:
+    """click.echo through safetext.text_block: what a command prints may hold text a
+    probe or a client wrote (a lone surrogate would be a traceback, an escape sequence
+    would reach the operator's terminal raw: issue 23)."""
+    click.echo(safetext.text_block(str(text)), **kwargs)
+
+
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ApiError as exc:
-            click.echo(f"bbprobe-collector: {exc.message}", err=True)
+            echo(f"bbprobe-collector: {exc.message}", err=True)
             sys.exit(2)
         except CollectorError as exc:
-            click.echo(f"bbprobe-collector: {exc}", err=True)
+            echo(f"bbprobe-collector: {exc}", err=True)
             sys.exit(exc.exit_code)
         except (sqlite3.Error, psycopg.Error) as exc:
             # A database changed or damaged under us, or a server gone: say so, never a
             # traceback (libpq's messages name host and user, never the password).
             first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
-            click.echo(f"bbprobe-collector: database error: {first[0]}", err=True)
+            echo(f"bbprobe-collector: database error: {first[0]}", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from agent.instruction import InstructionError, parse_pairs
-from collector import control, fleet
-from collector.cli_common import _config, _store, handle_errors, shared_options
+from collector import control, fleet, safetext
+from collector.cli_common import _config, _store, echo, handle_errors, shared_options
 from collector.errors import InputError
 from collector.instructions import Selector, selector
 
@@ -57,7 +57,7 @@ def instruction_set(ctx: click.Context, /, every: bool, pairs: tuple[str, ...],
         raise InputError(str(exc)) from None
     with _store(ctx) as store:
         settings = control.set_instruction(store, chosen, put)
-    click.echo(f"rule {chosen.describe()}: {json.dumps(settings, sort_keys=True)}")
+    echo(f"rule {chosen.describe()}: {json.dumps(settings, sort_keys=True)}")
 
 
 @instruction.command("unset")
@@ -72,7 +72,7 @@ def instruction_unset(ctx: click.Context, /, every: bool, keys: tuple[str, ...],
     chosen = _selector(every, given)
     with _store(ctx) as store:
         settings = control.set_instruction(store, chosen, {}, keys)
-    click.echo(f"rule {chosen.describe()}: "
+    echo(f"rule {chosen.describe()}: "
                + (json.dumps(settings, sort_keys=True) if settings else "(deleted)"))
 
 
@@ -87,7 +87,7 @@ def instruction_show(ctx: click.Context, probe: str, fmt: str) -> None:
     with _store(ctx) as store:
         doc = control.show(store, probe)
     if fmt == "json":
-        click.echo(json.dumps(doc, indent=2))
+        echo(json.dumps(doc, indent=2))
         return
     lines = [f"probe {probe}: instruction {doc['version']}"]
     if not doc["settings"]:
@@ -97,7 +97,8 @@ def instruction_show(ctx: click.Context, probe: str, fmt: str) -> None:
     for w in doc["suppressions"]:
         lines.append(f"  suppressed {w['starts_at']} .. {w['ends_at']}: {w['reason']} "
                      f"(window {w['id']})")
-    click.echo("\n".join(lines))
+    # Values and reasons an admin typed: no control character reaches a terminal raw.
+    echo("\n".join(safetext.terminal(line) for line in lines))
 
 
 @instruction.command("list")
@@ -110,15 +111,15 @@ def instruction_list(ctx: click.Context, fmt: str) -> None:
     with _store(ctx) as store:
         rules = sorted(control.rules(store), key=lambda r: (r.selector.rank(), r.updated_at))
     if fmt == "json":
-        click.echo(json.dumps([{"selector": r.selector.to_dict(),
+        echo(json.dumps([{"selector": r.selector.to_dict(),
                                 "selects": r.selector.describe(), "settings": r.settings,
                                 "updated_at": r.updated_at} for r in rules], indent=2))
         return
     for r in rules:
-        click.echo(f"{r.selector.describe()}  ({r.updated_at}): "
-                   f"{json.dumps(r.settings, sort_keys=True)}")
+        echo(safetext.terminal(f"{r.selector.describe()}  ({r.updated_at}): "
+                                     f"{json.dumps(r.settings, sort_keys=True)}"))
     if not rules:
-        click.echo("no instruction rules: every probe follows its own file")
+        echo("no instruction rules: every probe follows its own file")
 
 
 @click.command()
@@ -143,23 +144,23 @@ def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str |
         if listing:
             windows = [w.to_dict() for w in control.windows(store)]
             if fmt == "json":
-                click.echo(json.dumps(windows, indent=2))
+                echo(json.dumps(windows, indent=2))
                 return
             for w in windows:
-                click.echo(f"{w['id']}: {w['selects']}  {w['starts_at']} .. {w['ends_at']}"
+                echo(f"{w['id']}: {w['selects']}  {w['starts_at']} .. {w['ends_at']}"
                            f"  {w['reason']}")
             if not windows:
-                click.echo("no suppression windows")
+                echo("no suppression windows")
             return
         if delete is not None:
             control.delete_window(store, delete)
-            click.echo(f"suppression window {delete} deleted")
+            echo(f"suppression window {delete} deleted")
             return
         if not (starts and ends and reason):
             raise InputError("suppress: give --from, --until and --reason (or --list, "
                              "or --delete ID)")
         window = control.add_window(store, _selector(every, given), starts, ends, reason)
-    click.echo(f"suppression window {window.id}: {window.selector.describe()} "
+    echo(f"suppression window {window.id}: {window.selector.describe()} "
                f"{window.starts_at} .. {window.ends_at} ({window.reason})")
 
 
@@ -175,13 +176,13 @@ def fleet_command(ctx: click.Context, fmt: str) -> None:
     with _store(ctx) as store:
         rows = control.fleet_rows(store, cfg.silent_after_s, cfg.validity_days)
     if fmt == "json":
-        click.echo(json.dumps({"summary": fleet.summary(rows),
+        echo(json.dumps({"summary": fleet.summary(rows),
                                "silent_after_s": cfg.silent_after_s, "probes": rows},
                               indent=2))
     elif fmt == "csv":
-        click.echo(fleet.format_csv(rows), nl=False)
+        echo(fleet.format_csv(rows), nl=False)
     else:
-        click.echo(fleet.format_text(rows, cfg.silent_after_s), nl=False)
+        echo(fleet.format_text(rows, cfg.silent_after_s), nl=False)
 
 
 COMMANDS = (instruction, suppress, fleet_command)

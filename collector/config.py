@@ -375,7 +375,7 @@ def _check_alerts(alerts: AlertsConfig, source: str) -> None:
         *((f"alerts.webhooks[{i}]", w) for i, w in enumerate(alerts.webhooks)),
         *((f"alerts.apprise[{i}]", a) for i, a in enumerate(alerts.apprise))]
     for where, notifier in notifiers:
-        if not NOTIFIER_NAME_RE.match(notifier.name):
+        if not NOTIFIER_NAME_RE.fullmatch(notifier.name):
             fail(f"{where}.name", "must be 1-64 characters of letters, digits, '.', '_', "
                                   f"'-', got {notifier.name!r}")
         if notifier.name in names:

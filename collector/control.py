@@ -13,7 +13,7 @@ from typing import Any
 from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
 from agent.instruction import check as check_settings
 from agent.schema import format_utc, parse_utc, utc_now
-from collector import fleet
+from collector import fleet, unreadable
 from collector.errors import NotFound, Unacceptable
 from collector.instructions import (
     Effective,
@@ -36,14 +36,52 @@ KEEP_ENDED_DAYS = 275
 
 
 def rules(store: Store) -> list[Rule]:
-    return [Rule(selector_from_key(key), settings, updated_at)
-            for key, settings, updated_at in store.instruction_rules()]
+    """The stored rules; one no reader can interpret (its selector, or a value stored
+    before values were checked as Unicode: issue 23, finding 5) is left out and counted,
+    so the others still reach their probes."""
+    out = []
+    for key, settings, updated_at in store.instruction_rules():
+        try:
+            if text_problem(settings) is not None:
+                raise ValueError(text_problem(settings))
+            out.append(Rule(selector_from_key(key), settings, updated_at))
+        except (ValueError, TypeError) as exc:
+            unreadable.skipped("instructions", key, exc)
+    return out
 
 
 def windows(store: Store, ending_after: str | None = None) -> list[Window]:
-    return [Window(int(w["id"]), selector_from_key(w["selector"]), w["starts_at"],
-                   w["ends_at"], w["reason"], w["created_at"])
-            for w in store.suppressions(ending_after)]
+    out = []
+    for w in store.suppressions(ending_after):
+        try:
+            if text_problem([w["reason"], w["starts_at"], w["ends_at"]]) is not None:
+                raise ValueError("text that is not valid Unicode")
+            out.append(Window(int(w["id"]), selector_from_key(w["selector"]),
+                              w["starts_at"], w["ends_at"], w["reason"], w["created_at"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            unreadable.skipped("suppressions", str(w.get("id")), exc)
+    return out
+
+
+def text_problem(value: Any) -> str | None:
+    """Why text in ``value`` (nested lists and objects too) may not be stored, or None:
+    it must be valid Unicode (click reads a Latin-1 terminal's bytes into lone
+    surrogates) without control characters (issue 23, finding 5)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isprintable() and not all(c in "\t" or c.isprintable()
+                                                  for c in item):
+                bad = next(c for c in item if not c.isprintable())
+                return (f"text must be valid Unicode without control characters, "
+                        f"got U+{ord(bad):04X} in {item[:40]!a}")
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
 
 
 def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
@@ -53,6 +91,9 @@ def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
     for key in remove:
         if (problem := key_problem(key)) is not None:
             raise Unacceptable(f"{key}: {problem}", field=key)
+    for key, value in put.items():
+        if (problem := text_problem([key, value])) is not None:
+            raise Unacceptable(f"{str(key)[:80]!a}: {problem}", field=str(key)[:80])
     try:
         check_settings(put)
     except InstructionError as exc:
@@ -119,6 +160,9 @@ def add_window(store: Store, selector: Selector, starts_at: str, ends_at: str,
     if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
         raise Unacceptable(f"reason: required, at most {MAX_REASON_CHARS} characters",
                            field="reason")
+    if (problem := text_problem(reason)) is not None:
+        # A NUL was a 500 on PostgreSQL (issue 23, finding 7); a surrogate, every reader's.
+        raise Unacceptable(f"reason: {problem}", field="reason")
     if selector.probe is not None and store.probe(selector.probe) is None:
         raise NotFound(f"no probe named {selector.probe!r}", field="probe")
     created = utc_now()
@@ -181,8 +225,15 @@ def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
         if versions and group not in known:
             known[group] = effective(all_rules, all_windows, probe,
                                      text_now).document["version"]
-        row = fleet.row(probe, health.get(probe.name), activity.get(probe.name),
-                        known.get(group, ""), moment, silent_after_s)
+        try:
+            row = fleet.row(probe, health.get(probe.name), activity.get(probe.name),
+                            known.get(group, ""), moment, silent_after_s)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            # A health report no reader can interpret costs its own probe's details,
+            # never the fleet's view (issue 23): the row is shown without it.
+            unreadable.skipped("health", probe.name, exc)
+            row = fleet.row(probe, None, activity.get(probe.name), known.get(group, ""),
+                            moment, silent_after_s)
         if not versions:
             row["instruction_current"] = None
         out.append(row)

@@ -42,8 +42,18 @@ from agent.schema import (
     parse_utc,
 )
 
-_PATTERNS = {"probe_id": PROBE_ID_RE.pattern, "reason_code": REASON_CODE_RE.pattern,
-             "instruction_version": INSTRUCTION_VERSION_RE.pattern}
+
+def _whole(pattern: str) -> str:
+    """A schema pattern for msgspec, which searches (re.search): ``$`` would also match
+    before a trailing newline, so ``"p5\\n"`` would pass as a probe id (issue 23,
+    finding 8); ``\\Z`` matches only at the very end. The schema keeps ``$`` for the
+    JSON Schema it publishes, where ECMAScript's ``$`` already means the end."""
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+
+
+_PATTERNS = {"probe_id": _whole(PROBE_ID_RE.pattern),
+             "reason_code": _whole(REASON_CODE_RE.pattern),
+             "instruction_version": _whole(INSTRUCTION_VERSION_RE.pattern)}
 
 
 def _int_bound(value: float | None, up: bool) -> int | None:
@@ -113,9 +123,10 @@ def _decoder() -> msgspec.json.Decoder[Any]:
 
 @cache
 def _formats(cls: Any) -> tuple[tuple[str, str], ...]:
-    """(field, format) of ``cls``'s fields that msgspec does not check (UUID, UTC)."""
+    """(field, format) of ``cls``'s fields that msgspec does not check (UUID, UTC,
+    printable labels)."""
     return tuple((f.name, f.metadata["format"]) for f in dataclasses.fields(cls)
-                 if f.metadata.get("format") in ("uuid", "utc"))
+                 if f.metadata.get("format") in ("uuid", "utc", "label"))
 
 
 def _formats_hold(result: SessionResult) -> bool:
@@ -140,7 +151,9 @@ def fast_result(raw: bytes) -> SessionResult | None:
         # The checked structs, attribute by attribute, into the schema's dataclasses
         # (in C: cheaper than reading the JSON a second time).
         result = msgspec.convert(checked, SessionResult, from_attributes=True)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        # RecursionError: msgspec's limit on nesting (issue 23, finding 6); the
+        # standard path then names the fault (a 400).
         return None
     if not 1 <= result.schema_version <= SCHEMA_VERSION or not _formats_hold(result):
         return None

@@ -11,13 +11,13 @@ could not apply, and a synchronised clock where it says.
 from __future__ import annotations
 
 import csv
-import html
 import io
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from agent.schema import parse_utc
+from collector import safetext
 from collector.storage.model import Probe
 
 COLUMNS = ("probe_id", "operator", "region", "technology", "last_seen", "silent_s",
@@ -93,20 +93,6 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             "healthy": sum(bool(r["healthy"]) for r in rows)}
 
 
-def _plain(text: str) -> str:
-    """Text a probe sent, safe for a terminal: no control characters (an escape sequence
-    in a last_error must not reach the administrator's terminal)."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def _spreadsheet_safe(value: Any) -> Any:
-    """A CSV cell a spreadsheet will not run: text a probe sent that starts with = + - @
-    (a formula) is prefixed with ' (OWASP's advice on CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "never"
@@ -145,7 +131,7 @@ HEADERS = ["probe", "last seen", "agent", "instruction", "backlog", "bands",
 
 
 def format_text(rows: Sequence[Mapping[str, Any]], silent_after_s: float) -> str:
-    table = [HEADERS, *([_plain(c) for c in _short(r)] for r in rows)]
+    table = [HEADERS, *([safetext.terminal(c) for c in _short(r)] for r in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
              for line in table]
@@ -160,7 +146,7 @@ def format_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for r in rows:
-        writer.writerow([_spreadsheet_safe("" if r[c] is None else
+        writer.writerow([safetext.csv_cell("" if r[c] is None else
                                            "; ".join(r[c]) if isinstance(r[c], list)
                                            else r[c]) for c in COLUMNS])
     return out.getvalue()
@@ -199,12 +185,12 @@ def format_html(rows: Sequence[Mapping[str, Any]], silent_after_s: float,
     lines = []
     for r in rows:
         kind = "silent" if r["silent"] else "" if r["healthy"] else "unhealthy"
-        cells = "".join(f"<td>{html.escape(c)}</td>" for c in _short(r))
-        lines.append(f'<tr class="{kind}" data-probe="{html.escape(r["probe_id"])}">'
+        cells = "".join(f"<td>{safetext.html(c)}</td>" for c in _short(r))
+        lines.append(f'<tr class="{kind}" data-probe="{safetext.html(r["probe_id"])}">'
                      f"{cells}</tr>")
     s = summary(rows)
     return PAGE.format(probes=s["probes"], silent=s["silent"], healthy=s["healthy"],
-                       threshold=html.escape(_ago(silent_after_s)),
+                       threshold=safetext.html(_ago(silent_after_s)),
                        now=now.strftime("%Y-%m-%d %H:%M"),
                        head="".join(f"<th>{h}</th>" for h in HEADERS),
                        body="\n".join(lines))

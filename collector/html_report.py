@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from html import escape
 from zoneinfo import ZoneInfo
 
 from agent import stats
@@ -30,6 +29,7 @@ from collector.report import (
     format_value,
     invalid_sentence,
 )
+from collector.safetext import html as escape
 from collector.service import ReportView
 from collector.storage.model import HourRow, Probe
 

@@ -15,13 +15,21 @@ import hashlib
 import json
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import orjson
 import zstandard
 
-from agent.schema import SchemaError, SessionResult, format_utc, parse_result, parse_utc
+from agent.schema import (
+    SchemaError,
+    SessionResult,
+    format_utc,
+    parse_result,
+    parse_utc,
+    timestamps,
+)
 from collector.compliance.facts import SessionFacts, of_result
 from collector.decode import fast_result
 from collector.errors import ApiError
@@ -109,6 +117,31 @@ def _inflate_zstd(raw: bytes, bound: int, why: str) -> bytes:
     return out
 
 
+# Every timestamp a writer supplies lies in a plausible window (issue 23, finding 1): one
+# result dated 0999 sorted as its probe's newest session and broke every reader of the
+# fleet. Nothing bbprobe measures predates 2000; a probe's clock more than a day ahead
+# of ours is wrong (its results would sort ahead of every honest one), and such a result
+# is refused (422: the agent keeps it in its dead letters, nothing is lost). Plans
+# (a campaign's deadline, a suppression's end, the next session) may lie further ahead,
+# but not beyond a year: suppression windows last at most 31 days, campaigns 72 h.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+AHEAD_S = 86400.0
+PLANNED_AHEAD_S = 366 * 86400.0
+PLANNED = frozenset({"deadline_at", "suppressed_until", "next_session_at"})
+
+
+def check_times(document: Any, now: datetime) -> None:
+    """Refuse (422, naming the field) a decoded document with a timestamp outside
+    [EARLIEST, now + AHEAD_S] (PLANNED fields: now + PLANNED_AHEAD_S)."""
+    for path, text in timestamps(document):
+        ahead = PLANNED_AHEAD_S if path.rsplit(".", 1)[-1] in PLANNED else AHEAD_S
+        moment = parse_utc(text)  # the schema has checked the form
+        if moment < EARLIEST or (moment - now).total_seconds() > ahead:
+            raise ApiError(422, f"{path}: {text[:40]!r} is outside the plausible window "
+                           f"from {EARLIEST:%Y-%m-%d} to {ahead / 86400:g} day(s) after "
+                           f"the collector's clock ({format_utc(now)})", field=path)
+
+
 def canonical_json(result: SessionResult) -> str:
     return codec.canonical(result).decode()
 
@@ -124,11 +157,21 @@ def batch_items(raw: bytes) -> list[bytes] | None:
     standard way, which names the fault."""
     try:
         return [bytes(item) for item in _BATCH.decode(raw).results]
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
 
 
 _BATCH = msgspec.json.Decoder(_Batch)
+
+
+def encoded_size(item: Any) -> int:
+    """The bytes of a batch item that the standard reader decoded (msgspec, which hands
+    over each item's own bytes, would not split the batch): its compact JSON's length,
+    so the per-result limit holds on either path."""
+    try:
+        return len(orjson.dumps(item))
+    except (TypeError, orjson.JSONEncodeError):  # a 400-digit int: the schema refuses it
+        return len(json.dumps(item, separators=(",", ":")).encode("utf-8", "replace"))
 
 
 def parse_body(raw: bytes) -> Accepted:
@@ -156,9 +199,46 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as bad:
         raise ApiError(400, f"body is not UTF-8: byte {bad.start}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as why:
         raise ApiError(400, f"body is not valid JSON: {why}") from None
+    where = lone_surrogate(data)
+    if where is not None:
+        raise ApiError(400, f"body is not valid Unicode: {where[:100]!a} holds an escaped lone "
+                       "surrogate (\\ud800-\\udfff without its pair)")
+    return data
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """Where ``data`` holds a string (or key) that is not valid Unicode, or None.
+
+    orjson refuses an escaped lone surrogate, the standard library reads it into a str
+    that no UTF-8 writer can encode: one such string in a health report or an
+    instruction made every later read of the fleet fail (issue 23, findings 2 and 5).
+    This is the one door every JSON body passes (results, health reports, admin
+    bodies, browser results). Iterative: the body may be nested deeply."""
+    stack: list[tuple[str, Any]] = [("body", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodes(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii() and not _encodes(key):
+                    return f"{path} (a key)"
+                stack.append((f"{path}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> float:

@@ -83,9 +83,12 @@ def selector(data: Mapping[str, Any] | None, every: bool = False) -> Selector:
     if given.pop("all", False) is True:
         every = True
     for name, value in given.items():
-        if not isinstance(value, str) or not value or len(value) > MAX_SELECTOR_CHARS:
+        if not isinstance(value, str) or not value or len(value) > MAX_SELECTOR_CHARS \
+                or not value.isprintable():
+            # isprintable: no control characters, no NUL (a 500 on PostgreSQL), no lone
+            # surrogate (issue 23): a selector is shown in every listing.
             raise ValueError(f"{name}: expected a non-empty string of at most "
-                             f"{MAX_SELECTOR_CHARS} characters")
+                             f"{MAX_SELECTOR_CHARS} printable characters")
     if every == bool(given):
         raise ValueError("selector: give --all, or one or more of --probe, --operator, "
                          "--offer, --region, --technology")

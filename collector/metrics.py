@@ -42,6 +42,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from agent.schema import parse_utc
 from agent.stats import jitter, median
+from collector import safetext, unreadable
 from collector.compliance.facts import SessionFacts
 from collector.storage.model import Probe
 
@@ -128,6 +129,14 @@ class Metrics:
         self.health_reports = Counter(
             "bbprobe_collector_health_reports", "Health reports received from probes.",
             registry=reg)
+        self.unreadable = Counter(
+            "bbprobe_collector_unreadable_rows", "Stored rows a reader could not "
+            "interpret and left out of that read (the rest of the read went on), by "
+            "table; the log names each row (collector/unreadable.py).", ["table"],
+            registry=reg)
+        for table in unreadable.TABLES:
+            self.unreadable.labels(table)
+        unreadable.listen(self.row_unreadable)
         # Series that exist from the start, at zero: rate() and alerts need them.
         for outcome in ("stored", "duplicate", "conflict", "refused"):
             self.results.labels(outcome)
@@ -143,6 +152,9 @@ class Metrics:
         merged = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(merged, path=self.directory)  # type: ignore[no-untyped-call]
         return merged
+
+    def row_unreadable(self, table: str) -> None:
+        self.unreadable.labels(table).inc()
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         method = method if method in METHODS else "other"
@@ -260,7 +272,7 @@ def label_string(names: Sequence[str], values: Sequence[str]) -> str:
 
 
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return safetext.prom_label(value)
 
 
 def state_families(snap: Snapshot, version: str) -> list[Family]:
@@ -307,12 +319,17 @@ def state_families(snap: Snapshot, version: str) -> list[Family]:
                                                 line.upload_min_kbps), strict=True):
             if kbps is not None:
                 contract[key].samples.append((labels, kbps * 1000.0 / 8))
-        if state.last_seen_at is not None:
-            seen.samples.append((labels, _epoch(state.last_seen_at)))
         silent.samples.append((labels, 1.0 if state.silent else 0.0))
-        if state.session is not None:
-            for key, value in session_values(state.session).items():
-                families[key].samples.append((labels, value))
+        try:  # one probe's row no reader can interpret costs its series, not the scrape's
+            last_seen = _epoch(state.last_seen_at) if state.last_seen_at else None
+            session = session_values(state.session) if state.session is not None else {}
+        except (ValueError, ArithmeticError, TypeError) as exc:
+            unreadable.skipped("results", state.probe.name, exc)
+            continue
+        if last_seen is not None:
+            seen.samples.append((labels, last_seen))
+        for key, value in session.items():
+            families[key].samples.append((labels, value))
     out += [seen, silent, *families.values(), *contract.values()]
     return out
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from collector.compliance.evaluate import IndicatorResult, Report
+from collector.safetext import csv_cell
 
 SHORT_NAMES = {
     "download_p95_kbps": "Download, banda massima (p95)",
@@ -288,20 +289,6 @@ def format_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str] = LISTING_
     for row in rows:
         writer.writerow({k: csv_cell(row.get(k)) for k in columns})
     return out.getvalue()
-
-
-# A text cell starting with one of these is a formula to a spreadsheet (OWASP "CSV
-# Injection"): metadata an admin typed, or a probe's, must not run as =HYPERLINK(...).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> Any:
-    """A CSV cell: numbers as they are; text starting like a formula behind a quote."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
 
 
 def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:

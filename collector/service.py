@@ -30,7 +30,7 @@ from collector.storage.store import Store
 
 def register_probe(store: Store, name: str, line: LineMetadata) -> str:
     """Create a probe and return its token (the only time the token exists in clear)."""
-    if not PROBE_ID_RE.match(name):
+    if not PROBE_ID_RE.fullmatch(name):
         raise Unacceptable(
             f"probe name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'",
             "probe_id")
@@ -125,7 +125,7 @@ def add_token(store: Store, name: str, role: str) -> str:
     """Create an analyst or admin token and return it (the only time it exists in clear)."""
     if role not in ("analyst", "admin"):
         raise Unacceptable(f"role must be analyst or admin, got {role!r}", "role")
-    if not PROBE_ID_RE.match(name):
+    if not PROBE_ID_RE.fullmatch(name):
         raise Unacceptable(f"token name {name!r} must be 1-64 characters of letters, "
                            "digits, '.', '_', '-'", "name")
     token = auth.new_token()

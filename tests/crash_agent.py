@@ -20,8 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent.config import DeliveryConfig
-from agent.delivery import CollectorClient, Spool, deliver
+from agent.delivery import CollectorClient, deliver
 from agent.schema import format_utc
+from agent.spool import Spool
 from tests.factories import session
 
 NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4a8e-9d0b-2b7c1f0e5a11")

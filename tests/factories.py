@@ -20,7 +20,9 @@ from agent.schema import (
     TransferAttempt,
     TransferMethod,
     Validity,
+    parse_result,
     to_dict,
+    utc_now,
 )
 
 TRANSFER = TransferMethod(mode="duration", streams=2, warmup_s=2.0, window_s=10.0,
@@ -120,3 +122,32 @@ def store_result(store: Any, result: SessionResult) -> None:
         ended_at=accepted.ended_at, received_at="2026-01-01T00:00:00.000000Z",
         body=accepted.body, body_sha256=accepted.body_sha256, facts=accepted.facts,
     )
+
+
+def store_as_before(collector: Any, doc: dict[str, Any],
+                    facts_started_at: str | None = None) -> str:
+    """Store ``doc`` straight into ``collector``'s store, past the ingest checks of
+    today, as a release before issue 23 let it in (a result dated 2300 or 9999, whose
+    InfluxDB points cannot be written); ``facts_started_at`` also writes its times as
+    such a release spelled them ("999-06-01T..."). Queued for InfluxDB when the
+    collector copies there. Returns its result_id."""
+    from dataclasses import replace
+
+    from collector import ingest
+    from collector.storage.model import NewResult
+    from collector.storage.store import open_store
+
+    accepted = ingest._accepted(parse_result(json.loads(json.dumps(doc))))
+    started = facts_started_at or accepted.started_at
+    facts = replace(accepted.facts, started_at=started)
+    store = open_store(collector.config.storage, outbox=collector.config.influxdb.enabled)
+    try:
+        store.insert_results([NewResult(
+            result_id=accepted.result.result_id, probe_name=accepted.result.probe_id,
+            schema_version=accepted.result.schema_version, started_at=started,
+            ended_at=facts_started_at or accepted.ended_at, received_at=utc_now(),
+            body=accepted.body, body_sha256=accepted.body_sha256, facts=facts,
+            clock_skew_s=None, session_seq=None, packed=accepted.packed)])
+    finally:
+        store.close()
+    return accepted.result.result_id

@@ -170,7 +170,8 @@ AttemptRunner = Callable[[int, int], Awaitable[TransferAttempt]]
 
 
 async def run_test(
-    runner: AttemptRunner, method: TransferMethod, test_index: int, retry_pause_s: float = 1.0
+    runner: AttemptRunner, method: TransferMethod, test_index: int,
+    retry_pause_s: float = spec.RETRY_PAUSE_S,
 ) -> list[TransferAttempt]:
     """Run attempts until one succeeds or ``method.attempts`` have failed; keep them all."""
     attempts: list[TransferAttempt] = []

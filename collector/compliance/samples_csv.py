@@ -45,7 +45,7 @@ class Parsed:
 def _row_problem(row: dict[str, str]) -> tuple[str | None, tuple[str, datetime, str,
                                                                    float | None, bool] | None]:
     probe = row["probe_id"].strip()
-    if not PROBE_ID_RE.match(probe):
+    if not PROBE_ID_RE.fullmatch(probe):
         return "probe_id: must be 1-64 characters of letters, digits, '.', '_', '-'", None
     stamp = row["timestamp"].strip()
     try:

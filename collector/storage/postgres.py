@@ -288,6 +288,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE session_facts ADD COLUMN address_family TEXT;
     ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0
     """,
+    # 7 (SQLite's 17): results an operator removed (issue 23), an audit row each.
+    """
+    CREATE TABLE result_deletions (
+        result_id TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        deleted_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    )
+    """,
 )
 
 

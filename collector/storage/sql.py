@@ -21,13 +21,15 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
+from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
 import orjson
 
-from agent.schema import BPS_LIMIT, parse_result
+from agent.schema import BPS_LIMIT, parse_result, parse_utc
 from agent.stats import Moments
+from collector import unreadable
 from collector.compliance import rollup
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
@@ -147,6 +149,22 @@ class Tx:
     def many(self, sql: str, seq: Sequence[Sequence[Any]]) -> None:
         if seq:
             self._cursor().executemany(self._dialect.sql(sql), seq)
+
+
+# A probe's newest rows are read a few deep: a row no reader can interpret (a time an
+# older release stored as "999-06-01T...", which sorts after "2026-" as text) is passed
+# over, and the newest readable one is the probe's latest (issue 23, finding 1).
+_LOOK_PAST = 8
+
+
+def _readable(result_id: str, *times: object) -> bool:
+    """True if every stored time of a result row is in the collector's own form; else
+    the row is counted and named as unreadable (collector/unreadable.py)."""
+    bad = [t for t in times if not unreadable.canonical_time(t)]
+    if not bad:
+        return True
+    unreadable.skipped("results", result_id, f"stored time {bad[0]!r} is not ISO 8601 UTC")
+    return False
 
 
 class SqlStore:
@@ -443,6 +461,48 @@ class SqlStore:
             "body_packed, clock_skew_s FROM results WHERE result_id = ?", (result_id,))
         return _stored(rows[0]) if rows else None
 
+    def delete_result(self, result_id: str, reason: str, deleted_at: str
+                      ) -> dict[str, Any] | None:
+        """Remove a stored result with its facts and outbox entries, rebuild its day's
+        rollup from the sessions left, and record who-what-why in result_deletions, in
+        one transaction (issue 23: an operator's way out of a poisoned row). None if no
+        such result."""
+        def work(tx: Tx) -> dict[str, Any] | None:
+            row = tx.one("SELECT probe_name, started_at, body_sha256 FROM results "
+                         "WHERE result_id = ?", (result_id,))
+            if row is None:
+                return None
+            probe, started, digest = row
+            tx.run("INSERT INTO result_deletions (result_id, probe_name, started_at, "
+                   "body_sha256, deleted_at, reason) VALUES (?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT (result_id) DO UPDATE SET deleted_at = excluded.deleted_at, "
+                   "reason = excluded.reason, body_sha256 = excluded.body_sha256",
+                   (result_id, probe, started, digest, deleted_at, reason))
+            for table in ("transfer_facts", "session_facts", "influx_outbox",
+                          "influx_dead_letters", "results"):
+                tx.run(f"DELETE FROM {table} WHERE result_id = ?", (result_id,))
+            # The day's rollup again from the sessions left (a merged sum cannot give
+            # one session back exactly: the speeds are a sorted list, the moments
+            # Welford's), in their stored order.
+            day = rollup.day_of(started)
+            tx.run("DELETE FROM day_facts WHERE probe_name = ? AND day = ?", (probe, day))
+            if unreadable.canonical_time(started):
+                after = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+                for facts in self._facts(tx, [probe], day + rollup.DAY_START,
+                                         after + rollup.DAY_START):
+                    add_to_day(tx, probe, facts, self.dialect.for_update)
+            return {"result_id": result_id, "probe_id": probe, "started_at": started,
+                    "body_sha256": digest, "deleted_at": deleted_at, "reason": reason}
+        return self._transaction(work)
+
+    def result_deletions(self) -> list[dict[str, Any]]:
+        """The audit of ``delete_result``, newest first."""
+        return [{"result_id": r[0], "probe_id": r[1], "started_at": r[2],
+                 "body_sha256": r[3], "deleted_at": r[4], "reason": r[5]}
+                for r in self._read("SELECT result_id, probe_name, started_at, body_sha256, "
+                                    "deleted_at, reason FROM result_deletions "
+                                    "ORDER BY deleted_at DESC, result_id")]
+
     def count_results(self) -> int:
         return self._count("SELECT COUNT(*) FROM results")
 
@@ -538,7 +598,8 @@ class SqlStore:
         where, params = self._scope(probes, day_lo, day_hi, column="day")
         return [_day(r) for r in tx.rows(
             f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts WHERE {where} "
-            "ORDER BY probe_name, day", params)]
+            "ORDER BY probe_name, day", params)
+            if _readable(f"{r[0]} {r[1]}", f"{r[1]}T00:00:00.000000Z")]
 
     def day_rollups(self, probes: Sequence[str] | None = None, day_lo: str | None = None,
                     day_hi: str | None = None) -> list[DayRollup]:
@@ -549,18 +610,22 @@ class SqlStore:
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None, family: str | None = None) -> list[SessionFacts]:
         """Every session's facts in scope, by start time (a line's campaign)."""
+        with self._reading() as tx:
+            return self._facts(tx, probes, since, until, family)
+
+    def _facts(self, tx: Tx, probes: Sequence[str] | None, since: str | None,
+               until: str | None, family: str | None = None) -> list[SessionFacts]:
         where, params = self._scope(probes, since, until, family=family)
         t_where, t_params = self._scope(probes, since, until, family=family,
                                         table="transfer_facts")
-        with self._reading() as tx:
-            transfer_rows = tx.rows(
-                f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {t_where} "
-                "ORDER BY result_id, seq", t_params)
-            session_rows = tx.rows(
-                "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
-                "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
-                f"jitter_pairs, address_family, dual_stack FROM session_facts WHERE {where} "
-                "ORDER BY started_at, result_id", params)
+        transfer_rows = tx.rows(
+            f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {t_where} "
+            "ORDER BY result_id, seq", t_params)
+        session_rows = tx.rows(
+            "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
+            "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
+            f"jitter_pairs, address_family, dual_stack FROM session_facts WHERE {where} "
+            "ORDER BY started_at, result_id", params)
         transfers: dict[str, list[TransferFact]] = {}
         for result_id, direction, ok, kbps in transfer_rows:
             transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
@@ -573,7 +638,7 @@ class SqlStore:
                          jitter_pairs=int(jpairs), address_family=fam,
                          dual_stack=bool(dual))
             for (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs, fam, dual) in session_rows
+                 jpairs, fam, dual) in session_rows if _readable(rid, started)
         ]
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
@@ -607,7 +672,8 @@ class SqlStore:
                     row.download_n, row.download_kbps_sum = int(count), float(total)
                 else:
                     row.upload_n, row.upload_kbps_sum = int(count), float(total)
-        return [rows[h] for h in sorted(rows)]
+        return [rows[h] for h in sorted(rows)
+                if _readable(f"hour {h}", f"{h}:00:00.000000Z")]
 
     # --- InfluxDB outbox ------------------------------------------------------------------
 
@@ -904,9 +970,21 @@ class SqlStore:
             "body = excluded.body", (probe_name, received_at, clock_skew_s, body)))
 
     def health(self) -> dict[str, tuple[str, float | None, dict[str, Any]]]:
-        """probe -> (received_at, clock skew, report) of each probe's latest report."""
-        return {r[0]: (r[1], r[2], json.loads(r[3])) for r in self._read(
-            "SELECT probe_name, received_at, clock_skew_s, body FROM probe_health")}
+        """probe -> (received_at, clock skew, report) of each probe's latest report; one
+        the reader cannot interpret is left out (collector/unreadable.py)."""
+        out: dict[str, tuple[str, float | None, dict[str, Any]]] = {}
+        for name, received, skew, body in self._read(
+                "SELECT probe_name, received_at, clock_skew_s, body FROM probe_health"):
+            try:
+                report = json.loads(body)
+                parse_utc(received)
+                if not isinstance(report, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                unreadable.skipped("health", name, exc)
+                continue
+            out[name] = (received, skew, report)
+        return out
 
     def activity(self, since: str) -> dict[str, dict[str, Any]]:
         """Per probe: its newest result's start and arrival, and its sessions since
@@ -915,9 +993,10 @@ class SqlStore:
         with self._reading() as tx:
             for (name,) in tx.rows("SELECT name FROM probes ORDER BY name"):
                 # One index seek per probe (results (probe_name, started_at)).
-                last = tx.one("SELECT started_at, received_at FROM results "
-                              "WHERE probe_name = ? ORDER BY started_at DESC LIMIT 1",
-                              (name,))
+                last = next((r for r in tx.rows(
+                    "SELECT started_at, received_at, result_id FROM results "
+                    "WHERE probe_name = ? ORDER BY started_at DESC LIMIT ?",
+                    (name, _LOOK_PAST)) if _readable(r[2], r[0], r[1])), None)
                 counts = tx.one("SELECT COUNT(*), SUM(valid) FROM session_facts "
                                 "WHERE probe_name = ? AND started_at >= ?", (name, since))
                 out[name] = {
@@ -933,12 +1012,13 @@ class SqlStore:
         out: list[SessionFacts] = []
         with self._reading() as tx:
             for name in probes:
-                row = tx.one(
+                row = next((r for r in tx.rows(
                     "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
                     "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
                     "jitter_sum_ns, jitter_pairs, address_family, dual_stack FROM session_facts "
                     "WHERE probe_name = ? "
-                    "ORDER BY started_at DESC, result_id DESC LIMIT 1", (name,))
+                    "ORDER BY started_at DESC, result_id DESC LIMIT ?", (name, _LOOK_PAST))
+                    if _readable(r[2], r[1])), None)
                 if row is None:
                     continue
                 (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
@@ -1140,6 +1220,8 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                        "body")),
     "alerts": (("id",), ("id", "dedup_key", "kind", "probe_name", "severity", "created_at",
                          "subject", "details")),
+    "result_deletions": (("result_id",), ("result_id", "probe_name", "started_at",
+                                          "body_sha256", "deleted_at", "reason")),
     "alert_deliveries": (("alert_id", "notifier"), (
         "alert_id", "notifier", "state", "attempts", "next_at", "lease_owner",
         "leased_until", "last_error", "delivered_at")),

@@ -363,6 +363,18 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ALTER TABLE session_facts ADD COLUMN address_family TEXT;
     ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0;
     """,
+    # 17: results an operator removed (issue 23: `bbprobe-collector result delete`), an
+    # audit row each: which result, whose, its hash and start, when, and why.
+    """
+    CREATE TABLE result_deletions (
+        result_id TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        body_sha256 TEXT NOT NULL,
+        deleted_at TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    """,
 )
 
 

@@ -11,7 +11,7 @@ from agent.schema import utc_now
 from collector import ingest, service
 from collector.errors import ApiError
 from collector.storage.model import LineMetadata
-from collector.web.base import db, read_body
+from collector.web.base import db, json_response, read_body
 from collector.web.routing import Routes
 
 
@@ -30,7 +30,7 @@ async def add_probe(request: web.Request) -> web.Response:
     metadata = service.line_metadata({k: v for k, v in data.items() if k != "probe_id"})
     # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/base.py.
     token = await db(request, lambda s: service.register_probe(s, name, metadata))
-    return web.json_response({"probe_id": name, "token": token}, status=201)
+    return json_response({"probe_id": name, "token": token}, status=201)
 
 
 async def revoke_probe(request: web.Request) -> web.Response:
@@ -39,7 +39,7 @@ async def revoke_probe(request: web.Request) -> web.Response:
     done = await db(request, lambda s: s.revoke_probe(name, utc_now()))
     if not done:
         raise ApiError(404, f"no active probe named {name!r}", field="name")
-    return web.json_response({"probe_id": name, "revoked": True})
+    return json_response({"probe_id": name, "revoked": True})
 
 
 def add_routes(routes: Routes) -> None:

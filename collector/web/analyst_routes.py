@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agent import spec
 from agent.schema import utc_now
-from collector import __version__, html_report, service
+from collector import __version__, html_report, safetext, service
 from collector.compliance import targets as targets_mod
 from collector.compliance.completeness import completeness
 from collector.errors import ApiError, BadParameter
@@ -35,6 +35,7 @@ from collector.web.base import (
     CONFIG,
     SINK,
     db,
+    json_response,
     query_flag,
     query_format,
     query_limit,
@@ -57,7 +58,7 @@ async def list_probes(request: web.Request) -> web.Response:
     if fmt == "csv":
         return web.Response(text=format_csv((p.to_dict() for p in probes), PROBE_COLUMNS),
                             content_type="text/csv")
-    return web.json_response({"probes": [p.to_dict() for p in probes]})
+    return json_response({"probes": [p.to_dict() for p in probes]})
 
 
 async def list_samples(request: web.Request) -> web.Response:
@@ -77,7 +78,7 @@ async def list_results(request: web.Request) -> web.Response:
     rows = await db(request, lambda s: service.listing(s, where, limit))
     if fmt == "csv":
         return web.Response(text=format_csv(rows, LISTING_COLUMNS), content_type="text/csv")
-    return web.json_response({"results": rows})
+    return json_response({"results": rows})
 
 
 async def get_result(request: web.Request) -> web.Response:
@@ -85,7 +86,8 @@ async def get_result(request: web.Request) -> web.Response:
     row = await db(request, lambda s: s.result(result_id))
     if row is None:
         raise ApiError(404, f"no result {result_id}")
-    return web.Response(text=row.body, content_type="application/json")
+    # A body stored before text was checked may hold a lone surrogate: valid JSON out.
+    return web.Response(text=safetext.unicode(row.body), content_type="application/json")
 
 
 async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets, Scope]:
@@ -121,13 +123,13 @@ async def get_report(request: web.Request) -> web.Response:
             return web.Response(text=format_csv(breakdown_rows(by, parts),
                                                 (*by, *REPORT_COLUMNS)),
                                 content_type="text/csv")
-        return web.json_response(breakdown_dict(by, parts))
+        return json_response(breakdown_dict(by, parts))
     report = await db(request, lambda s: service.compliance(s, where, table, invalid,
                                                             customers))
     if fmt == "csv":
         return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
                             content_type="text/csv")
-    return web.json_response(report_dict(report, where))
+    return json_response(report_dict(report, where))
 
 
 async def report_page(request: web.Request) -> web.Response:
@@ -169,7 +171,7 @@ async def get_certificate(request: web.Request) -> web.Response:
     if fmt == "html":
         return web.Response(text=html_report.certificate_page(cert, utc_now()),
                             content_type="text/html")
-    return web.json_response(certificate_dict(cert))
+    return json_response(certificate_dict(cert))
 
 
 async def list_gaps(request: web.Request) -> web.Response:
@@ -177,7 +179,7 @@ async def list_gaps(request: web.Request) -> web.Response:
     probes = list(where.probes) if where.probes is not None else None
     service.without_family(where, "a gap record")
     rows = await db(request, lambda s: s.gaps(probes, where.since, where.until))
-    return web.json_response({"gaps": rows})
+    return json_response({"gaps": rows})
 
 
 async def get_completeness(request: web.Request) -> web.Response:
@@ -185,14 +187,14 @@ async def get_completeness(request: web.Request) -> web.Response:
     inputs = await db(request, lambda s: service.completeness_inputs(s, where))
     # The arithmetic off the database thread: ingestion does not wait for a report.
     rows = await asyncio.to_thread(completeness, *inputs)
-    return web.json_response({"completeness": [r.to_dict() for r in rows]})
+    return json_response({"completeness": [r.to_dict() for r in rows]})
 
 
 async def list_browser_results(request: web.Request) -> web.Response:
     since = service.parse_time(request.query.get("since"), "since")
     until = service.parse_time(request.query.get("until"), "until")
     rows = await db(request, lambda s: s.browser_results(since, until))
-    return web.json_response({"browser_results": rows})
+    return json_response({"browser_results": rows})
 
 
 async def list_ndt7_tests(request: web.Request) -> web.Response:
@@ -202,7 +204,7 @@ async def list_ndt7_tests(request: web.Request) -> web.Response:
     since = service.parse_time(request.query.get("since"), "since")
     until = service.parse_time(request.query.get("until"), "until")
     rows = await db(request, lambda s: s.ndt7_tests(since, until, measurements))
-    return web.json_response({"ndt7_tests": rows})
+    return json_response({"ndt7_tests": rows})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -222,7 +224,7 @@ async def health(request: web.Request) -> web.Response:
                                                            lambda s: s.outbox_dead_count())}
         if not sink.state.running:  # type: ignore[attr-defined]
             doc["status"] = "degraded"
-    return web.json_response(doc)
+    return json_response(doc)
 
 
 def add_routes(routes: Routes) -> None:

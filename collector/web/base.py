@@ -19,7 +19,7 @@ from typing import TypeVar
 import psycopg
 from aiohttp import web
 
-from collector import auth, service
+from collector import auth, safetext, service
 from collector.config import CollectorConfig
 from collector.errors import (
     AlreadyExists,
@@ -43,6 +43,10 @@ log = logging.getLogger("bbprobe.collector")
 CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", Store)
 DB_THREADS = web.AppKey("db_threads", ThreadPoolExecutor)
+# Bodies of probes are inflated and decoded here when large (issue 23, finding 4): a
+# 12 MiB result decoded on the event loop held every other request for a second.
+DECODE_THREADS = web.AppKey("decode_threads", ThreadPoolExecutor)
+DECODE_INLINE_BYTES = 64 * 1024
 # Results are stored through the group commit (web/commit.py).
 COMMITS = web.AppKey("group_commit", GroupCommit)
 SINK = web.AppKey("influx_sink", object)
@@ -81,8 +85,24 @@ async def on_db(app: web.Application, fn: Callable[[Store], T]) -> T:
         app[DB_THREADS], partial(fn, app[STORE]))
 
 
+async def off_loop(request: web.Request, size: int, fn: Callable[[], T]) -> T:
+    """``fn()`` on a decode thread when its input is ``size`` bytes or more, else here: a
+    small body costs less than the hand-over, a large one must not stall the loop."""
+    pool = request.app.get(DECODE_THREADS)
+    if pool is None or size < DECODE_INLINE_BYTES:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+
+def json_response(data: object, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON reply whose every string is valid Unicode (collector/safetext.py): a
+    stored text no UTF-8 writer can encode never makes a read a 500 (issue 23)."""
+    return web.json_response(data, status=status, headers=headers, dumps=safetext.dumps)
+
+
 def error_body(status: int, message: str, field: str | None = None) -> web.Response:
-    return web.json_response({"error": message, "field": field}, status=status)
+    return json_response({"error": message, "field": field}, status=status)
 
 
 def http_status(exc: DomainError) -> int:
@@ -105,6 +125,30 @@ async def plain_ipv4(
             mapped = None
         if mapped is not None:
             request = request.clone(remote=str(mapped))
+    return await handler(request)
+
+
+def _unfit(text: str) -> bool:
+    """Text no route takes in a path or a query: a control character (NUL was a 500 on
+    PostgreSQL, which cannot store it: issue 23, finding 7) or a lone surrogate."""
+    if any(c < " " or c == "\x7f" for c in text):
+        return True
+    return not text.isascii() and safetext.unicode(text) != text
+
+
+@web.middleware
+async def sane_request(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse (400, naming where) a path or query parameter no route could take, before
+    any handler or database sees it."""
+    if _unfit(request.path):
+        return error_body(400, "the path holds a control character or invalid Unicode")
+    for key, value in request.query.items():
+        if _unfit(key) or _unfit(value):
+            name = safetext.terminal(key)[:40]
+            return error_body(400, f"{name}: a control character or invalid Unicode in "
+                              "the query", name)
     return await handler(request)
 
 
@@ -134,6 +178,14 @@ async def errors(
         response = error_body(503, "the database is unavailable; retry later")
         response.headers["Retry-After"] = "5"
         return response
+    except psycopg.DataError as exc:
+        # A value PostgreSQL cannot hold that a check above let through (a NUL in text,
+        # a number out of its type's range): the caller's input, a 422, never a 500
+        # (issue 23, finding 7). Logged, since a check is missing.
+        log.warning("%s %s: a value the database refused: %s", request.method,
+                    request.path, str(exc).splitlines()[0] if str(exc) else "")
+        return error_body(422, "a value cannot be stored (a NUL character or a number "
+                          "out of range)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -28,6 +28,7 @@ from collector.web.base import (
     StoreUnavailable,
     count,
     db,
+    json_response,
     query_format,
     read_body,
 )
@@ -52,7 +53,7 @@ async def get_instruction(request: web.Request) -> web.Response:
     match = request.headers.get("If-None-Match", "")
     if etag in (t.strip() for t in match.split(",")):
         return web.Response(status=304, headers=headers)
-    return web.json_response(doc, headers=headers)
+    return json_response(doc, headers=headers)
 
 
 async def post_state(request: web.Request) -> web.Response:
@@ -61,9 +62,10 @@ async def post_state(request: web.Request) -> web.Response:
     raw = await probe_body(request, MAX_HEALTH_BYTES)
     data = ingest.parse_json(raw)
     try:
-        parse_health(data)
+        report = parse_health(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
+    ingest.check_times(report, datetime.now(UTC))
     skew = clock_skew(request)
     await db(request, lambda s: control.record_health(s, probe, data, skew))
     count(request, lambda m: m.health_reports.inc())
@@ -82,7 +84,7 @@ async def post_state(request: web.Request) -> web.Response:
         waker = request.app.get(ALERTER)
         if raised and waker is not None:
             waker.wake.set()  # type: ignore[attr-defined]
-    return web.json_response({"probe_id": probe, "stored": True})
+    return json_response({"probe_id": probe, "stored": True})
 
 
 async def _admin_json(request: web.Request) -> dict[str, Any]:
@@ -117,13 +119,13 @@ async def put_instruction(request: web.Request) -> web.Response:
     if not isinstance(remove, list) or not all(isinstance(k, str) for k in remove):
         raise ApiError(422, "unset: expected a list of keys", field="unset")
     settings = await db(request, lambda s: control.set_instruction(s, chosen, put, remove))
-    return web.json_response({"selector": chosen.to_dict(), "selects": chosen.describe(),
+    return json_response({"selector": chosen.to_dict(), "selects": chosen.describe(),
                               "settings": settings})
 
 
 async def list_instructions(request: web.Request) -> web.Response:
     rules = await db(request, control.rules)
-    return web.json_response({"rules": [
+    return json_response({"rules": [
         {"selector": r.selector.to_dict(), "selects": r.selector.describe(),
          "settings": r.settings, "updated_at": r.updated_at}
         for r in sorted(rules, key=lambda r: (r.selector.rank(), r.updated_at))]})
@@ -133,7 +135,7 @@ async def effective_instruction(request: web.Request) -> web.Response:
     name = request.query.get("probe")
     if not name:
         raise ApiError(400, "probe: required", field="probe")
-    return web.json_response(await db(request, lambda s: control.show(s, name)))
+    return json_response(await db(request, lambda s: control.show(s, name)))
 
 
 async def add_suppression(request: web.Request) -> web.Response:
@@ -148,12 +150,12 @@ async def add_suppression(request: web.Request) -> web.Response:
             raise ApiError(422, f"{name}: required, a string", field=name)
     window = await db(request, lambda s: control.add_window(
         s, chosen, data["from"], data["until"], data["reason"]))
-    return web.json_response(window.to_dict(), status=201)
+    return json_response(window.to_dict(), status=201)
 
 
 async def list_suppressions(request: web.Request) -> web.Response:
     windows = await db(request, control.windows)
-    return web.json_response({"suppressions": [w.to_dict() for w in windows]})
+    return json_response({"suppressions": [w.to_dict() for w in windows]})
 
 
 async def delete_suppression(request: web.Request) -> web.Response:
@@ -161,7 +163,7 @@ async def delete_suppression(request: web.Request) -> web.Response:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(404, f"no suppression window {raw[:20]!r}", field="id")
     await db(request, lambda s: control.delete_window(s, int(raw)))
-    return web.json_response({"id": int(raw), "deleted": True})
+    return json_response({"id": int(raw), "deleted": True})
 
 
 async def _rows(request: web.Request) -> list[dict[str, Any]]:
@@ -175,7 +177,7 @@ async def get_fleet(request: web.Request) -> web.Response:
     rows = await _rows(request)
     if fmt == "csv":
         return web.Response(text=fleet.format_csv(rows), content_type="text/csv")
-    return web.json_response({"summary": fleet.summary(rows),
+    return json_response({"summary": fleet.summary(rows),
                               "silent_after_s": request.app[CONFIG].fleet.silent_after_s,
                               "probes": rows})
 

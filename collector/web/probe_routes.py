@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import spec
-from agent.schema import SchemaError, parse_gap, parse_utc, utc_now
+from agent.schema import GapRecord, SchemaError, parse_gap, parse_utc, utc_now
 from collector import auth, ingest
 from collector.errors import ApiError
 from collector.storage.model import NewResult
@@ -26,6 +26,8 @@ from collector.web.base import (
     content_encoding,
     count,
     db,
+    json_response,
+    off_loop,
     read_body,
 )
 from collector.web.routing import Routes
@@ -164,12 +166,19 @@ def counted(handler: Callable[[web.Request], Awaitable[web.Response]]
     return wrapper
 
 
+def _decoded(raw: bytes, encoding: str, limit: int) -> ingest.Accepted:
+    """A single result's body, inflated and decoded (on a decode thread when large)."""
+    return ingest.parse_body(ingest.inflate(raw, encoding, limit))
+
+
 @counted
 async def post_result(request: web.Request) -> web.Response:
     probe = await ingesting_probe(request)
     skew = clock_skew(request)
-    raw = await probe_body(request, request.app[CONFIG].server.max_body_bytes)
-    accepted = ingest.parse_body(raw)
+    limit = request.app[CONFIG].server.max_body_bytes
+    raw = await read_body(request, limit)
+    encoding = content_encoding(request)
+    accepted = await off_loop(request, len(raw), lambda: _decoded(raw, encoding, limit))
     result = accepted.result
     if result.probe_id != probe:
         raise ApiError(
@@ -177,6 +186,7 @@ async def post_result(request: web.Request) -> web.Response:
             f"result is for probe {result.probe_id!r} but the token belongs to {probe!r}",
             field="probe_id",
         )
+    ingest.check_times(result, datetime.now(UTC))
     item = new_result(accepted, probe, utc_now(), skew)
     (outcome,) = await request.app[COMMITS].insert([item])
     count(request, lambda m: m.result_outcomes([outcome]))
@@ -185,27 +195,27 @@ async def post_result(request: web.Request) -> web.Response:
                        field="result_id")
     if outcome == "stored":
         _wake_sink(request)
-    return web.json_response(
+    return json_response(
         {"result_id": result.result_id, "stored": outcome == "stored",
          "duplicate": outcome == "duplicate"},
         status=201 if outcome == "stored" else 200,
     )
 
 
-@counted
-async def post_batch(request: web.Request) -> web.Response:
-    """Many results in one request and one transaction (an agent's backlog after an
-    outage). Answers 200 with one item per result, in order: 201 stored, 200 duplicate,
-    409 conflict, 403 another probe's, 422 invalid (with the field)."""
-    probe = await ingesting_probe(request)
-    skew = clock_skew(request)
-    cfg = request.app[CONFIG].server
-    raw = await probe_body(request, cfg.max_batch_bytes)
+Judged = tuple[ingest.Accepted | None, dict[str, Any]]
+
+
+def _judge_batch(raw: bytes, encoding: str, cfg: Any, probe: str,
+                 now: datetime) -> list[Judged]:
+    """Each result of a batch body, accepted or refused (its reply), in order. Every
+    result is held to the single-result limit (max_body_bytes): inside a batch a 12 MiB
+    result was stored (issue 23, finding 4). Runs on a decode thread when large."""
+    body = ingest.inflate(raw, encoding, cfg.max_batch_bytes)
     # Each result's own bytes, for the fast path (ingest.parse_body); or, for a body
     # msgspec will not split, the standard reading, which names what is wrong.
-    items: list[Any] | None = ingest.batch_items(raw)
+    items: list[Any] | None = ingest.batch_items(body)
     if items is None:
-        data = ingest.parse_json(raw)
+        data = ingest.parse_json(body)
         if not isinstance(data, dict) or set(data) != {"results"} or \
                 not isinstance(data["results"], list):
             raise ApiError(422, 'body must be {"results": [result, ...]}', field="results")
@@ -215,25 +225,49 @@ async def post_batch(request: web.Request) -> web.Response:
     if len(items) > cfg.max_batch_results:
         raise ApiError(413, f"results: {len(items)} results exceed the per-batch limit of "
                        f"{cfg.max_batch_results}", field="results")
-    received = utc_now()
-    replies: list[dict[str, Any]] = []
-    fresh: list[tuple[int, NewResult]] = []
+    judged: list[Judged] = []
     for index, item in enumerate(items):
         reply: dict[str, Any] = {"result_id": None}
-        replies.append(reply)
         try:
+            size = len(item) if isinstance(item, bytes) else ingest.encoded_size(item)
+            if size > cfg.max_body_bytes:
+                raise ApiError(413, f"results[{index}]: {size} bytes exceed the "
+                               f"{cfg.max_body_bytes}-byte limit of one result",
+                               field=f"results[{index}]")
             accepted = ingest.parse_body(item) if isinstance(item, bytes) else \
                 ingest.accept(item)
+            reply["result_id"] = accepted.result.result_id
+            if accepted.result.probe_id != probe:
+                raise ApiError(403, f"result is for probe {accepted.result.probe_id!r} but "
+                               f"the token belongs to {probe!r}", field="probe_id")
+            ingest.check_times(accepted.result, now)
         except ApiError as exc:
-            reply.update(result_id=_result_id(item), status=exc.status, error=exc.message,
-                         field=exc.field)
+            reply.update(result_id=reply["result_id"] or _result_id(item), status=exc.status,
+                         error=exc.message, field=exc.field)
+            judged.append((None, reply))
             continue
-        reply["result_id"] = accepted.result.result_id
-        if accepted.result.probe_id != probe:
-            reply.update(status=403, error=f"result is for probe {accepted.result.probe_id!r}"
-                         f" but the token belongs to {probe!r}", field="probe_id")
-            continue
-        fresh.append((index, new_result(accepted, probe, received, skew)))
+        judged.append((accepted, reply))
+    return judged
+
+
+@counted
+async def post_batch(request: web.Request) -> web.Response:
+    """Many results in one request and one transaction (an agent's backlog after an
+    outage). Answers 200 with one item per result, in order: 201 stored, 200 duplicate,
+    409 conflict, 403 another probe's, 413 over the size of one result, 422 invalid
+    (with the field)."""
+    probe = await ingesting_probe(request)
+    skew = clock_skew(request)
+    cfg = request.app[CONFIG].server
+    raw = await read_body(request, cfg.max_batch_bytes)
+    encoding = content_encoding(request)
+    now = datetime.now(UTC)
+    judged = await off_loop(request, len(raw),
+                            lambda: _judge_batch(raw, encoding, cfg, probe, now))
+    received = utc_now()
+    replies = [reply for _, reply in judged]
+    fresh = [(index, new_result(accepted, probe, received, skew))
+             for index, (accepted, _) in enumerate(judged) if accepted is not None]
     news = [n for _, n in fresh]
     outcomes = await request.app[COMMITS].insert(news) if news else []
     for (index, _), outcome in zip(fresh, outcomes, strict=True):
@@ -247,20 +281,29 @@ async def post_batch(request: web.Request) -> web.Response:
         count(request, lambda m: m.results_refused(refused))
     if "stored" in outcomes:
         _wake_sink(request)
-    return web.json_response({"items": replies})
+    return json_response({"items": replies})
+
+
+def _decoded_gap(sent: bytes, encoding: str, limit: int) -> tuple[bytes, GapRecord]:
+    """A gap record's body, inflated and decoded (on a decode thread when large)."""
+    raw = ingest.inflate(sent, encoding, limit)
+    try:
+        return raw, parse_gap(ingest.parse_json(raw))
+    except SchemaError as exc:
+        raise ApiError(422, str(exc), field=exc.path or None) from None
 
 
 async def post_gap(request: web.Request) -> web.Response:
     """A gap record: results a probe dropped before delivering them (spool bounds)."""
     probe = await ingesting_probe(request)
-    raw = await probe_body(request, request.app[CONFIG].server.max_body_bytes)
-    try:
-        gap = parse_gap(ingest.parse_json(raw))
-    except SchemaError as exc:
-        raise ApiError(422, str(exc), field=exc.path or None) from None
+    limit = request.app[CONFIG].server.max_body_bytes
+    sent = await read_body(request, limit)
+    encoding = content_encoding(request)
+    raw, gap = await off_loop(request, len(sent), lambda: _decoded_gap(sent, encoding, limit))
     if gap.probe_id != probe:
         raise ApiError(403, f"gap record is for probe {gap.probe_id!r} but the token belongs "
                        f"to {probe!r}", field="probe_id")
+    ingest.check_times(gap, datetime.now(UTC))
     digest = hashlib.sha256(raw).hexdigest()
     outcome = await db(request, lambda s: s.insert_gap(
         gap.gap_id, probe, utc_now(), gap.reason, gap.dropped, gap.first_started_at,
@@ -268,12 +311,12 @@ async def post_gap(request: web.Request) -> web.Response:
     if outcome == "conflict":
         raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
                        field="gap_id")
-    return web.json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
+    return json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
                              status=201 if outcome == "stored" else 200)
 
 
 async def whoami(request: web.Request) -> web.Response:
-    return web.json_response({"probe_id": await authenticated_probe(request)})
+    return json_response({"probe_id": await authenticated_probe(request)})
 
 
 def add_routes(routes: Routes) -> None:

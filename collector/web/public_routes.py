@@ -16,7 +16,15 @@ from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.measurement.slots import client_key
 from collector.storage.model import Quota
-from collector.web.base import ANON_LIMITER, CONFIG, content_encoding, count, db, read_body
+from collector.web.base import (
+    ANON_LIMITER,
+    CONFIG,
+    content_encoding,
+    count,
+    db,
+    json_response,
+    read_body,
+)
 from collector.web.routing import Routes
 
 BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
@@ -94,17 +102,17 @@ async def post_browser_result(request: web.Request) -> web.Response:
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
     body, quota = json.dumps(data, sort_keys=True), anonymous_quota(request.app[CONFIG])
     row = await db(request, lambda s: s.add_browser_result(utc_now(), client, body, quota))
-    return web.json_response({"id": row}, status=201)
+    return json_response({"id": row}, status=201)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document())
+    return json_response(openapi.document())
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Public liveness: that this process answers, and nothing else (no versions, no
     error texts, no queue sizes for strangers; issue 12). Analysts: /api/v1/health."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 def add_routes(routes: Routes) -> None:

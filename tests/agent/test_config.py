@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent import config
+from agent import budget, config, spec
 from agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,9 +202,11 @@ class TestProfiles:
         assert worst < 30
 
     def test_file_profile_is_131_06_file_mode(self) -> None:
-        """file-131-06: whole files over one stream, three transfers each way."""
+        """file-131-06: whole files over one stream, three transfers each way, one
+        attempt of at most 120 s each (so the session fits a 15-minute slot)."""
         m = config.method(config.parse({"profile": "file-131-06"}))
         assert (m.download.mode, m.download.streams, m.download.tests) == ("file", 1, 3)
+        assert (m.upload.attempts, m.upload.timeout_s) == (1, 120.0)
         assert m.download.file_size_bytes == 25_000_000
         assert m.download.warmup_s == 0.0
 
@@ -239,6 +241,102 @@ class TestProfiles:
         with pytest.raises(ConfigError) as info:
             config.parse(data, "t.toml")
         assert str(info.value) == message
+
+
+LIMIT = ("over the 900 s limit (one 15-minute slot of a 96-a-day campaign); lower tests, "
+         "attempts, window_s, timeout_s or ping.count")
+BYTES_LIMIT = ("over the 300 GB limit of a session; lower tests, attempts, file_size_bytes "
+               "or window_s")
+
+
+class TestSessionBudget:
+    """Issue 23: a session's worst case is bounded in time and bytes (agent/budget.py)."""
+
+    def test_the_default_plan_in_figures(self) -> None:
+        """Defaults: ping 9 x 1 s + 2 s; each way 3 attempts x (2 + 10 + 5) s with 1 s
+        between them, and 3 x 12 s at 10 Gbit/s; the pings' payload, under load too."""
+        plan = budget.plan(config.method(config.parse({})))
+        assert [(p.name, p.duration_s) for p in plan.parts] == [
+            ("ping", 11.0), ("download", 53.0), ("upload", 53.0)]
+        assert plan.duration_s == 117.0
+        assert plan.bytes == 2 * 3 * 12 * 1_250_000_000 + 10 * 2 * 56 + 2 * 50 * 2 * 56
+        assert budget.plan(config.method(config.parse({})), sessions=2).duration_s == 234.0
+
+    def test_a_train_under_load_can_lengthen_the_first_test(self) -> None:
+        """A first test that could end before its train under load ends waits for it:
+        warm-up 2 s + 49 x 0.2 s + the 60 s reply timeout."""
+        cfg = config.parse({"ping": {"timeout_s": 60.0},
+                            "download": {"attempts": 1, "timeout_s": 12.0}})
+        download = budget.plan(config.method(cfg)).parts[1]
+        assert download.duration_s == pytest.approx(2 + 49 * 0.2 + 60)
+
+    @pytest.mark.parametrize("profile", list(config.PROFILES))
+    def test_every_profile_plans_within_the_limits_with_headroom(self, profile: str) -> None:
+        """Each shipped profile plans at most 85 % of either limit."""
+        plan = budget.plan(config.method(config.parse({"profile": profile})))
+        assert plan.duration_s <= 0.85 * spec.MAX_SESSION_S, plan
+        assert plan.bytes <= 0.85 * spec.MAX_SESSION_BYTES, plan
+
+    @pytest.mark.parametrize("name", ["example", "system", "demo"])
+    def test_shipped_configs_plan_within_the_limits_also_dual_stack(self, name: str) -> None:
+        """configs/agent.*.toml, run single or dual stack, plan at most 85 % of either
+        limit."""
+        cfg = config.load(ROOT / "configs" / f"agent.{name}.toml", ENV)
+        plan = budget.plan(config.method(cfg), sessions=2)
+        assert plan.duration_s <= 0.85 * spec.MAX_SESSION_S, plan
+        assert plan.bytes <= 0.85 * spec.MAX_SESSION_BYTES, plan
+
+    @pytest.mark.parametrize(
+        ("data", "message"),
+        [
+            # The issue's instruction: three weeks a session.
+            ({"download": {"tests": 1000, "window_s": 600}, "ping": {"count": 10000}},
+             "t.toml: session: would last up to 21.2 days = 1833054 s (ping 2.8 h: 10000 "
+             "echo requests 1 s apart + 2 s; download 21.1 days: 1000 tests x 3 attempts x "
+             "607 s + 1 s between attempts; upload 53 s: 1 test x 3 attempts x 17 s + 1 s "
+             f"between attempts), {LIMIT}"),
+            # File mode both ways, 3 attempts of the automatic 300 s.
+            ({"download": {"mode": "file", "streams": 1},
+              "upload": {"mode": "file", "streams": 1}},
+             "t.toml: session: would last up to 30.2 min = 1815 s (ping 11 s: 10 echo "
+             "requests 1 s apart + 2 s; download 15.0 min: 1 test x 3 attempts x 300 s + "
+             "1 s between attempts; upload 15.0 min: 1 test x 3 attempts x 300 s + 1 s "
+             f"between attempts), {LIMIT}"),
+            # Dual stack runs the session twice in one slot.
+            ({"profile": "file-131-06", "server": {"address_family": "both"}},
+             "t.toml: session: would last up to 24.4 min = 1462 s (2 sessions, IPv4 then "
+             "IPv6, of ping 11 s: 10 echo requests 1 s apart + 2 s; download 6.0 min: 3 "
+             "tests x 1 attempt x 120 s; upload 6.0 min: 3 tests x 1 attempt x 120 s), "
+             f"{LIMIT}"),
+            # Quick enough, but a 100 GB test file three times.
+            ({"download": {"mode": "file", "streams": 1, "timeout_s": 60.0,
+                           "file_size_bytes": 100_000_000_000}},
+             "t.toml: session: would move up to 345 GB (download 300 GB: 1 test x 3 "
+             "attempts x a 100 GB file; upload 45 GB: 1 test x 3 attempts x 12 s at 10 "
+             f"Gbit/s), {BYTES_LIMIT}"),
+            ({"download": {"tests": 3}, "server": {"address_family": "both"}},
+             "t.toml: session: would move up to 360 GB (2 sessions, IPv4 then IPv6, of "
+             "download 135 GB: 3 tests x 3 attempts x 12 s at 10 Gbit/s; upload 45 GB: 1 "
+             f"test x 3 attempts x 12 s at 10 Gbit/s), {BYTES_LIMIT}"),
+        ],
+    )
+    def test_a_session_over_a_limit_is_refused_naming_its_figure(
+            self, data: dict[str, Any], message: str) -> None:
+        """A plan over either limit is refused at load with the computed figure, each
+        part's and the limit."""
+        with pytest.raises(ConfigError) as info:
+            config.parse(data, "t.toml")
+        assert str(info.value) == message
+
+    def test_the_command_line_is_bounded_too(self) -> None:
+        """A --set override goes through the same check (a disabled direction plans
+        nothing, so turning one off makes room)."""
+        with pytest.raises(ConfigError, match=r"would last up to 46\.0 min = 2757 s"):
+            config.load(None, ENV, {"download.window_s": 600.0, "upload.window_s": 300.0})
+        cfg = config.load(None, ENV, {"download.window_s": 100.0, "download.attempts": 1,
+                                      "upload.enabled": False})
+        plan = budget.plan(config.method(cfg))
+        assert (plan.duration_s, plan.bytes // 10**9) == (11 + 107, 127)
 
 
 def test_packaged_system_configs_are_valid() -> None:

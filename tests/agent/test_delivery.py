@@ -5,6 +5,7 @@ Against a real collector, through a fault-injecting proxy where a fault is neede
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,17 +17,10 @@ from typing import Any
 import pytest
 
 from agent.config import DeliveryConfig
-from agent.delivery import (
-    CollectorClient,
-    Entry,
-    Spool,
-    backoff_s,
-    batches,
-    deliver,
-    evictions,
-    parse_retry_after,
-)
+from agent.delivery import CollectorClient, backoff_s, batches, deliver, parse_retry_after
+from agent.identity import Backlog, Identity, backlog, claim, identity_file, identity_for
 from agent.schema import format_utc
+from agent.spool import Entry, Spool, evictions
 from collector.testing import RunningCollector
 from tests.factories import session
 from tests.faultproxy import fault_proxy
@@ -105,6 +99,12 @@ async def _deliver(spool: Spool, url: str, token: str, cfg: DeliveryConfig,
                          jitter=lambda: 0.5)
 
 
+def _for(collector: RunningCollector, token: str) -> Identity:
+    """Whom a spool's results are measured for: ``token`` at ``collector`` (as `bbprobe
+    run` records it)."""
+    return identity_for(collector.url, token)
+
+
 def _spool_results(spool: Spool, n: int, probe: str = "p1") -> list[str]:
     ids = []
     for i in range(n):
@@ -122,7 +122,7 @@ def _stored(collector: RunningCollector, probe: str = "p1") -> list[str]:
 def test_backlog_goes_oldest_first_in_batches(collector: RunningCollector,
                                               tmp_path: Path) -> None:
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 7)
     report = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
     assert report.delivered == ids and report.requests == 3  # 3 + 3 + 1
@@ -136,7 +136,7 @@ def test_retryable_failures_back_off_and_honour_retry_after(collector: RunningCo
     each retried (waits 7 and 2 as told, then the backoff of the 3rd and 4th consecutive
     failure, 4 and 8 s), then everything arrives once."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 2)
     script = [("status", 503, 7), ("status", 429, 2), ("status", 500, None), ("drop",)]
     delays: list[float] = []
@@ -154,7 +154,7 @@ def test_compressed_deliveries_and_a_collector_that_refuses_them(
     refuses the encoding (415): that request goes again as plain JSON, and so does every
     later one to it. Nothing is dead-lettered."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 3)
     with fault_proxy(collector.url, []) as proxy:
         client = CollectorClient(proxy.url, token, 10.0, compression=encoding)
@@ -178,7 +178,7 @@ def test_reply_lost_after_commit_is_resent_and_stored_once(collector: RunningCol
     """The collector commits the batch, then the connection drops before the reply: the
     agent keeps the results, sends them again, and the collector keeps one row each."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 3)
     with fault_proxy(collector.url, [("drop_reply",)]) as proxy:
         report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
@@ -191,11 +191,13 @@ def test_reply_lost_after_commit_is_resent_and_stored_once(collector: RunningCol
 
 def test_refused_results_go_to_dead_letter_and_gaps_are_delivered(
         collector: RunningCollector, tmp_path: Path) -> None:
-    """In one batch: a result of another probe (403) is set aside with its reason, the
+    """In one batch: a result named for another probe (p2) though spooled for p1's token
+    (a wrong probe_id configured) is refused (403) and set aside with its reason, the
     others are stored; a spooled gap record reaches /api/v1/gaps first."""
     token = collector.add_probe("p1")
     collector.add_probe("p2")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, min_free_bytes=0))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, min_free_bytes=0),
+                  _for(collector, token))
     _spool_results(spool, 1)
     stranger = session("p2", started_at=format_utc(NOW - timedelta(minutes=2)))
     spool.put(stranger, now=NOW)
@@ -232,7 +234,7 @@ def test_a_damaged_spool_file_is_set_aside_and_the_rest_delivered(
     with the reason next to it, and the others in its batch are delivered, instead of
     every batch being refused with "HTTP 400: body is not valid JSON"."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 3)
     oldest = spool.entries()[0].path
     oldest.write_bytes(oldest.read_bytes()[:500])
@@ -279,7 +281,7 @@ def test_a_400_on_a_batch_splits_it_and_dead_letters_only_the_refused_result(
     instead of stopping; for a result sent alone it is its own refusal: dead-letter, and
     the rest go."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 3)
     with fault_proxy(collector.url, [("status", 400, None, "ping"),
                                      ("status", 400, None, "ping")]) as proxy:
@@ -298,7 +300,7 @@ def test_a_400_naming_no_field_keeps_the_whole_spool(collector: RunningCollector
     WAF), not any result's: delivery stops with everything kept, instead of moving the
     spool to dead-letter one result at a time."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     _spool_results(spool, 3)
     with fault_proxy(collector.url, [("status", 400, None)]) as proxy:
         report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
@@ -322,12 +324,12 @@ def _reversed(reply: dict[str, Any]) -> dict[str, Any]:
 
 def test_batch_replies_are_matched_by_result_id(collector: RunningCollector,
                                                 tmp_path: Path) -> None:
-    """The collector lists the outcomes in the opposite order: the refused result (another
-    probe's, 403) is the one set aside and the stored one the one deleted, not the other
+    """The collector lists the outcomes in the opposite order: the refused result (named
+    for another probe, 403) is the one set aside and the stored one the one deleted, not the other
     way round (which would delete a result that was never stored)."""
     token = collector.add_probe("p1")
     collector.add_probe("p2")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     stranger = session("p2", started_at=format_utc(NOW - timedelta(minutes=2)))
     ours = session("p1", started_at=format_utc(NOW - timedelta(minutes=1)))
     spool.put(stranger, now=NOW)
@@ -374,7 +376,8 @@ def test_a_reply_that_does_not_match_the_batch_deletes_nothing(
     file stays in the spool (a retryable error), nothing is dead-lettered, and a later
     run, with an honest reply, delivers them once each."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0),
+                  _for(collector, token))
     ids = _spool_results(spool, 3)
     with _rewriting_proxy(collector.url, rewrite) as url:
         report = asyncio.run(_deliver(spool, url, token, spool.cfg))
@@ -393,7 +396,8 @@ def test_unnamed_results_and_gaps_are_named_at_delivery(collector: RunningCollec
     probe_id (as is the gap record of one the spool dropped); delivery asks the
     collector (whoami) and sends them under its answer, not a guess."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, min_free_bytes=0))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, min_free_bytes=0),
+                  _for(collector, token))
     ids = _spool_results(spool, 2, probe="")
     spool.cfg = replace(spool.cfg, spool_max_bytes=sum(e.size for e in spool.entries()) + 10)
     newest = session("", started_at=format_utc(NOW - timedelta(minutes=1)))
@@ -417,7 +421,7 @@ def test_a_known_name_is_used_without_asking(collector: RunningCollector,
     """The name the session already has (configured, or whoami at its start) fills
     unnamed results with no further request."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 2, probe="")
     with fault_proxy(collector.url, []) as proxy:
         report = asyncio.run(deliver(spool, CollectorClient(proxy.url, token, 5), spool.cfg,
@@ -440,7 +444,8 @@ def test_unnamed_results_wait_until_the_collector_names_the_probe(
     """While whoami fails, no unnamed result is sent (not under a guessed name either):
     all stay spooled, none is dead-lettered."""
     token = collector.add_probe("p1")
-    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0))
+    spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7, max_wait_s=0),
+                  _for(collector, token))
     _spool_results(spool, 2, probe="")
     with fault_proxy(collector.url, script) as proxy:
         report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
@@ -461,3 +466,202 @@ def test_a_dangling_link_in_the_spool_is_set_aside_not_looped_on(tmp_path: Path)
     assert report.requests == 0 and spool.gaps() == []
     assert [r for _, r in report.dead_lettered] == [
         "damaged spool file, not sent: unreadable: No such file or directory"]
+
+
+# --- issue 23 finding 10: a spooled result belongs to the identity it was measured for --
+
+ID_A = identity_for("https://a.example/", "bbp_token_of_a")
+ID_B = identity_for("https://b.example", "bbp_token_of_b")
+
+
+@pytest.mark.parametrize(("recorded", "probe", "known", "expected"), [
+    (ID_A, "a", None, "send"),  # its own token: sent (named or not, whoami names it)
+    (ID_A, "", "a", "send"),
+    (ID_A, "a", "b", "send"),  # a wrong probe_id is the collector's to refuse (403)
+    (replace(ID_A, collector_url="http://10.0.0.9:8080"), "", None, "send"),  # moved
+    (ID_B, "b", "b", "wait"),  # another token's: never sent with this one
+    (ID_B, "", None, "wait"),
+    (None, "a", None, "ask"),  # older spool: placed by its probe_id once a is known
+    (None, "a", "a", "send"),
+    (None, "b", "a", "wait"),
+    (None, "", "a", "wait"),  # older spool, unnamed: nobody can tell whose it is
+    (None, None, "a", "send"),  # unreadable: read, found damaged, set aside
+], ids=["own-named", "own-unnamed", "own-misnamed", "own-moved", "other", "other-unnamed",
+        "old-unknown", "old-match", "old-other", "old-unnamed", "old-damaged"])
+def test_claim_is_decided_by_the_token_then_the_probe_id(
+        recorded: Identity | None, probe: str | None, known: str | None,
+        expected: str) -> None:
+    """Delivering as A: the token recorded at measurement decides; a file from before
+    identities goes only when its own probe_id is the name the collector gives A."""
+    assert claim(recorded, probe, ID_A, known) == expected
+
+
+def test_the_identity_is_recorded_beside_the_result_without_the_token(
+        tmp_path: Path) -> None:
+    """Measurement time, not delivery time: the collector URL and the first 16 hex
+    digits of the token's SHA-256 are written (durably, no temp file left) next to the
+    result, which is the document as measured; the token itself is nowhere."""
+    spool = Spool(tmp_path, CFG, ID_A)
+    result = session("", started_at=format_utc(NOW - timedelta(minutes=1)))
+    path = spool.put(result, now=NOW)
+    assert path is not None
+    assert json.loads(path.read_text())["probe_id"] == ""
+    assert json.loads(identity_file(path).read_text()) == {
+        "collector_url": "https://a.example",
+        "token_fingerprint": hashlib.sha256(b"bbp_token_of_a").hexdigest()[:16]}
+    assert Spool.identity_of(path) == ID_A
+    assert sorted(p.name for p in spool.dir.iterdir()) == sorted(
+        [path.name, identity_file(path).name])
+    assert not any(b"bbp_token_of_a" in p.read_bytes() for p in tmp_path.rglob("*")
+                   if p.is_file())
+
+
+def _files(spool: Spool) -> dict[str, bytes]:
+    return {str(p.relative_to(spool.root)): p.read_bytes()
+            for p in sorted(spool.root.rglob("*")) if p.is_file() and
+            p.parent.name in ("spool", "gaps", "dead-letter")}
+
+
+def test_a_technicians_two_lines_keep_their_results_apart(collector: RunningCollector,
+                                                           tmp_path: Path) -> None:
+    """One laptop, two customer lines, two collectors: a session for probe A measured
+    while A's collector was away (unnamed) and one for B. Delivering with B's token
+    sends B's only: B's collector receives nothing of A's, A's files stay byte for byte
+    (not named, not dead-lettered), counted as waiting. Then A's token sends A's
+    exactly once, named by A's collector."""
+    from agent import health
+    from collector.testing import running_collector
+
+    token_a = collector.add_probe("line-a")
+    a = session("", started_at=format_utc(NOW - timedelta(minutes=30)))
+    Spool(tmp_path, CFG, identity_for(collector.url, token_a)).put(a, now=NOW)
+    with running_collector(tmp_path / "collector-b") as other:
+        token_b = other.add_probe("line-b")
+        spool_b = Spool(tmp_path, CFG, identity_for(other.url, token_b))
+        b = session("line-b", started_at=format_utc(NOW - timedelta(minutes=15)))
+        spool_b.put(b, now=NOW)
+        before = {k: v for k, v in _files(spool_b).items() if a.result_id in k}
+        assert len(before) == 2  # the result and its identity
+        with fault_proxy(other.url, []) as proxy:
+            report = asyncio.run(deliver(spool_b, CollectorClient(proxy.url, token_b, 5),
+                                         CFG, sleep=_no_sleep))
+        assert proxy.seen == ["POST /api/v1/results/batch -> 200"]  # no whoami either
+        assert (report.delivered, report.waiting, report.pending) == ([b.result_id], 1, 0)
+        assert report.dead_lettered == [] and report.error is None
+        assert _stored(other, "line-b") == [b.result_id] and other.count_results() == 1
+        assert {k: v for k, v in _files(spool_b).items() if a.result_id in k} == before
+        # B's health report counts B's backlog, not A's.
+        assert health.build(spool_b, mode="run", campaign=None, instruction_version=None,
+                            instruction_error=None).spool_results == 0
+        # Delivering as B again, even knowing B's name, leaves A's as it is.
+        again = asyncio.run(deliver(spool_b, CollectorClient(other.url, token_b, 5), CFG,
+                                    probe_id="line-b", sleep=_no_sleep))
+        assert (again.requests, again.waiting) == (0, 1) and other.count_results() == 1
+    spool_a = Spool(tmp_path, CFG, identity_for(collector.url, token_a))
+    with fault_proxy(collector.url, []) as proxy:
+        report = asyncio.run(deliver(spool_a, CollectorClient(proxy.url, token_a, 5), CFG,
+                                     sleep=_no_sleep))
+    assert proxy.seen == ["GET /api/v1/whoami -> 200", "POST /api/v1/results/batch -> 200"]
+    assert (report.delivered, report.waiting) == ([a.result_id], 0)
+    assert _stored(collector, "line-a") == [a.result_id] and collector.count_results() == 1
+    assert spool_a.entries() == [] and list(spool_a.dir.iterdir()) == []
+
+
+def test_an_unnamed_result_of_token_a_is_never_named_as_b(collector: RunningCollector,
+                                                          tmp_path: Path) -> None:
+    """One collector, two probes: a result spooled unnamed for A's token is not sent by
+    B's delivery, whether B's name is configured or asked (no whoami is spent on it),
+    and is never written with B's name; A's delivery names it A."""
+    token_a, token_b = collector.add_probe("a"), collector.add_probe("b")
+    spool = Spool(tmp_path, CFG, _for(collector, token_a))
+    (rid,) = _spool_results(spool, 1, probe="")
+    for known in ("b", None):
+        with fault_proxy(collector.url, []) as proxy:
+            report = asyncio.run(deliver(spool, CollectorClient(proxy.url, token_b, 5), CFG,
+                                         probe_id=known, sleep=_no_sleep))
+        assert proxy.seen == [] and (report.waiting, report.delivered) == (1, [])
+    (entry,) = spool.entries()
+    assert json.loads(entry.path.read_text())["probe_id"] == ""
+    assert _stored(collector, "b") == []
+    report = asyncio.run(_deliver(spool, collector.url, token_a, CFG))
+    assert report.delivered == [rid] and _stored(collector, "a") == [rid]
+    _, stored, _ = request("GET", collector.url + f"/api/v1/results/{rid}")
+    assert stored["probe_id"] == "a"
+
+
+def test_gap_records_belong_to_the_identity_of_the_results_dropped(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """The byte cap counts every identity's results: B's sessions push A's oldest out.
+    The gap record says so for A (A's name and identity), not for B whose result made
+    the room; B's delivery sends B's results and no gap; A's sends A's gap under A."""
+    token_a, token_b = collector.add_probe("a"), collector.add_probe("b")
+    cfg = replace(CFG, spool_max_bytes=10**7, min_free_bytes=0)
+    spool_a = Spool(tmp_path, cfg, _for(collector, token_a))
+    a_ids = _spool_results(spool_a, 3, probe="a")
+    spool_b = Spool(tmp_path, replace(cfg, spool_max_bytes=sum(
+        e.size for e in spool_a.entries()) + 10), _for(collector, token_b))
+    b_ids = []
+    for i in range(2):
+        r = session("b", started_at=format_utc(NOW - timedelta(minutes=5 - i)))
+        spool_b.put(r, now=NOW)
+        b_ids.append(r.result_id)
+    assert sum(e.size for e in spool_b.entries()) <= spool_b.cfg.spool_max_bytes
+    (gap,) = spool_b.gaps()
+    assert json.loads(gap.read_text())["probe_id"] == "a"
+    assert json.loads(gap.read_text())["dropped"] == 2  # merged: one record, one owner
+    assert Spool.identity_of(gap) == _for(collector, token_a)
+    report = asyncio.run(_deliver(spool_b, collector.url, token_b, CFG))
+    assert (report.delivered, report.gaps_sent, report.waiting) == (b_ids, 0, 1)
+    assert spool_b.gaps() == [gap]
+    report = asyncio.run(_deliver(spool_a, collector.url, token_a, CFG))
+    assert (report.delivered, report.gaps_sent) == (a_ids[2:], 1)
+    _, gaps, _ = request("GET", collector.url + "/api/v1/gaps?probe=a")
+    assert [(g["reason"], g["dropped"]) for g in gaps["gaps"]] == [("spool_full", 2)]
+    _, gaps, _ = request("GET", collector.url + "/api/v1/gaps?probe=b")
+    assert gaps["gaps"] == []
+
+
+def test_an_older_spool_is_sent_only_by_its_own_probe(collector: RunningCollector,
+                                                      tmp_path: Path) -> None:
+    """Files spooled by a bbprobe from before identities (no .identity): one named a is
+    sent once the collector names the token a; one named b waits for b; an unnamed one
+    waits for good (whose it is cannot be told). None is dead-lettered or rewritten."""
+    token_a = collector.add_probe("a")
+    collector.add_probe("b")
+    older = Spool(tmp_path, CFG)
+    ours = _spool_results(older, 1, probe="a")
+    _spool_results(older, 1, probe="b")
+    _spool_results(older, 1, probe="")
+    assert not list(older.dir.glob("*.identity"))
+    with fault_proxy(collector.url, []) as proxy:
+        report = asyncio.run(_deliver(older, proxy.url, token_a, CFG))
+    assert proxy.seen == ["GET /api/v1/whoami -> 200", "POST /api/v1/results/batch -> 200"]
+    assert (report.delivered, report.waiting, report.dead_lettered) == (ours, 2, [])
+    assert sorted(json.loads(e.path.read_text())["probe_id"] for e in older.entries()) == \
+        ["", "b"]
+    assert sorted((b.identity, b.probe_id, b.results) for b in older.backlog()) == [
+        (None, "", 1), (None, "b", 1)]
+
+
+def test_dead_letters_keep_their_identity(tmp_path: Path) -> None:
+    """A result set aside keeps whom it was measured for: retried, it is A's again
+    (not an identity-less file); dropped, nothing of it stays."""
+    spool = Spool(tmp_path, CFG, ID_A)
+    path = spool.put(session("a", started_at=format_utc(NOW)), now=NOW)
+    assert path is not None
+    dead = spool.dead_letter(path, "HTTP 422: test")
+    assert Spool.identity_of(dead) == ID_A and not identity_file(path).exists()
+    back = spool.retry_dead_letter(dead)
+    assert Spool.identity_of(back) == ID_A and not identity_file(dead).exists()
+    spool.drop_dead_letter(spool.dead_letter(back, "HTTP 422: test"))
+    assert list(spool.dead_dir.iterdir()) == [] and list(spool.dir.iterdir()) == []
+
+
+def test_backlog_groups_by_token_then_by_probe_id() -> None:
+    """What `bbprobe status` lists: one row per token (named by the results that carry a
+    name) and, for older files, one per probe_id; gap records counted apart."""
+    moved = replace(ID_A, collector_url="http://10.0.0.9")
+    rows = [(ID_A, "", 100, False), (ID_B, "b", 50, False), (moved, "a", 10, False),
+            (None, "c", 5, False), (ID_A, "a", 0, True), (None, "", 7, False)]
+    assert backlog(rows) == [Backlog(ID_A, "a", 2, 110, 1), Backlog(ID_B, "b", 1, 50, 0),
+                             Backlog(None, "c", 1, 5, 0), Backlog(None, "", 1, 7, 0)]

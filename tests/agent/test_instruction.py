@@ -62,6 +62,79 @@ def test_bad_settings_are_refused_naming_the_key(settings: dict[str, object],
     assert message in str(caught.value)
 
 
+# Issue 23: each value within its own range, three weeks a session all together.
+TOO_LONG = {"download.tests": 1000, "download.window_s": 600, "ping.count": 10000}
+
+
+def test_an_instruction_planning_too_long_a_session_is_refused_naming_the_figure() -> None:
+    """Not one key's fault: the message is whole, the computed figure and the limit."""
+    with pytest.raises(InstructionError) as caught:
+        check(TOO_LONG)
+    assert caught.value.key == ""
+    text = str(caught.value)
+    assert text.startswith("session: would last up to 21.2 days = 1833054 s (ping 2.8 h: ")
+    assert "download 21.1 days: 1000 tests x 3 attempts x 607 s" in text
+    assert "over the 900 s limit (one 15-minute slot of a 96-a-day campaign)" in text
+    assert check({"download.tests": 3, "download.window_s": 15})  # 4.6 min, 225 GB
+
+
+def test_the_agent_refuses_an_instruction_over_the_limit_that_slipped_through(
+        tmp_path: Path) -> None:
+    """A collector that does not bound sessions (one from before issue 23; here the
+    rule is written to the store past the check) serves one: the agent measures under
+    its own file, and its health report says why, which the fleet view shows."""
+    from agent import health
+    from agent.schema import to_dict, utc_now
+    from agent.spool import Spool
+    from collector.instructions import Selector
+    from tests.httpclient import request
+
+    state = tmp_path / "state"
+    with running_collector(tmp_path / "c") as running:
+        token = running.add_probe("p1")
+        store = running.open_store()
+        try:
+            store.update_instruction_rule(Selector(probe="p1").key(),
+                                          lambda _: dict(TOO_LONG), utc_now())
+        finally:
+            store.close()
+        client = CollectorClient(running.url, token, 10)
+        fetched = asyncio.run(control.fetch(client, str(state)))
+        assert fetched.instruction is not None and fetched.instruction.settings == {}
+        applied = control.apply(fetched, lambda c: config.load(
+            None, {"HOME": str(tmp_path)}, central=c))
+        assert applied.version is None
+        assert (applied.cfg.download.tests, applied.cfg.ping.count) == (1, 10)
+        assert applied.error == (f"instruction {fetched.instruction.version} not applied: "
+                                 f"{fetched.instruction.settings_error}")
+        assert "session: would last up to 21.2 days = 1833054 s" in applied.error
+        report = health.build(Spool(state), mode="run", campaign=None,
+                              instruction_version=applied.version,
+                              instruction_error=applied.error)
+        asyncio.run(client.report_health(json.dumps(to_dict(report)).encode()))
+        status, doc, _ = request("GET", running.url + "/api/v1/fleet?format=json")
+        (row,) = doc["probes"]
+        assert status == 200 and "instruction not applied" in row["problems"]
+        assert "21.2 days" in row["last_error"]
+
+
+def test_an_instruction_over_the_limit_only_with_the_local_file_is_not_applied(
+        tmp_path: Path) -> None:
+    """Within the limit on the defaults (the collector accepts it), over it with this
+    probe's 5 tests: this probe measures under its own file and says why."""
+    path = tmp_path / "agent.toml"
+    path.write_text("[download]\ntests = 5\n")
+    settings = {"download.window_s": 60.0}
+    assert check(settings) == settings
+    doc = {"version": "0123456789abcdef", "settings": settings, "suppressions": []}
+    applied = control.apply(control.Fetched(parse_document(doc), "collector"),
+                            lambda central: config.load(path, {"HOME": str(tmp_path)},
+                                                        central=central))
+    assert applied.version is None and applied.cfg.download.window_s == 10.0
+    assert applied.error is not None and applied.error.startswith(
+        f"instruction 0123456789abcdef not applied: {path}: session: would last up to ")
+
+
 def test_values_are_json_or_toml_or_text() -> None:
     parsed = parse_pairs(['server.candidates=["http://a", "http://b"]', "ping.count=20",
                           "campaign.rule=24in72h", "checks.scan_lan=false",
@@ -94,7 +167,7 @@ def test_an_instruction_that_does_not_fit_the_local_file_is_not_applied(
     """Valid on its own, but not with this probe's file: the probe measures under its
     own file and says why."""
     path = tmp_path / "agent.toml"
-    path.write_text("[download]\nwarmup_s = 30.0\nwindow_s = 60.0\n")
+    path.write_text("[download]\nwarmup_s = 10.0\nwindow_s = 20.0\n")
     doc = {"version": "0123456789abcdef", "settings": {"download.timeout_s": 20.0},
            "suppressions": []}
     fetched = control.Fetched(parse_document(doc), "collector")

@@ -103,8 +103,9 @@ def test_silence_and_campaign_triggers() -> None:
     missed = alerts.campaign_incomplete(probe, report(19, deadline), NOW,
                                         {2, 3, 4, 5, 6}, rome)
     assert missed is not None and missed.details["bands_missed"] == [2, 3, 4, 5, 6]
+    # In the collector's own spelling (issue 23: keys and queries never take the probe's).
     assert alerts.completed_campaign(report(24, "2026-11-23T12:00:00Z", True)) == (
-        "96in24h", "2026-11-20T12:00:00Z", "2026-11-23T12:00:00Z")
+        "96in24h", "2026-11-20T12:00:00.000000Z", "2026-11-23T12:00:00.000000Z")
     assert alerts.agent_dead_letters(probe, {"dead_letters": 0}) is None
     assert alerts.agent_dead_letters(probe, {"dead_letters": 2}).key != \
         alerts.agent_dead_letters(probe, {"dead_letters": 3}).key  # type: ignore[union-attr]

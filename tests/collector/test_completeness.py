@@ -14,8 +14,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from agent.delivery import Spool
 from agent.schema import format_utc
+from agent.spool import Spool
 from collector.cli import main
 from collector.compliance.completeness import MAX_HOLE, completeness
 from collector.testing import RunningCollector

@@ -254,6 +254,49 @@ def test_rules_that_break_together_are_refused(collector: RunningCollector) -> N
     assert code == 0, out
 
 
+# Issue 23: each value within its own range, three weeks a session all together.
+TOO_LONG = {"download.tests": 1000, "download.window_s": 600, "ping.count": 10000}
+FIGURE = "session: would last up to 21.2 days = 1833054 s (ping 2.8 h: "
+LIMIT = "over the 900 s limit (one 15-minute slot of a 96-a-day campaign)"
+
+
+def test_an_instruction_planning_too_long_a_session_is_refused_naming_the_figure(
+        collector: RunningCollector) -> None:
+    """Through the admin API (422) and `instruction set`, with the computed figure and
+    the limit; nothing is stored, and a session within the limits is taken."""
+    collector.add_probe("p1", LAZIO)
+    admin = collector.add_token("ops", "admin")
+    url = collector.url + "/api/v1/instructions"
+    status, reply = post_json(url, {"selector": {"region": "Lazio"}, "set": TOO_LONG},
+                              admin)
+    assert status == 422 and reply["field"] is None, reply
+    assert reply["error"].startswith(FIGURE) and LIMIT in reply["error"], reply
+    assert "download 21.1 days: 1000 tests x 3 attempts x 607 s" in reply["error"]
+    code, out = _cli(collector, "instruction", "set", "--all",
+                     *(f"{k}={v}" for k, v in TOO_LONG.items()))
+    assert code != 0 and FIGURE in out and LIMIT in out, out
+    status, doc, _ = request("GET", url, headers={"Authorization": f"Bearer {admin}"})
+    assert status == 200 and doc["rules"] == []
+    good = {"download.tests": 3, "download.window_s": 15, "ping.count": 100}
+    status, reply = post_json(url, {"selector": {"region": "Lazio"}, "set": good}, admin)
+    assert status == 200 and reply["settings"] == good, reply
+    code, out = _cli(collector, "instruction", "set", "--all", "upload.tests=2")
+    assert code == 0, out
+
+
+def test_rules_within_the_limit_alone_but_over_it_together_are_refused(
+        collector: RunningCollector) -> None:
+    """5 downloads for everyone, a 40 s window in Lazio: 833 GB for p1 at 10 Gbit/s,
+    over the 300 GB a session may plan; refused naming the probe."""
+    collector.add_probe("p1", LAZIO)
+    code, out = _cli(collector, "instruction", "set", "--all", "download.tests=5")
+    assert code == 0, out
+    code, out = _cli(collector, "instruction", "set", "--region", "Lazio",
+                     "download.window_s=40")
+    assert code != 0 and "session: would move up to 833 GB" in out, out
+    assert "over the 300 GB limit of a session" in out and "probe p1's instruction" in out
+
+
 def test_fleet_exports_are_safe_for_spreadsheets_and_terminals(
         collector: RunningCollector) -> None:
     token = collector.add_probe("p1", LAZIO)

@@ -140,6 +140,9 @@ def test_file_mode_speed(collector: RunningCollector, fast_config: Path) -> None
                           "--set", "download.file_size_bytes=4000000",
                           "--set", 'upload.mode="file"',
                           "--set", "upload.file_size_bytes=3000000",
+                          # 3 attempts of the automatic 300 s each way would plan 30
+                          # minutes, over a session's 15 (agent/budget.py).
+                          "--set", "download.timeout_s=60", "--set", "upload.timeout_s=60",
                           "speed", "--json", "-q")
     assert code == 0, err
     doc = json.loads(out)
@@ -288,8 +291,8 @@ def test_a_damaged_spool_file_does_not_stall_run(collector: RunningCollector,
     and delivers the rest with its own result, exit 0."""
     from datetime import UTC, datetime, timedelta
 
-    from agent.delivery import Spool
     from agent.schema import format_utc
+    from agent.spool import Spool
     from tests.factories import session
 
     token = collector.add_probe("probe-2")
@@ -319,8 +322,8 @@ def test_dead_letter_list_retry_drop(fast_config: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
     from agent.config import DeliveryConfig
-    from agent.delivery import Spool
     from agent.schema import format_utc
+    from agent.spool import Spool
     from tests.factories import session
 
     now = datetime.now(UTC)
@@ -364,3 +367,53 @@ def test_dead_letter_list_retry_drop(fast_config: Path) -> None:
     assert list(spool.dead_dir.iterdir()) == []
     code, out, _ = _run(*common, "list", "--json")
     assert (code, json.loads(out)) == (0, [])
+
+
+def test_a_result_spooled_for_one_probe_is_never_delivered_as_another(
+        collector: RunningCollector, fast_config: Path, tmp_path: Path) -> None:
+    """Issue 23 finding 10, as a field technician meets it: one laptop, two customer
+    lines. A session for probe A while A's collector is away stays spooled (unnamed);
+    the next run, with B's token and B's collector, delivers only its own result and
+    says one result waits for another probe; `status` lists it under A's collector;
+    a run with A's token delivers it once, named by A's collector."""
+    from collector.testing import running_collector
+
+    token_a = collector.add_probe("line-a")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    state = fast_config.parent / "state"
+    common = ["--config", str(fast_config), "--set", "ping.enabled=false"]
+    code, out, err = _run(*common, "--collector", dead, "--token", token_a, "--server",
+                          collector.url, "run", "--json")
+    assert code == 3, err
+    first = json.loads(out)
+    assert first["probe_id"] == ""
+    with running_collector(tmp_path / "collector-b") as other:
+        token_b = other.add_probe("line-b")
+        code, out, err = _run(*common, "--collector", other.url, "--token", token_b, "run",
+                              "--json")
+        assert code == 0, err
+        mine = json.loads(out)["result_id"]
+        assert "spooled earlier" not in err
+        assert "bbprobe: 1 spooled result(s) measured for another probe or collector " \
+            "wait in the spool, not sent with this token" in err
+        _, listing, _ = request("GET", other.url + "/api/v1/results?probe=line-b")
+        assert [r["result_id"] for r in listing["results"]] == [mine]
+        assert other.count_results() == 1
+        code, out, err = _run(*common, "--collector", other.url, "--token", token_b,
+                              "status", "--no-check")
+        assert code == 0, err
+        assert f"  1 result(s) waiting for a probe not named yet at {dead}, " \
+               "sent when a run uses that identity" in out
+    (spooled,) = (state / "spool").glob("*.json")
+    assert first["result_id"] in spooled.name
+    assert json.loads(spooled.read_text())["probe_id"] == ""  # never rewritten
+    code, out, err = _run(*common, "--collector", collector.url, "--token", token_a, "run",
+                          "--json")
+    assert code == 0, err
+    assert "with 1 spooled earlier" in err and "another probe" not in err
+    _, listing, _ = request("GET", collector.url + "/api/v1/results?probe=line-a")
+    assert [r["result_id"] for r in listing["results"]] == [first["result_id"],
+                                                           json.loads(out)["result_id"]]
+    assert collector.count_results() == 2
+    assert not list((state / "spool").glob("*.json"))
+    assert not list((state / "dead-letter").glob("*.json"))

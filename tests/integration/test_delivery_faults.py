@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DeliveryConfig
-from agent.delivery import Spool
+from agent.spool import Spool
 from collector import service
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore

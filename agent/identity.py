@@ -1,0 +1,120 @@
+"""Whose a spooled document is, and what a client delivering as someone does with it. Pure.
+
+Contract (shared/reference/reliability.md A1-A9; agent.spool records, agent.delivery sends):
+- Each spooled result and gap record belongs to the identity it was measured for,
+  recorded next to it when it is spooled (``NAME.identity``: the collector URL and the
+  token's fingerprint, the first 16 hex digits of its SHA-256, never the token).
+- Delivery sends only what was recorded for the same token (the credential the collector
+  checks; the URL is shown, not matched, so a collector back at another address gets its
+  own results): ``claim``. The rest stays spooled untouched and is listed by ``bbprobe
+  status`` per owner (``backlog``).
+- A file spooled by a bbprobe from before identities (no ``.identity`` beside it) is sent
+  only when its own ``probe_id`` is the name the collector gives the token in use; one
+  without a ``probe_id`` cannot be placed and waits (``bbprobe status`` says so) until
+  the spool's age cap drops it with a gap record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Whom a spooled document was measured for: the collector's URL and a fingerprint
+    of the credential (first 16 hex digits of SHA-256). The token itself is a secret and
+    is never written to the spool."""
+
+    collector_url: str
+    token_fingerprint: str
+
+    def to_json(self) -> str:
+        return json.dumps({"collector_url": self.collector_url,
+                           "token_fingerprint": self.token_fingerprint}, sort_keys=True)
+
+    @staticmethod
+    def parse(raw: bytes) -> Identity | None:
+        """A ``.identity`` file's contents; None when unreadable (then the document is
+        placed by its own probe_id, as one from before identities)."""
+        try:
+            data = json.loads(raw)
+            url, fp = data["collector_url"], data["token_fingerprint"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        return Identity(url, fp) if isinstance(url, str) and isinstance(fp, str) else None
+
+
+def identity_for(url: str, token: str, client_cert: str = "") -> Identity:
+    """The identity a client with this URL and credential delivers as. A probe known by
+    its client certificate alone (no token) is fingerprinted by the certificate's path,
+    which stays the same when the certificate is renewed. Pure."""
+    credential = token or (f"client_cert:{client_cert}" if client_cert else "")
+    return Identity(url.rstrip("/"),
+                    hashlib.sha256(credential.encode()).hexdigest()[:16])
+
+
+Claim = Literal["send", "ask", "wait"]
+
+
+def claim(recorded: Identity | None, probe_id: str | None, mine: Identity,
+          known: str | None) -> Claim:
+    """What delivering as ``mine`` (the probe's name ``known``, or None until the
+    collector has said it) does with a spooled document recorded for ``recorded`` whose
+    ``probe_id`` is given (None: the file cannot be read): "send" it, "ask" the
+    collector's name for the token first, or let it "wait" for its own identity. The
+    token decides, not the URL: the collector checks the token, and the same token
+    reaches the same store wherever that collector now answers. Pure."""
+    if recorded is not None:
+        return "send" if recorded.token_fingerprint == mine.token_fingerprint else "wait"
+    # Spooled before identities were recorded: only its own probe_id can place it.
+    if probe_id is None:
+        return "send"  # damaged: read, found out and set aside as before, sent nowhere
+    if not probe_id:
+        return "wait"  # nobody can tell whose it is now: never named after a guess
+    if known is None:
+        return "ask"
+    return "send" if probe_id == known else "wait"
+
+
+def owner_of(recorded: Identity | None, probe_id: str | None) -> tuple[str, str]:
+    """Whose a dropped document is, for its gap record: its token's, or (older spools,
+    no identity recorded) its probe_id's."""
+    return ("token", recorded.token_fingerprint) if recorded is not None else \
+        ("probe", probe_id or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The spooled documents of one owner: a token (``identity``, the latest recorded
+    for it), or, spooled before identities were recorded (``identity`` None), a
+    ``probe_id``."""
+
+    identity: Identity | None
+    probe_id: str  # the name they carry; "" when not named yet
+    results: int
+    size_bytes: int
+    gaps: int
+
+
+def backlog(rows: Sequence[tuple[Identity | None, str | None, int, bool]]) -> list[Backlog]:
+    """(identity, probe_id, size, is_gap) per spooled document as one ``Backlog`` per
+    owner, in the order first met. Pure."""
+    out: dict[tuple[str, str], Backlog] = {}
+    for recorded, probe, size, is_gap in rows:
+        key = owner_of(recorded, probe)
+        seen = out.get(key, Backlog(recorded, "", 0, 0, 0))
+        out[key] = Backlog(recorded or seen.identity, probe or seen.probe_id,
+                           seen.results + (0 if is_gap else 1), seen.size_bytes + size,
+                           seen.gaps + (1 if is_gap else 0))
+    return list(out.values())
+
+
+def identity_file(path: Path) -> Path:
+    """Where the identity of the spooled document ``path`` is kept (not ``*.json``: it
+    is never listed or sent as a document)."""
+    return path.with_suffix(".identity")

@@ -1,0 +1,73 @@
+"""bbprobe-collector's ``result`` commands (issue 23): remove a stored result, audited.
+
+A result is evidence, so nothing removes one silently: ``result delete ID --reason``
+needs the database (an operator's access, as every command here), takes the result, its
+facts and its InfluxDB outbox entry away in one transaction, rebuilds its day's rollup
+from the sessions left, and records the result's id, probe, start, SHA-256 and the
+reason in ``result_deletions``, which ``result deleted`` lists. For a row that should
+never have been stored (a result dated 0999 by a release before the timestamp window,
+say), or one a probe's owner asks to withdraw. The probe may deliver it again from its
+spool: the collector then judges it as any new result (a 0999 one is refused).
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from agent.schema import utc_now
+from collector import safetext
+from collector.cli_common import _store, echo, handle_errors, shared_options
+from collector.errors import CollectorError, InputError
+
+MAX_REASON_CHARS = 500
+
+
+@click.group("result")
+def result_group() -> None:
+    """Remove a stored result (audited), and list what was removed."""
+
+
+@result_group.command("delete")
+@shared_options
+@click.argument("result_id")
+@click.option("--reason", required=True, help="Why (kept in the audit, at most 500 "
+                                               "characters).")
+@click.pass_context
+@handle_errors
+def delete(ctx: click.Context, result_id: str, reason: str) -> None:
+    """Remove result RESULT_ID, its facts and outbox entry; record who-what-why."""
+    reason = reason.strip()
+    if not reason or len(reason) > MAX_REASON_CHARS or not reason.isprintable():
+        raise InputError(f"--reason: required, at most {MAX_REASON_CHARS} printable "
+                         "characters")
+    with _store(ctx) as store:
+        done = store.delete_result(result_id, reason, utc_now())
+    if done is None:
+        raise CollectorError(f"no stored result {safetext.terminal(result_id)[:80]!r}")
+    echo(f"result {done['result_id']} of probe {done['probe_id']} (started "
+               f"{safetext.terminal(done['started_at'])}, sha256 {done['body_sha256'][:16]}…) "
+               f"deleted: {reason}")
+
+
+@result_group.command("deleted")
+@shared_options
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def deleted(ctx: click.Context, fmt: str) -> None:
+    """The results removed with `result delete`, newest first."""
+    with _store(ctx) as store:
+        rows = store.result_deletions()
+    if fmt == "json":
+        echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        echo(safetext.terminal(f"{r['deleted_at']}  {r['result_id']}  {r['probe_id']}  "
+                                     f"started {r['started_at']}: {r['reason']}"))
+    if not rows:
+        echo("no results deleted")
+
+
+COMMANDS = (result_group,)
