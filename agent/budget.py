@@ -1,5 +1,6 @@
 """A session's planned worst case, in seconds and bytes, and the limits it must keep
-(issue 23). Pure: a ``Method`` in, figures out.
+(issue 23). Pure: a ``Method`` and the candidate servers in, figures out (the
+selection's deadlines are agent/probes/select.py's own constants, imported).
 
 Without a bound, an instruction such as ``download.tests=1000 download.window_s=600
 ping.count=10000`` (each value within its own range) plans three weeks a session on
@@ -25,18 +26,38 @@ Bytes, payload of both directions::
     duration mode    tests x attempts x (warmup_s + window_s) x PLANNING_LINE_RATE_BPS
     ping trains      count x payload_bytes x 2 (request and reply), loaded trains too
 
+Choosing the measurement server (``server.candidates``, agent/probes/select.py, first in
+a session that measures anything) is one phase too: every distinct candidate host gets
+a train of ``select_pings`` echo requests, one host after the other (trains at once
+could credit one host's replies to another, select.choose), each under the deadline
+select._rtts sets, (select_pings - 1) x 0.2 s + the 1 s reply timeout + 5 s to resolve
++ 2 s; then, in rank order, a TCP connect of at most 3 s to each candidate until one
+accepts: every one of them when none does. 16 candidates (config.MAX_CANDIDATES) x 20
+pings (the most either key allows, both settable centrally) is 16 x 11.8 s + 16 x 3 s =
+236.8 s a session, 474 s dual stack; at the default 3 pings, 182 s.
+
 Under ``server.address_family = "both"`` a slot runs the session twice (IPv4, then
-IPv6): both figures double. Left out, each bounded by its own constants and covered by
-the headroom under the limits: name resolution, the family preflight, choosing among
-candidate servers and the host checks (seconds, not minutes).
+IPv6): every figure doubles, the selection too (each family chooses its own server).
+Left out, each bounded by its own deadline and covered by the headroom under the
+limits, about 40 s a session together: the family preflight under "any" (resolution up
+to 10 s and a 3 s connect a family, agent/session.py; 10 s more to resolve a ping target
+by another name), the ping train's resolution and slack (5 s + 5 s, agent/session.py
+ping_deadline_s), the host checks (0.5 s of CPU sampling, an ARP scan of up to 2 s, and
+lookups bounded only by the system resolver) and connection teardown.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from agent import spec
+from agent.probes import icmp, select
 from agent.schema import Method, PingMethod, TransferMethod
+
+# The payload of select._rtts's echo requests.
+_SELECT_PAYLOAD_BYTES = 56
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +134,46 @@ def _transfer_part(name: str, m: TransferMethod, ping: PingMethod | None) -> Par
     )
 
 
-def plan(m: Method, sessions: int = 1) -> Plan:
+def select_host_s(pings: int) -> float:
+    """The deadline, in seconds, of one candidate host's train of ``pings`` echo
+    requests (select._rtts): the train, its last reply's timeout, resolution, 2 s."""
+    return (pings - 1) * select.INTERVAL_S + select.REPLY_TIMEOUT_S \
+        + icmp.RESOLVE_TIMEOUT_S + 2
+
+
+def _select_part(candidates: Sequence[str], pings: int) -> Part:
+    # select.choose pings each host once (by urlsplit's lower-cased hostname, as
+    # select._endpoint), but tries a connection to each candidate URL.
+    hosts = len({urlsplit(url).hostname for url in candidates})
+    connects = len(candidates)
+    host_s = select_host_s(pings)
+    train = (f"{pings} echo requests {select.INTERVAL_S:g} s apart + "
+             f"{select.REPLY_TIMEOUT_S:g} s + {icmp.RESOLVE_TIMEOUT_S + 2:g} s to resolve "
+             f"and start")
+    return Part(
+        name="server selection",
+        duration_s=hosts * host_s + connects * select.CONNECT_TIMEOUT_S,
+        bytes=hosts * pings * 2 * _SELECT_PAYLOAD_BYTES,
+        how_long=f"{hosts} host{'s' if hosts != 1 else ''} x {host_s:.3g} s ({train}) + "
+                 f"{connects} TCP connect{'s' if connects != 1 else ''} x "
+                 f"{select.CONNECT_TIMEOUT_S:g} s",
+        how_much=f"{hosts} x {pings} x 2 x {_SELECT_PAYLOAD_BYTES} B",
+    )
+
+
+def plan(m: Method, sessions: int = 1, *, candidates: Sequence[str] = (),
+         select_pings: int = 0) -> Plan:
     """The worst case of a session run with method ``m``, ``sessions`` times a slot (2
-    under dual stack). A direction with tests = 0 (disabled) plans nothing."""
+    under dual stack), choosing its server among ``candidates`` with ``select_pings``
+    echo requests a host. A direction with tests = 0 (disabled) plans nothing; a session
+    that measures nothing chooses no server."""
     parts = [_ping_part(m.ping)] if m.ping is not None else []
     parts += [_transfer_part(name, t, m.ping)
               for name, t in (("download", m.download), ("upload", m.upload)) if t.tests]
+    if candidates and parts:
+        if select_pings < 1:
+            raise ValueError("select_pings must be >= 1 to plan choosing among candidates")
+        parts.insert(0, _select_part(candidates, select_pings))
     return Plan(tuple(parts), sessions)
 
 
@@ -130,10 +185,13 @@ def limit_problem(p: Plan, max_s: float = spec.MAX_SESSION_S,
     if p.duration_s > max_s:
         how = "; ".join(f"{x.name} {format_duration(x.duration_s)}: {x.how_long}"
                         for x in p.parts)
+        lower = "tests, attempts, window_s, timeout_s or ping.count"
+        if any(x.name == "server selection" for x in p.parts):
+            lower = ("tests, attempts, window_s, timeout_s, ping.count, "
+                     "server.select_pings or the number of server.candidates")
         return (f"would last up to {format_duration(p.duration_s)} = "
                 f"{p.duration_s:.0f} s ({each}{how}), over the {max_s:g} s limit "
-                f"(one 15-minute slot of a 96-a-day campaign); lower tests, attempts, "
-                f"window_s, timeout_s or ping.count")
+                f"(one 15-minute slot of a 96-a-day campaign); lower {lower}")
     if p.bytes > max_bytes:
         # Parts under a thousandth of the total (the ping trains) would only be noise.
         how = "; ".join(f"{x.name} {format_bytes(x.bytes)}: {x.how_much}"

@@ -674,14 +674,14 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
 
 def _identity(cfg: config.AgentConfig) -> Identity | None:
     """Whom a run with this config would deliver as; None without a collector or when
-    the token cannot be read (status still shows the spool)."""
+    the token or the client certificate cannot be read (status still shows the spool)."""
     if not cfg.collector.url:
         return None
     try:
-        token = config.read_token(cfg)
+        return identity_for(cfg.collector.url, config.read_token(cfg),
+                            cfg.collector.client_cert)
     except ConfigError:
         return None
-    return identity_for(cfg.collector.url, token, cfg.collector.client_cert)
 
 
 def _backlog_json(b: Backlog, mine: Identity | None) -> dict[str, Any]:

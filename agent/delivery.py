@@ -179,7 +179,8 @@ class CollectorClient:
                  compression: str = "none") -> None:
         self.url = url.rstrip("/")
         self.token = token
-        # What this client delivers: only what was spooled for the same token.
+        # What this client delivers: only what was spooled for the same token (or, with
+        # none, the same client certificate, read here: ConfigError if it cannot be).
         self.identity = identity_for(url, token, client_cert)
         # Bodies are sent with this Content-Encoding until a collector refuses it.
         self.compression = compression
@@ -193,6 +194,12 @@ class CollectorClient:
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"collector TLS: cannot load CA, certificate or key: "
                                   f"{exc}") from None
+            if client_cert and not token and \
+                    identity_for(url, token, client_cert) != self.identity:
+                # Replaced between the two reads: which certificate TLS would present
+                # cannot be told, so neither may say whose spooled results these are.
+                raise ConfigError(f"collector.client_cert: {client_cert} changed while it "
+                                  "was being loaded; try again")
             self.ssl = context
 
     def _session(self) -> aiohttp.ClientSession:

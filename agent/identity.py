@@ -3,7 +3,9 @@
 Contract (shared/reference/reliability.md A1-A9; agent.spool records, agent.delivery sends):
 - Each spooled result and gap record belongs to the identity it was measured for,
   recorded next to it when it is spooled (``NAME.identity``: the collector URL and the
-  token's fingerprint, the first 16 hex digits of its SHA-256, never the token).
+  credential's fingerprint, never the credential: the first 16 hex digits of the token's
+  SHA-256, or, for a probe known by its client certificate alone, of the certificate's
+  own SHA-256 fingerprint, read from the file when the identity is made).
 - Delivery sends only what was recorded for the same token (the credential the collector
   checks; the URL is shown, not matched, so a collector back at another address gets its
   own results): ``claim``. The rest stays spooled untouched and is listed by ``bbprobe
@@ -12,23 +14,31 @@ Contract (shared/reference/reliability.md A1-A9; agent.spool records, agent.deli
   only when its own ``probe_id`` is the name the collector gives the token in use; one
   without a ``probe_id`` cannot be placed and waits (``bbprobe status`` says so) until
   the spool's age cap drops it with a gap record.
+
+Pure, but for ``identity_for`` reading a client certificate.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from agent.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Whom a spooled document was measured for: the collector's URL and a fingerprint
-    of the credential (first 16 hex digits of SHA-256). The token itself is a secret and
-    is never written to the spool."""
+    of the credential (first 16 hex digits of SHA-256): the token's, or with no token
+    the client certificate's (the field keeps its name, as spools already hold it). The
+    token itself is a secret and is never written to the spool."""
 
     collector_url: str
     token_fingerprint: str
@@ -49,13 +59,48 @@ class Identity:
         return Identity(url, fp) if isinstance(url, str) and isinstance(fp, str) else None
 
 
+# The first certificate of a PEM file: the client's own, as OpenSSL's
+# SSL_CTX_use_certificate_chain_file takes it (a key or the chain may precede or follow).
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.*?)"
+                              rb"-----END (?:X509 |TRUSTED )?CERTIFICATE-----", re.DOTALL)
+
+
+def certificate_fingerprint(pem: bytes) -> str:
+    """The first 16 hex digits of the SHA-256 of the first certificate's DER in a PEM
+    file: the start of what ``openssl x509 -noout -fingerprint -sha256`` prints. The
+    same certificate however the file is laid out (line ends, wrapping, a chain or a
+    key beside it); a different certificate at the same path differs. Raises
+    ``ValueError`` when there is no certificate. Pure."""
+    match = _PEM_CERTIFICATE.search(pem)
+    if match is None:
+        raise ValueError("holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    try:
+        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except binascii.Error:
+        raise ValueError("holds a PEM certificate that is not base64") from None
+    if not der:
+        raise ValueError("holds an empty PEM certificate")
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
 def identity_for(url: str, token: str, client_cert: str = "") -> Identity:
     """The identity a client with this URL and credential delivers as. A probe known by
-    its client certificate alone (no token) is fingerprinted by the certificate's path,
-    which stays the same when the certificate is renewed. Pure."""
-    credential = token or (f"client_cert:{client_cert}" if client_cert else "")
-    return Identity(url.rstrip("/"),
-                    hashlib.sha256(credential.encode()).hexdigest()[:16])
+    its client certificate alone (no token) is identified by the certificate itself
+    (``certificate_fingerprint``), read from ``client_cert`` now: another probe's
+    certificate put at the same path is another identity, whose results it never sends
+    (issue 23). A renewed certificate is a new credential, as a new token is: results
+    spooled under the old one wait for it (``bbprobe status`` lists them). Raises
+    ``ConfigError`` when that file cannot be read or holds no certificate."""
+    if token or not client_cert:
+        return Identity(url.rstrip("/"), hashlib.sha256(token.encode()).hexdigest()[:16])
+    try:
+        fingerprint = certificate_fingerprint(Path(client_cert).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"collector.client_cert: cannot read {client_cert}: "
+                          f"{exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"collector.client_cert: {client_cert} {exc}") from None
+    return Identity(url.rstrip("/"), fingerprint)
 
 
 Claim = Literal["send", "ask", "wait"]

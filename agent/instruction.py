@@ -87,10 +87,17 @@ def parse_pairs(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def check(settings: Mapping[str, Any]) -> dict[str, Any]:
+def check(settings: Mapping[str, Any], assumed: Mapping[str, Any] | None = None
+          ) -> dict[str, Any]:
     """``settings`` if every key may be set centrally and every value passes the agent's
-    own validation (on top of the built-in defaults); raises InstructionError naming the
-    first key that does not."""
+    own validation (on top of the built-in defaults, and of ``assumed`` where
+    ``settings`` do not set a key: what a probe's last session showed of its own file);
+    raises InstructionError naming the first key that does not.
+
+    The collector cannot read a probe's file, so the session's plan (issue 23) is made
+    on these defaults: a probe whose file plans longer (more tests, a profile, its own
+    candidates) checks the instruction again, and over a limit keeps its previous one
+    and says why in its health report. A refusal says what was assumed."""
     if not isinstance(settings, Mapping):
         raise InstructionError("", "settings must be an object of KEY: VALUE")
     if len(settings) > MAX_KEYS:
@@ -105,14 +112,23 @@ def check(settings: Mapping[str, Any]) -> dict[str, Any]:
                 from None
         if size > MAX_VALUE_BYTES:
             raise InstructionError(key, f"value longer than {MAX_VALUE_BYTES} bytes")
+    extra = {k: v for k, v in (assumed or {}).items() if k not in settings}
     try:
-        config.load(None, {"HOME": "/nonexistent"}, central=settings)
+        config.load(None, {"HOME": "/nonexistent"}, central={**extra, **settings})
     except ConfigError as exc:
         # "<defaults>: ping.count: must be >= 1, got 0" -> key "ping.count"
         text = str(exc).removeprefix("<defaults>: ")
         key = text.partition(":")[0]
         if key in settings or "[" in key:
             raise InstructionError(key, text.partition(": ")[2] or text) from None
+        if key == "session":
+            # The plan over a limit (issue 23): say on what it was made.
+            but = ", ".join(f"{k} = {json.dumps(v)}" for k, v in sorted(extra.items()))
+            text += (" (planned on the built-in defaults for every key the instruction "
+                     "does not set" + (f", except {but} as the probe's last session ran"
+                                       if but else "")
+                     + "; a probe whose own file sets other values plans again, and "
+                     "over a limit keeps its previous instruction and reports why)")
         # Not one setting's fault (two that clash, or the session's plan over a limit,
         # issue 23): the message whole, with what it names.
         raise InstructionError("", text) from None

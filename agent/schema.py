@@ -90,6 +90,23 @@ _UTC = {"format": "utc"}
 _LABEL = {"format": "label"}
 LABEL_MAX_CHARS = 64
 
+# Characters that act rather than show, in a terminal, a CSV cell or a label: C0 and C1
+# controls (NUL, ESC, CSI), the line and paragraph separators, the bidirectional controls
+# that reorder what a reader sees ("Trojan Source", CVE-2021-42574), and lone surrogates
+# (no UTF-8 writer encodes them). Not refused: other text a printer shows or spaces
+# (a no-break space in "Fastweb S.p.A.", a zero-width joiner in an emoji).
+ACTING_RANGES = ((0x00, 0x1F), (0x7F, 0x9F), (0x200E, 0x200F), (0x2028, 0x2029),
+                 (0x202A, 0x202E), (0x2066, 0x2069), (0xD800, 0xDFFF))
+_ACTING_RE = re.compile("[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in ACTING_RANGES)
+                        + "]")
+
+
+def acting_char(text: str) -> str | None:
+    """The first character of ``text`` that acts rather than shows (ACTING_RANGES), or
+    None."""
+    found = _ACTING_RE.search(text)
+    return found.group() if found else None
+
 # Physical limits by unit suffix (the schema carries units in field names), for every
 # number a field does not bound more tightly itself: a document may come from anyone who
 # holds a token, and a 400-digit integer or 1.7e308 must be refused here (422 naming the
@@ -818,9 +835,9 @@ def check_unicode(value: str, path: str) -> None:
 
 def _check_format(value: str, path: str, fmt: str | None) -> None:
     if fmt == "label":
-        if len(value) > LABEL_MAX_CHARS or not value.isprintable():
-            raise SchemaError(path, f"must be at most {LABEL_MAX_CHARS} printable "
-                              f"characters (no control characters), got {value[:40]!r}")
+        if len(value) > LABEL_MAX_CHARS or acting_char(value) is not None:
+            raise SchemaError(path, f"must be at most {LABEL_MAX_CHARS} characters without "
+                              f"control characters, got {value[:40]!a}")
     elif fmt == "utc":
         try:
             parse_utc(value)

@@ -16,6 +16,13 @@ Contract (shared/reference/reliability.md A1-A9; agent.delivery sends what is he
   (``agent.schema.GapRecord``, one per identity and reason, merged into one not yet sent
   for the same) is spooled and sent in their place, under the identity of the results it
   stands for. The bounds count every identity's results.
+- Each identity numbers its own results (``session_seq``, C8: its collector counts the
+  numbers it never received), in ``state_dir/session_seq.FINGERPRINT``: a laptop used for
+  probe A, then B, then A again gives A no holes. ``state_dir/session_seq``, the one
+  counter of a bbprobe from before, seeds each identity's counter the first time that
+  identity numbers a result here, and is not written after: an upgraded device goes on
+  from its last number under whichever identity it uses, never repeating one (the holes
+  the one counter already made stay). A gap record names its results' own numbers.
 """
 
 from __future__ import annotations
@@ -284,35 +291,65 @@ class Spool:
         self.note(last_results=recent)
         return final
 
+    def _seq_path(self) -> Path:
+        """This identity's session counter (``session_seq.FINGERPRINT``, a hex digest);
+        ``session_seq``, the one counter from before identities, for a spool without
+        one."""
+        if self.identity is None:
+            return self.root / "session_seq"
+        return self.root / f"session_seq.{self.identity.token_fingerprint}"
+
+    @staticmethod
+    def _read_counter(path: Path) -> int | None:
+        try:
+            return int(path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+
     def _next_seq(self) -> int:
-        """The next session sequence number (C8), kept durably in state_dir/session_seq,
-        so the collector can tell which sessions never arrived. Under a lock: a daemon
-        and a technician's `bbprobe run` may share the state directory. A lost counter
-        restarts after the highest number still known here (spool, dead letters, gap
-        records); a collector sees a restart below that as a discontinuity."""
+        """The next session sequence number (C8) of this spool's identity, kept durably
+        (``_seq_path``), so its collector can tell which sessions never arrived. Under a
+        lock: a daemon and a technician's `bbprobe run` may share the state directory.
+        A counter not there yet (or lost) starts after the highest number known for this
+        identity: the old single counter (the seed, for an upgraded device) and what is
+        still here (spool, dead letters, gap records); a collector sees a restart below
+        that as a discontinuity."""
         import fcntl
 
-        path = self.root / "session_seq"
+        path = self._seq_path()
         with (self.root / "session_seq.lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                last = int(path.read_text(encoding="ascii").strip())
-            except (OSError, ValueError):
+            last = self._read_counter(path)
+            if last is None:
                 last = self._highest_known_seq()
+                if self.identity is not None:
+                    last = max(last, self._read_counter(self.root / "session_seq") or 0)
             _write_durably(path, str(last + 1))
             return last + 1
 
     def _peek_seq(self) -> int:
         """The number the next session would get (for sizing only; no lock, no write)."""
-        try:
-            return int((self.root / "session_seq").read_text(encoding="ascii").strip()) + 1
-        except (OSError, ValueError):
-            return 1
+        last = self._read_counter(self._seq_path())
+        if last is None:
+            last = self._read_counter(self.root / "session_seq")
+        return (last or 0) + 1
 
     def _highest_known_seq(self) -> int:
+        """The highest session_seq still here of this identity's documents and of those
+        from before identities (numbered by the old counter, which seeded this one); of
+        every document for a spool without an identity."""
+        def counted(path: Path) -> bool:
+            if self.identity is None:
+                return True
+            recorded = self.identity_of(path)
+            return recorded is None or \
+                recorded.token_fingerprint == self.identity.token_fingerprint
+
         known = [s for p in [*self.pending(), *self.dead_letters()]
-                 if (s := self._seq_of(p)) is not None]
+                 if counted(p) and (s := self._seq_of(p)) is not None]
         for gap in self.gaps():
+            if not counted(gap):
+                continue
             try:
                 known += [int(b) for _, b in
                           json.loads(gap.read_text(encoding="utf-8"))["dropped_seq_ranges"]]

@@ -75,13 +75,14 @@ def routes(cfg: AlertsConfig) -> list[tuple[str, Sequence[str]]]:
 
 
 def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
-                     timezone: str) -> tuple[tuple[str, str] | None, list[Alert]]:
+                     timezone: str, now: datetime
+                     ) -> tuple[tuple[str, str] | None, list[Alert]]:
     """Certify the campaign a report says is complete: (its key, when every verdict is
     final, else None; the breach alerts). A dual-stack line is certified once per IP
     version (each slot measured once over each: a campaign per family). "incomplete"
     (its last sessions not delivered yet, or bands counted in another time zone) is not
     final."""
-    done = alerts.completed_campaign(report)
+    done = alerts.completed_campaign(report, now)
     if done is None or done[0] not in RULES:
         return None, []
     rule, started, deadline = done
@@ -168,7 +169,7 @@ def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
     final: list[tuple[str, str]] = []
     if (dead := alerts.agent_dead_letters(probe, report)) is not None:
         out.append(dead)
-    opened = alerts.open_campaign(report)
+    opened = alerts.open_campaign(report, now)
     if opened is not None:
         started, deadline, unfilled = opened
         # Within a day of the deadline, counting hours is not enough (the bands left
@@ -184,9 +185,9 @@ def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
                                           ZoneInfo(a.timezone) if bands is not None else None)
         if late is not None:
             out.append(late)
-    done = alerts.completed_campaign(report)
+    done = alerts.completed_campaign(report, now)
     if done is not None and (name, done[1]) not in certified:
-        key, breaches = certify_campaign(store, probe, report, a.timezone)
+        key, breaches = certify_campaign(store, probe, report, a.timezone, now)
         if key is not None:
             final.append(key)
         out.extend(breaches)
@@ -217,12 +218,12 @@ def on_report(store: Store, cfg: CollectorConfig, probe_name: str,
     """A health report just stored: if it says a campaign is complete, certify it now
     and record a breach (the next report, a session later, will speak of the next
     campaign). True if an alert was raised."""
-    if not cfg.alerts.enabled or alerts.completed_campaign(report) is None:
+    if not cfg.alerts.enabled or alerts.completed_campaign(report, now) is None:
         return False
     probe = store.probe(probe_name)
     if probe is None:
         return False
-    _key, breaches = certify_campaign(store, probe, report, cfg.alerts.timezone)
+    _key, breaches = certify_campaign(store, probe, report, cfg.alerts.timezone, now)
     return bool(breaches and record(store, breaches, routes(cfg.alerts), format_utc(now)))
 
 

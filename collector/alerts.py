@@ -110,21 +110,40 @@ def _moment(value: Any) -> str:
     return format_utc(parse_utc(str(value)))
 
 
-def _hour_of(moment: str) -> str:
-    """The hour a campaign started in: two campaigns of one probe never start within
-    the same hour (each lasts 24 or 72 h), while a probe that writes its start 1 µs
-    apart in every report does not make a new campaign of each (issue 23, finding 3)."""
-    return moment[:13] + ":00Z"
+# A campaign lasts its window (the agent's campaign.window_days, at most a month) and is
+# judged while it is recent: a probe cannot make the collector certify, or warn about,
+# campaigns it dates anywhere it likes (issue 23, finding 3), and a report's campaign
+# costs a bounded read of the stored sessions.
+MAX_CAMPAIGN_DAYS = 31
+RECENT_DAYS = 45
 
 
-def open_campaign(report: Mapping[str, Any]) -> tuple[str, datetime, int] | None:
-    """(started_at, deadline, bands unfilled) of the report's campaign if not complete."""
+def _plausible(started: str, deadline: str, now: datetime) -> bool:
+    begun, ends = parse_utc(started), parse_utc(deadline)
+    return (begun <= now and ends > begun
+            and ends - begun <= timedelta(days=MAX_CAMPAIGN_DAYS)
+            and now - ends <= timedelta(days=RECENT_DAYS))
+
+
+def _day_of(moment: str) -> str:
+    """The UTC day a campaign started on: a probe that writes its start 1 µs (or an
+    hour) apart in every report does not make a new campaign of each (issue 23,
+    finding 3); the daemon starts a new campaign only when the last one has ended."""
+    return moment[:10]
+
+
+def open_campaign(report: Mapping[str, Any], now: datetime
+                  ) -> tuple[str, datetime, int] | None:
+    """(started_at, deadline, bands unfilled) of the report's campaign if not complete
+    (and plausible by our clock: see MAX_CAMPAIGN_DAYS)."""
     campaign = report.get("campaign")
     if not isinstance(campaign, Mapping) or campaign.get("complete"):
         return None
     try:
-        return (_moment(campaign["started_at"]), parse_utc(str(campaign["deadline_at"])),
-                24 - int(campaign["bands_filled"]))
+        started, deadline = _moment(campaign["started_at"]), _moment(campaign["deadline_at"])
+        if not _plausible(started, deadline, now):
+            return None
+        return started, parse_utc(deadline), 24 - int(campaign["bands_filled"])
     except (KeyError, ValueError, TypeError, OverflowError):
         return None
 
@@ -150,7 +169,7 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
     ``unfilled_bands`` (which ones, from the stored sessions) and the bands' ``zone``,
     the test is by band: some unfilled band does not come round again before the
     deadline (a band that comes round may still be too short to fill: not caught)."""
-    found = open_campaign(report)
+    found = open_campaign(report, now)
     if found is None:
         return None
     started, deadline, unfilled = found
@@ -164,7 +183,7 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
     elif math.floor(hours_left) >= unfilled:
         return None
     return Alert("campaign_incomplete",
-                 f"campaign_incomplete:{probe.name}:{_hour_of(started)}",
+                 f"campaign_incomplete:{probe.name}:{_day_of(started)}",
                  probe.name, "warning",
                  f"{probe.name}: the campaign started {started} cannot complete: "
                  f"{unfilled} band(s) unfilled, {hours_left:.1f} h left before "
@@ -176,14 +195,18 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
                   "bands_missed": missed, "rule": campaign.get("rule"), **_line(probe)})
 
 
-def completed_campaign(report: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    """(rule, started_at, deadline_at) of the report's campaign if it is complete."""
+def completed_campaign(report: Mapping[str, Any], now: datetime
+                       ) -> tuple[str, str, str] | None:
+    """(rule, started_at, deadline_at) of the report's campaign if it is complete (and
+    plausible by our clock: see MAX_CAMPAIGN_DAYS), in the collector's spelling."""
     campaign = report.get("campaign")
     if not isinstance(campaign, Mapping) or campaign.get("complete") is not True:
         return None
     try:
-        return (str(campaign["rule"]), _moment(campaign["started_at"]),
-                _moment(campaign["deadline_at"]))
+        started, deadline = _moment(campaign["started_at"]), _moment(campaign["deadline_at"])
+        if not _plausible(started, deadline, now):
+            return None
+        return str(campaign["rule"]), started, deadline
     except (KeyError, ValueError, TypeError, OverflowError):
         return None
 
@@ -194,12 +217,17 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
         return None
     failed = [c for c in cert.checks if c.breach and not c.informational]
     over = f" over {cert.family}" if cert.family else ""
-    # Keyed on what the collector derived, the first session the certificate counted
-    # (stored, normalised), never on the probe's spelling of its campaign's start: 20
-    # reports each 1 µs apart made 19 identical critical alerts (issue 23, finding 3).
+    # Keyed on what the collector derived, never on the probe's spelling of its
+    # campaign's start (20 reports each 1 µs apart made 19 identical critical alerts,
+    # issue 23, finding 3): the window of the rule's length, counted from the epoch,
+    # that the first session the certificate counted falls in. A probe moving its
+    # start in each report moves the first session within that window, so it makes
+    # at most two keys of a campaign, and only of recent ones (completed_campaign).
+    slot = math.floor(parse_utc(cert.first or started_at).timestamp()
+                      / (cert.rule.window_h * 3600))
     return Alert(
         "contract_breach",
-        f"contract_breach:{probe.name}:{cert.rule.name}:{cert.first or _hour_of(started_at)}"
+        f"contract_breach:{probe.name}:{cert.rule.name}:{slot}"
         + (f":{cert.family}" if cert.family else ""),
         probe.name, "critical",
         f"{probe.name}: the line breaches its contract{over} over the campaign from "
@@ -214,11 +242,14 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
 
 
 def agent_dead_letters(probe: Probe, report: Mapping[str, Any]) -> Alert | None:
-    """A probe reports dead letters; a new alert whenever the count changes."""
+    """A probe reports dead letters; a new alert when the count first reaches 1, 2, 4,
+    8... (a power of two: the count is the probe's to write, and one that changes it in
+    every report makes at most some fifty keys, never an alert a report)."""
     count = report.get("dead_letters")
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
         return None
-    return Alert("dead_letters", f"dead_letters:probe:{probe.name}:{count}", probe.name,
+    return Alert("dead_letters",
+                 f"dead_letters:probe:{probe.name}:{count.bit_length()}", probe.name,
                  "warning",
                  f"{probe.name}: {count} result(s) refused for good wait in its spool "
                  "(bbprobe dead-letter list)",

@@ -22,6 +22,7 @@ from collector import (
     cli_results,
     html_report,
     notifiers,
+    safetext,
     service,
 )
 from collector.cli_common import _config, _shown, _store, echo, handle_errors, shared_options
@@ -339,6 +340,7 @@ def _emit(text: str, output: str | None) -> None:
     if output is None:
         echo(text, nl=False)
         return
+    text = safetext.unicode(text)  # a lone surrogate stored before issue 23: no traceback
     import os
     from pathlib import Path
 

@@ -6,13 +6,13 @@ agent/instruction.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
 from agent.instruction import check as check_settings
-from agent.schema import format_utc, parse_utc, utc_now
+from agent.schema import acting_char, format_utc, parse_utc, utc_now
 from collector import fleet, unreadable
 from collector.errors import NotFound, Unacceptable
 from collector.instructions import (
@@ -42,8 +42,8 @@ def rules(store: Store) -> list[Rule]:
     out = []
     for key, settings, updated_at in store.instruction_rules():
         try:
-            if text_problem(settings) is not None:
-                raise ValueError(text_problem(settings))
+            if not _encodable(settings):
+                raise ValueError("a value is not valid Unicode (a lone surrogate)")
             out.append(Rule(selector_from_key(key), settings, updated_at))
         except (ValueError, TypeError) as exc:
             unreadable.skipped("instructions", key, exc)
@@ -54,8 +54,8 @@ def windows(store: Store, ending_after: str | None = None) -> list[Window]:
     out = []
     for w in store.suppressions(ending_after):
         try:
-            if text_problem([w["reason"], w["starts_at"], w["ends_at"]]) is not None:
-                raise ValueError("text that is not valid Unicode")
+            if not _encodable([w["reason"], w["starts_at"], w["ends_at"]]):
+                raise ValueError("text that is not valid Unicode (a lone surrogate)")
             out.append(Window(int(w["id"]), selector_from_key(w["selector"]),
                               w["starts_at"], w["ends_at"], w["reason"], w["created_at"]))
         except (ValueError, TypeError, KeyError) as exc:
@@ -63,17 +63,24 @@ def windows(store: Store, ending_after: str | None = None) -> list[Window]:
     return out
 
 
-def text_problem(value: Any) -> str | None:
+def _encodable(value: Any) -> bool:
+    """Whether a stored value can be read out at all (text stored before issue 23 may
+    hold a lone surrogate; anything else that acts on a terminal is cleaned on output,
+    collector/safetext.py, so a window with a newline in its reason still holds)."""
+    return text_problem(value, surrogates_only=True) is None
+
+
+def text_problem(value: Any, surrogates_only: bool = False) -> str | None:
     """Why text in ``value`` (nested lists and objects too) may not be stored, or None:
     it must be valid Unicode (click reads a Latin-1 terminal's bytes into lone
-    surrogates) without control characters (issue 23, finding 5)."""
+    surrogates) without characters that act on a terminal (control characters, bidi
+    controls: agent.schema.ACTING_RANGES; issue 23, finding 5)."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if not item.isprintable() and not all(c in "\t" or c.isprintable()
-                                                  for c in item):
-                bad = next(c for c in item if not c.isprintable())
+            bad = acting_char(item)
+            if bad is not None and (not surrogates_only or "\ud800" <= bad <= "\udfff"):
                 return (f"text must be valid Unicode without control characters, "
                         f"got U+{ord(bad):04X} in {item[:40]!a}")
         elif isinstance(item, Mapping):
@@ -102,6 +109,9 @@ def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
         raise NotFound(f"no probe named {selector.probe!r}", field="probe")
     others = [r for r in rules(store) if r.selector != selector]
     affected = [p for p in store.probes() if p.revoked_at is None and selector.matches(p)]
+    # Read before the rule's transaction: the probes whose last session ran dual stack.
+    dual = {f.probe_id for f in store.latest_sessions([p.name for p in affected])
+            if f.dual_stack}
 
     def change(current: dict[str, Any]) -> dict[str, Any]:
         settings = merged(current, put, remove)
@@ -110,24 +120,47 @@ def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
             check_settings(settings)
         except InstructionError as exc:
             raise Unacceptable(str(exc), field=exc.key or None) from None
-        _check_combined([*others, Rule(selector, settings, utc_now())], affected)
+        before = [*others, Rule(selector, current, "")] if current else others
+        _check_combined([*others, Rule(selector, settings, utc_now())], affected,
+                        _own_dual_stack(dual, before, affected))
         return settings
 
     return store.update_instruction_rule(selector.key(), change, utc_now())
 
 
-def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe]) -> None:
+# What a dual-stack last session shows of a probe's own file (issue 23, finding 9).
+_DUAL_STACK: Mapping[str, Any] = {"server.address_family": "both"}
+
+
+def _own_dual_stack(dual: Set[str], before: Sequence[Rule], probes: Sequence[Probe]
+                    ) -> set[str]:
+    """The probes of ``dual`` (their last session ran dual stack) that no rule in force
+    (``before``) told so: their own file, or their command line, says "both"."""
+    return {p.name for p in probes if p.name in dual and not any(
+        r.selector.matches(p) and "server.address_family" in r.settings for r in before)}
+
+
+def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe],
+                    dual_stack: Set[str] = frozenset()) -> None:
     """Every affected probe's instruction, all its rules together, must hold: two rules
-    fine alone (a timeout for all, a longer window for a region) can break together."""
+    fine alone (a timeout for all, a longer window for a region) can break together.
+
+    The collector cannot read a probe's own file, so the session's plan (issue 23) takes
+    the built-in defaults for the keys no rule sets, with one exception it can see: a
+    probe in ``dual_stack`` ran its last session under address_family "both" of its own
+    accord, which doubles the plan, so an instruction that does not set the family is
+    planned dual stack for it. Whatever else its file sets, the probe plans again and
+    keeps its previous instruction if over a limit (its health report says why)."""
     seen: set[str] = set()
     for probe in probes:
         settings = effective(all_rules, [], probe, utc_now()).settings
-        key = json.dumps(settings, sort_keys=True)
+        assumed = _DUAL_STACK if probe.name in dual_stack else {}
+        key = json.dumps([settings, assumed], sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
         try:
-            check_settings(settings)
+            check_settings(settings, assumed)
         except InstructionError as exc:
             raise Unacceptable(f"{exc} (in probe {probe.name}'s instruction, with the "
                                "other rules it follows)", field=exc.key or None) from None

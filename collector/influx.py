@@ -29,7 +29,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -133,6 +133,21 @@ class Db(Protocol):
     def __call__(self, fn: Callable[[Store], T]) -> Awaitable[T]: ...
 
 
+def build_points(batch: Sequence[tuple[str, str, Any]]
+                 ) -> tuple[list[Built], list[tuple[str, str]]]:
+    """Each leased result's points, or why they cannot be built: one result at a time,
+    so one that cannot be built stops nothing else."""
+    built: list[Built] = []
+    unbuilt: list[tuple[str, str]] = []
+    for result_id, body, line in batch:
+        try:
+            built.append((result_id, points(parse_result(json.loads(body)), line)))
+        except Exception as exc:  # any fault is this result's: set apart
+            unbuilt.append((result_id, f"cannot build its points: {type(exc).__name__}: "
+                                       f"{exc}"))
+    return built, unbuilt
+
+
 class InfluxSink:
     """Drains the store's outbox into InfluxDB; one task per collector process, owned by
     its web app."""
@@ -191,13 +206,12 @@ class InfluxSink:
                 except TimeoutError:
                     pass
                 continue
-            built: list[Built] = []
-            for result_id, body, line in batch:
-                try:  # one result at a time: one that cannot be built stops nothing else
-                    built.append((result_id, points(parse_result(json.loads(body)), line)))
-                except Exception as exc:
-                    await self._dead_letter(result_id, f"cannot build its points: "
-                                                       f"{type(exc).__name__}: {exc}")
+            # Off the event loop (issue 23): a batch of large results takes a second
+            # to decode, and every request of the process would wait for it.
+            built, unbuilt = await asyncio.get_running_loop().run_in_executor(
+                None, build_points, batch)
+            for result_id, why in unbuilt:
+                await self._dead_letter(result_id, why)
             try:
                 await self._write_splitting(built)
             except Exception as exc:  # any other failure is retried: never lost, never fatal

@@ -63,6 +63,14 @@ MAX_INFLATION = 32
 MAX_ZSTD_WINDOW_BYTES = 8 * 1024**2
 
 
+def inflated_bound(raw: bytes, encoding: str, limit: int) -> int:
+    """The most bytes ``raw`` can become once inflated (``inflate``'s own bound): what
+    decides whether it is decoded beside the event loop, not its compressed size."""
+    if encoding == "identity":
+        return len(raw)
+    return min(limit, max(64 * 1024, MAX_INFLATION * len(raw)))
+
+
 def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
     """A probe's body as it was before its Content-Encoding, never longer than
     ``limit`` nor MAX_INFLATION times its compressed size: inflation stops one byte
@@ -70,7 +78,7 @@ def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
     CPU to make it, no more. A truncated or damaged stream is a 400."""
     if encoding == "identity":
         return raw
-    bound = min(limit, max(64 * 1024, MAX_INFLATION * len(raw)))
+    bound = inflated_bound(raw, encoding, limit)
     why = (f"past the {limit}-byte limit" if bound == limit else
            f"to more than {MAX_INFLATION} times its {len(raw)} bytes")
     if encoding == "gzip":
@@ -130,11 +138,13 @@ PLANNED_AHEAD_S = 366 * 86400.0
 PLANNED = frozenset({"deadline_at", "suppressed_until", "next_session_at"})
 
 
-def check_times(document: Any, now: datetime) -> None:
+def check_times(document: Any, now: datetime, ahead_s: float | None = None) -> None:
     """Refuse (422, naming the field) a decoded document with a timestamp outside
-    [EARLIEST, now + AHEAD_S] (PLANNED fields: now + PLANNED_AHEAD_S)."""
+    [EARLIEST, now + AHEAD_S] (PLANNED fields: now + PLANNED_AHEAD_S; every field:
+    now + ``ahead_s`` when given)."""
     for path, text in timestamps(document):
-        ahead = PLANNED_AHEAD_S if path.rsplit(".", 1)[-1] in PLANNED else AHEAD_S
+        ahead = ahead_s if ahead_s is not None else \
+            PLANNED_AHEAD_S if path.rsplit(".", 1)[-1] in PLANNED else AHEAD_S
         moment = parse_utc(text)  # the schema has checked the form
         if moment < EARLIEST or (moment - now).total_seconds() > ahead:
             raise ApiError(422, f"{path}: {text[:40]!r} is outside the plausible window "

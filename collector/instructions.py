@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.schema import acting_char
 from collector.lines import canonical_technology
 from collector.storage.model import Probe
 
@@ -84,7 +85,7 @@ def selector(data: Mapping[str, Any] | None, every: bool = False) -> Selector:
         every = True
     for name, value in given.items():
         if not isinstance(value, str) or not value or len(value) > MAX_SELECTOR_CHARS \
-                or not value.isprintable():
+                or acting_char(value) is not None:
             # isprintable: no control characters, no NUL (a 500 on PostgreSQL), no lone
             # surrogate (issue 23): a selector is shown in every listing.
             raise ValueError(f"{name}: expected a non-empty string of at most "

@@ -13,7 +13,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
-from html import escape
+
+from collector.safetext import html as escape
 
 WIDTH, HEIGHT = 680, 280
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 36, 48

@@ -26,6 +26,8 @@ import html as _html
 import json
 from typing import Any
 
+from agent.schema import ACTING_RANGES
+
 # A text cell starting with one of these is a formula to a spreadsheet (OWASP "CSV
 # Injection"): metadata an admin typed, or a probe's, must not run as =HYPERLINK(...).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -44,27 +46,23 @@ def unicode(text: str) -> str:
 
 
 def terminal(text: str) -> str:
-    """Valid Unicode with every non-printable character (control characters, escape
-    sequences' ESC, line and paragraph separators) replaced by ``?``."""
-    text = unicode(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else "?" for c in text)
+    """Valid Unicode with every character that acts on a terminal (control characters,
+    an escape sequence's ESC, line and paragraph separators, bidirectional controls)
+    replaced by ``?``; what only shows (a no-break space, accents) stays."""
+    return unicode(text).translate(_ACTS)
 
 
-# What a terminal acts on rather than shows: C0 controls but tab and new line, DEL, C1
-# controls (CSI among them), the line and paragraph separators, and the bidirectional
-# controls that reorder what a reader sees ("Trojan Source", CVE-2021-42574).
-_ACTS = {**{c: "?" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0),
-                            0x2028, 0x2029, 0x200E, 0x200F, *range(0x202A, 0x202F),
-                            *range(0x2066, 0x206A))}}
+# What a terminal acts on rather than shows (agent.schema.ACTING_RANGES, the same set the
+# collector refuses in labels): each becomes "?". Lone surrogates are U+FFFD already.
+_ACTS = {c: "?" for a, b in ACTING_RANGES if a < 0xD800 for c in range(a, b + 1)}
+_ACTS_IN_BLOCK = {c: r for c, r in _ACTS.items() if c not in (0x09, 0x0A)}
 
 
 def text_block(text: str) -> str:
     """Lines for a terminal: what ``terminal`` replaces that acts on one, with new lines
     and tabs kept (a table, a report; str.translate: a whole report at C speed). Every
     command's output passes here (collector/cli_common.echo)."""
-    return unicode(text).translate(_ACTS)
+    return unicode(text).translate(_ACTS_IN_BLOCK)
 
 
 def csv_cell(value: Any) -> Any:

@@ -291,13 +291,17 @@ MIGRATIONS: tuple[str, ...] = (
     # 7 (SQLite's 17): results an operator removed (issue 23), an audit row each.
     """
     CREATE TABLE result_deletions (
-        result_id TEXT PRIMARY KEY,
+        id BIGSERIAL PRIMARY KEY,
+        result_id TEXT NOT NULL,
         probe_name TEXT NOT NULL,
         started_at TEXT NOT NULL,
+        session_seq BIGINT,
         body_sha256 TEXT NOT NULL,
         deleted_at TEXT NOT NULL,
+        deleted_by TEXT NOT NULL,
         reason TEXT NOT NULL
-    )
+    );
+    CREATE INDEX result_deletions_probe ON result_deletions (probe_name)
     """,
 )
 

@@ -368,9 +368,9 @@ class SqlStore:
         """(probe, session_seq, started_at) of every numbered result in scope."""
         where, params = self._scope(probes, since, until)
         return [(r[0], int(r[1]), r[2]) for r in self._read(
-            "SELECT probe_name, session_seq, started_at FROM results "
+            "SELECT probe_name, session_seq, started_at, result_id FROM results "
             f"WHERE {where} AND session_seq IS NOT NULL ORDER BY probe_name, session_seq",
-            params)]
+            params) if _readable(r[3], r[2])]
 
     def seqs_before(self, probes: Sequence[str] | None, since: str | None) -> dict[str, int]:
         """Each probe's highest session_seq delivered before ``since`` (none: {})."""
@@ -389,6 +389,11 @@ class SqlStore:
                 f"SELECT probe_name, seq_ranges FROM gaps WHERE {where} "
                 "ORDER BY probe_name, first_started_at, gap_id", params):
             out.setdefault(probe, []).extend((int(a), int(b)) for a, b in json.loads(ranges))
+        # Results an operator removed (`result delete`) are documented too, not missing.
+        for probe, seq in self._read(
+                f"SELECT probe_name, session_seq FROM result_deletions WHERE {where} "
+                "AND session_seq IS NOT NULL ORDER BY probe_name, session_seq", params):
+            out.setdefault(probe, []).append((int(seq), int(seq)))
         return out
 
     GAP_KEYS = ("gap_id", "probe_id", "received_at", "reason", "dropped",
@@ -461,47 +466,55 @@ class SqlStore:
             "body_packed, clock_skew_s FROM results WHERE result_id = ?", (result_id,))
         return _stored(rows[0]) if rows else None
 
-    def delete_result(self, result_id: str, reason: str, deleted_at: str
-                      ) -> dict[str, Any] | None:
+    def delete_result(self, result_id: str, reason: str, deleted_at: str,
+                      deleted_by: str) -> dict[str, Any] | None:
         """Remove a stored result with its facts and outbox entries, rebuild its day's
-        rollup from the sessions left, and record who-what-why in result_deletions, in
+        rollup from the sessions left, and append who-what-why to result_deletions, in
         one transaction (issue 23: an operator's way out of a poisoned row). None if no
-        such result."""
+        such result. Its session_seq counts as documented in completeness from then on
+        (``gap_seq_ranges``): removed on purpose, not lost."""
         def work(tx: Tx) -> dict[str, Any] | None:
-            row = tx.one("SELECT probe_name, started_at, body_sha256 FROM results "
-                         "WHERE result_id = ?", (result_id,))
+            row = tx.one("SELECT probe_name, started_at, body_sha256, session_seq FROM results "
+                         f"WHERE result_id = ? {self.dialect.for_update}", (result_id,))
             if row is None:
                 return None
-            probe, started, digest = row
+            probe, started, digest, seq = row
             tx.run("INSERT INTO result_deletions (result_id, probe_name, started_at, "
-                   "body_sha256, deleted_at, reason) VALUES (?, ?, ?, ?, ?, ?) "
-                   "ON CONFLICT (result_id) DO UPDATE SET deleted_at = excluded.deleted_at, "
-                   "reason = excluded.reason, body_sha256 = excluded.body_sha256",
-                   (result_id, probe, started, digest, deleted_at, reason))
+                   "session_seq, body_sha256, deleted_at, deleted_by, reason) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (result_id, probe, started, seq, digest, deleted_at, deleted_by, reason))
             for table in ("transfer_facts", "session_facts", "influx_outbox",
                           "influx_dead_letters", "results"):
                 tx.run(f"DELETE FROM {table} WHERE result_id = ?", (result_id,))
-            # The day's rollup again from the sessions left (a merged sum cannot give
-            # one session back exactly: the speeds are a sorted list, the moments
-            # Welford's), in their stored order.
+            # The day's rollup again from the sessions left (a merged sum cannot give one
+            # session back exactly: the speeds are a sorted list, the moments Welford's),
+            # in their stored order. The row is emptied, not deleted, so a concurrent
+            # add_to_day that already found it finds it still (PostgreSQL).
             day = rollup.day_of(started)
-            tx.run("DELETE FROM day_facts WHERE probe_name = ? AND day = ?", (probe, day))
+            tx.run("UPDATE day_facts SET sessions = 0, pings_sent = 0, pings_lost = 0, "
+                   "rtt_n = 0, rtt_mean_ms = 0, rtt_m2 = 0, download_attempts = 0, "
+                   "download_failed = 0, upload_attempts = 0, upload_failed = 0, "
+                   "download_kbps = ?, upload_kbps = ?, invalid_sessions = 0, "
+                   "invalid_codes = '{}', jitter_sum_ns = 0, jitter_pairs = 0 "
+                   "WHERE probe_name = ? AND day = ?", (b"", b"", probe, day))
             if unreadable.canonical_time(started):
                 after = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
                 for facts in self._facts(tx, [probe], day + rollup.DAY_START,
                                          after + rollup.DAY_START):
                     add_to_day(tx, probe, facts, self.dialect.for_update)
             return {"result_id": result_id, "probe_id": probe, "started_at": started,
-                    "body_sha256": digest, "deleted_at": deleted_at, "reason": reason}
+                    "session_seq": seq, "body_sha256": digest, "deleted_at": deleted_at,
+                    "deleted_by": deleted_by, "reason": reason}
         return self._transaction(work)
 
     def result_deletions(self) -> list[dict[str, Any]]:
         """The audit of ``delete_result``, newest first."""
         return [{"result_id": r[0], "probe_id": r[1], "started_at": r[2],
-                 "body_sha256": r[3], "deleted_at": r[4], "reason": r[5]}
-                for r in self._read("SELECT result_id, probe_name, started_at, body_sha256, "
-                                    "deleted_at, reason FROM result_deletions "
-                                    "ORDER BY deleted_at DESC, result_id")]
+                 "session_seq": r[3], "body_sha256": r[4], "deleted_at": r[5],
+                 "deleted_by": r[6], "reason": r[7]}
+                for r in self._read("SELECT result_id, probe_name, started_at, session_seq, "
+                                    "body_sha256, deleted_at, deleted_by, reason "
+                                    "FROM result_deletions ORDER BY id DESC")]
 
     def count_results(self) -> int:
         return self._count("SELECT COUNT(*) FROM results")
@@ -1220,8 +1233,9 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                        "body")),
     "alerts": (("id",), ("id", "dedup_key", "kind", "probe_name", "severity", "created_at",
                          "subject", "details")),
-    "result_deletions": (("result_id",), ("result_id", "probe_name", "started_at",
-                                          "body_sha256", "deleted_at", "reason")),
+    "result_deletions": (("id",), ("id", "result_id", "probe_name", "started_at",
+                                   "session_seq", "body_sha256", "deleted_at", "deleted_by",
+                                   "reason")),
     "alert_deliveries": (("alert_id", "notifier"), (
         "alert_id", "notifier", "state", "attempts", "next_at", "lease_owner",
         "leased_until", "last_error", "delivered_at")),

@@ -364,16 +364,21 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0;
     """,
     # 17: results an operator removed (issue 23: `bbprobe-collector result delete`), an
-    # audit row each: which result, whose, its hash and start, when, and why.
+    # audit row each, appended, never changed: which result, whose, its number, hash and
+    # start, when, by whom and why.
     """
     CREATE TABLE result_deletions (
-        result_id TEXT PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        result_id TEXT NOT NULL,
         probe_name TEXT NOT NULL,
         started_at TEXT NOT NULL,
+        session_seq INTEGER,
         body_sha256 TEXT NOT NULL,
         deleted_at TEXT NOT NULL,
+        deleted_by TEXT NOT NULL,
         reason TEXT NOT NULL
     );
+    CREATE INDEX result_deletions_probe ON result_deletions (probe_name);
     """,
 )
 

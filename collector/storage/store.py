@@ -109,8 +109,8 @@ class Store(Protocol):
 
     def result(self, result_id: str) -> StoredResult | None: ...
 
-    def delete_result(self, result_id: str, reason: str, deleted_at: str
-                      ) -> dict[str, Any] | None:
+    def delete_result(self, result_id: str, reason: str, deleted_at: str,
+                      deleted_by: str) -> dict[str, Any] | None:
         """Remove a result, its facts and outbox entries; rebuild its day's rollup; keep
         an audit row (issue 23). None if there is no such result."""
 

@@ -86,8 +86,9 @@ async def on_db(app: web.Application, fn: Callable[[Store], T]) -> T:
 
 
 async def off_loop(request: web.Request, size: int, fn: Callable[[], T]) -> T:
-    """``fn()`` on a decode thread when its input is ``size`` bytes or more, else here: a
-    small body costs less than the hand-over, a large one must not stall the loop."""
+    """``fn()`` on a decode thread when its input is ``size`` bytes or more (a body's
+    size once inflated, at most: ``inflated_bound``), else here: a small body costs less
+    than the hand-over, a large one must not stall the loop."""
     pool = request.app.get(DECODE_THREADS)
     if pool is None or size < DECODE_INLINE_BYTES:
         return fn()

@@ -65,12 +65,15 @@ async def post_state(request: web.Request) -> web.Response:
         report = parse_health(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
-    ingest.check_times(report, datetime.now(UTC))
+    # A year ahead at most, not a day: a probe whose clock runs ahead must still show
+    # in the fleet, with the skew that explains it (its results are refused until it
+    # is set right); its campaign is certified only once it has ended by our clock.
+    ingest.check_times(report, datetime.now(UTC), ahead_s=ingest.PLANNED_AHEAD_S)
     skew = clock_skew(request)
     await db(request, lambda s: control.record_health(s, probe, data, skew))
     count(request, lambda m: m.health_reports.inc())
     cfg = request.app[CONFIG]
-    if cfg.alerts.enabled and alerts.completed_campaign(data) is not None:
+    if cfg.alerts.enabled and alerts.completed_campaign(data, datetime.now(UTC)) is not None:
         # A completed campaign is certified now: the next report, a session later,
         # speaks of the next one (collector/alerter.py). The report is stored already:
         # a failure here is logged, and the alerter's ticks try again.

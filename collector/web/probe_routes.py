@@ -7,13 +7,13 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from agent import spec
-from agent.schema import GapRecord, SchemaError, parse_gap, parse_utc, utc_now
+from agent.schema import GapRecord, SchemaError, format_utc, parse_gap, parse_utc, utc_now
 from collector import auth, ingest
 from collector.errors import ApiError
 from collector.storage.model import NewResult
@@ -114,7 +114,13 @@ def clock_skew(request: web.Request) -> float | None:
     except ValueError:
         raise ApiError(400, f"X-Bbprobe-Sent-At: expected an ISO 8601 UTC timestamp, got "
                        f"{sent[:40]!r}", field="X-Bbprobe-Sent-At") from None
-    return (moment - datetime.now(UTC)).total_seconds()
+    skew = (moment - datetime.now(UTC)).total_seconds()
+    # Stored with every result and shown in the fleet: as plausible as any time a writer
+    # gives (a clock at 1970 is 1.8e9 s behind; year 1 would be 6e10 s).
+    if moment < ingest.EARLIEST - timedelta(days=366 * 31) or skew > ingest.PLANNED_AHEAD_S:
+        raise ApiError(400, f"X-Bbprobe-Sent-At: {sent[:40]!r} is not a plausible time",
+                       field="X-Bbprobe-Sent-At")
+    return skew
 
 
 def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
@@ -178,7 +184,8 @@ async def post_result(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].server.max_body_bytes
     raw = await read_body(request, limit)
     encoding = content_encoding(request)
-    accepted = await off_loop(request, len(raw), lambda: _decoded(raw, encoding, limit))
+    accepted = await off_loop(request, ingest.inflated_bound(raw, encoding, limit),
+                              lambda: _decoded(raw, encoding, limit))
     result = accepted.result
     if result.probe_id != probe:
         raise ApiError(
@@ -262,7 +269,7 @@ async def post_batch(request: web.Request) -> web.Response:
     raw = await read_body(request, cfg.max_batch_bytes)
     encoding = content_encoding(request)
     now = datetime.now(UTC)
-    judged = await off_loop(request, len(raw),
+    judged = await off_loop(request, ingest.inflated_bound(raw, encoding, cfg.max_batch_bytes),
                             lambda: _judge_batch(raw, encoding, cfg, probe, now))
     received = utc_now()
     replies = [reply for _, reply in judged]
@@ -299,15 +306,19 @@ async def post_gap(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].server.max_body_bytes
     sent = await read_body(request, limit)
     encoding = content_encoding(request)
-    raw, gap = await off_loop(request, len(sent), lambda: _decoded_gap(sent, encoding, limit))
+    raw, gap = await off_loop(request, ingest.inflated_bound(sent, encoding, limit),
+                              lambda: _decoded_gap(sent, encoding, limit))
     if gap.probe_id != probe:
         raise ApiError(403, f"gap record is for probe {gap.probe_id!r} but the token belongs "
                        f"to {probe!r}", field="probe_id")
     ingest.check_times(gap, datetime.now(UTC))
     digest = hashlib.sha256(raw).hexdigest()
+    # Stored in the collector's spelling, so they sort and filter as text (issue 23).
+    first, last = (format_utc(parse_utc(t)) for t in (gap.first_started_at,
+                                                       gap.last_started_at))
     outcome = await db(request, lambda s: s.insert_gap(
-        gap.gap_id, probe, utc_now(), gap.reason, gap.dropped, gap.first_started_at,
-        gap.last_started_at, digest, gap.dropped_seq_ranges))
+        gap.gap_id, probe, utc_now(), gap.reason, gap.dropped, first, last, digest,
+        gap.dropped_seq_ranges))
     if outcome == "conflict":
         raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
                        field="gap_id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import tomllib
@@ -207,8 +208,26 @@ class TestProfiles:
         m = config.method(config.parse({"profile": "file-131-06"}))
         assert (m.download.mode, m.download.streams, m.download.tests) == ("file", 1, 3)
         assert (m.upload.attempts, m.upload.timeout_s) == (1, 120.0)
-        assert m.download.file_size_bytes == 25_000_000
+        assert (m.download.file_size_bytes, m.upload.file_size_bytes) == (
+            25_000_000, 1_700_000)
         assert m.download.warmup_s == 0.0
+
+    def test_file_profile_measures_a_line_below_the_shipped_targets_minimum(self) -> None:
+        """Each whole file arrives within its deadline on a line at three quarters of
+        the banda minima (5th percentile) of configs/targets/bt-italia-2013.toml, and
+        far sooner at its banda massima: the slowest line measured, size x 8 / deadline,
+        is 1.67 Mbit/s down and 113 kbit/s up (a 5 MB upload needed 333 kbit/s)."""
+        targets = tomllib.loads((ROOT / "configs" / "targets" / "bt-italia-2013.toml")
+                                .read_text())
+        kbps = {i["id"]: i["target"] for i in targets["indicator"]}
+        m = config.method(config.parse({"profile": "file-131-06"}))
+        for t, name in ((m.download, "download"), (m.upload, "upload")):
+            assert t.file_size_bytes is not None
+            slowest_bps = t.file_size_bytes * 8 / t.timeout_s
+            assert slowest_bps <= 0.76 * kbps[f"{name}_p5_kbps"] * 1000, name
+            assert t.file_size_bytes * 8 / (kbps[f"{name}_p95_kbps"] * 1000) < 60, name
+        down, up = m.download.file_size_bytes or 0, m.upload.file_size_bytes or 0
+        assert (round(down * 8 / 120), round(up * 8 / 120)) == (1_666_667, 113_333)
 
     def test_rmbt_profile(self) -> None:
         """rmbt: 3 streams, 2 s pre-test, 7 s test."""
@@ -245,6 +264,8 @@ class TestProfiles:
 
 LIMIT = ("over the 900 s limit (one 15-minute slot of a 96-a-day campaign); lower tests, "
          "attempts, window_s, timeout_s or ping.count")
+# config.MAX_CANDIDATES servers, each on a host of its own.
+SIXTEEN = tuple(f"http://s{i}.example.net" for i in range(16))
 BYTES_LIMIT = ("over the 300 GB limit of a session; lower tests, attempts, file_size_bytes "
                "or window_s")
 
@@ -282,9 +303,87 @@ class TestSessionBudget:
         """configs/agent.*.toml, run single or dual stack, plan at most 85 % of either
         limit."""
         cfg = config.load(ROOT / "configs" / f"agent.{name}.toml", ENV)
-        plan = budget.plan(config.method(cfg), sessions=2)
+        plan = budget.plan(config.method(cfg), sessions=2,
+                           candidates=cfg.server.candidates,
+                           select_pings=cfg.server.select_pings)
         assert plan.duration_s <= 0.85 * spec.MAX_SESSION_S, plan
         assert plan.bytes <= 0.85 * spec.MAX_SESSION_BYTES, plan
+
+    def test_choosing_the_server_is_planned_first(self) -> None:
+        """16 candidates x 20 pings, the most both keys allow: 16 hosts x (19 x 0.2 s +
+        1 s + 5 s to resolve + 2 s) one after the other, then 16 connects x 3 s: 236.8 s,
+        473.6 s dual stack. A host is pinged once however many of its URLs are listed,
+        but each URL gets its connect."""
+        m = config.method(config.parse({}))
+        plan = budget.plan(m, candidates=SIXTEEN, select_pings=20)
+        assert [(p.name, round(p.duration_s, 6)) for p in plan.parts] == [
+            ("server selection", 236.8), ("ping", 11.0), ("download", 53.0),
+            ("upload", 53.0)]
+        assert plan.parts[0].bytes == 16 * 20 * 2 * 56
+        assert budget.plan(m, 2, candidates=SIXTEEN, select_pings=20).duration_s == \
+            pytest.approx(2 * (236.8 + 117))
+        same_host = ("http://a.example:8080", "http://A.example:9090", "http://b.example")
+        part = budget.plan(m, candidates=same_host, select_pings=3).parts[0]
+        assert part.duration_s == pytest.approx(2 * (2 * 0.2 + 8) + 3 * 3)
+        assert part.how_long == ("2 hosts x 8.4 s (3 echo requests 0.2 s apart + 1 s + "
+                                 "7 s to resolve and start) + 3 TCP connects x 3 s")
+        # A session that measures nothing chooses nothing.
+        idle = config.method(config.parse({"ping": {"enabled": False},
+                                           "download": {"enabled": False},
+                                           "upload": {"enabled": False}}))
+        assert budget.plan(idle, candidates=SIXTEEN, select_pings=20).parts == ()
+
+    def test_the_selection_figures_are_the_deadlines_select_py_sets(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A host's train and a connect, each run against a peer that never answers, stop
+        at the very deadlines the plan counts (so the plan follows select.py)."""
+        from agent.probes import icmp, select
+
+        deadlines: list[float] = []
+        real_timeout = asyncio.timeout
+
+        def timeout(delay: float | None) -> asyncio.Timeout:
+            assert delay is not None
+            deadlines.append(delay)
+            return real_timeout(0)  # expire at once: no test waits 12 s
+
+        async def never(*_: Any, **__: Any) -> Any:
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(asyncio, "timeout", timeout)
+        monkeypatch.setattr(icmp, "run", never)
+        monkeypatch.setattr(asyncio, "open_connection", never)
+        assert asyncio.run(select._rtts("a.example", 20)) == (
+            (), "ping train exceeded its deadline")
+        assert asyncio.run(select._connect("http://a.example:8080")) == (
+            "TCP connect to a.example:8080 timed out after 3 s")
+        assert deadlines == [budget.select_host_s(20), select.CONNECT_TIMEOUT_S]
+        assert budget.select_host_s(20) == pytest.approx(11.8)
+
+    @pytest.mark.parametrize("profile", [p for p in config.PROFILES if p != "file-131-06"])
+    def test_every_other_profile_fits_dual_stack_with_the_most_selection(
+            self, profile: str) -> None:
+        """Dual stack and 16 candidates x 20 pings, both set centrally, on every profile
+        but file-131-06: at most 85 % of either limit (the defaults: 707.6 s)."""
+        cfg = config.parse({"profile": profile, "server": {
+            "candidates": list(SIXTEEN), "select_pings": 20, "address_family": "both"}})
+        plan = budget.plan(config.method(cfg), 2, candidates=SIXTEEN, select_pings=20)
+        assert plan.duration_s <= 0.85 * spec.MAX_SESSION_S, plan
+        assert plan.bytes <= 0.85 * spec.MAX_SESSION_BYTES, plan
+
+    def test_the_file_profile_leaves_room_for_14_candidates(self) -> None:
+        """file-131-06 plans 731 s: 14 candidates at the default 3 pings fit (890.6 s),
+        a 15th is refused, naming the selection's part and its keys."""
+        def server(n: int) -> dict[str, Any]:
+            return {"profile": "file-131-06", "server": {"candidates": list(SIXTEEN[:n])}}
+
+        cfg = config.parse(server(14))
+        plan = budget.plan(config.method(cfg), candidates=cfg.server.candidates,
+                           select_pings=cfg.server.select_pings)
+        assert plan.duration_s == pytest.approx(731 + 14 * 11.4)
+        with pytest.raises(ConfigError, match=r"would last up to 15\.0 min = 902 s "
+                                              r"\(server selection 2\.9 min: 15 hosts x "):
+            config.parse(server(15))
 
     @pytest.mark.parametrize(
         ("data", "message"),
@@ -302,6 +401,17 @@ class TestSessionBudget:
              "requests 1 s apart + 2 s; download 15.0 min: 1 test x 3 attempts x 300 s + "
              "1 s between attempts; upload 15.0 min: 1 test x 3 attempts x 300 s + 1 s "
              f"between attempts), {LIMIT}"),
+            # Choosing among 16 servers with 20 pings each (both keys settable centrally)
+            # leaves no room for the file profile's 12 minutes.
+            ({"profile": "file-131-06",
+              "server": {"candidates": list(SIXTEEN), "select_pings": 20}},
+             "t.toml: session: would last up to 16.1 min = 968 s (server selection 3.9 "
+             "min: 16 hosts x 11.8 s (20 echo requests 0.2 s apart + 1 s + 7 s to resolve "
+             "and start) + 16 TCP connects x 3 s; ping 11 s: 10 echo requests 1 s apart + "
+             "2 s; download 6.0 min: 3 tests x 1 attempt x 120 s; upload 6.0 min: 3 tests "
+             "x 1 attempt x 120 s), over the 900 s limit (one 15-minute slot of a 96-a-day "
+             "campaign); lower tests, attempts, window_s, timeout_s, ping.count, "
+             "server.select_pings or the number of server.candidates"),
             # Dual stack runs the session twice in one slot.
             ({"profile": "file-131-06", "server": {"address_family": "both"}},
              "t.toml: session: would last up to 24.4 min = 1462 s (2 sessions, IPv4 then "

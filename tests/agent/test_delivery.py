@@ -665,3 +665,159 @@ def test_backlog_groups_by_token_then_by_probe_id() -> None:
             (None, "c", 5, False), (ID_A, "a", 0, True), (None, "", 7, False)]
     assert backlog(rows) == [Backlog(ID_A, "a", 2, 110, 1), Backlog(ID_B, "b", 1, 50, 0),
                              Backlog(None, "c", 1, 5, 0), Backlog(None, "", 1, 7, 0)]
+
+
+# --- a probe known by its client certificate alone: the certificate, not its path --------
+
+
+def _openssl_fingerprint(pem: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["openssl", "x509", "-in", str(pem), "-noout", "-fingerprint",
+                          "-sha256"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    return out.split("=", 1)[1].strip().replace(":", "").lower()[:16]
+
+
+def _install(pki: Path, name: str, laptop: Path) -> tuple[str, str]:
+    """Put probe ``name``'s certificate and key where the laptop's config points (the
+    same two paths whichever probe's they are); those paths."""
+    laptop.mkdir(exist_ok=True)
+    cert, key = laptop / "client.pem", laptop / "client.key"
+    cert.write_bytes((pki / f"{name}.pem").read_bytes())
+    key.write_bytes((pki / f"{name}.key").read_bytes())
+    return str(cert), str(key)
+
+
+def test_a_client_certificate_is_known_by_itself_not_by_its_path(
+        tmp_path: Path, pki: Path) -> None:
+    """Two certificates put in turn at one path are two identities (the fingerprint is
+    the certificate's, as openssl prints it), and a result spooled under the first is
+    not claimed, nor sent, under the second; the same certificate laid out otherwise
+    (CRLF, the key before it, the CA after it) is the same identity."""
+    url = "http://127.0.0.1:9"
+    cert, key = _install(pki, "p1", tmp_path / "laptop")
+    first = identity_for(url, "", cert)
+    assert first.token_fingerprint == _openssl_fingerprint(pki / "p1.pem")
+    pem, ca = (pki / "p1.pem").read_bytes(), (pki / "ca.pem").read_bytes()
+    for layout in (pem.replace(b"\n", b"\r\n"), (pki / "p1.key").read_bytes() + pem + ca):
+        Path(cert).write_bytes(layout)
+        assert identity_for(url, "", cert) == first
+    spool = Spool(tmp_path / "state", CFG, first)
+    path = spool.put(session("", started_at=format_utc(NOW)), now=NOW)
+    assert path is not None
+    _install(pki, "nobody", tmp_path / "laptop")
+    second = identity_for(url, "", cert)
+    assert second.token_fingerprint == _openssl_fingerprint(pki / "nobody.pem") != \
+        first.token_fingerprint
+    assert claim(Spool.identity_of(path), "", second, None) == "wait"
+    client = CollectorClient(url, "", 5, client_cert=cert, client_key=key)
+    assert client.identity == second
+    report = asyncio.run(deliver(spool, client, CFG, sleep=_no_sleep))
+    assert (report.requests, report.waiting, report.delivered) == (0, 1, [])
+    assert spool.pending() == [path]
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "cannot read {cert}: No such file or directory"),
+    (b"", "{cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+    (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+     "{cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+    (b"-----BEGIN CERTIFICATE-----\nnot*base64\n-----END CERTIFICATE-----\n",
+     "{cert} holds a PEM certificate that is not base64"),
+], ids=["missing", "empty", "key-only", "not-base64"])
+def test_a_client_certificate_that_cannot_be_read_is_named(
+        tmp_path: Path, content: bytes | None, problem: str) -> None:
+    """No token and a certificate file that is missing or holds no certificate: a
+    ConfigError naming the key, the file and what is wrong, when the identity is made
+    (the client too), never a traceback."""
+    from agent.errors import ConfigError
+
+    cert = tmp_path / "client.pem"
+    if content is not None:
+        cert.write_bytes(content)
+    message = f"collector.client_cert: {problem.format(cert=cert)}"
+    with pytest.raises(ConfigError) as raised:
+        identity_for("http://127.0.0.1:9", "", str(cert))
+    assert str(raised.value) == message
+    with pytest.raises(ConfigError) as raised:
+        CollectorClient("http://127.0.0.1:9", "", 5, client_cert=str(cert))
+    assert str(raised.value) == message
+    # A token is the credential then: the certificate is TLS's to load, not read here.
+    assert identity_for("http://127.0.0.1:9", "tok", str(cert)) == \
+        identity_for("http://127.0.0.1:9", "tok")
+
+
+def test_a_certificate_replaced_while_the_client_loads_it_is_refused(
+        tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is swapped between the identity's read and TLS's: which certificate
+    would be presented cannot be told, so the client is not made."""
+    import ssl
+
+    from agent.errors import ConfigError
+
+    cert, key = _install(pki, "p1", tmp_path / "laptop")
+    load = ssl.SSLContext.load_cert_chain
+
+    def swapped(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        _install(pki, "nobody", tmp_path / "laptop")
+        load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", swapped)
+    with pytest.raises(ConfigError) as raised:
+        CollectorClient("https://127.0.0.1:9", "", 5, client_cert=cert, client_key=key)
+    assert str(raised.value) == (f"collector.client_cert: {cert} changed while it was "
+                                 "being loaded; try again")
+
+
+def test_a_laptop_swapping_certificates_never_stores_a_as_b(tmp_path: Path,
+                                                            pki: Path) -> None:
+    """Issue 23 finding 10 with client certificates (TLS collector, no tokens): a session
+    for p1 measured while its name was not known is spooled; p2's certificate then
+    replaces p1's at the same path. p2's delivery sends p2's result only: the collector
+    stores nothing as p2 that p1 measured. Put back, p1's certificate sends p1's, named
+    p1 by the collector."""
+    from collector.config import CollectorConfig, ServerConfig
+    from collector.testing import running_collector
+    from tests.conftest import _openssl
+
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "p2.key", "-out", "p2.csr",
+             "-subj", "/CN=p2", cwd=pki)
+    _openssl("x509", "-req", "-in", "p2.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "p2.pem", "-days", "2", cwd=pki)
+    cfg = replace(CollectorConfig(), server=replace(
+        ServerConfig(), query_auth=False, tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"), client_cert="optional",
+        client_ca=str(pki / "ca.pem")))
+    laptop, state = tmp_path / "laptop", tmp_path / "state"
+
+    def client(name: str) -> CollectorClient:
+        cert, key = _install(pki, name, laptop)
+        return CollectorClient(collector.url, "", 10, ca_file=str(pki / "ca.pem"),
+                               client_cert=cert, client_key=key)
+
+    def stored() -> list[tuple[str, str]]:
+        store = collector.open_store()
+        try:
+            return sorted((r.result_id, r.probe_name) for r in store.results())
+        finally:
+            store.close()
+
+    with running_collector(tmp_path / "collector", cfg) as collector:
+        collector.add_probe("p1")
+        collector.add_probe("p2")
+        as_p1 = client("p1")
+        a = session("", started_at=format_utc(NOW - timedelta(minutes=30)))
+        Spool(state, CFG, as_p1.identity).put(a, now=NOW)
+        as_p2 = client("p2")
+        spool_p2 = Spool(state, CFG, as_p2.identity)
+        b = session("", started_at=format_utc(NOW - timedelta(minutes=15)))
+        spool_p2.put(b, now=NOW)
+        report = asyncio.run(deliver(spool_p2, as_p2, CFG, sleep=_no_sleep))
+        assert (report.delivered, report.waiting, report.error) == ([b.result_id], 1, None)
+        assert stored() == [(b.result_id, "p2")]
+        as_p1 = client("p1")
+        report = asyncio.run(deliver(Spool(state, CFG, as_p1.identity), as_p1, CFG,
+                                     sleep=_no_sleep))
+        assert (report.delivered, report.waiting) == ([a.result_id], 0)
+        assert stored() == sorted([(a.result_id, "p1"), (b.result_id, "p2")])

@@ -75,7 +75,38 @@ def test_an_instruction_planning_too_long_a_session_is_refused_naming_the_figure
     assert text.startswith("session: would last up to 21.2 days = 1833054 s (ping 2.8 h: ")
     assert "download 21.1 days: 1000 tests x 3 attempts x 607 s" in text
     assert "over the 900 s limit (one 15-minute slot of a 96-a-day campaign)" in text
+    assert text.endswith(DEFAULTS_NOTE)
     assert check({"download.tests": 3, "download.window_s": 15})  # 4.6 min, 225 GB
+
+
+# What the collector says it assumed when it refuses a plan (issue 23, finding 9).
+DEFAULTS_NOTE = ("(planned on the built-in defaults for every key the instruction does "
+                 "not set; a probe whose own file sets other values plans again, and over "
+                 "a limit keeps its previous instruction and reports why)")
+
+
+def test_a_setting_assumed_from_the_probe_is_planned_where_the_instruction_is_silent(
+        ) -> None:
+    """file-131-06 plans 731 s, within the limit; for a probe whose own file runs dual
+    stack, 1462 s, refused saying so; an instruction that sets the family itself is
+    planned with its own value, and the assumption is never part of what it returns."""
+    both = {"server.address_family": "both"}
+    assert check({"profile": "file-131-06"}) == {"profile": "file-131-06"}
+    with pytest.raises(InstructionError) as caught:
+        check({"profile": "file-131-06"}, both)
+    assert caught.value.key == ""
+    assert str(caught.value) == (
+        "session: would last up to 24.4 min = 1462 s (2 sessions, IPv4 then IPv6, of ping "
+        "11 s: 10 echo requests 1 s apart + 2 s; download 6.0 min: 3 tests x 1 attempt x "
+        "120 s; upload 6.0 min: 3 tests x 1 attempt x 120 s), over the 900 s limit (one "
+        "15-minute slot of a 96-a-day campaign); lower tests, attempts, window_s, "
+        "timeout_s or ping.count (planned on the built-in defaults for every key the "
+        'instruction does not set, except server.address_family = "both" as the probe\'s '
+        "last session ran; a probe whose own file sets other values plans again, and over "
+        "a limit keeps its previous instruction and reports why)")
+    mine = {"profile": "file-131-06", "server.address_family": "ipv4"}
+    assert check(mine, both) == mine
+    assert check({"ping.count": 20}, both) == {"ping.count": 20}  # 254 s dual stack
 
 
 def test_the_agent_refuses_an_instruction_over_the_limit_that_slipped_through(

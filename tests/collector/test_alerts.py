@@ -104,11 +104,23 @@ def test_silence_and_campaign_triggers() -> None:
                                         {2, 3, 4, 5, 6}, rome)
     assert missed is not None and missed.details["bands_missed"] == [2, 3, 4, 5, 6]
     # In the collector's own spelling (issue 23: keys and queries never take the probe's).
-    assert alerts.completed_campaign(report(24, "2026-11-23T12:00:00Z", True)) == (
+    assert alerts.completed_campaign(report(24, "2026-11-23T12:00:00Z", True), NOW) == (
         "96in24h", "2026-11-20T12:00:00.000000Z", "2026-11-23T12:00:00.000000Z")
+    # Only campaigns plausible by our clock: begun, at most 31 days long, ended within
+    # 45 days (a probe cannot make us certify campaigns dated where it likes).
+    for when in ("2026-11-23T12:00:00Z", "2026-12-25T12:00:00Z"):
+        moved = report(24, when, True)
+        moved["campaign"]["started_at"] = "2026-11-22T12:00:00Z" if when < "2026-12" \
+            else "2026-11-20T12:00:00Z"
+        assert alerts.completed_campaign(moved, NOW) is None
+    assert alerts.completed_campaign(report(24, "2026-11-23T12:00:00Z", True),
+                                     NOW + timedelta(days=50)) is None
     assert alerts.agent_dead_letters(probe, {"dead_letters": 0}) is None
-    assert alerts.agent_dead_letters(probe, {"dead_letters": 2}).key != \
-        alerts.agent_dead_letters(probe, {"dead_letters": 3}).key  # type: ignore[union-attr]
+    # Keyed by the count's power of two: a probe writing another count in every report
+    # makes no alert a report.
+    key = [alerts.agent_dead_letters(probe, {"dead_letters": n}).key  # type: ignore[union-attr]
+           for n in (2, 3, 4)]
+    assert key[0] == key[1] != key[2]
 
 
 def _campaign(probe: str, day: str, bps: float, started: str | None = None
@@ -333,14 +345,18 @@ def test_breach_on_a_completed_campaign_and_silence_through_apprise(
             line = LineMetadata(operator="OpX", region="Lazio", technology="FTTH",
                                 download_min_kbps=60_000.0)
             token = c.add_probe("roma-01", line)
-            sessions = _campaign("roma-01", "2026-11-18", 50e6)
+            # Recent, by today's clock: only campaigns that ended within 45 days are
+            # certified (issue 23).
+            day = (datetime.now(UTC) - timedelta(days=4)).date().isoformat()
+            sessions = _campaign("roma-01", day, 50e6)
             for start in range(0, 96, 48):
                 batch = {"results": [json.loads(json.dumps(factories.to_dict(s)))
                                      for s in sessions[start:start + 48]]}
                 status, reply = post_json(c.url + "/api/v1/results/batch", batch, token)
                 assert status == 200 and {i["status"] for i in reply["items"]} == {201}
             campaign = {"rule": "96in24h", "started_at": sessions[0].started_at,
-                        "deadline_at": "2026-11-21T00:00:00.000000Z", "bands_filled": 24,
+                        "deadline_at": format_utc(datetime.fromisoformat(
+                            sessions[0].started_at) + timedelta(days=3)), "bands_filled": 24,
                         "sessions_counted": 96, "sessions_needed": 96, "complete": True,
                         "sessions_suppressed": 0}
             assert post_json(c.url + "/api/v1/reported-state", _health(campaign),

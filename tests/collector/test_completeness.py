@@ -11,15 +11,17 @@ import json
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
+from agent.identity import identity_for
 from agent.schema import format_utc
 from agent.spool import Spool
 from collector.cli import main
 from collector.compliance.completeness import MAX_HOLE, completeness
 from collector.testing import RunningCollector
-from tests.agent.test_delivery import CFG, NOW, _deliver
+from tests.agent.test_delivery import CFG, NOW, _deliver, _for
 from tests.factories import session
 from tests.httpclient import request
 
@@ -100,3 +102,76 @@ def test_numbering_survives_a_full_disk_and_a_lost_counter(tmp_path: Path) -> No
     spool.put(session("p1", started_at=format_utc(NOW)), now=NOW)
     (path,) = spool.pending()
     assert json.loads(path.read_text())["session_seq"] == 4
+
+
+# --- one laptop, several probes: each identity numbers its own sessions ------------------
+
+
+def _put(spool: Spool, probe: str, minutes_ago: int) -> int:
+    """Spool a session of ``probe``; its session_seq."""
+    path = spool.put(session(probe, started_at=format_utc(NOW - timedelta(
+        minutes=minutes_ago))), now=NOW)
+    assert path is not None
+    seq: int = json.loads(path.read_text())["session_seq"]
+    return seq
+
+
+def _days(collector: RunningCollector, probe: str) -> list[tuple[int, int, int, Any]]:
+    status, body, _ = request("GET", collector.url + f"/api/v1/completeness?probe={probe}")
+    assert status == 200
+    return [(d["delivered"], d["expected"], d["documented"], d["missing_ranges"])
+            for d in body["completeness"]]
+
+
+def test_a_laptop_used_for_a_then_b_then_a_leaves_a_complete(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """A, B, A in one state directory: A's sessions are 1 and 2, B's its own 1, and A's
+    collector finds none of A's missing."""
+    token_a, token_b = collector.add_probe("a"), collector.add_probe("b")
+    cfg = replace(CFG, spool_max_bytes=10**7)
+    spool_a = Spool(tmp_path / "agent", cfg, _for(collector, token_a))
+    spool_b = Spool(tmp_path / "agent", cfg, _for(collector, token_b))
+    assert [_put(spool_a, "a", 45), _put(spool_b, "b", 30), _put(spool_a, "a", 15)] == \
+        [1, 1, 2]
+    for spool, token, sent in ((spool_a, token_a, 2), (spool_b, token_b, 1)):
+        report = asyncio.run(_deliver(spool, collector.url, token, cfg))
+        assert (report.error, len(report.delivered)) == (None, sent)
+    assert _days(collector, "a") == [(2, 2, 0, [])]
+    assert _days(collector, "b") == [(1, 1, 0, [])]
+
+
+def test_gap_records_name_their_own_identitys_numbers(collector: RunningCollector,
+                                                     tmp_path: Path) -> None:
+    """A and B take turns (A1 B1 A2 B2 A3 B3); the spool drops A2 and B2: A's gap record
+    names A's 2 and B's names B's 2, so each collector report is complete but for one
+    documented session."""
+    token_a, token_b = collector.add_probe("a"), collector.add_probe("b")
+    cfg = replace(CFG, spool_max_bytes=10**7)
+    spools = {"a": Spool(tmp_path / "agent", cfg, _for(collector, token_a)),
+              "b": Spool(tmp_path / "agent", cfg, _for(collector, token_b))}
+    seqs = [_put(spools[p], p, 60 - 5 * i) for i, p in enumerate("ababab")]
+    assert seqs == [1, 1, 2, 2, 3, 3]
+    spools["b"]._drop("b", [(e, "spool_full") for e in spools["b"].entries()[2:4]])
+    ranges = {Spool.identity_of(p): json.loads(p.read_text())["dropped_seq_ranges"]
+              for p in spools["a"].gaps()}
+    assert ranges == {spools["a"].identity: [[2, 2]], spools["b"].identity: [[2, 2]]}
+    for probe, token in (("a", token_a), ("b", token_b)):
+        report = asyncio.run(_deliver(spools[probe], collector.url, token, cfg))
+        assert (report.error, report.gaps_sent, len(report.delivered)) == (None, 1, 2)
+        assert _days(collector, probe) == [(2, 3, 1, [])]
+
+
+def test_each_identity_continues_the_counter_of_before(tmp_path: Path) -> None:
+    """Upgraded from one counter (41 sessions): each identity goes on from 42, the old
+    counter stays as it was; a lost counter restarts after that identity's own highest
+    number still here, not after another's."""
+    (tmp_path / "session_seq").write_text("41")
+    cfg = replace(CFG, spool_max_bytes=10**7)
+    spool_a = Spool(tmp_path, cfg, identity_for("https://c.example", "token-a"))
+    spool_b = Spool(tmp_path, cfg, identity_for("https://c.example", "token-b"))
+    assert [_put(spool_a, "a", 50), _put(spool_b, "b", 40), _put(spool_a, "a", 30),
+            _put(spool_b, "b", 20), _put(spool_b, "b", 10)] == [42, 42, 43, 43, 44]
+    assert (tmp_path / "session_seq").read_text() == "41"
+    assert spool_a._seq_path() != spool_b._seq_path()
+    spool_a._seq_path().unlink()
+    assert _put(spool_a, "a", 5) == 44  # after a's 43 (b's 44 is b's)

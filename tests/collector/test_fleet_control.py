@@ -297,6 +297,51 @@ def test_rules_within_the_limit_alone_but_over_it_together_are_refused(
     assert "over the 300 GB limit of a session" in out and "probe p1's instruction" in out
 
 
+def test_a_probe_running_dual_stack_of_its_own_accord_is_planned_dual_stack(
+        collector: RunningCollector) -> None:
+    """file-131-06 plans 731 s, 1462 s dual stack. p1's last session ran dual stack with
+    no rule saying so (its own file): a rule giving it the profile is refused (422 and
+    `instruction set`), naming p1 and the assumption; p2, single stack, takes it; so
+    does p1 when the instruction sets the family itself."""
+    tokens = {name: collector.add_probe(name, LAZIO) for name in ("p1", "p2")}
+    for name, requested in (("p1", "both"), ("p2", "any")):
+        doc = session_dict(probe_id=name)
+        doc["address_family"], doc["address_family_requested"] = "ipv4", requested
+        assert post_json(collector.url + spec.RESULTS_PATH, doc, tokens[name])[0] == 201
+    admin = collector.add_token("ops", "admin")
+    url = collector.url + "/api/v1/instructions"
+    status, reply = post_json(url, {"selector": {"region": "Lazio"},
+                                    "set": {"profile": "file-131-06"}}, admin)
+    assert status == 422 and reply["field"] is None, reply
+    assert reply["error"].startswith("session: would last up to 24.4 min = 1462 s (2 "
+                                     "sessions, IPv4 then IPv6, of "), reply
+    assert reply["error"].endswith(
+        'except server.address_family = "both" as the probe\'s last session ran; a probe '
+        "whose own file sets other values plans again, and over a limit keeps its "
+        "previous instruction and reports why) (in probe p1's instruction, with the "
+        "other rules it follows)"), reply
+    code, out = _cli(collector, "instruction", "set", "--all", "profile=file-131-06")
+    assert code != 0 and "1462 s" in out and "probe p1's instruction" in out, out
+    code, out = _cli(collector, "instruction", "set", "--probe", "p2",
+                     "profile=file-131-06")
+    assert code == 0, out
+    code, out = _cli(collector, "instruction", "set", "--region", "Lazio",
+                     "profile=file-131-06", "server.address_family=ipv4")
+    assert code == 0, out
+
+
+def test_only_a_family_no_rule_set_is_taken_from_the_last_session() -> None:
+    """A dual-stack last session shows the probe's own file only when no rule in force
+    set server.address_family (a rule's "both" being unset leaves the file unknown)."""
+    from collector.control import _own_dual_stack
+
+    p1, p2, p3 = _probe("p1"), _probe("p2"), _probe("p3", LineMetadata(region="Umbria"))
+    before = [Rule(Selector(probe="p2"), {"server.address_family": "both"}, "x"),
+              Rule(Selector(region="Umbria"), {"ping.count": 5}, "x")]
+    assert _own_dual_stack({"p1", "p2", "p3"}, before, [p1, p2, p3]) == {"p1", "p3"}
+    assert _own_dual_stack({"p2"}, before, [p1, p2, p3]) == set()
+
+
 def test_fleet_exports_are_safe_for_spreadsheets_and_terminals(
         collector: RunningCollector) -> None:
     token = collector.add_probe("p1", LAZIO)

@@ -215,6 +215,7 @@ def test_a_campaign_spelt_twenty_ways_makes_one_breach(tmp_path: Path) -> None:
                                  for s in sessions[start:start + 48]]}
             assert post_json(c.url + spec.RESULTS_PATH + "/batch", batch, token)[0] == 200
         first = datetime.fromisoformat(sessions[0].started_at)
+        moment = first + timedelta(days=3, hours=1)  # the campaign just over
         store = c.open_store()
         try:
             for i in range(20):
@@ -226,7 +227,7 @@ def test_a_campaign_spelt_twenty_ways_makes_one_breach(tmp_path: Path) -> None:
                     "deadline_at": "2026-11-21T00:00:00.000000Z", "bands_filled": 24,
                     "sessions_counted": 96, "sessions_needed": 96, "complete": True,
                     "sessions_suppressed": 0})
-                alerter.on_report(store, cfg, "roma-01", report, datetime.now(UTC))
+                alerter.on_report(store, cfg, "roma-01", report, moment)
             kinds = [a["kind"] for a in store.alerts(100)]
         finally:
             store.close()
@@ -356,3 +357,38 @@ def test_a_trailing_newline_makes_no_look_alike_identifier(tmp_path: Path) -> No
         doc["validity"] = {"valid": False, "reasons": [{"code": "wifi\n", "detail": "x"}]}
         status, reply = post_json(c.url + spec.RESULTS_PATH, doc, token)
         assert status == 422, reply
+
+
+def test_result_delete_is_audited_and_leaves_the_rest_exact(storage: StorageConfig,
+                                                            tmp_path: Path) -> None:
+    """Three numbered sessions of one day; the middle one removed: the report counts two,
+    completeness calls its number documented (not missing), the audit is appended (a
+    resent, stored again and deleted again, makes a second row), on both backends."""
+    cfg = replace(_cfg(), storage=storage)
+    with running_collector(tmp_path, cfg) as c:
+        token = c.add_probe("p1", LINE)
+        docs = [session_dict(probe_id="p1", started_at=f"2026-11-20T1{i}:00:00.000000Z")
+                for i in range(3)]
+        for i, doc in enumerate(docs):
+            doc.update(ended_at=doc["started_at"], session_seq=i + 1)
+            assert post_json(c.url + spec.RESULTS_PATH, doc, token)[0] == 201
+        scope = "?probe=p1&since=2026-11-20&until=2026-11-21"
+        before = request("GET", c.url + "/api/v1/report" + scope)[1]
+        assert before["sessions"] == 3, before
+        gone = docs[1]["result_id"]
+        code, out = _cli(c, "result", "delete", gone, "--reason", "withdrawn")
+        assert code == 0 and "deleted by" in out, out
+        after = request("GET", c.url + "/api/v1/report" + scope)[1]
+        assert after["sessions"] == 2, after
+        assert request("GET", c.url + f"{spec.RESULTS_PATH}/{gone}")[0] == 404
+        (day,) = request("GET", c.url + "/api/v1/completeness?probe=p1")[1]["completeness"]
+        assert (day["delivered"], day["documented"], day["missing_ranges"]) == (2, 1, []), day
+        # Sent again from a spool: judged as new, stored; deleted again: a second row.
+        assert post_json(c.url + spec.RESULTS_PATH, docs[1], token)[0] == 201
+        assert _cli(c, "result", "delete", gone, "--reason", "withdrawn again")[0] == 0
+        code, out = _cli(c, "result", "deleted", "--format", "json")
+        rows = json.loads(out)
+        assert [r["reason"] for r in rows] == ["withdrawn again", "withdrawn"], rows
+        assert all(r["session_seq"] == 2 and r["deleted_by"] for r in rows), rows
+        code, out = _cli(c, "result", "delete", gone, "--reason", "x\x1b[2J")
+        assert code == 2 and "--reason" in out, out

@@ -224,6 +224,10 @@ def test_ping_unresolvable_host(netns: str) -> None:
          "'http://127.0.0.1:99999'\n"),
         (["dead-letter", "retry"], "bbprobe: dead-letter retry: give result ids or --all "
          "(bbprobe dead-letter list shows them)\n"),
+        (["--collector", "http://127.0.0.1:9", "--set",
+          "collector.client_cert='/nonexistent/p1.pem'", "run"],
+         "bbprobe: collector.client_cert: cannot read /nonexistent/p1.pem: No such file or "
+         "directory\n"),
         (["dead-letter", "drop", "--all", "x"], "bbprobe: dead-letter drop: give result ids "
          "or --all (bbprobe dead-letter list shows them)\n"),
     ],
@@ -232,6 +236,19 @@ def test_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) 
     """Bad usage gets one line naming the problem, exit 2, no traceback."""
     code, _out, err = _run("--set", f"state_dir={str(tmp_path)!r}", *args)
     assert (code, err) == (2, message)
+
+
+def test_status_shows_the_spool_when_the_client_certificate_cannot_be_read(
+        tmp_path: Path) -> None:
+    """`status` with no token and a certificate file that is gone still shows the spool
+    (whose identity is only unknown), exit 0."""
+    code, out, err = _run("--set", f"state_dir={str(tmp_path)!r}", "--collector",
+                          "http://127.0.0.1:9", "--set",
+                          "collector.client_cert='/nonexistent/p1.pem'", "status",
+                          "--no-check")
+    assert (code, err) == (0, "")
+    assert out.startswith(f"spool: 0 result(s) waiting (0.0 KiB of 64 MiB) in "
+                          f"{tmp_path / 'spool'}\n")
 
 
 def test_check_config_shows_plan(fast_config: Path) -> None:
