@@ -87,8 +87,12 @@ bench: venv system-deps node-deps
 soak: venv
 	$(BIN)/python -m benchmarks.soak --probes 200 --seconds 600
 
-# The ingest fuzzer for 10 minutes (atheris; corpus kept in var/fuzz-corpus).
-fuzz: venv
+# The fuzzers, 10 minutes each: the poison-isolation state machine (issue 23: hostile
+# writers against every read surface, 5 min on SQLite then 5 on PostgreSQL; failing
+# examples kept in var/hypothesis-poison), then atheris on ingest (corpus in
+# var/fuzz-corpus).
+fuzz: venv system-deps
+	BBPROBE_POISON_SECONDS=300 $(BIN)/pytest tests/collector/test_poison.py -q
 	PYTHONPATH=$(CURDIR) $(BIN)/python tests/fuzz_ingest.py -max_total_time=600 \
 	  -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 var/fuzz-corpus
 
