@@ -44,9 +44,12 @@ CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", Store)
 DB_THREADS = web.AppKey("db_threads", ThreadPoolExecutor)
 # Bodies of probes are inflated and decoded here when large (issue 23, finding 4): a
-# 12 MiB result decoded on the event loop held every other request for a second.
+# 12 MiB result decoded on the event loop held every other request for a second. Below
+# 256 KiB (inflated, at most) a body stays on the loop: a 250 KB result decodes in about
+# 10 ms, and handing every 100 KB agcom result to a thread cost 13-18 % of ingest
+# throughput (benchmarks/ingest.py, docs/benchmarks.md).
 DECODE_THREADS = web.AppKey("decode_threads", ThreadPoolExecutor)
-DECODE_INLINE_BYTES = 64 * 1024
+DECODE_INLINE_BYTES = 256 * 1024
 # Results are stored through the group commit (web/commit.py).
 COMMITS = web.AppKey("group_commit", GroupCommit)
 SINK = web.AppKey("influx_sink", object)
