@@ -144,11 +144,21 @@ def parse_time(text: str | None, name: str) -> str | None:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-        return format_utc(moment)
+        moment = moment.astimezone(UTC)
     except (ValueError, OverflowError):  # overflow: before year 1 once in UTC
         raise BadParameter(
             f"{name}: expected an ISO 8601 date or timestamp, got {text!r}", field=name
         ) from None
+    # A day's arithmetic on a bound (the next midnight, a campaign's window) must not
+    # overflow: the last day of year 9999 was a 500 (issue 23's fuzzer). Years 1000 to
+    # 9000 hold every question about a measurement.
+    if not SCOPE_YEARS[0] <= moment.year <= SCOPE_YEARS[1]:
+        raise BadParameter(f"{name}: expected a year from {SCOPE_YEARS[0]} to "
+                           f"{SCOPE_YEARS[1]}, got {text[:40]!r}", field=name)
+    return format_utc(moment)
+
+
+SCOPE_YEARS = (1000, 9000)
 
 
 def period_bounds(period: str) -> tuple[str, str]:
