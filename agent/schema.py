@@ -821,6 +821,17 @@ def _shown(value: float) -> str:
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
+def encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode, i.e. holds no lone surrogate (UTF-8 encodes it)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_unicode(value: str, path: str) -> None:
     """Text that is valid Unicode: the standard library's JSON reader turns an escaped
     lone surrogate (``"\\ud800"``) into a str that no UTF-8 writer can encode, so one

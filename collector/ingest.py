@@ -25,6 +25,7 @@ import zstandard
 from agent.schema import (
     SchemaError,
     SessionResult,
+    encodes,
     format_utc,
     parse_result,
     parse_utc,
@@ -231,24 +232,16 @@ def lone_surrogate(data: Any) -> str | None:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if not value.isascii() and not _encodes(value):
+            if not encodes(value):
                 return path
         elif isinstance(value, dict):
             for key, item in value.items():
-                if not key.isascii() and not _encodes(key):
+                if not encodes(key):
                     return f"{path} (a key)"
                 stack.append((f"{path}.{key}", item))
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
     return None
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _reject_constant(name: str) -> float:

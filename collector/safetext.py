@@ -26,7 +26,7 @@ import html as _html
 import json
 from typing import Any
 
-from agent.schema import ACTING_RANGES
+from agent.schema import ACTING_RANGES, encodes
 
 # A text cell starting with one of these is a formula to a spreadsheet (OWASP "CSV
 # Injection"): metadata an admin typed, or a probe's, must not run as =HYPERLINK(...).
@@ -36,13 +36,9 @@ REPLACEMENT = "\ufffd"
 
 def unicode(text: str) -> str:
     """``text`` with every lone surrogate replaced by U+FFFD (valid Unicode)."""
-    if text.isascii():
+    if encodes(text):
         return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "".join(REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
-    return text
+    return "".join(REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def terminal(text: str) -> str:

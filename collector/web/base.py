@@ -19,6 +19,7 @@ from typing import TypeVar
 import psycopg
 from aiohttp import web
 
+from agent.schema import encodes
 from collector import auth, safetext, service
 from collector.config import CollectorConfig
 from collector.errors import (
@@ -137,7 +138,7 @@ def _unfit(text: str) -> bool:
     PostgreSQL, which cannot store it: issue 23, finding 7) or a lone surrogate."""
     if any(c < " " or c == "\x7f" for c in text):
         return True
-    return not text.isascii() and safetext.unicode(text) != text
+    return not encodes(text)
 
 
 @web.middleware
