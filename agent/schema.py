@@ -39,7 +39,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 # (server_selection: each candidate's RTT, the choice, any failover); the health report.
 # 6: IPv6 (issue 16): the address family a session measured over, the one asked for,
 # and the local and remote addresses of its transfers' connections.
-SCHEMA_VERSION = 6
+# 7: measurement tickets (issue 24): the ticket a session measured under and whether a
+# server refused it; the failure reasons server_refused and ticket_refused (counted apart
+# from the line's failures); the candidates passed over as busy.
+SCHEMA_VERSION = 7
 
 Status = Literal["ok", "failed"]
 # The IP version of a session's connections, and what the configuration asked for:
@@ -58,7 +61,16 @@ FailureReason = Literal[
     "short_transfer",  # fewer bytes than the file, or a window cut short (80001)
     "broken_connection",  # the connection broke mid-transfer (80001)
     "server_report",  # the upload sink's report was missing or malformed
+    # v7 (issue 24): the measurement server refused the transfer for capacity (HTTP 429
+    # or 503): the server's shortfall, not the line's; never in the failure rate.
+    "server_refused",
+    # v7: the server refused the session's ticket (expired, foreign, allowance used); the
+    # attempt is retried without it, under the per-address rule. Not the line's either.
+    "ticket_refused",
 ]
+# Failure reasons that are the measurement server's, not the access line's (issue 24):
+# such attempts are counted apart and never enter the Allegato 2 failure rate.
+REFUSAL_REASONS: frozenset[str] = frozenset({"server_refused", "ticket_refused"})
 
 PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REASON_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -397,6 +409,24 @@ class ServerSelection:
 
 
 @dataclass(frozen=True, slots=True)
+class TicketUse:
+    """The measurement ticket a session ran under (v7, issue 24): issued by the collector,
+    presented to the measurement server, counted per ticket instead of per address."""
+
+    # The ticket's id (its JWT "jti"): one per session.
+    ticket_id: str = field(metadata=_LABEL)
+    expires_at: str = field(metadata=_UTC)
+    # The measurement servers (origins, scheme://host:port) it may be used at.
+    servers: tuple[str, ...]
+    # Whether it was presented to this session's server (False: the server is not one
+    # of ``servers``, so the session measured under the per-address rule).
+    presented: bool
+    # The server's reason when it refused the ticket (then the rest of the session ran
+    # without it); None: not refused.
+    refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     schema_version: int
     result_id: str = field(metadata={"format": "uuid"})
@@ -442,6 +472,12 @@ class SessionResult:
     # in the order first used (the ping's address is ping.address).
     local_addresses: tuple[str, ...] = field(default=(), metadata={"added": 6})
     remote_addresses: tuple[str, ...] = field(default=(), metadata={"added": 6})
+    # v7: the measurement ticket the session ran under; None: none (no collector, an
+    # older collector, or tickets not issued).
+    ticket: TicketUse | None = field(default=None, metadata={"added": 7})
+    # v7: candidates passed over at session start because they refused for capacity
+    # (busy, not broken; each is also a failover with its reason).
+    busy_servers: tuple[str, ...] = field(default=(), metadata={"added": 7})
 
     @property
     def valid(self) -> bool:

@@ -16,6 +16,16 @@ HEALTH_PATH = "/api/v1/reported-state"
 DOWNLOAD_PATH = "/measure/v1/download"
 UPLOAD_PATH = "/measure/v1/upload"
 ECHO_PATH = "/measure/v1/echo"
+# Measurement tickets (issue 24): a probe behind a shared address (carrier-grade NAT)
+# measures under a ticket the collector signs, counted per ticket instead of per address
+# (M-Lab's locate service does the same for its fleet with access tokens). The agent asks
+# for one with the instruction fetch (TICKET_REQUEST_HEADER; the ticket comes back in
+# TICKET_HEADER, on a 304 too), or alone at TICKETS_PATH; it presents it to a measurement
+# server in TICKET_HEADER; a server that refuses it says why in TICKET_REFUSED_HEADER.
+TICKETS_PATH = "/api/v1/tickets"
+TICKET_HEADER = "Bbprobe-Ticket"
+TICKET_REQUEST_HEADER = "Bbprobe-Want-Ticket"
+TICKET_REFUSED_HEADER = "Bbprobe-Ticket-Refused"
 
 # --- Ping train ---------------------------------------------------------------------------
 # 10 pings, 1 s apart: the ETSI-aligned count Ne.Me.Sys adopted (methodology.md §1.9) and
@@ -76,6 +86,15 @@ PLANNING_LINE_RATE_BPS = 10e9
 # 180 GB dual stack); 300 GB, four minutes at that rate, leaves room for longer windows
 # and refuses file-mode plans of hundreds of gigabytes.
 MAX_SESSION_BYTES = 300 * 10**9
+
+# --- Refusals by the measurement server (issue 24) -----------------------------------------
+# A transfer the server refused for capacity (429, 503) is not the line's failure: it is
+# retried after the server's Retry-After (at most REFUSAL_WAIT_MAX_S each time), at most
+# REFUSAL_RETRIES times a test, and a session waits at most REFUSAL_WAIT_SESSION_S in all
+# for refusals (agent/budget.py plans it), then records what it could not run.
+REFUSAL_RETRIES = 4
+REFUSAL_WAIT_MAX_S = 10.0
+REFUSAL_WAIT_SESSION_S = 60.0
 
 # --- Delivery -----------------------------------------------------------------------------
 PUSH_TIMEOUT_S = 30.0
