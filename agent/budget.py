@@ -31,10 +31,23 @@ a session that measures anything) is one phase too: every distinct candidate hos
 a train of ``select_pings`` echo requests, one host after the other (trains at once
 could credit one host's replies to another, select.choose), each under the deadline
 select._rtts sets, (select_pings - 1) x 0.2 s + the 1 s reply timeout + 5 s to resolve
-+ 2 s; then, in rank order, a TCP connect of at most 3 s to each candidate until one
-accepts: every one of them when none does. 16 candidates (config.MAX_CANDIDATES) x 20
-pings (the most either key allows, both settable centrally) is 16 x 11.8 s + 16 x 3 s =
-236.8 s a session, 474 s dual stack; at the default 3 pings, 182 s.
++ 2 s; then, in rank order, a TCP connect to each candidate and its capacity ask (issue
+24), together at most 3 s, until one accepts and is not busy: every one of them when
+none does. 16 candidates (config.MAX_CANDIDATES) x 20 pings (the most either key allows,
+both settable centrally) is 16 x 11.8 s + 16 x 3 s = 236.8 s a session, 474 s dual
+stack; at the default 3 pings, 182 s.
+
+Refusals (issue 24): a transfer the measurement server refuses (429, 503, or 403 for the
+ticket) does not use up an attempt; it is retried after a wait (agent/probes/transfer.py
+run_test). What that adds is bounded apart from the plan, by the session's refusal
+allowance (``refusal_allowance``): each retry is charged the wait before it and the
+refused attempt's time and bytes, and is made only while the charges fit the allowance;
+a refused attempt that is not retried ends its test within the time the plan gave that
+attempt. The allowance is what the plan leaves under each limit, shared by the slot's
+sessions, at most spec.REFUSAL_WAIT_SESSION_S and the bytes that time moves at
+PLANNING_LINE_RATE_BPS: a session's worst case, refusals included, is the plan plus its
+allowance and never over a limit, and a config within the limits before issue 24 stays
+within them (one that leaves no room retries no refusal: it records it).
 
 Under ``server.address_family = "both"`` a slot runs the session twice (IPv4, then
 IPv6): every figure doubles, the selection too (each family chooses its own server).
@@ -175,6 +188,29 @@ def plan(m: Method, sessions: int = 1, *, candidates: Sequence[str] = (),
             raise ValueError("select_pings must be >= 1 to plan choosing among candidates")
         parts.insert(0, _select_part(candidates, select_pings))
     return Plan(tuple(parts), sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalAllowance:
+    """What refusals may add to one session (see the module docstring)."""
+
+    duration_s: float
+    bytes: int
+
+
+def refusal_allowance(p: Plan, max_s: float = spec.MAX_SESSION_S,
+                      max_bytes: int = spec.MAX_SESSION_BYTES) -> RefusalAllowance:
+    """The refusal allowance of each session of plan ``p``: the room the plan leaves
+    under each limit, shared by its sessions; at most spec.REFUSAL_WAIT_SESSION_S, and
+    the bytes that many seconds move at PLANNING_LINE_RATE_BPS (only refused attempts
+    move bytes, within the time charged for them). Nothing for a plan with no
+    transfer."""
+    if not any(part.name in ("download", "upload") for part in p.parts):
+        return RefusalAllowance(0.0, 0)
+    seconds = max(0.0, min(spec.REFUSAL_WAIT_SESSION_S, (max_s - p.duration_s) / p.sessions))
+    room = max(0, (max_bytes - p.bytes) // p.sessions)
+    return RefusalAllowance(seconds, min(room, int(seconds * spec.PLANNING_LINE_RATE_BPS
+                                                   / 8)))
 
 
 def limit_problem(p: Plan, max_s: float = spec.MAX_SESSION_S,

@@ -28,6 +28,7 @@ from agent.errors import AgentError, ConfigError, DeliveryError
 from agent.identity import Backlog, Identity, identity_for
 from agent.schema import HealthReport, SessionResult, to_dict
 from agent.spool import Spool, file_id
+from agent.tickets import TicketSource
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -386,10 +387,11 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
             shown.append(put if put is not None and put is not before else result)
 
         with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
-            results = await session.run_all(applied.cfg, probe_id or "",
-                                            _progress(quiet, view.say),
-                                            instruction_version=applied.version,
-                                            observe=view.observe, on_result=keep)
+            say = _progress(quiet, view.say)
+            results = await session.run_all(
+                applied.cfg, probe_id or "", say, instruction_version=applied.version,
+                observe=view.observe, on_result=keep,
+                tickets=TicketSource(client, applied.offer, warn=say))
         _emit(shown, as_json)
         if client is None or spool is None:
             return 0
@@ -966,7 +968,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                            f"{applied.version}", err=True)
             last_error["instruction"] = applied.error
             state.update(session_cfg=applied.cfg, version=applied.version,
-                         error=applied.error, instruction=applied.instruction)
+                         error=applied.error, instruction=applied.instruction,
+                         offer=applied.offer)
             c = applied.cfg.campaign
             windows = tuple((virtual(w.starts_at), virtual(w.ends_at))
                             for w in applied.instruction.suppressions) \
@@ -1002,10 +1005,13 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
                 spool.put(result)  # as each session ends: a SIGTERM keeps what was done
                 gauges.session(result)
 
+            # The ticket that came with the last instruction fetch, once (one a session).
+            tickets = TicketSource(client, state.pop("offer", None),
+                                   warn=lambda m: click.echo(f"bbprobe: {m}", err=True))
             # Dual stack ("both"): two results for this one slot, IPv4 then IPv6.
             results = await session.run_all(cfg, named or "", _progress(True),
                                             instruction_version=state["version"],
-                                            on_result=keep)
+                                            on_result=keep, tickets=tickets)
             _publish(state["cfg"], gauges)
             outcome = await deliver(
                 spool, client, dataclasses.replace(

@@ -154,7 +154,7 @@ class TransferConfig:
     mode: TransferMode = "duration"
     # Parallel streams; 0 = adaptive: start with 2, then raise the count from the rate
     # seen halfway through the warm-up (Ne.Me.Sys table, duration mode only).
-    streams: int = field(default=0, metadata=bounds(ge=0, le=64))
+    streams: int = field(default=0, metadata=bounds(ge=0, le=spec.MAX_STREAMS))
     warmup_s: float = field(default=spec.WARMUP_S, metadata=bounds(ge=0, le=60))
     window_s: float = field(default=spec.WINDOW_S, metadata=bounds(gt=0, le=600))
     file_size_bytes: int = field(default=spec.FILE_SIZE_BYTES, metadata=bounds(gt=0))

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.delivery import CollectorClient
 from agent.errors import ConfigError, DeliveryError
 from agent.instruction import Instruction, InstructionError, parse_document
+from agent.tickets import Offer, offer_of
 
 # One GET: never let it hold a session back longer than this.
 FETCH_TIMEOUT_S = 10.0
@@ -35,6 +36,8 @@ class Fetched:
     source: Literal["collector", "cache", "none"]
     # Why the collector's instruction could not be had or used (None: all fine).
     error: str | None = None
+    # The measurement ticket that came with it (issue 24; agent/tickets.py).
+    offer: Offer = field(default_factory=Offer)
 
 
 class InstructionCache:
@@ -78,23 +81,27 @@ async def fetch(client: CollectorClient | None, state_dir: str) -> Fetched:
         return Fetched(kept, fallback)
     try:
         async with asyncio.timeout(FETCH_TIMEOUT_S):
-            got = await client.instruction(held[0] if held is not None else None)
+            got, header = await client.instruction_and_ticket(
+                held[0] if held is not None else None)
     except TimeoutError:
         return Fetched(kept, fallback, "the collector did not send the instruction in "
                                        f"{FETCH_TIMEOUT_S:g} s")
     except DeliveryError as exc:
         if exc.status == 404:
-            return Fetched(kept, fallback)  # a collector from before issue 15
+            # A collector from before issue 15, so from before tickets too.
+            return Fetched(kept, fallback, offer=Offer(answered=True))
         return Fetched(kept, fallback, f"instruction not fetched: {exc}")
+    offer = offer_of(header)
     if got is None:
-        return Fetched(kept, "collector")  # 304: the one held is current
+        return Fetched(kept, "collector", offer=offer)  # 304: the one held is current
     etag, document = got
     try:
         instruction = parse_document(document)
     except (ValueError, InstructionError) as exc:
-        return Fetched(kept, fallback, f"the collector's instruction was refused: {exc}")
+        return Fetched(kept, fallback, f"the collector's instruction was refused: {exc}",
+                       offer)
     cache.save(etag, document)
-    return Fetched(instruction, "collector")
+    return Fetched(instruction, "collector", offer=offer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,9 @@ class Applied:
     version: str | None
     error: str | None
     instruction: Instruction | None
+    # The measurement ticket the fetch brought (issue 24), whatever became of the
+    # instruction: the next session's.
+    offer: Offer = field(default_factory=Offer)
 
 
 def apply(fetched: Fetched, load: Callable[[Mapping[str, Any] | None], AgentConfig]
@@ -111,14 +121,14 @@ def apply(fetched: Fetched, load: Callable[[Mapping[str, Any] | None], AgentConf
     hold together with the local file and the command line, the local config alone,
     and the reason (the probe measures anyway: a bad instruction must not stop a
     fleet)."""
-    inst = fetched.instruction
+    inst, offer = fetched.instruction, fetched.offer
     if inst is None:
-        return Applied(load(None), None, fetched.error, None)
+        return Applied(load(None), None, fetched.error, None, offer)
     if inst.settings_error is not None:
         return Applied(load(None), None, f"instruction {inst.version} not applied: "
-                       f"{inst.settings_error}", inst)
+                       f"{inst.settings_error}", inst, offer)
     try:
-        return Applied(load(inst.settings), inst.version, fetched.error, inst)
+        return Applied(load(inst.settings), inst.version, fetched.error, inst, offer)
     except ConfigError as exc:
         return Applied(load(None), None,
-                       f"instruction {inst.version} not applied: {exc}", inst)
+                       f"instruction {inst.version} not applied: {exc}", inst, offer)

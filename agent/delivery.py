@@ -224,7 +224,7 @@ class CollectorClient:
 
     async def _send(self, method: str, path: str, data: bytes | None, encoding: str,
                     extra: Mapping[str, str] | None = None, *, full: bool = False) -> Any:
-        """The reply's JSON (None when empty); with ``full``, (status, ETag, JSON)."""
+        """The reply's JSON (None when empty); with ``full``, (status, headers, JSON)."""
         headers = {"X-Bbprobe-Sent-At": utc_now(), **(extra or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -245,7 +245,7 @@ class CollectorClient:
                                                         datetime.now(UTC)),
                     )
                 parsed = json.loads(body) if body else None
-                return (resp.status, resp.headers.get("ETag"), parsed) if full else parsed
+                return (resp.status, resp.headers, parsed) if full else parsed
         except (aiohttp.ClientError, OSError) as exc:
             raise DeliveryError(
                 f"cannot reach the collector at {self.url}: {exc or type(exc).__name__}",
@@ -278,10 +278,31 @@ class CollectorClient:
     async def instruction(self, etag: str | None) -> tuple[str | None, Any] | None:
         """The probe's central instruction (issue 15): (ETag, document), or None when the
         collector says the one held (``etag``) is still current (304)."""
-        extra = {"If-None-Match": etag} if etag else None
-        status, tag, doc = await self._send("GET", spec.INSTRUCTION_PATH, None, "none",
-                                            extra, full=True)
-        return None if status == 304 else (tag, doc)
+        return (await self.instruction_and_ticket(etag, want_ticket=False))[0]
+
+    async def instruction_and_ticket(self, etag: str | None, *, want_ticket: bool = True
+                                     ) -> tuple[tuple[str | None, Any] | None, str | None]:
+        """``instruction``, asking for a measurement ticket with it (issue 24): (what
+        ``instruction`` returns, the ``Bbprobe-Ticket`` header of the reply, 200 or 304
+        alike; None from a collector that issues none)."""
+        extra = {"If-None-Match": etag} if etag else {}
+        if want_ticket:
+            extra[spec.TICKET_REQUEST_HEADER] = "1"
+        status, headers, doc = await self._send("GET", spec.INSTRUCTION_PATH, None, "none",
+                                                extra, full=True)
+        got = None if status == 304 else (headers.get("ETag"), doc)
+        return got, headers.get(spec.TICKET_HEADER) if want_ticket else None
+
+    async def ticket(self) -> Any:
+        """A measurement ticket of its own (issue 24): the collector's JSON reply
+        ({"ticket", "ticket_id", "expires_at", "servers"}), or None from a collector that
+        issues none (404: one from before issue 24, or tickets not enabled)."""
+        try:
+            return await self._request("POST", spec.TICKETS_PATH, b"{}")
+        except DeliveryError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     async def report_health(self, body: bytes) -> None:
         """The probe's health report (issue 15): what the fleet page shows."""

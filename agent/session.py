@@ -13,13 +13,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent import __version__, budget, checks, clock, family, live, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
+from agent.probes.transfer import Access
 from agent.report import describe_method
 from agent.schema import (
     SCHEMA_VERSION,
@@ -37,6 +38,11 @@ from agent.schema import (
     format_utc,
     utc_now,
 )
+from agent.ticket import Ticket
+from agent.tickets import short_id, use_record
+
+if TYPE_CHECKING:
+    from agent.tickets import TicketSource
 
 Progress = Callable[[str], None]
 
@@ -144,11 +150,13 @@ async def run_transfers(
     direction: str, base_url: str, m: TransferMethod, progress: Progress = _quiet,
     loaded: tuple[str, PingMethod] | None = None, observe: live.Observer = live.ignore,
     af: int = socket.AF_UNSPEC, endpoints: family.Endpoints | None = None,
+    access: Access | None = None,
 ) -> tuple[list[TransferAttempt], PingTest | None]:
     """All tests of one direction. With ``loaded`` = (target, ping method), a ping train
     runs during the first test's window and is returned apart. ``observe`` gets the
     live view's events (phases, bytes, RTT under load). Connections and pings use
-    address family ``af``; each connection's addresses go to ``endpoints``."""
+    address family ``af``; each connection's addresses go to ``endpoints``. ``access``:
+    the session's ticket and refusal allowance, shared by its tests."""
     on_connect = endpoints.add if endpoints is not None else None
     probe = http_download if direction == "download" else http_upload
     attempts: list[TransferAttempt] = []
@@ -158,12 +166,13 @@ async def run_transfers(
         if test_index == 0 and loaded is not None and m.mode == "duration":
             async with asyncio.TaskGroup() as group:
                 transfer = group.create_task(probe.run(base_url, m, test_index, observe,
-                                                       af, on_connect))
+                                                       af, on_connect, access=access))
                 pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet,
                                                         observe, af))
             results, under_load = transfer.result(), pinging.result()
         else:
-            results = await probe.run(base_url, m, test_index, observe, af, on_connect)
+            results = await probe.run(base_url, m, test_index, observe, af, on_connect,
+                                      access=access)
         for a in results:
             if a.status == "ok" and a.throughput_bps is not None:
                 progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s "
@@ -194,11 +203,16 @@ async def run(
     tests: frozenset[str] = frozenset({"ping", "download", "upload"}),
     instruction_version: str | None = None,
     observe: live.Observer = live.ignore,
+    tickets: TicketSource | None = None,
+    refusals: budget.RefusalAllowance | None = None,
 ) -> SessionResult:
     """Run one session and return its result (never raises for a failed measurement).
     ``observe`` gets the live view's events (agent/live.py); it never changes the
     result. The session runs in ``cfg.server.address_family`` ("any", "ipv4" or
-    "ipv6"; a "both" config is split by ``run_all``)."""
+    "ipv6"; a "both" config is split by ``run_all``). A session that transfers takes
+    a measurement ticket from ``tickets`` (None: none, the per-address rule) and may
+    spend ``refusals`` on refused transfers (None: this config's allowance for one
+    session, agent/budget.py)."""
     requested = cfg.server.address_family
     if requested == "both":
         raise ValueError("a dual-stack config is run by session.run_all, once a family")
@@ -215,18 +229,35 @@ async def run(
         m = replace(m, upload=replace(m.upload, tests=0))
     if "ping" not in tests:
         m = replace(m, ping=None)
+    if refusals is None:
+        refusals = budget.refusal_allowance(budget.plan(
+            method(cfg), candidates=cfg.server.candidates,
+            select_pings=cfg.server.select_pings))
+    held: Ticket | None = None
+    if tickets is not None and (m.download.tests or m.upload.tests):
+        taken = await tickets.take()
+        held = taken.ticket
+        if taken.note:
+            progress(taken.note)
     selection: ServerSelection | None = None
+    refused_at: dict[str, str] = {}
     if cfg.server.candidates and (m.download.tests or m.upload.tests or m.ping):
         progress(f"choosing among {len(cfg.server.candidates)} measurement servers")
-        selection = await select.choose(cfg.server.candidates, cfg.server.select_pings, af)
+        choice = await select.choose(cfg.server.candidates, cfg.server.select_pings, af,
+                                     ticket=held)
+        selection, refused_at = choice.selection, choice.ticket_refused
         for f in selection.failovers:
             progress(f"  passed over {f.url}: {f.error}")
         # None chosen: the best-ranked is used, and its transfers fail (recorded).
         best = selection.chosen_url or \
             selection.candidates[select.rank(selection.candidates)[0]].url
         cfg = replace(cfg, server=replace(cfg.server, url=best, candidates=()))
+        if best in select.busy_servers(selection):
+            progress("  every candidate that answers is busy: the best-ranked is used, "
+                     "its transfers retry when refused")
         progress(f"  measuring against {best}")
     base_url = measurement_server(cfg) if (m.download.tests or m.upload.tests) else None
+    access = _access(held, base_url, refused_at, refusals, progress)
     pinned: AddressFamily | None = None
     if requested == "any":
         # One family for the whole session: the ping and every transfer stream take the
@@ -271,10 +302,11 @@ async def run(
         iface = context.interface if context is not None else None
         before = checks.interface_bytes(iface)
         down, ping_download = await run_transfers("download", base_url, m.download,
-                                                  progress, loaded, observe, af, endpoints)
+                                                  progress, loaded, observe, af, endpoints,
+                                                  access)
         middle = checks.interface_bytes(iface)
         up, ping_upload = await run_transfers("upload", base_url, m.upload, progress, loaded,
-                                              observe, af, endpoints)
+                                              observe, af, endpoints, access)
         after = checks.interface_bytes(iface)
         transfers = down + up
         if context is not None and before and middle and after:
@@ -325,7 +357,31 @@ async def run(
         address_family_requested=cfg.server.address_family,
         local_addresses=tuple(endpoints.local),
         remote_addresses=tuple(endpoints.remote),
+        ticket=use_record(held, base_url, access.refused) if held is not None else None,
+        busy_servers=select.busy_servers(selection),
     )
+
+
+def _access(held: Ticket | None, base_url: str | None, refused_at: dict[str, str],
+            refusals: budget.RefusalAllowance, progress: Progress) -> Access:
+    """The session's terms with its server: the ticket presented when it names the
+    server (and the server did not refuse it when asked about its capacity), and the
+    refusal allowance."""
+    access = Access(allowance_s=refusals.duration_s, allowance_bytes=refusals.bytes,
+                    progress=progress)
+    if held is None or base_url is None:
+        return access
+    named = f"ticket {short_id(held)}"
+    if not held.covers(base_url):
+        progress(f"{named} does not name {base_url} (servers: {', '.join(held.servers)}): "
+                 "measuring under the server's per-address rule")
+    elif base_url in refused_at:
+        access.refused = refused_at[base_url]
+        progress(f"{named} refused ({access.refused}): measuring without it")
+    else:
+        access.ticket = held
+        progress(f"measuring under {named} (servers: {', '.join(held.servers)})")
+    return access
 
 
 async def run_all(
@@ -337,20 +393,27 @@ async def run_all(
     instruction_version: str | None = None,
     observe: live.Observer = live.ignore,
     on_result: Callable[[SessionResult], None] | None = None,
+    tickets: TicketSource | None = None,
 ) -> list[SessionResult]:
     """``run`` once per session the config's address family stands for: one result,
     or under "both" (dual stack) an IPv4 session then an IPv6 one, each a whole
     session with its own result (address_family_requested = "both" in both).
     ``on_result`` gets each result as soon as its session ends (the caller spools it:
-    a stop during the IPv6 session keeps the IPv4 result)."""
+    a stop during the IPv6 session keeps the IPv4 result). Each session takes its own
+    ticket from ``tickets`` and has its own refusal allowance (the slot's plan's)."""
     requested = cfg.server.address_family
     results: list[SessionResult] = []
-    for one in family.session_families(requested):
+    families = family.session_families(requested)
+    refusals = budget.refusal_allowance(budget.plan(
+        method(cfg), len(families), candidates=cfg.server.candidates,
+        select_pings=cfg.server.select_pings))
+    for one in families:
         session_cfg = replace(cfg, server=replace(cfg.server, address_family=one))
         if requested == "both":
             progress(f"dual-stack session over {family.label(one)}")
         result = await run(session_cfg, probe_id, progress, tests=tests,
-                           instruction_version=instruction_version, observe=observe)
+                           instruction_version=instruction_version, observe=observe,
+                           tickets=tickets, refusals=refusals)
         result = replace(result, address_family_requested=requested)
         if on_result is not None:
             on_result(result)

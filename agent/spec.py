@@ -53,6 +53,9 @@ ADAPTIVE_STREAMS: tuple[tuple[float, int], ...] = (
     (1e9, 8), (2e9, 12), (5e9, 16),
 )
 ADAPTIVE_MAX_STREAMS = 20
+# The most streams a config may fix (transfer.streams): a measurement ticket's default
+# stream allowance (issue 24) is this, so no valid method is refused by its own ticket.
+MAX_STREAMS = 64
 # Ne.Me.Sys retries each test up to 3 times and records every failed attempt (§1.5).
 ATTEMPTS = 3
 # Per-interval samples; the issue asks for 100-250 ms.
@@ -95,6 +98,9 @@ MAX_SESSION_BYTES = 300 * 10**9
 REFUSAL_RETRIES = 4
 REFUSAL_WAIT_MAX_S = 10.0
 REFUSAL_WAIT_SESSION_S = 60.0
+# The wait after a refusal that gives no Retry-After: the Retry-After the bbprobe server
+# sends with its own 429 and 503 (collector/measurement/slots.py).
+REFUSAL_WAIT_DEFAULT_S = 5.0
 
 # --- Delivery -----------------------------------------------------------------------------
 PUSH_TIMEOUT_S = 30.0

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from collector import notifiers
+from collector import keys, notifiers, tickets
 from collector.alerter import Alerter
 from collector.config import CollectorConfig, ServerConfig
 from collector.errors import CollectorError, ConfigError
@@ -33,9 +33,11 @@ from collector.influx import InfluxSink
 from collector.limits import RateLimiter
 from collector.measurement import ndt7
 from collector.measurement import routes as measurement
+from collector.measurement.slots import Gate
 from collector.metrics import Metrics
 from collector.storage.model import Quota
 from collector.storage.store import Store, open_store
+from collector.tickets import Verifier
 from collector.web import (
     admin_routes,
     analyst_routes,
@@ -43,6 +45,7 @@ from collector.web import (
     metrics_routes,
     probe_routes,
     public_routes,
+    ticket_routes,
 )
 from collector.web.base import (
     ALERTER,
@@ -180,6 +183,9 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     routes = Routes(app)
+    authority = None
+    if cfg.tickets.enabled and role != "measurement":
+        authority = app[ticket_routes.AUTHORITY] = ticket_routes.Authority(cfg, role)
     if metrics is not None:
         app[METRICS] = metrics
         app[metrics_routes.CACHE] = metrics_routes.Cached()  # the route's and the listener's
@@ -198,6 +204,7 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
         admin_routes.add_routes(routes)
         fleet_routes.add_routes(routes)
         public_routes.add_routes(routes)
+        ticket_routes.add_routes(routes)
     if metrics is not None and cfg.metrics.listen:
         # After the store's context: it starts once the store is open and stops first.
         app.cleanup_ctx.append(partial(_metrics_listener, reuse_port=reuse_port))
@@ -217,8 +224,23 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
             """A measurement-only server has no store: the client has its own record."""
 
         measurement.add_routes(routes, cfg.measurement,
-                               store_subtest if role == "all" else keep_no_subtest, metrics)
+                               store_subtest if role == "all" else keep_no_subtest, metrics,
+                               ticket_gate(cfg, authority))
     return app
+
+
+def ticket_gate(cfg: CollectorConfig, authority: ticket_routes.Authority | None
+                ) -> Gate | None:
+    """What this server's measurement endpoints verify tickets with: the trusted keys
+    (read now: a bad file stops the start), and the collector's own key when it issues
+    (at first need: it may not exist yet). None: no ticket is accepted here."""
+    if not cfg.tickets.enabled:
+        return None
+    trusted = keys.trusted_keys(cfg.tickets.trusted_keys)
+    if not trusted and authority is None:
+        return None  # a measurement-only server trusting no key: every transfer anonymous
+    return Gate(Verifier(trusted, tickets.audience_of(cfg.tickets.audience)),
+                authority.public if authority is not None else None)
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext | None:

@@ -20,6 +20,7 @@ from collector import (
     cli_alerts,
     cli_fleet,
     cli_results,
+    cli_tickets,
     html_report,
     notifiers,
     safetext,
@@ -87,6 +88,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
     cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
                                           "server.addr_file": addr_file,
                                           "server.role": role}))
+    cli_tickets.check(cfg)
     role = cfg.server.role
     if role == "measurement":
         if not cfg.measurement.enabled:
@@ -127,6 +129,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
 def check_config(ctx: click.Context) -> None:
     """Validate the config, its secrets and the targets table it names, then exit."""
     cfg = resolve_secrets(_config(ctx))
+    cli_tickets.check(cfg)
     if cfg.server.role == "measurement":
         echo("config OK; role measurement (no database, no targets table)")
         return
@@ -764,5 +767,6 @@ def files(name: str | None) -> None:
         raise InputError(str(exc)) from None
 
 
-for _command in (*cli_fleet.COMMANDS, *cli_alerts.COMMANDS, *cli_results.COMMANDS):
+for _command in (*cli_fleet.COMMANDS, *cli_alerts.COMMANDS, *cli_results.COMMANDS,
+                 *cli_tickets.COMMANDS):
     main.add_command(_command)

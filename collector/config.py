@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent import credentials
+from agent import credentials, spec
 from agent.config import decode_table, listen_problem, split_listen, url_problem, user_dir
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
@@ -101,6 +101,52 @@ class MeasurementConfig:
     # Length of an ndt7 subtest (/ndt/v7/*). The protocol's is 10 s and M-Lab's clients
     # assume it; shorter only for tests.
     ndt7_runtime_s: float = field(default=10.0, metadata=bounds(ge=0.5, le=10.0))
+    # When this server accepts tickets (issue 24), this share of max_concurrent is kept
+    # for ticketed transfers: anonymous ones together get at most the rest (503 beyond),
+    # so strangers cannot starve the fleet's probes. Below 1: strangers always get some.
+    ticket_reserved_share: float = field(default=0.5, metadata=bounds(ge=0, le=0.95))
+
+
+# Origins a ticket may name, and keys a server may trust: a ticket names every server in
+# its "aud" claim and must stay under agent.ticket.MAX_TICKET_CHARS (4096).
+MAX_TICKET_SERVERS = 32
+MAX_TRUSTED_KEYS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TicketsConfig:
+    # Measurement tickets (issue 24): the collector signs (Ed25519) a short-lived ticket
+    # for an authenticated probe; measurement servers verify it offline and count the
+    # probe's transfers per ticket instead of per client address, so probes behind one
+    # address (carrier-grade NAT) do not share one address's slots. Off: no ticket is
+    # issued, and one presented is ignored (the transfer counts per address).
+    enabled: bool = True
+    # The signing key (PEM, PKCS#8 Ed25519) as a systemd credential (LoadCredential=NAME:
+    # PATH) or a file; neither: generated at first need beside the SQLite database
+    # (storage.path's directory) as ticket-signing-key.pem, mode 0600.
+    signing_key_credential: str = ""
+    signing_key_file: str = ""
+    # Public keys (PEM files, from `bbprobe-collector tickets key --out FILE`) whose
+    # tickets this server accepts: a measurement-only server needs the collector's here.
+    # A collector that issues trusts its own key without it.
+    trusted_keys: tuple[str, ...] = ()
+    # The origins (scheme://host:port) this server answers to as a measurement server;
+    # a ticket is accepted only if it names one of them. Empty: the origin of each
+    # request (its scheme and Host header).
+    audience: tuple[str, ...] = ()
+    # Measurement servers, besides this collector, that issued tickets name (their URLs).
+    servers: tuple[str, ...] = ()
+    # A ticket's life: a session plans at most 900 s (the agent's MAX_SESSION_S) and the
+    # daemon fetches its ticket as the session's slot starts, so 20 minutes cover it.
+    expiry_s: float = field(default=1200.0, metadata=bounds(ge=60, le=86400))
+    # Its allowance: transfers at once (64: the most streams an agent's config may fix,
+    # transfer.streams; its adaptive rule opens at most 20: a lower allowance would have
+    # the fleet's own fixed-stream methods refused), bytes moved in all, and seconds with
+    # at least one of its transfers running (the most a session may plan, agent/spec.py
+    # MAX_SESSION_BYTES and MAX_SESSION_S).
+    streams: int = field(default=spec.MAX_STREAMS, metadata=bounds(ge=1, le=1000))
+    bytes: int = field(default=spec.MAX_SESSION_BYTES, metadata=bounds(ge=1, le=10**15))
+    duration_s: float = field(default=spec.MAX_SESSION_S, metadata=bounds(gt=0, le=86400))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +290,7 @@ class CollectorConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    tickets: TicketsConfig = field(default_factory=TicketsConfig)
 
 
 def load(
@@ -314,7 +361,9 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key: give both or neither")
     for key, name in (("server.tls_key_credential", srv.tls_key_credential),
                       ("influxdb.token_credential", cfg.influxdb.token_credential),
-                      ("storage.password_credential", cfg.storage.password_credential)):
+                      ("storage.password_credential", cfg.storage.password_credential),
+                      ("tickets.signing_key_credential",
+                       cfg.tickets.signing_key_credential)):
         if name and (problem := credentials.name_problem(name)):
             raise ConfigError(f"{source}: {key}: {problem}")
     if srv.client_cert != "off" and not (srv.tls_cert and srv.client_ca):
@@ -354,10 +403,30 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
             raise ConfigError(f"{source}: metrics.listen: the same address as the server "
                               f"({host}:{port}); choose another port")
     _check_alerts(cfg.alerts, source)
+    _check_tickets(cfg.tickets, source)
     if influx.retry_max_s < influx.retry_min_s:
         raise ConfigError(f"{source}: influxdb.retry_max_s: must be >= retry_min_s")
     return cfg
 
+
+
+def _check_tickets(tickets: TicketsConfig, source: str) -> None:
+    for name in ("audience", "servers"):
+        urls = getattr(tickets, name)
+        if len(urls) > MAX_TICKET_SERVERS:
+            raise ConfigError(f"{source}: tickets.{name}: at most {MAX_TICKET_SERVERS} "
+                              f"URLs, got {len(urls)}")
+        for i, url in enumerate(urls):
+            if problem := url_problem(url):
+                raise ConfigError(f"{source}: tickets.{name}[{i}]: expected "
+                                  f"http(s)://host[:port]: {problem}")
+    if len(tickets.trusted_keys) > MAX_TRUSTED_KEYS:
+        raise ConfigError(f"{source}: tickets.trusted_keys: at most {MAX_TRUSTED_KEYS} "
+                          f"files, got {len(tickets.trusted_keys)}")
+    for i, path in enumerate((tickets.signing_key_file, *tickets.trusted_keys)):
+        if path and not Path(path).is_file():
+            key = "tickets.signing_key_file" if i == 0 else f"tickets.trusted_keys[{i - 1}]"
+            raise ConfigError(f"{source}: {key}: no such file {path!r}")
 
 
 def _check_alerts(alerts: AlertsConfig, source: str) -> None:

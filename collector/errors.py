@@ -12,7 +12,8 @@
     |   +-- NotFound          no such thing (404)
     |   +-- Unacceptable      well-formed but refused, such as a bad probe name (422)
     +-- ApiError              an HTTP request is refused at the web edge; ``status`` is the
-                              4xx to answer, ``field`` names the offending field
+                              4xx to answer, ``field`` names the offending field, ``code``
+                              (when set) is a machine-readable reason (a refused ticket's)
 """
 
 from __future__ import annotations
@@ -64,10 +65,15 @@ class Unacceptable(DomainError):
 
 class ApiError(CollectorError):
     def __init__(self, status: int, message: str, field: str | None = None,
-                 retry_after: str | None = None, challenge: bool = False) -> None:
+                 retry_after: str | None = None, challenge: bool = False,
+                 code: str | None = None, headers: dict[str, str] | None = None,
+                 close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
         self.retry_after = retry_after
         self.challenge = challenge  # 401 that a browser should answer with a login
+        self.code = code
+        self.headers = headers or {}
+        self.close = close  # the connection closes after the reply (a body left unread)

@@ -28,6 +28,7 @@ from collector.report import (
     customer_sentence,
     format_value,
     invalid_sentence,
+    refused_sentence,
 )
 from collector.safetext import html as escape
 from collector.service import ReportView
@@ -249,7 +250,10 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f'<p class="invalid"><b>Invalid measurements:</b> '
         f"{escape(invalid_sentence(report))}.</p>"
         f'<p class="customer"><b>Customer tests:</b> '
-        f"{escape(customer_sentence(report))}.</p></section>",
+        f"{escape(customer_sentence(report))}.</p>"
+        f'<p class="refused"><b>Refused by the measurement server:</b> '
+        f"{escape(refused_sentence(report.refused_by_server, report.refusals_known))}."
+        "</p></section>",
         "<section><h2>Speed distribution</h2><div class=plots>"
         f"{_speed_plot('download', obs, report)}{_speed_plot('upload', obs, report)}"
         "</div></section>",
@@ -369,6 +373,8 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
         state = "counted" if s.counted else "not counted"
         if not s.valid:
             state = f"INVALID ({', '.join(s.invalid_codes) or 'no reason given'})"
+        if s.refused_attempts:
+            state += f"; {s.refused_attempts} refused by the server"
         rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
         down, up = show(s.download_kbps, "kbit/s"), show(s.upload_kbps, "kbit/s")
         sessions.append(f"<tr><td><code>{escape(s.started_at)}</code></td><td>{s.band:02d}"
@@ -407,6 +413,8 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
                   f"{escape(w.ends_at)} ({escape(w.reason)}): no session started; bands "
                   f"{escape(', '.join(f'{b:02d}h' for b in w.bands))} were left to later "
                   "in the campaign window.</p>" for w in cert.suppressions)
+        + f'<p class="refused"><b>Refused by the measurement server:</b> '
+        f"{escape(refused_sentence(cert.refused_by_server))}.</p>"
         + f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
         f"{escape(VERDICT_WORDS[cert.verdict])}</span></p>"
         "<h2>Every session</h2><table><tr><th>Start (UTC)</th><th>Band</th><th>State</th>"

@@ -63,6 +63,13 @@ REFUSAL_REASONS = {400: "malformed", 401: "unauthorized", 403: "forbidden",
                    415: "bad_encoding", 422: "invalid", 429: "rate_limited",
                    503: "unavailable"}
 
+# Why a measurement transfer was refused (collector/measurement/slots.py): capacity, or
+# a ticket's code (collector/tickets.py CODES, the allowance codes of the ledger).
+TRANSFER_REFUSALS = ("busy", "per_client", "anonymous_share", "ticket_streams",
+                     "ledger_full", "malformed", "unknown_key", "bad_signature",
+                     "wrong_issuer", "not_yet_valid", "expired", "wrong_server",
+                     "allowance_bytes", "allowance_duration")
+
 LINE_LABELS = ("probe", "operator", "offer", "region", "technology")
 
 
@@ -118,10 +125,18 @@ class Metrics:
             "(measurement.max_concurrent of each process, summed over the workers).",
             registry=reg,
             multiprocess_mode="livesum")
+        self.transfers_ticketed = Gauge(
+            "bbprobe_collector_measurement_transfers_ticketed", "Measurement transfers "
+            "running now under a probe's ticket (part of transfers_active).",
+            registry=reg, multiprocess_mode="livesum")
         self.transfers_refused = Counter(
             "bbprobe_collector_measurement_transfers_refused", "Measurement transfers "
-            "refused: busy (every slot taken, 503) or per_client (the client's share "
-            "taken, 429).", ["reason"], registry=reg)
+            "refused: busy (every slot taken, 503), per_client (an anonymous client's "
+            "share taken, 429), anonymous_share (the slots left to anonymous clients "
+            "taken, 503), ticket_streams (429), ledger_full (503), or the ticket refused "
+            "(403): one of malformed, unknown_key, bad_signature, wrong_issuer, "
+            "not_yet_valid, expired, wrong_server, allowance_bytes, allowance_duration.",
+            ["reason"], registry=reg)
         self.rate_limited = Counter(
             "bbprobe_collector_rate_limited", "Requests refused by a token bucket (429): "
             "probe (server.probe_requests_per_min) or anonymous "
@@ -140,7 +155,7 @@ class Metrics:
         # Series that exist from the start, at zero: rate() and alerts need them.
         for outcome in ("stored", "duplicate", "conflict", "refused"):
             self.results.labels(outcome)
-        for reason in ("busy", "per_client"):
+        for reason in TRANSFER_REFUSALS:
             self.transfers_refused.labels(reason)
         for limiter in ("probe", "anonymous"):
             self.rate_limited.labels(limiter)

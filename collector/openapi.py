@@ -12,46 +12,21 @@ from agent import __version__, spec
 from agent.schema import GapRecord, HealthReport, SessionResult, UploadReport, json_schema
 from collector.compliance.evaluate import IndicatorResult
 from collector.measurement import librespeed
+from collector.openapi_parts import (
+    ADMIN,
+    BEARER,
+    PUBLIC,
+    SCOPE_PARAMETERS,
+    SENT_AT,
+    TICKET,
+    TICKET_RESPONSES,
+    fleet_paths,
+)
+from collector.openapi_parts import error as _error
+from collector.openapi_parts import json_body as _json
+from collector.openapi_parts import query as _query
 
 OPENAPI_PATH = "/api/v1/openapi.json"
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _query(name: str, description: str, schema: dict[str, Any] | None = None,
-           required: bool = False) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": required, "description": description,
-            "schema": schema or {"type": "string"}}
-
-
-SCOPE_PARAMETERS = [
-    _query("probe", "Probe name (repeatable)."),
-    _query("operator", "Only probes of this operator."),
-    _query("offer", "Only probes on this offer."),
-    _query("region", "Only probes in this region."),
-    _query("technology", "Only probes on this access technology."),
-    _query("family", "Only sessions measured over this IP version (schema 6; sessions "
-           "of older agents have none and match neither).",
-           {"type": "string", "enum": ["ipv4", "ipv6"]}),
-    _query("period", "Calendar period: YYYY, YYYY-H1 or YYYY-H2.",
-           {"type": "string", "pattern": "^[0-9]{4}(-[Hh][12])?$"}),
-    _query("since", "Start, inclusive: ISO 8601 date or timestamp."),
-    _query("until", "End, exclusive: ISO 8601 date or timestamp."),
-]
-BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
-ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
-PUBLIC: list[dict[str, list[str]]] = []
-SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
-           "description": "The probe's wall clock when sending (UTC); the collector stores "
-                          "the skew from its own clock with each result.",
-           "schema": {"type": "string", "format": "date-time"}}
 
 
 def document() -> dict[str, Any]:
@@ -63,7 +38,10 @@ def document() -> dict[str, Any]:
     schemas["Error"] = {
         "type": "object", "required": ["error", "field"], "additionalProperties": False,
         "properties": {"error": {"type": "string"},
-                       "field": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+                       "field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                       "code": {"type": "string",
+                                "description": "A machine-readable reason, where a client "
+                                               "acts on it (a refused ticket's)."}},
     }
     schemas["IngestReply"] = {
         "type": "object", "required": ["result_id", "stored", "duplicate"],
@@ -326,11 +304,13 @@ def document() -> dict[str, Any]:
                     "parameters": [_query("bytes", "Bytes to send.", {"type": "integer",
                                                                       "minimum": 1}),
                                    _query("duration_s", "Seconds to send.",
-                                          {"type": "number", "exclusiveMinimum": 0})],
+                                          {"type": "number", "exclusiveMinimum": 0}),
+                                   TICKET],
                     "responses": {"200": {"description": "Incompressible payload.", "content": {
                         "application/octet-stream": {"schema": {"type": "string",
                                                                 "format": "binary"}}}},
-                        "400": bad_request, "503": _error("Too many transfers running.")}},
+                        "400": bad_request, **TICKET_RESPONSES,
+                        "503": _error("Too many transfers running.")}},
         },
         spec.UPLOAD_PATH: {
             "post": {"summary": "Upload sink: counts the body, reports (t, bytes) samples.",
@@ -341,15 +321,26 @@ def document() -> dict[str, Any]:
                                            {"type": "number", "exclusiveMinimum": 0}),
                                     _query("sample_interval_s", "Sample spacing.",
                                            {"type": "number", "minimum": 0.01,
-                                            "maximum": 1})],
+                                            "maximum": 1}),
+                                    TICKET],
                      "requestBody": {"content": {"application/octet-stream": {
                          "schema": {"type": "string", "format": "binary"}}}},
                      "responses": {"200": _json(upload_ref), "400": bad_request,
+                                   **TICKET_RESPONSES,
                                    "413": _error("Over the byte or time limit."),
                                    "503": _error("Too many transfers running.")}},
         },
-        spec.ECHO_PATH: {"get": {"summary": "HTTP echo for round-trip times.", "security": PUBLIC,
-                                 "responses": {"200": {"description": "ok"}}}},
+        spec.ECHO_PATH: {"get": {
+            "summary": "HTTP echo for round-trip times; with capacity=1, whether a transfer "
+                       "from this client (its ticket, else its address) would be admitted "
+                       "now (no slot is taken).",
+            "security": PUBLIC,
+            "parameters": [_query("capacity", "1: answer the refusal a transfer would get "
+                                  "now, if any (0 or absent: a plain echo).",
+                                  {"enum": ["0", "1"]}), TICKET],
+            "responses": {"200": {"description": "ok"}, "400": bad_request,
+                          **TICKET_RESPONSES,
+                          "503": _error("Every slot open to this client is taken.")}}},
     }
     paths["/speedtest"] = {"get": {
         "summary": "Browser speed test page (LibreSpeed protocol against this server).",
@@ -388,10 +379,11 @@ def document() -> dict[str, Any]:
                        "measurements as text messages.",
             "security": PUBLIC,
             "parameters": [_query("early_exit", "Stop a download at 250 MB (the only "
-                                  "value accepted).", {"enum": ["250"]})],
+                                  "value accepted).", {"enum": ["250"]}), TICKET],
             "responses": {"101": {"description": "Switching to the WebSocket."},
                           "400": _error("No WebSocket upgrade, no ndt7 subprotocol, or a "
                                         "bad query."),
+                          **TICKET_RESPONSES,
                           "503": _error("Too many transfers running.")}}}
     paths["/api/v1/ndt7-results"] = {"get": {
         "summary": "ndt7 subtests clients ran against this server (ndt-server's archive "
@@ -408,10 +400,12 @@ def document() -> dict[str, Any]:
         paths[path] = {
             "get": {"summary": "LibreSpeed download: ckSize x 1 MiB of random data.",
                     "security": PUBLIC,
-                    "parameters": [_query("ckSize", "Chunks of 1 MiB (default 4, 1..1024).")],
+                    "parameters": [_query("ckSize", "Chunks of 1 MiB (default 4, "
+                                          "1..1024)."), TICKET],
                     "responses": {"200": {"description": "Random bytes.", "content": {
                         "application/octet-stream": {"schema": {"type": "string",
                                                                 "format": "binary"}}}},
+                                  **TICKET_RESPONSES,
                                   "503": _error("Too many transfers running.")}},
             "options": preflight}
     for path in librespeed.paths("empty"):
@@ -419,10 +413,10 @@ def document() -> dict[str, Any]:
             "get": {"summary": "LibreSpeed ping target.", "security": PUBLIC,
                     "responses": empty_reply},
             "post": {"summary": "LibreSpeed upload sink: the body is drained.",
-                     "security": PUBLIC,
+                     "security": PUBLIC, "parameters": [TICKET],
                      "requestBody": {"content": {"application/octet-stream": {
                          "schema": {"type": "string", "format": "binary"}}}},
-                     "responses": {**empty_reply,
+                     "responses": {**empty_reply, **TICKET_RESPONSES,
                                    "413": _error("Body over measurement.max_bytes."),
                                    "503": _error("Too many transfers running.")}},
             "options": preflight}
@@ -433,7 +427,7 @@ def document() -> dict[str, Any]:
                         "processedString": {"type": "string"},
                         "rawIspInfo": {"type": "string"}}})}},
             "options": preflight}
-    paths.update(_fleet_paths(json_schema(HealthReport, schemas), bad_request))
+    paths.update(fleet_paths(json_schema(HealthReport, schemas), bad_request))
     return {
         "openapi": "3.1.0",
         "info": {"title": "bbprobe collector", "version": __version__,
@@ -458,101 +452,4 @@ def document() -> dict[str, Any]:
         # Queries, reports and pages: an analyst or admin token (unless
         # server.query_auth = false); routes that differ say so.
         "security": [{"analystToken": []}],
-    }
-
-
-def _fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """Fleet control (issue 15): instructions, suppressions, health, the fleet view."""
-    selector = {"type": "object", "additionalProperties": False, "properties": {
-        "all": {"type": "boolean"}, **{f: {"type": "string", "minLength": 1,
-                                           "maxLength": 200}
-                                       for f in ("probe", "operator", "offer", "region",
-                                                 "technology")}}}
-    refused = _error("A key, value or selector is refused; field names it.")
-    return {
-        spec.INSTRUCTION_PATH: {"get": {
-            "summary": "Probes: their own effective instruction (settings and suppression "
-                       "windows) and its version, also the ETag.",
-            "security": BEARER,
-            "parameters": [
-                {"name": "If-None-Match", "in": "header", "required": False,
-                 "schema": {"type": "string"}, "description": "The ETag held."},
-                _query("probe", "Only the token's own probe may be named.")],
-            "responses": {"200": _json({"type": "object", "required": [
-                "version", "settings", "suppressions"]}),
-                "304": {"description": "The instruction held is current."},
-                "401": _error("Missing, unknown or revoked token."),
-                "403": _error("Another probe's instruction.")}}},
-        spec.HEALTH_PATH: {"post": {
-            "summary": "Probes: their health report (agent version, instruction, campaign, "
-                       "spool, dead letters, clock); kept as the latest.",
-            "security": BEARER, "parameters": [SENT_AT],
-            "requestBody": {"required": True,
-                            "content": {"application/json": {"schema": health_ref}}},
-            "responses": {"200": _json({"type": "object"}),
-                          "400": _error("Not JSON."),
-                          "401": _error("Missing, unknown or revoked token."),
-                          "413": _error("Larger than 16 KiB."),
-                          "415": _error("Not application/json, or an unknown encoding."),
-                          "422": _error("The report breaks the schema; field names it.")}}},
-        "/api/v1/instructions": {
-            "get": {"summary": "Admins: every instruction rule, least specific first.",
-                    "security": ADMIN, "responses": {"200": _json({"type": "object"})}},
-            "post": {"summary": "Admins: set and unset keys in the rule of a selector "
-                                "(the agent's --set keys; measurement settings only).",
-                     "security": ADMIN,
-                     "requestBody": {"required": True, "content": {"application/json": {
-                         "schema": {"type": "object", "required": ["selector"],
-                                    "additionalProperties": False, "properties": {
-                                        "selector": selector,
-                                        "set": {"type": "object"},
-                                        "unset": {"type": "array",
-                                                  "items": {"type": "string"}}}}}}},
-                     "responses": {"200": _json({"type": "object"}), "400": bad_request,
-                                   "404": _error("No such probe."), "422": refused}}},
-        "/api/v1/instructions/effective": {"get": {
-            "summary": "Admins: a probe's effective instruction, each key with its rule.",
-            "security": ADMIN, "parameters": [_query("probe", "The probe.", required=True)],
-            "responses": {"200": _json({"type": "object"}), "400": bad_request,
-                          "404": _error("No such probe.")}}},
-        "/api/v1/suppressions": {
-            "get": {"summary": "Suppression windows.",
-                    "responses": {"200": _json({"type": "object"})}},
-            "post": {"summary": "Admins: pause the selected probes' daemons in [from, "
-                                "until).",
-                     "security": ADMIN,
-                     "requestBody": {"required": True, "content": {"application/json": {
-                         "schema": {"type": "object", "additionalProperties": False,
-                                    "required": ["selector", "from", "until", "reason"],
-                                    "properties": {"selector": selector,
-                                                   "from": {"type": "string"},
-                                                   "until": {"type": "string"},
-                                                   "reason": {"type": "string"}}}}}},
-                     "responses": {"201": _json({"type": "object"}), "400": bad_request,
-                                   "404": _error("No such probe."), "422": refused}}},
-        "/api/v1/suppressions/{id}/delete": {"post": {
-            "summary": "Admins: delete a suppression window.", "security": ADMIN,
-            "parameters": [{"name": "id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
-            "responses": {"200": _json({"type": "object"}),
-                          "404": _error("No such window.")}}},
-        "/api/v1/fleet": {"get": {
-            "summary": "One row per probe: last seen, silent, versions, backlog, bands, "
-                       "validity rate, problems.",
-            "parameters": [_query("format", "json (default) or csv.",
-                                  {"enum": ["json", "csv"]})],
-            "responses": {"200": {"description": "The fleet.", "content": {
-                "application/json": {"schema": {"type": "object"}},
-                "text/csv": {"schema": {"type": "string"}}}}, "400": bad_request}}},
-        "/fleet": {"get": {"summary": "The fleet page (HTML).",
-                           "responses": {"200": {"description": "HTML", "content": {
-                               "text/html": {"schema": {"type": "string"}}}}}}},
-        "/metrics": {"get": {
-            "summary": "Prometheus metrics (text format 0.0.4): ingestion, request "
-                       "latency by route, "
-                       "measurement slots, the InfluxDB outbox, the fleet and each probe's "
-                       "last session. Also open, with no token, on [metrics] listen.",
-            "responses": {"200": {"description": "The exposition.", "content": {
-                "text/plain": {"schema": {"type": "string"}}}}}}},
     }

@@ -9,8 +9,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent import stats
 from collector.compliance.evaluate import IndicatorResult, Report
-from collector.safetext import csv_cell
+from collector.compliance.facts import is_refusal
+from collector.safetext import csv_cell, terminal
 
 SHORT_NAMES = {
     "download_p95_kbps": "Download, banda massima (p95)",
@@ -92,6 +94,7 @@ def format_text(report: Report, scope: Scope) -> str:
     lines.append("")
     lines.append(f"Invalid:  {invalid_sentence(report)}")
     lines.append(f"Customer: {customer_sentence(report)}")
+    lines.append(f"Refused:  {refused_sentence(report.refused_by_server, report.refusals_known)}")
     met = sum(1 for r in report.indicators if r.passed)
     lines += [
         "",
@@ -132,6 +135,43 @@ def customer_sentence(report: Report) -> str:
     return f"{counts} in the period; kept apart, not in any indicator"
 
 
+# Servers a refusal sentence names (text, HTML); the rest are counted.
+SERVERS_NAMED = 10
+
+
+def server_label(server: str) -> str:
+    """A server key (facts.server_key) as shown: printable, and named when empty."""
+    return terminal(server) if server else "server not recorded"
+
+
+def refused_sentence(by_server: Sequence[tuple[str, int]], known: bool = True) -> str:
+    """How many transfer attempts the measurement server refused, per server (issue 24):
+    an under-sized server, not an unreliable line, so never in the failure rate."""
+    if not known:
+        return ("not recorded in this input (a samples file cannot tell a refusal from a "
+                "failure: its failed rows are all the line's)")
+    if not by_server:
+        return "no transfer attempt in scope was refused by a measurement server"
+    total = sum(n for _, n in by_server)
+    # The most refused first; a sentence names a few (the JSON and CSV name them all).
+    ranked = sorted(by_server, key=lambda pair: (-pair[1], pair[0]))
+    servers = ", ".join(f"{server_label(server)} {n}" for server, n in
+                        ranked[:SERVERS_NAMED])
+    if len(ranked) > SERVERS_NAMED:
+        servers += f" and {len(ranked) - SERVERS_NAMED} more server(s)"
+    return (f"{total} transfer attempt(s) refused by the measurement server ({servers}): "
+            "for capacity (HTTP 429/503) or its ticket; counted apart, not in the failure "
+            "rate")
+
+
+def refusals_dict(by_server: Sequence[tuple[str, int]], known: bool = True) -> dict[str, Any]:
+    """The JSON of the refusals: ``attempts`` (transfer attempts refused, in all),
+    ``attempts_by_server`` ({server origin: attempts}), ``recorded`` (False: the input
+    could not tell refusals from failures)."""
+    return {"attempts": sum(n for _, n in by_server) if known else None,
+            "attempts_by_server": dict(by_server), "recorded": known}
+
+
 def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
     return {
         "targets": {"name": report.targets_name, "source": report.targets_source,
@@ -144,6 +184,8 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
                     "included": report.invalid_included},
         "customer": {"tests": dict(report.customer_tests),
                      "included": report.customer_included},
+        # Attempts the measurement server refused (issue 24): not in the failure rate.
+        "server_refusals": refusals_dict(report.refused_by_server, report.refusals_known),
         "verdict": report.verdict,
         "indicators": [asdict(r) for r in report.indicators],
         # Observed, not judged: no target in the table (jitter, delibera 156/23/CONS).
@@ -159,19 +201,25 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
 
 REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "samples",
                   "passed", "scope_probes", "scope_since", "scope_until", "targets",
-                  "scope_family")
+                  "scope_family", "refused_attempts", "refused_by_server")
 
 
 def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
-    """One row per indicator, with the scope on every row (a CSV that stands alone)."""
+    """One row per indicator, with the scope on every row (a CSV that stands alone), and
+    the scope's attempts the measurement server refused (issue 24): in all, and per
+    server as ``origin=attempts`` separated by spaces (empty when not recorded)."""
     probes = "*" if scope.probes is None else " ".join(scope.probes)
+    known = report.refusals_known
+    refused = report.refused_attempts if known else None
+    by_server = " ".join(f"{server}={n}" for server, n in report.refused_by_server)
     return [
         {"id": r.id, "name": r.name, "unit": r.unit, "comparison": r.comparison,
          "target": r.target, "observed": r.observed, "samples": r.samples,
          "passed": "" if r.passed is None else str(r.passed).lower(),
          "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
          "targets": report.targets_name,
-         "scope_family": scope.family or ""}
+         "scope_family": scope.family or "", "refused_attempts": refused,
+         "refused_by_server": by_server}
         for r in (*report.indicators, *report.informational)
     ]
 
@@ -258,7 +306,7 @@ SUMMARY_COLUMNS = (
 # New columns go at the end: scripts that read the CSV by position keep working.
 LISTING_COLUMNS = ("result_id", "probe_id", "started_at", "ended_at", "received_at",
                    *SUMMARY_COLUMNS, "valid", "clock_synchronized", "clock_skew_s",
-                   "jitter_ms")
+                   "jitter_ms", "refused_attempts")
 # A probe clock further than this from the collector's at delivery is flagged
 # (reliability.md A9).
 SKEW_FLAG_S = 5.0
@@ -268,13 +316,25 @@ def listing_row(
     result_id: str, probe: str, started: str, ended: str, received: str, body: dict[str, Any],
     clock_skew_s: float | None = None,
 ) -> dict[str, Any]:
-    summary = body.get("summary", {})
+    summary = dict(body.get("summary", {}))
     validity = body.get("validity") or {}
     clock = body.get("clock") or {}
     ping = (body.get("ping") or {}).get("summary") or {}
+    transfers = body.get("transfers") or []
+    line = [a for a in transfers if not is_refusal(a.get("status", ""), a.get(
+        "failure_reason"), a.get("http_status"))]
+    if len(line) < len(transfers):
+        # Attempts the server refused are not the line's (issue 24): the failure ratios
+        # again without them (an agent before schema 7 counted them in its summary).
+        for direction in ("download", "upload"):
+            mine = [a for a in line if a.get("direction") == direction]
+            summary[f"{direction}_failure_ratio"] = stats.ratio(
+                sum(a.get("status") == "failed" for a in mine), len(mine))
     return {
         "result_id": result_id, "probe_id": probe, "started_at": started, "ended_at": ended,
         "received_at": received, **{c: summary.get(c) for c in SUMMARY_COLUMNS},
+        # Transfer attempts the measurement server refused (not in the failure ratios).
+        "refused_attempts": len(transfers) - len(line),
         # The ping train's own jitter (agent.stats.jitter), beside its RTT and loss.
         "jitter_ms": ping.get("jitter_ms"),
         "valid": validity.get("valid", True), "clock_synchronized": clock.get("synchronized"),
@@ -309,6 +369,8 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
             flags.append(f"CLOCK {skew:+.0f} s")
         if r.get("clock_synchronized") is False:
             flags.append("clock unsynchronized")
+        if r.get("refused_attempts"):
+            flags.append(f"{r['refused_attempts']} attempt(s) refused by the server")
         lines.append(
             f"{r['started_at']}  {r['probe_id']:<16} {r['result_id']}  "
             f"down {'—' if dl is None else f'{dl / 1e6:.2f} Mbit/s'}  "
@@ -336,6 +398,7 @@ def certificate_dict(cert: Any) -> dict[str, Any]:
     doc: dict[str, Any] = as_dict(cert)
     doc["rule"] = {"name": cert.rule.name, "sessions_per_band": cert.rule.per_band,
                    "window_h": cert.rule.window_h}
+    doc["refused_by_server"] = dict(cert.refused_by_server)
     return doc
 
 
@@ -377,6 +440,7 @@ def format_certificate(cert: Any) -> str:
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         out.append(f"{c.name:<42}  {format_value(c.observed, c.unit):>14}  {threshold:>17}  "
                    f"{c.samples:>7}  {result}")
+    out.append(f"Refused:  {refused_sentence(cert.refused_by_server)}")
     for w in cert.suppressions:
         out.append(f"Suppressed {w.starts_at} to {w.ends_at} ({w.reason}): no session "
                    f"started; bands {', '.join(f'{b:02d}h' for b in w.bands)} were left "
@@ -390,6 +454,8 @@ def format_certificate(cert: Any) -> str:
         mark = "" if s.counted else " (not counted)"
         if not s.valid:
             mark = f" (INVALID: {', '.join(s.invalid_codes) or 'no reason given'})"
+        if s.refused_attempts:
+            mark += f" ({s.refused_attempts} refused by the server)"
         out.append(f"  {s.started_at} band {s.band:02d}{mark}"
                    f"  down {show(s.download_kbps, 'kbit/s')}  up {show(s.upload_kbps, 'kbit/s')}"
                    f"  RTT ms {rtts}")

@@ -14,6 +14,8 @@ import socket
 from agent import live, spec
 from agent.probes import wire
 from agent.probes.transfer import (
+    Access,
+    Ran,
     StreamState,
     file_shares,
     run_attempt,
@@ -28,10 +30,13 @@ SERVER_MARGIN_S = 2.0
 
 async def run(base_url: str, method: TransferMethod, test_index: int,
               observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
-              on_connect: wire.OnConnect | None = None) -> list[TransferAttempt]:
+              on_connect: wire.OnConnect | None = None, *,
+              access: Access | None = None) -> list[TransferAttempt]:
     """One download test (with retries); ``observe`` gets the live view's events.
     Connections use address family ``af`` only, each reported to ``on_connect``
-    (agent/probes/wire.py). Liveness: attempts x (timeout_s + 1 s pause)."""
+    (agent/probes/wire.py). ``access``: the session's ticket (sent with every request)
+    and its allowance for refusals (transfer.run_test). Liveness: attempts x (timeout_s
+    + 1 s pause), plus what refusals add within ``access``'s allowance."""
     shares = file_shares(method)
 
     async def stream(index: int, state: StreamState, t0: float, t_stop: float | None) -> None:
@@ -51,10 +56,11 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
             state.record(loop.time() - t0, interval)
 
         await wire.download(base_url, spec.DOWNLOAD_PATH + query, on_head, on_body, t_stop,
-                            af, on_connect)
+                            af, on_connect, headers=access.headers() if access else None)
         state.record(loop.time() - t0, interval, force=True)
 
-    async def attempt(test: int, number: int) -> TransferAttempt:
-        return await run_attempt("download", method, test, number, stream, observe=observe)
+    async def attempt(test: int, number: int) -> Ran:
+        return await run_attempt("download", method, test, number, stream, observe=observe,
+                                 stream_cap=access.stream_cap() if access else None)
 
-    return await run_test(attempt, method, test_index)
+    return await run_test(attempt, method, test_index, access=access)

@@ -16,6 +16,8 @@ import socket
 from agent import live, spec
 from agent.probes import wire
 from agent.probes.transfer import (
+    Access,
+    Ran,
     SampleList,
     StreamFailure,
     StreamState,
@@ -47,13 +49,16 @@ def on_server_timeline(
 
 async def run(base_url: str, method: TransferMethod, test_index: int,
               observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
-              on_connect: wire.OnConnect | None = None) -> list[TransferAttempt]:
+              on_connect: wire.OnConnect | None = None, *,
+              access: Access | None = None) -> list[TransferAttempt]:
     """One upload test (with retries); ``observe`` gets the live view's events.
     Connections use address family ``af`` only, each reported to ``on_connect``
-    (agent/probes/wire.py). Liveness: attempts x (timeout_s + 1 s pause)."""
+    (agent/probes/wire.py). ``access``: the session's ticket (sent with every request)
+    and its allowance for refusals (transfer.run_test). Liveness: attempts x (timeout_s
+    + 1 s pause), plus what refusals add within ``access``'s allowance."""
     shares = file_shares(method)
 
-    async def attempt(test: int, number: int) -> TransferAttempt:
+    async def attempt(test: int, number: int) -> Ran:
         reports: dict[int, UploadReport] = {}
 
         async def stream(index: int, state: StreamState, t0: float,
@@ -73,7 +78,8 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
 
             state.record(loop.time() - t0, interval, force=True)
             head, body = await wire.upload(base_url, spec.UPLOAD_PATH + query, size, on_sent,
-                                           t_stop, loop.time, af, on_connect)
+                                           t_stop, loop.time, af, on_connect,
+                                           headers=access.headers() if access else None)
             state.http_status = head.status
             state.record(loop.time() - t0, interval, force=True)
             try:
@@ -86,6 +92,7 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
         def finalize(states: list[StreamState]) -> tuple[list[SampleList], int, str]:
             return on_server_timeline(states, reports)
 
-        return await run_attempt("upload", method, test, number, stream, finalize, observe)
+        return await run_attempt("upload", method, test, number, stream, finalize, observe,
+                                 access.stream_cap() if access else None)
 
-    return await run_test(attempt, method, test_index)
+    return await run_test(attempt, method, test_index, access=access)

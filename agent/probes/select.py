@@ -5,8 +5,19 @@ the lowest median of a few ICMP echo round trips to each candidate's host (the m
 one delayed reply must not decide). Candidates with no reply rank after all that
 answered; ties keep the order the instruction lists them in, so an operator's list is
 also its preference. Then the first candidate, in rank order, that accepts a TCP
-connection is used; each one passed over is a recorded failover, so a dead server costs
-a connect timeout, not the session.
+connection and is not busy is used; each one passed over is a recorded failover, so a
+dead server costs a connect timeout, not the session.
+
+Busy, not broken (issue 24): a candidate that accepts the connection is asked whether it
+would admit a transfer from this probe now (``GET /measure/v1/echo?capacity=1``, with the
+session's ticket when the ticket names the server; the server answers as a transfer
+would be answered). A 429 or 503 makes it busy: passed over with a failover whose error
+starts with "busy:", and listed in the result's busy_servers. A 403 refusing the ticket
+is asked again without it. When every candidate that accepts connections is busy, the
+best-ranked busy one is used (its transfers wait and retry on refusal, which a broken
+server's could not). Any other answer, or none within the connect's deadline, is not
+busy: an older server answers 200 "ok" to any echo, and a candidate is then chosen as
+before.
 """
 
 from __future__ import annotations
@@ -15,18 +26,27 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent import family
+from agent import family, spec
 from agent.errors import ProbeSetupError
-from agent.probes import icmp
+from agent.probes import icmp, wire
 from agent.schema import PingMethod, ServerCandidate, ServerFailover, ServerSelection
 from agent.stats import median
+from agent.ticket import Ticket
 
 # Pings a select_pings train apart, and how long one may wait for its reply.
 INTERVAL_S = 0.2
 REPLY_TIMEOUT_S = 1.0
+# A candidate's TCP connect and its capacity ask, together (agent/budget.py plans one
+# such deadline a candidate).
 CONNECT_TIMEOUT_S = 3.0
+CAPACITY_QUERY = "?capacity=1"
+# The statuses that make a candidate busy (transfer.REFUSAL_STATUSES; not imported, so
+# budget.py, which imports this module, does not load the transfer engine).
+BUSY_STATUSES = frozenset({429, 503})
+BUSY = "busy: "
 
 
 def rank(candidates: Sequence[ServerCandidate]) -> list[int]:
@@ -78,12 +98,62 @@ async def _connect(url: str, af: int = socket.AF_UNSPEC) -> str | None:
     return None
 
 
-async def choose(candidates: Sequence[str], pings: int,
-                 af: int = socket.AF_UNSPEC) -> ServerSelection:
+async def _ask(url: str, af: int, headers: dict[str, str]) -> wire.WireError | None:
+    """GET the capacity echo: None when admitted (200), else the server's error."""
+    def ignore(_: int) -> None:
+        pass
+
+    try:
+        await wire.download(url, spec.ECHO_PATH + CAPACITY_QUERY, ignore, ignore, None, af,
+                            headers=headers)
+    except wire.WireError as exc:
+        return exc
+    return None
+
+
+async def capacity(url: str, af: int = socket.AF_UNSPEC, ticket: Ticket | None = None
+                   ) -> tuple[str | None, str | None]:
+    """Whether ``url`` would admit a transfer from this probe now: (why it is busy, or
+    None; the code with which it refused the ticket, or None). Presented with
+    ``ticket`` when the ticket names the server; a ticket refusal is asked again
+    without it. No deadline of its own: ``choose`` gives it the rest of the connect's."""
+    refused: str | None = None
+    held = ticket if ticket is not None and ticket.covers(url) else None
+    error = await _ask(url, af, {spec.TICKET_HEADER: held.token} if held else {})
+    if held is not None and error is not None and error.status == 403 and \
+            error.ticket_refused is not None:
+        refused = wire.ticket_code(error.ticket_refused)
+        error = await _ask(url, af, {})
+    if error is not None and error.kind == "http" and error.status in BUSY_STATUSES:
+        # Only a number of seconds is repeated: the header is the server's text.
+        after = (error.retry_after or "").strip()
+        wait = f" (Retry-After: {after} s)" if after.isdigit() and len(after) < 10 else ""
+        return f"HTTP {error.status}{wait}", refused
+    return None, refused
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    selection: ServerSelection
+    # The candidates that refused the session's ticket at the capacity ask: URL -> the
+    # server's code (the session presents it no more there).
+    ticket_refused: dict[str, str] = field(default_factory=dict)
+
+
+def busy_servers(selection: ServerSelection | None) -> tuple[str, ...]:
+    """The candidates passed over as busy (the result's busy_servers). Pure."""
+    if selection is None:
+        return ()
+    return tuple(f.url for f in selection.failovers if f.error.startswith(BUSY))
+
+
+async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSPEC, *,
+                 ticket: Ticket | None = None) -> Choice:
     """Ping every candidate's host (each host once, one train after the other), rank,
-    and take the first that accepts a connection; pings and connections in address
-    family ``af`` only (a candidate with no address of it ranks last, and is passed
-    over, both recorded).
+    and take the first that accepts a connection and is not busy (the module
+    docstring); pings and connections in address family ``af`` only (a candidate with
+    no address of it ranks last, and is passed over, both recorded). The capacity ask
+    presents ``ticket`` where it names the candidate.
 
     One after the other: a raw ICMP socket sees every echo reply to the host, and trains
     running together could credit one host's replies to another when their random
@@ -101,11 +171,29 @@ async def choose(candidates: Sequence[str], pings: int,
                                       error=error))
     failovers: list[ServerFailover] = []
     chosen: str | None = None
+    first_busy: str | None = None
+    refused: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
     for i in rank(ranked):
-        problem = await _connect(ranked[i].url, af)
-        if problem is None:
-            chosen = ranked[i].url
+        url = ranked[i].url
+        deadline = loop.time() + CONNECT_TIMEOUT_S
+        problem = await _connect(url, af)
+        if problem is not None:
+            failovers.append(ServerFailover(url=url, error=problem))
+            continue
+        busy: str | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                busy, code = await capacity(url, af, ticket)
+            if code is not None:
+                refused[url] = code
+        except TimeoutError:
+            pass  # no answer in time: not known to be busy, so usable (as before issue 24)
+        if busy is None:
+            chosen = url
             break
-        failovers.append(ServerFailover(url=ranked[i].url, error=problem))
-    return ServerSelection(method="icmp_median_rtt", candidates=tuple(ranked),
-                           chosen_url=chosen, failovers=tuple(failovers))
+        failovers.append(ServerFailover(url=url, error=BUSY + busy))
+        first_busy = first_busy or url
+    selection = ServerSelection(method="icmp_median_rtt", candidates=tuple(ranked),
+                                chosen_url=chosen or first_busy, failovers=tuple(failovers))
+    return Choice(selection, refused)

@@ -4,30 +4,59 @@ A *test* is up to ``attempts`` *attempts*; each attempt runs ``streams`` paralle
 requests. Every attempt is recorded, failed or not: failed attempts are the numerator of
 the transfer failure rate (Allegato 2: "rapporto tra le trasmissioni dei dati fallite e il
 numero totale dei tentativi di trasmissione").
+
+A *refused* attempt (issue 24) is one the measurement server turned away: 429 or 503 for
+capacity (server_refused), or 403 for the session's ticket (ticket_refused). It is the
+server's shortfall, not the line's: it does not use up one of the test's attempts, it is
+recorded with its own reason and retried, within the limits ``Access`` keeps for the
+whole session (spec.REFUSAL_*; agent/budget.py plans them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from agent import live, spec, stats
-from agent.probes.wire import WireError
-from agent.schema import Direction, FailureReason, TransferAttempt, TransferMethod
+from agent.delivery import parse_retry_after
+from agent.probes.wire import WireError, ticket_code
+from agent.schema import (
+    REFUSAL_REASONS,
+    Direction,
+    FailureReason,
+    TransferAttempt,
+    TransferMethod,
+)
+from agent.ticket import Ticket
 
 SampleList = list[tuple[float, int]]
 
+# The statuses of a server refusing a transfer for capacity: per-client limit reached
+# (429, RFC 6585 §4) and server full (503, RFC 9110 §15.6.4).
+REFUSAL_STATUSES = frozenset({429, 503})
+
 
 class StreamFailure(Exception):
-    """One stream could not complete; carries the reason recorded in the attempt."""
+    """One stream could not complete; carries the reason recorded in the attempt, and for
+    a refusal what it said: ``retry_after_s`` (server_refused) or the server's
+    ``ticket_code`` (ticket_refused)."""
 
     def __init__(
-        self, reason: FailureReason, message: str, http_status: int | None = None
+        self, reason: FailureReason, message: str, http_status: int | None = None, *,
+        retry_after_s: float | None = None, ticket_code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.reason: FailureReason = reason
         self.http_status = http_status
+        self.retry_after_s = retry_after_s
+        self.ticket_code = ticket_code
+
+    @property
+    def refused(self) -> bool:
+        return self.reason in REFUSAL_REASONS
 
 
 @dataclass(slots=True)
@@ -63,11 +92,22 @@ _WIRE_REASONS: dict[str, FailureReason] = {
 }
 
 
-def classify(exc: BaseException) -> StreamFailure:
-    """Map a transfer exception to a failure record (the one translation point)."""
+def classify(exc: BaseException, now: datetime | None = None) -> StreamFailure:
+    """Map a transfer exception to a failure record (the one translation point). A 429 or
+    503 is server_refused, with the wait its Retry-After asks for (an HTTP-date is read
+    against ``now``); a 403 carrying spec.TICKET_REFUSED_HEADER is ticket_refused, its
+    code in the error text; any other status stays http_status."""
     if isinstance(exc, StreamFailure):
         return exc
     if isinstance(exc, WireError):
+        if exc.kind == "http" and exc.status in REFUSAL_STATUSES:
+            wait = parse_retry_after(exc.retry_after, now or datetime.now(UTC))
+            return StreamFailure("server_refused", f"refused for capacity: {exc}",
+                                 exc.status, retry_after_s=wait)
+        if exc.kind == "http" and exc.status == 403 and exc.ticket_refused is not None:
+            code = ticket_code(exc.ticket_refused)
+            return StreamFailure("ticket_refused", f"ticket refused ({code}): {exc}",
+                                 exc.status, ticket_code=code)
         return StreamFailure(_WIRE_REASONS[exc.kind], str(exc), exc.status)
     if isinstance(exc, TimeoutError):
         return StreamFailure("timeout", "deadline passed")
@@ -166,23 +206,129 @@ def adaptive_stream_count(rate_bps: float) -> int:
     return spec.ADAPTIVE_MAX_STREAMS
 
 
-AttemptRunner = Callable[[int, int], Awaitable[TransferAttempt]]
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(slots=True)
+class Access:
+    """A session's terms with its measurement server (issue 24), one object shared by all
+    of the session's tests: the ticket its transfers present (None: none, or dropped
+    after the server refused it) and its one allowance for refusals.
+
+    The allowance bounds what refusals may add to the session's plan: each retry after a
+    refusal is charged the refused attempt's time and bytes plus the wait before the
+    retry, and is made only while the charges stay within ``allowance_s`` and
+    ``allowance_bytes`` (agent/budget.py refusal_allowance: what the plan leaves under
+    the session limits, at most spec.REFUSAL_WAIT_SESSION_S). A refused attempt that is
+    not retried ends its test in the time the plan gave the attempt, so the session's
+    worst case stays planned."""
+
+    ticket: Ticket | None = None
+    allowance_s: float = spec.REFUSAL_WAIT_SESSION_S
+    # No bound of its own unless the session sets one from its plan.
+    allowance_bytes: int = 2**63 - 1
+    progress: Callable[[str], None] = _quiet
+    # The server's reason, once it refused the ticket (the session goes on without it).
+    refused: str | None = None
+    spent_s: float = 0.0
+    spent_bytes: int = 0
+
+    def headers(self) -> dict[str, str]:
+        """What every transfer request carries: the ticket, while it is held."""
+        return {spec.TICKET_HEADER: self.ticket.token} if self.ticket is not None else {}
+
+    def stream_cap(self) -> int | None:
+        """The most streams the ticket allows at once (adaptive growth stops there: a
+        stream above it would be refused); None: no ticket, no cap of ours."""
+        return self.ticket.allowance.streams if self.ticket is not None else None
+
+    def retry_wait(self, refusal: StreamFailure, ran_s: float, ran_bytes: int,
+                   retries: int) -> tuple[float | None, str]:
+        """The decision (no I/O) after a refused attempt that took ``ran_s`` and moved
+        ``ran_bytes``, in a test that has made ``retries`` refusal retries: (seconds to
+        wait before the retry, or None for no retry; why not, for the progress line).
+        A retry is charged to the allowance here; a ticket refusal drops the ticket,
+        retry or not."""
+        if refusal.reason == "ticket_refused":
+            if self.ticket is None:
+                return None, "no ticket was presented"
+            self.ticket, self.refused = None, refusal.ticket_code or "unspecified"
+            wait = 0.0
+        else:
+            asked = refusal.retry_after_s
+            wait = min(spec.REFUSAL_WAIT_DEFAULT_S if asked is None else asked,
+                       spec.REFUSAL_WAIT_MAX_S)
+        if retries >= spec.REFUSAL_RETRIES:
+            return None, f"{spec.REFUSAL_RETRIES} retries after refusals made in this test"
+        if self.spent_s + ran_s + wait > self.allowance_s or \
+                self.spent_bytes + ran_bytes > self.allowance_bytes:
+            return None, (f"the session's allowance for refusals is spent "
+                          f"({self.spent_s:.3g} of {self.allowance_s:.3g} s)")
+        self.spent_s += ran_s + wait
+        self.spent_bytes += ran_bytes
+        return wait, ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """An attempt's record, and the refusal that made it a refused attempt (None: not
+    refused)."""
+
+    attempt: TransferAttempt
+    refusal: StreamFailure | None = None
+
+
+AttemptRunner = Callable[[int, int], Awaitable[Ran]]
+Sleep = Callable[[float], Awaitable[None]]
 
 
 async def run_test(
     runner: AttemptRunner, method: TransferMethod, test_index: int,
-    retry_pause_s: float = spec.RETRY_PAUSE_S,
+    retry_pause_s: float = spec.RETRY_PAUSE_S, *, access: Access | None = None,
+    sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
 ) -> list[TransferAttempt]:
-    """Run attempts until one succeeds or ``method.attempts`` have failed; keep them all."""
+    """Run attempts until one succeeds or ``method.attempts`` have failed; keep them all.
+
+    A refused attempt is kept too (numbered on) but uses up no attempt: it is retried
+    after the wait ``access.retry_wait`` gives (the server's Retry-After, capped; at
+    once, without the ticket, after a ticket refusal), or, when that allows no retry,
+    it stays as the test's last record. Without ``access``, a fresh one (no ticket, the
+    whole allowance for this test alone)."""
+    access = access if access is not None else Access()
     attempts: list[TransferAttempt] = []
-    for number in range(1, method.attempts + 1):
-        result = await runner(test_index, number)
-        attempts.append(result)
-        if result.status == "ok":
-            break
-        if number < method.attempts:
-            await asyncio.sleep(retry_pause_s)
-    return attempts
+    failed = retries = 0
+    while True:
+        started = clock()
+        ran = await runner(test_index, len(attempts) + 1)
+        attempts.append(ran.attempt)
+        if ran.refusal is None:
+            if ran.attempt.status == "ok":
+                return attempts
+            failed += 1
+            if failed >= method.attempts:
+                return attempts
+            await sleep(retry_pause_s)
+            continue
+        refusal = ran.refusal
+        held = access.ticket is not None
+        wait, why = access.retry_wait(refusal, clock() - started, ran.attempt.bytes_total,
+                                      retries)
+        if refusal.reason == "ticket_refused" and held:
+            access.progress(f"  ticket refused ({access.refused}): measuring without it")
+        what = "ticket refused" if refusal.reason == "ticket_refused" else \
+            f"server refused for capacity (HTTP {refusal.http_status})"
+        if wait is None:
+            access.progress(f"  attempt {ran.attempt.attempt}: {what}: not retried ({why})")
+            return attempts
+        retries += 1
+        if wait > 0:
+            access.progress(f"  attempt {ran.attempt.attempt}: {what}: retry in {wait:g} s")
+            await sleep(wait)
+
+
+class _Refused(Exception):
+    """Raised by a refused stream to end its attempt's task group (run_attempt)."""
 
 
 StreamFn = Callable[[int, StreamState, float, float | None], Awaitable[None]]
@@ -201,15 +347,19 @@ async def run_attempt(
     stream: StreamFn,
     finalize: Finalize = client_side,
     observe: live.Observer = live.ignore,
-) -> TransferAttempt:
+    stream_cap: int | None = None,
+) -> Ran:
     """Run ``method.streams`` copies of ``stream`` under the attempt's deadline.
 
     ``stream(index, state, t0, t_stop)`` moves bytes and records (t - t0, bytes)
     samples in ``state``; ``t_stop`` is the loop time at which a duration-mode stream stops
     (None in file mode). Stream errors are caught per stream and recorded; only bugs
-    propagate. ``observe`` gets the live view's events (agent/live.py): the phase, then
-    the streams' byte count every ``live.UPDATE_INTERVAL_S``. Liveness: returns within
-    ``method.timeout_s`` plus connection teardown.
+    propagate. A stream the server refuses (429, 503, or 403 for the ticket) ends the
+    attempt at once: the attempt is refused whatever its other streams did, so they
+    stop rather than hold the server's slots. Adaptive growth stops at ``stream_cap``
+    (the ticket's allowance). ``observe`` gets the live view's events (agent/live.py):
+    the phase, then the streams' byte count every ``live.UPDATE_INTERVAL_S``. Liveness:
+    returns within ``method.timeout_s`` plus connection teardown.
     """
     from agent.schema import utc_now
 
@@ -230,6 +380,8 @@ async def run_attempt(
             state.failure = classify(exc)
             if state.failure.http_status is not None:
                 state.http_status = state.failure.http_status
+            if state.failure.refused:
+                raise _Refused from None  # ends the attempt: its other streams stop
 
     async def grow(group: asyncio.TaskGroup) -> None:
         """Halfway through the warm-up, raise the stream count from the rate so far; the
@@ -237,7 +389,10 @@ async def run_attempt(
         await asyncio.sleep(method.warmup_s / 2)
         elapsed = loop.time() - t0
         rate = sum(s.total for s in states) * 8 / elapsed if elapsed > 0 else 0.0
-        for _ in range(len(states), adaptive_stream_count(rate)):
+        wanted = adaptive_stream_count(rate)
+        if stream_cap is not None:
+            wanted = min(wanted, max(stream_cap, len(states)))
+        for _ in range(len(states), wanted):
             states.append(StreamState())
             group.create_task(guarded(len(states) - 1))
 
@@ -256,11 +411,14 @@ async def run_attempt(
         # No view, no feed: without an observer the attempt runs as it always has.
         feeding = outer.create_task(feed()) if observe is not live.ignore else None
         try:
-            async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
-                for index in range(len(states)):
-                    group.create_task(guarded(index))
-                if adaptive and method.mode == "duration":
-                    group.create_task(grow(group))
+            try:
+                async with asyncio.timeout(method.timeout_s), asyncio.TaskGroup() as group:
+                    for index in range(len(states)):
+                        group.create_task(guarded(index))
+                    if adaptive and method.mode == "duration":
+                        group.create_task(grow(group))
+            except* _Refused:
+                pass  # recorded in the refused stream's state
         except TimeoutError:
             timed_out = True
         # Taken before the feed is stopped, so a live view does not lengthen the record.
@@ -269,7 +427,9 @@ async def run_attempt(
             feeding.cancel()
             observe(live.BytesMoved(loop.time(), sum(s.total for s in states)))
     samples, bytes_total, measured_at = finalize(states)
-    failure = next((s.failure for s in states if s.failure is not None), None)
+    refusal = next((s.failure for s in states if s.failure is not None and
+                    s.failure.refused), None)
+    failure = refusal or next((s.failure for s in states if s.failure is not None), None)
     if timed_out and failure is None:
         failure = StreamFailure(
             "timeout", f"attempt did not finish within {method.timeout_s:g} s"
@@ -283,4 +443,5 @@ async def run_attempt(
         http_status=http_status,
         duration_s=duration_s,
     )
-    return conclude(direction, method, test_index, attempt, started_at, outcome, measured_at)
+    return Ran(conclude(direction, method, test_index, attempt, started_at, outcome,
+                        measured_at), refusal)

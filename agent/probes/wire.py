@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent import family, payload
+from agent import family, payload, spec
+from agent.schema import REASON_CODE_RE
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_HEAD_BYTES = 64 * 1024
@@ -40,12 +41,19 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
 class WireError(Exception):
-    """A protocol-level failure: ``kind`` is "connect", "http", "broken" or "protocol"."""
+    """A protocol-level failure: ``kind`` is "connect", "http", "broken" or "protocol".
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    An "http" error keeps what a refusal says about itself (issue 24), as the server sent
+    it: ``retry_after`` (the Retry-After header of a 429 or 503) and ``ticket_refused``
+    (spec.TICKET_REFUSED_HEADER of a 403: the reason the server refused the ticket)."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None, *,
+                 retry_after: str | None = None, ticket_refused: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
+        self.retry_after = retry_after
+        self.ticket_refused = ticket_refused
 
 
 @dataclass(slots=True)
@@ -72,6 +80,22 @@ def parse_head(raw: bytes) -> Head:
         if sep:
             head.headers[name.strip().lower()] = value.strip()
     return head
+
+
+def ticket_code(value: str) -> str:
+    """The reason a server gave for refusing a ticket (spec.TICKET_REFUSED_HEADER), as
+    recorded: its code when it is one (lower-case letters, digits, underscores:
+    malformed, expired, wrong_server...), else "unspecified" (the header is the
+    server's text: it does not go into a result unchecked)."""
+    code = value.strip().lower()
+    return code if REASON_CODE_RE.fullmatch(code) else "unspecified"
+
+
+def status_error(head: Head, message: str) -> WireError:
+    """The "http" error for a final response other than 200, with its refusal headers."""
+    return WireError("http", message, head.status,
+                     retry_after=head.headers.get("retry-after"),
+                     ticket_refused=head.headers.get(spec.TICKET_REFUSED_HEADER.lower()))
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -243,22 +267,24 @@ def _request_head(method: str, t: Target, path_qs: str, extra: dict[str, str]) -
 
 def _check_status(head: Head, t: Target, path: str) -> None:
     if head.status != 200:
-        raise WireError("http", f"HTTP {head.status} {head.reason} from "
-                                f"{t.host_header}{t.base_path}{path}", head.status)
+        raise status_error(head, f"HTTP {head.status} {head.reason} from "
+                                 f"{t.host_header}{t.base_path}{path}")
 
 
 async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
                    on_body: Callable[[int], None], stop_at: float | None,
-                   af: int = socket.AF_UNSPEC, on_connect: OnConnect | None = None) -> int:
+                   af: int = socket.AF_UNSPEC, on_connect: OnConnect | None = None, *,
+                   headers: Mapping[str, str] | None = None) -> int:
     """GET ``path_qs``; ``on_head(status)`` is called when the head is complete and
     before any body byte, ``on_body(n)`` as bytes land. Reading ends at EOF, at
     Content-Length, or at loop time ``stop_at``. Returns the body bytes received.
-    ``af`` and ``on_connect``: see ``_connect``."""
+    ``af`` and ``on_connect``: see ``_connect``; ``headers`` go with the request (the
+    session's ticket)."""
     t = target(base_url)
     conn = await _connect(t, on_head, on_body, keep_body=False, af=af, on_connect=on_connect)
     assert conn.transport is not None
     try:
-        conn.transport.write(_request_head("GET", t, path_qs, {}))
+        conn.transport.write(_request_head("GET", t, path_qs, dict(headers or {})))
         async with asyncio.timeout_at(stop_at):
             head = await conn.head_ready
             _check_status(head, t, path_qs)
@@ -281,17 +307,20 @@ async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
 async def upload(base_url: str, path_qs: str, size: int | None,
                  on_sent: Callable[[int], None], stop_at: float | None,
                  loop_time: Callable[[], float], af: int = socket.AF_UNSPEC,
-                 on_connect: OnConnect | None = None) -> tuple[Head, bytes]:
+                 on_connect: OnConnect | None = None, *,
+                 headers: Mapping[str, str] | None = None) -> tuple[Head, bytes]:
     """POST ``path_qs`` with ``size`` bytes (None: chunked, until loop time ``stop_at``).
 
     Sends ``Expect: 100-continue`` and waits for the interim response before the body,
-    so the server can count the body on its fast path. Returns the final head and body.
+    so the server can count the body on its fast path (and refuse it, 429 or 403, before
+    any is sent). Returns the final head and body. ``headers`` go with the request.
     """
     t = target(base_url)
     conn = await _connect(t, None, None, keep_body=True, af=af, on_connect=on_connect)
     transport = conn.transport
     assert transport is not None
-    extra = {"Content-Type": "application/octet-stream", "Expect": "100-continue"}
+    extra = {**(headers or {}), "Content-Type": "application/octet-stream",
+             "Expect": "100-continue"}
     if size is None:
         extra["Transfer-Encoding"] = "chunked"
     else:
@@ -303,14 +332,16 @@ async def upload(base_url: str, path_qs: str, size: int | None,
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if conn.head_ready in done:  # refused before the body (4xx with a reason)
             head = conn.head_ready.result()
-            await asyncio.wait_for(asyncio.shield(conn.closed), CONNECT_TIMEOUT_S)
-            raise WireError("http", f"HTTP {head.status}: {_reason(conn.body)}", head.status)
+            # The reason, if it comes: a refusal is one whether or not its body does.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.closed), CONNECT_TIMEOUT_S)
+            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}")
         conn.continued.result()
         await _send_body(conn, size, on_sent, stop_at, loop_time)
         head = await conn.head_ready
         await conn.closed
         if head.status != 200:
-            raise WireError("http", f"HTTP {head.status}: {_reason(conn.body)}", head.status)
+            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}")
         return head, bytes(conn.body)
     finally:
         transport.abort()

@@ -13,6 +13,9 @@ line meet its contract? Pure: results and contract in, certificate out.
   neither fill a band nor contribute a sample.
 - Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
   ``delay_basis="rtt_half"`` judges the one-way estimate instead.
+- Attempts the measurement server refused (issue 24: for capacity, HTTP 429/503, or its
+  refusal of the ticket; facts.is_refusal) are not the line's: no sample, no failure.
+  Each session lists how many it had, and the certificate counts them per server.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class SessionLine:
     rtts_ms: tuple[float | None, ...]
     valid: bool = True
     invalid_codes: tuple[str, ...] = ()
+    # Attempts the measurement server refused in this session (not in the speeds).
+    refused_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,9 @@ class Certificate:
     # The IP version certified, when the line was measured over both (dual stack: each
     # family is a campaign of its own, issue 16); None: a single family or unknown.
     family: str | None = None
+    # Attempts the measurement server refused over the campaign, (server, attempts)
+    # sorted by server, of every session listed (issue 24): none of them in a check.
+    refused_by_server: tuple[tuple[str, int], ...] = ()
 
 
 def families(results: Sequence[SessionFacts]) -> list[str]:
@@ -142,21 +150,26 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
     sent = lost = jitter_pairs = 0
     jitter_ns = 0
     scale = 0.5 if delay_basis == "rtt_half" else 1.0
+    refused: dict[str, int] = {}
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
     for r in ordered:
         band = parse_utc(r.started_at).astimezone(zone).hour
+        if r.refused_attempts:
+            server = r.refused_server or ""
+            refused[server] = refused.get(server, 0) + r.refused_attempts
         if not r.valid:
             # Not evidence about the line: listed, never counted, its band still to fill.
             listed.append(SessionLine(r.result_id, r.started_at, band, False,
                                       r.speeds("download"), r.speeds("upload"), r.rtts_ms,
-                                      False, r.invalid_codes))
+                                      False, r.invalid_codes, r.refused_attempts))
             continue
         counted = r.completed
         if counted:
             counts[band] += 1
         rtts = r.rtts_ms
         listed.append(SessionLine(r.result_id, r.started_at, band, counted,
-                                  r.speeds("download"), r.speeds("upload"), rtts))
+                                  r.speeds("download"), r.speeds("upload"), rtts,
+                                  refused_attempts=r.refused_attempts))
         down += [v for v in r.speeds("download") if v is not None]
         up += [v for v in r.speeds("upload") if v is not None]
         for rtt in rtts:
@@ -225,4 +238,5 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         suppressions=tuple(Suppressed(a, b, why, covered_bands(a, b, timezone))
                            for a, b, why in suppressed),
         family=family,
+        refused_by_server=tuple(sorted(refused.items())),
     )

@@ -3,7 +3,10 @@
 Definitions (README "How each indicator is computed"):
 - speeds: every successful transfer attempt is one per-test speed sample (kbit/s);
   "banda massima" is their 95th percentile and "banda minima" their 5th;
-- transfer failure rate: failed attempts / all attempts, per direction;
+- transfer failure rate: failed attempts / all attempts, per direction; attempts the
+  measurement server refused (for capacity, HTTP 429/503, or its refusal of the
+  session's ticket: facts.is_refusal) are neither, and are counted apart, per server
+  (issue 24);
 - one-way delay: from every ICMP echo reply in scope, RTT / 2 by default (``delay_basis``);
   mean, and sample standard deviation (n - 1);
 - packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``);
@@ -59,6 +62,16 @@ class Observations:
     # the probes' (a browser's HTTP round trip is not an ICMP echo).
     customer_tests: dict[str, int] = field(default_factory=dict)
     customer_included: bool = False
+    # Transfer attempts the measurement server refused, per server (facts.server_key),
+    # in every session in scope, valid or not (issue 24): never in the attempts and
+    # failures above. ``refusals_known`` is False when the input cannot say which
+    # failures were refusals (a samples file: samples_csv.py).
+    refused_by_server: dict[str, int] = field(default_factory=dict)
+    refusals_known: bool = True
+
+    def add_refused(self, server: str, attempts: int) -> None:
+        if attempts:
+            self.refused_by_server[server] = self.refused_by_server.get(server, 0) + attempts
 
     def add_customer(self, kind: str, direction: str, kbps: float | None) -> None:
         self.customer_tests[kind] = self.customer_tests.get(kind, 0) + 1
@@ -66,6 +79,7 @@ class Observations:
             (self.download_kbps if direction == "download" else self.upload_kbps).append(kbps)
 
     def add(self, facts: SessionFacts) -> None:
+        self.add_refused(facts.refused_server or "", facts.refused_attempts)
         if not facts.valid:
             self.invalid_sessions += 1
             for code in facts.invalid_codes:
@@ -129,6 +143,15 @@ class Report:
     # Indicators observed without a target in the table (jitter, issue 16): shown, never
     # judged, never in the verdict.
     informational: tuple[IndicatorResult, ...] = ()
+    # Attempts the measurement server refused, (server, attempts) sorted by server
+    # (issue 24): counted apart, never in the failure rate; False: the input could not
+    # tell (Observations.refusals_known).
+    refused_by_server: tuple[tuple[str, int], ...] = ()
+    refusals_known: bool = True
+
+    @property
+    def refused_attempts(self) -> int:
+        return sum(n for _, n in self.refused_by_server)
 
 
 JITTER_ID = "jitter_mean_ms"
@@ -210,12 +233,16 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         customer_tests=tuple(sorted(obs.customer_tests.items())),
         customer_included=obs.customer_included,
         informational=informational,
+        refused_by_server=tuple(sorted(obs.refused_by_server.items())),
+        refusals_known=obs.refusals_known,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"
             else "nearest rank (Hyndman-Fan type 1)",
             "speed_sample": "one per successful transfer attempt",
-            "failure_ratio": "failed attempts / all attempts",
+            "failure_ratio": "failed attempts / all attempts; attempts the measurement "
+                             "server refused for capacity (HTTP 429/503) or whose ticket "
+                             "it refused are counted apart and not in the failure rate",
             "delay": "one-way = RTT / 2 (ICMP echo, symmetric path)"
             if opts.delay_basis == "rtt_half"
             else "round-trip time of ICMP echo",

@@ -15,7 +15,14 @@ stays the master copy; the facts are rebuilt from it by a store migration.
 - "completed": a successful download, a successful upload and a ping train that sent
   packets (what counts towards a campaign band, certify.py);
 - validity: the agent's valid/invalid flag and the reason codes (schema v3); invalid
-  sessions are left out of compliance and certification by default, and counted apart.
+  sessions are left out of compliance and certification by default, and counted apart;
+- refusals (issue 24): attempts the measurement server refused (``is_refusal``) are not
+  transfer facts. Allegato 2's failure rate is "il rapporto tra le trasmissioni dei dati
+  fallite e il numero totale dei tentativi di trasmissione" of the line; a server that
+  turns a transfer away for its own capacity (many probes behind one carrier-grade NAT
+  address share its per-address cap) or refuses the session's ticket says nothing of
+  the line. They are counted per session with the server that refused them, and shown
+  apart, per server, so an operator sees an under-sized server, not an unreliable line.
 """
 
 from __future__ import annotations
@@ -24,8 +31,18 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.schema import SessionResult
+from agent.schema import REFUSAL_REASONS, SessionResult
 from agent.stats import Moments
+from agent.ticket import origin
+
+# HTTP statuses with which a measurement server turns a transfer away for capacity: 429
+# Too Many Requests (RFC 6585 §4: its per-client cap) and 503 Service Unavailable (RFC
+# 9110 §15.6.4: full). Agents before schema 7 recorded such an attempt as
+# failure_reason "http_status" with the status; it is a refusal all the same.
+REFUSAL_STATUSES = frozenset({429, 503})
+# A server key longer than this (a URL that is no http(s) URL: nothing to take the
+# origin of) is cut: it is a label in reports, and one row of a day's rollup.
+SERVER_KEY_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +75,11 @@ class SessionFacts:
     # Whether the agent ran it as half of a dual-stack slot ("both"): such a line is a
     # campaign per family (certify.py).
     dual_stack: bool = False
+    # Attempts the measurement server refused (issue 24, ``is_refusal``): not in
+    # ``transfers``, never the line's failures; and the server (``server_key``) that
+    # refused them, None when it refused none.
+    refused_attempts: int = 0
+    refused_server: str | None = None
 
     @property
     def completed(self) -> bool:
@@ -81,6 +103,30 @@ def jitter_terms(rtts: Sequence[float | None]) -> tuple[int, int]:
     return sum(round(abs(b - a) * 1e6) for a, b in itertools.pairwise(answered)), pairs
 
 
+def is_refusal(status: str, failure_reason: str | None, http_status: int | None) -> bool:
+    """Whether a transfer attempt is one the measurement server refused (issue 24): a
+    failed attempt whose reason is one of the schema's REFUSAL_REASONS (server_refused:
+    HTTP 429 or 503; ticket_refused), or, as agents before schema 7 recorded it,
+    failure_reason "http_status" with HTTP status 429 or 503 (REFUSAL_STATUSES). Any
+    other failure is the line's. Plain values, so a stored body's dicts are classed by
+    the same rule as the schema's dataclasses (report.listing_row)."""
+    return status == "failed" and (
+        failure_reason in REFUSAL_REASONS
+        or (failure_reason == "http_status" and http_status in REFUSAL_STATUSES))
+
+
+def server_key(url: str | None) -> str:
+    """The measurement server as reports count refusals by: its origin
+    (``scheme://host:port``, as tickets name servers, agent.ticket.origin); a URL that
+    has none, as it was (cut to SERVER_KEY_CHARS); "" when the session names none."""
+    if not url:
+        return ""
+    try:
+        return origin(url)
+    except ValueError:
+        return url[:SERVER_KEY_CHARS]
+
+
 def of_result(result: SessionResult, started_at: str) -> SessionFacts:
     """The facts of one validated result (``started_at`` as the store normalised it)."""
     transfers = tuple(
@@ -90,7 +136,9 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
             else None,
         )
         for a in result.transfers
+        if not is_refusal(a.status, a.failure_reason, a.http_status)
     )
+    refused = len(result.transfers) - len(transfers)
     rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in result.ping.samples) \
         if result.ping is not None else ()
     answered = [r for r in rtts if r is not None]
@@ -105,4 +153,6 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
         jitter_sum_ns=jitter_sum, jitter_pairs=pairs,
         address_family=result.address_family,
         dual_stack=result.address_family_requested == "both",
+        refused_attempts=refused,
+        refused_server=server_key(result.server.url) if refused else None,
     )

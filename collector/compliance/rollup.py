@@ -6,7 +6,9 @@ A day rollup holds the valid sessions of one probe's UTC day: counts, the RTT mo
 merged exactly (Chan et al., ``agent.stats.Moments``), and every per-test speed as
 packed float64 (percentiles need the values: Allegato 2 gives the 5th and 95th
 percentile of the per-test speeds, so nothing coarser may stand in for them). Invalid
-sessions are counted by reason only.
+sessions are counted by reason only. Attempts the measurement server refused (issue 24,
+facts.is_refusal) are counted per server, for every session, valid or not: they are a
+fact about the server, not about the line or the probe's surroundings.
 
 Sums over many rows use ``math.fsum`` (correctly rounded): the result does not depend
 on the order a database returns the rows in.
@@ -50,6 +52,9 @@ class DayRollup:
     # Jitter terms of the valid sessions (facts.jitter_terms), summed.
     jitter_sum_ns: int = 0
     jitter_pairs: int = 0
+    # Attempts the measurement server refused, of every session: JSON {server: count},
+    # keys sorted (issue 24).
+    refused_servers: str = "{}"
 
 
 # What evaluation reads of one session (a row of ``session_facts``), as the database
@@ -82,8 +87,21 @@ def day_of(started_at: str) -> str:
     return started_at[:10]
 
 
+def add_refused(counts: str, server: str | None, attempts: int) -> str:
+    """``counts`` (JSON {server: attempts}) with ``attempts`` more refused by ``server``."""
+    if not attempts:
+        return counts
+    merged = json.loads(counts)
+    key = server or ""
+    merged[key] = merged.get(key, 0) + attempts
+    return json.dumps(merged, sort_keys=True)
+
+
 def add_session(day: DayRollup, facts: SessionFacts) -> DayRollup:
     """The day with one more session merged in (sessions are merged in arrival order)."""
+    if facts.refused_attempts:
+        day = replace(day, refused_servers=add_refused(
+            day.refused_servers, facts.refused_server, facts.refused_attempts))
     if not facts.valid:
         codes = json.loads(day.invalid_codes)
         for code in facts.invalid_codes:
@@ -156,6 +174,9 @@ def observe_days(obs: Observations, days: Iterable[DayRollup]) -> None:
     obs.download_kbps += unpack_speeds(b"".join(d.download_kbps for d in rows))
     obs.upload_kbps += unpack_speeds(b"".join(d.upload_kbps for d in rows))
     for d in rows:
+        if d.refused_servers != "{}":
+            for server, count in json.loads(d.refused_servers).items():
+                obs.add_refused(server, count)
         if d.invalid_sessions:
             obs.invalid_sessions += d.invalid_sessions
             for code, count in json.loads(d.invalid_codes).items():

@@ -11,6 +11,11 @@ Columns (any order, all required, no others):
 Rows with the same probe_id and timestamp count as one session (a session export stamps
 its ping, download and upload rows with the session start).
 
+A failed transfer row is the line's failure (Allegato 2's failure rate). The file has no
+column for why an attempt failed, so it cannot carry attempts the measurement server
+refused (issue 24): bbprobe's export (report.sample_rows) leaves them out, as the
+collector's report does, and the report of a file says refusals are not recorded in it.
+
 Every bad row is reported as ``FILE:LINE: column: problem``; nothing is skipped. A file
 with any bad row yields no observations, so no verdict rests on data that was dropped.
 """
@@ -83,7 +88,7 @@ def _row_problem(row: dict[str, str]) -> tuple[str | None, tuple[str, datetime, 
 
 def parse(text: str, source: str = "<samples>") -> Parsed:
     """Parse the whole CSV; ``errors`` lists every problem with its line number."""
-    parsed = Parsed(observations=Observations())
+    parsed = Parsed(observations=Observations(refusals_known=False))
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in COLUMNS if c not in header]

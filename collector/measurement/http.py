@@ -11,23 +11,29 @@
   ``BodyCounter`` straight from the socket into one reused buffer; aiohttp's stream reader
   copies every chunk and caps a core at about 10 Gbit/s, about a third of what the
   kernel moves over a veth pair. Other clients get the plain aiohttp path.
-- ``GET /measure/v1/echo`` answers at once with a tiny body, for HTTP round-trip times.
+- ``GET /measure/v1/echo`` answers at once with a tiny body, for HTTP round-trip times;
+  ``?capacity=1``: 200 only if a transfer from this client (its ticket, if it presents
+  one, else its address) would be admitted now, else the refusal it would get (429, 503,
+  403), without taking a slot (the agent tells a busy server from a broken one).
 
-Every transfer is bounded by ``measurement.max_bytes`` and ``max_duration_s``, and at
-most ``max_concurrent`` run at once (503 + Retry-After beyond), so an open measurement
-port cannot be turned into an unbounded load.
+Every transfer is bounded by ``measurement.max_bytes`` and ``max_duration_s`` (less under a
+ticket with less left: slots.py), and at most ``max_concurrent`` run at once (503 +
+Retry-After beyond), so an open measurement port cannot be turned into an unbounded load.
+A ticket's bytes are counted as they move (per sendfile call, per received buffer), so
+its transfers together stop near its allowance.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
 from agent import payload, spec
 from agent.schema import UploadReport, to_dict
 from collector.errors import ApiError
-from collector.measurement.slots import CONFIG, SLOTS
+from collector.measurement.slots import CONFIG, SLOTS, Transfer, presented
 from collector.web.routing import Routes
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
@@ -54,13 +60,20 @@ async def download(request: web.Request) -> web.StreamResponse:
     duration = _number(request, "duration_s", float, 0.001, cfg.max_duration_s)
     if nbytes is None and duration is None:
         raise ApiError(400, "give bytes=N or duration_s=S (or both)")
-    async with request.app[SLOTS].slot(request.remote):
+    claims = presented(request)
+    async with request.app[SLOTS].slot(request.remote, claims) as transfer:
+        if nbytes is not None and nbytes > transfer.bytes:
+            # Only under a ticket (bytes= is within max_bytes): it has less left.
+            raise transfer.over(f"{int(nbytes)} bytes asked; the ticket has "
+                                f"{transfer.bytes} left")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (duration if duration is not None else cfg.max_duration_s)
+        seconds = min(duration if duration is not None else cfg.max_duration_s,
+                      transfer.seconds)
+        deadline = loop.time() + seconds
         response = web.StreamResponse(
             headers={**NO_STORE, "Content-Type": "application/octet-stream"}
         )
-        response.content_length = int(nbytes) if nbytes is not None else cfg.max_bytes
+        response.content_length = int(nbytes) if nbytes is not None else transfer.bytes
         response.force_close()  # one transfer per connection; an early end closes it
         await response.prepare(request)
         transport = request.transport
@@ -73,7 +86,11 @@ async def download(request: web.Request) -> web.StreamResponse:
             # sendfile: the kernel sends from the page cache (as aiohttp's FileResponse).
             async with asyncio.timeout_at(deadline):
                 while remaining > 0:
-                    count = min(size, remaining)
+                    # The ticket's other transfers may have used its bytes meanwhile:
+                    # then the body ends short (the connection closes, force_close).
+                    count = transfer.take(min(size, remaining))
+                    if not count:
+                        break
                     await loop.sendfile(transport, source, 0, count)
                     remaining -= count
         except TimeoutError:
@@ -94,6 +111,10 @@ class BodyError(Exception):
     """The upload body was malformed or cut short."""
 
 
+class AllowanceUsed(BodyError):
+    """The upload's ticket has no bytes left."""
+
+
 class BodyCounter(asyncio.BufferedProtocol):
     """Counts one HTTP request body (Content-Length or chunked, RFC 9112 §7.1) as it
     arrives, keeping (t, bytes) samples. Installed on the transport in place of aiohttp's
@@ -101,8 +122,10 @@ class BodyCounter(asyncio.BufferedProtocol):
     aiohttp's protocol, which is put back afterwards."""
 
     def __init__(self, inner: asyncio.BaseProtocol, content_length: int | None,
-                 chunked: bool, t0: float, interval: float, max_bytes: int) -> None:
+                 chunked: bool, t0: float, interval: float, max_bytes: int,
+                 meter: Callable[[int], bool] = lambda n: True) -> None:
         self.inner = inner
+        self.meter = meter  # told each buffer's body bytes; False: stop (ticket used up)
         self.loop = asyncio.get_running_loop()
         self.t0 = t0
         self.interval = interval
@@ -127,10 +150,14 @@ class BodyCounter(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.done.done():
             return
+        before = self.total
         try:
             self._consume(nbytes)
         except BodyError as exc:
             self.done.set_exception(exc)
+            return
+        if not self.meter(self.total - before) and not self.done.done():
+            self.done.set_exception(AllowanceUsed())
             return
         now = self.loop.time() - self.t0
         if now - self.last >= self.interval:
@@ -232,17 +259,24 @@ async def upload(request: web.Request) -> web.Response:
     expect = request.headers.get("Expect", "")
     if expect and expect.lower() != "100-continue":
         raise ApiError(417, f"unsupported Expect: {expect!r}")
-    limit_s = duration if duration is not None else cfg.max_duration_s
-    async with request.app[SLOTS].slot(request.remote):
+    claims = presented(request)
+    async with request.app[SLOTS].slot(request.remote, claims) as transfer:
+        announced = max(request.content_length or 0, int(expected or 0))
+        if announced > transfer.bytes:
+            # Only under a ticket (both are within max_bytes): it has less left.
+            raise transfer.over(f"{announced} bytes announced; the ticket has "
+                                f"{transfer.bytes} left")
+        limit_s = min(duration if duration is not None else cfg.max_duration_s,
+                      transfer.seconds)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         fast = bool(expect) and request.transport is not None
         try:
             async with asyncio.timeout(limit_s):
                 if fast:
-                    samples, total = await _count_fast(request, t0, interval, cfg.max_bytes)
+                    samples, total = await _count_fast(request, t0, interval, transfer)
                 else:
-                    samples, total = await _count_stream(request, t0, interval, cfg.max_bytes)
+                    samples, total = await _count_stream(request, t0, interval, transfer)
         except TimeoutError:
             raise ApiError(
                 413, f"upload still running after {limit_s:g} s (duration_s limit)"
@@ -259,7 +293,7 @@ async def upload(request: web.Request) -> web.Response:
 
 
 async def _count_fast(request: web.Request, t0: float, interval: float,
-                      max_bytes: int) -> tuple[list[tuple[float, int]], int]:
+                      transfer: Transfer) -> tuple[list[tuple[float, int]], int]:
     """Swap in ``BodyCounter``, then invite the body with 100 Continue (nothing of the body
     can have reached aiohttp's parser: a client that sent Expect waits for it)."""
     transport = request.transport
@@ -267,15 +301,21 @@ async def _count_fast(request: web.Request, t0: float, interval: float,
     inner = transport.get_protocol()
     chunked = request.headers.get("Transfer-Encoding", "").lower() == "chunked"
     counter = BodyCounter(inner, None if chunked else (request.content_length or 0), chunked,
-                          t0, interval, max_bytes)
+                          t0, interval, transfer.bytes, transfer.record)
     transport.set_protocol(counter)
+    drain = False
     try:
         transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await counter.done
+    except AllowanceUsed:
+        # The counter stays, discarding what is left of the body (aiohttp's parser must
+        # not read it as a request) until the refusal is sent and the connection closed.
+        drain = True
+        raise transfer.over() from None
     except BodyError as exc:
         raise ApiError(413 if "limit" in str(exc) else 400, str(exc)) from None
     finally:
-        if not transport.is_closing():
+        if not transport.is_closing() and not drain:
             transport.set_protocol(inner)
         # The body is consumed: tell aiohttp, or it lingers waiting to drain it.
         request.content.feed_eof()
@@ -283,14 +323,17 @@ async def _count_fast(request: web.Request, t0: float, interval: float,
 
 
 async def _count_stream(request: web.Request, t0: float, interval: float,
-                        max_bytes: int) -> tuple[list[tuple[float, int]], int]:
+                        transfer: Transfer) -> tuple[list[tuple[float, int]], int]:
     """Plain aiohttp path for clients that do not send Expect: 100-continue."""
     loop = asyncio.get_running_loop()
     samples: list[tuple[float, int]] = [(0.0, 0)]
     total = 0
     last = 0.0
+    max_bytes = transfer.bytes
     while chunk := await request.content.readany():
         total += len(chunk)
+        if not transfer.record(len(chunk)):
+            raise transfer.over()
         now = loop.time() - t0
         if now - last >= interval:
             samples.append((now, total))
@@ -304,6 +347,14 @@ async def _count_stream(request: web.Request, t0: float, interval: float,
 
 
 async def echo(request: web.Request) -> web.Response:
+    capacity = request.query.get("capacity")
+    if capacity is not None:
+        if capacity not in ("0", "1"):
+            raise ApiError(400, f"capacity: expected 1 (or 0), got {capacity[:20]!r}",
+                           field="capacity")
+        if capacity == "1":
+            # The refusal a transfer would get now (a refused ticket's too), no slot taken.
+            request.app[SLOTS].check(request.remote, presented(request))
     return web.Response(text="ok", headers={"Cache-Control": "no-store"})
 
 

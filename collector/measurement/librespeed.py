@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent import payload
 from collector.errors import ApiError
-from collector.measurement.slots import CONFIG, SLOTS
+from collector.measurement.slots import CONFIG, SLOTS, presented
 from collector.web.routing import Routes
 
 CHUNK = 1024 * 1024
@@ -89,7 +89,10 @@ async def garbage(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG]
     # Within the measurement role's per-request byte cap, as every download here is.
     count = min(chunks_wanted(request.query.get("ckSize")), max(1, cfg.max_bytes // CHUNK))
-    async with request.app[SLOTS].slot(request.remote):
+    claims = presented(request)
+    async with request.app[SLOTS].slot(request.remote, claims) as transfer:
+        # A ticket with less left gets fewer chunks (one at least: it has some left).
+        count = min(count, max(1, transfer.bytes // CHUNK))
         response = web.StreamResponse(headers={
             **NO_CACHE, **CORS, "Content-Type": "application/octet-stream",
             "Content-Description": "File Transfer",
@@ -101,8 +104,12 @@ async def garbage(request: web.Request) -> web.StreamResponse:
         try:
             # A client that stops reading holds its slot no longer than any transfer may
             # last (issue 12: idle sockets held every slot for minutes).
-            async with asyncio.timeout(cfg.max_duration_s):
+            async with asyncio.timeout(transfer.seconds):
                 for _ in range(count):
+                    if transfer.take(CHUNK) < CHUNK:
+                        # The ticket's other transfers used its bytes: cut short.
+                        _drop(request)
+                        return response
                     await response.write(block)  # a client aborting ends it with a reset
                 await response.write_eof()
         except TimeoutError:
@@ -115,20 +122,23 @@ async def garbage(request: web.Request) -> web.StreamResponse:
 async def empty(request: web.Request) -> web.Response:
     if request.method == "POST" and request.can_read_body:
         cfg = request.app[CONFIG]
-        async with request.app[SLOTS].slot(request.remote):
+        claims = presented(request)
+        async with request.app[SLOTS].slot(request.remote, claims) as transfer:
             received = 0
             try:
                 # Bounded in time as in bytes: a client announcing a large body and then
                 # trickling it must not keep the slot.
-                async with asyncio.timeout(cfg.max_duration_s):
+                async with asyncio.timeout(transfer.seconds):
                     async for block in request.content.iter_chunked(256 * 1024):
                         received += len(block)
                         if received > cfg.max_bytes:
                             raise web.HTTPRequestEntityTooLarge(max_size=cfg.max_bytes,
                                                                 actual_size=received)
+                        if not transfer.record(len(block)):
+                            raise transfer.over()
             except TimeoutError:
                 _drop(request)
-                raise ApiError(408, f"upload not finished within {cfg.max_duration_s:g} s") \
+                raise ApiError(408, f"upload not finished within {transfer.seconds:g} s") \
                     from None
             except ConnectionError as exc:
                 _went_away(request, "upload", exc)

@@ -42,7 +42,7 @@ from aiohttp import WSMsgType, web
 from agent import payload
 from collector.errors import ApiError
 from collector.measurement import tcpinfo
-from collector.measurement.slots import CONFIG, SLOTS
+from collector.measurement.slots import CONFIG, SLOTS, presented
 from collector.web.routing import Routes
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
@@ -141,6 +141,9 @@ class Subtest:
     end_reason: str = "running"
     error: str | None = None
     end: datetime | None = None
+    # Told each payload message's bytes; False: the ticket's bytes are used, the subtest
+    # ends (end reason "ticket_allowance"). Not archived.
+    meter: Callable[[int], bool] = field(default=lambda n: True, repr=False)
 
     def elapsed_us(self) -> int:
         return int((time.monotonic() - self.t0) * 1e6)
@@ -261,6 +264,9 @@ async def _send(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
                     tcpinfo.read(sock).get("BytesAcked", 0) >= EARLY_EXIT_BYTES:
                 sub.end_reason = "early_exit"
                 return
+            if not sub.meter(size):
+                sub.end_reason = "ticket_allowance"
+                return
             sub.app_bytes += size  # the frame is written before the first await
             await ws.send_bytes(_message(size))
             size = next_size(size, sub.app_bytes)
@@ -278,6 +284,9 @@ async def _receive(ws: web.WebSocketResponse, sub: Subtest) -> None:  # cancella
                 sub.error = "binary message from the client during a download"
                 return
             sub.app_bytes += len(msg.data)
+            if not sub.meter(len(msg.data)):
+                sub.end_reason = "ticket_allowance"
+                return
         elif msg.type == WSMsgType.TEXT:
             if sub.test == "upload":
                 sub.app_bytes += len(msg.data)
@@ -351,8 +360,11 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             metadata, early = parse_query(request.query_string)
         except ValueError as exc:
             raise ApiError(400, f"ndt7 query: {exc}") from None
-        runtime = request.app[CONFIG].ndt7_runtime_s
-        async with request.app[SLOTS].slot(request.remote):
+        claims = presented(request)
+        async with request.app[SLOTS].slot(request.remote, claims) as transfer:
+            # Under a ticket with less time left, a shorter subtest (its Close may come
+            # up to MAX_RUNTIME_S - runtime later: the ledger counts the time it took).
+            runtime = min(request.app[CONFIG].ndt7_runtime_s, transfer.seconds)
             # timeout: how long our Close waits for the client's; the client's comes after
             # all it had queued (ndt7-js keeps up to 56 MiB queued in uploads), so it gets
             # the rest of the hard limit. Past that, the connection is dropped, which
@@ -373,7 +385,9 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             sub = Subtest(test=test, client=_addr((request.remote, peer[1]) if peer and
                                                   request.remote else peer),
                           server=_addr(transport.get_extra_info("sockname")),
-                          metadata=metadata, early_exit=early and test == "download")
+                          metadata=metadata, early_exit=early and test == "download",
+                          meter=(lambda n: transfer.take(n) == n) if test == "download"
+                          else transfer.record)
             if sock is not None:
                 tcpinfo.try_bbr(sock)
                 sub.congestion_control = tcpinfo.congestion_control(sock)

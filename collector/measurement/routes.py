@@ -11,7 +11,14 @@ from agent import payload
 from collector.config import MeasurementConfig
 from collector.measurement import http, librespeed, ndt7
 from collector.measurement.page import page
-from collector.measurement.slots import CONFIG, SLOTS, TransferSlots
+from collector.measurement.slots import (
+    CONFIG,
+    GATE,
+    SLOTS,
+    Gate,
+    TransferSlots,
+    reserved_slots,
+)
 from collector.metrics import Metrics
 from collector.web.routing import Routes
 
@@ -29,11 +36,16 @@ def add_page(routes: Routes, *, record: bool = True) -> None:
 
 def add_routes(routes: Routes, cfg: MeasurementConfig,
                store_subtest: Callable[[ndt7.Subtest], Awaitable[None]],
-               metrics: Metrics | None = None) -> None:
-    """Every measurement endpoint, sharing one set of transfer slots."""
+               metrics: Metrics | None = None, gate: Gate | None = None) -> None:
+    """Every measurement endpoint, sharing one set of transfer slots; ``gate``: the
+    tickets this server accepts (None: none, every transfer is anonymous)."""
     routes.app[CONFIG] = cfg
     routes.app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client,
-                                      metrics)
+                                      metrics, reserved=reserved_slots(cfg, gate is not None),
+                                      max_bytes=cfg.max_bytes,
+                                      max_duration_s=cfg.max_duration_s)
+    if gate is not None:
+        routes.app[GATE] = gate
     payload.file()  # generate the random payload now, not during the first test
     http.add_routes(routes)
     librespeed.add_routes(routes)

@@ -35,6 +35,7 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 
 from collector.errors import StoreError, Unacceptable
+from collector.storage import refusals
 from collector.storage.sql import Dialect, SqlStore, Tx
 
 T = TypeVar("T")
@@ -55,10 +56,16 @@ ATTEMPTS = 6
 # pg_advisory_xact_lock key for migrations: "bbpr".
 MIGRATION_LOCK = 0x62627072
 
+
+def _reclassify_refusals(tx: Tx) -> None:
+    refusals.reclassify(tx, DIALECT)
+
+
 # The schema of SQLite's version 10 (storage/sqlite.py), as PostgreSQL types. Each entry
-# upgrades version i to i + 1; never edit a shipped one. "TEXT" is every text column and
-# becomes TEXT COLLATE "C" (see above).
-MIGRATIONS: tuple[str, ...] = (
+# upgrades version i to i + 1: SQL statements, or a function that rewrites data; never
+# edit a shipped one. "TEXT" is every text column and becomes TEXT COLLATE "C" (see
+# above).
+MIGRATIONS: tuple[str | Callable[[Tx], None], ...] = (
     """
     CREATE TABLE probes (
         name TEXT PRIMARY KEY,
@@ -303,6 +310,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX result_deletions_probe ON result_deletions (probe_name)
     """,
+    # 8 (SQLite's 18): attempts the measurement server refused (issue 24), counted apart
+    # from the line's failures, per session with the server that refused them, and per
+    # day as JSON {server: attempts}.
+    """
+    ALTER TABLE session_facts ADD COLUMN refused_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE session_facts ADD COLUMN refused_server TEXT;
+    ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}'
+    """,
+    # 9 (SQLite's 19): the refusals stored before as failed attempts, out of the failure
+    # rate (storage/refusals.py): only sessions with a failed transfer fact are decoded.
+    _reclassify_refusals,
 )
 
 
@@ -420,9 +438,13 @@ class PostgresStore(SqlStore):
                     f"database {self.describe} has schema version {current}, newer than "
                     f"this collector ({len(MIGRATIONS)}); upgrade bbprobe")
             for version in range(current, len(MIGRATIONS)):
-                for statement in _ddl(MIGRATIONS[version]).split(";"):
-                    if statement.strip():
-                        conn.execute(statement.encode())
+                step = MIGRATIONS[version]
+                if callable(step):
+                    step(Tx(conn, DIALECT))
+                else:
+                    for statement in _ddl(step).split(";"):
+                        if statement.strip():
+                            conn.execute(statement.encode())
                 conn.execute("UPDATE bbprobe_schema SET version = %s", (version + 1,))
 
     @contextmanager

@@ -59,7 +59,8 @@ PROBE_COLUMNS = ("name", "created_at", "revoked_at", *LINE_COLUMNS)
 DAY_COLUMNS = ("probe_name", "day", "sessions", "pings_sent", "pings_lost", "rtt_n",
                "rtt_mean_ms", "rtt_m2", "download_attempts", "download_failed",
                "upload_attempts", "upload_failed", "download_kbps", "upload_kbps",
-               "invalid_sessions", "invalid_codes", "jitter_sum_ns", "jitter_pairs")
+               "invalid_sessions", "invalid_codes", "jitter_sum_ns", "jitter_pairs",
+               "refused_servers")
 
 
 class Cursor(Protocol):
@@ -486,22 +487,8 @@ class SqlStore:
             for table in ("transfer_facts", "session_facts", "influx_outbox",
                           "influx_dead_letters", "results"):
                 tx.run(f"DELETE FROM {table} WHERE result_id = ?", (result_id,))
-            # The day's rollup again from the sessions left (a merged sum cannot give one
-            # session back exactly: the speeds are a sorted list, the moments Welford's),
-            # in their stored order. The row is emptied, not deleted, so a concurrent
-            # add_to_day that already found it finds it still (PostgreSQL).
-            day = rollup.day_of(started)
-            tx.run("UPDATE day_facts SET sessions = 0, pings_sent = 0, pings_lost = 0, "
-                   "rtt_n = 0, rtt_mean_ms = 0, rtt_m2 = 0, download_attempts = 0, "
-                   "download_failed = 0, upload_attempts = 0, upload_failed = 0, "
-                   "download_kbps = ?, upload_kbps = ?, invalid_sessions = 0, "
-                   "invalid_codes = '{}', jitter_sum_ns = 0, jitter_pairs = 0 "
-                   "WHERE probe_name = ? AND day = ?", (b"", b"", probe, day))
-            if unreadable.canonical_time(started):
-                after = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
-                for facts in self._facts(tx, [probe], day + rollup.DAY_START,
-                                         after + rollup.DAY_START):
-                    add_to_day(tx, probe, facts, self.dialect.for_update)
+            rebuild_day(tx, probe, rollup.day_of(started), self.dialect.for_update,
+                        refill=unreadable.canonical_time(started))
             return {"result_id": result_id, "probe_id": probe, "started_at": started,
                     "session_seq": seq, "body_sha256": digest, "deleted_at": deleted_at,
                     "deleted_by": deleted_by, "reason": reason}
@@ -605,6 +592,12 @@ class SqlStore:
         if total is not None:
             obs.jitter_sum_ns += int(total[0])
             obs.jitter_pairs += int(total[1])
+        # Attempts the measurement server refused, per server, of every session valid or
+        # not (as the day rollup counts them: rollup.add_session); integers again.
+        for server, refused in tx.rows(
+                "SELECT refused_server, SUM(refused_attempts) FROM session_facts "
+                f"WHERE {where} AND refused_attempts > 0 GROUP BY refused_server", params):
+            obs.add_refused(server or "", int(refused))
 
     def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
               day_hi: str | None) -> list[DayRollup]:
@@ -631,28 +624,7 @@ class SqlStore:
         where, params = self._scope(probes, since, until, family=family)
         t_where, t_params = self._scope(probes, since, until, family=family,
                                         table="transfer_facts")
-        transfer_rows = tx.rows(
-            f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {t_where} "
-            "ORDER BY result_id, seq", t_params)
-        session_rows = tx.rows(
-            "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, rtt_n, "
-            "rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, jitter_sum_ns, "
-            f"jitter_pairs, address_family, dual_stack FROM session_facts WHERE {where} "
-            "ORDER BY started_at, result_id", params)
-        transfers: dict[str, list[TransferFact]] = {}
-        for result_id, direction, ok, kbps in transfer_rows:
-            transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
-        return [
-            SessionFacts(result_id=rid, probe_id=probe, started_at=started,
-                         pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
-                         rtts_ms=tuple(json.loads(rtts)),
-                         transfers=tuple(transfers.get(rid, ())), valid=bool(valid),
-                         invalid_codes=tuple(codes.split()), jitter_sum_ns=int(jsum),
-                         jitter_pairs=int(jpairs), address_family=fam,
-                         dual_stack=bool(dual))
-            for (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs, fam, dual) in session_rows if _readable(rid, started)
-        ]
+        return _facts_where(tx, where, params, t_where, t_params)
 
     def hourly(self, probes: Sequence[str] | None = None, since: str | None = None,
                until: str | None = None, include_invalid: bool = False,
@@ -1026,28 +998,19 @@ class SqlStore:
         with self._reading() as tx:
             for name in probes:
                 row = next((r for r in tx.rows(
-                    "SELECT probe_name, started_at, result_id, pings_sent, pings_lost, "
-                    "rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
-                    "jitter_sum_ns, jitter_pairs, address_family, dual_stack FROM session_facts "
+                    f"SELECT {', '.join(SESSION_FACT_COLUMNS)} FROM session_facts "
                     "WHERE probe_name = ? "
                     "ORDER BY started_at DESC, result_id DESC LIMIT ?", (name, _LOOK_PAST))
                     if _readable(r[2], r[1])), None)
                 if row is None:
                     continue
-                (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum,
-                 jpairs, fam, dual) = row
+                probe, started, rid = row[:3]
                 transfers = tuple(
                     TransferFact(direction, bool(ok), kbps) for direction, ok, kbps in tx.rows(
                         "SELECT direction, ok, kbps FROM transfer_facts WHERE probe_name = ? "
                         "AND started_at = ? AND result_id = ? ORDER BY seq",
                         (probe, started, rid)))
-                out.append(SessionFacts(
-                    result_id=rid, probe_id=probe, started_at=started, pings_sent=sent,
-                    pings_lost=lost, rtt=Moments(n, mean, m2),
-                    rtts_ms=tuple(json.loads(rtts)), transfers=transfers,
-                    valid=bool(valid), invalid_codes=tuple(codes.split()),
-                    jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs),
-                    address_family=fam, dual_stack=bool(dual)))
+                out.append(_session_facts(row, transfers))
         return out
 
     # --- alerts (issue 16) -----------------------------------------------------------------
@@ -1213,7 +1176,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                       ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
                        "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid",
                        "invalid_codes", "jitter_sum_ns", "jitter_pairs", "address_family",
-                       "dual_stack")),
+                       "dual_stack", "refused_attempts", "refused_server")),
     "transfer_facts": (("probe_name", "started_at", "result_id", "seq"),
                        ("probe_name", "started_at", "result_id", "seq", "direction", "ok",
                         "kbps", "valid")),
@@ -1276,12 +1239,17 @@ def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
     tx.run(
         "INSERT INTO session_facts (probe_name, started_at, result_id, pings_sent, "
         "pings_lost, rtt_n, rtt_mean_ms, rtt_m2, rtts_ms, valid, invalid_codes, "
-        "jitter_sum_ns, jitter_pairs, address_family, dual_stack) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "jitter_sum_ns, jitter_pairs, address_family, dual_stack, refused_attempts, "
+        "refused_server) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (probe, facts.started_at, facts.result_id, facts.pings_sent, facts.pings_lost,
          rtt.n, rtt.mean, rtt.m2, json.dumps(facts.rtts_ms, separators=(",", ":")),
          int(facts.valid), " ".join(facts.invalid_codes), facts.jitter_sum_ns,
-         facts.jitter_pairs, facts.address_family, int(facts.dual_stack)))
+         facts.jitter_pairs, facts.address_family, int(facts.dual_stack),
+         facts.refused_attempts, facts.refused_server))
+    insert_transfer_facts(tx, facts, probe)
+
+
+def insert_transfer_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
     tx.many(
         "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
         "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1289,25 +1257,98 @@ def insert_session_facts(tx: Tx, facts: SessionFacts, probe: str) -> None:
           int(facts.valid)) for seq, t in enumerate(facts.transfers)])
 
 
+# What a SessionFacts is read from (``_session_facts``), in this order.
+SESSION_FACT_COLUMNS = ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
+                        "rtt_n", "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid",
+                        "invalid_codes", "jitter_sum_ns", "jitter_pairs", "address_family",
+                        "dual_stack", "refused_attempts", "refused_server")
+
+
+def _session_facts(row: Sequence[Any], transfers: Sequence[TransferFact]) -> SessionFacts:
+    (probe, started, rid, sent, lost, n, mean, m2, rtts, valid, codes, jsum, jpairs, fam,
+     dual, refused, server) = row
+    return SessionFacts(result_id=rid, probe_id=probe, started_at=started,
+                        pings_sent=sent, pings_lost=lost, rtt=Moments(n, mean, m2),
+                        rtts_ms=tuple(json.loads(rtts)), transfers=tuple(transfers),
+                        valid=bool(valid), invalid_codes=tuple(codes.split()),
+                        jitter_sum_ns=int(jsum), jitter_pairs=int(jpairs),
+                        address_family=fam, dual_stack=bool(dual),
+                        refused_attempts=int(refused), refused_server=server)
+
+
+def _facts_where(tx: Tx, where: str, params: Sequence[Any], t_where: str,
+                 t_params: Sequence[Any]) -> list[SessionFacts]:
+    """The facts of the sessions ``where`` selects (their transfers: ``t_where``), by
+    start time; a row no reader can interpret is left out (unreadable.py)."""
+    transfer_rows = tx.rows(
+        f"SELECT result_id, direction, ok, kbps FROM transfer_facts WHERE {t_where} "
+        "ORDER BY result_id, seq", t_params)
+    session_rows = tx.rows(
+        f"SELECT {', '.join(SESSION_FACT_COLUMNS)} FROM session_facts WHERE {where} "
+        "ORDER BY started_at, result_id", params)
+    transfers: dict[str, list[TransferFact]] = {}
+    for result_id, direction, ok, kbps in transfer_rows:
+        transfers.setdefault(result_id, []).append(TransferFact(direction, bool(ok), kbps))
+    return [_session_facts(row, transfers.get(row[2], ())) for row in session_rows
+            if _readable(row[2], row[1])]
+
+
+def rebuild_day(tx: Tx, probe: str, day: str, for_update: str, refill: bool = True) -> None:
+    """One probe's day rollup again from its sessions' facts, merged in their stored
+    order (a merged sum cannot give one session back exactly: the speeds are a sorted
+    list, the moments Welford's): after a result is deleted, or its facts re-derived.
+    The row is emptied first, not deleted: that locks it (PostgreSQL), and a concurrent
+    add_to_day that already found it finds it still. ``refill`` False: emptied only (a
+    day an older release spelt otherwise, which no reader interprets)."""
+    tx.run("UPDATE day_facts SET sessions = 0, pings_sent = 0, pings_lost = 0, "
+           "rtt_n = 0, rtt_mean_ms = 0, rtt_m2 = 0, download_attempts = 0, "
+           "download_failed = 0, upload_attempts = 0, upload_failed = 0, "
+           "download_kbps = ?, upload_kbps = ?, invalid_sessions = 0, "
+           "invalid_codes = '{}', jitter_sum_ns = 0, jitter_pairs = 0, "
+           "refused_servers = '{}' WHERE probe_name = ? AND day = ?", (b"", b"", probe, day))
+    if not refill:
+        return
+    lo = day + rollup.DAY_START
+    hi = (date.fromisoformat(day) + timedelta(days=1)).isoformat() + rollup.DAY_START
+    where = "probe_name = ? AND started_at >= ? AND started_at < ?"
+    merged = DayRollup(probe, day)
+    # In memory, as add_to_day would one at a time (its reads give back what it wrote:
+    # integers, IEEE doubles and bytes), without a round trip per session.
+    for facts in _facts_where(tx, where, (probe, lo, hi), where, (probe, lo, hi)):
+        merged = rollup.add_session(merged, facts)
+    _put_day(tx, merged)
+
+
 def add_to_day(tx: Tx, probe: str, facts: SessionFacts, for_update: str = "") -> None:
     """Merge one session into its probe's UTC-day rollup (same transaction as the
     facts): read the row under a lock, merge in Python (compliance/rollup.py), write it
     back."""
     day = rollup.day_of(facts.started_at)
-    # An empty row first, so there is a row to lock even for a day's first session.
-    tx.run(f"INSERT INTO day_facts ({', '.join(DAY_COLUMNS)}) "
-           "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?, ?, 0, '{}', 0, 0) "
-           "ON CONFLICT (probe_name, day) DO NOTHING", (probe, day, b"", b""))
+    _empty_day(tx, probe, day)
     row = tx.one(f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts "
                  f"WHERE probe_name = ? AND day = ? {for_update}", (probe, day))
     assert row is not None
-    merged = rollup.add_session(_day(row), facts)
+    _put_day(tx, rollup.add_session(_day(row), facts), exists=True)
+
+
+def _empty_day(tx: Tx, probe: str, day: str) -> None:
+    """An empty row if there is none, so there is a row to lock even for a day's first
+    session."""
+    tx.run(f"INSERT INTO day_facts ({', '.join(DAY_COLUMNS)}) "
+           "VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?, ?, 0, '{}', 0, 0, '{}') "
+           "ON CONFLICT (probe_name, day) DO NOTHING", (probe, day, b"", b""))
+
+
+def _put_day(tx: Tx, merged: DayRollup, exists: bool = False) -> None:
+    if not exists:
+        _empty_day(tx, merged.probe_name, merged.day)
     tx.run("UPDATE day_facts SET sessions = ?, pings_sent = ?, pings_lost = ?, "
            "rtt_n = ?, rtt_mean_ms = ?, rtt_m2 = ?, download_attempts = ?, "
            "download_failed = ?, upload_attempts = ?, upload_failed = ?, "
            "download_kbps = ?, upload_kbps = ?, invalid_sessions = ?, invalid_codes = ?, "
-           "jitter_sum_ns = ?, jitter_pairs = ? "
-           "WHERE probe_name = ? AND day = ?", (*_day_values(merged)[2:], probe, day))
+           "jitter_sum_ns = ?, jitter_pairs = ?, refused_servers = ? "
+           "WHERE probe_name = ? AND day = ?",
+           (*_day_values(merged)[2:], merged.probe_name, merged.day))
 
 
 def _period(column: str, since: str | None, until: str | None) -> tuple[str, list[str]]:
@@ -1339,18 +1380,18 @@ def _probe(row: Sequence[Any]) -> Probe:
 
 def _day(row: Sequence[Any]) -> DayRollup:
     (probe, day, sessions, sent, lost, n, mean, m2, d_att, d_fail, u_att, u_fail, d_blob,
-     u_blob, invalid, codes, jsum, jpairs) = row
+     u_blob, invalid, codes, jsum, jpairs, refused) = row
     return DayRollup(probe, day, int(sessions), int(sent), int(lost),
                      Moments(int(n), float(mean), float(m2)), int(d_att), int(d_fail),
                      int(u_att), int(u_fail), bytes(d_blob), bytes(u_blob), int(invalid),
-                     codes, int(jsum), int(jpairs))
+                     codes, int(jsum), int(jpairs), refused)
 
 
 def _day_values(d: DayRollup) -> tuple[Any, ...]:
     return (d.probe_name, d.day, d.sessions, d.pings_sent, d.pings_lost, d.rtt.n,
             d.rtt.mean, d.rtt.m2, d.download_attempts, d.download_failed, d.upload_attempts,
             d.upload_failed, d.download_kbps, d.upload_kbps, d.invalid_sessions,
-            d.invalid_codes, d.jitter_sum_ns, d.jitter_pairs)
+            d.invalid_codes, d.jitter_sum_ns, d.jitter_pairs, d.refused_servers)
 
 
 class Dumps(Protocol):

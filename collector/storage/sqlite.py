@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.errors import StoreError
+from collector.storage import refusals
 from collector.storage.sql import DAY_COLUMNS, SqlStore, Tx, _day, _day_values
 from collector.storage.sql import Dialect as _Dialect
 
@@ -47,14 +48,24 @@ _V2_DAY = DAY_COLUMNS[:16]
 
 def _backfill_facts(db: sqlite3.Connection) -> None:
     """Derive the facts of every stored result from its body (the master copy), against
-    the schema of version 2 (frozen here: today's insert knows columns not there yet)."""
+    the schema of version 2 (frozen here: today's insert knows columns not there yet).
+    Every attempt is a transfer fact, as then: migration 19 takes the ones the server
+    refused out (issue 24), with the columns it counts them in."""
+    from dataclasses import replace
+
     from agent.schema import parse_result
     from collector.compliance import rollup
-    from collector.compliance.facts import of_result
+    from collector.compliance.facts import TransferFact, of_result
 
     for started_at, body, probe in db.execute(
             "SELECT started_at, body, probe_name FROM results").fetchall():
-        f = of_result(parse_result(json.loads(body)), started_at)
+        result = parse_result(json.loads(body))
+        f = replace(of_result(result, started_at), refused_attempts=0, refused_server=None,
+                    transfers=tuple(TransferFact(
+                        a.direction, a.status == "ok",
+                        a.throughput_bps / 1000 if a.status == "ok"
+                        and a.throughput_bps is not None else None)
+                        for a in result.transfers))
         db.execute(f"INSERT INTO session_facts ({', '.join(_V2_SESSION)}) "
                    f"VALUES ({', '.join('?' * len(_V2_SESSION))})",
                    (probe, f.started_at, f.result_id, f.pings_sent, f.pings_lost, f.rtt.n,
@@ -68,7 +79,7 @@ def _backfill_facts(db: sqlite3.Connection) -> None:
         day = rollup.day_of(f.started_at)
         row = db.execute(f"SELECT {', '.join(_V2_DAY)} FROM day_facts WHERE probe_name = ? "
                          "AND day = ?", (probe, day)).fetchone()
-        merged = rollup.add_session(_day((*row, 0, 0)) if row else
+        merged = rollup.add_session(_day((*row, 0, 0, "{}")) if row else
                                     rollup.DayRollup(probe, day), f)
         db.execute(f"INSERT OR REPLACE INTO day_facts ({', '.join(_V2_DAY)}) "
                    f"VALUES ({', '.join('?' * len(_V2_DAY))})", _day_values(merged)[:16])
@@ -101,6 +112,10 @@ def _backfill_jitter(db: sqlite3.Connection) -> None:
         "WHERE s.probe_name = day_facts.probe_name AND s.valid = 1 "
         "AND s.started_at >= day_facts.day || 'T' "
         "AND s.started_at < day_facts.day || 'U')")
+
+
+def _reclassify_refusals(db: sqlite3.Connection) -> None:
+    refusals.reclassify(Tx(db, DIALECT), DIALECT)
 
 
 # Each entry upgrades the schema from version i to i + 1: SQL statements, or a function
@@ -380,6 +395,19 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX result_deletions_probe ON result_deletions (probe_name);
     """,
+    # 18: attempts the measurement server refused (issue 24: HTTP 429/503 for capacity,
+    # or its refusal of the session's ticket), counted apart from the line's failures:
+    # per session, with the server (its origin) that refused them; per day, JSON
+    # {server: attempts}.
+    """
+    ALTER TABLE session_facts ADD COLUMN refused_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE session_facts ADD COLUMN refused_server TEXT;
+    ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 19: the refusals stored before as failed attempts, taken out of the failure rate
+    # (storage/refusals.py): the sessions with a failed transfer fact are decoded again,
+    # and their days rebuilt.
+    _reclassify_refusals,
 )
 
 

@@ -214,8 +214,12 @@ async def health(request: web.Request) -> web.Response:
     slots = request.app.get(SLOTS)
     if slots is not None:
         doc["measurement"] = {"transfers_running": slots.running,
+                              "transfers_ticketed": slots.ticketed,
+                              "transfers_anonymous": slots.running - slots.ticketed,
                               "clients": len(slots.by_client), "limit": slots.limit,
-                              "per_client": slots.per_client}
+                              "per_client": slots.per_client,
+                              "reserved_for_tickets": slots.reserved,
+                              "tickets": len(slots.ledger.tickets)}
     sink = request.app.get(SINK)
     if sink is not None:
         doc["influxdb"] = {**asdict(sink.state),  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 database thread, reading a body within bounds, the caller's role checked against the
 route's declared one, domain errors mapped to HTTP, and the query parameters of a scope.
 
-Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx status.
+Every refusal is JSON ``{"error": message, "field": name-or-null}`` with a 4xx status
+(and ``"code"`` where a client acts on the reason: a refused measurement ticket's).
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def json_response(data: object, *, status: int = 200,
     return web.json_response(data, status=status, headers=headers, dumps=safetext.dumps)
 
 
-def error_body(status: int, message: str, field: str | None = None) -> web.Response:
-    return json_response({"error": message, "field": field}, status=status)
+def error_body(status: int, message: str, field: str | None = None,
+               code: str | None = None) -> web.Response:
+    body: dict[str, str | None] = {"error": message, "field": field}
+    if code is not None:
+        body["code"] = code
+    return json_response(body, status=status)
 
 
 def http_status(exc: DomainError) -> int:
@@ -164,7 +169,10 @@ async def errors(
     try:
         return await handler(request)
     except ApiError as exc:
-        response = error_body(exc.status, exc.message, exc.field)
+        response = error_body(exc.status, exc.message, exc.field, exc.code)
+        response.headers.update(exc.headers)
+        if exc.close:
+            response.force_close()
         if exc.challenge:
             response.headers["WWW-Authenticate"] = 'Basic realm="bbprobe", charset="UTF-8"'
         if exc.retry_after is not None:

@@ -34,6 +34,7 @@ from collector.web.base import (
 )
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
 from collector.web.routing import Routes
+from collector.web.ticket_routes import instruction_headers
 
 log = logging.getLogger("bbprobe.collector")
 MAX_HEALTH_BYTES = 16 * 1024
@@ -49,7 +50,10 @@ async def get_instruction(request: web.Request) -> web.Response:
                        "instruction", field="probe")
     doc = (await db(request, lambda s: control.effective_for(s, probe))).document
     etag = f'"{doc["version"]}"'
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    # A measurement ticket when asked for (issue 24), on the 304 too: the daemon fetches
+    # at every slot and mostly holds the current instruction.
+    headers = {"ETag": etag, "Cache-Control": "no-cache",
+               **instruction_headers(request, probe)}
     match = request.headers.get("If-None-Match", "")
     if etag in (t.strip() for t in match.split(",")):
         return web.Response(status=304, headers=headers)

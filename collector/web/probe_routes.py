@@ -76,6 +76,19 @@ async def authenticated_probe(request: web.Request) -> str:
 
 async def ingesting_probe(request: web.Request) -> str:
     """The probe behind a write request, within its rate limit, sending JSON."""
+    probe = await limited_probe(request)
+    ctype = request.content_type
+    if ctype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
+    encoding = content_encoding(request)
+    if encoding not in ingest.ENCODINGS:
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
+                       f"{', '.join(ingest.ENCODINGS)}")
+    return probe
+
+
+async def limited_probe(request: web.Request) -> str:
+    """The probe behind a request, within its rate limit (server.probe_requests_per_min)."""
     probe = await authenticated_probe(request)
     limiter = request.app.get(LIMITER)
     if limiter is not None:
@@ -86,13 +99,6 @@ async def ingesting_probe(request: web.Request) -> str:
                            f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
                            f"a minute; retry in {wait:.1f} s",
                            retry_after=limiter.retry_after(wait))
-    ctype = request.content_type
-    if ctype != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {ctype!r}")
-    encoding = content_encoding(request)
-    if encoding not in ingest.ENCODINGS:
-        raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted; send one of "
-                       f"{', '.join(ingest.ENCODINGS)}")
     return probe
 
 

@@ -278,7 +278,7 @@ def _migrate_jitter_again(storage: StorageConfig) -> None:
 
     from collector.storage.postgres import MIGRATIONS, _ddl
 
-    step = next(m for m in MIGRATIONS if "jitter_sum_ns" in m)
+    step = next(m for m in MIGRATIONS if isinstance(m, str) and "jitter_sum_ns" in m)
     with psycopg.connect(storage.url, autocommit=True) as conn, conn.transaction():
         for table in ("session_facts", "day_facts"):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN jitter_sum_ns, "

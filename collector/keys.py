@@ -1,0 +1,207 @@
+"""The collector's signing keys, Ed25519 (RFC 8032): the I/O edge that reads, or makes,
+them.
+
+A key comes from a systemd credential (``LoadCredential=NAME:PATH``, so the service's
+dynamic user reads a file that stays root's), or from a PEM file (PKCS#8), or, with
+neither, is generated at first need in the collector's state directory, the directory of
+the SQLite database (storage.path; by default $STATE_DIRECTORY under systemd, else the XDG
+data directory). Each key has a role and a file name of its own: the measurement tickets'
+(issue 24) is ``ticket-signing-key.pem``; the signed evidence of issue 27 will have
+another, never the same key for two purposes.
+
+Generation is atomic: the key is written to a temporary file opened with O_EXCL (mode
+0600 from the start) and hard-linked to its name, which fails if the name exists, so
+processes racing at first start (``serve --workers``) all end up with the one key that
+won, never a half-written file or two keys.
+
+A public key is shown as PEM (SubjectPublicKeyInfo, what ``tickets.trusted_keys`` files
+hold), as a JWK (RFC 8037 §2: kty OKP, crv Ed25519) and by its JWK thumbprint (RFC 7638),
+which tickets carry as their JWS header's ``kid``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from agent import credentials
+from collector.config import CollectorConfig, default_database
+from collector.errors import ConfigError
+
+TICKET_KEY_FILE = "ticket-signing-key.pem"
+# A PEM key is about 120 bytes: anything much larger is not one (a wrong path).
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+    kid: str  # the public key's RFC 7638 thumbprint
+    source: str  # where it was read from, for messages ("file PATH", "credential NAME")
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def public_raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    """The public key as a JWK (RFC 8037 §2)."""
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(public_raw(key))}
+
+
+def thumbprint(key: Ed25519PublicKey) -> str:
+    """RFC 7638: SHA-256 of the JWK's required members, in lexicographic order, with no
+    white space; base64url without padding."""
+    members = jwk(key)
+    canonical = json.dumps({k: members[k] for k in ("crv", "kty", "x")},
+                           separators=(",", ":"), sort_keys=True)
+    return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {str(path)!r}: "
+                          f"{exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"{what}: {str(path)!r} is larger than a PEM key")
+    return data
+
+
+def load_private(path: Path, what: str) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM (PKCS#8) file; ConfigError naming ``what``."""
+    try:
+        key = serialization.load_pem_private_key(_read(path, what), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{what}: {str(path)!r} is not an unencrypted PEM private key "
+                          f"({str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+                          ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{what}: {str(path)!r} holds another kind of key, not an "
+                          "Ed25519 one")
+    return key
+
+
+def load_public(path: Path, what: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM (SubjectPublicKeyInfo) file."""
+    try:
+        key = serialization.load_pem_public_key(_read(path, what))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{what}: {str(path)!r} is not a PEM public key "
+                          f"({str(exc).splitlines()[0] if str(exc) else 'unreadable'}); "
+                          "`bbprobe-collector tickets key --out FILE` writes one") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{what}: {str(path)!r} holds another kind of key, not an "
+                          "Ed25519 one")
+    return key
+
+
+def load_or_generate(path: Path, what: str) -> Ed25519PrivateKey:
+    """The key at ``path``, generated there first if there is none (see the module
+    docstring: atomic, mode 0600, one winner among racing processes)."""
+    if not path.exists():
+        _generate(path, what)
+    return load_private(path, what)
+
+
+def _generate(path: Path, what: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                os.write(fd, pem)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process won: its key
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name survives a crash
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create {str(path)!r}: "
+                          f"{exc.strerror or exc}") from None
+
+
+def state_dir(cfg: CollectorConfig, environ: Mapping[str, str]) -> Path:
+    """Where generated keys live: the SQLite database's directory (storage.path, filled
+    in by config.load; its default when the config was built without load)."""
+    return Path(cfg.storage.path or default_database(environ)).parent
+
+
+def signing_key(credential: str, file: str, directory: Path, filename: str,
+                environ: Mapping[str, str], key: str) -> SigningKey:
+    """A role's signing key: the credential (under systemd, or when no file is named),
+    else the file, else generated as ``directory/filename``. ``key`` is the config
+    section, for messages ("tickets")."""
+    if credential and (environ.get("CREDENTIALS_DIRECTORY") or not file):
+        try:
+            path = credentials.path(credential, environ, f"{key}.signing_key_credential")
+        except credentials.CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        private = load_private(path, f"{key}.signing_key_credential")
+        source = f"credential {credential!r}"
+    elif file:
+        private = load_private(Path(file), f"{key}.signing_key_file")
+        source = f"file {file}"
+    else:
+        path = directory / filename
+        private = load_or_generate(path, f"{key} signing key")
+        source = f"file {path} (generated)"
+    return SigningKey(private, thumbprint(private.public_key()), source)
+
+
+def ticket_signing_key(cfg: CollectorConfig, environ: Mapping[str, str] = os.environ
+                       ) -> SigningKey:
+    """The key that signs measurement tickets ([tickets])."""
+    t = cfg.tickets
+    return signing_key(t.signing_key_credential, t.signing_key_file, state_dir(cfg, environ),
+                       TICKET_KEY_FILE, environ, "tickets")
+
+
+def trusted_keys(paths: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
+    """tickets.trusted_keys, by kid."""
+    found: dict[str, Ed25519PublicKey] = {}
+    for i, name in enumerate(paths):
+        key = load_public(Path(name), f"tickets.trusted_keys[{i}]")
+        found[thumbprint(key)] = key
+    return found

@@ -1,0 +1,192 @@
+"""Pieces of the OpenAPI document (collector/openapi.py): the small builders, the shared
+parameters and security, and the fleet-control and ticket paths (issues 15, 24)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import spec
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def json_body(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def query(name: str, description: str, schema: dict[str, Any] | None = None,
+          required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description,
+            "schema": schema or {"type": "string"}}
+
+
+SCOPE_PARAMETERS = [
+    query("probe", "Probe name (repeatable)."),
+    query("operator", "Only probes of this operator."),
+    query("offer", "Only probes on this offer."),
+    query("region", "Only probes in this region."),
+    query("technology", "Only probes on this access technology."),
+    query("family", "Only sessions measured over this IP version (schema 6; sessions "
+          "of older agents have none and match neither).",
+          {"type": "string", "enum": ["ipv4", "ipv6"]}),
+    query("period", "Calendar period: YYYY, YYYY-H1 or YYYY-H2.",
+          {"type": "string", "pattern": "^[0-9]{4}(-[Hh][12])?$"}),
+    query("since", "Start, inclusive: ISO 8601 date or timestamp."),
+    query("until", "End, exclusive: ISO 8601 date or timestamp."),
+]
+BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+PUBLIC: list[dict[str, list[str]]] = []
+TICKET = {"name": spec.TICKET_HEADER, "in": "header", "required": False,
+          "description": "A measurement ticket the probe's collector signed (issue 24): "
+                         "the transfer is counted per ticket, not per client address. A "
+                         "server that accepts no tickets serves the transfer as anonymous.",
+          "schema": {"type": "string", "maxLength": 4096}}
+TICKET_RESPONSES = {
+    "403": {"description": "The ticket is refused; the code (also in the JSON body) is "
+                           "one of malformed, unknown_key, bad_signature, wrong_issuer, "
+                           "not_yet_valid, expired, wrong_server, allowance_bytes, "
+                           "allowance_duration.",
+            "headers": {spec.TICKET_REFUSED_HEADER: {"schema": {"type": "string"},
+                                                      "description": "The refusal's code."}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+    "429": {"description": "This client's share of the slots is taken (per address, or "
+                           "the ticket's streams); see Retry-After.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+}
+SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
+           "description": "The probe's wall clock when sending (UTC); the collector stores "
+                          "the skew from its own clock with each result.",
+           "schema": {"type": "string", "format": "date-time"}}
+
+
+def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
+                ) -> dict[str, Any]:
+    """Fleet control (issue 15): instructions, suppressions, health, the fleet view; and
+    measurement tickets (issue 24)."""
+    selector = {"type": "object", "additionalProperties": False, "properties": {
+        "all": {"type": "boolean"}, **{f: {"type": "string", "minLength": 1,
+                                           "maxLength": 200}
+                                       for f in ("probe", "operator", "offer", "region",
+                                                 "technology")}}}
+    refused = error("A key, value or selector is refused; field names it.")
+    ticket_header = {spec.TICKET_HEADER: {
+        "schema": {"type": "string"},
+        "description": f"A measurement ticket (a JWT), when {spec.TICKET_REQUEST_HEADER} "
+                       "asked for one and the collector issues tickets."}}
+    return {
+        spec.TICKETS_PATH: {"post": {
+            "summary": "Probes: a measurement ticket (issue 24), a JWT signed with the "
+                       "collector's Ed25519 key, for the measurement servers it names.",
+            "security": BEARER,
+            "requestBody": {"required": False, "description": "Ignored (at most 4 KiB).",
+                            "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": json_body({
+                    "type": "object", "additionalProperties": False,
+                    "required": ["ticket", "ticket_id", "expires_at", "servers"],
+                    "properties": {
+                        "ticket": {"type": "string"},
+                        "ticket_id": {"type": "string"},
+                        "expires_at": {"type": "string", "format": "date-time"},
+                        "servers": {"type": "array", "items": {"type": "string"}}}}),
+                "401": error("Missing, unknown or revoked token."),
+                "404": error("Tickets are not issued here (tickets.enabled = false)."),
+                "409": error("No measurement server to name (this collector serves none "
+                             "and tickets.servers is empty)."),
+                "413": error("Body over 4 KiB."),
+                "429": error("Over the probe's rate limit; see Retry-After."),
+                "503": error("The signing key is unusable (the log says why).")}}},
+        spec.INSTRUCTION_PATH: {"get": {
+            "summary": "Probes: their own effective instruction (settings and suppression "
+                       "windows) and its version, also the ETag.",
+            "security": BEARER,
+            "parameters": [
+                {"name": "If-None-Match", "in": "header", "required": False,
+                 "schema": {"type": "string"}, "description": "The ETag held."},
+                {"name": spec.TICKET_REQUEST_HEADER, "in": "header", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "Any value: send a measurement ticket (issue 24) in the "
+                                f"{spec.TICKET_HEADER} response header, on a 304 too."},
+                query("probe", "Only the token's own probe may be named.")],
+            "responses": {"200": {**json_body({"type": "object", "required": [
+                "version", "settings", "suppressions"]}), "headers": ticket_header},
+                "304": {"description": "The instruction held is current.",
+                        "headers": ticket_header},
+                "401": error("Missing, unknown or revoked token."),
+                "403": error("Another probe's instruction.")}}},
+        spec.HEALTH_PATH: {"post": {
+            "summary": "Probes: their health report (agent version, instruction, campaign, "
+                       "spool, dead letters, clock); kept as the latest.",
+            "security": BEARER, "parameters": [SENT_AT],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": health_ref}}},
+            "responses": {"200": json_body({"type": "object"}),
+                          "400": error("Not JSON."),
+                          "401": error("Missing, unknown or revoked token."),
+                          "413": error("Larger than 16 KiB."),
+                          "415": error("Not application/json, or an unknown encoding."),
+                          "422": error("The report breaks the schema; field names it.")}}},
+        "/api/v1/instructions": {
+            "get": {"summary": "Admins: every instruction rule, least specific first.",
+                    "security": ADMIN, "responses": {"200": json_body({"type": "object"})}},
+            "post": {"summary": "Admins: set and unset keys in the rule of a selector "
+                                "(the agent's --set keys; measurement settings only).",
+                     "security": ADMIN,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["selector"],
+                                    "additionalProperties": False, "properties": {
+                                        "selector": selector,
+                                        "set": {"type": "object"},
+                                        "unset": {"type": "array",
+                                                  "items": {"type": "string"}}}}}}},
+                     "responses": {"200": json_body({"type": "object"}), "400": bad_request,
+                                   "404": error("No such probe."), "422": refused}}},
+        "/api/v1/instructions/effective": {"get": {
+            "summary": "Admins: a probe's effective instruction, each key with its rule.",
+            "security": ADMIN, "parameters": [query("probe", "The probe.", required=True)],
+            "responses": {"200": json_body({"type": "object"}), "400": bad_request,
+                          "404": error("No such probe.")}}},
+        "/api/v1/suppressions": {
+            "get": {"summary": "Suppression windows.",
+                    "responses": {"200": json_body({"type": "object"})}},
+            "post": {"summary": "Admins: pause the selected probes' daemons in [from, "
+                                "until).",
+                     "security": ADMIN,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "additionalProperties": False,
+                                    "required": ["selector", "from", "until", "reason"],
+                                    "properties": {"selector": selector,
+                                                   "from": {"type": "string"},
+                                                   "until": {"type": "string"},
+                                                   "reason": {"type": "string"}}}}}},
+                     "responses": {"201": json_body({"type": "object"}), "400": bad_request,
+                                   "404": error("No such probe."), "422": refused}}},
+        "/api/v1/suppressions/{id}/delete": {"post": {
+            "summary": "Admins: delete a suppression window.", "security": ADMIN,
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": json_body({"type": "object"}),
+                          "404": error("No such window.")}}},
+        "/api/v1/fleet": {"get": {
+            "summary": "One row per probe: last seen, silent, versions, backlog, bands, "
+                       "validity rate, problems.",
+            "parameters": [query("format", "json (default) or csv.",
+                                 {"enum": ["json", "csv"]})],
+            "responses": {"200": {"description": "The fleet.", "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/csv": {"schema": {"type": "string"}}}}, "400": bad_request}}},
+        "/fleet": {"get": {"summary": "The fleet page (HTML).",
+                           "responses": {"200": {"description": "HTML", "content": {
+                               "text/html": {"schema": {"type": "string"}}}}}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics (text format 0.0.4): ingestion, request "
+                       "latency by route, "
+                       "measurement slots, the InfluxDB outbox, the fleet and each probe's "
+                       "last session. Also open, with no token, on [metrics] listen.",
+            "responses": {"200": {"description": "The exposition.", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}}}},
+    }

@@ -1,0 +1,152 @@
+"""Issuing measurement tickets to probes (issue 24; collector/tickets.py says what a
+ticket is), on the roles that hold the probes' registry ("all", "ingest").
+
+- ``GET /api/v1/instruction`` with ``Bbprobe-Want-Ticket``: the ticket comes back in the
+  ``Bbprobe-Ticket`` response header, on a 200 and on a 304 alike (web/fleet_routes.py),
+  so the daemon gets one with the fetch it makes at every slot anyway;
+- ``POST /api/v1/tickets``: a ticket alone, as JSON (for ``once`` and for a session whose
+  ticket expired), within the probe's rate limit. The body, if any, is ignored (at most
+  MAX_REQUEST_BYTES).
+
+A ticket names the measurement servers it may be used at (its audience): the origins of
+tickets.servers, and this collector's own when it serves the measurement endpoints (role
+"all" with measurement.enabled): tickets.audience if configured, else the origin the
+probe reached it at (the request's scheme and Host).
+
+With tickets.enabled = false the instruction carries no ticket and ``POST`` answers 404
+with the reason: the agent then measures per address, exactly as with a collector that
+predates tickets (which also answers 404), so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import spec
+from agent.schema import format_utc
+from agent.ticket import peek
+from collector import keys, tickets
+from collector.config import CollectorConfig
+from collector.errors import ApiError, ConfigError
+from collector.web.base import json_response, read_body
+from collector.web.probe_routes import limited_probe
+from collector.web.routing import Routes
+
+log = logging.getLogger("bbprobe.collector")
+MAX_REQUEST_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    token: str
+    ticket_id: str
+    expires_at: float
+    servers: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ticket": self.token, "ticket_id": self.ticket_id,
+                "expires_at": format_utc(datetime.fromtimestamp(self.expires_at, UTC)),
+                "servers": list(self.servers)}
+
+
+class Authority:
+    """The collector's side of tickets: its signing key, loaded (or generated) at first
+    need and kept, and what its tickets name."""
+
+    def __init__(self, cfg: CollectorConfig, role: str,
+                 environ: Mapping[str, str] = os.environ) -> None:
+        t = cfg.tickets
+        self.cfg = cfg
+        self.environ = environ
+        self.policy = tickets.TicketPolicy(t.expiry_s, t.streams, t.bytes, t.duration_s)
+        self.servers = tickets.audience_of(t.servers)
+        # This collector names itself only where it serves the measurement endpoints.
+        self.measures = role == "all" and cfg.measurement.enabled
+        self.own_audience = tickets.audience_of(t.audience)
+        self._key: keys.SigningKey | None = None
+
+    def key(self) -> keys.SigningKey:
+        """The signing key; ConfigError if it cannot be read or made (tried again at the
+        next need: the operator may have mended it)."""
+        if self._key is None:
+            self._key = keys.ticket_signing_key(self.cfg, self.environ)
+            log.info("tickets: signing key %s, kid %s", self._key.source, self._key.kid)
+        return self._key
+
+    def public(self) -> tuple[str, Ed25519PublicKey]:
+        key = self.key()
+        return key.kid, key.public
+
+    def audience(self, request_origin: str | None) -> tuple[str, ...]:
+        own: tuple[str, ...] = ()
+        if self.measures:
+            own = self.own_audience or ((request_origin,) if request_origin else ())
+        return tuple(dict.fromkeys((*self.servers, *own)))
+
+    def issue(self, probe: str, request_origin: str | None, now: float,
+              servers: tuple[str, ...] | None = None) -> Issued:
+        """A ticket for ``probe`` at ``servers`` (origins; default: its audience);
+        ApiError (409) when it could name no server."""
+        servers = servers or self.audience(request_origin)
+        if not servers:
+            raise ApiError(409, "no measurement server to name in a ticket: this "
+                           "collector serves no measurement endpoints and tickets.servers "
+                           "is empty")
+        key = self.key()
+        token = tickets.issue(key.private, key.kid, probe, servers, self.policy, now)
+        claims = peek(token)
+        return Issued(token, claims.ticket_id, claims.expires_at, servers)
+
+
+AUTHORITY = web.AppKey("ticket_authority", Authority)
+
+
+def request_origin(request: web.Request) -> str | None:
+    # The Host header, not request.host: without one aiohttp would look up this machine's
+    # name (a DNS query).
+    return tickets.origin_of(request.scheme, request.headers.get("Host"))
+
+
+def instruction_headers(request: web.Request, probe: str) -> dict[str, str]:
+    """Bbprobe-Ticket for an instruction fetch that asks for one (Bbprobe-Want-Ticket);
+    none when tickets are off or cannot be issued (logged: the instruction matters more
+    than the ticket, and the probe then measures per address)."""
+    authority = request.app.get(AUTHORITY)
+    if authority is None or spec.TICKET_REQUEST_HEADER not in request.headers:
+        return {}
+    try:
+        issued = authority.issue(probe, request_origin(request), time.time())
+    except (ApiError, ConfigError) as exc:
+        log.warning("tickets: none issued to %s with its instruction: %s", probe,
+                    getattr(exc, "message", None) or exc)
+        return {}
+    return {spec.TICKET_HEADER: issued.token}
+
+
+async def post_ticket(request: web.Request) -> web.Response:
+    """Probe: a ticket, as JSON."""
+    probe = await limited_probe(request)
+    await read_body(request, MAX_REQUEST_BYTES)  # bounded, and ignored
+    authority = request.app.get(AUTHORITY)
+    if authority is None:
+        raise ApiError(404, "tickets are not issued here (tickets.enabled = false): "
+                       "measure without one")
+    try:
+        issued = authority.issue(probe, request_origin(request), time.time())
+    except ConfigError as exc:
+        log.error("tickets: cannot issue: %s", exc)
+        raise ApiError(503, "tickets cannot be issued now (the collector's signing key is "
+                       "unusable; its log says why)", retry_after="60") from None
+    return json_response(issued.to_dict(), headers={"Cache-Control": "no-store"})
+
+
+def add_routes(routes: Routes) -> None:
+    routes.post(spec.TICKETS_PATH, post_ticket, role="probe")

@@ -1,0 +1,315 @@
+"""Issue 24 on the agent's side: where a session's measurement ticket comes from (the
+instruction fetch, else a POST of its own, else none), that a session presents it
+only to a server it names, and what the result says about it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from agent import config, control, session, spec, tickets
+from agent.delivery import CollectorClient
+from agent.schema import SessionResult, parse_result, to_dict
+from agent.tickets import Offer, TicketSource
+from tests.agent.measure_fakes import (
+    FakeCollector,
+    MeasurementServer,
+    refusal,
+    serving,
+    ticket,
+    token,
+)
+
+T = TypeVar("T")
+SERVER = "http://m.example:8081"
+
+
+def _with(collector: FakeCollector, body: Callable[[CollectorClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with serving(collector.app()) as url:
+            return await body(CollectorClient(url, "probe-token", 10))
+
+    return asyncio.run(main())
+
+
+def _issuer(ids: list[str]) -> Callable[[], str]:
+    """Issues tickets for SERVER, each with the next id of ``ids``."""
+    left = iter(ids)
+    return lambda: token([SERVER], jti=next(left))
+
+
+# --- reading a ticket -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (None, None),
+    ("  ", None),
+    ("not-a-jws", "the collector's ticket is not a compact JWS"),
+    ("a.b.c\r\nX-Evil: 1", "the collector's ticket is not a compact JWS"),
+    ("eyJhbGciOiJub25lIn0.eyJhdWQiOiBbXX0.", "the collector's ticket is unusable: bbprobe: "
+     "expected the allowance object"),
+])
+def test_a_ticket_that_does_not_parse_is_none_with_the_reason(value: str | None,
+                                                              problem: str | None) -> None:
+    """No ticket, garbage, a header-splitting value, claims missing the allowance: no
+    ticket, and why (nothing raised)."""
+    assert tickets.read(value) == (None, problem)
+
+
+def test_a_good_ticket_is_read_and_recorded() -> None:
+    """The claims are read unverified; the record names its id, expiry and servers, and
+    whether the session's server is one of them (origin: default ports written)."""
+    raw = token(["http://m.example"], jti="1a2b3c4d5e6f")
+    held, problem = tickets.read(raw)
+    assert problem is None and held is not None
+    assert (held.ticket_id, held.servers) == ("1a2b3c4d5e6f", ("http://m.example:80",))
+    assert tickets.short_id(held) == "1a2b3c4d…"
+    use = tickets.use_record(held, "http://M.example:80/base", None)
+    assert (use.ticket_id, use.presented, use.refused) == ("1a2b3c4d5e6f", True, None)
+    assert use.expires_at.endswith("Z")
+    assert tickets.use_record(held, "https://m.example", "expired").presented is False
+
+
+# --- the ticket source ------------------------------------------------------------------
+
+
+def _takes(collector: FakeCollector, offer: Offer | None, count: int,
+           **kwargs: Any) -> tuple[list[tickets.Taken], list[str]]:
+    warned: list[str] = []
+
+    async def body(client: CollectorClient) -> list[tickets.Taken]:
+        source = TicketSource(client, offer, warn=warned.append, **kwargs)
+        return [await source.take() for _ in range(count)]
+
+    return _with(collector, body), warned
+
+
+def _ids(taken: list[tickets.Taken]) -> list[str | None]:
+    return [t.ticket.ticket_id if t.ticket else None for t in taken]
+
+
+def test_the_prefetched_ticket_first_then_one_posted_a_session() -> None:
+    """Dual stack: the first session takes the ticket that came with the instruction
+    (no request), the second asks for its own (one POST)."""
+    collector = FakeCollector(issue=_issuer(["posted"]))
+    prefetched = ticket([SERVER], jti="prefetched")
+    taken, warned = _takes(collector, Offer(prefetched, answered=True), 2)
+    assert _ids(taken) == ["prefetched", "posted"]
+    assert collector.requests == [("POST", spec.TICKETS_PATH, None)]
+    assert warned == []
+
+
+def test_a_prefetched_ticket_about_to_expire_is_replaced() -> None:
+    """A ticket within its expiry margin is not used: one is asked for."""
+    collector = FakeCollector(issue=_issuer(["fresh"]))
+    stale = ticket([SERVER], jti="stale", expires_in_s=10)
+    taken, _ = _takes(collector, Offer(stale, answered=True), 1)
+    assert _ids(taken) == ["fresh"]
+
+
+def test_a_collector_that_answered_without_a_ticket_is_not_asked_again() -> None:
+    """The instruction came with no ticket header: this collector issues none, so no
+    POST is made for either session, and the note says so."""
+    collector = FakeCollector(issue=None)
+    taken, warned = _takes(collector, Offer(answered=True), 2)
+    assert _ids(taken) == [None, None] and collector.requests == []
+    assert taken[0].note is not None and "issues no measurement tickets" in taken[0].note
+    assert warned == []
+
+
+def test_an_older_collector_404_means_no_ticket_asked_once() -> None:
+    """The fetch got no answer (offer not answered): one POST, a 404 (a collector from
+    before tickets): no ticket, said once as a note, and not asked again."""
+    collector = FakeCollector(issue=None)
+    taken, warned = _takes(collector, Offer(), 2)
+    assert _ids(taken) == [None, None]
+    assert collector.requests == [("POST", spec.TICKETS_PATH, None)]
+    assert taken[0].note is not None and "older collector" in taken[0].note
+    assert warned == []
+
+
+def test_a_garbage_header_is_ignored_with_the_reason_and_one_is_asked_for() -> None:
+    """A ticket header that does not parse costs nothing but a warning: one is asked for
+    by POST."""
+    collector = FakeCollector(issue=_issuer(["posted"]))
+    taken, warned = _takes(collector, tickets.offer_of("garbage"), 1)
+    assert _ids(taken) == ["posted"]
+    assert warned == ["the collector's ticket is not a compact JWS: asking for another"]
+
+
+@pytest.mark.parametrize(("collector", "warning"), [
+    (FakeCollector(issue=lambda: "garbage"),
+     "the collector's ticket is not a compact JWS: measuring without a ticket"),
+    (FakeCollector(issue=_issuer(["x"]), post_status=500),
+     "no ticket: HTTP 500: no: measuring without a ticket"),
+    (FakeCollector(issue=_issuer(["x"]), post_delay_s=1.0),
+     "no ticket: the collector did not answer in 0.2 s: measuring without a ticket"),
+    (FakeCollector(issue=lambda: token([SERVER], expires_in_s=5)),
+     "too soon by this probe's clock: measuring without a ticket"),
+])
+def test_any_failure_to_get_a_ticket_is_no_ticket(collector: FakeCollector,
+                                                  warning: str) -> None:
+    """A garbage reply, an error, no answer in time, a ticket already expiring: the
+    session gets no ticket and the reason is warned, never raised."""
+    taken, warned = _takes(collector, Offer(), 1, timeout_s=0.2)
+    assert _ids(taken) == [None]
+    assert len(warned) == 1 and warned[0].endswith(warning), warned
+
+
+def test_no_collector_no_ticket() -> None:
+    """Without a collector (speed, run --no-push) the session stays anonymous."""
+    source = TicketSource(None, Offer(ticket([SERVER]), answered=True))
+    assert asyncio.run(source.take()) == tickets.Taken(None)
+
+
+# --- the instruction fetch brings the ticket --------------------------------------------
+
+
+def test_the_instruction_fetch_asks_for_a_ticket_and_keeps_it_on_200_and_304(
+        tmp_path: Path) -> None:
+    """The instruction GET carries Bbprobe-Want-Ticket: 1; the ticket comes back on the
+    200 and again on the 304 (If-None-Match), and the applied config carries it."""
+    collector = FakeCollector(issue=_issuer(["first", "second"]))
+
+    async def body(client: CollectorClient) -> list[control.Fetched]:
+        return [await control.fetch(client, str(tmp_path)) for _ in range(2)]
+
+    first, second = _with(collector, body)
+    assert [r[2] for r in collector.requests] == ["1", "1"]
+    assert first.instruction is not None and first.source == "collector"
+    assert second.source == "collector"  # the 304
+    assert [f.offer.ticket.ticket_id if f.offer.ticket else None
+            for f in (first, second)] == ["first", "second"]
+    applied = control.apply(second, lambda c: config.load(None, {"HOME": str(tmp_path)},
+                                                          central=c))
+    assert applied.offer == second.offer and applied.error is None
+
+
+def test_a_garbage_ticket_header_never_costs_the_instruction(tmp_path: Path) -> None:
+    """A ticket header that does not parse: the instruction applies as always, and the
+    reason is kept in the offer."""
+    collector = FakeCollector(header="%%%")
+
+    fetched = _with(collector, lambda client: control.fetch(client, str(tmp_path)))
+    assert fetched.instruction is not None and fetched.error is None
+    assert fetched.offer == Offer(None, "the collector's ticket is not a compact JWS", True)
+
+
+def test_an_unreachable_collector_leaves_the_ticket_to_a_post(tmp_path: Path) -> None:
+    """No answer to the fetch: the offer is not answered, so the session will POST."""
+    fetched = asyncio.run(control.fetch(CollectorClient("http://127.0.0.1:9", "t", 2),
+                                        str(tmp_path)))
+    assert fetched.offer == Offer() and fetched.error is not None
+
+
+# --- a session under a ticket -----------------------------------------------------------
+
+
+def _config(tmp_path: Path, url: str, **server: Any) -> config.AgentConfig:
+    small = {"attempts": 1, "warmup_s": 0.1, "window_s": 0.3, "streams": 2,
+             "sample_interval_s": 0.05}
+    return config.parse({
+        "state_dir": str(tmp_path), "profile": "custom",
+        "server": {"url": url, **server}, "checks": {"enabled": False},
+        "ping": {"enabled": False}, "download": small, "upload": small,
+    })
+
+
+def _session(tmp_path: Path, server: MeasurementServer,
+             held: Callable[[str], Any] | None) -> SessionResult:
+    """One session against ``server`` with a prefetched ticket made by ``held(url)``."""
+    async def main() -> SessionResult:
+        async with serving(server.app()) as url:
+            offer = Offer(held(url), answered=True) if held else Offer(answered=True)
+            source = TicketSource(CollectorClient("http://127.0.0.1:9", "t", 2), offer)
+            return await session.run(_config(tmp_path, url), "p1", tickets=source)
+
+    result = asyncio.run(main())
+    # What the collector gets parses as it was measured.
+    assert parse_result(json.loads(json.dumps(to_dict(result)))) == result
+    return result
+
+
+@pytest.mark.network
+def test_a_session_presents_its_ticket_on_every_transfer(tmp_path: Path) -> None:
+    """A ticket naming the server: every download and upload request carries it, and the
+    result says it was presented and not refused."""
+    server = MeasurementServer()
+    result = _session(tmp_path, server, lambda url: ticket([url], jti="t-1"))
+    assert [(a.direction, a.status) for a in result.transfers] == [
+        ("download", "ok"), ("upload", "ok")]
+    assert {kind for kind, _ in server.seen} == {"download", "upload"}
+    presented = {t for _, t in server.seen}
+    assert len(presented) == 1 and None not in presented
+    assert result.ticket is not None
+    assert (result.ticket.ticket_id, result.ticket.presented, result.ticket.refused) == (
+        "t-1", True, None)
+
+
+@pytest.mark.network
+def test_a_ticket_for_another_server_is_not_presented(tmp_path: Path) -> None:
+    """A ticket is a bearer credential: a server it does not name never sees it; the
+    session measures under the per-address rule and says so."""
+    server = MeasurementServer()
+    result = _session(tmp_path, server, lambda url: ticket(["http://elsewhere.example"]))
+    assert server.seen and all(t is None for _, t in server.seen)
+    assert result.ticket is not None and result.ticket.presented is False
+
+
+@pytest.mark.network
+def test_a_session_whose_ticket_is_refused_goes_on_without_it(tmp_path: Path) -> None:
+    """The server refuses the ticket (403, expired) on the first download: that attempt
+    is ticket_refused, its retry and the upload go without the ticket, and the result
+    records the refusal; no attempt is an ordinary failure."""
+    def policy(kind: str, presented: str | None, _n: int) -> Any:
+        return refusal(403, ticket_refused="expired") if presented else None
+
+    server = MeasurementServer(policy)
+    result = _session(tmp_path, server, lambda url: ticket([url]))
+    assert [(a.direction, a.attempt, a.status, a.failure_reason)
+            for a in result.transfers] == [
+        ("download", 1, "failed", "ticket_refused"), ("download", 2, "ok", None),
+        ("upload", 1, "ok", None)]
+    assert result.ticket is not None
+    assert (result.ticket.presented, result.ticket.refused) == (True, "expired")
+    assert all(t is None for kind, t in server.seen if kind == "upload")
+
+
+@pytest.mark.network
+def test_without_a_ticket_the_session_is_as_before(tmp_path: Path) -> None:
+    """A collector that issues none: no header anywhere, no ticket in the result (the
+    document keeps its older form: no ticket key at all)."""
+    server = MeasurementServer()
+    result = _session(tmp_path, server, None)
+    assert all(t is None for _, t in server.seen)
+    assert result.ticket is None and "ticket" not in to_dict(result)
+    assert result.busy_servers == ()
+
+
+@pytest.mark.network
+def test_dual_stack_sessions_each_take_their_own_ticket(tmp_path: Path) -> None:
+    """Under "both" the IPv4 session measures under the ticket the instruction brought,
+    the IPv6 one under a ticket it asked for (the IPv6 session fails here: the server is
+    an IPv4 literal; it is a recorded failure, with its own ticket all the same)."""
+    server = MeasurementServer()
+    collector = FakeCollector()
+
+    async def main() -> list[SessionResult]:
+        async with serving(server.app()) as url, serving(collector.app()) as central:
+            collector.issue = lambda: token([url], jti="posted")
+            offer = Offer(ticket([url], jti="prefetched"), answered=True)
+            source = TicketSource(CollectorClient(central, "t", 2), offer)
+            cfg = _config(tmp_path, url, address_family="both")
+            return await session.run_all(cfg, "p1", tickets=source)
+
+    ipv4, ipv6 = asyncio.run(main())
+    assert [(r.address_family, r.ticket.ticket_id if r.ticket else None)
+            for r in (ipv4, ipv6)] == [("ipv4", "prefetched"), ("ipv6", "posted")]
+    assert collector.requests == [("POST", spec.TICKETS_PATH, None)]
+    assert {a.status for a in ipv4.transfers} == {"ok"}
+    assert {a.failure_reason for a in ipv6.transfers} == {"connect_error"}
