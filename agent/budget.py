@@ -49,6 +49,14 @@ PLANNING_LINE_RATE_BPS: a session's worst case, refusals included, is the plan p
 allowance and never over a limit, and a config within the limits before issue 24 stays
 within them (one that leaves no room retries no refusal: it records it).
 
+The measurement ticket (issue 24) is charged to the same allowance: a session whose
+instruction fetch brought no usable ticket asks for one by POST (agent/tickets.py),
+which waits at most spec.TICKET_TIMEOUT_S and never longer than the allowance, and the
+time it took is spent before the first refusal is (transfer.Access.spent_s). It is not a
+part of the plan: most sessions take the ticket the fetch brought and spend nothing, and
+a plan near a limit would otherwise be refused for a request it may never make (one that
+leaves no room asks for no ticket: it measures under the per-address rule).
+
 Under ``server.address_family = "both"`` a slot runs the session twice (IPv4, then
 IPv6): every figure doubles, the selection too (each family chooses its own server).
 Left out, each bounded by its own deadline and covered by the headroom under the
@@ -203,8 +211,8 @@ def refusal_allowance(p: Plan, max_s: float = spec.MAX_SESSION_S,
     """The refusal allowance of each session of plan ``p``: the room the plan leaves
     under each limit, shared by its sessions; at most spec.REFUSAL_WAIT_SESSION_S, and
     the bytes that many seconds move at PLANNING_LINE_RATE_BPS (only refused attempts
-    move bytes, within the time charged for them). Nothing for a plan with no
-    transfer."""
+    move bytes, within the time charged for them). A POST for the session's ticket is
+    charged to it too (the module docstring). Nothing for a plan with no transfer."""
     if not any(part.name in ("download", "upload") for part in p.parts):
         return RefusalAllowance(0.0, 0)
     seconds = max(0.0, min(spec.REFUSAL_WAIT_SESSION_S, (max_s - p.duration_s) / p.sessions))

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from agent import family
-from agent.schema import PingTest, SessionResult, TransferAttempt, TransferMethod
+from agent.schema import (
+    REFUSAL_REASONS,
+    PingTest,
+    SessionResult,
+    TransferAttempt,
+    TransferMethod,
+)
 
 
 def _ms(value: float | None) -> str:
@@ -44,16 +50,23 @@ def describe_method(m: TransferMethod) -> str:
 def format_transfers(
     direction: str, attempts: list[TransferAttempt], m: TransferMethod, rate: float | None
 ) -> list[str]:
-    failed = [a for a in attempts if a.status == "failed"]
+    # A refused attempt (issue 24) is the server's, not the line's: counted apart, as
+    # the failure ratio leaves it out (agent/summary.py).
+    refused = [a for a in attempts if a.failure_reason in REFUSAL_REASONS]
+    failed = [a for a in attempts
+              if a.status == "failed" and a.failure_reason not in REFUSAL_REASONS]
     where = "server" if direction == "upload" else "client"
     used = {a.streams for a in attempts if a.status == "ok"}
     streams = f"; {'/'.join(map(str, sorted(used)))} stream(s) used" if m.streams == 0 and used \
         else ""
+    by_server = f", {len(refused)} refused by the server" if refused else ""
     lines = [
         f"{direction.capitalize()}: {_mbps(rate)} ({describe_method(m)}{streams}; counted at "
-        f"the {where}; {len(attempts)} attempt(s), {len(failed)} failed)"
+        f"the {where}; {len(attempts)} attempt(s), {len(failed)} failed{by_server})"
     ]
-    lines += [f"  attempt {a.attempt} failed: {a.failure_reason}: {a.error}" for a in failed]
+    lines += [f"  attempt {a.attempt} "
+              f"{'refused' if a.failure_reason in REFUSAL_REASONS else 'failed'}: "
+              f"{a.failure_reason}: {a.error}" for a in attempts if a.status == "failed"]
     return lines
 
 

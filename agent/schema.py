@@ -299,7 +299,8 @@ class SessionSummary:
     rtt_mean_ms: float | None = field(metadata=bounds(ge=0))
     rtt_stdev_ms: float | None = field(metadata=bounds(ge=0))
     loss_ratio: float | None = field(metadata=bounds(ge=0, le=1))
-    # Failed attempts / all attempts, per direction.
+    # Failed attempts / all attempts, per direction; from v7, of the line's attempts only
+    # (an attempt the server refused, REFUSAL_REASONS, is in neither).
     download_failure_ratio: float | None = field(metadata=bounds(ge=0, le=1))
     upload_failure_ratio: float | None = field(metadata=bounds(ge=0, le=1))
     one_way_delay_mean_ms: float | None = field(metadata=bounds(ge=0))
@@ -400,7 +401,9 @@ class ServerFailover:
 class ServerSelection:
     """How the session's measurement server was chosen (v5): candidates ranked by median
     RTT (ties: the order the instruction lists them), then the first that accepted a TCP
-    connection. chosen_url is None when none did (the transfers then fail, recorded)."""
+    connection and, from v7, had room (a busy one is passed over, and used only when every
+    reachable candidate is busy). chosen_url is None when none connected (the transfers
+    then fail, recorded)."""
 
     method: Literal["icmp_median_rtt"]
     candidates: tuple[ServerCandidate, ...]
@@ -419,7 +422,8 @@ class TicketUse:
     # The measurement servers (origins, scheme://host:port) it may be used at.
     servers: tuple[str, ...]
     # Whether it was presented to this session's server (False: the server is not one
-    # of ``servers``, so the session measured under the per-address rule).
+    # of ``servers``, or the method fixes more streams at once than the ticket allows,
+    # so the session measured under the per-address rule).
     presented: bool
     # The server's reason when it refused the ticket (then the rest of the session ran
     # without it); None: not refused.
@@ -475,8 +479,10 @@ class SessionResult:
     # v7: the measurement ticket the session ran under; None: none (no collector, an
     # older collector, or tickets not issued).
     ticket: TicketUse | None = field(default=None, metadata={"added": 7})
-    # v7: candidates passed over at session start because they refused for capacity
-    # (busy, not broken; each is also a failover with its reason).
+    # v7: candidates found busy at session start: they refused for capacity, marked as
+    # their own refusal (busy, not broken). Each passed over is also a failover with its
+    # reason; when every candidate that answered was busy, the best-ranked of them is
+    # used (server_selection.chosen_url): listed here, and not as a failover.
     busy_servers: tuple[str, ...] = field(default=(), metadata={"added": 7})
 
     @property

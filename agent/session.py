@@ -23,9 +23,11 @@ from agent.probes import http_download, http_upload, icmp, select
 from agent.probes.transfer import Access
 from agent.report import describe_method
 from agent.schema import (
+    REFUSAL_REASONS,
     SCHEMA_VERSION,
     AddressFamily,
     HostContext,
+    Method,
     PingMethod,
     PingSample,
     PingTest,
@@ -153,10 +155,19 @@ async def run_transfers(
     access: Access | None = None,
 ) -> tuple[list[TransferAttempt], PingTest | None]:
     """All tests of one direction. With ``loaded`` = (target, ping method), a ping train
-    runs during the first test's window and is returned apart. ``observe`` gets the
-    live view's events (phases, bytes, RTT under load). Connections and pings use
-    address family ``af``; each connection's addresses go to ``endpoints``. ``access``:
-    the session's ticket and refusal allowance, shared by its tests."""
+    runs during the first test's window and is returned apart, unless that test's first
+    attempt was refused (see below). ``observe`` gets the live view's events (phases,
+    bytes, RTT under load). Connections and pings use address family ``af``; each
+    connection's addresses go to ``endpoints``. ``access``: the session's ticket and
+    refusal allowance, shared by its tests.
+
+    The train starts warmup_s after the test does, timed for the first attempt's
+    window. A refused first attempt ends at once and its retry waits for the server (up
+    to spec.REFUSAL_WAIT_MAX_S), so the train would have sampled an idle line, or one
+    loaded for only part of the train, and reported it as under load: it is discarded
+    (None), and the progress line says why. Restarting the train with each retry would
+    keep it, but would also put it outside the time the plan gives it (agent/budget.py),
+    for a figure the next session measures anyway."""
     on_connect = endpoints.add if endpoints is not None else None
     probe = http_download if direction == "download" else http_upload
     attempts: list[TransferAttempt] = []
@@ -170,6 +181,12 @@ async def run_transfers(
                 pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet,
                                                         observe, af))
             results, under_load = transfer.result(), pinging.result()
+            first = results[0] if results else None
+            if first is not None and first.failure_reason in REFUSAL_REASONS:
+                under_load = None
+                progress(f"  RTT under load discarded: attempt 1 was refused "
+                         f"({first.failure_reason}), so the ping train ran while the "
+                         f"{direction} waited, not under its load")
         else:
             results = await probe.run(base_url, m, test_index, observe, af, on_connect,
                                       access=access)
@@ -234,30 +251,39 @@ async def run(
             method(cfg), candidates=cfg.server.candidates,
             select_pings=cfg.server.select_pings))
     held: Ticket | None = None
+    withheld: Ticket | None = None
+    ticket_s = 0.0
     if tickets is not None and (m.download.tests or m.upload.tests):
-        taken = await tickets.take()
-        held = taken.ticket
+        # A POST for the ticket is charged to the refusal allowance (agent/budget.py),
+        # and may wait no longer than the allowance.
+        taken = await tickets.take(refusals.duration_s)
+        held, ticket_s = taken.ticket, taken.spent_s
         if taken.note:
             progress(taken.note)
+        withheld = _withheld(held, m, progress)
+        if withheld is not None:
+            held = None
     selection: ServerSelection | None = None
     refused_at: dict[str, str] = {}
+    busy: tuple[str, ...] = ()
     if cfg.server.candidates and (m.download.tests or m.upload.tests or m.ping):
         progress(f"choosing among {len(cfg.server.candidates)} measurement servers")
         choice = await select.choose(cfg.server.candidates, cfg.server.select_pings, af,
                                      ticket=held)
-        selection, refused_at = choice.selection, choice.ticket_refused
+        selection, refused_at, busy = choice.selection, choice.ticket_refused, choice.busy
         for f in selection.failovers:
             progress(f"  passed over {f.url}: {f.error}")
         # None chosen: the best-ranked is used, and its transfers fail (recorded).
         best = selection.chosen_url or \
             selection.candidates[select.rank(selection.candidates)[0]].url
         cfg = replace(cfg, server=replace(cfg.server, url=best, candidates=()))
-        if best in select.busy_servers(selection):
-            progress("  every candidate that answers is busy: the best-ranked is used, "
-                     "its transfers retry when refused")
+        if best in busy:
+            progress(f"  every candidate that answers is busy ({', '.join(busy)}): the "
+                     "best-ranked is used, its transfers retry when refused")
         progress(f"  measuring against {best}")
     base_url = measurement_server(cfg) if (m.download.tests or m.upload.tests) else None
     access = _access(held, base_url, refused_at, refusals, progress)
+    access.spent_s = ticket_s
     pinned: AddressFamily | None = None
     if requested == "any":
         # One family for the whole session: the ping and every transfer stream take the
@@ -329,6 +355,9 @@ async def run(
     seen = {f for f in (*(family.family_of(a) for a in endpoints.remote),
                         family.family_of(ping_test.address if ping_test else None)) if f}
     used = pinned or (next(iter(seen)) if len(seen) == 1 else None)
+    ticket_use = use_record(held, base_url, access.refused) if held is not None else None
+    if withheld is not None:
+        ticket_use = use_record(withheld, base_url, None, withheld=True)
     return SessionResult(
         schema_version=SCHEMA_VERSION,
         result_id=str(uuid.uuid4()),
@@ -357,9 +386,26 @@ async def run(
         address_family_requested=cfg.server.address_family,
         local_addresses=tuple(endpoints.local),
         remote_addresses=tuple(endpoints.remote),
-        ticket=use_record(held, base_url, access.refused) if held is not None else None,
-        busy_servers=select.busy_servers(selection),
+        ticket=ticket_use,
+        busy_servers=busy,
     )
+
+
+def _withheld(held: Ticket | None, m: Method, progress: Progress) -> Ticket | None:
+    """``held`` when the session must not present it: a fixed stream count
+    (transfer.streams > 0) above the ticket's allowance.streams, which the server would
+    refuse on every attempt (429 ticket_streams), so that nothing would be measured; the
+    session then measures under the per-address rule. Adaptive streams stop at the
+    allowance instead (transfer.Access.stream_cap)."""
+    if held is None:
+        return None
+    streams = max((t.streams for t in (m.download, m.upload) if t.tests), default=0)
+    if streams <= held.allowance.streams:
+        return None
+    progress(f"ticket {short_id(held)} allows {held.allowance.streams} streams at once, "
+             f"this method fixes {streams}: measuring without it, under the server's "
+             "per-address rule")
+    return held
 
 
 def _access(held: Ticket | None, base_url: str | None, refused_at: dict[str, str],

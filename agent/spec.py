@@ -26,6 +26,15 @@ TICKETS_PATH = "/api/v1/tickets"
 TICKET_HEADER = "Bbprobe-Ticket"
 TICKET_REQUEST_HEADER = "Bbprobe-Want-Ticket"
 TICKET_REFUSED_HEADER = "Bbprobe-Ticket-Refused"
+# A bbprobe measurement server marks its own capacity refusals (429, 503) with this header
+# and the reason (busy, per_client, anonymous_share, ticket_streams, ledger_full): only
+# such a refusal is the server's. A 429 or 503 without it may come from anything on the
+# path (a captive portal, an operator's proxy under load) and stays the line's failure.
+REFUSED_HEADER = "Bbprobe-Refused"
+# The statuses of a server refusing a transfer for capacity: per-client limit reached
+# (429, RFC 6585 §4) and server full (503, RFC 9110 §15.6.4); the server's own only with
+# REFUSED_HEADER (agent/probes/wire.py server_refused).
+REFUSAL_STATUSES = frozenset({429, 503})
 
 # --- Ping train ---------------------------------------------------------------------------
 # 10 pings, 1 s apart: the ETSI-aligned count Ne.Me.Sys adopted (methodology.md §1.9) and
@@ -101,6 +110,11 @@ REFUSAL_WAIT_SESSION_S = 60.0
 # The wait after a refusal that gives no Retry-After: the Retry-After the bbprobe server
 # sends with its own 429 and 503 (collector/measurement/slots.py).
 REFUSAL_WAIT_DEFAULT_S = 5.0
+# A session's POST for a ticket of its own (agent/tickets.py, when the instruction fetch
+# brought none) waits at most this long, and the time it takes is charged to the
+# session's refusal allowance (agent/budget.py), which also bounds it: a session never
+# waits for a ticket longer than its plan leaves room for.
+TICKET_TIMEOUT_S = 10.0
 
 # --- Delivery -----------------------------------------------------------------------------
 PUSH_TIMEOUT_S = 30.0

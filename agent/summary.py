@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent import stats
-from agent.schema import PingSample, PingSummary, SessionSummary, TransferAttempt
+from agent.schema import (
+    REFUSAL_REASONS,
+    PingSample,
+    PingSummary,
+    SessionSummary,
+    TransferAttempt,
+)
 
 
 def _half(value: float | None) -> float | None:
@@ -39,7 +45,11 @@ def ping_summary(samples: Sequence[PingSample]) -> PingSummary:
 
 
 def failure_ratio(attempts: Sequence[TransferAttempt]) -> float | None:
-    return stats.ratio(sum(1 for a in attempts if a.status == "failed"), len(attempts))
+    """Failed attempts / attempts, of the line's attempts only: an attempt the
+    measurement server refused (REFUSAL_REASONS, issue 24) is the server's, not the
+    line's, and is left out of both, as the collector's Allegato 2 indicator does."""
+    line = [a for a in attempts if a.failure_reason not in REFUSAL_REASONS]
+    return stats.ratio(sum(1 for a in line if a.status == "failed"), len(line))
 
 
 def test_speeds(attempts: Sequence[TransferAttempt], direction: str) -> list[float]:

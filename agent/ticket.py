@@ -17,6 +17,12 @@ authenticated channel, and only servers can tell forged from genuine): it reads 
 to know where it may present the ticket, and until when. It presents a ticket only to a
 server named in ``aud``: a ticket is a bearer credential, and a stranger's server could
 spend it elsewhere.
+
+Until when is judged by the ticket's lifetime (``exp`` - ``iat``, both the collector's
+clock) counted from when the agent received it, on the agent's monotonic clock, never by
+comparing ``exp`` with the probe's wall clock: a probe whose clock runs 20 minutes fast
+would otherwise never use a 15-minute ticket (the servers check ``exp`` on their own
+clocks, which are the collector's business).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,9 +63,29 @@ class Ticket:
     issued_at: float
     expires_at: float
     allowance: Allowance
+    # When the agent received it, on its monotonic clock (seconds); None: not received
+    # by an agent (the collector reads its own tickets), never usable.
+    received_at: float | None = None
 
-    def usable(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) < self.expires_at - EXPIRY_MARGIN_S
+    @property
+    def lifetime_s(self) -> float:
+        """Seconds from issue to expiry, by the collector's clock."""
+        return self.expires_at - self.issued_at
+
+    def remaining_s(self, now: float) -> float | None:
+        """Seconds left at monotonic time ``now``: the lifetime counted from receipt
+        (the collector mints a ticket for each request, so it was issued moments
+        before: the request's round trip, which EXPIRY_MARGIN_S covers); None when the
+        agent did not receive it."""
+        if self.received_at is None:
+            return None
+        return self.received_at + self.lifetime_s - now
+
+    def usable(self, now: float) -> bool:
+        """Whether to present it at monotonic time ``now``: more than EXPIRY_MARGIN_S of
+        its lifetime left (see the module docstring)."""
+        left = self.remaining_s(now)
+        return left is not None and left > EXPIRY_MARGIN_S
 
     def covers(self, url: str | None) -> bool:
         """Whether this ticket names the server at ``url`` (its origin)."""
@@ -118,8 +143,9 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def peek(token: str) -> Ticket:
-    """A ticket's claims, checked for shape (not for signature)."""
+def peek(token: str, *, received_at: float | None = None) -> Ticket:
+    """A ticket's claims, checked for shape (not for signature); ``received_at``: when
+    the agent received it (monotonic seconds), which a ticket needs to be usable."""
     token = token.strip()
     c = claims_of(token)
     aud = c.get("aud")
@@ -137,4 +163,5 @@ def peek(token: str) -> Ticket:
         issued_at=_number(c.get("iat"), "iat"), expires_at=_number(c.get("exp"), "exp"),
         allowance=Allowance(int(_number(allowance.get("streams"), "bbprobe.streams")),
                             int(_number(allowance.get("bytes"), "bbprobe.bytes")),
-                            _number(allowance.get("duration_s"), "bbprobe.duration_s")))
+                            _number(allowance.get("duration_s"), "bbprobe.duration_s")),
+        received_at=received_at)

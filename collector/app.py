@@ -199,6 +199,8 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
                                        cfg.server.probe_burst)
         app[ANON_LIMITER] = RateLimiter(cfg.anonymous.browser_results_per_min, 3)
         app.cleanup_ctx.append(_store_lifecycle)
+        if authority is not None:  # after the store: its directory exists
+            app.cleanup_ctx.append(partial(_own_key, authority))
         probe_routes.add_routes(routes)
         analyst_routes.add_routes(routes)
         admin_routes.add_routes(routes)
@@ -239,8 +241,18 @@ def ticket_gate(cfg: CollectorConfig, authority: ticket_routes.Authority | None
     trusted = keys.trusted_keys(cfg.tickets.trusted_keys)
     if not trusted and authority is None:
         return None  # a measurement-only server trusting no key: every transfer anonymous
-    return Gate(Verifier(trusted, tickets.audience_of(cfg.tickets.audience)),
-                authority.public if authority is not None else None)
+    return Gate(Verifier(trusted, tickets.audience_of(cfg.tickets.audience),
+                         foreign=tickets.audience_of(cfg.tickets.servers)),
+                authority.own if authority is not None else None)
+
+
+async def _own_key(authority: ticket_routes.Authority, app: web.Application
+                   ) -> AsyncIterator[None]:
+    """The collector's ticket key, read (or generated) at start beside the loop, so the
+    first instruction fetch does not wait on it; unusable, it is logged and tried again
+    at need (keys.OwnKey), and the collector serves on (tickets wait, not results)."""
+    await authority.own.get()
+    yield
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext | None:

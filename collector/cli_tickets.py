@@ -67,7 +67,7 @@ def _enabled(ctx: click.Context) -> Authority:
 def key(ctx: click.Context, out: str | None) -> None:
     """Print the ticket signing key's public half: PEM, JWK and kid."""
     authority = _enabled(ctx)
-    signing = authority.key()
+    signing = authority.own.load_now()
     pem = keys.public_pem(signing.public)
     if out:
         try:
@@ -104,7 +104,7 @@ def issue(ctx: click.Context, probe: str, servers: tuple[str, ...]) -> None:
     if not chosen:
         raise InputError("give --server URL: tickets.servers and tickets.audience are "
                          "empty")
-    issued = authority.issue(probe, None, time.time(), chosen)
+    issued = authority.issue(authority.own.load_now(), probe, None, time.time(), chosen)
     echo(issued.token)
     details = issued.to_dict()
     echo(f"# ticket {details['ticket_id']} for {probe}, expires {details['expires_at']}, "

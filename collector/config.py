@@ -93,8 +93,11 @@ class MeasurementConfig:
     # Caps per request, so one client cannot hold the server: bytes and seconds.
     max_bytes: int = field(default=50 * 1000**3, metadata=bounds(ge=1))
     max_duration_s: float = field(default=60.0, metadata=bounds(gt=0, le=3600))
-    # Concurrent transfers served at once; more get 503 (Retry-After).
-    max_concurrent: int = field(default=64, metadata=bounds(ge=1, le=10_000))
+    # Concurrent transfers served at once; more get 503 (Retry-After). 128: with tickets
+    # on (the default) ticket_reserved_share keeps half for ticketed probes, so strangers
+    # and agents without tickets keep the 64 they had before tickets, and the other 64
+    # match one ticket's allowance (tickets.streams).
+    max_concurrent: int = field(default=128, metadata=bounds(ge=1, le=10_000))
     # Of those, at most this many from one client (an IPv4 address or an IPv6 /64); more
     # get 429. 20 = the most streams the agent's adaptive rule opens (Ne.Me.Sys table).
     max_concurrent_per_client: int = field(default=20, metadata=bounds(ge=1, le=10_000))
@@ -122,7 +125,7 @@ class TicketsConfig:
     # issued, and one presented is ignored (the transfer counts per address).
     enabled: bool = True
     # The signing key (PEM, PKCS#8 Ed25519) as a systemd credential (LoadCredential=NAME:
-    # PATH) or a file; neither: generated at first need beside the SQLite database
+    # PATH) or a file; neither: generated at start (or at need) beside the SQLite database
     # (storage.path's directory) as ticket-signing-key.pem, mode 0600.
     signing_key_credential: str = ""
     signing_key_file: str = ""
@@ -132,7 +135,9 @@ class TicketsConfig:
     trusted_keys: tuple[str, ...] = ()
     # The origins (scheme://host:port) this server answers to as a measurement server;
     # a ticket is accepted only if it names one of them. Empty: the origin of each
-    # request (its scheme and Host header).
+    # request (its scheme and Host header, which the client chooses), so it is required
+    # wherever a ticket could be replayed here from another server: with trusted_keys,
+    # and on a collector serving measurement that names other servers (servers).
     audience: tuple[str, ...] = ()
     # Measurement servers, besides this collector, that issued tickets name (their URLs).
     servers: tuple[str, ...] = ()
@@ -403,14 +408,15 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
             raise ConfigError(f"{source}: metrics.listen: the same address as the server "
                               f"({host}:{port}); choose another port")
     _check_alerts(cfg.alerts, source)
-    _check_tickets(cfg.tickets, source)
+    _check_tickets(cfg, source)
     if influx.retry_max_s < influx.retry_min_s:
         raise ConfigError(f"{source}: influxdb.retry_max_s: must be >= retry_min_s")
     return cfg
 
 
 
-def _check_tickets(tickets: TicketsConfig, source: str) -> None:
+def _check_tickets(cfg: CollectorConfig, source: str) -> None:
+    tickets = cfg.tickets
     for name in ("audience", "servers"):
         urls = getattr(tickets, name)
         if len(urls) > MAX_TICKET_SERVERS:
@@ -427,6 +433,19 @@ def _check_tickets(tickets: TicketsConfig, source: str) -> None:
         if path and not Path(path).is_file():
             key = "tickets.signing_key_file" if i == 0 else f"tickets.trusted_keys[{i - 1}]"
             raise ConfigError(f"{source}: {key}: no such file {path!r}")
+    if not tickets.enabled or tickets.audience:
+        return
+    # Without an audience a server takes its own origin from each request's Host header,
+    # which the client chooses: a ticket for another server trusting the same key would
+    # be accepted here with that server's name in Host.
+    if tickets.trusted_keys:
+        raise ConfigError(f"{source}: tickets.audience: must list this server's URLs when "
+                          "tickets.trusted_keys is set (it accepts another issuer's "
+                          "tickets, which may name other servers)")
+    if tickets.servers and cfg.server.role == "all" and cfg.measurement.enabled:
+        raise ConfigError(f"{source}: tickets.audience: must list this collector's "
+                          "measurement URLs when tickets.servers is set (its tickets "
+                          "name other servers, which may trust the same key)")
 
 
 def _check_alerts(alerts: AlertsConfig, source: str) -> None:

@@ -14,7 +14,13 @@ Points (units in field names, as in the result schema; tags for probe and line):
 - ``bbprobe_session``: the session summary (``download_bps``, ``rtt_mean_ms``, ...), at
   the session start;
 - ``bbprobe_transfer``: one per attempt (``throughput_bps``, ``bytes_total``,
-  ``duration_s``, ``streams``, ``ok``), tags direction, status, failure_reason;
+  ``duration_s``, ``streams``, ``ok``, ``refused``), tags direction, status,
+  failure_reason. ``refused`` is 1 for an attempt the measurement server refused
+  (issue 24, compliance/facts.py ``is_refusal``: an old agent's 429 or bbprobe 503
+  included), which
+  has ``ok`` 0 but is not the line's failure: a failure rate counts the attempts with
+  ``ok`` 0 and ``refused`` 0 (configs/grafana). A field, not a tag: a tag would put a
+  rewritten point in another series, beside the one written before;
 - ``bbprobe_ping``: one per echo request (``rtt_ms``, ``lost``), at its send time.
 Servers speaking the InfluxDB v2 write API work too (VictoriaMetrics names the series
 ``<measurement>_<field>``, e.g. ``bbprobe_session_download_bps``).
@@ -39,6 +45,7 @@ from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 
 from agent.schema import SessionResult, format_utc, parse_result, parse_utc, utc_now
+from collector.compliance.facts import is_refusal
 from collector.config import influx_token
 from collector.storage.model import LineMetadata
 from collector.storage.store import Store
@@ -88,6 +95,7 @@ def points(result: SessionResult, line: LineMetadata) -> list[Point]:
             p.field("throughput_bps", float(a.throughput_bps))
         p.field("bytes_total", a.bytes_total).field("duration_s", float(a.duration_s))
         p.field("streams", a.streams).field("ok", int(a.status == "ok"))
+        p.field("refused", int(is_refusal(a.status, a.failure_reason, a.http_status, a.error)))
         out.append(p.time(_ns(parse_utc(a.started_at)), WritePrecision.NS))
     if result.ping is not None:
         ping_start = parse_utc(result.ping.started_at)

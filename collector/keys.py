@@ -17,17 +17,26 @@ won, never a half-written file or two keys.
 A public key is shown as PEM (SubjectPublicKeyInfo, what ``tickets.trusted_keys`` files
 hold), as a JWK (RFC 8037 §2: kty OKP, crv Ed25519) and by its JWK thumbprint (RFC 7638),
 which tickets carry as their JWS header's ``kid``.
+
+A collector's own ticket key has one holder, ``OwnKey``, shared by the side that issues
+tickets (web/ticket_routes.py) and the side that verifies them at its measurement
+endpoints (measurement/slots.py Gate): read or generated beside the event loop (a
+thread), at start and, while it is unusable, again at most every RETRY_S when needed;
+its failures logged once per change, not once per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +50,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agent import credentials
 from collector.config import CollectorConfig, default_database
 from collector.errors import ConfigError
+
+log = logging.getLogger("bbprobe.collector")
 
 TICKET_KEY_FILE = "ticket-signing-key.pem"
 # A PEM key is about 120 bytes: anything much larger is not one (a wrong path).
@@ -205,3 +216,72 @@ def trusted_keys(paths: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
         key = load_public(Path(name), f"tickets.trusted_keys[{i}]")
         found[thumbprint(key)] = key
     return found
+
+
+# How long an unusable key is left alone before a need tries it again: the operator may
+# mend a file or a directory's rights meanwhile, and a stranger's requests must not have
+# the collector read (or try to generate) it on each.
+RETRY_S = 30.0
+
+
+class OwnKey:
+    """The collector's own signing key (``load``: keys.ticket_signing_key bound to its
+    config), held for both of its sides: see the module docstring. ``clock``: monotonic
+    seconds."""
+
+    def __init__(self, load: Callable[[], SigningKey], what: str = "tickets",
+                 retry_s: float = RETRY_S, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._load = load
+        self.what = what
+        self.retry_s = retry_s
+        self.clock = clock
+        self.key: SigningKey | None = None
+        self.problem: str | None = None  # why the last attempt failed
+        self._tried_at = -float("inf")
+        self._loading: asyncio.Task[SigningKey | None] | None = None
+
+    def load_now(self) -> SigningKey:
+        """The key, read or made in this thread (the CLI); ConfigError if unusable."""
+        if self.key is None:
+            self._loaded(self._load())
+        assert self.key is not None
+        return self.key
+
+    async def get(self) -> SigningKey | None:
+        """The key; read or made beside the loop if not yet (one attempt at a time,
+        shared by its callers, and none within RETRY_S of a failed one). None while
+        it is unusable (``problem`` says why; the log said so once)."""
+        if self.key is not None:
+            return self.key
+        if self._loading is None:
+            if self.clock() - self._tried_at < self.retry_s:
+                return None
+            self._tried_at = self.clock()
+            self._loading = asyncio.ensure_future(self._attempt())
+        loading = self._loading
+        try:
+            return await asyncio.shield(loading)
+        finally:
+            if loading.done() and self._loading is loading:
+                self._loading = None
+
+    async def _attempt(self) -> SigningKey | None:
+        try:
+            key = await asyncio.to_thread(self._load)
+        except ConfigError as exc:
+            if str(exc) != self.problem:
+                log.error("%s: the signing key is unusable (no ticket is issued, and this "
+                          "collector's own are refused; tried again at need, every %g s "
+                          "at most): %s", self.what, self.retry_s, exc)
+            self.problem = str(exc)
+            return None
+        self._loaded(key)
+        return key
+
+    def _loaded(self, key: SigningKey) -> None:
+        if self.key is None:
+            log.info("%s: signing key %s, kid %s%s", self.what, key.source, key.kid,
+                     " (usable again)" if self.problem else "")
+        self.key = key
+        self.problem = None

@@ -68,7 +68,7 @@ REFUSAL_REASONS = {400: "malformed", 401: "unauthorized", 403: "forbidden",
 TRANSFER_REFUSALS = ("busy", "per_client", "anonymous_share", "ticket_streams",
                      "ledger_full", "malformed", "unknown_key", "bad_signature",
                      "wrong_issuer", "not_yet_valid", "expired", "wrong_server",
-                     "allowance_bytes", "allowance_duration")
+                     "allowance_bytes", "allowance_duration", "too_many_tickets")
 
 LINE_LABELS = ("probe", "operator", "offer", "region", "technology")
 
@@ -133,14 +133,18 @@ class Metrics:
             "bbprobe_collector_measurement_transfers_refused", "Measurement transfers "
             "refused: busy (every slot taken, 503), per_client (an anonymous client's "
             "share taken, 429), anonymous_share (the slots left to anonymous clients "
-            "taken, 503), ticket_streams (429), ledger_full (503), or the ticket refused "
-            "(403): one of malformed, unknown_key, bad_signature, wrong_issuer, "
-            "not_yet_valid, expired, wrong_server, allowance_bytes, allowance_duration.",
+            "taken, 503), ticket_streams (a ticket's, or its probe's tickets', 429), "
+            "ledger_full (503), or the ticket refused (403): one of malformed, "
+            "unknown_key, bad_signature, wrong_issuer, not_yet_valid, expired, "
+            "wrong_server, allowance_bytes, allowance_duration, too_many_tickets. "
+            "Capacity asks (echo?capacity=1) are not counted.",
             ["reason"], registry=reg)
         self.rate_limited = Counter(
             "bbprobe_collector_rate_limited", "Requests refused by a token bucket (429): "
-            "probe (server.probe_requests_per_min) or anonymous "
-            "(anonymous.browser_results_per_min).", ["limiter"], registry=reg)
+            "probe (server.probe_requests_per_min; a ticket asked for with the "
+            "instruction is then not issued), anonymous "
+            "(anonymous.browser_results_per_min) or capacity (a client's capacity asks, "
+            "echo?capacity=1).", ["limiter"], registry=reg)
         self.health_reports = Counter(
             "bbprobe_collector_health_reports", "Health reports received from probes.",
             registry=reg)
@@ -157,7 +161,7 @@ class Metrics:
             self.results.labels(outcome)
         for reason in TRANSFER_REFUSALS:
             self.transfers_refused.labels(reason)
-        for limiter in ("probe", "anonymous"):
+        for limiter in ("probe", "anonymous", "capacity"):
             self.rate_limited.labels(limiter)
 
     def registry(self) -> CollectorRegistry:

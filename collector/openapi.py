@@ -309,8 +309,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Incompressible payload.", "content": {
                         "application/octet-stream": {"schema": {"type": "string",
                                                                 "format": "binary"}}}},
-                        "400": bad_request, **TICKET_RESPONSES,
-                        "503": _error("Too many transfers running.")}},
+                        "400": bad_request, **TICKET_RESPONSES}},
         },
         spec.UPLOAD_PATH: {
             "post": {"summary": "Upload sink: counts the body, reports (t, bytes) samples.",
@@ -327,8 +326,9 @@ def document() -> dict[str, Any]:
                          "schema": {"type": "string", "format": "binary"}}}},
                      "responses": {"200": _json(upload_ref), "400": bad_request,
                                    **TICKET_RESPONSES,
-                                   "413": _error("Over the byte or time limit."),
-                                   "503": _error("Too many transfers running.")}},
+                                   "413": _error("Over the byte or time limit (the "
+                                                 "request's; its ticket's time is a "
+                                                 "403).")}},
         },
         spec.ECHO_PATH: {"get": {
             "summary": "HTTP echo for round-trip times; with capacity=1, whether a transfer "
@@ -336,11 +336,11 @@ def document() -> dict[str, Any]:
                        "now (no slot is taken).",
             "security": PUBLIC,
             "parameters": [_query("capacity", "1: answer the refusal a transfer would get "
-                                  "now, if any (0 or absent: a plain echo).",
+                                  "now, if any (0 or absent: a plain echo). A few asks a "
+                                  "second per client address (429, per_client, beyond).",
                                   {"enum": ["0", "1"]}), TICKET],
             "responses": {"200": {"description": "ok"}, "400": bad_request,
-                          **TICKET_RESPONSES,
-                          "503": _error("Every slot open to this client is taken.")}}},
+                          **TICKET_RESPONSES}}},
     }
     paths["/speedtest"] = {"get": {
         "summary": "Browser speed test page (LibreSpeed protocol against this server).",
@@ -383,8 +383,7 @@ def document() -> dict[str, Any]:
             "responses": {"101": {"description": "Switching to the WebSocket."},
                           "400": _error("No WebSocket upgrade, no ndt7 subprotocol, or a "
                                         "bad query."),
-                          **TICKET_RESPONSES,
-                          "503": _error("Too many transfers running.")}}}
+                          **TICKET_RESPONSES}}}
     paths["/api/v1/ndt7-results"] = {"get": {
         "summary": "ndt7 subtests clients ran against this server (ndt-server's archive "
                    "shape; kept apart from probe results).",
@@ -405,8 +404,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Random bytes.", "content": {
                         "application/octet-stream": {"schema": {"type": "string",
                                                                 "format": "binary"}}}},
-                                  **TICKET_RESPONSES,
-                                  "503": _error("Too many transfers running.")}},
+                                  **TICKET_RESPONSES}},
             "options": preflight}
     for path in librespeed.paths("empty"):
         paths[path] = {
@@ -417,8 +415,7 @@ def document() -> dict[str, Any]:
                      "requestBody": {"content": {"application/octet-stream": {
                          "schema": {"type": "string", "format": "binary"}}}},
                      "responses": {**empty_reply, **TICKET_RESPONSES,
-                                   "413": _error("Body over measurement.max_bytes."),
-                                   "503": _error("Too many transfers running.")}},
+                                   "413": _error("Body over measurement.max_bytes.")}},
             "options": preflight}
     for path in librespeed.paths("getIP"):
         paths[path] = {

@@ -45,17 +45,35 @@ TICKET = {"name": spec.TICKET_HEADER, "in": "header", "required": False,
                          "the transfer is counted per ticket, not per client address. A "
                          "server that accepts no tickets serves the transfer as anonymous.",
           "schema": {"type": "string", "maxLength": 4096}}
+# A capacity refusal is marked as the server's own (a proxy on the path may answer 429 or
+# 503 too): spec.REFUSED_HEADER carries its reason.
+REFUSED_MARK = {spec.REFUSED_HEADER: {
+    "schema": {"type": "string", "enum": ["busy", "per_client", "anonymous_share",
+                                          "ticket_streams", "ledger_full"]},
+    "description": "Why this server refused the transfer for capacity."}}
+
+
+def capacity_error(description: str) -> dict[str, Any]:
+    """A 429 or 503 of the measurement endpoints, with the marker header."""
+    return {**error(description), "headers": REFUSED_MARK}
+
+
 TICKET_RESPONSES = {
     "403": {"description": "The ticket is refused; the code (also in the JSON body) is "
                            "one of malformed, unknown_key, bad_signature, wrong_issuer, "
                            "not_yet_valid, expired, wrong_server, allowance_bytes, "
-                           "allowance_duration.",
+                           "allowance_duration (also: the transfer asks for more bytes or "
+                           "seconds than the ticket has left), too_many_tickets (its probe "
+                           "uses as many tickets at this server as one may).",
             "headers": {spec.TICKET_REFUSED_HEADER: {"schema": {"type": "string"},
                                                       "description": "The refusal's code."}},
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-    "429": {"description": "This client's share of the slots is taken (per address, or "
-                           "the ticket's streams); see Retry-After.",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+    "429": capacity_error("This client's share of the slots is taken (per address, or "
+                          "the ticket's streams, or its probe's tickets' together); see "
+                          "Retry-After."),
+    "503": capacity_error("Too many transfers running (busy), the slots open to "
+                          "transfers without a ticket taken (anonymous_share), or too many "
+                          "tickets in use here (ledger_full); see Retry-After."),
 }
 SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
            "description": "The probe's wall clock when sending (UTC); the collector stores "
@@ -110,7 +128,9 @@ def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
                 {"name": spec.TICKET_REQUEST_HEADER, "in": "header", "required": False,
                  "schema": {"type": "string"},
                  "description": "Any value: send a measurement ticket (issue 24) in the "
-                                f"{spec.TICKET_HEADER} response header, on a 304 too."},
+                                f"{spec.TICKET_HEADER} response header, on a 304 too. "
+                                "Asking takes a request from the probe's rate limit: "
+                                "beyond it, the instruction comes without a ticket."},
                 query("probe", "Only the token's own probe may be named.")],
             "responses": {"200": {**json_body({"type": "object", "required": [
                 "version", "settings", "suppressions"]}), "headers": ticket_header},

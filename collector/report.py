@@ -160,8 +160,8 @@ def refused_sentence(by_server: Sequence[tuple[str, int]], known: bool = True) -
     if len(ranked) > SERVERS_NAMED:
         servers += f" and {len(ranked) - SERVERS_NAMED} more server(s)"
     return (f"{total} transfer attempt(s) refused by the measurement server ({servers}): "
-            "for capacity (HTTP 429/503) or its ticket; counted apart, not in the failure "
-            "rate")
+            "for capacity (HTTP 429, or 503 from a bbprobe server) or its ticket; counted "
+            "apart, not in the failure rate")
 
 
 def refusals_dict(by_server: Sequence[tuple[str, int]], known: bool = True) -> dict[str, Any]:
@@ -321,8 +321,8 @@ def listing_row(
     clock = body.get("clock") or {}
     ping = (body.get("ping") or {}).get("summary") or {}
     transfers = body.get("transfers") or []
-    line = [a for a in transfers if not is_refusal(a.get("status", ""), a.get(
-        "failure_reason"), a.get("http_status"))]
+    line = [a for a in transfers if not is_refusal(
+        a.get("status", ""), a.get("failure_reason"), a.get("http_status"), a.get("error"))]
     if len(line) < len(transfers):
         # Attempts the server refused are not the line's (issue 24): the failure ratios
         # again without them (an agent before schema 7 counted them in its summary).

@@ -17,7 +17,9 @@ one ``TicketRefused`` code (sent back in the Bbprobe-Ticket-Refused header):
     expired         past its exp, beyond LEEWAY_S
     wrong_server    none of its servers (aud) is this one (its audience)
 
-The measurement slots add the allowance codes (collector/measurement/ledger.py).
+The measurement slots add the ledger's (collector/measurement/ledger.py): allowance_bytes
+and allowance_duration (the ticket has less left than the transfer asks for, or nothing),
+and too_many_tickets (its probe already uses as many tickets here as one may).
 """
 
 from __future__ import annotations
@@ -116,12 +118,17 @@ _SIGNATURE_ONLY: Any = {"verify_signature": True, "verify_exp": False, "verify_n
 
 class Verifier:
     """Verifies tickets with the public keys it trusts (by kid) for a server whose
-    audience is ``audience`` (origins; empty: each request's own origin)."""
+    audience is ``audience`` (origins). Empty: each request's own origin (its Host
+    header, the client's to choose: config.py allows it only to a collector trusting no
+    other key and naming no other server), except ``foreign`` ones (tickets.servers:
+    other servers' origins, never this one's)."""
 
     def __init__(self, keys: Mapping[str, Ed25519PublicKey], audience: Collection[str] = (),
-                 cache_entries: int = CACHE_ENTRIES) -> None:
+                 cache_entries: int = CACHE_ENTRIES, *, foreign: Collection[str] = ()
+                 ) -> None:
         self.keys = dict(keys)
         self.audience = frozenset(audience)
+        self.foreign = frozenset(foreign)
         self.cache_entries = cache_entries
         self._cache: OrderedDict[bytes, Claims] = OrderedDict()
 
@@ -142,11 +149,17 @@ class Verifier:
         if now > claims.expires_at + LEEWAY_S:
             raise TicketRefused("expired", f"ticket {claims.ticket_id} expired "
                                 f"{now - claims.expires_at:.0f} s ago")
-        audience = self.audience or ({request_origin} if request_origin else set())
+        if self.audience:
+            audience, this = self.audience, ", ".join(sorted(self.audience))
+        elif request_origin in self.foreign:
+            audience, this = frozenset(), f"{request_origin} is another server's"
+        else:
+            audience = frozenset((request_origin,) if request_origin else ())
+            this = request_origin or "no Host"
         if audience.isdisjoint(claims.servers):
             raise TicketRefused("wrong_server", f"ticket {claims.ticket_id} names other "
                                 f"servers ({', '.join(claims.servers[:3]) or 'none'}), not "
-                                f"this one ({', '.join(sorted(audience)) or 'no Host'})")
+                                f"this one ({this})")
         return claims
 
     def _remember(self, digest: bytes, claims: Claims, now: float) -> None:

@@ -11,13 +11,15 @@ dead server costs a connect timeout, not the session.
 Busy, not broken (issue 24): a candidate that accepts the connection is asked whether it
 would admit a transfer from this probe now (``GET /measure/v1/echo?capacity=1``, with the
 session's ticket when the ticket names the server; the server answers as a transfer
-would be answered). A 429 or 503 makes it busy: passed over with a failover whose error
-starts with "busy:", and listed in the result's busy_servers. A 403 refusing the ticket
-is asked again without it. When every candidate that accepts connections is busy, the
-best-ranked busy one is used (its transfers wait and retry on refusal, which a broken
-server's could not). Any other answer, or none within the connect's deadline, is not
-busy: an older server answers 200 "ok" to any echo, and a candidate is then chosen as
-before.
+would be answered). A 429 or 503 the server marks as its own refusal (spec.REFUSED_HEADER,
+the rule the transfers follow: wire.server_refused) makes it busy: passed over with a
+failover whose error starts with "busy:", and listed in the result's busy_servers. A 403
+refusing the ticket is asked again without it. When every candidate that accepts
+connections is busy, the best-ranked busy one is used (its transfers wait and retry on
+refusal, which a broken server's could not): it is the chosen one, not a failover, and
+still listed busy. Any other answer (an unmarked 429 or 503 too: from something on the
+path, not the server), or none within the connect's deadline, is not busy: an older
+server answers 200 "ok" to any echo, and a candidate is then chosen as before.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -43,10 +45,11 @@ REPLY_TIMEOUT_S = 1.0
 # such deadline a candidate).
 CONNECT_TIMEOUT_S = 3.0
 CAPACITY_QUERY = "?capacity=1"
-# The statuses that make a candidate busy (transfer.REFUSAL_STATUSES; not imported, so
-# budget.py, which imports this module, does not load the transfer engine).
-BUSY_STATUSES = frozenset({429, 503})
 BUSY = "busy: "
+# budget.py imports this module (for the deadlines above), and agent/config.py imports
+# budget.py, so what this module imports is loaded wherever a config is (the collector
+# too): wire.py, the transfers' HTTP client, is stdlib-only and is imported; transfer.py,
+# which loads agent.delivery and aiohttp, is not.
 
 
 def rank(candidates: Sequence[ServerCandidate]) -> list[int]:
@@ -120,11 +123,10 @@ async def capacity(url: str, af: int = socket.AF_UNSPEC, ticket: Ticket | None =
     refused: str | None = None
     held = ticket if ticket is not None and ticket.covers(url) else None
     error = await _ask(url, af, {spec.TICKET_HEADER: held.token} if held else {})
-    if held is not None and error is not None and error.status == 403 and \
-            error.ticket_refused is not None:
-        refused = wire.ticket_code(error.ticket_refused)
+    if error is not None and (code := wire.ticket_refusal(error)) is not None:
+        refused = code
         error = await _ask(url, af, {})
-    if error is not None and error.kind == "http" and error.status in BUSY_STATUSES:
+    if error is not None and wire.server_refused(error):
         # Only a number of seconds is repeated: the header is the server's text.
         after = (error.retry_after or "").strip()
         wait = f" (Retry-After: {after} s)" if after.isdigit() and len(after) < 10 else ""
@@ -138,17 +140,14 @@ class Choice:
     # The candidates that refused the session's ticket at the capacity ask: URL -> the
     # server's code (the session presents it no more there).
     ticket_refused: dict[str, str] = field(default_factory=dict)
-
-
-def busy_servers(selection: ServerSelection | None) -> tuple[str, ...]:
-    """The candidates passed over as busy (the result's busy_servers). Pure."""
-    if selection is None:
-        return ()
-    return tuple(f.url for f in selection.failovers if f.error.startswith(BUSY))
+    # The candidates found busy, in rank order (the result's busy_servers): the chosen
+    # one too when every candidate that answered was busy.
+    busy: tuple[str, ...] = ()
 
 
 async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSPEC, *,
-                 ticket: Ticket | None = None) -> Choice:
+                 ticket: Ticket | None = None,
+                 clock: Callable[[], float] | None = None) -> Choice:
     """Ping every candidate's host (each host once, one train after the other), rank,
     and take the first that accepts a connection and is not busy (the module
     docstring); pings and connections in address family ``af`` only (a candidate with
@@ -158,7 +157,8 @@ async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSP
     One after the other: a raw ICMP socket sees every echo reply to the host, and trains
     running together could credit one host's replies to another when their random
     identifiers met. Sequential trains cost (pings - 1) x 0.2 s plus a round trip each
-    (under 7 s for 16 candidates and 3 pings)."""
+    (under 7 s for 16 candidates and 3 pings). ``clock``: the event loop's (tests
+    inject one; the capacity ask's deadline is a loop time)."""
     measured: dict[str, tuple[tuple[float, ...], str | None]] = {}
     for url in candidates:
         host = _endpoint(url)[0]
@@ -171,12 +171,12 @@ async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSP
                                       error=error))
     failovers: list[ServerFailover] = []
     chosen: str | None = None
-    first_busy: str | None = None
+    busy_urls: list[str] = []
     refused: dict[str, str] = {}
-    loop = asyncio.get_running_loop()
+    now = clock or asyncio.get_running_loop().time
     for i in rank(ranked):
         url = ranked[i].url
-        deadline = loop.time() + CONNECT_TIMEOUT_S
+        deadline = now() + CONNECT_TIMEOUT_S
         problem = await _connect(url, af)
         if problem is not None:
             failovers.append(ServerFailover(url=url, error=problem))
@@ -193,7 +193,12 @@ async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSP
             chosen = url
             break
         failovers.append(ServerFailover(url=url, error=BUSY + busy))
-        first_busy = first_busy or url
+        busy_urls.append(url)
+    if chosen is None and busy_urls:
+        # Every candidate that answered is busy: the best-ranked busy one is used, so it
+        # is no failover (it was not passed over), but it stays listed busy.
+        chosen = busy_urls[0]
+        failovers = [f for f in failovers if f.url != chosen]
     selection = ServerSelection(method="icmp_median_rtt", candidates=tuple(ranked),
-                                chosen_url=chosen or first_busy, failovers=tuple(failovers))
-    return Choice(selection, refused)
+                                chosen_url=chosen, failovers=tuple(failovers))
+    return Choice(selection, refused, tuple(busy_urls))

@@ -6,10 +6,13 @@ the transfer failure rate (Allegato 2: "rapporto tra le trasmissioni dei dati fa
 numero totale dei tentativi di trasmissione").
 
 A *refused* attempt (issue 24) is one the measurement server turned away: 429 or 503 for
-capacity (server_refused), or 403 for the session's ticket (ticket_refused). It is the
-server's shortfall, not the line's: it does not use up one of the test's attempts, it is
-recorded with its own reason and retried, within the limits ``Access`` keeps for the
-whole session (spec.REFUSAL_*; agent/budget.py plans them).
+capacity, marked as its own with spec.REFUSED_HEADER (server_refused), or 403 for the
+ticket the request presented (ticket_refused). It is the server's shortfall, not the
+line's: it does not use up one of the test's attempts, it is recorded with its own reason
+and retried, within the limits ``Access`` keeps for the whole session (spec.REFUSAL_*;
+agent/budget.py plans them). A 429 or 503 without the mark (a captive portal, an
+operator's proxy) and a ticket refusal of a request that presented none stay the line's
+failures (http_status), as any other status.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from datetime import UTC, datetime
 
 from agent import live, spec, stats
 from agent.delivery import parse_retry_after
-from agent.probes.wire import WireError, ticket_code
+from agent.probes.wire import WireError, reason_code, server_refused, ticket_refusal
 from agent.schema import (
     REFUSAL_REASONS,
     Direction,
@@ -33,10 +36,6 @@ from agent.schema import (
 from agent.ticket import Ticket
 
 SampleList = list[tuple[float, int]]
-
-# The statuses of a server refusing a transfer for capacity: per-client limit reached
-# (429, RFC 6585 §4) and server full (503, RFC 9110 §15.6.4).
-REFUSAL_STATUSES = frozenset({429, 503})
 
 
 class StreamFailure(Exception):
@@ -94,18 +93,21 @@ _WIRE_REASONS: dict[str, FailureReason] = {
 
 def classify(exc: BaseException, now: datetime | None = None) -> StreamFailure:
     """Map a transfer exception to a failure record (the one translation point). A 429 or
-    503 is server_refused, with the wait its Retry-After asks for (an HTTP-date is read
-    against ``now``); a 403 carrying spec.TICKET_REFUSED_HEADER is ticket_refused, its
-    code in the error text; any other status stays http_status."""
+    503 the server marked as its own (wire.server_refused) is server_refused, with the
+    wait its Retry-After asks for (an HTTP-date is read against ``now``) and the
+    server's reason in the error text; a 403 refusing the ticket the request presented
+    (wire.ticket_refusal) is ticket_refused, its code in the error text; any other
+    status, an unmarked 429 or 503 included, stays http_status."""
     if isinstance(exc, StreamFailure):
         return exc
     if isinstance(exc, WireError):
-        if exc.kind == "http" and exc.status in REFUSAL_STATUSES:
+        if server_refused(exc):
+            assert exc.refused is not None
             wait = parse_retry_after(exc.retry_after, now or datetime.now(UTC))
-            return StreamFailure("server_refused", f"refused for capacity: {exc}",
-                                 exc.status, retry_after_s=wait)
-        if exc.kind == "http" and exc.status == 403 and exc.ticket_refused is not None:
-            code = ticket_code(exc.ticket_refused)
+            return StreamFailure(
+                "server_refused", f"refused for capacity ({reason_code(exc.refused)}): "
+                                  f"{exc}", exc.status, retry_after_s=wait)
+        if (code := ticket_refusal(exc)) is not None:
             return StreamFailure("ticket_refused", f"ticket refused ({code}): {exc}",
                                  exc.status, ticket_code=code)
         return StreamFailure(_WIRE_REASONS[exc.kind], str(exc), exc.status)
@@ -231,6 +233,7 @@ class Access:
     progress: Callable[[str], None] = _quiet
     # The server's reason, once it refused the ticket (the session goes on without it).
     refused: str | None = None
+    # Charged so far: the session's POST for its ticket (agent/session.py), then retries.
     spent_s: float = 0.0
     spent_bytes: int = 0
 

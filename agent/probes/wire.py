@@ -25,6 +25,9 @@ from agent import family, payload, spec
 from agent.schema import REASON_CODE_RE
 
 CONNECT_TIMEOUT_S = 10.0
+# After an upload's write broke, how long the server's answer may still take to be read
+# (it is normally in the socket already: the server answered, then closed).
+ANSWER_GRACE_S = 1.0
 MAX_HEAD_BYTES = 64 * 1024
 RECEIVE_BUFFER_BYTES = 1024 * 1024
 # Upload chunks are sized to last about this long at the observed rate (see _send_body).
@@ -44,16 +47,22 @@ class WireError(Exception):
     """A protocol-level failure: ``kind`` is "connect", "http", "broken" or "protocol".
 
     An "http" error keeps what a refusal says about itself (issue 24), as the server sent
-    it: ``retry_after`` (the Retry-After header of a 429 or 503) and ``ticket_refused``
-    (spec.TICKET_REFUSED_HEADER of a 403: the reason the server refused the ticket)."""
+    it: ``retry_after`` (the Retry-After header of a 429 or 503), ``refused``
+    (spec.REFUSED_HEADER: a bbprobe server's mark on its own capacity refusal, and its
+    reason) and ``ticket_refused`` (spec.TICKET_REFUSED_HEADER of a 403: the reason the
+    server refused the ticket); and ``ticket_presented``, whether the request carried
+    a ticket (a ticket refusal of a request that presented none is not one)."""
 
     def __init__(self, kind: str, message: str, status: int | None = None, *,
-                 retry_after: str | None = None, ticket_refused: str | None = None) -> None:
+                 retry_after: str | None = None, refused: str | None = None,
+                 ticket_refused: str | None = None, ticket_presented: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
+        self.refused = refused
         self.ticket_refused = ticket_refused
+        self.ticket_presented = ticket_presented
 
 
 @dataclass(slots=True)
@@ -82,20 +91,42 @@ def parse_head(raw: bytes) -> Head:
     return head
 
 
-def ticket_code(value: str) -> str:
-    """The reason a server gave for refusing a ticket (spec.TICKET_REFUSED_HEADER), as
-    recorded: its code when it is one (lower-case letters, digits, underscores:
-    malformed, expired, wrong_server...), else "unspecified" (the header is the
-    server's text: it does not go into a result unchecked)."""
+def reason_code(value: str) -> str:
+    """The reason a server gave for a refusal (spec.TICKET_REFUSED_HEADER,
+    spec.REFUSED_HEADER), as recorded: its code when it is one (lower-case letters,
+    digits, underscores: malformed, expired, wrong_server, busy...), else "unspecified"
+    (the header is the server's text: it does not go into a result unchecked)."""
     code = value.strip().lower()
     return code if REASON_CODE_RE.fullmatch(code) else "unspecified"
 
 
-def status_error(head: Head, message: str) -> WireError:
-    """The "http" error for a final response other than 200, with its refusal headers."""
+def status_error(head: Head, message: str, *, presented: bool = False) -> WireError:
+    """The "http" error for a final response other than 200, with its refusal headers;
+    ``presented``: the request carried a ticket."""
     return WireError("http", message, head.status,
                      retry_after=head.headers.get("retry-after"),
-                     ticket_refused=head.headers.get(spec.TICKET_REFUSED_HEADER.lower()))
+                     refused=head.headers.get(spec.REFUSED_HEADER.lower()),
+                     ticket_refused=head.headers.get(spec.TICKET_REFUSED_HEADER.lower()),
+                     ticket_presented=presented)
+
+
+def server_refused(exc: WireError) -> bool:
+    """Whether ``exc`` is the measurement server's own refusal for capacity: a 429 or 503
+    it marked with spec.REFUSED_HEADER. One without the mark may come from anything on
+    the path (a captive portal, an operator's proxy under load): it is the line's
+    failure, as any other status. Pure."""
+    return exc.kind == "http" and exc.status in spec.REFUSAL_STATUSES and \
+        exc.refused is not None
+
+
+def ticket_refusal(exc: WireError) -> str | None:
+    """The server's code when ``exc`` refuses the ticket the request presented (403 with
+    spec.TICKET_REFUSED_HEADER), else None: a request that presented no ticket had none
+    to refuse. Pure."""
+    if exc.kind != "http" or exc.status != 403 or exc.ticket_refused is None or \
+            not exc.ticket_presented:
+        return None
+    return reason_code(exc.ticket_refused)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -265,10 +296,10 @@ def _request_head(method: str, t: Target, path_qs: str, extra: dict[str, str]) -
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _check_status(head: Head, t: Target, path: str) -> None:
+def _check_status(head: Head, t: Target, path: str, presented: bool) -> None:
     if head.status != 200:
         raise status_error(head, f"HTTP {head.status} {head.reason} from "
-                                 f"{t.host_header}{t.base_path}{path}")
+                                 f"{t.host_header}{t.base_path}{path}", presented=presented)
 
 
 async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
@@ -287,7 +318,7 @@ async def download(base_url: str, path_qs: str, on_head: Callable[[int], None],
         conn.transport.write(_request_head("GET", t, path_qs, dict(headers or {})))
         async with asyncio.timeout_at(stop_at):
             head = await conn.head_ready
-            _check_status(head, t, path_qs)
+            _check_status(head, t, path_qs, spec.TICKET_HEADER in (headers or {}))
         expected = head.content_length
         if expected is None:
             raise WireError("protocol", "response has no Content-Length")
@@ -313,9 +344,12 @@ async def upload(base_url: str, path_qs: str, size: int | None,
 
     Sends ``Expect: 100-continue`` and waits for the interim response before the body,
     so the server can count the body on its fast path (and refuse it, 429 or 403, before
-    any is sent). Returns the final head and body. ``headers`` go with the request.
+    any is sent). A server may also answer mid-body (a ticket's bytes used up: 403) and
+    close: the upload then fails with that answer, not with the broken write it caused.
+    Returns the final head and body. ``headers`` go with the request.
     """
     t = target(base_url)
+    presented = spec.TICKET_HEADER in (headers or {})
     conn = await _connect(t, None, None, keep_body=True, af=af, on_connect=on_connect)
     transport = conn.transport
     assert transport is not None
@@ -335,24 +369,49 @@ async def upload(base_url: str, path_qs: str, size: int | None,
             # The reason, if it comes: a refusal is one whether or not its body does.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(conn.closed), CONNECT_TIMEOUT_S)
-            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}")
+            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}",
+                               presented=presented)
         conn.continued.result()
-        await _send_body(conn, size, on_sent, stop_at, loop_time)
+        try:
+            await _send_body(conn, size, on_sent, stop_at, loop_time)
+        except WireError as exc:
+            # The server answered mid-body and closed (a refusal: 403 for the ticket's
+            # bytes, 429): the broken write is its consequence, the answer the cause.
+            answer = await _answer(conn) if exc.kind == "broken" else None
+            if answer is None or answer.status == 200:
+                raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.closed), ANSWER_GRACE_S)
+            raise status_error(answer, f"HTTP {answer.status} during the upload: "
+                                       f"{_reason(conn.body)}", presented=presented) from None
         head = await conn.head_ready
         await conn.closed
         if head.status != 200:
-            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}")
+            raise status_error(head, f"HTTP {head.status}: {_reason(conn.body)}",
+                               presented=presented)
         return head, bytes(conn.body)
     finally:
         transport.abort()
 
 
+async def _answer(conn: _Connection) -> Head | None:
+    """The server's final answer after a broken write: the head when it has come, or
+    comes within ANSWER_GRACE_S (sendfile pauses reading, so an answer may still sit in
+    the socket, read once the loop runs; a reset or EOF settles it at once); else None."""
+    try:
+        async with asyncio.timeout(ANSWER_GRACE_S):
+            return await asyncio.shield(conn.head_ready)
+    except (TimeoutError, WireError):
+        return None
+
+
 async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int], None],
                      stop_at: float | None, loop_time: Callable[[], float]) -> None:
     """Send ``size`` bytes (None: chunked until ``stop_at``) with ``loop.sendfile`` from the
-    payload file. Chunks last about ``CHUNK_TARGET_S`` at the rate seen so far, so the
-    stop time is honoured on a 2 Mbit/s line and per-call overhead stays small at 10
-    Gbit/s; a chunk is never cut, so the chunked framing is always whole."""
+    payload file, or until the server answers (the caller then reads the answer). Chunks
+    last about ``CHUNK_TARGET_S`` at the rate seen so far, so the stop time is honoured on
+    a 2 Mbit/s line and per-call overhead stays small at 10 Gbit/s; a chunk is never cut,
+    so the chunked framing is always whole."""
     loop = asyncio.get_running_loop()
     transport = conn.transport
     assert transport is not None
@@ -375,18 +434,29 @@ async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int
             notsent = want
 
     bound_unsent(0.0)
+    # The chunk's closing CRLF goes out with the next chunk's size line (or the last
+    # chunk): one write fewer a chunk, and none after the server has answered.
+    closing = b""
     while remaining is None or remaining > 0:
         if stop_at is not None and loop_time() >= stop_at:
             break
+        # RFC 9112 §9.5: a client sending a body watches for an answer meanwhile, and
+        # stops sending when one comes (a refusal mid-body: the server then closes, and
+        # an answer still unread when its reset arrives is lost, RFC 9112 §9.6).
+        # sendfile pauses reading, so the loop gets two turns between chunks: one
+        # polls the socket, the next runs after its read.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if conn.head_ready.done():
+            return
         count = chunk if remaining is None else min(chunk, remaining)
         if size is None:
-            transport.write(b"%x\r\n" % count)
+            transport.write(closing + b"%x\r\n" % count)
+            closing = b"\r\n"
         try:
             await loop.sendfile(transport, source, 0, count)
         except (ConnectionError, RuntimeError) as exc:
             raise WireError("broken", f"connection closed during the upload: {exc}") from None
-        if size is None:
-            transport.write(b"\r\n")
         sent += count
         on_sent(count)
         if remaining is not None:
@@ -397,7 +467,7 @@ async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int
             chunk = int(min(max(rate / 8 * CHUNK_TARGET_S, MIN_CHUNK_BYTES), file_size))
             bound_unsent(rate)
     if size is None:
-        transport.write(b"0\r\n\r\n")
+        transport.write(closing + b"0\r\n\r\n")
     await conn.drain()
 
 

@@ -13,8 +13,9 @@ line meet its contract? Pure: results and contract in, certificate out.
   neither fill a band nor contribute a sample.
 - Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
   ``delay_basis="rtt_half"`` judges the one-way estimate instead.
-- Attempts the measurement server refused (issue 24: for capacity, HTTP 429/503, or its
-  refusal of the ticket; facts.is_refusal) are not the line's: no sample, no failure.
+- Attempts the measurement server refused (issue 24: for capacity, HTTP 429 or a bbprobe
+  server's 503, or its refusal of the ticket; facts.is_refusal) are not the line's: no
+  sample, no failure.
   Each session lists how many it had, and the certificate counts them per server.
 """
 

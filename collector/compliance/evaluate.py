@@ -4,9 +4,9 @@ Definitions (README "How each indicator is computed"):
 - speeds: every successful transfer attempt is one per-test speed sample (kbit/s);
   "banda massima" is their 95th percentile and "banda minima" their 5th;
 - transfer failure rate: failed attempts / all attempts, per direction; attempts the
-  measurement server refused (for capacity, HTTP 429/503, or its refusal of the
-  session's ticket: facts.is_refusal) are neither, and are counted apart, per server
-  (issue 24);
+  measurement server refused (for capacity, HTTP 429 or a bbprobe server's 503, or its
+  refusal of the session's ticket: facts.is_refusal) are neither, and are counted apart,
+  per server (issue 24); a 503 from anything else on the path is the line's failure;
 - one-way delay: from every ICMP echo reply in scope, RTT / 2 by default (``delay_basis``);
   mean, and sample standard deviation (n - 1);
 - packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``);
@@ -241,8 +241,9 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
             else "nearest rank (Hyndman-Fan type 1)",
             "speed_sample": "one per successful transfer attempt",
             "failure_ratio": "failed attempts / all attempts; attempts the measurement "
-                             "server refused for capacity (HTTP 429/503) or whose ticket "
-                             "it refused are counted apart and not in the failure rate",
+                             "server refused for capacity (HTTP 429, or 503 from a bbprobe "
+                             "server) or whose ticket it refused are counted apart and not "
+                             "in the failure rate",
             "delay": "one-way = RTT / 2 (ICMP echo, symmetric path)"
             if opts.delay_basis == "rtt_half"
             else "round-trip time of ICMP echo",

@@ -23,11 +23,14 @@ stays the master copy; the facts are rebuilt from it by a store migration.
   address share its per-address cap) or refuses the session's ticket says nothing of
   the line. They are counted per session with the server that refused them, and shown
   apart, per server, so an operator sees an under-sized server, not an unreliable line.
+  Nothing else on the path may turn a line's failure into a refusal: a captive portal or
+  an operator's proxy answering 503 under load is the line's failure (``is_refusal``).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,11 +38,21 @@ from agent.schema import REFUSAL_REASONS, SessionResult
 from agent.stats import Moments
 from agent.ticket import origin
 
-# HTTP statuses with which a measurement server turns a transfer away for capacity: 429
-# Too Many Requests (RFC 6585 §4: its per-client cap) and 503 Service Unavailable (RFC
-# 9110 §15.6.4: full). Agents before schema 7 recorded such an attempt as
-# failure_reason "http_status" with the status; it is a refusal all the same.
-REFUSAL_STATUSES = frozenset({429, 503})
+# How agents before schema 7 recorded a refusal: failure_reason "http_status" and the
+# status, with nothing to say who answered it. Only two such records are the server's:
+# - HTTP 429 Too Many Requests (RFC 6585 §4): the origin server's own rate limit, "the
+#   user has sent too many requests"; a bbprobe server's per-address cap, the case of
+#   issue 24 (many probes behind one carrier-grade NAT address);
+# - HTTP 503 whose recorded error text is a bbprobe server's own refusal, which began
+#   "server busy: N transfers ..." in every release (collector/measurement/slots.py).
+#   Such an agent recorded an upload's refusal as "HTTP 503: <the body's reason>"
+#   (agent/probes/wire.py) and a download's as "HTTP 503 Service Unavailable from
+#   <url>", with no reason: a 503 download of an old agent cannot be told from a
+#   captive portal's or an overloaded proxy's, and stays the line's failure.
+# Schema 7's reasons are trusted as recorded: its agent records server_refused only when
+# the server marked the refusal with its own header (agent/spec.py REFUSED_HEADER).
+LEGACY_REFUSAL_STATUS = 429
+LEGACY_BUSY_503 = re.compile(r"HTTP 503: server busy: \d+ transfers ")
 # A server key longer than this (a URL that is no http(s) URL: nothing to take the
 # origin of) is cut: it is a label in reports, and one row of a day's rollup.
 SERVER_KEY_CHARS = 200
@@ -103,16 +116,24 @@ def jitter_terms(rtts: Sequence[float | None]) -> tuple[int, int]:
     return sum(round(abs(b - a) * 1e6) for a, b in itertools.pairwise(answered)), pairs
 
 
-def is_refusal(status: str, failure_reason: str | None, http_status: int | None) -> bool:
+def is_refusal(status: str, failure_reason: str | None, http_status: int | None,
+               error: str | None) -> bool:
     """Whether a transfer attempt is one the measurement server refused (issue 24): a
     failed attempt whose reason is one of the schema's REFUSAL_REASONS (server_refused:
-    HTTP 429 or 503; ticket_refused), or, as agents before schema 7 recorded it,
-    failure_reason "http_status" with HTTP status 429 or 503 (REFUSAL_STATUSES). Any
-    other failure is the line's. Plain values, so a stored body's dicts are classed by
-    the same rule as the schema's dataclasses (report.listing_row)."""
-    return status == "failed" and (
-        failure_reason in REFUSAL_REASONS
-        or (failure_reason == "http_status" and http_status in REFUSAL_STATUSES))
+    a 429 or 503 the bbprobe server marked as its own; ticket_refused), or, as agents
+    before schema 7 recorded it (failure_reason "http_status"), HTTP 429, or HTTP 503
+    whose error text is a bbprobe server's "server busy" (LEGACY_BUSY_503). Any other
+    failure is the line's, a 503 from anything else on the path included. Plain values,
+    so a stored body's dicts are classed by the same rule as the schema's dataclasses
+    (report.listing_row)."""
+    if status != "failed":
+        return False
+    if failure_reason in REFUSAL_REASONS:
+        return True
+    if failure_reason != "http_status":
+        return False
+    return http_status == LEGACY_REFUSAL_STATUS or (
+        http_status == 503 and isinstance(error, str) and LEGACY_BUSY_503.match(error) is not None)
 
 
 def server_key(url: str | None) -> str:
@@ -136,7 +157,7 @@ def of_result(result: SessionResult, started_at: str) -> SessionFacts:
             else None,
         )
         for a in result.transfers
-        if not is_refusal(a.status, a.failure_reason, a.http_status)
+        if not is_refusal(a.status, a.failure_reason, a.http_status, a.error)
     )
     refused = len(result.transfers) - len(transfers)
     rtts: tuple[float | None, ...] = tuple(s.rtt_ms for s in result.ping.samples) \

@@ -14,7 +14,15 @@
 - ``GET /measure/v1/echo`` answers at once with a tiny body, for HTTP round-trip times;
   ``?capacity=1``: 200 only if a transfer from this client (its ticket, if it presents
   one, else its address) would be admitted now, else the refusal it would get (429, 503,
-  403), without taking a slot (the agent tells a busy server from a broken one).
+  403), without taking a slot (the agent tells a busy server from a broken one). Such
+  asks are no transfers (not counted as refused ones) and each client (an address or a
+  /64) may make a few a second (slots.py CAPACITY_ASKS_PER_MIN; 429 beyond).
+
+Under a ticket, a transfer asking for more than the ticket has left (``duration_s``
+above its remaining seconds, ``bytes`` or an upload's length above its remaining bytes)
+is refused at once (403, allowance_duration / allowance_bytes), so a started transfer is
+not cut by the allowance (but where the ticket's concurrent transfers use it up); an
+upload stopped at its ticket's time is that refusal too, not a 413.
 
 Every transfer is bounded by ``measurement.max_bytes`` and ``max_duration_s`` (less under a
 ticket with less left: slots.py), and at most ``max_concurrent`` run at once (503 +
@@ -33,7 +41,17 @@ from aiohttp import web
 from agent import payload, spec
 from agent.schema import UploadReport, to_dict
 from collector.errors import ApiError
-from collector.measurement.slots import CONFIG, SLOTS, Transfer, presented
+from collector.limits import RateLimiter
+from collector.measurement.slots import (
+    CAPACITY_LIMITER,
+    CONFIG,
+    SLOTS,
+    Transfer,
+    capacity_refused,
+    client_key,
+    presented,
+)
+from collector.web.base import count
 from collector.web.routing import Routes
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
@@ -60,12 +78,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     duration = _number(request, "duration_s", float, 0.001, cfg.max_duration_s)
     if nbytes is None and duration is None:
         raise ApiError(400, "give bytes=N or duration_s=S (or both)")
-    claims = presented(request)
-    async with request.app[SLOTS].slot(request.remote, claims) as transfer:
-        if nbytes is not None and nbytes > transfer.bytes:
-            # Only under a ticket (bytes= is within max_bytes): it has less left.
-            raise transfer.over(f"{int(nbytes)} bytes asked; the ticket has "
-                                f"{transfer.bytes} left")
+    claims = await presented(request)
+    async with request.app[SLOTS].slot(
+            request.remote, claims, seconds=duration,
+            nbytes=None if nbytes is None else int(nbytes)) as transfer:
         loop = asyncio.get_running_loop()
         seconds = min(duration if duration is not None else cfg.max_duration_s,
                       transfer.seconds)
@@ -259,15 +275,12 @@ async def upload(request: web.Request) -> web.Response:
     expect = request.headers.get("Expect", "")
     if expect and expect.lower() != "100-continue":
         raise ApiError(417, f"unsupported Expect: {expect!r}")
-    claims = presented(request)
-    async with request.app[SLOTS].slot(request.remote, claims) as transfer:
-        announced = max(request.content_length or 0, int(expected or 0))
-        if announced > transfer.bytes:
-            # Only under a ticket (both are within max_bytes): it has less left.
-            raise transfer.over(f"{announced} bytes announced; the ticket has "
-                                f"{transfer.bytes} left")
-        limit_s = min(duration if duration is not None else cfg.max_duration_s,
-                      transfer.seconds)
+    claims = await presented(request)
+    announced = max(request.content_length or 0, int(expected or 0))
+    async with request.app[SLOTS].slot(request.remote, claims, seconds=duration,
+                                       nbytes=announced or None) as transfer:
+        asked_s = duration if duration is not None else cfg.max_duration_s
+        limit_s = min(asked_s, transfer.seconds)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         fast = bool(expect) and request.transport is not None
@@ -278,6 +291,8 @@ async def upload(request: web.Request) -> web.Response:
                 else:
                     samples, total = await _count_stream(request, t0, interval, transfer)
         except TimeoutError:
+            if limit_s < asked_s:  # the ticket's time, not the request's
+                raise transfer.out_of_time() from None
             raise ApiError(
                 413, f"upload still running after {limit_s:g} s (duration_s limit)"
             ) from None
@@ -353,9 +368,25 @@ async def echo(request: web.Request) -> web.Response:
             raise ApiError(400, f"capacity: expected 1 (or 0), got {capacity[:20]!r}",
                            field="capacity")
         if capacity == "1":
-            # The refusal a transfer would get now (a refused ticket's too), no slot taken.
-            request.app[SLOTS].check(request.remote, presented(request))
+            _within_capacity_asks(request)
+            # The refusal a transfer would get now (a refused ticket's too), no slot
+            # taken, and not counted as a refused transfer: none was asked for.
+            request.app[SLOTS].check(request.remote, await presented(request, count=False),
+                                     count=False)
     return web.Response(text="ok", headers={"Cache-Control": "no-store"})
+
+
+def _within_capacity_asks(request: web.Request) -> None:
+    """A client's capacity asks within CAPACITY_ASKS_PER_MIN (each may cost a signature
+    verification); 429, marked per_client, beyond."""
+    limiter = request.app[CAPACITY_LIMITER]
+    key = client_key(request.remote)
+    wait = limiter.take(key)
+    if wait is not None:
+        count(request, lambda m: m.rate_limited.labels("capacity").inc())
+        raise capacity_refused(429, "per_client", f"too many capacity asks from {key}; "
+                               f"retry in {wait:.1f} s",
+                               retry_after=RateLimiter.retry_after(wait))
 
 
 async def _no_interim(request: web.Request) -> None:

@@ -89,7 +89,7 @@ async def garbage(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG]
     # Within the measurement role's per-request byte cap, as every download here is.
     count = min(chunks_wanted(request.query.get("ckSize")), max(1, cfg.max_bytes // CHUNK))
-    claims = presented(request)
+    claims = await presented(request)
     async with request.app[SLOTS].slot(request.remote, claims) as transfer:
         # A ticket with less left gets fewer chunks (one at least: it has some left).
         count = min(count, max(1, transfer.bytes // CHUNK))
@@ -122,7 +122,7 @@ async def garbage(request: web.Request) -> web.StreamResponse:
 async def empty(request: web.Request) -> web.Response:
     if request.method == "POST" and request.can_read_body:
         cfg = request.app[CONFIG]
-        claims = presented(request)
+        claims = await presented(request)
         async with request.app[SLOTS].slot(request.remote, claims) as transfer:
             received = 0
             try:

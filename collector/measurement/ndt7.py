@@ -360,11 +360,14 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             metadata, early = parse_query(request.query_string)
         except ValueError as exc:
             raise ApiError(400, f"ndt7 query: {exc}") from None
-        claims = presented(request)
-        async with request.app[SLOTS].slot(request.remote, claims) as transfer:
-            # Under a ticket with less time left, a shorter subtest (its Close may come
-            # up to MAX_RUNTIME_S - runtime later: the ledger counts the time it took).
-            runtime = min(request.app[CONFIG].ndt7_runtime_s, transfer.seconds)
+        claims = await presented(request)
+        runtime = request.app[CONFIG].ndt7_runtime_s
+        # Under a ticket with less time left than a subtest's, refused now (403
+        # allowance_duration), not cut short (its Close may come up to MAX_RUNTIME_S -
+        # runtime later: the ledger counts the time it took).
+        async with request.app[SLOTS].slot(request.remote, claims,
+                                           seconds=runtime) as transfer:
+            runtime = min(runtime, transfer.seconds)  # measurement.max_duration_s
             # timeout: how long our Close waits for the client's; the client's comes after
             # all it had queued (ndt7-js keeps up to 56 MiB queued in uploads), so it gets
             # the rest of the hard limit. Past that, the connection is dropped, which

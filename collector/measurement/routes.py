@@ -12,11 +12,13 @@ from collector.config import MeasurementConfig
 from collector.measurement import http, librespeed, ndt7
 from collector.measurement.page import page
 from collector.measurement.slots import (
+    CAPACITY_LIMITER,
     CONFIG,
     GATE,
     SLOTS,
     Gate,
     TransferSlots,
+    capacity_limiter,
     reserved_slots,
 )
 from collector.metrics import Metrics
@@ -44,6 +46,7 @@ def add_routes(routes: Routes, cfg: MeasurementConfig,
                                       metrics, reserved=reserved_slots(cfg, gate is not None),
                                       max_bytes=cfg.max_bytes,
                                       max_duration_s=cfg.max_duration_s)
+    routes.app[CAPACITY_LIMITER] = capacity_limiter()
     if gate is not None:
         routes.app[GATE] = gate
     payload.file()  # generate the random payload now, not during the first test

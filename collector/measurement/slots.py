@@ -15,6 +15,11 @@ bytes, busy seconds), not against its address. Tickets and anonymous clients sha
 pool, but ``reserved`` slots are for tickets only, so strangers cannot starve the fleet;
 a stranger at a ticketed probe's address keeps its own per-address share.
 
+Every capacity refusal (429, 503) carries spec.REFUSED_HEADER with its reason (busy,
+per_client, anonymous_share, ticket_streams, ledger_full): only a refusal so marked is
+the server's to the agent, a bare 429 or 503 may come from anything on the path. A
+refused ticket is a 403 with spec.TICKET_REFUSED_HEADER instead.
+
 A request's ticket is read from the Bbprobe-Ticket header only (never a query parameter:
 URLs end up in error texts and logs). A server that accepts no tickets (tickets.enabled
 = false, or a measurement-only server trusting no key) serves it as anonymous, as an
@@ -25,23 +30,28 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import spec
 from collector.config import MeasurementConfig
-from collector.errors import ApiError, ConfigError
+from collector.errors import ApiError
+from collector.keys import OwnKey
+from collector.limits import RateLimiter
 from collector.measurement.ledger import Ledger, Refusal, Usage
 from collector.metrics import Metrics
 from collector.tickets import Claims, TicketRefused, Verifier, origin_of
 
-log = logging.getLogger("bbprobe.collector")
 RETRY_AFTER_S = "5"
+# Capacity asks (echo?capacity=1) per client (an address or a /64): each may cost an
+# Ed25519 verification (a forged ticket is never cached). An agent asks once per
+# candidate server at a session's start, so a burst covers several probes behind one
+# address starting together; beyond the rate, 429 (marked per_client).
+CAPACITY_ASKS_PER_MIN = 300.0
+CAPACITY_ASKS_BURST = 20
 _DEFAULTS = MeasurementConfig()
 
 
@@ -56,6 +66,13 @@ def client_key(address: str | None) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+def capacity_refused(status: int, reason: str, message: str,
+                     retry_after: str = RETRY_AFTER_S) -> ApiError:
+    """A refusal for capacity (429, 503), marked as this server's (spec.REFUSED_HEADER)."""
+    return ApiError(status, message, retry_after=retry_after,
+                    headers={spec.REFUSED_HEADER: reason})
 
 
 def ticket_refused(code: str, message: str, close: bool = False) -> ApiError:
@@ -107,6 +124,16 @@ class Transfer:
         return ticket_refused("allowance_bytes",
                               detail or f"the ticket's {allowance} bytes are used", close=True)
 
+    def out_of_time(self) -> ApiError:
+        """The refusal of a transfer stopped at its ticket's time (``seconds`` was less
+        than the request's own cap): a ticket refusal, not the transfer's failure
+        (counted); the connection closes after it."""
+        self.refused("allowance_duration")
+        allowance = self.usage.claims.allowance.duration_s if self.usage else 0.0
+        return ticket_refused("allowance_duration", f"stopped after {self.seconds:.1f} s: "
+                              f"the ticket's {allowance:g} s of measuring are used",
+                              close=True)
+
 
 class TransferSlots:
     """Counts running transfers, in all, per anonymous client and per ticket; refuses
@@ -134,46 +161,57 @@ class TransferSlots:
         if metrics is not None:
             metrics.transfers_limit.set(limit)
 
-    def check(self, address: str | None, claims: Claims | None = None) -> Usage | None:
-        """Raise the refusal a transfer from ``address`` (under ``claims``) would get
-        now; takes nothing. Its ticket's usage so far, if any."""
+    def check(self, address: str | None, claims: Claims | None = None, *,
+              seconds: float | None = None, nbytes: int | None = None,
+              count: bool = True) -> Usage | None:
+        """Raise the refusal a transfer from ``address`` (under ``claims``, asking for
+        ``seconds`` and ``nbytes`` if it says) would get now; takes nothing. Its ticket's
+        usage so far, if any. ``count``: a refusal is counted in the metrics (not for a
+        capacity ask, which is no transfer)."""
+        refused = self.refused if count else (lambda reason: None)
         if claims is not None:
             try:
-                usage = self.ledger.check(claims, self.clock(), self.wall())
+                usage = self.ledger.check(claims, self.clock(), self.wall(),
+                                          seconds=seconds, nbytes=nbytes)
             except Refusal as exc:
-                self.refused(exc.reason)
+                refused(exc.reason)
                 if exc.reason == "ticket_streams":
-                    raise ApiError(429, exc.message, retry_after=RETRY_AFTER_S) from None
+                    raise capacity_refused(429, exc.reason, exc.message) from None
                 if exc.reason == "ledger_full":
-                    raise ApiError(503, exc.message, retry_after="30") from None
+                    raise capacity_refused(503, exc.reason, exc.message,
+                                           retry_after="30") from None
                 raise ticket_refused(exc.reason, exc.message) from None
-            self._busy()
+            self._busy(refused)
             return usage
         key = client_key(address)
         held = self.by_client.get(key, 0)
         if held >= self.per_client:
-            self.refused("per_client")
-            raise ApiError(429, f"too many transfers from {key}: {held} running (limit "
-                                f"{self.per_client} per client)", retry_after=RETRY_AFTER_S)
-        self._busy()
+            refused("per_client")
+            raise capacity_refused(429, "per_client", f"too many transfers from {key}: "
+                                   f"{held} running (limit {self.per_client} per client)")
+        self._busy(refused)
         if self.reserved and self.running - self.ticketed >= self.limit - self.reserved:
-            self.refused("anonymous_share")
-            raise ApiError(503, f"server busy: {self.limit - self.reserved} transfers "
-                                f"without a ticket already running ({self.reserved} of "
-                                f"{self.limit} slots are kept for ticketed probes)",
-                           retry_after=RETRY_AFTER_S)
+            refused("anonymous_share")
+            raise capacity_refused(503, "anonymous_share", f"server busy: "
+                                   f"{self.limit - self.reserved} transfers without a "
+                                   f"ticket already running ({self.reserved} of "
+                                   f"{self.limit} slots are kept for ticketed probes)")
         return None
 
-    def _busy(self) -> None:
+    def _busy(self, refused: Callable[[str], None]) -> None:
         if self.running >= self.limit:
-            self.refused("busy")
-            raise ApiError(503, f"server busy: {self.limit} transfers already running",
-                           retry_after=RETRY_AFTER_S)
+            refused("busy")
+            raise capacity_refused(503, "busy", f"server busy: {self.limit} transfers "
+                                   "already running")
 
     @contextlib.asynccontextmanager
-    async def slot(self, address: str | None, claims: Claims | None = None
+    async def slot(self, address: str | None, claims: Claims | None = None, *,
+                   seconds: float | None = None, nbytes: int | None = None
                    ) -> AsyncIterator[Transfer]:
-        self.check(address, claims)
+        """A slot for one transfer, or the refusal (check). ``seconds``, ``nbytes``: what
+        the request asks for, if it says: a ticket with less left is refused now
+        (allowance_duration, allowance_bytes), rather than cut short later."""
+        self.check(address, claims, seconds=seconds, nbytes=nbytes)
         if claims is not None:
             now = self.clock()
             # check() passed: start() cannot refuse (nothing ran in between).
@@ -217,27 +255,32 @@ class TransferSlots:
 
 class Gate:
     """This server's verification of presented tickets: the keys it trusts and, on a
-    collector that issues, its own, loaded (or generated) at first need by ``own_key``."""
+    collector that issues, its own, asked of its holder (keys.OwnKey, shared with the
+    issuing side) when a ticket names a key the verifier does not know yet."""
 
-    def __init__(self, verifier: Verifier,
-                 own_key: Callable[[], tuple[str, Ed25519PublicKey]] | None = None) -> None:
+    def __init__(self, verifier: Verifier, own: OwnKey | None = None) -> None:
         self.verifier = verifier
-        self._own_key = own_key
+        self.own = own
 
-    def verify(self, token: str, request_origin: str | None, now: float) -> Claims:
-        if self._own_key is not None:
-            load, self._own_key = self._own_key, None  # tried once: never a read a request
-            try:
-                self.verifier.trust(*load())
-            except ConfigError as exc:
-                log.error("tickets: this collector's signing key is unusable, so its "
-                          "tickets are refused here: %s", exc)
+    async def verify(self, token: str, request_origin: str | None, now: float) -> Claims:
+        try:
+            return self.verifier.verify(token, request_origin, now)
+        except TicketRefused as exc:
+            if exc.code != "unknown_key" or self.own is None:
+                raise
+            # The holder reads the key beside the loop, once (or at most every RETRY_S
+            # while it is unusable), and answers from memory after that.
+            key = await self.own.get()
+            if key is None or key.kid in self.verifier.keys:
+                raise
+            self.verifier.trust(key.kid, key.public)
         return self.verifier.verify(token, request_origin, now)
 
 
-def presented(request: web.Request) -> Claims | None:
+async def presented(request: web.Request, *, count: bool = True) -> Claims | None:
     """The verified claims of the ticket in the request's Bbprobe-Ticket header; None
-    without one, or where no ticket is accepted; a refused one raises (403)."""
+    without one, or where no ticket is accepted; a refused one raises (403), counted
+    unless ``count`` is false (a capacity ask)."""
     token = request.headers.get(spec.TICKET_HEADER)
     gate = request.app.get(GATE)
     if token is None or gate is None:
@@ -245,13 +288,20 @@ def presented(request: web.Request) -> Claims | None:
     try:
         # The Host header, not request.host: without one aiohttp would look up this
         # machine's name (a DNS query a stranger could trigger at will).
-        return gate.verify(token, origin_of(request.scheme, request.headers.get("Host")),
-                           time.time())
+        return await gate.verify(token, origin_of(request.scheme,
+                                                  request.headers.get("Host")),
+                                 time.time())
     except TicketRefused as exc:
-        request.app[SLOTS].refused(exc.code)
+        if count:
+            request.app[SLOTS].refused(exc.code)
         raise ticket_refused(exc.code, exc.message) from None
+
+
+def capacity_limiter() -> RateLimiter:
+    return RateLimiter(CAPACITY_ASKS_PER_MIN, CAPACITY_ASKS_BURST)
 
 
 CONFIG = web.AppKey("measurement_config", MeasurementConfig)
 SLOTS = web.AppKey("transfer_slots", TransferSlots)
 GATE = web.AppKey("ticket_gate", Gate)
+CAPACITY_LIMITER = web.AppKey("capacity_limiter", RateLimiter)

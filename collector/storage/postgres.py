@@ -312,14 +312,27 @@ MIGRATIONS: tuple[str | Callable[[Tx], None], ...] = (
     """,
     # 8 (SQLite's 18): attempts the measurement server refused (issue 24), counted apart
     # from the line's failures, per session with the server that refused them, and per
-    # day as JSON {server: attempts}.
+    # day as JSON {server: attempts}; the audit of migration 9, a row per stored session
+    # it reclassified.
     """
     ALTER TABLE session_facts ADD COLUMN refused_attempts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE session_facts ADD COLUMN refused_server TEXT;
-    ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}'
+    ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE refusal_reclassifications (
+        id BIGSERIAL PRIMARY KEY,
+        result_id TEXT NOT NULL,
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        refused_server TEXT,
+        migrated_at TEXT NOT NULL
+    );
+    CREATE INDEX refusal_reclassifications_probe
+        ON refusal_reclassifications (probe_name, started_at)
     """,
     # 9 (SQLite's 19): the refusals stored before as failed attempts, out of the failure
-    # rate (storage/refusals.py): only sessions with a failed transfer fact are decoded.
+    # rate (storage/refusals.py): only sessions with a failed transfer fact are decoded;
+    # each session changed is logged in sum and listed in refusal_reclassifications.
     _reclassify_refusals,
 )
 
@@ -477,7 +490,8 @@ class PostgresStore(SqlStore):
         """After copying rows with their generated keys: move the key's sequence past
         them, so the next insert does not collide."""
         column = {"browser_results": "id", "influx_outbox": "seq",
-                  "suppressions": "id", "alerts": "id"}.get(table)
+                  "suppressions": "id", "alerts": "id", "result_deletions": "id",
+                  "refusal_reclassifications": "id"}.get(table)
         if column is not None:
             self._transaction(lambda tx: tx.run(
                 f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "

@@ -1199,6 +1199,9 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "result_deletions": (("id",), ("id", "result_id", "probe_name", "started_at",
                                    "session_seq", "body_sha256", "deleted_at", "deleted_by",
                                    "reason")),
+    # The sessions the refusal migration reclassified (issue 24, storage/refusals.py).
+    "refusal_reclassifications": (("id",), ("id", "result_id", "probe_name", "started_at",
+                                            "attempts", "refused_server", "migrated_at")),
     "alert_deliveries": (("alert_id", "notifier"), (
         "alert_id", "notifier", "state", "attempts", "next_at", "lease_owner",
         "leased_until", "last_error", "delivered_at")),

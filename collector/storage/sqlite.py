@@ -395,18 +395,31 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     );
     CREATE INDEX result_deletions_probe ON result_deletions (probe_name);
     """,
-    # 18: attempts the measurement server refused (issue 24: HTTP 429/503 for capacity,
-    # or its refusal of the session's ticket), counted apart from the line's failures:
-    # per session, with the server (its origin) that refused them; per day, JSON
-    # {server: attempts}.
+    # 18: attempts the measurement server refused (issue 24: for capacity, HTTP 429 or a
+    # bbprobe server's 503, or its refusal of the session's ticket), counted apart from
+    # the line's failures: per session, with the server (its origin) that refused them;
+    # per day, JSON {server: attempts}. And the audit of migration 19: a row per stored
+    # session it reclassified (appended, never changed).
     """
     ALTER TABLE session_facts ADD COLUMN refused_attempts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE session_facts ADD COLUMN refused_server TEXT;
     ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE refusal_reclassifications (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        result_id TEXT NOT NULL,
+        probe_name TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        refused_server TEXT,
+        migrated_at TEXT NOT NULL
+    );
+    CREATE INDEX refusal_reclassifications_probe
+        ON refusal_reclassifications (probe_name, started_at);
     """,
     # 19: the refusals stored before as failed attempts, taken out of the failure rate
     # (storage/refusals.py): the sessions with a failed transfer fact are decoded again,
-    # and their days rebuilt.
+    # and their days rebuilt; each session changed is logged in sum and listed in
+    # refusal_reclassifications.
     _reclassify_refusals,
 )
 

@@ -16,6 +16,7 @@ from agent import spec
 from agent.schema import GapRecord, SchemaError, format_utc, parse_gap, parse_utc, utc_now
 from collector import auth, ingest
 from collector.errors import ApiError
+from collector.limits import RateLimiter
 from collector.storage.model import NewResult
 from collector.web.base import (
     COMMITS,
@@ -90,16 +91,25 @@ async def ingesting_probe(request: web.Request) -> str:
 async def limited_probe(request: web.Request) -> str:
     """The probe behind a request, within its rate limit (server.probe_requests_per_min)."""
     probe = await authenticated_probe(request)
-    limiter = request.app.get(LIMITER)
-    if limiter is not None:
-        wait = limiter.take(probe)
-        if wait is not None:
-            count(request, lambda m: m.rate_limited.labels("probe").inc())
-            raise ApiError(429, f"probe {probe!r} is over its rate of "
-                           f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
-                           f"a minute; retry in {wait:.1f} s",
-                           retry_after=limiter.retry_after(wait))
+    wait = over_rate(request, probe)
+    if wait is not None:
+        raise ApiError(429, f"probe {probe!r} is over its rate of "
+                       f"{request.app[CONFIG].server.probe_requests_per_min:g} requests "
+                       f"a minute; retry in {wait:.1f} s",
+                       retry_after=RateLimiter.retry_after(wait))
     return probe
+
+
+def over_rate(request: web.Request, probe: str) -> float | None:
+    """Take one of ``probe``'s requests from its rate limit: None when within it, else
+    the seconds to wait (counted in the metrics)."""
+    limiter = request.app.get(LIMITER)
+    if limiter is None:
+        return None
+    wait = limiter.take(probe)
+    if wait is not None:
+        count(request, lambda m: m.rate_limited.labels("probe").inc())
+    return wait
 
 
 async def probe_body(request: web.Request, limit: int) -> bytes:

@@ -3,7 +3,9 @@ ticket is), on the roles that hold the probes' registry ("all", "ingest").
 
 - ``GET /api/v1/instruction`` with ``Bbprobe-Want-Ticket``: the ticket comes back in the
   ``Bbprobe-Ticket`` response header, on a 200 and on a 304 alike (web/fleet_routes.py),
-  so the daemon gets one with the fetch it makes at every slot anyway;
+  so the daemon gets one with the fetch it makes at every slot anyway. Asking takes one
+  request from the probe's rate limit (server.probe_requests_per_min): beyond it the
+  instruction comes without a ticket;
 - ``POST /api/v1/tickets``: a ticket alone, as JSON (for ``once`` and for a session whose
   ticket expired), within the probe's rate limit. The body, if any, is ignored (at most
   MAX_REQUEST_BYTES).
@@ -11,7 +13,12 @@ ticket is), on the roles that hold the probes' registry ("all", "ingest").
 A ticket names the measurement servers it may be used at (its audience): the origins of
 tickets.servers, and this collector's own when it serves the measurement endpoints (role
 "all" with measurement.enabled): tickets.audience if configured, else the origin the
-probe reached it at (the request's scheme and Host).
+probe reached it at (the request's scheme and Host; never one of tickets.servers', and
+config.py requires tickets.audience of a collector that names other servers).
+
+The signing key is read (or generated) beside the event loop at start, and while it is
+unusable again at most every keys.RETRY_S when a ticket is asked for: POST answers 503,
+the instruction comes without a ticket, and the log says why once (keys.OwnKey).
 
 With tickets.enabled = false the instruction carries no ticket and ``POST`` answers 404
 with the reason: the agent then measures per address, exactly as with a collector that
@@ -28,16 +35,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import spec
 from agent.schema import format_utc
 from agent.ticket import peek
 from collector import keys, tickets
 from collector.config import CollectorConfig
-from collector.errors import ApiError, ConfigError
+from collector.errors import ApiError
 from collector.web.base import json_response, read_body
-from collector.web.probe_routes import limited_probe
+from collector.web.probe_routes import limited_probe, over_rate
 from collector.web.routing import Routes
 
 log = logging.getLogger("bbprobe.collector")
@@ -58,52 +64,60 @@ class Issued:
 
 
 class Authority:
-    """The collector's side of tickets: its signing key, loaded (or generated) at first
-    need and kept, and what its tickets name."""
+    """The collector's side of tickets: its signing key (``own``, the holder its
+    measurement endpoints share: keys.OwnKey), and what its tickets name."""
 
     def __init__(self, cfg: CollectorConfig, role: str,
                  environ: Mapping[str, str] = os.environ) -> None:
         t = cfg.tickets
         self.cfg = cfg
-        self.environ = environ
         self.policy = tickets.TicketPolicy(t.expiry_s, t.streams, t.bytes, t.duration_s)
         self.servers = tickets.audience_of(t.servers)
         # This collector names itself only where it serves the measurement endpoints.
         self.measures = role == "all" and cfg.measurement.enabled
         self.own_audience = tickets.audience_of(t.audience)
-        self._key: keys.SigningKey | None = None
-
-    def key(self) -> keys.SigningKey:
-        """The signing key; ConfigError if it cannot be read or made (tried again at the
-        next need: the operator may have mended it)."""
-        if self._key is None:
-            self._key = keys.ticket_signing_key(self.cfg, self.environ)
-            log.info("tickets: signing key %s, kid %s", self._key.source, self._key.kid)
-        return self._key
-
-    def public(self) -> tuple[str, Ed25519PublicKey]:
-        key = self.key()
-        return key.kid, key.public
+        self.own = keys.OwnKey(lambda: keys.ticket_signing_key(cfg, environ))
+        self._said_no_server = False
 
     def audience(self, request_origin: str | None) -> tuple[str, ...]:
         own: tuple[str, ...] = ()
         if self.measures:
-            own = self.own_audience or ((request_origin,) if request_origin else ())
+            if self.own_audience:
+                own = self.own_audience
+            elif request_origin and request_origin not in self.servers:
+                # The origin the probe reached us at (a lone collector: config.py makes
+                # one naming other servers configure its audience), never one of the
+                # other servers' (a Host header is the client's to choose).
+                own = (request_origin,)
         return tuple(dict.fromkeys((*self.servers, *own)))
 
-    def issue(self, probe: str, request_origin: str | None, now: float,
-              servers: tuple[str, ...] | None = None) -> Issued:
-        """A ticket for ``probe`` at ``servers`` (origins; default: its audience);
-        ApiError (409) when it could name no server."""
+    def issue(self, key: keys.SigningKey, probe: str, request_origin: str | None,
+              now: float, servers: tuple[str, ...] | None = None) -> Issued:
+        """A ticket signed with ``key`` for ``probe`` at ``servers`` (origins; default:
+        its audience); ApiError (409) when it could name no server."""
         servers = servers or self.audience(request_origin)
         if not servers:
             raise ApiError(409, "no measurement server to name in a ticket: this "
                            "collector serves no measurement endpoints and tickets.servers "
                            "is empty")
-        key = self.key()
         token = tickets.issue(key.private, key.kid, probe, servers, self.policy, now)
         claims = peek(token)
         return Issued(token, claims.ticket_id, claims.expires_at, servers)
+
+    async def issue_for(self, probe: str, request_origin: str | None) -> Issued:
+        """A ticket now, the key read beside the loop at its first need; ApiError: 409
+        (no server to name), 503 (the key is unusable: keys.OwnKey logged why)."""
+        key = await self.own.get()
+        if key is None:
+            raise ApiError(503, "tickets cannot be issued now (the collector's signing key "
+                           "is unusable; its log says why)", retry_after="60")
+        return self.issue(key, probe, request_origin, time.time())
+
+    def no_server(self, exc: ApiError) -> None:
+        """Log, once (it is the configuration's state), that no ticket names a server."""
+        if not self._said_no_server:
+            self._said_no_server = True
+            log.warning("tickets: none issued: %s", exc.message)
 
 
 AUTHORITY = web.AppKey("ticket_authority", Authority)
@@ -115,19 +129,22 @@ def request_origin(request: web.Request) -> str | None:
     return tickets.origin_of(request.scheme, request.headers.get("Host"))
 
 
-def instruction_headers(request: web.Request, probe: str) -> dict[str, str]:
-    """Bbprobe-Ticket for an instruction fetch that asks for one (Bbprobe-Want-Ticket);
-    none when tickets are off or cannot be issued (logged: the instruction matters more
-    than the ticket, and the probe then measures per address)."""
+async def instruction_headers(request: web.Request, probe: str) -> dict[str, str]:
+    """Bbprobe-Ticket for an instruction fetch that asks for one (Bbprobe-Want-Ticket),
+    within the probe's rate limit (each fetch asking mints a ticket); none when tickets
+    are off, cannot be issued now or the probe is over its rate: the instruction matters
+    more than the ticket, and the probe then measures per address."""
     authority = request.app.get(AUTHORITY)
     if authority is None or spec.TICKET_REQUEST_HEADER not in request.headers:
         return {}
-    try:
-        issued = authority.issue(probe, request_origin(request), time.time())
-    except (ApiError, ConfigError) as exc:
-        log.warning("tickets: none issued to %s with its instruction: %s", probe,
-                    getattr(exc, "message", None) or exc)
+    if over_rate(request, probe) is not None:
         return {}
+    try:
+        issued = await authority.issue_for(probe, request_origin(request))
+    except ApiError as exc:
+        if exc.status == 409:
+            authority.no_server(exc)
+        return {}  # 503: the key's holder logged why, once
     return {spec.TICKET_HEADER: issued.token}
 
 
@@ -139,12 +156,7 @@ async def post_ticket(request: web.Request) -> web.Response:
     if authority is None:
         raise ApiError(404, "tickets are not issued here (tickets.enabled = false): "
                        "measure without one")
-    try:
-        issued = authority.issue(probe, request_origin(request), time.time())
-    except ConfigError as exc:
-        log.error("tickets: cannot issue: %s", exc)
-        raise ApiError(503, "tickets cannot be issued now (the collector's signing key is "
-                       "unusable; its log says why)", retry_after="60") from None
+    issued = await authority.issue_for(probe, request_origin(request))
     return json_response(issued.to_dict(), headers={"Cache-Control": "no-store"})
 
 

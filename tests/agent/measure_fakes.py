@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +27,10 @@ KEY = Ed25519PrivateKey.generate()
 
 
 def token(servers: list[str], *, expires_in_s: float = 900.0, jti: str | None = None,
-          streams: int = 20, probe: str = "p1") -> str:
-    """A ticket as the collector issues it, for ``servers`` (URLs, named by origin)."""
-    now = time.time()
+          streams: int = 20, probe: str = "p1", issued_at_offset_s: float = 0.0) -> str:
+    """A ticket as the collector issues it, for ``servers`` (URLs, named by origin);
+    ``issued_at_offset_s``: the collector's clock against this one."""
+    now = time.time() + issued_at_offset_s
     claims = {"iss": ISSUER, "sub": probe, "jti": jti or uuid.uuid4().hex,
               "aud": [origin(s) for s in servers], "iat": int(now),
               "exp": int(now + expires_in_s),
@@ -36,8 +38,12 @@ def token(servers: list[str], *, expires_in_s: float = 900.0, jti: str | None = 
     return jwt.encode(claims, KEY, algorithm="EdDSA")
 
 
-def ticket(servers: list[str], **kwargs: Any) -> Ticket:
-    return peek(token(servers, **kwargs))
+def ticket(servers: list[str], *, received_at: float | None = None, **kwargs: Any
+           ) -> Ticket:
+    """A ticket as the agent holds it, received at monotonic ``received_at`` (None:
+    now)."""
+    return peek(token(servers, **kwargs),
+                received_at=time.monotonic() if received_at is None else received_at)
 
 
 @contextlib.asynccontextmanager
@@ -66,12 +72,17 @@ def admit(_kind: str, _ticket: str | None, _n: int) -> web.Response | None:
 
 
 def refusal(status: int, *, retry_after: str | None = None,
-            ticket_refused: str | None = None) -> web.Response:
+            ticket_refused: str | None = None, marked: str | None = "busy") -> web.Response:
+    """A refusal as the bbprobe server sends it: a 429 or 503 marked with
+    spec.REFUSED_HEADER and the reason ``marked`` (None: unmarked, as a captive portal
+    or a proxy on the path would send it), a 403 with ``ticket_refused``."""
     headers = {}
     if retry_after is not None:
         headers["Retry-After"] = retry_after
     if ticket_refused is not None:
         headers[spec.TICKET_REFUSED_HEADER] = ticket_refused
+    if marked is not None and status in spec.REFUSAL_STATUSES:
+        headers[spec.REFUSED_HEADER] = marked
     return web.json_response({"error": f"refused ({status})"}, status=status,
                              headers=headers)
 
@@ -148,6 +159,60 @@ class MeasurementServer:
         app.router.add_post(spec.UPLOAD_PATH, self.upload, expect_handler=self.refuse_early)
         app.router.add_get(spec.ECHO_PATH, self.echo)
         return app
+
+
+# A mid-body answer comes once this much of the upload's body is in.
+MID_BODY_BYTES = 64 * 1024
+# What the server then reads on (and discards) before it closes: far more than a client
+# sends after the answer reaches it when it watches for one (a chunk, at most the 8 MiB
+# payload buffer, and its socket's buffers), far less than one that does not (0.4 s at
+# loopback speed: hundreds of MB).
+LINGER_BYTES = 64 * 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def answering_mid_body(status: int, headers: dict[str, str]) -> AsyncIterator[str]:
+    """An upload sink that lets the body start (100 Continue), answers ``status`` with
+    ``headers`` once MID_BODY_BYTES of it are in, as a server refusing mid-body does
+    (a ticket's bytes used up), and closes as RFC 9112 §9.6 asks: the answer, its half
+    of the connection, then reading on until the client closes or LINGER_BYTES came,
+    then a reset (unread data). Yields its base URL; ``tickets`` in the yielded
+    server record the ticket header of each request."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            got = 0
+            while got < MID_BODY_BYTES:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                got += len(data)
+            body = json.dumps({"error": f"refused ({status})"}).encode()
+            head = [f"HTTP/1.1 {status} Refused", "Connection: close",
+                    "Content-Type: application/json", f"Content-Length: {len(body)}",
+                    *(f"{k}: {v}" for k, v in headers.items())]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+            more = 0
+            while more < LINGER_BYTES:
+                data = await reader.read(1 << 20)
+                if not data:
+                    break
+                more += len(data)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @dataclass

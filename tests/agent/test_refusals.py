@@ -15,14 +15,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent import budget, config, spec
+from agent import budget, config, report, session, spec
 from agent.errors import ConfigError
 from agent.probes import http_download, http_upload, select, transfer, wire
 from agent.probes.transfer import Access, Ran, StreamFailure, StreamState
-from agent.schema import TransferAttempt, TransferMethod
+from agent.schema import PingMethod, PingTest, TransferAttempt, TransferMethod
 from agent.ticket import Ticket
-from tests.agent.measure_fakes import MeasurementServer, refusal, serving, ticket
-from tests.factories import TRANSFER, attempt
+from tests.agent.measure_fakes import (
+    MeasurementServer,
+    answering_mid_body,
+    refusal,
+    serving,
+    ticket,
+)
+from tests.factories import TRANSFER, attempt, ping_test
 
 # --- classification ---------------------------------------------------------------------
 
@@ -30,32 +36,44 @@ NOW = datetime(2026, 12, 7, 10, 0, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("error", "reason", "wait", "code"), [
-    (wire.WireError("http", "HTTP 429 Too Many Requests", 429, retry_after="7"),
-     "server_refused", 7.0, None),
-    (wire.WireError("http", "HTTP 503 Service Unavailable", 503,
+    (wire.WireError("http", "HTTP 429 Too Many Requests", 429, retry_after="7",
+                    refused="per_client"), "server_refused", 7.0, None),
+    (wire.WireError("http", "HTTP 503 Service Unavailable", 503, refused="busy",
                     retry_after="Mon, 07 Dec 2026 10:00:12 GMT"), "server_refused", 12.0, None),
-    (wire.WireError("http", "HTTP 503", 503), "server_refused", None, None),
-    (wire.WireError("http", "HTTP 403", 403, ticket_refused="expired"),
+    (wire.WireError("http", "HTTP 503", 503, refused="ledger_full"), "server_refused", None,
+     None),
+    (wire.WireError("http", "HTTP 403", 403, ticket_refused="expired", ticket_presented=True),
      "ticket_refused", None, "expired"),
-    (wire.WireError("http", "HTTP 403", 403, ticket_refused=" Wrong_Server "),
-     "ticket_refused", None, "wrong_server"),
-    (wire.WireError("http", "HTTP 403", 403, ticket_refused="\x1b[2Jgone"),
-     "ticket_refused", None, "unspecified"),
-    (wire.WireError("http", "HTTP 403", 403), "http_status", None, None),
+    (wire.WireError("http", "HTTP 403", 403, ticket_refused=" Wrong_Server ",
+                    ticket_presented=True), "ticket_refused", None, "wrong_server"),
+    (wire.WireError("http", "HTTP 403", 403, ticket_refused="\x1b[2Jgone",
+                    ticket_presented=True), "ticket_refused", None, "unspecified"),
+    (wire.WireError("http", "HTTP 403", 403, ticket_presented=True), "http_status", None,
+     None),
     (wire.WireError("http", "HTTP 500", 500, retry_after="3"), "http_status", None, None),
     (wire.WireError("connect", "refused"), "connect_error", None, None),
+    # What anything on the path may send: the line's failures, as before issue 24.
+    (wire.WireError("http", "HTTP 429", 429, retry_after="7"), "http_status", None, None),
+    (wire.WireError("http", "HTTP 503", 503, retry_after="7"), "http_status", None, None),
+    (wire.WireError("http", "HTTP 403", 403, ticket_refused="expired"), "http_status", None,
+     None),
+    (wire.WireError("http", "HTTP 500", 500, refused="busy"), "http_status", None, None),
 ])
 def test_classify_refusals(error: wire.WireError, reason: str, wait: float | None,
                            code: str | None) -> None:
-    """429/503 are the server's capacity (with the wait Retry-After asks, seconds or an
-    HTTP-date); a 403 naming a ticket refusal is ticket_refused with the code in the
-    error (a header that is no code is "unspecified"); anything else as before."""
+    """A 429/503 the server marked (Bbprobe-Refused) is its capacity (with the wait
+    Retry-After asks, seconds or an HTTP-date); a 403 refusing the ticket the request
+    presented is ticket_refused with the code in the error (a header that is no code is
+    "unspecified"); an unmarked 429/503, a ticket refusal of a request that presented
+    none, and anything else stay the line's failures."""
     failure = transfer.classify(error, NOW)
     assert (failure.reason, failure.retry_after_s, failure.ticket_code,
             failure.http_status) == (reason, wait, code, error.status)
     assert failure.refused == (reason in ("server_refused", "ticket_refused"))
     if code is not None:
         assert f"ticket refused ({code})" in str(failure)
+    if reason == "server_refused":
+        assert f"refused for capacity ({error.refused}): HTTP" in str(failure)
 
 
 # --- run_test: what a refusal costs -----------------------------------------------------
@@ -207,7 +225,8 @@ def test_a_refused_stream_ends_the_attempt_whatever_the_others_did() -> None:
             raise OSError("reset")
         if index == 1:
             await asyncio.sleep(0.05)
-            raise wire.WireError("http", "HTTP 429", 429, retry_after="2")
+            raise wire.WireError("http", "HTTP 429", 429, retry_after="2",
+                                 refused="busy")
         try:
             await asyncio.sleep(3600)
         finally:
@@ -271,7 +290,7 @@ def test_a_server_at_capacity_is_waited_for(probe: Any) -> None:
     assert [(a.attempt, a.status, a.failure_reason, a.http_status) for a in attempts] == [
         (1, "failed", "server_refused", 429), (2, "failed", "server_refused", 429),
         (3, "ok", None, 200)], attempts
-    assert "refused for capacity: HTTP 429" in (attempts[0].error or "")
+    assert "refused for capacity (busy): HTTP 429" in (attempts[0].error or "")
 
 
 @pytest.mark.network
@@ -329,9 +348,129 @@ def test_wire_errors_carry_what_a_refusal_says() -> None:
                 errors.append(info.value)
 
     asyncio.run(main())
-    assert [(e.status, e.retry_after, e.ticket_refused) for e in errors] == [
-        (503, "4", None), (403, None, "allowance_bytes")]
+    assert [(e.status, e.retry_after, e.refused, e.ticket_refused, e.ticket_presented)
+            for e in errors] == [(503, "4", "busy", None, True),
+                                 (403, None, None, "allowance_bytes", True)]
     assert server.seen == [("download", "a.b.c"), ("upload", "a.b.c")]
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("probe", [http_download, http_upload])
+def test_an_unmarked_429_is_the_lines_failure(probe: Any) -> None:
+    """A 429 without Bbprobe-Refused (a captive portal, an operator's proxy at a
+    congested hour): http_status, the line's failure, using up the one attempt allowed,
+    not retried and not left out of the failure ratio."""
+    def proxy(kind: str, _ticket: str | None, _n: int) -> web.Response | None:
+        return refusal(429, retry_after="0", marked=None)
+
+    server = MeasurementServer(proxy)
+    attempts = _run(server, lambda url: probe.run(
+        url, ONE, 0, access=Access(allowance_s=30.0, allowance_bytes=10**9)))
+    assert [(a.attempt, a.status, a.failure_reason, a.http_status) for a in attempts] == [
+        (1, "failed", "http_status", 429)], attempts
+
+
+@pytest.mark.network
+def test_a_forged_ticket_refusal_without_a_ticket_is_the_lines_failure() -> None:
+    """A 403 saying Bbprobe-Ticket-Refused to a request that presented no ticket is no
+    ticket refusal (there was none to refuse): http_status."""
+    def forged(kind: str, _ticket: str | None, _n: int) -> web.Response | None:
+        return refusal(403, ticket_refused="expired")
+
+    attempts = _run(MeasurementServer(forged), lambda url: http_download.run(
+        url, ONE, 0, access=Access(allowance_s=30.0, allowance_bytes=10**9)))
+    assert [(a.attempt, a.status, a.failure_reason) for a in attempts] == [
+        (1, "failed", "http_status")], attempts
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(("status", "headers", "reason"), [
+    (403, {spec.TICKET_REFUSED_HEADER: "allowance_bytes"}, "ticket_refused"),
+    (429, {spec.REFUSED_HEADER: "ticket_streams", "Retry-After": "3"}, "server_refused"),
+])
+def test_an_upload_refused_mid_body_is_classified_from_the_answer(
+        status: int, headers: dict[str, str], reason: str) -> None:
+    """The server answers an upload after 64 KiB of its body (a ticket's bytes used up:
+    403; or 429) and closes: the upload fails with the server's answer and what it
+    says, classified as the refusal it is, not as the broken connection its close
+    makes (the agent stops sending when the answer comes, before the reset that would
+    erase it)."""
+    errors: list[wire.WireError] = []
+
+    async def main() -> None:
+        async with answering_mid_body(status, headers) as url:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(wire.WireError) as info:
+                await wire.upload(url, spec.UPLOAD_PATH, None, lambda _: None,
+                                  loop.time() + 0.4, loop.time,
+                                  headers={spec.TICKET_HEADER: "a.b.c"})
+            errors.append(info.value)
+
+    asyncio.run(main())
+    error = errors[0]
+    assert (error.kind, error.status, error.ticket_presented) == ("http", status, True)
+    assert str(error).startswith(f"HTTP {status}") and f"refused ({status})" in str(error)
+    assert transfer.classify(error, NOW).reason == reason
+
+
+def _loaded(server: MeasurementServer, monkeypatch: pytest.MonkeyPatch
+            ) -> tuple[PingTest | None, list[str]]:
+    """A download direction run with a ping train under load (the train itself faked:
+    a fixed result, so no ICMP), and its progress lines."""
+    canned = ping_test([20.0, 30.0])
+
+    async def train(*_: object, **__: object) -> PingTest:
+        return canned
+
+    monkeypatch.setattr(session, "loaded_ping", train)
+    lines: list[str] = []
+    loaded = ("198.18.0.1", PingMethod(count=3, interval_s=1.0, payload_bytes=56,
+                                       timeout_s=1.0, loaded_interval_s=0.1))
+
+    async def main() -> PingTest | None:
+        async with serving(server.app()) as url:
+            _, under_load = await session.run_transfers(
+                "download", url, ONE, lines.append, loaded,
+                access=Access(allowance_s=30.0, allowance_bytes=10**9))
+            return under_load
+
+    under_load = asyncio.run(main())
+    assert under_load in (None, canned)
+    return under_load, lines
+
+
+@pytest.mark.network
+def test_the_train_under_load_is_discarded_when_the_first_attempt_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first download is refused (429, marked): the train timed for its window ran
+    while the download waited, so it is no latency under load: None, and said why.
+    Not refused: the train is kept."""
+    def once(kind: str, _ticket: str | None, n: int) -> web.Response | None:
+        return refusal(429, retry_after="0") if n == 0 else None
+
+    under_load, lines = _loaded(MeasurementServer(once), monkeypatch)
+    assert under_load is None
+    assert "  RTT under load discarded: attempt 1 was refused (server_refused), so the " \
+           "ping train ran while the download waited, not under its load" in lines
+    kept, lines = _loaded(MeasurementServer(), monkeypatch)
+    assert kept is not None and kept.summary.rtt_mean_ms == 25.0
+    assert not any("discarded" in line for line in lines)
+
+
+def test_the_report_counts_refused_attempts_apart() -> None:
+    """Text output: a refused attempt is not among the "failed" (the line's), but
+    counted as refused by the server, and listed as refused."""
+    refused = replace(attempt("download", 0, 1, ok=False), failure_reason="server_refused",
+                      error="refused for capacity (busy): HTTP 429", http_status=429)
+    failed = attempt("download", 0, 2, ok=False)
+    lines = report.format_transfers("download", [refused, failed, attempt("download", 0, 3)],
+                                    TRANSFER, 50e6)
+    assert lines[0].endswith("3 attempt(s), 1 failed, 1 refused by the server)")
+    assert lines[1:] == [
+        "  attempt 1 refused: server_refused: refused for capacity (busy): HTTP 429",
+        "  attempt 2 failed: connect_error: cannot connect: refused"]
+    assert report.format_transfers("download", [failed], TRANSFER, None)[0].endswith(
+        "1 attempt(s), 1 failed)")
 
 
 # --- choosing a server: busy is not broken ----------------------------------------------
@@ -366,8 +505,21 @@ def test_a_busy_candidate_is_passed_over_as_busy() -> None:
     assert sel.chosen_url == second
     assert [(f.url, f.error) for f in sel.failovers] == [
         (first, "busy: HTTP 429 (Retry-After: 5 s)")]
-    assert select.busy_servers(sel) == (first,)
+    assert choice.busy == (first,)
     assert busy.seen == [("echo", None)]
+
+
+@pytest.mark.network
+def test_an_unmarked_429_does_not_make_a_candidate_busy() -> None:
+    """A 429 without Bbprobe-Refused at the capacity ask is not the server's (a proxy on
+    the path): the candidate is not busy, and is chosen as before issue 24."""
+    def proxy(kind: str, _ticket: str | None, _n: int) -> web.Response | None:
+        return refusal(429, retry_after="5", marked=None) if kind == "echo" else None
+
+    choice = _choose([MeasurementServer(proxy), MeasurementServer()])
+    first = choice.selection.candidates[0].url
+    assert (choice.selection.chosen_url, choice.selection.failovers, choice.busy) == (
+        first, (), ())
 
 
 @pytest.mark.network
@@ -379,7 +531,10 @@ def test_busy_beats_broken_when_every_candidate_is_busy() -> None:
     sel = choice.selection
     first, second, _ = (c.url for c in sel.candidates)
     assert sel.chosen_url == first
-    assert select.busy_servers(sel) == (first, second)
+    assert choice.busy == (first, second)
+    # The one used is no failover (it was not passed over); the other busy one is.
+    assert [f.url for f in sel.failovers] == [second, closed]
+    assert sel.failovers[0].error.startswith("busy: HTTP 429")
     broken = [f.error for f in sel.failovers if f.url == closed]
     assert len(broken) == 1 and broken[0].startswith("TCP connect to 127.0.0.1:9 failed")
 
@@ -482,8 +637,11 @@ def test_the_capacity_ask_shares_the_connects_deadline(monkeypatch: pytest.Monke
     monkeypatch.setattr(select, "_connect", connect)
     monkeypatch.setattr(select, "capacity", never)
     monkeypatch.setattr(select, "_rtts", lambda *_: asyncio.sleep(0, ((), "no ping")))
-    choice = asyncio.run(select.choose(["http://a.example", "http://b.example"], 1))
+    # The clock the deadline is taken from, read once a candidate (before its connect).
+    readings = iter([100.0])
+    choice = asyncio.run(select.choose(["http://a.example", "http://b.example"], 1,
+                                       clock=lambda: next(readings)))
     assert (choice.selection.chosen_url, choice.selection.failovers) == (
         "http://a.example", ())
-    assert len(deadlines) == len(connected) == 1
-    assert deadlines[0] - connected[0] == pytest.approx(select.CONNECT_TIMEOUT_S, abs=0.05)
+    assert len(connected) == 1
+    assert deadlines == [100.0 + select.CONNECT_TIMEOUT_S]

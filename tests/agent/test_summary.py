@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent import summary
-from agent.schema import PingSample
+from agent.schema import PingSample, TransferAttempt
 from tests.factories import attempt
 
 
@@ -51,3 +53,24 @@ def test_session_summary_failure_ratio_and_median_speed() -> None:
     assert s.upload_failure_ratio == 0.0
     assert s.upload_bps == pytest.approx(20e6)
     assert s.rtt_mean_ms is None
+
+
+def test_session_summary_failure_ratio_leaves_refused_attempts_out() -> None:
+    """An attempt the measurement server refused (server_refused, ticket_refused) is the
+    server's, not the line's: the ratio is of the line's attempts only (1 failed of 2),
+    and a direction with only refused attempts has no ratio at all."""
+    def refused(direction: str, number: int, reason: str) -> TransferAttempt:
+        return replace(attempt(direction, 0, number, ok=False), failure_reason=reason,
+                       error="refused", http_status=429)
+
+    transfers = [
+        refused("download", 1, "server_refused"),
+        refused("download", 2, "ticket_refused"),
+        attempt("download", 0, 3, ok=False),
+        attempt("download", 0, 4, bps=100e6),
+        refused("upload", 1, "server_refused"),
+    ]
+    s = summary.session_summary(None, transfers)
+    assert s.download_failure_ratio == pytest.approx(0.5)
+    assert s.download_bps == pytest.approx(100e6)
+    assert (s.upload_failure_ratio, s.upload_bps) == (None, None)

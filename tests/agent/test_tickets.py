@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent import config, control, session, spec, tickets
+from agent import budget, config, control, session, spec, tickets
 from agent.delivery import CollectorClient
 from agent.schema import SessionResult, parse_result, to_dict
+from agent.ticket import peek
 from agent.tickets import Offer, TicketSource
 from tests.agent.measure_fakes import (
     FakeCollector,
@@ -58,14 +59,14 @@ def test_a_ticket_that_does_not_parse_is_none_with_the_reason(value: str | None,
                                                               problem: str | None) -> None:
     """No ticket, garbage, a header-splitting value, claims missing the allowance: no
     ticket, and why (nothing raised)."""
-    assert tickets.read(value) == (None, problem)
+    assert tickets.read(value, 0.0) == (None, problem)
 
 
 def test_a_good_ticket_is_read_and_recorded() -> None:
     """The claims are read unverified; the record names its id, expiry and servers, and
     whether the session's server is one of them (origin: default ports written)."""
     raw = token(["http://m.example"], jti="1a2b3c4d5e6f")
-    held, problem = tickets.read(raw)
+    held, problem = tickets.read(raw, 0.0)
     assert problem is None and held is not None
     assert (held.ticket_id, held.servers) == ("1a2b3c4d5e6f", ("http://m.example:80",))
     assert tickets.short_id(held) == "1a2b3c4d…"
@@ -73,6 +74,28 @@ def test_a_good_ticket_is_read_and_recorded() -> None:
     assert (use.ticket_id, use.presented, use.refused) == ("1a2b3c4d5e6f", True, None)
     assert use.expires_at.endswith("Z")
     assert tickets.use_record(held, "https://m.example", "expired").presented is False
+
+
+@pytest.mark.parametrize("offset_s", [-1140.0, 0.0, 1140.0])
+def test_a_tickets_life_is_counted_from_its_receipt_not_by_the_wall_clock(
+        offset_s: float) -> None:
+    """A 900 s ticket, received at monotonic 1000 s, is usable until 30 s before its
+    lifetime ends (1870 s), whatever the probe's wall clock says of its iat and exp
+    (19 minutes fast, right, 19 minutes slow)."""
+    raw = token([SERVER], expires_in_s=900, issued_at_offset_s=offset_s)
+    held, problem = tickets.read(raw, 1000.0)
+    assert problem is None and held is not None
+    assert (held.received_at, held.lifetime_s) == (1000.0, 900.0)
+    assert [held.usable(t) for t in (1000.0, 1869.0, 1870.0, 2000.0)] == [
+        True, True, False, False]
+    assert held.remaining_s(1869.0) == 31.0
+
+
+def test_a_ticket_not_received_by_the_agent_is_never_usable() -> None:
+    """A ticket read with no receipt time (as the collector reads its own) has no time
+    left by the agent's reckoning."""
+    held = peek(token([SERVER]))
+    assert (held.received_at, held.remaining_s(0.0), held.usable(0.0)) == (None, None, False)
 
 
 # --- the ticket source ------------------------------------------------------------------
@@ -150,7 +173,8 @@ def test_a_garbage_header_is_ignored_with_the_reason_and_one_is_asked_for() -> N
     (FakeCollector(issue=_issuer(["x"]), post_delay_s=1.0),
      "no ticket: the collector did not answer in 0.2 s: measuring without a ticket"),
     (FakeCollector(issue=lambda: token([SERVER], expires_in_s=5)),
-     "too soon by this probe's clock: measuring without a ticket"),
+     "is valid for 5 s from issue, not more than the 30 s margin: measuring without a "
+     "ticket"),
 ])
 def test_any_failure_to_get_a_ticket_is_no_ticket(collector: FakeCollector,
                                                   warning: str) -> None:
@@ -159,6 +183,46 @@ def test_any_failure_to_get_a_ticket_is_no_ticket(collector: FakeCollector,
     taken, warned = _takes(collector, Offer(), 1, timeout_s=0.2)
     assert _ids(taken) == [None]
     assert len(warned) == 1 and warned[0].endswith(warning), warned
+
+
+def test_the_post_waits_no_longer_than_the_session_allows() -> None:
+    """The POST is bounded by the limit the session gives (its refusal allowance) when
+    that is shorter than TICKET_TIMEOUT_S; a limit of nothing makes no POST at all."""
+    collector = FakeCollector(issue=_issuer(["x"]), post_delay_s=1.0)
+
+    async def body(client: CollectorClient) -> list[tickets.Taken]:
+        warned: list[str] = []
+        source = TicketSource(client, Offer(), warn=warned.append)
+        late = await source.take(0.2)
+        assert warned == ["no ticket: the collector did not answer in 0.2 s: measuring "
+                          "without a ticket"]
+        none = await TicketSource(client, Offer(), warn=warned.append).take(0.0)
+        return [late, none]
+
+    late, none = _with(collector, body)
+    assert (late.ticket, none.ticket) == (None, None)
+    assert none.note is not None and "leaves no time" in none.note
+    assert collector.requests == [("POST", spec.TICKETS_PATH, None)]
+
+
+def test_the_post_reports_its_time_and_the_receipt_on_the_sources_clock() -> None:
+    """The time a POST took (by the source's clock: 100 s to 103.5 s) is reported for
+    the session to charge, and the ticket counts its life from 103.5 s; the ticket
+    from the instruction fetch cost nothing."""
+    readings = iter([100.0, 103.5])
+    collector = FakeCollector(issue=_issuer(["posted"]))
+
+    async def body(client: CollectorClient) -> list[tickets.Taken]:
+        source = TicketSource(client, Offer(), clock=lambda: next(readings))
+        return [await source.take()]
+
+    (taken,) = _with(collector, body)
+    assert taken.ticket is not None and taken.spent_s == 3.5
+    assert taken.ticket.received_at == 103.5
+    prefetched = ticket([SERVER], received_at=50.0)
+    source = TicketSource(CollectorClient("http://127.0.0.1:9", "t", 2),
+                          Offer(prefetched, answered=True), clock=lambda: 60.0)
+    assert asyncio.run(source.take()) == tickets.Taken(prefetched)
 
 
 def test_no_collector_no_ticket() -> None:
@@ -221,13 +285,19 @@ def _config(tmp_path: Path, url: str, **server: Any) -> config.AgentConfig:
 
 
 def _session(tmp_path: Path, server: MeasurementServer,
-             held: Callable[[str], Any] | None) -> SessionResult:
-    """One session against ``server`` with a prefetched ticket made by ``held(url)``."""
+             held: Callable[[str], Any] | None,
+             progress: Callable[[str], None] = lambda _: None,
+             source: TicketSource | None = None,
+             refusals: budget.RefusalAllowance | None = None) -> SessionResult:
+    """One session against ``server`` with a prefetched ticket made by ``held(url)``
+    (or the tickets of ``source``)."""
     async def main() -> SessionResult:
         async with serving(server.app()) as url:
             offer = Offer(held(url), answered=True) if held else Offer(answered=True)
-            source = TicketSource(CollectorClient("http://127.0.0.1:9", "t", 2), offer)
-            return await session.run(_config(tmp_path, url), "p1", tickets=source)
+            tickets = source or TicketSource(CollectorClient("http://127.0.0.1:9", "t", 2),
+                                             offer)
+            return await session.run(_config(tmp_path, url), "p1", progress,
+                                     tickets=tickets, refusals=refusals)
 
     result = asyncio.run(main())
     # What the collector gets parses as it was measured.
@@ -278,6 +348,58 @@ def test_a_session_whose_ticket_is_refused_goes_on_without_it(tmp_path: Path) ->
     assert result.ticket is not None
     assert (result.ticket.presented, result.ticket.refused) == (True, "expired")
     assert all(t is None for kind, t in server.seen if kind == "upload")
+
+
+@pytest.mark.network
+def test_a_ticket_allowing_fewer_streams_than_the_method_fixes_is_withheld(
+        tmp_path: Path) -> None:
+    """The method fixes 2 streams, the ticket allows 1 at once (the server would refuse
+    every attempt, ticket_streams): the session measures without it, under the
+    per-address rule, says so, and records it as not presented."""
+    server = MeasurementServer()
+    lines: list[str] = []
+    result = _session(tmp_path, server, lambda url: ticket([url], jti="narrow", streams=1),
+                      lines.append)
+    assert server.seen and all(t is None for _, t in server.seen)
+    assert {a.status for a in result.transfers} == {"ok"}
+    assert result.ticket is not None
+    assert (result.ticket.ticket_id, result.ticket.presented, result.ticket.refused) == (
+        "narrow", False, None)
+    assert "ticket narrow allows 1 streams at once, this method fixes 2: measuring " \
+           "without it, under the server's per-address rule" in lines
+
+
+class _Spent(TicketSource):
+    """No ticket, after a POST that took ``spent_s``; keeps the limit it was given."""
+
+    def __init__(self, spent_s: float) -> None:
+        super().__init__(None)
+        self.spent_s = spent_s
+        self.limits: list[float | None] = []
+
+    async def take(self, limit_s: float | None = None) -> tickets.Taken:
+        self.limits.append(limit_s)
+        return tickets.Taken(None, spent_s=self.spent_s)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(("spent_s", "outcomes"), [
+    (0.0, [("download", "server_refused"), ("download", None), ("upload", None)]),
+    (5.0, [("download", "server_refused"), ("upload", None)]),
+])
+def test_the_ticket_post_is_charged_to_the_refusal_allowance(
+        tmp_path: Path, spent_s: float, outcomes: list[tuple[str, str | None]]) -> None:
+    """The session gives the ticket POST its refusal allowance (5 s) as a limit, and
+    charges the time the POST took: when it took all 5 s, a refused download is not
+    retried (recorded as refused); when it took nothing, it is."""
+    def once(kind: str, _ticket: str | None, n: int) -> Any:
+        return refusal(429, retry_after="0") if kind == "download" and n == 0 else None
+
+    source = _Spent(spent_s)
+    result = _session(tmp_path, MeasurementServer(once), None, source=source,
+                      refusals=budget.RefusalAllowance(5.0, 10**12))
+    assert source.limits == [5.0]
+    assert [(a.direction, a.failure_reason) for a in result.transfers] == outcomes
 
 
 @pytest.mark.network

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from agent.schema import TransferAttempt
 from collector.cli import main
 from collector.config import CollectorConfig, InfluxConfig, parse
 from collector.errors import ConfigError
@@ -47,13 +48,35 @@ def test_points_carry_units_tags_and_exact_times() -> None:
     assert "download_bps=40000000" in head and "loss_ratio=0.5" in head
     assert head.endswith(" 1795255200000000000")  # 2026-11-21T10:00:00Z
     assert "failure_reason=connect_error" in got[1] and "status=failed" in got[1]
-    assert "throughput_bps" not in got[1] and "ok=0i" in got[1]
-    assert "throughput_bps=40000000" in got[2] and "ok=1i" in got[2]
+    assert "throughput_bps" not in got[1] and "ok=0i" in got[1] and "refused=0i" in got[1]
+    assert "throughput_bps=40000000" in got[2] and "ok=1i" in got[2] and "refused=0i" in got[2]
     assert got[4].startswith("bbprobe_ping,operator=BT\\ Italia,probe=p1 ")
     assert "rtt_ms=10.5" in got[4] and "lost=0i" in got[4]
     assert "rtt_ms" not in got[5] and "lost=1i" in got[5]
     assert got[5].endswith(" 1795255201000000000")  # sent 1 s after the train started
     assert "region=" not in head
+
+
+def test_refused_attempts_are_marked_apart_from_failures() -> None:
+    """Issue 24: an attempt the measurement server refused has ok 0 and refused 1 (schema
+    7's reasons, an old agent's 429 or bbprobe 503); a failure of the line, a proxy's 503
+    included, has refused 0. The points keep their tags: refused is a field."""
+    def failed(reason: str, status: int | None, error: str) -> TransferAttempt:
+        return replace(attempt("download", ok=False),
+                       failure_reason=reason,  # type: ignore[arg-type]
+                       http_status=status, error=error)
+
+    result = session("p1", transfers=[
+        failed("server_refused", 503, "refused for capacity: HTTP 503: server busy: ..."),
+        failed("ticket_refused", 403, "ticket refused (expired): HTTP 403"),
+        failed("http_status", 429, "HTTP 429: too many transfers from 198.51.100.7"),
+        failed("http_status", 503, "HTTP 503: server busy: 20 transfers already running"),
+        failed("http_status", 503, "HTTP 503: <html>overloaded</html>"),
+        attempt("download", ok=False), attempt("upload")])
+    got = [p.to_line_protocol() for p in points(result, LINE)][1:8]
+    assert [("refused=1i" in line, "ok=0i" in line) for line in got] == [
+        (True, True)] * 4 + [(False, True), (False, True), (False, False)]
+    assert all("refused=" not in line.split(" ")[0] for line in got)  # not a tag
 
 
 def test_enabled_sink_needs_a_url() -> None:
@@ -257,7 +280,7 @@ def test_example_dashboard_matches_the_points() -> None:
             [kv.split("=")[0] for kv in re.split(r"(?<!\\),", tags)]
             + [kv.split("=")[0] for kv in fields_part.split(",")])
     queries = [t["query"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert len(queries) == 6
+    assert len(queries) == 7
     for query in queries:
         (measurement,) = re.findall(r'r\._measurement == "(\w+)"', query)
         used = set(re.findall(r'r\._field == "(\w+)"', query))

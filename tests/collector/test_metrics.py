@@ -273,7 +273,7 @@ def test_a_measurement_server_exposes_its_slots_on_the_open_listener(tmp_path: P
         assert request("GET", url + "/measure/v1/download?bytes=100000")[0] == 200
         assert scrape(url, None)[0] == 404
         parsed = samples(scrape(f"http://127.0.0.1:{port}", None)[1])
-        assert value(parsed, "bbprobe_collector_measurement_transfers_limit") == 64
+        assert value(parsed, "bbprobe_collector_measurement_transfers_limit") == 128
         assert value(parsed, "bbprobe_collector_http_requests_total",
                      route="/measure/v1/download", method="GET", code="200") == 1
         assert value(parsed, "bbprobe_fleet_probes") is None

@@ -1,12 +1,14 @@
-"""Issue 24: a transfer the measurement server refused (HTTP 429/503 for capacity, or its
-ticket) is not the line's failure. The rule, old agents' way of recording it, the same
-failure rate with and without refusals, refusals counted per server in every report,
-both scope paths and both backends alike, and the migration that takes the refusals
-stored before out of the failure rate."""
+"""Issue 24: a transfer the measurement server refused (for capacity: HTTP 429, or a
+bbprobe server's 503; or its ticket) is not the line's failure, and nothing else on the
+path makes one. The rule, old agents' way of recording it, the same failure rate with
+and without refusals, refusals counted per server in every report, both scope paths and
+both backends alike, and the migration that takes the refusals stored before out of the
+failure rate, logged and listed."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
@@ -46,13 +48,34 @@ SERVER = "http://198.18.0.1:8080"  # the factories' server, as its origin
 OTHER = Server(url="https://mlab.example/ndt", ping_target="mlab.example")
 
 
+# The error texts an agent before schema 7 recorded (agent/probes/wire.py then): an
+# upload's refusal with the body's reason, a download's with the reason phrase only.
+BUSY_503 = "HTTP 503: server busy: 20 transfers already running"
+PER_CLIENT_429 = ("HTTP 429: too many transfers from 198.51.100.7: 20 running (limit 20 "
+                  "per client)")
+DOWNLOAD_503 = "HTTP 503 Service Unavailable from 198.18.0.1:8080/measure/v1/download"
+PROXY_503 = "HTTP 503: <html><body>Service temporarily overloaded</body></html>"
+LEGACY_TEXT = {429: PER_CLIENT_429, 503: BUSY_503}
+
+
 def refused(direction: str, test_index: int = 0, number: int = 1, *,
             reason: str = "server_refused", status: int | None = 429) -> TransferAttempt:
     """An attempt the server refused: schema 7's reasons, or (reason "http_status") as an
-    agent before schema 7 recorded it."""
+    agent before schema 7 recorded a bbprobe server's refusal."""
+    error = ("ticket refused (expired): HTTP 403" if status is None else
+             LEGACY_TEXT[status] if reason == "http_status" else
+             f"refused for capacity: {LEGACY_TEXT[status]}")
     return replace(attempt(direction, test_index, number, ok=False),
                    failure_reason=reason, http_status=status,  # type: ignore[arg-type]
-                   error=f"server answered {status}" if status else "ticket refused")
+                   error=error)
+
+
+def line_503(direction: str, test_index: int = 0, number: int = 1, *,
+             error: str = PROXY_503) -> TransferAttempt:
+    """A 503 that is the line's failure: a proxy's or captive portal's, or an old agent's
+    download refused with no reason recorded."""
+    return replace(attempt(direction, test_index, number, ok=False),
+                   failure_reason="http_status", http_status=503, error=error)
 
 
 def with_refusals(base: SessionResult, extra: Sequence[TransferAttempt]) -> SessionResult:
@@ -62,25 +85,80 @@ def with_refusals(base: SessionResult, extra: Sequence[TransferAttempt]) -> Sess
 # --- the rule ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "reason", "http", "want"), [
-    ("failed", "server_refused", 429, True),
-    ("failed", "server_refused", 503, True),
-    ("failed", "ticket_refused", 401, True),
-    ("failed", "ticket_refused", None, True),
-    ("failed", "http_status", 429, True),  # an agent before schema 7
-    ("failed", "http_status", 503, True),
-    ("failed", "http_status", 500, False),  # a server error mid-measurement: the line's
-    ("failed", "http_status", 404, False),
-    ("failed", "http_status", None, False),
-    ("failed", "connect_error", None, False),
-    ("failed", "timeout", 503, False),
-    ("ok", None, 200, False),
+@pytest.mark.parametrize(("status", "reason", "http", "error", "want"), [
+    # Schema 7: trusted as recorded (its agent says server_refused only for a refusal
+    # the bbprobe server marked with its own header).
+    ("failed", "server_refused", 429, "refused for capacity: HTTP 429", True),
+    ("failed", "server_refused", 503, None, True),
+    ("failed", "ticket_refused", 401, None, True),
+    ("failed", "ticket_refused", None, None, True),
+    # Agents before schema 7: a 429 is the origin server's own rate limit (RFC 6585).
+    ("failed", "http_status", 429, PER_CLIENT_429, True),
+    ("failed", "http_status", 429, None, True),
+    # A 503 only with a bbprobe server's own text, in every form it took.
+    ("failed", "http_status", 503, BUSY_503, True),
+    ("failed", "http_status", 503, "HTTP 503: server busy: 2 transfers without a ticket "
+     "already running (2 of 4 slots are kept for ticketed probes)", True),
+    # Anything else answering 503 on the path is the line's failure.
+    ("failed", "http_status", 503, PROXY_503, False),
+    ("failed", "http_status", 503, DOWNLOAD_503, False),  # no reason recorded
+    ("failed", "http_status", 503, "HTTP 503 from http://198.18.0.1:8080/x", False),
+    ("failed", "http_status", 503, "HTTP 503: Server Busy", False),
+    ("failed", "http_status", 503, "a proxy said HTTP 503: server busy: 2 transfers ", False),
+    ("failed", "http_status", 503, None, False),
+    ("failed", "http_status", 500, "HTTP 500: server busy: 2 transfers ", False),
+    ("failed", "http_status", 404, None, False),
+    ("failed", "http_status", None, None, False),
+    ("failed", "connect_error", None, None, False),
+    ("failed", "timeout", 503, BUSY_503, False),
+    ("failed", "timeout", 429, None, False),
+    ("ok", None, 200, None, False),
+    ("ok", "server_refused", 429, None, False),
 ])
 def test_which_attempts_are_refusals(status: str, reason: str | None, http: int | None,
-                                     want: bool) -> None:
-    """Refusals: schema 7's server_refused and ticket_refused, and a failed attempt with
-    failure_reason http_status and HTTP 429 or 503; any other failure is the line's."""
-    assert is_refusal(status, reason, http) is want
+                                     error: str | None, want: bool) -> None:
+    """Refusals: schema 7's server_refused and ticket_refused; of older agents' records
+    (failure_reason http_status), a 429, and a 503 whose error text is a bbprobe server's
+    "server busy". Any other failure is the line's: a captive portal's or a proxy's 503,
+    an old agent's download 503 (no reason recorded), a 500."""
+    assert is_refusal(status, reason, http, error) is want
+
+
+def test_an_old_agent_still_tells_todays_refusals() -> None:
+    """An agent before schema 7 measuring against today's server records its refusals as
+    "HTTP <status>: <the body's reason>" (an upload): each capacity refusal the server
+    gives an anonymous client reads as a refusal by the legacy rule, so the server's
+    texts cannot drift from it unnoticed."""
+    from collector.errors import ApiError
+    from collector.measurement.slots import TransferSlots
+
+    slots = TransferSlots(4, 2, reserved=1)
+    messages = []
+    for running, held in ((4, 0), (3, 0), (0, 2)):  # busy, anonymous share, per client
+        slots.running, slots.by_client = running, {"198.51.100.7": held}
+        with pytest.raises(ApiError) as caught:
+            slots.check("198.51.100.7")
+        messages.append((caught.value.status, caught.value.message))
+    assert [status for status, _ in messages] == [503, 503, 429]
+    for status, message in messages:
+        assert is_refusal("failed", "http_status", status, f"HTTP {status}: {message}")
+
+
+def test_a_503_from_the_path_stays_the_line_failure() -> None:
+    """The facts of a session with a proxy's 503 and an old agent's download 503: both
+    failures of the line, in the failure rate; a bbprobe server's 503 beside them is
+    counted apart."""
+    result = session("p1", transfers=[line_503("download"),
+                                      line_503("download", 0, 2, error=DOWNLOAD_503),
+                                      refused("download", 0, 3, reason="http_status",
+                                              status=503),
+                                      attempt("download", 0, 4), attempt("upload")])
+    facts = of_result(result, result.started_at)
+    assert [t.ok for t in facts.transfers] == [False, False, True, True]
+    assert (facts.refused_attempts, facts.refused_server) == (1, SERVER)
+    ratio = {i.id: i for i in evaluate(observe([result]), TABLE).indicators}[
+        "download_failure_ratio"]
+    assert (ratio.observed, ratio.samples) == pytest.approx((2 / 3, 3))
 
 
 @pytest.mark.parametrize(("url", "key"), [
@@ -101,14 +179,16 @@ def test_server_key_is_the_origin(url: str | None, key: str) -> None:
 
 def _pairs() -> tuple[list[SessionResult], list[SessionResult]]:
     """Sessions without refusals, and the same sessions with refused attempts added: new
-    reasons, old agents' 429/503, retried tests that then ran, a refused test that never
-    ran; one session at another server, and one flagged invalid."""
+    reasons, old agents' 429 and bbprobe 503, retried tests that then ran, a refused test
+    that never ran; one session at another server, one flagged invalid, and a proxy's 503
+    (the line's) in both."""
     plain = [
         session("p1", started_at="2026-05-01T10:00:00.000000Z",
                 transfers=[attempt("download", bps=40e6), attempt("download", 0, 2, ok=False),
                            attempt("upload", bps=5e6)]),
         session("p1", started_at="2026-05-01T11:00:00.000000Z",
-                transfers=[attempt("download", bps=60e6), attempt("upload", bps=7e6)]),
+                transfers=[line_503("download"), attempt("download", 0, 2, bps=60e6),
+                           attempt("upload", bps=7e6)]),
         replace(session("p1", started_at="2026-05-01T12:00:00.000000Z",
                         transfers=[attempt("download", bps=30e6)]), server=OTHER),
         session("p1", started_at="2026-05-01T13:00:00.000000Z", invalid=["wifi"],
@@ -147,7 +227,7 @@ def test_refusals_leave_the_failure_rate_as_it_was(include_invalid: bool) -> Non
     _same_figures(got, want)
     ratio = {i.id: i for i in got.indicators}["download_failure_ratio"]
     assert (ratio.observed, ratio.samples) == pytest.approx(
-        (1 / 5, 5) if include_invalid else (1 / 4, 4))
+        (2 / 6, 6) if include_invalid else (2 / 5, 5))
     assert want.refused_by_server == ()
     assert got.refused_by_server == WANT_REFUSED
     assert got.refused_attempts == 8
@@ -196,11 +276,11 @@ def test_report_outputs_say_what_the_server_refused() -> None:
     where = Scope(("p1",), None, None)
     text = format_text(report, where)
     assert (f"Refused:  8 transfer attempt(s) refused by the measurement server ({SERVER} 7, "
-            "https://mlab.example:443 1): for capacity (HTTP 429/503) or its ticket; "
-            "counted apart, not in the failure rate") in text
+            "https://mlab.example:443 1): for capacity (HTTP 429, or 503 from a bbprobe "
+            "server) or its ticket; counted apart, not in the failure rate") in text
     assert ("failure ratio: failed attempts / all attempts; attempts the measurement server "
-            "refused for capacity (HTTP 429/503) or whose ticket it refused are counted "
-            "apart and not in the failure rate") in text
+            "refused for capacity (HTTP 429, or 503 from a bbprobe server) or whose ticket it "
+            "refused are counted apart and not in the failure rate") in text
     doc = report_dict(report, where)
     assert doc["server_refusals"] == {"attempts": 8, "attempts_by_server": dict(WANT_REFUSED),
                                       "recorded": True}
@@ -211,7 +291,7 @@ def test_report_outputs_say_what_the_server_refused() -> None:
         ",refused_attempts,refused_by_server")
     page = html_report.render(report, where, obs, [], "Europe/Rome", utc_now())
     assert "Refused by the measurement server:</b> 8 transfer attempt(s)" in page
-    assert "1 of 4 download and 0 of 2 upload attempts failed" in page
+    assert "2 of 5 download and 0 of 2 upload attempts failed" in page
     none = evaluate(observe(_pairs()[0]), TABLE)
     assert "Refused:  no transfer attempt in scope was refused" in format_text(none, where)
     assert report_dict(none, where)["server_refusals"]["attempts"] == 0
@@ -223,15 +303,16 @@ def test_listing_counts_refusals_and_leaves_them_out_of_the_ratios() -> None:
     result = with_refusals(session("p1", transfers=[
         attempt("download"), attempt("download", 0, 2, ok=False), attempt("upload")]),
         [refused("download", reason="http_status", status=429),
-         refused("upload", reason="http_status", status=503)])
+         refused("upload", reason="http_status", status=503),
+         line_503("upload", 0, 2)])  # a proxy's: the line's
     # Its summary as the agent computed it then: every failed attempt a failure.
     result = replace(result, summary=replace(result.summary, download_failure_ratio=2 / 3,
-                                             upload_failure_ratio=0.5))
+                                             upload_failure_ratio=2 / 3))
     body = json.loads(ingest.canonical_json(result))
     assert body["summary"]["download_failure_ratio"] == pytest.approx(2 / 3)  # the agent's
     row = listing_row(result.result_id, "p1", result.started_at, result.ended_at,
                       result.ended_at, body)
-    assert (row["download_failure_ratio"], row["upload_failure_ratio"]) == (0.5, 0.0)
+    assert (row["download_failure_ratio"], row["upload_failure_ratio"]) == (0.5, 0.5)
     assert row["refused_attempts"] == 2
     plain = listing_row("r", "p1", "s", "e", "r", json.loads(ingest.canonical_json(
         session("p1"))))
@@ -274,6 +355,9 @@ def _campaign() -> list[SessionResult]:
                              attempt("upload", bps=(2 + k % 3) * 1e6)]
                 if k % 3 == 0:  # the line's own failure, with or without refusals
                     transfers.append(attempt("download", 1, 1, ok=False))
+                if k % 5 == 1:  # a 503 of the line's: a proxy's, an old download's
+                    transfers.append(line_503("upload", 1, 1) if k % 2 else line_503(
+                        "download", 2, 1, error=DOWNLOAD_503))
                 extra = [[], [refused("download")],
                          [refused("upload", reason="http_status", status=503),
                           refused("download", reason="ticket_refused", status=None)],
@@ -351,7 +435,7 @@ def store_as_older_collector(store: Store, result: SessionResult) -> None:
 
 def as_old_agent(result: SessionResult) -> SessionResult:
     """``result`` as an agent before schema 7 sent it, when its refusals are all HTTP
-    429/503 (reason "http_status"); else as schema 7 (a collector before this change
+    429 or a bbprobe 503 (reason "http_status"); else as schema 7 (a collector before this change
     stored its server_refused and ticket_refused attempts as failures too)."""
     reasons = {a.failure_reason for a in result.transfers if a.status == "failed"}
     return replace(result, schema_version=6) if not reasons & {"server_refused",
@@ -395,12 +479,14 @@ def _back_one_migration(storage: StorageConfig) -> None:
 
 
 def test_migration_takes_stored_refusals_out(storage: StorageConfig,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     """Results an older collector stored with refusals as failed attempts (an old agent's
-    429/503 and schema 7's reasons): the migration reads only the sessions with a failed
-    transfer fact, decodes those whose body names a refusal's reason, re-derives their
-    facts and rebuilds their days, so both scope paths give the bodies' figures and the
-    refusals per server."""
+    429 and bbprobe 503, and schema 7's reasons): the migration reads only the sessions
+    with a failed transfer fact, decodes those whose body can hold a refusal (not one
+    whose only failures are a timeout or a proxy's 503), re-derives their facts and
+    rebuilds their days, so both scope paths give the bodies' figures and the refusals
+    per server. It says so in one log line, and lists each session it changed."""
     results = [as_old_agent(r) for r in _campaign()]
     store = open_store(storage)
     try:
@@ -425,15 +511,33 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
         return result
 
     monkeypatch.setattr(refusals, "decode_body", counting)
+    caplog.set_level(logging.INFO, "bbprobe.collector")
     store = open_store(storage)
     try:
         assert store.schema_version == store.latest_version
-        with_refusals = {r.result_id for r in results
-                         if of_result(r, r.started_at).refused_attempts}
-        # Sessions whose only failure is the line's (connect_error) are read, not decoded.
-        assert sorted(decoded) == sorted(with_refusals)
-        assert any(a.status == "failed" for r in results if r.result_id not in with_refusals
-                   for a in r.transfers)
+        refused_in = {r.result_id: of_result(r, r.started_at) for r in results
+                      if of_result(r, r.started_at).refused_attempts}
+        # Sessions whose only failures are the line's (connect_error, a proxy's 503, an
+        # old download's 503) are read, not decoded.
+        assert sorted(decoded) == sorted(refused_in)
+        line_only = [a for r in results if r.result_id not in refused_in
+                     for a in r.transfers if a.status == "failed"]
+        assert {a.failure_reason for a in line_only} == {"connect_error", "http_status"}
+        # One line for the run: sessions, attempts, days; a warning, as figures changed.
+        days = {(r.probe_id, r.started_at[:10]) for r in results if r.result_id in refused_in}
+        attempts = sum(f.refused_attempts for f in refused_in.values())
+        said = [r for r in caplog.records if "storage migration (issue 24)" in r.message]
+        assert [r.levelno for r in said] == [logging.WARNING]
+        assert (f"{len(refused_in)} stored session(s) had {attempts} transfer attempt(s) "
+                "the measurement server refused counted as the line's failures; reclassified "
+                f"as refusals (not in the failure rate), {len(days)} day rollup(s) rebuilt"
+                ) in said[0].message
+        # And a row per session changed, for an analyst to list.
+        listed = store.dump("refusal_reclassifications", None, 10_000)
+        assert sorted((row[1], row[2], row[3], row[4], row[5]) for row in listed) == sorted(
+            (f.result_id, f.probe_id, f.started_at, f.refused_attempts, f.refused_server)
+            for f in refused_in.values())
+        assert len({row[6] for row in listed}) == 1
         _check_scopes(store, results)
         day = store.day_rollups(["p1"], "2026-05-02", "2026-05-03")[0]
         want = observe([r for r in results if r.probe_id == "p1"

@@ -5,6 +5,7 @@ and each client (an IPv4 address or an IPv6 /64) has its share of the slots."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 from collections.abc import Iterator
@@ -85,6 +86,47 @@ def test_one_client_cannot_take_every_slot(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
         assert b"too many transfers from 127.0.0.2: 2 running (limit 2 per client)" in answer
         assert _download(collector) == 200  # 127.0.0.1 is another client
+
+
+NDT7_UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Protocol": "net.measurementlab.ndt.v7"}
+
+
+def test_capacity_refusals_are_marked_as_the_servers(tmp_path: Path) -> None:
+    """Every 429 and 503 for capacity, from every measurement endpoint and the capacity
+    ask, carries Bbprobe-Refused with its reason: the agent counts only a marked refusal
+    as the server's (a path's proxy may answer 429/503 too)."""
+    asks = [("GET", spec.DOWNLOAD_PATH + "?bytes=10", {}),
+            ("POST", spec.UPLOAD_PATH + "?bytes=1", {"Content-Length": "1"}),
+            ("GET", spec.ECHO_PATH + "?capacity=1", {}),
+            ("GET", "/backend/garbage.php", {}),
+            ("POST", "/backend/empty.php", {"Content-Length": "1"}),
+            ("GET", "/ndt/v7/download", NDT7_UPGRADE),
+            ("GET", "/ndt/v7/upload", NDT7_UPGRADE)]
+    base = _config(3, 2, 60.0)
+    cfg = replace(base, tickets=replace(base.tickets, enabled=False))  # no reserve
+    with running_collector(tmp_path, cfg) as collector, \
+            _hostile(collector, "127.0.0.2", [IDLE_DOWNLOAD] * 2), \
+            _hostile(collector, "127.0.0.3", [IDLE_DOWNLOAD]):
+        for source, status, reason in (("127.0.0.2", 429, "per_client"),
+                                       ("127.0.0.4", 503, "busy")):
+            for method, path, headers in asks:
+                got = _raw(collector, source, method, path, headers)
+                assert got[:2] == (status, reason), (path, got)
+
+
+def _raw(collector: RunningCollector, source: str, method: str, path: str,
+         headers: dict[str, str]) -> tuple[int, str | None, bytes]:
+    parts = urlsplit(collector.url)
+    conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=10,
+                                      source_address=(source, 0))
+    try:
+        conn.request(method, path, body=b"x" if method == "POST" else None, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader(spec.REFUSED_HEADER), resp.read()
+    finally:
+        conn.close()
 
 
 def test_clients_are_addresses_and_ipv6_64s() -> None:

@@ -28,7 +28,7 @@ from collector import config as config_mod
 from collector import keys, tickets
 from collector.errors import ApiError, ConfigError
 from collector.measurement.ledger import Ledger, Refusal
-from collector.measurement.slots import TransferSlots
+from collector.measurement.slots import Gate, TransferSlots, reserved_slots
 from collector.tickets import Claims, TicketPolicy, TicketRefused, Verifier
 
 NOW = 1_800_000_000.0
@@ -222,6 +222,19 @@ def test_self_audience_is_the_requests_origin(key: Ed25519PrivateKey) -> None:
     assert tickets.origin_of("https", "h.example") == "https://h.example:443"
 
 
+def test_self_audience_is_never_another_servers(key: Ed25519PrivateKey) -> None:
+    """Without a configured audience, a Host naming one of tickets.servers is not this
+    server: a ticket for that server, replayed here with its Host, is wrong_server."""
+    verifier = Verifier({_kid(key): key.public_key()}, (), foreign=(SERVER,))
+    with pytest.raises(TicketRefused) as caught:
+        verifier.verify(_ticket(key), tickets.origin_of("http", "ms.example:8080"), NOW)
+    assert caught.value.code == "wrong_server"
+    assert caught.value.message.endswith(f"not this one ({SERVER} is another server's)")
+    here = "http://c.example:80"
+    assert verifier.verify(_ticket(key, servers=(SERVER, here)),
+                           tickets.origin_of("http", "c.example"), NOW).probe == "p1"
+
+
 def test_verified_tickets_are_cached_and_the_cache_bounded(key: Ed25519PrivateKey) -> None:
     """A verified ticket is not verified again (its key may even go); expiry still
     applies; the cache keeps at most its size."""
@@ -286,6 +299,88 @@ def test_ledger_forgets_expired_tickets_and_is_bounded() -> None:
     assert set(ledger.tickets) == {"new", "third"}
 
 
+def test_one_probe_holds_a_few_tickets_and_one_tickets_streams() -> None:
+    """A probe's credential can mint tickets at its rate limit: at one server it holds at
+    most per_probe of them (too_many_tickets beyond; another probe is not affected), and
+    the transfers of all its tickets together at most one ticket's streams."""
+    ledger = Ledger(per_probe=3)
+    held = [ledger.start(_claims(f"t{i}", streams=4), 0.0, NOW) for i in range(3)]
+    with pytest.raises(Refusal) as caught:
+        ledger.check(_claims("t3", streams=4), 0.0, NOW)
+    assert (caught.value.reason, caught.value.message) == (
+        "too_many_tickets", "probe p1 already has 3 tickets in use here (at most 3): "
+        "measure with one of them")
+    other = Claims("o1", "p2", (SERVER,), NOW + 1200, Allowance(4, 1000, 10.0))
+    ledger.stop(ledger.start(other, 0.0, NOW), 1.0, NOW)
+    ledger.start(_claims("t0", streams=4), 0.0, NOW)  # its tickets in use: 4 streams
+    with pytest.raises(Refusal) as caught:
+        ledger.check(_claims("t1", streams=4), 0.0, NOW)
+    assert (caught.value.reason, caught.value.message) == (
+        "ticket_streams", "probe p1's tickets already run 4 transfers (a ticket's "
+        "allowance: 4 at once)")
+    ledger.stop(held[2], 2.0, NOW)
+    ledger.start(_claims("t1", streams=4), 2.0, NOW)
+    # Expired (and idle) tickets no longer count toward their probe's.
+    for usage in list(ledger.tickets.values()):
+        while usage.running:
+            ledger.stop(usage, 3.0, NOW)
+    ledger.check(_claims("t9", expires_at=NOW + 2000), 4.0, NOW + 1261)
+    assert ledger.probes == {}
+
+
+def test_a_ticket_with_less_left_than_asked_is_refused_up_front() -> None:
+    """duration_s above the ticket's seconds left, or bytes above its bytes left: the
+    allowance refusal now, not a transfer cut short."""
+    ledger = Ledger()
+    c = _claims(nbytes=1000, duration_s=10.0)
+    ledger.stop(ledger.start(c, 0.0, NOW), 6.0, NOW)
+    assert ledger.check(c, 7.0, NOW, seconds=4.0, nbytes=1000) is not None
+    with pytest.raises(Refusal) as caught:
+        ledger.check(c, 7.0, NOW, seconds=5.0)
+    assert (caught.value.reason, caught.value.message) == (
+        "allowance_duration", "5 s asked; the ticket has 4.0 s left")
+    ledger.tickets["t1"].bytes = 400
+    with pytest.raises(Refusal) as caught:
+        ledger.check(c, 7.0, NOW, nbytes=601)
+    assert (caught.value.reason, caught.value.message) == (
+        "allowance_bytes", "601 bytes asked; the ticket has 600 left")
+
+
+class _Counted(dict[str, Any]):
+    """A dict that counts walks over it."""
+
+    walks = 0
+
+    def items(self) -> Any:
+        _Counted.walks += 1
+        return super().items()
+
+    def values(self) -> Any:
+        _Counted.walks += 1
+        return super().values()
+
+    def __iter__(self) -> Any:
+        _Counted.walks += 1
+        return super().__iter__()
+
+
+def test_a_full_ledger_is_not_scanned_per_new_ticket() -> None:
+    """New tickets at a full ledger are refused without a walk over its entries (a
+    flood of them cost a 50,000-entry scan each); expired ones still leave, in order."""
+    ledger = Ledger(max_tickets=100, per_probe=1000)
+    ledger.tickets = _Counted()
+    for i in range(100):
+        ledger.stop(ledger.start(_claims(f"t{i}", expires_at=NOW + i), 0.0, NOW), 0.0, NOW)
+    _Counted.walks = 0
+    for i in range(1000):
+        with pytest.raises(Refusal, match="100 tickets in use here"):
+            ledger.check(_claims(f"new{i}"), 1.0, NOW)
+    assert _Counted.walks == 0
+    ledger.check(_claims("new"), 1.0, NOW + 60.5)  # t0 is past expiry and leeway
+    assert "t0" not in ledger.tickets and len(ledger.tickets) == 99
+    assert _Counted.walks == 0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -333,6 +428,115 @@ def test_slots_keep_a_share_for_tickets_and_apart_from_addresses() -> None:
     assert slots.running == 0 and slots.by_client == {}
 
 
+def test_capacity_refusals_are_marked_and_asks_not_counted() -> None:
+    """Every 429/503 for capacity carries the server's marker with its reason; a
+    capacity ask (count=False) refuses alike but counts nothing."""
+    counted: list[str] = []
+    slots = TransferSlots(2, 1, reserved=1, ledger=Ledger(max_tickets=1),
+                          clock=Clock(), wall=lambda: NOW)
+    slots.refused = counted.append  # type: ignore[method-assign,assignment]
+
+    def refusal(address: str, claims: Claims | None = None, count: bool = True
+                ) -> tuple[int, str | None]:
+        with pytest.raises(ApiError) as caught:
+            slots.check(address, claims, count=count)
+        return caught.value.status, caught.value.headers.get(spec.REFUSED_HEADER)
+
+    async def main() -> None:
+        async with slots.slot("192.0.2.1"):
+            assert refusal("192.0.2.1") == (429, "per_client")
+            assert refusal("192.0.2.2") == (503, "anonymous_share")
+            async with slots.slot("192.0.2.1", _claims("t1", streams=1)):
+                assert refusal("192.0.2.3", _claims("t1", streams=1)) == (
+                    429, "ticket_streams")
+                assert refusal("192.0.2.3", _claims("t2")) == (503, "ledger_full")
+                slots.ledger.max_tickets = 2
+                assert refusal("192.0.2.3", _claims("t2")) == (503, "busy")
+                assert counted == ["per_client", "anonymous_share", "ticket_streams",
+                                   "ledger_full", "busy"]
+                assert refusal("192.0.2.3", _claims("t2"), count=False) == (503, "busy")
+                assert refusal("192.0.2.1", count=False) == (429, "per_client")
+                assert len(counted) == 5
+
+    asyncio.run(main())
+
+
+class _Loader:
+    """A key that cannot be read until ``mended``; remembers which threads read it."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self.key = key
+        self.mended = False
+        self.threads: list[str] = []
+
+    def __call__(self) -> keys.SigningKey:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if not self.mended:
+            raise ConfigError("tickets.signing_key_file: cannot read 'k.pem': denied")
+        return keys.SigningKey(self.key, _kid(self.key), "file k.pem")
+
+
+def test_the_collectors_key_has_one_holder_retried_beside_the_loop(
+        key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture) -> None:
+    """The issuing side and the verifying side share one holder: a key unusable at start
+    is tried again (beside the event loop, at most every retry_s), and once it reads,
+    the collector's own tickets are accepted: not refused as unknown_key until a
+    restart. The failure is logged once, not per request."""
+    clock = Clock()
+    loader = _Loader(key)
+    own = keys.OwnKey(loader, retry_s=30.0, clock=clock)
+    gate = Gate(Verifier({}, (SERVER,)), own)
+    token = _ticket(key)
+
+    async def main() -> None:
+        assert await own.get() is None
+        for _ in range(5):
+            with pytest.raises(TicketRefused, match="unknown_key"):
+                await gate.verify(token, None, NOW)
+        assert len(loader.threads) == 1  # within retry_s: not tried again
+        loader.mended = True
+        clock.now = 31.0
+        assert (await gate.verify(token, None, NOW)).probe == "p1"
+        assert (await own.get()) is not None and len(loader.threads) == 2
+        stranger = _ticket(Ed25519PrivateKey.generate())
+        with pytest.raises(TicketRefused, match="unknown_key"):
+            await gate.verify(stranger, None, NOW)
+        assert len(loader.threads) == 2  # a known key: no read for a stranger's kid
+
+    with caplog.at_level("INFO", logger="bbprobe.collector"):
+        asyncio.run(main())
+    assert all(name != "MainThread" for name in loader.threads)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "unusable" in m]) == 1
+    assert [m for m in messages if "usable again" in m] == [
+        f"tickets: signing key file k.pem, kid {_kid(key)} (usable again)"]
+
+
+def test_an_ask_for_the_key_is_shared() -> None:
+    """Requests arriving while the key is read wait for that one read."""
+    loader = _Loader(Ed25519PrivateKey.generate())
+    loader.mended = True
+    own = keys.OwnKey(loader)
+
+    async def main() -> None:
+        got = await asyncio.gather(*(own.get() for _ in range(10)))
+        assert len({k.kid for k in got if k is not None}) == 1
+
+    asyncio.run(main())
+    assert len(loader.threads) == 1
+
+
+def test_default_capacity_keeps_strangers_share() -> None:
+    """128 slots by default, half kept for tickets: strangers keep the 64 they had
+    before tickets, and the reserve is one ticket's streams."""
+    cfg = config_mod.load(None)
+    assert cfg.measurement.max_concurrent == 128
+    assert reserved_slots(cfg.measurement, True) == cfg.tickets.streams == 64
+    assert cfg.measurement.max_concurrent - reserved_slots(cfg.measurement, True) == 64
+
+
 @pytest.mark.parametrize(("tickets_table", "measurement", "message"), [
     ({"audience": ["ms.example"]}, {}, "tickets.audience[0]: expected http(s)://host[:port]: "
      "must be an http:// or https:// URL with a host, got 'ms.example'"),
@@ -347,6 +551,12 @@ def test_slots_keep_a_share_for_tickets_and_apart_from_addresses() -> None:
     ({"tickts": 1}, {}, "tickets.tickts: unknown key"),
     ({}, {"ticket_reserved_share": 0.99},
      "measurement.ticket_reserved_share: must be <= 0.95, got 0.99"),
+    ({"trusted_keys": [__file__]}, {}, "tickets.audience: must list this server's URLs "
+     "when tickets.trusted_keys is set (it accepts another issuer's tickets, which may "
+     "name other servers)"),
+    ({"servers": ["https://ms.example"]}, {}, "tickets.audience: must list this "
+     "collector's measurement URLs when tickets.servers is set (its tickets name other "
+     "servers, which may trust the same key)"),
 ])
 def test_bad_ticket_configs(tickets_table: dict[str, Any], measurement: dict[str, Any],
                             message: str) -> None:
@@ -354,3 +564,19 @@ def test_bad_ticket_configs(tickets_table: dict[str, Any], measurement: dict[str
     with pytest.raises(ConfigError) as caught:
         config_mod.parse({"tickets": tickets_table, "measurement": measurement}, "c.toml")
     assert str(caught.value) == f"c.toml: {message}"
+
+
+@pytest.mark.parametrize("table", [
+    {"tickets": {"servers": ["https://ms.example"]}, "server": {"role": "ingest"}},
+    {"tickets": {"servers": ["https://ms.example"]}, "measurement": {"enabled": False}},
+    {"tickets": {"servers": ["https://ms.example"], "audience": ["https://c.example"]}},
+    {"tickets": {"trusted_keys": [__file__], "audience": ["https://ms.example"]},
+     "server": {"role": "measurement"}},
+    {"tickets": {"trusted_keys": [__file__], "enabled": False}},
+    {"tickets": {}},
+])
+def test_where_the_host_may_name_the_server(table: dict[str, Any]) -> None:
+    """The Host-derived audience remains where no other server's ticket can be replayed
+    here: a collector naming other servers without measuring itself, one with its
+    audience set, a lone collector; and wherever tickets are off."""
+    config_mod.parse(table, "c.toml")

@@ -55,13 +55,15 @@ def _sign(key: Ed25519PrivateKey, servers: tuple[str, ...], policy: TicketPolicy
 
 
 def _ask(url: str, path: str, ticket: str | None = None, source: str = "127.0.0.1",
-         method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+         method: str = "GET", headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
     """One request from ``source``: (status, headers lower-cased, body)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
                                       source_address=(source, 0))
     try:
-        conn.request(method, path, headers={spec.TICKET_HEADER: ticket} if ticket else {})
+        conn.request(method, path, headers={**({spec.TICKET_HEADER: ticket} if ticket
+                                               else {}), **(headers or {})})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -128,6 +130,9 @@ def _probe_headers(token: str, **extra: str) -> dict[str, str]:
 
 
 WANT = {spec.TICKET_REQUEST_HEADER: "1"}
+NDT7_UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Protocol": "net.measurementlab.ndt.v7"}
 
 
 def test_issued_with_the_instruction_and_alone(tmp_path: Path) -> None:
@@ -304,7 +309,10 @@ def test_allowances_are_counted_per_ticket(tmp_path: Path) -> None:
         brief = _sign(key, here, replace(POLICY, duration_s=1.0))
         with _holding(c.url, [("127.0.0.1", _held_upload(c.url, brief))]) as (held,):
             answer = _status_line(held)  # cut at the ticket's one second, not at 60 s
-        assert answer.startswith(b"HTTP/1.1 413") and b"after 1 s" in answer
+        # The ticket's time, not the upload's failure: a ticket refusal, not a 413.
+        assert answer.startswith(b"HTTP/1.1 403") and \
+            f"{spec.TICKET_REFUSED_HEADER}: allowance_duration".encode() in answer
+        assert b"stopped after 1.0 s: the ticket's 1 s of measuring are used" in answer
         assert _refusal(c.url, brief) == (403, "allowance_duration", "allowance_duration")
         assert _refusal(c.url, brief, spec.ECHO_PATH + "?capacity=1") == (
             403, "allowance_duration", "allowance_duration")
@@ -314,18 +322,150 @@ def test_allowances_are_counted_per_ticket(tmp_path: Path) -> None:
             _until_running(c, 2, 0)
             status, headers, body = _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", pair)
             assert (status, headers["retry-after"]) == (429, "5")
+            assert headers[spec.REFUSED_HEADER.lower()] == "ticket_streams"
             assert json.loads(body)["error"] == (f"ticket {peek(pair).ticket_id} already "
                                                  "runs 2 transfers (its allowance: 2 at "
                                                  "once)")
-            assert _ask(c.url, spec.ECHO_PATH + "?capacity=1", pair)[0] == 429
+            status, headers, _ = _ask(c.url, spec.ECHO_PATH + "?capacity=1", pair)
+            assert (status, headers[spec.REFUSED_HEADER.lower()]) == (429, "ticket_streams")
             assert _ask(c.url, spec.ECHO_PATH + "?capacity=1")[0] == 200  # the address
         _, metrics, _ = request("GET", c.url + "/metrics", raw=True)
         text = metrics.decode()
+        # Capacity asks are not transfers: their refusals are not counted.
         for reason, times in (("allowance_bytes", 2), ("allowance_duration", 2),
-                              ("ticket_streams", 2), ("expired", 0)):
+                              ("ticket_streams", 1), ("expired", 0)):
             assert (f'bbprobe_collector_measurement_transfers_refused_total{{reason="{reason}"}}'
                     f" {times:.1f}") in text, reason
         assert "bbprobe_collector_measurement_transfers_ticketed 0.0" in text
+
+
+def _metric(c: RunningCollector, name: str, **labels: str) -> float:
+    _, metrics, _ = request("GET", c.url + "/metrics", raw=True)
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+                     if labels else "")
+    for line in metrics.decode().splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {wanted}")
+
+
+def test_tickets_with_the_instruction_are_within_the_probe_rate(tmp_path: Path) -> None:
+    """Each instruction fetch asking for a ticket mints one: it takes one of the probe's
+    requests from its rate limit. Beyond it the instruction still comes, without a
+    ticket; POST /api/v1/tickets is refused alike; fetches not asking are not counted."""
+    base = _config()
+    cfg = replace(base, server=replace(base.server, probe_requests_per_min=1.0,
+                                       probe_burst=3))
+    with running_collector(tmp_path / "c", cfg) as c:
+        token = c.add_probe("p1")
+        got = []
+        for _ in range(5):
+            status, _, headers = request("GET", c.url + spec.INSTRUCTION_PATH,
+                                         headers=_probe_headers(token, **WANT))
+            assert status == 200
+            got.append(spec.TICKET_HEADER.lower() in headers)
+        assert got == [True, True, True, False, False]
+        assert request("GET", c.url + spec.INSTRUCTION_PATH,
+                       headers=_probe_headers(token))[0] == 200
+        status, _, headers = request("POST", c.url + spec.TICKETS_PATH,
+                                     headers=_probe_headers(token))
+        assert status == 429 and "retry-after" in headers
+        assert _metric(c, "bbprobe_collector_rate_limited_total", limiter="probe") == 3
+
+
+def test_one_probe_cannot_take_the_ledger_or_the_reserve(tmp_path: Path) -> None:
+    """However many tickets one probe's credential has minted, a server keeps 8 of them
+    in use (the 9th: 403 too_many_tickets) and runs at most one ticket's streams for all
+    of them together (429 ticket_streams, marked); other probes are not affected."""
+    with running_collector(tmp_path / "c", _config()) as c:
+        key, here = _private(c), (origin(c.url),)
+        minted = [_sign(key, here) for _ in range(9)]
+        for ticket in minted[:8]:
+            assert _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", ticket)[0] == 200
+        status, headers, body = _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", minted[8])
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()],
+                json.loads(body)["error"]) == (
+            403, "too_many_tickets", "ticket refused (too_many_tickets): probe p1 already "
+            "has 8 tickets in use here (at most 8): measure with one of them")
+        assert _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", minted[0])[0] == 200
+        assert _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", _sign(key, here, probe="p2")
+                    )[0] == 200
+        pair = [_sign(key, here, replace(POLICY, streams=2), probe="p3") for _ in range(2)]
+        with _holding(c.url, [("127.0.0.1", _held_upload(c.url, pair[0]))] * 2):
+            _until_running(c, 2, 0)
+            status, headers, body = _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", pair[1])
+            assert (status, headers[spec.REFUSED_HEADER.lower()],
+                    json.loads(body)["error"]) == (
+                429, "ticket_streams", "probe p3's tickets already run 2 transfers (a "
+                "ticket's allowance: 2 at once)")
+        assert _metric(c, "bbprobe_collector_measurement_transfers_refused_total",
+                       reason="too_many_tickets") == 1
+
+
+def test_a_ticket_with_less_left_is_refused_before_the_transfer(tmp_path: Path) -> None:
+    """A transfer asking for more seconds or bytes than its ticket has left is refused
+    at once (403 and the allowance code), not started and cut short (which the agent
+    would record as the line's failure); ndt7 asks for its subtest's 10 s."""
+    with running_collector(tmp_path / "c", _config()) as c:
+        key, here = _private(c), (origin(c.url),)
+        short = _sign(key, here, replace(POLICY, duration_s=2.0, bytes=1000))
+        status, headers, body = _ask(c.url, spec.DOWNLOAD_PATH + "?duration_s=5", short)
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()],
+                json.loads(body)["error"]) == (
+            403, "allowance_duration", "ticket refused (allowance_duration): 5 s asked; "
+            "the ticket has 2.0 s left")
+        status, headers, body = _ask(c.url, spec.UPLOAD_PATH + "?bytes=2000", short,
+                                     method="POST")
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()],
+                json.loads(body)["error"]) == (
+            403, "allowance_bytes", "ticket refused (allowance_bytes): 2000 bytes asked; "
+            "the ticket has 1000 left")
+        status, _, body = _ask(c.url, spec.DOWNLOAD_PATH + "?duration_s=0.2", short)
+        assert status == 200 and 0 < len(body) <= 1000
+        status, headers, _ = _ask(c.url, "/ndt/v7/download", _sign(
+            key, here, replace(POLICY, duration_s=5.0)), headers=NDT7_UPGRADE)
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()]) == (
+            403, "allowance_duration")
+
+
+def test_a_host_header_does_not_make_this_server_another(tmp_path: Path) -> None:
+    """A lone collector takes its audience from the Host header. A ticket it issued for
+    another server (tickets.servers), replayed here with that server's name in Host, is
+    wrong_server; and a probe sending that Host gets no ticket naming it as this one.
+    (config.py refuses such a config unless tickets.audience is set: this is the second
+    line of defence, for configs built in code.)"""
+    ms = "http://ms.example:8080"
+    with running_collector(tmp_path / "c", _config({"servers": (ms,)})) as c:
+        key = _private(c)
+        replayed = _sign(key, (ms,))
+        status, headers, _ = _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", replayed,
+                                  headers={"Host": "ms.example:8080"})
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()]) == (403,
+                                                                         "wrong_server")
+        token = c.add_probe("p1")
+        status, _, headers = request("GET", c.url + spec.INSTRUCTION_PATH, headers=_probe_headers(
+            token, **WANT, Host="ms.example:8080"))
+        assert peek(headers[spec.TICKET_HEADER.lower()]).servers == (ms,)
+        assert _ask(c.url, spec.DOWNLOAD_PATH + "?bytes=10", _sign(key, (ms, origin(c.url)))
+                    )[0] == 200
+
+
+def test_capacity_asks_are_bounded_per_address_and_not_refusals(tmp_path: Path) -> None:
+    """echo?capacity=1 answers a refusal without counting it as a refused transfer; one
+    address may ask 20 at once and a few a second after that (429, marked), each
+    forged ticket otherwise costing a signature check; another address is not affected."""
+    with running_collector(tmp_path / "c", _config()) as c:
+        forged = _sign(Ed25519PrivateKey.generate(), (origin(c.url),))
+        statuses = [_ask(c.url, spec.ECHO_PATH + "?capacity=1", forged)[0] for _ in range(20)]
+        assert statuses == [403] * 20
+        status, headers, body = _ask(c.url, spec.ECHO_PATH + "?capacity=1", forged)
+        assert (status, headers[spec.REFUSED_HEADER.lower()]) == (429, "per_client")
+        assert json.loads(body)["error"].startswith("too many capacity asks from 127.0.0.1")
+        assert _ask(c.url, spec.ECHO_PATH)[0] == 200  # a plain echo is not an ask
+        assert _ask(c.url, spec.ECHO_PATH + "?capacity=1", source="127.0.0.2")[0] == 200
+        assert _metric(c, "bbprobe_collector_measurement_transfers_refused_total",
+                       reason="unknown_key") == 0
+        assert _metric(c, "bbprobe_collector_rate_limited_total", limiter="capacity") == 1
 
 
 def test_probes_behind_one_address(tmp_path: Path) -> None:
@@ -376,16 +516,8 @@ def test_ndt7_reads_the_ticket_too(tmp_path: Path) -> None:
         forged = _sign(Ed25519PrivateKey.generate(), (origin(c.url),))
         status, _, _ = _ask(c.url, "/ndt/v7/download", forged)
         assert status == 400  # no subprotocol: refused before the ticket is read
-        parts = urlsplit(c.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-        conn.request("GET", "/ndt/v7/download", headers={
-            spec.TICKET_HEADER: forged, "Upgrade": "websocket", "Connection": "Upgrade",
-            "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Protocol": "net.measurementlab.ndt.v7"})
-        resp = conn.getresponse()
-        assert (resp.status, resp.getheader(spec.TICKET_REFUSED_HEADER)) == (403,
-                                                                             "unknown_key")
-        conn.close()
+        status, headers, _ = _ask(c.url, "/ndt/v7/download", forged, headers=NDT7_UPGRADE)
+        assert (status, headers[spec.TICKET_REFUSED_HEADER.lower()]) == (403, "unknown_key")
 
 
 def test_cli_issues_a_ticket(tmp_path: Path) -> None:
@@ -413,9 +545,28 @@ def test_check_config_reads_the_ticket_keys(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
     config = tmp_path / "ms.toml"
-    config.write_text(f'[server]\nrole = "measurement"\n[tickets]\ntrusted_keys = ["{junk}"]\n')
+    config.write_text(f'[server]\nrole = "measurement"\n[tickets]\ntrusted_keys = ["{junk}"]\n'
+                      'audience = ["https://ms.example"]\n')
     result = CliRunner().invoke(main, ["--config", str(config), "check-config"])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"bbprobe-collector: tickets.trusted_keys[0]: {str(junk)!r} "
                                     "is not a PEM public key (")
     assert result.stderr.count("\n") == 1
+
+
+def test_check_config_wants_an_audience_where_host_could_lie(tmp_path: Path) -> None:
+    """A server trusting another issuer's key, or a measuring collector naming other
+    servers, must list its own URLs: one line naming tickets.audience."""
+    pem = tmp_path / "issuer.pem"
+    pem.write_text(keys.public_pem(Ed25519PrivateKey.generate().public_key()))
+    config = tmp_path / "c.toml"
+    for table, why in ((f'[server]\nrole = "measurement"\n[tickets]\n'
+                        f'trusted_keys = ["{pem}"]\n', "tickets.trusted_keys is set"),
+                       ('[tickets]\nservers = ["https://ms.example"]\n',
+                        "tickets.servers is set")):
+        config.write_text(table)
+        result = CliRunner().invoke(main, ["--config", str(config), "check-config"])
+        assert result.exit_code == 2
+        assert result.stderr.startswith(f"bbprobe-collector: {config}: tickets.audience: "
+                                        "must list this ")
+        assert why in result.stderr and result.stderr.count("\n") == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.schema import SCHEMA_VERSION
 from collector.testing import running_collector
 from tests.collector.test_family import _ipv6_loopback
 from tests.httpclient import request
@@ -42,7 +43,7 @@ def test_agent_over_ipv6_to_a_collector_on_the_ipv6_loopback(tmp_path: Path,
         assert done.returncode == 0, done.stderr[-2000:]
         doc = json.loads(done.stdout)
         assert (doc["schema_version"], doc["address_family"],
-                doc["address_family_requested"]) == (6, "ipv6", "ipv6")
+                doc["address_family_requested"]) == (SCHEMA_VERSION, "ipv6", "ipv6")
         assert (doc["local_addresses"], doc["remote_addresses"]) == (["::1"], ["::1"])
         assert (doc["ping"]["status"], doc["ping"]["address"]) == ("ok", "::1")
         assert {t["status"] for t in doc["transfers"]} == {"ok"}

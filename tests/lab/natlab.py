@@ -19,10 +19,15 @@ Everything stays inside the namespaces (198.18.0.0/15) and is torn down on exit.
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from tests.lab.netlab import ETHERNET_HEADER, Lab, LinkSpec, _run
+from tests.lab.netlab import ETHERNET_HEADER, REPO, Lab, LinkSpec, _run
 
 NAT_ADDRESS = "198.18.1.2"
 SERVER_ADDRESS = "198.18.1.1"
@@ -81,6 +86,173 @@ class NatLab(Lab):
                     _run(["ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev,
                           "root", "tbf", "rate", f"{int(self.access_mbit * 1e6)}bit",
                           "burst", str(burst), "latency", "50ms"])
+
+
+PROBES = 5
+STREAMS = 20
+COLLECTOR_PORT = 8080
+SERVER_PORT = 8081
+
+AGENT_CONFIG = """
+profile = "custom"
+state_dir = "{state}"
+
+[collector]
+url = "{collector}"
+token = "{token}"
+
+[server]
+url = "{server}"
+
+[ping]
+count = 5
+interval_s = 0.05
+timeout_s = 1.0
+
+[download]
+streams = {streams}
+tests = 1
+attempts = 1
+warmup_s = 0.5
+window_s = 2.0
+sample_interval_s = 0.1
+
+[upload]
+streams = {streams}
+tests = 1
+attempts = 1
+warmup_s = 0.5
+window_s = 2.0
+sample_interval_s = 0.1
+
+[checks]
+# Five agents and two servers share two cores: CPU load is not the line's here.
+max_cpu_percent = 100.0
+
+[delivery]
+retry_min_s = 0.2
+retry_max_s = 1.0
+max_wait_s = 5.0
+"""
+
+# The stranger: opens ``count`` anonymous downloads that never read, prints each one's
+# HTTP status as a JSON list, then holds them (stopped when the probes are done; at
+# most 60 s).
+STRANGER = """
+import json, socket, sys, time
+count, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+held, statuses = [], []
+for _ in range(count):
+    s = socket.create_connection((host, port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"GET /measure/v1/download?duration_s=50 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    head = b""
+    while b"\\r\\n" not in head:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        head += chunk
+    statuses.append(int(head.split()[1]) if head.split() else 0)
+    held.append(s)
+print(json.dumps(statuses), flush=True)
+time.sleep(60)
+"""
+
+
+def _collector_cli(db: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "collector", "--db", str(db), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, check=True)
+    return done.stdout
+
+
+def _keys(workdir: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = workdir / "issuer.pem", workdir / "issuer.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _serve(lab: NatLab, config: Path, name: str) -> str:
+    addr = lab.workdir / f"{name}.addr"
+    addr.unlink(missing_ok=True)
+    proc = lab.spawn(lab.server, [sys.executable, "-m", "collector", "--config", str(config),
+                                  "serve", "--addr-file", str(addr)], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if addr.exists() and addr.read_text().strip():
+            return addr.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} stopped: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not start in the lab's server namespace")
+
+
+def start_servers(lab: NatLab, tickets: bool) -> tuple[str, str, Path]:
+    """The issuing collector and the measurement-only server; returns their URLs and
+    the collector's database."""
+    work = lab.workdir
+    private, public = _keys(work)
+    server_url = f"http://{lab.server_ip}:{SERVER_PORT}"
+    db = work / "collector.sqlite3"
+    collector_cfg = work / "collector.toml"
+    collector_cfg.write_text(
+        f'[server]\nhost = "{lab.server_ip}"\nport = {COLLECTOR_PORT}\nrole = "ingest"\n'
+        f'[storage]\npath = "{db}"\n'
+        f'[tickets]\nenabled = {"true" if tickets else "false"}\n'
+        f'signing_key_file = "{private}"\nservers = ["{server_url}"]\n')
+    measure_cfg = work / "measure.toml"
+    # 130 slots, half reserved for tickets: 100 ticketed streams and a stranger's 20 fit;
+    # 20 per address, the default.
+    measure_cfg.write_text(
+        f'[server]\nhost = "{lab.server_ip}"\nport = {SERVER_PORT}\nrole = "measurement"\n'
+        '[measurement]\nmax_concurrent = 130\nmax_concurrent_per_client = 20\n'
+        'ticket_reserved_share = 0.5\n'
+        f'[tickets]\ntrusted_keys = ["{public}"]\naudience = ["{server_url}"]\n')
+    collector_url = _serve(lab, collector_cfg, "collector")
+    measured_url = _serve(lab, measure_cfg, "measurement")
+    assert measured_url == server_url
+    return collector_url, measured_url, db
+
+
+def run_probes(lab: NatLab, collector_url: str, server_url: str, db: Path
+               ) -> list[dict[str, Any]]:
+    """One `bbprobe run` per probe namespace, all started together; their results."""
+    runs = []
+    for i in range(PROBES):
+        token = _collector_cli(db, "probe", "add", f"nat{i}").strip()
+        cfg = lab.workdir / f"agent{i}.toml"
+        cfg.write_text(AGENT_CONFIG.format(state=lab.workdir / f"state{i}",
+                                           collector=collector_url, token=token,
+                                           server=server_url, streams=STREAMS))
+        runs.append(cfg)
+    procs = [lab.spawn(lab.clients[i], [sys.executable, "-m", "agent", "--config", str(cfg),
+                                        "run", "--json", "-q"], cwd=REPO)
+             for i, cfg in enumerate(runs)]
+    docs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        docs.append(json.loads(out))
+    return docs
+
+
+
+
+def hold_anonymous(lab: NatLab, client: int, count: int) -> tuple[Any, list[int]]:
+    """A stranger in client namespace ``client`` holds ``count`` anonymous downloads
+    that never read; returns its process (terminate it when done) and their statuses."""
+    proc = lab.spawn(lab.clients[client], [sys.executable, "-c", STRANGER, str(count),
+                                           lab.server_ip, str(SERVER_PORT)])
+    assert proc.stdout is not None
+    return proc, json.loads(proc.stdout.readline())
 
 
 @contextlib.contextmanager
