@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector import ingest, service
-from collector.config import StorageConfig
+from collector.config import CollectorConfig, StorageConfig
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
 from collector.testing import bound_url
@@ -180,7 +180,9 @@ def test_workers_share_one_port(tmp_path: Path, pg_url: str) -> None:
                       for f in text_string_to_metric_families(text) for s in f.samples}
             assert parsed[("bbprobe_collector_results_total",
                            (("outcome", "stored"),))] == len(docs)
-            assert parsed[("bbprobe_collector_measurement_transfers_limit", ())] == 3 * 64
+            per_worker = CollectorConfig().measurement.max_concurrent
+            assert parsed[("bbprobe_collector_measurement_transfers_limit", ())] == \
+                3 * per_worker
         children = parent.children()
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)
