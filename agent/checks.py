@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.schema import HostContext, InvalidReason, TransferAttempt
+from agent.schema import REFUSAL_REASONS, HostContext, InvalidReason, TransferAttempt
 
 # Bytes on the wire per TCP payload byte at MTU 1500 with timestamps: (1500 + 14) /
 # (1500 - 52). The test's own traffic is its payload times this, so the interface
@@ -80,6 +80,24 @@ def cross_traffic_ratio(interface_bytes: int, own_payload_bytes: int,
         return None
     other = interface_bytes - own_payload_bytes * overhead
     return min(1.0, max(0.0, other / interface_bytes))
+
+
+def line_cross_traffic(
+    metered: Sequence[tuple[TransferAttempt, tuple[int, int], tuple[int, int]]],
+    direction: str, overhead: float = WIRE_OVERHEAD,
+) -> float | None:
+    """Cross traffic over the attempts of ``direction`` the server did not refuse (issue
+    24), from the interface counters read around each one (received for downloads, sent
+    for uploads); None when there were none. Pure. A refused attempt's streams are cut at
+    once, and what the server had sent them still arrives, unread by the agent: counted
+    over the whole direction, the agent's own bytes would read as someone else's."""
+    side = 0 if direction == "download" else 1
+    line = [(a, b, c) for a, b, c in metered
+            if a.direction == direction and a.failure_reason not in REFUSAL_REASONS]
+    if not line:
+        return None
+    return cross_traffic_ratio(sum(c[side] - b[side] for _, b, c in line),
+                               own_bytes([a for a, _, _ in line]), overhead)
 
 
 # --- observations (I/O) ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -203,6 +204,17 @@ async def run_transfers(
     return attempts, under_load
 
 
+def _cross_traffic(direction: str, attempts: list[TransferAttempt], interface_bytes: int,
+                   access: Access) -> float | None:
+    """The direction's cross-traffic ratio: over all its tests, as always; over the
+    attempts the server did not refuse when it refused any (checks.line_cross_traffic)."""
+    if not attempts:
+        return None
+    if any(a.failure_reason in REFUSAL_REASONS for a in attempts):
+        return checks.line_cross_traffic(access.metered, direction)
+    return checks.cross_traffic_ratio(interface_bytes, checks.own_bytes(attempts))
+
+
 def _thresholds(cfg: AgentConfig) -> checks.Thresholds:
     c = cfg.checks
     return checks.Thresholds(
@@ -326,6 +338,8 @@ async def run(
                                           cfg.checks.scan_lan, [ping_target(cfg)], af)
     if base_url is not None:
         iface = context.interface if context is not None else None
+        if iface is not None:
+            access.meter = partial(checks.interface_bytes, iface)
         before = checks.interface_bytes(iface)
         down, ping_download = await run_transfers("download", base_url, m.download,
                                                   progress, loaded, observe, af, endpoints,
@@ -338,10 +352,10 @@ async def run(
         if context is not None and before and middle and after:
             context = replace(
                 context,
-                download_cross_traffic_ratio=checks.cross_traffic_ratio(
-                    middle[0] - before[0], checks.own_bytes(down)) if down else None,
-                upload_cross_traffic_ratio=checks.cross_traffic_ratio(
-                    after[1] - middle[1], checks.own_bytes(up)) if up else None)
+                download_cross_traffic_ratio=_cross_traffic(
+                    "download", down, middle[0] - before[0], access),
+                upload_cross_traffic_ratio=_cross_traffic(
+                    "upload", up, after[1] - middle[1], access))
     validity = None
     if context is not None:
         reasons = checks.assess(context, _thresholds(cfg))

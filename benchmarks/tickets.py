@@ -22,7 +22,8 @@ Method, stated with every number:
   streams each, 80 Mbit/s access links, all started together against one
   measurement-only server (20 transfers per address): per round, with tickets and
   without, the attempts, the attempts the server refused, the line's failed attempts,
-  the valid sessions and the longest session.
+  the directions (of 10) with no successful test, the valid sessions and the longest
+  session.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def nat(rounds: int) -> None:
     print("tickets behind one NAT address: 5 probes x 20 streams, 80 Mbit/s access links, "
           "one measurement-only server (20 per address)\n")
     print("| round | tickets | attempts | refused by the server | line failures | "
-          "valid sessions | longest session s |")
-    print("|---|---|---|---|---|---|---|")
+          "directions never measured | valid sessions | longest session s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in range(1, rounds + 1):
         for on in (True, False):
             with tempfile.TemporaryDirectory() as tmp, nat_lab(5, Path(tmp), 80) as lab:
@@ -175,9 +176,13 @@ def nat(rounds: int) -> None:
             failed = [t for t in attempts
                       if t["status"] == "failed" and t["failure_reason"] not in REFUSAL_REASONS]
             valid = sum(1 for d in docs if d["validity"]["valid"])
+            unmeasured = sum(1 for d in docs for direction in ("download", "upload")
+                             if not any(t["direction"] == direction and t["status"] == "ok"
+                                        for t in d["transfers"]))
             longest = max(d["duration_s"] for d in docs)
             print(f"| {r} | {'yes' if on else 'no'} | {len(attempts)} | {len(refused)} | "
-                  f"{len(failed)} | {valid}/{len(docs)} | {longest:.1f} |")
+                  f"{len(failed)} | {unmeasured}/{2 * len(docs)} | {valid}/{len(docs)} | "
+                  f"{longest:.1f} |")
 
 
 def main() -> None:

@@ -236,6 +236,13 @@ class Access:
     # Charged so far: the session's POST for its ticket (agent/session.py), then retries.
     spent_s: float = 0.0
     spent_bytes: int = 0
+    # The interface's (received, sent) byte counters, read around every attempt when set
+    # (agent/checks.py interface_bytes): a refused attempt's streams are cut at once, and
+    # what the server had already sent them still reaches the interface unread, so a
+    # direction with refusals judges its cross traffic over its other attempts only.
+    meter: Callable[[], tuple[int, int] | None] | None = None
+    metered: list[tuple[TransferAttempt, tuple[int, int], tuple[int, int]]] = field(
+        default_factory=list)
 
     def headers(self) -> dict[str, str]:
         """What every transfer request carries: the ticket, while it is held."""
@@ -303,7 +310,11 @@ async def run_test(
     failed = retries = 0
     while True:
         started = clock()
+        before = access.meter() if access.meter is not None else None
         ran = await runner(test_index, len(attempts) + 1)
+        after = access.meter() if access.meter is not None else None
+        if before is not None and after is not None:
+            access.metered.append((ran.attempt, before, after))
         attempts.append(ran.attempt)
         if ran.refusal is None:
             if ran.attempt.status == "ok":

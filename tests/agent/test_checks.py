@@ -121,3 +121,28 @@ def test_lan_hosts_rule() -> None:
     (reason,) = checks.assess(ctx, LIMITS)
     assert reason.code == "lan_hosts"
     assert reason.detail.startswith("2 other host(s) active on the LAN besides the gateway")
+
+
+def test_cross_traffic_over_the_attempts_the_server_did_not_refuse() -> None:
+    """Issue 24: a refused attempt's streams are cut at once, and what the server had
+    already sent them reaches the interface unread. Counted over the whole direction
+    those bytes read as a neighbour's; over the other attempts' windows they do not,
+    while a real neighbour inside an attempt's window still shows."""
+    from tests.factories import attempt
+
+    refused = replace(attempt("download", number=1, ok=False),
+                      failure_reason="server_refused", http_status=429, bytes_total=96)
+    ok = attempt("download", number=2)
+    wire = int(ok.bytes_total * checks.WIRE_OVERHEAD)
+    # 5 MB arrived unread around the refused attempt, nothing else around the good one.
+    metered = [(refused, (0, 0), (5_000_000, 0)), (ok, (5_000_000, 0), (5_000_000 + wire, 0))]
+    assert checks.line_cross_traffic(metered, "download") == pytest.approx(0.0, abs=1e-9)
+    whole = checks.cross_traffic_ratio(5_000_000 + wire, checks.own_bytes([refused, ok]))
+    assert whole is not None and whole > 0.05  # what the whole-direction count said
+    # A neighbour's 20 % inside the good attempt's window is still seen.
+    busy = [(refused, (0, 0), (5_000_000, 0)),
+            (ok, (5_000_000, 0), (5_000_000 + int(wire / 0.8), 0))]
+    assert checks.line_cross_traffic(busy, "download") == pytest.approx(0.2, rel=1e-3)
+    # Only refusals: nothing of the line was measured, nothing to judge.
+    assert checks.line_cross_traffic(metered[:1], "download") is None
+    assert checks.line_cross_traffic(metered, "upload") is None

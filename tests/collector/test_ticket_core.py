@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import spec
 from agent.ticket import Allowance, peek
@@ -34,6 +36,9 @@ from collector.tickets import Claims, TicketPolicy, TicketRefused, Verifier
 NOW = 1_800_000_000.0
 SERVER = "http://ms.example:8080"
 POLICY = TicketPolicy(expiry_s=1200, streams=2, bytes=1000, duration_s=10.0)
+CODES = {"malformed", "unknown_key", "bad_signature", "wrong_issuer", "not_yet_valid",
+         "expired", "wrong_server", "allowance_bytes", "allowance_duration",
+         "too_many_tickets"}
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +254,46 @@ def test_verified_tickets_are_cached_and_the_cache_bounded(key: Ed25519PrivateKe
     for _ in range(3):
         verifier.verify(_ticket(key), None, NOW)
     assert len(verifier._cache) == 2
+
+
+@settings(max_examples=2000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_mangled_token_is_a_refusal(key: Ed25519PrivateKey, data: st.DataObject) -> None:
+    """Whatever reaches a measurement server in the header (anyone may send one), the
+    verdict is a ticket or a TicketRefused with a code, never another exception: random
+    text, three random segments, and a genuine ticket with one segment replaced,
+    truncated or with a byte changed, or its claims re-encoded with wrong types."""
+    genuine = _ticket(key)
+    head, body, sig = genuine.split(".")
+    segment = st.one_of(st.text(max_size=60), st.binary(max_size=60).map(_b64))
+    claims = st.dictionaries(
+        st.sampled_from(["iss", "sub", "jti", "aud", "iat", "exp", "bbprobe"]),
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                  st.lists(st.text(max_size=8), max_size=3),
+                  st.dictionaries(st.sampled_from(["streams", "bytes", "duration_s"]),
+                                  st.one_of(st.integers(), st.floats(), st.text(max_size=4)),
+                                  max_size=3)), max_size=7)
+    token = data.draw(st.one_of(
+        st.text(max_size=300),
+        st.tuples(segment, segment, segment).map(".".join),
+        st.tuples(segment).map(lambda t: f"{t[0]}.{body}.{sig}"),
+        st.tuples(segment).map(lambda t: f"{head}.{t[0]}.{sig}"),
+        st.tuples(segment).map(lambda t: f"{head}.{body}.{t[0]}"),
+        st.integers(0, len(genuine)).map(lambda n: genuine[:n]),
+        st.tuples(st.integers(0, len(genuine) - 1), st.characters()).map(
+            lambda t: genuine[:t[0]] + t[1] + genuine[t[0] + 1:]),
+        claims.map(lambda c: f"{head}.{_b64(json.dumps(c).encode())}.{sig}"),
+    ))
+    verifier = _verifier(key)
+    try:
+        got = verifier.verify(token, SERVER, NOW)
+    except TicketRefused as exc:
+        assert exc.code in CODES
+    else:
+        # Only the genuine ticket passes (or a spelling of the same signed bytes: base64's
+        # unused low bits, surrounding spaces): the signature binds its claims.
+        assert got == _verifier(key).verify(genuine, SERVER, NOW)
 
 
 # --- the ledger and the slots ---------------------------------------------------------------

@@ -72,3 +72,6 @@ def test_without_tickets_the_same_probes_are_refused(lab_dir: Path) -> None:
     # A refusal is never the line's failure: the only failed attempts are refusals.
     failed = [t for doc in docs for t in doc["transfers"] if t["status"] == "failed"]
     assert failed == refused
+    # Nor does it make the session invalid: what a refused attempt's cut streams had
+    # been sent is the test's own traffic, not cross traffic (checks.line_cross_traffic).
+    assert [doc["validity"] for doc in docs] == [{"valid": True, "reasons": []}] * PROBES
