@@ -75,7 +75,7 @@ REFUSAL_REASONS: frozenset[str] = frozenset({"server_refused", "ticket_refused"}
 PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REASON_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # A central instruction's version: the first 16 hex digits of the SHA-256 of its
-# canonical JSON (collector/instructions.py), so equal instructions have equal versions.
+# canonical JSON (collector/fleet/rules.py), so equal instructions have equal versions.
 INSTRUCTION_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -937,7 +937,7 @@ def _time_plan(cls: type) -> tuple[tuple[str, str], ...]:
 
 def timestamps(obj: Any, path: str = "") -> Iterable[tuple[str, str]]:
     """(field path, text) of every timestamp in a decoded document, nested ones too,
-    so a reader of the document can bound each (collector/ingest.py)."""
+    so a reader of the document can bound each (collector/intake/ingest.py)."""
     kind_of: type = type(obj)
     for kind, name in _time_plan(kind_of):
         value = getattr(obj, name)

@@ -39,13 +39,13 @@ from typing import Any
 
 from agent.schema import format_utc, parse_result
 from agent.stats import Moments
-from collector import service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
 from collector.compliance.facts import jitter_terms
 from collector.compliance.rollup import pack_speeds
 from collector.config import StorageConfig
-from collector.report import report_dict
+from collector.reports import service
+from collector.reports.text import report_dict
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
 from collector.storage.store import Store, open_store

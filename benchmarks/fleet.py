@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.schema import SCHEMA_VERSION, format_utc, utc_now
-from collector import ingest, service
 from collector.config import StorageConfig
-from collector.instructions import Selector
+from collector.fleet.rules import Selector
+from collector.intake import ingest
+from collector.reports import service
+from collector.server.testing import serve_process
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
-from collector.testing import serve_process
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]

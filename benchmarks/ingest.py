@@ -64,7 +64,7 @@ from typing import Any
 
 import aiohttp
 
-from collector.testing import bound_url
+from collector.server.testing import bound_url
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "00000000-0000-4000-8000-000000000000"

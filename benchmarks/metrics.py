@@ -46,10 +46,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.fleet import fill, timed
 from benchmarks.ingest import Backend, collector, load, real_documents
-from collector.alerter import evaluate
+from collector.alerts.worker import evaluate
 from collector.config import CollectorConfig, StorageConfig
+from collector.server.testing import serve_process
 from collector.storage.store import open_store
-from collector.testing import serve_process
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]

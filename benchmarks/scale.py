@@ -43,11 +43,11 @@ from typing import Any
 
 from agent.schema import to_dict
 from benchmarks.ingest import PLACEHOLDER, load
-from collector import service
 from collector.config import StorageConfig
+from collector.reports import service
+from collector.server.testing import bound_url
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
-from collector.testing import bound_url
 
 
 def documents() -> dict[str, bytes]:

@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 
 from agent.schema import to_dict
-from collector import service
+from collector.reports import service
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
 

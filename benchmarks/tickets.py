@@ -69,7 +69,7 @@ def _echo_us(url: str, n: int) -> float:
 
 
 def _server(work: Path, public: Path, tickets_on: bool = True) -> Any:
-    from collector.testing import serve_process
+    from collector.server.testing import serve_process
 
     cfg = work / "measure.toml"
     # A server trusting a key names its audience (config.py): a port known beforehand.

@@ -1,4 +1,4 @@
-from collector.cli import main
+from collector.cli.main import main
 
 if __name__ == "__main__":
     main()

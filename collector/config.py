@@ -21,8 +21,12 @@ from agent.config import decode_table, listen_problem, split_listen, url_problem
 from agent.config import read_toml as _read_toml
 from agent.errors import ConfigError as _AgentConfigError
 from agent.schema import bounds
-from collector.alerts import KINDS
 from collector.errors import ConfigError
+
+# The conditions an alert rule may name (collector/alerts/rules.py says what each means):
+# configuration is validated against them at load, before any rule runs.
+ALERT_KINDS = ("contract_breach", "below_minimum", "probe_silent", "campaign_incomplete",
+               "dead_letters", "test")
 
 # A notifier's name (it keys its delivery states in the database).
 NOTIFIER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -179,7 +183,7 @@ class ComplianceConfig:
 @dataclass(frozen=True, slots=True)
 class InfluxConfig:
     # Copy every stored result to InfluxDB 2.x/3.x (or any InfluxDB v2 write API server)
-    # through a durable outbox in SQLite (collector/influx.py).
+    # through a durable outbox in SQLite (collector/sinks/influx.py).
     enabled: bool = False
     url: str = ""
     org: str = ""
@@ -470,9 +474,9 @@ def _check_alerts(alerts: AlertsConfig, source: str) -> None:
             fail(f"{where}.name", f"{notifier.name!r} is used twice")
         names.add(notifier.name)
         for trigger in notifier.triggers:
-            if trigger not in KINDS:
+            if trigger not in ALERT_KINDS:
                 fail(f"{where}.triggers", f"unknown trigger {trigger!r}; expected some of "
-                                          f"{', '.join(KINDS)}")
+                                          f"{', '.join(ALERT_KINDS)}")
         if isinstance(notifier, WebhookConfig):
             if problem := url_problem(notifier.url):
                 fail(f"{where}.url", f"expected http(s)://host[:port]/path: {problem}")

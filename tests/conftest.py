@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from collector.config import StorageConfig
-from collector.testing import RunningCollector, running_collector
+from collector.server.testing import RunningCollector, running_collector
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -113,7 +113,7 @@ def session_dict(**kwargs: Any) -> dict[str, Any]:
 
 def store_result(store: Any, result: SessionResult) -> None:
     """Insert ``result`` into a ``SqliteStore`` exactly as ingestion would."""
-    from collector import ingest
+    from collector.intake import ingest
 
     accepted = ingest.parse_body(ingest.canonical_json(result).encode())
     store.insert_result(
@@ -133,7 +133,7 @@ def store_as_before(collector: Any, doc: dict[str, Any],
     collector copies there. Returns its result_id."""
     from dataclasses import replace
 
-    from collector import ingest
+    from collector.intake import ingest
     from collector.storage.model import NewResult
     from collector.storage.store import open_store
 

@@ -12,7 +12,7 @@ Faults:
 
 A request with a Content-Encoding is logged with it, e.g. ``POST /path [zstd] -> 200``.
 
-Runs on 127.0.0.1:0 in a thread of its own, like ``collector.testing``.
+Runs on 127.0.0.1:0 in a thread of its own, like ``collector.server.testing``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from collector.testing import serve_in_thread as threaded
+from collector.server.testing import serve_in_thread as threaded
 
 
 @dataclass

@@ -25,8 +25,8 @@ import atheris
 
 with atheris.instrument_imports():
     from agent.schema import SchemaError, parse_gap
-    from collector import ingest
     from collector.errors import ApiError
+    from collector.intake import ingest
     from collector.storage.model import LineMetadata, NewResult
     from collector.storage.sqlite import SqliteStore
 

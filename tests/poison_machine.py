@@ -30,7 +30,7 @@ The invariants:
    terminal output holds no control character but newlines, JSON is UTF-8 with no lone
    surrogate, /metrics parses with Prometheus's own parser and says
    ``bbprobe_collector_state_up 1``;
-5. an alerter tick (collector/alerter.py, run in-process against the store) does not
+5. an alerter tick (collector/alerts/worker.py, run in-process against the store) does not
    raise, raises nothing about the victim, and an alert is raised once: at most one
    alert of a kind (contract_breach, campaign_incomplete) per probe, campaign instant
    and IP version, however the campaign's start is spelled.
@@ -68,8 +68,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import spec
 from agent.schema import SCHEMA_VERSION, parse_utc
-from collector.alerter import Alerter
-from collector.cli import main as cli_main
+from collector.alerts.worker import Alerter
+from collector.cli.main import main as cli_main
 from collector.config import (
     AlertsConfig,
     AnonymousConfig,
@@ -79,9 +79,9 @@ from collector.config import (
     ServerConfig,
     StorageConfig,
 )
+from collector.server.testing import RunningCollector, running_collector
 from collector.storage.model import LineMetadata
 from collector.storage.store import Store
-from collector.testing import RunningCollector, running_collector
 from tests.factories import attempt, session_dict
 from tests.httpclient import request
 
@@ -599,7 +599,7 @@ def _cli_certify_attacker(w: World) -> None:
 def _report(doc: dict[str, Any]) -> dict[str, Any]:
     """A report without its count of customer tests: anonymous browser and ndt7 tests
     have no probe, so every report of their period counts them, as ones an analyst may
-    include (collector/service.py observations), by design."""
+    include (collector/reports/service.py observations), by design."""
     doc["customer"].pop("tests", None)
     return doc
 

@@ -16,7 +16,7 @@ from agent import config as agent_config
 from agent.errors import ConfigError as AgentConfigError
 from collector import config as collector_config
 from collector.errors import ConfigError
-from collector.testing import running_collector
+from collector.server.testing import running_collector
 
 
 def _creds(tmp_path: Path, **secrets: str) -> dict[str, str]:

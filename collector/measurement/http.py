@@ -51,8 +51,8 @@ from collector.measurement.slots import (
     client_key,
     presented,
 )
+from collector.routing import Routes
 from collector.web.base import count
-from collector.web.routing import Routes
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
 DEFAULT_SAMPLE_INTERVAL_S = 0.1

@@ -24,7 +24,7 @@ from aiohttp import web
 from agent import payload
 from collector.errors import ApiError
 from collector.measurement.slots import CONFIG, SLOTS, presented
-from collector.web.routing import Routes
+from collector.routing import Routes
 
 CHUNK = 1024 * 1024
 NAMES = ("garbage", "empty", "getIP")

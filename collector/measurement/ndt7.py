@@ -43,7 +43,7 @@ from agent import payload
 from collector.errors import ApiError
 from collector.measurement import tcpinfo
 from collector.measurement.slots import CONFIG, SLOTS, presented
-from collector.web.routing import Routes
+from collector.routing import Routes
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
 DOWNLOAD_PATH = "/ndt/v7/download"

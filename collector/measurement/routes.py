@@ -22,7 +22,7 @@ from collector.measurement.slots import (
     reserved_slots,
 )
 from collector.metrics import Metrics
-from collector.web.routing import Routes
+from collector.routing import Routes
 
 
 def add_page(routes: Routes, *, record: bool = True) -> None:

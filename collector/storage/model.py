@@ -85,7 +85,7 @@ class HourRow:
 
 @dataclass(frozen=True, slots=True)
 class NewResult:
-    """A validated result ready to store (collector/ingest.py makes them)."""
+    """A validated result ready to store (collector/intake/ingest.py makes them)."""
 
     result_id: str
     probe_name: str

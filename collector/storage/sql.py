@@ -630,7 +630,7 @@ class SqlStore:
                until: str | None = None, include_invalid: bool = False,
                family: str | None = None) -> list[HourRow]:
         """Per UTC hour: sessions, pings, RTT sum and per-direction speed sums (plots of
-        any scope size, collector/plots.py); valid sessions only unless asked. The sums
+        any scope size, collector/reports/plots.py); valid sessions only unless asked. The sums
         are the database's (plots only; no verdict rests on them)."""
         where, params = self._scope(probes, since, until, family=family)
         t_where, t_params = self._scope(probes, since, until, family=family,

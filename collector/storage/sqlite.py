@@ -202,7 +202,7 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     ) WITHOUT ROWID;
     """,
     _backfill_facts,
-    # 3: results waiting to be copied to InfluxDB (collector/influx.py), in arrival order.
+    # 3: results waiting to be copied to InfluxDB (collector/sinks/influx.py), in arrival order.
     """
     CREATE TABLE influx_outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -8,11 +8,12 @@ from dataclasses import fields
 from aiohttp import web
 
 from agent.schema import utc_now
-from collector import ingest, service
 from collector.errors import ApiError
+from collector.intake import ingest
+from collector.reports import service
+from collector.routing import Routes
 from collector.storage.model import LineMetadata
 from collector.web.base import db, json_response, read_body
-from collector.web.routing import Routes
 
 
 async def add_probe(request: web.Request) -> web.Response:

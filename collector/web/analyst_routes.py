@@ -12,12 +12,14 @@ from aiohttp import web
 
 from agent import spec
 from agent.schema import utc_now
-from collector import __version__, html_report, safetext, service
+from collector import __version__, safetext
 from collector.compliance import targets as targets_mod
 from collector.compliance.completeness import completeness
 from collector.errors import ApiError, BadParameter
 from collector.measurement.slots import SLOTS
-from collector.report import (
+from collector.reports import html as html_report
+from collector.reports import service
+from collector.reports.text import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
     REPORT_COLUMNS,
@@ -31,6 +33,7 @@ from collector.report import (
     report_rows,
     sample_rows,
 )
+from collector.routing import Routes
 from collector.web.base import (
     CONFIG,
     SINK,
@@ -41,7 +44,6 @@ from collector.web.base import (
     query_limit,
     scope_of,
 )
-from collector.web.routing import Routes
 
 REPORT_FORMATS = ("json", "csv", "html")
 

@@ -21,7 +21,7 @@ import psycopg
 from aiohttp import web
 
 from agent.schema import encodes
-from collector import auth, safetext, service
+from collector import auth, safetext
 from collector.config import CollectorConfig
 from collector.errors import (
     AlreadyExists,
@@ -32,12 +32,13 @@ from collector.errors import (
     StoreError,
     Unacceptable,
 )
+from collector.intake.commit import GroupCommit
 from collector.limits import RateLimiter
 from collector.metrics import Metrics
-from collector.report import Scope
+from collector.reports import service
+from collector.reports.text import Scope
+from collector.routing import role_of
 from collector.storage.store import Store
-from collector.web.commit import GroupCommit
-from collector.web.routing import role_of
 
 T = TypeVar("T")
 log = logging.getLogger("bbprobe.collector")
@@ -58,7 +59,7 @@ SINK = web.AppKey("influx_sink", object)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Anonymous browser results, per client: apart from the probes' limiter, never off.
 ANON_LIMITER = web.AppKey("anonymous_limiter", RateLimiter)
-# The alerter (collector/alerter.py), when [alerts] enabled: a report wakes it.
+# The alerter (collector/alerts/worker.py), when [alerts] enabled: a report wakes it.
 ALERTER = web.AppKey("alerter", object)
 # Prometheus event metrics (collector/metrics.py); absent with metrics.enabled = false.
 METRICS = web.AppKey("metrics", Metrics)

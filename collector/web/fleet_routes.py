@@ -19,9 +19,14 @@ from aiohttp import web
 
 from agent import spec
 from agent.schema import SchemaError, parse_health
-from collector import alerter, alerts, control, fleet, ingest
+from collector.alerts import rules as alerts
+from collector.alerts import worker as alerter
 from collector.errors import ApiError
-from collector.instructions import Selector, selector
+from collector.fleet import control
+from collector.fleet import view as fleet
+from collector.fleet.rules import Selector, selector
+from collector.intake import ingest
+from collector.routing import Routes
 from collector.web.base import (
     ALERTER,
     CONFIG,
@@ -33,7 +38,6 @@ from collector.web.base import (
     read_body,
 )
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
-from collector.web.routing import Routes
 from collector.web.ticket_routes import instruction_headers
 
 log = logging.getLogger("bbprobe.collector")
@@ -80,7 +84,7 @@ async def post_state(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     if cfg.alerts.enabled and alerts.completed_campaign(data, datetime.now(UTC)) is not None:
         # A completed campaign is certified now: the next report, a session later,
-        # speaks of the next one (collector/alerter.py). The report is stored already:
+        # speaks of the next one (collector/alerts/worker.py). The report is stored already:
         # a failure here is logged, and the alerter's ticks try again.
         now = datetime.now(UTC)
         try:

@@ -25,8 +25,9 @@ from aiohttp import web
 from prometheus_client.exposition import generate_latest
 
 from agent.config import split_listen
-from collector import __version__, control
+from collector import __version__
 from collector.config import CollectorConfig
+from collector.fleet import control
 from collector.metrics import (
     Family,
     Metrics,
@@ -35,9 +36,9 @@ from collector.metrics import (
     state_families,
     text_format,
 )
+from collector.routing import Routes
 from collector.storage.store import Store
 from collector.web.base import CONFIG, METRICS, STORE, StoreUnavailable, on_db
-from collector.web.routing import Routes
 
 log = logging.getLogger("bbprobe.collector")
 

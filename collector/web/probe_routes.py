@@ -14,9 +14,11 @@ from aiohttp import web
 
 from agent import spec
 from agent.schema import GapRecord, SchemaError, format_utc, parse_gap, parse_utc, utc_now
-from collector import auth, ingest
+from collector import auth
 from collector.errors import ApiError
+from collector.intake import ingest
 from collector.limits import RateLimiter
+from collector.routing import Routes
 from collector.storage.model import NewResult
 from collector.web.base import (
     COMMITS,
@@ -31,7 +33,6 @@ from collector.web.base import (
     off_loop,
     read_body,
 )
-from collector.web.routing import Routes
 
 
 def _peer_probe(request: web.Request) -> str | None:

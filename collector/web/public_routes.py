@@ -11,11 +11,13 @@ from typing import Any
 from aiohttp import web
 
 from agent.schema import NUMBER_LIMIT, format_utc, physical_bounds, utc_now
-from collector import ingest, openapi
 from collector.config import CollectorConfig
 from collector.errors import ApiError
+from collector.intake import ingest
 from collector.measurement.slots import client_key
+from collector.routing import Routes
 from collector.storage.model import Quota
+from collector.web import openapi
 from collector.web.base import (
     ANON_LIMITER,
     CONFIG,
@@ -25,7 +27,6 @@ from collector.web.base import (
     json_response,
     read_body,
 )
-from collector.web.routing import Routes
 
 BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
                    "download_bytes", "upload_bps", "upload_bytes")

@@ -42,9 +42,9 @@ from agent.ticket import peek
 from collector import keys, tickets
 from collector.config import CollectorConfig
 from collector.errors import ApiError
+from collector.routing import Routes
 from collector.web.base import json_response, read_body
 from collector.web.probe_routes import limited_probe, over_rate
-from collector.web.routing import Routes
 
 log = logging.getLogger("bbprobe.collector")
 MAX_REQUEST_BYTES = 4096

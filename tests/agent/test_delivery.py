@@ -21,7 +21,7 @@ from agent.delivery import CollectorClient, backoff_s, batches, deliver, parse_r
 from agent.identity import Backlog, Identity, backlog, claim, identity_file, identity_for
 from agent.schema import format_utc
 from agent.spool import Entry, Spool, evictions
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 from tests.factories import session
 from tests.faultproxy import fault_proxy
 from tests.httpclient import request
@@ -530,7 +530,7 @@ def test_a_technicians_two_lines_keep_their_results_apart(collector: RunningColl
     (not named, not dead-lettered), counted as waiting. Then A's token sends A's
     exactly once, named by A's collector."""
     from agent import health
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
 
     token_a = collector.add_probe("line-a")
     a = session("", started_at=format_utc(NOW - timedelta(minutes=30)))
@@ -778,7 +778,7 @@ def test_a_laptop_swapping_certificates_never_stores_a_as_b(tmp_path: Path,
     stores nothing as p2 that p1 measured. Put back, p1's certificate sends p1's, named
     p1 by the collector."""
     from collector.config import CollectorConfig, ServerConfig
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
     from tests.conftest import _openssl
 
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "p2.key", "-out", "p2.csr",

@@ -28,7 +28,7 @@ from agent.instruction import (
 from agent.probes.select import rank
 from agent.schedule import Campaign, next_free_slot
 from agent.schema import ServerCandidate
-from collector.testing import running_collector
+from collector.server.testing import running_collector
 
 ROME = "Europe/Rome"
 
@@ -117,7 +117,7 @@ def test_the_agent_refuses_an_instruction_over_the_limit_that_slipped_through(
     from agent import health
     from agent.schema import to_dict, utc_now
     from agent.spool import Spool
-    from collector.instructions import Selector
+    from collector.fleet.rules import Selector
     from tests.httpclient import request
 
     state = tmp_path / "state"
@@ -231,8 +231,8 @@ def test_documents_round_trip_and_bad_ones_are_refused() -> None:
 def test_an_offline_probe_keeps_its_last_instruction(tmp_path: Path) -> None:
     """Fetched from a real collector (then 304 with If-None-Match), kept in state_dir;
     with the collector gone, the kept one applies and the error is said."""
-    from collector import control as central
-    from collector.instructions import Selector
+    from collector.fleet import control as central
+    from collector.fleet.rules import Selector
 
     state = tmp_path / "state"
     with running_collector(tmp_path / "c") as running:

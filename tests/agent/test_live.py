@@ -24,7 +24,7 @@ import pytest
 
 from agent import live, liveview
 from agent.live import BytesMoved, LiveState, PhaseStarted, RttSampled
-from collector.testing import RunningCollector, serve_process
+from collector.server.testing import RunningCollector, serve_process
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def test_ndt7_feed(tmp_path: Path) -> None:
 
     from agent.probes import ndt7
     from collector.config import CollectorConfig
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
 
     base = CollectorConfig()
     cfg = replace(base, measurement=replace(base.measurement, ndt7_runtime_s=1.0))

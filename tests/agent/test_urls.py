@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from agent import config
 from agent.errors import ConfigError
 from collector import config as collector_config
-from collector.cli import main as collector_main
+from collector.cli.main import main as collector_main
 from collector.errors import ConfigError as CollectorConfigError
 
 BAD = [

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from agent.schema import SCHEMA_VERSION, format_utc, utc_now
-from collector import alerts
+from collector.alerts import rules as alerts
 from collector.compliance.certify import RULES, certify
 from collector.compliance.facts import of_result
 from collector.config import (
@@ -32,8 +32,8 @@ from collector.config import (
     ServerConfig,
     WebhookConfig,
 )
+from collector.server.testing import running_collector, serve_in_thread
 from collector.storage.model import LineMetadata, Probe
-from collector.testing import running_collector, serve_in_thread
 from tests import factories
 from tests.httpclient import post_json
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent import spec
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 

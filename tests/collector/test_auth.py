@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from collector.cli import main
+from collector.cli.main import main
 from collector.config import CollectorConfig, ServerConfig
-from collector.testing import RunningCollector, running_collector
+from collector.server.testing import RunningCollector, running_collector
 from tests.factories import session_dict
 from tests.httpclient import request
 

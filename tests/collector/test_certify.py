@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import SessionResult, format_utc
-from collector import service
-from collector.cli import main
+from collector.cli.main import main
 from collector.compliance.certify import RULES, certify
 from collector.compliance.facts import SessionFacts, of_result
+from collector.reports import service
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
@@ -116,7 +116,7 @@ def test_invalid_sessions_are_listed_but_neither_fill_a_band_nor_count() -> None
     assert got["download_p5_kbps"].breach is False
     listed = cert.sessions[5]
     assert (listed.valid, listed.invalid_codes, listed.counted) == (False, ("wifi",), False)
-    from collector.report import format_certificate
+    from collector.reports.text import format_certificate
 
     assert "(INVALID: wifi)" in format_certificate(cert)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from collector import service
-from collector.cli import main
+from collector.cli.main import main
+from collector.reports import service
 from collector.storage.sqlite import SqliteStore
 from tests.factories import attempt, session, store_result
 
@@ -164,7 +164,7 @@ def test_csv_cells_cannot_be_formulas(db: Path) -> None:
     """Issue 12, finding 14: admin-set metadata went into CSV as it was, so a spreadsheet
     ran =HYPERLINK(...). Text starting with = + - @ is now behind a quote; numbers (also
     negative ones) stay numbers."""
-    from collector.report import csv_cell
+    from collector.reports.text import csv_cell
 
     _run("--db", str(db), "probe", "add", "p1", "--operator", '=HYPERLINK("http://x","y")',
          "--offer", "@SUM(A1)", "--region", "+39 Lazio", "--technology", "FTTH")

@@ -29,14 +29,14 @@ import orjson
 import pytest
 
 from agent.schema import SCHEMA_VERSION, SchemaError, parse_result, to_dict
-from collector import ingest
 from collector.decode import fast_result
 from collector.errors import ApiError
+from collector.intake import ingest
+from collector.intake.commit import GroupCommit
+from collector.server.testing import running_collector
 from collector.storage import codec
 from collector.storage.model import LineMetadata, NewResult
 from collector.storage.sqlite import SqliteStore
-from collector.testing import running_collector
-from collector.web.commit import GroupCommit
 from tests.conftest import FAST_AGENT
 from tests.httpclient import request
 
@@ -336,7 +336,7 @@ def test_compact_packs_old_text_bodies(tmp_path: Path, agent_document: dict[str,
     duplicate. Run again, it has nothing left to pack."""
     from click.testing import CliRunner
 
-    from collector.cli import main
+    from collector.cli.main import main
 
     db = tmp_path / "old.sqlite3"
     store = SqliteStore(db)

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from agent.identity import identity_for
 from agent.schema import format_utc
 from agent.spool import Spool
-from collector.cli import main
+from collector.cli.main import main
 from collector.compliance.completeness import MAX_HOLE, completeness
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 from tests.agent.test_delivery import CFG, NOW, _deliver, _for
 from tests.factories import session
 from tests.httpclient import request

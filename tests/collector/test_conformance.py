@@ -22,17 +22,25 @@ from typing import Any
 import pytest
 
 from agent.schema import SessionResult, to_dict
-from collector import html_report, ingest, service
 from collector.compliance import targets
 from collector.compliance.completeness import completeness
 from collector.compliance.evaluate import evaluate, observe
 from collector.config import CollectorConfig, StorageConfig
 from collector.errors import AlreadyExists
-from collector.migrate import Checkpoint, copy_store
-from collector.report import REPORT_COLUMNS, certificate_dict, format_csv, report_dict, report_rows
+from collector.intake import ingest
+from collector.reports import html as html_report
+from collector.reports import service
+from collector.reports.text import (
+    REPORT_COLUMNS,
+    certificate_dict,
+    format_csv,
+    report_dict,
+    report_rows,
+)
+from collector.server.testing import running_collector
+from collector.storage.migrate import Checkpoint, copy_store
 from collector.storage.model import LineMetadata, NewResult, Quota
 from collector.storage.store import Store, open_store
-from collector.testing import running_collector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import post_json, request
 
@@ -306,8 +314,8 @@ def test_store_fleet_control(store: Store) -> None:
     emptied), suppression windows (bounded, forgotten, current ones only), health
     reports (the latest kept) and each probe's recent activity; and the fleet rows and
     effective instructions built on them."""
-    from collector import control
-    from collector.instructions import Selector
+    from collector.fleet import control
+    from collector.fleet.rules import Selector
 
     fill(store, dataset())
     lazio = Selector(region="Lazio").key()
@@ -645,7 +653,7 @@ def test_cli_on_postgresql_and_migrate(tmp_path: Path, pg_url: str,
     copies nothing."""
     from click.testing import CliRunner
 
-    from collector.cli import main
+    from collector.cli.main import main
 
     def run(*args: str) -> tuple[int, str, str]:
         done = CliRunner().invoke(main, list(args), catch_exceptions=False)

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from collector import cli, service
+from collector.cli import main as cli
 from collector.compliance import targets as targets_mod
 from collector.compliance.evaluate import Observations
+from collector.reports import service
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 

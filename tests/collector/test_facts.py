@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.schema import SessionResult
-from collector import ingest, service
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
+from collector.intake import ingest
+from collector.reports import service
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.factories import attempt, session, store_result

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from collector import app, service
-from collector.cli import main
+from collector.cli.main import main
 from collector.config import CollectorConfig, StorageConfig
 from collector.errors import BadParameter
+from collector.reports import service
+from collector.server import app
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
 from collector.storage.store import open_store
@@ -99,7 +100,7 @@ def test_listen_address_decides_the_families(tmp_path: Path, host: str, over_ipv
 def test_the_port_reservation_of_workers_is_dual_stack() -> None:
     """serve --workers N on "::" port 0 reserves the port for both families, as its
     workers will bind it."""
-    from collector.workers import _reserve_port
+    from collector.server.workers import _reserve_port
 
     _ipv6_loopback()
     holder = _reserve_port("::")

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from agent import spec
 from agent.schema import SCHEMA_VERSION, utc_now
-from collector.cli import main
-from collector.instructions import Rule, Selector, Window, effective
+from collector.cli.main import main
+from collector.fleet.rules import Rule, Selector, Window, effective
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata, Probe
-from collector.testing import RunningCollector
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 
@@ -333,7 +333,7 @@ def test_a_probe_running_dual_stack_of_its_own_accord_is_planned_dual_stack(
 def test_only_a_family_no_rule_set_is_taken_from_the_last_session() -> None:
     """A dual-stack last session shows the probe's own file only when no rule in force
     set server.address_family (a rule's "both" being unset leaves the file unknown)."""
-    from collector.control import _own_dual_stack
+    from collector.fleet.control import _own_dual_stack
 
     p1, p2, p3 = _probe("p1"), _probe("p2"), _probe("p3", LineMetadata(region="Umbria"))
     before = [Rule(Selector(probe="p2"), {"server.address_family": "both"}, "x"),

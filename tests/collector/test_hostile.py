@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector.config import CollectorConfig, MeasurementConfig, ServerConfig
-from collector.openapi import document
-from collector.testing import RunningCollector, running_collector
+from collector.server.testing import RunningCollector, running_collector
+from collector.web.openapi import document
 from tests.factories import session_dict
 from tests.httpclient import request
 
@@ -201,9 +201,9 @@ SCHEMA = schemathesis.openapi.from_dict(document())
 
 def _probe_routes() -> set[tuple[str, str]]:
     """(method, path) of every route declared for probes where it is registered."""
-    from collector.app import create_app
     from collector.config import CollectorConfig
-    from collector.web.routing import ROLES
+    from collector.routing import ROLES
+    from collector.server.app import create_app
 
     app = create_app(CollectorConfig())
     return {(r.method, r.resource.canonical) for r in app.router.routes()

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import format_utc
-from collector import plots, service
-from collector.cli import main
+from collector.cli.main import main
 from collector.compliance import targets
-from collector.html_report import hour_profile, time_buckets
+from collector.reports import plots, service
+from collector.reports.html import hour_profile, time_buckets
+from collector.server.testing import RunningCollector
 from collector.storage.model import HourRow, LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.browser import render_in_chromium
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
@@ -49,7 +49,7 @@ def _plots(page: str) -> dict[str, str]:
 
 def _page(store: SqliteStore) -> str:
     from agent.schema import utc_now
-    from collector import html_report
+    from collector.reports import html as html_report
 
     view = service.report_view(store, service.scope(None, None, None), TABLE)
     return html_report.render_view(view, "Europe/Rome", utc_now())

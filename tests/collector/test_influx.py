@@ -21,12 +21,12 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import TransferAttempt
-from collector.cli import main
+from collector.cli.main import main
 from collector.config import CollectorConfig, InfluxConfig, parse
 from collector.errors import ConfigError
-from collector.influx import points
+from collector.server.testing import RunningCollector, running_collector
+from collector.sinks.influx import points
 from collector.storage.model import LineMetadata
-from collector.testing import RunningCollector, running_collector
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, session_dict, store_as_before, store_result
 from tests.httpclient import post_json, request
@@ -228,7 +228,7 @@ def test_backfill_queues_stored_results(victoria: VictoriaMetrics, tmp_path: Pat
     db = tmp_path / "collector" / "collector.sqlite3"
     db.parent.mkdir()
     store = SqliteStore(db)
-    from collector import service
+    from collector.reports import service
 
     service.register_probe(store, "p1", LINE)
     for hour in range(5):

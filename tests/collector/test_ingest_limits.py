@@ -12,7 +12,7 @@ import pytest
 
 from collector.config import CollectorConfig, ServerConfig
 from collector.limits import RateLimiter
-from collector.testing import RunningCollector, running_collector
+from collector.server.testing import RunningCollector, running_collector
 from tests.factories import session_dict
 from tests.httpclient import request
 
@@ -140,7 +140,7 @@ def test_clock_skew_is_stored_and_flagged(collector: RunningCollector) -> None:
     assert 3590 < skew < 3610
     from click.testing import CliRunner
 
-    from collector.cli import main
+    from collector.cli.main import main
 
     text = CliRunner().invoke(main, ["--db", str(collector.db_path), "results"]).output
     assert "[CLOCK +3600 s]" in text or "[CLOCK +3599 s]" in text

@@ -14,11 +14,12 @@ from click.testing import CliRunner
 
 from agent import spec
 from agent.schema import SCHEMA_VERSION, format_utc, utc_now
-from collector import alerter, safetext
-from collector.cli import main
+from collector import safetext
+from collector.alerts import worker as alerter
+from collector.cli.main import main
 from collector.config import CollectorConfig, ServerConfig, StorageConfig
+from collector.server.testing import RunningCollector, running_collector
 from collector.storage.model import LineMetadata
-from collector.testing import RunningCollector, running_collector
 from tests.factories import session_dict, store_as_before
 from tests.httpclient import post_json, request
 

@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from collector import service
-from collector.cli import main
+from collector.cli.main import main
 from collector.compliance import targets as targets_mod
 from collector.compliance.certify import RULES, certify
 from collector.compliance.evaluate import evaluate, observe
 from collector.compliance.facts import jitter_terms, of_result
 from collector.config import StorageConfig
 from collector.errors import Unacceptable
+from collector.reports import service
+from collector.server.testing import running_collector
 from collector.storage.model import LineMetadata
 from collector.storage.store import Store, open_store
-from collector.testing import running_collector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import post_json, request
 
@@ -108,7 +108,7 @@ def test_line_metadata_is_checked() -> None:
         service.line_metadata({"region": "Lazio\n=cmd"})
     assert service.line_metadata({"region": "  "}).region is None
     # A fleet selector finds the lines as they are stored.
-    from collector.instructions import selector
+    from collector.fleet.rules import selector
 
     assert selector({"technology": "fwa"}).technology == "FWA"
 

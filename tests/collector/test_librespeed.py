@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from collector.measurement import librespeed
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 
 
 def _conn(url: str) -> http.client.HTTPConnection:
@@ -195,9 +195,9 @@ def test_browser_results_are_validated(collector: RunningCollector, doc: object,
 def test_an_absurd_browser_row_cannot_break_reports(tmp_path: Path) -> None:
     """A row stored before numbers were bounded (as the finding's 400-digit integer was)
     counts as no speed: the report with customers included still answers."""
-    from collector import service
     from collector.compliance import targets
-    from collector.report import Scope
+    from collector.reports import service
+    from collector.reports.text import Scope
     from collector.storage.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "c.sqlite3")
@@ -245,7 +245,7 @@ def test_browser_results_are_rate_limited_per_client(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from collector.config import CollectorConfig
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
     from tests.httpclient import request
 
     base = CollectorConfig()

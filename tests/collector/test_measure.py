@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from agent import spec
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 from tests.httpclient import request
 
 

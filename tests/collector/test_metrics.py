@@ -17,8 +17,8 @@ from collector.compliance.facts import of_result
 from collector.config import CollectorConfig, MetricsConfig, ServerConfig
 from collector.errors import ApiError
 from collector.measurement.slots import TransferSlots
+from collector.server.testing import running_collector
 from collector.storage.model import LineMetadata
-from collector.testing import running_collector
 from tests import factories
 from tests.httpclient import post_json, request
 
@@ -263,8 +263,8 @@ def test_config_refuses_a_bad_listener(metrics: dict[str, Any], message: str) ->
 def test_a_measurement_server_exposes_its_slots_on_the_open_listener(tmp_path: Path) -> None:
     """Role "measurement" has no store, hence no token check: its metrics only on
     metrics.listen, with the slots and requests and nothing of a fleet."""
-    from collector import app as app_mod
-    from collector.testing import serve_in_thread
+    from collector.server import app as app_mod
+    from collector.server.testing import serve_in_thread
 
     port = free_port()
     cfg = replace(_cfg(listen=f"127.0.0.1:{port}", min_interval_s=1.0),

@@ -23,8 +23,8 @@ import pytest
 from agent.probes import ndt7 as client
 from collector.config import CollectorConfig
 from collector.measurement import ndt7, tcpinfo
+from collector.server.testing import RunningCollector, running_collector
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector, running_collector
 from tests.httpclient import request
 
 RUNTIME = 1.5

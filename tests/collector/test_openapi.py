@@ -9,8 +9,8 @@ import json
 import jsonschema
 import pytest
 
-from collector.openapi import document
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
+from collector.web.openapi import document
 from tests.factories import session_dict
 from tests.httpclient import request
 
@@ -26,8 +26,8 @@ def test_served_and_covers_every_route(collector: RunningCollector) -> None:
     status, doc, _ = request("GET", collector.url + "/api/v1/openapi.json")
     assert status == 200
     assert doc["openapi"] == "3.1.0"
-    from collector.app import create_app
     from collector.config import CollectorConfig
+    from collector.server.app import create_app
 
     app = create_app(CollectorConfig())
     routed = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()

@@ -19,14 +19,16 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import Server, SessionResult, TransferAttempt, utc_now
-from collector import html_report, ingest, service
-from collector.cli import main
+from collector.cli.main import main
 from collector.compliance import samples_csv, targets
 from collector.compliance.certify import RULES, certify
 from collector.compliance.evaluate import Observations, evaluate, observe
 from collector.compliance.facts import TransferFact, is_refusal, of_result, server_key
 from collector.config import StorageConfig
-from collector.report import (
+from collector.intake import ingest
+from collector.reports import html as html_report
+from collector.reports import service
+from collector.reports.text import (
     REPORT_COLUMNS,
     Scope,
     certificate_dict,
@@ -597,7 +599,7 @@ def test_cli_report_shows_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_refusal_sentence_names_a_few_servers_printably() -> None:
     """The most refused servers first, at most ten named; a key that is no URL shows
     without the characters that act on a terminal; an unnamed server is said so."""
-    from collector.report import refused_sentence
+    from collector.reports.text import refused_sentence
 
     many = [(f"http://s{i:02d}.example:80", i + 1) for i in range(12)]
     text = refused_sentence(many)

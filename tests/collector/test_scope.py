@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from collector import service
-from collector.cli import main
+from collector.cli.main import main
 from collector.errors import BadParameter
+from collector.reports import service
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
@@ -104,8 +104,8 @@ def test_out_of_range_bound_is_a_400() -> None:
     """A bound that falls before year 1 once converted to UTC is refused, not a 500."""
     import pytest
 
-    from collector import service
     from collector.errors import BadParameter
+    from collector.reports import service
 
     with pytest.raises(BadParameter, match="since: expected an ISO 8601 date or timestamp"):
         service.parse_time("0001-01-01T00:00:00+14:00", "since")

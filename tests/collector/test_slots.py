@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from agent import spec
 from collector.config import CollectorConfig
 from collector.measurement.slots import client_key
-from collector.testing import RunningCollector, running_collector
+from collector.server.testing import RunningCollector, running_collector
 from tests.httpclient import request
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from collector import auth, service
+from collector import auth
 from collector.compliance.facts import SessionFacts, of_result
 from collector.errors import StoreError, Unacceptable
+from collector.reports import service
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import MIGRATIONS, SqliteStore
 from tests.factories import session

@@ -24,11 +24,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import spec
 from agent.ticket import Allowance, origin, peek
-from collector import app as app_mod
 from collector import keys, tickets
-from collector.cli import main
+from collector.cli.main import main
 from collector.config import CollectorConfig, load
-from collector.testing import RunningCollector, running_collector, serve_in_thread, serve_process
+from collector.server import app as app_mod
+from collector.server.testing import (
+    RunningCollector,
+    running_collector,
+    serve_in_thread,
+    serve_process,
+)
 from collector.tickets import TicketPolicy
 from tests.httpclient import request
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
-from collector.testing import RunningCollector
+from collector.server.testing import RunningCollector
 from tests.httpclient import post_json, request
 
 SUMMARY_KEYS = {"download_bps", "upload_bps", "rtt_mean_ms", "rtt_stdev_ms", "loss_ratio",
@@ -393,7 +393,7 @@ def test_a_result_spooled_for_one_probe_is_never_delivered_as_another(
     the next run, with B's token and B's collector, delivers only its own result and
     says one result waits for another probe; `status` lists it under A's collector;
     a run with A's token delivers it once, named by A's collector."""
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
 
     token_a = collector.add_probe("line-a")
     dead = f"http://127.0.0.1:{_free_port()}"

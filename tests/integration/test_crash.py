@@ -19,10 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-from collector import service
+from collector.reports import service
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.crash_agent import last_logged, result_id
 from tests.factories import session_dict
 from tests.httpclient import request

@@ -20,10 +20,10 @@ import pytest
 
 from agent.config import DeliveryConfig
 from agent.spool import Spool
-from collector import service
+from collector.reports import service
+from collector.server.testing import RunningCollector
 from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
-from collector.testing import RunningCollector
 from tests.conftest import IN_CI
 from tests.factories import session
 
@@ -207,7 +207,7 @@ def test_outage_backlog_arrives_complete(fast_config: Path, tmp_path: Path) -> N
     """The ingesting collector is down for three sessions while the probe keeps measuring
     (against a measurement server that stays up); when it is back, the next run delivers
     the whole backlog, oldest first, each result once."""
-    from collector.testing import running_collector
+    from collector.server.testing import running_collector
     from tests.integration.test_crash import _start_collector
 
     db = tmp_path / "ingest.sqlite3"

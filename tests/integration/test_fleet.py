@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.schema import SCHEMA_VERSION, parse_utc
-from collector.testing import serve_process
+from collector.server.testing import serve_process
 from tests.browser import render_in_chromium
 from tests.httpclient import request
 

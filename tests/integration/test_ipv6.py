@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.schema import SCHEMA_VERSION
-from collector.testing import running_collector
+from collector.server.testing import running_collector
 from tests.collector.test_family import _ipv6_loopback
 from tests.httpclient import request
 

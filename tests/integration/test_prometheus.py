@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.testing import serve_process
+from collector.server.testing import serve_process
 from tests.httpclient import request
 from tests.integration.test_fleet import _until, daemon
 

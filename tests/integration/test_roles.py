@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from agent import spec
 from agent.cli import main as agent_main
-from collector.testing import serve_process
+from collector.server.testing import serve_process
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 
@@ -74,7 +74,7 @@ def test_a_measurement_only_server_needs_no_database(tmp_path: Path,
 def test_an_ingest_server_serves_no_measurement(tmp_path: Path) -> None:
     """Ingestion and queries as always; the measurement endpoints and the page are not
     there."""
-    from collector.cli import main as collector_main
+    from collector.cli.main import main as collector_main
 
     with serving(tmp_path, "ingest") as (url, db, line):
         assert "no measurement endpoints" in line, line
@@ -91,7 +91,7 @@ def test_the_role_from_the_config_and_check_config(tmp_path: Path) -> None:
     """server.role in the config does what --role does (the packaged unit runs a plain
     ``serve``), and check-config passes a measurement config without a targets table,
     as the unit's ExecStartPre runs it."""
-    from collector.cli import main as collector_main
+    from collector.cli.main import main as collector_main
 
     config, _db = _config(tmp_path, "measurement", in_config=True)
     done = CliRunner().invoke(collector_main, ["--config", str(config), "check-config"])

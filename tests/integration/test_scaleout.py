@@ -20,11 +20,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector import ingest, service
 from collector.config import CollectorConfig, StorageConfig
+from collector.intake import ingest
+from collector.reports import service
+from collector.server.testing import bound_url
 from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
-from collector.testing import bound_url
 from tests.factories import session
 from tests.httpclient import post_json, request
 

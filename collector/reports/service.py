@@ -15,15 +15,16 @@ from typing import Any
 
 from agent.family import FAMILIES
 from agent.schema import PROBE_ID_RE, format_utc, utc_now
-from collector import auth, control
+from collector import auth
 from collector.compliance import certify
 from collector.compliance.completeness import DayCompleteness
 from collector.compliance.completeness import completeness as completeness_of
 from collector.compliance.evaluate import Observations, Report, evaluate
 from collector.compliance.targets import Targets
 from collector.errors import BadParameter, NotFound, Unacceptable
+from collector.fleet import control
 from collector.lines import TECHNOLOGIES, canonical_technology
-from collector.report import Scope, listing_row
+from collector.reports.text import Scope, listing_row
 from collector.storage.model import HourRow, LineMetadata, StoredResult
 from collector.storage.store import Store
 

@@ -1,5 +1,5 @@
 """bbprobe-collector's fleet-control commands (issue 15): ``instruction``, ``suppress``
-and ``fleet``. Thin: options -> collector/control.py -> printed output."""
+and ``fleet``. Thin: options -> collector/fleet/control.py -> printed output."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 import click
 
 from agent.instruction import InstructionError, parse_pairs
-from collector import control, fleet, safetext
-from collector.cli_common import _config, _store, echo, handle_errors, shared_options
+from collector import safetext
+from collector.cli.common import _config, _store, echo, handle_errors, shared_options
 from collector.errors import InputError
-from collector.instructions import Selector, selector
+from collector.fleet import control
+from collector.fleet import view as fleet
+from collector.fleet.rules import Selector, selector
 
 F = TypeVar("F", bound=Callable[..., Any])
 

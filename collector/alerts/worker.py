@@ -3,7 +3,7 @@
 
 Every ``alerts.interval_s``:
 
-1. **Evaluate**, on a database thread: the triggers of collector/alerts.py over the
+1. **Evaluate**, on a database thread: the triggers of collector/alerts/rules.py over the
    store's state (the fleet rows, the probes' health reports, each contracted line's
    newest session, the InfluxDB dead letters). Each alert not raised before is recorded
    with a pending delivery for every notifier its kind is routed to, in one
@@ -41,12 +41,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent.schema import format_utc
-from collector import alerts, control, unreadable
-from collector.alerts import Alert
+from collector import unreadable
+from collector.alerts import rules as alerts
+from collector.alerts.notifiers import APPRISE_THREADS, Notifier, Outcome
+from collector.alerts.rules import Alert
 from collector.compliance.certify import RULES, certify, families
 from collector.config import AlertsConfig, CollectorConfig
 from collector.errors import StoreError
-from collector.notifiers import APPRISE_THREADS, Notifier, Outcome
+from collector.fleet import control
 from collector.storage.model import AlertDelivery, Probe
 from collector.storage.store import Store
 

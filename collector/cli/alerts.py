@@ -1,5 +1,5 @@
 """``bbprobe-collector alerts list|test`` (issue 16). Thin: options -> the store and the
-alerter (collector/alerter.py) -> printed output."""
+alerter (collector/alerts/worker.py) -> printed output."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 import click
 
 from agent.schema import format_utc
-from collector import alerts, notifiers
-from collector.alerter import Alerter, record
-from collector.cli_common import _config, _store, echo, handle_errors, shared_options
+from collector.alerts import notifiers
+from collector.alerts import rules as alerts
+from collector.alerts.worker import Alerter, record
+from collector.cli.common import _config, _store, echo, handle_errors, shared_options
 from collector.errors import InputError
 from collector.safetext import terminal as _plain
 from collector.storage.store import Store

@@ -23,7 +23,7 @@ import click
 from agent.schema import PROBE_ID_RE
 from agent.ticket import origin
 from collector import keys
-from collector.cli_common import _config, echo, handle_errors, shared_options
+from collector.cli.common import _config, echo, handle_errors, shared_options
 from collector.config import CollectorConfig
 from collector.errors import ConfigError, InputError
 

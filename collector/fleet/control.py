@@ -1,6 +1,6 @@
 """Fleet control (issue 15), the store's side: set and show instructions, suppression
 windows, health reports and the fleet view. The CLI and the web routes both call these;
-the rules themselves are pure (collector/instructions.py, collector/fleet.py,
+the rules themselves are pure (collector/fleet/rules.py, collector/fleet/view.py,
 agent/instruction.py)."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
 from agent.instruction import check as check_settings
 from agent.schema import acting_char, format_utc, parse_utc, utc_now
-from collector import fleet, unreadable
+from collector import unreadable
 from collector.errors import NotFound, Unacceptable
-from collector.instructions import (
+from collector.fleet import view as fleet
+from collector.fleet.rules import (
     Effective,
     Rule,
     Selector,

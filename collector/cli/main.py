@@ -15,23 +15,28 @@ from typing import Any, TypeVar
 import click
 
 from agent.schema import utc_now
-from collector import (
-    __version__,
-    cli_alerts,
-    cli_fleet,
-    cli_results,
-    cli_tickets,
-    html_report,
-    notifiers,
-    safetext,
-    service,
+from collector import __version__, safetext
+from collector.alerts import notifiers
+from collector.cli import (
+    alerts as cli_alerts,
 )
-from collector.cli_common import _config, _shown, _store, echo, handle_errors, shared_options
+from collector.cli import (
+    fleet as cli_fleet,
+)
+from collector.cli import (
+    results as cli_results,
+)
+from collector.cli import (
+    tickets as cli_tickets,
+)
+from collector.cli.common import _config, _shown, _store, echo, handle_errors, shared_options
 from collector.compliance import targets as targets_mod
 from collector.config import resolve_secrets
 from collector.errors import CollectorError, InputError, StoreError
 from collector.lines import TECHNOLOGIES
-from collector.report import (
+from collector.reports import html as html_report
+from collector.reports import service
+from collector.reports.text import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
     REPORT_COLUMNS,
@@ -82,8 +87,8 @@ def main(ctx: click.Context) -> None:
 def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None,
           workers: int, role: str | None) -> None:
     """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
-    from collector import app
-    from collector import workers as workers_mod
+    from collector.server import app
+    from collector.server import workers as workers_mod
 
     cfg = resolve_secrets(_config(ctx, **{"server.host": host, "server.port": port,
                                           "server.addr_file": addr_file,
@@ -449,8 +454,8 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
             timezone: str, family: str | None, fmt: str, output: str | None) -> None:
     """Certify one line against its contract (probe metadata), 244/08 style."""
-    from collector.html_report import certificate_page
-    from collector.report import certificate_dict, format_certificate
+    from collector.reports.html import certificate_page
+    from collector.reports.text import certificate_dict, format_certificate
 
     with _store(ctx) as store:
         cert = service.certificate(store, probe, since, until, rule, timezone, family)
@@ -574,7 +579,7 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
     interruption. Checked by the row count of every table and by the compliance report
     of every probe, from both stores."""
     from collector.config import StorageConfig
-    from collector.migrate import Checkpoint, copy_store
+    from collector.storage.migrate import Checkpoint, copy_store
 
     if target.startswith(("postgresql://", "postgres://")):
         to = StorageConfig(backend="postgresql", url=target)

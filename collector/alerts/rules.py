@@ -37,10 +37,10 @@ from agent.schema import format_utc, parse_utc
 from agent.stats import median
 from collector.compliance.certify import Certificate
 from collector.compliance.facts import SessionFacts
+from collector.config import ALERT_KINDS
 from collector.storage.model import Probe
 
-KINDS = ("contract_breach", "below_minimum", "probe_silent", "campaign_incomplete",
-         "dead_letters", "test")
+KINDS = ALERT_KINDS
 Severity = Literal["critical", "warning", "info"]
 
 SIGNATURE_HEADER = "X-Bbprobe-Signature"

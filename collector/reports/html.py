@@ -1,6 +1,6 @@
 """The compliance report as one standalone HTML page with plots (pure).
 
-Plots (collector/plots.py, inline SVG):
+Plots (collector/reports/plots.py, inline SVG):
 - speed distribution per direction: histogram of per-test speeds (the samples of the
   p5/p95 indicators) with the Allegato 2 targets (solid) and the observed percentiles
   (dashed);
@@ -19,10 +19,12 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from agent import stats
-from collector import __version__, plots
+from collector import __version__
 from collector.compliance.certify import Certificate
 from collector.compliance.evaluate import Observations, Report
-from collector.report import (
+from collector.reports import plots
+from collector.reports.service import ReportView
+from collector.reports.text import (
     SHORT_NAMES,
     Scope,
     customer_sentence,
@@ -31,7 +33,6 @@ from collector.report import (
     refused_sentence,
 )
 from collector.safetext import html as escape
-from collector.service import ReportView
 from collector.storage.model import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14
@@ -382,7 +383,7 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
                         f"<td>{escape(up)}</td><td>{escape(rtts)}</td></tr>")
     verdict_css = {"breach": "fail", "no_breach": "pass", "incomplete": "incomplete"}[
         cert.verdict]
-    from collector.report import VERDICT_WORDS
+    from collector.reports.text import VERDICT_WORDS
 
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from collector import app as app_mod
-from collector import service
 from collector.config import CollectorConfig
+from collector.reports import service
+from collector.server import app as app_mod
 from collector.storage.model import LineMetadata
 from collector.storage.store import Store, open_store
 

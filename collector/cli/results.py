@@ -26,7 +26,7 @@ import click
 
 from agent.schema import acting_char, utc_now
 from collector import safetext
-from collector.cli_common import _store, echo, handle_errors, shared_options
+from collector.cli.common import _store, echo, handle_errors, shared_options
 from collector.errors import CollectorError, InputError
 
 MAX_REASON_CHARS = 500

@@ -1,4 +1,4 @@
-"""Pieces of the OpenAPI document (collector/openapi.py): the small builders, the shared
+"""Pieces of the OpenAPI document (collector/web/openapi.py): the small builders, the shared
 parameters and security, and the fleet-control and ticket paths (issues 15, 24)."""
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from collector import app
 from collector.config import CollectorConfig
 from collector.errors import CollectorError
+from collector.server import app
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0

@@ -12,7 +12,7 @@ from agent import __version__, spec
 from agent.schema import GapRecord, HealthReport, SessionResult, UploadReport, json_schema
 from collector.compliance.evaluate import IndicatorResult
 from collector.measurement import librespeed
-from collector.openapi_parts import (
+from collector.web.openapi_parts import (
     ADMIN,
     BEARER,
     PUBLIC,
@@ -22,9 +22,9 @@ from collector.openapi_parts import (
     TICKET_RESPONSES,
     fleet_paths,
 )
-from collector.openapi_parts import error as _error
-from collector.openapi_parts import json_body as _json
-from collector.openapi_parts import query as _query
+from collector.web.openapi_parts import error as _error
+from collector.web.openapi_parts import json_body as _json
+from collector.web.openapi_parts import query as _query
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 

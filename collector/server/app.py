@@ -25,16 +25,19 @@ from typing import Any
 
 from aiohttp import web
 
-from collector import keys, notifiers, tickets
-from collector.alerter import Alerter
+from collector import keys, tickets
+from collector.alerts import notifiers
+from collector.alerts.worker import Alerter
 from collector.config import CollectorConfig, ServerConfig
 from collector.errors import CollectorError, ConfigError
-from collector.influx import InfluxSink
+from collector.intake.commit import GroupCommit
 from collector.limits import RateLimiter
 from collector.measurement import ndt7
 from collector.measurement import routes as measurement
 from collector.measurement.slots import Gate
 from collector.metrics import Metrics
+from collector.routing import Routes
+from collector.sinks.influx import InfluxSink
 from collector.storage.model import Quota
 from collector.storage.store import Store, open_store
 from collector.tickets import Verifier
@@ -64,9 +67,7 @@ from collector.web.base import (
     plain_ipv4,
     sane_request,
 )
-from collector.web.commit import GroupCommit
 from collector.web.public_routes import anonymous_quota
-from collector.web.routing import Routes
 
 log = logging.getLogger("bbprobe.collector")
 

@@ -1,6 +1,6 @@
 """Where alerts go (issue 16): the ``Notifier`` seam and its two kinds.
 
-- ``Webhook``: the alert as JSON (collector/alerts.py ``payload``), POSTed to a URL,
+- ``Webhook``: the alert as JSON (collector/alerts/rules.py ``payload``), POSTed to a URL,
   signed with HMAC-SHA256 when a secret is configured (X-Bbprobe-Signature over
   "timestamp.body", X-Bbprobe-Timestamp), with X-Bbprobe-Alert-Id so that a receiver
   can drop a copy it already has (a delivery is at least once: a collector stopped
@@ -28,7 +28,7 @@ import aiohttp
 
 from agent import credentials
 from collector import __version__
-from collector.alerts import (
+from collector.alerts.rules import (
     ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

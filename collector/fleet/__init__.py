@@ -1,0 +1,1 @@
+"""The fleet: probes and their lines, central instructions and suppression, the fleet view."""

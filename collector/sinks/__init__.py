@@ -1,0 +1,1 @@
+"""Copies of stored results for other systems (InfluxDB for dashboards)."""

@@ -1,0 +1,1 @@
+"""The store: the ``Store`` role protocols and their SQLite and PostgreSQL backends."""
