@@ -1,6 +1,6 @@
-"""A session's planned worst case, in seconds and bytes, and the limits it must keep
-(issue 23). Pure: a ``Method`` and the candidate servers in, figures out (the
-selection's deadlines are agent/probes/select.py's own constants, imported).
+"""A session's planned worst case, in seconds and bytes, and the limits it must keep.
+Pure: a ``Method`` and the candidate servers in, figures out (the selection's deadlines
+are agent/probes/select.py's own constants, imported).
 
 Without a bound, an instruction such as ``download.tests=1000 download.window_s=600
 ping.count=10000`` (each value within its own range) plans three weeks a session on
@@ -31,25 +31,25 @@ a session that measures anything) is one phase too: every distinct candidate hos
 a train of ``select_pings`` echo requests, one host after the other (trains at once
 could credit one host's replies to another, select.choose), each under the deadline
 select._rtts sets, (select_pings - 1) x 0.2 s + the 1 s reply timeout + 5 s to resolve
-+ 2 s; then, in rank order, a TCP connect to each candidate and its capacity ask (issue
-24), together at most 3 s, until one accepts and is not busy: every one of them when
-none does. 16 candidates (config.MAX_CANDIDATES) x 20 pings (the most either key allows,
-both settable centrally) is 16 x 11.8 s + 16 x 3 s = 236.8 s a session, 474 s dual
-stack; at the default 3 pings, 182 s.
++ 2 s; then, in rank order, a TCP connect to each candidate and its capacity ask
+(whether it would admit a transfer now), together at most 3 s, until one accepts and is
+not busy: every one of them when none does. 16 candidates (config.MAX_CANDIDATES) x 20
+pings (the most either key allows, both settable centrally) is 16 x 11.8 s + 16 x 3 s =
+236.8 s a session, 474 s dual stack; at the default 3 pings, 182 s.
 
-Refusals (issue 24): a transfer the measurement server refuses (429, 503, or 403 for the
-ticket) does not use up an attempt; it is retried after a wait (agent/probes/transfer.py
-run_test). What that adds is bounded apart from the plan, by the session's refusal
-allowance (``refusal_allowance``): each retry is charged the wait before it and the
-refused attempt's time and bytes, and is made only while the charges fit the allowance;
-a refused attempt that is not retried ends its test within the time the plan gave that
-attempt. The allowance is what the plan leaves under each limit, shared by the slot's
-sessions, at most spec.REFUSAL_WAIT_SESSION_S and the bytes that time moves at
-PLANNING_LINE_RATE_BPS: a session's worst case, refusals included, is the plan plus its
-allowance and never over a limit, and a config within the limits before issue 24 stays
-within them (one that leaves no room retries no refusal: it records it).
+Refusals: a transfer the measurement server refuses (429, 503, or 403 for the ticket) is
+the server's failure, not the line's, so it does not use up an attempt; it is retried
+after a wait (agent/probes/transfer.py run_test). What that adds is bounded apart from the
+plan, by the session's refusal allowance (``refusal_allowance``): each retry is charged
+the wait before it and the refused attempt's time and bytes, and is made only while the
+charges fit the allowance; a refused attempt that is not retried ends its test within the
+time the plan gave that attempt. The allowance is what the plan leaves under each limit,
+shared by the slot's sessions, at most spec.REFUSAL_WAIT_SESSION_S and the bytes that time
+moves at PLANNING_LINE_RATE_BPS: a session's worst case, refusals included, is the plan
+plus its allowance and never over a limit, and a config within the limits with no refusal
+allowance stays within them (one that leaves no room retries no refusal: it records it).
 
-The measurement ticket (issue 24) is charged to the same allowance: a session whose
+The measurement ticket (agent/ticket.py) is charged to the same allowance: a session whose
 instruction fetch brought no usable ticket asks for one by POST (agent/tickets.py),
 which waits at most spec.TICKET_TIMEOUT_S and never longer than the allowance, and the
 time it took is spent before the first refusal is (transfer.Access.spent_s). It is not a

@@ -86,9 +86,9 @@ def line_cross_traffic(
     metered: Sequence[tuple[TransferAttempt, tuple[int, int], tuple[int, int]]],
     direction: str, overhead: float = WIRE_OVERHEAD,
 ) -> float | None:
-    """Cross traffic over the attempts of ``direction`` the server did not refuse (issue
-    24), from the interface counters read around each one (received for downloads, sent
-    for uploads); None when there were none. Pure. A refused attempt's streams are cut at
+    """Cross traffic over the attempts of ``direction`` the server did not refuse, from
+    the interface counters read around each one (received for downloads, sent for
+    uploads); None when there were none. Pure. A refused attempt's streams are cut at
     once, and what the server had sent them still arrives, unread by the agent: counted
     over the whole direction, the agent's own bytes would read as someone else's."""
     side = 0 if direction == "download" else 1

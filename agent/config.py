@@ -18,17 +18,16 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent import budget, credentials, spec
+from agent.decoding import SchemaError, decode
 from agent.errors import ConfigError
 from agent.schema import (
     PROBE_ID_RE,
     Method,
     PingMethod,
     RequestedFamily,
-    SchemaError,
     TransferMethod,
     TransferMode,
     bounds,
-    decode,
 )
 
 # Each candidate is pinged at every session start: a bounded list keeps that short.
@@ -75,10 +74,10 @@ class DeliveryConfig:
     min_free_bytes: int = field(default=16 * 1024**2, metadata=bounds(ge=0))
     # Results older than this are dropped (and reported as a gap): never on time alone.
     max_age_days: float = field(default=30.0, metadata=bounds(gt=0, le=3650))
-    # Request bodies compressed (issue 14): "zstd" (a 20-stream session goes in about a
-    # third of its bytes: a slow uplink delivers it sooner), "gzip", or "none". A
-    # collector from before issue 14 refuses encodings (415): the agent then sends
-    # plain JSON to it for the rest of the run.
+    # Request bodies compressed: "zstd" (a 20-stream session goes in about a third of
+    # its bytes: a slow uplink delivers it sooner), "gzip", or "none". An older
+    # collector refuses encodings (415): the agent then sends plain JSON to it for the
+    # rest of the run.
     compression: Literal["zstd", "gzip", "none"] = "zstd"
 
 
@@ -108,14 +107,14 @@ class ServerConfig:
     url: str = ""
     # Host or address for the ping train; empty means the measurement server's host.
     ping_target: str = ""
-    # Candidate measurement servers (issue 15). When set, url is not used: at each
+    # Candidate measurement servers. When set, url is not used: at each
     # session start every candidate's host is pinged select_pings times and the one with
     # the lowest median RTT is used (Ne.Me.Sys measures against the nearest server); one
     # whose TCP connection fails is passed over for the next. All of it is recorded in
     # the result (server_selection). A fleet gets its candidates centrally, by region.
     candidates: tuple[str, ...] = ()
     select_pings: int = field(default=3, metadata=bounds(ge=1, le=20))
-    # IP version (issue 16; the command line's -4/-6): "any" (the host's own choice,
+    # IP version (the command line's -4/-6): "any" (the host's own choice,
     # getaddrinfo's order), "ipv4", "ipv6", or "both": every session runs once over
     # each, two results per slot (agent/family.py).
     address_family: RequestedFamily = "any"
@@ -123,9 +122,8 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class CampaignConfig:
-    # The daemon's campaign (delibera 244/08 Allegato 1): "96in24h" (4 valid sessions in
-    # every hourly band, one a quarter hour) or "24in72h" (1 per band).
-    rule: Literal["96in24h", "24in72h"] = "96in24h"
+    # The daemon's campaign (delibera 244/08 Allegato 1): one of spec.CAMPAIGN_RULES.
+    rule: spec.CampaignRuleName = spec.DEFAULT_CAMPAIGN_RULE
     # Local time of the hourly bands.
     timezone: str = "Europe/Rome"
     # Days a campaign may take to fill every band (retries included).
@@ -171,7 +169,7 @@ class TransferConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    # Prometheus metrics of this agent (issue 16): its last session, spool, campaign and
+    # Prometheus metrics of this agent: its last session, spool, campaign and
     # health. The daemon writes them after every session and health report, in the
     # node_exporter textfile-collector format, to this file (e.g.
     # /var/lib/prometheus/node-exporter/bbprobe.prom); empty: not written.
@@ -258,7 +256,7 @@ def load(
     {"section.key": value}), validate everything and return the frozen config. Raises
     ``ConfigError``.
 
-    Precedence (issue 15): built-in defaults < profile presets < the local file < the
+    Precedence: built-in defaults < profile presets < the local file < the
     central instruction < the command line (a technician on site decides)."""
     source = str(path) if path is not None else "<defaults>"
     if data is not None:

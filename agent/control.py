@@ -1,11 +1,12 @@
-"""Following the collector's instruction (issue 15), the I/O edge: fetch it with
+"""Following the collector's instruction (LMAP's instruction: a controller tells each
+measurement agent what to measure and when not to), the I/O edge: fetch it with
 If-None-Match at the start of every session, keep the last good one in
 ``state_dir/instruction.json``, so a probe that is offline keeps measuring the way it was
 told, and apply it between the local file and the command line.
 
-Nothing here raises for a collector that is away, old (404: no instructions before issue
-15) or wrong: the probe measures under the last instruction it holds, and the health
-report says what went wrong.
+Nothing here raises for a collector that is away, old (404: a collector that gives no
+instructions) or wrong: the probe measures under the last instruction it holds, and the
+health report says what went wrong.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.client import CollectorClient
 from agent.config import AgentConfig
-from agent.delivery import CollectorClient
 from agent.errors import ConfigError, DeliveryError
 from agent.instruction import Instruction, InstructionError, parse_document
 from agent.tickets import Offer, offer_of
@@ -36,7 +37,7 @@ class Fetched:
     source: Literal["collector", "cache", "none"]
     # Why the collector's instruction could not be had or used (None: all fine).
     error: str | None = None
-    # The measurement ticket that came with it (issue 24; agent/tickets.py).
+    # The measurement ticket that came with it (agent/tickets.py).
     offer: Offer = field(default_factory=Offer)
 
 
@@ -88,7 +89,7 @@ async def fetch(client: CollectorClient | None, state_dir: str) -> Fetched:
                                        f"{FETCH_TIMEOUT_S:g} s")
     except DeliveryError as exc:
         if exc.status == 404:
-            # A collector from before issue 15, so from before tickets too.
+            # A collector that gives no instructions predates tickets too.
             return Fetched(kept, fallback, offer=Offer(answered=True))
         return Fetched(kept, fallback, f"instruction not fetched: {exc}")
     offer = offer_of(header)
@@ -110,8 +111,8 @@ class Applied:
     version: str | None
     error: str | None
     instruction: Instruction | None
-    # The measurement ticket the fetch brought (issue 24), whatever became of the
-    # instruction: the next session's.
+    # The measurement ticket the fetch brought, whatever became of the instruction: the
+    # next session's.
     offer: Offer = field(default_factory=Offer)
 
 

@@ -13,12 +13,14 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.errors import AgentError
+
 # systemd accepts any file name as a credential ID; we keep to a safe subset so a
 # config value can never climb out of the credentials directory.
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class CredentialError(Exception):
+class CredentialError(AgentError):
     """A named credential is missing or unreadable; the message names the config key."""
 
 

@@ -1,35 +1,48 @@
 """``bbprobe daemon``: campaigns back to back, as the systemd service (Type=notify).
 
 Owns one loop: plan the next slot (agent/schedule.py), sleep until it (an asyncio wait on
-the stop/reload events: no CPU while idle), measure, spool and deliver, record the
-session in the campaign, save the campaign. SIGTERM stops it cleanly (the session in
-progress is cancelled, every unacknowledged result stays in the spool); SIGHUP reloads
-the configuration before the next slot. systemd is told READY, RELOADING, STOPPING and
-WATCHDOG through $NOTIFY_SOCKET (sd_notify(3)'s datagram protocol, no library needed).
+the stop/reload events: no CPU while idle), measure, spool and deliver (agent/runner.py),
+record the session in the campaign, save the campaign. SIGTERM stops it cleanly (the
+session in progress is cancelled, every unacknowledged result stays in the spool); SIGHUP
+rereads the configuration before the next slot. systemd is told READY, RELOADING,
+STOPPING and WATCHDOG through $NOTIFY_SOCKET (sd_notify(3)'s datagram protocol, no
+library needed).
 
-The clock, the wait and the measurement are injected, so the whole campaign logic runs
-in a test without sleeping (tests/agent/test_daemon.py).
+``run_campaigns`` is the loop with its clock, wait and measurement injected, so the whole
+campaign logic runs in a test without sleeping (tests/agent/test_daemon.py); ``Daemon``
+gives it the real ones. Every task the daemon starts belongs to a TaskGroup, and every
+step has a deadline: a slot's session and delivery ``slot_deadline_s``, the instruction
+fetch control.FETCH_TIMEOUT_S, a health report runner.HEALTH_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
-from agent import schedule
+from agent import __version__, metrics, schedule, spec
+from agent.config import AgentConfig
+from agent.control import Applied
+from agent.errors import AgentError, ConfigError, DeliveryError
+from agent.runner import Lines, Measured, Runner, daemon_client
 from agent.schedule import Campaign, Window, next_free_slot
+from agent.spec import DEFAULT_CAMPAIGN_RULE, CampaignRuleName
+from agent.tickets import Offer
 
 Clock = Callable[[], datetime]
-# Measure once; returns (finished_at, counts_for_its_band).
-Measure = Callable[[], Awaitable[tuple[datetime, bool]]]
+# Measure once under a plan; returns (finished_at, counts_for_its_band).
+Measure = Callable[["Plan"], Awaitable[tuple[datetime, bool]]]
 
 
 def notify(message: str) -> None:
@@ -77,13 +90,18 @@ class CampaignStore:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The campaign the instruction in force asks for, and its suppression windows
-    (issue 15); without a collector, the command line's."""
+    """The campaign the instruction in force asks for, its suppression windows (LMAP's
+    suppression), and the config the next session measures with; without a collector,
+    the command line's. Two plans are the same plan when their campaign and windows are:
+    a planned slot stands until one of those changes."""
 
-    rule: str = "96in24h"
+    rule: CampaignRuleName = DEFAULT_CAMPAIGN_RULE
     timezone: str = "Europe/Rome"
     window_days: int = 3
     windows: tuple[Window, ...] = ()
+    # The local config under the instruction this plan was made from (None: the local
+    # config alone, as when no plan could be made yet).
+    applied: Applied | None = field(default=None, compare=False)
 
     def suppressed_until(self, moment: datetime) -> datetime | None:
         return schedule.suppressed_until(self.windows, moment)
@@ -95,7 +113,8 @@ Report = Callable[[Campaign | None, datetime | None, datetime | None], Awaitable
 
 async def run_campaigns(
     control: Control, store: CampaignStore, measure: Measure, *, clock: Clock,
-    wait: Callable[[datetime, Control], Awaitable[None]], rule: str = "96in24h",
+    wait: Callable[[datetime, Control], Awaitable[None]],
+    rule: CampaignRuleName = DEFAULT_CAMPAIGN_RULE,
     timezone: str = "Europe/Rome", window_days: int = 3, rng: random.Random | None = None,
     on_reload: Callable[[], None] | None = None, max_sessions: int | None = None,
     plan: Callable[[], Awaitable[Plan]] | None = None, report: Report | None = None,
@@ -106,9 +125,10 @@ async def run_campaigns(
 
     ``plan`` is asked before every planning step and again when a slot is reached, so
     an instruction or a suppression changed while the daemon waits applies to the next
-    session. ``report`` is called at least every ``report_every_s`` (the wait is cut
-    short for it) and after every session. Neither may stop the daemon: an exception
-    from either is passed to ``on_error`` and the last good plan is kept."""
+    session: ``measure`` is handed the plan asked at the slot. ``report`` is called at
+    least every ``report_every_s`` (the wait is cut short for it) and after every
+    session. Neither may stop the daemon: an exception from either is passed to
+    ``on_error`` and the last good plan is kept."""
     rng = rng or random.Random()
     last_plan = Plan(rule, timezone, window_days)
     sessions = 0
@@ -206,7 +226,7 @@ async def run_campaigns(
             campaign.suppressed += 1
             store.save(campaign)
             continue
-        finished, counted = await measure()
+        finished, counted = await measure(latest)
         campaign.record(finished, counted, started=at)
         store.save(campaign)
         sessions += 1
@@ -219,24 +239,26 @@ async def real_wait(at: datetime, control: Control) -> None:
     delay = (at - datetime.now(UTC)).total_seconds()
     if delay <= 0:
         return
-    stop = asyncio.ensure_future(control.stop.wait())
-    reload = asyncio.ensure_future(control.reload.wait())
-    try:
-        await asyncio.wait({stop, reload}, timeout=delay,
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        reload.cancel()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay), asyncio.TaskGroup() as group:
+            waits = [group.create_task(event.wait())
+                     for event in (control.stop, control.reload)]
+            for task in waits:
+                task.add_done_callback(lambda _: _cancel(waits))
+
+
+def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
 
 
 async def watchdog(interval_s: float, control: Control) -> None:
+    """WATCHDOG=1 every ``interval_s`` until the stop."""
     while not control.stop.is_set():
         notify("WATCHDOG=1")
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval_s):
                 await control.stop.wait()
-        except TimeoutError:
-            continue
 
 
 def install_signals(control: Control) -> None:
@@ -254,10 +276,6 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
-
-
-def utc_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 def slot_counts(results: Sequence[object]) -> bool:
@@ -279,3 +297,261 @@ def session_counts(result: object) -> bool:
     pinged = ping is not None and ping.summary.packets_sent > 0
     return bool(valid) and ok == {"download", "upload"} and pinged
 
+
+# What a slot's measuring may take beyond its session(s), whose planned worst case,
+# refusals included, fits spec.MAX_SESSION_S (agent/budget.py refuses a config that plans
+# longer): the probe's name (a request timeout), and per session the host checks, name
+# resolution, the spool's fsyncs and the event loop's own delays, which the budget does
+# not plan.
+SESSION_MARGIN_S = 60.0
+# Delivery after the slot's sessions retries for at most DELIVERY_WAIT_S (the next slot
+# must not wait on a collector that is away); a backlog left when its deadline passes waits
+# in the spool for the next slot. It never changes whether the slot counted: its results
+# were measured and spooled.
+DELIVERY_WAIT_S = 30.0
+
+
+def slot_deadline_s(cfg: AgentConfig) -> float:
+    """A slot's liveness guarantee for its measuring, in seconds: past it the slot is cut
+    and counts as a failed one (retried in its band) rather than hold the campaign."""
+    sessions = 2 if cfg.server.address_family == "both" else 1
+    return spec.MAX_SESSION_S + cfg.collector.timeout_s + sessions * SESSION_MARGIN_S
+
+
+def delivery_deadline_s(cfg: AgentConfig) -> float:
+    """How long the slot's delivery may take: the retry wait, then one last request."""
+    return DELIVERY_WAIT_S + 2 * cfg.collector.timeout_s
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """A slot's session(s), measured and spooled: what its delivery starts from."""
+
+    applied: Applied
+    named: str | None
+    measured: Measured
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignClock:
+    """The campaign's clock: real time, or (labs, tests) ``scale`` times faster from
+    ``origin``; measurements and timestamps stay real."""
+
+    origin: datetime
+    scale: float = 1.0
+
+    def virtual(self, moment: datetime) -> datetime:
+        return self.origin + (moment - self.origin) * self.scale
+
+    def real(self, moment: datetime) -> datetime:
+        return self.origin + (moment - self.origin) / self.scale
+
+    def now(self) -> datetime:
+        return self.virtual(datetime.now(UTC))
+
+    async def wait(self, at: datetime, control: Control) -> None:
+        await real_wait(self.real(at), control)
+
+
+class Daemon:
+    """The daemon's state between slots: the runner (config source and client, swapped
+    whole by a reload), the campaign, the metrics, and what was last said, so each
+    change is logged once."""
+
+    def __init__(self, runner: Runner, cfg: AgentConfig, warn: Lines, *,
+                 time_scale: float = 1.0) -> None:
+        self.runner = runner
+        self.cfg = cfg  # the local config (no instruction): state_dir, metrics, campaign
+        self.warn = warn
+        self.control = Control()
+        self.clock = CampaignClock(datetime.now(UTC), time_scale)
+        self.store = CampaignStore(cfg.state_dir)
+        self.gauges = metrics.AgentMetrics(__version__, sessions={})
+        self.in_force: Applied | None = None  # the last instruction fetched, as applied
+        self._spent: Offer | None = None  # the ticket offer a session took already
+        self._waiting = 0  # another identity's results, said once each time it changes
+
+    def reload(self) -> None:
+        """SIGHUP: reread the file and make a new client; a file or a token that will
+        not do keeps the old configuration, said."""
+        notify("RELOADING=1")
+        try:
+            source = self.runner.source.reread()
+            cfg = source.load()
+            self.runner = Runner(source, daemon_client(cfg), self.warn)
+            self.cfg = cfg
+            self.warn("configuration reloaded")
+        except AgentError as exc:
+            self.warn(f"reload refused, keeping the old configuration: {exc}")
+        notify("READY=1")
+
+    async def plan(self) -> Plan:
+        """Fetch the instruction (If-None-Match: cheap when unchanged) and rebuild the
+        config under it: the next session runs with what it says."""
+        applied = await self.runner.instructed(self.cfg)
+        before = self.in_force
+        if applied.error and applied.error != (before.error if before else None):
+            self.warn(applied.error)
+        if applied.version and applied.version != (before.version if before else None):
+            self.warn(f"running under central instruction {applied.version}")
+        self.in_force = applied
+        c = applied.cfg.campaign
+        windows = tuple((self.clock.virtual(w.starts_at), self.clock.virtual(w.ends_at))
+                        for w in applied.instruction.suppressions) \
+            if applied.instruction is not None else ()
+        return Plan(c.rule, c.timezone, c.window_days, windows, applied)
+
+    async def report(self, campaign: Campaign | None, until: datetime | None,
+                     next_at: datetime | None) -> None:
+        """The health report: to the metrics, then to the collector."""
+        spool = self.runner.spool(self.cfg)
+        assert spool is not None  # the daemon's runner always has a client
+        held = self.in_force
+        report = self.runner.health(
+            spool, mode="daemon", campaign=campaign or self.store.load(),
+            instruction_version=held.version if held else None,
+            instruction_error=held.error if held else None,
+            suppressed_until=self.clock.real(until) if until else None,
+            next_session_at=self.clock.real(next_at) if next_at else None)
+        if report is not None:
+            self.gauges.report = report
+            metrics.publish(self.cfg.metrics.textfile, self.gauges, self.warn)
+            await self.runner.send_health(report)
+
+    async def session(self, plan: Plan) -> Sessions:
+        """The slot's session(s) under ``plan``, measured and spooled; delivered after,
+        under a deadline of its own (``deliver``)."""
+        runner = self.runner
+        applied = plan.applied or Applied(self.cfg, None, None, None)
+        try:
+            named = await runner.probe_id(applied.cfg)
+        except DeliveryError as exc:
+            # Refused mid-campaign: still measure; the results wait in the spool.
+            self.warn(str(exc))
+            named = None
+        # The ticket that came with the instruction fetch, once (one a session).
+        offer = None if applied.offer is self._spent else applied.offer
+        self._spent = applied.offer
+        measured = await runner.measure(applied, named, offer=offer, ticket_warn=self.warn,
+                                        on_result=self.gauges.session)
+        metrics.publish(self.cfg.metrics.textfile, self.gauges, self.warn)
+        return Sessions(applied, named, measured)
+
+    async def deliver(self, done: Sessions) -> None:
+        """What the spool holds, to the collector (the slot's results first in line)."""
+        spool = done.measured.spool
+        assert spool is not None
+        outcome = await self.runner.deliver(spool, done.applied.cfg, done.named,
+                                            max_wait_s=DELIVERY_WAIT_S)
+        if outcome.waiting != self._waiting:
+            self._waiting = outcome.waiting
+            self.runner.say_waiting(outcome, spool)
+
+    async def _stoppable(self, work: Coroutine[Any, Any, T], deadline_s: float) -> T:
+        """``work`` under a deadline, cancelled at once by a stop (SIGTERM: the results not
+        yet acknowledged stay spooled; CancelledError). Its own exception comes out as
+        itself, not in a group, so the caller classifies it."""
+        async with asyncio.timeout(deadline_s):
+            try:
+                async with asyncio.TaskGroup() as group:
+                    task = group.create_task(work)
+                    stop = group.create_task(self.control.stop.wait())
+                    stop.add_done_callback(lambda _: task.cancel())
+                    task.add_done_callback(lambda _: stop.cancel())
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+        if task.cancelled():
+            raise asyncio.CancelledError  # stopped mid-way
+        return task.result()
+
+    def _cost_only_the_slot(self, error: BaseException, what: str) -> None:
+        """A bug or an environment the session did not foresee costs the slot, never the
+        daemon; a configuration or a token the collector refuses stops it."""
+        if isinstance(error, (ConfigError, DeliveryError)) or not isinstance(error, Exception):
+            raise error
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        self.warn(f"{what} failed: {type(error).__name__}: {error} "
+                  f"({where.filename}:{where.lineno})")
+
+    async def measure(self, plan: Plan) -> tuple[datetime, bool]:
+        """The slot: its session(s) under the slot's deadline, then delivery under its
+        own. Whether the slot counts in its band is the sessions' verdict alone: a slot
+        past its deadline, or whose session failed, is retried in its band; a delivery cut
+        short leaves the rest in the spool for the next slot."""
+        cfg = plan.applied.cfg if plan.applied is not None else self.cfg
+        try:
+            done = await self._stoppable(self.session(plan), slot_deadline_s(cfg))
+        except TimeoutError:
+            self.warn(f"session failed: not done in {slot_deadline_s(cfg):g} s; results "
+                      "not yet acknowledged stay in the spool")
+            return self.clock.now(), False
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            self._cost_only_the_slot(error, "session")
+            return self.clock.now(), False
+        counted = slot_counts(done.measured.results)
+        try:
+            await self._stoppable(self.deliver(done), delivery_deadline_s(done.applied.cfg))
+        except TimeoutError:
+            self.warn(f"delivery paused after {delivery_deadline_s(done.applied.cfg):g} s; "
+                      "the rest waits in the spool for the next slot")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            self._cost_only_the_slot(error, "delivery")
+        return self.clock.now(), counted
+
+    async def run(self, *, first_now: bool, report_every_s: float) -> int:
+        """Until SIGTERM: the campaigns, the watchdog and GET /metrics. Returns 0."""
+        install_signals(self.control)
+        # Asked here only to refuse a bad token at start and to say who we are; each
+        # session asks again (the collector may be away now and back later).
+        probe_id = await self.runner.probe_id(self.cfg)
+        self.gauges.probe_id = probe_id or ""
+        # The metrics listener is bound from the file as read at start (a reload does
+        # not move it): a port that cannot be bound stops the start, named.
+        site = await metrics.serve(self.cfg.metrics.listen, self.gauges)
+        failure: AgentError | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                interval = watchdog_interval()
+                if interval:
+                    group.create_task(watchdog(interval, self.control))
+                notify("READY=1")
+                who = f"as probe {probe_id}" if probe_id else (
+                    "(probe name not known yet: the collector does not answer; asked at "
+                    "each session)")
+                self.warn(f"daemon running {who}, rule {self.cfg.campaign.rule}")
+                try:
+                    await self._campaigns(first_now, report_every_s)
+                except asyncio.CancelledError:
+                    pass  # a stop during a session
+                except AgentError as exc:
+                    # Raised past the group, as itself: the CLI names it and exits with
+                    # its code (a TaskGroup would wrap it in an ExceptionGroup).
+                    failure = exc
+                finally:
+                    notify("STOPPING=1")
+                    self.control.stop.set()
+        finally:
+            if site is not None:
+                await site.cleanup()
+        if failure is not None:
+            raise failure
+        self.warn("daemon stopped; unacknowledged results stay in the spool")
+        return 0
+
+    async def _campaigns(self, first_now: bool, report_every_s: float) -> None:
+        if first_now:
+            await self.measure(await self.plan())
+            await self.report(None, None, None)
+        c = self.cfg.campaign
+        await run_campaigns(self.control, self.store, self.measure, clock=self.clock.now,
+                            wait=self.clock.wait, rule=c.rule, timezone=c.timezone,
+                            window_days=c.window_days, on_reload=self.reload,
+                            plan=self.plan, report=self.report, on_error=self.warn,
+                            report_every_s=report_every_s * self.clock.scale)

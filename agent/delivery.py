@@ -1,4 +1,5 @@
-"""Result delivery: pushes what the spool (agent.spool) holds to the collector.
+"""Result delivery: pushes what the spool (agent.spool) holds to the collector, through
+``agent.client.CollectorClient``.
 
 Contract (shared/reference/reliability.md A1-A9):
 - A spooled result is removed only after the collector's 2xx for that result id, so a
@@ -29,44 +30,23 @@ Contract (shared/reference/reliability.md A1-A9):
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import os
 import random
-import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import zstandard
-
-from agent import spec
+from agent.client import RETRYABLE_STATUS, CollectorClient
 from agent.config import DeliveryConfig
-from agent.errors import ConfigError, DeliveryError
-from agent.identity import Claim, Identity, claim, identity_for
+from agent.errors import DeliveryError
+from agent.identity import Claim, Identity, claim
 from agent.schema import utc_now
 from agent.spool import Entry, Spool, file_id, parse_spooled
 
-RETRYABLE_STATUS = frozenset({408, 425, 429})
-BATCH_PATH = spec.RESULTS_PATH + "/batch"
-GAPS_PATH = "/api/v1/gaps"
-
-
 # --- pure policy -------------------------------------------------------------------------
-
-
-def compress(data: bytes, encoding: str) -> bytes:
-    """A request body in a Content-Encoding the collector inflates (zstd or gzip)."""
-    if encoding == "zstd":
-        return bytes(zstandard.ZstdCompressor(level=3).compress(data))
-    if encoding == "gzip":
-        return gzip.compress(data, compresslevel=6, mtime=0)
-    raise ValueError(f"unknown encoding {encoding!r}")
 
 
 def backoff_s(failures: int, lo: float, hi: float, u: float) -> float:
@@ -74,30 +54,6 @@ def backoff_s(failures: int, lo: float, hi: float, u: float) -> float:
     hi, times a jitter factor 0.5 + u for u in [0, 1) (+-50 %)."""
     base: float = min(hi, lo * 2.0 ** max(failures - 1, 0))
     return base * (0.5 + u)
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date, RFC 9110
-    §10.2.3); None when absent or unreadable."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isascii() and text.isdigit() and len(text) <= 9:
-        return float(text)
-    try:
-        moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - now).total_seconds())
-
-
-@dataclass(frozen=True, slots=True)
-class ItemOutcome:
-    result_id: str
-    status: int
-    error: str | None
 
 
 def batches(entries: Sequence[Entry], max_results: int, max_bytes: int) -> list[list[Entry]]:
@@ -115,198 +71,6 @@ def batches(entries: Sequence[Entry], max_results: int, max_bytes: int) -> list[
     if current:
         out.append(current)
     return out
-
-
-def match_outcomes(sent: Sequence[str], reply: Any) -> list[ItemOutcome]:
-    """The collector's batch reply as one outcome per sent result id, in ``sent`` order,
-    matched by ``result_id`` (never by position). Raises a retryable ``DeliveryError``
-    unless the reply lists each sent id exactly once and nothing else: then nothing is
-    deleted and the batch goes again later. Pure."""
-    items = reply.get("items") if isinstance(reply, dict) else None
-    if not isinstance(items, list):
-        raise DeliveryError("collector's batch reply has no list of items", retryable=True)
-    by_id: dict[str, ItemOutcome] = {}
-    for item in items:
-        rid = item.get("result_id") if isinstance(item, dict) else None
-        status = item.get("status") if isinstance(item, dict) else None
-        if not isinstance(rid, str) or isinstance(status, bool) or not isinstance(status, int):
-            raise DeliveryError("collector's batch reply has an item without a result_id "
-                                "and status", retryable=True)
-        if rid in by_id:
-            raise DeliveryError(f"collector's batch reply lists result {rid} twice",
-                                retryable=True)
-        error = item.get("error")
-        by_id[rid] = ItemOutcome(rid, status, error if isinstance(error, str) else None)
-    missing = [rid for rid in sent if rid not in by_id]
-    extra = sorted(set(by_id) - set(sent))
-    if missing or extra or len(items) != len(sent):
-        raise DeliveryError(
-            f"collector's batch reply does not match the {len(sent)} result(s) sent ("
-            f"{len(missing)} missing, {len(extra)} not sent); kept for a later retry",
-            retryable=True)
-    return [by_id[rid] for rid in sent]
-
-
-# --- the collector client ----------------------------------------------------------------
-
-
-def _error_message(status: int, body: bytes) -> str:
-    try:
-        data: Any = json.loads(body)
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
-            return f"HTTP {status}: {data['error']}"
-    except ValueError:
-        pass
-    return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
-
-
-def _error_field(body: bytes) -> str | None:
-    """The document field a collector's refusal names, if any."""
-    try:
-        data: Any = json.loads(body)
-    except ValueError:
-        return None
-    field = data.get("field") if isinstance(data, dict) else None
-    return field if isinstance(field, str) and field else None
-
-
-class CollectorClient:
-    """Talks to the collector's API with the probe's bearer token. Every request carries
-    the probe's wall clock (X-Bbprobe-Sent-At) so the collector can measure skew."""
-
-    def __init__(self, url: str, token: str, timeout_s: float = spec.PUSH_TIMEOUT_S, *,
-                 ca_file: str = "", client_cert: str = "", client_key: str = "",
-                 compression: str = "none") -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        # What this client delivers: only what was spooled for the same token (or, with
-        # none, the same client certificate, read here: ConfigError if it cannot be).
-        self.identity = identity_for(url, token, client_cert)
-        # Bodies are sent with this Content-Encoding until a collector refuses it.
-        self.compression = compression
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.ssl: ssl.SSLContext | bool = True
-        if ca_file or client_cert:
-            try:
-                context = ssl.create_default_context(cafile=ca_file or None)
-                if client_cert:
-                    context.load_cert_chain(client_cert, client_key or None)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"collector TLS: cannot load CA, certificate or key: "
-                                  f"{exc}") from None
-            if client_cert and not token and \
-                    identity_for(url, token, client_cert) != self.identity:
-                # Replaced between the two reads: which certificate TLS would present
-                # cannot be told, so neither may say whose spooled results these are.
-                raise ConfigError(f"collector.client_cert: {client_cert} changed while it "
-                                  "was being loaded; try again")
-            self.ssl = context
-
-    def _session(self) -> aiohttp.ClientSession:
-        headers = {"User-Agent": "bbprobe-agent"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return aiohttp.ClientSession(
-            timeout=self.timeout, trust_env=False, headers=headers,
-            connector=aiohttp.TCPConnector(ssl=self.ssl),
-        )
-
-    async def _request(self, method: str, path: str, data: bytes | None = None) -> Any:
-        encoding = self.compression if data is not None else "none"
-        try:
-            return await self._send(method, path, data, encoding)
-        except DeliveryError as exc:
-            if exc.status != 415 or encoding == "none":
-                raise
-        # A collector from before issue 14 takes plain JSON only: from now on, send that.
-        self.compression = "none"
-        return await self._send(method, path, data, "none")
-
-    async def _send(self, method: str, path: str, data: bytes | None, encoding: str,
-                    extra: Mapping[str, str] | None = None, *, full: bool = False) -> Any:
-        """The reply's JSON (None when empty); with ``full``, (status, headers, JSON)."""
-        headers = {"X-Bbprobe-Sent-At": utc_now(), **(extra or {})}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-            if encoding != "none":
-                data = compress(data, encoding)
-                headers["Content-Encoding"] = encoding
-        try:
-            async with self._session() as session, session.request(
-                method, self.url + path, data=data, headers=headers
-            ) as resp:
-                body = await resp.read()
-                if resp.status >= 400:
-                    retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
-                    raise DeliveryError(
-                        _error_message(resp.status, body), retryable=retryable,
-                        status=resp.status, field=_error_field(body),
-                        retry_after_s=parse_retry_after(resp.headers.get("Retry-After"),
-                                                        datetime.now(UTC)),
-                    )
-                parsed = json.loads(body) if body else None
-                return (resp.status, resp.headers, parsed) if full else parsed
-        except (aiohttp.ClientError, OSError) as exc:
-            raise DeliveryError(
-                f"cannot reach the collector at {self.url}: {exc or type(exc).__name__}",
-                retryable=True,
-            ) from None
-        except ValueError:
-            raise DeliveryError("collector sent a reply that is not JSON", retryable=True) from None
-
-    async def whoami(self) -> str:
-        reply = await self._request("GET", spec.WHOAMI_PATH)
-        if not isinstance(reply, dict) or not isinstance(reply.get("probe_id"), str):
-            raise DeliveryError("collector's whoami reply has no probe_id", retryable=True)
-        return str(reply["probe_id"])
-
-    async def push(self, body: bytes) -> bool:
-        """Send one result; True if newly stored, False if the collector already had it."""
-        reply = await self._request("POST", spec.RESULTS_PATH, body)
-        return bool(isinstance(reply, dict) and reply.get("stored"))
-
-    async def push_batch(self, results: Sequence[tuple[str, bytes]]) -> list[ItemOutcome]:
-        """Send (result id, body) pairs in one request (one collector transaction); an
-        outcome each, in the order given, matched by result id."""
-        reply = await self._request(
-            "POST", BATCH_PATH, b'{"results":[' + b",".join(b for _, b in results) + b"]}")
-        return match_outcomes([rid for rid, _ in results], reply)
-
-    async def push_gap(self, body: bytes) -> None:
-        await self._request("POST", GAPS_PATH, body)
-
-    async def instruction(self, etag: str | None) -> tuple[str | None, Any] | None:
-        """The probe's central instruction (issue 15): (ETag, document), or None when the
-        collector says the one held (``etag``) is still current (304)."""
-        return (await self.instruction_and_ticket(etag, want_ticket=False))[0]
-
-    async def instruction_and_ticket(self, etag: str | None, *, want_ticket: bool = True
-                                     ) -> tuple[tuple[str | None, Any] | None, str | None]:
-        """``instruction``, asking for a measurement ticket with it (issue 24): (what
-        ``instruction`` returns, the ``Bbprobe-Ticket`` header of the reply, 200 or 304
-        alike; None from a collector that issues none)."""
-        extra = {"If-None-Match": etag} if etag else {}
-        if want_ticket:
-            extra[spec.TICKET_REQUEST_HEADER] = "1"
-        status, headers, doc = await self._send("GET", spec.INSTRUCTION_PATH, None, "none",
-                                                extra, full=True)
-        got = None if status == 304 else (headers.get("ETag"), doc)
-        return got, headers.get(spec.TICKET_HEADER) if want_ticket else None
-
-    async def ticket(self) -> Any:
-        """A measurement ticket of its own (issue 24): the collector's JSON reply
-        ({"ticket", "ticket_id", "expires_at", "servers"}), or None from a collector that
-        issues none (404: one from before issue 24, or tickets not enabled)."""
-        try:
-            return await self._request("POST", spec.TICKETS_PATH, b"{}")
-        except DeliveryError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    async def report_health(self, body: bytes) -> None:
-        """The probe's health report (issue 15): what the fleet page shows."""
-        await self._request("POST", spec.HEALTH_PATH, body)
 
 
 # --- delivery ----------------------------------------------------------------------------

@@ -5,9 +5,24 @@
     +-- ProbeSetupError        a probe cannot start at all (e.g. no ICMP permission); the
     |                          session records it as a failed test, ``bbprobe ping`` reports it
     +-- DeliveryError          the collector did not accept a result; ``retryable`` tells
-                               whether the spool should try again later (exit 3)
+    |                          whether the spool should try again later (exit 3)
+    |   Raised and caught below the CLI, each where it is defined:
+    +-- SchemaError            a document does not match the result schema; ``path`` names
+    |                          the field (agent/decoding.py; also a ValueError)
+    +-- CredentialError        a systemd credential is missing or unreadable; its reader
+    |                          says so as its own ConfigError (agent/credentials.py)
+    +-- InstructionError       a central instruction holds a key or value it may not; ``key``
+    |                          names it (agent/instruction.py; also a ValueError)
+    +-- TicketError            a measurement ticket's claims are malformed: the session
+    |                          measures without it (agent/ticket.py; also a ValueError)
+    +-- WireError              a transfer's HTTP exchange failed: could not connect, a
+    |                          status, a broken connection (agent/probes/wire.py)
+    +-- StreamFailure          one stream of a transfer failed, with the reason its attempt
+                               records (agent/probes/transfer.py, with the private _Refused
+                               that ends the attempt of a refused stream)
 
-A failed measurement is *data* (a result with ``status="failed"``), never one of these.
+A failed measurement is *data* (a result with ``status="failed"``): WireError and
+StreamFailure are turned into it inside the probe, and never leave a session.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""IP address families (issue 16): what ``server.address_family`` / ``-4`` / ``-6`` ask
-for, and what a session records. Pure, except ``Endpoints`` (a small accumulator).
+"""IP address families: what ``server.address_family`` / ``-4`` / ``-6`` ask for, and
+what a session records. Pure, except ``Endpoints`` (a small accumulator).
 
 - "any": the host's own address selection decides, as it would for any program
   (getaddrinfo's order, RFC 6724 and /etc/gai.conf), once for the session: the ping and

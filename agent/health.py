@@ -1,6 +1,6 @@
-"""The probe's health report (issue 15): what the collector's fleet view shows, built
-from the spool, the campaign and the instruction in force. Sent after every delivery
-and at least hourly (LMAP's reported state)."""
+"""The probe's health report: what the collector's fleet view shows, built from the
+spool, the campaign and the instruction in force. Sent after every delivery and at
+least hourly (LMAP's reported state, RFC 7594)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from agent import __version__, clock
-from agent.schedule import RULES, Campaign
+from agent.schedule import Campaign
 from agent.schema import (
     SCHEMA_VERSION,
     CampaignState,
@@ -17,6 +17,7 @@ from agent.schema import (
     format_utc,
     utc_now,
 )
+from agent.spec import CAMPAIGN_RULES
 from agent.spool import Spool
 
 # A host check "keeps failing" when it failed in each of this many last sessions.
@@ -32,9 +33,9 @@ def failing_checks(last_results: Sequence[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def campaign_state(campaign: Campaign) -> CampaignState:
-    per = RULES[campaign.rule].per_band
+    per = CAMPAIGN_RULES[campaign.rule].per_band
     return CampaignState(
-        rule=campaign.rule,  # type: ignore[arg-type]
+        rule=campaign.rule,
         started_at=format_utc(campaign.started_at),
         deadline_at=format_utc(campaign.deadline()),
         bands_filled=sum(c >= per for c in campaign.counted),
@@ -50,7 +51,7 @@ def build(spool: Spool, *, mode: Literal["daemon", "run"], campaign: Campaign | 
           next_session_at: datetime | None = None) -> HealthReport:
     stats = spool.stats()
     # This probe's backlog: results spooled for another token wait for their own probe
-    # and are no concern of this one's collector (issue 23).
+    # and are no concern of this one's collector (agent/identity.py).
     entries = [e for e in spool.entries() if not spool.foreign(e.path)]
     error = stats.get("last_error")
     return HealthReport(

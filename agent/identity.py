@@ -87,10 +87,10 @@ def identity_for(url: str, token: str, client_cert: str = "") -> Identity:
     """The identity a client with this URL and credential delivers as. A probe known by
     its client certificate alone (no token) is identified by the certificate itself
     (``certificate_fingerprint``), read from ``client_cert`` now: another probe's
-    certificate put at the same path is another identity, whose results it never sends
-    (issue 23). A renewed certificate is a new credential, as a new token is: results
-    spooled under the old one wait for it (``bbprobe status`` lists them). Raises
-    ``ConfigError`` when that file cannot be read or holds no certificate."""
+    certificate put at the same path is another identity, whose results it never sends.
+    A renewed certificate is a new credential, as a new token is: results spooled under
+    the old one wait for it (``bbprobe status`` lists them). Raises ``ConfigError`` when
+    that file cannot be read or holds no certificate."""
     if token or not client_cert:
         return Identity(url.rstrip("/"), hashlib.sha256(token.encode()).hexdigest()[:16])
     try:

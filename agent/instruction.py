@@ -1,4 +1,4 @@
-"""Central instructions (issue 15): which agent settings a collector may set on its probes,
+"""Central instructions: which agent settings a collector may set on its probes,
 how a value is read and checked, and the instruction document a probe receives. Pure.
 
 The model is LMAP's (RFC 7594): a Controller gives Measurement Agents instructions
@@ -20,11 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from agent import config
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.schema import INSTRUCTION_VERSION_RE, parse_utc
 
-# The tables of AgentConfig an instruction may set (issue 15: the profile, ping,
-# download, upload, checks, server and the campaign rule), and the top-level keys.
+# The tables of AgentConfig an instruction may set (the measurement settings: the
+# profile, ping, download, upload, checks, server and the campaign rule), and the
+# top-level keys.
 CENTRAL_SECTIONS = ("ping", "download", "upload", "checks", "server", "campaign")
 CENTRAL_TOP = ("profile",)
 LOCAL = ("probe_id", "state_dir", "collector", "delivery")
@@ -35,7 +36,7 @@ MAX_SUPPRESSIONS = 100
 MAX_REASON_CHARS = 200
 
 
-class InstructionError(ValueError):
+class InstructionError(AgentError, ValueError):
     """A key or value an instruction may not hold; ``key`` names it."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -94,7 +95,7 @@ def check(settings: Mapping[str, Any], assumed: Mapping[str, Any] | None = None
     ``settings`` do not set a key: what a probe's last session showed of its own file);
     raises InstructionError naming the first key that does not.
 
-    The collector cannot read a probe's file, so the session's plan (issue 23) is made
+    The collector cannot read a probe's file, so the session's plan (agent/budget.py) is made
     on these defaults: a probe whose file plans longer (more tests, a profile, its own
     candidates) checks the instruction again, and over a limit keeps its previous one
     and says why in its health report. A refusal says what was assumed."""
@@ -122,7 +123,7 @@ def check(settings: Mapping[str, Any], assumed: Mapping[str, Any] | None = None
         if key in settings or "[" in key:
             raise InstructionError(key, text.partition(": ")[2] or text) from None
         if key == "session":
-            # The plan over a limit (issue 23): say on what it was made.
+            # The plan over a limit: say on what it was made.
             but = ", ".join(f"{k} = {json.dumps(v)}" for k, v in sorted(extra.items()))
             text += (" (planned on the built-in defaults for every key the instruction "
                      "does not set" + (f", except {but} as the probe's last session ran"
@@ -130,7 +131,7 @@ def check(settings: Mapping[str, Any], assumed: Mapping[str, Any] | None = None
                      + "; a probe whose own file sets other values plans again, and "
                      "over a limit keeps its previous instruction and reports why)")
         # Not one setting's fault (two that clash, or the session's plan over a limit,
-        # issue 23): the message whole, with what it names.
+        # agent/budget.py): the message whole, with what it names.
         raise InstructionError("", text) from None
     return dict(settings)
 
@@ -190,11 +191,3 @@ def parse_document(doc: Any) -> Instruction:
             raise ValueError(f"suppressions[{i}]: expected id, starts_at, ends_at") \
                 from None
     return Instruction(version, settings, tuple(windows), settings_error)
-
-
-def to_document(inst: Instruction) -> dict[str, Any]:
-    """The inverse of ``parse_document`` (the probe's cached copy)."""
-    return {"version": inst.version, "settings": inst.settings,
-            "suppressions": [{"id": s.id, "starts_at": s.starts_at.isoformat(),
-                              "ends_at": s.ends_at.isoformat(), "reason": s.reason}
-                             for s in inst.suppressions]}

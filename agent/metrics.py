@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics (issue 16): what a probe's own monitoring wants to see
+"""The agent's Prometheus metrics: what a probe's own monitoring wants to see
 without asking the collector. Written in node_exporter's textfile-collector format
 (``metrics.textfile``) after every session and health report, and served by the daemon
 at ``GET /metrics`` on ``metrics.listen``.
@@ -20,14 +20,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent.config import split_listen
+from agent.errors import ConfigError
 from agent.schema import HealthReport, SessionResult, parse_utc
 
 OUTCOMES = ("complete", "incomplete", "invalid")
@@ -196,3 +200,53 @@ def write_textfile(path: str, state: AgentMetrics) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def publish(path: str, state: AgentMetrics, warn: Callable[[str], None]) -> None:
+    """The textfile at ``path``, if configured; a failure is one line to ``warn``, since
+    metrics are never worth a session. Only the daemon writes it: a one-shot ``run``
+    beside it would replace the campaign's figures with its own."""
+    if not path:
+        return
+    try:
+        write_textfile(path, state)
+    except OSError as exc:
+        warn(f"metrics.textfile: cannot write {path}: {exc.strerror or exc}")
+    except Exception as exc:  # a bug in the metrics: reported, the daemon goes on
+        warn(f"metrics: {type(exc).__name__}: {exc}")
+
+
+# A scrape is answered from a page made at most this often: a flood of requests must not
+# take the CPU a transfer in progress needs.
+PAGE_MAX_AGE_S = 1.0
+
+
+async def serve(listen: str, state: AgentMetrics) -> web.AppRunner | None:
+    """GET /metrics on ``listen`` (metrics.listen; "" serves nothing), from the daemon's
+    live ``state``, until the returned runner is cleaned up. ConfigError, naming the
+    address, when it cannot be bound."""
+    if not listen:
+        return None
+    page: list[tuple[float, bytes]] = [(-PAGE_MAX_AGE_S, b"")]
+
+    async def handler(request: web.Request) -> web.Response:
+        now = time.monotonic()
+        if now - page[0][0] >= PAGE_MAX_AGE_S:
+            page[0] = (now, exposition(state))
+        response = web.Response(body=page[0][1])
+        response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                           keepalive_timeout=10.0)
+    await runner.setup()
+    host, port = split_listen(listen)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"metrics.listen: cannot listen on {listen}: "
+                          f"{exc.strerror or exc}") from None
+    return runner

@@ -50,8 +50,8 @@ def describe_method(m: TransferMethod) -> str:
 def format_transfers(
     direction: str, attempts: list[TransferAttempt], m: TransferMethod, rate: float | None
 ) -> list[str]:
-    # A refused attempt (issue 24) is the server's, not the line's: counted apart, as
-    # the failure ratio leaves it out (agent/summary.py).
+    # A refused attempt is the server's, not the line's: counted apart, as the failure
+    # ratio leaves it out (agent/summary.py).
     refused = [a for a in attempts if a.failure_reason in REFUSAL_REASONS]
     failed = [a for a in attempts
               if a.status == "failed" and a.failure_reason not in REFUSAL_REASONS]

@@ -1,7 +1,8 @@
 """Campaign scheduling (pure): cover the 24 hourly bands of local time, 244/08-style.
 
-Rule "96in24h" (default): 4 valid sessions in every hourly band, one in each quarter hour
-at a random offset (so probes do not all test at :00). Rule "24in72h": 1 per band.
+The rules are spec.CAMPAIGN_RULES: the default asks 4 valid sessions in every hourly
+band, one in each quarter hour at a random offset (so probes do not all test at :00);
+the other 1 per band, in a random quarter.
 A session that failed or was flagged invalid does not count; its band still needs one,
 so the next plan puts another session in that band, later in the campaign window (the
 same hour band on the next day, or later the same hour when a quarter is still ahead).
@@ -17,14 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    per_band: int
-
-
-RULES = {"96in24h": Rule("96in24h", 4), "24in72h": Rule("24in72h", 1)}
+from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRuleName, campaign_rule
 
 
 @dataclass(slots=True)
@@ -32,20 +26,21 @@ class Campaign:
     """Progress of one campaign; plain data, saved as JSON by the daemon."""
 
     started_at: datetime  # aware
-    rule: str = "96in24h"
+    rule: CampaignRuleName = DEFAULT_CAMPAIGN_RULE
     timezone: str = "Europe/Rome"
     window_days: int = 3
     counted: list[int] = field(default_factory=lambda: [0] * 24)  # valid sessions per band
     attempted: list[int] = field(default_factory=lambda: [0] * 24)
     done_at: datetime | None = None
     last_at: datetime | None = None  # when the last session started: one per quarter
-    # Sessions not started because a suppression window covered their slot (issue 15):
-    # their bands still need them, so they are planned again within the window.
+    # Sessions not started because a suppression window covered their slot (LMAP's
+    # suppression): their bands still need them, so they are planned again within the
+    # window.
     suppressed: int = 0
 
     @property
     def needed(self) -> list[int]:
-        per = RULES[self.rule].per_band
+        per = CAMPAIGN_RULES[self.rule].per_band
         return [max(0, per - c) for c in self.counted]
 
     @property
@@ -81,12 +76,19 @@ class Campaign:
         last = data.get("last_at")
         return Campaign(last_at=datetime.fromisoformat(str(last)) if last else None,
                         started_at=datetime.fromisoformat(str(data["started_at"])),
-                        rule=str(data["rule"]), timezone=str(data["timezone"]),
+                        rule=campaign_rule(str(data["rule"])),
+                        timezone=str(data["timezone"]),
                         window_days=int(str(data["window_days"])),
-                        counted=[int(x) for x in data["counted"]],  # type: ignore[attr-defined]
-                        attempted=[int(x) for x in data["attempted"]],  # type: ignore[attr-defined]
+                        counted=_bands(data["counted"]), attempted=_bands(data["attempted"]),
                         done_at=datetime.fromisoformat(str(done)) if done else None,
                         suppressed=int(str(data.get("suppressed", 0))))
+
+
+def _bands(value: object) -> list[int]:
+    """24 per-band counts from a saved campaign; ValueError when they are not."""
+    if not isinstance(value, list) or len(value) != 24:
+        raise ValueError("a campaign's bands are a list of 24 counts")
+    return [int(x) for x in value]
 
 
 def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime | None:
@@ -114,7 +116,7 @@ def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime
                     if start + timedelta(minutes=15 * (q + 1)) > local]
         if not quarters:
             continue
-        per = RULES[campaign.rule].per_band
+        per = CAMPAIGN_RULES[campaign.rule].per_band
         # Spread a band's sessions over its quarters: 4 per hour -> one per quarter; 1 ->
         # a random quarter.
         q = quarters[0] if per == 4 else rng.choice(quarters)
@@ -133,7 +135,7 @@ Window = tuple[datetime, datetime]  # a suppression: [start, end), aware
 
 def next_free_slot(campaign: Campaign, now: datetime, rng: random.Random,
                    windows: Sequence[Window] = (), *, limit: int = 1000) -> datetime | None:
-    """``next_slot``, never inside a suppression window (LMAP's suppression, issue 15):
+    """``next_slot``, never inside a suppression window (LMAP's suppression):
     a slot that falls in one is planned again from the window's end, so the band it
     would have filled is filled later in the campaign window, not lost."""
     for _ in range(limit):

@@ -10,23 +10,22 @@ Rules (after m-lab/ndt-server ``data/result.go``):
   ``SCHEMA_VERSION`` grows; the collector rejects versions newer than its own;
 - raw samples travel next to the summaries computed from them, so anyone can recompute.
 
-``decode(SessionResult, data)`` is strict: unknown fields, missing fields, wrong types,
-non-finite numbers and out-of-range values raise ``SchemaError`` naming the field path,
-e.g. ``ping.samples[3].rtt_ms: must be >= 0, got -1``.
+This module holds the records, their field metadata (bounds, text formats, the version a
+field was added in) and the vocabulary they share. agent/decoding.py reads a JSON
+document into them strictly, naming the field of every fault; agent/json_schema.py
+publishes them as JSON Schema for the collector's OpenAPI document.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
+
+from agent.spec import CampaignRuleName
 
 # 1: first version. 2: latency under load (ping_download, ping_upload, loaded RTT
 # summaries), adaptive streams (TransferMethod.streams = 0), PingMethod.loaded_interval_s.
@@ -34,14 +33,15 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 # 4: session_seq, the probe's own count of its sessions, and the sequence numbers of the
 # results a gap record stands for, so a collector can tell a result that never arrived
 # from one the probe reported dropping (reliability.md C8).
-# 5: fleet control (issue 15): the central instruction a session ran under
+# 5: fleet control (LMAP-style, RFC 7594): the central instruction a session ran under
 # (instruction_version), and how its measurement server was chosen among candidates
 # (server_selection: each candidate's RTT, the choice, any failover); the health report.
-# 6: IPv6 (issue 16): the address family a session measured over, the one asked for,
-# and the local and remote addresses of its transfers' connections.
-# 7: measurement tickets (issue 24): the ticket a session measured under and whether a
-# server refused it; the failure reasons server_refused and ticket_refused (counted apart
-# from the line's failures); the candidates passed over as busy.
+# 6: IPv6 (dual-stack lines): the address family a session measured over, the one asked
+# for, and the local and remote addresses of its transfers' connections.
+# 7: measurement tickets (counted per ticket, not per address: probes behind one
+# carrier-grade NAT): the ticket a session measured under and whether a server refused
+# it; the failure reasons server_refused and ticket_refused (counted apart from the
+# line's failures); the candidates passed over as busy.
 SCHEMA_VERSION = 7
 
 Status = Literal["ok", "failed"]
@@ -61,15 +61,15 @@ FailureReason = Literal[
     "short_transfer",  # fewer bytes than the file, or a window cut short (80001)
     "broken_connection",  # the connection broke mid-transfer (80001)
     "server_report",  # the upload sink's report was missing or malformed
-    # v7 (issue 24): the measurement server refused the transfer for capacity (HTTP 429
-    # or 503): the server's shortfall, not the line's; never in the failure rate.
+    # v7: the measurement server refused the transfer for capacity (HTTP 429 or 503):
+    # the server's shortfall, not the line's; never in the failure rate.
     "server_refused",
     # v7: the server refused the session's ticket (expired, foreign, allowance used); the
     # attempt is retried without it, under the per-address rule. Not the line's either.
     "ticket_refused",
 ]
-# Failure reasons that are the measurement server's, not the access line's (issue 24):
-# such attempts are counted apart and never enter the Allegato 2 failure rate.
+# Failure reasons that are the measurement server's, not the access line's: such
+# attempts are counted apart and never enter the Allegato 2 failure rate.
 REFUSAL_REASONS: frozenset[str] = frozenset({"server_refused", "ticket_refused"})
 
 PROBE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -79,26 +79,18 @@ REASON_CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 INSTRUCTION_VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
-class SchemaError(ValueError):
-    """A document does not match the schema; ``path`` names the offending field."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.message = message
-
-
 def bounds(
     *, ge: float | None = None, gt: float | None = None, le: float | None = None
 ) -> dict[str, Any]:
-    """Field metadata: numeric bounds checked by ``decode``."""
+    """Field metadata: numeric bounds, checked when a document is read (agent/decoding.py)."""
     return {"ge": ge, "gt": gt, "le": le}
 
 
 _UTC = {"format": "utc"}
 # Text shown as a label (an agent's version: in the fleet view, Prometheus labels and
-# terminals): printable characters only, at most 64 (issue 23: no control characters
-# where a field is an identifier or a label).
+# terminals): printable characters only, at most 64 (no control characters where a
+# field is an identifier or a label: an escape sequence would act on an operator's
+# terminal).
 _LABEL = {"format": "label"}
 LABEL_MAX_CHARS = 64
 
@@ -150,8 +142,8 @@ def utc_now() -> str:
 def format_utc(moment: datetime) -> str:
     """ISO 8601 UTC with microseconds and a ``Z`` suffix, the only form the schema accepts.
     Built by hand, not with ``strftime("%Y")``: glibc writes year 999 as ``999``, not
-    ``0999`` (issue 23, finding 1), which is not ISO 8601 and sorts after ``2026`` as
-    text, so one such row became a probe's "latest" session."""
+    ``0999``, which is not ISO 8601 and sorts after ``2026`` as text, so one such row
+    became a probe's "latest" session."""
     m = moment.astimezone(UTC)
     return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:"
             f"{m.second:02d}.{m.microsecond:06d}Z")
@@ -413,7 +405,7 @@ class ServerSelection:
 
 @dataclass(frozen=True, slots=True)
 class TicketUse:
-    """The measurement ticket a session ran under (v7, issue 24): issued by the collector,
+    """The measurement ticket a session ran under (v7): issued by the collector,
     presented to the measurement server, counted per ticket instead of per address."""
 
     # The ticket's id (its JWT "jti"): one per session.
@@ -514,7 +506,7 @@ class GapRecord:
 class CampaignState:
     """Where the daemon's campaign stands (v5, in a health report)."""
 
-    rule: Literal["96in24h", "24in72h"]
+    rule: CampaignRuleName
     started_at: str = field(metadata=_UTC)
     deadline_at: str = field(metadata=_UTC)
     bands_filled: int = field(metadata=bounds(ge=0, le=24))
@@ -551,39 +543,6 @@ class HealthReport:
     # A suppression window in force now, and when the next session is planned.
     suppressed_until: str | None = field(metadata=_UTC)
     next_session_at: str | None = field(metadata=_UTC)
-
-
-def parse_health(data: Any) -> HealthReport:
-    """Validate a health report; raises ``SchemaError`` naming the field."""
-    report = decode(HealthReport, data)
-    if not 5 <= report.schema_version <= SCHEMA_VERSION:
-        raise SchemaError("schema_version", f"health reports are version 5 to "
-                          f"{SCHEMA_VERSION}, got {report.schema_version}")
-    for name in ("instruction_error", "last_error"):
-        if len(getattr(report, name) or "") > 500:
-            raise SchemaError(name, "longer than 500 characters")
-    if len(report.failing_checks) > 50:
-        raise SchemaError("failing_checks", "at most 50 codes")
-    if len(report.agent_version) > 64:
-        raise SchemaError("agent_version", "longer than 64 characters")
-    return report
-
-
-def parse_gap(data: Any) -> GapRecord:
-    """Validate a decoded JSON document as a ``GapRecord``; raises ``SchemaError``."""
-    if not isinstance(data, dict):
-        raise SchemaError("", f"expected a JSON object, got {_json_type(data)}")
-    gap = decode(GapRecord, data)
-    if gap.schema_version > SCHEMA_VERSION or gap.schema_version < 3:
-        raise SchemaError("schema_version", f"gap records are version 3 to {SCHEMA_VERSION}, "
-                          f"got {gap.schema_version}")
-    if len(gap.dropped_seq_ranges) > MAX_SEQ_RANGES:
-        raise SchemaError("dropped_seq_ranges", f"at most {MAX_SEQ_RANGES} ranges")
-    for i, (first, last) in enumerate(gap.dropped_seq_ranges):
-        if not 1 <= first <= last:
-            raise SchemaError(f"dropped_seq_ranges[{i}]", f"expected 1 <= first <= last, "
-                                                          f"got [{first}, {last}]")
-    return gap
 
 
 MAX_SEQ_RANGES = 1000
@@ -625,9 +584,7 @@ class UploadReport:
     samples: tuple[tuple[float, int], ...]
 
 
-# --- Encoding and strict decoding ----------------------------------------------------------
-
-T = TypeVar("T")
+# --- Encoding (strict decoding: agent/decoding.py) -----------------------------------------
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -640,375 +597,3 @@ def to_dict(obj: Any) -> dict[str, Any]:
         if "added" in f.metadata and getattr(obj, f.name) == f.default:
             del result[f.name]
     return result
-
-
-def parse_result(data: Any) -> SessionResult:
-    """Validate a decoded JSON document as a ``SessionResult``; raises ``SchemaError``."""
-    if not isinstance(data, dict):
-        raise SchemaError("", f"expected a JSON object, got {_json_type(data)}")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SchemaError("schema_version", "missing or not an integer")
-    if version > SCHEMA_VERSION:
-        raise SchemaError(
-            "schema_version",
-            f"version {version} is newer than this collector supports ({SCHEMA_VERSION}); "
-            "upgrade the collector",
-        )
-    if version < 1:
-        raise SchemaError("schema_version", f"must be >= 1, got {version}")
-    result = decode(SessionResult, data)
-    if parse_utc(result.ended_at) < parse_utc(result.started_at):
-        raise SchemaError("ended_at", "is earlier than started_at")
-    if result.validity is not None and result.validity.valid == bool(result.validity.reasons):
-        raise SchemaError("validity.reasons", "an invalid session needs at least one reason, "
-                          "a valid one none")
-    return result
-
-
-def decode(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from JSON data, checking every field; raises ``SchemaError``."""
-    value: T = _decode_value(cls, data, path, {})
-    return value
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin in (tuple, list):
-        return "an array"
-    if dataclasses.is_dataclass(tp):
-        return "an object"
-    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(
-        tp, str(tp)
-    )
-
-
-_PAIR = tuple[float, int]
-_SAMPLES = tuple[_PAIR, ...]
-# A (t_s, bytes) sample: seconds since the test began, bytes so far.
-_PAIR_BOUNDS = ({"ge": -SAMPLE_T_LIMIT_S, "le": SAMPLE_T_LIMIT_S}, {"ge": 0, "le": 1e15})
-
-
-def _samples(value: list[Any]) -> tuple[_PAIR, ...] | None:
-    """Well-formed (t_s, bytes) samples as tuples, or None for the general path to say
-    what is wrong. Checked in one tight loop: a body holds thousands of them."""
-    out: list[_PAIR] = []
-    append = out.append
-    limit = SAMPLE_T_LIMIT_S
-    for item in value:
-        if type(item) is not list or len(item) != 2:
-            return None
-        t, b = item
-        kind = type(t)
-        # A comparison is False for NaN; a huge int is refused before float() sees it.
-        if (kind is not float and kind is not int) or not -limit <= t <= limit \
-                or type(b) is not int or not 0 <= b <= 10**15:
-            return None
-        append((float(t), b))
-    return tuple(out)
-
-
-def _decode_value(tp: Any, value: Any, path: str, meta: dict[str, Any]) -> Any:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise SchemaError(path, f"expected {_type_name(tp)}, got null")
-        options = [arg for arg in args if arg is not type(None)]
-        if len(options) == 1:
-            try:
-                return _decode_value(options[0], value, path, meta)
-            except SchemaError as exc:
-                if exc.path == path and exc.message.startswith("expected "):
-                    raise SchemaError(path, f"expected {_type_name(tp)}, "
-                                      f"got {_json_type(value)}") from None
-                raise
-        raise TypeError(f"unsupported union {tp}")  # pragma: no cover - schema bug
-    if origin is Literal:
-        if value not in get_args(tp) or isinstance(value, bool):
-            raise SchemaError(path, f"must be {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if type(value) is list and tp == _SAMPLES:
-            fast = _samples(value)
-            if fast is not None:
-                return fast  # else the general path below says what is wrong
-        if not isinstance(value, list):
-            raise SchemaError(path, f"expected an array, got {_json_type(value)}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            # An array's numbers are in the field's unit: its bounds hold for each.
-            return tuple(
-                _decode_value(args[0], item, f"{path}[{i}]", meta)
-                for i, item in enumerate(value)
-            )
-        if len(value) != len(args):
-            raise SchemaError(path, f"expected an array of {len(args)} items, got {len(value)}")
-        metas = _PAIR_BOUNDS if tp == _PAIR else [physical_bounds("", {})] * len(args)
-        return tuple(
-            _decode_value(arg, item, f"{path}[{i}]", item_meta)
-            for i, (arg, item, item_meta) in enumerate(zip(args, value, metas, strict=True))
-        )
-    if dataclasses.is_dataclass(tp):
-        return _decode_dataclass(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SchemaError(path, f"expected a boolean, got {_json_type(value)}")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SchemaError(path, f"expected an integer, got {_json_type(value)}")
-        _check_bounds(value, path, meta)
-        return value
-    if tp is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise SchemaError(path, f"expected a number, got {_json_type(value)}")
-        if isinstance(value, int):
-            # Bounds first: math.isfinite(10**400) raises OverflowError (a 500).
-            _check_bounds(value, path, meta)
-        if not math.isfinite(value):
-            raise SchemaError(path, f"must be a finite number, got {value!r}")
-        _check_bounds(value, path, meta)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SchemaError(path, f"expected a string, got {_json_type(value)}")
-        if not value.isascii():
-            check_unicode(value, path)
-        _check_format(value, path, meta.get("format"))
-        return value
-    raise TypeError(f"unsupported type {tp!r} at {path}")  # pragma: no cover - schema bug
-
-
-_Step = tuple[str, Any, Any, Any, dict[str, Any]]
-
-
-@cache
-def _plan(cls: type) -> tuple[frozenset[str], tuple[_Step, ...]]:
-    """A dataclass's field names, and per field: name, type, default, default factory
-    (MISSING when none) and bounds, worked out once per class."""
-    hints = _hints(cls)
-    steps = tuple((spec.name, hints[spec.name], spec.default, spec.default_factory,
-                   physical_bounds(spec.name, dict(spec.metadata)))
-                  for spec in dataclasses.fields(cls))
-    return frozenset(step[0] for step in steps), steps
-
-
-def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
-    if not isinstance(value, dict):
-        raise SchemaError(path, f"expected an object, got {_json_type(value)}")
-    names, steps = _plan(cls)
-    for key in value:
-        if key not in names:
-            raise SchemaError(_join(path, str(key)), "unknown field")
-    kwargs: dict[str, Any] = {}
-    for name, hint, default, factory, meta in steps:
-        if name not in value:
-            if default is not dataclasses.MISSING:
-                kwargs[name] = default
-            elif factory is not dataclasses.MISSING:
-                kwargs[name] = factory()
-            else:
-                raise SchemaError(_join(path, name), "missing required field")
-            continue
-        kwargs[name] = _decode_value(hint, value[name], _join(path, name), meta)
-    return cls(**kwargs)
-
-
-def _check_bounds(value: float, path: str, meta: dict[str, Any]) -> None:
-    if meta.get("ge") is not None and value < meta["ge"]:
-        raise SchemaError(path, f"must be >= {meta['ge']:g}, got {_shown(value)}")
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        raise SchemaError(path, f"must be > {meta['gt']:g}, got {_shown(value)}")
-    if meta.get("le") is not None and value > meta["le"]:
-        raise SchemaError(path, f"must be <= {meta['le']:g}, got {_shown(value)}")
-
-
-def _shown(value: float) -> str:
-    """A number for a message: a 400-digit one is cut, not copied whole."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
-
-
-def encodes(text: str) -> bool:
-    """Whether ``text`` is valid Unicode, i.e. holds no lone surrogate (UTF-8 encodes it)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_unicode(value: str, path: str) -> None:
-    """Text that is valid Unicode: the standard library's JSON reader turns an escaped
-    lone surrogate (``"\\ud800"``) into a str that no UTF-8 writer can encode, so one
-    stored in a health report made every reader of the fleet fail (issue 23, finding 2).
-    Refused at the door, naming the field."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as bad:
-        raise SchemaError(path, f"is not valid Unicode text: a lone surrogate "
-                          f"U+{ord(value[bad.start]):04X} at character {bad.start}") from None
-
-
-def _check_format(value: str, path: str, fmt: str | None) -> None:
-    if fmt == "label":
-        if len(value) > LABEL_MAX_CHARS or acting_char(value) is not None:
-            raise SchemaError(path, f"must be at most {LABEL_MAX_CHARS} characters without "
-                              f"control characters, got {value[:40]!a}")
-    elif fmt == "utc":
-        try:
-            parse_utc(value)
-        except ValueError:
-            raise SchemaError(
-                path, f"must be an ISO 8601 timestamp with a UTC offset, got {value!r}"
-            ) from None
-    elif fmt == "uuid":
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            raise SchemaError(path, f"must be a UUID, got {value!r}") from None
-    elif fmt == "probe_id" and not PROBE_ID_RE.fullmatch(value):
-        raise SchemaError(
-            path, f"must be 1-64 characters of letters, digits, '.', '_', '-', got {value!r}"
-        )
-    elif fmt == "reason_code" and not REASON_CODE_RE.fullmatch(value):
-        raise SchemaError(path, f"must be 1-40 lowercase letters, digits or '_', starting "
-                          f"with a letter, got {value!r}")
-    elif fmt == "instruction_version" and not INSTRUCTION_VERSION_RE.fullmatch(value):
-        raise SchemaError(path, f"must be 16 lowercase hex digits, got {value[:40]!r}")
-
-
-@cache
-def _time_plan(cls: type) -> tuple[tuple[str, str], ...]:
-    """Per field of ``cls``: ("utc", name) for a timestamp, ("one", name) for a nested
-    object, ("many", name) for an array of objects; other fields are not visited (a
-    transfer's thousands of samples are numbers)."""
-    hints = _hints(cls)
-    plan: list[tuple[str, str]] = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        inner = [a for a in get_args(tp) if a is not type(None)] \
-            if get_origin(tp) in (Union, types.UnionType) else [tp]
-        if f.metadata.get("format") == "utc":
-            plan.append(("utc", f.name))
-        elif dataclasses.is_dataclass(inner[0]):
-            plan.append(("one", f.name))
-        elif get_origin(inner[0]) is tuple and get_args(inner[0])[1:] == (Ellipsis,) \
-                and dataclasses.is_dataclass(get_args(inner[0])[0]):
-            plan.append(("many", f.name))
-    return tuple(plan)
-
-
-def timestamps(obj: Any, path: str = "") -> Iterable[tuple[str, str]]:
-    """(field path, text) of every timestamp in a decoded document, nested ones too,
-    so a reader of the document can bound each (collector/intake/ingest.py)."""
-    kind_of: type = type(obj)
-    for kind, name in _time_plan(kind_of):
-        value = getattr(obj, name)
-        where = _join(path, name)
-        if value is None:
-            continue
-        if kind == "utc":
-            yield where, value
-        elif kind == "one":
-            yield from timestamps(value, where)
-        else:
-            for i, item in enumerate(value):
-                yield from timestamps(item, f"{where}[{i}]")
-
-
-# --- JSON Schema, generated from the same dataclasses (for the collector's OpenAPI) ----------
-
-
-def json_schema(cls: type, defs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """JSON Schema (2020-12 / OpenAPI 3.1) of dataclass ``cls``; nested dataclasses go to
-    ``defs`` and are referenced as ``#/components/schemas/Name``. Mirrors ``decode``:
-    required fields, bounds, enums, nullability, no unknown properties."""
-    defs = {} if defs is None else defs
-    hints = _hints(cls)
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    for f in dataclasses.fields(cls):
-        properties[f.name] = _schema_of(hints[f.name], physical_bounds(f.name, dict(f.metadata)),
-                                        defs)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-    schema = {"type": "object", "properties": properties, "required": required,
-              "additionalProperties": False}
-    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-        schema["description"] = " ".join(cls.__doc__.split())
-    defs[cls.__name__] = schema
-    return {"$ref": f"#/components/schemas/{cls.__name__}"}
-
-
-def _schema_of(tp: Any, meta: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = [a for a in get_args(tp) if a is not type(None)]
-        inner = _schema_of(options[0], meta, defs)
-        return {"anyOf": [inner, {"type": "null"}]}
-    if origin is Literal:
-        return {"enum": list(get_args(tp))}
-    if origin is tuple:
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"type": "array", "items": _schema_of(args[0], {}, defs)}
-        return {"type": "array", "prefixItems": [_schema_of(a, {}, defs) for a in args],
-                "minItems": len(args), "maxItems": len(args)}
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return json_schema(tp, defs)
-    out: dict[str, Any] = {bool: {"type": "boolean"}, int: {"type": "integer"},
-                           float: {"type": "number"}, str: {"type": "string"}}[tp].copy()
-    for key, name in (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum")):
-        if meta.get(key) is not None:
-            out[name] = meta[key]
-    fmt = meta.get("format")
-    if fmt == "label":
-        out["maxLength"] = LABEL_MAX_CHARS
-    elif fmt == "utc":
-        out["format"] = "date-time"
-    elif fmt == "uuid":
-        out["format"] = "uuid"
-    elif fmt == "probe_id":
-        out["pattern"] = PROBE_ID_RE.pattern
-    elif fmt == "reason_code":
-        out["pattern"] = REASON_CODE_RE.pattern
-    elif fmt == "instruction_version":
-        out["pattern"] = INSTRUCTION_VERSION_RE.pattern
-    return out

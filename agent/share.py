@@ -27,7 +27,7 @@ FILES = {
     # ...and as /etc/bbprobe/collector-measurement.toml (bbprobe-collector@measurement).
     "collector.measurement.toml": "collector.measurement.toml",
     "grafana-dashboard.json": "grafana/bbprobe-dashboard.json",
-    # Prometheus: an example scrape config and the alert rules (issue 16).
+    # Prometheus: an example scrape config and the alert rules.
     "prometheus.yml": "prometheus/prometheus.yml",
     "bbprobe-alerts.yml": "prometheus/bbprobe-alerts.yml",
     "bbprobe-agent.service": "systemd/bbprobe-agent.service",

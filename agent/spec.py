@@ -6,17 +6,21 @@ Defaults follow the Ne.Me.Sys/RMBT/BEREC methods summarised in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, cast
+
 # --- Collector endpoints (paths are part of the agent <-> collector contract) -------------
 RESULTS_PATH = "/api/v1/results"
 WHOAMI_PATH = "/api/v1/whoami"
-# Fleet control (issue 15): the probe's central instruction, and its health reports
+# Fleet control: the probe's central instruction, and its health reports
 # (LMAP and NIC.br SIMET call them the reported state).
 INSTRUCTION_PATH = "/api/v1/instruction"
 HEALTH_PATH = "/api/v1/reported-state"
 DOWNLOAD_PATH = "/measure/v1/download"
 UPLOAD_PATH = "/measure/v1/upload"
 ECHO_PATH = "/measure/v1/echo"
-# Measurement tickets (issue 24): a probe behind a shared address (carrier-grade NAT)
+# Measurement tickets: a probe behind a shared address (carrier-grade NAT)
 # measures under a ticket the collector signs, counted per ticket instead of per address
 # (M-Lab's locate service does the same for its fleet with access tokens). The agent asks
 # for one with the instruction fetch (TICKET_REQUEST_HEADER; the ticket comes back in
@@ -63,7 +67,7 @@ ADAPTIVE_STREAMS: tuple[tuple[float, int], ...] = (
 )
 ADAPTIVE_MAX_STREAMS = 20
 # The most streams a config may fix (transfer.streams): a measurement ticket's default
-# stream allowance (issue 24) is this, so no valid method is refused by its own ticket.
+# stream allowance is this, so no valid method is refused by its own ticket.
 MAX_STREAMS = 64
 # Ne.Me.Sys retries each test up to 3 times and records every failed attempt (§1.5).
 ATTEMPTS = 3
@@ -82,7 +86,42 @@ PAYLOAD_BUFFER_BYTES = 8 * 1024 * 1024
 # File mode (131/06 "file di prova predefiniti"): default test file size.
 FILE_SIZE_BYTES = 50_000_000
 
-# --- Session budget (issue 23; agent/budget.py computes a session's planned worst case) --
+# --- Campaign rules ---------------------------------------------------------------------
+# A campaign covers the 24 hourly bands of local time (delibera 244/08/CSP Allegato 1;
+# methodology.md §1.4-1.6): the agent's daemon plans by these rules (agent/schedule.py)
+# and the collector certifies a line by the same ones (collector/compliance/certify.py).
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRule:
+    name: str
+    # Valid sessions each hourly band needs.
+    per_band: int
+    # Hours the rule's campaign spans: 24 for four a band (one a quarter hour), 72 for
+    # one a band (spread over three days).
+    window_h: int
+
+
+# The names a config and a health report may carry (the keys below).
+CampaignRuleName = Literal["96in24h", "24in72h"]
+CAMPAIGN_RULES: Mapping[str, CampaignRule] = {
+    # Ne.Me.Sys since at least 2019: «96 misure, una ogni 15 minuti» (methodology.md §1.6).
+    "96in24h": CampaignRule("96in24h", 4, 24),
+    # The 2010-2012 rule: one session a band, spread over three days.
+    "24in72h": CampaignRule("24in72h", 1, 72),
+}
+DEFAULT_CAMPAIGN_RULE: CampaignRuleName = "96in24h"
+
+
+def campaign_rule(name: str) -> CampaignRuleName:
+    """``name`` as a rule name; ValueError for a rule this version does not know."""
+    if name not in CAMPAIGN_RULES:
+        raise ValueError(f"unknown campaign rule {name!r}: expected one of "
+                         f"{', '.join(CAMPAIGN_RULES)}")
+    return cast(CampaignRuleName, name)
+
+
+# --- Session budget (agent/budget.py computes a session's planned worst case) -----------
 # A session must plan to fit one campaign slot. The 96in24h rule (Ne.Me.Sys since at
 # least 2019: «96 misure, una ogni 15 minuti», methodology.md §1.6; agent/schedule.py)
 # starts one session a quarter hour, so a session that may last longer cannot keep the
@@ -99,7 +138,7 @@ PLANNING_LINE_RATE_BPS = 10e9
 # and refuses file-mode plans of hundreds of gigabytes.
 MAX_SESSION_BYTES = 300 * 10**9
 
-# --- Refusals by the measurement server (issue 24) -----------------------------------------
+# --- Refusals by the measurement server --------------------------------------------------
 # A transfer the server refused for capacity (429, 503) is not the line's failure: it is
 # retried after the server's Retry-After (at most REFUSAL_WAIT_MAX_S each time), at most
 # REFUSAL_RETRIES times a test, and a session waits at most REFUSAL_WAIT_SESSION_S in all

@@ -283,7 +283,7 @@ class Spool:
                    "download_bps": s.download_bps, "upload_bps": s.upload_bps,
                    "rtt_mean_ms": s.rtt_mean_ms, "loss_ratio": s.loss_ratio,
                    "valid": result.valid,
-                   # The host checks that failed (issue 15: the health report flags a
+                   # The host checks that failed (the fleet health report flags a
                    # check that keeps failing).
                    "invalid_codes": [r.code for r in result.validity.reasons]
                    if result.validity is not None else []},

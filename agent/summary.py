@@ -46,8 +46,8 @@ def ping_summary(samples: Sequence[PingSample]) -> PingSummary:
 
 def failure_ratio(attempts: Sequence[TransferAttempt]) -> float | None:
     """Failed attempts / attempts, of the line's attempts only: an attempt the
-    measurement server refused (REFUSAL_REASONS, issue 24) is the server's, not the
-    line's, and is left out of both, as the collector's Allegato 2 indicator does."""
+    measurement server refused (REFUSAL_REASONS) is the server's, not the line's, and is
+    left out of both, as the collector's Allegato 2 indicator does."""
     line = [a for a in attempts if a.failure_reason not in REFUSAL_REASONS]
     return stats.ratio(sum(1 for a in line if a.status == "failed"), len(line))
 

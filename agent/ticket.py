@@ -1,4 +1,4 @@
-"""Measurement tickets as the agent sees them (issue 24): pure.
+"""Measurement tickets as the agent sees them: pure.
 
 A ticket is a JWT (RFC 7519) the collector signs with Ed25519 (EdDSA, RFC 8037); a
 measurement server verifies it offline with the collector's public key and counts the
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.errors import AgentError
+
 ISSUER = "bbprobe-collector"
 # Above any JWT the collector issues (a few hundred bytes): a longer header is refused
 # before it is decoded.
@@ -43,7 +45,7 @@ MAX_TICKET_CHARS = 4096
 EXPIRY_MARGIN_S = 30.0
 
 
-class TicketError(ValueError):
+class TicketError(AgentError, ValueError):
     """Not a ticket the agent can use (malformed claims)."""
 
 

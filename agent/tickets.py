@@ -1,5 +1,5 @@
-"""Where a session's measurement ticket comes from (issue 24), the I/O edge of
-agent/ticket.py (which stays pure).
+"""Where a session's measurement ticket comes from, the I/O edge of agent/ticket.py
+(which stays pure).
 
 A session takes one ticket (its ``jti`` is one a session): the one the collector sent with
 the instruction fetch (``Bbprobe-Ticket`` on the instruction GET, 200 or 304: no round
@@ -28,12 +28,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from agent import spec
+from agent.decoding import SchemaError, decode
 from agent.errors import DeliveryError
-from agent.schema import SchemaError, TicketUse, decode, format_utc, to_dict
+from agent.schema import TicketUse, format_utc, to_dict
 from agent.ticket import EXPIRY_MARGIN_S, Ticket, TicketError, peek
 
 if TYPE_CHECKING:
-    from agent.delivery import CollectorClient
+    from agent.client import CollectorClient
 
 # A JWS compact serialisation is base64url parts joined by dots (RFC 7515 §7.1): anything
 # else would be copied into a request head as it is.

@@ -34,19 +34,23 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agent.schema import format_utc, parse_result
+from agent.decoding import parse_result
+from agent.schema import format_utc
 from agent.stats import Moments
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
 from collector.compliance.facts import jitter_terms
 from collector.compliance.rollup import pack_speeds
 from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.reports import service
 from collector.reports.text import report_dict
-from collector.storage.model import LineMetadata
+from collector.scope import resolve_scope
 from collector.storage.sqlite import SqliteStore
 from collector.storage.store import Store, open_store
 
@@ -74,7 +78,7 @@ def line(repeat: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bbprobe-bench-") as tmp:
         store = SqliteStore(Path(tmp) / "c.sqlite3")
-        service.register_probe(store, "line-1", LINE)
+        register_probe(store, "line-1", LINE)
         start = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)
         rng = random.Random(1)
         from tests.factories import store_result
@@ -87,7 +91,7 @@ def line(repeat: int) -> None:
                 transfers=[attempt_with_samples("download", rng.gauss(90e6, 5e6), streams=4),
                            attempt_with_samples("upload", rng.gauss(18e6, 1e6), streams=4)]))
         body_kb = sum(len(r.body) for r in store.results()) / 96 / 1024
-        where = service.scope(["line-1"], None, None)
+        where = resolve_scope(["line-1"], None, None)
         cert = _timed(lambda: service.certificate(store, "line-1", None, None, "96in24h",
                                                   "Europe/Rome"), repeat)
         report = _timed(lambda: service.compliance(store, where, TABLE), repeat)
@@ -180,7 +184,7 @@ FACT_TABLES = {
 def _register(store: Store, probes: int) -> None:
     for p in range(probes):
         operator = ("BT Italia", "Op B", "Op C", "Op D")[p % 4]
-        service.register_probe(store, f"probe-{p:04d}", LineMetadata(operator=operator))
+        register_probe(store, f"probe-{p:04d}", LineMetadata(operator=operator))
 
 
 def _load_sqlite(path: Path, probes: int, days: int) -> tuple[int, int]:
@@ -230,9 +234,9 @@ def _load_postgres(url: str, probes: int, days: int) -> None:
 
 def _measure(store: Store, days: int) -> tuple[list[tuple[str, list[float]]], Any, float,
                                                 bool]:
-    everyone = service.scope(None, None, None, "2026-H1")
-    operator = service.scope(None, None, None, "2026-H1", store=store,
-                             filters={"operator": "BT Italia"})
+    everyone = resolve_scope(None, None, None, "2026-H1")
+    operator = resolve_scope(None, None, None, "2026-H1", filters={"operator": "BT Italia"},
+                             matching=partial(service.probes_matching, store))
     last_day = format_utc(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=days - 1))
     rows = []
     for label, fn in (
@@ -241,7 +245,7 @@ def _measure(store: Store, days: int) -> tuple[list[tuple[str, list[float]]], An
         ("Allegato 2 report, operator = BT Italia (1/4)", lambda: service.compliance(
             store, operator, TABLE)),
         ("Allegato 2 report, all probes, mid-day bounds", lambda: service.compliance(
-            store, service.scope(None, "2026-01-01T12:00:00Z", "2026-06-30T12:00:00Z"),
+            store, resolve_scope(None, "2026-01-01T12:00:00Z", "2026-06-30T12:00:00Z"),
             TABLE)),
         ("one probe's certificate, last 24 h", lambda: service.certificate(
             store, "probe-0001", last_day, None, "96in24h", "Europe/Rome")),
@@ -310,7 +314,7 @@ def fleet(probes: int, days: int, backends: tuple[str, ...]) -> None:
               f"rollup and session rows agree: {'yes' if agree else 'NO'}; "
               f"loaded in {loaded_s:.0f} s")
     if ratio:
-        same = [json.dumps(report_dict(results[n][1], service.scope(None, None, None,
+        same = [json.dumps(report_dict(results[n][1], resolve_scope(None, None, None,
                                                                      "2026-H1")))
                 for n in names]
         print(f"reports identical on both backends: {'yes' if same[0] == same[1] else 'NO'}")

@@ -1,5 +1,5 @@
-"""Issue 15: what fleet control costs the collector, against a reference request in the
-same run. Prints a table; asserts nothing.
+"""What fleet control costs the collector, against a reference request in the same run.
+Prints a table; asserts nothing.
 
     .venv/bin/python -m benchmarks.fleet [--probes 1000] [--results 10] [--rules 50]
                                          [--repeat 30]
@@ -40,11 +40,12 @@ from typing import Any
 
 from agent.schema import SCHEMA_VERSION, format_utc, utc_now
 from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
 from collector.fleet.rules import Selector
 from collector.intake import ingest
-from collector.reports import service
+from collector.lines import LineMetadata
 from collector.server.testing import serve_process
-from collector.storage.model import LineMetadata
+from collector.storage.model import NewResult
 from collector.storage.store import open_store
 from tests.httpclient import request
 
@@ -70,7 +71,7 @@ def fill(db: Path, document: dict[str, Any], probes: int, results: int,
     try:
         for i in range(probes):
             name = f"p{i:04d}"
-            secret = service.register_probe(store, name, LineMetadata(
+            secret = register_probe(store, name, LineMetadata(
                 operator=f"op{i % 3}", region=f"region{i % 10}", technology="FTTH"))
             token = token or secret
             items = []
@@ -82,11 +83,11 @@ def fill(db: Path, document: dict[str, Any], probes: int, results: int,
                 accepted = ingest.parse_body(json.dumps(doc).encode())
                 items.append((doc, accepted))
             for doc, accepted in items:
-                store.insert_result(
+                store.insert_results([NewResult(
                     result_id=doc["result_id"], probe_name=name,
                     schema_version=SCHEMA_VERSION, started_at=accepted.started_at,
                     ended_at=accepted.ended_at, received_at=utc_now(), body=accepted.body,
-                    body_sha256=accepted.body_sha256, facts=accepted.facts)
+                    body_sha256=accepted.body_sha256, facts=accepted.facts)])
             store.put_health(name, utc_now(), 0.01, json.dumps(_health()))
         selectors = [Selector(), *(Selector(region=f"region{r}") for r in range(10)),
                      *(Selector(probe=f"p{i:04d}") for i in range(max(0, rules - 11)))]

@@ -1,5 +1,5 @@
-"""Issue 14: ingest speed and cost, the previous release against the current code, in one
-run. Prints a table of ratios; asserts nothing.
+"""Ingest speed and cost, the previous release against the current code, in one run.
+Prints a table of ratios; asserts nothing.
 
     .venv/bin/python -m benchmarks.ingest [--ref 86d1ce6] [--seconds 20]
                                           [--concurrency 16 200] [--profile DIR]
@@ -273,7 +273,8 @@ def profile_top(pid: int, seconds: float, out: Path, top: int = 15) -> list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ref", default="86d1ce6",
-                        help="the previous release (git ref); default: issue 13's end")
+                        help="the previous release (git ref); default: the last "
+                             "release before ingest was made faster")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 200])
     parser.add_argument("--profile", type=Path, help="write py-spy's profile here")

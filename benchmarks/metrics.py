@@ -1,5 +1,5 @@
-"""Issue 16: what the Prometheus metrics cost the collector, against references in the
-same run. Prints tables; asserts nothing.
+"""What the Prometheus metrics cost the collector, against references in the same run.
+Prints tables; asserts nothing.
 
     .venv/bin/python -m benchmarks.metrics [--seconds 15] [--clients 16] [--rounds 2]
                                            [--probes 1000] [--results 10] [--repeat 30]
@@ -22,8 +22,8 @@ Method, stated with every number:
   (the fleet view, which the scrape's fleet gauges share). Then the same collector with
   the default ``min_interval_s = 5``: repeated scrapes get the cached body. Median and
   90th percentile of the client's wall time; ratio of medians to ``/api/v1/probes``;
-  the body's size and series count. And one evaluation of the alerter (issue 16's
-  alerts: fleet rows, health reports, contracted lines' newest sessions), in the
+  the body's size and series count. And one evaluation of the alerter (what its
+  triggers read: fleet rows, health reports, contracted lines' newest sessions), in the
   benchmark's own process against the same database, ``--repeat`` times.
 - The load generator shares the 2-core VM with the collector: compare ratios, not
   absolutes.

@@ -1,5 +1,5 @@
-"""Issue 13: ingest results/s, SQLite with one collector process against PostgreSQL with
-1, 2 and 4 processes (``serve --workers N``), all driven by the same load in one run.
+"""Ingest results/s, SQLite with one collector process against PostgreSQL with 1, 2 and 4
+processes (``serve --workers N``), all driven by the same load in one run.
 Prints a table with ratios to SQLite; asserts nothing.
 
     .venv/bin/python -m benchmarks.scale [--seconds 20] [--clients 16]
@@ -44,9 +44,9 @@ from typing import Any
 from agent.schema import to_dict
 from benchmarks.ingest import PLACEHOLDER, load
 from collector.config import StorageConfig
-from collector.reports import service
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.server.testing import bound_url
-from collector.storage.model import LineMetadata
 from collector.storage.store import open_store
 
 
@@ -71,7 +71,7 @@ def collector(storage: StorageConfig, workdir: Path, workers: int,
     name = f"bench-{uuid.uuid4().hex[:6]}"
     store = open_store(storage)
     try:
-        token = service.register_probe(store, name, LineMetadata())
+        token = register_probe(store, name, LineMetadata())
     finally:
         store.close()
     config = workdir / f"collector-{uuid.uuid4().hex[:6]}.toml"

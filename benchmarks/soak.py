@@ -42,8 +42,8 @@ from typing import Any
 import aiohttp
 
 from agent.schema import to_dict
-from collector.reports import service
-from collector.storage.model import LineMetadata
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.storage.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def soak(probes: int, seconds: float, think_s: float = 0.0,
         cli = [sys.executable, "-m", "collector", "--db", str(db)]
         store = SqliteStore(db)
         try:
-            tokens = [service.register_probe(store, f"soak-{n:04d}", LineMetadata())
+            tokens = [register_probe(store, f"soak-{n:04d}", LineMetadata())
                       for n in range(probes)]
         finally:
             store.close()

@@ -1,5 +1,5 @@
-"""Measurement tickets (issue 24): what they cost, and what they change behind one NAT
-address. Prints tables; asserts nothing.
+"""Measurement tickets: what they cost, and what they change behind one NAT address.
+Prints tables; asserts nothing.
 
     .venv/bin/python -m benchmarks.tickets crypto [--n 2000]
     .venv/bin/python -m benchmarks.tickets throughput [--rounds 3] [--window 4]

@@ -108,7 +108,7 @@ class MeasurementConfig:
     # Length of an ndt7 subtest (/ndt/v7/*). The protocol's is 10 s and M-Lab's clients
     # assume it; shorter only for tests.
     ndt7_runtime_s: float = field(default=10.0, metadata=bounds(ge=0.5, le=10.0))
-    # When this server accepts tickets (issue 24), this share of max_concurrent is kept
+    # When this server accepts tickets, this share of max_concurrent is kept
     # for ticketed transfers: anonymous ones together get at most the rest (503 beyond),
     # so strangers cannot starve the fleet's probes. Below 1: strangers always get some.
     ticket_reserved_share: float = field(default=0.5, metadata=bounds(ge=0, le=0.95))
@@ -122,7 +122,7 @@ MAX_TRUSTED_KEYS = 16
 
 @dataclass(frozen=True, slots=True)
 class TicketsConfig:
-    # Measurement tickets (issue 24): the collector signs (Ed25519) a short-lived ticket
+    # Measurement tickets: the collector signs (Ed25519) a short-lived ticket
     # for an authenticated probe; measurement servers verify it offline and count the
     # probe's transfers per ticket instead of per client address, so probes behind one
     # address (carrier-grade NAT) do not share one address's slots. Off: no ticket is
@@ -160,8 +160,8 @@ class TicketsConfig:
 
 @dataclass(frozen=True, slots=True)
 class AnonymousConfig:
-    # What strangers may leave in the database: browser speed-test results and ndt7
-    # subtests (issue 12). Browser results keep at most max_rows, ndt7 subtests
+    # What strangers may leave in the database, bounded in rows, age and rate: browser
+    # speed-test results and ndt7 subtests. Browser results keep at most max_rows, ndt7 subtests
     # ndt7_max_rows, the newest, and nothing older than retention_days (checked hourly
     # too); a client address posts at most browser_results_per_min results a minute.
     retention_days: float = field(default=365.0, metadata=bounds(gt=0, le=36_500))
@@ -205,7 +205,7 @@ class InfluxConfig:
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
     # A probe with no health report and no result for longer than this is flagged
-    # silent (issue 15). Agents report at every delivery and at least hourly, so the
+    # silent. Agents report at every delivery and at least hourly, so the
     # default allows two missed reports.
     silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
     # The fleet view's validity rate counts the sessions of this many days.
@@ -214,7 +214,7 @@ class FleetConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    # Prometheus metrics (issue 16) at GET /metrics: on the main port for analyst and
+    # Prometheus metrics at GET /metrics: on the main port for analyst and
     # admin tokens (open only where server.query_auth = false opens every read).
     enabled: bool = True
     # Also serve GET /metrics, with no token, on this "host:port" (IPv6: "[::1]:9464"):
@@ -234,7 +234,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebhookConfig:
-    # A generic webhook (issue 16): every alert routed to it is POSTed as JSON, signed
+    # A generic webhook: every alert routed to it is POSTed as JSON, signed
     # with HMAC-SHA256 (X-Bbprobe-Signature: sha256=HEX of "TIMESTAMP.BODY", with
     # X-Bbprobe-Timestamp) when a secret is given.
     name: str = ""
@@ -262,7 +262,7 @@ class AppriseConfig:
 
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
-    # Raise alerts and notify people (issue 16), without Prometheus. Alerts are kept in
+    # Raise alerts and notify people, without Prometheus. Alerts are kept in
     # the database with each notifier's delivery state (`bbprobe-collector alerts list`).
     enabled: bool = False
     # How often the collector looks for alert conditions and due deliveries.

@@ -1,6 +1,6 @@
-"""Result bodies validated and decoded in C (msgspec), for ingest at fleet speed (issue 14).
+"""Result bodies validated and decoded in C (msgspec), for ingest at fleet speed.
 
-agent/schema.py's ``parse_result`` stays the judge: it names the field of every fault,
+agent/decoding.py's ``parse_result`` stays the judge: it names the field of every fault,
 and it is what the agent and the tests use. Here the same rules are compiled once into
 msgspec types, generated from the schema's dataclasses and their metadata (never
 written by hand, so they cannot drift):
@@ -31,22 +31,22 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
-from agent import schema
+from agent.decoding import SAMPLE, SAMPLE_BOUNDS, SchemaError, check_format, field_types
 from agent.schema import (
     INSTRUCTION_VERSION_RE,
     PROBE_ID_RE,
     REASON_CODE_RE,
     SCHEMA_VERSION,
-    SchemaError,
     SessionResult,
     parse_utc,
+    physical_bounds,
 )
 
 
 def _whole(pattern: str) -> str:
     """A schema pattern for msgspec, which searches (re.search): ``$`` would also match
-    before a trailing newline, so ``"p5\\n"`` would pass as a probe id (issue 23,
-    finding 8); ``\\Z`` matches only at the very end. The schema keeps ``$`` for the
+    before a trailing newline, so ``"p5\\n"`` would pass as a probe id (a look-alike of
+    ``p5``); ``\\Z`` matches only at the very end. The schema keeps ``$`` for the
     JSON Schema it publishes, where ECMAScript's ``$`` already means the end."""
     return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
 
@@ -86,8 +86,7 @@ def _mirror_type(tp: Any, meta: dict[str, Any]) -> Any:
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple[_mirror_type(args[0], meta), ...]  # type: ignore[misc]
-        metas = schema._PAIR_BOUNDS if tp == schema._PAIR else \
-            [schema.physical_bounds("", {})] * len(args)
+        metas = SAMPLE_BOUNDS if tp == SAMPLE else [physical_bounds("", {})] * len(args)
         items = tuple(_mirror_type(a, m) for a, m in zip(args, metas, strict=True))
         return tuple.__class_getitem__(items)
     if dataclasses.is_dataclass(tp):
@@ -104,10 +103,10 @@ def _mirror_type(tp: Any, meta: dict[str, Any]) -> Any:
 
 @cache
 def _mirror(cls: type) -> type[msgspec.Struct]:
-    hints = schema._hints(cls)
+    hints = field_types(cls)
     specs: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f in dataclasses.fields(cls):
-        tp = _mirror_type(hints[f.name], schema.physical_bounds(f.name, dict(f.metadata)))
+        tp = _mirror_type(hints[f.name], physical_bounds(f.name, dict(f.metadata)))
         if f.default is not dataclasses.MISSING:
             specs.append((f.name, tp, f.default))
         else:
@@ -138,7 +137,7 @@ def _formats_hold(result: SessionResult) -> bool:
         kind: Any = type(obj)
         for name, fmt in _formats(kind):
             try:
-                schema._check_format(getattr(obj, name), name, fmt)
+                check_format(getattr(obj, name), name, fmt)
             except SchemaError:
                 return False
     return True
@@ -152,8 +151,8 @@ def fast_result(raw: bytes) -> SessionResult | None:
         # (in C: cheaper than reading the JSON a second time).
         result = msgspec.convert(checked, SessionResult, from_attributes=True)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        # RecursionError: msgspec's limit on nesting (issue 23, finding 6); the
-        # standard path then names the fault (a 400).
+        # RecursionError: msgspec's limit on nesting (a deeply nested body: uncaught, a
+        # 500); the standard path then names the fault (a 400).
         return None
     if not 1 <= result.schema_version <= SCHEMA_VERSION or not _formats_hold(result):
         return None

@@ -3,17 +3,32 @@
     CollectorError            root; the CLI maps it to a message and exit code 1
     +-- ConfigError           invalid configuration or targets file (exit 2)
     +-- InputError            an input file (e.g. a samples CSV) has bad rows (exit 2)
-    +-- StoreError            the database cannot be opened, migrated or written
+    +-- StoreError            the database cannot be opened, migrated, read or written;
+    |   |                     the web edge answers 503 (retry later), the CLI exits 1
     |   +-- AlreadyExists     a probe or token of that name exists
+    |   +-- StoreUnavailable  the database is away for now: a restart or a failover, a
+    |   |                     lock held past the busy timeout, no pooled connection free
+    |   +-- StoreFault        the engine refused a statement or its file is damaged:
+    |       |                 retrying cannot help (the web edge: a 500, traceback logged)
+    |       +-- Unstorable    a value the engine cannot hold (a NUL in text, a number out
+    |                         of its type's range): the caller's input (422)
     +-- DomainError           the service layer refuses a request; ``field`` names the
-    |   |                     offending parameter. The web edge (web/base.py) maps each
+    |   |                     offending parameter. The web edge (web/replies.py) maps each
     |   |                     kind to a status, the CLI to a message (exit 2)
     |   +-- BadParameter      malformed (400)
     |   +-- NotFound          no such thing (404)
     |   +-- Unacceptable      well-formed but refused, such as a bad probe name (422)
     +-- ApiError              an HTTP request is refused at the web edge; ``status`` is the
-                              4xx to answer, ``field`` names the offending field, ``code``
-                              (when set) is a machine-readable reason (a refused ticket's)
+    |                         4xx to answer, ``field`` names the offending field, ``code``
+    |                         (when set) is a machine-readable reason (a refused ticket's)
+    |   Raised and caught inside a measurement server, which answers with an ApiError:
+    +-- TicketRefused         a presented ticket is not accepted; ``code`` says why, sent
+    |                         back to the probe (collector/tickets.py)
+    +-- Refusal               the ticket ledger refuses a transfer: an allowance used up,
+    |                         too many at once (collector/measurement/ledger.py)
+    +-- BodyError             an upload body is malformed, over the limit or cut short
+        +-- AllowanceUsed     the upload's ticket has no bytes left (both in
+                              collector/measurement/http.py)
 """
 
 from __future__ import annotations
@@ -32,6 +47,18 @@ class InputError(CollectorError):
 
 
 class StoreError(CollectorError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class StoreFault(StoreError):
+    pass
+
+
+class Unstorable(StoreFault):
     pass
 
 

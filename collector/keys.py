@@ -6,8 +6,8 @@ dynamic user reads a file that stays root's), or from a PEM file (PKCS#8), or, w
 neither, is generated at first need in the collector's state directory, the directory of
 the SQLite database (storage.path; by default $STATE_DIRECTORY under systemd, else the XDG
 data directory). Each key has a role and a file name of its own: the measurement tickets'
-(issue 24) is ``ticket-signing-key.pem``; the signed evidence of issue 27 will have
-another, never the same key for two purposes.
+is ``ticket-signing-key.pem``; a key that signs results as evidence is to have another:
+never the same key for two purposes.
 
 Generation is atomic: the key is written to a temporary file opened with O_EXCL (mode
 0600 from the start) and hard-linked to its name, which fails if the name exists, so

@@ -48,7 +48,7 @@ class RateLimiter:
 
     def _sweep(self, now: float) -> None:
         """Forget every bucket that has refilled: it is the same as a new one. Keys come
-        from anyone's address (issue 12: the buckets grew with every new address), so
+        from anyone's address (unswept, the buckets grew with every new address), so
         memory stays proportional to the clients of the last burst/rate seconds. The next
         sweep comes when the table has doubled, so sweeping costs O(1) per request."""
         full = self.burst / self.rate if self.rate > 0 else math.inf

@@ -3,7 +3,7 @@
     routes = Routes(app)
     routes.get("/api/v1/report", get_report, role="analyst")
 
-The ``access`` middleware (web/base.py) reads the role of the matched route; a route
+The ``access`` middleware (web/middleware.py) reads the role of the matched route; a route
 added some other way has no declared role and is treated as "admin" (closed by default).
 
 Roles: "public" (anyone, bounded by its handler), "probe" (a probe's token or client

@@ -1,4 +1,4 @@
-"""The one place where foreign text becomes safe text, per output kind (issue 23).
+"""The one place where foreign text becomes safe text, per output kind.
 
 Text a writer supplied (a probe's health report, an admin's metadata, an anonymous
 client's browser result) reaches HTML pages, CSV files, terminals, Prometheus labels
@@ -6,8 +6,8 @@ and JSON bodies. Each output has its own hazard, and each gets one function here
 by every formatter of that kind, so that a new formatter cannot forget one:
 
 - ``unicode``: a lone surrogate (which Python's JSON reader makes of ``"\\ud800"``)
-  cannot be encoded as UTF-8, and one in a health report made every fleet page a 500
-  (finding 2). Replaced by U+FFFD wherever text leaves the process.
+  cannot be encoded as UTF-8, and one in a health report made every fleet page a 500.
+  Replaced by U+FFFD wherever text leaves the process.
 - ``terminal``: control characters (an ANSI escape sequence in a ``last_error``) never
   reach an administrator's terminal raw; each becomes ``?``.
 - ``csv_cell``: no control characters, and text that a spreadsheet would run as a
@@ -26,7 +26,8 @@ import html as _html
 import json
 from typing import Any
 
-from agent.schema import ACTING_RANGES, encodes
+from agent.decoding import encodes
+from agent.schema import ACTING_RANGES
 
 # A text cell starting with one of these is a formula to a spreadsheet (OWASP "CSV
 # Injection"): metadata an admin typed, or a probe's, must not run as =HYPERLINK(...).
@@ -57,7 +58,7 @@ _ACTS_IN_BLOCK = {c: r for c, r in _ACTS.items() if c not in (0x09, 0x0A)}
 def text_block(text: str) -> str:
     """Lines for a terminal: what ``terminal`` replaces that acts on one, with new lines
     and tabs kept (a table, a report; str.translate: a whole report at C speed). Every
-    command's output passes here (collector/cli_common.echo)."""
+    command's output passes here (collector/cli/common.py, echo)."""
     return unicode(text).translate(_ACTS_IN_BLOCK)
 
 

@@ -1,5 +1,5 @@
-"""Measurement tickets on the server side (issue 24): issuing and verifying. Pure apart
-from the key objects (no file, socket or clock: ``now`` is given).
+"""Measurement tickets on the server side: issuing and verifying. Pure apart from the
+key objects (no file, socket or clock: ``now`` is given).
 
 The claims are agent/ticket.py's (the agent reads them unverified): a JWT (RFC 7519)
 signed with Ed25519 (EdDSA, RFC 8037), its JWS header's ``kid`` the signing key's RFC 7638
@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from agent.ticket import ISSUER, MAX_TICKET_CHARS, Allowance, TicketError, origin, peek
+from collector.errors import CollectorError
 
 ALGORITHM = "EdDSA"
 # Clocks of the collector and of a measurement server may disagree by this much (NTP
@@ -52,7 +53,7 @@ CODES = ("malformed", "unknown_key", "bad_signature", "wrong_issuer", "not_yet_v
          "expired", "wrong_server")
 
 
-class TicketRefused(Exception):
+class TicketRefused(CollectorError):
     """A ticket this server does not accept; ``code`` is one of CODES (or an allowance
     code of the slots), ``message`` one line saying why."""
 

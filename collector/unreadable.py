@@ -1,4 +1,4 @@
-"""Rows a reader cannot interpret (issue 23): skipped, counted, named, never fatal.
+"""Rows a reader cannot interpret: skipped, counted, named, never fatal.
 
 One probe's stored row (a result dated 0999 by an older release, a health report the
 reader cannot parse, an instruction rule that no longer validates) must never make a

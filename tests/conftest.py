@@ -1,4 +1,5 @@
-"""Shared fixtures: a real collector on 127.0.0.1:0 with SQLite in tmp_path, fast configs."""
+"""Shared fixtures: a real collector on 127.0.0.1:0 with SQLite in tmp_path, a store on
+each backend (SQLite and a PostgreSQL the tests start), fast configs, namespaces, a PKI."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from collector.config import StorageConfig
 from collector.server.testing import RunningCollector, running_collector
+from collector.storage.store import Store, open_store
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -29,8 +31,19 @@ def icmp_allowed() -> bool:
     return False
 
 
+# Fixtures that make a test slow whatever it does: a PostgreSQL cluster, a network
+# namespace, a network lab, a VictoriaMetrics server (test_influx.py); the postgresql
+# side of ``storage`` is marked where it is declared.
+SLOW_FIXTURES = frozenset({"pg_cluster", "pg_url", "netns", "lab_dir", "victoria"})
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Privileged tests must run in CI (root); elsewhere they skip, saying why."""
+    """Tests using a slow fixture are marked slow before `-m` selects; privileged tests
+    must run in CI (root), and elsewhere they skip, saying why."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if icmp_allowed():
         return
     for item in items:
@@ -179,11 +192,23 @@ def pg_url(pg_cluster: object) -> Iterator[str]:
         pg_cluster.drop_database(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> StorageConfig:
-    """The [storage] section of a fresh store, once per backend: the conformance suite
-    runs every test against SQLite and against a real PostgreSQL."""
+    """The [storage] section of a fresh store, once per backend: SQLite, and a real
+    PostgreSQL (marked slow: it needs the session's cluster, `-m "not slow"` leaves it
+    out)."""
     if request.param == "sqlite":
         return StorageConfig(path=str(tmp_path / "conformance.sqlite3"))
     url = request.getfixturevalue("pg_url")
     return StorageConfig(backend="postgresql", url=url, pool_size=4)
+
+
+@pytest.fixture
+def store(storage: StorageConfig) -> Iterator[Store]:
+    """A fresh store opened through the product's seam (``open_store``), once per
+    backend; closed afterwards. Tests of queries, reports, facts and the outbox use it."""
+    opened = open_store(storage)
+    try:
+        yield opened
+    finally:
+        opened.close()

@@ -19,8 +19,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from agent.client import CollectorClient
 from agent.config import DeliveryConfig
-from agent.delivery import CollectorClient, deliver
+from agent.delivery import deliver
 from agent.schema import format_utc
 from agent.spool import Spool
 from tests.factories import session

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import summary
+from agent.decoding import parse_result
 from agent.schema import (
     SCHEMA_VERSION,
     InvalidReason,
@@ -20,7 +21,6 @@ from agent.schema import (
     TransferAttempt,
     TransferMethod,
     Validity,
-    parse_result,
     to_dict,
     utc_now,
 )
@@ -111,13 +111,33 @@ def session_dict(**kwargs: Any) -> dict[str, Any]:
     return result
 
 
+def insert_result(store: Any, **item: Any) -> str:
+    """Store one result, given as the fields of a NewResult, through the store's own call
+    (``insert_results``); its outcome: stored, duplicate or conflict."""
+    from collector.storage.model import NewResult
+
+    outcome: str = store.insert_results([NewResult(**item)])[0]
+    return outcome
+
+
+def day_rollups(store: Any, probes: Sequence[str] | None = None, day_lo: str | None = None,
+                day_hi: str | None = None) -> list[Any]:
+    """The stored day rollups of [day_lo, day_hi) (YYYY-MM-DD), by probe and day, read as
+    a copy reads them (the store's ``dump``), on either backend."""
+    from collector.storage.sql.facts import day_rollup
+
+    return [day_rollup(row) for row in store.dump("day_facts", None, 10**9)
+            if (probes is None or row[0] in probes) and (day_lo is None or row[1] >= day_lo)
+            and (day_hi is None or row[1] < day_hi)]
+
+
 def store_result(store: Any, result: SessionResult) -> None:
-    """Insert ``result`` into a ``SqliteStore`` exactly as ingestion would."""
+    """Insert ``result`` into a store (either backend) exactly as ingestion would."""
     from collector.intake import ingest
 
     accepted = ingest.parse_body(ingest.canonical_json(result).encode())
-    store.insert_result(
-        result_id=result.result_id, probe_name=result.probe_id,
+    insert_result(
+        store, result_id=result.result_id, probe_name=result.probe_id,
         schema_version=result.schema_version, started_at=accepted.started_at,
         ended_at=accepted.ended_at, received_at="2026-01-01T00:00:00.000000Z",
         body=accepted.body, body_sha256=accepted.body_sha256, facts=accepted.facts,
@@ -126,11 +146,11 @@ def store_result(store: Any, result: SessionResult) -> None:
 
 def store_as_before(collector: Any, doc: dict[str, Any],
                     facts_started_at: str | None = None) -> str:
-    """Store ``doc`` straight into ``collector``'s store, past the ingest checks of
-    today, as a release before issue 23 let it in (a result dated 2300 or 9999, whose
-    InfluxDB points cannot be written); ``facts_started_at`` also writes its times as
-    such a release spelled them ("999-06-01T..."). Queued for InfluxDB when the
-    collector copies there. Returns its result_id."""
+    """Store ``doc`` straight into ``collector``'s store, past the ingest checks of today, as a
+    release before the plausible-time checks let it in (a result dated 2300 or 9999, whose InfluxDB
+    points cannot be written); ``facts_started_at`` also writes its times as such a release spelled
+    them ("999-06-01T..."). Queued for InfluxDB when the collector copies there. Returns its
+    result_id."""
     from dataclasses import replace
 
     from collector.intake import ingest
@@ -151,3 +171,29 @@ def store_as_before(collector: Any, doc: dict[str, Any],
     finally:
         store.close()
     return accepted.result.result_id
+
+
+def version_1_database(path: Any, results: Sequence[SessionResult]) -> None:
+    """Write an SQLite file as the first collector release left it (migration 1 only: no
+    facts tables, user_version 1), holding probe p1 and ``results``: what every later
+    migration must upgrade without losing a figure."""
+    import sqlite3
+
+    from collector.intake import ingest
+    from collector.storage.sqlite_migrations import MIGRATIONS
+
+    db = sqlite3.connect(path)
+    try:
+        assert isinstance(MIGRATIONS[0], str)
+        db.executescript(MIGRATIONS[0])
+        db.execute("INSERT INTO probes (name, token_sha256, created_at) "
+                   "VALUES ('p1', 'x', 'y')")
+        for r in results:
+            accepted = ingest.parse_body(ingest.canonical_json(r).encode())
+            db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",
+                       (r.result_id, r.schema_version, accepted.started_at,
+                        accepted.ended_at, accepted.body_sha256, accepted.body))
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    finally:
+        db.close()

@@ -1,5 +1,5 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of what a probe token can send: the result
-decoder and the ingest path down to SQLite (issue 12).
+decoder and the ingest path down to SQLite.
 
 The properties, for every input:
 - the decoder and ingestion either accept it or refuse it with an ApiError of status
@@ -9,6 +9,10 @@ The properties, for every input:
 Gap records go through their own decoder under the same rules.
 
     python tests/fuzz_ingest.py [libFuzzer flags] CORPUS_DIR     # make fuzz: 10 min
+
+The store is `SqliteStore` on purpose: SQLite's dynamic typing and 64-bit integer limit are
+what a hostile number must not break (PostgreSQL's typed columns are exercised by the
+conformance suite).
 
 The corpus starts from real documents (tests/factories.py): the fuzzer mutates JSON that
 is already valid, which reaches the schema's checks far sooner than random bytes.
@@ -24,10 +28,11 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from agent.schema import SchemaError, parse_gap
+    from agent.decoding import SchemaError, parse_gap
     from collector.errors import ApiError
     from collector.intake import ingest
-    from collector.storage.model import LineMetadata, NewResult
+    from collector.lines import LineMetadata
+    from collector.storage.model import NewResult
     from collector.storage.sqlite import SqliteStore
 
 _DIR = tempfile.mkdtemp(prefix="bbprobe-fuzz-")

@@ -1,4 +1,4 @@
-"""Poison isolation (issue 23): a Hypothesis state machine in which hostile writers (a
+"""Poison isolation: a Hypothesis state machine in which hostile writers (a
 probe's token, an administrator, anonymous clients) interleave with every read surface
 of one real collector, and no read about a probe the hostile writer does not own may
 change.
@@ -79,8 +79,8 @@ from collector.config import (
     ServerConfig,
     StorageConfig,
 )
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector, running_collector
-from collector.storage.model import LineMetadata
 from collector.storage.store import Store
 from tests.factories import attempt, session_dict
 from tests.httpclient import request

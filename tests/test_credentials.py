@@ -1,4 +1,4 @@
-"""Secrets as systemd credentials (issue 11): the probe token, the collector's TLS key and
+"""Secrets as systemd credentials: the probe token, the collector's TLS key and
 the InfluxDB token come from $CREDENTIALS_DIRECTORY/NAME when a config key names them, and
 plain files still work outside systemd. The systemd side itself is proven in
 tests/integration/test_deb.py; here the same lookups run against real files."""
@@ -49,6 +49,8 @@ def test_probe_token_from_credential_then_file(tmp_path: Path) -> None:
 ])
 def test_missing_token_credential_is_named(tmp_path: Path, secrets: dict[str, str],
                                            environ: str | None, message: str) -> None:
+    """A token credential asked for without $CREDENTIALS_DIRECTORY, missing from it, or empty is
+    refused with a message naming the key and what to check."""
     env = _creds(tmp_path, **secrets) if environ else {"HOME": str(tmp_path)}
     cfg = agent_config.parse({"collector": {"token_credential": "token"}})
     with pytest.raises(AgentConfigError) as info:
@@ -87,6 +89,9 @@ def test_collector_tls_key_from_credential(tmp_path: Path, pki: Path) -> None:
 
 
 def test_influx_token_from_credential_or_environment(tmp_path: Path) -> None:
+    """The InfluxDB token comes from the systemd credential before the environment, or from the
+    environment without one; a configured credential that is missing is refused by serve and
+    check-config only (resolve_secrets), not at load."""
     influx = collector_config.InfluxConfig(enabled=True, url="http://127.0.0.1:8086",
                                            token_credential="influxdb-token")
     env = _creds(tmp_path, **{"influxdb-token": "secret-from-systemd"})

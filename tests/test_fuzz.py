@@ -1,4 +1,4 @@
-"""A short run of the ingest fuzzer in CI (issue 12): atheris (libFuzzer) on the result
+"""A short run of the ingest fuzzer in CI: atheris (libFuzzer) on the result
 decoder and the ingest path for 20 s from real documents; any 5xx-class exception, any
 stored document that does not read back the same, or any crash fails it. The long run is
 `make fuzz` (10 min); its figures are in docs/reliability.md."""
@@ -17,7 +17,10 @@ from tests.conftest import IN_CI
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_ingest_survives_a_short_fuzzing_run(tmp_path: Path) -> None:
+    """20 s of atheris on the decoder and ingest path (tests/fuzz_ingest.py) end with
+    libFuzzer's closing line and leave no crash file."""
     try:
         import atheris  # noqa: F401
     except ImportError:

@@ -1,4 +1,4 @@
-"""What an installation carries (issue 11): every code package and data file is in the
+"""What an installation carries: every code package and data file is in the
 wheel, and a non-editable install runs a collector, an agent round and a report from an
 empty directory with no config file and no repository at hand."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from collector.server.testing import stop
 from tests.conftest import icmp_allowed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_wheel_carries_what_a_running_system_needs(wheel: Path) -> None:
+    """The wheel holds every shipped data file (targets, example and system configs, Grafana,
+    Prometheus, systemd units), the py.typed markers and every tracked Python module."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in ("bbprobe_share/targets/bt-italia-2013.toml",
                     "bbprobe_share/agent.example.toml", "bbprobe_share/collector.example.toml",
@@ -80,6 +82,7 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield venv
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_a_round_from_an_empty_directory(installed: Path,
                                                               tmp_path: Path) -> None:
     """No config, no repository: serve, register, measure, report."""
@@ -129,12 +132,7 @@ def test_installed_wheel_runs_a_round_from_an_empty_directory(installed: Path,
         assert re.search(r"^Download, banda minima \(p5\) .* 1  PASS$", report.stdout, re.M), \
             report.stdout
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
+        stop(server)
     assert server.returncode == 0, log.read_text()
     assert list(empty.iterdir()) == []  # nothing written where it was run
     assert (home / ".local/share/bbprobe-collector/collector.sqlite3").is_file()
@@ -156,6 +154,8 @@ def test_installed_files_command(installed: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cli", ["bbprobe", "bbprobe-collector"])
 def test_unknown_shipped_file_is_named(installed: Path, tmp_path: Path, cli: str) -> None:
+    """`files NAME` of an installed CLI with an unknown name exits 2 with one line listing the
+    files it ships."""
     done = subprocess.run([str(installed / "bin" / cli), "files", "nope.toml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2

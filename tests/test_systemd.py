@@ -58,7 +58,7 @@ def test_units_run_the_packaged_programs_with_credentials() -> None:
 
 
 def test_the_instance_unit_is_the_collector_unit_per_instance() -> None:
-    """bbprobe-collector@.service (issue 15: more collector processes on one host) differs
+    """bbprobe-collector@.service (more collector processes on one host) differs
     from bbprobe-collector.service only in what names the instance: its config, its state
     directory, its description. A hardening line added to one and not the other fails."""
     def service_lines(name: str) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import socket
 
 from agent import live, spec
+from agent.decoding import SchemaError, decode
 from agent.probes import wire
 from agent.probes.transfer import (
     Access,
@@ -26,7 +27,7 @@ from agent.probes.transfer import (
     run_attempt,
     run_test,
 )
-from agent.schema import SchemaError, TransferAttempt, TransferMethod, UploadReport, decode
+from agent.schema import TransferAttempt, TransferMethod, UploadReport
 
 # The sink stops reading after this long, so a runaway client cannot hold it forever.
 SERVER_MARGIN_S = 5.0
@@ -51,11 +52,8 @@ async def run(base_url: str, method: TransferMethod, test_index: int,
               observe: live.Observer = live.ignore, af: int = socket.AF_UNSPEC,
               on_connect: wire.OnConnect | None = None, *,
               access: Access | None = None) -> list[TransferAttempt]:
-    """One upload test (with retries); ``observe`` gets the live view's events.
-    Connections use address family ``af`` only, each reported to ``on_connect``
-    (agent/probes/wire.py). ``access``: the session's ticket (sent with every request)
-    and its allowance for refusals (transfer.run_test). Liveness: attempts x (timeout_s
-    + 1 s pause), plus what refusals add within ``access``'s allowance."""
+    """One upload test (with retries): the arguments and the liveness bound are
+    http_download.run's; the rate is the sink's count (on_server_timeline)."""
     shares = file_shares(method)
 
     async def attempt(test: int, number: int) -> Ran:

@@ -58,7 +58,7 @@ class Ndt7Subtest:
     client_samples: list[tuple[float, int]] = field(default_factory=list)
     server_measurements: list[dict[str, Any]] = field(default_factory=list)
     method: str = ""
-    # The IP version asked for ("any", "ipv4", "ipv6"; issue 16), the one used, and the
+    # The IP version asked for ("any", "ipv4", "ipv6"), the one used, and the
     # connection's local and remote addresses (None when it never connected).
     address_family_requested: str = "any"
     address_family: str | None = None
@@ -155,17 +155,6 @@ async def _download(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
                 observe(live.BytesMoved(t0 + now, result.client_bytes))
 
 
-_MESSAGES: dict[int, bytes] = {}
-
-
-def _message(size: int) -> bytes:
-    """Random bytes of one size, cut once from the payload buffer (not compressible)."""
-    found = _MESSAGES.get(size)
-    if found is None:
-        found = _MESSAGES[size] = bytes(payload.buffer()[:size])
-    return found
-
-
 async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
                   runtime_s: float, observe: live.Observer = live.ignore) -> None:
     t0 = time.monotonic()
@@ -182,7 +171,7 @@ async def _upload(ws: aiohttp.ClientWebSocketResponse, result: Ndt7Subtest,
         size, next_sample = 1 << 13, SAMPLE_EVERY_S
         while (now := time.monotonic() - t0) < runtime_s:
             try:
-                await ws.send_bytes(_message(size))
+                await ws.send_bytes(payload.message(size))
             except ConnectionError:
                 if ws.close_code is not None or ws.closed:
                     return  # the server ended the subtest (its Close crossed our sends)

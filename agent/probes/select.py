@@ -1,4 +1,4 @@
-"""Choosing the measurement server among candidates (issue 15), at session start.
+"""Choosing the measurement server among candidates, at session start.
 
 Ne.Me.Sys measures against the nearest server (methodology.md §2.1). Here "nearest" is
 the lowest median of a few ICMP echo round trips to each candidate's host (the median:
@@ -8,7 +8,7 @@ also its preference. Then the first candidate, in rank order, that accepts a TCP
 connection and is not busy is used; each one passed over is a recorded failover, so a
 dead server costs a connect timeout, not the session.
 
-Busy, not broken (issue 24): a candidate that accepts the connection is asked whether it
+Busy, not broken: a candidate that accepts the connection is asked whether it
 would admit a transfer from this probe now (``GET /measure/v1/echo?capacity=1``, with the
 session's ticket when the ticket names the server; the server answers as a transfer
 would be answered). A 429 or 503 the server marks as its own refusal (spec.REFUSED_HEADER,
@@ -49,7 +49,7 @@ BUSY = "busy: "
 # budget.py imports this module (for the deadlines above), and agent/config.py imports
 # budget.py, so what this module imports is loaded wherever a config is (the collector
 # too): wire.py, the transfers' HTTP client, is stdlib-only and is imported; transfer.py,
-# which loads agent.delivery and aiohttp, is not.
+# which loads agent.client and aiohttp, is not.
 
 
 def rank(candidates: Sequence[ServerCandidate]) -> list[int]:
@@ -188,7 +188,7 @@ async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSP
             if code is not None:
                 refused[url] = code
         except TimeoutError:
-            pass  # no answer in time: not known to be busy, so usable (as before issue 24)
+            pass  # no answer in time: not known to be busy, so usable
         if busy is None:
             chosen = url
             break

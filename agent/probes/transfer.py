@@ -5,7 +5,7 @@ requests. Every attempt is recorded, failed or not: failed attempts are the nume
 the transfer failure rate (Allegato 2: "rapporto tra le trasmissioni dei dati fallite e il
 numero totale dei tentativi di trasmissione").
 
-A *refused* attempt (issue 24) is one the measurement server turned away: 429 or 503 for
+A *refused* attempt is one the measurement server turned away: 429 or 503 for
 capacity, marked as its own with spec.REFUSED_HEADER (server_refused), or 403 for the
 ticket the request presented (ticket_refused). It is the server's shortfall, not the
 line's: it does not use up one of the test's attempts, it is recorded with its own reason
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from agent import live, spec, stats
-from agent.delivery import parse_retry_after
+from agent.client import parse_retry_after
+from agent.errors import AgentError
 from agent.probes.wire import WireError, reason_code, server_refused, ticket_refusal
 from agent.schema import (
     REFUSAL_REASONS,
@@ -38,7 +39,7 @@ from agent.ticket import Ticket
 SampleList = list[tuple[float, int]]
 
 
-class StreamFailure(Exception):
+class StreamFailure(AgentError):
     """One stream could not complete; carries the reason recorded in the attempt, and for
     a refusal what it said: ``retry_after_s`` (server_refused) or the server's
     ``ticket_code`` (ticket_refused)."""
@@ -73,7 +74,7 @@ class StreamState:
         # apart and the clock's jitter is far above 1 us, while a full double costs three
         # times the JSON; the collector then stores the times as integers
         # (collector/storage/codec.py). Rates are computed from these rounded samples, so
-        # the document still recomputes exactly (issue 14).
+        # the document still recomputes exactly.
         t = round(t, 6)
         if force or t - self.last_sample_t >= interval:
             if self.samples and self.samples[-1][0] == t:
@@ -214,7 +215,7 @@ def _quiet(_: str) -> None:
 
 @dataclass(slots=True)
 class Access:
-    """A session's terms with its measurement server (issue 24), one object shared by all
+    """A session's terms with its measurement server, one object shared by all
     of the session's tests: the ticket its transfers present (None: none, or dropped
     after the server refused it) and its one allowance for refusals.
 
@@ -341,7 +342,7 @@ async def run_test(
             await sleep(wait)
 
 
-class _Refused(Exception):
+class _Refused(AgentError):
     """Raised by a refused stream to end its attempt's task group (run_attempt)."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from agent import family, payload, spec
+from agent.errors import AgentError
 from agent.schema import REASON_CODE_RE
 
 CONNECT_TIMEOUT_S = 10.0
@@ -33,21 +34,17 @@ RECEIVE_BUFFER_BYTES = 1024 * 1024
 # Upload chunks are sized to last about this long at the observed rate (see _send_body).
 CHUNK_TARGET_S = 0.01
 MIN_CHUNK_BYTES = 16 * 1024
-# Unsent bytes the kernel may hold for an upload socket (TCP_NOTSENT_LOWAT), as time at
-# the observed rate. Without it the autotuned send buffer queues seconds of data on a
-# slow line, which keep flowing long after the client stops; in-flight data is not
-# limited by it, so fast links are unaffected.
+# Unsent bytes the kernel may hold for an upload socket (payload.unsent_bound), as time
+# at the observed rate.
 NOTSENT_TARGET_S = 0.02
 MIN_NOTSENT_BYTES = 16 * 1024
-MAX_NOTSENT_BYTES = 16 * 1024 * 1024
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
-class WireError(Exception):
+class WireError(AgentError):
     """A protocol-level failure: ``kind`` is "connect", "http", "broken" or "protocol".
 
-    An "http" error keeps what a refusal says about itself (issue 24), as the server sent
-    it: ``retry_after`` (the Retry-After header of a 429 or 503), ``refused``
+    An "http" error keeps what a refusal says about itself, as the server sent it:
+    ``retry_after`` (the Retry-After header of a 429 or 503), ``refused``
     (spec.REFUSED_HEADER: a bbprobe server's mark on its own capacity refusal, and its
     reason) and ``ticket_refused`` (spec.TICKET_REFUSED_HEADER of a 403: the reason the
     server refused the ticket); and ``ticket_presented``, whether the request carried
@@ -426,11 +423,10 @@ async def _send_body(conn: _Connection, size: int | None, on_sent: Callable[[int
 
     def bound_unsent(rate_bps: float) -> None:
         nonlocal notsent
-        want = int(min(max(rate_bps / 8 * NOTSENT_TARGET_S, MIN_NOTSENT_BYTES),
-                       MAX_NOTSENT_BYTES))
+        want = payload.unsent_bound(rate_bps, NOTSENT_TARGET_S, MIN_NOTSENT_BYTES)
+        # Set again when the bound falls or at least doubles, not at every chunk.
         if raw is not None and not notsent <= want < 2 * notsent:
-            with contextlib.suppress(OSError):
-                raw.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, want)
+            payload.limit_unsent(raw, want)
             notsent = want
 
     bound_unsent(0.0)

@@ -1,4 +1,4 @@
-"""Where alerts go (issue 16): the ``Notifier`` seam and its two kinds.
+"""Where alerts go: the ``Notifier`` seam and its two kinds.
 
 - ``Webhook``: the alert as JSON (collector/alerts/rules.py ``payload``), POSTed to a URL,
   signed with HMAC-SHA256 when a secret is configured (X-Bbprobe-Signature over

@@ -1,5 +1,5 @@
-"""Alerts (issue 16), pure: which conditions need a person, as plain data; the message
-each notifier sends; the webhook's signature; the retry schedule.
+"""Alerts, pure: which conditions need a person, as plain data; the message each
+notifier sends; the webhook's signature; the retry schedule.
 
 Triggers (``KINDS``):
 
@@ -112,8 +112,8 @@ def _moment(value: Any) -> str:
 
 # A campaign lasts its window (the agent's campaign.window_days, at most a month) and is
 # judged while it is recent: a probe cannot make the collector certify, or warn about,
-# campaigns it dates anywhere it likes (issue 23, finding 3), and a report's campaign
-# costs a bounded read of the stored sessions.
+# campaigns it dates anywhere it likes, and a report's campaign costs a bounded read of
+# the stored sessions.
 MAX_CAMPAIGN_DAYS = 31
 RECENT_DAYS = 45
 
@@ -127,8 +127,8 @@ def _plausible(started: str, deadline: str, now: datetime) -> bool:
 
 def _day_of(moment: str) -> str:
     """The UTC day a campaign started on: a probe that writes its start 1 µs (or an
-    hour) apart in every report does not make a new campaign of each (issue 23,
-    finding 3); the daemon starts a new campaign only when the last one has ended."""
+    hour) apart in every report does not make a new campaign of each; the daemon starts
+    a new campaign only when the last one has ended."""
     return moment[:10]
 
 
@@ -218,11 +218,11 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
     failed = [c for c in cert.checks if c.breach and not c.informational]
     over = f" over {cert.family}" if cert.family else ""
     # Keyed on what the collector derived, never on the probe's spelling of its
-    # campaign's start (20 reports each 1 µs apart made 19 identical critical alerts,
-    # issue 23, finding 3): the window of the rule's length, counted from the epoch,
-    # that the first session the certificate counted falls in. A probe moving its
-    # start in each report moves the first session within that window, so it makes
-    # at most two keys of a campaign, and only of recent ones (completed_campaign).
+    # campaign's start (20 reports each 1 µs apart made 19 identical critical alerts):
+    # the window of the rule's length, counted from the epoch, that the first session
+    # the certificate counted falls in. A probe moving its start in each report moves
+    # the first session within that window, so it makes at most two keys of a
+    # campaign, and only of recent ones (completed_campaign).
     slot = math.floor(parse_utc(cert.first or started_at).timestamp()
                       / (cert.rule.window_h * 3600))
     return Alert(

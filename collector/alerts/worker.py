@@ -1,4 +1,4 @@
-"""The alerter (issue 16): a background task of every collector process with the store
+"""The alerter: a background task of every collector process with the store
 (roles "all" and "ingest"), when ``[alerts] enabled``.
 
 Every ``alerts.interval_s``:
@@ -37,22 +37,33 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from agent.schema import format_utc
+from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE
 from collector import unreadable
 from collector.alerts import rules as alerts
 from collector.alerts.notifiers import APPRISE_THREADS, Notifier, Outcome
 from collector.alerts.rules import Alert
-from collector.compliance.certify import RULES, certify, families
+from collector.compliance.certify import certify, families
 from collector.config import AlertsConfig, CollectorConfig
-from collector.errors import StoreError
+from collector.errors import StoreError, StoreFault
 from collector.fleet import control
 from collector.storage.model import AlertDelivery, Probe
-from collector.storage.store import Store
+from collector.storage.store import AlertStore, OutboxStore, ProbeStore, ReportStore, Store
 
 log = logging.getLogger("bbprobe.collector")
+
+
+class Watched(control.ProbedFleet, ReportStore, OutboxStore, Protocol):
+    """What the alert conditions are read from: the probes, the fleet's health and
+    activity, the sessions' facts, the outbox's dead letters."""
+
+
+class Certifying(ProbeStore, ReportStore, AlertStore, Protocol):
+    """A completed campaign certified from its facts, and its breach recorded."""
+
 
 BATCH = 50
 PRUNE_EVERY_S = 3600.0
@@ -76,7 +87,7 @@ def routes(cfg: AlertsConfig) -> list[tuple[str, Sequence[str]]]:
             *((a.name, a.triggers) for a in cfg.apprise)]
 
 
-def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
+def certify_campaign(store: ReportStore, probe: Probe, report: Mapping[str, Any],
                      timezone: str, now: datetime
                      ) -> tuple[tuple[str, str] | None, list[Alert]]:
     """Certify the campaign a report says is complete: (its key, when every verdict is
@@ -85,7 +96,7 @@ def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
     (its last sessions not delivered yet, or bands counted in another time zone) is not
     final."""
     done = alerts.completed_campaign(report, now)
-    if done is None or done[0] not in RULES:
+    if done is None or done[0] not in CAMPAIGN_RULES:
         return None, []
     rule, started, deadline = done
     facts = store.facts([probe.name], since=started, until=deadline)
@@ -96,7 +107,7 @@ def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
     for fam in split:
         cert = certify(probe.name, probe.line,
                        [f for f in facts if fam is None or f.address_family == fam],
-                       RULES[rule], timezone, family=fam)
+                       CAMPAIGN_RULES[rule], timezone, family=fam)
         if cert.verdict == "incomplete":
             final = False
         elif (breach := alerts.breach(probe, started, cert)) is not None:
@@ -104,16 +115,16 @@ def certify_campaign(store: Store, probe: Probe, report: Mapping[str, Any],
     return ((probe.name, started) if final else None), found
 
 
-def _unfilled(store: Store, probe: Probe, started: str, rule_name: str,
+def _unfilled(store: ReportStore, probe: Probe, started: str, rule_name: str,
               timezone: str) -> set[int]:
     """The hour bands of a campaign not yet filled, from the stored sessions."""
-    rule = RULES.get(rule_name, RULES["96in24h"])
+    rule = CAMPAIGN_RULES.get(rule_name, CAMPAIGN_RULES[DEFAULT_CAMPAIGN_RULE])
     cert = certify(probe.name, probe.line, store.facts([probe.name], since=started),
                    rule, timezone)
     return {h for h, n in enumerate(cert.band_counts) if n < rule.per_band}
 
 
-def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
+def evaluate(store: Watched, cfg: CollectorConfig, now: datetime, outbox: bool,
              certified: Mapping[tuple[str, str], datetime]
              ) -> tuple[list[Alert], list[tuple[str, str]]]:
     """Every alert condition holding now, and the campaigns certified to a final verdict
@@ -152,15 +163,15 @@ def evaluate(store: Store, cfg: CollectorConfig, now: datetime, outbox: bool,
 @contextlib.contextmanager
 def _per_row(table: str, row: str) -> Iterator[None]:
     """One probe's row that a trigger cannot interpret costs that probe's alert, never
-    the tick: every other probe's silence, breach or dead letters still alert (issue
-    23: a result dated 0999 made every tick fail, so no probe could raise anything)."""
+    the tick: every other probe's silence, breach or dead letters still alert (a result
+    dated 0999 made every tick fail, so no probe could raise anything)."""
     try:
         yield
     except (ValueError, TypeError, KeyError, ArithmeticError, AttributeError) as exc:
         unreadable.skipped(table, row, exc)
 
 
-def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
+def _from_report(store: ReportStore, cfg: CollectorConfig, probe: Probe,
                  report: Mapping[str, Any], now: datetime,
                  certified: Mapping[tuple[str, str], datetime],
                  out: list[Alert]) -> list[tuple[str, str]]:
@@ -180,7 +191,7 @@ def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
         # still in its spool, or bands counted in another time zone, would not).
         bands: set[int] | None = None
         if (deadline - now).total_seconds() < 86400 and unfilled > 0:
-            rule_name = str(report["campaign"].get("rule", "96in24h"))
+            rule_name = str(report["campaign"].get("rule", DEFAULT_CAMPAIGN_RULE))
             stored = _unfilled(store, probe, started, rule_name, a.timezone)
             bands = stored if len(stored) == unfilled else None
         late = alerts.campaign_incomplete(probe, report, now, bands,
@@ -196,7 +207,7 @@ def _from_report(store: Store, cfg: CollectorConfig, probe: Probe,
     return final
 
 
-def record(store: Store, found: Sequence[Alert], routes_: Sequence[tuple[str, Sequence[str]]],
+def record(store: AlertStore, found: Sequence[Alert], routes_: Sequence[tuple[str, Sequence[str]]],
            now: str) -> list[int]:
     """Record the alerts not raised before; their ids."""
     known = store.alert_keys([f.key for f in found])
@@ -215,7 +226,7 @@ def record(store: Store, found: Sequence[Alert], routes_: Sequence[tuple[str, Se
     return ids
 
 
-def on_report(store: Store, cfg: CollectorConfig, probe_name: str,
+def on_report(store: Certifying, cfg: CollectorConfig, probe_name: str,
               report: Mapping[str, Any], now: datetime) -> bool:
     """A health report just stored: if it says a campaign is complete, certify it now
     and record a breach (the next report, a session later, will speak of the next
@@ -256,7 +267,8 @@ class Alerter:
             except Exception as exc:  # the database away, a bug: the next tick retries
                 log.warning("alerts: %s: %s", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "",
-                            exc_info=not isinstance(exc, StoreError | OSError))
+                            exc_info=isinstance(exc, StoreFault)
+                            or not isinstance(exc, StoreError | OSError))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.alerts.interval_s):
                     await self.wake.wait()
@@ -335,6 +347,6 @@ class Alerter:
                         row.notifier, state)
 
 
-def _lease(store: Store, *, owner: str, now: str, until: str, notifiers: Sequence[str],
+def _lease(store: AlertStore, *, owner: str, now: str, until: str, notifiers: Sequence[str],
            alert_id: int | None) -> list[AlertDelivery]:
     return store.lease_deliveries(owner, now, until, BATCH, notifiers, alert_id)

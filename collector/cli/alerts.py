@@ -1,5 +1,6 @@
-"""``bbprobe-collector alerts list|test`` (issue 16). Thin: options -> the store and the
-alerter (collector/alerts/worker.py) -> printed output."""
+"""``bbprobe-collector alerts list|test``: the alerts raised about the fleet and their
+deliveries, and a test alert through the configured notifiers. Thin: options -> the
+store and the alerter (collector/alerts/worker.py) -> printed output."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from agent.schema import format_utc
 from collector.alerts import notifiers
 from collector.alerts import rules as alerts
 from collector.alerts.worker import Alerter, record
-from collector.cli.common import _config, _store, echo, handle_errors, shared_options
+from collector.cli.common import (
+    database,
+    echo,
+    format_option,
+    handle_errors,
+    load_config,
+    shared_options,
+)
 from collector.errors import InputError
 from collector.safetext import terminal as _plain
 from collector.storage.store import Store
@@ -47,7 +55,7 @@ def _text(rows: list[dict[str, Any]]) -> str:
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True,
               help="The newest this many.")
 @click.option("--since", help="Only those raised since (ISO 8601).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 @click.pass_context
 @handle_errors
 def list_alerts(ctx: click.Context, limit: int, since: str | None, fmt: str) -> None:
@@ -58,7 +66,7 @@ def list_alerts(ctx: click.Context, limit: int, since: str | None, fmt: str) -> 
                                .astimezone(UTC))
         except ValueError:
             raise InputError(f"--since: expected an ISO 8601 time, got {since!r}") from None
-    with _store(ctx) as store:
+    with database(ctx) as store:
         rows = store.alerts(limit, since)
     echo(json.dumps(rows, indent=2) if fmt == "json" else _text(rows))
 
@@ -72,7 +80,7 @@ def list_alerts(ctx: click.Context, limit: int, since: str | None, fmt: str) -> 
 def test_alert(ctx: click.Context, only: tuple[str, ...]) -> None:
     """Raise a test alert and deliver it now to the configured notifiers (whatever their
     triggers); print each outcome. Exit 1 if any was not delivered."""
-    cfg = _config(ctx)
+    cfg = load_config(ctx)
     built = {n.name: n for n in notifiers.build(cfg.alerts)}
     unknown = [name for name in only if name not in built]
     if unknown:
@@ -82,7 +90,7 @@ def test_alert(ctx: click.Context, only: tuple[str, ...]) -> None:
     if not chosen:
         raise InputError("no notifiers configured ([[alerts.webhooks]], [[alerts.apprise]])")
     now = datetime.now(UTC)
-    with _store(ctx) as store:
+    with database(ctx) as store:
         def run_on(fn: Any) -> Any:
             return _call(fn, store)
 

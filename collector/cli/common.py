@@ -1,24 +1,26 @@
 """What every bbprobe-collector command shares: the --config/--db options, the config,
-the store, and the one-line error handling (exit 1 operational, 2 bad input)."""
+the store, the scope options of the reports, the output (printed safe for a terminal, or
+written whole to a file), and the one-line error handling (exit 1 operational, 2 bad
+input)."""
 
 from __future__ import annotations
 
-import functools
-import sqlite3
-import sys
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import psycopg
 
+from agent.clierrors import error_boundary
 from collector import safetext
 from collector.config import CollectorConfig, load
-from collector.errors import ApiError, CollectorError, InputError
-from collector.storage.postgres import masked
+from collector.errors import ApiError, CollectorError, InputError, StoreError
+from collector.reports import service
+from collector.scope import Scope, resolve_scope
 from collector.storage.store import Store, open_store
+from collector.storage.uri import masked
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,29 +28,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 def echo(text: Any = "", **kwargs: Any) -> None:
     """click.echo through safetext.text_block: what a command prints may hold text a
     probe or a client wrote (a lone surrogate would be a traceback, an escape sequence
-    would reach the operator's terminal raw: issue 23)."""
+    would reach the operator's terminal raw)."""
     click.echo(safetext.text_block(str(text)), **kwargs)
 
 
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            echo(f"bbprobe-collector: {exc.message}", err=True)
-            sys.exit(2)
-        except CollectorError as exc:
-            echo(f"bbprobe-collector: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except (sqlite3.Error, psycopg.Error) as exc:
-            # A database changed or damaged under us, or a server gone: say so, never a
-            # traceback (libpq's messages name host and user, never the password).
-            first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
-            echo(f"bbprobe-collector: database error: {first[0]}", err=True)
-            sys.exit(1)
+def _explained(exc: CollectorError) -> tuple[str, int]:
+    """The line and exit code of an error a command ends with. A database changed or
+    damaged under us, or a server gone, is a StoreError too: the store says it as
+    "database error: ..." (libpq's words, which never hold the password)."""
+    if isinstance(exc, ApiError):
+        return exc.message, 2
+    return str(exc), exc.exit_code
 
-    return wrapper  # type: ignore[return-value]
+
+handle_errors = error_boundary("bbprobe-collector", (CollectorError,), _explained, echo)
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -70,7 +63,8 @@ def shared_options(fn: F) -> F:
     return fn
 
 
-def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
+def load_config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
+    """The config file (--config) with --db and the command's own options over it."""
     given = ctx.ensure_object(dict)
     db = given.get("db")
     chosen: dict[str, Any] = {"storage.path": db}
@@ -80,18 +74,18 @@ def _config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     return load(given.get("config_path"), merged)
 
 
-def _shown(value: str) -> str:
+def shown(value: str) -> str:
     """A --db or --config value as echoed back: a PostgreSQL URI with its password
     masked, a path as it is."""
     return masked(value) if value.startswith(("postgresql://", "postgres://")) else value
 
 
 @contextmanager
-def _store(ctx: click.Context, create: bool = False) -> Iterator[Store]:
+def database(ctx: click.Context, create: bool = False) -> Iterator[Store]:
     """The configured database, closed however the command ends. Only the commands that
     set a collector up (init, probe add, token add) may create it: a typo in --db must
-    not quietly open a new, empty database and report nothing (issue 12)."""
-    storage = _config(ctx).storage
+    not quietly open a new, empty database and report nothing."""
+    storage = load_config(ctx).storage
     if storage.backend == "sqlite" and not create and not Path(storage.path).exists():
         raise InputError(f"no database at {storage.path} (check --db or storage.path; "
                          "`bbprobe-collector init` creates one)")
@@ -100,3 +94,60 @@ def _store(ctx: click.Context, create: bool = False) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+def format_option(*choices: str, help: str | None = None) -> Callable[[F], F]:
+    """``--format``, one of ``choices`` (the first by default), passed as ``fmt``."""
+    return click.option("--format", "fmt", type=click.Choice(choices), default=choices[0],
+                        help=help)
+
+
+def scope_options(fn: F) -> F:
+    """The options that choose a report's scope: probes by name or line metadata, a time
+    range or a calendar period, an IP version."""
+    fn = click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
+                      help="Only sessions measured over this IP version.")(fn)
+    fn = click.option("--technology", help="Only probes on this access technology.")(fn)
+    fn = click.option("--region", help="Only probes in this region.")(fn)
+    fn = click.option("--offer", help="Only probes on this offer.")(fn)
+    fn = click.option("--operator", help="Only probes of this operator.")(fn)
+    fn = click.option("--period", help="Calendar period: YYYY, YYYY-H1 or YYYY-H2.")(fn)
+    fn = click.option("--until", help="End (exclusive): ISO date or timestamp.")(fn)
+    fn = click.option("--since", help="Start (inclusive): ISO date or timestamp.")(fn)
+    fn = click.option("--probe", "probes", multiple=True, help="Probe name (repeatable).")(fn)
+    return fn
+
+
+def chosen_scope(store: Store, probes: tuple[str, ...], since: str | None,
+                 until: str | None, period: str | None, filters: dict[str, Any]) -> Scope:
+    """The scope the ``scope_options`` given choose (metadata filters read the store)."""
+    return resolve_scope(list(probes) or None, since, until, period,
+                         filters={k: v for k, v in filters.items() if v},
+                         matching=lambda wanted: service.probes_matching(store, wanted))
+
+
+def emit_as(fmt: str, **renderings: Callable[[], str]) -> None:
+    """Print the rendering of the chosen format (each ends with its own newline)."""
+    echo(renderings[fmt](), nl=False)
+
+
+def listed(lines: Sequence[str], empty: str) -> str:
+    """One line each, or ``empty`` when there is none."""
+    return "\n".join(lines or [empty]) + "\n"
+
+
+def emit(text: str, output: str | None) -> None:
+    """Print, or write a file whole (temp file + rename: never a half-written report)."""
+    if output is None:
+        echo(text, nl=False)
+        return
+    # A lone surrogate stored by an older release is replaced, not a traceback.
+    text = safetext.unicode(text)
+    target = Path(output)
+    temp = target.with_name(f".{target.name}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, target)
+    except OSError as exc:
+        raise StoreError(f"--output: cannot write {output}: {exc.strerror or exc}") from None
+    echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)

@@ -1,5 +1,6 @@
-"""bbprobe-collector's fleet-control commands (issue 15): ``instruction``, ``suppress``
-and ``fleet``. Thin: options -> collector/fleet/control.py -> printed output."""
+"""bbprobe-collector's fleet-control commands: ``instruction`` (what probes measure, set
+centrally), ``suppress`` (pause them over a network maintenance) and ``fleet`` (their
+state). Thin: options -> collector/fleet/control.py -> printed output."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import click
 
 from agent.instruction import InstructionError, parse_pairs
 from collector import safetext
-from collector.cli.common import _config, _store, echo, handle_errors, shared_options
+from collector.cli.common import (
+    database,
+    echo,
+    emit_as,
+    format_option,
+    handle_errors,
+    listed,
+    load_config,
+    shared_options,
+)
 from collector.errors import InputError
 from collector.fleet import control
 from collector.fleet import view as fleet
@@ -57,7 +67,7 @@ def instruction_set(ctx: click.Context, /, every: bool, pairs: tuple[str, ...],
         put = parse_pairs(pairs)
     except InstructionError as exc:
         raise InputError(str(exc)) from None
-    with _store(ctx) as store:
+    with database(ctx) as store:
         settings = control.set_instruction(store, chosen, put)
     echo(f"rule {chosen.describe()}: {json.dumps(settings, sort_keys=True)}")
 
@@ -72,7 +82,7 @@ def instruction_unset(ctx: click.Context, /, every: bool, keys: tuple[str, ...],
                       **given: Any) -> None:
     """Remove KEYS from the rule of the selected probes (an emptied rule is deleted)."""
     chosen = _selector(every, given)
-    with _store(ctx) as store:
+    with database(ctx) as store:
         settings = control.set_instruction(store, chosen, {}, keys)
     echo(f"rule {chosen.describe()}: "
                + (json.dumps(settings, sort_keys=True) if settings else "(deleted)"))
@@ -81,12 +91,12 @@ def instruction_unset(ctx: click.Context, /, every: bool, keys: tuple[str, ...],
 @instruction.command("show")
 @shared_options
 @click.option("--probe", required=True, help="The probe.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 @click.pass_context
 @handle_errors
 def instruction_show(ctx: click.Context, probe: str, fmt: str) -> None:
     """The effective instruction of PROBE, each key with the rule it came from."""
-    with _store(ctx) as store:
+    with database(ctx) as store:
         doc = control.show(store, probe)
     if fmt == "json":
         echo(json.dumps(doc, indent=2))
@@ -105,23 +115,19 @@ def instruction_show(ctx: click.Context, probe: str, fmt: str) -> None:
 
 @instruction.command("list")
 @shared_options
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 @click.pass_context
 @handle_errors
 def instruction_list(ctx: click.Context, fmt: str) -> None:
     """Every rule, least specific first."""
-    with _store(ctx) as store:
+    with database(ctx) as store:
         rules = sorted(control.rules(store), key=lambda r: (r.selector.rank(), r.updated_at))
-    if fmt == "json":
-        echo(json.dumps([{"selector": r.selector.to_dict(),
-                                "selects": r.selector.describe(), "settings": r.settings,
-                                "updated_at": r.updated_at} for r in rules], indent=2))
-        return
-    for r in rules:
-        echo(safetext.terminal(f"{r.selector.describe()}  ({r.updated_at}): "
-                                     f"{json.dumps(r.settings, sort_keys=True)}"))
-    if not rules:
-        echo("no instruction rules: every probe follows its own file")
+    shown = [{"selector": r.selector.to_dict(), "selects": r.selector.describe(),
+              "settings": r.settings, "updated_at": r.updated_at} for r in rules]
+    lines = [safetext.terminal(f"{r.selector.describe()}  ({r.updated_at}): "
+                               f"{json.dumps(r.settings, sort_keys=True)}") for r in rules]
+    emit_as(fmt, json=lambda: json.dumps(shown, indent=2) + "\n",
+            text=lambda: listed(lines, "no instruction rules: every probe follows its own file"))
 
 
 @click.command()
@@ -133,7 +139,7 @@ def instruction_list(ctx: click.Context, fmt: str) -> None:
 @click.option("--reason", help="Why (shown with the window and on certificates).")
 @click.option("--list", "listing", is_flag=True, help="List the windows instead.")
 @click.option("--delete", "delete", type=int, metavar="ID", help="Delete window ID instead.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 @click.pass_context
 @handle_errors
 def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str | None,
@@ -142,17 +148,13 @@ def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str |
     """Pause the selected probes from --from to --until (a network maintenance): their
     daemons start no session in the window and plan the bands it cost again later in
     the campaign. Also --list and --delete ID."""
-    with _store(ctx) as store:
+    with database(ctx) as store:
         if listing:
             windows = [w.to_dict() for w in control.windows(store)]
-            if fmt == "json":
-                echo(json.dumps(windows, indent=2))
-                return
-            for w in windows:
-                echo(f"{w['id']}: {w['selects']}  {w['starts_at']} .. {w['ends_at']}"
-                           f"  {w['reason']}")
-            if not windows:
-                echo("no suppression windows")
+            emit_as(fmt, json=lambda: json.dumps(windows, indent=2) + "\n",
+                    text=lambda: listed([f"{w['id']}: {w['selects']}  {w['starts_at']} .. "
+                                         f"{w['ends_at']}  {w['reason']}" for w in windows],
+                                        "no suppression windows"))
             return
         if delete is not None:
             control.delete_window(store, delete)
@@ -163,28 +165,25 @@ def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str |
                              "or --delete ID)")
         window = control.add_window(store, _selector(every, given), starts, ends, reason)
     echo(f"suppression window {window.id}: {window.selector.describe()} "
-               f"{window.starts_at} .. {window.ends_at} ({window.reason})")
+         f"{window.starts_at} .. {window.ends_at} ({window.reason})")
 
 
 @click.command("fleet")
 @shared_options
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+@format_option("text", "json", "csv")
 @click.pass_context
 @handle_errors
 def fleet_command(ctx: click.Context, fmt: str) -> None:
     """One row per probe: last seen, silent for how long, agent and instruction version,
     spool backlog, campaign bands filled, validity rate, problems."""
-    cfg = _config(ctx).fleet
-    with _store(ctx) as store:
+    cfg = load_config(ctx).fleet
+    with database(ctx) as store:
         rows = control.fleet_rows(store, cfg.silent_after_s, cfg.validity_days)
-    if fmt == "json":
-        echo(json.dumps({"summary": fleet.summary(rows),
-                               "silent_after_s": cfg.silent_after_s, "probes": rows},
-                              indent=2))
-    elif fmt == "csv":
-        echo(fleet.format_csv(rows), nl=False)
-    else:
-        echo(fleet.format_text(rows, cfg.silent_after_s), nl=False)
+    emit_as(fmt, json=lambda: json.dumps({"summary": fleet.summary(rows),
+                                          "silent_after_s": cfg.silent_after_s,
+                                          "probes": rows}, indent=2) + "\n",
+            csv=lambda: fleet.format_csv(rows),
+            text=lambda: fleet.format_text(rows, cfg.silent_after_s))
 
 
 COMMANDS = (instruction, suppress, fleet_command)

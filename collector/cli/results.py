@@ -1,4 +1,4 @@
-"""bbprobe-collector's ``result`` commands (issue 23): remove a stored result, audited.
+"""bbprobe-collector's ``result`` commands: remove a stored result, audited.
 
 A result is evidence, so nothing removes one silently: ``result delete ID --reason``
 needs the database (an operator's access, as every command here), takes the result, its
@@ -26,7 +26,15 @@ import click
 
 from agent.schema import acting_char, utc_now
 from collector import safetext
-from collector.cli.common import _store, echo, handle_errors, shared_options
+from collector.cli.common import (
+    database,
+    echo,
+    emit_as,
+    format_option,
+    handle_errors,
+    listed,
+    shared_options,
+)
 from collector.errors import CollectorError, InputError
 
 MAX_REASON_CHARS = 500
@@ -50,7 +58,7 @@ def delete(ctx: click.Context, result_id: str, reason: str) -> None:
     if not reason or len(reason) > MAX_REASON_CHARS or acting_char(reason) is not None:
         raise InputError(f"--reason: required, at most {MAX_REASON_CHARS} printable "
                          "characters")
-    with _store(ctx) as store:
+    with database(ctx) as store:
         done = store.delete_result(result_id, reason, utc_now(), _operator())
     if done is None:
         raise CollectorError(f"no stored result {safetext.terminal(result_id)[:80]!r}")
@@ -74,22 +82,18 @@ def _operator() -> str:
 
 @result_group.command("deleted")
 @shared_options
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@format_option("text", "json")
 @click.pass_context
 @handle_errors
 def deleted(ctx: click.Context, fmt: str) -> None:
     """The results removed with `result delete`, newest first."""
-    with _store(ctx) as store:
+    with database(ctx) as store:
         rows = store.result_deletions()
-    if fmt == "json":
-        echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        echo(safetext.terminal(f"{r['deleted_at']}  {r['result_id']}  {r['probe_id']}  "
-                               f"started {r['started_at']}  by {r['deleted_by']}: "
-                               f"{r['reason']}"))
-    if not rows:
-        echo("no results deleted")
+    emit_as(fmt, json=lambda: json.dumps(rows, indent=2) + "\n",
+            text=lambda: listed([safetext.terminal(
+                f"{r['deleted_at']}  {r['result_id']}  {r['probe_id']}  started "
+                f"{r['started_at']}  by {r['deleted_by']}: {r['reason']}") for r in rows],
+                "no results deleted"))
 
 
 COMMANDS = (result_group,)

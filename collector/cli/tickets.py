@@ -1,4 +1,4 @@
-"""bbprobe-collector's ``tickets`` commands (issue 24): the ticket signing key's public
+"""bbprobe-collector's ``tickets`` commands: the ticket signing key's public
 half, for the measurement-only servers that must trust it, and a ticket by hand (for
 technicians and tests). Neither opens the database.
 
@@ -23,7 +23,7 @@ import click
 from agent.schema import PROBE_ID_RE
 from agent.ticket import origin
 from collector import keys
-from collector.cli.common import _config, echo, handle_errors, shared_options
+from collector.cli.common import echo, handle_errors, load_config, shared_options
 from collector.config import CollectorConfig
 from collector.errors import ConfigError, InputError
 
@@ -52,7 +52,7 @@ def _enabled(ctx: click.Context) -> Authority:
     # Here, not at the top: the web stack (aiohttp) loads only for the commands using it.
     from collector.web.ticket_routes import Authority
 
-    cfg = _config(ctx)
+    cfg = load_config(ctx)
     if not cfg.tickets.enabled:
         raise ConfigError("tickets.enabled = false: this collector issues no tickets")
     return Authority(cfg, cfg.server.role)
@@ -92,6 +92,8 @@ def key(ctx: click.Context, out: str | None) -> None:
 @handle_errors
 def issue(ctx: click.Context, probe: str, servers: tuple[str, ...]) -> None:
     """Print a ticket for PROBE (stdout: the JWT alone)."""
+    from collector.web.ticket_routes import ticket_document
+
     if not PROBE_ID_RE.fullmatch(probe):
         raise InputError(f"--probe: not a probe name: {probe[:80]!r}")
     authority = _enabled(ctx)
@@ -106,7 +108,7 @@ def issue(ctx: click.Context, probe: str, servers: tuple[str, ...]) -> None:
                          "empty")
     issued = authority.issue(authority.own.load_now(), probe, None, time.time(), chosen)
     echo(issued.token)
-    details = issued.to_dict()
+    details = ticket_document(issued)
     echo(f"# ticket {details['ticket_id']} for {probe}, expires {details['expires_at']}, "
          f"servers {' '.join(issued.servers)}", err=True)
 

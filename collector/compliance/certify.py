@@ -13,9 +13,9 @@ line meet its contract? Pure: results and contract in, certificate out.
   neither fill a band nor contribute a sample.
 - Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
   ``delay_basis="rtt_half"`` judges the one-way estimate instead.
-- Attempts the measurement server refused (issue 24: for capacity, HTTP 429 or a bbprobe
-  server's 503, or its refusal of the ticket; facts.is_refusal) are not the line's: no
-  sample, no failure.
+- Attempts the measurement server refused (for capacity, HTTP 429 or a bbprobe server's
+  503, or its refusal of the ticket; facts.is_refusal) are not the line's: no sample, no
+  failure.
   Each session lists how many it had, and the certificate counts them per server.
 """
 
@@ -29,23 +29,11 @@ from zoneinfo import ZoneInfo
 
 from agent import stats
 from agent.schema import parse_utc
+from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRule
 from collector.compliance.facts import SessionFacts
-from collector.storage.model import LineMetadata
+from collector.lines import LineMetadata
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
-
-
-@dataclass(frozen=True, slots=True)
-class CampaignRule:
-    name: str
-    per_band: int
-    window_h: int
-
-
-RULES = {
-    "96in24h": CampaignRule("96in24h", 4, 24),
-    "24in72h": CampaignRule("24in72h", 1, 72),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +70,9 @@ class SessionLine:
 
 @dataclass(frozen=True, slots=True)
 class Suppressed:
-    """A suppression window (issue 15) over the campaign: no session was started in it,
-    so its hourly bands were filled later in the campaign window, or not at all."""
+    """A suppression window (collector/fleet/rules.py ``Window``) over the campaign: no
+    session was started in it, so its hourly bands were filled later in the campaign
+    window, or not at all."""
 
     starts_at: str
     ends_at: str
@@ -107,10 +96,10 @@ class Certificate:
     verdict: CertVerdict
     suppressions: tuple[Suppressed, ...] = ()
     # The IP version certified, when the line was measured over both (dual stack: each
-    # family is a campaign of its own, issue 16); None: a single family or unknown.
+    # family is a campaign of its own); None: a single family or unknown.
     family: str | None = None
     # Attempts the measurement server refused over the campaign, (server, attempts)
-    # sorted by server, of every session listed (issue 24): none of them in a check.
+    # sorted by server, of every session listed: none of them in a check.
     refused_by_server: tuple[tuple[str, int], ...] = ()
 
 
@@ -136,7 +125,8 @@ def covered_bands(starts_at: str, ends_at: str, timezone: str) -> tuple[int, ...
 
 
 def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
-            rule: CampaignRule = RULES["96in24h"], timezone: str = "Europe/Rome",
+            rule: CampaignRule = CAMPAIGN_RULES[DEFAULT_CAMPAIGN_RULE],
+            timezone: str = "Europe/Rome",
             delay_basis: Literal["rtt", "rtt_half"] = "rtt",
             suppressed: Sequence[tuple[str, str, str]] = (),
             family: str | None = None) -> Certificate:

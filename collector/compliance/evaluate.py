@@ -6,7 +6,7 @@ Definitions (README "How each indicator is computed"):
 - transfer failure rate: failed attempts / all attempts, per direction; attempts the
   measurement server refused (for capacity, HTTP 429 or a bbprobe server's 503, or its
   refusal of the session's ticket: facts.is_refusal) are neither, and are counted apart,
-  per server (issue 24); a 503 from anything else on the path is the line's failure;
+  per server; a 503 from anything else on the path is the line's failure;
 - one-way delay: from every ICMP echo reply in scope, RTT / 2 by default (``delay_basis``);
   mean, and sample standard deviation (n - 1);
 - packet loss: pings with no delay value / pings sent (``loss_formula = "plain"``);
@@ -63,9 +63,9 @@ class Observations:
     customer_tests: dict[str, int] = field(default_factory=dict)
     customer_included: bool = False
     # Transfer attempts the measurement server refused, per server (facts.server_key),
-    # in every session in scope, valid or not (issue 24): never in the attempts and
-    # failures above. ``refusals_known`` is False when the input cannot say which
-    # failures were refusals (a samples file: samples_csv.py).
+    # in every session in scope, valid or not: never in the attempts and failures
+    # above. ``refusals_known`` is False when the input cannot say which failures were
+    # refusals (a samples file: samples_csv.py).
     refused_by_server: dict[str, int] = field(default_factory=dict)
     refusals_known: bool = True
 
@@ -140,12 +140,12 @@ class Report:
     invalid_included: bool = False
     customer_tests: tuple[tuple[str, int], ...] = ()
     customer_included: bool = False
-    # Indicators observed without a target in the table (jitter, issue 16): shown, never
-    # judged, never in the verdict.
+    # Indicators observed without a target in the table (jitter, delibera 156/23/CONS):
+    # shown, never judged, never in the verdict.
     informational: tuple[IndicatorResult, ...] = ()
-    # Attempts the measurement server refused, (server, attempts) sorted by server
-    # (issue 24): counted apart, never in the failure rate; False: the input could not
-    # tell (Observations.refusals_known).
+    # Attempts the measurement server refused, (server, attempts) sorted by server:
+    # counted apart, never in the failure rate; False: the input could not tell
+    # (Observations.refusals_known).
     refused_by_server: tuple[tuple[str, int], ...] = ()
     refusals_known: bool = True
 

@@ -16,7 +16,7 @@ stays the master copy; the facts are rebuilt from it by a store migration.
   packets (what counts towards a campaign band, certify.py);
 - validity: the agent's valid/invalid flag and the reason codes (schema v3); invalid
   sessions are left out of compliance and certification by default, and counted apart;
-- refusals (issue 24): attempts the measurement server refused (``is_refusal``) are not
+- refusals: attempts the measurement server refused (``is_refusal``) are not
   transfer facts. Allegato 2's failure rate is "il rapporto tra le trasmissioni dei dati
   fallite e il numero totale dei tentativi di trasmissione" of the line; a server that
   turns a transfer away for its own capacity (many probes behind one carrier-grade NAT
@@ -41,8 +41,8 @@ from agent.ticket import origin
 # How agents before schema 7 recorded a refusal: failure_reason "http_status" and the
 # status, with nothing to say who answered it. Only two such records are the server's:
 # - HTTP 429 Too Many Requests (RFC 6585 §4): the origin server's own rate limit, "the
-#   user has sent too many requests"; a bbprobe server's per-address cap, the case of
-#   issue 24 (many probes behind one carrier-grade NAT address);
+#   user has sent too many requests"; a bbprobe server's per-address cap, which many
+#   probes behind one carrier-grade NAT address share;
 # - HTTP 503 whose recorded error text is a bbprobe server's own refusal, which began
 #   "server busy: N transfers ..." in every release (collector/measurement/slots.py).
 #   Such an agent recorded an upload's refusal as "HTTP 503: <the body's reason>"
@@ -77,20 +77,20 @@ class SessionFacts:
     transfers: tuple[TransferFact, ...]
     valid: bool = True
     invalid_codes: tuple[str, ...] = ()
-    # Jitter terms (issue 16): the sum of |differences| of consecutive answered RTTs of
-    # the train, in whole nanoseconds, and how many such pairs; a scope's mean jitter is
-    # the sum of sums over the sum of pairs (pairs never span two sessions). Integers,
-    # so every sum (in Python, in SQL, in any order) is exact.
+    # Jitter terms (delibera 156/23/CONS): the sum of |differences| of consecutive
+    # answered RTTs of the train, in whole nanoseconds, and how many such pairs; a scope's
+    # mean jitter is the sum of sums over the sum of pairs (pairs never span two
+    # sessions). Integers, so every sum (in Python, in SQL, in any order) is exact.
     jitter_sum_ns: int = 0
     jitter_pairs: int = 0
-    # The IP version the session measured over (schema 6, issue 16); None: unknown.
+    # The IP version the session measured over (schema 6); None: unknown.
     address_family: str | None = None
     # Whether the agent ran it as half of a dual-stack slot ("both"): such a line is a
     # campaign per family (certify.py).
     dual_stack: bool = False
-    # Attempts the measurement server refused (issue 24, ``is_refusal``): not in
-    # ``transfers``, never the line's failures; and the server (``server_key``) that
-    # refused them, None when it refused none.
+    # Attempts the measurement server refused (``is_refusal``): not in ``transfers``,
+    # never the line's failures; and the server (``server_key``) that refused them, None
+    # when it refused none.
     refused_attempts: int = 0
     refused_server: str | None = None
 
@@ -118,9 +118,9 @@ def jitter_terms(rtts: Sequence[float | None]) -> tuple[int, int]:
 
 def is_refusal(status: str, failure_reason: str | None, http_status: int | None,
                error: str | None) -> bool:
-    """Whether a transfer attempt is one the measurement server refused (issue 24): a
-    failed attempt whose reason is one of the schema's REFUSAL_REASONS (server_refused:
-    a 429 or 503 the bbprobe server marked as its own; ticket_refused), or, as agents
+    """Whether a transfer attempt is one the measurement server refused: a failed
+    attempt whose reason is one of the schema's REFUSAL_REASONS (server_refused: a 429
+    or 503 the bbprobe server marked as its own; ticket_refused), or, as agents
     before schema 7 recorded it (failure_reason "http_status"), HTTP 429, or HTTP 503
     whose error text is a bbprobe server's "server busy" (LEGACY_BUSY_503). Any other
     failure is the line's, a 503 from anything else on the path included. Plain values,

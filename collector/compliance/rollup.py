@@ -6,8 +6,8 @@ A day rollup holds the valid sessions of one probe's UTC day: counts, the RTT mo
 merged exactly (Chan et al., ``agent.stats.Moments``), and every per-test speed as
 packed float64 (percentiles need the values: Allegato 2 gives the 5th and 95th
 percentile of the per-test speeds, so nothing coarser may stand in for them). Invalid
-sessions are counted by reason only. Attempts the measurement server refused (issue 24,
-facts.is_refusal) are counted per server, for every session, valid or not: they are a
+sessions are counted by reason only. Attempts the measurement server refused
+(facts.is_refusal) are counted per server, for every session, valid or not: they are a
 fact about the server, not about the line or the probe's surroundings.
 
 Sums over many rows use ``math.fsum`` (correctly rounded): the result does not depend
@@ -53,14 +53,14 @@ class DayRollup:
     jitter_sum_ns: int = 0
     jitter_pairs: int = 0
     # Attempts the measurement server refused, of every session: JSON {server: count},
-    # keys sorted (issue 24).
+    # keys sorted.
     refused_servers: str = "{}"
 
 
 # What evaluation reads of one session (a row of ``session_facts``), as the database
 # gives it: pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid (0/1),
 # invalid_codes (space-separated). Plain tuples: a scope may hold millions. (Its jitter
-# terms, integers, are summed by the database: storage/sql.py.)
+# terms, integers, are summed by the database: storage/sql/reports.py.)
 SessionRow = tuple[int, int, int, float, float, int, str]
 # One transfer attempt (a row of ``transfer_facts``): direction, ok (0/1), kbps or None,
 # valid (0/1, the session's).

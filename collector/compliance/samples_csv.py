@@ -13,7 +13,7 @@ its ping, download and upload rows with the session start).
 
 A failed transfer row is the line's failure (Allegato 2's failure rate). The file has no
 column for why an attempt failed, so it cannot carry attempts the measurement server
-refused (issue 24): bbprobe's export (report.sample_rows) leaves them out, as the
+refused: bbprobe's export (report.sample_rows) leaves them out, as the
 collector's report does, and the report of a file says refusals are not recorded in it.
 
 Every bad row is reported as ``FILE:LINE: column: problem``; nothing is skipped. A file

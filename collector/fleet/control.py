@@ -1,5 +1,5 @@
-"""Fleet control (issue 15), the store's side: set and show instructions, suppression
-windows, health reports and the fleet view. The CLI and the web routes both call these;
+"""Fleet control, the store's side: set and show instructions, suppression windows,
+health reports and the fleet view. The CLI and the web routes both call these;
 the rules themselves are pure (collector/fleet/rules.py, collector/fleet/view.py,
 agent/instruction.py)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence, Set
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from agent.instruction import MAX_REASON_CHARS, InstructionError, key_problem
 from agent.instruction import check as check_settings
@@ -26,7 +26,17 @@ from collector.fleet.rules import (
     selector_from_key,
 )
 from collector.storage.model import Probe
-from collector.storage.store import Store
+from collector.storage.store import FleetStore, ProbeStore, ReportStore
+
+
+class ProbedFleet(FleetStore, ProbeStore, Protocol):
+    """The fleet's rules, windows and health, and the probes they select."""
+
+
+class Instructing(ProbedFleet, ReportStore, Protocol):
+    """A rule's change is checked against the probes it selects and their latest
+    sessions (which of them measure dual stack)."""
+
 
 # Bounds: an admin's typo must not create a year-long or a 10,000-window pause.
 MAX_WINDOW_DAYS = 31
@@ -36,10 +46,10 @@ MAX_WINDOWS = 100
 KEEP_ENDED_DAYS = 275
 
 
-def rules(store: Store) -> list[Rule]:
-    """The stored rules; one no reader can interpret (its selector, or a value stored
-    before values were checked as Unicode: issue 23, finding 5) is left out and counted,
-    so the others still reach their probes."""
+def rules(store: FleetStore) -> list[Rule]:
+    """The stored rules; one no reader can interpret (its selector, or a value with a
+    lone surrogate, stored before values were checked as Unicode) is left out and
+    counted, so the others still reach their probes."""
     out = []
     for key, settings, updated_at in store.instruction_rules():
         try:
@@ -51,7 +61,7 @@ def rules(store: Store) -> list[Rule]:
     return out
 
 
-def windows(store: Store, ending_after: str | None = None) -> list[Window]:
+def windows(store: FleetStore, ending_after: str | None = None) -> list[Window]:
     out = []
     for w in store.suppressions(ending_after):
         try:
@@ -65,17 +75,19 @@ def windows(store: Store, ending_after: str | None = None) -> list[Window]:
 
 
 def _encodable(value: Any) -> bool:
-    """Whether a stored value can be read out at all (text stored before issue 23 may
-    hold a lone surrogate; anything else that acts on a terminal is cleaned on output,
-    collector/safetext.py, so a window with a newline in its reason still holds)."""
+    """Whether a stored value can be read out at all (text stored before values were
+    checked as Unicode may hold a lone surrogate; anything else that acts on a terminal
+    is cleaned on output, collector/safetext.py, so a window with a newline in its reason
+    still holds)."""
     return text_problem(value, surrogates_only=True) is None
 
 
 def text_problem(value: Any, surrogates_only: bool = False) -> str | None:
     """Why text in ``value`` (nested lists and objects too) may not be stored, or None:
     it must be valid Unicode (click reads a Latin-1 terminal's bytes into lone
-    surrogates) without characters that act on a terminal (control characters, bidi
-    controls: agent.schema.ACTING_RANGES; issue 23, finding 5)."""
+    surrogates, and one stored made the matching probes' instruction fetch and the fleet
+    view fail) without characters that act on a terminal (control characters, bidi
+    controls: agent.schema.ACTING_RANGES)."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -92,7 +104,7 @@ def text_problem(value: Any, surrogates_only: bool = False) -> str | None:
     return None
 
 
-def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
+def set_instruction(store: Instructing, selector: Selector, put: Mapping[str, Any],
                     remove: Sequence[str] = ()) -> dict[str, Any]:
     """Set ``put`` and remove ``remove`` in the rule of ``selector``; every key and value
     is checked first (Unacceptable naming the key). Returns the rule's settings."""
@@ -129,7 +141,7 @@ def set_instruction(store: Store, selector: Selector, put: Mapping[str, Any],
     return store.update_instruction_rule(selector.key(), change, utc_now())
 
 
-# What a dual-stack last session shows of a probe's own file (issue 23, finding 9).
+# What a dual-stack last session shows of a probe's own file: its session plan doubles.
 _DUAL_STACK: Mapping[str, Any] = {"server.address_family": "both"}
 
 
@@ -146,9 +158,9 @@ def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe],
     """Every affected probe's instruction, all its rules together, must hold: two rules
     fine alone (a timeout for all, a longer window for a region) can break together.
 
-    The collector cannot read a probe's own file, so the session's plan (issue 23) takes
-    the built-in defaults for the keys no rule sets, with one exception it can see: a
-    probe in ``dual_stack`` ran its last session under address_family "both" of its own
+    The collector cannot read a probe's own file, so the session's plan (agent/budget.py)
+    takes the built-in defaults for the keys no rule sets, with one exception it can see:
+    a probe in ``dual_stack`` ran its last session under address_family "both" of its own
     accord, which doubles the plan, so an instruction that does not set the family is
     planned dual stack for it. Whatever else its file sets, the probe plans again and
     keeps its previous instruction if over a limit (its health report says why)."""
@@ -167,7 +179,7 @@ def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe],
                                "other rules it follows)", field=exc.key or None) from None
 
 
-def effective_for(store: Store, name: str, now: str | None = None) -> Effective:
+def effective_for(store: ProbedFleet, name: str, now: str | None = None) -> Effective:
     probe = store.probe(name)
     if probe is None:
         raise NotFound(f"no probe named {name!r}", field="probe")
@@ -175,13 +187,13 @@ def effective_for(store: Store, name: str, now: str | None = None) -> Effective:
     return effective(rules(store), windows(store, moment), probe, moment)
 
 
-def show(store: Store, name: str) -> dict[str, Any]:
+def show(store: ProbedFleet, name: str) -> dict[str, Any]:
     """What ``instruction show`` prints: the document and where each key came from."""
     eff = effective_for(store, name)
     return {"probe_id": name, **eff.document, "sources": eff.sources}
 
 
-def add_window(store: Store, selector: Selector, starts_at: str, ends_at: str,
+def add_window(store: ProbedFleet, selector: Selector, starts_at: str, ends_at: str,
                reason: str) -> Window:
     start, end = _when(starts_at, "from"), _when(ends_at, "until")
     if parse_utc(end) <= parse_utc(start):
@@ -195,7 +207,7 @@ def add_window(store: Store, selector: Selector, starts_at: str, ends_at: str,
         raise Unacceptable(f"reason: required, at most {MAX_REASON_CHARS} characters",
                            field="reason")
     if (problem := text_problem(reason)) is not None:
-        # A NUL was a 500 on PostgreSQL (issue 23, finding 7); a surrogate, every reader's.
+        # A NUL was a 500 on PostgreSQL; a surrogate, every reader's.
         raise Unacceptable(f"reason: {problem}", field="reason")
     if selector.probe is not None and store.probe(selector.probe) is None:
         raise NotFound(f"no probe named {selector.probe!r}", field="probe")
@@ -223,18 +235,18 @@ def _when(text: str, name: str) -> str:
         raise Unacceptable(f"{name}: out of range, got {text!r}", field=name) from None
 
 
-def delete_window(store: Store, ident: int) -> None:
+def delete_window(store: FleetStore, ident: int) -> None:
     if not store.delete_suppression(ident):
         raise NotFound(f"no suppression window {ident}", field="id")
 
 
-def record_health(store: Store, probe: str, raw: Mapping[str, Any],
+def record_health(store: FleetStore, probe: str, raw: Mapping[str, Any],
                   skew_s: float | None) -> None:
-    """A health report the caller validated (agent.schema.parse_health), as sent."""
+    """A health report the caller validated (agent.decoding.parse_health), as sent."""
     store.put_health(probe, utc_now(), skew_s, json.dumps(raw))
 
 
-def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
+def fleet_rows(store: ProbedFleet, silent_after_s: float, validity_days: int,
                now: datetime | None = None, versions: bool = True) -> list[dict[str, Any]]:
     """One fleet row per active probe. ``versions=False`` skips working out each probe's
     current instruction (most of the cost): the rows' instruction_current is then None,
@@ -264,7 +276,7 @@ def fleet_rows(store: Store, silent_after_s: float, validity_days: int,
                             known.get(group, ""), moment, silent_after_s)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             # A health report no reader can interpret costs its own probe's details,
-            # never the fleet's view (issue 23): the row is shown without it.
+            # never the fleet's view: the row is shown without it.
             unreadable.skipped("health", probe.name, exc)
             row = fleet.row(probe, None, activity.get(probe.name), known.get(group, ""),
                             moment, silent_after_s)

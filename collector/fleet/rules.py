@@ -1,5 +1,5 @@
-"""Fleet control (issue 15), pure: instruction rules and suppression windows over probe
-selectors, the effective instruction of one probe, and its version.
+"""Fleet control, pure: instruction rules and suppression windows over probe selectors,
+the effective instruction of one probe, and its version.
 
 A *rule* is a selector (every probe, or the probes whose line metadata matches the
 report scopes' fields) with settings. A probe's effective instruction is the rules that
@@ -87,7 +87,7 @@ def selector(data: Mapping[str, Any] | None, every: bool = False) -> Selector:
         if not isinstance(value, str) or not value or len(value) > MAX_SELECTOR_CHARS \
                 or acting_char(value) is not None:
             # isprintable: no control characters, no NUL (a 500 on PostgreSQL), no lone
-            # surrogate (issue 23): a selector is shown in every listing.
+            # surrogate: a selector is shown in every listing.
             raise ValueError(f"{name}: expected a non-empty string of at most "
                              f"{MAX_SELECTOR_CHARS} printable characters")
     if every == bool(given):

@@ -1,11 +1,11 @@
-"""The fleet view (issue 15), pure: one row per probe from its line metadata, its latest
-health report and its recent results; and the row as text, CSV and an HTML page.
+"""The fleet view, pure: one row per probe from its line metadata, its latest health
+report and its recent results; and the row as text, CSV and an HTML page.
 
 "Last seen" is the later of the last health report and the last result to arrive: an
-agent from before issue 15 sends no reports, and is still seen when it delivers. A probe
-seen longer ago than ``silent_after_s`` (or never) is *silent*. A probe is *healthy*
-when it is not silent, has no dead letters, no failing host checks, no instruction it
-could not apply, and a synchronised clock where it says.
+agent older than the health reports sends none, and is still seen when it delivers. A
+probe seen longer ago than ``silent_after_s`` (or never) is *silent*. A probe is
+*healthy* when it is not silent, has no dead letters, no failing host checks, no
+instruction it could not apply, and a synchronised clock where it says.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Group commit: results delivered at the same moment share one transaction and one
-fsync (issue 14).
+fsync.
 
 Each delivery waits for a commit slot (one for SQLite, which has one writer; the pool's
 size for PostgreSQL). Whoever gets a slot commits every delivery waiting at that moment,
@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from collector.storage.model import InsertOutcome, NewResult
-from collector.storage.store import Store
+from collector.storage.store import ResultStore
 
 log = logging.getLogger("bbprobe.collector")
 
@@ -51,7 +51,7 @@ class GroupCommit:
     slot until its transaction ends, even if the request that started it is cancelled:
     there are never more transactions at once than slots."""
 
-    def __init__(self, run: Callable[[Callable[[Store], list[InsertOutcome]]],
+    def __init__(self, run: Callable[[Callable[[ResultStore], list[InsertOutcome]]],
                                      Awaitable[list[InsertOutcome]]],
                  slots: int) -> None:
         self._run = run
@@ -137,7 +137,7 @@ class GroupCommit:
             await asyncio.gather(*self._commits, return_exceptions=True)
 
 
-def _insert(items: Sequence[NewResult], store: Store) -> list[InsertOutcome]:
+def _insert(items: Sequence[NewResult], store: ResultStore) -> list[InsertOutcome]:
     return store.insert_results(items)
 
 

@@ -1,9 +1,9 @@
 """Pure ingestion: request body bytes -> validated ``SessionResult``, its canonical form
 and the packed form the store keeps (collector/storage/codec.py).
 
-JSON is read with orjson (issue 14): three to four times faster than the standard
-library on these documents, and as strict about NaN and Infinity; what it refuses is
-read again by the standard library (``parse_json``).
+JSON is read with orjson: three to four times faster than the standard library on these
+documents, and as strict about NaN and Infinity; what it refuses is read again by the
+standard library (``parse_json``).
 
 Status hints (after h11's ``error_status_hint``): 400 for a body that is not JSON, 422 for
 JSON that is not a valid result; the message names the field.
@@ -22,15 +22,8 @@ import msgspec
 import orjson
 import zstandard
 
-from agent.schema import (
-    SchemaError,
-    SessionResult,
-    encodes,
-    format_utc,
-    parse_result,
-    parse_utc,
-    timestamps,
-)
+from agent.decoding import SchemaError, encodes, parse_result, timestamps
+from agent.schema import SessionResult, format_utc, parse_utc
 from collector.compliance.facts import SessionFacts, of_result
 from collector.decode import fast_result
 from collector.errors import ApiError
@@ -48,8 +41,8 @@ class Accepted:
     facts: SessionFacts
 
 
-# Content-Encodings a probe may send (issue 14): zstd (what the agent sends by default)
-# and gzip (what any HTTP client can). Anonymous routes accept none.
+# Content-Encodings a probe may send: zstd (what the agent sends by default) and gzip
+# (what any HTTP client can). Anonymous routes accept none.
 ENCODINGS = ("identity", "zstd", "gzip")
 
 
@@ -126,13 +119,13 @@ def _inflate_zstd(raw: bytes, bound: int, why: str) -> bytes:
     return out
 
 
-# Every timestamp a writer supplies lies in a plausible window (issue 23, finding 1): one
-# result dated 0999 sorted as its probe's newest session and broke every reader of the
-# fleet. Nothing bbprobe measures predates 2000; a probe's clock more than a day ahead
-# of ours is wrong (its results would sort ahead of every honest one), and such a result
-# is refused (422: the agent keeps it in its dead letters, nothing is lost). Plans
-# (a campaign's deadline, a suppression's end, the next session) may lie further ahead,
-# but not beyond a year: suppression windows last at most 31 days, campaigns 72 h.
+# Every timestamp a writer supplies lies in a plausible window: one result dated 0999
+# sorted as its probe's newest session and broke every reader of the fleet. Nothing
+# bbprobe measures predates 2000; a probe's clock more than a day ahead of ours is wrong
+# (its results would sort ahead of every honest one), and such a result is refused (422:
+# the agent keeps it in its dead letters, nothing is lost). Plans (a campaign's deadline,
+# a suppression's end, the next session) may lie further ahead, but not beyond a year:
+# suppression windows last at most 31 days, campaigns 72 h.
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 AHEAD_S = 86400.0
 PLANNED_AHEAD_S = 366 * 86400.0
@@ -200,7 +193,7 @@ def parse_json(raw: bytes) -> Any:
     orjson reads nearly every body. What it refuses goes to the standard library, which
     either names the fault in its own words (the byte that is not UTF-8, the NaN) or
     reads it: JSON allows a 400-digit number that orjson will not hold, and the schema
-    then refuses it by field name (422), as before issue 14."""
+    then refuses it by field name (422), the same answer as without orjson."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -225,9 +218,9 @@ def lone_surrogate(data: Any) -> str | None:
 
     orjson refuses an escaped lone surrogate, the standard library reads it into a str
     that no UTF-8 writer can encode: one such string in a health report or an
-    instruction made every later read of the fleet fail (issue 23, findings 2 and 5).
-    This is the one door every JSON body passes (results, health reports, admin
-    bodies, browser results). Iterative: the body may be nested deeply."""
+    instruction made every later read of the fleet fail. This is the one door every JSON
+    body passes (results, health reports, admin bodies, browser results). Iterative: the
+    body may be nested deeply."""
     stack: list[tuple[str, Any]] = [("body", data)]
     while stack:
         path, value = stack.pop()
@@ -276,8 +269,7 @@ def _accepted(result: SessionResult) -> Accepted:
         )
     except (ArithmeticError, ValueError, TypeError) as exc:
         # orjson.JSONEncodeError is a TypeError. The schema bounds every number, so this
-        # should not happen; if a document still
-        # defeats the arithmetic, it is the sender's to fix (4xx: the agent does not retry
-        # it forever), never a 500 (issue 12, finding 10).
+        # should not happen; if a document still defeats the arithmetic, it is the
+        # sender's to fix (4xx: the agent does not retry it forever), never a 500.
         raise ApiError(422, f"result cannot be evaluated: {type(exc).__name__}: {exc}") \
             from None

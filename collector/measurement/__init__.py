@@ -6,7 +6,7 @@
 - page.py: the browser speed-test page (/speedtest);
 - routes.py: registers them all;
 - slots.py: at most ``max_concurrent`` transfers, ``max_concurrent_per_client`` per
-  anonymous client, a share kept for probes' tickets (issue 24), which are verified there;
+  anonymous client, a share kept for probes' tickets, which are verified there;
 - ledger.py: what each ticket has used (transfers at once, bytes, busy seconds).
 
 Everything here is public (role "public"), so everything is bounded: bytes, seconds and

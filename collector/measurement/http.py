@@ -40,7 +40,7 @@ from aiohttp import web
 
 from agent import payload, spec
 from agent.schema import UploadReport, to_dict
-from collector.errors import ApiError
+from collector.errors import ApiError, CollectorError
 from collector.limits import RateLimiter
 from collector.measurement.slots import (
     CAPACITY_LIMITER,
@@ -51,8 +51,8 @@ from collector.measurement.slots import (
     client_key,
     presented,
 )
+from collector.metrics import count
 from collector.routing import Routes
-from collector.web.base import count
 
 NO_STORE = {"Cache-Control": "no-store", "Content-Encoding": "identity"}
 DEFAULT_SAMPLE_INTERVAL_S = 0.1
@@ -123,7 +123,7 @@ _RECEIVE_BUFFER = memoryview(_RECEIVE_STORE)
 _MAX_LINE = 4096
 
 
-class BodyError(Exception):
+class BodyError(CollectorError):
     """The upload body was malformed or cut short."""
 
 

@@ -1,4 +1,4 @@
-"""What each measurement ticket has used on this server (issue 24): pure, the clock given.
+"""What each measurement ticket has used on this server: pure, the clock given.
 
 Per ticket: transfers running, bytes moved (both directions), and busy seconds, the time
 during which at least one of its transfers ran (so 20 parallel streams for 10 s use 10 s,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from collector.errors import CollectorError
 from collector.tickets import LEEWAY_S, Claims
 
 # A fleet of 10,000 probes, each with one ticket a 15-minute session and tickets living
@@ -60,7 +61,7 @@ class ProbeUse:
     running: int = 0
 
 
-class Refusal(Exception):
+class Refusal(CollectorError):
     """The ledger refuses a transfer: ``reason`` (an allowance code, too_many_tickets,
     ticket_streams or ledger_full) and one line saying why."""
 

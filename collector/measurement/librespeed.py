@@ -38,7 +38,7 @@ CORS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS, HEAD",
     "Access-Control-Allow-Headers": "Content-Encoding, Content-Type",
     # Resource Timing (W3C): without it a page from another origin sees zeroed timings
-    # and its ping falls back on coarse timers, 1-2 ms high on loopback (issue 16).
+    # and its ping falls back on coarse timers, 1-2 ms high on loopback.
     "Timing-Allow-Origin": "*",
 }
 log = logging.getLogger("bbprobe.collector")
@@ -103,7 +103,7 @@ async def garbage(request: web.Request) -> web.StreamResponse:
         block = payload.buffer()[:CHUNK]
         try:
             # A client that stops reading holds its slot no longer than any transfer may
-            # last (issue 12: idle sockets held every slot for minutes).
+            # last (else idle sockets could hold every slot for minutes).
             async with asyncio.timeout(transfer.seconds):
                 for _ in range(count):
                     if transfer.take(CHUNK) < CHUNK:
@@ -175,7 +175,3 @@ def add_routes(routes: Routes) -> None:
     for path in paths("getIP"):
         routes.get(path, get_ip, role="public")
         routes.options(path, preflight, role="public")
-
-
-def is_librespeed(path: str) -> bool:
-    return any(path in paths(name) for name in NAMES)

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -57,26 +56,22 @@ MAX_QUERY = 4096
 EARLY_EXIT_BYTES = 250_000_000
 MAX_CLIENT_MEASUREMENTS = 200  # 10 s at the spec's 10/s ceiling, twice over
 MAX_CLIENT_MEASUREMENT_BYTES = 8192
-# What one anonymous subtest may leave in the database of its own messages (issue 12:
-# 200 x 8 KiB each was 1.6 MB a subtest). ndt7-js sends about 40 of ~300 bytes.
+# What one anonymous subtest may leave in the database of its own messages (200 x 8 KiB
+# each would be 1.6 MB a subtest). ndt7-js sends about 40 of ~300 bytes.
 MAX_CLIENT_MEASUREMENTS_TOTAL_BYTES = 64 * 1024
 
 
-# Unsent bytes the kernel may hold for a download (TCP_NOTSENT_LOWAT), as time at the
+# Unsent bytes the kernel may hold for a download (payload.unsent_bound), as time at the
 # rate seen so far. ndt-server leaves the send buffer autotuned, which on a slow line
 # queues seconds of data behind the 10 s mark: the Close then reaches the client late
-# (past the 15 s limit at 2 Mbit/s). In-flight data is not limited by it.
+# (past the 15 s limit at 2 Mbit/s).
 NOTSENT_TARGET_S = 0.05
 MIN_NOTSENT_BYTES = 64 * 1024
-MAX_NOTSENT_BYTES = 16 * 1024 * 1024
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
 def bound_unsent(sock: Any, rate_bps: float) -> None:
-    want = int(min(max(rate_bps / 8 * NOTSENT_TARGET_S, MIN_NOTSENT_BYTES),
-                   MAX_NOTSENT_BYTES))
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, want)
+    payload.limit_unsent(sock, payload.unsent_bound(rate_bps, NOTSENT_TARGET_S,
+                                                    MIN_NOTSENT_BYTES))
 
 
 def next_interval(rng: random.Random) -> float:
@@ -241,17 +236,6 @@ async def _measure(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
         sub.measurement(sock)  # the final state, kept for the record (summary)
 
 
-_MESSAGES: dict[int, bytes] = {}
-
-
-def _message(size: int) -> bytes:
-    """Random bytes of one size, made once (as ndt-server does) from the payload."""
-    found = _MESSAGES.get(size)
-    if found is None:
-        found = _MESSAGES[size] = bytes(memoryview(payload.buffer())[:size])
-    return found
-
-
 async def _send(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
                 stop: asyncio.Event) -> None:
     """Binary messages until ``stop``. Never cancelled: a send cancelled in aiohttp's
@@ -268,7 +252,7 @@ async def _send(ws: web.WebSocketResponse, sub: Subtest, sock: Any,
                 sub.end_reason = "ticket_allowance"
                 return
             sub.app_bytes += size  # the frame is written before the first await
-            await ws.send_bytes(_message(size))
+            await ws.send_bytes(payload.message(size))
             size = next_size(size, sub.app_bytes)
     finally:
         stop.set()
@@ -384,7 +368,7 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             sock = transport.get_extra_info("socket")
             peer = transport.get_extra_info("peername")
             # The client's address as the handlers see it (an IPv4 client of a collector
-            # on "::" is a.b.c.d, web/base.py plain_ipv4), with the socket's port.
+            # on "::" is a.b.c.d, web/middleware.py plain_ipv4), with the socket's port.
             sub = Subtest(test=test, client=_addr((request.remote, peer[1]) if peer and
                                                   request.remote else peer),
                           server=_addr(transport.get_extra_info("sockname")),

@@ -14,7 +14,7 @@ Method (stated on the page and recorded with each result):
   server received in the window (on the server's clock), as the agent's uploads are
   measured: a browser's own "sent" count includes what is still queued in its socket.
 The result goes to ``POST /api/v1/browser-results``: kept apart from probe results, never
-in compliance (issue 7).
+in compliance.
 """
 
 from __future__ import annotations

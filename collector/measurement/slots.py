@@ -2,18 +2,18 @@
 speed-test page's): one pool of transfer slots, shared by anonymous clients and by the
 fleet's probes measuring under a ticket.
 
-Anyone can open these endpoints, so a few idle sockets must not hold every slot (issue
-12): each anonymous client may hold at most ``per_client`` slots, a client being one IPv4
-address or one IPv6 /64 (one customer's LAN, which a single host can fill with addresses
-at will, RFC 4291 §2.5.1 interface identifiers). Every handler also bounds its own time
+Anyone can open these endpoints, so a few idle sockets must not hold every slot: each
+anonymous client may hold at most ``per_client`` slots, a client being one IPv4 address
+or one IPv6 /64 (one customer's LAN, which a single host can fill with addresses at will,
+RFC 4291 §2.5.1 interface identifiers). Every handler also bounds its own time
 (measurement.max_duration_s), so even an allowed slot is released.
 
-Probes behind one address (carrier-grade NAT) would share that address's slots, so a
-probe may present a ticket its collector signed (issue 24, collector/tickets.py): its
-transfers are counted per ticket (collector/measurement/ledger.py: streams at once,
-bytes, busy seconds), not against its address. Tickets and anonymous clients share the
-pool, but ``reserved`` slots are for tickets only, so strangers cannot starve the fleet;
-a stranger at a ticketed probe's address keeps its own per-address share.
+Probes behind one address (carrier-grade NAT) would share that address's slots, so a probe
+may present a ticket its collector signed (collector/tickets.py): its transfers are
+counted per ticket (collector/measurement/ledger.py: streams at once, bytes, busy
+seconds), not against its address. Tickets and anonymous clients share the pool, but
+``reserved`` slots are for tickets only, so strangers cannot starve the fleet; a stranger
+at a ticketed probe's address keeps its own per-address share.
 
 Every capacity refusal (429, 503) carries spec.REFUSED_HEADER with its reason (busy,
 per_client, anonymous_share, ticket_streams, ledger_full): only a refusal so marked is

@@ -26,13 +26,13 @@ from collector.reports import plots
 from collector.reports.service import ReportView
 from collector.reports.text import (
     SHORT_NAMES,
-    Scope,
     customer_sentence,
     format_value,
     invalid_sentence,
     refused_sentence,
 )
 from collector.safetext import html as escape
+from collector.scope import Scope
 from collector.storage.model import HourRow, Probe
 
 HOURLY_SPAN_DAYS = 14

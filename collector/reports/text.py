@@ -6,13 +6,14 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from agent import stats
 from collector.compliance.evaluate import IndicatorResult, Report
 from collector.compliance.facts import is_refusal
 from collector.safetext import csv_cell, terminal
+from collector.scope import Scope
 
 SHORT_NAMES = {
     "download_p95_kbps": "Download, banda massima (p95)",
@@ -26,27 +27,6 @@ SHORT_NAMES = {
     "loss_ratio": "Packet loss rate",
     "jitter_mean_ms": "Jitter, mean",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    probes: tuple[str, ...] | None  # None: all probes
-    since: str | None
-    until: str | None
-    # "ipv4"/"ipv6": only sessions measured over that IP version (issue 16); None: all.
-    family: str | None = None
-
-    def describe(self) -> str:
-        if self.probes is None:
-            who = "all probes"
-        elif not self.probes:
-            who = "no probe matches the selection"
-        else:
-            who = "probe " + ", ".join(self.probes)
-        over = {"ipv4": "; IPv4 sessions only", "ipv6": "; IPv6 sessions only"}.get(
-            self.family or "", "")
-        return (f"{who}; from {self.since or 'the first result'} to "
-                f"{self.until or 'now'}{over}")
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -145,8 +125,8 @@ def server_label(server: str) -> str:
 
 
 def refused_sentence(by_server: Sequence[tuple[str, int]], known: bool = True) -> str:
-    """How many transfer attempts the measurement server refused, per server (issue 24):
-    an under-sized server, not an unreliable line, so never in the failure rate."""
+    """How many transfer attempts the measurement server refused, per server: a capacity
+    refusal says an under-sized server, not an unreliable line, so never in the failure rate."""
     if not known:
         return ("not recorded in this input (a samples file cannot tell a refusal from a "
                 "failure: its failed rows are all the line's)")
@@ -184,7 +164,7 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
                     "included": report.invalid_included},
         "customer": {"tests": dict(report.customer_tests),
                      "included": report.customer_included},
-        # Attempts the measurement server refused (issue 24): not in the failure rate.
+        # Attempts the measurement server refused: not in the failure rate.
         "server_refusals": refusals_dict(report.refused_by_server, report.refusals_known),
         "verdict": report.verdict,
         "indicators": [asdict(r) for r in report.indicators],
@@ -206,7 +186,7 @@ REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "sam
 
 def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
     """One row per indicator, with the scope on every row (a CSV that stands alone), and
-    the scope's attempts the measurement server refused (issue 24): in all, and per
+    the scope's attempts the measurement server refused: in all, and per
     server as ``origin=attempts`` separated by spaces (empty when not recorded)."""
     probes = "*" if scope.probes is None else " ".join(scope.probes)
     known = report.refusals_known
@@ -324,7 +304,7 @@ def listing_row(
     line = [a for a in transfers if not is_refusal(
         a.get("status", ""), a.get("failure_reason"), a.get("http_status"), a.get("error"))]
     if len(line) < len(transfers):
-        # Attempts the server refused are not the line's (issue 24): the failure ratios
+        # Attempts the server refused are not the line's: the failure ratios
         # again without them (an agent before schema 7 counted them in its summary).
         for direction in ("download", "upload"):
             mine = [a for a in line if a.get("direction") == direction]

@@ -35,11 +35,11 @@ from collector.limits import RateLimiter
 from collector.measurement import ndt7
 from collector.measurement import routes as measurement
 from collector.measurement.slots import Gate
-from collector.metrics import Metrics
+from collector.metrics import METRICS, Metrics
 from collector.routing import Routes
 from collector.sinks.influx import InfluxSink
 from collector.storage.model import Quota
-from collector.storage.store import Store, open_store
+from collector.storage.store import AnonymousStore, Store, open_store
 from collector.tickets import Verifier
 from collector.web import (
     admin_routes,
@@ -50,7 +50,7 @@ from collector.web import (
     public_routes,
     ticket_routes,
 )
-from collector.web.base import (
+from collector.web.app_keys import (
     ALERTER,
     ANON_LIMITER,
     COMMITS,
@@ -58,28 +58,25 @@ from collector.web.base import (
     DB_THREADS,
     DECODE_THREADS,
     LIMITER,
-    METRICS,
     SINK,
     STORE,
-    access,
-    errors,
-    on_db,
-    plain_ipv4,
-    sane_request,
 )
+from collector.web.middleware import access, errors, plain_ipv4, sane_request
 from collector.web.public_routes import anonymous_quota
+from collector.web.threads import on_db
 
 log = logging.getLogger("bbprobe.collector")
 
 PRUNE_INTERVAL_S = 3600.0
 
 
-def _prune(browser: Quota, ndt7_quota: Quota, store: Store) -> None:
+def _prune(browser: Quota, ndt7_quota: Quota, store: AnonymousStore) -> None:
     store.prune_anonymous(browser, ndt7_quota)
 
 
 async def prune_anonymous(cfg: CollectorConfig,
-                          run: Callable[[Callable[[Store], None]], Awaitable[None]]) -> None:
+                          run: Callable[[Callable[[AnonymousStore], None]], Awaitable[None]]
+                          ) -> None:
     """At start and every hour: the anonymous tables' retention also holds for a table
     that receives nothing new."""
     while True:
@@ -164,7 +161,7 @@ async def _metrics_listener(app: web.Application, reuse_port: bool) -> AsyncIter
         await runner.cleanup()
 
 
-# What a collector process serves (issue 15): everything, or only the store's side
+# What a collector process serves: everything, or only the store's side
 # (ingestion, queries, reports, admin), or only the measurement endpoints (HTTP, ndt7,
 # LibreSpeed, the speed-test page), which need no database and no targets, so that
 # measurement servers can sit close to the probes, away from the store of record.
@@ -351,7 +348,7 @@ async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None], *,
     # Everything loaded so far (modules, the app, the store) lives as long as the
     # process: out of the collector's sight, a full collection no longer walks it. A
     # result allocates some 10,000 tuples, so collections are frequent: with the heap
-    # frozen, ingest spends about a tenth less CPU (issue 14, docs/benchmarks.md).
+    # frozen, ingest spends about a tenth less CPU (docs/benchmarks.md).
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,13 +18,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import AnyStr
 
 from aiohttp import web
 
 from collector.config import CollectorConfig
-from collector.reports import service
+from collector.fleet import probes as admin
+from collector.lines import LineMetadata
 from collector.server import app as app_mod
-from collector.storage.model import LineMetadata
 from collector.storage.store import Store, open_store
 
 
@@ -42,7 +43,7 @@ class RunningCollector:
         """Register a probe through a second connection, as the CLI would; returns its token."""
         store = self.open_store()
         try:
-            return service.register_probe(store, name, line or LineMetadata())
+            return admin.register_probe(store, name, line or LineMetadata())
         finally:
             store.close()
 
@@ -50,7 +51,7 @@ class RunningCollector:
         """Create an analyst or admin token through a second connection; returns it."""
         store = self.open_store()
         try:
-            return service.add_token(store, name, role)
+            return admin.add_token(store, name, role)
         finally:
             store.close()
 
@@ -155,10 +156,18 @@ def serve_process(config: Path, *extra: str, cwd: Path | None = None
     try:
         yield bound_url(server, addr), server
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
+        stop(server)
+
+
+def stop(proc: subprocess.Popen[AnyStr], timeout_s: float = 30.0
+         ) -> tuple[AnyStr | None, AnyStr | None]:
+    """Stop ``proc`` as systemd would: SIGTERM if it still runs, then SIGKILL if it has not
+    exited within ``timeout_s``. Returns what it still had to say on the streams that are
+    pipes (None for the others)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()

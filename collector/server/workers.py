@@ -150,7 +150,7 @@ def run(cfg: CollectorConfig, count: int, on_ready: Callable[[str], None],
                 if process.pid is not None:
                     # Its counters stay in the sums; its live gauges (transfers
                     # running) go.
-                    mark_process_dead(process.pid, counts)  # type: ignore[no-untyped-call]
+                    mark_process_dead(process.pid, counts)
                 workers[index] = spawn(index)
                 started_at[index] = time.monotonic()
     finally:

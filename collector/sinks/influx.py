@@ -16,10 +16,9 @@ Points (units in field names, as in the result schema; tags for probe and line):
 - ``bbprobe_transfer``: one per attempt (``throughput_bps``, ``bytes_total``,
   ``duration_s``, ``streams``, ``ok``, ``refused``), tags direction, status,
   failure_reason. ``refused`` is 1 for an attempt the measurement server refused
-  (issue 24, compliance/facts.py ``is_refusal``: an old agent's 429 or bbprobe 503
-  included), which
-  has ``ok`` 0 but is not the line's failure: a failure rate counts the attempts with
-  ``ok`` 0 and ``refused`` 0 (configs/grafana). A field, not a tag: a tag would put a
+  (compliance/facts.py ``is_refusal``: an old agent's 429 or bbprobe 503 included),
+  which has ``ok`` 0 but is not the line's failure: a failure rate counts the attempts
+  with ``ok`` 0 and ``refused`` 0 (configs/grafana). A field, not a tag: a tag would put a
   rewritten point in another series, beside the one written before;
 - ``bbprobe_ping``: one per echo request (``rtt_ms``, ``lost``), at its send time.
 Servers speaking the InfluxDB v2 write API work too (VictoriaMetrics names the series
@@ -44,11 +43,12 @@ from typing import Any, Protocol, TypeVar
 from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 
-from agent.schema import SessionResult, format_utc, parse_result, parse_utc, utc_now
+from agent.decoding import parse_result
+from agent.schema import SessionResult, format_utc, parse_utc, utc_now
 from collector.compliance.facts import is_refusal
 from collector.config import influx_token
-from collector.storage.model import LineMetadata
-from collector.storage.store import Store
+from collector.lines import LineMetadata
+from collector.storage.store import OutboxStore
 
 log = logging.getLogger("bbprobe.collector.influx")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,9 +136,9 @@ T = TypeVar("T")
 
 
 class Db(Protocol):
-    """Runs a store call on a database thread (web/base.py ``on_db``)."""
+    """Runs a store call on a database thread (web/threads.py ``on_db``)."""
 
-    def __call__(self, fn: Callable[[Store], T]) -> Awaitable[T]: ...
+    def __call__(self, fn: Callable[[OutboxStore], T]) -> Awaitable[T]: ...
 
 
 def build_points(batch: Sequence[tuple[str, str, Any]]
@@ -214,7 +214,7 @@ class InfluxSink:
                 except TimeoutError:
                     pass
                 continue
-            # Off the event loop (issue 23): a batch of large results takes a second
+            # Off the event loop: a batch of large results takes a second
             # to decode, and every request of the process would wait for it.
             built, unbuilt = await asyncio.get_running_loop().run_in_executor(
                 None, build_points, batch)

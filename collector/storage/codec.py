@@ -1,4 +1,4 @@
-"""Result bodies: their canonical JSON, and the packed form the stores keep (issue 14).
+"""Result bodies: their canonical JSON, and the packed form the stores keep.
 
 Pure functions over bytes and ``SessionResult`` values; no I/O.
 
@@ -7,15 +7,15 @@ the schema's declaration order (a field a later version added is left out while 
 its default, as ``agent.schema.to_dict`` does), no spaces, floats in their shortest round-trip form,
 non-ASCII as UTF-8. A document's hash (``body_sha256``) is taken over these bytes, so two
 deliveries of one result are recognised as duplicates whatever their key order or
-number spelling. Releases before issue 14 canonicalised with the standard library
+number spelling. Releases before the packed form canonicalised with the standard library
 (sorted keys, ``1e-05``): a row stored by one of them is compared by content, not by
-hash (storage/sql.py).
+hash (storage/sql/results.py).
 
 **The packed form** keeps every raw sample, losslessly, in about a seventh of the bytes:
 - Stream samples, ``(t_s, cumulative_bytes)`` pairs, are most of a session (4,000 pairs,
   90 % of a 20-stream ``agcom`` document). They leave the JSON for three int64/float64
   columns: the times as integer microseconds, delta-coded, when every time of a stream
-  is exactly a whole number of microseconds (agents since issue 14 record them so), else
+  is exactly a whole number of microseconds (today's agents record them so), else
   as the float64 values themselves; the byte counts delta-coded.
 - Each column is byte-shuffled (the n-th byte of every value together, as Blosc does), so
   the high bytes that deltas leave zero compress to nothing.
@@ -45,7 +45,8 @@ from typing import Any
 import orjson
 import zstandard
 
-from agent.schema import SessionResult, TransferAttempt, parse_result
+from agent.schema import SessionResult, TransferAttempt
+from collector.errors import StoreError
 
 MAGIC = b"BBZ1"
 # zstd level 3 (its default): level 9 packs 3 % smaller at six times the CPU.
@@ -78,8 +79,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
         return _local.decompressor  # type: ignore[no-any-return]
 
 
-class CodecError(ValueError):
-    """A packed body that cannot be read back (corrupt or of an unknown format)."""
+class CodecError(StoreError, ValueError):
+    """A packed body that cannot be read back (corrupt or of an unknown format): the
+    store cannot give that result (a StoreError), and, as any malformed input, a
+    ValueError to the code that decodes bodies in bulk (storage/refusals.py)."""
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionResult))
@@ -137,13 +140,6 @@ def pack(result: SessionResult) -> bytes:
     payload = b"".join([_HEADER.pack(len(rest), *(len(c) for c in columns[:3])), rest,
                         *columns])
     return MAGIC + _compressor().compress(payload)
-
-
-def pack_json(body: bytes | str) -> bytes:
-    """The stored form of a canonical JSON document given as text (it must be one:
-    ``unpack`` gives back exactly these bytes only if they were canonical)."""
-    raw = body.encode() if isinstance(body, str) else body
-    return pack(parse_result(orjson.loads(raw)))
 
 
 def without_samples(packed: bytes) -> bytes:

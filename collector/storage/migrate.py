@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collector.storage.sql import TABLES, iterate_pages
-from collector.storage.store import Store
+from collector.storage.sql.copy import TABLES
+from collector.storage.store import CopyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
 
 
-def copy_store(source: Store, target: Store, *, page: int = 2000, full: bool = False,
+def copy_store(source: CopyStore, target: CopyStore, *, page: int = 2000, full: bool = False,
                checkpoint: Checkpoint | None = None,
                progress: Callable[[str, int], None] | None = None) -> list[TableCopy]:
     """Copy every table of ``source`` into ``target``; one TableCopy per table."""
@@ -96,3 +96,16 @@ def copy_store(source: Store, target: Store, *, page: int = 2000, full: bool = F
         target.after_load(table)
         out.append(TableCopy(table, source.count(table), target.count(table), copied))
     return out
+
+
+def iterate_pages(source: CopyStore, table: str, page: int,
+                  after: Sequence[Any] | None = None) -> Iterator[list[tuple[Any, ...]]]:
+    """Pages of ``table`` in key order after ``after`` (copying a store)."""
+    key, columns = TABLES[table]
+    index = [columns.index(k) for k in key]
+    while True:
+        rows = source.dump(table, after, page)
+        if not rows:
+            return
+        yield rows
+        after = [rows[-1][i] for i in index]

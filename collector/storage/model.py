@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from collector.compliance.facts import SessionFacts
+from collector.lines import LineMetadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,26 +18,6 @@ class Quota:
 
     keep_after: str
     max_rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class LineMetadata:
-    """What an analyst knows about the line a probe sits on (the contract's figures)."""
-
-    operator: str | None = None
-    offer: str | None = None
-    region: str | None = None
-    technology: str | None = None
-    download_nominal_kbps: float | None = None
-    download_min_kbps: float | None = None
-    upload_nominal_kbps: float | None = None
-    upload_min_kbps: float | None = None
-    max_delay_ms: float | None = None
-    max_loss_ratio: float | None = None
-    # The offer's "normally available" speeds (delibera 156/23/CONS: every offer declares
-    # minimum, normally available and maximum speeds; *_nominal_kbps is the maximum).
-    download_normal_kbps: float | None = None
-    upload_normal_kbps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +88,8 @@ InsertOutcome = Literal["stored", "duplicate", "conflict"]
 
 @dataclass(frozen=True, slots=True)
 class AlertDelivery:
-    """A pending delivery of an alert to one notifier, as leased (issue 16)."""
+    """A pending delivery of an alert to one notifier, as leased by one collector
+    process."""
 
     alert_id: int
     notifier: str

@@ -1,4 +1,4 @@
-"""A store migration (issue 24): attempts the measurement server refused, taken out of
+"""A store migration: attempts the measurement server refused, taken out of
 the facts stored before the collector told them from the line's failures.
 
 Until schema 7 an agent recorded a transfer the server turned away for capacity as a
@@ -13,7 +13,7 @@ failed transfer fact. The others (most of a big database) are not read; of those
 only a body that can hold a refusal (MAYBE_REFUSED) is decoded (validated in C,
 collector/decode.py). Each session that had refusals gets its transfer facts written
 again without them, and its refused count; each day it falls in gets its rollup rebuilt
-from its sessions (storage/sql.py ``rebuild_day``, as a deleted result's day is).
+from its sessions (storage/sql/facts.py ``rebuild_day``, as a deleted result's day is).
 
 This changes figures a report may already have given (a line's failure rate, a day's
 rollup), so the change is recorded, not only made: one log line per run (sessions and
@@ -39,13 +39,15 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from agent.schema import SessionResult, parse_result, utc_now
+from agent.decoding import parse_result
+from agent.schema import SessionResult, utc_now
 from collector import unreadable
 from collector.compliance import rollup
 from collector.compliance.facts import of_result
 from collector.decode import fast_result
 from collector.storage import codec
-from collector.storage.sql import Dialect, Tx, insert_transfer_facts, rebuild_day
+from collector.storage.sql.base import Tx
+from collector.storage.sql.facts import insert_transfer_facts, rebuild_day
 
 log = logging.getLogger("bbprobe.collector")
 # Sessions whose bodies are read at a time (the candidates' ids are held in memory:
@@ -73,11 +75,12 @@ class Reclassified:
     days: int = 0
 
 
-def reclassify(tx: Tx, dialect: Dialect) -> Reclassified:
+def reclassify(tx: Tx) -> Reclassified:
     """Re-derive the transfer facts of every stored session with a failed attempt, take
     out the attempts the server refused, and rebuild their days; record each changed
     session in refusal_reclassifications and log what changed. A body the current
     schema cannot read keeps its facts as they were."""
+    dialect = tx.dialect
     candidates = [r[0] for r in tx.rows(
         "SELECT DISTINCT result_id FROM transfer_facts WHERE ok = 0 ORDER BY result_id")]
     migrated_at = utc_now()
@@ -128,13 +131,13 @@ def reclassify(tx: Tx, dialect: Dialect) -> Reclassified:
             rebuilt += 1
     done = Reclassified(changed, attempts, rebuilt)
     if changed:
-        log.warning("storage migration (issue 24): %d stored session(s) had %d transfer "
+        log.warning("storage migration (capacity refusals): %d stored session(s) had %d transfer "
                     "attempt(s) the measurement server refused counted as the line's "
                     "failures; reclassified as refusals (not in the failure rate), %d day "
                     "rollup(s) rebuilt; the sessions are listed in "
                     "refusal_reclassifications", done.sessions, done.attempts, done.days)
     else:
-        log.info("storage migration (issue 24): of %d stored session(s) with a failed "
+        log.info("storage migration (capacity refusals): of %d stored session(s) with a failed "
                  "attempt, none had a refusal of the measurement server counted as the "
                  "line's failure; nothing reclassified", len(candidates))
     return done

@@ -3,9 +3,10 @@
 Durability (shared/reference/reliability.md §6): WAL journal, ``synchronous=FULL`` so an
 acknowledged result survives power loss, writes in ``BEGIN IMMEDIATE`` transactions (no
 deferred-upgrade SQLITE_BUSY), ``busy_timeout`` for concurrent CLI use, ``quick_check`` at
-open. Schema changes are numbered migrations tracked in ``PRAGMA user_version``.
+open. Schema changes are numbered migrations (storage/sqlite_migrations.py) tracked in
+``PRAGMA user_version``.
 
-The queries are storage/sql.py's. One connection, not thread-safe: the web app runs the
+The queries are in storage/sql/. One connection, not thread-safe: the web app runs the
 store on one dedicated thread (``concurrency = 1``; SQLite has one writer anyway).
 """
 
@@ -18,10 +19,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collector.errors import StoreError
-from collector.storage import refusals
-from collector.storage.sql import DAY_COLUMNS, SqlStore, Tx, _day, _day_values
-from collector.storage.sql import Dialect as _Dialect
+from collector.errors import StoreError, StoreFault, StoreUnavailable, Unstorable
+from collector.storage.sql import SqlStore
+from collector.storage.sql.base import Dialect, Tx, database_error
+from collector.storage.sqlite_migrations import MIGRATIONS
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ def _in_json_list(column: str, values: Sequence[Any]) -> tuple[str, Any]:
     return f"{column} IN (SELECT value FROM json_each(?))", json.dumps(list(values))
 
 
-DIALECT = _Dialect(
+DIALECT = Dialect(
     name="sqlite", placeholder="?", no_limit="LIMIT -1", for_update="", skip_locked="",
     integrity_errors=(sqlite3.IntegrityError,), in_list=_in_json_list,
     # Every probe, named: the planner then reads each probe's time range from the
@@ -39,389 +40,20 @@ DIALECT = _Dialect(
 )
 
 
-# The facts tables as migration 2 made them: its backfill writes these columns only
-# (the columns added later are filled by the migrations that add them).
-_V2_SESSION = ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost", "rtt_n",
-               "rtt_mean_ms", "rtt_m2", "rtts_ms", "valid", "invalid_codes")
-_V2_DAY = DAY_COLUMNS[:16]
-
-
-def _backfill_facts(db: sqlite3.Connection) -> None:
-    """Derive the facts of every stored result from its body (the master copy), against
-    the schema of version 2 (frozen here: today's insert knows columns not there yet).
-    Every attempt is a transfer fact, as then: migration 19 takes the ones the server
-    refused out (issue 24), with the columns it counts them in."""
-    from dataclasses import replace
-
-    from agent.schema import parse_result
-    from collector.compliance import rollup
-    from collector.compliance.facts import TransferFact, of_result
-
-    for started_at, body, probe in db.execute(
-            "SELECT started_at, body, probe_name FROM results").fetchall():
-        result = parse_result(json.loads(body))
-        f = replace(of_result(result, started_at), refused_attempts=0, refused_server=None,
-                    transfers=tuple(TransferFact(
-                        a.direction, a.status == "ok",
-                        a.throughput_bps / 1000 if a.status == "ok"
-                        and a.throughput_bps is not None else None)
-                        for a in result.transfers))
-        db.execute(f"INSERT INTO session_facts ({', '.join(_V2_SESSION)}) "
-                   f"VALUES ({', '.join('?' * len(_V2_SESSION))})",
-                   (probe, f.started_at, f.result_id, f.pings_sent, f.pings_lost, f.rtt.n,
-                    f.rtt.mean, f.rtt.m2, json.dumps(f.rtts_ms, separators=(",", ":")),
-                    int(f.valid), " ".join(f.invalid_codes)))
-        db.executemany(
-            "INSERT INTO transfer_facts (probe_name, started_at, result_id, seq, direction, "
-            "ok, kbps, valid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(probe, f.started_at, f.result_id, seq, t.direction, int(t.ok), t.kbps,
-              int(f.valid)) for seq, t in enumerate(f.transfers)])
-        day = rollup.day_of(f.started_at)
-        row = db.execute(f"SELECT {', '.join(_V2_DAY)} FROM day_facts WHERE probe_name = ? "
-                         "AND day = ?", (probe, day)).fetchone()
-        merged = rollup.add_session(_day((*row, 0, 0, "{}")) if row else
-                                    rollup.DayRollup(probe, day), f)
-        db.execute(f"INSERT OR REPLACE INTO day_facts ({', '.join(_V2_DAY)}) "
-                   f"VALUES ({', '.join('?' * len(_V2_DAY))})", _day_values(merged)[:16])
-
-
-PAGE = 5000
-
-
-def _backfill_jitter(db: sqlite3.Connection) -> None:
-    """Each stored session's jitter terms from its raw RTTs, a page at a time (memory
-    stays bounded on a big database), then each day's sums over its valid sessions
-    (integers: exact in any order)."""
-    from collector.compliance.facts import jitter_terms
-
-    after = ("", "", "")
-    while True:
-        rows = db.execute(
-            "SELECT probe_name, started_at, result_id, rtts_ms FROM session_facts "
-            "WHERE (probe_name, started_at, result_id) > (?, ?, ?) "
-            "ORDER BY probe_name, started_at, result_id LIMIT ?", (*after, PAGE)).fetchall()
-        if not rows:
-            break
-        db.executemany("UPDATE session_facts SET jitter_sum_ns = ?, jitter_pairs = ? "
-                       "WHERE probe_name = ? AND started_at = ? AND result_id = ?",
-                       [(*jitter_terms(json.loads(rtts)), p, s, r) for p, s, r, rtts in rows])
-        after = rows[-1][:3]
-    db.execute(
-        "UPDATE day_facts SET (jitter_sum_ns, jitter_pairs) = (SELECT "
-        "COALESCE(SUM(jitter_sum_ns), 0), COALESCE(SUM(jitter_pairs), 0) FROM session_facts s "
-        "WHERE s.probe_name = day_facts.probe_name AND s.valid = 1 "
-        "AND s.started_at >= day_facts.day || 'T' "
-        "AND s.started_at < day_facts.day || 'U')")
-
-
-def _reclassify_refusals(db: sqlite3.Connection) -> None:
-    refusals.reclassify(Tx(db, DIALECT), DIALECT)
-
-
-# Each entry upgrades the schema from version i to i + 1: SQL statements, or a function
-# that rewrites data. Never edit a shipped migration.
-MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
-    """
-    CREATE TABLE probes (
-        name TEXT PRIMARY KEY,
-        token_sha256 TEXT NOT NULL UNIQUE,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT,
-        operator TEXT,
-        offer TEXT,
-        region TEXT,
-        technology TEXT,
-        download_nominal_kbps REAL,
-        download_min_kbps REAL,
-        upload_nominal_kbps REAL,
-        upload_min_kbps REAL,
-        max_delay_ms REAL,
-        max_loss_ratio REAL
-    );
-    CREATE TABLE results (
-        result_id TEXT PRIMARY KEY,
-        probe_name TEXT NOT NULL REFERENCES probes(name),
-        schema_version INTEGER NOT NULL,
-        started_at TEXT NOT NULL,
-        ended_at TEXT NOT NULL,
-        received_at TEXT NOT NULL,
-        body_sha256 TEXT NOT NULL,
-        body TEXT NOT NULL
-    );
-    CREATE INDEX results_probe_started ON results (probe_name, started_at);
-    CREATE INDEX results_started ON results (started_at);
-    """,
-    # 2: per-session facts (collector/compliance/facts.py), clustered by probe and time
-    # (WITHOUT ROWID) so a scope reads contiguous rows, and their per-probe UTC-day
-    # rollup (valid sessions merged; speeds as packed float64), which evaluates whole days
-    # without reading every session; backfilled from the bodies.
-    """
-    CREATE TABLE session_facts (
-        probe_name TEXT NOT NULL,
-        started_at TEXT NOT NULL,
-        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
-        pings_sent INTEGER NOT NULL,
-        pings_lost INTEGER NOT NULL,
-        rtt_n INTEGER NOT NULL,
-        rtt_mean_ms REAL NOT NULL,
-        rtt_m2 REAL NOT NULL,
-        rtts_ms TEXT NOT NULL,
-        valid INTEGER NOT NULL,
-        invalid_codes TEXT NOT NULL,
-        PRIMARY KEY (probe_name, started_at, result_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE transfer_facts (
-        probe_name TEXT NOT NULL,
-        started_at TEXT NOT NULL,
-        result_id TEXT NOT NULL REFERENCES results(result_id),
-        seq INTEGER NOT NULL,
-        direction TEXT NOT NULL,
-        ok INTEGER NOT NULL,
-        kbps REAL,
-        valid INTEGER NOT NULL,
-        PRIMARY KEY (probe_name, started_at, result_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE day_facts (
-        probe_name TEXT NOT NULL,
-        day TEXT NOT NULL,
-        sessions INTEGER NOT NULL,
-        pings_sent INTEGER NOT NULL,
-        pings_lost INTEGER NOT NULL,
-        rtt_n INTEGER NOT NULL,
-        rtt_mean_ms REAL NOT NULL,
-        rtt_m2 REAL NOT NULL,
-        download_attempts INTEGER NOT NULL,
-        download_failed INTEGER NOT NULL,
-        upload_attempts INTEGER NOT NULL,
-        upload_failed INTEGER NOT NULL,
-        download_kbps BLOB NOT NULL,
-        upload_kbps BLOB NOT NULL,
-        invalid_sessions INTEGER NOT NULL,
-        invalid_codes TEXT NOT NULL,
-        PRIMARY KEY (probe_name, day)
-    ) WITHOUT ROWID;
-    """,
-    _backfill_facts,
-    # 3: results waiting to be copied to InfluxDB (collector/sinks/influx.py), in arrival order.
-    """
-    CREATE TABLE influx_outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        result_id TEXT NOT NULL UNIQUE REFERENCES results(result_id),
-        queued_at TEXT NOT NULL
-    );
-    """,
-    # 4: the probe clock's offset from ours at delivery (X-Bbprobe-Sent-At), and the gap
-    # records of results probes had to drop.
-    """
-    ALTER TABLE results ADD COLUMN clock_skew_s REAL;
-    CREATE TABLE gaps (
-        gap_id TEXT PRIMARY KEY,
-        probe_name TEXT NOT NULL REFERENCES probes(name),
-        received_at TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        dropped INTEGER NOT NULL,
-        first_started_at TEXT NOT NULL,
-        last_started_at TEXT NOT NULL,
-        body_sha256 TEXT NOT NULL
-    );
-    CREATE INDEX gaps_probe ON gaps (probe_name, first_started_at);
-    """,
-    # 5: analyst and admin tokens (collector/auth.py).
-    """
-    CREATE TABLE tokens (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL CHECK (role IN ('analyst', 'admin')),
-        token_sha256 TEXT NOT NULL UNIQUE,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    """,
-    # 6: anonymous browser speed tests (/speedtest), kept apart from probe results.
-    """
-    CREATE TABLE browser_results (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        received_at TEXT NOT NULL,
-        client TEXT NOT NULL,
-        body TEXT NOT NULL
-    );
-    """,
-    # 7: ndt7 subtests served to third-party clients (ndt7-js, ndt7-client-go, bbprobe's
-    # own ndt7 mode), in the shape of ndt-server's archive; apart from probe results.
-    """
-    CREATE TABLE ndt7_tests (
-        uuid TEXT PRIMARY KEY,
-        test TEXT NOT NULL CHECK (test IN ('download', 'upload')),
-        started_at TEXT NOT NULL,
-        ended_at TEXT NOT NULL,
-        client TEXT NOT NULL,
-        end_reason TEXT NOT NULL,
-        throughput_bps REAL,
-        min_rtt_ms REAL,
-        body TEXT NOT NULL
-    );
-    CREATE INDEX ndt7_tests_started ON ndt7_tests (started_at);
-    """,
-    # 8: results InfluxDB refused for good (a 4xx for that result alone), or whose points
-    # could not be built: taken out of the outbox so the ones after them flow (issue 12,
-    # reliability.md C6), kept with the reason until retried.
-    """
-    CREATE TABLE influx_dead_letters (
-        result_id TEXT PRIMARY KEY REFERENCES results(result_id),
-        failed_at TEXT NOT NULL,
-        reason TEXT NOT NULL
-    );
-    -- The anonymous tables are pruned by age (Quota below).
-    CREATE INDEX browser_results_received ON browser_results (received_at);
-    """,
-    # 9: completeness (reliability.md C8): each result's session_seq (schema v4), and the
-    # sequence numbers a gap record stands for, as JSON [[first, last], ...].
-    """
-    ALTER TABLE results ADD COLUMN session_seq INTEGER;
-    CREATE INDEX results_probe_seq ON results (probe_name, session_seq)
-        WHERE session_seq IS NOT NULL;
-    ALTER TABLE gaps ADD COLUMN seq_ranges TEXT NOT NULL DEFAULT '[]';
-    """,
-    # 10: the InfluxDB outbox is leased (issue 13): with many collector processes over one
-    # database each queued result goes to one sink at a time; a lease that is not
-    # finished (the process died) expires and the row is taken again.
-    """
-    ALTER TABLE influx_outbox ADD COLUMN lease_owner TEXT;
-    ALTER TABLE influx_outbox ADD COLUMN leased_until TEXT;
-    """,
-    # 11: result bodies packed (storage/codec.py, issue 14): a new row keeps its
-    # canonical JSON here, losslessly, in about a seventh of the bytes, and '' in body.
-    # Rows stored before keep their text body (``compact`` packs them).
-    """
-    ALTER TABLE results ADD COLUMN body_packed BLOB;
-    """,
-    # 12: fleet control (issue 15): instruction rules (a probe selector, canonical JSON,
-    # and its settings as JSON {dotted key: value}); suppression windows; each probe's
-    # latest health report, as it sent it.
-    """
-    CREATE TABLE instruction_rules (
-        selector TEXT PRIMARY KEY,
-        settings TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    CREATE TABLE suppressions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        selector TEXT NOT NULL,
-        starts_at TEXT NOT NULL,
-        ends_at TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE probe_health (
-        probe_name TEXT PRIMARY KEY REFERENCES probes(name),
-        received_at TEXT NOT NULL,
-        clock_skew_s REAL,
-        body TEXT NOT NULL
-    );
-    """,
-    # 13: alerts (issue 16): one row per alert (dedup_key unique: a condition alerts
-    # once), and each notifier's delivery state, leased by the collector process that
-    # sends it.
-    """
-    CREATE TABLE alerts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        dedup_key TEXT NOT NULL UNIQUE,
-        kind TEXT NOT NULL,
-        probe_name TEXT,
-        severity TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        details TEXT NOT NULL
-    );
-    CREATE TABLE alert_deliveries (
-        alert_id INTEGER NOT NULL REFERENCES alerts(id) ON DELETE CASCADE,
-        notifier TEXT NOT NULL,
-        state TEXT NOT NULL,
-        attempts INTEGER NOT NULL,
-        next_at TEXT NOT NULL,
-        lease_owner TEXT,
-        leased_until TEXT,
-        last_error TEXT,
-        delivered_at TEXT,
-        PRIMARY KEY (alert_id, notifier)
-    );
-    CREATE INDEX alert_deliveries_due ON alert_deliveries (state, next_at);
-    CREATE INDEX alerts_created ON alerts (created_at);
-    """,
-    # 14: the KPIs of delibera 156/23/CONS (issue 16): the offer's normally available
-    # speeds on the line; and jitter (the sum of |consecutive answered RTT differences|
-    # and the number of such pairs) per session and per day, so a scope's mean jitter
-    # merges exactly like the rest; the access technologies spelt as collector/lines.py
-    # does (any case was accepted before), so filters and groups find them.
-    """
-    ALTER TABLE probes ADD COLUMN download_normal_kbps REAL;
-    ALTER TABLE probes ADD COLUMN upload_normal_kbps REAL;
-    ALTER TABLE session_facts ADD COLUMN jitter_sum_ns INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE session_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE day_facts ADD COLUMN jitter_sum_ns INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE day_facts ADD COLUMN jitter_pairs INTEGER NOT NULL DEFAULT 0;
-    UPDATE probes SET technology = 'ADSL' WHERE lower(trim(technology)) = 'adsl';
-    UPDATE probes SET technology = 'VDSL' WHERE lower(trim(technology)) = 'vdsl';
-    UPDATE probes SET technology = 'FTTC' WHERE lower(trim(technology)) = 'fttc';
-    UPDATE probes SET technology = 'FTTB' WHERE lower(trim(technology)) = 'fttb';
-    UPDATE probes SET technology = 'FTTH' WHERE lower(trim(technology)) = 'ftth';
-    UPDATE probes SET technology = 'FWA' WHERE lower(trim(technology)) = 'fwa';
-    UPDATE probes SET technology = 'cable' WHERE lower(trim(technology)) = 'cable';
-    UPDATE probes SET technology = 'satellite' WHERE lower(trim(technology)) = 'satellite';
-    UPDATE probes SET technology = 'other' WHERE lower(trim(technology)) = 'other';
-    """,
-    # 15: jitter of the sessions stored before (from the raw RTTs kept in the facts).
-    _backfill_jitter,
-    # 16: the IP version each session measured over (schema 6, issue 16), for reports
-    # by family. NULL: unknown. No backfill: a collector refuses results newer than its
-    # schema, so every row already stored is of schema 5 or older, which has no family.
-    """
-    ALTER TABLE session_facts ADD COLUMN address_family TEXT;
-    ALTER TABLE session_facts ADD COLUMN dual_stack INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 17: results an operator removed (issue 23: `bbprobe-collector result delete`), an
-    # audit row each, appended, never changed: which result, whose, its number, hash and
-    # start, when, by whom and why.
-    """
-    CREATE TABLE result_deletions (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        result_id TEXT NOT NULL,
-        probe_name TEXT NOT NULL,
-        started_at TEXT NOT NULL,
-        session_seq INTEGER,
-        body_sha256 TEXT NOT NULL,
-        deleted_at TEXT NOT NULL,
-        deleted_by TEXT NOT NULL,
-        reason TEXT NOT NULL
-    );
-    CREATE INDEX result_deletions_probe ON result_deletions (probe_name);
-    """,
-    # 18: attempts the measurement server refused (issue 24: for capacity, HTTP 429 or a
-    # bbprobe server's 503, or its refusal of the session's ticket), counted apart from
-    # the line's failures: per session, with the server (its origin) that refused them;
-    # per day, JSON {server: attempts}. And the audit of migration 19: a row per stored
-    # session it reclassified (appended, never changed).
-    """
-    ALTER TABLE session_facts ADD COLUMN refused_attempts INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE session_facts ADD COLUMN refused_server TEXT;
-    ALTER TABLE day_facts ADD COLUMN refused_servers TEXT NOT NULL DEFAULT '{}';
-    CREATE TABLE refusal_reclassifications (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        result_id TEXT NOT NULL,
-        probe_name TEXT NOT NULL,
-        started_at TEXT NOT NULL,
-        attempts INTEGER NOT NULL,
-        refused_server TEXT,
-        migrated_at TEXT NOT NULL
-    );
-    CREATE INDEX refusal_reclassifications_probe
-        ON refusal_reclassifications (probe_name, started_at);
-    """,
-    # 19: the refusals stored before as failed attempts, taken out of the failure rate
-    # (storage/refusals.py): the sessions with a failed transfer fact are decoded again,
-    # and their days rebuilt; each session changed is logged in sum and listed in
-    # refusal_reclassifications.
-    _reclassify_refusals,
-)
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's errors as the store's own (collector/errors.py), at the store's edge:
+    nothing above it knows the driver. An OperationalError is the file unavailable for
+    now (locked past busy_timeout, a disk I/O error, a file gone); a DataError a value
+    SQLite cannot hold; any other a statement it refused or a damaged file."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(database_error(exc)) from exc
+    except sqlite3.DataError as exc:
+        raise Unstorable(database_error(exc)) from exc
+    except sqlite3.Error as exc:
+        raise StoreFault(database_error(exc)) from exc
 
 
 class SqliteStore(SqlStore):
@@ -458,14 +90,14 @@ class SqliteStore(SqlStore):
 
     @property
     def schema_version(self) -> int:
+        with _translated():
+            return self._user_version()
+
+    def _user_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    @property
-    def latest_version(self) -> int:
-        return len(MIGRATIONS)
-
     def _migrate(self) -> None:
-        current = self.schema_version
+        current = self._user_version()
         if current > len(MIGRATIONS):
             raise StoreError(
                 f"database {self.path} has schema version {current}, newer than this "
@@ -474,24 +106,31 @@ class SqliteStore(SqlStore):
         for version in range(current, len(MIGRATIONS)):
             step = MIGRATIONS[version]
 
-            def apply(tx: Tx, step: str | Callable[[sqlite3.Connection], None] = step,
+            def apply(tx: Tx, step: str | Callable[[Tx], object] = step,
                       version: int = version) -> None:
                 if callable(step):
-                    step(self._db)
+                    step(tx)
                 else:
                     for statement in step.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {version + 1}")
 
-            self._transaction(apply)
+            self._atomic(apply)
 
     @contextmanager
     def _reading(self) -> Iterator[Tx]:
         # Autocommit reads on the one connection: WAL gives each statement a snapshot.
-        yield Tx(self._db, DIALECT)
+        with _translated():
+            yield Tx(self._db, DIALECT)
 
     def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        with _translated():
+            return self._atomic(fn)
+
+    def _atomic(self, fn: Callable[[Tx], T]) -> T:
+        """``fn`` in one write transaction, sqlite3's errors as they are (the opening
+        migration says them in its own words)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             value = fn(Tx(self._db, DIALECT))

@@ -1,10 +1,14 @@
-"""The storage seam: what the collector asks of a database, and the factory that opens
-the configured one.
+"""The storage seam: what the collector asks of a database, role by role, and the factory
+that opens the configured one.
 
-Two implementations speak it: ``SqliteStore`` (storage/sqlite.py, the embedded default,
-one file) and ``PostgresStore`` (storage/postgres.py, one database behind many collector
-processes). Both take and give the plain records of storage/model.py. Every method is
-synchronous; the web app runs them on database threads (``concurrency`` of them at once).
+Each role is a narrow protocol, one per aggregate of storage/sql/ (probes, results,
+reports, outbox, anonymous tests, fleet, alerts, copy, and the housekeeping of the
+database itself); ``Store`` is all of them. A module takes the roles it uses, so a test
+can fake just those. Two implementations speak every role: ``SqliteStore``
+(storage/sqlite.py, the embedded default, one file) and ``PostgresStore``
+(storage/postgres.py, one database behind many collector processes). Both take and give
+the plain records of storage/model.py. Every method is synchronous; the web app runs
+them on database threads (``concurrency`` of them at once).
 """
 
 from __future__ import annotations
@@ -17,37 +21,31 @@ from typing import Any, Protocol
 from agent import credentials
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts
-from collector.compliance.rollup import DayRollup
 from collector.config import StorageConfig, default_database
-from collector.errors import ConfigError, StoreError
+from collector.errors import ConfigError
+from collector.lines import LineMetadata
 from collector.storage.model import (
     AlertDelivery,
     HourRow,
     InsertOutcome,
-    LineMetadata,
     NewResult,
     Probe,
     Quota,
     StoredResult,
 )
-from collector.storage.postgres import PostgresStore
-from collector.storage.sqlite import SqliteStore
 
 OutboxRow = tuple[str, str, LineMetadata]
 
 
-class Store(Protocol):
-    """The collector's master copy of probes, tokens and results."""
+class Housekeeping(Protocol):
+    """The database itself: where it is, how many threads may call it, its schema, its
+    size on disk and the space packing frees; closed once, at the end."""
 
-    outbox: bool
     concurrency: int
     describe: str  # where it is, for messages (never a password)
 
     @property
     def schema_version(self) -> int: ...
-
-    @property
-    def latest_version(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -59,7 +57,10 @@ class Store(Protocol):
         """Give the space freed by ``pack_text_bodies`` back to the disk (SQLite), or
         refuse (PostgreSQL reuses it; Unacceptable says how to return it)."""
 
-    # probes and tokens
+
+class ProbeStore(Protocol):
+    """Probes (with their line metadata) and the analyst and admin tokens."""
+
     def add_probe(self, name: str, token_sha256: str, created_at: str,
                   line: LineMetadata) -> None: ...
 
@@ -81,8 +82,9 @@ class Store(Protocol):
 
     def probes(self) -> list[Probe]: ...
 
-    # results, gaps and their facts
-    def insert_result(self, **item: Any) -> InsertOutcome: ...
+
+class ResultStore(Protocol):
+    """Results and gap records, stored once each; their session numbers; deletions."""
 
     def insert_results(self, items: Sequence[NewResult]) -> list[InsertOutcome]: ...
 
@@ -102,7 +104,7 @@ class Store(Protocol):
     def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
              until: str | None = None) -> list[dict[str, Any]]: ...
 
-    # family: "ipv4"/"ipv6" keeps the sessions measured over it (issue 16); None: all.
+    # family: "ipv4"/"ipv6" keeps the sessions measured over it; None: all.
     def results(self, probes: Sequence[str] | None = None, since: str | None = None,
                 until: str | None = None, limit: int | None = None,
                 family: str | None = None) -> list[StoredResult]: ...
@@ -112,20 +114,19 @@ class Store(Protocol):
     def delete_result(self, result_id: str, reason: str, deleted_at: str,
                       deleted_by: str) -> dict[str, Any] | None:
         """Remove a result, its facts and outbox entries; rebuild its day's rollup; keep
-        an audit row (issue 23). None if there is no such result."""
+        an audit row. None if there is no such result."""
 
     def result_deletions(self) -> list[dict[str, Any]]: ...
 
     def count_results(self) -> int: ...
 
-    def count(self, table: str) -> int: ...
+
+class ReportStore(Protocol):
+    """What reports, plots, certificates and metrics read: the facts, never the bodies."""
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
                      until: str | None = None, include_invalid: bool = False,
                      family: str | None = None) -> Observations: ...
-
-    def day_rollups(self, probes: Sequence[str] | None = None, day_lo: str | None = None,
-                    day_hi: str | None = None) -> list[DayRollup]: ...
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None, family: str | None = None) -> list[SessionFacts]: ...
@@ -134,11 +135,14 @@ class Store(Protocol):
                until: str | None = None, include_invalid: bool = False,
                family: str | None = None) -> list[HourRow]: ...
 
-    # the InfluxDB outbox
+    def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]: ...
+
+
+class OutboxStore(Protocol):
+    """The InfluxDB outbox and its dead letters (collector/sinks/influx.py)."""
+
     def outbox_lease(self, owner: str, limit: int, now: str,
                      until: str) -> list[OutboxRow]: ...
-
-    def outbox_batch(self, limit: int) -> list[OutboxRow]: ...
 
     def outbox_done(self, result_ids: Sequence[str]) -> None: ...
 
@@ -157,7 +161,10 @@ class Store(Protocol):
     def outbox_enqueue(self, probes: Sequence[str] | None, since: str | None,
                        until: str | None, queued_at: str) -> int: ...
 
-    # anonymous tables: browser and ndt7 tests
+
+class AnonymousStore(Protocol):
+    """Browser and ndt7 tests of anonymous clients, bounded by their quotas."""
+
     def add_browser_result(self, received_at: str, client: str, body: str,
                            quota: Quota | None = None) -> int: ...
 
@@ -175,7 +182,10 @@ class Store(Protocol):
     def customer_speeds(self, since: str | None = None, until: str | None = None,
                         network: str | None = None) -> list[tuple[str, str, float | None]]: ...
 
-    # fleet control (issue 15)
+
+class FleetStore(Protocol):
+    """Fleet control: instruction rules, suppression windows, health, activity."""
+
     def instruction_rules(self) -> list[tuple[str, dict[str, Any], str]]: ...
 
     def update_instruction_rule(
@@ -198,7 +208,9 @@ class Store(Protocol):
 
     def activity(self, since: str) -> dict[str, dict[str, Any]]: ...
 
-    def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]: ...
+
+class AlertStore(Protocol):
+    """Alerts, raised once each, and their deliveries, leased per notifier."""
 
     def add_alert(self, key: str, kind: str, probe: str | None, severity: str,
                   created_at: str, subject: str, details: str,
@@ -221,13 +233,27 @@ class Store(Protocol):
 
     def prune_alerts(self, before: str) -> int: ...
 
-    # copying a whole store (migrate)
+
+class CopyStore(Protocol):
+    """Every table as rows, to copy a whole store into another (storage/migrate.py)."""
+
+    describe: str
+
+    def count(self, table: str) -> int: ...
+
     def dump(self, table: str, after: Sequence[Any] | None,
              limit: int) -> list[tuple[Any, ...]]: ...
 
     def load(self, table: str, rows: Sequence[Sequence[Any]]) -> int: ...
 
     def after_load(self, table: str) -> None: ...
+
+
+class Store(Housekeeping, ProbeStore, ResultStore, ReportStore, OutboxStore, AnonymousStore,
+            FleetStore, AlertStore, CopyStore, Protocol):
+    """The collector's master copy of probes, tokens and results: every role at once
+    (the web app and the CLI hold one; a module that needs less takes the role it
+    uses, so a test can fake it)."""
 
 
 def postgres_password(cfg: StorageConfig, environ: Mapping[str, str]) -> str | None:
@@ -243,15 +269,15 @@ def postgres_password(cfg: StorageConfig, environ: Mapping[str, str]) -> str | N
     return None
 
 
-def open_store(cfg: StorageConfig, *, outbox: bool = False, must_exist: bool = False,
+def open_store(cfg: StorageConfig, *, outbox: bool = False,
                environ: Mapping[str, str] = os.environ) -> Store:
-    """Open (creating or migrating) the configured store. ``must_exist``: an SQLite file
-    that is not there is an error (read-only commands must not create an empty one)."""
+    """Open (creating or migrating) the configured store. Only the backend opened is
+    imported: an SQLite collector never loads psycopg and libpq."""
     if cfg.backend == "postgresql":
+        from collector.storage.postgres import PostgresStore
+
         return PostgresStore(cfg.url, outbox=outbox, password=postgres_password(cfg, environ),
                              pool_size=cfg.pool_size)
-    path = Path(cfg.path or default_database(environ))
-    if must_exist and not path.exists():
-        raise StoreError(f"no collector database at {path} (create it with "
-                         "`bbprobe-collector init`, or set storage.path)")
-    return SqliteStore(path, outbox=outbox)
+    from collector.storage.sqlite import SqliteStore
+
+    return SqliteStore(Path(cfg.path or default_database(environ)), outbox=outbox)

@@ -1,5 +1,5 @@
 """Routes administrators call (role "admin"): register and revoke probes. Changes take
-a Bearer token and a JSON body only (web/base.py, refuse_cross_site)."""
+a Bearer token and a JSON body only (web/middleware.py, refuse_cross_site)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from dataclasses import fields
 
 from aiohttp import web
 
-from agent.schema import utc_now
 from collector.errors import ApiError
+from collector.fleet import probes as admin
 from collector.intake import ingest
-from collector.reports import service
+from collector.lines import LineMetadata
 from collector.routing import Routes
-from collector.storage.model import LineMetadata
-from collector.web.base import db, json_response, read_body
+from collector.web.params import read_body
+from collector.web.replies import json_response
+from collector.web.threads import db
 
 
 async def add_probe(request: web.Request) -> web.Response:
@@ -27,17 +28,17 @@ async def add_probe(request: web.Request) -> web.Response:
     if unknown:
         raise ApiError(422, f"{unknown[0]}: unknown field", field=unknown[0])
     name = str(data["probe_id"])
-    # Checked as `probe add` checks it (service.line_metadata): 422 naming the field.
-    metadata = service.line_metadata({k: v for k, v in data.items() if k != "probe_id"})
-    # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/base.py.
-    token = await db(request, lambda s: service.register_probe(s, name, metadata))
+    # Checked as `probe add` checks it (fleet/probes.py): 422 naming the field.
+    metadata = admin.line_metadata({k: v for k, v in data.items() if k != "probe_id"})
+    # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/replies.py.
+    token = await db(request, lambda s: admin.register_probe(s, name, metadata))
     return json_response({"probe_id": name, "token": token}, status=201)
 
 
 async def revoke_probe(request: web.Request) -> web.Response:
     """Admin: revoke a probe's token at once (its results stay)."""
     name = request.match_info["name"]
-    done = await db(request, lambda s: s.revoke_probe(name, utc_now()))
+    done = await db(request, lambda s: admin.revoke(s, "probe", name))
     if not done:
         raise ApiError(404, f"no active probe named {name!r}", field="name")
     return json_response({"probe_id": name, "revoked": True})

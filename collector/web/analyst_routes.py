@@ -17,14 +17,13 @@ from collector.compliance import targets as targets_mod
 from collector.compliance.completeness import completeness
 from collector.errors import ApiError, BadParameter
 from collector.measurement.slots import SLOTS
-from collector.reports import html as html_report
+from collector.reports import html as html_pages
 from collector.reports import service
 from collector.reports.text import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
     REPORT_COLUMNS,
     SAMPLE_COLUMNS,
-    Scope,
     breakdown_dict,
     breakdown_rows,
     certificate_dict,
@@ -34,23 +33,18 @@ from collector.reports.text import (
     sample_rows,
 )
 from collector.routing import Routes
-from collector.web.base import (
-    CONFIG,
-    SINK,
-    db,
-    json_response,
-    query_flag,
-    query_format,
-    query_limit,
-    scope_of,
-)
+from collector.scope import Scope, check_timezone, parse_network, parse_time
+from collector.web.app_keys import CONFIG, SINK
+from collector.web.params import query_flag, query_format, query_limit, scope_of
+from collector.web.replies import json_response
+from collector.web.threads import db
 
-REPORT_FORMATS = ("json", "csv", "html")
+COMPLIANCE_REPORT_FORMATS = ("json", "csv", "html")
 
 
 def _customers(request: web.Request) -> service.Customers:
     return service.Customers(include=query_flag(request, "include_customer"),
-                             network=service.parse_network(
+                             network=parse_network(
                                  request.query.get("customer_network")))
 
 
@@ -103,15 +97,15 @@ async def _targets_and_scope(request: web.Request) -> tuple[targets_mod.Targets,
 WEB_MAX_GROUPS = 200
 
 
-async def get_report(request: web.Request) -> web.Response:
+async def get_compliance_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
-    fmt = query_format(request, REPORT_FORMATS)
+    fmt = query_format(request, COMPLIANCE_REPORT_FORMATS)
     if fmt == "html":
         if request.query.getall("by", []):
             raise ApiError(400, "by: the HTML report is of one scope; use json or csv",
                            field="by")
-        return await report_page(request)
+        return await compliance_report_page(request)
     table, where = await _targets_and_scope(request)
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
     by = request.query.getall("by", [])
@@ -134,21 +128,21 @@ async def get_report(request: web.Request) -> web.Response:
     return json_response(report_dict(report, where))
 
 
-async def report_page(request: web.Request) -> web.Response:
+async def compliance_report_page(request: web.Request) -> web.Response:
     """``/report``: the HTML report of the scope in the query (per probe: ?probe=NAME)."""
     table, where = await _targets_and_scope(request)
-    timezone = service.check_timezone(request.query.get("timezone", "Europe/Rome"))
+    timezone = check_timezone(request.query.get("timezone", "Europe/Rome"))
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
     view = await db(request, lambda s: service.report_view(s, where, table, invalid,
                                                            customers))
-    page = html_report.render_view(view, timezone, utc_now(), "Allegato 2 compliance report")
+    page = html_pages.render_view(view, timezone, utc_now(), "Allegato 2 compliance report")
     return web.Response(text=page, content_type="text/html")
 
 
 async def index_page(request: web.Request) -> web.Response:
     """``/``: every probe with its line and links to its report and certificate."""
     probes = await db(request, lambda s: s.probes())
-    return web.Response(text=html_report.index(probes), content_type="text/html")
+    return web.Response(text=html_pages.index(probes), content_type="text/html")
 
 
 async def get_certificate(request: web.Request) -> web.Response:
@@ -158,7 +152,7 @@ async def get_certificate(request: web.Request) -> web.Response:
     q = request.query
     fmt = query_format(request, ("json", "html"))
     since, until = q.get("since"), q.get("until")
-    rule, timezone = q.get("rule", "96in24h"), q.get("timezone", "Europe/Rome")
+    rule, timezone = q.get("rule", spec.DEFAULT_CAMPAIGN_RULE), q.get("timezone", "Europe/Rome")
     family = q.get("family")
     try:
         cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
@@ -168,10 +162,10 @@ async def get_certificate(request: web.Request) -> web.Response:
             raise
         # A dual-stack line from a link without a family (the index page): a page that
         # links to the campaign of each family.
-        return web.Response(text=html_report.family_choice(probe, request.query_string),
+        return web.Response(text=html_pages.family_choice(probe, request.query_string),
                             content_type="text/html")
     if fmt == "html":
-        return web.Response(text=html_report.certificate_page(cert, utc_now()),
+        return web.Response(text=html_pages.certificate_page(cert, utc_now()),
                             content_type="text/html")
     return json_response(certificate_dict(cert))
 
@@ -193,8 +187,8 @@ async def get_completeness(request: web.Request) -> web.Response:
 
 
 async def list_browser_results(request: web.Request) -> web.Response:
-    since = service.parse_time(request.query.get("since"), "since")
-    until = service.parse_time(request.query.get("until"), "until")
+    since = parse_time(request.query.get("since"), "since")
+    until = parse_time(request.query.get("until"), "until")
     rows = await db(request, lambda s: s.browser_results(since, until))
     return json_response({"browser_results": rows})
 
@@ -203,13 +197,13 @@ async def list_ndt7_tests(request: web.Request) -> web.Response:
     """ndt7 subtests third-party clients ran against this server (never in compliance
     unless an analyst includes them)."""
     measurements = query_flag(request, "measurements")
-    since = service.parse_time(request.query.get("since"), "since")
-    until = service.parse_time(request.query.get("until"), "until")
+    since = parse_time(request.query.get("since"), "since")
+    until = parse_time(request.query.get("until"), "until")
     rows = await db(request, lambda s: s.ndt7_tests(since, until, measurements))
     return json_response({"ndt7_tests": rows})
 
 
-async def health(request: web.Request) -> web.Response:
+async def collector_health(request: web.Request) -> web.Response:
     """The details, for analysts: version, the measurement slots, the InfluxDB copy (its
     state, outbox and dead letters)."""
     doc: dict[str, Any] = {"status": "ok", "version": __version__}
@@ -224,11 +218,11 @@ async def health(request: web.Request) -> web.Response:
                               "tickets": len(slots.ledger.tickets)}
     sink = request.app.get(SINK)
     if sink is not None:
-        doc["influxdb"] = {**asdict(sink.state),  # type: ignore[attr-defined]
+        doc["influxdb"] = {**asdict(sink.state),
                            "outbox": await db(request, lambda s: s.outbox_size()),
                            "dead_letters_stored": await db(request,
                                                            lambda s: s.outbox_dead_count())}
-        if not sink.state.running:  # type: ignore[attr-defined]
+        if not sink.state.running:
             doc["status"] = "degraded"
     return json_response(doc)
 
@@ -238,12 +232,12 @@ def add_routes(routes: Routes) -> None:
     routes.get(spec.RESULTS_PATH + "/{result_id}", get_result, role="analyst")
     routes.get("/api/v1/probes", list_probes, role="analyst")
     routes.get("/api/v1/samples", list_samples, role="analyst")
-    routes.get("/api/v1/report", get_report, role="analyst")
+    routes.get("/api/v1/report", get_compliance_report, role="analyst")
     routes.get("/api/v1/certificate", get_certificate, role="analyst")
     routes.get("/api/v1/gaps", list_gaps, role="analyst")
     routes.get("/api/v1/completeness", get_completeness, role="analyst")
     routes.get("/api/v1/browser-results", list_browser_results, role="analyst")
     routes.get("/api/v1/ndt7-results", list_ndt7_tests, role="analyst")
-    routes.get("/api/v1/health", health, role="analyst")
+    routes.get("/api/v1/health", collector_health, role="analyst")
     routes.get("/", index_page, role="analyst")
-    routes.get("/report", report_page, role="analyst")
+    routes.get("/report", compliance_report_page, role="analyst")

@@ -1,4 +1,5 @@
-"""Fleet control over HTTP (issue 15).
+"""Fleet control over HTTP: what the collector asks of each probe (its instruction) and
+what each probe says of itself (its health report).
 
 - Probes: ``GET /api/v1/instruction`` (their own effective instruction, ETag /
   If-None-Match) and ``POST /api/v1/reported-state`` (a health report).
@@ -18,26 +19,21 @@ from typing import Any
 from aiohttp import web
 
 from agent import spec
-from agent.schema import SchemaError, parse_health
-from collector.alerts import rules as alerts
-from collector.alerts import worker as alerter
-from collector.errors import ApiError
+from agent.decoding import SchemaError, parse_health
+from collector.alerts import rules as alert_rules
+from collector.alerts import worker as alert_worker
+from collector.errors import ApiError, StoreUnavailable
 from collector.fleet import control
-from collector.fleet import view as fleet
+from collector.fleet import view as fleet_view
 from collector.fleet.rules import Selector, selector
 from collector.intake import ingest
+from collector.metrics import count
 from collector.routing import Routes
-from collector.web.base import (
-    ALERTER,
-    CONFIG,
-    StoreUnavailable,
-    count,
-    db,
-    json_response,
-    query_format,
-    read_body,
-)
+from collector.web.app_keys import ALERTER, CONFIG
+from collector.web.params import query_format, read_body
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
+from collector.web.replies import json_response
+from collector.web.threads import db
 from collector.web.ticket_routes import instruction_headers
 
 log = logging.getLogger("bbprobe.collector")
@@ -54,9 +50,9 @@ async def get_instruction(request: web.Request) -> web.Response:
                        "instruction", field="probe")
     doc = (await db(request, lambda s: control.effective_for(s, probe))).document
     etag = f'"{doc["version"]}"'
-    # A measurement ticket when asked for (issue 24), on the 304 too: the daemon fetches
-    # at every slot and mostly holds the current instruction. Asking takes one of the
-    # probe's requests from its rate limit (minting is not free: ledger.py).
+    # A measurement ticket when asked for (ticket_routes.py), on the 304 too: the daemon
+    # fetches at every slot and mostly holds the current instruction. Asking takes one of
+    # the probe's requests from its rate limit (minting is not free: ledger.py).
     headers = {"ETag": etag, "Cache-Control": "no-cache",
                **(await instruction_headers(request, probe))}
     match = request.headers.get("If-None-Match", "")
@@ -65,37 +61,37 @@ async def get_instruction(request: web.Request) -> web.Response:
     return json_response(doc, headers=headers)
 
 
-async def post_state(request: web.Request) -> web.Response:
+async def post_health_report(request: web.Request) -> web.Response:
     """Probe: its health report (agent/schema.py HealthReport), kept as the latest."""
     probe = await ingesting_probe(request)
     raw = await probe_body(request, MAX_HEALTH_BYTES)
     data = ingest.parse_json(raw)
     try:
-        report = parse_health(data)
+        health = parse_health(data)
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
     # A year ahead at most, not a day: a probe whose clock runs ahead must still show
     # in the fleet, with the skew that explains it (its results are refused until it
     # is set right); its campaign is certified only once it has ended by our clock.
-    ingest.check_times(report, datetime.now(UTC), ahead_s=ingest.PLANNED_AHEAD_S)
+    ingest.check_times(health, datetime.now(UTC), ahead_s=ingest.PLANNED_AHEAD_S)
     skew = clock_skew(request)
     await db(request, lambda s: control.record_health(s, probe, data, skew))
     count(request, lambda m: m.health_reports.inc())
     cfg = request.app[CONFIG]
-    if cfg.alerts.enabled and alerts.completed_campaign(data, datetime.now(UTC)) is not None:
+    if cfg.alerts.enabled and alert_rules.completed_campaign(data, datetime.now(UTC)) is not None:
         # A completed campaign is certified now: the next report, a session later,
         # speaks of the next one (collector/alerts/worker.py). The report is stored already:
         # a failure here is logged, and the alerter's ticks try again.
         now = datetime.now(UTC)
         try:
-            raised = await db(request, lambda s: alerter.on_report(s, cfg, probe, data, now))
+            raised = await db(request, lambda s: alert_worker.on_report(s, cfg, probe, data, now))
         except Exception as exc:
             log.warning("alerts: certifying %s's completed campaign failed: %s", probe, exc,
                         exc_info=not isinstance(exc, StoreUnavailable))
             raised = False
-        waker = request.app.get(ALERTER)
-        if raised and waker is not None:
-            waker.wake.set()  # type: ignore[attr-defined]
+        alerter = request.app.get(ALERTER)
+        if raised and alerter is not None:
+            alerter.wake.set()
     return json_response({"probe_id": probe, "stored": True})
 
 
@@ -188,22 +184,22 @@ async def get_fleet(request: web.Request) -> web.Response:
     fmt = query_format(request, ("json", "csv"))
     rows = await _rows(request)
     if fmt == "csv":
-        return web.Response(text=fleet.format_csv(rows), content_type="text/csv")
-    return json_response({"summary": fleet.summary(rows),
+        return web.Response(text=fleet_view.format_csv(rows), content_type="text/csv")
+    return json_response({"summary": fleet_view.summary(rows),
                               "silent_after_s": request.app[CONFIG].fleet.silent_after_s,
                               "probes": rows})
 
 
 async def fleet_page(request: web.Request) -> web.Response:
     rows = await _rows(request)
-    page = fleet.format_html(rows, request.app[CONFIG].fleet.silent_after_s,
+    page = fleet_view.format_html(rows, request.app[CONFIG].fleet.silent_after_s,
                              datetime.now(UTC))
     return web.Response(text=page, content_type="text/html")
 
 
 def add_routes(routes: Routes) -> None:
     routes.get(spec.INSTRUCTION_PATH, get_instruction, role="probe")
-    routes.post(spec.HEALTH_PATH, post_state, role="probe")
+    routes.post(spec.HEALTH_PATH, post_health_report, role="probe")
     routes.get("/api/v1/instructions", list_instructions, role="admin")
     routes.post("/api/v1/instructions", put_instruction, role="admin")
     routes.get("/api/v1/instructions/effective", effective_instruction, role="admin")

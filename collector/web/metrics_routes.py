@@ -1,5 +1,5 @@
-"""``GET /metrics`` (issue 16): the Prometheus exposition, and the middleware that times
-every request.
+"""``GET /metrics``: the Prometheus exposition, and the middleware that times every
+request.
 
 - On the main port the route's role is "analyst" (an analyst or admin token; open only
   where server.query_auth = false opens every read).
@@ -27,18 +27,14 @@ from prometheus_client.exposition import generate_latest
 from agent.config import split_listen
 from collector import __version__
 from collector.config import CollectorConfig
+from collector.errors import StoreUnavailable
 from collector.fleet import control
-from collector.metrics import (
-    Family,
-    Metrics,
-    ProbeState,
-    Snapshot,
-    state_families,
-    text_format,
-)
+from collector.metrics import METRICS, Metrics
 from collector.routing import Routes
 from collector.storage.store import Store
-from collector.web.base import CONFIG, METRICS, STORE, StoreUnavailable, on_db
+from collector.web.app_keys import CONFIG, STORE
+from collector.web.exposition import Family, ProbeState, Snapshot, state_families, text_format
+from collector.web.threads import on_db
 
 log = logging.getLogger("bbprobe.collector")
 

@@ -1,7 +1,7 @@
 """The collector's OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
 
 Component schemas are generated from the same dataclasses that validate requests
-(``agent.schema.json_schema``), so the document cannot drift from what is enforced.
+(``agent.json_schema.json_schema``), so the document cannot drift from what is enforced.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__, spec
-from agent.schema import GapRecord, HealthReport, SessionResult, UploadReport, json_schema
+from agent.json_schema import json_schema
+from agent.schema import GapRecord, HealthReport, SessionResult, UploadReport
 from collector.compliance.evaluate import IndicatorResult
 from collector.measurement import librespeed
 from collector.web.openapi_parts import (
@@ -280,7 +281,7 @@ def document() -> dict[str, Any]:
                         _query("probe", "The line's probe.", required=True),
                         _query("since", "Campaign start, inclusive."),
                         _query("until", "Campaign end, exclusive."),
-                        _query("rule", "Completeness rule.", {"enum": ["96in24h", "24in72h"]}),
+                        _query("rule", "Completeness rule.", {"enum": list(spec.CAMPAIGN_RULES)}),
                         _query("timezone", "Local time zone of the hourly bands."),
                         _query("format", "json (default) or html (a printable certificate).",
                                {"enum": ["json", "html"]}),

@@ -1,5 +1,5 @@
 """Pieces of the OpenAPI document (collector/web/openapi.py): the small builders, the shared
-parameters and security, and the fleet-control and ticket paths (issues 15, 24)."""
+parameters and security, and the fleet-control and ticket paths."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ BEARER: list[dict[str, list[str]]] = [{"probeToken": []}]
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 PUBLIC: list[dict[str, list[str]]] = []
 TICKET = {"name": spec.TICKET_HEADER, "in": "header", "required": False,
-          "description": "A measurement ticket the probe's collector signed (issue 24): "
+          "description": "A measurement ticket the probe's collector signed: "
                          "the transfer is counted per ticket, not per client address. A "
                          "server that accepts no tickets serves the transfer as anonymous.",
           "schema": {"type": "string", "maxLength": 4096}}
@@ -83,8 +83,8 @@ SENT_AT = {"name": "X-Bbprobe-Sent-At", "in": "header", "required": False,
 
 def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
                 ) -> dict[str, Any]:
-    """Fleet control (issue 15): instructions, suppressions, health, the fleet view; and
-    measurement tickets (issue 24)."""
+    """Fleet control: instructions, suppressions, health, the fleet view; and
+    measurement tickets."""
     selector = {"type": "object", "additionalProperties": False, "properties": {
         "all": {"type": "boolean"}, **{f: {"type": "string", "minLength": 1,
                                            "maxLength": 200}
@@ -97,7 +97,7 @@ def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
                        "asked for one and the collector issues tickets."}}
     return {
         spec.TICKETS_PATH: {"post": {
-            "summary": "Probes: a measurement ticket (issue 24), a JWT signed with the "
+            "summary": "Probes: a measurement ticket, a JWT signed with the "
                        "collector's Ed25519 key, for the measurement servers it names.",
             "security": BEARER,
             "requestBody": {"required": False, "description": "Ignored (at most 4 KiB).",
@@ -127,7 +127,7 @@ def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
                  "schema": {"type": "string"}, "description": "The ETag held."},
                 {"name": spec.TICKET_REQUEST_HEADER, "in": "header", "required": False,
                  "schema": {"type": "string"},
-                 "description": "Any value: send a measurement ticket (issue 24) in the "
+                 "description": "Any value: send a measurement ticket in the "
                                 f"{spec.TICKET_HEADER} response header, on a 304 too. "
                                 "Asking takes a request from the probe's rate limit: "
                                 "beyond it, the instruction comes without a ticket."},

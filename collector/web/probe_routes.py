@@ -13,26 +13,19 @@ from typing import Any
 from aiohttp import web
 
 from agent import spec
-from agent.schema import GapRecord, SchemaError, format_utc, parse_gap, parse_utc, utc_now
+from agent.decoding import SchemaError, parse_gap
+from agent.schema import GapRecord, format_utc, parse_utc, utc_now
 from collector import auth
-from collector.errors import ApiError
+from collector.errors import ApiError, StoreUnavailable
 from collector.intake import ingest
 from collector.limits import RateLimiter
+from collector.metrics import count
 from collector.routing import Routes
 from collector.storage.model import NewResult
-from collector.web.base import (
-    COMMITS,
-    CONFIG,
-    LIMITER,
-    SINK,
-    StoreUnavailable,
-    content_encoding,
-    count,
-    db,
-    json_response,
-    off_loop,
-    read_body,
-)
+from collector.web.app_keys import COMMITS, CONFIG, LIMITER, SINK
+from collector.web.params import content_encoding, read_body
+from collector.web.replies import json_response
+from collector.web.threads import db, off_loop
 
 
 def _peer_probe(request: web.Request) -> str | None:
@@ -164,7 +157,7 @@ def _result_id(item: Any) -> str | None:
 def _wake_sink(request: web.Request) -> None:
     sink = request.app.get(SINK)
     if sink is not None:
-        sink.wake.set()  # type: ignore[attr-defined]
+        sink.wake.set()
 
 
 def counted(handler: Callable[[web.Request], Awaitable[web.Response]]
@@ -232,8 +225,9 @@ Judged = tuple[ingest.Accepted | None, dict[str, Any]]
 def _judge_batch(raw: bytes, encoding: str, cfg: Any, probe: str,
                  now: datetime) -> list[Judged]:
     """Each result of a batch body, accepted or refused (its reply), in order. Every
-    result is held to the single-result limit (max_body_bytes): inside a batch a 12 MiB
-    result was stored (issue 23, finding 4). Runs on a decode thread when large."""
+    result is held to the single-result limit (max_body_bytes), so that a batch cannot
+    carry in a result the single-result route would refuse. Runs on a decode thread when
+    large."""
     body = ingest.inflate(raw, encoding, cfg.max_batch_bytes)
     # Each result's own bytes, for the fast path (ingest.parse_body); or, for a body
     # msgspec will not split, the standard reading, which names what is wrong.
@@ -330,7 +324,7 @@ async def post_gap(request: web.Request) -> web.Response:
                        f"to {probe!r}", field="probe_id")
     ingest.check_times(gap, datetime.now(UTC))
     digest = hashlib.sha256(raw).hexdigest()
-    # Stored in the collector's spelling, so they sort and filter as text (issue 23).
+    # Stored in the collector's UTC spelling, so they sort and filter as text.
     first, last = (format_utc(parse_utc(t)) for t in (gap.first_started_at,
                                                        gap.last_started_at))
     outcome = await db(request, lambda s: s.insert_gap(

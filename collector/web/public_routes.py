@@ -15,18 +15,14 @@ from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.intake import ingest
 from collector.measurement.slots import client_key
+from collector.metrics import count
 from collector.routing import Routes
 from collector.storage.model import Quota
 from collector.web import openapi
-from collector.web.base import (
-    ANON_LIMITER,
-    CONFIG,
-    content_encoding,
-    count,
-    db,
-    json_response,
-    read_body,
-)
+from collector.web.app_keys import ANON_LIMITER, CONFIG
+from collector.web.params import content_encoding, read_body
+from collector.web.replies import json_response
+from collector.web.threads import db
 
 BROWSER_NUMBERS = ("rtt_min_ms", "rtt_mean_ms", "jitter_ms", "download_bps",
                    "download_bytes", "upload_bps", "upload_bytes")
@@ -97,7 +93,8 @@ async def post_browser_result(request: web.Request) -> web.Response:
                        retry_after=limiter.retry_after(wait))
     encoding = content_encoding(request)
     if encoding != "identity":
-        # Only an authenticated probe may make the collector inflate (issue 14).
+        # Only an authenticated probe may make the collector inflate: a stranger's few
+        # compressed bytes could cost it a thousandfold in CPU and memory.
         raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted here; send "
                        "identity")
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
@@ -112,7 +109,8 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Public liveness: that this process answers, and nothing else (no versions, no
-    error texts, no queue sizes for strangers; issue 12). Analysts: /api/v1/health."""
+    error texts, no queue sizes: nothing that helps a stranger aim an attack). Analysts:
+    /api/v1/health."""
     return json_response({"status": "ok"})
 
 

@@ -1,5 +1,5 @@
-"""Issuing measurement tickets to probes (issue 24; collector/tickets.py says what a
-ticket is), on the roles that hold the probes' registry ("all", "ingest").
+"""Issuing measurement tickets to probes (collector/tickets.py says what a ticket is), on
+the roles that hold the probes' registry ("all", "ingest").
 
 - ``GET /api/v1/instruction`` with ``Bbprobe-Want-Ticket``: the ticket comes back in the
   ``Bbprobe-Ticket`` response header, on a 200 and on a 304 alike (web/fleet_routes.py),
@@ -31,36 +31,31 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from agent import spec
 from agent.schema import format_utc
-from agent.ticket import peek
+from agent.ticket import Ticket, peek
 from collector import keys, tickets
 from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.routing import Routes
-from collector.web.base import json_response, read_body
+from collector.web.params import read_body
 from collector.web.probe_routes import limited_probe, over_rate
+from collector.web.replies import json_response
 
 log = logging.getLogger("bbprobe.collector")
 MAX_REQUEST_BYTES = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Issued:
-    token: str
-    ticket_id: str
-    expires_at: float
-    servers: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"ticket": self.token, "ticket_id": self.ticket_id,
-                "expires_at": format_utc(datetime.fromtimestamp(self.expires_at, UTC)),
-                "servers": list(self.servers)}
+def ticket_document(ticket: Ticket) -> dict[str, object]:
+    """A ticket as ``POST /api/v1/tickets`` answers: the token, and for a reader its id,
+    expiry and servers."""
+    return {"ticket": ticket.token, "ticket_id": ticket.ticket_id,
+            "expires_at": format_utc(datetime.fromtimestamp(ticket.expires_at, UTC)),
+            "servers": list(ticket.servers)}
 
 
 class Authority:
@@ -92,7 +87,7 @@ class Authority:
         return tuple(dict.fromkeys((*self.servers, *own)))
 
     def issue(self, key: keys.SigningKey, probe: str, request_origin: str | None,
-              now: float, servers: tuple[str, ...] | None = None) -> Issued:
+              now: float, servers: tuple[str, ...] | None = None) -> Ticket:
         """A ticket signed with ``key`` for ``probe`` at ``servers`` (origins; default:
         its audience); ApiError (409) when it could name no server."""
         servers = servers or self.audience(request_origin)
@@ -100,11 +95,9 @@ class Authority:
             raise ApiError(409, "no measurement server to name in a ticket: this "
                            "collector serves no measurement endpoints and tickets.servers "
                            "is empty")
-        token = tickets.issue(key.private, key.kid, probe, servers, self.policy, now)
-        claims = peek(token)
-        return Issued(token, claims.ticket_id, claims.expires_at, servers)
+        return peek(tickets.issue(key.private, key.kid, probe, servers, self.policy, now))
 
-    async def issue_for(self, probe: str, request_origin: str | None) -> Issued:
+    async def issue_for(self, probe: str, request_origin: str | None) -> Ticket:
         """A ticket now, the key read beside the loop at its first need; ApiError: 409
         (no server to name), 503 (the key is unusable: keys.OwnKey logged why)."""
         key = await self.own.get()
@@ -157,7 +150,7 @@ async def post_ticket(request: web.Request) -> web.Response:
         raise ApiError(404, "tickets are not issued here (tickets.enabled = false): "
                        "measure without one")
     issued = await authority.issue_for(probe, request_origin(request))
-    return json_response(issued.to_dict(), headers={"Cache-Control": "no-store"})
+    return json_response(ticket_document(issued), headers={"Cache-Control": "no-store"})
 
 
 def add_routes(routes: Routes) -> None:

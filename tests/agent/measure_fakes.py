@@ -1,4 +1,4 @@
-"""Small real servers for the agent's ticket and refusal tests (issue 24): a measurement
+"""Small real servers for the agent's ticket and refusal tests: a measurement
 server whose refusals a test scripts, a collector that issues tickets (or not), and
 tickets signed as the collector signs them (Ed25519 JWTs). Everything runs in the test's
 own event loop on 127.0.0.1, port 0: real TCP, real HTTP, no mocking of the agent."""

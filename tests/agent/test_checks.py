@@ -23,6 +23,7 @@ LIMITS = checks.Thresholds(min_link_mbps=300)
 
 
 def test_clean_host_is_valid() -> None:
+    """A host within every limit gives no invalidity reason."""
     assert checks.assess(CLEAN, LIMITS) == ()
 
 
@@ -38,6 +39,8 @@ def test_clean_host_is_valid() -> None:
      "35% of the bytes on eth0 during the download tests were not the test's (limit 10%)"),
 ])
 def test_each_rule(change: dict[str, object], code: str, detail: str) -> None:
+    """Each host or LAN condition over its limit gives exactly one reason with its code and a
+    detail stating the observed value and the limit."""
     (reason,) = checks.assess(replace(CLEAN, **change), LIMITS)  # type: ignore[arg-type]
     assert (reason.code, reason.detail) == (code, detail)
 
@@ -97,6 +100,8 @@ def test_lan_scan_plan_is_bounded_to_private_ranges() -> None:
 
 
 def test_lan_count_leaves_out_self_gateway_and_twin_macs() -> None:
+    """The LAN host count leaves out this host, the gateway and any other address answering with
+    the gateway's MAC."""
     from agent import lan
 
     answers = {"192.168.1.1": "aa", "192.168.1.2": "aa",  # a router answering twice
@@ -106,7 +111,7 @@ def test_lan_count_leaves_out_self_gateway_and_twin_macs() -> None:
 
 def test_lan_count_leaves_out_the_test_peers() -> None:
     """The measurement server and the ping target on the probe's subnet are not 'other
-    hosts' (issue 11), nor is a second address of the same machine."""
+    hosts', nor is a second address of the same machine."""
     from agent import lan
 
     answers = {"192.168.1.1": "gw", "192.168.1.20": "me", "192.168.1.5": "srv",
@@ -117,6 +122,8 @@ def test_lan_count_leaves_out_the_test_peers() -> None:
 
 
 def test_lan_hosts_rule() -> None:
+    """Other hosts active on the LAN make the session invalid with the lan_hosts code, saying
+    how many."""
     ctx = replace(CLEAN, lan_hosts=2, lan_scan="ARP scan of 192.168.1.0/24")
     (reason,) = checks.assess(ctx, LIMITS)
     assert reason.code == "lan_hosts"
@@ -124,7 +131,7 @@ def test_lan_hosts_rule() -> None:
 
 
 def test_cross_traffic_over_the_attempts_the_server_did_not_refuse() -> None:
-    """Issue 24: a refused attempt's streams are cut at once, and what the server had
+    """A refused attempt's streams are cut at once, and what the server had
     already sent them reaches the interface unread. Counted over the whole direction
     those bytes read as a neighbour's; over the other attempts' windows they do not,
     while a real neighbour inside an attempt's window still shows."""

@@ -52,7 +52,7 @@ def test_collector_example_with_every_key_is_valid() -> None:
 @pytest.mark.parametrize("example", ["agent", "collector"])
 def test_example_keys_match_the_dataclasses(example: str) -> None:
     """Every key of the config dataclasses appears in the example file, and every key in
-    the example file exists (issue 11: scan_lan and max_lan_hosts were missing)."""
+    the example file exists (scan_lan and max_lan_hosts were once missing)."""
     from collector import config as collector_config
 
     root = {"agent": config.AgentConfig, "collector": collector_config.CollectorConfig}[example]
@@ -271,7 +271,7 @@ BYTES_LIMIT = ("over the 300 GB limit of a session; lower tests, attempts, file_
 
 
 class TestSessionBudget:
-    """Issue 23: a session's worst case is bounded in time and bytes (agent/budget.py)."""
+    """A session's worst case is bounded in time and bytes (agent/budget.py)."""
 
     def test_the_default_plan_in_figures(self) -> None:
         """Defaults: ping 9 x 1 s + 2 s; each way 3 attempts x (2 + 10 + 5) s with 1 s

@@ -13,10 +13,18 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast, get_args
 from zoneinfo import ZoneInfo
 
+import pytest
+
+from agent import config
 from agent import daemon as d
+from agent.errors import ConfigError, DeliveryError
+from agent.runner import ConfigSource, Runner
 from agent.schedule import Campaign, next_slot
+from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRuleName, campaign_rule
 
 ROME = ZoneInfo("Europe/Rome")
 START = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)  # local midnight in Rome
@@ -37,7 +45,7 @@ class World:
         assert at >= self.now
         self.now = at
 
-    async def measure(self) -> tuple[datetime, bool]:
+    async def measure(self, plan: d.Plan) -> tuple[datetime, bool]:
         band = self.now.astimezone(ROME).hour
         ok = True
         if self.failing.get(band, 0) > 0:
@@ -109,6 +117,99 @@ def test_window_runs_out_incomplete_then_a_new_campaign() -> None:
     assert soon is not None and soon.astimezone(ROME).hour == 5
 
 
+def test_a_slot_stops_at_once_and_a_bug_costs_only_the_slot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon.measure: a stop (SIGTERM) mid-session cancels it at once; a session that
+    raises a bug, or outlives the slot's deadline, is a failed slot, said on stderr; a
+    ConfigError stops the daemon."""
+    said: list[str] = []
+    cfg = config.parse({"state_dir": str(tmp_path)})
+    daemon = d.Daemon(Runner(ConfigSource(None, {}), None, said.append), cfg, said.append)
+
+    async def hangs(plan: d.Plan) -> tuple[datetime, bool]:
+        await asyncio.sleep(3600)
+        raise AssertionError("not cancelled")
+
+    async def bug(plan: d.Plan) -> tuple[datetime, bool]:
+        bands: list[bool] = []
+        return datetime.now(UTC), bands[0]
+
+    async def misconfigured(plan: d.Plan) -> tuple[datetime, bool]:
+        raise ConfigError("server.url: not a URL")
+
+    async def slots() -> None:
+        monkeypatch.setattr(daemon, "session", hangs)
+        asyncio.get_running_loop().call_later(0.05, daemon.control.stop.set)
+        with pytest.raises(asyncio.CancelledError):
+            await daemon.measure(d.Plan())
+        daemon.control.stop.clear()
+        with monkeypatch.context() as short:
+            short.setattr(d, "slot_deadline_s", lambda cfg: 0.05)
+            assert (await daemon.measure(d.Plan()))[1] is False
+        assert said[-1].startswith("session failed: not done in 0.05 s")
+        monkeypatch.setattr(daemon, "session", bug)
+        assert (await daemon.measure(d.Plan()))[1] is False
+        assert said[-1].startswith("session failed: IndexError: list index out of range (")
+        monkeypatch.setattr(daemon, "session", misconfigured)
+        with pytest.raises(ConfigError, match=r"server\.url"):
+            await daemon.measure(d.Plan())
+
+    asyncio.run(slots())
+
+
+
+def test_a_slow_delivery_never_uncounts_a_measured_slot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon.measure: the slot's verdict is its sessions'; a delivery that outlives its
+    own deadline is paused (the rest waits in the spool), and the slot still counts."""
+    said: list[str] = []
+    cfg = config.parse({"state_dir": str(tmp_path)})
+    daemon = d.Daemon(Runner(ConfigSource(None, {}), None, said.append), cfg, said.append)
+    measured = SimpleNamespace(results=["whole"], spool=None)
+
+    async def sessions(plan: d.Plan) -> object:
+        return d.Sessions(cast(Any, SimpleNamespace(cfg=cfg)), None, cast(Any, measured))
+
+    async def slow(done: object) -> None:
+        await asyncio.sleep(3600)
+
+    async def refused(done: object) -> None:
+        raise DeliveryError("the collector refused this probe's token", retryable=False)
+
+    async def slot() -> None:
+        monkeypatch.setattr(daemon, "session", sessions)
+        monkeypatch.setattr(d, "slot_counts", lambda results: results == ["whole"])
+        monkeypatch.setattr(d, "delivery_deadline_s", lambda cfg: 0.05)
+        monkeypatch.setattr(daemon, "deliver", slow)
+        assert (await daemon.measure(d.Plan()))[1] is True
+        assert said[-1].startswith("delivery paused after 0.05 s")
+        monkeypatch.setattr(daemon, "deliver", refused)
+        with pytest.raises(DeliveryError, match="refused"):
+            await daemon.measure(d.Plan())
+
+    asyncio.run(slot())
+
+
+def test_a_config_error_leaves_the_daemon_as_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon.run: a ConfigError from the campaigns comes out as a ConfigError (the CLI
+    names it and exits with its code), not wrapped in an ExceptionGroup."""
+    said: list[str] = []
+    cfg = config.parse({"state_dir": str(tmp_path)})
+    daemon = d.Daemon(Runner(ConfigSource(None, {}), None, said.append), cfg, said.append)
+
+    async def no_name(cfg: object) -> None:
+        return None
+
+    async def misconfigured(first_now: bool, report_every_s: float) -> None:
+        raise ConfigError("server.url: not a URL")
+
+    monkeypatch.setattr(daemon.runner, "probe_id", no_name)
+    monkeypatch.setattr(daemon, "_campaigns", misconfigured)
+    monkeypatch.setattr(d, "install_signals", lambda control: None)
+    with pytest.raises(ConfigError, match=r"server\.url"):
+        asyncio.run(daemon.run(first_now=False, report_every_s=3600.0))
+
 def test_notify_speaks_the_systemd_protocol(tmp_path: Path) -> None:
     """READY=1 arrives as one datagram on $NOTIFY_SOCKET."""
     path = tmp_path / "notify.sock"
@@ -148,6 +249,10 @@ def test_daemon_process_stops_cleanly_on_sigterm(tmp_path: Path,
 
 
 def test_status_shows_campaign_progress(tmp_path: Path, fast_config: Path) -> None:
+    """``bbprobe status`` reads the saved campaign: its rule, start, sessions counted of
+    those needed, and each band's counted/attempted, a band still short marked "!"."""
+    """`bbprobe status` shows the campaign's rule, start and sessions done, and flags an hourly
+    band short of its sessions."""
     world = World({3: 1})
     store_dir = fast_config.parent / "state"
     _run(world, store_dir, 20)
@@ -159,7 +264,19 @@ def test_status_shows_campaign_progress(tmp_path: Path, fast_config: Path) -> No
     assert "03h 3/4 !" in done.stdout and "00h 4/4" in done.stdout
 
 
+def test_the_campaign_rules_are_the_names_a_config_accepts() -> None:
+    """spec.CAMPAIGN_RULES, the one table the daemon plans by and the collector certifies
+    by, has a rule for each name a config or a health report may carry, and no other."""
+    assert tuple(CAMPAIGN_RULES) == get_args(CampaignRuleName)
+    assert all(rule.name == name for name, rule in CAMPAIGN_RULES.items())
+    assert campaign_rule(DEFAULT_CAMPAIGN_RULE) == DEFAULT_CAMPAIGN_RULE
+
+
 def test_unit_is_a_notify_daemon_with_a_watchdog() -> None:
+    """The shipped systemd unit runs ``bbprobe daemon`` as Type=notify with a watchdog,
+    reloads with SIGHUP and gives a stop 30 s."""
+    """The shipped agent unit runs `daemon` as Type=notify with a watchdog, reloads with SIGHUP
+    and stops within 30 s."""
     unit = (Path(__file__).resolve().parents[2] / "systemd" /
             "bbprobe-agent.service").read_text()
     for line in ("Type=notify", "WatchdogSec=5min", "ExecReload=/bin/kill -HUP $MAINPID",

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from agent.client import CollectorClient, parse_retry_after
 from agent.config import DeliveryConfig
-from agent.delivery import CollectorClient, backoff_s, batches, deliver, parse_retry_after
+from agent.delivery import backoff_s, batches, deliver
 from agent.identity import Backlog, Identity, backlog, claim, identity_file, identity_for
 from agent.schema import format_utc
 from agent.spool import Entry, Spool, evictions
@@ -41,6 +42,8 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
 
 
 def test_retry_after_seconds_or_date() -> None:
+    """Retry-After is read as seconds or as an HTTP date (a past date waits 0); anything else or
+    none is ignored (None)."""
     assert parse_retry_after("7", NOW) == 7
     assert parse_retry_after("Sun, 22 Nov 2026 12:00:30 GMT", NOW) == 30
     assert parse_retry_after("Sun, 22 Nov 2026 11:00:00 GMT", NOW) == 0
@@ -65,6 +68,8 @@ def test_evictions_oldest_first_by_reason() -> None:
 
 
 def test_batches_respect_both_caps() -> None:
+    """Spooled results are batched oldest first under both the count cap and the byte cap; a
+    result larger than the byte cap travels alone."""
     entries = _entries(9, 8, 7, 6, 5, size=100) + _entries(1, size=5000)
     sizes = [[e.size for e in b] for b in batches(entries, 3, 400)]
     assert sizes == [[100, 100, 100], [100, 100], [5000]]
@@ -121,6 +126,8 @@ def _stored(collector: RunningCollector, probe: str = "p1") -> list[str]:
 
 def test_backlog_goes_oldest_first_in_batches(collector: RunningCollector,
                                               tmp_path: Path) -> None:
+    """A backlog of 7 is delivered oldest first in 3 requests (3 + 3 + 1), stored in that order,
+    and leaves the spool empty with 7 counted delivered."""
     token = collector.add_probe("p1")
     spool = Spool(tmp_path, replace(CFG, spool_max_bytes=10**7), _for(collector, token))
     ids = _spool_results(spool, 7)
@@ -150,7 +157,7 @@ def test_retryable_failures_back_off_and_honour_retry_after(collector: RunningCo
 @pytest.mark.parametrize("encoding", ["zstd", "gzip"])
 def test_compressed_deliveries_and_a_collector_that_refuses_them(
         collector: RunningCollector, tmp_path: Path, encoding: str) -> None:
-    """Bodies go compressed and are stored as sent; a collector from before issue 14
+    """Bodies go compressed and are stored as sent; a collector from before compressed bodies
     refuses the encoding (415): that request goes again as plain JSON, and so does every
     later one to it. Nothing is dead-lettered."""
     token = collector.add_probe("p1")
@@ -225,7 +232,7 @@ def test_revoked_token_keeps_everything(collector: RunningCollector, tmp_path: P
     assert len(spool.entries()) == 2 and spool.dead_letters() == []
 
 
-# --- issue 12: damaged spool files, 400 on a batch, replies matched by id, unnamed results
+# --- damaged spool files, 400 on a batch, replies matched by id, unnamed results
 
 
 def test_a_damaged_spool_file_is_set_aside_and_the_rest_delivered(
@@ -468,7 +475,7 @@ def test_a_dangling_link_in_the_spool_is_set_aside_not_looped_on(tmp_path: Path)
         "damaged spool file, not sent: unreadable: No such file or directory"]
 
 
-# --- issue 23 finding 10: a spooled result belongs to the identity it was measured for --
+# --- a spooled result belongs to the identity it was measured for ---------------------
 
 ID_A = identity_for("https://a.example/", "bbp_token_of_a")
 ID_B = identity_for("https://b.example", "bbp_token_of_b")
@@ -772,7 +779,7 @@ def test_a_certificate_replaced_while_the_client_loads_it_is_refused(
 
 def test_a_laptop_swapping_certificates_never_stores_a_as_b(tmp_path: Path,
                                                             pki: Path) -> None:
-    """Issue 23 finding 10 with client certificates (TLS collector, no tokens): a session
+    """The spool's identities with client certificates (TLS collector, no tokens): a session
     for p1 measured while its name was not known is spooled; p2's certificate then
     replaces p1's at the same path. p2's delivery sends p2's result only: the collector
     stores nothing as p2 that p1 measured. Put back, p1's certificate sends p1's, named

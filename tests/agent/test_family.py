@@ -1,4 +1,4 @@
-"""IPv6, properly (issue 16): the address family asked for (-4/-6, server.address_family),
+"""IPv6, properly: the address family asked for (-4/-6, server.address_family),
 how a session keeps to it, what it records, and the failures it records instead of
 raising."""
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from agent import config, daemon, family, instruction, session
-from agent.cli import _family_flag
+from agent.decoding import SchemaError, parse_result
 from agent.errors import ConfigError, ProbeSetupError
+from agent.flags import family_flag
 from agent.probes import icmp
-from agent.schema import SCHEMA_VERSION, SchemaError, parse_result, to_dict
+from agent.schema import SCHEMA_VERSION, to_dict
 from tests.factories import session as make_result
 
 
@@ -42,6 +43,8 @@ def test_requested_families(requested: str, sessions: tuple[str, ...], af: int |
     ("", None), (None, None),
 ])
 def test_family_of(address: str | None, expected: str | None) -> None:
+    """family_of: an IPv4 literal is ipv4; IPv6 literals, with a zone or IPv4-mapped, are ipv6;
+    a name, empty or missing address is unknown (None)."""
     assert family.family_of(address) == expected
 
 
@@ -53,6 +56,8 @@ def test_family_of(address: str | None, expected: str | None) -> None:
     ("collector.example.net", socket.AF_INET6, None),
 ])
 def test_literal_of_the_other_family(host: str, af: int, problem: str | None) -> None:
+    """An address literal of the other family than the one asked for (-4 or -6) is named as the
+    problem; a matching literal, no family asked, or a host name passes."""
     assert family.literal_problem(host, af) == problem
 
 
@@ -73,6 +78,8 @@ def test_unresolved_names_the_family(af: int, exc: OSError, message: str) -> Non
 
 
 def test_endpoints_keep_distinct_addresses_in_order() -> None:
+    """Endpoints records each distinct local and remote address once, in first-seen order,
+    ignores a missing pair, and gives the family used (None before any connection)."""
     seen = family.Endpoints()
     seen.add(("::1", 40000, 0, 0), ("::1", 8080, 0, 0))
     seen.add(("::1", 40001, 0, 0), ("2001:2:0:1::1", 8080, 0, 0))
@@ -90,7 +97,7 @@ def test_command_line_flags(ipv4: bool | None, ipv6: bool | None,
                             expected: str | None) -> None:
     """-4 or -6 pins the family; both together ask for dual stack; neither keeps the
     config's."""
-    assert _family_flag(ipv4, ipv6) == expected
+    assert family_flag(ipv4, ipv6) == expected
 
 
 def test_config_key_is_checked_and_instructable() -> None:
@@ -213,6 +220,8 @@ def test_a_session_under_any_runs_in_one_family() -> None:
 
 
 def test_preferred_family_follows_the_resolver() -> None:
+    """The preferred family of a host is the one its resolver answers with (127.0.0.1 ipv4, ::1
+    ipv6), also when a port is given and families are tried in turn."""
     import asyncio
 
     from agent.session import _preferred_family

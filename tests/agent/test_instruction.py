@@ -1,4 +1,4 @@
-"""Issue 15 on the agent's side: which keys an instruction may set, precedence, the
+"""Central instructions on the agent's side: which keys an instruction may set, precedence, the
 cached copy for an offline probe, suppression windows in the campaign planner, and the
 ranking of candidate servers."""
 
@@ -10,20 +10,21 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent import config, control
+from agent.client import CollectorClient
 from agent.daemon import CampaignStore, Control, Plan, run_campaigns
-from agent.delivery import CollectorClient
 from agent.errors import ConfigError
 from agent.instruction import (
+    Instruction,
     InstructionError,
     check,
     key_problem,
     parse_document,
     parse_pairs,
-    to_document,
 )
 from agent.probes.select import rank
 from agent.schedule import Campaign, next_free_slot
@@ -33,7 +34,17 @@ from collector.server.testing import running_collector
 ROME = "Europe/Rome"
 
 
+def to_document(inst: Instruction) -> dict[str, Any]:
+    """The inverse of ``parse_document``: an instruction as the collector sends it."""
+    return {"version": inst.version, "settings": inst.settings,
+            "suppressions": [{"id": s.id, "starts_at": s.starts_at.isoformat(),
+                              "ends_at": s.ends_at.isoformat(), "reason": s.reason}
+                             for s in inst.suppressions]}
+
+
 def test_only_measurement_settings_may_be_set_centrally() -> None:
+    """Central instructions may set measurement keys only: the collector's address, the token,
+    delivery and identity stay in the probe's own file, and anything else is an unknown key."""
     for key in ("profile", "ping.count", "download.streams", "upload.window_s",
                 "checks.scan_lan", "server.url", "server.candidates", "campaign.rule"):
         assert key_problem(key) is None, key
@@ -57,12 +68,15 @@ def test_only_measurement_settings_may_be_set_centrally() -> None:
 ])
 def test_bad_settings_are_refused_naming_the_key(settings: dict[str, object],
                                                  message: str) -> None:
+    """Each bad central setting is refused with an InstructionError naming the key and the rule
+    it breaks."""
     with pytest.raises(InstructionError) as caught:
         check(settings)
     assert message in str(caught.value)
 
 
-# Issue 23: each value within its own range, three weeks a session all together.
+# Each value within its own range, three weeks a session all together (the session
+# plan's limit, agent/budget.py).
 TOO_LONG = {"download.tests": 1000, "download.window_s": 600, "ping.count": 10000}
 
 
@@ -79,7 +93,8 @@ def test_an_instruction_planning_too_long_a_session_is_refused_naming_the_figure
     assert check({"download.tests": 3, "download.window_s": 15})  # 4.6 min, 225 GB
 
 
-# What the collector says it assumed when it refuses a plan (issue 23, finding 9).
+# What the collector says it assumed when it refuses a plan (it cannot read the probe's
+# own file).
 DEFAULTS_NOTE = ("(planned on the built-in defaults for every key the instruction does "
                  "not set; a probe whose own file sets other values plans again, and over "
                  "a limit keeps its previous instruction and reports why)")
@@ -111,7 +126,7 @@ def test_a_setting_assumed_from_the_probe_is_planned_where_the_instruction_is_si
 
 def test_the_agent_refuses_an_instruction_over_the_limit_that_slipped_through(
         tmp_path: Path) -> None:
-    """A collector that does not bound sessions (one from before issue 23; here the
+    """A collector that does not bound sessions (an older release; here the
     rule is written to the store past the check) serves one: the agent measures under
     its own file, and its health report says why, which the fleet view shows."""
     from agent import health
@@ -167,6 +182,8 @@ def test_an_instruction_over_the_limit_only_with_the_local_file_is_not_applied(
 
 
 def test_values_are_json_or_toml_or_text() -> None:
+    """--set KEY=VALUE reads the value as JSON, else TOML, else plain text; a pair without '='
+    is refused."""
     parsed = parse_pairs(['server.candidates=["http://a", "http://b"]', "ping.count=20",
                           "campaign.rule=24in72h", "checks.scan_lan=false",
                           "ping.interval_s=0.5"])
@@ -178,6 +195,8 @@ def test_values_are_json_or_toml_or_text() -> None:
 
 
 def test_precedence_defaults_file_central_command_line(tmp_path: Path) -> None:
+    """Precedence: the profile's preset, then the file, then the central instruction, then the
+    command line; without a central instruction the file's values stand."""
     path = tmp_path / "agent.toml"
     path.write_text('profile = "quick"\n[ping]\ncount = 11\ninterval_s = 0.5\n'
                     '[download]\nstreams = 3\n')
@@ -210,6 +229,9 @@ def test_an_instruction_that_does_not_fit_the_local_file_is_not_applied(
 
 
 def test_documents_round_trip_and_bad_ones_are_refused() -> None:
+    """An instruction document survives JSON both ways and answers which suppression window
+    covers a moment; a bad version or window is refused naming it, and a local-only key
+    empties the settings (keeping the windows) with the reason recorded."""
     doc = {"version": "00112233aabbccdd", "settings": {"ping.count": 3},
            "suppressions": [{"id": 4, "starts_at": "2026-12-01T01:00:00Z",
                              "ends_at": "2026-12-01T03:00:00Z", "reason": "works"}]}
@@ -305,7 +327,7 @@ def test_the_daemon_skips_a_slot_suppressed_while_it_waited(tmp_path: Path) -> N
             windows.append((now[0], at + timedelta(hours=2)))
         now[0] = max(now[0], at)
 
-    async def measure() -> tuple[datetime, bool]:
+    async def measure(_: Plan) -> tuple[datetime, bool]:
         measured.append(now[0])
         now[0] += timedelta(minutes=2)
         return now[0], True
@@ -322,13 +344,15 @@ def test_the_daemon_skips_a_slot_suppressed_while_it_waited(tmp_path: Path) -> N
 
 
 def test_the_daemon_reports_while_idle(tmp_path: Path) -> None:
+    """Between sessions the campaign loop still sends health reports, every report_every_s (600
+    s here) and never more than an hour apart."""
     now = [datetime(2026, 12, 1, 8, 0, tzinfo=UTC)]
     reports: list[tuple[datetime, datetime | None]] = []
 
     async def wait(at: datetime, _: Control) -> None:
         now[0] = max(now[0], at)
 
-    async def measure() -> tuple[datetime, bool]:
+    async def measure(_: Plan) -> tuple[datetime, bool]:
         return now[0], True
 
     async def report(campaign: object, until: datetime | None,
@@ -346,6 +370,8 @@ def test_the_daemon_reports_while_idle(tmp_path: Path) -> None:
 
 
 def test_candidates_rank_by_median_rtt_unanswered_last_ties_in_order() -> None:
+    """Server candidates are ranked by median RTT, those that never answered last, and equal
+    ones keep their configured order."""
     def c(url: str, rtt: float | None) -> ServerCandidate:
         return ServerCandidate(url=url, rtts_ms=() if rtt is None else (rtt,),
                                rtt_median_ms=rtt, error=None)
@@ -355,6 +381,7 @@ def test_candidates_rank_by_median_rtt_unanswered_last_ties_in_order() -> None:
 
 
 def test_check_config_refuses_a_bad_campaign_key(tmp_path: Path) -> None:
+    """A campaign window over 30 days is refused at config load, naming campaign.window_days."""
     with pytest.raises(ConfigError, match=r"campaign.window_days: must be <= 30"):
         config.parse({"campaign": {"window_days": 31}})
 
@@ -392,7 +419,7 @@ def test_a_fully_suppressed_daemon_waits_reports_and_survives_a_reload_and_bad_p
         if len(reports) == 2:
             raise OSError("disk gone")
 
-    async def measure() -> tuple[datetime, bool]:
+    async def measure(_: Plan) -> tuple[datetime, bool]:
         return now[0], True
 
     reloads: list[int] = []
@@ -425,6 +452,8 @@ def test_settings_refused_keep_their_suppressions() -> None:
 
 
 def test_odd_values_are_refused_in_one_line() -> None:
+    """A time zone that is not one (a region name, 300 characters) and a value JSON cannot carry
+    (a date) are each refused in one line."""
     for settings, message in (({"campaign.timezone": "Europe"}, "not a known time zone"),
                               ({"campaign.timezone": "x" * 300}, "not a known time zone"),
                               ({"ping.count": datetime(1979, 5, 27).date()},
@@ -434,6 +463,8 @@ def test_odd_values_are_refused_in_one_line() -> None:
 
 
 def test_the_command_line_server_beats_candidates(tmp_path: Path) -> None:
+    """--server on the command line replaces the configured server candidates: check-config
+    shows that one server and no candidates."""
     from click.testing import CliRunner
 
     from agent.cli import main

@@ -1,4 +1,4 @@
-"""The technician's live view (issue 16): the pure state and line (agent/live.py), the
+"""The technician's live view: the pure state and line (agent/live.py), the
 transfer engine's feed, and the real CLI on a real terminal (tmux), on a pty with --json,
 and with stderr not a terminal."""
 
@@ -131,7 +131,6 @@ def test_no_view_with_json_quiet_or_no_terminal(monkeypatch: pytest.MonkeyPatch)
 # --- the transfer engine's feed ---------------------------------------------------------
 
 
-@pytest.mark.network
 def test_feed_reports_the_bytes_counted(collector: RunningCollector) -> None:
     """A download attempt announces its phase, then reads its streams' byte count at most
     every UPDATE_INTERVAL_S on the same monotonic clock; the last read is the byte count
@@ -161,7 +160,7 @@ def test_feed_reports_the_bytes_counted(collector: RunningCollector) -> None:
     assert counts[-1] == attempt.bytes_total
 
 
-@pytest.mark.network
+@pytest.mark.slow
 def test_ndt7_feed(tmp_path: Path) -> None:
     """The ndt7 client announces each subtest (the download planned at ndt7's 10 s, the
     upload at its runtime), reads its byte count at each client sample (the last read
@@ -231,7 +230,6 @@ def tmux_or_skip() -> str:
     return tmux
 
 
-@pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["speed"], ["run", "--no-push"]])
 def test_live_line_on_a_terminal(server_url: str, fast_config: Path, tmp_path: Path,
@@ -291,7 +289,7 @@ def _plain_lines(err: str) -> None:
     assert re.search(r"^·   attempt 1: [\d.]+ Mbit/s \(2 stream\(s\)\)$", err, re.M), err
 
 
-@pytest.mark.network
+@pytest.mark.slow
 def test_not_a_terminal_gets_the_plain_lines(server_url: str, fast_config: Path) -> None:
     """stderr a pipe, even with FORCE_COLOR and TTY_COMPATIBLE set: the progress lines as
     before, no live line, no escape codes; --json prints one JSON document and nothing
@@ -310,7 +308,7 @@ def test_not_a_terminal_gets_the_plain_lines(server_url: str, fast_config: Path)
             assert done.stdout.startswith("Session ")
 
 
-@pytest.mark.network
+@pytest.mark.slow
 def test_json_on_a_terminal_draws_nothing(server_url: str, fast_config: Path) -> None:
     """--json with stderr on a terminal (a pty): the same plain lines on stderr, no live
     line, and stdout exactly the JSON document."""

@@ -1,4 +1,4 @@
-"""The agent's Prometheus metrics (issue 16): what they say of a session and a health
+"""The agent's Prometheus metrics: what they say of a session and a health
 report, read back with prometheus-client's parser; the textfile written whole; the
 config refusing what node_exporter or a socket would not take."""
 
@@ -40,6 +40,10 @@ REPORT = HealthReport(
 
 
 def test_session_and_report_figures() -> None:
+    """The agent's exposition counts sessions by outcome (complete, invalid, incomplete), gives
+    the last session's own summary (median download of the successful tests, RTT mean,
+    jitter, loss) in base units, and the health report's spool, clock, campaign and check
+    figures."""
     state = m.AgentMetrics("9.9", sessions={})
     result = factories.session(
         "roma-01", rtts=(10.0, 14.0, None, 12.0),
@@ -82,6 +86,8 @@ def test_session_and_report_figures() -> None:
 
 
 def test_a_one_shot_run_counts_nothing_and_a_fresh_daemon_shows_only_what_it_knows() -> None:
+    """A one-shot run exports the last session but no session counter; a daemon before its first
+    session exports only its info and the (zero) counter."""
     run = m.AgentMetrics("9.9")
     run.session(factories.session("p1"))
     names = {name for name, _ in parsed(m.exposition(run).decode())}
@@ -111,6 +117,8 @@ def test_textfile_is_written_whole(tmp_path: Path) -> None:
 
 
 def test_config_checks_and_no_central_control() -> None:
+    """metrics.textfile must end in .prom (node_exporter reads only those) and metrics.listen
+    must be HOST:PORT with a valid port; a central instruction cannot set metrics.listen."""
     ok = config.parse({"metrics": {"textfile": "/var/lib/x/bbprobe.prom",
                                    "listen": "[::1]:9465"}})
     assert ok.metrics.listen == "[::1]:9465"

@@ -1,4 +1,4 @@
-"""Issue 24 on the agent's side: a transfer the measurement server refuses (429 and 503
+"""Refusals on the agent's side: a transfer the measurement server refuses (429 and 503
 for capacity, 403 for the ticket) is the server's, recorded apart, retried within the
 session's allowance without using up an attempt; the allowance is planned (agent/budget.py);
 a busy candidate is passed over as busy, not broken."""
@@ -52,7 +52,7 @@ NOW = datetime(2026, 12, 7, 10, 0, 0, tzinfo=UTC)
      None),
     (wire.WireError("http", "HTTP 500", 500, retry_after="3"), "http_status", None, None),
     (wire.WireError("connect", "refused"), "connect_error", None, None),
-    # What anything on the path may send: the line's failures, as before issue 24.
+    # What anything on the path may send: the line's failures, as they always were.
     (wire.WireError("http", "HTTP 429", 429, retry_after="7"), "http_status", None, None),
     (wire.WireError("http", "HTTP 503", 503, retry_after="7"), "http_status", None, None),
     (wire.WireError("http", "HTTP 403", 403, ticket_refused="expired"), "http_status", None,
@@ -276,7 +276,6 @@ def _run(server: MeasurementServer,
     return asyncio.run(main())
 
 
-@pytest.mark.network
 @pytest.mark.parametrize("probe", [http_download, http_upload])
 def test_a_server_at_capacity_is_waited_for(probe: Any) -> None:
     """The first two requests get 429 (Retry-After: 0): with one attempt allowed the
@@ -293,7 +292,6 @@ def test_a_server_at_capacity_is_waited_for(probe: Any) -> None:
     assert "refused for capacity (busy): HTTP 429" in (attempts[0].error or "")
 
 
-@pytest.mark.network
 @pytest.mark.parametrize("probe", [http_download, http_upload])
 def test_a_refused_ticket_is_retried_without_it(probe: Any) -> None:
     """Every request carries the ticket until the server refuses it (403, expired): the
@@ -320,7 +318,6 @@ def test_a_refused_ticket_is_retried_without_it(probe: Any) -> None:
     assert first is not None and first.count(".") == 2 and retry is None
 
 
-@pytest.mark.network
 def test_wire_errors_carry_what_a_refusal_says() -> None:
     """A download refused with 503 + Retry-After and an upload refused before its body
     with 403 + Bbprobe-Ticket-Refused: the WireError keeps both headers as sent."""
@@ -354,7 +351,6 @@ def test_wire_errors_carry_what_a_refusal_says() -> None:
     assert server.seen == [("download", "a.b.c"), ("upload", "a.b.c")]
 
 
-@pytest.mark.network
 @pytest.mark.parametrize("probe", [http_download, http_upload])
 def test_an_unmarked_429_is_the_lines_failure(probe: Any) -> None:
     """A 429 without Bbprobe-Refused (a captive portal, an operator's proxy at a
@@ -370,7 +366,6 @@ def test_an_unmarked_429_is_the_lines_failure(probe: Any) -> None:
         (1, "failed", "http_status", 429)], attempts
 
 
-@pytest.mark.network
 def test_a_forged_ticket_refusal_without_a_ticket_is_the_lines_failure() -> None:
     """A 403 saying Bbprobe-Ticket-Refused to a request that presented no ticket is no
     ticket refusal (there was none to refuse): http_status."""
@@ -383,7 +378,6 @@ def test_a_forged_ticket_refusal_without_a_ticket_is_the_lines_failure() -> None
         (1, "failed", "http_status")], attempts
 
 
-@pytest.mark.network
 @pytest.mark.parametrize(("status", "headers", "reason"), [
     (403, {spec.TICKET_REFUSED_HEADER: "allowance_bytes"}, "ticket_refused"),
     (429, {spec.REFUSED_HEADER: "ticket_streams", "Retry-After": "3"}, "server_refused"),
@@ -439,7 +433,6 @@ def _loaded(server: MeasurementServer, monkeypatch: pytest.MonkeyPatch
     return under_load, lines
 
 
-@pytest.mark.network
 def test_the_train_under_load_is_discarded_when_the_first_attempt_is_refused(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The first download is refused (429, marked): the train timed for its window ran
@@ -493,7 +486,6 @@ def _busy(kind: str, _ticket: str | None, _n: int) -> web.Response | None:
     return refusal(429, retry_after="5") if kind == "echo" else None
 
 
-@pytest.mark.network
 def test_a_busy_candidate_is_passed_over_as_busy() -> None:
     """The first candidate answers the capacity ask 429: passed over, recorded "busy:"
     and listed busy; the second, an older server answering "ok", is chosen."""
@@ -509,10 +501,9 @@ def test_a_busy_candidate_is_passed_over_as_busy() -> None:
     assert busy.seen == [("echo", None)]
 
 
-@pytest.mark.network
 def test_an_unmarked_429_does_not_make_a_candidate_busy() -> None:
     """A 429 without Bbprobe-Refused at the capacity ask is not the server's (a proxy on
-    the path): the candidate is not busy, and is chosen as before issue 24."""
+    the path): the candidate is not busy, and is chosen as any other."""
     def proxy(kind: str, _ticket: str | None, _n: int) -> web.Response | None:
         return refusal(429, retry_after="5", marked=None) if kind == "echo" else None
 
@@ -522,7 +513,6 @@ def test_an_unmarked_429_does_not_make_a_candidate_busy() -> None:
         first, (), ())
 
 
-@pytest.mark.network
 def test_busy_beats_broken_when_every_candidate_is_busy() -> None:
     """A broken candidate (nothing listens) is passed over as today; when every one that
     answers is busy, the best-ranked busy one is used (its transfers retry)."""
@@ -539,7 +529,6 @@ def test_busy_beats_broken_when_every_candidate_is_busy() -> None:
     assert len(broken) == 1 and broken[0].startswith("TCP connect to 127.0.0.1:9 failed")
 
 
-@pytest.mark.network
 def test_the_capacity_ask_presents_the_ticket_and_asks_again_without() -> None:
     """The ticket goes with the capacity ask where it names the candidate; a 403 for it
     is asked again without it (200: not busy), and the refusal is handed to the session.
@@ -616,7 +605,7 @@ def test_the_capacity_ask_shares_the_connects_deadline(monkeypatch: pytest.Monke
                                                        ) -> None:
     """A candidate's connect and capacity ask run under one CONNECT_TIMEOUT_S deadline
     (what budget.py plans a candidate); an ask with no answer by then is not busy: the
-    candidate is used, as before issue 24."""
+    candidate is used, as any other."""
     deadlines: list[float] = []
     connected: list[float] = []
     real_timeout_at = asyncio.timeout_at

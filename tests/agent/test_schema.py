@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.schema import SCHEMA_VERSION, SchemaError, parse_result, to_dict
+from agent.decoding import SchemaError, parse_result
+from agent.schema import SCHEMA_VERSION, to_dict
 from tests.factories import session, session_dict
 
 
@@ -147,6 +148,7 @@ def test_validity_is_consistent(validity: dict[str, Any], message: str) -> None:
 
 
 def test_invalid_session_round_trips() -> None:
+    """A session flagged invalid survives JSON both ways with its reason codes in order."""
     original = session(invalid=["wifi", "cpu_busy"])
     again = parse_result(json.loads(json.dumps(to_dict(original))))
     assert again == original and not again.valid

@@ -1,4 +1,4 @@
-"""Issue 24 on the agent's side: where a session's measurement ticket comes from (the
+"""Measurement tickets on the agent's side: where a session's measurement ticket comes from (the
 instruction fetch, else a POST of its own, else none), that a session presents it
 only to a server it names, and what the result says about it."""
 
@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import pytest
 
 from agent import budget, config, control, session, spec, tickets
-from agent.delivery import CollectorClient
-from agent.schema import SessionResult, parse_result, to_dict
+from agent.client import CollectorClient
+from agent.decoding import parse_result
+from agent.schema import SessionResult, to_dict
 from agent.ticket import peek
 from agent.tickets import Offer, TicketSource
 from tests.agent.measure_fakes import (
@@ -305,7 +306,6 @@ def _session(tmp_path: Path, server: MeasurementServer,
     return result
 
 
-@pytest.mark.network
 def test_a_session_presents_its_ticket_on_every_transfer(tmp_path: Path) -> None:
     """A ticket naming the server: every download and upload request carries it, and the
     result says it was presented and not refused."""
@@ -321,7 +321,6 @@ def test_a_session_presents_its_ticket_on_every_transfer(tmp_path: Path) -> None
         "t-1", True, None)
 
 
-@pytest.mark.network
 def test_a_ticket_for_another_server_is_not_presented(tmp_path: Path) -> None:
     """A ticket is a bearer credential: a server it does not name never sees it; the
     session measures under the per-address rule and says so."""
@@ -331,7 +330,6 @@ def test_a_ticket_for_another_server_is_not_presented(tmp_path: Path) -> None:
     assert result.ticket is not None and result.ticket.presented is False
 
 
-@pytest.mark.network
 def test_a_session_whose_ticket_is_refused_goes_on_without_it(tmp_path: Path) -> None:
     """The server refuses the ticket (403, expired) on the first download: that attempt
     is ticket_refused, its retry and the upload go without the ticket, and the result
@@ -350,7 +348,6 @@ def test_a_session_whose_ticket_is_refused_goes_on_without_it(tmp_path: Path) ->
     assert all(t is None for kind, t in server.seen if kind == "upload")
 
 
-@pytest.mark.network
 def test_a_ticket_allowing_fewer_streams_than_the_method_fixes_is_withheld(
         tmp_path: Path) -> None:
     """The method fixes 2 streams, the ticket allows 1 at once (the server would refuse
@@ -382,7 +379,6 @@ class _Spent(TicketSource):
         return tickets.Taken(None, spent_s=self.spent_s)
 
 
-@pytest.mark.network
 @pytest.mark.parametrize(("spent_s", "outcomes"), [
     (0.0, [("download", "server_refused"), ("download", None), ("upload", None)]),
     (5.0, [("download", "server_refused"), ("upload", None)]),
@@ -402,7 +398,6 @@ def test_the_ticket_post_is_charged_to_the_refusal_allowance(
     assert [(a.direction, a.failure_reason) for a in result.transfers] == outcomes
 
 
-@pytest.mark.network
 def test_without_a_ticket_the_session_is_as_before(tmp_path: Path) -> None:
     """A collector that issues none: no header anywhere, no ticket in the result (the
     document keeps its older form: no ticket key at all)."""
@@ -413,7 +408,6 @@ def test_without_a_ticket_the_session_is_as_before(tmp_path: Path) -> None:
     assert result.busy_servers == ()
 
 
-@pytest.mark.network
 def test_dual_stack_sessions_each_take_their_own_ticket(tmp_path: Path) -> None:
     """Under "both" the IPv4 session measures under the ticket the instruction brought,
     the IPv6 one under a ticket it asked for (the IPv6 session fails here: the server is

@@ -1,4 +1,4 @@
-"""URLs are checked when a config is read (issue 12, finding 11): a malformed IPv6
+"""URLs are checked when a config is read: a malformed IPv6
 literal or a port out of range is one line naming the key, at load, for the agent's
 collector.url and server.url and for the collector's influxdb.url, never a traceback
 from deep inside a probe or the HTTP client."""
@@ -32,6 +32,8 @@ BAD = [
 @pytest.mark.parametrize(("url", "problem"), BAD)
 @pytest.mark.parametrize("key", ["collector.url", "server.url"])
 def test_agent_urls_are_checked_at_load(key: str, url: str, problem: str) -> None:
+    """Each malformed collector or server URL is refused at config load with the file, the key
+    and the exact problem."""
     section, name = key.split(".")
     with pytest.raises(ConfigError) as info:
         config.parse({section: {name: url}}, "t.toml")
@@ -43,12 +45,16 @@ def test_agent_urls_are_checked_at_load(key: str, url: str, problem: str) -> Non
                                  "https://user:secret@hooks.example.net:8443/x",
                                  "http://user:pw@[::1]:8080"])
 def test_good_urls_pass(url: str) -> None:
+    """IPv6 literals, HTTPS, a path, a full port range and user info in a URL are accepted and
+    kept as written."""
     assert config.url_problem(url) is None
     assert config.parse({"server": {"url": url}}).server.url == url
 
 
 @pytest.mark.parametrize(("url", "problem"), BAD[:3])
 def test_collector_influx_url_is_checked_at_load(url: str, problem: str) -> None:
+    """The collector's influxdb.url is checked at load with the same rules as the agent's URLs,
+    naming the key."""
     with pytest.raises(CollectorConfigError) as info:
         collector_config.parse({"influxdb": {"enabled": True, "url": url}}, "c.toml")
     assert str(info.value) == f"c.toml: influxdb.url: expected http(s)://host[:port]: {problem}"

@@ -1,4 +1,4 @@
-"""Alerts (issue 16): the triggers as pure functions; and with real components, a
+"""Alerts: the triggers as pure functions; and with real components, a
 collector on 127.0.0.1 delivering to a real webhook receiver on loopback (signed,
 retried, exactly once across a restart) and to Apprise's JSON transport, from real
 sessions (the agent's ``bbprobe run``) and real ingestion."""
@@ -22,8 +22,9 @@ import pytest
 from aiohttp import web
 
 from agent.schema import SCHEMA_VERSION, format_utc, utc_now
+from agent.spec import CAMPAIGN_RULES as RULES
 from collector.alerts import rules as alerts
-from collector.compliance.certify import RULES, certify
+from collector.compliance.certify import certify
 from collector.compliance.facts import of_result
 from collector.config import (
     AlertsConfig,
@@ -32,8 +33,9 @@ from collector.config import (
     ServerConfig,
     WebhookConfig,
 )
+from collector.lines import LineMetadata
 from collector.server.testing import running_collector, serve_in_thread
-from collector.storage.model import LineMetadata, Probe
+from collector.storage.model import Probe
 from tests import factories
 from tests.httpclient import post_json
 
@@ -103,7 +105,7 @@ def test_silence_and_campaign_triggers() -> None:
     missed = alerts.campaign_incomplete(probe, report(19, deadline), NOW,
                                         {2, 3, 4, 5, 6}, rome)
     assert missed is not None and missed.details["bands_missed"] == [2, 3, 4, 5, 6]
-    # In the collector's own spelling (issue 23: keys and queries never take the probe's).
+    # In the collector's own spelling (keys and queries never take the probe's).
     assert alerts.completed_campaign(report(24, "2026-11-23T12:00:00Z", True), NOW) == (
         "96in24h", "2026-11-20T12:00:00.000000Z", "2026-11-23T12:00:00.000000Z")
     # Only campaigns plausible by our clock: begun, at most 31 days long, ended within
@@ -230,6 +232,7 @@ def _cfg(tmp: Path, **alerts_cfg: Any) -> CollectorConfig:
                    alerts=replace(base, **alerts_cfg))
 
 
+@pytest.mark.slow
 def test_signed_alert_retried_arrives_once_across_a_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A session below the contracted minimum raises one alert. The receiver fails
@@ -318,6 +321,7 @@ def _health(campaign: dict[str, Any] | None) -> dict[str, Any]:
             "suppressed_until": None, "next_session_at": None}
 
 
+@pytest.mark.slow
 def test_breach_on_a_completed_campaign_and_silence_through_apprise(
         tmp_path: Path, fast_config: Path) -> None:
     """A real session from the agent (``bbprobe run``) makes a probe seen; once it falls
@@ -346,7 +350,7 @@ def test_breach_on_a_completed_campaign_and_silence_through_apprise(
                                 download_min_kbps=60_000.0)
             token = c.add_probe("roma-01", line)
             # Recent, by today's clock: only campaigns that ended within 45 days are
-            # certified (issue 23).
+            # certified.
             day = (datetime.now(UTC) - timedelta(days=4)).date().isoformat()
             sessions = _campaign("roma-01", day, 50e6)
             for start in range(0, 96, 48):
@@ -385,6 +389,7 @@ def _cli(config: Path, *args: str, env: dict[str, str] | None = None
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_alerts_test_and_list_commands(tmp_path: Path) -> None:
     """``alerts test`` delivers now to every notifier (or the one named) and exits 1 if
     one refused; ``alerts list`` shows each alert with its deliveries."""

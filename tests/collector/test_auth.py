@@ -61,6 +61,8 @@ def test_queries_need_an_analyst_token(guarded: RunningCollector, path: str) -> 
 
 
 def test_public_routes_stay_open(guarded: RunningCollector) -> None:
+    """With query authentication on, the health check, the OpenAPI document and the measurement
+    endpoints (bbprobe's and LibreSpeed's) still answer without a token."""
     for path in ("/healthz", "/api/v1/openapi.json", "/measure/v1/echo",
                  "/measure/v1/download?bytes=1000", "/backend/empty.php", "/getIP",
                  "/garbage.php?ckSize=1"):
@@ -102,6 +104,8 @@ def test_admin_registers_and_revokes_probes_revocation_is_immediate(
 
 
 def test_tokens_are_stored_as_digests(guarded: RunningCollector) -> None:
+    """An analyst token's clear text is in neither the SQLite file nor its WAL (only its digest
+    is stored)."""
     secret = guarded.add_token("ana")
     raw = guarded.db_path.read_bytes()
     wal = Path(str(guarded.db_path) + "-wal")
@@ -158,7 +162,7 @@ def test_tls_with_client_certificates(tmp_path: Path, pki: Path) -> None:
         # The agent's own client: trusts the test CA, identifies by certificate alone.
         import asyncio
 
-        from agent.delivery import CollectorClient
+        from agent.client import CollectorClient
 
         agent = CollectorClient(collector.url, "", 10, ca_file=str(pki / "ca.pem"),
                                 client_cert=str(pki / "p1.pem"),
@@ -178,6 +182,8 @@ def test_tls_with_client_certificates(tmp_path: Path, pki: Path) -> None:
 
 
 def test_bad_tls_config_is_named(tmp_path: Path) -> None:
+    """A TLS certificate without its key, or client certificates required without TLS, is
+    refused at config load naming the keys."""
     from collector.config import parse
     from collector.errors import ConfigError
 
@@ -241,8 +247,8 @@ def _basic(token: str) -> str:
 def test_cross_site_requests_cannot_revoke(guarded: RunningCollector,
                                            headers: dict[str, Any], body: bytes, status: int,
                                            error: str | None) -> None:
-    """Issue 12, finding 7 (CSRF): state-changing routes take Bearer only and refuse what
-    the browser marks cross-site; the probe stays active."""
+    """Cross-site request forgery (a security review's finding): state-changing routes take Bearer
+    only and refuse what the browser marks cross-site; the probe stays active."""
     admin = guarded.add_token("boss", "admin")
     guarded.add_probe("roma-1")
     sent = {k: v for k, v in headers.items() if k != "bearer"}

@@ -1,8 +1,11 @@
-"""Line certification: hourly-band completeness and the verdict against the contract."""
+"""Line certification: hourly-band completeness and the verdict against the contract (pure);
+the CLI on the SQLite file `--db` names, and the API (the certificate through the store on
+both backends is in test_conformance.py)."""
 
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,13 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import SessionResult, format_utc
+from agent.spec import CAMPAIGN_RULES as RULES
 from collector.cli.main import main
-from collector.compliance.certify import RULES, certify
+from collector.compliance.certify import certify
 from collector.compliance.facts import SessionFacts, of_result
-from collector.reports import service
+from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector
-from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.store import open_store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
@@ -95,11 +100,10 @@ def test_failed_sessions_do_not_count_and_absent_contract_terms_are_not_judged()
 
 
 def _store(db: Path, results: list[SessionResult]) -> None:
-    store = SqliteStore(db)
-    service.register_probe(store, "p1", CONTRACT)
-    for r in results:
-        store_result(store, r)
-    store.close()
+    with closing(open_store(StorageConfig(path=str(db)))) as store:
+        register_probe(store, "p1", CONTRACT)
+        for r in results:
+            store_result(store, r)
 
 
 def test_invalid_sessions_are_listed_but_neither_fill_a_band_nor_count() -> None:
@@ -161,12 +165,11 @@ def test_certificate_as_a_page_to_hand_over(tmp_path: Path,
     import re
 
     collector.add_probe("p1", CONTRACT)
-    store = SqliteStore(collector.db_path)
     results = campaign(up=100e3)
     results[3] = session("p1", started_at=results[3].started_at, invalid=["wifi"])
-    for r in results:
-        store_result(store, r)
-    store.close()
+    with closing(collector.open_store()) as store:
+        for r in results:
+            store_result(store, r)
     out = tmp_path / "cert.html"
     result = CliRunner().invoke(main, ["--db", str(collector.db_path), "certify", "--probe",
                                        "p1", "--format", "html", "-o", str(out)])

@@ -1,17 +1,23 @@
-"""bbprobe-collector commands on a real SQLite file."""
+"""bbprobe-collector commands on a real SQLite file: `--db PATH` names one, so these tests
+fill it through `open_store` with that path (the CLI on PostgreSQL is in
+test_conformance.py)."""
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from collector import auth
 from collector.cli.main import main
-from collector.reports import service
-from collector.storage.sqlite import SqliteStore
+from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
+from collector.storage.store import Store, open_store
 from tests.factories import attempt, session, store_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,12 +35,11 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _store_sessions(db: Path) -> None:
-    store = SqliteStore(db)
-    for n, bps in enumerate((1e6, 9e6)):
-        store_result(store, session("p1", started_at=f"2026-11-2{n + 1}T10:00:00.000000Z",
-                                    transfers=[attempt("download", bps=bps),
-                                               attempt("upload", bps=1e6)]))
-    store.close()
+    with closing(open_store(StorageConfig(path=str(db)))) as store:
+        for n, bps in enumerate((1e6, 9e6)):
+            store_result(store, session("p1", started_at=f"2026-11-2{n + 1}T10:00:00.000000Z",
+                                        transfers=[attempt("download", bps=bps),
+                                                   attempt("upload", bps=1e6)]))
 
 
 def test_probe_add_prints_token_once(db: Path) -> None:
@@ -126,13 +131,10 @@ def test_bad_since(db: Path) -> None:
                               "timestamp, got 'soon'\n")
 
 
-def test_service_register_uses_store(db: Path) -> None:
-    """register_probe returns a token that authenticates against the same database."""
-    from collector import auth
-    from collector.storage.model import LineMetadata
-
-    store = SqliteStore(db)
-    token = service.register_probe(store, "p9", LineMetadata())
+def test_service_register_uses_store(store: Store) -> None:
+    """register_probe returns a token that authenticates against the same database, on
+    each backend."""
+    token = register_probe(store, "p9", LineMetadata())
     found = store.probe_for_token(auth.hash_token(token))
     assert found is not None and found.name == "p9"
 
@@ -161,7 +163,7 @@ def test_init_creates_the_first_admin_once(db: Path) -> None:
 
 
 def test_csv_cells_cannot_be_formulas(db: Path) -> None:
-    """Issue 12, finding 14: admin-set metadata went into CSV as it was, so a spreadsheet
+    """A security review found admin-set metadata going into CSV as it was, so a spreadsheet
     ran =HYPERLINK(...). Text starting with = + - @ is now behind a quote; numbers (also
     negative ones) stay numbers."""
     from collector.reports.text import csv_cell
@@ -179,7 +181,7 @@ def test_csv_cells_cannot_be_formulas(db: Path) -> None:
                                      ["token", "list"], ["influx", "status"],
                                      ["certify", "--probe", "p1"]])
 def test_read_only_commands_need_an_existing_database(db: Path, command: list[str]) -> None:
-    """Issue 12, finding 15: a typo in --db made a new, empty database and an empty
+    """A security review found that a typo in --db made a new, empty database and an empty
     report. Now exit 2 naming the path, and nothing is created."""
     typo = db.with_name("c.sqlite")
     code, out, err = _run("--db", str(typo), *command)

@@ -27,6 +27,9 @@ from tests.httpclient import request
 
 
 def test_holes_are_missing_unless_a_gap_record_names_them() -> None:
+    """Per probe and day: sequence holes are missing unless a gap record (merged when
+    overlapping) documents them; a repeated number is a duplicate; a jump beyond MAX_HOLE is
+    a counter reset (a discontinuity), unless a gap record covers it."""
     rows = [("p1", 1, "2026-11-21T10:00:00Z"), ("p1", 2, "2026-11-21T11:00:00Z"),
             ("p1", 7, "2026-11-22T01:00:00Z"), ("p1", 7, "2026-11-22T01:30:00Z"),
             ("p1", 8, "2026-11-22T02:00:00Z"), ("p2", 10, "2026-11-21T09:00:00Z"),
@@ -59,6 +62,8 @@ def test_a_hole_across_the_start_of_the_scope_is_counted() -> None:
 
 def test_spool_numbers_sessions_and_the_collector_reports_what_is_missing(
         collector: RunningCollector, tmp_path: Path) -> None:
+    """The spool numbers sessions 1..8; two dropped by the spool are documented by its gap
+    record and one lost file is reported missing by the API and the CLI."""
     token = collector.add_probe("p1")
     spool = Spool(tmp_path / "agent", replace(CFG, spool_max_bytes=10**7))
     ids = []

@@ -1,5 +1,5 @@
 """The storage conformance suite: the same behaviour from SQLite and from a real
-PostgreSQL (issue 13). Each test named ``test_store_*`` or ``test_api_*`` runs once per
+PostgreSQL. Each test named ``test_store_*`` or ``test_api_*`` runs once per
 backend (the ``storage`` fixture); the ``test_same_*`` tests load the same data into
 both and compare what they give back, byte for byte.
 
@@ -14,7 +14,6 @@ import random
 import re
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ from collector.compliance.completeness import completeness
 from collector.compliance.evaluate import evaluate, observe
 from collector.config import CollectorConfig, StorageConfig
 from collector.errors import AlreadyExists
+from collector.fleet.probes import add_token, register_probe
 from collector.intake import ingest
+from collector.lines import LineMetadata
 from collector.reports import html as html_report
 from collector.reports import service
 from collector.reports.text import (
@@ -37,11 +38,12 @@ from collector.reports.text import (
     report_dict,
     report_rows,
 )
+from collector.scope import resolve_scope
 from collector.server.testing import running_collector
 from collector.storage.migrate import Checkpoint, copy_store
-from collector.storage.model import LineMetadata, NewResult, Quota
+from collector.storage.model import NewResult, Quota
 from collector.storage.store import Store, open_store
-from tests.factories import attempt, session, store_result
+from tests.factories import attempt, day_rollups, insert_result, session, store_result
 from tests.httpclient import post_json, request
 
 TABLE = targets.load("")
@@ -82,31 +84,25 @@ def fill(store: Store, results: list[SessionResult]) -> None:
         store_result(store, result)
 
 
-@pytest.fixture
-def store(storage: StorageConfig) -> Iterator[Store]:
-    opened = open_store(storage)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 # --- store level, once per backend ------------------------------------------------------
 
 
 def test_store_probes_and_tokens(store: Store) -> None:
-    token = service.register_probe(store, "p1", LINE)
+    """Probes and tokens on each backend: names are unique, a token maps to its role and name, a
+    revoked token or probe no longer authenticates, and revoking twice reports nothing to
+    revoke."""
+    token = register_probe(store, "p1", LINE)
     assert [p.name for p in store.probes()] == ["p1"]
     assert store.probe("p1") is not None and store.probe("p1").line == LINE  # type: ignore[union-attr]
     with pytest.raises(AlreadyExists, match="a probe named 'p1' already exists"):
-        service.register_probe(store, "p1", LineMetadata())
+        register_probe(store, "p1", LineMetadata())
     from collector import auth
 
     assert store.role_for_token(auth.hash_token(token)) == ("probe", "p1")
-    admin = service.add_token(store, "root", "admin")
+    admin = add_token(store, "root", "admin")
     assert store.role_for_token(auth.hash_token(admin)) == ("admin", "root")
     with pytest.raises(AlreadyExists):
-        service.add_token(store, "root", "analyst")
+        add_token(store, "root", "analyst")
     assert store.revoke_token("root", "2026-05-01T00:00:00.000000Z")
     assert not store.revoke_token("root", "2026-05-01T00:00:00.000000Z")
     assert store.role_for_token(auth.hash_token(admin)) is None
@@ -126,17 +122,17 @@ def test_store_ingest_is_idempotent(store: Store) -> None:
                 started_at=accepted.started_at, ended_at=accepted.ended_at,
                 received_at="2026-05-01T00:00:00.000000Z", body=accepted.body,
                 body_sha256=accepted.body_sha256, facts=accepted.facts)
-    assert store.insert_result(**item) == "stored"
-    assert store.insert_result(**item) == "duplicate"
-    assert store.insert_result(**{**item, "body": other.body,
-                                  "body_sha256": other.body_sha256}) == "conflict"
+    assert insert_result(store, **item) == "stored"
+    assert insert_result(store, **item) == "duplicate"
+    assert insert_result(store, **{**item, "body": other.body,
+                                   "body_sha256": other.body_sha256}) == "conflict"
     assert store.count_results() == 1 and len(store.facts()) == 1
     stored = store.result(result.result_id)
     assert stored is not None and stored.body == accepted.body
 
 
 def test_store_packed_and_old_text_bodies(store: Store) -> None:
-    """Issue 14 on both engines: a packed body reads back as its canonical JSON; a row
+    """Packed bodies on both engines: a packed body reads back as its canonical JSON; a row
     an older release stored as text (other canonical bytes and hash) reads back as it
     was, and the same result delivered again is a duplicate; pack_text_bodies then packs
     it, in steps, and it reads back in today's canonical form."""
@@ -187,7 +183,7 @@ def test_store_report_equals_the_bodies(store: Store) -> None:
                 assert g.observed == w.observed, g.id
             elif g.observed is not None:
                 assert g.observed == pytest.approx(w.observed, rel=1e-12), g.id
-        # Jitter (issue 16), informational with this table: the day rollups' sums and
+        # Jitter (delibera 156/23/CONS), informational with this table: the day rollups' sums and
         # the sessions' give the bodies' figure.
         (gj,), (wj,) = got.informational, want.informational
         assert (gj.id, gj.samples) == (wj.id, wj.samples) and gj.samples > 0
@@ -195,6 +191,9 @@ def test_store_report_equals_the_bodies(store: Store) -> None:
 
 
 def test_store_gaps_and_completeness(store: Store) -> None:
+    """Gap records on each backend: stored, then duplicate, then conflict for other content; a
+    count of 2**53 round-trips; sequence ranges plus delivered sessions make a day complete
+    (4 delivered, 3 documented, none missing)."""
     store.add_probe("p1", "d", "2026-04-30T00:00:00.000000Z", LineMetadata())
     args = ("g1", "p1", "2026-05-02T00:00:00.000000Z", "spool_full", 3,
             "2026-05-01T01:00:00.000000Z", "2026-05-01T02:00:00.000000Z", "sha")
@@ -210,18 +209,21 @@ def test_store_gaps_and_completeness(store: Store) -> None:
         result = replace(session("p1", started_at=f"2026-05-01T0{seq}:00:00.000000Z"),
                          session_seq=seq)
         accepted = ingest.parse_body(ingest.canonical_json(result).encode())
-        store.insert_result(result_id=result.result_id, probe_name="p1", schema_version=4,
-                            started_at=accepted.started_at, ended_at=accepted.ended_at,
-                            received_at="2026-05-02T00:00:00.000000Z", body=accepted.body,
-                            body_sha256=accepted.body_sha256, facts=accepted.facts,
-                            session_seq=seq)
-    where = service.scope(["p1"], "2026-05-01", "2026-05-02")
+        insert_result(store, result_id=result.result_id, probe_name="p1", schema_version=4,
+                      started_at=accepted.started_at, ended_at=accepted.ended_at,
+                      received_at="2026-05-02T00:00:00.000000Z", body=accepted.body,
+                      body_sha256=accepted.body_sha256, facts=accepted.facts,
+                      session_seq=seq)
+    where = resolve_scope(["p1"], "2026-05-01", "2026-05-02")
     (day,) = completeness(*service.completeness_inputs(store, where))
     assert (day.delivered, day.documented, day.missing) == (4, 3, 0)
 
 
 def test_store_anonymous_tables_and_quotas(store: Store) -> None:
-    from collector.storage.sql import PRUNE_EVERY
+    """Browser results and ndt7 tests on each backend: the row cap and retention prune the
+    oldest, ndt7 archives are stored once per UUID, their measurements on request, customer
+    speeds filter by network, and an explicit prune applies both quotas."""
+    from collector.storage.sql.anonymous import PRUNE_EVERY
 
     quota = Quota(keep_after="2026-01-01T00:00:00.000000Z", max_rows=50)
     first = store.add_browser_result("2025-06-01T00:00:00.000000Z", "203.0.113.1", "{}", quota)
@@ -272,6 +274,8 @@ def test_store_influx_outbox(storage: StorageConfig) -> None:
 
 
 def test_store_certificate(store: Store) -> None:
+    """A certificate through the store on each backend names the probe and its line and counts
+    sessions in the hourly bands."""
     fill(store, dataset())
     cert = service.certificate(store, "alpha", "2026-05-01", "2026-05-04", "96in24h",
                                "Europe/Rome")
@@ -283,7 +287,7 @@ def test_store_certificate(store: Store) -> None:
 
 def _everything(store: Store) -> dict[str, Any]:
     """What a store gives back for the dataset, in the forms analysts get."""
-    scope = service.scope(None, "2026-05-01T05:00:00Z", "2026-05-03T20:00:00Z")
+    scope = resolve_scope(None, "2026-05-01T05:00:00Z", "2026-05-03T20:00:00Z")
     report = service.compliance(store, scope, TABLE)
     view = service.report_view(store, scope, TABLE)
     page = html_report.render_view(view, "Europe/Rome", "2026-06-01T00:00:00.000000Z")
@@ -295,7 +299,7 @@ def _everything(store: Store) -> dict[str, Any]:
         "listing": service.listing(store, scope),
         "samples": [to_dict_facts(f) for f in service.samples(store, scope, True)],
         "hourly": store.hourly(None, scope.since, scope.until),
-        "days": store.day_rollups(),
+        "days": day_rollups(store),
         "certificates": [json.dumps(certificate_dict(service.certificate(
             store, p, "2026-05-01", "2026-05-04", "96in24h", "Europe/Rome")))
             for p in PROBES],
@@ -310,7 +314,7 @@ def to_dict_facts(facts: Any) -> tuple[Any, ...]:
 
 
 def test_store_fleet_control(store: Store) -> None:
-    """Issue 15's tables through the Store seam: instruction rules (created, merged,
+    """The fleet-control tables through the Store seam: instruction rules (created, merged,
     emptied), suppression windows (bounded, forgotten, current ones only), health
     reports (the latest kept) and each probe's recent activity; and the fleet rows and
     effective instructions built on them."""
@@ -367,7 +371,7 @@ def test_store_fleet_control(store: Store) -> None:
 
 
 def test_store_latest_sessions_and_metrics(store: Store) -> None:
-    """Issue 16 through the Store seam: each probe's newest session facts (what the
+    """Per-probe metrics through the Store seam: each probe's newest session facts (what the
     per-probe metrics show) equal the newest of its full facts, transfers included; and
     the metrics snapshot reads on this backend."""
     from collector.config import CollectorConfig
@@ -388,7 +392,7 @@ def test_store_latest_sessions_and_metrics(store: Store) -> None:
 
 
 def test_store_alerts(store: Store) -> None:
-    """Issue 16 through the Store seam: an alert is recorded once per key with a pending
+    """Alerts through the Store seam: an alert is recorded once per key with a pending
     delivery per notifier; a lease goes to one owner, and only the lease holder records
     the outcome; listing and pruning."""
     fill(store, dataset())
@@ -435,6 +439,9 @@ def test_store_alerts(store: Store) -> None:
 
 
 def test_same_answers_from_both_backends(tmp_path: Path, pg_url: str) -> None:
+    """The same data loaded into SQLite and PostgreSQL gives the same answers to every query,
+    byte for byte; the hourly plot sums agree to 12 digits (the engines add in different
+    orders)."""
     results = dataset()
     answers = []
     for cfg in (StorageConfig(path=str(tmp_path / "s.sqlite3")),
@@ -467,13 +474,14 @@ def test_migrate_copies_everything_and_resumes(tmp_path: Path, pg_url: str) -> N
     target = open_store(StorageConfig(backend="postgresql", url=pg_url))
     try:
         fill(source, dataset())
-        service.add_token(source, "analyst1", "analyst")
+        add_token(source, "analyst1", "analyst")
         source.insert_gap("g1", "alpha", "2026-05-04T00:00:00Z", "spool_full", 2,
                           "2026-05-02T00:00:00Z", "2026-05-02T01:00:00Z", "s", [(9, 10)])
         source.add_browser_result("2026-05-02T00:00:00.000000Z", "198.51.100.1",
                                   json.dumps({"download_bps": 1e8, "upload_bps": 1e7}))
-        source.outbox_dead_letter(source.outbox_batch(1)[0][0], "refused", "2026-05-04")
-        # Fleet control (issue 15): a rule, a window, a health report.
+        first_queued = source.dump("influx_outbox", None, 1)[0][1]  # (seq, result_id, ...)
+        source.outbox_dead_letter(first_queued, "refused", "2026-05-04")
+        # Fleet control: a rule, a window, a health report.
         source.update_instruction_rule('{"region": "Lazio"}', lambda _: {"ping.count": 20},
                                        "2026-05-04T00:00:00Z")
         source.add_suppression("{}", "2026-05-05T00:00:00Z", "2026-05-05T02:00:00Z",
@@ -622,7 +630,7 @@ def test_password_from_a_credential_and_never_shown(tmp_path: Path, pg_url: str)
     from urllib.parse import unquote, urlsplit
 
     from collector.errors import StoreError
-    from collector.storage.postgres import masked
+    from collector.storage.uri import masked
 
     quoted = urlsplit(pg_url).password or ""
     secret, bare_url = unquote(quoted), pg_url.replace(f":{quoted}@", "@")

@@ -1,11 +1,12 @@
 """Customers' own tests (the /speedtest page, ndt7 clients) stay out of compliance unless an
 analyst includes them, and then add speeds only, from the report's period and optionally
-one client network."""
+one client network. Queries run on each backend; the API and CLI on the collector's SQLite
+file."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from contextlib import closing
 
 import pytest
 from click.testing import CliRunner
@@ -13,10 +14,12 @@ from click.testing import CliRunner
 from collector.cli import main as cli
 from collector.compliance import targets as targets_mod
 from collector.compliance.evaluate import Observations
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.reports import service
+from collector.scope import resolve_scope
 from collector.server.testing import RunningCollector
-from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.store import Store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 
@@ -29,32 +32,31 @@ def _ndt7(uuid: str, test: str, bps: float | None, client: str,
             "Summary": {"throughput_bps": bps, "min_rtt_ms": 20.0}}
 
 
-def _fill(db_path: Path) -> None:
+def _fill(store: Store) -> None:
     """One probe session (download 50, upload 10 Mbit/s); a browser result and three ndt7
     subtests from two customer networks, in the same day; one browser result the day
     after (outside the scope)."""
-    store = SqliteStore(db_path)
-    try:
-        service.register_probe(store, "p1", LineMetadata())
-        store_result(store, session("p1", started_at=f"{DAY}T10:00:00.000000Z",
-                                    transfers=[attempt("download", bps=50e6),
-                                               attempt("upload", bps=10e6)]))
-        store.add_browser_result(f"{DAY}T11:00:00.000000Z", "203.0.113.7", json.dumps(
-            {"download_bps": 30e6, "upload_bps": 5e6, "rtts_ms": [9.0]}))
-        store.add_browser_result("2026-11-22T11:00:00.000000Z", "203.0.113.8", json.dumps(
-            {"download_bps": 1e6, "upload_bps": 1e6}))
-        for uuid, test, bps, client, reason in (
-                ("a", "download", 40e6, "203.0.113.9:50000", "done"),
-                ("b", "upload", 8e6, "[2001:db8::1]:50001", "client_closed"),
-                ("c", "download", 2e6, "198.51.100.4:50002", "client_reset")):
-            archive = _ndt7(uuid, test, bps, client, reason)
-            store.add_ndt7_test(archive, f"{DAY}T12:00:0{ord(uuid) - 97}.000000Z",
-                                f"{DAY}T12:00:10.000000Z")
-    finally:
-        store.close()
+    register_probe(store, "p1", LineMetadata())
+    store_result(store, session("p1", started_at=f"{DAY}T10:00:00.000000Z",
+                                transfers=[attempt("download", bps=50e6),
+                                           attempt("upload", bps=10e6)]))
+    store.add_browser_result(f"{DAY}T11:00:00.000000Z", "203.0.113.7", json.dumps(
+        {"download_bps": 30e6, "upload_bps": 5e6, "rtts_ms": [9.0]}))
+    store.add_browser_result("2026-11-22T11:00:00.000000Z", "203.0.113.8", json.dumps(
+        {"download_bps": 1e6, "upload_bps": 1e6}))
+    for uuid, test, bps, client, reason in (
+            ("a", "download", 40e6, "203.0.113.9:50000", "done"),
+            ("b", "upload", 8e6, "[2001:db8::1]:50001", "client_closed"),
+            ("c", "download", 2e6, "198.51.100.4:50002", "client_reset")):
+        archive = _ndt7(uuid, test, bps, client, reason)
+        store.add_ndt7_test(archive, f"{DAY}T12:00:0{ord(uuid) - 97}.000000Z",
+                            f"{DAY}T12:00:10.000000Z")
 
 
 def test_observations_count_customers_and_add_speeds_only_when_included() -> None:
+    """Customer tests are always counted by kind; their speeds join the samples only when
+    included, and a customer test never adds a transfer attempt (failure rate is the
+    probes')."""
     apart, included = Observations(), Observations(customer_included=True)
     for obs in (apart, included):
         obs.add_customer("browser", "download", 30_000.0)
@@ -64,22 +66,20 @@ def test_observations_count_customers_and_add_speeds_only_when_included() -> Non
     assert included.upload_kbps == [] and included.upload_attempts == 0
 
 
-def test_report_keeps_customers_apart_unless_asked(tmp_path: Path) -> None:
-    db_path = tmp_path / "c.sqlite3"
-    _fill(db_path)
+def test_report_keeps_customers_apart_unless_asked(store: Store) -> None:
+    """The report counts the period's customer tests but keeps their speeds out; included,
+    they add download and upload samples only (failure rate, delay, loss stay the
+    probes'); a customer network, IPv4 or IPv6, narrows which ones."""
+    _fill(store)
     table = targets_mod.load("")
-    store = SqliteStore(db_path)
-    try:
-        where = service.scope(None, DAY, "2026-11-22")
-        apart = service.compliance(store, where, table)
-        with_all = service.compliance(store, where, table,
-                                      customers=service.Customers(include=True))
-        only_net = service.compliance(store, where, table, customers=service.Customers(
-            include=True, network="203.0.113.0/24"))
-        v6 = service.observations(store, where, customers=service.Customers(
-            include=True, network="2001:db8::/32"))
-    finally:
-        store.close()
+    where = resolve_scope(None, DAY, "2026-11-22")
+    apart = service.compliance(store, where, table)
+    with_all = service.compliance(store, where, table,
+                                  customers=service.Customers(include=True))
+    only_net = service.compliance(store, where, table, customers=service.Customers(
+        include=True, network="203.0.113.0/24"))
+    v6 = service.observations(store, where, customers=service.Customers(
+        include=True, network="2001:db8::/32"))
     samples = {r.id: r.samples for r in apart.indicators}
     assert samples["download_p95_kbps"] == 1 and samples["upload_p95_kbps"] == 1
     # The day's browser result gives both directions; ndt7: one ok download, one ok
@@ -99,7 +99,10 @@ def test_report_keeps_customers_apart_unless_asked(tmp_path: Path) -> None:
 
 
 def test_api_and_cli_include_customers(collector: RunningCollector) -> None:
-    _fill(collector.db_path)
+    """include_customer and customer_network work alike in the report API, the page and
+    the CLI; a bad value is a 400 (or a usage error) naming the parameter."""
+    with closing(collector.open_store()) as store:
+        _fill(store)
     base = collector.url + f"/api/v1/report?since={DAY}&until=2026-11-22"
     status, apart, _ = request("GET", base)
     assert status == 200
@@ -136,6 +139,8 @@ def test_api_and_cli_include_customers(collector: RunningCollector) -> None:
 @pytest.mark.parametrize("client", ["203.0.113.7", "203.0.113.7:5", "[2001:db8::1]:5",
                                     "2001:db8::1"])
 def test_client_addresses_in_every_stored_form_are_matched(client: str) -> None:
-    from collector.storage.sql import _client_host
+    """A client recorded as address, address:port, [v6]:port or bare v6 yields the bare
+    address a customer network is matched against."""
+    from collector.storage.sql.anonymous import client_host
 
-    assert _client_host(client) in ("203.0.113.7", "2001:db8::1")
+    assert client_host(client) in ("203.0.113.7", "2001:db8::1")

@@ -1,10 +1,10 @@
-"""Per-session facts in SQLite: the scope evaluated from them equals the evaluation of
-the decoded bodies, and an older database gets them by migration."""
+"""Per-session facts in the store (each backend): the scope evaluated from them equals the
+evaluation of the decoded bodies; and an older SQLite file gets them by migration (that
+test builds the file by hand, so it is about SQLite)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,11 +12,12 @@ import pytest
 from agent.schema import SessionResult
 from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
-from collector.intake import ingest
-from collector.reports import service
-from collector.storage.model import LineMetadata
-from collector.storage.sqlite import MIGRATIONS, SqliteStore
-from tests.factories import attempt, session, store_result
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
+from collector.storage.sqlite import SqliteStore
+from collector.storage.sqlite_migrations import MIGRATIONS
+from collector.storage.store import Store
+from tests.factories import attempt, session, store_result, version_1_database
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = targets.load("")
@@ -44,11 +45,11 @@ def _mixed() -> list[SessionResult]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    s = SqliteStore(tmp_path / "c.sqlite3")
+def store(store: Store) -> Store:
+    """The shared fresh store (each backend) with probes p1 and p2 registered."""
     for name in ("p1", "p2"):
-        service.register_probe(s, name, LineMetadata())
-    return s
+        register_probe(store, name, LineMetadata())
+    return store
 
 
 def _same_report(a, b) -> None:  # type: ignore[no-untyped-def]
@@ -70,8 +71,10 @@ def _same_report(a, b) -> None:  # type: ignore[no-untyped-def]
     (["nobody"], None, None),
 ])
 def test_scope_from_facts_equals_scope_from_bodies(
-        store: SqliteStore, probes: list[str] | None, since: str | None,
+        store: Store, probes: list[str] | None, since: str | None,
         until: str | None) -> None:
+    """For any probes and time bounds, the report from the stored facts equals the one from the
+    decoded bodies, without and with invalid sessions."""
     results = _mixed()
     for r in results:
         store_result(store, r)
@@ -88,7 +91,7 @@ def test_scope_from_facts_equals_scope_from_bodies(
     assert everything.sessions == len(chosen)
 
 
-def test_invalid_sessions_are_counted_apart(store: SqliteStore) -> None:
+def test_invalid_sessions_are_counted_apart(store: Store) -> None:
     """By default the invalid sessions change no indicator and are reported with their
     reasons; included, their pings and downloads (one at 1 kbit/s) count."""
     for r in _mixed():
@@ -104,7 +107,7 @@ def test_invalid_sessions_are_counted_apart(store: SqliteStore) -> None:
     assert more["loss_ratio"].samples == by_id["loss_ratio"].samples + 2
 
 
-def test_facts_round_trip_for_a_line(store: SqliteStore) -> None:
+def test_facts_round_trip_for_a_line(store: Store) -> None:
     """The facts read back for one probe carry every RTT (lost as None) and every
     attempt's speed in order, as the certificate lists them."""
     for r in _mixed():
@@ -118,7 +121,7 @@ def test_facts_round_trip_for_a_line(store: SqliteStore) -> None:
     assert (facts[1].pings_sent, facts[1].pings_lost, facts[1].completed) == (3, 1, True)
 
 
-def test_hourly_aggregates(store: SqliteStore) -> None:
+def test_hourly_aggregates(store: Store) -> None:
     """Per-hour sums: sessions, pings, RTTs and successful speeds per direction."""
     for r in _mixed():
         store_result(store, r)
@@ -136,19 +139,8 @@ def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
     """A database written before the facts tables existed is backfilled from the
     bodies at open, and evaluates as before."""
     path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path)
-    assert isinstance(MIGRATIONS[0], str)
-    db.executescript(MIGRATIONS[0])
-    db.execute("INSERT INTO probes (name, token_sha256, created_at) VALUES ('p1', 'x', 'y')")
     results = [r for r in _mixed() if r.probe_id == "p1" and r.valid]
-    for r in results:
-        accepted = ingest.parse_body(ingest.canonical_json(r).encode())
-        db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",
-                   (r.result_id, r.schema_version, accepted.started_at, accepted.ended_at,
-                    accepted.body_sha256, accepted.body))
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+    version_1_database(path, results)
     store = SqliteStore(path)
     assert store.schema_version == len(MIGRATIONS)
     _same_report(evaluate(store.observations(), TABLE), evaluate(observe(results), TABLE))
@@ -164,7 +156,7 @@ def test_version_1_database_gets_facts_by_migration(tmp_path: Path) -> None:
     (None, "2026-03-02T18:00:00.000000Z"),
     ("2026-03-04T01:00:00.000000Z", "2026-03-04T23:00:00.000000Z"),  # inside one day
 ])
-def test_day_rollup_and_session_rows_agree(store: SqliteStore, since: str | None,
+def test_day_rollup_and_session_rows_agree(store: Store, since: str | None,
                                            until: str | None) -> None:
     """Whole days read from the day rollup, partial days from session rows: the report is
     the one computed from the decoded bodies, for any bounds."""

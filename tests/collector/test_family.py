@@ -1,4 +1,4 @@
-"""IPv6 at the collector (issue 16): listening on "::" serves both families and "::1"
+"""IPv6 at the collector: listening on "::" serves both families and "::1"
 IPv6 only; the IP version each session measured over is stored with its facts, and a
 scope (CLI, API) can keep one family."""
 
@@ -9,9 +9,9 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -19,11 +19,12 @@ from click.testing import CliRunner
 from collector.cli.main import main
 from collector.config import CollectorConfig, StorageConfig
 from collector.errors import BadParameter
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.reports import service
+from collector.scope import resolve_scope
 from collector.server import app
-from collector.storage.model import LineMetadata
-from collector.storage.sqlite import SqliteStore
-from collector.storage.store import open_store
+from collector.storage.store import Store, open_store
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, store_result
 
@@ -111,8 +112,8 @@ def test_the_port_reservation_of_workers_is_dual_stack() -> None:
         holder.close()
 
 
-def _fill(store: Any) -> None:
-    service.register_probe(store, "p1", LineMetadata())
+def _fill(store: Store) -> None:
+    register_probe(store, "p1", LineMetadata())
     for hour in ("10", "11"):
         for fam, bps in (("ipv4", 50e6), ("ipv6", 20e6)):
             store_result(store, replace(
@@ -123,34 +124,20 @@ def _fill(store: Any) -> None:
 
 
 @pytest.fixture
-def mixed(tmp_path: Path) -> SqliteStore:
+def mixed(store: Store) -> Store:
     """Probe p1 measuring dual stack (an IPv4 and an IPv6 session per slot, IPv6 slower),
-    and one session of an older agent (no family)."""
-    store = SqliteStore(tmp_path / "c.sqlite3")
+    and one session of an older agent (no family); on each backend (the family column is
+    SQLite migration 16, PostgreSQL 6)."""
     _fill(store)
     return store
 
 
-def test_family_is_stored_on_both_backends(storage: StorageConfig) -> None:
-    """The family column (SQLite migration 16, PostgreSQL 6) is written at ingestion and
-    selects sessions on either backend."""
-    store = open_store(storage)
-    try:
-        _fill(store)
-        for fam in ("ipv4", "ipv6"):
-            where = service.scope(None, None, None, store=store, filters={"family": fam})
-            assert len(service.listing(store, where)) == 2
-            assert service.observations(store, where).sessions == 2
-    finally:
-        store.close()
-
-
-def test_scope_by_family(mixed: SqliteStore) -> None:
+def test_scope_by_family(mixed: Store) -> None:
     """family=ipv4|ipv6 keeps that family's sessions in the listing, the facts, the
     compliance observations and the hourly series; without it, every session; a session
     of unknown family matches neither."""
     for fam, kbps in (("ipv4", 50_000.0), ("ipv6", 20_000.0)):
-        where = service.scope(None, None, None, store=mixed, filters={"family": fam})
+        where = resolve_scope(None, None, None, filters={"family": fam})
         assert where.family == fam
         assert f"{'IPv4' if fam == 'ipv4' else 'IPv6'} sessions only" in where.describe()
         assert len(service.listing(mixed, where)) == 2
@@ -163,32 +150,33 @@ def test_scope_by_family(mixed: SqliteStore) -> None:
         hourly = mixed.hourly(family=fam)
         assert [(h.hour, h.sessions) for h in hourly] == [("2026-03-02T10", 1),
                                                           ("2026-03-02T11", 1)]
-    everything = service.scope(None, None, None, store=mixed)
+    everything = resolve_scope(None, None, None)
     assert everything.family is None
     assert len(service.listing(mixed, everything)) == 5
     assert service.observations(mixed, everything).sessions == 5
 
 
-def test_a_whole_day_of_one_family_is_read_from_the_sessions(mixed: SqliteStore) -> None:
+def test_a_whole_day_of_one_family_is_read_from_the_sessions(mixed: Store) -> None:
     """Whole days usually come from the day rollup, which does not split by family: a
     family scope over whole days still counts only its own sessions."""
-    where = service.scope(None, "2026-03-01", "2026-03-05", store=mixed,
-                          filters={"family": "ipv6"})
+    where = resolve_scope(None, "2026-03-01", "2026-03-05", filters={"family": "ipv6"})
     assert service.observations(mixed, where).sessions == 2
 
 
 def test_bad_family_is_refused() -> None:
+    """A family other than ipv4/ipv6 is a BadParameter naming the field and the choices."""
     with pytest.raises(BadParameter) as info:
-        service.scope(None, None, None, filters={"family": "ipv5"})
+        resolve_scope(None, None, None, filters={"family": "ipv5"})
     assert str(info.value) == "family: expected one of ipv4, ipv6, got 'ipv5'"
     assert info.value.field == "family"
 
 
-def test_cli_report_and_results_by_family(mixed: SqliteStore, tmp_path: Path) -> None:
+def test_cli_report_and_results_by_family(tmp_path: Path) -> None:
     """bbprobe-collector report/results --family ipv6: the IPv6 sessions only, said so in
-    the scope line."""
-    mixed.close()
+    the scope line (on the SQLite file `--db` names)."""
     db = str(tmp_path / "c.sqlite3")
+    with closing(open_store(StorageConfig(path=db))) as store:
+        _fill(store)
     runner = CliRunner()
     done = runner.invoke(main, ["--db", db, "results", "--family", "ipv6", "--format",
                                 "json"], catch_exceptions=False)
@@ -203,7 +191,7 @@ def test_cli_report_and_results_by_family(mixed: SqliteStore, tmp_path: Path) ->
     assert "'ipx' is not one of 'ipv4', 'ipv6'" in wrong.output
 
 
-def _dual_stack_day(store: Any, probe: str) -> None:
+def _dual_stack_day(store: Store, probe: str) -> None:
     """One probe measured every quarter hour of a day over IPv4 and IPv6 alike (96
     sessions each: a complete 96-in-24-h campaign per family)."""
     from datetime import UTC, datetime, timedelta
@@ -219,30 +207,25 @@ def _dual_stack_day(store: Any, probe: str) -> None:
                 address_family=fam, address_family_requested="both"))
 
 
-def test_a_dual_stack_line_is_certified_per_family(tmp_path: Path) -> None:
+def test_a_dual_stack_line_is_certified_per_family(store: Store) -> None:
     """Each slot measured over both families: two campaigns. A certificate without a
     family is refused, naming it; each family's counts its own sessions (4 a band, not
     8) and judges its own speeds; a report can be split by family."""
     from collector.compliance import targets
 
-    store = open_store(StorageConfig(path=str(tmp_path / "c.sqlite3")))
-    try:
-        service.register_probe(store, "ds-1", LineMetadata(download_min_kbps=50_000.0))
-        _dual_stack_day(store, "ds-1")
-        with pytest.raises(BadParameter, match="family: this line was measured over IPv4 "
-                                               "and IPv6"):
-            service.certificate(store, "ds-1", None, None, "96in24h", "UTC")
-        v4 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv4")
-        v6 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv6")
-        assert set(v4.band_counts) == {4} and set(v6.band_counts) == {4}
-        assert (v4.verdict, v6.verdict, v6.family) == ("no_breach", "breach", "ipv6")
-        table = targets.load("")
-        parts = service.breakdown(store, service.scope(None, None, None), table, ["family"])
-        assert [(key["family"], r.sessions) for key, _where, r in parts] == [
-            ("ipv4", 96), ("ipv6", 96)]
-        with pytest.raises(BadParameter, match="family: completeness counts every session"):
-            service.completeness(store, service.scope(None, None, None,
-                                                      filters={"family": "ipv6"},
-                                                      store=store))
-    finally:
-        store.close()
+    register_probe(store, "ds-1", LineMetadata(download_min_kbps=50_000.0))
+    _dual_stack_day(store, "ds-1")
+    with pytest.raises(BadParameter, match="family: this line was measured over IPv4 "
+                                           "and IPv6"):
+        service.certificate(store, "ds-1", None, None, "96in24h", "UTC")
+    v4 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv4")
+    v6 = service.certificate(store, "ds-1", None, None, "96in24h", "UTC", "ipv6")
+    assert set(v4.band_counts) == {4} and set(v6.band_counts) == {4}
+    assert (v4.verdict, v6.verdict, v6.family) == ("no_breach", "breach", "ipv6")
+    table = targets.load("")
+    parts = service.breakdown(store, resolve_scope(None, None, None), table, ["family"])
+    assert [(key["family"], r.sessions) for key, _where, r in parts] == [
+        ("ipv4", 96), ("ipv6", 96)]
+    with pytest.raises(BadParameter, match="family: completeness counts every session"):
+        service.completeness(store, resolve_scope(None, None, None,
+                                                  filters={"family": "ipv6"}))

@@ -1,4 +1,4 @@
-"""Issue 15 on the collector's side, against a real collector on 127.0.0.1 (port 0) and
+"""Fleet control on the collector's side, against a real collector on 127.0.0.1 (port 0) and
 its CLI: instruction rules and their precedence, the admin and probe APIs (who may
 read what, ETags, refusals naming the key), suppression windows, health reports, and
 the certificate's note of a suppression."""
@@ -14,8 +14,9 @@ from agent import spec
 from agent.schema import SCHEMA_VERSION, utc_now
 from collector.cli.main import main
 from collector.fleet.rules import Rule, Selector, Window, effective
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector
-from collector.storage.model import LineMetadata, Probe
+from collector.storage.model import Probe
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
 
@@ -27,6 +28,10 @@ def _probe(name: str, line: LineMetadata = LAZIO) -> Probe:
 
 
 def test_the_most_specific_rule_wins_and_each_key_names_its_rule() -> None:
+    """Per key, the most specific selector wins (probe, then operator with region, region, all)
+    and the effective settings name the rule each came from; equal instructions give equal
+    versions, and an active suppression window changes the document and its version while an
+    expired one is left out."""
     rules = [
         Rule(Selector(probe="p1"), {"ping.count": 40}, "2026-01-01T00:00:00Z"),
         Rule(Selector(region="Lazio", operator="Op"), {"ping.count": 30,
@@ -63,6 +68,9 @@ def _cli(collector: RunningCollector, *args: str) -> tuple[int, str]:
 
 
 def test_cli_refuses_bad_keys_values_and_selectors(collector: RunningCollector) -> None:
+    """`instruction set` refuses unknown and local-only keys, bad values, a missing or
+    conflicting selector, an unknown probe and a pair without '=', each naming it; set, unset
+    and show then work."""
     collector.add_probe("p1", LAZIO)
     for args, message in (
             (["--all", "ping.bogus=1"], "ping.bogus: unknown key"),
@@ -86,6 +94,9 @@ def test_cli_refuses_bad_keys_values_and_selectors(collector: RunningCollector) 
 
 
 def test_the_probe_reads_only_its_own_instruction(collector: RunningCollector) -> None:
+    """A probe's token reads its own instruction only (with an ETag and 304 on If-None-Match);
+    asking for another probe's is 403 without its settings; the effective view is for admins;
+    no token is 401."""
     t1 = collector.add_probe("p1", LAZIO)
     t2 = collector.add_probe("p2")
     admin = collector.add_token("ops", "admin")
@@ -120,6 +131,9 @@ def test_the_probe_reads_only_its_own_instruction(collector: RunningCollector) -
 
 def test_admin_api_sets_rules_and_windows_and_names_what_is_wrong(
         collector: RunningCollector) -> None:
+    """The admin API stores rules and suppression windows, turning local times into UTC; each
+    bad body (key, value, selector, times, empty reason, unknown field) is a 422 naming the
+    field; a window is deleted once, then 404."""
     collector.add_probe("p1", LAZIO)
     admin = collector.add_token("ops", "admin")
     url = collector.url + "/api/v1/instructions"
@@ -181,6 +195,9 @@ def _health(**changes: object) -> dict[str, object]:
 
 
 def test_health_reports_are_validated_and_shown(collector: RunningCollector) -> None:
+    """Health reports are checked field by field (422 naming it), capped in size (413) and need
+    the probe's token (401); the fleet view and its CSV show each probe's problems, and a
+    probe never heard from as never seen."""
     token = collector.add_probe("p1", LAZIO)
     collector.add_probe("p2")
     url = collector.url + spec.HEALTH_PATH
@@ -212,6 +229,8 @@ def test_health_reports_are_validated_and_shown(collector: RunningCollector) -> 
 
 def test_the_certificate_shows_a_suppression(collector: RunningCollector,
                                              tmp_path: Path) -> None:
+    """A suppression window for the probe appears in its certificate (text, JSON with the bands
+    it covers, HTML), and another probe's window does not."""
     token = collector.add_probe("p1", LAZIO)
     doc = session_dict(probe_id="p1")
     assert post_json(collector.url + spec.RESULTS_PATH, doc, token)[0] == 201
@@ -254,7 +273,7 @@ def test_rules_that_break_together_are_refused(collector: RunningCollector) -> N
     assert code == 0, out
 
 
-# Issue 23: each value within its own range, three weeks a session all together.
+# Each value within its own range, three weeks a session all together.
 TOO_LONG = {"download.tests": 1000, "download.window_s": 600, "ping.count": 10000}
 FIGURE = "session: would last up to 21.2 days = 1833054 s (ping 2.8 h: "
 LIMIT = "over the 900 s limit (one 15-minute slot of a 96-a-day campaign)"
@@ -344,6 +363,8 @@ def test_only_a_family_no_rule_set_is_taken_from_the_last_session() -> None:
 
 def test_fleet_exports_are_safe_for_spreadsheets_and_terminals(
         collector: RunningCollector) -> None:
+    """A health report's text with a formula and terminal escapes is quoted in the fleet CSV and
+    stripped in the CLI; a delete of a window id that is not a number is a 404."""
     token = collector.add_probe("p1", LAZIO)
     hostile = _health(last_error="=HYPERLINK(\"http://x\")\x1b[2J", dead_letters=0,
                       failing_checks=[])

@@ -90,7 +90,7 @@ HOSTILE = [
     ("future version", _broken(lambda d: d.update(schema_version=99)), JSON, 422),
     ("version zero", _broken(lambda d: d.update(schema_version=0)), JSON, 422),
     ("huge number", _broken(lambda d: d.update(duration_s=1e400)), JSON, 400),
-    # Issue 12: numbers inside JSON's range but past any physical one were stored and then
+    # Numbers inside JSON's range but past any physical one were once stored and then
     # broke sums, SQLite and InfluxDB; every number now has a limit by its unit.
     ("rtt near float max", _broken(lambda d: [s.update(rtt_ms=1.7e308)
                                               for s in d["ping"]["samples"]]), JSON, 422),
@@ -107,7 +107,7 @@ HOSTILE = [
         stream_samples=[[[0.0, 0], [1.0, -5]]])), JSON, 422),
     ("other probe", _broken(lambda d: d.update(probe_id="p2")), JSON, 403),
     ("oversized", b'{"a": "' + b"x" * 2_000_000 + b'"}', JSON, 413),
-    # Issue 14: a probe may compress its body; inflation stops at max_body_bytes.
+    # A probe may compress its body; inflation stops at max_body_bytes.
     ("gzip bomb", BOMB, {**JSON, "Content-Encoding": "gzip"}, 413),
     ("zstd bomb", ZBOMB, {**JSON, "Content-Encoding": "zstd"}, 413),
     ("zstd frame declaring 1 TB", ZSTD_HUGE, {**JSON, "Content-Encoding": "zstd"}, 413),
@@ -140,6 +140,7 @@ def test_hostile_payloads_get_4xx(target: tuple[RunningCollector, str], body: by
     assert ok == 201
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
@@ -186,6 +187,7 @@ def test_at_least_once_in_exactly_once_stored(plan: list[tuple[int, str]],
 
 
 def test_same_id_other_content_is_a_conflict(target: tuple[RunningCollector, str]) -> None:
+    """The same result_id posted again with other content is a 409 naming result_id."""
     collector, token = target
     doc = session_dict(probe_id="p1")
     headers = {**JSON, "Authorization": f"Bearer {token}"}
@@ -214,6 +216,7 @@ def _probe_routes() -> set[tuple[str, str]]:
 PROBE_ROUTES = _probe_routes()
 
 
+@pytest.mark.slow
 @SCHEMA.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=list(HealthCheck))
@@ -231,7 +234,7 @@ def test_schemathesis_finds_no_5xx(case: schemathesis.Case,
 
 def test_gap_record_with_an_absurd_count_is_refused(target: tuple[RunningCollector, str]
                                                      ) -> None:
-    """Issue 12: `dropped: 10**30` was a 500 (too large for SQLite), which the agent
+    """`dropped: 10**30` was once a 500 (too large for SQLite), which the agent
     retries forever; now a 422 naming the field, and a sane gap record still goes in."""
     collector, token = target
     gap = {"schema_version": 3, "gap_id": str(uuid.uuid4()), "probe_id": "p1",

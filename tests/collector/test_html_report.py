@@ -1,9 +1,12 @@
 """HTML reports with plots: what the page holds (pure), the CLI file and the served pages,
-and a real headless Chromium laying the plots out (required under CI=true)."""
+and a real headless Chromium laying the plots out (required under CI=true). The page's
+queries run on each backend; the CLI and served-page tests use the collector's SQLite file
+(`--db PATH` names one)."""
 
 from __future__ import annotations
 
 import re
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -14,11 +17,15 @@ from click.testing import CliRunner
 from agent.schema import format_utc
 from collector.cli.main import main
 from collector.compliance import targets
+from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.reports import plots, service
 from collector.reports.html import hour_profile, time_buckets
+from collector.scope import resolve_scope
 from collector.server.testing import RunningCollector
-from collector.storage.model import HourRow, LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.model import HourRow
+from collector.storage.store import Store, open_store
 from tests.browser import render_in_chromium
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
@@ -29,10 +36,9 @@ ROME = ZoneInfo("Europe/Rome")
 PLOTS = ("speed-download", "speed-upload", "hour-profile", "delay", "jitter", "loss")
 
 
-def _fill(db: Path, days: int = 2, probe: str = "line-1") -> None:
-    store = SqliteStore(db)
+def _fill(store: Store, days: int = 2, probe: str = "line-1") -> None:
     if store.probe(probe) is None:
-        service.register_probe(store, probe, LineMetadata(operator="BT Italia"))
+        register_probe(store, probe, LineMetadata(operator="BT Italia"))
     start = datetime(2026, 1, 14, 23, 0, tzinfo=UTC)
     for i in range(24 * days):
         moment = format_utc(start + timedelta(hours=i))
@@ -40,27 +46,36 @@ def _fill(db: Path, days: int = 2, probe: str = "line-1") -> None:
             probe, started_at=moment, rtts=[18.0 + i % 5, None if i % 7 == 0 else 19.0],
             transfers=[attempt("download", bps=(60 + i % 24) * 1e6),
                        attempt("upload", bps=(10 + i % 3) * 1e6)]))
-    store.close()
+
+
+def _fill_file(db: Path, days: int = 2) -> None:
+    """Fill the SQLite file a `--db PATH` command will read."""
+    with closing(open_store(StorageConfig(path=str(db)))) as store:
+        _fill(store, days)
+
+
+def _fill_collector(collector: RunningCollector, days: int = 2) -> None:
+    with closing(collector.open_store()) as store:
+        _fill(store, days)
 
 
 def _plots(page: str) -> dict[str, str]:
     return dict(re.findall(r'<svg class="plot" data-plot="([^"]+)"(.*?)</svg>', page, re.S))
 
 
-def _page(store: SqliteStore) -> str:
+def _page(store: Store) -> str:
     from agent.schema import utc_now
     from collector.reports import html as html_report
 
-    view = service.report_view(store, service.scope(None, None, None), TABLE)
+    view = service.report_view(store, resolve_scope(None, None, None), TABLE)
     return html_report.render_view(view, "Europe/Rome", utc_now())
 
 
-def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
+def test_page_has_every_plot_with_its_data(store: Store) -> None:
     """Six plots, each drawing marks; the speed plots carry the Allegato 2 targets and
     the observed percentiles; the indicator table and verdict are on the page, with
     jitter as information (no target in this table)."""
-    _fill(tmp_path / "c.sqlite3")
-    store = SqliteStore(tmp_path / "c.sqlite3")
+    _fill(store)
     page = _page(store)
     found = _plots(page)
     assert set(found) == set(PLOTS)
@@ -78,9 +93,8 @@ def test_page_has_every_plot_with_its_data(tmp_path: Path) -> None:
     assert "48 session(s)" in page
 
 
-def test_empty_scope_says_so(tmp_path: Path) -> None:
+def test_empty_scope_says_so(store: Store) -> None:
     """No data: every plot says so in words and draws nothing."""
-    store = SqliteStore(tmp_path / "c.sqlite3")
     page = _page(store)
     found = _plots(page)
     assert set(found) == set(PLOTS)
@@ -127,6 +141,8 @@ def test_time_ticks_stay_on_local_hours_across_dst() -> None:
 
 
 def test_nice_ticks_cover_the_range() -> None:
+    """Axis ticks are round steps (1, 2 or 5 times a power of ten) covering the data; an
+    empty range still gets a 0-1 axis."""
     assert plots.nice_ticks(0, 93.2, 5) == [0, 20, 40, 60, 80, 100]
     assert plots.nice_ticks(0, 0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -135,7 +151,7 @@ def test_cli_writes_standalone_html_and_csv(tmp_path: Path) -> None:
     """--format html writes one file with the plots inline (no external resources);
     --format csv gives one row per indicator with the scope on each row."""
     db = tmp_path / "c.sqlite3"
-    _fill(db)
+    _fill_file(db)
     out = tmp_path / "r.html"
     result = CliRunner().invoke(main, ["--db", str(db), "report", "--probe", "line-1",
                                        "--format", "html", "-o", str(out)])
@@ -155,7 +171,7 @@ def test_cli_writes_standalone_html_and_csv(tmp_path: Path) -> None:
 def test_cli_html_errors_are_clear(tmp_path: Path) -> None:
     """An unknown time zone and an unwritable output name the problem, no traceback."""
     db = tmp_path / "c.sqlite3"
-    _fill(db, days=1)
+    _fill_file(db, days=1)
     result = CliRunner().invoke(main, ["--db", str(db), "report", "--format", "html",
                                        "--timezone", "Mars/Olympus", "-o",
                                        str(tmp_path / "x.html")])
@@ -170,7 +186,7 @@ def test_cli_html_errors_are_clear(tmp_path: Path) -> None:
 def test_served_pages_and_formats(collector: RunningCollector) -> None:
     """/ lists the probes with links; /report and ?format=html serve the page; csv and a
     bad format answer as documented."""
-    _fill(collector.db_path)
+    _fill_collector(collector)
     status, body, headers = request("GET", collector.url + "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert 'href="report?probe=line-1"' in body.decode()
@@ -198,10 +214,11 @@ def _drawn(dom: str) -> dict[str, tuple[int, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path) -> None:
     """Served page and standalone file: in a real browser every plot is laid out at full
     size and every datum drawn has a size (the page's own check, read back from the DOM)."""
-    _fill(collector.db_path)
+    _fill_collector(collector)
     drawn = _drawn(render_in_chromium(collector.url + "/report?probe=line-1", tmp_path))
     assert set(drawn) == set(PLOTS)
     for name, (marks, size) in drawn.items():
@@ -219,11 +236,10 @@ def test_chromium_renders_the_plots(collector: RunningCollector, tmp_path: Path)
 def test_invalid_sessions_shown_apart_in_every_format(collector: RunningCollector) -> None:
     """Text, JSON and HTML reports say how many sessions were flagged invalid and why;
     include_invalid=true counts them; a bad value is refused naming the parameter."""
-    _fill(collector.db_path, days=1)
-    store = SqliteStore(collector.db_path)
-    store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
-                                invalid=["cross_traffic"]))
-    store.close()
+    with closing(collector.open_store()) as store:
+        _fill(store, days=1)
+        store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
+                                    invalid=["cross_traffic"]))
     status, body, _ = request("GET", collector.url + "/api/v1/report")
     assert body["invalid"] == {"sessions": 1, "reasons": {"cross_traffic": 1},
                                "included": False}
@@ -246,11 +262,10 @@ def test_samples_export_re_evaluates_to_the_same_report(tmp_path: Path,
     export as CSV too."""
     import json
 
-    _fill(collector.db_path, days=2)
-    store = SqliteStore(collector.db_path)
-    store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
-                                invalid=["wifi"]))
-    store.close()
+    with closing(collector.open_store()) as store:
+        _fill(store, days=2)
+        store_result(store, session("line-1", started_at="2026-01-15T12:30:00.000000Z",
+                                    invalid=["wifi"]))
     db = str(collector.db_path)
     out = tmp_path / "samples.csv"
     result = CliRunner().invoke(main, ["--db", db, "samples", "--period", "2026", "-o",

@@ -24,9 +24,9 @@ from agent.schema import TransferAttempt
 from collector.cli.main import main
 from collector.config import CollectorConfig, InfluxConfig, parse
 from collector.errors import ConfigError
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector, running_collector
 from collector.sinks.influx import points
-from collector.storage.model import LineMetadata
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, session_dict, store_as_before, store_result
 from tests.httpclient import post_json, request
@@ -58,8 +58,8 @@ def test_points_carry_units_tags_and_exact_times() -> None:
 
 
 def test_refused_attempts_are_marked_apart_from_failures() -> None:
-    """Issue 24: an attempt the measurement server refused has ok 0 and refused 1 (schema
-    7's reasons, an old agent's 429 or bbprobe 503); a failure of the line, a proxy's 503
+    """An attempt the measurement server refused (not the line's failure) has ok 0 and refused 1
+    (schema 7's reasons, an old agent's 429 or bbprobe 503); a failure of the line, a proxy's 503
     included, has refused 0. The points keep their tags: refused is a field."""
     def failed(reason: str, status: int | None, error: str) -> TransferAttempt:
         return replace(attempt("download", ok=False),
@@ -80,6 +80,8 @@ def test_refused_attempts_are_marked_apart_from_failures() -> None:
 
 
 def test_enabled_sink_needs_a_url() -> None:
+    """An enabled InfluxDB sink with a URL that is not http(s)://host, or an unknown influxdb
+    key, is refused at load."""
     with pytest.raises(ConfigError, match=r"influxdb.url: expected http\(s\)://host"):
         parse({"influxdb": {"enabled": True, "url": "localhost:8086"}})
     with pytest.raises(ConfigError, match=r"influxdb\.colour: unknown"):
@@ -222,18 +224,21 @@ def test_outage_loses_nothing_and_catches_up(victoria: VictoriaMetrics,
 
 def test_backfill_queues_stored_results(victoria: VictoriaMetrics, tmp_path: Path) -> None:
     """Results stored before the sink was enabled reach InfluxDB after `influx backfill`;
-    results already queued are not queued twice."""
-    from collector.storage.sqlite import SqliteStore
+    results already queued are not queued twice. (`--db` names an SQLite file, the one
+    the collector then serves from.)"""
+    from contextlib import closing
+
+    from collector.config import StorageConfig
+    from collector.fleet.probes import register_probe
+    from collector.storage.store import open_store
 
     db = tmp_path / "collector" / "collector.sqlite3"
     db.parent.mkdir()
-    store = SqliteStore(db)
-    from collector.reports import service
-
-    service.register_probe(store, "p1", LINE)
-    for hour in range(5):
-        store_result(store, session("p1", started_at=f"2026-11-21T{hour:02d}:00:00.000000Z"))
-    store.close()
+    with closing(open_store(StorageConfig(path=str(db)))) as store:
+        register_probe(store, "p1", LINE)
+        for hour in range(5):
+            store_result(store, session("p1",
+                                        started_at=f"2026-11-21T{hour:02d}:00:00.000000Z"))
     env = {"BBPROBE_INFLUX_TOKEN": "unused"}
     result = CliRunner(env=env).invoke(main, ["--db", str(db), "influx", "backfill",
                                               "--until", "2026-11-21T03:00:00Z"])
@@ -290,7 +295,7 @@ def test_example_dashboard_matches_the_points() -> None:
 
 def test_a_result_whose_points_cannot_be_built_is_set_apart(victoria: VictoriaMetrics,
                                                              tmp_path: Path) -> None:
-    """Issue 12, finding 3: building a result's points raised outside the sink's error
+    """A security review found that building a result's points raised outside the sink's error
     handling and the sink task ended for good, silently. A session dated at the end of
     year 9999 is a valid document whose ping times overflow a datetime: it is set apart
     with the reason, and the results after it still arrive."""
@@ -299,7 +304,7 @@ def test_a_result_whose_points_cannot_be_built_is_set_apart(victoria: VictoriaMe
         token = collector.add_probe("p1", LINE)
         doc = session_dict(probe_id="p1", started_at="9999-12-31T23:59:59.000000Z")
         doc["ping"]["started_at"] = "9999-12-31T23:59:59.500000Z"
-        # Refused at ingest since issue 23 (a year 9999 is no measurement); stored as an
+        # Refused at ingest now (a year 9999 is no measurement); stored as an
         # earlier release stored it, the sink must still set it apart.
         status, body = post_json(collector.url + "/api/v1/results", doc, token)
         assert status == 422 and body["field"] == "started_at", body
@@ -360,7 +365,7 @@ def _strict_influx() -> Iterator[tuple[StrictInfluxV2, str]]:
 
 
 def test_a_refused_result_is_set_apart_and_the_rest_flows(tmp_path: Path) -> None:
-    """Issue 12, finding 4 (reliability.md C6): a permanent 4xx (a result dated 2300,
+    """A security review's finding (reliability.md C6): a permanent 4xx (a result dated 2300,
     past InfluxDB's int64 nanoseconds) was retried forever on the same oldest batch. Now
     the batch is halved until the refused result is alone, that one is set apart with
     InfluxDB's reason, every other result is written once, and `influx retry` queues the
@@ -370,7 +375,7 @@ def test_a_refused_result_is_set_apart_and_the_rest_flows(tmp_path: Path) -> Non
         _post(collector, token, "p1", 7)
         doc = session_dict(probe_id="p1", started_at="2300-01-01T00:00:00.000000Z")
         doc["ping"]["started_at"] = "2300-01-01T00:00:00.500000Z"
-        store_as_before(collector, doc)  # refused at ingest since issue 23
+        store_as_before(collector, doc)  # refused at ingest now
         for hour in (8, 9, 10, 11):
             _post(collector, token, "p1", hour)
         # Everything queued behind a transient 503 (retried, never set apart); then the
@@ -395,7 +400,7 @@ def test_a_refused_result_is_set_apart_and_the_rest_flows(tmp_path: Path) -> Non
 
 
 def test_public_liveness_says_nothing_more(tmp_path: Path) -> None:
-    """Issue 12, finding 13: /healthz showed the InfluxDB error text (with the server's
+    """A security review found that /healthz showed the InfluxDB error text (with the server's
     reply) and the outbox size to anyone. Now {"status": "ok"} only; the details need an
     analyst token at /api/v1/health."""
     base = CollectorConfig()
@@ -415,7 +420,7 @@ def test_public_liveness_says_nothing_more(tmp_path: Path) -> None:
 
 
 def test_an_influxdb_that_refuses_everything_pauses_the_sink(tmp_path: Path) -> None:
-    """Review of issue 12: when InfluxDB refuses every result (a type conflict, a
+    """When InfluxDB refuses every result (a type conflict, a
     retention cut), the sink sets 10 apart, then backs off as for an outage instead of
     emptying the whole outbox into the dead letters."""
     with _strict_influx() as (server, url), _influx_collector(tmp_path, url) as collector:
@@ -425,7 +430,7 @@ def test_an_influxdb_that_refuses_everything_pauses_the_sink(tmp_path: Path) -> 
             doc = session_dict(probe_id="p1",
                                started_at=f"2300-01-01T00:{minute:02d}:00.000000Z")
             doc["ping"]["started_at"] = f"2300-01-01T00:{minute:02d}:00.500000Z"
-            store_as_before(collector, doc)  # refused at ingest since issue 23
+            store_as_before(collector, doc)  # refused at ingest now
         _until(lambda: "pausing before setting more apart" in
                (_health(collector)["last_error"] or ""), "the sink to pause")
         health = _health(collector)
@@ -433,7 +438,7 @@ def test_an_influxdb_that_refuses_everything_pauses_the_sink(tmp_path: Path) -> 
 
 
 def test_two_collectors_drain_one_outbox_exactly_once(tmp_path: Path, pg_url: str) -> None:
-    """Issue 13: two collectors over one PostgreSQL database, both copying to InfluxDB.
+    """Two collectors over one PostgreSQL database, both copying to InfluxDB.
     Results queue while InfluxDB is away; then both sinks drain the one outbox, leasing
     rows (FOR UPDATE SKIP LOCKED): every result is written once, by one of them."""
     from collector.config import StorageConfig

@@ -42,7 +42,7 @@ def test_batch_gives_an_outcome_per_result(collector: RunningCollector) -> None:
     got = [(i["status"], i.get("field")) for i in body["items"]]  # type: ignore[index]
     assert got == [(201, None), (201, None), (200, None), (409, None), (403, "probe_id"),
                    (422, "summary.loss_ratio"), (422, None)]
-    # Each reply names its result, refused ones too (issue 14: items take the fast path
+    # Each reply names its result, refused ones too (items take the fast path
     # by their own bytes, and a refused one is read again for its id).
     assert [i["result_id"] for i in body["items"]] == [  # type: ignore[index]
         a["result_id"], b["result_id"], a["result_id"], a["result_id"],
@@ -57,12 +57,15 @@ def test_batch_gives_an_outcome_per_result(collector: RunningCollector) -> None:
 ])
 def test_batch_shape_errors(collector: RunningCollector, doc: object, status: int,
                             message: str) -> None:
+    """A batch body that is empty or not {"results": [...]} is a 422 with the exact message."""
     token = collector.add_probe("p1")
     got, body, _ = _post(collector.url, "/api/v1/results/batch", doc, token)
     assert (got, body["error"]) == (status, message)  # type: ignore[index]
 
 
 def test_batch_over_the_cap_is_413(tmp_path: Path) -> None:
+    """A batch over server.max_batch_results is a 413 naming the count and the limit, and
+    nothing of it is stored."""
     cfg = replace(CollectorConfig(), server=replace(ServerConfig(), max_batch_results=3))
     with running_collector(tmp_path, cfg) as collector:
         token = collector.add_probe("p1")
@@ -93,6 +96,8 @@ def test_rate_limit_is_429_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_token_bucket_refills() -> None:
+    """The per-client token bucket allows its burst, then says how long to wait (1 s at 60 a
+    minute), refills with time, and keeps each client apart."""
     now = [0.0]
     limiter = RateLimiter(60, 2, clock=lambda: now[0])
     assert [limiter.take("a"), limiter.take("a")] == [None, None]

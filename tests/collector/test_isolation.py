@@ -1,4 +1,4 @@
-"""Poison isolation (issue 23): what one probe, one health report, one instruction or one
+"""Poison isolation: what one probe, one health report, one instruction or one
 anonymous client writes never makes a read about anyone else fail. One test per finding
 (each failed before its fix), then the property on both backends."""
 
@@ -18,8 +18,8 @@ from collector import safetext
 from collector.alerts import worker as alerter
 from collector.cli.main import main
 from collector.config import CollectorConfig, ServerConfig, StorageConfig
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector, running_collector
-from collector.storage.model import LineMetadata
 from tests.factories import session_dict, store_as_before
 from tests.httpclient import post_json, request
 
@@ -49,6 +49,8 @@ def _raw_post(url: str, body: bytes, token: str | None) -> tuple[int, Any]:
 
 
 def test_format_utc_pads_the_year() -> None:
+    """format_utc writes a four-digit year (0999) and microseconds, so stored times sort as
+    text."""
     assert format_utc(datetime(999, 6, 1, tzinfo=UTC)) == "0999-06-01T00:00:00.000000Z"
     assert format_utc(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)) == \
         "2026-01-02T03:04:05.000006Z"
@@ -162,6 +164,9 @@ def test_a_poisoned_row_costs_its_own_probe_never_the_fleet(tmp_path: Path) -> N
 
 def test_lone_surrogates_are_refused_and_escapes_never_reach_a_terminal(
         tmp_path: Path) -> None:
+    """A health report with a lone surrogate is a 400 and a control character in the version a
+    422; free text with terminal escapes is stored but never reaches the fleet page, API
+    text, CSV or CLI raw."""
     with running_collector(tmp_path, _cfg()) as c:
         token = c.add_probe("p1", LINE)
         c.add_probe("p2", LINE)
@@ -268,6 +273,8 @@ def test_every_result_is_capped_however_it_arrives(tmp_path: Path) -> None:
 
 
 def test_a_deeply_nested_batch_is_a_400(tmp_path: Path) -> None:
+    """A batch nested 100,000 deep is refused as a 4xx, and one deep item gives no 5xx (no
+    recursion error)."""
     with running_collector(tmp_path, _cfg()) as c:
         token = c.add_probe("p1")
         deep = b'{"results": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
@@ -283,6 +290,9 @@ def test_a_deeply_nested_batch_is_a_400(tmp_path: Path) -> None:
 
 def test_an_instruction_value_that_is_not_unicode_is_refused_and_old_ones_skipped(
         tmp_path: Path) -> None:
+    """An instruction value with a lone surrogate is refused by the API and the CLI; one already
+    stored is left out of the probe's instruction while the other rules are still served and
+    every fleet view answers."""
     cfg = replace(CollectorConfig(), server=replace(ServerConfig(), query_auth=False))
     with running_collector(tmp_path, cfg) as c:
         token = c.add_probe("p1", LINE)
@@ -319,6 +329,8 @@ def test_an_instruction_value_that_is_not_unicode_is_refused_and_old_ones_skippe
 
 def test_nul_and_control_characters_are_4xx_on_both_backends(storage: StorageConfig,
                                                               tmp_path: Path) -> None:
+    """NUL and control characters in paths, query parameters and suppression fields, and bounds
+    at the ends of the calendar, are 4xx on SQLite and PostgreSQL alike, never a 500."""
     cfg = replace(_cfg(), storage=storage)
     with running_collector(tmp_path, cfg) as c:
         c.add_probe("p1", LINE)
@@ -348,6 +360,8 @@ def test_nul_and_control_characters_are_4xx_on_both_backends(storage: StorageCon
 
 
 def test_a_trailing_newline_makes_no_look_alike_identifier(tmp_path: Path) -> None:
+    """An identifier with a trailing newline (probe name, probe_id, a validity code) is refused,
+    so no look-alike of an existing one can be made."""
     with running_collector(tmp_path, _cfg()) as c:
         code, out = _cli(c, "probe", "add", "p5\n")
         assert code != 0, out

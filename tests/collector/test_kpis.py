@@ -1,4 +1,4 @@
-"""The KPIs of delibera 156/23/CONS (issue 16): jitter from the same ping train (its
+"""The KPIs of delibera 156/23/CONS: jitter from the same ping train (its
 definition, the report judged or informational, the migration that backfills it on both
 backends), the offer's three declared speeds on the line and in the certificate, FWA and
 the other access technologies, and reports broken down by region, offer and semester."""
@@ -12,16 +12,17 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from agent.spec import CAMPAIGN_RULES as RULES
 from collector.cli.main import main
 from collector.compliance import targets as targets_mod
-from collector.compliance.certify import RULES, certify
+from collector.compliance.certify import certify
 from collector.compliance.evaluate import evaluate, observe
 from collector.compliance.facts import jitter_terms, of_result
 from collector.config import StorageConfig
 from collector.errors import Unacceptable
-from collector.reports import service
+from collector.fleet.probes import line_metadata, register_probe
+from collector.lines import LineMetadata
 from collector.server.testing import running_collector
-from collector.storage.model import LineMetadata
 from collector.storage.store import Store, open_store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import post_json, request
@@ -49,6 +50,8 @@ def test_jitter_definition_and_scope_mean() -> None:
 
 
 def test_a_table_may_judge_jitter() -> None:
+    """A targets table that gives jitter a target judges it (mean jitter 3 ms against 2 ms:
+    fail) instead of listing it as information."""
     data = {"name": "t", "source": "s", "year": 2026, "regulation": ["156/23/CONS"],
             "indicator": [{"id": "jitter_mean_ms", "name": "Jitter", "measurable": True,
                            "comparison": "<=", "target": 2.0, "unit": "ms"}]}
@@ -72,6 +75,9 @@ def _campaign(bps: float, rtts: list[float | None]) -> list[Any]:
 
 
 def test_certificate_shows_jitter_and_the_declared_speeds_without_judging_them() -> None:
+    """The certificate shows mean jitter, the share of sessions at the declared normal speed and
+    p95 as information (no breach either way); the verdict rests on the contractual minimum
+    alone, and undeclared speeds are not shown."""
     line = LineMetadata(download_min_kbps=20_000.0, download_normal_kbps=60_000.0,
                         download_nominal_kbps=100_000.0)
     facts = [of_result(r, r.started_at) for r in _campaign(50e6, [10.0, 12.0, 11.0])]
@@ -88,25 +94,29 @@ def test_certificate_shows_jitter_and_the_declared_speeds_without_judging_them()
 
 
 def test_line_metadata_is_checked() -> None:
-    line = service.line_metadata({"technology": "fwa", "download_min_kbps": 10_000,
+    """Line metadata is normalised (technology in capitals, speeds as floats) and each bad field
+    is refused naming it: an unknown technology, a nominal speed below the normal one,
+    negative, non-finite, boolean or huge numbers, text with control characters, an unknown
+    field; a blank region is none."""
+    line = line_metadata({"technology": "fwa", "download_min_kbps": 10_000,
                                   "download_normal_kbps": 30_000})
     assert line.technology == "FWA" and line.download_normal_kbps == 30_000.0
     with pytest.raises(Unacceptable, match="technology: expected one of ADSL, VDSL"):
-        service.line_metadata({"technology": "carrier pigeon"})
+        line_metadata({"technology": "carrier pigeon"})
     with pytest.raises(Unacceptable, match="download_nominal_kbps: 50000 is below "
                                            "download_normal_kbps"):
-        service.line_metadata({"download_normal_kbps": 60_000,
+        line_metadata({"download_normal_kbps": 60_000,
                                "download_nominal_kbps": 50_000})
     with pytest.raises(Unacceptable, match="upload_min_kbps: expected a number"):
-        service.line_metadata({"upload_min_kbps": -1})
+        line_metadata({"upload_min_kbps": -1})
     with pytest.raises(Unacceptable, match="colour: unknown field"):
-        service.line_metadata({"colour": "red"})
+        line_metadata({"colour": "red"})
     for bad in (float("nan"), float("inf"), True, 10**400):
         with pytest.raises(Unacceptable, match="download_min_kbps: expected a number"):
-            service.line_metadata({"download_min_kbps": bad})
+            line_metadata({"download_min_kbps": bad})
     with pytest.raises(Unacceptable, match="region: expected text of at most 200 printable"):
-        service.line_metadata({"region": "Lazio\n=cmd"})
-    assert service.line_metadata({"region": "  "}).region is None
+        line_metadata({"region": "Lazio\n=cmd"})
+    assert line_metadata({"region": "  "}).region is None
     # A fleet selector finds the lines as they are stored.
     from collector.fleet.rules import selector
 
@@ -114,6 +124,9 @@ def test_line_metadata_is_checked() -> None:
 
 
 def test_probe_set_and_fwa_filter(tmp_path: Path) -> None:
+    """`probe add` and `probe set` check the line (technology, speeds in order) on the SQLite
+    file `--db` names; a line stored before those checks can still have another field
+    changed; any spelling of FWA selects the FWA lines in a report."""
     db = str(tmp_path / "c.sqlite3")
     run = CliRunner().invoke
     assert run(main, ["--db", db, "probe", "add", "p1", "--technology", "fwa",
@@ -156,7 +169,7 @@ def test_probe_set_and_fwa_filter(tmp_path: Path) -> None:
 def _two_regions(store: Store) -> None:
     for name, region, offer in (("rm-1", "Lazio", "Fibra"), ("rm-2", "Lazio", "Rame"),
                                 ("mi-1", "Lombardia", "Fibra")):
-        service.register_probe(store, name, LineMetadata(region=region, offer=offer))
+        register_probe(store, name, LineMetadata(region=region, offer=offer))
     for name, day, bps in (("rm-1", "2026-03-02", 80e6), ("rm-2", "2026-03-02", 20e6),
                            ("rm-1", "2026-09-01", 70e6), ("mi-1", "2026-09-01", 90e6)):
         store_result(store, session(name, started_at=f"{day}T10:00:00.000000Z",
@@ -206,6 +219,9 @@ def test_reports_by_region_and_semester(tmp_path: Path) -> None:
 
 
 def test_breakdown_over_the_api(tmp_path: Path) -> None:
+    """report?by=region gives one group per region in JSON and CSV; an unknown or unsupported
+    grouping, or by with HTML, is a 400; a probe added over the API with speeds out of order
+    is a 422 naming the field."""
     with running_collector(tmp_path) as c:
         store = c.open_store()
         try:
@@ -240,7 +256,7 @@ def test_jitter_backfill_migration(storage: StorageConfig) -> None:
                for d in (1, 2) for h in range(0, 24, 4)]
     store = open_store(storage)
     try:
-        service.register_probe(store, "p1", LineMetadata())
+        register_probe(store, "p1", LineMetadata())
         for r in results:
             store_result(store, r)
         want: Observations = store.observations(["p1"], None, None)
@@ -267,16 +283,18 @@ def _migrate_jitter_again(storage: StorageConfig) -> None:
     if storage.backend == "sqlite":
         import sqlite3
 
-        from collector.storage.sqlite import _backfill_jitter
+        from collector.storage.sql.base import Tx
+        from collector.storage.sqlite import DIALECT
+        from collector.storage.sqlite_backfill import jitter_from_rtts
 
         with sqlite3.connect(storage.path) as db:
             db.execute("UPDATE session_facts SET jitter_sum_ns = 0, jitter_pairs = 0")
             db.execute("UPDATE day_facts SET jitter_sum_ns = 0, jitter_pairs = 0")
-            _backfill_jitter(db)
+            jitter_from_rtts(Tx(db, DIALECT))
         return
     import psycopg
 
-    from collector.storage.postgres import MIGRATIONS, _ddl
+    from collector.storage.postgres_migrations import MIGRATIONS, ddl
 
     step = next(m for m in MIGRATIONS if isinstance(m, str) and "jitter_sum_ns" in m)
     with psycopg.connect(storage.url, autocommit=True) as conn, conn.transaction():
@@ -285,6 +303,6 @@ def _migrate_jitter_again(storage: StorageConfig) -> None:
                          "DROP COLUMN jitter_pairs")
         conn.execute("ALTER TABLE probes DROP COLUMN download_normal_kbps, "
                      "DROP COLUMN upload_normal_kbps")
-        for statement in _ddl(step).split(";"):
+        for statement in ddl(step).split(";"):
             if statement.strip():
                 conn.execute(statement.encode())

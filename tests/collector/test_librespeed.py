@@ -14,6 +14,7 @@ import pytest
 
 from collector.measurement import librespeed
 from collector.server.testing import RunningCollector
+from collector.storage.store import Store
 
 
 def _conn(url: str) -> http.client.HTTPConnection:
@@ -24,6 +25,8 @@ def _conn(url: str) -> http.client.HTTPConnection:
 @pytest.mark.parametrize("path", librespeed.paths("garbage"))
 def test_garbage_sends_cksize_mebibytes_of_incompressible_data(
         collector: RunningCollector, path: str) -> None:
+    """garbage.php sends ckSize MiB of incompressible bytes, uncached, without content encoding
+    and open to any origin."""
     conn = _conn(collector.url)
     conn.request("GET", f"{path}?r=0.5&ckSize=3", headers={"Accept-Encoding": "identity"})
     resp = conn.getresponse()
@@ -42,6 +45,8 @@ def test_garbage_sends_cksize_mebibytes_of_incompressible_data(
 @pytest.mark.parametrize(("raw", "chunks"), [(None, 4), ("0", 4), ("x", 4), ("-2", 4),
                                              ("1", 1), ("1024", 1024), ("5000", 1024)])
 def test_cksize_rules(raw: str | None, chunks: int) -> None:
+    """ckSize: missing, zero, negative or not a number gives LibreSpeed's default of 4 chunks;
+    larger values are capped at 1024."""
     assert librespeed.chunks_wanted(raw) == chunks
 
 
@@ -68,7 +73,7 @@ def test_empty_answers_nothing_and_drains_uploads(collector: RunningCollector,
     assert resp.status == 200
     assert "Content-Encoding" in resp.getheader("Access-Control-Allow-Headers", "")
     assert "HEAD" in resp.getheader("Access-Control-Allow-Methods", "")
-    # What the preflight advertises works (issue 16: HEAD was a 405), and every reply
+    # What the preflight advertises works (HEAD was once a 405), and every reply
     # lets a page of another origin time it (Timing-Allow-Origin).
     conn = _conn(collector.url)
     conn.request("HEAD", f"{path}?r=3")
@@ -82,6 +87,8 @@ def test_empty_answers_nothing_and_drains_uploads(collector: RunningCollector,
 @pytest.mark.parametrize("name", librespeed.NAMES)
 def test_every_reply_allows_cross_origin_timing(collector: RunningCollector,
                                                 name: str) -> None:
+    """Every LibreSpeed endpoint answers GET and OPTIONS with Timing-Allow-Origin: *, so a
+    browser on another origin can time it."""
     for method in ("GET", "OPTIONS"):
         conn = _conn(collector.url)
         conn.request(method, librespeed.paths(name)[0] + "?ckSize=1")
@@ -124,6 +131,8 @@ def test_a_client_going_away_is_one_debug_line(collector: RunningCollector,
 
 @pytest.mark.parametrize("path", librespeed.paths("getIP"))
 def test_get_ip_labels_local_addresses(collector: RunningCollector, path: str) -> None:
+    """getIP.php answers LibreSpeed's JSON with the client's address labelled (loopback here)
+    and no ISP lookup."""
     conn = _conn(collector.url)
     conn.request("GET", f"{path}?isp=true&distance=km&r=3")
     resp = conn.getresponse()
@@ -133,12 +142,15 @@ def test_get_ip_labels_local_addresses(collector: RunningCollector, path: str) -
 
 
 def test_ip_descriptions() -> None:
+    """Private, CGNAT and IPv6 ULA addresses are labelled as such; a public address is shown
+    bare."""
     assert librespeed.describe_ip("10.0.0.5") == "10.0.0.5 - private IPv4 access"
     assert librespeed.describe_ip("100.64.1.2") == "100.64.1.2 - CGNAT IPv4 access"
     assert librespeed.describe_ip("fd00::1") == "fd00::1 - private IPv6 access"
     assert librespeed.describe_ip("8.8.8.8") == "8.8.8.8"
 
 
+@pytest.mark.slow
 def test_browser_speed_test_runs_in_chromium_and_is_recorded(
         collector: RunningCollector, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Headless Chromium opens /speedtest (short warm-up and window); the page pings,
@@ -178,13 +190,16 @@ def test_browser_speed_test_runs_in_chromium_and_is_recorded(
 @pytest.mark.parametrize(("doc", "field"), [
     ({"download_bps": -1}, "download_bps"), ({"admin": True}, "admin"),
     ({"rtts_ms": ["x"]}, "rtts_ms"), ({"upload_bps": True}, "upload_bps"),
-    # Issue 12: a 400-digit integer was accepted and broke every report after it.
+    # A 400-digit integer was once accepted and broke every report after it.
     ({"download_bps": 10**400}, "download_bps"), ({"upload_bps": 1.7e308}, "upload_bps"),
     ({"rtts_ms": [1e300]}, "rtts_ms"), ({"jitter_ms": 10**30}, "jitter_ms"),
     ({"method": {"x": 10**100}}, "method"), ({"user_agent": "x" * 10_000}, "user_agent"),
 ])
 def test_browser_results_are_validated(collector: RunningCollector, doc: object,
                                        field: str) -> None:
+    """A browser result with a negative, non-numeric, boolean or out-of-range number (a
+    400-digit integer, 1.7e308, an oversized nested value) or an over-long user agent is a
+    422 naming the field."""
     from tests.httpclient import request
 
     status, body, _ = request("POST", collector.url + "/api/v1/browser-results",
@@ -192,52 +207,43 @@ def test_browser_results_are_validated(collector: RunningCollector, doc: object,
     assert (status, body["field"]) == (422, field)
 
 
-def test_an_absurd_browser_row_cannot_break_reports(tmp_path: Path) -> None:
+def test_an_absurd_browser_row_cannot_break_reports(store: Store) -> None:
     """A row stored before numbers were bounded (as the finding's 400-digit integer was)
     counts as no speed: the report with customers included still answers."""
     from collector.compliance import targets
     from collector.reports import service
-    from collector.reports.text import Scope
-    from collector.storage.sqlite import SqliteStore
+    from collector.scope import Scope
 
-    store = SqliteStore(tmp_path / "c.sqlite3")
-    try:
-        store.add_browser_result("2026-11-21T11:00:00.000000Z", "203.0.113.7",
-                                 json.dumps({"download_bps": 10**400, "upload_bps": 5e6}))
-        speeds = store.customer_speeds()
-        assert speeds == [("browser", "download", None), ("browser", "upload", 5000.0)]
-        report = service.compliance(store, Scope(probes=None, since=None, until=None),
-                                    targets.load(""), customers=service.Customers(True))
-        assert dict(report.customer_tests) == {"browser": 2}
-    finally:
-        store.close()
+    store.add_browser_result("2026-11-21T11:00:00.000000Z", "203.0.113.7",
+                             json.dumps({"download_bps": 10**400, "upload_bps": 5e6}))
+    speeds = store.customer_speeds()
+    assert speeds == [("browser", "download", None), ("browser", "upload", 5000.0)]
+    report = service.compliance(store, Scope(probes=None, since=None, until=None),
+                                targets.load(""), customers=service.Customers(True))
+    assert dict(report.customer_tests) == {"browser": 2}
 
 
-def test_anonymous_tables_stay_within_their_quota(tmp_path: Path) -> None:
-    """Issue 12, finding 8: retention and a row cap for the anonymous tables. Checked
-    every 64 inserts: older rows than the retention go, and past max_rows the oldest."""
+def test_anonymous_tables_stay_within_their_quota(store: Store) -> None:
+    """Retention and a row cap for the anonymous tables (an unauthenticated endpoint must
+    not grow the database without bound). Checked every 64 inserts: older rows than the
+    retention go, and past max_rows the oldest."""
     from collector.storage.model import Quota
-    from collector.storage.sql import PRUNE_EVERY
-    from collector.storage.sqlite import SqliteStore
+    from collector.storage.sql.anonymous import PRUNE_EVERY
 
-    store = SqliteStore(tmp_path / "c.sqlite3")
-    try:
-        quota = Quota(keep_after="2026-01-01T00:00:00.000000Z", max_rows=100)
-        store.add_browser_result("2025-06-01T00:00:00.000000Z", "203.0.113.1", "{}", quota)
-        for n in range(2, 2 * PRUNE_EVERY + 1):
-            store.add_browser_result(f"2026-02-01T00:{n // 60:02d}:{n % 60:02d}.000000Z",
-                                     "203.0.113.1", json.dumps({"n": n}), quota)
-        rows = store.browser_results()
-        assert len(rows) == 100  # the cap, and the one from 2025 is gone
-        assert min(r["received_at"] for r in rows) >= "2026-01-01"
-        assert max(r["n"] for r in rows) == 2 * PRUNE_EVERY  # the newest are kept
-        # A quiet table: retention applied by the hourly pass, without new rows.
-        later = Quota(keep_after="2026-02-01T00:01:00.000000Z", max_rows=100)
-        store.prune_anonymous(later, later)
-        assert min(r["received_at"] for r in store.browser_results()) >= \
-            "2026-02-01T00:01:00"
-    finally:
-        store.close()
+    quota = Quota(keep_after="2026-01-01T00:00:00.000000Z", max_rows=100)
+    store.add_browser_result("2025-06-01T00:00:00.000000Z", "203.0.113.1", "{}", quota)
+    for n in range(2, 2 * PRUNE_EVERY + 1):
+        store.add_browser_result(f"2026-02-01T00:{n // 60:02d}:{n % 60:02d}.000000Z",
+                                 "203.0.113.1", json.dumps({"n": n}), quota)
+    rows = store.browser_results()
+    assert len(rows) == 100  # the cap, and the one from 2025 is gone
+    assert min(r["received_at"] for r in rows) >= "2026-01-01"
+    assert max(r["n"] for r in rows) == 2 * PRUNE_EVERY  # the newest are kept
+    # A quiet table: retention applied by the hourly pass, without new rows.
+    later = Quota(keep_after="2026-02-01T00:01:00.000000Z", max_rows=100)
+    store.prune_anonymous(later, later)
+    assert min(r["received_at"] for r in store.browser_results()) >= \
+        "2026-02-01T00:01:00"
 
 
 def test_browser_results_are_rate_limited_per_client(tmp_path: Path) -> None:
@@ -259,7 +265,7 @@ def test_browser_results_are_rate_limited_per_client(tmp_path: Path) -> None:
 
 
 def test_rate_limit_buckets_expire() -> None:
-    """Issue 12, finding 8: a bucket per address, never expired, grew with every new
+    """A security review found a bucket per address, never expired, that, grew with every new
     address. A bucket that has refilled is forgotten at the next sweep."""
     from collector.limits import SWEEP_MIN, RateLimiter
 
@@ -278,7 +284,7 @@ def test_rate_limit_buckets_expire() -> None:
 
 
 def test_cksize_never_breaks_the_open_endpoint() -> None:
-    """Review of issue 12: '²' passes str.isdigit() and int() refuses it; thousands of
+    """'²' passes str.isdigit() and int() refuses it; thousands of
     digits too. Both were a 500 on an endpoint anyone can reach."""
     assert librespeed.chunks_wanted("²") == 4
     assert librespeed.chunks_wanted("9" * 5000) == 1024

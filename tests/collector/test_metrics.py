@@ -1,4 +1,4 @@
-"""The collector's Prometheus metrics (issue 16), scraped from a real collector on
+"""The collector's Prometheus metrics, scraped from a real collector on
 127.0.0.1 and read with prometheus-client's own parser."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collector import metrics as metrics_mod
 from collector.compliance.facts import of_result
 from collector.config import CollectorConfig, MetricsConfig, ServerConfig
 from collector.errors import ApiError
+from collector.lines import LineMetadata
 from collector.measurement.slots import TransferSlots
 from collector.server.testing import running_collector
-from collector.storage.model import LineMetadata
+from collector.web import exposition
 from tests import factories
 from tests.httpclient import post_json, request
 
@@ -57,6 +58,9 @@ LINE = LineMetadata(operator="OpX", offer="Fibra 1000", region="Lazio", technolo
 
 
 def test_counters_move_as_results_arrive(tmp_path: Path) -> None:
+    """The collector's /metrics counts each ingest outcome (stored, duplicate, conflict once,
+    refused by reason), request latency by route template, the fleet's seen and silent
+    probes, and per-probe series labelled with the line from the newest session."""
     with running_collector(tmp_path, _cfg()) as c:
         token = c.add_probe("roma-01", LINE)
         c.add_probe("never-01", LineMetadata(region="Lazio", technology="FWA"))
@@ -135,20 +139,22 @@ def test_per_probe_values_from_raw_samples() -> None:
                    factories.attempt("download", 2, 1, ok=False),
                    factories.attempt("download", 2, 2, bps=30e6),
                    factories.attempt("upload", bps=20e6)])
-    got = metrics_mod.session_values(of_result(result, result.started_at))
+    got = exposition.session_values(of_result(result, result.started_at))
     assert got["download_bytes_per_second"] == pytest.approx(80e6 / 8)
     assert got["upload_bytes_per_second"] == pytest.approx(20e6 / 8)
     assert got["rtt_seconds"] == pytest.approx(0.012)
     assert got["jitter_seconds"] == pytest.approx(0.003)  # (|14-10| + |12-14|) / 2
     assert got["loss_ratio"] == pytest.approx(0.25)
     assert got["valid"] == 1.0
-    silent = metrics_mod.session_values(of_result(
+    silent = exposition.session_values(of_result(
         factories.session(rtts=(), transfers=[factories.attempt("download", ok=False)]),
         result.started_at))
     assert set(silent) == {"timestamp_seconds", "valid"}  # nothing measured, nothing shown
 
 
 def test_metrics_need_an_analyst_token(tmp_path: Path) -> None:
+    """/metrics on the main port needs a token: none is 401, a probe's token 403, an analyst's
+    200."""
     with running_collector(tmp_path, _cfg()) as c:
         probe = c.add_probe("p1")
         assert scrape(c.url, None)[0] == 401
@@ -157,6 +163,8 @@ def test_metrics_need_an_analyst_token(tmp_path: Path) -> None:
 
 
 def test_open_listener_serves_only_metrics(tmp_path: Path) -> None:
+    """metrics.listen opens a second port serving /metrics without a token and nothing else; the
+    main port still asks for one."""
     port = free_port()
     with running_collector(tmp_path, _cfg(listen=f"127.0.0.1:{port}",
                                           min_interval_s=1.0)) as c:
@@ -168,6 +176,9 @@ def test_open_listener_serves_only_metrics(tmp_path: Path) -> None:
 
 
 def test_cardinality_is_bounded(tmp_path: Path) -> None:
+    """Per-probe series stop at per_probe_max (the first names in order, the rest counted as
+    omitted) or are off entirely; unknown paths and methods never become label values
+    (unmatched, other)."""
     with running_collector(tmp_path, _cfg(per_probe_max=2)) as c:
         for name in ("c", "a", "b", "d"):
             c.add_probe(name)
@@ -203,11 +214,14 @@ def test_scrapes_within_the_interval_share_one_body(tmp_path: Path) -> None:
 
 
 def test_metrics_off(tmp_path: Path) -> None:
+    """With metrics disabled, /metrics is a 404."""
     with running_collector(tmp_path, _cfg(enabled=False)) as c:
         assert scrape(c.url, c.add_token("prom"))[0] == 404
 
 
 def test_transfer_slots_are_counted() -> None:
+    """The transfer-slot gauge follows running transfers, and refusals are counted by reason
+    (per_client, busy) next to the configured limit."""
     import asyncio
 
     m = metrics_mod.Metrics()

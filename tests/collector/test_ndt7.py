@@ -24,7 +24,6 @@ from agent.probes import ndt7 as client
 from collector.config import CollectorConfig
 from collector.measurement import ndt7, tcpinfo
 from collector.server.testing import RunningCollector, running_collector
-from collector.storage.sqlite import SqliteStore
 from tests.httpclient import request
 
 RUNTIME = 1.5
@@ -47,7 +46,7 @@ def _stored(running: RunningCollector, expected: int) -> list[dict[str, Any]]:
     import time
 
     for _ in range(100):
-        store = SqliteStore(running.db_path)
+        store = running.open_store()
         try:
             rows = store.ndt7_tests(measurements=True)
         finally:
@@ -62,6 +61,9 @@ def _stored(running: RunningCollector, expected: int) -> list[dict[str, Any]]:
 
 
 def test_tcpinfo_decodes_by_offset_and_omits_what_the_kernel_did_not_return() -> None:
+    """struct tcp_info is decoded field by field at the kernel's offsets (64-bit counters, the
+    AppLimited bit, unlimited pacing as -1); a shorter struct from an older kernel omits the
+    fields it lacks; the BBR info decodes, and a short one is None."""
     raw = bytearray(tcpinfo.SIZE)
     raw[0] = 1  # State: established
     raw[7] = 0b111  # AppLimited is the low bit only
@@ -85,6 +87,8 @@ def test_tcpinfo_decodes_by_offset_and_omits_what_the_kernel_did_not_return() ->
 
 
 def test_tcpinfo_reads_a_real_socket() -> None:
+    """TCP_INFO from a loopback connection counts the bytes actually sent and received; a UDP
+    socket gives an empty mapping, not an error."""
     with socket.create_server(("127.0.0.1", 0)) as server, \
             socket.create_connection(server.getsockname()) as sender:
         receiver, _ = server.accept()
@@ -101,6 +105,8 @@ def test_tcpinfo_reads_a_real_socket() -> None:
 
 
 def test_message_size_doubles_at_a_sixteenth_of_the_queue_up_to_one_mebibyte() -> None:
+    """ndt7 download messages start at 8 KiB and double once the bytes queued reach 16 times the
+    current size, never shrinking and capped at 1 MiB (ndt7 spec)."""
     size, queued, seen = ndt7.FIRST_MESSAGE, 0, []
     for _ in range(10_000):
         queued += size
@@ -112,6 +118,8 @@ def test_message_size_doubles_at_a_sixteenth_of_the_queue_up_to_one_mebibyte() -
 
 
 def test_measurement_spacing_is_memoryless_within_the_servers_bounds() -> None:
+    """Measurement messages are spaced by an exponential draw with mean 250 ms, clamped to
+    25-625 ms (as ndt-server's memoryless ticker)."""
     rng = random.Random(7)
     gaps = [ndt7.next_interval(rng) for _ in range(20_000)]
     assert min(gaps) == 0.025 and max(gaps) == 0.625
@@ -123,11 +131,15 @@ def test_measurement_spacing_is_memoryless_within_the_servers_bounds() -> None:
     ("a=" + "x" * 5000, "longer than 4096"),
 ])
 def test_bad_queries_are_named(query: str, problem: str) -> None:
+    """A query with early_exit other than 250, an empty early_exit, or a value over 4096
+    characters is refused naming the problem."""
     with pytest.raises(ValueError, match=problem):
         ndt7.parse_query(query)
 
 
 def test_query_becomes_client_metadata() -> None:
+    """Query parameters become the archive's ClientMetadata in order, dropping server_secret,
+    and early_exit=250 turns on early exit."""
     metadata, early = ndt7.parse_query(
         "client_name=x&client_name=y&server_secret=1&flag&early_exit=250")
     assert metadata == [{"Name": "client_name", "Value": "x"}, {"Name": "flag", "Value": ""},
@@ -145,17 +157,21 @@ def test_query_becomes_client_metadata() -> None:
 ])
 def test_upgrade_without_the_subprotocol_or_the_upgrade_is_a_400(
         collector: RunningCollector, headers: dict[str, str]) -> None:
+    """A WebSocket upgrade without the net.measurementlab.ndt.v7 subprotocol, or the subprotocol
+    without an upgrade, is answered 400 naming what is missing."""
     status, body, _ = request("GET", collector.url + "/ndt/v7/download", None, headers)
     assert status == 400
     assert "net.measurementlab.ndt.v7" in body["error"] or "Upgrade" in body["error"]
 
 
 def test_early_exit_other_than_250_is_a_400(collector: RunningCollector) -> None:
+    """An upload with early_exit other than 250 is refused with 400 naming early_exit."""
     status, body, _ = request("GET", collector.url + "/ndt/v7/upload?early_exit=1", None,
                               {"Sec-WebSocket-Protocol": "net.measurementlab.ndt.v7"})
     assert status == 400 and "early_exit" in body["error"]
 
 
+@pytest.mark.slow
 def test_agent_ndt7_client_against_the_collector(short: RunningCollector) -> None:
     """Both subtests end with the server's Close 1000; the download's bytes counted by the
     client are exactly the bytes the server sent; every server measurement carries the
@@ -212,6 +228,8 @@ def test_server_pings_after_measurements_and_records_client_measurements(
 
 
 def test_binary_from_the_client_during_a_download_ends_it(short: RunningCollector) -> None:
+    """A binary message from the client during a download closes the test normally (1000) and
+    stores it ended by protocol_error, naming the binary message."""
     async def main() -> int | None:
         async with aiohttp.ClientSession() as session, session.ws_connect(
                 short.url + "/ndt/v7/download", protocols=(ndt7.SUBPROTOCOL,)) as ws:
@@ -262,6 +280,7 @@ def test_client_failures_are_results_with_the_reason(tmp_path: Path) -> None:
     assert not_ndt7.throughput_bps is None and refused.throughput_bps is None
 
 
+@pytest.mark.slow
 def test_ndt7_command(short: RunningCollector) -> None:
     """``bbprobe ndt7``: one line per subtest naming the method; exit 6 and the reason when
     the server cannot be reached; JSON keeps the raw samples."""
@@ -290,6 +309,7 @@ def test_ndt7_command(short: RunningCollector) -> None:
 # aiohttp's TLS client leaves the raw socket of a refused handshake to be closed after
 # the event loop has ended (asyncio's SSL shutdown needs one more turn); the process is
 # ending there anyway. Only that warning is let through, and only here.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_wss_with_a_verified_certificate(tmp_path: Path, pki: Path) -> None:
     """A collector with TLS serves ndt7 over wss://; the client verifies the server
@@ -315,9 +335,9 @@ def test_wss_with_a_verified_certificate(tmp_path: Path, pki: Path) -> None:
 
 
 def test_an_anonymous_subtest_stores_a_bounded_amount(short: RunningCollector) -> None:
-    """Issue 12, finding 8: each subtest kept up to 200 x 8 KiB of the client's own
-    messages (5 subtests added 9.9 MB in 1.1 s). Now at most 64 KiB of them are kept per
-    subtest; the rest are counted."""
+    """Memory a client can make the server hold (a security review's finding): each subtest kept up
+    to 200 x 8 KiB of the client's own messages (5 subtests added 9.9 MB in 1.1 s). Now at most 64
+    KiB of them are kept per subtest; the rest are counted."""
     message = json.dumps({"AppInfo": {"ElapsedTime": 1, "NumBytes": 2}, "pad": "x" * 8000})
 
     async def main() -> None:

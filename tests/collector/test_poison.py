@@ -1,4 +1,4 @@
-"""No single writer can blind the fleet (issue 23): the poison-isolation state machine
+"""No single writer can blind the fleet: the poison-isolation state machine
 (tests/poison_machine.py) against a real collector, on SQLite and on PostgreSQL.
 
 In CI a short run per backend (25 examples on SQLite and 12 on PostgreSQL, or
@@ -73,7 +73,6 @@ def _run(backend: str, storage: Storage, capsys: pytest.CaptureFixture[str]) -> 
             print("\n" + figures.summary(backend))
 
 
-@pytest.mark.network
 @pytest.mark.slow
 def test_no_hostile_writer_changes_a_read_about_another_probe_sqlite(
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,7 +81,6 @@ def test_no_hostile_writer_changes_a_read_about_another_probe_sqlite(
     _run("sqlite", _sqlite, capsys)
 
 
-@pytest.mark.network
 @pytest.mark.slow
 def test_no_hostile_writer_changes_a_read_about_another_probe_postgresql(
         pg_cluster: object, capsys: pytest.CaptureFixture[str]) -> None:

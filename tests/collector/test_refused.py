@@ -1,4 +1,4 @@
-"""Issue 24: a transfer the measurement server refused (for capacity: HTTP 429, or a
+"""A transfer the measurement server refused (for capacity: HTTP 429, or a
 bbprobe server's 503; or its ticket) is not the line's failure, and nothing else on the
 path makes one. The rule, old agents' way of recording it, the same failure rate with
 and without refusals, refusals counted per server in every report, both scope paths and
@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,17 @@ import pytest
 from click.testing import CliRunner
 
 from agent.schema import Server, SessionResult, TransferAttempt, utc_now
+from agent.spec import CAMPAIGN_RULES as RULES
 from collector.cli.main import main
 from collector.compliance import samples_csv, targets
-from collector.compliance.certify import RULES, certify
+from collector.compliance.certify import certify
 from collector.compliance.evaluate import Observations, evaluate, observe
 from collector.compliance.facts import TransferFact, is_refusal, of_result, server_key
 from collector.config import StorageConfig
+from collector.fleet.probes import register_probe
 from collector.intake import ingest
+from collector.lines import LineMetadata
 from collector.reports import html as html_report
-from collector.reports import service
 from collector.reports.text import (
     REPORT_COLUMNS,
     Scope,
@@ -40,9 +43,15 @@ from collector.reports.text import (
     report_rows,
     sample_rows,
 )
-from collector.storage.model import LineMetadata, NewResult
+from collector.storage.model import NewResult
 from collector.storage.store import Store, open_store
-from tests.factories import attempt, session, store_result
+from tests.factories import (
+    attempt,
+    day_rollups,
+    session,
+    store_result,
+    version_1_database,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = targets.load("")
@@ -394,34 +403,36 @@ def _check_scopes(store: Store, results: list[SessionResult]) -> None:
             _same_figures(evaluate(got, TABLE), evaluate(want, TABLE))
 
 
-def test_store_scope_paths_agree(storage: StorageConfig) -> None:
+def _fill(store: Store, results: list[SessionResult],
+          put: Callable[[Store, SessionResult], None] = store_result) -> None:
+    """Probes p1 and p2, and ``results`` stored with ``put``."""
+    for name in ("p1", "p2"):
+        register_probe(store, name, LineMetadata())
+    for r in results:
+        put(store, r)
+
+
+def test_store_scope_paths_agree(store: Store) -> None:
     """Whole days from the day rollups and partial days from session rows give the
     bodies' failure rates and refusals per server, on either backend, with and without
     invalid sessions; a deleted result's day is rebuilt with its refusals."""
     results = _campaign()
-    store = open_store(storage)
-    try:
-        for name in ("p1", "p2"):
-            service.register_probe(store, name, LineMetadata())
-        for r in results:
-            store_result(store, r)
-        _check_scopes(store, results)
-        facts = {f.result_id: f for f in store.facts()}
-        assert facts == {r.result_id: of_result(r, r.started_at) for r in results}
-        gone = next(r for r in results if r.started_at.startswith("2026-05-02")
-                    and of_result(r, r.started_at).refused_attempts)
-        assert store.delete_result(gone.result_id, "test", utc_now(), "tester")
-        _check_scopes(store, [r for r in results if r is not gone])
-    finally:
-        store.close()
+    _fill(store, results)
+    _check_scopes(store, results)
+    facts = {f.result_id: f for f in store.facts()}
+    assert facts == {r.result_id: of_result(r, r.started_at) for r in results}
+    gone = next(r for r in results if r.started_at.startswith("2026-05-02")
+                and of_result(r, r.started_at).refused_attempts)
+    assert store.delete_result(gone.result_id, "test", utc_now(), "tester")
+    _check_scopes(store, [r for r in results if r is not gone])
 
 
 # --- the migration: refusals stored before as failures -----------------------------------
 
 
 def store_as_older_collector(store: Store, result: SessionResult) -> None:
-    """Store ``result`` with the facts a collector before issue 24 derived: every attempt
-    a transfer fact (refusals as failed ones), no refusal counted."""
+    """Store ``result`` with the facts a collector before refusals were told apart derived: every
+    attempt a transfer fact (refusals as failed ones), no refusal counted."""
     accepted = ingest.parse_body(ingest.canonical_json(result).encode())
     legacy = tuple(TransferFact(a.direction, a.status == "ok",
                                 a.throughput_bps / 1000 if a.status == "ok"
@@ -449,7 +460,7 @@ def test_packed_body_reads_without_its_samples() -> None:
     stream samples empty, and the very facts of the whole result."""
     import orjson
 
-    from agent.schema import parse_result
+    from agent.decoding import parse_result
     from collector.storage import codec
     from tests.factories import attempt_with_samples
 
@@ -464,17 +475,28 @@ def test_packed_body_reads_without_its_samples() -> None:
         codec.without_samples(b"BBZ1not zstd")
 
 
+def _migrations(storage: StorageConfig) -> int:
+    """How many migrations the backend of ``storage`` has (its latest schema version)."""
+    if storage.backend == "sqlite":
+        from collector.storage.sqlite_migrations import MIGRATIONS as LITE
+
+        return len(LITE)
+    from collector.storage.postgres_migrations import MIGRATIONS as PG
+
+    return len(PG)
+
+
 def _back_one_migration(storage: StorageConfig) -> None:
     """The database as it was before the reclassifying migration (the last one)."""
     if storage.backend == "sqlite":
-        from collector.storage.sqlite import MIGRATIONS as LITE
+        from collector.storage.sqlite_migrations import MIGRATIONS as LITE
 
         with sqlite3.connect(storage.path) as db:
             db.execute(f"PRAGMA user_version = {len(LITE) - 1}")
         return
     import psycopg
 
-    from collector.storage.postgres import MIGRATIONS as PG
+    from collector.storage.postgres_migrations import MIGRATIONS as PG
 
     with psycopg.connect(storage.url, autocommit=True) as conn:
         conn.execute("UPDATE bbprobe_schema SET version = %s", (len(PG) - 1,))
@@ -492,10 +514,7 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
     results = [as_old_agent(r) for r in _campaign()]
     store = open_store(storage)
     try:
-        for name in ("p1", "p2"):
-            service.register_probe(store, name, LineMetadata())
-        for r in results:
-            store_as_older_collector(store, r)
+        _fill(store, results, store_as_older_collector)
         before: Observations = store.observations(None, None, None)
         assert before.refused_by_server == {}
         assert before.download_failed > observe(results).download_failed
@@ -516,7 +535,7 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
     caplog.set_level(logging.INFO, "bbprobe.collector")
     store = open_store(storage)
     try:
-        assert store.schema_version == store.latest_version
+        assert store.schema_version == _migrations(storage)
         refused_in = {r.result_id: of_result(r, r.started_at) for r in results
                       if of_result(r, r.started_at).refused_attempts}
         # Sessions whose only failures are the line's (connect_error, a proxy's 503, an
@@ -528,7 +547,7 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
         # One line for the run: sessions, attempts, days; a warning, as figures changed.
         days = {(r.probe_id, r.started_at[:10]) for r in results if r.result_id in refused_in}
         attempts = sum(f.refused_attempts for f in refused_in.values())
-        said = [r for r in caplog.records if "storage migration (issue 24)" in r.message]
+        said = [r for r in caplog.records if "storage migration (capacity refusals)" in r.message]
         assert [r.levelno for r in said] == [logging.WARNING]
         assert (f"{len(refused_in)} stored session(s) had {attempts} transfer attempt(s) "
                 "the measurement server refused counted as the line's failures; reclassified "
@@ -541,7 +560,7 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
             for f in refused_in.values())
         assert len({row[6] for row in listed}) == 1
         _check_scopes(store, results)
-        day = store.day_rollups(["p1"], "2026-05-02", "2026-05-03")[0]
+        day = day_rollups(store, ["p1"], "2026-05-02", "2026-05-03")[0]
         want = observe([r for r in results if r.probe_id == "p1"
                         and r.started_at.startswith("2026-05-02")])
         assert (day.download_failed, json.loads(day.refused_servers)) == (
@@ -551,25 +570,15 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
 
 
 def test_version_1_database_counts_refusals_apart(tmp_path: Path) -> None:
-    """A database from before the facts tables: the facts backfill (as of then) and the
-    reclassifying migration give the bodies' figures and refusals."""
-    from collector.storage.sqlite import MIGRATIONS, SqliteStore
+    """An SQLite file from before the facts tables (written by hand, as that release left
+    it): the facts backfill (as of then) and the reclassifying migration give the bodies'
+    figures and refusals."""
+    from collector.storage.sqlite import SqliteStore
 
     path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path)
-    assert isinstance(MIGRATIONS[0], str)
-    db.executescript(MIGRATIONS[0])
-    db.execute("INSERT INTO probes (name, token_sha256, created_at) VALUES ('p1', 'x', 'y')")
     results = [as_old_agent(r) for r in _campaign() if r.probe_id == "p1"]
     results = [r for r in results if r.schema_version == 6]
-    for r in results:
-        accepted = ingest.parse_body(ingest.canonical_json(r).encode())
-        db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",
-                   (r.result_id, r.schema_version, accepted.started_at, accepted.ended_at,
-                    accepted.body_sha256, accepted.body))
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+    version_1_database(path, results)
     store = SqliteStore(path)
     try:
         _check_scopes(store, results)
@@ -578,16 +587,14 @@ def test_version_1_database_counts_refusals_apart(tmp_path: Path) -> None:
 
 
 def test_cli_report_shows_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`bbprobe-collector report`: the refused attempts per server, text and JSON."""
-    from collector.storage.sqlite import SqliteStore
-
+    """`bbprobe-collector report`: the refused attempts per server, text and JSON (on the
+    SQLite file that `--db` names)."""
     monkeypatch.chdir(ROOT)
     db = tmp_path / "c.sqlite3"
-    store = SqliteStore(db)
-    service.register_probe(store, "p1", LineMetadata())
-    for r in _pairs()[1]:
-        store_result(store, r)
-    store.close()
+    with closing(open_store(StorageConfig(path=str(db)))) as store:
+        register_probe(store, "p1", LineMetadata())
+        for r in _pairs()[1]:
+            store_result(store, r)
     out = CliRunner().invoke(main, ["--db", str(db), "report", "--probe", "p1"])
     assert out.exit_code == 0, out.stderr
     assert f"8 transfer attempt(s) refused by the measurement server ({SERVER} 7, " in out.stdout

@@ -1,4 +1,4 @@
-"""Issue 12, finding 1: anonymous sockets could hold every measurement slot for minutes.
+"""A security review found that anonymous sockets could hold every measurement slot for minutes.
 Reproduced as the finding did it, over real TCP: idle LibreSpeed downloads that never read
 and uploads that announce a megabyte and send one byte. Now every handler has a deadline
 and each client (an IPv4 address or an IPv6 /64) has its share of the slots."""
@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import pytest
 
 from agent import spec
 from collector.config import CollectorConfig
@@ -60,6 +62,7 @@ def _download(collector: RunningCollector) -> int:
     return status
 
 
+@pytest.mark.slow
 def test_idle_sockets_release_their_slots_at_the_deadline(tmp_path: Path) -> None:
     """The finding's setup: 4 slots, 2 idle downloads and 2 trickling uploads. They hold
     the slots only until max_duration_s; then an agent's download gets through."""
@@ -130,6 +133,8 @@ def _raw(collector: RunningCollector, source: str, method: str, path: str,
 
 
 def test_clients_are_addresses_and_ipv6_64s() -> None:
+    """Transfer slots are keyed by IPv4 address and by IPv6 /64 (one subscriber's prefix); an
+    IPv4-mapped address is its IPv4, a link-local one its /64, none is 'unknown'."""
     assert client_key("192.0.2.7") == "192.0.2.7"
     assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == \
         "2001:db8:1:2::/64"

@@ -1,4 +1,4 @@
-"""Measurement tickets without a server (issue 24): the signing keys (collector/keys.py),
+"""Measurement tickets without a server: the signing keys (collector/keys.py),
 issuing and verifying (collector/tickets.py), each ticket's ledger
 (collector/measurement/ledger.py) and the slots' admission rules, on given clocks."""
 
@@ -256,6 +256,7 @@ def test_verified_tickets_are_cached_and_the_cache_bounded(key: Ed25519PrivateKe
     assert len(verifier._cache) == 2
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

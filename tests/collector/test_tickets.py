@@ -1,4 +1,4 @@
-"""Measurement tickets end to end (issue 24), over real TCP: collectors on 127.0.0.1 port 0
+"""Measurement tickets end to end, over real TCP: collectors on 127.0.0.1 port 0
 issue them (with the instruction, and at POST /api/v1/tickets); a measurement-only
 server (``serve --role measurement``, its own process, no database) verifies them with
 the collector's public key; every kind of bad ticket is refused with its code; the slots

@@ -29,6 +29,7 @@ def _free_port() -> int:
     return port
 
 
+@pytest.mark.slow
 @pytest.mark.privileged
 def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) -> None:
     """bbprobe run --json prints one document; the collector lists it; a re-push stores
@@ -72,6 +73,7 @@ def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) ->
     assert not list((fast_config.parent / "state" / "spool").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_collector_down_keeps_result_then_delivers(collector: RunningCollector,
                                                    fast_config: Path) -> None:
     """Push fails: exit 3 and the result stays spooled; the next run delivers both."""
@@ -274,6 +276,7 @@ def test_options_before_command_and_env_precedence(fast_config: Path, tmp_path: 
         assert (code, expected in out) == (0, True), args
 
 
+@pytest.mark.slow
 def test_results_measured_while_the_collector_is_away_are_named_on_delivery(
         collector: RunningCollector, fast_config: Path) -> None:
     """No --probe-id and the collector unreachable at the start: the result is spooled
@@ -302,6 +305,7 @@ def test_results_measured_while_the_collector_is_away_are_named_on_delivery(
     assert not list((fast_config.parent / "state" / "dead-letter").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_damaged_spool_file_does_not_stall_run(collector: RunningCollector,
                                                  fast_config: Path) -> None:
     """The oldest spooled result truncated: `run` sets it aside (saying where and why)
@@ -386,13 +390,14 @@ def test_dead_letter_list_retry_drop(fast_config: Path) -> None:
     assert (code, json.loads(out)) == (0, [])
 
 
+@pytest.mark.slow
 def test_a_result_spooled_for_one_probe_is_never_delivered_as_another(
         collector: RunningCollector, fast_config: Path, tmp_path: Path) -> None:
-    """Issue 23 finding 10, as a field technician meets it: one laptop, two customer
-    lines. A session for probe A while A's collector is away stays spooled (unnamed);
-    the next run, with B's token and B's collector, delivers only its own result and
-    says one result waits for another probe; `status` lists it under A's collector;
-    a run with A's token delivers it once, named by A's collector."""
+    """A spooled result belongs to its identity, as a field technician meets it: one laptop, two
+    customer lines. A session for probe A while A's collector is away stays spooled (unnamed); the
+    next run, with B's token and B's collector, delivers only its own result and says one result
+    waits for another probe; `status` lists it under A's collector; a run with A's token delivers it
+    once, named by A's collector."""
     from collector.server.testing import running_collector
 
     token_a = collector.add_probe("line-a")

@@ -19,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from collector.reports import service
+import pytest
+
+from collector.fleet.probes import register_probe
+from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector
-from collector.storage.model import LineMetadata
 from collector.storage.sqlite import SqliteStore
 from tests.crash_agent import last_logged, result_id
 from tests.factories import session_dict
@@ -30,6 +32,8 @@ from tests.httpclient import request
 CYCLES = int(os.environ.get("BBPROBE_CRASH_CYCLES", "40"))
 SEED = int(os.environ.get("BBPROBE_CRASH_SEED", "1"))
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # CYCLES kill-and-restart cycles each: about a minute
 
 
 def _stored_ids(url: str, probe: str) -> list[str]:
@@ -101,10 +105,11 @@ def _post(url: str, token: str, docs: list[dict[str, object]]) -> list[str]:
 def test_collector_killed_after_acks_keeps_every_acked_result(tmp_path: Path) -> None:
     """The collector is SIGKILLed right after it acknowledged results (even cycles) or at
     a random moment while results stream in (odd cycles). Every acknowledged id is in the
-    database afterwards, and SQLite's integrity check passes."""
+    database afterwards, and SQLite's integrity check passes. (About the SQLite file
+    itself, under `synchronous=FULL`: built with `SqliteStore` and read with sqlite3.)"""
     db = tmp_path / "c.sqlite3"
     store = SqliteStore(db)
-    token = service.register_probe(store, "p1", LineMetadata())
+    token = register_probe(store, "p1", LineMetadata())
     store.close()
     rng = random.Random(SEED)
     acked: list[str] = []

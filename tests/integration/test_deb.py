@@ -1,4 +1,4 @@
-"""The Debian package under a real systemd (issue 11): a clean Debian 12 booted with
+"""The Debian package under a real systemd: a clean Debian 12 booted with
 systemd-nspawn (systemd is PID 1), the freshly built .deb installed, a collector and a
 probe started from their units exactly as the README tells an operator, then reload,
 stop, hardening scores, an upgrade that keeps every stored and spooled result, remove
@@ -120,6 +120,11 @@ attempts = 1
 
 
 def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
+    """The .deb on a booted Debian: installed units stay off, the agent refuses to start without
+    its token credential, the collector and a measurement-only instance start as the README
+    says, the agent delivers, reloads (refusing a broken file), scores within the hardening
+    limits, keeps its spool and the database across two upgrades, stops cleanly, and purge
+    removes the data that remove keeps."""
     deb, upgrade1, upgrade2 = debs
     with nspawn.boot(nspawn.rootfs(), {str(deb.parent): "/mnt/debs"}, tmp_path) as m:
         # -- install: nothing starts, nothing is enabled, the conffiles are in place.
@@ -153,7 +158,7 @@ def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
                       "--technology FTTH").stdout.strip()
         assert token.startswith("bbp_")
 
-        # -- a measurement server on the same host (issue 15): the packaged instance
+        # -- a measurement server on the same host: the packaged instance
         # bbprobe-collector@measurement, no database, port 8081; the probe's tools
         # measure against it.
         m.run("systemctl enable --now bbprobe-collector@measurement", timeout=120)

@@ -1,4 +1,4 @@
-"""Issue 15: a fleet run from the collector, with real processes: ``bbprobe-collector
+"""A fleet run from the collector, with real processes: ``bbprobe-collector
 serve`` and its CLI, the agent's daemon (``bbprobe daemon``) and one-shot runs, a
 measurement-only server, and headless Chromium for the fleet page.
 
@@ -22,12 +22,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.schema import SCHEMA_VERSION, parse_utc
 from collector.server.testing import serve_process
 from tests.browser import render_in_chromium
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # daemons on a sped-up clock, real processes, Chromium
 
 
 def _collector(db: Path, *args: str) -> str:

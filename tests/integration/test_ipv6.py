@@ -1,4 +1,4 @@
-"""The agent over IPv6 against a real collector on the IPv6 loopback (issue 16): -6
+"""The agent over IPv6 against a real collector on the IPv6 loopback: -6
 resolves, connects and pings over IPv6 only, the result records it, and the collector
 stores the family, which a report scope can select. Real TCP and ICMPv6 on ::1 only.
 
@@ -19,7 +19,7 @@ from collector.server.testing import running_collector
 from tests.collector.test_family import _ipv6_loopback
 from tests.httpclient import request
 
-pytestmark = pytest.mark.privileged
+pytestmark = [pytest.mark.privileged, pytest.mark.slow]  # real agent sessions
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -2,7 +2,7 @@
 recovered from configured ground truth; a failing or stalled server gives failure records.
 
 Each test builds its own namespaces (198.18.0.0/15, and 2001:2::/48 for IPv6) and tears
-them down; nothing leaves them. The rate and loss tests also run over IPv6 (issue 16).
+them down; nothing leaves them. The rate and loss tests also run over IPv6.
 Required under CI=true (root); skipped elsewhere with the reason.
 """
 
@@ -251,7 +251,7 @@ def test_other_hosts_on_a_bridged_lan_are_counted(lab_dir: Path) -> None:
              f"http://{hosts['gw']}:8080", "check"],
             capture_output=True, text=True, timeout=120, check=False)
         # A measurement server and a ping target on the probe's own subnet (a lab, an
-        # on-site server) are the test's far ends, not other hosts (issue 11).
+        # on-site server) are the test's far ends, not other hosts.
         on_lan = subprocess.run(
             ["ip", "netns", "exec", f"{tag}probe", *AGENT, "--server",
              f"http://{hosts['h1']}:8080", "--set", f"server.ping_target={hosts['h2']}",

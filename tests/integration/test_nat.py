@@ -1,4 +1,4 @@
-"""Issue 24: five probes behind one NAT address measure at the same moment, 20 streams
+"""Five probes behind one NAT address measure at the same moment, 20 streams
 each, against one measurement-only server (no database): under tickets no attempt is
 refused and every session is valid; without tickets the same setup shows the refusals
 (so the test can fail), and they are recorded as the server's, never as the line's.
@@ -39,6 +39,9 @@ def _refused(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_probes_behind_one_address_measure_under_tickets(lab_dir: Path) -> None:
+    """Probes behind one NAT address, each presenting a ticket, measure with all their streams
+    at once with no refused attempt and every session valid, while a stranger at the same
+    address without a ticket gets its per-address cap and a 429 beyond it."""
     with nat_lab(PROBES + 1, lab_dir, access_mbit=80) as lab:
         collector_url, server_url, db = start_servers(lab, tickets=True)
         stranger, statuses = hold_anonymous(lab, PROBES, STREAMS + 1)

@@ -38,6 +38,10 @@ def need(problem: str | None) -> None:
 
 
 def test_official_clients_on_a_shaped_link(lab_dir: Path) -> None:
+    """Across a 20/10 Mbit/s link with 40 ms RTT, M-Lab's ndt7-js, bbprobe's ndt7 client and
+    Chromium's LibreSpeed run each complete, receive the server's TCPInfo, stay within the
+    shaper, and are stored apart with who ran them; ndt7 download bytes match the server's
+    count exactly."""
     need(clients.ndt7js_problem())
     need(clients.chromium_problem())
     # 20 ms each way: a typical access line to its server (and a single BBR flow fills a

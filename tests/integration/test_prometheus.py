@@ -1,4 +1,4 @@
-"""Issue 16, Prometheus, with real components: the agent's daemon writing its textfile
+"""Prometheus, with real components: the agent's daemon writing its textfile
 and serving its port, the collector's /metrics, both read with prometheus-client's
 parser and linted by promtool; Debian's Prometheus scraping both with the shipped alert
 rules loaded; and the shipped scrape config and rules checked, and the rules
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,11 +20,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.server.testing import serve_process
+from collector.server.testing import serve_process, stop
 from tests.httpclient import request
 from tests.integration.test_fleet import _until, daemon
-
-pytestmark = pytest.mark.network
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "prometheus"
@@ -65,6 +62,8 @@ def _collector_cli(db: Path, *args: str) -> str:
 
 
 def test_shipped_config_and_rules_pass_promtool(tmp_path: Path) -> None:
+    """promtool accepts the shipped alert rules and scrape config (with its token file moved
+    here), and the rules' unit tests fire each alert when they should and not before."""
     promtool = _needs("promtool")
     rules = subprocess.run([promtool, "check", "rules", str(SHIPPED / "bbprobe-alerts.yml")],
                            capture_output=True, text=True, timeout=60, check=False)
@@ -102,12 +101,7 @@ def _prometheus(tmp_path: Path, config: str) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 
@@ -123,6 +117,7 @@ def _query(prom: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
+@pytest.mark.slow
 def test_agent_and_collector_metrics_scraped_by_prometheus(tmp_path: Path,
                                                            fast_config: Path) -> None:
     """A daemon measuring against a collector: its textfile and its port parse, their
@@ -170,7 +165,9 @@ def test_agent_and_collector_metrics_scraped_by_prometheus(tmp_path: Path,
             served = _until(agent_port_metrics, 120, "two complete sessions on the "
                             "agent's metrics port")
             assert served[("bbprobe_agent_last_session_download_bytes_per_second", ())] > 0
-            assert 0 <= served[("bbprobe_agent_last_session_loss_ratio", ())] <= 1
+            # The agent pings the collector on loopback, where the kernel answers each of
+            # the 5 echoes well within their 0.5 s timeout: no loss, and the metric says so.
+            assert served[("bbprobe_agent_last_session_loss_ratio", ())] == 0.0
             assert served[("bbprobe_agent_info", (("probe", "roma-01"),
                                                   ("version", _version())))] == 1
             # The textfile: whole, parseable, and of the same daemon.

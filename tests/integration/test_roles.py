@@ -1,4 +1,4 @@
-"""Issue 15, part 6: a collector process serves everything, only the store's side
+"""Collector roles: a collector process serves everything, only the store's side
 (``--role ingest``), or only the measurement endpoints (``--role measurement``: no
 database, no targets table). Real processes: the collector's CLI, and the agent measuring
 against a measurement-only server."""
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from agent import spec
@@ -48,6 +49,7 @@ def serving(tmp_path: Path, role: str, in_config: bool = False
     assert server.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_measurement_only_server_needs_no_database(tmp_path: Path,
                                                     fast_config: Path) -> None:
     """It starts without a targets table, creates no database, serves the endpoints and

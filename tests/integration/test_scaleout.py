@@ -1,4 +1,4 @@
-"""Many collector processes over one PostgreSQL database (issue 13): two independent
+"""Many collector processes over one PostgreSQL database: two independent
 collectors taking the same results and cross-duplicates at once, and one collector
 serving with ``--workers``. Real processes (``python -m collector serve``), a real
 PostgreSQL started by the tests, loopback only."""
@@ -21,15 +21,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.config import CollectorConfig, StorageConfig
+from collector.fleet.probes import register_probe
 from collector.intake import ingest
-from collector.reports import service
-from collector.server.testing import bound_url
-from collector.storage.model import LineMetadata
+from collector.lines import LineMetadata
+from collector.server.testing import bound_url, stop
 from collector.storage.store import open_store
-from tests.factories import session
+from tests.factories import day_rollups, session
 from tests.httpclient import post_json, request
 
-pytestmark = pytest.mark.network
+pytestmark = pytest.mark.slow  # a PostgreSQL cluster and collector processes
 
 PROBES = ("p1", "p2", "p3", "p4")
 # What each collector process printed, by pid, once it has stopped.
@@ -64,19 +64,13 @@ def collector_process(tmp: Path, url: str,
     try:
         yield bound_url(proc, addr), proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            OUTPUT[proc.pid] = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            OUTPUT[proc.pid] = proc.communicate()
+        OUTPUT[proc.pid] = stop(proc)
 
 
 def _tokens(url: str) -> dict[str, str]:
     store = open_store(StorageConfig(backend="postgresql", url=url))
     try:
-        return {p: service.register_probe(store, p, LineMetadata(operator="Op")) for p in
+        return {p: register_probe(store, p, LineMetadata(operator="Op")) for p in
                 PROBES}
     finally:
         store.close()
@@ -130,7 +124,7 @@ def test_two_collectors_store_every_result_once(tmp_path: Path, pg_url: str) -> 
     try:
         assert store.count_results() == len(docs)
         assert store.count("session_facts") == len(docs)
-        days = store.day_rollups()
+        days = day_rollups(store)
         assert sum(d.sessions + d.invalid_sessions for d in days) == len(docs)
     finally:
         store.close()
@@ -172,7 +166,7 @@ def test_workers_share_one_port(tmp_path: Path, pg_url: str) -> None:
             assert status == 201
         report = request("GET", base + "/api/v1/report")[1]
         assert report["sessions"] == len(docs)
-        # Prometheus (issue 16): whichever worker answers a scrape, the counters are the
+        # Prometheus: whichever worker answers a scrape, the counters are the
         # sum over all of them, the killed one's included (a counter that went back
         # would read as a reset in rate()); its live gauge went with it.
         for _ in range(6):

@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from collector.storage.sqlite import SqliteStore
+from collector.config import StorageConfig
+from collector.storage.store import Store, open_store
 from tests.lab.netlab import REPO, Lab
 
 AGENT = [sys.executable, "-m", "agent"]
@@ -57,6 +59,11 @@ def _db(lab: Lab) -> Path:
     return lab.workdir / f"{lab.server}.sqlite3"
 
 
+def _store(lab: Lab) -> Store:
+    """The lab collector's store (its SQLite file), opened as the CLI would."""
+    return open_store(StorageConfig(path=str(_db(lab))))
+
+
 def run_ndt7js(lab: Lab, url: str) -> dict[str, Any]:
     """The harness's JSON: code, errors, last client/server measurement per subtest."""
     host_port = url.split("://", 1)[1]
@@ -88,11 +95,8 @@ def run_bbprobe_ndt7(lab: Lab, url: str) -> list[dict[str, Any]]:
 
 
 def browser_results(lab: Lab) -> list[dict[str, Any]]:
-    store = SqliteStore(_db(lab))
-    try:
+    with closing(_store(lab)) as store:
         return store.browser_results()
-    finally:
-        store.close()
 
 
 def run_browser(lab: Lab, url: str, profile: Path, warmup_s: float, window_s: float,
@@ -118,8 +122,5 @@ def run_browser(lab: Lab, url: str, profile: Path, warmup_s: float, window_s: fl
 
 
 def stored_ndt7(lab: Lab) -> list[dict[str, Any]]:
-    store = SqliteStore(_db(lab))
-    try:
+    with closing(_store(lab)) as store:
         return store.ndt7_tests(measurements=True)
-    finally:
-        store.close()

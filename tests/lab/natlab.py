@@ -1,4 +1,4 @@
-"""Probes behind one address (issue 24): several client namespaces behind a router that
+"""Probes behind one address: several client namespaces behind a router that
 masquerades them all to one IPv4 address, as carrier-grade NAT does (FWA, many fibre and
 mobile-backup offers), and a server namespace.
 
@@ -52,9 +52,7 @@ class NatLab(Lab):
 
     def build(self) -> None:
         for ns in (self.router, self.server, *self.clients):
-            _run(["ip", "netns", "add", ns])
-            self._namespaces.append(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._namespace(ns, ipv6=False)
         _run(["ip", "link", "add", "s0", "netns", self.server, "type", "veth",
               "peer", "name", "r1", "netns", self.router])
         _run(["ip", "-n", self.server, "addr", "add", f"{SERVER_ADDRESS}/30", "dev", "s0"])

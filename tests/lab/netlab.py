@@ -130,16 +130,21 @@ class Lab:
 
     # --- building ----------------------------------------------------------------------------
 
+    def _namespace(self, ns: str, ipv6: bool = True) -> None:
+        """Add namespace ``ns`` (deleted by close()), IPv6 on if asked, loopback up."""
+        _run(["ip", "netns", "add", ns])
+        self._namespaces.append(ns)
+        if ipv6:
+            self._ipv6_on(ns)
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
     def build(self) -> None:
         spec = self.spec
         if spec.direct:
             self._build_direct()
             return
         for ns in (self.client, self.router, self.server):
-            _run(["ip", "netns", "add", ns])
-            self._namespaces.append(ns)
-            self._ipv6_on(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._namespace(ns)
         _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
               "peer", "name", "r0", "netns", self.router])
         _run(["ip", "link", "add", "s0", "netns", self.server, "type", "veth",
@@ -179,10 +184,7 @@ class Lab:
         if spec.down_mbit or spec.up_mbit or spec.down_loss or spec.up_loss or spec.delay_ms:
             raise ValueError("a direct lab link cannot be shaped, lossy or delayed")
         for ns in (self.client, self.server):
-            _run(["ip", "netns", "add", ns])
-            self._namespaces.append(ns)
-            self._ipv6_on(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self._namespace(ns)
         _run(["ip", "link", "add", "c0", "netns", self.client, "type", "veth",
               "peer", "name", "s0", "netns", self.server])
         self.server_ip = ROUTER_CLIENT_IP

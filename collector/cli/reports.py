@@ -1,0 +1,243 @@
+"""bbprobe-collector's reading commands: ``results`` (the listing), ``report`` (Allegato 2
+compliance, whole or broken down), ``samples`` (the export) and ``evaluate`` (that export
+judged offline), ``certify`` (one line against its contract) and ``completeness`` (sessions
+delivered against the campaign's plan). Thin: scope options -> collector/reports/service.py
+-> a rendering of collector/reports/ -> printed or written whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.schema import utc_now
+from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE
+from collector.cli.common import (
+    chosen_scope,
+    database,
+    echo,
+    emit,
+    emit_as,
+    format_option,
+    handle_errors,
+    load_config,
+    scope_options,
+    shared_options,
+)
+from collector.compliance import targets as targets_mod
+from collector.errors import InputError
+from collector.reports import html as html_report
+from collector.reports import service
+from collector.reports import text as formats
+from collector.scope import Scope, check_timezone, parse_network
+
+
+@click.command()
+@shared_options
+@scope_options
+@click.option("--limit", type=click.IntRange(1), help="At most this many results.")
+@format_option("text", "json", "csv")
+@click.pass_context
+@handle_errors
+def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
+            period: str | None, limit: int | None, fmt: str, **filters: Any) -> None:
+    """List stored results with their summaries."""
+    with database(ctx) as store:
+        where = chosen_scope(store, probes, since, until, period, filters)
+        rows = service.listing(store, where, limit)
+    emit_as(fmt, json=lambda: formats.format_json({"results": rows}),
+            csv=lambda: formats.format_csv(rows, formats.LISTING_COLUMNS),
+            text=lambda: formats.format_listing_text(rows))
+
+
+@click.command()
+@shared_options
+@scope_options
+@click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
+@format_option("text", "json", "csv", "html",
+               help="html: a standalone page with plots, written to a file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout (html default: bbprobe-report.html).")
+@click.option("--timezone", default="Europe/Rome", show_default=True,
+              help="Local time of the hour bands and time axes (html).")
+@click.option("--include-invalid", is_flag=True,
+              help="Count sessions the agents flagged invalid (left out by default).")
+@click.option("--include-customer", is_flag=True,
+              help="Include the speeds of customers' own tests of the period (browser "
+                   "page, ndt7 clients) in the percentiles (counted apart by default).")
+@click.option("--customer-network", metavar="CIDR",
+              help="Only customer tests from this client network, e.g. 203.0.113.0/24.")
+@click.option("--by", "by", multiple=True, type=click.Choice(service.BREAKDOWN),
+              help="One report per group: by line metadata and/or semester (repeatable: "
+                   "--by region --by semester, as MisuraInternet publishes).")
+@click.pass_context
+@handle_errors
+def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
+           period: str | None, targets_path: str | None, fmt: str, output: str | None,
+           timezone: str, include_invalid: bool, include_customer: bool,
+           customer_network: str | None, by: tuple[str, ...], **filters: Any) -> None:
+    """Compliance report: each Allegato 2 indicator against its target, for probes chosen
+    by name or by line metadata, over a calendar period or a time range; or one per
+    group with --by."""
+    cfg = load_config(ctx)
+    table = targets_mod.load(targets_path or cfg.compliance.targets)
+    customers = service.Customers(include_customer, parse_network(
+        customer_network, "--customer-network"))
+    if by and fmt == "html":
+        raise InputError("--by: the HTML report is of one scope; use text, json or csv")
+    with database(ctx) as store:
+        where = chosen_scope(store, probes, since, until, period, filters)
+        if by:
+            parts = service.breakdown(store, where, table, by, include_invalid, customers)
+            text = {"json": lambda: formats.format_json(formats.breakdown_dict(by, parts)),
+                    "csv": lambda: formats.format_csv(formats.breakdown_rows(by, parts),
+                                                      (*by, *formats.REPORT_COLUMNS)),
+                    "text": lambda: formats.format_breakdown(by, parts, where)}[fmt]()
+            emit(text, output)
+            return
+        if fmt == "html":
+            view = service.report_view(store, where, table, include_invalid, customers)
+            text = html_report.render_view(view, check_timezone(timezone), utc_now())
+            output = output or "bbprobe-report.html"
+        else:
+            result = service.compliance(store, where, table, include_invalid, customers)
+    if fmt == "json":
+        text = json.dumps(formats.report_dict(result, where), indent=2,
+                          ensure_ascii=False) + "\n"
+    elif fmt == "csv":
+        text = formats.format_csv(formats.report_rows(result, where), formats.REPORT_COLUMNS)
+    elif fmt == "text":
+        text = formats.format_text(result, where)
+    emit(text, output)
+
+
+@click.command()
+@shared_options
+@scope_options
+@click.option("--include-invalid", is_flag=True,
+              help="Also export sessions the agents flagged invalid.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout.")
+@click.pass_context
+@handle_errors
+def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
+            until: str | None, period: str | None, include_invalid: bool, output: str | None,
+            **filters: Any) -> None:
+    """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok):
+    the input of `evaluate --samples`, so a scope can be re-evaluated offline, against
+    other targets or in a spreadsheet."""
+    with database(ctx) as store:
+        where = chosen_scope(store, probes, since, until, period, filters)
+        sessions = service.samples(store, where, include_invalid)
+    emit(formats.format_csv(formats.sample_rows(sessions), formats.SAMPLE_COLUMNS), output)
+
+
+@click.command()
+@shared_options
+@click.option("--samples", "samples_path", required=True, type=click.Path(dir_okay=False),
+              help="CSV: probe_id,timestamp,kind,value,ok (one row per test).")
+@click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
+@format_option("text", "json")
+@click.pass_context
+@handle_errors
+def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
+             fmt: str) -> None:
+    """Evaluate a CSV of per-test samples offline against a targets table.
+
+    Rows that are not valid are all reported with their line numbers, and then no
+    verdict is given: nothing is skipped silently (exit 2).
+    """
+    from collector.compliance import samples_csv
+    from collector.compliance.evaluate import evaluate as run_evaluation
+
+    table = targets_mod.load(targets_path or load_config(ctx).compliance.targets)
+    path = Path(samples_path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    parsed = samples_csv.parse(text, str(path))
+    if parsed.errors:
+        shown = parsed.errors[: samples_csv.MAX_REPORTED]
+        for line in shown:
+            echo(line, err=True)
+        more = len(parsed.errors) - len(shown)
+        raise InputError(f"{len(parsed.errors)} bad row(s) in {path}"
+                         + (f" ({more} more not shown)" if more else "")
+                         + "; no verdict given")
+    verdict = run_evaluation(parsed.observations, table)
+    scope = Scope(
+        probes=tuple(sorted(parsed.probes)),
+        since=parsed.first.isoformat() if parsed.first else None,
+        until=parsed.last.isoformat() if parsed.last else None,
+    )
+    if fmt == "json":
+        document = formats.report_dict(verdict, scope)
+        document["samples_file"] = str(path)
+        echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        echo(formats.format_text(verdict, scope), nl=False)
+
+
+@click.command()
+@shared_options
+@click.option("--probe", required=True, help="The line's probe.")
+@click.option("--since", help="Campaign start (inclusive): ISO date or timestamp.")
+@click.option("--until", help="Campaign end (exclusive): ISO date or timestamp.")
+@click.option("--rule", type=click.Choice(list(CAMPAIGN_RULES)), default=DEFAULT_CAMPAIGN_RULE,
+              help="Completeness rule: 4 per hourly band (default) or the legacy 1 per band.")
+@click.option("--timezone", default="Europe/Rome", help="Local time of the hourly bands.")
+@click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
+              help="The IP version (required for a line measured over both: a campaign "
+                   "each).")
+@format_option("text", "json", "html",
+               help="html: a printable page to hand over, written to a file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write here instead of stdout (html default: certificate-PROBE.html).")
+@click.pass_context
+@handle_errors
+def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
+            timezone: str, family: str | None, fmt: str, output: str | None) -> None:
+    """Certify one line against its contract (probe metadata), 244/08 style."""
+    with database(ctx) as store:
+        cert = service.certificate(store, probe, since, until, rule, timezone, family)
+    if fmt == "json":
+        text = json.dumps(formats.certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
+    elif fmt == "html":
+        text = html_report.certificate_page(cert, utc_now())
+        output = output or f"certificate-{probe}.html"
+    else:
+        text = formats.format_certificate(cert)
+    emit(text, output)
+
+
+COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "missing",
+                        "discontinuities", "duplicates")
+
+
+@click.command()
+@shared_options
+@scope_options
+@format_option("text", "json", "csv")
+@click.pass_context
+@handle_errors
+def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
+                 until: str | None, period: str | None, fmt: str, **filters: Any) -> None:
+    """Per probe per day: sessions delivered / expected, and the missing sequence numbers
+    that no gap record explains (goal C8; agents of schema v4 number their sessions)."""
+    from collector.compliance.completeness import format_text
+
+    with database(ctx) as store:
+        where = chosen_scope(store, probes, since, until, period, filters)
+        rows = service.completeness(store, where)
+    emit_as(fmt,
+            json=lambda: formats.format_json({"completeness": [r.to_dict() for r in rows]}),
+            csv=lambda: formats.format_csv((r.to_dict() for r in rows), COMPLETENESS_COLUMNS),
+            text=lambda: format_text(rows))
+
+
+COMMANDS = (results, report, samples, evaluate, certify, completeness)

@@ -1,0 +1,137 @@
+"""Probe and token administration over a store: register a probe with its line metadata
+(checked as the offer declares it, delibera 156/23/CONS), change that metadata, create
+analyst and admin tokens, and revoke either. Shared by the CLI and the admin API.
+
+A secret exists in clear only in the return value of the call that creates it: the store
+keeps its SHA-256 digest (collector/auth.py). Refusals are domain errors naming the field
+at fault (``Unacceptable`` 422, ``NotFound`` 404 at the web edge)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, Literal
+
+from agent.schema import PROBE_ID_RE, utc_now
+from collector import auth
+from collector.errors import NotFound, Unacceptable
+from collector.lines import TECHNOLOGIES, LineMetadata, canonical_technology
+from collector.storage.store import ProbeStore
+
+# Who holds a secret: a probe (it delivers results) or a person's token (role analyst
+# reads; admin also administers probes).
+Holder = Literal["probe", "token"]
+ROLES = ("analyst", "admin")
+
+
+def register_probe(store: ProbeStore, name: str, line: LineMetadata) -> str:
+    """Create a probe and return its token (the only time the token exists in clear)."""
+    if not PROBE_ID_RE.fullmatch(name):
+        raise Unacceptable(
+            f"probe name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'",
+            "probe_id")
+    token = auth.new_token()
+    store.add_probe(name, auth.hash_token(token), utc_now(), line)
+    return token
+
+
+def add_token(store: ProbeStore, name: str, role: str) -> str:
+    """Create an analyst or admin token and return it (the only time it exists in clear)."""
+    if role not in ROLES:
+        raise Unacceptable(f"role must be analyst or admin, got {role!r}", "role")
+    if not PROBE_ID_RE.fullmatch(name):
+        raise Unacceptable(f"token name {name!r} must be 1-64 characters of letters, "
+                           "digits, '.', '_', '-'", "name")
+    token = auth.new_token()
+    store.add_token(name, role, auth.hash_token(token), utc_now())
+    return token
+
+
+def revoke(store: ProbeStore, holder: Holder, name: str) -> bool:
+    """Revoke the active probe or token ``name`` at once (a probe's results stay): its
+    next request is refused. False if there is no active one of that name."""
+    revoking = store.revoke_probe if holder == "probe" else store.revoke_token
+    return revoking(name, utc_now())
+
+
+def technology(text: str) -> str:
+    """The canonical spelling of an access technology (any case); Unacceptable if it is
+    none of TECHNOLOGIES."""
+    known = canonical_technology(text)
+    if known is None:
+        raise Unacceptable(f"technology: expected one of {', '.join(TECHNOLOGIES)}, got "
+                           f"{text[:40]!r}", "technology")
+    return known
+
+
+def _checked_fields(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Each given line field checked alone: known, numbers finite within 0..1e12,
+    strings 1-200 printable characters (an empty one unsets), the technology one of
+    TECHNOLOGIES."""
+    names = {f.name for f in fields(LineMetadata)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise Unacceptable(f"{unknown[0][:40]}: unknown field", unknown[0][:40])
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key.endswith(("_kbps", "_ms", "_ratio")):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            # NaN and the infinities fail the range (comparisons with NaN are false);
+            # a huge int is compared exactly, never converted.
+            if not number or not 0 <= value < 1e12:
+                raise Unacceptable(f"{key}: expected a number within 0..1e12, got "
+                                   f"{str(value)[:40]}", key)
+            values[key] = float(value)
+        elif not isinstance(value, str) or len(value) > 200 or \
+                not all(c.isprintable() for c in value):
+            raise Unacceptable(f"{key}: expected text of at most 200 printable characters",
+                               key)
+        else:
+            values[key] = value.strip() or None
+    if values.get("technology"):
+        values["technology"] = technology(values["technology"])
+    if (values.get("max_loss_ratio") or 0) > 1:
+        raise Unacceptable("max_loss_ratio: expected a ratio within 0..1", "max_loss_ratio")
+    return values
+
+
+def _declared_in_order(values: Mapping[str, Any], changed: set[str] | None = None) -> None:
+    """Each direction's declared speeds in order, minimum <= normally available <=
+    maximum, where given (only the directions ``changed`` touches, if given)."""
+    for d in ("download", "upload"):
+        keys = (f"{d}_min_kbps", f"{d}_normal_kbps", f"{d}_nominal_kbps")
+        if changed is not None and not changed & set(keys):
+            continue
+        declared = [(k, values[k]) for k in keys if values.get(k) is not None]
+        for (low_key, low), (high_key, high) in itertools.pairwise(declared):
+            if low > high:
+                raise Unacceptable(f"{high_key}: {high:g} is below {low_key} ({low:g}): "
+                                   "an offer declares minimum <= normally available <= "
+                                   "maximum", high_key)
+
+
+def line_metadata(given: Mapping[str, Any]) -> LineMetadata:
+    """Line metadata from options or a request's fields, checked (``_checked_fields``,
+    and each direction's declared speeds in order)."""
+    values = _checked_fields(given)
+    _declared_in_order(values)
+    return LineMetadata(**values)
+
+
+def set_line(store: ProbeStore, name: str, changes: Mapping[str, Any]) -> LineMetadata:
+    """Change some of a probe's line metadata: the fields given are checked, and the
+    declared speeds of the directions they touch against the ones stored (what was
+    stored before the checks existed is left as it is)."""
+    probe = store.probe(name)
+    if probe is None:
+        raise NotFound(f"no probe named {name!r}", "probe_id")
+    checked = _checked_fields(changes)
+    given = {k for k, v in changes.items() if v is not None}
+    merged = {**{f.name: getattr(probe.line, f.name) for f in fields(LineMetadata)},
+              **{k: checked.get(k) for k in given}}
+    _declared_in_order(merged, given)
+    store.update_line(name, {k: checked.get(k) for k in given})
+    return LineMetadata(**merged)
