@@ -1,6 +1,7 @@
 """A session's planned worst case, in seconds and bytes, and the limits it must keep.
 Pure: a ``Method`` and the candidate servers in, figures out (the selection's deadlines
-are agent/probes/select.py's own constants, imported).
+are the constants agent/probes/select.py runs by, from spec.py: this module, which the
+configuration loads, imports no measurement code).
 
 Without a bound, an instruction such as ``download.tests=1000 download.window_s=600
 ping.count=10000`` (each value within its own range) plans three weeks a session on
@@ -8,7 +9,7 @@ every probe it selects. The config is refused at load instead (agent/config.py),
 same rule holds for a local file, the command line, the collector setting an
 instruction and the agent applying one.
 
-Duration: the phases one after the other, as agent/session.py runs them, each at its
+Duration: the phases one after the other, as agent/probes/session.py runs them, each at its
 deadline::
 
     ping train       (count - 1) x interval_s + timeout_s   (the last request's reply)
@@ -61,8 +62,8 @@ Under ``server.address_family = "both"`` a slot runs the session twice (IPv4, th
 IPv6): every figure doubles, the selection too (each family chooses its own server).
 Left out, each bounded by its own deadline and covered by the headroom under the
 limits, about 40 s a session together: the family preflight under "any" (resolution up
-to 10 s and a 3 s connect a family, agent/session.py; 10 s more to resolve a ping target
-by another name), the ping train's resolution and slack (5 s + 5 s, agent/session.py
+to 10 s and a 3 s connect a family, agent/probes/session.py; 10 s more to resolve a ping target
+by another name), the ping train's resolution and slack (5 s + 5 s, agent/probes/session.py
 ping_deadline_s), the host checks (0.5 s of CPU sampling, an ARP scan of up to 2 s, and
 lookups bounded only by the system resolver) and connection teardown.
 """
@@ -74,7 +75,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from agent import spec
-from agent.probes import icmp, select
 from agent.schema import Method, PingMethod, TransferMethod
 
 # The payload of select._rtts's echo requests.
@@ -111,7 +111,7 @@ def _train_s(count: int, interval_s: float, timeout_s: float) -> float:
 
 
 def loaded_count(window_s: float, loaded_interval_s: float) -> int:
-    """Echo requests of a train under load (as agent/session.py's loaded_ping)."""
+    """Echo requests of a train under load (as agent/probes/session.py's loaded_ping)."""
     # 1e-9: 0.6 / 0.2 is 2.9999999999999996 in binary floating point.
     return max(1, int(window_s / loaded_interval_s + 1e-9))
 
@@ -158,8 +158,8 @@ def _transfer_part(name: str, m: TransferMethod, ping: PingMethod | None) -> Par
 def select_host_s(pings: int) -> float:
     """The deadline, in seconds, of one candidate host's train of ``pings`` echo
     requests (select._rtts): the train, its last reply's timeout, resolution, 2 s."""
-    return (pings - 1) * select.INTERVAL_S + select.REPLY_TIMEOUT_S \
-        + icmp.RESOLVE_TIMEOUT_S + 2
+    return (pings - 1) * spec.SELECT_PING_INTERVAL_S + spec.SELECT_REPLY_TIMEOUT_S \
+        + spec.RESOLVE_TIMEOUT_S + 2
 
 
 def _select_part(candidates: Sequence[str], pings: int) -> Part:
@@ -168,16 +168,16 @@ def _select_part(candidates: Sequence[str], pings: int) -> Part:
     hosts = len({urlsplit(url).hostname for url in candidates})
     connects = len(candidates)
     host_s = select_host_s(pings)
-    train = (f"{pings} echo requests {select.INTERVAL_S:g} s apart + "
-             f"{select.REPLY_TIMEOUT_S:g} s + {icmp.RESOLVE_TIMEOUT_S + 2:g} s to resolve "
+    train = (f"{pings} echo requests {spec.SELECT_PING_INTERVAL_S:g} s apart + "
+             f"{spec.SELECT_REPLY_TIMEOUT_S:g} s + {spec.RESOLVE_TIMEOUT_S + 2:g} s to resolve "
              f"and start")
     return Part(
         name="server selection",
-        duration_s=hosts * host_s + connects * select.CONNECT_TIMEOUT_S,
+        duration_s=hosts * host_s + connects * spec.SELECT_CONNECT_TIMEOUT_S,
         bytes=hosts * pings * 2 * _SELECT_PAYLOAD_BYTES,
         how_long=f"{hosts} host{'s' if hosts != 1 else ''} x {host_s:.3g} s ({train}) + "
                  f"{connects} TCP connect{'s' if connects != 1 else ''} x "
-                 f"{select.CONNECT_TIMEOUT_S:g} s",
+                 f"{spec.SELECT_CONNECT_TIMEOUT_S:g} s",
         how_much=f"{hosts} x {pings} x 2 x {_SELECT_PAYLOAD_BYTES} B",
     )
 

@@ -1,4 +1,4 @@
-"""Pure formatting of results for people (printing happens only in ``agent.cli``)."""
+"""Pure formatting of results for people (printing happens only in ``agent.app.cli``)."""
 
 from __future__ import annotations
 

@@ -121,6 +121,17 @@ def campaign_rule(name: str) -> CampaignRuleName:
     return cast(CampaignRuleName, name)
 
 
+# --- Choosing the server (agent/probes/select.py), and resolving a ping train's host ------
+# Pings of a server.select_pings train apart, and how long one may wait for its reply.
+SELECT_PING_INTERVAL_S = 0.2
+SELECT_REPLY_TIMEOUT_S = 1.0
+# A candidate's TCP connect and its capacity ask, together (agent/budget.py plans one
+# such deadline a candidate).
+SELECT_CONNECT_TIMEOUT_S = 3.0
+# Resolving the host a ping train goes to (agent/probes/icmp.py).
+RESOLVE_TIMEOUT_S = 5.0
+
+
 # --- Session budget (agent/budget.py computes a session's planned worst case) -----------
 # A session must plan to fit one campaign slot. The 96in24h rule (Ne.Me.Sys since at
 # least 2019: «96 misure, una ogni 15 minuti», methodology.md §1.6; agent/schedule.py)

@@ -51,8 +51,9 @@ from collector.lines import LineMetadata
 from collector.reports import service
 from collector.reports.text import report_dict
 from collector.scope import resolve_scope
-from collector.storage.sqlite import SqliteStore
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.sql.sqlite import SqliteStore
+from collector.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = targets.load("")

@@ -46,7 +46,7 @@ from collector.intake import ingest
 from collector.lines import LineMetadata
 from collector.server.testing import serve_process
 from collector.storage.model import NewResult
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]

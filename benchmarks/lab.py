@@ -156,7 +156,7 @@ def accuracy(rates: list[float], window: float, streams: int) -> None:
 
 def idle_rss_kb() -> int:
     """RSS of an agent process with its run-time modules imported, idle."""
-    code = ("import agent.cli, agent.session, agent.delivery, sys, time\n"
+    code = ("import agent.app.cli, agent.probes.session, agent.delivery, sys, time\n"
             "assert 'scapy' not in sys.modules and 'scapy.all' not in sys.modules\n"
             "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

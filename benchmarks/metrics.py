@@ -49,7 +49,7 @@ from benchmarks.ingest import Backend, collector, load, real_documents
 from collector.alerts.worker import evaluate
 from collector.config import CollectorConfig, StorageConfig
 from collector.server.testing import serve_process
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 from tests.httpclient import request
 
 ROOT = Path(__file__).resolve().parents[1]

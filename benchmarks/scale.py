@@ -47,7 +47,7 @@ from collector.config import StorageConfig
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.server.testing import bound_url
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 
 
 def documents() -> dict[str, bytes]:

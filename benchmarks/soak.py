@@ -44,7 +44,7 @@ import aiohttp
 from agent.schema import to_dict
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
-from collector.storage.sqlite import SqliteStore
+from collector.storage.sql.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,8 @@ import pytest
 
 from collector.config import StorageConfig
 from collector.server.testing import RunningCollector, running_collector
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -155,7 +155,7 @@ def store_as_before(collector: Any, doc: dict[str, Any],
 
     from collector.intake import ingest
     from collector.storage.model import NewResult
-    from collector.storage.store import open_store
+    from collector.storage.sql.backends import open_store
 
     accepted = ingest._accepted(parse_result(json.loads(json.dumps(doc))))
     started = facts_started_at or accepted.started_at
@@ -180,7 +180,7 @@ def version_1_database(path: Any, results: Sequence[SessionResult]) -> None:
     import sqlite3
 
     from collector.intake import ingest
-    from collector.storage.sqlite_migrations import MIGRATIONS
+    from collector.storage.sql.sqlite_migrations import MIGRATIONS
 
     db = sqlite3.connect(path)
     try:

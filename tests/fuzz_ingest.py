@@ -33,7 +33,7 @@ with atheris.instrument_imports():
     from collector.intake import ingest
     from collector.lines import LineMetadata
     from collector.storage.model import NewResult
-    from collector.storage.sqlite import SqliteStore
+    from collector.storage.sql.sqlite import SqliteStore
 
 _DIR = tempfile.mkdtemp(prefix="bbprobe-fuzz-")
 STORE = SqliteStore(Path(_DIR) / "fuzz.sqlite3")

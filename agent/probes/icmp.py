@@ -11,7 +11,7 @@ Requests go out on a fixed schedule (t0 + i * interval), replies are matched by
 identifier and sequence, and ICMP errors quoting our request are recorded as the reason.
 
 Liveness: the train ends at most ``(count - 1) * interval + timeout`` seconds after the
-first send, plus name resolution (bounded by ``RESOLVE_TIMEOUT_S``).
+first send, plus name resolution (bounded by ``spec.RESOLVE_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import family, live
+from agent import family, live, spec
 from agent.errors import ProbeSetupError
 from agent.schema import PingMethod, PingSample, utc_now
-
-RESOLVE_TIMEOUT_S = 5.0
 
 # ICMP message types: echo reply, and the errors that carry our request back to us.
 _ECHO_REPLY = {4: 0, 6: 129}
@@ -78,11 +76,11 @@ async def resolve(target: str, af: int = socket.AF_UNSPEC) -> tuple[str, int]:
         return str(ip), ip.version
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+        async with asyncio.timeout(spec.RESOLVE_TIMEOUT_S):
             infos = await loop.getaddrinfo(target, None, family=af, type=socket.SOCK_DGRAM)
     except TimeoutError:
         raise ProbeSetupError(f"cannot resolve ping target {target!r}: timed out after "
-                              f"{RESOLVE_TIMEOUT_S:g} s") from None
+                              f"{spec.RESOLVE_TIMEOUT_S:g} s") from None
     except OSError as exc:
         if af == socket.AF_UNSPEC:
             raise ProbeSetupError(f"cannot resolve ping target {target!r}: {exc}") from None

@@ -31,19 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent import family, spec
+from agent import budget, family, spec
 from agent.errors import ProbeSetupError
 from agent.probes import icmp, wire
 from agent.schema import PingMethod, ServerCandidate, ServerFailover, ServerSelection
 from agent.stats import median
 from agent.ticket import Ticket
 
-# Pings a select_pings train apart, and how long one may wait for its reply.
-INTERVAL_S = 0.2
-REPLY_TIMEOUT_S = 1.0
-# A candidate's TCP connect and its capacity ask, together (agent/budget.py plans one
-# such deadline a candidate).
-CONNECT_TIMEOUT_S = 3.0
 CAPACITY_QUERY = "?capacity=1"
 BUSY = "busy: "
 # budget.py imports this module (for the deadlines above), and agent/config.py imports
@@ -67,9 +61,9 @@ def _endpoint(url: str) -> tuple[str, int]:
 
 async def _rtts(host: str, pings: int, af: int = socket.AF_UNSPEC
                 ) -> tuple[tuple[float, ...], str | None]:
-    train = PingMethod(count=pings, interval_s=INTERVAL_S, payload_bytes=56,
-                       timeout_s=REPLY_TIMEOUT_S, loaded_interval_s=None)
-    deadline = (pings - 1) * INTERVAL_S + REPLY_TIMEOUT_S + icmp.RESOLVE_TIMEOUT_S + 2
+    train = PingMethod(count=pings, interval_s=spec.SELECT_PING_INTERVAL_S, payload_bytes=56,
+                       timeout_s=spec.SELECT_REPLY_TIMEOUT_S, loaded_interval_s=None)
+    deadline = budget.select_host_s(pings)  # the one the session's budget plans
     try:
         async with asyncio.timeout(deadline):
             obs = await icmp.run(host, train, af=af)
@@ -87,10 +81,10 @@ async def _connect(url: str, af: int = socket.AF_UNSPEC) -> str | None:
     if (problem := family.literal_problem(host, af)) is not None:
         return problem
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        async with asyncio.timeout(spec.SELECT_CONNECT_TIMEOUT_S):
             _, writer = await asyncio.open_connection(host, port, family=af)
     except TimeoutError:
-        return f"TCP connect to {host}:{port} timed out after {CONNECT_TIMEOUT_S:g} s"
+        return f"TCP connect to {host}:{port} timed out after {spec.SELECT_CONNECT_TIMEOUT_S:g} s"
     except socket.gaierror as exc:
         return family.unresolved(host, af, exc)
     except OSError as exc:
@@ -176,7 +170,7 @@ async def choose(candidates: Sequence[str], pings: int, af: int = socket.AF_UNSP
     now = clock or asyncio.get_running_loop().time
     for i in rank(ranked):
         url = ranked[i].url
-        deadline = now() + CONNECT_TIMEOUT_S
+        deadline = now() + spec.SELECT_CONNECT_TIMEOUT_S
         problem = await _connect(url, af)
         if problem is not None:
             failovers.append(ServerFailover(url=url, error=problem))

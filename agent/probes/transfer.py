@@ -234,7 +234,7 @@ class Access:
     progress: Callable[[str], None] = _quiet
     # The server's reason, once it refused the ticket (the session goes on without it).
     refused: str | None = None
-    # Charged so far: the session's POST for its ticket (agent/session.py), then retries.
+    # Charged so far: the session's POST for its ticket (agent/probes/session.py), then retries.
     spent_s: float = 0.0
     spent_bytes: int = 0
     # The interface's (received, sent) byte counters, read around every attempt when set

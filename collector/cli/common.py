@@ -19,7 +19,8 @@ from collector.config import CollectorConfig, load
 from collector.errors import ApiError, CollectorError, InputError, StoreError
 from collector.reports import service
 from collector.scope import Scope, resolve_scope
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from collector.storage.uri import masked
 
 F = TypeVar("F", bound=Callable[..., Any])

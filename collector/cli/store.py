@@ -24,7 +24,7 @@ from collector.errors import CollectorError, InputError
 from collector.reports import service
 from collector.reports.text import report_dict
 from collector.scope import resolve_scope
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 
 
 @click.command()
@@ -49,7 +49,7 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
     interruption. Checked by the row count of every table and by the compliance report
     of every probe, from both stores."""
     from collector.config import StorageConfig
-    from collector.storage.migrate import Checkpoint, copy_store
+    from collector.storage.sql.migrate import Checkpoint, copy_store
 
     if target.startswith(("postgresql://", "postgres://")):
         to = StorageConfig(backend="postgresql", url=target)

@@ -39,7 +39,8 @@ from collector.metrics import METRICS, Metrics
 from collector.routing import Routes
 from collector.sinks.influx import InfluxSink
 from collector.storage.model import Quota
-from collector.storage.store import AnonymousStore, Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import AnonymousStore, Store
 from collector.tickets import Verifier
 from collector.web import (
     admin_routes,

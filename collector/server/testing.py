@@ -26,7 +26,8 @@ from collector.config import CollectorConfig
 from collector.fleet import probes as admin
 from collector.lines import LineMetadata
 from collector.server import app as app_mod
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,1 +1,2 @@
-"""The store: the ``Store`` role protocols and their SQLite and PostgreSQL backends."""
+"""The store: the ``Store`` role protocols and records (the seam), and under sql/ the
+SQLite and PostgreSQL backends that implement them."""

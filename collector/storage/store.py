@@ -1,28 +1,24 @@
-"""The storage seam: what the collector asks of a database, role by role, and the factory
-that opens the configured one.
+"""The storage seam: what the collector asks of a database, role by role. It imports no
+implementation; the implementations (storage/sql/) import it, and so does the factory
+that opens the configured one (storage/sql/backends.py ``open_store``).
 
 Each role is a narrow protocol, one per aggregate of storage/sql/ (probes, results,
 reports, outbox, anonymous tests, fleet, alerts, copy, and the housekeeping of the
 database itself); ``Store`` is all of them. A module takes the roles it uses, so a test
 can fake just those. Two implementations speak every role: ``SqliteStore``
-(storage/sqlite.py, the embedded default, one file) and ``PostgresStore``
-(storage/postgres.py, one database behind many collector processes). Both take and give
+(storage/sql/sqlite.py, the embedded default, one file) and ``PostgresStore``
+(storage/sql/postgres.py, one database behind many collector processes). Both take and give
 the plain records of storage/model.py. Every method is synchronous; the web app runs
 them on database threads (``concurrency`` of them at once).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
-from agent import credentials
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts
-from collector.config import StorageConfig, default_database
-from collector.errors import ConfigError
 from collector.lines import LineMetadata
 from collector.storage.model import (
     AlertDelivery,
@@ -254,30 +250,3 @@ class Store(Housekeeping, ProbeStore, ResultStore, ReportStore, OutboxStore, Ano
     """The collector's master copy of probes, tokens and results: every role at once
     (the web app and the CLI hold one; a module that needs less takes the role it
     uses, so a test can fake it)."""
-
-
-def postgres_password(cfg: StorageConfig, environ: Mapping[str, str]) -> str | None:
-    """The PostgreSQL password: under systemd ($CREDENTIALS_DIRECTORY) the credential named
-    by storage.password_credential; otherwise None, and libpq finds it as psql would
-    ($PGPASSWORD, ~/.pgpass, a service file), so root's shell needs no credential."""
-    if cfg.password_credential and environ.get("CREDENTIALS_DIRECTORY"):
-        try:
-            return credentials.read(cfg.password_credential, environ,
-                                    "storage.password_credential")
-        except credentials.CredentialError as exc:
-            raise ConfigError(str(exc)) from None
-    return None
-
-
-def open_store(cfg: StorageConfig, *, outbox: bool = False,
-               environ: Mapping[str, str] = os.environ) -> Store:
-    """Open (creating or migrating) the configured store. Only the backend opened is
-    imported: an SQLite collector never loads psycopg and libpq."""
-    if cfg.backend == "postgresql":
-        from collector.storage.postgres import PostgresStore
-
-        return PostgresStore(cfg.url, outbox=outbox, password=postgres_password(cfg, environ),
-                             pool_size=cfg.pool_size)
-    from collector.storage.sqlite import SqliteStore
-
-    return SqliteStore(Path(cfg.path or default_database(environ)), outbox=outbox)

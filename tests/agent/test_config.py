@@ -357,7 +357,7 @@ class TestSessionBudget:
             (), "ping train exceeded its deadline")
         assert asyncio.run(select._connect("http://a.example:8080")) == (
             "TCP connect to a.example:8080 timed out after 3 s")
-        assert deadlines == [budget.select_host_s(20), select.CONNECT_TIMEOUT_S]
+        assert deadlines == [budget.select_host_s(20), spec.SELECT_CONNECT_TIMEOUT_S]
         assert budget.select_host_s(20) == pytest.approx(11.8)
 
     @pytest.mark.parametrize("profile", [p for p in config.PROFILES if p != "file-131-06"])
@@ -468,7 +468,7 @@ def test_check_config_names_the_token_source(tmp_path: Path) -> None:
     credential under systemd."""
     from click.testing import CliRunner
 
-    from agent.cli import main
+    from agent.app.cli import main
 
     (tmp_path / "token").write_text("bbp_x\n")
     (tmp_path / "creds").mkdir()

@@ -20,9 +20,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agent import config
-from agent import daemon as d
+from agent.app import daemon as d
+from agent.app.runner import ConfigSource, Runner
 from agent.errors import ConfigError, DeliveryError
-from agent.runner import ConfigSource, Runner
 from agent.schedule import Campaign, next_slot
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRuleName, campaign_rule
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import config, daemon, family, instruction, session
+from agent import config, family, instruction
+from agent.app import daemon
+from agent.app.flags import family_flag
 from agent.decoding import SchemaError, parse_result
 from agent.errors import ConfigError, ProbeSetupError
-from agent.flags import family_flag
-from agent.probes import icmp
+from agent.probes import icmp, session
 from agent.schema import SCHEMA_VERSION, to_dict
 from tests.factories import session as make_result
 
@@ -224,7 +225,7 @@ def test_preferred_family_follows_the_resolver() -> None:
     ipv6), also when a port is given and families are tried in turn."""
     import asyncio
 
-    from agent.session import _preferred_family
+    from agent.probes.session import _preferred_family
 
     assert asyncio.run(_preferred_family("127.0.0.1")) == "ipv4"
     assert asyncio.run(_preferred_family("::1")) == "ipv6"
@@ -241,7 +242,7 @@ def test_any_falls_back_when_the_preferred_family_does_not_connect(
     import asyncio
     import socket as socket_mod
 
-    from agent import session as session_mod
+    from agent.probes import session as session_mod
 
     with socket_mod.socket() as listener:
         listener.bind(("127.0.0.1", 0))

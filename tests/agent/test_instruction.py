@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from agent import config, control
+from agent.app.daemon import CampaignStore, Control, Plan, run_campaigns
 from agent.client import CollectorClient
-from agent.daemon import CampaignStore, Control, Plan, run_campaigns
 from agent.errors import ConfigError
 from agent.instruction import (
     Instruction,
@@ -467,7 +467,7 @@ def test_the_command_line_server_beats_candidates(tmp_path: Path) -> None:
     shows that one server and no candidates."""
     from click.testing import CliRunner
 
-    from agent.cli import main
+    from agent.app.cli import main
 
     path = tmp_path / "agent.toml"
     path.write_text('[server]\ncandidates = ["http://a.example:1", "http://b.example:1"]\n')

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent import budget, config, report, session, spec
+from agent import budget, config, report, spec
 from agent.errors import ConfigError
-from agent.probes import http_download, http_upload, select, transfer, wire
+from agent.probes import http_download, http_upload, select, session, transfer, wire
 from agent.probes.transfer import Access, Ran, StreamFailure, StreamState
 from agent.schema import PingMethod, PingTest, TransferAttempt, TransferMethod
 from agent.ticket import Ticket
@@ -633,4 +633,4 @@ def test_the_capacity_ask_shares_the_connects_deadline(monkeypatch: pytest.Monke
     assert (choice.selection.chosen_url, choice.selection.failovers) == (
         "http://a.example", ())
     assert len(connected) == 1
-    assert deadlines == [100.0 + select.CONNECT_TIMEOUT_S]
+    assert deadlines == [100.0 + spec.SELECT_CONNECT_TIMEOUT_S]

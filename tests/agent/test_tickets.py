@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent import budget, config, control, session, spec, tickets
+from agent import budget, config, control, spec, tickets
 from agent.client import CollectorClient
 from agent.decoding import parse_result
+from agent.probes import session
 from agent.schema import SessionResult, to_dict
 from agent.ticket import peek
 from agent.tickets import Offer, TicketSource

@@ -411,7 +411,7 @@ def test_alerts_test_and_list_commands(tmp_path: Path) -> None:
         # A real alert waiting for "noc" (the running collector's business): a test of
         # "ops" leaves it alone.
         from collector.config import StorageConfig
-        from collector.storage.store import open_store
+        from collector.storage.sql.backends import open_store
 
         store = open_store(StorageConfig(path=str(db)))
         try:

@@ -21,7 +21,7 @@ from collector.config import StorageConfig
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 

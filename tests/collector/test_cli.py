@@ -17,7 +17,8 @@ from collector.cli.main import main
 from collector.config import StorageConfig
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.factories import attempt, session, store_result
 
 ROOT = Path(__file__).resolve().parents[2]

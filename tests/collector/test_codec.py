@@ -38,7 +38,7 @@ from collector.lines import LineMetadata
 from collector.server.testing import running_collector
 from collector.storage import codec
 from collector.storage.model import NewResult
-from collector.storage.sqlite import SqliteStore
+from collector.storage.sql.sqlite import SqliteStore
 from collector.storage.store import Store
 from tests.conftest import FAST_AGENT
 from tests.httpclient import request

@@ -40,9 +40,10 @@ from collector.reports.text import (
 )
 from collector.scope import resolve_scope
 from collector.server.testing import running_collector
-from collector.storage.migrate import Checkpoint, copy_store
 from collector.storage.model import NewResult, Quota
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.sql.migrate import Checkpoint, copy_store
+from collector.storage.store import Store
 from tests.factories import attempt, day_rollups, insert_result, session, store_result
 from tests.httpclient import post_json, request
 

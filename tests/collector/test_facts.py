@@ -14,8 +14,8 @@ from collector.compliance import targets
 from collector.compliance.evaluate import evaluate, observe
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
-from collector.storage.sqlite import SqliteStore
-from collector.storage.sqlite_migrations import MIGRATIONS
+from collector.storage.sql.sqlite import SqliteStore
+from collector.storage.sql.sqlite_migrations import MIGRATIONS
 from collector.storage.store import Store
 from tests.factories import attempt, session, store_result, version_1_database
 

@@ -24,7 +24,8 @@ from collector.lines import LineMetadata
 from collector.reports import service
 from collector.scope import resolve_scope
 from collector.server import app
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.conftest import IN_CI
 from tests.factories import attempt, session, store_result
 

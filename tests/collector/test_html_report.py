@@ -25,7 +25,8 @@ from collector.reports.html import hour_profile, time_buckets
 from collector.scope import resolve_scope
 from collector.server.testing import RunningCollector
 from collector.storage.model import HourRow
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.browser import render_in_chromium
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request

@@ -230,7 +230,7 @@ def test_backfill_queues_stored_results(victoria: VictoriaMetrics, tmp_path: Pat
 
     from collector.config import StorageConfig
     from collector.fleet.probes import register_probe
-    from collector.storage.store import open_store
+    from collector.storage.sql.backends import open_store
 
     db = tmp_path / "collector" / "collector.sqlite3"
     db.parent.mkdir()

@@ -23,7 +23,8 @@ from collector.errors import Unacceptable
 from collector.fleet.probes import line_metadata, register_probe
 from collector.lines import LineMetadata
 from collector.server.testing import running_collector
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import post_json, request
 
@@ -284,8 +285,8 @@ def _migrate_jitter_again(storage: StorageConfig) -> None:
         import sqlite3
 
         from collector.storage.sql.base import Tx
-        from collector.storage.sqlite import DIALECT
-        from collector.storage.sqlite_backfill import jitter_from_rtts
+        from collector.storage.sql.sqlite import DIALECT
+        from collector.storage.sql.sqlite_backfill import jitter_from_rtts
 
         with sqlite3.connect(storage.path) as db:
             db.execute("UPDATE session_facts SET jitter_sum_ns = 0, jitter_pairs = 0")
@@ -294,7 +295,7 @@ def _migrate_jitter_again(storage: StorageConfig) -> None:
         return
     import psycopg
 
-    from collector.storage.postgres_migrations import MIGRATIONS, ddl
+    from collector.storage.sql.postgres_migrations import MIGRATIONS, ddl
 
     step = next(m for m in MIGRATIONS if isinstance(m, str) and "jitter_sum_ns" in m)
     with psycopg.connect(storage.url, autocommit=True) as conn, conn.transaction():

@@ -44,7 +44,8 @@ from collector.reports.text import (
     sample_rows,
 )
 from collector.storage.model import NewResult
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.factories import (
     attempt,
     day_rollups,
@@ -478,10 +479,10 @@ def test_packed_body_reads_without_its_samples() -> None:
 def _migrations(storage: StorageConfig) -> int:
     """How many migrations the backend of ``storage`` has (its latest schema version)."""
     if storage.backend == "sqlite":
-        from collector.storage.sqlite_migrations import MIGRATIONS as LITE
+        from collector.storage.sql.sqlite_migrations import MIGRATIONS as LITE
 
         return len(LITE)
-    from collector.storage.postgres_migrations import MIGRATIONS as PG
+    from collector.storage.sql.postgres_migrations import MIGRATIONS as PG
 
     return len(PG)
 
@@ -489,14 +490,14 @@ def _migrations(storage: StorageConfig) -> int:
 def _back_one_migration(storage: StorageConfig) -> None:
     """The database as it was before the reclassifying migration (the last one)."""
     if storage.backend == "sqlite":
-        from collector.storage.sqlite_migrations import MIGRATIONS as LITE
+        from collector.storage.sql.sqlite_migrations import MIGRATIONS as LITE
 
         with sqlite3.connect(storage.path) as db:
             db.execute(f"PRAGMA user_version = {len(LITE) - 1}")
         return
     import psycopg
 
-    from collector.storage.postgres_migrations import MIGRATIONS as PG
+    from collector.storage.sql.postgres_migrations import MIGRATIONS as PG
 
     with psycopg.connect(storage.url, autocommit=True) as conn:
         conn.execute("UPDATE bbprobe_schema SET version = %s", (len(PG) - 1,))
@@ -521,7 +522,7 @@ def test_migration_takes_stored_refusals_out(storage: StorageConfig,
     finally:
         store.close()
     _back_one_migration(storage)
-    from collector.storage import refusals
+    from collector.storage.sql import refusals
 
     decoded: list[str] = []
     decode = refusals.decode_body
@@ -573,7 +574,7 @@ def test_version_1_database_counts_refusals_apart(tmp_path: Path) -> None:
     """An SQLite file from before the facts tables (written by hand, as that release left
     it): the facts backfill (as of then) and the reclassifying migration give the bodies'
     figures and refusals."""
-    from collector.storage.sqlite import SqliteStore
+    from collector.storage.sql.sqlite import SqliteStore
 
     path = tmp_path / "old.sqlite3"
     results = [as_old_agent(r) for r in _campaign() if r.probe_id == "p1"]

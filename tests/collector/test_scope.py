@@ -17,7 +17,8 @@ from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.scope import parse_time, period_bounds
 from collector.server.testing import RunningCollector
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.factories import attempt, session, store_result
 from tests.httpclient import request
 

@@ -15,9 +15,10 @@ from collector.config import StorageConfig
 from collector.errors import StoreError, Unacceptable
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
-from collector.storage.sqlite import SqliteStore
-from collector.storage.sqlite_migrations import MIGRATIONS
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.sql.sqlite import SqliteStore
+from collector.storage.sql.sqlite_migrations import MIGRATIONS
+from collector.storage.store import Store
 from tests.factories import insert_result, session
 
 

@@ -16,8 +16,9 @@ from collector.errors import StoreError, StoreFault, StoreUnavailable, Unstorabl
 from collector.lines import LineMetadata
 from collector.storage.codec import CodecError
 from collector.storage.model import NewResult
-from collector.storage.sqlite import SqliteStore
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.sql.sqlite import SqliteStore
+from collector.storage.store import Store
 from collector.storage.uri import UNPARSED, masked
 from tests.factories import session
 
@@ -32,7 +33,7 @@ def test_an_sqlite_process_never_imports_psycopg(tmp_path: Path) -> None:
         "import sys\n"
         "import collector.cli.main, collector.server.app\n"
         "from collector.config import StorageConfig\n"
-        "from collector.storage.store import open_store\n"
+        "from collector.storage.sql.backends import open_store\n"
         "from collector.storage.uri import masked\n"
         f"store = open_store(StorageConfig(path={str(tmp_path / 'c.sqlite3')!r}))\n"
         "store.probes(); store.close()\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from agent.cli import main
+from agent.app.cli import main
 from collector.server.testing import RunningCollector
 from tests.httpclient import post_json, request
 

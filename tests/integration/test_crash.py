@@ -24,7 +24,7 @@ import pytest
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector
-from collector.storage.sqlite import SqliteStore
+from collector.storage.sql.sqlite import SqliteStore
 from tests.crash_agent import last_logged, result_id
 from tests.factories import session_dict
 from tests.httpclient import request

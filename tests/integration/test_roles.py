@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent import spec
-from agent.cli import main as agent_main
+from agent.app.cli import main as agent_main
 from collector.server.testing import serve_process
 from tests.factories import session_dict
 from tests.httpclient import post_json, request

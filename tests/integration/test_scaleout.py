@@ -25,7 +25,7 @@ from collector.fleet.probes import register_probe
 from collector.intake import ingest
 from collector.lines import LineMetadata
 from collector.server.testing import bound_url, stop
-from collector.storage.store import open_store
+from collector.storage.sql.backends import open_store
 from tests.factories import day_rollups, session
 from tests.httpclient import post_json, request
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from collector.config import StorageConfig
-from collector.storage.store import Store, open_store
+from collector.storage.sql.backends import open_store
+from collector.storage.store import Store
 from tests.lab.netlab import REPO, Lab
 
 AGENT = [sys.executable, "-m", "agent"]

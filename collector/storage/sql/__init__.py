@@ -1,6 +1,7 @@
-"""The store's queries, written once for every SQL backend (SQLite and PostgreSQL).
+"""The store's queries, written once for every SQL backend (SQLite and PostgreSQL), the
+two backends, their migrations, and the factory that opens one (backends.py).
 
-A backend (storage/sqlite.py, storage/postgres.py) opens connections, runs its own
+A backend (sqlite.py, postgres.py) opens connections, runs its own
 migrations and says how it runs a transaction; everything a query means is here, so both
 backends store and answer alike (the conformance suite, tests/collector/test_conformance.py,
 holds them to it). Queries are written with ``?`` placeholders and the SQL both engines

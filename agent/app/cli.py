@@ -1,5 +1,5 @@
-"""bbprobe command line. Thin: flags -> config -> agent.runner (one session) or
-agent.daemon (campaigns) -> printed output.
+"""bbprobe command line. Thin: flags -> config -> agent.app.runner (one session) or
+agent.app.daemon (campaigns) -> printed output.
 
 Progress goes to stderr, so ``--json`` leaves exactly one JSON document on stdout.
 ``AgentError`` is caught once here: one line on stderr, exit code by kind (errors.py).
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from agent import __version__, config, family, flags, report, runner
-from agent import status as state
+from agent import __version__, config, family, report
+from agent.app import flags, runner
+from agent.app import status as state
 from agent.clierrors import error_boundary
 from agent.errors import AgentError, ConfigError
 from agent.schema import SessionResult, to_dict
@@ -107,7 +108,7 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
 def ping(ctx: click.Context, host: str, count: int | None, interval: float | None,
          size: int | None, timeout: float | None, as_json: bool, quiet: bool) -> None:
     """Ping HOST with a timed train and report RTT statistics and loss (not pushed)."""
-    from agent import session
+    from agent.probes import session
 
     cfg = flags.load(ctx, **{"server.ping_target": host, "ping.enabled": True, "ping.count": count,
                         "ping.interval_s": interval, "ping.payload_bytes": size,
@@ -131,7 +132,8 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
 @handle_errors
 def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> None:
     """Measure download and/or upload throughput against the server (not pushed)."""
-    from agent import liveview, session
+    from agent import liveview
+    from agent.probes import session
 
     cfg = flags.load(ctx)
     config.measurement_server(cfg)  # fail early with a clear message
@@ -302,7 +304,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
     from urllib.parse import urlsplit
 
     from agent import checks
-    from agent.session import _thresholds
+    from agent.probes.session import _thresholds
 
     cfg = flags.load(ctx)
     host = urlsplit(config.measurement_server(cfg)).hostname or "127.0.0.1"
@@ -348,7 +350,7 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
     collector's instruction is fetched and applied, and no session starts inside a
     suppression window. SIGHUP reloads the config, SIGTERM stops cleanly (sd_notify
     READY/RELOADING/STOPPING/WATCHDOG)."""
-    from agent.daemon import Daemon
+    from agent.app.daemon import Daemon
 
     # The file as read at start (and at each reload): every session's config is built
     # from it and the instruction, so a half-edited file changes nothing before SIGHUP.

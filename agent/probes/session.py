@@ -17,7 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from agent import __version__, budget, checks, clock, family, live, summary
+from agent import __version__, budget, checks, clock, family, live, spec, summary
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
@@ -56,7 +56,7 @@ def _quiet(_: str) -> None:
 
 def ping_deadline_s(m: PingMethod) -> float:
     """Worst-case runtime of a ping train, with room for resolution and start-up."""
-    return (m.count - 1) * m.interval_s + m.timeout_s + icmp.RESOLVE_TIMEOUT_S + 5.0
+    return (m.count - 1) * m.interval_s + m.timeout_s + spec.RESOLVE_TIMEOUT_S + 5.0
 
 
 PREFLIGHT_S = 3.0

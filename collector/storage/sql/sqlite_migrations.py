@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from collector.storage import refusals, sqlite_backfill
+from collector.storage.sql import refusals, sqlite_backfill
 from collector.storage.sql.base import Tx
 
 # Each entry upgrades the schema from version i to i + 1: SQL statements, or a function

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
+from agent.app.runner import ConfigSource
 from agent.config import AgentConfig
 from agent.errors import ConfigError
-from agent.runner import ConfigSource
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -1,7 +1,7 @@
 """``bbprobe daemon``: campaigns back to back, as the systemd service (Type=notify).
 
 Owns one loop: plan the next slot (agent/schedule.py), sleep until it (an asyncio wait on
-the stop/reload events: no CPU while idle), measure, spool and deliver (agent/runner.py),
+the stop/reload events: no CPU while idle), measure, spool and deliver (agent/app/runner.py),
 record the session in the campaign, save the campaign. SIGTERM stops it cleanly (the
 session in progress is cancelled, every unacknowledged result stays in the spool); SIGHUP
 rereads the configuration before the next slot. systemd is told READY, RELOADING,
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import __version__, metrics, schedule, spec
+from agent.app.runner import Lines, Measured, Runner, daemon_client
 from agent.config import AgentConfig
 from agent.control import Applied
 from agent.errors import AgentError, ConfigError, DeliveryError
-from agent.runner import Lines, Measured, Runner, daemon_client
 from agent.schedule import Campaign, Window, next_free_slot
 from agent.spec import DEFAULT_CAMPAIGN_RULE, CampaignRuleName
 from agent.tickets import Offer

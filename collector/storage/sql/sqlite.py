@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from collector.errors import StoreError, StoreFault, StoreUnavailable, Unstorable
 from collector.storage.sql import SqlStore
 from collector.storage.sql.base import Dialect, Tx, database_error
-from collector.storage.sqlite_migrations import MIGRATIONS
+from collector.storage.sql.sqlite_migrations import MIGRATIONS
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from collector.storage import refusals
+from collector.storage.sql import refusals
 from collector.storage.sql.base import Tx
 
 # The first is the schema of SQLite's version 10 (storage/sqlite_migrations.py), as

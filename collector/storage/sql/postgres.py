@@ -34,9 +34,9 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 
 from collector.errors import StoreError, StoreFault, StoreUnavailable, Unacceptable, Unstorable
-from collector.storage.postgres_migrations import MIGRATIONS, ddl
 from collector.storage.sql import SqlStore
 from collector.storage.sql.base import Dialect, Tx, database_error, first_line
+from collector.storage.sql.postgres_migrations import MIGRATIONS, ddl
 from collector.storage.uri import masked
 
 T = TypeVar("T")

@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent import config, control, health, live, session
+from agent import config, control, health, live
 from agent.client import CollectorClient
 from agent.config import AgentConfig
 from agent.delivery import DeliveryReport, deliver
 from agent.errors import ConfigError, DeliveryError
+from agent.probes import session
 from agent.schema import HealthReport, SessionResult, to_dict
 from agent.spool import Spool
 from agent.tickets import Offer, TicketSource

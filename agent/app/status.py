@@ -3,7 +3,7 @@ it, gap records, dead letters, delivery counters, the campaign, the instruction 
 whether the collector answers) as a JSON document and as text, the dead letters
 ``bbprobe dead-letter`` acts on, ``bbprobe check-config``'s account of what a session
 would do, and ``bbprobe check``'s account of the host. The state is read from
-state_dir; the text is made from what was read (printing stays in agent/cli.py).
+state_dir; the text is made from what was read (printing stays in agent/app/cli.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import config, control, report
+from agent.app.daemon import CampaignStore
 from agent.client import CollectorClient
-from agent.daemon import CampaignStore
 from agent.errors import ConfigError, DeliveryError
 from agent.identity import Backlog, Identity, identity_for
 from agent.schedule import Campaign
