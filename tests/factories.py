@@ -33,6 +33,13 @@ METHOD = Method(profile="test", ping=PingMethod(count=10, interval_s=1.0, payloa
                 download=TRANSFER, upload=TRANSFER)
 
 
+def canonical_json(result: SessionResult) -> str:
+    """A result's canonical JSON, as the agent sends it and the store keeps it."""
+    from collector.storage import codec
+
+    return codec.canonical(result).decode()
+
+
 def attempt(direction: str, test_index: int = 0, number: int = 1, *, ok: bool = True,
             bps: float = 50e6) -> TransferAttempt:
     window_bytes = int(bps * 10 / 8)
@@ -135,7 +142,7 @@ def store_result(store: Any, result: SessionResult) -> None:
     """Insert ``result`` into a store (either backend) exactly as ingestion would."""
     from collector.intake import ingest
 
-    accepted = ingest.parse_body(ingest.canonical_json(result).encode())
+    accepted = ingest.parse_body(canonical_json(result).encode())
     insert_result(
         store, result_id=result.result_id, probe_name=result.probe_id,
         schema_version=result.schema_version, started_at=accepted.started_at,
@@ -189,7 +196,7 @@ def version_1_database(path: Any, results: Sequence[SessionResult]) -> None:
         db.execute("INSERT INTO probes (name, token_sha256, created_at) "
                    "VALUES ('p1', 'x', 'y')")
         for r in results:
-            accepted = ingest.parse_body(ingest.canonical_json(r).encode())
+            accepted = ingest.parse_body(canonical_json(r).encode())
             db.execute("INSERT INTO results VALUES (?, 'p1', ?, ?, ?, 'z', ?, ?)",
                        (r.result_id, r.schema_version, accepted.started_at,
                         accepted.ended_at, accepted.body_sha256, accepted.body))

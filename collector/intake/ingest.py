@@ -146,10 +146,6 @@ def check_times(document: Any, now: datetime, ahead_s: float | None = None) -> N
                            f"the collector's clock ({format_utc(now)})", field=path)
 
 
-def canonical_json(result: SessionResult) -> str:
-    return codec.canonical(result).decode()
-
-
 class _Batch(msgspec.Struct, forbid_unknown_fields=True):
     results: list[msgspec.Raw]
 

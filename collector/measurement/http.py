@@ -44,7 +44,7 @@ from collector.errors import ApiError, CollectorError
 from collector.limits import RateLimiter
 from collector.measurement.slots import (
     CAPACITY_LIMITER,
-    CONFIG,
+    MEASUREMENT_CONFIG,
     SLOTS,
     Transfer,
     capacity_refused,
@@ -73,7 +73,7 @@ def _number(request: web.Request, name: str, kind: type[int] | type[float],
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    cfg = request.app[CONFIG]
+    cfg = request.app[MEASUREMENT_CONFIG]
     nbytes = _number(request, "bytes", int, 1, cfg.max_bytes)
     duration = _number(request, "duration_s", float, 0.001, cfg.max_duration_s)
     if nbytes is None and duration is None:
@@ -264,7 +264,7 @@ class BodyCounter(asyncio.BufferedProtocol):
 
 
 async def upload(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
+    cfg = request.app[MEASUREMENT_CONFIG]
     expected = _number(request, "bytes", int, 1, cfg.max_bytes)
     duration = _number(request, "duration_s", float, 0.001, cfg.max_duration_s)
     interval = _number(request, "sample_interval_s", float, 0.01, 1.0)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent import payload
 from collector.errors import ApiError
-from collector.measurement.slots import CONFIG, SLOTS, presented
+from collector.measurement.slots import MEASUREMENT_CONFIG, SLOTS, presented
 from collector.routing import Routes
 
 CHUNK = 1024 * 1024
@@ -86,7 +86,7 @@ def describe_ip(address: str) -> str:
 
 
 async def garbage(request: web.Request) -> web.StreamResponse:
-    cfg = request.app[CONFIG]
+    cfg = request.app[MEASUREMENT_CONFIG]
     # Within the measurement role's per-request byte cap, as every download here is.
     count = min(chunks_wanted(request.query.get("ckSize")), max(1, cfg.max_bytes // CHUNK))
     claims = await presented(request)
@@ -121,7 +121,7 @@ async def garbage(request: web.Request) -> web.StreamResponse:
 
 async def empty(request: web.Request) -> web.Response:
     if request.method == "POST" and request.can_read_body:
-        cfg = request.app[CONFIG]
+        cfg = request.app[MEASUREMENT_CONFIG]
         claims = await presented(request)
         async with request.app[SLOTS].slot(request.remote, claims) as transfer:
             received = 0

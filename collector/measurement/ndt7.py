@@ -41,7 +41,7 @@ from aiohttp import WSMsgType, web
 from agent import payload
 from collector.errors import ApiError
 from collector.measurement import tcpinfo
-from collector.measurement.slots import CONFIG, SLOTS, presented
+from collector.measurement.slots import MEASUREMENT_CONFIG, SLOTS, presented
 from collector.routing import Routes
 
 SUBPROTOCOL = "net.measurementlab.ndt.v7"
@@ -345,7 +345,7 @@ def handler(test: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         except ValueError as exc:
             raise ApiError(400, f"ndt7 query: {exc}") from None
         claims = await presented(request)
-        runtime = request.app[CONFIG].ndt7_runtime_s
+        runtime = request.app[MEASUREMENT_CONFIG].ndt7_runtime_s
         # Under a ticket with less time left than a subtest's, refused now (403
         # allowance_duration), not cut short (its Close may come up to MAX_RUNTIME_S -
         # runtime later: the ledger counts the time it took).

@@ -13,8 +13,8 @@ from collector.measurement import http, librespeed, ndt7
 from collector.measurement.page import page
 from collector.measurement.slots import (
     CAPACITY_LIMITER,
-    CONFIG,
     GATE,
+    MEASUREMENT_CONFIG,
     SLOTS,
     Gate,
     TransferSlots,
@@ -41,7 +41,7 @@ def add_routes(routes: Routes, cfg: MeasurementConfig,
                metrics: Metrics | None = None, gate: Gate | None = None) -> None:
     """Every measurement endpoint, sharing one set of transfer slots; ``gate``: the
     tickets this server accepts (None: none, every transfer is anonymous)."""
-    routes.app[CONFIG] = cfg
+    routes.app[MEASUREMENT_CONFIG] = cfg
     routes.app[SLOTS] = TransferSlots(cfg.max_concurrent, cfg.max_concurrent_per_client,
                                       metrics, reserved=reserved_slots(cfg, gate is not None),
                                       max_bytes=cfg.max_bytes,

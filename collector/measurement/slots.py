@@ -301,7 +301,7 @@ def capacity_limiter() -> RateLimiter:
     return RateLimiter(CAPACITY_ASKS_PER_MIN, CAPACITY_ASKS_BURST)
 
 
-CONFIG = web.AppKey("measurement_config", MeasurementConfig)
+MEASUREMENT_CONFIG = web.AppKey("measurement_config", MeasurementConfig)
 SLOTS = web.AppKey("transfer_slots", TransferSlots)
 GATE = web.AppKey("ticket_gate", Gate)
 CAPACITY_LIMITER = web.AppKey("capacity_limiter", RateLimiter)

@@ -44,7 +44,14 @@ from collector.storage.model import NewResult, Quota
 from collector.storage.sql.backends import open_store
 from collector.storage.sql.migrate import Checkpoint, copy_store
 from collector.storage.store import Store
-from tests.factories import attempt, day_rollups, insert_result, session, store_result
+from tests.factories import (
+    attempt,
+    canonical_json,
+    day_rollups,
+    insert_result,
+    session,
+    store_result,
+)
 from tests.httpclient import post_json, request
 
 TABLE = targets.load("")
@@ -116,8 +123,8 @@ def test_store_ingest_is_idempotent(store: Store) -> None:
     """Same id and content: duplicate, nothing written; same id, other content: conflict."""
     store.add_probe("p1", "d", "2026-04-30T00:00:00.000000Z", LineMetadata())
     result = session("p1")
-    accepted = ingest.parse_body(ingest.canonical_json(result).encode())
-    other = ingest.parse_body(ingest.canonical_json(
+    accepted = ingest.parse_body(canonical_json(result).encode())
+    other = ingest.parse_body(canonical_json(
         replace(result, agent_version="other")).encode())
     item = dict(result_id=result.result_id, probe_name="p1", schema_version=4,
                 started_at=accepted.started_at, ended_at=accepted.ended_at,
@@ -139,7 +146,7 @@ def test_store_packed_and_old_text_bodies(store: Store) -> None:
     it, in steps, and it reads back in today's canonical form."""
     store.add_probe("p1", "d", "2026-04-30T00:00:00.000000Z", LineMetadata())
     results = [session("p1", started_at=f"2026-05-01T1{i}:00:00.000000Z") for i in range(3)]
-    accepted = [ingest.parse_body(ingest.canonical_json(r).encode()) for r in results]
+    accepted = [ingest.parse_body(canonical_json(r).encode()) for r in results]
 
     def item(a: ingest.Accepted, **changes: Any) -> NewResult:
         r = a.result
@@ -209,7 +216,7 @@ def test_store_gaps_and_completeness(store: Store) -> None:
     for seq in (1, 2, 3, 7):
         result = replace(session("p1", started_at=f"2026-05-01T0{seq}:00:00.000000Z"),
                          session_seq=seq)
-        accepted = ingest.parse_body(ingest.canonical_json(result).encode())
+        accepted = ingest.parse_body(canonical_json(result).encode())
         insert_result(store, result_id=result.result_id, probe_name="p1", schema_version=4,
                       started_at=accepted.started_at, ended_at=accepted.ended_at,
                       received_at="2026-05-02T00:00:00.000000Z", body=accepted.body,
@@ -541,11 +548,11 @@ def test_api_ingest_and_report(storage: StorageConfig, tmp_path: Path) -> None:
     with running_collector(tmp_path, _config(storage)) as c:
         token = c.add_probe("p1", LINE)
         url = c.url + "/api/v1/results"
-        doc = json.loads(ingest.canonical_json(session("p1")))
+        doc = json.loads(canonical_json(session("p1")))
         assert post_json(url, doc, token)[0] == 201
         assert post_json(url, doc, token)[0] == 200
         assert post_json(url, {**doc, "agent_version": "x"}, token)[0] == 409
-        batch = [json.loads(ingest.canonical_json(session(
+        batch = [json.loads(canonical_json(session(
             "p1", started_at=f"2026-11-21T1{h}:00:00.000000Z"))) for h in range(3)]
         status, data = post_json(url + "/batch", {"results": [*batch, doc]}, token)
         assert status == 200
@@ -564,7 +571,7 @@ def test_api_ingest_and_report(storage: StorageConfig, tmp_path: Path) -> None:
 def test_same_api_answers_from_both_backends(tmp_path: Path, pg_url: str) -> None:
     """Two collectors, one per backend, fed the same documents in the same order: every
     query answers the same bytes."""
-    docs = [json.loads(ingest.canonical_json(r)) for r in dataset()[:60]]
+    docs = [json.loads(canonical_json(r)) for r in dataset()[:60]]
     answers = []
     for name, storage in (("lite", StorageConfig()),
                           ("pg", StorageConfig(backend="postgresql", url=pg_url))):
@@ -710,13 +717,13 @@ def test_collector_survives_its_connections_being_cut(tmp_path: Path, pg_url: st
     with running_collector(tmp_path, _config(storage)) as c:
         token = c.add_probe("p1", LINE)
         url = c.url + "/api/v1/results"
-        doc = json.loads(ingest.canonical_json(session("p1")))
+        doc = json.loads(canonical_json(session("p1")))
         assert post_json(url, doc, token)[0] == 201
         cut = pg_cluster.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                               "WHERE application_name = 'bbprobe-collector'")
         assert int(cut.strip()) >= 1
         for hour in range(3):
-            doc = json.loads(ingest.canonical_json(session(
+            doc = json.loads(canonical_json(session(
                 "p1", started_at=f"2026-11-21T1{hour}:00:00.000000Z")))
             assert post_json(url, doc, token)[0] == 201
         assert request("GET", c.url + "/api/v1/report")[1]["sessions"] == 4
