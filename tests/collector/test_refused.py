@@ -48,6 +48,7 @@ from collector.storage.sql.backends import open_store
 from collector.storage.store import Store
 from tests.factories import (
     attempt,
+    canonical_json,
     day_rollups,
     session,
     store_result,
@@ -320,13 +321,13 @@ def test_listing_counts_refusals_and_leaves_them_out_of_the_ratios() -> None:
     # Its summary as the agent computed it then: every failed attempt a failure.
     result = replace(result, summary=replace(result.summary, download_failure_ratio=2 / 3,
                                              upload_failure_ratio=2 / 3))
-    body = json.loads(ingest.canonical_json(result))
+    body = json.loads(canonical_json(result))
     assert body["summary"]["download_failure_ratio"] == pytest.approx(2 / 3)  # the agent's
     row = listing_row(result.result_id, "p1", result.started_at, result.ended_at,
                       result.ended_at, body)
     assert (row["download_failure_ratio"], row["upload_failure_ratio"]) == (0.5, 0.5)
     assert row["refused_attempts"] == 2
-    plain = listing_row("r", "p1", "s", "e", "r", json.loads(ingest.canonical_json(
+    plain = listing_row("r", "p1", "s", "e", "r", json.loads(canonical_json(
         session("p1"))))
     assert plain["refused_attempts"] == 0
     assert plain["download_failure_ratio"] == 0.0
@@ -434,7 +435,7 @@ def test_store_scope_paths_agree(store: Store) -> None:
 def store_as_older_collector(store: Store, result: SessionResult) -> None:
     """Store ``result`` with the facts a collector before refusals were told apart derived: every
     attempt a transfer fact (refusals as failed ones), no refusal counted."""
-    accepted = ingest.parse_body(ingest.canonical_json(result).encode())
+    accepted = ingest.parse_body(canonical_json(result).encode())
     legacy = tuple(TransferFact(a.direction, a.status == "ok",
                                 a.throughput_bps / 1000 if a.status == "ok"
                                 and a.throughput_bps is not None else None)

@@ -20,7 +20,7 @@ from collector.storage.sql.backends import open_store
 from collector.storage.sql.sqlite import SqliteStore
 from collector.storage.store import Store
 from collector.storage.uri import UNPARSED, masked
-from tests.factories import session
+from tests.factories import canonical_json, session
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_a_refused_statement_is_a_store_fault(store: Store) -> None:
     driver's error as its cause (the traceback of a 500 shows both); nothing is kept."""
     from collector.intake import ingest
 
-    accepted = ingest.parse_body(ingest.canonical_json(session("ghost")).encode())
+    accepted = ingest.parse_body(canonical_json(session("ghost")).encode())
     item = NewResult(result_id=accepted.result.result_id, probe_name="ghost",
                      schema_version=accepted.result.schema_version,
                      started_at=accepted.started_at, ended_at=accepted.ended_at,

@@ -22,11 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.config import CollectorConfig, StorageConfig
 from collector.fleet.probes import register_probe
-from collector.intake import ingest
 from collector.lines import LineMetadata
 from collector.server.testing import bound_url, stop
 from collector.storage.sql.backends import open_store
-from tests.factories import day_rollups, session
+from tests.factories import canonical_json, day_rollups, session
 from tests.httpclient import post_json, request
 
 pytestmark = pytest.mark.slow  # a PostgreSQL cluster and collector processes
@@ -82,7 +81,7 @@ def test_two_collectors_store_every_result_once(tmp_path: Path, pg_url: str) -> 
     duplicates 200, conflicts 409; both then give the same report. The password, given
     through the environment, appears in no output."""
     tokens = _tokens(pg_url)
-    docs = [json.loads(ingest.canonical_json(session(
+    docs = [json.loads(canonical_json(session(
         PROBES[i % 4], started_at=f"2026-06-{1 + i // 24:02d}T{i % 24:02d}:05:00.000000Z",
         rtts=[10.0 + i % 7, 11.5, None if i % 5 == 0 else 9.25])))
         for i in range(160)]
@@ -149,7 +148,7 @@ def test_workers_share_one_port(tmp_path: Path, pg_url: str) -> None:
         ports = {c.laddr.port for w in workers for c in w.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN}
         assert ports == {int(base.rsplit(":", 1)[1])}
-        docs = [json.loads(ingest.canonical_json(session(
+        docs = [json.loads(canonical_json(session(
             PROBES[i % 4], started_at=f"2026-07-01T{i % 24:02d}:{i // 24:02d}:00.000000Z")))
             for i in range(60)]
         for doc in docs[:30]:
