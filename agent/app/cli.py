@@ -96,6 +96,20 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
 
 @main.command()
 @flags.shared_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.pass_context
+@handle_errors
+def push(ctx: click.Context, quiet: bool) -> None:
+    """Deliver the spooled results to the collector without measuring (after a visit
+    with no connection). Exit 0 when none is left, 3 when some wait for the next try."""
+    source = flags.source(ctx)
+    cfg = source.load()
+    pipeline = runner.Runner(source, runner.push_client(cfg), _warn)
+    sys.exit(runner.stoppable(lambda: pipeline.push(cfg, _progress(quiet)), _warn))
+
+
+@main.command()
+@flags.shared_options
 @click.argument("host")
 @click.option("--count", "-n", type=int, help="Echo requests to send (ping.count).")
 @click.option("--interval", "-i", type=float, help="Seconds between requests.")

@@ -236,6 +236,23 @@ class Runner:
         return None
 
 
+    async def push(self, cfg: AgentConfig, progress: Lines) -> int:
+        """Deliver what this token has spooled, measuring nothing (a technician back
+        online after a visit without a connection; a probe whose collector was away).
+        The exit code: 0 when nothing of this token's is left in the spool, else
+        DeliveryError's (what is left is kept for the next run or push)."""
+        spool = self.spool(cfg)
+        assert spool is not None  # push always has a client
+        outcome = await self.deliver(spool, cfg, await self.probe_id(cfg))
+        self.say_waiting(outcome, spool)
+        progress(f"{len(outcome.delivered)} result(s) and {outcome.gaps_sent} gap "
+                 f"record(s) delivered to {cfg.collector.url}")
+        if outcome.pending:
+            self.warn(f"{outcome.pending} result(s) kept in {spool.dir} for the next run "
+                      f"or push" + (f": {outcome.error}" if outcome.error else ""))
+            return DeliveryError.exit_code
+        return 0
+
     async def conclude(self, measured: Measured, applied: control.Applied, cfg: AgentConfig,
                        probe_id: str | None, progress: Lines) -> int:
         """A one-shot run after its results were shown: deliver, report health, and the

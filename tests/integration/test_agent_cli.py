@@ -96,6 +96,36 @@ def test_collector_down_keeps_result_then_delivers(collector: RunningCollector,
                                                            second["result_id"]]
 
 
+
+@pytest.mark.slow
+def test_push_delivers_the_spool_without_measuring(collector: RunningCollector,
+                                                   fast_config: Path) -> None:
+    """A technician's visit with no connection: the run keeps its result (exit 3);
+    ``push`` with the collector still away measures nothing and exits 3 saying what is
+    kept; back online, ``push`` delivers it (exit 0, the spool empty); a second ``push``
+    has nothing to send and still exits 0."""
+    token = collector.add_probe("probe-visit")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    common = ["--config", str(fast_config), "--probe-id", "probe-visit", "--token", token,
+              "--server", collector.url, "--set", "ping.enabled=false"]
+    spool = fast_config.parent / "state" / "spool"
+    code, out, _ = _run(*common, "--collector", dead, "run", "--json")
+    assert code == 3
+    measured = json.loads(out)["result_id"]
+    code, out, err = _run(*common, "--collector", dead, "push")
+    assert (code, out) == (3, "")
+    assert "1 result(s) kept in" in err and "0 result(s)" in err
+    (kept,) = spool.glob("*.json")
+    assert kept.name.endswith(f"_{measured}.json")
+    code, out, err = _run(*common, "--collector", collector.url, "push")
+    assert (code, out) == (0, ""), err
+    assert f"1 result(s) and 0 gap record(s) delivered to {collector.url}" in err
+    _, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-visit")
+    assert [r["result_id"] for r in listing["results"]] == [measured]
+    assert not list(spool.glob("*.json"))
+    code, _, err = _run(*common, "--collector", collector.url, "push")
+    assert code == 0 and "0 result(s) and 0 gap record(s) delivered" in err
+
 def test_wrong_token_is_refused_before_measuring(collector: RunningCollector,
                                                  fast_config: Path) -> None:
     """An unknown token stops the run at once with the collector's reason."""
