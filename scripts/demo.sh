@@ -36,7 +36,8 @@ token=$("$BIN/bbprobe-collector" --db "$DB" probe add "$probe" --operator "BT It
 
 echo "== measurement session of probe $probe (about 35 s)"
 status=0
-"$BIN/bbprobe" --config configs/agent.demo.toml --collector "$url" --token "$token" run \
+# The token in the environment, not on the command line (ps shows argv to every user).
+BBPROBE_TOKEN="$token" "$BIN/bbprobe" --config configs/agent.demo.toml --collector "$url" run \
   || status=$?
 if [ "$status" -ne 0 ]; then
   echo "demo: the session ended with exit code $status (see above)" >&2

@@ -87,8 +87,11 @@ _SHARED = (
                  help="Agent TOML config (default: built-in defaults)."),
     click.option("--collector", expose_value=False, callback=_remember,
                  help="Collector base URL (overrides collector.url)."),
-    click.option("--token", expose_value=False, callback=_remember,
-                 help="Probe bearer token (overrides collector.token)."),
+    # The environment, not the command line: argv is readable by every local user (ps).
+    click.option("--token", envvar="BBPROBE_TOKEN", show_envvar=True, expose_value=False,
+                 callback=_remember,
+                 help="Probe bearer token (overrides collector.token); prefer the "
+                      "variable or collector.token_file: ps shows a command line."),
     click.option("--probe-id", expose_value=False, callback=_remember,
                  help="Probe identity (default: asked from the collector)."),
     click.option("--server", expose_value=False, callback=_remember,

@@ -126,6 +126,23 @@ def test_push_delivers_the_spool_without_measuring(collector: RunningCollector,
     code, _, err = _run(*common, "--collector", collector.url, "push")
     assert code == 0 and "0 result(s) and 0 gap record(s) delivered" in err
 
+
+def test_the_token_from_the_environment(collector: RunningCollector, fast_config: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BBPROBE_TOKEN stands for --token, so no example needs the token on a command line
+    (which ps shows every local user): the collector answers with it, refuses a wrong
+    one, and an explicit --token still wins."""
+    token = collector.add_probe("probe-env")
+    common = ["--config", str(fast_config), "--collector", collector.url]
+    monkeypatch.setenv("BBPROBE_TOKEN", token)
+    code, _, err = _run(*common, "push")
+    assert code == 0, err
+    monkeypatch.setenv("BBPROBE_TOKEN", "bbp_wrong")
+    code, _, err = _run(*common, "push")
+    assert (code, "the collector refused the token" in err) == (3, True), err
+    code, _, err = _run(*common, "--token", token, "push")
+    assert code == 0, err
+
 def test_wrong_token_is_refused_before_measuring(collector: RunningCollector,
                                                  fast_config: Path) -> None:
     """An unknown token stops the run at once with the collector's reason."""
