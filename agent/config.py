@@ -8,8 +8,11 @@ applied as overrides *before* validation, so they obey the same rules.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,7 +271,17 @@ def load(
     for layer in (central or {}), (overrides or {}):
         for dotted, value in layer.items():
             _set_dotted(data, dotted, value)
-    cfg = parse(data, source)
+    try:
+        cfg = parse(data, source)
+    except ConfigError as exc:
+        # A key the command line set is named as the command line's, not the file's
+        # (or "<defaults>"): that is where the technician typed it.
+        said = str(exc).removeprefix(f"{source}: ")
+        key = said.partition(":")[0]
+        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+               for k in overrides or {}):
+            raise ConfigError(f"the command line: {said}") from None
+        raise
     if not cfg.state_dir:
         cfg = replace(cfg, state_dir=default_state_dir(environ))
     return cfg
@@ -301,8 +314,28 @@ def decode_table(
     try:
         return decode(cls, dict(data))
     except SchemaError as exc:
-        message = "unknown key" if exc.message == "unknown field" else exc.message
+        message = exc.message
+        if message == "unknown field":
+            near = _near_key(cls, exc.path)
+            message = "unknown key" + (f" (did you mean {near}?)" if near else "")
         raise error(f"{source}: {exc.path}: {message}") from None
+
+
+def _near_key(cls: type[Any], path: str) -> str | None:
+    """The key of ``cls``'s tables closest to a mistyped ``path`` ("download.stream" ->
+    "download.streams"), as click suggests for a mistyped flag; None when none is near."""
+    *tables, wrong = path.split(".")
+    here: Any = cls
+    for name in tables:
+        hints = typing.get_type_hints(here) if dataclasses.is_dataclass(here) else {}
+        here = hints.get(name)
+        if here is None:
+            return None
+    if not dataclasses.is_dataclass(here):
+        return None
+    names = [f.name for f in dataclasses.fields(here)]
+    close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.7)
+    return ".".join([*tables, close[0]]) if close else None
 
 
 def with_profile(data: Mapping[str, Any], source: str) -> dict[str, Any]:

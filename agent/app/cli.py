@@ -139,17 +139,22 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
 
 @main.command()
 @flags.shared_options
-@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both")
+@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both",
+              show_default=True, help="Which transfers to run (both: download, then upload).")
+@click.option("--duration", "-t", type=click.FloatRange(min=1.0, max=600.0), metavar="SECONDS",
+              help="Seconds each transfer is measured after its warm-up, as iperf3's -t "
+                   "(download.window_s and upload.window_s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.pass_context
 @handle_errors
-def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> None:
+def speed(ctx: click.Context, direction: str, duration: float | None, as_json: bool,
+          quiet: bool) -> None:
     """Measure download and/or upload throughput against the server (not pushed)."""
     from agent import liveview
     from agent.probes import session
 
-    cfg = flags.load(ctx)
+    cfg = flags.load(ctx, **{"download.window_s": duration, "upload.window_s": duration})
     config.measurement_server(cfg)  # fail early with a clear message
     tests = frozenset({"download", "upload"} if direction == "both" else {direction})
     with liveview.shown(liveview.wanted(as_json=as_json, quiet=quiet)) as view:
@@ -161,7 +166,8 @@ def speed(ctx: click.Context, direction: str, as_json: bool, quiet: bool) -> Non
 
 @main.command()
 @flags.shared_options
-@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both")
+@click.option("--direction", type=click.Choice(["both", "download", "upload"]), default="both",
+              show_default=True, help="Which subtests to run (both: download, then upload).")
 @click.option("--ca-file", type=click.Path(dir_okay=False, exists=True),
               help="CA bundle to verify a wss:// server with (default: the system's).")
 @click.option("--insecure", is_flag=True,

@@ -34,13 +34,21 @@ def parse_set(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def as_url(value: str | None) -> str | None:
+    """A --server or --collector value: a URL as given, or ``host:port`` (what iperf3,
+    ping and curl users type) read as plain HTTP to it."""
+    if value is None or "://" in value:
+        return value
+    return f"http://{value}"
+
+
 def source(ctx: click.Context, **overrides: Any) -> ConfigSource:
     """Where the config comes from: defaults < profile < local file < the collector's
     instruction (applied per session) < the command line, ``overrides`` last."""
     given = ctx.ensure_object(dict)
     merged = parse_set(tuple(given.get("set", ())))
-    flags = {"collector.url": given.get("collector"), "probe_id": given.get("probe_id"),
-             "server.url": given.get("server"),
+    flags = {"collector.url": as_url(given.get("collector")),
+             "probe_id": given.get("probe_id"), "server.url": as_url(given.get("server")),
              "server.address_family": family_flag(given.get("ipv4"), given.get("ipv6"))}
     if given.get("server") is not None:
         # --server names the one server: candidates, local or central, give way to it.

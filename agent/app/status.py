@@ -244,7 +244,8 @@ def describe(applied: control.Applied, token: str, source: str) -> str:
                      f"{m.ping.interval_s:g} s apart, timeout {m.ping.timeout_s:g} s")
     for name, t in (("download", m.download), ("upload", m.upload)):
         lines.append(f"  {name}: {t.tests} test(s), {report.describe_method(t)}, "
-                     f"up to {t.attempts} attempts of {t.timeout_s:g} s")
+                     f"up to {t.attempts} attempt{'' if t.attempts == 1 else 's'} of "
+                     f"{t.timeout_s:g} s")
     return "\n".join(lines)
 
 

@@ -105,17 +105,28 @@ def test_state_dir_from_systemd() -> None:
 
 
 def test_overrides_are_validated_like_the_file() -> None:
-    """A flag override obeys the same rules and names the key."""
+    """A flag override obeys the same rules, names the key and says it came from the
+    command line (not from the file, nor "<defaults>"); a mistyped key gets the nearest
+    real one, as click does for a mistyped flag."""
     with pytest.raises(ConfigError) as info:
         config.load(None, ENV, {"ping.count": 0})
-    assert str(info.value) == "<defaults>: ping.count: must be >= 1, got 0"
+    assert str(info.value) == "the command line: ping.count: must be >= 1, got 0"
+    with pytest.raises(ConfigError) as info:
+        config.load(None, ENV, {"downlod.streams": 2})
+    assert str(info.value) == "the command line: downlod: unknown key (did you mean download?)"
+    with pytest.raises(ConfigError) as info:
+        config.parse({"ping": {"cont": 3}}, "agent.toml")
+    assert str(info.value) == "agent.toml: ping.cont: unknown key (did you mean ping.count?)"
+    with pytest.raises(ConfigError) as info:
+        config.parse({"ping": {"zzz": 3}}, "agent.toml")
+    assert str(info.value) == "agent.toml: ping.zzz: unknown key"
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"pingg": {}}, "t.toml: pingg: unknown key"),
-        ({"ping": {"cuont": 3}}, "t.toml: ping.cuont: unknown key"),
+        ({"pingg": {}}, "t.toml: pingg: unknown key (did you mean ping?)"),
+        ({"ping": {"cuont": 3}}, "t.toml: ping.cuont: unknown key (did you mean ping.count?)"),
         ({"ping": {"count": "ten"}}, "t.toml: ping.count: expected an integer, got a string"),
         ({"ping": {"interval_s": 0}}, "t.toml: ping.interval_s: must be >= 0.001, got 0"),
         ({"download": {"mode": "forever"}},

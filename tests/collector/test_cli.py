@@ -106,7 +106,8 @@ def test_example_config_and_check_config(db: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("[server]\nprot = 1\n", "bbprobe-collector: {path}: server.prot: unknown key\n"),
+        ("[server]\nprot = 1\n",
+         "bbprobe-collector: {path}: server.prot: unknown key (did you mean server.port?)\n"),
         ("[server]\nport = 70000\n",
          "bbprobe-collector: {path}: server.port: must be <= 65535, got 70000\n"),
         ("[storage]\nbackend = \"mysql\"\n",

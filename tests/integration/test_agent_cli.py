@@ -255,22 +255,29 @@ def test_ping_unresolvable_host(netns: str) -> None:
          "(bbprobe-collector probe add NAME prints one), or a client certificate "
          "(collector.client_cert)\n"),
         (["--set", "ping.count=0", "check-config"],
-         "bbprobe: <defaults>: ping.count: must be >= 1, got 0\n"),
+         "bbprobe: the command line: ping.count: must be >= 1, got 0\n"),
         (["--set", "nonsense", "check-config"],
          "bbprobe: --set 'nonsense': expected KEY=VALUE\n"),
         (["--set", "download.streamz=2", "check-config"],
-         "bbprobe: <defaults>: download.streamz: unknown key\n"),
+         "bbprobe: the command line: download.streamz: unknown key (did you mean "
+         "download.streams?)\n"),
         (["speed"], "bbprobe: no measurement server: set server.url or collector.url (or "
          "pass --server)\n"),
         (["--collector", "http://[::1", "check-config"],
-         "bbprobe: <defaults>: collector.url: is not a valid URL (Invalid IPv6 URL), got "
+         "bbprobe: the command line: collector.url: is not a valid URL (Invalid IPv6 URL), "
+         "got "
          "'http://[::1'\n"),
         (["--server", "http://127.0.0.1:99999", "speed"],
-         "bbprobe: <defaults>: server.url: port must be a number from 1 to 65535, got "
+         "bbprobe: the command line: server.url: port must be a number from 1 to 65535, "
+         "got "
          "'http://127.0.0.1:99999'\n"),
         (["--server", "http://127.0.0.1:99999", "check-config"],
-         "bbprobe: <defaults>: server.url: port must be a number from 1 to 65535, got "
+         "bbprobe: the command line: server.url: port must be a number from 1 to 65535, "
+         "got "
          "'http://127.0.0.1:99999'\n"),
+        (["--server", "127.0.0.1:99999", "check-config"],
+         "bbprobe: the command line: server.url: port must be a number from 1 to 65535, "
+         "got 'http://127.0.0.1:99999'\n"),
         (["dead-letter", "retry"], "bbprobe: dead-letter retry: give result ids or --all "
          "(bbprobe dead-letter list shows them)\n"),
         (["--collector", "http://127.0.0.1:9", "--set",
@@ -309,6 +316,37 @@ def test_check_config_shows_plan(fast_config: Path) -> None:
     assert "ping target: 198.18.0.1" in out
     assert "download: 1 test(s), 2 stream(s), 0.2 s warm-up + 0.6 s window" in out
 
+
+
+def test_host_and_port_alone_are_read_as_http(fast_config: Path) -> None:
+    """``--server host:port`` and ``--collector host:port`` (what iperf3 and curl users
+    type) mean plain HTTP to that host and port; a URL stays as given."""
+    code, out, err = _run("--config", str(fast_config), "--server", "127.0.0.1:18380",
+                          "--collector", "[::1]:8080", "check-config")
+    assert code == 0, err
+    assert "measurement server: http://127.0.0.1:18380" in out
+    assert "collector: http://[::1]:8080" in out
+    code, out, _ = _run("--config", str(fast_config), "--server", "https://198.18.0.1:8443",
+                        "check-config")
+    assert "measurement server: https://198.18.0.1:8443" in out
+
+
+def test_speed_duration_is_the_measured_window(collector: RunningCollector,
+                                               fast_config: Path) -> None:
+    """``speed -t S`` measures each transfer for S seconds after its warm-up (iperf3's
+    -t), in the directions --direction names: the method records it, and the attempt's
+    window lasted it."""
+    code, out, err = _run("--config", str(fast_config), "--server", collector.url,
+                          "speed", "-t", "1.5", "--direction", "download", "--json")
+    assert code == 0, err
+    (doc,) = [json.loads(out)]
+    assert doc["method"]["download"]["window_s"] == 1.5
+    assert {t["direction"] for t in doc["transfers"]} == {"download"}
+    (attempt,) = doc["transfers"]
+    assert attempt["status"] == "ok"
+    assert attempt["window_bytes"] > 0 and attempt["window_bytes"] < attempt["bytes_total"]
+    code, _, err = _run("--config", str(fast_config), "speed", "-t", "0.5")
+    assert code == 2 and "0.5 is not in the range 1.0<=x<=600.0" in err
 
 def test_options_before_command_and_env_precedence(fast_config: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
