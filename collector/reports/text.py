@@ -99,7 +99,7 @@ def invalid_sentence(report: Report) -> str:
         return "no session in scope was flagged invalid"
     reasons = ", ".join(f"{code} {count}" for code, count in report.invalid_reasons)
     fate = "included at the analyst's request" if report.invalid_included \
-        else "left out of every indicator"
+        else "left out of every indicator (--include-invalid counts them)"
     return f"{n} session(s) flagged invalid ({reasons or 'no reason given'}); {fate}"
 
 

@@ -292,3 +292,18 @@ def test_a_measurement_server_exposes_its_slots_on_the_open_listener(tmp_path: P
                      route="/measure/v1/download", method="GET", code="200") == 1
         assert value(parsed, "bbprobe_fleet_probes") is None
         assert value(parsed, "bbprobe_collector_state_up") is None
+
+
+def test_the_shipped_scrape_config_matches_a_default_collector() -> None:
+    """configs/prometheus/prometheus.yml scrapes the collector as a default install serves
+    /metrics: plain HTTP unless TLS is configured (it is not by default), on the default
+    port, with a bearer token from a file."""
+    text = (Path(__file__).resolve().parents[2] / "configs" / "prometheus"
+            / "prometheus.yml").read_text()
+    defaults = CollectorConfig()
+    job = text.split("job_name: bbprobe-collector", 1)[1].split("job_name:", 1)[0]
+    scheme = re.search(r"^\s*scheme:\s*(\S+)", job, re.M)
+    assert scheme is not None
+    assert scheme.group(1) == ("https" if defaults.server.tls_cert else "http")
+    assert f':{defaults.server.port}"' in job
+    assert "credentials_file:" in job
