@@ -26,6 +26,20 @@ from agent.schema import REFUSAL_REASONS, HostContext, InvalidReason, TransferAt
 WIRE_OVERHEAD = (1500 + 14) / (1500 - 52)
 
 
+def wire_overhead(mtu: int | None) -> float:
+    """Bytes on the wire per TCP payload byte on an interface of this MTU (Ethernet
+    header 14, IP + TCP with timestamps 52), the MTU taken at most 1500; 1500 when
+    unknown. Pure. A smaller MTU (PPPoE's 1492, a tunnel's 1420) packs less payload per
+    packet, and read at 1500 the test's own bytes would be underestimated and part of
+    them counted as someone else's. A larger one is not trusted: a jumbo-frame LAN says
+    nothing of the path beyond it, where the segments are 1500 again, and reading 9000
+    would count the headers of the test's own 1500-byte segments as cross traffic."""
+    if mtu is None or mtu <= 52 * 2:
+        return WIRE_OVERHEAD
+    mtu = min(mtu, 1500)
+    return (mtu + 14) / (mtu - 52)
+
+
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     max_cpu_percent: float = 85.0  # Ne.Me.Sys WARNCPU
@@ -75,11 +89,27 @@ def assess(ctx: HostContext, limits: Thresholds) -> tuple[InvalidReason, ...]:
 def cross_traffic_ratio(interface_bytes: int, own_payload_bytes: int,
                         overhead: float = WIRE_OVERHEAD) -> float | None:
     """Share of the interface's bytes (in the transfer's direction, over the tests) that
-    were not the test's own; None when nothing crossed. Pure."""
-    if interface_bytes <= 0:
+    were not the test's own; None when nothing crossed, and None when the test itself
+    moved nothing: with no test traffic there is nothing for other traffic to disturb,
+    and a failed transfer (a server that refused the connection) is a failure of its
+    own, not "100 % cross traffic". Pure."""
+    if interface_bytes <= 0 or own_payload_bytes <= 0:
         return None
     other = interface_bytes - own_payload_bytes * overhead
     return min(1.0, max(0.0, other / interface_bytes))
+
+
+def cross_traffic_unmeasured(ctx: HostContext) -> str | None:
+    """Why the interface counters say nothing about this session's cross traffic (None:
+    they do). Pure. The check guards the access line (Ne.Me.Sys TH_TRAFFIC: other
+    traffic sharing the line during the test). A path over loopback has no line, and
+    lo's counters hold every local process's traffic: another program's loopback
+    transfer would read as "cross traffic" though it shares nothing with the test but
+    the CPU, which the CPU check covers."""
+    if ctx.loopback or ctx.interface == "lo":
+        return ("cross traffic not measured on loopback (no access line; lo counts all "
+                "local traffic)")
+    return None
 
 
 def line_cross_traffic(

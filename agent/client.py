@@ -23,12 +23,18 @@ from typing import Any
 import aiohttp
 import zstandard
 
-from agent import spec
+from agent import neterrors, spec
 from agent.errors import ConfigError, DeliveryError
 from agent.identity import identity_for
 from agent.schema import utc_now
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
+# Public on every bbprobe server, collector or measurement-only (collector/web/
+# public_routes.py): that the process answers, and nothing else.
+LIVENESS_PATH = "/healthz"
+# `bbprobe check` waits no longer for it: a server that takes longer to answer one small
+# GET would fail a measurement's transfers anyway (wire.CONNECT_TIMEOUT_S is 10 s).
+LIVENESS_TIMEOUT_S = 5.0
 BATCH_PATH = spec.RESULTS_PATH + "/batch"
 GAPS_PATH = "/api/v1/gaps"
 
@@ -57,6 +63,42 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return max(0.0, (moment - now).total_seconds())
+
+
+def connection_problem(exc: BaseException, timeout_s: float | None = None) -> str:
+    """An aiohttp or socket failure in a few words: "connection refused" (the errno's
+    text, agent/neterrors.py) rather than aiohttp's "Cannot connect to host H:P
+    ssl:default [Connect call failed ...]", which names TLS for a plain http URL too."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return f"no answer within {timeout_s:g} s" if timeout_s else "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"the certificate of {exc.host}:{exc.port} is not trusted: " \
+               f"{exc.certificate_error}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return neterrors.describe(exc.os_error)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without a reply"
+    if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+        return neterrors.describe(exc)
+    return str(exc) or type(exc).__name__
+
+
+async def server_answers(url: str, timeout_s: float = LIVENESS_TIMEOUT_S) -> str | None:
+    """Whether the bbprobe server at ``url`` (a collector or a measurement-only server)
+    answers its public liveness route (GET /healthz, no token) within ``timeout_s``:
+    None when it does, else what went wrong, in a few words."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session, \
+                session.get(url.rstrip("/") + LIVENESS_PATH,
+                            headers={"User-Agent": "bbprobe-agent"}) as resp:
+            await resp.read()
+            if resp.status != 200:
+                return f"GET {LIVENESS_PATH} answered HTTP {resp.status}: not a bbprobe " \
+                       "server, or one behind a proxy that refuses it"
+    except (aiohttp.ClientError, OSError) as exc:
+        return connection_problem(exc, timeout_s)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +236,9 @@ class CollectorClient:
                 parsed = json.loads(body) if body else None
                 return (resp.status, resp.headers, parsed) if full else parsed
         except (aiohttp.ClientError, OSError) as exc:
-            raise DeliveryError(
-                f"cannot reach the collector at {self.url}: {exc or type(exc).__name__}",
-                retryable=True,
-            ) from None
+            raise DeliveryError(f"cannot reach the collector at {self.url}: "
+                                f"{connection_problem(exc, self.timeout.total)}",
+                                retryable=True) from None
         except ValueError:
             raise DeliveryError("collector sent a reply that is not JSON", retryable=True) from None
 

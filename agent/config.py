@@ -195,6 +195,9 @@ class AgentConfig:
     # Method profile: presets applied under the keys you set (see PROFILES); recorded
     # with every result.
     profile: str = "agcom"
+    # What `bbprobe daemon` logs (its --log-level overrides it): "info" says one line per
+    # slot; "warning" only problems; "debug" more.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)

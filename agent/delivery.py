@@ -94,7 +94,8 @@ Sleep = Callable[[float], Awaitable[None]]
 async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | None = None,
                   *, probe_id: str | None = None, clock: Callable[[], float] = time.monotonic,
                   sleep: Sleep = asyncio.sleep,
-                  jitter: Callable[[], float] = random.random) -> DeliveryReport:
+                  jitter: Callable[[], float] = random.random,
+                  say: Callable[[str], None] | None = None) -> DeliveryReport:
     """Push gap records, then every spooled result oldest first in batches, retrying
     retryable failures with backoff until ``cfg.max_wait_s`` has passed. Cancelling it
     (SIGTERM) loses nothing: a result leaves the spool only after its 2xx.
@@ -103,7 +104,10 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
     as they are, counted in ``waiting``. A document spooled without a probe id is sent
     under ``probe_id`` (the configured one, or the collector's answer for this token at
     the start of this session); when that is None too, the collector is asked (whoami)
-    first, and until it answers nothing unnamed is sent."""
+    first, and until it answers nothing unnamed is sent.
+
+    ``say`` is told, before each wait, what delivery waits for and for how long (a
+    person at a terminal is not left with a silent minute)."""
     cfg = cfg or spool.cfg
     report = DeliveryReport()
     deadline = clock() + cfg.max_wait_s
@@ -205,11 +209,27 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
                 report.error = str(exc)
                 break
             report.retries += 1
+            if say is not None:
+                for line in waiting_lines(str(exc), report.retries, delay,
+                                          deadline - clock()):
+                    say(line)
             await sleep(delay)
     left = spool.entries()
     report.waiting = sum(claimed(e.path) == "wait" for e in left)
     report.pending = len(left) - report.waiting
     return report
+
+
+def waiting_lines(error: str, retry: int, delay_s: float, left_s: float) -> list[str]:
+    """What delivery says before its ``retry``-th wait: why, how long, and (the first
+    time) that stopping loses nothing. Pure."""
+    if retry > 1:
+        return [f"delivery: still {error}; next try in {delay_s:.0f} s, "
+                f"{left_s:.0f} s left"]
+    return [f"delivery: {error}; trying again for up to {left_s:.0f} s "
+            f"(delivery.max_wait_s), next in {delay_s:.0f} s",
+            "Ctrl-C stops waiting and keeps the result in the spool (bbprobe push or "
+            "the next run sends it)"]
 
 
 def _body(doc: dict[str, Any], probe_id: str | None) -> bytes:

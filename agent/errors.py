@@ -4,6 +4,7 @@
     +-- ConfigError            the configuration file or a flag is invalid (exit 2)
     +-- ProbeSetupError        a probe cannot start at all (e.g. no ICMP permission); the
     |                          session records it as a failed test, ``bbprobe ping`` reports it
+    |                          (exit 6, agent/exitcodes.py)
     +-- DeliveryError          the collector did not accept a result; ``retryable`` tells
     |                          whether the spool should try again later (exit 3)
     |   Raised and caught below the CLI, each where it is defined:
@@ -27,21 +28,24 @@ StreamFailure are turned into it inside the probe, and never leave a session.
 
 from __future__ import annotations
 
+from agent.exitcodes import ExitCode
+
 
 class AgentError(Exception):
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
 
 class ConfigError(AgentError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ProbeSetupError(AgentError):
-    exit_code = 4
+    # Caught where a probe starts (a failed test); a command that meets it, failed.
+    exit_code = ExitCode.FAILED
 
 
 class DeliveryError(AgentError):
-    exit_code = 3
+    exit_code = ExitCode.NOT_DELIVERED
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None,
                  retry_after_s: float | None = None, field: str | None = None) -> None:

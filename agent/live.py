@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from agent import units
+
 # How often the transfer loops' counters are read for the view (transfer.run_attempt):
 # ten times a second keeps the "now" rate smooth without adding work to the byte loops,
 # which never call back themselves.
@@ -128,13 +130,10 @@ def mean_bps(state: LiveState) -> float | None:
     return b * 8 / (t - state.started_t) if t > state.started_t else None
 
 
-def _mbps(bps: float | None) -> str:
-    return "-" if bps is None else f"{bps / 1e6:.1f}"
-
-
 def format_line(state: LiveState, now: float) -> str:
     """The live line at monotonic ``now``, e.g. ``download test 1/1 attempt 1 · 4.1 s /
-    12 s · now 93.4 Mbit/s · mean 91.0 Mbit/s · RTT 14.2 ms``; empty before any phase."""
+    12 s · now 93.41 Mbit/s · mean 91.02 Mbit/s · RTT 14.20 ms``, its figures as the
+    summary writes them (agent/units.py); empty before any phase."""
     if not state.label:
         return ""
     elapsed = f"{max(now - state.started_t, 0.0):.1f} s"
@@ -142,10 +141,8 @@ def format_line(state: LiveState, now: float) -> str:
         elapsed += f" / {state.planned_s:g} s"
     parts = [state.label, elapsed]
     if state.transfer:
-        parts += [f"now {_mbps(current_bps(state))} Mbit/s",
-                  f"mean {_mbps(mean_bps(state))} Mbit/s"]
+        parts += [f"now {units.mbit(current_bps(state))} Mbit/s",
+                  f"mean {units.mbit(mean_bps(state))} Mbit/s"]
     if state.rtt_ms is not None:
-        # Two decimals below 10 ms: a loopback or LAN RTT would otherwise read 0.0.
-        rtt = f"{state.rtt_ms:.2f}" if state.rtt_ms < 10 else f"{state.rtt_ms:.1f}"
-        parts.append(f"RTT {rtt} ms")
+        parts.append(f"RTT {units.latency(state.rtt_ms)}")
     return " · ".join(parts)

@@ -1,8 +1,12 @@
-"""Pure formatting of results for people (printing happens only in ``agent.app.cli``)."""
+"""Pure formatting of results for people (printing happens only in ``agent.app.cli``).
+Figures are written as agent/units.py writes them, and lines fit its WIDTH."""
 
 from __future__ import annotations
 
-from agent import family
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from agent import family, units
 from agent.schema import (
     REFUSAL_REASONS,
     PingTest,
@@ -11,20 +15,22 @@ from agent.schema import (
     TransferMethod,
 )
 
+_ms = units.msec
+_mbps = units.speed
 
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
-
-def _mbps(value: float | None) -> str:
-    return "—" if value is None else f"{value / 1e6:,.2f} Mbit/s"
+def when(stamp: str) -> str:
+    """``2026-12-07T14:17:34.002076Z`` as ``2026-12-07 14:17:34 UTC``: a person reads the
+    second; the result keeps the microseconds."""
+    day, _, time = stamp.partition("T")
+    return f"{day} {time[:8]} UTC" if time else stamp
 
 
 def format_ping(test: PingTest) -> list[str]:
     s = test.summary
     if test.status == "failed" and s.packets_sent == 0:
         return [f"Ping {test.target}: FAILED: {test.error}"]
-    loss = "—" if s.loss_ratio is None else f"{s.loss_ratio * 100:.1f} %"
+    loss = units.percent(s.loss_ratio)
     lines = [
         f"Ping {test.target} ({test.address}): {s.packets_sent} sent, "
         f"{s.packets_received} received, loss {loss}",
@@ -61,8 +67,9 @@ def format_transfers(
         else ""
     by_server = f", {len(refused)} refused by the server" if refused else ""
     lines = [
-        f"{direction.capitalize()}: {_mbps(rate)} ({describe_method(m)}{streams}; counted at "
-        f"the {where}; {len(attempts)} attempt(s), {len(failed)} failed{by_server})"
+        f"{direction.capitalize()}: {_mbps(rate)}, counted at the {where}; "
+        f"{len(attempts)} attempt(s), {len(failed)} failed{by_server}",
+        f"  method: {describe_method(m)}{streams}",
     ]
     lines += [f"  attempt {a.attempt} "
               f"{'refused' if a.failure_reason in REFUSAL_REASONS else 'failed'}: "
@@ -71,11 +78,13 @@ def format_transfers(
 
 
 def format_session(result: SessionResult) -> str:
+    """The session as a person reads it after ``run`` or ``speed``: each line within
+    units.WIDTH columns, whatever the names, addresses and reasons it holds."""
     lines = [
         f"Session {result.result_id}",
-        f"  probe {result.probe_id or '(not named yet)'}, started "
-        f"{result.started_at}, {result.duration_s:.1f} s, "
-        f"profile {result.method.profile}, server {result.server.url or '—'}",
+        f"  probe {result.probe_id or '(not named yet)'}, profile {result.method.profile}, "
+        f"started {when(result.started_at)}, {result.duration_s:.1f} s",
+        f"  server {result.server.url or '—'}",
     ]
     if result.address_family is not None or result.remote_addresses:
         asked = result.address_family_requested
@@ -99,8 +108,47 @@ def format_session(result: SessionResult) -> str:
             s = loaded.summary
             idle = result.ping.summary.rtt_mean_ms if result.ping else None
             extra = "" if idle is None or s.rtt_mean_ms is None else \
-                f", {s.rtt_mean_ms - idle:+.3f} ms against idle"
+                f", {units.delta(s.rtt_mean_ms - idle)} against idle"
             lines.append(f"  RTT under load: mean {_ms(s.rtt_mean_ms)} ms, p95 "
-                         f"{_ms(s.rtt_p95_ms)} ms, loss {(s.loss_ratio or 0) * 100:.1f} % "
+                         f"{_ms(s.rtt_p95_ms)} ms, loss {units.percent(s.loss_ratio or 0)} "
                          f"({s.packets_sent} pings{extra})")
-    return "\n".join(lines) + "\n"
+    if result.validity is not None:
+        if result.validity.valid:
+            ctx = result.context
+            seen = ctx is not None and (ctx.download_cross_traffic_ratio is not None
+                                        or ctx.upload_cross_traffic_ratio is not None)
+            lines.append("Valid: the host checks passed; cross traffic "
+                         + ("within the limit" if seen else "not measured"))
+        else:
+            # Each reason on its own line: several are common (Wi-Fi and a busy LAN), and
+            # each says what to change before measuring again.
+            lines.append("INVALID (not counted in compliance):")
+            lines += [f"  - {r.detail}" for r in result.validity.reasons]
+    return "\n".join(units.fit(lines)) + "\n"
+
+
+def instruction_line(settings: Mapping[str, Any], version: str,
+                     overridden: Collection[str] = ()) -> str | None:
+    """What the collector's instruction (RFC 7594's, held in ``settings``) changes for
+    this session, in words; None when it sets nothing (the collector sends every probe
+    an instruction, most of them empty: nothing to say then). Keys the command line
+    sets too (``overridden``) are said to have no effect: the person on site decides."""
+    if not settings:
+        return None
+    applied = [f"{k} = {_value(v)}" for k, v in sorted(settings.items())
+               if k not in overridden]
+    ignored = sorted(k for k in settings if k in overridden)
+    said = f"sets {', '.join(applied)}" if applied else "sets nothing this run uses"
+    if ignored:
+        said += f" ({', '.join(ignored)} too, but the command line's value wins)"
+    return f"the collector's instruction {said} (instruction {version[:8]})"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return str(value)

@@ -8,17 +8,46 @@ so the next plan puts another session in that band, later in the campaign window
 same hour band on the next day, or later the same hour when a quarter is still ahead).
 The campaign ends when every band has its count, or when its window (``window_days``)
 runs out, incomplete.
+
+``band_of``, ``fills_band`` and ``bands_filled`` are the one counting rule: the daemon
+counts its campaign with them and the collector's certificate counts a line's sessions
+with them (collector/compliance/certify.py), so the agent's "bands filled" and the
+certificate's band table are the same numbers of the same sessions.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRuleName, campaign_rule
+
+
+def band_of(started: datetime, timezone: str) -> int:
+    """The local hour band (0-23) of a session that started at ``started`` (aware): the
+    band it fills, in the campaign's time zone (244/08 bands are local hours)."""
+    return started.astimezone(ZoneInfo(timezone)).hour
+
+
+def fills_band(valid: bool, ok_directions: Iterable[str], pings_sent: int,
+               suppressed: bool = False) -> bool:
+    """Whether a session counts for its band: valid (the agent's host checks found
+    nothing that makes it no evidence about the line), a successful download and a
+    successful upload, and a ping train that sent packets; and not started inside a
+    suppression window (LMAP's suppression: the window's time is no campaign time, so
+    the daemon starts no session there, and one started there by hand or by an older
+    agent is not counted either)."""
+    return (valid and not suppressed and pings_sent > 0
+            and {"download", "upload"} <= set(ok_directions))
+
+
+def bands_filled(counted: Sequence[int], per_band: int) -> int:
+    """How many of the 24 bands have their ``per_band`` sessions (the agent's health
+    report and status, the certificate's summary)."""
+    return sum(c >= per_band for c in counted)
 
 
 @dataclass(slots=True)
@@ -54,7 +83,7 @@ class Campaign:
         """One session finished at ``at`` (started at ``started``, the slot): its band,
         counted if it was valid and whole."""
         self.last_at = started or at
-        band = self.last_at.astimezone(ZoneInfo(self.timezone)).hour
+        band = band_of(self.last_at, self.timezone)
         self.attempted[band] += 1
         if counted:
             self.counted[band] += 1
@@ -101,10 +130,7 @@ def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime
     local = now.astimezone(zone)
     if campaign.last_at is not None:
         # Not twice in one quarter hour: start from the quarter after the last session's.
-        last = campaign.last_at.astimezone(zone)
-        next_quarter = last.replace(minute=last.minute // 15 * 15, second=0,
-                                    microsecond=0) + timedelta(minutes=15)
-        local = max(local, next_quarter.astimezone(zone))
+        local = max(local, _quarter_after(campaign.last_at, zone))
     hour_start = local.replace(minute=0, second=0, microsecond=0)
     for step in range(campaign.window_days * 24 + 1):
         start = hour_start + timedelta(hours=step)
@@ -130,7 +156,36 @@ def next_slot(campaign: Campaign, now: datetime, rng: random.Random) -> datetime
     return None
 
 
+def _quarter_after(last: datetime, zone: ZoneInfo) -> datetime:
+    """The start of the quarter hour after the one ``last`` fell in, in ``zone``."""
+    local = last.astimezone(zone)
+    return (local.replace(minute=local.minute // 15 * 15, second=0, microsecond=0)
+            + timedelta(minutes=15)).astimezone(zone)
+
+
 Window = tuple[datetime, datetime]  # a suppression: [start, end), aware
+
+
+def why_not_now(campaign: Campaign, now: datetime,
+                windows: Sequence[Window] = ()) -> str | None:
+    """Why a campaign session may not start at ``now`` (None: it may), by the rules
+    ``next_free_slot`` plans with: the campaign still needs sessions, ``now``'s band
+    still needs one, no session started in ``now``'s quarter hour yet, and no
+    suppression window covers ``now``. For a session asked at a moment of its own
+    (``daemon --first-now``), which counts in its band like a planned one. Pure."""
+    if campaign.complete or now >= campaign.deadline():
+        return "the campaign needs no more sessions"
+    until = suppressed_until(windows, now)
+    if until is not None:
+        return f"suppressed until {until}"
+    zone = ZoneInfo(campaign.timezone)
+    band = now.astimezone(zone).hour
+    if campaign.needed[band] == 0:
+        return f"band {band:02d}h already has its {campaign.counted[band]} session(s)"
+    if campaign.last_at is not None and now < _quarter_after(campaign.last_at, zone):
+        last = campaign.last_at.astimezone(zone)
+        return f"a session already started in this quarter hour (at {last:%H:%M %Z})"
+    return None
 
 
 def next_free_slot(campaign: Campaign, now: datetime, rng: random.Random,

@@ -355,8 +355,8 @@ class HostContext:
     cpu_percent: float | None = field(metadata=bounds(ge=0, le=100))
     memory_used_ratio: float | None = field(metadata=bounds(ge=0, le=1))
     memory_total_bytes: int | None = field(metadata=bounds(ge=0))
-    # Bytes on the interface in the transfer direction that were not the test's own,
-    # over all bytes there, during the download (upload) tests; None when not measured.
+    # Bytes on the interface in the transfer direction that were not the test's own, over
+    # all there, in the download (upload) tests; None: not measured (or a loopback path).
     download_cross_traffic_ratio: float | None = field(default=None,
                                                        metadata=bounds(ge=0, le=1))
     upload_cross_traffic_ratio: float | None = field(default=None,

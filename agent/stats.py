@@ -1,6 +1,6 @@
 """Pure statistics over raw samples. No I/O, no clock reads, no rounding.
 
-Definitions used everywhere in bbprobe (README "How each indicator is computed"):
+Definitions used everywhere in bbprobe (docs/analyst.md, "Statistics"):
 - percentile: linear interpolation between closest ranks, Hyndman & Fan (1996) type 7,
   the definition of spreadsheets' PERCENTILE/PERCENTILE.INC and numpy's default;
   ``nearest_rank`` (type 1 / the classic "ceil(p*n)-th value") is available as an option;

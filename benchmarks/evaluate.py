@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +236,7 @@ def _measure(store: Store, days: int) -> tuple[list[tuple[str, list[float]]], An
                                                 bool]:
     everyone = resolve_scope(None, None, None, "2026-H1")
     operator = resolve_scope(None, None, None, "2026-H1", filters={"operator": "BT Italia"},
-                             matching=partial(service.probes_matching, store))
+                             known=store.probes)
     last_day = format_utc(datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=days - 1))
     rows = []
     for label, fn in (

@@ -138,12 +138,20 @@ def collector(tree: Path, work: Path, backend: Backend, extra: str = ""
         [*COLLECTOR, "--config", str(config), "probe", "add", "bench"], cwd=tree,
         env=_env(tree), check=True, capture_output=True, text=True, timeout=60
     ).stdout.strip().splitlines()[-1]
-    addr = config.with_suffix(".addr")
-    server = subprocess.Popen([*COLLECTOR, "--config", str(config), "serve", "--addr-file",
-                               str(addr)], cwd=tree, env=_env(tree),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    addr, log = config.with_suffix(".addr"), config.with_suffix(".log")
+    # stderr to a file, as journald takes it: a pipe read only at the end would fill
+    # (a line per result) and measure the log's drops, not ingest; the log level stays
+    # the default, so its cost is counted, and a baseline tree without [log] still runs.
+    with log.open("w") as stderr:
+        server = subprocess.Popen([*COLLECTOR, "--config", str(config), "serve",
+                                   "--addr-file", str(addr)], cwd=tree, env=_env(tree),
+                                  stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
-        yield bound_url(server, addr), token, server.pid, stored
+        try:
+            url = bound_url(server, addr)
+        except RuntimeError:
+            raise RuntimeError(f"collector did not start: {log.read_text()[-2000:]}") from None
+        yield url, token, server.pid, stored
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=60)

@@ -1,6 +1,10 @@
-"""Tokens (probes', analysts', admins'): 256 random bits, shown once, stored only as a
-SHA-256 digest. Roles: a probe token sends that probe's results; an analyst token reads
-(queries, reports, pages); an admin token reads and administers (probes).
+"""Tokens (probes', analysts', admins', metrics'): 256 random bits, shown once, stored
+only as a SHA-256 digest. Roles: a probe token sends that probe's results; an analyst
+token reads (queries, reports, pages); an admin token reads and administers (probes); a
+metrics token reads GET /metrics and nothing else (what a Prometheus server holds: a
+scrape credential that leaks exposes no report). What each role reaches is in
+collector/routing.py. A probe's token is replaced by rotation (fleet/probes.py), the old
+one refused from the next request.
 
 A slow password hash buys nothing for 256-bit random secrets (no dictionary to try), and a
 plain digest lets the collector find the probe with one indexed lookup.
@@ -40,7 +44,14 @@ def bearer(header: str | None) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         token = decoded.partition(":")[2]
-        return token or None
+        return token if _plausible(token) else None
     if scheme.lower() != "bearer":
         return None
-    return token
+    return token if _plausible(token) else None
+
+
+def _plausible(token: str) -> bool:
+    """A token is printable ASCII (RFC 6750 b64token; ours are ``bbp_`` + URL-safe
+    base64). Anything else is no token: a header of raw bytes arrives as lone surrogates
+    that no hash could encode, and must be a 401, not a 5xx."""
+    return bool(token) and token.isascii() and token.isprintable()

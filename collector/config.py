@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import sys
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from agent import credentials, spec
 from agent.config import decode_table, listen_problem, split_listen, url_problem, user_dir
 from agent.config import read_toml as _read_toml
+from agent.decoding import SchemaError, decode
 from agent.errors import ConfigError as _AgentConfigError
 from agent.schema import bounds
 from collector.errors import ConfigError
@@ -204,9 +207,10 @@ class InfluxConfig:
 
 @dataclass(frozen=True, slots=True)
 class FleetConfig:
-    # A probe with no health report and no result for longer than this is flagged
-    # silent. Agents report at every delivery and at least hourly, so the
-    # default allows two missed reports.
+    # A probe with no health report and no result for longer than this is silent: in
+    # the fleet view, in /metrics and for the probe_silent alert (one threshold: the
+    # view and the alert must agree on who is silent). Agents report at every delivery
+    # and at least hourly, so the default allows two missed reports.
     silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
     # The fleet view's validity rate counts the sessions of this many days.
     validity_days: int = field(default=7, metadata=bounds(ge=1, le=366))
@@ -267,8 +271,8 @@ class AlertsConfig:
     enabled: bool = False
     # How often the collector looks for alert conditions and due deliveries.
     interval_s: float = field(default=60.0, metadata=bounds(ge=0.1, le=3600))
-    # probe_silent: no health report and no result for this long.
-    silent_after_s: float = field(default=3 * 3600.0, metadata=bounds(gt=0, le=365 * 86400))
+    # probe_silent: no health report and no result for fleet.silent_after_s (the same
+    # threshold as the fleet view's), and a "resolved" notice when the probe is back.
     # below_minimum: at most one alert per probe and direction this often.
     below_minimum_every_s: float = field(default=6 * 3600.0,
                                          metadata=bounds(gt=0, le=30 * 86400))
@@ -289,6 +293,18 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    # What `serve` logs to stderr (the journal under systemd), in key=value lines
+    # (collector/web/accesslog.py): "info" one line per ingest and per request (the
+    # measurement traffic: a summary a minute); "warning" problems only; "error";
+    # "debug" (a line per measurement request too). serve --log-level overrides it.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # One line per request besides the ingests (method, path, status, ms, client, role),
+    # and the measurements' summary line.
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -300,14 +316,20 @@ class CollectorConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def warn_on_stderr(line: str) -> None:
+    print(f"bbprobe-collector: warning: {line}", file=sys.stderr)
 
 
 def load(
     path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] = os.environ, warn: Callable[[str], None] = warn_on_stderr,
 ) -> CollectorConfig:
     """Read and validate ``path`` (None: defaults) with {"section.key": value} overrides.
-    ``environ`` places the default database (storage.path)."""
+    ``environ`` places the default database (storage.path); ``warn`` gets the one-line
+    warnings (a deprecated key)."""
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
@@ -318,7 +340,7 @@ def load(
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
-    cfg = parse(data, source)
+    cfg = parse(data, source, warn)
     if not cfg.storage.path:
         cfg = replace(cfg, storage=replace(cfg.storage, path=default_database(environ)))
     return cfg
@@ -363,8 +385,49 @@ def influx_token(cfg: InfluxConfig, environ: Mapping[str, str] = os.environ) -> 
     return environ.get(cfg.token_env, "")
 
 
-def parse(data: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
-    cfg = decode_table(CollectorConfig, data, source, ConfigError)
+# Keys that were moved (old -> new place), still read from the old place with a warning:
+# a config that names one must not stop the collector after an upgrade (check-config is
+# the units' ExecStartPre). alerts.silent_after_s set the probe_silent alert's threshold
+# apart from the fleet view's, so the two could disagree on who is silent; its value
+# becomes fleet.silent_after_s when that is not set, and the two set to different values
+# are refused: only the operator knows which one was meant.
+MOVED_KEYS = {("alerts", "silent_after_s"): (
+    "fleet", "silent_after_s",
+    "one threshold now says who is silent (fleet view, /metrics, probe_silent alert)")}
+
+
+def _moved(data: Mapping[str, Any], source: str, warn: Callable[[str], None]
+           ) -> dict[str, Any]:
+    """``data`` with each moved key read into its new place (``MOVED_KEYS``)."""
+    out = dict(data)
+    for (section, key), (new_section, new_key, why) in MOVED_KEYS.items():
+        table, target = out.get(section), out.get(new_section)
+        if not isinstance(table, Mapping) or key not in table or \
+                not isinstance(target, Mapping | None):
+            continue
+        kind = typing.get_type_hints(CollectorConfig)[new_section]
+        try:
+            value = getattr(decode(kind, {new_key: table[key]}), new_key)
+        except SchemaError as exc:
+            raise ConfigError(f"{source}: {section}.{key}: {exc.message}") from None
+        given = (target or {}).get(new_key)
+        if isinstance(given, int | float) and not isinstance(given, bool) and given != value:
+            raise ConfigError(f"{source}: {section}.{key} = {table[key]!r} and "
+                              f"{new_section}.{new_key} = {given!r} differ, and {why}: "
+                              f"keep the value you mean in [{new_section}] and delete "
+                              f"{section}.{key}")
+        warn(f"{source}: {section}.{key} is deprecated: set [{new_section}] {new_key} "
+             f"instead (read as {new_section}.{new_key} = {value!r})")
+        out[section] = {k: v for k, v in table.items() if k != key}
+        out[new_section] = {**(target or {}), new_key: given if given is not None else value}
+    return out
+
+
+def parse(data: Mapping[str, Any], source: str = "<config>",
+          warn: Callable[[str], None] = warn_on_stderr) -> CollectorConfig:
+    """Validate a config read from ``source``; ``warn`` gets the one-line warnings (a
+    deprecated key)."""
+    cfg = decode_table(CollectorConfig, _moved(data, source, warn), source, ConfigError)
     srv = cfg.server
     if bool(srv.tls_cert) != bool(srv.tls_key or srv.tls_key_credential):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key: give both or neither")

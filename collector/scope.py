@@ -3,20 +3,27 @@ version (``Scope``), and the pure parsing of the parameters that say so (ISO bou
 131/06 calendar periods, families, time zones, customer networks).
 
 Refusals are ``BadParameter`` naming the parameter at fault (the web edge answers 400,
-the CLI exits 2). Selecting probes by line metadata reads the store: the caller passes
-that query in as ``matching``, so this module knows no store."""
+the CLI exits 2). Selecting probes reads the store: the caller passes the registered
+probes in as ``known``, so this module knows no store.
+
+A selector names what exists, or it is refused (``NotFound``: a 404, exit 2) with the
+nearest names: a typo in ``--probe`` or ``--operator`` must not look like a line with no
+data. Line metadata matches whatever its case and spacing (``fold``): operators, offers
+and regions are proper names that people capitalise differently ("BT italia", "lazio"),
+and no two real ones differ only so; stored values stay as the admin typed them."""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
+from typing import Any, Protocol
 
 from agent.family import FAMILIES
 from agent.schema import format_utc
-from collector.errors import BadParameter
-from collector.lines import canonical_technology
+from collector.errors import BadParameter, NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +58,110 @@ METADATA_FILTERS = ("operator", "offer", "region", "technology")
 # Scope filters on the sessions themselves: the IP version measured over.
 SESSION_FILTERS = ("family",)
 
-# The names of the probes whose line metadata equals every given filter (a store query).
-Matching = Callable[[Mapping[str, str]], Sequence[str]]
+
+class KnownProbe(Protocol):
+    """A registered probe as the store gives it (collector.storage.model.Probe): its
+    name and its line metadata (``operator``, ``offer``, ``region``, ``technology``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def line(self) -> Any: ...
+
+
+# The registered probes, revoked ones too (their history is still reported): read only
+# when a selector needs them.
+Known = Callable[[], Sequence[KnownProbe]]
+
+# Names a refusal suggests, at most; difflib's ratio from which a name is "near". Above
+# difflib's 0.6: probe names follow a scheme (city-technology-number), and at 0.6 every
+# probe sharing "-ftth-01" would be suggested for a typo in one.
+SUGGESTED = 3
+NEAR = 0.75
+
+
+def fold(text: str) -> str:
+    """The form metadata is matched in: case folded, spaces collapsed."""
+    return " ".join(text.split()).casefold()
+
+
+def line_matches(line: Any, filters: Mapping[str, str]) -> bool:
+    """Whether a line's metadata has every ``filters`` value (case-insensitive, ``fold``);
+    an unset field matches nothing."""
+    return all(getattr(line, key) is not None and fold(getattr(line, key)) == fold(value)
+               for key, value in filters.items())
+
+
+def nearest(word: str, choices: Iterable[str]) -> list[str]:
+    """The choices nearest ``word`` (difflib, compared folded), best first."""
+    by_fold: dict[str, str] = {}
+    for choice in choices:
+        by_fold.setdefault(fold(choice), choice)
+    return [by_fold[f] for f in difflib.get_close_matches(fold(word), list(by_fold),
+                                                          SUGGESTED, NEAR)]
+
+
+def shown(text: str) -> str:
+    """A value as a refusal quotes it: at most 80 characters (a query may be 8 KiB)."""
+    return repr(text if len(text) <= 80 else text[:80] + "…")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest choices, or ``""``."""
+    near = nearest(word, choices)
+    if not near:
+        return ""
+    return " (did you mean " + " or ".join(shown(n) for n in near) + "?)"
+
+
+def unknown_probe(name: str, known: Iterable[str]) -> NotFound:
+    """The refusal of a probe name that is not registered, with the nearest names."""
+    return NotFound(f"no probe named {shown(name)}{did_you_mean(name, known)}",
+                    field="probe")
+
+
+def check_probes(names: Sequence[str], known: Sequence[KnownProbe]) -> None:
+    """Every name is a registered probe, or NotFound naming the first that is not."""
+    registered = {p.name for p in known}
+    for name in names:
+        if name not in registered:
+            raise unknown_probe(name, sorted(registered))
+
+
+def spelled(field: str, known: Iterable[KnownProbe]) -> list[str]:
+    """The values of a metadata field the probes have, as stored, sorted."""
+    return sorted({getattr(p.line, field) for p in known} - {None})
+
+
+def no_match(filters: Mapping[str, str], known: Sequence[KnownProbe],
+             among: Sequence[str] | None = None) -> tuple[str, str]:
+    """Why ``filters`` (over the probes ``among``, when named) select no probe: the
+    field at fault and a one-line message, naming the nearest values there are."""
+    for key, value in filters.items():
+        if not any(line_matches(p.line, {key: value}) for p in known):
+            return key, (f"no probe has {key} {shown(value)}"
+                         f"{did_you_mean(value, spelled(key, known))}")
+    wanted = " and ".join(f"{k} {shown(v)}" for k, v in filters.items())
+    if among is not None:
+        return "probe", f"none of the probes {', '.join(among)} has {wanted}"
+    return next(iter(filters)), f"no probe has {wanted} together"
+
+
+def as_stored(filters: Mapping[str, str], known: Iterable[KnownProbe]) -> dict[str, str]:
+    """``filters`` with each metadata value spelt as the probes store it, when every
+    probe it matches spells it one way (--region lazio is kept as Lazio: the rule is
+    shown as the fleet writes it, and a later --region Lazio is the same rule)."""
+    out = dict(filters)
+    probes = list(known)
+    for key, value in filters.items():
+        if key not in METADATA_FILTERS:
+            continue
+        found = {getattr(p.line, key) for p in probes
+                 if line_matches(p.line, {key: value})}
+        if len(found) == 1:
+            out[key] = found.pop()
+    return out
 
 
 def parse_time(text: str | None, name: str) -> str | None:
@@ -151,11 +260,13 @@ def parse_network(text: str | None, name: str = "customer_network") -> str | Non
 
 def resolve_scope(probes: Sequence[str] | None, since: str | None, until: str | None,
                   period: str | None = None, *, filters: Mapping[str, str] | None = None,
-                  matching: Matching | None = None) -> Scope:
+                  known: Known | None = None) -> Scope:
     """Resolve a scope: named probes and/or probes selected by metadata (operator, offer,
-    region, technology: ``matching`` finds them), over ``period`` or [since, until);
+    region, technology, case-insensitive), over ``period`` or [since, until);
     ``filters["family"]`` ("ipv4"/"ipv6") keeps the sessions measured over that IP
-    version."""
+    version. With ``known`` (the registered probes), a name that is not registered and
+    metadata that selects no probe are refused (NotFound, with the nearest names);
+    metadata filters need it."""
     since_text: str | None
     until_text: str | None
     if period:
@@ -169,14 +280,16 @@ def resolve_scope(probes: Sequence[str] | None, since: str | None, until: str | 
     active = {k: v for k, v in (filters or {}).items() if v}
     family = active.pop("family", None)
     check_family(family)
-    if "technology" in active:
-        # Any case finds the canonical spelling (fwa, FWA: stored lines were made
-        # canonical by the migration that brought the list); other text is kept.
-        active["technology"] = canonical_technology(active["technology"]) or \
-            active["technology"]
+    registered = known() if known is not None and (selected or active) else ()
+    if selected and known is not None:
+        check_probes(selected, registered)
     if active:
-        assert matching is not None, "metadata filters need the store's probes"
-        found = matching(active)
-        selected = list(found) if selected is None else [p for p in selected if p in found]
+        assert known is not None, "metadata filters need the store's probes"
+        found = [p.name for p in registered if line_matches(p.line, active)]
+        chosen = found if selected is None else [p for p in selected if p in found]
+        if not chosen:
+            field, message = no_match(active, registered, selected)
+            raise NotFound(message, field=field)
+        selected = chosen
     return Scope(probes=tuple(selected) if selected is not None else None,
                  since=since_text, until=until_text, family=family)

@@ -461,7 +461,8 @@ def _ok(name: str, status: int, body: bytes) -> None:
         raise ReadFailed(f"{name}: answered {status}: {body[:300]!r}")
 
 
-GENERATED = re.compile(r"generated \d{4}-\d\d-\d\dT[\d:.]+Z")
+# UTC in machine output ("...T12:00:00Z"), local time on pages ("12:00:00 CET").
+GENERATED = re.compile(r"generated \d{4}-\d\d-\d\d[T ][\d:.]+(?:Z| [A-Z]{2,5}|[+-]\d\d)")
 # The customer tests of the report's period (see _report).
 CUSTOMER_HTML = re.compile(r'<p class="customer">.*?</p>', re.S)
 CUSTOMER_TEXT = re.compile(r"^Customer: .*$", re.M)
@@ -633,7 +634,8 @@ VICTIM_READS: dict[str, Callable[[World], Any]] = {
     "fleet json": lambda w: _victim_row(_get_json(w, "fleet json", "/api/v1/fleet")),
     "fleet csv": lambda w: _row("fleet csv", _get_csv(w, "fleet csv",
                                                       "/api/v1/fleet?format=csv")),
-    "fleet page": lambda w: re.sub(r"^(<tr[^>]*><td>victim</td><td>)[^<]*", r"\1<ago>",
+    # The row's second cell is "last seen" ("12 s ago"); the first, the name and links.
+    "fleet page": lambda w: re.sub(r"^(<tr[^>]*><td>.*?</td><td>)[^<]*", r"\1<ago>",
                                    _one(VICTIM_TR, "fleet page",
                                         _get_html(w, "fleet page", "/fleet"))),
     "index page": lambda w: _one(INDEX_TR, "index page", _get_html(w, "index page", "/")),

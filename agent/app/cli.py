@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from agent import __version__, config, family, report
+from agent import __version__, config, exitcodes, family, report
 from agent.app import flags, runner
 from agent.app import status as state
 from agent.clierrors import error_boundary
@@ -45,6 +45,14 @@ def _progress(quiet: bool, say: Callable[[str], None] | None = None
     return emit
 
 
+def _measured(results: list[SessionResult]) -> int:
+    """The exit code of a measuring command (agent/exitcodes.py), each test that
+    measured nothing said on stderr (stdout keeps the report or the one JSON document)."""
+    for line in exitcodes.failures(results):
+        _warn(f"no measurement: {line}")
+    return exitcodes.for_sessions(results)
+
+
 def _emit(results: list[SessionResult], as_json: bool) -> None:
     """The session's result; a dual-stack session's two (IPv4, then IPv6): with --json
     as one array, so stdout still holds exactly one JSON document."""
@@ -56,7 +64,8 @@ def _emit(results: list[SessionResult], as_json: bool) -> None:
             click.echo(report.format_session(result), nl=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=exitcodes.table())
 @click.version_option(__version__, prog_name="bbprobe")
 @flags.shared_options
 @click.pass_context
@@ -89,6 +98,8 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
                                               say=say, ticket_warn=say,
                                               observe=view.observe)
         _emit(measured.shown, as_json)
+        for line in exitcodes.failures(measured.results):
+            _warn(f"no measurement: {line}")
         return await pipeline.conclude(measured, applied, cfg, probe_id, progress)
 
     sys.exit(runner.stoppable(main_async, _warn))
@@ -130,11 +141,16 @@ def ping(ctx: click.Context, host: str, count: int | None, interval: float | Non
     results = asyncio.run(session.run_all(cfg, cfg.probe_id or "local", _progress(quiet),
                                           tests=frozenset({"ping"})))
     pings = [r.ping for r in results if r.ping is not None]
-    failed = [p for p in pings if p.status == "failed" and p.summary.packets_sent == 0]
-    if as_json or len(failed) < len(pings):
+    unsent = [p for p in pings if p.status == "failed" and p.summary.packets_sent == 0]
+    if as_json or len(unsent) < len(pings):
         _emit(results, as_json)  # with --json the failure is recorded in the document
-    if failed:
-        raise AgentError("; ".join(p.error or "ping failed" for p in failed))
+    # As ping(8): a reply, however few, is a measurement; none is not (the host checks
+    # are shown, but judge a line's evidence, which a diagnostic ping is not).
+    failed = [p for p in pings if exitcodes.ping_failed(p)]
+    for p in failed:
+        _warn(p.error if p in unsent and p.error else
+              f"no echo reply from {p.target}: {p.summary.packets_sent} sent, 0 received")
+    sys.exit(exitcodes.ExitCode.FAILED if failed else exitcodes.ExitCode.OK)
 
 
 @main.command()
@@ -162,6 +178,7 @@ def speed(ctx: click.Context, direction: str, duration: float | None, as_json: b
                                               _progress(quiet, view.say), tests=tests,
                                               observe=view.observe))
     _emit(results, as_json)
+    sys.exit(_measured(results))
 
 
 @main.command()
@@ -212,7 +229,7 @@ def ndt7(ctx: click.Context, direction: str, ca_file: str | None, insecure: bool
             click.echo(f"{r.test:8s} {rate}  ({r.method}; {r.client_elapsed_s:.1f} s) "
                        f"{rtt}{retrans}{over}")
     if not all(r.ok for r in results):
-        sys.exit(6)
+        sys.exit(exitcodes.ExitCode.FAILED)
 
 
 @main.command("check-config")
@@ -228,7 +245,7 @@ def check_config(ctx: click.Context) -> None:
     client = runner.client_for(local, token, min(local.collector.timeout_s, 10)) \
         if local.collector.url and (token or local.collector.client_cert) else None
     applied = asyncio.run(runner.Runner(source, client, _warn).instructed(local))
-    click.echo(state.describe(applied, token, config.token_source(local)))
+    click.echo(state.describe(applied, token, flags.token_source(ctx, local)))
 
 
 @main.command()
@@ -241,7 +258,7 @@ def status(ctx: click.Context, as_json: bool, no_check: bool) -> None:
     """Spool backlog, gap records, results the collector refused (dead-letter), delivery
     counters, and whether the collector answers for this probe's token."""
     cfg = flags.load(ctx)
-    now = state.read(cfg)
+    now = state.read(cfg, flags.token_source(ctx, cfg))
     if cfg.collector.url and not no_check:
         client = runner.client_for(cfg, config.read_token(cfg),
                                    min(cfg.collector.timeout_s, 10))
@@ -318,25 +335,36 @@ def dead_letter_drop(ctx: click.Context, ids: tuple[str, ...], every: bool) -> N
 @click.pass_context
 @handle_errors
 def check(ctx: click.Context, as_json: bool) -> None:
-    """Run the host checks alone: what a measurement now would be flagged for, and what
-    to do about it (exit 0 when all pass, 5 when any fails)."""
+    """Run the host checks alone, and ask the measurement server whether it answers:
+    what a measurement now would be flagged for, and what to do about it (exit 0 when
+    all pass and the server answers, 5 when a check fails, 6 when the server does not
+    answer)."""
     from dataclasses import asdict
     from urllib.parse import urlsplit
 
     from agent import checks
+    from agent.client import server_answers
     from agent.probes.session import _thresholds
 
     cfg = flags.load(ctx)
-    host = urlsplit(config.measurement_server(cfg)).hostname or "127.0.0.1"
+    server = config.measurement_server(cfg)
+    host = urlsplit(server).hostname or "127.0.0.1"
     context = checks.observe_host(host, 0.5, cfg.checks.scan_lan, [config.ping_target(cfg)])
     reasons = checks.assess(context, _thresholds(cfg))
+    problem = asyncio.run(server_answers(server))
     if as_json:
         click.echo(json.dumps({"context": asdict(context),
-                               "invalid_reasons": [asdict(r) for r in reasons]}, indent=2))
+                               "invalid_reasons": [asdict(r) for r in reasons],
+                               "server": {"url": server, "answers": problem is None,
+                                          "error": problem}}, indent=2))
     else:
         click.echo(state.host_text(host, context, reasons))
-    if reasons:
-        sys.exit(5)
+        click.echo(f"Server {server}: answers." if problem is None else
+                   f"Server {server} does NOT answer ({problem}): a measurement now "
+                   "would fail.")
+    sys.exit(exitcodes.worst((
+        exitcodes.ExitCode.FAILED if problem else exitcodes.ExitCode.OK,
+        exitcodes.ExitCode.INVALID if reasons else exitcodes.ExitCode.OK)))
 
 
 @main.command()
@@ -350,8 +378,11 @@ def check(ctx: click.Context, as_json: bool) -> None:
               help="Days a campaign may take to fill every band, retries included "
                    "(campaign.window_days, default 3).")
 @click.option("--first-now", is_flag=True,
-              help="Also measure once at start, outside the campaign (its bands neither "
-                   "filled nor planned around), to see a new install deliver at once.")
+              help="Measure at once at start, as the campaign's first slot (counted in "
+                   "its band like any other), to see a new install deliver at once; "
+                   "when the campaign allows no session now (a suppression window, a "
+                   "session already in this quarter hour, the band already filled) it "
+                   "says why and takes the next free slot.")
 @click.option("--report-every", "report_every_s", type=click.FloatRange(1, 86_400),
               default=3600.0, show_default=True,
               help="Seconds between health reports while idle (one is also sent after "
@@ -360,24 +391,31 @@ def check(ctx: click.Context, as_json: bool) -> None:
               help="Lab and test use only: the campaign's clock runs this many times "
                    "faster than real time (a quarter hour lasts 900/K s); measurements "
                    "and timestamps stay real.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="What the log says (log_level, default info: one line per slot, "
+                   "delivery and instruction changes; warning: problems only).")
 @click.pass_context
 @handle_errors
 def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
            window_days: int | None, first_now: bool, report_every_s: float,
-           time_scale: float) -> None:
+           time_scale: float, log_level: str | None) -> None:
     """Measure continuously in 24-hour campaigns (the systemd service): every hourly band
     filled, failed or invalid sessions retried in their band. Before each session the
     collector's instruction is fetched and applied, and no session starts inside a
     suppression window. SIGHUP reloads the config, SIGTERM stops cleanly (sd_notify
     READY/RELOADING/STOPPING/WATCHDOG)."""
+    from agent import logline
     from agent.app.daemon import Daemon
 
     # The file as read at start (and at each reload): every session's config is built
     # from it and the instruction, so a half-edited file changes nothing before SIGHUP.
     source = flags.source(ctx, **{"campaign.rule": rule, "campaign.timezone": timezone,
-                             "campaign.window_days": window_days}).reread()
+                             "campaign.window_days": window_days,
+                             "log_level": log_level}).reread()
     cfg = source.load()
-    service = Daemon(runner.Runner(source, runner.daemon_client(cfg), _warn), cfg, _warn,
+    # Python logging to stderr: journald's own format under systemd (agent/logline.py).
+    warn = logline.configure(cfg.log_level).warning
+    service = Daemon(runner.Runner(source, runner.daemon_client(cfg), warn), cfg, warn,
                      time_scale=time_scale)
     sys.exit(asyncio.run(service.run(first_now=first_now, report_every_s=report_every_s)))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import __version__, metrics, schedule, spec
+from agent.app.daemonlog import DaemonLog, log
 from agent.app.runner import Lines, Measured, Runner, daemon_client
 from agent.config import AgentConfig
 from agent.control import Applied
@@ -109,6 +111,8 @@ class Plan:
 
 # (campaign, suppressed until, next session) -> a health report sent.
 Report = Callable[[Campaign | None, datetime | None, datetime | None], Awaitable[None]]
+# (campaign, the slot planned or None, suppressed until) -> said in the log.
+Planned = Callable[[Campaign, datetime | None, datetime | None], None]
 
 
 async def run_campaigns(
@@ -119,6 +123,7 @@ async def run_campaigns(
     on_reload: Callable[[], None] | None = None, max_sessions: int | None = None,
     plan: Callable[[], Awaitable[Plan]] | None = None, report: Report | None = None,
     report_every_s: float = 3600.0, on_error: Callable[[str], None] | None = None,
+    first_now: bool = False, on_planned: Planned | None = None,
 ) -> int:
     """The daemon's loop; returns the number of sessions run (until ``control.stop``, or
     ``max_sessions`` for tests).
@@ -128,12 +133,18 @@ async def run_campaigns(
     session: ``measure`` is handed the plan asked at the slot. ``report`` is called at
     least every ``report_every_s`` (the wait is cut short for it) and after every
     session. Neither may stop the daemon: an exception from either is passed to
-    ``on_error`` and the last good plan is kept."""
+    ``on_error`` and the last good plan is kept. ``first_now``: the first slot is now
+    (a campaign slot like any other, counted in its band) when the plan's rules allow a
+    session now (schedule.why_not_now: the band still needs one, none yet in this
+    quarter hour, no suppression window); else the first free slot, and ``on_error``
+    hears why. ``on_planned`` hears
+    each slot once as it is planned, and each suppression that leaves no slot."""
     rng = rng or random.Random()
     last_plan = Plan(rule, timezone, window_days)
     sessions = 0
     campaign = store.load()
     pending: tuple[datetime, Plan] | None = None  # the planned slot, and under what plan
+    announced: tuple[datetime, Plan] | None = None  # the last slot on_planned heard
     last_report: datetime | None = None
     every = timedelta(seconds=report_every_s)
 
@@ -165,6 +176,14 @@ async def run_campaigns(
         return report is not None and (last_report is None or now - last_report >= every
                                        or now < last_report)
 
+    def heard(campaign: Campaign, at: datetime | None, until: datetime | None) -> None:
+        if on_planned is not None:
+            try:
+                on_planned(campaign, at, until)
+            except Exception as exc:  # a log line is never worth the daemon
+                if on_error is not None:
+                    on_error(f"logging the plan failed: {exc}")
+
     def woken() -> bool:
         """After a wait: True when the loop must plan again (a reload was asked)."""
         if control.reload.is_set():
@@ -186,9 +205,21 @@ async def run_campaigns(
                                 window_days=current.window_days)
             store.save(campaign)
             pending, fresh = None, True
+        if first_now:
+            # Now only where the plan could have put a slot: a restart right after a
+            # slot (or a restart loop) must not stack counted sessions in one quarter.
+            why = schedule.why_not_now(campaign, now, current.windows)
+            if why is None:
+                pending = (now, current)
+            elif on_error is not None:
+                on_error(f"--first-now: {why}; the first session is the next free slot")
+            first_now = False
         if pending is None or pending[1] != current or pending[0] < now:
             at = next_free_slot(campaign, now, rng, current.windows)
             pending = (at, current) if at is not None else None
+        if pending is not None and pending is not announced:
+            announced = pending
+            heard(campaign, pending[0], None)
         if pending is None:
             if not fresh:
                 campaign = None
@@ -196,6 +227,7 @@ async def run_campaigns(
             # Even a new campaign has no free slot: suppressed throughout. Report, wait
             # for the window to end (or the next report), then plan again.
             until = current.suppressed_until(now)
+            heard(campaign, None, until)
             if due(now):
                 await reported(campaign, until, None)
             await wait(min(until or now + every, now + every), control)
@@ -224,6 +256,8 @@ async def run_campaigns(
             # A window made while we waited covers the slot: no session (LMAP's
             # suppression); the band still needs it and is planned again after.
             campaign.suppressed += 1
+            heard(campaign, None, latest.suppressed_until(at) or
+                  latest.suppressed_until(clock()))
             store.save(campaign)
             continue
         finished, counted = await measure(latest)
@@ -290,12 +324,11 @@ def session_counts(result: object) -> bool:
     """A session fills its band when it is valid and whole: a successful download, a
     successful upload and a ping train that sent packets (as the collector's
     certificate counts it)."""
-    valid = getattr(result, "valid", True)
     transfers = getattr(result, "transfers", ())
-    ok = {t.direction for t in transfers if t.status == "ok"}
     ping = getattr(result, "ping", None)
-    pinged = ping is not None and ping.summary.packets_sent > 0
-    return bool(valid) and ok == {"download", "upload"} and pinged
+    return schedule.fills_band(bool(getattr(result, "valid", True)),
+                               (t.direction for t in transfers if t.status == "ok"),
+                               ping.summary.packets_sent if ping is not None else 0)
 
 
 # What a slot's measuring may take beyond its session(s), whose planned worst case,
@@ -373,6 +406,7 @@ class Daemon:
         self.in_force: Applied | None = None  # the last instruction fetched, as applied
         self._spent: Offer | None = None  # the ticket offer a session took already
         self._waiting = 0  # another identity's results, said once each time it changes
+        self.said = DaemonLog(self.clock.real, warn)  # the log's lines (agent/app/daemonlog.py)
 
     def reload(self) -> None:
         """SIGHUP: reread the file and make a new client; a file or a token that will
@@ -383,7 +417,8 @@ class Daemon:
             cfg = source.load()
             self.runner = Runner(source, daemon_client(cfg), self.warn)
             self.cfg = cfg
-            self.warn("configuration reloaded")
+            logging.getLogger("bbprobe").setLevel(cfg.log_level.upper())
+            log.info("configuration reloaded")
         except AgentError as exc:
             self.warn(f"reload refused, keeping the old configuration: {exc}")
         notify("READY=1")
@@ -395,8 +430,7 @@ class Daemon:
         before = self.in_force
         if applied.error and applied.error != (before.error if before else None):
             self.warn(applied.error)
-        if applied.version and applied.version != (before.version if before else None):
-            self.warn(f"running under central instruction {applied.version}")
+        self.said.instruction(applied, before)
         self.in_force = applied
         c = applied.cfg.campaign
         windows = tuple((self.clock.virtual(w.starts_at), self.clock.virtual(w.ends_at))
@@ -446,6 +480,7 @@ class Daemon:
         assert spool is not None
         outcome = await self.runner.deliver(spool, done.applied.cfg, done.named,
                                             max_wait_s=DELIVERY_WAIT_S)
+        self.said.delivered(outcome)
         if outcome.waiting != self._waiting:
             self._waiting = outcome.waiting
             self.runner.say_waiting(outcome, spool)
@@ -494,15 +529,18 @@ class Daemon:
             self._cost_only_the_slot(error, "session")
             return self.clock.now(), False
         counted = slot_counts(done.measured.results)
+        self.said.delivering()
         try:
             await self._stoppable(self.deliver(done), delivery_deadline_s(done.applied.cfg))
         except TimeoutError:
             self.warn(f"delivery paused after {delivery_deadline_s(done.applied.cfg):g} s; "
                       "the rest waits in the spool for the next slot")
+            self.said.delivery_cut()
         except asyncio.CancelledError:
             raise
         except BaseException as error:
             self._cost_only_the_slot(error, "delivery")
+        self.said.slot(done.measured.results, counted, done.measured.spool)
         return self.clock.now(), counted
 
     async def run(self, *, first_now: bool, report_every_s: float) -> int:
@@ -525,7 +563,7 @@ class Daemon:
                 who = f"as probe {probe_id}" if probe_id else (
                     "(probe name not known yet: the collector does not answer; asked at "
                     "each session)")
-                self.warn(f"daemon running {who}, rule {self.cfg.campaign.rule}")
+                log.info(f"daemon running {who}, rule {self.cfg.campaign.rule}")
                 try:
                     await self._campaigns(first_now, report_every_s)
                 except asyncio.CancelledError:
@@ -537,21 +575,20 @@ class Daemon:
                 finally:
                     notify("STOPPING=1")
                     self.control.stop.set()
+                    self.said.stopping(self.store.load())
         finally:
             if site is not None:
                 await site.cleanup()
         if failure is not None:
             raise failure
-        self.warn("daemon stopped; unacknowledged results stay in the spool")
+        log.info("daemon stopped; unacknowledged results stay in the spool")
         return 0
 
     async def _campaigns(self, first_now: bool, report_every_s: float) -> None:
-        if first_now:
-            await self.measure(await self.plan())
-            await self.report(None, None, None)
         c = self.cfg.campaign
         await run_campaigns(self.control, self.store, self.measure, clock=self.clock.now,
                             wait=self.clock.wait, rule=c.rule, timezone=c.timezone,
                             window_days=c.window_days, on_reload=self.reload,
                             plan=self.plan, report=self.report, on_error=self.warn,
-                            report_every_s=report_every_s * self.clock.scale)
+                            report_every_s=report_every_s * self.clock.scale,
+                            first_now=first_now, on_planned=self.said.planned)

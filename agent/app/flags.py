@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from agent import config
 from agent.app.runner import ConfigSource
 from agent.config import AgentConfig
 from agent.errors import ConfigError
@@ -86,7 +87,31 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         obj.setdefault("set", []).extend(value)
     else:
         obj[str(param.name)] = value
+    if param.name == "token":
+        obj["token_from"] = "environment" if from_env else "command line"
     return value
+
+
+# A token on the command line is readable by every local user (ps, /proc/PID/cmdline).
+_ON_ARGV = "the command line, which ps shows to every local user"
+
+
+def token_source(ctx: click.Context, cfg: AgentConfig) -> str:
+    """Where the token ``cfg`` holds came from, for check-config and status: --token, the
+    BBPROBE_TOKEN variable, --set, the config file's collector.token, token_file or the
+    systemd credential; "" when there is none. The config alone cannot tell: --token
+    and the variable arrive as collector.token, as the file's own would."""
+    given = ctx.ensure_object(dict)
+    if given.get("token") is not None:
+        return "BBPROBE_TOKEN (the environment)" if given.get("token_from") == "environment" \
+            else f"--token ({_ON_ARGV})"
+    where = config.token_source(cfg)
+    if where != "config":
+        return where
+    if "collector.token" in parse_set(tuple(given.get("set", ()))):
+        return f"--set collector.token ({_ON_ARGV})"
+    path = given.get("config_path")
+    return f"collector.token in {path}" if path else "collector.token"
 
 
 _SHARED = (

@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent import config, control, health, live
+from agent import config, control, exitcodes, health, live, report
 from agent.client import CollectorClient
 from agent.config import AgentConfig
 from agent.delivery import DeliveryReport, deliver
 from agent.errors import ConfigError, DeliveryError
+from agent.exitcodes import ExitCode
 from agent.probes import session
 from agent.schema import HealthReport, SessionResult, to_dict
 from agent.spool import Spool
@@ -140,8 +141,12 @@ class Runner:
         applied = await self.instructed(cfg)
         if applied.error:
             self.warn(applied.error)
-        if applied.version:
-            progress(f"central instruction {applied.version}")
+        if applied.version and applied.instruction is not None:
+            # Said only when it changes something (most probes hold an empty one).
+            said = report.instruction_line(applied.instruction.settings, applied.version,
+                                           self.source.overrides)
+            if said:
+                progress(said)
         window = applied.instruction.suppression_at(datetime.now(UTC)) \
             if applied.instruction is not None else None
         if window is not None:
@@ -193,14 +198,16 @@ class Runner:
         return Measured(results, shown, spool)
 
     async def deliver(self, spool: Spool, cfg: AgentConfig, probe_id: str | None, *,
-                      max_wait_s: float | None = None) -> DeliveryReport:
+                      max_wait_s: float | None = None, say: Lines | None = None
+                      ) -> DeliveryReport:
         """Everything this token has spooled, oldest first (agent/delivery.py); each
         result set aside is said. ``max_wait_s`` caps the retrying (the daemon's: the
-        next slot must not wait on a collector that is away)."""
+        next slot must not wait on a collector that is away); ``say`` is told what each
+        wait is for (a person at a terminal)."""
         assert self.client is not None  # a spool is made only with a client
         delivery = cfg.delivery if max_wait_s is None else dataclasses.replace(
             cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, max_wait_s))
-        outcome = await deliver(spool, self.client, delivery, probe_id=probe_id)
+        outcome = await deliver(spool, self.client, delivery, probe_id=probe_id, say=say)
         for path, reason in outcome.dead_lettered:
             self.warn(f"a result was set aside ({reason}); kept in {path} (see bbprobe "
                       "dead-letter list)")
@@ -239,29 +246,31 @@ class Runner:
     async def push(self, cfg: AgentConfig, progress: Lines) -> int:
         """Deliver what this token has spooled, measuring nothing (a technician back
         online after a visit without a connection; a probe whose collector was away).
-        The exit code: 0 when nothing of this token's is left in the spool, else
-        DeliveryError's (what is left is kept for the next run or push)."""
+        The exit code: OK when nothing of this token's is left in the spool, else
+        NOT_DELIVERED (what is left is kept for the next run or push)."""
         spool = self.spool(cfg)
         assert spool is not None  # push always has a client
-        outcome = await self.deliver(spool, cfg, await self.probe_id(cfg))
+        outcome = await self.deliver(spool, cfg, await self.probe_id(cfg), say=progress)
         self.say_waiting(outcome, spool)
         progress(f"{len(outcome.delivered)} result(s) and {outcome.gaps_sent} gap "
                  f"record(s) delivered to {cfg.collector.url}")
         if outcome.pending:
             self.warn(f"{outcome.pending} result(s) kept in {spool.dir} for the next run "
                       f"or push" + (f": {outcome.error}" if outcome.error else ""))
-            return DeliveryError.exit_code
-        return 0
+            return ExitCode.NOT_DELIVERED
+        return ExitCode.OK
 
     async def conclude(self, measured: Measured, applied: control.Applied, cfg: AgentConfig,
                        probe_id: str | None, progress: Lines) -> int:
         """A one-shot run after its results were shown: deliver, report health, and the
-        exit code (0: this run's results delivered, or not pushed; DeliveryError's: kept
-        in the spool for the next run)."""
+        exit code: the measurement's (agent/exitcodes.py: FAILED, INVALID) or, when it
+        was measured and valid, the delivery's (OK: delivered, or not pushed;
+        NOT_DELIVERED: kept in the spool for the next run or push)."""
+        measured_code = exitcodes.for_sessions(measured.results)
         spool = measured.spool
         if spool is None:
-            return 0
-        outcome = await self.deliver(spool, cfg, probe_id)
+            return measured_code
+        outcome = await self.deliver(spool, cfg, probe_id, say=progress)
         self.say_waiting(outcome, spool)
         report = self.health(spool, mode="run", campaign=None,
                              instruction_version=applied.version,
@@ -274,11 +283,11 @@ class Runner:
             progress(f"result {', '.join(r.result_id for r in results)} delivered to "
                      f"{cfg.collector.url}"
                      + (f" with {earlier} spooled earlier" if earlier > 0 else ""))
-            return 0
+            return measured_code
         if outcome.error:
-            self.warn(f"result kept in {spool.dir} for the next run ({outcome.pending} "
-                      f"pending): {outcome.error}")
-        return DeliveryError.exit_code
+            self.warn(f"result kept in {spool.dir} for the next run or bbprobe push "
+                      f"({outcome.pending} pending): {outcome.error}")
+        return exitcodes.worst((measured_code, ExitCode.NOT_DELIVERED))
 
 
 def stoppable(main_async: Callable[[], Awaitable[int]], warn: Lines) -> int:

@@ -15,7 +15,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from agent import config, control, report
+from agent import config, control, report, units
 from agent.app.daemon import CampaignStore
 from agent.client import CollectorClient
 from agent.errors import ConfigError, DeliveryError
@@ -115,10 +115,12 @@ class Status:
     owners: list[Backlog]
     mine: Identity | None
     campaign: Campaign | None
+    token_from: str = ""  # agent.app.flags.token_source
 
 
-def read(cfg: config.AgentConfig) -> Status:
-    """The probe's state as state_dir holds it (``collector`` still None)."""
+def read(cfg: config.AgentConfig, token_from: str = "") -> Status:
+    """The probe's state as state_dir holds it (``collector`` still None); ``token_from``
+    says where the token came from (agent.app.flags.token_source)."""
     spool = Spool(cfg.state_dir, cfg.delivery)
     entries = spool.entries()
     dead = [{"id": file_id(p), "file": str(p), "reason": reason(p)}
@@ -135,6 +137,7 @@ def read(cfg: config.AgentConfig) -> Status:
         "dead_letter": dead,
         "counters": spool.stats(),
         "collector": None,
+        "token_source": token_from or None,
         "campaign": None,
     }
     campaign = CampaignStore(cfg.state_dir).load()
@@ -145,11 +148,11 @@ def read(cfg: config.AgentConfig) -> Status:
     doc["instruction"] = None if held is None else {
         "version": held[1].version, "settings": held[1].settings,
         "suppressions": len(held[1].suppressions)}
-    return Status(cfg, doc, spool.dir, owners, mine, campaign)
+    return Status(cfg, doc, spool.dir, owners, mine, campaign, token_from)
 
 
-def _rate(v: float | None) -> str:
-    return "—" if v is None else f"{v / 1e6:.1f}"
+def _when(stamp: str | None) -> str:
+    return report.when(stamp) if stamp else "never"
 
 
 def text(status: Status) -> str:
@@ -158,7 +161,7 @@ def text(status: Status) -> str:
     spooled = doc["spool"]
     lines = [f"spool: {spooled['results']} result(s) waiting ({spooled['bytes'] / 1024:.1f} "
              f"KiB of {cfg.delivery.spool_max_bytes / 1024**2:.0f} MiB)"
-             + (f", oldest started {spooled['oldest_started_at']}"
+             + (f", oldest started {_when(spooled['oldest_started_at'])}"
                 if spooled["results"] else "")
              + f" in {status.spool_dir}"]
     if any(not row["this_token"] for row in spooled["by_identity"]):
@@ -168,22 +171,25 @@ def text(status: Status) -> str:
     dead = doc["dead_letter"]
     lines.append(f"gaps: {doc['gaps_waiting']} gap record(s) waiting to be sent; "
                  f"{counters.get('dropped_total', 0)} result(s) dropped in total")
-    lines.append(f"dead-letter: {len(dead)} result(s) set aside, refused by the collector "
-                 "or damaged (bbprobe dead-letter list|retry|drop)" + (":" if dead else ""))
+    lines.append(f"dead-letter: {len(dead)} result(s) set aside, refused or damaged "
+                 "(bbprobe dead-letter list|retry|drop)" + (":" if dead else ""))
     lines += [f"  {d['file']}: {d['reason']}" for d in dead]
     lines.append(f"delivered: {counters.get('delivered_total', 0)} in total; last attempt "
-                 f"{counters.get('last_attempt_at') or 'never'}, last success "
-                 f"{counters.get('last_success_at') or 'never'}"
+                 f"{_when(counters.get('last_attempt_at'))}, last success "
+                 f"{_when(counters.get('last_success_at'))}"
                  + (f"; last error: {counters['last_error']}"
                     if counters.get("last_error") else ""))
     recent = counters.get("last_results") or []
     if recent:
         lines.append("last results:")
     for r in recent:
-        rtt = "—" if r.get("rtt_mean_ms") is None else f"{r['rtt_mean_ms']:.1f} ms"
-        lines.append(f"  {r['started_at']}  down {_rate(r.get('download_bps'))} / up "
-                     f"{_rate(r.get('upload_bps'))} Mbit/s, RTT {rtt}"
-                     + ("" if r.get("valid", True) else "  INVALID"))
+        why = ", ".join(r.get("invalid_codes") or ())
+        lines.append(f"  {report.when(r['started_at'])}  down "
+                     f"{units.mbit(r.get('download_bps'))} / up "
+                     f"{units.mbit(r.get('upload_bps'))} Mbit/s, RTT "
+                     f"{units.latency(r.get('rtt_mean_ms'))}"
+                     + ("" if r.get("valid", True) else
+                        f"  INVALID{f' ({why})' if why else ''}"))
     if campaign is not None:
         per = CAMPAIGN_RULES[campaign.rule].per_band
         state = "complete" if campaign.complete else \
@@ -195,10 +201,21 @@ def text(status: Status) -> str:
                  f"{'' if campaign.counted[h] >= per else ' !'}" for h in range(24)]
         lines += ["  " + "  ".join(cells[i:i + 8]) for i in range(0, 24, 8)]
     held = doc["instruction"]
-    lines.append("instruction: none received (this file decides)" if held is None else
-                 f"instruction: {held['version']} (last received; "
-                 f"{len(held['settings'])} key(s), {held['suppressions']} "
-                 "suppression window(s); bbprobe check-config shows them)")
+    if held is None or not (held["settings"] or held["suppressions"]):
+        # The collector sends every probe an instruction, most of them empty.
+        lines.append("instruction: none in force (this file and the command line decide)")
+    else:
+        said = report.instruction_line(held["settings"], held["version"]) or \
+            "the collector's instruction sets no key"
+        lines.append(f"instruction: {said}; {held['suppressions']} suppression window(s) "
+                     "(last received; bbprobe check-config shows them)")
+    if status.token_from:
+        lines.append(f"token: from {status.token_from}")
+    elif cfg.collector.client_cert:
+        lines.append(f"token: none; the client certificate {cfg.collector.client_cert} "
+                     "names the probe")
+    elif cfg.collector.url:
+        lines.append("token: not set (collector.token_file, BBPROBE_TOKEN or --token)")
     coll = doc["collector"]
     if coll is None:
         lines.append("collector: not checked" if cfg.collector.url else
@@ -207,7 +224,7 @@ def text(status: Status) -> str:
         lines.append(f"collector: {coll['url']} answers, as probe {coll['probe_id']}")
     else:
         lines.append(f"collector: {coll['url']} unreachable or refusing: {coll['error']}")
-    return "\n".join(lines)
+    return "\n".join(units.fit(lines))
 
 
 def describe(applied: control.Applied, token: str, source: str) -> str:
@@ -217,13 +234,14 @@ def describe(applied: control.Applied, token: str, source: str) -> str:
     m = config.method(cfg)
     lines = [
         "config OK",
-        f"  collector: {cfg.collector.url or '(none: results are not pushed)'}; "
-        f"token: {f'set, from {source}' if token else 'not set'}",
+        f"  collector: {cfg.collector.url or '(none: results are not pushed)'}",
+        f"  token: {f'set, from {source}' if token else 'not set'}",
         f"  state dir: {cfg.state_dir}",
     ]
     inst = applied.instruction
-    if inst is None:
-        lines.append("  instruction: none (this file and the command line decide)")
+    if inst is None or not (inst.settings or inst.suppressions or inst.settings_error):
+        # Every probe receives an instruction; an empty one changes nothing.
+        lines.append("  instruction: none in force (this file and the command line decide)")
     else:
         state = "applied" if applied.version else "NOT applied"
         lines.append(f"  instruction: {inst.version}, {state}; {len(inst.settings)} "
@@ -246,7 +264,7 @@ def describe(applied: control.Applied, token: str, source: str) -> str:
         lines.append(f"  {name}: {t.tests} test(s), {report.describe_method(t)}, "
                      f"up to {t.attempts} attempt{'' if t.attempts == 1 else 's'} of "
                      f"{t.timeout_s:g} s")
-    return "\n".join(lines)
+    return "\n".join(units.fit(lines))
 
 
 # What to do about each host check that would flag a measurement invalid.
@@ -281,9 +299,9 @@ def host_text(host: str, context: HostContext, reasons: Sequence[InvalidReason])
     ]
     if reasons:
         lines.append("A measurement now would be flagged INVALID:")
-        lines += [f"  - {r.detail}: {ADVICE.get(r.code, 'see the README')}"
+        lines += [f"  - {r.detail}: {ADVICE.get(r.code, 'see docs/technician.md')}"
                   for r in reasons]
     else:
         lines.append("All host checks pass. (Cross traffic is checked during the "
                      "transfers themselves.)")
-    return "\n".join(lines)
+    return "\n".join(units.fit(lines))

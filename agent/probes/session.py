@@ -17,11 +17,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from agent import __version__, budget, checks, clock, family, live, spec, summary
+from agent import __version__, budget, checks, clock, family, live, spec, summary, units
 from agent.config import AgentConfig, measurement_server, method, ping_target
 from agent.errors import ProbeSetupError
 from agent.probes import http_download, http_upload, icmp, select
-from agent.probes.transfer import Access
+from agent.probes.transfer import Access, loaded_nothing, stop_when_idle
 from agent.report import describe_method
 from agent.schema import (
     REFUSAL_REASONS,
@@ -181,9 +181,15 @@ async def run_transfers(
                                                        af, on_connect, access=access))
                 pinging = group.create_task(loaded_ping(loaded[0], loaded[1], m, _quiet,
                                                         observe, af))
-            results, under_load = transfer.result(), pinging.result()
+                stop_when_idle(transfer, pinging)
+            results = transfer.result()
+            under_load = None if pinging.cancelled() or loaded_nothing(results) \
+                else pinging.result()
             first = results[0] if results else None
-            if first is not None and first.failure_reason in REFUSAL_REASONS:
+            # A first attempt that moved nothing (its connection refused, then retried)
+            # left the train on an idle line too, as a refused one does.
+            if first is not None and (first.failure_reason in REFUSAL_REASONS or (
+                    loaded_nothing([first]) and not loaded_nothing(results))):
                 under_load = None
                 progress(f"  RTT under load discarded: attempt 1 was refused "
                          f"({first.failure_reason}), so the ping train ran while the "
@@ -193,26 +199,26 @@ async def run_transfers(
                                       access=access)
         for a in results:
             if a.status == "ok" and a.throughput_bps is not None:
-                progress(f"  attempt {a.attempt}: {a.throughput_bps / 1e6:.2f} Mbit/s "
+                progress(f"  attempt {a.attempt}: {units.speed(a.throughput_bps)} "
                          f"({a.streams} stream(s))")
             else:
                 progress(f"  attempt {a.attempt}: failed ({a.failure_reason}: {a.error})")
         if under_load is not None and under_load.summary.rtt_mean_ms is not None:
-            progress(f"  RTT under load: mean {under_load.summary.rtt_mean_ms:.3f} ms, "
-                     f"loss {(under_load.summary.loss_ratio or 0) * 100:.1f} %")
+            progress(f"  RTT under load: mean {units.latency(under_load.summary.rtt_mean_ms)}, "
+                     f"loss {units.percent(under_load.summary.loss_ratio or 0)}")
         attempts.extend(results)
     return attempts, under_load
 
 
 def _cross_traffic(direction: str, attempts: list[TransferAttempt], interface_bytes: int,
-                   access: Access) -> float | None:
+                   access: Access, overhead: float) -> float | None:
     """The direction's cross-traffic ratio: over all its tests, as always; over the
     attempts the server did not refuse when it refused any (checks.line_cross_traffic)."""
     if not attempts:
         return None
     if any(a.failure_reason in REFUSAL_REASONS for a in attempts):
-        return checks.line_cross_traffic(access.metered, direction)
-    return checks.cross_traffic_ratio(interface_bytes, checks.own_bytes(attempts))
+        return checks.line_cross_traffic(access.metered, direction, overhead)
+    return checks.cross_traffic_ratio(interface_bytes, checks.own_bytes(attempts), overhead)
 
 
 def _thresholds(cfg: AgentConfig) -> checks.Thresholds:
@@ -336,8 +342,11 @@ async def run(
         host = urlsplit(base_url).hostname if base_url else ping_target(cfg)
         context = await asyncio.to_thread(checks.observe_host, host or "127.0.0.1", 0.5,
                                           cfg.checks.scan_lan, [ping_target(cfg)], af)
+    unmeasured = checks.cross_traffic_unmeasured(context) if context is not None else None
+    if unmeasured is not None and base_url is not None:
+        progress(unmeasured)
     if base_url is not None:
-        iface = context.interface if context is not None else None
+        iface = context.interface if context is not None and unmeasured is None else None
         if iface is not None:
             access.meter = partial(checks.interface_bytes, iface)
         before = checks.interface_bytes(iface)
@@ -350,12 +359,13 @@ async def run(
         after = checks.interface_bytes(iface)
         transfers = down + up
         if context is not None and before and middle and after:
+            overhead = checks.wire_overhead(context.mtu)
             context = replace(
                 context,
                 download_cross_traffic_ratio=_cross_traffic(
-                    "download", down, middle[0] - before[0], access),
+                    "download", down, middle[0] - before[0], access, overhead),
                 upload_cross_traffic_ratio=_cross_traffic(
-                    "upload", up, after[1] - middle[1], access))
+                    "upload", up, after[1] - middle[1], access, overhead))
     validity = None
     if context is not None:
         reasons = checks.assess(context, _thresholds(cfg))

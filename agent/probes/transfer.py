@@ -22,8 +22,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from agent import live, spec, stats
+from agent import live, neterrors, spec, stats
 from agent.client import parse_retry_after
 from agent.errors import AgentError
 from agent.probes.wire import WireError, reason_code, server_refused, ticket_refusal
@@ -47,12 +48,15 @@ class StreamFailure(AgentError):
     def __init__(
         self, reason: FailureReason, message: str, http_status: int | None = None, *,
         retry_after_s: float | None = None, ticket_code: str | None = None,
+        connection_refused: bool = False,
     ) -> None:
         super().__init__(message)
         self.reason: FailureReason = reason
         self.http_status = http_status
         self.retry_after_s = retry_after_s
         self.ticket_code = ticket_code
+        # The server's host answered that nothing listens (agent/neterrors.py refused).
+        self.connection_refused = connection_refused
 
     @property
     def refused(self) -> bool:
@@ -111,7 +115,9 @@ def classify(exc: BaseException, now: datetime | None = None) -> StreamFailure:
         if (code := ticket_refusal(exc)) is not None:
             return StreamFailure("ticket_refused", f"ticket refused ({code}): {exc}",
                                  exc.status, ticket_code=code)
-        return StreamFailure(_WIRE_REASONS[exc.kind], str(exc), exc.status)
+        return StreamFailure(_WIRE_REASONS[exc.kind], str(exc), exc.status,
+                             connection_refused=exc.kind == "connect" and
+                             neterrors.refused(exc.__cause__))
     if isinstance(exc, TimeoutError):
         return StreamFailure("timeout", "deadline passed")
     if isinstance(exc, OSError):
@@ -244,6 +250,9 @@ class Access:
     meter: Callable[[], tuple[int, int] | None] | None = None
     metered: list[tuple[TransferAttempt, tuple[int, int], tuple[int, int]]] = field(
         default_factory=list)
+    # A test of this session met refused connections on an attempt and on its retry
+    # (run_test): the server is down, so later tests make one attempt each.
+    server_down: bool = False
 
     def headers(self) -> dict[str, str]:
         """What every transfer request carries: the ticket, while it is held."""
@@ -284,10 +293,34 @@ class Access:
 @dataclass(frozen=True, slots=True)
 class Ran:
     """An attempt's record, and the refusal that made it a refused attempt (None: not
-    refused)."""
+    refused); ``unreachable``: every stream's connection was refused (the server is
+    not running: the error), so the attempt moved nothing."""
 
     attempt: TransferAttempt
     refusal: StreamFailure | None = None
+    unreachable: str | None = None
+
+
+def loaded_nothing(attempts: list[TransferAttempt]) -> bool:
+    """Whether a test's attempts all failed without moving a payload byte (its server
+    refused the connection, or answered only with an error status): nothing loaded
+    the line, so a ping train beside them measured an idle one. Pure."""
+    return bool(attempts) and all(a.status == "failed" and a.bytes_total == 0
+                                  for a in attempts)
+
+
+def stop_when_idle(transfer: asyncio.Task[list[TransferAttempt]],
+                   train: asyncio.Task[Any]) -> None:
+    """Cancel ``train`` (the RTT-under-load pings beside ``transfer``) as soon as the
+    transfer ends having moved nothing (``loaded_nothing``: nothing listens at the
+    server): there is no load to be under, and the session need not wait on an idle
+    line for the train's whole window."""
+    def done(task: asyncio.Task[list[TransferAttempt]]) -> None:
+        if not task.cancelled() and task.exception() is None and \
+                loaded_nothing(task.result()):
+            train.cancel()
+
+    transfer.add_done_callback(done)
 
 
 AttemptRunner = Callable[[int, int], Awaitable[Ran]]
@@ -305,10 +338,15 @@ async def run_test(
     after the wait ``access.retry_wait`` gives (the server's Retry-After, capped; at
     once, without the ticket, after a ticket refusal), or, when that allows no retry,
     it stays as the test's last record. Without ``access``, a fresh one (no ticket, the
-    whole allowance for this test alone)."""
+    whole allowance for this test alone). An attempt whose every connection was refused
+    (nothing listens at the server) is retried once, after ``retry_pause_s`` and within
+    ``method.attempts`` (a server restarting, a load balancer's gap); refused again, the
+    server is down (``access.server_down``): the test ends, and each later test of the
+    session makes one attempt only, so a session against a dead server stays short."""
     access = access if access is not None else Access()
     attempts: list[TransferAttempt] = []
     failed = retries = 0
+    refused_before = False  # an attempt of this test found nothing listening
     while True:
         started = clock()
         before = access.meter() if access.meter is not None else None
@@ -321,6 +359,18 @@ async def run_test(
             if ran.attempt.status == "ok":
                 return attempts
             failed += 1
+            if ran.unreachable is not None:
+                said = f"  attempt {ran.attempt.attempt}: the server refused the connection"
+                if refused_before or access.server_down:
+                    # Refused after a retry (here or in an earlier test): nothing listens,
+                    # and more retries would keep the technician waiting for nothing.
+                    access.server_down = True
+                    if failed < method.attempts:
+                        access.progress(f"{said} (not running?): not retried")
+                    return attempts
+                refused_before = True
+                if failed < method.attempts:
+                    access.progress(f"{said}: retry in {retry_pause_s:g} s")
             if failed >= method.attempts:
                 return attempts
             await sleep(retry_pause_s)
@@ -343,7 +393,9 @@ async def run_test(
 
 
 class _Refused(AgentError):
-    """Raised by a refused stream to end its attempt's task group (run_attempt)."""
+    """Raised by a refused stream to end its attempt's task group (run_attempt); also by
+    the last stream whose connection was refused when every other one failed too (no
+    stream left to grow the attempt from)."""
 
 
 StreamFn = Callable[[int, StreamState, float, float | None], Awaitable[None]]
@@ -397,6 +449,9 @@ async def run_attempt(
                 state.http_status = state.failure.http_status
             if state.failure.refused:
                 raise _Refused from None  # ends the attempt: its other streams stop
+            if state.failure.connection_refused and \
+                    all(s.failure is not None for s in states):
+                raise _Refused from None  # no growth: it would meet the same refusal
 
     async def grow(group: asyncio.TaskGroup) -> None:
         """Halfway through the warm-up, raise the stream count from the rate so far; the
@@ -444,6 +499,8 @@ async def run_attempt(
     samples, bytes_total, measured_at = finalize(states)
     refusal = next((s.failure for s in states if s.failure is not None and
                     s.failure.refused), None)
+    unreachable = str(states[0].failure) if bytes_total == 0 and all(
+        s.failure is not None and s.failure.connection_refused for s in states) else None
     failure = refusal or next((s.failure for s in states if s.failure is not None), None)
     if timed_out and failure is None:
         failure = StreamFailure(
@@ -459,4 +516,4 @@ async def run_attempt(
         duration_s=duration_s,
     )
     return Ran(conclude(direction, method, test_index, attempt, started_at, outcome,
-                        measured_at), refusal)
+                        measured_at), refusal, unreachable)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent import family, payload, spec
+from agent import family, neterrors, payload, spec
 from agent.errors import AgentError
 from agent.schema import REASON_CODE_RE
 
@@ -279,8 +279,9 @@ async def _connect(t: Target, on_head: Callable[[int], None] | None,
         raise WireError("connect", f"cannot connect to {t.host_header}: "
                                    f"{family.unresolved(t.host, af, exc)}") from None
     except OSError as exc:
+        # From exc: its errno tells a refusal (nothing listens) from the rest.
         raise WireError("connect", f"cannot connect to {t.host}:{t.port}: "
-                                   f"{exc.strerror or exc}") from None
+                                   f"{neterrors.describe(exc)}") from exc
     if on_connect is not None:
         on_connect(transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
     return conn

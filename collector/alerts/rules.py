@@ -9,7 +9,9 @@ Triggers (``KINDS``):
 - ``below_minimum``: a session's speed (median of its successful tests) below the
   line's contracted minimum, as an early warning only (one session is no verdict), at
   most once per direction and ``below_minimum_every_s``.
-- ``probe_silent``: no report and no result for longer than ``silent_after_s``.
+- ``probe_silent``: no report and no result for longer than ``fleet.silent_after_s``
+  (the fleet view's threshold); and once the probe is heard again, the same alert
+  *resolved* (``status`` "resolved", Alertmanager's word), once per silence.
 - ``campaign_incomplete``: the campaign cannot fill its bands before its deadline
   (fewer whole hours left than bands unfilled), or its deadline passed unfilled.
 - ``dead_letters``: results the InfluxDB copy refused for good, or a probe's spool holds
@@ -18,7 +20,11 @@ Triggers (``KINDS``):
 
 Every alert has a **key**: the same condition makes the same key, and the store keeps
 one alert per key (collector/storage), so an alert is raised once however many
-collector processes evaluate, and however often.
+collector processes evaluate, and however often. A resolution's key is its alert's with
+``RESOLVED_SUFFIX``: resolved once, too.
+
+Durations in subjects are written as a person reads them ("1 min 3 s", "4 h 12 min"),
+times to the second in UTC; the details keep the exact values.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from agent.stats import median
 from collector.compliance.certify import Certificate
 from collector.compliance.facts import SessionFacts
 from collector.config import ALERT_KINDS
+from collector.fleet.view import elapsed
 from collector.storage.model import Probe
 
 KINDS = ALERT_KINDS
@@ -46,6 +53,7 @@ Severity = Literal["critical", "warning", "info"]
 SIGNATURE_HEADER = "X-Bbprobe-Signature"
 TIMESTAMP_HEADER = "X-Bbprobe-Timestamp"
 ID_HEADER = "X-Bbprobe-Alert-Id"
+RESOLVED_SUFFIX = ":resolved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,11 @@ class Alert:
     severity: Severity
     subject: str
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """"firing", or "resolved" for the notice that a condition ended."""
+        return "resolved" if self.details.get("status") == "resolved" else "firing"
 
 
 def _line(probe: Probe) -> dict[str, Any]:
@@ -89,6 +102,11 @@ def below_minimum(probe: Probe, facts: SessionFacts, every_s: float) -> list[Ale
     return out
 
 
+def _when(moment: str) -> str:
+    """A stored time as a subject shows it: UTC, to the second."""
+    return format_utc(parse_utc(moment))[:19].replace("T", " ") + " UTC"
+
+
 def silent(probe: Probe, last_seen: str | None, now: datetime, after_s: float) -> Alert | None:
     """A probe not seen for longer than ``after_s``; one alert per silence (the key is
     the moment it was last seen). A probe never seen is not silent: it was never set up."""
@@ -99,8 +117,28 @@ def silent(probe: Probe, last_seen: str | None, now: datetime, after_s: float) -
         return None
     return Alert("probe_silent", f"probe_silent:{probe.name}:{last_seen}", probe.name,
                  "warning",
-                 f"{probe.name}: silent for {silent_s / 3600:.1f} h (last seen {last_seen})",
-                 {"last_seen": last_seen, "silent_s": round(silent_s, 1), **_line(probe)})
+                 f"{probe.name}: silent for {elapsed(silent_s)} (last seen {_when(last_seen)})",
+                 {"status": "firing", "last_seen": last_seen, "silent_s": round(silent_s, 1),
+                  **_line(probe)})
+
+
+def back(probe: Probe, key: str, firing: Mapping[str, Any], last_seen: str | None
+         ) -> Alert | None:
+    """The silence alert ``key`` (with its ``firing`` details) resolved: the probe has
+    been heard since it was last seen before the silence. Only alerts that say they are
+    "firing" are resolved (those raised before resolutions existed are not, so an
+    upgrade does not announce every silence of the last keep_days as over)."""
+    before = firing.get("last_seen")
+    if firing.get("status") != "firing" or not isinstance(before, str) or last_seen is None:
+        return None
+    gap_s = (parse_utc(last_seen) - parse_utc(before)).total_seconds()
+    if gap_s <= 0:
+        return None
+    return Alert("probe_silent", key + RESOLVED_SUFFIX, probe.name, "info",
+                 f"{probe.name}: heard again at {_when(last_seen)}, after {elapsed(gap_s)} "
+                 f"without word (last seen before: {_when(before)})",
+                 {"status": "resolved", "resolves": key, "last_seen_before": before,
+                  "last_seen": last_seen, "silent_s": round(gap_s, 1), **_line(probe)})
 
 
 def _moment(value: Any) -> str:
@@ -174,6 +212,7 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
         return None
     started, deadline, unfilled = found
     campaign = report["campaign"]
+    deadline_text = format_utc(deadline)
     hours_left = max(0.0, (deadline - now).total_seconds() / 3600)
     missed: list[int] = []
     if unfilled_bands is not None and zone is not None:
@@ -185,9 +224,9 @@ def campaign_incomplete(probe: Probe, report: Mapping[str, Any], now: datetime,
     return Alert("campaign_incomplete",
                  f"campaign_incomplete:{probe.name}:{_day_of(started)}",
                  probe.name, "warning",
-                 f"{probe.name}: the campaign started {started} cannot complete: "
-                 f"{unfilled} band(s) unfilled, {hours_left:.1f} h left before "
-                 f"{campaign['deadline_at']}"
+                 f"{probe.name}: the campaign started {_when(started)} cannot complete: "
+                 f"{unfilled} band(s) unfilled, {elapsed(hours_left * 3600)} left before "
+                 f"{_when(deadline_text)}"
                  + (f" (bands {', '.join(f'{b:02d}h' for b in missed)} do not come round "
                     "again)" if missed else ""),
                  {"campaign_started_at": started, "deadline_at": campaign["deadline_at"],
@@ -277,13 +316,14 @@ def test_alert(now: str) -> Alert:
 
 def payload(alert_id: int, created_at: str, alert: Alert) -> dict[str, Any]:
     """The webhook's JSON document (and Apprise's body, as text)."""
-    return {"id": alert_id, "kind": alert.kind, "severity": alert.severity,
-            "probe": alert.probe, "subject": alert.subject, "created_at": created_at,
-            "details": dict(alert.details)}
+    return {"id": alert_id, "kind": alert.kind, "status": alert.status,
+            "severity": alert.severity, "probe": alert.probe, "subject": alert.subject,
+            "created_at": created_at, "details": dict(alert.details)}
 
 
 def title(alert: Alert) -> str:
-    return f"[bbprobe {alert.severity}] {alert.kind.replace('_', ' ')}" + \
+    label = "resolved" if alert.status == "resolved" else alert.severity
+    return f"[bbprobe {label}] {alert.kind.replace('_', ' ')}" + \
         (f": {alert.probe}" if alert.probe else "")
 
 

@@ -8,7 +8,9 @@ Every ``alerts.interval_s``:
    newest session, the InfluxDB dead letters). Each alert not raised before is recorded
    with a pending delivery for every notifier its kind is routed to, in one
    transaction; a key raised before (by this process, another one, or before a
-   restart) is skipped, so an alert is raised once.
+   restart) is skipped, so an alert is raised once. A silent probe heard again
+   resolves its silence's alert: a "resolved" alert of the same kind (so it reaches
+   the notifiers the silence reached), keyed on the silence's, so once per silence.
 2. **Deliver**: lease the due deliveries to the notifiers this process knows (a process
    that dies leaves its leases to expire; one that stops gives them back), send them
    concurrently, each within ``alerts.timeout_s``, and record each outcome: delivered;
@@ -56,9 +58,10 @@ from collector.storage.store import AlertStore, OutboxStore, ProbeStore, ReportS
 log = logging.getLogger("bbprobe.collector")
 
 
-class Watched(control.ProbedFleet, ReportStore, OutboxStore, Protocol):
+class Watched(control.ProbedFleet, ReportStore, OutboxStore, AlertStore, Protocol):
     """What the alert conditions are read from: the probes, the fleet's health and
-    activity, the sessions' facts, the outbox's dead letters."""
+    activity, the sessions' facts, the outbox's dead letters, the silences raised (to
+    resolve them)."""
 
 
 class Certifying(ProbeStore, ReportStore, AlertStore, Protocol):
@@ -134,12 +137,14 @@ def evaluate(store: Watched, cfg: CollectorConfig, now: datetime, outbox: bool,
     out: list[Alert] = []
     final: list[tuple[str, str]] = []
     # validity_days=0: the rows' validity counts are not needed here (and cost a scan).
-    for row in control.fleet_rows(store, cfg.fleet.silent_after_s, 0, now, versions=False):
+    rows = control.fleet_rows(store, cfg.fleet.silent_after_s, 0, now, versions=False)
+    for row in rows:
         probe = probes.get(row["probe_id"])
         with _per_row("results", row["probe_id"]):
             if probe is not None and (alert := alerts.silent(probe, row["last_seen"], now,
-                                                             a.silent_after_s)):
+                                                             cfg.fleet.silent_after_s)):
                 out.append(alert)
+    out.extend(_resolved(store, probes, {r["probe_id"]: r["last_seen"] for r in rows}))
     for name, (_received, _skew, report) in store.health().items():
         probe = probes.get(name)
         if probe is None:
@@ -158,6 +163,24 @@ def evaluate(store: Watched, cfg: CollectorConfig, now: datetime, outbox: bool,
                                                        letters[-1]["failed_at"])):
         out.append(dead)
     return out, final
+
+
+def _resolved(store: AlertStore, probes: Mapping[str, Probe],
+              last_seen: Mapping[str, str | None]) -> list[Alert]:
+    """The resolutions due: a silence alert with none yet whose probe has been heard
+    since (a revoked probe's silence stays open; rotating its token re-enables it)."""
+    kept = store.alerts_of_kind("probe_silent")
+    done = {key for key, _probe, _details in kept if key.endswith(alerts.RESOLVED_SUFFIX)}
+    out = []
+    for key, name, details in kept:
+        probe = probes.get(name or "")
+        if probe is None or key.endswith(alerts.RESOLVED_SUFFIX) or \
+                key + alerts.RESOLVED_SUFFIX in done:
+            continue
+        with _per_row("alerts", key):
+            if (back := alerts.back(probe, key, details, last_seen.get(probe.name))):
+                out.append(back)
+    return out
 
 
 @contextlib.contextmanager
@@ -222,7 +245,8 @@ def record(store: AlertStore, found: Sequence[Alert], routes_: Sequence[tuple[st
         if ident is not None:
             ids.append(ident)
             # WARNING: the level the collector's log shows (it configures no handler).
-            log.warning("alert %d raised: %s", ident, alert.subject)
+            log.warning("alert %d %s: %s", ident,
+                        "resolved" if alert.status == "resolved" else "raised", alert.subject)
     return ids
 
 

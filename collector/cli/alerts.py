@@ -39,8 +39,9 @@ def _text(rows: list[dict[str, Any]]) -> str:
         return "no alerts"
     lines = []
     for r in rows:
+        resolved = isinstance(r["details"], dict) and r["details"].get("status") == "resolved"
         lines.append(f"#{r['id']} {r['created_at']} {r['severity']:<8} {r['kind']:<19} "
-                     f"{_plain(r['subject'])}")
+                     + ("RESOLVED " if resolved else "") + _plain(r["subject"]))
         for d in r["deliveries"]:
             extra = d["delivered_at"] if d["state"] == "delivered" else \
                 f"{d['attempts']} attempt(s)" + (f", next {d['next_at']}"

@@ -15,9 +15,8 @@ import click
 
 from agent.clierrors import error_boundary
 from collector import safetext
-from collector.config import CollectorConfig, load
+from collector.config import CollectorConfig, load, warn_on_stderr
 from collector.errors import ApiError, CollectorError, InputError, StoreError
-from collector.reports import service
 from collector.scope import Scope, resolve_scope
 from collector.storage.sql.backends import open_store
 from collector.storage.store import Store
@@ -72,7 +71,15 @@ def load_config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
         chosen = {"storage.backend": "postgresql", "storage.url": db}
     merged = {k: v for k, v in {**chosen, **overrides}.items() if v is not None}
-    return load(given.get("config_path"), merged)
+    # A command reads the config more than once: each warning is printed once.
+    warned: set[str] = given.setdefault("warned", set())
+
+    def warn(line: str) -> None:
+        if line not in warned:
+            warned.add(line)
+            warn_on_stderr(line)
+
+    return load(given.get("config_path"), merged, warn=warn)
 
 
 def shown(value: str) -> str:
@@ -111,20 +118,23 @@ def scope_options(fn: F) -> F:
     fn = click.option("--technology", help="Only probes on this access technology.")(fn)
     fn = click.option("--region", help="Only probes in this region.")(fn)
     fn = click.option("--offer", help="Only probes on this offer.")(fn)
-    fn = click.option("--operator", help="Only probes of this operator.")(fn)
+    fn = click.option("--operator", help="Only probes of this operator (metadata in any "
+                                         "case; a value no probe has is an error).")(fn)
     fn = click.option("--period", help="Calendar period: YYYY, YYYY-H1 or YYYY-H2.")(fn)
     fn = click.option("--until", help="End (exclusive): ISO date or timestamp.")(fn)
     fn = click.option("--since", help="Start (inclusive): ISO date or timestamp.")(fn)
-    fn = click.option("--probe", "probes", multiple=True, help="Probe name (repeatable).")(fn)
+    fn = click.option("--probe", "probes", multiple=True,
+                      help="Probe name (repeatable; an unknown name is an error).")(fn)
     return fn
 
 
 def chosen_scope(store: Store, probes: tuple[str, ...], since: str | None,
                  until: str | None, period: str | None, filters: dict[str, Any]) -> Scope:
-    """The scope the ``scope_options`` given choose (metadata filters read the store)."""
+    """The scope the ``scope_options`` given choose: a probe name that is not registered,
+    or metadata that selects no probe, is refused with the nearest names (exit 2)."""
     return resolve_scope(list(probes) or None, since, until, period,
                          filters={k: v for k, v in filters.items() if v},
-                         matching=lambda wanted: service.probes_matching(store, wanted))
+                         known=store.probes)
 
 
 def emit_as(fmt: str, **renderings: Callable[[], str]) -> None:
@@ -138,8 +148,10 @@ def listed(lines: Sequence[str], empty: str) -> str:
 
 
 def emit(text: str, output: str | None) -> None:
-    """Print, or write a file whole (temp file + rename: never a half-written report)."""
-    if output is None:
+    """Print, or write a file whole (temp file + rename: never a half-written report).
+    ``-o -`` is stdout, as for curl, tar and every tool that takes -o: even where the
+    format's default is a file (html)."""
+    if output is None or output == "-":
         echo(text, nl=False)
         return
     # A lone surrogate stored by an older release is replaced, not a traceback.

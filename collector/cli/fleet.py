@@ -26,12 +26,14 @@ from collector.errors import InputError
 from collector.fleet import control
 from collector.fleet import view as fleet
 from collector.fleet.rules import Selector, selector
+from collector.scope import no_match
+from collector.storage.store import ProbeStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def selector_options(fn: F) -> F:
-    """The report scopes' probe selectors, plus --all."""
+    """The report scopes' probe selectors (metadata in any case), plus --all."""
     for name, text in (("technology", "on this access technology"),
                        ("region", "in this region"), ("offer", "on this offer"),
                        ("operator", "of this operator"), ("probe", "this probe only")):
@@ -44,6 +46,20 @@ def _selector(every: bool, given: dict[str, Any]) -> Selector:
         return selector(given, every)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _warn_if_empty(store: ProbeStore, chosen: Selector, what: str) -> None:
+    """A rule or window on metadata no registered probe has today is kept (it may be
+    meant for probes added later), with a warning on stderr naming the nearest values:
+    a typo must not pass for a rule in force."""
+    if chosen.every or chosen.probe is not None:
+        return
+    live = [p for p in store.probes() if p.revoked_at is None]
+    if any(chosen.matches(p) for p in live):
+        return
+    _field, why = no_match(chosen.to_dict(), live)
+    echo(f"bbprobe-collector: warning: {what} {chosen.describe()} selects no probe today "
+         f"({why}); it applies to probes registered later with that metadata", err=True)
 
 
 @click.group()
@@ -68,7 +84,10 @@ def instruction_set(ctx: click.Context, /, every: bool, pairs: tuple[str, ...],
     except InstructionError as exc:
         raise InputError(str(exc)) from None
     with database(ctx) as store:
+        # The stored rule that selects the same probes, in its own spelling, if any.
+        chosen = control.stored_selector(store, chosen)
         settings = control.set_instruction(store, chosen, put)
+        _warn_if_empty(store, chosen, "the rule")
     echo(f"rule {chosen.describe()}: {json.dumps(settings, sort_keys=True)}")
 
 
@@ -83,6 +102,11 @@ def instruction_unset(ctx: click.Context, /, every: bool, keys: tuple[str, ...],
     """Remove KEYS from the rule of the selected probes (an emptied rule is deleted)."""
     chosen = _selector(every, given)
     with database(ctx) as store:
+        chosen = control.stored_selector(store, chosen, removing=True)
+        if not any(r.selector == chosen for r in control.rules(store)):
+            # A typo here would otherwise print "(deleted)" for a rule that never was.
+            raise InputError(f"no rule {chosen.describe()} (`instruction list` shows the "
+                             "rules)")
         settings = control.set_instruction(store, chosen, {}, keys)
     echo(f"rule {chosen.describe()}: "
                + (json.dumps(settings, sort_keys=True) if settings else "(deleted)"))
@@ -122,10 +146,15 @@ def instruction_list(ctx: click.Context, fmt: str) -> None:
     """Every rule, least specific first."""
     with database(ctx) as store:
         rules = sorted(control.rules(store), key=lambda r: (r.selector.rank(), r.updated_at))
+    # Rules stored before selectors ignored case may select the same probes: flagged.
+    same = control.twins(rules)
     shown = [{"selector": r.selector.to_dict(), "selects": r.selector.describe(),
-              "settings": r.settings, "updated_at": r.updated_at} for r in rules]
-    lines = [safetext.terminal(f"{r.selector.describe()}  ({r.updated_at}): "
-                               f"{json.dumps(r.settings, sort_keys=True)}") for r in rules]
+              "settings": r.settings, "updated_at": r.updated_at,
+              "same_probes_as": same.get(r.selector.key(), [])} for r in rules]
+    lines = [safetext.terminal(
+        f"{r.selector.describe()}  ({r.updated_at}): {json.dumps(r.settings, sort_keys=True)}"
+        + (f"  [selects the same probes as {' and '.join(same[r.selector.key()])}: "
+           "remove one]" if r.selector.key() in same else "")) for r in rules]
     emit_as(fmt, json=lambda: json.dumps(shown, indent=2) + "\n",
             text=lambda: listed(lines, "no instruction rules: every probe follows its own file"))
 
@@ -164,6 +193,7 @@ def suppress(ctx: click.Context, /, every: bool, starts: str | None, ends: str |
             raise InputError("suppress: give --from, --until and --reason (or --list, "
                              "or --delete ID)")
         window = control.add_window(store, _selector(every, given), starts, ends, reason)
+        _warn_if_empty(store, window.selector, "the window")
     echo(f"suppression window {window.id}: {window.selector.describe()} "
          f"{window.starts_at} .. {window.ends_at} ({window.reason})")
 
@@ -183,7 +213,7 @@ def fleet_command(ctx: click.Context, fmt: str) -> None:
                                           "silent_after_s": cfg.silent_after_s,
                                           "probes": rows}, indent=2) + "\n",
             csv=lambda: fleet.format_csv(rows),
-            text=lambda: fleet.format_text(rows, cfg.silent_after_s))
+            text=lambda: fleet.format_text(rows, cfg.silent_after_s, cfg.validity_days))
 
 
 COMMANDS = (instruction, suppress, fleet_command)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from agent.schema import utc_now
 from collector.cli.common import (
     database,
     echo,
@@ -27,7 +28,7 @@ from collector.storage.model import Probe
 
 @click.group()
 def probe() -> None:
-    """Register, list and revoke probes."""
+    """Register, list and revoke probes; replace a probe's token (rotate)."""
 
 
 def line_options(fn: Any) -> Any:
@@ -86,6 +87,8 @@ def probe_set(ctx: click.Context, /, name: str, **line: Any) -> None:
 
 def _probe_line(p: Probe) -> str:
     state = f"revoked {p.revoked_at}" if p.revoked_at else "active"
+    if p.rotated_at:
+        state += f", token replaced {p.rotated_at}"
     extra = ", ".join(f"{k}={v}" for k, v in p.to_dict().items()
                       if k not in ("probe_id", "created_at", "revoked_at") and v is not None)
     return f"{p.name}  ({state}; created {p.created_at}){'  ' + extra if extra else ''}"
@@ -120,19 +123,44 @@ def revoke_command(group: click.Group, holder: admin.Holder, summary: str) -> No
         echo(f"{holder} {name!r} revoked")
 
 
-revoke_command(probe, "probe", "Revoke NAME's token at once (its stored results stay).")
+revoke_command(probe, "probe", "Revoke NAME's token at once (its stored results stay; "
+               "`probe rotate NAME` gives it a new token and re-enables it).")
+
+
+@probe.command("rotate")
+@shared_options
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def probe_rotate(ctx: click.Context, name: str) -> None:
+    """Give probe NAME a new token and print it (shown this once only): the old token is
+    refused from the next request, and a client certificate issued before now is
+    refused from now on (server.client_cert: the replacement needs one issued after
+    this); the name, line metadata and results stay. For a lost SD card or a leaked
+    token. A revoked probe is re-enabled under the new token. Put the token in the
+    probe's token_file (or BBPROBE_TOKEN) and restart its daemon."""
+    now = utc_now()
+    with database(ctx) as store:
+        token, revoked_at = admin.rotate_probe(store, name, now)
+    again = f" (revoked since {revoked_at}: re-enabled)" if revoked_at else ""
+    echo(f"probe {name!r}: new token follows{again}; the old one no longer works "
+         "(shown once, stored hashed). A client certificate issued before now "
+         f"({now}) is refused from now on: give the device one issued after it.", err=True)
+    echo(token)
 
 
 @click.group()
 def token() -> None:
-    """Analyst and admin tokens for the API and the HTML pages."""
+    """Analyst and admin tokens for the API and the HTML pages; metrics tokens for
+    Prometheus."""
 
 
 @token.command("add")
 @shared_options
 @click.argument("name")
 @click.option("--role", type=click.Choice(admin.ROLES), default="analyst",
-              show_default=True, help="analyst: read; admin: read and administer probes.")
+              show_default=True, help="analyst: read; admin: read and administer probes; "
+              "metrics: GET /metrics only (for Prometheus: it reads no report or result).")
 @click.pass_context
 @handle_errors
 def token_add(ctx: click.Context, name: str, role: str) -> None:
@@ -141,6 +169,9 @@ def token_add(ctx: click.Context, name: str, role: str) -> None:
         secret = admin.add_token(store, name, role)
     echo(secret)
     echo(f"{role} token {name!r} created; keep it now, it is not shown again", err=True)
+    if role == "metrics":
+        echo("it reads GET /metrics only: save it alone in the file Prometheus's "
+             "credentials_file names (`bbprobe-collector files prometheus.yml`)", err=True)
 
 
 @token.command("list")

@@ -14,6 +14,7 @@ import click
 
 from agent.schema import utc_now
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE
+from collector import exports
 from collector.cli.common import (
     chosen_scope,
     database,
@@ -58,10 +59,11 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
 @click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
 @format_option("text", "json", "csv", "html",
                help="html: a standalone page with plots, written to a file.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write here instead of stdout (html default: bbprobe-report.html).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write here instead of stdout; - is stdout (html default: "
+                   "bbprobe-report.html).")
 @click.option("--timezone", default="Europe/Rome", show_default=True,
-              help="Local time of the hour bands and time axes (html).")
+              help="Local time of the hour bands (coverage, html time axes).")
 @click.option("--include-invalid", is_flag=True,
               help="Count sessions the agents flagged invalid (left out by default).")
 @click.option("--include-customer", is_flag=True,
@@ -102,7 +104,8 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
             text = html_report.render_view(view, check_timezone(timezone), utc_now())
             output = output or "bbprobe-report.html"
         else:
-            result = service.compliance(store, where, table, include_invalid, customers)
+            result = service.compliance(store, where, table, include_invalid, customers,
+                                        check_timezone(timezone))
     if fmt == "json":
         text = json.dumps(formats.report_dict(result, where), indent=2,
                           ensure_ascii=False) + "\n"
@@ -118,14 +121,14 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
 @scope_options
 @click.option("--include-invalid", is_flag=True,
               help="Also export sessions the agents flagged invalid.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write here instead of stdout.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write here instead of stdout (- is stdout).")
 @click.pass_context
 @handle_errors
 def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
             until: str | None, period: str | None, include_invalid: bool, output: str | None,
             **filters: Any) -> None:
-    """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok):
+    """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok,unit):
     the input of `evaluate --samples`, so a scope can be re-evaluated offline, against
     other targets or in a spreadsheet."""
     with database(ctx) as store:
@@ -136,8 +139,10 @@ def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
 
 @click.command()
 @shared_options
-@click.option("--samples", "samples_path", required=True, type=click.Path(dir_okay=False),
-              help="CSV: probe_id,timestamp,kind,value,ok (one row per test).")
+@click.option("--samples", "samples_path", required=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="CSV: probe_id,timestamp,kind,value,ok[,unit] (one row per test); - "
+                   "reads stdin (`samples | evaluate --samples -`).")
 @click.option("--targets", "targets_path", help="Targets TOML (default: compliance.targets).")
 @format_option("text", "json")
 @click.pass_context
@@ -155,7 +160,11 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
     table = targets_mod.load(targets_path or load_config(ctx).compliance.targets)
     path = Path(samples_path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        if samples_path == "-":
+            with click.open_file("-", encoding="utf-8-sig") as stdin:
+                text = stdin.read()
+        else:
+            text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -194,10 +203,12 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 @click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
               help="The IP version (required for a line measured over both: a campaign "
                    "each).")
-@format_option("text", "json", "html",
-               help="html: a printable page to hand over, written to a file.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write here instead of stdout (html default: certificate-PROBE.html).")
+@format_option("text", "json", "csv", "html",
+               help="csv: one row per check (the export convention); html: a printable "
+                    "page to hand over, written to a file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write here instead of stdout; - is stdout (html default: "
+                   "certificate-PROBE.html).")
 @click.pass_context
 @handle_errors
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
@@ -207,6 +218,8 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
         cert = service.certificate(store, probe, since, until, rule, timezone, family)
     if fmt == "json":
         text = json.dumps(formats.certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
+    elif fmt == "csv":
+        text = exports.to_csv(exports.certificate_rows(cert), exports.CERTIFICATE_COLUMNS)
     elif fmt == "html":
         text = html_report.certificate_page(cert, utc_now())
         output = output or f"certificate-{probe}.html"
@@ -215,7 +228,8 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
     emit(text, output)
 
 
-COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "missing",
+# probe_id, as in every CSV (collector/exports.py); the JSON says "probe".
+COMPLETENESS_COLUMNS = ("probe_id", "day", "delivered", "expected", "documented", "missing",
                         "discontinuities", "duplicates")
 
 
@@ -228,7 +242,7 @@ COMPLETENESS_COLUMNS = ("probe", "day", "delivered", "expected", "documented", "
 def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
                  until: str | None, period: str | None, fmt: str, **filters: Any) -> None:
     """Per probe per day: sessions delivered / expected, and the missing sequence numbers
-    that no gap record explains (goal C8; agents of schema v4 number their sessions)."""
+    that no gap record explains (agents number their sessions from result schema 4 on)."""
     from collector.compliance.completeness import format_text
 
     with database(ctx) as store:
@@ -236,7 +250,8 @@ def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | No
         rows = service.completeness(store, where)
     emit_as(fmt,
             json=lambda: formats.format_json({"completeness": [r.to_dict() for r in rows]}),
-            csv=lambda: formats.format_csv((r.to_dict() for r in rows), COMPLETENESS_COLUMNS),
+            csv=lambda: formats.format_csv(({"probe_id": r.probe, **r.to_dict()}
+                                            for r in rows), COMPLETENESS_COLUMNS),
             text=lambda: format_text(rows))
 
 

@@ -32,23 +32,29 @@ from collector.storage.uri import masked
 @click.option("--addr-file", help="Write the bound URL to this file once listening.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Processes serving the same port (SO_REUSEPORT), to use every core; "
-                   "most useful with PostgreSQL (README, Scaling out).")
+                   "most useful with PostgreSQL (docs/operator.md, Scaling out).")
 @click.option("--role", type=click.Choice(["all", "ingest", "measurement"]),
               help="What to serve (overrides server.role; default all): everything; "
                    "ingest (ingestion, queries, reports, admin: no measurement "
                    "endpoints); or measurement (the HTTP, ndt7 and LibreSpeed endpoints "
                    "and the speed-test page only: no database, no targets table).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="What the log on stderr says (overrides log.level; default info: a "
+                   "line per result received and per request; warning: problems only).")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str | None,
-          workers: int, role: str | None) -> None:
-    """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT."""
+          workers: int, role: str | None, log_level: str | None) -> None:
+    """Serve ingestion, queries and measurement endpoints until SIGTERM/SIGINT. Logs
+    key=value lines on stderr (the journal under systemd): [log] in the config."""
     from collector.server import app
     from collector.server import workers as workers_mod
+    from collector.web import accesslog
 
     cfg = resolve_secrets(load_config(ctx, **{"server.host": host, "server.port": port,
                                               "server.addr_file": addr_file,
-                                              "server.role": role}))
+                                              "server.role": role,
+                                              "log.level": log_level}))
     cli_tickets.check(cfg)
     role = cfg.server.role
     if role == "measurement":
@@ -66,6 +72,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, addr_file: str
                                masked(cfg.storage.url))
         if role == "ingest":
             where += ", no measurement endpoints"
+
+    # Before any worker is forked: each starts the log's writing thread of its own.
+    accesslog.configure(cfg.log.level, cfg.log.access)
 
     def ready(url: str) -> None:
         processes = f", {workers} processes" if workers > 1 else ""

@@ -103,8 +103,8 @@ def migrate(ctx: click.Context, target: str, page: int, full: bool,
 @click.pass_context
 @handle_errors
 def compact(ctx: click.Context, batch: int, vacuum: bool) -> None:
-    """Pack the bodies of results stored before bbprobe 0.2 (stored as JSON text) as new
-    ones are: losslessly, in about a sixth of the bytes. Safe while the collector runs
+    """Pack result bodies stored as plain JSON text (by a version that did not pack them)
+    as new ones are: losslessly, in about a sixth of the bytes. Safe while the collector runs
     (bodies are packed outside any transaction, then written in one short transaction
     per batch), and safe to interrupt and run again. A body the current schema cannot
     read is left as text and counted."""

@@ -3,16 +3,25 @@ line meet its contract? Pure: results and contract in, certificate out.
 
 - Campaign: measurements spread over the 24 hourly bands of local time. Rule "96in24h"
   (Ne.Me.Sys since about 2019): 4 sessions in every band; rule "24in72h" (2010-2012): 1
-  per band. A session counts for its band when it completed a measurement (a successful
-  download, a successful upload and a ping train that sent packets).
+  per band. A session counts for its band by the agent's own rule (agent/schedule.py
+  ``fills_band``: valid, a successful download, a successful upload and a ping train
+  that sent packets, not started inside a suppression window), so the certificate's
+  band table and the daemon's campaign count the same sessions the same way.
+- Suppression windows (LMAP's suppression) over the line: their time is no campaign
+  time. A session that started inside one (by hand, or by an agent that did not know the
+  window) is listed, named with the window, and neither fills its band nor adds a
+  sample. Every sentence the certificate prints about a window is derived from the
+  sessions listed (``Suppressed.sessions_inside``, ``bands_short``), never assumed.
 - Verdict against the contract (probe line metadata): "banda minima" (5th percentile of
   per-test speed) below the guaranteed minimum in either direction, "ritardo massimo"
   (95th percentile of delay) above the maximum, or loss above the maximum: a breach. Any
   one breach qualifies (AGCOM, Relazione annuale 2012). A campaign with any band short is
   "incomplete": never a verdict. Sessions the agent flagged invalid are listed but
   neither fill a band nor contribute a sample.
-- Delay here is the ICMP round trip by default, as Ne.Me.Sys stores and certifies it;
-  ``delay_basis="rtt_half"`` judges the one-way estimate instead.
+- Delay here is the 95th percentile of the ICMP round trip by default, as Ne.Me.Sys
+  stores and certifies it; ``delay_basis="rtt_half"`` judges the one-way estimate
+  instead. (The Allegato 2 report, collector/compliance/evaluate.py, judges the
+  operator's generic targets on the mean delay: another statistic, said on both pages.)
 - Attempts the measurement server refused (for capacity, HTTP 429 or a bbprobe server's
   503, or its refusal of the ticket; facts.is_refusal) are not the line's: no sample, no
   failure.
@@ -28,6 +37,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from agent import stats
+from agent.schedule import band_of, bands_filled, fills_band
 from agent.schema import parse_utc
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRule
 from collector.compliance.facts import SessionFacts
@@ -66,18 +76,23 @@ class SessionLine:
     invalid_codes: tuple[str, ...] = ()
     # Attempts the measurement server refused in this session (not in the speeds).
     refused_attempts: int = 0
+    # The reason of the suppression window the session started inside (not counted, no
+    # sample), or None.
+    suppressed_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Suppressed:
-    """A suppression window (collector/fleet/rules.py ``Window``) over the campaign: no
-    session was started in it, so its hourly bands were filled later in the campaign
-    window, or not at all."""
+    """A suppression window (collector/fleet/rules.py ``Window``) over the campaign, with
+    what the sessions say of it: those that started inside it (listed, not counted) and
+    which of the bands it covers are still short of the rule."""
 
     starts_at: str
     ends_at: str
     reason: str
     bands: tuple[int, ...]  # local hour bands the window covers
+    sessions_inside: tuple[str, ...] = ()  # result ids of sessions started inside it
+    bands_short: tuple[int, ...] = ()  # of ``bands``, those short of the rule's count
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +116,34 @@ class Certificate:
     # Attempts the measurement server refused over the campaign, (server, attempts)
     # sorted by server, of every session listed: none of them in a check.
     refused_by_server: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def bands_filled(self) -> int:
+        """Bands with the rule's count: the figure the agent reports (bands filled)."""
+        return bands_filled(self.band_counts, self.rule.per_band)
+
+    @property
+    def sessions_counted(self) -> int:
+        return sum(self.band_counts)
+
+    @property
+    def sessions_required(self) -> int:
+        """Sessions still missing for a complete campaign (no band's surplus counts
+        for another band)."""
+        return sum(max(0, self.rule.per_band - n) for n in self.band_counts)
+
+
+Window = tuple[str, str, str]  # (starts_at, ends_at, reason), UTC text
+
+
+def window_of(started_at: str, windows: Sequence[Window]) -> Window | None:
+    """The first window [starts_at, ends_at) that ``started_at`` falls in, or None
+    (compared as instants, whatever the text's precision)."""
+    moment = parse_utc(started_at)
+    for window in windows:
+        if parse_utc(window[0]) <= moment < parse_utc(window[1]):
+            return window
+    return None
 
 
 def families(results: Sequence[SessionFacts]) -> list[str]:
@@ -128,11 +171,11 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             rule: CampaignRule = CAMPAIGN_RULES[DEFAULT_CAMPAIGN_RULE],
             timezone: str = "Europe/Rome",
             delay_basis: Literal["rtt", "rtt_half"] = "rtt",
-            suppressed: Sequence[tuple[str, str, str]] = (),
+            suppressed: Sequence[Window] = (),
             family: str | None = None) -> Certificate:
     """``suppressed``: (starts_at, ends_at, reason) of the suppression windows over the
-    period, shown with the bands they cover (they change no number)."""
-    zone = ZoneInfo(timezone)
+    period: sessions started inside one are listed and not counted, and each window is
+    shown with the bands it covers and the sessions inside it."""
     counts = [0] * 24
     listed: list[SessionLine] = []
     down: list[float] = []
@@ -143,8 +186,13 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
     scale = 0.5 if delay_basis == "rtt_half" else 1.0
     refused: dict[str, int] = {}
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
+    inside: dict[Window, list[str]] = {}
     for r in ordered:
-        band = parse_utc(r.started_at).astimezone(zone).hour
+        band = band_of(parse_utc(r.started_at), timezone)
+        window = window_of(r.started_at, suppressed)
+        why = window[2] if window is not None else None
+        if window is not None:
+            inside.setdefault(window, []).append(r.result_id)
         if r.refused_attempts:
             server = r.refused_server or ""
             refused[server] = refused.get(server, 0) + r.refused_attempts
@@ -152,12 +200,21 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             # Not evidence about the line: listed, never counted, its band still to fill.
             listed.append(SessionLine(r.result_id, r.started_at, band, False,
                                       r.speeds("download"), r.speeds("upload"), r.rtts_ms,
-                                      False, r.invalid_codes, r.refused_attempts))
+                                      False, r.invalid_codes, r.refused_attempts, why))
             continue
-        counted = r.completed
+        rtts = r.rtts_ms
+        if window is not None:
+            # No campaign time: listed, never counted, no sample (as the daemon, which
+            # starts no session there).
+            listed.append(SessionLine(r.result_id, r.started_at, band, False,
+                                      r.speeds("download"), r.speeds("upload"), rtts,
+                                      refused_attempts=r.refused_attempts,
+                                      suppressed_by=why))
+            continue
+        counted = fills_band(r.valid, (t.direction for t in r.transfers if t.ok),
+                             r.pings_sent)
         if counted:
             counts[band] += 1
-        rtts = r.rtts_ms
         listed.append(SessionLine(r.result_id, r.started_at, band, counted,
                                   r.speeds("download"), r.speeds("upload"), rtts,
                                   refused_attempts=r.refused_attempts))
@@ -187,7 +244,9 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
               line.download_min_kbps, stats.percentile(down, 5), len(down)),
         check("upload_p5_kbps", "Banda minima in upload (percentile 5%)", "kbit/s", "<",
               line.upload_min_kbps, stats.percentile(up, 5), len(up)),
-        check("delay_p95_ms", "Ritardo massimo (percentile 95%)", "ms", ">",
+        check("delay_p95_ms", "Ritardo massimo: percentile 95% "
+              + ("del tempo di andata e ritorno (RTT)" if delay_basis == "rtt"
+                 else "del ritardo di sola andata (RTT / 2)"), "ms", ">",
               line.max_delay_ms, stats.percentile(delays, 95), len(delays)),
         check("loss_ratio", "Tasso di perdita dei pacchetti", "ratio", ">",
               line.max_loss_ratio, stats.loss_ratio(sent, sent - lost), sent),
@@ -226,8 +285,16 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         last=ordered[-1].started_at if ordered else None,
         band_counts=tuple(counts), complete=complete, checks=checks,
         sessions=tuple(listed), verdict=verdict,
-        suppressions=tuple(Suppressed(a, b, why, covered_bands(a, b, timezone))
-                           for a, b, why in suppressed),
+        suppressions=tuple(_window(w, timezone, tuple(inside.get(w, ())), counts,
+                                   rule.per_band) for w in suppressed),
         family=family,
         refused_by_server=tuple(sorted(refused.items())),
     )
+
+
+def _window(window: Window, timezone: str, sessions: tuple[str, ...],
+            counts: Sequence[int], per_band: int) -> Suppressed:
+    starts_at, ends_at, reason = window
+    bands = covered_bands(starts_at, ends_at, timezone)
+    return Suppressed(starts_at, ends_at, reason, bands, sessions,
+                      tuple(b for b in bands if counts[b] < per_band))

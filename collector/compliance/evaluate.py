@@ -1,6 +1,6 @@
 """Pure compliance evaluation: session results + targets -> one verdict per indicator.
 
-Definitions (README "How each indicator is computed"):
+Definitions (docs/analyst.md, "How each indicator is measured and computed"):
 - speeds: every successful transfer attempt is one per-test speed sample (kbit/s);
   "banda massima" is their 95th percentile and "banda minima" their 5th;
 - transfer failure rate: failed attempts / all attempts, per direction; attempts the
@@ -15,13 +15,22 @@ Definitions (README "How each indicator is computed"):
   the round trip. Judged when the targets table gives ``jitter_mean_ms``, else reported
   as information.
 A train that could not start (no ICMP permission) sent nothing and counts nowhere.
+
+What the report judges is the targets table's (an operator's generic Allegato 2 targets),
+over whatever sessions the scope holds; ``Coverage`` says how much of the day those
+sessions span, so a verdict on a few minutes of sessions is never read as a line's
+verdict. A line against its own contract, over a campaign of every hourly band, is the
+certificate (certify.py), which judges delay on the 95th percentile of the round trip,
+not on the mean.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 from agent import stats
 from agent.schema import SessionResult
@@ -82,7 +91,9 @@ class Observations:
         self.add_refused(facts.refused_server or "", facts.refused_attempts)
         if not facts.valid:
             self.invalid_sessions += 1
-            for code in facts.invalid_codes:
+            # Sessions per reason: a session that gave one reason twice (cross traffic in
+            # the download and in the upload) is one session with that reason.
+            for code in set(facts.invalid_codes):
                 self.invalid_reasons[code] = self.invalid_reasons.get(code, 0) + 1
             if not self.invalid_included:
                 return
@@ -125,6 +136,50 @@ class IndicatorResult:
     measurable: bool = True
 
 
+# Hour bands a scope's sessions must touch for its report to speak of the line across
+# the day: every one of the 24 local hours (a 244/08 campaign asks 4 or 1 sessions in
+# each; a report asks no count, but a scope missing an hour band says nothing of it).
+COVERAGE_BANDS = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How much of the day a scope's (counted) sessions cover, from their UTC hours:
+    the first and last hour (local, aware), how many sessions, and the local hour bands
+    with at least one."""
+
+    timezone: str
+    sessions: int
+    first_hour: datetime | None
+    last_hour: datetime | None
+    bands: tuple[int, ...]
+
+    @property
+    def representative(self) -> bool:
+        return len(self.bands) >= COVERAGE_BANDS
+
+    @property
+    def span(self) -> timedelta:
+        """From the start of the first hour with a session to the end of the last."""
+        if self.first_hour is None or self.last_hour is None:
+            return timedelta(0)
+        return self.last_hour - self.first_hour + timedelta(hours=1)
+
+
+def coverage_of(hours: Sequence[tuple[str, int]], timezone: str) -> Coverage:
+    """The coverage of sessions counted per UTC hour (``("YYYY-MM-DDTHH", sessions)``,
+    as the store's hourly rows give them); local bands in ``timezone`` (whole-hour
+    offsets, as every zone a campaign uses has)."""
+    zone = ZoneInfo(timezone)
+    moments = sorted(datetime.strptime(h, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+                     for h, n in hours if n)
+    return Coverage(
+        timezone, sum(n for _, n in hours),
+        moments[0].astimezone(zone) if moments else None,
+        moments[-1].astimezone(zone) if moments else None,
+        tuple(sorted({m.astimezone(zone).hour for m in moments})))
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     targets_name: str
@@ -148,6 +203,11 @@ class Report:
     # (Observations.refusals_known).
     refused_by_server: tuple[tuple[str, int], ...] = ()
     refusals_known: bool = True
+    # "rtt_half": delay judged as the one-way estimate RTT / 2; "rtt": the round trip.
+    delay_basis: str = "rtt_half"
+    # How much of the day the sessions cover (service.compliance adds it; None: not
+    # known, as for a samples file evaluated offline).
+    coverage: Coverage | None = None
 
     @property
     def refused_attempts(self) -> int:
@@ -235,6 +295,7 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         informational=informational,
         refused_by_server=tuple(sorted(obs.refused_by_server.items())),
         refusals_known=obs.refusals_known,
+        delay_basis=opts.delay_basis,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"
@@ -244,9 +305,9 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
                              "server refused for capacity (HTTP 429, or 503 from a bbprobe "
                              "server) or whose ticket it refused are counted apart and not "
                              "in the failure rate",
-            "delay": "one-way = RTT / 2 (ICMP echo, symmetric path)"
+            "delay": "mean of the one-way delay, RTT / 2 (ICMP echo, symmetric path)"
             if opts.delay_basis == "rtt_half"
-            else "round-trip time of ICMP echo",
+            else "mean of the round-trip time of ICMP echo",
             "delay_stdev": "sample standard deviation (n - 1)",
             "loss": "pings without reply / pings sent"
             if opts.loss_formula == "plain"

@@ -7,7 +7,7 @@ million session rows and twice as many transfer rows (docs/benchmarks.md). The J
 stays the master copy; the facts are rebuilt from it by a store migration.
 
 - a transfer fact per attempt: direction, ok, per-test speed (kbit/s; None when failed),
-  the same sample the evaluator has always used (one per attempt, README);
+  the same sample the evaluator has always used (one per attempt, docs/analyst.md);
 - ping facts per session: pings sent and lost, the RTT moments (n, mean, M2) so the mean
   and standard deviation of a whole scope merge exactly (``agent.stats.Moments``), and
   every raw RTT for the certificate's per-line percentile, and the jitter terms

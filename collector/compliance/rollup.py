@@ -48,7 +48,7 @@ class DayRollup:
     download_kbps: bytes = b""
     upload_kbps: bytes = b""
     invalid_sessions: int = 0
-    invalid_codes: str = "{}"  # JSON {code: count}, keys sorted
+    invalid_codes: str = "{}"  # JSON {code: sessions with it}, keys sorted
     # Jitter terms of the valid sessions (facts.jitter_terms), summed.
     jitter_sum_ns: int = 0
     jitter_pairs: int = 0
@@ -104,7 +104,8 @@ def add_session(day: DayRollup, facts: SessionFacts) -> DayRollup:
             day.refused_servers, facts.refused_server, facts.refused_attempts))
     if not facts.valid:
         codes = json.loads(day.invalid_codes)
-        for code in facts.invalid_codes:
+        # Sessions per reason (a reason given twice in one session is one session).
+        for code in set(facts.invalid_codes):
             codes[code] = codes.get(code, 0) + 1
         return replace(day, invalid_sessions=day.invalid_sessions + 1,
                        invalid_codes=json.dumps(codes, sort_keys=True))
@@ -195,7 +196,7 @@ def observe_sessions(obs: Observations, sessions: Iterable[SessionRow],
     for sent, lost, n, mean, m2, valid, codes in sessions:
         if not valid:
             invalid_n += 1
-            for code in codes.split():
+            for code in set(codes.split()):
                 reasons[code] = reasons.get(code, 0) + 1
             if not included:
                 continue

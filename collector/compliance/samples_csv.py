@@ -1,12 +1,15 @@
 """Offline evaluation input: one CSV row per test, parsed strictly (pure).
 
-Columns (any order, all required, no others):
+Columns (any order; the first five required, no others):
     probe_id   the probe or line the row belongs to
     timestamp  ISO 8601 (a timestamp without offset is taken as UTC)
     kind       download | upload | ping
     value      kbit/s for a transfer, RTT in ms for a ping; empty for a failed transfer
                or a lost ping
     ok         true | false
+    unit       optional: the value's unit, kbit/s for a transfer and ms for a ping (the
+               collector's export writes it, as every long CSV it writes states its
+               unit: collector/exports.py); a file without it means the same
 
 Rows with the same probe_id and timestamp count as one session (a session export stamps
 its ping, download and upload rows with the session start).
@@ -33,7 +36,9 @@ from agent.stats import Moments
 from collector.compliance.evaluate import Observations
 
 COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok")
+OPTIONAL = ("unit",)
 KINDS = ("download", "upload", "ping")
+UNITS = {"download": "kbit/s", "upload": "kbit/s", "ping": "ms"}
 MAX_REPORTED = 50
 
 
@@ -65,6 +70,9 @@ def _row_problem(row: dict[str, str]) -> tuple[str | None, tuple[str, datetime, 
     kind = row["kind"].strip().lower()
     if kind not in KINDS:
         return f"kind: must be download, upload or ping, got {row['kind']!r}", None
+    unit = (row.get("unit") or "").strip()
+    if "unit" in row and unit != UNITS[kind]:
+        return f"unit: must be {UNITS[kind]} for {kind}, got {row['unit']!r}", None
     ok_text = row["ok"].strip().lower()
     if ok_text not in ("true", "false"):
         return f"ok: must be true or false, got {row['ok']!r}", None
@@ -92,7 +100,7 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in COLUMNS if c not in header]
-    unknown = [h for h in header if h not in COLUMNS]
+    unknown = [h for h in header if h not in (*COLUMNS, *OPTIONAL)]
     if missing or unknown:
         parts = []
         if missing:
@@ -100,7 +108,8 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
         if unknown:
             parts.append(f"unknown column(s) {', '.join(unknown)}")
         parsed.errors.append(f"{source}:1: header: {'; '.join(parts)} "
-                             f"(expected {', '.join(COLUMNS)})")
+                             f"(expected {', '.join(COLUMNS)}, and optionally "
+                             f"{', '.join(OPTIONAL)})")
         return parsed
     reader.fieldnames = header
     obs = parsed.observations
@@ -109,8 +118,8 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
     for row in reader:
         line = reader.line_num
         parsed.rows += 1
-        if None in row or any(row.get(c) is None for c in COLUMNS):
-            parsed.errors.append(f"{source}:{line}: row: expected {len(COLUMNS)} fields")
+        if None in row or any(row.get(c) is None for c in header):
+            parsed.errors.append(f"{source}:{line}: row: expected {len(header)} fields")
             continue
         problem, fields = _row_problem(row)
         if problem is not None or fields is None:

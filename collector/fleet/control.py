@@ -6,7 +6,9 @@ agent/instruction.py)."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence, Set
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ from collector.fleet.rules import (
     merged,
     selector_from_key,
 )
+from collector.scope import as_stored, unknown_probe
 from collector.storage.model import Probe
 from collector.storage.store import FleetStore, ProbeStore, ReportStore
 
@@ -118,8 +121,7 @@ def set_instruction(store: Instructing, selector: Selector, put: Mapping[str, An
         check_settings(put)
     except InstructionError as exc:
         raise Unacceptable(str(exc), field=exc.key or None) from None
-    if selector.probe is not None and store.probe(selector.probe) is None:
-        raise NotFound(f"no probe named {selector.probe!r}", field="probe")
+    selector = stored_selector(store, selector, removing=not put)
     others = [r for r in rules(store) if r.selector != selector]
     affected = [p for p in store.probes() if p.revoked_at is None and selector.matches(p)]
     # Read before the rule's transaction: the probes whose last session ran dual stack.
@@ -182,7 +184,7 @@ def _check_combined(all_rules: Sequence[Rule], probes: Sequence[Probe],
 def effective_for(store: ProbedFleet, name: str, now: str | None = None) -> Effective:
     probe = store.probe(name)
     if probe is None:
-        raise NotFound(f"no probe named {name!r}", field="probe")
+        raise unknown_probe(name, [p.name for p in store.probes()])
     moment = now or utc_now()
     return effective(rules(store), windows(store, moment), probe, moment)
 
@@ -209,8 +211,7 @@ def add_window(store: ProbedFleet, selector: Selector, starts_at: str, ends_at: 
     if (problem := text_problem(reason)) is not None:
         # A NUL was a 500 on PostgreSQL; a surrogate, every reader's.
         raise Unacceptable(f"reason: {problem}", field="reason")
-    if selector.probe is not None and store.probe(selector.probe) is None:
-        raise NotFound(f"no probe named {selector.probe!r}", field="probe")
+    selector = _as_stored(store, selector)
     created = utc_now()
     forget = format_utc(datetime.now(UTC) - timedelta(days=KEEP_ENDED_DAYS))
     ident = store.add_suppression(selector.key(), start, end, reason.strip(), created,
@@ -218,6 +219,60 @@ def add_window(store: ProbedFleet, selector: Selector, starts_at: str, ends_at: 
     if ident is None:
         raise Unacceptable(f"at most {MAX_WINDOWS} windows not yet over; delete one first")
     return Window(ident, selector, start, end, reason.strip(), created)
+
+
+def stored_selector(store: ProbedFleet, selector: Selector, removing: bool = False
+                    ) -> Selector:
+    """The selector whose stored rule a change of ``selector`` changes: the stored rule
+    that selects the same probes (``Selector.folded``, the fold matching uses), in the
+    spelling it was stored in, or for a new rule ``selector`` spelt as the probes store
+    it. Rules stored before selectors ignored case can fold alike (--region lazio beside
+    --region Lazio): a change is then refused naming them, except a removal spelt
+    exactly as one of them, which is how the operator keeps only one."""
+    same = sorted((r for r in rules(store) if r.selector.folded() == selector.folded()),
+                  key=lambda r: r.updated_at)
+    if len(same) == 1:
+        return same[0].selector
+    if len(same) > 1:
+        if removing and any(r.selector == selector for r in same):
+            return selector
+        raise Unacceptable(twins_problem(store, same), field="selector")
+    return _as_stored(store, selector)
+
+
+def twins(all_rules: Sequence[Rule]) -> dict[str, list[str]]:
+    """Each rule (by its key) that another rule folds alike to, with the others'
+    selectors as the command line writes them (``instruction list`` flags them)."""
+    by_fold: dict[tuple[str | None, ...], list[Rule]] = {}
+    for rule in all_rules:
+        by_fold.setdefault(rule.selector.folded(), []).append(rule)
+    return {r.selector.key(): [o.selector.describe() for o in group if o is not r]
+            for group in by_fold.values() if len(group) > 1 for r in group}
+
+
+def twins_problem(store: ProbeStore, same: Sequence[Rule]) -> str:
+    """One line naming rules that select the same probes, and the command that removes
+    one: the one not spelt as the probes spell it (the one that matched nothing before
+    selectors ignored case), else the oldest."""
+    probes = store.probes()
+    drop = next((r for r in same
+                 if as_stored(r.selector.to_dict(), probes) != r.selector.to_dict()), same[0])
+    names = [r.selector.describe() for r in same]
+    words = [w for f, v in drop.selector.to_dict().items() for w in (f"--{f}", v)]
+    return (f"rules {', '.join(names[:-1])} and {names[-1]} select the same probes "
+            "(selectors ignore case); remove one, spelt exactly as stored: "
+            f"`bbprobe-collector instruction unset "
+            f"{shlex.join([*words, *sorted(drop.settings)])}`")
+
+
+def _as_stored(store: ProbeStore, selector: Selector) -> Selector:
+    """The selector with its metadata spelt as the probes store it (collector/scope.py:
+    matching ignores case, so --region lazio is the rule of --region Lazio); a probe it
+    names must be registered (NotFound with the nearest names)."""
+    probes = store.probes()
+    if selector.probe is not None and selector.probe not in {p.name for p in probes}:
+        raise unknown_probe(selector.probe, [p.name for p in probes])
+    return replace(selector, **as_stored(selector.to_dict(), probes))
 
 
 def _when(text: str, name: str) -> str:
@@ -249,8 +304,9 @@ def record_health(store: FleetStore, probe: str, raw: Mapping[str, Any],
 def fleet_rows(store: ProbedFleet, silent_after_s: float, validity_days: int,
                now: datetime | None = None, versions: bool = True) -> list[dict[str, Any]]:
     """One fleet row per active probe. ``versions=False`` skips working out each probe's
-    current instruction (most of the cost): the rows' instruction_current is then None,
-    and nothing else changes (the metrics need only seen, silent and healthy)."""
+    current instruction (most of the cost): the rows' instruction_current, summary and
+    settings are then None, and a suppression is known only from the probe's own
+    report (the metrics and the alerts need only seen, silent and healthy)."""
     moment = now or datetime.now(UTC)
     health = store.health()
     since = format_utc(moment - timedelta(days=validity_days))
@@ -260,7 +316,7 @@ def fleet_rows(store: ProbedFleet, silent_after_s: float, validity_days: int,
     # Probes on the same line metadata with no rule or window of their own share their
     # instruction: worked out once per such group, not once per probe.
     own = {r.selector.probe for r in all_rules} | {w.selector.probe for w in all_windows}
-    known: dict[tuple[str | None, ...], str] = {}
+    known: dict[tuple[str | None, ...], tuple[Effective, str]] = {}
     out = []
     for probe in store.probes():
         if probe.revoked_at is not None:
@@ -269,17 +325,18 @@ def fleet_rows(store: ProbedFleet, silent_after_s: float, validity_days: int,
         group = (probe.name if probe.name in own else None, line.operator, line.offer,
                  line.region, line.technology)
         if versions and group not in known:
-            known[group] = effective(all_rules, all_windows, probe,
-                                     text_now).document["version"]
+            found = effective(all_rules, all_windows, probe, text_now)
+            known[group] = (found, found.document["version"])
+        eff, version = known.get(group, (None, ""))
         try:
             row = fleet.row(probe, health.get(probe.name), activity.get(probe.name),
-                            known.get(group, ""), moment, silent_after_s)
+                            version, moment, silent_after_s, eff)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             # A health report no reader can interpret costs its own probe's details,
             # never the fleet's view: the row is shown without it.
             unreadable.skipped("health", probe.name, exc)
-            row = fleet.row(probe, None, activity.get(probe.name), known.get(group, ""),
-                            moment, silent_after_s)
+            row = fleet.row(probe, None, activity.get(probe.name), version, moment,
+                            silent_after_s, eff)
         if not versions:
             row["instruction_current"] = None
         out.append(row)

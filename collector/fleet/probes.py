@@ -19,10 +19,11 @@ from collector.errors import NotFound, Unacceptable
 from collector.lines import TECHNOLOGIES, LineMetadata, canonical_technology
 from collector.storage.store import ProbeStore
 
-# Who holds a secret: a probe (it delivers results) or a person's token (role analyst
-# reads; admin also administers probes).
+# Who holds a secret: a probe (it delivers results) or a token (role analyst reads;
+# admin also administers probes; metrics reads GET /metrics and nothing else, so the
+# Prometheus server that holds it cannot read a report or a result).
 Holder = Literal["probe", "token"]
-ROLES = ("analyst", "admin")
+ROLES = ("analyst", "admin", "metrics")
 
 
 def register_probe(store: ProbeStore, name: str, line: LineMetadata) -> str:
@@ -36,10 +37,29 @@ def register_probe(store: ProbeStore, name: str, line: LineMetadata) -> str:
     return token
 
 
+def rotate_probe(store: ProbeStore, name: str,
+                 at: str | None = None) -> tuple[str, str | None]:
+    """Give probe ``name`` a new token and return it (the only time it exists in clear),
+    with when the probe had been revoked (None: it was live). The old token is refused
+    from the next request, and so is a client certificate issued before ``at`` (now if
+    not given): a certificate is the device's other credential, and the lost or leaked
+    device holds it too, so the replacement gets one issued after the rotation. The
+    probe keeps its name, line metadata and results, so a replaced SD card or a leaked
+    token does not split a line's history. A revoked probe is live again: revoking is
+    the emergency stop for a lost device, and rotating is how its replacement comes
+    back under the same name."""
+    token = auth.new_token()
+    found, revoked_at = store.rotate_probe(name, auth.hash_token(token), at or utc_now())
+    if not found:
+        raise NotFound(f"no probe named {name!r} (`probe add` registers one)", "probe_id")
+    return token, revoked_at
+
+
 def add_token(store: ProbeStore, name: str, role: str) -> str:
-    """Create an analyst or admin token and return it (the only time it exists in clear)."""
+    """Create an analyst, admin or metrics token and return it (the only time it exists
+    in clear)."""
     if role not in ROLES:
-        raise Unacceptable(f"role must be analyst or admin, got {role!r}", "role")
+        raise Unacceptable(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
     if not PROBE_ID_RE.fullmatch(name):
         raise Unacceptable(f"token name {name!r} must be 1-64 characters of letters, "
                            "digits, '.', '_', '-'", "name")

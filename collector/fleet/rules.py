@@ -26,6 +26,7 @@ from typing import Any
 
 from agent.schema import acting_char
 from collector.lines import canonical_technology
+from collector.scope import fold, line_matches
 from collector.storage.model import Probe
 
 SELECTOR_FIELDS = ("probe", "operator", "offer", "region", "technology")
@@ -49,8 +50,16 @@ class Selector:
     def matches(self, probe: Probe) -> bool:
         if self.probe is not None and self.probe != probe.name:
             return False
-        return all(getattr(self, f) is None or getattr(self, f) == getattr(probe.line, f)
-                   for f in SELECTOR_FIELDS[1:])
+        # Metadata in any case, as the report scopes match it (collector/scope.py).
+        return line_matches(probe.line, {f: getattr(self, f) for f in SELECTOR_FIELDS[1:]
+                                         if getattr(self, f) is not None})
+
+    def folded(self) -> tuple[str | None, ...]:
+        """The selector as ``matches`` compares it (probe name exact, metadata folded):
+        two rules with equal folds select the same probes, so they are one rule to every
+        lookup (``instruction set/unset``), whatever case each was stored in."""
+        return (self.probe, *(None if getattr(self, f) is None else fold(getattr(self, f))
+                              for f in SELECTOR_FIELDS[1:]))
 
     def rank(self) -> tuple[int, int]:
         """Sort key, least specific first."""

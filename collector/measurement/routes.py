@@ -8,9 +8,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from agent import payload
-from collector.config import MeasurementConfig
-from collector.measurement import http, librespeed, ndt7
-from collector.measurement.page import page
+from collector.config import AnonymousConfig, MeasurementConfig
+from collector.measurement import http, librespeed, ndt7, page
 from collector.measurement.slots import (
     CAPACITY_LIMITER,
     GATE,
@@ -25,15 +24,30 @@ from collector.metrics import Metrics
 from collector.routing import Routes
 
 
-def add_page(routes: Routes, *, record: bool = True) -> None:
-    """The speed-test page (served even when the endpoints are off: it says so);
-    ``record=False``: it does not post its result (a measurement-only server)."""
-    text = page(record)
+def add_page(routes: Routes, *, record: bool = True,
+             anonymous: AnonymousConfig | None = None) -> None:
+    """The speed-test page and its style sheet and script (served even when the endpoints
+    are off: it says so); ``record=False``: it does not post its result (a
+    measurement-only server); ``anonymous``: the retention its privacy note states."""
+    text = page.page(record, anonymous)
+    files = page.assets()
 
     async def speedtest(request: web.Request) -> web.Response:
-        return web.Response(text=text, content_type="text/html")
+        return web.Response(text=text, content_type="text/html", headers=page.PAGE_HEADERS)
 
-    routes.get("/speedtest", speedtest, role="public")
+    async def asset(request: web.Request) -> web.Response:
+        found = files.get(request.match_info["asset"])
+        if found is None:
+            raise web.HTTPNotFound()
+        # Named by a digest of its content: a new version has a new name, so this one
+        # may be cached for good.
+        return web.Response(body=found.body, content_type=found.content_type, headers={
+            **page.PAGE_HEADERS, "Cache-Control": "public, max-age=31536000, immutable"})
+
+    with routes.measurement():  # a page load is part of a test: counted, not a line each
+        routes.get("/speedtest", speedtest, role="public")
+        routes.get(r"/speedtest/{asset:speedtest\.[0-9a-f]{12}\.(?:css|js)}", asset,
+                   role="public")
 
 
 def add_routes(routes: Routes, cfg: MeasurementConfig,
@@ -50,6 +64,7 @@ def add_routes(routes: Routes, cfg: MeasurementConfig,
     if gate is not None:
         routes.app[GATE] = gate
     payload.file()  # generate the random payload now, not during the first test
-    http.add_routes(routes)
-    librespeed.add_routes(routes)
-    ndt7.add_routes(routes, store_subtest)
+    with routes.measurement():
+        http.add_routes(routes)
+        librespeed.add_routes(routes)
+        ndt7.add_routes(routes, store_subtest)

@@ -13,23 +13,41 @@ Plots (collector/reports/plots.py, inline SVG):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from agent import stats
+from agent.spec import DEFAULT_CAMPAIGN_RULE
 from collector import __version__
 from collector.compliance.certify import Certificate
-from collector.compliance.evaluate import Observations, Report
+from collector.compliance.evaluate import Observations, Report, coverage_of
 from collector.reports import plots
+from collector.reports.sentences import (
+    CONTRACT_ELSEWHERE,
+    REPORT_ELSEWHERE,
+    bands_sentence,
+    certificate_judges,
+    certify_command,
+    coverage_caveat,
+    coverage_sentence,
+    delay_statistic,
+    local_time,
+    report_command,
+    report_judges,
+    session_state,
+    window_sentence,
+)
 from collector.reports.service import ReportView
 from collector.reports.text import (
-    SHORT_NAMES,
     customer_sentence,
     format_value,
     invalid_sentence,
     refused_sentence,
+    short_name,
+    show_rtts,
+    show_speeds,
 )
 from collector.safetext import html as escape
 from collector.scope import Scope
@@ -181,6 +199,7 @@ table { border-collapse: collapse; } td, th { padding: 0.3em 0.8em; text-align: 
   border-bottom: 1px solid #ddd; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .pass { color: #1b7d2c; font-weight: 600; } .fail { color: #b00020; font-weight: 600; }
 .nodata { color: #777; }
+.warning { background: #fff4e0; border-left: 4px solid #e08a00; padding: 0.4em 0.8em; }
 .verdict { display: inline-block; padding: 0.2em 0.8em; border-radius: 4px; color: #fff;
   font-weight: 700; }
 .verdict-pass { background: #1b7d2c; } .verdict-fail { background: #b00020; }
@@ -204,6 +223,19 @@ document.querySelectorAll("svg.plot").forEach(function (svg) {
     var box = m.getBBox(); if (box.width > 0 || box.height > 0) { drawn += 1; }
   });
   var r = svg.getBoundingClientRect();
+  // Labels the viewBox cuts (an axis label or tick past the plot's edge): none wanted.
+  var view = svg.viewBox.baseVal, clipped = [];
+  svg.querySelectorAll("text").forEach(function (t) {
+    var b = t.getBBox(), m = t.getCTM(), p = svg.createSVGPoint(), xs = [], ys = [];
+    [[b.x, b.y], [b.x + b.width, b.y], [b.x, b.y + b.height],
+     [b.x + b.width, b.y + b.height]].forEach(function (c) {
+      p.x = c[0]; p.y = c[1]; var q = m ? p.matrixTransform(
+        svg.getCTM().inverse().multiply(m)) : p; xs.push(q.x); ys.push(q.y); });
+    if (Math.min.apply(null, xs) < view.x - 0.5 || Math.max.apply(null, xs) > view.x +
+        view.width + 0.5 || Math.min.apply(null, ys) < view.y - 0.5 ||
+        Math.max.apply(null, ys) > view.y + view.height + 0.5) { clipped.push(t.textContent); }
+  });
+  svg.setAttribute("data-clipped-labels", clipped.join(" | "));
   svg.setAttribute("data-drawn-marks", String(drawn));
   svg.setAttribute("data-drawn-size", Math.round(r.width) + "x" + Math.round(r.height));
 });
@@ -215,18 +247,42 @@ def _word(passed: bool | None) -> tuple[str, str]:
         passed]
 
 
+def _link(href: str | None, text: str, command: str) -> str:
+    """A link to the other page when served (``href``), and the command that gives it
+    either way (a standalone file links nowhere)."""
+    shown = f'<a href="{escape(href)}">{escape(text)}</a>' if href is not None \
+        else escape(text)
+    return f"{shown} (<code>{escape(command)}</code>)"
+
+
 def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[HourRow],
            timezone: str, generated_at: str, delay_scale: float = 0.5,
-           title: str = "Allegato 2 compliance report") -> str:
+           title: str = "Allegato 2 compliance report", base: str | None = None) -> str:
+    """``base``: the served page's relative path to the site root ("" at /report,
+    "../../" under /api/v1/), for the link to a line's certificate; None for a file."""
+    from urllib.parse import quote
+
     zone = ZoneInfo(timezone)
     kind, buckets = time_buckets(hourly, zone)
+    # The coverage in this page's zone: the same hours as its plots.
+    coverage = coverage_of([(h.hour, h.sessions) for h in hourly], timezone)
+    probes = scope.probes or ()
+    if len(probes) == 1:
+        href = None if base is None else \
+            f"{base}api/v1/certificate?probe={quote(probes[0])}&format=html"
+        other = _link(href, f"the certificate of {probes[0]}", certify_command(probes[0]))
+    else:
+        href = None if base is None else base or "./"
+        other = _link(href, "each line's certificate (front page)",
+                      "bbprobe-collector certify --probe NAME")
+
     rows = []
     for r in (*report.indicators, *report.informational):
         word, css = _word(r.passed) if r.target is not None else ("INFO", "nodata")
         target = f"{r.comparison} {format_value(r.target, r.unit)}" \
             if r.target is not None else "(none in the table)"
         rows.append(
-            f"<tr><td>{escape(SHORT_NAMES.get(r.id, r.name))}<br><small><code>{r.id}</code>"
+            f"<tr><td>{escape(short_name(r, report.delay_basis))}<br><small><code>{r.id}</code>"
             f"</small></td><td class=num>{escape(format_value(r.observed, r.unit))}</td>"
             f"<td class=num>{escape(target)}"
             f"</td><td class=num>{r.samples:,}</td><td class={css}>{word}</td></tr>")
@@ -243,8 +299,12 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f"<p><b>Targets:</b> {escape(report.targets_name)}<br><b>Source:</b> "
         f"{escape(report.targets_source)} (delibere {escape(', '.join(report.regulation))})"
         f"<br><b>Scope:</b> {escape(scope.describe())}; {report.sessions:,} session(s)</p>"
+        f'<p class="judges"><b>What this report judges:</b> '
+        f"{escape(report_judges(report))}. {escape(CONTRACT_ELSEWHERE)} {other}.</p>"
+        f'<p class="coverage{"" if coverage.representative else " warning"}">'
+        f"<b>Coverage:</b> {escape(coverage_sentence(coverage))}.</p>"
         f'<p>Verdict: <span class="verdict verdict-{report.verdict}">'
-        f"{report.verdict.upper()}</span></p></header>",
+        f"{report.verdict.upper()}</span>{escape(coverage_caveat(coverage))}</p></header>",
         "<section><h2>Indicators</h2><table><tr><th>Indicator</th><th>Observed</th>"
         f"<th>Target</th><th>Samples</th><th>Result</th></tr>{''.join(rows)}</table>"
         f"<p>{escape(failures)}.</p>"
@@ -273,20 +333,52 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         '<meta name=viewport content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}: {escape(scope.describe())}</title><style>{_CSS}</style>"
         f"</head><body>{''.join(sections)}<footer>bbprobe-collector {__version__}, "
-        f"generated {escape(generated_at)}; times in {escape(timezone)}.</footer>"
+        f"generated {escape(local_time(generated_at, timezone))}; times in "
+        f"{escape(timezone)}; speeds in Mbit/s.</footer>"
         f"<script>{_SELF_CHECK}</script></body></html>\n"
     )
 
 
 def render_view(view: ReportView, timezone: str, generated_at: str,
-                title: str = "Allegato 2 compliance report") -> str:
+                title: str = "Allegato 2 compliance report", base: str | None = None) -> str:
     """The HTML report of a scope, from the service layer's view of it."""
     return render(view.report, view.scope, view.observations, view.hourly, timezone,
-                  generated_at, view.delay_scale, title)
+                  generated_at, view.delay_scale, title, base)
 
 
-def index(probes: Sequence[Probe]) -> str:
-    """The collector's front page: probes, their lines, links to reports (pure)."""
+# The certificate's own verdict words (text.VERDICT_WORDS), as the front page's answer.
+_ANSWER = {"breach": ("BREACH", "fail"), "no_breach": ("NO BREACH: meets it", "pass"),
+           "incomplete": ("INCOMPLETE, no verdict yet", "nodata")}
+
+
+def line_answer(certs: Sequence[Certificate] | None) -> tuple[str, str]:
+    """The front page's answer to "does this line meet its contract?", from the line's
+    certificate(s) (one per IP version on a dual-stack line): (text, css class)."""
+    if not certs:
+        return "not computed on this page (a big fleet): open the certificate", "nodata"
+    parts = []
+    for cert in certs:
+        judged = [c for c in cert.checks if not c.informational and c.threshold is not None]
+        word, _ = _ANSWER[cert.verdict]
+        if not judged:
+            word = "no contract figures recorded"
+        elif cert.verdict == "breach":
+            word += ": " + ", ".join(c.id for c in judged if c.breach)
+        elif cert.verdict == "incomplete":
+            word += f": {cert.bands_filled} of 24 bands filled"
+        label = {"ipv4": "IPv4 ", "ipv6": "IPv6 "}.get(cert.family or "", "")
+        parts.append(label + word)
+    verdicts = {c.verdict for c in certs}
+    css = "fail" if "breach" in verdicts else "pass" if verdicts == {"no_breach"} \
+        else "nodata"
+    return "; ".join(parts), css
+
+
+def index(probes: Sequence[Probe],
+          answers: Mapping[str, Sequence[Certificate]] | None = None) -> str:
+    """The collector's front page: probes, their lines, links to reports, and per line
+    the answer of its certificate (``answers``: service.line_answers; a line it leaves
+    out links to its certificate unanswered) (pure)."""
     from urllib.parse import quote
 
     rows = []
@@ -300,16 +392,25 @@ def index(probes: Sequence[Probe]) -> str:
             if line.download_min_kbps is not None else "",
             f"up min {format_value(line.upload_min_kbps, 'kbit/s')}"
             if line.upload_min_kbps is not None else "") if part)
+        answer, css = line_answer((answers or {}).get(p.name))
+        if p.revoked_at:
+            answer, css = "revoked: open the certificate", "nodata"
         rows.append(
             f'<tr><td><a href="{link}">{escape(p.name)}</a></td><td>{operator}</td>'
             f"<td>{escape(line.offer or '')}</td><td>{escape(line.region or '')}</td>"
             f"<td>{escape(line.technology or '')}</td><td>{escape(contract)}</td>"
             f"<td>{'revoked ' + escape(p.revoked_at) if p.revoked_at else 'active'}</td>"
-            f'<td><a href="api/v1/certificate?probe={quote(p.name)}&amp;format=html">'
-            "certificate</a></td></tr>")
+            f'<td class="{css}"><a href="api/v1/certificate?probe={quote(p.name)}'
+            f'&amp;format=html">{escape(answer)}</a></td></tr>')
     table = ("<table><tr><th>Probe</th><th>Operator</th><th>Offer</th><th>Region</th>"
-             "<th>Technology</th><th>Contract</th><th>Status</th><th></th></tr>"
-             f"{''.join(rows)}</table>") if rows else "<p>No probes registered yet.</p>"
+             "<th>Technology</th><th>Contract</th><th>Status</th>"
+             "<th>Meets its contract? (certificate)</th></tr>"
+             f"{''.join(rows)}</table><p><small>The answer is the line's certificate: its "
+             "contract judged by the 244/08 method over a campaign of every hourly band "
+             f"(rule {DEFAULT_CAMPAIGN_RULE}, Europe/Rome), all its sessions. INCOMPLETE: "
+             "some band is still short of sessions. The compliance report (probe name) judges "
+             "the operator's generic Allegato 2 targets instead.</small></p>") \
+        if rows else "<p>No probes registered yet.</p>"
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>bbprobe collector"
         f"</title><style>{_CSS}</style></head><body><h1>bbprobe collector</h1>"
@@ -336,10 +437,17 @@ def family_choice(probe: str, query: str) -> str:
             f"<ul>{links}</ul></body></html>\n")
 
 
-def certificate_page(cert: Certificate, generated_at: str) -> str:
-    """A line certificate a technician can hand over or print: line and contract, method,
-    the 24 hourly bands, each check against its threshold, the verdict, every session."""
+def certificate_page(cert: Certificate, generated_at: str, base: str | None = None) -> str:
+    """A line certificate a technician can hand over or print: line and contract, what it
+    judges, method, the 24 hourly bands, each check against its threshold, the verdict,
+    every session (local time, the bands' zone). ``base``: as ``render``'s, for the link
+    to the line's compliance report."""
+    from urllib.parse import quote
+
+    from collector.reports.text import VERDICT_WORDS
+
     line = cert.line
+    tz = cert.timezone
     contract = (
         ("Download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
         ("Download, normally available", format_value(line.download_normal_kbps, "kbit/s")),
@@ -364,27 +472,18 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
                       f"{escape(format_value(c.observed, c.unit))}</td><td class=num>"
                       f"{escape(threshold)}</td><td class=num>{c.samples:,}</td>"
                       f"<td class={css}>{word}</td></tr>")
-
-    def show(values: tuple[float | None, ...], unit: str) -> str:
-        return ", ".join("failed" if v is None else format_value(v, unit) for v in values) \
-            or "—"
-
-    sessions = []
-    for s in cert.sessions:
-        state = "counted" if s.counted else "not counted"
-        if not s.valid:
-            state = f"INVALID ({', '.join(s.invalid_codes) or 'no reason given'})"
-        if s.refused_attempts:
-            state += f"; {s.refused_attempts} refused by the server"
-        rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
-        down, up = show(s.download_kbps, "kbit/s"), show(s.upload_kbps, "kbit/s")
-        sessions.append(f"<tr><td><code>{escape(s.started_at)}</code></td><td>{s.band:02d}"
-                        f"</td><td>{escape(state)}</td><td>{escape(down)}</td>"
-                        f"<td>{escape(up)}</td><td>{escape(rtts)}</td></tr>")
+    sessions = [
+        f"<tr><td>{escape(local_time(s.started_at, tz))}</td><td>{s.band:02d}</td>"
+        f"<td>{escape(session_state(s))}</td><td class=num>"
+        f"{escape(show_speeds(s.download_kbps))}</td><td class=num>"
+        f"{escape(show_speeds(s.upload_kbps))}</td><td>{escape(show_rtts(s.rtts_ms))}</td>"
+        "</tr>" for s in cert.sessions]
     verdict_css = {"breach": "fail", "no_breach": "pass", "incomplete": "incomplete"}[
         cert.verdict]
-    from collector.reports.text import VERDICT_WORDS
-
+    href = None if base is None else f"{base}report?probe={quote(cert.probe_id)}"
+    report = _link(href, "Allegato 2 compliance report", report_command(cert.probe_id))
+    judges = escape(certificate_judges(cert)).replace(escape(
+        f"{REPORT_ELSEWHERE} (`{report_command(cert.probe_id)}`)"), f"The {report}")
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>Line certificate: {escape(cert.probe_id)}</title><style>{_CSS}"
@@ -398,28 +497,29 @@ def certificate_page(cert: Certificate, generated_at: str) -> str:
         f"{escape(line.technology or '—')}; region {escape(line.region or '—')}"
         + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only" if cert.family
            else "") + "<br>"
-        f"<b>Period:</b> {escape(cert.first or '—')} to {escape(cert.last or '—')} "
-        f"({len(cert.sessions)} sessions)<br><b>Method:</b> rule {escape(cert.rule.name)} "
-        f"({cert.rule.per_band} per hourly band, {escape(cert.timezone)} local time); "
-        "percentile Hyndman-Fan type 7; delay = "
-        f"{'ICMP round trip' if cert.delay_basis == 'rtt' else 'RTT / 2'}</p>"
+        f"<b>Period:</b> {escape(local_time(cert.first, tz))} to "
+        f"{escape(local_time(cert.last, tz))} ({len(cert.sessions)} sessions listed)<br>"
+        f"<b>Method:</b> rule {escape(cert.rule.name)} "
+        f"({cert.rule.per_band} per hourly band, {escape(tz)} local time); "
+        f"percentile Hyndman-Fan type 7; delay = {escape(delay_statistic(cert.delay_basis))}"
+        f'</p><p class="judges"><b>What this certificate judges:</b> {judges}.</p>'
         "<h2>Contract</h2><table>" + "".join(
             f"<tr><td>{k}</td><td class=num>{escape(v)}</td></tr>" for k, v in contract)
-        + "</table><h2>Hourly bands (sessions counted / required)</h2>"
+        + f"</table><h2>Hourly bands ({escape(tz)}; sessions counted / required)</h2>"
+        f'<p class="bands-summary">{escape(bands_sentence(cert))}.</p>'
         f'<table class="bands"><tr>{"".join(bands[:12])}</tr>'
         f'<tr>{"".join(bands[12:])}</tr></table>'
         "<h2>Checks</h2><table><tr><th>Indicator</th><th>Observed</th><th>Threshold</th>"
         f"<th>Samples</th><th>Result</th></tr>{''.join(checks)}</table>"
-        + "".join(f'<p class="suppressed">Suppressed {escape(w.starts_at)} to '
-                  f"{escape(w.ends_at)} ({escape(w.reason)}): no session started; bands "
-                  f"{escape(', '.join(f'{b:02d}h' for b in w.bands))} were left to later "
-                  "in the campaign window.</p>" for w in cert.suppressions)
+        + "".join(f'<p class="suppressed"><b>Suppressed:</b> '
+                  f"{escape(window_sentence(w, tz, cert.rule.per_band))}.</p>"
+                  for w in cert.suppressions)
         + f'<p class="refused"><b>Refused by the measurement server:</b> '
         f"{escape(refused_sentence(cert.refused_by_server))}.</p>"
         + f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
         f"{escape(VERDICT_WORDS[cert.verdict])}</span></p>"
-        "<h2>Every session</h2><table><tr><th>Start (UTC)</th><th>Band</th><th>State</th>"
-        "<th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
+        f"<h2>Every session</h2><table><tr><th>Start ({escape(tz)})</th><th>Band</th>"
+        "<th>State</th><th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
         f"{''.join(sessions)}</table><footer>bbprobe-collector {__version__}, generated "
-        f"{escape(generated_at)}.</footer></body></html>\n"
+        f"{escape(local_time(generated_at, tz))}; speeds in Mbit/s.</footer></body></html>\n"
     )

@@ -18,6 +18,10 @@ from collector.safetext import html as escape
 
 WIDTH, HEIGHT = 680, 280
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 36, 48
+# An estimate of an 11 px sans-serif character's width, to keep tick labels inside the
+# plot (an SVG has no text measurement without a browser).
+CHAR_PX = 6.6
+Y_LABEL_PX = 24  # room for the rotated y-axis label left of the tick labels
 COLOURS = {"download": "#1f77b4", "upload": "#ff7f0e", "delay": "#2ca02c", "loss": "#d62728",
            "target": "#b00020", "observed": "#333333", "jitter": "#9467bd"}
 
@@ -39,15 +43,19 @@ class Series:
     colour: str
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 2.5 or 5 times a power of ten)."""
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (1, 2, 2.5 or 5 times a power of ten);
+    ``integer``: whole numbers only (an axis of counts: no "1.5 tests")."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
     if hi <= lo:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / max(count, 1)
+    if integer:
+        raw = max(raw, 1.0)
     power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    multiples = (1, 2, 5, 10) if integer and power == 1 else (1, 2, 2.5, 5, 10)
+    step = next(m * power for m in multiples if m * power >= raw)
     first = math.floor(lo / step) * step
     ticks = []
     k = 0
@@ -105,6 +113,10 @@ class _Canvas:
               xfmt: Callable[[float], str] = _fmt, yfmt: Callable[[float], str] = _fmt) -> None:
         self.xlo, self.xhi = xticks[0], xticks[-1]
         self.ylo, self.yhi = yticks[0], yticks[-1]
+        # Wide tick labels ("1,000,000", "0.025 %") move the plot right rather than run
+        # into the rotated y-axis label or off the edge.
+        widest = max(len(yfmt(t)) for t in yticks)
+        self.x0 = max(LEFT, round(Y_LABEL_PX + 6 + CHAR_PX * widest))
         p = self.parts
         for t in yticks:
             y = self.y(t)
@@ -113,9 +125,15 @@ class _Canvas:
                      f'text-anchor="end">{escape(yfmt(t))}</text>')
         for t in xticks:
             x = self.x(t)
+            label = xfmt(t)
+            half = CHAR_PX * len(label) / 2
+            # The first and last labels are anchored at their tick's side when centring
+            # would cut them at the plot's edge.
+            anchor = "end" if x + half > WIDTH - 2 else "start" if x - half < 2 \
+                else "middle"
             p.append(f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="{self.y0}" '
                      f'y2="{self.y0 + 4}"/><text class="tick" x="{x:.1f}" y="{self.y0 + 17}" '
-                     f'text-anchor="middle">{escape(xfmt(t))}</text>')
+                     f'text-anchor="{anchor}">{escape(label)}</text>')
         p.append(f'<line class="axis" x1="{self.x0}" x2="{self.x1}" y1="{self.y0}" '
                  f'y2="{self.y0}"/><line class="axis" x1="{self.x0}" x2="{self.x0}" '
                  f'y1="{self.y0}" y2="{self.y1}"/>')
@@ -169,7 +187,7 @@ def histogram(name: str, title: str, values: Sequence[float], x_label: str,
     for v in values:
         counts[min(int(v / width), bins - 1)] += 1
     xticks = nice_ticks(lo, hi, 6)
-    canvas.frame(xticks, nice_ticks(0, max(counts), 4))
+    canvas.frame(xticks, nice_ticks(0, max(counts), 4, integer=True))
     for i, c in enumerate(counts):
         if c:
             x_a, x_b = canvas.x(i * width), canvas.x((i + 1) * width)

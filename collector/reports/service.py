@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent.family import FAMILIES
 from agent.spec import CAMPAIGN_RULES
+from agent.spec import DEFAULT_CAMPAIGN_RULE as DEFAULT_RULE
 from collector.compliance import certify
 from collector.compliance.completeness import DayCompleteness
 from collector.compliance.completeness import completeness as completeness_of
-from collector.compliance.evaluate import Observations, Report, evaluate
+from collector.compliance.evaluate import Observations, Report, coverage_of, evaluate
 from collector.compliance.targets import Targets
-from collector.errors import BadParameter, NotFound
+from collector.errors import BadParameter
 from collector.fleet import control
 from collector.reports.text import listing_row
-from collector.scope import Scope, check_family, check_timezone, resolve_scope, semesters
+from collector.scope import (
+    Scope,
+    check_family,
+    check_timezone,
+    line_matches,
+    resolve_scope,
+    semesters,
+    unknown_probe,
+)
 from collector.storage.model import HourRow, StoredResult
 from collector.storage.store import (
     AnonymousStore,
@@ -45,9 +54,8 @@ class Certifiable(ProbeStore, ReportStore, FleetStore, Protocol):
 
 
 def probes_matching(store: ProbeStore, filters: Mapping[str, str]) -> list[str]:
-    """Names of the probes whose line metadata equals every given filter."""
-    return [p.name for p in store.probes()
-            if all(getattr(p.line, key) == value for key, value in filters.items())]
+    """Names of the probes whose line metadata has every given filter (in any case)."""
+    return [p.name for p in store.probes() if line_matches(p.line, filters)]
 
 
 # What a report can be broken down by (delibera 156/23/CONS: MisuraInternet publishes
@@ -110,7 +118,8 @@ def breakdown(store: Breakdowns, where: Scope, targets: Targets, by: Sequence[st
     if chosen.include and set(by) - {"semester"}:  # family too: customer tests have none
         raise BadParameter("by: customer tests have no line metadata; include them only "
                            "in a breakdown by semester", field="by")
-    return [(key, scope_, compliance(store, scope_, targets, include_invalid, chosen))
+    return [(key, scope_, compliance(store, scope_, targets, include_invalid, chosen,
+                                     with_coverage=False))
             for key, scope_ in groups(store, where, by, max_groups)]
 
 
@@ -156,10 +165,24 @@ def observations(store: Readings, where: Scope, include_invalid: bool = False,
     return obs
 
 
+# The campaign's zone: the hour bands a report's coverage counts (as certificates do).
+COVERAGE_TIMEZONE = "Europe/Rome"
+
+
 def compliance(store: Readings, where: Scope, targets: Targets,
-               include_invalid: bool = False, customers: Customers = Customers()) -> Report:
-    """Evaluate a scope from the stored facts (never by decoding every body)."""
-    return evaluate(observations(store, where, include_invalid, customers), targets)
+               include_invalid: bool = False, customers: Customers = Customers(),
+               timezone: str = COVERAGE_TIMEZONE, with_coverage: bool = True) -> Report:
+    """Evaluate a scope from the stored facts (never by decoding every body), with the
+    coverage of its sessions (local hour bands in ``timezone``; one more grouped read,
+    left out of a breakdown's many groups)."""
+    report = evaluate(observations(store, where, include_invalid, customers), targets)
+    if not with_coverage:
+        return report
+    probes = list(where.probes) if where.probes is not None else None
+    hours = store.hourly(probes, where.since, where.until, include_invalid,
+                         family=where.family)
+    return replace(report, coverage=coverage_of([(h.hour, h.sessions) for h in hours],
+                                                timezone))
 
 
 def samples(store: ReportStore, where: Scope, include_invalid: bool = False) -> list[Any]:
@@ -184,14 +207,17 @@ class ReportView:
 
 def report_view(store: Readings, where: Scope, targets: Targets,
                 include_invalid: bool = False,
-                customers: Customers = Customers()) -> ReportView:
+                customers: Customers = Customers(),
+                timezone: str = COVERAGE_TIMEZONE) -> ReportView:
     """The data of a scope's HTML report (html_report.render_view draws it)."""
     probes = list(where.probes) if where.probes is not None else None
     obs = observations(store, where, include_invalid, customers)
     hourly = store.hourly(probes, where.since, where.until, include_invalid,
                           family=where.family)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
-    return ReportView(evaluate(obs, targets), where, obs, hourly, scale)
+    report = replace(evaluate(obs, targets), coverage=coverage_of(
+        [(h.hour, h.sessions) for h in hourly], timezone))
+    return ReportView(report, where, obs, hourly, scale)
 
 
 def certificate(store: Certifiable, probe: str, since: str | None, until: str | None,
@@ -201,7 +227,7 @@ def certificate(store: Certifiable, probe: str, since: str | None, until: str | 
     measures each slot once over each), so ``family`` must then be given."""
     line = store.probe(probe)
     if line is None:
-        raise NotFound(f"no probe named {probe!r}", field="probe")
+        raise unknown_probe(probe, [p.name for p in store.probes()])
     if rule not in CAMPAIGN_RULES:
         raise BadParameter(f"rule: expected one of {', '.join(CAMPAIGN_RULES)}, got {rule!r}",
                        field="rule")
@@ -221,6 +247,41 @@ def certificate(store: Certifiable, probe: str, since: str | None, until: str | 
                   and w.starts_at <= hi and w.ends_at > lo]
     return certify.certify(probe, line.line, facts, CAMPAIGN_RULES[rule], timezone,
                            suppressed=suppressed, family=family)
+
+
+# The front page answers "does this line meet its contract?" from each line's
+# certificate, which reads every session of its line (about 4 ms per 100 sessions,
+# docs/benchmarks.md): it stops certifying once this many sessions were read, or this
+# many lines were certified (each costs a few queries even with no session: a fleet of
+# new probes), so a big fleet's front page stays quick; the lines left link to their
+# certificate unanswered.
+FRONT_PAGE_SESSIONS = 50_000
+FRONT_PAGE_LINES = 100
+
+
+def line_answers(store: Certifiable, budget: int = FRONT_PAGE_SESSIONS,
+                 lines: int = FRONT_PAGE_LINES) -> dict[str, list[Any]]:
+    """Active probes' certificates (their default: every result, rule and zone as the
+    certificate link's), one per IP version for a dual-stack line: the front page's
+    answer is the very certificate its link opens. Probes past ``budget`` sessions read
+    or ``lines`` probes certified are left out."""
+    answers: dict[str, list[Any]] = {}
+    read = 0
+    for p in store.probes():
+        if p.revoked_at:
+            continue
+        if read >= budget or len(answers) >= lines:
+            break
+        try:
+            certs = [certificate(store, p.name, None, None, DEFAULT_RULE, COVERAGE_TIMEZONE)]
+        except BadParameter as exc:
+            if exc.field != "family":
+                raise
+            certs = [certificate(store, p.name, None, None, DEFAULT_RULE, COVERAGE_TIMEZONE,
+                                 fam) for fam in FAMILIES]
+        answers[p.name] = certs
+        read += sum(len(c.sessions) for c in certs)
+    return answers
 
 
 CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int, int]]],

@@ -1,18 +1,39 @@
-"""Pure formatting of compliance reports and result listings (text, JSON-ready dicts, CSV)."""
+"""Pure formatting of compliance reports and result listings (text, JSON-ready dicts, CSV).
+
+Human pages (text and HTML) show broadband speeds in Mbit/s with two decimals, as
+MisuraInternet reports them, and times beside hour bands in the bands' local time to
+the second; JSON and CSV keep the stored units and UTC. A report and a certificate each
+say what they judge, against which targets, with which statistic and over what
+coverage, and name the other (``judges_sentence``, ``coverage_sentence``,
+``certificate_judges``).
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from agent import stats
+from agent.schema import format_utc
+from collector import exports
 from collector.compliance.evaluate import IndicatorResult, Report
 from collector.compliance.facts import is_refusal
-from collector.safetext import csv_cell, terminal
+from collector.reports.sentences import (
+    bands_sentence,
+    certificate_judges,
+    coverage_caveat,
+    coverage_sentence,
+    delay_statistic,
+    judges_sentence,
+    local_time,
+    session_state,
+    sessions_word,
+    window_sentence,
+)
+from collector.safetext import terminal
 from collector.scope import Scope
 
 SHORT_NAMES = {
@@ -22,23 +43,42 @@ SHORT_NAMES = {
     "upload_p5_kbps": "Upload, banda minima (p5)",
     "download_failure_ratio": "Download failure rate",
     "upload_failure_ratio": "Upload failure rate",
-    "delay_mean_ms": "One-way delay, mean",
-    "delay_stdev_ms": "One-way delay, std deviation",
+    "delay_mean_ms": "Delay, mean",
+    "delay_stdev_ms": "Delay, std deviation",
     "loss_ratio": "Packet loss rate",
     "jitter_mean_ms": "Jitter, mean",
 }
 
 
+def short_name(r: IndicatorResult, delay_basis: str = "rtt_half") -> str:
+    """The indicator's short name, the delay named for the statistic the report judges
+    (mean of RTT / 2, or of the round trip)."""
+    name = SHORT_NAMES.get(r.id, r.id)
+    if r.id.startswith("delay_"):
+        word = "One-way delay (RTT / 2)" if delay_basis == "rtt_half" else "Round-trip time"
+        name = name.replace("Delay", word)
+    return name
+
+
 def format_value(value: float | None, unit: str) -> str:
+    """A value for a human page: speeds stored in kbit/s shown in Mbit/s (two
+    decimals, as MisuraInternet publishes them), ratios in %, delays in ms."""
     if value is None:
         return "—"
     if unit == "ratio":
         return f"{value * 100:.3g} %"
     if unit == "kbit/s":
-        return f"{value:,.0f} kbit/s"
+        # No thousands separator: "21,032.93" reads as 21 to an Italian reader.
+        return f"{value / 1000:.2f} Mbit/s"
     if unit == "ms":
         return f"{value:.3f} ms"
     return f"{value:g} {unit}"
+
+
+def labelled(label: str, text: str, width: int = 100) -> str:
+    """``label`` and a long sentence, wrapped under its first line (a terminal's width)."""
+    return textwrap.fill(text, width, initial_indent=f"{label:<10}",
+                         subsequent_indent=" " * 10, break_on_hyphens=False)
 
 
 def _result_word(r: IndicatorResult) -> str:
@@ -56,7 +96,7 @@ def format_text(report: Report, scope: Scope) -> str:
     rows = [("Indicator", "Observed", "Target", "Samples", "Result")]
     for r in (*report.indicators, *report.informational):
         rows.append((
-            SHORT_NAMES.get(r.id, r.id),
+            short_name(r, report.delay_basis),
             format_value(r.observed, r.unit),
             f"{r.comparison} {format_value(r.target, r.unit)}" if r.target is not None
             else "(none)",
@@ -72,6 +112,8 @@ def format_text(report: Report, scope: Scope) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
+    lines.append(labelled("Judges:", judges_sentence(report, scope)))
+    lines.append(labelled("Coverage:", coverage_sentence(report.coverage)))
     lines.append(f"Invalid:  {invalid_sentence(report)}")
     lines.append(f"Customer: {customer_sentence(report)}")
     lines.append(f"Refused:  {refused_sentence(report.refused_by_server, report.refusals_known)}")
@@ -79,7 +121,7 @@ def format_text(report: Report, scope: Scope) -> str:
     lines += [
         "",
         f"Verdict:  {report.verdict.upper()} ({met} of {len(report.indicators)} "
-        "measurable indicators met)",
+        "measurable indicators met" + coverage_caveat(report.coverage) + ")",
     ]
     lines.append("Method:")
     lines += [f"  {k.replace('_', ' ')}: {v}" for k, v in report.method.items()]
@@ -93,14 +135,17 @@ def format_text(report: Report, scope: Scope) -> str:
 
 
 def invalid_sentence(report: Report) -> str:
-    """How many sessions the agents flagged invalid, why, and whether they count."""
+    """How many sessions the agents flagged invalid, how many sessions gave each reason
+    (a session may give several), and whether they count."""
     n = report.invalid_sessions
     if n == 0:
         return "no session in scope was flagged invalid"
-    reasons = ", ".join(f"{code} {count}" for code, count in report.invalid_reasons)
+    reasons = ", ".join(f"{code} in {sessions_word(count)}"
+                        for code, count in report.invalid_reasons)
     fate = "included at the analyst's request" if report.invalid_included \
         else "left out of every indicator (--include-invalid counts them)"
-    return f"{n} session(s) flagged invalid ({reasons or 'no reason given'}); {fate}"
+    return (f"{sessions_word(n)} flagged invalid (reasons: {reasons or 'none given'}); "
+            f"{fate}")
 
 
 def customer_sentence(report: Report) -> str:
@@ -176,12 +221,26 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
             for i in report.not_measured
         ],
         "method": report.method,
+        # What the verdict judges (generic targets, named statistics) and how much of
+        # the day its sessions cover (times UTC, bands local).
+        "judges": judges_sentence(report, scope),
+        "coverage": coverage_dict(report),
     }
+
+
+def coverage_dict(report: Report) -> dict[str, Any] | None:
+    c = report.coverage
+    if c is None:
+        return None
+    return {"sessions": c.sessions, "timezone": c.timezone, "bands": list(c.bands),
+            "first_hour_utc": format_utc(c.first_hour) if c.first_hour else None,
+            "last_hour_utc": format_utc(c.last_hour) if c.last_hour else None,
+            "representative": c.representative}
 
 
 REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "samples",
                   "passed", "scope_probes", "scope_since", "scope_until", "targets",
-                  "scope_family", "refused_attempts", "refused_by_server")
+                  "scope_family", "refused_attempts", "refused_by_server", "verdict")
 
 
 def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
@@ -199,7 +258,7 @@ def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
          "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
          "targets": report.targets_name,
          "scope_family": scope.family or "", "refused_attempts": refused,
-         "refused_by_server": by_server}
+         "refused_by_server": by_server, "verdict": report.verdict}
         for r in (*report.indicators, *report.informational)
     ]
 
@@ -240,13 +299,13 @@ def format_breakdown(by: Sequence[str], parts: Sequence[Part], scope: Scope) -> 
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines += ["", "Figures as in the full report (percentiles Hyndman-Fan type 7; delay and "
-              "jitter in ms; loss as a ratio); `report` without --by for one group's "
-              "detail."]
+    lines += ["", "Figures as in the full report (percentiles Hyndman-Fan type 7; speeds in "
+              "Mbit/s; delay and jitter in ms; loss in %); `report` without --by for one "
+              "group's detail."]
     return "\n".join(lines) + "\n"
 
 
-SAMPLE_COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok")
+SAMPLE_COLUMNS = ("probe_id", "timestamp", "kind", "value", "ok", "unit")
 PROBE_COLUMNS = ("probe_id", "created_at", "revoked_at", "operator", "offer", "region",
                  "technology", "download_nominal_kbps", "download_min_kbps",
                  "upload_nominal_kbps", "upload_min_kbps", "max_delay_ms", "max_loss_ratio",
@@ -260,10 +319,10 @@ def sample_rows(sessions: Iterable[Any]) -> Iterator[dict[str, Any]]:
     for f in sessions:
         for t in f.transfers:
             yield {"probe_id": f.probe_id, "timestamp": f.started_at, "kind": t.direction,
-                   "value": t.kbps if t.ok else None, "ok": "true" if t.ok else "false"}
+                   "value": t.kbps if t.ok else None, "ok": t.ok, "unit": "kbit/s"}
         for rtt in f.rtts_ms:
             yield {"probe_id": f.probe_id, "timestamp": f.started_at, "kind": "ping",
-                   "value": rtt, "ok": "false" if rtt is None else "true"}
+                   "value": rtt, "ok": rtt is not None, "unit": "ms"}
 
 
 def format_json(document: Any) -> str:
@@ -323,12 +382,8 @@ def listing_row(
 
 
 def format_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str] = LISTING_COLUMNS) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: csv_cell(row.get(k)) for k in columns})
-    return out.getvalue()
+    """Every CSV follows one convention (collector/exports.py)."""
+    return exports.to_csv(rows, columns)
 
 
 def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -379,7 +434,20 @@ def certificate_dict(cert: Any) -> dict[str, Any]:
     doc["rule"] = {"name": cert.rule.name, "sessions_per_band": cert.rule.per_band,
                    "window_h": cert.rule.window_h}
     doc["refused_by_server"] = dict(cert.refused_by_server)
+    # The agent's own campaign figures (health report, `bbprobe status`).
+    doc["bands_filled"] = cert.bands_filled
+    doc["sessions_counted"] = cert.sessions_counted
+    doc["judges"] = certificate_judges(cert)
     return doc
+
+
+def show_speeds(values: tuple[float | None, ...]) -> str:
+    return ", ".join("failed" if v is None else format_value(v, "kbit/s")
+                     for v in values) or "—"
+
+
+def show_rtts(values: tuple[float | None, ...]) -> str:
+    return ", ".join("lost" if v is None else f"{v:.2f}" for v in values) or "—"
 
 
 def format_certificate(cert: Any) -> str:
@@ -394,6 +462,7 @@ def format_certificate(cert: Any) -> str:
         ("maximum delay", format_value(line.max_delay_ms, "ms")),
         ("maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
     ]
+    tz = cert.timezone
     out = [
         "Line certificate (delibera 244/08/CSP method)",
         f"Line:     probe {cert.probe_id}; operator {line.operator or '—'}; offer "
@@ -401,42 +470,35 @@ def format_certificate(cert: Any) -> str:
         + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only (dual stack: a "
            "campaign per IP version)" if cert.family else ""),
         "Contract: " + "; ".join(f"{k} {v}" for k, v in contract),
-        f"Period:   {cert.first or '—'} to {cert.last or '—'} ({len(cert.sessions)} sessions)",
+        labelled("Judges:", certificate_judges(cert)),
+        f"Period:   {local_time(cert.first, tz)} to {local_time(cert.last, tz)} "
+        f"({sessions_word(len(cert.sessions))} listed)",
         f"Method:   rule {cert.rule.name} ({cert.rule.per_band} per hourly band, "
-        f"{cert.timezone} local time); percentile Hyndman-Fan type 7; delay = "
-        f"{'ICMP round trip' if cert.delay_basis == 'rtt' else 'RTT / 2'}",
+        f"{tz} local time); percentile Hyndman-Fan type 7; delay = "
+        f"{delay_statistic(cert.delay_basis)}",
         "",
-        "Hourly bands (sessions counted / required):",
+        f"Hourly bands (sessions counted / required, {tz}): {bands_sentence(cert)}",
     ]
     cells = [f"{h:02d}h {n}/{cert.rule.per_band}{'' if n >= cert.rule.per_band else ' !'}"
              for h, n in enumerate(cert.band_counts)]
     out += ["  " + "   ".join(cells[i : i + 6]) for i in range(0, 24, 6)]
-    out += ["", f"{'Indicator':<42}  {'Observed':>14}  {'Threshold':>17}  Samples  Result"]
+    width = max(42, *(len(c.name) for c in cert.checks))
+    out += ["", f"{'Indicator':<{width}}  {'Observed':>14}  {'Threshold':>17}  Samples  Result"]
     for c in cert.checks:
         result = "info" if c.informational else \
             {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
         threshold = ("information" if c.informational else "not in contract") \
             if c.threshold is None else \
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
-        out.append(f"{c.name:<42}  {format_value(c.observed, c.unit):>14}  {threshold:>17}  "
-                   f"{c.samples:>7}  {result}")
+        out.append(f"{c.name:<{width}}  {format_value(c.observed, c.unit):>14}  "
+                   f"{threshold:>17}  {c.samples:>7}  {result}")
     out.append(f"Refused:  {refused_sentence(cert.refused_by_server)}")
     for w in cert.suppressions:
-        out.append(f"Suppressed {w.starts_at} to {w.ends_at} ({w.reason}): no session "
-                   f"started; bands {', '.join(f'{b:02d}h' for b in w.bands)} were left "
-                   "to later in the campaign window")
-    out += ["", f"Verdict:  {VERDICT_WORDS[cert.verdict]}", "", "Every session:"]
+        out.append(f"Suppressed: {window_sentence(w, tz, cert.rule.per_band)}")
+    out += ["", f"Verdict:  {VERDICT_WORDS[cert.verdict]}", "",
+            f"Every session (start in {tz} local time):"]
     for s in cert.sessions:
-        def show(values: tuple[float | None, ...], unit: str) -> str:
-            return ", ".join("failed" if v is None else format_value(v, unit) for v in values) \
-                or "—"
-        rtts = ", ".join("lost" if v is None else f"{v:.2f}" for v in s.rtts_ms) or "—"
-        mark = "" if s.counted else " (not counted)"
-        if not s.valid:
-            mark = f" (INVALID: {', '.join(s.invalid_codes) or 'no reason given'})"
-        if s.refused_attempts:
-            mark += f" ({s.refused_attempts} refused by the server)"
-        out.append(f"  {s.started_at} band {s.band:02d}{mark}"
-                   f"  down {show(s.download_kbps, 'kbit/s')}  up {show(s.upload_kbps, 'kbit/s')}"
-                   f"  RTT ms {rtts}")
+        out.append(f"  {local_time(s.started_at, tz)}  band {s.band:02d}  "
+                   f"{session_state(s)}  down {show_speeds(s.download_kbps)}  "
+                   f"up {show_speeds(s.upload_kbps)}  RTT {show_rtts(s.rtts_ms)}")
     return "\n".join(out) + "\n"

@@ -43,6 +43,7 @@ from collector.storage.sql.backends import open_store
 from collector.storage.store import AnonymousStore, Store
 from collector.tickets import Verifier
 from collector.web import (
+    accesslog,
     admin_routes,
     analyst_routes,
     fleet_routes,
@@ -51,6 +52,7 @@ from collector.web import (
     public_routes,
     ticket_routes,
 )
+from collector.web.accesslog import access_log
 from collector.web.app_keys import (
     ALERTER,
     ANON_LIMITER,
@@ -176,9 +178,11 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     metrics = Metrics(metrics_dir) if cfg.metrics.enabled else None
-    # The timing middleware is the outermost: it sees the status the client gets.
-    middlewares = [plain_ipv4, errors, sane_request, access] if metrics is None else \
-        [metrics_routes.timing(metrics), plain_ipv4, errors, sane_request, access]
+    # The timing middleware is the outermost: it sees the status the client gets. The
+    # log's sees it too, and the client's address as plain_ipv4 gives it.
+    middlewares = [plain_ipv4, access_log, errors, sane_request, access] if metrics is None \
+        else [metrics_routes.timing(metrics), plain_ipv4, access_log, errors, sane_request,
+              access]
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[CONFIG] = cfg
     routes = Routes(app)
@@ -211,7 +215,9 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
         app.cleanup_ctx.append(partial(_metrics_listener, reuse_port=reuse_port))
     if role == "ingest":
         return app
-    measurement.add_page(routes, record=role == "all")
+    measurement.add_page(routes, record=role == "all", anonymous=cfg.anonymous)
+    if role == "all":
+        public_routes.add_result_page(routes)
     if cfg.measurement.enabled:
         quota_cfg = cfg
 
@@ -360,3 +366,4 @@ async def serve(cfg: CollectorConfig, on_ready: Callable[[str], None], *,
         await stop.wait()
     finally:
         await runner.cleanup()
+        accesslog.flush()  # a forked worker exits without atexit: write what is queued

@@ -7,7 +7,7 @@ connections across them. Nothing a worker must share lives only in its memory: r
 tokens, the InfluxDB outbox (leased per row) are in the database. What is per process:
 the probes' rate-limit buckets and the anonymous per-client buckets (a client may get up
 to N times its rate, connections being spread by the kernel), and the measurement slots
-(max_concurrent per worker). The README says so (Scaling out).
+(max_concurrent per worker). docs/operator.md says so (Scaling out).
 
 The parent only supervises: it starts the workers, reports the URL once all listen,
 restarts one that dies (at most once every RESTART_PAUSE_S per worker), and on SIGTERM or

@@ -26,6 +26,9 @@ class Probe:
     created_at: str
     revoked_at: str | None
     line: LineMetadata
+    # When its token was last replaced (`probe rotate`): a client certificate issued
+    # before then no longer names it (web/probe_routes.py). None: never replaced.
+    rotated_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         line = {f.name: getattr(self.line, f.name) for f in fields(LineMetadata)}

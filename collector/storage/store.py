@@ -62,6 +62,12 @@ class ProbeStore(Protocol):
 
     def revoke_probe(self, name: str, revoked_at: str) -> bool: ...
 
+    def rotate_probe(self, name: str, token_sha256: str,
+                     rotated_at: str) -> tuple[bool, str | None]:
+        """Replace probe ``name``'s token digest, clear its revocation and record
+        ``rotated_at``, at once; (whether the probe exists, when it had been revoked:
+        None if it was live)."""
+
     def update_line(self, name: str, changes: Mapping[str, Any]) -> bool: ...
 
     def add_token(self, name: str, role: str, token_sha256: str, created_at: str) -> None: ...
@@ -169,6 +175,9 @@ class AnonymousStore(Protocol):
     def browser_results(self, since: str | None = None,
                         until: str | None = None) -> list[dict[str, Any]]: ...
 
+    def browser_result(self, received_at: str, key: str,
+                       key_field: str) -> dict[str, Any] | None: ...
+
     def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
                       quota: Quota | None = None) -> None: ...
 
@@ -213,6 +222,9 @@ class AlertStore(Protocol):
                   notifiers: Sequence[str]) -> int | None: ...
 
     def alert_keys(self, keys: Sequence[str]) -> set[str]: ...
+
+    def alerts_of_kind(self, kind: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """(key, probe, details) of every alert of ``kind`` kept, oldest first."""
 
     def lease_deliveries(self, owner: str, now: str, until: str, limit: int,
                          notifiers: Sequence[str], alert_id: int | None = None

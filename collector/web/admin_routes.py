@@ -1,5 +1,6 @@
-"""Routes administrators call (role "admin"): register and revoke probes. Changes take
-a Bearer token and a JSON body only (web/middleware.py, refuse_cross_site)."""
+"""Routes administrators call (role "admin"): register probes, replace a probe's token
+(rotate) and revoke it. Changes take a Bearer token and a JSON body only
+(web/middleware.py, refuse_cross_site)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import fields
 
 from aiohttp import web
 
+from agent.schema import utc_now
 from collector.errors import ApiError
 from collector.fleet import probes as admin
 from collector.intake import ingest
@@ -44,6 +46,20 @@ async def revoke_probe(request: web.Request) -> web.Response:
     return json_response({"probe_id": name, "revoked": True})
 
 
+async def rotate_probe(request: web.Request) -> web.Response:
+    """Admin: a new token for a probe (the answer holds it, the only time it exists in
+    clear); the old one is refused from the next request; name, metadata and results
+    stay; a client certificate issued before ``rotated_at`` is refused. A revoked probe
+    is live again (fleet/probes.py rotate_probe says why)."""
+    name = request.match_info["name"]
+    now = utc_now()
+    token, revoked_at = await db(request, lambda s: admin.rotate_probe(s, name, now))
+    return json_response({"probe_id": name, "token": token,
+                          "reenabled": revoked_at is not None,
+                          "was_revoked_at": revoked_at, "rotated_at": now})
+
+
 def add_routes(routes: Routes) -> None:
     routes.post("/api/v1/probes", add_probe, role="admin")
     routes.post("/api/v1/probes/{name}/revoke", revoke_probe, role="admin")
+    routes.post("/api/v1/probes/{name}/rotate", rotate_probe, role="admin")

@@ -5,14 +5,15 @@ the anonymous tables, pages, and the collector's health."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from agent import spec
 from agent.schema import utc_now
-from collector import __version__, safetext
+from collector import __version__, exports, safetext
 from collector.compliance import targets as targets_mod
 from collector.compliance.completeness import completeness
 from collector.errors import ApiError, BadParameter
@@ -34,6 +35,7 @@ from collector.reports.text import (
 )
 from collector.routing import Routes
 from collector.scope import Scope, check_timezone, parse_network, parse_time
+from collector.storage.model import Probe
 from collector.web.app_keys import CONFIG, SINK
 from collector.web.params import query_flag, query_format, query_limit, scope_of
 from collector.web.replies import json_response
@@ -135,14 +137,47 @@ async def compliance_report_page(request: web.Request) -> web.Response:
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
     view = await db(request, lambda s: service.report_view(s, where, table, invalid,
                                                            customers))
-    page = html_pages.render_view(view, timezone, utc_now(), "Allegato 2 compliance report")
+    page = html_pages.render_view(view, timezone, utc_now(), "Allegato 2 compliance report",
+                                  base=_site_root(request))
     return web.Response(text=page, content_type="text/html")
 
 
+# The front page's per-line answers are kept this long (and while the fleet's probes
+# and lines stay as they are): with server.query_auth = false anyone may load the page,
+# and each load must not certify the fleet again. Loads meanwhile wait for the one
+# computing them, then share its answers.
+FRONT_PAGE_TTL_S = 60.0
+
+
+@dataclass(slots=True)
+class FrontPage:
+    made_at: float = -1e18
+    probes: list[Probe] = field(default_factory=list)
+    answers: dict[str, list[Any]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+FRONT_PAGE = web.AppKey("front_page_answers", FrontPage)
+
+
 async def index_page(request: web.Request) -> web.Response:
-    """``/``: every probe with its line and links to its report and certificate."""
+    """``/``: every probe with its line and links to its report and certificate, and
+    per line its certificate's answer (service.line_answers, at most FRONT_PAGE_TTL_S
+    old)."""
     probes = await db(request, lambda s: s.probes())
-    return web.Response(text=html_pages.index(probes), content_type="text/html")
+    cache = request.app[FRONT_PAGE]
+    async with cache.lock:
+        if cache.probes != probes or time.monotonic() - cache.made_at >= FRONT_PAGE_TTL_S:
+            cache.answers = await db(request, service.line_answers)
+            cache.probes, cache.made_at = probes, time.monotonic()
+        answers = cache.answers
+    return web.Response(text=html_pages.index(probes, answers), content_type="text/html")
+
+
+def _site_root(request: web.Request) -> str:
+    """The page's relative path to the site root ("" at /report, "../../" under
+    /api/v1/): links between pages stay relative, behind any path prefix."""
+    return "../" * (request.path.count("/") - 1)
 
 
 async def get_certificate(request: web.Request) -> web.Response:
@@ -150,7 +185,7 @@ async def get_certificate(request: web.Request) -> web.Response:
     if not probe:
         raise ApiError(400, "probe: required", field="probe")
     q = request.query
-    fmt = query_format(request, ("json", "html"))
+    fmt = query_format(request, ("json", "html", "csv"))
     since, until = q.get("since"), q.get("until")
     rule, timezone = q.get("rule", spec.DEFAULT_CAMPAIGN_RULE), q.get("timezone", "Europe/Rome")
     family = q.get("family")
@@ -165,8 +200,13 @@ async def get_certificate(request: web.Request) -> web.Response:
         return web.Response(text=html_pages.family_choice(probe, request.query_string),
                             content_type="text/html")
     if fmt == "html":
-        return web.Response(text=html_pages.certificate_page(cert, utc_now()),
+        return web.Response(text=html_pages.certificate_page(cert, utc_now(),
+                                                             _site_root(request)),
                             content_type="text/html")
+    if fmt == "csv":
+        return web.Response(text=exports.to_csv(exports.certificate_rows(cert),
+                                                exports.CERTIFICATE_COLUMNS),
+                            content_type="text/csv")
     return json_response(certificate_dict(cert))
 
 
@@ -228,6 +268,7 @@ async def collector_health(request: web.Request) -> web.Response:
 
 
 def add_routes(routes: Routes) -> None:
+    routes.app[FRONT_PAGE] = FrontPage()
     routes.get(spec.RESULTS_PATH, list_results, role="analyst")
     routes.get(spec.RESULTS_PATH + "/{result_id}", get_result, role="analyst")
     routes.get("/api/v1/probes", list_probes, role="analyst")

@@ -29,6 +29,7 @@ from collector.fleet.rules import Selector, selector
 from collector.intake import ingest
 from collector.metrics import count
 from collector.routing import Routes
+from collector.storage.store import Store
 from collector.web.app_keys import ALERTER, CONFIG
 from collector.web.params import query_format, read_body
 from collector.web.probe_routes import authenticated_probe, clock_skew, ingesting_probe, probe_body
@@ -126,16 +127,24 @@ async def put_instruction(request: web.Request) -> web.Response:
         raise ApiError(422, "set: expected an object of KEY: VALUE", field="set")
     if not isinstance(remove, list) or not all(isinstance(k, str) for k in remove):
         raise ApiError(422, "unset: expected a list of keys", field="unset")
-    settings = await db(request, lambda s: control.set_instruction(s, chosen, put, remove))
-    return json_response({"selector": chosen.to_dict(), "selects": chosen.describe(),
+
+    def change(s: Store) -> tuple[Selector, dict[str, Any]]:
+        # The stored rule that selects the same probes (any case), in its own spelling.
+        stored = control.stored_selector(s, chosen, removing=not put)
+        return stored, control.set_instruction(s, stored, put, remove)
+
+    stored, settings = await db(request, change)
+    return json_response({"selector": stored.to_dict(), "selects": stored.describe(),
                               "settings": settings})
 
 
 async def list_instructions(request: web.Request) -> web.Response:
     rules = await db(request, control.rules)
+    same = control.twins(rules)
     return json_response({"rules": [
         {"selector": r.selector.to_dict(), "selects": r.selector.describe(),
-         "settings": r.settings, "updated_at": r.updated_at}
+         "settings": r.settings, "updated_at": r.updated_at,
+         "same_probes_as": same.get(r.selector.key(), [])}
         for r in sorted(rules, key=lambda r: (r.selector.rank(), r.updated_at))]})
 
 
@@ -192,8 +201,9 @@ async def get_fleet(request: web.Request) -> web.Response:
 
 async def fleet_page(request: web.Request) -> web.Response:
     rows = await _rows(request)
-    page = fleet_view.format_html(rows, request.app[CONFIG].fleet.silent_after_s,
-                             datetime.now(UTC))
+    cfg = request.app[CONFIG].fleet
+    page = fleet_view.format_html(rows, cfg.silent_after_s, datetime.now(UTC),
+                                  cfg.validity_days)
     return web.Response(text=page, content_type="text/html")
 
 

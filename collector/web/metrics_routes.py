@@ -1,8 +1,9 @@
 """``GET /metrics``: the Prometheus exposition, and the middleware that times every
 request.
 
-- On the main port the route's role is "analyst" (an analyst or admin token; open only
-  where server.query_auth = false opens every read).
+- On the main port the route's role is "metrics": a metrics token (`token add --role
+  metrics`, which reads nothing else: what a Prometheus server should hold), or an
+  analyst or admin token; open only where server.query_auth = false opens every read.
 - With metrics.listen set, a second listener serves only ``/metrics`` there, with no
   token (``listener``), for a Prometheus that cannot hold one, on an address only it
   reaches. A measurement-only server exposes its metrics only this way.
@@ -158,7 +159,7 @@ def timing(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
 
 
 def add_routes(routes: Routes) -> None:
-    routes.get(PATH, get_metrics, role="analyst")
+    routes.get(PATH, get_metrics, role="metrics")
 
 
 async def listener(app: web.Application, reuse_port: bool) -> web.AppRunner:

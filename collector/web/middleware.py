@@ -16,12 +16,17 @@ from aiohttp import web
 from agent.decoding import encodes
 from collector import auth, safetext
 from collector.errors import ApiError, DomainError, StoreError, StoreFault, Unstorable
-from collector.routing import role_of
+from collector.routing import refusal, role_of, wanted
 from collector.web.app_keys import CONFIG
-from collector.web.replies import error_body, http_status
+from collector.web.replies import error_body, http_status, login_page, prefers_html
 from collector.web.threads import db
 
 log = logging.getLogger("bbprobe.collector")
+
+# HTTP Basic (RFC 7617) for the pages: the user name is not read, the password is the
+# token. The realm stays "bbprobe": browsers and password managers file saved logins
+# under it.
+CHALLENGE = 'Basic realm="bbprobe", charset="UTF-8"'
 
 
 @web.middleware
@@ -79,7 +84,8 @@ async def errors(
         if exc.close:
             response.force_close()
         if exc.challenge:
-            response.headers["WWW-Authenticate"] = 'Basic realm="bbprobe", charset="UTF-8"'
+            response.headers["WWW-Authenticate"] = CHALLENGE
+            response.headers["Vary"] = "Accept"
         if exc.retry_after is not None:
             response.headers["Retry-After"] = exc.retry_after
         elif exc.status == 503:
@@ -129,21 +135,26 @@ async def access(
     changes = request.method not in ("GET", "HEAD", "OPTIONS")
     if changes:
         refuse_cross_site(request)
-    if role == "analyst" and not request.app[CONFIG].server.query_auth and not changes:
+    if role in ("analyst", "metrics") and not request.app[CONFIG].server.query_auth \
+            and not changes:
         return await handler(request)
     token = auth.bearer(request.headers.get("Authorization"))
     found = None if token is None else \
         await db(request, lambda s: s.role_for_token(auth.hash_token(token)))
     if found is None:
-        raise ApiError(401, "this needs an analyst or admin token (Authorization: Bearer "
-                       "<token>; `bbprobe-collector token add`)" if token is None else
+        if prefers_html(request.headers.get("Accept")):
+            # A browser: its login prompt (the challenge), and a page saying what to type
+            # there should the prompt be cancelled. API clients keep the JSON below.
+            page = login_page("You are not logged in." if token is None else
+                              "The token given is unknown or has been revoked.")
+            page.headers["WWW-Authenticate"] = CHALLENGE
+            page.headers["Vary"] = "Accept"
+            return page
+        raise ApiError(401, f"this needs {wanted(role)}" if token is None else
                        "unknown or revoked token", challenge=True)
     have, _name = found
-    if have == "probe":
-        raise ApiError(403, "a probe token can only send its results; use an analyst or "
-                       "admin token")
-    if role == "admin" and have != "admin":
-        raise ApiError(403, "this needs an admin token")
+    if (refused := refusal(role, have)) is not None:  # routing.py: what each role reaches
+        raise ApiError(403, refused)
     return await handler(request)
 
 

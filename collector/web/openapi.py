@@ -65,6 +65,8 @@ def document() -> dict[str, Any]:
         },
     }
     bad_request = _error("A parameter is invalid; the message names it.")
+    no_probe = _error("A probe name is not registered, or line metadata selects no probe; "
+                      "the message names the parameter and the nearest names.")
     customer_parameters = [
         _query("include_customer", "Include the speeds of customers' own tests (browser "
                "page, ndt7) of the period in the percentiles (default false: counted "
@@ -105,7 +107,7 @@ def document() -> dict[str, Any]:
                 "responses": {"200": {"description": "Results.", "content": {
                     "application/json": {"schema": {"type": "object"}},
                     "text/csv": {"schema": {"type": "string"}}}},
-                    "400": bad_request},
+                    "400": bad_request, "404": no_probe},
             },
         },
         spec.RESULTS_PATH + "/batch": {
@@ -164,7 +166,7 @@ def document() -> dict[str, Any]:
         "/api/v1/completeness": {
             "get": {"summary": "Per probe per UTC day: sessions delivered / expected, the "
                                "missing session_seq numbers no gap record explains, and "
-                               "those it does (goal C8).",
+                               "those it does.",
                     "parameters": SCOPE_PARAMETERS,
                     "responses": {"200": _json({"type": "object"}), "400": bad_request}},
         },
@@ -222,9 +224,21 @@ def document() -> dict[str, Any]:
                                    "403": _error("Not an admin token."),
                                    "404": _error("No active probe of that name.")}},
         },
+        "/api/v1/probes/{name}/rotate": {
+            "post": {"summary": "Admin: a new token for a probe, returned this once; the old "
+                                "one is refused at once; name, metadata and results stay; "
+                                "a revoked probe is re-enabled.",
+                     "security": ADMIN,
+                     "parameters": [{"name": "name", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
+                     "responses": {"200": _json({"type": "object"}),
+                                   "401": _error("Missing, unknown or revoked token."),
+                                   "403": _error("Not an admin token."),
+                                   "404": _error("No probe of that name.")}},
+        },
         "/api/v1/samples": {
             "get": {"summary": "Per-test samples of a scope as CSV (probe_id, timestamp, kind, "
-                               "value, ok): the input of `evaluate --samples`.",
+                               "value, ok, unit): the input of `evaluate --samples`.",
                     "parameters": [*SCOPE_PARAMETERS,
                                    _query("format", "csv (the only format).",
                                           {"enum": ["csv"]}),
@@ -232,7 +246,7 @@ def document() -> dict[str, Any]:
                                           {"enum": ["true", "false"]})],
                     "responses": {"200": {"description": "CSV.", "content": {
                         "text/csv": {"schema": {"type": "string"}}}},
-                        "400": bad_request}},
+                        "400": bad_request, "404": no_probe}},
         },
         "/api/v1/report": {
             "get": {"summary": "Compliance report against the configured Allegato 2 targets.",
@@ -256,7 +270,7 @@ def document() -> dict[str, Any]:
                             "$ref": "#/components/schemas/Report"}},
                         "text/csv": {"schema": {"type": "string"}},
                         "text/html": {"schema": {"type": "string"}}}},
-                        "400": bad_request}},
+                        "400": bad_request, "404": no_probe}},
         },
         "/report": {
             "get": {"summary": "HTML report with plots for the scope in the query.",
@@ -283,11 +297,16 @@ def document() -> dict[str, Any]:
                         _query("until", "Campaign end, exclusive."),
                         _query("rule", "Completeness rule.", {"enum": list(spec.CAMPAIGN_RULES)}),
                         _query("timezone", "Local time zone of the hourly bands."),
-                        _query("format", "json (default) or html (a printable certificate).",
-                               {"enum": ["json", "html"]}),
+                        _query("format", "json (default), html (a printable certificate) "
+                               "or csv (one row per check, the line and verdict on each).",
+                               {"enum": ["json", "html", "csv"]}),
                     ],
-                    "responses": {"200": _json({"type": "object"}), "400": bad_request,
-                                  "404": _error("No such probe.")}},
+                    "responses": {"200": {"description": "The certificate.", "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/html": {"schema": {"type": "string"}},
+                        "text/csv": {"schema": {"type": "string"}}}},
+                        "400": bad_request,
+                        "404": _error("No probe of that name (the nearest are named).")}},
         },
         OPENAPI_PATH: {"get": {"summary": "This document.", "security": PUBLIC,
                                "responses": {"200": _json({"type": "object"})}}},
@@ -347,6 +366,21 @@ def document() -> dict[str, Any]:
         "summary": "Browser speed test page (LibreSpeed protocol against this server).",
         "security": PUBLIC, "responses": {"200": {"description": "HTML.", "content": {
             "text/html": {"schema": {"type": "string"}}}}}}}
+    paths["/speedtest/{asset}"] = {"get": {
+        "summary": "The speed-test page's style sheet or script (named by a digest of its "
+                   "content; cached for good).",
+        "security": PUBLIC, "parameters": [{"name": "asset", "in": "path", "required": True,
+                                            "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "CSS or JavaScript."},
+                      "404": {"description": "No such file."}}}}
+    paths["/speedtest/result/{link}"] = {"get": {
+        "summary": "A saved browser result's page: its figures and time (never the "
+                   "client's address or user agent). The link is the POST's answer.",
+        "security": PUBLIC, "parameters": [{"name": "link", "in": "path", "required": True,
+                                            "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "HTML.", "content": {
+            "text/html": {"schema": {"type": "string"}}}},
+                      "404": {"description": "No stored result has this link (HTML)."}}}}
     paths["/api/v1/browser-results"] = {
         "post": {"summary": "An anonymous browser speed test's result (kept apart from "
                             "probe results, never in compliance).",
@@ -362,7 +396,11 @@ def document() -> dict[str, Any]:
                                        for k in ("rtt_min_ms", "rtt_mean_ms", "jitter_ms",
                                                  "download_bps", "download_bytes",
                                                  "upload_bps", "upload_bytes")}}}}}},
-                 "responses": {"201": _json({"type": "object"}),
+                 "responses": {"201": _json({"type": "object", "properties": {
+                     "id": {"type": "integer"},
+                     "link": {"type": "string", "description": "The result's link name."},
+                     "url": {"type": "string", "description": "Its page, relative to the "
+                             "server's root: speedtest/result/<link>."}}}),
                                "400": _error("Body is not JSON."),
                                "413": _error("Body over 64 KiB."),
                                "422": _error("A field is unknown or not a number >= 0."),

@@ -24,11 +24,13 @@ def query(name: str, description: str, schema: dict[str, Any] | None = None,
 
 
 SCOPE_PARAMETERS = [
-    query("probe", "Probe name (repeatable)."),
-    query("operator", "Only probes of this operator."),
-    query("offer", "Only probes on this offer."),
-    query("region", "Only probes in this region."),
-    query("technology", "Only probes on this access technology."),
+    query("probe", "Probe name (repeatable). One not registered is a 404 naming the "
+          "nearest names."),
+    query("operator", "Only probes of this operator (any case; the metadata filters "
+          "together, and a value no probe has is a 404 naming the nearest)."),
+    query("offer", "Only probes on this offer (any case)."),
+    query("region", "Only probes in this region (any case)."),
+    query("technology", "Only probes on this access technology (any case)."),
     query("family", "Only sessions measured over this IP version (schema 6; sessions "
           "of older agents have none and match neither).",
           {"type": "string", "enum": ["ipv4", "ipv6"]}),
@@ -206,7 +208,9 @@ def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
             "summary": "Prometheus metrics (text format 0.0.4): ingestion, request "
                        "latency by route, "
                        "measurement slots, the InfluxDB outbox, the fleet and each probe's "
-                       "last session. Also open, with no token, on [metrics] listen.",
+                       "last session. A metrics token (`token add --role metrics`: "
+                       "this route only), or an analyst or admin token. Also open, with "
+                       "no token, on [metrics] listen.",
             "responses": {"200": {"description": "The exposition.", "content": {
                 "text/plain": {"schema": {"type": "string"}}}}}}},
     }

@@ -5,12 +5,10 @@ refused with a 4xx naming the parameter at fault."""
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 
 from aiohttp import web
 
 from collector.errors import ApiError
-from collector.reports import service
 from collector.scope import METADATA_FILTERS, SESSION_FILTERS, Scope, resolve_scope
 from collector.storage.store import Store
 from collector.web.app_keys import CONFIG
@@ -18,13 +16,14 @@ from collector.web.threads import db
 
 
 def query_scope(request: web.Request, store: Store | None = None) -> Scope:
+    """The query's scope; a ``probe`` that is not registered, or metadata that selects
+    no probe, is a 404 naming the parameter and the nearest names."""
     probes = request.query.getall("probe", []) or None
     filters = {k: request.query[k] for k in (*METADATA_FILTERS, *SESSION_FILTERS)
                if k in request.query}
     return resolve_scope(probes, request.query.get("since"), request.query.get("until"),
                          request.query.get("period"), filters=filters,
-                         matching=None if store is None else
-                         partial(service.probes_matching, store))
+                         known=None if store is None else store.probes)
 
 
 async def scope_of(request: web.Request) -> Scope:

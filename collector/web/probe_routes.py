@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from collector.limits import RateLimiter
 from collector.metrics import count
 from collector.routing import Routes
 from collector.storage.model import NewResult
+from collector.web import accesslog
 from collector.web.app_keys import COMMITS, CONFIG, LIMITER, SINK
 from collector.web.params import content_encoding, read_body
 from collector.web.replies import json_response
@@ -41,10 +43,25 @@ def _peer_probe(request: web.Request) -> str | None:
     return None
 
 
+def _issued_before(request: web.Request, moment: str) -> bool:
+    """Whether the client certificate shown was issued (its notBefore) before
+    ``moment``. X.509 times are whole seconds (RFC 5280 4.1.2.5): one issued in the
+    moment's own second counts as after it. A notBefore that cannot be read counts as
+    before (refused, never let through)."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    try:
+        issued = ssl.cert_time_to_seconds((cert or {})["notBefore"])
+    except (KeyError, TypeError, ValueError):
+        return True
+    return issued < int(parse_utc(moment).timestamp())
+
+
 async def authenticated_probe(request: web.Request) -> str:
     """The probe behind a request: by its bearer token, or by a client certificate
-    verified against server.client_ca (whose CN must name a live probe); both, if both
-    are shown, must agree."""
+    verified against server.client_ca (whose CN must name a live probe, and which must
+    have been issued since the probe's credentials were last replaced: the lost or
+    leaked device holds its certificate too); both, if both are shown, must agree."""
     cfg = request.app[CONFIG].server
     by_cert = _peer_probe(request) if cfg.client_cert != "off" else None
     token = auth.bearer(request.headers.get("Authorization"))
@@ -53,11 +70,16 @@ async def authenticated_probe(request: web.Request) -> str:
         probe = await db(request, lambda s: s.probe(by_cert))
         if probe is None or probe.revoked_at is not None:
             raise ApiError(401, f"client certificate names no active probe ({by_cert!r})")
+        if probe.rotated_at is not None and _issued_before(request, probe.rotated_at):
+            raise ApiError(401, f"client certificate issued before the probe's credentials "
+                           f"were replaced ({by_cert!r} rotated {probe.rotated_at}): it "
+                           "needs one issued since")
         if digest is not None:
             owner = await db(request, lambda s: s.probe_for_token(digest))
             if owner is None or owner.name != by_cert:
                 raise ApiError(403, "the token and the client certificate name different "
                                "probes")
+        accesslog.note_probe(request, by_cert)
         return by_cert
     if cfg.client_cert == "required":
         raise ApiError(401, "a client certificate is required (server.client_cert)")
@@ -66,6 +88,7 @@ async def authenticated_probe(request: web.Request) -> str:
     probe = await db(request, lambda s: s.probe_for_token(digest))
     if probe is None:
         raise ApiError(401, "unknown or revoked token")
+    accesslog.note_probe(request, probe.name)
     return probe.name
 
 
@@ -197,6 +220,7 @@ async def post_result(request: web.Request) -> web.Response:
     accepted = await off_loop(request, ingest.inflated_bound(raw, encoding, limit),
                               lambda: _decoded(raw, encoding, limit))
     result = accepted.result
+    accesslog.note_result(request, result.result_id, accepted.body_sha256)
     if result.probe_id != probe:
         raise ApiError(
             403,
@@ -299,6 +323,7 @@ async def post_batch(request: web.Request) -> web.Response:
         count(request, lambda m: m.results_refused(refused))
     if "stored" in outcomes:
         _wake_sink(request)
+    accesslog.note_batch(request, replies, [a.body_sha256 if a else None for a, _ in judged])
     return json_response({"items": replies})
 
 

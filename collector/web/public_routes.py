@@ -10,10 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.schema import NUMBER_LIMIT, format_utc, physical_bounds, utc_now
+from agent.schema import NUMBER_LIMIT, format_utc, physical_bounds
 from collector.config import CollectorConfig
 from collector.errors import ApiError
 from collector.intake import ingest
+from collector.measurement import page
 from collector.measurement.slots import client_key
 from collector.metrics import count
 from collector.routing import Routes
@@ -98,9 +99,31 @@ async def post_browser_result(request: web.Request) -> web.Response:
         raise ApiError(415, f"Content-Encoding {encoding!r} is not accepted here; send "
                        "identity")
     data = check_browser_result(ingest.parse_json(await read_body(request, 64 * 1024)))
-    body, quota = json.dumps(data, sort_keys=True), anonymous_quota(request.app[CONFIG])
-    row = await db(request, lambda s: s.add_browser_result(utc_now(), client, body, quota))
-    return json_response({"id": row}, status=201)
+    # The result's link: its receipt time and a random key kept in its body (a client
+    # cannot set that field: unknown fields are refused above).
+    received, key = datetime.now(UTC), page.new_key()
+    body = json.dumps({**data, page.SHARE_KEY: key}, sort_keys=True)
+    quota = anonymous_quota(request.app[CONFIG])
+    row = await db(request, lambda s: s.add_browser_result(format_utc(received), client,
+                                                           body, quota))
+    link = page.share_link(received, key)
+    return json_response({"id": row, "link": link, "url": f"speedtest/result/{link}"},
+                         status=201)
+
+
+async def browser_result_page(request: web.Request) -> web.Response:
+    """The page a saved browser result's link opens: its figures and time (never its
+    address or user agent); an HTML 404 for a link that names no stored result."""
+    anonymous = request.app[CONFIG].anonymous
+    wanted = page.parse_link(request.match_info["link"])
+    row = None if wanted is None else await db(
+        request, lambda s: s.browser_result(wanted[0], wanted[1], page.SHARE_KEY))
+    headers = {**page.PAGE_HEADERS, "X-Robots-Tag": "noindex"}
+    if row is None:
+        return web.Response(status=404, text=page.missing_page(anonymous),
+                            content_type="text/html", headers=headers)
+    return web.Response(text=page.result_page(row, anonymous), content_type="text/html",
+                        headers=headers)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -118,3 +141,8 @@ def add_routes(routes: Routes) -> None:
     routes.get("/healthz", healthz, role="public")
     routes.get("/api/v1/openapi.json", openapi_document, role="public")
     routes.post("/api/v1/browser-results", post_browser_result, role="public")
+
+
+def add_result_page(routes: Routes) -> None:
+    """A saved browser result's page (where the speed-test page is served with a store)."""
+    routes.get("/speedtest/result/{link}", browser_result_page, role="public")

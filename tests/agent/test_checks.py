@@ -62,6 +62,40 @@ def test_cross_traffic_ratio_counts_headers_as_ours() -> None:
     assert checks.cross_traffic_ratio(0, own) is None
 
 
+def test_nothing_transferred_is_not_cross_traffic() -> None:
+    """A transfer that moved no byte of its own (a server that refused the connection)
+    is its own failure: whatever else crossed the interface is not called "100 % cross
+    traffic"."""
+    assert checks.cross_traffic_ratio(5_000_000, 0) is None
+    assert checks.cross_traffic_ratio(5_000_000, 1) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_wire_overhead_follows_a_smaller_mtu_only() -> None:
+    """Headers are per packet: MTU 1500 adds about 4.6 %, PPPoE's 1492 a little more; a
+    jumbo MTU is read as 1500 (the path beyond the LAN carries 1500-byte segments), and
+    an unknown one as 1500."""
+    assert checks.wire_overhead(1500) == checks.WIRE_OVERHEAD
+    assert checks.wire_overhead(None) == checks.WIRE_OVERHEAD
+    assert checks.wire_overhead(9000) == checks.WIRE_OVERHEAD
+    assert checks.wire_overhead(1492) == pytest.approx(1506 / 1440)
+    # Judged with MTU 1500 headers, the test's own bytes through a 1280-byte tunnel
+    # would be underestimated: its traffic alone would read as 0.8 % someone else's.
+    own = 10_000_000
+    seen = int(own * checks.wire_overhead(1280))
+    assert checks.cross_traffic_ratio(seen, own, checks.WIRE_OVERHEAD) > 0.007
+    assert checks.cross_traffic_ratio(seen, own, checks.wire_overhead(1280)) == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def test_loopback_has_no_cross_traffic_to_measure() -> None:
+    """Over loopback the interface counters hold every local process's traffic and no
+    access line: the check says it does not apply; on a real interface it applies."""
+    lo = replace(CLEAN, interface="lo", loopback=True)
+    reason = checks.cross_traffic_unmeasured(lo)
+    assert reason is not None and "loopback" in reason
+    assert checks.cross_traffic_unmeasured(CLEAN) is None
+
+
 def test_observations_on_this_host() -> None:
     """Towards 127.0.0.1 the route is the loopback interface; memory and CPU are read."""
     ctx = checks.observe_host("127.0.0.1", cpu_sample_s=0.1)
@@ -74,9 +108,12 @@ def test_observations_on_this_host() -> None:
 def test_check_command_says_what_to_do() -> None:
     """A failing check: exit 5, the finding and the advice; --json carries the reasons."""
     argv = [sys.executable, "-m", "agent", "--server", "http://127.0.0.1:9", "--set",
-            f"checks.min_memory_bytes={10**15}", "check"]
+            f"checks.min_memory_bytes={10**15}",
+            # A busy shared machine must not add cpu_busy to the one finding asked for.
+            "--set", "checks.max_cpu_percent=100", "check"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 5, done.stderr
+    # 6, not 5: nothing answers on port 9, and a failed measurement comes first.
+    assert done.returncode == 6, done.stderr
     assert "A measurement now would be flagged INVALID:" in done.stdout
     assert "use a device with at least 128 MiB of memory" in done.stdout
     done = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60,

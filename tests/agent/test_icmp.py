@@ -67,12 +67,14 @@ def test_unroutable_target_in_private_namespace(netns: str) -> None:
 
     Runs the real CLI inside the namespace; nothing can leave it (it has only loopback).
     """
-    out = subprocess.run(
+    done = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "agent", "ping", "198.18.0.1",
          "-n", "3", "-i", "0.01", "-W", "0.2", "--json", "--quiet"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    doc = json.loads(out)
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 6, done.stderr  # no reply: no measurement (agent/exitcodes.py)
+    assert "no echo reply from 198.18.0.1: 3 sent, 0 received" in done.stderr
+    doc = json.loads(done.stdout)
     assert doc["summary"]["loss_ratio"] == 1.0
     assert [s["rtt_ms"] for s in doc["ping"]["samples"]] == [None, None, None]
     assert all(s["error"].startswith("send_error") for s in doc["ping"]["samples"])

@@ -100,18 +100,18 @@ class TestState:
         (LiveState(), 5.0, ""),
         (fold(PING, RttSampled(50.5, 0.0512)), 51.04, "ping · 1.0 s / 9 s · RTT 0.05 ms"),
         (fold(DOWN), 100.0,
-         "download test 1/2 attempt 1 · 0.0 s / 12 s · now - Mbit/s · mean - Mbit/s"),
+         "download test 1/2 attempt 1 · 0.0 s / 12 s · now — Mbit/s · mean — Mbit/s"),
         (fold(DOWN), 99.0,  # a clock read just before the phase's own: never negative
-         "download test 1/2 attempt 1 · 0.0 s / 12 s · now - Mbit/s · mean - Mbit/s"),
+         "download test 1/2 attempt 1 · 0.0 s / 12 s · now — Mbit/s · mean — Mbit/s"),
         (fold(DOWN, *reads(100.0, 0.1, 41, 1_250_000), RttSampled(103.9, 23.46)), 104.12,
-         "download test 1/2 attempt 1 · 4.1 s / 12 s · now 100.0 Mbit/s · mean 100.0 "
-         "Mbit/s · RTT 23.5 ms"),
+         "download test 1/2 attempt 1 · 4.1 s / 12 s · now 100.00 Mbit/s · mean 100.00 "
+         "Mbit/s · RTT 23.46 ms"),
         (fold(PhaseStarted("upload test 1/1 attempt 2", 0.0, None, transfer=True),
               *reads(0.0, 0.5, 4, 500_000)), 2.25,
-         "upload test 1/1 attempt 2 · 2.2 s · now 8.0 Mbit/s · mean 8.0 Mbit/s"),
+         "upload test 1/1 attempt 2 · 2.2 s · now 8.00 Mbit/s · mean 8.00 Mbit/s"),
         (fold(PhaseStarted("ndt7 download", 0.0, 10.0, transfer=True),
               BytesMoved(0.25, 31_250), BytesMoved(0.5, 62_500)), 0.6,
-         "ndt7 download · 0.6 s / 10 s · now 1.0 Mbit/s · mean 1.0 Mbit/s"),
+         "ndt7 download · 0.6 s / 10 s · now 1.00 Mbit/s · mean 1.00 Mbit/s"),
     ],
 )
 def test_format_line(state: LiveState, now: float, line: str) -> None:
@@ -218,7 +218,7 @@ def agent_env(**extra: str) -> dict[str, str]:
 SHORT = ["--set", "download.warmup_s=0.3", "--set", "download.window_s=1.5",
          "--set", "upload.warmup_s=0.3", "--set", "upload.window_s=1.5"]
 LIVE_LINE = re.compile(r"(download|upload) test 1/1 attempt 1 · \d+\.\d s / 1\.8 s · "
-                       r"now \d+\.\d Mbit/s · mean \d+\.\d Mbit/s")
+                       r"now \d+\.\d\d Mbit/s · mean \d+\.\d\d Mbit/s")
 
 
 def tmux_or_skip() -> str:

@@ -458,12 +458,12 @@ def test_the_report_counts_refused_attempts_apart() -> None:
     failed = attempt("download", 0, 2, ok=False)
     lines = report.format_transfers("download", [refused, failed, attempt("download", 0, 3)],
                                     TRANSFER, 50e6)
-    assert lines[0].endswith("3 attempt(s), 1 failed, 1 refused by the server)")
-    assert lines[1:] == [
+    assert lines[0].endswith("3 attempt(s), 1 failed, 1 refused by the server")
+    assert lines[2:] == [
         "  attempt 1 refused: server_refused: refused for capacity (busy): HTTP 429",
         "  attempt 2 failed: connect_error: cannot connect: refused"]
     assert report.format_transfers("download", [failed], TRANSFER, None)[0].endswith(
-        "1 attempt(s), 1 failed)")
+        "1 attempt(s), 1 failed")
 
 
 # --- choosing a server: busy is not broken ----------------------------------------------

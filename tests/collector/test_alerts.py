@@ -331,11 +331,12 @@ def test_breach_on_a_completed_campaign_and_silence_through_apprise(
     Each notifier gets only its triggers."""
     with receiver() as hook, receiver() as chat:
         host = chat.url.removeprefix("http://")
-        cfg = _cfg(tmp_path, silent_after_s=4.0,
+        cfg = _cfg(tmp_path,
                    webhooks=(WebhookConfig(name="ops", url=hook.url + "/breach",
                                            triggers=("contract_breach",)),),
                    apprise=(AppriseConfig(name="chat", url=f"json://{host}/apprise",
                                           triggers=("probe_silent",)),))
+        cfg = replace(cfg, fleet=replace(cfg.fleet, silent_after_s=4.0))
         with running_collector(tmp_path, cfg) as c:
             live = c.add_probe("live-01")
             agent = fast_config.with_name("alerts-agent.toml")

@@ -274,3 +274,21 @@ def test_a_text_plain_body_cannot_register_a_probe(guarded: RunningCollector) ->
                         {"Authorization": f"Bearer {admin}",
                          "Content-Type": "application/json", "Origin": guarded.url})
     assert got == 201  # a same-origin page with a Bearer token may
+
+
+@pytest.mark.parametrize("path", ["/api/v1/results", "/api/v1/whoami", "/report"])
+def test_a_token_of_raw_bytes_is_a_401_not_a_5xx(guarded: RunningCollector,
+                                                  path: str) -> None:
+    """An Authorization header of bytes that are not text (anyone may send one) is no
+    token: 401, never a 500 from hashing what cannot be encoded."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Authorization: Bearer \xff\xfe\x80abc\r\nConnection: close\r\n\r\n")
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    assert head.split(b" ", 2)[1] == b"401", head[:200]

@@ -122,7 +122,7 @@ def test_invalid_sessions_are_listed_but_neither_fill_a_band_nor_count() -> None
     assert (listed.valid, listed.invalid_codes, listed.counted) == (False, ("wifi",), False)
     from collector.reports.text import format_certificate
 
-    assert "(INVALID: wifi)" in format_certificate(cert)
+    assert "INVALID (wifi), not counted" in format_certificate(cert)
 
 
 def test_cli_certificate(tmp_path: Path) -> None:
@@ -177,9 +177,9 @@ def test_certificate_as_a_page_to_hand_over(tmp_path: Path,
     page = out.read_text()
     assert len(re.findall(r'<td class="(?:pass|fail)">\d\dh<br>', page)) == 24
     assert page.count('<td class="fail">00h<br>3/4</td>') == 1  # the invalid session's band
-    assert "Banda minima in upload (percentile 5%)" in page and "&gt;= 150 kbit/s" in page
+    assert "Banda minima in upload (percentile 5%)" in page and "&gt;= 0.15 Mbit/s" in page
     assert "INCOMPLETE: the campaign does not cover every hourly band" in page
-    assert page.count("<tr><td><code>2026-01-") == 96
+    assert page.count("<tr><td>2026-01-") == 96  # local time (Europe/Rome)
     assert "INVALID (wifi)" in page
     status, body, headers = request(
         "GET", collector.url + "/api/v1/certificate?probe=p1&format=html")

@@ -55,7 +55,8 @@ def test_probe_add_prints_token_once(db: Path) -> None:
     assert out.startswith("p1  (active; created ")
     assert "operator=BT Italia" in out and "download_min_kbps=2200.0" in out
     code, out, err = _run("probe", "add", "p1", "--db", str(db))  # options after, too
-    assert (code, err) == (1, "bbprobe-collector: a probe named 'p1' already exists\n")
+    assert (code, err) == (1, "bbprobe-collector: a probe named 'p1' already exists (a "
+                              "new token for it: `probe rotate p1`)\n")
 
 
 def test_probe_revoke(db: Path) -> None:
@@ -74,7 +75,7 @@ def test_report_text_and_json(db: Path) -> None:
     assert code == 0
     assert "BT Italia — Allegato 2, obiettivi 2013" in out
     # download 1000 and 9000 kbit/s: p5 = 1000 + 0.05 * 8000 = 1400 < 2200 -> FAIL
-    assert "Download, banda minima (p5)" in out and "1,400 kbit/s" in out
+    assert "Download, banda minima (p5)" in out and "1.40 Mbit/s" in out
     assert "Verdict:  FAIL" in out
     code, out, _ = _run("--db", str(db), "report", "--format", "json", "--since", "2026-11-22")
     doc = json.loads(out)
@@ -92,7 +93,9 @@ def test_results_csv(db: Path) -> None:
     lines = out.splitlines()
     assert lines[0].split(",")[:3] == ["result_id", "probe_id", "started_at"]
     assert len(lines) == 3
-    assert lines[1].split(",")[5] == "1000000.0"
+    # Speeds in kbit/s with the unit in the name (collector/exports.py).
+    assert lines[0].split(",")[5] == "download_kbps"
+    assert lines[1].split(",")[5] == "1000.0"
 
 
 def test_example_config_and_check_config(db: Path) -> None:
@@ -168,7 +171,7 @@ def test_csv_cells_cannot_be_formulas(db: Path) -> None:
     """A security review found admin-set metadata going into CSV as it was, so a spreadsheet
     ran =HYPERLINK(...). Text starting with = + - @ is now behind a quote; numbers (also
     negative ones) stay numbers."""
-    from collector.reports.text import csv_cell
+    from collector.safetext import csv_cell
 
     _run("--db", str(db), "probe", "add", "p1", "--operator", '=HYPERLINK("http://x","y")',
          "--offer", "@SUM(A1)", "--region", "+39 Lazio", "--technology", "FTTH")

@@ -56,7 +56,8 @@ def test_text_format() -> None:
     """The text report shows each indicator with PASS/FAIL and the verdict."""
     code, out, _ = _evaluate(GOLDEN)
     assert code == 0
-    assert "Download, banda minima (p5)     1,950 kbit/s  >= 2,200 kbit/s       20  FAIL" in out
+    assert "Download, banda minima (p5)              1.95 Mbit/s  >= 2.20 Mbit/s       20  FAIL" \
+        in out
     assert "Verdict:  FAIL (5 of 9 measurable indicators met)" in out
 
 
@@ -101,10 +102,11 @@ def test_bad_rows_reported_by_line(tmp_path: Path, rows: str, messages: list[str
     ("header", "message"),
     [
         ("probe_id,timestamp,kind,value\n",
-         "{f}:1: header: missing column(s) ok (expected probe_id, timestamp, kind, value, ok)"),
+         "{f}:1: header: missing column(s) ok (expected probe_id, timestamp, kind, value, ok, "
+         "and optionally unit)"),
         ("probe_id,timestamp,kind,value,ok,colour\n",
          "{f}:1: header: unknown column(s) colour (expected probe_id, timestamp, kind, value, "
-         "ok)"),
+         "ok, and optionally unit)"),
     ],
 )
 def test_bad_header(tmp_path: Path, header: str, message: str) -> None:

@@ -248,10 +248,11 @@ def test_invalid_sessions_shown_apart_in_every_format(collector: RunningCollecto
     status, body, _ = request("GET", collector.url + "/api/v1/report?include_invalid=true")
     assert (body["sessions"], body["invalid"]["included"]) == (25, True)
     status, body, _ = request("GET", collector.url + "/report")
-    assert ("1 session(s) flagged invalid (cross_traffic 1); left out of every indicator"
-            in body.decode())
+    assert ("1 session flagged invalid (reasons: cross_traffic in 1 session); left out of "
+            "every indicator" in body.decode())
     result = CliRunner().invoke(main, ["--db", str(collector.db_path), "report"])
-    assert "Invalid:  1 session(s) flagged invalid (cross_traffic 1)" in result.output
+    assert "Invalid:  1 session flagged invalid (reasons: cross_traffic in 1 session)" in \
+        result.output
     status, body, _ = request("GET", collector.url + "/api/v1/report?include_invalid=yes")
     assert (status, body["field"]) == (400, "include_invalid")
 
@@ -273,8 +274,8 @@ def test_samples_export_re_evaluates_to_the_same_report(tmp_path: Path,
                                        str(out)])
     assert result.exit_code == 0, result.output
     header, first = out.read_text().splitlines()[:2]
-    assert header == "probe_id,timestamp,kind,value,ok"
-    assert first == "line-1,2026-01-14T23:00:00.000000Z,download,60000.0,true"
+    assert header == "probe_id,timestamp,kind,value,ok,unit"
+    assert first == "line-1,2026-01-14T23:00:00Z,download,60000.0,true,kbit/s"
     offline = CliRunner().invoke(main, ["--db", db, "evaluate", "--samples", str(out),
                                         "--format", "json"])
     online = CliRunner().invoke(main, ["--db", db, "report", "--period", "2026",

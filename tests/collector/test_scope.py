@@ -94,7 +94,8 @@ def test_period_and_range_are_exclusive(tmp_path: Path) -> None:
 
 
 def test_api_scope_by_metadata(collector: RunningCollector) -> None:
-    """The report API takes the same selectors; no match gives an empty, incomplete report."""
+    """The report API takes the same selectors; no match is a 404 naming the parameter
+    (tests/collector/test_selectors.py), never an empty report that looks normal."""
     with closing(collector.open_store()) as store:
         _populate(store)
     status, doc, _ = request("GET", collector.url +
@@ -103,7 +104,8 @@ def test_api_scope_by_metadata(collector: RunningCollector) -> None:
     assert doc["scope"]["probes"] == ["other-1"]
     assert doc["sessions"] == 1
     status, doc, _ = request("GET", collector.url + "/api/v1/report?operator=Nobody")
-    assert (status, doc["scope"]["probes"], doc["verdict"]) == (200, [], "incomplete")
+    assert (status, doc["error"], doc["field"]) == (
+        404, "no probe has operator 'Nobody'", "operator")
     status, doc, _ = request("GET", collector.url + "/api/v1/results?period=2026-H3")
     assert (status, doc["error"]) == (400, "period: expected YYYY, YYYY-H1 or YYYY-H2, "
                                            "got '2026-H3'")

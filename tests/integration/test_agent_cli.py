@@ -56,12 +56,14 @@ def test_run_json_pushes_once(collector: RunningCollector, fast_config: Path) ->
     assert doc["ping_download"]["summary"]["packets_sent"] == 3  # 0.6 s window / 0.2 s
     assert s["rtt_download_mean_ms"] == doc["ping_download"]["summary"]["rtt_mean_ms"]
     assert s["rtt_upload_mean_ms"] is not None
-    # Host checks: the route to 127.0.0.1 is loopback; the only traffic on it during the
-    # transfers was the test's own, so the session is valid.
+    # Host checks: the route to 127.0.0.1 is loopback, which has no access line and
+    # whose counters hold every local process's traffic: cross traffic is not measured
+    # there (checks.cross_traffic_unmeasured), so the session is valid and says why.
     ctx = doc["context"]
     assert ctx["loopback"] is True and "127.0.0.1" in ctx["addresses"]
-    assert 0 <= ctx["download_cross_traffic_ratio"] < 0.1, ctx
-    assert 0 <= ctx["upload_cross_traffic_ratio"] < 0.1, ctx
+    assert ctx["download_cross_traffic_ratio"] is None, ctx
+    assert ctx["upload_cross_traffic_ratio"] is None, ctx
+    assert "cross traffic not measured on loopback" in err
     assert doc["validity"] == {"valid": True, "reasons": []}
     assert "delivered" in err
     status, listing, _ = request("GET", collector.url + "/api/v1/results?probe=probe-1")
@@ -155,19 +157,22 @@ def test_wrong_token_is_refused_before_measuring(collector: RunningCollector,
 
 
 def test_unreachable_server_records_failed_attempts(fast_config: Path) -> None:
-    """Transfers to a closed port are failed attempts with a reason, not a crash."""
+    """Transfers to a closed port are failed attempts with a reason, not a crash; a
+    refused connection is retried once (a server restarting), then not again in the
+    session (nothing listens), and no measurement is exit 6."""
     server = f"http://127.0.0.1:{_free_port()}"
     code, out, err = _run("--config", str(fast_config), "--server", server,
-                          "--set", "download.attempts=2", "--set", "upload.attempts=1",
+                          "--set", "download.attempts=3", "--set", "upload.attempts=2",
                           "speed", "--json", "--quiet")
-    assert code == 0, err
+    assert code == 6, err
     doc = json.loads(out)
     assert doc["summary"]["download_failure_ratio"] == 1.0
     assert doc["summary"]["upload_failure_ratio"] == 1.0
     assert doc["summary"]["download_bps"] is None
-    downloads = [t for t in doc["transfers"] if t["direction"] == "download"]
-    assert [(t["attempt"], t["failure_reason"]) for t in downloads] == [
-        (1, "connect_error"), (2, "connect_error")]
+    assert [(t["direction"], t["attempt"], t["failure_reason"])
+            for t in doc["transfers"]] == [
+        ("download", 1, "connect_error"), ("download", 2, "connect_error"),
+        ("upload", 1, "connect_error")]
     assert doc["ping"] is None
 
 
@@ -227,7 +232,7 @@ def test_ping_human_output(fast_config: Path) -> None:
 
 @pytest.mark.privileged
 def test_ping_unresolvable_host(netns: str) -> None:
-    """A name that cannot be resolved is one clear line, exit 1.
+    """A name that cannot be resolved is one clear line, exit 6 (no measurement).
 
     Run inside a private namespace (loopback only) so no DNS query leaves the machine.
     """
@@ -239,7 +244,7 @@ def test_ping_unresolvable_host(netns: str) -> None:
          "no-such-host.invalid", "-n", "1"],
         capture_output=True, text=True, timeout=60, check=False,
     )
-    assert done.returncode == 1
+    assert done.returncode == 6
     assert done.stdout == ""
     assert "\nbbprobe: cannot resolve ping target 'no-such-host.invalid'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -303,8 +308,9 @@ def test_status_shows_the_spool_when_the_client_certificate_cannot_be_read(
                           "collector.client_cert='/nonexistent/p1.pem'", "status",
                           "--no-check")
     assert (code, err) == (0, "")
-    assert out.startswith(f"spool: 0 result(s) waiting (0.0 KiB of 64 MiB) in "
-                          f"{tmp_path / 'spool'}\n")
+    # Lines past 100 columns wrap (a long temporary path here): compare the words.
+    assert " ".join(out.split()).startswith(f"spool: 0 result(s) waiting (0.0 KiB of 64 "
+                                            f"MiB) in {tmp_path / 'spool'} ")
 
 
 def test_check_config_shows_plan(fast_config: Path) -> None:
@@ -509,8 +515,8 @@ def test_a_result_spooled_for_one_probe_is_never_delivered_as_another(
         code, out, err = _run(*common, "--collector", other.url, "--token", token_b,
                               "status", "--no-check")
         assert code == 0, err
-        assert f"  1 result(s) waiting for a probe not named yet at {dead}, " \
-               "sent when a run uses that identity" in out
+        assert f"1 result(s) waiting for a probe not named yet at {dead}, " \
+               "sent when a run uses that identity" in " ".join(out.split())
     (spooled,) = (state / "spool").glob("*.json")
     assert first["result_id"] in spooled.name
     assert json.loads(spooled.read_text())["probe_id"] == ""  # never rewritten

@@ -1,6 +1,6 @@
 """The Debian package under a real systemd: a clean Debian 12 booted with
 systemd-nspawn (systemd is PID 1), the freshly built .deb installed, a collector and a
-probe started from their units exactly as the README tells an operator, then reload,
+probe started from their units exactly as docs/operator.md tells an operator, then reload,
 stop, hardening scores, an upgrade that keeps every stored and spooled result, remove
 and purge. Root only; under CI=true it must run (tests/conftest.py refuses to skip)."""
 
@@ -121,10 +121,10 @@ attempts = 1
 
 def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
     """The .deb on a booted Debian: installed units stay off, the agent refuses to start without
-    its token credential, the collector and a measurement-only instance start as the README
-    says, the agent delivers, reloads (refusing a broken file), scores within the hardening
-    limits, keeps its spool and the database across two upgrades, stops cleanly, and purge
-    removes the data that remove keeps."""
+    its token credential, the collector and a measurement-only instance start as
+    docs/operator.md says, the agent delivers, reloads (refusing a broken file), scores
+    within the hardening limits, keeps its spool and the database across two upgrades,
+    stops cleanly, and purge removes the data that remove keeps."""
     deb, upgrade1, upgrade2 = debs
     with nspawn.boot(nspawn.rootfs(), {str(deb.parent): "/mnt/debs"}, tmp_path) as m:
         # -- install: nothing starts, nothing is enabled, the conffiles are in place.
@@ -145,7 +145,7 @@ def test_package_under_systemd(debs: list[Path], tmp_path: Path) -> None:
         m.run("systemctl stop bbprobe-agent && systemctl reset-failed bbprobe-agent",
               check=False)  # no automatic restart pending while we set it up
 
-        # -- the collector host, as the README says.
+        # -- the collector host, as docs/operator.md says.
         m.run("systemctl enable --now bbprobe-collector", timeout=120)
         _wait("the collector to listen",
               lambda: m.run("python3 -c \"import urllib.request as u; "

@@ -199,11 +199,11 @@ def test_status_shows_backlog_dead_letters_and_the_collector(
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "spool: 1 result(s) waiting" in out
-    assert "dead-letter: 1 result(s) set aside, refused by the collector or damaged " \
+    assert "dead-letter: 1 result(s) set aside, refused or damaged " \
         "(bbprobe dead-letter list|retry|drop):" in out
     assert "HTTP 422: summary.loss_ratio: must be <= 1, got 2" in out
     assert f"collector: {collector.url} answers, as probe probe-9" in out
-    assert "last results:" in out and "down 50.0 / up 10.0 Mbit/s, RTT 11.0 ms" in out
+    assert "last results:" in out and "down 50.00 / up 10.00 Mbit/s, RTT 11.00 ms" in out
     as_json = subprocess.run([*AGENT, "--config", str(fast_config), "status", "--json",
                               "--no-check"], capture_output=True, text=True, timeout=60,
                              check=False)

@@ -123,6 +123,13 @@ class AlertQueries(SqlBase):
                             "details": json.loads(r[7]), "deliveries": deliveries})
         return out
 
+    def alerts_of_kind(self, kind: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """(key, probe, details) of every alert of ``kind`` kept (the alerter pairs a
+        probe_silent alert with its resolution by key)."""
+        return [(r[0], r[1], json.loads(r[2])) for r in self._read(
+            "SELECT dedup_key, probe_name, details FROM alerts WHERE kind = ? ORDER BY id",
+            (kind,))]
+
     def prune_alerts(self, before: str) -> int:
         """Delete the alerts created before ``before`` (and their deliveries)."""
         def work(tx: Tx) -> int:

@@ -4,6 +4,7 @@ read from both."""
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import threading
@@ -78,6 +79,21 @@ class AnonymousQueries(SqlBase):
                 for r in self._read(
                     f"SELECT id, received_at, client, body FROM browser_results WHERE {where} "
                     "ORDER BY id", params)]
+
+    def browser_result(self, received_at: str, key: str,
+                       key_field: str) -> dict[str, Any] | None:
+        """The browser result received at ``received_at`` (indexed) whose body holds
+        ``key`` under ``key_field``: what a result's link names. None if none does."""
+        for ident, received, client, body in self._read(
+                "SELECT id, received_at, client, body FROM browser_results "
+                "WHERE received_at = ? ORDER BY id", (received_at,)):
+            record = json.loads(body)
+            stored = record.get(key_field) if isinstance(record, dict) else None
+            # Compared in constant time: the key is the link's only secret.
+            if isinstance(stored, str) and hmac.compare_digest(stored.encode(),
+                                                               key.encode()):
+                return {"id": ident, "received_at": received, "client": client, **record}
+        return None
 
     def add_ndt7_test(self, archive: dict[str, Any], started_at: str, ended_at: str,
                       quota: Quota | None = None) -> None:

@@ -15,7 +15,7 @@ from collector.storage.sql.probes import LINE_COLUMNS
 # Generated keys (browser_results.id, influx_outbox.seq) are copied as they are.
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "probes": (("name",), ("name", "token_sha256", "created_at", "revoked_at",
-                           *LINE_COLUMNS)),
+                           "rotated_at", *LINE_COLUMNS)),
     "tokens": (("name",), ("name", "role", "token_sha256", "created_at", "revoked_at")),
     "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
                                  "ended_at", "received_at", "body_sha256", "body",

@@ -201,7 +201,7 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # consecutive ones, each rounded to the nanosecond as facts.jitter_terms does, and
     # their number); the technologies spelt as collector/lines.py does. One pass over
     # session_facts under the migration's lock: on a big database, upgrade in a quiet
-    # hour (README).
+    # hour (docs/operator.md, Upgrading).
     """
     ALTER TABLE probes ADD COLUMN download_normal_kbps DOUBLE PRECISION;
     ALTER TABLE probes ADD COLUMN upload_normal_kbps DOUBLE PRECISION;
@@ -280,6 +280,17 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # rate (storage/refusals.py): only sessions with a failed transfer fact are decoded;
     # each session changed is logged in sum and listed in refusal_reclassifications.
     refusals.reclassify,
+    # 10 (SQLite's 20): metrics tokens, GET /metrics and nothing else (the column's CHECK
+    # is named by PostgreSQL's rule, table_column_check); the alerts of one kind by index;
+    # when a probe's credentials were last replaced (client certificates issued before
+    # then are refused).
+    """
+    CREATE INDEX IF NOT EXISTS alerts_kind ON alerts (kind, probe_name);
+    ALTER TABLE probes ADD COLUMN IF NOT EXISTS rotated_at TEXT;
+    ALTER TABLE tokens DROP CONSTRAINT IF EXISTS tokens_role_check;
+    ALTER TABLE tokens ADD CONSTRAINT tokens_role_check
+        CHECK (role IN ('analyst', 'admin', 'metrics'))
+    """,
 )
 
 

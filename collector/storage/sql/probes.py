@@ -13,7 +13,7 @@ from collector.storage.model import Probe
 from collector.storage.sql.base import SqlBase, Tx
 
 LINE_COLUMNS = tuple(f.name for f in fields(LineMetadata))
-PROBE_COLUMNS = ("name", "created_at", "revoked_at", *LINE_COLUMNS)
+PROBE_COLUMNS = ("name", "created_at", "revoked_at", "rotated_at", *LINE_COLUMNS)
 
 
 class ProbeQueries(SqlBase):
@@ -30,13 +30,32 @@ class ProbeQueries(SqlBase):
                        f"VALUES (?, ?, ?, {', '.join('?' * len(LINE_COLUMNS))})",
                        [name, token_sha256, created_at, *values])
             except self.dialect.integrity_errors:
-                raise AlreadyExists(f"a probe named {name!r} already exists",
-                                    "probe_id") from None
+                # Revoked or not: a name is a line's history. A new token for it is
+                # a rotation, never a second registration.
+                raise AlreadyExists(f"a probe named {name!r} already exists (a new token "
+                                    f"for it: `probe rotate {name}`)", "probe_id") from None
 
         self._transaction(work)
 
     def revoke_probe(self, name: str, revoked_at: str) -> bool:
         return self._revoke("probes", name, revoked_at)
+
+    def rotate_probe(self, name: str, token_sha256: str,
+                     rotated_at: str) -> tuple[bool, str | None]:
+        """Give probe ``name`` a new token digest, in one statement with the old one's
+        end: the old token is refused from the next request, and a client certificate
+        issued before ``rotated_at``. A revoked probe is live again under the new
+        token. (found, revoked_at before the change)."""
+        def work(tx: Tx) -> tuple[bool, str | None]:
+            row = tx.one(f"SELECT revoked_at FROM probes WHERE name = ? "
+                         f"{self.dialect.for_update}", (name,))
+            if row is None:
+                return False, None
+            tx.run("UPDATE probes SET token_sha256 = ?, revoked_at = NULL, rotated_at = ? "
+                   "WHERE name = ?", (token_sha256, rotated_at, name))
+            return True, row[0]
+
+        return self._transaction(work)
 
     def update_line(self, name: str, changes: Mapping[str, Any]) -> bool:
         """Change some of a probe's line metadata (the offer changed); False if there is
@@ -101,6 +120,6 @@ class ProbeQueries(SqlBase):
 
 
 def _probe(row: Sequence[Any]) -> Probe:
-    name, created_at, revoked_at, *line = row
+    name, created_at, revoked_at, rotated_at, *line = row
     return Probe(name=name, created_at=created_at, revoked_at=revoked_at,
-                 line=LineMetadata(*line))
+                 line=LineMetadata(*line), rotated_at=rotated_at)

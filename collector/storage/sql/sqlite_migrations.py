@@ -11,6 +11,34 @@ from collector.storage.sql.base import Tx
 
 # Each entry upgrades the schema from version i to i + 1: SQL statements, or a function
 # that rewrites data. Never edit a shipped migration.
+
+_METRICS_ROLE = """
+    CREATE INDEX IF NOT EXISTS alerts_kind ON alerts (kind, probe_name);
+    CREATE TABLE tokens_new (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('analyst', 'admin', 'metrics')),
+        token_sha256 TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    INSERT INTO tokens_new (name, role, token_sha256, created_at, revoked_at)
+        SELECT name, role, token_sha256, created_at, revoked_at FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_new RENAME TO tokens;
+    """
+
+
+def _metrics_role_and_rotation(tx: Tx) -> None:
+    """Migration 20: the metrics role, the alerts-by-kind index, probes.rotated_at. Safe to
+    run again (a database rewound to an earlier version by a repair or a test): SQLite has
+    no ADD COLUMN IF NOT EXISTS, so the column is added only when missing."""
+    if "rotated_at" not in {row[1] for row in tx.rows("PRAGMA table_info(probes)")}:
+        tx.run("ALTER TABLE probes ADD COLUMN rotated_at TEXT")
+    for statement in _METRICS_ROLE.split(";"):
+        if statement.strip():
+            tx.run(statement)
+
+
 MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     """
     CREATE TABLE probes (
@@ -312,4 +340,11 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # and their days rebuilt; each session changed is logged in sum and listed in
     # refusal_reclassifications.
     refusals.reclassify,
+    # 20: metrics tokens (collector/auth.py): GET /metrics and nothing else, for a
+    # Prometheus server. SQLite cannot change a CHECK in place: the small tokens table is
+    # copied into one that allows the role. And the alerts of one kind found without a
+    # scan (each tick looks for the probe_silent alerts still to resolve). And when a
+    # probe's credentials were last replaced (`probe rotate`): a client certificate
+    # issued before then is refused (web/probe_routes.py).
+    _metrics_role_and_rotation,
 )
