@@ -30,6 +30,18 @@ from collector.web.openapi_parts import query as _query
 OPENAPI_PATH = "/api/v1/openapi.json"
 
 
+def _probe_action(summary: str, not_found: str) -> dict[str, Any]:
+    """An admin POST on one probe by name (revoke, rotate): the same security, parameter
+    and answers, each with its own summary."""
+    return {"post": {"summary": summary, "security": ADMIN,
+                     "parameters": [{"name": "name", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
+                     "responses": {"200": _json({"type": "object"}),
+                                   "401": _error("Missing, unknown or revoked token."),
+                                   "403": _error("Not an admin token."),
+                                   "404": _error(not_found)}}}
+
+
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     result_ref = json_schema(SessionResult, schemas)
@@ -214,28 +226,13 @@ def document() -> dict[str, Any]:
                         "text/csv": {"schema": {"type": "string"}}}},
                         "400": bad_request}},
         },
-        "/api/v1/probes/{name}/revoke": {
-            "post": {"summary": "Admin: revoke a probe's token at once (its results stay).",
-                     "security": ADMIN,
-                     "parameters": [{"name": "name", "in": "path", "required": True,
-                                     "schema": {"type": "string"}}],
-                     "responses": {"200": _json({"type": "object"}),
-                                   "401": _error("Missing, unknown or revoked token."),
-                                   "403": _error("Not an admin token."),
-                                   "404": _error("No active probe of that name.")}},
-        },
-        "/api/v1/probes/{name}/rotate": {
-            "post": {"summary": "Admin: a new token for a probe, returned this once; the old "
-                                "one is refused at once; name, metadata and results stay; "
-                                "a revoked probe is re-enabled.",
-                     "security": ADMIN,
-                     "parameters": [{"name": "name", "in": "path", "required": True,
-                                     "schema": {"type": "string"}}],
-                     "responses": {"200": _json({"type": "object"}),
-                                   "401": _error("Missing, unknown or revoked token."),
-                                   "403": _error("Not an admin token."),
-                                   "404": _error("No probe of that name.")}},
-        },
+        "/api/v1/probes/{name}/revoke": _probe_action(
+            "Admin: revoke a probe's token at once (its results stay).",
+            "No active probe of that name."),
+        "/api/v1/probes/{name}/rotate": _probe_action(
+            "Admin: a new token for a probe, returned this once; the old one is refused at "
+            "once; name, metadata and results stay; a revoked probe is re-enabled.",
+            "No probe of that name."),
         "/api/v1/samples": {
             "get": {"summary": "Per-test samples of a scope as CSV (probe_id, timestamp, kind, "
                                "value, ok, unit): the input of `evaluate --samples`.",
