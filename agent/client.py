@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 import zstandard
 
-from agent import neterrors, spec
+from agent import jose, neterrors, spec
 from agent.errors import ConfigError, DeliveryError
 from agent.identity import identity_for
 from agent.schema import utc_now
@@ -37,6 +38,8 @@ LIVENESS_PATH = "/healthz"
 LIVENESS_TIMEOUT_S = 5.0
 BATCH_PATH = spec.RESULTS_PATH + "/batch"
 GAPS_PATH = "/api/v1/gaps"
+# Where the probe enrols its public key (trust on first use; agent/probekey.py).
+KEY_PATH = "/api/v1/probe/key"
 
 
 def compress(data: bytes, encoding: str) -> bytes:
@@ -158,6 +161,25 @@ def _error_field(body: bytes) -> str | None:
     return field if isinstance(field, str) and field else None
 
 
+# An RFC 7638 SHA-256 thumbprint: 43 base64url characters.
+_KID_RE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
+def _kid_in(reply: Any, sent: str | None = None) -> str | None:
+    """The kid a key reply names: its ``bound_kid`` or ``kid`` member, else the one
+    thumbprint its ``error`` text holds other than ``sent`` (the key sent)."""
+    if not isinstance(reply, dict):
+        return None
+    for name in ("bound_kid", "kid"):
+        kid = reply.get(name)
+        if isinstance(kid, str) and _KID_RE.fullmatch(kid):
+            return kid
+    error = reply.get("error")
+    found = {k for k in _KID_RE.findall(error) if k != sent} \
+        if isinstance(error, str) else set()
+    return found.pop() if len(found) == 1 else None
+
+
 class CollectorClient:
     """Talks to the collector's API with the probe's bearer token. Every request carries
     the probe's wall clock (X-Bbprobe-Sent-At) so the collector can measure skew."""
@@ -212,8 +234,11 @@ class CollectorClient:
         return await self._send(method, path, data, "none")
 
     async def _send(self, method: str, path: str, data: bytes | None, encoding: str,
-                    extra: Mapping[str, str] | None = None, *, full: bool = False) -> Any:
-        """The reply's JSON (None when empty); with ``full``, (status, headers, JSON)."""
+                    extra: Mapping[str, str] | None = None, *, full: bool = False,
+                    accept: frozenset[int] = frozenset()) -> Any:
+        """The reply's JSON (None when empty); with ``full``, (status, headers, JSON).
+        A status in ``accept`` is a reply, not a DeliveryError (its JSON body, or None
+        when it is not JSON)."""
         headers = {"X-Bbprobe-Sent-At": utc_now(), **(extra or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -225,6 +250,12 @@ class CollectorClient:
                 method, self.url + path, data=data, headers=headers
             ) as resp:
                 body = await resp.read()
+                if resp.status in accept and resp.status >= 400:
+                    try:
+                        parsed = json.loads(body) if body else None
+                    except ValueError:
+                        parsed = None
+                    return (resp.status, resp.headers, parsed) if full else parsed
                 if resp.status >= 400:
                     retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
                     raise DeliveryError(
@@ -292,6 +323,28 @@ class CollectorClient:
             if exc.status == 404:
                 return None
             raise
+
+    async def enrol_key(self, jwk: Mapping[str, Any]) -> tuple[int, str | None]:
+        """Send the probe's public key (``PUT /api/v1/probe/key``, body ``{"jwk": ...}``):
+        (status, kid). 201 enrolled or 200 already known, with the kid the collector
+        computed; 409, another key is bound to this probe's token, with that key's kid;
+        404, a collector too old to take keys (None). Anything else is a DeliveryError,
+        as for every request, and so is a 409 that names no other key (this key is
+        another probe's, or first use is over): its message says why."""
+        body = json.dumps({"jwk": dict(jwk)}, separators=(",", ":")).encode()
+        status, _, reply = await self._send("PUT", KEY_PATH, body, "none", full=True,
+                                            accept=frozenset({404, 409}))
+        try:
+            sent = jose.thumbprint(jwk)
+        except jose.JoseError:
+            sent = None
+        kid = _kid_in(reply, sent)
+        if status == 409 and kid is None:
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise DeliveryError(f"HTTP 409: {error}" if isinstance(error, str)
+                                else "HTTP 409", retryable=False, status=409,
+                                field=_error_field(json.dumps(reply).encode()))
+        return status, kid
 
     async def report_health(self, body: bytes) -> None:
         """The probe's health report (LMAP's reported state): what the fleet page shows."""

@@ -107,7 +107,7 @@ def to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
 CERTIFICATE_COLUMNS = ("probe_id", "family", "id", "name", "unit", "breach_if",
                        "threshold", "observed", "samples", "breach", "informational",
                        "verdict", "rule", "timezone", "sessions", "bands_filled",
-                       "first_session_at", "last_session_at")
+                       "first_session_at", "last_session_at", "contract_versions")
 
 
 def certificate_rows(cert: Any) -> list[dict[str, Any]]:
@@ -120,5 +120,7 @@ def certificate_rows(cert: Any) -> list[dict[str, Any]]:
              "informational": c.informational, "verdict": cert.verdict,
              "rule": cert.rule.name, "timezone": cert.timezone,
              "sessions": len(cert.sessions), "bands_filled": filled,
-             "first_session_at": cert.first, "last_session_at": cert.last}
+             "first_session_at": cert.first, "last_session_at": cert.last,
+             # The line's contract version(s) used ("1", "1;2"; empty: no history).
+             "contract_versions": ";".join(str(v.version) for v in cert.contracts)}
             for c in cert.checks]

@@ -6,8 +6,9 @@ dynamic user reads a file that stays root's), or from a PEM file (PKCS#8), or, w
 neither, is generated at first need in the collector's state directory, the directory of
 the SQLite database (storage.path; by default $STATE_DIRECTORY under systemd, else the XDG
 data directory). Each key has a role and a file name of its own: the measurement tickets'
-is ``ticket-signing-key.pem``; a key that signs results as evidence is to have another:
-never the same key for two purposes.
+is ``ticket-signing-key.pem``; the key that signs evidence (published in the JWK Set,
+web/keys_routes.py) is ``evidence-signing-key.pem`` or the credential
+``evidence-signing-key``: never the same key for two purposes.
 
 Generation is atomic: the key is written to a temporary file opened with O_EXCL (mode
 0600 from the start) and hard-linked to its name, which fails if the name exists, so
@@ -28,10 +29,7 @@ its failures logged once per change, not once per request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import secrets
@@ -47,13 +45,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent import credentials
+from agent import credentials, jose
 from collector.config import CollectorConfig, default_database
 from collector.errors import ConfigError
 
 log = logging.getLogger("bbprobe.collector")
 
 TICKET_KEY_FILE = "ticket-signing-key.pem"
+# The key that signs evidence (the collector's JWK Set, certificates): a role of its
+# own, never the ticket key. From the systemd credential of this name when the unit
+# loads one (LoadCredential=evidence-signing-key:PATH), else this file, made at need.
+EVIDENCE_KEY_FILE = "evidence-signing-key.pem"
+EVIDENCE_KEY_CREDENTIAL = "evidence-signing-key"
 # A PEM key is about 120 bytes: anything much larger is not one (a wrong path).
 MAX_KEY_FILE_BYTES = 64 * 1024
 
@@ -69,31 +72,21 @@ class SigningKey:
         return self.private.public_key()
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def public_raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
+# The encodings are agent.jose's (one implementation for both sides); these names stay for
+# the collector's callers.
 def public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+    """The public key as PEM (SubjectPublicKeyInfo)."""
+    return jose.pem_of(key)
 
 
 def jwk(key: Ed25519PublicKey) -> dict[str, str]:
     """The public key as a JWK (RFC 8037 §2)."""
-    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(public_raw(key))}
+    return jose.jwk_of(key)
 
 
 def thumbprint(key: Ed25519PublicKey) -> str:
-    """RFC 7638: SHA-256 of the JWK's required members, in lexicographic order, with no
-    white space; base64url without padding."""
-    members = jwk(key)
-    canonical = json.dumps({k: members[k] for k in ("crv", "kty", "x")},
-                           separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+    """The public key's RFC 7638 thumbprint (the ``kid`` of what it signs)."""
+    return jose.kid_of(key)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -209,6 +202,16 @@ def ticket_signing_key(cfg: CollectorConfig, environ: Mapping[str, str] = os.env
                        TICKET_KEY_FILE, environ, "tickets")
 
 
+def evidence_signing_key(cfg: CollectorConfig, environ: Mapping[str, str] = os.environ
+                         ) -> SigningKey:
+    """The collector's evidence key: the credential EVIDENCE_KEY_CREDENTIAL if systemd
+    loaded it, else EVIDENCE_KEY_FILE in the state directory (generated at first need)."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    loaded = bool(directory) and (Path(str(directory)) / EVIDENCE_KEY_CREDENTIAL).is_file()
+    return signing_key(EVIDENCE_KEY_CREDENTIAL if loaded else "", "", state_dir(cfg, environ),
+                       EVIDENCE_KEY_FILE, environ, "evidence")
+
+
 def trusted_keys(paths: tuple[str, ...]) -> dict[str, Ed25519PublicKey]:
     """tickets.trusted_keys, by kid."""
     found: dict[str, Ed25519PublicKey] = {}
@@ -230,10 +233,12 @@ class OwnKey:
     seconds."""
 
     def __init__(self, load: Callable[[], SigningKey], what: str = "tickets",
-                 retry_s: float = RETRY_S, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 retry_s: float = RETRY_S, clock: Callable[[], float] = time.monotonic,
+                 meanwhile: str = "no ticket is issued, and this collector's own are "
+                                  "refused") -> None:
         self._load = load
         self.what = what
+        self.meanwhile = meanwhile  # what the log says goes without the key
         self.retry_s = retry_s
         self.clock = clock
         self.key: SigningKey | None = None
@@ -271,9 +276,9 @@ class OwnKey:
             key = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             if str(exc) != self.problem:
-                log.error("%s: the signing key is unusable (no ticket is issued, and this "
-                          "collector's own are refused; tried again at need, every %g s "
-                          "at most): %s", self.what, self.retry_s, exc)
+                log.error("%s: the signing key is unusable (%s; tried again at need, "
+                          "every %g s at most): %s", self.what, self.meanwhile,
+                          self.retry_s, exc)
             self.problem = str(exc)
             return None
         self._loaded(key)

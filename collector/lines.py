@@ -7,7 +7,11 @@ accesses: a line's technology is one of ``TECHNOLOGIES``, spelt as here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+
+from agent.schema import parse_utc
 
 TECHNOLOGIES = ("ADSL", "VDSL", "FTTC", "FTTB", "FTTH", "FWA", "cable", "satellite",
                 "other")
@@ -38,3 +42,48 @@ class LineMetadata:
     # minimum, normally available and maximum speeds; *_nominal_kbps is the maximum).
     download_normal_kbps: float | None = None
     upload_normal_kbps: float | None = None
+
+
+# The figures a certificate judges (the rest of a contract is shown, never judged).
+JUDGED_FIELDS = ("download_min_kbps", "upload_min_kbps", "max_delay_ms", "max_loss_ratio")
+
+
+@dataclass(frozen=True, slots=True)
+class ContractVersion:
+    """One version of a line's contract: its figures, from when they apply (``valid_from``,
+    UTC text; None: since the beginning, a line whose start is unknown), and who changed
+    it and when. ``retroactive``: applied from before it was made (an explicit correction,
+    ``probe set --from`` in the past)."""
+
+    version: int
+    valid_from: str | None
+    changed_at: str
+    changed_by: str
+    line: LineMetadata
+    retroactive: bool = False
+
+
+def contract_at(history: Sequence[ContractVersion],
+                when: str) -> tuple[int, LineMetadata] | None:
+    """(version, figures) of the contract in force at ``when`` (a session's start, UTC
+    text): of the versions valid from ``when`` or before, the one valid from the latest
+    instant (a later version valid from the same instant replaces an earlier one). None
+    if none was in force yet (a session before the line's first contract). Pure."""
+    moment = parse_utc(when)
+    best: ContractVersion | None = None
+    best_from: datetime | None = None
+    for v in history:
+        start = parse_utc(v.valid_from) if v.valid_from else None
+        if start is not None and start > moment:
+            continue
+        if best is None or _later(start, best_from) or (
+                start == best_from and v.version > best.version):
+            best, best_from = v, start
+    return None if best is None else (best.version, best.line)
+
+
+def _later(a: datetime | None, b: datetime | None) -> bool:
+    """``a`` after ``b``, None being the beginning of time."""
+    if a is None:
+        return False
+    return b is None or a > b

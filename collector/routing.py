@@ -56,6 +56,9 @@ class Routes:
     def post(self, path: str, handler: Handler, *, role: Role, **kwargs: Any) -> None:
         self.add("POST", path, handler, role=role, **kwargs)
 
+    def put(self, path: str, handler: Handler, *, role: Role, **kwargs: Any) -> None:
+        self.add("PUT", path, handler, role=role, **kwargs)
+
     def options(self, path: str, handler: Handler, *, role: Role) -> None:
         self.add("OPTIONS", path, handler, role=role)
 

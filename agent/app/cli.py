@@ -420,6 +420,42 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
     sys.exit(asyncio.run(service.run(first_now=first_now, report_every_s=report_every_s)))
 
 
+@main.group("key")
+@flags.shared_options
+def key() -> None:
+    """The probe's own Ed25519 signing key (its results' evidence): show its public half."""
+
+
+@key.command("show")
+@flags.shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the key as JSON.")
+@click.option("--pem", "pem_only", is_flag=True,
+              help="Print only the PEM public key (a file for `bbprobe-collector probe "
+                   "add --key`).")
+@click.pass_context
+@handle_errors
+def key_show(ctx: click.Context, as_json: bool, pem_only: bool) -> None:
+    """The public key as PEM and as a JWK (RFC 8037), its RFC 7638 thumbprint (the kid of
+    what it signs), and where the private key is: the systemd credential
+    probe-signing-key, else STATE_DIR/probe-signing-key.pem, made now if there is none."""
+    from agent import probekey
+
+    cfg = flags.load(ctx)
+    found = probekey.load(cfg.state_dir)
+    assert found is not None
+    doc = probekey.describe(found)
+    if found.generated:
+        _warn(f"no signing key yet: made one in {found.path}")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif pem_only:
+        click.echo(doc["pem"], nl=False)
+    else:
+        click.echo(f"kid (RFC 7638 thumbprint): {doc['kid']}\n"
+                   f"private key: {doc['source']}\n"
+                   f"JWK: {json.dumps(doc['jwk'])}\n\n{doc['pem']}", nl=False)
+
+
 @main.command()
 @click.argument("name", required=False)
 @handle_errors

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent import config, control, exitcodes, health, live, report
+from agent import config, control, exitcodes, health, live, probekey, report
 from agent.client import CollectorClient
 from agent.config import AgentConfig
 from agent.delivery import DeliveryReport, deliver
@@ -205,6 +205,8 @@ class Runner:
         next slot must not wait on a collector that is away); ``say`` is told what each
         wait is for (a person at a terminal)."""
         assert self.client is not None  # a spool is made only with a client
+        # The probe's public key first, once per collector and token (agent/probekey.py).
+        await probekey.enrol(self.client, cfg.state_dir, self.warn)
         delivery = cfg.delivery if max_wait_s is None else dataclasses.replace(
             cfg.delivery, max_wait_s=min(cfg.delivery.max_wait_s, max_wait_s))
         outcome = await deliver(spool, self.client, delivery, probe_id=probe_id, say=say)

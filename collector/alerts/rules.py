@@ -45,6 +45,7 @@ from collector.compliance.certify import Certificate
 from collector.compliance.facts import SessionFacts
 from collector.config import ALERT_KINDS
 from collector.fleet.view import elapsed
+from collector.lines import LineMetadata
 from collector.storage.model import Probe
 
 KINDS = ALERT_KINDS
@@ -77,15 +78,19 @@ def _line(probe: Probe) -> dict[str, Any]:
             "technology": line.technology}
 
 
-def below_minimum(probe: Probe, facts: SessionFacts, every_s: float) -> list[Alert]:
+def below_minimum(probe: Probe, facts: SessionFacts, every_s: float,
+                  contract: tuple[int, LineMetadata] | None = None) -> list[Alert]:
     """An early warning per direction whose median speed in this (valid) session is
     below the contracted minimum; the key's time bucket (``every_s`` long, counted from
-    the Unix epoch) limits it to one per bucket."""
+    the Unix epoch) limits it to one per bucket. ``contract``: (version, figures) of the
+    contract in force when the session started (``contract_at``); without it, the
+    line's figures as they are now."""
     if not facts.valid:
         return []
     out = []
     bucket = math.floor(parse_utc(facts.started_at).timestamp() / every_s)
-    line = probe.line
+    line = probe.line if contract is None else contract[1]
+    version = {} if contract is None else {"contract_version": contract[0]}
     for direction, minimum in (("download", line.download_min_kbps),
                                ("upload", line.upload_min_kbps)):
         speed = median([s for s in facts.speeds(direction) if s is not None])
@@ -98,7 +103,8 @@ def below_minimum(probe: Probe, facts: SessionFacts, every_s: float) -> list[Ale
             f"minimum of {minimum / 1000:.1f} Mbit/s (one session: an early warning)",
             {"direction": direction, "speed_kbps": speed, "minimum_kbps": minimum,
              "result_id": facts.result_id, "started_at": facts.started_at,
-             "method": "median of the session's successful tests", **_line(probe)}))
+             "method": "median of the session's successful tests", **version,
+             **_line(probe)}))
     return out
 
 
@@ -275,6 +281,7 @@ def breach(probe: Probe, started_at: str, cert: Certificate) -> Alert | None:
             for c in failed if c.observed is not None and c.threshold is not None),
         {"campaign_started_at": started_at, "first": cert.first, "last": cert.last,
          "rule": cert.rule.name, "timezone": cert.timezone, "family": cert.family,
+         "contract_versions": [v.version for v in cert.contracts],
          "checks": [{"id": c.id, "observed": c.observed, "threshold": c.threshold,
                      "unit": c.unit, "samples": c.samples} for c in failed],
          **_line(probe)})

@@ -49,22 +49,32 @@ from collector.alerts import rules as alerts
 from collector.alerts.notifiers import APPRISE_THREADS, Notifier, Outcome
 from collector.alerts.rules import Alert
 from collector.compliance.certify import certify, families
+from collector.compliance.facts import SessionFacts
 from collector.config import AlertsConfig, CollectorConfig
 from collector.errors import StoreError, StoreFault
 from collector.fleet import control
+from collector.lines import contract_at
 from collector.storage.model import AlertDelivery, Probe
-from collector.storage.store import AlertStore, OutboxStore, ProbeStore, ReportStore, Store
+from collector.storage.store import (
+    AlertStore,
+    ContractStore,
+    OutboxStore,
+    ProbeStore,
+    ReportStore,
+    Store,
+)
 
 log = logging.getLogger("bbprobe.collector")
 
 
-class Watched(control.ProbedFleet, ReportStore, OutboxStore, AlertStore, Protocol):
+class Watched(control.ProbedFleet, ReportStore, OutboxStore, AlertStore, ContractStore,
+              Protocol):
     """What the alert conditions are read from: the probes, the fleet's health and
     activity, the sessions' facts, the outbox's dead letters, the silences raised (to
     resolve them)."""
 
 
-class Certifying(ProbeStore, ReportStore, AlertStore, Protocol):
+class Certifying(ProbeStore, ReportStore, AlertStore, ContractStore, Protocol):
     """A completed campaign certified from its facts, and its breach recorded."""
 
 
@@ -90,7 +100,11 @@ def routes(cfg: AlertsConfig) -> list[tuple[str, Sequence[str]]]:
             *((a.name, a.triggers) for a in cfg.apprise)]
 
 
-def certify_campaign(store: ReportStore, probe: Probe, report: Mapping[str, Any],
+class Judging(ReportStore, ContractStore, Protocol):
+    """A line's sessions and its contract history (each session judged by its own)."""
+
+
+def certify_campaign(store: Judging, probe: Probe, report: Mapping[str, Any],
                      timezone: str, now: datetime
                      ) -> tuple[tuple[str, str] | None, list[Alert]]:
     """Certify the campaign a report says is complete: (its key, when every verdict is
@@ -103,6 +117,7 @@ def certify_campaign(store: ReportStore, probe: Probe, report: Mapping[str, Any]
         return None, []
     rule, started, deadline = done
     facts = store.facts([probe.name], since=started, until=deadline)
+    history = store.line_contracts(probe.name)
     final, found = True, []
     # A dual-stack line: a campaign per family, both certified (one whose sessions
     # have not all arrived is incomplete, not final).
@@ -110,8 +125,9 @@ def certify_campaign(store: ReportStore, probe: Probe, report: Mapping[str, Any]
     for fam in split:
         cert = certify(probe.name, probe.line,
                        [f for f in facts if fam is None or f.address_family == fam],
-                       CAMPAIGN_RULES[rule], timezone, family=fam)
-        if cert.verdict == "incomplete":
+                       CAMPAIGN_RULES[rule], timezone, family=fam, contracts=history)
+        if cert.verdict == "incomplete" and not cert.contract_changed:
+            # A campaign over a change of contract stays without a verdict: final.
             final = False
         elif (breach := alerts.breach(probe, started, cert)) is not None:
             found.append(breach)
@@ -155,14 +171,32 @@ def evaluate(store: Watched, cfg: CollectorConfig, now: datetime, outbox: bool,
                         if p.line.download_min_kbps or p.line.upload_min_kbps)
     for last in store.latest_sessions(contracted) if contracted else []:
         with _per_row("results", last.result_id):
-            out.extend(alerts.below_minimum(probes[last.probe_id], last,
-                                            a.below_minimum_every_s))
+            out.extend(below_minimum(store, probes[last.probe_id], last,
+                                     a.below_minimum_every_s))
     # Read once (a count read apart could disagree with a retry in between).
     letters = store.outbox_dead_letters() if outbox else []
     if letters and (dead := alerts.influx_dead_letters(len(letters),
                                                        letters[-1]["failed_at"])):
         out.append(dead)
     return out, final
+
+
+def below_minimum(store: ContractStore, probe: Probe, last: SessionFacts,
+                  every_s: float) -> list[Alert]:
+    """The below-minimum warnings of a probe's latest session, against the contract in
+    force when it started (a session measured before the minimum was raised is judged by
+    the minimum of then; one from before the first version, by the first). A line with
+    no history is judged by its figures now."""
+    history = store.line_contracts(probe.name)
+    if not history:
+        return alerts.below_minimum(probe, last, every_s)
+    found = contract_at(history, last.started_at)
+    if found is None:
+        # Measured before the line's first version (a probe's clock set back, results
+        # older than its registration): judged by the first, as certificates do.
+        first = min(history, key=lambda v: v.version)
+        found = (first.version, first.line)
+    return alerts.below_minimum(probe, last, every_s, found)
 
 
 def _resolved(store: AlertStore, probes: Mapping[str, Probe],
@@ -194,7 +228,7 @@ def _per_row(table: str, row: str) -> Iterator[None]:
         unreadable.skipped(table, row, exc)
 
 
-def _from_report(store: ReportStore, cfg: CollectorConfig, probe: Probe,
+def _from_report(store: Judging, cfg: CollectorConfig, probe: Probe,
                  report: Mapping[str, Any], now: datetime,
                  certified: Mapping[tuple[str, str], datetime],
                  out: list[Alert]) -> list[tuple[str, str]]:

@@ -5,11 +5,14 @@ stdout alone, so it can be captured; everything said about it goes to stderr."""
 
 from __future__ import annotations
 
+import getpass
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 from typing import Any
 
 import click
 
-from agent.schema import utc_now
+from agent.schema import parse_utc, utc_now
 from collector.cli.common import (
     database,
     echo,
@@ -19,16 +22,21 @@ from collector.cli.common import (
     listed,
     shared_options,
 )
-from collector.errors import CollectorError, InputError
+from collector.cli.probe_keys import key, pin
+from collector.errors import CollectorError, DomainError, InputError
+from collector.fleet import probe_keys
 from collector.fleet import probes as admin
-from collector.lines import TECHNOLOGIES
+from collector.lines import TECHNOLOGIES, ContractVersion, LineMetadata
 from collector.reports.text import PROBE_COLUMNS, format_csv, format_json
 from collector.storage.model import Probe
+
+LINE_FIELDS = {f.name for f in fields(LineMetadata)}
 
 
 @click.group()
 def probe() -> None:
-    """Register, list and revoke probes; replace a probe's token (rotate)."""
+    """Register, list and revoke probes; replace a probe's token (rotate); pin, list and
+    revoke its public keys (key)."""
 
 
 def line_options(fn: Any) -> Any:
@@ -56,33 +64,106 @@ def line_options(fn: Any) -> Any:
 @shared_options
 @click.argument("name")
 @line_options
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Pin the probe's "
+              "public key from this file (PEM, as `bbprobe key show` prints it, or a "
+              "JWK): the agent's own must match it (no trust on first use).")
 @click.pass_context
 @handle_errors
-def probe_add(ctx: click.Context, /, name: str, **line: Any) -> None:
+def probe_add(ctx: click.Context, /, name: str, key_file: str | None, **line: Any) -> None:
     """Register probe NAME and print its token (shown this once only)."""
+    if key_file is not None:
+        probe_keys.read_key_file(key_file)  # a bad file registers nothing
     with database(ctx, create=True) as store:
-        token = admin.register_probe(store, name, admin.line_metadata(line))
+        token = admin.register_probe(store, name, admin.line_metadata(line), os_user())
+        refused = None
+        if key_file is not None:
+            try:
+                _, bound = pin(store, name, key_file)
+                echo(f"probe {name!r}: key {bound.kid} pinned", err=True)
+            except DomainError as exc:  # the key is another's: the probe stands, keyless
+                refused = exc
     echo(f"probe {name!r} registered; its token follows (shown once, stored hashed)",
          err=True)
     echo(token)
+    if refused is not None:
+        raise CollectorError(f"probe {name!r} registered without a key: {refused}")
+
+
+def os_user() -> str:
+    """Who runs the command, as the contract history records it: the OS user."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        return "unknown"
 
 
 @probe.command("set")
 @shared_options
 @click.argument("name")
 @line_options
+@click.option("--from", "since", metavar="TIME",
+              help="When the change applies (ISO 8601 with its UTC offset; default now). "
+                   "A time in the past corrects the contract from then on: recorded as "
+                   "retroactive; never before the line's registration or the version in "
+                   "force.")
 @click.pass_context
 @handle_errors
-def probe_set(ctx: click.Context, /, name: str, **line: Any) -> None:
+def probe_set(ctx: click.Context, /, name: str, since: str | None, **line: Any) -> None:
     """Change probe NAME's line metadata (the options given; the rest stays): say, the
-    offer's declared speeds after a change of contract. Reports and certificates read
-    the metadata as it is when they are made."""
+    offer's declared speeds after a change of contract. Each change is a new version of
+    the line's contract (`probe contract history NAME`): reports, certificates and
+    alerts judge every session by the version in force when it was measured."""
     if all(v is None for v in line.values()):
         raise InputError("nothing to change: give at least one option (see --help)")
     with database(ctx) as store:
-        changed = admin.set_line(store, name, line)
-    echo(f"probe {name!r}: " + "; ".join(
-        f"{k} {getattr(changed, k)}" for k, v in line.items() if v is not None))
+        version = admin.set_line(store, name, line, os_user(), since)
+    retro = " (retroactive: a correction)" if version.retroactive else ""
+    echo(f"probe {name!r}: contract version {version.version}, in force from "
+         f"{version.valid_from}{retro}: " + "; ".join(
+             f"{k} {getattr(version.line, k)}" for k, v in line.items() if v is not None))
+
+
+@probe.group("contract")
+def contract() -> None:
+    """A line's contract history: every version of its figures, from when each applies."""
+
+
+def contract_rows(history: Sequence[ContractVersion]) -> list[dict[str, Any]]:
+    """The versions as rows (JSON, CSV): valid_until is the next version's start."""
+    rows = []
+    for i, v in enumerate(history):
+        later = [w.valid_from for w in history[i + 1:] if w.valid_from is not None]
+        rows.append({"version": v.version, "valid_from": v.valid_from,
+                     "valid_until": min(later, key=parse_utc) if later else None,
+                     "changed_at": v.changed_at, "changed_by": v.changed_by,
+                     "retroactive": v.retroactive, **asdict(v.line)})
+    return rows
+
+
+@contract.command("history")
+@shared_options
+@click.argument("name")
+@format_option("text", "json")
+@click.pass_context
+@handle_errors
+def contract_history(ctx: click.Context, name: str, fmt: str) -> None:
+    """Every version of probe NAME's contract, oldest first: from when it applies, who
+    changed it and when, and its figures."""
+    with database(ctx) as store:
+        if store.probe(name) is None:
+            raise CollectorError(f"no probe named {name!r}")
+        rows = contract_rows(store.line_contracts(name))
+
+    def text() -> str:
+        return listed([
+            f"version {r['version']}  from {r['valid_from'] or 'the beginning'}"
+            f"{'  until ' + r['valid_until'] if r['valid_until'] else '  (in force)'}  "
+            f"changed {r['changed_at']} by {r['changed_by']}"
+            f"{' (retroactive)' if r['retroactive'] else ''}  " + ", ".join(
+                f"{k}={v}" for k, v in r.items() if k in LINE_FIELDS and v is not None)
+            for r in rows], f"no contract recorded for {name!r}")
+
+    emit_as(fmt, json=lambda: format_json({"probe_id": name, "versions": rows}), text=text)
 
 
 def _probe_line(p: Probe) -> str:
@@ -189,5 +270,7 @@ def token_list(ctx: click.Context) -> None:
 
 revoke_command(token, "token", "Revoke a token at once: the next request with it is refused.")
 
+
+probe.add_command(key)
 
 COMMANDS = (probe, token)

@@ -18,6 +18,11 @@ line meet its contract? Pure: results and contract in, certificate out.
   one breach qualifies (AGCOM, Relazione annuale 2012). A campaign with any band short is
   "incomplete": never a verdict. Sessions the agent flagged invalid are listed but
   neither fill a band nor contribute a sample.
+- The contract in force: each session is judged by the version of the line's contract
+  in force when it started (collector/lines.py ``contract_at``), never by the figures of
+  the day the certificate is made; the certificate names the version(s). A campaign over
+  which the judged figures changed gets no verdict: a percentile over sessions measured
+  under different minimums is judged against neither (certify each part).
 - Delay here is the 95th percentile of the ICMP round trip by default, as Ne.Me.Sys
   stores and certifies it; ``delay_basis="rtt_half"`` judges the one-way estimate
   instead. (The Allegato 2 report, collector/compliance/evaluate.py, judges the
@@ -30,7 +35,7 @@ line meet its contract? Pure: results and contract in, certificate out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Literal
@@ -41,7 +46,7 @@ from agent.schedule import band_of, bands_filled, fills_band
 from agent.schema import parse_utc
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRule
 from collector.compliance.facts import SessionFacts
-from collector.lines import LineMetadata
+from collector.lines import JUDGED_FIELDS, ContractVersion, LineMetadata, contract_at
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
 
@@ -79,6 +84,9 @@ class SessionLine:
     # The reason of the suppression window the session started inside (not counted, no
     # sample), or None.
     suppressed_by: str | None = None
+    # The version of the line's contract in force when the session started (None: the
+    # line has no contract history, judged by ``Certificate.line``).
+    contract_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,13 @@ class Certificate:
     # Attempts the measurement server refused over the campaign, (server, attempts)
     # sorted by server, of every session listed: none of them in a check.
     refused_by_server: tuple[tuple[str, int], ...] = ()
+    # The versions of the line's contract in force over the sessions listed, oldest first
+    # (empty: no history given); ``line`` is the one judged, ``contract_version`` its
+    # number. ``contract_changed``: the judged figures (JUDGED_FIELDS) differ between
+    # them, so no verdict is given (docs/analyst.md "Contract history").
+    contracts: tuple[ContractVersion, ...] = ()
+    contract_version: int | None = None
+    contract_changed: bool = False
 
     @property
     def bands_filled(self) -> int:
@@ -172,10 +187,13 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             timezone: str = "Europe/Rome",
             delay_basis: Literal["rtt", "rtt_half"] = "rtt",
             suppressed: Sequence[Window] = (),
-            family: str | None = None) -> Certificate:
+            family: str | None = None,
+            contracts: Sequence[ContractVersion] = ()) -> Certificate:
     """``suppressed``: (starts_at, ends_at, reason) of the suppression windows over the
     period: sessions started inside one are listed and not counted, and each window is
-    shown with the bands it covers and the sessions inside it."""
+    shown with the bands it covers and the sessions inside it. ``contracts``: the line's
+    contract history; each session is then judged by the version in force when it
+    started (``versions_of``), and ``line`` is used only when there is none."""
     counts = [0] * 24
     listed: list[SessionLine] = []
     down: list[float] = []
@@ -186,6 +204,13 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
     scale = 0.5 if delay_basis == "rtt_half" else 1.0
     refused: dict[str, int] = {}
     ordered = sorted(results, key=lambda r: parse_utc(r.started_at))
+    versions = versions_of(ordered, contracts)
+    used = _used(contracts, versions.values())
+    changed = len({tuple(getattr(v.line, f) for f in JUDGED_FIELDS) for v in used}) > 1
+    if used:
+        # The version in force at the campaign's last session (if the judged figures
+        # differ between the versions, none is judged: ``changed``).
+        line = used[-1].line
     inside: dict[Window, list[str]] = {}
     for r in ordered:
         band = band_of(parse_utc(r.started_at), timezone)
@@ -200,7 +225,8 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             # Not evidence about the line: listed, never counted, its band still to fill.
             listed.append(SessionLine(r.result_id, r.started_at, band, False,
                                       r.speeds("download"), r.speeds("upload"), r.rtts_ms,
-                                      False, r.invalid_codes, r.refused_attempts, why))
+                                      False, r.invalid_codes, r.refused_attempts, why,
+                                      versions.get(r.result_id)))
             continue
         rtts = r.rtts_ms
         if window is not None:
@@ -209,7 +235,8 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             listed.append(SessionLine(r.result_id, r.started_at, band, False,
                                       r.speeds("download"), r.speeds("upload"), rtts,
                                       refused_attempts=r.refused_attempts,
-                                      suppressed_by=why))
+                                      suppressed_by=why,
+                                      contract_version=versions.get(r.result_id)))
             continue
         counted = fills_band(r.valid, (t.direction for t in r.transfers if t.ok),
                              r.pings_sent)
@@ -217,7 +244,8 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             counts[band] += 1
         listed.append(SessionLine(r.result_id, r.started_at, band, counted,
                                   r.speeds("download"), r.speeds("upload"), rtts,
-                                  refused_attempts=r.refused_attempts))
+                                  refused_attempts=r.refused_attempts,
+                                  contract_version=versions.get(r.result_id)))
         down += [v for v in r.speeds("download") if v is not None]
         up += [v for v in r.speeds("upload") if v is not None]
         for rtt in rtts:
@@ -232,6 +260,10 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
 
     def check(id_: str, name: str, unit: str, comparison: str, threshold: float | None,
               observed: float | None, samples: int, informational: bool = False) -> Check:
+        if changed and not informational:
+            # The contract changed during the campaign: one percentile over sessions
+            # measured under different figures is judged against neither.
+            threshold = None
         if threshold is None or observed is None:
             breach = None
         else:
@@ -273,7 +305,7 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
                                      ("upload", up, line.upload_nominal_kbps))
           if nominal is not None),
     )
-    if not complete:
+    if not complete or changed:
         verdict: CertVerdict = "incomplete"
     elif any(c.breach for c in checks if not c.informational):
         verdict = "breach"
@@ -289,7 +321,31 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
                                    rule.per_band) for w in suppressed),
         family=family,
         refused_by_server=tuple(sorted(refused.items())),
+        contracts=tuple(used), contract_version=used[-1].version if used else None,
+        contract_changed=changed,
     )
+
+
+def versions_of(results: Sequence[SessionFacts],
+                contracts: Sequence[ContractVersion]) -> dict[str, int]:
+    """Each session's contract version (result id -> version): the one in force when it
+    started (``contract_at``); a session from before the first version (a probe's clock
+    set back, a copied history) is judged by the first. Empty without a history."""
+    if not contracts:
+        return {}
+    first = min(contracts, key=lambda v: v.version).version
+    out = {}
+    for r in results:
+        found = contract_at(contracts, r.started_at)
+        out[r.result_id] = first if found is None else found[0]
+    return out
+
+
+def _used(contracts: Sequence[ContractVersion],
+          numbers: Iterable[int]) -> list[ContractVersion]:
+    """The versions of ``contracts`` numbered in ``numbers``, oldest first."""
+    wanted = set(numbers)
+    return sorted((v for v in contracts if v.version in wanted), key=lambda v: v.version)
 
 
 def _window(window: Window, timezone: str, sessions: tuple[str, ...],

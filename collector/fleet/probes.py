@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from agent.schema import PROBE_ID_RE, utc_now
+from agent.schema import PROBE_ID_RE, format_utc, parse_utc, utc_now
 from collector import auth
 from collector.errors import NotFound, Unacceptable
-from collector.lines import TECHNOLOGIES, LineMetadata, canonical_technology
-from collector.storage.store import ProbeStore
+from collector.lines import TECHNOLOGIES, ContractVersion, LineMetadata, canonical_technology
+from collector.storage.store import ContractStore, ProbeStore
 
 # Who holds a secret: a probe (it delivers results) or a token (role analyst reads;
 # admin also administers probes; metrics reads GET /metrics and nothing else, so the
@@ -26,14 +26,17 @@ Holder = Literal["probe", "token"]
 ROLES = ("analyst", "admin", "metrics")
 
 
-def register_probe(store: ProbeStore, name: str, line: LineMetadata) -> str:
-    """Create a probe and return its token (the only time the token exists in clear)."""
+def register_probe(store: ProbeStore, name: str, line: LineMetadata,
+                   by: str = "unknown") -> str:
+    """Create a probe and return its token (the only time the token exists in clear).
+    ``line`` is version 1 of its contract, valid from now; ``by``: who registered it
+    (the OS user of the CLI, the admin token's name of the API)."""
     if not PROBE_ID_RE.fullmatch(name):
         raise Unacceptable(
             f"probe name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'",
             "probe_id")
     token = auth.new_token()
-    store.add_probe(name, auth.hash_token(token), utc_now(), line)
+    store.add_probe(name, auth.hash_token(token), utc_now(), line, by)
     return token
 
 
@@ -141,10 +144,36 @@ def line_metadata(given: Mapping[str, Any]) -> LineMetadata:
     return LineMetadata(**values)
 
 
-def set_line(store: ProbeStore, name: str, changes: Mapping[str, Any]) -> LineMetadata:
-    """Change some of a probe's line metadata: the fields given are checked, and the
-    declared speeds of the directions they touch against the ones stored (what was
-    stored before the checks existed is left as it is)."""
+class Contracted(ProbeStore, ContractStore, Protocol):
+    """A probe's line metadata and its contract history."""
+
+
+def valid_from(text: str | None, now: str) -> str:
+    """When a contract change applies: ``text`` (``--from``, an ISO 8601 time with its UTC
+    offset) or ``now``, as UTC text. A time in the future is refused: the change is made
+    when it applies (the line's current figures are those in force now)."""
+    if text is None:
+        return now
+    try:
+        moment = parse_utc(text.strip())
+    except ValueError as e:
+        raise Unacceptable(f"from: expected an ISO 8601 time with its UTC offset, e.g. "
+                           f"2026-03-01T00:00:00Z, got {text[:40]!r} ({e})", "from") from None
+    if moment > parse_utc(now):
+        raise Unacceptable(f"from: {text[:40]} is in the future: change the contract when "
+                           "the change applies", "from")
+    return format_utc(moment)
+
+
+def set_line(store: Contracted, name: str, changes: Mapping[str, Any],
+             by: str = "unknown", since: str | None = None) -> ContractVersion:
+    """Change some of a probe's line metadata, as a new version of its contract valid
+    from ``since`` (``--from``; default now), changed by ``by``: the fields given are
+    checked, and the declared speeds of the directions they touch against the ones
+    stored (what was stored before the checks existed is left as it is). A change
+    applied from the past is a correction, recorded as retroactive; it may not begin
+    before the line was registered, nor before the version in force began (the history
+    is appended, never reordered)."""
     probe = store.probe(name)
     if probe is None:
         raise NotFound(f"no probe named {name!r}", "probe_id")
@@ -153,5 +182,10 @@ def set_line(store: ProbeStore, name: str, changes: Mapping[str, Any]) -> LineMe
     merged = {**{f.name: getattr(probe.line, f.name) for f in fields(LineMetadata)},
               **{k: checked.get(k) for k in given}}
     _declared_in_order(merged, given)
-    store.update_line(name, {k: checked.get(k) for k in given})
-    return LineMetadata(**merged)
+    now = utc_now()
+    start = valid_from(since, now)
+    if probe.created_at and parse_utc(start) < parse_utc(probe.created_at):
+        raise Unacceptable(f"from: {start} is before {name!r} was registered "
+                           f"({probe.created_at}): no session of it can be judged then",
+                           "from")
+    return store.change_contract(name, {k: checked.get(k) for k in given}, start, now, by)

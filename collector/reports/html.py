@@ -360,7 +360,9 @@ def line_answer(certs: Sequence[Certificate] | None) -> tuple[str, str]:
     for cert in certs:
         judged = [c for c in cert.checks if not c.informational and c.threshold is not None]
         word, _ = _ANSWER[cert.verdict]
-        if not judged:
+        if cert.contract_changed:
+            word = "contract changed during the campaign: certify each part"
+        elif not judged:
             word = "no contract figures recorded"
         elif cert.verdict == "breach":
             word += ": " + ", ".join(c.id for c in judged if c.breach)
@@ -444,7 +446,7 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
     to the line's compliance report."""
     from urllib.parse import quote
 
-    from collector.reports.text import VERDICT_WORDS
+    from collector.reports.text import contract_sentence, verdict_words
 
     line = cert.line
     tz = cert.timezone
@@ -465,15 +467,18 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         word, css = ("info", "nodata") if c.informational else \
             {True: ("BREACH", "fail"), False: ("met", "pass"),
              None: ("not judged", "nodata")}[c.breach]
-        threshold = ("information" if c.informational else "not in contract") \
+        threshold = ("information" if c.informational else "contract changed"
+                     if cert.contract_changed else "not in contract") \
             if c.threshold is None else \
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         checks.append(f"<tr><td>{escape(c.name)}</td><td class=num>"
                       f"{escape(format_value(c.observed, c.unit))}</td><td class=num>"
                       f"{escape(threshold)}</td><td class=num>{c.samples:,}</td>"
                       f"<td class={css}>{word}</td></tr>")
+    many = len(cert.contracts) > 1
     sessions = [
         f"<tr><td>{escape(local_time(s.started_at, tz))}</td><td>{s.band:02d}</td>"
+        + (f"<td>v{s.contract_version}</td>" if many else "") +
         f"<td>{escape(session_state(s))}</td><td class=num>"
         f"{escape(show_speeds(s.download_kbps))}</td><td class=num>"
         f"{escape(show_speeds(s.upload_kbps))}</td><td>{escape(show_rtts(s.rtts_ms))}</td>"
@@ -505,7 +510,10 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         f'</p><p class="judges"><b>What this certificate judges:</b> {judges}.</p>'
         "<h2>Contract</h2><table>" + "".join(
             f"<tr><td>{k}</td><td class=num>{escape(v)}</td></tr>" for k, v in contract)
-        + f"</table><h2>Hourly bands ({escape(tz)}; sessions counted / required)</h2>"
+        + "</table>"
+        + (f'<p class="contract-version"><b>Contract version:</b> '
+           f"{escape(contract_sentence(cert))}.</p>" if cert.contracts else "")
+        + f"<h2>Hourly bands ({escape(tz)}; sessions counted / required)</h2>"
         f'<p class="bands-summary">{escape(bands_sentence(cert))}.</p>'
         f'<table class="bands"><tr>{"".join(bands[:12])}</tr>'
         f'<tr>{"".join(bands[12:])}</tr></table>'
@@ -517,9 +525,10 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         + f'<p class="refused"><b>Refused by the measurement server:</b> '
         f"{escape(refused_sentence(cert.refused_by_server))}.</p>"
         + f'<p>Verdict: <span class="verdict verdict-{verdict_css}">'
-        f"{escape(VERDICT_WORDS[cert.verdict])}</span></p>"
+        f"{escape(verdict_words(cert))}</span></p>"
         f"<h2>Every session</h2><table><tr><th>Start ({escape(tz)})</th><th>Band</th>"
-        "<th>State</th><th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
+        + ("<th>Contract</th>" if many else "")
+        + "<th>State</th><th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
         f"{''.join(sessions)}</table><footer>bbprobe-collector {__version__}, generated "
         f"{escape(local_time(generated_at, tz))}; speeds in Mbit/s.</footer></body></html>\n"
     )

@@ -34,6 +34,7 @@ from collector.scope import (
 from collector.storage.model import HourRow, StoredResult
 from collector.storage.store import (
     AnonymousStore,
+    ContractStore,
     FleetStore,
     ProbeStore,
     ReportStore,
@@ -49,8 +50,9 @@ class Breakdowns(Readings, ProbeStore, Protocol):
     """Readings, grouped by the probes' line metadata."""
 
 
-class Certifiable(ProbeStore, ReportStore, FleetStore, Protocol):
-    """A line's facts, its metadata and the suppression windows over its campaign."""
+class Certifiable(ProbeStore, ReportStore, FleetStore, ContractStore, Protocol):
+    """A line's facts, its metadata and its contract history, and the suppression
+    windows over its campaign."""
 
 
 def probes_matching(store: ProbeStore, filters: Mapping[str, str]) -> list[str]:
@@ -245,8 +247,10 @@ def certificate(store: Certifiable, probe: str, since: str | None, until: str | 
     suppressed = [(w.starts_at, w.ends_at, w.reason) for w in control.windows(store)
                   if w.selector.matches(line) and lo is not None and hi is not None
                   and w.starts_at <= hi and w.ends_at > lo]
+    # Each session judged by the contract in force when it was measured (certify.py).
     return certify.certify(probe, line.line, facts, CAMPAIGN_RULES[rule], timezone,
-                           suppressed=suppressed, family=family)
+                           suppressed=suppressed, family=family,
+                           contracts=store.line_contracts(probe))
 
 
 # The front page answers "does this line meet its contract?" from each line's

@@ -427,6 +427,35 @@ VERDICT_WORDS = {
 }
 
 
+def contract_sentence(cert: Any) -> str:
+    """Which version(s) of the line's contract the certificate used, and how."""
+    tz = cert.timezone
+
+    def one(v: Any) -> str:
+        since = local_time(v.valid_from, tz) if v.valid_from else "the beginning"
+        retro = ", a retroactive correction" if v.retroactive else ""
+        return f"version {v.version} (in force from {since}, set " \
+               f"{local_time(v.changed_at, tz)} by {v.changed_by}{retro})"
+
+    versions = [one(v) for v in cert.contracts]
+    if len(versions) == 1:
+        return f"each session judged by contract {versions[0]}"
+    head = "the contract changed during the campaign: " + "; ".join(versions) + "; "
+    if cert.contract_changed:
+        return head + ("its judged figures differ between them, so no verdict: certify "
+                       "each part (--until / --since the version's start)")
+    return head + (f"the judged figures are the same in each, judged by version "
+                   f"{cert.contract_version}")
+
+
+def verdict_words(cert: Any) -> str:
+    """The verdict in words (a campaign over a change of contract says so)."""
+    if getattr(cert, "contract_changed", False):
+        return ("NO VERDICT: the contract's judged figures changed during the campaign; "
+                "certify each part")
+    return VERDICT_WORDS[cert.verdict]
+
+
 def certificate_dict(cert: Any) -> dict[str, Any]:
     from dataclasses import asdict as as_dict
 
@@ -470,6 +499,7 @@ def format_certificate(cert: Any) -> str:
         + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only (dual stack: a "
            "campaign per IP version)" if cert.family else ""),
         "Contract: " + "; ".join(f"{k} {v}" for k, v in contract),
+        *([f"Version:  {contract_sentence(cert)}"] if cert.contracts else []),
         labelled("Judges:", certificate_judges(cert)),
         f"Period:   {local_time(cert.first, tz)} to {local_time(cert.last, tz)} "
         f"({sessions_word(len(cert.sessions))} listed)",
@@ -487,7 +517,8 @@ def format_certificate(cert: Any) -> str:
     for c in cert.checks:
         result = "info" if c.informational else \
             {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
-        threshold = ("information" if c.informational else "not in contract") \
+        threshold = ("information" if c.informational else "contract changed"
+                     if cert.contract_changed else "not in contract") \
             if c.threshold is None else \
             f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
         out.append(f"{c.name:<{width}}  {format_value(c.observed, c.unit):>14}  "
@@ -495,10 +526,12 @@ def format_certificate(cert: Any) -> str:
     out.append(f"Refused:  {refused_sentence(cert.refused_by_server)}")
     for w in cert.suppressions:
         out.append(f"Suppressed: {window_sentence(w, tz, cert.rule.per_band)}")
-    out += ["", f"Verdict:  {VERDICT_WORDS[cert.verdict]}", "",
+    out += ["", f"Verdict:  {verdict_words(cert)}", "",
             f"Every session (start in {tz} local time):"]
+    many = len(cert.contracts) > 1
     for s in cert.sessions:
         out.append(f"  {local_time(s.started_at, tz)}  band {s.band:02d}  "
-                   f"{session_state(s)}  down {show_speeds(s.download_kbps)}  "
+                   + (f"contract v{s.contract_version}  " if many else "")
+                   + f"{session_state(s)}  down {show_speeds(s.download_kbps)}  "
                    f"up {show_speeds(s.upload_kbps)}  RTT {show_rtts(s.rtts_ms)}")
     return "\n".join(out) + "\n"

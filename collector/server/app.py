@@ -47,6 +47,7 @@ from collector.web import (
     admin_routes,
     analyst_routes,
     fleet_routes,
+    keys_routes,
     metrics_routes,
     probe_routes,
     public_routes,
@@ -205,6 +206,7 @@ def create_app(cfg: CollectorConfig, role: str = "all", *,
         if authority is not None:  # after the store: its directory exists
             app.cleanup_ctx.append(partial(_own_key, authority))
         probe_routes.add_routes(routes)
+        keys_routes.setup(app, routes)
         analyst_routes.add_routes(routes)
         admin_routes.add_routes(routes)
         fleet_routes.add_routes(routes)

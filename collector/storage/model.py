@@ -104,3 +104,41 @@ class AlertDelivery:
     created_at: str
     subject: str
     details: str  # JSON
+
+
+KeySource = Literal["tofu", "pinned"]
+KeyStatus = Literal["current", "past", "revoked"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeKey:
+    """A public key bound to a probe (storage/sql/probe_keys.py): its RFC 7638
+    thumbprint, its JWK (RFC 8037) as JSON text, how it was bound (trust on first use,
+    from ``first_seen_address``, or pinned by an admin) and from when until when (None:
+    still bound). A key stays in the history after it is replaced or revoked, so what
+    it signed can still be verified (and named revoked)."""
+
+    probe_name: str
+    kid: str
+    jwk: str
+    source: KeySource
+    first_seen_at: str
+    first_seen_address: str | None
+    bound_from: str
+    bound_until: str | None
+    revoked_at: str | None
+    revoked_reason: str | None
+
+    @property
+    def status(self) -> KeyStatus:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "current" if self.bound_until is None else "past"
+
+
+# What binding a key did (ProbeKeyStore.bind_probe_key): "enrolled" (now the probe's
+# key), "known" (it already was), "bound" (another key is the probe's: the record
+# given), "taken" (this key is in the history already, the probe's own past or revoked
+# key or another probe's: the record given), "closed" (first use is over: the probe
+# has had keys and has none bound; an admin pins one), "no_probe".
+BindOutcome = Literal["enrolled", "known", "bound", "taken", "closed", "no_probe"]

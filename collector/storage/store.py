@@ -2,14 +2,15 @@
 implementation; the implementations (storage/sql/) import it, and so does the factory
 that opens the configured one (storage/sql/backends.py ``open_store``).
 
-Each role is a narrow protocol, one per aggregate of storage/sql/ (probes, results,
-reports, outbox, anonymous tests, fleet, alerts, copy, and the housekeeping of the
-database itself); ``Store`` is all of them. A module takes the roles it uses, so a test
-can fake just those. Two implementations speak every role: ``SqliteStore``
-(storage/sql/sqlite.py, the embedded default, one file) and ``PostgresStore``
-(storage/sql/postgres.py, one database behind many collector processes). Both take and give
-the plain records of storage/model.py. Every method is synchronous; the web app runs
-them on database threads (``concurrency`` of them at once).
+Each role is a narrow protocol, one per aggregate of storage/sql/ (probes, probe keys,
+results, reports, outbox, anonymous tests, fleet, alerts, copy, contract history, and
+the housekeeping of the database itself); ``Store`` is all of them. A module takes the
+roles it uses, so a test can fake just those. Two implementations speak every role:
+``SqliteStore`` (storage/sql/sqlite.py, the embedded default, one file) and
+``PostgresStore`` (storage/sql/postgres.py, one database behind many collector
+processes). Both take and give the plain records of storage/model.py. Every method is
+synchronous; the web app runs them on database threads (``concurrency`` of them at
+once).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from typing import Any, Protocol
 
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts
-from collector.lines import LineMetadata
+from collector.lines import ContractVersion, LineMetadata
 from collector.storage.model import (
     AlertDelivery,
+    BindOutcome,
     HourRow,
     InsertOutcome,
+    KeySource,
     NewResult,
     Probe,
+    ProbeKey,
     Quota,
     StoredResult,
 )
@@ -58,7 +62,9 @@ class ProbeStore(Protocol):
     """Probes (with their line metadata) and the analyst and admin tokens."""
 
     def add_probe(self, name: str, token_sha256: str, created_at: str,
-                  line: LineMetadata) -> None: ...
+                  line: LineMetadata, changed_by: str = "unknown") -> None:
+        """Register a probe; ``line`` becomes version 1 of its contract, valid from
+        ``created_at``, changed by ``changed_by``."""
 
     def revoke_probe(self, name: str, revoked_at: str) -> bool: ...
 
@@ -83,6 +89,44 @@ class ProbeStore(Protocol):
     def probe(self, name: str) -> Probe | None: ...
 
     def probes(self) -> list[Probe]: ...
+
+
+class ProbeKeyStore(Protocol):
+    """The probes' public keys (Ed25519, RFC 8032), bound by trust on first use or
+    pinned by an admin, with their history: replaced and revoked keys stay."""
+
+    def bind_probe_key(self, name: str, kid: str, jwk: str, source: KeySource, at: str,
+                       address: str | None, *, replace: bool = False
+                       ) -> tuple[BindOutcome, ProbeKey | None]:
+        """Bind key ``kid`` to probe ``name`` at ``at``. Without ``replace`` (first
+        use) only a probe that never had a key gets one; with it (an admin's pin) the
+        current key, if any, is bound until ``at`` and stays as past. A key already in
+        the history (this probe's or another's) is never bound again."""
+
+    def probe_keys(self, name: str) -> list[ProbeKey]:
+        """A probe's keys, oldest binding first."""
+
+    def all_probe_keys(self, limit: int) -> list[ProbeKey]:
+        """Every probe's keys (by probe, oldest first), at most ``limit``."""
+
+    def revoke_probe_key(self, name: str, kid: str, at: str, reason: str) -> bool:
+        """Revoke a key of probe ``name`` (and end its binding if current); False when
+        the probe has no such key or it was revoked already."""
+
+
+class ContractStore(Protocol):
+    """Each line's contract history (collector/lines.py ``ContractVersion``): appended,
+    never changed; reports, certificates and alerts judge a session by the version in
+    force when it started (``contract_at``)."""
+
+    def line_contracts(self, name: str) -> list[ContractVersion]:
+        """Every version of probe ``name``'s contract, oldest first."""
+
+    def change_contract(self, name: str, changes: Mapping[str, Any], valid_from: str,
+                        changed_at: str, changed_by: str) -> ContractVersion:
+        """Change some of the line metadata and append the new version, at once
+        (NotFound: no such probe; Unacceptable: ``valid_from`` before the latest
+        version's)."""
 
 
 class ResultStore(Protocol):
@@ -257,8 +301,9 @@ class CopyStore(Protocol):
     def after_load(self, table: str) -> None: ...
 
 
-class Store(Housekeeping, ProbeStore, ResultStore, ReportStore, OutboxStore, AnonymousStore,
-            FleetStore, AlertStore, CopyStore, Protocol):
+class Store(Housekeeping, ProbeStore, ProbeKeyStore, ContractStore, ResultStore,
+            ReportStore, OutboxStore, AnonymousStore, FleetStore, AlertStore, CopyStore,
+            Protocol):
     """The collector's master copy of probes, tokens and results: every role at once
     (the web app and the CLI hold one; a module that needs less takes the role it
     uses, so a test can fake it)."""

@@ -4,15 +4,17 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields
+from typing import Any
 
 from aiohttp import web
 
 from agent.schema import utc_now
+from collector import auth
 from collector.errors import ApiError
 from collector.fleet import probes as admin
 from collector.intake import ingest
-from collector.lines import LineMetadata
+from collector.lines import ContractVersion, LineMetadata
 from collector.routing import Routes
 from collector.web.params import read_body
 from collector.web.replies import json_response
@@ -33,8 +35,18 @@ async def add_probe(request: web.Request) -> web.Response:
     # Checked as `probe add` checks it (fleet/probes.py): 422 naming the field.
     metadata = admin.line_metadata({k: v for k, v in data.items() if k != "probe_id"})
     # A taken name is AlreadyExists (409) and a bad one Unacceptable (422): web/replies.py.
-    token = await db(request, lambda s: admin.register_probe(s, name, metadata))
+    by = await admin_name(request)
+    token = await db(request, lambda s: admin.register_probe(s, name, metadata, by))
     return json_response({"probe_id": name, "token": token}, status=201)
+
+
+async def admin_name(request: web.Request) -> str:
+    """The name of the admin token the request came with (the middleware has checked
+    it), as the line's contract history records who changed it."""
+    token = auth.bearer(request.headers.get("Authorization"))
+    found = None if token is None else \
+        await db(request, lambda s: s.role_for_token(auth.hash_token(token)))
+    return f"token:{found[1]}" if found is not None else "unknown"
 
 
 async def revoke_probe(request: web.Request) -> web.Response:
@@ -59,7 +71,52 @@ async def rotate_probe(request: web.Request) -> web.Response:
                           "was_revoked_at": revoked_at, "rotated_at": now})
 
 
+async def change_contract(request: web.Request) -> web.Response:
+    """Admin: change some of a probe's line metadata, as a new version of its contract
+    (fields as ``POST /api/v1/probes``; ``from``: when it applies, default now; in the
+    past, a correction recorded as retroactive). Recorded as changed by the admin
+    token's name."""
+    name = request.match_info["name"]
+    data = ingest.parse_json(await read_body(request, 64 * 1024))
+    allowed = {"from"} | {f.name for f in fields(LineMetadata)}
+    if not isinstance(data, dict):
+        raise ApiError(422, "expected a JSON object of line fields", field="body")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(422, f"{unknown[0][:40]}: unknown field", field=unknown[0][:40])
+    since = data.pop("from", None)
+    if since is not None and not isinstance(since, str):
+        raise ApiError(422, "from: expected an ISO 8601 time with its UTC offset",
+                       field="from")
+    if all(v is None for v in data.values()):
+        raise ApiError(422, "nothing to change: give at least one line field", field="body")
+    by = await admin_name(request)
+    version = await db(request, lambda s: admin.set_line(s, name, data, by, since))
+    return json_response({"probe_id": name, **contract_doc(version)})
+
+
+async def contract_history(request: web.Request) -> web.Response:
+    """Analyst: every version of a probe's contract, oldest first."""
+    name = request.match_info["name"]
+
+    def read(s: Any) -> list[ContractVersion] | None:
+        return None if s.probe(name) is None else s.line_contracts(name)
+
+    history = await db(request, read)
+    if history is None:
+        raise ApiError(404, f"no probe named {name!r}", field="name")
+    return json_response({"probe_id": name,
+                          "versions": [contract_doc(v) for v in history]})
+
+
+def contract_doc(v: ContractVersion) -> dict[str, Any]:
+    return {"version": v.version, "valid_from": v.valid_from, "changed_at": v.changed_at,
+            "changed_by": v.changed_by, "retroactive": v.retroactive, **asdict(v.line)}
+
+
 def add_routes(routes: Routes) -> None:
     routes.post("/api/v1/probes", add_probe, role="admin")
     routes.post("/api/v1/probes/{name}/revoke", revoke_probe, role="admin")
     routes.post("/api/v1/probes/{name}/rotate", rotate_probe, role="admin")
+    routes.post("/api/v1/probes/{name}/contract", change_contract, role="admin")
+    routes.get("/api/v1/probes/{name}/contract", contract_history, role="analyst")

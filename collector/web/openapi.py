@@ -56,6 +56,9 @@ def document() -> dict[str, Any]:
                                 "description": "A machine-readable reason, where a client "
                                                "acts on it (a refused ticket's)."}},
     }
+    key_reply = {"type": "object", "required": ["kid", "status"],
+                 "properties": {"kid": {"type": "string"},
+                                "status": {"enum": ["enrolled", "known"]}}}
     schemas["IngestReply"] = {
         "type": "object", "required": ["result_id", "stored", "duplicate"],
         "properties": {"result_id": {"type": "string", "format": "uuid"},
@@ -196,6 +199,40 @@ def document() -> dict[str, Any]:
                                                 "properties": {"probe_id": {"type": "string"}}}),
                                   "401": _error("Missing, unknown or revoked token.")}},
         },
+        "/api/v1/probe/key": {
+            "put": {
+                "summary": "Probe: enrol its Ed25519 public key (RFC 8037 JWK). The first "
+                           "key is bound on first use (time and address recorded); a "
+                           "different key is refused while one is bound (an admin binds "
+                           "a new one: `probe key set`).",
+                "security": BEARER,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["jwk"], "additionalProperties": False,
+                    "properties": {"jwk": {
+                        "type": "object", "required": ["kty", "crv", "x"],
+                        "properties": {"kty": {"const": "OKP"}, "crv": {"const": "Ed25519"},
+                                       "x": {"type": "string"}}}}}}}},
+                "responses": {"201": _json(key_reply), "200": _json(key_reply),
+                              "400": _error("Body is not JSON."),
+                              "401": _error("Missing, unknown or revoked token."),
+                              "409": _error("Another key is bound to the probe (its kid "
+                                            "is named), or this key was bound before."),
+                              "413": _error("Body larger than 4096 bytes."),
+                              "422": _error("Not an Ed25519 public JWK."),
+                              "429": _error("Over the probe's rate limit.")},
+            },
+        },
+        "/.well-known/bbprobe-keys.json": {
+            "get": {"summary": "The JWK Set (RFC 7517): the collector's evidence key and "
+                               "every probe key ever bound (current, past, revoked), in "
+                               "member 'bbprobe'. Cached for 60 s.",
+                    "security": PUBLIC,
+                    "responses": {"200": {"description": "The JWK Set.", "content": {
+                        "application/jwk-set+json": {"schema": {
+                            "type": "object", "required": ["keys"],
+                            "properties": {"keys": {"type": "array",
+                                                    "items": {"type": "object"}}}}}}}}},
+        },
         "/api/v1/probes": {
             "post": {
                 "summary": "Admin: register a probe with its line metadata; the reply holds "
@@ -233,6 +270,19 @@ def document() -> dict[str, Any]:
             "Admin: a new token for a probe, returned this once; the old one is refused at "
             "once; name, metadata and results stay; a revoked probe is re-enabled.",
             "No probe of that name."),
+        "/api/v1/probes/{name}/contract": {
+            **_probe_action(
+                "Admin: change some of a probe's line metadata (the fields of POST "
+                "/api/v1/probes; \"from\": when it applies, default now) as a new "
+                "version of its contract, recorded with the admin token's name.",
+                "No probe of that name."),
+            "get": {"summary": "The probe's contract history: every version, oldest "
+                               "first, with from when it applies and who changed it.",
+                    "parameters": [{"name": "name", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": _json({"type": "object"}),
+                                  "404": _error("No probe of that name.")}},
+        },
         "/api/v1/samples": {
             "get": {"summary": "Per-test samples of a scope as CSV (probe_id, timestamp, kind, "
                                "value, ok, unit): the input of `evaluate --samples`.",

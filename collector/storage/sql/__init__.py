@@ -12,10 +12,11 @@ One module per aggregate, each a mixin over ``SqlBase`` (base.py: the dialect, t
 transactions a backend gives, the WHERE clause of a scope); ``SqlStore`` is all of them:
 
     probes.py     probes and tokens            results.py    results, gaps, packing
+    probe_keys.py the probes' public keys
     facts.py      the facts tables as rows     reports.py    observations, rollups, facts
     outbox.py     the InfluxDB outbox          anonymous.py  browser and ndt7 tests
     fleet.py      rules, suppressions, health  alerts.py     alerts and their deliveries
-    copy.py       every table, for a copy
+    copy.py       every table, for a copy      contracts.py  each line's contract history
 
 Arithmetic over rows (the day rollup, RTT moments, counts) is in
 collector/compliance/rollup.py, in Python: a database's float sums depend on the order
@@ -26,15 +27,18 @@ from __future__ import annotations
 
 from collector.storage.sql.alerts import AlertQueries
 from collector.storage.sql.anonymous import AnonymousQueries
+from collector.storage.sql.contracts import ContractQueries
 from collector.storage.sql.copy import CopyQueries
 from collector.storage.sql.fleet import FleetQueries
 from collector.storage.sql.outbox import OutboxQueries
+from collector.storage.sql.probe_keys import ProbeKeyQueries
 from collector.storage.sql.probes import ProbeQueries
 from collector.storage.sql.reports import ReportQueries
 from collector.storage.sql.results import ResultQueries
 
 
-class SqlStore(ProbeQueries, ResultQueries, ReportQueries, OutboxQueries, AnonymousQueries,
-               FleetQueries, AlertQueries, CopyQueries):
+class SqlStore(ProbeQueries, ProbeKeyQueries, ResultQueries, ReportQueries, OutboxQueries,
+               AnonymousQueries, FleetQueries, AlertQueries, CopyQueries,
+               ContractQueries):
     """The collector's master copy of every probe and result, over one SQL backend
     (collector/storage/store.py ``Store``: each role protocol is one of the mixins)."""

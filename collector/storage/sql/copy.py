@@ -8,7 +8,9 @@ from typing import Any
 
 from collector.errors import StoreError
 from collector.storage.sql.base import SqlBase, Tx
+from collector.storage.sql.contracts import CONTRACT_COLUMNS
 from collector.storage.sql.facts import DAY_COLUMNS
+from collector.storage.sql.probe_keys import KEY_COLUMNS
 from collector.storage.sql.probes import LINE_COLUMNS
 
 # The copyable tables, in an order that satisfies their foreign keys: (key, columns).
@@ -17,6 +19,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "probes": (("name",), ("name", "token_sha256", "created_at", "revoked_at",
                            "rotated_at", *LINE_COLUMNS)),
     "tokens": (("name",), ("name", "role", "token_sha256", "created_at", "revoked_at")),
+    "probe_keys": (("kid",), KEY_COLUMNS),
     "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
                                  "ended_at", "received_at", "body_sha256", "body",
                                  "clock_skew_s", "session_seq", "body_packed")),
@@ -51,6 +54,8 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # The sessions the refusal migration reclassified (storage/refusals.py).
     "refusal_reclassifications": (("id",), ("id", "result_id", "probe_name", "started_at",
                                             "attempts", "refused_server", "migrated_at")),
+    # Each line's contract history (storage/sql/contracts.py).
+    "line_contracts": (("probe_name", "version"), CONTRACT_COLUMNS),
     "alert_deliveries": (("alert_id", "notifier"), (
         "alert_id", "notifier", "state", "attempts", "next_at", "lease_owner",
         "leased_until", "last_error", "delivered_at")),

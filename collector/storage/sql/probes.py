@@ -11,6 +11,7 @@ from collector.errors import AlreadyExists
 from collector.lines import LineMetadata
 from collector.storage.model import Probe
 from collector.storage.sql.base import SqlBase, Tx
+from collector.storage.sql.contracts import add_version
 
 LINE_COLUMNS = tuple(f.name for f in fields(LineMetadata))
 PROBE_COLUMNS = ("name", "created_at", "revoked_at", "rotated_at", *LINE_COLUMNS)
@@ -20,7 +21,9 @@ class ProbeQueries(SqlBase):
     """The probes and tokens tables."""
 
     def add_probe(self, name: str, token_sha256: str, created_at: str,
-                  line: LineMetadata) -> None:
+                  line: LineMetadata, changed_by: str = "unknown") -> None:
+        """Register a probe; its line metadata is version 1 of its contract, valid from
+        ``created_at`` (``changed_by``: who registered it)."""
         values = [getattr(line, c) for c in LINE_COLUMNS]
 
         def work(tx: Tx) -> None:
@@ -34,6 +37,7 @@ class ProbeQueries(SqlBase):
                 # a rotation, never a second registration.
                 raise AlreadyExists(f"a probe named {name!r} already exists (a new token "
                                     f"for it: `probe rotate {name}`)", "probe_id") from None
+            add_version(tx, name, created_at, created_at, changed_by, line)
 
         self._transaction(work)
 

@@ -347,4 +347,66 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # probe's credentials were last replaced (`probe rotate`): a client certificate
     # issued before then is refused (web/probe_routes.py).
     _metrics_role_and_rotation,
+    # 22: each line's contract history (collector/lines.py ContractVersion): the
+    # figures, from when they apply (valid_from; NULL: since the beginning), who changed
+    # them and when; retroactive = 1 for a correction applied from before it was made.
+    # Backfill: every probe's metadata as it stands becomes version 1, valid from the
+    # probe's creation (what it was before any change made earlier is not known). Safe to
+    # run again (a database rewound by a repair or a test): the table is made if missing,
+    # and only probes with no version get one.
+    """
+    CREATE TABLE IF NOT EXISTS line_contracts (
+        probe_name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        valid_from TEXT,
+        changed_at TEXT NOT NULL,
+        changed_by TEXT NOT NULL,
+        retroactive INTEGER NOT NULL DEFAULT 0,
+        operator TEXT,
+        offer TEXT,
+        region TEXT,
+        technology TEXT,
+        download_nominal_kbps REAL,
+        download_min_kbps REAL,
+        upload_nominal_kbps REAL,
+        upload_min_kbps REAL,
+        max_delay_ms REAL,
+        max_loss_ratio REAL,
+        download_normal_kbps REAL,
+        upload_normal_kbps REAL,
+        PRIMARY KEY (probe_name, version)
+    );
+    INSERT INTO line_contracts (probe_name, version, valid_from, changed_at, changed_by,
+        retroactive, operator, offer, region, technology,
+        download_nominal_kbps, download_min_kbps, upload_nominal_kbps, upload_min_kbps,
+        max_delay_ms, max_loss_ratio, download_normal_kbps, upload_normal_kbps)
+        SELECT name, 1, NULLIF(created_at, ''), COALESCE(NULLIF(created_at, ''),
+               '1970-01-01T00:00:00Z'), 'schema migration', 0,
+        operator, offer, region, technology,
+        download_nominal_kbps, download_min_kbps, upload_nominal_kbps, upload_min_kbps,
+        max_delay_ms, max_loss_ratio, download_normal_kbps, upload_normal_kbps
+        FROM probes
+        WHERE NOT EXISTS (SELECT 1 FROM line_contracts WHERE probe_name = probes.name)
+    """,
+    # 23: the probes' public keys (Ed25519, RFC 8032; storage/sql/probe_keys.py), named
+    # by their RFC 7638 thumbprint, with how and when each was bound (trust on first use
+    # from an address, or pinned), until when, and its revocation: at most one bound per
+    # probe, and replaced or revoked keys kept.
+    """
+    CREATE TABLE IF NOT EXISTS probe_keys (
+        kid TEXT PRIMARY KEY,
+        probe_name TEXT NOT NULL REFERENCES probes (name),
+        jwk TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('tofu', 'pinned')),
+        first_seen_at TEXT NOT NULL,
+        first_seen_address TEXT,
+        bound_from TEXT NOT NULL,
+        bound_until TEXT,
+        revoked_at TEXT,
+        revoked_reason TEXT
+    );
+    CREATE INDEX IF NOT EXISTS probe_keys_probe ON probe_keys (probe_name, bound_from);
+    CREATE UNIQUE INDEX IF NOT EXISTS probe_keys_current ON probe_keys (probe_name)
+        WHERE bound_until IS NULL;
+    """,
 )

@@ -1,0 +1,293 @@
+"""The probe's own signing key, Ed25519 (RFC 8032): the I/O edge that reads, or makes, it.
+
+The key comes from a systemd credential when the unit hands one over
+(``LoadCredential=probe-signing-key:PATH``, read from ``$CREDENTIALS_DIRECTORY``), else
+from ``<state_dir>/probe-signing-key.pem`` (PKCS#8 PEM, mode 0600), which is generated at
+first need. The encodings of its public half (JWK, RFC 7638 thumbprint, PEM) are
+agent/jose.py's.
+
+Generation is atomic: the key is written to a temporary file opened with O_EXCL (mode
+0600 from the start) and hard-linked to its name, which fails if the name exists, so
+processes racing at first start all end up with the one key that won, never a
+half-written file or two keys (as collector/keys.py does for the collector's keys).
+
+A private key file that the group or others may read is refused, not used: whoever could
+read it could sign as this probe. The message names the file and the fix.
+
+Enrolment (``enrol``): before delivering, the agent sends the public key to the collector
+(``PUT /api/v1/probe/key``, trust on first use) once per collector and token, and
+remembers the answer in ``<state_dir>/probe-key-enrolment.json``: a key the collector
+holds is not sent again; a collector that has no such endpoint (404, an older one) is
+asked again after UNSUPPORTED_RETRY_S; a collector that holds another key for this token
+(409) is a warning naming both keys, at each delivery, and delivery goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from agent import jose
+from agent.client import CollectorClient
+from agent.errors import ConfigError, DeliveryError
+
+CREDENTIAL = "probe-signing-key"
+KEY_FILE = "probe-signing-key.pem"
+# A PEM private key is about 120 bytes: anything much larger is not one.
+MAX_KEY_FILE_BYTES = 64 * 1024
+ENROLMENT_FILE = "probe-key-enrolment.json"
+# A collector without the key endpoint (404) is asked again a day later: it may have been
+# upgraded meanwhile, and one request a day costs nothing.
+UNSUPPORTED_RETRY_S = 86400.0
+MAX_ENROLMENT_FILE_BYTES = 256 * 1024
+# One small PUT: it must not hold delivery long when the collector is slow or away.
+ENROL_TIMEOUT_S = 10.0
+
+
+class ProbeKeyError(ConfigError):
+    """The probe's key cannot be read, is unsafe or cannot be made; one line naming the
+    file (or credential) and, where there is one, the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeKey:
+    private: Ed25519PrivateKey
+    kid: str  # the public key's RFC 7638 thumbprint
+    path: Path  # the file it was read from
+    from_credential: bool
+    generated: bool  # made by this call (there was none)
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @property
+    def jwk(self) -> dict[str, str]:
+        return jose.jwk_of(self.public)
+
+    @property
+    def source(self) -> str:
+        """Where the key is, for messages."""
+        if self.from_credential:
+            return f"systemd credential {CREDENTIAL!r} ({self.path})"
+        return f"file {self.path}" + (" (generated now)" if self.generated else "")
+
+
+def credential_path(environ: Mapping[str, str]) -> Path | None:
+    """The credential's file when systemd handed one over, else None."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / CREDENTIAL
+    try:
+        return path if path.is_file() else None
+    except OSError:
+        return None
+
+
+def key_path(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / KEY_FILE
+
+
+def load(state_dir: str | os.PathLike[str], environ: Mapping[str, str] = os.environ, *,
+         create: bool = True) -> ProbeKey | None:
+    """The probe's key: the credential if there is one, else the state directory's file,
+    generated there first when there is none and ``create`` (else None)."""
+    cred = credential_path(environ)
+    if cred is not None:
+        private = _load_private(cred, f"credential {CREDENTIAL!r}", check_mode=False)
+        return ProbeKey(private, jose.kid_of(private.public_key()), cred, True, False)
+    path = key_path(state_dir)
+    generated = False
+    if not os.path.lexists(path):
+        if not create:
+            return None
+        generated = _generate(path)
+    private = _load_private(path, "probe signing key", check_mode=True)
+    return ProbeKey(private, jose.kid_of(private.public_key()), path, False, generated)
+
+
+def _load_private(path: Path, what: str, *, check_mode: bool) -> Ed25519PrivateKey:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ProbeKeyError(f"{what}: cannot read {str(path)!r}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProbeKeyError(f"{what}: {str(path)!r} is not a regular file")
+        if check_mode and st.st_mode & 0o077:
+            raise ProbeKeyError(
+                f"{what}: {str(path)!r} may be read by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); refused: run `chmod 600 {path}`")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ProbeKeyError(f"{what}: cannot read {str(path)!r}: "
+                            f"{exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ProbeKeyError(f"{what}: {str(path)!r} is larger than a PEM key")
+    try:
+        key: Any = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        raise ProbeKeyError(f"{what}: {str(path)!r} is not an unencrypted PEM (PKCS#8) "
+                            f"private key ({first})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ProbeKeyError(f"{what}: {str(path)!r} holds another kind of key "
+                            f"({type(key).__name__}), not an Ed25519 one")
+    return key
+
+
+def _generate(path: Path) -> bool:
+    """Write a new key at ``path`` unless another process wins the race; True if ours."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        ours = False
+        try:
+            try:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                os.write(fd, pem)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process won: its key
+                os.link(tmp, path)
+                ours = True
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name survives a crash
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ProbeKeyError(f"probe signing key: cannot create {str(path)!r}: "
+                            f"{exc.strerror or exc}") from None
+    return ours
+
+
+def describe(key: ProbeKey) -> dict[str, Any]:
+    """What ``bbprobe key show`` prints: the public key three ways and where it is."""
+    return {"kid": key.kid, "jwk": {**key.jwk, "kid": key.kid, "alg": jose.ALGORITHM,
+                                    "use": "sig"},
+            "pem": jose.pem_of(key.public), "source": key.source,
+            "path": str(key.path), "from_credential": key.from_credential,
+            "generated": key.generated}
+
+
+def _read_enrolments(path: Path) -> dict[str, Any]:
+    """The remembered answers, by identity; {} when there are none or the file is
+    unreadable (the worst that costs is one request more)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_ENROLMENT_FILE_BYTES + 1)
+        doc = json.loads(data) if len(data) <= MAX_ENROLMENT_FILE_BYTES else None
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _write_enrolments(path: Path, doc: Mapping[str, Any]) -> None:
+    """Temp file + rename: a reader sees the old answers or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remembered(entry: Any, kid: str, now: float) -> bool:
+    """Whether a remembered answer spares the request. Pure."""
+    if not isinstance(entry, dict):
+        return False
+    at = entry.get("at")
+    if entry.get("status") in ("enrolled", "known"):
+        return entry.get("kid") == kid
+    if entry.get("status") == "unsupported" and isinstance(at, int | float) \
+            and not isinstance(at, bool):
+        return 0 <= now - at < UNSUPPORTED_RETRY_S
+    return False
+
+
+async def enrol(client: CollectorClient, state_dir: str | os.PathLike[str],
+                warn: Callable[[str], None], *, environ: Mapping[str, str] = os.environ,
+                clock: Callable[[], float] = time.time) -> str:
+    """Make sure the collector knows this probe's public key (see the module docstring).
+    Never raises for the collector's answer or the key: a problem is one line through
+    ``warn`` (or nothing, when delivery will say it anyway: the collector unreachable, the
+    token refused). What happened, as one word: "remembered", "enrolled", "known",
+    "conflict", "unsupported", "unsupported-remembered", "no-key" or "failed"."""
+    try:
+        key = load(state_dir, environ)
+    except ProbeKeyError as exc:
+        warn(f"the probe's signing key is unusable, not enrolled: {exc}")
+        return "no-key"
+    assert key is not None
+    path = Path(state_dir) / ENROLMENT_FILE
+    name = client.identity.to_json()
+    answers = _read_enrolments(path)
+    entry = answers.get(name)
+    now = clock()
+    if remembered(entry, key.kid, now) and isinstance(entry, dict):
+        return "unsupported-remembered" if entry.get("status") == "unsupported" \
+            else "remembered"
+    try:
+        async with asyncio.timeout(ENROL_TIMEOUT_S):
+            status, kid = await client.enrol_key(jose.jwk_of(key.public))
+    except TimeoutError:
+        return "failed"  # the collector is slow or away: delivery says so
+    except DeliveryError as exc:
+        if not exc.retryable and exc.status not in (401, 403):
+            warn(f"the collector refused this probe's key {key.kid}: {exc}")
+        return "failed"
+    if status == 409:
+        warn(f"the collector holds another key for this probe (kid {kid}), not this "
+             f"one (kid {key.kid}, {key.source}); delivering anyway: an admin binds this "
+             "key with `bbprobe-collector probe key set NAME FILE` (FILE from `bbprobe "
+             "key show --pem`)")
+        return "conflict"
+    if status not in (200, 201, 404):
+        warn(f"the collector answered HTTP {status} to this probe's key {key.kid}; "
+             "sent again next time")
+        return "failed"
+    if status == 404:
+        outcome = "unsupported"
+        answers[name] = {"status": outcome, "at": now}
+    else:
+        if kid is not None and kid != key.kid:
+            warn(f"the collector enrolled this probe's key under kid {kid}, not {key.kid}")
+        outcome = "enrolled" if status == 201 else "known"
+        answers[name] = {"status": outcome, "kid": key.kid, "at": now}
+    try:
+        _write_enrolments(path, answers)
+    except OSError as exc:
+        warn(f"cannot remember the key's enrolment in {path} (sent again next time): "
+             f"{exc.strerror or exc}")
+    return outcome
