@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from agent import edwards
+
 ALGORITHM = "EdDSA"  # RFC 8037 §3.1
 KEY_TYPE = "OKP"  # RFC 8037 §2
 CURVE = "Ed25519"
@@ -113,6 +115,9 @@ def _checked_jwk(jwk: Any) -> tuple[bytes, str]:
     raw = b64url_decode(x, "jwk: x", MAX_MEMBER_CHARS)
     if len(raw) != PUBLIC_KEY_BYTES:
         raise JoseError(f"jwk: x must be {PUBLIC_KEY_BYTES} bytes, not {len(raw)}")
+    why = edwards.unsound(raw)
+    if why is not None:
+        raise JoseError(f"jwk: x is not a sound Ed25519 public key: {why}")
     assert isinstance(x, str)
     return raw, x
 
@@ -163,6 +168,10 @@ def public_key_of_pem(text: str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise JoseError(f"pem: holds another kind of key ({type(key).__name__}), not "
                         "an Ed25519 one")
+    why = edwards.unsound(key.public_bytes(serialization.Encoding.Raw,
+                                           serialization.PublicFormat.Raw))
+    if why is not None:
+        raise JoseError(f"pem: not a sound Ed25519 public key: {why}")
     return key
 
 

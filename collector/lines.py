@@ -82,6 +82,21 @@ def contract_at(history: Sequence[ContractVersion],
     return None if best is None else (best.version, best.line)
 
 
+def contract_for(history: Sequence[ContractVersion],
+                 when: str) -> tuple[int, LineMetadata] | None:
+    """The contract a session started at ``when`` is judged by: the one in force then;
+    for a session from before the line's first version (a probe's clock set back,
+    results older than its registration), the one in force at the history's first
+    instant, which is the latest version valid from that instant (a correction made
+    "from registration on" replaces the first figures), never merely the lowest number.
+    None without a history. Pure."""
+    found = contract_at(history, when)
+    if found is not None or not history:
+        return found
+    starts = [v.valid_from for v in history if v.valid_from]
+    return contract_at(history, min(starts, key=parse_utc)) if starts else None
+
+
 def _later(a: datetime | None, b: datetime | None) -> bool:
     """``a`` after ``b``, None being the beginning of time."""
     if a is None:

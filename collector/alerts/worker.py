@@ -53,7 +53,7 @@ from collector.compliance.facts import SessionFacts
 from collector.config import AlertsConfig, CollectorConfig
 from collector.errors import StoreError, StoreFault
 from collector.fleet import control
-from collector.lines import contract_at
+from collector.lines import contract_for
 from collector.storage.model import AlertDelivery, Probe
 from collector.storage.store import (
     AlertStore,
@@ -190,12 +190,9 @@ def below_minimum(store: ContractStore, probe: Probe, last: SessionFacts,
     history = store.line_contracts(probe.name)
     if not history:
         return alerts.below_minimum(probe, last, every_s)
-    found = contract_at(history, last.started_at)
-    if found is None:
-        # Measured before the line's first version (a probe's clock set back, results
-        # older than its registration): judged by the first, as certificates do.
-        first = min(history, key=lambda v: v.version)
-        found = (first.version, first.line)
+    # Measured before the line's first version (a probe's clock set back, results older
+    # than its registration): judged as certificates judge it (lines.contract_for).
+    found = contract_for(history, last.started_at)
     return alerts.below_minimum(probe, last, every_s, found)
 
 

@@ -46,7 +46,7 @@ from agent.schedule import band_of, bands_filled, fills_band
 from agent.schema import parse_utc
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRule
 from collector.compliance.facts import SessionFacts
-from collector.lines import JUDGED_FIELDS, ContractVersion, LineMetadata, contract_at
+from collector.lines import JUDGED_FIELDS, ContractVersion, LineMetadata, contract_for
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
 
@@ -329,15 +329,16 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
 def versions_of(results: Sequence[SessionFacts],
                 contracts: Sequence[ContractVersion]) -> dict[str, int]:
     """Each session's contract version (result id -> version): the one in force when it
-    started (``contract_at``); a session from before the first version (a probe's clock
-    set back, a copied history) is judged by the first. Empty without a history."""
+    started; a session from before the first version (a probe's clock set back, a copied
+    history) by the one in force at the history's first instant (lines.contract_for).
+    Empty without a history."""
     if not contracts:
         return {}
-    first = min(contracts, key=lambda v: v.version).version
     out = {}
     for r in results:
-        found = contract_at(contracts, r.started_at)
-        out[r.result_id] = first if found is None else found[0]
+        found = contract_for(contracts, r.started_at)
+        if found is not None:
+            out[r.result_id] = found[0]
     return out
 
 

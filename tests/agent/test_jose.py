@@ -333,3 +333,47 @@ def test_junk_is_always_a_one_line_jose_error() -> None:
             jose.thumbprint(jwk)
         except JoseError as exc:
             assert "\n" not in str(exc)
+
+
+P25519 = 2**255 - 19
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("the identity", b"\x01" + bytes(31)),
+    ("zero, a point of order 4", bytes(32)),
+    ("p - 1, a point of order 2", (P25519 - 1).to_bytes(32, "little")),
+    ("p + 1, the identity spelt non-canonically", (P25519 + 1).to_bytes(32, "little")),
+    ("an order-8 point", bytes.fromhex(
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")),
+])
+def test_a_key_anyone_could_sign_for_is_refused(name: str, raw: bytes) -> None:
+    """Keys of small order or non-canonical encodings verify signatures made without any
+    private key (with the identity, R = identity and S = 0 verify over every message):
+    refused as JWK and as PEM, so no such key is ever bound or trusted."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": jose.b64url(raw)}
+    with pytest.raises(jose.JoseError, match="not a sound Ed25519 public key"):
+        jose.public_key_of_jwk(jwk)
+    try:  # OpenSSL takes most of them; the PEM path must refuse them too
+        pem = jose.pem_of(Ed25519PublicKey.from_public_bytes(raw))
+    except (ValueError, jose.JoseError):
+        return
+    with pytest.raises(jose.JoseError, match="not a sound Ed25519 public key"):
+        jose.public_key_of_pem(pem)
+
+
+def test_sound_keys_pass_the_curve_check() -> None:
+    """Generated keys and RFC 8037's example key are sound: the check refuses only what
+    it must."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent import edwards
+
+    for _ in range(20):
+        raw = Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert edwards.unsound(raw) is None
+    assert edwards.unsound(bytes.fromhex(
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")) is None

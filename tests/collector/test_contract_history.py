@@ -19,7 +19,7 @@ from collector.cli.main import main
 from collector.config import StorageConfig
 from collector.errors import Unacceptable
 from collector.fleet import probes as admin
-from collector.lines import ContractVersion, LineMetadata, contract_at
+from collector.lines import ContractVersion, LineMetadata, contract_at, contract_for
 from collector.reports import service
 from collector.reports.text import format_certificate
 from collector.storage.sql.backends import open_store
@@ -273,3 +273,18 @@ def test_probe_add_records_the_os_user(tmp_path: Path) -> None:
     with closing(_store(db)) as store:
         [v1] = store.line_contracts("p2")
     assert v1.changed_by == os_user() and v1.line.upload_min_kbps == 5_000
+
+
+def test_a_session_before_the_first_version_takes_the_corrected_figures() -> None:
+    """Version 1 valid from registration, and a correction "from registration on"
+    (version 2, the same instant): a session a few seconds before registration (a probe's
+    clock) is judged by the corrected figures, not by the lowest version number, so a
+    certificate does not see two contracts where the line had one."""
+    start = "2026-11-20T10:00:00Z"
+    v1 = ContractVersion(1, start, start, "a", LineMetadata(download_min_kbps=1))
+    v2 = ContractVersion(2, start, "2026-12-01T00:00:00Z", "b",
+                         LineMetadata(download_min_kbps=2), retroactive=True)
+    assert contract_at([v1, v2], "2026-11-20T09:59:30Z") is None
+    assert contract_for([v1, v2], "2026-11-20T09:59:30Z") == (2, v2.line)
+    assert contract_for([v1, v2], "2026-11-21T00:00:00Z") == (2, v2.line)
+    assert contract_for([], "2026-11-21T00:00:00Z") is None
