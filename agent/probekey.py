@@ -25,7 +25,6 @@ asked again after UNSUPPORTED_RETRY_S; a collector that holds another key for th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -43,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent import jose
+from agent import jose, keyfile
 from agent.client import CollectorClient
 from agent.errors import ConfigError, DeliveryError
 
@@ -159,36 +158,13 @@ def _load_private(path: Path, what: str, *, check_mode: bool) -> Ed25519PrivateK
 
 
 def _generate(path: Path) -> bool:
-    """Write a new key at ``path`` unless another process wins the race; True if ours."""
+    """Write a new key at ``path`` unless another process wins the race; True if ours
+    (agent/keyfile.py)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        ours = False
-        try:
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileExistsError):  # another process won: its key
-                os.link(tmp, path)
-                ours = True
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new name survives a crash
-        finally:
-            os.close(dir_fd)
+        return keyfile.create(path)
     except OSError as exc:
         raise ProbeKeyError(f"probe signing key: cannot create {str(path)!r}: "
                             f"{exc.strerror or exc}") from None
-    return ours
 
 
 def describe(key: ProbeKey) -> dict[str, Any]:

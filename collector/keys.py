@@ -29,10 +29,8 @@ its failures logged once per change, not once per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent import credentials, jose
+from agent import credentials, jose, keyfile
 from collector.config import CollectorConfig, default_database
 from collector.errors import ConfigError
 
@@ -139,28 +137,7 @@ def load_or_generate(path: Path, what: str) -> Ed25519PrivateKey:
 
 def _generate(path: Path, what: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)  # whatever the umask
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileExistsError):  # another process won: its key
-                os.link(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new name survives a crash
-        finally:
-            os.close(dir_fd)
+        keyfile.create(path)
     except OSError as exc:
         raise ConfigError(f"{what}: cannot create {str(path)!r}: "
                           f"{exc.strerror or exc}") from None
