@@ -324,27 +324,47 @@ class CollectorClient:
                 return None
             raise
 
-    async def enrol_key(self, jwk: Mapping[str, Any]) -> tuple[int, str | None]:
-        """Send the probe's public key (``PUT /api/v1/probe/key``, body ``{"jwk": ...}``):
-        (status, kid). 201 enrolled or 200 already known, with the kid the collector
-        computed; 409, another key is bound to this probe's token, with that key's kid;
-        404, a collector too old to take keys (None). Anything else is a DeliveryError,
-        as for every request, and so is a 409 that names no other key (this key is
-        another probe's, or first use is over): its message says why."""
-        body = json.dumps({"jwk": dict(jwk)}, separators=(",", ":")).encode()
-        status, _, reply = await self._send("PUT", KEY_PATH, body, "none", full=True,
-                                            accept=frozenset({404, 409}))
+    async def enrol_key(self, jwk: Mapping[str, Any], proof: Mapping[str, str] | None = None,
+                        rotation: Mapping[str, str] | None = None
+                        ) -> tuple[int, str | None]:
+        """Send the probe's public key (``PUT /api/v1/probe/key``, body ``{"jwk": ...}``
+        with the key's ``proof`` of possession and a ``rotation`` statement by the old
+        key, agent/keydocs.py, when given): (status, kid). 201 enrolled (or rotated) or
+        200 already known, with the kid the collector computed; 409, another key is
+        bound to this probe's token, with that key's kid; 404, a collector too old to
+        take keys (None). Anything else is a DeliveryError, as for every request, and so
+        is a 409 that names no other key (this key is revoked, or first use is over):
+        its message says why. A collector older than proofs refuses a body with one
+        (422, 'body must be {"jwk"...'): the key is sent again without it."""
+        doc: dict[str, Any] = {"jwk": dict(jwk)}
+        if proof is not None:
+            doc["proof"] = dict(proof)
+        if rotation is not None:
+            doc["rotation"] = dict(rotation)
+        try:
+            status, _, reply = await self._put_key(doc)
+        except DeliveryError as exc:
+            if proof is None or rotation is not None or exc.status != 422 or \
+                    exc.field != "jwk" or "body must be" not in str(exc):
+                raise
+            del doc["proof"]
+            status, _, reply = await self._put_key(doc)
         try:
             sent = jose.thumbprint(jwk)
         except jose.JoseError:
             sent = None
         kid = _kid_in(reply, sent)
-        if status == 409 and kid is None:
+        if status == 409 and kid in (None, sent):  # the key sent is the one in the way
             error = reply.get("error") if isinstance(reply, dict) else None
             raise DeliveryError(f"HTTP 409: {error}" if isinstance(error, str)
                                 else "HTTP 409", retryable=False, status=409,
                                 field=_error_field(json.dumps(reply).encode()))
         return status, kid
+
+    async def _put_key(self, doc: Mapping[str, Any]) -> Any:
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        return await self._send("PUT", KEY_PATH, body, "none", full=True,
+                                accept=frozenset({404, 409}))
 
     async def report_health(self, body: bytes) -> None:
         """The probe's health report (LMAP's reported state): what the fleet page shows."""

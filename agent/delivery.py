@@ -24,7 +24,10 @@ Contract (shared/reference/reliability.md A1-A9):
   ``bbprobe status`` per identity.
 - A result measured before the collector named the probe (whoami) is spooled without a
   ``probe_id`` and named at delivery by that same token's whoami: never a guess, never
-  another probe's name.
+  another probe's name. A signed result (agent/spooldoc.py) is sent as its JWS,
+  unchanged, as the batch item (issue 27): renaming it would break its signature, so the
+  collector names an unnamed one by the token's probe; a refusal of its signature is a
+  per-item 422, set aside in dead-letter with the collector's reason like any other.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from agent.config import DeliveryConfig
 from agent.errors import DeliveryError
 from agent.identity import Claim, Identity, claim
 from agent.schema import utc_now
-from agent.spool import Entry, Spool, file_id, parse_spooled
+from agent.spool import Entry, Spool, file_id
+from agent.spooldoc import parse_spooled, unnamed
 
 # --- pure policy -------------------------------------------------------------------------
 
@@ -144,8 +148,9 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
         if docs is None:
             continue  # something was set aside or is gone: plan the batch again
         # Unnamed, or (older spools) placed only by the name the collector gives us.
-        unnamed = known is None and any(not doc.get("probe_id") or claimed(path) == "ask"
-                                        for path, doc in docs)
+        # A signed one goes as signed: the collector names it by the token's probe.
+        ask = known is None and any(unnamed(doc) or claimed(path) == "ask"
+                                    for path, doc in docs)
         wait = last_request + 1 / cfg.max_requests_per_s - clock()
         if wait > 0:
             await sleep(wait)
@@ -154,7 +159,7 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
         spool.note(last_attempt_at=utc_now())
         try:
             stored = 0
-            if unnamed:
+            if ask:
                 known = await client.whoami()
                 continue  # the push is the next request, paced like any other
             bodies = [(file_id(path), _body(doc, known)) for path, doc in docs]
@@ -182,7 +187,7 @@ async def deliver(spool: Spool, client: CollectorClient, cfg: DeliveryConfig | N
         except DeliveryError as exc:
             document_fault = exc.status in (413, 422) or (exc.status == 400 and
                                                           exc.field is not None)
-            if not exc.retryable and not unnamed and document_fault:
+            if not exc.retryable and not ask and document_fault:
                 if len(paths) > 1:
                     # One document too large or refused spoils its whole batch: halve the
                     # batches (same data) until it goes alone and the rest get through.
@@ -233,10 +238,11 @@ def waiting_lines(error: str, retry: int, delay_s: float, left_s: float) -> list
 
 
 def _body(doc: dict[str, Any], probe_id: str | None) -> bytes:
-    """The document to send: named now if it was spooled before the probe's name was
-    known (the spool file keeps it unnamed: a lost reply resends it under the same
-    name, asked again)."""
-    if not doc.get("probe_id"):
+    """The document to send: named now if it was spooled unsigned before the probe's
+    name was known (the spool file keeps it unnamed: a lost reply resends it under the
+    same name, asked again). A signed result's JWS goes unchanged, whatever its payload
+    says: renaming it would break its signature (the collector names it)."""
+    if unnamed(doc):
         assert probe_id is not None  # deliver() asks whoami before sending unnamed ones
         doc = {**doc, "probe_id": probe_id}
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
@@ -266,8 +272,9 @@ def _read_for_sending(spool: Spool, paths: Sequence[Path], id_key: str,
         else:
             try:
                 doc = parse_spooled(raw, file_id(path), id_key)
-                problem = None if doc[id_key] not in seen else \
-                    f"a second spool file for {id_key} {doc[id_key]}"
+                sent_id = file_id(path)  # parse_spooled: the document's own id
+                problem = None if sent_id not in seen else \
+                    f"a second spool file for {id_key} {sent_id}"
             except ValueError as exc:
                 problem = str(exc)
         if problem is not None:
@@ -276,6 +283,6 @@ def _read_for_sending(spool: Spool, paths: Sequence[Path], id_key: str,
             report.dead_lettered.append((str(target), reason))
             complete = False
             continue
-        seen.add(doc[id_key])
+        seen.add(sent_id)
         out.append((path, doc))
     return out if complete else None

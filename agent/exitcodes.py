@@ -38,7 +38,9 @@ MEANINGS: dict[int, str] = {
     ExitCode.ERROR: "an error stopped the command (the message says which)",
     ExitCode.USAGE: "usage or configuration error: a flag, a key, a value",
     ExitCode.NOT_DELIVERED: "kept in the spool, not delivered: the collector did not take "
-                            "it yet (bbprobe push or the next run sends it)",
+                            "it yet (bbprobe push or the next run sends it); verify: "
+                            "every check passed, but the issuer's key is not anchored "
+                            "(--trust)",
     ExitCode.INVALID: "measured, but invalid: a host check failed (cross traffic, Wi-Fi, "
                       "CPU...); check: a check fails",
     ExitCode.FAILED: "no measurement: a test failed (the server refused or did not "

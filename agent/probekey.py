@@ -15,11 +15,24 @@ A private key file that the group or others may read is refused, not used: whoev
 read it could sign as this probe. The message names the file and the fix.
 
 Enrolment (``enrol``): before delivering, the agent sends the public key to the collector
-(``PUT /api/v1/probe/key``, trust on first use) once per collector and token, and
-remembers the answer in ``<state_dir>/probe-key-enrolment.json``: a key the collector
-holds is not sent again; a collector that has no such endpoint (404, an older one) is
-asked again after UNSUPPORTED_RETRY_S; a collector that holds another key for this token
-(409) is a warning naming both keys, at each delivery, and delivery goes on.
+(``PUT /api/v1/probe/key``, trust on first use) with the key's proof of possession
+(agent/keydocs.py) once per collector and token, and remembers the answer in
+``<state_dir>/probe-key-enrolment.json``: a key the collector holds is not sent again; a
+collector that has no such endpoint (404, an older one) is asked again after
+UNSUPPORTED_RETRY_S; a collector that holds another key for this token (409) is handed
+over to this key when that other key is the one the last rotation replaced (the
+rotation statement is kept for this), else it is a warning naming both keys, at each
+delivery, and delivery goes on.
+
+Rotation (``bbprobe key rotate``, agent/app/key_cmd.py): the new key is made first as
+``probe-signing-key.next.pem`` and kept there until the collector has accepted the
+rotation statement signed by the current key; only then does it replace the key file
+(``commit_rotation``: rename, then fsync of the directory). A crash before the collector
+answers leaves the old key in use and the same new key waiting: the next rotate offers
+it again. A crash after the collector accepted but before the rename leaves the old key
+in use, which the collector still holds (past, not revoked: what it signs verifies);
+the next rotate offers the same statement again, the collector answers "known", and
+the rename happens then.
 """
 
 from __future__ import annotations
@@ -42,14 +55,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent import jose, keyfile
+from agent import jose, keydocs, keyfile
 from agent.client import CollectorClient
 from agent.errors import ConfigError, DeliveryError
+from agent.schema import utc_now
 
 CREDENTIAL = "probe-signing-key"
 KEY_FILE = "probe-signing-key.pem"
 # A PEM private key is about 120 bytes: anything much larger is not one.
 MAX_KEY_FILE_BYTES = 64 * 1024
+NEXT_KEY_FILE = "probe-signing-key.next.pem"
+# The last rotation statement ({"old_kid", "new_kid", "jws"}): what hands a collector
+# that still holds the old key over to the new one.
+ROTATION_FILE = "probe-key-rotation.json"
 ENROLMENT_FILE = "probe-key-enrolment.json"
 # A collector without the key endpoint (404) is asked again a day later: it may have been
 # upgraded meanwhile, and one request a day costs nothing.
@@ -189,11 +207,15 @@ def _read_enrolments(path: Path) -> dict[str, Any]:
 
 
 def _write_enrolments(path: Path, doc: Mapping[str, Any]) -> None:
-    """Temp file + rename: a reader sees the old answers or the new, never half."""
+    """Temp file (fsynced) + rename: a reader sees the old answers or the new, never
+    half, and a rotation's statement is on disk before the key file is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -219,7 +241,8 @@ async def enrol(client: CollectorClient, state_dir: str | os.PathLike[str],
     Never raises for the collector's answer or the key: a problem is one line through
     ``warn`` (or nothing, when delivery will say it anyway: the collector unreachable, the
     token refused). What happened, as one word: "remembered", "enrolled", "known",
-    "conflict", "unsupported", "unsupported-remembered", "no-key" or "failed"."""
+    "rotated" (handed over from the key the last rotation replaced), "conflict",
+    "unsupported", "unsupported-remembered", "no-key" or "failed"."""
     try:
         key = load(state_dir, environ)
     except ProbeKeyError as exc:
@@ -236,7 +259,11 @@ async def enrol(client: CollectorClient, state_dir: str | os.PathLike[str],
             else "remembered"
     try:
         async with asyncio.timeout(ENROL_TIMEOUT_S):
-            status, kid = await client.enrol_key(jose.jwk_of(key.public))
+            proof = keydocs.enrolment_proof(key.private, utc_now())
+            status, kid = await client.enrol_key(key.jwk, proof)
+            handover = _handover(Path(state_dir), kid, key.kid) if status == 409 else None
+            if handover is not None:
+                status, kid = await client.enrol_key(key.jwk, proof, handover)
     except TimeoutError:
         return "failed"  # the collector is slow or away: delivery says so
     except DeliveryError as exc:
@@ -245,9 +272,10 @@ async def enrol(client: CollectorClient, state_dir: str | os.PathLike[str],
         return "failed"
     if status == 409:
         warn(f"the collector holds another key for this probe (kid {kid}), not this "
-             f"one (kid {key.kid}, {key.source}); delivering anyway: an admin binds this "
-             "key with `bbprobe-collector probe key set NAME FILE` (FILE from `bbprobe "
-             "key show --pem`)")
+             f"one (kid {key.kid}, {key.source}): its signed results are refused (kept in "
+             "dead-letter) until an admin binds this key with `bbprobe-collector probe key "
+             "set NAME FILE` (FILE from `bbprobe key show --pem`); then `bbprobe "
+             "dead-letter retry --all`")
         return "conflict"
     if status not in (200, 201, 404):
         warn(f"the collector answered HTTP {status} to this probe's key {key.kid}; "
@@ -259,11 +287,63 @@ async def enrol(client: CollectorClient, state_dir: str | os.PathLike[str],
     else:
         if kid is not None and kid != key.kid:
             warn(f"the collector enrolled this probe's key under kid {kid}, not {key.kid}")
-        outcome = "enrolled" if status == 201 else "known"
-        answers[name] = {"status": outcome, "kid": key.kid, "at": now}
+        outcome = "known" if status == 200 else "rotated" if handover else "enrolled"
+        answers[name] = {"status": "known" if status == 200 else "enrolled",
+                         "kid": key.kid, "at": now}
     try:
         _write_enrolments(path, answers)
     except OSError as exc:
         warn(f"cannot remember the key's enrolment in {path} (sent again next time): "
              f"{exc.strerror or exc}")
     return outcome
+
+
+def _handover(state_dir: Path, bound_kid: str | None, kid: str) -> dict[str, str] | None:
+    """The kept rotation statement from ``bound_kid`` (the key a collector holds) to
+    ``kid`` (this key), if that is the last rotation; else None."""
+    doc = _read_enrolments(state_dir / ROTATION_FILE)
+    jws = doc.get("jws")
+    if bound_kid is None or doc.get("old_kid") != bound_kid or doc.get("new_kid") != kid \
+            or not isinstance(jws, dict):
+        return None
+    return {str(k): str(v) for k, v in jws.items()}
+
+
+def next_key(state_dir: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """The key a rotation moves to: made at the first attempt, the same one at every
+    retry until ``commit_rotation`` (so a collector that accepted it and a crash before
+    the rename still agree)."""
+    path = Path(state_dir) / NEXT_KEY_FILE
+    if not os.path.lexists(path):
+        _generate(path)
+    return _load_private(path, "next probe signing key", check_mode=True)
+
+
+def commit_rotation(state_dir: str | os.PathLike[str], old_kid: str, new_kid: str,
+                    statement: Mapping[str, str]) -> None:
+    """The collector took the rotation: keep its statement (for other collectors still
+    on the old key), then the next key becomes the key, durably. ProbeKeyError."""
+    state = Path(state_dir)
+    try:
+        _write_enrolments(state / ROTATION_FILE, {"old_kid": old_kid, "new_kid": new_kid,
+                                                  "jws": dict(statement)})
+        os.replace(state / NEXT_KEY_FILE, key_path(state))
+        dir_fd = os.open(state, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename survives a crash
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ProbeKeyError(f"probe signing key: cannot replace {str(key_path(state))!r} "
+                            f"by {str(state / NEXT_KEY_FILE)!r}: {exc.strerror or exc}"
+                            ) from None
+
+
+def remember(client: CollectorClient, state_dir: str | os.PathLike[str], kid: str,
+             now: float) -> None:
+    """Remember that the collector holds ``kid`` for this client's identity (after a
+    rotation): not sent again at the next delivery. OSError."""
+    path = Path(state_dir) / ENROLMENT_FILE
+    answers = _read_enrolments(path)
+    answers[client.identity.to_json()] = {"status": "known", "kid": kid, "at": now}
+    _write_enrolments(path, answers)

@@ -23,22 +23,35 @@ Contract (shared/reference/reliability.md A1-A9; agent.delivery sends what is he
   identity numbers a result here, and is not written after: an upgraded device goes on
   from its last number under whichever identity it uses, never repeating one (the holes
   the one counter already made stay). A gap record names its results' own numbers.
+- With the probe's key (agent/probekey.py) each result is signed once numbered, and the
+  spool file is its JWS (agent/spooldoc.py), chained to the previous result of the same
+  identity through ``state_dir/chain.FINGERPRINT`` (``chain`` without an identity),
+  written under the counter's lock before the file: a result dropped after that (a full
+  disk, an eviction) leaves the chain naming it, and its gap record documents the hole.
+  No key, or a failed signature, spools it unsigned. Gap records are signed likewise
+  (spooldoc.gap_text). A new token for the same probe carries counter and chain on.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import canonical, spooldoc
 from agent.config import DeliveryConfig
 from agent.identity import Backlog, Identity, backlog, identity_file, owner_of
+from agent.jose import JoseError
 from agent.schema import (
     MAX_SEQ_RANGES,
     SCHEMA_VERSION,
@@ -99,36 +112,6 @@ def file_id(path: Path) -> str:
     return path.stem.rsplit("_", 1)[-1]
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_spooled(raw: bytes, name_id: str, id_key: str = "result_id") -> dict[str, Any]:
-    """A spooled document as JSON data, checked as far as sending it needs: what the
-    collector would refuse for the whole batch (not UTF-8, not JSON, NaN, not an object)
-    and what the reply is matched by (``id_key`` equal to the id in the file name, a
-    ``probe_id`` that is a string, possibly empty). Raises ``ValueError`` saying what is
-    wrong. The schema itself is the collector's to judge, one result at a time. Pure."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("not valid JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    if data.get(id_key) != name_id:
-        raise ValueError(f"{id_key} {data.get(id_key)!r} is not the {name_id!r} in its file "
-                         "name")
-    if not isinstance(data.get("probe_id", ""), str):
-        raise ValueError("probe_id is not a string")
-    return data
-
-
 # --- the spool ---------------------------------------------------------------------------
 
 
@@ -160,6 +143,13 @@ def _write_durably(final: Path, data: str) -> None:
     _fsync_dir(final.parent)
 
 
+def _chain_state(path: Path) -> spooldoc.ChainState | None:
+    try:
+        return spooldoc.ChainState.parse(path.read_bytes())
+    except OSError:
+        return None  # none yet, or lost
+
+
 @dataclass(frozen=True, slots=True)
 class _Dropped:
     entry: Entry
@@ -173,7 +163,8 @@ class Spool:
     (None: a reader, such as ``bbprobe status``, or a test of an older spool)."""
 
     def __init__(self, state_dir: str | Path, cfg: DeliveryConfig | None = None,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None,
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
         self.root = Path(state_dir)
         self.dir = self.root / "spool"
         self.dead_dir = self.root / "dead-letter"
@@ -183,6 +174,12 @@ class Spool:
         self.identity = identity
         # The last result written, as written (numbered): what `bbprobe run` shows.
         self.last_put: SessionResult | None = None
+        # Whose key signs what ``put`` writes (None: written unsigned), the JWS of the
+        # last result written (None: unsigned), and why the last one is unsigned although
+        # there is a key (the caller says it; the result is spooled all the same).
+        self.signing_key = signing_key
+        self.last_jws: dict[str, str] | None = None
+        self.unsigned_reason: str | None = None
 
     # identities ------------------------------------------------------------------------
 
@@ -250,25 +247,32 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         stamp = datetime.fromisoformat(result.started_at).astimezone(UTC).strftime(_STAMP)
         final = self.dir / f"{stamp}_{result.result_id}.json"
-        # Room first, for the document as it will be written (numbered): the number
-        # itself is taken only once there is room.
-        size = len(result_json(result if result.session_seq is not None else
-                               replace(result, session_seq=self._peek_seq())).encode())
+        # Room first, for the document as it will be written (numbered, signed): the
+        # number itself is taken only once there is room.
+        size = self._size(result if result.session_seq is not None else
+                          replace(result, session_seq=self._peek_seq()))
         now = now or datetime.now(UTC)
         vfs = os.statvfs(self.dir)
         victims = evictions(self.entries(), size, self.cfg, vfs.f_bavail * vfs.f_frsize, now)
         self._drop(result.probe_id, victims)
+        self.last_jws = self.unsigned_reason = None
         try:
-            if result.session_seq is None:
-                # Numbered only once there is room: a full disk that refuses the counter
-                # has used no number, so completeness sees no hole for it.
-                result = replace(result, session_seq=self._next_seq())
+            with self._locked():
+                self._inherit(result.probe_id)
+                if result.session_seq is None:
+                    # Numbered only once there is room: a full disk that refuses the
+                    # counter has used no number, so completeness sees no hole for it.
+                    result = replace(result, session_seq=self._take_seq())
+                # Signed and chained under the counter's lock: a daemon and a
+                # technician's `bbprobe run` sharing the state directory each name the
+                # result numbered just before theirs.
+                text, jws = self._seal(result)
             if self.identity is not None:
                 # Whom it was measured for, before the result itself: a result is never
                 # in the spool without it (a crash between leaves a stray .identity).
                 _write_durably(identity_file(final), self.identity.to_json())
-            _write_durably(final, result_json(result))
-            self.last_put = result
+            _write_durably(final, text)
+            self.last_put, self.last_jws = result, jws
         except OSError as exc:
             identity_file(final).unlink(missing_ok=True)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -306,26 +310,80 @@ class Spool:
         except (OSError, ValueError):
             return None
 
-    def _next_seq(self) -> int:
-        """The next session sequence number (C8) of this spool's identity, kept durably
-        (``_seq_path``), so its collector can tell which sessions never arrived. Under a
-        lock: a daemon and a technician's `bbprobe run` may share the state directory.
-        A counter not there yet (or lost) starts after the highest number known for this
-        identity: the old single counter (the seed, for an upgraded device) and what is
-        still here (spool, dead letters, gap records); a collector sees a restart below
-        that as a discontinuity."""
-        import fcntl
-
-        path = self._seq_path()
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The state directory's counter lock: a daemon and a technician's `bbprobe run`
+        may share the state directory."""
         with (self.root / "session_seq.lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            last = self._read_counter(path)
-            if last is None:
-                last = self._highest_known_seq()
-                if self.identity is not None:
-                    last = max(last, self._read_counter(self.root / "session_seq") or 0)
-            _write_durably(path, str(last + 1))
-            return last + 1
+            yield
+
+    def _take_seq(self) -> int:
+        """The next session sequence number (C8) of this spool's identity, kept durably
+        (``_seq_path``), so its collector can tell which sessions never arrived. Under
+        ``_locked``. A counter not there yet (or lost) starts after the highest number
+        known for this identity: the old single counter (the seed, for an upgraded
+        device) and what is still here (spool, dead letters, gap records); a collector
+        sees a restart below that as a discontinuity."""
+        path = self._seq_path()
+        last = self._read_counter(path)
+        if last is None:
+            last = self._highest_known_seq()
+            if self.identity is not None:
+                last = max(last, self._read_counter(self.root / "session_seq") or 0)
+        _write_durably(path, str(last + 1))
+        return last + 1
+
+    def _chain_path(self) -> Path:
+        """This identity's chain state, beside its counter (agent/spooldoc.py)."""
+        if self.identity is None:
+            return self.root / "chain"
+        return self.root / f"chain.{self.identity.token_fingerprint}"
+
+    def _seal(self, result: SessionResult) -> tuple[str, dict[str, str] | None]:
+        """The numbered result's spool file text, signed and chained when there is a key,
+        and its JWS; the chain state moves on to it either way (an unsigned result is a
+        link the next signed one names: its canonical JSON is what the collector
+        hashes). Under ``_locked``; OSError when the chain state cannot be written."""
+        payload = canonical.canonical(result)
+        path = self._chain_path()
+        state = _chain_state(path)  # None: a new chain (the collector sees a restart)
+        text, jws = result_json(result), None
+        if self.signing_key is not None:
+            try:
+                text = spooldoc.signed_text(self.signing_key, payload,
+                                            state.sha256 if state else None)
+                jws = json.loads(text)
+            except (JoseError, ValueError, TypeError) as exc:
+                # A result that cannot be signed is still a result: spooled plain, said.
+                self.unsigned_reason = f"result {result.result_id} not signed: {exc}"
+        assert result.session_seq is not None
+        url = self.identity.collector_url if self.identity is not None else None
+        _write_durably(path, spooldoc.ChainState(
+            result.session_seq, canonical.sha256_hex(payload), url,
+            result.probe_id or None).to_json())
+        return text, jws
+
+    def _inherit(self, probe_id: str) -> None:
+        """Review M3: a new token for the same probe is a new identity; with no counter
+        yet, it carries on the counter and chain of another identity of the same
+        collector URL and probe name (spooldoc.inherited), rather than repeat numbers
+        and restart the chain. Under ``_locked``."""
+        if self.identity is None or not probe_id or self._seq_path().exists() or \
+                self._chain_path().exists():
+            return
+        found = spooldoc.inherited(
+            ((_chain_state(p), self._read_counter(self.root / ("session_seq." + p.name[6:])))
+             for p in self.root.glob("chain.*")), self.identity.collector_url, probe_id)
+        if found is not None:
+            _write_durably(self._chain_path(), found[1].to_json())
+            _write_durably(self._seq_path(), str(max(found[0], self._highest_known_seq())))
+
+    def _size(self, numbered: SessionResult) -> int:
+        """The bytes ``numbered`` will take in the spool, signed or not (at most)."""
+        if self.signing_key is None:
+            return len(result_json(numbered).encode())
+        return spooldoc.signed_size(len(canonical.canonical(numbered)))
 
     def _peek_seq(self) -> int:
         """The number the next session would get (for sizing only; no lock, no write)."""
@@ -351,8 +409,8 @@ class Spool:
             if not counted(gap):
                 continue
             try:
-                known += [int(b) for _, b in
-                          json.loads(gap.read_text(encoding="utf-8"))["dropped_seq_ranges"]]
+                known += [int(b) for _, b in spooldoc.gap_of(
+                    json.loads(gap.read_text(encoding="utf-8")))["dropped_seq_ranges"]]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return max(known, default=0)
@@ -363,9 +421,10 @@ class Spool:
 
     @staticmethod
     def facts(path: Path) -> tuple[int | None, str | None]:
-        """A spooled document's session_seq and probe_id (each None when unreadable)."""
+        """A spooled document's session_seq and probe_id, plain or signed (each None when
+        unreadable)."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = spooldoc.document_of(json.loads(path.read_bytes()))
         except (OSError, ValueError):
             return None, None
         if not isinstance(data, dict):
@@ -404,7 +463,7 @@ class Spool:
                 if f"_{reason}_" not in path.name:
                     continue
                 try:
-                    old = json.loads(path.read_text(encoding="utf-8"))
+                    old = spooldoc.gap_of(json.loads(path.read_text(encoding="utf-8")))
                 except (OSError, ValueError):
                     old = None
                 old_probe = old.get("probe_id") if isinstance(old, dict) else None
@@ -438,7 +497,10 @@ class Spool:
                 self.gap_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 if dropped[-1].identity is not None:
                     _write_durably(identity_file(final), dropped[-1].identity.to_json())
-                _write_durably(final, json.dumps(to_dict(gap), separators=(",", ":")))
+                text, unsigned = spooldoc.gap_text(self.signing_key, gap)  # signed if a key
+                _write_durably(final, text)
+                if unsigned is not None:
+                    self.note(last_error=unsigned)
             except OSError as exc:
                 identity_file(final).unlink(missing_ok=True)
                 # Even the gap record does not fit: the counter still says how many.

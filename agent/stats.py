@@ -228,3 +228,14 @@ def window_throughput(streams: Sequence[Samples], start_s: float) -> Window:
         return Window(start_s, start_s, 0.0)
     moved = math.fsum(bytes_at(s, end_s) - bytes_at(s, start_s) for s in active)
     return Window(start_s, end_s, moved)
+
+
+def whole_transfer(streams: Sequence[Sequence[tuple[float, int]]]) -> Window:
+    """File mode: all bytes over the time from the first stream's start to the last's
+    end (a verifier recomputes a transfer's rate with it: pure, no network imports)."""
+    active = [s for s in streams if s]
+    if not active:
+        return Window(0.0, 0.0, 0.0)
+    start = min(s[0][0] for s in active)
+    end = max(s[-1][0] for s in active)
+    return Window(start, end, float(sum(s[-1][1] - s[0][1] for s in active)))

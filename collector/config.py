@@ -305,6 +305,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EvidenceConfig:
+    # Refuse (422) results a probe did not sign: for a collector whose every probe
+    # signs (agent 27+ with a probe key), so that an unsigned copy cannot stand in for
+    # a signed one. Off: unsigned results are kept, marked "unsigned".
+    require_signatures: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class CollectorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -317,6 +325,7 @@ class CollectorConfig:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     tickets: TicketsConfig = field(default_factory=TicketsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
 
 
 def warn_on_stderr(line: str) -> None:

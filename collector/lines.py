@@ -102,3 +102,96 @@ def _later(a: datetime | None, b: datetime | None) -> bool:
     if a is None:
         return False
     return b is None or a > b
+
+
+# --- as JSON data (evidence bundles carry the contract a certificate was judged by) ------
+
+LINE_FIELDS = tuple(LineMetadata.__dataclass_fields__)
+_LINE_TEXT = ("operator", "offer", "region", "technology")
+# A contract figure in kbit/s, ms or a ratio: anything past this is no line's (and a
+# number a reader would choke on).
+MAX_FIGURE = 1e12
+MAX_LINE_TEXT = 200
+
+
+def line_to_dict(line: LineMetadata) -> dict[str, str | float | None]:
+    """The line's metadata as JSON data, every field present (None when unknown)."""
+    return {name: getattr(line, name) for name in LINE_FIELDS}
+
+
+def line_from_dict(data: object, where: str = "line") -> LineMetadata:
+    """``line_to_dict``'s inverse, strict: exactly its fields, text or null for the
+    names, a finite number in [0, MAX_FIGURE] or null for the figures. ValueError with a
+    one-line reason naming the field otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, not {type(data).__name__}")
+    unknown = sorted(str(k)[:40] for k in data if k not in LINE_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not a line field")
+    missing = [name for name in LINE_FIELDS if name not in data]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]}: missing")
+    values: dict[str, str | float | None] = {}
+    for name in LINE_FIELDS:
+        value = data[name]
+        if value is None:
+            values[name] = None
+        elif name in _LINE_TEXT:
+            if not isinstance(value, str) or len(value) > MAX_LINE_TEXT:
+                raise ValueError(f"{where}.{name}: expected text of at most "
+                                 f"{MAX_LINE_TEXT} characters or null")
+            values[name] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 <= value <= MAX_FIGURE):  # NaN fails the comparison too
+                raise ValueError(f"{where}.{name}: expected a number in [0, "
+                                 f"{MAX_FIGURE:g}] or null")
+            values[name] = float(value)
+    return LineMetadata(**values)  # type: ignore[arg-type]
+
+
+def contract_to_dict(version: ContractVersion) -> dict[str, object]:
+    return {"version": version.version, "valid_from": version.valid_from,
+            "changed_at": version.changed_at, "changed_by": version.changed_by,
+            "line": line_to_dict(version.line), "retroactive": version.retroactive}
+
+
+_CONTRACT_FIELDS = ("version", "valid_from", "changed_at", "changed_by", "line",
+                    "retroactive")
+
+
+def contract_from_dict(data: object, where: str = "contract") -> ContractVersion:
+    """``contract_to_dict``'s inverse, strict (times are UTC text), ValueError naming the
+    field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, not {type(data).__name__}")
+    unknown = sorted(str(k)[:40] for k in data if k not in _CONTRACT_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not a contract field")
+    missing = [name for name in _CONTRACT_FIELDS if name not in data]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]}: missing")
+    version = data["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or not (
+            0 <= version <= 2**31):
+        raise ValueError(f"{where}.version: expected an integer in [0, 2^31]")
+    for name, nullable in (("valid_from", True), ("changed_at", False)):
+        value = data[name]
+        if value is None and nullable:
+            continue
+        if not isinstance(value, str) or len(value) > 40:
+            raise ValueError(f"{where}.{name}: expected UTC text"
+                             + (" or null" if nullable else ""))
+        try:
+            parse_utc(value)
+        except ValueError:
+            raise ValueError(f"{where}.{name}: not a UTC time ({value[:40]!r})") from None
+    changed_by = data["changed_by"]
+    if not isinstance(changed_by, str) or len(changed_by) > MAX_LINE_TEXT:
+        raise ValueError(f"{where}.changed_by: expected text of at most "
+                         f"{MAX_LINE_TEXT} characters")
+    if not isinstance(data["retroactive"], bool):
+        raise ValueError(f"{where}.retroactive: expected true or false")
+    return ContractVersion(version, data["valid_from"], data["changed_at"], changed_by,
+                           line_from_dict(data["line"], f"{where}.line"),
+                           data["retroactive"])

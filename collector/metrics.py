@@ -57,6 +57,10 @@ TRANSFER_REFUSALS = ("busy", "per_client", "anonymous_share", "ticket_streams",
                      "allowance_bytes", "allowance_duration", "too_many_tickets")
 
 
+# What a result's signature was found to be (collector/intake/signed.py).
+SIGNATURE_STATUSES = ("verified", "unverified", "unsigned", "refused")
+
+
 def refusal_reason(status: int) -> str:
     return RESULT_REFUSALS_BY_STATUS.get(status, "other")
 
@@ -92,6 +96,12 @@ class Metrics:
         self.refused = Counter(
             "bbprobe_collector_results_refused", "Results (or whole result requests) "
             "refused, by reason.", ["reason"], registry=reg)
+        self.signatures = Counter(
+            "bbprobe_collector_result_signatures", "Results by their probe's signature "
+            "(issue 27): verified, unverified (signed while the probe had no key bound) "
+            "and unsigned, counted when stored; refused, a result refused for its "
+            "signature (does not verify, a revoked or unknown key, a malformed JWS, or "
+            "unsigned under evidence.require_signatures).", ["status"], registry=reg)
         self.requests = Counter(
             "bbprobe_collector_http_requests", "HTTP requests answered, by route "
             "template, method and status code.", ["route", "method", "code"], registry=reg)
@@ -143,6 +153,8 @@ class Metrics:
         # Series that exist from the start, at zero: rate() and alerts need them.
         for outcome in ("stored", "duplicate", "conflict", "refused"):
             self.results.labels(outcome)
+        for status in SIGNATURE_STATUSES:
+            self.signatures.labels(status)
         for reason in TRANSFER_REFUSALS:
             self.transfers_refused.labels(reason)
         for limiter in ("probe", "anonymous", "capacity"):
@@ -175,6 +187,10 @@ class Metrics:
     def results_refused(self, statuses: Iterable[int]) -> None:
         for status in statuses:
             self.result_refused(status)
+
+    def signature_statuses(self, statuses: Iterable[str]) -> None:
+        for status in statuses:
+            self.signatures.labels(status).inc()
 
 
 # The process's event metrics, on the application of every server role (the measurement

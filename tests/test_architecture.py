@@ -90,11 +90,29 @@ def test_no_folder_imports_a_folder_that_imports_it_back() -> None:
 
 def test_the_collector_top_level_is_vocabulary_and_the_agent_never_imports_it() -> None:
     """collector/*.py import no collector folder (they are what every folder stands on);
-    nothing in agent/ imports collector (probes install without the server)."""
+    nothing in agent/ imports collector (probes install without the server), with one
+    named exception: ``bbprobe verify`` and ``bbprobe run --evidence``
+    (agent/app/evidence_cmd.py) check and write evidence bundles with the collector's own
+    code (a certificate is recomputed with the same pure code that made it, issue 27),
+    imported inside those two commands only, and only from the modules listed here."""
     wrong = sorted(where for (a, b), where in _arrows().items()
-                   if (a == "collector" and b.startswith("collector."))
-                   or (a.split(".")[0] == "agent" and b.split(".")[0] == "collector"))
+                   if (a == "collector" and b.startswith("collector.")))
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("agent/"):
+            continue
+        for name, line in _imports(path):
+            if name.split(".")[0] != "collector" or name == "collector":
+                continue  # ("from collector import x" is listed as collector.x too)
+            allowed = rel == EVIDENCE_COMMANDS and any(
+                name == m or name.startswith(m + ".") for m in EVIDENCE_IMPORTS)
+            if not allowed:
+                wrong.append(f"{rel}:{line} imports {name}")
     assert wrong == []
+
+
+EVIDENCE_COMMANDS = "agent/app/evidence_cmd.py"
+EVIDENCE_IMPORTS = ("collector.evidence", "collector.cli.verify", "collector.safetext")
 
 
 def test_database_drivers_stay_in_the_storage_floor() -> None:

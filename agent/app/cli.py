@@ -79,12 +79,21 @@ def main(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON.")
 @click.option("--no-push", is_flag=True, help="Do not send the result to the collector.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--evidence", "evidence_dir", metavar="DIR",
+              help="After the run, write a session evidence bundle into DIR (new or "
+                   "empty): the results as this probe's key signed them, checkable with "
+                   "`bbprobe verify DIR` or openssl alone (DIR/VERIFY.txt).")
 @click.pass_context
 @handle_errors
-def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
+def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool,
+        evidence_dir: str | None) -> None:
     """Run one full session (ping train, download, upload) and push the result."""
+    from agent.app import evidence_cmd
+
     source = flags.source(ctx)
     cfg = source.load()
+    out_dir = evidence_cmd.check_out_dir(evidence_dir, cfg.probe_id, not no_push) \
+        if evidence_dir else None
     pipeline = runner.Runner(source, None if no_push else runner.push_client(cfg), _warn)
     progress = _progress(quiet)
 
@@ -100,7 +109,18 @@ def run(ctx: click.Context, as_json: bool, no_push: bool, quiet: bool) -> None:
         _emit(measured.shown, as_json)
         for line in exitcodes.failures(measured.results):
             _warn(f"no measurement: {line}")
-        return await pipeline.conclude(measured, applied, cfg, probe_id, progress)
+        code = await pipeline.conclude(measured, applied, cfg, probe_id, progress)
+        if out_dir is not None:
+            try:
+                evidence_cmd.write_run_bundle(out_dir, cfg.state_dir, measured.signed,
+                                              measured.shown, measured.spool is not None,
+                                              _warn, source.environ)
+                progress(f"evidence bundle written to {out_dir} (check it with `bbprobe "
+                         f"verify {out_dir}`)")
+            except evidence_cmd.EvidenceError as exc:
+                _warn(str(exc))
+                code = exitcodes.worst((code, exitcodes.ExitCode.ERROR))
+        return code
 
     sys.exit(runner.stoppable(main_async, _warn))
 
@@ -423,7 +443,8 @@ def daemon(ctx: click.Context, rule: str | None, timezone: str | None,
 @main.group("key")
 @flags.shared_options
 def key() -> None:
-    """The probe's own Ed25519 signing key (its results' evidence): show its public half."""
+    """The probe's own Ed25519 signing key (its results' evidence): show its public half,
+    or rotate it."""
 
 
 @key.command("show")
@@ -454,6 +475,43 @@ def key_show(ctx: click.Context, as_json: bool, pem_only: bool) -> None:
         click.echo(f"kid (RFC 7638 thumbprint): {doc['kid']}\n"
                    f"private key: {doc['source']}\n"
                    f"JWK: {json.dumps(doc['jwk'])}\n\n{doc['pem']}", nl=False)
+
+
+@key.command("rotate")
+@flags.shared_options
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.pass_context
+@handle_errors
+def key_rotate(ctx: click.Context, as_json: bool) -> None:
+    """Replace the probe's signing key by a new one: the old key signs the new one's
+    introduction, which the collector binds (the old key stays valid for what it
+    signed before)."""
+    from agent.app import key_cmd
+
+    cfg = flags.load(ctx)
+    done = key_cmd.rotate(cfg, _warn)
+    text = json.dumps(done, indent=2) if as_json else key_cmd.format_rotated(done)
+    click.echo(text, nl=not text.endswith("\n"))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--trust", "trust", multiple=True, metavar="KID|FILE",
+              help="An issuer key to trust: its kid, or a file (never one inside the "
+                   "bundle) with its PEM, its JWK or the collector's JWK Set "
+                   "(/.well-known/bbprobe-keys.json: only the entry it marks as the "
+                   "collector's anchors a certificate). Repeatable. Without it a bundle "
+                   "that passes every check exits 3: consistent, issuer not anchored.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def verify(path: str, trust: tuple[str, ...], as_json: bool) -> None:
+    """Check an evidence bundle (a directory or a .zip) offline: every signature, the
+    keys, the chain of sessions, the Merkle root, and the certificate recomputed from
+    the signed raw samples. One line per check; exit 0 when all pass and the issuer's
+    key is anchored (--trust), 3 when all pass but it is not, 1 when one fails (named),
+    2 when PATH is not there or a --trust is unusable."""
+    from agent.app import evidence_cmd
+
+    sys.exit(evidence_cmd.verify(path, trust, click.echo, _warn, as_json))
 
 
 @main.command()

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from agent import config, control, exitcodes, health, live, probekey, report
 from agent.client import CollectorClient
 from agent.config import AgentConfig
@@ -99,6 +101,8 @@ class Measured:
     results: list[SessionResult]
     shown: list[SessionResult]
     spool: Spool | None
+    # The JWS of each result the spool signed, in order (what `run --evidence` bundles).
+    signed: list[dict[str, str]] = field(default_factory=list)
 
 
 class Runner:
@@ -109,6 +113,7 @@ class Runner:
         self.source = source
         self.client = client
         self.warn = warn
+        self._unsigned_said: str | None = None  # why results go unsigned, said once
 
     async def probe_id(self, cfg: AgentConfig) -> str | None:
         """The configured id; else the name the collector gives this token now (asked at
@@ -160,12 +165,30 @@ class Runner:
         fetched = await control.fetch(self.client, cfg.state_dir)
         return control.apply(fetched, self.source.load)
 
-    def spool(self, cfg: AgentConfig) -> Spool | None:
+    def spool(self, cfg: AgentConfig, *, signing: bool = False) -> Spool | None:
         """Where this client's results wait: each is spooled for this collector and
-        token, and only they send it."""
+        token, and only they send it. ``signing``: what it writes is signed with the
+        probe's key (agent/probekey.py), or unsigned when there is no usable key."""
         if self.client is None:
             return None
-        return Spool(cfg.state_dir, cfg.delivery, self.client.identity)
+        key = self.signing_key(cfg) if signing else None
+        return Spool(cfg.state_dir, cfg.delivery, self.client.identity, key)
+
+    def signing_key(self, cfg: AgentConfig) -> Ed25519PrivateKey | None:
+        """The probe's private key, made at first need; None when it cannot be read or
+        made (said once: the results are spooled unsigned, never lost)."""
+        try:
+            found = probekey.load(cfg.state_dir, self.source.environ)
+        except ConfigError as exc:
+            self.unsigned(f"results are spooled unsigned: {exc}")
+            return None
+        return found.private if found is not None else None
+
+    def unsigned(self, why: str) -> None:
+        """Say why results go unsigned, once for each reason (not at every session)."""
+        if why != self._unsigned_said:
+            self._unsigned_said = why
+            self.warn(why)
 
     async def measure(self, applied: control.Applied, probe_id: str | None, *,
                       offer: Offer | None, say: Lines | None = None,
@@ -175,8 +198,9 @@ class Runner:
         """The slot's session(s) under ``applied``, each result spooled as its session
         ends (a stop during the second session of a dual-stack slot keeps the first).
         ``offer``: the ticket the instruction fetch brought, used once."""
-        spool = self.spool(applied.cfg)
+        spool = self.spool(applied.cfg, signing=True)
         shown: list[SessionResult] = []
+        signed: list[dict[str, str]] = []
 
         def keep(result: SessionResult) -> None:
             if spool is not None:
@@ -184,7 +208,11 @@ class Runner:
                 if spool.put(result) is None:
                     self.warn(f"the disk is full; result {result.result_id} could not be "
                               f"spooled and is reported to the collector as a gap")
+                if spool.unsigned_reason is not None:
+                    self.unsigned(spool.unsigned_reason)
                 put = spool.last_put
+                if spool.last_jws is not None and put is not before:
+                    signed.append(spool.last_jws)
                 # Numbered by the spool (session_seq); one the disk refused, as measured.
                 result = put if put is not None and put is not before else result
             shown.append(result)
@@ -195,7 +223,7 @@ class Runner:
             applied.cfg, probe_id or "", say or _quiet,
             instruction_version=applied.version, observe=observe, on_result=keep,
             tickets=TicketSource(self.client, offer, warn=ticket_warn))
-        return Measured(results, shown, spool)
+        return Measured(results, shown, spool, signed)
 
     async def deliver(self, spool: Spool, cfg: AgentConfig, probe_id: str | None, *,
                       max_wait_s: float | None = None, say: Lines | None = None

@@ -150,7 +150,7 @@ def conclude(
     if method.mode == "duration":
         window = stats.window_throughput(outcome.streams, method.warmup_s)
     else:
-        window = whole_transfer(outcome.streams)
+        window = stats.whole_transfer(outcome.streams)
     if failure is None and outcome.bytes_total == 0:
         failure = StreamFailure("zero_bytes", "no payload bytes were transferred")
     short = window.length_s < method.window_s * spec.MIN_WINDOW_SHARE
@@ -186,16 +186,6 @@ def conclude(
         measured_at="server" if measured_at == "server" else "client",
         stream_samples=tuple(tuple(s) for s in outcome.streams),
     )
-
-
-def whole_transfer(streams: list[SampleList]) -> stats.Window:
-    """File mode: all bytes over the time from the first stream's start to the last's end."""
-    active = [s for s in streams if s]
-    if not active:
-        return stats.Window(0.0, 0.0, 0.0)
-    start = min(s[0][0] for s in active)
-    end = max(s[-1][0] for s in active)
-    return stats.Window(start, end, float(sum(s[-1][1] - s[0][1] for s in active)))
 
 
 def file_shares(method: TransferMethod) -> list[int] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from collector import __version__
-from collector.cli import alerts, fleet, probes, reports, results, serve, store, tickets
+from collector.cli import alerts, fleet, probes, reports, results, serve, store, tickets, verify
 from collector.cli.common import shared_options
 
 
@@ -25,6 +25,6 @@ def main(ctx: click.Context) -> None:
     ctx.ensure_object(dict)
 
 
-for _module in (serve, probes, reports, store, fleet, alerts, results, tickets):
+for _module in (serve, probes, reports, store, fleet, alerts, results, tickets, verify):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -2,7 +2,13 @@
 each probe signs with (Ed25519, RFC 8032; collector/fleet/probe_keys.py). An admin pins
 a key (a PEM public key, as ``bbprobe key show`` prints it, or a JWK file), replaces
 one (the old stays in the history as past, so what it signed stays verifiable), lists a
-probe's keys, and revokes one (the JWK Set names it revoked)."""
+probe's keys (pinned, taken on first use, or handed over by a rotation the old key
+signed: ``bbprobe key rotate``), and revokes one (the JWK Set names it revoked). One key
+may be bound to several probes (a laptop measuring several lines): revoking it on one
+probe revokes that binding, and the others are named so the admin can revoke them too.
+
+A change drops this process's key snapshots (collector/intake/keyring.py); a running
+``serve`` sees it within keyring.MAX_AGE_S."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from collector.cli.common import (
 )
 from collector.errors import CollectorError, NotFound
 from collector.fleet import probe_keys
+from collector.intake import keyring
 from collector.reports.text import format_json
 from collector.storage.model import ProbeKey
 from collector.storage.store import Store
@@ -33,7 +40,9 @@ def key() -> None:
 def pin(store: Store, name: str, path: str) -> tuple[bool, ProbeKey]:
     """Pin the key in ``path`` as probe ``name``'s (replacing its current one)."""
     public_key = probe_keys.read_key_file(path)
-    return probe_keys.bind(store, name, public_key, "pinned", utc_now(), replace=True)
+    done = probe_keys.bind(store, name, public_key, "pinned", utc_now(), replace=True)
+    keyring.invalidate(name)
+    return done
 
 
 @key.command("set")
@@ -59,7 +68,7 @@ def key_set(ctx: click.Context, name: str, file: str) -> None:
 def _key_line(k: ProbeKey) -> str:
     until = k.bound_until or "now"
     line = f"{k.kid}  {k.status}  {k.source}  {k.bound_from} .. {until}"
-    if k.source == "tofu":
+    if k.source in ("tofu", "rotation"):
         line += f"  first seen from {k.first_seen_address or 'unknown'}"
     if k.revoked_at:
         line += f"  revoked {k.revoked_at}: {k.revoked_reason}"
@@ -70,7 +79,7 @@ def _key_dict(k: ProbeKey) -> dict[str, object]:
     return {"kid": k.kid, "status": k.status, "source": k.source, "since": k.bound_from,
             "until": k.bound_until, "first_seen_at": k.first_seen_at,
             "first_seen_address": k.first_seen_address, "revoked_at": k.revoked_at,
-            "revoked_reason": k.revoked_reason}
+            "revoked_reason": k.revoked_reason, "rotation_jws": k.rotation_jws}
 
 
 @key.command("list")
@@ -116,4 +125,12 @@ def key_revoke(ctx: click.Context, name: str, kid: str, reason: str) -> None:
                                      f"({held[0].revoked_at})")
             raise NotFound(f"probe {name!r} has no key {kid} (`probe key list {name}`)",
                            "kid")
+        keyring.invalidate(name)
+        others = sorted({k.probe_name for k in store.all_probe_keys(probe_keys.JWKS_MAX_KEYS)
+                         if k.kid == kid and k.probe_name != name
+                         and k.revoked_at is None})
     echo(f"probe {name!r}: key {kid} revoked")
+    if others:
+        # One device's key on several lines: each binding is revoked on its own.
+        echo(f"key {kid} is also bound to {', '.join(map(repr, others))}: revoke it there "
+             f"too if the device is lost (`probe key revoke NAME {kid} --reason ...`)")

@@ -209,11 +209,19 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
 @click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write here instead of stdout; - is stdout (html default: "
                    "certificate-PROBE.html).")
+@click.option("--evidence", "evidence_dir", type=click.Path(file_okay=False),
+              help="Also write the certificate's evidence bundle to this new (or empty) "
+                   "directory: every session as its probe signed it, the keys, the inputs, "
+                   "signed by the collector's evidence key (check it with `verify DIR`).")
 @click.pass_context
 @handle_errors
 def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | None, rule: str,
-            timezone: str, family: str | None, fmt: str, output: str | None) -> None:
+            timezone: str, family: str | None, fmt: str, output: str | None,
+            evidence_dir: str | None) -> None:
     """Certify one line against its contract (probe metadata), 244/08 style."""
+    kid = None
+    if evidence_dir is not None:
+        kid = write_evidence(ctx, evidence_dir, probe, since, until, rule, timezone, family)
     with database(ctx) as store:
         cert = service.certificate(store, probe, since, until, rule, timezone, family)
     if fmt == "json":
@@ -221,16 +229,79 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
     elif fmt == "csv":
         text = exports.to_csv(exports.certificate_rows(cert), exports.CERTIFICATE_COLUMNS)
     elif fmt == "html":
-        text = html_report.certificate_page(cert, utc_now())
+        text = html_report.certificate_page(cert, utc_now(),
+                                            evidence_kid=kid or evidence_kid(ctx))
         output = output or f"certificate-{probe}.html"
     else:
         text = formats.format_certificate(cert)
     emit(text, output)
 
 
+def evidence_kid(ctx: click.Context) -> str | None:
+    """The thumbprint of the collector's evidence key, for the HTML page (as the served
+    page shows it), when the key exists: systemd's credential or the key file in the
+    state directory. Never made here (a page is no reason to create a signing key); one
+    that cannot be read is said on stderr and the page names no key."""
+    import os
+
+    from collector import keys
+    from collector.errors import ConfigError
+
+    cfg = load_config(ctx)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not ((credentials and (Path(credentials) / keys.EVIDENCE_KEY_CREDENTIAL).is_file())
+            or (keys.state_dir(cfg, os.environ) / keys.EVIDENCE_KEY_FILE).is_file()):
+        return None
+    try:
+        return keys.evidence_signing_key(cfg).kid
+    except ConfigError as exc:
+        click.echo(f"warning: the page names no evidence key: {exc}", err=True)
+        return None
+
+
+def write_evidence(ctx: click.Context, out_dir: str, probe: str, since: str | None,
+                   until: str | None, rule: str, timezone: str, family: str | None) -> str:
+    """The certificate's evidence bundle, written to ``out_dir`` (said on stderr); the
+    kid of the key that signed it."""
+    import os
+
+    from collector import keys
+    from collector.evidence import bundle
+
+    cfg = load_config(ctx)
+    default_file = keys.state_dir(cfg, os.environ) / keys.EVIDENCE_KEY_FILE
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    new_key = not default_file.exists() and not (
+        credentials and (Path(credentials) / keys.EVIDENCE_KEY_CREDENTIAL).is_file())
+    key = keys.evidence_signing_key(cfg)
+    if new_key:
+        # From a shell, a service that reads its key from a systemd credential is not
+        # seen: say that a key was made here, so that a bundle is never signed by a key
+        # nobody publishes without the operator knowing.
+        click.echo(f"warning: no evidence key was found, so a new one ({key.kid}) was made "
+                   f"in {default_file}; if the service signs with the systemd credential "
+                   f"{keys.EVIDENCE_KEY_CREDENTIAL!r}, run this with CREDENTIALS_DIRECTORY "
+                   "set as the service has it, or fetch the bundle from the service "
+                   "(GET /api/v1/probes/NAME/certificate/evidence.zip)", err=True)
+    table = targets_mod.load(cfg.compliance.targets)
+    with database(ctx) as store:
+        members = bundle.certificate_members(store, key, probe, since, until, rule,
+                                             timezone, family, table)
+    try:
+        bundle.write_members(members, out_dir)
+    except (bundle.BundleError, OSError) as exc:
+        raise InputError(f"--evidence: {exc}") from None
+    sessions = sum(1 for name in members if name.startswith("sessions/"))
+    click.echo(f"evidence: {sessions} session(s) and the certificate, signed by key "
+               f"{key.kid}, in {out_dir} (check it: bbprobe-collector verify {out_dir})",
+               err=True)
+    return key.kid
+
+
 # probe_id, as in every CSV (collector/exports.py); the JSON says "probe".
+# signed, chain_breaks: the day's signed results and undocumented chain breaks (issue 27).
 COMPLETENESS_COLUMNS = ("probe_id", "day", "delivered", "expected", "documented", "missing",
-                        "discontinuities", "duplicates")
+                        "discontinuities", "duplicates", "signed", "chain_breaks")
 
 
 @click.command()
@@ -243,14 +314,16 @@ def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | No
                  until: str | None, period: str | None, fmt: str, **filters: Any) -> None:
     """Per probe per day: sessions delivered / expected, and the missing sequence numbers
     that no gap record explains (agents number their sessions from result schema 4 on)."""
-    from collector.compliance.completeness import format_text
+    from collector.compliance.completeness import chain_summaries, format_text
 
     with database(ctx) as store:
         where = chosen_scope(store, probes, since, until, period, filters)
         rows = service.completeness(store, where)
     emit_as(fmt,
-            json=lambda: formats.format_json({"completeness": [r.to_dict() for r in rows]}),
-            csv=lambda: formats.format_csv(({"probe_id": r.probe, **r.to_dict()}
+            json=lambda: formats.format_json({"completeness": [r.to_dict() for r in rows],
+                                              "chains": chain_summaries(rows)}),
+            csv=lambda: formats.format_csv(({"probe_id": r.probe, **r.to_dict(),
+                                             "signed": r.signed, "chain_breaks": r.broken}
                                             for r in rows), COMPLETENESS_COLUMNS),
             text=lambda: format_text(rows))
 

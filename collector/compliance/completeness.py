@@ -14,6 +14,14 @@ are not counted (they may still be on their way). Undocumented holes longer than
 MAX_HOLE numbers are a discontinuity (a counter that was reset or replaced), counted
 apart, not listed. Two results with one number (a counter rewound) are both delivered
 sessions and counted as duplicates. expected = delivered + documented + missing.
+
+Signed results (issue 27) also chain: each names the SHA-256 of the one before it
+(agent/evidence.py). Per probe, the chain of the results in scope is checked with
+``agent.evidence.chain_breaks`` against the same documented numbers (gap records and
+recorded deletions), and each break that documents nothing (a result replaced, reordered,
+swapped in, absent unexplained, or a chain started again) is listed on the day of the
+result where it shows, by seq and result id. The chain is checked within the scope: its
+first result is compared with nothing before it (a wider scope checks that link).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from agent.evidence import Break, Link, chain_breaks, undocumented
 from agent.schema import merge_ranges
 
 MAX_HOLE = 96 * 31  # a month of sessions at 96 a day
@@ -38,6 +48,9 @@ class DayCompleteness:
     missing_ranges: list[tuple[int, int]] = field(default_factory=list)  # the first ones
     discontinuities: int = 0
     duplicates: int = 0  # results sharing a number with another
+    signed: int = 0  # delivered results that carry the probe's signature
+    broken: int = 0  # chain breaks no gap record or deletion documents
+    breaks: list[Break] = field(default_factory=list)  # the first ones
 
     @property
     def expected(self) -> int:
@@ -48,7 +61,13 @@ class DayCompleteness:
                 "expected": self.expected, "documented": self.documented,
                 "missing": self.missing,
                 "missing_ranges": [list(r) for r in self.missing_ranges],
-                "discontinuities": self.discontinuities, "duplicates": self.duplicates}
+                "discontinuities": self.discontinuities, "duplicates": self.duplicates,
+                "chain": {"signed": self.signed, "breaks": self.broken,
+                          "listed": [break_dict(b) for b in self.breaks]}}
+
+
+def break_dict(b: Break) -> dict[str, object]:
+    return {"kind": b.kind, "seq": b.seq, "result_id": b.result_id, "detail": b.detail}
 
 
 def _split(first: int, last: int, documented: list[tuple[int, int]]
@@ -73,12 +92,16 @@ def _split(first: int, last: int, documented: list[tuple[int, int]]
 
 def completeness(rows: Iterable[tuple[str, int, str]],
                  gaps: Mapping[str, Iterable[tuple[int, int]]],
-                 before: Mapping[str, int] | None = None) -> list[DayCompleteness]:
+                 before: Mapping[str, int] | None = None,
+                 links: Mapping[str, Sequence[Link]] | None = None
+                 ) -> list[DayCompleteness]:
     """Per probe per UTC day, from (probe, session_seq, started_at) rows sorted by probe
-    then seq, each probe's gap-record ranges, and the highest number each probe
-    delivered before the scope."""
+    then seq, each probe's gap-record ranges (and recorded deletions), the highest
+    number each probe delivered before the scope, and each probe's chain links in the
+    scope (storage ``chain_links``; None: chains not checked)."""
     days: dict[tuple[str, str], DayCompleteness] = {}
     merged = {probe: list(merge_ranges(ranges)) for probe, ranges in gaps.items()}
+    day_of: dict[tuple[str, int], str] = {}  # (probe, seq): the day its first result started
     probe_now: str | None = None
     previous: int | None = None
     for probe, seq, started_at in rows:
@@ -87,6 +110,7 @@ def completeness(rows: Iterable[tuple[str, int, str]],
         row = days.setdefault((probe, started_at[:10]), DayCompleteness(probe,
                                                                         started_at[:10]))
         row.delivered += 1
+        day_of.setdefault((probe, seq), row.day)
         if previous is not None and seq == previous:
             row.duplicates += 1
             continue
@@ -101,7 +125,45 @@ def completeness(rows: Iterable[tuple[str, int, str]],
                 room = MAX_LISTED_RANGES - len(row.missing_ranges)
                 row.missing_ranges.extend(rest[:max(0, room)])
         previous = seq
+    for probe, chain in (links or {}).items():
+        _add_chain(days, day_of, probe, chain, merged.get(probe, []))
     return [days[k] for k in sorted(days)]
+
+
+def _add_chain(days: Mapping[tuple[str, str], DayCompleteness],
+               day_of: Mapping[tuple[str, int], str], probe: str, chain: Sequence[Link],
+               explained: Sequence[tuple[int, int]]) -> None:
+    """Count a probe's signed results and list its undocumented chain breaks on the day
+    of the result each shows at (a link whose number is not among the rows, read apart,
+    has no day and is left out). A probe that signed nothing in scope has no chain (its
+    repeated numbers are duplicates above, not breaks)."""
+    if not any(link.signed for link in chain):
+        return
+    for link in chain:
+        day = day_of.get((probe, link.seq))
+        if link.signed and day is not None:
+            days[(probe, day)].signed += 1
+    for b in undocumented(chain_breaks(chain, explained)):
+        day = day_of.get((probe, b.seq))
+        if day is None:
+            continue
+        row = days[(probe, day)]
+        row.broken += 1
+        if len(row.breaks) < MAX_LISTED_RANGES:
+            row.breaks.append(b)
+
+
+def chain_summaries(rows: Sequence[DayCompleteness]) -> list[dict[str, object]]:
+    """Per probe with a signed result: "N signed of M" delivered, and its breaks."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = out.setdefault(r.probe, {"probe": r.probe, "signed": 0, "delivered": 0,
+                                         "breaks": 0, "listed": []})
+        entry["signed"] += r.signed
+        entry["delivered"] += r.delivered
+        entry["breaks"] += r.broken
+        entry["listed"].extend(break_dict(b) for b in r.breaks)
+    return [e for e in out.values() if e["signed"] or e["breaks"]]
 
 
 def format_text(rows: Sequence[DayCompleteness]) -> str:
@@ -115,4 +177,18 @@ def format_text(rows: Sequence[DayCompleteness]) -> str:
             ("discontinuities", r.discontinuities), ("duplicates", r.duplicates)) if n)
         lines.append(f"{r.probe}  {r.day}  {r.delivered}/{r.expected}  {r.documented}  "
                      f"{r.missing}{f' ({shown}{more})' if r.missing else ''}{extra}")
+    lines.extend(chain_line(c) for c in chain_summaries(rows))
     return "\n".join(lines) + "\n"
+
+
+def chain_line(summary: Mapping[str, Any]) -> str:
+    """One probe's chain: "p1 chain: 40 signed of 42; breaks: 2 (mismatch at seq 7
+    (r7): ...; ...)", or "no breaks"."""
+    listed = summary["listed"]
+    named = "; ".join(f"{b['kind']} at seq {b['seq']} ({b['result_id']}): {b['detail']}"
+                      for b in listed[:20])
+    more = " …" if summary["breaks"] > min(len(listed), 20) else ""
+    breaks = f"breaks: {summary['breaks']} ({named}{more})" if summary["breaks"] \
+        else "no breaks"
+    return (f"{summary['probe']} chain: {summary['signed']} signed of "
+            f"{summary['delivered']}; {breaks}")

@@ -174,13 +174,26 @@ def encoded_size(item: Any) -> int:
         return len(json.dumps(item, separators=(",", ":")).encode("utf-8", "replace"))
 
 
-def parse_body(raw: bytes) -> Accepted:
+def parse_body(raw: bytes, name_as: str | None = None, *, pack: bool = True) -> Accepted:
     """One result's body: validated in C when it is valid (collector/decode.py), else
-    by the schema's own decoder, which names what is wrong."""
+    by the schema's own decoder, which names what is wrong. ``name_as``: the probe a
+    document with probe_id "" is named for (a signed payload spooled before its probe
+    knew its name: intake/signed.py). ``pack`` false: for reading only (an evidence
+    bundle's verifier), ``packed`` is left empty (a sixth of the work)."""
+    fast = fast_accept(raw, pack=pack)
+    if fast is not None:
+        return fast
+    data = parse_json(raw)
+    if name_as is not None and isinstance(data, dict) and data.get("probe_id") == "":
+        data["probe_id"] = name_as
+    return accept(data, pack=pack)
+
+
+def fast_accept(raw: bytes, *, pack: bool = True) -> Accepted | None:
+    """A valid result's body validated in C, or None for anything else (the caller
+    reads it the standard way, which names the fault, or finds a signed result)."""
     result = fast_result(raw)
-    if result is None:
-        return accept(parse_json(raw))
-    return _accepted(result)
+    return None if result is None else _accepted(result, pack)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -237,7 +250,7 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def accept(data: Any) -> Accepted:
+def accept(data: Any, *, pack: bool = True) -> Accepted:
     """Decoded JSON -> a validated result with its canonical body and facts; 422 naming
     the field."""
     try:
@@ -247,10 +260,10 @@ def accept(data: Any) -> Accepted:
     except (ArithmeticError, ValueError, RecursionError) as exc:  # a decoder bug: still 4xx
         raise ApiError(422, f"result cannot be decoded: {type(exc).__name__}: {exc}") \
             from None
-    return _accepted(result)
+    return _accepted(result, pack)
 
 
-def _accepted(result: SessionResult) -> Accepted:
+def _accepted(result: SessionResult, pack: bool = True) -> Accepted:
     try:
         body = codec.canonical(result)
         started_at = format_utc(parse_utc(result.started_at))
@@ -258,7 +271,7 @@ def _accepted(result: SessionResult) -> Accepted:
             result=result,
             body=body.decode(),
             body_sha256=hashlib.sha256(body).hexdigest(),
-            packed=codec.pack(result),
+            packed=codec.pack(result) if pack else b"",
             started_at=started_at,
             ended_at=format_utc(parse_utc(result.ended_at)),
             facts=of_result(result, started_at),

@@ -439,11 +439,15 @@ def family_choice(probe: str, query: str) -> str:
             f"<ul>{links}</ul></body></html>\n")
 
 
-def certificate_page(cert: Certificate, generated_at: str, base: str | None = None) -> str:
+def certificate_page(cert: Certificate, generated_at: str, base: str | None = None,
+                     query: str = "", evidence_kid: str | None = None) -> str:
     """A line certificate a technician can hand over or print: line and contract, what it
     judges, method, the 24 hourly bands, each check against its threshold, the verdict,
     every session (local time, the bands' zone). ``base``: as ``render``'s, for the link
-    to the line's compliance report."""
+    to the line's compliance report and to its evidence bundle (``query``: the page's
+    own parameters, which the bundle takes too); ``evidence_kid``: the thumbprint of the
+    collector's key that signs the bundle, for the reader to compare with the one
+    published."""
     from urllib.parse import quote
 
     from collector.reports.text import contract_sentence, verdict_words
@@ -529,6 +533,30 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         f"<h2>Every session</h2><table><tr><th>Start ({escape(tz)})</th><th>Band</th>"
         + ("<th>Contract</th>" if many else "")
         + "<th>State</th><th>Download</th><th>Upload</th><th>RTT ms</th></tr>"
-        f"{''.join(sessions)}</table><footer>bbprobe-collector {__version__}, generated "
+        f"{''.join(sessions)}</table>"
+        + evidence_paragraph(cert, base, query, evidence_kid)
+        + f"<footer>bbprobe-collector {__version__}, generated "
         f"{escape(local_time(generated_at, tz))}; speeds in Mbit/s.</footer></body></html>\n"
     )
+
+
+def evidence_paragraph(cert: Certificate, base: str | None, query: str,
+                       evidence_kid: str | None) -> str:
+    """The certificate's evidence bundle (collector/evidence/bundle.py): where to get it,
+    which key signs it, and how to check it offline."""
+    from urllib.parse import quote
+
+    href = None
+    if base is not None:
+        href = (f"{base}api/v1/probes/{quote(cert.probe_id)}/certificate/evidence.zip"
+                + (f"?{query}" if query else ""))
+    command = (f"bbprobe-collector certify --probe {cert.probe_id}"
+               + (f" --family {cert.family}" if cert.family else "") + " --evidence DIR")
+    key = ("" if evidence_kid is None else
+           f" It is signed by this collector's evidence key, thumbprint (RFC 7638) "
+           f"<code>{escape(evidence_kid)}</code>, published at "
+           "<code>/.well-known/bbprobe-keys.json</code>.")
+    return (f'<p class="evidence"><b>Evidence:</b> the '
+            f"{_link(href, 'evidence bundle', command)}: every session as its probe signed "
+            f"it, the keys, and the inputs of this certificate, to check offline with "
+            f"<code>bbprobe verify</code> or OpenSSL (its VERIFY.txt says how).{key}</p>")

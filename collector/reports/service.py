@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from agent.evidence import Link
 from agent.family import FAMILIES
 from agent.spec import CAMPAIGN_RULES
 from agent.spec import DEFAULT_CAMPAIGN_RULE as DEFAULT_RULE
@@ -134,10 +135,14 @@ def stored_results(store: ResultStore, where: Scope, limit: int | None = None) -
 
 
 def listing(store: ResultStore, where: Scope, limit: int | None = None) -> list[dict[str, object]]:
+    rows = stored_results(store, where, limit)
+    signatures = store.result_signatures([r.result_id for r in rows])
     return [
         listing_row(r.result_id, r.probe_name, r.started_at, r.ended_at, r.received_at,
-                    json.loads(r.body), r.clock_skew_s)
-        for r in stored_results(store, where, limit)
+                    json.loads(r.body), r.clock_skew_s,
+                    signatures[r.result_id].status if r.result_id in signatures
+                    else "unsigned")
+        for r in rows
     ]
 
 
@@ -289,7 +294,7 @@ def line_answers(store: Certifiable, budget: int = FRONT_PAGE_SESSIONS,
 
 
 CompletenessInputs = tuple[list[tuple[str, int, str]], dict[str, list[tuple[int, int]]],
-                           dict[str, int]]
+                           dict[str, int], dict[str, list[Link]]]
 
 
 def without_family(where: Scope, what: str) -> None:
@@ -303,8 +308,13 @@ def completeness_inputs(store: ResultStore, where: Scope) -> CompletenessInputs:
     """What completeness needs from the store (run on the database thread)."""
     without_family(where, "completeness")
     probes = list(where.probes) if where.probes is not None else None
-    return (store.session_seqs(probes, where.since, where.until),
-            store.gap_seq_ranges(probes), store.seqs_before(probes, where.since))
+    seqs = store.session_seqs(probes, where.since, where.until)
+    # Each probe's hash chain over the same scope (signed results, issue 27): one
+    # query per probe with numbered results in it.
+    links = {probe: store.chain_links(probe, where.since, where.until)
+             for probe in sorted({row[0] for row in seqs})}
+    return (seqs, store.gap_seq_ranges(probes), store.seqs_before(probes, where.since),
+            links)
 
 
 def completeness(store: ResultStore, where: Scope) -> list[DayCompleteness]:

@@ -345,7 +345,7 @@ SUMMARY_COLUMNS = (
 # New columns go at the end: scripts that read the CSV by position keep working.
 LISTING_COLUMNS = ("result_id", "probe_id", "started_at", "ended_at", "received_at",
                    *SUMMARY_COLUMNS, "valid", "clock_synchronized", "clock_skew_s",
-                   "jitter_ms", "refused_attempts")
+                   "jitter_ms", "refused_attempts", "signature")
 # A probe clock further than this from the collector's at delivery is flagged
 # (reliability.md A9).
 SKEW_FLAG_S = 5.0
@@ -353,8 +353,10 @@ SKEW_FLAG_S = 5.0
 
 def listing_row(
     result_id: str, probe: str, started: str, ended: str, received: str, body: dict[str, Any],
-    clock_skew_s: float | None = None,
+    clock_skew_s: float | None = None, signature: str = "unsigned",
 ) -> dict[str, Any]:
+    """One result's row in a listing; ``signature``: "verified", "unverified" (signed,
+    by a key the collector did not hold yet) or "unsigned" (an older agent's)."""
     summary = dict(body.get("summary", {}))
     validity = body.get("validity") or {}
     clock = body.get("clock") or {}
@@ -378,6 +380,8 @@ def listing_row(
         "jitter_ms": ping.get("jitter_ms"),
         "valid": validity.get("valid", True), "clock_synchronized": clock.get("synchronized"),
         "clock_skew_s": clock_skew_s,
+        # Whether the probe signed it (issue 27): what a bundle of it can prove.
+        "signature": signature,
     }
 
 

@@ -45,6 +45,8 @@ from typing import Any
 import orjson
 import zstandard
 
+from agent.canonical import canonical as _canonical
+from agent.canonical import document as _document
 from agent.schema import SessionResult, TransferAttempt
 from collector.errors import StoreError
 
@@ -85,25 +87,10 @@ class CodecError(StoreError, ValueError):
     ValueError to the code that decodes bodies in bulk (storage/refusals.py)."""
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(SessionResult))
-# Fields a later schema version added: left out while they hold their default, so an
-# older document keeps its form (agent/schema.py ``to_dict``).
-_ADDED = tuple((f.name, f.default) for f in dataclasses.fields(SessionResult)
-               if "added" in f.metadata)
-
-
-def _document(result: SessionResult) -> dict[str, Any]:
-    """The top level as a dict (orjson writes the nested dataclasses itself)."""
-    doc = {name: getattr(result, name) for name in _FIELDS}
-    for name, default in _ADDED:
-        if doc[name] == default:
-            del doc[name]
-    return doc
-
-
 def canonical(result: SessionResult) -> bytes:
-    """The canonical JSON of a validated result (see the module docstring)."""
-    return orjson.dumps(_document(result))
+    """The canonical JSON of a validated result (see the module docstring): the same
+    bytes a probe signs (agent/canonical.py)."""
+    return _canonical(result)
 
 
 def pack(result: SessionResult) -> bytes:

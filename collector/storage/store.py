@@ -18,12 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from agent.evidence import Link
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts
 from collector.lines import ContractVersion, LineMetadata
 from collector.storage.model import (
     AlertDelivery,
     BindOutcome,
+    GapEvidence,
+    GapSignature,
     HourRow,
     InsertOutcome,
     KeySource,
@@ -31,7 +34,9 @@ from collector.storage.model import (
     Probe,
     ProbeKey,
     Quota,
+    RotateOutcome,
     StoredResult,
+    StoredSignature,
 )
 
 OutboxRow = tuple[str, str, LineMetadata]
@@ -100,8 +105,16 @@ class ProbeKeyStore(Protocol):
                        ) -> tuple[BindOutcome, ProbeKey | None]:
         """Bind key ``kid`` to probe ``name`` at ``at``. Without ``replace`` (first
         use) only a probe that never had a key gets one; with it (an admin's pin) the
-        current key, if any, is bound until ``at`` and stays as past. A key already in
-        the history (this probe's or another's) is never bound again."""
+        current key, if any, is bound until ``at`` and stays as past. A key in this
+        probe's history, or revoked on any probe, is never bound again; a key another
+        probe holds may be (one device measuring several lines)."""
+
+    def rotate_probe_key(self, name: str, old_kid: str, kid: str, jwk: str, at: str,
+                         address: str | None, rotation_jws: str
+                         ) -> tuple[RotateOutcome, ProbeKey | None]:
+        """Bind ``kid`` to probe ``name`` (and to the other probes whose current key is
+        ``old_kid``) in place of ``old_kid``, which ``rotation_jws`` (signed by it)
+        introduced it with; the old key is bound until ``at``."""
 
     def probe_keys(self, name: str) -> list[ProbeKey]:
         """A probe's keys, oldest binding first."""
@@ -136,7 +149,15 @@ class ResultStore(Protocol):
 
     def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
                    dropped: int, first: str, last: str, body_sha256: str,
-                   seq_ranges: Sequence[tuple[int, int]] = ()) -> InsertOutcome: ...
+                   seq_ranges: Sequence[tuple[int, int]] = (),
+                   signature: GapSignature | None = None) -> InsertOutcome:
+        """Store a gap record once, whole (``signature``: its canonical JSON and, signed,
+        its JWS parts); a signed copy of one stored unsigned adds its signature."""
+
+    def gap_evidence(self, probe: str) -> list[GapEvidence]:
+        """Every gap record of ``probe``, oldest first: its seq ranges, reason,
+        recorded_at, its JWS rebuilt exactly (None: unsigned), status and canonical JSON
+        (storage/sql/signatures.py)."""
 
     def session_seqs(self, probes: Sequence[str] | None, since: str | None,
                      until: str | None) -> list[tuple[str, int, str]]: ...
@@ -146,6 +167,15 @@ class ResultStore(Protocol):
 
     def gap_seq_ranges(self, probes: Sequence[str] | None
                        ) -> dict[str, list[tuple[int, int]]]: ...
+
+    def gap_seq_reasons(self, probes: Sequence[str] | None
+                        ) -> dict[str, list[tuple[int, int, str]]]:
+        """Each gap record's dropped (first, last) session_seq ranges with its reason,
+        by probe (deletions apart: ``result_deletions``)."""
+
+    def signing_keys(self, kids: Sequence[str]) -> dict[str, str]:
+        """The public JWK (JSON text) of each of ``kids`` bound to any probe, by kid: a
+        stored signature's key, whichever probe holds it."""
 
     def gaps(self, probes: Sequence[str] | None = None, since: str | None = None,
              until: str | None = None) -> list[dict[str, Any]]: ...
@@ -165,6 +195,14 @@ class ResultStore(Protocol):
     def result_deletions(self) -> list[dict[str, Any]]: ...
 
     def count_results(self) -> int: ...
+
+    def result_signatures(self, result_ids: Sequence[str]) -> dict[str, StoredSignature]:
+        """How each of ``result_ids`` was signed, by id (an unsigned one is absent);
+        ``StoredSignature.jws(canonical body)`` rebuilds its JWS exactly."""
+
+    def chain_links(self, probe: str, since: str | None, until: str | None) -> list[Link]:
+        """Probe ``probe``'s numbered results that started in [since, until) as hash
+        chain links (agent/evidence.py ``chain_breaks`` finds where it breaks)."""
 
 
 class ReportStore(Protocol):

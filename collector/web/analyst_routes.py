@@ -5,17 +5,21 @@ the anonymous tables, pages, and the collector's health."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from agent import spec
 from agent.schema import utc_now
-from collector import __version__, exports, safetext
+from collector import __version__, exports, keys, safetext
 from collector.compliance import targets as targets_mod
-from collector.compliance.completeness import completeness
+from collector.compliance.completeness import chain_summaries, completeness
 from collector.errors import ApiError, BadParameter
 from collector.measurement.slots import SLOTS
 from collector.reports import html as html_pages
@@ -36,6 +40,7 @@ from collector.reports.text import (
 from collector.routing import Routes
 from collector.scope import Scope, check_timezone, parse_network, parse_time
 from collector.storage.model import Probe
+from collector.web import keys_routes
 from collector.web.app_keys import CONFIG, SINK
 from collector.web.params import query_flag, query_format, query_limit, scope_of
 from collector.web.replies import json_response
@@ -200,14 +205,112 @@ async def get_certificate(request: web.Request) -> web.Response:
         return web.Response(text=html_pages.family_choice(probe, request.query_string),
                             content_type="text/html")
     if fmt == "html":
-        return web.Response(text=html_pages.certificate_page(cert, utc_now(),
-                                                             _site_root(request)),
-                            content_type="text/html")
+        own = await request.app[keys_routes.EVIDENCE].get() \
+            if keys_routes.EVIDENCE in request.app else None
+        return web.Response(text=html_pages.certificate_page(
+            cert, utc_now(), _site_root(request), _certificate_query(request),
+            own.kid if own is not None else None), content_type="text/html")
     if fmt == "csv":
         return web.Response(text=exports.to_csv(exports.certificate_rows(cert),
                                                 exports.CERTIFICATE_COLUMNS),
                             content_type="text/csv")
     return json_response(certificate_dict(cert))
+
+
+CERTIFICATE_PARAMS = ("probe", "since", "until", "rule", "timezone", "family")
+
+
+def _certificate_query(request: web.Request) -> str:
+    """The certificate's own parameters (not its format), for the link to its bundle."""
+    return urlencode([(k, v) for k, v in request.query.items()
+                      if k in CERTIFICATE_PARAMS and k != "probe"])
+
+
+# A bundle is built whole in memory (up to 10,000 session bodies and their zip, a
+# couple of hundred MB at worst): at most this many at once per collector; one more is
+# a 503 with Retry-After (RFC 9110 §15.6.4, §10.2.3), never a collector out of memory.
+EVIDENCE_BUILDS_MAX = 2
+EVIDENCE_RETRY_AFTER_S = 30
+BUILD_SLOT_FILE = "evidence-build.{n}.lock"
+
+
+class Builds:
+    """Evidence bundles being built now, at most EVIDENCE_BUILDS_MAX per collector: a
+    build holds an exclusive flock(2) on one of that many slot files in the state
+    directory (beside the database and the evidence key), so the processes of ``serve
+    --workers`` share the bound, and a process that dies frees its slots (the kernel
+    drops its locks). Where no slot file can be opened (a read-only directory), each
+    process counts its own builds."""
+
+    def __init__(self) -> None:
+        self.running = 0  # this process's builds
+
+    def take(self, directory: Path) -> int | None:
+        """A slot: a locked file descriptor, or -1 (counted in this process only); None
+        when every slot is taken."""
+        if self.running >= EVIDENCE_BUILDS_MAX:
+            return None
+        for n in range(EVIDENCE_BUILDS_MAX):
+            try:
+                fd = os.open(directory / BUILD_SLOT_FILE.format(n=n),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self.running += 1
+                return -1
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by another build, here or in another process
+                os.close(fd)
+                continue
+            self.running += 1
+            return fd
+        return None
+
+    def give_back(self, slot: int) -> None:
+        self.running -= 1
+        if slot >= 0:
+            os.close(slot)  # closing the descriptor drops its lock
+
+
+EVIDENCE_BUILDS = web.AppKey("evidence_builds", Builds)
+
+
+async def get_certificate_evidence(request: web.Request) -> web.Response:
+    """A line certificate's evidence bundle as a zip (collector/evidence/bundle.py),
+    signed by the collector's evidence key; the certificate's parameters. At most
+    EVIDENCE_BUILDS_MAX at once, else 503."""
+    builds = request.app[EVIDENCE_BUILDS]
+    slot = builds.take(keys.state_dir(request.app[CONFIG], os.environ))
+    if slot is None:
+        raise ApiError(503, f"evidence: {EVIDENCE_BUILDS_MAX} bundles are being built, as "
+                       "many as this collector builds at once; retry later",
+                       retry_after=str(EVIDENCE_RETRY_AFTER_S))
+    try:
+        return await _certificate_evidence(request)
+    finally:
+        builds.give_back(slot)
+
+
+async def _certificate_evidence(request: web.Request) -> web.Response:
+    from collector.evidence import bundle
+
+    probe = request.match_info["name"]
+    q = request.query
+    since, until = q.get("since"), q.get("until")
+    rule, timezone = q.get("rule", spec.DEFAULT_CAMPAIGN_RULE), q.get("timezone", "Europe/Rome")
+    family = q.get("family")
+    own = await request.app[keys_routes.EVIDENCE].get()
+    if own is None:
+        raise ApiError(503, "evidence: the collector's evidence key is unusable (its log "
+                       "says why); no bundle can be signed")
+    path = request.app[CONFIG].compliance.targets
+    table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    members = await db(request, lambda s: bundle.certificate_members(
+        s, own, probe, since, until, rule, timezone, family, table))
+    body = await asyncio.to_thread(bundle.bundle_zip, members)
+    name = f"evidence-{probe}" + (f"-{family}" if family else "") + ".zip"
+    return web.Response(body=body, content_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{name}"'})
 
 
 async def list_gaps(request: web.Request) -> web.Response:
@@ -223,7 +326,8 @@ async def get_completeness(request: web.Request) -> web.Response:
     inputs = await db(request, lambda s: service.completeness_inputs(s, where))
     # The arithmetic off the database thread: ingestion does not wait for a report.
     rows = await asyncio.to_thread(completeness, *inputs)
-    return json_response({"completeness": [r.to_dict() for r in rows]})
+    return json_response({"completeness": [r.to_dict() for r in rows],
+                          "chains": chain_summaries(rows)})
 
 
 async def list_browser_results(request: web.Request) -> web.Response:
@@ -269,12 +373,15 @@ async def collector_health(request: web.Request) -> web.Response:
 
 def add_routes(routes: Routes) -> None:
     routes.app[FRONT_PAGE] = FrontPage()
+    routes.app[EVIDENCE_BUILDS] = Builds()
     routes.get(spec.RESULTS_PATH, list_results, role="analyst")
     routes.get(spec.RESULTS_PATH + "/{result_id}", get_result, role="analyst")
     routes.get("/api/v1/probes", list_probes, role="analyst")
     routes.get("/api/v1/samples", list_samples, role="analyst")
     routes.get("/api/v1/report", get_compliance_report, role="analyst")
     routes.get("/api/v1/certificate", get_certificate, role="analyst")
+    routes.get("/api/v1/probes/{name}/certificate/evidence.zip", get_certificate_evidence,
+               role="analyst")
     routes.get("/api/v1/gaps", list_gaps, role="analyst")
     routes.get("/api/v1/completeness", get_completeness, role="analyst")
     routes.get("/api/v1/browser-results", list_browser_results, role="analyst")

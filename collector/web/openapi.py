@@ -16,9 +16,12 @@ from collector.measurement import librespeed
 from collector.web.openapi_parts import (
     ADMIN,
     BEARER,
+    KEY_PUT,
     PUBLIC,
     SCOPE_PARAMETERS,
     SENT_AT,
+    SIGNED_GAP,
+    SIGNED_RESULT,
     TICKET,
     TICKET_RESPONSES,
     fleet_paths,
@@ -54,11 +57,24 @@ def document() -> dict[str, Any]:
                        "field": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                        "code": {"type": "string",
                                 "description": "A machine-readable reason, where a client "
-                                               "acts on it (a refused ticket's)."}},
+                                               "acts on it (a refused ticket's; a result "
+                                               "refused for its signature: "
+                                               "malformed_signature, unknown_key, "
+                                               "revoked_key, replaced_key, "
+                                               "bad_signature, unsigned, not_numbered)."},
+                       "bound_kid": {"type": "string",
+                                     "description": "A key refused because another is "
+                                                    "bound (409): the kid of the key bound "
+                                                    "to the probe."}},
     }
-    key_reply = {"type": "object", "required": ["kid", "status"],
-                 "properties": {"kid": {"type": "string"},
-                                "status": {"enum": ["enrolled", "known"]}}}
+    schemas["SignedResult"] = SIGNED_RESULT
+    schemas["SignedGapRecord"] = SIGNED_GAP
+    delivered = {"oneOf": [result_ref, {"$ref": "#/components/schemas/SignedResult"}]}
+    gap_stored = {"type": "object", "required": ["gap_id", "stored", "signature"],
+                  "properties": {"gap_id": {"type": "string"},
+                                 "stored": {"type": "boolean"},
+                                 "signature": {"enum": ["verified", "unverified",
+                                                        "unsigned"]}}}
     schemas["IngestReply"] = {
         "type": "object", "required": ["result_id", "stored", "duplicate"],
         "properties": {"result_id": {"type": "string", "format": "uuid"},
@@ -94,7 +110,7 @@ def document() -> dict[str, Any]:
                 "summary": "Ingest one session result (idempotent on result_id).",
                 "security": BEARER,
                 "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": result_ref}}},
+                                "content": {"application/json": {"schema": delivered}}},
                 "parameters": [SENT_AT],
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/IngestReply"}, "Stored."),
@@ -109,7 +125,15 @@ def document() -> dict[str, Any]:
                                   "inflated."),
                     "415": _error("Content-Type is not application/json, or "
                                   "Content-Encoding is not identity, zstd or gzip."),
-                    "422": _error("The document breaks the schema; field names the path."),
+                    "422": _error("The document breaks the schema (field names the path); "
+                                  "or a signed result is malformed (field protected, "
+                                  "payload or signature), does not verify with its key, "
+                                  "is signed with a revoked key, one replaced more than "
+                                  "an hour before the session ended or one not bound to "
+                                  "the probe, or has no session_seq (field session_seq); "
+                                  "or the result is unsigned and the collector "
+                                  "requires signatures (evidence.require_signatures). "
+                                  "The code says which."),
                 },
             },
             "get": {
@@ -135,7 +159,7 @@ def document() -> dict[str, Any]:
                                "additionalProperties": False,
                                "properties": {"results": {
                                    "type": "array", "minItems": 1,
-                                   "items": result_ref}}}}}},
+                                   "items": delivered}}}}}},
                 "parameters": [SENT_AT],
                 "responses": {
                     "200": _json({"type": "object", "required": ["items"], "properties": {
@@ -144,7 +168,9 @@ def document() -> dict[str, Any]:
                             "status": {"type": "integer",
                                        "description": "201 stored, 200 duplicate, 409 "
                                                       "conflict, 403 another probe's, 422 "
-                                                      "invalid"},
+                                                      "invalid (the document, or its "
+                                                      "signature: as the single result's "
+                                                      "422)"},
                             "error": {"type": ["string", "null"]},
                             "field": {"type": ["string", "null"]}}}}}}),
                     "400": _error("Body is not JSON."),
@@ -161,17 +187,23 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/gaps": {
             "post": {
-                "summary": "A gap record: results the probe dropped before delivery.",
+                "summary": "A gap record: results the probe dropped before delivery, "
+                           "plain or signed by the probe's key.",
                 "security": BEARER,
                 "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/GapRecord"}}}},
-                "responses": {"201": _json({"type": "object"}),
-                              "200": _json({"type": "object"}),
+                    "schema": {"oneOf": [
+                        {"$ref": "#/components/schemas/GapRecord"},
+                        {"$ref": "#/components/schemas/SignedGapRecord"}]}}}},
+                "responses": {"201": _json(gap_stored),
+                              "200": _json(gap_stored),
                               "400": _error("Body is not JSON."),
                               "401": _error("Missing, unknown or revoked token."),
                               "403": _error("The gap belongs to another probe."),
                               "409": _error("The same gap_id with other content."),
-                              "422": _error("The document breaks the schema."),
+                              "422": _error("The document breaks the schema; or a signed "
+                                            "record is malformed, does not verify, or is "
+                                            "signed with a key revoked, replaced before "
+                                            "it was recorded, or not the probe's."),
                               "429": _error("Over the probe's rate limit.")},
             },
             "get": {"summary": "Gap records overlapping the scope.",
@@ -181,7 +213,8 @@ def document() -> dict[str, Any]:
         "/api/v1/completeness": {
             "get": {"summary": "Per probe per UTC day: sessions delivered / expected, the "
                                "missing session_seq numbers no gap record explains, and "
-                               "those it does.",
+                               "those it does; the signed results and the chain breaks "
+                               "(issue 27), per day and per probe (\"chains\").",
                     "parameters": SCOPE_PARAMETERS,
                     "responses": {"200": _json({"type": "object"}), "400": bad_request}},
         },
@@ -199,29 +232,7 @@ def document() -> dict[str, Any]:
                                                 "properties": {"probe_id": {"type": "string"}}}),
                                   "401": _error("Missing, unknown or revoked token.")}},
         },
-        "/api/v1/probe/key": {
-            "put": {
-                "summary": "Probe: enrol its Ed25519 public key (RFC 8037 JWK). The first "
-                           "key is bound on first use (time and address recorded); a "
-                           "different key is refused while one is bound (an admin binds "
-                           "a new one: `probe key set`).",
-                "security": BEARER,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["jwk"], "additionalProperties": False,
-                    "properties": {"jwk": {
-                        "type": "object", "required": ["kty", "crv", "x"],
-                        "properties": {"kty": {"const": "OKP"}, "crv": {"const": "Ed25519"},
-                                       "x": {"type": "string"}}}}}}}},
-                "responses": {"201": _json(key_reply), "200": _json(key_reply),
-                              "400": _error("Body is not JSON."),
-                              "401": _error("Missing, unknown or revoked token."),
-                              "409": _error("Another key is bound to the probe (its kid "
-                                            "is named), or this key was bound before."),
-                              "413": _error("Body larger than 4096 bytes."),
-                              "422": _error("Not an Ed25519 public JWK."),
-                              "429": _error("Over the probe's rate limit.")},
-            },
-        },
+        "/api/v1/probe/key": KEY_PUT,
         "/.well-known/bbprobe-keys.json": {
             "get": {"summary": "The JWK Set (RFC 7517): the collector's evidence key and "
                                "every probe key ever bound (current, past, revoked), in "
@@ -354,6 +365,28 @@ def document() -> dict[str, Any]:
                         "text/csv": {"schema": {"type": "string"}}}},
                         "400": bad_request,
                         "404": _error("No probe of that name (the nearest are named).")}},
+        },
+        "/api/v1/probes/{name}/certificate/evidence.zip": {
+            "get": {"summary": "The line certificate's evidence bundle, as a zip: the "
+                               "certificate signed by the collector's evidence key, every "
+                               "session as its probe signed it, the keys, and VERIFY.txt "
+                               "(check it offline: bbprobe verify).",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True,
+                         "schema": {"type": "string"}, "description": "The line's probe."},
+                        _query("since", "Campaign start, inclusive."),
+                        _query("until", "Campaign end, exclusive."),
+                        _query("rule", "Completeness rule.", {"enum": list(spec.CAMPAIGN_RULES)}),
+                        _query("timezone", "Local time zone of the hourly bands."),
+                        _query("family", "The address family of a dual-stack line's campaign.",
+                               {"enum": ["ipv4", "ipv6"]}),
+                    ],
+                    "responses": {"200": {"description": "The bundle.", "content": {
+                        "application/zip": {"schema": {"type": "string",
+                                                       "format": "binary"}}}},
+                        "400": bad_request,
+                        "404": _error("No probe of that name (the nearest are named)."),
+                        "503": _error("The collector's evidence key is unusable.")}},
         },
         OPENAPI_PATH: {"get": {"summary": "This document.", "security": PUBLIC,
                                "responses": {"200": _json({"type": "object"})}}},

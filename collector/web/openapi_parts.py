@@ -214,3 +214,104 @@ def fleet_paths(health_ref: dict[str, Any], bad_request: dict[str, Any]
             "responses": {"200": {"description": "The exposition.", "content": {
                 "text/plain": {"schema": {"type": "string"}}}}}}},
     }
+
+
+# A result as its probe signed it (issue 27; collector/intake/signed.py): either result
+# route takes it in place of the plain document.
+SIGNED_RESULT: dict[str, Any] = {
+    "type": "object", "required": ["protected", "payload", "signature"],
+    "additionalProperties": False,
+    "description": "A result as its probe signed it: a JWS in the flattened JSON "
+                   "serialization (RFC 7515 §7.2.2), alg EdDSA (RFC 8037), by the "
+                   "probe's key. The payload is the result's canonical JSON "
+                   "(SessionResult; probe_id \"\" when spooled before the probe knew "
+                   "its name: the collector names it). The protected header holds alg, "
+                   "kid (the key's RFC 7638 thumbprint), typ \"bbprobe-result\" and prev "
+                   "(the SHA-256, hex, of the canonical JSON of the result the probe "
+                   "signed before it, or null). Verified against the keys bound to the "
+                   "token's probe: with none bound it is kept unverified; a signature "
+                   "that does not verify, a revoked key, a key replaced more than an "
+                   "hour before the session ended or another probe's key is refused "
+                   "(422); so is a signed result without session_seq.",
+    "properties": {name: {"type": "string", "pattern": "^[A-Za-z0-9_-]*$",
+                          "description": f"The {what}, base64url without padding."}
+                   for name, what in (("protected", "protected header (JSON)"),
+                                      ("payload", "result's canonical JSON"),
+                                      ("signature", "Ed25519 signature"))},
+}
+
+
+# A gap record as its probe signed it (issue 27 review H1): the gap route takes it in
+# place of the plain record.
+SIGNED_GAP: dict[str, Any] = {
+    "type": "object", "required": ["protected", "payload", "signature"],
+    "additionalProperties": False,
+    "description": "A gap record as its probe signed it: a JWS in the flattened JSON "
+                   "serialization (RFC 7515 §7.2.2), alg EdDSA (RFC 8037), by the "
+                   "probe's key, over the record's canonical JSON (GapRecord; probe_id "
+                   "\"\" when recorded before the probe knew its name: the collector "
+                   "names it). The protected header holds alg, kid and typ "
+                   "\"bbprobe-gap\". Judged as a signed result, the key covering the "
+                   "record's recorded_at: with no key bound it is kept unverified; a "
+                   "signature that does not verify, a revoked, replaced or other "
+                   "probe's key is refused (422). Only a signed record documents a hole "
+                   "in the probe's chain in an evidence bundle.",
+    "properties": {name: {"type": "string", "pattern": "^[A-Za-z0-9_-]*$",
+                          "description": f"The {what}, base64url without padding."}
+                   for name, what in (("protected", "protected header (JSON)"),
+                                      ("payload", "gap record's canonical JSON"),
+                                      ("signature", "Ed25519 signature"))},
+}
+
+
+def _key_document(what: str) -> dict[str, Any]:
+    """A key statement (agent/keydocs.py): a flattened JWS (RFC 7515 §7.2.2), EdDSA."""
+    return {"type": "object", "required": ["protected", "payload", "signature"],
+            "additionalProperties": False, "description": what,
+            "properties": {m: {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}
+                           for m in ("protected", "payload", "signature")}}
+
+
+# PUT /api/v1/probe/key (collector/web/keys_routes.py): enrolment with proof of
+# possession, or rotation signed by the current key (issue 27, design 8).
+KEY_REPLY: dict[str, Any] = {
+    "type": "object", "required": ["kid", "status"],
+    "properties": {"kid": {"type": "string"},
+                   "status": {"enum": ["enrolled", "known", "rotated"]},
+                   "previous_kid": {"type": "string",
+                                    "description": "Only with \"rotated\": the kid of the "
+                                                   "key that signed the rotation."}}}
+KEY_PUT: dict[str, Any] = {"put": {
+    "summary": "Probe: enrol its Ed25519 public key (RFC 8037 JWK) with its proof of "
+               "possession (JWS typ bbprobe-key-enrolment, required), or rotate "
+               "to a new key with a statement signed by the current one (JWS typ "
+               "bbprobe-key-rotation). The first key is bound on first use (time and "
+               "address recorded), even when another probe holds it (one device on "
+               "several lines); a different key is refused while one is bound (an admin "
+               "binds a new one: `probe key set`).",
+    "security": BEARER,
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["jwk", "proof"], "additionalProperties": False,
+        "properties": {
+            "jwk": {"type": "object", "required": ["kty", "crv", "x"],
+                    "properties": {"kty": {"const": "OKP"}, "crv": {"const": "Ed25519"},
+                                   "x": {"type": "string"}}},
+            "proof": _key_document("Proof of possession: signed by the key in jwk "
+                                   "(typ bbprobe-key-enrolment) over {jwk, at}."),
+            "rotation": _key_document("Rotation: signed by the probe's current key "
+                                      "(typ bbprobe-key-rotation) over {new_jwk, "
+                                      "new_kid, at}; new_jwk is jwk.")}}}}},
+    "responses": {
+        "201": json_body(KEY_REPLY, "Enrolled, or rotated."),
+        "200": json_body(KEY_REPLY, "Known: bound already (a retry)."),
+        "400": error("Body is not JSON."),
+        "401": error("Missing, unknown or revoked token."),
+        "409": error("Another key is bound to the probe (bound_kid names it), this key "
+                     "was bound before or revoked, or the rotation is signed by a past "
+                     "key."),
+        "413": error("Body larger than 8192 bytes."),
+        "422": error("Not an Ed25519 public JWK (field jwk); a missing or bad proof (field proof); "
+                     "a rotation that is malformed, does not verify, or is signed by a "
+                     "key the probe does not hold or holds revoked (field rotation)."),
+        "429": error("Over the probe's rate limit.")},
+}}

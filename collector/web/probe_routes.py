@@ -1,6 +1,6 @@
-"""Routes probes call (role "probe"): deliver results, batches and gap records, and ask
-who they are. The probe is authenticated by its token or client certificate, within its
-rate limit."""
+"""Routes probes call (role "probe"): deliver results (plain, or signed by the probe's
+key: intake/signed.py), batches and gap records, and ask who they are. The probe is
+authenticated by its token or client certificate, within its rate limit."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ import functools
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from agent import spec
+from agent.canonical import canonical_gap
 from agent.decoding import SchemaError, parse_gap
+from agent.evidence import SignedResult
 from agent.schema import GapRecord, format_utc, parse_utc, utc_now
 from collector import auth
 from collector.errors import ApiError, StoreUnavailable
-from collector.intake import ingest
+from collector.intake import ingest, signed
+from collector.intake.keyring import KeyRing, KeySnapshot
 from collector.limits import RateLimiter
 from collector.metrics import count
 from collector.routing import Routes
-from collector.storage.model import NewResult
+from collector.storage.model import GapSignature, NewResult, ResultSignature
 from collector.web import accesslog
 from collector.web.app_keys import COMMITS, CONFIG, LIMITER, SINK
 from collector.web.params import content_encoding, read_body
@@ -157,13 +161,32 @@ def clock_skew(request: web.Request) -> float | None:
 
 
 def new_result(accepted: ingest.Accepted, probe: str, received_at: str,
-               skew: float | None) -> NewResult:
+               skew: float | None, signature: ResultSignature | None = None) -> NewResult:
     r = accepted.result
     return NewResult(result_id=r.result_id, probe_name=probe, schema_version=r.schema_version,
                      started_at=accepted.started_at, ended_at=accepted.ended_at,
                      received_at=received_at, body=accepted.body,
                      body_sha256=accepted.body_sha256, facts=accepted.facts,
-                     clock_skew_s=skew, session_seq=r.session_seq, packed=accepted.packed)
+                     clock_skew_s=skew, session_seq=r.session_seq, packed=accepted.packed,
+                     signature=signature)
+
+
+async def key_snapshot(request: web.Request, probe: str) -> KeySnapshot:
+    """``probe``'s keys as signatures are judged against (intake/keyring.py): a fresh
+    snapshot without a store call, else read on a database thread."""
+    ring = request.app[KEYRING]
+    fresh = ring.cached(probe)
+    if fresh is not None:
+        return fresh
+    return await db(request, lambda s: ring.snapshot(s, probe))
+
+
+def _count_stored(request: web.Request, news: list[NewResult], outcomes: list[str]) -> None:
+    """Count the stored results by their signature (metrics)."""
+    statuses = [signed.status_of(n.signature)
+                for n, outcome in zip(news, outcomes, strict=True) if outcome == "stored"]
+    if statuses:
+        count(request, lambda m: m.signature_statuses(statuses))
 
 
 def _result_id(item: Any) -> str | None:
@@ -205,9 +228,20 @@ def counted(handler: Callable[[web.Request], Awaitable[web.Response]]
     return wrapper
 
 
-def _decoded(raw: bytes, encoding: str, limit: int) -> ingest.Accepted:
-    """A single result's body, inflated and decoded (on a decode thread when large)."""
-    return ingest.parse_body(ingest.inflate(raw, encoding, limit))
+def _decoded(raw: bytes, encoding: str, limit: int, probe: str
+             ) -> ingest.Accepted | signed.Signed:
+    """A single result's body, inflated and decoded, plain or signed (on a decode thread
+    when large); ``limit`` is the result's own (a signed one's payload), its wire form
+    may be a third larger (signed.wire_limit)."""
+    body = ingest.inflate(raw, encoding, signed.wire_limit(limit))
+    decoded = signed.parse_item(body, probe)
+    signed.check_size(decoded, len(body), limit)
+    return decoded
+
+
+def _refused_signature(request: web.Request, exc: ApiError) -> ApiError:
+    count(request, lambda m: m.signature_statuses(["refused"]))
+    return exc
 
 
 @counted
@@ -215,10 +249,16 @@ async def post_result(request: web.Request) -> web.Response:
     probe = await ingesting_probe(request)
     skew = clock_skew(request)
     limit = request.app[CONFIG].server.max_body_bytes
-    raw = await read_body(request, limit)
+    raw = await read_body(request, signed.wire_limit(limit))
     encoding = content_encoding(request)
-    accepted = await off_loop(request, ingest.inflated_bound(raw, encoding, limit),
-                              lambda: _decoded(raw, encoding, limit))
+    size = ingest.inflated_bound(raw, encoding, signed.wire_limit(limit))
+    try:
+        decoded = await off_loop(request, size, lambda: _decoded(raw, encoding, limit, probe))
+    except ApiError as exc:
+        if exc.code in SIGNATURE_CODES:
+            raise _refused_signature(request, exc) from None
+        raise
+    accepted = decoded.accepted if isinstance(decoded, signed.Signed) else decoded
     result = accepted.result
     accesslog.note_result(request, result.result_id, accepted.body_sha256)
     if result.probe_id != probe:
@@ -228,9 +268,19 @@ async def post_result(request: web.Request) -> web.Response:
             field="probe_id",
         )
     ingest.check_times(result, datetime.now(UTC))
-    item = new_result(accepted, probe, utc_now(), skew)
+    signature: ResultSignature | None = None
+    try:
+        if isinstance(decoded, signed.Signed):
+            keys = await key_snapshot(request, probe)
+            signature = signed.judge(decoded, keys)
+        else:
+            signed.check_unsigned(request.app[CONFIG].evidence.require_signatures)
+    except ApiError as exc:
+        raise _refused_signature(request, exc) from None
+    item = new_result(accepted, probe, utc_now(), skew, signature)
     (outcome,) = await request.app[COMMITS].insert([item])
     count(request, lambda m: m.result_outcomes([outcome]))
+    _count_stored(request, [item], [outcome])
     if outcome == "conflict":
         raise ApiError(409, f"result {result.result_id} was already stored with other content",
                        field="result_id")
@@ -243,15 +293,23 @@ async def post_result(request: web.Request) -> web.Response:
     )
 
 
-Judged = tuple[ingest.Accepted | None, dict[str, Any]]
+@dataclass(slots=True)
+class Judged:
+    """A batch item: accepted (its signature, when signed, judged after the batch is
+    read) or refused (``accepted`` None), and its reply."""
+
+    accepted: ingest.Accepted | None
+    reply: dict[str, Any]
+    opened: signed.Signed | None = None
+    signature: ResultSignature | None = None
 
 
 def _judge_batch(raw: bytes, encoding: str, cfg: Any, probe: str,
-                 now: datetime) -> list[Judged]:
-    """Each result of a batch body, accepted or refused (its reply), in order. Every
-    result is held to the single-result limit (max_body_bytes), so that a batch cannot
-    carry in a result the single-result route would refuse. Runs on a decode thread when
-    large."""
+                 now: datetime, require_signatures: bool) -> list[Judged]:
+    """Each result of a batch body, accepted or refused (its reply), in order; a signed
+    one's signature is judged next (``_judge_all``). Every result is held to the
+    single-result limit (max_body_bytes), so that a batch cannot carry in a result the
+    single-result route would refuse. Runs on a decode thread when large."""
     body = ingest.inflate(raw, encoding, cfg.max_batch_bytes)
     # Each result's own bytes, for the fast path (ingest.parse_body); or, for a body
     # msgspec will not split, the standard reading, which names what is wrong.
@@ -272,23 +330,57 @@ def _judge_batch(raw: bytes, encoding: str, cfg: Any, probe: str,
         reply: dict[str, Any] = {"result_id": None}
         try:
             size = len(item) if isinstance(item, bytes) else ingest.encoded_size(item)
-            if size > cfg.max_body_bytes:
+            if size > signed.wire_limit(cfg.max_body_bytes):
                 raise ApiError(413, f"results[{index}]: {size} bytes exceed the "
                                f"{cfg.max_body_bytes}-byte limit of one result",
                                field=f"results[{index}]")
-            accepted = ingest.parse_body(item) if isinstance(item, bytes) else \
-                ingest.accept(item)
+            decoded = signed.parse_item(item, probe) if isinstance(item, bytes) else \
+                signed.accept_item(item, probe)
+            signed.check_size(decoded, size, cfg.max_body_bytes, f"results[{index}]: ")
+            opened = decoded if isinstance(decoded, signed.Signed) else None
+            accepted = decoded.accepted if isinstance(decoded, signed.Signed) else decoded
             reply["result_id"] = accepted.result.result_id
             if accepted.result.probe_id != probe:
                 raise ApiError(403, f"result is for probe {accepted.result.probe_id!r} but "
                                f"the token belongs to {probe!r}", field="probe_id")
             ingest.check_times(accepted.result, now)
+            if opened is None:
+                signed.check_unsigned(require_signatures)
         except ApiError as exc:
-            reply.update(result_id=reply["result_id"] or _result_id(item), status=exc.status,
-                         error=exc.message, field=exc.field)
-            judged.append((None, reply))
+            _refuse(reply, exc, item)
+            judged.append(Judged(None, reply))
             continue
-        judged.append((accepted, reply))
+        judged.append(Judged(accepted, reply, opened))
+    return judged
+
+
+def _refuse(reply: dict[str, Any], exc: ApiError, item: Any = None) -> None:
+    reply.update(result_id=reply["result_id"] or _result_id(item), status=exc.status,
+                 error=exc.message, field=exc.field)
+    if exc.code in SIGNATURE_CODES:
+        reply["signature_refused"] = True  # counted once the batch is answered
+
+
+# ApiError codes of a refusal for the result's signature (intake/signed.py).
+SIGNATURE_CODES = frozenset({"malformed_signature", "unknown_key", "revoked_key",
+                             "replaced_key", "bad_signature", "unsigned", "not_numbered"})
+
+
+def _judge_all(raw: bytes, encoding: str, cfg: Any, probe: str, now: datetime,
+               require_signatures: bool, keys: KeySnapshot) -> list[Judged]:
+    """The batch read (``_judge_batch``), then each signed result's signature judged
+    against the probe's keys: each gets its signature, or is refused in its reply. One
+    call, on one decode thread when large (a second hand-over per request cost more
+    than the Ed25519 checks, some 50-300 µs a result, it would move)."""
+    judged = _judge_batch(raw, encoding, cfg, probe, now, require_signatures)
+    for j in judged:
+        if j.opened is None or j.accepted is None:
+            continue
+        try:
+            j.signature = signed.judge(j.opened, keys)
+        except ApiError as exc:
+            _refuse(j.reply, exc)
+            j.accepted = None
     return judged
 
 
@@ -304,12 +396,17 @@ async def post_batch(request: web.Request) -> web.Response:
     raw = await read_body(request, cfg.max_batch_bytes)
     encoding = content_encoding(request)
     now = datetime.now(UTC)
-    judged = await off_loop(request, ingest.inflated_bound(raw, encoding, cfg.max_batch_bytes),
-                            lambda: _judge_batch(raw, encoding, cfg, probe, now))
+    size = ingest.inflated_bound(raw, encoding, cfg.max_batch_bytes)
+    require = request.app[CONFIG].evidence.require_signatures
+    # The probe's keys before the body is read: a snapshot (cached, intake/keyring.py)
+    # costs nothing when no item turns out signed.
+    keys = await key_snapshot(request, probe)
+    judged = await off_loop(request, size, lambda: _judge_all(
+        raw, encoding, cfg, probe, now, require, keys))
     received = utc_now()
-    replies = [reply for _, reply in judged]
-    fresh = [(index, new_result(accepted, probe, received, skew))
-             for index, (accepted, _) in enumerate(judged) if accepted is not None]
+    replies = [j.reply for j in judged]
+    fresh = [(index, new_result(j.accepted, probe, received, skew, j.signature))
+             for index, j in enumerate(judged) if j.accepted is not None]
     news = [n for _, n in fresh]
     outcomes = await request.app[COMMITS].insert(news) if news else []
     for (index, _), outcome in zip(fresh, outcomes, strict=True):
@@ -317,56 +414,85 @@ async def post_batch(request: web.Request) -> web.Response:
         replies[index].update(status=status, error=None if status < 300 else
                               "already stored with other content")
     count(request, lambda m: m.result_outcomes(outcomes))
+    _count_stored(request, news, list(outcomes))
     refused = [r["status"] for r in replies if r.get("status", 0) >= 400
                and r["status"] != 409]
     if refused:
         count(request, lambda m: m.results_refused(refused))
+    by_signature = sum(1 for r in replies if r.pop("signature_refused", False))
+    if by_signature:
+        count(request, lambda m: m.signature_statuses(["refused"] * by_signature))
     if "stored" in outcomes:
         _wake_sink(request)
-    accesslog.note_batch(request, replies, [a.body_sha256 if a else None for a, _ in judged])
+    accesslog.note_batch(request, replies, [j.accepted.body_sha256 if j.accepted else None
+                                            for j in judged])
     return json_response({"items": replies})
 
 
-def _decoded_gap(sent: bytes, encoding: str, limit: int) -> tuple[bytes, GapRecord]:
-    """A gap record's body, inflated and decoded (on a decode thread when large)."""
+def _decoded_gap(sent: bytes, encoding: str, limit: int, probe: str
+                 ) -> tuple[bytes, GapRecord, SignedResult | None]:
+    """A gap record's body, inflated and decoded (on a decode thread when large): plain,
+    or signed (the JWS taken apart, unverified; a record spooled before its probe knew
+    its name is named ``probe``, as a signed result is)."""
     raw = ingest.inflate(sent, encoding, limit)
+    data = ingest.parse_json(raw)
+    opened = None
+    if signed.looks_signed(data):
+        opened, data = signed.open_gap_item(data)
+        if isinstance(data, dict) and data.get("probe_id") == "":
+            data["probe_id"] = probe
     try:
-        return raw, parse_gap(ingest.parse_json(raw))
+        return raw, parse_gap(data), opened
     except SchemaError as exc:
         raise ApiError(422, str(exc), field=exc.path or None) from None
 
 
 async def post_gap(request: web.Request) -> web.Response:
-    """A gap record: results a probe dropped before delivering them (spool bounds)."""
+    """A gap record: results a probe dropped before delivering them (spool bounds),
+    plain or signed by the probe's key (judged as a signed result is, its key covering
+    the record's recorded_at: intake/signed.py); stored whole either way."""
     probe = await ingesting_probe(request)
-    limit = request.app[CONFIG].server.max_body_bytes
+    limit = signed.wire_limit(request.app[CONFIG].server.max_body_bytes)
     sent = await read_body(request, limit)
     encoding = content_encoding(request)
-    raw, gap = await off_loop(request, ingest.inflated_bound(sent, encoding, limit),
-                              lambda: _decoded_gap(sent, encoding, limit))
+    raw, gap, opened = await off_loop(request, ingest.inflated_bound(sent, encoding, limit),
+                                      lambda: _decoded_gap(sent, encoding, limit, probe))
     if gap.probe_id != probe:
         raise ApiError(403, f"gap record is for probe {gap.probe_id!r} but the token belongs "
                        f"to {probe!r}", field="probe_id")
     ingest.check_times(gap, datetime.now(UTC))
-    digest = hashlib.sha256(raw).hexdigest()
+    recorded = format_utc(parse_utc(gap.recorded_at))
+    if opened is None:
+        digest = hashlib.sha256(raw).hexdigest()
+        signature = GapSignature(canonical_gap(gap), recorded, "unsigned")
+    else:
+        digest = opened.sha256
+        keys = await key_snapshot(request, probe)
+        signature = signed.judge_gap(opened, recorded, keys)
     # Stored in the collector's UTC spelling, so they sort and filter as text.
     first, last = (format_utc(parse_utc(t)) for t in (gap.first_started_at,
                                                        gap.last_started_at))
     outcome = await db(request, lambda s: s.insert_gap(
         gap.gap_id, probe, utc_now(), gap.reason, gap.dropped, first, last, digest,
-        gap.dropped_seq_ranges))
+        gap.dropped_seq_ranges, signature=signature))
     if outcome == "conflict":
         raise ApiError(409, f"gap {gap.gap_id} was already stored with other content",
                        field="gap_id")
-    return json_response({"gap_id": gap.gap_id, "stored": outcome == "stored"},
-                             status=201 if outcome == "stored" else 200)
+    return json_response({"gap_id": gap.gap_id, "stored": outcome == "stored",
+                          "signature": signature.status},
+                         status=201 if outcome == "stored" else 200)
 
 
 async def whoami(request: web.Request) -> web.Response:
     return json_response({"probe_id": await authenticated_probe(request)})
 
 
+# Each collector's snapshots of its probes' keys (intake/keyring.py).
+KEYRING = web.AppKey("keyring", KeyRing)
+
+
 def add_routes(routes: Routes) -> None:
+    routes.app[KEYRING] = KeyRing()
     routes.post(spec.RESULTS_PATH, post_result, role="probe")
     routes.post(spec.RESULTS_PATH + "/batch", post_batch, role="probe")
     routes.post("/api/v1/gaps", post_gap, role="probe")

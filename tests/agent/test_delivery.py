@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
+from agent import jose, probekey
 from agent.client import CollectorClient, parse_retry_after
 from agent.config import DeliveryConfig
 from agent.delivery import backoff_s, batches, deliver
 from agent.identity import Backlog, Identity, backlog, claim, identity_file, identity_for
 from agent.schema import format_utc
-from agent.spool import Entry, Spool, evictions
+from agent.spool import Entry, Spool, evictions, file_id
 from collector.server.testing import RunningCollector
 from tests.factories import session
 from tests.faultproxy import fault_proxy
@@ -828,3 +829,127 @@ def test_a_laptop_swapping_certificates_never_stores_a_as_b(tmp_path: Path,
                                      sleep=_no_sleep))
         assert (report.delivered, report.waiting) == ([a.result_id], 0)
         assert stored() == sorted([(a.result_id, "p1"), (b.result_id, "p2")])
+
+
+# --- signed results (issue 27): sent as signed, refused when changed
+
+
+def _signed_spool(collector: RunningCollector, token: str, state: Path) -> Spool:
+    """A spool whose results are signed with the probe's key, enrolled with the collector
+    first (as `bbprobe run` does before delivering), so the collector verifies them."""
+    said: list[str] = []
+
+    async def enrol() -> str:
+        return await probekey.enrol(CollectorClient(collector.url, token, 5), state,
+                                    said.append, environ={})
+
+    assert asyncio.run(enrol()) == "enrolled", said
+    key = probekey.load(state, {})
+    assert key is not None
+    return Spool(state, replace(CFG, spool_max_bytes=10**7), _for(collector, token),
+                 key.private)
+
+
+def test_signed_results_are_sent_unchanged_and_stored_verified(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """Each spooled JWS goes as the batch item, unchanged: the collector verifies it with
+    the probe's key and keeps exactly the protected header and signature the probe made;
+    one spooled before the name was known is named by the collector, not by the agent
+    (renaming it would break the signature), with no whoami asked."""
+    token = collector.add_probe("p1")
+    spool = _signed_spool(collector, token, tmp_path / "state")
+    ids = _spool_results(spool, 2)
+    unnamed = session("", started_at=format_utc(NOW - timedelta(minutes=1)))
+    spool.put(unnamed, now=NOW)
+    ids.append(unnamed.result_id)
+    files = {file_id(p): json.loads(p.read_bytes()) for p in spool.pending()}
+    assert all(set(doc) == {"protected", "payload", "signature"} for doc in files.values())
+    with fault_proxy(collector.url, []) as proxy:
+        report = asyncio.run(_deliver(spool, proxy.url, token, spool.cfg))
+    assert proxy.seen == ["POST /api/v1/results/batch -> 200"]
+    assert report.delivered == ids and report.dead_lettered == []
+    assert _stored(collector) == ids
+    store = collector.open_store()
+    try:
+        kept = store.result_signatures(ids)
+    finally:
+        store.close()
+    assert {rid: (s.status, s.protected, s.signature) for rid, s in kept.items()} == {
+        rid: ("verified", doc["protected"], doc["signature"]) for rid, doc in files.items()}
+
+
+def test_a_sample_changed_in_a_signed_spool_file_is_refused_and_set_aside(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """One RTT sample edited in a spooled signed result (the signature left as it was):
+    the collector refuses that one item with 422 saying the signature does not verify,
+    the agent moves it to dead-letter with that reason, and the untouched one is stored."""
+    token = collector.add_probe("p1")
+    spool = _signed_spool(collector, token, tmp_path / "state")
+    tampered_id, good_id = _spool_results(spool, 2)
+    [path] = [p for p in spool.pending() if file_id(p) == tampered_id]
+    jws = json.loads(path.read_bytes())
+    doc = json.loads(jose.b64url_decode(jws["payload"], "payload", 10**7))
+    assert doc["ping"]["samples"][1]["rtt_ms"] == 11.0
+    doc["ping"]["samples"][1]["rtt_ms"] = 1.0  # a better line than was measured
+    jws["payload"] = jose.b64url(json.dumps(doc, separators=(",", ":")).encode())
+    path.write_text(json.dumps(jws))
+    report = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
+    assert report.delivered == [good_id] and _stored(collector) == [good_id]
+    [(target, reason)] = report.dead_lettered
+    assert Path(target).name == path.name
+    assert reason.startswith("HTTP 422") and "does not verify" in reason, reason
+    assert Path(target).with_suffix(".reason.txt").read_text().strip() == reason
+    assert spool.entries() == []
+    # Still readable where it waits: `bbprobe status` and `dead-letter list` show it.
+    assert Spool.facts(Path(target)) == (1, "p1")
+
+
+def test_a_signed_gap_record_is_sent_unchanged_and_stored_verified(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """Review H1: the gap record of a dropped signed result is the probe's JWS; delivery
+    sends it unchanged (one recorded before the name was known too: the collector names
+    it), and the collector keeps it whole, verified, so a bundle carries it exactly."""
+    token = collector.add_probe("p1")
+    spool = _signed_spool(collector, token, tmp_path / "state")
+    spool.put(session("", started_at=format_utc(NOW - timedelta(minutes=30))), now=NOW)
+    spool.cfg = replace(spool.cfg, spool_max_bytes=sum(e.size for e in spool.entries()) + 10)
+    spool.put(session("p1", started_at=format_utc(NOW - timedelta(minutes=1))), now=NOW)
+    [gap] = spool.gaps()
+    sent = json.loads(gap.read_bytes())
+    assert set(sent) == {"protected", "payload", "signature"}
+    assert json.loads(jose.b64url_decode(sent["payload"], "payload", 10**6))["probe_id"] == ""
+    report = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
+    assert report.gaps_sent == 1 and report.dead_lettered == [] and spool.gaps() == []
+    store = collector.open_store()
+    try:
+        [kept] = store.gap_evidence("p1")
+    finally:
+        store.close()
+    assert (kept.status, kept.jws, kept.seq_ranges) == ("verified", sent, ((1, 1),))
+
+
+def test_a_signature_stripped_in_the_spool_shows_as_a_downgrade(
+        collector: RunningCollector, tmp_path: Path) -> None:
+    """Review H2, the spool side: the last signed result replaced in the spool by an
+    edited plain document is taken as unsigned (nothing tells it from an older agent's),
+    and the chain shows it: an unsigned link after a signed one, a change."""
+    from agent.evidence import chain_breaks, undocumented
+
+    token = collector.add_probe("p1")
+    spool = _signed_spool(collector, token, tmp_path / "state")
+    first, last = _spool_results(spool, 2)
+    [path] = [p for p in spool.pending() if file_id(p) == last]
+    jws = json.loads(path.read_bytes())
+    doc = json.loads(jose.b64url_decode(jws["payload"], "payload", 10**7))
+    doc["ping"]["samples"][1]["rtt_ms"] = 1.0
+    path.write_text(json.dumps(doc))
+    report = asyncio.run(_deliver(spool, collector.url, token, spool.cfg))
+    assert report.delivered == [first, last]
+    store = collector.open_store()
+    try:
+        links = store.chain_links("p1", None, None)
+    finally:
+        store.close()
+    assert [(link.seq, link.signed) for link in links] == [(1, True), (2, False)]
+    assert [(b.kind, b.result_id) for b in undocumented(chain_breaks(links))] == \
+        [("downgrade", last)]

@@ -377,3 +377,18 @@ def test_sound_keys_pass_the_curve_check() -> None:
         assert edwards.unsound(raw) is None
     assert edwards.unsound(bytes.fromhex(
         "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")) is None
+
+
+def test_b64url_decode_accepts_exactly_the_canonical_unpadded_alphabet() -> None:
+    """The C path (binascii strict mode over the mapped alphabet) refuses what the
+    definition refuses: padding, '+' '/', white space, non-ASCII, a length of 4k+1, and
+    non-zero unused bits in the last character; and reads every canonical string back."""
+    import os
+
+    for n in range(0, 40):
+        data = os.urandom(n)
+        assert jose.b64url_decode(jose.b64url(data), "x", 100) == data
+    for bad in ("QQ==", "a+bc", "a/bc", "ab c", "ab\n", "abcé", "abcde", "QR", "QUF"):
+        with pytest.raises(jose.JoseError):
+            jose.b64url_decode(bad, "x", 100)
+    assert jose.b64url_decode("QQ", "x", 100) == b"A"

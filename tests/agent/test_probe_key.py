@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import jose, probekey
+from agent import jose, keydocs, probekey
+from agent.app import key_cmd
 from agent.app.cli import main
 from agent.client import CollectorClient
 from agent.errors import DeliveryError
@@ -185,6 +186,7 @@ class FakeCollector:
         self.bound: str | None = None
         self.requests: list[dict[str, Any]] = []
         self.answer: int | None = None  # force a status (404: an older collector)
+        self.jwks: dict[str, dict[str, str]] = {}  # every key sent, by kid
 
     async def put_key(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -195,6 +197,15 @@ class FakeCollector:
             kid = jose.thumbprint(body["jwk"])
         except (jose.JoseError, KeyError, TypeError) as exc:
             return web.json_response({"error": str(exc), "field": "jwk"}, status=400)
+        self.jwks[kid] = body["jwk"]
+        if "rotation" in body and self.bound != kid:
+            rot = keydocs.open_rotation(body["rotation"], body["jwk"])
+            if rot.old_kid != self.bound:
+                return web.json_response({"error": "not the bound key", "field": "rotation",
+                                          "bound_kid": self.bound}, status=409)
+            keydocs.verify_rotation(rot, jose.public_key_of_jwk(self.jwks[rot.old_kid]))
+            self.bound = kid
+            return web.json_response({"kid": kid, "status": "rotated"}, status=201)
         if self.bound is None:
             self.bound = kid
             return web.json_response({"kid": kid, "status": "enrolled"}, status=201)
@@ -231,7 +242,10 @@ def test_enrolled_once_then_remembered(tmp_path: Path) -> None:
             "enrolled"
         key = probekey.load(tmp_path, {})
         assert key is not None
-        assert fake.requests == [{"auth": "Bearer tok-1", "jwk": jose.jwk_of(key.public)}]
+        (sent,) = fake.requests
+        assert (sent["auth"], sent["jwk"]) == ("Bearer tok-1", jose.jwk_of(key.public))
+        keydocs.check_proof(sent["proof"], sent["jwk"])  # always its proof of possession
+        assert set(sent) == {"auth", "jwk", "proof"}
         assert fake.bound == key.kid
         assert await probekey.enrol(client, tmp_path, warned.append, environ={}) == \
             "remembered"
@@ -349,6 +363,176 @@ def test_an_unusable_key_or_collector_never_stops_delivery(tmp_path: Path) -> No
     assert done == "failed" and warned == []
 
 
+# --- rotation ---------------------------------------------------------------------------
+
+def test_rotation_replaces_the_key_only_once_the_collector_took_it(tmp_path: Path) -> None:
+    async def test(fake: FakeCollector, url: str) -> None:
+        client = CollectorClient(url, "tok-1", 5)
+        assert await probekey.enrol(client, tmp_path, print, environ={}) == "enrolled"
+        old = probekey.load(tmp_path, {}, create=False)
+        assert old is not None
+        warned: list[str] = []
+        # Refused (the collector holds another key): nothing changes, the new key waits.
+        fake.bound = jose.kid_of(Ed25519PrivateKey.generate().public_key())
+        with pytest.raises(DeliveryError) as caught:
+            await key_cmd.rotate_with(client, tmp_path, warned.append, environ={})
+        assert "key not rotated" in str(caught.value) and "\n" not in str(caught.value)
+        kept = probekey.load(tmp_path, {}, create=False)
+        assert kept is not None and kept.kid == old.kid
+        waiting = probekey.next_key(tmp_path)
+        new_kid = jose.kid_of(waiting.public_key())
+        assert new_kid in str(caught.value)
+        # Accepted: the waiting key (the same one) becomes the key.
+        fake.bound = old.kid
+        done = await key_cmd.rotate_with(client, tmp_path, warned.append, environ={})
+        assert (done["old_kid"], done["new_kid"], done["status"]) == (old.kid, new_kid,
+                                                                    "rotated")
+        now = probekey.load(tmp_path, {}, create=False)
+        assert now is not None and now.kid == new_kid and fake.bound == new_kid
+        assert not (tmp_path / probekey.NEXT_KEY_FILE).exists()
+        assert (tmp_path / probekey.KEY_FILE).stat().st_mode & 0o777 == 0o600
+        sent = fake.requests[-1]
+        keydocs.check_proof(sent["proof"], sent["jwk"])  # the new key's proof
+        rot = keydocs.open_rotation(sent["rotation"], sent["jwk"])
+        assert rot.old_kid == old.kid  # signed by the OLD key
+        keydocs.verify_rotation(rot, old.public)
+        # Remembered for this identity: the next delivery sends nothing.
+        assert await probekey.enrol(client, tmp_path, print, environ={}) == "remembered"
+        assert warned == [] and "->" in key_cmd.format_rotated(done)
+
+    with_collector(test)
+
+
+def test_a_crash_after_the_collector_took_the_rotation_is_finished_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test(fake: FakeCollector, url: str) -> None:
+        client = CollectorClient(url, "tok", 5)
+        assert await probekey.enrol(client, tmp_path, print, environ={}) == "enrolled"
+        old = probekey.load(tmp_path, {}, create=False)
+        assert old is not None
+        real_commit = probekey.commit_rotation
+
+        def crash(*args: Any) -> None:
+            raise SystemExit("power cut")
+
+        monkeypatch.setattr(probekey, "commit_rotation", crash)
+        with pytest.raises(SystemExit):
+            await key_cmd.rotate_with(client, tmp_path, print, environ={})
+        new_kid = fake.bound
+        assert new_kid != old.kid  # the collector took it ...
+        still = probekey.load(tmp_path, {}, create=False)
+        assert still is not None and still.kid == old.kid  # ... the device did not yet
+        monkeypatch.setattr(probekey, "commit_rotation", real_commit)
+        done = await key_cmd.rotate_with(client, tmp_path, print, environ={})
+        assert (done["new_kid"], done["status"]) == (new_kid, "known")
+        now = probekey.load(tmp_path, {}, create=False)
+        assert now is not None and now.kid == new_kid
+
+    with_collector(test)
+
+
+def test_a_collector_still_on_the_old_key_is_handed_over(tmp_path: Path) -> None:
+    """The laptop's other line (another collector) still holds the key the rotation
+    replaced: enrolment sends the kept rotation statement, and it is taken."""
+    async def test(fake: FakeCollector, url: str) -> None:
+        first = CollectorClient(url, "tok-1", 5)
+        assert await probekey.enrol(first, tmp_path, print, environ={}) == "enrolled"
+        old = probekey.load(tmp_path, {}, create=False)
+        assert old is not None
+        done = await key_cmd.rotate_with(first, tmp_path, print, environ={})
+        fake.bound = old.kid  # the other collector, still on the old key
+        warned: list[str] = []
+        other = CollectorClient(url, "tok-2", 5)
+        assert await probekey.enrol(other, tmp_path, warned.append, environ={}) == \
+            "rotated"
+        assert fake.bound == done["new_kid"] and warned == []
+        # A key the kept statement does not lead from is still a conflict.
+        fake.bound = jose.kid_of(Ed25519PrivateKey.generate().public_key())
+        (tmp_path / probekey.ENROLMENT_FILE).unlink()
+        assert await probekey.enrol(other, tmp_path, warned.append, environ={}) == \
+            "conflict"
+
+    with_collector(test)
+
+
+def test_a_credential_key_or_no_key_is_not_rotated(tmp_path: Path) -> None:
+    client = CollectorClient("http://127.0.0.1:9", "tok", 2)
+    with pytest.raises(ProbeKeyError, match="key show"):
+        asyncio.run(key_cmd.rotate_with(client, tmp_path, print, environ={}))
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / probekey.CREDENTIAL).write_bytes(_pem(Ed25519PrivateKey.generate()))
+    with pytest.raises(ProbeKeyError, match="credential"):
+        asyncio.run(key_cmd.rotate_with(client, tmp_path, print,
+                                        environ={"CREDENTIALS_DIRECTORY": str(creds)}))
+    assert not (tmp_path / probekey.NEXT_KEY_FILE).exists()
+
+
+def test_an_older_collector_without_proofs_still_enrols() -> None:
+    """A collector from before proofs refuses any member but "jwk" (422): the key is
+    sent again without its proof."""
+    async def main() -> None:
+        bodies: list[dict[str, Any]] = []
+
+        async def put_key(request: web.Request) -> web.Response:
+            body = await request.json()
+            bodies.append(body)
+            if set(body) != {"jwk"}:
+                return web.json_response({"error": 'body must be {"jwk": {...}} (an '
+                                          'Ed25519 public JWK, RFC 8037)', "field": "jwk"},
+                                         status=422)
+            return web.json_response({"kid": jose.thumbprint(body["jwk"]),
+                                      "status": "enrolled"}, status=201)
+
+        app = web.Application()
+        app.router.add_put("/api/v1/probe/key", put_key)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            client = CollectorClient(f"http://127.0.0.1:{runner.addresses[0][1]}", "t", 5)
+            private = Ed25519PrivateKey.generate()
+            jwk = jose.jwk_of(private.public_key())
+            proof = keydocs.enrolment_proof(private, "2026-12-07T00:00:00Z")
+            assert await client.enrol_key(jwk, proof) == (201, jose.thumbprint(jwk))
+            assert [set(b) for b in bodies] == [{"jwk", "proof"}, {"jwk"}]
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_key_documents_refuse_what_they_do_not_prove() -> None:
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    jwk = jose.jwk_of(key.public_key())
+    keydocs.check_proof(keydocs.enrolment_proof(key, "t"), jwk)
+    with pytest.raises(jose.JoseError, match=r"^proof: signed by key"):
+        keydocs.check_proof(keydocs.enrolment_proof(other, "t"), jwk)
+    forged = {**keydocs.enrolment_proof(key, "t"),
+              "signature": keydocs.enrolment_proof(other, "t")["signature"]}
+    with pytest.raises(jose.JoseError, match=r"^proof: signature"):
+        keydocs.check_proof(forged, jwk)
+    with pytest.raises(jose.JoseError, match=r"^proof: typ"):
+        keydocs.check_proof(keydocs.rotation(key, other.public_key(), "t"), jwk)
+    bads: list[Any] = [None, [], {"payload": "x"},
+                       {"protected": 1, "payload": "", "signature": ""}]
+    for bad in bads:
+        with pytest.raises(jose.JoseError, match=r"^proof: "):
+            keydocs.check_proof(bad, jwk)
+    # A rotation: by the old key, naming the new one; not the new key's own.
+    statement = keydocs.rotation(other, key.public_key(), "t")
+    rot = keydocs.open_rotation(statement, jwk)
+    assert keydocs.verify_rotation(rot, other.public_key()) == "t"
+    with pytest.raises(jose.JoseError, match=r"^rotation: "):
+        keydocs.verify_rotation(rot, key.public_key())
+    with pytest.raises(jose.JoseError, match=r"^rotation: signed by the new key"):
+        keydocs.open_rotation(keydocs.rotation(key, key.public_key(), "t"), jwk)
+    third = jose.jwk_of(Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(jose.JoseError, match=r"^rotation: hands over"):
+        keydocs.verify_rotation(keydocs.open_rotation(statement, third), other.public_key())
+
+
 # --- the real collector -------------------------------------------------------------------
 
 def _push(common: list[str], state: Path) -> Any:
@@ -389,3 +573,43 @@ def test_push_enrols_the_key_at_the_real_collector(collector: RunningCollector,
     assert other is not None
     (warning,) = [line for line in run.stderr.splitlines() if "key" in line]
     assert key.kid in warning and other.kid in warning
+
+
+def test_key_rotate_at_the_real_collector(collector: RunningCollector,
+                                          fast_config: Path) -> None:
+    """``bbprobe key rotate``: the collector binds the new key from the old key's
+    statement (the old one stays, past), the device's key file is the new key, and the
+    next delivery needs no enrolment."""
+    token = collector.add_probe("probe-rotating")
+    common = ["--config", str(fast_config), "--probe-id", "probe-rotating", "--token",
+              token, "--collector", collector.url]
+    state = fast_config.parent / "state"
+    assert _push(common, state).exit_code == ExitCode.OK
+    old = probekey.load(state, {}, create=False)
+    assert old is not None
+    run = CliRunner().invoke(main, [*common, "--set", f"state_dir={state}", "key", "rotate",
+                                    "--json"], catch_exceptions=False,
+                             env={"CREDENTIALS_DIRECTORY": None})
+    assert run.exit_code == ExitCode.OK, run.stderr
+    done = json.loads(run.stdout)
+    new = probekey.load(state, {}, create=False)
+    assert new is not None and (done["old_kid"], done["new_kid"]) == (old.kid, new.kid)
+    _, jwks, _ = request("GET", collector.url + "/.well-known/bbprobe-keys.json")
+    mine = {k["kid"]: k["bbprobe"] for k in jwks["keys"]
+            if k["bbprobe"].get("probe") == "probe-rotating"}
+    assert (mine[old.kid]["status"], mine[new.kid]["status"]) == ("past", "current")
+    assert mine[new.kid]["source"] == "rotation"
+    statement = mine[new.kid]["rotation"]
+    keydocs.verify_rotation(keydocs.open_rotation(statement, new.jwk), old.public)
+    run = _push(common, state)
+    assert run.exit_code == ExitCode.OK and "key" not in run.stderr
+    # The collector is gone: one line, the key unchanged, the next key waiting.
+    down = ["--config", str(fast_config), "--probe-id", "probe-rotating", "--token", token,
+            "--collector", "http://127.0.0.1:9"]
+    run = CliRunner().invoke(main, [*down, "--set", f"state_dir={state}", "key", "rotate"],
+                             catch_exceptions=False, env={"CREDENTIALS_DIRECTORY": None})
+    assert run.exit_code != ExitCode.OK and "key not rotated" in run.stderr
+    assert "Traceback" not in run.stderr
+    same = probekey.load(state, {}, create=False)
+    assert same is not None and same.kid == new.kid
+    assert (state / probekey.NEXT_KEY_FILE).exists()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from agent import spec
+from collector.intake import signed
 from collector.server.testing import RunningCollector
 from tests.factories import session_dict
 from tests.httpclient import post_json, request
@@ -96,7 +97,9 @@ def test_oversized_body_then_still_serving(collector: RunningCollector) -> None:
     status, data, _ = request("POST", _url(collector), big, {
         "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     assert status == 413
-    assert data["error"] == f"body of {len(big)} bytes exceeds the 1048576-byte limit"
+    # The wire limit: a result's own (1 MiB) in its signed form (intake/signed.py).
+    assert data["error"] == (f"body of {len(big)} bytes exceeds the "
+                             f"{signed.wire_limit(1048576)}-byte limit")
     status, health, _ = request("GET", collector.url + "/healthz")
     assert (status, health["status"]) == (200, "ok")
     status, _ = post_json(_url(collector), session_dict(probe_id="p1"), token)

@@ -8,21 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import closing
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.evidence import Link, open_result, sign_result
 from agent.identity import identity_for
 from agent.schema import format_utc
 from agent.spool import Spool
 from collector.cli.main import main
-from collector.compliance.completeness import MAX_HOLE, completeness
+from collector.compliance.completeness import (
+    MAX_HOLE,
+    chain_summaries,
+    completeness,
+    format_text,
+)
+from collector.intake import ingest
+from collector.lines import LineMetadata
+from collector.reports import service
+from collector.scope import resolve_scope
 from collector.server.testing import RunningCollector
+from collector.storage.model import ResultSignature
+from collector.storage.store import Store
 from tests.agent.test_delivery import CFG, NOW, _deliver, _for
-from tests.factories import session
+from tests.factories import canonical_json, insert_result, session
 from tests.httpclient import request
 
 
@@ -87,9 +101,11 @@ def test_spool_numbers_sessions_and_the_collector_reports_what_is_missing(
     # 1, 4, 6, 7, 8 arrived; 2 and 3 the gap record explains; 5 nobody does.
     assert (day["delivered"], day["expected"], day["documented"], day["missing_ranges"]) \
         == (5, 8, 2, [[5, 5]])
+    assert body["chains"] == []  # nothing signed: no chain to total
     out = CliRunner().invoke(main, ["--db", str(collector.db_path), "completeness",
                                     "--format", "csv"]).output
-    assert out.splitlines()[1].split(",")[2:] == ["5", "8", "2", "1", "0", "0"]
+    assert out.splitlines()[0].split(",")[-2:] == ["signed", "chain_breaks"]
+    assert out.splitlines()[1].split(",")[2:] == ["5", "8", "2", "1", "0", "0", "0", "0"]
 
 
 def test_numbering_survives_a_full_disk_and_a_lost_counter(tmp_path: Path) -> None:
@@ -180,3 +196,135 @@ def test_each_identity_continues_the_counter_of_before(tmp_path: Path) -> None:
     assert spool_a._seq_path() != spool_b._seq_path()
     spool_a._seq_path().unlink()
     assert _put(spool_a, "a", 5) == 44  # after a's 43 (b's 44 is b's)
+
+
+# --- signed results: the hash chain in the report (issue 27) ----------------------------
+
+
+def _links(*specs: tuple[int, str | None, bool]) -> list[Link]:
+    """Links r<seq> with sha "h<seq>" (padded), naming ``prev`` ("h<n>" or None)."""
+    def sha(name: str) -> str:
+        return name.ljust(64, "0")
+
+    return [Link(seq, f"r{seq}", sha(f"h{seq}"), None if prev is None else sha(prev),
+                 signed) for seq, prev, signed in specs]
+
+
+def test_chain_breaks_are_listed_on_the_day_they_show() -> None:
+    """Signed results counted per day; a replaced link (seq 3 names another hash), a
+    stripped signature (4, unsigned after a signed one) and an unexplained hole (5)
+    listed by seq and result id on their day; a hole a gap record documents (7) is no
+    break, nor is a restarted chain (9: the probe's own signed word, shown in bundles);
+    text says "chain: N signed of M; breaks: ..." per probe, JSON per day. A probe that
+    signed nothing has no chain line (its repeated number is a duplicate, not a
+    break)."""
+    rows = [("p1", 1, "2026-11-21T10:00:00Z"), ("p1", 2, "2026-11-21T11:00:00Z"),
+            ("p1", 3, "2026-11-21T12:00:00Z"), ("p1", 4, "2026-11-22T01:00:00Z"),
+            ("p1", 6, "2026-11-22T02:00:00Z"), ("p1", 8, "2026-11-22T03:00:00Z"),
+            ("p1", 9, "2026-11-22T04:00:00Z"),
+            ("p2", 1, "2026-11-21T10:00:00Z"), ("p2", 1, "2026-11-21T10:30:00Z")]
+    links = {"p1": _links((1, None, True), (2, "h1", True), (3, "hX", True),
+                          (4, "h3", False), (6, "h5", True), (8, "h7", True),
+                          (9, None, True)),
+             "p2": _links((1, None, False), (1, None, False))}
+    days = completeness(rows, {"p1": [(7, 7)]}, {}, links)
+    got = {(d.probe, d.day): (d.delivered, d.signed, d.broken,
+                              [(b.kind, b.seq, b.result_id) for b in d.breaks])
+           for d in days}
+    assert got == {
+        ("p1", "2026-11-21"): (3, 3, 1, [("mismatch", 3, "r3")]),
+        ("p1", "2026-11-22"): (4, 3, 2, [("downgrade", 4, "r4"), ("missing", 6, "r6")]),
+        ("p2", "2026-11-21"): (2, 0, 0, []),
+    }
+    day = days[1].to_dict()
+    assert day["chain"] == {"signed": 3, "breaks": 2, "listed": [
+        {"kind": "downgrade", "seq": 4, "result_id": "r4",
+         "detail": days[1].breaks[0].detail},
+        {"kind": "missing", "seq": 6, "result_id": "r6", "detail": days[1].breaks[1].detail}]}
+    assert "session_seq 5 absent" in days[1].breaks[1].detail
+    assert chain_summaries(days) == [{"probe": "p1", "signed": 6, "delivered": 7,
+                                      "breaks": 3, "listed": [
+                                          *days[0].to_dict()["chain"]["listed"],
+                                          *day["chain"]["listed"]]}]
+    text = format_text(days)
+    (line,) = [t for t in text.splitlines() if "chain:" in t]
+    assert line.startswith("p1 chain: 6 signed of 7; breaks: 3 (mismatch at seq 3 (r3): ")
+    assert "missing at seq 6 (r6)" in line and "downgrade at seq 4 (r4)" in line
+    assert "restart" not in line
+    # Without links (or all unsigned): the report as before.
+    assert all(d.signed == d.broken == 0 for d in completeness(rows, {}, {}))
+    assert "chain" not in format_text(completeness(rows, {}, {}))
+
+
+def test_a_whole_chain_says_no_breaks() -> None:
+    rows = [("p1", 1, "2026-11-21T10:00:00Z"), ("p1", 2, "2026-11-21T11:00:00Z")]
+    days = completeness(rows, {}, {}, {"p1": _links((1, None, True), (2, "h1", True))})
+    assert format_text(days).splitlines()[-1] == "p1 chain: 2 signed of 2; no breaks"
+
+
+def _stored_chain(store: Store) -> list[str]:
+    """Five results of p1 signed in a chain, seq 4 naming a hash that is not seq 3's,
+    seq 2 deleted by an operator; their ids."""
+    key = Ed25519PrivateKey.generate()
+    prev: str | None = None
+    ids = []
+    for seq in range(1, 6):
+        result = replace(session("p1", started_at=f"2026-11-21T0{seq}:00:00.000000Z"),
+                         session_seq=seq)
+        accepted = ingest.parse_body(canonical_json(result).encode())
+        # Seq 4 names a hash that is not seq 3's (seq 3 was replaced after signing).
+        named = "f" * 64 if seq == 4 else prev
+        jws = sign_result(key, accepted.body.encode(), named)
+        opened = open_result(jws)
+        insert_result(store, result_id=result.result_id, probe_name="p1",
+                      schema_version=result.schema_version, started_at=accepted.started_at,
+                      ended_at=accepted.ended_at, received_at="2026-11-22T00:00:00.000000Z",
+                      body=accepted.body, body_sha256=accepted.body_sha256,
+                      facts=accepted.facts, session_seq=seq, packed=accepted.packed,
+                      signature=ResultSignature(opened.kid, jws["protected"],
+                                                jws["signature"], opened.prev, None,
+                                                "verified"))
+        prev = accepted.body_sha256
+        ids.append(result.result_id)
+    assert store.delete_result(ids[1], "poisoned", "2026-11-23T00:00:00.000000Z", "ops")
+    return ids
+
+
+def test_the_stores_chain_in_the_completeness_report(store: Store) -> None:
+    """On each backend: a signed chain stored, one result swapped for another signed
+    over a different predecessor, one deleted by an operator: the report names the
+    swapped one by seq and id, and the deletion is documented, not a break."""
+    store.add_probe("p1", "d", "2026-11-01T00:00:00.000000Z", LineMetadata())
+    ids = _stored_chain(store)
+    (day,) = service.completeness(store, resolve_scope(["p1"], "2026-11-21", "2026-11-22"))
+    assert (day.delivered, day.documented, day.missing, day.signed, day.broken) == \
+        (4, 1, 0, 4, 1)
+    (broken,) = day.breaks
+    assert (broken.kind, broken.seq, broken.result_id) == ("mismatch", 4, ids[3])
+    assert f"mismatch at seq 4 ({ids[3]})" in format_text([day])
+
+
+def test_chain_totals_in_the_api_json_the_cli_json_and_csv(
+        collector: RunningCollector) -> None:
+    """The per-probe chain totals ("chains") beside the days in the route's and the
+    CLI's JSON; the day's signed count and breaks as CSV columns."""
+    collector.add_probe("p1")
+    with closing(collector.open_store()) as store:
+        ids = _stored_chain(store)
+    query = "?probe=p1&since=2026-11-21&until=2026-11-22"
+    status, body, _ = request("GET", collector.url + "/api/v1/completeness" + query)
+    assert status == 200
+    (chain,) = body["chains"]
+    assert {k: chain[k] for k in ("probe", "signed", "delivered", "breaks")} == \
+        {"probe": "p1", "signed": 4, "delivered": 4, "breaks": 1}
+    assert [(b["kind"], b["seq"], b["result_id"]) for b in chain["listed"]] == \
+        [("mismatch", 4, ids[3])]
+    args = ["--db", str(collector.db_path), "completeness", "--probe", "p1", "--since",
+            "2026-11-21", "--until", "2026-11-22", "--format"]
+    out = CliRunner().invoke(main, [*args, "json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["chains"] == body["chains"]
+    out = CliRunner().invoke(main, [*args, "csv"])
+    head, row = out.stdout.splitlines()
+    assert dict(zip(head.split(","), row.split(","), strict=True))["signed"] == "4"
+    assert row.split(",")[-2:] == ["4", "1"]

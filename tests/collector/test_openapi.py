@@ -56,3 +56,34 @@ def test_schema_refuses_what_the_collector_refuses(path: tuple[object, ...],
     node[path[-1]] = value  # type: ignore[index]
     with pytest.raises(jsonschema.ValidationError):
         _validator().validate(json.loads(json.dumps(doc)))
+
+
+def test_key_route_documents_proof_rotation_and_replies() -> None:
+    """PUT /api/v1/probe/key: the published body takes what the agent sends (a proof, a
+    rotation), refuses an extra member, and names the real size limit and reply set."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent import jose, keydocs
+    from collector.web.keys_routes import MAX_REQUEST_BYTES
+
+    doc = document()
+    op = doc["paths"]["/api/v1/probe/key"]["put"]
+    body_schema = {**op["requestBody"]["content"]["application/json"]["schema"], **doc}
+    body = jsonschema.Draft202012Validator(body_schema)
+    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    sent = {"jwk": jose.jwk_of(new.public_key()),
+            "proof": keydocs.enrolment_proof(new, "2026-12-07T12:00:00Z"),
+            "rotation": keydocs.rotation(old, new.public_key(), "2026-12-07T12:00:00Z")}
+    body.validate(sent)
+    for bad in ({**sent, "extra": 1}, {**sent, "proof": {"protected": "x"}},
+                {**sent, "rotation": {**sent["rotation"], "x5c": "y"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            body.validate(bad)
+    assert str(MAX_REQUEST_BYTES) in op["responses"]["413"]["description"]
+    assert "proof" in op["responses"]["422"]["description"]
+    assert "rotation" in op["responses"]["422"]["description"]
+    reply = jsonschema.Draft202012Validator(
+        {**op["responses"]["201"]["content"]["application/json"]["schema"], **doc})
+    reply.validate({"kid": "k2", "status": "rotated", "previous_kid": "k1"})
+    with pytest.raises(jsonschema.ValidationError):
+        reply.validate({"kid": "k2", "status": "replaced"})

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import jose
+from agent import jose, keydocs
 from collector import keys
 from collector.cli.main import main
 from collector.config import CollectorConfig, StorageConfig
@@ -23,25 +25,53 @@ from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.server.testing import RunningCollector, running_collector
 from collector.storage.model import ProbeKey
+from collector.storage.sql import probe_keys as sql_probe_keys
 from collector.storage.sql.backends import open_store
 from collector.storage.sql.copy import TABLES
 from collector.storage.sql.migrate import copy_store
 from collector.storage.store import Store
+from collector.web import keys_routes
 from tests.httpclient import request
 
 ENROL = "/api/v1/probe/key"
 JWKS = "/.well-known/bbprobe-keys.json"
 
 
+# The private half of every key a test made, by kid: ``_put`` proves possession of the
+# key it sends (the collector requires it, review M4) unless the body says otherwise.
+_PRIVATE: dict[str, Ed25519PrivateKey] = {}
+
+
+def _key() -> Ed25519PrivateKey:
+    private = Ed25519PrivateKey.generate()
+    _PRIVATE[jose.kid_of(private.public_key())] = private
+    return private
+
+
 def _jwk() -> dict[str, str]:
-    return jose.jwk_of(Ed25519PrivateKey.generate().public_key())
+    return jose.jwk_of(_key().public_key())
+
+
+def _with_proof(body: Any) -> Any:
+    """``body`` with the proof of possession of its jwk, when the test holds the key and
+    the body has none (a body with "proof": None is sent without one)."""
+    if not isinstance(body, dict) or "proof" in body or not isinstance(body.get("jwk"), dict):
+        return {k: v for k, v in body.items() if v is not None} \
+            if isinstance(body, dict) else body
+    try:
+        private = _PRIVATE.get(jose.thumbprint(body["jwk"]))
+    except jose.JoseError:
+        private = None
+    if private is None:
+        return body
+    return {**body, "proof": keydocs.enrolment_proof(private, "2026-12-07T12:00:00Z")}
 
 
 def _put(c: RunningCollector, body: Any, token: str | None) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(_with_proof(body)).encode()
     status, data, _ = request("PUT", c.url + ENROL, raw, headers)
     return status, data
 
@@ -71,6 +101,7 @@ def test_trust_on_first_use(collector: RunningCollector) -> None:
     other = _jwk()
     status, data = _put(collector, {"jwk": other}, token)
     assert status == 409 and data["field"] == "jwk" and kid in data["error"]
+    assert data["bound_kid"] == kid  # the key in the way, as a member
     assert "\n" not in data["error"]
     # Not an Ed25519 public JWK: one line each, 422.
     for bad in ({"jwk": {"kty": "RSA", "n": "x", "e": "AQAB"}},
@@ -81,7 +112,7 @@ def test_trust_on_first_use(collector: RunningCollector) -> None:
         assert status == 422, (bad, data)
         assert "\n" not in data["error"]
     assert _put(collector, b"{", token)[0] == 400
-    assert _put(collector, b" " * 5000, token)[0] == 413
+    assert _put(collector, b" " * (keys_routes.MAX_REQUEST_BYTES + 1), token)[0] == 413
     assert _put(collector, {"jwk": jwk}, None)[0] == 401
     assert _put(collector, {"jwk": jwk}, "bbp_nonsense")[0] == 401
     with closing(collector.open_store()) as store:
@@ -93,7 +124,7 @@ def test_trust_on_first_use(collector: RunningCollector) -> None:
 
 def test_pinned_then_a_different_key_is_refused(collector: RunningCollector,
                                                 tmp_path: Path) -> None:
-    public = Ed25519PrivateKey.generate().public_key()
+    public = _key().public_key()
     pem = tmp_path / "p1.pem"
     pem.write_text(jose.pem_of(public))
     code, out, err = _cli(collector, "probe", "add", "p1", "--key", str(pem))
@@ -208,7 +239,6 @@ def test_store_binding_history(store: Store) -> None:
     assert _bind(store, "p1", "k1")[0] == "known"
     outcome, key = _bind(store, "p1", "k2")
     assert outcome == "bound" and key is not None and key.kid == "k1"
-    assert _bind(store, "p2", "k1")[0] == "taken"
     assert _bind(store, "p1", "k2", LATER, replace=True)[0] == "enrolled"
     assert _bind(store, "p1", "k1", LATER, replace=True)[0] == "taken"
     keys = store.probe_keys("p1")
@@ -264,7 +294,7 @@ def test_the_evidence_key_is_its_own(tmp_path: Path) -> None:
     assert keys.ticket_signing_key(cfg, {}).kid != made.kid
     creds = tmp_path / "creds"
     creds.mkdir()
-    other = Ed25519PrivateKey.generate()
+    other = _key()
     (creds / keys.EVIDENCE_KEY_CREDENTIAL).write_bytes(other.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
@@ -282,3 +312,225 @@ def test_the_jwk_set_needs_no_token(tmp_path: Path) -> None:
         assert request("GET", c.url + "/api/v1/results")[0] == 401
         doc, _ = _jwks(c)
         assert [k["bbprobe"] for k in doc["keys"]] == [{"holder": "collector"}]
+
+
+# --- proof of possession, rotation, one key on several probes -----------------------------
+
+def _statement_body(old: Ed25519PrivateKey, new: Ed25519PrivateKey) -> dict[str, Any]:
+    return {"jwk": jose.jwk_of(new.public_key()),
+            "proof": keydocs.enrolment_proof(new, "2026-12-07T12:00:00Z"),
+            "rotation": keydocs.rotation(old, new.public_key(), "2026-12-07T12:00:00Z")}
+
+
+def test_enrolment_requires_a_proof(collector: RunningCollector) -> None:
+    """Review M4: a probe with no key cannot take another probe's published public key
+    on first use: without the private key it has no proof, and the PUT needs one."""
+    t1, t2 = collector.add_probe("p1"), collector.add_probe("p2")
+    victim = _key()
+    published = jose.jwk_of(victim.public_key())
+    assert _put(collector, {"jwk": published}, t1)[0] == 201  # p1's own, with its proof
+    doc, _ = _jwks(collector)
+    assert jose.kid_of(victim.public_key()) in _probe_entries(doc)  # public to anyone
+    status, data = _put(collector, {"jwk": published, "proof": None}, t2)
+    assert (status, data["field"]) == (422, "proof"), data
+    assert data["error"].startswith("proof: required") and "\n" not in data["error"]
+    # A proof made by the forger's own key does not prove possession of p1's.
+    forger = _key()
+    status, data = _put(collector, {"jwk": published,
+                                    "proof": keydocs.enrolment_proof(forger, "t")}, t2)
+    assert (status, data["field"]) == (422, "proof"), data
+    with closing(collector.open_store()) as store:
+        assert store.probe_keys("p2") == []
+    # A rotation without a proof too: the new key's possession is shown either way.
+    new = _key()
+    body = {**_statement_body(victim, new), "proof": None}
+    status, data = _put(collector, body, t1)
+    assert (status, data["field"]) == (422, "proof"), data
+    # With the new key's proof the same rotation goes through (an admin's pin, `probe
+    # key set`, needs none: test_pinned_then_a_different_key_is_refused).
+    assert _put(collector, _statement_body(victim, new), t1)[0] == 201
+
+
+def test_enrolment_proof_is_checked_when_sent(collector: RunningCollector) -> None:
+    token = collector.add_probe("p1")
+    key, other = _key(), _key()
+    jwk = jose.jwk_of(key.public_key())
+    # A proof by another key, a proof with another key's signature, a malformed one.
+    forged = {**keydocs.enrolment_proof(key, "t"),
+              "signature": keydocs.enrolment_proof(other, "t")["signature"]}
+    for bad in (keydocs.enrolment_proof(other, "t"), forged, {"protected": "x"}, "proof"):
+        status, data = _put(collector, {"jwk": jwk, "proof": bad}, token)
+        assert (status, data["field"]) == (422, "proof"), data
+        assert data["error"].startswith("proof: ") and "\n" not in data["error"]
+    with closing(collector.open_store()) as store:
+        assert store.probe_keys("p1") == []  # nothing bound by a bad proof
+    status, data = _put(collector, {"jwk": jwk, "proof": keydocs.enrolment_proof(key, "t")},
+                        token)
+    assert (status, data) == (201, {"kid": jose.kid_of(key.public_key()),
+                                    "status": "enrolled"})
+    # Unknown members are still refused.
+    assert _put(collector, {"jwk": jwk, "extra": 1}, token)[0] == 422
+
+
+def test_rotation_signed_by_the_current_key(collector: RunningCollector) -> None:
+    token = collector.add_probe("p1")
+    a, b = _key(), _key()
+    kid_a, kid_b = jose.kid_of(a.public_key()), jose.kid_of(b.public_key())
+    assert _put(collector, {"jwk": jose.jwk_of(a.public_key())}, token)[0] == 201
+    body = _statement_body(a, b)
+    assert _put(collector, body, token) == (
+        201, {"kid": kid_b, "status": "rotated", "previous_kid": kid_a})
+    # Asked again (the agent crashed before replacing its key file): known.
+    assert _put(collector, _statement_body(a, b), token) == (
+        200, {"kid": kid_b, "status": "known"})
+    with closing(collector.open_store()) as store:
+        old, new = store.probe_keys("p1")
+    assert (old.kid, old.status, new.kid, new.status, new.source) == (
+        kid_a, "past", kid_b, "current", "rotation")
+    assert old.bound_until == new.bound_from
+    assert new.rotation_jws is not None
+    kept = json.loads(new.rotation_jws)
+    assert kept == body["rotation"]  # the statement as the probe signed it
+    keydocs.verify_rotation(keydocs.open_rotation(kept, body["jwk"]), a.public_key())
+    doc, _ = _jwks(collector)
+    assert _probe_entries(doc)[kid_b]["bbprobe"]["rotation"] == body["rotation"]
+    # The past key cannot rotate again: 409 naming the current key.
+    c = _key()
+    status, data = _put(collector, _statement_body(a, c), token)
+    assert (status, data["bound_kid"]) == (409, kid_b) and kid_a in data["error"]
+
+
+def test_rotation_by_a_wrong_key_is_refused(collector: RunningCollector) -> None:
+    token = collector.add_probe("p1")
+    a, b, stranger = (_key() for _ in range(3))
+    kid_a = jose.kid_of(a.public_key())
+    assert _put(collector, {"jwk": jose.jwk_of(a.public_key())}, token)[0] == 201
+    # Signed by a key that is not p1's.
+    status, data = _put(collector, _statement_body(stranger, b), token)
+    assert (status, data["field"]) == (422, "rotation")
+    assert f"which is not a key of probe p1 (its key: {kid_a})" in data["error"]
+    # The right kid in the header, another key's signature: does not verify.
+    body = _statement_body(a, b)
+    body["rotation"]["signature"] = _statement_body(stranger, b)["rotation"]["signature"]
+    status, data = _put(collector, body, token)
+    assert (status, data["field"]) == (422, "rotation") and "signature" in data["error"]
+    # A statement handing over to another key than the one sent.
+    body = _statement_body(a, b)
+    body["jwk"] = jose.jwk_of(stranger.public_key())
+    body["proof"] = keydocs.enrolment_proof(stranger, "t")
+    status, data = _put(collector, body, token)
+    assert (status, data["field"]) == (422, "rotation") and "hands over" in data["error"]
+    # Signed by a revoked key: named revoked, with when and why.
+    with closing(collector.open_store()) as store:
+        assert store.revoke_probe_key("p1", kid_a, "2026-12-07T13:00:00.000000Z", "lost")
+    status, data = _put(collector, _statement_body(a, b), token)
+    assert status == 422 and "revoked 2026-12-07T13:00:00.000000Z: lost" in data["error"]
+    with closing(collector.open_store()) as store:
+        assert [k.kid for k in store.probe_keys("p1")] == [kid_a]  # nothing bound
+
+
+def test_one_key_on_several_probes(collector: RunningCollector) -> None:
+    """A technician's laptop measuring two lines of one collector, a token each: each
+    line's probe takes the laptop's key on first use; the JWK Set lists both bindings;
+    a rotation through one line moves both; a revoked key is named and bound nowhere."""
+    t1, t2 = collector.add_probe("line-a"), collector.add_probe("line-b")
+    laptop = _key()
+    kid = jose.kid_of(laptop.public_key())
+    body = {"jwk": jose.jwk_of(laptop.public_key()),
+            "proof": keydocs.enrolment_proof(laptop, "t")}
+    assert _put(collector, body, t1) == (201, {"kid": kid, "status": "enrolled"})
+    assert _put(collector, body, t2) == (201, {"kid": kid, "status": "enrolled"})
+    doc, _ = _jwks(collector)
+    members = [k for k in doc["keys"] if k["kid"] == kid]
+    assert sorted(m["bbprobe"]["probe"] for m in members) == ["line-a", "line-b"]
+    assert {m["bbprobe"]["status"] for m in members} == {"current"}
+    new = _key()
+    new_kid = jose.kid_of(new.public_key())
+    assert _put(collector, _statement_body(laptop, new), t1)[0] == 201
+    with closing(collector.open_store()) as store:
+        for line in ("line-a", "line-b"):
+            assert [(k.kid, k.status) for k in store.probe_keys(line)] == [
+                (kid, "past"), (new_kid, "current")]
+    assert _put(collector, _statement_body(laptop, new), t2)[1]["status"] == "known"
+    code, out, _ = _cli(collector, "probe", "key", "list", "line-b")
+    assert code == 0 and out.splitlines()[1].startswith(f"{new_kid}  current  rotation  ")
+    # Revoked on one line: the CLI names the other binding; the key is bound nowhere
+    # new, and the 409 names it.
+    code, out, err = _cli(collector, "probe", "key", "revoke", "line-a", new_kid,
+                          "--reason", "laptop stolen")
+    assert code == 0, err
+    assert "also bound to 'line-b'" in out
+    t3 = collector.add_probe("line-c")
+    status, data = _put(collector, {"jwk": jose.jwk_of(new.public_key())}, t3)
+    assert (status, data["bound_kid"]) == (409, new_kid)
+    assert "revoked on probe 'line-a'" in data["error"] and "laptop stolen" in data["error"]
+
+
+def _rot(store: Store, name: str, old: str, new: str, at: str = LATER) -> tuple[str, Any]:
+    return store.rotate_probe_key(name, old, new, f'{{"kid":"{new}"}}', at, "192.0.2.9",
+                                  f'{{"by":"{old}"}}')
+
+
+def test_store_rotation_and_shared_keys(store: Store) -> None:
+    for name in ("p1", "p2", "p3"):
+        _add(store, name)
+    assert _bind(store, "p1", "k1")[0] == "enrolled"
+    assert _bind(store, "p2", "k1")[0] == "enrolled"  # the same device on another line
+    assert _bind(store, "p3", "k9")[0] == "enrolled"
+    assert _rot(store, "nobody", "k1", "k2")[0] == "no_probe"
+    outcome, key = _rot(store, "p1", "k9", "k2")
+    assert outcome == "stale" and key is not None and key.kid == "k1"
+    assert _rot(store, "p1", "k1", "k1")[0] == "known"
+    outcome, key = _rot(store, "p1", "k1", "k2")
+    assert outcome == "rotated" and key is not None
+    assert (key.source, key.rotation_jws) == ("rotation", '{"by":"k1"}')
+    assert _rot(store, "p1", "k1", "k2")[0] == "known"
+    for name in ("p1", "p2"):  # both lines moved together
+        assert [(k.kid, k.status, k.bound_until) for k in store.probe_keys(name)] == [
+            ("k1", "past", LATER), ("k2", "current", None)]
+    assert store.probe_keys("p3")[0].status == "current"  # another device: untouched
+    assert _rot(store, "p1", "k2", "k1")[0] == "taken"  # a key of its past
+    assert store.revoke_probe_key("p3", "k9", LATER, "lost")
+    assert _rot(store, "p1", "k2", "k9")[0] == "taken"  # revoked elsewhere
+    assert _bind(store, "p1", "k9", LATER, replace=True)[0] == "taken"
+
+
+def test_concurrent_first_contacts_never_fail(store: Store) -> None:
+    """Eight first contacts of one probe at the same instant (PostgreSQL's connection
+    pool runs them at once): one key is bound, the others are told which, none fails."""
+    _add(store, "p1")
+    _add(store, "p2")
+    workers = max(1, min(8, getattr(store, "concurrency", 1)))
+
+    def first_contact(i: int) -> str:
+        return _bind(store, "p1" if i % 2 else "p2", f"k{i % 4}")[0]
+
+    with ThreadPoolExecutor(workers) as pool:
+        outcomes = list(pool.map(first_contact, range(16)))
+    assert sorted(set(outcomes)) == ["bound", "enrolled", "known"]
+    assert outcomes.count("enrolled") == 2  # one per probe
+    assert {k.status for k in store.all_probe_keys(10)} == {"current"}
+    assert len(store.all_probe_keys(10)) == 2
+
+
+def test_a_bind_that_loses_a_race_is_answered_not_failed(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read saw no key, but another transaction's committed in between (the unique
+    index says so at the insert): the binding runs again and answers from the winner's
+    row, never an integrity error (a 500)."""
+    _add(store, "p1")
+    assert _bind(store, "p1", "k1")[0] == "enrolled"
+    real = sql_probe_keys._held
+    calls: list[int] = []
+
+    def stale_once(tx: Any, probes: Any, kids: Any) -> list[ProbeKey]:
+        calls.append(1)
+        return [] if len(calls) == 1 else real(tx, probes, kids)
+
+    monkeypatch.setattr(sql_probe_keys, "_held", stale_once)
+    outcome, key = _bind(store, "p1", "k1")
+    assert outcome == "known" and key is not None and key.kid == "k1"
+    assert len(calls) == 2
+    calls.clear()
+    outcome, key = _bind(store, "p1", "k2")  # the index on the current key, this time
+    assert outcome == "bound" and key is not None and key.kid == "k1"

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from agent.app.cli import main
+from agent.spooldoc import result_of
 from collector.server.testing import RunningCollector
 from tests.httpclient import post_json, request
 
@@ -383,7 +384,7 @@ def test_results_measured_while_the_collector_is_away_are_named_on_delivery(
     first = json.loads(out)
     assert first["probe_id"] == ""
     (spooled,) = (fast_config.parent / "state" / "spool").glob("*.json")
-    assert json.loads(spooled.read_text())["probe_id"] == ""
+    assert result_of(json.loads(spooled.read_text()))["probe_id"] == ""
     code, out, err = _run(*common, "--collector", collector.url, "run", "--json")
     assert code == 0, err
     second = json.loads(out)
@@ -519,7 +520,7 @@ def test_a_result_spooled_for_one_probe_is_never_delivered_as_another(
                "sent when a run uses that identity" in " ".join(out.split())
     (spooled,) = (state / "spool").glob("*.json")
     assert first["result_id"] in spooled.name
-    assert json.loads(spooled.read_text())["probe_id"] == ""  # never rewritten
+    assert result_of(json.loads(spooled.read_text()))["probe_id"] == ""  # never rewritten
     code, out, err = _run(*common, "--collector", collector.url, "--token", token_a, "run",
                           "--json")
     assert code == 0, err

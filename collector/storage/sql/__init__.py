@@ -12,7 +12,7 @@ One module per aggregate, each a mixin over ``SqlBase`` (base.py: the dialect, t
 transactions a backend gives, the WHERE clause of a scope); ``SqlStore`` is all of them:
 
     probes.py     probes and tokens            results.py    results, gaps, packing
-    probe_keys.py the probes' public keys
+    probe_keys.py the probes' public keys      signatures.py signed results, chains
     facts.py      the facts tables as rows     reports.py    observations, rollups, facts
     outbox.py     the InfluxDB outbox          anonymous.py  browser and ndt7 tests
     fleet.py      rules, suppressions, health  alerts.py     alerts and their deliveries
@@ -35,10 +35,11 @@ from collector.storage.sql.probe_keys import ProbeKeyQueries
 from collector.storage.sql.probes import ProbeQueries
 from collector.storage.sql.reports import ReportQueries
 from collector.storage.sql.results import ResultQueries
+from collector.storage.sql.signatures import SignatureQueries
 
 
-class SqlStore(ProbeQueries, ProbeKeyQueries, ResultQueries, ReportQueries, OutboxQueries,
-               AnonymousQueries, FleetQueries, AlertQueries, CopyQueries,
-               ContractQueries):
+class SqlStore(ProbeQueries, ProbeKeyQueries, ResultQueries, SignatureQueries,
+               ReportQueries, OutboxQueries, AnonymousQueries, FleetQueries, AlertQueries,
+               CopyQueries, ContractQueries):
     """The collector's master copy of every probe and result, over one SQL backend
     (collector/storage/store.py ``Store``: each role protocol is one of the mixins)."""

@@ -12,6 +12,7 @@ from collector.storage.sql.contracts import CONTRACT_COLUMNS
 from collector.storage.sql.facts import DAY_COLUMNS
 from collector.storage.sql.probe_keys import KEY_COLUMNS
 from collector.storage.sql.probes import LINE_COLUMNS
+from collector.storage.sql.signatures import GAP_SIGNATURE_COLUMNS, SIGNATURE_COLUMNS
 
 # The copyable tables, in an order that satisfies their foreign keys: (key, columns).
 # Generated keys (browser_results.id, influx_outbox.seq) are copied as they are.
@@ -19,10 +20,13 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "probes": (("name",), ("name", "token_sha256", "created_at", "revoked_at",
                            "rotated_at", *LINE_COLUMNS)),
     "tokens": (("name",), ("name", "role", "token_sha256", "created_at", "revoked_at")),
-    "probe_keys": (("kid",), KEY_COLUMNS),
+    # One key may be bound to several probes (migration 24): keyed by both.
+    "probe_keys": (("probe_name", "kid"), KEY_COLUMNS),
     "results": (("result_id",), ("result_id", "probe_name", "schema_version", "started_at",
                                  "ended_at", "received_at", "body_sha256", "body",
                                  "clock_skew_s", "session_seq", "body_packed")),
+    # Each signed result's JWS parts (storage/sql/signatures.py).
+    "result_signatures": (("result_id",), SIGNATURE_COLUMNS),
     # Facts in their primary key's order: a page is an index range scan in both engines.
     "session_facts": (("probe_name", "started_at", "result_id"),
                       ("probe_name", "started_at", "result_id", "pings_sent", "pings_lost",
@@ -36,6 +40,8 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "gaps": (("gap_id",), ("gap_id", "probe_name", "received_at", "reason", "dropped",
                            "first_started_at", "last_started_at", "body_sha256",
                            "seq_ranges")),
+    # Each gap record whole, and its signature (storage/sql/signatures.py).
+    "gap_signatures": (("gap_id",), GAP_SIGNATURE_COLUMNS),
     "browser_results": (("id",), ("id", "received_at", "client", "body")),
     "ndt7_tests": (("uuid",), ("uuid", "test", "started_at", "ended_at", "client",
                                "end_reason", "throughput_bps", "min_rtt_ms", "body")),

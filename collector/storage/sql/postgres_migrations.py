@@ -352,6 +352,42 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     CREATE UNIQUE INDEX IF NOT EXISTS probe_keys_current ON probe_keys (probe_name)
         WHERE bound_until IS NULL
     """,
+    # 13 (SQLite's 24): signed results, each stored result's JWS parts, its kid, the
+    # chain link it names, its status, and its payload bytes (zstd, stored as they are)
+    # only when they differ from the canonical body; each gap record's canonical JSON
+    # (zstd) and, signed, its JWS parts (gap_signatures); probe keys bound per (probe, kid),
+    # with the rotation JWS that introduced a key (its source 'rotation'). Safe to run
+    # again.
+    """
+    CREATE TABLE IF NOT EXISTS result_signatures (
+        result_id TEXT PRIMARY KEY REFERENCES results(result_id),
+        kid TEXT NOT NULL,
+        protected TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        prev_sha256 TEXT,
+        payload BYTEA,
+        status TEXT NOT NULL CHECK (status IN ('verified', 'unverified')),
+        received_at TEXT NOT NULL
+    );
+    ALTER TABLE result_signatures ALTER COLUMN payload SET STORAGE EXTERNAL;
+    CREATE TABLE IF NOT EXISTS gap_signatures (
+        gap_id TEXT PRIMARY KEY REFERENCES gaps(gap_id),
+        kid TEXT,
+        protected TEXT,
+        signature TEXT,
+        payload BYTEA NOT NULL,
+        recorded_at TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('verified', 'unverified', 'unsigned'))
+    );
+    ALTER TABLE gap_signatures ALTER COLUMN payload SET STORAGE EXTERNAL;
+    ALTER TABLE probe_keys DROP CONSTRAINT IF EXISTS probe_keys_pkey;
+    ALTER TABLE probe_keys ADD CONSTRAINT probe_keys_pkey PRIMARY KEY (probe_name, kid);
+    ALTER TABLE probe_keys ADD COLUMN IF NOT EXISTS rotation_jws TEXT;
+    ALTER TABLE probe_keys DROP CONSTRAINT IF EXISTS probe_keys_source_check;
+    ALTER TABLE probe_keys ADD CONSTRAINT probe_keys_source_check
+        CHECK (source IN ('tofu', 'pinned', 'rotation'));
+    CREATE INDEX IF NOT EXISTS probe_keys_kid ON probe_keys (kid)
+    """,
 )
 
 

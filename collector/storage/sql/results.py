@@ -15,9 +15,14 @@ from agent.decoding import parse_result
 from collector import unreadable
 from collector.compliance import rollup
 from collector.storage import codec
-from collector.storage.model import InsertOutcome, NewResult, StoredResult
+from collector.storage.model import GapSignature, InsertOutcome, NewResult, StoredResult
 from collector.storage.sql.base import SqlBase, Tx, readable
 from collector.storage.sql.facts import add_to_day, insert_session_facts, rebuild_day
+from collector.storage.sql.signatures import (
+    insert_gap_signature,
+    insert_signature,
+    same_gap,
+)
 
 
 class ResultQueries(SqlBase):
@@ -56,8 +61,13 @@ class ResultQueries(SqlBase):
                 same = row is not None and (row[0] == item.body_sha256 or (
                     row[2] is None and _same_document(row[1], item.body)))
                 outcomes[index] = "duplicate" if same else "conflict"
+                if same and item.signature is not None:
+                    # Review M6: an unsigned copy stored first (a spool edited, an
+                    # older agent's resend) must not throw the genuine signature away.
+                    insert_signature(tx, item, stored_sha256=row[0] if row else None)
                 continue
             insert_session_facts(tx, item.facts, item.probe_name)
+            insert_signature(tx, item)
             if self.outbox:
                 tx.run("INSERT INTO influx_outbox (result_id, queued_at) VALUES (?, ?)",
                        (item.result_id, item.received_at))
@@ -73,7 +83,11 @@ class ResultQueries(SqlBase):
 
     def insert_gap(self, gap_id: str, probe_name: str, received_at: str, reason: str,
                    dropped: int, first: str, last: str, body_sha256: str,
-                   seq_ranges: Sequence[tuple[int, int]] = ()) -> InsertOutcome:
+                   seq_ranges: Sequence[tuple[int, int]] = (),
+                   signature: GapSignature | None = None) -> InsertOutcome:
+        """Store a gap record once, with ``signature`` (the record whole: table
+        gap_signatures). Same id and content again: "duplicate" (a signed copy of a
+        record stored unsigned adds its signature); other content: "conflict"."""
         def work(tx: Tx) -> InsertOutcome:
             added = tx.run(
                 "INSERT INTO gaps (gap_id, probe_name, received_at, reason, dropped, "
@@ -82,7 +96,11 @@ class ResultQueries(SqlBase):
                 (gap_id, probe_name, received_at, reason, dropped, first, last, body_sha256,
                  json.dumps([list(r) for r in seq_ranges])))
             if added:
+                if signature is not None:
+                    insert_gap_signature(tx, gap_id, signature)
                 return "stored"
+            if same_gap(tx, gap_id, signature):
+                return "duplicate"
             row = tx.one("SELECT body_sha256 FROM gaps WHERE gap_id = ?", (gap_id,))
             return "duplicate" if row is not None and row[0] == body_sha256 else "conflict"
 
@@ -120,6 +138,30 @@ class ResultQueries(SqlBase):
                 "AND session_seq IS NOT NULL ORDER BY probe_name, session_seq", params):
             out.setdefault(probe, []).append((int(seq), int(seq)))
         return out
+
+    def gap_seq_reasons(self, probes: Sequence[str] | None
+                        ) -> dict[str, list[tuple[int, int, str]]]:
+        """Each gap record's dropped sequence ranges with the reason the probe gave
+        (agent/spool.py: the spool full, the disk full...), by probe, one entry per
+        range; recorded deletions are not gap records and are not here."""
+        where, params = self._scope(probes, None, None)
+        out: dict[str, list[tuple[int, int, str]]] = {}
+        for probe, ranges, reason in self._read(
+                f"SELECT probe_name, seq_ranges, reason FROM gaps WHERE {where} "
+                "ORDER BY probe_name, first_started_at, gap_id", params):
+            out.setdefault(probe, []).extend(
+                (int(a), int(b), str(reason)) for a, b in json.loads(ranges))
+        return out
+
+    def signing_keys(self, kids: Sequence[str]) -> dict[str, str]:
+        """The public JWK (JSON text, as bound) of each of ``kids`` any probe holds or
+        held: what a stored signature names, whichever probe it is bound to."""
+        if not kids:
+            return {}
+        clause, param = self.dialect.in_list("kid", sorted(set(kids)))
+        return {kid: jwk for kid, jwk in self._read(
+            f"SELECT kid, jwk FROM probe_keys WHERE {clause} ORDER BY kid, bound_from",
+            [param])}
 
     GAP_KEYS = ("gap_id", "probe_id", "received_at", "reason", "dropped",
                 "first_started_at", "last_started_at")
@@ -206,7 +248,7 @@ class ResultQueries(SqlBase):
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                    (result_id, probe, started, seq, digest, deleted_at, deleted_by, reason))
             for table in ("transfer_facts", "session_facts", "influx_outbox",
-                          "influx_dead_letters", "results"):
+                          "influx_dead_letters", "result_signatures", "results"):
                 tx.run(f"DELETE FROM {table} WHERE result_id = ?", (result_id,))
             rebuild_day(tx, probe, rollup.day_of(started), self.dialect.for_update,
                         refill=unreadable.canonical_time(started))

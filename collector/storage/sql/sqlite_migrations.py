@@ -39,6 +39,77 @@ def _metrics_role_and_rotation(tx: Tx) -> None:
             tx.run(statement)
 
 
+_RESULT_SIGNATURES = """
+    CREATE TABLE IF NOT EXISTS result_signatures (
+        result_id TEXT PRIMARY KEY REFERENCES results(result_id),
+        kid TEXT NOT NULL,
+        protected TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        prev_sha256 TEXT,
+        payload BLOB,
+        status TEXT NOT NULL CHECK (status IN ('verified', 'unverified')),
+        received_at TEXT NOT NULL
+    )
+    """
+
+# Each gap record's canonical JSON as delivered (zstd; a few hundred bytes) and, when the
+# probe signed it, the JWS parts; every record stored from migration 24 has a row.
+_GAP_SIGNATURES = """
+    CREATE TABLE IF NOT EXISTS gap_signatures (
+        gap_id TEXT PRIMARY KEY REFERENCES gaps(gap_id),
+        kid TEXT,
+        protected TEXT,
+        signature TEXT,
+        payload BLOB NOT NULL,
+        recorded_at TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('verified', 'unverified', 'unsigned'))
+    )
+    """
+
+_PROBE_KEYS_BY_PROBE = """
+    CREATE TABLE probe_keys_new (
+        probe_name TEXT NOT NULL REFERENCES probes (name),
+        kid TEXT NOT NULL,
+        jwk TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('tofu', 'pinned', 'rotation')),
+        first_seen_at TEXT NOT NULL,
+        first_seen_address TEXT,
+        bound_from TEXT NOT NULL,
+        bound_until TEXT,
+        revoked_at TEXT,
+        revoked_reason TEXT,
+        rotation_jws TEXT,
+        PRIMARY KEY (probe_name, kid)
+    );
+    INSERT INTO probe_keys_new (probe_name, kid, jwk, source, first_seen_at,
+        first_seen_address, bound_from, bound_until, revoked_at, revoked_reason)
+        SELECT probe_name, kid, jwk, source, first_seen_at, first_seen_address,
+        bound_from, bound_until, revoked_at, revoked_reason FROM probe_keys;
+    DROP TABLE probe_keys;
+    ALTER TABLE probe_keys_new RENAME TO probe_keys
+    """
+
+
+def _result_signatures(tx: Tx) -> None:
+    """Migration 24: each signed result's JWS parts (storage/sql/signatures.py), each gap
+    record whole (signed or not: storage/sql/signatures.py), and probe
+    keys bound per (probe, kid), with the rotation JWS that introduced a key. Safe to run
+    again (a database rewound by a repair or a test): the table is made if missing, and
+    probe_keys is rebuilt only while it lacks rotation_jws (SQLite cannot change a
+    primary key in place: the small table is copied into one keyed by both columns)."""
+    tx.run(_RESULT_SIGNATURES)
+    tx.run(_GAP_SIGNATURES)
+    if "rotation_jws" not in {row[1] for row in tx.rows("PRAGMA table_info(probe_keys)")}:
+        for statement in _PROBE_KEYS_BY_PROBE.split(";"):
+            if statement.strip():
+                tx.run(statement)
+    # The indexes went with the old table; a kid is looked up across probes too.
+    tx.run("CREATE INDEX IF NOT EXISTS probe_keys_probe ON probe_keys (probe_name, bound_from)")
+    tx.run("CREATE UNIQUE INDEX IF NOT EXISTS probe_keys_current ON probe_keys (probe_name) "
+           "WHERE bound_until IS NULL")
+    tx.run("CREATE INDEX IF NOT EXISTS probe_keys_kid ON probe_keys (kid)")
+
+
 MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     """
     CREATE TABLE probes (
@@ -409,4 +480,14 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     CREATE UNIQUE INDEX IF NOT EXISTS probe_keys_current ON probe_keys (probe_name)
         WHERE bound_until IS NULL;
     """,
+    # 24: signed results (issue 27): each stored result's JWS as received, its key
+    # (kid), the chain link it names (prev_sha256) and whether its signature was
+    # checked against a bound key ('verified') or the probe had none yet
+    # ('unverified'); the payload bytes (zstd) only when they differ from the stored
+    # canonical body (a result spooled before the probe knew its name). Each gap record's
+    # canonical JSON and, signed, its JWS parts (gap_signatures). And one key
+    # may be bound to several probes (a technician's laptop on several lines): probe_keys
+    # keyed by (probe_name, kid), with the rotation JWS by the old key that introduced
+    # a key (rotation_jws; its source 'rotation').
+    _result_signatures,
 )
