@@ -59,9 +59,9 @@ from agent.spool import result_json
 from benchmarks.ingest import (
     COLLECTOR,
     PLACEHOLDER,
-    _cpu_s,
     _peak_rss_mib,
     _stored_sqlite,
+    load,
     real_documents,
 )
 from collector.server.testing import bound_url
@@ -104,50 +104,6 @@ def collector(work: Path, key: Ed25519PrivateKey | None
         server.communicate(timeout=60)
 
 
-async def load(url: str, token: str, make: Callable[[], bytes], clients: int,
-               seconds: float, pid: int, warmup: float = 3.0) -> tuple[int, int, float]:
-    """(stored, errors, collector CPU s) in the counted window; each body from ``make``,
-    alone in a batch."""
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    start = time.monotonic()
-    counted_from, until = start + warmup, start + warmup + seconds
-    ok = errors = 0
-    cpu: dict[str, float] = {}
-
-    async def client() -> None:
-        nonlocal ok, errors
-        connector = aiohttp.TCPConnector(limit=1, force_close=True)
-        async with aiohttp.ClientSession(connector=connector,
-                                         timeout=aiohttp.ClientTimeout(total=120)) as http:
-            while time.monotonic() < until:
-                body = b'{"results":[' + make() + b"]}"
-                try:
-                    async with http.post(url + "/api/v1/results/batch", data=body,
-                                         headers=headers) as resp:
-                        reply = await resp.read()
-                        status = json.loads(reply)["items"][0]["status"] \
-                            if resp.status == 200 else resp.status
-                except (aiohttp.ClientError, TimeoutError):
-                    status = 0
-                if counted_from <= time.monotonic() <= until:
-                    if status == 201:
-                        ok += 1
-                    else:
-                        errors += 1
-
-    async def meter() -> None:
-        await asyncio.sleep(max(0.0, counted_from - time.monotonic()))
-        cpu["from"] = _cpu_s(pid)
-        await asyncio.sleep(max(0.0, until - time.monotonic()))
-        cpu["until"] = _cpu_s(pid)
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(meter())
-        for _ in range(clients):
-            group.create_task(client())
-    return ok, errors, cpu["until"] - cpu["from"]
-
-
 def bench_ingest(args: argparse.Namespace) -> None:
     key = Ed25519PrivateKey.generate()
     with tempfile.TemporaryDirectory(prefix="bbprobe-evidence-") as tmp:
@@ -172,8 +128,9 @@ def bench_ingest(args: argparse.Namespace) -> None:
             for _ in range(args.rounds):
                 for mode, make in (("plain", plain), ("signed", signed)):
                     with collector(work, key) as (url, token, pid, stored, _cfg):
-                        ok, errors, cpu = asyncio.run(load(url, token, make, args.clients,
-                                                           args.seconds, pid))
+                        ok, errors, cpu = asyncio.run(load(url, token, b"", args.clients,
+                                                           args.seconds, pid, batch=True,
+                                                           make=make))
                         peak = _peak_rss_mib(pid)
                     size, count = stored()
                     row = (ok / args.seconds, 1000 * cpu / ok if ok else float("nan"), peak,

@@ -190,13 +190,19 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 async def load(url: str, token: str, body: bytes, clients: int, seconds: float, pid: int,
-               warmup: float = 3.0, batch: bool = False) -> tuple[int, int, float]:
+               warmup: float = 3.0, batch: bool = False,
+               make: Callable[[], bytes] | None = None) -> tuple[int, int, float]:
     """(acknowledged, errors, collector CPU seconds) in the counted window. ``batch``:
-    each result goes alone in a batch request, as the agent delivers it."""
+    each result goes alone in a batch request, as the agent delivers it. ``make``: each
+    request's document from it (benchmarks/evidence.py signs each), else ``body`` with a
+    fresh result id."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     path = "/api/v1/results/batch" if batch else "/api/v1/results"
-    if batch:
-        body = b'{"results":[' + body + b"]}"
+
+    def fresh() -> bytes:
+        return body.replace(PLACEHOLDER.encode(), str(uuid.uuid4()).encode())
+
+    one = make or fresh
     start = time.monotonic()
     counted_from, until = start + warmup, start + warmup + seconds
     ok = errors = 0
@@ -208,7 +214,9 @@ async def load(url: str, token: str, body: bytes, clients: int, seconds: float, 
         async with aiohttp.ClientSession(connector=connector,
                                          timeout=aiohttp.ClientTimeout(total=120)) as http:
             while time.monotonic() < until:
-                doc = body.replace(PLACEHOLDER.encode(), str(uuid.uuid4()).encode())
+                doc = one()
+                if batch:
+                    doc = b'{"results":[' + doc + b"]}"
                 try:
                     async with http.post(url + path, data=doc, headers=headers) as resp:
                         reply = await resp.read()
