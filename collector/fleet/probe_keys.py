@@ -39,6 +39,8 @@ MAX_KEY_FILE_BYTES = 16 * 1024
 # some 20 MB at most, made at most once per JWKS_CACHE_S). Beyond it the set is cut, and
 # says so.
 JWKS_MAX_KEYS = 30_000
+# The most keys a probe's history may reach by its own rotations (``rotate``).
+MAX_ROTATED_KEYS = 64
 JWKS_CACHE_S = 60.0
 
 
@@ -166,6 +168,15 @@ def rotate(store: ProbeKeyStore, name: str, new_key: Ed25519PublicKey, statement
         keydocs.verify_rotation(rot, jose.public_key_of_jwk(json.loads(old.jwk)))
     except jose.JoseError as exc:
         raise Unacceptable(f"{exc} (key {old.kid} of probe {name})", "rotation") from None
+    if len(held) >= MAX_ROTATED_KEYS:
+        # Every key a probe ever held stays (what it signed must stay verifiable), and
+        # the public JWK Set lists them all: a probe rotating without end would push the
+        # other probes' keys out of it (JWKS_MAX_KEYS). A device rotates a few times in
+        # its life; past this, an admin decides (`probe key set`).
+        raise KeyConflict(f"probe {name} already has {len(held)} keys in its history, "
+                          f"the most a probe may rotate to ({MAX_ROTATED_KEYS}); an admin "
+                          "binds a new key with `bbprobe-collector probe key set`",
+                          old.kid)
     outcome, key = store.rotate_probe_key(name, old.kid, new_kid, jwk, at, address,
                                           keydocs.text_of(rot.jws))
     if outcome == "no_probe":

@@ -4,6 +4,7 @@ JWK Set (GET /.well-known/bbprobe-keys.json), and the store's part on both backe
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -534,3 +535,27 @@ def test_a_bind_that_loses_a_race_is_answered_not_failed(
     calls.clear()
     outcome, key = _bind(store, "p1", "k2")  # the index on the current key, this time
     assert outcome == "bound" and key is not None and key.kid == "k1"
+
+
+def test_rotations_stop_at_the_history_cap(store: Store, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """A probe rotating without end would push every other probe's keys out of the
+    public JWK Set (JWKS_MAX_KEYS): its own rotations stop at MAX_ROTATED_KEYS keys (409
+    naming its current key), and another probe's keys are untouched. Both backends."""
+    from collector.fleet import probe_keys
+
+    monkeypatch.setattr(probe_keys, "MAX_ROTATED_KEYS", 3)
+    _add(store, "hostile")
+    _add(store, "other")
+    keys_ = [_key() for _ in range(4)]
+    probe_keys.bind(store, "other", _key().public_key(), "tofu", AT)
+    probe_keys.bind(store, "hostile", keys_[0].public_key(), "tofu", AT)
+    for old, new in itertools.pairwise(keys_[:3]):
+        fresh, _ = probe_keys.rotate(store, "hostile", new.public_key(),
+                                     keydocs.rotation(old, new.public_key(), AT), AT)
+        assert fresh
+    with pytest.raises(probe_keys.KeyConflict, match="3 keys in its history") as refused:
+        probe_keys.rotate(store, "hostile", keys_[3].public_key(),
+                          keydocs.rotation(keys_[2], keys_[3].public_key(), AT), AT)
+    assert refused.value.bound_kid == jose.kid_of(keys_[2].public_key())
+    assert len(store.probe_keys("hostile")) == 3 and len(store.probe_keys("other")) == 1
