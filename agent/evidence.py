@@ -23,7 +23,6 @@ split at the largest power of two below the count; the empty tree is SHA-256("")
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import json
 import re
@@ -33,13 +32,13 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
 from agent import jose
+from agent.canonical import sha256_hex
 from agent.jose import JoseError
 
 RESULT_TYP = "bbprobe-result"
@@ -50,10 +49,6 @@ CERTIFICATE_TYP = "bbprobe-certificate"
 GAP_TYP = "bbprobe-gap"
 JWS_MEMBERS = frozenset({"protected", "payload", "signature"})
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def is_jws(doc: Any) -> bool:
@@ -138,11 +133,10 @@ def _check_members(jws: Any) -> None:
 def verify(signed: SignedResult, public_key: Ed25519PublicKey) -> None:
     """Raises JoseError unless ``public_key`` signed ``signed`` (``open_result`` checked
     its form and decoded its payload once; jose.verify_flattened would do both again,
-    and work out the key's thumbprint, with its curve check, for every result)."""
+    again)."""
     if not isinstance(public_key, Ed25519PublicKey):
         raise JoseError(f"not an Ed25519 public key ({type(public_key).__name__})")
-    expected = _kid_of_raw(public_key.public_bytes(serialization.Encoding.Raw,
-                                                   serialization.PublicFormat.Raw))
+    expected = jose.kid_of(public_key)
     if signed.kid != expected:
         raise JoseError(f"protected header: kid {signed.kid[:40]!r} is not the key's "
                         f"thumbprint {expected!r}")
@@ -155,13 +149,6 @@ def verify(signed: SignedResult, public_key: Ed25519PublicKey) -> None:
     except InvalidSignature:
         raise JoseError("signature: does not verify over the protected header and "
                         "payload (one of them, or the signature, was changed)") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def _kid_of_raw(raw: bytes) -> str:
-    """A public key's thumbprint by its 32 bytes, worked out once per key (a probe signs
-    thousands of results with one)."""
-    return jose.thumbprint({"kty": jose.KEY_TYPE, "crv": jose.CURVE, "x": jose.b64url(raw)})
 
 
 def loads_payload(payload: bytes) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -153,7 +154,14 @@ def thumbprint(jwk: Mapping[str, Any]) -> str:
 
 def kid_of(public_key: Ed25519PublicKey) -> str:
     """The public key's RFC 7638 thumbprint, the ``kid`` of what it signs."""
-    return thumbprint(jwk_of(public_key))
+    return _kid_of_raw(_public_raw(public_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _kid_of_raw(raw: bytes) -> str:
+    """Worked out once per key (with its curve check): a collector checks thousands of
+    results signed by one key, and a verifier a campaign of them."""
+    return thumbprint({"kty": KEY_TYPE, "crv": CURVE, "x": b64url(raw)})
 
 
 def pem_of(public_key: Ed25519PublicKey) -> str:

@@ -48,6 +48,7 @@ from typing import Any, Protocol, cast
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__, evidence, jose
+from agent.canonical import sha256_hex
 from agent.decoding import parse_result
 from agent.schedule import fills_band
 from agent.schema import parse_utc, utc_now
@@ -215,13 +216,13 @@ def _session_file(body_text: str, sig: StoredSignature | None
     M5). A body that no longer parses is carried as stored: the verifier names it."""
     body = body_text.encode("utf-8")
     if sig is not None:
-        digest = evidence.sha256_hex(sig.payload if sig.payload is not None else body)
+        digest = sha256_hex(sig.payload if sig.payload is not None else body)
         return P.dumps(sig.jws(body)), digest, sig.kid, sig.status
     try:
         member = codec.canonical(parse_result(json.loads(body)))
     except ValueError:
         member = body
-    return member, evidence.sha256_hex(member), None, "unsigned"
+    return member, sha256_hex(member), None, "unsigned"
 
 
 def _neighbours(links: Sequence[evidence.Link], listed: set[str], seqs: Sequence[int]
