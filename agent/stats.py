@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +88,37 @@ class Moments:
         return math.sqrt(self.m2 / (self.n - 1)) if self.n >= 2 else None
 
 
+def percentile_ranks(n: int, p: float, method: PercentileMethod = "linear") -> tuple[int, ...]:
+    """The 0-based order statistics (indices into the ascending values) the p-th
+    percentile of n values reads: one for ``nearest_rank``, one or two for ``linear``.
+    A store that selects order statistics instead of sorting (exact at any size) asks
+    for these, and ``percentile_from`` does the same arithmetic as ``percentile``."""
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {p}")
+    if n <= 0:
+        return ()
+    if method == "nearest_rank":
+        return (max(1, math.ceil(n * p / 100)) - 1,)
+    low = math.floor((n - 1) * p / 100)
+    high = min(low + 1, n - 1)
+    return (low,) if high == low else (low, high)
+
+
+def percentile_from(ranked: Mapping[int, float], n: int, p: float,
+                    method: PercentileMethod = "linear") -> float | None:
+    """The p-th percentile of n values from their order statistics ``ranked`` (0-based
+    index -> value; at least ``percentile_ranks(n, p, method)``)."""
+    ranks = percentile_ranks(n, p, method)
+    if not ranks:
+        return None
+    if method == "nearest_rank":
+        return ranked[ranks[0]]
+    h = (n - 1) * p / 100
+    low = ranks[0]
+    high = ranks[-1]
+    return ranked[low] + (h - low) * (ranked[high] - ranked[low])
+
+
 def percentile(
     values: Sequence[float], p: float, method: PercentileMethod = "linear",
     *, presorted: bool = False,
@@ -106,13 +137,8 @@ def percentile(
         return None
     ordered = values if presorted else sorted(values)
     n = len(ordered)
-    if method == "nearest_rank":
-        rank = max(1, math.ceil(n * p / 100))
-        return ordered[rank - 1]
-    h = (n - 1) * p / 100
-    low = math.floor(h)
-    high = min(low + 1, n - 1)
-    return ordered[low] + (h - low) * (ordered[high] - ordered[low])
+    return percentile_from({r: ordered[r] for r in percentile_ranks(n, p, method)}, n, p,
+                           method)
 
 
 def median(values: Sequence[float]) -> float | None:

@@ -87,6 +87,11 @@ class StorageConfig:
     # PostgreSQL: a libpq connection URI, postgresql://user@host:5432/dbname?sslmode=...
     # Keep the password out of it: password_credential, or libpq's $PGPASSWORD/~/.pgpass.
     url: str = ""
+    # PostgreSQL: a second libpq URI, a streaming replica (hot standby) of url, that
+    # analysts' reads use (reports, certificates, exports, listings, completeness: the
+    # CLI commands and the analyst API routes); ingest, authentication and every write
+    # stay on url. Same password handling as url. Empty: everything on url.
+    read_url: str = ""
     # The systemd credential holding the password (LoadCredential=NAME:PATH).
     password_credential: str = ""
     # Connections per collector process (and database threads serving requests).
@@ -181,6 +186,18 @@ class ComplianceConfig:
     # file's path, or the name of a table shipped with bbprobe, or "" for the shipped
     # default (bt-italia-2013).
     targets: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    # The minimum-sample rule (collector/compliance/uncertainty.py): a figure on fewer
+    # samples, or whose 95 % interval does not exist, is shown "not enough data" on
+    # reports and certificates instead of a number nobody could defend (Ofcom publishes
+    # only figures whose intervals are narrow enough). Verdicts are unchanged by it.
+    # The default is uncertainty.DEFAULT_MIN_SAMPLES (not imported: config sits below
+    # compliance; test_uncertainty checks they agree).
+    min_samples: int = field(default=30,
+                             metadata=bounds(ge=1, le=1_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +335,7 @@ class CollectorConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+    reports: ReportsConfig = field(default_factory=ReportsConfig)
     anonymous: AnonymousConfig = field(default_factory=AnonymousConfig)
     influxdb: InfluxConfig = field(default_factory=InfluxConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
@@ -462,6 +480,11 @@ def parse(data: Mapping[str, Any], source: str = "<config>",
     elif storage.url:
         raise ConfigError(f"{source}: storage.url: only for backend \"postgresql\" "
                           "(SQLite uses storage.path)")
+    if storage.read_url and (storage.backend != "postgresql" or not storage.read_url.startswith(
+            ("postgresql://", "postgres://"))):
+        raise ConfigError(f"{source}: storage.read_url: a replica's connection URI, "
+                          "postgresql://user@replica:5432/dbname, only with backend "
+                          "\"postgresql\"")
     influx = cfg.influxdb
     if influx.enabled:
         if problem := url_problem(influx.url):

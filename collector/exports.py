@@ -99,6 +99,29 @@ def to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
+# --- The 95 % confidence interval of a figure (collector/compliance/uncertainty.py) -------
+# Appended columns and a nested object, never a changed one: a reader of the older
+# layout reads the newer unchanged. ``enough_data`` false: the minimum-sample rule says
+# the figure is not to be published (the numbers are still given, for analysts).
+CI95_COLUMNS = ("ci95_low", "ci95_high", "ci_method", "enough_data")
+
+
+def ci95_dict(interval: Any) -> dict[str, Any] | None:
+    """The JSON object of an ``uncertainty.Interval`` (None: none computed)."""
+    if interval is None:
+        return None
+    return {"low": interval.low, "high": interval.high, "method": interval.method,
+            "samples": interval.samples, "enough_data": interval.enough}
+
+
+def ci95_cells(interval: Any) -> dict[str, Any]:
+    """The CSV cells of an ``uncertainty.Interval`` (empty when none computed)."""
+    if interval is None:
+        return dict.fromkeys(CI95_COLUMNS)
+    return {"ci95_low": interval.low, "ci95_high": interval.high,
+            "ci_method": interval.method, "enough_data": interval.enough}
+
+
 # --- The line certificate --------------------------------------------------------------
 
 # One row per check, with the certificate's line, campaign and verdict on every row (a
@@ -107,7 +130,8 @@ def to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
 CERTIFICATE_COLUMNS = ("probe_id", "family", "id", "name", "unit", "breach_if",
                        "threshold", "observed", "samples", "breach", "informational",
                        "verdict", "rule", "timezone", "sessions", "bands_filled",
-                       "first_session_at", "last_session_at", "contract_versions")
+                       "first_session_at", "last_session_at", "contract_versions",
+                       *CI95_COLUMNS)
 
 
 def certificate_rows(cert: Any) -> list[dict[str, Any]]:
@@ -122,5 +146,6 @@ def certificate_rows(cert: Any) -> list[dict[str, Any]]:
              "sessions": len(cert.sessions), "bands_filled": filled,
              "first_session_at": cert.first, "last_session_at": cert.last,
              # The line's contract version(s) used ("1", "1;2"; empty: no history).
-             "contract_versions": ";".join(str(v.version) for v in cert.contracts)}
+             "contract_versions": ";".join(str(v.version) for v in cert.contracts),
+             **ci95_cells(c.interval)}
             for c in cert.checks]

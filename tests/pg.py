@@ -93,23 +93,52 @@ def _as_server_user(cmd: list[str]) -> list[str]:
 
 
 @contextmanager
-def cluster(*, durable: bool = False) -> Iterator[Cluster]:
+def cluster(*, durable: bool = False, keep: Path | None = None) -> Iterator[Cluster]:
     """Start a cluster; ``durable=False`` turns fsync off (tests: speed, not crash
-    safety); benchmarks pass True to measure PostgreSQL as deployed."""
+    safety); benchmarks pass True to measure PostgreSQL as deployed. ``keep``: the
+    cluster lives in this directory, made on the first call, started again by later
+    ones, and stopped cleanly (not removed) at the end (a benchmark loads a large
+    fleet once and measures it later)."""
     binaries = bindir()
     if binaries is None:
         raise RuntimeError("no PostgreSQL binaries")
-    root = Path(tempfile.mkdtemp(prefix="bbprobe-pg-"))
+    root = keep if keep is not None else Path(tempfile.mkdtemp(prefix="bbprobe-pg-"))
     data, sockets = root / "data", root / "run"
-    data.mkdir()
-    sockets.mkdir()
+    pwfile = root / "pw"
+    fresh = not (data / "PG_VERSION").exists()
+    if fresh:
+        _init(binaries, root, data, sockets, pwfile, durable)
+    password = pwfile.read_text().strip()
+    port = _free_port()
+    log = root / "server.log"
+    subprocess.run(_as_server_user(
+        [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+         "-o", f"-p {port}", "start"]), check=True, capture_output=True, timeout=90)
+    made = Cluster(port, sockets, password, binaries)
+    try:
+        if fresh:
+            made.psql(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
+        yield made
+    finally:
+        subprocess.run(_as_server_user(
+            [str(binaries / "pg_ctl"), "-D", str(data), "-m",
+             "fast" if keep is not None else "immediate", "-w", "-t", "600",
+             "stop"]), check=False, capture_output=True, timeout=900)
+        time.sleep(0.1)
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _init(binaries: Path, root: Path, data: Path, sockets: Path, pwfile: Path,
+          durable: bool) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    data.mkdir(exist_ok=True)
+    sockets.mkdir(exist_ok=True)
     if os.geteuid() == 0:
         entry = pwd.getpwnam("postgres")
         for path in (root, data, sockets):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    password = secrets.token_urlsafe(18)
-    pwfile = root / "pw"
-    pwfile.write_text(password + "\n")
+    pwfile.write_text(secrets.token_urlsafe(18) + "\n")
     if os.geteuid() == 0:
         os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
     pwfile.chmod(0o600)
@@ -117,25 +146,10 @@ def cluster(*, durable: bool = False) -> Iterator[Cluster]:
         [str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
          "--auth-host=scram-sha-256", "--pwfile", str(pwfile), "-E", "UTF8",
          "--locale=C.UTF-8"]), check=True, capture_output=True, timeout=120)
-    port = _free_port()
-    settings = [f"port = {port}", "listen_addresses = '127.0.0.1'",
+    settings = ["listen_addresses = '127.0.0.1'",
                 f"unix_socket_directories = '{sockets}'", "max_connections = 200",
                 "shared_buffers = 128MB", "logging_collector = off"]
     if not durable:
         settings += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
     with (data / "postgresql.conf").open("a") as conf:
         conf.write("\n".join(settings) + "\n")
-    log = root / "server.log"
-    subprocess.run(_as_server_user(
-        [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-         "start"]), check=True, capture_output=True, timeout=90)
-    made = Cluster(port, sockets, password, binaries)
-    try:
-        made.psql(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
-        yield made
-    finally:
-        subprocess.run(_as_server_user(
-            [str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "60",
-             "stop"]), check=False, capture_output=True, timeout=90)
-        time.sleep(0.1)
-        shutil.rmtree(root, ignore_errors=True)

@@ -69,7 +69,10 @@ def load_config(ctx: click.Context, **overrides: Any) -> CollectorConfig:
     db = given.get("db")
     chosen: dict[str, Any] = {"storage.path": db}
     if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
-        chosen = {"storage.backend": "postgresql", "storage.url": db}
+        # The database named is the one read: not the config's replica of another.
+        chosen = {"storage.backend": "postgresql", "storage.url": db, "storage.read_url": ""}
+    elif db is not None:
+        chosen["storage.read_url"] = ""
     merged = {k: v for k, v in {**chosen, **overrides}.items() if v is not None}
     # A command reads the config more than once: each warning is printed once.
     warned: set[str] = given.setdefault("warned", set())
@@ -89,15 +92,18 @@ def shown(value: str) -> str:
 
 
 @contextmanager
-def database(ctx: click.Context, create: bool = False) -> Iterator[Store]:
+def database(ctx: click.Context, create: bool = False, read_only: bool = False
+             ) -> Iterator[Store]:
     """The configured database, closed however the command ends. Only the commands that
     set a collector up (init, probe add, token add) may create it: a typo in --db must
-    not quietly open a new, empty database and report nothing."""
+    not quietly open a new, empty database and report nothing. ``read_only``: an
+    analyst's command (reports, certificates, exports, listings), which reads the
+    replica storage.read_url when one is set."""
     storage = load_config(ctx).storage
     if storage.backend == "sqlite" and not create and not Path(storage.path).exists():
         raise InputError(f"no database at {storage.path} (check --db or storage.path; "
                          "`bbprobe-collector init` creates one)")
-    store = open_store(storage)
+    store = open_store(storage, read_only=read_only)
     try:
         yield store
     finally:

@@ -12,6 +12,8 @@ import click
 
 from collector import __version__
 from collector.cli import alerts, fleet, probes, reports, results, serve, store, tickets, verify
+from collector.cli import export as export_command
+from collector.cli import partitions as partitions_command
 from collector.cli.common import shared_options
 
 
@@ -28,3 +30,5 @@ def main(ctx: click.Context) -> None:
 for _module in (serve, probes, reports, store, fleet, alerts, results, tickets, verify):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+main.add_command(export_command.export)
+main.add_command(partitions_command.partitions_group)

@@ -30,7 +30,7 @@ from collector.cli.common import (
 from collector.compliance import targets as targets_mod
 from collector.errors import InputError
 from collector.reports import html as html_report
-from collector.reports import service
+from collector.reports import semester, service
 from collector.reports import text as formats
 from collector.scope import Scope, check_timezone, parse_network
 
@@ -45,7 +45,7 @@ from collector.scope import Scope, check_timezone, parse_network
 def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
             period: str | None, limit: int | None, fmt: str, **filters: Any) -> None:
     """List stored results with their summaries."""
-    with database(ctx) as store:
+    with database(ctx, read_only=True) as store:
         where = chosen_scope(store, probes, since, until, period, filters)
         rows = service.listing(store, where, limit)
     emit_as(fmt, json=lambda: formats.format_json({"results": rows}),
@@ -74,25 +74,44 @@ def results(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, u
 @click.option("--by", "by", multiple=True, type=click.Choice(service.BREAKDOWN),
               help="One report per group: by line metadata and/or semester (repeatable: "
                    "--by region --by semester, as MisuraInternet publishes).")
+@click.option("--layout", type=click.Choice(("standard", "semester")), default="standard",
+              show_default=True,
+              help="semester: AGCOM's semester tables (delibera 156/23/CONS), a row per "
+                   "region and technology for each semester and the year, every figure "
+                   "with its 95 % interval and samples (csv or html; needs a period).")
 @click.pass_context
 @handle_errors
 def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, until: str | None,
            period: str | None, targets_path: str | None, fmt: str, output: str | None,
            timezone: str, include_invalid: bool, include_customer: bool,
-           customer_network: str | None, by: tuple[str, ...], **filters: Any) -> None:
+           customer_network: str | None, by: tuple[str, ...], layout: str,
+           **filters: Any) -> None:
     """Compliance report: each Allegato 2 indicator against its target, for probes chosen
     by name or by line metadata, over a calendar period or a time range; or one per
-    group with --by."""
+    group with --by; or AGCOM's semester tables with --layout semester."""
     cfg = load_config(ctx)
     table = targets_mod.load(targets_path or cfg.compliance.targets)
     customers = service.Customers(include_customer, parse_network(
         customer_network, "--customer-network"))
+    if layout == "semester":
+        semester.check_request(fmt, by, include_customer)
     if by and fmt == "html":
         raise InputError("--by: the HTML report is of one scope; use text, json or csv")
-    with database(ctx) as store:
+    with database(ctx, read_only=True) as store:
         where = chosen_scope(store, probes, since, until, period, filters)
+        if layout == "semester":
+            rows, sample = semester.gather(where, lambda scope, groups: service.breakdown(
+                store, scope, table, groups, include_invalid,
+                min_samples=cfg.reports.min_samples))
+            if fmt == "csv":
+                emit(semester.to_csv(rows), output)
+            else:
+                emit(semester.render(rows, where, sample, utc_now(), check_timezone(timezone)),
+                     output or "bbprobe-semester.html")
+            return
         if by:
-            parts = service.breakdown(store, where, table, by, include_invalid, customers)
+            parts = service.breakdown(store, where, table, by, include_invalid, customers,
+                                      min_samples=cfg.reports.min_samples)
             text = {"json": lambda: formats.format_json(formats.breakdown_dict(by, parts)),
                     "csv": lambda: formats.format_csv(formats.breakdown_rows(by, parts),
                                                       (*by, *formats.REPORT_COLUMNS)),
@@ -100,12 +119,14 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
             emit(text, output)
             return
         if fmt == "html":
-            view = service.report_view(store, where, table, include_invalid, customers)
+            view = service.report_view(store, where, table, include_invalid, customers,
+                                       min_samples=cfg.reports.min_samples)
             text = html_report.render_view(view, check_timezone(timezone), utc_now())
             output = output or "bbprobe-report.html"
         else:
             result = service.compliance(store, where, table, include_invalid, customers,
-                                        check_timezone(timezone))
+                                        check_timezone(timezone),
+                                        min_samples=cfg.reports.min_samples)
     if fmt == "json":
         text = json.dumps(formats.report_dict(result, where), indent=2,
                           ensure_ascii=False) + "\n"
@@ -131,7 +152,7 @@ def samples(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,
     """Export the per-test samples of a scope as CSV (probe_id,timestamp,kind,value,ok,unit):
     the input of `evaluate --samples`, so a scope can be re-evaluated offline, against
     other targets or in a spreadsheet."""
-    with database(ctx) as store:
+    with database(ctx, read_only=True) as store:
         where = chosen_scope(store, probes, since, until, period, filters)
         sessions = service.samples(store, where, include_invalid)
     emit(formats.format_csv(formats.sample_rows(sessions), formats.SAMPLE_COLUMNS), output)
@@ -157,7 +178,8 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
     from collector.compliance import samples_csv
     from collector.compliance.evaluate import evaluate as run_evaluation
 
-    table = targets_mod.load(targets_path or load_config(ctx).compliance.targets)
+    cfg = load_config(ctx)
+    table = targets_mod.load(targets_path or cfg.compliance.targets)
     path = Path(samples_path)
     try:
         if samples_path == "-":
@@ -178,7 +200,7 @@ def evaluate(ctx: click.Context, samples_path: str, targets_path: str | None,
         raise InputError(f"{len(parsed.errors)} bad row(s) in {path}"
                          + (f" ({more} more not shown)" if more else "")
                          + "; no verdict given")
-    verdict = run_evaluation(parsed.observations, table)
+    verdict = run_evaluation(parsed.observations, table, cfg.reports.min_samples)
     scope = Scope(
         probes=tuple(sorted(parsed.probes)),
         since=parsed.first.isoformat() if parsed.first else None,
@@ -222,8 +244,10 @@ def certify(ctx: click.Context, /, probe: str, since: str | None, until: str | N
     kid = None
     if evidence_dir is not None:
         kid = write_evidence(ctx, evidence_dir, probe, since, until, rule, timezone, family)
-    with database(ctx) as store:
-        cert = service.certificate(store, probe, since, until, rule, timezone, family)
+    min_samples = load_config(ctx).reports.min_samples
+    with database(ctx, read_only=True) as store:
+        cert = service.certificate(store, probe, since, until, rule, timezone, family,
+                                   min_samples)
     if fmt == "json":
         text = json.dumps(formats.certificate_dict(cert), indent=2, ensure_ascii=False) + "\n"
     elif fmt == "csv":
@@ -284,9 +308,10 @@ def write_evidence(ctx: click.Context, out_dir: str, probe: str, since: str | No
                    "set as the service has it, or fetch the bundle from the service "
                    "(GET /api/v1/probes/NAME/certificate/evidence.zip)", err=True)
     table = targets_mod.load(cfg.compliance.targets)
-    with database(ctx) as store:
+    with database(ctx, read_only=True) as store:
         members = bundle.certificate_members(store, key, probe, since, until, rule,
-                                             timezone, family, table)
+                                             timezone, family, table,
+                                             min_samples=cfg.reports.min_samples)
     try:
         bundle.write_members(members, out_dir)
     except (bundle.BundleError, OSError) as exc:
@@ -316,7 +341,7 @@ def completeness(ctx: click.Context, /, probes: tuple[str, ...], since: str | No
     that no gap record explains (agents number their sessions from result schema 4 on)."""
     from collector.compliance.completeness import chain_summaries, format_text
 
-    with database(ctx) as store:
+    with database(ctx, read_only=True) as store:
         where = chosen_scope(store, probes, since, until, period, filters)
         rows = service.completeness(store, where)
     emit_as(fmt,

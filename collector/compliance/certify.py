@@ -46,6 +46,14 @@ from agent.schedule import band_of, bands_filled, fills_band
 from agent.schema import parse_utc
 from agent.spec import CAMPAIGN_RULES, DEFAULT_CAMPAIGN_RULE, CampaignRule
 from collector.compliance.facts import SessionFacts
+from collector.compliance.uncertainty import (
+    DEFAULT_MIN_SAMPLES,
+    Interval,
+    jitter_interval,
+    percentile_interval,
+    percentile_interval_ranks,
+    wilson_interval,
+)
 from collector.lines import JUDGED_FIELDS, ContractVersion, LineMetadata, contract_for
 
 CertVerdict = Literal["breach", "no_breach", "incomplete"]
@@ -64,6 +72,9 @@ class Check:
     # Shown for information, never judged (no documented rule: jitter, the normally
     # available and maximum speeds).
     informational: bool = False
+    # The 95 % confidence interval of ``observed`` (uncertainty.py): shown beside it,
+    # "not enough data" under the minimum-sample rule; it never changes ``breach``.
+    interval: Interval | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,8 @@ class Certificate:
     contracts: tuple[ContractVersion, ...] = ()
     contract_version: int | None = None
     contract_changed: bool = False
+    # The minimum-sample rule the checks' intervals were marked by (uncertainty.py).
+    min_samples: int = DEFAULT_MIN_SAMPLES
 
     @property
     def bands_filled(self) -> int:
@@ -188,12 +201,14 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
             delay_basis: Literal["rtt", "rtt_half"] = "rtt",
             suppressed: Sequence[Window] = (),
             family: str | None = None,
-            contracts: Sequence[ContractVersion] = ()) -> Certificate:
+            contracts: Sequence[ContractVersion] = (),
+            min_samples: int = DEFAULT_MIN_SAMPLES) -> Certificate:
     """``suppressed``: (starts_at, ends_at, reason) of the suppression windows over the
     period: sessions started inside one are listed and not counted, and each window is
     shown with the bands it covers and the sessions inside it. ``contracts``: the line's
     contract history; each session is then judged by the version in force when it
-    started (``versions_of``), and ``line`` is used only when there is none."""
+    started (``versions_of``), and ``line`` is used only when there is none.
+    ``min_samples``: the minimum-sample rule of every check's interval."""
     counts = [0] * 24
     listed: list[SessionLine] = []
     down: list[float] = []
@@ -257,9 +272,22 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         jitter_ns += r.jitter_sum_ns
         jitter_pairs += r.jitter_pairs
     complete = all(c >= rule.per_band for c in counts)
+    down.sort()
+    up.sort()
+    delays.sort()
+
+    def pct(values: list[float], p: float) -> float | None:
+        return stats.percentile(values, p, presorted=True)
+
+    def pct_interval(values: list[float], p: float) -> Interval:
+        """Distribution-free, from the order statistics of the sorted list."""
+        ranks = percentile_interval_ranks(len(values), p) or ()
+        return percentile_interval({r: values[r] for r in ranks}, len(values), p,
+                                   min_samples)
 
     def check(id_: str, name: str, unit: str, comparison: str, threshold: float | None,
-              observed: float | None, samples: int, informational: bool = False) -> Check:
+              observed: float | None, samples: int, informational: bool = False,
+              interval: Interval | None = None) -> Check:
         if changed and not informational:
             # The contract changed during the campaign: one percentile over sessions
             # measured under different figures is judged against neither.
@@ -269,38 +297,48 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         else:
             breach = observed < threshold if comparison == "<" else observed > threshold
         return Check(id_, name, unit, comparison, threshold, observed, samples, breach,
-                     informational)
+                     informational, interval)
 
+    jitter = jitter_ns / jitter_pairs / 1e6 if jitter_pairs else None
     checks = (
         check("download_p5_kbps", "Banda minima in download (percentile 5%)", "kbit/s", "<",
-              line.download_min_kbps, stats.percentile(down, 5), len(down)),
+              line.download_min_kbps, pct(down, 5), len(down),
+              interval=pct_interval(down, 5)),
         check("upload_p5_kbps", "Banda minima in upload (percentile 5%)", "kbit/s", "<",
-              line.upload_min_kbps, stats.percentile(up, 5), len(up)),
+              line.upload_min_kbps, pct(up, 5), len(up), interval=pct_interval(up, 5)),
         check("delay_p95_ms", "Ritardo massimo: percentile 95% "
               + ("del tempo di andata e ritorno (RTT)" if delay_basis == "rtt"
                  else "del ritardo di sola andata (RTT / 2)"), "ms", ">",
-              line.max_delay_ms, stats.percentile(delays, 95), len(delays)),
+              line.max_delay_ms, pct(delays, 95), len(delays),
+              interval=pct_interval(delays, 95)),
         check("loss_ratio", "Tasso di perdita dei pacchetti", "ratio", ">",
-              line.max_loss_ratio, stats.loss_ratio(sent, sent - lost), sent),
+              line.max_loss_ratio, stats.loss_ratio(sent, sent - lost), sent,
+              interval=wilson_interval(lost, sent, min_samples)),
         # Informational (threshold None: never a breach). Delibera 156/23/CONS publishes
         # jitter, and offers declare a normally available and a maximum speed beside the
         # minimum; our sources document no rule that judges a line against these two,
         # so the certificate shows what was observed against them and judges the
         # minimum only (the 244/08 rule, p5).
         check("jitter_mean_ms", "Jitter (differenza media tra RTT consecutivi)", "ms", ">",
-              None, jitter_ns / jitter_pairs / 1e6 if jitter_pairs else None,
-              jitter_pairs, informational=True),
+              None, jitter, jitter_pairs, informational=True,
+              # Jitter is of the round trip: its spread bound is the RTT's, unscaled.
+              interval=jitter_interval(jitter, jitter_pairs,
+                                       stats.Moments.of(delays).scaled(1 / scale),
+                                       min_samples)),
         *(check(f"{d}_normal_share", f"Quota di test a velocità normalmente disponibile "
                 f"in {word} (>= {normal:g} kbit/s)", "ratio", ">=", None,
                 sum(v >= normal for v in values) / len(values) if values else None,
-                len(values), informational=True)
+                len(values), informational=True,
+                interval=wilson_interval(sum(v >= normal for v in values), len(values),
+                                         min_samples))
           for d, word, values, normal in (("download", "download", down,
                                            line.download_normal_kbps),
                                           ("upload", "upload", up, line.upload_normal_kbps))
           if normal is not None),
         *(check(f"{d}_p95_kbps", f"Banda massima in {d} (percentile 95%) contro la "
                 f"velocità massima dichiarata ({nominal:g} kbit/s)", "kbit/s", "<", None,
-                stats.percentile(values, 95), len(values), informational=True)
+                pct(values, 95), len(values), informational=True,
+                interval=pct_interval(values, 95))
           for d, values, nominal in (("download", down, line.download_nominal_kbps),
                                      ("upload", up, line.upload_nominal_kbps))
           if nominal is not None),
@@ -322,7 +360,7 @@ def certify(probe_id: str, line: LineMetadata, results: Sequence[SessionFacts],
         family=family,
         refused_by_server=tuple(sorted(refused.items())),
         contracts=tuple(used), contract_version=used[-1].version if used else None,
-        contract_changed=changed,
+        contract_changed=changed, min_samples=min_samples,
     )
 
 

@@ -35,7 +35,18 @@ from zoneinfo import ZoneInfo
 from agent import stats
 from agent.schema import SessionResult
 from collector.compliance.facts import SessionFacts, of_result
+from collector.compliance.speeds import SpeedList, Speeds
 from collector.compliance.targets import Indicator, Targets
+from collector.compliance.uncertainty import (
+    DEFAULT_MIN_SAMPLES,
+    Interval,
+    jitter_interval,
+    mean_interval,
+    percentile_interval,
+    percentile_interval_ranks,
+    stdev_interval,
+    wilson_interval,
+)
 
 Verdict = Literal["pass", "fail", "incomplete"]
 
@@ -47,8 +58,10 @@ class Observations:
     deviation as the raw values, without holding millions of them)."""
 
     sessions: int = 0
-    download_kbps: list[float] = field(default_factory=list)
-    upload_kbps: list[float] = field(default_factory=list)
+    # In memory (``SpeedList``) unless a store selected the order statistics itself
+    # (speeds.py): only a ``SpeedList`` takes more values.
+    download_kbps: Speeds = field(default_factory=SpeedList)
+    upload_kbps: Speeds = field(default_factory=SpeedList)
     download_attempts: int = 0
     download_failed: int = 0
     upload_attempts: int = 0
@@ -85,7 +98,15 @@ class Observations:
     def add_customer(self, kind: str, direction: str, kbps: float | None) -> None:
         self.customer_tests[kind] = self.customer_tests.get(kind, 0) + 1
         if self.customer_included and kbps is not None and kbps > 0:
-            (self.download_kbps if direction == "download" else self.upload_kbps).append(kbps)
+            self.speed_list(direction).append(kbps)
+
+    def speed_list(self, direction: str) -> SpeedList:
+        """The direction's speeds, to add to (in memory only)."""
+        values = self.download_kbps if direction == "download" else self.upload_kbps
+        if not isinstance(values, SpeedList):
+            raise TypeError("these observations' speeds were selected by the store; "
+                            "no more can be added")
+        return values
 
     def add(self, facts: SessionFacts) -> None:
         self.add_refused(facts.refused_server or "", facts.refused_attempts)
@@ -103,12 +124,12 @@ class Observations:
                 self.download_attempts += 1
                 self.download_failed += not t.ok
                 if t.ok and t.kbps is not None:
-                    self.download_kbps.append(t.kbps)
+                    self.speed_list("download").append(t.kbps)
             else:
                 self.upload_attempts += 1
                 self.upload_failed += not t.ok
                 if t.ok and t.kbps is not None:
-                    self.upload_kbps.append(t.kbps)
+                    self.speed_list("upload").append(t.kbps)
         self.pings_sent += facts.pings_sent
         self.pings_lost += facts.pings_lost
         self.rtt = self.rtt.merge(facts.rtt)
@@ -134,6 +155,9 @@ class IndicatorResult:
     samples: int
     passed: bool | None  # None: no samples, or nothing to judge
     measurable: bool = True
+    # The 95 % confidence interval of ``observed`` and whether the minimum-sample rule
+    # lets it be published (uncertainty.py); None only where nobody computed one.
+    interval: Interval | None = None
 
 
 # Hour bands a scope's sessions must touch for its report to speak of the line across
@@ -208,6 +232,8 @@ class Report:
     # How much of the day the sessions cover (service.compliance adds it; None: not
     # known, as for a samples file evaluated offline).
     coverage: Coverage | None = None
+    # The minimum-sample rule the indicators' intervals were marked by (uncertainty.py).
+    min_samples: int = DEFAULT_MIN_SAMPLES
 
     @property
     def refused_attempts(self) -> int:
@@ -219,32 +245,46 @@ JITTER_NAME = "Jitter (mean absolute difference of consecutive RTTs)"
 
 
 def _value(ind: Indicator, obs: Observations, targets: Targets,
-           speeds: dict[str, list[float]]) -> tuple[float | None, int]:
-    """The observed value of one indicator and the number of samples behind it
-    (``speeds``: each direction's per-test speeds, sorted once)."""
+           speeds: dict[str, Speeds],
+           min_samples: int = DEFAULT_MIN_SAMPLES) -> tuple[float | None, int, Interval]:
+    """The observed value of one indicator, the number of samples behind it and its 95 %
+    confidence interval (``speeds``: each direction's per-test speeds, read by order
+    statistic: the percentile's ranks and its interval's in one request)."""
     opts = targets.options
     pm = opts.percentile_method
     if ind.id in ("download_p95_kbps", "download_p5_kbps", "upload_p95_kbps", "upload_p5_kbps"):
         values = speeds["download" if ind.id.startswith("download") else "upload"]
         p = 95 if "_p95_" in ind.id else 5
-        return stats.percentile(values, p, pm, presorted=True), len(values)
+        n = len(values)
+        ranks = set(stats.percentile_ranks(n, p, pm))
+        ranks.update(percentile_interval_ranks(n, p) or ())
+        ranked = values.ranked(sorted(ranks))
+        return (stats.percentile_from(ranked, n, p, pm), n,
+                percentile_interval(ranked, n, p, min_samples))
     if ind.id == "download_failure_ratio":
-        return stats.ratio(obs.download_failed, obs.download_attempts), obs.download_attempts
+        return (stats.ratio(obs.download_failed, obs.download_attempts), obs.download_attempts,
+                wilson_interval(obs.download_failed, obs.download_attempts, min_samples))
     if ind.id == "upload_failure_ratio":
-        return stats.ratio(obs.upload_failed, obs.upload_attempts), obs.upload_attempts
-    delays = obs.rtt.scaled(0.5 if opts.delay_basis == "rtt_half" else 1.0)
+        return (stats.ratio(obs.upload_failed, obs.upload_attempts), obs.upload_attempts,
+                wilson_interval(obs.upload_failed, obs.upload_attempts, min_samples))
+    scale = 0.5 if opts.delay_basis == "rtt_half" else 1.0
+    delays = obs.rtt.scaled(scale)
     if ind.id == "delay_mean_ms":
-        return delays.value_mean, delays.n
+        return delays.value_mean, delays.n, mean_interval(delays, min_samples)
     if ind.id == "delay_stdev_ms":
-        return delays.sample_stdev, delays.n
+        return delays.sample_stdev, delays.n, stdev_interval(delays, min_samples)
     if ind.id == JITTER_ID:
         jitter = obs.jitter_sum_ns / obs.jitter_pairs / 1e6 if obs.jitter_pairs else None
-        return jitter, obs.jitter_pairs
+        # Jitter is of the round trip, never halved: its spread bound is the RTT's.
+        return (jitter, obs.jitter_pairs,
+                jitter_interval(jitter, obs.jitter_pairs, obs.rtt, min_samples))
     if ind.id == "loss_ratio":
         plain = stats.loss_ratio(obs.pings_sent, obs.pings_sent - obs.pings_lost)
-        if plain is not None and opts.loss_formula == "pair":
+        pair = opts.loss_formula == "pair"
+        if plain is not None and pair:
             plain = stats.pair_loss_ratio(plain)
-        return plain, obs.pings_sent
+        return plain, obs.pings_sent, wilson_interval(obs.pings_lost, obs.pings_sent,
+                                                      min_samples, per_packet=pair)
     raise ValueError(f"no evaluator for indicator {ind.id!r}")  # targets.parse prevents it
 
 
@@ -252,26 +292,30 @@ def passes(observed: float, comparison: str, target: float) -> bool:
     return observed >= target if comparison == ">=" else observed <= target
 
 
-def evaluate(obs: Observations, targets: Targets) -> Report:
+def evaluate(obs: Observations, targets: Targets,
+             min_samples: int = DEFAULT_MIN_SAMPLES) -> Report:
+    """``min_samples``: the minimum-sample rule (uncertainty.py): a figure on fewer
+    samples, or without an interval, is marked not enough data; no verdict changes."""
     results = []
-    speeds = {"download": sorted(obs.download_kbps), "upload": sorted(obs.upload_kbps)}
+    speeds = {"download": obs.download_kbps, "upload": obs.upload_kbps}
     for ind in targets.measurable:
-        observed, samples = _value(ind, obs, targets, speeds)
+        observed, samples, interval = _value(ind, obs, targets, speeds, min_samples)
         results.append(
             IndicatorResult(
                 id=ind.id, name=ind.name, unit=ind.unit, comparison=ind.comparison,
                 target=ind.target, observed=observed, samples=samples,
                 passed=None if observed is None else passes(observed, ind.comparison,
                                                             ind.target),
+                interval=interval,
             )
         )
     informational: tuple[IndicatorResult, ...] = ()
     if JITTER_ID not in {i.id for i in targets.measurable}:
         jitter_ind = Indicator(JITTER_ID, JITTER_NAME, True, "<=", 0.0, "ms")
-        observed, samples = _value(jitter_ind, obs, targets, speeds)
+        observed, samples, interval = _value(jitter_ind, obs, targets, speeds, min_samples)
         informational = (IndicatorResult(
             id=JITTER_ID, name=JITTER_NAME, unit="ms", comparison="", target=None,
-            observed=observed, samples=samples, passed=None),)
+            observed=observed, samples=samples, passed=None, interval=interval),)
     if any(r.passed is False for r in results):
         verdict: Verdict = "fail"
     elif results and all(r.passed for r in results):
@@ -296,6 +340,7 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
         refused_by_server=tuple(sorted(obs.refused_by_server.items())),
         refusals_known=obs.refusals_known,
         delay_basis=opts.delay_basis,
+        min_samples=min_samples,
         method={
             "percentile": "Hyndman-Fan type 7 (linear interpolation)"
             if opts.percentile_method == "linear"
@@ -315,5 +360,9 @@ def evaluate(obs: Observations, targets: Targets) -> Report:
             "jitter": "mean |RTT(i+1) - RTT(i)| over consecutive answered echoes of each "
                       "ping train (round trip, not halved; pairs never span sessions); "
                       "samples = pairs",
+            "ci95": f"95 % intervals: percentiles distribution-free from order statistics "
+                    f"(exact binomial), ratios Wilson score, mean delay Student t, delay "
+                    f"stdev chi-square, jitter normal with a bounded spread; a figure on "
+                    f"fewer than {min_samples} samples is not enough data",
         },
     )

@@ -12,6 +12,13 @@ fact about the server, not about the line or the probe's surroundings.
 
 Sums over many rows use ``math.fsum`` (correctly rounded): the result does not depend
 on the order a database returns the rows in.
+
+A store reads a scope page by page into a ``ScopeFold`` (memory bounded by a page, not
+by the scope's samples): the same terms, each sum still correctly rounded
+(``ExactSum``), the RTT's M2 about the grand mean on a second read when the parts are
+too many to keep, and the speeds' order statistics selected exactly (selection.py).
+The list path it replaced (every row in memory, one fold) is the reference it is tested
+against, in tests/collector/test_selection.py.
 """
 
 from __future__ import annotations
@@ -20,13 +27,17 @@ import json
 import math
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+
+import numpy as np
 
 from agent.stats import Moments
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts
+from collector.compliance.selection import Selector
+from collector.compliance.speeds import SpeedList, Speeds, StoredSpeeds
 
 DAY_START = "T00:00:00.000000Z"
 
@@ -73,14 +84,6 @@ def pack_speeds(values: Sequence[float]) -> bytes:
     if sys.byteorder == "big":
         packed.byteswap()
     return packed.tobytes()
-
-
-def unpack_speeds(blob: bytes) -> list[float]:
-    packed = array("d")
-    packed.frombytes(blob)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tolist()
 
 
 def day_of(started_at: str) -> str:
@@ -143,85 +146,260 @@ def whole_days(since: str | None, until: str | None) -> tuple[str | None, str | 
     return lo, hi
 
 
-def grand_moments(parts: Iterable[Moments]) -> Moments:
-    """The moments of many parts at once: the grand mean, then M2 about it (Chan's
-    pairwise formula in closed form), each a correctly rounded sum."""
-    return _grand([(m.n, m.mean, m.m2) for m in parts if m.n])
+# A scope with at most this many speeds in a direction keeps them in memory (a
+# ``SpeedList``, as the list path built): 4 MiB of floats, one read of
+# the rows, and the page's histogram shows every value. A probe's year at 96 sessions a
+# day is 35,040 speeds a direction; a fleet's semester is millions, and is selected
+# (selection.py) with memory that no longer grows with the samples.
+IN_MEMORY = 1 << 17
+# RTT parts (n, mean, M2 of a day or a session) kept for the second sum (GrandMoments)
+# (24 bytes each: 48 MiB); beyond it, the M2 sum is taken on a second read instead.
+PARTS_IN_MEMORY = 1 << 21
 
 
-def _grand(rows: list[tuple[int, float, float]]) -> Moments:
-    n = sum(r[0] for r in rows)
-    if not n:
-        return Moments()
-    grand = math.fsum(k * mean for k, mean, _ in rows) / n
-    m2 = math.fsum(part + k * (mean - grand) * (mean - grand) for k, mean, part in rows)
-    return Moments(n, grand, m2)
+class ExactSum:
+    """``math.fsum`` of terms given page by page, without holding them: each page is
+    folded into a short list of floats whose exact sum is that of every term so far
+    (each remainder is itself correctly rounded by fsum, down to zero), so the final
+    ``math.fsum`` of that list is the correctly rounded sum of all the terms, the same
+    float as ``math.fsum`` of them all at once."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[float] = []
+
+    def add(self, terms: Iterable[float]) -> None:
+        pending = [*terms, *self._parts]
+        parts: list[float] = []
+        # Each step takes the correctly rounded rest, which leaves a rest at least 2^52
+        # times smaller (a multiple of 2^-1074, so it reaches zero): a few steps.
+        while (rest := math.fsum(pending + [-p for p in parts])) != 0.0:
+            parts.append(rest)
+        self._parts = parts
+
+    def total(self) -> float:
+        return math.fsum(self._parts)
 
 
-def observe_days(obs: Observations, days: Iterable[DayRollup]) -> None:
-    """Fold whole-day rollups into ``obs`` (valid sessions only: a rollup holds no
-    invalid session's figures)."""
-    rows = list(days)
-    obs.sessions += sum(d.sessions for d in rows)
-    obs.pings_sent += sum(d.pings_sent for d in rows)
-    obs.pings_lost += sum(d.pings_lost for d in rows)
-    obs.download_attempts += sum(d.download_attempts for d in rows)
-    obs.download_failed += sum(d.download_failed for d in rows)
-    obs.upload_attempts += sum(d.upload_attempts for d in rows)
-    obs.upload_failed += sum(d.upload_failed for d in rows)
-    obs.rtt = obs.rtt.merge(grand_moments(d.rtt for d in rows))
-    obs.jitter_sum_ns += sum(d.jitter_sum_ns for d in rows)
-    obs.jitter_pairs += sum(d.jitter_pairs for d in rows)
-    obs.download_kbps += unpack_speeds(b"".join(d.download_kbps for d in rows))
-    obs.upload_kbps += unpack_speeds(b"".join(d.upload_kbps for d in rows))
-    for d in rows:
-        if d.refused_servers != "{}":
-            for server, count in json.loads(d.refused_servers).items():
-                obs.add_refused(server, count)
-        if d.invalid_sessions:
-            obs.invalid_sessions += d.invalid_sessions
-            for code, count in json.loads(d.invalid_codes).items():
-                obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + count
+class GrandMoments:
+    """The moments of (n, mean, M2) parts given page by page: the grand mean on the first
+    read (a correctly rounded sum of n * mean, over n), then M2 about it (Chan et al.'s
+    pairwise merge in closed form: the sum of each part's M2 + n * (mean - grand)^2,
+    correctly rounded) on the second, unless the parts were few enough to keep."""
+
+    __slots__ = ("_grand", "_keep", "_kept", "_m2", "_means", "_read", "n", "result")
+
+    def __init__(self, keep: int = PARTS_IN_MEMORY) -> None:
+        self.n = 0
+        self._means = ExactSum()
+        self._m2 = ExactSum()
+        self._grand = 0.0
+        self._kept: tuple[array[int], array[float], array[float]] | None = (
+            array("q"), array("d"), array("d"))
+        self._keep = keep
+        self._read = 1
+        self.result: Moments | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def feed(self, parts: Sequence[tuple[int, float, float]]) -> None:
+        """Parts with n > 0."""
+        if self._read == 1:
+            self.n += sum(k for k, _, _ in parts)
+            self._means.add([k * mean for k, mean, _ in parts])
+            if self._kept is not None:
+                ks, means, m2s = self._kept
+                ks.extend(k for k, _, _ in parts)
+                means.extend(mean for _, mean, _ in parts)
+                m2s.extend(m2 for _, _, m2 in parts)
+                if len(ks) > self._keep:
+                    self._kept = None
+        elif self.result is None:
+            self._add_m2(parts)
+
+    def _add_m2(self, parts: Iterable[tuple[int, float, float]]) -> None:
+        grand = self._grand
+        self._m2.add([part + k * (mean - grand) * (mean - grand) for k, mean, part in parts])
+
+    def end_pass(self) -> bool:
+        if self.result is not None:
+            return True
+        if self._read == 1:
+            self._read = 2
+            if not self.n:
+                self.result = Moments()
+                return True
+            self._grand = self._means.total() / self.n
+            if self._kept is None:
+                return False
+            # The terms of _add_m2, vectorised: the same IEEE operations in the same
+            # order (k * d first, then * d, then + part), so the same floats.
+            ks, means, m2s = (np.frombuffer(a, dtype=a.typecode) for a in self._kept)
+            d = means - self._grand
+            self._m2.add((m2s + ks.astype(np.float64) * d * d).tolist())
+            self._kept = None
+        self.result = Moments(self.n, self._grand, self._m2.total())
+        return True
 
 
-def observe_sessions(obs: Observations, sessions: Iterable[SessionRow],
-                     transfers: Iterable[TransferRow]) -> None:
-    """Fold session rows into ``obs``: invalid sessions are counted by reason, and join
-    the figures only when ``obs.invalid_included``. (Tight loops over tuples: this is
-    the path of a scope read without the day rollup, millions of rows.)"""
-    included = obs.invalid_included
-    reasons = obs.invalid_reasons
-    counted: list[tuple[int, float, float]] = []
-    sessions_n = sent_n = lost_n = invalid_n = 0
-    for sent, lost, n, mean, m2, valid, codes in sessions:
-        if not valid:
-            invalid_n += 1
-            for code in set(codes.split()):
-                reasons[code] = reasons.get(code, 0) + 1
-            if not included:
-                continue
-        sessions_n += 1
-        sent_n += sent
-        lost_n += lost
-        if n:
-            counted.append((n, mean, m2))
-    obs.sessions += sessions_n
-    obs.pings_sent += sent_n
-    obs.pings_lost += lost_n
-    obs.invalid_sessions += invalid_n
-    obs.rtt = obs.rtt.merge(_grand(counted))
-    down, up = obs.download_kbps, obs.upload_kbps
-    attempts = {"download": 0, "upload": 0}
-    failed = {"download": 0, "upload": 0}
-    for direction, ok, kbps, valid in transfers:
-        if not (valid or included):
-            continue
-        attempts[direction] += 1
-        if not ok:
-            failed[direction] += 1
-        elif kbps is not None:
-            (down if direction == "download" else up).append(kbps)
-    obs.download_attempts += attempts["download"]
-    obs.download_failed += failed["download"]
-    obs.upload_attempts += attempts["upload"]
-    obs.upload_failed += failed["upload"]
+class ScopeFold:
+    """A scope's rows folded into ``Observations`` page by page, over as many reads of
+    the same rows (one snapshot) as needed: counts, refusals and the grand RTT mean on
+    the first; the speeds' order statistics (``ranks(n)``, selection.py) and M2 about
+    the grand mean on the next. The figures are those of the list path
+    (tests/collector/test_selection.py) to the last digit: the same terms, each sum
+    correctly rounded.
+
+    Per read, the store gives each segment's rows in the order it would have read them
+    whole: ``days`` (whole UTC days), then ``sessions``/``transfers`` of each session
+    segment by name (the partial days at either end, or the whole scope), then
+    ``extra`` speeds (customers' tests); ``wants`` says which a read still needs."""
+
+    def __init__(self, obs: Observations, ranks: Callable[[int], Iterable[int]],
+                 extra: Mapping[str, Sequence[float]] | None = None, *,
+                 keep: int | None = None, parts: int | None = None) -> None:
+        self.obs = obs
+        self.first = True
+        self._extra = extra or {}
+        # Read when called (not when defined): tests lower them to force the passes.
+        self._parts = PARTS_IN_MEMORY if parts is None else parts
+        keep = IN_MEMORY if keep is None else keep
+        self._speeds = {d: Selector(ranks, keep=keep) for d in ("download", "upload")}
+        self._moments: dict[str, GrandMoments] = {}
+
+    def wants(self, segment: str, speeds: bool = True) -> bool:
+        """Whether this read needs ``segment``'s rows (its speeds too unless not
+        ``speeds``)."""
+        if self.first:
+            return True
+        moments = self._moments.get(segment)
+        return (moments is not None and not moments.done) or (speeds and self.wants_speeds)
+
+    @property
+    def wants_speeds(self) -> bool:
+        """Whether this read needs the speeds (a selection not done yet)."""
+        return self.first or not all(s.done for s in self._speeds.values())
+
+    def _segment(self, name: str) -> GrandMoments:
+        if self.first:
+            return self._moments.setdefault(name, GrandMoments(self._parts))
+        return self._moments[name]
+
+    def days(self, rows: Sequence[DayRollup]) -> None:
+        """A page of whole-day rollups (valid sessions only: a rollup holds no invalid
+        session's figures, only their count by reason)."""
+        obs = self.obs
+        moments = self._segment("days")
+        if self.first:
+            obs.sessions += sum(d.sessions for d in rows)
+            obs.pings_sent += sum(d.pings_sent for d in rows)
+            obs.pings_lost += sum(d.pings_lost for d in rows)
+            obs.download_attempts += sum(d.download_attempts for d in rows)
+            obs.download_failed += sum(d.download_failed for d in rows)
+            obs.upload_attempts += sum(d.upload_attempts for d in rows)
+            obs.upload_failed += sum(d.upload_failed for d in rows)
+            obs.jitter_sum_ns += sum(d.jitter_sum_ns for d in rows)
+            obs.jitter_pairs += sum(d.jitter_pairs for d in rows)
+            for d in rows:
+                if d.refused_servers != "{}":
+                    for server, count in json.loads(d.refused_servers).items():
+                        obs.add_refused(server, count)
+                if d.invalid_sessions:
+                    obs.invalid_sessions += d.invalid_sessions
+                    for code, count in json.loads(d.invalid_codes).items():
+                        obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + count
+        if not moments.done:
+            moments.feed([(d.rtt.n, d.rtt.mean, d.rtt.m2) for d in rows if d.rtt.n])
+        down, up = self._speeds["download"], self._speeds["upload"]
+        if not down.done:
+            blob = b"".join(d.download_kbps for d in rows)
+            if blob:
+                down.feed(blob)
+        if not up.done:
+            blob = b"".join(d.upload_kbps for d in rows)
+            if blob:
+                up.feed(blob)
+
+    def sessions(self, segment: str, rows: Iterable[SessionRow]) -> None:
+        """A page of session rows of ``segment``: invalid sessions are counted by reason,
+        and join the figures only when ``obs.invalid_included``."""
+        obs = self.obs
+        moments = self._segment(segment)
+        included = obs.invalid_included
+        counted: list[tuple[int, float, float]] = []
+        if not self.first:
+            if not moments.done:
+                moments.feed([(n, mean, m2) for _, _, n, mean, m2, valid, _ in rows
+                              if n and (valid or included)])
+            return
+        reasons = obs.invalid_reasons
+        for sent, lost, n, mean, m2, valid, codes in rows:
+            if not valid:
+                obs.invalid_sessions += 1
+                for code in set(codes.split()):
+                    reasons[code] = reasons.get(code, 0) + 1
+                if not included:
+                    continue
+            obs.sessions += 1
+            obs.pings_sent += sent
+            obs.pings_lost += lost
+            if n:
+                counted.append((n, mean, m2))
+        moments.feed(counted)
+
+    def transfers(self, rows: Iterable[TransferRow]) -> None:
+        """A page of transfer rows (of any session segment, in the store's order)."""
+        obs = self.obs
+        included = obs.invalid_included
+        speeds: dict[str, list[float]] = {"download": [], "upload": []}
+        if self.first:
+            attempts = {"download": 0, "upload": 0}
+            failed = {"download": 0, "upload": 0}
+            for direction, ok, kbps, valid in rows:
+                if not (valid or included):
+                    continue
+                attempts[direction] += 1
+                if not ok:
+                    failed[direction] += 1
+                elif kbps is not None:
+                    speeds[direction].append(kbps)
+            obs.download_attempts += attempts["download"]
+            obs.download_failed += failed["download"]
+            obs.upload_attempts += attempts["upload"]
+            obs.upload_failed += failed["upload"]
+        else:
+            for direction, ok, kbps, valid in rows:
+                if ok and kbps is not None and (valid or included):
+                    speeds[direction].append(kbps)
+        for direction, values in speeds.items():
+            selector = self._speeds[direction]
+            if values and not selector.done:
+                selector.feed(np.array(values, dtype=np.float64))
+
+    def end_pass(self) -> bool:
+        """Close a read of every segment; True when nothing needs another."""
+        for direction, values in self._extra.items():
+            if values and not self._speeds[direction].done:
+                self._speeds[direction].feed(np.array(values, dtype=np.float64))
+        self.first = False
+        done = [m.end_pass() for m in self._moments.values()]
+        done += [s.end_pass() for s in self._speeds.values()]
+        if not all(done):
+            return False
+        obs = self.obs
+        for moments in self._moments.values():
+            assert moments.result is not None
+            obs.rtt = obs.rtt.merge(moments.result)
+        obs.download_kbps = self._result("download")
+        obs.upload_kbps = self._result("upload")
+        return True
+
+    def _result(self, direction: str) -> Speeds:
+        selector = self._speeds[direction]
+        if selector.kept_all:
+            return SpeedList(selector.kept())
+        selection = selector.result()
+        return StoredSpeeds(selection.n, selection.ranked, selection.histogram.stand_ins)

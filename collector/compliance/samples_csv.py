@@ -139,13 +139,13 @@ def parse(text: str, source: str = "<samples>") -> Parsed:
         elif kind == "download":
             obs.download_attempts += 1
             if ok and value is not None:
-                obs.download_kbps.append(value)
+                obs.speed_list("download").append(value)
             else:
                 obs.download_failed += 1
         else:
             obs.upload_attempts += 1
             if ok and value is not None:
-                obs.upload_kbps.append(value)
+                obs.speed_list("upload").append(value)
             else:
                 obs.upload_failed += 1
     if parsed.rows == 0 and not parsed.errors:

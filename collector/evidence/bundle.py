@@ -54,6 +54,7 @@ from agent.schedule import fills_band
 from agent.schema import parse_utc, utc_now
 from collector.compliance.facts import of_result
 from collector.compliance.targets import Targets
+from collector.compliance.uncertainty import DEFAULT_MIN_SAMPLES
 from collector.errors import BadParameter
 from collector.evidence import payload as P
 from collector.evidence.instructions import verify_text
@@ -111,13 +112,15 @@ class _Watched:
 
 def certificate_members(store: Any, key: Signer, probe: str, since: str | None,
                         until: str | None, rule: str, timezone: str, family: str | None,
-                        targets: Targets, issued_at: str | None = None) -> Members:
+                        targets: Targets, issued_at: str | None = None,
+                        min_samples: int = DEFAULT_MIN_SAMPLES) -> Members:
     """The members of a certificate bundle (reads the store: the database thread).
     BadParameter as service.certificate's, or for a period of more sessions than a
-    bundle holds."""
+    bundle holds. ``min_samples``: [reports] min_samples, the rule the certificate's
+    intervals are marked by; recorded in the inputs, so a verifier recomputes with it."""
     watched = _Watched(store)
     cert = service.certificate(cast(service.Certifiable, watched), probe, since, until,
-                               rule, timezone, family)
+                               rule, timezone, family, min_samples)
     where = resolve_scope([probe], since, until)
     stored = store.results([probe], where.since, where.until, P.MAX_SESSIONS + 1)
     if len(stored) > P.MAX_SESSIONS:
@@ -185,7 +188,8 @@ def certificate_members(store: Any, key: Signer, probe: str, since: str | None,
             delay_basis=cert.delay_basis,
             suppressed=tuple((w.starts_at, w.ends_at, w.reason) for w in cert.suppressions),
             family=cert.family,
-            contracts=tuple(watched.seen.get("line_contracts", ()))),
+            contracts=tuple(watched.seen.get("line_contracts", ())),
+            min_samples=cert.min_samples),
         targets=targets_doc, targets_sha256=P.targets_sha256(targets_doc),
         certificate=cast(dict[str, Any], json.loads(P.dumps(certificate_dict(cert)))))
     return _finish(members, key, payload, jwks)
@@ -406,10 +410,12 @@ def bundle_zip(members: Mapping[str, bytes]) -> bytes:
 def write_certificate_bundle(store: Any, key: Signer, probe: str, since: str | None,
                              until: str | None, rule: str, timezone: str,
                              family: str | None, out_dir: str | os.PathLike[str],
-                             targets: Targets) -> Path:
+                             targets: Targets,
+                             min_samples: int = DEFAULT_MIN_SAMPLES) -> Path:
     """Certify ``probe`` over [since, until) and write the bundle to ``out_dir``."""
     return write_members(certificate_members(store, key, probe, since, until, rule,
-                                             timezone, family, targets), out_dir)
+                                             timezone, family, targets,
+                                             min_samples=min_samples), out_dir)
 
 
 def write_session_bundle(out_dir: str | os.PathLike[str], probe_key: Signer,

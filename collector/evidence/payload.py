@@ -53,6 +53,14 @@ Helper B's verifier reads these; the writer is bundle.py.
 - ``sessions[].session_seq`` and the boundary's come from the stored results' seq
   column (the body's own session_seq, as ingested).
 
+FORMAT CHANGES OF ISSUE 28 (format_version 2, additive). ``inputs.min_samples``: the
+minimum-sample rule ([reports] min_samples) the certificate was computed with, and the
+certificate carries each check's ``ci95`` and its ``min_samples``. A version 1 bundle
+(made before) has none of the three, and still verifies (verify.py ``_as_made``). The
+version moved so that a verifier of the previous release, whose strict reader refuses
+the new field, says "this reader knows version 1 only" (upgrade) instead of naming a
+field it has never heard of.
+
 ``read_payload`` is the verifier's way in: a bundle is hostile input, so every field is
 type-checked with bounded sizes and numbers (nothing a JSON reader would turn into a
 slow big integer or an infinity), and the first fault is one line naming the field
@@ -103,7 +111,9 @@ from collector.lines import (
 )
 
 FORMAT = "bbprobe-evidence"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this reader verifies: 1 (issue 27) has no inputs.min_samples.
+READABLE_VERSIONS = (1, 2)
 Kind = Literal["certificate", "session"]
 Role = Literal["collector", "probe"]
 Status = Literal["verified", "unverified", "unsigned"]
@@ -158,6 +168,11 @@ class Inputs:
     suppressed: tuple[tuple[str, str, str], ...]
     family: str | None
     contracts: tuple[ContractVersion, ...]
+    # The minimum-sample rule the certificate's intervals were marked by ([reports]
+    # min_samples, issue 28). None: a bundle made before the rule existed, whose
+    # certificate has no intervals (verify.py then recomputes with the default and
+    # compares without the fields added since).
+    min_samples: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +303,8 @@ def to_dict(p: Payload) -> dict[str, Any]:
                          "suppressed": [list(w) for w in i.suppressed],
                          "family": i.family,
                          "contracts": [contract_to_dict(c) for c in i.contracts]}
+        if i.min_samples is not None:  # additive (issue 28): absent in older bundles
+            doc["inputs"]["min_samples"] = i.min_samples
     for name in ("targets", "targets_sha256", "certificate", "summary"):
         value = getattr(p, name)
         if value is not None:
@@ -315,14 +332,16 @@ def read_payload(obj: Any) -> Payload:
                             "summary"))
     if doc["format"] != FORMAT:
         raise PayloadError(f"payload.format: expected {FORMAT!r}")
-    if _int(doc["format_version"], "payload.format_version", 0, 1000) != FORMAT_VERSION:
-        raise PayloadError(f"payload.format_version: this reader knows version "
-                           f"{FORMAT_VERSION} only")
+    version = _int(doc["format_version"], "payload.format_version", 0, 1000)
+    if version not in READABLE_VERSIONS:
+        raise PayloadError(f"payload.format_version: this reader knows versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))} only, not {version}")
     kind = _choice(doc["kind"], "payload.kind", KINDS)
     issuer = _object(doc["issuer"], "payload.issuer", required=("kid", "role"))
     period = _object(doc["period"], "payload.period", required=("since", "until"))
     chain = _object(doc["chain"], "payload.chain", required=("gaps", "deletions"))
     p = Payload(
+        format_version=version,
         kind=cast(Kind, kind),
         issued_at=_utc(doc["issued_at"], "payload.issued_at"),
         issuer=Issuer(_kid(issuer["kid"], "payload.issuer.kid"),
@@ -363,8 +382,11 @@ def read_payload(obj: Any) -> Payload:
                         "a lower-case hex SHA-256")
         if targets_sha256(targets) != digest:
             raise PayloadError("payload.targets_sha256: not the SHA-256 of payload.targets")
+        inputs = _inputs(doc["inputs"], "payload.inputs")
+        if version == 1 and inputs.min_samples is not None:
+            raise PayloadError("payload.inputs.min_samples: not part of format version 1")
         return dataclasses.replace(
-            p, inputs=_inputs(doc["inputs"], "payload.inputs"), targets=targets,
+            p, inputs=inputs, targets=targets,
             targets_sha256=digest, certificate=_free(doc["certificate"],
                                                      "payload.certificate"))
     for name in ("inputs", "targets", "targets_sha256", "certificate"):
@@ -470,7 +492,9 @@ def _key(value: Any, where: str, kind: str) -> KeyEntry:
 
 def _inputs(value: Any, where: str) -> Inputs:
     i = _object(value, where, required=("line", "rule", "timezone", "delay_basis",
-                                        "suppressed", "family", "contracts"))
+                                        "suppressed", "family", "contracts"),
+                # Added by issue 28; a bundle made before it has none.
+                optional=("min_samples",))
     try:
         line = line_from_dict(i["line"], f"{where}.line")
         contracts = tuple(contract_from_dict(c, f"{where}.contracts[{n}]") for n, c in
@@ -494,7 +518,10 @@ def _inputs(value: Any, where: str) -> Inputs:
                          _choice(i["delay_basis"], f"{where}.delay_basis", DELAY_BASES)),
         suppressed=tuple(suppressed),
         family=None if family is None else _choice(family, f"{where}.family", FAMILIES),
-        contracts=contracts)
+        contracts=contracts,
+        # The bounds of config.py ReportsConfig.min_samples.
+        min_samples=_int(i["min_samples"], f"{where}.min_samples", 1, 1_000_000)
+        if "min_samples" in i else None)
 
 
 def _summary(value: Any, where: str, ids: set[str]) -> dict[str, dict[str, float | None]]:

@@ -27,7 +27,8 @@ trusts), in this order, stopping at the first check that fails and naming it exa
     the agent's own pure code (agent/summary.py, agent/stats.py);
 11. ``certificate figures`` (kind certificate): ``certify`` over the sessions' facts (as
     the collector takes them at ingest) and the payload's inputs, rendered as the
-    collector renders it (reports/text.py ``certificate_dict``), compared field by field;
+    collector renders it (reports/text.py ``certificate_dict``), compared field by field
+    (a certificate signed before issue 28 without the fields added since, ``_as_made``);
     ``session figures`` (kind session): the payload's summary against step 10; and
     each session's listed counted/reason against the recomputed certificate's, its start
     inside payload.period.
@@ -357,6 +358,7 @@ def _certificate_figures(state: State) -> str:
 
     from agent.spec import CAMPAIGN_RULES
     from collector.compliance.certify import certify
+    from collector.compliance.uncertainty import DEFAULT_MIN_SAMPLES
     from collector.reports.text import certificate_dict
 
     p = state.p
@@ -375,10 +377,14 @@ def _certificate_figures(state: State) -> str:
     # them (a session of unknown family matches neither).
     facts = [s.facts for s in state.sessions
              if inputs.family is None or s.facts.address_family == inputs.family]
+    # The rule the certificate's intervals were marked by, as recorded; a bundle made
+    # before issue 28 records none, and its certificate has no intervals to mark.
+    min_samples = DEFAULT_MIN_SAMPLES if inputs.min_samples is None else inputs.min_samples
     cert = certify(p.probe, inputs.line, facts, rule,
                    inputs.timezone, inputs.delay_basis, inputs.suppressed, inputs.family,
-                   inputs.contracts)
-    mine = payload_mod.loads(payload_mod.dumps(certificate_dict(cert)))
+                   inputs.contracts, min_samples)
+    mine = _as_made(payload_mod.loads(payload_mod.dumps(certificate_dict(cert))),
+                    p.certificate)
     where = _first_difference(p.certificate, mine, "certificate")
     if where is not None:
         raise Failure(where)
@@ -398,6 +404,31 @@ def _certificate_figures(state: State) -> str:
                           f"{_shown(reason)}")
     return (f"verdict {cert.verdict} and every figure recomputed from {len(facts)} "
             "sessions agree")
+
+
+# The certificate's fields added by issue 28: its ``min_samples`` and each check's
+# ``ci95``. Always added together, so ``min_samples`` alone tells the document's age.
+ADDED_BY_ISSUE_28 = ("min_samples", "ci95")
+
+
+def _as_made(mine: Any, signed: Any) -> Any:
+    """The recomputed certificate as the release that signed ``signed`` wrote it.
+
+    The certificate's schema is additive: a document never carries fields added after
+    it was made, and a field added later changes none made before (the intervals are
+    shown beside the figures and never change a verdict, uncertainty.py). So a
+    certificate signed before issue 28 (no ``min_samples``, no ``ci95``) is compared
+    without those fields, and every field it does carry must still agree; one that
+    carries ``min_samples`` is compared whole, so a ``ci95`` removed or edited fails."""
+    if not isinstance(mine, dict) or not isinstance(signed, dict) \
+            or ADDED_BY_ISSUE_28[0] in signed:
+        return mine
+    older = {k: v for k, v in mine.items() if k != "min_samples"}
+    checks = older.get("checks")
+    if isinstance(checks, list):
+        older["checks"] = [{k: v for k, v in c.items() if k != "ci95"}
+                           if isinstance(c, dict) else c for c in checks]
+    return older
 
 
 def _session_figures(state: State) -> str:

@@ -1,29 +1,26 @@
-"""The compliance report as one standalone HTML page with plots (pure).
-
-Plots (collector/reports/plots.py, inline SVG):
-- speed distribution per direction: histogram of per-test speeds (the samples of the
-  p5/p95 indicators) with the Allegato 2 targets (solid) and the observed percentiles
-  (dashed);
-- hour-of-day profile: mean per-test speed per local hour band (the bands of a 244/08
-  campaign), from per-hour sums, so a scope of any size costs the same;
-- delay over time: mean one-way delay (or RTT, as the targets say) per hour, or per local
-  day when the scope spans more than 14 days;
-- packet loss over time: lost / sent pings per bucket, the same buckets.
-"""
+"""The compliance report as one standalone HTML page with plots (pure; the plots are
+reports/report_plots.py, inline SVG), the front page, and the line certificate's page."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
 from zoneinfo import ZoneInfo
 
-from agent import stats
 from agent.spec import DEFAULT_CAMPAIGN_RULE
 from collector import __version__
 from collector.compliance.certify import Certificate
 from collector.compliance.evaluate import Observations, Report, coverage_of
-from collector.reports import plots
+from collector.compliance.uncertainty import Interval
+from collector.reports import report_plots
+from collector.reports.certificate import contract_sentence, verdict_words
+from collector.reports.figures import (
+    format_interval,
+    format_value,
+    refused_sentence,
+    short_name,
+    show_rtts,
+    show_speeds,
+)
 from collector.reports.sentences import (
     CONTRACT_ELSEWHERE,
     REPORT_ELSEWHERE,
@@ -40,156 +37,10 @@ from collector.reports.sentences import (
     window_sentence,
 )
 from collector.reports.service import ReportView
-from collector.reports.text import (
-    customer_sentence,
-    format_value,
-    invalid_sentence,
-    refused_sentence,
-    short_name,
-    show_rtts,
-    show_speeds,
-)
+from collector.reports.text import customer_sentence, invalid_sentence
 from collector.safetext import html as escape
 from collector.scope import Scope
 from collector.storage.model import HourRow, Probe
-
-HOURLY_SPAN_DAYS = 14
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    start: datetime  # aware, local time
-    rtt_n: int
-    rtt_sum_ms: float
-    pings_sent: int
-    pings_lost: int
-    jitter_sum_ns: int = 0
-    jitter_pairs: int = 0
-
-
-def _utc_hour(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H").replace(tzinfo=UTC)
-
-
-def hour_profile(rows: Sequence[HourRow], zone: ZoneInfo) -> dict[str, list[tuple[int, float,
-                                                                                   int]]]:
-    """Per direction, (local hour, mean kbit/s, tests) for every hour band with tests."""
-    sums: dict[str, list[list[float]]] = {"download": [[0.0, 0] for _ in range(24)],
-                                          "upload": [[0.0, 0] for _ in range(24)]}
-    for row in rows:
-        hour = _utc_hour(row.hour).astimezone(zone).hour
-        for direction, n, total in (("download", row.download_n, row.download_kbps_sum),
-                                    ("upload", row.upload_n, row.upload_kbps_sum)):
-            sums[direction][hour][0] += total
-            sums[direction][hour][1] += n
-    return {d: [(h, total / n, int(n)) for h, (total, n) in enumerate(per) if n]
-            for d, per in sums.items()}
-
-
-def time_buckets(rows: Sequence[HourRow], zone: ZoneInfo) -> tuple[str, list[Bucket]]:
-    """Hourly buckets, or local days when the rows span more than 14 days."""
-    if not rows:
-        return "hour", []
-    first, last = _utc_hour(rows[0].hour), _utc_hour(rows[-1].hour)
-    daily = last - first > timedelta(days=HOURLY_SPAN_DAYS)
-    merged: dict[datetime, list[float]] = {}
-    for row in rows:
-        local = _utc_hour(row.hour).astimezone(zone)
-        key = local.replace(hour=0) if daily else local
-        acc = merged.setdefault(key, [0, 0.0, 0, 0, 0, 0])
-        acc[0] += row.rtt_n
-        acc[1] += row.rtt_sum_ms
-        acc[2] += row.pings_sent
-        acc[3] += row.pings_lost
-        acc[4] += row.jitter_sum_ns
-        acc[5] += row.jitter_pairs
-    return ("day" if daily else "hour"), [
-        Bucket(k, int(v[0]), v[1], int(v[2]), int(v[3]), int(v[4]), int(v[5]))
-        for k, v in sorted(merged.items())
-    ]
-
-
-def _targets(report: Report) -> dict[str, float]:
-    return {r.id: r.target for r in report.indicators if r.target is not None}
-
-
-def _speed_plot(direction: str, obs: Observations, report: Report) -> str:
-    values = obs.download_kbps if direction == "download" else obs.upload_kbps
-    mbps = [v / 1000 for v in values]
-    targets = _targets(report)
-    lines = []
-    for p, word in ((5, "minima"), (95, "massima")):
-        target = targets.get(f"{direction}_p{p}_kbps")
-        if target is not None:
-            lines.append(plots.VLine(target / 1000, f"target banda {word} (p{p})",
-                                     plots.COLOURS["target"], dashed=p == 95))
-        observed = stats.percentile(values, p)
-        if observed is not None:
-            lines.append(plots.VLine(observed / 1000, f"observed p{p}",
-                                     plots.COLOURS["observed"], dashed=p == 95))
-    return plots.histogram(
-        f"speed-{direction}", f"{direction.capitalize()} speed per test ({len(values)} tests)",
-        mbps, "Mbit/s", lines, plots.COLOURS[direction])
-
-
-def _profile_plot(rows: Sequence[HourRow], zone: ZoneInfo) -> str:
-    profile = hour_profile(rows, zone)
-    series = [plots.Series(f"{d} (mean)", tuple((h, kbps / 1000) for h, kbps, _ in pts),
-                           plots.COLOURS[d]) for d, pts in profile.items()]
-    return plots.lines_plot(
-        "hour-profile", f"Mean speed by hour of day ({zone.key})", series,
-        "local hour band", "Mbit/s", xticks=[0, 3, 6, 9, 12, 15, 18, 21, 24],
-        xfmt=lambda h: f"{int(h):02d}")
-
-
-def _time_axis(buckets: Sequence[Bucket], kind: str,
-               zone: ZoneInfo) -> tuple[list[float], Callable[[float], str]]:
-    """Ticks on local wall-clock boundaries and their labels, for the buckets' span."""
-    lo = buckets[0].start.timestamp() if buckets else 0.0
-    hi = buckets[-1].start.timestamp() + (86400 if kind == "day" else 3600) if buckets \
-        else 3600.0
-    ticks, step_h = plots.time_ticks(lo, hi, zone)
-
-    def fmt(t: float) -> str:
-        moment = datetime.fromtimestamp(t, zone)
-        if step_h >= 24:
-            return moment.strftime("%d %b")
-        return moment.strftime("%d %b" if moment.hour == 0 else "%H:%M")
-    return ticks, fmt
-
-
-def _delay_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo, scale: float) -> str:
-    word = "one-way delay (RTT / 2)" if scale == 0.5 else "round-trip time"
-    points = tuple((b.start.timestamp(), b.rtt_sum_ms / b.rtt_n * scale)
-                   for b in buckets if b.rtt_n)
-    ticks, fmt = _time_axis(buckets, kind, zone)
-    return plots.lines_plot(
-        "delay", f"Mean {word} per {kind}",
-        [plots.Series(f"mean {word}", points, plots.COLOURS["delay"])],
-        f"local time ({zone.key})", "ms", xticks=ticks, xfmt=fmt)
-
-
-def _jitter_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo) -> str:
-    """Mean jitter per bucket (delibera 156/23/CONS), from the same ping trains."""
-    points = tuple((b.start.timestamp(), b.jitter_sum_ns / b.jitter_pairs / 1e6)
-                   for b in buckets if b.jitter_pairs)
-    ticks, fmt = _time_axis(buckets, kind, zone)
-    return plots.lines_plot(
-        "jitter", f"Mean jitter per {kind} (consecutive RTTs)",
-        [plots.Series("mean jitter", points, plots.COLOURS["jitter"])],
-        f"local time ({zone.key})", "ms", xticks=ticks, xfmt=fmt)
-
-
-def _loss_plot(kind: str, buckets: Sequence[Bucket], zone: ZoneInfo) -> str:
-    width = 86400.0 if kind == "day" else 3600.0
-    bars = [(b.start.timestamp(), b.pings_lost / b.pings_sent * 100)
-            for b in buckets if b.pings_sent]
-    ticks, fmt = _time_axis(buckets, kind, zone)
-    return plots.bars_plot(
-        "loss", f"Packet loss per {kind}", bars, width, f"local time ({zone.key})",
-        "% of pings lost", plots.COLOURS["loss"], xfmt=fmt, yfmt=lambda v: f"{v:.3g} %",
-        xticks=ticks)
-
 
 _CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1440px;
@@ -263,7 +114,7 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
     from urllib.parse import quote
 
     zone = ZoneInfo(timezone)
-    kind, buckets = time_buckets(hourly, zone)
+    kind, buckets = report_plots.time_buckets(hourly, zone)
     # The coverage in this page's zone: the same hours as its plots.
     coverage = coverage_of([(h.hour, h.sessions) for h in hourly], timezone)
     probes = scope.probes or ()
@@ -285,7 +136,8 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
             f"<tr><td>{escape(short_name(r, report.delay_basis))}<br><small><code>{r.id}</code>"
             f"</small></td><td class=num>{escape(format_value(r.observed, r.unit))}</td>"
             f"<td class=num>{escape(target)}"
-            f"</td><td class=num>{r.samples:,}</td><td class={css}>{word}</td></tr>")
+            f"</td><td class=num>{r.samples:,}</td><td class={css}>{word}</td>"
+            f"{_interval_cell(r.interval, r.unit, report.min_samples)}</tr>")
     method = "".join(f"<dt>{escape(k.replace('_', ' '))}</dt><dd>{escape(v)}</dd>"
                      for k, v in report.method.items())
     unmeasured = "".join(
@@ -306,7 +158,8 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f'<p>Verdict: <span class="verdict verdict-{report.verdict}">'
         f"{report.verdict.upper()}</span>{escape(coverage_caveat(coverage))}</p></header>",
         "<section><h2>Indicators</h2><table><tr><th>Indicator</th><th>Observed</th>"
-        f"<th>Target</th><th>Samples</th><th>Result</th></tr>{''.join(rows)}</table>"
+        f"<th>Target</th><th>Samples</th><th>Result</th><th>95 % interval</th></tr>"
+        f"{''.join(rows)}</table>"
         f"<p>{escape(failures)}.</p>"
         f'<p class="invalid"><b>Invalid measurements:</b> '
         f"{escape(invalid_sentence(report))}.</p>"
@@ -316,13 +169,15 @@ def render(report: Report, scope: Scope, obs: Observations, hourly: Sequence[Hou
         f"{escape(refused_sentence(report.refused_by_server, report.refusals_known))}."
         "</p></section>",
         "<section><h2>Speed distribution</h2><div class=plots>"
-        f"{_speed_plot('download', obs, report)}{_speed_plot('upload', obs, report)}"
+        f"{report_plots.speed_plot('download', obs, report)}"
+        f"{report_plots.speed_plot('upload', obs, report)}"
         "</div></section>",
         "<section><h2>Hour-of-day profile and delay</h2><div class=plots>"
-        f"{_profile_plot(hourly, zone)}{_delay_plot(kind, buckets, zone, delay_scale)}"
-        f"{_jitter_plot(kind, buckets, zone)}</div></section>",
+        f"{report_plots.profile_plot(hourly, zone)}"
+        f"{report_plots.delay_plot(kind, buckets, zone, delay_scale)}"
+        f"{report_plots.jitter_plot(kind, buckets, zone)}</div></section>",
         "<section><h2>Packet loss</h2><div class=plots>"
-        f"{_loss_plot(kind, buckets, zone)}</div></section>",
+        f"{report_plots.loss_plot(kind, buckets, zone)}</div></section>",
         f'<section><h2>Method</h2><dl class="method">{method}</dl></section>',
     ]
     if unmeasured:
@@ -450,8 +305,6 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
     published."""
     from urllib.parse import quote
 
-    from collector.reports.text import contract_sentence, verdict_words
-
     line = cert.line
     tz = cert.timezone
     contract = (
@@ -478,7 +331,8 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         checks.append(f"<tr><td>{escape(c.name)}</td><td class=num>"
                       f"{escape(format_value(c.observed, c.unit))}</td><td class=num>"
                       f"{escape(threshold)}</td><td class=num>{c.samples:,}</td>"
-                      f"<td class={css}>{word}</td></tr>")
+                      f"<td class={css}>{word}</td>"
+                      f"{_interval_cell(c.interval, c.unit, cert.min_samples)}</tr>")
     many = len(cert.contracts) > 1
     sessions = [
         f"<tr><td>{escape(local_time(s.started_at, tz))}</td><td>{s.band:02d}</td>"
@@ -522,7 +376,7 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         f'<table class="bands"><tr>{"".join(bands[:12])}</tr>'
         f'<tr>{"".join(bands[12:])}</tr></table>'
         "<h2>Checks</h2><table><tr><th>Indicator</th><th>Observed</th><th>Threshold</th>"
-        f"<th>Samples</th><th>Result</th></tr>{''.join(checks)}</table>"
+        f"<th>Samples</th><th>Result</th><th>95 % interval</th></tr>{''.join(checks)}</table>"
         + "".join(f'<p class="suppressed"><b>Suppressed:</b> '
                   f"{escape(window_sentence(w, tz, cert.rule.per_band))}.</p>"
                   for w in cert.suppressions)
@@ -538,6 +392,16 @@ def certificate_page(cert: Certificate, generated_at: str, base: str | None = No
         + f"<footer>bbprobe-collector {__version__}, generated "
         f"{escape(local_time(generated_at, tz))}; speeds in Mbit/s.</footer></body></html>\n"
     )
+
+
+def _interval_cell(interval: Interval | None, unit: str, min_samples: int) -> str:
+    """A figure's 95 % interval (uncertainty.py), its method on hover; "not enough data"
+    under the minimum-sample rule."""
+    text = escape(format_interval(interval, unit, min_samples))
+    if interval is None:
+        return f"<td class=num>{text}</td>"
+    css = "num" if interval.enough else "nodata"
+    return f'<td class={css} title="{escape(interval.method)}">{text}</td>'
 
 
 def evidence_paragraph(cert: Certificate, base: str | None, query: str,

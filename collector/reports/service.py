@@ -20,6 +20,7 @@ from collector.compliance.completeness import DayCompleteness
 from collector.compliance.completeness import completeness as completeness_of
 from collector.compliance.evaluate import Observations, Report, coverage_of, evaluate
 from collector.compliance.targets import Targets
+from collector.compliance.uncertainty import DEFAULT_MIN_SAMPLES
 from collector.errors import BadParameter
 from collector.fleet import control
 from collector.reports.text import listing_row
@@ -113,7 +114,9 @@ def groups(store: ProbeStore, where: Scope, by: Sequence[str], max_groups: int =
 
 def breakdown(store: Breakdowns, where: Scope, targets: Targets, by: Sequence[str],
               include_invalid: bool = False, customers: Customers | None = None,
-              max_groups: int = MAX_GROUPS) -> list[tuple[dict[str, str], Scope, Report]]:
+              max_groups: int = MAX_GROUPS,
+              min_samples: int = DEFAULT_MIN_SAMPLES,
+              ) -> list[tuple[dict[str, str], Scope, Report]]:
     """One report per group of ``groups``, with the group's own scope. Customer tests
     (browser page, ndt7 clients) have no line: they join only a breakdown by semester
     alone, never one by line metadata."""
@@ -122,7 +125,7 @@ def breakdown(store: Breakdowns, where: Scope, targets: Targets, by: Sequence[st
         raise BadParameter("by: customer tests have no line metadata; include them only "
                            "in a breakdown by semester", field="by")
     return [(key, scope_, compliance(store, scope_, targets, include_invalid, chosen,
-                                     with_coverage=False))
+                                     with_coverage=False, min_samples=min_samples))
             for key, scope_ in groups(store, where, by, max_groups)]
 
 
@@ -160,15 +163,21 @@ def observations(store: Readings, where: Scope, include_invalid: bool = False,
     """The probes' facts of a scope, with the customer tests of its period counted (and
     their speeds included when asked; customer tests have no probe, so only the
     period and ``customers.network`` select them)."""
+    # Customer tests record no IP version: a report of one family leaves them out.
+    tests = [] if where.family is not None else store.customer_speeds(
+        where.since, where.until, customers.network)
+    # Included speeds join the probes' before the store selects order statistics.
+    extra: dict[str, list[float]] = {"download": [], "upload": []}
+    if customers.include:
+        for _, direction, kbps in tests:
+            if kbps is not None and kbps > 0:
+                extra["download" if direction == "download" else "upload"].append(kbps)
     obs = store.observations(list(where.probes) if where.probes is not None else None,
-                             where.since, where.until, include_invalid, family=where.family)
+                             where.since, where.until, include_invalid, family=where.family,
+                             extra_speeds=extra)
+    for kind, direction, _ in tests:
+        obs.add_customer(kind, direction, None)  # counted; their speeds are in already
     obs.customer_included = customers.include
-    if where.family is not None:
-        # Customer tests record no IP version: a report of one family leaves them out.
-        return obs
-    for kind, direction, kbps in store.customer_speeds(where.since, where.until,
-                                                       customers.network):
-        obs.add_customer(kind, direction, kbps)
     return obs
 
 
@@ -178,11 +187,14 @@ COVERAGE_TIMEZONE = "Europe/Rome"
 
 def compliance(store: Readings, where: Scope, targets: Targets,
                include_invalid: bool = False, customers: Customers = Customers(),
-               timezone: str = COVERAGE_TIMEZONE, with_coverage: bool = True) -> Report:
+               timezone: str = COVERAGE_TIMEZONE, with_coverage: bool = True,
+               min_samples: int = DEFAULT_MIN_SAMPLES) -> Report:
     """Evaluate a scope from the stored facts (never by decoding every body), with the
     coverage of its sessions (local hour bands in ``timezone``; one more grouped read,
-    left out of a breakdown's many groups)."""
-    report = evaluate(observations(store, where, include_invalid, customers), targets)
+    left out of a breakdown's many groups). ``min_samples``: the minimum-sample rule of
+    the figures' intervals ([reports] min_samples)."""
+    report = evaluate(observations(store, where, include_invalid, customers), targets,
+                      min_samples)
     if not with_coverage:
         return report
     probes = list(where.probes) if where.probes is not None else None
@@ -215,20 +227,22 @@ class ReportView:
 def report_view(store: Readings, where: Scope, targets: Targets,
                 include_invalid: bool = False,
                 customers: Customers = Customers(),
-                timezone: str = COVERAGE_TIMEZONE) -> ReportView:
+                timezone: str = COVERAGE_TIMEZONE,
+                min_samples: int = DEFAULT_MIN_SAMPLES) -> ReportView:
     """The data of a scope's HTML report (html_report.render_view draws it)."""
     probes = list(where.probes) if where.probes is not None else None
     obs = observations(store, where, include_invalid, customers)
     hourly = store.hourly(probes, where.since, where.until, include_invalid,
                           family=where.family)
     scale = 0.5 if targets.options.delay_basis == "rtt_half" else 1.0
-    report = replace(evaluate(obs, targets), coverage=coverage_of(
+    report = replace(evaluate(obs, targets, min_samples), coverage=coverage_of(
         [(h.hour, h.sessions) for h in hourly], timezone))
     return ReportView(report, where, obs, hourly, scale)
 
 
 def certificate(store: Certifiable, probe: str, since: str | None, until: str | None,
-                rule: str, timezone: str, family: str | None = None) -> Any:
+                rule: str, timezone: str, family: str | None = None,
+                min_samples: int = DEFAULT_MIN_SAMPLES) -> Any:
     """The line certificate of one probe over [since, until) (all its results if open),
     of one IP version: a dual-stack line is two campaigns, one per family (the agent
     measures each slot once over each), so ``family`` must then be given."""
@@ -255,7 +269,7 @@ def certificate(store: Certifiable, probe: str, since: str | None, until: str | 
     # Each session judged by the contract in force when it was measured (certify.py).
     return certify.certify(probe, line.line, facts, CAMPAIGN_RULES[rule], timezone,
                            suppressed=suppressed, family=family,
-                           contracts=store.line_contracts(probe))
+                           contracts=store.line_contracts(probe), min_samples=min_samples)
 
 
 # The front page answers "does this line meet its contract?" from each line's

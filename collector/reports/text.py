@@ -6,12 +6,15 @@ the second; JSON and CSV keep the stored units and UTC. A report and a certifica
 say what they judge, against which targets, with which statistic and over what
 coverage, and name the other (``judges_sentence``, ``coverage_sentence``,
 ``certificate_judges``).
+
+A figure's own formatting is reports/figures.py and the certificate's text and JSON
+reports/certificate.py; both are importable from here as well, where their callers
+have always found them.
 """
 
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -21,64 +24,32 @@ from agent.schema import format_utc
 from collector import exports
 from collector.compliance.evaluate import IndicatorResult, Report
 from collector.compliance.facts import is_refusal
+
+# Re-exported (``X as X``, for mypy): where their callers (the CLI, the web routes, the
+# evidence bundle) have always found the certificate's text and JSON and a figure's
+# formatting.
+from collector.reports.certificate import certificate_dict as certificate_dict  # noqa: PLC0414
+from collector.reports.certificate import contract_sentence as contract_sentence  # noqa: PLC0414
+from collector.reports.certificate import format_certificate as format_certificate  # noqa: PLC0414
+from collector.reports.certificate import verdict_words as verdict_words  # noqa: PLC0414
+from collector.reports.figures import SHORT_NAMES as SHORT_NAMES  # noqa: PLC0414
+from collector.reports.figures import (
+    format_interval,
+    format_value,
+    labelled,
+    refusals_dict,
+    refused_sentence,
+    short_name,
+)
+from collector.reports.figures import show_rtts as show_rtts  # noqa: PLC0414
+from collector.reports.figures import show_speeds as show_speeds  # noqa: PLC0414
 from collector.reports.sentences import (
-    bands_sentence,
-    certificate_judges,
     coverage_caveat,
     coverage_sentence,
-    delay_statistic,
     judges_sentence,
-    local_time,
-    session_state,
     sessions_word,
-    window_sentence,
 )
-from collector.safetext import terminal
 from collector.scope import Scope
-
-SHORT_NAMES = {
-    "download_p95_kbps": "Download, banda massima (p95)",
-    "download_p5_kbps": "Download, banda minima (p5)",
-    "upload_p95_kbps": "Upload, banda massima (p95)",
-    "upload_p5_kbps": "Upload, banda minima (p5)",
-    "download_failure_ratio": "Download failure rate",
-    "upload_failure_ratio": "Upload failure rate",
-    "delay_mean_ms": "Delay, mean",
-    "delay_stdev_ms": "Delay, std deviation",
-    "loss_ratio": "Packet loss rate",
-    "jitter_mean_ms": "Jitter, mean",
-}
-
-
-def short_name(r: IndicatorResult, delay_basis: str = "rtt_half") -> str:
-    """The indicator's short name, the delay named for the statistic the report judges
-    (mean of RTT / 2, or of the round trip)."""
-    name = SHORT_NAMES.get(r.id, r.id)
-    if r.id.startswith("delay_"):
-        word = "One-way delay (RTT / 2)" if delay_basis == "rtt_half" else "Round-trip time"
-        name = name.replace("Delay", word)
-    return name
-
-
-def format_value(value: float | None, unit: str) -> str:
-    """A value for a human page: speeds stored in kbit/s shown in Mbit/s (two
-    decimals, as MisuraInternet publishes them), ratios in %, delays in ms."""
-    if value is None:
-        return "—"
-    if unit == "ratio":
-        return f"{value * 100:.3g} %"
-    if unit == "kbit/s":
-        # No thousands separator: "21,032.93" reads as 21 to an Italian reader.
-        return f"{value / 1000:.2f} Mbit/s"
-    if unit == "ms":
-        return f"{value:.3f} ms"
-    return f"{value:g} {unit}"
-
-
-def labelled(label: str, text: str, width: int = 100) -> str:
-    """``label`` and a long sentence, wrapped under its first line (a terminal's width)."""
-    return textwrap.fill(text, width, initial_indent=f"{label:<10}",
-                         subsequent_indent=" " * 10, break_on_hyphens=False)
 
 
 def _result_word(r: IndicatorResult) -> str:
@@ -93,7 +64,7 @@ def format_text(report: Report, scope: Scope) -> str:
         f"Scope:    {scope.describe()}; {report.sessions} session(s)",
         "",
     ]
-    rows = [("Indicator", "Observed", "Target", "Samples", "Result")]
+    rows = [("Indicator", "Observed", "Target", "Samples", "Result", "95 % interval")]
     for r in (*report.indicators, *report.informational):
         rows.append((
             short_name(r, report.delay_basis),
@@ -102,8 +73,9 @@ def format_text(report: Report, scope: Scope) -> str:
             else "(none)",
             str(r.samples),
             _result_word(r) if r.target is not None else "info",
+            format_interval(r.interval, r.unit, report.min_samples),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
         lines.append("  ".join(
             cell.rjust(widths[i]) if i in (1, 2, 3) else cell.ljust(widths[i])
@@ -160,43 +132,6 @@ def customer_sentence(report: Report) -> str:
     return f"{counts} in the period; kept apart, not in any indicator"
 
 
-# Servers a refusal sentence names (text, HTML); the rest are counted.
-SERVERS_NAMED = 10
-
-
-def server_label(server: str) -> str:
-    """A server key (facts.server_key) as shown: printable, and named when empty."""
-    return terminal(server) if server else "server not recorded"
-
-
-def refused_sentence(by_server: Sequence[tuple[str, int]], known: bool = True) -> str:
-    """How many transfer attempts the measurement server refused, per server: a capacity
-    refusal says an under-sized server, not an unreliable line, so never in the failure rate."""
-    if not known:
-        return ("not recorded in this input (a samples file cannot tell a refusal from a "
-                "failure: its failed rows are all the line's)")
-    if not by_server:
-        return "no transfer attempt in scope was refused by a measurement server"
-    total = sum(n for _, n in by_server)
-    # The most refused first; a sentence names a few (the JSON and CSV name them all).
-    ranked = sorted(by_server, key=lambda pair: (-pair[1], pair[0]))
-    servers = ", ".join(f"{server_label(server)} {n}" for server, n in
-                        ranked[:SERVERS_NAMED])
-    if len(ranked) > SERVERS_NAMED:
-        servers += f" and {len(ranked) - SERVERS_NAMED} more server(s)"
-    return (f"{total} transfer attempt(s) refused by the measurement server ({servers}): "
-            "for capacity (HTTP 429, or 503 from a bbprobe server) or its ticket; counted "
-            "apart, not in the failure rate")
-
-
-def refusals_dict(by_server: Sequence[tuple[str, int]], known: bool = True) -> dict[str, Any]:
-    """The JSON of the refusals: ``attempts`` (transfer attempts refused, in all),
-    ``attempts_by_server`` ({server origin: attempts}), ``recorded`` (False: the input
-    could not tell refusals from failures)."""
-    return {"attempts": sum(n for _, n in by_server) if known else None,
-            "attempts_by_server": dict(by_server), "recorded": known}
-
-
 def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
     return {
         "targets": {"name": report.targets_name, "source": report.targets_source,
@@ -212,9 +147,11 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
         # Attempts the measurement server refused: not in the failure rate.
         "server_refusals": refusals_dict(report.refused_by_server, report.refusals_known),
         "verdict": report.verdict,
-        "indicators": [asdict(r) for r in report.indicators],
+        "indicators": [indicator_dict(r) for r in report.indicators],
         # Observed, not judged: no target in the table (jitter, delibera 156/23/CONS).
-        "informational": [asdict(r) for r in report.informational],
+        "informational": [indicator_dict(r) for r in report.informational],
+        # The minimum-sample rule behind each figure's ci95.enough_data.
+        "min_samples": report.min_samples,
         "not_measured": [
             {"id": i.id, "name": i.name, "comparison": i.comparison, "target": i.target,
              "unit": i.unit}
@@ -226,6 +163,15 @@ def report_dict(report: Report, scope: Scope) -> dict[str, Any]:
         "judges": judges_sentence(report, scope),
         "coverage": coverage_dict(report),
     }
+
+
+def indicator_dict(r: IndicatorResult) -> dict[str, Any]:
+    """An indicator's fields, its interval as ``ci95`` (low, high, method, samples,
+    enough_data)."""
+    doc = asdict(r)
+    del doc["interval"]
+    doc["ci95"] = exports.ci95_dict(r.interval)
+    return doc
 
 
 def coverage_dict(report: Report) -> dict[str, Any] | None:
@@ -240,7 +186,8 @@ def coverage_dict(report: Report) -> dict[str, Any] | None:
 
 REPORT_COLUMNS = ("id", "name", "unit", "comparison", "target", "observed", "samples",
                   "passed", "scope_probes", "scope_since", "scope_until", "targets",
-                  "scope_family", "refused_attempts", "refused_by_server", "verdict")
+                  "scope_family", "refused_attempts", "refused_by_server", "verdict",
+                  *exports.CI95_COLUMNS)
 
 
 def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
@@ -258,7 +205,8 @@ def report_rows(report: Report, scope: Scope) -> list[dict[str, Any]]:
          "scope_probes": probes, "scope_since": scope.since, "scope_until": scope.until,
          "targets": report.targets_name,
          "scope_family": scope.family or "", "refused_attempts": refused,
-         "refused_by_server": by_server, "verdict": report.verdict}
+         "refused_by_server": by_server, "verdict": report.verdict,
+         **exports.ci95_cells(r.interval)}
         for r in (*report.indicators, *report.informational)
     ]
 
@@ -420,122 +368,3 @@ def format_listing_text(rows: Sequence[dict[str, Any]]) -> str:
             + (f"  [{'; '.join(flags)}]" if flags else "")
         )
     return "\n".join(lines) + "\n"
-
-
-# --- Line certificate ------------------------------------------------------------------------
-
-VERDICT_WORDS = {
-    "breach": "BREACH: at least one contractual figure is not met",
-    "no_breach": "NO BREACH: every contractual figure that was judged is met",
-    "incomplete": "INCOMPLETE: the campaign does not cover every hourly band; no verdict",
-}
-
-
-def contract_sentence(cert: Any) -> str:
-    """Which version(s) of the line's contract the certificate used, and how."""
-    tz = cert.timezone
-
-    def one(v: Any) -> str:
-        since = local_time(v.valid_from, tz) if v.valid_from else "the beginning"
-        retro = ", a retroactive correction" if v.retroactive else ""
-        return f"version {v.version} (in force from {since}, set " \
-               f"{local_time(v.changed_at, tz)} by {v.changed_by}{retro})"
-
-    versions = [one(v) for v in cert.contracts]
-    if len(versions) == 1:
-        return f"each session judged by contract {versions[0]}"
-    head = "the contract changed during the campaign: " + "; ".join(versions) + "; "
-    if cert.contract_changed:
-        return head + ("its judged figures differ between them, so no verdict: certify "
-                       "each part (--until / --since the version's start)")
-    return head + (f"the judged figures are the same in each, judged by version "
-                   f"{cert.contract_version}")
-
-
-def verdict_words(cert: Any) -> str:
-    """The verdict in words (a campaign over a change of contract says so)."""
-    if getattr(cert, "contract_changed", False):
-        return ("NO VERDICT: the contract's judged figures changed during the campaign; "
-                "certify each part")
-    return VERDICT_WORDS[cert.verdict]
-
-
-def certificate_dict(cert: Any) -> dict[str, Any]:
-    from dataclasses import asdict as as_dict
-
-    doc: dict[str, Any] = as_dict(cert)
-    doc["rule"] = {"name": cert.rule.name, "sessions_per_band": cert.rule.per_band,
-                   "window_h": cert.rule.window_h}
-    doc["refused_by_server"] = dict(cert.refused_by_server)
-    # The agent's own campaign figures (health report, `bbprobe status`).
-    doc["bands_filled"] = cert.bands_filled
-    doc["sessions_counted"] = cert.sessions_counted
-    doc["judges"] = certificate_judges(cert)
-    return doc
-
-
-def show_speeds(values: tuple[float | None, ...]) -> str:
-    return ", ".join("failed" if v is None else format_value(v, "kbit/s")
-                     for v in values) or "—"
-
-
-def show_rtts(values: tuple[float | None, ...]) -> str:
-    return ", ".join("lost" if v is None else f"{v:.2f}" for v in values) or "—"
-
-
-def format_certificate(cert: Any) -> str:
-    line = cert.line
-    contract = [
-        ("download, guaranteed minimum", format_value(line.download_min_kbps, "kbit/s")),
-        ("normally available", format_value(line.download_normal_kbps, "kbit/s")),
-        ("maximum", format_value(line.download_nominal_kbps, "kbit/s")),
-        ("upload, guaranteed minimum", format_value(line.upload_min_kbps, "kbit/s")),
-        ("normally available", format_value(line.upload_normal_kbps, "kbit/s")),
-        ("maximum", format_value(line.upload_nominal_kbps, "kbit/s")),
-        ("maximum delay", format_value(line.max_delay_ms, "ms")),
-        ("maximum packet loss", format_value(line.max_loss_ratio, "ratio")),
-    ]
-    tz = cert.timezone
-    out = [
-        "Line certificate (delibera 244/08/CSP method)",
-        f"Line:     probe {cert.probe_id}; operator {line.operator or '—'}; offer "
-        f"{line.offer or '—'}; technology {line.technology or '—'}"
-        + (f"; over {'IPv4' if cert.family == 'ipv4' else 'IPv6'} only (dual stack: a "
-           "campaign per IP version)" if cert.family else ""),
-        "Contract: " + "; ".join(f"{k} {v}" for k, v in contract),
-        *([f"Version:  {contract_sentence(cert)}"] if cert.contracts else []),
-        labelled("Judges:", certificate_judges(cert)),
-        f"Period:   {local_time(cert.first, tz)} to {local_time(cert.last, tz)} "
-        f"({sessions_word(len(cert.sessions))} listed)",
-        f"Method:   rule {cert.rule.name} ({cert.rule.per_band} per hourly band, "
-        f"{tz} local time); percentile Hyndman-Fan type 7; delay = "
-        f"{delay_statistic(cert.delay_basis)}",
-        "",
-        f"Hourly bands (sessions counted / required, {tz}): {bands_sentence(cert)}",
-    ]
-    cells = [f"{h:02d}h {n}/{cert.rule.per_band}{'' if n >= cert.rule.per_band else ' !'}"
-             for h, n in enumerate(cert.band_counts)]
-    out += ["  " + "   ".join(cells[i : i + 6]) for i in range(0, 24, 6)]
-    width = max(42, *(len(c.name) for c in cert.checks))
-    out += ["", f"{'Indicator':<{width}}  {'Observed':>14}  {'Threshold':>17}  Samples  Result"]
-    for c in cert.checks:
-        result = "info" if c.informational else \
-            {True: "BREACH", False: "ok", None: "not judged"}[c.breach]
-        threshold = ("information" if c.informational else "contract changed"
-                     if cert.contract_changed else "not in contract") \
-            if c.threshold is None else \
-            f"{'>=' if c.comparison == '<' else '<='} {format_value(c.threshold, c.unit)}"
-        out.append(f"{c.name:<{width}}  {format_value(c.observed, c.unit):>14}  "
-                   f"{threshold:>17}  {c.samples:>7}  {result}")
-    out.append(f"Refused:  {refused_sentence(cert.refused_by_server)}")
-    for w in cert.suppressions:
-        out.append(f"Suppressed: {window_sentence(w, tz, cert.rule.per_band)}")
-    out += ["", f"Verdict:  {verdict_words(cert)}", "",
-            f"Every session (start in {tz} local time):"]
-    many = len(cert.contracts) > 1
-    for s in cert.sessions:
-        out.append(f"  {local_time(s.started_at, tz)}  band {s.band:02d}  "
-                   + (f"contract v{s.contract_version}  " if many else "")
-                   + f"{session_state(s)}  down {show_speeds(s.download_kbps)}  "
-                   f"up {show_speeds(s.upload_kbps)}  RTT {show_rtts(s.rtts_ms)}")
-    return "\n".join(out) + "\n"

@@ -62,6 +62,7 @@ from collector.web.app_keys import (
     DB_THREADS,
     DECODE_THREADS,
     LIMITER,
+    READER,
     SINK,
     STORE,
 )
@@ -98,12 +99,25 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     loop = asyncio.get_running_loop()
     opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bbprobe-db-open")
+    reader = None
     try:
         store = await loop.run_in_executor(opener, lambda: open_store(
             cfg.storage, outbox=cfg.influxdb.enabled))
+        if cfg.storage.read_url:
+            # After the store: its migrations are what the replica must have replayed.
+            try:
+                reader = await loop.run_in_executor(opener, lambda: open_store(
+                    cfg.storage, read_only=True))
+            except BaseException:
+                await loop.run_in_executor(opener, store.close)
+                raise
     finally:
         opener.shutdown(wait=False)
     app[STORE] = store
+    if reader is not None:
+        app[READER] = reader
+    # The analysts' reads share these threads with the store's calls: each holds one
+    # connection of either pool at a time.
     app[DB_THREADS] = ThreadPoolExecutor(max_workers=store.concurrency,
                                          thread_name_prefix="bbprobe-db")
     # Two: large bodies decode beside the loop, never more than two at once (a flood of
@@ -147,6 +161,8 @@ async def _store_lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await run(lambda s: s.outbox_release(owner))
             await loop.run_in_executor(None, sink.close)
         await run(lambda s: s.close())
+        if reader is not None:
+            await loop.run_in_executor(app[DB_THREADS], reader.close)
         app[DB_THREADS].shutdown(wait=True)
         app[DECODE_THREADS].shutdown(wait=True)
 

@@ -15,7 +15,7 @@ once).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from agent.evidence import Link
@@ -210,7 +210,9 @@ class ReportStore(Protocol):
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
                      until: str | None = None, include_invalid: bool = False,
-                     family: str | None = None) -> Observations: ...
+                     family: str | None = None,
+                     extra_speeds: Mapping[str, Sequence[float]] | None = None
+                     ) -> Observations: ...
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None, family: str | None = None) -> list[SessionFacts]: ...
@@ -345,3 +347,27 @@ class Store(Housekeeping, ProbeStore, ProbeKeyStore, ContractStore, ResultStore,
     """The collector's master copy of probes, tokens and results: every role at once
     (the web app and the CLI hold one; a module that needs less takes the role it
     uses, so a test can fake it)."""
+
+
+class ExportStore(Protocol):
+    """The analysts' export (collector/export/): a scope's sessions page by page, and the
+    distinct (probe, UTC hour) pairs the open-data mode counts probes per cell from."""
+
+    def export_span(self, probes: Sequence[str] | None, since: str | None,
+                    until: str | None, family: str | None = None,
+                    received_before: str | None = None) -> tuple[str, str] | None:
+        """The first and last start time of the sessions in scope (received before
+        ``received_before`` when given); None when none."""
+
+    def export_sessions(self, probes: Sequence[str] | None, since: str | None,
+                        until: str | None, family: str | None = None, page: int = ...,
+                        received_before: str | None = None
+                        ) -> Iterator[list[tuple[SessionFacts, StoredResult | None]]]:
+        """The sessions in scope, by (probe, start time, result id), in pages of at most
+        ``page``: each one's facts and stored row (body without stream samples)."""
+
+    def export_probe_hours(self, probes: Sequence[str] | None, since: str | None,
+                           until: str | None, family: str | None = None,
+                           page: int = ..., received_before: str | None = None
+                           ) -> Iterator[tuple[str, str]]:
+        """Each distinct (probe, "YYYY-MM-DDTHH" UTC) with a session in scope."""

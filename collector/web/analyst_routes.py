@@ -23,7 +23,7 @@ from collector.compliance.completeness import chain_summaries, completeness
 from collector.errors import ApiError, BadParameter
 from collector.measurement.slots import SLOTS
 from collector.reports import html as html_pages
-from collector.reports import service
+from collector.reports import semester, service
 from collector.reports.text import (
     LISTING_COLUMNS,
     PROBE_COLUMNS,
@@ -38,14 +38,18 @@ from collector.reports.text import (
     sample_rows,
 )
 from collector.routing import Routes
-from collector.scope import Scope, check_timezone, parse_network, parse_time
+from collector.scope import Scope, check_timezone, parse_network, parse_time, shown
 from collector.storage.model import Probe
 from collector.web import keys_routes
 from collector.web.app_keys import CONFIG, SINK
 from collector.web.params import query_flag, query_format, query_limit, scope_of
 from collector.web.replies import json_response
-from collector.web.threads import db
+from collector.web.threads import analyst_db as db
+from collector.web.threads import db as primary_db
 
+# ``db`` is ``analyst_db``: every read here is an analyst's, on the replica
+# storage.read_url when one is set; ``primary_db`` is the store itself (the health
+# route's outbox).
 COMPLIANCE_REPORT_FORMATS = ("json", "csv", "html")
 
 
@@ -107,6 +111,14 @@ WEB_MAX_GROUPS = 200
 async def get_compliance_report(request: web.Request) -> web.Response:
     """The compliance report of a scope: JSON (default), CSV (one row per indicator) or
     the HTML page with plots."""
+    layout = request.query.get("layout", "standard")
+    if layout not in REPORT_LAYOUTS:
+        raise ApiError(400, f"layout: expected one of {', '.join(REPORT_LAYOUTS)}, got "
+                            f"{shown(layout)}", field="layout")
+    if layout == "semester":
+        # CSV when no format is asked: the layout has no JSON (semester.check_request
+        # refuses any format but csv and html, naming it).
+        return await semester_report(request, request.query.get("format", "csv"))
     fmt = query_format(request, COMPLIANCE_REPORT_FORMATS)
     if fmt == "html":
         if request.query.getall("by", []):
@@ -115,24 +127,48 @@ async def get_compliance_report(request: web.Request) -> web.Response:
         return await compliance_report_page(request)
     table, where = await _targets_and_scope(request)
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
+    min_samples = request.app[CONFIG].reports.min_samples
     by = request.query.getall("by", [])
     if by:
         # One report per group (line metadata and/or semester): JSON or CSV.
         # Fewer groups than the CLI allows: one request holds a database thread for
         # all of them.
         parts = await db(request, lambda s: service.breakdown(
-            s, where, table, by, invalid, customers, max_groups=WEB_MAX_GROUPS))
+            s, where, table, by, invalid, customers, max_groups=WEB_MAX_GROUPS,
+            min_samples=min_samples))
         if fmt == "csv":
             return web.Response(text=format_csv(breakdown_rows(by, parts),
                                                 (*by, *REPORT_COLUMNS)),
                                 content_type="text/csv")
         return json_response(breakdown_dict(by, parts))
     report = await db(request, lambda s: service.compliance(s, where, table, invalid,
-                                                            customers))
+                                                            customers,
+                                                            min_samples=min_samples))
     if fmt == "csv":
         return web.Response(text=format_csv(report_rows(report, where), REPORT_COLUMNS),
                             content_type="text/csv")
     return json_response(report_dict(report, where))
+
+
+REPORT_LAYOUTS = ("standard", "semester")
+
+
+async def semester_report(request: web.Request, fmt: str) -> web.Response:
+    """AGCOM's semester tables of the scope (collector/reports/semester.py): CSV or HTML."""
+    semester.check_request(fmt, request.query.getall("by", []),
+                           query_flag(request, "include_customer"))
+    table, where = await _targets_and_scope(request)
+    invalid = query_flag(request, "include_invalid")
+    timezone = check_timezone(request.query.get("timezone", "Europe/Rome"))
+    min_samples = request.app[CONFIG].reports.min_samples
+    rows, sample = await db(request, lambda s: semester.gather(
+        where, lambda scope, by: service.breakdown(s, scope, table, by, invalid,
+                                                   max_groups=WEB_MAX_GROUPS,
+                                                   min_samples=min_samples)))
+    if fmt == "csv":
+        return web.Response(text=semester.to_csv(rows), content_type="text/csv")
+    return web.Response(text=semester.render(rows, where, sample, utc_now(), timezone),
+                        content_type="text/html")
 
 
 async def compliance_report_page(request: web.Request) -> web.Response:
@@ -140,8 +176,10 @@ async def compliance_report_page(request: web.Request) -> web.Response:
     table, where = await _targets_and_scope(request)
     timezone = check_timezone(request.query.get("timezone", "Europe/Rome"))
     invalid, customers = query_flag(request, "include_invalid"), _customers(request)
+    min_samples = request.app[CONFIG].reports.min_samples
     view = await db(request, lambda s: service.report_view(s, where, table, invalid,
-                                                           customers))
+                                                           customers,
+                                                           min_samples=min_samples))
     page = html_pages.render_view(view, timezone, utc_now(), "Allegato 2 compliance report",
                                   base=_site_root(request))
     return web.Response(text=page, content_type="text/html")
@@ -195,8 +233,9 @@ async def get_certificate(request: web.Request) -> web.Response:
     rule, timezone = q.get("rule", spec.DEFAULT_CAMPAIGN_RULE), q.get("timezone", "Europe/Rome")
     family = q.get("family")
     try:
+        min_samples = request.app[CONFIG].reports.min_samples
         cert = await db(request, lambda s: service.certificate(s, probe, since, until, rule,
-                                                               timezone, family))
+                                                               timezone, family, min_samples))
     except BadParameter as exc:
         if fmt != "html" or family is not None or exc.field != "family":
             raise
@@ -305,8 +344,10 @@ async def _certificate_evidence(request: web.Request) -> web.Response:
                        "says why); no bundle can be signed")
     path = request.app[CONFIG].compliance.targets
     table = await asyncio.get_running_loop().run_in_executor(None, targets_mod.load, path)
+    min_samples = request.app[CONFIG].reports.min_samples
     members = await db(request, lambda s: bundle.certificate_members(
-        s, own, probe, since, until, rule, timezone, family, table))
+        s, own, probe, since, until, rule, timezone, family, table,
+        min_samples=min_samples))
     body = await asyncio.to_thread(bundle.bundle_zip, members)
     name = f"evidence-{probe}" + (f"-{family}" if family else "") + ".zip"
     return web.Response(body=body, content_type="application/zip", headers={
@@ -362,10 +403,12 @@ async def collector_health(request: web.Request) -> web.Response:
                               "tickets": len(slots.ledger.tickets)}
     sink = request.app.get(SINK)
     if sink is not None:
+        # The outbox is the primary's own state (a replica's copy lags it): read there,
+        # not with the analysts' reads.
         doc["influxdb"] = {**asdict(sink.state),
-                           "outbox": await db(request, lambda s: s.outbox_size()),
-                           "dead_letters_stored": await db(request,
-                                                           lambda s: s.outbox_dead_count())}
+                           "outbox": await primary_db(request, lambda s: s.outbox_size()),
+                           "dead_letters_stored": await primary_db(
+                               request, lambda s: s.outbox_dead_count())}
         if not sink.state.running:
             doc["status"] = "degraded"
     return json_response(doc)

@@ -41,6 +41,9 @@ class InfluxCopy(Wakeable, Protocol):
 
 CONFIG = web.AppKey("config", CollectorConfig)
 STORE = web.AppKey("store", Store)
+# The replica analysts' reads use (storage.read_url), when one is set: web/threads.py
+# ``analyst_db``.
+READER = web.AppKey("reader", Store)
 # Store calls run here (web/threads.py): one thread for SQLite, storage.pool_size for
 # PostgreSQL.
 DB_THREADS = web.AppKey("db_threads", ThreadPoolExecutor)

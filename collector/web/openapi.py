@@ -16,7 +16,11 @@ from collector.measurement import librespeed
 from collector.web.openapi_parts import (
     ADMIN,
     BEARER,
+    CERTIFICATE,
+    CI95,
+    CI95_OR_NULL,
     KEY_PUT,
+    MIN_SAMPLES,
     PUBLIC,
     SCOPE_PARAMETERS,
     SENT_AT,
@@ -51,6 +55,12 @@ def document() -> dict[str, Any]:
     json_schema(GapRecord, schemas)
     upload_ref = json_schema(UploadReport, schemas)
     indicator_ref = json_schema(IndicatorResult, schemas)
+    # The JSON gives the indicator's interval as ``ci95`` (reports/text.py
+    # ``indicator_dict``), not the dataclass's ``interval``.
+    del schemas["IndicatorResult"]["properties"]["interval"], schemas["Interval"]
+    schemas["IndicatorResult"]["properties"]["ci95"] = CI95_OR_NULL
+    schemas["CI95"] = CI95
+    schemas["Certificate"] = CERTIFICATE
     schemas["Error"] = {
         "type": "object", "required": ["error", "field"], "additionalProperties": False,
         "properties": {"error": {"type": "string"},
@@ -87,6 +97,8 @@ def document() -> dict[str, Any]:
             "sessions": {"type": "integer", "minimum": 0},
             "verdict": {"enum": ["pass", "fail", "incomplete"]},
             "indicators": {"type": "array", "items": indicator_ref},
+            "informational": {"type": "array", "items": indicator_ref},
+            "min_samples": MIN_SAMPLES,
             "not_measured": {"type": "array", "items": {"type": "object"}},
             "method": {"type": "object", "additionalProperties": {"type": "string"}},
             "invalid": {"type": "object"},
@@ -322,7 +334,13 @@ def document() -> dict[str, Any]:
                                           {"type": "array", "items": {
                                               "enum": ["operator", "offer", "region",
                                                        "technology", "semester",
-                                                       "family"]}})],
+                                                       "family"]}}),
+                                   _query("layout", "standard (default), or semester: "
+                                          "AGCOM's semester tables, a row per region and "
+                                          "technology for each semester and the year, "
+                                          "each figure with its 95 % interval and samples "
+                                          "(csv or html; needs a period; no by).",
+                                          {"enum": ["standard", "semester"]})],
                     "responses": {"200": {"description": "The report.", "content": {
                         "application/json": {"schema": {
                             "$ref": "#/components/schemas/Report"}},
@@ -360,7 +378,8 @@ def document() -> dict[str, Any]:
                                {"enum": ["json", "html", "csv"]}),
                     ],
                     "responses": {"200": {"description": "The certificate.", "content": {
-                        "application/json": {"schema": {"type": "object"}},
+                        "application/json": {"schema": {
+                            "$ref": "#/components/schemas/Certificate"}},
                         "text/html": {"schema": {"type": "string"}},
                         "text/csv": {"schema": {"type": "string"}}}},
                         "400": bad_request,

@@ -315,3 +315,54 @@ KEY_PUT: dict[str, Any] = {"put": {
                      "key the probe does not hold or holds revoked (field rotation)."),
         "429": error("Over the probe's rate limit.")},
 }}
+
+
+# The 95 % confidence interval of a published figure (collector/exports.py ``ci95_dict``
+# of an uncertainty.Interval): null when none was computed for it.
+CI95 = {
+    "type": "object", "required": ["low", "high", "method", "samples", "enough_data"],
+    "additionalProperties": False,
+    "description": "The figure's 95 % confidence interval (collector/compliance/"
+                   "uncertainty.py): percentiles distribution-free from order statistics, "
+                   "ratios Wilson score, mean delay Student t, delay stdev chi-square, "
+                   "jitter normal with a bounded spread. enough_data false: fewer samples "
+                   "than min_samples, or no interval exists; the figure is then shown as "
+                   "not enough data (its verdict is unchanged).",
+    "properties": {
+        "low": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "high": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "method": {"type": "string", "description": "How it was computed, in words a "
+                                                    "reader can reproduce."},
+        "samples": {"type": "integer", "minimum": 0},
+        "enough_data": {"type": "boolean"},
+    },
+}
+CI95_OR_NULL = {"anyOf": [{"$ref": "#/components/schemas/CI95"}, {"type": "null"}]}
+MIN_SAMPLES = {"type": "integer", "minimum": 1,
+               "description": "The minimum-sample rule ([reports] min_samples) behind "
+                              "each figure's ci95.enough_data."}
+# The certificate (reports/text.py ``certificate_dict``): its checks as listed; the rest
+# of the document is open (the campaign, its sessions and bands).
+CERTIFICATE = {
+    "type": "object", "required": ["probe_id", "verdict", "checks", "min_samples"],
+    "properties": {
+        "probe_id": {"type": "string"},
+        "verdict": {"enum": ["breach", "no_breach", "incomplete"]},
+        "min_samples": MIN_SAMPLES,
+        "checks": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["id", "name", "unit", "comparison", "threshold", "observed",
+                         "samples", "breach", "informational", "ci95"],
+            "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"},
+                "unit": {"type": "string"},
+                "comparison": {"type": "string", "description": "The comparison that is "
+                                                                "a breach."},
+                "threshold": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                "observed": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                "samples": {"type": "integer", "minimum": 0},
+                "breach": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                "informational": {"type": "boolean"},
+                "ci95": CI95_OR_NULL}}},
+    },
+}

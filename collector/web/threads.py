@@ -11,7 +11,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from collector.storage.store import Store
-from collector.web.app_keys import DB_THREADS, DECODE_THREADS, STORE
+from collector.web.app_keys import DB_THREADS, DECODE_THREADS, READER, STORE
 
 T = TypeVar("T")
 
@@ -26,6 +26,17 @@ async def db(request: web.Request, fn: Callable[[Store], T]) -> T:
     """Run ``fn(store)`` on a database thread (one for SQLite; the pool's size for
     PostgreSQL): the event loop never waits for a query or an fsync."""
     return await on_db(request.app, fn)
+
+
+async def analyst_db(request: web.Request, fn: Callable[[Store], T]) -> T:
+    """``db`` for an analyst's read (a report, a listing, a certificate): on the replica
+    storage.read_url when one is set, so that the primary's capacity stays the probes'
+    (docs/scaling.md, section 7); on the store itself otherwise."""
+    store = request.app.get(READER)
+    if store is None:
+        store = request.app[STORE]
+    return await asyncio.get_running_loop().run_in_executor(
+        request.app[DB_THREADS], partial(fn, store))
 
 
 async def on_db(app: web.Application, fn: Callable[[Store], T]) -> T:

@@ -41,7 +41,8 @@ def test_collector_example_with_every_key_is_valid() -> None:
     from collector import config as collector_config
 
     data = uncommented(ROOT / "configs" / "collector.example.toml")
-    data["storage"].pop("url")  # an example for backend = "postgresql"
+    data["storage"].pop("url")  # examples for backend = "postgresql"
+    data["storage"].pop("read_url")
     for name in ("tls_cert", "tls_key", "client_ca"):
         data["server"].pop(name, None)
     cfg = collector_config.parse(data)

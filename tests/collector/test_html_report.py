@@ -21,7 +21,7 @@ from collector.config import StorageConfig
 from collector.fleet.probes import register_probe
 from collector.lines import LineMetadata
 from collector.reports import plots, service
-from collector.reports.html import hour_profile, time_buckets
+from collector.reports.report_plots import hour_profile, time_buckets
 from collector.scope import resolve_scope
 from collector.server.testing import RunningCollector
 from collector.storage.model import HourRow

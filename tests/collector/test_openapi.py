@@ -87,3 +87,43 @@ def test_key_route_documents_proof_rotation_and_replies() -> None:
     reply.validate({"kid": "k2", "status": "rotated", "previous_kid": "k1"})
     with pytest.raises(jsonschema.ValidationError):
         reply.validate({"kid": "k2", "status": "replaced"})
+
+
+def _component(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                           **document()})
+
+
+def test_report_and_certificate_schemas_describe_their_intervals() -> None:
+    """A real report's and certificate's JSON validate, each figure with its ci95 and
+    the min_samples rule; an interval missing a field or the old ``interval`` name
+    breaks the schema."""
+    from collector.compliance import targets
+    from collector.compliance.certify import certify
+    from collector.compliance.evaluate import evaluate, observe
+    from collector.reports.text import certificate_dict, report_dict
+    from collector.scope import resolve_scope
+    from tests.collector.test_certify import CONTRACT, campaign, facts
+
+    sessions = campaign()
+    report = json.loads(json.dumps(report_dict(
+        evaluate(observe(sessions), targets.load(""), min_samples=50),
+        resolve_scope(None, None, None))))
+    assert report["min_samples"] == 50
+    assert report["indicators"][0]["ci95"]["enough_data"] is True
+    _component("Report").validate(report)
+    cert = json.loads(json.dumps(certificate_dict(certify("p1", CONTRACT,
+                                                          facts(sessions)))))
+    assert cert["checks"][0]["ci95"]["samples"] == 96
+    _component("Certificate").validate(cert)
+    for bad in (lambda d: d["indicators"][0]["ci95"].pop("enough_data"),
+                lambda d: d["indicators"][0].update(interval=None),
+                lambda d: d.update(min_samples=0)):
+        broken = copy.deepcopy(report)
+        bad(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            _component("Report").validate(broken)
+    broken = copy.deepcopy(cert)
+    broken["checks"][0]["ci95"]["low"] = "12"
+    with pytest.raises(jsonschema.ValidationError):
+        _component("Certificate").validate(broken)

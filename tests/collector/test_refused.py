@@ -300,8 +300,9 @@ def test_report_outputs_say_what_the_server_refused() -> None:
     rows = report_rows(report, where)
     assert {(r["refused_attempts"], r["refused_by_server"]) for r in rows} == {
         (8, f"{SERVER}=7 https://mlab.example:443=1")}
+    # The interval's columns (issue 28) are appended after the verdict.
     assert format_csv(rows, REPORT_COLUMNS).splitlines()[0].endswith(
-        ",refused_attempts,refused_by_server,verdict")
+        ",refused_attempts,refused_by_server,verdict,ci95_low,ci95_high,ci_method,enough_data")
     page = html_report.render(report, where, obs, [], "Europe/Rome", utc_now())
     assert "Refused by the measurement server:</b> 8 transfer attempt(s)" in page
     assert "2 of 5 download and 0 of 2 upload attempts failed" in page

@@ -369,7 +369,7 @@ def test_postgresql_migration_13_upgrades_a_version_12_database(pg_url: str) -> 
                      "bound_from) VALUES ('p1', 'k1', '{}', 'pinned', 'b', 'b')")
     storage = StorageConfig(backend="postgresql", url=pg_url, pool_size=2)
     with closing(open_store(storage)) as store:
-        assert store.schema_version == len(PG) == 13
+        assert store.schema_version == len(PG) >= 13
         assert [(k.kid, k.source, k.rotation_jws) for k in store.probe_keys("p1")] == \
             [("k0", "tofu", None), ("k1", "pinned", None)]
         # One kid on two probes, introduced by a rotation: allowed now.
@@ -398,6 +398,6 @@ def test_postgresql_migration_13_upgrades_a_version_12_database(pg_url: str) -> 
                 conn.execute(f"INSERT INTO {table} VALUES {row}")
         conn.execute("UPDATE bbprobe_schema SET version = 12")
     with closing(open_store(storage)) as again:
-        assert again.schema_version == 13
+        assert again.schema_version == len(PG)
         assert [(k.probe_name, k.kid) for k in again.all_probe_keys(10)] == \
             [("p1", "k0"), ("p1", "k1"), ("p2", "k1")]

@@ -17,6 +17,7 @@ transactions a backend gives, the WHERE clause of a scope); ``SqlStore`` is all 
     outbox.py     the InfluxDB outbox          anonymous.py  browser and ndt7 tests
     fleet.py      rules, suppressions, health  alerts.py     alerts and their deliveries
     copy.py       every table, for a copy      contracts.py  each line's contract history
+    exports.py    the analysts' export, paged
 
 Arithmetic over rows (the day rollup, RTT moments, counts) is in
 collector/compliance/rollup.py, in Python: a database's float sums depend on the order
@@ -29,6 +30,7 @@ from collector.storage.sql.alerts import AlertQueries
 from collector.storage.sql.anonymous import AnonymousQueries
 from collector.storage.sql.contracts import ContractQueries
 from collector.storage.sql.copy import CopyQueries
+from collector.storage.sql.exports import ExportQueries
 from collector.storage.sql.fleet import FleetQueries
 from collector.storage.sql.outbox import OutboxQueries
 from collector.storage.sql.probe_keys import ProbeKeyQueries
@@ -40,6 +42,6 @@ from collector.storage.sql.signatures import SignatureQueries
 
 class SqlStore(ProbeQueries, ProbeKeyQueries, ResultQueries, SignatureQueries,
                ReportQueries, OutboxQueries, AnonymousQueries, FleetQueries, AlertQueries,
-               CopyQueries, ContractQueries):
+               CopyQueries, ContractQueries, ExportQueries):
     """The collector's master copy of every probe and result, over one SQL backend
     (collector/storage/store.py ``Store``: each role protocol is one of the mixins)."""

@@ -27,14 +27,18 @@ def postgres_password(cfg: StorageConfig, environ: Mapping[str, str]) -> str | N
 
 
 def open_store(cfg: StorageConfig, *, outbox: bool = False,
-               environ: Mapping[str, str] = os.environ) -> Store:
+               environ: Mapping[str, str] = os.environ, read_only: bool = False) -> Store:
     """Open (creating or migrating) the configured store. Only the backend opened is
-    imported: an SQLite collector never loads psycopg and libpq."""
+    imported: an SQLite collector never loads psycopg and libpq. ``read_only``: for
+    analysts' reads, the replica storage.read_url when one is set (never migrated, and
+    refusing writes); without one, the store itself."""
     if cfg.backend == "postgresql":
         from collector.storage.sql.postgres import PostgresStore
 
-        return PostgresStore(cfg.url, outbox=outbox, password=postgres_password(cfg, environ),
-                             pool_size=cfg.pool_size)
+        replica = read_only and bool(cfg.read_url)
+        return PostgresStore(cfg.read_url if replica else cfg.url, outbox=outbox,
+                             password=postgres_password(cfg, environ),
+                             pool_size=cfg.pool_size, read_only=replica)
     from collector.storage.sql.sqlite import SqliteStore
 
     return SqliteStore(Path(cfg.path or default_database(environ)), outbox=outbox)

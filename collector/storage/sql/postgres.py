@@ -19,14 +19,23 @@ parser.
 - Migrations are numbered, as SQLite's, in table ``bbprobe_schema``, applied under an
   advisory lock so processes starting together migrate once.
 - The password never appears in a message: URIs are shown with it masked.
+- ``results``, ``session_facts`` and ``transfer_facts`` are partitioned by month
+  (storage/sql/partitions.py); each process that opens the database creates the
+  partitions of the coming months it finds missing.
+- ``read_only``: a streaming replica (storage.read_url) for analysts' reads. It is never
+  migrated (a standby follows its primary's schema, and accepts no writes): opening it
+  checks that its schema is this collector's; a write through it is a StoreFault.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -34,12 +43,13 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 
 from collector.errors import StoreError, StoreFault, StoreUnavailable, Unacceptable, Unstorable
-from collector.storage.sql import SqlStore
+from collector.storage.sql import SqlStore, partitions
 from collector.storage.sql.base import Dialect, Tx, database_error, first_line
 from collector.storage.sql.postgres_migrations import MIGRATIONS, ddl
 from collector.storage.uri import masked
 
 T = TypeVar("T")
+log = logging.getLogger("bbprobe.collector")
 
 
 def _in_array(column: str, values: Sequence[Any]) -> tuple[str, Any]:
@@ -54,8 +64,20 @@ DIALECT = Dialect(
 
 RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 ATTEMPTS = 6
-# pg_advisory_xact_lock key for migrations: "bbpr".
+# pg_advisory_xact_lock key for migrations: "bbpr"; for partition maintenance: "bbpm".
 MIGRATION_LOCK = 0x62627072
+PARTITION_LOCK = 0x6262706D
+# The migration's switch and cleanup: tries, each waiting at most its lock_timeout.
+SWITCH_ATTEMPTS = 30
+# How long opening a replica waits for it to replay its primary's last migration.
+REPLICA_CATCH_UP_S = 30.0
+# A hot standby cancels a query whose snapshot holds back WAL replay for longer than
+# max_standby_streaming_delay (default 30 s), SQLSTATE 40001 "canceling statement due to
+# conflict with recovery" (PostgreSQL manual, Hot Standby, "Handling Query Conflicts");
+# a report's passes share one snapshot, so a long one meets it unless the replica has
+# hot_standby_feedback on. (The text, not the code: 40001 is any serialization failure,
+# and an idle session's is "terminating connection due to conflict with recovery".)
+RECOVERY_CONFLICT = "conflict with recovery"
 
 
 @contextmanager
@@ -71,6 +93,11 @@ def _translated(describe: str) -> Iterator[None]:
     except psycopg_pool.PoolTimeout as exc:
         raise StoreUnavailable(f"PostgreSQL at {describe}: {exc}") from None
     except psycopg.OperationalError as exc:
+        if RECOVERY_CONFLICT in str(exc):
+            raise StoreUnavailable(
+                f"PostgreSQL at {describe}: the replica cancelled the read (conflict with "
+                "recovery); set hot_standby_feedback = on on the replica, or a longer "
+                "max_standby_streaming_delay (storage.read_url)") from exc
         raise StoreUnavailable(database_error(exc)) from exc
     except psycopg.DataError as exc:
         raise Unstorable(database_error(exc)) from exc
@@ -82,11 +109,14 @@ class PostgresStore(SqlStore):
     dialect = DIALECT
 
     def __init__(self, url: str, *, outbox: bool = False, password: str | None = None,
-                 pool_size: int = 8, connect_timeout_s: float = 10.0) -> None:
+                 pool_size: int = 8, connect_timeout_s: float = 10.0,
+                 read_only: bool = False) -> None:
         super().__init__()
         self.url = url
         self.describe = masked(url)
         self.outbox = outbox
+        self.read_only = read_only
+        key = "storage.read_url" if read_only else "storage.url"
         self.concurrency = pool_size
         kwargs: dict[str, Any] = {"autocommit": True,
                                   "connect_timeout": max(1, round(connect_timeout_s)),
@@ -97,7 +127,7 @@ class PostgresStore(SqlStore):
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error:
             # libpq's text may quote the password: say what is wrong, not what it read.
-            raise StoreError("storage.url: not a PostgreSQL connection URI libpq can parse "
+            raise StoreError(f"{key}: not a PostgreSQL connection URI libpq can parse "
                              "(check its percent-encoding)") from None
         try:
             # One connection first: a wrong password or host fails now, with libpq's own
@@ -119,7 +149,11 @@ class PostgresStore(SqlStore):
             raise StoreError(f"cannot connect to PostgreSQL at {self.describe}: "
                              f"{first_line(exc)}") from None
         try:
-            self._migrate()
+            if read_only:
+                self._check_replica()
+            else:
+                self._migrate()
+                self._create_ahead()
         except psycopg.Error as exc:
             self._pool.close()
             raise StoreError(f"cannot use PostgreSQL at {self.describe}: {first_line(exc)}"
@@ -166,6 +200,70 @@ class PostgresStore(SqlStore):
                             conn.execute(statement.encode())
                 conn.execute("UPDATE bbprobe_schema SET version = %s", (version + 1,))
 
+    def _check_replica(self) -> None:
+        """A replica's schema is its primary's: this collector's, or opening it fails (a
+        replica a little behind its primary's migration is waited for)."""
+        deadline = time.monotonic() + REPLICA_CATCH_UP_S
+        while True:
+            with self._pool.connection() as conn:
+                row = conn.execute("SELECT version FROM bbprobe_schema").fetchone() \
+                    if self._has_schema(conn) else None
+            current = int(row[0]) if row else 0
+            if current == len(MIGRATIONS):
+                return
+            if current > len(MIGRATIONS) or time.monotonic() > deadline:
+                raise StoreError(
+                    f"storage.read_url: database {self.describe} has schema version "
+                    f"{current}, this collector's is {len(MIGRATIONS)}; it must be a "
+                    "replica of storage.url, once the collector has migrated that")
+            time.sleep(0.5)
+
+    def _create_ahead(self) -> None:
+        """This month's and the next months' partitions, if missing. Skipped, not waited
+        for, when another process does it or a long transaction holds the tables; and at
+        the start of a database still holding many rows in its default partitions
+        (``partitions migrate`` moves them)."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                tx = Tx(conn, DIALECT)
+                got = tx.one("SELECT pg_try_advisory_xact_lock(?), "
+                             "to_regclass('results_default') IS NOT NULL", (PARTITION_LOCK,))
+                # (Not partitioned: a schema before 14, only in tests of the migration.)
+                if not (got and got[0] and got[1]) or not partitions.default_is_small(tx):
+                    return
+                made = partitions.create_ahead(tx, datetime.now(UTC).date())
+                if made:
+                    log.info("created the partitions of %s", ", ".join(made))
+        except pg_errors.LockNotAvailable:
+            log.warning("partitions not created ahead: the tables are busy (next start, "
+                        "or `bbprobe-collector partitions create-ahead`)")
+
+    # --- partitions (storage/sql/partitions.py) ----------------------------------------------
+
+    def partition_months(self) -> list[partitions.Month]:
+        with self._reading() as tx:
+            return partitions.months(tx)
+
+    def partitions_create_ahead(self, today: datetime, ahead: int) -> list[str]:
+        return self._transaction(lambda tx: partitions.create_ahead(tx, today.date(), ahead))
+
+    def partitions_migrate_step(self) -> partitions.Step | None:
+        """One step of the online migration (storage/sql/partitions.py): the oldest month
+        not copied yet copied, in transactions of ``partitions.BATCH`` results; once all
+        are, the switch, then the old tables dropped. None when the default partitions
+        hold no month's rows. One ``partitions migrate`` at a time (an advisory lock)."""
+        with _translated(self.describe), self._pool.connection() as conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PARTITION_LOCK,)).fetchone()
+            if not (row and row[0]):
+                raise StoreFault("another `partitions migrate` or create-ahead is running")
+            try:
+                return _MigrateStep(conn).run()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (PARTITION_LOCK,))
+
+    def partitions_detach(self, month: str) -> bool:
+        return self._transaction(lambda tx: partitions.detach_month(tx, month))
+
     @contextmanager
     def _reading(self) -> Iterator[Tx]:
         with (_translated(self.describe), self._pool.connection() as conn,
@@ -174,6 +272,9 @@ class PostgresStore(SqlStore):
             yield Tx(conn, DIALECT)
 
     def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        if self.read_only:
+            raise StoreFault(f"{self.describe} is storage.read_url, a replica for reads: "
+                             "this command writes, and must use storage.url")
         with _translated(self.describe):
             for attempt in range(ATTEMPTS):
                 try:
@@ -206,3 +307,95 @@ class PostgresStore(SqlStore):
 
     def size_bytes(self) -> int:
         return self._count("SELECT pg_database_size(current_database())")
+
+
+class _MigrateStep:
+    """``PostgresStore.partitions_migrate_step`` on one connection: each piece of work in
+    a READ COMMITTED transaction of its own, so no lock outlives its piece."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def _tx(self, fn: Callable[[Tx], T]) -> T:
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            return fn(Tx(self.conn, DIALECT))
+
+    def _patient(self, fn: Callable[[Tx], T]) -> T:
+        """``fn`` in a transaction, tried again when its lock_timeout expires: waiting in
+        a lock's queue holds up whoever comes after, so each wait is short."""
+        for attempt in range(SWITCH_ATTEMPTS):
+            try:
+                return self._tx(fn)
+            except pg_errors.LockNotAvailable:
+                if attempt == SWITCH_ATTEMPTS - 1:
+                    raise StoreFault("partitions migrate: the tables stayed busy (long "
+                                     "transactions); nothing changed, run it again") from None
+                time.sleep(random.uniform(0.5, 2.0))
+        raise AssertionError("unreachable")
+
+    def run(self) -> partitions.Step | None:
+        cleanup = self._tx(partitions.after_switch)
+        if cleanup and not self._tx(partitions.migrating):
+            return self._cleanup(cleanup)
+        if not self._tx(partitions.migrating):
+            if not self._tx(partitions.default_months):
+                return None
+            self._patient(partitions.start_migration)
+            self._tx(lambda tx: partitions.plan_migration(tx, datetime.now(UTC).date()))
+        month = self._tx(partitions.next_to_copy)
+        if month is not None:
+            return partitions.Step(month, self._copy(month))
+        return self._switch()
+
+    def _copy(self, month: str) -> int:
+        copied, after = 0, ("", "")
+        while True:
+            count, after = self._tx(partial(partitions.copy_batch, month=month, after=after))
+            if count == 0:
+                return copied
+            copied += count
+            # Changes are applied as they come, so the switch finds few left.
+            self._tx(partitions.apply_changes)
+
+    def _switch(self) -> partitions.Step:
+        verified: list[str] = []
+
+        def note(diag: Any) -> None:
+            text = diag.message_primary or ""
+            if text.startswith("verifying table "):
+                verified.append(text.split('"')[1])
+
+        def attempt(tx: Tx) -> list[str]:
+            verified.clear()
+            # PostgreSQL says, at DEBUG1, which tables an attach scans.
+            tx.run("SET LOCAL client_min_messages = debug1")
+            return partitions.switch(tx)
+
+        while self._tx(partitions.apply_changes) >= partitions.BATCH:
+            pass
+        self.conn.add_notice_handler(note)
+        try:
+            for _ in range(SWITCH_ATTEMPTS):
+                try:
+                    attached = self._patient(attempt)
+                    break
+                except partitions.Behind:
+                    while self._tx(partitions.apply_changes) >= partitions.BATCH:
+                        pass
+            else:
+                raise StoreFault("partitions migrate: changes keep coming faster than they "
+                                 "are applied; run it again")
+        finally:
+            self.conn.remove_notice_handler(note)
+        self._cleanup(self._tx(partitions.after_switch))
+        return partitions.Step("switch", len(attached), tuple(verified))
+
+    def _cleanup(self, statements: list[str]) -> partitions.Step:
+        for statement in statements:
+            def run(tx: Tx, sql: str = statement) -> None:
+                tx.run("SELECT set_config('lock_timeout', ?, true)",
+                       (partitions.SWITCH_LOCK_TIMEOUT,))
+                tx.run(sql)
+            self._patient(run)
+        return partitions.Step("cleanup", len(statements))

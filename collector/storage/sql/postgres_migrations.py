@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from collector.storage.sql import refusals
+from collector.storage.sql import partitions, refusals
 from collector.storage.sql.base import Tx
 
 # The first is the schema of SQLite's version 10 (storage/sqlite_migrations.py), as
@@ -388,6 +388,11 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
         CHECK (source IN ('tofu', 'pinned', 'rotation'));
     CREATE INDEX IF NOT EXISTS probe_keys_kid ON probe_keys (kid)
     """,
+    # 14 (PostgreSQL only): results, session_facts and transfer_facts partitioned by
+    # month; what they held becomes their default partitions, moved month by month by
+    # `bbprobe-collector partitions migrate` (storage/sql/partitions.py). Catalog
+    # changes only: quick on any database.
+    partitions.convert,
 )
 
 

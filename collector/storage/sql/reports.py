@@ -5,9 +5,12 @@ probe's latest session."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-from collector.compliance import rollup
+from agent.stats import Moments
+from collector import unreadable
+from collector.compliance import rollup, uncertainty
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
 from collector.compliance.rollup import DayRollup
@@ -21,50 +24,115 @@ from collector.storage.sql.facts import (
     session_facts_of,
 )
 
+# Probes read per query when a scope is folded page by page: 32 probes' semester of day
+# rows is about 5,800 rows (2 MiB of speeds); of session rows for a partial day, ~770.
+PROBES_PER_PAGE = 32
+
 
 class ReportQueries(SqlBase):
     """Reads of the facts tables (session_facts, transfer_facts, day_facts)."""
 
     def observations(self, probes: Sequence[str] | None = None, since: str | None = None,
                      until: str | None = None, include_invalid: bool = False,
-                     family: str | None = None) -> Observations:
-        """The evaluator's input for a scope: counts, RTT moments and every per-test speed
-        (percentiles need the values). Whole UTC days come from the day rollup, the
-        partial days at either end from the session rows; both hold the same samples.
-        Sessions the agent flagged invalid are left out unless ``include_invalid`` (which
-        reads every session row), and counted apart."""
+                     family: str | None = None,
+                     extra_speeds: Mapping[str, Sequence[float]] | None = None
+                     ) -> Observations:
+        """The evaluator's input for a scope: counts, RTT moments and the per-test speeds
+        (``extra_speeds``, per direction, join them: customers' tests). Whole UTC days
+        come from the day rollup, the partial days at either end from the session rows;
+        both hold the same samples. Sessions the agent flagged invalid are left out
+        unless ``include_invalid`` (which reads every session row), and counted apart.
+
+        The rows are read a page of probes at a time, twice (rollup.ScopeFold): memory
+        grows with a page, not with the scope's samples. A scope with few speeds keeps
+        them (a list); a larger one holds only the order statistics a report reads
+        (``uncertainty.needed_ranks``), selected exactly (selection.py)."""
         obs = Observations(invalid_included=include_invalid)
         # The day rollup does not split by family: one family reads the session rows.
         days = None if include_invalid or family else rollup.whole_days(since, until)
-        with self._reading() as tx:
+        fold = rollup.ScopeFold(obs, uncertainty.needed_ranks, extra_speeds)
+        with self._reading() as tx, self._snapshot(tx):
+            pages = self._probe_pages(tx, probes)
             if days is None:
-                self._observe_sessions(tx, obs, probes, since, until, family)
-                return obs
-            lo, hi = days
-            rollup.observe_days(obs, self._days(tx, probes, lo and lo[:10], hi and hi[:10]))
-            if since is not None and lo is not None and since < lo:
-                self._observe_sessions(tx, obs, probes, since, lo)
-            if until is not None and hi is not None and hi < until:
-                self._observe_sessions(tx, obs, probes, hi, until)
+                segments = [("sessions", since, until)]
+            else:
+                lo, hi = days
+                segments = []
+                if since is not None and lo is not None and since < lo:
+                    segments.append(("head", since, lo))
+                if until is not None and hi is not None and hi < until:
+                    segments.append(("tail", hi, until))
+            while True:
+                if days is not None and fold.wants("days"):
+                    for page in pages:
+                        fold.days(self._days(tx, page, days[0] and days[0][:10],
+                                             days[1] and days[1][:10], fold.first,
+                                             fold.wants_speeds))
+                for name, lo_, hi_ in segments:
+                    self._fold_sessions(tx, fold, name, pages, lo_, hi_,
+                                        family if days is None else None)
+                if fold.end_pass():
+                    break
+            for _, lo_, hi_ in segments:
+                self._session_sums(tx, obs, probes, lo_, hi_,
+                                   family if days is None else None)
         return obs
 
-    def _observe_sessions(self, tx: Tx, obs: Observations, probes: Sequence[str] | None,
-                          since: str | None, until: str | None,
-                          family: str | None = None) -> None:
+    @contextmanager
+    def _snapshot(self, tx: Tx) -> Iterator[None]:
+        """Every read inside in one snapshot: the passes over a scope must see the same
+        rows. PostgreSQL's reading transaction is one (REPEATABLE READ); SQLite reads in
+        autocommit, a snapshot per statement, so a savepoint opens a read transaction
+        (WAL: writers go on; https://sqlite.org/lang_savepoint.html)."""
+        if tx.dialect.name != "sqlite":
+            yield
+            return
+        tx.run("SAVEPOINT observations")
+        try:
+            yield
+        finally:
+            tx.run("RELEASE observations")
+
+    def _probe_pages(self, tx: Tx, probes: Sequence[str] | None) -> list[list[str]]:
+        """The scope's probes in pages of ``PROBES_PER_PAGE`` (every registered probe
+        when none is named: every fact row has one, by its result)."""
+        names = sorted(set(probes)) if probes is not None else [
+            str(r[0]) for r in tx.rows("SELECT name FROM probes ORDER BY name")]
+        return [names[i:i + PROBES_PER_PAGE] for i in range(0, len(names), PROBES_PER_PAGE)]
+
+    def _fold_sessions(self, tx: Tx, fold: rollup.ScopeFold, segment: str,
+                       pages: list[list[str]], since: str | None, until: str | None,
+                       family: str | None) -> None:
+        # After the first read, only what the later ones take (RTT parts, speeds), in
+        # any order (sums and selections do not depend on it), as the same tuples.
+        first = fold.first
+        valid = "" if fold.obs.invalid_included else " AND valid = 1"
+        for page in pages:
+            if fold.wants(segment, speeds=False):
+                where, params = self._scope(page, since, until, family=family)
+                # Plain tuples straight from the driver (rollup.SessionRow).
+                fold.sessions(segment, tx.rows(
+                    "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, "
+                    f"invalid_codes FROM session_facts WHERE {where} "
+                    "ORDER BY probe_name, started_at, result_id", params) if first else tx.rows(
+                    "SELECT 0, 0, rtt_n, rtt_mean_ms, rtt_m2, valid, '' FROM session_facts "
+                    f"WHERE {where} AND rtt_n > 0{valid}", params))
+            if fold.wants(segment):
+                t_where, t_params = self._scope(page, since, until, family=family,
+                                                table="transfer_facts")
+                fold.transfers(tx.rows(
+                    f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {t_where} "
+                    "ORDER BY probe_name, started_at, result_id, seq", t_params) if first
+                    else tx.rows(
+                    f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {t_where} "
+                    f"AND ok = 1 AND kbps IS NOT NULL{valid}", t_params))
+
+    def _session_sums(self, tx: Tx, obs: Observations, probes: Sequence[str] | None,
+                      since: str | None, until: str | None, family: str | None) -> None:
+        """What the database sums exactly over a segment's session rows: integers."""
         where, params = self._scope(probes, since, until, family=family)
-        t_where, t_params = self._scope(probes, since, until, family=family,
-                                        table="transfer_facts")
-        # Plain tuples straight from the driver (rollup.SessionRow, TransferRow).
-        sessions = tx.rows(
-            "SELECT pings_sent, pings_lost, rtt_n, rtt_mean_ms, rtt_m2, valid, invalid_codes "
-            f"FROM session_facts WHERE {where} ORDER BY probe_name, started_at, result_id",
-            params)
-        transfers = tx.rows(
-            f"SELECT direction, ok, kbps, valid FROM transfer_facts WHERE {t_where} "
-            "ORDER BY probe_name, started_at, result_id, seq", t_params)
-        rollup.observe_sessions(obs, sessions, transfers)
         # Jitter terms are integers (ns): the database sums them exactly, and the row
-        # loop above (millions of rows) carries two columns fewer.
+        # loop (millions of rows) carries two columns fewer.
         counted = "" if obs.invalid_included else " AND valid = 1"
         total = tx.one("SELECT COALESCE(SUM(jitter_sum_ns), 0), COALESCE(SUM(jitter_pairs), 0) "
                        f"FROM session_facts WHERE {where}{counted}", params)
@@ -79,12 +147,24 @@ class ReportQueries(SqlBase):
             obs.add_refused(server or "", int(refused))
 
     def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
-              day_hi: str | None) -> list[DayRollup]:
+              day_hi: str | None, first: bool = True, speeds: bool = True
+              ) -> list[DayRollup]:
+        """The day rollups of a page; after the first read, only what the later reads
+        take (RTT parts, and the speeds while a selection still wants them: the blobs
+        are most of a day row), and unreadable rows passed over without a word."""
         where, params = self._scope(probes, day_lo, day_hi, column="day")
-        return [day_rollup(r) for r in tx.rows(
-            f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts WHERE {where} "
-            "ORDER BY probe_name, day", params)
-            if readable(f"{r[0]} {r[1]}", f"{r[1]}T00:00:00.000000Z")]
+        if first:
+            return [day_rollup(r) for r in tx.rows(
+                f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts WHERE {where} "
+                "ORDER BY probe_name, day", params)
+                if readable(f"{r[0]} {r[1]}", f"{r[1]}T00:00:00.000000Z")]
+        blobs = "download_kbps, upload_kbps" if speeds else "NULL, NULL"
+        return [DayRollup(probe, day, rtt=Moments(int(n), float(mean), float(m2)),
+                          download_kbps=bytes(down or b""), upload_kbps=bytes(up or b""))
+                for probe, day, n, mean, m2, down, up in tx.rows(
+                    f"SELECT probe_name, day, rtt_n, rtt_mean_ms, rtt_m2, {blobs} "
+                    f"FROM day_facts WHERE {where} ORDER BY probe_name, day", params)
+                if unreadable.canonical_time(f"{day}T00:00:00.000000Z")]
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None, family: str | None = None) -> list[SessionFacts]:

@@ -43,11 +43,14 @@ class ResultQueries(SqlBase):
         # keys in the same order and so cannot deadlock on them.
         for index, item in sorted(enumerate(items), key=lambda pair: pair[1].result_id):
             packed = item.packed
+            # No conflict target: SQLite's only unique key here is result_id, and
+            # PostgreSQL's partitioned results claims the id in result_ids (a trigger,
+            # storage/sql/partitions.py), dropping the row when it is taken.
             added = tx.run(
                 "INSERT INTO results (result_id, probe_name, schema_version, started_at, "
                 "ended_at, received_at, body_sha256, body, body_packed, clock_skew_s, "
                 "session_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (result_id) DO NOTHING",
+                "ON CONFLICT DO NOTHING",
                 (item.result_id, item.probe_name, item.schema_version, item.started_at,
                  item.ended_at, item.received_at, item.body_sha256,
                  "" if packed is not None else item.body, packed, item.clock_skew_s,

@@ -1,0 +1,1 @@
+"""Export of measurement data to Parquet/CSV for analysts and open data."""
