@@ -94,6 +94,8 @@ def report(ctx: click.Context, /, probes: tuple[str, ...], since: str | None, un
     customers = service.Customers(include_customer, parse_network(
         customer_network, "--customer-network"))
     if layout == "semester":
+        if ctx.get_parameter_source("fmt") is click.core.ParameterSource.DEFAULT:
+            fmt = "csv"  # the semester tables are CSV or HTML; text is the report's
         semester.check_request(fmt, by, include_customer)
     if by and fmt == "html":
         raise InputError("--by: the HTML report is of one scope; use text, json or csv")

@@ -260,6 +260,7 @@ def test_cli_layout_semester(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert lines[0] == ",".join(semester.COLUMNS) and len(lines) == 13
+    csv_out = out.output
     target = tmp_path / "tables.html"
     out = run(main, [*base, "--period", "2026-H2", "--region", "lazio", "--format", "html",
                      "-o", str(target)])
@@ -268,7 +269,11 @@ def test_cli_layout_semester(tmp_path: Path) -> None:
     page.feed(target.read_text(encoding="utf-8"))
     assert list(page.tables) == ["2026-H2", "2026"]
     assert [r[:2] for r in page.tables["2026"][2:]] == [["Lazio", "FTTH"], ["Lazio", "FWA"]]
-    for extra, words in (([], "format: the semester layout is csv or html, got text"),
+    # No --format: CSV (the layout has no text form), as the API does.
+    default = run(main, [*base, "--period", "2026"])
+    assert default.exit_code == 0 and default.output == csv_out
+    for extra, words in ((["--format", "text"],
+                          "format: the semester layout is csv or html, got text"),
                          (["--format", "json"], "got json"),
                          (["--format", "csv", "--by", "region"], "by: the semester layout"),
                          (["--format", "csv", "--include-customer"], "include_customer:")):
