@@ -57,8 +57,10 @@ def parse_tables(text: str) -> tuple[str, ...]:
               help=f"Open data: fewest distinct probes a published cell holds "
                    f"(default {opendata.DEFAULT_K}).")
 @click.option("--refresh", is_flag=True,
-              help="Make a new dataset in --out at a new snapshot (now): remove the "
-                   "previous export's partitions, whatever its options, and write all.")
+              help="Make a new dataset in --out at a new snapshot (now): remove every "
+                   "partition of the export's layout there (listed in its manifest or "
+                   "not, whatever its options; the old manifest is not read) and write "
+                   "all.")
 @click.pass_context
 @handle_errors
 def export(ctx: click.Context, /, probes: tuple[str, ...], since: str | None,

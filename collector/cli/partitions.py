@@ -59,8 +59,10 @@ def list_months(ctx: click.Context) -> None:
 @handle_errors
 def create_ahead(ctx: click.Context, months: int) -> None:
     """Create the current month's partitions and the next MONTHS' (each collector also
-    does it when it starts). Rows of those months still in the default partition move
-    into them."""
+    does it when it starts, and daily while it serves). Rows of those months still in the
+    default partition move into them. Refused while the default partition holds more
+    than 100,000 results (each month made would stop ingest for a scan of it: run
+    `partitions migrate` first) or another partitions command runs."""
     with database(ctx) as store:
         pg = _postgres(store)
         made = pg.partitions_create_ahead(datetime.now(UTC), months)
@@ -104,7 +106,9 @@ def migrate(ctx: click.Context, months: int) -> None:
 def detach(ctx: click.Context, month: str) -> None:
     """Detach MONTH's (YYYY-MM) results partition: its bodies leave every read and stay
     in table results_pYYYY_MM, to archive (pg_dump -t) and drop. The facts and day
-    rollups stay, so reports keep the month; its results are not stored again."""
+    rollups stay, so reports keep the month; its results sent again are answered as
+    duplicates, not stored again (their hashes cannot be compared); their InfluxDB outbox
+    entries are removed."""
     from collector.storage.sql import partitions
 
     month = partitions.parse_month(month)

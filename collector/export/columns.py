@@ -51,6 +51,21 @@ INTERVAL_METHODS: Mapping[str, str] = {
                        "is published as not enough data; its verdict is unchanged",
 }
 
+# A session whose stored row cannot be read is kept, from its facts alone (storage/sql/
+# exports.py): what every report counts stays in the export.
+FACTS_ONLY = (
+    "A session whose stored result cannot be read (on PostgreSQL: its month's results "
+    "partition detached for retention, `partitions detach`; its facts stay, and every "
+    "report still counts it) is exported from its compliance facts alone: "
+    "sessions.received_at is null (never null otherwise), and so is every column only the "
+    "result body holds (ended_at, session_seq, schema_version, agent_version, "
+    "server_origin, ping_target_address, client_addresses, clock_skew_s); attempts has "
+    "its attempts that were not refused, with direction, ok and kbps only (no refused "
+    "ones: the facts leave them out, sessions.refused_attempts still counts them); pings "
+    "has its idle train's RTTs only (no loaded trains). Every report figure is recomputed "
+    "from these rows as from the others. Such a session cannot say when it was received, "
+    "so the snapshot's received_before does not leave it out.")
+
 ColumnType = Literal["string", "int64", "float64", "bool", "timestamp"]
 # What open-data mode does to a column's values (rows.py ``published``).
 OpenData = Literal["keep", "probe", "session", "minute", "address", "addresses", "origin",
@@ -237,6 +252,7 @@ def dictionary(tables: Sequence[str], fmt: str, rows: Mapping[str, int],
             {"name": c.name, "type": c.type, "unit": c.unit, "meaning": c.meaning,
              "method": c.method, "open_data": OPEN_DATA_WORDS[c.open_data]}
             for c in TABLES[t]]} for t in tables},
+        "facts_only": FACTS_ONLY,
         "open_data": None,
         "interval_methods": {"confidence": CONFIDENCE, **INTERVAL_METHODS},
     }
@@ -245,8 +261,14 @@ def dictionary(tables: Sequence[str], fmt: str, rows: Mapping[str, int],
             "k": note.k,
             "cell": "(operator, offer, region, technology, local hour band in "
                     f"{note.timezone})",
-            "rule": f"a cell with fewer than {note.k} distinct probes over the whole "
-                    "export is suppressed: its sessions, with their attempts and pings",
+            "publication_unit": "month",
+            "rule": f"a cell with fewer than {note.k} distinct probes in a UTC month is "
+                    "suppressed from that month's files: its sessions there, with their "
+                    "attempts and pings. k-anonymity holds per month: each month's files "
+                    "may be published alone, and so may any set of whole months (a "
+                    "semester, a year: every row published sits in a (month, cell) group "
+                    f"of at least {note.k} probes); a part of a month (a day, a week) "
+                    "selected from the rows is not covered",
             "pseudonyms": "HMAC-SHA256 (RFC 2104) under the operator's secret key, a "
                           "domain label per kind: the same key gives the same pseudonyms "
                           "in every export, no one without it can link them back",
@@ -262,6 +284,8 @@ def dictionary_markdown(doc: Mapping[str, Any]) -> str:
     out = [f"# bbprobe export: data dictionary (export schema "
            f"{doc['export_schema_version']}, result schema {doc['result_schema_version']})",
            "", f"Format: {doc['format']}. Layout: {doc['layout']}.", ""]
+    if doc.get("facts_only"):
+        out += [f"Sessions from their facts alone: {doc['facts_only']}", ""]
     note = doc.get("open_data")
     if note:
         out += ["## Open data", "", f"- k = {note['k']}; cell: {note['cell']}",

@@ -42,7 +42,8 @@ Anything that is not an address becomes "", never the input.
 **Cells** (k-anonymity, Sweeney 2002): a row's cell is (operator, offer, region,
 technology, local hour 0..23 in Europe/Rome). A cell holding fewer than ``k`` distinct
 probes is suppressed (``small_cells``, ``CellCounter``); the export's data dictionary
-states k and how many rows were suppressed.
+states k and how many rows were suppressed. The export counts and suppresses per UTC
+month, its publication unit (run.py): each month's files may be published alone.
 """
 
 from __future__ import annotations

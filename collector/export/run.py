@@ -7,16 +7,25 @@ run's start) and a "received before" bound (the run's start) in the manifest, an
 later run into the same ``out`` reads the store through them, so a resumed export
 finishes the SAME dataset, whatever probes delivered meanwhile (late spools, new
 sessions). ``refresh`` (the CLI's --refresh), or another ``out``, begins a new dataset
-at a new snapshot.
+at a new snapshot. Beginning a dataset removes every file of the layout below already in
+``out`` (partitions and their temporary files), listed in a manifest or not: a partition
+an earlier run renamed into place before it could list it (it stopped part-way through a
+month), or a temporary file a killed run left, would otherwise sit beside the new
+dataset, raw next to open data.
 
 Memory is bounded whatever the scope's size: one page of sessions (storage/sql/
 exports.py EXPORT_PAGE), rows handed to the writers a session at a time, and per open
 table at most writer.BATCH row dicts and one row group of columns (writer.py); the
-open-data count keeps at most k probes per cell (opendata.CellCounter) and, per month,
-the names of the probes with sessions in it.
+open-data count keeps at most k probes per cell and month (opendata.CellCounter) and,
+per month, the names of the probes with sessions in it.
 
-Open data publishes only the cells the count confirmed to hold at least k probes (an
-allow-list: a cell the count never saw is suppressed, not published), records a digest
+Open data publishes, in each month's files, only the cells the count confirmed to hold
+at least k probes in that month (an allow-list: a cell the count never saw is
+suppressed, not published). k-anonymity holds per month, the publication unit: each
+month's files may be published alone, and so may any set of whole months (a semester, a
+year), since every row published sits in a (month, cell) group of at least k probes and
+its month is in the row. A cell counted over the whole dataset would not do: it can
+hold k probes over a year and one in a given month's files. Records a digest
 of that set in the manifest (a resumed run that would decide otherwise stops), keeps
 no raw probe name in the manifest (a keyed digest of the scope's probes instead) and
 writes each month's probes in the order of their pseudonyms, not of their names (rows
@@ -65,9 +74,12 @@ from collector.storage.store import ExportStore, ProbeStore
 
 MANIFEST = "manifest.json"
 HOUR_BAND_TZ = "Europe/Rome"  # the campaign's hour bands (244/08/CSP), as reports use
-# The only names a manifest may list (it is read back, and --refresh deletes them).
+# The only names a manifest may list (it is read back), and the files a new dataset
+# removes from ``out`` (with their temporary files, writer.py's ".part-0.parquet.tmp").
 PARTITION_NAME = re.compile(r"(?:sessions|attempts|pings)/month=[0-9]{4}-[0-9]{2}/"
                             r"part-0\.(?:parquet|csv)")
+TEMP_NAME = re.compile(r"(?:sessions|attempts|pings)/month=[0-9]{4}-[0-9]{2}/"
+                       r"\.part-0\.(?:parquet|csv)\.tmp")
 _SCOPE_LABEL = b"bbprobe export scope\x00"
 
 
@@ -172,7 +184,8 @@ def _load_manifest(path: Path) -> dict[str, Any] | None:
             or not isinstance(snapshot, dict) \
             or not all(isinstance(snapshot.get(k), str)
                        for k in ("taken_at", "until", "received_before")):
-        raise InputError(f"--out: {path} is not an export manifest; use another --out")
+        raise InputError(f"--out: {path} is not an export manifest; use --refresh to "
+                         "replace it, or another --out")
     return doc
 
 
@@ -191,47 +204,70 @@ def write_text(path: Path, text: str) -> None:
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _remove_partitions(out: Path, names: Sequence[str]) -> None:
-    """Delete the partitions a replaced export's manifest lists: only names of the
-    export's own layout that resolve inside ``out`` (the manifest is a file anyone with
-    access to ``out`` may have edited)."""
+def _clear(out: Path) -> list[str]:
+    """Remove every file of the export's layout found in ``out`` (partitions and their
+    temporary files), whatever a manifest lists: the names removed. Only names of the
+    layout, and only files that resolve inside ``out`` (a directory of it may be a
+    symbolic link elsewhere)."""
     root = out.resolve()
-    for name in names:
-        if not isinstance(name, str) or not PARTITION_NAME.fullmatch(name):
+    removed = []
+    for table in TABLES:
+        if not (out / table).is_dir():
             continue
-        path = (out / name).resolve()
-        if path.is_relative_to(root):
-            path.unlink(missing_ok=True)
+        for month in sorted((out / table).iterdir()):
+            if not month.is_dir():
+                continue
+            for path in sorted(month.iterdir()):
+                name = path.relative_to(out).as_posix()
+                if not (PARTITION_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name)):
+                    continue
+                if path.is_file() and path.resolve().is_relative_to(root):
+                    path.unlink(missing_ok=True)
+                    removed.append(name)
+    return removed
 
 
 @dataclass(slots=True)
 class Cells:
-    """The open-data first pass: the cells confirmed to hold at least k probes (the
-    only ones published), and per month the probes with a session in it."""
+    """The open-data first pass: per UTC month, the cells confirmed to hold at least k
+    probes in that month (the only ones its files publish), and the probes with a
+    session in it."""
 
-    published: frozenset[opendata.Cell]
+    published: dict[str, frozenset[opendata.Cell]]
     probes_by_month: dict[str, set[str]]
 
+    def publishes(self, month: str, cell: opendata.Cell) -> bool:
+        return cell in self.published.get(month, frozenset())
+
     def digest(self) -> str:
-        text = json.dumps(sorted(self.published), ensure_ascii=False, separators=(",", ":"))
+        pairs = sorted((month, *cell) for month, cells in self.published.items()
+                       for cell in cells)
+        text = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def count_cells(store: Exporting, scope: Scope, received_before: str,
                 lines: dict[str, LineMetadata], k: int) -> Cells:
-    """Distinct probes per cell over the whole (pinned) scope, from the distinct (probe,
-    UTC hour) pairs (the hour gives the local hour band: every zone a campaign uses is a
-    whole number of hours from UTC)."""
-    counter = opendata.CellCounter(k)
+    """Distinct probes per cell in each UTC month of the (pinned) scope, from the
+    distinct (probe, UTC hour) pairs (the hour gives the local hour band: every zone a
+    campaign uses is a whole number of hours from UTC; its first seven characters, the
+    month of the partitions the session's rows go to)."""
+    counters: dict[str, opendata.CellCounter] = {}
     by_month: dict[str, set[str]] = {}
     probes = list(scope.probes) if scope.probes is not None else None
     for probe, hour in store.export_probe_hours(probes, scope.since, scope.until,
                                                 scope.family,
                                                 received_before=received_before):
+        month = hour[:7]
         band = opendata.hour_band(f"{hour}:00:00.000000Z", HOUR_BAND_TZ)
+        counter = counters.get(month)
+        if counter is None:
+            counter = counters[month] = opendata.CellCounter(k)
         counter.add(rows.line_cell(lines.get(probe), band), probe)
-        by_month.setdefault(hour[:7], set()).add(probe)
-    published = frozenset(cell for cell, n in counter.probes_per_cell().items() if n >= k)
+        by_month.setdefault(month, set()).add(probe)
+    published = {month: frozenset(cell for cell, n in counter.probes_per_cell().items()
+                                  if n >= k)
+                 for month, counter in counters.items()}
     return Cells(published, by_month)
 
 
@@ -248,17 +284,17 @@ def run(store: Exporting, options: Options,
     if options.open_data and options.key is None:
         raise InputError("--open-data needs --pseudonym-key FILE")
     wanted = settings(options)
-    manifest = _load_manifest(out / MANIFEST)
-    if options.refresh and manifest is not None:
-        # The replaced dataset's partitions go (this one may not write them all again:
-        # another scope's months), or a reader's glob would mix two datasets.
-        _remove_partitions(out, list(manifest["partitions"]))
-        manifest = None
+    # --refresh replaces whatever is there: the old manifest is not read (an unreadable
+    # one would otherwise stop the very option that replaces it).
+    manifest = None if options.refresh else _load_manifest(out / MANIFEST)
     if manifest is not None and manifest.get("settings") != wanted:
         raise InputError(f"--out: {out} holds an export made with other options (scope, "
                          "format or open-data settings); use --refresh to replace it, or "
                          "another --out")
     if manifest is None:
+        # A new dataset: every earlier partition goes, listed or not (module docstring),
+        # or a reader's glob would mix two datasets.
+        _clear(out)
         manifest = {"settings": wanted, "snapshot": pin(options.scope, utc_now()),
                     "partitions": {}}
     snapshot: dict[str, str] = manifest["snapshot"]
@@ -352,7 +388,8 @@ def _export_month(store: Exporting, options: Options, scope: Scope, received_bef
                 band = opendata.hour_band(facts.started_at, HOUR_BAND_TZ)
                 line = lines.get(facts.probe_id)
                 made = _rows_of(tables, facts, stored, body, line, band)
-                if cells is not None and rows.line_cell(line, band) not in cells.published:
+                if cells is not None and not cells.publishes(month,
+                                                             rows.line_cell(line, band)):
                     for table, got in made.items():
                         suppressed[table] += len(got)
                     continue

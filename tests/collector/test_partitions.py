@@ -4,8 +4,10 @@ none can run)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,15 +22,17 @@ from click.testing import CliRunner
 from collector.cli.main import main
 from collector.compliance import targets
 from collector.config import CollectorConfig, ConfigError, StorageConfig, parse
-from collector.errors import StoreError, StoreFault
+from collector.errors import InputError, StoreError, StoreFault, StoreUnavailable
 from collector.lines import LineMetadata
 from collector.reports import service
 from collector.reports.text import report_dict
 from collector.scope import resolve_scope
 from collector.server.testing import running_collector
 from collector.storage.model import NewResult
+from collector.storage.sql import partition_migration as migration
 from collector.storage.sql import partitions, postgres
 from collector.storage.sql.backends import open_store
+from collector.storage.sql.base import Tx
 from collector.storage.sql.postgres import PostgresStore
 from collector.storage.sql.postgres_migrations import MIGRATIONS
 from tests.factories import canonical_json, session, store_result
@@ -41,8 +45,9 @@ MONTHS = ("2026-06", "2026-07", "2026-08")
 PROBES = ("p1", "p2")
 
 
-def _open(url: str) -> PostgresStore:
-    store = open_store(StorageConfig(backend="postgresql", url=url, pool_size=2))
+def _open(url: str, outbox: bool = False) -> PostgresStore:
+    store = open_store(StorageConfig(backend="postgresql", url=url, pool_size=2),
+                       outbox=outbox)
     assert isinstance(store, PostgresStore)
     return store
 
@@ -74,7 +79,7 @@ def _fill(store: PostgresStore) -> list[str]:
     return ids
 
 
-def _migrate_all(store: PostgresStore) -> list[partitions.Step]:
+def _migrate_all(store: PostgresStore) -> list[migration.Step]:
     steps = []
     while (step := store.partitions_migrate_step()) is not None:
         steps.append(step)
@@ -171,10 +176,14 @@ def _at(day: str) -> Any:
 
 
 def test_a_detached_month_leaves_every_read(pg_url: str) -> None:
-    store = _open(pg_url)
+    """...and the InfluxDB outbox (review 2, finding 4); a resend of one of its results
+    is a duplicate (finding 3); a new result of it stays readable in the default."""
+    store = _open(pg_url, outbox=True)
     try:
         ids = _fill(store)
         _migrate_all(store)
+        assert store.outbox_size() == len(ids)
+        store.outbox_dead_letter(ids[7], "test", "2026-12-01T00:00:00Z")  # July's second
         done = CliRunner().invoke(main, ["--db", pg_url, "partitions", "detach", "2026-07"])
         assert done.exit_code == 0 and "results_p2026_07" in done.output, done.output
         assert not store.partitions_detach("2026-07")  # detached already
@@ -186,11 +195,33 @@ def test_a_detached_month_leaves_every_read(pg_url: str) -> None:
         assert listed["2026-07"] is False and listed["2026-06"] is True
         # Its bodies are kept in their table, to archive; not stored again if resent.
         assert _count(pg_url, "results_p2026_07") == 6
-        again = session("p1", started_at="2026-07-03T10:00:00.000000Z",
-                        result_id=ids[6])
-        assert store.insert_results([_item(again)])[0] != "stored"
+        # Its outbox entries and dead letters left with it: the sink leases the others.
+        assert store.outbox_size() == len(ids) - 6 and store.outbox_dead_count() == 0
+        leased = store.outbox_lease("me", 100, "2026-12-01T00:00:00Z", "2026-12-01T00:01:00Z")
+        assert sorted(r[0] for r in leased) == sorted(ids[:6] + ids[12:])
+        # An entry whose result no read reaches (a month detached by hand) is dropped
+        # by the lease, not leased for ever.
+        with _pg(pg_url) as conn:
+            conn.execute("INSERT INTO influx_outbox (result_id, queued_at) VALUES "
+                         "('gone', '2026-12-01T00:00:00Z')")
+        again = store.outbox_lease("me", 100, "2026-12-01T00:00:00Z", "2026-12-01T00:01:00Z")
+        assert sorted(r[0] for r in again) == sorted(ids[:6] + ids[12:])
+        assert store.outbox_size() == len(ids) - 6
+        # Sent again, as the probe first sent it or not: a duplicate (the stored body
+        # is out of reach, its hash cannot be compared), never stored again.
+        first = session("p1", started_at="2026-07-03T10:00:00.000000Z", result_id=ids[6])
+        assert store.result(ids[6]) is None
+        assert store.insert_results([_item(first)]) == ["duplicate"]
+        other = session("p1", started_at="2026-07-03T10:00:00.000000Z", result_id=ids[6],
+                        rtts=(20.0, 21.0))
+        assert store.insert_results([_item(other)]) == ["duplicate"]
         assert _count(pg_url, "results") == len(ids) - 6
-        # A new month of its own is not made over a detached one.
+        # A new result of the month goes to the default partition, readable...
+        late = session("p1", started_at="2026-07-21T10:00:00.000000Z")
+        assert store.insert_results([_item(late)]) == ["stored"]
+        assert store.result(late.result_id) is not None
+        assert _count(pg_url, "results_default") == 1
+        # ...and stays there: a month of its own is not made over a detached one.
         assert store.partitions_migrate_step() is None
     finally:
         store.close()
@@ -242,12 +273,12 @@ def test_an_older_database_moves_online_a_month_at_a_time(
             # under its id, dated in a month with a partition of its own, a conflict.
             assert store.insert_results([_item(old_one)]) == ["duplicate"]
             assert store.insert_results([_item(other)]) == ["conflict"]
-            assert store.partitions_migrate_step() == partitions.Step(month, 6)
+            assert store.partitions_migrate_step() == migration.Step(month, 6)
             # Copied, not moved: every row is still read where it was, the copy unread.
             assert _count(pg_url, "results_default") == len(ids)
             assert _count(pg_url, f"results_p{month.replace('-', '_')}") == 6
             assert _readings(store) == before
-        assert store.partitions_migrate_step() == partitions.Step("default", 0)
+        assert store.partitions_migrate_step() == migration.Step("default", 0)
         switch = store.partitions_migrate_step()
         assert switch is not None and (switch.what, switch.count) == ("switch", 3)
         assert _readings(store) == before
@@ -337,7 +368,7 @@ def test_migrate_never_stops_ingest_nor_hides_a_row(
     finally:
         old.close()
     monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS)
-    monkeypatch.setattr(partitions, "BATCH", 4)  # several copy transactions a month
+    monkeypatch.setattr(migration, "BATCH", 4)  # several copy transactions a month
     store = open_store(StorageConfig(backend="postgresql", url=pg_url, pool_size=4))
     assert isinstance(store, PostgresStore)
     writer = _Writer(store)
@@ -370,7 +401,7 @@ def test_migrate_never_stops_ingest_nor_hides_a_row(
     reader = threading.Thread(target=read)
     try:
         # The first month copied, a result of it deleted (the copy must follow).
-        assert store.partitions_migrate_step() == partitions.Step(MONTHS[0], 6)
+        assert store.partitions_migrate_step() == migration.Step(MONTHS[0], 6)
         assert store.delete_result(ids[0], "test", "2026-12-01T00:00:00Z", "t")
         kept = ids[1:]
         listed = {m.month: m for m in store.partition_months()}
@@ -424,6 +455,185 @@ def test_migrate_never_stops_ingest_nor_hides_a_row(
             if thread.is_alive():
                 thread.join()
         store.close()
+
+
+def test_migrate_resumes_after_each_interruption(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2, findings 1, 5 and 6. A plan that fails leaves nothing behind; a
+    migration started but not planned (an older release stopped there) is planned when
+    run again, its old rows included; a result deleted and delivered again dated in
+    another month follows to that month; a crash between two drops of the cleanup is
+    finished by the next run. Every row ends in its month, once."""
+    monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS[:13])
+    old = _open(pg_url)
+    try:
+        ids = _fill(old)
+    finally:
+        old.close()
+    monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS)
+    store = _open(pg_url)
+    try:
+        def broken(tx: Tx, today: Any) -> list[str]:
+            raise RuntimeError("plan failed")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(migration, "plan_migration", broken)
+            with pytest.raises(RuntimeError, match="plan failed"):
+                store.partitions_migrate_step()
+        with _pg(pg_url) as conn:
+            assert conn.execute("SELECT to_regclass('partition_moves'), (SELECT count(*) "
+                                "FROM pg_trigger WHERE tgname ~ '_default_changes$')"
+                                ).fetchone() == (None, 0)
+            # Started, not planned, as an older release could leave it; then a late
+            # delivery of an old month, noted.
+            with conn.transaction():
+                migration.start_migration(Tx(conn, postgres.DIALECT))
+        late = session("p2", started_at="2026-06-20T10:00:00.000000Z")
+        assert store.insert_results([_item(late)]) == ["stored"]
+        assert store.partitions_migrate_step() == migration.Step(MONTHS[0], 7)
+        # June's first result removed, then delivered again dated in August.
+        assert store.delete_result(ids[0], "test", "2026-12-01T00:00:00Z", "t")
+        moved = session("p1", started_at="2026-08-10T10:00:00.000000Z", result_id=ids[0])
+        assert store.insert_results([_item(moved)]) == ["stored"]
+
+        real = postgres._MigrateStep._cleanup
+
+        def killed(self: Any, statements: list[str]) -> migration.Step:
+            drop = next(i for i, s in enumerate(statements) if s.startswith("DROP TABLE"))
+            real(self, statements[:drop + 1])
+            raise RuntimeError("killed in the cleanup")
+
+        steps = [store.partitions_migrate_step(), store.partitions_migrate_step()]
+        assert steps == [migration.Step(MONTHS[1], 6), migration.Step(MONTHS[2], 7)]
+        # A month no row had when the plan was made, delivered now: the default's copy
+        # takes it first, then its noted change makes it a month of its own.
+        new_month = session("p1", started_at="2026-02-10T10:00:00.000000Z")
+        assert store.insert_results([_item(new_month)]) == ["stored"]
+        with monkeypatch.context() as patch:
+            patch.setattr(postgres._MigrateStep, "_cleanup", killed)
+            assert store.partitions_migrate_step() == migration.Step("default", 1)
+            with pytest.raises(RuntimeError, match="killed"):
+                store.partitions_migrate_step()
+        finish = _migrate_all(store)
+        assert [s.what for s in finish] == ["cleanup"]
+        with _pg(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_class WHERE relname ~ "
+                                "'(_premigration|_newdefault)$'").fetchone() == (0,)
+        assert [_count(pg_url, f"results_p{m.replace('-', '_')}") for m in
+                ("2026-02", *MONTHS)] == [1, 6, 6, 7]
+        assert _count(pg_url, "results_default") == 0
+        assert _count(pg_url, "result_ids") == len(ids) + 2
+        assert _count(pg_url, "session_facts") == len(ids) + 2
+        stored = store.result(ids[0])
+        assert stored is not None and stored.started_at.startswith("2026-08")
+    finally:
+        store.close()
+
+
+def _made(store: PostgresStore) -> list[tuple[str, bool]]:
+    return [(m.month, m.attached) for m in store.partition_months()]
+
+
+def test_create_ahead_refuses_a_large_default_and_a_concurrent_run(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2, findings 2 and 11: making a month beside a large default partition would
+    stop ingest for a scan of it, so the command refuses (and says what to run); and it
+    takes the lock `partitions migrate` takes."""
+    store = _open(pg_url)
+    try:
+        _fill(store)  # months before the ones made ahead: in the default partition
+        before = _made(store)
+        monkeypatch.setattr(partitions, "DEFAULT_SMALL", 5)
+        done = CliRunner().invoke(main, ["--db", pg_url, "partitions", "create-ahead",
+                                         "--months", "6"])
+        assert done.exit_code == 1 and "partitions migrate` first" in done.output, \
+            done.output
+        assert _made(store) == before
+        monkeypatch.setattr(partitions, "DEFAULT_SMALL", 100_000)
+        with _pg(pg_url) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (postgres.PARTITION_LOCK,))
+            done = CliRunner().invoke(main, ["--db", pg_url, "partitions", "create-ahead",
+                                             "--months", "6"])
+            assert done.exit_code == 1 and "is running" in done.output, done.output
+        assert _made(store) == before
+        done = CliRunner().invoke(main, ["--db", pg_url, "partitions", "create-ahead",
+                                         "--months", "6"])
+        assert done.exit_code == 0 and "created: " in done.output, done.output
+    finally:
+        store.close()
+
+
+def test_a_long_running_collector_makes_the_coming_months(
+        pg_url: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2, finding 7: the daily pass makes the months a collector started long ago
+    did not, and warns when the default partition gathers rows."""
+    from datetime import date
+
+    store = _open(pg_url)
+    try:
+        made = store.maintain_partitions(date(2027, 7, 15))
+        assert made == ["2027-07", "2027-08", "2027-09", "2027-10"]
+        listed = {m.month: m.attached for m in store.partition_months()}
+        assert all(listed[m] for m in made)
+        assert store.maintain_partitions(date(2027, 7, 16)) == []
+        _fill(store)  # 18 results in the default partition
+        monkeypatch.setattr(postgres, "DEFAULT_WARN_ROWS", 17)
+        with caplog.at_level(logging.WARNING, logger="bbprobe.collector"):
+            store.maintain_partitions(date(2027, 7, 16))
+        assert "run `bbprobe-collector partitions migrate`" in caplog.text
+    finally:
+        store.close()
+
+
+def test_the_daily_pass_runs_in_the_collector_within_a_deadline(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving collector's task: a failure or a pass past its deadline is logged,
+    and the next day's pass runs."""
+    from collector.server import app
+
+    monkeypatch.setattr(app, "PARTITIONS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(app, "PARTITIONS_DEADLINE_S", 0.01)
+    calls: list[str] = []
+    twice = asyncio.Event()
+
+    class Partitioned:
+        def maintain_partitions(self) -> None:
+            calls.append("made")
+            if calls.count("made") == 2:
+                twice.set()
+
+    async def run(fn: Any) -> None:
+        if not calls:
+            calls.append("failed")
+            raise StoreUnavailable("database down")
+        if calls == ["failed"]:
+            calls.append("stuck")
+            await asyncio.sleep(3600)
+        fn(Partitioned())
+
+    async def serve() -> None:
+        task = asyncio.create_task(app.maintain_partitions(run))
+        async with asyncio.timeout(60):  # a bound on a broken loop, not a measurement
+            await twice.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="bbprobe.collector"):
+        asyncio.run(serve())
+    assert calls[:4] == ["failed", "stuck", "made", "made"]
+    assert "failed: database down" in caplog.text and "took more than" in caplog.text
+
+
+def test_month_names_are_ascii_digits() -> None:
+    """Review 2, finding 12: other scripts' digits and a trailing newline are not months
+    (they would name a table and make an empty range)."""
+    assert partitions.parse_month("2026-05") == "2026-05"
+    for text in ("\u0662\u0660\u0662\u0666-05", "2026-0\u0665", "2026-05\n", "2026-13"):
+        with pytest.raises(InputError, match="YYYY-MM"):
+            partitions.parse_month(text)
+    assert partitions.MONTH.fullmatch("\u0662\u0660\u0662\u0666-05") is None
 
 
 def test_partitions_need_postgresql(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,29 @@ def test_not_a_database(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="cannot use database"):
         SqliteStore(path)
+
+
+def test_a_read_only_sqlite_open_skips_the_full_file_check(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A writer checks the whole file at open (PRAGMA quick_check); an analyst's read
+    does not (15 minutes on a 20 GB file), and a damaged page it reads is still refused
+    by SQLite itself."""
+    from collector.storage.sql import sqlite as sqlite_mod
+
+    seen: list[str] = []
+
+    class Traced(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            seen.append(sql)
+            return super().execute(sql, *args)
+
+    real = sqlite3.connect
+    monkeypatch.setattr(sqlite_mod.sqlite3, "connect",
+                        lambda *a, **kw: real(*a, factory=Traced, **kw))
+    cfg = StorageConfig(backend="sqlite", path=str(tmp_path / "c.sqlite3"))
+    open_store(cfg).close()
+    assert "PRAGMA quick_check" in seen
+    seen.clear()
+    open_store(cfg, read_only=True).close()
+    assert seen and "PRAGMA quick_check" not in seen

@@ -31,7 +31,8 @@ def open_store(cfg: StorageConfig, *, outbox: bool = False,
     """Open (creating or migrating) the configured store. Only the backend opened is
     imported: an SQLite collector never loads psycopg and libpq. ``read_only``: for
     analysts' reads, the replica storage.read_url when one is set (never migrated, and
-    refusing writes); without one, the store itself."""
+    refusing writes); without one, the store itself (SQLite: without the full-file check
+at open)."""
     if cfg.backend == "postgresql":
         from collector.storage.sql.postgres import PostgresStore
 
@@ -41,4 +42,6 @@ def open_store(cfg: StorageConfig, *, outbox: bool = False,
                              pool_size=cfg.pool_size, read_only=replica)
     from collector.storage.sql.sqlite import SqliteStore
 
-    return SqliteStore(Path(cfg.path or default_database(environ)), outbox=outbox)
+    # A read-only open skips the full-file integrity check (sqlite.py says why).
+    return SqliteStore(Path(cfg.path or default_database(environ)), outbox=outbox,
+                       integrity_check=not read_only)

@@ -7,11 +7,21 @@ result_id): each page is one short read of at most ``page`` sessions that seeks 
 last one stopped, so memory stays bounded by the page whatever the scope's size, no
 cursor stays open between pages, and neither engine re-reads what an OFFSET would skip.
 
-``received_before`` (every read takes it) keeps only the sessions the collector had
-received before that instant: the export pins it to its first run's start, so the pages
-of a resumed run, and the open-data count and pages of one run, read the same sessions
-whatever arrives meanwhile (a probe's spool delivers up to 30 days late). It is one
-primary-key seek into ``results`` per session (session_facts.result_id references it).
+``received_before`` (every read takes it) leaves out the sessions the collector
+received at or after that instant: the export pins it to its first run's start, so the
+pages of a resumed run, and the open-data count and pages of one run, read the same
+sessions whatever arrives meanwhile (a probe's spool delivers up to 30 days late). It is
+one primary-key seek into ``results`` per session, bounded by the session's own start
+time and the read's period: on PostgreSQL, whose ``results`` is partitioned by month on
+started_at (partitions.py), the planner prunes to the read's months and each seek to the
+session's month, instead of probing every month's index.
+
+A session whose ``results`` row is absent is kept, facts only: on PostgreSQL a month's
+``results`` partition may be detached for retention (partitions.py ``detach_month``)
+while its facts stay attached and in every report, so the export keeps what the reports
+count, with the columns only the body holds null (columns.py says so). Such a row cannot
+say when it was received; it is older than any pin in practice (a month is detached
+long after its sessions arrived).
 """
 
 from __future__ import annotations
@@ -42,13 +52,26 @@ def _body_text(text: str, packed: Any) -> str:
     return codec.without_samples(bytes(packed)).decode()
 
 
-def _received(where: str, params: list[Any], received_before: str | None
-              ) -> tuple[str, list[Any]]:
-    """``where`` on session_facts, plus "received before" when given."""
+def _received(where: str, params: list[Any], received_before: str | None,
+              since: str | None, until: str | None) -> tuple[str, list[Any]]:
+    """``where`` on session_facts, less the sessions received at or after
+    ``received_before`` when given (module docstring). NOT EXISTS, not EXISTS of a row
+    received before: a session with no readable results row (a detached month) stays.
+    ``r.started_at`` equal to the session's lets PostgreSQL prune each seek to one
+    month (run-time pruning), and the period's bounds let it prune the plan itself."""
     if received_before is None:
         return where, params
-    return (f"{where} AND EXISTS (SELECT 1 FROM results r WHERE r.result_id = "
-            "session_facts.result_id AND r.received_at < ?)", [*params, received_before])
+    bounds = ""
+    extra: list[Any] = []
+    if since is not None:
+        bounds += " AND r.started_at >= ?"
+        extra.append(since)
+    if until is not None:
+        bounds += " AND r.started_at < ?"
+        extra.append(until)
+    return (f"{where} AND NOT EXISTS (SELECT 1 FROM results r WHERE r.result_id = "
+            "session_facts.result_id AND r.started_at = session_facts.started_at"
+            f"{bounds} AND r.received_at >= ?)", [*params, *extra, received_before])
 
 
 class ExportQueries(SqlBase):
@@ -59,7 +82,7 @@ class ExportQueries(SqlBase):
                     received_before: str | None = None) -> tuple[str, str] | None:
         """The first and last start time of the sessions in scope; None when none."""
         where, params = _received(*self._scope(probes, since, until, family=family),
-                                  received_before)
+                                  received_before, since, until)
         with self._reading() as tx:
             row = tx.one(f"SELECT MIN(started_at), MAX(started_at) FROM session_facts "
                          f"WHERE {where}", params)
@@ -73,10 +96,11 @@ class ExportQueries(SqlBase):
                         ) -> Iterator[list[tuple[SessionFacts, StoredResult | None]]]:
         """The sessions of a scope in pages of at most ``page``, by (probe, start time,
         result id): each one's facts (its transfers in their stored order) and its stored
-        row, the body as canonical JSON without stream samples (None: no results row).
+        row, the body as canonical JSON without stream samples (None: no results row,
+        e.g. its month detached on PostgreSQL: module docstring).
         A row whose time no reader can interpret is left out (unreadable.py)."""
         where, params = _received(*self._scope(probes, since, until, family=family),
-                                  received_before)
+                                  received_before, since, until)
         t_where, t_params = self._scope(probes, since, until, table="transfer_facts")
         after: tuple[str, str, str] | None = None
         while True:
@@ -94,17 +118,21 @@ class ExportQueries(SqlBase):
                     return
                 first = (rows[0][0], rows[0][1], rows[0][2])
                 last = (rows[-1][0], rows[-1][1], rows[-1][2])
-                # The page's transfers: the same key range of the same primary key.
+                clause, ids = self.dialect.in_list("result_id", [r[2] for r in rows])
+                # The page's transfers: the same key range of the same primary key (the
+                # index seek), and only the page's sessions. Without the id list a page
+                # of a rare family (or past many sessions received after the pin) would
+                # span, and load, the transfers of every other session in its range.
                 transfers: dict[str, list[TransferFact]] = {}
                 for rid, direction, ok, kbps in tx.rows(
                         "SELECT result_id, direction, ok, kbps FROM transfer_facts "
-                        f"WHERE {t_where} AND (probe_name, started_at, result_id) >= (?, ?, ?) "
+                        f"WHERE {t_where} AND {clause} "
+                        "AND (probe_name, started_at, result_id) >= (?, ?, ?) "
                         "AND (probe_name, started_at, result_id) <= (?, ?, ?) "
                         "ORDER BY probe_name, started_at, result_id, seq",
-                        [*t_params, *first, *last]):
+                        [*t_params, ids, *first, *last]):
                     transfers.setdefault(rid, []).append(
                         TransferFact(direction, bool(ok), kbps))
-                clause, ids = self.dialect.in_list("result_id", [r[2] for r in rows])
                 # The page's start times bound the read too: on PostgreSQL's results,
                 # partitioned by month on started_at (partitions.py), the planner then
                 # prunes to the page's months instead of probing every month's index.
@@ -135,7 +163,7 @@ class ExportQueries(SqlBase):
         probe and hour; read in pages that seek past the last hour seen (one index range
         scan each)."""
         where, params = _received(*self._scope(probes, since, until, family=family),
-                                  received_before)
+                                  received_before, since, until)
         after: tuple[str, str] | None = None
         while True:
             keyset = ""

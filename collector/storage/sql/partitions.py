@@ -39,12 +39,15 @@ The design (docs/scaling.md, section 6):
   the old rows into unattached month tables, a month a step, in short transactions
   that block nobody, following every later change to the old tables through a change
   log; and one catalog-only switch detaches the old default partitions and attaches the
-  copies and a new default (section "the online migration" below says why not month by
-  month in place).
+  copies and a new default (storage/sql/partition_migration.py; it says why not month
+  by month in place).
 - **Retention.** ``detach_month`` detaches a month's ``results`` partition (the bodies,
   the bulk): its rows leave every read; the table stays, to archive and drop. The facts
   and day rollups stay, so reports keep the month. Its ids stay in ``result_ids``: a
-  result of a detached month sent again is not stored again.
+  result of a detached month sent again is not stored again, and is answered
+  "duplicate" (``detached_result``) without its hash compared: the stored body is out
+  of reach (result_ids keeps no hash; 32 bytes more a session on a table that already
+  grows by hundreds of millions of rows a year). Its InfluxDB outbox entries go with it.
 - ``day_facts`` is not partitioned: one row per probe and day (36 M a year at 100,000
   probes), read by key ranges.
 """
@@ -63,17 +66,22 @@ TABLES = ("results", "session_facts", "transfer_facts")
 AHEAD_MONTHS = 3
 # A step waits this long for its locks, then gives up (a long report holds them).
 LOCK_TIMEOUT = "10s"
-MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+# [0-9], not \d: Python's \d also matches other scripts' digits ("٢٠٢٦"), which would make
+# a table name and an empty range (review 2, finding 12). Always used with fullmatch.
+MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+# The default partitions are "small" up to this many results: a month attached beside
+# them makes PostgreSQL scan them under a lock that holds up ingest, quick only then.
+DEFAULT_SMALL = 100_000
 
 # Each month's constraints and indexes, as the unpartitioned tables had them.
-_CONSTRAINTS = {
+CONSTRAINTS = {
     "results": ("PRIMARY KEY (result_id)",),
     "session_facts": ("PRIMARY KEY (probe_name, started_at, result_id)", "UNIQUE (result_id)",
                       "FOREIGN KEY (result_id) REFERENCES result_ids (result_id)"),
     "transfer_facts": ("PRIMARY KEY (probe_name, started_at, result_id, seq)",
                        "FOREIGN KEY (result_id) REFERENCES result_ids (result_id)"),
 }
-_INDEXES = {
+INDEXES = {
     "results": ("(probe_name, started_at)", "(started_at)",
                 "(probe_name, session_seq) WHERE session_seq IS NOT NULL"),
     "session_facts": (),
@@ -96,7 +104,12 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    SELECT d.started_at INTO stored FROM results_default d WHERE d.result_id = NEW.result_id;
+    -- FOR KEY SHARE: a concurrent delete of the old row waits for this commit, so its
+    -- release trigger sees the registration and frees it (else the id stays taken with
+    -- no row, and an honest re-delivery is a conflict); a delete that came first makes
+    -- this find nothing, and the new row goes in.
+    SELECT d.started_at INTO stored FROM results_default d WHERE d.result_id = NEW.result_id
+        FOR KEY SHARE;
     IF FOUND THEN
         UPDATE result_ids SET started_at = stored WHERE result_id = NEW.result_id;
         RETURN NULL;
@@ -145,7 +158,7 @@ def convert(tx: Tx) -> None:
 
 def parse_month(text: str) -> str:
     """``YYYY-MM``, or a one-line InputError."""
-    if not MONTH.match(text):
+    if not MONTH.fullmatch(text):
         raise InputError(f"month: expected YYYY-MM, got {text!r}")
     return text
 
@@ -197,16 +210,22 @@ def months(tx: Tx) -> list[Month]:
     return out
 
 
-def _exists(tx: Tx, name: str) -> bool:
+def exists(tx: Tx, name: str) -> bool:
     row = tx.one("SELECT to_regclass(?) IS NOT NULL", (name,))
     return bool(row and row[0])
+
+
+def migrating(tx: Tx) -> bool:
+    """Whether ``partitions migrate`` is under way (storage/sql/partition_migration.py)."""
+    return exists(tx, "partition_moves")
 
 
 def create_month(tx: Tx, month: str) -> int | None:
     """Month ``month``'s partitions, with the rows of that month the default partitions
     held moved into them (module docstring): how many results moved, or None when the
-    month exists already (attached or detached: a detached month is not made again)."""
-    if _exists(tx, partition_name("results", month)):
+    month exists already (attached or detached: a detached month is not made again, nor
+    one whose bodies were dropped after, its facts' partitions still there)."""
+    if any(exists(tx, partition_name(table, month)) for table in TABLES):
         return None
     lo, hi = month, next_month(month)
     tx.run("SELECT set_config('lock_timeout', ?, true), set_config('bbprobe.moving', 'on', "
@@ -234,9 +253,9 @@ def create_month(tx: Tx, month: str) -> int | None:
                    f"started_at FROM {name} ON CONFLICT (result_id) DO UPDATE "
                    "SET started_at = EXCLUDED.started_at")
         # Keys and indexes after the rows: built once, not maintained row by row.
-        for constraint in _CONSTRAINTS[table]:
+        for constraint in CONSTRAINTS[table]:
             tx.run(f"ALTER TABLE {name} ADD {constraint}")
-        for index in _INDEXES[table]:
+        for index in INDEXES[table]:
             tx.run(f"CREATE INDEX ON {name} {index}")
         tx.run(f"ALTER TABLE {table} ATTACH PARTITION {name} "
                f"FOR VALUES FROM ('{lo}') TO ('{hi}')")
@@ -244,11 +263,17 @@ def create_month(tx: Tx, month: str) -> int | None:
     return moved
 
 
-def default_is_small(tx: Tx, limit: int = 100_000) -> bool:
-    """Whether the default partitions are small enough for PostgreSQL's check of them,
-    when a month is attached, to be quick (at a collector's start)."""
+def default_rows(tx: Tx, limit: int) -> int:
+    """The results in the default partition, counted up to ``limit + 1`` (a bounded read,
+    however large the partition)."""
     row = tx.one(f"SELECT count(*) FROM (SELECT 1 FROM results_default LIMIT {limit + 1}) x")
-    return row is not None and int(row[0]) <= limit
+    return 0 if row is None else int(row[0])
+
+
+def default_is_small(tx: Tx) -> bool:
+    """Whether the default partitions are small enough for PostgreSQL's check of them,
+    when a month is attached, to be quick."""
+    return default_rows(tx, DEFAULT_SMALL) <= DEFAULT_SMALL
 
 
 def create_ahead(tx: Tx, today: date, ahead: int = AHEAD_MONTHS) -> list[str]:
@@ -263,314 +288,38 @@ def create_ahead(tx: Tx, today: date, ahead: int = AHEAD_MONTHS) -> list[str]:
     return made
 
 
+def _attached(tx: Tx, name: str) -> bool:
+    return tx.one("SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass "
+                  "AND inhrelid = to_regclass(?)", (name,)) is not None
+
+
 def detach_month(tx: Tx, month: str) -> bool:
-    """Detach ``month``'s results partition (retention): False if it is not attached."""
+    """Detach ``month``'s results partition (retention): False if it is not attached.
+    Its results' InfluxDB outbox entries and dead letters go in the same transaction:
+    the sink leases through a join with ``results``, so an entry whose row left every
+    read would be leased again and again and never done, and enough of them at the
+    queue's head would stall the sink for good (review 2, finding 4)."""
     name = partition_name("results", month)
-    attached = tx.one("SELECT 1 FROM pg_inherits WHERE inhparent = 'results'::regclass "
-                      "AND inhrelid = to_regclass(?)", (name,))
-    if attached is None:
+    if not _attached(tx, name):
         return False
     tx.run("SELECT set_config('lock_timeout', ?, true)", (LOCK_TIMEOUT,))
+    for table in ("influx_outbox", "influx_dead_letters"):
+        tx.run(f"DELETE FROM {table} q USING {name} r WHERE q.result_id = r.result_id")
     tx.run(f"ALTER TABLE results DETACH PARTITION {name}")
     return True
 
 
-# --- the online migration (``partitions migrate``) --------------------------------------
-#
-# Why not month by month into the default's place: PostgreSQL lets a month be attached
-# beside a default partition only once it can tell the default holds none of its rows,
-# under an ACCESS EXCLUSIVE lock on the default (measured on PostgreSQL 15: even when a
-# CHECK implies it), and by a scan of the default unless a validated CHECK implies it.
-# Such a CHECK cannot be validated while the month's rows are still readable there, and
-# once added (NOT VALID) it refuses every late delivery of the month routed there. So
-# the rows are copied instead, month by month, into tables of their own that nobody
-# reads yet, while every row stays where it is and every write goes on; then one short
-# switch swaps the old default partitions for the copies: catalog changes only.
-
-# Results copied per transaction.
-BATCH = 1000
-# The switch waits this long for its locks, then lets the queue go and tries again.
-SWITCH_LOCK_TIMEOUT = "2s"
-# Changes left to apply under the switch's lock, at most (else they are applied first).
-SWITCH_BACKLOG = 2000
-DEFAULT = "default"  # partition_moves' name for what no month holds
-
-_CHANGES = """
-CREATE OR REPLACE FUNCTION bbprobe_note_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO partition_changes (result_id, probe_name, started_at)
-            VALUES (NEW.result_id, NEW.probe_name, NEW.started_at);
-    ELSE
-        INSERT INTO partition_changes (result_id, probe_name, started_at)
-            VALUES (OLD.result_id, OLD.probe_name, OLD.started_at);
-    END IF;
-    RETURN NULL;
-END $$
-"""
+def detached_result(tx: Tx, result_id: str) -> bool:
+    """Whether ``result_id`` is registered for a month whose results partition was made
+    and is no longer attached (detached, or dropped after): its row is out of every
+    read, and a delivery of it again is a duplicate whose hash cannot be compared."""
+    row = tx.one("SELECT started_at FROM result_ids WHERE result_id = ?", (result_id,))
+    month = "" if row is None else str(row[0])[:7]
+    if not MONTH.fullmatch(month):
+        return False
+    # The month's facts partition stays attached when its bodies are detached or dropped:
+    # it tells a month once partitioned from one whose rows are still in the default.
+    return exists(tx, partition_name("session_facts", month)) and not _attached(
+        tx, partition_name("results", month))
 
 
-def copy_name(table: str, month: str) -> str:
-    """The table a month's rows are copied into (its partition-to-be)."""
-    return f"{table}_newdefault" if month == DEFAULT else partition_name(table, month)
-
-
-def migrating(tx: Tx) -> bool:
-    return _exists(tx, "partition_moves")
-
-
-def start_migration(tx: Tx) -> None:
-    """Every change to the old default partitions from now on is noted (row triggers),
-    so the copies can follow them. CREATE TRIGGER waits for, and briefly holds up, writers
-    of the default partitions only (SHARE ROW EXCLUSIVE; readers go on)."""
-    tx.run("SELECT set_config('lock_timeout', ?, true)", (LOCK_TIMEOUT,))
-    tx.run('CREATE TABLE partition_moves (month TEXT COLLATE "C" PRIMARY KEY, '
-           "copied BOOLEAN NOT NULL DEFAULT false)")
-    tx.run('CREATE TABLE partition_changes (seq BIGSERIAL PRIMARY KEY, result_id TEXT COLLATE '
-           '"C" NOT NULL, probe_name TEXT COLLATE "C" NOT NULL, started_at TEXT COLLATE "C" '
-           "NOT NULL)")
-    tx.run(_CHANGES)
-    for table in TABLES:
-        tx.run(f"CREATE TRIGGER {table}_default_changes AFTER INSERT OR UPDATE OR DELETE ON "
-               f"{table}_default FOR EACH ROW EXECUTE FUNCTION bbprobe_note_change()")
-
-
-def default_months(tx: Tx) -> list[str]:
-    """The months of the rows in the default partition: one index probe each (a started_at
-    that names no month is skipped: it stays in the default)."""
-    found: list[str] = []
-    after = ""
-    while True:
-        row = tx.one("SELECT min(started_at) FROM results_default WHERE started_at >= ?",
-                     (after,))
-        if row is None or row[0] is None:
-            return found
-        value = str(row[0])
-        if MONTH.match(value[:7]):
-            found.append(value[:7])
-            after = next_month(value[:7])
-        else:
-            after = value + "\x01"
-
-
-def _create_copy(tx: Tx, month: str, copied: bool) -> None:
-    """A month's tables, unattached, with the CHECK that spares the attach a scan of them
-    (the partition constraint is implied), keys and indexes; the foreign keys come at the
-    switch (a result deleted meanwhile must not be held by its copy)."""
-    if _exists(tx, copy_name("results", month)):
-        raise InputError(
-            f"month {month} has rows in the default partition and a detached partition "
-            f"of its own: attach or drop {partition_name('results', month)} first")
-    for table in TABLES:
-        name = copy_name(table, month)
-        tx.run(f"CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING STORAGE)")
-        if month != DEFAULT:
-            tx.run(f"ALTER TABLE {name} ADD CONSTRAINT {name}_month CHECK (started_at >= "
-                   f"'{month}' AND started_at < '{next_month(month)}')")
-        for constraint in _CONSTRAINTS[table]:
-            if not constraint.startswith("FOREIGN"):
-                tx.run(f"ALTER TABLE {name} ADD {constraint}")
-        for index in _INDEXES[table]:
-            tx.run(f"CREATE INDEX ON {name} {index}")
-    tx.run("INSERT INTO partition_moves (month, copied) VALUES (?, ?)", (month, copied))
-
-
-def plan_migration(tx: Tx, today: date) -> list[str]:
-    """The months to copy: those of the default partition's rows and the current and
-    coming months (the switch attaches them with no scan), minus those attached; each
-    gets its tables; then what no month holds. Run once, after ``start_migration``."""
-    attached = {m.month for m in months(tx) if m.attached}
-    found = set(default_months(tx))
-    wanted = found | set(months_from(today.strftime("%Y-%m"), AHEAD_MONTHS + 1))
-    planned = []
-    for month in sorted(wanted - attached):
-        # A month with no row now has nothing to copy: the changes noted bring any.
-        _create_copy(tx, month, copied=month not in found)
-        planned.append(month)
-    _create_copy(tx, DEFAULT, copied=False)
-    return planned
-
-
-def next_to_copy(tx: Tx) -> str | None:
-    row = tx.one("SELECT min(month) FROM partition_moves WHERE NOT copied")
-    return None if row is None or row[0] is None else str(row[0])
-
-
-def _planned(tx: Tx) -> list[str]:
-    return [str(r[0]) for r in tx.rows(
-        "SELECT month FROM partition_moves WHERE month <> ? ORDER BY month", (DEFAULT,))]
-
-
-def _outside(planned: list[str]) -> list[tuple[str, str | None]]:
-    """The started_at ranges no planned month holds (what the new default takes)."""
-    out: list[tuple[str, str | None]] = []
-    low = ""
-    for month in planned:
-        if low < month:
-            out.append((low, month))
-        low = next_month(month)
-    out.append((low, None))
-    return out
-
-
-def _copy(tx: Tx, month: str, keys: list[tuple[str, str, str]]) -> None:
-    """Copy these results (result_id, probe_name, started_at) and their facts from the
-    default partitions into ``month``'s tables, registering their ids; what is there
-    already stays (a re-run after an interruption)."""
-    ids = [k[0] for k in keys]
-    tx.run("INSERT INTO result_ids (result_id, started_at) SELECT result_id, started_at "
-           "FROM results_default WHERE result_id = ANY(?) ON CONFLICT DO NOTHING", (ids,))
-    tx.run(f"INSERT INTO {copy_name('results', month)} SELECT * FROM results_default "
-           "WHERE result_id = ANY(?) ON CONFLICT DO NOTHING", (ids,))
-    tx.run(f"INSERT INTO {copy_name('session_facts', month)} SELECT * FROM "
-           "session_facts_default WHERE result_id = ANY(?) ON CONFLICT DO NOTHING", (ids,))
-    tx.run(f"INSERT INTO {copy_name('transfer_facts', month)} SELECT t.* FROM "
-           "unnest(?::text[], ?::text[], ?::text[]) AS k(r, p, s) JOIN transfer_facts_default t "
-           "ON t.probe_name = k.p AND t.started_at = k.s AND t.result_id = k.r "
-           "ON CONFLICT DO NOTHING", (ids, [k[1] for k in keys], [k[2] for k in keys]))
-
-
-def copy_batch(tx: Tx, month: str, after: tuple[str, str]) -> tuple[int, tuple[str, str]]:
-    """The next ``BATCH`` results of ``month`` (in (started_at, result_id) order after
-    ``after``) copied: how many, and where the next batch starts. Index range reads."""
-    ranges = _outside(_planned(tx)) if month == DEFAULT else [(month, next_month(month))]
-    keys: list[tuple[str, str, str]] = []
-    for low, high in ranges:
-        if high is not None and high <= after[0]:
-            continue
-        bound = "" if high is None else " AND started_at < ?"
-        # The index range starts where the last batch ended (the row comparison alone
-        # would not bound it).
-        keys += [(str(r[0]), str(r[1]), str(r[2])) for r in tx.rows(
-            "SELECT result_id, probe_name, started_at FROM results_default WHERE "
-            f"started_at >= ?{bound} AND (started_at, result_id) > (?, ?) "
-            f"ORDER BY started_at, result_id LIMIT {BATCH - len(keys)}",
-            (max(low, after[0]), *(() if high is None else (high,)), *after))]
-        if len(keys) >= BATCH:
-            break
-    if keys:
-        _copy(tx, month, keys)
-        return len(keys), (keys[-1][2], keys[-1][0])
-    tx.run("UPDATE partition_moves SET copied = true WHERE month = ?", (month,))
-    return 0, after
-
-
-def _target(planned: list[str], started_at: str) -> str:
-    """The month whose range holds ``started_at`` (text order, as the partitions'), or the
-    default."""
-    month = started_at[:7]
-    if MONTH.match(month) and month in planned:
-        return month
-    for m in planned:  # a started_at that is not ISO 8601 but sorts into a month
-        if m <= started_at < next_month(m):
-            return m
-    return DEFAULT
-
-
-def apply_changes(tx: Tx, everything: bool = False) -> int:
-    """Bring the copies up to date with the changes noted since the migration started
-    (a late delivery, a result deleted, a body repacked): each changed result is copied
-    again as the default partitions hold it now. How many changes were applied."""
-    sql = "SELECT seq, result_id, probe_name, started_at FROM partition_changes ORDER BY seq"
-    noted = tx.rows(sql + ("" if everything else f" LIMIT {BATCH}"))
-    if not noted:
-        return 0
-    planned = _planned(tx)
-    by_month: dict[str, set[tuple[str, str, str]]] = {}
-    for _seq, rid, probe, started in noted:
-        month = _target(planned, str(started))
-        if month == DEFAULT and MONTH.match(str(started)[:7]):
-            # A month first seen now: all its rows came after the migration started,
-            # so the changes noted hold every one of them.
-            month = str(started)[:7]
-            _create_copy(tx, month, copied=True)
-            planned = _planned(tx)
-        by_month.setdefault(month, set()).add((str(rid), str(probe), str(started)))
-    for month, found in by_month.items():
-        keys = sorted(found)
-        ids = [k[0] for k in keys]
-        tx.run(f"DELETE FROM {copy_name('results', month)} WHERE result_id = ANY(?)", (ids,))
-        tx.run(f"DELETE FROM {copy_name('session_facts', month)} WHERE result_id = ANY(?)",
-               (ids,))
-        tx.run(f"DELETE FROM {copy_name('transfer_facts', month)} t USING unnest(?::text[], "
-               "?::text[], ?::text[]) AS k(r, p, s) WHERE t.probe_name = k.p AND "
-               "t.started_at = k.s AND t.result_id = k.r",
-               (ids, [k[1] for k in keys], [k[2] for k in keys]))
-        _copy(tx, month, keys)
-    tx.run("DELETE FROM partition_changes WHERE seq = ANY(?)", ([int(r[0]) for r in noted],))
-    return len(noted)
-
-
-class Behind(Exception):
-    """Too many changes to apply under the switch's lock: apply them first."""
-
-
-def switch(tx: Tx) -> list[str]:
-    """The switch, in one transaction: the three parents locked (ACCESS EXCLUSIVE, the
-    lock DETACH takes anyway; readers and writers wait, for at most SWITCH_LOCK_TIMEOUT
-    in the queue plus what follows), the last changes applied, the old default partitions
-    detached (renamed ``<table>_premigration``), every copy attached (its CHECK implies its
-    range: no scan; and no default is attached then, so none is scanned), the new default
-    attached (PostgreSQL scans it: what no month holds, a few rows at most). Catalog
-    changes only, whatever the size of the old tables. The months attached."""
-    tx.run("SELECT set_config('lock_timeout', ?, true)", (SWITCH_LOCK_TIMEOUT,))
-    # In the order ingest takes them: no deadlock.
-    tx.run(f"LOCK TABLE {', '.join('ONLY ' + t for t in TABLES)} IN ACCESS EXCLUSIVE MODE")
-    row = tx.one("SELECT count(*) FROM partition_changes")
-    if row is not None and int(row[0]) > SWITCH_BACKLOG:
-        raise Behind()
-    apply_changes(tx, everything=True)
-    if next_to_copy(tx) is not None:
-        raise InputError("partitions migrate: a month is not copied yet")
-    planned = _planned(tx)
-    for table in TABLES:
-        if _exists(tx, f"{table}_premigration"):
-            raise InputError(f"table {table}_premigration is left from a migration: "
-                             "drop it first")
-        tx.run(f"DROP TRIGGER {table}_default_changes ON {table}_default")
-        tx.run(f"ALTER TABLE {table} DETACH PARTITION {table}_default")
-        tx.run(f"ALTER TABLE {table}_default RENAME TO {table}_premigration")
-        for month in planned:
-            tx.run(f"ALTER TABLE {table} ATTACH PARTITION {copy_name(table, month)} "
-                   f"FOR VALUES FROM ('{month}') TO ('{next_month(month)}')")
-        tx.run(f"ALTER TABLE {copy_name(table, DEFAULT)} RENAME TO {table}_default")
-        tx.run(f"ALTER TABLE {table} ATTACH PARTITION {table}_default DEFAULT")
-    for table in ("session_facts", "transfer_facts"):
-        for name in [partition_name(table, m) for m in planned] + [f"{table}_default"]:
-            # NOT VALID: no scan now; validated after the switch, online.
-            tx.run(f"ALTER TABLE {name} ADD CONSTRAINT {name}_result_fkey FOREIGN KEY "
-                   "(result_id) REFERENCES result_ids (result_id) NOT VALID")
-    tx.run("DROP TABLE partition_changes, partition_moves")
-    tx.run("DROP FUNCTION bbprobe_note_change()")
-    return planned
-
-
-def after_switch(tx: Tx) -> list[str]:
-    """What the switch left, one statement each (the caller commits each): the foreign
-    keys validated (SHARE UPDATE EXCLUSIVE on the partition: reads and writes go on), the
-    old tables' keys to result_ids dropped, then the old tables. Nothing when no switch
-    left any."""
-    if not _exists(tx, "results_premigration"):
-        return []
-    todo = [f"ALTER TABLE {r[1]} VALIDATE CONSTRAINT {r[0]}" for r in tx.rows(
-        "SELECT conname, conrelid::regclass::text FROM pg_constraint WHERE contype = 'f' "
-        "AND NOT convalidated AND confrelid = 'result_ids'::regclass AND "
-        "conrelid::regclass::text ~ '^(session|transfer)_facts_(p[0-9_]+|default)$'")]
-    for table in TABLES:
-        if _exists(tx, f"{table}_premigration"):
-            todo += [f'ALTER TABLE {table}_premigration DROP CONSTRAINT "{r[0]}"' for r in
-                     tx.rows("SELECT conname FROM pg_constraint WHERE contype = 'f' AND "
-                             "conrelid = ?::regclass", (f"{table}_premigration",))]
-            todo.append(f"DROP TABLE {table}_premigration")
-    return todo
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One step of ``partitions migrate``: a month copied ("YYYY-MM", or "default": what
-    no month holds; ``count`` its results), the switch ("switch"; ``count`` the months
-    attached; ``verified`` the tables PostgreSQL scanned when attaching), or the old
-    tables dropped ("cleanup"; ``count`` the statements)."""
-    what: str
-    count: int
-    verified: tuple[str, ...] = ()

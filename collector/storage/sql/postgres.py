@@ -21,7 +21,8 @@ parser.
 - The password never appears in a message: URIs are shown with it masked.
 - ``results``, ``session_facts`` and ``transfer_facts`` are partitioned by month
   (storage/sql/partitions.py); each process that opens the database creates the
-  partitions of the coming months it finds missing.
+  partitions of the coming months it finds missing, and a serving collector does it
+  again daily (``maintain_partitions``, from collector/server/app.py).
 - ``read_only``: a streaming replica (storage.read_url) for analysts' reads. It is never
   migrated (a standby follows its primary's schema, and accepts no writes): opening it
   checks that its schema is this collector's; a write through it is a StoreFault.
@@ -34,7 +35,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from psycopg import errors as pg_errors
 
 from collector.errors import StoreError, StoreFault, StoreUnavailable, Unacceptable, Unstorable
 from collector.storage.sql import SqlStore, partitions
+from collector.storage.sql import partition_migration as migration
 from collector.storage.sql.base import Dialect, Tx, database_error, first_line
 from collector.storage.sql.postgres_migrations import MIGRATIONS, ddl
 from collector.storage.uri import masked
@@ -71,6 +73,14 @@ PARTITION_LOCK = 0x6262706D
 SWITCH_ATTEMPTS = 30
 # How long opening a replica waits for it to replay its primary's last migration.
 REPLICA_CATCH_UP_S = 30.0
+# Creating partitions ahead, by a collector (at start, then daily): each statement's
+# limit, so a default partition larger than expected cannot hold ingest up for long.
+MAINTENANCE_STATEMENT_TIMEOUT = "60s"
+# More results than this in the default partitions (rows of months with no partition of
+# their own: a collector that could not create them, or an old database not migrated)
+# is logged as a warning by the daily pass: reads of them are not pruned by month, and
+# past partitions.DEFAULT_SMALL only `partitions migrate` moves them.
+DEFAULT_WARN_ROWS = 5_000
 # A hot standby cancels a query whose snapshot holds back WAL replay for longer than
 # max_standby_streaming_delay (default 30 s), SQLSTATE 40001 "canceling statement due to
 # conflict with recovery" (PostgreSQL manual, Hot Standby, "Handling Query Conflicts");
@@ -218,25 +228,46 @@ class PostgresStore(SqlStore):
                     "replica of storage.url, once the collector has migrated that")
             time.sleep(0.5)
 
-    def _create_ahead(self) -> None:
-        """This month's and the next months' partitions, if missing. Skipped, not waited
-        for, when another process does it or a long transaction holds the tables; and at
-        the start of a database still holding many rows in its default partitions
-        (``partitions migrate`` moves them)."""
+    def _create_ahead(self, today: date | None = None, warn: bool = False) -> list[str]:
+        """This month's and the next months' partitions, if missing (the months made).
+        Skipped, not waited for, when another process does it or a long transaction
+        holds the tables; and while the default partitions hold many rows (``partitions
+        migrate`` moves them): each month attached would scan them under a lock that
+        holds up ingest. ``warn``: say so when they hold more than DEFAULT_WARN_ROWS."""
         try:
             with self._pool.connection() as conn, conn.transaction():
                 tx = Tx(conn, DIALECT)
                 got = tx.one("SELECT pg_try_advisory_xact_lock(?), "
                              "to_regclass('results_default') IS NOT NULL", (PARTITION_LOCK,))
                 # (Not partitioned: a schema before 14, only in tests of the migration.)
-                if not (got and got[0] and got[1]) or not partitions.default_is_small(tx):
-                    return
-                made = partitions.create_ahead(tx, datetime.now(UTC).date())
+                if not (got and got[0] and got[1]):
+                    return []
+                tx.run("SELECT set_config('statement_timeout', ?, true)",
+                       (MAINTENANCE_STATEMENT_TIMEOUT,))
+                held = partitions.default_rows(tx, max(partitions.DEFAULT_SMALL,
+                                                       DEFAULT_WARN_ROWS))
+                if warn and held > DEFAULT_WARN_ROWS and not partitions.migrating(tx):
+                    log.warning("the default partitions hold more than %d results (months "
+                                "with no partition of their own): reads of them are not "
+                                "pruned by month; run `bbprobe-collector partitions "
+                                "migrate`", DEFAULT_WARN_ROWS)
+                if held > partitions.DEFAULT_SMALL:
+                    return []
+                made = partitions.create_ahead(tx, today or datetime.now(UTC).date())
                 if made:
                     log.info("created the partitions of %s", ", ".join(made))
-        except pg_errors.LockNotAvailable:
-            log.warning("partitions not created ahead: the tables are busy (next start, "
-                        "or `bbprobe-collector partitions create-ahead`)")
+                return made
+        except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
+            log.warning("partitions not created ahead: the tables are busy (tried again "
+                        "tomorrow, or `bbprobe-collector partitions create-ahead`)")
+            return []
+
+    def maintain_partitions(self, today: date | None = None) -> list[str]:
+        """The daily pass of a serving collector (collector/server/app.py): the coming
+        months' partitions, as at start, so one that runs for months never routes new
+        sessions to the default partition; a warning when the default holds many rows."""
+        with _translated(self.describe):
+            return self._create_ahead(today, warn=True)
 
     # --- partitions (storage/sql/partitions.py) ----------------------------------------------
 
@@ -245,13 +276,34 @@ class PostgresStore(SqlStore):
             return partitions.months(tx)
 
     def partitions_create_ahead(self, today: datetime, ahead: int) -> list[str]:
-        return self._transaction(lambda tx: partitions.create_ahead(tx, today.date(), ahead))
+        """``partitions create-ahead``: as a collector does at start, but refusing, not
+        skipping: one at a time (the lock ``partitions migrate`` takes: two making the
+        same month's tables would fail one of them), and not over large default
+        partitions (review 2, finding 2: each month made would hold ingest and reads
+        up for a scan of them)."""
+        def work(tx: Tx) -> list[str]:
+            got = tx.one("SELECT pg_try_advisory_xact_lock(?)", (PARTITION_LOCK,))
+            if not (got and got[0]):
+                raise StoreFault("partitions create-ahead: another `partitions migrate` or "
+                                 "create-ahead is running; try again when it is done")
+            if partitions.migrating(tx):
+                return []  # the migration's switch attaches them, with no scan
+            if not partitions.default_is_small(tx):
+                raise Unacceptable(
+                    f"partitions create-ahead: the default partitions hold more than "
+                    f"{partitions.DEFAULT_SMALL:,} results, and each month made would stop "
+                    "ingest for a scan of them: run `bbprobe-collector partitions migrate` "
+                    "first")
+            return partitions.create_ahead(tx, today.date(), ahead)
 
-    def partitions_migrate_step(self) -> partitions.Step | None:
-        """One step of the online migration (storage/sql/partitions.py): the oldest month
-        not copied yet copied, in transactions of ``partitions.BATCH`` results; once all
-        are, the switch, then the old tables dropped. None when the default partitions
-        hold no month's rows. One ``partitions migrate`` at a time (an advisory lock)."""
+        return self._transaction(work)
+
+    def partitions_migrate_step(self) -> migration.Step | None:
+        """One step of the online migration (storage/sql/partition_migration.py): the
+        oldest month not copied yet copied, in transactions of ``migration.BATCH``
+        results; once all are, the switch, then the old tables dropped. None when the
+        default partitions hold no rows of a month to make. One ``partitions migrate`` at
+        a time (an advisory lock)."""
         with _translated(self.describe), self._pool.connection() as conn:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (PARTITION_LOCK,)).fetchone()
             if not (row and row[0]):
@@ -334,31 +386,41 @@ class _MigrateStep:
                 time.sleep(random.uniform(0.5, 2.0))
         raise AssertionError("unreachable")
 
-    def run(self) -> partitions.Step | None:
-        cleanup = self._tx(partitions.after_switch)
+    def run(self) -> migration.Step | None:
+        cleanup = self._tx(migration.after_switch)
         if cleanup and not self._tx(partitions.migrating):
             return self._cleanup(cleanup)
+        today = datetime.now(UTC).date()
+
+        def start(tx: Tx) -> None:
+            migration.start_migration(tx)
+            migration.plan_migration(tx, today)
+
         if not self._tx(partitions.migrating):
-            if not self._tx(partitions.default_months):
+            if not self._tx(migration.movable_months):
                 return None
-            self._patient(partitions.start_migration)
-            self._tx(lambda tx: partitions.plan_migration(tx, datetime.now(UTC).date()))
-        month = self._tx(partitions.next_to_copy)
+            # Start and plan in one transaction: stopped or failed between them, a
+            # migration would go on with no plan (review 2, finding 1).
+            self._patient(start)
+        elif not self._tx(migration.planned_fully):
+            # Started by an older release that planned in a transaction of its own.
+            self._patient(lambda tx: migration.plan_migration(tx, today))
+        month = self._tx(migration.next_to_copy)
         if month is not None:
-            return partitions.Step(month, self._copy(month))
+            return migration.Step(month, self._copy(month))
         return self._switch()
 
     def _copy(self, month: str) -> int:
         copied, after = 0, ("", "")
         while True:
-            count, after = self._tx(partial(partitions.copy_batch, month=month, after=after))
+            count, after = self._tx(partial(migration.copy_batch, month=month, after=after))
             if count == 0:
                 return copied
             copied += count
             # Changes are applied as they come, so the switch finds few left.
-            self._tx(partitions.apply_changes)
+            self._tx(migration.apply_changes)
 
-    def _switch(self) -> partitions.Step:
+    def _switch(self) -> migration.Step:
         verified: list[str] = []
 
         def note(diag: Any) -> None:
@@ -370,9 +432,9 @@ class _MigrateStep:
             verified.clear()
             # PostgreSQL says, at DEBUG1, which tables an attach scans.
             tx.run("SET LOCAL client_min_messages = debug1")
-            return partitions.switch(tx)
+            return migration.switch(tx)
 
-        while self._tx(partitions.apply_changes) >= partitions.BATCH:
+        while self._tx(migration.apply_changes) >= migration.BATCH:
             pass
         self.conn.add_notice_handler(note)
         try:
@@ -380,22 +442,22 @@ class _MigrateStep:
                 try:
                     attached = self._patient(attempt)
                     break
-                except partitions.Behind:
-                    while self._tx(partitions.apply_changes) >= partitions.BATCH:
+                except migration.Behind:
+                    while self._tx(migration.apply_changes) >= migration.BATCH:
                         pass
             else:
                 raise StoreFault("partitions migrate: changes keep coming faster than they "
                                  "are applied; run it again")
         finally:
             self.conn.remove_notice_handler(note)
-        self._cleanup(self._tx(partitions.after_switch))
-        return partitions.Step("switch", len(attached), tuple(verified))
+        self._cleanup(self._tx(migration.after_switch))
+        return migration.Step("switch", len(attached), tuple(verified))
 
-    def _cleanup(self, statements: list[str]) -> partitions.Step:
+    def _cleanup(self, statements: list[str]) -> migration.Step:
         for statement in statements:
             def run(tx: Tx, sql: str = statement) -> None:
                 tx.run("SELECT set_config('lock_timeout', ?, true)",
-                       (partitions.SWITCH_LOCK_TIMEOUT,))
+                       (migration.SWITCH_LOCK_TIMEOUT,))
                 tx.run(sql)
             self._patient(run)
-        return partitions.Step("cleanup", len(statements))
+        return migration.Step("cleanup", len(statements))

@@ -16,6 +16,7 @@ from collector import unreadable
 from collector.compliance import rollup
 from collector.storage import codec
 from collector.storage.model import GapSignature, InsertOutcome, NewResult, StoredResult
+from collector.storage.sql import partitions
 from collector.storage.sql.base import SqlBase, Tx, readable
 from collector.storage.sql.facts import add_to_day, insert_session_facts, rebuild_day
 from collector.storage.sql.signatures import (
@@ -58,6 +59,14 @@ class ResultQueries(SqlBase):
             if not added:
                 row = tx.one("SELECT body_sha256, body, body_packed FROM results "
                              "WHERE result_id = ?", (item.result_id,))
+                if row is None and self.dialect.name == "postgresql" and \
+                        partitions.detached_result(tx, item.result_id):
+                    # Its month's bodies were detached (retention): the id is kept so it
+                    # is not stored again, but the row is out of reach and its hash cannot
+                    # be compared: a duplicate, not a conflict the probe would dead-letter
+                    # (docs/scaling.md, section 6; review 2, finding 3).
+                    outcomes[index] = "duplicate"
+                    continue
                 # A packed row's hash is of today's canonical form: another hash is
                 # other content. Only a row an older release stored as text is
                 # compared by content (one parse of it, on this rare path).

@@ -3,8 +3,9 @@
 Durability (shared/reference/reliability.md §6): WAL journal, ``synchronous=FULL`` so an
 acknowledged result survives power loss, writes in ``BEGIN IMMEDIATE`` transactions (no
 deferred-upgrade SQLITE_BUSY), ``busy_timeout`` for concurrent CLI use, ``quick_check`` at
-open. Schema changes are numbered migrations (storage/sqlite_migrations.py) tracked in
-``PRAGMA user_version``.
+open (by a writer: an analyst's read-only open skips it, ``integrity_check``). Schema
+changes are numbered migrations (storage/sqlite_migrations.py) tracked in ``PRAGMA
+user_version``.
 
 The queries are in storage/sql/. One connection, not thread-safe: the web app runs the
 store on one dedicated thread (``concurrency = 1``; SQLite has one writer anyway).
@@ -60,7 +61,8 @@ class SqliteStore(SqlStore):
     dialect = DIALECT
     concurrency = 1
 
-    def __init__(self, path: str | Path, *, outbox: bool = False) -> None:
+    def __init__(self, path: str | Path, *, outbox: bool = False,
+                 integrity_check: bool = True) -> None:
         super().__init__()
         self.path = Path(path)
         self.describe = str(self.path)
@@ -77,7 +79,13 @@ class SqliteStore(SqlStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            # quick_check reads every page: seconds for a line's database, 15 minutes for
+            # a 10,000-probe semester of facts (20 GB, benchmarks/analytics.py). A writer
+            # pays it once, at open, before it adds to a damaged file; an analyst's read
+            # (reports, exports) does not, and SQLite still refuses a damaged page it
+            # reads (SQLITE_CORRUPT, a one-line store error).
+            check = (self._db.execute("PRAGMA quick_check").fetchone()[0]
+                     if integrity_check else "ok")
             if check != "ok":
                 raise StoreError(f"database {self.path} failed its integrity check: {check}")
             self._migrate()
