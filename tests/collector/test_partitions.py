@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from agent.schema import utc_now
 from collector.cli.main import main
 from collector.compliance import targets
 from collector.config import CollectorConfig, ConfigError, StorageConfig, parse
@@ -63,6 +64,16 @@ def _count(url: str, table: str) -> int:
         row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _open_13(url: str) -> PostgresStore:
+    """A store at schema 13 (before partitioning) that today's code can fill and read:
+    with the one later column it writes and reads, day_facts.session_hours (migration
+    15 adds it IF NOT EXISTS, so it runs over it unchanged)."""
+    store = _open(url)
+    with _pg(url) as conn:
+        conn.execute("ALTER TABLE day_facts ADD COLUMN session_hours TEXT")
+    return store
 
 
 def _fill(store: PostgresStore) -> list[str]:
@@ -130,6 +141,12 @@ def test_a_new_database_is_partitioned_and_ingest_lands_in_its_month(pg_url: str
         assert _count(pg_url, "results_p2026_07") == 7
         assert _count(pg_url, "result_ids") == len(ids) + 1
         assert len(store.results(since="2026-06-01", until="2026-09-01")) == len(ids) + 1
+        # A result's probe must exist, in a moved month, a month made ahead, and the
+        # default partition alike (the key is the parent's: LIKE copies none).
+        for started in ("2026-07-30T11:00:00.000000Z", utc_now(), "2031-01-01T00:00:00Z"):
+            with pytest.raises(Exception, match=r"(?i)foreign key"):
+                store_result(store, session("ghost", started_at=started))
+        assert _count(pg_url, "result_ids") == len(ids) + 1
     finally:
         store.close()
 
@@ -235,7 +252,7 @@ def test_an_older_database_moves_online_a_month_at_a_time(
     the last digit, re-deliveries stay duplicates, and another document under an old id a
     conflict."""
     monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS[:13])
-    old = _open(pg_url)
+    old = _open_13(pg_url)
     try:
         ids = _fill(old)
         before = _readings(old)
@@ -362,7 +379,7 @@ def test_migrate_never_stops_ingest_nor_hides_a_row(
     is being copied stays deleted; and attaching the months scans neither them nor the
     old default partitions (PostgreSQL says, at DEBUG1, which tables it verifies)."""
     monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS[:13])
-    old = _open(pg_url)
+    old = _open_13(pg_url)
     try:
         ids = _fill(old)
     finally:
@@ -465,7 +482,7 @@ def test_migrate_resumes_after_each_interruption(
     another month follows to that month; a crash between two drops of the cleanup is
     finished by the next run. Every row ends in its month, once."""
     monkeypatch.setattr(postgres, "MIGRATIONS", MIGRATIONS[:13])
-    old = _open(pg_url)
+    old = _open_13(pg_url)
     try:
         ids = _fill(old)
     finally:

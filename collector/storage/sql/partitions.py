@@ -145,6 +145,11 @@ def convert(tx: Tx) -> None:
         tx.run(f"CREATE TABLE {table} (LIKE {table}_default INCLUDING DEFAULTS "
                "INCLUDING STORAGE) PARTITION BY RANGE (started_at)")
         tx.run(f"ALTER TABLE {table} ATTACH PARTITION {table}_default DEFAULT")
+    # A result's probe must exist: the key goes on the parent, so every month partition
+    # has it (LIKE copies no foreign key). The default partition's own key, the same,
+    # is taken over without a scan.
+    tx.run("ALTER TABLE results ADD CONSTRAINT results_probe_name_fkey FOREIGN KEY "
+           "(probe_name) REFERENCES probes (name)")
     for table in ("session_facts_default", "transfer_facts_default", "result_signatures"):
         tx.run(f"ALTER TABLE {table} ADD CONSTRAINT {table}_result_fkey FOREIGN KEY "
                "(result_id) REFERENCES result_ids (result_id) NOT VALID")
