@@ -40,6 +40,8 @@ from collector.compliance.selection import Selector
 from collector.compliance.speeds import SpeedList, Speeds, StoredSpeeds
 
 DAY_START = "T00:00:00.000000Z"
+# A day's session_hours before any valid session (DayRollup.session_hours).
+ZERO_HOURS = ",".join(["0"] * 24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,12 @@ class DayRollup:
     # Attempts the measurement server refused, of every session: JSON {server: count},
     # keys sorted.
     refused_servers: str = "{}"
+    # The valid sessions that started in each UTC hour of the day, hour 00 first: 24
+    # integers, comma-separated, as stored (a report's coverage reads them instead of
+    # every session row: ``hour_counts``). None: not known (a row written before the
+    # column existed, or holding a session whose start names no hour): a reader counts
+    # that day's session rows instead.
+    session_hours: str | None = ZERO_HOURS
 
 
 # What evaluation reads of one session (a row of ``session_facts``), as the database
@@ -73,6 +81,14 @@ class DayRollup:
 # invalid_codes (space-separated). Plain tuples: a scope may hold millions. (Its jitter
 # terms, integers, are summed by the database: storage/sql/reports.py.)
 SessionRow = tuple[int, int, int, float, float, int, str]
+# One whole day (a row of ``day_facts``, storage/sql/facts.py DAY_FIGURES) as the
+# database gives it: probe_name, day, sessions, pings_sent, pings_lost, rtt_n,
+# rtt_mean_ms, rtt_m2, download_attempts, download_failed, upload_attempts,
+# upload_failed, download_kbps, upload_kbps (packed float64; None when a later read
+# leaves them), invalid_sessions, invalid_codes, jitter_sum_ns, jitter_pairs,
+# refused_servers. Plain tuples, not DayRollups: a fleet's semester is millions of rows.
+DayRow = tuple[str, str, int, int, int, int, float, float, int, int, int, int,
+               bytes | None, bytes | None, int, str, int, int, str]
 # One transfer attempt (a row of ``transfer_facts``): direction, ok (0/1), kbps or None,
 # valid (0/1, the session's).
 TransferRow = tuple[str, int, float | None, int]
@@ -88,6 +104,34 @@ def pack_speeds(values: Sequence[float]) -> bytes:
 
 def day_of(started_at: str) -> str:
     return started_at[:10]
+
+
+def hour_counts(text: str | None) -> list[int] | None:
+    """A day's stored ``session_hours`` as 24 counts (hour 00 first); None when not
+    known (NULL, or not 24 integers: the day's session rows say instead)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 24 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+def _hour_of(started_at: str) -> int | None:
+    """The UTC hour a session started in (its canonical start's HH), or None."""
+    text = started_at[11:13]
+    if started_at[10:11] != "T" or not (text.isascii() and text.isdigit()) or text > "23":
+        return None
+    return int(text)
+
+
+def _one_more(hours: str | None, started_at: str) -> str | None:
+    counts = hour_counts(hours)
+    hour = _hour_of(started_at)
+    if counts is None or hour is None:
+        return None
+    counts[hour] += 1
+    return ",".join(map(str, counts))
 
 
 def add_refused(counts: str, server: str | None, attempts: int) -> str:
@@ -130,6 +174,7 @@ def add_session(day: DayRollup, facts: SessionFacts) -> DayRollup:
             [t.kbps for t in up if t.ok and t.kbps is not None]),
         jitter_sum_ns=day.jitter_sum_ns + facts.jitter_sum_ns,
         jitter_pairs=day.jitter_pairs + facts.jitter_pairs,
+        session_hours=_one_more(day.session_hours, facts.started_at),
     )
 
 
@@ -288,38 +333,45 @@ class ScopeFold:
             return self._moments.setdefault(name, GrandMoments(self._parts))
         return self._moments[name]
 
-    def days(self, rows: Sequence[DayRollup]) -> None:
-        """A page of whole-day rollups (valid sessions only: a rollup holds no invalid
-        session's figures, only their count by reason)."""
+    def days(self, rows: Sequence[DayRow]) -> None:
+        """A page of whole-day rows (valid sessions only: a rollup holds no invalid
+        session's figures, only their count by reason), as plain tuples (DayRow): the
+        columns are summed as the database gave them, one column at a time."""
         obs = self.obs
         moments = self._segment("days")
+        if not rows:
+            return
+        (_, _, sessions, sent, lost, rtt_n, rtt_mean, rtt_m2, d_att, d_fail, u_att, u_fail,
+         d_blobs, u_blobs, invalid, codes, jsum, jpairs, refused) = zip(*rows, strict=True)
         if self.first:
-            obs.sessions += sum(d.sessions for d in rows)
-            obs.pings_sent += sum(d.pings_sent for d in rows)
-            obs.pings_lost += sum(d.pings_lost for d in rows)
-            obs.download_attempts += sum(d.download_attempts for d in rows)
-            obs.download_failed += sum(d.download_failed for d in rows)
-            obs.upload_attempts += sum(d.upload_attempts for d in rows)
-            obs.upload_failed += sum(d.upload_failed for d in rows)
-            obs.jitter_sum_ns += sum(d.jitter_sum_ns for d in rows)
-            obs.jitter_pairs += sum(d.jitter_pairs for d in rows)
-            for d in rows:
-                if d.refused_servers != "{}":
-                    for server, count in json.loads(d.refused_servers).items():
+            obs.sessions += sum(sessions)
+            obs.pings_sent += sum(sent)
+            obs.pings_lost += sum(lost)
+            obs.download_attempts += sum(d_att)
+            obs.download_failed += sum(d_fail)
+            obs.upload_attempts += sum(u_att)
+            obs.upload_failed += sum(u_fail)
+            obs.jitter_sum_ns += sum(jsum)
+            obs.jitter_pairs += sum(jpairs)
+            for servers in refused:
+                if servers != "{}":
+                    for server, count in json.loads(servers).items():
                         obs.add_refused(server, count)
-                if d.invalid_sessions:
-                    obs.invalid_sessions += d.invalid_sessions
-                    for code, count in json.loads(d.invalid_codes).items():
-                        obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + count
+            for count, reasons in zip(invalid, codes, strict=True):
+                if count:
+                    obs.invalid_sessions += count
+                    for code, n in json.loads(reasons).items():
+                        obs.invalid_reasons[code] = obs.invalid_reasons.get(code, 0) + n
         if not moments.done:
-            moments.feed([(d.rtt.n, d.rtt.mean, d.rtt.m2) for d in rows if d.rtt.n])
+            moments.feed([part for part in zip(rtt_n, rtt_mean, rtt_m2, strict=True)
+                          if part[0]])
         down, up = self._speeds["download"], self._speeds["upload"]
         if not down.done:
-            blob = b"".join(d.download_kbps for d in rows)
+            blob = b"".join(b for b in d_blobs if b)
             if blob:
                 down.feed(blob)
         if not up.done:
-            blob = b"".join(d.upload_kbps for d in rows)
+            blob = b"".join(b for b in u_blobs if b)
             if blob:
                 up.feed(blob)
 

@@ -55,7 +55,7 @@ a figure on the page and in the published layouts; it never changes a verdict.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agent import stats
@@ -310,12 +310,18 @@ def t_quantile(prob: float, df: int) -> float:
                 + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
     if prob < 0.5:
         return -t_quantile(1 - prob, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < prob:
+    return _inverse(lambda t: t_cdf(t, df), prob, 1.0, 200)
+
+
+def _inverse(cdf: Callable[[float], float], prob: float, hi: float, rounds: int) -> float:
+    """The x >= 0 with cdf(x) = prob, by bisection to 1e-14 relative (cdf increasing,
+    cdf(0) <= prob): the upper bound doubled from ``hi`` until it holds prob."""
+    lo = 0.0
+    while cdf(hi) < prob:
         hi *= 2
-    for _ in range(200):
+    for _ in range(rounds):
         mid = (lo + hi) / 2
-        if t_cdf(mid, df) < prob:
+        if cdf(mid) < prob:
             lo = mid
         else:
             hi = mid
@@ -368,18 +374,7 @@ def chi2_quantile(prob: float, df: int) -> float:
         raise ValueError(f"probability must be within (0, 1), got {prob}")
     if df > CHI2_EXACT_MAX_DF:
         return wilson_hilferty(prob, df)
-    lo, hi = 0.0, max(1.0, 2.0 * df)
-    while gamma_inc(df / 2, hi / 2) < prob:
-        hi *= 2
-    for _ in range(300):
-        mid = (lo + hi) / 2
-        if gamma_inc(df / 2, mid / 2) < prob:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-14 * hi:
-            break
-    return (lo + hi) / 2
+    return _inverse(lambda x: gamma_inc(df / 2, x / 2), prob, max(1.0, 2.0 * df), 300)
 
 
 def wilson_hilferty(prob: float, df: int) -> float:

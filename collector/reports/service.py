@@ -190,18 +190,20 @@ def compliance(store: Readings, where: Scope, targets: Targets,
                timezone: str = COVERAGE_TIMEZONE, with_coverage: bool = True,
                min_samples: int = DEFAULT_MIN_SAMPLES) -> Report:
     """Evaluate a scope from the stored facts (never by decoding every body), with the
-    coverage of its sessions (local hour bands in ``timezone``; one more grouped read,
-    left out of a breakdown's many groups). ``min_samples``: the minimum-sample rule of
+    coverage of its sessions (local hour bands in ``timezone``; one more read, of the day
+    rollup's hours and the partial days' session rows, left out of a breakdown's many
+    groups). ``min_samples``: the minimum-sample rule of
     the figures' intervals ([reports] min_samples)."""
     report = evaluate(observations(store, where, include_invalid, customers), targets,
                       min_samples)
     if not with_coverage:
         return report
     probes = list(where.probes) if where.probes is not None else None
-    hours = store.hourly(probes, where.since, where.until, include_invalid,
-                         family=where.family)
-    return replace(report, coverage=coverage_of([(h.hour, h.sessions) for h in hours],
-                                                timezone))
+    # The sessions per hour, from the day rollup where it can (whole days of valid
+    # sessions): the counts ``hourly`` gives, without reading every session row.
+    hours = store.coverage_hours(probes, where.since, where.until, include_invalid,
+                                 family=where.family)
+    return replace(report, coverage=coverage_of(hours, timezone))
 
 
 def samples(store: ReportStore, where: Scope, include_invalid: bool = False) -> list[Any]:

@@ -221,6 +221,14 @@ class ReportStore(Protocol):
                until: str | None = None, include_invalid: bool = False,
                family: str | None = None) -> list[HourRow]: ...
 
+    def coverage_hours(self, probes: Sequence[str] | None = None, since: str | None = None,
+                       until: str | None = None, include_invalid: bool = False,
+                       family: str | None = None) -> list[tuple[str, int]]:
+        """Sessions per UTC hour ("YYYY-MM-DDTHH", sessions), the hours with none left
+        out, by hour: the counts of ``hourly`` (a report's coverage), mostly from the
+        day rollup."""
+        ...
+
     def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]: ...
 
 

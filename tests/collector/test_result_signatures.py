@@ -238,7 +238,7 @@ def test_migration_24_keys_probe_keys_by_probe_and_kid(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     _upgrade_from_23(path)
     with closing(open_store(StorageConfig(path=str(path)))) as store:
-        assert store.schema_version == len(MIGRATIONS) == 24
+        assert store.schema_version == len(MIGRATIONS) == 25
         assert [(k.probe_name, k.kid) for k in store.probe_keys("p1")] == [("p1", "k1")]
     with closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA foreign_keys=ON")
@@ -268,7 +268,7 @@ def test_migration_24_keys_probe_keys_by_probe_and_kid(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 23")
         db.commit()
     with closing(open_store(StorageConfig(path=str(path)))) as store:
-        assert store.schema_version == 24
+        assert store.schema_version == len(MIGRATIONS)
         assert [(k.probe_name, k.kid, k.source) for k in store.all_probe_keys(10)] == \
             [("p1", "k1", "tofu"), ("p2", "k1", "rotation")]
     with closing(sqlite3.connect(path)) as db:

@@ -393,6 +393,13 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # `bbprobe-collector partitions migrate` (storage/sql/partitions.py). Catalog
     # changes only: quick on any database.
     partitions.convert,
+    # 15 (SQLite's 25): the valid sessions per UTC hour of each day row (24
+    # comma-separated counts, hour 00 first), so a report's coverage reads the day
+    # rollup, not every session row. NULL for the rows already stored: not known (their
+    # days' session rows are read instead). Catalog change only; safe to run again.
+    """
+    ALTER TABLE day_facts ADD COLUMN IF NOT EXISTS session_hours TEXT
+    """,
 )
 
 

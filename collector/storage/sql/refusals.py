@@ -126,8 +126,12 @@ def reclassify(tx: Tx) -> Reclassified:
     for probe, day in sorted(days):
         # A day an older release spelt otherwise ("999-06-01T...") is read by no report
         # (unreadable.py): left as it is.
+        # This migration runs before the days had session_hours (SQLite's 25,
+        # PostgreSQL's 15): it writes the columns of its own schema. No session's start
+        # or validity changes here, so hours already stored (a rewound database) stay
+        # right.
         if unreadable.canonical_time(day + rollup.DAY_START):
-            rebuild_day(tx, probe, day, dialect.for_update)
+            rebuild_day(tx, probe, day, dialect.for_update, hours=False)
             rebuilt += 1
     done = Reclassified(changed, attempts, rebuilt)
     if changed:

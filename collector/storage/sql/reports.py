@@ -1,25 +1,23 @@
 """What reports, plots and metrics read instead of the bodies: the evaluator's
 observations of a scope (whole UTC days from the day rollup, partial days from the
-session rows), the day rollups themselves, sessions' facts, hourly sums, and each
-probe's latest session."""
+session rows), a scope's sessions per hour for its coverage (the same split), sessions'
+facts, hourly sums, and each probe's latest session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import date, timedelta
 
-from agent.stats import Moments
 from collector import unreadable
 from collector.compliance import rollup, uncertainty
 from collector.compliance.evaluate import Observations
 from collector.compliance.facts import SessionFacts, TransferFact
-from collector.compliance.rollup import DayRollup
 from collector.storage.model import HourRow
 from collector.storage.sql.base import LOOK_PAST, SqlBase, Tx, readable
 from collector.storage.sql.facts import (
-    DAY_COLUMNS,
+    DAY_FIGURES,
     SESSION_FACT_COLUMNS,
-    day_rollup,
     facts_where,
     session_facts_of,
 )
@@ -148,23 +146,31 @@ class ReportQueries(SqlBase):
 
     def _days(self, tx: Tx, probes: Sequence[str] | None, day_lo: str | None,
               day_hi: str | None, first: bool = True, speeds: bool = True
-              ) -> list[DayRollup]:
-        """The day rollups of a page; after the first read, only what the later reads
-        take (RTT parts, and the speeds while a selection still wants them: the blobs
-        are most of a day row), and unreadable rows passed over without a word."""
+              ) -> Sequence[rollup.DayRow]:
+        """The day rows of a page as the driver gives them (rollup.DayRow: summed a
+        column at a time, no object per row); after the first read, only what the later
+        reads take (RTT parts, and the speeds while a selection still wants them: the
+        blobs are most of a day row), the other figures zero. A row whose day no reader
+        interprets is left out (named and counted on the first read: unreadable.py);
+        each distinct day is checked once, not each row."""
         where, params = self._scope(probes, day_lo, day_hi, column="day")
         if first:
-            return [day_rollup(r) for r in tx.rows(
-                f"SELECT {', '.join(DAY_COLUMNS)} FROM day_facts WHERE {where} "
-                "ORDER BY probe_name, day", params)
-                if readable(f"{r[0]} {r[1]}", f"{r[1]}T00:00:00.000000Z")]
-        blobs = "download_kbps, upload_kbps" if speeds else "NULL, NULL"
-        return [DayRollup(probe, day, rtt=Moments(int(n), float(mean), float(m2)),
-                          download_kbps=bytes(down or b""), upload_kbps=bytes(up or b""))
-                for probe, day, n, mean, m2, down, up in tx.rows(
-                    f"SELECT probe_name, day, rtt_n, rtt_mean_ms, rtt_m2, {blobs} "
-                    f"FROM day_facts WHERE {where} ORDER BY probe_name, day", params)
-                if unreadable.canonical_time(f"{day}T00:00:00.000000Z")]
+            columns = ", ".join(DAY_FIGURES)
+        else:
+            blobs = "download_kbps, upload_kbps" if speeds else "NULL, NULL"
+            columns = ("probe_name, day, 0, 0, 0, rtt_n, rtt_mean_ms, rtt_m2, 0, 0, 0, 0, "
+                       f"{blobs}, 0, '{{}}', 0, 0, '{{}}'")
+        rows = tx.rows(
+            f"SELECT {columns} FROM day_facts WHERE {where} ORDER BY probe_name, day", params)
+        bad = {day for day in {r[1] for r in rows}
+               if not unreadable.canonical_time(f"{day}{rollup.DAY_START}")}
+        if not bad:
+            return rows
+        if first:
+            for r in rows:
+                if r[1] in bad:
+                    readable(f"{r[0]} {r[1]}", f"{r[1]}{rollup.DAY_START}")
+        return [r for r in rows if r[1] not in bad]
 
     def facts(self, probes: Sequence[str] | None = None, since: str | None = None,
               until: str | None = None, family: str | None = None) -> list[SessionFacts]:
@@ -212,6 +218,86 @@ class ReportQueries(SqlBase):
                     row.upload_n, row.upload_kbps_sum = int(count), float(total)
         return [rows[h] for h in sorted(rows)
                 if readable(f"hour {h}", f"{h}:00:00.000000Z")]
+
+    def coverage_hours(self, probes: Sequence[str] | None = None, since: str | None = None,
+                       until: str | None = None, include_invalid: bool = False,
+                       family: str | None = None) -> list[tuple[str, int]]:
+        """Sessions per UTC hour ("YYYY-MM-DDTHH", sessions), hours with none left out,
+        by hour: the session counts of ``hourly``, which a report's coverage reads
+        (evaluate.coverage_of). Whole UTC days come from the day rollup's session_hours
+        (a day row, not its sessions' rows: at national scale, seconds instead of
+        minutes), the partial days at either end and any day whose hours are not known
+        (NULL: a row written before the column) from the session rows. The rollup holds
+        the valid sessions of both families, so ``include_invalid`` or ``family`` reads
+        the scope's session rows, as ``hourly`` does. One snapshot, as observations'."""
+        days = None if include_invalid or family else rollup.whole_days(since, until)
+        counts: dict[str, int] = {}
+        with self._reading() as tx, self._snapshot(tx):
+            if days is None:
+                self._count_hours(tx, counts, probes, since, until, include_invalid, family)
+            else:
+                lo, hi = days
+                if since is not None and lo is not None and since < lo:
+                    self._count_hours(tx, counts, probes, since, lo)
+                if until is not None and hi is not None and hi < until:
+                    self._count_hours(tx, counts, probes, hi, until)
+                for page in self._probe_pages(tx, probes):
+                    self._rollup_hours(tx, counts, page, lo and lo[:10], hi and hi[:10])
+        return [(h, counts[h]) for h in sorted(counts)
+                if counts[h] and readable(f"hour {h}", f"{h}:00:00.000000Z")]
+
+    def _count_hours(self, tx: Tx, counts: dict[str, int], probes: Sequence[str] | None,
+                     since: str | None, until: str | None, include_invalid: bool = False,
+                     family: str | None = None) -> None:
+        """``counts`` plus the sessions per UTC hour of [since, until), from the session
+        rows (the database counts: integers)."""
+        where, params = self._scope(probes, since, until, family=family)
+        valid = "" if include_invalid else " AND valid = 1"
+        for hour, n in tx.rows("SELECT substr(started_at, 1, 13), COUNT(*) FROM session_facts "
+                               f"WHERE {where}{valid} GROUP BY 1", params):
+            counts[hour] = counts.get(hour, 0) + int(n)
+
+    def _rollup_hours(self, tx: Tx, counts: dict[str, int], page: Sequence[str],
+                      day_lo: str | None, day_hi: str | None) -> None:
+        """``counts`` plus a page of probes' whole days [day_lo, day_hi): from each day
+        row's session_hours; a day not known (NULL, or not 24 counts) from its session
+        rows, each run of such days of a probe in one read. Rows with the same hours on
+        the same day (a fleet measuring on one schedule: most of them) are parsed once,
+        and each distinct day's spelling checked once."""
+        where, params = self._scope(page, day_lo, day_hi, column="day")
+        rows = tx.rows(f"SELECT probe_name, day, session_hours FROM day_facts WHERE {where} "
+                       "ORDER BY probe_name, day", params)
+        bad = {day for day in {r[1] for r in rows}
+               if not unreadable.canonical_time(f"{day}{rollup.DAY_START}")}
+        same: dict[tuple[str, str], int] = {}
+        parsed: dict[str, list[int] | None] = {}
+        runs: list[list[str]] = []  # [probe, first day, last day] of days not known
+        last_unknown = False
+        for probe, day, hours in rows:
+            if day in bad:  # named and counted, as observations' read does
+                readable(f"{probe} {day}", f"{day}{rollup.DAY_START}")
+                last_unknown = False
+                continue
+            if hours is not None and hours not in parsed:
+                parsed[hours] = rollup.hour_counts(hours)
+            if hours is None or parsed[hours] is None:
+                if last_unknown and runs[-1][0] == probe:
+                    runs[-1][2] = day
+                else:
+                    runs.append([probe, day, day])
+                last_unknown = True
+                continue
+            last_unknown = False
+            same[day, hours] = same.get((day, hours), 0) + 1
+        for (day, hours), times in same.items():
+            for hour, n in enumerate(parsed[hours] or ()):
+                if n:
+                    key = f"{day}T{hour:02d}"
+                    counts[key] = counts.get(key, 0) + n * times
+        for probe, first, last in runs:
+            after = (date.fromisoformat(last) + timedelta(days=1)).isoformat()
+            self._count_hours(tx, counts, [probe], first + rollup.DAY_START,
+                              after + rollup.DAY_START)
 
     def latest_sessions(self, probes: Sequence[str]) -> list[SessionFacts]:
         """Each named probe's newest session facts (by start time), for the per-probe

@@ -47,7 +47,7 @@ def facts_from_bodies(tx: Tx) -> None:
         day = rollup.day_of(f.started_at)
         row = tx.one(f"SELECT {', '.join(_V2_DAY)} FROM day_facts WHERE probe_name = ? "
                      "AND day = ?", (probe, day))
-        merged = rollup.add_session(day_rollup((*row, 0, 0, "{}")) if row else
+        merged = rollup.add_session(day_rollup((*row, 0, 0, "{}", None)) if row else
                                     rollup.DayRollup(probe, day), f)
         tx.run(f"INSERT OR REPLACE INTO day_facts ({', '.join(_V2_DAY)}) "
                f"VALUES ({', '.join('?' * len(_V2_DAY))})", day_values(merged)[:16])

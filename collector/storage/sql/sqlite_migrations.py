@@ -110,6 +110,16 @@ def _result_signatures(tx: Tx) -> None:
     tx.run("CREATE INDEX IF NOT EXISTS probe_keys_kid ON probe_keys (kid)")
 
 
+def _session_hours(tx: Tx) -> None:
+    """Migration 25: each day row's valid sessions per UTC hour (facts.py DAY_COLUMNS,
+    rollup.DayRollup.session_hours), which a report's coverage reads instead of every
+    session row. Rows already stored keep NULL, "not known": their days' coverage is
+    read from their session rows, as before. Safe to run again (a rewound database):
+    SQLite has no ADD COLUMN IF NOT EXISTS, so the column is added only when missing."""
+    if "session_hours" not in {row[1] for row in tx.rows("PRAGMA table_info(day_facts)")}:
+        tx.run("ALTER TABLE day_facts ADD COLUMN session_hours TEXT")
+
+
 MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     """
     CREATE TABLE probes (
@@ -490,4 +500,8 @@ MIGRATIONS: tuple[str | Callable[[Tx], object], ...] = (
     # keyed by (probe_name, kid), with the rotation JWS by the old key that introduced
     # a key (rotation_jws; its source 'rotation').
     _result_signatures,
+    # 25: the valid sessions per UTC hour of each day row (24 comma-separated counts,
+    # hour 00 first; NULL for the rows already stored: not known), so a report's
+    # coverage reads the day rollup, not every session row.
+    _session_hours,
 )
